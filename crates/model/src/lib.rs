@@ -1,0 +1,18 @@
+//! Trellis resource model: the Kubernetes-style YAML that users, tests and the CLI share,
+//! parsed with source locations, validated, and translated into the proxy's compact model.
+//!
+//! The translation lives here (not in the proxy) so that the control plane can reuse it: a
+//! proxy fed by a static file and a proxy fed by xDS end up with the same [`ProxyConfig`].
+
+mod error;
+mod load;
+pub mod proxy;
+pub mod resource;
+mod translate;
+pub mod value;
+
+pub use error::ConfigError;
+pub use load::{load_file, parse_documents};
+pub use proxy::ProxyConfig;
+pub use resource::{NamespacedName, Resource};
+pub use translate::{parse_authority_name, translate};

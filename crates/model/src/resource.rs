@@ -1,0 +1,638 @@
+//! The resource kinds of design.md, as they are written in YAML.
+//!
+//! Every struct refuses unknown fields, so a typo is an error with a line number rather than a
+//! silently ignored setting.
+
+use std::collections::BTreeMap;
+
+use serde::{de, Deserialize, Deserializer, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::value::{DurationValue, HeaderName, RegexValue};
+
+/// `namespace/name` of a resource.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NamespacedName {
+    /// Namespace (`default` when the YAML leaves it out).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl std::str::FromStr for NamespacedName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => Ok(Self {
+                namespace: ns.into(),
+                name: n.into(),
+            }),
+            _ => Err(format!("expected NAMESPACE/NAME, got {s:?}")),
+        }
+    }
+}
+
+/// `metadata` of every resource.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// Name, a DNS label.
+    pub name: String,
+    /// Namespace, `default` when absent.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations (free-form).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// One document: header plus a typed spec. `line` is where the document starts.
+#[derive(Clone, Debug)]
+pub struct Resource {
+    /// `apiVersion` as written.
+    pub api_version: String,
+    /// Metadata.
+    pub metadata: Metadata,
+    /// The kind-specific part.
+    pub spec: Spec,
+    /// Line of the document's `kind:` key, for errors that concern the whole document.
+    pub line: u64,
+}
+
+/// The kind-specific part of a resource.
+#[derive(Clone, Debug)]
+pub enum Spec {
+    /// `kind: Service`.
+    Service(ServiceSpec),
+    /// `kind: Workload`.
+    Workload(WorkloadSpec),
+    /// `kind: HTTPRoute`.
+    HttpRoute(HttpRouteSpec),
+    /// `kind: BackendTrafficPolicy`.
+    BackendPolicy(BackendPolicySpec),
+}
+
+impl Resource {
+    /// The kind as written in YAML.
+    pub fn kind(&self) -> &'static str {
+        match self.spec {
+            Spec::Service(_) => "Service",
+            Spec::Workload(_) => "Workload",
+            Spec::HttpRoute(_) => "HTTPRoute",
+            Spec::BackendPolicy(_) => "BackendTrafficPolicy",
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn id(&self) -> NamespacedName {
+        NamespacedName {
+            namespace: self.metadata.namespace.clone(),
+            name: self.metadata.name.clone(),
+        }
+    }
+}
+
+const KINDS: &[(&str, &str)] = &[
+    ("Service", "trellis.dev/v1alpha1"),
+    ("Workload", "trellis.dev/v1alpha1"),
+    ("HTTPRoute", "gateway.networking.k8s.io/v1"),
+    ("BackendTrafficPolicy", "trellis.dev/v1alpha1"),
+];
+
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ResourceVisitor)
+    }
+}
+
+struct ResourceVisitor;
+
+impl<'de> de::Visitor<'de> for ResourceVisitor {
+    type Value = Resource;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a resource with apiVersion, kind, metadata and spec")
+    }
+
+    // `spec` is read with the type that `kind` names, so `kind` must come first. Reading it
+    // in one pass keeps the source locations of every nested error.
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Resource, A::Error> {
+        let (mut api_version, mut kind, mut metadata, mut spec) = (None, None, None, None);
+        let mut line = 0;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "apiVersion" => api_version = Some(map.next_value::<String>()?),
+                "kind" => {
+                    let k = map.next_value::<Spanned<String>>()?;
+                    line = u64::from(k.referenced.line());
+                    kind = Some(k.value);
+                }
+                "metadata" => metadata = Some(map.next_value::<Metadata>()?),
+                "status" => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+                "spec" => {
+                    let k = kind.as_deref().ok_or_else(|| {
+                        de::Error::custom("`kind` must come before `spec` in a document")
+                    })?;
+                    spec = Some(match k {
+                        "Service" => Spec::Service(map.next_value()?),
+                        "Workload" => Spec::Workload(map.next_value()?),
+                        "HTTPRoute" => Spec::HttpRoute(map.next_value()?),
+                        "BackendTrafficPolicy" => Spec::BackendPolicy(map.next_value()?),
+                        other => return Err(unknown_kind(other)),
+                    });
+                }
+                other => {
+                    return Err(de::Error::unknown_field(
+                        other,
+                        &["apiVersion", "kind", "metadata", "spec", "status"],
+                    ))
+                }
+            }
+        }
+        let kind = kind.ok_or_else(|| de::Error::missing_field("kind"))?;
+        let api_version = api_version.ok_or_else(|| de::Error::missing_field("apiVersion"))?;
+        let expected = KINDS
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| unknown_kind(&kind))?;
+        if api_version != expected {
+            return Err(de::Error::custom(format!(
+                "apiVersion: {kind} has apiVersion {expected:?}, not {api_version:?}"
+            )));
+        }
+        Ok(Resource {
+            api_version,
+            metadata: metadata.ok_or_else(|| de::Error::missing_field("metadata"))?,
+            spec: spec.ok_or_else(|| de::Error::missing_field("spec"))?,
+            line,
+        })
+    }
+}
+
+fn unknown_kind<E: de::Error>(kind: &str) -> E {
+    let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+    E::custom(format!(
+        "kind: unknown kind {kind:?}, expected one of {known:?}"
+    ))
+}
+
+// === Service ===
+
+/// `kind: Service`: a logical service reachable as `NAME.NAMESPACE`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Picks workloads by label.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Ports the service exposes.
+    pub ports: Vec<ServicePort>,
+}
+
+/// A port of a service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Optional name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The port callers use.
+    pub port: u16,
+    /// The port the workload listens on; `port` when absent.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    /// Application protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// Application protocol of a service port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+pub enum Protocol {
+    /// HTTP/1.1 upstream.
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    /// HTTP/2 (prior knowledge) upstream.
+    #[serde(rename = "HTTP2")]
+    Http2,
+    /// gRPC (HTTP/2) upstream.
+    #[serde(rename = "GRPC")]
+    Grpc,
+    /// Opaque TCP.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+// === Workload ===
+
+/// `kind: Workload`: one instance of an application.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Address at which peers reach the workload.
+    pub address: std::net::IpAddr,
+    /// `bare-metal`, `vm`, `container` or `kubernetes`.
+    #[serde(default)]
+    pub environment: Environment,
+    /// Region / zone / host.
+    #[serde(default)]
+    pub locality: Locality,
+    /// Identity name (service account).
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Load-balancing weight of this endpoint (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Explicit-mode local ports that reach a service.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+}
+
+/// Where a workload runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Environment {
+    /// A process on a physical host.
+    #[default]
+    BareMetal,
+    /// A virtual machine.
+    Vm,
+    /// A container.
+    Container,
+    /// A Kubernetes pod.
+    Kubernetes,
+}
+
+impl Environment {
+    /// The name used in YAML, labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BareMetal => "bare-metal",
+            Self::Vm => "vm",
+            Self::Container => "container",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// Locality of a workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    /// Region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Zone.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Host.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// A local bind address that reaches a service port (opaque TCP or HTTP).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `NAME.NAMESPACE` of the service.
+    pub service: Spanned<String>,
+    /// Service port.
+    pub port: u16,
+    /// Local address to listen on.
+    pub bind: std::net::SocketAddr,
+}
+
+// === HTTPRoute ===
+
+/// `kind: HTTPRoute` (Gateway API, GAMMA style).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    /// The services this route attaches to.
+    pub parent_refs: Vec<ParentRef>,
+    /// Rules, matched in order of Gateway API precedence.
+    #[serde(default)]
+    pub rules: Vec<RouteRule>,
+    /// Hostnames (accepted for compatibility; GAMMA routes match by parent).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+}
+
+/// A reference to a parent Service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    /// Must be `Service`.
+    #[serde(default = "service_kind")]
+    pub kind: String,
+    /// Service name.
+    pub name: Spanned<String>,
+    /// Service namespace; the route's when absent.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Service port; every port when absent.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+fn service_kind() -> String {
+    "Service".into()
+}
+
+/// One rule of a route.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteRule {
+    /// Optional rule name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Any of these matches selects the rule; none means "everything".
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    /// Filters: header modifiers.
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Option<RouteTimeouts>,
+    /// Retry policy.
+    #[serde(default)]
+    pub retry: Option<RouteRetry>,
+}
+
+/// A match: all given conditions must hold.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteMatch {
+    /// Path match.
+    #[serde(default)]
+    pub path: Option<PathMatch>,
+    /// Method.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Header matches.
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+    /// Query parameter matches.
+    #[serde(default)]
+    pub query_params: Vec<ValueMatch>,
+}
+
+/// Path match.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, tag = "type", content = "value")]
+pub enum PathMatch {
+    /// Whole path equals.
+    Exact(String),
+    /// Path starts with, on segment boundaries.
+    PathPrefix(String),
+    /// Whole path matches the expression.
+    RegularExpression(RegexValue),
+}
+
+/// Header or query parameter match.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(default, rename = "type")]
+    pub kind: ValueMatchKind,
+    /// Header or parameter name.
+    pub name: String,
+    /// Value or pattern.
+    pub value: String,
+}
+
+/// Kinds of value match.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ValueMatchKind {
+    /// Equal.
+    #[default]
+    Exact,
+    /// Whole value matches the expression.
+    RegularExpression,
+}
+
+/// Filters (Gateway API names).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all_fields = "camelCase")]
+pub enum RouteFilter {
+    /// Modify request headers.
+    RequestHeaderModifier {
+        /// The modification.
+        #[serde(rename = "requestHeaderModifier")]
+        modifier: HeaderModifier,
+    },
+    /// Modify response headers.
+    ResponseHeaderModifier {
+        /// The modification.
+        #[serde(rename = "responseHeaderModifier")]
+        modifier: HeaderModifier,
+    },
+}
+
+/// Header modifier.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderModifier {
+    /// Overwrite.
+    #[serde(default)]
+    pub set: Vec<HeaderValue>,
+    /// Append.
+    #[serde(default)]
+    pub add: Vec<HeaderValue>,
+    /// Remove.
+    #[serde(default)]
+    pub remove: Vec<HeaderName>,
+}
+
+/// Header name and value.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValue {
+    /// Name.
+    pub name: HeaderName,
+    /// Value.
+    pub value: String,
+}
+
+/// A weighted backend.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendRef {
+    /// Must be `Service`.
+    #[serde(default = "service_kind")]
+    pub kind: String,
+    /// Service name.
+    pub name: Spanned<String>,
+    /// Service namespace; the route's when absent.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Service port.
+    pub port: u16,
+    /// Weight (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Timeouts.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteTimeouts {
+    /// Whole request, retries included, until response headers.
+    #[serde(default)]
+    pub request: Option<DurationValue>,
+    /// One try.
+    #[serde(default)]
+    pub backend_request: Option<DurationValue>,
+}
+
+/// Retry policy (Gateway API GEP-1731 plus Trellis extensions).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteRetry {
+    /// Retries after the first try.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// HTTP status codes that are retried.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// gRPC status names (e.g. UNAVAILABLE) that are retried.
+    #[serde(default)]
+    pub grpc_codes: Vec<String>,
+    /// Base back-off; grows exponentially with full jitter.
+    #[serde(default)]
+    pub backoff: Option<DurationValue>,
+    /// Timeout of each try.
+    #[serde(default)]
+    pub per_try_timeout: Option<DurationValue>,
+}
+
+// === BackendTrafficPolicy ===
+
+/// `kind: BackendTrafficPolicy`: how callers treat a service's endpoints.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendPolicySpec {
+    /// Services this policy applies to.
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// Load balancing.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    /// Connection pool and circuit breaking.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    /// Passive outlier detection.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Retry budget.
+    #[serde(default)]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Reference to a target service.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTargetRef {
+    /// Must be `Service`.
+    #[serde(default = "service_kind")]
+    pub kind: String,
+    /// Service name (same namespace as the policy).
+    pub name: Spanned<String>,
+}
+
+/// Load balancer.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// Algorithm.
+    #[serde(rename = "type")]
+    pub kind: LbKind,
+}
+
+/// Load-balancing algorithms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum LbKind {
+    /// Power of two choices over peak-EWMA latency times outstanding requests.
+    #[default]
+    PeakEWMA,
+    /// Weighted round robin.
+    RoundRobin,
+    /// Power of two choices over outstanding requests.
+    LeastRequest,
+}
+
+/// Connection pool and circuit-breaker limits.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectionPool {
+    /// Connections to all endpoints together.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for an in-flight slot.
+    #[serde(default)]
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight.
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    /// TCP connect timeout.
+    #[serde(default)]
+    pub connect_timeout: Option<DurationValue>,
+    /// How long an idle pooled connection is kept.
+    #[serde(default)]
+    pub idle_timeout: Option<DurationValue>,
+}
+
+/// Passive outlier detection.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive failures that eject an endpoint.
+    #[serde(default)]
+    pub consecutive_failures: Option<u32>,
+    /// First ejection time; doubles with each ejection of the same endpoint.
+    #[serde(default)]
+    pub base_ejection_time: Option<DurationValue>,
+    /// Ejection time cap.
+    #[serde(default)]
+    pub max_ejection_time: Option<DurationValue>,
+    /// Largest share of endpoints ejected at once (at least one may always be ejected).
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// Retry budget: retries allowed as a share of requests, plus a floor.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Retries as a percentage of requests over the last 10 s.
+    #[serde(default)]
+    pub percent: Option<u32>,
+    /// Retries per second always allowed.
+    #[serde(default)]
+    pub min_retries_per_second: Option<u32>,
+}

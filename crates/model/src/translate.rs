@@ -1,0 +1,748 @@
+//! Translation of stored resources into one proxy's [`ProxyConfig`].
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use crate::{
+    proxy::*,
+    resource::{
+        BackendPolicySpec, HttpRouteSpec, NamespacedName, PathMatch, Resource, RouteMatch,
+        RouteRule, ServiceSpec, Spec, ValueMatchKind, WorkloadSpec,
+    },
+    value::RegexValue,
+    ConfigError,
+};
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+struct Index<'a> {
+    file: &'a str,
+    services: BTreeMap<NamespacedName, (&'a Resource, &'a ServiceSpec)>,
+    workloads: BTreeMap<NamespacedName, (&'a Resource, &'a WorkloadSpec)>,
+    routes: Vec<(&'a Resource, &'a HttpRouteSpec)>,
+    policies: Vec<(&'a Resource, &'a BackendPolicySpec)>,
+}
+
+/// Translate `resources` (read from `file`) into the config of the proxy serving `local`.
+///
+/// Refuses the whole set on the first problem, naming file, line and field.
+pub fn translate(
+    file: &str,
+    resources: &[Resource],
+    local: Option<&NamespacedName>,
+) -> Result<ProxyConfig> {
+    let ix = index(file, resources)?;
+    let policies = policies(&ix)?;
+    let mut clusters = BTreeMap::new();
+    let mut services = BTreeMap::new();
+    for (id, (res, svc)) in &ix.services {
+        validate_service(&ix, res, svc)?;
+        for p in &svc.ports {
+            let key = cluster_key(id, p.port);
+            let policy = policies.get(id).cloned().unwrap_or_default();
+            clusters.insert(key, cluster(&ix, id, svc, p.port, policy)?);
+        }
+        let ports = svc
+            .ports
+            .iter()
+            .map(|p| PortConfig {
+                port: p.port,
+                protocol: p.protocol,
+                routes: Vec::new(),
+            })
+            .collect();
+        services.insert(id.clone(), ServiceConfig { ports });
+    }
+    attach_routes(&ix, &mut services)?;
+    for (id, svc) in services.iter_mut() {
+        for port in &mut svc.ports {
+            port.routes.push(default_route(id, port.port));
+        }
+    }
+    let mut cfg = ProxyConfig {
+        local: None,
+        services,
+        clusters,
+        tcp_binds: Vec::new(),
+    };
+    if let Some(local) = local {
+        local_workload(&ix, local, &mut cfg)?;
+    }
+    Ok(cfg)
+}
+
+fn index<'a>(file: &'a str, resources: &'a [Resource]) -> Result<Index<'a>> {
+    let mut ix = Index {
+        file,
+        services: BTreeMap::new(),
+        workloads: BTreeMap::new(),
+        routes: Vec::new(),
+        policies: Vec::new(),
+    };
+    let mut seen = HashSet::new();
+    for r in resources {
+        if !is_dns_label(&r.metadata.name) || !is_dns_label(&r.metadata.namespace) {
+            return Err(ConfigError::invalid(
+                file,
+                r.line,
+                format!("{} {}: metadata.name", r.kind(), r.id()),
+                "names and namespaces must be DNS labels (a-z, 0-9, '-')",
+            ));
+        }
+        if !seen.insert((r.kind(), r.id())) {
+            return Err(ConfigError::invalid(
+                file,
+                r.line,
+                format!("{} {}: metadata.name", r.kind(), r.id()),
+                "defined twice",
+            ));
+        }
+        match &r.spec {
+            Spec::Service(s) => drop(ix.services.insert(r.id(), (r, s))),
+            Spec::Workload(w) => drop(ix.workloads.insert(r.id(), (r, w))),
+            Spec::HttpRoute(h) => ix.routes.push((r, h)),
+            Spec::BackendPolicy(p) => ix.policies.push((r, p)),
+        }
+    }
+    Ok(ix)
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn validate_service(ix: &Index<'_>, res: &Resource, svc: &ServiceSpec) -> Result<()> {
+    let field = |f: &str| format!("Service {}: {f}", res.id());
+    if svc.ports.is_empty() {
+        return Err(ConfigError::invalid(
+            ix.file,
+            res.line,
+            field("spec.ports"),
+            "a service needs at least one port",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, p) in svc.ports.iter().enumerate() {
+        if p.port == 0 || p.target_port == Some(0) {
+            return Err(ConfigError::invalid(
+                ix.file,
+                res.line,
+                field(&format!("spec.ports[{i}].port")),
+                "port 0 is not a port",
+            ));
+        }
+        if !seen.insert(p.port) {
+            return Err(ConfigError::invalid(
+                ix.file,
+                res.line,
+                field(&format!("spec.ports[{i}].port")),
+                format!("port {} listed twice", p.port),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn cluster(
+    ix: &Index<'_>,
+    id: &NamespacedName,
+    svc: &ServiceSpec,
+    port: u16,
+    policy: BackendPolicy,
+) -> Result<ClusterConfig> {
+    let sp = svc
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .expect("port exists");
+    let target = sp.target_port.unwrap_or(sp.port);
+    let mut endpoints = Vec::new();
+    for (wid, (res, w)) in &ix.workloads {
+        if wid.namespace != id.namespace || !selects(&svc.selector, &res.metadata.labels) {
+            continue;
+        }
+        let weight = w.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(ConfigError::invalid(
+                ix.file,
+                res.line,
+                format!("Workload {wid}: spec.weight"),
+                "weight must be at least 1",
+            ));
+        }
+        endpoints.push(EndpointConfig {
+            addr: SocketAddr::new(w.address, target),
+            weight,
+            workload: wid.clone(),
+            environment: w.environment,
+            locality: w.locality.clone(),
+        });
+    }
+    Ok(ClusterConfig {
+        service: id.clone(),
+        port,
+        protocol: sp.protocol,
+        endpoints,
+        policy,
+    })
+}
+
+fn policies(ix: &Index<'_>) -> Result<BTreeMap<NamespacedName, BackendPolicy>> {
+    let mut out = BTreeMap::new();
+    for (res, p) in &ix.policies {
+        let field = |f: &str| format!("BackendTrafficPolicy {}: {f}", res.id());
+        let bad = |f: &str, m: &str| Err(ConfigError::invalid(ix.file, res.line, field(f), m));
+        let mut bp = BackendPolicy::default();
+        if let Some(lb) = &p.load_balancer {
+            bp.lb = lb.kind;
+        }
+        if let Some(cp) = &p.connection_pool {
+            for (v, name) in [
+                (cp.max_connections, "maxConnections"),
+                (cp.max_pending_requests, "maxPendingRequests"),
+                (cp.max_requests, "maxRequests"),
+            ] {
+                if v == Some(0) {
+                    return bad(&format!("spec.connectionPool.{name}"), "must be at least 1");
+                }
+            }
+            bp.max_connections = cp.max_connections.unwrap_or(bp.max_connections);
+            bp.max_pending = cp.max_pending_requests.unwrap_or(bp.max_pending);
+            bp.max_requests = cp.max_requests.unwrap_or(bp.max_requests);
+            bp.connect_timeout = cp.connect_timeout.map_or(bp.connect_timeout, |d| d.0);
+            bp.idle_timeout = cp.idle_timeout.map_or(bp.idle_timeout, |d| d.0);
+            if bp.connect_timeout.is_zero() {
+                return bad("spec.connectionPool.connectTimeout", "must be positive");
+            }
+        }
+        if let Some(od) = &p.outlier_detection {
+            bp.consecutive_failures = od.consecutive_failures.unwrap_or(bp.consecutive_failures);
+            bp.base_ejection = od.base_ejection_time.map_or(bp.base_ejection, |d| d.0);
+            bp.max_ejection = od.max_ejection_time.map_or(bp.max_ejection, |d| d.0);
+            bp.max_ejection_percent = od.max_ejection_percent.unwrap_or(bp.max_ejection_percent);
+            if bp.max_ejection_percent > 100 {
+                return bad(
+                    "spec.outlierDetection.maxEjectionPercent",
+                    "must be between 0 and 100",
+                );
+            }
+            if bp.max_ejection < bp.base_ejection {
+                return bad(
+                    "spec.outlierDetection.maxEjectionTime",
+                    "must not be shorter than baseEjectionTime",
+                );
+            }
+        }
+        if let Some(rb) = &p.retry_budget {
+            bp.retry_budget_percent = rb.percent.unwrap_or(bp.retry_budget_percent);
+            bp.retry_min_per_second = rb.min_retries_per_second.unwrap_or(bp.retry_min_per_second);
+        }
+        if p.target_refs.is_empty() {
+            return bad("spec.targetRefs", "needs at least one target");
+        }
+        for (i, t) in p.target_refs.iter().enumerate() {
+            let line = u64::from(t.name.referenced.line());
+            let f = field(&format!("spec.targetRefs[{i}].name"));
+            let id = NamespacedName {
+                namespace: res.metadata.namespace.clone(),
+                name: t.name.value.clone(),
+            };
+            if t.kind != "Service" || !ix.services.contains_key(&id) {
+                let msg = format!("Service {id} not found");
+                return Err(ConfigError::invalid(ix.file, line, f, msg));
+            }
+            if out.insert(id.clone(), bp.clone()).is_some() {
+                let msg = format!("Service {id} already has a BackendTrafficPolicy");
+                return Err(ConfigError::invalid(ix.file, line, f, msg));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn default_route(id: &NamespacedName, port: u16) -> RouteConfig {
+    RouteConfig {
+        name: "default".into(),
+        matches: Vec::new(),
+        backends: vec![WeightedCluster {
+            cluster: cluster_key(id, port),
+            weight: 1,
+        }],
+        request_headers: HeaderEdits::default(),
+        response_headers: HeaderEdits::default(),
+        timeout: None,
+        retry: None,
+    }
+}
+
+fn attach_routes(
+    ix: &Index<'_>,
+    services: &mut BTreeMap<NamespacedName, ServiceConfig>,
+) -> Result<()> {
+    // (service, port) -> (precedence key, route)
+    let mut attached: BTreeMap<(NamespacedName, u16), Vec<(PrecedenceKey, RouteConfig)>> =
+        BTreeMap::new();
+    for (order, (res, route)) in ix.routes.iter().enumerate() {
+        let field = |f: &str| format!("HTTPRoute {}: {f}", res.id());
+        if route.parent_refs.is_empty() {
+            return Err(ConfigError::invalid(
+                ix.file,
+                res.line,
+                field("spec.parentRefs"),
+                "a mesh route needs a Service parent",
+            ));
+        }
+        for (pi, parent) in route.parent_refs.iter().enumerate() {
+            let line = u64::from(parent.name.referenced.line());
+            let pid = NamespacedName {
+                namespace: parent
+                    .namespace
+                    .clone()
+                    .unwrap_or(res.metadata.namespace.clone()),
+                name: parent.name.value.clone(),
+            };
+            let f = field(&format!("spec.parentRefs[{pi}].name"));
+            let Some(svc) = services.get(&pid).filter(|_| parent.kind == "Service") else {
+                return Err(ConfigError::invalid(
+                    ix.file,
+                    line,
+                    f,
+                    format!("Service {pid} not found"),
+                ));
+            };
+            let ports: Vec<u16> = match parent.port {
+                Some(p) if svc.ports.iter().any(|sp| sp.port == p) => vec![p],
+                Some(p) => {
+                    let msg = format!("Service {pid} has no port {p}");
+                    return Err(ConfigError::invalid(
+                        ix.file,
+                        line,
+                        field(&format!("spec.parentRefs[{pi}].port")),
+                        msg,
+                    ));
+                }
+                None => svc.ports.iter().map(|p| p.port).collect(),
+            };
+            for port in ports {
+                for (ri, rule) in route.rules.iter().enumerate() {
+                    let rname = match &rule.name {
+                        Some(n) => format!("{}.{n}", res.id()),
+                        None if route.rules.len() == 1 => res.id().to_string(),
+                        None => format!("{}.{ri}", res.id()),
+                    };
+                    let base = rule_config(ix, res, ri, rule, &pid, port, rname)?;
+                    let matches: Vec<RouteMatch> = if rule.matches.is_empty() {
+                        vec![RouteMatch::default()]
+                    } else {
+                        rule.matches.clone()
+                    };
+                    for (mi, m) in matches.iter().enumerate() {
+                        let mc = match_config(ix, res, ri, mi, m)?;
+                        let key = PrecedenceKey::new(&mc, order, ri);
+                        let mut r = base.clone();
+                        r.matches = vec![mc];
+                        attached
+                            .entry((pid.clone(), port))
+                            .or_default()
+                            .push((key, r));
+                    }
+                }
+            }
+        }
+    }
+    for ((sid, port), mut routes) in attached {
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        let svc = services.get_mut(&sid).expect("checked");
+        let pc = svc
+            .ports
+            .iter_mut()
+            .find(|p| p.port == port)
+            .expect("checked");
+        pc.routes = routes.into_iter().map(|(_, r)| r).collect();
+    }
+    Ok(())
+}
+
+/// Gateway API precedence: exact path, then longest prefix, then regex; then method; then more
+/// header matches; then more query matches; then declaration order.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct PrecedenceKey(
+    u8,
+    std::cmp::Reverse<usize>,
+    u8,
+    std::cmp::Reverse<usize>,
+    std::cmp::Reverse<usize>,
+    usize,
+    usize,
+);
+
+impl PrecedenceKey {
+    fn new(m: &MatchConfig, order: usize, rule: usize) -> Self {
+        let (rank, len) = match &m.path {
+            Some(PathMatchConfig::Exact(p)) => (0, p.len()),
+            Some(PathMatchConfig::Prefix(p)) => (1, p.len() + 1),
+            Some(PathMatchConfig::Regex(_)) => (2, 0),
+            None => (1, 0),
+        };
+        Self(
+            rank,
+            std::cmp::Reverse(len),
+            u8::from(m.method.is_none()),
+            std::cmp::Reverse(m.headers.len()),
+            std::cmp::Reverse(m.query.len()),
+            order,
+            rule,
+        )
+    }
+}
+
+fn match_config(
+    ix: &Index<'_>,
+    res: &Resource,
+    ri: usize,
+    mi: usize,
+    m: &RouteMatch,
+) -> Result<MatchConfig> {
+    let field = |f: &str| format!("HTTPRoute {}: spec.rules[{ri}].matches[{mi}].{f}", res.id());
+    let path = match &m.path {
+        None => None,
+        Some(PathMatch::Exact(p)) | Some(PathMatch::PathPrefix(p)) if !p.starts_with('/') => {
+            return Err(ConfigError::invalid(
+                ix.file,
+                res.line,
+                field("path.value"),
+                "a path must start with '/'",
+            ));
+        }
+        Some(PathMatch::Exact(p)) => Some(PathMatchConfig::Exact(p.clone())),
+        Some(PathMatch::PathPrefix(p)) => {
+            Some(PathMatchConfig::Prefix(p.trim_end_matches('/').to_string()))
+        }
+        Some(PathMatch::RegularExpression(r)) => Some(PathMatchConfig::Regex(r.clone())),
+    };
+    let values = |list: &[crate::resource::ValueMatch],
+                  what: &str,
+                  lower: bool|
+     -> Result<Vec<(String, ValueMatcher)>> {
+        list.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let name = if lower {
+                    v.name.to_ascii_lowercase()
+                } else {
+                    v.name.clone()
+                };
+                let matcher = match v.kind {
+                    ValueMatchKind::Exact => ValueMatcher::Exact(v.value.clone()),
+                    ValueMatchKind::RegularExpression => {
+                        let re = regex::Regex::new(&format!("^(?:{})$", v.value)).map_err(|e| {
+                            ConfigError::invalid(
+                                ix.file,
+                                res.line,
+                                field(&format!("{what}[{i}].value")),
+                                format!("invalid regular expression: {e}"),
+                            )
+                        })?;
+                        ValueMatcher::Regex(RegexValue(re))
+                    }
+                };
+                Ok((name, matcher))
+            })
+            .collect()
+    };
+    let method = match &m.method {
+        Some(meth) if meth.is_empty() || !meth.bytes().all(|b| b.is_ascii_uppercase()) => {
+            return Err(ConfigError::invalid(
+                ix.file,
+                res.line,
+                field("method"),
+                format!("invalid method {meth:?} (use upper case, e.g. GET)"),
+            ));
+        }
+        other => other.clone(),
+    };
+    Ok(MatchConfig {
+        path,
+        method,
+        headers: values(&m.headers, "headers", true)?,
+        query: values(&m.query_params, "queryParams", false)?,
+    })
+}
+
+fn rule_config(
+    ix: &Index<'_>,
+    res: &Resource,
+    ri: usize,
+    rule: &RouteRule,
+    parent: &NamespacedName,
+    port: u16,
+    name: String,
+) -> Result<RouteConfig> {
+    let field = |f: &str| format!("HTTPRoute {}: spec.rules[{ri}].{f}", res.id());
+    let mut backends = Vec::new();
+    for (bi, b) in rule.backend_refs.iter().enumerate() {
+        let line = u64::from(b.name.referenced.line());
+        let id = NamespacedName {
+            namespace: b
+                .namespace
+                .clone()
+                .unwrap_or(res.metadata.namespace.clone()),
+            name: b.name.value.clone(),
+        };
+        let f = field(&format!("backendRefs[{bi}].name"));
+        let Some((_, svc)) = ix.services.get(&id).filter(|_| b.kind == "Service") else {
+            return Err(ConfigError::invalid(
+                ix.file,
+                line,
+                f,
+                format!("Service {id} not found"),
+            ));
+        };
+        if !svc.ports.iter().any(|p| p.port == b.port) {
+            let f = field(&format!("backendRefs[{bi}].port"));
+            return Err(ConfigError::invalid(
+                ix.file,
+                line,
+                f,
+                format!("Service {id} has no port {}", b.port),
+            ));
+        }
+        backends.push(WeightedCluster {
+            cluster: cluster_key(&id, b.port),
+            weight: b.weight,
+        });
+    }
+    if backends.is_empty() {
+        backends.push(WeightedCluster {
+            cluster: cluster_key(parent, port),
+            weight: 1,
+        });
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(ConfigError::invalid(
+            ix.file,
+            res.line,
+            field("backendRefs"),
+            "at least one backend needs a weight above 0",
+        ));
+    }
+    let mut request_headers = HeaderEdits::default();
+    let mut response_headers = HeaderEdits::default();
+    for f in &rule.filters {
+        let (edits, m) = match f {
+            crate::resource::RouteFilter::RequestHeaderModifier { modifier } => {
+                (&mut request_headers, modifier)
+            }
+            crate::resource::RouteFilter::ResponseHeaderModifier { modifier } => {
+                (&mut response_headers, modifier)
+            }
+        };
+        edits
+            .set
+            .extend(m.set.iter().map(|h| (h.name.0.clone(), h.value.clone())));
+        edits
+            .add
+            .extend(m.add.iter().map(|h| (h.name.0.clone(), h.value.clone())));
+        edits.remove.extend(m.remove.iter().map(|h| h.0.clone()));
+    }
+    for (n, v) in request_headers
+        .set
+        .iter()
+        .chain(&request_headers.add)
+        .chain(&response_headers.set)
+        .chain(&response_headers.add)
+    {
+        if v.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+            return Err(ConfigError::invalid(
+                ix.file,
+                res.line,
+                field("filters"),
+                format!("header {n} has an invalid value"),
+            ));
+        }
+    }
+    let timeouts = rule.timeouts.clone().unwrap_or_default();
+    let retry = match &rule.retry {
+        None => None,
+        Some(r) => {
+            for c in &r.codes {
+                if !(400..=599).contains(c) {
+                    return Err(ConfigError::invalid(
+                        ix.file,
+                        res.line,
+                        field("retry.codes"),
+                        format!("{c} is not a 4xx or 5xx status"),
+                    ));
+                }
+            }
+            let grpc_codes = r
+                .grpc_codes
+                .iter()
+                .map(|n| {
+                    grpc_code(n).ok_or_else(|| {
+                        ConfigError::invalid(
+                            ix.file,
+                            res.line,
+                            field("retry.grpcCodes"),
+                            format!("unknown gRPC status {n:?}"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(RetryConfig {
+                attempts: r.attempts.unwrap_or(1),
+                codes: r.codes.clone(),
+                grpc_codes,
+                backoff: r.backoff.map_or(Duration::from_millis(25), |d| d.0),
+                per_try_timeout: r.per_try_timeout.or(timeouts.backend_request).map(|d| d.0),
+            })
+        }
+    };
+    Ok(RouteConfig {
+        name,
+        matches: Vec::new(),
+        backends,
+        request_headers,
+        response_headers,
+        timeout: timeouts.request.map(|d| d.0),
+        retry,
+    })
+}
+
+/// Numeric gRPC status for a canonical name.
+pub(crate) fn grpc_code(name: &str) -> Option<u32> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES
+        .iter()
+        .position(|n| n.eq_ignore_ascii_case(name))
+        .map(|i| i as u32)
+}
+
+fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig) -> Result<()> {
+    let Some((res, w)) = ix.workloads.get(local) else {
+        return Err(ConfigError::invalid(
+            ix.file,
+            0,
+            "--workload",
+            format!("Workload {local} is not defined in the config"),
+        ));
+    };
+    // The application usually listens on loopback next to its proxy; a workload whose address
+    // is itself a loopback address (tests, explicit mode on one host) is reached there.
+    let app_ip = if w.address.is_loopback() {
+        w.address
+    } else {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    };
+    let mut inbound_ports = Vec::new();
+    let mut service = None;
+    for (sid, (_, svc)) in &ix.services {
+        if sid.namespace != local.namespace || !selects(&svc.selector, &res.metadata.labels) {
+            continue;
+        }
+        service.get_or_insert_with(|| sid.clone());
+        for p in &svc.ports {
+            inbound_ports.push(InboundPort {
+                port: p.port,
+                target: SocketAddr::new(app_ip, p.target_port.unwrap_or(p.port)),
+                protocol: p.protocol,
+                service: sid.clone(),
+            });
+        }
+    }
+    for (i, u) in w.upstreams.iter().enumerate() {
+        let line = u64::from(u.service.referenced.line());
+        let f = format!("Workload {local}: spec.upstreams[{i}].service");
+        let id = parse_authority_name(&u.service.value, &local.namespace);
+        let Some(sc) = cfg.services.get(&id) else {
+            return Err(ConfigError::invalid(
+                ix.file,
+                line,
+                f,
+                format!("Service {id} not found"),
+            ));
+        };
+        let Some(pc) = sc.ports.iter().find(|p| p.port == u.port) else {
+            return Err(ConfigError::invalid(
+                ix.file,
+                line,
+                format!("Workload {local}: spec.upstreams[{i}].port"),
+                format!("Service {id} has no port {}", u.port),
+            ));
+        };
+        if cfg
+            .tcp_binds
+            .iter()
+            .any(|b| b.bind == u.bind && u.bind.port() != 0)
+        {
+            return Err(ConfigError::invalid(
+                ix.file,
+                line,
+                format!("Workload {local}: spec.upstreams[{i}].bind"),
+                format!("{} is bound twice", u.bind),
+            ));
+        }
+        cfg.tcp_binds.push(BindConfig {
+            bind: u.bind,
+            cluster: cluster_key(&id, u.port),
+            service: id,
+            port: u.port,
+            protocol: pc.protocol,
+        });
+    }
+    cfg.local = Some(LocalWorkload {
+        id: local.clone(),
+        service,
+        environment: w.environment,
+        inbound_ports,
+    });
+    Ok(())
+}
+
+/// `name.namespace` (optionally with a `.mesh` suffix) or a bare `name` in `default_ns`.
+pub fn parse_authority_name(host: &str, default_ns: &str) -> NamespacedName {
+    let host = host.strip_suffix(".mesh").unwrap_or(host);
+    match host.split_once('.') {
+        Some((name, ns)) => NamespacedName {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        },
+        None => NamespacedName {
+            namespace: default_ns.to_string(),
+            name: host.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,88 @@
+use super::*;
+use crate::{parse_documents, ConfigError};
+
+const EXAMPLE: &str = include_str!("../../../../examples/quickstart.yaml");
+
+fn nn(s: &str) -> NamespacedName {
+    s.parse().unwrap()
+}
+
+fn err(text: &str) -> ConfigError {
+    match parse_documents("t.yaml", text) {
+        Err(e) => e,
+        Ok(res) => translate("t.yaml", &res, Some(&nn("shop/frontend-1"))).unwrap_err(),
+    }
+}
+
+#[test]
+fn example_translates() {
+    let res = parse_documents("ex.yaml", EXAMPLE).unwrap();
+    let cfg = translate("ex.yaml", &res, Some(&nn("shop/frontend-1"))).unwrap();
+    let catalog = &cfg.services[&nn("shop/catalog")].ports[0];
+    assert_eq!(catalog.routes.len(), 2, "route plus default");
+    assert_eq!(catalog.routes[0].backends.len(), 2);
+    assert_eq!(catalog.routes[0].backends[0].cluster, "shop/catalog-v1:80");
+    assert_eq!(catalog.routes[0].timeout, Some(Duration::from_secs(2)));
+    let v2 = &cfg.clusters["shop/catalog-v2:80"];
+    assert_eq!(v2.endpoints.len(), 1);
+    assert_eq!(v2.endpoints[0].addr, "127.0.0.1:8082".parse().unwrap());
+    assert_eq!(v2.policy.max_pending, 128);
+    assert_eq!(cfg.tcp_binds[0].cluster, "shop/catalog:80");
+    assert!(cfg.local.is_some());
+}
+
+#[test]
+fn unknown_field_names_line_and_field() {
+    let text = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: a }\nspec:\n  ports: [{ port: 80 }]\n  selecter: { app: a }\n";
+    let e = err(text).to_string();
+    assert!(e.starts_with("t.yaml:6:"), "{e}");
+    assert!(e.contains("selecter"), "{e}");
+}
+
+#[test]
+fn bad_values_are_located() {
+    let text = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: r }\nspec:\n  parentRefs: [{ name: a }]\n  rules:\n    - timeouts: { request: 2 seconds }\n";
+    let e = err(text).to_string();
+    assert!(e.starts_with("t.yaml:7:"), "{e}");
+    assert!(e.contains("invalid duration"), "{e}");
+}
+
+#[test]
+fn missing_backend_is_refused_with_line() {
+    let text = format!(
+        "{EXAMPLE}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: r2, namespace: shop }}\nspec:\n  parentRefs: [{{ name: catalog }}]\n  rules:\n    - backendRefs:\n        - name: nope\n          port: 80\n"
+    );
+    let e = err(&text);
+    let ConfigError::Invalid { line, field, .. } = &e else {
+        panic!("{e}")
+    };
+    let expected = text.lines().position(|l| l.contains("name: nope")).unwrap() as u64 + 1;
+    assert_eq!(*line, expected, "{e}");
+    assert!(field.contains("backendRefs[0].name"), "{e}");
+}
+
+#[test]
+fn duplicates_and_kinds() {
+    let e = err(&format!(
+        "{EXAMPLE}\n---\n{}",
+        EXAMPLE.split("---").next().unwrap()
+    ));
+    assert!(e.to_string().contains("defined twice"), "{e}");
+    let e = err("apiVersion: trellis.dev/v1alpha1\nkind: Gizmo\nmetadata: { name: a }\nspec: {}\n");
+    assert!(e.to_string().contains("unknown kind"), "{e}");
+}
+
+#[test]
+fn precedence_exact_before_prefix() {
+    let text = format!(
+        "{EXAMPLE}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: r2, namespace: shop }}\nspec:\n  parentRefs: [{{ name: catalog }}]\n  rules:\n    - matches: [{{ path: {{ type: PathPrefix, value: /api }} }}, {{ path: {{ type: Exact, value: /api/x }} }}]\n      backendRefs: [{{ name: catalog-v2, port: 80 }}]\n"
+    );
+    let res = parse_documents("t.yaml", &text).unwrap();
+    let cfg = translate("t.yaml", &res, None).unwrap();
+    let routes = &cfg.services[&nn("shop/catalog")].ports[0].routes;
+    assert!(matches!(
+        routes[0].matches[0].path,
+        Some(PathMatchConfig::Exact(_))
+    ));
+    assert!(matches!(&routes[1].matches[0].path, Some(PathMatchConfig::Prefix(p)) if p == "/api"));
+}
