@@ -1,1 +1,366 @@
-//! placeholder
+//! Trellis data plane: an L4/L7 proxy with routing, load balancing, resilience, and a failure
+//! class on every request and connection.
+//!
+//! [`Proxy::start`] binds every listener and returns a handle; [`Proxy::run`] serves until
+//! SIGTERM, reloading on SIGHUP or when the config file changes.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, task::JoinHandle};
+use trellis_model::{
+    resource::{NamespacedName, Protocol},
+    ConfigError, ProxyConfig,
+};
+
+pub mod admin;
+pub mod cluster;
+pub mod drain;
+pub mod failure;
+pub mod http;
+pub mod metrics;
+pub mod pool;
+pub mod record;
+pub mod state;
+pub mod tcp;
+pub mod trace;
+
+pub use failure::FailureClass;
+
+use crate::{
+    http::server::{Listener, ServerLimits},
+    metrics::{Metrics, ResultLabels},
+    state::Snapshot,
+};
+
+/// How the proxy runs. Built once from flags at the edge.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The resource file.
+    pub config: PathBuf,
+    /// The workload this proxy serves.
+    pub workload: Option<NamespacedName>,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Outbound listener.
+    pub outbound: SocketAddr,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// How long SIGTERM waits for connections to finish.
+    pub drain_timeout: Duration,
+    /// How often the config file is checked for changes.
+    pub watch_interval: Duration,
+    /// Client header limits.
+    pub limits: ServerLimits,
+    /// Write access-log lines to stdout.
+    pub access_log: bool,
+}
+
+/// State shared by every task.
+pub struct Shared {
+    /// Live config.
+    pub state: ArcSwap<Snapshot>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Registry, for `/metrics`.
+    pub registry: Registry,
+    /// Access log.
+    pub access_log: record::AccessLog,
+    /// Drain signal and connection count.
+    pub drain: drain::Drain,
+    /// Where the config came from.
+    pub source: String,
+}
+
+/// Why the proxy could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Bad config.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Read and translate the config file.
+pub fn load(opts: &Options) -> Result<ProxyConfig, ConfigError> {
+    let resources = trellis_model::load_file(&opts.config)?;
+    trellis_model::translate(
+        &opts.config.display().to_string(),
+        &resources,
+        opts.workload.as_ref(),
+    )
+}
+
+/// A running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    opts: Options,
+    binds: HashMap<String, (SocketAddr, JoinHandle<()>)>,
+    /// Bound addresses: admin, outbound, inbound.
+    pub addrs: (SocketAddr, SocketAddr, SocketAddr),
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ProxyError> {
+    let sock = if addr.is_ipv4() {
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+    } else {
+        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+    };
+    let err = |source| ProxyError::Bind {
+        addr,
+        what: what.to_string(),
+        source,
+    };
+    let sock = sock.map_err(err)?;
+    sock.set_reuse_address(true).map_err(err)?;
+    sock.set_nonblocking(true).map_err(err)?;
+    sock.bind(&addr.into()).map_err(err)?;
+    sock.listen(1024).map_err(err)?;
+    TcpListener::from_std(sock.into()).map_err(err)
+}
+
+fn bind_key(cfg: &ProxyConfig, i: usize) -> String {
+    let b = &cfg.tcp_binds[i];
+    if b.bind.port() == 0 {
+        format!("{}#{i}", b.bind)
+    } else {
+        b.bind.to_string()
+    }
+}
+
+fn spawn_accept(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    kind: Listener,
+    tcp: bool,
+) -> JoinHandle<()> {
+    let builder = Arc::new(http::server::builder(shared_limits(&shared)));
+    tokio::spawn(async move {
+        let mut drain = shared.drain.signal();
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        let shared = shared.clone();
+                        if tcp {
+                            let Listener::Bind { cluster } = kind.clone() else { continue };
+                            tokio::spawn(tcp::serve_bind(shared, cluster, stream));
+                        } else {
+                            tokio::spawn(http::server::serve(shared, builder.clone(), kind.clone(), stream, peer));
+                        }
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = drain.changed() => break,
+            }
+        }
+    })
+}
+
+// Limits live in Options; stash a copy reachable from Shared-only code paths.
+static LIMITS: std::sync::OnceLock<ServerLimits> = std::sync::OnceLock::new();
+fn shared_limits(_: &Shared) -> ServerLimits {
+    *LIMITS.get().expect("limits set at start")
+}
+
+impl Proxy {
+    /// Bind every listener and start serving `cfg`.
+    pub async fn start(opts: Options, cfg: ProxyConfig) -> Result<Self, ProxyError> {
+        let _ = LIMITS.set(opts.limits);
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(registry.sub_registry_with_prefix("trellis"));
+        let snap = Snapshot::build(cfg, None, &metrics);
+        let shared = Arc::new(Shared {
+            state: ArcSwap::from_pointee(snap),
+            metrics,
+            registry,
+            access_log: record::AccessLog::new(opts.access_log),
+            drain: drain::Drain::default(),
+            source: opts.config.display().to_string(),
+        });
+        let admin = bind(opts.admin, "admin").await?;
+        let outbound = bind(opts.outbound, "outbound").await?;
+        let inbound = bind(opts.inbound, "inbound").await?;
+        let addrs = (
+            admin.local_addr().map_err(|source| ProxyError::Bind {
+                addr: opts.admin,
+                what: "admin".into(),
+                source,
+            })?,
+            outbound.local_addr().map_err(|source| ProxyError::Bind {
+                addr: opts.outbound,
+                what: "outbound".into(),
+                source,
+            })?,
+            inbound.local_addr().map_err(|source| ProxyError::Bind {
+                addr: opts.inbound,
+                what: "inbound".into(),
+                source,
+            })?,
+        );
+        let mut proxy = Self {
+            shared: shared.clone(),
+            opts,
+            binds: HashMap::new(),
+            addrs,
+        };
+        let snap = shared.state.load_full();
+        proxy.binds = proxy.bind_all(&snap.cfg).await?;
+        tokio::spawn(admin::serve(shared.clone(), admin));
+        spawn_accept(shared.clone(), outbound, Listener::Outbound, false);
+        spawn_accept(shared.clone(), inbound, Listener::Inbound, false);
+        Ok(proxy)
+    }
+
+    /// Bind the explicit-mode listeners of `cfg` that are not bound yet; all or nothing.
+    async fn bind_all(
+        &self,
+        cfg: &ProxyConfig,
+    ) -> Result<HashMap<String, (SocketAddr, JoinHandle<()>)>, ProxyError> {
+        let mut out = HashMap::new();
+        for (i, b) in cfg.tcp_binds.iter().enumerate() {
+            let key = bind_key(cfg, i);
+            if self.binds.contains_key(&key) {
+                continue;
+            }
+            let what = format!(
+                "upstream {}.{}:{}",
+                b.service.name, b.service.namespace, b.port
+            );
+            let l = match bind(b.bind, &what).await {
+                Ok(l) => l,
+                Err(e) => {
+                    for (_, (_, h)) in out {
+                        let h: JoinHandle<()> = h;
+                        h.abort();
+                    }
+                    return Err(e);
+                }
+            };
+            let addr = l.local_addr().unwrap_or(b.bind);
+            let kind = Listener::Bind {
+                cluster: b.cluster.clone(),
+            };
+            let h = spawn_accept(self.shared.clone(), l, kind, b.protocol == Protocol::Tcp);
+            out.insert(key, (addr, h));
+        }
+        Ok(out)
+    }
+
+    /// The bound explicit-mode listeners: (service, port, address).
+    pub fn bound_upstreams(&self) -> Vec<(String, u16, SocketAddr)> {
+        let snap = self.shared.state.load_full();
+        let cfg = &snap.cfg;
+        (0..cfg.tcp_binds.len())
+            .filter_map(|i| {
+                let b = &cfg.tcp_binds[i];
+                let (addr, _) = self.binds.get(&bind_key(cfg, i))?;
+                Some((
+                    format!("{}.{}", b.service.name, b.service.namespace),
+                    b.port,
+                    *addr,
+                ))
+            })
+            .collect()
+    }
+
+    /// Shared state (for tests and the admin server).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Load the file again and swap the config in, or keep the old one and say why.
+    pub async fn reload(&mut self) -> Result<(), ProxyError> {
+        let res = self.try_reload().await;
+        let result = if res.is_ok() { "ok" } else { "error" };
+        self.shared
+            .metrics
+            .reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        res
+    }
+
+    async fn try_reload(&mut self) -> Result<(), ProxyError> {
+        let cfg = load(&self.opts)?;
+        let new_binds = self.bind_all(&cfg).await?;
+        let old = self.shared.state.load_full();
+        let snap = Snapshot::build(cfg, Some(&old), &self.shared.metrics);
+        let keep: Vec<String> = (0..snap.cfg.tcp_binds.len())
+            .map(|i| bind_key(&snap.cfg, i))
+            .collect();
+        self.shared.state.store(Arc::new(snap));
+        self.binds.retain(|k, (_, h)| {
+            let keep = keep.contains(k);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        self.binds.extend(new_binds);
+        Ok(())
+    }
+
+    /// Serve until SIGTERM or SIGINT; reload on SIGHUP and when the file changes. Then drain.
+    pub async fn run(mut self) -> std::io::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut last = std::fs::read(&self.opts.config).ok();
+        let mut tick = tokio::time::interval(self.opts.watch_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let why = tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => "SIGHUP",
+                _ = tick.tick() => {
+                    let now = std::fs::read(&self.opts.config).ok();
+                    if now.is_none() || now == last { continue; }
+                    last = now;
+                    "file changed"
+                }
+            };
+            match self.reload().await {
+                Ok(()) => tracing::info!(
+                    trigger = why,
+                    version = self.shared.state.load().version,
+                    "config reloaded"
+                ),
+                Err(e) => {
+                    tracing::error!(trigger = why, error = %e, "config refused; still serving the previous one")
+                }
+            }
+        }
+        let active = self.shared.drain.active();
+        tracing::info!(
+            active,
+            timeout_secs = self.opts.drain_timeout.as_secs_f64(),
+            "draining"
+        );
+        match tokio::time::timeout(self.opts.drain_timeout, self.shared.drain.drain()).await {
+            Ok(()) => tracing::info!("drained"),
+            Err(_) => tracing::warn!(
+                still_open = self.shared.drain.active(),
+                "drain timeout; closing remaining connections"
+            ),
+        }
+        Ok(())
+    }
+}

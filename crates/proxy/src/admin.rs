@@ -1,0 +1,85 @@
+//! The admin listener: `/metrics`, `/ready`, `/live`, `/config_dump`.
+
+use std::{convert::Infallible, sync::Arc};
+
+use http::{header, Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::{http::body::ProxyBody, http::server::text, Shared};
+
+/// Serve the admin endpoints until the proxy stops.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, req)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
+    match req.uri().path() {
+        "/metrics" => {
+            let mut out = String::new();
+            if prometheus_client::encoding::text::encode(&mut out, &shared.registry).is_err() {
+                return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
+            }
+            let mut r = text(StatusCode::OK, out);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" if shared.drain.draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/ready" => text(StatusCode::OK, "ready\n"),
+        "/config_dump" => {
+            let snap = shared.state.load_full();
+            let endpoints: serde_json::Map<String, serde_json::Value> = snap
+                .clusters
+                .iter()
+                .map(|(k, c)| {
+                    let eps = c
+                        .endpoints
+                        .iter()
+                        .map(|e| serde_json::json!({"addr": e.cfg.addr, "ejected": e.ejected(), "in_flight": e.in_flight()}))
+                        .collect();
+                    (k.clone(), serde_json::Value::Array(eps))
+                })
+                .collect();
+            let dump = serde_json::json!({
+                "version": snap.version,
+                "source": shared.source,
+                "config": &*snap.cfg,
+                "endpoint_health": endpoints,
+            });
+            let mut r = text(
+                StatusCode::OK,
+                serde_json::to_vec_pretty(&dump).unwrap_or_default(),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /ready, /live, /config_dump\n",
+        ),
+    }
+}

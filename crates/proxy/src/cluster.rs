@@ -1,0 +1,349 @@
+//! A cluster: one service port's endpoints, with their load-balancer, outlier and pool state,
+//! and the cluster-wide circuit breakers and retry budget.
+
+use std::{
+    sync::{
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use trellis_model::{
+    proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
+    resource::LbKind,
+};
+
+use crate::{
+    metrics::{ClusterLabels, EndpointLabels, Metrics},
+    pool::Pool,
+    FailureClass,
+};
+
+mod budget;
+pub use budget::RetryBudget;
+
+/// One endpoint and everything the proxy learned about it.
+pub struct Endpoint {
+    /// Its config.
+    pub cfg: EndpointConfig,
+    /// Its connection pool.
+    pub pool: Pool,
+    in_flight: AtomicU32,
+    /// Peak-EWMA latency estimate, nanoseconds, and when it was last updated.
+    ewma: Mutex<(f64, Instant)>,
+    outlier: Mutex<Outlier>,
+}
+
+#[derive(Default)]
+struct Outlier {
+    consecutive_failures: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// Decrements an endpoint's in-flight count when dropped, so cancelled requests count too.
+pub struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// EWMA decay window: latency samples older than this weigh less than 1/e.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+// Optimistic first guess so that new endpoints get traffic.
+const EWMA_INITIAL_NS: f64 = 1_000_000.0;
+
+impl Endpoint {
+    fn new(cfg: EndpointConfig, idle_timeout: Duration) -> Self {
+        Self {
+            pool: Pool::new(cfg.addr, idle_timeout),
+            cfg,
+            in_flight: AtomicU32::new(0),
+            ewma: Mutex::new((EWMA_INITIAL_NS, Instant::now())),
+            outlier: Mutex::new(Outlier::default()),
+        }
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Mark a request as started.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn cost(&self) -> f64 {
+        let (ewma, _) = *self.ewma.lock().expect("ewma lock");
+        ewma * f64::from(self.in_flight() + 1) / f64::from(self.cfg.weight)
+    }
+
+    /// Record a latency sample. Peak-sensitive: a slower sample replaces the estimate at once,
+    /// a faster one decays it.
+    pub fn observe_latency(&self, rtt: Duration) {
+        let mut g = self.ewma.lock().expect("ewma lock");
+        let now = Instant::now();
+        let sample = rtt.as_nanos() as f64;
+        if sample > g.0 {
+            g.0 = sample;
+        } else {
+            let dt = now.saturating_duration_since(g.1).as_secs_f64();
+            let w = (-dt / EWMA_DECAY.as_secs_f64()).exp();
+            g.0 = g.0 * w + sample * (1.0 - w);
+        }
+        g.1 = now;
+    }
+
+    fn is_ejected(&self, now: Instant) -> bool {
+        let mut o = self.outlier.lock().expect("outlier lock");
+        match o.ejected_until {
+            Some(t) if t > now => true,
+            Some(_) => {
+                o.ejected_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the endpoint is currently ejected.
+    pub fn ejected(&self) -> bool {
+        self.is_ejected(Instant::now())
+    }
+}
+
+/// A cluster and its runtime state.
+pub struct Cluster {
+    /// Its key, `namespace/service:port`.
+    pub key: String,
+    /// Its config.
+    pub cfg: ClusterConfig,
+    /// Endpoints.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Retry budget.
+    pub budget: Arc<RetryBudget>,
+    requests: Arc<Semaphore>,
+    /// Connection slots (max connections).
+    pub connections: Arc<Semaphore>,
+    pending: AtomicUsize,
+    rr: AtomicU64,
+    metrics: Metrics,
+    labels: ClusterLabels,
+}
+
+/// Why a cluster could not take a request.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// Circuit open.
+    #[error("cluster {0}: circuit breaker open (max requests and max pending reached)")]
+    Overloaded(String),
+}
+
+impl Cluster {
+    /// Build a cluster, reusing endpoint state (pools, latency, ejections) and the retry
+    /// budget from `prev` where the endpoint is unchanged, so that a reload is invisible.
+    pub fn new(key: String, cfg: ClusterConfig, prev: Option<&Cluster>, metrics: &Metrics) -> Self {
+        let idle = cfg.policy.idle_timeout;
+        let endpoints = cfg
+            .endpoints
+            .iter()
+            .map(|e| {
+                prev.and_then(|p| {
+                    p.endpoints
+                        .iter()
+                        .find(|o| o.cfg == *e && p.cfg.policy.idle_timeout == idle)
+                })
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Endpoint::new(e.clone(), idle)))
+            })
+            .collect();
+        let p = &cfg.policy;
+        let (budget, requests, connections) = match prev {
+            Some(prev) if prev.cfg.policy == *p => (
+                prev.budget.clone(),
+                prev.requests.clone(),
+                prev.connections.clone(),
+            ),
+            _ => (
+                Arc::new(RetryBudget::new(
+                    p.retry_budget_percent,
+                    p.retry_min_per_second,
+                )),
+                Arc::new(Semaphore::new(p.max_requests as usize)),
+                Arc::new(Semaphore::new(p.max_connections as usize)),
+            ),
+        };
+        Self {
+            labels: ClusterLabels {
+                cluster: key.clone(),
+            },
+            key,
+            cfg,
+            endpoints,
+            budget,
+            requests,
+            connections,
+            pending: AtomicUsize::new(0),
+            rr: AtomicU64::new(0),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &BackendPolicy {
+        &self.cfg.policy
+    }
+
+    /// Admit a request: take an in-flight slot, waiting in the bounded pending queue for at
+    /// most `wait` if none is free.
+    pub async fn admit(&self, wait: Duration) -> Result<OwnedSemaphorePermit, AdmitError> {
+        if let Ok(p) = self.requests.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let overloaded = || {
+            self.metrics.overflows.get_or_create(&self.labels).inc();
+            AdmitError::Overloaded(self.key.clone())
+        };
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.cfg.policy.max_pending as usize {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(overloaded());
+        }
+        let r = tokio::time::timeout(wait, self.requests.clone().acquire_owned()).await;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        match r {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(overloaded()),
+        }
+    }
+
+    /// Pick an endpoint, skipping ejected ones. `None` when there is no healthy endpoint.
+    pub fn pick(&self) -> Option<Arc<Endpoint>> {
+        let now = Instant::now();
+        let healthy: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(|e| !e.is_ejected(now))
+            .collect();
+        match healthy.len() {
+            0 => None,
+            1 => Some(healthy[0].clone()),
+            _ => Some(
+                match self.cfg.policy.lb {
+                    LbKind::RoundRobin => self.round_robin(&healthy),
+                    LbKind::PeakEWMA => p2c(&healthy, |e| e.cost()),
+                    LbKind::LeastRequest => p2c(&healthy, |e| {
+                        f64::from(e.in_flight() + 1) / f64::from(e.cfg.weight)
+                    }),
+                }
+                .clone(),
+            ),
+        }
+    }
+
+    fn round_robin<'a>(&self, healthy: &[&'a Arc<Endpoint>]) -> &'a Arc<Endpoint> {
+        let total: u64 = healthy.iter().map(|e| u64::from(e.cfg.weight)).sum();
+        let mut n = self.rr.fetch_add(1, Ordering::Relaxed) % total;
+        for e in healthy {
+            let w = u64::from(e.cfg.weight);
+            if n < w {
+                return e;
+            }
+            n -= w;
+        }
+        healthy[0]
+    }
+
+    /// Report the outcome of one try against `ep`, for outlier detection.
+    pub fn report(&self, ep: &Endpoint, class: FailureClass) {
+        let p = &self.cfg.policy;
+        let failed = matches!(
+            class,
+            FailureClass::AppError
+                | FailureClass::ConnectRefused
+                | FailureClass::ConnectTimeout
+                | FailureClass::ConnectionReset
+                | FailureClass::UpstreamTimeout
+                | FailureClass::ProtocolError
+        );
+        let mut o = ep.outlier.lock().expect("outlier lock");
+        if !failed {
+            o.consecutive_failures = 0;
+            return;
+        }
+        o.consecutive_failures += 1;
+        if p.consecutive_failures == 0
+            || o.consecutive_failures < p.consecutive_failures
+            || o.ejected_until.is_some()
+        {
+            return;
+        }
+        drop(o);
+        // Cap the ejected share, but always allow one ejection (as Envoy does).
+        let now = Instant::now();
+        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        let n = self.endpoints.len();
+        if ejected > 0 && (ejected + 1) * 100 > n * p.max_ejection_percent as usize {
+            return;
+        }
+        let mut o = ep.outlier.lock().expect("outlier lock");
+        let factor = 1u32 << o.ejections.min(16);
+        let t = p.base_ejection.saturating_mul(factor).min(p.max_ejection);
+        o.ejections += 1;
+        o.consecutive_failures = 0;
+        o.ejected_until = Some(now + t);
+        drop(o);
+        tracing::warn!(cluster = %self.key, endpoint = %ep.cfg.addr, ejection_secs = t.as_secs_f64(), "outlier detection ejected an endpoint");
+        let labels = EndpointLabels {
+            cluster: self.key.clone(),
+            endpoint: ep.cfg.addr.to_string(),
+        };
+        self.metrics.ejections.get_or_create(&labels).inc();
+        self.update_ejected_gauge();
+    }
+
+    /// Refresh the ejected-endpoints gauge.
+    pub fn update_ejected_gauge(&self) {
+        let now = Instant::now();
+        let n = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        self.metrics
+            .ejected
+            .get_or_create(&self.labels)
+            .set(n as i64);
+    }
+}
+
+/// Power of two choices: two distinct random candidates (weighted by endpoint weight), keep
+/// the cheaper.
+fn p2c<'a>(healthy: &[&'a Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> &'a Arc<Endpoint> {
+    let total: u64 = healthy.iter().map(|e| u64::from(e.cfg.weight)).sum();
+    let weighted = |r: u64| {
+        let mut n = r;
+        for (i, e) in healthy.iter().enumerate() {
+            let w = u64::from(e.cfg.weight);
+            if n < w {
+                return i;
+            }
+            n -= w;
+        }
+        0
+    };
+    let a = weighted(fastrand::u64(..total));
+    let mut b = weighted(fastrand::u64(..total));
+    if a == b {
+        b = (a + 1 + fastrand::usize(..healthy.len() - 1)) % healthy.len();
+    }
+    if cost(healthy[a]) <= cost(healthy[b]) {
+        healthy[a]
+    } else {
+        healthy[b]
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,530 @@
+//! Sending a request to a cluster: admission (circuit breaker), endpoint choice, tries with
+//! timeouts and budgeted retries, and the proxy's own responses when all of that fails.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use trellis_model::{
+    proxy::{HeaderEdits, RetryConfig},
+    resource::Protocol,
+};
+
+use super::body::{ProxyBody, Replay, UpBody};
+use crate::{
+    cluster::{Cluster, Endpoint},
+    pool::{ConnectCtx, Sender, UpstreamError},
+    record::Record,
+    FailureClass, Shared,
+};
+
+/// Largest request body kept for replay; bigger bodies are streamed and not retried.
+const REPLAY_CAP: usize = 64 * 1024;
+const BACKOFF_CAP: Duration = Duration::from_secs(1);
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
+
+/// Remove hop-by-hop headers (keeping `te: trailers`, which gRPC needs end to end).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty() && s != "te")
+        .collect();
+    let trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for n in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        h.remove(n);
+    }
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Apply header edits.
+pub fn edit_headers(h: &mut HeaderMap, e: &HeaderEdits) {
+    for n in &e.remove {
+        h.remove(n.as_str());
+    }
+    for (n, v) in &e.set {
+        if let (Ok(n), Ok(v)) = (
+            header::HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.insert(n, v);
+        }
+    }
+    for (n, v) in &e.add {
+        if let (Ok(n), Ok(v)) = (
+            header::HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            h.append(n, v);
+        }
+    }
+}
+
+/// A response the proxy makes up itself: the class in `x-trellis-failure`, and for gRPC a
+/// trailers-only response with a proper `grpc-status`.
+pub fn local_reply(
+    mut rec: Record,
+    class: FailureClass,
+    detail: String,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    rec.class = class;
+    let mut resp = if grpc {
+        let code = class.grpc_status();
+        rec.grpc_status = Some(code);
+        let mut r = Response::new(ProxyBody::full(Bytes::new()));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "trellis: {}: {}",
+            class.as_str(),
+            detail.replace(['\r', '\n'], " ")
+        )) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let body = format!("trellis: {}: {detail}\n", class.as_str());
+        let mut r = Response::new(ProxyBody::full(body));
+        *r.status_mut() = class.status();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    resp.headers_mut().insert(
+        "x-trellis-failure",
+        HeaderValue::from_static(class.as_str()),
+    );
+    rec.status = resp.status().as_u16();
+    rec.detail = Some(detail);
+    resp.map(|b| b.with_on_end(Box::new(rec)))
+}
+
+/// Is this a gRPC request?
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// What the route asks of this exchange.
+pub struct Plan<'a> {
+    /// The cluster.
+    pub cluster: Arc<Cluster>,
+    /// Deadline until response headers.
+    pub timeout: Option<Duration>,
+    /// Retries.
+    pub retry: Option<&'a RetryConfig>,
+    /// Response header edits.
+    pub response_headers: Option<&'a HeaderEdits>,
+}
+
+fn upstream_request(parts: &http::request::Parts, body: UpBody, h2: bool) -> Request<UpBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = parts.headers.clone();
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+        let a = authority.as_deref().unwrap_or("upstream");
+        *req.uri_mut() =
+            Uri::try_from(format!("http://{a}{pq}")).unwrap_or_else(|_| Uri::from_static("/"));
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+        if let (false, Some(a)) = (req.headers().contains_key(header::HOST), authority) {
+            if let Ok(v) = HeaderValue::from_str(&a) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    req
+}
+
+enum Try {
+    Response(Response<Incoming>, Option<Sender>),
+    Failed(FailureClass, String),
+}
+
+async fn send_once(
+    shared: &Shared,
+    cluster: &Cluster,
+    ep: &Endpoint,
+    mut req: Request<UpBody>,
+    h2: bool,
+    rec: &mut Record,
+) -> Try {
+    let ctx = ConnectCtx {
+        timeout: cluster.policy().connect_timeout,
+        slots: &cluster.connections,
+        cluster: &cluster.key,
+        metrics: &shared.metrics,
+    };
+    // A pooled HTTP/1.1 connection may be closed by the server just as we pick it; a request
+    // that was never written is safe to send again on a fresh connection.
+    for fresh in [false, true] {
+        let got = if fresh {
+            ep.pool.connect(h2, &ctx).await.map(|s| (s, Duration::ZERO))
+        } else {
+            ep.pool.checkout(h2, &ctx).await
+        };
+        let (sender, connect) = match got {
+            Ok(s) => s,
+            Err(e) => return Try::Failed(e.class(), e.to_string()),
+        };
+        rec.connect = Some(connect);
+        match sender {
+            Sender::H2(mut s) => {
+                if let Err(source) = s.ready().await {
+                    let e = UpstreamError::Send {
+                        addr: ep.cfg.addr,
+                        source,
+                    };
+                    return Try::Failed(e.class(), e.to_string());
+                }
+                return match s.send_request(req).await {
+                    Ok(r) => Try::Response(r, None),
+                    Err(source) => {
+                        let e = UpstreamError::Send {
+                            addr: ep.cfg.addr,
+                            source,
+                        };
+                        Try::Failed(e.class(), e.to_string())
+                    }
+                };
+            }
+            Sender::H1(mut s) => {
+                if s.ready().await.is_err() {
+                    continue;
+                }
+                match s.try_send_request(req).await {
+                    Ok(r) => return Try::Response(r, Some(Sender::H1(s))),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if !fresh => req = unsent,
+                        _ => {
+                            let e = UpstreamError::Send {
+                                addr: ep.cfg.addr,
+                                source: e.into_error(),
+                            };
+                            return Try::Failed(e.class(), e.to_string());
+                        }
+                    },
+                }
+            }
+        }
+    }
+    Try::Failed(
+        FailureClass::ConnectionReset,
+        format!(
+            "connection to {} closed before the request was sent",
+            ep.cfg.addr
+        ),
+    )
+}
+
+fn retry_wanted(retry: &RetryConfig, t: &Try) -> bool {
+    match t {
+        Try::Failed(class, _) => class.retriable() && *class != FailureClass::NoHealthyUpstream,
+        Try::Response(r, _) => {
+            retry.codes.contains(&r.status().as_u16())
+                || r.headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+                    .is_some_and(|c| retry.grpc_codes.contains(&c))
+        }
+    }
+}
+
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1 << attempt.min(10)).min(BACKOFF_CAP);
+    // Full jitter.
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// Forward `req` as `plan` says, and build the response for the client.
+pub async fn forward(
+    shared: &Shared,
+    plan: Plan<'_>,
+    req: Request<Incoming>,
+    mut rec: Record,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let cluster = plan.cluster;
+    let deadline = plan.timeout.map(|t| rec.start + t);
+    let h2 = matches!(cluster.cfg.protocol, Protocol::Http2 | Protocol::Grpc);
+    cluster.budget.deposit();
+    let permit = match cluster.admit(cluster.policy().connect_timeout).await {
+        Ok(p) => p,
+        Err(e) => return local_reply(rec, FailureClass::Overloaded, e.to_string(), grpc),
+    };
+    let (parts, body) = req.into_parts();
+    let small = body
+        .size_hint()
+        .upper()
+        .is_none_or(|n| n as usize <= REPLAY_CAP);
+    let mut replay = None;
+    let mut first = Some(match plan.retry {
+        Some(_) if small => {
+            let r = Replay::new(body, REPLAY_CAP);
+            replay = r.replay();
+            UpBody::Replay(r)
+        }
+        _ => UpBody::Incoming(body),
+    });
+    let max_tries = 1 + plan.retry.map_or(0, |r| r.attempts);
+    let mut last_failure = (
+        FailureClass::NoHealthyUpstream,
+        format!("cluster {} has no healthy endpoint", cluster.key),
+    );
+    for attempt in 0..max_tries {
+        let body = match first.take() {
+            Some(b) => b,
+            None => match replay.as_ref().and_then(Replay::replay) {
+                Some(r) => UpBody::Replay(r),
+                None => break,
+            },
+        };
+        let Some(ep) = cluster.pick() else {
+            last_failure = (
+                FailureClass::NoHealthyUpstream,
+                format!(
+                    "cluster {} has no healthy endpoint ({} configured, all ejected or none)",
+                    cluster.key,
+                    cluster.endpoints.len()
+                ),
+            );
+            break;
+        };
+        rec.attempts = attempt + 1;
+        rec.upstream = Some(ep.cfg.addr);
+        rec.dst_workload = ep.cfg.workload.name.clone();
+        rec.dst_environment = ep.cfg.environment.as_str();
+        let in_flight = ep.start();
+        let try_start = Instant::now();
+        let per_try = plan.retry.and_then(|r| r.per_try_timeout);
+        let remaining = deadline.map(|d| d.saturating_duration_since(try_start));
+        let limit = match (per_try, remaining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let req = upstream_request(&parts, body, h2);
+        let fut = send_once(shared, &cluster, &ep, req, h2, &mut rec);
+        let outcome = match limit {
+            Some(l) => tokio::time::timeout(l, fut).await.unwrap_or_else(|_| {
+                Try::Failed(
+                    FailureClass::UpstreamTimeout,
+                    format!("no response from {} within {l:?}", ep.cfg.addr),
+                )
+            }),
+            None => fut.await,
+        };
+        let class = match &outcome {
+            Try::Response(r, _) => {
+                ep.observe_latency(try_start.elapsed());
+                let mut c = FailureClass::from_status(r.status().as_u16());
+                if let Some(g) = r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                {
+                    c = FailureClass::from_grpc(g);
+                }
+                c
+            }
+            Try::Failed(c, _) => *c,
+        };
+        let deadline_passed = deadline.is_some_and(|d| Instant::now() >= d);
+        let can_retry = plan.retry.is_some_and(|r| retry_wanted(r, &outcome))
+            && attempt + 1 < max_tries
+            && !deadline_passed
+            && replay.as_ref().and_then(Replay::replay).is_some();
+        if can_retry {
+            if cluster.budget.withdraw() {
+                cluster.report(&ep, class);
+                shared
+                    .metrics
+                    .retries
+                    .get_or_create(&crate::metrics::RetryLabels {
+                        cluster: cluster.key.clone(),
+                        outcome: "sent",
+                    })
+                    .inc();
+                let b = backoff(plan.retry.map_or(Duration::ZERO, |r| r.backoff), attempt);
+                let b = deadline.map_or(b, |d| b.min(d.saturating_duration_since(Instant::now())));
+                tokio::time::sleep(b).await;
+                if let Try::Failed(c, d) = outcome {
+                    last_failure = (c, d);
+                }
+                continue;
+            }
+            shared
+                .metrics
+                .retries
+                .get_or_create(&crate::metrics::RetryLabels {
+                    cluster: cluster.key.clone(),
+                    outcome: "budget_exhausted",
+                })
+                .inc();
+            rec.detail = Some("retry budget exhausted".into());
+        }
+        match outcome {
+            Try::Failed(c, d) => {
+                cluster.report(&ep, c);
+                last_failure = (c, d);
+                break;
+            }
+            Try::Response(resp, sender) => {
+                // Outlier detection sees the final outcome once the body ends, so that a
+                // reset mid-body counts too.
+                rec.first_byte = Some(rec.start.elapsed());
+                rec.status = resp.status().as_u16();
+                rec.class = class;
+                rec.grpc(resp.headers());
+                rec.guards = Some((in_flight, permit));
+                let (cl, ep2) = (cluster.clone(), ep.clone());
+                rec.on_finish = Some(Box::new(move |final_class| {
+                    cl.report(&ep2, final_class);
+                    if let (
+                        Some(Sender::H1(s)),
+                        FailureClass::Ok
+                        | FailureClass::AppError
+                        | FailureClass::ClientError
+                        | FailureClass::AppGrpcError,
+                    ) = (sender, final_class)
+                    {
+                        ep2.pool.checkin(s);
+                    }
+                }));
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                if let Some(e) = plan.response_headers {
+                    edit_headers(&mut rparts.headers, e);
+                }
+                return Response::from_parts(
+                    rparts,
+                    ProxyBody::upstream(rbody).with_on_end(Box::new(rec)),
+                );
+            }
+        }
+    }
+    let (class, detail) = last_failure;
+    drop(permit);
+    local_reply(rec, class, detail, grpc)
+}
+
+/// Forward an HTTP/1.1 Upgrade (e.g. WebSocket) on a dedicated connection, then splice the
+/// two upgraded streams.
+pub async fn upgrade(
+    shared: &Shared,
+    cluster: Arc<Cluster>,
+    mut req: Request<Incoming>,
+    mut rec: Record,
+) -> Response<ProxyBody> {
+    let Some(ep) = cluster.pick() else {
+        return local_reply(
+            rec,
+            FailureClass::NoHealthyUpstream,
+            format!("cluster {} has no healthy endpoint", cluster.key),
+            false,
+        );
+    };
+    rec.attempts = 1;
+    rec.upstream = Some(ep.cfg.addr);
+    rec.dst_workload = ep.cfg.workload.name.clone();
+    rec.dst_environment = ep.cfg.environment.as_str();
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let ctx = ConnectCtx {
+        timeout: cluster.policy().connect_timeout,
+        slots: &cluster.connections,
+        cluster: &cluster.key,
+        metrics: &shared.metrics,
+    };
+    let start = Instant::now();
+    let mut s = match ep.pool.connect(false, &ctx).await {
+        Ok(Sender::H1(s)) => s,
+        Ok(Sender::H2(_)) => unreachable!("asked for HTTP/1.1"),
+        Err(e) => return local_reply(rec, e.class(), e.to_string(), false),
+    };
+    rec.connect = Some(start.elapsed());
+    let (parts, body) = req.into_parts();
+    let mut up = upstream_request(&parts, UpBody::Incoming(body), false);
+    for h in [header::CONNECTION, header::UPGRADE] {
+        if let Some(v) = parts.headers.get(&h) {
+            up.headers_mut().insert(h, v.clone());
+        }
+    }
+    let mut resp = match s.send_request(up).await {
+        Ok(r) => r,
+        Err(source) => {
+            let e = UpstreamError::Send {
+                addr: ep.cfg.addr,
+                source,
+            };
+            return local_reply(rec, e.class(), e.to_string(), false);
+        }
+    };
+    rec.first_byte = Some(rec.start.elapsed());
+    rec.status = resp.status().as_u16();
+    rec.class = FailureClass::from_status(rec.status);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let up_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(a), Ok(b)) = (client_upgrade.await, up_upgrade.await) {
+                let (mut a, mut b) = (
+                    hyper_util::rt::TokioIo::new(a),
+                    hyper_util::rt::TokioIo::new(b),
+                );
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            }
+        });
+    }
+    let (rparts, rbody) = resp.into_parts();
+    Response::from_parts(
+        rparts,
+        ProxyBody::upstream(rbody).with_on_end(Box::new(rec)),
+    )
+}

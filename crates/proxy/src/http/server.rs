@@ -1,0 +1,255 @@
+//! Serving one client connection: HTTP/1.1 and HTTP/2 (prior knowledge) detected on the same
+//! listener, each request resolved to a service port, a route and a cluster.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{header, Method, Request, Response, StatusCode, Version};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::net::TcpStream;
+use trellis_model::resource::Protocol;
+
+use super::{
+    body::ProxyBody,
+    forward::{self, edit_headers, is_grpc, local_reply, strip_hop_by_hop, Plan},
+    route,
+};
+use crate::{metrics::Direction, record::Record, state::Snapshot, tcp, FailureClass, Shared};
+
+/// Which listener a connection came in on.
+#[derive(Clone, Debug)]
+pub enum Listener {
+    /// The outbound listener: the service is named by the authority.
+    Outbound,
+    /// The inbound listener: the local workload is the destination.
+    Inbound,
+    /// An explicit-mode bind for one service port.
+    Bind {
+        /// Cluster key.
+        cluster: String,
+    },
+}
+
+/// Limits applied to every client connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Time allowed for a client to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (HTTP/1.1 buffer; HTTP/2 header list).
+    pub max_header_bytes: usize,
+}
+
+/// Build the connection builder once per listener.
+pub fn builder(limits: ServerLimits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32);
+    b
+}
+
+/// Serve one connection until it closes or the proxy drains.
+pub async fn serve(
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    listener: Listener,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let _active = shared.drain.track();
+    let svc = {
+        let shared = shared.clone();
+        service_fn(move |req| {
+            let (shared, listener) = (shared.clone(), listener.clone());
+            async move { Ok::<_, Infallible>(handle(shared, listener, req, peer).await) }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let mut drain = shared.drain.signal();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = drain.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn protocol(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    listener: Listener,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let snap = shared.state.load_full();
+    let direction = if matches!(listener, Listener::Inbound) {
+        Direction::inbound
+    } else {
+        Direction::outbound
+    };
+    let mut rec = Record::new(
+        direction,
+        protocol(req.version()),
+        shared.metrics.clone(),
+        shared.access_log.clone(),
+        snap.src_service.clone(),
+    );
+    let ids = crate::trace::prepare(req.headers_mut());
+    rec.trace_id = ids.trace_id;
+    rec.request_id = ids.request_id;
+    rec.method = req.method().to_string();
+    rec.path = req.uri().path().to_string();
+    let grpc = is_grpc(&req);
+    let authority = route::authority(&req);
+    rec.authority = authority
+        .as_ref()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    match listener {
+        Listener::Inbound => inbound(&shared, &snap, req, rec, grpc).await,
+        Listener::Outbound | Listener::Bind { .. } => {
+            let default_ns = snap
+                .cfg
+                .local
+                .as_ref()
+                .map_or("default", |l| l.id.namespace.as_str());
+            let target = match &listener {
+                Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {
+                    let svc = snap.cfg.services.get(&c.cfg.service)?;
+                    Some((
+                        c.cfg.service.clone(),
+                        svc.ports.iter().find(|p| p.port == c.cfg.port)?,
+                    ))
+                }),
+                _ => authority
+                    .as_ref()
+                    .and_then(|a| route::service_port(&snap.cfg, a, default_ns)),
+            };
+            let Some((svc_id, port)) = target else {
+                let detail = match &authority {
+                    Some(a) => format!("no service matches authority {a:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}"),
+                    None => "request has no Host header or absolute URI".to_string(),
+                };
+                return local_reply(rec, FailureClass::NoRoute, detail, grpc);
+            };
+            rec.dst_service = format!("{}.{}", svc_id.name, svc_id.namespace);
+            if req.method() == Method::CONNECT {
+                let key = trellis_model::proxy::cluster_key(&svc_id, port.port);
+                return match snap.clusters.get(&key) {
+                    Some(c) => tcp::connect_tunnel(&shared, c.clone(), req, rec).await,
+                    None => local_reply(
+                        rec,
+                        FailureClass::NoRoute,
+                        format!("no cluster {key}"),
+                        false,
+                    ),
+                };
+            }
+            let Some(r) = route::find(port, &req) else {
+                let detail = format!(
+                    "no route of {} matches {} {}",
+                    rec.dst_service, rec.method, rec.path
+                );
+                return local_reply(rec, FailureClass::NoRoute, detail, grpc);
+            };
+            rec.route = r.name.clone();
+            let backend = route::pick_backend(&r.backends);
+            let Some(cluster) = snap.clusters.get(&backend.cluster).cloned() else {
+                return local_reply(
+                    rec,
+                    FailureClass::NoRoute,
+                    format!("no cluster {}", backend.cluster),
+                    grpc,
+                );
+            };
+            if !r.request_headers.is_empty() {
+                edit_headers(req.headers_mut(), &r.request_headers);
+            }
+            if is_upgrade(&req) {
+                return forward::upgrade(&shared, cluster, req, rec).await;
+            }
+            strip_hop_by_hop(req.headers_mut());
+            let plan = Plan {
+                cluster,
+                timeout: r.timeout,
+                retry: r.retry.as_ref(),
+                response_headers: Some(&r.response_headers),
+            };
+            forward::forward(&shared, plan, req, rec, grpc).await
+        }
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+async fn inbound(
+    shared: &Shared,
+    snap: &Snapshot,
+    mut req: Request<Incoming>,
+    mut rec: Record,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    // The port the caller used picks the target; with one HTTP port, that one.
+    let port = route::authority(&req).and_then(|a| a.port_u16());
+    let http = |t: &&crate::state::InboundTarget| t.protocol != Protocol::Tcp;
+    let target = snap
+        .inbound
+        .iter()
+        .filter(http)
+        .find(|t| Some(t.port) == port)
+        .or_else(|| snap.inbound.iter().find(http));
+    let Some(target) = target else {
+        let detail =
+            "this proxy has no local workload with an HTTP port (start it with --workload)"
+                .to_string();
+        return local_reply(rec, FailureClass::NoRoute, detail, grpc);
+    };
+    let svc = &target.cluster.cfg.service;
+    rec.dst_service = format!("{}.{}", svc.name, svc.namespace);
+    rec.route = "inbound".into();
+    if is_upgrade(&req) {
+        return forward::upgrade(shared, target.cluster.clone(), req, rec).await;
+    }
+    strip_hop_by_hop(req.headers_mut());
+    let plan = Plan {
+        cluster: target.cluster.clone(),
+        timeout: None,
+        retry: None,
+        response_headers: None,
+    };
+    forward::forward(shared, plan, req, rec, grpc).await
+}
+
+/// A plain response for admin endpoints.
+pub fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(body));
+    *r.status_mut() = status;
+    r
+}

@@ -1,0 +1,100 @@
+//! The live configuration: an immutable snapshot swapped atomically on reload. Requests hold
+//! the snapshot they started with, so a reload never changes a request midway.
+
+use std::{collections::HashMap, sync::Arc};
+
+use trellis_model::{
+    proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
+    resource::{Locality, Protocol},
+    ProxyConfig,
+};
+
+use crate::{cluster::Cluster, metrics::Metrics};
+
+/// One inbound port: the local application behind a single-endpoint cluster.
+pub struct InboundTarget {
+    /// Service port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Cluster whose one endpoint is the application.
+    pub cluster: Arc<Cluster>,
+}
+
+/// A translated config plus the runtime state built from it.
+pub struct Snapshot {
+    /// The config.
+    pub cfg: Arc<ProxyConfig>,
+    /// Outbound clusters by key.
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Inbound targets.
+    pub inbound: Vec<InboundTarget>,
+    /// Source service label of outbound traffic.
+    pub src_service: Arc<str>,
+    /// Generation, incremented by each reload.
+    pub version: u64,
+}
+
+impl Snapshot {
+    /// Build from `cfg`, carrying endpoint state over from `prev`.
+    pub fn build(cfg: ProxyConfig, prev: Option<&Snapshot>, metrics: &Metrics) -> Self {
+        let clusters = cfg
+            .clusters
+            .iter()
+            .map(|(k, c)| {
+                let old = prev.and_then(|p| p.clusters.get(k)).map(|c| c.as_ref());
+                (
+                    k.clone(),
+                    Arc::new(Cluster::new(k.clone(), c.clone(), old, metrics)),
+                )
+            })
+            .collect();
+        let mut inbound = Vec::new();
+        if let Some(local) = &cfg.local {
+            for ip in &local.inbound_ports {
+                let key = format!("inbound|{}", ip.port);
+                let cc = ClusterConfig {
+                    service: ip.service.clone(),
+                    port: ip.port,
+                    protocol: ip.protocol,
+                    endpoints: vec![EndpointConfig {
+                        addr: ip.target,
+                        weight: 1,
+                        workload: local.id.clone(),
+                        environment: local.environment,
+                        locality: Locality::default(),
+                    }],
+                    // The local application is the only endpoint: never eject it.
+                    policy: BackendPolicy {
+                        consecutive_failures: 0,
+                        ..Default::default()
+                    },
+                };
+                let old = prev
+                    .and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
+                    .map(|t| t.cluster.as_ref());
+                let cluster = Arc::new(Cluster::new(key.clone(), cc, old, metrics));
+                inbound.push(InboundTarget {
+                    port: ip.port,
+                    protocol: ip.protocol,
+                    cluster,
+                });
+            }
+        }
+        let src_service = cfg
+            .local
+            .as_ref()
+            .and_then(|l| l.service.as_ref())
+            .map_or_else(
+                || "unknown".to_string(),
+                |s| format!("{}.{}", s.name, s.namespace),
+            );
+        Self {
+            cfg: Arc::new(cfg),
+            clusters,
+            inbound,
+            src_service: src_service.into(),
+            version: prev.map_or(1, |p| p.version + 1),
+        }
+    }
+}

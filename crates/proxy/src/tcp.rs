@@ -1,0 +1,259 @@
+//! Opaque TCP: explicit-mode binds and HTTP CONNECT tunnels. Plain async byte copying; each
+//! connection ends with one failure class, counted by a drop guard.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use crate::{
+    cluster::Cluster,
+    http::{body::ProxyBody, forward::local_reply},
+    metrics::{Direction, ServiceLabels, TcpLabels},
+    pool::connect_tcp,
+    record::{rfc3339, Record},
+    FailureClass, Shared,
+};
+
+/// Counts a TCP connection as open while alive, and records its outcome when dropped.
+struct ConnGuard {
+    shared: Arc<Shared>,
+    direction: Direction,
+    service: String,
+    workload: String,
+    upstream: Option<std::net::SocketAddr>,
+    class: FailureClass,
+    detail: Option<String>,
+    sent: u64,
+    received: u64,
+    start: std::time::Instant,
+    wall: std::time::SystemTime,
+}
+
+impl ConnGuard {
+    fn new(shared: Arc<Shared>, direction: Direction, service: String) -> Self {
+        let labels = ServiceLabels {
+            direction,
+            dst_service: service.clone(),
+        };
+        shared.metrics.tcp_open.get_or_create(&labels).inc();
+        Self {
+            shared,
+            direction,
+            service,
+            workload: "unknown".into(),
+            upstream: None,
+            class: FailureClass::Ok,
+            detail: None,
+            sent: 0,
+            received: 0,
+            start: std::time::Instant::now(),
+            wall: std::time::SystemTime::now(),
+        }
+    }
+}
+
+impl ConnGuard {
+    fn fail(&mut self, class: FailureClass, detail: String) {
+        self.class = class;
+        self.detail = Some(detail);
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let m = &self.shared.metrics;
+        let sl = ServiceLabels {
+            direction: self.direction,
+            dst_service: self.service.clone(),
+        };
+        m.tcp_open.get_or_create(&sl).dec();
+        m.tcp_sent.get_or_create(&sl).inc_by(self.sent);
+        m.tcp_received.get_or_create(&sl).inc_by(self.received);
+        let tl = TcpLabels {
+            direction: self.direction,
+            dst_service: self.service.clone(),
+            dst_workload: self.workload.clone(),
+            failure_class: self.class,
+        };
+        m.tcp_connections.get_or_create(&tl).inc();
+        self.shared.access_log.write(&serde_json::json!({
+            "ts": rfc3339(self.wall),
+            "kind": "tcp",
+            "direction": self.direction.as_str(),
+            "dst_service": self.service,
+            "dst_workload": self.workload,
+            "upstream": self.upstream.map(|a| a.to_string()),
+            "failure_class": self.class.as_str(),
+            "failure_category": self.class.category(),
+            "detail": self.detail,
+            "bytes_sent": self.sent,
+            "bytes_received": self.received,
+            "total_ms": self.start.elapsed().as_secs_f64() * 1e3,
+        }));
+    }
+}
+
+/// Pick an endpoint and connect, trying another endpoint after a connect failure (at most
+/// one per endpoint).
+async fn connect(cluster: &Cluster, g: &mut ConnGuard) -> Option<TcpStream> {
+    for _ in 0..cluster.endpoints.len().max(1) {
+        let Some(ep) = cluster.pick() else {
+            g.class = FailureClass::NoHealthyUpstream;
+            g.detail = Some(format!("cluster {} has no healthy endpoint", cluster.key));
+            return None;
+        };
+        g.upstream = Some(ep.cfg.addr);
+        g.workload = ep.cfg.workload.name.clone();
+        match connect_tcp(ep.cfg.addr, cluster.policy().connect_timeout).await {
+            Ok(s) => {
+                cluster.report(&ep, FailureClass::Ok);
+                return Some(s);
+            }
+            Err(e) => {
+                g.class = e.class();
+                g.detail = Some(e.to_string());
+                cluster.report(&ep, g.class);
+            }
+        }
+    }
+    None
+}
+
+async fn splice<A, B>(a: &mut A, b: &mut B, g: &mut ConnGuard)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    // Count bytes as they flow, so that a reset still reports what went through.
+    let mut a = crate::tcp::Counted::new(a);
+    match tokio::io::copy_bidirectional(&mut a, b).await {
+        Ok(_) => g.class = FailureClass::Ok,
+        Err(e) => {
+            g.class = match e.kind() {
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
+                    FailureClass::ConnectionReset
+                }
+                _ => crate::failure::classify_io(&e),
+            };
+            g.detail = Some(e.to_string());
+        }
+    }
+    (g.sent, g.received) = (a.read, a.written);
+}
+
+/// Proxy one accepted connection on an explicit-mode TCP bind.
+pub async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: TcpStream) {
+    let _active = shared.drain.track();
+    let snap = shared.state.load_full();
+    let Some(cluster) = snap.clusters.get(&cluster_key).cloned() else {
+        return;
+    };
+    let svc = &cluster.cfg.service;
+    let mut g = ConnGuard::new(
+        shared.clone(),
+        Direction::outbound,
+        format!("{}.{}", svc.name, svc.namespace),
+    );
+    let _ = client.set_nodelay(true);
+    if let Some(mut up) = connect(&cluster, &mut g).await {
+        splice(&mut client, &mut up, &mut g).await;
+    }
+}
+
+/// Answer `CONNECT` with 200 and tunnel bytes to an endpoint of `cluster`.
+pub async fn connect_tunnel(
+    shared: &Arc<Shared>,
+    cluster: Arc<Cluster>,
+    mut req: Request<Incoming>,
+    mut rec: Record,
+) -> Response<ProxyBody> {
+    let svc = &cluster.cfg.service;
+    let mut g = ConnGuard::new(
+        shared.clone(),
+        Direction::outbound,
+        format!("{}.{}", svc.name, svc.namespace),
+    );
+    let Some(mut up) = connect(&cluster, &mut g).await else {
+        let (class, detail) = (g.class, g.detail.clone().unwrap_or_default());
+        rec.upstream = g.upstream;
+        return local_reply(rec, class, detail, false);
+    };
+    rec.upstream = g.upstream;
+    rec.dst_workload = g.workload.clone();
+    rec.status = 200;
+    rec.attempts = 1;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let active = shared.drain.track();
+    tokio::spawn(async move {
+        let _active = active;
+        match on_upgrade.await {
+            Ok(client) => splice(&mut TokioIo::new(client), &mut up, &mut g).await,
+            Err(e) => g.fail(FailureClass::ClientDisconnect, e.to_string()),
+        }
+    });
+    let mut r = Response::new(ProxyBody::full(bytes::Bytes::new()));
+    *r.status_mut() = StatusCode::OK;
+    r.map(|b| b.with_on_end(Box::new(rec)))
+}
+
+/// Counts bytes read from and written to the client side.
+pub(crate) struct Counted<'a, T> {
+    inner: &'a mut T,
+    read: u64,
+    written: u64,
+}
+
+impl<'a, T> Counted<'a, T> {
+    fn new(inner: &'a mut T) -> Self {
+        Self {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        this.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.inner).poll_write(cx, b);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.written += *n as u64;
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}
