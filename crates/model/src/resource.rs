@@ -257,6 +257,10 @@ pub struct WorkloadSpec {
     /// Identity name (service account).
     #[serde(default)]
     pub identity: Option<String>,
+    /// Per service-port-name overrides of the target port (as Istio's WorkloadEntry), for
+    /// workloads that listen elsewhere than the service's `targetPort`.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
     /// Load-balancing weight of this endpoint (default 1).
     #[serde(default)]
     pub weight: Option<u32>,

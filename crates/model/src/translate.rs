@@ -167,7 +167,6 @@ fn cluster(
         .iter()
         .find(|p| p.port == port)
         .expect("port exists");
-    let target = sp.target_port.unwrap_or(sp.port);
     let mut endpoints = Vec::new();
     for (wid, (res, w)) in &ix.workloads {
         if wid.namespace != id.namespace || !selects(&svc.selector, &res.metadata.labels) {
@@ -183,7 +182,7 @@ fn cluster(
             ));
         }
         endpoints.push(EndpointConfig {
-            addr: SocketAddr::new(w.address, target),
+            addr: SocketAddr::new(w.address, workload_port(w, sp)),
             weight,
             workload: wid.clone(),
             environment: w.environment,
@@ -197,6 +196,16 @@ fn cluster(
         endpoints,
         policy,
     })
+}
+
+/// The port a workload serves a service port on: its own override by port name, else the
+/// service's `targetPort`, else the service port.
+fn workload_port(w: &WorkloadSpec, sp: &crate::resource::ServicePort) -> u16 {
+    sp.name
+        .as_ref()
+        .and_then(|n| w.ports.get(n))
+        .copied()
+        .unwrap_or(sp.target_port.unwrap_or(sp.port))
 }
 
 fn policies(ix: &Index<'_>) -> Result<BTreeMap<NamespacedName, BackendPolicy>> {
@@ -674,7 +683,7 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
         for p in &svc.ports {
             inbound_ports.push(InboundPort {
                 port: p.port,
-                target: SocketAddr::new(app_ip, p.target_port.unwrap_or(p.port)),
+                target: SocketAddr::new(app_ip, workload_port(w, p)),
                 protocol: p.protocol,
                 service: sid.clone(),
             });

@@ -1,1 +1,235 @@
-//! placeholder
+//! Test support: run the real `trellis` binary on ephemeral loopback ports, fake upstreams
+//! that misbehave on purpose, and bounded polling instead of sleeps.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+pub mod client;
+pub mod upstream;
+
+/// Poll `f` until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `trellis proxy` child process. Killed on drop.
+pub struct ProxyProcess {
+    child: Option<Child>,
+    /// Config file (rewrite it to trigger a reload).
+    pub config: PathBuf,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Outbound listener.
+    pub outbound: SocketAddr,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// `service:port` → bound address of explicit-mode upstreams.
+    pub upstreams: Vec<(String, SocketAddr)>,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("trellis-test-{}-{n}-{name}", std::process::id()))
+}
+
+/// Write `text` to a fresh temporary file.
+pub fn write_temp(name: &str, text: &str) -> PathBuf {
+    let p = temp_path(name);
+    std::fs::write(&p, text).expect("write temp file");
+    p
+}
+
+impl ProxyProcess {
+    /// Start `bin proxy` with `config` and `args`, on ephemeral ports, and wait for it to
+    /// report its addresses.
+    pub fn start(bin: &str, config: &str, args: &[&str]) -> Self {
+        let path = write_temp("config.yaml", config);
+        let mut child = Command::new(bin)
+            .args(["proxy", "--config"])
+            .arg(&path)
+            .args([
+                "--admin",
+                "127.0.0.1:0",
+                "--outbound",
+                "127.0.0.1:0",
+                "--inbound",
+                "127.0.0.1:0",
+                "--watch-interval",
+                "50ms",
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn trellis");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let l = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    l.lock().unwrap().push(v);
+                }
+            }
+        });
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let s = stderr_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        let _ = tx.send(v);
+                    }
+                }
+                s.lock().unwrap().push(line);
+            }
+        });
+        let Ok(v) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            panic!("proxy did not start: {:?}", stderr_lines.lock().unwrap());
+        };
+        let addr = |k: &str| v[k].as_str().unwrap().parse().unwrap();
+        let upstreams = v["upstreams"]
+            .as_str()
+            .unwrap_or("")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let (k, a) = s.split_once('=').unwrap();
+                (k.to_string(), a.parse().unwrap())
+            })
+            .collect();
+        Self {
+            child: Some(child),
+            config: path,
+            admin: addr("admin"),
+            outbound: addr("outbound"),
+            inbound: addr("inbound"),
+            upstreams,
+            logs,
+            stderr: stderr_lines,
+        }
+    }
+
+    /// The bound address of the explicit-mode upstream `service:port`.
+    pub fn upstream(&self, key: &str) -> SocketAddr {
+        self.upstreams
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("no upstream {key}"))
+            .1
+    }
+
+    /// Access-log lines so far.
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Stderr lines so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Wait for an access-log line that satisfies `pred`.
+    pub async fn wait_log(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        eventually(what, Duration::from_secs(10), async || {
+            self.logs().into_iter().find(|l| pred(l))
+        })
+        .await
+    }
+
+    /// Scrape `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (_, body) = client::get(self.admin, "admin", "/metrics", &[])
+            .await
+            .expect("scrape metrics");
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    /// Sum of the samples of `name` whose labels contain every `key="value"` in `labels`.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sum_metric(&self.metrics().await, name, labels)
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let ok = Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {sig} {pid}");
+    }
+
+    /// Wait for the process to exit; its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().unwrap();
+        eventually("proxy exit", timeout, async || {
+            child.try_wait().unwrap().map(|s| s.code())
+        })
+        .await
+    }
+
+    /// Rewrite the config file (the proxy picks it up by itself).
+    pub fn rewrite_config(&self, text: &str) {
+        // Write then rename, as editors and config managers do, so the proxy never reads a
+        // half-written file.
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Sum matching samples in a Prometheus text exposition.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

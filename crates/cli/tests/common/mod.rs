@@ -1,0 +1,63 @@
+//! Shared helpers of the proxy's integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+
+pub use trellis_test_support::{client, eventually, upstream, ProxyProcess};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// A Service `name` in namespace `test` on port 80 with one Workload per endpoint (environment
+/// taken round-robin from vm, container, bare-metal).
+pub fn service(name: &str, protocol: &str, endpoints: &[SocketAddr]) -> String {
+    let envs = ["vm", "container", "bare-metal"];
+    let mut y = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: {name} }}\n  ports: [{{ name: main, port: 80, targetPort: 1, protocol: {protocol} }}]\n"
+    );
+    for (i, ep) in endpoints.iter().enumerate() {
+        y.push_str(&format!(
+            "---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}-{i}, namespace: test, labels: {{ app: {name} }} }}\nspec:\n  address: {}\n  ports: {{ main: {} }}\n  environment: {}\n",
+            ep.ip(),
+            ep.port(),
+            envs[i % 3]
+        ));
+    }
+    y
+}
+
+/// A client workload with explicit-mode binds to `upstreams` (service names, port 80).
+pub fn client_workload(upstreams: &[&str]) -> String {
+    let mut y = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec:\n  address: 127.0.0.1\n  upstreams:\n".to_string();
+    if upstreams.is_empty() {
+        y = y.replace("  upstreams:\n", "");
+    }
+    for u in upstreams {
+        y.push_str(&format!(
+            "    - {{ service: {u}.test, port: 80, bind: 127.0.0.1:0 }}\n"
+        ));
+    }
+    y
+}
+
+/// Join documents.
+pub fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}
+
+/// A route on `parent` with one rule given as YAML (indented as a list item under rules).
+pub fn route(name: &str, parent: &str, rule: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  parentRefs: [{{ name: {parent}, port: 80 }}]\n  rules:\n{rule}"
+    )
+}
+
+/// A backend policy on `target` with the given spec lines (indented two spaces).
+pub fn policy(target: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: {{ name: {target}, namespace: test }}\nspec:\n  targetRefs: [{{ name: {target} }}]\n{spec}"
+    )
+}
+
+pub fn start(config: &str) -> ProxyProcess {
+    ProxyProcess::start(BIN, config, &["--workload", "test/client"])
+}

@@ -1,0 +1,277 @@
+//! Real clients through the real proxy: HTTP/1.1, h2c, proxy-form, gRPC, WebSocket, TCP,
+//! CONNECT.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn http1_h2c_and_proxy_form_reach_the_service() {
+    let a = upstream::named("a").await;
+    let p = start(&docs(&[
+        service("alpha", "HTTP", &[a]),
+        client_workload(&["alpha"]),
+    ]));
+    // HTTP/1.1 with Host.
+    let r = client::get_full(p.outbound, "alpha.test", "/x", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, "a");
+    // Trace context created and request id set.
+    let tp = r.headers["x-seen-traceparent"].to_str().unwrap();
+    assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
+    assert!(r.headers.contains_key("x-seen-x-request-id"));
+    // HTTP/2 prior knowledge on the same listener.
+    let mut h2 = client::Conn::h2(p.outbound).await;
+    for _ in 0..3 {
+        let r = h2.get("alpha.test:80", "/h2").await.unwrap();
+        assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"a"[..]));
+    }
+    // Proxy form (HTTP_PROXY) with an absolute URI, raw on the wire.
+    let mut s = tokio::net::TcpStream::connect(p.outbound).await.unwrap();
+    s.write_all(
+        b"GET http://alpha.test/pf HTTP/1.1\r\nHost: alpha.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("a"),
+        "{out}"
+    );
+    // Explicit-mode bind.
+    let (st, body) = client::get(p.upstream("alpha.test:80"), "whatever", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!((st.as_u16(), &body[..]), (200, &b"a"[..]));
+    let log = p
+        .wait_log("h2 log line", |l| {
+            l["protocol"] == "HTTP/2" && l["path"] == "/h2"
+        })
+        .await;
+    assert_eq!(log["dst_service"], "alpha.test");
+    assert_eq!(log["dst_workload"], "alpha-0");
+    assert_eq!(log["dst_environment"], "vm");
+    assert_eq!(log["failure_class"], "ok");
+    assert_eq!(log["trace_id"].as_str().unwrap().len(), 32);
+    assert!(log["first_byte_ms"].as_f64().is_some() && log["total_ms"].as_f64().is_some());
+}
+
+#[tokio::test]
+async fn traceparent_is_continued() {
+    let a = upstream::named("a").await;
+    let p = start(&docs(&[
+        service("alpha", "HTTP", &[a]),
+        client_workload(&[]),
+    ]));
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = client::get_full(
+        p.outbound,
+        "alpha.test",
+        "/",
+        &[("traceparent", tp), ("x-request-id", "req-1")],
+    )
+    .await
+    .unwrap();
+    let seen = r.headers["x-seen-traceparent"].to_str().unwrap();
+    assert!(
+        seen.starts_with("00-0af7651916cd43dd8448eb211c80319c-")
+            && !seen.contains("b7ad6b7169203331"),
+        "{seen}"
+    );
+    assert_eq!(r.headers["x-seen-x-request-id"], "req-1");
+    p.wait_log("trace id logged", |l| {
+        l["trace_id"] == "0af7651916cd43dd8448eb211c80319c" && l["request_id"] == "req-1"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn grpc_unary_streaming_and_errors_pass_through() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let (reporter, svc) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Catalog", tonic_health::ServingStatus::Serving)
+        .await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let g = l.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream_from(l)),
+    );
+    let p = start(&docs(&[
+        service("grpc", "GRPC", &[g]),
+        client_workload(&[]),
+    ]));
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", p.outbound))
+        .unwrap()
+        .origin("http://grpc.test".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut c = HealthClient::new(ch);
+    // Unary.
+    let r = c
+        .check(HealthCheckRequest {
+            service: "shop.Catalog".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
+    // An application error status passes through intact (trailers-only from the server).
+    let e = c
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    // Server streaming: the first update, then a change pushed by the server.
+    let mut stream = c
+        .watch(HealthCheckRequest {
+            service: "shop.Catalog".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stream.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    reporter
+        .set_service_status("shop.Catalog", tonic_health::ServingStatus::NotServing)
+        .await;
+    assert_eq!(
+        stream.message().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    let log = p
+        .wait_log("grpc NOT_FOUND logged", |l| l["grpc_status"] == 5)
+        .await;
+    assert_eq!(log["failure_class"], "client_error");
+    assert_eq!(log["protocol"], "HTTP/2");
+}
+
+fn tokio_stream_from(
+    l: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(l, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() {
+                        ws.send(m).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let p = start(&docs(&[
+        service("chat", "HTTP", &[ws]),
+        client_workload(&[]),
+    ]));
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/socket", p.outbound)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("host", "chat.test".parse().unwrap());
+    let (mut c, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        c.send(format!("hello {i}").into()).await.unwrap();
+        let m = c.next().await.unwrap().unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+}
+
+#[tokio::test]
+async fn tcp_bind_and_connect_tunnel() {
+    let e = upstream::tcp_echo().await;
+    let p = start(&docs(&[
+        service("echo", "TCP", &[e]),
+        client_workload(&["echo"]),
+    ]));
+    let mut s = tokio::net::TcpStream::connect(p.upstream("echo.test:80"))
+        .await
+        .unwrap();
+    s.write_all(b"ping over tcp").await.unwrap();
+    let mut buf = [0u8; 13];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping over tcp");
+    drop(s);
+    // CONNECT through the outbound listener.
+    let mut s = tokio::net::TcpStream::connect(p.outbound).await.unwrap();
+    s.write_all(b"CONNECT echo.test:80 HTTP/1.1\r\nHost: echo.test:80\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 256];
+    let n = s.read(&mut head).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    s.write_all(b"tunnelled").await.unwrap();
+    let mut buf = [0u8; 9];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"tunnelled");
+    drop(s);
+    let log = p
+        .wait_log("tcp line", |l| l["kind"] == "tcp" && l["bytes_sent"] == 13)
+        .await;
+    assert_eq!(log["failure_class"], "ok");
+    eventually(
+        "tcp metrics",
+        std::time::Duration::from_secs(5),
+        async || {
+            let m = p.metrics().await;
+            (trellis_test_support::sum_metric(
+                &m,
+                "trellis_tcp_connections_total",
+                &[("dst_service", "echo.test"), ("failure_class", "ok")],
+            ) >= 2.0
+                && trellis_test_support::sum_metric(
+                    &m,
+                    "trellis_tcp_sent_bytes_total",
+                    &[("dst_service", "echo.test")],
+                ) >= 22.0)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn inbound_forwards_to_the_local_workload() {
+    let app = upstream::named("local-app").await;
+    let cfg = docs(&[service("alpha", "HTTP", &[app]), client_workload(&[])]);
+    let p = ProxyProcess::start(BIN, &cfg, &["--workload", "test/alpha-0"]);
+    let (st, body) = client::get(p.inbound, "alpha.test", "/in", &[])
+        .await
+        .unwrap();
+    assert_eq!((st.as_u16(), &body[..]), (200, &b"local-app"[..]));
+    let log = p
+        .wait_log("inbound line", |l| l["direction"] == "inbound")
+        .await;
+    assert_eq!(log["dst_service"], "alpha.test");
+    assert_eq!(log["route"], "inbound");
+}
