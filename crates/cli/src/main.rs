@@ -28,6 +28,8 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
+// A later flag wins, so wrappers and tests can override defaults they also pass.
+#[command(args_override_self = true)]
 struct ProxyArgs {
     /// Resource file (multi-document YAML).
     #[arg(long, env = "TRELLIS_CONFIG")]

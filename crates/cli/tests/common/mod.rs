@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+#[allow(unused_imports)]
 pub use trellis_test_support::{client, eventually, upstream, ProxyProcess};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");

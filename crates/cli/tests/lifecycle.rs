@@ -1,0 +1,217 @@
+//! Reload, drain, and bad input.
+
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn split(wa: u32, wb: u32, a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
+    docs(&[
+        service("web", "HTTP", &[]),
+        service("web-a", "HTTP", &[a]),
+        service("web-b", "HTTP", &[b]),
+        route("web", "web", &format!("    - backendRefs: [{{ name: web-a, port: 80, weight: {wa} }}, {{ name: web-b, port: 80, weight: {wb} }}]\n")),
+        client_workload(&[]),
+    ])
+}
+
+#[tokio::test]
+async fn reload_under_load_fails_no_request_and_bad_config_is_refused() {
+    let a = upstream::named("a").await;
+    let b = upstream::named("b").await;
+    let p = start(&split(100, 0, a, b));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), p.outbound);
+        load.push(tokio::spawn(async move {
+            let mut c = client::Conn::h1(addr).await;
+            while !stop.load(Ordering::Relaxed) {
+                match c.get("web.test", "/").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    // Flip the split several times; each flip must show up in traffic.
+    for (i, (wa, wb, want)) in [(0, 100, "b"), (100, 0, "a"), (0, 100, "b"), (100, 0, "a")]
+        .into_iter()
+        .enumerate()
+    {
+        p.rewrite_config(&split(wa, wb, a, b));
+        eventually(
+            &format!("flip {i} to {want}"),
+            Duration::from_secs(10),
+            async || {
+                let (_, body) = client::get(p.outbound, "web.test", "/", &[]).await.ok()?;
+                (body == want).then_some(())
+            },
+        )
+        .await;
+    }
+    // An invalid config is refused; the old one keeps serving.
+    p.rewrite_config("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: web }\nspec: { portz: [] }\n");
+    eventually("reload refused", Duration::from_secs(10), async || {
+        (p.metric("trellis_config_reloads_total", &[("result", "error")])
+            .await
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let (st, body) = client::get(p.outbound, "web.test", "/", &[]).await.unwrap();
+    assert_eq!((st.as_u16(), &body[..]), (200, &b"a"[..]));
+    assert!(
+        p.stderr()
+            .iter()
+            .any(|l| l.contains("config refused") && l.contains("portz")),
+        "{:?}",
+        p.stderr()
+    );
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn sighup_reloads() {
+    let a = upstream::named("a").await;
+    let b = upstream::named("b").await;
+    let p = ProxyProcess::start(
+        BIN,
+        &split(100, 0, a, b),
+        &["--workload", "test/client", "--watch-interval", "1h"],
+    );
+    std::fs::write(&p.config, split(0, 100, a, b)).unwrap();
+    p.signal("HUP");
+    eventually("SIGHUP reload", Duration::from_secs(10), async || {
+        let (_, body) = client::get(p.outbound, "web.test", "/", &[]).await.ok()?;
+        (body == "b").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests() {
+    let slow = upstream::slow(Duration::from_millis(400)).await;
+    let mut p = ProxyProcess::start(
+        BIN,
+        &docs(&[service("slow", "HTTP", &[slow]), client_workload(&[])]),
+        &["--workload", "test/client", "--drain-timeout", "10s"],
+    );
+    let addr = p.outbound;
+    let calls: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { client::get(addr, "slow.test", "/", &[]).await }))
+        .collect();
+    // Wait until every request is in flight upstream-side (the proxy has them all).
+    eventually("20 in flight", Duration::from_secs(5), async || {
+        (p.metric("trellis_upstream_connects_total", &[]).await >= 20.0).then_some(())
+    })
+    .await;
+    p.signal("TERM");
+    for c in calls {
+        let (st, _) = c.await.unwrap().expect("in-flight request completed");
+        assert_eq!(st, 200);
+    }
+    assert_eq!(p.wait_exit(Duration::from_secs(10)).await, Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed"
+    );
+}
+
+#[tokio::test]
+async fn invalid_config_exits_64_before_binding() {
+    let port = upstream::closed_port().await;
+    let path = trellis_test_support::write_temp("bad.yaml", "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: web }\nspec:\n  ports: [{ port: 80 }]\n  selectr: { app: web }\n");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "proxy",
+            "--config",
+            path.to_str().unwrap(),
+            "--admin",
+            &port.to_string(),
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:6:", path.display())) && err.contains("selectr"),
+        "{err}"
+    );
+    assert!(!err.contains("listening"), "{err}");
+}
+
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut out))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    String::from_utf8_lossy(&out[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn bad_requests_get_4xx_and_slow_clients_are_cut_off() {
+    let a = upstream::named("a").await;
+    let p = ProxyProcess::start(
+        BIN,
+        &docs(&[service("web", "HTTP", &[a]), client_workload(&[])]),
+        &[
+            "--workload",
+            "test/client",
+            "--header-read-timeout",
+            "300ms",
+            "--max-header-bytes",
+            "16384",
+        ],
+    );
+    // A slow client holds a connection open mid-headers.
+    let mut slow = tokio::net::TcpStream::connect(p.outbound).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: web.te")
+        .await
+        .unwrap();
+    assert!(raw(p.outbound, b"GARBAGE\r\n\r\n")
+        .await
+        .starts_with("HTTP/1.1 400"));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: web.test\r\nx-big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let r = raw(p.outbound, big.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    // Others are served meanwhile.
+    let (st, _) = client::get(p.outbound, "web.test", "/", &[]).await.unwrap();
+    assert_eq!(st, 200);
+    // The slow client is cut off by the header-read timeout.
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("cut off within the deadline");
+    let text = String::from_utf8_lossy(&buf[..n.unwrap_or(0)]).into_owned();
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    let (st, _) = client::get(p.outbound, "web.test", "/", &[]).await.unwrap();
+    assert_eq!(st, 200, "the proxy is still up");
+}

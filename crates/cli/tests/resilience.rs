@@ -1,0 +1,130 @@
+//! Weighted splits, retries with a budget, outlier ejection.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::*;
+
+#[tokio::test]
+async fn weighted_split_follows_weights() {
+    let a = upstream::named("a").await;
+    let b = upstream::named("b").await;
+    let cfg = docs(&[
+        service("web", "HTTP", &[]),
+        service("web-a", "HTTP", &[a]),
+        service("web-b", "HTTP", &[b]),
+        route("web", "web", "    - backendRefs: [{ name: web-a, port: 80, weight: 80 }, { name: web-b, port: 80, weight: 20 }]\n"),
+        client_workload(&[]),
+    ]);
+    let p = start(&cfg);
+    let mut c = client::Conn::h1(p.outbound).await;
+    let n = 3000;
+    let mut hits_a = 0;
+    for _ in 0..n {
+        let r = c.get("web.test", "/").await.unwrap();
+        assert_eq!(r.status, 200);
+        if r.body == "a" {
+            hits_a += 1;
+        }
+    }
+    let share = f64::from(hits_a) / f64::from(n);
+    assert!((share - 0.8).abs() < 0.05, "share of a = {share}");
+}
+
+#[tokio::test]
+async fn retries_hide_a_flaky_upstream() {
+    let hits = upstream::counter();
+    let f = upstream::flaky(hits.clone()).await;
+    let cfg = docs(&[
+        service("flaky", "HTTP", &[f]),
+        route("flaky", "flaky", "    - retry: { attempts: 3, codes: [503], backoff: 1ms }\n"),
+        policy("flaky", "  outlierDetection: { consecutiveFailures: 0 }\n  retryBudget: { percent: 50, minRetriesPerSecond: 10 }\n"),
+        client_workload(&[]),
+    ]);
+    let p = start(&cfg);
+    let mut c = client::Conn::h1(p.outbound).await;
+    let n = 1000;
+    let mut ok = 0;
+    for _ in 0..n {
+        if c.get("flaky.test", "/").await.unwrap().status == 200 {
+            ok += 1;
+        }
+    }
+    assert!(f64::from(ok) / f64::from(n) >= 0.99, "success {ok}/{n}");
+    assert!(
+        hits.load(Ordering::Relaxed) > n as usize,
+        "retries reached the upstream"
+    );
+    assert!(
+        p.metric("trellis_retries_total", &[("outcome", "sent")])
+            .await
+            >= 300.0
+    );
+}
+
+#[tokio::test]
+async fn retry_budget_stops_a_retry_storm() {
+    let hits = upstream::counter();
+    let down = upstream::status(503, hits.clone()).await;
+    let cfg = docs(&[
+        service("down", "HTTP", &[down]),
+        route("down", "down", "    - retry: { attempts: 3, codes: [503], backoff: 1ms }\n"),
+        policy("down", "  outlierDetection: { consecutiveFailures: 0 }\n  retryBudget: { percent: 20, minRetriesPerSecond: 1 }\n"),
+        client_workload(&[]),
+    ]);
+    let p = start(&cfg);
+    let mut c = client::Conn::h1(p.outbound).await;
+    let n = 500;
+    for _ in 0..n {
+        assert_eq!(c.get("down.test", "/").await.unwrap().status, 503);
+    }
+    // Without the budget, 3 retries each would make 2000 upstream hits. With it: 500 plus
+    // 20% of requests plus the floor of 10 per window.
+    let h = hits.load(Ordering::Relaxed);
+    assert!(h <= n + n / 5 + 10 + 1, "upstream saw {h} requests");
+    assert!(
+        p.metric("trellis_retries_total", &[("outcome", "budget_exhausted")])
+            .await
+            > 0.0
+    );
+}
+
+#[tokio::test]
+async fn a_bad_endpoint_is_ejected_and_success_recovers() {
+    let hits = upstream::counter();
+    let good1 = upstream::named("g1").await;
+    let good2 = upstream::named("g2").await;
+    let bad = upstream::status(500, hits.clone()).await;
+    let cfg = docs(&[
+        service("pool", "HTTP", &[good1, bad, good2]),
+        policy("pool", "  loadBalancer: { type: RoundRobin }\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 30s }\n"),
+        client_workload(&[]),
+    ]);
+    let p = start(&cfg);
+    let mut c = client::Conn::h1(p.outbound).await;
+    for _ in 0..30 {
+        c.get("pool.test", "/").await.unwrap();
+    }
+    let bad_hits = hits.load(Ordering::Relaxed);
+    assert_eq!(bad_hits, 3, "ejected after 3 consecutive failures");
+    for _ in 0..100 {
+        assert_eq!(c.get("pool.test", "/").await.unwrap().status, 200);
+    }
+    assert_eq!(
+        p.metric(
+            "trellis_outlier_ejected_endpoints",
+            &[("cluster", "test/pool:80")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        p.metric(
+            "trellis_outlier_ejections_total",
+            &[("cluster", "test/pool:80")]
+        )
+        .await,
+        1.0
+    );
+}
