@@ -137,7 +137,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                 "apiVersion" => api_version = Some(map.next_value::<String>()?),
                 "kind" => {
                     let k = map.next_value::<Spanned<String>>()?;
-                    line = u64::from(k.referenced.line());
+                    line = k.referenced.line();
                     kind = Some(k.value);
                 }
                 "metadata" => metadata = Some(map.next_value::<Metadata>()?),

@@ -262,7 +262,7 @@ fn policies(ix: &Index<'_>) -> Result<BTreeMap<NamespacedName, BackendPolicy>> {
             return bad("spec.targetRefs", "needs at least one target");
         }
         for (i, t) in p.target_refs.iter().enumerate() {
-            let line = u64::from(t.name.referenced.line());
+            let line = t.name.referenced.line();
             let f = field(&format!("spec.targetRefs[{i}].name"));
             let id = NamespacedName {
                 namespace: res.metadata.namespace.clone(),
@@ -314,7 +314,7 @@ fn attach_routes(
             ));
         }
         for (pi, parent) in route.parent_refs.iter().enumerate() {
-            let line = u64::from(parent.name.referenced.line());
+            let line = parent.name.referenced.line();
             let pid = NamespacedName {
                 namespace: parent
                     .namespace
@@ -502,7 +502,7 @@ fn rule_config(
     let field = |f: &str| format!("HTTPRoute {}: spec.rules[{ri}].{f}", res.id());
     let mut backends = Vec::new();
     for (bi, b) in rule.backend_refs.iter().enumerate() {
-        let line = u64::from(b.name.referenced.line());
+        let line = b.name.referenced.line();
         let id = NamespacedName {
             namespace: b
                 .namespace
@@ -690,7 +690,7 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
         }
     }
     for (i, u) in w.upstreams.iter().enumerate() {
-        let line = u64::from(u.service.referenced.line());
+        let line = u.service.referenced.line();
         let f = format!("Workload {local}: spec.upstreams[{i}].service");
         let id = parse_authority_name(&u.service.value, &local.namespace);
         let Some(sc) = cfg.services.get(&id) else {

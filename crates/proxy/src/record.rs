@@ -30,6 +30,11 @@ impl AccessLog {
         Self { enabled }
     }
 
+    /// Whether lines are written at all (callers skip building them when not).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// Write one JSON line.
     pub fn write(&self, line: &impl Serialize) {
         if !self.enabled {

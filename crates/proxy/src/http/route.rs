@@ -1,6 +1,6 @@
 //! Choosing a service port from the request's authority, and a route by its matches.
 
-use http::{uri::Authority, Method, Request};
+use http::{uri::Authority, Request};
 use trellis_model::{
     parse_authority_name,
     proxy::{MatchConfig, PathMatchConfig, PortConfig, RouteConfig, ValueMatcher, WeightedCluster},
@@ -62,7 +62,7 @@ fn matches<B>(m: &MatchConfig, req: &Request<B>) -> bool {
     };
     path_ok
         && m.method.as_deref().is_none_or(|meth| {
-            req.method() == &Method::from_bytes(meth.as_bytes()).unwrap_or_default()
+            req.method().as_str() == meth
         })
         && m.headers.iter().all(|(name, vm)| {
             req.headers()

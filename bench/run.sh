@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Benchmark: the same upstream (nginx `return 200`) measured directly, through trellis proxy,
+# through haproxy and through nginx as reverse proxies, interleaved, in one run.
+# Usage: bench/run.sh [ROUNDS] [SECONDS]   (results in bench/results/, summary on stdout)
+# Loopback only. CPU 0: load generator. CPU 1: upstream and the proxy under test (one
+# worker each), so throughput ratios show each proxy's CPU cost per request.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+SECS=${2:-5}
+need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client haproxy nginx-light >/dev/null; }; }
+need wrk; need h2load; need haproxy; need nginx
+cargo build --release -q
+BIN=target/release/trellis
+W=$(mktemp -d /tmp/trellis-bench.XXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+# Upstream, plus nginx as a reverse proxy (h1 on 18082, h2c on 18092).
+cat >"$W/nginx.conf" <<NGX
+worker_processes 1; daemon off; pid $W/nginx.pid; error_log $W/nginx.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  # The default (1000) closes h2 connections that h2load never reopens.
+  keepalive_requests 10000000;
+  upstream up { server 127.0.0.1:18080; keepalive 128; }
+  server { listen 127.0.0.1:18080; location / { return 200 "ok"; } }
+  server { listen 127.0.0.1:18090 http2; location / { return 200 "ok"; } }
+  server { listen 127.0.0.1:18082; listen 127.0.0.1:18092 http2;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+NGX
+taskset -c 1 nginx -c "$W/nginx.conf" -p "$W" & PIDS+=($!)
+cat >"$W/haproxy.cfg" <<HAP
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:18081
+  bind 127.0.0.1:18091 proto h2
+  default_backend b
+backend b
+  server s1 127.0.0.1:18080
+HAP
+taskset -c 1 haproxy -f "$W/haproxy.cfg" & PIDS+=($!)
+cat >"$W/mesh.yaml" <<YAML
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: up, namespace: bench }
+spec:
+  selector: { app: up }
+  ports: [{ name: http, port: 80, targetPort: 18080, protocol: HTTP }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: up-1, namespace: bench, labels: { app: up } }
+spec: { address: 127.0.0.1 }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: client, namespace: bench }
+spec:
+  address: 127.0.0.1
+  upstreams: [{ service: up.bench, port: 80, bind: 127.0.0.1:18083 }]
+YAML
+taskset -c 1 "$BIN" proxy --config "$W/mesh.yaml" --workload bench/client --no-access-log \
+  --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 --inbound 127.0.0.1:18106 2>"$W/trellis.err" & TPID=$!; PIDS+=($TPID)
+for port in 18080 18081 18082 18083 18093; do
+  for _ in $(seq 100); do curl -sf -o /dev/null -H 'Host: up.bench' "http://127.0.0.1:$port/" && break; sleep 0.05; done
+done
+RSS_IDLE=$(awk '/VmRSS/{print $2}' /proc/$TPID/status)
+
+declare -A H1=([direct]=18080 [haproxy]=18081 [nginx]=18082 [trellis]=18083)
+declare -A H2=([direct]=18090 [haproxy]=18091 [nginx]=18092 [trellis]=18093)
+OUT="$W/raw.txt"; : >"$OUT"
+for r in $(seq "$ROUNDS"); do
+  for t in direct trellis haproxy nginx; do
+    rps=$(taskset -c 0 wrk -t1 -c32 -d"${SECS}s" -H 'Host: up.bench' "http://127.0.0.1:${H1[$t]}/" | awk '/Requests\/sec/{print $2}')
+    lat=$(taskset -c 0 wrk -t1 -c16 -d"${SECS}s" --latency -s bench/pace.lua -H 'Host: up.bench' "http://127.0.0.1:${H1[$t]}/" \
+      | awk '/^ +50%/{p50=$2} /^ +99%/{p99=$2} /^ +99.900%|^ +99.9%/{p999=$2} /Requests\/sec/{rate=$2} END{print p50, p99, rate}')
+    h2=$(taskset -c 0 h2load -t1 -c32 -m10 -D"$SECS" -H 'host: up.bench' "http://127.0.0.1:${H2[$t]}/" 2>/dev/null | awk '/finished in/{print $4}' | tr -d ',')
+    echo "$r $t $rps $lat $h2" | tee -a "$OUT"
+  done
+done
+RSS_PEAK=$(awk '/VmHWM/{print $2}' /proc/$TPID/status)
+
+python3 - "$OUT" "$RSS_IDLE" "$RSS_PEAK" <<'PY'
+import sys, statistics as st
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+def ms(v):
+    return float(v[:-2]) if v.endswith("ms") else float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-1]) * 1000
+by = {}
+for r in rows:
+    by.setdefault(r[1], []).append(r)
+med = lambda xs: st.median(xs)
+d_rps = med([float(r[2]) for r in by["direct"]]); d_h2 = med([float(r[6]) for r in by["direct"]])
+print("| target | h1 rps (wrk -c32) | x direct | p50 / p99 @ ~2000 rps | h2c rps (h2load -c32 -m10) | x direct |")
+print("| --- | --- | --- | --- | --- | --- |")
+for t in ["direct", "trellis", "haproxy", "nginx"]:
+    rs = by[t]
+    rps = med([float(r[2]) for r in rs]); h2 = med([float(r[6]) for r in rs])
+    p50 = med([ms(r[3]) for r in rs]); p99 = med([ms(r[4]) for r in rs])
+    print(f"| {t} | {rps:,.0f} | {rps/d_rps:.2f} | {p50:.2f} / {p99:.2f} ms | {h2:,.0f} | {h2/d_h2:.2f} |")
+print(f"\ntrellis RSS: idle {int(sys.argv[2])/1024:.1f} MiB, peak under load {int(sys.argv[3])/1024:.1f} MiB")
+PY
