@@ -61,9 +61,9 @@ fn matches<B>(m: &MatchConfig, req: &Request<B>) -> bool {
         Some(PathMatchConfig::Regex(r)) => r.0.is_match(path),
     };
     path_ok
-        && m.method.as_deref().is_none_or(|meth| {
-            req.method().as_str() == meth
-        })
+        && m.method
+            .as_deref()
+            .is_none_or(|meth| req.method().as_str() == meth)
         && m.headers.iter().all(|(name, vm)| {
             req.headers()
                 .get_all(name.as_str())
