@@ -25,6 +25,13 @@ impl std::fmt::Display for NamespacedName {
     }
 }
 
+impl NamespacedName {
+    /// The name callers use for a service: `NAME.NAMESPACE`.
+    pub fn host(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+}
+
 impl std::str::FromStr for NamespacedName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

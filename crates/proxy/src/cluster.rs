@@ -200,6 +200,16 @@ impl Cluster {
         &self.cfg.policy
     }
 
+    /// What an endpoint pool of this cluster needs to open a connection.
+    pub fn connect_ctx<'a>(&'a self, metrics: &'a Metrics) -> crate::pool::ConnectCtx<'a> {
+        crate::pool::ConnectCtx {
+            timeout: self.cfg.policy.connect_timeout,
+            slots: &self.connections,
+            cluster: &self.key,
+            metrics,
+        }
+    }
+
     /// Admit a request: take an in-flight slot, waiting in the bounded pending queue for at
     /// most `wait` if none is free.
     pub async fn admit(&self, wait: Duration) -> Result<OwnedSemaphorePermit, AdmitError> {

@@ -103,8 +103,8 @@ impl FailureClass {
         }
     }
 
-    /// Whether a retry may help (the failure happened before the upstream did any work, or
-    /// was transient).
+    /// Whether another try may help: the failure was in reaching or hearing from one
+    /// endpoint. (`NoHealthyUpstream` is not: another pick would find none either.)
     pub fn retriable(self) -> bool {
         matches!(
             self,
@@ -112,7 +112,6 @@ impl FailureClass {
                 | Self::ConnectTimeout
                 | Self::ConnectionReset
                 | Self::UpstreamTimeout
-                | Self::NoHealthyUpstream
         )
     }
 
@@ -140,6 +139,11 @@ impl EncodeLabelValue for FailureClass {
     fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         std::fmt::Write::write_str(e, self.as_str())
     }
+}
+
+/// The `grpc-status` in response headers or trailers, if any.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// Classify an error from talking to an upstream (send, or reading the response body).

@@ -7,6 +7,7 @@
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, task::JoinHandle};
 use trellis_model::{
@@ -107,11 +108,14 @@ pub struct Proxy {
     shared: Arc<Shared>,
     opts: Options,
     binds: HashMap<String, (SocketAddr, JoinHandle<()>)>,
+    /// One HTTP connection builder (limits from `opts`) for every listener.
+    builder: Arc<auto::Builder<TokioExecutor>>,
     /// Bound addresses: admin, outbound, inbound.
     pub addrs: (SocketAddr, SocketAddr, SocketAddr),
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ProxyError> {
+/// Bind a listener; returns it with its bound address (the port when `addr` asked for 0).
+fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), ProxyError> {
     let sock = if addr.is_ipv4() {
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
     } else {
@@ -127,7 +131,17 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, ProxyError> {
     sock.set_nonblocking(true).map_err(err)?;
     sock.bind(&addr.into()).map_err(err)?;
     sock.listen(1024).map_err(err)?;
-    TcpListener::from_std(sock.into()).map_err(err)
+    let l = TcpListener::from_std(sock.into()).map_err(err)?;
+    let bound = l.local_addr().map_err(err)?;
+    Ok((l, bound))
+}
+
+/// What an accepted connection is served as.
+enum Serve {
+    /// HTTP (auto-detected version) on a listener of this kind.
+    Http(Listener),
+    /// Opaque TCP to this cluster.
+    Tcp(String),
 }
 
 fn bind_key(cfg: &ProxyConfig, i: usize) -> String {
@@ -141,11 +155,10 @@ fn bind_key(cfg: &ProxyConfig, i: usize) -> String {
 
 fn spawn_accept(
     shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     listener: TcpListener,
-    kind: Listener,
-    tcp: bool,
+    serve: Serve,
 ) -> JoinHandle<()> {
-    let builder = Arc::new(http::server::builder(shared_limits(&shared)));
     tokio::spawn(async move {
         let mut drain = shared.drain.signal();
         loop {
@@ -153,12 +166,10 @@ fn spawn_accept(
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
                         let shared = shared.clone();
-                        if tcp {
-                            let Listener::Bind { cluster } = kind.clone() else { continue };
-                            tokio::spawn(tcp::serve_bind(shared, cluster, stream));
-                        } else {
-                            tokio::spawn(http::server::serve(shared, builder.clone(), kind.clone(), stream, peer));
-                        }
+                        match &serve {
+                            Serve::Tcp(cluster) => tokio::spawn(tcp::serve_bind(shared, cluster.clone(), stream)),
+                            Serve::Http(kind) => tokio::spawn(http::server::serve(shared, builder.clone(), kind.clone(), stream, peer)),
+                        };
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -172,16 +183,9 @@ fn spawn_accept(
     })
 }
 
-// Limits live in Options; stash a copy reachable from Shared-only code paths.
-static LIMITS: std::sync::OnceLock<ServerLimits> = std::sync::OnceLock::new();
-fn shared_limits(_: &Shared) -> ServerLimits {
-    *LIMITS.get().expect("limits set at start")
-}
-
 impl Proxy {
     /// Bind every listener and start serving `cfg`.
     pub async fn start(opts: Options, cfg: ProxyConfig) -> Result<Self, ProxyError> {
-        let _ = LIMITS.set(opts.limits);
         let mut registry = Registry::default();
         let metrics = Metrics::register(registry.sub_registry_with_prefix("trellis"));
         let snap = Snapshot::build(cfg, None, &metrics);
@@ -193,37 +197,23 @@ impl Proxy {
             drain: drain::Drain::default(),
             source: opts.config.display().to_string(),
         });
-        let admin = bind(opts.admin, "admin").await?;
-        let outbound = bind(opts.outbound, "outbound").await?;
-        let inbound = bind(opts.inbound, "inbound").await?;
-        let addrs = (
-            admin.local_addr().map_err(|source| ProxyError::Bind {
-                addr: opts.admin,
-                what: "admin".into(),
-                source,
-            })?,
-            outbound.local_addr().map_err(|source| ProxyError::Bind {
-                addr: opts.outbound,
-                what: "outbound".into(),
-                source,
-            })?,
-            inbound.local_addr().map_err(|source| ProxyError::Bind {
-                addr: opts.inbound,
-                what: "inbound".into(),
-                source,
-            })?,
-        );
+        let (admin, admin_addr) = bind(opts.admin, "admin")?;
+        let (outbound, outbound_addr) = bind(opts.outbound, "outbound")?;
+        let (inbound, inbound_addr) = bind(opts.inbound, "inbound")?;
         let mut proxy = Self {
             shared: shared.clone(),
+            builder: Arc::new(http::server::builder(opts.limits)),
             opts,
             binds: HashMap::new(),
-            addrs,
+            addrs: (admin_addr, outbound_addr, inbound_addr),
         };
         let snap = shared.state.load_full();
         proxy.binds = proxy.bind_all(&snap.cfg).await?;
         tokio::spawn(admin::serve(shared.clone(), admin));
-        spawn_accept(shared.clone(), outbound, Listener::Outbound, false);
-        spawn_accept(shared.clone(), inbound, Listener::Inbound, false);
+        let http =
+            |l, kind| spawn_accept(shared.clone(), proxy.builder.clone(), l, Serve::Http(kind));
+        http(outbound, Listener::Outbound);
+        http(inbound, Listener::Inbound);
         Ok(proxy)
     }
 
@@ -232,31 +222,28 @@ impl Proxy {
         &self,
         cfg: &ProxyConfig,
     ) -> Result<HashMap<String, (SocketAddr, JoinHandle<()>)>, ProxyError> {
-        let mut out = HashMap::new();
+        let mut out: HashMap<String, (SocketAddr, JoinHandle<()>)> = HashMap::new();
         for (i, b) in cfg.tcp_binds.iter().enumerate() {
             let key = bind_key(cfg, i);
             if self.binds.contains_key(&key) {
                 continue;
             }
-            let what = format!(
-                "upstream {}.{}:{}",
-                b.service.name, b.service.namespace, b.port
-            );
-            let l = match bind(b.bind, &what).await {
-                Ok(l) => l,
+            let what = format!("upstream {}:{}", b.service.host(), b.port);
+            let (l, addr) = match bind(b.bind, &what) {
+                Ok(bound) => bound,
                 Err(e) => {
-                    for (_, (_, h)) in out {
-                        let h: JoinHandle<()> = h;
-                        h.abort();
-                    }
+                    out.values().for_each(|(_, h)| h.abort());
                     return Err(e);
                 }
             };
-            let addr = l.local_addr().unwrap_or(b.bind);
-            let kind = Listener::Bind {
-                cluster: b.cluster.clone(),
+            let serve = if b.protocol == Protocol::Tcp {
+                Serve::Tcp(b.cluster.clone())
+            } else {
+                Serve::Http(Listener::Bind {
+                    cluster: b.cluster.clone(),
+                })
             };
-            let h = spawn_accept(self.shared.clone(), l, kind, b.protocol == Protocol::Tcp);
+            let h = spawn_accept(self.shared.clone(), self.builder.clone(), l, serve);
             out.insert(key, (addr, h));
         }
         Ok(out)
@@ -270,11 +257,7 @@ impl Proxy {
             .filter_map(|i| {
                 let b = &cfg.tcp_binds[i];
                 let (addr, _) = self.binds.get(&bind_key(cfg, i))?;
-                Some((
-                    format!("{}.{}", b.service.name, b.service.namespace),
-                    b.port,
-                    *addr,
-                ))
+                Some((b.service.host(), b.port, *addr))
             })
             .collect()
     }

@@ -229,13 +229,16 @@ impl Record {
         });
     }
 
+    /// Note the endpoint a try went to.
+    pub fn set_endpoint(&mut self, ep: &trellis_model::proxy::EndpointConfig) {
+        self.upstream = Some(ep.addr);
+        self.dst_workload = ep.workload.name.clone();
+        self.dst_environment = ep.environment.as_str();
+    }
+
     /// Look at a gRPC status in response headers or trailers.
     pub fn grpc(&mut self, headers: &HeaderMap) {
-        if let Some(code) = headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-        {
+        if let Some(code) = crate::failure::grpc_status(headers) {
             self.grpc_status = Some(code);
             if self.class == FailureClass::Ok {
                 self.class = FailureClass::from_grpc(code);

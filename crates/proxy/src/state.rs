@@ -5,7 +5,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use trellis_model::{
     proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
-    resource::{Locality, Protocol},
+    resource::{Locality, NamespacedName, Protocol},
     ProxyConfig,
 };
 
@@ -85,10 +85,7 @@ impl Snapshot {
             .local
             .as_ref()
             .and_then(|l| l.service.as_ref())
-            .map_or_else(
-                || "unknown".to_string(),
-                |s| format!("{}.{}", s.name, s.namespace),
-            );
+            .map_or_else(|| "unknown".to_string(), NamespacedName::host);
         Self {
             cfg: Arc::new(cfg),
             clusters,

@@ -135,18 +135,10 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     // Count bytes as they flow, so that a reset still reports what went through.
-    let mut a = crate::tcp::Counted::new(a);
+    let mut a = Counted::new(a);
     match tokio::io::copy_bidirectional(&mut a, b).await {
         Ok(_) => g.class = FailureClass::Ok,
-        Err(e) => {
-            g.class = match e.kind() {
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
-                    FailureClass::ConnectionReset
-                }
-                _ => crate::failure::classify_io(&e),
-            };
-            g.detail = Some(e.to_string());
-        }
+        Err(e) => g.fail(crate::failure::classify_io(&e), e.to_string()),
     }
     (g.sent, g.received) = (a.read, a.written);
 }
@@ -158,11 +150,10 @@ pub async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: Tc
     let Some(cluster) = snap.clusters.get(&cluster_key).cloned() else {
         return;
     };
-    let svc = &cluster.cfg.service;
     let mut g = ConnGuard::new(
         shared.clone(),
         Direction::outbound,
-        format!("{}.{}", svc.name, svc.namespace),
+        cluster.cfg.service.host(),
     );
     let _ = client.set_nodelay(true);
     if let Some(mut up) = connect(&cluster, &mut g).await {
@@ -177,18 +168,17 @@ pub async fn connect_tunnel(
     mut req: Request<Incoming>,
     mut rec: Record,
 ) -> Response<ProxyBody> {
-    let svc = &cluster.cfg.service;
     let mut g = ConnGuard::new(
         shared.clone(),
         Direction::outbound,
-        format!("{}.{}", svc.name, svc.namespace),
+        cluster.cfg.service.host(),
     );
-    let Some(mut up) = connect(&cluster, &mut g).await else {
+    let up = connect(&cluster, &mut g).await;
+    rec.upstream = g.upstream;
+    let Some(mut up) = up else {
         let (class, detail) = (g.class, g.detail.clone().unwrap_or_default());
-        rec.upstream = g.upstream;
         return local_reply(rec, class, detail, false);
     };
-    rec.upstream = g.upstream;
     rec.dst_workload = g.workload.clone();
     rec.status = 200;
     rec.attempts = 1;

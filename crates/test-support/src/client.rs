@@ -23,7 +23,11 @@ pub async fn send1(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<Reply,
     let io = TokioIo::new(TcpStream::connect(addr).await.expect("connect"));
     let (mut s, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
-    let resp = s.send_request(req).await?;
+    read_reply(s.send_request(req).await?).await
+}
+
+/// Read a whole response.
+async fn read_reply(resp: http::Response<hyper::body::Incoming>) -> Result<Reply, hyper::Error> {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
     Ok(Reply {
@@ -108,12 +112,6 @@ impl Conn {
                 .unwrap();
             s.send_request(req).await?
         };
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        read_reply(resp).await
     }
 }

@@ -24,30 +24,43 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+/// Listen on an ephemeral loopback port and run `conn` on a task of its own for each
+/// accepted connection.
+pub async fn tcp<F, Fut>(conn: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(conn(s));
+        }
+    });
+    addr
+}
+
 /// Serve HTTP/1.1 and h2c with `f` on an ephemeral loopback port.
 pub async fn http<F, Fut>(f: F) -> SocketAddr
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
     let f = Arc::new(f);
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let f = f.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let fut = f(req);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                    .await;
+    tcp(move |s| {
+        let f = f.clone();
+        async move {
+            let svc = service_fn(move |req| {
+                let fut = f(req);
+                async move { Ok::<_, Infallible>(fut.await) }
             });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                .await;
         }
-    });
-    addr
+    })
+    .await
 }
 
 fn reply(status: u16, body: String) -> Response<Full<Bytes>> {
@@ -116,36 +129,26 @@ pub async fn slow(delay: Duration) -> SocketAddr {
 
 /// Accepts connections and never answers.
 pub async fn hang() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
-            held.push(s);
-        }
-    });
-    addr
+    tcp(|s| async move {
+        std::future::pending::<()>().await;
+        drop(s);
+    })
+    .await
 }
 
 /// Reads a request, sends the head and part of the body, then resets the connection.
 pub async fn reset_mid_response() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
-                    .await;
-                let _ = s.flush().await;
-                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                drop(s);
-            });
-        }
-    });
-    addr
+    tcp(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
+            .await;
+        let _ = s.flush().await;
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    })
+    .await
 }
 
 /// An address where nothing listens.
@@ -174,17 +177,11 @@ pub async fn full_backlog() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
 
 /// Echoes TCP bytes back.
 pub async fn tcp_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
+    tcp(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
 }
 
 /// Counter handle.

@@ -96,6 +96,11 @@ impl Replay {
         }
     }
 
+    /// Whether the body is still within the cap, so that a retry can resend it.
+    pub fn can_replay(&self) -> bool {
+        !self.shared.lock().expect("replay lock").overflow
+    }
+
     /// A fresh copy for the next try, or `None` if the body outgrew the cap.
     pub fn replay(&self) -> Option<Self> {
         let s = self.shared.lock().expect("replay lock");

@@ -18,7 +18,8 @@ use trellis_model::{
 use super::body::{ProxyBody, Replay, UpBody};
 use crate::{
     cluster::{Cluster, Endpoint},
-    pool::{ConnectCtx, Sender, UpstreamError},
+    failure::grpc_status,
+    pool::{Sender, UpstreamError},
     record::Record,
     FailureClass, Shared,
 };
@@ -198,12 +199,7 @@ async fn send_once(
     h2: bool,
     rec: &mut Record,
 ) -> Try {
-    let ctx = ConnectCtx {
-        timeout: cluster.policy().connect_timeout,
-        slots: &cluster.connections,
-        cluster: &cluster.key,
-        metrics: &shared.metrics,
-    };
+    let ctx = cluster.connect_ctx(&shared.metrics);
     // A pooled HTTP/1.1 connection may be closed by the server just as we pick it; a request
     // that was never written is safe to send again on a fresh connection.
     for fresh in [false, true] {
@@ -268,13 +264,10 @@ async fn send_once(
 
 fn retry_wanted(retry: &RetryConfig, t: &Try) -> bool {
     match t {
-        Try::Failed(class, _) => class.retriable() && *class != FailureClass::NoHealthyUpstream,
+        Try::Failed(class, _) => class.retriable(),
         Try::Response(r, _) => {
             retry.codes.contains(&r.status().as_u16())
-                || r.headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
-                    .is_some_and(|c| retry.grpc_codes.contains(&c))
+                || grpc_status(r.headers()).is_some_and(|c| retry.grpc_codes.contains(&c))
         }
     }
 }
@@ -340,9 +333,7 @@ pub async fn forward(
             break;
         };
         rec.attempts = attempt + 1;
-        rec.upstream = Some(ep.cfg.addr);
-        rec.dst_workload = ep.cfg.workload.name.clone();
-        rec.dst_environment = ep.cfg.environment.as_str();
+        rec.set_endpoint(&ep.cfg);
         let in_flight = ep.start();
         let try_start = Instant::now();
         let per_try = plan.retry.and_then(|r| r.per_try_timeout);
@@ -365,15 +356,10 @@ pub async fn forward(
         let class = match &outcome {
             Try::Response(r, _) => {
                 ep.observe_latency(try_start.elapsed());
-                let mut c = FailureClass::from_status(r.status().as_u16());
-                if let Some(g) = r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                {
-                    c = FailureClass::from_grpc(g);
-                }
-                c
+                grpc_status(r.headers()).map_or_else(
+                    || FailureClass::from_status(r.status().as_u16()),
+                    FailureClass::from_grpc,
+                )
             }
             Try::Failed(c, _) => *c,
         };
@@ -381,7 +367,7 @@ pub async fn forward(
         let can_retry = plan.retry.is_some_and(|r| retry_wanted(r, &outcome))
             && attempt + 1 < max_tries
             && !deadline_passed
-            && replay.as_ref().and_then(Replay::replay).is_some();
+            && replay.as_ref().is_some_and(Replay::can_replay);
         if can_retry {
             if cluster.budget.withdraw() {
                 cluster.report(&ep, class);
@@ -473,16 +459,9 @@ pub async fn upgrade(
         );
     };
     rec.attempts = 1;
-    rec.upstream = Some(ep.cfg.addr);
-    rec.dst_workload = ep.cfg.workload.name.clone();
-    rec.dst_environment = ep.cfg.environment.as_str();
+    rec.set_endpoint(&ep.cfg);
     let client_upgrade = hyper::upgrade::on(&mut req);
-    let ctx = ConnectCtx {
-        timeout: cluster.policy().connect_timeout,
-        slots: &cluster.connections,
-        cluster: &cluster.key,
-        metrics: &shared.metrics,
-    };
+    let ctx = cluster.connect_ctx(&shared.metrics);
     let start = Instant::now();
     let mut s = match ep.pool.connect(false, &ctx).await {
         Ok(Sender::H1(s)) => s,

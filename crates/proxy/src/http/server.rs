@@ -150,7 +150,7 @@ async fn handle(
                 };
                 return local_reply(rec, FailureClass::NoRoute, detail, grpc);
             };
-            rec.dst_service = format!("{}.{}", svc_id.name, svc_id.namespace);
+            rec.dst_service = svc_id.host();
             if req.method() == Method::CONNECT {
                 let key = trellis_model::proxy::cluster_key(&svc_id, port.port);
                 return match snap.clusters.get(&key) {
@@ -231,8 +231,7 @@ async fn inbound(
                 .to_string();
         return local_reply(rec, FailureClass::NoRoute, detail, grpc);
     };
-    let svc = &target.cluster.cfg.service;
-    rec.dst_service = format!("{}.{}", svc.name, svc.namespace);
+    rec.dst_service = target.cluster.cfg.service.host();
     rec.route = "inbound".into();
     if is_upgrade(&req) {
         return forward::upgrade(shared, target.cluster.clone(), req, rec).await;
