@@ -1,7 +1,7 @@
 //! The proxy's compact, validated model. Everything here is already checked: the proxy never
 //! has to handle a dangling reference or a zero weight.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::Serialize;
 
@@ -52,6 +52,8 @@ pub struct InboundPort {
 /// A service and its ports.
 #[derive(Clone, Debug, Serialize)]
 pub struct ServiceConfig {
+    /// `NAME.NAMESPACE`, as callers name it (shared: it labels every request).
+    pub host: Arc<str>,
     /// Ports in declaration order.
     pub ports: Vec<PortConfig>,
 }
@@ -71,8 +73,8 @@ pub struct PortConfig {
 /// One route rule.
 #[derive(Clone, Debug, Serialize)]
 pub struct RouteConfig {
-    /// `namespace/route[.rule]` or `default`.
-    pub name: String,
+    /// `namespace/route[.rule]` or `default` (shared: it labels every request).
+    pub name: Arc<str>,
     /// Any match selects the route; empty means all.
     pub matches: Vec<MatchConfig>,
     /// Weighted clusters (never empty; weights never all zero).

@@ -54,7 +54,8 @@ pub fn translate(
                 routes: Vec::new(),
             })
             .collect();
-        services.insert(id.clone(), ServiceConfig { ports });
+        let host = id.host().into();
+        services.insert(id.clone(), ServiceConfig { host, ports });
     }
     attach_routes(&ix, &mut services)?;
     for (id, svc) in services.iter_mut() {
@@ -620,7 +621,7 @@ fn rule_config(
         }
     };
     Ok(RouteConfig {
-        name,
+        name: name.into(),
         matches: Vec::new(),
         backends,
         request_headers,

@@ -16,7 +16,7 @@ use trellis_model::{
 };
 
 use crate::{
-    metrics::{ClusterLabels, EndpointLabels, Metrics},
+    metrics::{ClusterLabels, EndpointLabels, Label, Metrics},
     pool::Pool,
     FailureClass,
 };
@@ -28,6 +28,8 @@ pub use budget::RetryBudget;
 pub struct Endpoint {
     /// Its config.
     pub cfg: EndpointConfig,
+    /// Its workload's name, as a metric label.
+    pub workload: Label,
     /// Its connection pool.
     pub pool: Pool,
     in_flight: AtomicU32,
@@ -61,6 +63,7 @@ impl Endpoint {
     fn new(cfg: EndpointConfig, idle_timeout: Duration) -> Self {
         Self {
             pool: Pool::new(cfg.addr, idle_timeout),
+            workload: cfg.workload.name.as_str().into(),
             cfg,
             in_flight: AtomicU32::new(0),
             ewma: Mutex::new((EWMA_INITIAL_NS, Instant::now())),
@@ -124,6 +127,8 @@ pub struct Cluster {
     pub key: String,
     /// Its config.
     pub cfg: ClusterConfig,
+    /// Its service's `NAME.NAMESPACE`, as a metric label.
+    pub service: Label,
     /// Endpoints.
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Retry budget.
@@ -183,6 +188,7 @@ impl Cluster {
             labels: ClusterLabels {
                 cluster: key.clone(),
             },
+            service: cfg.service.host().as_str().into(),
             key,
             cfg,
             endpoints,

@@ -6,7 +6,48 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+use std::sync::Arc;
+
 use crate::FailureClass;
+
+/// A label value shared by every request that carries it: built once per config (service,
+/// workload, route), cloned per request by a reference count. Empty means "unknown".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Label(Option<Arc<str>>);
+
+impl Label {
+    /// The value, or "unknown".
+    pub fn as_str(&self) -> &str {
+        self.0.as_deref().unwrap_or("unknown")
+    }
+}
+
+impl From<Arc<str>> for Label {
+    fn from(s: Arc<str>) -> Self {
+        Self(Some(s))
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Self(Some(s.into()))
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(
+        &self,
+        e: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(e, self.as_str())
+    }
+}
+
+impl serde::Serialize for Label {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
 
 /// Traffic direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -34,19 +75,19 @@ pub struct RequestLabels {
     /// Direction.
     pub direction: Direction,
     /// Source service (the local workload's for outbound).
-    pub src_service: String,
+    pub src_service: Label,
     /// Destination service.
-    pub dst_service: String,
+    pub dst_service: Label,
     /// Destination workload.
-    pub dst_workload: String,
+    pub dst_workload: Label,
     /// Destination environment.
-    pub dst_environment: String,
+    pub dst_environment: &'static str,
     /// Route name.
-    pub route: String,
+    pub route: Label,
     /// HTTP status sent to the client.
     pub status_code: u16,
     /// gRPC status, empty when not gRPC.
-    pub grpc_status: String,
+    pub grpc_status: Option<u32>,
     /// Failure class.
     pub failure_class: FailureClass,
 }
@@ -57,9 +98,9 @@ pub struct TcpLabels {
     /// Direction.
     pub direction: Direction,
     /// Destination service.
-    pub dst_service: String,
+    pub dst_service: Label,
     /// Destination workload.
-    pub dst_workload: String,
+    pub dst_workload: Label,
     /// Failure class.
     pub failure_class: FailureClass,
 }
@@ -70,7 +111,7 @@ pub struct ServiceLabels {
     /// Direction.
     pub direction: Direction,
     /// Destination service.
-    pub dst_service: String,
+    pub dst_service: Label,
 }
 
 /// Labels keyed by cluster.

@@ -4,17 +4,16 @@
 use std::{
     io::Write,
     net::SocketAddr,
-    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use http::HeaderMap;
+use http::{uri::Authority, HeaderMap, HeaderValue, Method, Uri};
 use serde::Serialize;
 
 use crate::{
-    cluster::InFlight,
+    cluster::{Endpoint, InFlight},
     http::body::OnEnd,
-    metrics::{Direction, Metrics, RequestLabels},
+    metrics::{Direction, Label, Metrics, RequestLabels},
     FailureClass,
 };
 
@@ -47,7 +46,8 @@ impl AccessLog {
     }
 }
 
-/// Everything known about a request, filled in as it progresses.
+/// Everything known about a request, filled in as it progresses. Built on every request, so
+/// its fields are cheap to fill: shared labels, and `http` types that clone by reference count.
 pub struct Record {
     /// Start.
     pub start: Instant,
@@ -58,21 +58,21 @@ pub struct Record {
     /// `HTTP/1.1`, `HTTP/2`.
     pub protocol: &'static str,
     /// Method.
-    pub method: String,
-    /// Authority.
-    pub authority: String,
-    /// Path.
-    pub path: String,
+    pub method: Method,
+    /// Request URI as received.
+    pub uri: Uri,
+    /// Authority the request named.
+    pub authority: Option<Authority>,
     /// Source service.
-    pub src_service: Arc<str>,
+    pub src_service: Label,
     /// Destination service.
-    pub dst_service: String,
+    pub dst_service: Label,
     /// Destination workload.
-    pub dst_workload: String,
+    pub dst_workload: Label,
     /// Destination environment.
     pub dst_environment: &'static str,
     /// Route.
-    pub route: String,
+    pub route: Label,
     /// Upstream endpoint.
     pub upstream: Option<SocketAddr>,
     /// Tries made.
@@ -90,9 +90,9 @@ pub struct Record {
     /// Error detail for the log.
     pub detail: Option<String>,
     /// Trace id.
-    pub trace_id: String,
+    pub trace_id: u128,
     /// Request id.
-    pub request_id: String,
+    pub request_id: Option<HeaderValue>,
     /// Held until the response ends: in-flight count and admission slot.
     pub guards: Option<(InFlight, tokio::sync::OwnedSemaphorePermit)>,
     /// Called with the final class (returns pooled connections, feeds outlier detection).
@@ -128,7 +128,7 @@ struct Line<'a> {
     connect_ms: Option<f64>,
     first_byte_ms: Option<f64>,
     total_ms: f64,
-    trace_id: &'a str,
+    trace_id: String,
     request_id: &'a str,
 }
 
@@ -143,21 +143,21 @@ impl Record {
         protocol: &'static str,
         metrics: Metrics,
         log: AccessLog,
-        src_service: Arc<str>,
+        src_service: Label,
     ) -> Self {
         Self {
             start: Instant::now(),
             wall: SystemTime::now(),
             direction,
             protocol,
-            method: String::new(),
-            authority: String::new(),
-            path: String::new(),
+            method: Method::GET,
+            uri: Uri::default(),
+            authority: None,
             src_service,
-            dst_service: "unknown".into(),
-            dst_workload: "unknown".into(),
+            dst_service: Label::default(),
+            dst_workload: Label::default(),
             dst_environment: "unknown",
-            route: "unknown".into(),
+            route: Label::default(),
             upstream: None,
             attempts: 0,
             connect: None,
@@ -166,8 +166,8 @@ impl Record {
             grpc_status: None,
             class: FailureClass::Ok,
             detail: None,
-            trace_id: String::new(),
-            request_id: String::new(),
+            trace_id: 0,
+            request_id: None,
             guards: None,
             on_finish: None,
             metrics,
@@ -187,13 +187,13 @@ impl Record {
         let total = self.start.elapsed();
         let labels = RequestLabels {
             direction: self.direction,
-            src_service: self.src_service.to_string(),
+            src_service: self.src_service.clone(),
             dst_service: self.dst_service.clone(),
             dst_workload: self.dst_workload.clone(),
-            dst_environment: self.dst_environment.to_string(),
+            dst_environment: self.dst_environment,
             route: self.route.clone(),
             status_code: self.status,
-            grpc_status: self.grpc_status.map(|c| c.to_string()).unwrap_or_default(),
+            grpc_status: self.grpc_status,
             failure_class: self.class,
         };
         self.metrics.requests.get_or_create(&labels).inc();
@@ -201,39 +201,46 @@ impl Record {
             .request_duration
             .get_or_create(&labels)
             .observe(total.as_secs_f64());
+        if !self.log.enabled() {
+            return;
+        }
         self.log.write(&Line {
             ts: rfc3339(self.wall),
             kind: "http",
             direction: self.direction.as_str(),
             protocol: self.protocol,
-            method: &self.method,
-            authority: &self.authority,
-            path: &self.path,
+            method: self.method.as_str(),
+            authority: self.authority.as_ref().map_or("", Authority::as_str),
+            path: self.uri.path(),
             status: self.status,
             grpc_status: self.grpc_status,
             failure_class: self.class.as_str(),
             failure_category: self.class.category(),
             detail: self.detail.as_deref(),
-            src_service: &self.src_service,
-            dst_service: &self.dst_service,
-            dst_workload: &self.dst_workload,
+            src_service: self.src_service.as_str(),
+            dst_service: self.dst_service.as_str(),
+            dst_workload: self.dst_workload.as_str(),
             dst_environment: self.dst_environment,
-            route: &self.route,
+            route: self.route.as_str(),
             upstream: self.upstream.map(|a| a.to_string()),
             attempts: self.attempts,
             connect_ms: self.connect.map(ms),
             first_byte_ms: self.first_byte.map(ms),
             total_ms: ms(total),
-            trace_id: &self.trace_id,
-            request_id: &self.request_id,
+            trace_id: crate::trace::trace_id_hex(self.trace_id),
+            request_id: self
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
         });
     }
 
     /// Note the endpoint a try went to.
-    pub fn set_endpoint(&mut self, ep: &trellis_model::proxy::EndpointConfig) {
-        self.upstream = Some(ep.addr);
-        self.dst_workload = ep.workload.name.clone();
-        self.dst_environment = ep.environment.as_str();
+    pub fn set_endpoint(&mut self, ep: &Endpoint) {
+        self.upstream = Some(ep.cfg.addr);
+        self.dst_workload = ep.workload.clone();
+        self.dst_environment = ep.cfg.environment.as_str();
     }
 
     /// Look at a gRPC status in response headers or trailers.

@@ -5,11 +5,14 @@ use std::{collections::HashMap, sync::Arc};
 
 use trellis_model::{
     proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
-    resource::{Locality, NamespacedName, Protocol},
+    resource::{Locality, Protocol},
     ProxyConfig,
 };
 
-use crate::{cluster::Cluster, metrics::Metrics};
+use crate::{
+    cluster::Cluster,
+    metrics::{Label, Metrics},
+};
 
 /// One inbound port: the local application behind a single-endpoint cluster.
 pub struct InboundTarget {
@@ -30,7 +33,7 @@ pub struct Snapshot {
     /// Inbound targets.
     pub inbound: Vec<InboundTarget>,
     /// Source service label of outbound traffic.
-    pub src_service: Arc<str>,
+    pub src_service: Label,
     /// Generation, incremented by each reload.
     pub version: u64,
 }
@@ -85,12 +88,14 @@ impl Snapshot {
             .local
             .as_ref()
             .and_then(|l| l.service.as_ref())
-            .map_or_else(|| "unknown".to_string(), NamespacedName::host);
+            .and_then(|s| cfg.services.get(s))
+            .map(|s| Label::from(s.host.clone()))
+            .unwrap_or_default();
         Self {
             cfg: Arc::new(cfg),
             clusters,
             inbound,
-            src_service: src_service.into(),
+            src_service,
             version: prev.map_or(1, |p| p.version + 1),
         }
     }

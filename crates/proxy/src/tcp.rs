@@ -18,7 +18,7 @@ use tokio::{
 use crate::{
     cluster::Cluster,
     http::{body::ProxyBody, forward::local_reply},
-    metrics::{Direction, ServiceLabels, TcpLabels},
+    metrics::{Direction, Label, ServiceLabels, TcpLabels},
     pool::connect_tcp,
     record::{rfc3339, Record},
     FailureClass, Shared,
@@ -28,8 +28,8 @@ use crate::{
 struct ConnGuard {
     shared: Arc<Shared>,
     direction: Direction,
-    service: String,
-    workload: String,
+    service: Label,
+    workload: Label,
     upstream: Option<std::net::SocketAddr>,
     class: FailureClass,
     detail: Option<String>,
@@ -40,7 +40,7 @@ struct ConnGuard {
 }
 
 impl ConnGuard {
-    fn new(shared: Arc<Shared>, direction: Direction, service: String) -> Self {
+    fn new(shared: Arc<Shared>, direction: Direction, service: Label) -> Self {
         let labels = ServiceLabels {
             direction,
             dst_service: service.clone(),
@@ -50,7 +50,7 @@ impl ConnGuard {
             shared,
             direction,
             service,
-            workload: "unknown".into(),
+            workload: Label::default(),
             upstream: None,
             class: FailureClass::Ok,
             detail: None,
@@ -113,7 +113,7 @@ async fn connect(cluster: &Cluster, g: &mut ConnGuard) -> Option<TcpStream> {
             return None;
         };
         g.upstream = Some(ep.cfg.addr);
-        g.workload = ep.cfg.workload.name.clone();
+        g.workload = ep.workload.clone();
         match connect_tcp(ep.cfg.addr, cluster.policy().connect_timeout).await {
             Ok(s) => {
                 cluster.report(&ep, FailureClass::Ok);
@@ -150,11 +150,7 @@ pub async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: Tc
     let Some(cluster) = snap.clusters.get(&cluster_key).cloned() else {
         return;
     };
-    let mut g = ConnGuard::new(
-        shared.clone(),
-        Direction::outbound,
-        cluster.cfg.service.host(),
-    );
+    let mut g = ConnGuard::new(shared.clone(), Direction::outbound, cluster.service.clone());
     let _ = client.set_nodelay(true);
     if let Some(mut up) = connect(&cluster, &mut g).await {
         splice(&mut client, &mut up, &mut g).await;
@@ -168,11 +164,7 @@ pub async fn connect_tunnel(
     mut req: Request<Incoming>,
     mut rec: Record,
 ) -> Response<ProxyBody> {
-    let mut g = ConnGuard::new(
-        shared.clone(),
-        Direction::outbound,
-        cluster.cfg.service.host(),
-    );
+    let mut g = ConnGuard::new(shared.clone(), Direction::outbound, cluster.service.clone());
     let up = connect(&cluster, &mut g).await;
     rec.upstream = g.upstream;
     let Some(mut up) = up else {

@@ -1,39 +1,58 @@
 //! W3C trace context and request ids.
+//!
+//! Ids are kept as numbers and hex-encoded into stack buffers: this runs on every request.
 
 use http::{HeaderMap, HeaderValue};
 
 /// Ids of the current request.
 pub struct TraceIds {
-    /// 32 hex digits.
-    pub trace_id: String,
-    /// `x-request-id`.
-    pub request_id: String,
+    /// The trace id.
+    pub trace_id: u128,
+    /// `x-request-id`, as sent upstream.
+    pub request_id: HeaderValue,
 }
 
-fn hex(n: usize) -> String {
-    let mut s = String::with_capacity(n);
-    while s.len() < n {
-        s.push_str(&format!("{:016x}", fastrand::u64(..)));
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_into(out: &mut [u8], mut n: u128) {
+    for b in out.iter_mut().rev() {
+        *b = HEX[(n & 0xf) as usize];
+        n >>= 4;
     }
-    s.truncate(n);
-    s
 }
 
-fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
-    let mut it = v.split('-');
-    let (ver, trace, parent, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
-    let is_hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    };
-    (is_hex(ver, 2)
-        && ver != "ff"
-        && is_hex(trace, 32)
-        && trace != "0".repeat(32)
-        && is_hex(parent, 16)
-        && is_hex(flags, 2))
-    .then_some((trace, flags))
+fn parse_hex(s: &[u8]) -> Option<u128> {
+    let mut n = 0u128;
+    for &b in s {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        n = (n << 4) | u128::from(d);
+    }
+    Some(n)
+}
+
+/// `(trace id, flags)` of a valid version-00-compatible `traceparent`.
+fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
+    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let version = parse_hex(&v[..2])?;
+    let trace = parse_hex(&v[3..35])?;
+    parse_hex(&v[36..52])?;
+    let flags = parse_hex(&v[53..55])?;
+    // Version ff is invalid; version 00 has exactly 55 bytes; an all-zero trace id is invalid.
+    let ok = version != 0xff && (version != 0 || v.len() == 55) && trace != 0;
+    ok.then_some((trace, flags as u8))
+}
+
+/// Format a trace id for logs.
+pub fn trace_id_hex(id: u128) -> String {
+    let mut b = [0u8; 32];
+    hex_into(&mut b, id);
+    String::from_utf8_lossy(&b).into_owned()
 }
 
 /// Continue the caller's trace (new span id, same trace id and flags) or start one, and make
@@ -41,31 +60,30 @@ fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
 pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
     let existing = headers
         .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent)
-        .map(|(t, f)| (t.to_string(), f.to_string()));
-    let (trace_id, flags) = existing.unwrap_or_else(|| (hex(32), "01".into()));
-    let tp = format!("00-{trace_id}-{}-{flags}", hex(16));
-    if let Ok(v) = HeaderValue::from_str(&tp) {
-        headers.insert("traceparent", v);
-    }
-    let request_id = match headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-        Some(r) if !r.is_empty() => r.to_string(),
+        .and_then(|v| parse_traceparent(v.as_bytes()));
+    let (trace_id, flags) = existing.unwrap_or_else(|| (fastrand::u128(1..), 1));
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut tp[3..35], trace_id);
+    hex_into(&mut tp[36..52], u128::from(fastrand::u64(1..)));
+    hex_into(&mut tp[53..55], u128::from(flags));
+    headers.insert(
+        "traceparent",
+        HeaderValue::from_bytes(&tp).expect("hex is a valid header"),
+    );
+    let request_id = match headers.get("x-request-id") {
+        Some(r) if !r.is_empty() => r.clone(),
         _ => {
-            let id = hex(32);
-            let id = format!(
-                "{}-{}-{}-{}-{}",
-                &id[..8],
-                &id[8..12],
-                &id[12..16],
-                &id[16..20],
-                &id[20..]
-            );
-            headers.insert(
-                "x-request-id",
-                HeaderValue::from_str(&id).expect("hex is a valid header"),
-            );
-            id
+            // A random UUID-shaped id.
+            let mut id = *b"00000000-0000-0000-0000-000000000000";
+            let n = fastrand::u128(..);
+            hex_into(&mut id[..8], n >> 96);
+            hex_into(&mut id[9..13], n >> 80);
+            hex_into(&mut id[14..18], n >> 64);
+            hex_into(&mut id[19..23], n >> 48);
+            hex_into(&mut id[24..], n);
+            let v = HeaderValue::from_bytes(&id).expect("hex is a valid header");
+            headers.insert("x-request-id", v.clone());
+            v
         }
     };
     TraceIds {
@@ -86,16 +104,32 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         let ids = prepare(&mut h);
-        assert_eq!(ids.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            trace_id_hex(ids.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         let tp = h["traceparent"].to_str().unwrap();
         assert!(
             tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+                && tp.ends_with("-01")
                 && !tp.contains("00f067aa0ba902b7")
         );
-        let mut h = HeaderMap::new();
-        h.insert("traceparent", HeaderValue::from_static("garbage"));
-        let ids = prepare(&mut h);
-        assert_eq!(ids.trace_id.len(), 32);
-        assert_eq!(h["x-request-id"].to_str().unwrap(), ids.request_id);
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("traceparent", HeaderValue::from_static(bad));
+            let ids = prepare(&mut h);
+            assert_ne!(
+                trace_id_hex(ids.trace_id),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+            let tp = h["traceparent"].to_str().unwrap();
+            assert_eq!(tp.len(), 55, "{tp}");
+            assert_eq!(h["x-request-id"], ids.request_id);
+            assert_eq!(ids.request_id.len(), 36);
+        }
     }
 }

@@ -28,19 +28,21 @@ use crate::{
 const REPLAY_CAP: usize = 64 * 1024;
 const BACKOFF_CAP: Duration = Duration::from_secs(1);
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "transfer-encoding",
-    "upgrade",
-    "te",
+// Typed names: removing by `&str` would parse each name again on every request.
+static HOP_BY_HOP: [header::HeaderName; 8] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
 ];
 
 /// Remove hop-by-hop headers (keeping `te: trailers`, which gRPC needs end to end).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers that `Connection` names are hop-by-hop too.
     let named: Vec<String> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -52,12 +54,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     let trailers = h
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for n in HOP_BY_HOP
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
-    {
+    for n in &HOP_BY_HOP {
         h.remove(n);
+    }
+    for n in &named {
+        h.remove(n.as_str());
     }
     if trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -152,18 +153,28 @@ pub struct Plan<'a> {
     pub response_headers: Option<&'a HeaderEdits>,
 }
 
-fn upstream_request(parts: &http::request::Parts, body: UpBody, h2: bool) -> Request<UpBody> {
+/// The request for one try. `last` says no try follows, so the headers can be moved rather
+/// than copied.
+fn upstream_request(
+    parts: &mut http::request::Parts,
+    body: UpBody,
+    h2: bool,
+    last: bool,
+) -> Request<UpBody> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = if last {
+        std::mem::take(&mut parts.headers)
+    } else {
+        parts.headers.clone()
+    };
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let authority = parts
         .uri
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| {
-            parts
-                .headers
+            req.headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string)
@@ -294,7 +305,7 @@ pub async fn forward(
         Ok(p) => p,
         Err(e) => return local_reply(rec, FailureClass::Overloaded, e.to_string(), grpc),
     };
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let small = body
         .size_hint()
         .upper()
@@ -333,7 +344,7 @@ pub async fn forward(
             break;
         };
         rec.attempts = attempt + 1;
-        rec.set_endpoint(&ep.cfg);
+        rec.set_endpoint(&ep);
         let in_flight = ep.start();
         let try_start = Instant::now();
         let per_try = plan.retry.and_then(|r| r.per_try_timeout);
@@ -342,7 +353,7 @@ pub async fn forward(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let req = upstream_request(&parts, body, h2);
+        let req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
         let fut = send_once(shared, &cluster, &ep, req, h2, &mut rec);
         let outcome = match limit {
             Some(l) => tokio::time::timeout(l, fut).await.unwrap_or_else(|_| {
@@ -459,7 +470,7 @@ pub async fn upgrade(
         );
     };
     rec.attempts = 1;
-    rec.set_endpoint(&ep.cfg);
+    rec.set_endpoint(&ep);
     let client_upgrade = hyper::upgrade::on(&mut req);
     let ctx = cluster.connect_ctx(&shared.metrics);
     let start = Instant::now();
@@ -469,13 +480,9 @@ pub async fn upgrade(
         Err(e) => return local_reply(rec, e.class(), e.to_string(), false),
     };
     rec.connect = Some(start.elapsed());
-    let (parts, body) = req.into_parts();
-    let mut up = upstream_request(&parts, UpBody::Incoming(body), false);
-    for h in [header::CONNECTION, header::UPGRADE] {
-        if let Some(v) = parts.headers.get(&h) {
-            up.headers_mut().insert(h, v.clone());
-        }
-    }
+    // The upgrade handshake is hop-by-hop by nature: Connection and Upgrade stay as sent.
+    let (mut parts, body) = req.into_parts();
+    let up = upstream_request(&mut parts, UpBody::Incoming(body), false, true);
     let mut resp = match s.send_request(up).await {
         Ok(r) => r,
         Err(source) => {

@@ -3,7 +3,10 @@
 use http::{uri::Authority, Request};
 use trellis_model::{
     parse_authority_name,
-    proxy::{MatchConfig, PathMatchConfig, PortConfig, RouteConfig, ValueMatcher, WeightedCluster},
+    proxy::{
+        MatchConfig, PathMatchConfig, PortConfig, RouteConfig, ServiceConfig, ValueMatcher,
+        WeightedCluster,
+    },
     resource::NamespacedName,
     ProxyConfig,
 };
@@ -27,7 +30,7 @@ pub fn service_port<'a>(
     cfg: &'a ProxyConfig,
     authority: &Authority,
     default_ns: &str,
-) -> Option<(NamespacedName, &'a PortConfig)> {
+) -> Option<(NamespacedName, &'a ServiceConfig, &'a PortConfig)> {
     let id = parse_authority_name(authority.host(), default_ns);
     let svc = cfg.services.get(&id)?;
     let port = match authority.port_u16() {
@@ -38,7 +41,7 @@ pub fn service_port<'a>(
             .find(|sp| sp.port == 80)
             .or_else(|| (svc.ports.len() == 1).then(|| &svc.ports[0]))?,
     };
-    Some((id, port))
+    Some((id, svc, port))
 }
 
 /// The first route (in precedence order) that matches.

@@ -17,7 +17,12 @@ use super::{
     forward::{self, edit_headers, is_grpc, local_reply, strip_hop_by_hop, Plan},
     route,
 };
-use crate::{metrics::Direction, record::Record, state::Snapshot, tcp, FailureClass, Shared};
+use crate::{
+    metrics::{Direction, Label},
+    record::Record,
+    state::Snapshot,
+    tcp, FailureClass, Shared,
+};
 
 /// Which listener a connection came in on.
 #[derive(Clone, Debug)]
@@ -114,15 +119,12 @@ async fn handle(
     );
     let ids = crate::trace::prepare(req.headers_mut());
     rec.trace_id = ids.trace_id;
-    rec.request_id = ids.request_id;
-    rec.method = req.method().to_string();
-    rec.path = req.uri().path().to_string();
+    rec.request_id = Some(ids.request_id);
+    rec.method = req.method().clone();
+    rec.uri = req.uri().clone();
     let grpc = is_grpc(&req);
     let authority = route::authority(&req);
-    rec.authority = authority
-        .as_ref()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    rec.authority = authority.clone();
     match listener {
         Listener::Inbound => inbound(&shared, &snap, req, rec, grpc).await,
         Listener::Outbound | Listener::Bind { .. } => {
@@ -134,23 +136,21 @@ async fn handle(
             let target = match &listener {
                 Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {
                     let svc = snap.cfg.services.get(&c.cfg.service)?;
-                    Some((
-                        c.cfg.service.clone(),
-                        svc.ports.iter().find(|p| p.port == c.cfg.port)?,
-                    ))
+                    let port = svc.ports.iter().find(|p| p.port == c.cfg.port)?;
+                    Some((c.cfg.service.clone(), svc, port))
                 }),
                 _ => authority
                     .as_ref()
                     .and_then(|a| route::service_port(&snap.cfg, a, default_ns)),
             };
-            let Some((svc_id, port)) = target else {
+            let Some((svc_id, svc, port)) = target else {
                 let detail = match &authority {
                     Some(a) => format!("no service matches authority {a:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}"),
                     None => "request has no Host header or absolute URI".to_string(),
                 };
                 return local_reply(rec, FailureClass::NoRoute, detail, grpc);
             };
-            rec.dst_service = svc_id.host();
+            rec.dst_service = svc.host.clone().into();
             if req.method() == Method::CONNECT {
                 let key = trellis_model::proxy::cluster_key(&svc_id, port.port);
                 return match snap.clusters.get(&key) {
@@ -166,11 +166,13 @@ async fn handle(
             let Some(r) = route::find(port, &req) else {
                 let detail = format!(
                     "no route of {} matches {} {}",
-                    rec.dst_service, rec.method, rec.path
+                    svc.host,
+                    rec.method,
+                    rec.uri.path()
                 );
                 return local_reply(rec, FailureClass::NoRoute, detail, grpc);
             };
-            rec.route = r.name.clone();
+            rec.route = r.name.clone().into();
             let backend = route::pick_backend(&r.backends);
             let Some(cluster) = snap.clusters.get(&backend.cluster).cloned() else {
                 return local_reply(
@@ -196,6 +198,11 @@ async fn handle(
             forward::forward(&shared, plan, req, rec, grpc).await
         }
     }
+}
+
+thread_local! {
+    // The route label of inbound requests, shared rather than allocated per request.
+    static INBOUND_ROUTE: Label = Label::from("inbound");
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -231,8 +238,8 @@ async fn inbound(
                 .to_string();
         return local_reply(rec, FailureClass::NoRoute, detail, grpc);
     };
-    rec.dst_service = target.cluster.cfg.service.host();
-    rec.route = "inbound".into();
+    rec.dst_service = target.cluster.service.clone();
+    rec.route = INBOUND_ROUTE.with(Clone::clone);
     if is_upgrade(&req) {
         return forward::upgrade(shared, target.cluster.clone(), req, rec).await;
     }
