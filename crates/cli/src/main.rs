@@ -97,7 +97,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
         access_log: !a.no_access_log,
     };
     // Config is checked before any port is bound.
-    let cfg = match trellis_proxy::load(&opts) {
+    let loaded = match trellis_proxy::load(&opts) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("trellis proxy: invalid config: {e}");
@@ -122,7 +122,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let proxy = match Proxy::start(opts, cfg).await {
+        let proxy = match Proxy::start(opts, loaded).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

@@ -93,14 +93,33 @@ pub enum ProxyError {
     },
 }
 
+/// A translated config and the text it came from.
+pub struct Loaded {
+    /// The translated config.
+    pub config: ProxyConfig,
+    /// The file's text, so that the watcher compares against what was really loaded (a
+    /// change between loading and watching must not be missed).
+    text: String,
+}
+
+fn read_config(opts: &Options) -> Result<String, ConfigError> {
+    std::fs::read_to_string(&opts.config).map_err(|source| ConfigError::Io {
+        file: opts.config.display().to_string(),
+        source,
+    })
+}
+
+fn translate_text(opts: &Options, text: &str) -> Result<ProxyConfig, ConfigError> {
+    let file = opts.config.display().to_string();
+    let resources = trellis_model::parse_documents(&file, text)?;
+    trellis_model::translate(&file, &resources, opts.workload.as_ref())
+}
+
 /// Read and translate the config file.
-pub fn load(opts: &Options) -> Result<ProxyConfig, ConfigError> {
-    let resources = trellis_model::load_file(&opts.config)?;
-    trellis_model::translate(
-        &opts.config.display().to_string(),
-        &resources,
-        opts.workload.as_ref(),
-    )
+pub fn load(opts: &Options) -> Result<Loaded, ConfigError> {
+    let text = read_config(opts)?;
+    let config = translate_text(opts, &text)?;
+    Ok(Loaded { config, text })
 }
 
 /// A running proxy.
@@ -108,6 +127,9 @@ pub struct Proxy {
     shared: Arc<Shared>,
     opts: Options,
     binds: HashMap<String, (SocketAddr, JoinHandle<()>)>,
+    /// The config text last tried (loaded, or refused): the watcher reloads when the file
+    /// differs from it.
+    seen: String,
     /// One HTTP connection builder (limits from `opts`) for every listener.
     builder: Arc<auto::Builder<TokioExecutor>>,
     /// Bound addresses: admin, outbound, inbound.
@@ -185,7 +207,8 @@ fn spawn_accept(
 
 impl Proxy {
     /// Bind every listener and start serving `cfg`.
-    pub async fn start(opts: Options, cfg: ProxyConfig) -> Result<Self, ProxyError> {
+    pub async fn start(opts: Options, loaded: Loaded) -> Result<Self, ProxyError> {
+        let Loaded { config: cfg, text } = loaded;
         let mut registry = Registry::default();
         let metrics = Metrics::register(registry.sub_registry_with_prefix("trellis"));
         let snap = Snapshot::build(cfg, None, &metrics);
@@ -205,6 +228,7 @@ impl Proxy {
             builder: Arc::new(http::server::builder(opts.limits)),
             opts,
             binds: HashMap::new(),
+            seen: text,
             addrs: (admin_addr, outbound_addr, inbound_addr),
         };
         let snap = shared.state.load_full();
@@ -280,7 +304,8 @@ impl Proxy {
     }
 
     async fn try_reload(&mut self) -> Result<(), ProxyError> {
-        let cfg = load(&self.opts)?;
+        self.seen = read_config(&self.opts)?;
+        let cfg = translate_text(&self.opts, &self.seen)?;
         let new_binds = self.bind_all(&cfg).await?;
         let old = self.shared.state.load_full();
         let snap = Snapshot::build(cfg, Some(&old), &self.shared.metrics);
@@ -305,7 +330,6 @@ impl Proxy {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
-        let mut last = std::fs::read(&self.opts.config).ok();
         let mut tick = tokio::time::interval(self.opts.watch_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -314,10 +338,10 @@ impl Proxy {
                 _ = int.recv() => break,
                 _ = hup.recv() => "SIGHUP",
                 _ = tick.tick() => {
-                    let now = std::fs::read(&self.opts.config).ok();
-                    if now.is_none() || now == last { continue; }
-                    last = now;
-                    "file changed"
+                    match std::fs::read_to_string(&self.opts.config) {
+                        Ok(now) if now != self.seen => "file changed",
+                        _ => continue,
+                    }
                 }
             };
             match self.reload().await {

@@ -212,6 +212,12 @@ impl ProxyProcess {
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
+        // A failing test shows what the proxy said, which is usually the lead.
+        if std::thread::panicking() {
+            for l in self.stderr() {
+                eprintln!("proxy stderr: {l}");
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
