@@ -145,7 +145,9 @@ impl Pool {
             }
         }
         let start = Instant::now();
-        let s = self.connect(h2, ctx).await?;
+        // Boxed: the handshake futures are large, and every request's future would carry
+        // (and hyper would copy) their space although few requests open a connection.
+        let s = Box::pin(self.connect(h2, ctx)).await?;
         Ok((s, start.elapsed()))
     }
 

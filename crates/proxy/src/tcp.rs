@@ -162,7 +162,7 @@ pub async fn connect_tunnel(
     shared: &Arc<Shared>,
     cluster: Arc<Cluster>,
     mut req: Request<Incoming>,
-    mut rec: Record,
+    mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
     let mut g = ConnGuard::new(shared.clone(), Direction::outbound, cluster.service.clone());
     let up = connect(&cluster, &mut g).await;
@@ -185,7 +185,7 @@ pub async fn connect_tunnel(
     });
     let mut r = Response::new(ProxyBody::full(bytes::Bytes::new()));
     *r.status_mut() = StatusCode::OK;
-    r.map(|b| b.with_on_end(Box::new(rec)))
+    r.map(|b| b.with_on_end(rec))
 }
 
 /// Counts bytes read from and written to the client side.

@@ -91,7 +91,7 @@ pub fn edit_headers(h: &mut HeaderMap, e: &HeaderEdits) {
 /// A response the proxy makes up itself: the class in `x-trellis-failure`, and for gRPC a
 /// trailers-only response with a proper `grpc-status`.
 pub fn local_reply(
-    mut rec: Record,
+    mut rec: Box<Record>,
     class: FailureClass,
     detail: String,
     grpc: bool,
@@ -131,7 +131,7 @@ pub fn local_reply(
     );
     rec.status = resp.status().as_u16();
     rec.detail = Some(detail);
-    resp.map(|b| b.with_on_end(Box::new(rec)))
+    resp.map(|b| b.with_on_end(rec))
 }
 
 /// Is this a gRPC request?
@@ -215,7 +215,10 @@ async fn send_once(
     // that was never written is safe to send again on a fresh connection.
     for fresh in [false, true] {
         let got = if fresh {
-            ep.pool.connect(h2, &ctx).await.map(|s| (s, Duration::ZERO))
+            // Boxed for the same reason as in `Pool::checkout`.
+            Box::pin(ep.pool.connect(h2, &ctx))
+                .await
+                .map(|s| (s, Duration::ZERO))
         } else {
             ep.pool.checkout(h2, &ctx).await
         };
@@ -294,7 +297,7 @@ pub async fn forward(
     shared: &Shared,
     plan: Plan<'_>,
     req: Request<Incoming>,
-    mut rec: Record,
+    mut rec: Box<Record>,
     grpc: bool,
 ) -> Response<ProxyBody> {
     let cluster = plan.cluster;
@@ -441,10 +444,7 @@ pub async fn forward(
                 if let Some(e) = plan.response_headers {
                     edit_headers(&mut rparts.headers, e);
                 }
-                return Response::from_parts(
-                    rparts,
-                    ProxyBody::upstream(rbody).with_on_end(Box::new(rec)),
-                );
+                return Response::from_parts(rparts, ProxyBody::upstream(rbody).with_on_end(rec));
             }
         }
     }
@@ -459,7 +459,7 @@ pub async fn upgrade(
     shared: &Shared,
     cluster: Arc<Cluster>,
     mut req: Request<Incoming>,
-    mut rec: Record,
+    mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
     let Some(ep) = cluster.pick() else {
         return local_reply(
@@ -509,8 +509,5 @@ pub async fn upgrade(
         });
     }
     let (rparts, rbody) = resp.into_parts();
-    Response::from_parts(
-        rparts,
-        ProxyBody::upstream(rbody).with_on_end(Box::new(rec)),
-    )
+    Response::from_parts(rparts, ProxyBody::upstream(rbody).with_on_end(rec))
 }

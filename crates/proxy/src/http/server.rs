@@ -18,6 +18,7 @@ use super::{
     route,
 };
 use crate::{
+    cluster::Cluster,
     metrics::{Direction, Label},
     record::Record,
     state::Snapshot,
@@ -98,6 +99,19 @@ fn protocol(v: Version) -> &'static str {
     }
 }
 
+/// What to do with a request once it is routed. Routing is synchronous; exactly one of these
+/// is awaited, so the per-request future is the size of one forward, not of every branch.
+enum Next<'a> {
+    /// The proxy answers itself.
+    Reply(Response<ProxyBody>),
+    /// Forward to a cluster.
+    Forward(Plan<'a>, Request<Incoming>, Box<Record>),
+    /// HTTP/1.1 Upgrade to a cluster.
+    Upgrade(Arc<Cluster>, Request<Incoming>, Box<Record>),
+    /// CONNECT tunnel to a cluster.
+    Tunnel(Arc<Cluster>, Request<Incoming>, Box<Record>),
+}
+
 async fn handle(
     shared: Arc<Shared>,
     listener: Listener,
@@ -123,81 +137,95 @@ async fn handle(
     rec.method = req.method().clone();
     rec.uri = req.uri().clone();
     let grpc = is_grpc(&req);
+    let next = match &listener {
+        Listener::Inbound => inbound(&snap, req, rec, grpc),
+        _ => outbound(&snap, &listener, req, rec, grpc, peer),
+    };
+    match next {
+        Next::Reply(r) => r,
+        Next::Forward(plan, req, rec) => forward::forward(&shared, plan, req, rec, grpc).await,
+        // Rare paths are boxed so that they do not grow every request's future.
+        Next::Upgrade(c, req, rec) => Box::pin(forward::upgrade(&shared, c, req, rec)).await,
+        Next::Tunnel(c, req, rec) => Box::pin(tcp::connect_tunnel(&shared, c, req, rec)).await,
+    }
+}
+
+fn outbound<'a>(
+    snap: &'a Snapshot,
+    listener: &Listener,
+    mut req: Request<Incoming>,
+    mut rec: Box<Record>,
+    grpc: bool,
+    peer: SocketAddr,
+) -> Next<'a> {
     let authority = route::authority(&req);
     rec.authority = authority.clone();
-    match listener {
-        Listener::Inbound => inbound(&shared, &snap, req, rec, grpc).await,
-        Listener::Outbound | Listener::Bind { .. } => {
-            let default_ns = snap
-                .cfg
-                .local
-                .as_ref()
-                .map_or("default", |l| l.id.namespace.as_str());
-            let target = match &listener {
-                Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {
-                    let svc = snap.cfg.services.get(&c.cfg.service)?;
-                    let port = svc.ports.iter().find(|p| p.port == c.cfg.port)?;
-                    Some((c.cfg.service.clone(), svc, port))
-                }),
-                _ => authority
-                    .as_ref()
-                    .and_then(|a| route::service_port(&snap.cfg, a, default_ns)),
-            };
-            let Some((svc_id, svc, port)) = target else {
-                let detail = match &authority {
-                    Some(a) => format!("no service matches authority {a:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}"),
-                    None => "request has no Host header or absolute URI".to_string(),
-                };
-                return local_reply(rec, FailureClass::NoRoute, detail, grpc);
-            };
-            rec.dst_service = svc.host.clone().into();
-            if req.method() == Method::CONNECT {
-                let key = trellis_model::proxy::cluster_key(&svc_id, port.port);
-                return match snap.clusters.get(&key) {
-                    Some(c) => tcp::connect_tunnel(&shared, c.clone(), req, rec).await,
-                    None => local_reply(
-                        rec,
-                        FailureClass::NoRoute,
-                        format!("no cluster {key}"),
-                        false,
-                    ),
-                };
-            }
-            let Some(r) = route::find(port, &req) else {
-                let detail = format!(
-                    "no route of {} matches {} {}",
-                    svc.host,
-                    rec.method,
-                    rec.uri.path()
-                );
-                return local_reply(rec, FailureClass::NoRoute, detail, grpc);
-            };
-            rec.route = r.name.clone().into();
-            let backend = route::pick_backend(&r.backends);
-            let Some(cluster) = snap.clusters.get(&backend.cluster).cloned() else {
-                return local_reply(
-                    rec,
-                    FailureClass::NoRoute,
-                    format!("no cluster {}", backend.cluster),
-                    grpc,
-                );
-            };
-            if !r.request_headers.is_empty() {
-                edit_headers(req.headers_mut(), &r.request_headers);
-            }
-            if is_upgrade(&req) {
-                return forward::upgrade(&shared, cluster, req, rec).await;
-            }
-            strip_hop_by_hop(req.headers_mut());
-            let plan = Plan {
-                cluster,
-                timeout: r.timeout,
-                retry: r.retry.as_ref(),
-                response_headers: Some(&r.response_headers),
-            };
-            forward::forward(&shared, plan, req, rec, grpc).await
-        }
+    let default_ns = snap
+        .cfg
+        .local
+        .as_ref()
+        .map_or("default", |l| l.id.namespace.as_str());
+    let target = match listener {
+        Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {
+            let svc = snap.cfg.services.get(&c.cfg.service)?;
+            let port = svc.ports.iter().find(|p| p.port == c.cfg.port)?;
+            Some((c.cfg.service.clone(), svc, port))
+        }),
+        _ => authority
+            .as_ref()
+            .and_then(|a| route::service_port(&snap.cfg, a, default_ns)),
+    };
+    let Some((svc_id, svc, port)) = target else {
+        let detail = match &authority {
+            Some(a) => format!(
+                "no service matches authority {a:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}"
+            ),
+            None => "request has no Host header or absolute URI".to_string(),
+        };
+        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, grpc));
+    };
+    rec.dst_service = svc.host.clone().into();
+    if req.method() == Method::CONNECT {
+        let key = trellis_model::proxy::cluster_key(&svc_id, port.port);
+        return match snap.clusters.get(&key) {
+            Some(c) => Next::Tunnel(c.clone(), req, rec),
+            None => Next::Reply(local_reply(
+                rec,
+                FailureClass::NoRoute,
+                format!("no cluster {key}"),
+                false,
+            )),
+        };
     }
+    let Some(r) = route::find(port, &req) else {
+        let detail = format!(
+            "no route of {} matches {} {}",
+            svc.host,
+            rec.method,
+            rec.uri.path()
+        );
+        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, grpc));
+    };
+    rec.route = r.name.clone().into();
+    let backend = route::pick_backend(&r.backends);
+    let Some(cluster) = snap.clusters.get(&backend.cluster).cloned() else {
+        let detail = format!("no cluster {}", backend.cluster);
+        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, grpc));
+    };
+    if !r.request_headers.is_empty() {
+        edit_headers(req.headers_mut(), &r.request_headers);
+    }
+    if is_upgrade(&req) {
+        return Next::Upgrade(cluster, req, rec);
+    }
+    strip_hop_by_hop(req.headers_mut());
+    let plan = Plan {
+        cluster,
+        timeout: r.timeout,
+        retry: r.retry.as_ref(),
+        response_headers: Some(&r.response_headers),
+    };
+    Next::Forward(plan, req, rec)
 }
 
 thread_local! {
@@ -216,15 +244,15 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
         })
 }
 
-async fn inbound(
-    shared: &Shared,
+fn inbound(
     snap: &Snapshot,
     mut req: Request<Incoming>,
-    mut rec: Record,
+    mut rec: Box<Record>,
     grpc: bool,
-) -> Response<ProxyBody> {
+) -> Next<'static> {
+    rec.authority = route::authority(&req);
     // The port the caller used picks the target; with one HTTP port, that one.
-    let port = route::authority(&req).and_then(|a| a.port_u16());
+    let port = rec.authority.as_ref().and_then(|a| a.port_u16());
     let http = |t: &&crate::state::InboundTarget| t.protocol != Protocol::Tcp;
     let target = snap
         .inbound
@@ -236,12 +264,12 @@ async fn inbound(
         let detail =
             "this proxy has no local workload with an HTTP port (start it with --workload)"
                 .to_string();
-        return local_reply(rec, FailureClass::NoRoute, detail, grpc);
+        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, grpc));
     };
     rec.dst_service = target.cluster.service.clone();
     rec.route = INBOUND_ROUTE.with(Clone::clone);
     if is_upgrade(&req) {
-        return forward::upgrade(shared, target.cluster.clone(), req, rec).await;
+        return Next::Upgrade(target.cluster.clone(), req, rec);
     }
     strip_hop_by_hop(req.headers_mut());
     let plan = Plan {
@@ -250,7 +278,7 @@ async fn inbound(
         retry: None,
         response_headers: None,
     };
-    forward::forward(shared, plan, req, rec, grpc).await
+    Next::Forward(plan, req, rec)
 }
 
 /// A plain response for admin endpoints.
