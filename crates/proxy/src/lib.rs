@@ -313,6 +313,7 @@ impl Proxy {
             .map(|i| bind_key(&snap.cfg, i))
             .collect();
         self.shared.state.store(Arc::new(snap));
+        self.shared.metrics.clear_request_cache();
         self.binds.retain(|k, (_, h)| {
             let keep = keep.contains(k);
             if !keep {

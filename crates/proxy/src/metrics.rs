@@ -6,7 +6,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    hash::{BuildHasherDefault, Hash, Hasher},
+    sync::{Arc, Mutex},
+};
 
 use crate::FailureClass;
 
@@ -19,6 +23,21 @@ impl Label {
     /// The value, or "unknown".
     pub fn as_str(&self) -> &str {
         self.0.as_deref().unwrap_or("unknown")
+    }
+
+    /// Identity of the shared value (0 for "unknown").
+    fn addr(&self) -> usize {
+        self.0
+            .as_ref()
+            .map_or(0, |a| Arc::as_ptr(a).cast::<u8>() as usize)
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
     }
 }
 
@@ -181,6 +200,73 @@ pub struct Metrics {
     pub overflows: Family<ClusterLabels, Counter>,
     /// Config reloads.
     pub reloads: Family<ResultLabels, Counter>,
+    /// Handles of `requests` and `request_duration` by label identity: see [`RequestKey`].
+    request_cache: Arc<Mutex<RequestCache>>,
+}
+
+type RequestCache = HashMap<RequestKey, (Counter, Histogram), BuildHasherDefault<WordHasher>>;
+
+/// Request labels compared and hashed by the identity of their shared strings, not their
+/// contents: labels come from the config, so identical values are the same allocation.
+/// Looking a request's counter and histogram up this way costs a few words of hashing
+/// instead of hashing nine labels (strings included) twice with SipHash in the families.
+/// The key holds its `Arc`s, so an address cannot be reused while the entry exists.
+struct RequestKey(RequestLabels);
+
+impl PartialEq for RequestKey {
+    fn eq(&self, o: &Self) -> bool {
+        let (a, b) = (&self.0, &o.0);
+        a.direction == b.direction
+            && a.status_code == b.status_code
+            && a.grpc_status == b.grpc_status
+            && a.failure_class == b.failure_class
+            && std::ptr::eq(a.dst_environment, b.dst_environment)
+            && a.src_service.same(&b.src_service)
+            && a.dst_service.same(&b.dst_service)
+            && a.dst_workload.same(&b.dst_workload)
+            && a.route.same(&b.route)
+    }
+}
+
+impl Eq for RequestKey {}
+
+impl Hash for RequestKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let l = &self.0;
+        h.write_usize(l.src_service.addr());
+        h.write_usize(l.dst_service.addr());
+        h.write_usize(l.dst_workload.addr());
+        h.write_usize(l.route.addr());
+        h.write_usize(l.dst_environment.as_ptr() as usize);
+        h.write_u64(
+            u64::from(l.status_code)
+                | u64::from(l.grpc_status.unwrap_or(u32::MAX)) << 16
+                | (l.failure_class as u64) << 48
+                | (l.direction as u64) << 56,
+        );
+    }
+}
+
+/// A multiply-rotate hasher for keys made of machine words (not exposed to peers, so no
+/// flooding concern: every word is an address or a small code chosen by the proxy).
+#[derive(Default)]
+struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl Metrics {
@@ -200,6 +286,7 @@ impl Metrics {
             ejected: Family::default(),
             overflows: Family::default(),
             reloads: Family::default(),
+            request_cache: Arc::default(),
         };
         reg.register(
             "http_requests",
@@ -266,5 +353,64 @@ impl Metrics {
             m.reloads.clone(),
         );
         m
+    }
+}
+
+impl Metrics {
+    /// Count a finished request and its duration.
+    pub fn record_request(&self, labels: RequestLabels, seconds: f64) {
+        let key = RequestKey(labels);
+        let mut cache = self.request_cache.lock().expect("metrics cache lock");
+        let (count, duration) = cache.entry(key).or_insert_with_key(|k| {
+            (
+                self.requests.get_or_create(&k.0).clone(),
+                self.request_duration.get_or_create(&k.0).clone(),
+            )
+        });
+        count.inc();
+        duration.observe(seconds);
+    }
+
+    /// Forget cached handles (after a reload, labels are new allocations).
+    pub fn clear_request_cache(&self) {
+        self.request_cache
+            .lock()
+            .expect("metrics cache lock")
+            .clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(route: &Label, status: u16) -> RequestLabels {
+        RequestLabels {
+            direction: Direction::outbound,
+            src_service: Label::default(),
+            dst_service: Label::from("a.ns"),
+            dst_workload: Label::default(),
+            dst_environment: "vm",
+            route: route.clone(),
+            status_code: status,
+            grpc_status: None,
+            failure_class: FailureClass::Ok,
+        }
+    }
+
+    #[test]
+    fn cached_handles_count_into_the_family_series() {
+        let m = Metrics::register(&mut Registry::default());
+        let (r1, r2) = (Label::from("r"), Label::from("r"));
+        m.record_request(labels(&r1, 200), 0.1);
+        m.record_request(labels(&r1, 200), 0.1);
+        // Same contents, other allocation (as after a reload): the same series.
+        m.record_request(labels(&r2, 200), 0.1);
+        m.record_request(labels(&r1, 503), 0.1);
+        assert_eq!(m.requests.get_or_create(&labels(&r1, 200)).get(), 3);
+        assert_eq!(m.requests.get_or_create(&labels(&r1, 503)).get(), 1);
+        m.clear_request_cache();
+        m.record_request(labels(&r1, 200), 0.1);
+        assert_eq!(m.requests.get_or_create(&labels(&r1, 200)).get(), 4);
     }
 }

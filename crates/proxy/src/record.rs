@@ -198,11 +198,7 @@ impl Record {
             grpc_status: self.grpc_status,
             failure_class: self.class,
         };
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&labels)
-            .observe(total.as_secs_f64());
+        self.metrics.record_request(labels, total.as_secs_f64());
         if !self.log.enabled() {
             return;
         }
