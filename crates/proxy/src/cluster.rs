@@ -241,19 +241,28 @@ impl Cluster {
     /// Pick an endpoint, skipping ejected ones. `None` when there is no healthy endpoint.
     pub fn pick(&self) -> Option<Arc<Endpoint>> {
         let now = Instant::now();
-        let healthy: Vec<&Arc<Endpoint>> = self
+        // Usually nothing is ejected: choose among all endpoints without building a list.
+        if !self.endpoints.iter().any(|e| e.is_ejected(now)) {
+            return self.choose(&self.endpoints);
+        }
+        let healthy: Vec<Arc<Endpoint>> = self
             .endpoints
             .iter()
             .filter(|e| !e.is_ejected(now))
+            .cloned()
             .collect();
+        self.choose(&healthy)
+    }
+
+    fn choose(&self, healthy: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
         match healthy.len() {
             0 => None,
             1 => Some(healthy[0].clone()),
             _ => Some(
                 match self.cfg.policy.lb {
-                    LbKind::RoundRobin => self.round_robin(&healthy),
-                    LbKind::PeakEWMA => p2c(&healthy, |e| e.cost()),
-                    LbKind::LeastRequest => p2c(&healthy, |e| {
+                    LbKind::RoundRobin => self.round_robin(healthy),
+                    LbKind::PeakEWMA => p2c(healthy, |e| e.cost()),
+                    LbKind::LeastRequest => p2c(healthy, |e| {
                         f64::from(e.in_flight() + 1) / f64::from(e.cfg.weight)
                     }),
                 }
@@ -262,7 +271,7 @@ impl Cluster {
         }
     }
 
-    fn round_robin<'a>(&self, healthy: &[&'a Arc<Endpoint>]) -> &'a Arc<Endpoint> {
+    fn round_robin<'a>(&self, healthy: &'a [Arc<Endpoint>]) -> &'a Arc<Endpoint> {
         let total: u64 = healthy.iter().map(|e| u64::from(e.cfg.weight)).sum();
         let mut n = self.rr.fetch_add(1, Ordering::Relaxed) % total;
         for e in healthy {
@@ -272,7 +281,7 @@ impl Cluster {
             }
             n -= w;
         }
-        healthy[0]
+        &healthy[0]
     }
 
     /// Report the outcome of one try against `ep`, for outlier detection.
@@ -336,7 +345,7 @@ impl Cluster {
 
 /// Power of two choices: two distinct random candidates (weighted by endpoint weight), keep
 /// the cheaper.
-fn p2c<'a>(healthy: &[&'a Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> &'a Arc<Endpoint> {
+fn p2c(healthy: &[Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> &Arc<Endpoint> {
     let total: u64 = healthy.iter().map(|e| u64::from(e.cfg.weight)).sum();
     let weighted = |r: u64| {
         let mut n = r;
@@ -354,10 +363,10 @@ fn p2c<'a>(healthy: &[&'a Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> &'
     if a == b {
         b = (a + 1 + fastrand::usize(..healthy.len() - 1)) % healthy.len();
     }
-    if cost(healthy[a]) <= cost(healthy[b]) {
-        healthy[a]
+    if cost(&healthy[a]) <= cost(&healthy[b]) {
+        &healthy[a]
     } else {
-        healthy[b]
+        &healthy[b]
     }
 }
 

@@ -143,7 +143,12 @@ impl EncodeLabelValue for FailureClass {
 
 /// The `grpc-status` in response headers or trailers, if any.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers
+        .get(&crate::http::GRPC_STATUS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Classify an error from talking to an upstream (send, or reading the response body).

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod cluster;
 pub mod drain;
 pub mod failure;
+pub mod fasthash;
 pub mod http;
 pub mod metrics;
 pub mod pool;

@@ -12,7 +12,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::FailureClass;
+use crate::{fasthash::FastHasher, FailureClass};
 
 /// A label value shared by every request that carries it: built once per config (service,
 /// workload, route), cloned per request by a reference count. Empty means "unknown".
@@ -204,7 +204,7 @@ pub struct Metrics {
     request_cache: Arc<Mutex<RequestCache>>,
 }
 
-type RequestCache = HashMap<RequestKey, (Counter, Histogram), BuildHasherDefault<WordHasher>>;
+type RequestCache = HashMap<RequestKey, (Counter, Histogram), BuildHasherDefault<FastHasher>>;
 
 /// Request labels compared and hashed by the identity of their shared strings, not their
 /// contents: labels come from the config, so identical values are the same allocation.
@@ -244,28 +244,6 @@ impl Hash for RequestKey {
                 | (l.failure_class as u64) << 48
                 | (l.direction as u64) << 56,
         );
-    }
-}
-
-/// A multiply-rotate hasher for keys made of machine words (not exposed to peers, so no
-/// flooding concern: every word is an address or a small code chosen by the proxy).
-#[derive(Default)]
-struct WordHasher(u64);
-
-impl Hasher for WordHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-    fn finish(&self) -> u64 {
-        self.0
     }
 }
 

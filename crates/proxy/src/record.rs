@@ -7,12 +7,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use http::{uri::Authority, HeaderMap, HeaderValue, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 use serde::Serialize;
 
 use crate::{
     cluster::{Endpoint, InFlight},
-    http::body::OnEnd,
+    http::{body::OnEnd, route::RequestAuthority},
     metrics::{Direction, Label, Metrics, RequestLabels},
     FailureClass,
 };
@@ -62,7 +62,7 @@ pub struct Record {
     /// Request URI as received.
     pub uri: Uri,
     /// Authority the request named.
-    pub authority: Option<Authority>,
+    pub authority: Option<RequestAuthority>,
     /// Source service.
     pub src_service: Label,
     /// Destination service.
@@ -208,7 +208,7 @@ impl Record {
             direction: self.direction.as_str(),
             protocol: self.protocol,
             method: self.method.as_str(),
-            authority: self.authority.as_ref().map_or("", Authority::as_str),
+            authority: self.authority.as_ref().map_or("", RequestAuthority::as_str),
             path: self.uri.path(),
             status: self.status,
             grpc_status: self.grpc_status,

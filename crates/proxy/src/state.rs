@@ -1,16 +1,17 @@
 //! The live configuration: an immutable snapshot swapped atomically on reload. Requests hold
 //! the snapshot they started with, so a reload never changes a request midway.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use trellis_model::{
     proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
-    resource::{Locality, Protocol},
+    resource::{Locality, NamespacedName, Protocol},
     ProxyConfig,
 };
 
 use crate::{
     cluster::Cluster,
+    fasthash::FastMap,
     metrics::{Label, Metrics},
 };
 
@@ -29,7 +30,10 @@ pub struct Snapshot {
     /// The config.
     pub cfg: Arc<ProxyConfig>,
     /// Outbound clusters by key.
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub clusters: FastMap<String, Arc<Cluster>>,
+    /// Service by the host names callers use: `NAME.NAMESPACE`, and bare `NAME` for the
+    /// local workload's namespace.
+    pub hosts: FastMap<Box<str>, NamespacedName>,
     /// Inbound targets.
     pub inbound: Vec<InboundTarget>,
     /// Source service label of outbound traffic.
@@ -91,7 +95,19 @@ impl Snapshot {
             .and_then(|s| cfg.services.get(s))
             .map(|s| Label::from(s.host.clone()))
             .unwrap_or_default();
+        let local_ns = cfg
+            .local
+            .as_ref()
+            .map_or("default", |l| l.id.namespace.as_str());
+        let mut hosts = FastMap::default();
+        for (id, svc) in &cfg.services {
+            hosts.insert(Box::from(&*svc.host), id.clone());
+            if id.namespace == local_ns {
+                hosts.insert(Box::from(id.name.as_str()), id.clone());
+            }
+        }
         Self {
+            hosts,
             cfg: Arc::new(cfg),
             clusters,
             inbound,

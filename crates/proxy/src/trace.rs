@@ -4,6 +4,8 @@
 
 use http::{HeaderMap, HeaderValue};
 
+use crate::http::{TRACEPARENT, X_REQUEST_ID};
+
 /// Ids of the current request.
 pub struct TraceIds {
     /// The trace id.
@@ -59,7 +61,7 @@ pub fn trace_id_hex(id: u128) -> String {
 /// sure the request has an `x-request-id`.
 pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
     let existing = headers
-        .get("traceparent")
+        .get(&TRACEPARENT)
         .and_then(|v| parse_traceparent(v.as_bytes()));
     let (trace_id, flags) = existing.unwrap_or_else(|| (fastrand::u128(1..), 1));
     let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
@@ -67,10 +69,10 @@ pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
     hex_into(&mut tp[36..52], u128::from(fastrand::u64(1..)));
     hex_into(&mut tp[53..55], u128::from(flags));
     headers.insert(
-        "traceparent",
+        TRACEPARENT.clone(),
         HeaderValue::from_bytes(&tp).expect("hex is a valid header"),
     );
-    let request_id = match headers.get("x-request-id") {
+    let request_id = match headers.get(&X_REQUEST_ID) {
         Some(r) if !r.is_empty() => r.clone(),
         _ => {
             // A random UUID-shaped id.
@@ -82,7 +84,7 @@ pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
             hex_into(&mut id[19..23], n >> 48);
             hex_into(&mut id[24..], n);
             let v = HeaderValue::from_bytes(&id).expect("hex is a valid header");
-            headers.insert("x-request-id", v.clone());
+            headers.insert(X_REQUEST_ID.clone(), v.clone());
             v
         }
     };

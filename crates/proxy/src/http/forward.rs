@@ -7,7 +7,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{
+    header,
+    uri::{Authority, PathAndQuery, Scheme},
+    HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
+};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use trellis_model::{
@@ -15,7 +19,10 @@ use trellis_model::{
     resource::Protocol,
 };
 
-use super::body::{ProxyBody, Replay, UpBody};
+use super::{
+    body::{ProxyBody, Replay, UpBody},
+    GRPC_MESSAGE, GRPC_STATUS, X_TRELLIS_FAILURE,
+};
 use crate::{
     cluster::{Cluster, Endpoint},
     failure::grpc_status,
@@ -40,31 +47,48 @@ static HOP_BY_HOP: [header::HeaderName; 8] = [
     header::TE,
 ];
 
-/// Remove hop-by-hop headers (keeping `te: trailers`, which gRPC needs end to end).
+/// Remove hop-by-hop headers (keeping `te: trailers`, which gRPC needs end to end), and
+/// the headers that `Connection` names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Usually there are none: one pass over the few headers present beats a removal (a
-    // hash and probe) per hop-by-hop name. (No
-    // `Connection` header means no names listed in one either.)
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the few headers present finds which hop-by-hop names occur; usually
+    // none on requests and only `connection` on responses. A removal per name would cost a
+    // hash and a probe each.
+    let mut present = 0u16;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Headers that `Connection` names are hop-by-hop too.
-    let named: Vec<String> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty() && s != "te")
-        .collect();
+    let mut named = Vec::new();
+    if present & 1 != 0 {
+        for v in h.get_all(header::CONNECTION) {
+            for token in v.to_str().unwrap_or("").split(',').map(str::trim) {
+                // `te` is handled below; other hop-by-hop names are removed anyway.
+                let listed = token.eq_ignore_ascii_case("te")
+                    || HOP_BY_HOP
+                        .iter()
+                        .any(|n| token.eq_ignore_ascii_case(n.as_str()));
+                if !token.is_empty() && !listed && h.contains_key(token) {
+                    if let Ok(n) = header::HeaderName::from_bytes(token.as_bytes()) {
+                        named.push(n);
+                    }
+                }
+            }
+        }
+    }
     let trailers = h
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for n in &HOP_BY_HOP {
-        h.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
     for n in &named {
-        h.remove(n.as_str());
+        h.remove(n);
     }
     if trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -112,13 +136,13 @@ pub fn local_reply(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from(code));
+        h.insert(GRPC_STATUS.clone(), HeaderValue::from(code));
         if let Ok(v) = HeaderValue::from_str(&format!(
             "trellis: {}: {}",
             class.as_str(),
             detail.replace(['\r', '\n'], " ")
         )) {
-            h.insert("grpc-message", v);
+            h.insert(GRPC_MESSAGE.clone(), v);
         }
         r
     } else {
@@ -132,7 +156,7 @@ pub fn local_reply(
         r
     };
     resp.headers_mut().insert(
-        "x-trellis-failure",
+        X_TRELLIS_FAILURE.clone(),
         HeaderValue::from_static(class.as_str()),
     );
     rec.status = resp.status().as_u16();
@@ -160,7 +184,7 @@ pub struct Plan<'a> {
 }
 
 /// The request for one try. `last` says no try follows, so the headers can be moved rather
-/// than copied.
+/// than copied. URI parts are `Bytes`-backed: cloning them does not copy.
 fn upstream_request(
     parts: &mut http::request::Parts,
     body: UpBody,
@@ -174,32 +198,36 @@ fn upstream_request(
     } else {
         parts.headers.clone()
     };
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let authority = parts
+    let path = parts
         .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.path_and_query = Some(path);
     if h2 {
         *req.version_mut() = Version::HTTP_2;
-        req.headers_mut().remove(header::HOST);
-        let a = authority.as_deref().unwrap_or("upstream");
-        *req.uri_mut() =
-            Uri::try_from(format!("http://{a}{pq}")).unwrap_or_else(|_| Uri::from_static("/"));
+        let host = req.headers_mut().remove(header::HOST);
+        let authority = parts.uri.authority().cloned().or_else(|| {
+            host.and_then(|h| {
+                Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(h.as_bytes())).ok()
+            })
+        });
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority.unwrap_or_else(|| Authority::from_static("upstream")));
     } else {
         *req.version_mut() = Version::HTTP_11;
-        *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-        if let (false, Some(a)) = (req.headers().contains_key(header::HOST), authority) {
-            if let Ok(v) = HeaderValue::from_str(&a) {
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
                 req.headers_mut().insert(header::HOST, v);
             }
         }
     }
+    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     req
 }
 

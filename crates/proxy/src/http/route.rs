@@ -1,39 +1,69 @@
 //! Choosing a service port from the request's authority, and a route by its matches.
 
-use http::{uri::Authority, Request};
+use http::{uri::Authority, HeaderValue, Request};
 use trellis_model::{
-    parse_authority_name,
     proxy::{
         MatchConfig, PathMatchConfig, PortConfig, RouteConfig, ServiceConfig, ValueMatcher,
         WeightedCluster,
     },
     resource::NamespacedName,
-    ProxyConfig,
 };
 
-/// The authority a request names: CONNECT target or absolute URI first, then `Host`.
-pub fn authority<B>(req: &Request<B>) -> Option<Authority> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.clone());
-    }
-    req.headers()
-        .get(http::header::HOST)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+use crate::state::Snapshot;
+
+/// The authority a request names: the URI's (CONNECT target, absolute URI, HTTP/2
+/// `:authority`), else `Host`. Both forms clone by reference count.
+#[derive(Clone, Debug)]
+pub enum RequestAuthority {
+    /// From the URI.
+    Uri(Authority),
+    /// From the `Host` header.
+    Host(HeaderValue),
 }
 
-/// The service port that `authority` names, if any. A missing port means port 80, or the
-/// service's only port.
+impl RequestAuthority {
+    /// As text (empty if `Host` is not valid text).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Uri(a) => a.as_str(),
+            Self::Host(h) => h.to_str().unwrap_or(""),
+        }
+    }
+
+    /// `(host, port)`; the port only when it is a number.
+    pub fn host_port(&self) -> (&str, Option<u16>) {
+        let s = self.as_str();
+        match s
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+        {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    }
+}
+
+/// The authority `req` names, if any.
+pub fn authority<B>(req: &Request<B>) -> Option<RequestAuthority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(RequestAuthority::Uri(a.clone()));
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .map(|h| RequestAuthority::Host(h.clone()))
+}
+
+/// The service port that `authority` names, if any (`NAME.NAMESPACE`, a `.mesh` suffix, or a
+/// bare `NAME` in the local namespace). A missing port means port 80, or the service's only
+/// port. No allocation: hosts are looked up in the snapshot's map.
 pub fn service_port<'a>(
-    cfg: &'a ProxyConfig,
-    authority: &Authority,
-    default_ns: &str,
-) -> Option<(NamespacedName, &'a ServiceConfig, &'a PortConfig)> {
-    let id = parse_authority_name(authority.host(), default_ns);
-    let svc = cfg.services.get(&id)?;
-    let port = match authority.port_u16() {
+    snap: &'a Snapshot,
+    authority: &RequestAuthority,
+) -> Option<(&'a NamespacedName, &'a ServiceConfig, &'a PortConfig)> {
+    let (host, port) = authority.host_port();
+    let host = host.strip_suffix(".mesh").unwrap_or(host);
+    let (id, svc) = snap.cfg.services.get_key_value(snap.hosts.get(host)?)?;
+    let port = match port {
         Some(p) => svc.ports.iter().find(|sp| sp.port == p)?,
         None => svc
             .ports
@@ -104,4 +134,19 @@ pub fn pick_backend(backends: &[WeightedCluster]) -> &WeightedCluster {
         n -= u64::from(b.weight);
     }
     &backends[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port() {
+        let a = |s: &'static str| RequestAuthority::Host(HeaderValue::from_static(s));
+        assert_eq!(a("web.shop:8080").host_port(), ("web.shop", Some(8080)));
+        assert_eq!(a("web.shop").host_port(), ("web.shop", None));
+        assert_eq!(a("[::1]:80").host_port(), ("[::1]", Some(80)));
+        assert_eq!(a("[::1]").host_port(), ("[::1]", None));
+        assert_eq!(a("web.shop:http").host_port(), ("web.shop:http", None));
+    }
 }

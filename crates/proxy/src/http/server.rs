@@ -160,25 +160,21 @@ fn outbound<'a>(
 ) -> Next<'a> {
     let authority = route::authority(&req);
     rec.authority = authority.clone();
-    let default_ns = snap
-        .cfg
-        .local
-        .as_ref()
-        .map_or("default", |l| l.id.namespace.as_str());
     let target = match listener {
         Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {
-            let svc = snap.cfg.services.get(&c.cfg.service)?;
+            let (id, svc) = snap.cfg.services.get_key_value(&c.cfg.service)?;
             let port = svc.ports.iter().find(|p| p.port == c.cfg.port)?;
-            Some((c.cfg.service.clone(), svc, port))
+            Some((id, svc, port))
         }),
         _ => authority
             .as_ref()
-            .and_then(|a| route::service_port(&snap.cfg, a, default_ns)),
+            .and_then(|a| route::service_port(snap, a)),
     };
     let Some((svc_id, svc, port)) = target else {
         let detail = match &authority {
             Some(a) => format!(
-                "no service matches authority {a:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}"
+                "no service matches authority {:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}",
+                a.as_str()
             ),
             None => "request has no Host header or absolute URI".to_string(),
         };
@@ -186,7 +182,7 @@ fn outbound<'a>(
     };
     rec.dst_service = svc.host.clone().into();
     if req.method() == Method::CONNECT {
-        let key = trellis_model::proxy::cluster_key(&svc_id, port.port);
+        let key = trellis_model::proxy::cluster_key(svc_id, port.port);
         return match snap.clusters.get(&key) {
             Some(c) => Next::Tunnel(c.clone(), req, rec),
             None => Next::Reply(local_reply(
@@ -252,7 +248,7 @@ fn inbound(
 ) -> Next<'static> {
     rec.authority = route::authority(&req);
     // The port the caller used picks the target; with one HTTP port, that one.
-    let port = rec.authority.as_ref().and_then(|a| a.port_u16());
+    let port = rec.authority.as_ref().and_then(|a| a.host_port().1);
     let http = |t: &&crate::state::InboundTarget| t.protocol != Protocol::Tcp;
     let target = snap
         .inbound
