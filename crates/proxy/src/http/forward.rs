@@ -63,7 +63,14 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         return;
     }
     let mut named = Vec::new();
-    if present & 1 != 0 {
+    // `keep-alive` (and `close`, unless a header is literally named so), the usual values,
+    // name no header to remove beyond the hop-by-hop ones.
+    let usual = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        v.eq_ignore_ascii_case(b"keep-alive")
+            || (v.eq_ignore_ascii_case(b"close") && !h.contains_key("close"))
+    };
+    if present & 1 != 0 && !h.get_all(header::CONNECTION).iter().all(usual) {
         for v in h.get_all(header::CONNECTION) {
             for token in v.to_str().unwrap_or("").split(',').map(str::trim) {
                 // `te` is handled below; other hop-by-hop names are removed anyway.
@@ -357,10 +364,8 @@ pub async fn forward(
         _ => UpBody::Incoming(body),
     });
     let max_tries = 1 + plan.retry.map_or(0, |r| r.attempts);
-    let mut last_failure = (
-        FailureClass::NoHealthyUpstream,
-        format!("cluster {} has no healthy endpoint", cluster.key),
-    );
+    // Built only when a try fails: formatting an error on every request costs.
+    let mut last_failure: Option<(FailureClass, String)> = None;
     for attempt in 0..max_tries {
         let body = match first.take() {
             Some(b) => b,
@@ -370,14 +375,14 @@ pub async fn forward(
             },
         };
         let Some(ep) = cluster.pick() else {
-            last_failure = (
+            last_failure = Some((
                 FailureClass::NoHealthyUpstream,
                 format!(
                     "cluster {} has no healthy endpoint ({} configured, all ejected or none)",
                     cluster.key,
                     cluster.endpoints.len()
                 ),
-            );
+            ));
             break;
         };
         rec.attempts = attempt + 1;
@@ -431,7 +436,7 @@ pub async fn forward(
                 let b = deadline.map_or(b, |d| b.min(d.saturating_duration_since(Instant::now())));
                 tokio::time::sleep(b).await;
                 if let Try::Failed(c, d) = outcome {
-                    last_failure = (c, d);
+                    last_failure = Some((c, d));
                 }
                 continue;
             }
@@ -448,7 +453,7 @@ pub async fn forward(
         match outcome {
             Try::Failed(c, d) => {
                 cluster.report(&ep, c);
-                last_failure = (c, d);
+                last_failure = Some((c, d));
                 break;
             }
             Try::Response(resp, sender) => {
@@ -482,7 +487,10 @@ pub async fn forward(
             }
         }
     }
-    let (class, detail) = last_failure;
+    let (class, detail) = last_failure.unwrap_or_else(|| {
+        let detail = format!("cluster {} has no healthy endpoint", cluster.key);
+        (FailureClass::NoHealthyUpstream, detail)
+    });
     drop(permit);
     local_reply(rec, class, detail, grpc)
 }
@@ -544,4 +552,64 @@ pub async fn upgrade(
     }
     let (rparts, rbody) = resp.into_parts();
     Response::from_parts(rparts, ProxyBody::upstream(rbody).with_on_end(rec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = map(&[("host", "a"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["accept", "host"]);
+
+        let mut h = map(&[
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("x", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["x"]);
+
+        let mut h = map(&[
+            ("connection", "x-hop, Upgrade"),
+            ("x-hop", "1"),
+            ("upgrade", "ws"),
+            ("y", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["y"]);
+
+        let mut h = map(&[("connection", "close"), ("close", "odd"), ("y", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["y"]);
+
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "x"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["te"]);
+        assert_eq!(h["te"], "trailers");
+
+        let mut h = map(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
 }
