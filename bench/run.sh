@@ -17,7 +17,8 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 
-# Upstream, plus nginx as a reverse proxy (h1 on 18082, h2c on 18092).
+# The upstream (nginx), and nginx as a reverse proxy (h1 on 18082, h2c on 18092) in an
+# instance of its own, so that each proxy's CPU time can be read from its own process.
 cat >"$W/nginx.conf" <<NGX
 worker_processes 1; daemon off; pid $W/nginx.pid; error_log $W/nginx.err;
 events { worker_connections 4096; }
@@ -25,14 +26,23 @@ http {
   access_log off;
   # The default (1000) closes h2 connections that h2load never reopens.
   keepalive_requests 10000000;
-  upstream up { server 127.0.0.1:18080; keepalive 128; }
   server { listen 127.0.0.1:18080; location / { return 200 "ok"; } }
   server { listen 127.0.0.1:18090 http2; location / { return 200 "ok"; } }
+}
+NGX
+cat >"$W/nginx-proxy.conf" <<NGX
+worker_processes 1; daemon off; pid $W/nginx-proxy.pid; error_log $W/nginx-proxy.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  upstream up { server 127.0.0.1:18080; keepalive 128; }
   server { listen 127.0.0.1:18082; listen 127.0.0.1:18092 http2;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 NGX
 taskset -c 1 nginx -c "$W/nginx.conf" -p "$W" & PIDS+=($!)
+taskset -c 1 nginx -c "$W/nginx-proxy.conf" -p "$W" & NPID=$!; PIDS+=($NPID)
 cat >"$W/haproxy.cfg" <<HAP
 global
   nbthread 1
@@ -49,7 +59,7 @@ frontend f
 backend b
   server s1 127.0.0.1:18080
 HAP
-taskset -c 1 haproxy -f "$W/haproxy.cfg" & PIDS+=($!)
+taskset -c 1 haproxy -f "$W/haproxy.cfg" & HPID=$!; PIDS+=($HPID)
 cat >"$W/mesh.yaml" <<YAML
 apiVersion: trellis.dev/v1alpha1
 kind: Service
@@ -76,17 +86,31 @@ for port in 18080 18081 18082 18083 18093; do
   for _ in $(seq 100); do curl -sf -o /dev/null -H 'Host: up.bench' "http://127.0.0.1:$port/" && break; sleep 0.05; done
 done
 RSS_IDLE=$(awk '/VmRSS/{print $2}' /proc/$TPID/status)
+# CPU ticks (user + system) of a proxy: its process and its children (nginx's worker).
+ticks() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1"); do total=$((total + $(awk '{print $14 + $15}' /proc/$p/stat))); done
+  echo $total
+}
+declare -A PPID_OF=([trellis]=$TPID [haproxy]=$HPID [nginx]=$NPID)
+HZ=$(getconf CLK_TCK)
 
 declare -A H1=([direct]=18080 [haproxy]=18081 [nginx]=18082 [trellis]=18083)
 declare -A H2=([direct]=18090 [haproxy]=18091 [nginx]=18092 [trellis]=18093)
 OUT="$W/raw.txt"; : >"$OUT"
 for r in $(seq "$ROUNDS"); do
   for t in direct trellis haproxy nginx; do
-    rps=$(taskset -c 0 wrk -t1 -c32 -d"${SECS}s" -H 'Host: up.bench' "http://127.0.0.1:${H1[$t]}/" | awk '/Requests\/sec/{print $2}')
+    c0=$( [ "$t" = direct ] && echo 0 || ticks "${PPID_OF[$t]}")
+    out=$(taskset -c 0 wrk -t1 -c32 -d"${SECS}s" -H 'Host: up.bench' "http://127.0.0.1:${H1[$t]}/")
+    c1=$( [ "$t" = direct ] && echo 0 || ticks "${PPID_OF[$t]}")
+    rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+    n=$(echo "$out" | awk '/requests in/{print $1}')
+    # Microseconds of the proxy's CPU per request at saturation.
+    cpu=$(awk -v c=$((c1 - c0)) -v hz="$HZ" -v n="$n" 'BEGIN{printf "%.1f", c / hz * 1e6 / n}')
     lat=$(taskset -c 0 wrk -t1 -c16 -d"${SECS}s" --latency -s bench/pace.lua -H 'Host: up.bench' "http://127.0.0.1:${H1[$t]}/" \
       | awk '/^ +50%/{p50=$2} /^ +99%/{p99=$2} /^ +99.900%|^ +99.9%/{p999=$2} /Requests\/sec/{rate=$2} END{print p50, p99, rate}')
     h2=$(taskset -c 0 h2load -t1 -c32 -m10 -D"$SECS" -H 'host: up.bench' "http://127.0.0.1:${H2[$t]}/" 2>/dev/null | awk '/finished in/{print $4}' | tr -d ',')
-    echo "$r $t $rps $lat $h2" | tee -a "$OUT"
+    echo "$r $t $rps $lat $h2 $cpu" | tee -a "$OUT"
   done
 done
 RSS_PEAK=$(awk '/VmHWM/{print $2}' /proc/$TPID/status)
@@ -101,12 +125,13 @@ for r in rows:
     by.setdefault(r[1], []).append(r)
 med = lambda xs: st.median(xs)
 d_rps = med([float(r[2]) for r in by["direct"]]); d_h2 = med([float(r[6]) for r in by["direct"]])
-print("| target | h1 rps (wrk -c32) | x direct | p50 / p99 @ ~2000 rps | h2c rps (h2load -c32 -m10) | x direct |")
-print("| --- | --- | --- | --- | --- | --- |")
+print("| target | h1 rps (wrk -c32) | x direct | proxy CPU per h1 request | p50 / p99 @ ~2000 rps | h2c rps (h2load -c32 -m10) | x direct |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
 for t in ["direct", "trellis", "haproxy", "nginx"]:
     rs = by[t]
     rps = med([float(r[2]) for r in rs]); h2 = med([float(r[6]) for r in rs])
     p50 = med([ms(r[3]) for r in rs]); p99 = med([ms(r[4]) for r in rs])
-    print(f"| {t} | {rps:,.0f} | {rps/d_rps:.2f} | {p50:.2f} / {p99:.2f} ms | {h2:,.0f} | {h2/d_h2:.2f} |")
+    cpu = "—" if t == "direct" else f"{med([float(r[7]) for r in rs]):.1f} µs"
+    print(f"| {t} | {rps:,.0f} | {rps/d_rps:.2f} | {cpu} | {p50:.2f} / {p99:.2f} ms | {h2:,.0f} | {h2/d_h2:.2f} |")
 print(f"\ntrellis RSS: idle {int(sys.argv[2])/1024:.1f} MiB, peak under load {int(sys.argv[3])/1024:.1f} MiB")
 PY

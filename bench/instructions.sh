@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied HTTP/1.1 request, counted by callgrind: repeatable to
+# about 0.5% whatever else the machine does, unlike wall-clock throughput.
+# Usage: bench/instructions.sh [REQUESTS]   (needs valgrind, nginx, h2load; loopback only)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-4000}
+for t in valgrind nginx h2load; do
+  command -v "$t" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind nginx-light nghttp2-client >/dev/null; }
+done
+cargo build --release -q
+BIN=$PWD/target/release/trellis
+W=$(mktemp -d /tmp/trellis-ir.XXXX)
+cleanup() { nginx -s quit -c "$W/nginx.conf" -p "$W" 2>/dev/null || true; pkill -f "trellis-ir-mesh" 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+cat >"$W/nginx.conf" <<NGX
+worker_processes 1; daemon on; pid $W/nginx.pid; error_log $W/nginx.err;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 10000000;
+  server { listen 127.0.0.1:18080; location / { return 200 "ok"; } } }
+NGX
+nginx -c "$W/nginx.conf" -p "$W"
+cat >"$W/trellis-ir-mesh.yaml" <<YAML
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: up, namespace: bench }
+spec:
+  selector: { app: up }
+  ports: [{ name: http, port: 80, targetPort: 18080, protocol: HTTP }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: up-1, namespace: bench, labels: { app: up } }
+spec: { address: 127.0.0.1 }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: client, namespace: bench }
+spec:
+  address: 127.0.0.1
+  upstreams: [{ service: up.bench, port: 80, bind: 127.0.0.1:18083 }]
+YAML
+# Total instructions of a proxy run that serves $1 requests.
+run() {
+  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy --config "$W/trellis-ir-mesh.yaml" \
+    --workload bench/client --no-access-log --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
+    --inbound 127.0.0.1:18106 >/dev/null 2>&1 &
+  local vp=$!
+  for _ in $(seq 300); do curl -sf -o /dev/null 127.0.0.1:18100/ready && break; sleep 0.1; done
+  [ "$1" -gt 0 ] && h2load --h1 -n "$1" -c 8 http://127.0.0.1:18083/ >/dev/null
+  kill -TERM "$vp"; wait "$vp" || true
+  callgrind_annotate "$W/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'
+}
+full=$(run "$N"); base=$(run 0)
+echo "$(( (full - base) / N )) instructions per request ($N requests; start-up and shutdown, $base, subtracted)"
