@@ -11,7 +11,8 @@ done
 cargo build --release -q
 BIN=$PWD/target/release/trellis
 W=$(mktemp -d /tmp/trellis-ir.XXXX)
-cleanup() { nginx -s quit -c "$W/nginx.conf" -p "$W" 2>/dev/null || true; pkill -f "trellis-ir-mesh" 2>/dev/null || true; rm -rf "$W"; }
+VP=
+cleanup() { nginx -s quit -c "$W/nginx.conf" -p "$W" 2>/dev/null || true; [ -z "$VP" ] || kill "$VP" 2>/dev/null || true; rm -rf "$W"; }
 trap cleanup EXIT
 cat >"$W/nginx.conf" <<NGX
 worker_processes 1; daemon on; pid $W/nginx.pid; error_log $W/nginx.err;
@@ -20,35 +21,15 @@ http { access_log off; keepalive_requests 10000000;
   server { listen 127.0.0.1:18080; location / { return 200 "ok"; } } }
 NGX
 nginx -c "$W/nginx.conf" -p "$W"
-cat >"$W/trellis-ir-mesh.yaml" <<YAML
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: { name: up, namespace: bench }
-spec:
-  selector: { app: up }
-  ports: [{ name: http, port: 80, targetPort: 18080, protocol: HTTP }]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Workload
-metadata: { name: up-1, namespace: bench, labels: { app: up } }
-spec: { address: 127.0.0.1 }
----
-apiVersion: trellis.dev/v1alpha1
-kind: Workload
-metadata: { name: client, namespace: bench }
-spec:
-  address: 127.0.0.1
-  upstreams: [{ service: up.bench, port: 80, bind: 127.0.0.1:18083 }]
-YAML
 # Total instructions of a proxy run that serves $1 requests.
 run() {
-  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy --config "$W/trellis-ir-mesh.yaml" \
+  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy --config bench/mesh.yaml \
     --workload bench/client --no-access-log --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
     --inbound 127.0.0.1:18106 >/dev/null 2>&1 &
-  local vp=$!
+  VP=$!
   for _ in $(seq 300); do curl -sf -o /dev/null 127.0.0.1:18100/ready && break; sleep 0.1; done
   [ "$1" -gt 0 ] && h2load --h1 -n "$1" -c 8 http://127.0.0.1:18083/ >/dev/null
-  kill -TERM "$vp"; wait "$vp" || true
+  kill -TERM "$VP"; wait "$VP" || true; VP=
   callgrind_annotate "$W/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'
 }
 full=$(run "$N"); base=$(run 0)

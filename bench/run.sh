@@ -60,27 +60,7 @@ backend b
   server s1 127.0.0.1:18080
 HAP
 taskset -c 1 haproxy -f "$W/haproxy.cfg" & HPID=$!; PIDS+=($HPID)
-cat >"$W/mesh.yaml" <<YAML
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: { name: up, namespace: bench }
-spec:
-  selector: { app: up }
-  ports: [{ name: http, port: 80, targetPort: 18080, protocol: HTTP }]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Workload
-metadata: { name: up-1, namespace: bench, labels: { app: up } }
-spec: { address: 127.0.0.1 }
----
-apiVersion: trellis.dev/v1alpha1
-kind: Workload
-metadata: { name: client, namespace: bench }
-spec:
-  address: 127.0.0.1
-  upstreams: [{ service: up.bench, port: 80, bind: 127.0.0.1:18083 }]
-YAML
-taskset -c 1 "$BIN" proxy --config "$W/mesh.yaml" --workload bench/client --no-access-log \
+taskset -c 1 "$BIN" proxy --config bench/mesh.yaml --workload bench/client --no-access-log \
   --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 --inbound 127.0.0.1:18106 2>"$W/trellis.err" & TPID=$!; PIDS+=($TPID)
 for port in 18080 18081 18082 18083 18093; do
   for _ in $(seq 100); do curl -sf -o /dev/null -H 'Host: up.bench' "http://127.0.0.1:$port/" && break; sleep 0.05; done
