@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod drain;
 pub mod failure;
 pub mod fasthash;
+pub mod h1;
 pub mod http;
 pub mod metrics;
 pub mod pool;

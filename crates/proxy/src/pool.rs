@@ -1,10 +1,9 @@
 //! Per-endpoint upstream connection pool: a list of idle HTTP/1.1 connections and one shared,
 //! multiplexed HTTP/2 connection.
 //!
-//! hyper's low-level connection API is used instead of hyper-util's pooled `Client`: it saves
-//! a spawned task, a locked hash lookup and a URI rebuild per request (see
-//! `../shared/notes/benchmark-baseline.md`), and it lets the pool enforce the cluster's
-//! connection limit and classify connect failures itself.
+//! HTTP/1.1 connections are the proxy's own ([`crate::h1`]), driven by the request task;
+//! HTTP/2 connections use hyper's low-level connection API. Either way the pool enforces the
+//! cluster's connection limit and classifies connect failures itself.
 
 use std::{
     net::SocketAddr,
@@ -12,11 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{net::TcpStream, sync::Semaphore};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 
 use crate::{
+    h1::Conn,
     http::body::UpBody,
     metrics::{ClusterLabels, EndpointLabels, Metrics},
     FailureClass,
@@ -85,7 +89,7 @@ impl UpstreamError {
 /// A connection ready to carry one request.
 pub enum Sender {
     /// HTTP/1.1; returned to the pool when the response body ends.
-    H1(http1::SendRequest<UpBody>),
+    H1(Conn),
     /// HTTP/2; shared.
     H2(http2::SendRequest<UpBody>),
 }
@@ -106,7 +110,7 @@ pub struct ConnectCtx<'a> {
 pub struct Pool {
     addr: SocketAddr,
     idle_timeout: Duration,
-    idle: Mutex<Vec<(Instant, http1::SendRequest<UpBody>)>>,
+    idle: Mutex<Vec<(Instant, Conn)>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
@@ -138,10 +142,8 @@ impl Pool {
                 return Ok((Sender::H2(s.clone()), Duration::ZERO));
             }
         } else {
-            while let Some(mut s) = self.pop_idle() {
-                if s.ready().await.is_ok() {
-                    return Ok((Sender::H1(s), Duration::ZERO));
-                }
+            if let Some(c) = self.pop_idle() {
+                return Ok((Sender::H1(c), Duration::ZERO));
             }
         }
         let start = Instant::now();
@@ -151,24 +153,21 @@ impl Pool {
         Ok((s, start.elapsed()))
     }
 
-    fn pop_idle(&self) -> Option<http1::SendRequest<UpBody>> {
+    fn pop_idle(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().expect("pool lock");
-        while let Some((since, s)) = idle.pop() {
-            if !s.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(s);
+        while let Some((since, c)) = idle.pop() {
+            if since.elapsed() < self.idle_timeout && c.is_alive() {
+                return Some(c);
             }
         }
         None
     }
 
     /// Return an HTTP/1.1 connection whose exchange completed.
-    pub fn checkin(&self, s: http1::SendRequest<UpBody>) {
-        if s.is_closed() {
-            return;
-        }
+    pub fn checkin(&self, c: Conn) {
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < MAX_IDLE {
-            idle.push((Instant::now(), s));
+            idle.push((Instant::now(), c));
         }
     }
 
@@ -192,11 +191,10 @@ impl Pool {
                 cluster: ctx.cluster.to_string(),
             })
             .clone();
-        let io = TokioIo::new(stream);
         let addr = self.addr;
         if h2 {
             let (s, conn) = http2::Builder::new(TokioExecutor::new())
-                .handshake(io)
+                .handshake(TokioIo::new(stream))
                 .await
                 .map_err(|source| UpstreamError::Handshake { addr, source })?;
             open.inc();
@@ -208,17 +206,28 @@ impl Pool {
             *self.h2.lock().expect("pool lock") = Some(s.clone());
             Ok(Sender::H2(s))
         } else {
-            let (s, conn) = http1::handshake(io)
-                .await
-                .map_err(|source| UpstreamError::Handshake { addr, source })?;
             open.inc();
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-                open.dec();
-                drop(permit);
-            });
-            Ok(Sender::H1(s))
+            Ok(Sender::H1(Conn::new(
+                stream,
+                Slot {
+                    _permit: permit,
+                    open,
+                },
+            )))
         }
+    }
+}
+
+/// A connection's claim on the cluster's connection limit, counted in the open-connections
+/// gauge; both are given back when the connection closes.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }
 

@@ -199,7 +199,18 @@ pub trait OnEnd: Send + 'static {
 
 enum Inner {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    /// From an HTTP/2 upstream (hyper's client).
+    H2(Incoming),
+    /// From an HTTP/1.1 upstream (the proxy's own client).
+    H1(crate::h1::H1Body),
+}
+
+/// A response body from upstream.
+pub enum UpstreamBody {
+    /// HTTP/2.
+    H2(Incoming),
+    /// HTTP/1.1.
+    H1(crate::h1::H1Body),
 }
 
 /// The response body sent to the client.
@@ -219,9 +230,12 @@ impl ProxyBody {
     }
 
     /// Stream an upstream body.
-    pub fn upstream(b: Incoming) -> Self {
+    pub fn upstream(b: UpstreamBody) -> Self {
         Self {
-            inner: Inner::Upstream(b),
+            inner: match b {
+                UpstreamBody::H2(b) => Inner::H2(b),
+                UpstreamBody::H1(b) => Inner::H1(b),
+            },
             on_end: None,
         }
     }
@@ -249,7 +263,8 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let res = match &mut this.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Inner::H1(b) => Pin::new(b).poll_frame(cx),
         };
         let res = ready!(res);
         match &res {
@@ -280,14 +295,16 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
-            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
+            Inner::H1(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Upstream(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
+            Inner::H1(b) => b.size_hint(),
         }
     }
 }

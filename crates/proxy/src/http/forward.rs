@@ -14,19 +14,21 @@ use http::{
 };
 use http_body::Body as _;
 use hyper::body::Incoming;
+use tokio::io::AsyncWriteExt as _;
 use trellis_model::{
     proxy::{HeaderEdits, RetryConfig},
     resource::Protocol,
 };
 
 use super::{
-    body::{ProxyBody, Replay, UpBody},
+    body::{ProxyBody, Replay, UpBody, UpstreamBody},
     GRPC_MESSAGE, GRPC_STATUS, X_TRELLIS_FAILURE,
 };
 use crate::{
     cluster::{Cluster, Endpoint},
     failure::grpc_status,
-    pool::{Sender, UpstreamError},
+    h1::{self, Conn, H1Body},
+    pool::{ConnectCtx, Sender, UpstreamError},
     record::Record,
     FailureClass, Shared,
 };
@@ -238,89 +240,98 @@ fn upstream_request(
     req
 }
 
+// A short-lived value on the stack: boxing the response would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Try {
-    Response(Response<Incoming>, Option<Sender>),
+    Response(Response<UpstreamBody>),
     Failed(FailureClass, String),
 }
 
 async fn send_once(
     shared: &Shared,
     cluster: &Cluster,
-    ep: &Endpoint,
-    mut req: Request<UpBody>,
+    ep: &Arc<Endpoint>,
+    req: Request<UpBody>,
     h2: bool,
     rec: &mut Record,
 ) -> Try {
     let ctx = cluster.connect_ctx(&shared.metrics);
-    // A pooled HTTP/1.1 connection may be closed by the server just as we pick it; a request
-    // that was never written is safe to send again on a fresh connection.
-    for fresh in [false, true] {
-        let got = if fresh {
-            // Boxed for the same reason as in `Pool::checkout`.
-            Box::pin(ep.pool.connect(h2, &ctx))
-                .await
-                .map(|s| (s, Duration::ZERO))
-        } else {
-            ep.pool.checkout(h2, &ctx).await
-        };
-        let (sender, connect) = match got {
-            Ok(s) => s,
-            Err(e) => return Try::Failed(e.class(), e.to_string()),
-        };
-        rec.connect = Some(connect);
-        match sender {
-            Sender::H2(mut s) => {
-                if let Err(source) = s.ready().await {
-                    let e = UpstreamError::Send {
-                        addr: ep.cfg.addr,
-                        source,
-                    };
-                    return Try::Failed(e.class(), e.to_string());
-                }
-                return match s.send_request(req).await {
-                    Ok(r) => Try::Response(r, None),
-                    Err(source) => {
-                        let e = UpstreamError::Send {
-                            addr: ep.cfg.addr,
-                            source,
-                        };
-                        Try::Failed(e.class(), e.to_string())
-                    }
-                };
-            }
-            Sender::H1(mut s) => {
-                if s.ready().await.is_err() {
-                    continue;
-                }
-                match s.try_send_request(req).await {
-                    Ok(r) => return Try::Response(r, Some(Sender::H1(s))),
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) if !fresh => req = unsent,
-                        _ => {
-                            let e = UpstreamError::Send {
-                                addr: ep.cfg.addr,
-                                source: e.into_error(),
-                            };
-                            return Try::Failed(e.class(), e.to_string());
-                        }
-                    },
-                }
-            }
+    let (sender, connect) = match ep.pool.checkout(h2, &ctx).await {
+        Ok(s) => s,
+        Err(e) => return Try::Failed(e.class(), e.to_string()),
+    };
+    rec.connect = Some(connect);
+    match sender {
+        Sender::H1(conn) => send_h1(ep, conn, req, &ctx, rec).await,
+        Sender::H2(s) => send_h2(ep, s, req).await,
+    }
+}
+
+async fn send_h2(
+    ep: &Endpoint,
+    mut s: hyper::client::conn::http2::SendRequest<UpBody>,
+    req: Request<UpBody>,
+) -> Try {
+    let sent = match s.ready().await {
+        Ok(()) => s.send_request(req).await,
+        Err(e) => Err(e),
+    };
+    match sent {
+        Ok(r) => Try::Response(r.map(UpstreamBody::H2)),
+        Err(source) => {
+            let e = UpstreamError::Send {
+                addr: ep.cfg.addr,
+                source,
+            };
+            Try::Failed(e.class(), e.to_string())
         }
     }
-    Try::Failed(
-        FailureClass::ConnectionReset,
-        format!(
-            "connection to {} closed before the request was sent",
-            ep.cfg.addr
+}
+
+/// One HTTP/1.1 exchange. A pooled connection may have been closed by the server just as we
+/// picked it; an idempotent request is then sent once more on a fresh connection.
+async fn send_h1(
+    ep: &Arc<Endpoint>,
+    mut conn: Conn,
+    mut req: Request<UpBody>,
+    ctx: &ConnectCtx<'_>,
+    rec: &mut Record,
+) -> Try {
+    let mut result = h1::exchange(&mut conn, &mut req).await;
+    if let Err(e) = &result {
+        if conn.is_reused() && h1::prepare_resend(e, &mut req) {
+            drop(conn);
+            let start = Instant::now();
+            // Boxed for the same reason as in `Pool::checkout`.
+            conn = match Box::pin(ep.pool.connect(false, ctx)).await {
+                Ok(Sender::H1(c)) => c,
+                Ok(Sender::H2(_)) => unreachable!("asked for HTTP/1.1"),
+                Err(e) => return Try::Failed(e.class(), e.to_string()),
+            };
+            rec.connect = Some(start.elapsed());
+            result = h1::exchange(&mut conn, &mut req).await;
+        }
+    }
+    match result {
+        Ok(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => Try::Failed(
+            FailureClass::ProtocolError,
+            format!("{} switched protocols unasked", ep.cfg.addr),
         ),
-    )
+        Ok(head) => {
+            let body = H1Body::new(&head, conn, ep.clone());
+            let mut resp = Response::new(UpstreamBody::H1(body));
+            *resp.status_mut() = head.status;
+            *resp.headers_mut() = head.headers;
+            Try::Response(resp)
+        }
+        Err(e) => Try::Failed(e.class(), format!("request to {} failed: {e}", ep.cfg.addr)),
+    }
 }
 
 fn retry_wanted(retry: &RetryConfig, t: &Try) -> bool {
     match t {
         Try::Failed(class, _) => class.retriable(),
-        Try::Response(r, _) => {
+        Try::Response(r) => {
             retry.codes.contains(&r.status().as_u16())
                 || grpc_status(r.headers()).is_some_and(|c| retry.grpc_codes.contains(&c))
         }
@@ -355,7 +366,11 @@ pub async fn forward(
         .upper()
         .is_none_or(|n| n as usize <= REPLAY_CAP);
     let mut replay = None;
+    // No body at all: nothing to record, every try sends none, and a stale pooled connection
+    // may send it again.
+    let empty = body.is_end_stream();
     let mut first = Some(match plan.retry {
+        _ if empty => UpBody::Empty,
         Some(_) if small => {
             let r = Replay::new(body, REPLAY_CAP);
             replay = r.replay();
@@ -369,6 +384,7 @@ pub async fn forward(
     for attempt in 0..max_tries {
         let body = match first.take() {
             Some(b) => b,
+            None if empty => UpBody::Empty,
             None => match replay.as_ref().and_then(Replay::replay) {
                 Some(r) => UpBody::Replay(r),
                 None => break,
@@ -396,18 +412,21 @@ pub async fn forward(
             (a, b) => a.or(b),
         };
         let req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
-        let fut = send_once(shared, &cluster, &ep, req, h2, &mut rec);
+        // The try's future is built inside each arm: a future bound to a local and then moved
+        // into `timeout` would occupy space twice in this function's future.
         let outcome = match limit {
-            Some(l) => tokio::time::timeout(l, fut).await.unwrap_or_else(|_| {
-                Try::Failed(
-                    FailureClass::UpstreamTimeout,
-                    format!("no response from {} within {l:?}", ep.cfg.addr),
-                )
-            }),
-            None => fut.await,
+            Some(l) => tokio::time::timeout(l, send_once(shared, &cluster, &ep, req, h2, &mut rec))
+                .await
+                .unwrap_or_else(|_| {
+                    Try::Failed(
+                        FailureClass::UpstreamTimeout,
+                        format!("no response from {} within {l:?}", ep.cfg.addr),
+                    )
+                }),
+            None => send_once(shared, &cluster, &ep, req, h2, &mut rec).await,
         };
         let class = match &outcome {
-            Try::Response(r, _) => {
+            Try::Response(r) => {
                 ep.observe_latency(try_start.elapsed());
                 grpc_status(r.headers()).map_or_else(
                     || FailureClass::from_status(r.status().as_u16()),
@@ -420,7 +439,7 @@ pub async fn forward(
         let can_retry = plan.retry.is_some_and(|r| retry_wanted(r, &outcome))
             && attempt + 1 < max_tries
             && !deadline_passed
-            && replay.as_ref().is_some_and(Replay::can_replay);
+            && (empty || replay.as_ref().is_some_and(Replay::can_replay));
         if can_retry {
             if cluster.budget.withdraw() {
                 cluster.report(&ep, class);
@@ -456,7 +475,7 @@ pub async fn forward(
                 last_failure = Some((c, d));
                 break;
             }
-            Try::Response(resp, sender) => {
+            Try::Response(resp) => {
                 // Outlier detection sees the final outcome once the body ends, so that a
                 // reset mid-body counts too.
                 rec.first_byte = Some(rec.start.elapsed());
@@ -465,19 +484,7 @@ pub async fn forward(
                 rec.grpc(resp.headers());
                 rec.guards = Some((in_flight, permit));
                 let (cl, ep2) = (cluster.clone(), ep.clone());
-                rec.on_finish = Some(Box::new(move |final_class| {
-                    cl.report(&ep2, final_class);
-                    if let (
-                        Some(Sender::H1(s)),
-                        FailureClass::Ok
-                        | FailureClass::AppError
-                        | FailureClass::ClientError
-                        | FailureClass::AppGrpcError,
-                    ) = (sender, final_class)
-                    {
-                        ep2.pool.checkin(s);
-                    }
-                }));
+                rec.on_finish = Some(Box::new(move |final_class| cl.report(&ep2, final_class)));
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 if let Some(e) = plan.response_headers {
@@ -516,42 +523,45 @@ pub async fn upgrade(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let ctx = cluster.connect_ctx(&shared.metrics);
     let start = Instant::now();
-    let mut s = match ep.pool.connect(false, &ctx).await {
-        Ok(Sender::H1(s)) => s,
+    let mut conn = match ep.pool.connect(false, &ctx).await {
+        Ok(Sender::H1(c)) => c,
         Ok(Sender::H2(_)) => unreachable!("asked for HTTP/1.1"),
         Err(e) => return local_reply(rec, e.class(), e.to_string(), false),
     };
     rec.connect = Some(start.elapsed());
     // The upgrade handshake is hop-by-hop by nature: Connection and Upgrade stay as sent.
     let (mut parts, body) = req.into_parts();
-    let up = upstream_request(&mut parts, UpBody::Incoming(body), false, true);
-    let mut resp = match s.send_request(up).await {
-        Ok(r) => r,
-        Err(source) => {
-            let e = UpstreamError::Send {
-                addr: ep.cfg.addr,
-                source,
-            };
-            return local_reply(rec, e.class(), e.to_string(), false);
+    let mut up = upstream_request(&mut parts, UpBody::Incoming(body), false, true);
+    let head = match h1::exchange(&mut conn, &mut up).await {
+        Ok(h) => h,
+        Err(e) => {
+            let detail = format!("request to {} failed: {e}", ep.cfg.addr);
+            return local_reply(rec, e.class(), detail, false);
         }
     };
     rec.first_byte = Some(rec.start.elapsed());
-    rec.status = resp.status().as_u16();
+    rec.status = head.status.as_u16();
     rec.class = FailureClass::from_status(rec.status);
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let up_upgrade = hyper::upgrade::on(&mut resp);
+    let mut resp = if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        let (mut upstream, early, slot) = h1::into_upgraded(conn);
         tokio::spawn(async move {
-            if let (Ok(a), Ok(b)) = (client_upgrade.await, up_upgrade.await) {
-                let (mut a, mut b) = (
-                    hyper_util::rt::TokioIo::new(a),
-                    hyper_util::rt::TokioIo::new(b),
-                );
-                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            let _slot = slot;
+            if let Ok(client) = client_upgrade.await {
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                // What the server sent right after its 101 was read with the head.
+                if early.is_empty() || client.write_all(&early).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
             }
         });
-    }
-    let (rparts, rbody) = resp.into_parts();
-    Response::from_parts(rparts, ProxyBody::upstream(rbody).with_on_end(rec))
+        Response::new(ProxyBody::full(Bytes::new()).with_on_end(rec))
+    } else {
+        let body = H1Body::new(&head, conn, ep.clone());
+        Response::new(ProxyBody::upstream(UpstreamBody::H1(body)).with_on_end(rec))
+    };
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    resp
 }
 
 #[cfg(test)]

@@ -1,0 +1,481 @@
+//! HTTP/1.1 on the wire, upstream side (RFC 9112): request heads out; response heads and
+//! response bodies (fixed length, chunked, or up to the close) in. Pure functions over
+//! buffers, so that every framing rule is unit-tested without a socket.
+
+use std::mem::MaybeUninit;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+/// Largest response head (status line and headers), and largest trailer section. Offsets
+/// within a head fit in a `u16`.
+pub(crate) const MAX_HEAD: usize = 64 * 1024 - 1;
+/// Most headers in a response head (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// A response that does not follow HTTP/1.1.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// The status line or a header line is malformed.
+    #[error("malformed response head: {0}")]
+    Head(httparse::Error),
+    /// The head does not end within [`MAX_HEAD`] bytes.
+    #[error("response head larger than {MAX_HEAD} bytes")]
+    TooLarge,
+    /// A header name or value that HTTP does not allow.
+    #[error("invalid response header {0:?}")]
+    Header(String),
+    /// Content-Length is not one non-negative number.
+    #[error("invalid content-length")]
+    ContentLength,
+    /// The chunked encoding is broken.
+    #[error("invalid chunked body: {0}")]
+    Chunked(&'static str),
+}
+
+/// How a request body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReqFraming {
+    /// No body.
+    None,
+    /// `content-length`.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+}
+
+/// Write a request head. Framing headers of the caller are replaced by `framing`'s.
+pub(crate) fn encode_request_head(
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: ReqFraming,
+    out: &mut BytesMut,
+) {
+    out.reserve(256);
+    out.put_slice(method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::None => {
+            // Servers may insist on a length for methods that usually carry a body (411).
+            if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+                out.put_slice(b"content-length: 0\r\n");
+            }
+        }
+        ReqFraming::Length(n) => {
+            out.put_slice(b"content-length: ");
+            put_decimal(out, n);
+            out.put_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.put_slice(b"\r\n");
+}
+
+fn put_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
+}
+
+/// Frame one chunk of a chunked request body: size line, data, CRLF.
+pub(crate) fn encode_chunk_prefix(len: usize, out: &mut BytesMut) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
+    out.put_slice(b"\r\n");
+}
+
+/// The last chunk and the trailer section of a chunked request body.
+pub(crate) fn encode_chunked_end(trailers: Option<&HeaderMap>, out: &mut BytesMut) {
+    out.put_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// How a response body is framed (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RespFraming {
+    /// No body (HEAD, 1xx, 204, 304, or `content-length: 0`).
+    Empty,
+    /// `content-length`.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+    /// Everything up to the close of the connection.
+    Eof,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: RespFraming,
+    /// The connection may carry another request once this response ends.
+    pub(crate) keep_alive: bool,
+}
+
+/// Parse a response head at the front of `buf` and consume it. `Ok(None)`: more bytes are
+/// needed. `method` is the request's: a response to HEAD has no body whatever it says.
+pub(crate) fn parse_response_head(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<Head>, ParseError> {
+    // Uninitialised header slots: initialising 100 of them costs more than parsing a
+    // typical head.
+    let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, &mut raw);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(ParseError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(ParseError::Head(e)),
+    };
+    if len > MAX_HEAD {
+        return Err(ParseError::TooLarge);
+    }
+    let code = res.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ParseError::Head(httparse::Error::Status))?;
+    let version = if res.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Header positions within the head (which is at most 64 KiB), so that values can share
+    // its buffer once it is split off.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+    let count = res.headers.len();
+    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+        *span = (
+            (h.name.as_ptr() as usize - base) as u16,
+            h.name.len() as u16,
+            (h.value.as_ptr() as usize - base) as u16,
+            h.value.len() as u16,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(ns, nl, vs, vl) in &spans[..count] {
+        let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
+        let name = HeaderName::from_bytes(&head[ns..ns + nl])
+            .map_err(|_| ParseError::Header(String::from_utf8_lossy(&head[ns..ns + nl]).into()))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+            .map_err(|_| ParseError::Header(name.as_str().to_owned()))?;
+        headers.append(name, value);
+    }
+    let (framing, keep_alive) = framing(status, version, method, &mut headers)?;
+    Ok(Some(Head {
+        status,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn framing(
+    status: StatusCode,
+    version: Version,
+    method: &Method,
+    headers: &mut HeaderMap,
+) -> Result<(RespFraming, bool), ParseError> {
+    let mut keep_alive = if version == Version::HTTP_10 {
+        has_token(headers, &header::CONNECTION, "keep-alive")
+    } else {
+        !has_token(headers, &header::CONNECTION, "close")
+    };
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((RespFraming::Empty, keep_alive));
+    }
+    if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+        // A length next to a transfer coding is a smuggling attempt or a bug; the coding
+        // wins (RFC 9112 §6.3) and the length must not travel on.
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .unwrap_or(te)
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+        headers.remove(header::CONTENT_LENGTH);
+        if chunked_last {
+            return Ok((RespFraming::Chunked, keep_alive));
+        }
+        return Ok((RespFraming::Eof, false));
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let s = v.to_str().map_err(|_| ParseError::ContentLength)?;
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ParseError::ContentLength);
+            }
+            let n: u64 = part.parse().map_err(|_| ParseError::ContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ParseError::ContentLength);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (RespFraming::Empty, keep_alive),
+        Some(n) => (RespFraming::Length(n), keep_alive),
+        None => {
+            keep_alive = false;
+            (RespFraming::Eof, keep_alive)
+        }
+    })
+}
+
+/// What the body decoder produced.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The trailer section of a chunked body (the end follows).
+    Trailers(HeaderMap),
+    /// The body is complete.
+    End,
+    /// More bytes are needed.
+    NeedMore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// Decodes a response body from the connection's read buffer.
+#[derive(Debug)]
+pub(crate) enum Decoder {
+    /// Bytes still expected.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the peer closes.
+    Eof,
+    /// Complete.
+    Done,
+}
+
+impl Decoder {
+    /// The decoder for a framing.
+    pub(crate) fn new(framing: RespFraming) -> Self {
+        match framing {
+            RespFraming::Empty | RespFraming::Length(0) => Self::Done,
+            RespFraming::Length(n) => Self::Length(n),
+            RespFraming::Chunked => Self::Chunked(Chunk::Size),
+            RespFraming::Eof => Self::Eof,
+        }
+    }
+
+    /// The body is complete.
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self, Self::Done)
+    }
+
+    /// Bytes still expected, when known.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self {
+            Self::Length(n) => Some(*n),
+            Self::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Take what `buf` holds of the body.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ParseError> {
+        match self {
+            Self::Done => Ok(Decoded::End),
+            Self::Eof if buf.is_empty() => Ok(Decoded::NeedMore),
+            Self::Eof => Ok(Decoded::Data(buf.split().freeze())),
+            Self::Length(_) if buf.is_empty() => Ok(Decoded::NeedMore),
+            Self::Length(n) => {
+                let take = (*n).min(buf.len() as u64);
+                *n -= take;
+                if *n == 0 {
+                    *self = Self::Done;
+                }
+                Ok(Decoded::Data(buf.split_to(take as usize).freeze()))
+            }
+            Self::Chunked(state) => {
+                let out = decode_chunked(state, buf)?;
+                if matches!(out, Decoded::End | Decoded::Trailers(_)) {
+                    *self = Self::Done;
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The peer closed the connection: fine only for a body that runs up to the close.
+    pub(crate) fn at_eof(&mut self) -> bool {
+        match self {
+            Self::Eof | Self::Done => {
+                *self = Self::Done;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, ParseError> {
+    loop {
+        match *state {
+            Chunk::Size => {
+                let Some(nl) = buf.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
+                    return if buf.len() >= MAX_CHUNK_LINE {
+                        Err(ParseError::Chunked("chunk size line too long"))
+                    } else {
+                        Ok(Decoded::NeedMore)
+                    };
+                };
+                let size = parse_chunk_size(&buf[..nl])?;
+                buf.advance(nl + 1);
+                *state = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(n) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let take = n.min(buf.len() as u64);
+                *state = if take == n {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(n - take)
+                };
+                return Ok(Decoded::Data(buf.split_to(take as usize).freeze()));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(ParseError::Chunked("chunk data not followed by CRLF"));
+                }
+                buf.advance(2);
+                *state = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                if buf.len() < 2 {
+                    return Ok(Decoded::NeedMore);
+                }
+                if &buf[..2] == b"\r\n" {
+                    buf.advance(2);
+                    return Ok(Decoded::End);
+                }
+                let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let (len, map) = match httparse::parse_headers(buf, &mut raw) {
+                    Ok(httparse::Status::Complete((len, hs))) => {
+                        let mut map = HeaderMap::with_capacity(hs.len());
+                        for h in hs.iter() {
+                            let (Ok(n), Ok(v)) = (
+                                HeaderName::from_bytes(h.name.as_bytes()),
+                                HeaderValue::from_bytes(h.value),
+                            ) else {
+                                return Err(ParseError::Chunked("invalid trailer"));
+                            };
+                            map.append(n, v);
+                        }
+                        (len, map)
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                        return Err(ParseError::Chunked("trailer section too large"))
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                    Err(_) => return Err(ParseError::Chunked("invalid trailer")),
+                };
+                // The trailer section ends the body (its closing empty line included).
+                buf.advance(len);
+                return Ok(Decoded::Trailers(map));
+            }
+        }
+    }
+}
+
+/// `1*HEXDIG [ BWS ";" extensions ] CR` (the LF already cut off).
+fn parse_chunk_size(line: &[u8]) -> Result<u64, ParseError> {
+    let Some((&b'\r', line)) = line.split_last() else {
+        return Err(ParseError::Chunked("chunk size line not ended by CRLF"));
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(ParseError::Chunked("missing chunk size"));
+    }
+    if digits > 15 {
+        return Err(ParseError::Chunked("chunk size too large"));
+    }
+    let mut size = 0u64;
+    for &b in &line[..digits] {
+        let d = (b as char).to_digit(16).unwrap_or(0);
+        size = size << 4 | u64::from(d);
+    }
+    let rest = &line[digits..];
+    let ext = rest.iter().position(|&b| b != b' ' && b != b'\t');
+    match ext.map(|i| rest[i]) {
+        None | Some(b';') => Ok(size),
+        Some(_) => Err(ParseError::Chunked("invalid chunk size")),
+    }
+}
