@@ -87,11 +87,10 @@ impl Endpoint {
         ewma * f64::from(self.in_flight() + 1) / f64::from(self.cfg.weight)
     }
 
-    /// Record a latency sample. Peak-sensitive: a slower sample replaces the estimate at once,
-    /// a faster one decays it.
-    pub fn observe_latency(&self, rtt: Duration) {
+    /// Record a latency sample taken at `now`. Peak-sensitive: a slower sample replaces the
+    /// estimate at once, a faster one decays it.
+    pub fn observe_latency(&self, rtt: Duration, now: Instant) {
         let mut g = self.ewma.lock().expect("ewma lock");
-        let now = Instant::now();
         let sample = rtt.as_nanos() as f64;
         if sample > g.0 {
             g.0 = sample;
@@ -238,9 +237,9 @@ impl Cluster {
         }
     }
 
-    /// Pick an endpoint, skipping ejected ones. `None` when there is no healthy endpoint.
-    pub fn pick(&self) -> Option<Arc<Endpoint>> {
-        let now = Instant::now();
+    /// Pick an endpoint, skipping those ejected at `now`. `None` when there is no healthy
+    /// endpoint. (The caller passes the time it already read: clock reads cost in VMs.)
+    pub fn pick(&self, now: Instant) -> Option<Arc<Endpoint>> {
         // Usually nothing is ejected: choose among all endpoints without building a list.
         if !self.endpoints.iter().any(|e| e.is_ejected(now)) {
             return self.choose(&self.endpoints);

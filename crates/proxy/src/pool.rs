@@ -126,10 +126,12 @@ impl Pool {
 
     /// Get a connection: a pooled one if any is alive, else a new one. Returns the sender and
     /// the time spent connecting (zero when reused).
+    /// `now` is the caller's reading of the clock.
     pub async fn checkout(
         &self,
         h2: bool,
         ctx: &ConnectCtx<'_>,
+        now: Instant,
     ) -> Result<(Sender, Duration), UpstreamError> {
         if h2 {
             if let Some(s) = self
@@ -142,7 +144,7 @@ impl Pool {
                 return Ok((Sender::H2(s.clone()), Duration::ZERO));
             }
         } else {
-            if let Some(c) = self.pop_idle() {
+            if let Some(c) = self.pop_idle(now) {
                 return Ok((Sender::H1(c), Duration::ZERO));
             }
         }
@@ -153,21 +155,23 @@ impl Pool {
         Ok((s, start.elapsed()))
     }
 
-    fn pop_idle(&self) -> Option<Conn> {
+    fn pop_idle(&self, now: Instant) -> Option<Conn> {
         let mut idle = self.idle.lock().expect("pool lock");
         while let Some((since, c)) = idle.pop() {
-            if since.elapsed() < self.idle_timeout && c.is_alive() {
+            if now.saturating_duration_since(since) < self.idle_timeout && c.is_alive() {
                 return Some(c);
             }
         }
         None
     }
 
-    /// Return an HTTP/1.1 connection whose exchange completed.
-    pub fn checkin(&self, c: Conn) {
+    /// Return an HTTP/1.1 connection whose exchange completed. `since` is when that exchange
+    /// began: counting its duration as idle time errs towards closing sooner, and saves a
+    /// clock read.
+    pub fn checkin(&self, c: Conn, since: Instant) {
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < MAX_IDLE {
-            idle.push((Instant::now(), c));
+            idle.push((since, c));
         }
     }
 

@@ -51,8 +51,6 @@ impl AccessLog {
 pub struct Record {
     /// Start.
     pub start: Instant,
-    /// Wall-clock start.
-    pub wall: SystemTime,
     /// Direction.
     pub direction: Direction,
     /// `HTTP/1.1`, `HTTP/2`.
@@ -149,7 +147,6 @@ impl Record {
         // pointer through the request path is cheaper than moving the record.
         Box::new(Self {
             start: Instant::now(),
-            wall: SystemTime::now(),
             direction,
             protocol,
             method: Method::GET,
@@ -203,7 +200,8 @@ impl Record {
             return;
         }
         self.log.write(&Line {
-            ts: rfc3339(self.wall),
+            // The start in wall-clock time, worked out only when a line is written.
+            ts: rfc3339(SystemTime::now() - total),
             kind: "http",
             direction: self.direction.as_str(),
             protocol: self.protocol,

@@ -107,7 +107,7 @@ impl Drop for ConnGuard {
 /// one per endpoint).
 async fn connect(cluster: &Cluster, g: &mut ConnGuard) -> Option<TcpStream> {
     for _ in 0..cluster.endpoints.len().max(1) {
-        let Some(ep) = cluster.pick() else {
+        let Some(ep) = cluster.pick(std::time::Instant::now()) else {
             g.class = FailureClass::NoHealthyUpstream;
             g.detail = Some(format!("cluster {} has no healthy endpoint", cluster.key));
             return None;

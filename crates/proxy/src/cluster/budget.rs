@@ -31,9 +31,9 @@ impl RetryBudget {
         }
     }
 
-    fn with_slot<R>(&self, f: impl FnOnce(&mut (u64, u32, u32), u32, u32) -> R) -> R {
+    fn with_slot<R>(&self, now: Instant, f: impl FnOnce(&mut (u64, u32, u32), u32, u32) -> R) -> R {
         let mut w = self.state.lock().expect("budget lock");
-        let sec = w.start.elapsed().as_secs();
+        let sec = now.saturating_duration_since(w.start).as_secs();
         let idx = (sec as usize) % WINDOW_SECS;
         if w.slots[idx].0 != sec {
             w.slots[idx] = (sec, 0, 0);
@@ -46,18 +46,18 @@ impl RetryBudget {
         f(&mut w.slots[idx], reqs, retries)
     }
 
-    /// Count an original request.
-    pub fn deposit(&self) {
-        self.with_slot(|s, _, _| s.1 += 1);
+    /// Count an original request, made at `now`.
+    pub fn deposit(&self, now: Instant) {
+        self.with_slot(now, |s, _, _| s.1 += 1);
     }
 
     /// Try to spend one retry; false when the budget is exhausted.
-    pub fn withdraw(&self) -> bool {
+    pub fn withdraw(&self, now: Instant) -> bool {
         let (pct, floor) = (
             u64::from(self.percent),
             u64::from(self.min_per_second) * WINDOW_SECS as u64,
         );
-        self.with_slot(|s, reqs, retries| {
+        self.with_slot(now, |s, reqs, retries| {
             let allowed = u64::from(reqs) * pct / 100 + floor;
             if u64::from(retries) < allowed {
                 s.2 += 1;
@@ -74,7 +74,7 @@ impl RetryBudget {
             u64::from(self.percent),
             u64::from(self.min_per_second) * WINDOW_SECS as u64,
         );
-        self.with_slot(|_, reqs, retries| {
+        self.with_slot(Instant::now(), |_, reqs, retries| {
             (u64::from(reqs) * pct / 100 + floor) as i64 - i64::from(retries)
         })
     }

@@ -37,7 +37,8 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
 fn spread(c: &Cluster, n: usize) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for _ in 0..n {
-        *m.entry(c.pick().unwrap().cfg.addr.to_string()).or_default() += 1;
+        *m.entry(c.pick(Instant::now()).unwrap().cfg.addr.to_string())
+            .or_default() += 1;
     }
     m
 }
@@ -53,8 +54,8 @@ fn round_robin_honours_weights() {
 #[test]
 fn ewma_prefers_fast_endpoint() {
     let c = cluster(LbKind::PeakEWMA, &[1, 1]);
-    c.endpoints[0].observe_latency(Duration::from_millis(50));
-    c.endpoints[1].observe_latency(Duration::from_micros(200));
+    c.endpoints[0].observe_latency(Duration::from_millis(50), Instant::now());
+    c.endpoints[1].observe_latency(Duration::from_micros(200), Instant::now());
     let m = spread(&c, 1000);
     assert!(m.get("127.0.0.2:80").copied().unwrap_or(0) > 900, "{m:?}");
 }
@@ -95,8 +96,8 @@ fn success_resets_the_failure_streak() {
 fn budget_limits_retries() {
     let b = RetryBudget::new(20, 0);
     for _ in 0..100 {
-        b.deposit();
+        b.deposit(Instant::now());
     }
-    let granted = (0..100).filter(|_| b.withdraw()).count();
+    let granted = (0..100).filter(|_| b.withdraw(Instant::now())).count();
     assert_eq!(granted, 20);
 }

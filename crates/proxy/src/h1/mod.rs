@@ -20,6 +20,7 @@ use std::{
     pin::{pin, Pin},
     sync::Arc,
     task::{ready, Context, Poll},
+    time::Instant,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -371,16 +372,19 @@ pub struct H1Body {
     decoder: Decoder,
     keep_alive: bool,
     home: Arc<Endpoint>,
+    /// When the exchange began.
+    began: Instant,
 }
 
 impl H1Body {
     /// The body of `head`, read from `conn`.
-    pub(crate) fn new(head: &Head, conn: Conn, home: Arc<Endpoint>) -> Self {
+    pub(crate) fn new(head: &Head, conn: Conn, home: Arc<Endpoint>, began: Instant) -> Self {
         let mut b = Self {
             conn: Some(conn),
             decoder: Decoder::new(head.framing),
             keep_alive: head.keep_alive,
             home,
+            began,
         };
         if b.decoder.is_done() {
             b.release();
@@ -393,7 +397,7 @@ impl H1Body {
         if let Some(mut conn) = self.conn.take() {
             if self.keep_alive && conn.rbuf.is_empty() {
                 conn.mark_reused();
-                self.home.pool.checkin(conn);
+                self.home.pool.checkin(conn, self.began);
             }
         }
     }

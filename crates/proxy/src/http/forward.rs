@@ -254,15 +254,16 @@ async fn send_once(
     req: Request<UpBody>,
     h2: bool,
     rec: &mut Record,
+    began: Instant,
 ) -> Try {
     let ctx = cluster.connect_ctx(&shared.metrics);
-    let (sender, connect) = match ep.pool.checkout(h2, &ctx).await {
+    let (sender, connect) = match ep.pool.checkout(h2, &ctx, began).await {
         Ok(s) => s,
         Err(e) => return Try::Failed(e.class(), e.to_string()),
     };
     rec.connect = Some(connect);
     match sender {
-        Sender::H1(conn) => send_h1(ep, conn, req, &ctx, rec).await,
+        Sender::H1(conn) => send_h1(ep, conn, req, &ctx, rec, began).await,
         Sender::H2(s) => send_h2(ep, s, req).await,
     }
 }
@@ -296,6 +297,7 @@ async fn send_h1(
     mut req: Request<UpBody>,
     ctx: &ConnectCtx<'_>,
     rec: &mut Record,
+    began: Instant,
 ) -> Try {
     let mut result = h1::exchange(&mut conn, &mut req).await;
     if let Err(e) = &result {
@@ -318,7 +320,7 @@ async fn send_h1(
             format!("{} switched protocols unasked", ep.cfg.addr),
         ),
         Ok(head) => {
-            let body = H1Body::new(&head, conn, ep.clone());
+            let body = H1Body::new(&head, conn, ep.clone(), began);
             let mut resp = Response::new(UpstreamBody::H1(body));
             *resp.status_mut() = head.status;
             *resp.headers_mut() = head.headers;
@@ -355,7 +357,7 @@ pub async fn forward(
     let cluster = plan.cluster;
     let deadline = plan.timeout.map(|t| rec.start + t);
     let h2 = matches!(cluster.cfg.protocol, Protocol::Http2 | Protocol::Grpc);
-    cluster.budget.deposit();
+    cluster.budget.deposit(rec.start);
     let permit = match cluster.admit(cluster.policy().connect_timeout).await {
         Ok(p) => p,
         Err(e) => return local_reply(rec, FailureClass::Overloaded, e.to_string(), grpc),
@@ -390,7 +392,13 @@ pub async fn forward(
                 None => break,
             },
         };
-        let Some(ep) = cluster.pick() else {
+        // The first try reuses the request's start time: each clock read costs in a VM.
+        let try_start = if attempt == 0 {
+            rec.start
+        } else {
+            Instant::now()
+        };
+        let Some(ep) = cluster.pick(try_start) else {
             last_failure = Some((
                 FailureClass::NoHealthyUpstream,
                 format!(
@@ -404,7 +412,6 @@ pub async fn forward(
         rec.attempts = attempt + 1;
         rec.set_endpoint(&ep);
         let in_flight = ep.start();
-        let try_start = Instant::now();
         let per_try = plan.retry.and_then(|r| r.per_try_timeout);
         let remaining = deadline.map(|d| d.saturating_duration_since(try_start));
         let limit = match (per_try, remaining) {
@@ -415,19 +422,23 @@ pub async fn forward(
         // The try's future is built inside each arm: a future bound to a local and then moved
         // into `timeout` would occupy space twice in this function's future.
         let outcome = match limit {
-            Some(l) => tokio::time::timeout(l, send_once(shared, &cluster, &ep, req, h2, &mut rec))
-                .await
-                .unwrap_or_else(|_| {
-                    Try::Failed(
-                        FailureClass::UpstreamTimeout,
-                        format!("no response from {} within {l:?}", ep.cfg.addr),
-                    )
-                }),
-            None => send_once(shared, &cluster, &ep, req, h2, &mut rec).await,
+            Some(l) => tokio::time::timeout(
+                l,
+                send_once(shared, &cluster, &ep, req, h2, &mut rec, try_start),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Try::Failed(
+                    FailureClass::UpstreamTimeout,
+                    format!("no response from {} within {l:?}", ep.cfg.addr),
+                )
+            }),
+            None => send_once(shared, &cluster, &ep, req, h2, &mut rec, try_start).await,
         };
+        let done = Instant::now();
         let class = match &outcome {
             Try::Response(r) => {
-                ep.observe_latency(try_start.elapsed());
+                ep.observe_latency(done.saturating_duration_since(try_start), done);
                 grpc_status(r.headers()).map_or_else(
                     || FailureClass::from_status(r.status().as_u16()),
                     FailureClass::from_grpc,
@@ -435,13 +446,13 @@ pub async fn forward(
             }
             Try::Failed(c, _) => *c,
         };
-        let deadline_passed = deadline.is_some_and(|d| Instant::now() >= d);
+        let deadline_passed = deadline.is_some_and(|d| done >= d);
         let can_retry = plan.retry.is_some_and(|r| retry_wanted(r, &outcome))
             && attempt + 1 < max_tries
             && !deadline_passed
             && (empty || replay.as_ref().is_some_and(Replay::can_replay));
         if can_retry {
-            if cluster.budget.withdraw() {
+            if cluster.budget.withdraw(done) {
                 cluster.report(&ep, class);
                 shared
                     .metrics
@@ -478,7 +489,7 @@ pub async fn forward(
             Try::Response(resp) => {
                 // Outlier detection sees the final outcome once the body ends, so that a
                 // reset mid-body counts too.
-                rec.first_byte = Some(rec.start.elapsed());
+                rec.first_byte = Some(done.saturating_duration_since(rec.start));
                 rec.status = resp.status().as_u16();
                 rec.class = class;
                 rec.grpc(resp.headers());
@@ -510,7 +521,7 @@ pub async fn upgrade(
     mut req: Request<Incoming>,
     mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
-    let Some(ep) = cluster.pick() else {
+    let Some(ep) = cluster.pick(rec.start) else {
         return local_reply(
             rec,
             FailureClass::NoHealthyUpstream,
@@ -556,7 +567,7 @@ pub async fn upgrade(
         });
         Response::new(ProxyBody::full(Bytes::new()).with_on_end(rec))
     } else {
-        let body = H1Body::new(&head, conn, ep.clone());
+        let body = H1Body::new(&head, conn, ep.clone(), rec.start);
         Response::new(ProxyBody::upstream(UpstreamBody::H1(body)).with_on_end(rec))
     };
     *resp.status_mut() = head.status;
