@@ -4,6 +4,7 @@
 use std::{
     io::Write,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -11,7 +12,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 use serde::Serialize;
 
 use crate::{
-    cluster::{Endpoint, InFlight},
+    cluster::{Cluster, Endpoint, InFlight},
     http::{body::OnEnd, route::RequestAuthority},
     metrics::{Direction, Label, Metrics, RequestLabels},
     FailureClass,
@@ -93,8 +94,9 @@ pub struct Record {
     pub request_id: Option<HeaderValue>,
     /// Held until the response ends: in-flight count and admission slot.
     pub guards: Option<(InFlight, tokio::sync::OwnedSemaphorePermit)>,
-    /// Called with the final class (returns pooled connections, feeds outlier detection).
-    pub on_finish: Option<Box<dyn FnOnce(FailureClass) + Send>>,
+    /// The cluster and endpoint told the final class (outlier detection). Held directly
+    /// rather than as a boxed callback: one allocation fewer per request.
+    pub report_to: Option<(Arc<Cluster>, Arc<Endpoint>)>,
     metrics: Metrics,
     log: AccessLog,
     done: bool,
@@ -168,7 +170,7 @@ impl Record {
             trace_id: 0,
             request_id: None,
             guards: None,
-            on_finish: None,
+            report_to: None,
             metrics,
             log,
             done: false,
@@ -179,8 +181,8 @@ impl Record {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        if let Some(f) = self.on_finish.take() {
-            f(self.class);
+        if let Some((cluster, ep)) = self.report_to.take() {
+            cluster.report(&ep, self.class);
         }
         self.guards = None;
         let total = self.start.elapsed();

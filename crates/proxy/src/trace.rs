@@ -64,26 +64,36 @@ pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
         .get(&TRACEPARENT)
         .and_then(|v| parse_traceparent(v.as_bytes()));
     let (trace_id, flags) = existing.unwrap_or_else(|| (fastrand::u128(1..), 1));
-    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    // Both values are written into one buffer and shared from it: one allocation, not two.
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-0000000000-0000-0000-0000-000000000000";
+    let (tp, id) = buf.split_at_mut(55);
     hex_into(&mut tp[3..35], trace_id);
     hex_into(&mut tp[36..52], u128::from(fastrand::u64(1..)));
     hex_into(&mut tp[53..55], u128::from(flags));
-    headers.insert(
-        TRACEPARENT.clone(),
-        HeaderValue::from_bytes(&tp).expect("hex is a valid header"),
-    );
-    let request_id = match headers.get(&X_REQUEST_ID) {
-        Some(r) if !r.is_empty() => r.clone(),
-        _ => {
-            // A random UUID-shaped id.
-            let mut id = *b"00000000-0000-0000-0000-000000000000";
-            let n = fastrand::u128(..);
-            hex_into(&mut id[..8], n >> 96);
-            hex_into(&mut id[9..13], n >> 80);
-            hex_into(&mut id[14..18], n >> 64);
-            hex_into(&mut id[19..23], n >> 48);
-            hex_into(&mut id[24..], n);
-            let v = HeaderValue::from_bytes(&id).expect("hex is a valid header");
+    let existing_id = headers
+        .get(&X_REQUEST_ID)
+        .filter(|r| !r.is_empty())
+        .cloned();
+    if existing_id.is_none() {
+        // A random UUID-shaped id.
+        let n = fastrand::u128(..);
+        hex_into(&mut id[..8], n >> 96);
+        hex_into(&mut id[9..13], n >> 80);
+        hex_into(&mut id[14..18], n >> 64);
+        hex_into(&mut id[19..23], n >> 48);
+        hex_into(&mut id[24..], n);
+    }
+    let shared = bytes::Bytes::copy_from_slice(if existing_id.is_some() {
+        &buf[..55]
+    } else {
+        &buf[..]
+    });
+    let value = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).expect("hex is a valid header");
+    headers.insert(TRACEPARENT.clone(), value(shared.slice(..55)));
+    let request_id = match existing_id {
+        Some(r) => r,
+        None => {
+            let v = value(shared.slice(55..));
             headers.insert(X_REQUEST_ID.clone(), v.clone());
             v
         }

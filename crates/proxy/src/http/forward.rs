@@ -494,8 +494,7 @@ pub async fn forward(
                 rec.class = class;
                 rec.grpc(resp.headers());
                 rec.guards = Some((in_flight, permit));
-                let (cl, ep2) = (cluster.clone(), ep.clone());
-                rec.on_finish = Some(Box::new(move |final_class| cl.report(&ep2, final_class)));
+                rec.report_to = Some((cluster.clone(), ep.clone()));
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
                 if let Some(e) = plan.response_headers {
