@@ -275,3 +275,40 @@ async fn inbound_forwards_to_the_local_workload() {
     assert_eq!(log["dst_service"], "alpha.test");
     assert_eq!(log["route"], "inbound");
 }
+
+#[tokio::test]
+async fn inbound_connect_reaches_a_tcp_port_of_the_local_workload() {
+    let e = upstream::tcp_echo().await;
+    let cfg = docs(&[service("echo", "TCP", &[e]), client_workload(&[])]);
+    let p = ProxyProcess::start(BIN, &cfg, &["--workload", "test/echo-0"]);
+    let mut s = tokio::net::TcpStream::connect(p.inbound).await.unwrap();
+    s.write_all(b"CONNECT echo.test:80 HTTP/1.1\r\nHost: echo.test:80\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 256];
+    let n = s.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"opaque bytes in").await.unwrap();
+    let mut buf = [0u8; 15];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"opaque bytes in");
+    drop(s);
+    let log = p
+        .wait_log("inbound tcp line", |l| {
+            l["kind"] == "tcp" && l["direction"] == "inbound"
+        })
+        .await;
+    assert_eq!(log["dst_service"], "echo.test");
+    assert_eq!(log["bytes_sent"], 15);
+    // A port the workload does not have is refused, naming the ports it has.
+    let mut s = tokio::net::TcpStream::connect(p.inbound).await.unwrap();
+    s.write_all(b"CONNECT echo.test:81 HTTP/1.1\r\nHost: echo.test:81\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = vec![0u8; 1024];
+    let n = s.read(&mut out).await.unwrap();
+    let out = String::from_utf8_lossy(&out[..n]).into_owned();
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert!(out.contains("x-trellis-failure: no_route"), "{out}");
+}

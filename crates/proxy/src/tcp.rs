@@ -164,7 +164,8 @@ pub async fn connect_tunnel(
     mut req: Request<Incoming>,
     mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
-    let mut g = ConnGuard::new(shared.clone(), Direction::outbound, cluster.service.clone());
+    // Outbound, or inbound to the local workload: the record knows which listener it came on.
+    let mut g = ConnGuard::new(shared.clone(), rec.direction, cluster.service.clone());
     let up = connect(&cluster, &mut g).await;
     rec.upstream = g.upstream;
     let Some(mut up) = up else {

@@ -249,6 +249,9 @@ fn inbound(
     rec.authority = route::authority(&req);
     // The port the caller used picks the target; with one HTTP port, that one.
     let port = rec.authority.as_ref().and_then(|a| a.host_port().1);
+    if req.method() == Method::CONNECT {
+        return inbound_tunnel(snap, port, req, rec);
+    }
     let http = |t: &&crate::state::InboundTarget| t.protocol != Protocol::Tcp;
     let target = snap
         .inbound
@@ -275,6 +278,29 @@ fn inbound(
         response_headers: None,
     };
     Next::Forward(plan, req, rec)
+}
+
+/// Opaque TCP to the local workload: `CONNECT host:PORT` on the inbound listener reaches the
+/// workload's port PORT (any protocol; TCP ports are reachable only this way). This is how a
+/// peer's proxy carries TCP to a workload behind its sidecar; with mutual TLS the same
+/// tunnel runs inside the peers' TLS connection.
+fn inbound_tunnel(
+    snap: &Snapshot,
+    port: Option<u16>,
+    req: Request<Incoming>,
+    mut rec: Box<Record>,
+) -> Next<'static> {
+    let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {
+        let ports: Vec<u16> = snap.inbound.iter().map(|t| t.port).collect();
+        let detail = format!(
+            "CONNECT to port {}: the local workload has no such port (ports: {ports:?})",
+            port.map_or_else(|| "(none)".to_string(), |p| p.to_string())
+        );
+        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, false));
+    };
+    rec.dst_service = target.cluster.service.clone();
+    rec.route = INBOUND_ROUTE.with(Clone::clone);
+    Next::Tunnel(target.cluster.clone(), req, rec)
 }
 
 /// A plain response for admin endpoints.
