@@ -454,14 +454,7 @@ pub async fn forward(
         if can_retry {
             if cluster.budget.withdraw(done) {
                 cluster.report(&ep, class);
-                shared
-                    .metrics
-                    .retries
-                    .get_or_create(&crate::metrics::RetryLabels {
-                        cluster: cluster.key.clone(),
-                        outcome: "sent",
-                    })
-                    .inc();
+                count_retry(shared, &cluster, "sent");
                 let b = backoff(plan.retry.map_or(Duration::ZERO, |r| r.backoff), attempt);
                 let b = deadline.map_or(b, |d| b.min(d.saturating_duration_since(Instant::now())));
                 tokio::time::sleep(b).await;
@@ -470,14 +463,7 @@ pub async fn forward(
                 }
                 continue;
             }
-            shared
-                .metrics
-                .retries
-                .get_or_create(&crate::metrics::RetryLabels {
-                    cluster: cluster.key.clone(),
-                    outcome: "budget_exhausted",
-                })
-                .inc();
+            count_retry(shared, &cluster, "budget_exhausted");
             rec.detail = Some("retry budget exhausted".into());
         }
         match outcome {
@@ -487,20 +473,13 @@ pub async fn forward(
                 break;
             }
             Try::Response(resp) => {
+                rec.first_byte = Some(done.saturating_duration_since(rec.start));
+                rec.class = class;
+                rec.guards = Some((in_flight, permit));
                 // Outlier detection sees the final outcome once the body ends, so that a
                 // reset mid-body counts too.
-                rec.first_byte = Some(done.saturating_duration_since(rec.start));
-                rec.status = resp.status().as_u16();
-                rec.class = class;
-                rec.grpc(resp.headers());
-                rec.guards = Some((in_flight, permit));
                 rec.report_to = Some((cluster.clone(), ep.clone()));
-                let (mut rparts, rbody) = resp.into_parts();
-                strip_hop_by_hop(&mut rparts.headers);
-                if let Some(e) = plan.response_headers {
-                    edit_headers(&mut rparts.headers, e);
-                }
-                return Response::from_parts(rparts, ProxyBody::upstream(rbody).with_on_end(rec));
+                return relay(resp, rec, plan.response_headers);
             }
         }
     }
@@ -510,6 +489,31 @@ pub async fn forward(
     });
     drop(permit);
     local_reply(rec, class, detail, grpc)
+}
+
+/// The upstream's response on its way to the client: hop-by-hop headers out, the route's
+/// edits applied, and the record completed when the body ends.
+fn relay(
+    resp: Response<UpstreamBody>,
+    mut rec: Box<Record>,
+    edits: Option<&HeaderEdits>,
+) -> Response<ProxyBody> {
+    rec.status = resp.status().as_u16();
+    rec.grpc(resp.headers());
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(e) = edits {
+        edit_headers(&mut parts.headers, e);
+    }
+    Response::from_parts(parts, ProxyBody::upstream(body).with_on_end(rec))
+}
+
+fn count_retry(shared: &Shared, cluster: &Cluster, outcome: &'static str) {
+    let labels = crate::metrics::RetryLabels {
+        cluster: cluster.key.clone(),
+        outcome,
+    };
+    shared.metrics.retries.get_or_create(&labels).inc();
 }
 
 /// Forward an HTTP/1.1 Upgrade (e.g. WebSocket) on a dedicated connection, then splice the
