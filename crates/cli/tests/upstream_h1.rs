@@ -324,3 +324,47 @@ async fn malformed_upstream_responses_are_protocol_errors() {
         .await;
     assert_eq!(log["failure_class"], "protocol_error");
 }
+
+#[tokio::test]
+async fn a_pooled_connection_closed_by_the_upstream_is_not_used() {
+    // Each connection answers one request, then the server closes it (without saying
+    // `connection: close`), as servers do when their keep-alive timeout expires.
+    let closed = Arc::new(AtomicUsize::new(0));
+    let c = closed.clone();
+    let up = upstream::tcp(move |mut s| {
+        let c = c.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_some() {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            }
+            drop(s);
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let p = proxy_for(up);
+    let mut requests = 0;
+    for i in 0..5 {
+        let r = client::get_full(p.outbound, "alpha.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        requests += 1;
+        eventually("the upstream closed", Duration::from_secs(5), async || {
+            (closed.load(Ordering::SeqCst) >= requests).then_some(())
+        })
+        .await;
+        // A POST may not be resent, so it only succeeds if the proxy noticed the close
+        // (the pool's liveness probe) and opened a fresh connection.
+        let out = raw(
+            &p,
+            b"POST /p HTTP/1.1\r\nHost: alpha.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200"), "round {i}: {out}");
+        requests += 1;
+    }
+}
