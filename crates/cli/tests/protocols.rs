@@ -159,6 +159,61 @@ async fn grpc_unary_streaming_and_errors_pass_through() {
     assert_eq!(log["protocol"], "HTTP/2");
 }
 
+/// A tonic health server on an ephemeral port where `shop.Catalog` has `status`.
+async fn health_server(status: tonic_health::ServingStatus) -> std::net::SocketAddr {
+    let (reporter, svc) = tonic_health::server::health_reporter();
+    reporter.set_service_status("shop.Catalog", status).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _reporter = reporter;
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream_from(l))
+            .await
+    });
+    addr
+}
+
+#[tokio::test]
+async fn grpc_route_sends_one_method_elsewhere() {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let a = health_server(tonic_health::ServingStatus::Serving).await;
+    let b = health_server(tonic_health::ServingStatus::NotServing).await;
+    let grpc_route = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: check-to-b, namespace: test }\nspec:\n  parentRefs: [{ name: grpc, port: 80 }]\n  rules:\n    - matches: [{ method: { service: grpc.health.v1.Health, method: Check } }]\n      backendRefs: [{ name: grpc-b, port: 80 }]\n".to_string();
+    let p = start(&docs(&[
+        service("grpc", "GRPC", &[a]),
+        service("grpc-b", "GRPC", &[b]),
+        grpc_route,
+        client_workload(&[]),
+    ]));
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", p.outbound))
+        .unwrap()
+        .origin("http://grpc.test".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut c = HealthClient::new(ch);
+    let req = || HealthCheckRequest {
+        service: "shop.Catalog".into(),
+    };
+    // Check matches the route: served by b.
+    let r = c.check(req()).await.unwrap().into_inner();
+    assert_eq!(r.status, ServingStatus::NotServing as i32);
+    // Watch does not: the default route, served by a.
+    let mut stream = c.watch(req()).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let log = p
+        .wait_log("routed check", |l| {
+            l["path"] == "/grpc.health.v1.Health/Check"
+        })
+        .await;
+    assert_eq!(log["dst_workload"], "grpc-b-0");
+}
+
 fn tokio_stream_from(
     l: tokio::net::TcpListener,
 ) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {

@@ -88,6 +88,8 @@ pub enum Spec {
     Workload(WorkloadSpec),
     /// `kind: HTTPRoute`.
     HttpRoute(HttpRouteSpec),
+    /// `kind: GRPCRoute`.
+    GrpcRoute(GrpcRouteSpec),
     /// `kind: BackendTrafficPolicy`.
     BackendPolicy(BackendPolicySpec),
 }
@@ -99,6 +101,7 @@ impl Resource {
             Spec::Service(_) => "Service",
             Spec::Workload(_) => "Workload",
             Spec::HttpRoute(_) => "HTTPRoute",
+            Spec::GrpcRoute(_) => "GRPCRoute",
             Spec::BackendPolicy(_) => "BackendTrafficPolicy",
         }
     }
@@ -116,6 +119,7 @@ const KINDS: &[(&str, &str)] = &[
     ("Service", "trellis.dev/v1alpha1"),
     ("Workload", "trellis.dev/v1alpha1"),
     ("HTTPRoute", "gateway.networking.k8s.io/v1"),
+    ("GRPCRoute", "gateway.networking.k8s.io/v1"),
     ("BackendTrafficPolicy", "trellis.dev/v1alpha1"),
 ];
 
@@ -159,6 +163,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                         "Service" => Spec::Service(map.next_value()?),
                         "Workload" => Spec::Workload(map.next_value()?),
                         "HTTPRoute" => Spec::HttpRoute(map.next_value()?),
+                        "GRPCRoute" => Spec::GrpcRoute(map.next_value()?),
                         "BackendTrafficPolicy" => Spec::BackendPolicy(map.next_value()?),
                         other => return Err(unknown_kind(other)),
                     });
@@ -541,6 +546,172 @@ pub struct RouteRetry {
     /// Timeout of each try.
     #[serde(default)]
     pub per_try_timeout: Option<DurationValue>,
+}
+
+// === GRPCRoute ===
+
+/// `kind: GRPCRoute` (Gateway API, GAMMA style): gRPC calls routed by service and method.
+/// A gRPC call is a POST to `/SERVICE/METHOD`, so the route is carried out as the equivalent
+/// HTTPRoute ([`GrpcRouteSpec::to_http`]): one routing engine, one precedence order.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    /// The services this route attaches to.
+    pub parent_refs: Vec<ParentRef>,
+    /// Rules.
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+    /// Hostnames (accepted for compatibility; GAMMA routes match by parent).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+}
+
+/// One rule of a gRPC route.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    /// Optional rule name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Any of these matches selects the rule; none means "every call".
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// Filters: header modifiers.
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    /// Timeouts (a Trellis extension, as on HTTPRoute).
+    #[serde(default)]
+    pub timeouts: Option<RouteTimeouts>,
+    /// Retry policy (a Trellis extension; `grpcCodes` is the useful part).
+    #[serde(default)]
+    pub retry: Option<RouteRetry>,
+}
+
+/// A gRPC match: all given conditions must hold.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    /// Service and method.
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    /// Header (metadata) matches.
+    #[serde(default)]
+    pub headers: Vec<ValueMatch>,
+}
+
+/// Service and method match; at least one of the two.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(default, rename = "type")]
+    pub kind: ValueMatchKind,
+    /// Fully qualified service, e.g. `shop.Catalog`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Method, e.g. `GetItem`.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+fn is_grpc_name(s: &str, dots: bool) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (dots && c == '.'))
+}
+
+impl GrpcRouteSpec {
+    /// The equivalent HTTPRoute. Errors name the field (relative to the resource) and say
+    /// what is wrong.
+    pub fn to_http(&self) -> Result<HttpRouteSpec, (String, String)> {
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (ri, r) in self.rules.iter().enumerate() {
+            let mut matches = Vec::with_capacity(r.matches.len());
+            for (mi, m) in r.matches.iter().enumerate() {
+                let field = |f: &str| format!("spec.rules[{ri}].matches[{mi}].method.{f}");
+                let path = match &m.method {
+                    None => None,
+                    Some(mm) => Some(grpc_path(mm).map_err(|(f, msg)| (field(f), msg))?),
+                };
+                matches.push(RouteMatch {
+                    path,
+                    method: None,
+                    headers: m.headers.clone(),
+                    query_params: Vec::new(),
+                });
+            }
+            rules.push(RouteRule {
+                name: r.name.clone(),
+                matches,
+                filters: r.filters.clone(),
+                backend_refs: r.backend_refs.clone(),
+                timeouts: r.timeouts.clone(),
+                retry: r.retry.clone(),
+            });
+        }
+        Ok(HttpRouteSpec {
+            parent_refs: self.parent_refs.clone(),
+            rules,
+            hostnames: self.hostnames.clone(),
+        })
+    }
+}
+
+/// The path match for a service/method match: `/SERVICE/METHOD`.
+fn grpc_path(m: &GrpcMethodMatch) -> Result<PathMatch, (&'static str, String)> {
+    let (service, method) = (m.service.as_deref(), m.method.as_deref());
+    if service.is_none() && method.is_none() {
+        return Err((
+            "service",
+            "a method match needs a service, a method or both".into(),
+        ));
+    }
+    match m.kind {
+        ValueMatchKind::Exact => {
+            if let Some(s) = service.filter(|s| !is_grpc_name(s, true)) {
+                return Err(("service", format!("{s:?} is not a gRPC service name")));
+            }
+            if let Some(x) = method.filter(|x| !is_grpc_name(x, false)) {
+                return Err(("method", format!("{x:?} is not a gRPC method name")));
+            }
+            Ok(match (service, method) {
+                (Some(s), Some(x)) => PathMatch::Exact(format!("/{s}/{x}")),
+                (Some(s), None) => PathMatch::PathPrefix(format!("/{s}")),
+                // Names are checked above, so they are literal in the pattern.
+                (None, Some(x)) => PathMatch::RegularExpression(
+                    anchored(&format!("/[^/]+/{}", regex::escape(x))).map_err(|e| ("method", e))?,
+                ),
+                (None, None) => unreachable!("checked above"),
+            })
+        }
+        ValueMatchKind::RegularExpression => {
+            for (f, p) in [("service", service), ("method", method)] {
+                if let Some(p) = p {
+                    regex::Regex::new(p)
+                        .map_err(|e| (f, format!("invalid regular expression {p:?}: {e}")))?;
+                }
+            }
+            let pattern = format!(
+                "/(?:{})/(?:{})",
+                service.unwrap_or("[^/]+"),
+                method.unwrap_or("[^/]+")
+            );
+            Ok(PathMatch::RegularExpression(
+                anchored(&pattern).map_err(|e| ("service", e))?,
+            ))
+        }
+    }
+}
+
+fn anchored(pattern: &str) -> Result<RegexValue, String> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+        .map(RegexValue)
+        .map_err(|e| format!("invalid regular expression {pattern:?}: {e}"))
 }
 
 // === BackendTrafficPolicy ===

@@ -1,6 +1,7 @@
 //! Translation of stored resources into one proxy's [`ProxyConfig`].
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
@@ -22,7 +23,8 @@ struct Index<'a> {
     file: &'a str,
     services: BTreeMap<NamespacedName, (&'a Resource, &'a ServiceSpec)>,
     workloads: BTreeMap<NamespacedName, (&'a Resource, &'a WorkloadSpec)>,
-    routes: Vec<(&'a Resource, &'a HttpRouteSpec)>,
+    /// HTTPRoutes as written, GRPCRoutes as their equivalent HTTPRoute.
+    routes: Vec<(&'a Resource, Cow<'a, HttpRouteSpec>)>,
     policies: Vec<(&'a Resource, &'a BackendPolicySpec)>,
 }
 
@@ -104,7 +106,13 @@ fn index<'a>(file: &'a str, resources: &'a [Resource]) -> Result<Index<'a>> {
         match &r.spec {
             Spec::Service(s) => drop(ix.services.insert(r.id(), (r, s))),
             Spec::Workload(w) => drop(ix.workloads.insert(r.id(), (r, w))),
-            Spec::HttpRoute(h) => ix.routes.push((r, h)),
+            Spec::HttpRoute(h) => ix.routes.push((r, Cow::Borrowed(h))),
+            Spec::GrpcRoute(g) => {
+                let h = g.to_http().map_err(|(f, m)| {
+                    ConfigError::invalid(file, r.line, format!("GRPCRoute {}: {f}", r.id()), m)
+                })?;
+                ix.routes.push((r, Cow::Owned(h)));
+            }
             Spec::BackendPolicy(p) => ix.policies.push((r, p)),
         }
     }
@@ -305,7 +313,7 @@ fn attach_routes(
     let mut attached: BTreeMap<(NamespacedName, u16), Vec<(PrecedenceKey, RouteConfig)>> =
         BTreeMap::new();
     for (order, (res, route)) in ix.routes.iter().enumerate() {
-        let field = |f: &str| format!("HTTPRoute {}: {f}", res.id());
+        let field = |f: &str| format!("{} {}: {f}", res.kind(), res.id());
         if route.parent_refs.is_empty() {
             return Err(ConfigError::invalid(
                 ix.file,
@@ -425,7 +433,13 @@ fn match_config(
     mi: usize,
     m: &RouteMatch,
 ) -> Result<MatchConfig> {
-    let field = |f: &str| format!("HTTPRoute {}: spec.rules[{ri}].matches[{mi}].{f}", res.id());
+    let field = |f: &str| {
+        format!(
+            "{} {}: spec.rules[{ri}].matches[{mi}].{f}",
+            res.kind(),
+            res.id()
+        )
+    };
     let path = match &m.path {
         None => None,
         Some(PathMatch::Exact(p)) | Some(PathMatch::PathPrefix(p)) if !p.starts_with('/') => {
@@ -500,7 +514,7 @@ fn rule_config(
     port: u16,
     name: String,
 ) -> Result<RouteConfig> {
-    let field = |f: &str| format!("HTTPRoute {}: spec.rules[{ri}].{f}", res.id());
+    let field = |f: &str| format!("{} {}: spec.rules[{ri}].{f}", res.kind(), res.id());
     let mut backends = Vec::new();
     for (bi, b) in rule.backend_refs.iter().enumerate() {
         let line = b.name.referenced.line();

@@ -86,3 +86,58 @@ fn precedence_exact_before_prefix() {
     ));
     assert!(matches!(&routes[1].matches[0].path, Some(PathMatchConfig::Prefix(p)) if p == "/api"));
 }
+
+const GRPC_BASE: &str = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: cat, namespace: shop }\nspec:\n  selector: { app: cat }\n  ports: [{ name: grpc, port: 80, targetPort: 9000, protocol: GRPC }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: frontend-1, namespace: shop }\nspec: { address: 127.0.0.1 }\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: g, namespace: shop }\nspec:\n  parentRefs: [{ name: cat, port: 80 }]\n  rules:\n";
+
+#[test]
+fn grpc_routes_become_path_matches() {
+    let text = format!(
+        "{GRPC_BASE}    - matches: [{{ method: {{ service: shop.Catalog, method: Get }} }}]\n    - matches: [{{ method: {{ service: shop.Catalog }} }}]\n    - matches: [{{ method: {{ method: List }} }}]\n    - matches: [{{ method: {{ type: RegularExpression, service: 'shop\\..*', method: 'Get.*' }}, headers: [{{ name: x-tenant, value: a }}] }}]\n"
+    );
+    let res = parse_documents("g.yaml", &text).unwrap();
+    let cfg = translate("g.yaml", &res, Some(&nn("shop/frontend-1"))).unwrap();
+    let routes = &cfg.services[&nn("shop/cat")].ports[0].routes;
+    let paths: Vec<String> = routes
+        .iter()
+        .flat_map(|r| r.matches.iter())
+        .map(|m| format!("{:?}", m.path))
+        .collect();
+    let all = paths.join(" ");
+    assert!(all.contains("Exact(\"/shop.Catalog/Get\")"), "{all}");
+    assert!(all.contains("Prefix(\"/shop.Catalog\")"), "{all}");
+    assert!(all.contains("/[^/]+/List"), "{all}");
+    assert!(all.contains("/(?:shop\\\\..*)/(?:Get.*)"), "{all}");
+    // The exact method outranks the service prefix, which outranks the expressions.
+    assert!(paths[0].contains("Exact"), "{paths:?}");
+}
+
+#[test]
+fn bad_grpc_matches_name_the_field() {
+    for (rule, field) in [
+        (
+            "{ method: { service: 'shop/Catalog' } }",
+            "matches[0].method.service",
+        ),
+        (
+            "{ method: { service: a, method: 'Get.Item' } }",
+            "matches[0].method.method",
+        ),
+        (
+            "{ method: { type: RegularExpression, method: '(' } }",
+            "matches[0].method.method",
+        ),
+        ("{ method: {} }", "matches[0].method.service"),
+    ] {
+        let text = format!("{GRPC_BASE}    - matches: [{rule}]\n");
+        let e = err(&text);
+        let ConfigError::Invalid { line, field: f, .. } = &e else {
+            panic!("{e}")
+        };
+        assert!(
+            f.starts_with("GRPCRoute shop/g: spec.rules[0].") && f.ends_with(field),
+            "{e}"
+        );
+        let kind_line = text.lines().position(|l| l == "kind: GRPCRoute").unwrap() as u64 + 1;
+        assert_eq!(*line, kind_line, "{e}");
+    }
+}
