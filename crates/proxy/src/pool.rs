@@ -88,8 +88,9 @@ impl UpstreamError {
 
 /// A connection ready to carry one request.
 pub enum Sender {
-    /// HTTP/1.1; returned to the pool when the response body ends.
-    H1(Conn),
+    /// HTTP/1.1; returned to the pool when the response body ends. Boxed once per
+    /// connection, so that requests move a pointer rather than the connection's buffers.
+    H1(Box<Conn>),
     /// HTTP/2; shared.
     H2(http2::SendRequest<UpBody>),
 }
@@ -110,7 +111,7 @@ pub struct ConnectCtx<'a> {
 pub struct Pool {
     addr: SocketAddr,
     idle_timeout: Duration,
-    idle: Mutex<Vec<(Instant, Conn)>>,
+    idle: Mutex<Vec<(Instant, Box<Conn>)>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
@@ -155,7 +156,7 @@ impl Pool {
         Ok((s, start.elapsed()))
     }
 
-    fn pop_idle(&self, now: Instant) -> Option<Conn> {
+    fn pop_idle(&self, now: Instant) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().expect("pool lock");
         while let Some((since, c)) = idle.pop() {
             if now.saturating_duration_since(since) < self.idle_timeout && c.is_alive() {
@@ -168,7 +169,7 @@ impl Pool {
     /// Return an HTTP/1.1 connection whose exchange completed. `since` is when that exchange
     /// began: counting its duration as idle time errs towards closing sooner, and saves a
     /// clock read.
-    pub fn checkin(&self, c: Conn, since: Instant) {
+    pub fn checkin(&self, c: Box<Conn>, since: Instant) {
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < MAX_IDLE {
             idle.push((since, c));
@@ -211,13 +212,13 @@ impl Pool {
             Ok(Sender::H2(s))
         } else {
             open.inc();
-            Ok(Sender::H1(Conn::new(
+            Ok(Sender::H1(Box::new(Conn::new(
                 stream,
                 Slot {
                     _permit: permit,
                     open,
                 },
-            )))
+            ))))
         }
     }
 }

@@ -368,7 +368,7 @@ pub(crate) fn prepare_resend(err: &H1Error, req: &mut Request<UpBody>) -> bool {
 /// A response body read straight from the upstream connection. When it ends cleanly the
 /// connection goes back to its endpoint's pool; dropped early, the connection is closed.
 pub struct H1Body {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     decoder: Decoder,
     keep_alive: bool,
     home: Arc<Endpoint>,
@@ -378,7 +378,7 @@ pub struct H1Body {
 
 impl H1Body {
     /// The body of `head`, read from `conn`.
-    pub(crate) fn new(head: &Head, conn: Conn, home: Arc<Endpoint>, began: Instant) -> Self {
+    pub(crate) fn new(head: &Head, conn: Box<Conn>, home: Arc<Endpoint>, began: Instant) -> Self {
         let mut b = Self {
             conn: Some(conn),
             decoder: Decoder::new(head.framing),
