@@ -185,7 +185,8 @@ async fn bad_requests_get_4xx_and_slow_clients_are_cut_off() {
             "16384",
         ],
     );
-    // A slow client holds a connection open mid-headers.
+    // A silent client sends nothing at all; a slow one stops mid-headers.
+    let mut silent = tokio::net::TcpStream::connect(p.outbound).await.unwrap();
     let mut slow = tokio::net::TcpStream::connect(p.outbound).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: web.te")
         .await
@@ -212,6 +213,10 @@ async fn bad_requests_get_4xx_and_slow_clients_are_cut_off() {
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"
     );
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("the silent client is cut off within the deadline");
+    assert_eq!(n.unwrap_or(0), 0, "closed without a response");
     let (st, _) = client::get(p.outbound, "web.test", "/", &[]).await.unwrap();
     assert_eq!(st, 200, "the proxy is still up");
 }

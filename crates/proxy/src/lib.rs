@@ -7,7 +7,6 @@
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, task::JoinHandle};
 use trellis_model::{
@@ -133,7 +132,7 @@ pub struct Proxy {
     /// differs from it.
     seen: String,
     /// One HTTP connection builder (limits from `opts`) for every listener.
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http::server::Builders>,
     /// Bound addresses: admin, outbound, inbound.
     pub addrs: (SocketAddr, SocketAddr, SocketAddr),
 }
@@ -179,7 +178,7 @@ fn bind_key(cfg: &ProxyConfig, i: usize) -> String {
 
 fn spawn_accept(
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http::server::Builders>,
     listener: TcpListener,
     serve: Serve,
 ) -> JoinHandle<()> {
