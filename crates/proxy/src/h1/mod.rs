@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Method, Request};
 use http_body::{Body, Frame, SizeHint};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    io::{AsyncWriteExt, Interest},
     net::TcpStream,
 };
 
@@ -122,42 +122,69 @@ impl Conn {
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
-            self.rbuf.reserve(self.read_size);
-        }
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            let room = self.rbuf.capacity() - self.rbuf.len();
-            let (io, rbuf) = (&self.io, &mut self.rbuf);
-            let mut drained = None;
-            // A read shorter than the room drained the socket. Saying "would block" to tokio
-            // then clears its readiness flag (unless an event arrived meanwhile), so the next
-            // wait, or the pool's liveness probe, goes by epoll instead of asking the kernel
-            // once more just to hear EAGAIN: one system call fewer per request.
-            let res = io.try_io(Interest::READABLE, || {
-                let n = io.try_read_buf(rbuf)?;
-                if n > 0 && n < room {
-                    drained = Some(n);
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            });
-            match (res, drained) {
-                (_, Some(n)) => return Poll::Ready(Ok(n)),
-                (Ok(n), None) => {
-                    if n == room && self.read_size < MAX_READ {
-                        self.read_size *= 2;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                (Err(e), None) => return Poll::Ready(Err(e)),
+        poll_fill(&self.io, &mut self.rbuf, &mut self.read_size, cx)
+    }
+}
+
+/// Read more of the response into `rbuf`: `Ok(0)` at EOF. `read_size` grows while reads
+/// fill it.
+fn poll_fill(
+    io: &TcpStream,
+    rbuf: &mut BytesMut,
+    read_size: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if rbuf.capacity() - rbuf.len() < *read_size / 2 {
+        rbuf.reserve(*read_size);
+    }
+    loop {
+        ready!(io.poll_read_ready(cx))?;
+        let room = rbuf.capacity() - rbuf.len();
+        let mut drained = None;
+        // A read shorter than the room drained the socket. Saying "would block" to tokio
+        // then clears its readiness flag (unless an event arrived meanwhile), so the next
+        // wait, or the pool's liveness probe, goes by epoll instead of asking the kernel
+        // once more just to hear EAGAIN: one system call fewer per request.
+        let res = io.try_io(Interest::READABLE, || {
+            let n = io.try_read_buf(rbuf)?;
+            if n > 0 && n < room {
+                drained = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
             }
+            Ok(n)
+        });
+        match (res, drained) {
+            (_, Some(n)) => return Poll::Ready(Ok(n)),
+            (Ok(n), None) => {
+                if n == room && *read_size < MAX_READ {
+                    *read_size *= 2;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (Err(e), None) => return Poll::Ready(Err(e)),
         }
     }
+}
 
-    async fn fill(&mut self) -> io::Result<usize> {
-        poll_fn(|cx| self.poll_fill(cx)).await
+/// Read until `rbuf` holds a final (or 101) response head, and take it.
+fn poll_head(
+    io: &TcpStream,
+    rbuf: &mut BytesMut,
+    read_size: &mut usize,
+    method: &Method,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, H1Error>> {
+    loop {
+        if let Some(head) = next_head(rbuf, method)? {
+            return Poll::Ready(Ok(head));
+        }
+        let before = rbuf.len();
+        match ready!(poll_fill(io, rbuf, read_size, cx)) {
+            Ok(0) => return Poll::Ready(Err(H1Error::Closed(before == 0))),
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(e.into())),
+        }
     }
 }
 
@@ -194,19 +221,15 @@ pub(crate) async fn exchange(conn: &mut Conn, req: &mut Request<UpBody>) -> Resu
     let body = req.body_mut();
     let head = if framing == ReqFraming::None {
         conn.io.write_all(&conn.wbuf).await?;
-        read_head(conn, &method).await?
+        poll_fn(|cx| poll_head(&conn.io, &mut conn.rbuf, &mut conn.read_size, &method, cx)).await?
     } else {
         // Boxed: requests with bodies are the minority, and every request's future would
         // otherwise carry (and hyper would copy) this one's space.
-        let (head, body_sent) =
+        let (mut head, body_sent) =
             Box::pin(send_body_and_read_head(conn, body, framing, &method)).await?;
-        if !body_sent {
-            let mut head = head;
-            head.keep_alive = false;
-            head
-        } else {
-            head
-        }
+        // An answer that came before the whole body was sent leaves the connection unusable.
+        head.keep_alive &= body_sent;
+        head
     };
     Ok(head)
 }
@@ -217,8 +240,14 @@ async fn send_body_and_read_head(
     framing: ReqFraming,
     method: &Method,
 ) -> Result<(Head, bool), H1Error> {
-    let Conn { io, rbuf, wbuf, .. } = conn;
-    let (mut rd, mut wr) = io.split();
+    let Conn {
+        io,
+        rbuf,
+        wbuf,
+        read_size,
+        ..
+    } = conn;
+    let (rd, mut wr) = io.split();
     let mut write = pin!(async {
         let coalesce = matches!(framing, ReqFraming::Length(n) if n <= COALESCE);
         if !coalesce {
@@ -256,18 +285,13 @@ async fn send_body_and_read_head(
         Ok::<_, H1Error>(())
     });
     let mut written: Option<Result<(), H1Error>> = None;
-    let mut reader = ReadHead {
-        rbuf,
-        method,
-        read_size: MIN_READ,
-    };
     poll_fn(|cx| {
         if written.is_none() {
             if let Poll::Ready(r) = write.as_mut().poll(cx) {
                 written = Some(r);
             }
         }
-        match reader.poll(&mut rd, cx) {
+        match poll_head(rd.as_ref(), rbuf, read_size, method, cx) {
             Poll::Ready(Ok(head)) => {
                 Poll::Ready(Ok((head, matches!(written, Some(Ok(())))))) // early answers end reuse
             }
@@ -292,54 +316,12 @@ async fn send_body_and_read_head(
     .await
 }
 
-/// Reads a response head from a borrowed read half.
-struct ReadHead<'a> {
-    rbuf: &'a mut BytesMut,
-    method: &'a Method,
-    read_size: usize,
-}
-
-impl ReadHead<'_> {
-    fn poll(
-        &mut self,
-        rd: &mut tokio::net::tcp::ReadHalf<'_>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Head, H1Error>> {
-        loop {
-            if let Some(head) = next_head(self.rbuf, self.method)? {
-                return Poll::Ready(Ok(head));
-            }
-            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-                self.rbuf.reserve(self.read_size);
-            }
-            let before = self.rbuf.len();
-            let fut = pin!(rd.read_buf(self.rbuf));
-            let n = ready!(fut.poll(cx))?;
-            if n == 0 {
-                return Poll::Ready(Err(H1Error::Closed(before == 0)));
-            }
-        }
-    }
-}
-
 /// The next final (or 101) response head in `buf`, skipping 1xx interim responses.
 fn next_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
     loop {
         match codec::parse_response_head(buf, method)? {
             Some(h) if h.status.is_informational() && h.status.as_u16() != 101 => continue,
             other => return Ok(other),
-        }
-    }
-}
-
-async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, H1Error> {
-    loop {
-        if let Some(head) = next_head(&mut conn.rbuf, method)? {
-            return Ok(head);
-        }
-        let before = conn.rbuf.len();
-        if conn.fill().await? == 0 {
-            return Err(H1Error::Closed(before == 0));
         }
     }
 }
