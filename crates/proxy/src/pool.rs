@@ -197,28 +197,31 @@ impl Pool {
             })
             .clone();
         let addr = self.addr;
-        if h2 {
-            let (s, conn) = http2::Builder::new(TokioExecutor::new())
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(|source| UpstreamError::Handshake { addr, source })?;
-            open.inc();
-            tokio::spawn(async move {
-                let _ = conn.await;
-                open.dec();
-                drop(permit);
-            });
-            *self.h2.lock().expect("pool lock") = Some(s.clone());
-            Ok(Sender::H2(s))
-        } else {
-            open.inc();
-            Ok(Sender::H1(Box::new(Conn::new(
-                stream,
-                Slot {
-                    _permit: permit,
-                    open,
-                },
-            ))))
+        open.inc();
+        let slot = Slot {
+            _permit: permit,
+            open,
+        };
+        if !h2 {
+            return Ok(Sender::H1(Box::new(Conn::new(stream, slot))));
+        }
+        let (s, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+        *self.h2.lock().expect("pool lock") = Some(s.clone());
+        Ok(Sender::H2(s))
+    }
+
+    /// Open a new HTTP/1.1 connection (not pooled until checked in).
+    pub async fn connect_h1(&self, ctx: &ConnectCtx<'_>) -> Result<Box<Conn>, UpstreamError> {
+        match self.connect(false, ctx).await? {
+            Sender::H1(c) => Ok(c),
+            Sender::H2(_) => unreachable!("asked for HTTP/1.1"),
         }
     }
 }

@@ -321,9 +321,8 @@ async fn send_h1(
             drop(conn);
             let start = Instant::now();
             // Boxed for the same reason as in `Pool::checkout`.
-            conn = match Box::pin(ep.pool.connect(false, ctx)).await {
-                Ok(Sender::H1(c)) => c,
-                Ok(Sender::H2(_)) => unreachable!("asked for HTTP/1.1"),
+            conn = match Box::pin(ep.pool.connect_h1(ctx)).await {
+                Ok(c) => c,
                 Err(e) => return Try::Failed(e.class(), e.to_string()),
             };
             rec.connect = Some(start.elapsed());
@@ -553,9 +552,8 @@ pub async fn upgrade(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let ctx = cluster.connect_ctx(&shared.metrics);
     let start = Instant::now();
-    let mut conn = match ep.pool.connect(false, &ctx).await {
-        Ok(Sender::H1(c)) => c,
-        Ok(Sender::H2(_)) => unreachable!("asked for HTTP/1.1"),
+    let mut conn = match ep.pool.connect_h1(&ctx).await {
+        Ok(c) => c,
         Err(e) => return local_reply(rec, e.class(), e.to_string(), false),
     };
     rec.connect = Some(start.elapsed());
