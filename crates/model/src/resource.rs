@@ -337,15 +337,16 @@ pub struct Upstream {
 
 // === HTTPRoute ===
 
-/// `kind: HTTPRoute` (Gateway API, GAMMA style).
+/// A route's spec (Gateway API, GAMMA style): HTTPRoute and GRPCRoute differ only in what a
+/// rule matches on (`M`).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct HttpRouteSpec {
+pub struct RouteSpec<M = RouteMatch> {
     /// The services this route attaches to.
     pub parent_refs: Vec<ParentRef>,
     /// Rules, matched in order of Gateway API precedence.
     #[serde(default)]
-    pub rules: Vec<RouteRule>,
+    pub rules: Vec<RouteRule<M>>,
     /// Hostnames (accepted for compatibility; GAMMA routes match by parent).
     #[serde(default)]
     pub hostnames: Vec<String>,
@@ -372,16 +373,19 @@ fn service_kind() -> String {
     "Service".into()
 }
 
+/// `kind: HTTPRoute`.
+pub type HttpRouteSpec = RouteSpec<RouteMatch>;
+
 /// One rule of a route.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct RouteRule {
+pub struct RouteRule<M = RouteMatch> {
     /// Optional rule name.
     #[serde(default)]
     pub name: Option<String>,
     /// Any of these matches selects the rule; none means "everything".
     #[serde(default)]
-    pub matches: Vec<RouteMatch>,
+    pub matches: Vec<M>,
     /// Filters: header modifiers.
     #[serde(default)]
     pub filters: Vec<RouteFilter>,
@@ -550,45 +554,11 @@ pub struct RouteRetry {
 
 // === GRPCRoute ===
 
-/// `kind: GRPCRoute` (Gateway API, GAMMA style): gRPC calls routed by service and method.
-/// A gRPC call is a POST to `/SERVICE/METHOD`, so the route is carried out as the equivalent
-/// HTTPRoute ([`GrpcRouteSpec::to_http`]): one routing engine, one precedence order.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct GrpcRouteSpec {
-    /// The services this route attaches to.
-    pub parent_refs: Vec<ParentRef>,
-    /// Rules.
-    #[serde(default)]
-    pub rules: Vec<GrpcRouteRule>,
-    /// Hostnames (accepted for compatibility; GAMMA routes match by parent).
-    #[serde(default)]
-    pub hostnames: Vec<String>,
-}
-
-/// One rule of a gRPC route.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct GrpcRouteRule {
-    /// Optional rule name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Any of these matches selects the rule; none means "every call".
-    #[serde(default)]
-    pub matches: Vec<GrpcRouteMatch>,
-    /// Filters: header modifiers.
-    #[serde(default)]
-    pub filters: Vec<RouteFilter>,
-    /// Weighted backends.
-    #[serde(default)]
-    pub backend_refs: Vec<BackendRef>,
-    /// Timeouts (a Trellis extension, as on HTTPRoute).
-    #[serde(default)]
-    pub timeouts: Option<RouteTimeouts>,
-    /// Retry policy (a Trellis extension; `grpcCodes` is the useful part).
-    #[serde(default)]
-    pub retry: Option<RouteRetry>,
-}
+/// `kind: GRPCRoute`: gRPC calls routed by service and method. A gRPC call is a POST to
+/// `/SERVICE/METHOD`, so the route is carried out as the equivalent HTTPRoute
+/// ([`GrpcRouteSpec::to_http`]): one routing engine, one precedence order. `timeouts` and
+/// `retry` are Trellis extensions, as on HTTPRoute.
+pub type GrpcRouteSpec = RouteSpec<GrpcRouteMatch>;
 
 /// A gRPC match: all given conditions must hold.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
