@@ -95,28 +95,12 @@ async fn grpc_unary_streaming_and_errors_pass_through() {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let (reporter, svc) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("shop.Catalog", tonic_health::ServingStatus::Serving)
-        .await;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let g = l.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream_from(l)),
-    );
+    let (reporter, g) = health_server(tonic_health::ServingStatus::Serving).await;
     let p = start(&docs(&[
         service("grpc", "GRPC", &[g]),
         client_workload(&[]),
     ]));
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", p.outbound))
-        .unwrap()
-        .origin("http://grpc.test".parse().unwrap())
-        .connect()
-        .await
-        .unwrap();
-    let mut c = HealthClient::new(ch);
+    let mut c = HealthClient::new(grpc_channel(&p).await);
     // Unary.
     let r = c
         .check(HealthCheckRequest {
@@ -159,20 +143,31 @@ async fn grpc_unary_streaming_and_errors_pass_through() {
     assert_eq!(log["protocol"], "HTTP/2");
 }
 
-/// A tonic health server on an ephemeral port where `shop.Catalog` has `status`.
-async fn health_server(status: tonic_health::ServingStatus) -> std::net::SocketAddr {
+/// A tonic health server on an ephemeral port where `shop.Catalog` has `status`, and the
+/// reporter that changes it.
+async fn health_server(
+    status: tonic_health::ServingStatus,
+) -> (tonic_health::server::HealthReporter, std::net::SocketAddr) {
     let (reporter, svc) = tonic_health::server::health_reporter();
     reporter.set_service_status("shop.Catalog", status).await;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _reporter = reporter;
+    tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(svc)
-            .serve_with_incoming(tokio_stream_from(l))
-            .await
-    });
-    addr
+            .serve_with_incoming(tokio_stream_from(l)),
+    );
+    (reporter, addr)
+}
+
+/// A gRPC channel to `grpc.test` through the proxy's outbound listener.
+async fn grpc_channel(p: &ProxyProcess) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{}", p.outbound))
+        .unwrap()
+        .origin("http://grpc.test".parse().unwrap())
+        .connect()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -180,8 +175,8 @@ async fn grpc_route_sends_one_method_elsewhere() {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let a = health_server(tonic_health::ServingStatus::Serving).await;
-    let b = health_server(tonic_health::ServingStatus::NotServing).await;
+    let (_ra, a) = health_server(tonic_health::ServingStatus::Serving).await;
+    let (_rb, b) = health_server(tonic_health::ServingStatus::NotServing).await;
     let grpc_route = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: check-to-b, namespace: test }\nspec:\n  parentRefs: [{ name: grpc, port: 80 }]\n  rules:\n    - matches: [{ method: { service: grpc.health.v1.Health, method: Check } }]\n      backendRefs: [{ name: grpc-b, port: 80 }]\n".to_string();
     let p = start(&docs(&[
         service("grpc", "GRPC", &[a]),
@@ -189,13 +184,7 @@ async fn grpc_route_sends_one_method_elsewhere() {
         grpc_route,
         client_workload(&[]),
     ]));
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", p.outbound))
-        .unwrap()
-        .origin("http://grpc.test".parse().unwrap())
-        .connect()
-        .await
-        .unwrap();
-    let mut c = HealthClient::new(ch);
+    let mut c = HealthClient::new(grpc_channel(&p).await);
     let req = || HealthCheckRequest {
         service: "shop.Catalog".into(),
     };

@@ -34,6 +34,22 @@ async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     }
 }
 
+/// An upstream running `conn` for each accepted connection, and the number accepted.
+async fn counted<F, Fut>(conn: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let n = Arc::new(AtomicUsize::new(0));
+    let seen = n.clone();
+    let addr = upstream::tcp(move |s| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        conn(s)
+    })
+    .await;
+    (addr, n)
+}
+
 fn path_of(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or("")
 }
@@ -59,21 +75,16 @@ async fn raw(p: &ProxyProcess, bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn keep_alive_reuses_one_upstream_connection() {
-    let conns = Arc::new(AtomicUsize::new(0));
-    let c = conns.clone();
-    let up = upstream::tcp(move |mut s| {
-        c.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let mut buf = Vec::new();
-            while let Some(head) = read_head(&mut s, &mut buf).await {
-                let body = path_of(&head).to_string();
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                if s.write_all(reply.as_bytes()).await.is_err() {
-                    return;
-                }
+    let (up, conns) = counted(|mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(head) = read_head(&mut s, &mut buf).await {
+            let body = path_of(&head).to_string();
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(reply.as_bytes()).await.is_err() {
+                return;
             }
         }
     })
@@ -176,19 +187,14 @@ async fn every_response_framing_is_relayed() {
 async fn a_stale_pooled_connection_is_retried_only_for_idempotent_requests() {
     // Each connection answers its first request, then closes on the second without a word:
     // the race of a server closing an idle keep-alive connection just as it is reused.
-    let conns = Arc::new(AtomicUsize::new(0));
-    let c = conns.clone();
-    let up = upstream::tcp(move |mut s| {
-        c.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let mut buf = Vec::new();
-            if read_head(&mut s, &mut buf).await.is_some() {
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-            }
-            let _ = read_head(&mut s, &mut buf).await;
+    let (up, conns) = counted(|mut s| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
         }
+        let _ = read_head(&mut s, &mut buf).await;
     })
     .await;
     let p = proxy_for(up);
