@@ -345,12 +345,13 @@ async fn send_h1(
     }
 }
 
-fn retry_wanted(retry: &RetryConfig, t: &Try) -> bool {
+/// `grpc` is the response's grpc-status, read once by the caller.
+fn retry_wanted(retry: &RetryConfig, t: &Try, grpc: Option<u32>) -> bool {
     match t {
         Try::Failed(class, _) => class.retriable(),
         Try::Response(r) => {
             retry.codes.contains(&r.status().as_u16())
-                || grpc_status(r.headers()).is_some_and(|c| retry.grpc_codes.contains(&c))
+                || grpc.is_some_and(|c| retry.grpc_codes.contains(&c))
         }
     }
 }
@@ -451,18 +452,23 @@ pub async fn forward(
             None => send_once(shared, &cluster, &ep, req, h2, &mut rec, try_start).await,
         };
         let done = Instant::now();
-        let class = match &outcome {
+        // The grpc-status header is read once: for the class, the retry decision and the record.
+        let (class, grpc_code) = match &outcome {
             Try::Response(r) => {
                 ep.observe_latency(done.saturating_duration_since(try_start), done);
-                grpc_status(r.headers()).map_or_else(
+                let code = grpc_status(r.headers());
+                let class = code.map_or_else(
                     || FailureClass::from_status(r.status().as_u16()),
                     FailureClass::from_grpc,
-                )
+                );
+                (class, code)
             }
-            Try::Failed(c, _) => *c,
+            Try::Failed(c, _) => (*c, None),
         };
         let deadline_passed = deadline.is_some_and(|d| done >= d);
-        let can_retry = plan.retry.is_some_and(|r| retry_wanted(r, &outcome))
+        let can_retry = plan
+            .retry
+            .is_some_and(|r| retry_wanted(r, &outcome, grpc_code))
             && attempt + 1 < max_tries
             && !deadline_passed
             && (empty || replay.as_ref().is_some_and(Replay::can_replay));
@@ -490,6 +496,7 @@ pub async fn forward(
             Try::Response(resp) => {
                 rec.first_byte = Some(done.saturating_duration_since(rec.start));
                 rec.class = class;
+                rec.grpc_status = grpc_code;
                 rec.guards = Some((in_flight, permit));
                 // Outlier detection sees the final outcome once the body ends, so that a
                 // reset mid-body counts too.
@@ -514,7 +521,6 @@ fn relay(
     edits: Option<&HeaderEdits>,
 ) -> Response<ProxyBody> {
     rec.status = resp.status().as_u16();
-    rec.grpc(resp.headers());
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if let Some(e) = edits {
