@@ -8,8 +8,6 @@ use std::{
 };
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -161,7 +159,7 @@ pub async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: Tc
 pub async fn connect_tunnel(
     shared: &Arc<Shared>,
     cluster: Arc<Cluster>,
-    mut req: Request<Incoming>,
+    mut req: Request<crate::http::body::ClientBody>,
     mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
     // Outbound, or inbound to the local workload: the record knows which listener it came on.
@@ -175,12 +173,12 @@ pub async fn connect_tunnel(
     rec.dst_workload = g.workload.clone();
     rec.status = 200;
     rec.attempts = 1;
-    let on_upgrade = hyper::upgrade::on(&mut req);
+    let on_upgrade = crate::http::upgrade::on(&mut req);
     let active = shared.drain.track();
     tokio::spawn(async move {
         let _active = active;
-        match on_upgrade.await {
-            Ok(client) => splice(&mut TokioIo::new(client), &mut up, &mut g).await,
+        match on_upgrade.wait().await {
+            Ok(mut client) => splice(&mut client, &mut up, &mut g).await,
             Err(e) => g.fail(FailureClass::ClientDisconnect, e.to_string()),
         }
     });

@@ -479,3 +479,310 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, ParseError> {
         Some(_) => Err(ParseError::Chunked("invalid chunk size")),
     }
 }
+
+/// A request that does not follow HTTP/1.1: answered by the proxy with the status of
+/// [`RequestError::status`], and the connection closed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RequestError {
+    /// The request line or a header line is malformed.
+    #[error("malformed request head: {0}")]
+    Head(httparse::Error),
+    /// The head does not end within the limit, or has too many headers.
+    #[error("request head too large")]
+    TooLarge,
+    /// The request target is not a URI.
+    #[error("invalid request target")]
+    Target,
+    /// A header name or value that HTTP does not allow.
+    #[error("invalid request header {0:?}")]
+    Header(String),
+    /// Content-Length is not one non-negative number.
+    #[error("invalid content-length")]
+    ContentLength,
+    /// Both Transfer-Encoding and Content-Length: ambiguous framing, the stuff of request
+    /// smuggling (RFC 9112 §6.1 allows refusing it).
+    #[error("both transfer-encoding and content-length")]
+    Ambiguous,
+    /// A transfer coding other than a final `chunked`.
+    #[error("unsupported transfer-encoding")]
+    TransferEncoding,
+}
+
+impl RequestError {
+    /// The status the proxy answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Self::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::TransferEncoding => StatusCode::NOT_IMPLEMENTED,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    pub(crate) method: Method,
+    pub(crate) uri: http::Uri,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: ReqFraming,
+    /// The client allows another request on the connection after this one.
+    pub(crate) keep_alive: bool,
+    /// `Expect: 100-continue` on a request with a body.
+    pub(crate) expect_continue: bool,
+    /// `CONNECT`, or `Connection: upgrade` with an `Upgrade` header.
+    pub(crate) upgrade: bool,
+    /// `TE: trailers`: the client accepts a trailer section.
+    pub(crate) trailers: bool,
+}
+
+/// Parse a request head at the front of `buf` (at most `max` bytes) and consume it.
+/// `Ok(None)`: more bytes are needed.
+pub(crate) fn parse_request_head(
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<RequestHead>, RequestError> {
+    let max = max.min(MAX_HEAD);
+    let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, &mut raw);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > max => return Err(RequestError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(RequestError::TooLarge),
+        Err(e) => return Err(RequestError::Head(e)),
+    };
+    if len > max {
+        return Err(RequestError::TooLarge);
+    }
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|_| RequestError::Head(httparse::Error::Token))?;
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let path = req.path.unwrap_or("");
+    let target = (path.as_ptr() as usize - base, path.len());
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+    let count = req.headers.len();
+    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
+        *span = (
+            (h.name.as_ptr() as usize - base) as u16,
+            h.name.len() as u16,
+            (h.value.as_ptr() as usize - base) as u16,
+            h.value.len() as u16,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
+        .map_err(|_| RequestError::Target)?;
+    // Room for the headers the proxy adds (traceparent, x-request-id): growing the map
+    // rehashes it.
+    let mut headers = HeaderMap::with_capacity(count + 2);
+    for &(ns, nl, vs, vl) in &spans[..count] {
+        let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
+        let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
+            RequestError::Header(String::from_utf8_lossy(&head[ns..ns + nl]).into())
+        })?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+            .map_err(|_| RequestError::Header(name.as_str().to_owned()))?;
+        headers.append(name, value);
+    }
+    let framing = request_framing(&headers)?;
+    let keep_alive = if version == Version::HTTP_10 {
+        has_token(&headers, &header::CONNECTION, "keep-alive")
+    } else {
+        !has_token(&headers, &header::CONNECTION, "close")
+    };
+    let expect_continue = framing != ReqFraming::None
+        && version == Version::HTTP_11
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = method == Method::CONNECT
+        || (headers.contains_key(header::UPGRADE)
+            && has_token(&headers, &header::CONNECTION, "upgrade"));
+    let trailers = headers.contains_key(header::TE) && has_token(&headers, &header::TE, "trailers");
+    Ok(Some(RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        expect_continue,
+        upgrade,
+        trailers,
+    }))
+}
+
+/// How a request's body is framed (RFC 9112 §6.3): requests are never framed by the close.
+fn request_framing(headers: &HeaderMap) -> Result<ReqFraming, RequestError> {
+    if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(RequestError::Ambiguous);
+        }
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .unwrap_or(te)
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+        return if chunked_last {
+            Ok(ReqFraming::Chunked)
+        } else {
+            Err(RequestError::TransferEncoding)
+        };
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let s = v.to_str().map_err(|_| RequestError::ContentLength)?;
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(RequestError::ContentLength);
+            }
+            let n: u64 = part.parse().map_err(|_| RequestError::ContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(RequestError::ContentLength);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        None | Some(0) => ReqFraming::None,
+        Some(n) => ReqFraming::Length(n),
+    })
+}
+
+/// How a response body goes to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyOut {
+    /// No body follows a response to HEAD or a 304: its content-length, if any, describes
+    /// the representation and is passed on.
+    None,
+    /// No body and no content-length: 1xx, 204, and 2xx to CONNECT.
+    Never,
+    /// `content-length`.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+    /// Up to the close (HTTP/1.0 clients, length unknown).
+    Eof,
+}
+
+/// Write a response head for the client. Framing and connection headers are the proxy's
+/// (`connection` says `close` or, to an HTTP/1.0 client, `keep-alive`): those of the
+/// response are dropped, except on a 101, whose `connection: upgrade` belongs to the
+/// handshake. `date` is added when the response has none.
+pub(crate) fn encode_response_head(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: BodyOut,
+    connection: Option<&'static str>,
+    out: &mut BytesMut,
+) {
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    out.reserve(256);
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.put_slice(b"\r\n");
+    let pass_length = body == BodyOut::None;
+    for (name, value) in headers {
+        let skip = match *name {
+            header::CONTENT_LENGTH => !pass_length,
+            header::TRANSFER_ENCODING => true,
+            header::CONNECTION => !switching,
+            _ => name.as_str() == "keep-alive",
+        };
+        if skip {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    match body {
+        BodyOut::Length(n) => {
+            out.put_slice(b"content-length: ");
+            put_decimal(out, n);
+            out.put_slice(b"\r\n");
+        }
+        BodyOut::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+        BodyOut::None | BodyOut::Never | BodyOut::Eof => {}
+    }
+    if let Some(c) = connection.filter(|_| !switching) {
+        out.put_slice(b"connection: ");
+        out.put_slice(c.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.put_slice(b"date: ");
+        put_http_date(out);
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// The current time as an HTTP-date (RFC 9110 §5.6.7), formatted once per second per thread.
+fn put_http_date(out: &mut BytesMut) {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (at, mut text) = CACHED.get();
+    if at != secs {
+        text = http_date(secs);
+        CACHED.set((secs, text));
+    }
+    out.put_slice(&text);
+}
+
+/// `secs` since the Unix epoch as `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub(crate) fn http_date(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as usize;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as u64;
+    let mut t = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    t[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+    let two = |t: &mut [u8; 29], at: usize, v: u64| {
+        t[at] = b'0' + (v / 10 % 10) as u8;
+        t[at + 1] = b'0' + (v % 10) as u8;
+    };
+    two(&mut t, 5, day);
+    t[8..11].copy_from_slice(MONTHS[month - 1]);
+    two(&mut t, 12, year / 100);
+    two(&mut t, 14, year % 100);
+    two(&mut t, 17, rem / 3600);
+    two(&mut t, 20, rem / 60 % 60);
+    two(&mut t, 23, rem % 60);
+    t
+}

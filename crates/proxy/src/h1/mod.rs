@@ -11,6 +11,7 @@
 //! connection task anyway.
 
 pub(crate) mod codec;
+pub(crate) mod server;
 #[cfg(test)]
 mod tests;
 

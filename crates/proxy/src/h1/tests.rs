@@ -4,8 +4,9 @@ use bytes::BytesMut;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use super::codec::{
-    encode_chunk_prefix, encode_chunked_end, encode_request_head, parse_response_head, Decoded,
-    Decoder, ParseError, ReqFraming, RespFraming, MAX_HEAD,
+    encode_chunk_prefix, encode_chunked_end, encode_request_head, encode_response_head, http_date,
+    parse_request_head, parse_response_head, BodyOut, Decoded, Decoder, ParseError, ReqFraming,
+    RequestError, RequestHead, RespFraming, MAX_HEAD,
 };
 
 fn head(bytes: &[u8], method: &Method) -> Result<Option<super::codec::Head>, ParseError> {
@@ -341,4 +342,186 @@ fn mutated_responses_never_panic() {
         }
         assert!(total <= input.len(), "decoded more than was sent");
     }
+}
+
+fn request(bytes: &str) -> Result<Option<RequestHead>, RequestError> {
+    parse_request_head(&mut BytesMut::from(bytes.as_bytes()), 64 * 1024)
+}
+
+#[test]
+fn request_heads_parse_at_every_split_and_leave_the_rest() {
+    let text = "\r\nPOST http://catalog.shop/items?x=1 HTTP/1.1\r\nHost: catalog.shop\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhelloGET";
+    let end = text.find("hello").unwrap();
+    for split in 0..text.len() {
+        let mut buf = BytesMut::from(&text.as_bytes()[..split]);
+        let first = parse_request_head(&mut buf, 64 * 1024).unwrap();
+        if split < end {
+            assert!(first.is_none(), "split {split}");
+            buf.extend_from_slice(&text.as_bytes()[split..]);
+        } else {
+            assert!(first.is_some(), "split {split}");
+            continue;
+        }
+        let h = parse_request_head(&mut buf, 64 * 1024).unwrap().unwrap();
+        assert_eq!(h.method, Method::POST);
+        assert_eq!(h.uri.host(), Some("catalog.shop"));
+        assert_eq!(h.uri.path_and_query().unwrap().as_str(), "/items?x=1");
+        assert_eq!(h.framing, ReqFraming::Length(5));
+        assert!(h.keep_alive && !h.upgrade && !h.expect_continue);
+        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&buf[..], b"helloGET", "the body and what follows stay");
+    }
+}
+
+#[test]
+fn request_framing_and_connection_rules() {
+    let h = |s: &str| request(s).unwrap().unwrap();
+    let g = h("GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(g.framing, ReqFraming::None);
+    assert!(g.keep_alive);
+    assert!(!h("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").keep_alive);
+    assert!(!h("GET / HTTP/1.0\r\n\r\n").keep_alive);
+    assert!(h("GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n").keep_alive);
+    assert_eq!(
+        h("POST / HTTP/1.1\r\ntransfer-encoding: gzip, chunked\r\n\r\n").framing,
+        ReqFraming::Chunked
+    );
+    assert_eq!(
+        h("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n").framing,
+        ReqFraming::None
+    );
+    assert_eq!(
+        h("POST / HTTP/1.1\r\ncontent-length: 7, 7\r\n\r\n").framing,
+        ReqFraming::Length(7)
+    );
+    assert!(
+        h("POST / HTTP/1.1\r\ncontent-length: 1\r\nexpect: 100-Continue\r\n\r\n").expect_continue
+    );
+    // Without a body there is nothing to continue to.
+    assert!(!h("GET / HTTP/1.1\r\nexpect: 100-continue\r\n\r\n").expect_continue);
+    assert!(
+        h("GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: keep-alive, Upgrade\r\n\r\n")
+            .upgrade
+    );
+    assert!(!h("GET / HTTP/1.1\r\nupgrade: websocket\r\n\r\n").upgrade);
+    let c = h("CONNECT db.shop:5432 HTTP/1.1\r\n\r\n");
+    assert!(c.upgrade);
+    assert_eq!(c.uri.authority().unwrap().as_str(), "db.shop:5432");
+    assert!(h("GET / HTTP/1.1\r\nte: trailers\r\n\r\n").trailers);
+}
+
+#[test]
+fn bad_requests_get_the_fitting_status() {
+    let status = |s: &str| request(s).unwrap_err().status().as_u16();
+    assert_eq!(
+        status("GET / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"),
+        400
+    );
+    assert_eq!(
+        status("POST / HTTP/1.1\r\ntransfer-encoding: chunked, gzip\r\n\r\n"),
+        501
+    );
+    assert_eq!(
+        status("POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"),
+        400
+    );
+    assert_eq!(status("POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n"), 400);
+    assert_eq!(status("GET / HTTP/1.1\r\nbad header\r\n\r\n"), 400);
+    assert_eq!(status("G@T / HTTP/1.1\r\n\r\n"), 400);
+    assert_eq!(status("GET / HTTP/2.0\r\n\r\n"), 400);
+    let many: String = (0..101).map(|i| format!("x-{i}: 1\r\n")).collect();
+    assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+    // A head that does not end within the limit, complete or not.
+    let long = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(2000));
+    let mut buf = BytesMut::from(long.as_bytes());
+    assert_eq!(
+        parse_request_head(&mut buf, 1024)
+            .unwrap_err()
+            .status()
+            .as_u16(),
+        431
+    );
+    let mut buf = BytesMut::from(&long.as_bytes()[..1500]);
+    assert_eq!(
+        parse_request_head(&mut buf, 1024)
+            .unwrap_err()
+            .status()
+            .as_u16(),
+        431
+    );
+}
+
+#[test]
+fn response_heads_carry_the_proxys_framing_and_connection_headers() {
+    let mut h = HeaderMap::new();
+    h.insert("content-type", HeaderValue::from_static("text/plain"));
+    h.insert("content-length", HeaderValue::from_static("9"));
+    h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+    h.insert("connection", HeaderValue::from_static("upgrade"));
+    h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    h.insert(
+        "date",
+        HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"),
+    );
+    let enc = |status: u16, body: BodyOut, conn: Option<&'static str>| {
+        let mut out = BytesMut::new();
+        encode_response_head(
+            StatusCode::from_u16(status).unwrap(),
+            &h,
+            body,
+            conn,
+            &mut out,
+        );
+        String::from_utf8(out.to_vec()).unwrap()
+    };
+    let date = "date: Thu, 01 Jan 1970 00:00:00 GMT\r\n";
+    assert_eq!(
+        enc(200, BodyOut::Length(3), None),
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n{date}content-length: 3\r\n\r\n")
+    );
+    assert_eq!(
+        enc(200, BodyOut::Chunked, Some("close")),
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n{date}transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+    );
+    // HEAD and 304 keep the length of the representation; 204 and the like drop it.
+    assert!(enc(200, BodyOut::None, None).contains("content-length: 9\r\n"));
+    assert!(!enc(204, BodyOut::Never, None).contains("content-length"));
+    assert_eq!(
+        enc(200, BodyOut::Eof, Some("close")),
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n{date}connection: close\r\n\r\n")
+    );
+    // A 101 keeps its connection header (the handshake's), and gets no other.
+    let up = enc(101, BodyOut::Never, Some("close"));
+    assert!(
+        up.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{up}"
+    );
+    assert!(
+        up.contains("connection: upgrade\r\n") && !up.contains("close"),
+        "{up}"
+    );
+    // A response without a date gets one.
+    let mut out = BytesMut::new();
+    encode_response_head(
+        StatusCode::NOT_FOUND,
+        &HeaderMap::new(),
+        BodyOut::Length(0),
+        None,
+        &mut out,
+    );
+    let text = String::from_utf8(out.to_vec()).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\ndate: "),
+        "{text}"
+    );
+    assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
+}
+
+#[test]
+fn http_dates_are_formatted_as_rfc_9110_says() {
+    let d = |s| String::from_utf8(http_date(s).to_vec()).unwrap();
+    assert_eq!(d(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+    assert_eq!(d(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(d(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+    assert_eq!(d(4_102_444_799), "Thu, 31 Dec 2099 23:59:59 GMT");
 }

@@ -15,12 +15,55 @@ use hyper::body::Incoming;
 /// Boxed body error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The client's request body: read by the proxy's own HTTP/1.1 server, or by hyper's
+/// HTTP/2 one.
+pub enum ClientBody {
+    /// No body.
+    Empty,
+    /// From an HTTP/1.1 connection.
+    H1(crate::h1::server::ReqBody),
+    /// From hyper (HTTP/2).
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::H1(b) => Pin::new(b).poll_frame(cx),
+            Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::H1(b) => b.is_end_stream(),
+            Self::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::H1(b) => b.size_hint(),
+            Self::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request body on its way upstream.
 pub enum UpBody {
     /// No body.
     Empty,
     /// The client's body, streamed once.
-    Incoming(Incoming),
+    Incoming(ClientBody),
     /// The client's body, recorded so that a retry can send it again.
     Replay(Replay),
 }
@@ -35,7 +78,7 @@ impl Body for UpBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
-            Self::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::Incoming(b) => Pin::new(b).poll_frame(cx),
             Self::Replay(b) => Pin::new(b).poll_frame(cx),
         }
     }
@@ -58,7 +101,7 @@ impl Body for UpBody {
 }
 
 struct ReplayState {
-    rest: Incoming,
+    rest: ClientBody,
     recorded: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     ended: bool,
@@ -78,7 +121,7 @@ pub struct Replay {
 
 impl Replay {
     /// Wrap `body`, recording at most `cap` bytes.
-    pub fn new(body: Incoming, cap: usize) -> Self {
+    pub fn new(body: ClientBody, cap: usize) -> Self {
         let ended = body.is_end_stream();
         let state = ReplayState {
             rest: body,
@@ -141,7 +184,7 @@ impl Body for Replay {
                 this.trailers_sent = true;
                 Poll::Ready(None)
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     if !s.overflow {

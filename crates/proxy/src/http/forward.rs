@@ -13,7 +13,6 @@ use http::{
     HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version,
 };
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt as _;
 use trellis_model::{
     proxy::{HeaderEdits, RetryConfig},
@@ -21,7 +20,7 @@ use trellis_model::{
 };
 
 use super::{
-    body::{ProxyBody, Replay, UpBody, UpstreamBody},
+    body::{ClientBody, ProxyBody, Replay, UpBody, UpstreamBody},
     GRPC_MESSAGE, GRPC_STATUS, X_TRELLIS_FAILURE,
 };
 use crate::{
@@ -366,7 +365,7 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 pub async fn forward(
     shared: &Shared,
     plan: Plan<'_>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
 ) -> Response<ProxyBody> {
@@ -542,7 +541,7 @@ fn count_retry(shared: &Shared, cluster: &Cluster, outcome: &'static str) {
 pub async fn upgrade(
     shared: &Shared,
     cluster: Arc<Cluster>,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
     let Some(ep) = cluster.pick(rec.start) else {
@@ -555,7 +554,7 @@ pub async fn upgrade(
     };
     rec.attempts = 1;
     rec.set_endpoint(&ep);
-    let client_upgrade = hyper::upgrade::on(&mut req);
+    let client_upgrade = super::upgrade::on(&mut req);
     let ctx = cluster.connect_ctx(&shared.metrics);
     let start = Instant::now();
     let mut conn = match ep.pool.connect_h1(&ctx).await {
@@ -580,8 +579,7 @@ pub async fn upgrade(
         let (mut upstream, early, slot) = h1::into_upgraded(*conn);
         tokio::spawn(async move {
             let _slot = slot;
-            if let Ok(client) = client_upgrade.await {
-                let mut client = hyper_util::rt::TokioIo::new(client);
+            if let Ok(mut client) = client_upgrade.wait().await {
                 // What the server sent right after its 101 was read with the head.
                 if early.is_empty() || client.write_all(&early).await.is_ok() {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

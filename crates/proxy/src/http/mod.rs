@@ -4,6 +4,7 @@ pub mod body;
 pub mod forward;
 pub mod route;
 pub mod server;
+pub(crate) mod upgrade;
 
 use ::http::HeaderName;
 

@@ -4,11 +4,7 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{header, Method, Request, Response, StatusCode, Version};
-use hyper::{
-    body::Incoming,
-    server::conn::{http1, http2},
-    service::service_fn,
-};
+use hyper::{body::Incoming, server::conn::http2, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -17,12 +13,13 @@ use tokio::net::TcpStream;
 use trellis_model::resource::Protocol;
 
 use super::{
-    body::ProxyBody,
+    body::{ClientBody, ProxyBody},
     forward::{self, edit_headers, is_grpc, local_reply, strip_hop_by_hop, Plan},
     route,
 };
 use crate::{
     cluster::Cluster,
+    h1::server::{Limits, ServerConn},
     metrics::{Direction, Label},
     record::Record,
     state::Snapshot,
@@ -52,10 +49,11 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
 }
 
-/// The connection builders, configured once: HTTP/1.1 and HTTP/2 directly, and hyper-util's
-/// auto-detecting builder for the rare connection whose first bytes do not decide.
+/// The connection settings, made once: the proxy's own HTTP/1.1 server's limits, hyper's
+/// HTTP/2 builder, and hyper-util's auto-detecting builder for the rare connection whose
+/// first bytes do not decide.
 pub struct Builders {
-    h1: http1::Builder,
+    h1: Limits,
     h2: http2::Builder<TokioExecutor>,
     auto: auto::Builder<TokioExecutor>,
     header_read_timeout: Duration,
@@ -73,11 +71,10 @@ pub fn builder(limits: ServerLimits) -> Builders {
     auto.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32);
-    let mut h1 = http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(max_buf)
-        .keep_alive(true);
+    let h1 = Limits {
+        header_read_timeout: limits.header_read_timeout,
+        max_head: limits.max_header_bytes,
+    };
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32);
@@ -134,8 +131,8 @@ macro_rules! drive {
 }
 
 /// Serve one connection until it closes or the proxy drains. The protocol is chosen from
-/// the first bytes rather than by hyper-util's auto builder on every connection: its
-/// wrappers cost about 3% of the instructions of an HTTP/1.1 request.
+/// the first bytes rather than by hyper-util's auto builder on every connection: HTTP/1.1
+/// goes to the proxy's own server, HTTP/2 to hyper's.
 pub async fn serve(
     shared: Arc<Shared>,
     builders: Arc<Builders>,
@@ -148,19 +145,33 @@ pub async fn serve(
     let Some(kind) = sniff(&stream, builders.header_read_timeout).await else {
         return;
     };
+    let mut drain = shared.drain.signal();
+    if let Sniff::Http1 = kind {
+        let drained = Box::pin(async move {
+            let _ = drain.changed().await;
+        });
+        let mut conn = ServerConn::new(stream, builders.h1, drained);
+        while let Some(req) = conn.next_request().await {
+            let resp = handle(&shared, &listener, req, peer).await;
+            if !conn.respond(resp, shared.drain.draining()).await {
+                break;
+            }
+        }
+        conn.finish();
+        return;
+    }
     let svc = {
         let shared = shared.clone();
-        service_fn(move |req| {
+        service_fn(move |req: Request<Incoming>| {
             let (shared, listener) = (shared.clone(), listener.clone());
-            async move { Ok::<_, Infallible>(handle(shared, listener, req, peer).await) }
+            let req = req.map(ClientBody::Hyper);
+            async move { Ok::<_, Infallible>(handle(&shared, &listener, req, peer).await) }
         })
     };
     let io = TokioIo::new(stream);
-    let mut drain = shared.drain.signal();
     match kind {
-        Sniff::Http1 => drive!(builders.h1.serve_connection(io, svc).with_upgrades(), drain),
         Sniff::Http2 => drive!(builders.h2.serve_connection(io, svc), drain),
-        Sniff::Undecided => drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain),
+        _ => drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain),
     }
 }
 
@@ -178,17 +189,17 @@ enum Next<'a> {
     /// The proxy answers itself.
     Reply(Response<ProxyBody>),
     /// Forward to a cluster.
-    Forward(Plan<'a>, Request<Incoming>, Box<Record>),
+    Forward(Plan<'a>, Request<ClientBody>, Box<Record>),
     /// HTTP/1.1 Upgrade to a cluster.
-    Upgrade(Arc<Cluster>, Request<Incoming>, Box<Record>),
+    Upgrade(Arc<Cluster>, Request<ClientBody>, Box<Record>),
     /// CONNECT tunnel to a cluster.
-    Tunnel(Arc<Cluster>, Request<Incoming>, Box<Record>),
+    Tunnel(Arc<Cluster>, Request<ClientBody>, Box<Record>),
 }
 
 async fn handle(
-    shared: Arc<Shared>,
-    listener: Listener,
-    mut req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    listener: &Listener,
+    mut req: Request<ClientBody>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
     let snap = shared.state.load_full();
@@ -210,23 +221,23 @@ async fn handle(
     rec.method = req.method().clone();
     rec.uri = req.uri().clone();
     let grpc = is_grpc(&req);
-    let next = match &listener {
+    let next = match listener {
         Listener::Inbound => inbound(&snap, req, rec, grpc),
-        _ => outbound(&snap, &listener, req, rec, grpc, peer),
+        _ => outbound(&snap, listener, req, rec, grpc, peer),
     };
     match next {
         Next::Reply(r) => r,
-        Next::Forward(plan, req, rec) => forward::forward(&shared, plan, req, rec, grpc).await,
+        Next::Forward(plan, req, rec) => forward::forward(shared, plan, req, rec, grpc).await,
         // Rare paths are boxed so that they do not grow every request's future.
-        Next::Upgrade(c, req, rec) => Box::pin(forward::upgrade(&shared, c, req, rec)).await,
-        Next::Tunnel(c, req, rec) => Box::pin(tcp::connect_tunnel(&shared, c, req, rec)).await,
+        Next::Upgrade(c, req, rec) => Box::pin(forward::upgrade(shared, c, req, rec)).await,
+        Next::Tunnel(c, req, rec) => Box::pin(tcp::connect_tunnel(shared, c, req, rec)).await,
     }
 }
 
 fn outbound<'a>(
     snap: &'a Snapshot,
     listener: &Listener,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
     peer: SocketAddr,
@@ -315,7 +326,7 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 fn inbound(
     snap: &Snapshot,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
 ) -> Next<'static> {
@@ -360,7 +371,7 @@ fn inbound(
 fn inbound_tunnel(
     snap: &Snapshot,
     port: Option<u16>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     mut rec: Box<Record>,
 ) -> Next<'static> {
     let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {

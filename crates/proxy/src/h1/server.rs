@@ -1,0 +1,600 @@
+//! The client-facing HTTP/1.1 server, driven in the connection's own task.
+//!
+//! hyper's server dispatcher parses into its own buffers, keeps a per-request header-read
+//! timer, and moves every request's service future (several KiB here) into place. The
+//! proxy's request path already owns an HTTP/1.1 codec for its upstream side, so the client
+//! side uses it too: one loop reads a request head, hands the request to the proxy, and
+//! writes the response, with the head and a small body in one write. HTTP/2, and the rare
+//! connection whose first bytes do not decide the protocol, stay on hyper.
+//!
+//! A request body is read from the same socket by whoever holds it (the upstream exchange,
+//! possibly after the response has begun); the read buffer comes back to the connection
+//! when the body ends, and the connection is kept alive only if it did.
+
+use std::{
+    future::{poll_fn, Future},
+    io,
+    pin::{pin, Pin},
+    sync::{Arc, Mutex},
+    task::{ready, Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    sync::oneshot,
+    time::{Instant, Sleep},
+};
+
+use super::{
+    codec::{self, BodyOut, Decoded, Decoder, ParseError, ReqFraming, RequestError, RespFraming},
+    poll_fill, COALESCE, MIN_READ,
+};
+use crate::{
+    http::body::{ClientBody, ProxyBody},
+    FailureClass,
+};
+
+/// How long a kept-alive connection may wait for its next request to begin.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Limits of a client connection.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Time from a request's first byte (or the connection's) to the end of its head.
+    pub(crate) header_read_timeout: Duration,
+    /// Largest request head.
+    pub(crate) max_head: usize,
+}
+
+/// The read side of a connection: bytes read but not yet consumed.
+struct Reader {
+    rbuf: BytesMut,
+    read_size: usize,
+}
+
+/// Where a request body returns the read side when it ends.
+type Home = Arc<Mutex<Option<Reader>>>;
+
+/// What writing the response needs to know about its request.
+struct Current {
+    head: bool,
+    connect: bool,
+    http10: bool,
+    keep_alive: bool,
+    trailers: bool,
+    upgrade: Option<oneshot::Sender<Upgraded>>,
+}
+
+/// One client connection speaking HTTP/1.1.
+pub(crate) struct ServerConn {
+    io: Arc<TcpStream>,
+    reader: Option<Reader>,
+    home: Option<Home>,
+    wbuf: BytesMut,
+    limits: Limits,
+    timer: Pin<Box<Sleep>>,
+    drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    current: Option<Current>,
+    /// A response switched protocols: the socket goes to the tunnel.
+    upgrade: Option<oneshot::Sender<Upgraded>>,
+    served: bool,
+}
+
+/// Why no request came.
+enum Stop {
+    Closed,
+    TimedOut,
+    Bad(RequestError),
+}
+
+impl ServerConn {
+    /// Serve `io`; `drained` completes when the proxy starts draining.
+    pub(crate) fn new(
+        io: TcpStream,
+        limits: Limits,
+        drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Self {
+        Self {
+            io: Arc::new(io),
+            reader: Some(Reader {
+                rbuf: BytesMut::new(),
+                read_size: MIN_READ,
+            }),
+            home: None,
+            wbuf: BytesMut::new(),
+            limits,
+            timer: Box::pin(tokio::time::sleep(limits.header_read_timeout)),
+            drained,
+            current: None,
+            upgrade: None,
+            served: false,
+        }
+    }
+
+    /// The next request, or `None` when the connection is done: closed by the client,
+    /// idle past its timeout, draining, unusable after an unfinished request body, or
+    /// malformed (answered with 400, 431 or 501 first).
+    pub(crate) async fn next_request(&mut self) -> Option<Request<ClientBody>> {
+        let mut rd = match self.reader.take() {
+            Some(rd) => rd,
+            None => self.home.as_ref()?.lock().expect("home lock").take()?,
+        };
+        let mut idle = self.served && rd.rbuf.is_empty();
+        let mut deadline = Instant::now()
+            + if idle {
+                IDLE_TIMEOUT
+            } else {
+                self.limits.header_read_timeout
+            };
+        let head = poll_fn(|cx| self.poll_head(&mut rd, &mut idle, &mut deadline, cx)).await;
+        let head = match head {
+            Ok(h) => h,
+            Err(Stop::Closed | Stop::TimedOut) => return None,
+            Err(Stop::Bad(e)) => {
+                // Boxed: rare, and its buffers would grow every request's future.
+                Box::pin(self.reject(&e)).await;
+                return None;
+            }
+        };
+        self.served = true;
+        let codec::RequestHead {
+            method,
+            uri,
+            version,
+            headers,
+            framing,
+            keep_alive,
+            expect_continue,
+            upgrade,
+            trailers,
+        } = head;
+        let body = match framing {
+            ReqFraming::None => {
+                self.reader = Some(rd);
+                ClientBody::Empty
+            }
+            framing => {
+                if expect_continue
+                    && write_all(&self.io, b"HTTP/1.1 100 Continue\r\n\r\n")
+                        .await
+                        .is_err()
+                {
+                    return None;
+                }
+                let home = self.home.get_or_insert_with(Home::default).clone();
+                ClientBody::H1(ReqBody::new(self.io.clone(), rd, framing, home))
+            }
+        };
+        let mut req = Request::new(body);
+        let tx = upgrade.then(|| {
+            let (tx, rx) = oneshot::channel();
+            req.extensions_mut()
+                .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            tx
+        });
+        self.current = Some(Current {
+            head: method == Method::HEAD,
+            connect: method == Method::CONNECT,
+            http10: version == Version::HTTP_10,
+            keep_alive,
+            trailers,
+            upgrade: tx,
+        });
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+        Some(req)
+    }
+
+    fn poll_head(
+        &mut self,
+        rd: &mut Reader,
+        idle: &mut bool,
+        deadline: &mut Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<codec::RequestHead, Stop>> {
+        loop {
+            if !rd.rbuf.is_empty() {
+                if *idle {
+                    // The next request began: its head has the header-read timeout.
+                    *idle = false;
+                    *deadline = Instant::now() + self.limits.header_read_timeout;
+                }
+                match codec::parse_request_head(&mut rd.rbuf, self.limits.max_head) {
+                    Ok(Some(h)) => return Poll::Ready(Ok(h)),
+                    Ok(None) => {}
+                    Err(e) => return Poll::Ready(Err(Stop::Bad(e))),
+                }
+            }
+            match poll_fill(&self.io, &mut rd.rbuf, &mut rd.read_size, cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(Stop::Closed)),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => break,
+            }
+        }
+        // Waiting: an idle connection closes when the proxy drains.
+        if rd.rbuf.is_empty() && self.drained.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Stop::Closed));
+        }
+        // One timer per connection, moved only when it fires before the current deadline
+        // (or must fire sooner): most requests cost it nothing.
+        loop {
+            if self.timer.deadline() > *deadline {
+                self.timer.as_mut().reset(*deadline);
+            }
+            ready!(self.timer.as_mut().poll(cx));
+            if Instant::now() >= *deadline {
+                return Poll::Ready(Err(Stop::TimedOut));
+            }
+            self.timer.as_mut().reset(*deadline);
+        }
+    }
+
+    /// Answer a malformed request and close, letting the client read the answer.
+    async fn reject(&mut self, e: &RequestError) {
+        let status = e.status();
+        let detail = e.to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            crate::http::X_TRELLIS_FAILURE.clone(),
+            http::HeaderValue::from_static(FailureClass::ClientError.as_str()),
+        );
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+        self.wbuf.clear();
+        codec::encode_response_head(
+            status,
+            &headers,
+            BodyOut::Length(detail.len() as u64 + 1),
+            Some("close"),
+            &mut self.wbuf,
+        );
+        self.wbuf.extend_from_slice(detail.as_bytes());
+        self.wbuf.extend_from_slice(b"\n");
+        if write_all(&self.io, &self.wbuf).await.is_ok() {
+            linger(&self.io).await;
+        }
+    }
+
+    /// Write the response to the request last returned. `false`: the connection is done.
+    pub(crate) async fn respond(&mut self, resp: Response<ProxyBody>, draining: bool) -> bool {
+        let Some(cur) = self.current.take() else {
+            return false;
+        };
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        let tunnel = cur.connect && status.is_success();
+        let upgraded =
+            cur.upgrade.is_some() && (status == StatusCode::SWITCHING_PROTOCOLS || tunnel);
+        let out = if status.is_informational() || status == StatusCode::NO_CONTENT || tunnel {
+            BodyOut::Never
+        } else if cur.head || status == StatusCode::NOT_MODIFIED {
+            BodyOut::None
+        } else if let Some(n) = body.size_hint().exact() {
+            BodyOut::Length(n)
+        } else if cur.http10 {
+            BodyOut::Eof
+        } else {
+            BodyOut::Chunked
+        };
+        // Another request can follow only once this one's body has been read to its end.
+        let body_read = self.reader.is_some()
+            || self
+                .home
+                .as_ref()
+                .is_some_and(|h| h.lock().expect("home lock").is_some());
+        let close = !upgraded && (!cur.keep_alive || draining || out == BodyOut::Eof || !body_read);
+        let connection = match (close, cur.http10) {
+            (true, _) => Some("close"),
+            (false, true) => Some("keep-alive"),
+            (false, false) => None,
+        };
+        self.wbuf.clear();
+        codec::encode_response_head(status, &parts.headers, out, connection, &mut self.wbuf);
+        if !self.write_body(body, out, cur.trailers).await {
+            return false;
+        }
+        if upgraded {
+            self.upgrade = cur.upgrade;
+            return false;
+        }
+        !close
+    }
+
+    /// Write the buffered head and the body. `false`: the body failed or did not match its
+    /// length, and the connection must close so that the client sees it incomplete.
+    async fn write_body(&mut self, body: ProxyBody, out: BodyOut, trailers_ok: bool) -> bool {
+        let mut body = pin!(body);
+        let chunked = out == BodyOut::Chunked;
+        let mut remaining = match out {
+            BodyOut::Length(n) => Some(n),
+            _ => None,
+        };
+        let mut trailers = None;
+        if !matches!(out, BodyOut::None | BodyOut::Never) {
+            loop {
+                // A frame that is not ready yet: first send what is buffered (the head).
+                let step = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                    Poll::Pending if !self.wbuf.is_empty() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(f) => Poll::Ready(Some(f)),
+                })
+                .await;
+                let frame = match step {
+                    None => {
+                        if write_all(&self.io, &self.wbuf).await.is_err() {
+                            return false;
+                        }
+                        self.wbuf.clear();
+                        continue;
+                    }
+                    Some(None) => break,
+                    Some(Some(Err(_))) => return false,
+                    Some(Some(Ok(f))) => f,
+                };
+                match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) => {
+                        if let Some(r) = remaining.as_mut() {
+                            if data.len() as u64 > *r {
+                                return false;
+                            }
+                            *r -= data.len() as u64;
+                        }
+                        if chunked {
+                            codec::encode_chunk_prefix(data.len(), &mut self.wbuf);
+                        }
+                        if self.wbuf.len() + data.len() <= COALESCE as usize {
+                            self.wbuf.extend_from_slice(&data);
+                        } else {
+                            if write_all(&self.io, &self.wbuf).await.is_err()
+                                || write_all(&self.io, &data).await.is_err()
+                            {
+                                return false;
+                            }
+                            self.wbuf.clear();
+                        }
+                        if chunked {
+                            self.wbuf.extend_from_slice(b"\r\n");
+                        }
+                    }
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                }
+            }
+            if chunked {
+                codec::encode_chunked_end(
+                    trailers.as_ref().filter(|_| trailers_ok),
+                    &mut self.wbuf,
+                );
+            }
+            if remaining.is_some_and(|r| r > 0) {
+                let _ = write_all(&self.io, &self.wbuf).await;
+                return false;
+            }
+        }
+        let ok = write_all(&self.io, &self.wbuf).await.is_ok();
+        self.wbuf.clear();
+        ok
+    }
+
+    /// The connection is done: an upgraded one goes to its tunnel, any other closes.
+    pub(crate) fn finish(self) {
+        let Some(tx) = self.upgrade else {
+            return;
+        };
+        let rd = match self.reader {
+            Some(rd) => Some(rd),
+            None => self.home.and_then(|h| h.lock().expect("home lock").take()),
+        };
+        if let (Some(rd), Ok(io)) = (rd, Arc::try_unwrap(self.io)) {
+            let _ = tx.send(Upgraded {
+                io,
+                early: rd.rbuf.freeze(),
+            });
+        }
+    }
+}
+
+async fn write_all(io: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match io.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Before closing after an error answer: stop sending, and read (and drop) what the client
+/// still sends for a moment, so that the close does not reset the connection and destroy
+/// the answer before the client reads it.
+async fn linger(io: &TcpStream) {
+    let _ = socket2::SockRef::from(io).shutdown(std::net::Shutdown::Write);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0usize;
+        while total < 1 << 20 {
+            if io.readable().await.is_err() {
+                return;
+            }
+            match io.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+/// A request body read from the client's connection.
+pub struct ReqBody {
+    io: Arc<TcpStream>,
+    reader: Option<Reader>,
+    decoder: Decoder,
+    home: Home,
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    /// The client closed the connection before the body ended.
+    #[error("client closed the connection before the request body ended")]
+    Closed,
+    /// Reading the socket failed.
+    #[error("reading the request body: {0}")]
+    Io(#[from] io::Error),
+    /// The chunked encoding is broken.
+    #[error("{0}")]
+    Parse(#[from] ParseError),
+}
+
+impl ReqBody {
+    fn new(io: Arc<TcpStream>, rd: Reader, framing: ReqFraming, home: Home) -> Self {
+        let decoder = Decoder::new(match framing {
+            ReqFraming::None => RespFraming::Empty,
+            ReqFraming::Length(n) => RespFraming::Length(n),
+            ReqFraming::Chunked => RespFraming::Chunked,
+        });
+        let mut b = Self {
+            io,
+            reader: Some(rd),
+            decoder,
+            home,
+        };
+        if b.decoder.is_done() {
+            b.go_home();
+        }
+        b
+    }
+
+    /// The body ended: the connection may read the next request.
+    fn go_home(&mut self) {
+        if let Some(rd) = self.reader.take() {
+            *self.home.lock().expect("home lock") = Some(rd);
+        }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = crate::http::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(rd) = this.reader.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let frame = match this.decoder.decode(&mut rd.rbuf) {
+                Ok(Decoded::Data(d)) => Frame::data(d),
+                Ok(Decoded::Trailers(t)) => Frame::trailers(t),
+                Ok(Decoded::End) => {
+                    this.go_home();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {
+                    match ready!(poll_fill(&this.io, &mut rd.rbuf, &mut rd.read_size, cx)) {
+                        Ok(0) => {
+                            this.reader = None;
+                            return Poll::Ready(Some(Err(BodyError::Closed.into())));
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            this.reader = None;
+                            return Poll::Ready(Some(Err(BodyError::Io(e).into())));
+                        }
+                    }
+                }
+                Err(e) => {
+                    this.reader = None;
+                    return Poll::Ready(Some(Err(BodyError::Parse(e).into())));
+                }
+            };
+            if this.decoder.is_done() {
+                this.go_home();
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// In a request's extensions: the connection, once the response has switched protocols
+/// (101, or 2xx to CONNECT).
+#[derive(Clone)]
+pub(crate) struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl OnUpgrade {
+    /// Take it out of `req`.
+    pub(crate) fn take<B>(req: &mut Request<B>) -> Option<oneshot::Receiver<Upgraded>> {
+        let me = req.extensions_mut().remove::<Self>()?;
+        let rx = me.0.lock().expect("upgrade lock").take();
+        rx
+    }
+}
+
+/// A client connection after a protocol switch: what the client sent after its request
+/// head is read first.
+pub(crate) struct Upgraded {
+    io: TcpStream,
+    early: Bytes,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
