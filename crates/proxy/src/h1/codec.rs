@@ -195,21 +195,53 @@ pub(crate) fn parse_response_head(
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
+    let mut seen = Seen::default();
     for &(ns, nl, vs, vl) in &spans[..count] {
         let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
         let name = HeaderName::from_bytes(&head[ns..ns + nl])
             .map_err(|_| ParseError::Header(String::from_utf8_lossy(&head[ns..ns + nl]).into()))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
             .map_err(|_| ParseError::Header(name.as_str().to_owned()))?;
+        seen.note(&name);
         headers.append(name, value);
     }
-    let (framing, keep_alive) = framing(status, version, method, &mut headers)?;
+    let (framing, keep_alive) = framing(status, version, method, &mut headers, seen)?;
     Ok(Some(Head {
         status,
         headers,
         framing,
         keep_alive,
     }))
+}
+
+/// Which of the headers that decide framing and connection handling a head carries, noted
+/// while it is parsed, so that absent ones cost no lookup.
+#[derive(Clone, Copy, Default)]
+struct Seen(u8);
+
+impl Seen {
+    const CONTENT_LENGTH: u8 = 1;
+    const TRANSFER_ENCODING: u8 = 2;
+    const CONNECTION: u8 = 4;
+    const EXPECT: u8 = 8;
+    const UPGRADE: u8 = 16;
+    const TE: u8 = 32;
+
+    fn note(&mut self, name: &HeaderName) {
+        self.0 |= match name.as_str() {
+            "content-length" => Self::CONTENT_LENGTH,
+            "transfer-encoding" => Self::TRANSFER_ENCODING,
+            "connection" => Self::CONNECTION,
+            "expect" => Self::EXPECT,
+            "upgrade" => Self::UPGRADE,
+            "te" => Self::TE,
+            _ => 0,
+        };
+    }
+
+    fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
 }
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
@@ -226,11 +258,14 @@ fn framing(
     version: Version,
     method: &Method,
     headers: &mut HeaderMap,
+    seen: Seen,
 ) -> Result<(RespFraming, bool), ParseError> {
+    let connection =
+        |token| seen.has(Seen::CONNECTION) && has_token(headers, &header::CONNECTION, token);
     let mut keep_alive = if version == Version::HTTP_10 {
-        has_token(headers, &header::CONNECTION, "keep-alive")
+        connection("keep-alive")
     } else {
-        !has_token(headers, &header::CONNECTION, "close")
+        !connection("close")
     };
     if *method == Method::HEAD
         || status.is_informational()
@@ -239,7 +274,11 @@ fn framing(
     {
         return Ok((RespFraming::Empty, keep_alive));
     }
-    if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
+    let te = seen
+        .has(Seen::TRANSFER_ENCODING)
+        .then(|| headers.get(header::TRANSFER_ENCODING))
+        .flatten();
+    if let Some(te) = te {
         // A length next to a transfer coding is a smuggling attempt or a bug; the coding
         // wins (RFC 9112 §6.3) and the length must not travel on.
         let chunked_last = headers
@@ -258,7 +297,10 @@ fn framing(
         return Ok((RespFraming::Eof, false));
     }
     let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
+    let lengths = seen
+        .has(Seen::CONTENT_LENGTH)
+        .then(|| headers.get_all(header::CONTENT_LENGTH));
+    for v in lengths.into_iter().flatten() {
         let s = v.to_str().map_err(|_| ParseError::ContentLength)?;
         for part in s.split(',') {
             let part = part.trim();
@@ -584,6 +626,7 @@ pub(crate) fn parse_request_head(
     // Room for the headers the proxy adds (traceparent, x-request-id): growing the map
     // rehashes it.
     let mut headers = HeaderMap::with_capacity(count + 2);
+    let mut seen = Seen::default();
     for &(ns, nl, vs, vl) in &spans[..count] {
         let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
         let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
@@ -591,23 +634,25 @@ pub(crate) fn parse_request_head(
         })?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
             .map_err(|_| RequestError::Header(name.as_str().to_owned()))?;
+        seen.note(&name);
         headers.append(name, value);
     }
-    let framing = request_framing(&headers)?;
+    let framing = request_framing(&headers, seen)?;
+    let connection =
+        |token| seen.has(Seen::CONNECTION) && has_token(&headers, &header::CONNECTION, token);
     let keep_alive = if version == Version::HTTP_10 {
-        has_token(&headers, &header::CONNECTION, "keep-alive")
+        connection("keep-alive")
     } else {
-        !has_token(&headers, &header::CONNECTION, "close")
+        !connection("close")
     };
     let expect_continue = framing != ReqFraming::None
         && version == Version::HTTP_11
+        && seen.has(Seen::EXPECT)
         && headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = method == Method::CONNECT
-        || (headers.contains_key(header::UPGRADE)
-            && has_token(&headers, &header::CONNECTION, "upgrade"));
-    let trailers = headers.contains_key(header::TE) && has_token(&headers, &header::TE, "trailers");
+    let upgrade = method == Method::CONNECT || (seen.has(Seen::UPGRADE) && connection("upgrade"));
+    let trailers = seen.has(Seen::TE) && has_token(&headers, &header::TE, "trailers");
     Ok(Some(RequestHead {
         method,
         uri,
@@ -622,7 +667,10 @@ pub(crate) fn parse_request_head(
 }
 
 /// How a request's body is framed (RFC 9112 §6.3): requests are never framed by the close.
-fn request_framing(headers: &HeaderMap) -> Result<ReqFraming, RequestError> {
+fn request_framing(headers: &HeaderMap, seen: Seen) -> Result<ReqFraming, RequestError> {
+    if !seen.has(Seen::TRANSFER_ENCODING | Seen::CONTENT_LENGTH) {
+        return Ok(ReqFraming::None);
+    }
     if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
         if headers.contains_key(header::CONTENT_LENGTH) {
             return Err(RequestError::Ambiguous);
@@ -698,11 +746,16 @@ pub(crate) fn encode_response_head(
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
     let pass_length = body == BodyOut::None;
+    let mut dated = false;
     for (name, value) in headers {
         let skip = match *name {
             header::CONTENT_LENGTH => !pass_length,
             header::TRANSFER_ENCODING => true,
             header::CONNECTION => !switching,
+            header::DATE => {
+                dated = true;
+                false
+            }
             _ => name.as_str() == "keep-alive",
         };
         if skip {
@@ -727,7 +780,7 @@ pub(crate) fn encode_response_head(
         out.put_slice(c.as_bytes());
         out.put_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !dated {
         out.put_slice(b"date: ");
         put_http_date(out);
         out.put_slice(b"\r\n");

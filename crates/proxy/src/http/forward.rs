@@ -451,11 +451,12 @@ pub async fn forward(
             None => send_once(shared, &cluster, &ep, req, h2, &mut rec, try_start).await,
         };
         let done = Instant::now();
-        // The grpc-status header is read once: for the class, the retry decision and the record.
+        // The grpc-status header is read once, and only for gRPC requests: for the class, the
+        // retry decision and the record.
         let (class, grpc_code) = match &outcome {
             Try::Response(r) => {
                 ep.observe_latency(done.saturating_duration_since(try_start), done);
-                let code = grpc_status(r.headers());
+                let code = if grpc { grpc_status(r.headers()) } else { None };
                 let class = code.map_or_else(
                     || FailureClass::from_status(r.status().as_u16()),
                     FailureClass::from_grpc,
