@@ -525,3 +525,41 @@ fn http_dates_are_formatted_as_rfc_9110_says() {
     assert_eq!(d(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
     assert_eq!(d(4_102_444_799), "Thu, 31 Dec 2099 23:59:59 GMT");
 }
+
+#[test]
+fn mutated_requests_never_panic_and_never_frame_ambiguously() {
+    let seeds: [&[u8]; 5] = [
+        b"GET /a?b HTTP/1.1\r\nhost: catalog.shop\r\nx-a: b\r\n\r\n",
+        b"POST http://catalog.shop/ HTTP/1.1\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\nhello",
+        b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"CONNECT db.shop:5432 HTTP/1.1\r\nhost: db.shop:5432\r\n\r\n",
+        b"GET / HTTP/1.0\r\nconnection: keep-alive, upgrade\r\nupgrade: websocket\r\n\r\n",
+    ];
+    let mut rng = fastrand::Rng::with_seed(0x7e11_1501);
+    for round in 0..20_000 {
+        let mut input = seeds[round % seeds.len()].to_vec();
+        for _ in 0..rng.usize(1..4) {
+            let at = rng.usize(..=input.len());
+            match rng.u8(..4) {
+                0 if at < input.len() => input[at] = rng.u8(..),
+                1 => input.insert(at, *b"\r\n:; 0f\x00\x7f".get(rng.usize(..9)).unwrap()),
+                2 if at < input.len() => {
+                    input.remove(at);
+                }
+                _ => input.truncate(at),
+            }
+        }
+        let mut buf = BytesMut::from(&input[..]);
+        let Ok(Some(h)) = parse_request_head(&mut buf, 64 * 1024) else {
+            continue;
+        };
+        let has = |n: &str| h.headers.contains_key(n);
+        assert!(
+            !(has("content-length") && has("transfer-encoding")),
+            "{input:?}"
+        );
+        if h.framing == ReqFraming::None {
+            assert!(!has("transfer-encoding"), "{input:?}");
+        }
+    }
+}
