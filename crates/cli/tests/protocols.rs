@@ -1,5 +1,5 @@
 //! Real clients through the real proxy: HTTP/1.1, h2c, proxy-form, gRPC, WebSocket, TCP,
-//! CONNECT.
+//! CONNECT over HTTP/1.1 and HTTP/2.
 
 mod common;
 
@@ -355,4 +355,31 @@ async fn inbound_connect_reaches_a_tcp_port_of_the_local_workload() {
     let out = String::from_utf8_lossy(&out[..n]).into_owned();
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
     assert!(out.contains("x-trellis-failure: no_route"), "{out}");
+}
+
+#[tokio::test]
+async fn connect_over_h2_is_tunnelled() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let e = upstream::tcp_echo().await;
+    let p = start(&docs(&[
+        service("echo", "TCP", &[e]),
+        client_workload(&["echo"]),
+    ]));
+    let io = TokioIo::new(tokio::net::TcpStream::connect(p.outbound).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("echo.test:80")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    tunnel.write_all(b"over h2").await.unwrap();
+    let mut buf = [0u8; 7];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"over h2");
 }
