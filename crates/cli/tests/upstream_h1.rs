@@ -18,22 +18,6 @@ use tokio::{
     net::TcpStream,
 };
 
-/// Read one request head from `s` (bytes after it stay in `buf`); `None` at EOF.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i + 4]).into_owned();
-            buf.drain(..i + 4);
-            return Some(head);
-        }
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 /// An upstream running `conn` for each accepted connection, and the number accepted.
 async fn counted<F, Fut>(conn: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
 where

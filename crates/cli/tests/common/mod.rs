@@ -62,3 +62,21 @@ pub fn policy(target: &str, spec: &str) -> String {
 pub fn start(config: &str) -> ProxyProcess {
     ProxyProcess::start(BIN, config, &["--workload", "test/client"])
 }
+
+/// Read one HTTP/1.1 head (request or response) from `s`; bytes after it stay in `buf`.
+/// `None` at EOF.
+pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i + 4]).into_owned();
+            buf.drain(..i + 4);
+            return Some(head);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}

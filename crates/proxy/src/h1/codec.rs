@@ -180,31 +180,9 @@ pub(crate) fn parse_response_head(
     } else {
         Version::HTTP_11
     };
-    // Header positions within the head (which is at most 64 KiB), so that values can share
-    // its buffer once it is split off.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
-    let count = res.headers.len();
-    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-        *span = (
-            (h.name.as_ptr() as usize - base) as u16,
-            h.name.len() as u16,
-            (h.value.as_ptr() as usize - base) as u16,
-            h.value.len() as u16,
-        );
-    }
+    let spans = Spans::of(buf, res.headers);
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    let mut seen = Seen::default();
-    for &(ns, nl, vs, vl) in &spans[..count] {
-        let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
-        let name = HeaderName::from_bytes(&head[ns..ns + nl])
-            .map_err(|_| ParseError::Header(String::from_utf8_lossy(&head[ns..ns + nl]).into()))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-            .map_err(|_| ParseError::Header(name.as_str().to_owned()))?;
-        seen.note(&name);
-        headers.append(name, value);
-    }
+    let (mut headers, seen) = spans.header_map(&head, 0).map_err(ParseError::Header)?;
     let (framing, keep_alive) = framing(status, version, method, &mut headers, seen)?;
     Ok(Some(Head {
         status,
@@ -212,6 +190,81 @@ pub(crate) fn parse_response_head(
         framing,
         keep_alive,
     }))
+}
+
+/// Header positions within a head (at most 64 KiB), taken while httparse's borrow of the
+/// buffer lasts, so that names and values can share the buffer once the head is split off.
+struct Spans {
+    at: [(u16, u16, u16, u16); MAX_HEADERS],
+    count: usize,
+}
+
+impl Spans {
+    fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+        let base = buf.as_ptr() as usize;
+        let mut at = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+        for (span, h) in at.iter_mut().zip(headers) {
+            *span = (
+                (h.name.as_ptr() as usize - base) as u16,
+                h.name.len() as u16,
+                (h.value.as_ptr() as usize - base) as u16,
+                h.value.len() as u16,
+            );
+        }
+        Self {
+            at,
+            count: headers.len(),
+        }
+    }
+
+    /// The header map over `head`, with room for `extra` more; `Err`: the offending name.
+    fn header_map(&self, head: &Bytes, extra: usize) -> Result<(HeaderMap, Seen), String> {
+        let mut headers = HeaderMap::with_capacity(self.count + extra);
+        let mut seen = Seen::default();
+        for &(ns, nl, vs, vl) in &self.at[..self.count] {
+            let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
+            let name = HeaderName::from_bytes(&head[ns..ns + nl])
+                .map_err(|_| String::from_utf8_lossy(&head[ns..ns + nl]).into_owned())?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+                .map_err(|_| name.as_str().to_owned())?;
+            seen.note(&name);
+            headers.append(name, value);
+        }
+        Ok((headers, seen))
+    }
+}
+
+/// Whether the last transfer coding is `chunked` (RFC 9112 §6.3).
+fn chunked_last(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// The content-length, if any: one number, possibly repeated (`7, 7`); `Err` otherwise.
+fn content_length(headers: &HeaderMap, seen: Seen) -> Result<Option<u64>, ()> {
+    let mut length = None;
+    if !seen.has(Seen::CONTENT_LENGTH) {
+        return Ok(None);
+    }
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().map_err(|_| ())?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let n: u64 = part.parse().map_err(|_| ())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
 }
 
 /// Which of the headers that decide framing and connection handling a head carries, noted
@@ -274,46 +327,16 @@ fn framing(
     {
         return Ok((RespFraming::Empty, keep_alive));
     }
-    let te = seen
-        .has(Seen::TRANSFER_ENCODING)
-        .then(|| headers.get(header::TRANSFER_ENCODING))
-        .flatten();
-    if let Some(te) = te {
+    if seen.has(Seen::TRANSFER_ENCODING) {
         // A length next to a transfer coding is a smuggling attempt or a bug; the coding
         // wins (RFC 9112 §6.3) and the length must not travel on.
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .unwrap_or(te)
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
         headers.remove(header::CONTENT_LENGTH);
-        if chunked_last {
+        if chunked_last(headers) {
             return Ok((RespFraming::Chunked, keep_alive));
         }
         return Ok((RespFraming::Eof, false));
     }
-    let mut length = None;
-    let lengths = seen
-        .has(Seen::CONTENT_LENGTH)
-        .then(|| headers.get_all(header::CONTENT_LENGTH));
-    for v in lengths.into_iter().flatten() {
-        let s = v.to_str().map_err(|_| ParseError::ContentLength)?;
-        for part in s.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(ParseError::ContentLength);
-            }
-            let n: u64 = part.parse().map_err(|_| ParseError::ContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ParseError::ContentLength);
-            }
-            length = Some(n);
-        }
-    }
+    let length = content_length(headers, seen).map_err(|()| ParseError::ContentLength)?;
     Ok(match length {
         Some(0) => (RespFraming::Empty, keep_alive),
         Some(n) => (RespFraming::Length(n), keep_alive),
@@ -607,36 +630,15 @@ pub(crate) fn parse_request_head(
     } else {
         Version::HTTP_11
     };
-    let base = buf.as_ptr() as usize;
     let path = req.path.unwrap_or("");
-    let target = (path.as_ptr() as usize - base, path.len());
-    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
-    let count = req.headers.len();
-    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-        *span = (
-            (h.name.as_ptr() as usize - base) as u16,
-            h.name.len() as u16,
-            (h.value.as_ptr() as usize - base) as u16,
-            h.value.len() as u16,
-        );
-    }
+    let target = path.as_ptr() as usize - buf.as_ptr() as usize;
+    let target = target..target + path.len();
+    let spans = Spans::of(buf, req.headers);
     let head = buf.split_to(len).freeze();
-    let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
-        .map_err(|_| RequestError::Target)?;
+    let uri = http::Uri::from_maybe_shared(head.slice(target)).map_err(|_| RequestError::Target)?;
     // Room for the headers the proxy adds (traceparent, x-request-id): growing the map
     // rehashes it.
-    let mut headers = HeaderMap::with_capacity(count + 2);
-    let mut seen = Seen::default();
-    for &(ns, nl, vs, vl) in &spans[..count] {
-        let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
-        let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
-            RequestError::Header(String::from_utf8_lossy(&head[ns..ns + nl]).into())
-        })?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-            .map_err(|_| RequestError::Header(name.as_str().to_owned()))?;
-        seen.note(&name);
-        headers.append(name, value);
-    }
+    let (headers, seen) = spans.header_map(&head, 2).map_err(RequestError::Header)?;
     let framing = request_framing(&headers, seen)?;
     let connection =
         |token| seen.has(Seen::CONNECTION) && has_token(&headers, &header::CONNECTION, token);
@@ -668,43 +670,17 @@ pub(crate) fn parse_request_head(
 
 /// How a request's body is framed (RFC 9112 §6.3): requests are never framed by the close.
 fn request_framing(headers: &HeaderMap, seen: Seen) -> Result<ReqFraming, RequestError> {
-    if !seen.has(Seen::TRANSFER_ENCODING | Seen::CONTENT_LENGTH) {
-        return Ok(ReqFraming::None);
-    }
-    if let Some(te) = headers.get(header::TRANSFER_ENCODING) {
-        if headers.contains_key(header::CONTENT_LENGTH) {
+    if seen.has(Seen::TRANSFER_ENCODING) {
+        if seen.has(Seen::CONTENT_LENGTH) {
             return Err(RequestError::Ambiguous);
         }
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .unwrap_or(te)
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        return if chunked_last {
+        return if chunked_last(headers) {
             Ok(ReqFraming::Chunked)
         } else {
             Err(RequestError::TransferEncoding)
         };
     }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        let s = v.to_str().map_err(|_| RequestError::ContentLength)?;
-        for part in s.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(RequestError::ContentLength);
-            }
-            let n: u64 = part.parse().map_err(|_| RequestError::ContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(RequestError::ContentLength);
-            }
-            length = Some(n);
-        }
-    }
+    let length = content_length(headers, seen).map_err(|()| RequestError::ContentLength)?;
     Ok(match length {
         None | Some(0) => ReqFraming::None,
         Some(n) => ReqFraming::Length(n),

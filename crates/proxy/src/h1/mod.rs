@@ -121,10 +121,6 @@ impl Conn {
     pub(crate) fn is_reused(&self) -> bool {
         self.reused
     }
-
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        poll_fill(&self.io, &mut self.rbuf, &mut self.read_size, cx)
-    }
 }
 
 /// Read more of the response into `rbuf`: `Ok(0)` at EOF. `read_size` grows while reads
@@ -348,6 +344,51 @@ pub(crate) fn prepare_resend(err: &H1Error, req: &mut Request<UpBody>) -> bool {
     }
 }
 
+/// Why a body could not be read from its connection.
+#[derive(Debug)]
+pub(crate) enum BodyRead {
+    /// The peer closed the connection before the body ended.
+    Closed,
+    Io(io::Error),
+    Parse(ParseError),
+}
+
+impl From<BodyRead> for H1Error {
+    fn from(e: BodyRead) -> Self {
+        match e {
+            BodyRead::Closed => Self::Closed(false),
+            BodyRead::Io(e) => Self::Io(e),
+            BodyRead::Parse(e) => Self::Parse(e),
+        }
+    }
+}
+
+/// The next frame of a body framed by `decoder`, from `rbuf` and then from `io`: `None` at
+/// its end (for a body that runs to the close, the close is its end). Shared by response
+/// bodies read from upstreams and request bodies read from clients.
+fn poll_body_frame(
+    decoder: &mut Decoder,
+    io: &TcpStream,
+    rbuf: &mut BytesMut,
+    read_size: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Option<Frame<Bytes>>, BodyRead>> {
+    loop {
+        match decoder.decode(rbuf) {
+            Ok(Decoded::Data(d)) => return Poll::Ready(Ok(Some(Frame::data(d)))),
+            Ok(Decoded::Trailers(t)) => return Poll::Ready(Ok(Some(Frame::trailers(t)))),
+            Ok(Decoded::End) => return Poll::Ready(Ok(None)),
+            Ok(Decoded::NeedMore) => match ready!(poll_fill(io, rbuf, read_size, cx)) {
+                Ok(0) if decoder.at_eof() => return Poll::Ready(Ok(None)),
+                Ok(0) => return Poll::Ready(Err(BodyRead::Closed)),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(BodyRead::Io(e))),
+            },
+            Err(e) => return Poll::Ready(Err(BodyRead::Parse(e))),
+        }
+    }
+}
+
 /// A response body read straight from the upstream connection. When it ends cleanly the
 /// connection goes back to its endpoint's pool; dropped early, the connection is closed.
 pub struct H1Body {
@@ -395,42 +436,28 @@ impl Body for H1Body {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        loop {
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let frame = match this.decoder.decode(&mut conn.rbuf) {
-                Ok(Decoded::Data(d)) => Frame::data(d),
-                Ok(Decoded::Trailers(t)) => Frame::trailers(t),
-                Ok(Decoded::End) => {
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let Conn {
+            io,
+            rbuf,
+            read_size,
+            ..
+        } = &mut **conn;
+        match ready!(poll_body_frame(&mut this.decoder, io, rbuf, read_size, cx)) {
+            Ok(frame) => {
+                // At the end (also the close that ends a close-delimited body, which left
+                // the connection not reusable): pool the connection or close it.
+                if this.decoder.is_done() {
                     this.release();
-                    return Poll::Ready(None);
                 }
-                Ok(Decoded::NeedMore) => match ready!(conn.poll_fill(cx)) {
-                    Ok(0) if this.decoder.at_eof() => {
-                        this.keep_alive = false;
-                        this.conn = None;
-                        return Poll::Ready(None);
-                    }
-                    Ok(0) => {
-                        this.conn = None;
-                        return Poll::Ready(Some(Err(H1Error::Closed(false).into())));
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        this.conn = None;
-                        return Poll::Ready(Some(Err(H1Error::Io(e).into())));
-                    }
-                },
-                Err(e) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(H1Error::Parse(e).into())));
-                }
-            };
-            if this.decoder.is_done() {
-                this.release();
+                Poll::Ready(frame.map(Ok))
             }
-            return Poll::Ready(Some(Ok(frame)));
+            Err(e) => {
+                this.conn = None;
+                Poll::Ready(Some(Err(H1Error::from(e).into())))
+            }
         }
     }
 

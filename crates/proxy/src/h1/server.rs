@@ -31,8 +31,8 @@ use tokio::{
 };
 
 use super::{
-    codec::{self, BodyOut, Decoded, Decoder, ParseError, ReqFraming, RequestError, RespFraming},
-    poll_fill, COALESCE, MIN_READ,
+    codec::{self, BodyOut, Decoder, ParseError, ReqFraming, RequestError, RespFraming},
+    poll_body_frame, poll_fill, BodyRead, COALESCE, MIN_READ,
 };
 use crate::{
     http::body::{ClientBody, ProxyBody},
@@ -454,10 +454,20 @@ pub(crate) enum BodyError {
     Closed,
     /// Reading the socket failed.
     #[error("reading the request body: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// The chunked encoding is broken.
     #[error("{0}")]
-    Parse(#[from] ParseError),
+    Parse(ParseError),
+}
+
+impl From<BodyRead> for BodyError {
+    fn from(e: BodyRead) -> Self {
+        match e {
+            BodyRead::Closed => Self::Closed,
+            BodyRead::Io(e) => Self::Io(e),
+            BodyRead::Parse(e) => Self::Parse(e),
+        }
+    }
 }
 
 impl ReqBody {
@@ -496,39 +506,27 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        loop {
-            let Some(rd) = this.reader.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let frame = match this.decoder.decode(&mut rd.rbuf) {
-                Ok(Decoded::Data(d)) => Frame::data(d),
-                Ok(Decoded::Trailers(t)) => Frame::trailers(t),
-                Ok(Decoded::End) => {
+        let Some(rd) = this.reader.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let res = ready!(poll_body_frame(
+            &mut this.decoder,
+            &this.io,
+            &mut rd.rbuf,
+            &mut rd.read_size,
+            cx
+        ));
+        match res {
+            Ok(frame) => {
+                if this.decoder.is_done() {
                     this.go_home();
-                    return Poll::Ready(None);
                 }
-                Ok(Decoded::NeedMore) => {
-                    match ready!(poll_fill(&this.io, &mut rd.rbuf, &mut rd.read_size, cx)) {
-                        Ok(0) => {
-                            this.reader = None;
-                            return Poll::Ready(Some(Err(BodyError::Closed.into())));
-                        }
-                        Ok(_) => continue,
-                        Err(e) => {
-                            this.reader = None;
-                            return Poll::Ready(Some(Err(BodyError::Io(e).into())));
-                        }
-                    }
-                }
-                Err(e) => {
-                    this.reader = None;
-                    return Poll::Ready(Some(Err(BodyError::Parse(e).into())));
-                }
-            };
-            if this.decoder.is_done() {
-                this.go_home();
+                Poll::Ready(frame.map(Ok))
             }
-            return Poll::Ready(Some(Ok(frame)));
+            Err(e) => {
+                this.reader = None;
+                Poll::Ready(Some(Err(BodyError::from(e).into())))
+            }
         }
     }
 

@@ -292,6 +292,22 @@ fn length_and_close_delimited_bodies() {
 /// Mutations of valid responses (bytes flipped, inserted, dropped, cut) fed to the head parser
 /// and every body decoder: whatever an upstream sends, the codec returns a value or an error
 /// and never panics, and what it accepts obeys the framing rules.
+/// One to three random edits: a byte changed, a framing-relevant byte inserted, a byte
+/// removed, or the input cut short.
+fn mutate(rng: &mut fastrand::Rng, input: &mut Vec<u8>) {
+    for _ in 0..rng.usize(1..4) {
+        let at = rng.usize(..=input.len());
+        match rng.u8(..4) {
+            0 if at < input.len() => input[at] = rng.u8(..),
+            1 => input.insert(at, *b"\r\n:; 0f\x00\x7f".get(rng.usize(..9)).unwrap()),
+            2 if at < input.len() => {
+                input.remove(at);
+            }
+            _ => input.truncate(at),
+        }
+    }
+}
+
 #[test]
 fn mutated_responses_never_panic() {
     let seeds: [&[u8]; 5] = [
@@ -304,17 +320,7 @@ fn mutated_responses_never_panic() {
     let mut rng = fastrand::Rng::with_seed(0x7e11_1500);
     for round in 0..20_000 {
         let mut input = seeds[round % seeds.len()].to_vec();
-        for _ in 0..rng.usize(1..4) {
-            let at = rng.usize(..=input.len());
-            match rng.u8(..4) {
-                0 if at < input.len() => input[at] = rng.u8(..),
-                1 => input.insert(at, *b"\r\n:; 0f\x00\x7f".get(rng.usize(..9)).unwrap()),
-                2 if at < input.len() => {
-                    input.remove(at);
-                }
-                _ => input.truncate(at),
-            }
-        }
+        mutate(&mut rng, &mut input);
         let mut buf = BytesMut::from(&input[..]);
         let Ok(Some(h)) = parse_response_head(&mut buf, &Method::GET) else {
             continue;
@@ -538,17 +544,7 @@ fn mutated_requests_never_panic_and_never_frame_ambiguously() {
     let mut rng = fastrand::Rng::with_seed(0x7e11_1501);
     for round in 0..20_000 {
         let mut input = seeds[round % seeds.len()].to_vec();
-        for _ in 0..rng.usize(1..4) {
-            let at = rng.usize(..=input.len());
-            match rng.u8(..4) {
-                0 if at < input.len() => input[at] = rng.u8(..),
-                1 => input.insert(at, *b"\r\n:; 0f\x00\x7f".get(rng.usize(..9)).unwrap()),
-                2 if at < input.len() => {
-                    input.remove(at);
-                }
-                _ => input.truncate(at),
-            }
-        }
+        mutate(&mut rng, &mut input);
         let mut buf = BytesMut::from(&input[..]);
         let Ok(Some(h)) = parse_request_head(&mut buf, 64 * 1024) else {
             continue;
