@@ -58,6 +58,9 @@ struct ProxyArgs {
     /// Largest request head accepted, in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     max_header_bytes: usize,
+    /// Time a kept-alive HTTP/1.1 client connection may sit idle between requests.
+    #[arg(long, default_value = "60s")]
+    idle_timeout: DurationValue,
     /// Worker threads (1 runs a single-threaded runtime, the sidecar default).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -93,6 +96,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
         limits: ServerLimits {
             header_read_timeout: a.header_read_timeout.0,
             max_header_bytes: a.max_header_bytes,
+            idle_timeout: a.idle_timeout.0,
         },
         access_log: !a.no_access_log,
     };

@@ -249,3 +249,20 @@ async fn bytes_sent_right_behind_an_upgrade_request_reach_the_upstream() {
     let out = read_until(&mut s, |o| o.ends_with("later ones")).await;
     assert_eq!(out, " and later ones");
 }
+
+#[tokio::test]
+async fn kept_alive_connections_close_after_the_idle_timeout() {
+    let up = upstream().await;
+    let p = ProxyProcess::start(
+        common::BIN,
+        &docs(&[service("alpha", "HTTP", &[up]), client_workload(&[])]),
+        &["--workload", "test/client", "--idle-timeout", "300ms"],
+    );
+    let mut s = TcpStream::connect(p.outbound).await.unwrap();
+    s.write_all(b"GET /once HTTP/1.1\r\nhost: alpha.test\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until(&mut s, |o| o.ends_with("/once")).await;
+    assert_eq!(header(&out, "connection"), None, "kept alive: {out}");
+    assert!(closed(&mut s).await, "closed once idle past --idle-timeout");
+}

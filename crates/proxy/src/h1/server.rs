@@ -39,9 +39,6 @@ use crate::{
     FailureClass,
 };
 
-/// How long a kept-alive connection may wait for its next request to begin.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Limits of a client connection.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
@@ -49,6 +46,8 @@ pub(crate) struct Limits {
     pub(crate) header_read_timeout: Duration,
     /// Largest request head.
     pub(crate) max_head: usize,
+    /// Time a kept-alive connection may wait for its next request to begin.
+    pub(crate) idle_timeout: Duration,
 }
 
 /// The read side of a connection: bytes read but not yet consumed.
@@ -127,7 +126,7 @@ impl ServerConn {
         let mut idle = self.served && rd.rbuf.is_empty();
         let mut deadline = Instant::now()
             + if idle {
-                IDLE_TIMEOUT
+                self.limits.idle_timeout
             } else {
                 self.limits.header_read_timeout
             };

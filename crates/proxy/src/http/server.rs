@@ -47,6 +47,8 @@ pub struct ServerLimits {
     pub header_read_timeout: Duration,
     /// Largest request head accepted (HTTP/1.1 buffer; HTTP/2 header list).
     pub max_header_bytes: usize,
+    /// Time a kept-alive HTTP/1.1 connection may wait for its next request.
+    pub idle_timeout: Duration,
 }
 
 /// The connection settings, made once: the proxy's own HTTP/1.1 server's limits, hyper's
@@ -74,6 +76,7 @@ pub fn builder(limits: ServerLimits) -> Builders {
     let h1 = Limits {
         header_read_timeout: limits.header_read_timeout,
         max_head: limits.max_header_bytes,
+        idle_timeout: limits.idle_timeout,
     };
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
