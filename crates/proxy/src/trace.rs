@@ -2,7 +2,7 @@
 //!
 //! Ids are kept as numbers and hex-encoded into stack buffers: this runs on every request.
 
-use http::{HeaderMap, HeaderValue};
+use http::{header::Entry, HeaderMap, HeaderValue};
 
 use crate::http::{TRACEPARENT, X_REQUEST_ID};
 
@@ -60,9 +60,16 @@ pub fn trace_id_hex(id: u128) -> String {
 /// Continue the caller's trace (new span id, same trace id and flags) or start one, and make
 /// sure the request has an `x-request-id`.
 pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
-    let existing = headers
-        .get(&TRACEPARENT)
-        .and_then(|v| parse_traceparent(v.as_bytes()));
+    let existing_id = headers
+        .get(&X_REQUEST_ID)
+        .filter(|r| !r.is_empty())
+        .cloned();
+    // The traceparent is hashed once: the entry read here is the one written below.
+    let traceparent = headers.entry(TRACEPARENT.clone());
+    let existing = match &traceparent {
+        Entry::Occupied(e) => parse_traceparent(e.get().as_bytes()),
+        Entry::Vacant(_) => None,
+    };
     let (trace_id, flags) = existing.unwrap_or_else(|| (fastrand::u128(1..), 1));
     // Both values are written into one buffer and shared from it: one allocation, not two.
     let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-0000000000-0000-0000-0000-000000000000";
@@ -70,10 +77,6 @@ pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
     hex_into(&mut tp[3..35], trace_id);
     hex_into(&mut tp[36..52], u128::from(fastrand::u64(1..)));
     hex_into(&mut tp[53..55], u128::from(flags));
-    let existing_id = headers
-        .get(&X_REQUEST_ID)
-        .filter(|r| !r.is_empty())
-        .cloned();
     if existing_id.is_none() {
         // A random UUID-shaped id.
         let n = fastrand::u128(..);
@@ -89,7 +92,14 @@ pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
         &buf[..]
     });
     let value = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).expect("hex is a valid header");
-    headers.insert(TRACEPARENT.clone(), value(shared.slice(..55)));
+    match traceparent {
+        Entry::Occupied(mut e) => {
+            e.insert(value(shared.slice(..55)));
+        }
+        Entry::Vacant(e) => {
+            e.insert(value(shared.slice(..55)));
+        }
+    }
     let request_id = match existing_id {
         Some(r) => r,
         None => {
