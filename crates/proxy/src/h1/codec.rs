@@ -1,6 +1,6 @@
-//! HTTP/1.1 on the wire, upstream side (RFC 9112): request heads out; response heads and
-//! response bodies (fixed length, chunked, or up to the close) in. Pure functions over
-//! buffers, so that every framing rule is unit-tested without a socket.
+//! HTTP/1.1 on the wire (RFC 9112), both ways: request heads and response heads parsed and
+//! encoded, bodies framed by length, by chunks, or (responses only) up to the close. Pure
+//! functions over buffers, so that every framing rule is unit-tested without a socket.
 
 use std::mem::MaybeUninit;
 

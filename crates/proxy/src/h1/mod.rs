@@ -1,4 +1,5 @@
-//! The upstream HTTP/1.1 client, driven inside the request's own task.
+//! The proxy's own HTTP/1.1: the upstream client here, the client-facing server in
+//! [`server`], both over [`codec`] and driven inside the connection's or request's task.
 //!
 //! hyper's client runs each connection as a task of its own and talks to it through
 //! channels: the request goes over one, the response head comes back over a oneshot and the
@@ -123,7 +124,7 @@ impl Conn {
     }
 }
 
-/// Read more of the response into `rbuf`: `Ok(0)` at EOF. `read_size` grows while reads
+/// Read more from `io` into `rbuf`: `Ok(0)` at EOF. `read_size` grows while reads
 /// fill it.
 fn poll_fill(
     io: &TcpStream,

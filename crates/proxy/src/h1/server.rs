@@ -24,7 +24,6 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
     sync::oneshot,
     time::{Instant, Sleep},
@@ -66,7 +65,7 @@ struct Current {
     http10: bool,
     keep_alive: bool,
     trailers: bool,
-    upgrade: Option<oneshot::Sender<Upgraded>>,
+    upgrade: Option<oneshot::Sender<Switched>>,
 }
 
 /// One client connection speaking HTTP/1.1.
@@ -80,7 +79,7 @@ pub(crate) struct ServerConn {
     drained: Pin<Box<dyn Future<Output = ()> + Send>>,
     current: Option<Current>,
     /// A response switched protocols: the socket goes to the tunnel.
-    upgrade: Option<oneshot::Sender<Upgraded>>,
+    upgrade: Option<oneshot::Sender<Switched>>,
     served: bool,
 }
 
@@ -394,7 +393,7 @@ impl ServerConn {
             None => self.home.and_then(|h| h.lock().expect("home lock").take()),
         };
         if let (Some(rd), Ok(io)) = (rd, Arc::try_unwrap(self.io)) {
-            let _ = tx.send(Upgraded {
+            let _ = tx.send(Switched {
                 io,
                 early: rd.rbuf.freeze(),
             });
@@ -544,54 +543,18 @@ impl Body for ReqBody {
 /// In a request's extensions: the connection, once the response has switched protocols
 /// (101, or 2xx to CONNECT).
 #[derive(Clone)]
-pub(crate) struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+pub(crate) struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Switched>>>>);
 
 impl OnUpgrade {
-    /// Take it out of `req`.
-    pub(crate) fn take<B>(req: &mut Request<B>) -> Option<oneshot::Receiver<Upgraded>> {
-        let me = req.extensions_mut().remove::<Self>()?;
-        let rx = me.0.lock().expect("upgrade lock").take();
-        rx
+    /// The receiver, unless a clone of this took it already.
+    pub(crate) fn into_receiver(self) -> Option<oneshot::Receiver<Switched>> {
+        self.0.lock().expect("upgrade lock").take()
     }
 }
 
-/// A client connection after a protocol switch: what the client sent after its request
-/// head is read first.
-pub(crate) struct Upgraded {
-    io: TcpStream,
-    early: Bytes,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.early.is_empty() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
+/// A client connection after a protocol switch, and what the client sent after its
+/// request head (to be read before the socket).
+pub(crate) struct Switched {
+    pub(crate) io: TcpStream,
+    pub(crate) early: Bytes,
 }

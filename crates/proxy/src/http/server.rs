@@ -58,7 +58,6 @@ pub struct Builders {
     h1: Limits,
     h2: http2::Builder<TokioExecutor>,
     auto: auto::Builder<TokioExecutor>,
-    header_read_timeout: Duration,
 }
 
 /// Build the connection builders once per proxy.
@@ -81,12 +80,7 @@ pub fn builder(limits: ServerLimits) -> Builders {
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32);
-    Builders {
-        h1,
-        h2,
-        auto,
-        header_read_timeout: limits.header_read_timeout,
-    }
+    Builders { h1, h2, auto }
 }
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -145,7 +139,7 @@ pub async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let _active = shared.drain.track();
-    let Some(kind) = sniff(&stream, builders.header_read_timeout).await else {
+    let Some(kind) = sniff(&stream, builders.h1.header_read_timeout).await else {
         return;
     };
     let mut drain = shared.drain.signal();
