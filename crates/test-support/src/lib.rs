@@ -11,6 +11,7 @@ use std::{
 };
 
 pub mod client;
+pub mod etcd;
 pub mod upstream;
 
 /// Poll `f` until it returns `Some`, or panic with `what` after `timeout`.
@@ -49,7 +50,7 @@ pub struct ProxyProcess {
     stderr: Arc<Mutex<Vec<String>>>,
 }
 
-fn temp_path(name: &str) -> PathBuf {
+pub(crate) fn temp_path(name: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::env::temp_dir().join(format!("trellis-test-{}-{n}-{name}", std::process::id()))
