@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use trellis_model::{resource::NamespacedName, value::DurationValue};
-use trellis_proxy::{http::server::ServerLimits, Options, Proxy};
+use trellis_proxy::{http::server::ServerLimits, xds::XdsOptions, Options, Proxy, Source};
+
+mod client;
+mod ctl;
 
 /// `EX_USAGE` from sysexits.h: bad flags or config.
 const EX_USAGE: u8 = 64;
@@ -25,6 +28,87 @@ struct Cli {
 enum Cmd {
     /// Run the data-plane proxy.
     Proxy(ProxyArgs),
+    /// Run the control plane: resource store, HTTP API and xDS server.
+    Control(ControlArgs),
+    /// Create or update every resource of a file, a directory or stdin, atomically.
+    Apply {
+        /// A file, a directory of .yaml/.yml/.json files, or `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// List resources of a kind, or show one.
+    Get {
+        /// Kind (service, workload, httproute, grpcroute, backendtrafficpolicy, or short forms).
+        kind: String,
+        /// Name (lists every resource of the kind when absent).
+        name: Option<String>,
+        /// Namespace (every namespace when listing without it; `default` for one resource).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: ctl::Output,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Delete a resource.
+    Delete {
+        /// Kind.
+        kind: String,
+        /// Name.
+        name: String,
+        /// Namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Show a resource with its status conditions and the proxies that use it.
+    Describe {
+        /// Kind.
+        kind: String,
+        /// Name.
+        name: String,
+        /// Namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Every connected proxy: versions sent and acknowledged, and the last rejection.
+    Status {
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: ctl::Output,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Check a server and token, and save them for later commands.
+    Login {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Data directory: the embedded store and the admin token.
+    #[arg(long, default_value = "./trellis-data")]
+    data_dir: PathBuf,
+    /// HTTP API address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    api: SocketAddr,
+    /// xDS (gRPC) address.
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    xds: SocketAddr,
+    /// `embedded` (a redb file in the data dir) or etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    /// Largest API request body, in bytes (larger ones get 413).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
 }
 
 #[derive(clap::Args)]
@@ -32,8 +116,20 @@ enum Cmd {
 #[command(args_override_self = true)]
 struct ProxyArgs {
     /// Resource file (multi-document YAML).
-    #[arg(long, env = "TRELLIS_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        env = "TRELLIS_CONFIG",
+        required_unless_present = "xds",
+        conflicts_with = "xds"
+    )]
+    config: Option<PathBuf>,
+    /// Take the config from control planes instead (xDS URLs, comma-separated or repeated;
+    /// tried in turn on failure).
+    #[arg(long, value_delimiter = ',')]
+    xds: Vec<String>,
+    /// Node id announced over xDS (default: WORKLOAD@HOSTNAME, or HOSTNAME).
+    #[arg(long)]
+    node_id: Option<String>,
     /// The workload this proxy serves, NAMESPACE/NAME.
     #[arg(long)]
     workload: Option<NamespacedName>,
@@ -81,12 +177,140 @@ fn main() -> ExitCode {
         .init();
     match cli.cmd {
         Cmd::Proxy(args) => proxy(args),
+        Cmd::Control(args) => control(args),
+        Cmd::Apply { file, conn } => ctl_run(ctl::apply(&conn, &file)),
+        Cmd::Get {
+            kind,
+            name,
+            namespace,
+            output,
+            conn,
+        } => ctl_run(ctl::get(
+            &conn,
+            &kind,
+            name.as_deref(),
+            namespace.as_deref(),
+            output,
+        )),
+        Cmd::Delete {
+            kind,
+            name,
+            namespace,
+            conn,
+        } => ctl_run(ctl::delete(&conn, &kind, &name, namespace.as_deref())),
+        Cmd::Describe {
+            kind,
+            name,
+            namespace,
+            conn,
+        } => ctl_run(ctl::describe(&conn, &kind, &name, namespace.as_deref())),
+        Cmd::Status { output, conn } => ctl_run(ctl::status(&conn, output)),
+        Cmd::Login { conn } => ctl_run(ctl::login(&conn)),
     }
 }
 
+/// Run a client command on a small runtime; print its error and exit 1 on failure.
+fn ctl_run(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn control(a: ControlArgs) -> ExitCode {
+    let opts = trellis_control::Options {
+        data_dir: a.data_dir,
+        api: a.api,
+        xds: a.xds,
+        store: a.store,
+        max_body_bytes: a.max_body_bytes,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis control: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let c = match trellis_control::Control::start(opts.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("trellis control: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(t) = &c.new_token {
+            // Printed once, at the first start; afterwards it is only in the file.
+            eprintln!(
+                "admin token (saved in {}, shown only now): {t}",
+                opts.data_dir.join("admin.token").display()
+            );
+        }
+        tracing::info!(api = %c.api_addr, xds = %c.xds_addr, "control plane ready");
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return ExitCode::FAILURE;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("control plane stopping");
+        ExitCode::SUCCESS
+    })
+}
+
 fn proxy(a: ProxyArgs) -> ExitCode {
+    let source = match a.config {
+        Some(path) => Source::File(path),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            let node_id = a.node_id.clone().unwrap_or_else(|| match &a.workload {
+                Some(w) => format!("{w}@{host}"),
+                None => host,
+            });
+            Source::Xds(XdsOptions {
+                servers: a
+                    .xds
+                    .iter()
+                    .map(|s| {
+                        if s.contains("://") {
+                            s.clone()
+                        } else {
+                            format!("http://{s}")
+                        }
+                    })
+                    .collect(),
+                node_id,
+                workload: a.workload.as_ref().map(|w| w.to_string()),
+            })
+        }
+    };
     let opts = Options {
-        config: a.config,
+        source,
         workload: a.workload,
         admin: a.admin,
         outbound: a.outbound,

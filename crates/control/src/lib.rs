@@ -1,1 +1,191 @@
-//! placeholder
+//! Trellis control plane: one place where the fleet's services, workloads and routes live,
+//! and from which every proxy is reconfigured live.
+//!
+//! - [`catalog`]: the store's contents, followed through its watch and compiled into what
+//!   proxies get (with Gateway API status conditions for what was left out).
+//! - [`api`]: the HTTP API under `/api/v1/` (bearer token; apply is atomic and validated).
+//! - [`xds`]: the ADS server (xDS v3, state of the world) and the record of every ACK/NACK.
+//! - [`envoy`]: the translation into Envoy's standard resource types.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+use trellis_store::{Store, StoreError};
+
+pub mod api;
+pub mod apply;
+pub mod catalog;
+pub mod envoy;
+pub mod token;
+pub mod xds;
+
+use catalog::{Catalog, Compiled};
+
+/// How the control plane runs. Built once from flags at the edge.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Data directory (embedded store, admin token).
+    pub data_dir: PathBuf,
+    /// HTTP API address.
+    pub api: SocketAddr,
+    /// xDS (gRPC) address.
+    pub xds: SocketAddr,
+    /// `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
+    pub store: String,
+    /// Largest request body the API accepts.
+    pub max_body_bytes: usize,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory or token file could not be used.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The catalog and what was compiled from it, at one revision.
+pub struct State {
+    /// Every resource.
+    pub catalog: Catalog,
+    /// What proxies get.
+    pub compiled: Arc<Compiled>,
+}
+
+/// A running control plane.
+pub struct Control {
+    /// Bound API address.
+    pub api_addr: SocketAddr,
+    /// Bound xDS address.
+    pub xds_addr: SocketAddr,
+    /// The admin token, when this start created it (printed once).
+    pub new_token: Option<String>,
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ControlError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControlError::Bind { addr, what, source })
+}
+
+/// Follow the store: list, then apply every change; list again when the watch is lost.
+async fn follow(store: Store, tx: watch::Sender<Arc<State>>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (listing, mut w) = match store.list_and_watch().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "store unavailable; serving the last state");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let mut catalog = Catalog::from_listing(listing);
+        publish(&tx, &catalog);
+        loop {
+            let change = match w.next().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "store watch ended; listing again");
+                    break;
+                }
+            };
+            catalog.apply(change);
+            // Coalesce a burst: compile once for every batch already waiting.
+            let mut lost = false;
+            while let Some(next) = w.try_next() {
+                match next {
+                    Ok(c) => catalog.apply(c),
+                    Err(_) => {
+                        lost = true;
+                        break;
+                    }
+                }
+            }
+            publish(&tx, &catalog);
+            if lost {
+                break;
+            }
+        }
+    }
+}
+
+fn publish(tx: &watch::Sender<Arc<State>>, catalog: &Catalog) {
+    let compiled = Arc::new(catalog.compile());
+    if let Err(e) = &compiled.mesh {
+        tracing::error!(revision = catalog.revision, error = %e, "stored resources do not translate");
+    }
+    tx.send_replace(Arc::new(State {
+        catalog: catalog.clone(),
+        compiled,
+    }));
+}
+
+impl Control {
+    /// Open the store, bind both listeners and start serving.
+    pub async fn start(opts: Options) -> Result<Self, ControlError> {
+        std::fs::create_dir_all(&opts.data_dir).map_err(|source| ControlError::Io {
+            path: opts.data_dir.clone(),
+            source,
+        })?;
+        let (token, new_token) = token::load_or_create(&opts.data_dir)?;
+        let store = Store::open(&opts.store, &opts.data_dir).await?;
+        let api_l = bind(opts.api, "api").await?;
+        let xds_l = bind(opts.xds, "xds").await?;
+        let api_addr = api_l.local_addr().map_err(|source| ControlError::Bind {
+            addr: opts.api,
+            what: "api",
+            source,
+        })?;
+        let xds_addr = xds_l.local_addr().map_err(|source| ControlError::Bind {
+            addr: opts.xds,
+            what: "xds",
+            source,
+        })?;
+        // The first state is read before serving, so that no proxy ever gets an empty config
+        // for a store that has resources.
+        let listing = store.list().await?;
+        let catalog = Catalog::from_listing(listing);
+        let compiled = Arc::new(catalog.compile());
+        let (tx, rx) = watch::channel(Arc::new(State { catalog, compiled }));
+        tokio::spawn(follow(store.clone(), tx));
+        let proxies = xds::Registry::default();
+        let api = api::Api::new(
+            store,
+            rx.clone(),
+            proxies.clone(),
+            token,
+            opts.max_body_bytes,
+        );
+        tokio::spawn(api.serve(api_l));
+        tokio::spawn(xds::serve(rx, proxies, xds_l));
+        tracing::info!(%api_addr, %xds_addr, store = %opts.store, "control plane listening");
+        Ok(Self {
+            api_addr,
+            xds_addr,
+            new_token,
+        })
+    }
+}

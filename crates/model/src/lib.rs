@@ -7,6 +7,7 @@
 mod error;
 mod load;
 pub mod proxy;
+pub mod refs;
 pub mod resource;
 mod translate;
 pub mod value;

@@ -60,6 +60,15 @@ pub struct Metadata {
     /// Annotations (free-form).
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// The store's version of the resource, as the control plane returned it. A write that
+    /// carries one is refused when the stored resource has changed since (optimistic
+    /// concurrency); a static file ignores it.
+    #[serde(
+        default,
+        rename = "resourceVersion",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub resource_version: Option<String>,
 }
 
 fn default_namespace() -> String {

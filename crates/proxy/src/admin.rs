@@ -46,6 +46,10 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
         }
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if shared.drain.draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/ready" if !shared.synced.load(std::sync::atomic::Ordering::Acquire) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first config from the control plane\n",
+        ),
         "/ready" => text(StatusCode::OK, "ready\n"),
         "/config_dump" => {
             let snap = shared.state.load_full();
@@ -64,6 +68,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
             let dump = serde_json::json!({
                 "version": snap.version,
                 "source": shared.source,
+                "xds": &*shared.xds_status.lock().unwrap_or_else(|p| p.into_inner()),
                 "config": &*snap.cfg,
                 "endpoint_health": endpoints,
             });

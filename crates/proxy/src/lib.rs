@@ -27,6 +27,7 @@ pub mod record;
 pub mod state;
 pub mod tcp;
 pub mod trace;
+pub mod xds;
 
 pub use failure::FailureClass;
 
@@ -36,11 +37,29 @@ use crate::{
     state::Snapshot,
 };
 
+/// Where the config comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A resource file, watched for changes.
+    File(PathBuf),
+    /// The control plane, over xDS.
+    Xds(xds::XdsOptions),
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Xds(x) => format!("xds:{}", x.servers.join(",")),
+        }
+    }
+}
+
 /// How the proxy runs. Built once from flags at the edge.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The resource file.
-    pub config: PathBuf,
+    /// Where the config comes from.
+    pub source: Source,
     /// The workload this proxy serves.
     pub workload: Option<NamespacedName>,
     /// Admin listener.
@@ -73,6 +92,21 @@ pub struct Shared {
     pub drain: drain::Drain,
     /// Where the config came from.
     pub source: String,
+    /// A config has been applied (always, for a file; after the first bundle, for xDS).
+    pub synced: std::sync::atomic::AtomicBool,
+    /// The xDS version last applied, and the last refusal.
+    pub xds_status: std::sync::Mutex<XdsStatus>,
+}
+
+/// What the proxy last did with what the control plane sent.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct XdsStatus {
+    /// Control plane that sent the current config.
+    pub server: Option<String>,
+    /// Version applied.
+    pub applied: Option<String>,
+    /// The last refusal: version and reason.
+    pub rejected: Option<(String, String)>,
 }
 
 /// Why the proxy could not start or reload.
@@ -103,24 +137,37 @@ pub struct Loaded {
     text: String,
 }
 
-fn read_config(opts: &Options) -> Result<String, ConfigError> {
-    std::fs::read_to_string(&opts.config).map_err(|source| ConfigError::Io {
-        file: opts.config.display().to_string(),
+fn read_config(path: &std::path::Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        file: path.display().to_string(),
         source,
     })
 }
 
-fn translate_text(opts: &Options, text: &str) -> Result<ProxyConfig, ConfigError> {
-    let file = opts.config.display().to_string();
-    let resources = trellis_model::parse_documents(&file, text)?;
-    trellis_model::translate(&file, &resources, opts.workload.as_ref())
+fn translate_text(
+    file: &str,
+    workload: Option<&NamespacedName>,
+    text: &str,
+) -> Result<ProxyConfig, ConfigError> {
+    let resources = trellis_model::parse_documents(file, text)?;
+    trellis_model::translate(file, &resources, workload)
 }
 
-/// Read and translate the config file.
+/// Read and translate the config file. A proxy fed by xDS starts empty (and not ready) until
+/// the first bundle arrives.
 pub fn load(opts: &Options) -> Result<Loaded, ConfigError> {
-    let text = read_config(opts)?;
-    let config = translate_text(opts, &text)?;
-    Ok(Loaded { config, text })
+    match &opts.source {
+        Source::File(path) => {
+            let text = read_config(path)?;
+            let file = path.display().to_string();
+            let config = translate_text(&file, opts.workload.as_ref(), &text)?;
+            Ok(Loaded { config, text })
+        }
+        Source::Xds(_) => Ok(Loaded {
+            config: ProxyConfig::default(),
+            text: String::new(),
+        }),
+    }
 }
 
 /// A running proxy.
@@ -219,7 +266,9 @@ impl Proxy {
             registry,
             access_log: record::AccessLog::new(opts.access_log),
             drain: drain::Drain::default(),
-            source: opts.config.display().to_string(),
+            source: opts.source.describe(),
+            synced: std::sync::atomic::AtomicBool::new(matches!(opts.source, Source::File(_))),
+            xds_status: Default::default(),
         });
         let (admin, admin_addr) = bind(opts.admin, "admin")?;
         let (outbound, outbound_addr) = bind(opts.outbound, "outbound")?;
@@ -295,18 +344,38 @@ impl Proxy {
     /// Load the file again and swap the config in, or keep the old one and say why.
     pub async fn reload(&mut self) -> Result<(), ProxyError> {
         let res = self.try_reload().await;
+        self.count_reload(&res);
+        res
+    }
+
+    fn count_reload(&self, res: &Result<(), ProxyError>) {
         let result = if res.is_ok() { "ok" } else { "error" };
         self.shared
             .metrics
             .reloads
             .get_or_create(&ResultLabels { result })
             .inc();
-        res
     }
 
     async fn try_reload(&mut self) -> Result<(), ProxyError> {
-        self.seen = read_config(&self.opts)?;
-        let cfg = translate_text(&self.opts, &self.seen)?;
+        let Source::File(path) = &self.opts.source else {
+            return Ok(());
+        };
+        self.seen = read_config(path)?;
+        let file = path.display().to_string();
+        let cfg = translate_text(&file, self.opts.workload.as_ref(), &self.seen)?;
+        self.swap(cfg).await
+    }
+
+    /// Translate a bundle from the control plane and swap it in, or refuse it whole.
+    async fn apply_bundle(&mut self, u: &xds::Update) -> Result<(), ProxyError> {
+        let file = format!("xds:{}@{}", u.server, u.version);
+        let cfg = translate_text(&file, self.opts.workload.as_ref(), &u.bundle.resources_yaml)?;
+        self.swap(cfg).await
+    }
+
+    /// Bind what `cfg` adds, swap it in, and close what it dropped; all or nothing.
+    async fn swap(&mut self, cfg: ProxyConfig) -> Result<(), ProxyError> {
         let new_binds = self.bind_all(&cfg).await?;
         let old = self.shared.state.load_full();
         let snap = Snapshot::build(cfg, Some(&old), &self.shared.metrics);
@@ -326,6 +395,35 @@ impl Proxy {
         Ok(())
     }
 
+    async fn on_bundle(&mut self, u: xds::Update) {
+        let res = self.apply_bundle(&u).await;
+        self.count_reload(&res);
+        let answer = {
+            let mut st = self
+                .shared
+                .xds_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match res {
+                Ok(()) => {
+                    st.server = Some(u.server.clone());
+                    st.applied = Some(u.version.clone());
+                    self.shared
+                        .synced
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    tracing::info!(server = %u.server, version = %u.version, "config from control plane applied");
+                    Ok(())
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    st.rejected = Some((u.version.clone(), reason.clone()));
+                    Err(reason)
+                }
+            }
+        };
+        let _ = u.done.send(answer);
+    }
+
     /// Serve until SIGTERM or SIGINT; reload on SIGHUP and when the file changes. Then drain.
     pub async fn run(mut self) -> std::io::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
@@ -334,16 +432,28 @@ impl Proxy {
         let mut hup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(self.opts.watch_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let (file, mut updates) = match &self.opts.source {
+            Source::File(p) => (Some(p.clone()), None),
+            Source::Xds(x) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(xds::run(x.clone(), tx));
+                (None, Some(rx))
+            }
+        };
         loop {
             let why = tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => "SIGHUP",
-                _ = tick.tick() => {
-                    match std::fs::read_to_string(&self.opts.config) {
-                        Ok(now) if now != self.seen => "file changed",
+                _ = hup.recv(), if file.is_some() => "SIGHUP",
+                _ = tick.tick(), if file.is_some() => {
+                    match file.as_ref().map(std::fs::read_to_string) {
+                        Some(Ok(now)) if now != self.seen => "file changed",
                         _ => continue,
                     }
+                }
+                Some(u) = async { updates.as_mut()?.recv().await }, if updates.is_some() => {
+                    self.on_bundle(u).await;
+                    continue;
                 }
             };
             match self.reload().await {

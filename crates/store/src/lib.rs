@@ -202,6 +202,17 @@ impl Watch {
     pub async fn next(&mut self) -> Result<Change, StoreError> {
         self.rx.recv().await.unwrap_or(Err(StoreError::WatchLost))
     }
+
+    /// The next batch if one is already waiting (to coalesce a burst of batches).
+    pub fn try_next(&mut self) -> Option<Result<Change, StoreError>> {
+        match self.rx.try_recv() {
+            Ok(c) => Some(c),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => None,
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                Some(Err(StoreError::WatchLost))
+            }
+        }
+    }
 }
 
 impl Store {

@@ -11,6 +11,7 @@ use std::{
 };
 
 pub mod client;
+pub mod control;
 pub mod etcd;
 pub mod upstream;
 
@@ -50,6 +51,34 @@ pub struct ProxyProcess {
     stderr: Arc<Mutex<Vec<String>>>,
 }
 
+/// Collect `child`'s stderr lines (JSON logs) in the background, and wait for the log line
+/// whose `message` is `message`. Kills the child and panics with its stderr when none comes.
+pub(crate) fn wait_for_log(
+    child: &mut Child,
+    message: &'static str,
+    timeout: Duration,
+) -> (Arc<Mutex<Vec<String>>>, serde_json::Value) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == message {
+                    let _ = tx.send(v);
+                }
+            }
+            l.lock().unwrap().push(line);
+        }
+    });
+    let Ok(v) = rx.recv_timeout(timeout) else {
+        let _ = child.kill();
+        panic!("no {message:?} log line: {:?}", lines.lock().unwrap());
+    };
+    (lines, v)
+}
+
 pub(crate) fn temp_path(name: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -68,9 +97,35 @@ impl ProxyProcess {
     /// report its addresses.
     pub fn start(bin: &str, config: &str, args: &[&str]) -> Self {
         let path = write_temp("config.yaml", config);
+        let head = vec!["--config".to_string(), path.display().to_string()];
+        Self::launch(bin, head, path, args)
+    }
+
+    /// Start `bin proxy` fed by the control planes at `xds` (URLs), serving `workload`.
+    /// Returns once it listens; it may not have its config yet (see [`Self::wait_ready`]).
+    pub fn start_xds(bin: &str, xds: &[String], workload: &str, args: &[&str]) -> Self {
+        let head = vec![
+            "--xds".to_string(),
+            xds.join(","),
+            "--workload".to_string(),
+            workload.to_string(),
+        ];
+        Self::launch(bin, head, PathBuf::new(), args)
+    }
+
+    /// Wait until `/ready` answers 200 (for xDS: the first config is applied).
+    pub async fn wait_ready(&self) {
+        eventually("proxy ready", Duration::from_secs(20), async || {
+            let (st, _) = client::get(self.admin, "admin", "/ready", &[]).await.ok()?;
+            (st == 200).then_some(())
+        })
+        .await
+    }
+
+    fn launch(bin: &str, head: Vec<String>, path: PathBuf, args: &[&str]) -> Self {
         let mut child = Command::new(bin)
-            .args(["proxy", "--config"])
-            .arg(&path)
+            .arg("proxy")
+            .args(&head)
             .args([
                 "--admin",
                 "127.0.0.1:0",
@@ -96,24 +151,7 @@ impl ProxyProcess {
                 }
             }
         });
-        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr");
-        let s = stderr_lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == "listening" {
-                        let _ = tx.send(v);
-                    }
-                }
-                s.lock().unwrap().push(line);
-            }
-        });
-        let Ok(v) = rx.recv_timeout(Duration::from_secs(20)) else {
-            let _ = child.kill();
-            panic!("proxy did not start: {:?}", stderr_lines.lock().unwrap());
-        };
+        let (stderr_lines, v) = wait_for_log(&mut child, "listening", Duration::from_secs(20));
         let addr = |k: &str| v[k].as_str().unwrap().parse().unwrap();
         let upstreams = v["upstreams"]
             .as_str()

@@ -1,0 +1,128 @@
+//! A small client for the control plane's HTTP API, and where the CLI finds the server and
+//! token: `--server`/`--token`, then `TRELLIS_SERVER`/`TRELLIS_TOKEN` (clap reads both), then
+//! the file `trellis login` wrote.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Bytes, Method, Request, StatusCode};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Server and token, as flags give them.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct Conn {
+    /// Control plane API URL.
+    #[arg(long, env = "TRELLIS_SERVER", global = true)]
+    pub(crate) server: Option<String>,
+    /// API bearer token.
+    #[arg(long, env = "TRELLIS_TOKEN", global = true, hide_env_values = true)]
+    pub(crate) token: Option<String>,
+}
+
+/// What `trellis login` saves.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Saved {
+    /// API URL.
+    pub(crate) server: String,
+    /// Token.
+    pub(crate) token: String,
+}
+
+/// `$XDG_CONFIG_HOME/trellis/config.json`, or `~/.config/trellis/config.json`.
+pub(crate) fn config_path() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".config"),
+    };
+    Ok(base.join("trellis").join("config.json"))
+}
+
+/// An API client.
+pub(crate) struct Api {
+    server: String,
+    token: String,
+    http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    /// Resolve server and token from flags, environment, or the saved file.
+    pub(crate) fn new(c: &Conn) -> Result<Self> {
+        let saved: Option<Saved> = match config_path() {
+            Ok(p) if p.exists() => Some(
+                serde_json::from_slice(
+                    &std::fs::read(&p).with_context(|| p.display().to_string())?,
+                )
+                .with_context(|| format!("{}: not a trellis login file", p.display()))?,
+            ),
+            _ => None,
+        };
+        let server = c
+            .server
+            .clone()
+            .or_else(|| saved.as_ref().map(|s| s.server.clone()))
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+        let token = c
+            .token
+            .clone()
+            .or_else(|| saved.as_ref().map(|s| s.token.clone()))
+            .ok_or_else(|| {
+                anyhow!("no API token: pass --token, set TRELLIS_TOKEN, or run `trellis login`")
+            })?;
+        if !server.starts_with("http://") {
+            bail!("--server must be an http:// URL (TLS comes with the identity work), got {server:?}");
+        }
+        Ok(Self {
+            server: server.trim_end_matches('/').to_string(),
+            token,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    /// Send a request; a non-2xx answer becomes an error with the server's message.
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Value> {
+        let (status, v) = self.call_raw(method, path, body).await?;
+        if !status.is_success() {
+            let msg = v
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(v)
+    }
+
+    /// Send a request; return status and JSON body.
+    pub(crate) async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(StatusCode, Value)> {
+        let uri = format!("{}{path}", self.server);
+        let req = Request::builder()
+            .method(method)
+            .uri(&uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/yaml")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.server))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Ok((status, v))
+    }
+}

@@ -1,0 +1,423 @@
+//! The kubectl-style commands: `apply`, `get`, `delete`, `describe`, `status`, `login`.
+
+use std::{io::Read, path::Path};
+
+use anyhow::{bail, Context, Result};
+use hyper::Method;
+use serde_json::Value;
+
+use crate::client::{config_path, Api, Conn, Saved};
+
+/// Output format of `get`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum Output {
+    /// Aligned columns.
+    Table,
+    /// Multi-document YAML (re-appliable).
+    Yaml,
+    /// JSON.
+    Json,
+}
+
+/// The files `-f` names: a file, every `.yaml`/`.yml`/`.json` in a directory (sorted), or `-`.
+fn read_inputs(f: &str) -> Result<Vec<(String, String)>> {
+    if f == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        return Ok(vec![("stdin".into(), s)]);
+    }
+    let p = Path::new(f);
+    if p.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(p)
+            .with_context(|| f.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+            })
+            .collect();
+        files.sort();
+        return files
+            .into_iter()
+            .map(|p| {
+                let s = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+                Ok((p.display().to_string(), s))
+            })
+            .collect();
+    }
+    let s = std::fs::read_to_string(p).with_context(|| format!("{f}: cannot read"))?;
+    Ok(vec![(f.to_string(), s)])
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `trellis apply -f`: every document of all files in one atomic apply.
+pub(crate) async fn apply(conn: &Conn, f: &str) -> Result<()> {
+    let api = Api::new(conn)?;
+    let inputs = read_inputs(f)?;
+    if inputs.is_empty() {
+        bail!("{f}: no .yaml, .yml or .json files");
+    }
+    // One file is sent as is, so that errors name its lines. Several files from a directory
+    // are joined into one apply (all or nothing); errors then name lines of the joined text,
+    // and the file name lists them all.
+    let (name, text) = if inputs.len() == 1 {
+        inputs.into_iter().next().expect("one")
+    } else {
+        let names: Vec<String> = inputs.iter().map(|(n, _)| n.clone()).collect();
+        let text = inputs
+            .into_iter()
+            .map(|(_, t)| t.trim_end().trim_start_matches("---").to_string())
+            .collect::<Vec<_>>()
+            .join("\n---\n");
+        (names.join("+"), text)
+    };
+    let v = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/apply?file={}", enc(&name)),
+            Some(text),
+        )
+        .await?;
+    for a in v["applied"].as_array().into_iter().flatten() {
+        println!(
+            "{}/{} {}/{} {}",
+            a["kind"].as_str().unwrap_or_default().to_lowercase(),
+            a["name"].as_str().unwrap_or_default(),
+            a["namespace"].as_str().unwrap_or_default(),
+            a["name"].as_str().unwrap_or_default(),
+            a["action"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn conditions_summary(doc: &Value) -> String {
+    let conds = doc["status"]["conditions"].as_array();
+    match conds {
+        None => "-".into(),
+        Some(cs) => {
+            let bad: Vec<&str> = cs
+                .iter()
+                .filter(|c| c["status"] == "False")
+                .filter_map(|c| c["type"].as_str())
+                .collect();
+            if bad.is_empty() {
+                "Ready".into()
+            } else {
+                format!("Not{}", bad.join(",Not"))
+            }
+        }
+    }
+}
+
+fn detail(doc: &Value) -> String {
+    let spec = &doc["spec"];
+    match doc["kind"].as_str().unwrap_or_default() {
+        "Service" => spec["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("HTTP")))
+            .collect::<Vec<_>>()
+            .join(","),
+        "Workload" => format!(
+            "{} {}",
+            spec["address"].as_str().unwrap_or_default(),
+            spec["environment"].as_str().unwrap_or("bare-metal")
+        ),
+        "HTTPRoute" | "GRPCRoute" => {
+            let backends: Vec<String> = spec["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r["backendRefs"].as_array().into_iter().flatten())
+                .map(|b| {
+                    format!(
+                        "{}:{}={}",
+                        b["name"].as_str().unwrap_or_default(),
+                        b["port"],
+                        b.get("weight").cloned().unwrap_or(Value::from(1))
+                    )
+                })
+                .collect();
+            backends.join(",")
+        }
+        _ => String::new(),
+    }
+}
+
+/// Print rows with aligned columns.
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("   ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_docs(items: &[Value], o: Output) -> Result<()> {
+    match o {
+        Output::Json => println!("{}", serde_json::to_string_pretty(items)?),
+        Output::Yaml => {
+            for (i, d) in items.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", serde_saphyr::to_string(d)?);
+            }
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|d| {
+                    vec![
+                        d["metadata"]["namespace"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .into(),
+                        d["metadata"]["name"].as_str().unwrap_or_default().into(),
+                        detail(d),
+                        conditions_summary(d),
+                        d["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .into(),
+                    ]
+                })
+                .collect();
+            table(&["NAMESPACE", "NAME", "DETAIL", "STATUS", "VERSION"], &rows);
+        }
+    }
+    Ok(())
+}
+
+/// `trellis get KIND [NAME]`.
+pub(crate) async fn get(
+    conn: &Conn,
+    kind: &str,
+    name: Option<&str>,
+    ns: Option<&str>,
+    o: Output,
+) -> Result<()> {
+    let api = Api::new(conn)?;
+    let kind = enc(kind);
+    match name {
+        Some(n) => {
+            let ns = ns.unwrap_or("default");
+            let mut v = api
+                .call(
+                    Method::GET,
+                    &format!("/api/v1/resources/{kind}/{}/{}", enc(ns), enc(n)),
+                    None,
+                )
+                .await?;
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove("usedBy");
+            }
+            print_docs(&[v], o)
+        }
+        None => {
+            let path = match ns {
+                Some(ns) => format!("/api/v1/resources/{kind}/{}", enc(ns)),
+                None => format!("/api/v1/resources/{kind}"),
+            };
+            let v = api.call(Method::GET, &path, None).await?;
+            let items = v["items"].as_array().cloned().unwrap_or_default();
+            if items.is_empty() && matches!(o, Output::Table) {
+                eprintln!("No resources found.");
+                return Ok(());
+            }
+            print_docs(&items, o)
+        }
+    }
+}
+
+/// `trellis delete KIND NAME`.
+pub(crate) async fn delete(conn: &Conn, kind: &str, name: &str, ns: Option<&str>) -> Result<()> {
+    let api = Api::new(conn)?;
+    let ns = ns.unwrap_or("default");
+    api.call(
+        Method::DELETE,
+        &format!("/api/v1/resources/{}/{}/{}", enc(kind), enc(ns), enc(name)),
+        None,
+    )
+    .await?;
+    println!("{}/{name} deleted", kind.to_lowercase());
+    Ok(())
+}
+
+/// `trellis describe KIND NAME`: the resource, its conditions, and which proxies use it.
+pub(crate) async fn describe(conn: &Conn, kind: &str, name: &str, ns: Option<&str>) -> Result<()> {
+    let api = Api::new(conn)?;
+    let ns = ns.unwrap_or("default");
+    let v = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/resources/{}/{}/{}", enc(kind), enc(ns), enc(name)),
+            None,
+        )
+        .await?;
+    println!("Kind:       {}", v["kind"].as_str().unwrap_or_default());
+    println!(
+        "Name:       {}",
+        v["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    println!(
+        "Namespace:  {}",
+        v["metadata"]["namespace"].as_str().unwrap_or_default()
+    );
+    println!(
+        "Version:    {}",
+        v["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    println!("Spec:");
+    for l in serde_saphyr::to_string(&v["spec"])?.lines() {
+        println!("  {l}");
+    }
+    println!("Conditions:");
+    match v["status"]["conditions"].as_array() {
+        None => println!("  (none: this kind has no references to resolve)"),
+        Some(cs) => {
+            let rows: Vec<Vec<String>> = cs
+                .iter()
+                .map(|c| {
+                    ["type", "status", "reason", "message"]
+                        .iter()
+                        .map(|k| c[*k].as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
+                .collect();
+            table(&["TYPE", "STATUS", "REASON", "MESSAGE"], &rows);
+        }
+    }
+    let used: Vec<&str> = v["usedBy"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    println!(
+        "Used by:    {}",
+        if used.is_empty() {
+            "(no connected proxy)".to_string()
+        } else {
+            used.join(", ")
+        }
+    );
+    Ok(())
+}
+
+/// `trellis status`: every connected proxy, like `istioctl proxy-status`.
+pub(crate) async fn status(conn: &Conn, o: Output) -> Result<()> {
+    let api = Api::new(conn)?;
+    let v = api.call(Method::GET, "/api/v1/proxies", None).await?;
+    if !matches!(o, Output::Table) {
+        return print_docs(&[v], o);
+    }
+    let current = v["revision"].as_str().unwrap_or_default().to_string();
+    let mut rows = Vec::new();
+    for p in v["proxies"].as_array().into_iter().flatten() {
+        let types = p["types"].as_object().cloned().unwrap_or_default();
+        for (t, s) in types {
+            let sent = s["sent"].as_str().unwrap_or_default().to_string();
+            let acked = s["acked"].as_str().unwrap_or_default().to_string();
+            let rejected = &s["rejected"];
+            let state = if !rejected.is_null() && rejected["version"].as_str() == Some(&sent) {
+                "NACKED"
+            } else if acked == sent && sent == current {
+                "SYNCED"
+            } else if acked == sent {
+                "SYNCED (not latest)"
+            } else {
+                "STALE"
+            };
+            let reason = rejected["message"]
+                .as_str()
+                .map(|m| format!("v{}: {m}", rejected["version"].as_str().unwrap_or("?")))
+                .unwrap_or_default();
+            rows.push(vec![
+                p["node"].as_str().unwrap_or_default().to_string(),
+                p["workload"].as_str().unwrap_or("-").to_string(),
+                t,
+                sent,
+                acked,
+                state.to_string(),
+                reason,
+            ]);
+        }
+    }
+    if rows.is_empty() {
+        eprintln!("No connected proxies (store revision {current}).");
+        return Ok(());
+    }
+    table(
+        &[
+            "NODE",
+            "WORKLOAD",
+            "TYPE",
+            "SENT",
+            "ACKED",
+            "STATE",
+            "LAST REJECTION",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+/// `trellis login`: check the server and token, then save them (mode 0600).
+pub(crate) async fn login(conn: &Conn) -> Result<()> {
+    let api = Api::new(conn)?;
+    api.call(Method::GET, "/api/v1/proxies", None)
+        .await
+        .context("login check failed")?;
+    let saved = Saved {
+        server: conn
+            .server
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into()),
+        token: conn.token.clone().context("--token is required")?,
+    };
+    let p = config_path()?;
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .with_context(|| p.display().to_string())?;
+    std::io::Write::write_all(&mut f, serde_json::to_string_pretty(&saved)?.as_bytes())?;
+    println!("logged in to {}; saved in {}", saved.server, p.display());
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! The control plane end to end: the real `trellis control`, the real CLI, and a real proxy
+//! fed over xDS, all on loopback.
+
+mod common;
+
+use std::{
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use http::Method;
+use trellis_test_support::{control::ControlProcess, write_temp};
+
+/// Run the CLI against `cp`; the output.
+fn cli(cp: &ControlProcess, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--server", &cp.api_url(), "--token", &cp.token])
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .expect("run trellis")
+}
+
+fn ok(out: Output) -> String {
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "command failed:\n{so}\n{se}");
+    so
+}
+
+fn apply(cp: &ControlProcess, yaml: &str) -> String {
+    let f = write_temp("apply.yaml", yaml);
+    ok(cli(cp, &["apply", "-f", f.to_str().unwrap()]))
+}
+
+/// A `front` Service with no endpoints of its own, reached only through its route, and the
+/// client workload the proxy serves.
+fn front(backends: &str) -> String {
+    docs(&[
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: front, namespace: test }\nspec:\n  selector: { app: nothing }\n  ports: [{ name: main, port: 80 }]\n".into(),
+        route("front", "front", &format!("    - backendRefs: [{backends}]\n")),
+    ])
+}
+
+async fn answer(p: &ProxyProcess) -> (u16, String) {
+    match client::get(p.outbound, "front.test", "/", &[]).await {
+        Ok((s, b)) => (s.as_u16(), String::from_utf8_lossy(&b).into_owned()),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+async fn wait_answer(p: &ProxyProcess, want: &str) -> Duration {
+    let t0 = Instant::now();
+    eventually(
+        &format!("proxy answers {want:?}"),
+        Duration::from_secs(10),
+        async || (answer(p).await.1 == want).then_some(()),
+    )
+    .await;
+    t0.elapsed()
+}
+
+#[tokio::test]
+async fn apply_shift_and_delete_reach_the_proxy_live() {
+    let (a, b) = (upstream::named("a").await, upstream::named("b").await);
+    let cp = ControlProcess::start(BIN, &[]);
+    let base = docs(&[
+        service("svc-a", "HTTP", &[a]),
+        service("svc-b", "HTTP", &[b]),
+        client_workload(&[]),
+    ]);
+    let out = apply(
+        &cp,
+        &docs(&[base.clone(), front("{ name: svc-a, port: 80 }")]),
+    );
+    assert!(out.contains("service/svc-a test/svc-a created"), "{out}");
+    let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    p.wait_ready().await;
+    assert_eq!(answer(&p).await, (200, "a".into()));
+
+    // Shift all traffic: the proxy follows; a connection held open across the change and a
+    // request in flight are not dropped.
+    let mut held = client::Conn::h1(p.outbound).await;
+    assert_eq!(held.get("front.test", "/").await.unwrap().body, "a");
+    apply(
+        &cp,
+        &front("{ name: svc-a, port: 80, weight: 0 }, { name: svc-b, port: 80, weight: 100 }"),
+    );
+    let took = wait_answer(&p, "b").await;
+    eprintln!("weights followed {took:?} after apply returned");
+    assert_eq!(held.get("front.test", "/").await.unwrap().body, "b");
+    // Re-applying the same file changes nothing.
+    let out = apply(
+        &cp,
+        &front("{ name: svc-a, port: 80, weight: 0 }, { name: svc-b, port: 80, weight: 100 }"),
+    );
+    assert!(out.contains("unchanged"), "{out}");
+
+    // Get in every format.
+    let table = ok(cli(&cp, &["get", "httproute", "-n", "test"]));
+    assert!(
+        table.contains("front") && table.contains("Ready"),
+        "{table}"
+    );
+    let y = ok(cli(
+        &cp,
+        &["get", "route", "front", "-n", "test", "-o", "yaml"],
+    ));
+    assert!(
+        y.contains("kind: HTTPRoute") && y.contains("resourceVersion"),
+        "{y}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(cli(&cp, &["get", "svc", "-o", "json"]))).unwrap();
+    assert_eq!(j.as_array().unwrap().len(), 3);
+
+    // Delete the route: its service has no endpoints of its own, so it now fails.
+    let out = ok(cli(&cp, &["delete", "httproute", "front", "-n", "test"]));
+    assert!(out.contains("deleted"), "{out}");
+    eventually("route gone", Duration::from_secs(10), async || {
+        (answer(&p).await.0 == 503).then_some(())
+    })
+    .await;
+    let out = cli(&cp, &["delete", "httproute", "front", "-n", "test"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+#[tokio::test]
+async fn invalid_documents_are_refused_whole() {
+    let cp = ControlProcess::start(BIN, &[]);
+    // A good document and one with an unknown field: nothing is stored.
+    let bad = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: good, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: bad, namespace: test }\nspec:\n  ports: [{ port: 80, prot: HTTP }]\n";
+    let f = write_temp("bad.yaml", bad);
+    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml:11:"), "names file and line: {err}");
+    assert!(err.contains("prot"), "names the field: {err}");
+    assert!(err.contains("422"), "{err}");
+    // A set that parses but does not make sense: also refused whole, with the field.
+    let bad = format!(
+        "{}---\n{}",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: good, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n",
+        route("r", "good", "    - backendRefs: [{ name: good, port: 80, weight: 0 }]\n")
+    );
+    let f = write_temp("bad2.yaml", &bad);
+    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad2.yaml") && err.contains("backendRefs"),
+        "{err}"
+    );
+    let (st, v) = cp.call(Method::GET, "/api/v1/resources", "", None).await;
+    assert_eq!(st, 200);
+    assert_eq!(v["items"].as_array().unwrap().len(), 0, "half-applied: {v}");
+}
+
+#[tokio::test]
+async fn stale_resource_version_is_refused() {
+    let cp = ControlProcess::start(BIN, &[]);
+    let svc = |port: u16| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: s, namespace: test }}\nspec:\n  ports: [{{ port: {port} }}]\n")
+    };
+    apply(&cp, &svc(80));
+    let y = ok(cli(
+        &cp,
+        &["get", "service", "s", "-n", "test", "-o", "yaml"],
+    ));
+    // Someone else changes it.
+    apply(&cp, &svc(81));
+    // Writing back the copy read before that change is refused.
+    let stale = y.replace("port: 80", "port: 82");
+    let f = write_temp("stale.yaml", &stale);
+    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("conflict") && err.contains("409"), "{err}");
+    let now = ok(cli(
+        &cp,
+        &["get", "service", "s", "-n", "test", "-o", "json"],
+    ));
+    assert!(now.contains("81"), "{now}");
+    // With the current version it goes through.
+    let fresh = ok(cli(
+        &cp,
+        &["get", "service", "s", "-n", "test", "-o", "yaml"],
+    ));
+    apply(&cp, &fresh.replace("port: 81", "port: 82"));
+}
+
+#[tokio::test]
+async fn api_needs_a_token_and_limits_bodies() {
+    let cp = ControlProcess::start(BIN, &["--max-body-bytes", "2048"]);
+    let (st, _) = cp
+        .call(Method::GET, "/api/v1/resources", "", Some(""))
+        .await;
+    assert_eq!(st, 401);
+    let (st, _) = cp
+        .call(Method::GET, "/api/v1/resources", "", Some("wrong"))
+        .await;
+    assert_eq!(st, 401);
+    let (st, _) = cp.call(Method::GET, "/api/v1/resources", "", None).await;
+    assert_eq!(st, 200);
+    let big = format!("# {}\n", "x".repeat(4096));
+    let (st, _) = cp.call(Method::POST, "/api/v1/apply", &big, None).await;
+    assert_eq!(st, 413);
+    let (st, _) = cp
+        .call(Method::GET, "/api/v1/resources/nosuchkind", "", None)
+        .await;
+    assert_eq!(st, 404);
+    // The token file is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(cp.data_dir.join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Still up after all that.
+    let (st, _) = cp.call(Method::GET, "/api/v1/proxies", "", None).await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn unresolved_references_are_stored_with_a_condition() {
+    let cp = ControlProcess::start(BIN, &[]);
+    apply(&cp, &front("{ name: missing, port: 80 }"));
+    let out = ok(cli(&cp, &["describe", "httproute", "front", "-n", "test"]));
+    assert!(out.contains("ResolvedRefs"), "{out}");
+    assert!(out.contains("BackendNotFound"), "{out}");
+    assert!(out.contains("Service test/missing not found"), "{out}");
+    let table = ok(cli(&cp, &["get", "httproute", "-n", "test"]));
+    assert!(table.contains("NotAccepted,NotResolvedRefs"), "{table}");
+    // Once the Service exists, the route resolves.
+    apply(
+        &cp,
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: missing, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n",
+    );
+    let table = ok(cli(&cp, &["get", "httproute", "-n", "test"]));
+    assert!(table.contains("Ready"), "{table}");
+}
+
+#[tokio::test]
+async fn a_rejected_config_is_visible_while_the_proxy_keeps_serving() {
+    let a = upstream::named("a").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let base = docs(&[
+        service("svc-a", "HTTP", &[a]),
+        front("{ name: svc-a, port: 80 }"),
+    ]);
+    apply(&cp, &docs(&[base.clone(), client_workload(&[])]));
+    let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    p.wait_ready().await;
+    assert_eq!(answer(&p).await, (200, "a".into()));
+    let st = ok(cli(&cp, &["status"]));
+    assert!(st.contains("test/client") && st.contains("SYNCED"), "{st}");
+
+    // A bind the proxy cannot make (the port is taken on its host): it refuses the bundle.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let wl = client_workload(&["svc-a"]).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    apply(&cp, &wl);
+    let st = eventually("NACK in status", Duration::from_secs(10), async || {
+        let st = ok(cli(&cp, &["status"]));
+        st.contains("NACKED").then_some(st)
+    })
+    .await;
+    assert!(st.contains("cannot listen"), "{st}");
+    assert_eq!(answer(&p).await, (200, "a".into()), "still serving");
+    let j = ok(cli(&cp, &["describe", "workload", "client", "-n", "test"]));
+    assert!(
+        j.contains("xds") || j.contains("@"),
+        "used by the proxy: {j}"
+    );
+
+    // Fixing it clears the state.
+    drop(taken);
+    apply(&cp, &client_workload(&[]));
+    eventually("synced again", Duration::from_secs(10), async || {
+        let st = ok(cli(&cp, &["status"]));
+        (!st.contains("NACKED") && st.contains("SYNCED")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn proxies_keep_serving_without_the_control_plane_and_resync() {
+    let (a, b) = (upstream::named("a").await, upstream::named("b").await);
+    let mut cp = ControlProcess::start(BIN, &[]);
+    let base = docs(&[
+        service("svc-a", "HTTP", &[a]),
+        service("svc-b", "HTTP", &[b]),
+        client_workload(&[]),
+    ]);
+    apply(&cp, &docs(&[base, front("{ name: svc-a, port: 80 }")]));
+    let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    p.wait_ready().await;
+    let (api, xds) = (cp.api.to_string(), cp.xds.to_string());
+    let dir = cp.kill();
+    for _ in 0..20 {
+        assert_eq!(
+            answer(&p).await,
+            (200, "a".into()),
+            "serves without control plane"
+        );
+    }
+    // Restart on the same data and addresses; change something; the proxy resyncs.
+    let cp = ControlProcess::start_in(BIN, dir, &[], &api, &xds);
+    apply(&cp, &front("{ name: svc-b, port: 80 }"));
+    wait_answer(&p, "b").await;
+}
+
+#[tokio::test]
+async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
+    let etcd = trellis_test_support::etcd::Etcd::start().await;
+    let store = etcd.url();
+    let cp_a = ControlProcess::start(BIN, &["--store", &store]);
+    let mut cp_b = ControlProcess::start(BIN, &["--store", &store]);
+    let (a, b) = (upstream::named("a").await, upstream::named("b").await);
+    let base = docs(&[
+        service("svc-a", "HTTP", &[a]),
+        service("svc-b", "HTTP", &[b]),
+        client_workload(&[]),
+    ]);
+    apply(&cp_a, &docs(&[base, front("{ name: svc-a, port: 80 }")]));
+    // The proxy prefers B, then A.
+    let p = ProxyProcess::start_xds(BIN, &[cp_b.xds_url(), cp_a.xds_url()], "test/client", &[]);
+    p.wait_ready().await;
+    // An apply through A reaches the proxy connected to B.
+    apply(&cp_a, &front("{ name: svc-b, port: 80 }"));
+    wait_answer(&p, "b").await;
+    let st = ok(cli(&cp_b, &["status"]));
+    assert!(st.contains("test/client"), "connected to B: {st}");
+
+    // Steady load while B stops: no request fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outbound = p.outbound;
+    let s2 = stop.clone();
+    let load = tokio::spawn(async move {
+        let (mut okc, mut failed) = (0u32, Vec::new());
+        let mut c = client::Conn::h1(outbound).await;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            match c.get("front.test", "/").await {
+                Ok(r) if r.status == 200 => okc += 1,
+                Ok(r) => failed.push(r.status.to_string()),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (okc, failed)
+    });
+    cp_b.kill();
+    // The proxy moves to A: A sees it, and A's next change reaches it.
+    eventually(
+        "proxy connected to A",
+        Duration::from_secs(20),
+        async || {
+            ok(cli(&cp_a, &["status"]))
+                .contains("test/client")
+                .then_some(())
+        },
+    )
+    .await;
+    apply(&cp_a, &front("{ name: svc-a, port: 80 }"));
+    wait_answer(&p, "a").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (okc, failed) = load.await.unwrap();
+    assert!(okc > 0);
+    assert!(
+        failed.is_empty(),
+        "failed requests during failover: {failed:?}"
+    );
+    eprintln!("{okc} requests during failover, none failed");
+}

@@ -1,0 +1,224 @@
+//! Applying a file: parse every document, check the set that would result, then write all
+//! documents in one store transaction, or none.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::Serialize;
+use serde_json::Value;
+use trellis_model::{resource::Spec, ConfigError, Resource};
+use trellis_store::{Expect, Key, Store, StoreError, Write};
+
+use crate::catalog::{effective, Catalog, Entry};
+
+/// Why an apply was refused. Nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A document is malformed, or the resulting set does not make sense.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// A stale `resourceVersion`, or a concurrent change.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What happened to one document.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Applied {
+    /// Kind.
+    pub kind: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `created`, `configured` or `unchanged`.
+    pub action: &'static str,
+    /// The stored version after the apply.
+    pub resource_version: String,
+}
+
+/// Kinds the API knows, with the short names `trellis get` accepts.
+pub const KINDS: &[(&str, &[&str])] = &[
+    ("Service", &["service", "services", "svc"]),
+    ("Workload", &["workload", "workloads", "wl"]),
+    ("HTTPRoute", &["httproute", "httproutes", "route", "routes"]),
+    ("GRPCRoute", &["grpcroute", "grpcroutes"]),
+    (
+        "BackendTrafficPolicy",
+        &[
+            "backendtrafficpolicy",
+            "backendtrafficpolicies",
+            "btp",
+            "policy",
+        ],
+    ),
+];
+
+/// The canonical kind for a name as a user types it.
+pub fn canonical_kind(s: &str) -> Option<&'static str> {
+    let l = s.to_ascii_lowercase();
+    KINDS
+        .iter()
+        .find(|(k, aliases)| k.eq_ignore_ascii_case(&l) || aliases.contains(&l.as_str()))
+        .map(|(k, _)| *k)
+}
+
+fn key_of(r: &Resource) -> Key {
+    Key::new(r.kind(), &r.metadata.namespace, &r.metadata.name)
+}
+
+/// The document as stored: namespace filled in, server-owned fields removed.
+fn normalize(mut doc: Value, r: &Resource) -> Value {
+    if let Some(obj) = doc.as_object_mut() {
+        obj.remove("status");
+        if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("resourceVersion");
+            meta.insert(
+                "namespace".into(),
+                Value::String(r.metadata.namespace.clone()),
+            );
+        }
+    }
+    doc
+}
+
+fn expect_of(file: &str, r: &Resource) -> Result<Expect, ConfigError> {
+    match r.metadata.resource_version.as_deref() {
+        None | Some("") => Ok(Expect::Any),
+        Some(v) => v
+            .parse()
+            .map(Expect::Version)
+            .map_err(|_| ConfigError::Invalid {
+                file: file.into(),
+                line: r.line,
+                field: format!("{} {}: metadata.resourceVersion", r.kind(), r.id()),
+                message: format!("{v:?} is not a resource version"),
+            }),
+    }
+}
+
+/// Check `text` (from `file`) against `current` and write it.
+pub async fn apply(
+    store: &Store,
+    current: &Catalog,
+    file: &str,
+    text: &str,
+) -> Result<Vec<Applied>, ApplyError> {
+    let resources = trellis_model::parse_documents(file, text)?;
+    // The same documents as plain JSON, to store them as written.
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| ConfigError::Syntax {
+        file: file.into(),
+        line: 0,
+        column: 0,
+        message: e.to_string(),
+    })?;
+    if docs.len() != resources.len() {
+        return Err(ConfigError::Syntax {
+            file: file.into(),
+            line: 0,
+            column: 0,
+            message: "empty documents are not allowed".into(),
+        }
+        .into());
+    }
+    if resources.is_empty() {
+        return Err(ConfigError::Syntax {
+            file: file.into(),
+            line: 0,
+            column: 0,
+            message: "no documents".into(),
+        }
+        .into());
+    }
+    // The set as it would be, checked as a whole.
+    let mut candidate = current.entries.clone();
+    let mut planned: Vec<(Key, Value, Expect, &Resource)> = Vec::new();
+    let mut seen = BTreeMap::new();
+    for (r, doc) in resources.iter().zip(docs) {
+        let key = key_of(r);
+        if let Some(first) = seen.insert(key.clone(), r.line) {
+            return Err(ConfigError::Invalid {
+                file: file.into(),
+                line: r.line,
+                field: format!("{} {}: metadata.name", r.kind(), r.id()),
+                message: format!("defined twice in this apply (first at line {first})"),
+            }
+            .into());
+        }
+        let expect = expect_of(file, r)?;
+        let doc = normalize(doc, r);
+        let mut resource = r.clone();
+        resource.metadata.resource_version = None;
+        let entry = Entry {
+            object: trellis_store::Object {
+                key: key.clone(),
+                version: 0,
+                doc: doc.clone(),
+            },
+            resource,
+            yaml: Arc::from(""),
+        };
+        candidate.insert(key.clone(), Arc::new(entry));
+        planned.push((key, doc, expect, r));
+    }
+    let (eff, _) = effective(&candidate);
+    let resources_eff: Vec<Resource> = eff.into_iter().map(|(_, r, _)| r).collect();
+    trellis_model::translate(file, &resources_eff, None)?;
+    // A workload with explicit upstreams is also checked as its own proxy would see it.
+    for (_, _, _, r) in &planned {
+        if matches!(&r.spec, Spec::Workload(w) if !w.upstreams.is_empty()) {
+            trellis_model::translate(file, &resources_eff, Some(&r.id()))?;
+        }
+    }
+    let mut writes = Vec::new();
+    let mut results = Vec::new();
+    for (key, doc, expect, _) in planned {
+        let old = current.entries.get(&key);
+        let action = match old {
+            None => "created",
+            Some(o) if o.object.doc == doc => "unchanged",
+            Some(_) => "configured",
+        };
+        if let (Some(o), Expect::Version(v)) = (old, expect) {
+            if o.object.version != v {
+                return Err(StoreError::Conflict {
+                    key,
+                    expected: format!("version {v}"),
+                    found: format!("version {}", o.object.version),
+                }
+                .into());
+            }
+        }
+        results.push(Applied {
+            kind: key.kind.clone(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            action,
+            resource_version: old
+                .map(|o| o.object.version.to_string())
+                .unwrap_or_default(),
+        });
+        if action != "unchanged" {
+            writes.push(Write {
+                key,
+                doc: Some(doc),
+                // Without a version, the write still must not overwrite a change made since
+                // this apply was checked.
+                expect: match (expect, old) {
+                    (Expect::Any, Some(o)) => Expect::Version(o.object.version),
+                    (Expect::Any, None) => Expect::Absent,
+                    (e, _) => e,
+                },
+            });
+        }
+    }
+    if !writes.is_empty() {
+        let rev = store.write(writes).await?;
+        for r in &mut results {
+            if r.action != "unchanged" {
+                r.resource_version = rev.to_string();
+            }
+        }
+    }
+    Ok(results)
+}

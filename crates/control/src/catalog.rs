@@ -1,0 +1,256 @@
+//! The control plane's view of the store: every resource, parsed once, kept current from the
+//! store's watch, and compiled into what proxies get.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use serde::Serialize;
+use serde_json::Value;
+use trellis_model::{
+    refs::{resolve, Unresolved},
+    resource::{NamespacedName, Spec},
+    ConfigError, ProxyConfig, Resource,
+};
+use trellis_store::{Change, Event, Key, Listing, Object};
+
+/// One stored resource.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// As stored.
+    pub object: Object,
+    /// Parsed.
+    pub resource: Resource,
+    /// Its YAML, rendered once, for bundles.
+    pub yaml: Arc<str>,
+}
+
+impl Entry {
+    /// Parse a stored object. Stored objects were validated on the way in; one that no longer
+    /// parses (a newer schema wrote it) is reported and left out.
+    pub fn new(object: Object) -> Result<Self, String> {
+        let resource: Resource = serde_json::from_value(object.doc.clone())
+            .map_err(|e| format!("{}: stored document does not parse: {e}", object.key))?;
+        let yaml = serde_saphyr::to_string(&object.doc)
+            .map_err(|e| format!("{}: cannot render: {e}", object.key))?;
+        Ok(Self {
+            object,
+            resource,
+            yaml: yaml.into(),
+        })
+    }
+}
+
+/// Every resource at one store revision.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    /// Store revision.
+    pub revision: u64,
+    /// Resources by key.
+    pub entries: BTreeMap<Key, Arc<Entry>>,
+}
+
+fn insert(entries: &mut BTreeMap<Key, Arc<Entry>>, o: Object) {
+    match Entry::new(o) {
+        Ok(e) => drop(entries.insert(e.object.key.clone(), Arc::new(e))),
+        Err(e) => tracing::error!(error = %e, "skipping stored resource"),
+    }
+}
+
+impl Catalog {
+    /// From a full listing.
+    pub fn from_listing(l: Listing) -> Self {
+        let mut entries = BTreeMap::new();
+        for o in l.objects {
+            insert(&mut entries, o);
+        }
+        Self {
+            revision: l.revision,
+            entries,
+        }
+    }
+
+    /// Apply one committed batch.
+    pub fn apply(&mut self, c: Change) {
+        for e in c.events {
+            match e {
+                Event::Put(o) => insert(&mut self.entries, o),
+                Event::Delete(k) => drop(self.entries.remove(&k)),
+            }
+        }
+        self.revision = c.revision;
+    }
+}
+
+/// A status condition, in Gateway API's shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    /// `Accepted` or `ResolvedRefs`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// `True` or `False`.
+    pub status: &'static str,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// What proxies get at one revision, and each resource's status.
+pub struct Compiled {
+    /// Store revision.
+    pub revision: u64,
+    /// Conditions per resource (routes, policies, workloads with references).
+    pub conditions: HashMap<Key, Vec<Condition>>,
+    /// The resources proxies get: unresolved routes and policies left out, unresolved
+    /// upstreams of a workload dropped.
+    pub effective: Vec<Resource>,
+    /// The same, as multi-document YAML (a Trellis proxy's bundle).
+    pub bundle_yaml: Arc<str>,
+    /// The mesh-wide translation (no local workload), for Envoy's resource types. An error
+    /// here means the store holds a set that does not translate; the last good one is kept.
+    pub mesh: Result<ProxyConfig, ConfigError>,
+    /// Workload keys by `namespace/name`, to check a node's claim.
+    pub workloads: BTreeMap<NamespacedName, Key>,
+}
+
+/// A resource proxies get: its key, the parsed resource and its YAML.
+pub type Served = (Key, Resource, Arc<str>);
+
+/// The resources proxies get, and the conditions that explain what was left out.
+pub fn effective(
+    entries: &BTreeMap<Key, Arc<Entry>>,
+) -> (Vec<Served>, HashMap<Key, Vec<Condition>>) {
+    let list: Vec<&Arc<Entry>> = entries.values().collect();
+    let resources: Vec<Resource> = list.iter().map(|e| e.resource.clone()).collect();
+    let mut problems: HashMap<usize, Vec<Unresolved>> = HashMap::new();
+    for u in resolve(&resources) {
+        problems.entry(u.index).or_default().push(u);
+    }
+    let mut out = Vec::with_capacity(list.len());
+    let mut conditions = HashMap::new();
+    for (i, (e, mut r)) in list.into_iter().zip(resources).enumerate() {
+        let has_refs = matches!(
+            r.spec,
+            Spec::HttpRoute(_) | Spec::GrpcRoute(_) | Spec::BackendPolicy(_)
+        ) || matches!(&r.spec, Spec::Workload(w) if !w.upstreams.is_empty());
+        let key = e.object.key.clone();
+        match problems.remove(&i) {
+            None => {
+                if has_refs {
+                    conditions.insert(key.clone(), resolved_ok());
+                }
+                out.push((key, r, e.yaml.clone()));
+            }
+            Some(ps) => {
+                let message = ps
+                    .iter()
+                    .map(|p| format!("{}: {}", p.field, p.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let partial = ps.iter().all(|p| p.upstream.is_some());
+                conditions.insert(key.clone(), unresolved(message, partial));
+                if partial {
+                    // Keep the workload (it is an endpoint); drop only its dangling upstreams.
+                    let mut doc = e.object.doc.clone();
+                    let mut drop_idx: Vec<usize> = ps.iter().filter_map(|p| p.upstream).collect();
+                    drop_idx.sort_unstable();
+                    if let (Spec::Workload(w), Some(Value::Array(ups))) =
+                        (&mut r.spec, doc.pointer_mut("/spec/upstreams"))
+                    {
+                        for &j in drop_idx.iter().rev() {
+                            w.upstreams.remove(j);
+                            if j < ups.len() {
+                                ups.remove(j);
+                            }
+                        }
+                    }
+                    let yaml = serde_saphyr::to_string(&doc).unwrap_or_default();
+                    out.push((key, r, yaml.into()));
+                }
+            }
+        }
+    }
+    (out, conditions)
+}
+
+fn resolved_ok() -> Vec<Condition> {
+    vec![
+        Condition {
+            kind: "Accepted",
+            status: "True",
+            reason: "Accepted",
+            message: String::new(),
+        },
+        Condition {
+            kind: "ResolvedRefs",
+            status: "True",
+            reason: "ResolvedRefs",
+            message: String::new(),
+        },
+    ]
+}
+
+fn unresolved(message: String, partial: bool) -> Vec<Condition> {
+    vec![
+        Condition {
+            kind: "Accepted",
+            status: if partial { "True" } else { "False" },
+            reason: if partial {
+                "Accepted"
+            } else {
+                "BackendNotFound"
+            },
+            message: if partial {
+                "served without its unresolved upstreams".into()
+            } else {
+                "not served until its references resolve".into()
+            },
+        },
+        Condition {
+            kind: "ResolvedRefs",
+            status: "False",
+            reason: "BackendNotFound",
+            message,
+        },
+    ]
+}
+
+/// Render the bundle YAML of `docs`.
+pub fn bundle(docs: impl Iterator<Item = Arc<str>>) -> String {
+    let mut s = String::new();
+    for d in docs {
+        if !s.is_empty() {
+            s.push_str("---\n");
+        }
+        s.push_str(&d);
+        if !d.ends_with('\n') {
+            s.push('\n');
+        }
+    }
+    s
+}
+
+impl Catalog {
+    /// Compile what proxies get.
+    pub fn compile(&self) -> Compiled {
+        let (eff, conditions) = effective(&self.entries);
+        let bundle_yaml = bundle(eff.iter().map(|(_, _, y)| y.clone()));
+        let workloads = eff
+            .iter()
+            .filter(|(_, r, _)| matches!(r.spec, Spec::Workload(_)))
+            .map(|(k, r, _)| (r.id(), k.clone()))
+            .collect();
+        let effective: Vec<Resource> = eff.into_iter().map(|(_, r, _)| r).collect();
+        let mesh = trellis_model::translate("store", &effective, None);
+        Compiled {
+            revision: self.revision,
+            conditions,
+            effective,
+            bundle_yaml: bundle_yaml.into(),
+            mesh,
+            workloads,
+        }
+    }
+}

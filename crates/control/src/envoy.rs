@@ -1,0 +1,379 @@
+//! The mesh in Envoy's standard resource types, for Envoy and proxyless gRPC clients
+//! (gRFC A27): per service port, a Listener named `HOST:PORT` (e.g. `catalog.shop:80`) with an
+//! `api_listener` HttpConnectionManager that takes its routes by RDS over ADS and ends its
+//! filters with the Router; a RouteConfiguration of the same name; per cluster an EDS Cluster
+//! and a ClusterLoadAssignment whose localities carry weights, and whose endpoints carry
+//! environment and workload in `filter_metadata["trellis.dev"]`.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use trellis_model::{
+    proxy::{
+        ClusterConfig, EndpointConfig, PathMatchConfig, PortConfig, RouteConfig, ValueMatcher,
+    },
+    resource::{LbKind, NamespacedName},
+    ProxyConfig,
+};
+use trellis_xds::{
+    envoy_types::{
+        pb::{
+            envoy::{
+                config::{
+                    cluster::v3::{
+                        cluster::{
+                            ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
+                        },
+                        Cluster,
+                    },
+                    core::v3::{
+                        address, config_source::ConfigSourceSpecifier, socket_address,
+                        AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality,
+                        Metadata, SocketAddress,
+                    },
+                    endpoint::v3::{
+                        lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint,
+                        LocalityLbEndpoints,
+                    },
+                    listener::v3::{ApiListener, Listener},
+                    route::v3::{
+                        header_matcher::HeaderMatchSpecifier,
+                        query_parameter_matcher::QueryParameterMatchSpecifier, route,
+                        route_action::ClusterSpecifier, route_match::PathSpecifier,
+                        weighted_cluster::ClusterWeight, HeaderMatcher, QueryParameterMatcher,
+                        Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+                        WeightedCluster,
+                    },
+                },
+                extensions::filters::{
+                    http::router::v3::Router,
+                    network::http_connection_manager::v3::{
+                        http_connection_manager::RouteSpecifier, http_filter,
+                        HttpConnectionManager, HttpFilter, Rds,
+                    },
+                },
+                r#type::matcher::v3::{string_matcher::MatchPattern, RegexMatcher, StringMatcher},
+            },
+            google::protobuf::{
+                value::Kind, Any, Duration as PbDuration, Struct, UInt32Value, Value,
+            },
+        },
+        util::pack_any,
+    },
+    CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, METADATA_NAMESPACE, ROUTE_TYPE,
+};
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
+    }
+}
+
+fn dur(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// The name of a service port's Listener and RouteConfiguration: `HOST:PORT`.
+pub fn listener_name(host: &str, port: u16) -> String {
+    format!("{host}:{port}")
+}
+
+fn wanted(names: &[String], name: &str) -> bool {
+    names.is_empty() || names.iter().any(|n| n == "*" || n == name)
+}
+
+/// Resources of `type_url`, limited to `names` (all when empty or `*`).
+pub fn resources(mesh: &ProxyConfig, type_url: &str, names: &[String]) -> Result<Vec<Any>, String> {
+    let mut out = Vec::new();
+    match type_url {
+        LISTENER_TYPE => {
+            for (id, svc) in &mesh.services {
+                for p in &svc.ports {
+                    let name = listener_name(&svc.host, p.port);
+                    if wanted(names, &name) {
+                        out.push(pack_any(listener(&name, id)));
+                    }
+                }
+            }
+        }
+        ROUTE_TYPE => {
+            for svc in mesh.services.values() {
+                for p in &svc.ports {
+                    let name = listener_name(&svc.host, p.port);
+                    if wanted(names, &name) {
+                        out.push(pack_any(route_config(&name, &svc.host, p)));
+                    }
+                }
+            }
+        }
+        CLUSTER_TYPE => {
+            for (key, c) in &mesh.clusters {
+                if wanted(names, key) {
+                    out.push(pack_any(cluster(key, c)));
+                }
+            }
+        }
+        ENDPOINT_TYPE => {
+            for (key, c) in &mesh.clusters {
+                if wanted(names, key) {
+                    out.push(pack_any(load_assignment(key, &c.endpoints)));
+                }
+            }
+        }
+        other => return Err(format!("unknown resource type {other:?}")),
+    }
+    Ok(out)
+}
+
+fn listener(name: &str, id: &NamespacedName) -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: format!("{}_{}", id.namespace, id.name),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: name.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: name.to_string(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack_any(hcm)),
+        }),
+        ..Default::default()
+    }
+}
+
+fn string_match(m: &ValueMatcher) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(match m {
+            ValueMatcher::Exact(v) => MatchPattern::Exact(v.clone()),
+            ValueMatcher::Regex(r) => MatchPattern::SafeRegex(RegexMatcher {
+                regex: r.0.as_str().to_string(),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+fn route_config(name: &str, host: &str, p: &PortConfig) -> RouteConfiguration {
+    let mut routes = Vec::new();
+    for r in &p.routes {
+        // A route with no match conditions matches everything.
+        let matches = if r.matches.is_empty() {
+            vec![Default::default()]
+        } else {
+            r.matches.clone()
+        };
+        for m in &matches {
+            let path = match &m.path {
+                None => PathSpecifier::Prefix("/".into()),
+                Some(PathMatchConfig::Exact(p)) => PathSpecifier::Path(p.clone()),
+                // Gateway API prefixes match whole segments, as Envoy's path_separated_prefix.
+                Some(PathMatchConfig::Prefix(p)) if p == "/" => PathSpecifier::Prefix("/".into()),
+                Some(PathMatchConfig::Prefix(p)) => {
+                    PathSpecifier::PathSeparatedPrefix(p.trim_end_matches('/').to_string())
+                }
+                Some(PathMatchConfig::Regex(r)) => PathSpecifier::SafeRegex(RegexMatcher {
+                    regex: r.0.as_str().to_string(),
+                    ..Default::default()
+                }),
+            };
+            let mut headers: Vec<HeaderMatcher> = m
+                .headers
+                .iter()
+                .map(|(n, v)| HeaderMatcher {
+                    name: n.clone(),
+                    header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(string_match(
+                        v,
+                    ))),
+                    ..Default::default()
+                })
+                .collect();
+            if let Some(method) = &m.method {
+                headers.push(HeaderMatcher {
+                    name: ":method".into(),
+                    header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(string_match(
+                        &ValueMatcher::Exact(method.clone()),
+                    ))),
+                    ..Default::default()
+                });
+            }
+            let query_parameters = m
+                .query
+                .iter()
+                .map(|(n, v)| QueryParameterMatcher {
+                    name: n.clone(),
+                    query_parameter_match_specifier: Some(
+                        QueryParameterMatchSpecifier::StringMatch(string_match(v)),
+                    ),
+                })
+                .collect();
+            routes.push(Route {
+                name: r.name.to_string(),
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(path),
+                    headers,
+                    query_parameters,
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(route_action(r))),
+                ..Default::default()
+            });
+        }
+    }
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vec![VirtualHost {
+            name: name.to_string(),
+            domains: vec![
+                name.to_string(),
+                host.to_string(),
+                format!("{host}.mesh"),
+                format!("{host}.mesh:{}", p.port),
+            ],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn route_action(r: &RouteConfig) -> RouteAction {
+    let cluster_specifier = if r.backends.len() == 1 {
+        ClusterSpecifier::Cluster(r.backends[0].cluster.clone())
+    } else {
+        ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: r
+                .backends
+                .iter()
+                .map(|b| ClusterWeight {
+                    name: b.cluster.clone(),
+                    weight: Some(UInt32Value { value: b.weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    RouteAction {
+        cluster_specifier: Some(cluster_specifier),
+        timeout: r.timeout.map(dur),
+        retry_policy: r.retry.as_ref().map(|rt| {
+            use trellis_xds::envoy_types::pb::envoy::config::route::v3::RetryPolicy;
+            let mut on = vec!["connect-failure", "reset"];
+            if !rt.codes.is_empty() {
+                on.push("retriable-status-codes");
+            }
+            RetryPolicy {
+                retry_on: on.join(","),
+                num_retries: Some(UInt32Value { value: rt.attempts }),
+                retriable_status_codes: rt.codes.iter().map(|c| *c as u32).collect(),
+                per_try_timeout: rt.per_try_timeout.map(dur),
+                ..Default::default()
+            }
+        }),
+        ..Default::default()
+    }
+}
+
+fn cluster(key: &str, c: &ClusterConfig) -> Cluster {
+    Cluster {
+        name: key.to_string(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: key.to_string(),
+        }),
+        connect_timeout: Some(dur(c.policy.connect_timeout)),
+        lb_policy: match c.policy.lb {
+            LbKind::RoundRobin => LbPolicy::RoundRobin,
+            LbKind::LeastRequest | LbKind::PeakEWMA => LbPolicy::LeastRequest,
+        } as i32,
+        ..Default::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn load_assignment(key: &str, endpoints: &[EndpointConfig]) -> ClusterLoadAssignment {
+    // Group by locality; a locality's weight is the sum of its endpoints' weights.
+    let mut groups: BTreeMap<(String, String, String), Vec<&EndpointConfig>> = BTreeMap::new();
+    for e in endpoints {
+        let l = &e.locality;
+        let k = (
+            l.region.clone().unwrap_or_default(),
+            l.zone.clone().unwrap_or_default(),
+            l.host.clone().unwrap_or_default(),
+        );
+        groups.entry(k).or_default().push(e);
+    }
+    let endpoints = groups
+        .into_iter()
+        .map(|((region, zone, sub_zone), eps)| LocalityLbEndpoints {
+            locality: Some(Locality {
+                region,
+                zone,
+                sub_zone,
+            }),
+            load_balancing_weight: Some(UInt32Value {
+                value: eps.iter().map(|e| e.weight).sum::<u32>().max(1),
+            }),
+            lb_endpoints: eps
+                .into_iter()
+                .map(|e| {
+                    let mut fields = std::collections::HashMap::new();
+                    fields.insert("environment".into(), string_value(e.environment.as_str()));
+                    fields.insert("workload".into(), string_value(&e.workload.to_string()));
+                    let mut filter_metadata = std::collections::HashMap::new();
+                    filter_metadata.insert(METADATA_NAMESPACE.to_string(), Struct { fields });
+                    LbEndpoint {
+                        health_status: HealthStatus::Healthy as i32,
+                        load_balancing_weight: Some(UInt32Value { value: e.weight }),
+                        metadata: Some(Metadata {
+                            filter_metadata,
+                            ..Default::default()
+                        }),
+                        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                            address: Some(
+                                trellis_xds::envoy_types::pb::envoy::config::core::v3::Address {
+                                    address: Some(address::Address::SocketAddress(SocketAddress {
+                                        address: e.addr.ip().to_string(),
+                                        port_specifier: Some(
+                                            socket_address::PortSpecifier::PortValue(
+                                                e.addr.port() as u32
+                                            ),
+                                        ),
+                                        ..Default::default()
+                                    })),
+                                },
+                            ),
+                            ..Default::default()
+                        })),
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: key.to_string(),
+        endpoints,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,391 @@
+//! The ADS server (xDS v3, state of the world) and the record of every proxy's ACKs and NACKs.
+//!
+//! One task per stream. It answers each subscription with the current resources, pushes again
+//! when the compiled state changes (and only when a type's resources really changed), and
+//! follows the protocol's nonce rules: a request whose `response_nonce` is not the last one
+//! sent is stale and ignored; with the last nonce it is an ACK, or a NACK when it carries
+//! `error_detail`. A NACK is recorded with its reason and the previous config stays current at
+//! the proxy; the next change is pushed as usual.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{Hash, Hasher},
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status, Streaming};
+use trellis_store::Key;
+use trellis_xds::{
+    envoy_types::pb::{
+        envoy::service::discovery::v3::{
+            aggregated_discovery_service_server::{
+                AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+            },
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        },
+        google::protobuf::Any,
+    },
+    node_workload, ProxyBundle, BUNDLE_TYPE,
+};
+
+use crate::State;
+
+/// ACK/NACK state of one resource type at one proxy.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeStatus {
+    /// Version last sent.
+    pub sent: String,
+    /// Version last acknowledged.
+    pub acked: String,
+    /// The last rejection, if the proxy has rejected anything since connecting.
+    pub rejected: Option<Rejection>,
+    /// Resources sent in the last response.
+    pub resources: usize,
+}
+
+/// A NACK.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rejection {
+    /// The version the proxy refused.
+    pub version: String,
+    /// Its reason, as the proxy gave it.
+    pub message: String,
+    /// When (seconds since the epoch).
+    pub at: u64,
+}
+
+/// One connected proxy.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    /// Node id.
+    pub node: String,
+    /// `NAMESPACE/NAME` of the workload it serves, if it said.
+    pub workload: Option<String>,
+    /// Its address as the control plane sees it.
+    pub peer: Option<String>,
+    /// When it connected (seconds since the epoch).
+    pub connected_at: u64,
+    /// Per resource type (short name: `bundle`, `listener`, `route`, `cluster`, `endpoint`).
+    pub types: BTreeMap<String, TypeStatus>,
+}
+
+/// Every connected proxy. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<BTreeMap<u64, ProxyStatus>>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn short(type_url: &str) -> String {
+    let t = type_url.rsplit('.').next().unwrap_or(type_url);
+    match t {
+        "ProxyBundle" => "bundle",
+        "Listener" => "listener",
+        "RouteConfiguration" => "route",
+        "Cluster" => "cluster",
+        "ClusterLoadAssignment" => "endpoint",
+        other => other,
+    }
+    .to_string()
+}
+
+impl Registry {
+    fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = m.get_mut(&id) {
+            f(p);
+        }
+    }
+
+    /// Every connected proxy, ordered by connection.
+    pub fn snapshot(&self) -> Vec<ProxyStatus> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.values().cloned().collect()
+    }
+
+    /// Node ids of the proxies that use `key`: for a Workload, those serving it; for any
+    /// other kind, every proxy that takes the Trellis bundle (each gets the whole mesh).
+    pub fn using(&self, key: &Key) -> Vec<String> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let wl = format!("{}/{}", key.namespace, key.name);
+        m.values()
+            .filter(|p| {
+                if key.kind == "Workload" {
+                    p.workload.as_deref() == Some(wl.as_str())
+                } else {
+                    p.types.contains_key("bundle")
+                }
+            })
+            .map(|p| p.node.clone())
+            .collect()
+    }
+}
+
+/// Serve ADS on `l`.
+pub async fn serve(state: watch::Receiver<Arc<State>>, proxies: Registry, l: TcpListener) {
+    let ads = Ads {
+        state,
+        proxies,
+        next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+    let r = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20))
+        .serve_with_incoming(incoming)
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "xds server failed");
+    }
+}
+
+struct Ads {
+    state: watch::Receiver<Arc<State>>,
+    proxies: Registry,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+type Out = Result<DiscoveryResponse, Status>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = Pin<Box<dyn Stream<Item = Out> + Send>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = req.remote_addr();
+        let inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stream = StreamTask {
+            id,
+            peer,
+            tx,
+            state: self.state.clone(),
+            proxies: self.proxies.clone(),
+            subs: HashMap::new(),
+            nonce: 0,
+        };
+        tokio::spawn(stream.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type DeltaAggregatedResourcesStream =
+        Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "incremental (delta) xDS is not served yet; use state of the world",
+        ))
+    }
+}
+
+struct Sub {
+    names: Vec<String>,
+    nonce: String,
+    version: String,
+    /// Hash of the last resources sent, to push only real changes.
+    content: Option<u64>,
+}
+
+struct StreamTask {
+    id: u64,
+    peer: Option<SocketAddr>,
+    tx: tokio::sync::mpsc::Sender<Out>,
+    state: watch::Receiver<Arc<State>>,
+    proxies: Registry,
+    subs: HashMap<String, Sub>,
+    nonce: u64,
+}
+
+/// The resources of `type_url` for this stream's subscription.
+fn resources(state: &State, type_url: &str, names: &[String]) -> Result<Vec<Any>, String> {
+    if type_url == BUNDLE_TYPE {
+        let b = ProxyBundle {
+            revision: state.compiled.revision,
+            resources_yaml: state.compiled.bundle_yaml.to_string(),
+        };
+        return Ok(vec![trellis_xds::envoy_types::util::pack_any(b)]);
+    }
+    match &state.compiled.mesh {
+        Ok(mesh) => crate::envoy::resources(mesh, type_url, names),
+        Err(e) => Err(format!("the stored resources do not translate: {e}")),
+    }
+}
+
+impl StreamTask {
+    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
+        {
+            let mut m = self.proxies.inner.lock().unwrap_or_else(|p| p.into_inner());
+            m.insert(
+                self.id,
+                ProxyStatus {
+                    node: String::new(),
+                    workload: None,
+                    peer: self.peer.map(|p| p.to_string()),
+                    connected_at: now(),
+                    types: BTreeMap::new(),
+                },
+            );
+        }
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if self.on_request(req).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(stream = self.id, error = %e, "xds stream ended");
+                        break;
+                    }
+                },
+                changed = self.state.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let types: Vec<String> = self.subs.keys().cloned().collect();
+                    let mut failed = false;
+                    for t in types {
+                        if self.push(&t, false).await.is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    if failed {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut m = self.proxies.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&self.id);
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
+        if let Some(node) = &req.node {
+            let (id, wl) = (node.id.clone(), node_workload(node).map(str::to_string));
+            self.proxies.update(self.id, |p| {
+                p.node = id;
+                if wl.is_some() {
+                    p.workload = wl;
+                }
+            });
+        }
+        let t = req.type_url.clone();
+        let short_t = short(&t);
+        match self.subs.get_mut(&t) {
+            None => {
+                self.subs.insert(
+                    t.clone(),
+                    Sub {
+                        names: req.resource_names.clone(),
+                        nonce: String::new(),
+                        version: String::new(),
+                        content: None,
+                    },
+                );
+                return self.push(&t, true).await;
+            }
+            Some(sub) if !req.response_nonce.is_empty() && req.response_nonce != sub.nonce => {
+                // Stale: an answer to an older response. The newer one is on its way.
+                return Ok(());
+            }
+            Some(sub) => {
+                if !req.response_nonce.is_empty() {
+                    let version = sub.version.clone();
+                    match &req.error_detail {
+                        Some(err) => {
+                            tracing::warn!(stream = self.id, r#type = %short_t, %version, reason = %err.message, "proxy rejected config");
+                            let rejected = Rejection {
+                                version,
+                                message: err.message.clone(),
+                                at: now(),
+                            };
+                            self.proxies.update(self.id, |p| {
+                                p.types.entry(short_t.clone()).or_default().rejected =
+                                    Some(rejected);
+                            });
+                        }
+                        None => self.proxies.update(self.id, |p| {
+                            p.types.entry(short_t.clone()).or_default().acked = version;
+                        }),
+                    }
+                }
+                if sub.names != req.resource_names {
+                    sub.names = req.resource_names.clone();
+                    return self.push(&t, true).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Send the current resources of `t`, unless they are what was last sent (and `force` is
+    /// off).
+    async fn push(&mut self, t: &str, force: bool) -> Result<(), ()> {
+        let state = self.state.borrow_and_update().clone();
+        let Some(sub) = self.subs.get_mut(t) else {
+            return Ok(());
+        };
+        let res = match resources(&state, t, &sub.names) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(r#type = t, error = %e, "cannot build resources; keeping the last ones");
+                return Ok(());
+            }
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for a in &res {
+            a.type_url.hash(&mut h);
+            a.value.hash(&mut h);
+        }
+        let content = h.finish();
+        if !force && sub.content == Some(content) {
+            return Ok(());
+        }
+        self.nonce += 1;
+        sub.nonce = self.nonce.to_string();
+        sub.version = state.compiled.revision.to_string();
+        sub.content = Some(content);
+        let (version, nonce, count) = (sub.version.clone(), sub.nonce.clone(), res.len());
+        let resp = DiscoveryResponse {
+            version_info: version.clone(),
+            resources: res,
+            type_url: t.to_string(),
+            nonce,
+            ..Default::default()
+        };
+        let short_t = short(t);
+        self.proxies.update(self.id, |p| {
+            let ts = p.types.entry(short_t).or_default();
+            ts.sent = version;
+            ts.resources = count;
+        });
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}

@@ -1,0 +1,189 @@
+//! Reference resolution for a store that must accept resources in any order.
+//!
+//! A static file is refused whole when a route names a missing Service. The control plane
+//! instead stores such a route and reports it (Gateway API's `ResolvedRefs=False`), and leaves
+//! it out of what proxies get until the Service exists. [`resolve`] finds those references.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{
+    resource::{NamespacedName, Resource, Spec},
+    translate::parse_authority_name,
+};
+
+/// One reference that does not resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    /// Index of the resource in the slice given to [`resolve`].
+    pub index: usize,
+    /// Dotted path of the reference, e.g. `spec.rules[0].backendRefs[1]`.
+    pub field: String,
+    /// What is missing.
+    pub message: String,
+    /// For a Workload, the index of the upstream that can be dropped; `None` when the whole
+    /// resource must be left out.
+    pub upstream: Option<usize>,
+}
+
+/// Every reference among `resources` that names a missing Service or Service port.
+pub fn resolve(resources: &[Resource]) -> Vec<Unresolved> {
+    let mut ports: BTreeMap<NamespacedName, BTreeSet<u16>> = BTreeMap::new();
+    for r in resources {
+        if let Spec::Service(s) = &r.spec {
+            ports
+                .entry(r.id())
+                .or_default()
+                .extend(s.ports.iter().map(|p| p.port));
+        }
+    }
+    let check = |kind: &str, ns: &NamespacedName, port: Option<u16>| -> Option<String> {
+        if kind != "Service" {
+            return Some(format!("{kind} is not a kind a mesh route can name"));
+        }
+        match (ports.get(ns), port) {
+            (None, _) => Some(format!("Service {ns} not found")),
+            (Some(p), Some(port)) if !p.contains(&port) => {
+                Some(format!("Service {ns} has no port {port}"))
+            }
+            _ => None,
+        }
+    };
+    let mut out = Vec::new();
+    for (index, r) in resources.iter().enumerate() {
+        let ns = &r.metadata.namespace;
+        let id = |name: &str, explicit: &Option<String>| NamespacedName {
+            namespace: explicit.clone().unwrap_or_else(|| ns.clone()),
+            name: name.to_string(),
+        };
+        let mut push = |field: String, message: Option<String>, upstream: Option<usize>| {
+            if let Some(message) = message {
+                out.push(Unresolved {
+                    index,
+                    field,
+                    message,
+                    upstream,
+                });
+            }
+        };
+        let routes = match &r.spec {
+            Spec::HttpRoute(h) => Some((
+                &h.parent_refs,
+                h.rules.iter().map(|r| &r.backend_refs).collect::<Vec<_>>(),
+            )),
+            Spec::GrpcRoute(g) => Some((
+                &g.parent_refs,
+                g.rules.iter().map(|r| &r.backend_refs).collect(),
+            )),
+            _ => None,
+        };
+        if let Some((parents, rules)) = routes {
+            for (i, p) in parents.iter().enumerate() {
+                let target = id(&p.name.value, &p.namespace);
+                push(
+                    format!("spec.parentRefs[{i}]"),
+                    check(&p.kind, &target, p.port),
+                    None,
+                );
+            }
+            for (ri, backends) in rules.iter().enumerate() {
+                for (bi, b) in backends.iter().enumerate() {
+                    let target = id(&b.name.value, &b.namespace);
+                    push(
+                        format!("spec.rules[{ri}].backendRefs[{bi}]"),
+                        check(&b.kind, &target, Some(b.port)),
+                        None,
+                    );
+                }
+            }
+        }
+        match &r.spec {
+            Spec::BackendPolicy(p) => {
+                for (i, t) in p.target_refs.iter().enumerate() {
+                    let target = id(&t.name.value, &None);
+                    push(
+                        format!("spec.targetRefs[{i}]"),
+                        check(&t.kind, &target, None),
+                        None,
+                    );
+                }
+            }
+            Spec::Workload(w) => {
+                for (i, u) in w.upstreams.iter().enumerate() {
+                    let target = parse_authority_name(&u.service.value, ns);
+                    push(
+                        format!("spec.upstreams[{i}]"),
+                        check("Service", &target, Some(u.port)),
+                        Some(i),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_missing_services_ports_and_upstreams() {
+        let text = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: a, namespace: shop }
+spec: { ports: [{ port: 80 }] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: r, namespace: shop }
+spec:
+  parentRefs: [{ name: a, port: 80 }]
+  rules:
+    - backendRefs: [{ name: a, port: 80 }, { name: b, port: 80 }, { name: a, port: 81 }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: w, namespace: shop }
+spec:
+  address: 127.0.0.1
+  upstreams:
+    - { service: a.shop, port: 80, bind: "127.0.0.1:0" }
+    - { service: gone.shop, port: 80, bind: "127.0.0.1:0" }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: BackendTrafficPolicy
+metadata: { name: p, namespace: shop }
+spec: { targetRefs: [{ name: a }] }
+"#;
+        let rs = crate::parse_documents("t.yaml", text).unwrap();
+        let got: Vec<(usize, String, String, Option<usize>)> = resolve(&rs)
+            .into_iter()
+            .map(|u| (u.index, u.field, u.message, u.upstream))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    1,
+                    "spec.rules[0].backendRefs[1]".into(),
+                    "Service shop/b not found".into(),
+                    None
+                ),
+                (
+                    1,
+                    "spec.rules[0].backendRefs[2]".into(),
+                    "Service shop/a has no port 81".into(),
+                    None
+                ),
+                (
+                    2,
+                    "spec.upstreams[1]".into(),
+                    "Service shop/gone not found".into(),
+                    Some(1)
+                ),
+            ]
+        );
+    }
+}
