@@ -297,9 +297,10 @@ fn cluster(key: &str, c: &ClusterConfig) -> Cluster {
             service_name: key.to_string(),
         }),
         connect_timeout: Some(dur(c.policy.connect_timeout)),
+        // Peak-EWMA has no Envoy equivalent; round robin is what every xDS client supports.
         lb_policy: match c.policy.lb {
-            LbKind::RoundRobin => LbPolicy::RoundRobin,
-            LbKind::LeastRequest | LbKind::PeakEWMA => LbPolicy::LeastRequest,
+            LbKind::LeastRequest => LbPolicy::LeastRequest,
+            LbKind::RoundRobin | LbKind::PeakEWMA => LbPolicy::RoundRobin,
         } as i32,
         ..Default::default()
     }

@@ -1,0 +1,259 @@
+//! The standard resources, read the way a proxyless gRPC client (gRFC A27) reads them: a real
+//! tonic ADS client against a control plane started in-process.
+
+use std::time::Duration;
+
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_control::{Control, Options};
+use trellis_xds::{
+    envoy_types::pb::envoy::{
+        config::{
+            cluster::v3::{cluster::ClusterDiscoveryType, cluster::DiscoveryType, Cluster},
+            core::v3::config_source::ConfigSourceSpecifier,
+            endpoint::v3::{lb_endpoint::HostIdentifier, ClusterLoadAssignment},
+            listener::v3::Listener,
+            route::v3::{route::Action, route_action::ClusterSpecifier, RouteConfiguration},
+        },
+        extensions::filters::network::http_connection_manager::v3::{
+            http_connection_manager::RouteSpecifier, HttpConnectionManager,
+        },
+        service::discovery::v3::{
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+            DiscoveryRequest, DiscoveryResponse,
+        },
+    },
+    CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
+};
+
+const MESH: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: catalog, namespace: shop }
+spec:
+  selector: { app: catalog }
+  ports: [{ name: grpc, port: 80, targetPort: 9000, protocol: GRPC }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: catalog-v2, namespace: shop }
+spec:
+  selector: { app: catalog, version: v2 }
+  ports: [{ name: grpc, port: 80, targetPort: 9000, protocol: GRPC }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: vm-1, namespace: shop, labels: { app: catalog, version: v1 } }
+spec:
+  address: 127.0.0.2
+  environment: vm
+  locality: { region: eu-west, zone: eu-west-1a }
+  weight: 3
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: ctr-1, namespace: shop, labels: { app: catalog, version: v2 } }
+spec:
+  address: 127.0.0.3
+  environment: container
+  locality: { region: eu-west, zone: eu-west-1b }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: { name: catalog, namespace: shop }
+spec:
+  parentRefs: [{ name: catalog, port: 80 }]
+  rules:
+    - matches: [{ method: { service: shop.Catalog, method: Get } }]
+      backendRefs: [{ name: catalog, port: 80, weight: 90 }, { name: catalog-v2, port: 80, weight: 10 }]
+"#;
+
+async fn fetch(
+    tx: &tokio::sync::mpsc::Sender<DiscoveryRequest>,
+    rx: &mut tonic::Streaming<DiscoveryResponse>,
+    type_url: &str,
+    names: &[&str],
+    node: bool,
+) -> DiscoveryResponse {
+    tx.send(DiscoveryRequest {
+        node: node.then(|| trellis_xds::node("grpc-client", None)),
+        type_url: type_url.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("response in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.type_url, type_url);
+    // ACK, as a client must.
+    tx.send(DiscoveryRequest {
+        type_url: type_url.into(),
+        version_info: r.version_info.clone(),
+        response_nonce: r.nonce.clone(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    r
+}
+
+#[tokio::test]
+async fn a_proxyless_grpc_client_gets_a27_resources() {
+    let dir = std::env::temp_dir().join(format!("trellis-a27-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let c = Control::start(Options {
+        data_dir: dir.clone(),
+        api: "127.0.0.1:0".parse().unwrap(),
+        xds: "127.0.0.1:0".parse().unwrap(),
+        store: "embedded".into(),
+        max_body_bytes: 1 << 20,
+    })
+    .await
+    .unwrap();
+    // Apply through the API, as a user would.
+    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
+    let req = http::Request::post("/api/v1/apply?file=mesh.yaml")
+        .header("host", "cp")
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .body(http_body_util::Full::new(bytes::Bytes::from(MESH)))
+        .unwrap();
+    let r = trellis_test_support::client::send1(c.api_addr, req)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", c.xds_addr))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut inbound = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // LDS: the listener of the dialled target, with an api_listener HCM using RDS over ADS,
+    // whose filters end with the router.
+    let target = "catalog.shop:80";
+    let r = fetch(&tx, &mut inbound, LISTENER_TYPE, &[target], true).await;
+    assert_eq!(r.resources.len(), 1);
+    let l = Listener::decode(r.resources[0].value.as_slice()).unwrap();
+    assert_eq!(l.name, target);
+    let api = l.api_listener.unwrap().api_listener.unwrap();
+    assert!(api.type_url.ends_with("HttpConnectionManager"));
+    let hcm = HttpConnectionManager::decode(api.value.as_slice()).unwrap();
+    let last = hcm.http_filters.last().expect("filters");
+    assert_eq!(last.name, "envoy.filters.http.router");
+    let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier else {
+        panic!("expected RDS");
+    };
+    assert!(matches!(
+        rds.config_source.unwrap().config_source_specifier,
+        Some(ConfigSourceSpecifier::Ads(_))
+    ));
+
+    // RDS: a virtual host for the target, the gRPC method route with weighted clusters, then
+    // the default route.
+    let r = fetch(
+        &tx,
+        &mut inbound,
+        ROUTE_TYPE,
+        &[&rds.route_config_name],
+        false,
+    )
+    .await;
+    let rc = RouteConfiguration::decode(r.resources[0].value.as_slice()).unwrap();
+    let vh = &rc.virtual_hosts[0];
+    assert!(vh.domains.iter().any(|d| d == target));
+    let first = &vh.routes[0];
+    let Some(Action::Route(ra)) = &first.action else {
+        panic!("route action")
+    };
+    let Some(ClusterSpecifier::WeightedClusters(wc)) = &ra.cluster_specifier else {
+        panic!("weighted clusters: {ra:?}")
+    };
+    let weights: Vec<(String, u32)> = wc
+        .clusters
+        .iter()
+        .map(|c| (c.name.clone(), c.weight.unwrap().value))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("shop/catalog:80".into(), 90),
+            ("shop/catalog-v2:80".into(), 10)
+        ]
+    );
+
+    // CDS: EDS clusters over ADS.
+    let r = fetch(&tx, &mut inbound, CLUSTER_TYPE, &["shop/catalog:80"], false).await;
+    let cl = Cluster::decode(r.resources[0].value.as_slice()).unwrap();
+    assert_eq!(
+        cl.cluster_discovery_type,
+        Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+    );
+    let eds = cl.eds_cluster_config.unwrap();
+    assert!(matches!(
+        eds.eds_config.unwrap().config_source_specifier,
+        Some(ConfigSourceSpecifier::Ads(_))
+    ));
+
+    // EDS: localities with weights; environment and workload in filter_metadata.
+    let r = fetch(
+        &tx,
+        &mut inbound,
+        ENDPOINT_TYPE,
+        &[&eds.service_name],
+        false,
+    )
+    .await;
+    let cla = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
+    let mut seen = Vec::new();
+    for loc in &cla.endpoints {
+        let l = loc.locality.as_ref().unwrap();
+        let w = loc.load_balancing_weight.unwrap().value;
+        for e in &loc.lb_endpoints {
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                panic!()
+            };
+            let md = &e.metadata.as_ref().unwrap().filter_metadata["trellis.dev"].fields;
+            let env = format!("{:?}", md["environment"].kind);
+            seen.push((l.zone.clone(), w, format!("{:?}", ep.address), env));
+        }
+    }
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].0, "eu-west-1a");
+    assert_eq!(seen[0].1, 3, "locality weight is the sum of its endpoints'");
+    assert!(seen[0].2.contains("127.0.0.2") && seen[0].2.contains("9000"));
+    assert!(seen[0].3.contains("vm") && seen[1].3.contains("container"));
+
+    // A change is pushed on the open stream: remove v2's workload and EDS follows.
+    let req = http::Request::delete("/api/v1/resources/workload/shop/ctr-1")
+        .header("host", "cp")
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = trellis_test_support::client::send1(c.api_addr, req)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let pushed = loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("push in time")
+            .unwrap()
+            .unwrap();
+        if r.type_url == ENDPOINT_TYPE {
+            break r;
+        }
+    };
+    let cla = ClusterLoadAssignment::decode(pushed.resources[0].value.as_slice()).unwrap();
+    let n: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
+    assert_eq!(n, 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
