@@ -106,8 +106,12 @@ pub struct Compiled {
     /// The resources proxies get: unresolved routes and policies left out, unresolved
     /// upstreams of a workload dropped.
     pub effective: Vec<Resource>,
-    /// The same, as multi-document YAML (a Trellis proxy's bundle).
-    pub bundle_yaml: Arc<str>,
+    /// The same, one YAML document each, by xDS name (`KIND/NAMESPACE/NAME`), with a version
+    /// that changes exactly when the document does (Trellis proxies get these by delta xDS).
+    pub docs: BTreeMap<String, Doc>,
+    /// The previous compiled revision and the document names that changed since (added,
+    /// changed or removed), so that a stream in step only looks at those.
+    pub delta: Option<(u64, Vec<String>)>,
     /// The mesh-wide translation (no local workload), for Envoy's resource types. An error
     /// here means the store holds a set that does not translate; the last good one is kept.
     pub mesh: Result<ProxyConfig, ConfigError>,
@@ -217,26 +221,80 @@ fn unresolved(message: String, partial: bool) -> Vec<Condition> {
     ]
 }
 
-/// Render the bundle YAML of `docs`.
-pub fn bundle(docs: impl Iterator<Item = Arc<str>>) -> String {
-    let mut s = String::new();
-    for d in docs {
-        if !s.is_empty() {
-            s.push_str("---\n");
+impl Compiled {
+    /// Note what changed since `prev`.
+    pub fn diff_from(&mut self, prev: &Compiled) {
+        let mut names = Vec::new();
+        let (mut a, mut b) = (prev.docs.iter().peekable(), self.docs.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some((n, _)), None) => {
+                    names.push((*n).clone());
+                    a.next();
+                }
+                (None, Some((n, _))) => {
+                    names.push((*n).clone());
+                    b.next();
+                }
+                (Some((na, da)), Some((nb, db))) => match na.cmp(nb) {
+                    std::cmp::Ordering::Less => {
+                        names.push((*na).clone());
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        names.push((*nb).clone());
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if da.version != db.version {
+                            names.push((*nb).clone());
+                        }
+                        a.next();
+                        b.next();
+                    }
+                },
+            }
         }
-        s.push_str(&d);
-        if !d.ends_with('\n') {
-            s.push('\n');
-        }
+        self.delta = Some((prev.revision, names));
     }
-    s
+}
+
+/// One document as proxies get it.
+#[derive(Clone, Debug)]
+pub struct Doc {
+    /// Content hash, as the xDS resource version.
+    pub version: Arc<str>,
+    /// The YAML.
+    pub yaml: Arc<str>,
+}
+
+fn content_version(yaml: &str) -> Arc<str> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    yaml.hash(&mut h);
+    format!("{:016x}", h.finish()).into()
+}
+
+/// The xDS name of a stored resource.
+pub fn doc_name(k: &Key) -> String {
+    format!("{}/{}/{}", k.kind, k.namespace, k.name)
 }
 
 impl Catalog {
     /// Compile what proxies get.
     pub fn compile(&self) -> Compiled {
         let (eff, conditions) = effective(&self.entries);
-        let bundle_yaml = bundle(eff.iter().map(|(_, _, y)| y.clone()));
+        let docs = eff
+            .iter()
+            .map(|(k, _, y)| {
+                let d = Doc {
+                    version: content_version(y),
+                    yaml: y.clone(),
+                };
+                (doc_name(k), d)
+            })
+            .collect();
         let workloads = eff
             .iter()
             .filter(|(_, r, _)| matches!(r.spec, Spec::Workload(_)))
@@ -248,7 +306,8 @@ impl Catalog {
             revision: self.revision,
             conditions,
             effective,
-            bundle_yaml: bundle_yaml.into(),
+            docs,
+            delta: None,
             mesh,
             workloads,
         }

@@ -15,6 +15,7 @@ use trellis_store::{Store, StoreError};
 pub mod api;
 pub mod apply;
 pub mod catalog;
+mod delta;
 pub mod envoy;
 pub mod token;
 pub mod xds;
@@ -133,7 +134,9 @@ async fn follow(store: Store, tx: watch::Sender<Arc<State>>) {
 }
 
 fn publish(tx: &watch::Sender<Arc<State>>, catalog: &Catalog) {
-    let compiled = Arc::new(catalog.compile());
+    let mut compiled = catalog.compile();
+    compiled.diff_from(&tx.borrow().compiled);
+    let compiled = Arc::new(compiled);
     if let Err(e) = &compiled.mesh {
         tracing::error!(revision = catalog.revision, error = %e, "stored resources do not translate");
     }

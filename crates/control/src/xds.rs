@@ -31,10 +31,16 @@ use trellis_xds::{
         },
         google::protobuf::Any,
     },
-    node_workload, ProxyBundle, BUNDLE_TYPE,
+    node_workload, Document, DOCUMENT_TYPE,
 };
 
-use crate::State;
+use crate::{catalog::Doc, State};
+
+fn document(d: &Doc) -> Any {
+    trellis_xds::envoy_types::util::pack_any(Document {
+        yaml: d.yaml.to_string(),
+    })
+}
 
 /// ACK/NACK state of one resource type at one proxy.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -74,7 +80,7 @@ pub struct ProxyStatus {
     pub peer: Option<String>,
     /// When it connected (seconds since the epoch).
     pub connected_at: u64,
-    /// Per resource type (short name: `bundle`, `listener`, `route`, `cluster`, `endpoint`).
+    /// Per resource type (short name: `document`, `listener`, `route`, `cluster`, `endpoint`).
     pub types: BTreeMap<String, TypeStatus>,
 }
 
@@ -94,7 +100,7 @@ fn now() -> u64 {
 fn short(type_url: &str) -> String {
     let t = type_url.rsplit('.').next().unwrap_or(type_url);
     match t {
-        "ProxyBundle" => "bundle",
+        "Document" => "document",
         "Listener" => "listener",
         "RouteConfiguration" => "route",
         "Cluster" => "cluster",
@@ -105,6 +111,68 @@ fn short(type_url: &str) -> String {
 }
 
 impl Registry {
+    pub(crate) fn connect(&self, id: u64, peer: Option<SocketAddr>) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(
+            id,
+            ProxyStatus {
+                node: String::new(),
+                workload: None,
+                peer: peer.map(|p| p.to_string()),
+                connected_at: now(),
+                types: BTreeMap::new(),
+            },
+        );
+    }
+
+    pub(crate) fn disconnect(&self, id: u64) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&id);
+    }
+
+    /// Note what a request says about its node.
+    pub(crate) fn node(
+        &self,
+        id: u64,
+        node: &trellis_xds::envoy_types::pb::envoy::config::core::v3::Node,
+    ) {
+        let (nid, wl) = (node.id.clone(), node_workload(node).map(str::to_string));
+        self.update(id, |p| {
+            p.node = nid;
+            if wl.is_some() {
+                p.workload = wl;
+            }
+        });
+    }
+
+    /// Record an ACK (`error` is `None`) or a NACK of `version` of `type_url`.
+    pub(crate) fn answer(&self, id: u64, type_url: &str, version: String, error: Option<String>) {
+        let t = short(type_url);
+        match error {
+            Some(message) => {
+                tracing::warn!(stream = id, r#type = %t, %version, reason = %message, "proxy rejected config");
+                let rejected = Rejection {
+                    version,
+                    message,
+                    at: now(),
+                };
+                self.update(id, |p| {
+                    p.types.entry(t).or_default().rejected = Some(rejected);
+                });
+            }
+            None => self.update(id, |p| p.types.entry(t).or_default().acked = version),
+        }
+    }
+
+    /// Record a response sent.
+    pub(crate) fn sent(&self, id: u64, type_url: &str, version: String, count: usize) {
+        self.update(id, |p| {
+            let ts = p.types.entry(short(type_url)).or_default();
+            ts.sent = version;
+            ts.resources = count;
+        });
+    }
+
     fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = m.get_mut(&id) {
@@ -119,7 +187,7 @@ impl Registry {
     }
 
     /// Node ids of the proxies that use `key`: for a Workload, those serving it; for any
-    /// other kind, every proxy that takes the Trellis bundle (each gets the whole mesh).
+    /// other kind, every proxy that takes Trellis documents (each gets the whole mesh).
     pub fn using(&self, key: &Key) -> Vec<String> {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let wl = format!("{}/{}", key.namespace, key.name);
@@ -128,7 +196,7 @@ impl Registry {
                 if key.kind == "Workload" {
                     p.workload.as_deref() == Some(wl.as_str())
                 } else {
-                    p.types.contains_key("bundle")
+                    p.types.contains_key("document")
                 }
             })
             .map(|p| p.node.clone())
@@ -194,11 +262,18 @@ impl AggregatedDiscoveryService for Ads {
 
     async fn delta_aggregated_resources(
         &self,
-        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "incremental (delta) xDS is not served yet; use state of the world",
-        ))
+        let peer = req.remote_addr();
+        let inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stream = crate::delta::DeltaTask::new(id, self.state.clone(), self.proxies.clone(), tx);
+        self.proxies.connect(id, peer);
+        tokio::spawn(stream.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -222,12 +297,14 @@ struct StreamTask {
 
 /// The resources of `type_url` for this stream's subscription.
 fn resources(state: &State, type_url: &str, names: &[String]) -> Result<Vec<Any>, String> {
-    if type_url == BUNDLE_TYPE {
-        let b = ProxyBundle {
-            revision: state.compiled.revision,
-            resources_yaml: state.compiled.bundle_yaml.to_string(),
-        };
-        return Ok(vec![trellis_xds::envoy_types::util::pack_any(b)]);
+    if type_url == DOCUMENT_TYPE {
+        return Ok(state
+            .compiled
+            .docs
+            .iter()
+            .filter(|(n, _)| names.is_empty() || names.iter().any(|x| x == "*" || x == *n))
+            .map(|(_, d)| document(d))
+            .collect());
     }
     match &state.compiled.mesh {
         Ok(mesh) => crate::envoy::resources(mesh, type_url, names),
@@ -237,19 +314,7 @@ fn resources(state: &State, type_url: &str, names: &[String]) -> Result<Vec<Any>
 
 impl StreamTask {
     async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
-        {
-            let mut m = self.proxies.inner.lock().unwrap_or_else(|p| p.into_inner());
-            m.insert(
-                self.id,
-                ProxyStatus {
-                    node: String::new(),
-                    workload: None,
-                    peer: self.peer.map(|p| p.to_string()),
-                    connected_at: now(),
-                    types: BTreeMap::new(),
-                },
-            );
-        }
+        self.proxies.connect(self.id, self.peer);
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
@@ -282,22 +347,14 @@ impl StreamTask {
                 }
             }
         }
-        let mut m = self.proxies.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(&self.id);
+        self.proxies.disconnect(self.id);
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
         if let Some(node) = &req.node {
-            let (id, wl) = (node.id.clone(), node_workload(node).map(str::to_string));
-            self.proxies.update(self.id, |p| {
-                p.node = id;
-                if wl.is_some() {
-                    p.workload = wl;
-                }
-            });
+            self.proxies.node(self.id, node);
         }
         let t = req.type_url.clone();
-        let short_t = short(&t);
         match self.subs.get_mut(&t) {
             None => {
                 self.subs.insert(
@@ -317,24 +374,8 @@ impl StreamTask {
             }
             Some(sub) => {
                 if !req.response_nonce.is_empty() {
-                    let version = sub.version.clone();
-                    match &req.error_detail {
-                        Some(err) => {
-                            tracing::warn!(stream = self.id, r#type = %short_t, %version, reason = %err.message, "proxy rejected config");
-                            let rejected = Rejection {
-                                version,
-                                message: err.message.clone(),
-                                at: now(),
-                            };
-                            self.proxies.update(self.id, |p| {
-                                p.types.entry(short_t.clone()).or_default().rejected =
-                                    Some(rejected);
-                            });
-                        }
-                        None => self.proxies.update(self.id, |p| {
-                            p.types.entry(short_t.clone()).or_default().acked = version;
-                        }),
-                    }
+                    let err = req.error_detail.as_ref().map(|e| e.message.clone());
+                    self.proxies.answer(self.id, &t, sub.version.clone(), err);
                 }
                 if sub.names != req.resource_names {
                     sub.names = req.resource_names.clone();
@@ -380,12 +421,7 @@ impl StreamTask {
             nonce,
             ..Default::default()
         };
-        let short_t = short(t);
-        self.proxies.update(self.id, |p| {
-            let ts = p.types.entry(short_t).or_default();
-            ts.sent = version;
-            ts.resources = count;
-        });
+        self.proxies.sent(self.id, t, version, count);
         self.tx.send(Ok(resp)).await.map_err(|_| ())
     }
 }

@@ -367,10 +367,10 @@ impl Proxy {
         self.swap(cfg).await
     }
 
-    /// Translate a bundle from the control plane and swap it in, or refuse it whole.
-    async fn apply_bundle(&mut self, u: &xds::Update) -> Result<(), ProxyError> {
+    /// Translate what the control plane sent and swap it in, or refuse it whole.
+    async fn apply_update(&mut self, u: &xds::Update) -> Result<(), ProxyError> {
         let file = format!("xds:{}@{}", u.server, u.version);
-        let cfg = translate_text(&file, self.opts.workload.as_ref(), &u.bundle.resources_yaml)?;
+        let cfg = trellis_model::translate(&file, &u.resources, self.opts.workload.as_ref())?;
         self.swap(cfg).await
     }
 
@@ -395,8 +395,8 @@ impl Proxy {
         Ok(())
     }
 
-    async fn on_bundle(&mut self, u: xds::Update) {
-        let res = self.apply_bundle(&u).await;
+    async fn on_update(&mut self, u: xds::Update) {
+        let res = self.apply_update(&u).await;
         self.count_reload(&res);
         let answer = {
             let mut st = self
@@ -452,7 +452,7 @@ impl Proxy {
                     }
                 }
                 Some(u) = async { updates.as_mut()?.recv().await }, if updates.is_some() => {
-                    self.on_bundle(u).await;
+                    self.on_update(u).await;
                     continue;
                 }
             };

@@ -1,26 +1,30 @@
-//! The proxy as an xDS client: one ADS stream (state of the world) to one of several control
-//! planes, subscribed to the Trellis bundle.
+//! The proxy as an xDS client: one incremental (delta) ADS stream to one of several control
+//! planes, subscribed to every Trellis document (wildcard).
 //!
-//! Each bundle goes to the proxy's run loop, which translates it with the same code as a static
-//! file and swaps it in, or refuses it. The answer goes back as an ACK, or a NACK whose
-//! `error_detail` is the refusal (file:line:field), while the previous config keeps serving.
-//! When the stream breaks, the proxy keeps its last good config and reconnects with jittered
-//! exponential back-off, trying the next control plane each time.
+//! The client keeps the documents it was sent, parsed. After each response the whole set goes
+//! to the proxy's run loop, which translates it with the same code as a static file and swaps
+//! it in, or refuses it. The answer goes back as an ACK, or a NACK whose `error_detail` is the
+//! refusal (file:line:field), while the previous config keeps serving. The refused documents
+//! stay in the set, so that the change that fixes them applies on top. When the stream
+//! breaks, the proxy keeps its last good config and reconnects with jittered exponential
+//! back-off, trying the next control plane each time, and tells the new one which document
+//! versions it has, so that only differences are sent.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+use trellis_model::Resource;
 use trellis_xds::{
     envoy_types::pb::{
         envoy::service::discovery::v3::{
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-            DiscoveryRequest, DiscoveryResponse,
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse,
         },
         google::rpc::Status as RpcStatus,
     },
-    ProxyBundle, BUNDLE_TYPE,
+    Document, DOCUMENT_TYPE,
 };
 
 /// Where and as whom to connect.
@@ -34,12 +38,12 @@ pub struct XdsOptions {
     pub workload: Option<String>,
 }
 
-/// A bundle to apply; the run loop answers on `done`.
+/// A resource set to apply; the run loop answers on `done`.
 pub struct Update {
     /// The control plane's version.
     pub version: String,
-    /// The bundle.
-    pub bundle: ProxyBundle,
+    /// Every document the control plane sent, parsed.
+    pub resources: Vec<Resource>,
     /// Which control plane sent it.
     pub server: String,
     /// `Ok` to ACK, `Err(reason)` to NACK.
@@ -51,13 +55,13 @@ const INVALID_ARGUMENT: i32 = 3;
 /// Follow the control planes until `updates` is closed.
 pub async fn run(opts: XdsOptions, updates: mpsc::Sender<Update>) {
     let mut backoff = Duration::from_millis(50);
-    let mut acked = String::new();
+    let mut docs = Docs::new();
     for i in 0usize.. {
         if updates.is_closed() {
             return;
         }
         let server = &opts.servers[i % opts.servers.len()];
-        match session(&opts, server, &mut acked, &updates).await {
+        match session(&opts, server, &mut docs, &updates).await {
             Ok(()) => return,
             Err((e, got_response)) => {
                 if got_response {
@@ -73,11 +77,49 @@ pub async fn run(opts: XdsOptions, updates: mpsc::Sender<Update>) {
     }
 }
 
+/// The documents held: name → (version, parsed resource).
+type Docs = BTreeMap<String, (String, Resource)>;
+
+fn parse(
+    name: &str,
+    r: &trellis_xds::envoy_types::pb::envoy::service::discovery::v3::Resource,
+) -> Result<Resource, String> {
+    let any = r
+        .resource
+        .as_ref()
+        .ok_or_else(|| format!("{name}: no resource"))?;
+    if any.type_url != DOCUMENT_TYPE {
+        return Err(format!("{name}: unexpected type {}", any.type_url));
+    }
+    let doc = Document::decode(any.value.as_slice()).map_err(|e| format!("{name}: {e}"))?;
+    let mut rs = trellis_model::parse_documents(name, &doc.yaml).map_err(|e| e.to_string())?;
+    match rs.len() {
+        1 => Ok(rs.remove(0)),
+        n => Err(format!("{name}: expected one document, got {n}")),
+    }
+}
+
+/// Apply one response to `docs`; the error says which document did not parse (nothing is
+/// changed then).
+fn merge(docs: &mut Docs, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+    let mut parsed = Vec::with_capacity(resp.resources.len());
+    for r in &resp.resources {
+        parsed.push((r.name.clone(), r.version.clone(), parse(&r.name, r)?));
+    }
+    for n in &resp.removed_resources {
+        docs.remove(n);
+    }
+    for (n, v, r) in parsed {
+        docs.insert(n, (v, r));
+    }
+    Ok(())
+}
+
 /// One stream. `Ok` when the proxy is stopping; `Err((why, whether a response arrived))`.
 async fn session(
     opts: &XdsOptions,
     server: &str,
-    acked: &mut String,
+    docs: &mut Docs,
     updates: &mpsc::Sender<Update>,
 ) -> Result<(), (String, bool)> {
     let fail = |e: String| (e, false);
@@ -92,47 +134,42 @@ async fn session(
         .await
         .map_err(|e| fail(format!("connect: {e}")))?;
     let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(4);
     let node = trellis_xds::node(&opts.node_id, opts.workload.as_deref());
-    let first = DiscoveryRequest {
+    let first = DeltaDiscoveryRequest {
         node: Some(node),
-        type_url: BUNDLE_TYPE.into(),
-        version_info: acked.clone(),
+        type_url: DOCUMENT_TYPE.into(),
+        initial_resource_versions: docs
+            .iter()
+            .map(|(n, (v, _))| (n.clone(), v.clone()))
+            .collect(),
         ..Default::default()
     };
     tx.send(first).await.map_err(|_| fail("closed".into()))?;
     let mut inbound = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .delta_aggregated_resources(ReceiverStream::new(rx))
         .await
         .map_err(|e| fail(format!("open stream: {e}")))?
         .into_inner();
     tracing::info!(%server, "xds stream open");
     let mut got = false;
     loop {
-        let resp: DiscoveryResponse = match inbound.message().await {
+        let resp = match inbound.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return Err(("closed by the control plane".into(), got)),
             Err(e) => return Err((format!("{e}"), got)),
         };
         got = true;
-        if resp.type_url != BUNDLE_TYPE {
+        if resp.type_url != DOCUMENT_TYPE {
             continue;
         }
-        let result = match resp.resources.as_slice() {
-            [any] if any.type_url == BUNDLE_TYPE => ProxyBundle::decode(any.value.as_slice())
-                .map_err(|e| format!("undecodable bundle: {e}")),
-            other => Err(format!(
-                "expected one bundle, got {} resources",
-                other.len()
-            )),
-        };
-        let result = match result {
-            Ok(bundle) => {
+        let result = match merge(docs, &resp) {
+            Ok(()) => {
                 let (done, answer) = oneshot::channel();
                 let update = Update {
-                    version: resp.version_info.clone(),
-                    bundle,
+                    version: resp.system_version_info.clone(),
+                    resources: docs.values().map(|(_, r)| r.clone()).collect(),
                     server: server.to_string(),
                     done,
                 };
@@ -143,32 +180,24 @@ async fn session(
             }
             Err(e) => Err(e),
         };
-        let ack = match result {
-            Ok(()) => {
-                *acked = resp.version_info.clone();
-                DiscoveryRequest {
-                    type_url: BUNDLE_TYPE.into(),
-                    version_info: acked.clone(),
-                    response_nonce: resp.nonce,
-                    ..Default::default()
-                }
-            }
+        let error_detail = match result {
+            Ok(()) => None,
             Err(reason) => {
-                tracing::warn!(%server, version = %resp.version_info, %reason, "config rejected (NACK); still serving the previous one");
-                DiscoveryRequest {
-                    type_url: BUNDLE_TYPE.into(),
-                    version_info: acked.clone(),
-                    response_nonce: resp.nonce,
-                    error_detail: Some(RpcStatus {
-                        code: INVALID_ARGUMENT,
-                        message: reason,
-                        details: Vec::new(),
-                    }),
-                    ..Default::default()
-                }
+                tracing::warn!(%server, version = %resp.system_version_info, %reason, "config rejected (NACK); still serving the previous one");
+                Some(RpcStatus {
+                    code: INVALID_ARGUMENT,
+                    message: reason,
+                    details: Vec::new(),
+                })
             }
         };
-        if tx.send(ack).await.is_err() {
+        let answer = DeltaDiscoveryRequest {
+            type_url: DOCUMENT_TYPE.into(),
+            response_nonce: resp.nonce,
+            error_detail,
+            ..Default::default()
+        };
+        if tx.send(answer).await.is_err() {
             return Err(("request stream closed".into(), got));
         }
     }

@@ -3,9 +3,11 @@
 //! The control plane serves two families of resources on one ADS stream:
 //! - Envoy's standard types (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment),
 //!   for Envoy and proxyless gRPC clients (gRFC A27);
-//! - [`ProxyBundle`], for Trellis proxies: the stored resources themselves, so that a proxy fed
+//! - [`Document`], for Trellis proxies: the stored resources themselves, one xDS resource per
+//!   document named `KIND/NAMESPACE/NAME`, sent incrementally (delta xDS), so that a proxy fed
 //!   by xDS runs the very translation (`trellis_model::translate`) that a proxy fed by a file
-//!   runs, and can refuse (NACK) a bundle with the same file:line:field error.
+//!   runs, and can refuse (NACK) a change with the same file:line:field error. A change to one
+//!   workload sends one document, not the mesh.
 //!
 //! A node names the workload it serves in its metadata under [`WORKLOAD_KEY`]
 //! (`NAMESPACE/NAME`).
@@ -16,8 +18,8 @@ use envoy_types::pb::{
     google::protobuf::{value::Kind, Struct, Value},
 };
 
-/// `type_url` of [`ProxyBundle`].
-pub const BUNDLE_TYPE: &str = "type.googleapis.com/trellis.v1alpha1.ProxyBundle";
+/// `type_url` of [`Document`].
+pub const DOCUMENT_TYPE: &str = "type.googleapis.com/trellis.v1alpha1.Document";
 /// Envoy's Listener.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// Envoy's RouteConfiguration.
@@ -33,23 +35,19 @@ pub const WORKLOAD_KEY: &str = "trellis.dev/workload";
 /// `filter_metadata` namespace of endpoint facts (environment, workload).
 pub const METADATA_NAMESPACE: &str = "trellis.dev";
 
-/// The resource set a Trellis proxy translates, as multi-document YAML (the same language as
-/// a static config file), at one store revision.
+/// One stored resource as a Trellis proxy gets it: YAML, the language of a static config file.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct ProxyBundle {
-    /// Store revision the bundle reflects.
-    #[prost(uint64, tag = "1")]
-    pub revision: u64,
-    /// The resources, multi-document YAML.
-    #[prost(string, tag = "2")]
-    pub resources_yaml: String,
+pub struct Document {
+    /// The resource, one YAML document.
+    #[prost(string, tag = "1")]
+    pub yaml: String,
 }
 
-impl prost::Name for ProxyBundle {
-    const NAME: &'static str = "ProxyBundle";
+impl prost::Name for Document {
+    const NAME: &'static str = "Document";
     const PACKAGE: &'static str = "trellis.v1alpha1";
     fn type_url() -> String {
-        BUNDLE_TYPE.into()
+        DOCUMENT_TYPE.into()
     }
 }
 
@@ -93,14 +91,13 @@ mod tests {
     use prost::Message;
 
     #[test]
-    fn bundle_round_trips_and_names_its_type() {
-        let b = ProxyBundle {
-            revision: 7,
-            resources_yaml: "kind: Service".into(),
+    fn document_round_trips_and_names_its_type() {
+        let d = Document {
+            yaml: "kind: Service".into(),
         };
-        let any = envoy_types::util::pack_any(b.clone());
-        assert_eq!(any.type_url, BUNDLE_TYPE);
-        assert_eq!(ProxyBundle::decode(any.value.as_slice()).unwrap(), b);
+        let any = envoy_types::util::pack_any(d.clone());
+        assert_eq!(any.type_url, DOCUMENT_TYPE);
+        assert_eq!(Document::decode(any.value.as_slice()).unwrap(), d);
     }
 
     #[test]

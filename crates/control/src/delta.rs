@@ -1,0 +1,218 @@
+//! Incremental (delta) ADS for Trellis documents: each stream remembers which version of
+//! which document it sent, and a change sends only the documents that changed and the names
+//! of those removed. A stream that saw the previous compiled state only looks at that state's
+//! list of changed names; one that skipped states compares everything.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+use trellis_xds::{
+    envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+    },
+    DOCUMENT_TYPE,
+};
+
+use crate::{catalog::Doc, xds::Registry, State};
+
+type Out = Result<DeltaDiscoveryResponse, Status>;
+
+struct Sub {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Document name → version the client has (sent, or declared on reconnect).
+    sent: HashMap<String, Arc<str>>,
+    /// Compiled revision `sent` reflects, if it reflects one exactly.
+    revision: Option<u64>,
+    nonce: String,
+    version: String,
+}
+
+impl Sub {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+pub(crate) struct DeltaTask {
+    id: u64,
+    state: watch::Receiver<Arc<State>>,
+    proxies: Registry,
+    tx: mpsc::Sender<Out>,
+    sub: Option<Sub>,
+    nonce: u64,
+}
+
+fn resource(name: &str, d: &Doc) -> Resource {
+    Resource {
+        name: name.to_string(),
+        version: d.version.to_string(),
+        resource: Some(trellis_xds::envoy_types::util::pack_any(
+            trellis_xds::Document {
+                yaml: d.yaml.to_string(),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+impl DeltaTask {
+    pub(crate) fn new(
+        id: u64,
+        state: watch::Receiver<Arc<State>>,
+        proxies: Registry,
+        tx: mpsc::Sender<Out>,
+    ) -> Self {
+        Self {
+            id,
+            state,
+            proxies,
+            tx,
+            sub: None,
+            nonce: 0,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
+        loop {
+            let ok = tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => self.on_request(req).await,
+                    Ok(None) => false,
+                    Err(e) => {
+                        tracing::debug!(stream = self.id, error = %e, "delta xds stream ended");
+                        false
+                    }
+                },
+                changed = self.state.changed() => changed.is_ok() && self.push().await,
+            };
+            if !ok {
+                break;
+            }
+        }
+        self.proxies.disconnect(self.id);
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> bool {
+        if let Some(node) = &req.node {
+            self.proxies.node(self.id, node);
+        }
+        if req.type_url != DOCUMENT_TYPE {
+            tracing::warn!(stream = self.id, r#type = %req.type_url, "delta xDS serves only Trellis documents; use state of the world for Envoy types");
+            return true;
+        }
+        let star = |v: &[String]| v.iter().any(|n| n == "*");
+        let sub = self.sub.get_or_insert_with(|| Sub {
+            // A first request that names nothing subscribes to everything (wildcard).
+            wildcard: req.resource_names_subscribe.is_empty()
+                || star(&req.resource_names_subscribe),
+            names: BTreeSet::new(),
+            sent: req
+                .initial_resource_versions
+                .iter()
+                .map(|(k, v)| (k.clone(), Arc::from(v.as_str())))
+                .collect(),
+            revision: None,
+            nonce: String::new(),
+            version: String::new(),
+        });
+        let mut changed = false;
+        for n in &req.resource_names_subscribe {
+            if n == "*" {
+                changed |= !sub.wildcard;
+                sub.wildcard = true;
+            } else {
+                changed |= sub.names.insert(n.clone());
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == "*" {
+                sub.wildcard = false;
+            } else {
+                sub.names.remove(n);
+                sub.sent.remove(n);
+            }
+            changed = true;
+        }
+        if changed {
+            sub.revision = None;
+        }
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != sub.nonce {
+                // Stale: answers an older response.
+                return true;
+            }
+            let err = req.error_detail.as_ref().map(|e| e.message.clone());
+            self.proxies
+                .answer(self.id, DOCUMENT_TYPE, sub.version.clone(), err);
+            if !changed {
+                return true;
+            }
+        }
+        self.push().await
+    }
+
+    /// Send what changed since the last response, if anything did.
+    async fn push(&mut self) -> bool {
+        let state = self.state.borrow_and_update().clone();
+        let Some(sub) = self.sub.as_mut() else {
+            return true;
+        };
+        let c = &state.compiled;
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        let mut consider = |name: &str, sub: &mut Sub| match c.docs.get(name) {
+            Some(d) if sub.wants(name) => {
+                if sub.sent.get(name) != Some(&d.version) {
+                    sub.sent.insert(name.to_string(), d.version.clone());
+                    resources.push(resource(name, d));
+                }
+            }
+            _ => {
+                if sub.sent.remove(name).is_some() {
+                    removed.push(name.to_string());
+                }
+            }
+        };
+        match (sub.revision, &c.delta) {
+            // The client has the previous state: only the names that changed since matter.
+            (Some(r), Some((prev, names))) if r == *prev => {
+                for n in names {
+                    consider(n, sub);
+                }
+            }
+            _ => {
+                let known: Vec<String> = sub.sent.keys().cloned().collect();
+                for n in known {
+                    consider(&n, sub);
+                }
+                for n in c.docs.keys() {
+                    consider(n, sub);
+                }
+            }
+        }
+        sub.revision = Some(c.revision);
+        if resources.is_empty() && removed.is_empty() && !sub.nonce.is_empty() {
+            return true;
+        }
+        self.nonce += 1;
+        sub.nonce = self.nonce.to_string();
+        sub.version = c.revision.to_string();
+        let count = sub.sent.len();
+        self.proxies
+            .sent(self.id, DOCUMENT_TYPE, sub.version.clone(), count);
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: sub.version.clone(),
+            resources,
+            type_url: DOCUMENT_TYPE.into(),
+            removed_resources: removed,
+            nonce: sub.nonce.clone(),
+            ..Default::default()
+        };
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+}

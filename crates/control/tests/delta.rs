@@ -1,0 +1,149 @@
+//! Incremental xDS for Trellis documents: a change sends only what changed, a delete sends a
+//! name, and a reconnecting client that says what it has gets nothing it already has.
+
+use std::{collections::HashMap, time::Duration};
+
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_control::{Control, Options};
+use trellis_xds::{
+    envoy_types::pb::envoy::service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    },
+    DOCUMENT_TYPE,
+};
+
+fn mesh(port: u16) -> String {
+    let mut y = format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: s, namespace: d }}\nspec:\n  selector: {{ app: s }}\n  ports: [{{ port: {port} }}]\n");
+    for i in 0..5 {
+        y.push_str(&format!("---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: w{i}, namespace: d, labels: {{ app: s }} }}\nspec:\n  address: 127.0.0.{}\n", i + 1));
+    }
+    y
+}
+
+struct Api {
+    addr: std::net::SocketAddr,
+    token: String,
+}
+
+impl Api {
+    async fn call(&self, method: http::Method, path: &str, body: &str) {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "cp")
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        let r = trellis_test_support::client::send1(self.addr, req)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+}
+
+struct Stream {
+    tx: tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl Stream {
+    async fn open(xds: std::net::SocketAddr, initial: HashMap<String, String>) -> Self {
+        let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(trellis_xds::node("delta-test", None)),
+            type_url: DOCUMENT_TYPE.into(),
+            initial_resource_versions: initial,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let rx = c
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    /// The next response, ACKed.
+    async fn next(&mut self) -> DeltaDiscoveryResponse {
+        let r = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("a response in time")
+            .unwrap()
+            .unwrap();
+        self.tx
+            .send(DeltaDiscoveryRequest {
+                type_url: DOCUMENT_TYPE.into(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        r
+    }
+}
+
+#[tokio::test]
+async fn delta_sends_only_what_changed() {
+    let dir = std::env::temp_dir().join(format!("trellis-delta-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let c = Control::start(Options {
+        data_dir: dir.clone(),
+        api: "127.0.0.1:0".parse().unwrap(),
+        xds: "127.0.0.1:0".parse().unwrap(),
+        store: "embedded".into(),
+        max_body_bytes: 1 << 20,
+    })
+    .await
+    .unwrap();
+    let api = Api {
+        addr: c.api_addr,
+        token: std::fs::read_to_string(dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .into(),
+    };
+    api.call(http::Method::POST, "/api/v1/apply", &mesh(80))
+        .await;
+
+    let mut s = Stream::open(c.xds_addr, HashMap::new()).await;
+    let first = s.next().await;
+    assert_eq!(first.resources.len(), 6, "everything at first");
+    let have: HashMap<String, String> = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    assert!(have.contains_key("Workload/d/w3"));
+
+    // One workload changes: one document is sent.
+    let w3 = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: w3, namespace: d, labels: { app: s } }\nspec:\n  address: 127.0.0.99\n";
+    api.call(http::Method::POST, "/api/v1/apply", w3).await;
+    let r = s.next().await;
+    let names: Vec<&str> = r.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["Workload/d/w3"]);
+    assert!(r.removed_resources.is_empty());
+
+    // A delete sends only the name.
+    api.call(http::Method::DELETE, "/api/v1/resources/workload/d/w1", "")
+        .await;
+    let r = s.next().await;
+    assert!(r.resources.is_empty());
+    assert_eq!(r.removed_resources, ["Workload/d/w1"]);
+
+    // A client that reconnects with what it has gets only the difference: here, w3 changed
+    // and w1 went away since it last heard.
+    let mut s2 = Stream::open(c.xds_addr, have).await;
+    let r = s2.next().await;
+    let names: Vec<&str> = r.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["Workload/d/w3"]);
+    assert_eq!(r.removed_resources, ["Workload/d/w1"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
