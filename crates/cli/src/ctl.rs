@@ -92,9 +92,8 @@ pub(crate) async fn apply(conn: &Conn, f: &str) -> Result<()> {
         .await?;
     for a in v["applied"].as_array().into_iter().flatten() {
         println!(
-            "{}/{} {}/{} {}",
+            "{} {}/{} {}",
             a["kind"].as_str().unwrap_or_default().to_lowercase(),
-            a["name"].as_str().unwrap_or_default(),
             a["namespace"].as_str().unwrap_or_default(),
             a["name"].as_str().unwrap_or_default(),
             a["action"].as_str().unwrap_or_default()

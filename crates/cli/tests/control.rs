@@ -76,7 +76,7 @@ async fn apply_shift_and_delete_reach_the_proxy_live() {
         &cp,
         &docs(&[base.clone(), front("{ name: svc-a, port: 80 }")]),
     );
-    assert!(out.contains("service/svc-a test/svc-a created"), "{out}");
+    assert!(out.contains("service test/svc-a created"), "{out}");
     let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
     p.wait_ready().await;
     assert_eq!(answer(&p).await, (200, "a".into()));
@@ -374,4 +374,41 @@ async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
         "failed requests during failover: {failed:?}"
     );
     eprintln!("{okc} requests during failover, none failed");
+}
+
+#[tokio::test]
+async fn watch_streams_changes_as_server_sent_events() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cp = ControlProcess::start(BIN, &[]);
+    let mut s = tokio::net::TcpStream::connect(cp.api).await.unwrap();
+    let req = format!(
+        "GET /api/v1/watch?kind=service HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer {}\r\naccept: text/event-stream\r\n\r\n",
+        cp.token
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let mut read_until = async |s: &mut tokio::net::TcpStream, want: &str, seen: &mut String| {
+        eventually(want, Duration::from_secs(10), async || {
+            if !seen.contains(want) {
+                let n = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf))
+                    .await
+                    .ok()?
+                    .ok()?;
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            seen.contains(want).then_some(())
+        })
+        .await
+    };
+    read_until(&mut s, "event: snapshot", &mut seen).await;
+    assert!(seen.contains("text/event-stream"), "{seen}");
+    apply(
+        &cp,
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: watched, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n",
+    );
+    read_until(&mut s, "event: put", &mut seen).await;
+    read_until(&mut s, "\"watched\"", &mut seen).await;
+    ok(cli(&cp, &["delete", "service", "watched", "-n", "test"]));
+    read_until(&mut s, "event: delete", &mut seen).await;
 }

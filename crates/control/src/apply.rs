@@ -106,12 +106,7 @@ pub async fn apply(
 ) -> Result<Vec<Applied>, ApplyError> {
     let resources = trellis_model::parse_documents(file, text)?;
     // The same documents as plain JSON, to store them as written.
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| ConfigError::Syntax {
-        file: file.into(),
-        line: 0,
-        column: 0,
-        message: e.to_string(),
-    })?;
+    let docs: Vec<Value> = trellis_model::parse_values(file, text)?;
     if docs.len() != resources.len() {
         return Err(ConfigError::Syntax {
             file: file.into(),

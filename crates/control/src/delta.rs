@@ -2,13 +2,19 @@
 //! which document it sent, and a change sends only the documents that changed and the names
 //! of those removed. A stream that saw the previous compiled state only looks at that state's
 //! list of changed names; one that skipped states compares everything.
+//!
+//! A stream has at most one response waiting for its answer (ACK or NACK); changes that
+//! arrive meanwhile are sent together once it is answered, so a slow proxy gets fewer, larger
+//! updates instead of a queue. Each waiting response also holds a permit of a semaphore shared
+//! by all streams, which bounds the memory of mass (re)connections.
 
 use std::{
     collections::{BTreeSet, HashMap},
     sync::Arc,
+    time::Duration,
 };
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, Streaming};
 use trellis_xds::{
     envoy_types::pb::envoy::service::discovery::v3::{
@@ -38,10 +44,18 @@ impl Sub {
     }
 }
 
+/// How long an unanswered response holds its permit and blocks the next push.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub(crate) struct DeltaTask {
     id: u64,
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
+    permits: Arc<Semaphore>,
+    /// The permit of the response waiting for its answer, and when to stop waiting.
+    waiting: Option<(OwnedSemaphorePermit, tokio::time::Instant)>,
+    /// A change arrived while waiting.
+    dirty: bool,
     tx: mpsc::Sender<Out>,
     sub: Option<Sub>,
     nonce: u64,
@@ -65,12 +79,16 @@ impl DeltaTask {
         id: u64,
         state: watch::Receiver<Arc<State>>,
         proxies: Registry,
+        permits: Arc<Semaphore>,
         tx: mpsc::Sender<Out>,
     ) -> Self {
         Self {
             id,
             state,
             proxies,
+            permits,
+            waiting: None,
+            dirty: false,
             tx,
             sub: None,
             nonce: 0,
@@ -79,6 +97,7 @@ impl DeltaTask {
 
     pub(crate) async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
         loop {
+            let deadline = self.waiting.as_ref().map(|(_, d)| *d);
             let ok = tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => self.on_request(req).await,
@@ -89,6 +108,11 @@ impl DeltaTask {
                     }
                 },
                 changed = self.state.changed() => changed.is_ok() && self.push().await,
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    tracing::warn!(stream = self.id, "no answer to the last response; sending again when something changes");
+                    self.waiting = None;
+                    !std::mem::take(&mut self.dirty) || self.push().await
+                }
             };
             if !ok {
                 break;
@@ -149,7 +173,8 @@ impl DeltaTask {
             let err = req.error_detail.as_ref().map(|e| e.message.clone());
             self.proxies
                 .answer(self.id, DOCUMENT_TYPE, sub.version.clone(), err);
-            if !changed {
+            self.waiting = None;
+            if !changed && !std::mem::take(&mut self.dirty) {
                 return true;
             }
         }
@@ -158,6 +183,16 @@ impl DeltaTask {
 
     /// Send what changed since the last response, if anything did.
     async fn push(&mut self) -> bool {
+        if self.sub.is_none() {
+            return true;
+        }
+        if self.waiting.is_some() {
+            self.dirty = true;
+            return true;
+        }
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return false;
+        };
         let state = self.state.borrow_and_update().clone();
         let Some(sub) = self.sub.as_mut() else {
             return true;
@@ -213,6 +248,7 @@ impl DeltaTask {
             nonce: sub.nonce.clone(),
             ..Default::default()
         };
+        self.waiting = Some((permit, tokio::time::Instant::now() + ANSWER_TIMEOUT));
         self.tx.send(Ok(resp)).await.is_ok()
     }
 }

@@ -209,6 +209,7 @@ pub async fn serve(state: watch::Receiver<Arc<State>>, proxies: Registry, l: Tcp
     let ads = Ads {
         state,
         proxies,
+        pushes: Arc::new(tokio::sync::Semaphore::new(PUSHES_IN_FLIGHT)),
         next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
@@ -222,9 +223,15 @@ pub async fn serve(state: watch::Receiver<Arc<State>>, proxies: Registry, l: Tcp
     }
 }
 
+/// Delta responses sent and not yet answered, over all streams. A response holds its permit
+/// until the client ACKs or NACKs it (or a timeout), so a thousand proxies connecting at once
+/// are synced a few at a time instead of all holding a copy of the mesh in memory together.
+const PUSHES_IN_FLIGHT: usize = 32;
+
 struct Ads {
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
+    pushes: Arc<tokio::sync::Semaphore>,
     next_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -270,7 +277,13 @@ impl AggregatedDiscoveryService for Ads {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stream = crate::delta::DeltaTask::new(id, self.state.clone(), self.proxies.clone(), tx);
+        let stream = crate::delta::DeltaTask::new(
+            id,
+            self.state.clone(),
+            self.proxies.clone(),
+            self.pushes.clone(),
+            tx,
+        );
         self.proxies.connect(id, peer);
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -4,20 +4,41 @@ use std::path::Path;
 
 use crate::{resource::Resource, ConfigError};
 
+/// YAML parser limits. serde-saphyr's defaults (1,024 documents, 250,000 nodes) are too small
+/// for a fleet's worth of Workloads in one file; callers bound the input's size instead (the
+/// control plane's API refuses bodies over `--max-body-bytes`).
+fn options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1_000_000;
+    budget.max_nodes = 50_000_000;
+    budget.max_events = 200_000_000;
+    let mut o = serde_saphyr::Options::default();
+    o.budget = Some(budget);
+    o
+}
+
+/// Parse every document of `text` as plain JSON values (to store them as written).
+pub fn parse_values(file: &str, text: &str) -> Result<Vec<serde_json::Value>, ConfigError> {
+    serde_saphyr::from_multiple_with_options(text, options()).map_err(|e| syntax(file, e))
+}
+
+fn syntax(file: &str, e: serde_saphyr::Error) -> ConfigError {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    ConfigError::Syntax {
+        file: file.to_string(),
+        line,
+        column,
+        message: first_line(&e.to_string()),
+    }
+}
+
 /// Parse every document of `text`; `file` is only used in error messages.
 pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, ConfigError> {
-    serde_saphyr::from_multiple::<Resource>(text).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((0, 0));
-        ConfigError::Syntax {
-            file: file.to_string(),
-            line,
-            column,
-            message: first_line(&e.to_string()),
-        }
-    })
+    serde_saphyr::from_multiple_with_options::<Resource>(text, options())
+        .map_err(|e| syntax(file, e))
 }
 
 /// Read and parse a file.
@@ -33,4 +54,16 @@ pub fn load_file(path: &Path) -> Result<Vec<Resource>, ConfigError> {
 // saphyr renders a source snippet after the message; the location is reported separately.
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_fleet_sized_file_parses() {
+        // More documents and nodes than serde-saphyr's default budget allows.
+        let doc = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: w, namespace: n, labels: { app: a } }\nspec: { address: 10.0.0.1, environment: vm, locality: { region: r, zone: z } }\n";
+        let text = vec![doc; 12_000].join("---\n");
+        assert_eq!(super::parse_documents("f", &text).unwrap().len(), 12_000);
+        assert_eq!(super::parse_values("f", &text).unwrap().len(), 12_000);
+    }
 }
