@@ -150,14 +150,15 @@ pub async fn apply(
                 version: 0,
                 doc: doc.clone(),
             },
-            resource,
+            resource: Arc::new(resource),
             yaml: Arc::from(""),
+            version: Arc::from(""),
         };
         candidate.insert(key.clone(), Arc::new(entry));
         planned.push((key, doc, expect, r));
     }
     let (eff, _) = effective(&candidate);
-    let resources_eff: Vec<Resource> = eff.into_iter().map(|(_, r, _)| r).collect();
+    let resources_eff: Vec<Arc<Resource>> = eff.into_iter().map(|(_, r, _, _)| r).collect();
     trellis_model::translate(file, &resources_eff, None)?;
     // A workload with explicit upstreams is also checked as its own proxy would see it.
     for (_, _, _, r) in &planned {

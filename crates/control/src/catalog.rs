@@ -21,9 +21,11 @@ pub struct Entry {
     /// As stored.
     pub object: Object,
     /// Parsed.
-    pub resource: Resource,
-    /// Its YAML, rendered once, for bundles.
+    pub resource: Arc<Resource>,
+    /// Its YAML, rendered once, for proxies.
     pub yaml: Arc<str>,
+    /// Hash of the YAML: the document's xDS version.
+    pub version: Arc<str>,
 }
 
 impl Entry {
@@ -36,7 +38,8 @@ impl Entry {
             .map_err(|e| format!("{}: cannot render: {e}", object.key))?;
         Ok(Self {
             object,
-            resource,
+            resource: Arc::new(resource),
+            version: content_version(&yaml),
             yaml: yaml.into(),
         })
     }
@@ -105,36 +108,37 @@ pub struct Compiled {
     pub conditions: HashMap<Key, Vec<Condition>>,
     /// The resources proxies get: unresolved routes and policies left out, unresolved
     /// upstreams of a workload dropped.
-    pub effective: Vec<Resource>,
+    pub effective: Vec<Arc<Resource>>,
     /// The same, one YAML document each, by xDS name (`KIND/NAMESPACE/NAME`), with a version
     /// that changes exactly when the document does (Trellis proxies get these by delta xDS).
     pub docs: BTreeMap<String, Doc>,
     /// The previous compiled revision and the document names that changed since (added,
     /// changed or removed), so that a stream in step only looks at those.
     pub delta: Option<(u64, Vec<String>)>,
-    /// The mesh-wide translation (no local workload), for Envoy's resource types. An error
-    /// here means the store holds a set that does not translate; the last good one is kept.
-    pub mesh: Result<ProxyConfig, ConfigError>,
+    /// The mesh-wide translation (no local workload), for Envoy's resource types; made on
+    /// first use, so a fleet of Trellis proxies only never pays for it.
+    mesh: std::sync::OnceLock<Result<ProxyConfig, ConfigError>>,
     /// Workload keys by `namespace/name`, to check a node's claim.
     pub workloads: BTreeMap<NamespacedName, Key>,
 }
 
-/// A resource proxies get: its key, the parsed resource and its YAML.
-pub type Served = (Key, Resource, Arc<str>);
+/// A resource proxies get: its key, the parsed resource, its YAML and the YAML's version.
+pub type Served = (Key, Arc<Resource>, Arc<str>, Arc<str>);
 
 /// The resources proxies get, and the conditions that explain what was left out.
 pub fn effective(
     entries: &BTreeMap<Key, Arc<Entry>>,
 ) -> (Vec<Served>, HashMap<Key, Vec<Condition>>) {
     let list: Vec<&Arc<Entry>> = entries.values().collect();
-    let resources: Vec<Resource> = list.iter().map(|e| e.resource.clone()).collect();
+    let resources: Vec<&Resource> = list.iter().map(|e| e.resource.as_ref()).collect();
     let mut problems: HashMap<usize, Vec<Unresolved>> = HashMap::new();
     for u in resolve(&resources) {
         problems.entry(u.index).or_default().push(u);
     }
     let mut out = Vec::with_capacity(list.len());
     let mut conditions = HashMap::new();
-    for (i, (e, mut r)) in list.into_iter().zip(resources).enumerate() {
+    for (i, e) in list.into_iter().enumerate() {
+        let r = &e.resource;
         let has_refs = matches!(
             r.spec,
             Spec::HttpRoute(_) | Spec::GrpcRoute(_) | Spec::BackendPolicy(_)
@@ -145,7 +149,7 @@ pub fn effective(
                 if has_refs {
                     conditions.insert(key.clone(), resolved_ok());
                 }
-                out.push((key, r, e.yaml.clone()));
+                out.push((key, r.clone(), e.yaml.clone(), e.version.clone()));
             }
             Some(ps) => {
                 let message = ps
@@ -158,6 +162,7 @@ pub fn effective(
                 if partial {
                     // Keep the workload (it is an endpoint); drop only its dangling upstreams.
                     let mut doc = e.object.doc.clone();
+                    let mut r = Resource::clone(r);
                     let mut drop_idx: Vec<usize> = ps.iter().filter_map(|p| p.upstream).collect();
                     drop_idx.sort_unstable();
                     if let (Spec::Workload(w), Some(Value::Array(ups))) =
@@ -171,7 +176,8 @@ pub fn effective(
                         }
                     }
                     let yaml = serde_saphyr::to_string(&doc).unwrap_or_default();
-                    out.push((key, r, yaml.into()));
+                    let version = content_version(&yaml);
+                    out.push((key, Arc::new(r), yaml.into(), version));
                 }
             }
         }
@@ -222,6 +228,17 @@ fn unresolved(message: String, partial: bool) -> Vec<Condition> {
 }
 
 impl Compiled {
+    /// The mesh-wide translation, made once.
+    pub fn mesh(&self) -> &Result<ProxyConfig, ConfigError> {
+        self.mesh.get_or_init(|| {
+            let m = trellis_model::translate("store", &self.effective, None);
+            if let Err(e) = &m {
+                tracing::error!(revision = self.revision, error = %e, "stored resources do not translate");
+            }
+            m
+        })
+    }
+
     /// Note what changed since `prev`.
     pub fn diff_from(&mut self, prev: &Compiled) {
         let mut names = Vec::new();
@@ -287,9 +304,9 @@ impl Catalog {
         let (eff, conditions) = effective(&self.entries);
         let docs = eff
             .iter()
-            .map(|(k, _, y)| {
+            .map(|(k, _, y, v)| {
                 let d = Doc {
-                    version: content_version(y),
+                    version: v.clone(),
                     yaml: y.clone(),
                 };
                 (doc_name(k), d)
@@ -297,18 +314,17 @@ impl Catalog {
             .collect();
         let workloads = eff
             .iter()
-            .filter(|(_, r, _)| matches!(r.spec, Spec::Workload(_)))
-            .map(|(k, r, _)| (r.id(), k.clone()))
+            .filter(|(_, r, _, _)| matches!(r.spec, Spec::Workload(_)))
+            .map(|(k, r, _, _)| (r.id(), k.clone()))
             .collect();
-        let effective: Vec<Resource> = eff.into_iter().map(|(_, r, _)| r).collect();
-        let mesh = trellis_model::translate("store", &effective, None);
+        let effective: Vec<Arc<Resource>> = eff.into_iter().map(|(_, r, _, _)| r).collect();
         Compiled {
             revision: self.revision,
             conditions,
             effective,
             docs,
             delta: None,
-            mesh,
+            mesh: Default::default(),
             workloads,
         }
     }

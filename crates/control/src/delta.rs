@@ -27,13 +27,19 @@ use crate::{catalog::Doc, xds::Registry, State};
 
 type Out = Result<DeltaDiscoveryResponse, Status>;
 
+/// What the client holds.
+enum Have {
+    /// Name → version: what it declared on reconnect, or after a change of subscription.
+    Known(HashMap<String, Arc<str>>),
+    /// Exactly the wanted documents of this compiled state. Streams in step share the
+    /// state instead of keeping a map each (a thousand proxies × ten thousand documents).
+    At(Arc<State>),
+}
+
 struct Sub {
     wildcard: bool,
     names: BTreeSet<String>,
-    /// Document name → version the client has (sent, or declared on reconnect).
-    sent: HashMap<String, Arc<str>>,
-    /// Compiled revision `sent` reflects, if it reflects one exactly.
-    revision: Option<u64>,
+    have: Have,
     nonce: String,
     version: String,
 }
@@ -41,6 +47,24 @@ struct Sub {
 impl Sub {
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
+    }
+
+    /// The held versions as a map (before the subscription changes).
+    fn known(&mut self) -> &mut HashMap<String, Arc<str>> {
+        if let Have::At(st) = &self.have {
+            let m = st
+                .compiled
+                .docs
+                .iter()
+                .filter(|(n, _)| self.wants(n))
+                .map(|(n, d)| (n.clone(), d.version.clone()))
+                .collect();
+            self.have = Have::Known(m);
+        }
+        match &mut self.have {
+            Have::Known(m) => m,
+            Have::At(_) => unreachable!("converted above"),
+        }
     }
 }
 
@@ -135,16 +159,19 @@ impl DeltaTask {
             wildcard: req.resource_names_subscribe.is_empty()
                 || star(&req.resource_names_subscribe),
             names: BTreeSet::new(),
-            sent: req
-                .initial_resource_versions
-                .iter()
-                .map(|(k, v)| (k.clone(), Arc::from(v.as_str())))
-                .collect(),
-            revision: None,
+            have: Have::Known(
+                req.initial_resource_versions
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Arc::from(v.as_str())))
+                    .collect(),
+            ),
             nonce: String::new(),
             version: String::new(),
         });
         let mut changed = false;
+        if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
+            sub.known();
+        }
         for n in &req.resource_names_subscribe {
             if n == "*" {
                 changed |= !sub.wildcard;
@@ -158,12 +185,9 @@ impl DeltaTask {
                 sub.wildcard = false;
             } else {
                 sub.names.remove(n);
-                sub.sent.remove(n);
+                sub.known().remove(n);
             }
             changed = true;
-        }
-        if changed {
-            sub.revision = None;
         }
         if !req.response_nonce.is_empty() {
             if req.response_nonce != sub.nonce {
@@ -200,44 +224,66 @@ impl DeltaTask {
         let c = &state.compiled;
         let mut resources = Vec::new();
         let mut removed = Vec::new();
-        let mut consider = |name: &str, sub: &mut Sub| match c.docs.get(name) {
+        // Compare what the client has with `c` for one name.
+        let mut consider = |name: &str, had: Option<&Arc<str>>, sub: &Sub| match c.docs.get(name) {
             Some(d) if sub.wants(name) => {
-                if sub.sent.get(name) != Some(&d.version) {
-                    sub.sent.insert(name.to_string(), d.version.clone());
+                if had != Some(&d.version) {
                     resources.push(resource(name, d));
                 }
             }
             _ => {
-                if sub.sent.remove(name).is_some() {
+                if had.is_some() {
                     removed.push(name.to_string());
                 }
             }
         };
-        match (sub.revision, &c.delta) {
-            // The client has the previous state: only the names that changed since matter.
-            (Some(r), Some((prev, names))) if r == *prev => {
+        match &sub.have {
+            // In step with the previous state: only the names that changed since matter.
+            Have::At(old)
+                if c.delta
+                    .as_ref()
+                    .is_some_and(|(p, _)| *p == old.compiled.revision) =>
+            {
+                let names = &c.delta.as_ref().expect("checked").1;
                 for n in names {
-                    consider(n, sub);
+                    let had = old.compiled.docs.get(n).filter(|_| sub.wants(n));
+                    consider(n, had.map(|d| &d.version), sub);
                 }
             }
-            _ => {
-                let known: Vec<String> = sub.sent.keys().cloned().collect();
-                for n in known {
-                    consider(&n, sub);
+            Have::At(old) => {
+                for (n, d) in &old.compiled.docs {
+                    if !c.docs.contains_key(n) && sub.wants(n) {
+                        consider(n, Some(&d.version), sub);
+                    }
                 }
                 for n in c.docs.keys() {
-                    consider(n, sub);
+                    let had = old.compiled.docs.get(n).filter(|_| sub.wants(n));
+                    consider(n, had.map(|d| &d.version), sub);
+                }
+            }
+            Have::Known(m) => {
+                for (n, v) in m {
+                    if !c.docs.contains_key(n) {
+                        consider(n, Some(v), sub);
+                    }
+                }
+                for n in c.docs.keys() {
+                    consider(n, m.get(n), sub);
                 }
             }
         }
-        sub.revision = Some(c.revision);
+        let count = if sub.wildcard {
+            c.docs.len()
+        } else {
+            sub.names.iter().filter(|n| c.docs.contains_key(*n)).count()
+        };
+        sub.have = Have::At(state.clone());
         if resources.is_empty() && removed.is_empty() && !sub.nonce.is_empty() {
             return true;
         }
         self.nonce += 1;
         sub.nonce = self.nonce.to_string();
         sub.version = c.revision.to_string();
-        let count = sub.sent.len();
         self.proxies
             .sent(self.id, DOCUMENT_TYPE, sub.version.clone(), count);
         let resp = DeltaDiscoveryResponse {

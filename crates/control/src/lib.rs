@@ -137,9 +137,6 @@ fn publish(tx: &watch::Sender<Arc<State>>, catalog: &Catalog) {
     let mut compiled = catalog.compile();
     compiled.diff_from(&tx.borrow().compiled);
     let compiled = Arc::new(compiled);
-    if let Err(e) = &compiled.mesh {
-        tracing::error!(revision = catalog.revision, error = %e, "stored resources do not translate");
-    }
     tx.send_replace(Arc::new(State {
         catalog: catalog.clone(),
         compiled,

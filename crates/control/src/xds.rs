@@ -319,7 +319,7 @@ fn resources(state: &State, type_url: &str, names: &[String]) -> Result<Vec<Any>
             .map(|(_, d)| document(d))
             .collect());
     }
-    match &state.compiled.mesh {
+    match state.compiled.mesh() {
         Ok(mesh) => crate::envoy::resources(mesh, type_url, names),
         Err(e) => Err(format!("the stored resources do not translate: {e}")),
     }

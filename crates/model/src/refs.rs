@@ -26,9 +26,9 @@ pub struct Unresolved {
 }
 
 /// Every reference among `resources` that names a missing Service or Service port.
-pub fn resolve(resources: &[Resource]) -> Vec<Unresolved> {
+pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresolved> {
     let mut ports: BTreeMap<NamespacedName, BTreeSet<u16>> = BTreeMap::new();
-    for r in resources {
+    for r in resources.iter().map(|r| r.borrow()) {
         if let Spec::Service(s) = &r.spec {
             ports
                 .entry(r.id())
@@ -49,7 +49,7 @@ pub fn resolve(resources: &[Resource]) -> Vec<Unresolved> {
         }
     };
     let mut out = Vec::new();
-    for (index, r) in resources.iter().enumerate() {
+    for (index, r) in resources.iter().map(|r| r.borrow()).enumerate() {
         let ns = &r.metadata.namespace;
         let id = |name: &str, explicit: &Option<String>| NamespacedName {
             namespace: explicit.clone().unwrap_or_else(|| ns.clone()),

@@ -31,9 +31,9 @@ struct Index<'a> {
 /// Translate `resources` (read from `file`) into the config of the proxy serving `local`.
 ///
 /// Refuses the whole set on the first problem, naming file, line and field.
-pub fn translate(
+pub fn translate<R: std::borrow::Borrow<Resource>>(
     file: &str,
-    resources: &[Resource],
+    resources: &[R],
     local: Option<&NamespacedName>,
 ) -> Result<ProxyConfig> {
     let ix = index(file, resources)?;
@@ -77,7 +77,10 @@ pub fn translate(
     Ok(cfg)
 }
 
-fn index<'a>(file: &'a str, resources: &'a [Resource]) -> Result<Index<'a>> {
+fn index<'a, R: std::borrow::Borrow<Resource>>(
+    file: &'a str,
+    resources: &'a [R],
+) -> Result<Index<'a>> {
     let mut ix = Index {
         file,
         services: BTreeMap::new(),
@@ -87,6 +90,7 @@ fn index<'a>(file: &'a str, resources: &'a [Resource]) -> Result<Index<'a>> {
     };
     let mut seen = HashSet::new();
     for r in resources {
+        let r: &'a Resource = r.borrow();
         if !is_dns_label(&r.metadata.name) || !is_dns_label(&r.metadata.namespace) {
             return Err(ConfigError::invalid(
                 file,
