@@ -141,30 +141,38 @@ fn proc_stat(pid: u32) -> (f64, u64, u64) {
 type Acks = Arc<Mutex<Vec<(u64, Instant)>>>;
 
 async fn client(i: usize, xds: String, acks: Acks, ready: mpsc::Sender<()>) {
-    // A thousand connects at once can overflow the listen backlog: retry, as a proxy does.
-    let mut tries = 0;
-    let mut c = loop {
-        match AggregatedDiscoveryServiceClient::connect(xds.clone()).await {
-            Ok(c) => break c.max_decoding_message_size(256 << 20),
+    // A thousand connects at once can overflow the listen backlog, which resets a
+    // connection before or after its stream opens: retry both, as a proxy does.
+    let mut tries = 0u64;
+    let (tx, mut inbound) = loop {
+        let opened = async {
+            let mut c = AggregatedDiscoveryServiceClient::connect(xds.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .max_decoding_message_size(256 << 20);
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(DeltaDiscoveryRequest {
+                node: Some(trellis_xds::node(&format!("sim-{i}"), None)),
+                type_url: DOCUMENT_TYPE.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            let s = c
+                .delta_aggregated_resources(ReceiverStream::new(rx))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((tx, s.into_inner()))
+        };
+        match opened.await {
+            Ok(x) => break x,
             Err(e) if tries < 50 => {
                 tries += 1;
                 let _ = e;
                 tokio::time::sleep(Duration::from_millis(20 * tries)).await;
             }
-            Err(e) => panic!("client {i}: cannot connect: {e}"),
+            Err(e) => panic!("client {i}: cannot open a stream: {e}"),
         }
-    };
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(trellis_xds::node(&format!("sim-{i}"), None)),
-        type_url: DOCUMENT_TYPE.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut inbound = match c.delta_aggregated_resources(ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => panic!("client {i}: stream refused: {e}"),
     };
     let mut first = true;
     while let Ok(Some(r)) = inbound.message().await {
