@@ -237,6 +237,17 @@ struct Ads {
 
 type Out = Result<DiscoveryResponse, Status>;
 
+impl Ads {
+    /// A new stream's id, registered as a connected proxy.
+    fn open(&self, peer: Option<SocketAddr>) -> u64 {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.proxies.connect(id, peer);
+        id
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Ads {
     type StreamAggregatedResourcesStream = Pin<Box<dyn Stream<Item = Out> + Send>>;
@@ -245,15 +256,11 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = req.remote_addr();
+        let id = self.open(req.remote_addr());
         let inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stream = StreamTask {
             id,
-            peer,
             tx,
             state: self.state.clone(),
             proxies: self.proxies.clone(),
@@ -271,12 +278,9 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = req.remote_addr();
+        let id = self.open(req.remote_addr());
         let inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let stream = crate::delta::DeltaTask::new(
             id,
             self.state.clone(),
@@ -284,7 +288,6 @@ impl AggregatedDiscoveryService for Ads {
             self.pushes.clone(),
             tx,
         );
-        self.proxies.connect(id, peer);
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -300,7 +303,6 @@ struct Sub {
 
 struct StreamTask {
     id: u64,
-    peer: Option<SocketAddr>,
     tx: tokio::sync::mpsc::Sender<Out>,
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
@@ -327,7 +329,6 @@ fn resources(state: &State, type_url: &str, names: &[String]) -> Result<Vec<Any>
 
 impl StreamTask {
     async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
-        self.proxies.connect(self.id, self.peer);
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
