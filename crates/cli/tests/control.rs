@@ -288,6 +288,41 @@ async fn a_rejected_config_is_visible_while_the_proxy_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_large_mesh_arrives_in_parts_and_is_applied_once() {
+    let a = upstream::named("a").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    // 600 other workloads: about 90 KiB of YAML, more than one response carries.
+    let filler: Vec<String> = (0..600)
+        .map(|i| format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: w{i}, namespace: filler, labels: {{ app: other }} }}\nspec:\n  address: 127.0.1.{}\n", i % 250 + 1))
+        .collect();
+    let mut all = vec![
+        service("svc-a", "HTTP", &[a]),
+        client_workload(&[]),
+        front("{ name: svc-a, port: 80 }"),
+    ];
+    all.extend(filler);
+    apply(&cp, &docs(&all));
+    let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    p.wait_ready().await;
+    assert_eq!(answer(&p).await, (200, "a".into()));
+    // The parts were kept and acknowledged, and the whole set applied once: no half of the
+    // mesh was ever translated (that would have been refused for the missing workload, or
+    // applied more than once).
+    assert_eq!(
+        p.metric("trellis_config_reloads_total", &[("result", "ok")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        p.metric("trellis_config_reloads_total", &[("result", "error")])
+            .await,
+        0.0
+    );
+    let st = ok(cli(&cp, &["status"]));
+    assert!(st.contains("SYNCED") && !st.contains("NACKED"), "{st}");
+}
+
+#[tokio::test]
 async fn proxies_keep_serving_without_the_control_plane_and_resync() {
     let (a, b) = (upstream::named("a").await, upstream::named("b").await);
     let mut cp = ControlProcess::start(BIN, &[]);

@@ -26,7 +26,7 @@ use trellis_xds::{
         aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         DeltaDiscoveryRequest,
     },
-    DOCUMENT_TYPE,
+    DOCUMENT_TYPE, PARTIAL_SUFFIX,
 };
 
 struct Args {
@@ -177,6 +177,9 @@ async fn client(i: usize, xds: String, acks: Acks, ready: mpsc::Sender<()>) {
     let mut first = true;
     while let Ok(Some(r)) = inbound.message().await {
         let now = Instant::now();
+        // Parts of a large update are acknowledged as they come; the client is synced at the
+        // last one.
+        let partial = r.system_version_info.ends_with(PARTIAL_SUFFIX);
         let v: u64 = r.system_version_info.parse().unwrap_or(0);
         tx.send(DeltaDiscoveryRequest {
             type_url: DOCUMENT_TYPE.into(),
@@ -186,7 +189,7 @@ async fn client(i: usize, xds: String, acks: Acks, ready: mpsc::Sender<()>) {
         .await
         .unwrap();
         acks.lock().await[i] = (v, now);
-        if first {
+        if first && !partial {
             first = false;
             let _ = ready.send(()).await;
         }

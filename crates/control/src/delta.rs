@@ -5,11 +5,19 @@
 //!
 //! A stream has at most one response waiting for its answer (ACK or NACK); changes that
 //! arrive meanwhile are sent together once it is answered, so a slow proxy gets fewer, larger
-//! updates instead of a queue. Each waiting response also holds a permit of a semaphore shared
-//! by all streams, which bounds the memory of mass (re)connections.
+//! updates instead of a queue.
+//!
+//! An update larger than [`PART_BYTES`] of YAML (the first sync of a proxy joining a big mesh)
+//! goes in parts, each answered before the next is sent; all but the last carry
+//! [`PARTIAL_SUFFIX`] and the proxy applies the set at the last. tonic keeps each stream's
+//! encode buffer at the size of the largest message the stream ever sent, so whole-mesh
+//! messages would cost a thousand proxies a thousand copies of the mesh for as long as they
+//! stay connected. From its first part to the answer of its last, an update holds a permit of a
+//! semaphore shared by all streams, which bounds the memory of mass (re)connections: only that
+//! many streams hold a list of names still to send.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -20,7 +28,7 @@ use trellis_xds::{
     envoy_types::pb::envoy::service::discovery::v3::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
     },
-    DOCUMENT_TYPE,
+    DOCUMENT_TYPE, PARTIAL_SUFFIX,
 };
 
 use crate::{catalog::Doc, xds::Registry, State};
@@ -41,7 +49,10 @@ struct Sub {
     names: BTreeSet<String>,
     have: Have,
     nonce: String,
+    /// The version of the update being sent, or last sent.
     version: String,
+    /// The response waiting for its answer is not the update's last part.
+    partial: bool,
 }
 
 impl Sub {
@@ -71,13 +82,30 @@ impl Sub {
 /// How long an unanswered response holds its permit and blocks the next push.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The YAML that one response carries at most; a larger document still goes, alone.
+pub(crate) const PART_BYTES: usize = 32 << 10;
+
+/// What is left to send of an update.
+struct Pending {
+    /// The state the update brings the client to.
+    state: Arc<State>,
+    /// Documents not sent yet.
+    names: VecDeque<String>,
+    /// Names to remove, sent with the last part.
+    removed: Vec<String>,
+}
+
 pub(crate) struct DeltaTask {
     id: u64,
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
     permits: Arc<Semaphore>,
-    /// The permit of the response waiting for its answer, and when to stop waiting.
-    waiting: Option<(OwnedSemaphorePermit, tokio::time::Instant)>,
+    /// Held from an update's first part to the answer of its last.
+    permit: Option<OwnedSemaphorePermit>,
+    /// A response waits for its answer until then.
+    deadline: Option<tokio::time::Instant>,
+    /// The rest of an update sent in parts.
+    pending: Option<Pending>,
     /// A change arrived while waiting.
     dirty: bool,
     tx: mpsc::Sender<Out>,
@@ -111,7 +139,9 @@ impl DeltaTask {
             state,
             proxies,
             permits,
-            waiting: None,
+            permit: None,
+            deadline: None,
+            pending: None,
             dirty: false,
             tx,
             sub: None,
@@ -121,7 +151,7 @@ impl DeltaTask {
 
     pub(crate) async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
         loop {
-            let deadline = self.waiting.as_ref().map(|(_, d)| *d);
+            let deadline = self.deadline;
             let ok = tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => self.on_request(req).await,
@@ -134,7 +164,8 @@ impl DeltaTask {
                 changed = self.state.changed() => changed.is_ok() && self.push().await,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                     tracing::warn!(stream = self.id, "no answer to the last response; sending again when something changes");
-                    self.waiting = None;
+                    self.deadline = None;
+                    self.permit = None;
                     !std::mem::take(&mut self.dirty) || self.push().await
                 }
             };
@@ -167,6 +198,7 @@ impl DeltaTask {
             ),
             nonce: String::new(),
             version: String::new(),
+            partial: false,
         });
         let mut changed = false;
         if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
@@ -195,40 +227,65 @@ impl DeltaTask {
                 return true;
             }
             let err = req.error_detail.as_ref().map(|e| e.message.clone());
-            self.proxies
-                .answer(self.id, DOCUMENT_TYPE, sub.version.clone(), err);
-            self.waiting = None;
-            if !changed && !std::mem::take(&mut self.dirty) {
+            // A part's ACK says only that the proxy holds it; the last part's answer is the
+            // update's.
+            if !sub.partial {
+                self.proxies
+                    .answer(self.id, DOCUMENT_TYPE, sub.version.clone(), err);
+            } else if err.is_some() {
+                let v = format!("{}{PARTIAL_SUFFIX}", sub.version);
+                self.proxies.answer(self.id, DOCUMENT_TYPE, v, err);
+            }
+            self.deadline = None;
+            if self.pending.is_none() && !changed && !std::mem::take(&mut self.dirty) {
+                self.permit = None;
                 return true;
             }
         }
+        self.dirty |= changed;
         self.push().await
     }
 
-    /// Send what changed since the last response, if anything did.
+    /// Send the next part of the update in progress, or what changed since the last update
+    /// if anything did.
     async fn push(&mut self) -> bool {
         if self.sub.is_none() {
             return true;
         }
-        if self.waiting.is_some() {
+        if self.deadline.is_some() {
             self.dirty = true;
             return true;
         }
-        let Ok(permit) = self.permits.clone().acquire_owned().await else {
-            return false;
-        };
+        if self.permit.is_none() {
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                return false;
+            };
+            self.permit = Some(permit);
+        }
+        if self.pending.is_none() {
+            self.dirty = false;
+            self.pending = self.diff();
+            if self.pending.is_none() {
+                self.permit = None;
+                return true;
+            }
+        }
+        self.send_part().await
+    }
+
+    /// What the client lacks of the current state; `None` when it has it all and has had a
+    /// response before.
+    fn diff(&mut self) -> Option<Pending> {
         let state = self.state.borrow_and_update().clone();
-        let Some(sub) = self.sub.as_mut() else {
-            return true;
-        };
+        let sub = self.sub.as_mut()?;
         let c = &state.compiled;
-        let mut resources = Vec::new();
+        let mut names = VecDeque::new();
         let mut removed = Vec::new();
         // Compare what the client has with `c` for one name.
         let mut consider = |name: &str, had: Option<&Arc<str>>, sub: &Sub| match c.docs.get(name) {
             Some(d) if sub.wants(name) => {
                 if had != Some(&d.version) {
-                    resources.push(resource(name, d));
+                    names.push_back(name.to_string());
                 }
             }
             _ => {
@@ -244,8 +301,8 @@ impl DeltaTask {
                     .as_ref()
                     .is_some_and(|(p, _)| *p == old.compiled.revision) =>
             {
-                let names = &c.delta.as_ref().expect("checked").1;
-                for n in names {
+                let changed = &c.delta.as_ref().expect("checked").1;
+                for n in changed {
                     let had = old.compiled.docs.get(n).filter(|_| sub.wants(n));
                     consider(n, had.map(|d| &d.version), sub);
                 }
@@ -278,23 +335,55 @@ impl DeltaTask {
             sub.names.iter().filter(|n| c.docs.contains_key(*n)).count()
         };
         sub.have = Have::At(state.clone());
-        if resources.is_empty() && removed.is_empty() && !sub.nonce.is_empty() {
-            return true;
+        if names.is_empty() && removed.is_empty() && !sub.nonce.is_empty() {
+            return None;
         }
-        self.nonce += 1;
-        sub.nonce = self.nonce.to_string();
         sub.version = c.revision.to_string();
         self.proxies
             .sent(self.id, DOCUMENT_TYPE, sub.version.clone(), count);
+        Some(Pending {
+            state,
+            names,
+            removed,
+        })
+    }
+
+    /// Send the next part of the pending update: documents up to [`PART_BYTES`] of YAML, and
+    /// with the last part the removals.
+    async fn send_part(&mut self) -> bool {
+        let (Some(sub), Some(p)) = (self.sub.as_mut(), self.pending.as_mut()) else {
+            return true;
+        };
+        let mut resources = Vec::new();
+        let mut bytes = 0;
+        while let Some(n) = p.names.front() {
+            if let Some(d) = p.state.compiled.docs.get(n) {
+                if !resources.is_empty() && bytes + d.yaml.len() > PART_BYTES {
+                    break;
+                }
+                bytes += d.yaml.len();
+                resources.push(resource(n, d));
+            }
+            p.names.pop_front();
+        }
+        sub.partial = !p.names.is_empty();
+        let (system_version_info, removed_resources) = if sub.partial {
+            (format!("{}{PARTIAL_SUFFIX}", sub.version), Vec::new())
+        } else {
+            let last = self.pending.take().expect("matched above");
+            (sub.version.clone(), last.removed)
+        };
+        self.nonce += 1;
+        sub.nonce = self.nonce.to_string();
         let resp = DeltaDiscoveryResponse {
-            system_version_info: sub.version.clone(),
+            system_version_info,
             resources,
             type_url: DOCUMENT_TYPE.into(),
-            removed_resources: removed,
+            removed_resources,
             nonce: sub.nonce.clone(),
             ..Default::default()
         };
-        self.waiting = Some((permit, tokio::time::Instant::now() + ANSWER_TIMEOUT));
+        self.deadline = Some(tokio::time::Instant::now() + ANSWER_TIMEOUT);
         self.tx.send(Ok(resp)).await.is_ok()
     }
 }

@@ -83,10 +83,23 @@ pub struct Control {
     pub new_token: Option<String>,
 }
 
-async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ControlError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ControlError::Bind { addr, what, source })
+/// Listen backlog: a fleet reconnecting at once (after a control-plane restart) must not
+/// overflow it; tokio's default of 1,024 resets connections of a thousand proxies. The kernel
+/// caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 8192;
+
+fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ControlError> {
+    let listen = || {
+        let s = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(true)?;
+        s.bind(addr)?;
+        s.listen(BACKLOG)
+    };
+    listen().map_err(|source| ControlError::Bind { addr, what, source })
 }
 
 /// Follow the store: list, then apply every change; list again when the watch is lost.
@@ -152,8 +165,8 @@ impl Control {
         })?;
         let (token, new_token) = token::load_or_create(&opts.data_dir)?;
         let store = Store::open(&opts.store, &opts.data_dir).await?;
-        let api_l = bind(opts.api, "api").await?;
-        let xds_l = bind(opts.xds, "xds").await?;
+        let api_l = bind(opts.api, "api")?;
+        let xds_l = bind(opts.xds, "xds")?;
         let api_addr = api_l.local_addr().map_err(|source| ControlError::Bind {
             addr: opts.api,
             what: "api",

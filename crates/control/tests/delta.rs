@@ -10,7 +10,7 @@ use trellis_xds::{
         aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
         DeltaDiscoveryRequest, DeltaDiscoveryResponse,
     },
-    DOCUMENT_TYPE,
+    Document, DOCUMENT_TYPE, PARTIAL_SUFFIX,
 };
 
 fn mesh(port: u16) -> String {
@@ -145,5 +145,61 @@ async fn delta_sends_only_what_changed() {
     let names: Vec<&str> = r.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["Workload/d/w3"]);
     assert_eq!(r.removed_resources, ["Workload/d/w1"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_large_update_goes_in_small_parts() {
+    let dir = std::env::temp_dir().join(format!("trellis-delta-parts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let c = Control::start(Options {
+        data_dir: dir.clone(),
+        api: "127.0.0.1:0".parse().unwrap(),
+        xds: "127.0.0.1:0".parse().unwrap(),
+        store: "embedded".into(),
+        max_body_bytes: 4 << 20,
+    })
+    .await
+    .unwrap();
+    let api = Api {
+        addr: c.api_addr,
+        token: std::fs::read_to_string(dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .into(),
+    };
+    let mut y = mesh(80);
+    for i in 0..1000 {
+        y.push_str(&format!("---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: x{i}, namespace: d, labels: {{ app: s }} }}\nspec:\n  address: 127.0.2.{}\n", i % 250 + 1));
+    }
+    api.call(http::Method::POST, "/api/v1/apply", &y).await;
+
+    let mut s = Stream::open(c.xds_addr, HashMap::new()).await;
+    let mut names = std::collections::BTreeSet::new();
+    let mut parts = 0;
+    loop {
+        let r = s.next().await;
+        parts += 1;
+        let yaml: usize = r
+            .resources
+            .iter()
+            .map(|x| {
+                let any = x.resource.as_ref().unwrap();
+                <Document as prost::Message>::decode(any.value.as_slice())
+                    .unwrap()
+                    .yaml
+                    .len()
+            })
+            .sum();
+        assert!(yaml <= 32 << 10, "part {parts} carries {yaml} bytes");
+        for x in &r.resources {
+            assert!(names.insert(x.name.clone()), "{} sent twice", x.name);
+        }
+        if !r.system_version_info.ends_with(PARTIAL_SUFFIX) {
+            break;
+        }
+    }
+    assert!(parts >= 3, "{parts} parts");
+    assert_eq!(names.len(), 1006, "every document, once");
     let _ = std::fs::remove_dir_all(&dir);
 }

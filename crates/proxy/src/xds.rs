@@ -5,7 +5,10 @@
 //! to the proxy's run loop, which translates it with the same code as a static file and swaps
 //! it in, or refuses it. The answer goes back as an ACK, or a NACK whose `error_detail` is the
 //! refusal (file:line:field), while the previous config keeps serving. The refused documents
-//! stay in the set, so that the change that fixes them applies on top. When the stream
+//! stay in the set, so that the change that fixes them applies on top. A large update (the
+//! first sync in a big mesh) comes in parts: a part whose version ends with
+//! [`PARTIAL_SUFFIX`] is kept and acknowledged, and the set is applied at the last part, so
+//! the proxy never runs half of an update. When the stream
 //! breaks, the proxy keeps its last good config and reconnects with jittered exponential
 //! back-off, trying the next control plane each time, and tells the new one which document
 //! versions it has, so that only differences are sent.
@@ -24,7 +27,7 @@ use trellis_xds::{
         },
         google::rpc::Status as RpcStatus,
     },
-    Document, DOCUMENT_TYPE,
+    Document, DOCUMENT_TYPE, PARTIAL_SUFFIX,
 };
 
 /// Where and as whom to connect.
@@ -165,6 +168,7 @@ async fn session(
             continue;
         }
         let result = match merge(docs, &resp) {
+            Ok(()) if resp.system_version_info.ends_with(PARTIAL_SUFFIX) => Ok(()),
             Ok(()) => {
                 let (done, answer) = oneshot::channel();
                 let update = Update {

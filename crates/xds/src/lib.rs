@@ -30,6 +30,13 @@ pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Clus
 pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
+/// Marks a delta response of Trellis documents as one part of a larger update: its
+/// `system_version_info` is the update's version followed by this suffix. The client keeps the
+/// part's documents and acknowledges it, but applies the set only when the last part (the
+/// version alone) arrives. Parts keep every message small, and so the encode buffer that each
+/// stream keeps for as long as it lives (a thousand streams × a full mesh would not be).
+pub const PARTIAL_SUFFIX: &str = "+more";
+
 /// Node metadata key naming the workload a proxy serves.
 pub const WORKLOAD_KEY: &str = "trellis.dev/workload";
 /// `filter_metadata` namespace of endpoint facts (environment, workload).
