@@ -141,3 +141,38 @@ fn bad_grpc_matches_name_the_field() {
         assert_eq!(*line, kind_line, "{e}");
     }
 }
+
+#[test]
+fn selectors_match_every_label_within_the_namespace() {
+    let svc = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: api, namespace: a }\nspec:\n  selector: { app: api, track: stable }\n  ports: [{ port: 80 }]\n";
+    let wl = |name: &str, ns: &str, labels: &str, ip: &str| {
+        format!("---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: {ns}, labels: {{ {labels} }} }}\nspec:\n  address: {ip}\n")
+    };
+    let text = [
+        svc.to_string(),
+        wl(
+            "z-both",
+            "a",
+            "app: api, track: stable, extra: x",
+            "127.0.0.3",
+        ),
+        wl("b-both", "a", "app: api, track: stable", "127.0.0.2"),
+        wl("only-app", "a", "app: api", "127.0.0.4"),
+        wl("only-track", "a", "track: stable", "127.0.0.5"),
+        wl("other-ns", "b", "app: api, track: stable", "127.0.0.6"),
+        wl("wrong-value", "a", "app: api, track: canary", "127.0.0.7"),
+    ]
+    .concat();
+    let res = parse_documents("t.yaml", &text).unwrap();
+    let cfg = translate("t.yaml", &res, None).unwrap();
+    let eps: Vec<String> = cfg.clusters["a/api:80"]
+        .endpoints
+        .iter()
+        .map(|e| e.workload.to_string())
+        .collect();
+    assert_eq!(
+        eps,
+        ["a/b-both", "a/z-both"],
+        "both labels, same namespace, in name order"
+    );
+}
