@@ -240,6 +240,7 @@ async fn main() {
     );
     let acks: Acks = Arc::new(Mutex::new(vec![(0, Instant::now()); a.clients]));
     let (rtx, mut rrx) = mpsc::channel(a.clients);
+    let (cpu_sync, _, _) = proc_stat(pid);
     let t0 = Instant::now();
     for i in 0..a.clients {
         tokio::spawn(client(
@@ -252,11 +253,12 @@ async fn main() {
     for _ in 0..a.clients {
         rrx.recv().await.unwrap();
     }
-    let (_, rss0, _) = proc_stat(pid);
+    let (cpu, rss0, _) = proc_stat(pid);
     println!(
-        "{} clients connected and synced in {:?}; control plane RSS {} MiB",
+        "{} clients connected and synced in {:?}; control plane CPU {:.1} s, RSS {} MiB",
         a.clients,
         t0.elapsed(),
+        cpu - cpu_sync,
         rss0 / 1024
     );
     let mut all = Vec::new();

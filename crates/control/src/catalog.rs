@@ -111,10 +111,10 @@ pub struct Compiled {
     pub effective: Vec<Arc<Resource>>,
     /// The same, one YAML document each, by xDS name (`KIND/NAMESPACE/NAME`), with a version
     /// that changes exactly when the document does (Trellis proxies get these by delta xDS).
-    pub docs: BTreeMap<String, Doc>,
+    pub docs: BTreeMap<Arc<str>, Doc>,
     /// The previous compiled revision and the document names that changed since (added,
     /// changed or removed), so that a stream in step only looks at those.
-    pub delta: Option<(u64, Vec<String>)>,
+    pub delta: Option<(u64, Vec<Arc<str>>)>,
     /// The mesh-wide translation (no local workload), for Envoy's resource types; made on
     /// first use, so a fleet of Trellis proxies only never pays for it.
     mesh: std::sync::OnceLock<Result<ProxyConfig, ConfigError>>,
@@ -309,7 +309,7 @@ impl Catalog {
                     version: v.clone(),
                     yaml: y.clone(),
                 };
-                (doc_name(k), d)
+                (Arc::from(doc_name(k)), d)
             })
             .collect();
         let workloads = eff

@@ -68,7 +68,7 @@ impl Sub {
                 .docs
                 .iter()
                 .filter(|(n, _)| self.wants(n))
-                .map(|(n, d)| (n.clone(), d.version.clone()))
+                .map(|(n, d)| (n.to_string(), d.version.clone()))
                 .collect();
             self.have = Have::Known(m);
         }
@@ -89,8 +89,9 @@ pub(crate) const PART_BYTES: usize = 32 << 10;
 struct Pending {
     /// The state the update brings the client to.
     state: Arc<State>,
-    /// Documents not sent yet.
-    names: VecDeque<String>,
+    /// Documents not sent yet (names shared with the state: a proxy joining a big mesh
+    /// lacks every document).
+    names: VecDeque<Arc<str>>,
     /// Names to remove, sent with the last part.
     removed: Vec<String>,
 }
@@ -282,18 +283,19 @@ impl DeltaTask {
         let mut names = VecDeque::new();
         let mut removed = Vec::new();
         // Compare what the client has with `c` for one name.
-        let mut consider = |name: &str, had: Option<&Arc<str>>, sub: &Sub| match c.docs.get(name) {
-            Some(d) if sub.wants(name) => {
-                if had != Some(&d.version) {
-                    names.push_back(name.to_string());
+        let mut consider =
+            |name: &str, had: Option<&Arc<str>>, sub: &Sub| match c.docs.get_key_value(name) {
+                Some((n, d)) if sub.wants(name) => {
+                    if had != Some(&d.version) {
+                        names.push_back(n.clone());
+                    }
                 }
-            }
-            _ => {
-                if had.is_some() {
-                    removed.push(name.to_string());
+                _ => {
+                    if had.is_some() {
+                        removed.push(name.to_string());
+                    }
                 }
-            }
-        };
+            };
         match &sub.have {
             // In step with the previous state: only the names that changed since matter.
             Have::At(old)
@@ -320,19 +322,22 @@ impl DeltaTask {
             }
             Have::Known(m) => {
                 for (n, v) in m {
-                    if !c.docs.contains_key(n) {
+                    if !c.docs.contains_key(n.as_str()) {
                         consider(n, Some(v), sub);
                     }
                 }
                 for n in c.docs.keys() {
-                    consider(n, m.get(n), sub);
+                    consider(n, m.get(&**n), sub);
                 }
             }
         }
         let count = if sub.wildcard {
             c.docs.len()
         } else {
-            sub.names.iter().filter(|n| c.docs.contains_key(*n)).count()
+            sub.names
+                .iter()
+                .filter(|n| c.docs.contains_key(n.as_str()))
+                .count()
         };
         sub.have = Have::At(state.clone());
         if names.is_empty() && removed.is_empty() && !sub.nonce.is_empty() {

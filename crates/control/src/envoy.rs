@@ -4,14 +4,22 @@
 //! filters with the Router; a RouteConfiguration of the same name; per cluster an EDS Cluster
 //! and a ClusterLoadAssignment whose localities carry weights, and whose endpoints carry
 //! environment and workload in `filter_metadata["trellis.dev"]`.
+//!
+//! An Envoy sidecar names its workload in its node metadata (as a Trellis proxy does); its
+//! Listener discovery then also gets socket listeners, one per upstream the workload declares
+//! (`spec.upstreams[].bind`), named `outbound|ADDR:PORT`: an HTTP, HTTP/2 or gRPC port gets
+//! an HttpConnectionManager taking the service port's RouteConfiguration by RDS, a TCP port a
+//! TcpProxy to its cluster. HTTP/2 and gRPC clusters say so in their protocol options, which
+//! Envoy needs to speak HTTP/2 upstream.
 
 use std::{collections::BTreeMap, time::Duration};
 
 use trellis_model::{
     proxy::{
-        ClusterConfig, EndpointConfig, PathMatchConfig, PortConfig, RouteConfig, ValueMatcher,
+        BindConfig, ClusterConfig, EndpointConfig, PathMatchConfig, PortConfig, RouteConfig,
+        ValueMatcher,
     },
-    resource::{LbKind, NamespacedName},
+    resource::{LbKind, NamespacedName, Protocol},
     ProxyConfig,
 };
 use trellis_xds::{
@@ -26,7 +34,7 @@ use trellis_xds::{
                         Cluster,
                     },
                     core::v3::{
-                        address, config_source::ConfigSourceSpecifier, socket_address,
+                        address, config_source::ConfigSourceSpecifier, socket_address, Address,
                         AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality,
                         Metadata, SocketAddress,
                     },
@@ -34,7 +42,7 @@ use trellis_xds::{
                         lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint,
                         LocalityLbEndpoints,
                     },
-                    listener::v3::{ApiListener, Listener},
+                    listener::v3::{filter, ApiListener, Filter, FilterChain, Listener},
                     route::v3::{
                         header_matcher::HeaderMatchSpecifier,
                         query_parameter_matcher::QueryParameterMatchSpecifier, route,
@@ -46,10 +54,20 @@ use trellis_xds::{
                 },
                 extensions::filters::{
                     http::router::v3::Router,
-                    network::http_connection_manager::v3::{
-                        http_connection_manager::RouteSpecifier, http_filter,
-                        HttpConnectionManager, HttpFilter, Rds,
+                    network::{
+                        http_connection_manager::v3::{
+                            http_connection_manager::RouteSpecifier, http_filter,
+                            HttpConnectionManager, HttpFilter, Rds,
+                        },
+                        tcp_proxy::v3::{tcp_proxy, TcpProxy},
                     },
+                },
+                extensions::upstreams::http::v3::{
+                    http_protocol_options::{
+                        explicit_http_config::ProtocolConfig, ExplicitHttpConfig,
+                        UpstreamProtocolOptions,
+                    },
+                    HttpProtocolOptions,
                 },
                 r#type::matcher::v3::{string_matcher::MatchPattern, RegexMatcher, StringMatcher},
             },
@@ -129,8 +147,10 @@ pub fn resources(mesh: &ProxyConfig, type_url: &str, names: &[String]) -> Result
     Ok(out)
 }
 
-fn listener(name: &str, id: &NamespacedName) -> Listener {
-    let hcm = HttpConnectionManager {
+/// An HttpConnectionManager taking RouteConfiguration `name` by RDS over ADS, ending with the
+/// Router.
+fn hcm(name: &str, id: &NamespacedName) -> HttpConnectionManager {
+    HttpConnectionManager {
         stat_prefix: format!("{}_{}", id.namespace, id.name),
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
@@ -144,13 +164,74 @@ fn listener(name: &str, id: &NamespacedName) -> Listener {
             ..Default::default()
         }],
         ..Default::default()
-    };
+    }
+}
+
+fn listener(name: &str, id: &NamespacedName) -> Listener {
     Listener {
         name: name.to_string(),
         api_listener: Some(ApiListener {
-            api_listener: Some(pack_any(hcm)),
+            api_listener: Some(pack_any(hcm(name, id))),
         }),
         ..Default::default()
+    }
+}
+
+/// The name of a sidecar's listener for one declared upstream.
+pub fn outbound_name(b: &BindConfig) -> String {
+    format!("outbound|{}", b.bind)
+}
+
+/// A sidecar's socket listeners, from the translation for its workload (`cfg.tcp_binds`).
+pub fn sidecar_listeners(cfg: &ProxyConfig, names: &[String]) -> Vec<Any> {
+    let mut out = Vec::new();
+    for b in &cfg.tcp_binds {
+        let name = outbound_name(b);
+        if !wanted(names, &name) {
+            continue;
+        }
+        let Some(svc) = cfg.services.get(&b.service) else {
+            continue;
+        };
+        let f = match b.protocol {
+            Protocol::Tcp => Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(TcpProxy {
+                    stat_prefix: b.cluster.clone(),
+                    cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
+                        b.cluster.clone(),
+                    )),
+                    ..Default::default()
+                }))),
+            },
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc => Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm(
+                    &listener_name(&svc.host, b.port),
+                    &b.service,
+                )))),
+            },
+        };
+        out.push(pack_any(Listener {
+            name,
+            address: Some(socket(b.bind)),
+            filter_chains: vec![FilterChain {
+                filters: vec![f],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }));
+    }
+    out
+}
+
+fn socket(a: std::net::SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: a.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(a.port().into())),
+            ..Default::default()
+        })),
     }
 }
 
@@ -302,6 +383,23 @@ fn cluster(key: &str, c: &ClusterConfig) -> Cluster {
             LbKind::LeastRequest => LbPolicy::LeastRequest,
             LbKind::RoundRobin | LbKind::PeakEWMA => LbPolicy::RoundRobin,
         } as i32,
+        typed_extension_protocol_options: match c.protocol {
+            Protocol::Http2 | Protocol::Grpc => [(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+                pack_any(HttpProtocolOptions {
+                    upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                        ExplicitHttpConfig {
+                            protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                                Default::default(),
+                            )),
+                        },
+                    )),
+                    ..Default::default()
+                }),
+            )]
+            .into(),
+            Protocol::Http | Protocol::Tcp => Default::default(),
+        },
         ..Default::default()
     }
 }
@@ -351,19 +449,7 @@ fn load_assignment(key: &str, endpoints: &[EndpointConfig]) -> ClusterLoadAssign
                             ..Default::default()
                         }),
                         host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                            address: Some(
-                                trellis_xds::envoy_types::pb::envoy::config::core::v3::Address {
-                                    address: Some(address::Address::SocketAddress(SocketAddress {
-                                        address: e.addr.ip().to_string(),
-                                        port_specifier: Some(
-                                            socket_address::PortSpecifier::PortValue(
-                                                e.addr.port() as u32
-                                            ),
-                                        ),
-                                        ..Default::default()
-                                    })),
-                                },
-                            ),
+                            address: Some(socket(e.addr)),
                             ..Default::default()
                         })),
                     }

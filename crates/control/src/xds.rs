@@ -223,10 +223,11 @@ pub async fn serve(state: watch::Receiver<Arc<State>>, proxies: Registry, l: Tcp
     }
 }
 
-/// Delta responses sent and not yet answered, over all streams. A response holds its permit
-/// until the client ACKs or NACKs it (or a timeout), so a thousand proxies connecting at once
-/// are synced a few at a time instead of all holding a copy of the mesh in memory together.
-const PUSHES_IN_FLIGHT: usize = 32;
+/// Delta updates in progress, over all streams. An update holds its permit from its first part
+/// until the client answers its last (or a timeout), so a thousand proxies connecting at once
+/// are synced a bounded number at a time, each holding the names still to send and one part
+/// of at most `delta::PART_BYTES`, instead of all holding a copy of the mesh together.
+const PUSHES_IN_FLIGHT: usize = 128;
 
 struct Ads {
     state: watch::Receiver<Arc<State>>,
@@ -266,6 +267,7 @@ impl AggregatedDiscoveryService for Ads {
             proxies: self.proxies.clone(),
             subs: HashMap::new(),
             nonce: 0,
+            workload: None,
         };
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -308,23 +310,41 @@ struct StreamTask {
     proxies: Registry,
     subs: HashMap<String, Sub>,
     nonce: u64,
+    /// The workload the node serves (an Envoy sidecar), from its metadata.
+    workload: Option<trellis_model::resource::NamespacedName>,
 }
 
-/// The resources of `type_url` for this stream's subscription.
-fn resources(state: &State, type_url: &str, names: &[String]) -> Result<Vec<Any>, String> {
+/// The resources of `type_url` for this stream's subscription; a sidecar (a node serving
+/// `workload`) also gets the socket listeners of its workload's upstreams.
+fn resources(
+    state: &State,
+    type_url: &str,
+    names: &[String],
+    workload: Option<&trellis_model::resource::NamespacedName>,
+) -> Result<Vec<Any>, String> {
     if type_url == DOCUMENT_TYPE {
         return Ok(state
             .compiled
             .docs
             .iter()
-            .filter(|(n, _)| names.is_empty() || names.iter().any(|x| x == "*" || x == *n))
+            .filter(|(n, _)| {
+                names.is_empty() || names.iter().any(|x| x == "*" || x.as_str() == &***n)
+            })
             .map(|(_, d)| document(d))
             .collect());
     }
-    match state.compiled.mesh() {
-        Ok(mesh) => crate::envoy::resources(mesh, type_url, names),
-        Err(e) => Err(format!("the stored resources do not translate: {e}")),
+    let mut out = match state.compiled.mesh() {
+        Ok(mesh) => crate::envoy::resources(mesh, type_url, names)?,
+        Err(e) => return Err(format!("the stored resources do not translate: {e}")),
+    };
+    if let Some(w) = workload.filter(|_| type_url == trellis_xds::LISTENER_TYPE) {
+        if state.compiled.workloads.contains_key(w) {
+            let cfg = trellis_model::translate("store", &state.compiled.effective, Some(w))
+                .map_err(|e| format!("workload {w} does not translate: {e}"))?;
+            out.extend(crate::envoy::sidecar_listeners(&cfg, names));
+        }
     }
+    Ok(out)
 }
 
 impl StreamTask {
@@ -367,6 +387,7 @@ impl StreamTask {
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), ()> {
         if let Some(node) = &req.node {
             self.proxies.node(self.id, node);
+            self.workload = node_workload(node).and_then(|w| w.parse().ok());
         }
         let t = req.type_url.clone();
         match self.subs.get_mut(&t) {
@@ -407,7 +428,7 @@ impl StreamTask {
         let Some(sub) = self.subs.get_mut(t) else {
             return Ok(());
         };
-        let res = match resources(&state, t, &sub.names) {
+        let res = match resources(&state, t, &sub.names, self.workload.as_ref()) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(r#type = t, error = %e, "cannot build resources; keeping the last ones");

@@ -5,18 +5,32 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
-use trellis_control::{Control, Options};
+mod common;
+
+use common::InProcess;
 use trellis_xds::{
     envoy_types::pb::envoy::{
         config::{
             cluster::v3::{cluster::ClusterDiscoveryType, cluster::DiscoveryType, Cluster},
             core::v3::config_source::ConfigSourceSpecifier,
             endpoint::v3::{lb_endpoint::HostIdentifier, ClusterLoadAssignment},
-            listener::v3::Listener,
+            listener::{self, v3::Listener},
             route::v3::{route::Action, route_action::ClusterSpecifier, RouteConfiguration},
         },
-        extensions::filters::network::http_connection_manager::v3::{
-            http_connection_manager::RouteSpecifier, HttpConnectionManager,
+        extensions::{
+            filters::network::{
+                http_connection_manager::v3::{
+                    http_connection_manager::RouteSpecifier, HttpConnectionManager,
+                },
+                tcp_proxy::v3::{tcp_proxy, TcpProxy},
+            },
+            upstreams::http::v3::{
+                http_protocol_options::{
+                    explicit_http_config::ProtocolConfig, ExplicitHttpConfig,
+                    UpstreamProtocolOptions,
+                },
+                HttpProtocolOptions,
+            },
         },
         service::discovery::v3::{
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
@@ -104,30 +118,12 @@ async fn fetch(
 
 #[tokio::test]
 async fn a_proxyless_grpc_client_gets_a27_resources() {
-    let dir = std::env::temp_dir().join(format!("trellis-a27-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let c = Control::start(Options {
-        data_dir: dir.clone(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        store: "embedded".into(),
-        max_body_bytes: 1 << 20,
-    })
-    .await
-    .unwrap();
     // Apply through the API, as a user would.
-    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
-    let req = http::Request::post("/api/v1/apply?file=mesh.yaml")
-        .header("host", "cp")
-        .header("authorization", format!("Bearer {}", token.trim()))
-        .body(http_body_util::Full::new(bytes::Bytes::from(MESH)))
-        .unwrap();
-    let r = trellis_test_support::client::send1(c.api_addr, req)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    let cp = InProcess::start("a27").await;
+    cp.call(http::Method::POST, "/api/v1/apply?file=mesh.yaml", MESH)
+        .await;
 
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", c.xds_addr))
+    let mut client = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
         .await
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -233,15 +229,12 @@ async fn a_proxyless_grpc_client_gets_a27_resources() {
     assert!(seen[0].3.contains("vm") && seen[1].3.contains("container"));
 
     // A change is pushed on the open stream: remove v2's workload and EDS follows.
-    let req = http::Request::delete("/api/v1/resources/workload/shop/ctr-1")
-        .header("host", "cp")
-        .header("authorization", format!("Bearer {}", token.trim()))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let r = trellis_test_support::client::send1(c.api_addr, req)
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200);
+    cp.call(
+        http::Method::DELETE,
+        "/api/v1/resources/workload/shop/ctr-1",
+        "",
+    )
+    .await;
     let pushed = loop {
         let r = tokio::time::timeout(Duration::from_secs(10), inbound.message())
             .await
@@ -255,5 +248,147 @@ async fn a_proxyless_grpc_client_gets_a27_resources() {
     let cla = ClusterLoadAssignment::decode(pushed.resources[0].value.as_slice()).unwrap();
     let n: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
     assert_eq!(n, 1);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const SIDECAR: &str = r#"
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: db, namespace: shop }
+spec:
+  selector: { app: db }
+  ports: [{ name: pg, port: 5432, protocol: TCP }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: db-1, namespace: shop, labels: { app: db } }
+spec:
+  address: 127.0.0.5
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: frontend, namespace: shop, labels: { app: frontend } }
+spec:
+  address: 127.0.0.4
+  upstreams:
+    - { service: catalog.shop, port: 80, bind: 127.0.0.1:15080 }
+    - { service: db.shop, port: 5432, bind: 127.0.0.1:15432 }
+"#;
+
+#[tokio::test]
+async fn an_envoy_sidecar_gets_socket_listeners_for_its_upstreams() {
+    let cp = InProcess::start("a27-sidecar").await;
+    cp.call(
+        http::Method::POST,
+        "/api/v1/apply?file=mesh.yaml",
+        &format!("{MESH}{SIDECAR}"),
+    )
+    .await;
+    let mut client = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut inbound = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Envoy asks for every listener (wildcard), naming its workload in the node metadata.
+    tx.send(DiscoveryRequest {
+        node: Some(trellis_xds::node("envoy-sidecar", Some("shop/frontend"))),
+        type_url: LISTENER_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .expect("response in time")
+        .unwrap()
+        .unwrap();
+    let listeners: std::collections::BTreeMap<String, Listener> = r
+        .resources
+        .iter()
+        .map(|a| {
+            let l = Listener::decode(a.value.as_slice()).unwrap();
+            (l.name.clone(), l)
+        })
+        .collect();
+    assert!(
+        listeners.contains_key("catalog.shop:80"),
+        "the A27 ones too"
+    );
+
+    let socket = |l: &Listener| format!("{:?}", l.address.as_ref().expect("a socket address"));
+    let http = &listeners["outbound|127.0.0.1:15080"];
+    assert!(socket(http).contains("127.0.0.1") && socket(http).contains("15080"));
+    let f = &http.filter_chains[0].filters[0];
+    assert_eq!(f.name, "envoy.filters.network.http_connection_manager");
+    let Some(listener::v3::filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+        panic!("typed config")
+    };
+    let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+    let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier else {
+        panic!("RDS")
+    };
+    assert_eq!(
+        rds.route_config_name, "catalog.shop:80",
+        "the route RDS serves"
+    );
+    assert_eq!(
+        hcm.http_filters.last().unwrap().name,
+        "envoy.filters.http.router"
+    );
+
+    let tcp = &listeners["outbound|127.0.0.1:15432"];
+    let f = &tcp.filter_chains[0].filters[0];
+    assert_eq!(f.name, "envoy.filters.network.tcp_proxy");
+    let Some(listener::v3::filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+        panic!("typed config")
+    };
+    let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+    assert_eq!(
+        tp.cluster_specifier,
+        Some(tcp_proxy::ClusterSpecifier::Cluster("shop/db:5432".into()))
+    );
+
+    // The gRPC service's cluster tells Envoy to speak HTTP/2 upstream.
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("response in time")
+            .unwrap()
+            .unwrap();
+        if r.type_url == CLUSTER_TYPE {
+            break r;
+        }
+    };
+    let clusters: std::collections::BTreeMap<String, Cluster> = r
+        .resources
+        .iter()
+        .map(|a| {
+            let c = Cluster::decode(a.value.as_slice()).unwrap();
+            (c.name.clone(), c)
+        })
+        .collect();
+    let opts = &clusters["shop/catalog:80"].typed_extension_protocol_options
+        ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+    let opts = HttpProtocolOptions::decode(opts.value.as_slice()).unwrap();
+    assert!(matches!(
+        opts.upstream_protocol_options,
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(_))
+            }
+        ))
+    ));
+    assert!(clusters["shop/db:5432"]
+        .typed_extension_protocol_options
+        .is_empty());
 }

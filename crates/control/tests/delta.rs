@@ -3,8 +3,10 @@
 
 use std::{collections::HashMap, time::Duration};
 
+mod common;
+
+use common::InProcess;
 use tokio_stream::wrappers::ReceiverStream;
-use trellis_control::{Control, Options};
 use trellis_xds::{
     envoy_types::pb::envoy::service::discovery::v3::{
         aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
@@ -21,37 +23,14 @@ fn mesh(port: u16) -> String {
     y
 }
 
-struct Api {
-    addr: std::net::SocketAddr,
-    token: String,
-}
-
-impl Api {
-    async fn call(&self, method: http::Method, path: &str, body: &str) {
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "cp")
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                body.to_string(),
-            )))
-            .unwrap();
-        let r = trellis_test_support::client::send1(self.addr, req)
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200, "{:?}", r.body);
-    }
-}
-
 struct Stream {
     tx: tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
     rx: tonic::Streaming<DeltaDiscoveryResponse>,
 }
 
 impl Stream {
-    async fn open(xds: std::net::SocketAddr, initial: HashMap<String, String>) -> Self {
-        let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+    async fn open(cp: &InProcess, initial: HashMap<String, String>) -> Self {
+        let mut c = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
             .await
             .unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -92,28 +71,11 @@ impl Stream {
 
 #[tokio::test]
 async fn delta_sends_only_what_changed() {
-    let dir = std::env::temp_dir().join(format!("trellis-delta-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let c = Control::start(Options {
-        data_dir: dir.clone(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        store: "embedded".into(),
-        max_body_bytes: 1 << 20,
-    })
-    .await
-    .unwrap();
-    let api = Api {
-        addr: c.api_addr,
-        token: std::fs::read_to_string(dir.join("admin.token"))
-            .unwrap()
-            .trim()
-            .into(),
-    };
+    let api = InProcess::start("delta").await;
     api.call(http::Method::POST, "/api/v1/apply", &mesh(80))
         .await;
 
-    let mut s = Stream::open(c.xds_addr, HashMap::new()).await;
+    let mut s = Stream::open(&api, HashMap::new()).await;
     let first = s.next().await;
     assert_eq!(first.resources.len(), 6, "everything at first");
     let have: HashMap<String, String> = first
@@ -140,41 +102,23 @@ async fn delta_sends_only_what_changed() {
 
     // A client that reconnects with what it has gets only the difference: here, w3 changed
     // and w1 went away since it last heard.
-    let mut s2 = Stream::open(c.xds_addr, have).await;
+    let mut s2 = Stream::open(&api, have).await;
     let r = s2.next().await;
     let names: Vec<&str> = r.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["Workload/d/w3"]);
     assert_eq!(r.removed_resources, ["Workload/d/w1"]);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn a_large_update_goes_in_small_parts() {
-    let dir = std::env::temp_dir().join(format!("trellis-delta-parts-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let c = Control::start(Options {
-        data_dir: dir.clone(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        store: "embedded".into(),
-        max_body_bytes: 4 << 20,
-    })
-    .await
-    .unwrap();
-    let api = Api {
-        addr: c.api_addr,
-        token: std::fs::read_to_string(dir.join("admin.token"))
-            .unwrap()
-            .trim()
-            .into(),
-    };
+    let api = InProcess::start("delta-parts").await;
     let mut y = mesh(80);
     for i in 0..1000 {
         y.push_str(&format!("---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: x{i}, namespace: d, labels: {{ app: s }} }}\nspec:\n  address: 127.0.2.{}\n", i % 250 + 1));
     }
     api.call(http::Method::POST, "/api/v1/apply", &y).await;
 
-    let mut s = Stream::open(c.xds_addr, HashMap::new()).await;
+    let mut s = Stream::open(&api, HashMap::new()).await;
     let mut names = std::collections::BTreeSet::new();
     let mut parts = 0;
     loop {
@@ -201,5 +145,4 @@ async fn a_large_update_goes_in_small_parts() {
     }
     assert!(parts >= 3, "{parts} parts");
     assert_eq!(names.len(), 1006, "every document, once");
-    let _ = std::fs::remove_dir_all(&dir);
 }
