@@ -238,6 +238,11 @@ pub(crate) async fn get(
             if let Some(obj) = v.as_object_mut() {
                 obj.remove("usedBy");
             }
+            // One named resource is one object, as kubectl prints it; a list is an array.
+            if matches!(o, Output::Json) {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             print_docs(&[v], o)
         }
         None => {

@@ -116,6 +116,12 @@ async fn apply_shift_and_delete_reach_the_proxy_live() {
     let j: serde_json::Value =
         serde_json::from_str(&ok(cli(&cp, &["get", "svc", "-o", "json"]))).unwrap();
     assert_eq!(j.as_array().unwrap().len(), 3);
+    let one: serde_json::Value = serde_json::from_str(&ok(cli(
+        &cp,
+        &["get", "svc", "svc-a", "-n", "test", "-o", "json"],
+    )))
+    .unwrap();
+    assert_eq!(one["metadata"]["name"], "svc-a", "one object: {one}");
 
     // Delete the route: its service has no endpoints of its own, so it now fails.
     let out = ok(cli(&cp, &["delete", "httproute", "front", "-n", "test"]));

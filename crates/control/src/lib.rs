@@ -102,22 +102,15 @@ fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ControlErro
     listen().map_err(|source| ControlError::Bind { addr, what, source })
 }
 
-/// Follow the store: list, then apply every change; list again when the watch is lost.
-async fn follow(store: Store, tx: watch::Sender<Arc<State>>) {
-    let mut backoff = Duration::from_millis(100);
+/// Follow the store from `catalog` (the listing `w` starts after): apply every change; list
+/// again when the watch is lost.
+async fn follow(
+    store: Store,
+    tx: watch::Sender<Arc<State>>,
+    mut catalog: Catalog,
+    mut w: trellis_store::Watch,
+) {
     loop {
-        let (listing, mut w) = match store.list_and_watch().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "store unavailable; serving the last state");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        let mut catalog = Catalog::from_listing(listing);
-        publish(&tx, &catalog);
         loop {
             let change = match w.next().await {
                 Ok(c) => c,
@@ -143,6 +136,18 @@ async fn follow(store: Store, tx: watch::Sender<Arc<State>>) {
                 break;
             }
         }
+        let mut backoff = Duration::from_millis(100);
+        (catalog, w) = loop {
+            match store.list_and_watch().await {
+                Ok((listing, w)) => break (Catalog::from_listing(listing), w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "store unavailable; serving the last state");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        publish(&tx, &catalog);
     }
 }
 
@@ -179,11 +184,14 @@ impl Control {
         })?;
         // The first state is read before serving, so that no proxy ever gets an empty config
         // for a store that has resources.
-        let listing = store.list().await?;
+        let (listing, w) = store.list_and_watch().await?;
         let catalog = Catalog::from_listing(listing);
         let compiled = Arc::new(catalog.compile());
-        let (tx, rx) = watch::channel(Arc::new(State { catalog, compiled }));
-        tokio::spawn(follow(store.clone(), tx));
+        let (tx, rx) = watch::channel(Arc::new(State {
+            catalog: catalog.clone(),
+            compiled,
+        }));
+        tokio::spawn(follow(store.clone(), tx, catalog, w));
         let proxies = xds::Registry::default();
         let api = api::Api::new(
             store,
