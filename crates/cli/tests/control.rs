@@ -361,6 +361,9 @@ async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
     let store = etcd.url();
     let cp_a = ControlProcess::start(BIN, &["--store", &store]);
     let mut cp_b = ControlProcess::start(BIN, &["--store", &store]);
+    // One admin token for the mesh: B made none of its own and accepts A's.
+    assert!(cp_b.token.is_empty(), "B created a token of its own");
+    cp_b.token = cp_a.token.clone();
     let (a, b) = (upstream::named("a").await, upstream::named("b").await);
     let base = docs(&[
         service("svc-a", "HTTP", &[a]),

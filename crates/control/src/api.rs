@@ -44,7 +44,7 @@ struct Inner {
     store: Store,
     state: watch::Receiver<Arc<State>>,
     proxies: xds::Registry,
-    token: String,
+    token: token::AdminToken,
     max_body: usize,
     /// One apply at a time, each checked against the state its predecessor left.
     apply_lock: tokio::sync::Mutex<()>,
@@ -123,7 +123,7 @@ impl Api {
         store: Store,
         state: watch::Receiver<Arc<State>>,
         proxies: xds::Registry,
-        token: String,
+        token: token::AdminToken,
         max_body: usize,
     ) -> Self {
         Self {
@@ -188,7 +188,7 @@ async fn auth(AxState(api): AxState<Api>, req: Request, next: Next) -> Response 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if token::matches(t.trim(), &api.inner.token) => next.run(req).await,
+        Some(t) if api.inner.token.accepts(t) => next.run(req).await,
         _ => {
             let mut r = ApiError(
                 StatusCode::UNAUTHORIZED,

@@ -55,6 +55,10 @@ pub struct Catalog {
 }
 
 fn insert(entries: &mut BTreeMap<Key, Arc<Entry>>, o: Object) {
+    // The control plane's own records (the admin token's digest) are not resources.
+    if o.key.kind.starts_with('_') {
+        return;
+    }
     match Entry::new(o) {
         Ok(e) => drop(entries.insert(e.object.key.clone(), Arc::new(e))),
         Err(e) => tracing::error!(error = %e, "skipping stored resource"),

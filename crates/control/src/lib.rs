@@ -168,8 +168,8 @@ impl Control {
             path: opts.data_dir.clone(),
             source,
         })?;
-        let (token, new_token) = token::load_or_create(&opts.data_dir)?;
         let store = Store::open(&opts.store, &opts.data_dir).await?;
+        let (token, new_token) = token::establish(&store, &opts.data_dir).await?;
         let api_l = bind(opts.api, "api")?;
         let xds_l = bind(opts.xds, "xds")?;
         let api_addr = api_l.local_addr().map_err(|source| ControlError::Bind {

@@ -1,47 +1,175 @@
-//! The admin token: generated at first start, kept in `DATA_DIR/admin.token` with mode 0600.
+//! The admin token. One per mesh: the first control-plane replica to start creates it, keeps
+//! it in `DATA_DIR/admin.token` (mode 0600), prints it once, and records its SHA-256 in the
+//! store; every replica on the same store (etcd) accepts that token. The token itself is
+//! never stored, only its digest.
 
 use std::{io::Read, os::unix::fs::OpenOptionsExt, path::Path};
+
+use serde_json::json;
+use trellis_store::{Expect, Key, Store, StoreError, Write};
 
 use crate::ControlError;
 
 const FILE: &str = "admin.token";
 
+/// Where the digest lives in the store. Not a resource kind: the catalog skips kinds that
+/// start with `_`, and the API only serves the kinds it knows.
+pub fn store_key() -> Key {
+    Key::new("_AdminToken", "trellis-system", "admin")
+}
+
 /// 32 random bytes from the kernel, hex-encoded.
 pub fn generate() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&bytes))
 }
 
-/// The token in `dir`, created (mode 0600) when missing. The second value is the token when
-/// this call created it, so that the caller prints it once.
-pub fn load_or_create(dir: &Path) -> Result<(String, Option<String>), ControlError> {
-    let path = dir.join(FILE);
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn digest(token: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+/// The mesh's admin token, as a digest to check bearer tokens against.
+#[derive(Clone, Debug)]
+pub struct AdminToken {
+    sha256: String,
+}
+
+impl AdminToken {
+    /// Whether `given` is the token (compared by digest, without an early exit).
+    pub fn accepts(&self, given: &str) -> bool {
+        let (a, b) = (digest(given.trim()), &self.sha256);
+        a.len() == b.len()
+            && a.bytes()
+                .zip(b.bytes())
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                == 0
+    }
+}
+
+fn read_local(path: &Path) -> Result<Option<String>, ControlError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ControlError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn write_local(path: &Path, token: &str) -> Result<(), ControlError> {
     let io = |source| ControlError::Io {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), None)),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let token = generate().map_err(io)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .map_err(io)?;
     std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    Ok((token.clone(), Some(token)))
+    f.sync_all().map_err(io)
 }
 
-/// Compare without an early exit on the first differing byte.
-pub fn matches(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+async fn stored(store: &Store) -> Result<Option<String>, ControlError> {
+    Ok(store
+        .get(&store_key())
+        .await?
+        .and_then(|o| o.doc["sha256"].as_str().map(str::to_string)))
+}
+
+/// The mesh's admin token: the one recorded in the store, or else this data dir's (created
+/// when missing), which is then recorded. The second value is the token when this call
+/// created it, so that the caller prints it once.
+pub async fn establish(
+    store: &Store,
+    dir: &Path,
+) -> Result<(AdminToken, Option<String>), ControlError> {
+    let path = dir.join(FILE);
+    let local = read_local(&path)?;
+    if let Some(sha256) = stored(store).await? {
+        match &local {
+            Some(t) if digest(t) == sha256 => {}
+            Some(_) => {
+                tracing::warn!(file = %path.display(), "this file's token is not the mesh's admin token; use the token of the replica that first started on this store")
+            }
+            None => tracing::info!(
+                "using the mesh's admin token, created by another replica; log in with that one"
+            ),
+        }
+        return Ok((AdminToken { sha256 }, None));
+    }
+    let (token, new) = match local {
+        Some(t) => (t, false),
+        None => (
+            generate().map_err(|source| ControlError::Io {
+                path: path.clone(),
+                source,
+            })?,
+            true,
+        ),
+    };
+    let sha256 = digest(&token);
+    let record = Write {
+        key: store_key(),
+        doc: Some(json!({ "sha256": sha256 })),
+        expect: Expect::Absent,
+    };
+    match store.write(vec![record]).await {
+        Ok(_) => {}
+        // Another replica recorded its token first: that one is the mesh's.
+        Err(StoreError::Conflict { .. }) => {
+            if let Some(sha256) = stored(store).await? {
+                tracing::info!("using the mesh's admin token, created by another replica; log in with that one");
+                return Ok((AdminToken { sha256 }, None));
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if new {
+        write_local(&path, &token)?;
+    }
+    Ok((AdminToken { sha256 }, new.then_some(token)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_token_per_mesh_whichever_replica_starts_first() {
+        let base = std::env::temp_dir().join(format!("trellis-token-{}", std::process::id()));
+        let (a, b) = (base.join("a"), base.join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let store = Store::open("embedded", &a).await.unwrap();
+
+        let (tok_a, printed) = establish(&store, &a).await.unwrap();
+        let t = printed.expect("created and shown once");
+        assert_eq!(std::fs::read_to_string(a.join(FILE)).unwrap().trim(), t);
+        assert!(tok_a.accepts(&t) && !tok_a.accepts("guess") && !tok_a.accepts(""));
+        // Stored as a digest only.
+        let rec = store.get(&store_key()).await.unwrap().unwrap();
+        assert!(!rec.doc.to_string().contains(&t));
+
+        // A restart keeps it and prints nothing.
+        let (again, printed) = establish(&store, &a).await.unwrap();
+        assert!(printed.is_none() && again.accepts(&t));
+
+        // Another replica on the same store creates nothing and accepts the mesh's token,
+        // even with a different token file of its own.
+        std::fs::write(b.join(FILE), "not-the-mesh-token\n").unwrap();
+        let (tok_b, printed) = establish(&store, &b).await.unwrap();
+        assert!(printed.is_none());
+        assert!(tok_b.accepts(&t) && !tok_b.accepts("not-the-mesh-token"));
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }

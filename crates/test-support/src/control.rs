@@ -22,7 +22,8 @@ pub struct ControlProcess {
     pub api: SocketAddr,
     /// xDS address.
     pub xds: SocketAddr,
-    /// Admin token.
+    /// Admin token: this data dir's; empty when another replica on the same store created
+    /// the mesh's token (set it to that one).
     pub token: String,
     stderr: Arc<Mutex<Vec<String>>>,
     keep_dir: bool,
@@ -57,7 +58,7 @@ impl ControlProcess {
             crate::wait_for_log(&mut child, "control plane ready", Duration::from_secs(30));
         let addr = |k: &str| v[k].as_str().unwrap().parse().unwrap();
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
-            .expect("admin.token")
+            .unwrap_or_default()
             .trim()
             .to_string();
         Self {
