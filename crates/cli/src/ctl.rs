@@ -425,3 +425,31 @@ pub(crate) async fn login(conn: &Conn) -> Result<()> {
     println!("logged in to {}; saved in {}", saved.server, p.display());
     Ok(())
 }
+
+/// `trellis token create`: print the token (once) and what it allows.
+pub(crate) async fn token_create(
+    conn: &Conn,
+    namespace: &str,
+    identity: &str,
+    ttl: std::time::Duration,
+    uses: u32,
+) -> Result<()> {
+    let api = Api::new(conn)?;
+    let body = serde_json::json!({
+        "namespace": namespace,
+        "identity": identity,
+        "ttlSeconds": ttl.as_secs(),
+        "uses": uses,
+    });
+    let v = api
+        .call(Method::POST, "/api/v1/tokens", Some(body.to_string()))
+        .await?;
+    println!("{}", v["token"].as_str().unwrap_or_default());
+    eprintln!(
+        "for {}, {} use(s), valid for {}s; shown only now",
+        v["spiffeId"].as_str().unwrap_or_default(),
+        uses,
+        ttl.as_secs()
+    );
+    Ok(())
+}

@@ -90,6 +90,30 @@ enum Cmd {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// Join tokens: a proxy's first credential, for one identity.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a join token for NAMESPACE/IDENTITY; it is printed once.
+    Create {
+        /// Namespace of the identity.
+        #[arg(short = 'n', long)]
+        namespace: String,
+        /// The identity (spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/IDENTITY).
+        #[arg(long)]
+        identity: String,
+        /// How long the token may be used (at most 24h).
+        #[arg(long, default_value = "1h")]
+        ttl: DurationValue,
+        /// How many times it may be used.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
 }
 
 #[derive(clap::Args)]
@@ -109,6 +133,12 @@ struct ControlArgs {
     /// Largest API request body, in bytes (larger ones get 413).
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// SPIFFE trust domain of the mesh (fixed when the mesh's CA is first made).
+    #[arg(long, default_value = "trellis.local")]
+    trust_domain: String,
+    /// Lifetime of issued workload certificates (10s to 8760h).
+    #[arg(long, default_value = "24h")]
+    svid_ttl: DurationValue,
 }
 
 #[derive(clap::Args)]
@@ -206,6 +236,13 @@ fn main() -> ExitCode {
         } => ctl_run(ctl::describe(&conn, &kind, &name, namespace.as_deref())),
         Cmd::Status { output, conn } => ctl_run(ctl::status(&conn, output)),
         Cmd::Login { conn } => ctl_run(ctl::login(&conn)),
+        Cmd::Token(TokenCmd::Create {
+            namespace,
+            identity,
+            ttl,
+            uses,
+            conn,
+        }) => ctl_run(ctl::token_create(&conn, &namespace, &identity, ttl.0, uses)),
     }
 }
 
@@ -237,6 +274,8 @@ fn control(a: ControlArgs) -> ExitCode {
         xds: a.xds,
         store: a.store,
         max_body_bytes: a.max_body_bytes,
+        trust_domain: a.trust_domain,
+        svid_ttl: a.svid_ttl.0,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

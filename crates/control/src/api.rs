@@ -31,7 +31,7 @@ use trellis_store::{Expect, Key, Store, StoreError, Write};
 use crate::{
     apply::{apply, canonical_kind, ApplyError},
     catalog::Entry,
-    token, xds, State,
+    identity, token, xds, State,
 };
 
 /// The API's shared state.
@@ -45,13 +45,14 @@ struct Inner {
     state: watch::Receiver<Arc<State>>,
     proxies: xds::Registry,
     token: token::AdminToken,
+    identity: identity::Shared,
     max_body: usize,
     /// One apply at a time, each checked against the state its predecessor left.
     apply_lock: tokio::sync::Mutex<()>,
 }
 
 /// An API error: a status and a message, as `{"error": ..., "code": ...}`.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -124,6 +125,7 @@ impl Api {
         state: watch::Receiver<Arc<State>>,
         proxies: xds::Registry,
         token: token::AdminToken,
+        identity: identity::Shared,
         max_body: usize,
     ) -> Self {
         Self {
@@ -132,6 +134,7 @@ impl Api {
                 state,
                 proxies,
                 token,
+                identity,
                 max_body,
                 apply_lock: tokio::sync::Mutex::new(()),
             }),
@@ -151,12 +154,27 @@ impl Api {
             )
             .route("/watch", get(watch_h))
             .route("/proxies", get(proxies_h))
+            .route("/tokens", post(identity::create_token))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
+        // Proxies authenticate with a join token here, not the admin token.
+        let ca = Router::new()
+            .route("/certificates", post(identity::sign))
+            .layer(DefaultBodyLimit::max(64 << 10));
         Router::new()
-            .nest("/api/v1", v1)
+            .nest("/api/v1", v1.merge(ca))
             .route("/healthz", get(|| async { "ok\n" }))
             .with_state(self)
+    }
+
+    /// The CA and certificate lifetime.
+    pub(crate) fn identity(&self) -> &identity::Identity {
+        &self.inner.identity
+    }
+
+    /// The store.
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
     }
 
     /// Serve until the process ends.

@@ -17,6 +17,7 @@ pub mod apply;
 pub mod catalog;
 mod delta;
 pub mod envoy;
+pub mod identity;
 pub mod token;
 pub mod xds;
 
@@ -35,6 +36,10 @@ pub struct Options {
     pub store: String,
     /// Largest request body the API accepts.
     pub max_body_bytes: usize,
+    /// SPIFFE trust domain of the mesh's identities.
+    pub trust_domain: String,
+    /// Lifetime of the certificates the CA issues.
+    pub svid_ttl: Duration,
 }
 
 /// Why the control plane could not start.
@@ -54,6 +59,12 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    /// The CA could not be loaded or made.
+    #[error("certificate authority: {0}")]
+    Ca(#[from] trellis_identity::CaError),
+    /// The stored identity setup does not fit the options.
+    #[error("{0}")]
+    Identity(String),
     /// The data directory or token file could not be used.
     #[error("{path}: {source}")]
     Io {
@@ -164,12 +175,32 @@ fn publish(tx: &watch::Sender<Arc<State>>, catalog: &Catalog) {
 impl Control {
     /// Open the store, bind both listeners and start serving.
     pub async fn start(opts: Options) -> Result<Self, ControlError> {
-        std::fs::create_dir_all(&opts.data_dir).map_err(|source| ControlError::Io {
+        // The data dir holds the admin token, and the embedded store holds the CA's key:
+        // only the control plane's user may read it.
+        let dir_io = |source| ControlError::Io {
             path: opts.data_dir.clone(),
             source,
-        })?;
+        };
+        std::fs::create_dir_all(&opts.data_dir).map_err(dir_io)?;
+        std::fs::set_permissions(
+            &opts.data_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(dir_io)?;
         let store = Store::open(&opts.store, &opts.data_dir).await?;
         let (token, new_token) = token::establish(&store, &opts.data_dir).await?;
+        let ttl_range = Duration::from_secs(10)..=Duration::from_secs(365 * 24 * 3600);
+        if !ttl_range.contains(&opts.svid_ttl) {
+            return Err(ControlError::Identity(format!(
+                "--svid-ttl {:?} is out of range (10s to 8760h)",
+                opts.svid_ttl
+            )));
+        }
+        let ca = identity::establish_ca(&store, &opts.trust_domain).await?;
+        let identity = Arc::new(identity::Identity {
+            ca,
+            svid_ttl: opts.svid_ttl,
+        });
         let api_l = bind(opts.api, "api")?;
         let xds_l = bind(opts.xds, "xds")?;
         let api_addr = api_l.local_addr().map_err(|source| ControlError::Bind {
@@ -198,6 +229,7 @@ impl Control {
             rx.clone(),
             proxies.clone(),
             token,
+            identity,
             opts.max_body_bytes,
         );
         tokio::spawn(api.serve(api_l));

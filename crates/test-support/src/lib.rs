@@ -79,7 +79,8 @@ pub(crate) fn wait_for_log(
     (lines, v)
 }
 
-pub(crate) fn temp_path(name: &str) -> PathBuf {
+/// A fresh temporary path (nothing is created there).
+pub fn temp_path(name: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::env::temp_dir().join(format!("trellis-test-{}-{n}-{name}", std::process::id()))

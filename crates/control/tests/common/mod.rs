@@ -22,6 +22,8 @@ impl InProcess {
             xds: "127.0.0.1:0".parse().unwrap(),
             store: "embedded".into(),
             max_body_bytes: 4 << 20,
+            trust_domain: "trellis.local".into(),
+            svid_ttl: std::time::Duration::from_secs(3600),
         })
         .await
         .unwrap();

@@ -1,0 +1,273 @@
+//! The mesh's certificate authority.
+//!
+//! The root is an ECDSA P-256 key and a self-signed certificate that may sign leaf
+//! certificates only (path length 0). Leaves are X.509 SVIDs: one URI SAN, the workload's
+//! SPIFFE ID; `CA:FALSE`; digital signature and key encipherment; server and client
+//! authentication; valid from five minutes ago (clock skew) for the requested lifetime. The
+//! CSR contributes its public key and nothing else: a CSR that asks for any other name than
+//! the allowed identity is refused.
+
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    string::Ia5String, BasicConstraints, CertificateParams, CertificateSigningRequestParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType, SerialNumber,
+};
+use ring::rand::SecureRandom;
+use time::OffsetDateTime;
+
+use crate::SpiffeId;
+
+/// Why the CA did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A certificate or key could not be made, parsed or signed.
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// The CSR is not a valid, self-signed PKCS#10 request.
+    #[error("the CSR is not valid: {0}")]
+    BadCsr(rcgen::Error),
+    /// The CSR asks for an identity the credential does not allow.
+    #[error("the CSR asks for {requested}, but the credential allows only {allowed}")]
+    Refused {
+        /// What the CSR asked for.
+        requested: String,
+        /// What the credential allows.
+        allowed: String,
+    },
+    /// A lifetime out of range.
+    #[error("lifetime {0:?} is out of range (10 s to 1 year)")]
+    Lifetime(Duration),
+    /// The operator's CA certificate does not belong to the trust domain's bundle.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// An issued certificate.
+#[derive(Clone, Debug)]
+pub struct Svid {
+    /// The leaf, then any intermediate, PEM.
+    pub chain_pem: String,
+    /// Whose.
+    pub id: SpiffeId,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+/// The mesh's CA: a signing certificate, its key, and the roots proxies trust.
+pub struct Ca {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    key_pem: String,
+    bundle_pem: String,
+}
+
+const LEAF_MIN: Duration = Duration::from_secs(10);
+const LEAF_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+const SKEW: time::Duration = time::Duration::minutes(5);
+
+fn random_serial() -> Result<SerialNumber, CaError> {
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| CaError::Config("no randomness".into()))?;
+    // Positive, as RFC 5280 asks.
+    b[0] &= 0x7f;
+    b[0] |= 0x01;
+    Ok(SerialNumber::from_slice(&b))
+}
+
+impl Ca {
+    /// A new root for `trust_domain`, valid for `lifetime`.
+    pub fn generate(trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Trellis");
+        dn.push(
+            DnType::CommonName,
+            format!("Trellis root CA {trust_domain}"),
+        );
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - SKEW;
+        p.not_after =
+            now + time::Duration::try_from(lifetime).map_err(|_| CaError::Lifetime(lifetime))?;
+        p.serial_number = Some(random_serial()?);
+        let cert = p.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            trust_domain: trust_domain.into(),
+            issuer: Issuer::new(p, key),
+            bundle_pem: cert_pem.clone(),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// A CA from stored PEM: its certificate and key, and the roots to trust (its own
+    /// certificate when it is a root; the operator's root when it is an intermediate).
+    pub fn from_pem(
+        trust_domain: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        bundle_pem: Option<&str>,
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self {
+            trust_domain: trust_domain.into(),
+            issuer,
+            cert_pem: cert_pem.into(),
+            key_pem: key_pem.into(),
+            bundle_pem: bundle_pem.unwrap_or(cert_pem).into(),
+        })
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The signing certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The signing key, PEM: only for the control plane's store.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The roots that proxies trust, PEM.
+    pub fn trust_bundle(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    /// Sign `csr_pem` for `allowed`, valid for `ttl`. The CSR's signature is checked; any name
+    /// it asks for other than `allowed` is refused.
+    pub fn sign(&self, csr_pem: &str, allowed: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
+        if !(LEAF_MIN..=LEAF_MAX).contains(&ttl) {
+            return Err(CaError::Lifetime(ttl));
+        }
+        if allowed.trust_domain != self.trust_domain {
+            return Err(CaError::Refused {
+                requested: allowed.to_string(),
+                allowed: format!("identities in trust domain {}", self.trust_domain),
+            });
+        }
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+        let want = allowed.to_string();
+        for san in &csr.params.subject_alt_names {
+            let requested = match san {
+                SanType::URI(u) if u.as_str() == want => continue,
+                SanType::URI(u) => u.as_str().to_string(),
+                SanType::DnsName(n) => format!("DNS name {}", n.as_str()),
+                SanType::IpAddress(ip) => format!("IP address {ip}"),
+                SanType::Rfc822Name(m) => format!("email {}", m.as_str()),
+                _ => "a name of another kind".to_string(),
+            };
+            return Err(CaError::Refused {
+                requested,
+                allowed: want,
+            });
+        }
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Trellis");
+        p.distinguished_name = dn;
+        p.subject_alt_names = vec![SanType::URI(Ia5String::try_from(want.as_str())?)];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - SKEW;
+        let ttl_t = time::Duration::try_from(ttl).map_err(|_| CaError::Lifetime(ttl))?;
+        p.not_after = now + ttl_t;
+        p.serial_number = Some(random_serial()?);
+        let leaf = p.signed_by(&csr.public_key, &self.issuer)?;
+        let mut chain_pem = leaf.pem();
+        if self.bundle_pem != self.cert_pem {
+            chain_pem.push_str(&self.cert_pem);
+        }
+        Ok(Svid {
+            chain_pem,
+            id: allowed.clone(),
+            not_after: SystemTime::now() + ttl,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr(sans: &[&str]) -> String {
+        let key = KeyPair::generate().unwrap();
+        let p =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn signs_only_the_allowed_identity() {
+        let ca = Ca::generate("trellis.local", Duration::from_secs(3600)).unwrap();
+        let id = SpiffeId::new("trellis.local", "shop", "catalog").unwrap();
+        let svid = ca.sign(&csr(&[]), &id, Duration::from_secs(600)).unwrap();
+        assert!(svid.chain_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        // A CSR that names the identity itself is fine too.
+        let uri = id.to_string();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(Ia5String::try_from(uri.as_str()).unwrap())];
+        let key = KeyPair::generate().unwrap();
+        let own = p.serialize_request(&key).unwrap().pem().unwrap();
+        ca.sign(&own, &id, Duration::from_secs(600)).unwrap();
+        // Anything else is refused.
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(
+            Ia5String::try_from("spiffe://trellis.local/ns/shop/sa/admin").unwrap(),
+        )];
+        let other = p.serialize_request(&key).unwrap().pem().unwrap();
+        let e = ca.sign(&other, &id, Duration::from_secs(600)).unwrap_err();
+        assert!(matches!(e, CaError::Refused { .. }), "{e}");
+        let e = ca
+            .sign(&csr(&["catalog.shop"]), &id, Duration::from_secs(600))
+            .unwrap_err();
+        assert!(e.to_string().contains("DNS name catalog.shop"), "{e}");
+        // Another trust domain, a lifetime out of range, garbage.
+        let foreign = SpiffeId::new("other.example", "shop", "catalog").unwrap();
+        assert!(ca
+            .sign(&csr(&[]), &foreign, Duration::from_secs(600))
+            .is_err());
+        assert!(ca.sign(&csr(&[]), &id, Duration::from_secs(1)).is_err());
+        assert!(matches!(
+            ca.sign("not a csr", &id, Duration::from_secs(600)),
+            Err(CaError::BadCsr(_))
+        ));
+    }
+
+    #[test]
+    fn reloads_from_pem() {
+        let ca = Ca::generate("trellis.local", Duration::from_secs(3600)).unwrap();
+        let again = Ca::from_pem("trellis.local", ca.cert_pem(), ca.key_pem(), None).unwrap();
+        assert_eq!(again.trust_bundle(), ca.cert_pem());
+        let id = SpiffeId::new("trellis.local", "a", "b").unwrap();
+        again.sign(&csr(&[]), &id, Duration::from_secs(60)).unwrap();
+    }
+}
