@@ -193,6 +193,19 @@ struct ProxyArgs {
     /// Do not write access-log lines to stdout.
     #[arg(long)]
     no_access_log: bool,
+    /// Keep an identity (key, certificate, trust bundle; mode 0600) in this directory; a
+    /// still-valid stored certificate is reused after a restart (with --xds).
+    #[arg(long, requires = "xds")]
+    state_dir: Option<PathBuf>,
+    /// Join token for the first certificate (`trellis token create`); prefer the environment
+    /// variable, which other users cannot read in the process list.
+    #[arg(
+        long,
+        env = "TRELLIS_JOIN_TOKEN",
+        hide_env_values = true,
+        requires = "state_dir"
+    )]
+    join_token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -362,6 +375,12 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             idle_timeout: a.idle_timeout.0,
         },
         access_log: !a.no_access_log,
+        identity: a
+            .state_dir
+            .map(|state_dir| trellis_proxy::identity::IdentityOptions {
+                state_dir,
+                join_token: a.join_token,
+            }),
     };
     // Config is checked before any port is bound.
     let loaded = match trellis_proxy::load(&opts) {

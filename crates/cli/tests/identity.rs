@@ -220,3 +220,104 @@ async fn the_ca_issues_svids_that_openssl_accepts_and_only_what_a_token_allows()
     );
     assert_eq!(mode & 0o777, 0o700);
 }
+
+async fn identity_of(p: &ProxyProcess) -> serde_json::Value {
+    let (_, body) = client::get(p.admin, "admin", "/config_dump", &[])
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["identity"].clone()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777
+}
+
+#[tokio::test]
+async fn a_proxy_joins_with_a_token_reuses_its_certificate_and_renews_it() {
+    // Certificates live 20 s here, so that renewal (at half) happens within the test.
+    let cp = ControlProcess::start(BIN, &["--svid-ttl", "20s"]);
+    let (st, v) = cp
+        .call(Method::POST, "/api/v1/apply", &client_workload(&[]), None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let state = temp_path("proxy-state");
+    let state_s = state.to_str().unwrap().to_string();
+
+    // No stored certificate and no token: the proxy refuses to start, and says why.
+    let out = Command::new(BIN)
+        .args(["proxy", "--xds", &cp.xds_url(), "--workload", "test/client"])
+        .args(["--state-dir", &state_s, "--admin", "127.0.0.1:0"])
+        .args(["--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0"])
+        .env_remove("TRELLIS_JOIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no valid certificate") && err.contains("--join-token"),
+        "{err}"
+    );
+
+    // With a single-use token it gets a certificate for its identity; key and certificate
+    // are stored with mode 0600, and the certificate is for the key the proxy made.
+    let t = token(&cp, "test", "client", "10m", "1");
+    let p = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &["--state-dir", &state_s, "--join-token", &t],
+    );
+    p.wait_ready().await;
+    let first = identity_of(&p).await;
+    assert_eq!(
+        first["spiffeId"],
+        "spiffe://trellis.local/ns/test/sa/client"
+    );
+    assert_eq!(mode(&state), 0o700);
+    for f in ["key.pem", "cert.pem", "bundle.pem"] {
+        assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+    }
+    let out = openssl(&state, &["verify", "-CAfile", "bundle.pem", "cert.pem"]);
+    assert!(out.contains("cert.pem: OK"), "{out}");
+    let key1 = std::fs::read_to_string(state.join("key.pem")).unwrap();
+    assert_eq!(
+        openssl(&state, &["x509", "-in", "cert.pem", "-noout", "-pubkey"]),
+        openssl(&state, &["pkey", "-in", "key.pem", "-pubout"])
+    );
+
+    // At half its lifetime it renews, without a token (the one it had is used up): a new
+    // certificate for a new key, proven with the old one.
+    let renewed = eventually("certificate renewed", Duration::from_secs(40), async || {
+        let now = identity_of(&p).await;
+        (now["serial"] != first["serial"]).then_some(now)
+    })
+    .await;
+    assert_eq!(renewed["spiffeId"], first["spiffeId"]);
+    let key2 = std::fs::read_to_string(state.join("key.pem")).unwrap();
+    assert_ne!(key1, key2, "a new key at each renewal");
+    let out = openssl(&state, &["verify", "-CAfile", "bundle.pem", "cert.pem"]);
+    assert!(out.contains("cert.pem: OK"), "{out}");
+    drop(p);
+
+    // A restart reuses the stored certificate: no token needed.
+    let p = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &["--state-dir", &state_s],
+    );
+    p.wait_ready().await;
+    let again = identity_of(&p).await;
+    let stored = openssl(&state, &["x509", "-in", "cert.pem", "-noout", "-serial"]);
+    let serial = again["serial"]
+        .as_str()
+        .unwrap()
+        .replace(':', "")
+        .to_uppercase();
+    assert!(
+        stored.to_uppercase().contains(&serial),
+        "{stored} vs {serial}"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}

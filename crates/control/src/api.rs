@@ -167,6 +167,15 @@ impl Api {
             .with_state(self)
     }
 
+    /// The certificate endpoint alone, for the xDS address: a proxy reaches its CA at the
+    /// address it already has.
+    pub fn certificate_router(&self) -> Router {
+        Router::new()
+            .route("/v1/certificates", post(identity::sign))
+            .layer(DefaultBodyLimit::max(64 << 10))
+            .with_state(self.clone())
+    }
+
     /// The CA and certificate lifetime.
     pub(crate) fn identity(&self) -> &identity::Identity {
         &self.inner.identity

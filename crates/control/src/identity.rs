@@ -5,7 +5,11 @@
 //!   `{token, spiffeId, expiresAt, uses}`. The token is shown once; the store keeps a
 //!   [`Grant`] with its digest under `_JoinToken/trellis-system/ID`.
 //! - `POST /api/v1/certificates` (`Authorization: Bearer JOIN-TOKEN`): `{csr}` (PEM) →
-//!   `{certificate, trustBundle, spiffeId, notAfter}`. The CA signs only the identity the
+//!   `{certificate, trustBundle, spiffeId, notAfter}`. A proxy renews without a token:
+//!   `{csr, certificate, proof}`, the proof being its current key's signature over the CSR
+//!   (so the new key is proven to come from the holder of the old one). The same endpoint is
+//!   served on the xDS address as `/v1/certificates` (HTTP/2), so a proxy needs only the
+//!   address it already has. The CA signs only the identity the
 //!   token allows; a use is taken with a compare-and-swap on the grant, so two proxies racing
 //!   for a single-use token cannot both win.
 
@@ -168,6 +172,54 @@ pub(crate) async fn create_token(
 #[serde(deny_unknown_fields)]
 pub(crate) struct CsrRequest {
     csr: String,
+    /// Renewal: the current certificate (PEM chain)...
+    #[serde(default)]
+    certificate: Option<String>,
+    /// ...and its key's signature over `csr`, hex.
+    #[serde(default)]
+    proof: Option<String>,
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn issued(svid: &trellis_identity::Svid, ca: &Ca) -> Json<Value> {
+    Json(json!({
+        "certificate": svid.chain_pem,
+        "trustBundle": ca.trust_bundle(),
+        "spiffeId": svid.id.to_string(),
+        "notAfter": join::unix(svid.not_after),
+    }))
+}
+
+/// Renew with the current certificate and a proof of its key.
+fn renew(
+    id: &Identity,
+    req: &CsrRequest,
+    cert: &str,
+    proof: &str,
+) -> Result<Json<Value>, ApiError> {
+    let proof =
+        unhex(proof).ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "proof: not hex".into()))?;
+    match id.ca.renew(&req.csr, cert, &proof, id.svid_ttl) {
+        Ok(svid) => {
+            tracing::info!(spiffe = %svid.id, "certificate renewed");
+            Ok(issued(&svid, &id.ca))
+        }
+        Err(e @ (CaError::Untrusted(_) | CaError::Refused { .. })) => {
+            tracing::warn!(error = %e, "renewal refused");
+            Err(unauthorized(e.to_string()))
+        }
+        Err(e @ CaError::BadCsr(_)) => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
 }
 
 fn unauthorized(m: impl Into<String>) -> ApiError {
@@ -185,12 +237,15 @@ pub(crate) async fn sign(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
+    let id = api.identity();
     let Some((tid, secret)) = join::parse(token) else {
+        if let (Some(cert), Some(proof)) = (&req.certificate, &req.proof) {
+            return renew(id, &req, cert, proof);
+        }
         return Err(unauthorized(
-            "a join token is required (Authorization: Bearer trellis-join....)",
+            "a join token (Authorization: Bearer trellis-join....) or the current certificate and a proof of its key is required",
         ));
     };
-    let id = api.identity();
     // A few tries: another proxy using the same multi-use token moves the grant's version.
     for _ in 0..5 {
         let Some(obj) = api.store().get(&grant_key(tid)).await? else {
@@ -233,12 +288,7 @@ pub(crate) async fn sign(
         match api.store().write(vec![write]).await {
             Ok(_) => {
                 tracing::info!(token_id = %tid, %spiffe, uses_left = used.uses_left, "certificate issued");
-                return Ok(Json(json!({
-                    "certificate": svid.chain_pem,
-                    "trustBundle": id.ca.trust_bundle(),
-                    "spiffeId": spiffe.to_string(),
-                    "notAfter": join::unix(svid.not_after),
-                })));
+                return Ok(issued(&svid, &id.ca));
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),

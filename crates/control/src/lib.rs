@@ -232,8 +232,9 @@ impl Control {
             identity,
             opts.max_body_bytes,
         );
+        let certificates = api.certificate_router();
         tokio::spawn(api.serve(api_l));
-        tokio::spawn(xds::serve(rx, proxies, xds_l));
+        tokio::spawn(xds::serve(rx, proxies, xds_l, certificates));
         tracing::info!(%api_addr, %xds_addr, store = %opts.store, "control plane listening");
         Ok(Self {
             api_addr,

@@ -204,8 +204,13 @@ impl Registry {
     }
 }
 
-/// Serve ADS on `l`.
-pub async fn serve(state: watch::Receiver<Arc<State>>, proxies: Registry, l: TcpListener) {
+/// Serve ADS on `l`, and `extra` (plain HTTP/2 routes) next to it.
+pub async fn serve(
+    state: watch::Receiver<Arc<State>>,
+    proxies: Registry,
+    l: TcpListener,
+    extra: axum::Router,
+) {
     let ads = Ads {
         state,
         proxies,
@@ -213,9 +218,12 @@ pub async fn serve(state: watch::Receiver<Arc<State>>, proxies: Registry, l: Tcp
         next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
     };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+    let routes = tonic::service::Routes::from(extra).add_service(
+        AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20),
+    );
     let r = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .add_service(AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20))
+        .add_routes(routes)
         .serve_with_incoming(incoming)
         .await;
     if let Err(e) = r {

@@ -42,6 +42,89 @@ pub enum CaError {
     /// The operator's CA certificate does not belong to the trust domain's bundle.
     #[error("{0}")]
     Config(String),
+    /// A presented certificate is not a valid SVID of this CA, or the proof of its key fails.
+    #[error("the presented certificate is not accepted: {0}")]
+    Untrusted(String),
+}
+
+/// What a certificate says.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    /// Its SPIFFE ID (URI SAN).
+    pub id: SpiffeId,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Serial number, hex.
+    pub serial: String,
+}
+
+fn untrusted(m: impl Into<String>) -> CaError {
+    CaError::Untrusted(m.into())
+}
+
+fn system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+    let s = t.timestamp();
+    if s >= 0 {
+        std::time::UNIX_EPOCH + Duration::from_secs(s as u64)
+    } else {
+        std::time::UNIX_EPOCH
+    }
+}
+
+/// The leaf (first certificate) of `chain_pem`, read.
+pub fn inspect(chain_pem: &str) -> Result<CertInfo, CaError> {
+    with_leaf(chain_pem, |c| {
+        let id = leaf_id(c)?;
+        Ok(CertInfo {
+            id,
+            not_before: system_time(c.validity().not_before),
+            not_after: system_time(c.validity().not_after),
+            serial: c.raw_serial_as_string(),
+        })
+    })
+}
+
+fn with_leaf<T>(
+    chain_pem: &str,
+    f: impl FnOnce(&x509_parser::certificate::X509Certificate<'_>) -> Result<T, CaError>,
+) -> Result<T, CaError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes())
+        .map_err(|e| untrusted(format!("not a PEM certificate: {e}")))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| untrusted(format!("not an X.509 certificate: {e}")))?;
+    f(&cert)
+}
+
+fn leaf_id(c: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, CaError> {
+    let san = c
+        .subject_alternative_name()
+        .map_err(|e| untrusted(format!("subjectAltName: {e}")))?
+        .ok_or_else(|| untrusted("no subjectAltName"))?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => one
+            .parse()
+            .map_err(|e: crate::spiffe::BadSpiffeId| untrusted(e.to_string())),
+        _ => Err(untrusted("an SVID has exactly one URI SAN")),
+    }
+}
+
+/// Proof that the holder of `key_pem` (the current certificate's key) asks for `csr_pem`:
+/// its signature over the CSR's text (ECDSA P-256, SHA-256, ASN.1).
+pub fn prove(key_pem: &str, csr_pem: &str) -> Result<Vec<u8>, CaError> {
+    use rcgen::SigningKey;
+    Ok(KeyPair::from_pem(key_pem)?.sign(csr_pem.as_bytes())?)
 }
 
 /// An issued certificate.
@@ -153,6 +236,40 @@ impl Ca {
         &self.bundle_pem
     }
 
+    /// Renew: `chain_pem` must be a currently valid SVID of this CA and `proof` its key's
+    /// signature over `csr_pem` ([`prove`]); the new certificate is for the same identity
+    /// (and the CSR's new key).
+    pub fn renew(
+        &self,
+        csr_pem: &str,
+        chain_pem: &str,
+        proof: &[u8],
+        ttl: Duration,
+    ) -> Result<Svid, CaError> {
+        let (_, ca_pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
+            .map_err(|e| untrusted(format!("own CA certificate: {e}")))?;
+        let ca_cert = ca_pem
+            .parse_x509()
+            .map_err(|e| untrusted(format!("own CA certificate: {e}")))?;
+        let id = with_leaf(chain_pem, |leaf| {
+            leaf.verify_signature(Some(ca_cert.public_key()))
+                .map_err(|_| untrusted("not signed by this mesh's CA"))?;
+            if !leaf.validity().is_valid() {
+                return Err(untrusted("expired or not yet valid"));
+            }
+            let id = leaf_id(leaf)?;
+            let key = ring::signature::UnparsedPublicKey::new(
+                &ring::signature::ECDSA_P256_SHA256_ASN1,
+                leaf.public_key().subject_public_key.data.as_ref(),
+            );
+            key.verify(csr_pem.as_bytes(), proof).map_err(|_| {
+                untrusted("the proof is not the certificate key's signature of the CSR")
+            })?;
+            Ok(id)
+        })?;
+        self.sign(csr_pem, &id, ttl)
+    }
+
     /// Sign `csr_pem` for `allowed`, valid for `ttl`. The CSR's signature is checked; any name
     /// it asks for other than `allowed` is refused.
     pub fn sign(&self, csr_pem: &str, allowed: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
@@ -260,6 +377,57 @@ mod tests {
             ca.sign("not a csr", &id, Duration::from_secs(600)),
             Err(CaError::BadCsr(_))
         ));
+    }
+
+    #[test]
+    fn renewal_needs_a_valid_certificate_of_this_ca_and_its_key() {
+        let ca = Ca::generate("trellis.local", Duration::from_secs(3600)).unwrap();
+        let id = SpiffeId::new("trellis.local", "shop", "catalog").unwrap();
+        let old_key = KeyPair::generate().unwrap();
+        let old_csr = CertificateParams::default()
+            .serialize_request(&old_key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let old = ca.sign(&old_csr, &id, Duration::from_secs(600)).unwrap();
+        let info = inspect(&old.chain_pem).unwrap();
+        assert_eq!(info.id, id);
+
+        let new_csr = csr(&[]);
+        let proof = prove(&old_key.serialize_pem(), &new_csr).unwrap();
+        let new = ca
+            .renew(&new_csr, &old.chain_pem, &proof, Duration::from_secs(600))
+            .unwrap();
+        let new_info = inspect(&new.chain_pem).unwrap();
+        assert_eq!(new_info.id, id);
+        assert_ne!(new_info.serial, info.serial);
+
+        // The proof of another key, a proof of another CSR, another CA's certificate.
+        let stranger = KeyPair::generate().unwrap();
+        let bad = prove(&stranger.serialize_pem(), &new_csr).unwrap();
+        assert!(ca
+            .renew(&new_csr, &old.chain_pem, &bad, Duration::from_secs(600))
+            .is_err());
+        let other_csr = csr(&[]);
+        assert!(ca
+            .renew(&other_csr, &old.chain_pem, &proof, Duration::from_secs(600))
+            .is_err());
+        let other_ca = Ca::generate("trellis.local", Duration::from_secs(3600)).unwrap();
+        let foreign = other_ca
+            .sign(&old_csr, &id, Duration::from_secs(600))
+            .unwrap();
+        let e = ca
+            .renew(
+                &new_csr,
+                &foreign.chain_pem,
+                &proof,
+                Duration::from_secs(600),
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not signed by this mesh's CA"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -11,5 +11,5 @@ pub mod ca;
 pub mod join;
 pub mod spiffe;
 
-pub use ca::{Ca, CaError, Svid};
+pub use ca::{inspect, prove, Ca, CaError, CertInfo, Svid};
 pub use spiffe::SpiffeId;

@@ -69,6 +69,14 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
                 "version": snap.version,
                 "source": shared.source,
                 "xds": &*shared.xds_status.lock().unwrap_or_else(|p| p.into_inner()),
+                "identity": shared.identity.as_ref().map(|c| {
+                    let c = c.load();
+                    serde_json::json!({
+                        "spiffeId": c.info.id.to_string(),
+                        "serial": c.info.serial,
+                        "notAfter": trellis_identity::join::unix(c.info.not_after),
+                    })
+                }),
                 "config": &*snap.cfg,
                 "endpoint_health": endpoints,
             });

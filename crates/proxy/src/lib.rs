@@ -21,6 +21,7 @@ pub mod failure;
 pub mod fasthash;
 pub mod h1;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod pool;
 pub mod record;
@@ -76,6 +77,8 @@ pub struct Options {
     pub limits: ServerLimits,
     /// Write access-log lines to stdout.
     pub access_log: bool,
+    /// Get and keep a certificate from the mesh's CA (with xDS only).
+    pub identity: Option<identity::IdentityOptions>,
 }
 
 /// State shared by every task.
@@ -96,6 +99,8 @@ pub struct Shared {
     pub synced: std::sync::atomic::AtomicBool,
     /// The xDS version last applied, and the last refusal.
     pub xds_status: std::sync::Mutex<XdsStatus>,
+    /// The proxy's certificate and key, when it has an identity (renewed in place).
+    pub identity: Option<Arc<ArcSwap<identity::Credentials>>>,
 }
 
 /// What the proxy last did with what the control plane sent.
@@ -126,6 +131,9 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// No certificate could be had.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
 }
 
 /// A translated config and the text it came from.
@@ -257,6 +265,20 @@ impl Proxy {
     /// Bind every listener and start serving `cfg`.
     pub async fn start(opts: Options, loaded: Loaded) -> Result<Self, ProxyError> {
         let Loaded { config: cfg, text } = loaded;
+        // The identity first: without one, a proxy that needs it must not start serving.
+        let creds = match (&opts.identity, &opts.source) {
+            (Some(id), Source::Xds(x)) => {
+                let c = identity::bootstrap(id, &x.servers).await?;
+                let current = Arc::new(ArcSwap::from_pointee(c));
+                tokio::spawn(identity::keep_renewed(
+                    id.clone(),
+                    x.servers.clone(),
+                    current.clone(),
+                ));
+                Some(current)
+            }
+            _ => None,
+        };
         let mut registry = Registry::default();
         let metrics = Metrics::register(registry.sub_registry_with_prefix("trellis"));
         let snap = Snapshot::build(cfg, None, &metrics);
@@ -269,6 +291,7 @@ impl Proxy {
             source: opts.source.describe(),
             synced: std::sync::atomic::AtomicBool::new(matches!(opts.source, Source::File(_))),
             xds_status: Default::default(),
+            identity: creds,
         });
         let (admin, admin_addr) = bind(opts.admin, "admin")?;
         let (outbound, outbound_addr) = bind(opts.outbound, "outbound")?;
