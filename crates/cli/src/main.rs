@@ -139,6 +139,16 @@ struct ControlArgs {
     /// Lifetime of issued workload certificates (10s to 8760h).
     #[arg(long, default_value = "24h")]
     svid_ttl: DurationValue,
+    /// Sign with this CA certificate (a root, or an intermediate) instead of a root the
+    /// control plane makes and keeps in its store.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert (PKCS#8 PEM; keep it mode 0600).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The roots proxies trust, when --ca-cert is an intermediate.
+    #[arg(long, requires = "ca_cert")]
+    ca_bundle: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -289,6 +299,14 @@ fn control(a: ControlArgs) -> ExitCode {
         max_body_bytes: a.max_body_bytes,
         trust_domain: a.trust_domain,
         svid_ttl: a.svid_ttl.0,
+        ca_files: match (a.ca_cert, a.ca_key) {
+            (Some(cert), Some(key)) => Some(trellis_control::identity::CaFiles {
+                cert,
+                key,
+                bundle: a.ca_bundle,
+            }),
+            _ => None,
+        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

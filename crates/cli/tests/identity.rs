@@ -321,3 +321,135 @@ async fn a_proxy_joins_with_a_token_reuses_its_certificate_and_renews_it() {
     );
     let _ = std::fs::remove_dir_all(&state);
 }
+
+#[tokio::test]
+async fn an_operators_intermediate_signs_and_the_chain_verifies_to_its_root() {
+    // The operator's PKI, made with openssl: a root and an intermediate under it.
+    let pki = temp_path("operator-pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut root = vec!["req", "-x509"];
+    root.extend(ec);
+    root.extend([
+        "-keyout",
+        "root.key",
+        "-out",
+        "root.pem",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=operator root",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&pki, &root);
+    let mut inter = vec!["req", "-new"];
+    inter.extend(ec);
+    inter.extend([
+        "-keyout",
+        "inter.key",
+        "-out",
+        "inter.csr",
+        "-subj",
+        "/CN=operator intermediate",
+    ]);
+    openssl(&pki, &inter);
+    std::fs::write(
+        pki.join("ext.cnf"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    openssl(
+        &pki,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "inter.csr",
+            "-CA",
+            "root.pem",
+            "-CAkey",
+            "root.key",
+            "-CAcreateserial",
+            "-out",
+            "inter.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
+
+    // A key that is not the certificate's: refused at start, naming the files.
+    let out = Command::new(BIN)
+        .args([
+            "control",
+            "--data-dir",
+            &p("bad-data"),
+            "--api",
+            "127.0.0.1:0",
+            "--xds",
+            "127.0.0.1:0",
+        ])
+        .args(["--ca-cert", &p("inter.pem"), "--ca-key", &p("root.key")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("inter.pem") && err.contains("does not belong"),
+        "{err}"
+    );
+
+    let cp = ControlProcess::start(
+        BIN,
+        &[
+            "--ca-cert",
+            &p("inter.pem"),
+            "--ca-key",
+            &p("inter.key"),
+            "--ca-bundle",
+            &p("root.pem"),
+        ],
+    );
+    let t = token(&cp, "shop", "catalog", "10m", "1");
+    let (dir, pem) = csr(None);
+    let (st, v) = sign(&cp, &t, &pem).await;
+    assert_eq!(st, 200, "{v}");
+    let chain = v["certificate"].as_str().unwrap();
+    assert_eq!(
+        chain.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "leaf and intermediate"
+    );
+    assert_eq!(
+        v["trustBundle"].as_str().unwrap(),
+        std::fs::read_to_string(pki.join("root.pem")).unwrap()
+    );
+    std::fs::write(dir.join("chain.pem"), chain).unwrap();
+    std::fs::write(dir.join("root.pem"), v["trustBundle"].as_str().unwrap()).unwrap();
+    let out = openssl(
+        &dir,
+        &[
+            "verify",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "chain.pem",
+            "chain.pem",
+        ],
+    );
+    assert!(out.contains("chain.pem: OK"), "{out}");
+    let issuer = openssl(&dir, &["x509", "-in", "chain.pem", "-noout", "-issuer"]);
+    assert!(issuer.contains("operator intermediate"), "{issuer}");
+    let _ = std::fs::remove_dir_all(&pki);
+}

@@ -74,6 +74,40 @@ fn from_record(doc: &Value, trust_domain: &str) -> Result<Ca, ControlError> {
     )?)
 }
 
+/// An operator's CA, from files.
+#[derive(Clone, Debug)]
+pub struct CaFiles {
+    /// The signing certificate (a root, or an intermediate).
+    pub cert: std::path::PathBuf,
+    /// Its key (PKCS#8 PEM).
+    pub key: std::path::PathBuf,
+    /// The roots proxies trust (default: `cert`, for a root).
+    pub bundle: Option<std::path::PathBuf>,
+}
+
+/// The operator's CA. Its files stay where the operator keeps them; nothing goes into the
+/// store (every replica is given the same files).
+pub fn load_ca(f: &CaFiles, trust_domain: &str) -> Result<Ca, ControlError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|source| ControlError::Io {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    if let Ok(m) = std::fs::metadata(&f.key) {
+        if std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 != 0 {
+            tracing::warn!(file = %f.key.display(), "the CA key is readable by other users; chmod 600 it");
+        }
+    }
+    let (cert, key) = (read(&f.cert)?, read(&f.key)?);
+    let bundle = f.bundle.as_deref().map(read).transpose()?;
+    let ca = Ca::from_pem(trust_domain, &cert, &key, bundle.as_deref()).map_err(|e| {
+        ControlError::Identity(format!("{} / {}: {e}", f.cert.display(), f.key.display()))
+    })?;
+    tracing::info!(cert = %f.cert.display(), %trust_domain, "using the operator's CA");
+    Ok(ca)
+}
+
 /// The mesh's CA: the one in the store, or a new root recorded there (the first replica to
 /// start makes it; a racing one adopts the winner's).
 pub async fn establish_ca(store: &Store, trust_domain: &str) -> Result<Ca, ControlError> {

@@ -40,6 +40,9 @@ pub struct Options {
     pub trust_domain: String,
     /// Lifetime of the certificates the CA issues.
     pub svid_ttl: Duration,
+    /// The operator's CA (a root, or an intermediate with its root as the bundle), instead
+    /// of a root the control plane makes.
+    pub ca_files: Option<identity::CaFiles>,
 }
 
 /// Why the control plane could not start.
@@ -196,7 +199,10 @@ impl Control {
                 opts.svid_ttl
             )));
         }
-        let ca = identity::establish_ca(&store, &opts.trust_domain).await?;
+        let ca = match &opts.ca_files {
+            Some(f) => identity::load_ca(f, &opts.trust_domain)?,
+            None => identity::establish_ca(&store, &opts.trust_domain).await?,
+        };
         let identity = Arc::new(identity::Identity {
             ca,
             svid_ttl: opts.svid_ttl,

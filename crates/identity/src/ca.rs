@@ -206,6 +206,23 @@ impl Ca {
         bundle_pem: Option<&str>,
     ) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem)?;
+        with_leaf(cert_pem, |c| {
+            if !c.is_ca() {
+                return Err(CaError::Config(
+                    "the CA certificate is not a CA (basicConstraints CA:TRUE)".into(),
+                ));
+            }
+            if c.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+                return Err(CaError::Config(
+                    "the CA key does not belong to the CA certificate".into(),
+                ));
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            CaError::Untrusted(m) => CaError::Config(format!("the CA certificate: {m}")),
+            e => e,
+        })?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(Self {
             trust_domain: trust_domain.into(),
@@ -428,6 +445,33 @@ mod tests {
             e.to_string().contains("not signed by this mesh's CA"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_operator_ca_must_be_a_ca_with_its_own_key() {
+        let ca = Ca::generate("trellis.local", Duration::from_secs(3600)).unwrap();
+        let other = KeyPair::generate().unwrap().serialize_pem();
+        let e = Ca::from_pem("trellis.local", ca.cert_pem(), &other, None)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("does not belong"), "{e}");
+        let id = SpiffeId::new("trellis.local", "a", "b").unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_csr = CertificateParams::default()
+            .serialize_request(&leaf_key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let leaf = ca.sign(&leaf_csr, &id, Duration::from_secs(60)).unwrap();
+        let e = Ca::from_pem(
+            "trellis.local",
+            &leaf.chain_pem,
+            &leaf_key.serialize_pem(),
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("is not a CA"), "{e}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ impl InProcess {
             max_body_bytes: 4 << 20,
             trust_domain: "trellis.local".into(),
             svid_ttl: std::time::Duration::from_secs(3600),
+            ca_files: None,
         })
         .await
         .unwrap();
