@@ -98,7 +98,9 @@ fn with_leaf<T>(
     f(&cert)
 }
 
-fn leaf_id(c: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, CaError> {
+pub(crate) fn leaf_id(
+    c: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<SpiffeId, CaError> {
     let san = c
         .subject_alternative_name()
         .map_err(|e| untrusted(format!("subjectAltName: {e}")))?
@@ -293,6 +295,22 @@ impl Ca {
         if !(LEAF_MIN..=LEAF_MAX).contains(&ttl) {
             return Err(CaError::Lifetime(ttl));
         }
+        let now = OffsetDateTime::now_utc();
+        let ttl_t = time::Duration::try_from(ttl).map_err(|_| CaError::Lifetime(ttl))?;
+        let mut svid = self.sign_between(csr_pem, allowed, now - SKEW, now + ttl_t)?;
+        svid.not_after = SystemTime::now() + ttl;
+        Ok(svid)
+    }
+
+    /// Sign for an explicit validity (`sign` backdates by five minutes and adds the
+    /// lifetime; tests make expired certificates with this).
+    pub fn sign_between(
+        &self,
+        csr_pem: &str,
+        allowed: &SpiffeId,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Svid, CaError> {
         if allowed.trust_domain != self.trust_domain {
             return Err(CaError::Refused {
                 requested: allowed.to_string(),
@@ -330,20 +348,19 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        p.not_before = now - SKEW;
-        let ttl_t = time::Duration::try_from(ttl).map_err(|_| CaError::Lifetime(ttl))?;
-        p.not_after = now + ttl_t;
+        p.not_before = not_before;
+        p.not_after = not_after;
         p.serial_number = Some(random_serial()?);
         let leaf = p.signed_by(&csr.public_key, &self.issuer)?;
         let mut chain_pem = leaf.pem();
         if self.bundle_pem != self.cert_pem {
             chain_pem.push_str(&self.cert_pem);
         }
+        let secs = not_after.unix_timestamp().max(0) as u64;
         Ok(Svid {
             chain_pem,
             id: allowed.clone(),
-            not_after: SystemTime::now() + ttl,
+            not_after: std::time::UNIX_EPOCH + Duration::from_secs(secs),
         })
     }
 }

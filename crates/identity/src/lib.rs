@@ -6,10 +6,12 @@
 //!   identity its credential allows. The proxy's key never leaves the proxy.
 //! - [`join`]: join tokens, the first credential of a proxy: scoped to one namespace and
 //!   identity, short-lived, limited in uses, and stored only as a digest.
+//! - [`tls`]: rustls configurations for mTLS between proxies (TLS 1.3, SPIFFE IDs).
 
 pub mod ca;
 pub mod join;
 pub mod spiffe;
+pub mod tls;
 
 pub use ca::{inspect, prove, Ca, CaError, CertInfo, Svid};
 pub use spiffe::SpiffeId;

@@ -1,0 +1,234 @@
+//! rustls configurations for mTLS between proxies: TLS 1.3 only, certificates chained to the
+//! mesh's trust bundle, identities by SPIFFE ID rather than host name.
+//!
+//! - The server (a workload's inbound side) asks every client for a certificate that chains
+//!   to the bundle and is valid for client authentication; [`peer_id`] then names the caller
+//!   for logs, metrics and authorization.
+//! - The client (the caller's proxy) accepts a server only if its certificate chains to the
+//!   bundle, is valid for server authentication, and carries one of the SPIFFE IDs that the
+//!   destination service may have. The TLS server name is ignored: mesh peers are named by
+//!   identity, not by DNS.
+
+use std::sync::Arc;
+
+use rustls::{
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    server::{ParsedCertificate, WebPkiClientVerifier},
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+
+use crate::SpiffeId;
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM block is missing or malformed.
+    #[error("{what}: {why}")]
+    Pem {
+        /// Which input.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the configuration.
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// A proxy's certificate chain and key, and the roots it trusts, parsed once.
+#[derive(Clone, Debug)]
+pub struct TlsCredentials {
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    roots: Arc<RootCertStore>,
+}
+
+impl TlsCredentials {
+    /// From the PEM a proxy keeps in its state directory.
+    pub fn from_pem(chain_pem: &str, key_pem: &str, bundle_pem: &str) -> Result<Self, TlsError> {
+        let pem = |what, e: rustls::pki_types::pem::Error| TlsError::Pem {
+            what,
+            why: e.to_string(),
+        };
+        let chain: Vec<_> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem("certificate", e))?;
+        if chain.is_empty() {
+            return Err(TlsError::Pem {
+                what: "certificate",
+                why: "no certificate".into(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| pem("key", e))?;
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+            roots.add(c.map_err(|e| pem("trust bundle", e))?)?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::Pem {
+                what: "trust bundle",
+                why: "no certificate".into(),
+            });
+        }
+        Ok(Self {
+            chain,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+        })
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The inbound side: client certificates required, TLS 1.3, `alpn` offered.
+pub fn server_config(c: &TlsCredentials, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    let p = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(c.roots.clone(), p.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(c.chain.clone(), c.key.clone_key())?;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// The outbound side: present our certificate; accept only a server with one of `allowed`.
+pub fn client_config(
+    c: &TlsCredentials,
+    allowed: Vec<SpiffeId>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let p = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: c.roots.clone(),
+        allowed,
+        provider: p.clone(),
+    });
+    let mut cfg = ClientConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(c.chain.clone(), c.key.clone_key())?;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// The name a client gives when connecting to a mesh peer (the verifier ignores it).
+pub fn mesh_server_name() -> ServerName<'static> {
+    ServerName::try_from("trellis.mesh").expect("a valid DNS name")
+}
+
+/// The SPIFFE ID of a peer's leaf certificate.
+pub fn peer_id(certs: &[CertificateDer<'_>]) -> Option<SpiffeId> {
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+    crate::ca::leaf_id(&cert).ok()
+}
+
+/// The server's SPIFFE ID is not one the destination may have. (rustls prints the cause
+/// with `Debug`, so `Debug` says it in words.)
+struct WrongIdentity {
+    got: Option<SpiffeId>,
+    allowed: Vec<SpiffeId>,
+}
+
+impl std::fmt::Display for WrongIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let allowed: Vec<String> = self.allowed.iter().map(ToString::to_string).collect();
+        match &self.got {
+            Some(id) => write!(f, "peer is {id}, expected one of [{}]", allowed.join(", ")),
+            None => write!(f, "peer certificate has no SPIFFE ID"),
+        }
+    }
+}
+
+impl std::fmt::Debug for WrongIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for WrongIdentity {}
+
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    allowed: Vec<SpiffeId>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let got = peer_id(std::slice::from_ref(end_entity));
+        match &got {
+            Some(id) if self.allowed.contains(id) => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(WrongIdentity {
+                    got,
+                    allowed: self.allowed.clone(),
+                })),
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
