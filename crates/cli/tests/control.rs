@@ -248,6 +248,21 @@ async fn unresolved_references_are_stored_with_a_condition() {
     );
     let table = ok(cli(&cp, &["get", "httproute", "-n", "test"]));
     assert!(table.contains("Ready"), "{table}");
+
+    // An authorization policy is a resource like the others: validated (file:line:field),
+    // stored, and its targets resolved.
+    let authz = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: readers, namespace: test }\nspec:\n  targetRefs: [{ name: ghost }]\n  action: ALLOW\n  rules:\n    - from: [{ identities: [test/client] }]\n";
+    apply(&cp, authz);
+    let out = ok(cli(&cp, &["describe", "authz", "readers", "-n", "test"]));
+    assert!(out.contains("Service test/ghost not found"), "{out}");
+    let f = write_temp("authz.yaml", &authz.replace("test/client", "client"));
+    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("authz.yaml:8") && err.contains("identities[0]"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -52,6 +52,10 @@ pub const KINDS: &[(&str, &[&str])] = &[
             "policy",
         ],
     ),
+    (
+        "AuthorizationPolicy",
+        &["authorizationpolicy", "authorizationpolicies", "authz"],
+    ),
 ];
 
 /// The canonical kind for a name as a user types it.
@@ -140,6 +144,7 @@ pub async fn apply(
             }
             .into());
         }
+        trellis_model::check_standalone(file, r)?;
         let expect = expect_of(file, r)?;
         let doc = normalize(doc, r);
         let mut resource = r.clone();

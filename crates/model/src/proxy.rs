@@ -21,6 +21,8 @@ pub struct ProxyConfig {
     pub clusters: BTreeMap<String, ClusterConfig>,
     /// Explicit-mode local listeners.
     pub tcp_binds: Vec<BindConfig>,
+    /// Authorization policies, for the inbound side.
+    pub authz: Vec<AuthzPolicy>,
 }
 
 /// The workload served by this proxy.
@@ -260,4 +262,202 @@ pub struct BindConfig {
 /// The cluster key of a service port.
 pub fn cluster_key(service: &NamespacedName, port: u16) -> String {
     format!("{}/{}:{}", service.namespace, service.name, port)
+}
+
+/// The namespace whose namespace-wide authorization policies apply to the whole mesh.
+pub const MESH_NAMESPACE: &str = "trellis-system";
+
+/// An authorization policy, compiled.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuthzPolicy {
+    /// The policy's `namespace/name`.
+    pub name: NamespacedName,
+    /// Allow or deny.
+    pub action: crate::resource::AuthzAction,
+    /// Which services it guards.
+    pub scope: AuthzScope,
+    /// Any matching rule makes the policy match.
+    pub rules: Vec<AuthzRuleConfig>,
+}
+
+/// Which services a policy guards.
+#[derive(Clone, Debug, Serialize)]
+pub enum AuthzScope {
+    /// Every service.
+    Mesh,
+    /// Every service of a namespace.
+    Namespace(String),
+    /// These services.
+    Services(Vec<NamespacedName>),
+}
+
+/// A compiled rule.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AuthzRuleConfig {
+    /// Any of these callers (none: any caller, even without an identity).
+    pub from: Vec<AuthzSourceConfig>,
+    /// Any of these destinations (none: anything).
+    pub to: Vec<AuthzDestinationConfig>,
+}
+
+/// A compiled caller match.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AuthzSourceConfig {
+    /// Identities (none: any).
+    pub identities: Vec<IdentityMatch>,
+    /// Namespaces (none: any).
+    pub namespaces: Vec<String>,
+}
+
+/// One identity pattern.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IdentityMatch {
+    /// Trust domain, when the pattern was a full SPIFFE ID.
+    pub trust_domain: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// Identity; `None` for `NAMESPACE/*`.
+    pub name: Option<String>,
+}
+
+/// A compiled destination match.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AuthzDestinationConfig {
+    /// Ports (none: any).
+    pub ports: Vec<u16>,
+    /// Methods (none: any).
+    pub methods: Vec<String>,
+    /// Paths (none: any).
+    pub paths: Vec<PathMatchConfig>,
+}
+
+/// A caller's authenticated identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Identity.
+    pub name: String,
+}
+
+/// What an authorization decision looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct AuthzRequest<'a> {
+    /// The caller, if it presented a mesh certificate.
+    pub source: Option<&'a PeerIdentity>,
+    /// The called service.
+    pub service: &'a NamespacedName,
+    /// Its port.
+    pub port: u16,
+    /// Method and path, for HTTP and gRPC; `None` for a TCP connection.
+    pub http: Option<(&'a str, &'a str)>,
+}
+
+/// The outcome, and the policy that decided it (none: no policy applied, or no ALLOW
+/// policy matched).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthzDecision {
+    /// Let it through.
+    pub allowed: bool,
+    /// The deciding policy.
+    pub policy: Option<NamespacedName>,
+}
+
+impl AuthzScope {
+    fn covers(&self, s: &NamespacedName) -> bool {
+        match self {
+            AuthzScope::Mesh => true,
+            AuthzScope::Namespace(ns) => *ns == s.namespace,
+            AuthzScope::Services(v) => v.contains(s),
+        }
+    }
+}
+
+impl IdentityMatch {
+    fn matches(&self, p: &PeerIdentity) -> bool {
+        self.trust_domain
+            .as_ref()
+            .is_none_or(|t| *t == p.trust_domain)
+            && self.namespace == p.namespace
+            && self.name.as_ref().is_none_or(|n| *n == p.name)
+    }
+}
+
+fn path_matches(m: &PathMatchConfig, path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or(path);
+    match m {
+        PathMatchConfig::Exact(p) => p == path,
+        PathMatchConfig::Prefix(p) if p == "/" => true,
+        PathMatchConfig::Prefix(p) => path
+            .strip_prefix(p.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        PathMatchConfig::Regex(r) => r.0.is_match(path),
+    }
+}
+
+impl AuthzRuleConfig {
+    /// Whether `req` matches. A TCP connection cannot be checked against methods or paths:
+    /// such a field never lets an ALLOW rule match it and always lets a DENY rule match it,
+    /// so a policy meant for HTTP fails closed on TCP.
+    fn matches(&self, req: &AuthzRequest<'_>, deny: bool) -> bool {
+        let from = self.from.is_empty()
+            || self.from.iter().any(|f| {
+                let Some(p) = req.source else {
+                    return f.identities.is_empty() && f.namespaces.is_empty();
+                };
+                (f.identities.is_empty() || f.identities.iter().any(|i| i.matches(p)))
+                    && (f.namespaces.is_empty() || f.namespaces.contains(&p.namespace))
+            });
+        let to = self.to.is_empty()
+            || self.to.iter().any(|t| {
+                let port = t.ports.is_empty() || t.ports.contains(&req.port);
+                let l7 = match req.http {
+                    Some((method, path)) => {
+                        (t.methods.is_empty() || t.methods.iter().any(|m| m == method))
+                            && (t.paths.is_empty() || t.paths.iter().any(|m| path_matches(m, path)))
+                    }
+                    None => (t.methods.is_empty() && t.paths.is_empty()) || deny,
+                };
+                port && l7
+            });
+        from && to
+    }
+}
+
+/// Decide `req` under `policies`: a matching DENY denies; otherwise, if any ALLOW policy
+/// guards the service, one of them must match; otherwise the request is allowed.
+pub fn authorize(policies: &[AuthzPolicy], req: &AuthzRequest<'_>) -> AuthzDecision {
+    use crate::resource::AuthzAction;
+    let guarding = || policies.iter().filter(|p| p.scope.covers(req.service));
+    let matched = |p: &AuthzPolicy| {
+        let deny = p.action == AuthzAction::Deny;
+        p.rules.iter().any(|r| r.matches(req, deny))
+    };
+    if let Some(p) = guarding().find(|p| p.action == AuthzAction::Deny && matched(p)) {
+        return AuthzDecision {
+            allowed: false,
+            policy: Some(p.name.clone()),
+        };
+    }
+    let mut allows = guarding()
+        .filter(|p| p.action == AuthzAction::Allow)
+        .peekable();
+    if allows.peek().is_none() {
+        return AuthzDecision {
+            allowed: true,
+            policy: None,
+        };
+    }
+    match allows.find(|p| matched(p)) {
+        Some(p) => AuthzDecision {
+            allowed: true,
+            policy: Some(p.name.clone()),
+        },
+        None => AuthzDecision {
+            allowed: false,
+            policy: None,
+        },
+    }
 }

@@ -97,6 +97,16 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
             }
         }
         match &r.spec {
+            Spec::AuthorizationPolicy(p) => {
+                for (i, t) in p.target_refs.iter().enumerate() {
+                    let target = id(&t.name.value, &None);
+                    push(
+                        format!("spec.targetRefs[{i}]"),
+                        check(&t.kind, &target, None),
+                        None,
+                    );
+                }
+            }
             Spec::BackendPolicy(p) => {
                 for (i, t) in p.target_refs.iter().enumerate() {
                     let target = id(&t.name.value, &None);

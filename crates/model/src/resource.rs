@@ -101,6 +101,8 @@ pub enum Spec {
     GrpcRoute(GrpcRouteSpec),
     /// `kind: BackendTrafficPolicy`.
     BackendPolicy(BackendPolicySpec),
+    /// `AuthorizationPolicy`.
+    AuthorizationPolicy(AuthorizationPolicySpec),
 }
 
 impl Resource {
@@ -112,6 +114,7 @@ impl Resource {
             Spec::HttpRoute(_) => "HTTPRoute",
             Spec::GrpcRoute(_) => "GRPCRoute",
             Spec::BackendPolicy(_) => "BackendTrafficPolicy",
+            Spec::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 
@@ -130,6 +133,7 @@ const KINDS: &[(&str, &str)] = &[
     ("HTTPRoute", "gateway.networking.k8s.io/v1"),
     ("GRPCRoute", "gateway.networking.k8s.io/v1"),
     ("BackendTrafficPolicy", "trellis.dev/v1alpha1"),
+    ("AuthorizationPolicy", "trellis.dev/v1alpha1"),
 ];
 
 impl<'de> Deserialize<'de> for Resource {
@@ -174,6 +178,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                         "HTTPRoute" => Spec::HttpRoute(map.next_value()?),
                         "GRPCRoute" => Spec::GrpcRoute(map.next_value()?),
                         "BackendTrafficPolicy" => Spec::BackendPolicy(map.next_value()?),
+                        "AuthorizationPolicy" => Spec::AuthorizationPolicy(map.next_value()?),
                         other => return Err(unknown_kind(other)),
                     });
                 }
@@ -796,4 +801,86 @@ pub struct RetryBudget {
     /// Retries per second always allowed.
     #[serde(default)]
     pub min_retries_per_second: Option<u32>,
+}
+
+/// `AuthorizationPolicy`: who may call what, enforced by the callee's proxy.
+///
+/// DENY wins over ALLOW. Once any ALLOW policy applies to a Service, a request must match one
+/// of them. A policy without `targetRefs` applies to every Service of its namespace, and one
+/// in the `trellis-system` namespace to every Service of the mesh; an ALLOW policy without
+/// rules allows nothing, which makes such a scope default to deny.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    /// Services (of the policy's namespace); none: the whole namespace.
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// `ALLOW` or `DENY`.
+    pub action: AuthzAction,
+    /// A request matches the policy if it matches any rule.
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+}
+
+/// What a matching policy does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AuthzAction {
+    /// Allow.
+    #[serde(rename = "ALLOW")]
+    Allow,
+    /// Deny.
+    #[serde(rename = "DENY")]
+    Deny,
+}
+
+/// A rule: some source (any of `from`) and some destination (any of `to`); an empty list
+/// matches everything.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRule {
+    /// Callers.
+    #[serde(default)]
+    pub from: Vec<AuthzSource>,
+    /// What they call.
+    #[serde(default)]
+    pub to: Vec<AuthzDestination>,
+}
+
+/// Callers: every given field must match.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzSource {
+    /// `NAMESPACE/IDENTITY`, `NAMESPACE/*`, or a full SPIFFE ID.
+    #[serde(default)]
+    pub identities: Vec<Spanned<String>>,
+    /// Namespaces of the callers' identities.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+/// Destinations: every given field must match.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzDestination {
+    /// Service ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// HTTP methods (HTTP and gRPC only).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Paths (HTTP and gRPC only).
+    #[serde(default)]
+    pub paths: Vec<AuthzPath>,
+}
+
+/// A path: exactly one of `exact` and `prefix`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzPath {
+    /// Equal.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Starts with (whole segments: `/api` matches `/api` and `/api/x`, not `/apix`).
+    #[serde(default)]
+    pub prefix: Option<String>,
 }

@@ -33,6 +33,7 @@ struct Index<'a> {
     /// HTTPRoutes as written, GRPCRoutes as their equivalent HTTPRoute.
     routes: Vec<(&'a Resource, Cow<'a, HttpRouteSpec>)>,
     policies: Vec<(&'a Resource, &'a BackendPolicySpec)>,
+    authz: Vec<(&'a Resource, &'a crate::resource::AuthorizationPolicySpec)>,
 }
 
 /// Translate `resources` (read from `file`) into the config of the proxy serving `local`.
@@ -77,6 +78,7 @@ pub fn translate<R: std::borrow::Borrow<Resource>>(
         services,
         clusters,
         tcp_binds: Vec::new(),
+        authz: authz_policies(&ix)?,
     };
     if let Some(local) = local {
         local_workload(&ix, local, &mut cfg)?;
@@ -95,6 +97,7 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
         by_label: HashMap::new(),
         routes: Vec::new(),
         policies: Vec::new(),
+        authz: Vec::new(),
     };
     let mut seen = HashSet::new();
     for r in resources {
@@ -126,6 +129,7 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
                 ix.routes.push((r, Cow::Owned(h)));
             }
             Spec::BackendPolicy(p) => ix.policies.push((r, p)),
+            Spec::AuthorizationPolicy(a) => ix.authz.push((r, a)),
         }
     }
     ix.index_labels();
@@ -812,6 +816,179 @@ pub fn parse_authority_name(host: &str, default_ns: &str) -> NamespacedName {
             namespace: default_ns.to_string(),
             name: host.to_string(),
         },
+    }
+}
+
+/// Compile every AuthorizationPolicy, refusing bad identities, methods and paths by line.
+fn authz_policies(ix: &Index<'_>) -> Result<Vec<AuthzPolicy>> {
+    let mut out = Vec::new();
+    for (res, p) in &ix.authz {
+        let field = |f: &str| format!("AuthorizationPolicy {}: {f}", res.id());
+        let bad =
+            |line: u64, f: &str, m: String| Err(ConfigError::invalid(ix.file, line, field(f), m));
+        let ns = &res.metadata.namespace;
+        let scope = if p.target_refs.is_empty() {
+            if ns == MESH_NAMESPACE {
+                AuthzScope::Mesh
+            } else {
+                AuthzScope::Namespace(ns.clone())
+            }
+        } else {
+            let mut v = Vec::new();
+            for (i, t) in p.target_refs.iter().enumerate() {
+                let id = NamespacedName {
+                    namespace: ns.clone(),
+                    name: t.name.value.clone(),
+                };
+                if t.kind != "Service" || !ix.services.contains_key(&id) {
+                    let f = format!("spec.targetRefs[{i}].name");
+                    return bad(
+                        t.name.referenced.line(),
+                        &f,
+                        format!("Service {id} not found"),
+                    );
+                }
+                v.push(id);
+            }
+            AuthzScope::Services(v)
+        };
+        let rules = authz_rules(ix.file, res, p)?;
+        out.push(AuthzPolicy {
+            name: res.id(),
+            action: p.action,
+            scope,
+            rules,
+        });
+    }
+    Ok(out)
+}
+
+/// `NAMESPACE/IDENTITY`, `NAMESPACE/*` or a full SPIFFE ID.
+fn identity_match(s: &str) -> Option<IdentityMatch> {
+    let seg = |x: &str| {
+        !x.is_empty()
+            && x.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
+    if let Some(rest) = s.strip_prefix("spiffe://") {
+        let (td, path) = rest.split_once('/')?;
+        let parts: Vec<&str> = path.split('/').collect();
+        return match parts.as_slice() {
+            ["ns", ns, "sa", name] if seg(td) && seg(ns) && seg(name) => Some(IdentityMatch {
+                trust_domain: Some(td.to_string()),
+                namespace: ns.to_string(),
+                name: Some(name.to_string()),
+            }),
+            _ => None,
+        };
+    }
+    let (ns, name) = s.split_once('/')?;
+    if !seg(ns) {
+        return None;
+    }
+    match name {
+        "*" => Some(IdentityMatch {
+            trust_domain: None,
+            namespace: ns.into(),
+            name: None,
+        }),
+        n if seg(n) => Some(IdentityMatch {
+            trust_domain: None,
+            namespace: ns.into(),
+            name: Some(n.into()),
+        }),
+        _ => None,
+    }
+}
+
+/// The rules of an AuthorizationPolicy, checked on their own (they need no other resource,
+/// so an apply checks them even while the policy's targets are missing).
+fn authz_rules(
+    file: &str,
+    res: &Resource,
+    p: &crate::resource::AuthorizationPolicySpec,
+) -> Result<Vec<AuthzRuleConfig>> {
+    use crate::resource::AuthzPath;
+    let field = |f: &str| format!("AuthorizationPolicy {}: {f}", res.id());
+    let bad = |line: u64, f: &str, m: String| Err(ConfigError::invalid(file, line, field(f), m));
+    let mut rules = Vec::new();
+    for (ri, r) in p.rules.iter().enumerate() {
+        let mut from = Vec::new();
+        for (fi, f) in r.from.iter().enumerate() {
+            let mut identities = Vec::new();
+            for (ii, i) in f.identities.iter().enumerate() {
+                let fname = format!("spec.rules[{ri}].from[{fi}].identities[{ii}]");
+                match identity_match(&i.value) {
+                        Some(m) => identities.push(m),
+                        None => {
+                            return bad(
+                                i.referenced.line(),
+                                &fname,
+                                format!("{:?} is not NAMESPACE/IDENTITY, NAMESPACE/* or spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/IDENTITY", i.value),
+                            )
+                        }
+                    }
+            }
+            from.push(AuthzSourceConfig {
+                identities,
+                namespaces: f.namespaces.clone(),
+            });
+        }
+        let mut to = Vec::new();
+        for (ti, t) in r.to.iter().enumerate() {
+            let at = |f: &str| format!("spec.rules[{ri}].to[{ti}].{f}");
+            if t.ports.contains(&0) {
+                return bad(res.line, &at("ports"), "ports are 1 to 65535".into());
+            }
+            for m in &t.methods {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return bad(
+                        res.line,
+                        &at("methods"),
+                        format!("{m:?} is not an HTTP method (GET, POST, ...)"),
+                    );
+                }
+            }
+            let mut paths = Vec::new();
+            for (pi, AuthzPath { exact, prefix }) in t.paths.iter().enumerate() {
+                let f = at(&format!("paths[{pi}]"));
+                let m = match (exact, prefix) {
+                    (Some(e), None) => PathMatchConfig::Exact(e.clone()),
+                    (None, Some(p)) => {
+                        let trimmed = p.trim_end_matches('/');
+                        PathMatchConfig::Prefix(if trimmed.is_empty() {
+                            "/".into()
+                        } else {
+                            trimmed.into()
+                        })
+                    }
+                    _ => return bad(res.line, &f, "exactly one of exact and prefix".into()),
+                };
+                let (PathMatchConfig::Exact(v) | PathMatchConfig::Prefix(v)) = &m else {
+                    unreachable!("built above")
+                };
+                if !v.starts_with('/') {
+                    return bad(res.line, &f, format!("{v:?} does not start with /"));
+                }
+                paths.push(m);
+            }
+            to.push(AuthzDestinationConfig {
+                ports: t.ports.clone(),
+                methods: t.methods.clone(),
+                paths,
+            });
+        }
+        rules.push(AuthzRuleConfig { from, to });
+    }
+    Ok(rules)
+}
+
+/// Check what can be checked of `r` without the other resources. An apply runs this on every
+/// document, so that a policy whose targets do not exist yet is still checked.
+pub fn check_standalone(file: &str, r: &Resource) -> Result<()> {
+    match &r.spec {
+        Spec::AuthorizationPolicy(p) => authz_rules(file, r, p).map(drop),
+        _ => Ok(()),
     }
 }
 

@@ -176,3 +176,198 @@ fn selectors_match_every_label_within_the_namespace() {
         "both labels, same namespace, in name order"
     );
 }
+
+const AUTHZ_MESH: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: catalog, namespace: shop }
+spec:
+  selector: { app: catalog }
+  ports: [{ name: http, port: 80 }, { name: db, port: 5432, protocol: TCP }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: admin, namespace: ops }
+spec:
+  selector: { app: admin }
+  ports: [{ port: 80 }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: catalog-readers, namespace: shop }
+spec:
+  targetRefs: [{ name: catalog }]
+  action: ALLOW
+  rules:
+    - from: [{ identities: [shop/frontend, "spiffe://trellis.local/ns/shop/sa/search"] }]
+      to: [{ ports: [80], methods: [GET], paths: [{ prefix: /items }] }]
+    - from: [{ namespaces: [batch] }]
+      to: [{ ports: [5432] }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: no-internal, namespace: shop }
+spec:
+  action: DENY
+  rules:
+    - to: [{ ports: [80], paths: [{ prefix: /internal }] }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: allow-nothing, namespace: ops }
+spec:
+  action: ALLOW
+"#;
+
+#[test]
+fn authorization_policies_allow_deny_matrix() {
+    use crate::proxy::{authorize, AuthzRequest, PeerIdentity};
+    let res = parse_documents("authz.yaml", AUTHZ_MESH).unwrap();
+    let cfg = translate("authz.yaml", &res, None).unwrap();
+    let peer = |ns: &str, name: &str| PeerIdentity {
+        trust_domain: "trellis.local".into(),
+        namespace: ns.into(),
+        name: name.into(),
+    };
+    let (catalog, admin, other) = (nn("shop/catalog"), nn("ops/admin"), nn("shop/other"));
+    let (frontend, search, cron, evil) = (
+        peer("shop", "frontend"),
+        peer("shop", "search"),
+        peer("batch", "cron"),
+        peer("shop", "evil"),
+    );
+    let foreign_search = PeerIdentity {
+        trust_domain: "other.example".into(),
+        ..search.clone()
+    };
+    let ask = |source: Option<&PeerIdentity>, service: &NamespacedName, port, http| {
+        let d = authorize(
+            &cfg.authz,
+            &AuthzRequest {
+                source,
+                service,
+                port,
+                http,
+            },
+        );
+        (d.allowed, d.policy.map(|p| p.to_string()))
+    };
+    let allow = |p: &str| (true, Some(p.to_string()));
+    let no_allow = (false, None);
+    let cases = [
+        // (source, service, port, http) → (allowed, deciding policy)
+        (
+            ask(Some(&frontend), &catalog, 80, Some(("GET", "/items/7"))),
+            allow("shop/catalog-readers"),
+        ),
+        (
+            ask(Some(&search), &catalog, 80, Some(("GET", "/items"))),
+            allow("shop/catalog-readers"),
+        ),
+        (
+            ask(Some(&foreign_search), &catalog, 80, Some(("GET", "/items"))),
+            no_allow.clone(),
+        ),
+        (
+            ask(Some(&frontend), &catalog, 80, Some(("POST", "/items/7"))),
+            no_allow.clone(),
+        ),
+        (
+            ask(Some(&frontend), &catalog, 80, Some(("GET", "/itemsx"))),
+            no_allow.clone(),
+        ),
+        (
+            ask(Some(&evil), &catalog, 80, Some(("GET", "/items"))),
+            no_allow.clone(),
+        ),
+        (
+            ask(None, &catalog, 80, Some(("GET", "/items"))),
+            no_allow.clone(),
+        ),
+        // DENY wins, even for an allowed caller; query strings do not hide a path.
+        (
+            ask(
+                Some(&frontend),
+                &catalog,
+                80,
+                Some(("GET", "/internal/x?a=b")),
+            ),
+            (false, Some("shop/no-internal".into())),
+        ),
+        // TCP: the namespace rule allows the database port; HTTP-only ALLOW rules never
+        // match a connection, HTTP-only DENY rules always do (fail closed).
+        (
+            ask(Some(&cron), &catalog, 5432, None),
+            allow("shop/catalog-readers"),
+        ),
+        (ask(Some(&evil), &catalog, 5432, None), no_allow.clone()),
+        (
+            ask(Some(&frontend), &catalog, 80, None),
+            (false, Some("shop/no-internal".into())),
+        ),
+        // A namespace-wide ALLOW without rules: nothing is allowed there.
+        (
+            ask(Some(&frontend), &admin, 80, Some(("GET", "/"))),
+            no_allow.clone(),
+        ),
+        // No ALLOW policy guards shop/other: allowed unless denied.
+        (ask(None, &other, 80, Some(("GET", "/"))), (true, None)),
+        (
+            ask(None, &other, 80, Some(("GET", "/internal"))),
+            (false, Some("shop/no-internal".into())),
+        ),
+    ];
+    for (i, (got, want)) in cases.iter().enumerate() {
+        assert_eq!(got, want, "case {i}");
+    }
+}
+
+#[test]
+fn authorization_policy_errors_name_line_and_field() {
+    let bad = AUTHZ_MESH.replace("shop/frontend,", "frontend,");
+    let e = translate(
+        "authz.yaml",
+        &parse_documents("authz.yaml", &bad).unwrap(),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("authz.yaml:") && e.contains("identities[0]"),
+        "{e}"
+    );
+    let line: u64 = e.split(':').nth(1).unwrap().parse().unwrap();
+    assert!(
+        bad.lines()
+            .nth(line as usize - 1)
+            .unwrap()
+            .contains("frontend"),
+        "{e}"
+    );
+    let bad = AUTHZ_MESH.replace("methods: [GET]", "methods: [get]");
+    let e = translate(
+        "authz.yaml",
+        &parse_documents("authz.yaml", &bad).unwrap(),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("methods") && e.contains("\"get\""), "{e}");
+    let bad = AUTHZ_MESH.replace(
+        "targetRefs: [{ name: catalog }]",
+        "targetRefs: [{ name: katalog }]",
+    );
+    let e = translate(
+        "authz.yaml",
+        &parse_documents("authz.yaml", &bad).unwrap(),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("targetRefs[0].name") && e.contains("shop/katalog not found"),
+        "{e}"
+    );
+    let bad = AUTHZ_MESH.replace("action: DENY", "action: REJECT");
+    assert!(parse_documents("authz.yaml", &bad).is_err());
+}
