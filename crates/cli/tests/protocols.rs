@@ -383,3 +383,73 @@ async fn connect_over_h2_is_tunnelled() {
     tunnel.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"over h2");
 }
+
+#[tokio::test]
+async fn inbound_enforces_authorization_policies() {
+    let app = upstream::named("local-app").await;
+    let policy = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: no-admin, namespace: test }\nspec:\n  targetRefs: [{ name: alpha }]\n  action: DENY\n  rules:\n    - to: [{ paths: [{ prefix: /admin }] }]\n".to_string();
+    let cfg = docs(&[
+        service("alpha", "HTTP", &[app]),
+        client_workload(&[]),
+        policy,
+    ]);
+    let p = ProxyProcess::start(BIN, &cfg, &["--workload", "test/alpha-0"]);
+
+    // Allowed: any path but /admin.
+    let (st, body) = client::get(p.inbound, "alpha.test", "/in", &[])
+        .await
+        .unwrap();
+    assert_eq!((st.as_u16(), &body[..]), (200, &b"local-app"[..]));
+    // Denied: 403, class `denied`, naming the policy; the application never sees it.
+    let req = |path: &str, grpc: bool| {
+        let mut b = http::Request::post(path).header("host", "alpha.test");
+        if grpc {
+            b = b.header("content-type", "application/grpc");
+        }
+        b.body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let r = client::send1(p.inbound, req("/admin/users", false))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.headers["x-trellis-failure"], "denied");
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(text.contains("test/no-admin"), "{text}");
+    // gRPC callers get PERMISSION_DENIED.
+    let r = client::send1(p.inbound, req("/admin/Drop", true))
+        .await
+        .unwrap();
+    assert_eq!(r.headers["grpc-status"], "7", "{:?}", r.headers);
+    // A TCP tunnel cannot be checked against paths: a DENY rule with paths refuses it
+    // (fail closed), and the connection is closed.
+    let mut s = tokio::net::TcpStream::connect(p.inbound).await.unwrap();
+    s.write_all(b"CONNECT alpha.test:80 HTTP/1.1\r\nHost: alpha.test:80\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes a refused tunnel")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        out.starts_with("HTTP/1.1 403") && out.contains("x-trellis-failure: denied"),
+        "{out}"
+    );
+    let denied = eventually(
+        "denials counted",
+        std::time::Duration::from_secs(10),
+        async || {
+            let n = p
+                .metric(
+                    "trellis_http_requests_total",
+                    &[("direction", "inbound"), ("failure_class", "denied")],
+                )
+                .await;
+            (n >= 3.0).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(denied, 3.0);
+}

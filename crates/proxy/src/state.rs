@@ -23,6 +23,8 @@ pub struct InboundTarget {
     pub protocol: Protocol,
     /// Cluster whose one endpoint is the application.
     pub cluster: Arc<Cluster>,
+    /// The service callers reach through this port (authorization policies guard it).
+    pub service: NamespacedName,
 }
 
 /// A translated config plus the runtime state built from it.
@@ -85,6 +87,7 @@ impl Snapshot {
                     port: ip.port,
                     protocol: ip.protocol,
                     cluster,
+                    service: ip.service.clone(),
                 });
             }
         }

@@ -289,7 +289,10 @@ impl ServerConn {
                 .home
                 .as_ref()
                 .is_some_and(|h| h.lock().expect("home lock").is_some());
-        let close = !upgraded && (!cur.keep_alive || draining || out == BodyOut::Eof || !body_read);
+        // A refused CONNECT closes too: what the client sends next was meant for the tunnel.
+        let refused_tunnel = cur.connect && !status.is_success();
+        let close = !upgraded
+            && (!cur.keep_alive || draining || out == BodyOut::Eof || !body_read || refused_tunnel);
         let connection = match (close, cur.http10) {
             (true, _) => Some("close"),
             (false, true) => Some("keep-alive"),

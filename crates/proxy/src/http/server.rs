@@ -348,6 +348,10 @@ fn inbound(
     };
     rec.dst_service = target.cluster.service.clone();
     rec.route = INBOUND_ROUTE.with(Clone::clone);
+    let http = Some((req.method().as_str(), req.uri().path()));
+    if let Some(detail) = denied(snap, target, http) {
+        return Next::Reply(local_reply(rec, FailureClass::Denied, detail, grpc));
+    }
     if is_upgrade(&req) {
         return Next::Upgrade(target.cluster.clone(), req, rec);
     }
@@ -381,7 +385,40 @@ fn inbound_tunnel(
     };
     rec.dst_service = target.cluster.service.clone();
     rec.route = INBOUND_ROUTE.with(Clone::clone);
+    if let Some(detail) = denied(snap, target, None) {
+        // The HTTP/1.1 server closes a connection whose CONNECT it refused.
+        return Next::Reply(local_reply(rec, FailureClass::Denied, detail, false));
+    }
     Next::Tunnel(target.cluster.clone(), req, rec)
+}
+
+/// The authorization policies' verdict on a request (`http`: method and path) or a TCP
+/// tunnel (`None`) to `target`; `Some(why)` when denied. Until the inbound listener speaks
+/// mutual TLS, callers have no identity here, so policies that name identities or namespaces
+/// deny them.
+fn denied(
+    snap: &Snapshot,
+    target: &crate::state::InboundTarget,
+    http: Option<(&str, &str)>,
+) -> Option<String> {
+    let policies = &snap.cfg.authz;
+    if policies.is_empty() {
+        return None;
+    }
+    let req = trellis_model::proxy::AuthzRequest {
+        source: None,
+        service: &target.service,
+        port: target.port,
+        http,
+    };
+    let d = trellis_model::proxy::authorize(policies, &req);
+    (!d.allowed).then(|| match d.policy {
+        Some(p) => format!("denied by AuthorizationPolicy {p}"),
+        None => format!(
+            "no AuthorizationPolicy allows this request to {}",
+            target.service
+        ),
+    })
 }
 
 /// A plain response for admin endpoints.
