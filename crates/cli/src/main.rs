@@ -216,6 +216,16 @@ struct ProxyArgs {
         requires = "state_dir"
     )]
     join_token: Option<String>,
+    /// With an identity, what the inbound listener accepts: `strict` (mutual TLS only) or
+    /// `permissive` (mutual TLS and plaintext, while callers migrate).
+    #[arg(long, value_enum, default_value = "permissive")]
+    mtls_mode: MtlsMode,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MtlsMode {
+    Strict,
+    Permissive,
 }
 
 fn main() -> ExitCode {
@@ -399,6 +409,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
                 state_dir,
                 join_token: a.join_token,
             }),
+        mtls_strict: matches!(a.mtls_mode, MtlsMode::Strict),
     };
     // Config is checked before any port is bound.
     let loaded = match trellis_proxy::load(&opts) {

@@ -453,3 +453,132 @@ async fn an_operators_intermediate_signs_and_the_chain_verifies_to_its_root() {
     assert!(issuer.contains("operator intermediate"), "{issuer}");
     let _ = std::fs::remove_dir_all(&pki);
 }
+
+/// Credentials for `ns/id` as a peer proxy holds them: key by openssl, certificate from the
+/// control plane with a fresh token.
+async fn peer_credentials(
+    cp: &ControlProcess,
+    ns: &str,
+    id: &str,
+) -> trellis_identity::tls::TlsCredentials {
+    let t = token(cp, ns, id, "10m", "1");
+    let (dir, pem) = csr(None);
+    let (st, v) = sign(cp, &t, &pem).await;
+    assert_eq!(st, 200, "{v}");
+    let key = std::fs::read_to_string(dir.join("key.pem")).unwrap();
+    trellis_identity::tls::TlsCredentials::from_pem(
+        v["certificate"].as_str().unwrap(),
+        &key,
+        v["trustBundle"].as_str().unwrap(),
+    )
+    .unwrap()
+}
+
+/// GET `/` from `alpha.test` over mutual TLS as `me`, expecting the server to be `server_id`.
+async fn get_over_mtls(
+    addr: std::net::SocketAddr,
+    me: &trellis_identity::tls::TlsCredentials,
+    server_id: &str,
+) -> Result<(u16, String), String> {
+    let cfg =
+        trellis_identity::tls::client_config(me, vec![server_id.parse().unwrap()], &[b"http/1.1"])
+            .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(trellis_identity::tls::mesh_server_name(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", "alpha.test")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let st = r.status().as_u16();
+    let body = http_body_util::BodyExt::collect(r.into_body())
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((st, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test]
+async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity() {
+    let app = upstream::named("local-app").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let policy = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: clients-only, namespace: test }\nspec:\n  targetRefs: [{ name: alpha }]\n  action: ALLOW\n  rules:\n    - from: [{ identities: [test/client] }]\n";
+    let mesh = [service("alpha", "HTTP", &[app]), policy.to_string()].join("---\n");
+    let (st, v) = cp.call(Method::POST, "/api/v1/apply", &mesh, None).await;
+    assert_eq!(st, 200, "{v}");
+    let state = temp_path("alpha-state");
+    let state_s = state.to_str().unwrap().to_string();
+    let t = token(&cp, "test", "alpha", "10m", "1");
+    let p = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/alpha-0",
+        &["--state-dir", &state_s, "--join-token", &t],
+    );
+    p.wait_ready().await;
+    let alpha = "spiffe://trellis.local/ns/test/sa/alpha";
+    let client = peer_credentials(&cp, "test", "client").await;
+    let evil = peer_credentials(&cp, "test", "evil").await;
+
+    // The allowed identity gets through, and the access log names it.
+    assert_eq!(
+        get_over_mtls(p.inbound, &client, alpha).await.unwrap(),
+        (200, "local-app".to_string())
+    );
+    let line = p
+        .wait_log("mtls inbound line", |l| {
+            l["direction"] == "inbound" && l["status"] == 200
+        })
+        .await;
+    assert_eq!(
+        line["source_identity"],
+        "spiffe://trellis.local/ns/test/sa/client"
+    );
+    // Another identity of the same mesh: 403, class denied.
+    let (st, body) = get_over_mtls(p.inbound, &evil, alpha).await.unwrap();
+    assert_eq!(st, 403, "{body}");
+    assert!(body.contains("denied"), "{body}");
+    // A caller that expects another server identity refuses the proxy.
+    let e = get_over_mtls(p.inbound, &client, "spiffe://trellis.local/ns/test/sa/beta")
+        .await
+        .unwrap_err();
+    assert!(
+        e.contains("peer is spiffe://trellis.local/ns/test/sa/alpha"),
+        "{e}"
+    );
+    // Permissive mode: plaintext is served, but has no identity, so the policy denies it.
+    let (st, _) = client::get(p.inbound, "alpha.test", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 403);
+    drop(p);
+
+    // Strict mode (same state dir: the stored certificate is reused): plaintext is refused
+    // at the connection and counted; mutual TLS still works.
+    let p = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/alpha-0",
+        &["--state-dir", &state_s, "--mtls-mode", "strict"],
+    );
+    p.wait_ready().await;
+    assert!(client::get(p.inbound, "alpha.test", "/", &[])
+        .await
+        .is_err());
+    assert_eq!(
+        p.metric("trellis_inbound_tls_refusals_total", &[]).await,
+        1.0
+    );
+    assert_eq!(
+        get_over_mtls(p.inbound, &client, alpha).await.unwrap().0,
+        200
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}

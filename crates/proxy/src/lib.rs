@@ -79,6 +79,9 @@ pub struct Options {
     pub access_log: bool,
     /// Get and keep a certificate from the mesh's CA (with xDS only).
     pub identity: Option<identity::IdentityOptions>,
+    /// With an identity: refuse plaintext on the inbound listener (`true`), or accept both
+    /// mutual TLS and plaintext (`false`, for migration).
+    pub mtls_strict: bool,
 }
 
 /// State shared by every task.
@@ -101,6 +104,10 @@ pub struct Shared {
     pub xds_status: std::sync::Mutex<XdsStatus>,
     /// The proxy's certificate and key, when it has an identity (renewed in place).
     pub identity: Option<Arc<ArcSwap<identity::Credentials>>>,
+    /// The inbound TLS configuration, for the certificate serial it was built from.
+    pub inbound_tls: arc_swap::ArcSwapOption<(String, Arc<rustls::ServerConfig>)>,
+    /// Refuse plaintext on the inbound listener.
+    pub mtls_strict: bool,
 }
 
 /// What the proxy last did with what the control plane sent.
@@ -292,6 +299,8 @@ impl Proxy {
             synced: std::sync::atomic::AtomicBool::new(matches!(opts.source, Source::File(_))),
             xds_status: Default::default(),
             identity: creds,
+            inbound_tls: Default::default(),
+            mtls_strict: opts.mtls_strict,
         });
         let (admin, admin_addr) = bind(opts.admin, "admin")?;
         let (outbound, outbound_addr) = bind(opts.outbound, "outbound")?;

@@ -200,6 +200,8 @@ pub struct Metrics {
     pub overflows: Family<ClusterLabels, Counter>,
     /// Config reloads.
     pub reloads: Family<ResultLabels, Counter>,
+    /// Inbound connections refused for want of valid mutual TLS.
+    pub tls_refusals: Counter,
     /// Handles of `requests` and `request_duration` by label identity: see [`RequestKey`].
     request_cache: Arc<Mutex<RequestCache>>,
 }
@@ -264,6 +266,7 @@ impl Metrics {
             ejected: Family::default(),
             overflows: Family::default(),
             reloads: Family::default(),
+            tls_refusals: Counter::default(),
             request_cache: Arc::default(),
         };
         reg.register(
@@ -330,7 +333,17 @@ impl Metrics {
             "Config reloads by result (unstable)",
             m.reloads.clone(),
         );
+        reg.register(
+            "inbound_tls_refusals",
+            "Inbound connections refused: plaintext under strict mTLS, or a failed mTLS handshake (unstable)",
+            m.tls_refusals.clone(),
+        );
         m
+    }
+
+    /// An inbound connection refused for want of valid mutual TLS.
+    pub fn count_tls_refusal(&self) {
+        self.tls_refusals.inc();
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Record {
     pub trace_id: u128,
     /// Request id.
     pub request_id: Option<HeaderValue>,
+    /// The caller's SPIFFE ID, when it came over mutual TLS.
+    pub source_identity: Option<Arc<str>>,
     /// Held until the response ends: in-flight count and admission slot.
     pub guards: Option<(InFlight, tokio::sync::OwnedSemaphorePermit)>,
     /// The cluster and endpoint told the final class (outlier detection). Held directly
@@ -118,6 +120,8 @@ struct Line<'a> {
     failure_category: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_identity: Option<&'a str>,
     src_service: &'a str,
     dst_service: &'a str,
     dst_workload: &'a str,
@@ -169,6 +173,7 @@ impl Record {
             detail: None,
             trace_id: 0,
             request_id: None,
+            source_identity: None,
             guards: None,
             report_to: None,
             metrics,
@@ -215,6 +220,7 @@ impl Record {
             failure_class: self.class.as_str(),
             failure_category: self.class.category(),
             detail: self.detail.as_deref(),
+            source_identity: self.source_identity.as_deref(),
             src_service: self.src_service.as_str(),
             dst_service: self.dst_service.as_str(),
             dst_workload: self.dst_workload.as_str(),

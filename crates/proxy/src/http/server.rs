@@ -139,6 +139,22 @@ pub async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let _active = shared.drain.track();
+    if matches!(listener, Listener::Inbound) && shared.identity.is_some() {
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(builders.h1.header_read_timeout, stream.peek(&mut first));
+        match peeked.await {
+            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {
+                return serve_mtls(shared, builders, listener, stream, peer).await;
+            }
+            Ok(Ok(1)) if shared.mtls_strict => {
+                tracing::debug!(%peer, "plaintext refused on the inbound listener (mTLS strict)");
+                shared.metrics.count_tls_refusal();
+                return;
+            }
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+    }
     let Some(kind) = sniff(&stream, builders.h1.header_read_timeout).await else {
         return;
     };
@@ -170,6 +186,97 @@ pub async fn serve(
         Sniff::Http2 => drive!(builders.h2.serve_connection(io, svc), drain),
         _ => drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain),
     }
+}
+
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The caller's identity, learned from its certificate, carried to `handle` on each request.
+#[derive(Clone)]
+pub struct PeerId {
+    /// Parsed, for authorization.
+    pub id: Arc<trellis_model::proxy::PeerIdentity>,
+    /// As a SPIFFE ID, for logs.
+    pub uri: Arc<str>,
+}
+
+/// The inbound TLS configuration for the current certificate; rebuilt when it is renewed.
+fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
+    let creds = shared.identity.as_ref()?.load();
+    if let Some(c) = shared.inbound_tls.load().as_ref() {
+        if c.0 == creds.info.serial {
+            return Some(c.1.clone());
+        }
+    }
+    let built = trellis_identity::tls::TlsCredentials::from_pem(
+        &creds.chain_pem,
+        &creds.key_pem,
+        &creds.bundle_pem,
+    )
+    .and_then(|c| trellis_identity::tls::server_config(&c, &[b"h2", b"http/1.1"]));
+    match built {
+        Ok(cfg) => {
+            shared
+                .inbound_tls
+                .store(Some(Arc::new((creds.info.serial.clone(), cfg.clone()))));
+            Some(cfg)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the inbound TLS configuration");
+            None
+        }
+    }
+}
+
+/// A mutual-TLS connection on the inbound listener: the handshake, then HTTP/1.1 or HTTP/2
+/// (by ALPN) with every request carrying the caller's identity.
+async fn serve_mtls(
+    shared: Arc<Shared>,
+    builders: Arc<Builders>,
+    listener: Listener,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let Some(cfg) = inbound_tls(&shared) else {
+        return;
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
+    let tls = match tokio::time::timeout(builders.h1.header_read_timeout, accept).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "mTLS handshake refused");
+            shared.metrics.count_tls_refusal();
+            return;
+        }
+        Err(_) => return,
+    };
+    let id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(trellis_identity::tls::peer_id);
+    let peer_id = id.map(|id| PeerId {
+        uri: id.to_string().into(),
+        id: Arc::new(trellis_model::proxy::PeerIdentity {
+            trust_domain: id.trust_domain,
+            namespace: id.namespace,
+            name: id.identity,
+        }),
+    });
+    let mut drain = shared.drain.signal();
+    let svc = {
+        let shared = shared.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let (shared, listener) = (shared.clone(), listener.clone());
+            let mut req = req.map(ClientBody::Hyper);
+            if let Some(p) = &peer_id {
+                req.extensions_mut().insert(p.clone());
+            }
+            async move { Ok::<_, Infallible>(handle(&shared, &listener, req, peer).await) }
+        })
+    };
+    let io = TokioIo::new(tls);
+    drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain);
 }
 
 fn protocol(v: Version) -> &'static str {
@@ -212,6 +319,8 @@ async fn handle(
         shared.access_log.clone(),
         snap.src_service.clone(),
     );
+    let source = req.extensions().get::<PeerId>().cloned();
+    rec.source_identity = source.as_ref().map(|p| p.uri.clone());
     let ids = crate::trace::prepare(req.headers_mut());
     rec.trace_id = ids.trace_id;
     rec.request_id = Some(ids.request_id);
@@ -219,7 +328,7 @@ async fn handle(
     rec.uri = req.uri().clone();
     let grpc = is_grpc(&req);
     let next = match listener {
-        Listener::Inbound => inbound(&snap, req, rec, grpc),
+        Listener::Inbound => inbound(&snap, req, rec, grpc, source.as_ref()),
         _ => outbound(&snap, listener, req, rec, grpc, peer),
     };
     match next {
@@ -326,12 +435,14 @@ fn inbound(
     mut req: Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
+    source: Option<&PeerId>,
 ) -> Next<'static> {
+    let source = source.map(|p| p.id.as_ref());
     rec.authority = route::authority(&req);
     // The port the caller used picks the target; with one HTTP port, that one.
     let port = rec.authority.as_ref().and_then(|a| a.host_port().1);
     if req.method() == Method::CONNECT {
-        return inbound_tunnel(snap, port, req, rec);
+        return inbound_tunnel(snap, port, req, rec, source);
     }
     let http = |t: &&crate::state::InboundTarget| t.protocol != Protocol::Tcp;
     let target = snap
@@ -349,7 +460,7 @@ fn inbound(
     rec.dst_service = target.cluster.service.clone();
     rec.route = INBOUND_ROUTE.with(Clone::clone);
     let http = Some((req.method().as_str(), req.uri().path()));
-    if let Some(detail) = denied(snap, target, http) {
+    if let Some(detail) = denied(snap, target, http, source) {
         return Next::Reply(local_reply(rec, FailureClass::Denied, detail, grpc));
     }
     if is_upgrade(&req) {
@@ -374,6 +485,7 @@ fn inbound_tunnel(
     port: Option<u16>,
     req: Request<ClientBody>,
     mut rec: Box<Record>,
+    source: Option<&trellis_model::proxy::PeerIdentity>,
 ) -> Next<'static> {
     let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {
         let ports: Vec<u16> = snap.inbound.iter().map(|t| t.port).collect();
@@ -385,7 +497,7 @@ fn inbound_tunnel(
     };
     rec.dst_service = target.cluster.service.clone();
     rec.route = INBOUND_ROUTE.with(Clone::clone);
-    if let Some(detail) = denied(snap, target, None) {
+    if let Some(detail) = denied(snap, target, None, source) {
         // The HTTP/1.1 server closes a connection whose CONNECT it refused.
         return Next::Reply(local_reply(rec, FailureClass::Denied, detail, false));
     }
@@ -393,20 +505,21 @@ fn inbound_tunnel(
 }
 
 /// The authorization policies' verdict on a request (`http`: method and path) or a TCP
-/// tunnel (`None`) to `target`; `Some(why)` when denied. Until the inbound listener speaks
-/// mutual TLS, callers have no identity here, so policies that name identities or namespaces
-/// deny them.
+/// tunnel (`None`) to `target` from `source` (a caller that came over mutual TLS);
+/// `Some(why)` when denied. A plaintext caller has no identity, so policies that name
+/// identities or namespaces deny it.
 fn denied(
     snap: &Snapshot,
     target: &crate::state::InboundTarget,
     http: Option<(&str, &str)>,
+    source: Option<&trellis_model::proxy::PeerIdentity>,
 ) -> Option<String> {
     let policies = &snap.cfg.authz;
     if policies.is_empty() {
         return None;
     }
     let req = trellis_model::proxy::AuthzRequest {
-        source: None,
+        source,
         service: &target.service,
         port: target.port,
         http,
