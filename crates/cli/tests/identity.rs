@@ -148,9 +148,9 @@ async fn the_ca_issues_svids_that_openssl_accepts_and_only_what_a_token_allows()
     let late = Command::new("openssl")
         .args(["x509", "-in", "cert.pem", "-noout", "-checkend", "7800"])
         .current_dir(&dir)
-        .status()
+        .output()
         .unwrap();
-    assert!(!late.success(), "valid beyond its lifetime");
+    assert!(!late.status.success(), "valid beyond its lifetime");
     // The root is a CA that may sign only leaves.
     let root = openssl(&dir, &["x509", "-in", "root.pem", "-noout", "-text"]);
     assert!(
@@ -545,6 +545,27 @@ async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity
     let (st, body) = get_over_mtls(p.inbound, &evil, alpha).await.unwrap();
     assert_eq!(st, 403, "{body}");
     assert!(body.contains("denied"), "{body}");
+    // Metrics carry the caller's identity.
+    let by = |who: &'static str, class: &'static str| {
+        let p = &p;
+        async move {
+            p.metric(
+                "trellis_http_requests_total",
+                &[("source_identity", who), ("failure_class", class)],
+            )
+            .await
+        }
+    };
+    eventually(
+        "requests counted by identity",
+        Duration::from_secs(10),
+        async || {
+            (by("spiffe://trellis.local/ns/test/sa/client", "ok").await == 1.0
+                && by("spiffe://trellis.local/ns/test/sa/evil", "denied").await == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
     // A caller that expects another server identity refuses the proxy.
     let e = get_over_mtls(p.inbound, &client, "spiffe://trellis.local/ns/test/sa/beta")
         .await

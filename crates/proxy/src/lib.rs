@@ -108,6 +108,19 @@ pub struct Shared {
     pub inbound_tls: arc_swap::ArcSwapOption<(String, Arc<rustls::ServerConfig>)>,
     /// Refuse plaintext on the inbound listener.
     pub mtls_strict: bool,
+    /// Callers' SPIFFE IDs as metric labels, one shared value each (the request-metric cache
+    /// compares labels by identity).
+    peer_labels: std::sync::Mutex<HashMap<String, metrics::Label>>,
+}
+
+impl Shared {
+    /// The label of a caller's SPIFFE ID.
+    pub fn peer_label(&self, id: &str) -> metrics::Label {
+        let mut m = self.peer_labels.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(id.to_string())
+            .or_insert_with(|| metrics::Label::from(id))
+            .clone()
+    }
 }
 
 /// What the proxy last did with what the control plane sent.
@@ -301,6 +314,7 @@ impl Proxy {
             identity: creds,
             inbound_tls: Default::default(),
             mtls_strict: opts.mtls_strict,
+            peer_labels: Default::default(),
         });
         let (admin, admin_addr) = bind(opts.admin, "admin")?;
         let (outbound, outbound_addr) = bind(opts.outbound, "outbound")?;

@@ -25,6 +25,11 @@ impl Label {
         self.0.as_deref().unwrap_or("unknown")
     }
 
+    /// The value, if known.
+    pub fn get(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
     /// Identity of the shared value (0 for "unknown").
     fn addr(&self) -> usize {
         self.0
@@ -95,6 +100,8 @@ pub struct RequestLabels {
     pub direction: Direction,
     /// Source service (the local workload's for outbound).
     pub src_service: Label,
+    /// The caller's SPIFFE ID, for inbound requests over mutual TLS ("unknown" otherwise).
+    pub source_identity: Label,
     /// Destination service.
     pub dst_service: Label,
     /// Destination workload.
@@ -224,6 +231,7 @@ impl PartialEq for RequestKey {
             && a.failure_class == b.failure_class
             && std::ptr::eq(a.dst_environment, b.dst_environment)
             && a.src_service.same(&b.src_service)
+            && a.source_identity.same(&b.source_identity)
             && a.dst_service.same(&b.dst_service)
             && a.dst_workload.same(&b.dst_workload)
             && a.route.same(&b.route)
@@ -236,6 +244,7 @@ impl Hash for RequestKey {
     fn hash<H: Hasher>(&self, h: &mut H) {
         let l = &self.0;
         h.write_usize(l.src_service.addr());
+        h.write_usize(l.source_identity.addr());
         h.write_usize(l.dst_service.addr());
         h.write_usize(l.dst_workload.addr());
         h.write_usize(l.route.addr());
@@ -379,6 +388,7 @@ mod tests {
         RequestLabels {
             direction: Direction::outbound,
             src_service: Label::default(),
+            source_identity: Label::default(),
             dst_service: Label::from("a.ns"),
             dst_workload: Label::default(),
             dst_environment: "vm",

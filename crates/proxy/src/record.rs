@@ -92,8 +92,9 @@ pub struct Record {
     pub trace_id: u128,
     /// Request id.
     pub request_id: Option<HeaderValue>,
-    /// The caller's SPIFFE ID, when it came over mutual TLS.
-    pub source_identity: Option<Arc<str>>,
+    /// The caller's SPIFFE ID, when it came over mutual TLS (one shared value per identity,
+    /// as every label).
+    pub source_identity: Label,
     /// Held until the response ends: in-flight count and admission slot.
     pub guards: Option<(InFlight, tokio::sync::OwnedSemaphorePermit)>,
     /// The cluster and endpoint told the final class (outlier detection). Held directly
@@ -173,7 +174,7 @@ impl Record {
             detail: None,
             trace_id: 0,
             request_id: None,
-            source_identity: None,
+            source_identity: Label::default(),
             guards: None,
             report_to: None,
             metrics,
@@ -194,6 +195,7 @@ impl Record {
         let labels = RequestLabels {
             direction: self.direction,
             src_service: self.src_service.clone(),
+            source_identity: self.source_identity.clone(),
             dst_service: self.dst_service.clone(),
             dst_workload: self.dst_workload.clone(),
             dst_environment: self.dst_environment,
@@ -220,7 +222,7 @@ impl Record {
             failure_class: self.class.as_str(),
             failure_category: self.class.category(),
             detail: self.detail.as_deref(),
-            source_identity: self.source_identity.as_deref(),
+            source_identity: self.source_identity.get(),
             src_service: self.src_service.as_str(),
             dst_service: self.dst_service.as_str(),
             dst_workload: self.dst_workload.as_str(),

@@ -196,8 +196,8 @@ const TLS_HANDSHAKE: u8 = 0x16;
 pub struct PeerId {
     /// Parsed, for authorization.
     pub id: Arc<trellis_model::proxy::PeerIdentity>,
-    /// As a SPIFFE ID, for logs.
-    pub uri: Arc<str>,
+    /// As a SPIFFE ID, for logs and metrics (interned: one value per identity).
+    pub uri: Label,
 }
 
 /// The inbound TLS configuration for the current certificate; rebuilt when it is renewed.
@@ -256,7 +256,7 @@ async fn serve_mtls(
         .peer_certificates()
         .and_then(trellis_identity::tls::peer_id);
     let peer_id = id.map(|id| PeerId {
-        uri: id.to_string().into(),
+        uri: shared.peer_label(&id.to_string()),
         id: Arc::new(trellis_model::proxy::PeerIdentity {
             trust_domain: id.trust_domain,
             namespace: id.namespace,
@@ -320,7 +320,9 @@ async fn handle(
         snap.src_service.clone(),
     );
     let source = req.extensions().get::<PeerId>().cloned();
-    rec.source_identity = source.as_ref().map(|p| p.uri.clone());
+    if let Some(p) = &source {
+        rec.source_identity = p.uri.clone();
+    }
     let ids = crate::trace::prepare(req.headers_mut());
     rec.trace_id = ids.trace_id;
     rec.request_id = Some(ids.request_id);
