@@ -453,3 +453,44 @@ pub(crate) async fn token_create(
     );
     Ok(())
 }
+
+/// `trellis token list`.
+pub(crate) async fn token_list(conn: &Conn) -> Result<()> {
+    let api = Api::new(conn)?;
+    let v = api.call(Method::GET, "/api/v1/tokens", None).await?;
+    let rows: Vec<Vec<String>> = v["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|t| {
+            vec![
+                t["id"].as_str().unwrap_or_default().into(),
+                format!(
+                    "{}/{}",
+                    t["namespace"].as_str().unwrap_or_default(),
+                    t["identity"].as_str().unwrap_or_default()
+                ),
+                t["usesLeft"].to_string(),
+                t["expiresAt"].to_string(),
+                t["state"].as_str().unwrap_or_default().into(),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "IDENTITY", "USES LEFT", "EXPIRES (UNIX)", "STATE"],
+        &rows,
+    );
+    Ok(())
+}
+
+/// `trellis token revoke ID`.
+pub(crate) async fn token_revoke(conn: &Conn, id: &str) -> Result<()> {
+    let api = Api::new(conn)?;
+    let id = id.trim_start_matches("trellis-join.");
+    let id = id.split('.').next().unwrap_or(id);
+    api.call(Method::DELETE, &format!("/api/v1/tokens/{}", enc(id)), None)
+        .await?;
+    println!("join token {id} revoked");
+    Ok(())
+}

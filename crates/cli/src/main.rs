@@ -97,6 +97,18 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum TokenCmd {
+    /// Every join token: scope, expiry, uses left (never the secret).
+    List {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Revoke a join token by id (the part after `trellis-join.`).
+    Revoke {
+        /// Token id.
+        id: String,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Create a join token for NAMESPACE/IDENTITY; it is printed once.
     Create {
         /// Namespace of the identity.
@@ -276,6 +288,8 @@ fn main() -> ExitCode {
             uses,
             conn,
         }) => ctl_run(ctl::token_create(&conn, &namespace, &identity, ttl.0, uses)),
+        Cmd::Token(TokenCmd::List { conn }) => ctl_run(ctl::token_list(&conn)),
+        Cmd::Token(TokenCmd::Revoke { id, conn }) => ctl_run(ctl::token_revoke(&conn, &id)),
     }
 }
 

@@ -186,6 +186,41 @@ async fn the_ca_issues_svids_that_openssl_accepts_and_only_what_a_token_allows()
     );
     assert_eq!(sign(&cp, &t3, "not a csr").await.0, 400);
 
+    // Tokens can be listed (scope, uses, state; never a secret) and revoked.
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(["--server", &cp.api_url(), "--token", &cp.token])
+            .env("XDG_CONFIG_HOME", "/nonexistent")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = cli(&["token", "list"]);
+    let first_id = t.split('.').nth(1).unwrap();
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(first_id))
+        .expect("listed");
+    assert!(
+        row.contains("shop/catalog") && row.contains("used"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(t.split('.').nth(2).unwrap()),
+        "no secret: {listed}"
+    );
+    let t4 = token(&cp, "shop", "catalog", "10m", "3");
+    cli(&["token", "revoke", &t4]);
+    let (st, v) = sign(&cp, &t4, &pem).await;
+    assert_eq!(st, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("unknown"), "{v}");
+
     // An expired token: made to live 1 s, refused once that has passed.
     let short = token(&cp, "shop", "catalog", "1s", "5");
     eventually("token expires", Duration::from_secs(10), async || {

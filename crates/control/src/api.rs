@@ -154,7 +154,14 @@ impl Api {
             )
             .route("/watch", get(watch_h))
             .route("/proxies", get(proxies_h))
-            .route("/tokens", post(identity::create_token))
+            .route(
+                "/tokens",
+                post(identity::create_token).get(identity::list_tokens),
+            )
+            .route(
+                "/tokens/{id}",
+                axum::routing::delete(identity::revoke_token),
+            )
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
         // Proxies authenticate with a join token here, not the admin token.

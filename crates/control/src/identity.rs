@@ -202,6 +202,54 @@ pub(crate) async fn create_token(
     })))
 }
 
+/// `GET /api/v1/tokens`: every join token's grant, never a secret (none is stored).
+pub(crate) async fn list_tokens(AxState(api): AxState<Api>) -> Result<Json<Value>, ApiError> {
+    let now = join::unix(SystemTime::now());
+    let items: Vec<Value> = api
+        .store()
+        .list()
+        .await?
+        .objects
+        .into_iter()
+        .filter(|o| o.key.kind == "_JoinToken")
+        .filter_map(|o| {
+            let g: Grant = serde_json::from_value(o.doc).ok()?;
+            let state = if g.expires_at <= now {
+                "expired"
+            } else if g.uses_left == 0 {
+                "used"
+            } else {
+                "active"
+            };
+            Some(json!({
+                "id": o.key.name,
+                "namespace": g.namespace,
+                "identity": g.identity,
+                "expiresAt": g.expires_at,
+                "usesLeft": g.uses_left,
+                "state": state,
+            }))
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `DELETE /api/v1/tokens/{id}`: revoke a join token (certificates it got stay valid).
+pub(crate) async fn revoke_token(
+    AxState(api): AxState<Api>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    api.store()
+        .write(vec![Write {
+            key: grant_key(&id),
+            doc: None,
+            expect: Expect::Any,
+        }])
+        .await?;
+    tracing::info!(token_id = %id, "join token revoked");
+    Ok(Json(json!({ "revoked": id })))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CsrRequest {
