@@ -3,33 +3,11 @@
 
 mod common;
 
-use std::{
-    process::{Command, Output},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::*;
 use http::Method;
 use trellis_test_support::{control::ControlProcess, write_temp};
-
-/// Run the CLI against `cp`; the output.
-fn cli(cp: &ControlProcess, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .args(["--server", &cp.api_url(), "--token", &cp.token])
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .expect("run trellis")
-}
-
-fn ok(out: Output) -> String {
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "command failed:\n{so}\n{se}");
-    so
-}
 
 fn apply(cp: &ControlProcess, yaml: &str) -> String {
     let f = write_temp("apply.yaml", yaml);

@@ -57,29 +57,19 @@ fn csr(san: Option<&str>) -> (PathBuf, String) {
 }
 
 fn token(cp: &ControlProcess, ns: &str, id: &str, ttl: &str, uses: &str) -> String {
-    let out = Command::new(BIN)
-        .args([
-            "token",
-            "create",
-            "-n",
-            ns,
-            "--identity",
-            id,
-            "--ttl",
-            ttl,
-            "--uses",
-            uses,
-        ])
-        .args(["--server", &cp.api_url(), "--token", &cp.token])
-        .env("XDG_CONFIG_HOME", "/nonexistent")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    let args = [
+        "token",
+        "create",
+        "-n",
+        ns,
+        "--identity",
+        id,
+        "--ttl",
+        ttl,
+        "--uses",
+        uses,
+    ];
+    ok(cli(cp, &args)).trim().to_string()
 }
 
 async fn sign(cp: &ControlProcess, token: &str, csr: &str) -> (u16, serde_json::Value) {
@@ -189,21 +179,7 @@ async fn the_ca_issues_svids_that_openssl_accepts_and_only_what_a_token_allows()
     assert_eq!(sign(&cp, &t3, "not a csr").await.0, 400);
 
     // Tokens can be listed (scope, uses, state; never a secret) and revoked.
-    let cli = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .args(["--server", &cp.api_url(), "--token", &cp.token])
-            .env("XDG_CONFIG_HOME", "/nonexistent")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let listed = cli(&["token", "list"]);
+    let listed = ok(cli(&cp, &["token", "list"]));
     let first_id = t.split('.').nth(1).unwrap();
     let row = listed
         .lines()
@@ -218,7 +194,7 @@ async fn the_ca_issues_svids_that_openssl_accepts_and_only_what_a_token_allows()
         "no secret: {listed}"
     );
     let t4 = token(&cp, "shop", "catalog", "10m", "3");
-    cli(&["token", "revoke", &t4]);
+    ok(cli(&cp, &["token", "revoke", &t4]));
     let (st, v) = sign(&cp, &t4, &pem).await;
     assert_eq!(st, 401, "{v}");
     assert!(v["error"].as_str().unwrap().contains("unknown"), "{v}");

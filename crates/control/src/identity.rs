@@ -262,16 +262,6 @@ pub(crate) struct CsrRequest {
     proof: Option<String>,
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 fn issued(svid: &trellis_identity::Svid, ca: &Ca) -> Json<Value> {
     Json(json!({
         "certificate": svid.chain_pem,
@@ -288,8 +278,8 @@ fn renew(
     cert: &str,
     proof: &str,
 ) -> Result<Json<Value>, ApiError> {
-    let proof =
-        unhex(proof).ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "proof: not hex".into()))?;
+    let proof = join::unhex(proof)
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "proof: not hex".into()))?;
     match id.ca.renew(&req.csr, cert, &proof, id.svid_ttl) {
         Ok(svid) => {
             tracing::info!(spiffe = %svid.id, "certificate renewed");

@@ -6,6 +6,7 @@
 use std::{io::Read, os::unix::fs::OpenOptionsExt, path::Path};
 
 use serde_json::json;
+use trellis_identity::join::{digest, hex, same};
 use trellis_store::{Expect, Key, Store, StoreError, Write};
 
 use crate::ControlError;
@@ -25,14 +26,6 @@ pub fn generate() -> std::io::Result<String> {
     Ok(hex(&bytes))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn digest(token: &str) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
-}
-
 /// The mesh's admin token, as a digest to check bearer tokens against.
 #[derive(Clone, Debug)]
 pub struct AdminToken {
@@ -42,12 +35,7 @@ pub struct AdminToken {
 impl AdminToken {
     /// Whether `given` is the token (compared by digest, without an early exit).
     pub fn accepts(&self, given: &str) -> bool {
-        let (a, b) = (digest(given.trim()), &self.sha256);
-        a.len() == b.len()
-            && a.bytes()
-                .zip(b.bytes())
-                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-                == 0
+        same(&digest(given.trim()), &self.sha256)
     }
 }
 

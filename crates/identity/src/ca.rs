@@ -122,6 +122,16 @@ pub(crate) fn leaf_id(
     }
 }
 
+/// A new P-256 key and a CSR for it that names nothing (the CA puts the identity in): key
+/// PEM, CSR PEM.
+pub fn key_and_csr() -> Result<(String, String), CaError> {
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)?
+        .pem()?;
+    Ok((key.serialize_pem(), csr))
+}
+
 /// Proof that the holder of `key_pem` (the current certificate's key) asks for `csr_pem`:
 /// its signature over the CSR's text (ECDSA P-256, SHA-256, ASN.1).
 pub fn prove(key_pem: &str, csr_pem: &str) -> Result<Vec<u8>, CaError> {
@@ -417,18 +427,13 @@ mod tests {
     fn renewal_needs_a_valid_certificate_of_this_ca_and_its_key() {
         let ca = Ca::generate("trellis.local", Duration::from_secs(3600)).unwrap();
         let id = SpiffeId::new("trellis.local", "shop", "catalog").unwrap();
-        let old_key = KeyPair::generate().unwrap();
-        let old_csr = CertificateParams::default()
-            .serialize_request(&old_key)
-            .unwrap()
-            .pem()
-            .unwrap();
+        let (old_key, old_csr) = key_and_csr().unwrap();
         let old = ca.sign(&old_csr, &id, Duration::from_secs(600)).unwrap();
         let info = inspect(&old.chain_pem).unwrap();
         assert_eq!(info.id, id);
 
         let new_csr = csr(&[]);
-        let proof = prove(&old_key.serialize_pem(), &new_csr).unwrap();
+        let proof = prove(&old_key, &new_csr).unwrap();
         let new = ca
             .renew(&new_csr, &old.chain_pem, &proof, Duration::from_secs(600))
             .unwrap();
@@ -473,21 +478,11 @@ mod tests {
             .unwrap();
         assert!(e.to_string().contains("does not belong"), "{e}");
         let id = SpiffeId::new("trellis.local", "a", "b").unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf_csr = CertificateParams::default()
-            .serialize_request(&leaf_key)
-            .unwrap()
-            .pem()
-            .unwrap();
+        let (leaf_key, leaf_csr) = key_and_csr().unwrap();
         let leaf = ca.sign(&leaf_csr, &id, Duration::from_secs(60)).unwrap();
-        let e = Ca::from_pem(
-            "trellis.local",
-            &leaf.chain_pem,
-            &leaf_key.serialize_pem(),
-            None,
-        )
-        .err()
-        .unwrap();
+        let e = Ca::from_pem("trellis.local", &leaf.chain_pem, &leaf_key, None)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("is not a CA"), "{e}");
     }
 

@@ -21,8 +21,29 @@ pub struct NewToken {
     pub sha256: String,
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lowercase hex.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of lowercase or uppercase hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Equal, compared without an early exit on the first difference (for secrets' digests).
+pub fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 fn random_hex(n: usize) -> String {
@@ -33,7 +54,7 @@ fn random_hex(n: usize) -> String {
     hex(&b)
 }
 
-/// SHA-256 of `secret`, hex.
+/// SHA-256 of `secret`, hex (of a join token's secret, or the admin token).
 pub fn digest(secret: &str) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref())
 }
@@ -117,14 +138,7 @@ impl Grant {
 
     /// Whether `secret` may use this grant at `now`.
     pub fn check(&self, secret: &str, now: SystemTime) -> Result<(), Refusal> {
-        let given = digest(secret);
-        let same = given.len() == self.sha256.len()
-            && given
-                .bytes()
-                .zip(self.sha256.bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0;
-        if !same {
+        if !same(&digest(secret), &self.sha256) {
             return Err(Refusal::Unknown);
         }
         if unix(now) >= self.expires_at {

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    resource::{NamespacedName, Resource, Spec},
+    resource::{AuthorizationPolicySpec, BackendPolicySpec, NamespacedName, Resource, Spec},
     translate::parse_authority_name,
 };
 
@@ -97,18 +97,9 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
             }
         }
         match &r.spec {
-            Spec::AuthorizationPolicy(p) => {
-                for (i, t) in p.target_refs.iter().enumerate() {
-                    let target = id(&t.name.value, &None);
-                    push(
-                        format!("spec.targetRefs[{i}]"),
-                        check(&t.kind, &target, None),
-                        None,
-                    );
-                }
-            }
-            Spec::BackendPolicy(p) => {
-                for (i, t) in p.target_refs.iter().enumerate() {
+            Spec::AuthorizationPolicy(AuthorizationPolicySpec { target_refs, .. })
+            | Spec::BackendPolicy(BackendPolicySpec { target_refs, .. }) => {
+                for (i, t) in target_refs.iter().enumerate() {
                     let target = id(&t.name.value, &None);
                     push(
                         format!("spec.targetRefs[{i}]"),

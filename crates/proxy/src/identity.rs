@@ -16,7 +16,7 @@ use std::{
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use trellis_identity::{inspect, prove, CertInfo};
+use trellis_identity::{inspect, key_and_csr, prove, CertInfo};
 
 /// Where the proxy keeps its identity, and its first credential.
 #[derive(Clone, Debug)]
@@ -112,16 +112,6 @@ fn save(dir: &Path, c: &Credentials) -> Result<(), IdentityError> {
     // The certificate last: a crash between writes leaves a key that matches no stored
     // certificate, which the next start treats as nothing stored.
     write_private(dir, CERT, &c.chain_pem)
-}
-
-/// A new key and a CSR for it (the CA puts the identity in).
-fn key_and_csr() -> Result<(String, String), IdentityError> {
-    let key = rcgen::KeyPair::generate().map_err(trellis_identity::CaError::from)?;
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(trellis_identity::CaError::from)?;
-    Ok((key.serialize_pem(), csr))
 }
 
 /// POST `body` to `/v1/certificates` of each control plane in turn (HTTP/2).
@@ -280,10 +270,7 @@ async fn renew(
     old: &Credentials,
 ) -> Result<Credentials, IdentityError> {
     let (key_pem, csr) = key_and_csr()?;
-    let proof: String = prove(&old.key_pem, &csr)?
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let proof = trellis_identity::join::hex(&prove(&old.key_pem, &csr)?);
     let body = serde_json::json!({ "csr": csr, "certificate": old.chain_pem, "proof": proof });
     let v = request(servers, None, body).await?;
     let c = from_response(&v, key_pem)?;

@@ -80,3 +80,26 @@ pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Opti
         }
     }
 }
+
+/// Run the CLI against the control plane `cp` (its URL and admin token); the output.
+pub fn cli(
+    cp: &trellis_test_support::control::ControlProcess,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(args)
+        .args(["--server", &cp.api_url(), "--token", &cp.token])
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .output()
+        .expect("run trellis")
+}
+
+/// Stdout of a command that must have succeeded.
+pub fn ok(out: std::process::Output) -> String {
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "command failed:\n{so}\n{se}");
+    so
+}
