@@ -116,6 +116,42 @@ async fn fetch(
     r
 }
 
+/// An ADS stream to `cp`: where to send requests, and the responses.
+async fn open_ads(
+    cp: &InProcess,
+) -> (
+    tokio::sync::mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let inbound = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
+
+/// The next response of `type_url` (others are skipped), within 10 s.
+async fn next_of(
+    rx: &mut tonic::Streaming<DiscoveryResponse>,
+    type_url: &str,
+) -> DiscoveryResponse {
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), rx.message())
+            .await
+            .expect("a response in time")
+            .unwrap()
+            .unwrap();
+        if r.type_url == type_url {
+            return r;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_proxyless_grpc_client_gets_a27_resources() {
     // Apply through the API, as a user would.
@@ -123,15 +159,7 @@ async fn a_proxyless_grpc_client_gets_a27_resources() {
     cp.call(http::Method::POST, "/api/v1/apply?file=mesh.yaml", MESH)
         .await;
 
-    let mut client = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut inbound = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_ads(&cp).await;
 
     // LDS: the listener of the dialled target, with an api_listener HCM using RDS over ADS,
     // whose filters end with the router.
@@ -235,16 +263,7 @@ async fn a_proxyless_grpc_client_gets_a27_resources() {
         "",
     )
     .await;
-    let pushed = loop {
-        let r = tokio::time::timeout(Duration::from_secs(10), inbound.message())
-            .await
-            .expect("push in time")
-            .unwrap()
-            .unwrap();
-        if r.type_url == ENDPOINT_TYPE {
-            break r;
-        }
-    };
+    let pushed = next_of(&mut inbound, ENDPOINT_TYPE).await;
     let cla = ClusterLoadAssignment::decode(pushed.resources[0].value.as_slice()).unwrap();
     let n: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
     assert_eq!(n, 1);
@@ -284,15 +303,7 @@ async fn an_envoy_sidecar_gets_socket_listeners_for_its_upstreams() {
         &format!("{MESH}{SIDECAR}"),
     )
     .await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut inbound = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_ads(&cp).await;
     // Envoy asks for every listener (wildcard), naming its workload in the node metadata.
     tx.send(DiscoveryRequest {
         node: Some(trellis_xds::node("envoy-sidecar", Some("shop/frontend"))),
@@ -301,11 +312,7 @@ async fn an_envoy_sidecar_gets_socket_listeners_for_its_upstreams() {
     })
     .await
     .unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(10), inbound.message())
-        .await
-        .expect("response in time")
-        .unwrap()
-        .unwrap();
+    let r = next_of(&mut inbound, LISTENER_TYPE).await;
     let listeners: std::collections::BTreeMap<String, Listener> = r
         .resources
         .iter()
@@ -359,16 +366,7 @@ async fn an_envoy_sidecar_gets_socket_listeners_for_its_upstreams() {
     })
     .await
     .unwrap();
-    let r = loop {
-        let r = tokio::time::timeout(Duration::from_secs(10), inbound.message())
-            .await
-            .expect("response in time")
-            .unwrap()
-            .unwrap();
-        if r.type_url == CLUSTER_TYPE {
-            break r;
-        }
-    };
+    let r = next_of(&mut inbound, CLUSTER_TYPE).await;
     let clusters: std::collections::BTreeMap<String, Cluster> = r
         .resources
         .iter()

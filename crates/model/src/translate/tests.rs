@@ -322,16 +322,16 @@ fn authorization_policies_allow_deny_matrix() {
     }
 }
 
+/// The error translating `text` (which must parse).
+fn authz_error(text: &str) -> String {
+    let res = parse_documents("authz.yaml", text).unwrap();
+    translate("authz.yaml", &res, None).unwrap_err().to_string()
+}
+
 #[test]
 fn authorization_policy_errors_name_line_and_field() {
     let bad = AUTHZ_MESH.replace("shop/frontend,", "frontend,");
-    let e = translate(
-        "authz.yaml",
-        &parse_documents("authz.yaml", &bad).unwrap(),
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = authz_error(&bad);
     assert!(
         e.contains("authz.yaml:") && e.contains("identities[0]"),
         "{e}"
@@ -345,25 +345,13 @@ fn authorization_policy_errors_name_line_and_field() {
         "{e}"
     );
     let bad = AUTHZ_MESH.replace("methods: [GET]", "methods: [get]");
-    let e = translate(
-        "authz.yaml",
-        &parse_documents("authz.yaml", &bad).unwrap(),
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = authz_error(&bad);
     assert!(e.contains("methods") && e.contains("\"get\""), "{e}");
     let bad = AUTHZ_MESH.replace(
         "targetRefs: [{ name: catalog }]",
         "targetRefs: [{ name: katalog }]",
     );
-    let e = translate(
-        "authz.yaml",
-        &parse_documents("authz.yaml", &bad).unwrap(),
-        None,
-    )
-    .unwrap_err()
-    .to_string();
+    let e = authz_error(&bad);
     assert!(
         e.contains("targetRefs[0].name") && e.contains("shop/katalog not found"),
         "{e}"
