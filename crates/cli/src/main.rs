@@ -228,10 +228,11 @@ struct ProxyArgs {
         requires = "state_dir"
     )]
     join_token: Option<String>,
-    /// With an identity, what the inbound listener accepts: `strict` (mutual TLS only) or
+    /// With an identity, what the inbound listener accepts on every port, overriding the
+    /// PeerAuthentications (which default to STRICT): `strict` (mutual TLS only) or
     /// `permissive` (mutual TLS and plaintext, while callers migrate).
-    #[arg(long, value_enum, default_value = "permissive")]
-    mtls_mode: MtlsMode,
+    #[arg(long, value_enum)]
+    mtls_mode: Option<MtlsMode>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -423,7 +424,10 @@ fn proxy(a: ProxyArgs) -> ExitCode {
                 state_dir,
                 join_token: a.join_token,
             }),
-        mtls_strict: matches!(a.mtls_mode, MtlsMode::Strict),
+        mtls_mode: a.mtls_mode.map(|m| match m {
+            MtlsMode::Strict => trellis_model::resource::MtlsMode::Strict,
+            MtlsMode::Permissive => trellis_model::resource::MtlsMode::Permissive,
+        }),
     };
     // Config is checked before any port is bound.
     let loaded = match trellis_proxy::load(&opts) {

@@ -533,7 +533,14 @@ async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity
         BIN,
         &[cp.xds_url()],
         "test/alpha-0",
-        &["--state-dir", &state_s, "--join-token", &t],
+        &[
+            "--state-dir",
+            &state_s,
+            "--join-token",
+            &t,
+            "--mtls-mode",
+            "permissive",
+        ],
     );
     p.wait_ready().await;
     let alpha = "spiffe://trellis.local/ns/test/sa/alpha";
@@ -587,20 +594,22 @@ async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity
         e.contains("peer is spiffe://trellis.local/ns/test/sa/alpha"),
         "{e}"
     );
-    // Permissive mode: plaintext is served, but has no identity, so the policy denies it.
+    // Permissive mode (forced by the flag): plaintext is served, but has no identity, so the
+    // policy denies it.
     let (st, _) = client::get(p.inbound, "alpha.test", "/", &[])
         .await
         .unwrap();
     assert_eq!(st.as_u16(), 403);
     drop(p);
 
-    // Strict mode (same state dir: the stored certificate is reused): plaintext is refused
-    // at the connection and counted; mutual TLS still works.
+    // Without --mtls-mode and with no PeerAuthentication, the mesh is STRICT (same state
+    // dir: the stored certificate is reused): plaintext is refused at the connection and
+    // counted; mutual TLS still works.
     let p = ProxyProcess::start_xds(
         BIN,
         &[cp.xds_url()],
         "test/alpha-0",
-        &["--state-dir", &state_s, "--mtls-mode", "strict"],
+        &["--state-dir", &state_s],
     );
     p.wait_ready().await;
     assert!(client::get(p.inbound, "alpha.test", "/", &[])
@@ -615,4 +624,228 @@ async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity
         200
     );
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// The peer's mesh: Services `b` (HTTP) and `t` (TCP) on one Workload `peer` (identity
+/// `IDENTITY`, its proxy's inbound at `INBOUND`), Service `f` whose Workload claims an identity
+/// but whose "proxy" is a plain HTTP server, and the caller `client` (identity `client`).
+fn peer_mesh(
+    app: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+    plain: std::net::SocketAddr,
+    identity: &str,
+    inbound: u16,
+) -> String {
+    let svc = |name: &str, sel: &str, port: u16, proto: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: {sel} }}\n  ports: [{{ name: {name}, port: {port}, targetPort: 1, protocol: {proto} }}]\n")
+    };
+    let wl = |name: &str, app: &str, id: &str, inbound: u16, ports: String| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: {app} }} }}\nspec:\n  address: 127.0.0.1\n  identity: {id}\n  inboundPort: {inbound}\n  ports: {{ {ports} }}\n")
+    };
+    [
+        svc("b", "peer", 80, "HTTP"),
+        svc("t", "peer", 5000, "TCP"),
+        svc("f", "fake", 80, "HTTP"),
+        wl("peer", "peer", identity, inbound, format!("b: {}, t: {}", app.port(), echo.port())),
+        wl("fake", "fake", "fake", plain.port(), format!("f: {}", plain.port())),
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
+    ]
+    .join("---\n")
+}
+
+/// CONNECT `authority` through the proxy at `proxy`, send `msg`, and read it echoed back.
+async fn echo_through(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    msg: &[u8],
+) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .map_err(|e| e.to_string())?;
+    let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    s.write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf)
+        .await
+        .ok_or("no response head")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head);
+    }
+    s.write_all(msg).await.map_err(|e| e.to_string())?;
+    while buf.len() < msg.len() {
+        let mut chunk = [0u8; 1024];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Ok(buf)
+}
+
+/// GET `/` from `host` through the proxy's outbound listener: status, failure class, body.
+async fn via(p: &ProxyProcess, host: &str) -> (u16, String, String) {
+    let r = client::get_full(p.outbound, host, "/", &[]).await.unwrap();
+    let class = r
+        .headers
+        .get("x-trellis-failure")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (
+        r.status.as_u16(),
+        class,
+        String::from_utf8_lossy(&r.body).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
+    let app = upstream::named("peer-app").await;
+    let echo = upstream::tcp_echo().await;
+    let plain = upstream::named("not-a-proxy").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let apply = |yaml: String| {
+        let cp = &cp;
+        async move {
+            let (st, v) = cp.call(Method::POST, "/api/v1/apply", &yaml, None).await;
+            assert_eq!(st, 200, "{v}");
+        }
+    };
+    // The callee's inbound port is known once it runs: applied first with a placeholder.
+    apply(peer_mesh(app, echo, plain, "beta", 1)).await;
+    let (callee_state, caller_state) = (temp_path("callee-state"), temp_path("caller-state"));
+    let t = token(&cp, "test", "beta", "10m", "1");
+    let callee = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/peer",
+        &[
+            "--state-dir",
+            callee_state.to_str().unwrap(),
+            "--join-token",
+            &t,
+        ],
+    );
+    callee.wait_ready().await;
+    let inbound = callee.inbound.port();
+    apply(peer_mesh(app, echo, plain, "beta", inbound)).await;
+    let t = token(&cp, "test", "client", "10m", "1");
+    let caller = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &[
+            "--state-dir",
+            caller_state.to_str().unwrap(),
+            "--join-token",
+            &t,
+        ],
+    );
+    caller.wait_ready().await;
+
+    // HTTP/1.1 from the application, HTTP/2 over mutual TLS between the proxies: the callee
+    // names the caller.
+    eventually("HTTP over mTLS", Duration::from_secs(10), async || {
+        let (st, _, body) = via(&caller, "b.test").await;
+        (st == 200 && body == "peer-app").then_some(())
+    })
+    .await;
+    let client_id = "spiffe://trellis.local/ns/test/sa/client";
+    let line = callee
+        .wait_log("inbound request from the caller", |l| {
+            l["direction"] == "inbound" && l["status"] == 200
+        })
+        .await;
+    assert_eq!(line["source_identity"], client_id, "{line}");
+    assert_eq!(line["protocol"], "HTTP/2", "{line}");
+    // Opaque TCP (a CONNECT tunnel at the caller) rides mutual TLS too.
+    assert_eq!(
+        echo_through(caller.outbound, "t.test:5000", b"over mtls")
+            .await
+            .unwrap(),
+        b"over mtls"
+    );
+    let line = callee
+        .wait_log("inbound TCP from the caller", |l| {
+            l["kind"] == "tcp" && l["direction"] == "inbound"
+        })
+        .await;
+    assert_eq!(line["source_identity"], client_id, "{line}");
+    assert_eq!(line["dst_service"], "t.test", "{line}");
+    // Plaintext to the callee is refused (STRICT by default); the caller never sent any.
+    assert!(client::get(callee.inbound, "b.test", "/", &[])
+        .await
+        .is_err());
+    assert_eq!(
+        callee
+            .metric("trellis_inbound_tls_refusals_total", &[])
+            .await,
+        1.0
+    );
+
+    // A "peer" that answers in plaintext: tls_error at the caller, which says why.
+    let (st, class, body) = via(&caller, "f.test").await;
+    assert_eq!((st, class.as_str()), (502, "tls_error"), "{body}");
+    assert!(body.contains("plaintext"), "{body}");
+
+    // The Workload now says the peer is `gamma`, but its certificate names `beta`: refused.
+    apply(peer_mesh(app, echo, plain, "gamma", inbound)).await;
+    let body = eventually(
+        "wrong identity refused",
+        Duration::from_secs(10),
+        async || {
+            let (st, class, body) = via(&caller, "b.test").await;
+            (st == 502 && class == "tls_error").then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        body.contains("spiffe://trellis.local/ns/test/sa/beta"),
+        "{body}"
+    );
+    assert!(body.contains("certificate was refused"), "{body}");
+    apply(peer_mesh(app, echo, plain, "beta", inbound)).await;
+
+    // A caller with no identity cannot reach a STRICT service...
+    let anon = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    anon.wait_ready().await;
+    let (st, class, body) = via(&anon, "b.test").await;
+    assert_eq!((st, class.as_str()), (502, "tls_error"), "{body}");
+    assert!(body.contains("requires mutual TLS"), "{body}");
+    // ...until the service is made PERMISSIVE, for migration: then it is called in
+    // plaintext, at the application's own address.
+    apply("apiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: { name: b, namespace: test }\nspec:\n  targetRefs: [{ name: b }]\n  mtls: { mode: PERMISSIVE }\n".to_string()).await;
+    eventually(
+        "permissive reached in plaintext",
+        Duration::from_secs(10),
+        async || {
+            let (st, _, body) = via(&anon, "b.test").await;
+            (st == 200 && body == "peer-app").then_some(())
+        },
+    )
+    .await;
+    // The metrics of both sides carry the class and the identity.
+    assert!(
+        caller
+            .metric(
+                "trellis_http_requests_total",
+                &[("failure_class", "tls_error")]
+            )
+            .await
+            >= 2.0
+    );
+    assert!(
+        callee
+            .metric(
+                "trellis_http_requests_total",
+                &[("direction", "inbound"), ("source_identity", client_id)]
+            )
+            .await
+            >= 1.0
+    );
+    for d in [callee_state, caller_state] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

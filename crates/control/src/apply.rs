@@ -56,6 +56,10 @@ pub const KINDS: &[(&str, &[&str])] = &[
         "AuthorizationPolicy",
         &["authorizationpolicy", "authorizationpolicies", "authz"],
     ),
+    (
+        "PeerAuthentication",
+        &["peerauthentication", "peerauthentications", "pa", "mtls"],
+    ),
 ];
 
 /// The canonical kind for a name as a user types it.

@@ -147,7 +147,8 @@ pub fn effective(
             r.spec,
             Spec::HttpRoute(_) | Spec::GrpcRoute(_) | Spec::BackendPolicy(_)
         ) || matches!(&r.spec, Spec::Workload(w) if !w.upstreams.is_empty())
-            || matches!(&r.spec, Spec::AuthorizationPolicy(a) if !a.target_refs.is_empty());
+            || matches!(&r.spec, Spec::AuthorizationPolicy(a) if !a.target_refs.is_empty())
+            || matches!(&r.spec, Spec::PeerAuthentication(a) if !a.target_refs.is_empty());
         let key = e.object.key.clone();
         match problems.remove(&i) {
             None => {

@@ -131,6 +131,25 @@ pub fn mesh_server_name() -> ServerName<'static> {
     ServerName::try_from("trellis.mesh").expect("a valid DNS name")
 }
 
+/// The server name a caller gives to reach service port `port` behind a peer's inbound
+/// listener (`port-8080.trellis.mesh`): the callee learns the port for the whole connection,
+/// so one listener serves every port, HTTP or opaque TCP, with no extra round trip.
+pub fn inbound_server_name(port: u16) -> ServerName<'static> {
+    ServerName::try_from(format!("port-{port}.trellis.mesh")).expect("a valid DNS name")
+}
+
+/// The service port named by [`inbound_server_name`].
+pub fn inbound_port(server_name: &str) -> Option<u16> {
+    server_name
+        .strip_prefix("port-")?
+        .strip_suffix(".trellis.mesh")?
+        .parse()
+        .ok()
+}
+
+/// ALPN of an opaque TCP stream to a peer's inbound listener.
+pub const ALPN_TCP: &[u8] = b"trellis-tcp";
+
 /// The SPIFFE ID of a peer's leaf certificate.
 pub fn peer_id(certs: &[CertificateDer<'_>]) -> Option<SpiffeId> {
     let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
@@ -230,5 +249,24 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inbound_server_name_carries_the_port() {
+        for port in [1, 80, 8080, 65535] {
+            let name = inbound_server_name(port);
+            let ServerName::DnsName(d) = &name else {
+                panic!("a DNS name")
+            };
+            assert_eq!(inbound_port(d.as_ref()), Some(port));
+        }
+        assert_eq!(inbound_port("trellis.mesh"), None);
+        assert_eq!(inbound_port("port-99999.trellis.mesh"), None);
+        assert_eq!(inbound_port("port-80.example.com"), None);
     }
 }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 use serde::Serialize;
 
 use crate::{
-    resource::{Environment, LbKind, Locality, NamespacedName, Protocol},
+    resource::{Environment, LbKind, Locality, MtlsMode, NamespacedName, Protocol},
     value::RegexValue,
 };
 
@@ -49,6 +49,8 @@ pub struct InboundPort {
     pub protocol: Protocol,
     /// The service.
     pub service: NamespacedName,
+    /// Mutual TLS mode of the service.
+    pub mtls: MtlsMode,
 }
 
 /// A service and its ports.
@@ -179,6 +181,8 @@ pub struct ClusterConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// Policy.
     pub policy: BackendPolicy,
+    /// Mutual TLS mode of the service.
+    pub mtls: MtlsMode,
 }
 
 /// One endpoint.
@@ -194,6 +198,18 @@ pub struct EndpointConfig {
     pub environment: Environment,
     /// Locality.
     pub locality: Locality,
+    /// The workload's proxy, when it has one (an identity): callers with an identity reach
+    /// it there by mutual TLS rather than `addr`.
+    pub mesh: Option<MeshPeer>,
+}
+
+/// How callers reach a meshed endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MeshPeer {
+    /// Its proxy's inbound listener.
+    pub inbound: SocketAddr,
+    /// The identity its certificate must name (`namespace/identity`).
+    pub identity: NamespacedName,
 }
 
 /// Effective backend policy with defaults filled in.

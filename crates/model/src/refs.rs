@@ -7,7 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    resource::{AuthorizationPolicySpec, BackendPolicySpec, NamespacedName, Resource, Spec},
+    resource::{
+        AuthorizationPolicySpec, BackendPolicySpec, NamespacedName, PeerAuthenticationSpec,
+        Resource, Spec,
+    },
     translate::parse_authority_name,
 };
 
@@ -98,6 +101,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
         }
         match &r.spec {
             Spec::AuthorizationPolicy(AuthorizationPolicySpec { target_refs, .. })
+            | Spec::PeerAuthentication(PeerAuthenticationSpec { target_refs, .. })
             | Spec::BackendPolicy(BackendPolicySpec { target_refs, .. }) => {
                 for (i, t) in target_refs.iter().enumerate() {
                     let target = id(&t.name.value, &None);

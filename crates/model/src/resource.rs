@@ -103,6 +103,8 @@ pub enum Spec {
     BackendPolicy(BackendPolicySpec),
     /// `AuthorizationPolicy`.
     AuthorizationPolicy(AuthorizationPolicySpec),
+    /// `PeerAuthentication`.
+    PeerAuthentication(PeerAuthenticationSpec),
 }
 
 impl Resource {
@@ -115,6 +117,7 @@ impl Resource {
             Spec::GrpcRoute(_) => "GRPCRoute",
             Spec::BackendPolicy(_) => "BackendTrafficPolicy",
             Spec::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Spec::PeerAuthentication(_) => "PeerAuthentication",
         }
     }
 
@@ -134,6 +137,7 @@ const KINDS: &[(&str, &str)] = &[
     ("GRPCRoute", "gateway.networking.k8s.io/v1"),
     ("BackendTrafficPolicy", "trellis.dev/v1alpha1"),
     ("AuthorizationPolicy", "trellis.dev/v1alpha1"),
+    ("PeerAuthentication", "trellis.dev/v1alpha1"),
 ];
 
 impl<'de> Deserialize<'de> for Resource {
@@ -179,6 +183,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                         "GRPCRoute" => Spec::GrpcRoute(map.next_value()?),
                         "BackendTrafficPolicy" => Spec::BackendPolicy(map.next_value()?),
                         "AuthorizationPolicy" => Spec::AuthorizationPolicy(map.next_value()?),
+                        "PeerAuthentication" => Spec::PeerAuthentication(map.next_value()?),
                         other => return Err(unknown_kind(other)),
                     });
                 }
@@ -293,7 +298,14 @@ pub struct WorkloadSpec {
     /// Explicit-mode local ports that reach a service.
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
+    /// Where peers reach this workload's proxy (its inbound listener), on `address`; only
+    /// for a workload with an `identity`. Default 15006.
+    #[serde(default, rename = "inboundPort")]
+    pub inbound_port: Option<u16>,
 }
+
+/// The inbound listener's port when a Workload names none.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 
 /// Where a workload runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -883,4 +895,53 @@ pub struct AuthzPath {
     /// Starts with (whole segments: `/api` matches `/api` and `/api/x`, not `/apix`).
     #[serde(default)]
     pub prefix: Option<String>,
+}
+
+// === PeerAuthentication ===
+
+/// `kind: PeerAuthentication`: whether the proxies of a scope accept plaintext.
+///
+/// The most specific policy wins: one with `targetRefs` for its Services, else one without
+/// for its namespace, else one in `trellis-system` for the mesh; at one level STRICT wins.
+/// With none, the mesh is STRICT.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    /// Services (of the policy's namespace); none: the whole namespace.
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// Mutual TLS.
+    pub mtls: MtlsSpec,
+}
+
+/// `spec.mtls` of a PeerAuthentication.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtlsSpec {
+    /// `STRICT` or `PERMISSIVE`.
+    pub mode: MtlsMode,
+}
+
+/// What a proxy with an identity accepts on its inbound listener, and what a caller may send.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize,
+)]
+pub enum MtlsMode {
+    /// Mutual TLS only: plaintext is refused, and a caller without an identity cannot call.
+    #[default]
+    #[serde(rename = "STRICT")]
+    Strict,
+    /// Both, for migration.
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+}
+
+impl MtlsMode {
+    /// The name used in YAML and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "STRICT",
+            Self::Permissive => "PERMISSIVE",
+        }
+    }
 }

@@ -10,8 +10,9 @@ use std::{
 use crate::{
     proxy::*,
     resource::{
-        BackendPolicySpec, HttpRouteSpec, NamespacedName, PathMatch, Resource, RouteMatch,
-        RouteRule, ServiceSpec, Spec, ValueMatchKind, WorkloadSpec,
+        BackendPolicySpec, HttpRouteSpec, MtlsMode, NamespacedName, PathMatch,
+        PeerAuthenticationSpec, Resource, RouteMatch, RouteRule, ServiceSpec, Spec, ValueMatchKind,
+        WorkloadSpec, DEFAULT_INBOUND_PORT,
     },
     value::RegexValue,
     ConfigError,
@@ -34,6 +35,7 @@ struct Index<'a> {
     routes: Vec<(&'a Resource, Cow<'a, HttpRouteSpec>)>,
     policies: Vec<(&'a Resource, &'a BackendPolicySpec)>,
     authz: Vec<(&'a Resource, &'a crate::resource::AuthorizationPolicySpec)>,
+    peer_auth: Vec<(&'a Resource, &'a PeerAuthenticationSpec)>,
 }
 
 /// Translate `resources` (read from `file`) into the config of the proxy serving `local`.
@@ -46,6 +48,7 @@ pub fn translate<R: std::borrow::Borrow<Resource>>(
 ) -> Result<ProxyConfig> {
     let ix = index(file, resources)?;
     let policies = policies(&ix)?;
+    let modes = MtlsModes::new(&ix)?;
     let mut clusters = BTreeMap::new();
     let mut services = BTreeMap::new();
     for (id, (res, svc)) in &ix.services {
@@ -53,7 +56,8 @@ pub fn translate<R: std::borrow::Borrow<Resource>>(
         for p in &svc.ports {
             let key = cluster_key(id, p.port);
             let policy = policies.get(id).cloned().unwrap_or_default();
-            clusters.insert(key, cluster(&ix, id, svc, p.port, policy)?);
+            let mtls = modes.of(id);
+            clusters.insert(key, cluster(&ix, id, svc, p.port, policy, mtls)?);
         }
         let ports = svc
             .ports
@@ -98,6 +102,7 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
         routes: Vec::new(),
         policies: Vec::new(),
         authz: Vec::new(),
+        peer_auth: Vec::new(),
     };
     let mut seen = HashSet::new();
     for r in resources {
@@ -130,6 +135,7 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
             }
             Spec::BackendPolicy(p) => ix.policies.push((r, p)),
             Spec::AuthorizationPolicy(a) => ix.authz.push((r, a)),
+            Spec::PeerAuthentication(p) => ix.peer_auth.push((r, p)),
         }
     }
     ix.index_labels();
@@ -223,6 +229,7 @@ fn cluster(
     svc: &ServiceSpec,
     port: u16,
     policy: BackendPolicy,
+    mtls: MtlsMode,
 ) -> Result<ClusterConfig> {
     let sp = svc
         .ports
@@ -247,6 +254,7 @@ fn cluster(
             workload: wid,
             environment: w.environment,
             locality: w.locality.clone(),
+            mesh: mesh_peer(&res.metadata.namespace, w),
         });
     }
     Ok(ClusterConfig {
@@ -255,6 +263,7 @@ fn cluster(
         protocol: sp.protocol,
         endpoints,
         policy,
+        mtls,
     })
 }
 
@@ -747,11 +756,16 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
         }
         service.get_or_insert_with(|| sid.clone());
         for p in &svc.ports {
+            let mtls = cfg
+                .clusters
+                .get(&cluster_key(sid, p.port))
+                .map_or_else(MtlsMode::default, |c| c.mtls);
             inbound_ports.push(InboundPort {
                 port: p.port,
                 target: SocketAddr::new(app_ip, workload_port(w, p)),
                 protocol: p.protocol,
                 service: sid.clone(),
+                mtls,
             });
         }
     }
@@ -981,6 +995,81 @@ fn authz_rules(
         rules.push(AuthzRuleConfig { from, to });
     }
     Ok(rules)
+}
+
+/// A workload with an identity runs a proxy, which peers reach at its inbound port.
+fn mesh_peer(namespace: &str, w: &WorkloadSpec) -> Option<MeshPeer> {
+    let identity = w.identity.as_ref()?;
+    Some(MeshPeer {
+        inbound: SocketAddr::new(w.address, w.inbound_port.unwrap_or(DEFAULT_INBOUND_PORT)),
+        identity: NamespacedName {
+            namespace: namespace.to_string(),
+            name: identity.clone(),
+        },
+    })
+}
+
+/// The mutual TLS mode of every Service, from the PeerAuthentications: by Service, else by
+/// namespace, else for the mesh, else STRICT; at one level STRICT wins.
+struct MtlsModes {
+    services: HashMap<NamespacedName, MtlsMode>,
+    namespaces: HashMap<String, MtlsMode>,
+    mesh: Option<MtlsMode>,
+}
+
+impl MtlsModes {
+    fn new(ix: &Index<'_>) -> Result<Self> {
+        let mut m = Self {
+            services: HashMap::new(),
+            namespaces: HashMap::new(),
+            mesh: None,
+        };
+        // STRICT sorts first, so the lesser of two modes is the stricter.
+        let merge = |slot: &mut Option<MtlsMode>, mode: MtlsMode| {
+            *slot = Some(slot.map_or(mode, |old: MtlsMode| old.min(mode)));
+        };
+        for (res, p) in &ix.peer_auth {
+            let ns = &res.metadata.namespace;
+            let mode = p.mtls.mode;
+            if p.target_refs.is_empty() {
+                if ns == MESH_NAMESPACE {
+                    merge(&mut m.mesh, mode);
+                } else {
+                    let mut slot = m.namespaces.get(ns).copied();
+                    merge(&mut slot, mode);
+                    m.namespaces.insert(ns.clone(), slot.expect("set"));
+                }
+                continue;
+            }
+            for (i, t) in p.target_refs.iter().enumerate() {
+                let id = NamespacedName {
+                    namespace: ns.clone(),
+                    name: t.name.value.clone(),
+                };
+                if t.kind != "Service" || !ix.services.contains_key(&id) {
+                    return Err(ConfigError::invalid(
+                        ix.file,
+                        t.name.referenced.line(),
+                        format!("PeerAuthentication {}: spec.targetRefs[{i}].name", res.id()),
+                        format!("Service {id} not found"),
+                    ));
+                }
+                let mut slot = m.services.get(&id).copied();
+                merge(&mut slot, mode);
+                m.services.insert(id, slot.expect("set"));
+            }
+        }
+        Ok(m)
+    }
+
+    fn of(&self, svc: &NamespacedName) -> MtlsMode {
+        self.services
+            .get(svc)
+            .or_else(|| self.namespaces.get(&svc.namespace))
+            .copied()
+            .or(self.mesh)
+            .unwrap_or_default()
+    }
 }
 
 /// Check what can be checked of `r` without the other resources. An apply runs this on every

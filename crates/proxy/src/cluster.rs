@@ -62,7 +62,7 @@ const EWMA_INITIAL_NS: f64 = 1_000_000.0;
 impl Endpoint {
     fn new(cfg: EndpointConfig, idle_timeout: Duration) -> Self {
         Self {
-            pool: Pool::new(cfg.addr, idle_timeout),
+            pool: Pool::new(cfg.addr, cfg.mesh.clone(), idle_timeout),
             workload: cfg.workload.name.as_str().into(),
             cfg,
             in_flight: AtomicU32::new(0),
@@ -206,12 +206,15 @@ impl Cluster {
     }
 
     /// What an endpoint pool of this cluster needs to open a connection.
-    pub fn connect_ctx<'a>(&'a self, metrics: &'a Metrics) -> crate::pool::ConnectCtx<'a> {
+    pub fn connect_ctx<'a>(&'a self, shared: &'a crate::Shared) -> crate::pool::ConnectCtx<'a> {
         crate::pool::ConnectCtx {
             timeout: self.cfg.policy.connect_timeout,
             slots: &self.connections,
             cluster: &self.key,
-            metrics,
+            metrics: &shared.metrics,
+            tls: shared.mesh_tls.as_ref(),
+            mtls: self.cfg.mtls,
+            port: self.cfg.port,
         }
     }
 

@@ -23,6 +23,7 @@ pub mod h1;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod mtls;
 pub mod pool;
 pub mod record;
 pub mod state;
@@ -79,9 +80,9 @@ pub struct Options {
     pub access_log: bool,
     /// Get and keep a certificate from the mesh's CA (with xDS only).
     pub identity: Option<identity::IdentityOptions>,
-    /// With an identity: refuse plaintext on the inbound listener (`true`), or accept both
-    /// mutual TLS and plaintext (`false`, for migration).
-    pub mtls_strict: bool,
+    /// With an identity: what the inbound listener accepts, for every port, whatever the
+    /// PeerAuthentications say (`None`: as they say; STRICT without any).
+    pub mtls_mode: Option<trellis_model::resource::MtlsMode>,
 }
 
 /// State shared by every task.
@@ -106,8 +107,10 @@ pub struct Shared {
     pub identity: Option<Arc<ArcSwap<identity::Credentials>>>,
     /// The inbound TLS configuration, for the certificate serial it was built from.
     pub inbound_tls: arc_swap::ArcSwapOption<(String, Arc<rustls::ServerConfig>)>,
-    /// Refuse plaintext on the inbound listener.
-    pub mtls_strict: bool,
+    /// The client side of `identity`.
+    pub mesh_tls: Option<mtls::MeshTls>,
+    /// The inbound listener's mode for every port, overriding the config's.
+    pub mtls_mode: Option<trellis_model::resource::MtlsMode>,
     /// Callers' SPIFFE IDs as metric labels, one shared value each (the request-metric cache
     /// compares labels by identity).
     peer_labels: std::sync::Mutex<HashMap<String, metrics::Label>>,
@@ -311,9 +314,10 @@ impl Proxy {
             source: opts.source.describe(),
             synced: std::sync::atomic::AtomicBool::new(matches!(opts.source, Source::File(_))),
             xds_status: Default::default(),
+            mesh_tls: creds.clone().map(mtls::MeshTls::new),
             identity: creds,
             inbound_tls: Default::default(),
-            mtls_strict: opts.mtls_strict,
+            mtls_mode: opts.mtls_mode,
             peer_labels: Default::default(),
         });
         let (admin, admin_addr) = bind(opts.admin, "admin")?;

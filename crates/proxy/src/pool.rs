@@ -19,10 +19,13 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
+use trellis_model::{proxy::MeshPeer, resource::MtlsMode};
+
 use crate::{
     h1::Conn,
     http::body::UpBody,
     metrics::{ClusterLabels, EndpointLabels, Metrics},
+    mtls::{MeshTls, Purpose, UpStream},
     FailureClass,
 };
 
@@ -61,6 +64,23 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    /// The mutual TLS handshake with a peer's proxy failed.
+    #[error("{detail}")]
+    Tls {
+        /// The peer's inbound listener.
+        addr: SocketAddr,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The service requires mutual TLS and this proxy has no identity.
+    #[error("{cluster}: the service requires mutual TLS (STRICT) and this proxy has no identity (start it with --state-dir and --join-token)")]
+    NoIdentity {
+        /// Cluster.
+        cluster: String,
+    },
+    /// An HTTP/1.1 upgrade to a meshed endpoint (not carried over mutual TLS yet).
+    #[error("{0}: HTTP/1.1 upgrades (WebSocket) to an endpoint behind a peer proxy are not supported yet")]
+    MeshUpgrade(String),
     /// Sending the request or receiving response headers failed.
     #[error("request to {addr} failed: {source}")]
     Send {
@@ -79,6 +99,8 @@ impl UpstreamError {
             Self::Connect { source, .. } => crate::failure::classify_io(source),
             Self::ConnectTimeout { .. } => FailureClass::ConnectTimeout,
             Self::MaxConnections(_) => FailureClass::Overloaded,
+            Self::Tls { .. } | Self::NoIdentity { .. } => FailureClass::TlsError,
+            Self::MeshUpgrade(_) => FailureClass::ProtocolError,
             Self::Handshake { source, .. } | Self::Send { source, .. } => {
                 crate::failure::classify(source)
             }
@@ -105,20 +127,28 @@ pub struct ConnectCtx<'a> {
     pub cluster: &'a str,
     /// Metrics.
     pub metrics: &'a Metrics,
+    /// This proxy's client TLS, when it has an identity.
+    pub tls: Option<&'a MeshTls>,
+    /// The service's mutual TLS mode.
+    pub mtls: MtlsMode,
+    /// The service port (callee proxies learn it from the TLS server name).
+    pub port: u16,
 }
 
 /// The pool of one endpoint.
 pub struct Pool {
     addr: SocketAddr,
+    mesh: Option<MeshPeer>,
     idle_timeout: Duration,
     idle: Mutex<Vec<(Instant, Box<Conn>)>>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
 impl Pool {
-    pub(crate) fn new(addr: SocketAddr, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(addr: SocketAddr, mesh: Option<MeshPeer>, idle_timeout: Duration) -> Self {
         Self {
             addr,
+            mesh,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
@@ -176,17 +206,56 @@ impl Pool {
         }
     }
 
+    /// The peer proxy to reach by mutual TLS, if any: an endpoint with an identity is
+    /// reached at its proxy when this proxy has one too; without one, a STRICT service cannot
+    /// be called, and a PERMISSIVE one is called in plaintext at the application's address.
+    fn via_mesh<'a>(&'a self, ctx: &ConnectCtx<'_>) -> Result<Option<&'a MeshPeer>, UpstreamError> {
+        match (&self.mesh, ctx.tls, ctx.mtls) {
+            (None, _, _) => Ok(None),
+            (Some(peer), Some(_), _) => Ok(Some(peer)),
+            (Some(_), None, MtlsMode::Strict) => Err(UpstreamError::NoIdentity {
+                cluster: ctx.cluster.to_string(),
+            }),
+            (Some(_), None, MtlsMode::Permissive) => Ok(None),
+        }
+    }
+
+    /// Whether requests go out as HTTP/2: those of an HTTP/2 cluster, and all those to a peer
+    /// proxy, which carries any HTTP over one multiplexed connection.
+    pub fn uses_h2(&self, cluster_h2: bool, ctx: &ConnectCtx<'_>) -> bool {
+        cluster_h2 || (self.mesh.is_some() && ctx.tls.is_some())
+    }
+
+    /// An opaque stream (TCP binds and CONNECT tunnels): plain, or mutual TLS to the peer.
+    pub async fn open(&self, ctx: &ConnectCtx<'_>) -> Result<UpStream, UpstreamError> {
+        let via = self.via_mesh(ctx)?;
+        let addr = via.map_or(self.addr, |p| p.inbound);
+        let stream = connect_tcp(addr, ctx.timeout).await?;
+        match (via, ctx.tls) {
+            (Some(peer), Some(tls)) => {
+                let s = tls
+                    .connect(stream, peer, ctx.port, Purpose::Tcp)
+                    .await
+                    .map_err(|detail| UpstreamError::Tls { addr, detail })?;
+                Ok(UpStream::Tls(Box::new(s)))
+            }
+            _ => Ok(UpStream::Plain(stream)),
+        }
+    }
+
     /// Open a new connection (not pooled until checked in).
     pub async fn connect(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, UpstreamError> {
+        let via = self.via_mesh(ctx)?;
         let permit = ctx
             .slots
             .clone()
             .try_acquire_owned()
             .map_err(|_| UpstreamError::MaxConnections(ctx.cluster.to_string()))?;
-        let stream = connect_tcp(self.addr, ctx.timeout).await?;
+        let addr = via.map_or(self.addr, |p| p.inbound);
+        let stream = connect_tcp(addr, ctx.timeout).await?;
         let labels = EndpointLabels {
             cluster: ctx.cluster.to_string(),
-            endpoint: self.addr.to_string(),
+            endpoint: addr.to_string(),
         };
         ctx.metrics.pool_connects.get_or_create(&labels).inc();
         let open = ctx
@@ -196,12 +265,27 @@ impl Pool {
                 cluster: ctx.cluster.to_string(),
             })
             .clone();
-        let addr = self.addr;
         open.inc();
         let slot = Slot {
             _permit: permit,
             open,
         };
+        if let (Some(peer), Some(tls)) = (via, ctx.tls) {
+            let tls = tls
+                .connect(stream, peer, ctx.port, Purpose::Http2)
+                .await
+                .map_err(|detail| UpstreamError::Tls { addr, detail })?;
+            let (s, conn) = http2::Builder::new(TokioExecutor::new())
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|source| UpstreamError::Handshake { addr, source })?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(slot);
+            });
+            *self.h2.lock().expect("pool lock") = Some(s.clone());
+            return Ok(Sender::H2(s));
+        }
         if !h2 {
             return Ok(Sender::H1(Box::new(Conn::new(stream, slot))));
         }
@@ -219,6 +303,9 @@ impl Pool {
 
     /// Open a new HTTP/1.1 connection (not pooled until checked in).
     pub async fn connect_h1(&self, ctx: &ConnectCtx<'_>) -> Result<Box<Conn>, UpstreamError> {
+        if self.via_mesh(ctx)?.is_some() {
+            return Err(UpstreamError::MeshUpgrade(ctx.cluster.to_string()));
+        }
         match self.connect(false, ctx).await? {
             Sender::H1(c) => Ok(c),
             Sender::H2(_) => unreachable!("asked for HTTP/1.1"),

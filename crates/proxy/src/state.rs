@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use trellis_model::{
     proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
-    resource::{Locality, NamespacedName, Protocol},
+    resource::{Locality, MtlsMode, NamespacedName, Protocol},
     ProxyConfig,
 };
 
@@ -25,6 +25,8 @@ pub struct InboundTarget {
     pub cluster: Arc<Cluster>,
     /// The service callers reach through this port (authorization policies guard it).
     pub service: NamespacedName,
+    /// Whether it accepts plaintext.
+    pub mtls: MtlsMode,
 }
 
 /// A translated config plus the runtime state built from it.
@@ -72,12 +74,14 @@ impl Snapshot {
                         workload: local.id.clone(),
                         environment: local.environment,
                         locality: Locality::default(),
+                        mesh: None,
                     }],
                     // The local application is the only endpoint: never eject it.
                     policy: BackendPolicy {
                         consecutive_failures: 0,
                         ..Default::default()
                     },
+                    mtls: ip.mtls,
                 };
                 let old = prev
                     .and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
@@ -88,6 +92,7 @@ impl Snapshot {
                     protocol: ip.protocol,
                     cluster,
                     service: ip.service.clone(),
+                    mtls: ip.mtls,
                 });
             }
         }

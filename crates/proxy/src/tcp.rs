@@ -17,7 +17,7 @@ use crate::{
     cluster::Cluster,
     http::{body::ProxyBody, forward::local_reply},
     metrics::{Direction, Label, ServiceLabels, TcpLabels},
-    pool::connect_tcp,
+    mtls::UpStream,
     record::{rfc3339, Record},
     FailureClass, Shared,
 };
@@ -29,6 +29,8 @@ struct ConnGuard {
     service: Label,
     workload: Label,
     upstream: Option<std::net::SocketAddr>,
+    /// The caller's SPIFFE ID, on the inbound side of mutual TLS.
+    source: Label,
     class: FailureClass,
     detail: Option<String>,
     sent: u64,
@@ -50,6 +52,7 @@ impl ConnGuard {
             service,
             workload: Label::default(),
             upstream: None,
+            source: Label::default(),
             class: FailureClass::Ok,
             detail: None,
             sent: 0,
@@ -91,6 +94,7 @@ impl Drop for ConnGuard {
             "dst_service": self.service,
             "dst_workload": self.workload,
             "upstream": self.upstream.map(|a| a.to_string()),
+            "source_identity": self.source,
             "failure_class": self.class.as_str(),
             "failure_category": self.class.category(),
             "detail": self.detail,
@@ -101,9 +105,11 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Pick an endpoint and connect, trying another endpoint after a connect failure (at most
-/// one per endpoint).
-async fn connect(cluster: &Cluster, g: &mut ConnGuard) -> Option<TcpStream> {
+/// Pick an endpoint and connect (by mutual TLS to a peer proxy, or plain), trying another
+/// endpoint after a connect failure (at most one per endpoint).
+async fn connect(cluster: &Cluster, g: &mut ConnGuard) -> Option<UpStream> {
+    let shared = g.shared.clone();
+    let ctx = cluster.connect_ctx(&shared);
     for _ in 0..cluster.endpoints.len().max(1) {
         let Some(ep) = cluster.pick(std::time::Instant::now()) else {
             g.class = FailureClass::NoHealthyUpstream;
@@ -112,7 +118,7 @@ async fn connect(cluster: &Cluster, g: &mut ConnGuard) -> Option<TcpStream> {
         };
         g.upstream = Some(ep.cfg.addr);
         g.workload = ep.workload.clone();
-        match connect_tcp(ep.cfg.addr, cluster.policy().connect_timeout).await {
+        match ep.pool.open(&ctx).await {
             Ok(s) => {
                 cluster.report(&ep, FailureClass::Ok);
                 return Some(s);
@@ -152,6 +158,43 @@ pub async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: Tc
     let _ = client.set_nodelay(true);
     if let Some(mut up) = connect(&cluster, &mut g).await {
         splice(&mut client, &mut up, &mut g).await;
+    }
+}
+
+/// An opaque TCP stream from a peer's proxy over mutual TLS, for the local workload's
+/// service port `port` (from the TLS server name): authorized like a CONNECT tunnel, then
+/// spliced to the application.
+pub(crate) async fn serve_inbound(
+    shared: Arc<Shared>,
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    port: Option<u16>,
+    source: Option<crate::http::server::PeerId>,
+) {
+    let snap = shared.state.load_full();
+    let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {
+        let mut g = ConnGuard::new(shared.clone(), Direction::inbound, Label::default());
+        let ports: Vec<u16> = snap.inbound.iter().map(|t| t.port).collect();
+        g.fail(
+            FailureClass::NoRoute,
+            format!("mTLS stream for port {port:?}: the local workload has no such port (ports: {ports:?})"),
+        );
+        return;
+    };
+    let mut g = ConnGuard::new(
+        shared.clone(),
+        Direction::inbound,
+        target.cluster.service.clone(),
+    );
+    if let Some(p) = &source {
+        g.source = p.uri.clone();
+    }
+    let id = source.as_ref().map(|p| p.id.as_ref());
+    if let Some(detail) = crate::http::server::denied(&snap, target, None, id) {
+        g.fail(FailureClass::Denied, detail);
+        return;
+    }
+    if let Some(mut up) = connect(&target.cluster, &mut g).await {
+        splice(&mut tls, &mut up, &mut g).await;
     }
 }
 

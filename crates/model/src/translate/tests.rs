@@ -359,3 +359,137 @@ fn authorization_policy_errors_name_line_and_field() {
     let bad = AUTHZ_MESH.replace("action: DENY", "action: REJECT");
     assert!(parse_documents("authz.yaml", &bad).is_err());
 }
+
+const MTLS_MESH: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: a, namespace: shop }
+spec: { selector: { app: a }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: b, namespace: shop }
+spec: { selector: { app: b }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: c, namespace: other }
+spec: { selector: { app: c }, ports: [{ name: tcp, port: 5432, protocol: TCP }] }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: a-1, namespace: shop, labels: { app: a } }
+spec: { address: 10.0.0.1, identity: alpha, inboundPort: 16006 }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: b-1, namespace: shop, labels: { app: b } }
+spec: { address: 10.0.0.2, identity: beta }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: c-1, namespace: other, labels: { app: c } }
+spec: { address: 10.0.0.3 }
+"#;
+
+fn mtls_modes(extra: &str) -> Vec<(String, MtlsMode)> {
+    let text = format!("{MTLS_MESH}{extra}");
+    let res = parse_documents("t.yaml", &text).unwrap();
+    let cfg = translate("t.yaml", &res, Some(&nn("shop/a-1"))).unwrap();
+    let mut v: Vec<_> = cfg
+        .clusters
+        .iter()
+        .map(|(k, c)| (k.clone(), c.mtls))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn workloads_with_an_identity_are_reached_at_their_proxy() {
+    let res = parse_documents("t.yaml", MTLS_MESH).unwrap();
+    let cfg = translate("t.yaml", &res, Some(&nn("shop/a-1"))).unwrap();
+    let a = &cfg.clusters["shop/a:80"].endpoints[0];
+    assert_eq!(a.addr, "10.0.0.1:8080".parse().unwrap(), "the application");
+    let m = a.mesh.as_ref().expect("meshed");
+    assert_eq!(
+        m.inbound,
+        "10.0.0.1:16006".parse().unwrap(),
+        "spec.inboundPort"
+    );
+    assert_eq!(m.identity, nn("shop/alpha"));
+    let b = &cfg.clusters["shop/b:80"].endpoints[0];
+    assert_eq!(
+        b.mesh.as_ref().unwrap().inbound.port(),
+        15006,
+        "the default"
+    );
+    assert!(
+        cfg.clusters["other/c:5432"].endpoints[0].mesh.is_none(),
+        "no identity: no proxy"
+    );
+}
+
+#[test]
+fn peer_authentication_most_specific_wins_and_strict_by_default() {
+    use MtlsMode::{Permissive as P, Strict as S};
+    let pa = |ns: &str, name: &str, targets: &str, mode: &str| {
+        format!("---\napiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: {{ name: {name}, namespace: {ns} }}\nspec:\n  targetRefs: [{targets}]\n  mtls: {{ mode: {mode} }}\n")
+    };
+    let all = |m| {
+        vec![
+            ("other/c:5432".to_string(), m),
+            ("shop/a:80".to_string(), m),
+            ("shop/b:80".to_string(), m),
+        ]
+    };
+    assert_eq!(mtls_modes(""), all(S), "no policy: STRICT");
+    let mesh = pa("trellis-system", "m", "", "PERMISSIVE");
+    assert_eq!(mtls_modes(&mesh), all(P), "mesh-wide");
+    let shop = pa("shop", "s", "", "STRICT");
+    assert_eq!(
+        mtls_modes(&format!("{mesh}{shop}")),
+        vec![
+            ("other/c:5432".to_string(), P),
+            ("shop/a:80".to_string(), S),
+            ("shop/b:80".to_string(), S)
+        ],
+        "the namespace over the mesh"
+    );
+    let b = pa("shop", "b", "{ name: b }", "PERMISSIVE");
+    let m = mtls_modes(&format!("{mesh}{shop}{b}"));
+    assert_eq!(
+        m[2],
+        ("shop/b:80".to_string(), P),
+        "the service over its namespace"
+    );
+    assert_eq!(m[1], ("shop/a:80".to_string(), S));
+    // At one level, STRICT wins whatever the order.
+    let b2 = pa("shop", "b2", "{ name: b }", "STRICT");
+    assert_eq!(mtls_modes(&format!("{b}{b2}"))[2].1, S);
+    assert_eq!(mtls_modes(&format!("{b2}{b}"))[2].1, S);
+    // The local workload's inbound ports carry the mode of their service.
+    let text = format!("{MTLS_MESH}{b}");
+    let res = parse_documents("t.yaml", &text).unwrap();
+    let cfg = translate("t.yaml", &res, Some(&nn("shop/b-1"))).unwrap();
+    assert_eq!(cfg.local.unwrap().inbound_ports[0].mtls, P);
+}
+
+#[test]
+fn peer_authentication_errors_name_line_and_field() {
+    let bad = "---\napiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: { name: x, namespace: shop }\nspec:\n  targetRefs: [{ name: nope }]\n  mtls: { mode: STRICT }\n";
+    let text = format!("{MTLS_MESH}{bad}");
+    let res = parse_documents("t.yaml", &text).unwrap();
+    let e = translate("t.yaml", &res, None).unwrap_err().to_string();
+    assert!(
+        e.contains("PeerAuthentication shop/x: spec.targetRefs[0].name"),
+        "{e}"
+    );
+    assert!(e.contains("Service shop/nope not found"), "{e}");
+    let lines = text.lines().count();
+    assert!(e.starts_with(&format!("t.yaml:{}:", lines - 1)), "{e}");
+    let typo = "apiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: { name: x }\nspec:\n  mtls: { mode: strict }\n";
+    let e = parse_documents("t.yaml", typo).unwrap_err().to_string();
+    assert!(e.starts_with("t.yaml:5:"), "{e}");
+    assert!(e.contains("STRICT"), "{e}");
+}

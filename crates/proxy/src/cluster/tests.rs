@@ -16,6 +16,7 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
             workload: format!("ns/w{i}").parse().unwrap(),
             environment: Environment::Vm,
             locality: Locality::default(),
+            mesh: None,
         })
         .collect();
     let cfg = ClusterConfig {
@@ -29,6 +30,7 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
             max_ejection_percent: 50,
             ..Default::default()
         },
+        mtls: Default::default(),
     };
     let mut reg = prometheus_client::registry::Registry::default();
     Cluster::new("ns/s:80".into(), cfg, None, &Metrics::register(&mut reg))

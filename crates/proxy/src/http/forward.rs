@@ -271,7 +271,7 @@ async fn send_once(
     rec: &mut Record,
     began: Instant,
 ) -> Try {
-    let ctx = cluster.connect_ctx(&shared.metrics);
+    let ctx = cluster.connect_ctx(shared);
     let (sender, connect) = match ep.pool.checkout(h2, &ctx, began).await {
         Ok(s) => s,
         Err(e) => return Try::Failed(e.class(), e.to_string()),
@@ -433,6 +433,8 @@ pub async fn forward(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // A peer proxy is always reached by HTTP/2.
+        let h2 = ep.pool.uses_h2(h2, &cluster.connect_ctx(shared));
         let req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
         // The try's future is built inside each arm: a future bound to a local and then moved
         // into `timeout` would occupy space twice in this function's future.
@@ -556,7 +558,7 @@ pub async fn upgrade(
     rec.attempts = 1;
     rec.set_endpoint(&ep);
     let client_upgrade = super::upgrade::on(&mut req);
-    let ctx = cluster.connect_ctx(&shared.metrics);
+    let ctx = cluster.connect_ctx(shared);
     let start = Instant::now();
     let mut conn = match ep.pool.connect_h1(&ctx).await {
         Ok(c) => c,

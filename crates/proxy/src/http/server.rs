@@ -10,7 +10,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::net::TcpStream;
-use trellis_model::resource::Protocol;
+use trellis_model::resource::{MtlsMode, Protocol};
 
 use super::{
     body::{ClientBody, ProxyBody},
@@ -146,7 +146,7 @@ pub async fn serve(
             Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {
                 return serve_mtls(shared, builders, listener, stream, peer).await;
             }
-            Ok(Ok(1)) if shared.mtls_strict => {
+            Ok(Ok(1)) if refuses_plaintext(&shared) => {
                 tracing::debug!(%peer, "plaintext refused on the inbound listener (mTLS strict)");
                 shared.metrics.count_tls_refusal();
                 return;
@@ -191,9 +191,31 @@ pub async fn serve(
 /// The first byte of a TLS record carrying a handshake (a ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// Whether `target` refuses plaintext: this proxy has an identity, and the target's service
+/// is STRICT (or `--mtls-mode` says so for every port).
+fn strict(shared: &Shared, target: &crate::state::InboundTarget) -> bool {
+    shared.identity.is_some() && shared.mtls_mode.unwrap_or(target.mtls) == MtlsMode::Strict
+}
+
+/// Whether a plaintext connection is refused outright: every inbound port is STRICT. With
+/// a PERMISSIVE port among them, each request is checked against its own port.
+fn refuses_plaintext(shared: &Shared) -> bool {
+    match shared.mtls_mode {
+        Some(m) => m == MtlsMode::Strict,
+        None => shared
+            .state
+            .load()
+            .inbound
+            .iter()
+            .all(|t| t.mtls == MtlsMode::Strict),
+    }
+}
+
 /// The caller's identity, learned from its certificate, carried to `handle` on each request.
 #[derive(Clone)]
 pub struct PeerId {
+    /// The service port, from the TLS server name.
+    pub port: Option<u16>,
     /// Parsed, for authorization.
     pub id: Arc<trellis_model::proxy::PeerIdentity>,
     /// As a SPIFFE ID, for logs and metrics (interned: one value per identity).
@@ -213,7 +235,10 @@ fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
         &creds.key_pem,
         &creds.bundle_pem,
     )
-    .and_then(|c| trellis_identity::tls::server_config(&c, &[b"h2", b"http/1.1"]));
+    .and_then(|c| {
+        let alpn: [&[u8]; 3] = [b"h2", b"http/1.1", trellis_identity::tls::ALPN_TCP];
+        trellis_identity::tls::server_config(&c, &alpn)
+    });
     match built {
         Ok(cfg) => {
             shared
@@ -250,12 +275,17 @@ async fn serve_mtls(
         }
         Err(_) => return,
     };
-    let id = tls
-        .get_ref()
-        .1
+    let conn = tls.get_ref().1;
+    let id = conn
         .peer_certificates()
         .and_then(trellis_identity::tls::peer_id);
+    // The service port the caller meant, from the server name it gave.
+    let port = conn
+        .server_name()
+        .and_then(trellis_identity::tls::inbound_port);
+    let opaque = conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
     let peer_id = id.map(|id| PeerId {
+        port,
         uri: shared.peer_label(&id.to_string()),
         id: Arc::new(trellis_model::proxy::PeerIdentity {
             trust_domain: id.trust_domain,
@@ -263,6 +293,9 @@ async fn serve_mtls(
             name: id.identity,
         }),
     });
+    if opaque {
+        return crate::tcp::serve_inbound(shared, tls, port, peer_id).await;
+    }
     let mut drain = shared.drain.signal();
     let svc = {
         let shared = shared.clone();
@@ -330,7 +363,7 @@ async fn handle(
     rec.uri = req.uri().clone();
     let grpc = is_grpc(&req);
     let next = match listener {
-        Listener::Inbound => inbound(&snap, req, rec, grpc, source.as_ref()),
+        Listener::Inbound => inbound(shared, &snap, req, rec, grpc, source.as_ref()),
         _ => outbound(&snap, listener, req, rec, grpc, peer),
     };
     match next {
@@ -433,18 +466,22 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 fn inbound(
+    shared: &Shared,
     snap: &Snapshot,
     mut req: Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
     source: Option<&PeerId>,
 ) -> Next<'static> {
-    let source = source.map(|p| p.id.as_ref());
     rec.authority = route::authority(&req);
-    // The port the caller used picks the target; with one HTTP port, that one.
-    let port = rec.authority.as_ref().and_then(|a| a.host_port().1);
+    // The port the caller's proxy named in the TLS server name, else the port of the
+    // authority, picks the target; with one HTTP port, that one.
+    let port = source
+        .and_then(|p| p.port)
+        .or_else(|| rec.authority.as_ref().and_then(|a| a.host_port().1));
+    let source = source.map(|p| p.id.as_ref());
     if req.method() == Method::CONNECT {
-        return inbound_tunnel(snap, port, req, rec, source);
+        return inbound_tunnel(shared, snap, port, req, rec, source);
     }
     let http = |t: &&crate::state::InboundTarget| t.protocol != Protocol::Tcp;
     let target = snap
@@ -461,6 +498,15 @@ fn inbound(
     };
     rec.dst_service = target.cluster.service.clone();
     rec.route = INBOUND_ROUTE.with(Clone::clone);
+    if source.is_none() && strict(shared, target) {
+        shared.metrics.count_tls_refusal();
+        return Next::Reply(local_reply(
+            rec,
+            FailureClass::Denied,
+            plaintext(target),
+            grpc,
+        ));
+    }
     let http = Some((req.method().as_str(), req.uri().path()));
     if let Some(detail) = denied(snap, target, http, source) {
         return Next::Reply(local_reply(rec, FailureClass::Denied, detail, grpc));
@@ -483,6 +529,7 @@ fn inbound(
 /// peer's proxy carries TCP to a workload behind its sidecar; with mutual TLS the same
 /// tunnel runs inside the peers' TLS connection.
 fn inbound_tunnel(
+    shared: &Shared,
     snap: &Snapshot,
     port: Option<u16>,
     req: Request<ClientBody>,
@@ -499,6 +546,15 @@ fn inbound_tunnel(
     };
     rec.dst_service = target.cluster.service.clone();
     rec.route = INBOUND_ROUTE.with(Clone::clone);
+    if source.is_none() && strict(shared, target) {
+        shared.metrics.count_tls_refusal();
+        return Next::Reply(local_reply(
+            rec,
+            FailureClass::Denied,
+            plaintext(target),
+            false,
+        ));
+    }
     if let Some(detail) = denied(snap, target, None, source) {
         // The HTTP/1.1 server closes a connection whose CONNECT it refused.
         return Next::Reply(local_reply(rec, FailureClass::Denied, detail, false));
@@ -506,11 +562,18 @@ fn inbound_tunnel(
     Next::Tunnel(target.cluster.clone(), req, rec)
 }
 
+fn plaintext(target: &crate::state::InboundTarget) -> String {
+    format!(
+        "plaintext refused: Service {} requires mutual TLS (STRICT)",
+        target.service
+    )
+}
+
 /// The authorization policies' verdict on a request (`http`: method and path) or a TCP
 /// tunnel (`None`) to `target` from `source` (a caller that came over mutual TLS);
 /// `Some(why)` when denied. A plaintext caller has no identity, so policies that name
 /// identities or namespaces deny it.
-fn denied(
+pub(crate) fn denied(
     snap: &Snapshot,
     target: &crate::state::InboundTarget,
     http: Option<(&str, &str)>,

@@ -1,0 +1,198 @@
+//! Mutual TLS to mesh peers, on the caller's side: the client configurations (one per
+//! expected peer identity and purpose, rebuilt when this proxy's certificate is renewed) and
+//! the handshake. The callee's side is in [`crate::http::server`].
+//!
+//! A caller reaches a meshed endpoint at its proxy's inbound listener, names the service port
+//! in the TLS server name ([`trellis_identity::tls::inbound_server_name`]) and asks by ALPN
+//! for HTTP/2 (every HTTP request, whatever the application speaks: one multiplexed
+//! connection per peer) or for an opaque TCP stream ([`ALPN_TCP`]).
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use arc_swap::ArcSwap;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::client::TlsStream;
+use trellis_identity::{
+    tls::{client_config, inbound_server_name, TlsCredentials, TlsError},
+    SpiffeId,
+};
+use trellis_model::proxy::MeshPeer;
+
+use crate::{fasthash::FastMap, identity::Credentials};
+
+pub use trellis_identity::tls::ALPN_TCP;
+
+/// What a connection to a peer carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// HTTP/2.
+    Http2,
+    /// Opaque TCP.
+    Tcp,
+}
+
+impl Purpose {
+    fn alpn(self) -> &'static [u8] {
+        match self {
+            Self::Http2 => b"h2",
+            Self::Tcp => ALPN_TCP,
+        }
+    }
+}
+
+/// Client configurations by (expected peer, purpose), each with the certificate serial it
+/// was built with.
+type Configs = FastMap<(String, Purpose), (String, Arc<rustls::ClientConfig>)>;
+
+/// This proxy's credentials as a TLS client.
+pub struct MeshTls {
+    creds: Arc<ArcSwap<Credentials>>,
+    configs: Mutex<Configs>,
+}
+
+impl MeshTls {
+    /// Client side of `creds` (renewed in place).
+    pub fn new(creds: Arc<ArcSwap<Credentials>>) -> Self {
+        Self {
+            creds,
+            configs: Mutex::new(FastMap::default()),
+        }
+    }
+
+    /// The configuration for `peer`: cached while the certificate stays the same, so that
+    /// session tickets are kept and the chain is parsed once.
+    fn config(
+        &self,
+        peer: &MeshPeer,
+        purpose: Purpose,
+    ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let creds = self.creds.load();
+        let key = (peer.identity.to_string(), purpose);
+        if let Some((serial, cfg)) = self.configs.lock().expect("tls lock").get(&key) {
+            if *serial == creds.info.serial {
+                return Ok(cfg.clone());
+            }
+        }
+        // The peer is in this proxy's trust domain: the CA signs for one domain.
+        let expected = SpiffeId::new(
+            &creds.info.id.trust_domain,
+            &peer.identity.namespace,
+            &peer.identity.name,
+        )
+        .map_err(|e| TlsError::Pem {
+            what: "expected peer identity",
+            why: e.to_string(),
+        })?;
+        let own = TlsCredentials::from_pem(&creds.chain_pem, &creds.key_pem, &creds.bundle_pem)?;
+        let cfg = client_config(&own, vec![expected], &[purpose.alpn()])?;
+        let mut configs = self.configs.lock().expect("tls lock");
+        // Peers come and go: a bound on the cache, cleared rather than tracked.
+        if configs.len() >= 4096 {
+            configs.clear();
+        }
+        configs.insert(key, (creds.info.serial.clone(), cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// Handshake with `peer` over `tcp`, for service port `port`.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        peer: &MeshPeer,
+        port: u16,
+        purpose: Purpose,
+    ) -> Result<TlsStream<TcpStream>, String> {
+        let cfg = self.config(peer, purpose).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(inbound_server_name(port), tcp)
+            .await
+            .map_err(|e| describe(&e, peer))?;
+        if tls.get_ref().1.alpn_protocol() != Some(purpose.alpn()) {
+            return Err(format!(
+                "the proxy of {} at {} did not agree to {}",
+                peer.identity,
+                peer.inbound,
+                String::from_utf8_lossy(purpose.alpn())
+            ));
+        }
+        Ok(tls)
+    }
+}
+
+/// A handshake failure, said so that an operator knows where to look.
+fn describe(e: &io::Error, peer: &MeshPeer) -> String {
+    let at = format!("mTLS handshake with {} at {}", peer.identity, peer.inbound);
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match (tls, e.kind()) {
+        (Some(rustls::Error::InvalidCertificate(_)), _) => {
+            format!("{at}: its certificate was refused: {e}")
+        }
+        (Some(rustls::Error::InvalidMessage(_)), _) | (None, io::ErrorKind::InvalidData) => {
+            format!(
+                "{at} failed: {e} (a peer that answers in plaintext has no identity or is not \
+                 a Trellis proxy)"
+            )
+        }
+        (_, io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => format!(
+            "{at}: the peer closed the connection (is its proxy running with an identity, and \
+             does it trust this proxy's CA?)"
+        ),
+        _ => format!("{at} failed: {e}"),
+    }
+}
+
+/// A stream to an upstream: plain TCP, or mutual TLS to a peer's proxy.
+pub enum UpStream {
+    /// Plain.
+    Plain(TcpStream),
+    /// Mutual TLS.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
