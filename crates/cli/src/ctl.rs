@@ -494,3 +494,48 @@ pub(crate) async fn token_revoke(conn: &Conn, id: &str) -> Result<()> {
     println!("join token {id} revoked");
     Ok(())
 }
+
+/// `trellis ca status`, and `trellis ca rotate PHASE` (which prints the status after).
+pub(crate) async fn ca_status(conn: &Conn, rotate: Option<&str>, force: bool) -> Result<()> {
+    let api = Api::new(conn)?;
+    let v = match rotate {
+        Some(phase) => {
+            let body = serde_json::json!({ "phase": phase, "force": force });
+            api.call(Method::POST, "/api/v1/ca/rotate", Some(body.to_string()))
+                .await?
+        }
+        None => api.call(Method::GET, "/api/v1/ca", None).await?,
+    };
+    println!(
+        "trust domain: {}\ncertificate lifetime: {} s\nphase: {}",
+        v["trustDomain"].as_str().unwrap_or_default(),
+        v["svidTtlSeconds"],
+        v["phase"].as_str().unwrap_or_default()
+    );
+    let rows: Vec<Vec<String>> = v["roots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            vec![
+                r["fingerprint"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(16)
+                    .collect(),
+                r["subject"].as_str().unwrap_or_default().into(),
+                r["notAfter"].to_string(),
+                if r["signing"] == true {
+                    "signing"
+                } else {
+                    "trusted"
+                }
+                .into(),
+            ]
+        })
+        .collect();
+    table(&["SHA-256", "SUBJECT", "NOT AFTER (UNIX)", "ROLE"], &rows);
+    Ok(())
+}

@@ -93,6 +93,32 @@ enum Cmd {
     /// Join tokens: a proxy's first credential, for one identity.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// The mesh's certificate authority: its roots, and their rotation.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Trust domain, signing root, trusted roots, rotation phase.
+    Status {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// One phase of a root rotation, in order: `begin` (a new root is trusted everywhere),
+    /// `activate` (it signs; proxies move to it as they renew), `finish` (the old root is
+    /// dropped, once every certificate it signed has expired).
+    Rotate {
+        /// begin, activate or finish.
+        #[arg(value_parser = ["begin", "activate", "finish"])]
+        phase: String,
+        /// Finish before the old root's certificates have expired (their holders lose
+        /// their peers' trust).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -291,6 +317,10 @@ fn main() -> ExitCode {
         }) => ctl_run(ctl::token_create(&conn, &namespace, &identity, ttl.0, uses)),
         Cmd::Token(TokenCmd::List { conn }) => ctl_run(ctl::token_list(&conn)),
         Cmd::Token(TokenCmd::Revoke { id, conn }) => ctl_run(ctl::token_revoke(&conn, &id)),
+        Cmd::Ca(CaCmd::Status { conn }) => ctl_run(ctl::ca_status(&conn, None, false)),
+        Cmd::Ca(CaCmd::Rotate { phase, force, conn }) => {
+            ctl_run(ctl::ca_status(&conn, Some(&phase), force))
+        }
     }
 }
 

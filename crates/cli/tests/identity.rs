@@ -700,23 +700,23 @@ async fn via(p: &ProxyProcess, host: &str) -> (u16, String, String) {
     )
 }
 
-#[tokio::test]
-async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
-    let app = upstream::named("peer-app").await;
-    let echo = upstream::tcp_echo().await;
-    let plain = upstream::named("not-a-proxy").await;
-    let cp = ControlProcess::start(BIN, &[]);
-    let apply = |yaml: String| {
-        let cp = &cp;
-        async move {
-            let (st, v) = cp.call(Method::POST, "/api/v1/apply", &yaml, None).await;
-            assert_eq!(st, 200, "{v}");
-        }
-    };
+async fn apply_ok(cp: &ControlProcess, yaml: String) {
+    let (st, v) = cp.call(Method::POST, "/api/v1/apply", &yaml, None).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+/// The callee (`test/peer`, identity beta) and the caller (`test/client`), each joined with
+/// a token, the callee's inbound port published in its Workload. Returns their state dirs.
+async fn start_pair(
+    cp: &ControlProcess,
+    app: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+    plain: std::net::SocketAddr,
+) -> (ProxyProcess, ProxyProcess, Vec<PathBuf>) {
     // The callee's inbound port is known once it runs: applied first with a placeholder.
-    apply(peer_mesh(app, echo, plain, "beta", 1)).await;
+    apply_ok(cp, peer_mesh(app, echo, plain, "beta", 1)).await;
     let (callee_state, caller_state) = (temp_path("callee-state"), temp_path("caller-state"));
-    let t = token(&cp, "test", "beta", "10m", "1");
+    let t = token(cp, "test", "beta", "10m", "1");
     let callee = ProxyProcess::start_xds(
         BIN,
         &[cp.xds_url()],
@@ -729,9 +729,12 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
         ],
     );
     callee.wait_ready().await;
-    let inbound = callee.inbound.port();
-    apply(peer_mesh(app, echo, plain, "beta", inbound)).await;
-    let t = token(&cp, "test", "client", "10m", "1");
+    apply_ok(
+        cp,
+        peer_mesh(app, echo, plain, "beta", callee.inbound.port()),
+    )
+    .await;
+    let t = token(cp, "test", "client", "10m", "1");
     let caller = ProxyProcess::start_xds(
         BIN,
         &[cp.xds_url()],
@@ -744,6 +747,18 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
         ],
     );
     caller.wait_ready().await;
+    (callee, caller, vec![callee_state, caller_state])
+}
+
+#[tokio::test]
+async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
+    let app = upstream::named("peer-app").await;
+    let echo = upstream::tcp_echo().await;
+    let plain = upstream::named("not-a-proxy").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let apply = |yaml: String| apply_ok(&cp, yaml);
+    let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
+    let inbound = callee.inbound.port();
 
     // HTTP/1.1 from the application, HTTP/2 over mutual TLS between the proxies: the callee
     // names the caller.
@@ -845,7 +860,151 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
             .await
             >= 1.0
     );
-    for d in [callee_state, caller_state] {
+    for d in states {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+/// The identity section of a proxy's `/config_dump`.
+async fn dump_identity(p: &ProxyProcess) -> serde_json::Value {
+    let (_, body) = client::get(p.admin, "admin", "/config_dump", &[])
+        .await
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap()["identity"].clone()
+}
+
+/// Wait until every proxy's identity satisfies `pred`.
+async fn wait_all(what: &str, ps: [&ProxyProcess; 2], pred: impl Fn(&serde_json::Value) -> bool) {
+    eventually(what, Duration::from_secs(30), async || {
+        for p in ps {
+            if !pred(&dump_identity(p).await) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_root_rotation_and_leaf_renewals_under_steady_load_fail_no_request() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    };
+    let app = upstream::named("peer-app").await;
+    let echo = upstream::tcp_echo().await;
+    let plain = upstream::named("not-a-proxy").await;
+    // Certificates live 20 s: each proxy renews every 10 s or so while the load runs.
+    let cp = ControlProcess::start(BIN, &["--svid-ttl", "20s"]);
+    let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
+    eventually("mTLS up", Duration::from_secs(10), async || {
+        (via(&caller, "b.test").await.0 == 200).then_some(())
+    })
+    .await;
+
+    // Steady load: HTTP requests over the proxies' pooled HTTP/2 connection, and TCP
+    // tunnels that each make a new mutual TLS handshake.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let load = {
+        let (stop, ok, failed, out) = (stop.clone(), ok.clone(), failed.clone(), caller.outbound);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client::get(out, "b.test", "/", &[]).await {
+                    Ok((st, body)) if st == 200 && &body[..] == b"peer-app" => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    r => failed.lock().unwrap().push(format!("http: {r:?}")),
+                }
+                match echo_through(out, "t.test:5000", b"ping").await {
+                    Ok(b) if b == b"ping" => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    r => failed.lock().unwrap().push(format!("tcp: {r:?}")),
+                }
+            }
+        })
+    };
+    let serials = async || {
+        [
+            dump_identity(&callee).await["serial"].clone(),
+            dump_identity(&caller).await["serial"].clone(),
+        ]
+    };
+
+    // 1. A new root is trusted everywhere; the old one still signs.
+    let out = ok_cli(&cp, &["ca", "rotate", "begin"]);
+    assert!(out.contains("begun"), "{out}");
+    wait_all("both roots trusted", [&callee, &caller], |i| {
+        i["trustedRoots"] == 2
+    })
+    .await;
+    // 2. The new root signs: each proxy moves to it at its next renewal.
+    let before = serials().await;
+    ok_cli(&cp, &["ca", "rotate", "activate"]);
+    eventually(
+        "both proxies renewed on the new root",
+        Duration::from_secs(30),
+        async || {
+            let now = serials().await;
+            (now[0] != before[0] && now[1] != before[1]).then_some(())
+        },
+    )
+    .await;
+    // 3. The old root may not leave while certificates it signed may still be valid...
+    let refused = cli(&cp, &["ca", "rotate", "finish"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--force"),
+        "{refused:?}"
+    );
+    // ...but both proxies have renewed onto the new root, so it may go now.
+    let out = ok_cli(&cp, &["ca", "rotate", "finish", "--force"]);
+    assert!(out.contains("steady"), "{out}");
+    wait_all("the old root dropped", [&callee, &caller], |i| {
+        i["trustedRoots"] == 1
+    })
+    .await;
+    // New handshakes (the tunnels) go on under the new root alone, through one more renewal.
+    let after = serials().await;
+    eventually("one more renewal", Duration::from_secs(30), async || {
+        let now = serials().await;
+        (now[0] != after[0] && now[1] != after[1]).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "the load ran: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    // Both proxies' own records agree: no request or connection failed on either side.
+    for p in [&callee, &caller] {
+        let m = p.metrics().await;
+        for line in m.lines().filter(|l| {
+            l.starts_with("trellis_http_requests_total")
+                || l.starts_with("trellis_tcp_connections_total")
+        }) {
+            assert!(line.contains("failure_class=\"ok\""), "{line}");
+        }
+    }
+    for d in states {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+fn ok_cli(cp: &ControlProcess, args: &[&str]) -> String {
+    ok(cli(cp, args))
 }

@@ -72,6 +72,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::ControlError> for ApiError {
+    fn from(e: crate::ControlError) -> Self {
+        match e {
+            crate::ControlError::Store(e) => e.into(),
+            e => Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
 impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> Self {
         match e {
@@ -162,6 +171,8 @@ impl Api {
                 "/tokens/{id}",
                 axum::routing::delete(identity::revoke_token),
             )
+            .route("/ca", get(identity::ca_status))
+            .route("/ca/rotate", post(identity::rotate))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
         // Proxies authenticate with a join token here, not the admin token.

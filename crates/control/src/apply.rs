@@ -60,6 +60,7 @@ pub const KINDS: &[(&str, &[&str])] = &[
         "PeerAuthentication",
         &["peerauthentication", "peerauthentications", "pa", "mtls"],
     ),
+    ("TrustBundle", &["trustbundle", "trustbundles", "bundle"]),
 ];
 
 /// The canonical kind for a name as a user types it.

@@ -32,6 +32,8 @@ use trellis_identity::{
 };
 use trellis_store::{Expect, Key, Store, StoreError, Write};
 
+use trellis_model::proxy::MESH_NAMESPACE;
+
 use crate::{
     api::{Api, ApiError},
     ControlError,
@@ -52,26 +54,134 @@ fn grant_key(id: &str) -> Key {
 
 /// The CA and how long what it signs lives.
 pub struct Identity {
-    /// The mesh's CA.
-    pub ca: Ca,
+    /// An operator's CA, from files; `None`: the built-in CA, read from the store on use so
+    /// that every replica signs with the root a rotation made current.
+    files: Option<Arc<Ca>>,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
     /// Lifetime of an issued certificate.
     pub svid_ttl: Duration,
 }
 
-fn from_record(doc: &Value, trust_domain: &str) -> Result<Ca, ControlError> {
-    let field = |k: &str| doc[k].as_str().unwrap_or_default().to_string();
-    let stored = field("trustDomain");
-    if stored != trust_domain {
-        return Err(ControlError::Identity(format!(
-            "the mesh's CA is for trust domain {stored:?}, not {trust_domain:?} (--trust-domain)"
-        )));
+impl Identity {
+    /// The operator's CA (`files`) or the built-in one in `store`.
+    pub async fn new(
+        store: &Store,
+        files: Option<&CaFiles>,
+        trust_domain: &str,
+        svid_ttl: Duration,
+    ) -> Result<Self, ControlError> {
+        let files = match files {
+            Some(f) => {
+                let ca = load_ca(f, trust_domain)?;
+                publish_bundle(store, &[ca.trust_bundle().to_string()]).await?;
+                Some(Arc::new(ca))
+            }
+            None => {
+                establish_ca(store, trust_domain).await?;
+                None
+            }
+        };
+        Ok(Self {
+            files,
+            trust_domain: trust_domain.to_string(),
+            svid_ttl,
+        })
     }
-    Ok(Ca::from_pem(
-        &stored,
-        &field("certPem"),
-        &field("keyPem"),
-        None,
-    )?)
+
+    /// The CA to sign with now, its trust bundle holding every root being rotated.
+    pub async fn ca(&self, store: &Store) -> Result<Arc<Ca>, ControlError> {
+        if let Some(c) = &self.files {
+            return Ok(c.clone());
+        }
+        let rec = read_record(store).await?;
+        rec.ca(&self.trust_domain).map(Arc::new)
+    }
+}
+
+/// The built-in CA as stored: the signing root and key, every root proxies trust, and the
+/// root a rotation is bringing in.
+#[derive(Clone, Debug, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CaRecord {
+    trust_domain: String,
+    cert_pem: String,
+    key_pem: String,
+    /// Trusted roots, the signing one among them (empty in records older than rotation:
+    /// the signing root alone).
+    #[serde(default)]
+    roots: Vec<String>,
+    /// Rotation, phase 1: the new root, trusted but not signing yet.
+    #[serde(default)]
+    next: Option<KeyPair>,
+    /// Rotation, phase 2: when the new root began to sign (UNIX seconds).
+    #[serde(default)]
+    activated_at: Option<u64>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyPair {
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl CaRecord {
+    fn roots(&self) -> Vec<String> {
+        if self.roots.is_empty() {
+            vec![self.cert_pem.clone()]
+        } else {
+            self.roots.clone()
+        }
+    }
+
+    fn ca(&self, trust_domain: &str) -> Result<Ca, ControlError> {
+        if self.trust_domain != trust_domain {
+            return Err(ControlError::Identity(format!(
+                "the mesh's CA is for trust domain {:?}, not {trust_domain:?} (--trust-domain)",
+                self.trust_domain
+            )));
+        }
+        let bundle = self.roots().concat();
+        Ok(Ca::from_pem(
+            &self.trust_domain,
+            &self.cert_pem,
+            &self.key_pem,
+            Some(&bundle),
+        )?)
+    }
+}
+
+async fn read_record(store: &Store) -> Result<CaRecord, ControlError> {
+    let o = store
+        .get(&ca_key())
+        .await?
+        .ok_or_else(|| ControlError::Identity("the mesh's CA record is missing".into()))?;
+    serde_json::from_value(o.doc)
+        .map_err(|e| ControlError::Identity(format!("the mesh's CA record: {e}")))
+}
+
+/// The `TrustBundle` resource every proxy receives by xDS: the roots it must trust.
+fn bundle_write(roots: &[String]) -> Write {
+    Write {
+        key: Key::new("TrustBundle", MESH_NAMESPACE, "mesh"),
+        doc: Some(json!({
+            "apiVersion": "trellis.dev/v1alpha1",
+            "kind": "TrustBundle",
+            "metadata": { "name": "mesh", "namespace": MESH_NAMESPACE },
+            "spec": { "roots": roots },
+        })),
+        expect: Expect::Any,
+    }
+}
+
+/// Make the stored `TrustBundle` say `roots` (a store of an older version has none).
+async fn publish_bundle(store: &Store, roots: &[String]) -> Result<(), ControlError> {
+    let w = bundle_write(roots);
+    if store.get(&w.key).await?.map(|o| o.doc) != w.doc {
+        store.write(vec![w]).await?;
+    }
+    Ok(())
 }
 
 /// An operator's CA, from files.
@@ -87,7 +197,7 @@ pub struct CaFiles {
 
 /// The operator's CA. Its files stay where the operator keeps them; nothing goes into the
 /// store (every replica is given the same files).
-pub fn load_ca(f: &CaFiles, trust_domain: &str) -> Result<Ca, ControlError> {
+fn load_ca(f: &CaFiles, trust_domain: &str) -> Result<Ca, ControlError> {
     let read = |p: &std::path::Path| {
         std::fs::read_to_string(p).map_err(|source| ControlError::Io {
             path: p.to_path_buf(),
@@ -109,32 +219,176 @@ pub fn load_ca(f: &CaFiles, trust_domain: &str) -> Result<Ca, ControlError> {
 }
 
 /// The mesh's CA: the one in the store, or a new root recorded there (the first replica to
-/// start makes it; a racing one adopts the winner's).
-pub async fn establish_ca(store: &Store, trust_domain: &str) -> Result<Ca, ControlError> {
-    if let Some(o) = store.get(&ca_key()).await? {
-        return from_record(&o.doc, trust_domain);
-    }
-    let ca = Ca::generate(trust_domain, ROOT_LIFETIME)?;
-    let record = Write {
-        key: ca_key(),
-        doc: Some(json!({
-            "trustDomain": trust_domain,
-            "certPem": ca.cert_pem(),
-            "keyPem": ca.key_pem(),
-        })),
-        expect: Expect::Absent,
-    };
-    match store.write(vec![record]).await {
-        Ok(_) => {
-            tracing::info!(%trust_domain, "created the mesh's root CA");
-            Ok(ca)
+/// start makes it; a racing one adopts the winner's). Its trust bundle is published too.
+async fn establish_ca(store: &Store, trust_domain: &str) -> Result<(), ControlError> {
+    if store.get(&ca_key()).await?.is_none() {
+        let ca = Ca::generate(trust_domain, ROOT_LIFETIME)?;
+        let rec = CaRecord {
+            trust_domain: trust_domain.to_string(),
+            cert_pem: ca.cert_pem().to_string(),
+            key_pem: ca.key_pem().to_string(),
+            roots: vec![ca.cert_pem().to_string()],
+            next: None,
+            activated_at: None,
+        };
+        let record = Write {
+            key: ca_key(),
+            doc: Some(serde_json::to_value(&rec).expect("a CA record serializes")),
+            expect: Expect::Absent,
+        };
+        match store.write(vec![record, bundle_write(&rec.roots)]).await {
+            Ok(_) => tracing::info!(%trust_domain, "created the mesh's root CA"),
+            Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
-        Err(StoreError::Conflict { .. }) => match store.get(&ca_key()).await? {
-            Some(o) => from_record(&o.doc, trust_domain),
-            None => Err(ControlError::Identity("the CA record vanished".into())),
-        },
-        Err(e) => Err(e.into()),
     }
+    let rec = read_record(store).await?;
+    rec.ca(trust_domain)?;
+    publish_bundle(store, &rec.roots()).await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct RotateRequest {
+    phase: String,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /api/v1/ca/rotate` (admin token): one phase of a root rotation.
+///
+/// 1. `begin`: a new root is made and added to the trust bundle; the old one still signs.
+///    Proxies receive the bundle by xDS and trust both.
+/// 2. `activate`: the new root signs; proxies move to it as they renew (at half their
+///    lifetime), and those still on the old root are trusted all along.
+/// 3. `finish`: the old root leaves the bundle; refused until every certificate it signed
+///    has expired (one certificate lifetime after `activate`) unless `force`.
+///
+/// Each phase is one compare-and-swap of the CA record and the bundle together.
+pub(crate) async fn rotate(
+    AxState(api): AxState<Api>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: RotateRequest = json_body(&body)?;
+    let id = api.identity();
+    if id.files.is_some() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "the mesh uses an operator's CA (--ca-cert): rotate it by giving every replica the new files, with both roots in --ca-bundle during the overlap".into(),
+        ));
+    }
+    let obj = api
+        .store()
+        .get(&ca_key())
+        .await?
+        .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no CA record".into()))?;
+    let mut rec: CaRecord = serde_json::from_value(obj.doc)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let conflict = |m: String| ApiError(StatusCode::CONFLICT, m);
+    let now = join::unix(SystemTime::now());
+    match req.phase.as_str() {
+        "begin" => {
+            if rec.next.is_some() || rec.roots().len() > 1 {
+                return Err(conflict(
+                    "a rotation is already under way (see `trellis ca status`)".into(),
+                ));
+            }
+            let ca = Ca::generate(&rec.trust_domain, ROOT_LIFETIME)
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            rec.roots = rec.roots();
+            rec.roots.push(ca.cert_pem().to_string());
+            rec.next = Some(KeyPair {
+                cert_pem: ca.cert_pem().to_string(),
+                key_pem: ca.key_pem().to_string(),
+            });
+        }
+        "activate" => {
+            let Some(next) = rec.next.take() else {
+                return Err(conflict(
+                    "no rotation to activate: run `trellis ca rotate begin` first".into(),
+                ));
+            };
+            rec.cert_pem = next.cert_pem;
+            rec.key_pem = next.key_pem;
+            rec.activated_at = Some(now);
+        }
+        "finish" => {
+            let Some(at) = rec.activated_at else {
+                return Err(conflict("no activated rotation to finish".into()));
+            };
+            let wait = at + id.svid_ttl.as_secs();
+            if now < wait && !req.force {
+                return Err(conflict(format!(
+                    "certificates signed by the old root may be valid for {} s more (until every proxy renewed or they expired); wait, or use --force",
+                    wait - now
+                )));
+            }
+            rec.roots = vec![rec.cert_pem.clone()];
+            rec.activated_at = None;
+        }
+        other => {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("phase: {other:?} is not begin, activate or finish"),
+            ))
+        }
+    }
+    let write = Write {
+        key: ca_key(),
+        doc: Some(serde_json::to_value(&rec).expect("a CA record serializes")),
+        expect: Expect::Version(obj.version),
+    };
+    api.store()
+        .write(vec![write, bundle_write(&rec.roots())])
+        .await?;
+    tracing::info!(phase = %req.phase, roots = rec.roots().len(), "CA rotation");
+    ca_status(AxState(api)).await
+}
+
+/// `GET /api/v1/ca`: the trust domain, the roots (signing, trusted) and the rotation phase.
+pub(crate) async fn ca_status(AxState(api): AxState<Api>) -> Result<Json<Value>, ApiError> {
+    let id = api.identity();
+    let ca = id.ca(api.store()).await?;
+    let describe = |pem: &str, signing: bool| {
+        let info = trellis_identity::ca::describe_ca(pem);
+        json!({ "subject": info.0, "notAfter": info.1, "fingerprint": info.2, "signing": signing })
+    };
+    let signing = describe(ca.cert_pem(), true);
+    let roots: Vec<Value> = x509_pems(ca.trust_bundle())
+        .iter()
+        .map(|p| {
+            let d = describe(p, false);
+            let s = d["fingerprint"] == signing["fingerprint"];
+            json!({ "subject": d["subject"], "notAfter": d["notAfter"], "fingerprint": d["fingerprint"], "signing": s })
+        })
+        .collect();
+    let phase = if id.files.is_some() {
+        "operator CA"
+    } else {
+        let rec = read_record(api.store()).await?;
+        match (&rec.next, rec.activated_at) {
+            (Some(_), _) => "begun: both roots trusted, the old one signs",
+            (None, Some(_)) => "activated: the new root signs, the old one is still trusted",
+            _ => "steady",
+        }
+    };
+    Ok(Json(json!({
+        "trustDomain": id.trust_domain,
+        "svidTtlSeconds": id.svid_ttl.as_secs(),
+        "signing": signing,
+        "roots": roots,
+        "phase": phase,
+    })))
+}
+
+/// Each PEM certificate in `bundle`.
+fn x509_pems(bundle: &str) -> Vec<String> {
+    bundle
+        .split_inclusive("-----END CERTIFICATE-----")
+        .map(str::trim)
+        .filter(|p| p.starts_with("-----BEGIN CERTIFICATE-----"))
+        .map(|p| format!("{p}\n"))
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -163,7 +417,7 @@ pub(crate) async fn create_token(
 ) -> Result<Json<Value>, ApiError> {
     let req: TokenRequest = json_body(&body)?;
     let id = api.identity();
-    let spiffe = SpiffeId::new(id.ca.trust_domain(), &req.namespace, &req.identity)
+    let spiffe = SpiffeId::new(&id.trust_domain, &req.namespace, &req.identity)
         .map_err(|e| unprocessable(e.to_string()))?;
     let ttl = Duration::from_secs(req.ttl_seconds);
     if ttl.is_zero() || ttl > TOKEN_MAX_TTL {
@@ -274,16 +528,17 @@ fn issued(svid: &trellis_identity::Svid, ca: &Ca) -> Json<Value> {
 /// Renew with the current certificate and a proof of its key.
 fn renew(
     id: &Identity,
+    ca: &Ca,
     req: &CsrRequest,
     cert: &str,
     proof: &str,
 ) -> Result<Json<Value>, ApiError> {
     let proof = join::unhex(proof)
         .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "proof: not hex".into()))?;
-    match id.ca.renew(&req.csr, cert, &proof, id.svid_ttl) {
+    match ca.renew(&req.csr, cert, &proof, id.svid_ttl) {
         Ok(svid) => {
             tracing::info!(spiffe = %svid.id, "certificate renewed");
-            Ok(issued(&svid, &id.ca))
+            Ok(issued(&svid, ca))
         }
         Err(e @ (CaError::Untrusted(_) | CaError::Refused { .. })) => {
             tracing::warn!(error = %e, "renewal refused");
@@ -310,9 +565,10 @@ pub(crate) async fn sign(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
     let id = api.identity();
+    let ca = id.ca(api.store()).await?;
     let Some((tid, secret)) = join::parse(token) else {
         if let (Some(cert), Some(proof)) = (&req.certificate, &req.proof) {
-            return renew(id, &req, cert, proof);
+            return renew(id, &ca, &req, cert, proof);
         }
         return Err(unauthorized(
             "a join token (Authorization: Bearer trellis-join....) or the current certificate and a proof of its key is required",
@@ -334,10 +590,10 @@ pub(crate) async fn sign(
             tracing::warn!(token_id = %tid, reason = %r, "certificate refused");
             return Err(unauthorized(r.to_string()));
         }
-        let spiffe = SpiffeId::new(id.ca.trust_domain(), &grant.namespace, &grant.identity)
+        let spiffe = SpiffeId::new(&id.trust_domain, &grant.namespace, &grant.identity)
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         // Sign first: a refused CSR does not use the token up.
-        let svid = match id.ca.sign(&req.csr, &spiffe, id.svid_ttl) {
+        let svid = match ca.sign(&req.csr, &spiffe, id.svid_ttl) {
             Ok(s) => s,
             Err(e @ CaError::Refused { .. }) => {
                 tracing::warn!(token_id = %tid, error = %e, "certificate refused: identity outside the token's scope");
@@ -360,7 +616,7 @@ pub(crate) async fn sign(
         match api.store().write(vec![write]).await {
             Ok(_) => {
                 tracing::info!(token_id = %tid, %spiffe, uses_left = used.uses_left, "certificate issued");
-                return Ok(issued(&svid, &id.ca));
+                return Ok(issued(&svid, &ca));
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),

@@ -199,14 +199,15 @@ impl Control {
                 opts.svid_ttl
             )));
         }
-        let ca = match &opts.ca_files {
-            Some(f) => identity::load_ca(f, &opts.trust_domain)?,
-            None => identity::establish_ca(&store, &opts.trust_domain).await?,
-        };
-        let identity = Arc::new(identity::Identity {
-            ca,
-            svid_ttl: opts.svid_ttl,
-        });
+        let identity = Arc::new(
+            identity::Identity::new(
+                &store,
+                opts.ca_files.as_ref(),
+                &opts.trust_domain,
+                opts.svid_ttl,
+            )
+            .await?,
+        );
         let api_l = bind(opts.api, "api")?;
         let xds_l = bind(opts.xds, "xds")?;
         let api_addr = api_l.local_addr().map_err(|source| ControlError::Bind {

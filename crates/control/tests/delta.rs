@@ -77,7 +77,8 @@ async fn delta_sends_only_what_changed() {
 
     let mut s = Stream::open(&api, HashMap::new()).await;
     let first = s.next().await;
-    assert_eq!(first.resources.len(), 6, "everything at first");
+    // Every applied document, and the control plane's TrustBundle.
+    assert_eq!(first.resources.len(), 6 + 1, "everything at first");
     let have: HashMap<String, String> = first
         .resources
         .iter()
@@ -144,5 +145,6 @@ async fn a_large_update_goes_in_small_parts() {
         }
     }
     assert!(parts >= 3, "{parts} parts");
-    assert_eq!(names.len(), 1006, "every document, once");
+    // And the control plane's TrustBundle.
+    assert_eq!(names.len(), 1006 + 1, "every document, once");
 }

@@ -86,6 +86,20 @@ pub fn inspect(chain_pem: &str) -> Result<CertInfo, CaError> {
     })
 }
 
+/// A CA certificate's subject, end of validity (UNIX seconds) and SHA-256 fingerprint (hex),
+/// for status pages; empty values for what does not parse.
+pub fn describe_ca(pem: &str) -> (String, u64, String) {
+    with_leaf(pem, |c| {
+        let not_after = crate::join::unix(system_time(c.validity().not_after));
+        let der = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+            .map(|(_, p)| p.contents)
+            .unwrap_or_default();
+        let fp = crate::join::hex(ring::digest::digest(&ring::digest::SHA256, &der).as_ref());
+        Ok((c.subject().to_string(), not_after, fp))
+    })
+    .unwrap_or_default()
+}
+
 fn with_leaf<T>(
     chain_pem: &str,
     f: impl FnOnce(&x509_parser::certificate::X509Certificate<'_>) -> Result<T, CaError>,
@@ -96,6 +110,27 @@ fn with_leaf<T>(
         .parse_x509()
         .map_err(|e| untrusted(format!("not an X.509 certificate: {e}")))?;
     f(&cert)
+}
+
+/// Whether `leaf` is signed by one of the certificates in `issuers_pem`.
+fn signed_by_any(leaf: &x509_parser::certificate::X509Certificate<'_>, issuers_pem: &str) -> bool {
+    x509_parser::pem::Pem::iter_from_buffer(issuers_pem.as_bytes())
+        .filter_map(Result::ok)
+        .any(|pem| {
+            pem.parse_x509()
+                .is_ok_and(|ca| leaf.verify_signature(Some(ca.public_key())).is_ok())
+        })
+}
+
+/// Whether the first certificate of `chain_pem` is signed by a certificate of `chain_pem`'s
+/// rest or of `bundle_pem`: a proxy checks a new trust bundle with this before taking it, so
+/// that a bundle which would not trust its own certificate is refused.
+pub fn chains_to(chain_pem: &str, bundle_pem: &str) -> bool {
+    let issuers = format!("{chain_pem}\n{bundle_pem}");
+    with_leaf(chain_pem, |leaf| {
+        Ok(signed_by_any(leaf, &issuers) && leaf.issuer() != leaf.subject())
+    })
+    .unwrap_or(false)
 }
 
 pub(crate) fn leaf_id(
@@ -183,7 +218,11 @@ impl Ca {
         dn.push(DnType::OrganizationName, "Trellis");
         dn.push(
             DnType::CommonName,
-            format!("Trellis root CA {trust_domain}"),
+            // Unique per root, so that the old and the new root of a rotation differ by name.
+            format!(
+                "Trellis root CA {trust_domain} {}",
+                crate::join::hex(&random_serial()?.to_bytes()[..4])
+            ),
         );
         p.distinguished_name = dn;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -275,14 +314,13 @@ impl Ca {
         proof: &[u8],
         ttl: Duration,
     ) -> Result<Svid, CaError> {
-        let (_, ca_pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
-            .map_err(|e| untrusted(format!("own CA certificate: {e}")))?;
-        let ca_cert = ca_pem
-            .parse_x509()
-            .map_err(|e| untrusted(format!("own CA certificate: {e}")))?;
+        // During a root rotation the bundle holds the roots being retired: certificates
+        // they signed renew onto the signing one.
+        let issuers = format!("{}\n{}", self.cert_pem, self.bundle_pem);
         let id = with_leaf(chain_pem, |leaf| {
-            leaf.verify_signature(Some(ca_cert.public_key()))
-                .map_err(|_| untrusted("not signed by this mesh's CA"))?;
+            if !signed_by_any(leaf, &issuers) {
+                return Err(untrusted("not signed by this mesh's CA"));
+            }
             if !leaf.validity().is_valid() {
                 return Err(untrusted("expired or not yet valid"));
             }

@@ -13,5 +13,5 @@ pub mod join;
 pub mod spiffe;
 pub mod tls;
 
-pub use ca::{inspect, key_and_csr, prove, Ca, CaError, CertInfo, Svid};
+pub use ca::{chains_to, inspect, key_and_csr, prove, Ca, CaError, CertInfo, Svid};
 pub use spiffe::SpiffeId;

@@ -23,6 +23,11 @@ pub struct ProxyConfig {
     pub tcp_binds: Vec<BindConfig>,
     /// Authorization policies, for the inbound side.
     pub authz: Vec<AuthzPolicy>,
+    /// The roots to trust (PEM, every TrustBundle of `trellis-system`), when the mesh
+    /// publishes them; a proxy with an identity trusts these rather than those it was given
+    /// with its certificate.
+    #[serde(skip)]
+    pub trust_bundle: Option<String>,
 }
 
 /// The workload served by this proxy.

@@ -11,12 +11,19 @@ use serde_saphyr::Spanned;
 use crate::value::{DurationValue, HeaderName, RegexValue};
 
 /// `namespace/name` of a resource.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NamespacedName {
     /// Namespace (`default` when the YAML leaves it out).
     pub namespace: String,
     /// Name.
     pub name: String,
+}
+
+/// As `namespace/name`: it is a map key in the proxy's config dump, and JSON keys are strings.
+impl Serialize for NamespacedName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 impl std::fmt::Display for NamespacedName {
@@ -105,6 +112,8 @@ pub enum Spec {
     AuthorizationPolicy(AuthorizationPolicySpec),
     /// `PeerAuthentication`.
     PeerAuthentication(PeerAuthenticationSpec),
+    /// `TrustBundle`.
+    TrustBundle(TrustBundleSpec),
 }
 
 impl Resource {
@@ -118,6 +127,7 @@ impl Resource {
             Spec::BackendPolicy(_) => "BackendTrafficPolicy",
             Spec::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Spec::PeerAuthentication(_) => "PeerAuthentication",
+            Spec::TrustBundle(_) => "TrustBundle",
         }
     }
 
@@ -138,6 +148,7 @@ const KINDS: &[(&str, &str)] = &[
     ("BackendTrafficPolicy", "trellis.dev/v1alpha1"),
     ("AuthorizationPolicy", "trellis.dev/v1alpha1"),
     ("PeerAuthentication", "trellis.dev/v1alpha1"),
+    ("TrustBundle", "trellis.dev/v1alpha1"),
 ];
 
 impl<'de> Deserialize<'de> for Resource {
@@ -184,6 +195,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                         "BackendTrafficPolicy" => Spec::BackendPolicy(map.next_value()?),
                         "AuthorizationPolicy" => Spec::AuthorizationPolicy(map.next_value()?),
                         "PeerAuthentication" => Spec::PeerAuthentication(map.next_value()?),
+                        "TrustBundle" => Spec::TrustBundle(map.next_value()?),
                         other => return Err(unknown_kind(other)),
                     });
                 }
@@ -944,4 +956,16 @@ impl MtlsMode {
             Self::Permissive => "PERMISSIVE",
         }
     }
+}
+
+// === TrustBundle ===
+
+/// `kind: TrustBundle` (namespace `trellis-system`): the root certificates every proxy
+/// trusts. The control plane keeps `trellis-system/mesh` equal to its CA's roots (both roots
+/// during a rotation); an operator may add others (say, a federated mesh's).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrustBundleSpec {
+    /// PEM certificates.
+    pub roots: Vec<String>,
 }

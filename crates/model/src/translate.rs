@@ -36,6 +36,7 @@ struct Index<'a> {
     policies: Vec<(&'a Resource, &'a BackendPolicySpec)>,
     authz: Vec<(&'a Resource, &'a crate::resource::AuthorizationPolicySpec)>,
     peer_auth: Vec<(&'a Resource, &'a PeerAuthenticationSpec)>,
+    bundles: Vec<(&'a Resource, &'a crate::resource::TrustBundleSpec)>,
 }
 
 /// Translate `resources` (read from `file`) into the config of the proxy serving `local`.
@@ -83,6 +84,13 @@ pub fn translate<R: std::borrow::Borrow<Resource>>(
         clusters,
         tcp_binds: Vec::new(),
         authz: authz_policies(&ix)?,
+        trust_bundle: (!ix.bundles.is_empty()).then(|| {
+            ix.bundles
+                .iter()
+                .flat_map(|(_, b)| b.roots.iter())
+                .map(|r| format!("{}\n", r.trim()))
+                .collect()
+        }),
     };
     if let Some(local) = local {
         local_workload(&ix, local, &mut cfg)?;
@@ -103,6 +111,7 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
         policies: Vec::new(),
         authz: Vec::new(),
         peer_auth: Vec::new(),
+        bundles: Vec::new(),
     };
     let mut seen = HashSet::new();
     for r in resources {
@@ -136,6 +145,10 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
             Spec::BackendPolicy(p) => ix.policies.push((r, p)),
             Spec::AuthorizationPolicy(a) => ix.authz.push((r, a)),
             Spec::PeerAuthentication(p) => ix.peer_auth.push((r, p)),
+            Spec::TrustBundle(b) => {
+                check_bundle(file, r, b)?;
+                ix.bundles.push((r, b));
+            }
         }
     }
     ix.index_labels();
@@ -1072,11 +1085,50 @@ impl MtlsModes {
     }
 }
 
+/// A TrustBundle lives in `trellis-system` and holds PEM certificates (their contents are
+/// checked by the proxies, which refuse a bundle that would not trust their own certificate).
+fn check_bundle(file: &str, r: &Resource, b: &crate::resource::TrustBundleSpec) -> Result<()> {
+    let bad = |f: String, m: &str| {
+        Err(ConfigError::invalid(
+            file,
+            r.line,
+            format!("TrustBundle {}: {f}", r.id()),
+            m,
+        ))
+    };
+    if r.metadata.namespace != MESH_NAMESPACE {
+        return bad(
+            "metadata.namespace".into(),
+            "a TrustBundle belongs in the trellis-system namespace",
+        );
+    }
+    if b.roots.is_empty() {
+        return bad(
+            "spec.roots".into(),
+            "at least one root certificate is needed",
+        );
+    }
+    for (i, root) in b.roots.iter().enumerate() {
+        let t = root.trim();
+        if !t.starts_with("-----BEGIN CERTIFICATE-----")
+            || !t.ends_with("-----END CERTIFICATE-----")
+            || t.matches("-----BEGIN").count() != 1
+        {
+            return bad(
+                format!("spec.roots[{i}]"),
+                "one PEM certificate (-----BEGIN CERTIFICATE----- … -----END CERTIFICATE-----)",
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Check what can be checked of `r` without the other resources. An apply runs this on every
 /// document, so that a policy whose targets do not exist yet is still checked.
 pub fn check_standalone(file: &str, r: &Resource) -> Result<()> {
     match &r.spec {
         Spec::AuthorizationPolicy(p) => authz_rules(file, r, p).map(drop),
+        Spec::TrustBundle(b) => check_bundle(file, r, b),
         _ => Ok(()),
     }
 }

@@ -75,9 +75,11 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
                         "spiffeId": c.info.id.to_string(),
                         "serial": c.info.serial,
                         "notAfter": trellis_identity::join::unix(c.info.not_after),
+                        "trustedRoots": c.bundle_pem.matches("BEGIN CERTIFICATE").count(),
                     })
                 }),
-                "config": &*snap.cfg,
+                "config": serde_json::to_value(&*snap.cfg)
+                    .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
                 "endpoint_health": endpoints,
             });
             let mut r = text(

@@ -225,6 +225,33 @@ pub async fn bootstrap(
     Ok(c)
 }
 
+/// Trust the roots of the mesh's TrustBundle from now on, if they differ from the current
+/// ones and still trust this proxy's own certificate (a bundle that would cut this proxy off
+/// from its peers is refused, and the current roots kept). `Ok(true)`: taken.
+pub fn adopt_bundle(
+    dir: &Path,
+    current: &arc_swap::ArcSwap<Credentials>,
+    bundle: &str,
+) -> Result<bool, IdentityError> {
+    let c = current.load_full();
+    if c.bundle_pem == bundle {
+        return Ok(false);
+    }
+    if !trellis_identity::chains_to(&c.chain_pem, bundle) {
+        return Err(IdentityError::Refused(
+            "the mesh's TrustBundle lacks the root that signed this proxy's certificate; keeping the current roots".into(),
+        ));
+    }
+    trellis_identity::tls::TlsCredentials::from_pem(&c.chain_pem, &c.key_pem, bundle)
+        .map_err(|e| IdentityError::Refused(format!("the mesh's TrustBundle: {e}")))?;
+    write_private(dir, BUNDLE, bundle)?;
+    current.store(Arc::new(Credentials {
+        bundle_pem: bundle.to_string(),
+        ..(*c).clone()
+    }));
+    Ok(true)
+}
+
 /// When to renew: halfway from when it was obtained to its end, and not sooner than a
 /// second from `now` (a certificate that is already past that point renews at once, but a
 /// failing CA is never hammered).

@@ -105,8 +105,9 @@ pub struct Shared {
     pub xds_status: std::sync::Mutex<XdsStatus>,
     /// The proxy's certificate and key, when it has an identity (renewed in place).
     pub identity: Option<Arc<ArcSwap<identity::Credentials>>>,
-    /// The inbound TLS configuration, for the certificate serial it was built from.
-    pub inbound_tls: arc_swap::ArcSwapOption<(String, Arc<rustls::ServerConfig>)>,
+    /// The inbound TLS configuration, with the credentials it was built from.
+    pub inbound_tls:
+        arc_swap::ArcSwapOption<(Arc<identity::Credentials>, Arc<rustls::ServerConfig>)>,
     /// The client side of `identity`.
     pub mesh_tls: Option<mtls::MeshTls>,
     /// The inbound listener's mode for every port, overriding the config's.
@@ -427,6 +428,20 @@ impl Proxy {
     /// Bind what `cfg` adds, swap it in, and close what it dropped; all or nothing.
     async fn swap(&mut self, cfg: ProxyConfig) -> Result<(), ProxyError> {
         let new_binds = self.bind_all(&cfg).await?;
+        if let (Some(bundle), Some(current), Some(id)) = (
+            &cfg.trust_bundle,
+            &self.shared.identity,
+            &self.opts.identity,
+        ) {
+            match identity::adopt_bundle(&id.state_dir, current, bundle) {
+                Ok(true) => tracing::info!(
+                    roots = bundle.matches("BEGIN CERTIFICATE").count(),
+                    "trust bundle updated"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "trust bundle refused"),
+            }
+        }
         let old = self.shared.state.load_full();
         let snap = Snapshot::build(cfg, Some(&old), &self.shared.metrics);
         let keep: Vec<String> = (0..snap.cfg.tcp_binds.len())

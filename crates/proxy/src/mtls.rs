@@ -48,9 +48,9 @@ impl Purpose {
     }
 }
 
-/// Client configurations by (expected peer, purpose), each with the certificate serial it
-/// was built with.
-type Configs = FastMap<(String, Purpose), (String, Arc<rustls::ClientConfig>)>;
+/// Client configurations by (expected peer, purpose), each with the credentials (certificate
+/// and trust bundle) it was built from.
+type Configs = FastMap<(String, Purpose), (Arc<Credentials>, Arc<rustls::ClientConfig>)>;
 
 /// This proxy's credentials as a TLS client.
 pub struct MeshTls {
@@ -67,17 +67,17 @@ impl MeshTls {
         }
     }
 
-    /// The configuration for `peer`: cached while the certificate stays the same, so that
-    /// session tickets are kept and the chain is parsed once.
+    /// The configuration for `peer`: cached while the certificate and trust bundle stay the
+    /// same, so that session tickets are kept and the chain is parsed once.
     fn config(
         &self,
         peer: &MeshPeer,
         purpose: Purpose,
     ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        let creds = self.creds.load();
+        let creds = self.creds.load_full();
         let key = (peer.identity.to_string(), purpose);
-        if let Some((serial, cfg)) = self.configs.lock().expect("tls lock").get(&key) {
-            if *serial == creds.info.serial {
+        if let Some((built, cfg)) = self.configs.lock().expect("tls lock").get(&key) {
+            if Arc::ptr_eq(built, &creds) {
                 return Ok(cfg.clone());
             }
         }
@@ -98,7 +98,7 @@ impl MeshTls {
         if configs.len() >= 4096 {
             configs.clear();
         }
-        configs.insert(key, (creds.info.serial.clone(), cfg.clone()));
+        configs.insert(key, (creds, cfg.clone()));
         Ok(cfg)
     }
 

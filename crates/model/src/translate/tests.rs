@@ -29,6 +29,9 @@ fn example_translates() {
     assert_eq!(v2.policy.max_pending, 128);
     assert_eq!(cfg.tcp_binds[0].cluster, "shop/catalog:80");
     assert!(cfg.local.is_some());
+    // The proxy's /config_dump renders it as JSON, whose map keys must be strings.
+    let json = serde_json::to_value(&cfg).expect("renders as JSON");
+    assert!(json["services"]["shop/catalog"].is_object(), "{json}");
 }
 
 #[test]

@@ -224,9 +224,9 @@ pub struct PeerId {
 
 /// The inbound TLS configuration for the current certificate; rebuilt when it is renewed.
 fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
-    let creds = shared.identity.as_ref()?.load();
+    let creds = shared.identity.as_ref()?.load_full();
     if let Some(c) = shared.inbound_tls.load().as_ref() {
-        if c.0 == creds.info.serial {
+        if Arc::ptr_eq(&c.0, &creds) {
             return Some(c.1.clone());
         }
     }
@@ -243,7 +243,7 @@ fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
         Ok(cfg) => {
             shared
                 .inbound_tls
-                .store(Some(Arc::new((creds.info.serial.clone(), cfg.clone()))));
+                .store(Some(Arc::new((creds.clone(), cfg.clone()))));
             Some(cfg)
         }
         Err(e) => {
