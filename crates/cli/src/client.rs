@@ -20,6 +20,10 @@ pub(crate) struct Conn {
     /// API bearer token.
     #[arg(long, env = "TRELLIS_TOKEN", global = true, hide_env_values = true)]
     pub(crate) token: Option<String>,
+    /// For an `https://` server: the mesh's root, `sha256:HEX` (`trellis ca status` on the
+    /// control plane's host prints it); the server must chain to it and be the control plane.
+    #[arg(long = "api-ca-hash", env = "TRELLIS_API_CA_HASH", global = true)]
+    pub(crate) ca_hash: Option<String>,
 }
 
 /// What `trellis login` saves.
@@ -29,6 +33,9 @@ pub(crate) struct Saved {
     pub(crate) server: String,
     /// Token.
     pub(crate) token: String,
+    /// The pinned root, for an `https://` server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ca_hash: Option<String>,
 }
 
 /// `$XDG_CONFIG_HOME/trellis/config.json`, or `~/.config/trellis/config.json`.
@@ -45,6 +52,8 @@ pub(crate) struct Api {
     server: String,
     token: String,
     http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// `https://`: the root to pin.
+    tls: Option<[u8; 32]>,
 }
 
 impl Api {
@@ -71,13 +80,28 @@ impl Api {
             .ok_or_else(|| {
                 anyhow!("no API token: pass --token, set TRELLIS_TOKEN, or run `trellis login`")
             })?;
-        if !server.starts_with("http://") {
-            bail!("--server must be an http:// URL (TLS comes with the identity work), got {server:?}");
-        }
+        let tls = if server.starts_with("https://") {
+            let hash = c
+                .ca_hash
+                .clone()
+                .or_else(|| saved.as_ref().and_then(|s| s.ca_hash.clone()))
+                .ok_or_else(|| {
+                    anyhow!("an https:// server is checked against the mesh's root: pass --api-ca-hash sha256:HEX (`trellis ca status` prints it)")
+                })?;
+            Some(
+                trellis_proxy::identity::parse_ca_hash(&hash)
+                    .ok_or_else(|| anyhow!("--api-ca-hash: expected sha256:HEX, got {hash:?}"))?,
+            )
+        } else if server.starts_with("http://") {
+            None
+        } else {
+            bail!("--server must be an http:// or https:// URL, got {server:?}");
+        };
         Ok(Self {
             server: server.trim_end_matches('/').to_string(),
             token,
             http: Client::builder(TokioExecutor::new()).build_http(),
+            tls,
         })
     }
 
@@ -114,15 +138,34 @@ impl Api {
             .header("authorization", format!("Bearer {}", self.token))
             .header("content-type", "application/yaml")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .with_context(|| format!("cannot reach the control plane at {}", self.server))?;
+        let resp = match self.tls {
+            None => self.http.request(req).await.map_err(anyhow::Error::from),
+            Some(pin) => send_tls(pin, req).await,
+        }
+        .with_context(|| format!("cannot reach the control plane at {}", self.server))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         let v = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         Ok((status, v))
     }
+}
+
+/// One request over TLS to a control plane whose root has the SHA-256 `pin`.
+async fn send_tls(
+    pin: [u8; 32],
+    req: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
+    let authority = req
+        .uri()
+        .authority()
+        .context("no host:port in the server URL")?
+        .to_string();
+    let tls = trellis_proxy::mtls::connect_control_as(&authority, pin, b"http/1.1")
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    Ok(send.send_request(req).await?)
 }

@@ -408,6 +408,7 @@ pub(crate) async fn login(conn: &Conn) -> Result<()> {
             .clone()
             .unwrap_or_else(|| "http://127.0.0.1:7070".into()),
         token: conn.token.clone().context("--token is required")?,
+        ca_hash: conn.ca_hash.clone(),
     };
     let p = config_path()?;
     if let Some(d) = p.parent() {
@@ -446,10 +447,11 @@ pub(crate) async fn token_create(
         .await?;
     println!("{}", v["token"].as_str().unwrap_or_default());
     eprintln!(
-        "for {}, {} use(s), valid for {}s; shown only now",
+        "for {}, {} use(s), valid for {}s; shown only now\nproxies reaching the control plane over TLS check it with --ca-hash {}",
         v["spiffeId"].as_str().unwrap_or_default(),
         uses,
-        ttl.as_secs()
+        ttl.as_secs(),
+        v["caHash"].as_str().unwrap_or_default()
     );
     Ok(())
 }
@@ -507,8 +509,9 @@ pub(crate) async fn ca_status(conn: &Conn, rotate: Option<&str>, force: bool) ->
         None => api.call(Method::GET, "/api/v1/ca", None).await?,
     };
     println!(
-        "trust domain: {}\ncertificate lifetime: {} s\nphase: {}",
+        "trust domain: {}\nsigning root: {} (for --ca-hash)\ncertificate lifetime: {} s\nphase: {}",
         v["trustDomain"].as_str().unwrap_or_default(),
+        v["caHash"].as_str().unwrap_or_default(),
         v["svidTtlSeconds"],
         v["phase"].as_str().unwrap_or_default()
     );

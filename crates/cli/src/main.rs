@@ -254,6 +254,11 @@ struct ProxyArgs {
         requires = "state_dir"
     )]
     join_token: Option<String>,
+    /// The mesh's root, `sha256:HEX` (printed by `trellis token create`): how a proxy with
+    /// nothing stored checks a control plane reached over TLS (`--xds https://…`) before it
+    /// sends its join token.
+    #[arg(long, env = "TRELLIS_CA_HASH", value_parser = ca_hash_arg, requires = "state_dir")]
+    ca_hash: Option<[u8; 32]>,
     /// With an identity, what the inbound listener accepts on every port, overriding the
     /// PeerAuthentications (which default to STRICT): `strict` (mutual TLS only) or
     /// `permissive` (mutual TLS and plaintext, while callers migrate).
@@ -389,7 +394,7 @@ fn control(a: ControlArgs) -> ExitCode {
                 opts.data_dir.join("admin.token").display()
             );
         }
-        tracing::info!(api = %c.api_addr, xds = %c.xds_addr, "control plane ready");
+        tracing::info!(api = %c.api_addr, xds = %c.xds_addr, ca_hash = %c.ca_hash, "control plane ready");
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
@@ -403,6 +408,12 @@ fn control(a: ControlArgs) -> ExitCode {
         }
         tracing::info!("control plane stopping");
         ExitCode::SUCCESS
+    })
+}
+
+fn ca_hash_arg(s: &str) -> Result<[u8; 32], String> {
+    trellis_proxy::identity::parse_ca_hash(s).ok_or_else(|| {
+        "expected sha256:HEX (64 hex digits), as `trellis token create` prints".into()
     })
 }
 
@@ -431,6 +442,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
                     .collect(),
                 node_id,
                 workload: a.workload.as_ref().map(|w| w.to_string()),
+                identity: None,
             })
         }
     };
@@ -453,6 +465,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             .map(|state_dir| trellis_proxy::identity::IdentityOptions {
                 state_dir,
                 join_token: a.join_token,
+                ca_hash: a.ca_hash,
             }),
         mtls_mode: a.mtls_mode.map(|m| match m {
             MtlsMode::Strict => trellis_model::resource::MtlsMode::Strict,

@@ -1008,3 +1008,185 @@ async fn a_root_rotation_and_leaf_renewals_under_steady_load_fail_no_request() {
 fn ok_cli(cp: &ControlProcess, args: &[&str]) -> String {
     ok(cli(cp, args))
 }
+
+/// A TLS connection to a control plane's xDS port as a proxy without a certificate makes
+/// it (the root pinned by `hash`), carrying HTTP/2.
+async fn control_h2(
+    addr: std::net::SocketAddr,
+    hash: &str,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let pin = trellis_identity::tls::parse_ca_hash(hash).unwrap();
+    let cfg = trellis_identity::tls::bootstrap_client_config(pin, &[b"h2"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(trellis_identity::tls::mesh_server_name(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+#[tokio::test]
+async fn proxies_reach_the_control_plane_over_tls_and_pin_its_root() {
+    let app = upstream::named("local-app").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, service("alpha", "HTTP", &[app])).await;
+    let body = r#"{"namespace":"test","identity":"alpha","ttlSeconds":600}"#;
+    let (st, v) = cp.call(Method::POST, "/api/v1/tokens", body, None).await;
+    assert_eq!(st, 200, "{v}");
+    let (tok, hash) = (v["token"].as_str().unwrap(), v["caHash"].as_str().unwrap());
+    assert!(hash.starts_with("sha256:") && hash.len() == 71, "{hash}");
+    let https = cp.xds_url().replace("http://", "https://");
+    let state = temp_path("tls-state");
+    let state_s = state.to_str().unwrap();
+
+    // A control plane whose root is not the pinned one (a man in the middle, say) is refused
+    // before the token is sent: the single-use token is still good afterwards.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let out = Command::new(BIN)
+        .args(["proxy", "--xds", &https, "--workload", "test/alpha-0"])
+        .args([
+            "--state-dir",
+            state_s,
+            "--join-token",
+            tok,
+            "--ca-hash",
+            &wrong,
+        ])
+        .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+        .args(["--inbound", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("expected hash"), "{err}");
+    // With the right hash: certificate over TLS, then xDS over mutual TLS.
+    let p = ProxyProcess::start_xds(
+        BIN,
+        std::slice::from_ref(&https),
+        "test/alpha-0",
+        &[
+            "--state-dir",
+            state_s,
+            "--join-token",
+            tok,
+            "--ca-hash",
+            hash,
+        ],
+    );
+    p.wait_ready().await;
+    assert_eq!(
+        dump_identity(&p).await["spiffeId"],
+        "spiffe://trellis.local/ns/test/sa/alpha"
+    );
+    let (st, v) = cp.call(Method::GET, "/api/v1/proxies", "", None).await;
+    assert_eq!(st, 200);
+    assert!(v.to_string().contains("test/alpha-0"), "{v}");
+
+    // Over TLS without a certificate, a client may ask for one but not open an ADS stream.
+    let mut h2 = control_h2(cp.xds, hash).await;
+    let req = http::Request::post(format!(
+        "http://{}/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+        cp.xds
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(http_body_util::Full::new(bytes::Bytes::new()))
+    .unwrap();
+    let r = h2.send_request(req).await.unwrap();
+    let status = r
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    let msg = r
+        .headers()
+        .get("grpc-message")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(status.as_deref(), Some("16"), "UNAUTHENTICATED: {msg:?}");
+    let req = http::Request::post(format!("http://{}/v1/certificates", cp.xds))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"csr":"x"}"#,
+        )))
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 401);
+    drop(p);
+
+    // A control plane whose xDS listener is not on loopback takes TLS only.
+    let cp2 = ControlProcess::start_in(BIN, temp_path("cp-any"), &[], "127.0.0.1:0", "0.0.0.0:0");
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], cp2.xds.port()));
+    let plain = tokio::net::TcpStream::connect(local).await.unwrap();
+    let r = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(plain),
+    )
+    .await;
+    let refused = match r {
+        Err(_) => true,
+        Ok((mut send, conn)) => {
+            tokio::spawn(conn);
+            let req = http::Request::post(format!("http://{local}/v1/certificates"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            send.send_request(req).await.is_err()
+        }
+    };
+    assert!(refused, "plaintext served on a non-loopback listener");
+    let mut h2 = control_h2(local, &cp2.ca_hash).await;
+    let req = http::Request::post(format!("http://{local}/v1/certificates"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"csr":"x"}"#,
+        )))
+        .unwrap();
+    assert_eq!(
+        h2.send_request(req).await.unwrap().status(),
+        401,
+        "TLS is served"
+    );
+    let _ = std::fs::remove_dir_all(state);
+}
+
+#[tokio::test]
+async fn an_api_beyond_loopback_is_served_over_tls_only() {
+    let cp = ControlProcess::start_in(BIN, temp_path("cp-api"), &[], "0.0.0.0:0", "127.0.0.1:0");
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], cp.api.port()));
+    // Plaintext: no answer (the admin token would cross the network in the clear).
+    assert!(client::get(local, "api", "/healthz", &[]).await.is_err());
+    let run = |args: &[&str], server: &str| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--server", server, "--token", &cp.token])
+            .env("XDG_CONFIG_HOME", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let https = format!("https://{local}");
+    // The CLI over TLS, the control plane checked against the pinned root.
+    let out = run(&["ca", "status", "--api-ca-hash", &cp.ca_hash], &https);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&cp.ca_hash),
+        "{out:?}"
+    );
+    // Another hash: refused before the token is sent.
+    let wrong = format!("sha256:{}", "1".repeat(64));
+    let out = run(&["ca", "status", "--api-ca-hash", &wrong], &https);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected hash"),
+        "{out:?}"
+    );
+    // No hash: the CLI says what it needs.
+    let out = run(&["ca", "status"], &https);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--api-ca-hash"),
+        "{out:?}"
+    );
+}

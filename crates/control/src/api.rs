@@ -199,6 +199,11 @@ impl Api {
         &self.inner.identity
     }
 
+    /// The same, shared.
+    pub(crate) fn identity_arc(&self) -> identity::Shared {
+        self.inner.identity.clone()
+    }
+
     /// The store.
     pub(crate) fn store(&self) -> &Store {
         &self.inner.store
@@ -206,6 +211,14 @@ impl Api {
 
     /// Serve until the process ends.
     pub async fn serve(self, l: TcpListener) {
+        if let Err(e) = axum::serve(l, self.router()).await {
+            tracing::error!(error = %e, "api server failed");
+        }
+    }
+
+    /// Serve on `l` with TLS only (an address beyond loopback): the admin token must not
+    /// cross a network in the clear.
+    pub async fn serve_tls(self, l: crate::tls::TlsListener) {
         if let Err(e) = axum::serve(l, self.router()).await {
             tracing::error!(error = %e, "api server failed");
         }

@@ -373,6 +373,7 @@ pub(crate) async fn ca_status(AxState(api): AxState<Api>) -> Result<Json<Value>,
         }
     };
     Ok(Json(json!({
+        "caHash": trellis_identity::tls::ca_hash(ca.cert_pem()),
         "trustDomain": id.trust_domain,
         "svidTtlSeconds": id.svid_ttl.as_secs(),
         "signing": signing,
@@ -448,8 +449,10 @@ pub(crate) async fn create_token(
         }])
         .await?;
     tracing::info!(token_id = %t.id, %spiffe, ttl_s = req.ttl_seconds, uses, "join token created");
+    let ca = id.ca(api.store()).await?;
     Ok(Json(json!({
         "token": t.token,
+        "caHash": trellis_identity::tls::ca_hash(ca.cert_pem()),
         "spiffeId": spiffe.to_string(),
         "expiresAt": grant.expires_at,
         "uses": uses,

@@ -18,6 +18,7 @@ pub mod catalog;
 mod delta;
 pub mod envoy;
 pub mod identity;
+pub mod tls;
 pub mod token;
 pub mod xds;
 
@@ -95,6 +96,9 @@ pub struct Control {
     pub xds_addr: SocketAddr,
     /// The admin token, when this start created it (printed once).
     pub new_token: Option<String>,
+    /// `sha256:HEX` of the signing root: what proxies (`--ca-hash`) and the CLI
+    /// (`--api-ca-hash`) pin to reach this control plane over TLS.
+    pub ca_hash: String,
 }
 
 /// Listen backlog: a fleet reconnecting at once (after a control-plane restart) must not
@@ -240,13 +244,34 @@ impl Control {
             opts.max_body_bytes,
         );
         let certificates = api.certificate_router();
-        tokio::spawn(api.serve(api_l));
-        tokio::spawn(xds::serve(rx, proxies, xds_l, certificates));
+        let ca_hash = api
+            .identity()
+            .ca(api.store())
+            .await
+            .ok()
+            .and_then(|c| trellis_identity::tls::ca_hash(c.cert_pem()))
+            .unwrap_or_default();
+        let serving = tls::serving(api.identity_arc(), api.store().clone(), &[b"h2"]).await?;
+        if api_addr.ip().is_loopback() {
+            tokio::spawn(api.serve(api_l));
+        } else {
+            let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
+            let tls = tls::serving(api.identity_arc(), api.store().clone(), alpn).await?;
+            let l = tls::TlsListener::new(api_l, tls).map_err(|source| ControlError::Bind {
+                addr: api_addr,
+                what: "api",
+                source,
+            })?;
+            tracing::info!(%api_addr, "the API is served over TLS only (not on loopback)");
+            tokio::spawn(api.serve_tls(l));
+        }
+        tokio::spawn(xds::serve(rx, proxies, xds_l, certificates, serving));
         tracing::info!(%api_addr, %xds_addr, store = %opts.store, "control plane listening");
         Ok(Self {
             api_addr,
             xds_addr,
             new_token,
+            ca_hash,
         })
     }
 }

@@ -210,6 +210,7 @@ pub async fn serve(
     proxies: Registry,
     l: TcpListener,
     extra: axum::Router,
+    tls: crate::tls::Serving,
 ) {
     let ads = Ads {
         state,
@@ -217,7 +218,9 @@ pub async fn serve(
         pushes: Arc::new(tokio::sync::Semaphore::new(PUSHES_IN_FLIGHT)),
         next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+    // Plaintext only from this host: elsewhere, proxies must come over TLS.
+    let plaintext = l.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let incoming = crate::tls::incoming(l, tls, plaintext);
     let routes = tonic::service::Routes::from(extra).add_service(
         AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20),
     );
@@ -265,7 +268,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let id = self.open(req.remote_addr());
+        let id = self.open(crate::tls::ads_peer(&req)?);
         let inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let stream = StreamTask {
@@ -288,7 +291,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let id = self.open(req.remote_addr());
+        let id = self.open(crate::tls::ads_peer(&req)?);
         let inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let stream = crate::delta::DeltaTask::new(

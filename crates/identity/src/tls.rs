@@ -93,8 +93,30 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// The inbound side: client certificates required, TLS 1.3, `alpn` offered.
 pub fn server_config(c: &TlsCredentials, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(c, alpn, true)
+}
+
+/// The control plane's side: a client certificate, if one is given, must chain to the
+/// bundle; a proxy that has none yet (it comes with a join token) may connect too, and is
+/// told apart by having no peer certificate.
+pub fn server_config_optional_client(
+    c: &TlsCredentials,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(c, alpn, false)
+}
+
+fn server_config_with(
+    c: &TlsCredentials,
+    alpn: &[&[u8]],
+    client_required: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let p = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(c.roots.clone(), p.clone())
+    let mut builder = WebPkiClientVerifier::builder_with_provider(c.roots.clone(), p.clone());
+    if !client_required {
+        builder = builder.allow_unauthenticated();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(p)
@@ -114,6 +136,7 @@ pub fn client_config(
     let p = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: c.roots.clone(),
+        pin: None,
         allowed,
         provider: p.clone(),
     });
@@ -124,6 +147,53 @@ pub fn client_config(
         .with_client_auth_cert(c.chain.clone(), c.key.clone_key())?;
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+/// The control plane's own identity in trust domain `td`.
+pub fn control_plane_id(td: &str) -> SpiffeId {
+    SpiffeId {
+        trust_domain: td.into(),
+        namespace: "trellis-system".into(),
+        identity: "control-plane".into(),
+    }
+}
+
+/// A proxy's first contact with the control plane, before it has a certificate or a trust
+/// bundle: no client certificate, and a server accepted only if the certificates it presents
+/// include a root whose SHA-256 is `ca_hash` (given to the proxy with its join token, as
+/// kubeadm's discovery hash), its certificate chains to that root and names the control plane
+/// (of any trust domain: the root decides). A man in the middle never sees the token.
+pub fn bootstrap_client_config(
+    ca_hash: [u8; 32],
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let p = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: Arc::new(RootCertStore::empty()),
+        pin: Some(ca_hash),
+        allowed: vec![control_plane_id("")],
+        provider: p.clone(),
+    });
+    let mut cfg = ClientConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// `sha256:HEX` of a PEM certificate's DER: what [`bootstrap_client_config`] pins.
+pub fn ca_hash(pem: &str) -> Option<String> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let d = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+    Some(format!("sha256:{}", crate::join::hex(d.as_ref())))
+}
+
+/// Parse `sha256:HEX`.
+pub fn parse_ca_hash(s: &str) -> Option<[u8; 32]> {
+    let b = crate::join::unhex(s.strip_prefix("sha256:").unwrap_or(s))?;
+    b.try_into().ok()
 }
 
 /// The name a client gives when connecting to a mesh peer (the verifier ignores it).
@@ -181,9 +251,30 @@ impl std::fmt::Debug for WrongIdentity {
 
 impl std::error::Error for WrongIdentity {}
 
+/// The server presented no root with the expected hash. (`Debug` says it in words: rustls
+/// shows it that way.)
+struct PinMismatch;
+
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the server's CA does not have the expected hash (--ca-hash): not this mesh's control plane")
+    }
+}
+
+impl std::error::Error for PinMismatch {}
+
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
+    /// First contact: the root is the presented certificate with this SHA-256, and
+    /// `allowed` is matched without its trust domain.
+    pin: Option<[u8; 32]>,
     allowed: Vec<SpiffeId>,
     provider: Arc<CryptoProvider>,
 }
@@ -198,16 +289,43 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = ParsedCertificate::try_from(end_entity)?;
+        let pinned;
+        let roots = match self.pin {
+            None => &self.roots,
+            Some(hash) => {
+                let root = intermediates
+                    .iter()
+                    .find(|c| {
+                        ring::digest::digest(&ring::digest::SHA256, c.as_ref()).as_ref() == hash
+                    })
+                    .ok_or_else(|| {
+                        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                            Arc::new(PinMismatch),
+                        )))
+                    })?;
+                let mut store = RootCertStore::empty();
+                store.add(root.clone().into_owned())?;
+                pinned = Arc::new(store);
+                &pinned
+            }
+        };
         verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
         let got = peer_id(std::slice::from_ref(end_entity));
+        let ok = |id: &SpiffeId| match self.pin {
+            None => self.allowed.contains(id),
+            Some(_) => self
+                .allowed
+                .iter()
+                .any(|a| a.namespace == id.namespace && a.identity == id.identity),
+        };
         match &got {
-            Some(id) if self.allowed.contains(id) => Ok(ServerCertVerified::assertion()),
+            Some(id) if ok(id) => Ok(ServerCertVerified::assertion()),
             _ => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 OtherError(Arc::new(WrongIdentity {
                     got,

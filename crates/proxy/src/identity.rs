@@ -18,6 +18,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use trellis_identity::{inspect, key_and_csr, prove, CertInfo};
 
+pub use trellis_identity::tls::parse_ca_hash;
+
 /// Where the proxy keeps its identity, and its first credential.
 #[derive(Clone, Debug)]
 pub struct IdentityOptions {
@@ -25,6 +27,9 @@ pub struct IdentityOptions {
     pub state_dir: PathBuf,
     /// Join token, needed only when no valid certificate is stored.
     pub join_token: Option<String>,
+    /// SHA-256 of the mesh's root: how a proxy with nothing stored verifies a control plane
+    /// reached over TLS before it sends its token.
+    pub ca_hash: Option<[u8; 32]>,
 }
 
 /// Why the proxy has no identity.
@@ -115,14 +120,21 @@ fn save(dir: &Path, c: &Credentials) -> Result<(), IdentityError> {
 }
 
 /// POST `body` to `/v1/certificates` of each control plane in turn (HTTP/2).
+/// How this proxy proves itself to, and checks, a control plane reached over TLS.
+struct ControlAuth<'a> {
+    creds: Option<&'a Credentials>,
+    pin: Option<[u8; 32]>,
+}
+
 async fn request(
     servers: &[String],
     token: Option<&str>,
     body: serde_json::Value,
+    auth: &ControlAuth<'_>,
 ) -> Result<serde_json::Value, IdentityError> {
     let mut why = Vec::new();
     for s in servers {
-        match request_one(s, token, &body).await {
+        match request_one(s, token, &body, auth).await {
             Ok(v) => return Ok(v),
             Err(e) => why.push(format!("{s}: {e}")),
         }
@@ -134,23 +146,23 @@ async fn request_one(
     server: &str,
     token: Option<&str>,
     body: &serde_json::Value,
+    auth: &ControlAuth<'_>,
 ) -> Result<serde_json::Value, String> {
     let uri: ::http::Uri = server.parse().map_err(|e| format!("bad URL: {e}"))?;
     let authority = uri.authority().ok_or("no host:port")?.to_string();
-    let stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&authority),
-    )
-    .await
-    .map_err(|_| "connect timed out".to_string())?
-    .map_err(|e| format!("connect: {e}"))?;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .map_err(|e| format!("HTTP/2: {e}"))?;
-    tokio::spawn(conn);
+    let mut send = if uri.scheme_str() == Some("https") {
+        let tls = crate::mtls::connect_control(&authority, auth.creds, auth.pin).await?;
+        h2(hyper_util::rt::TokioIo::new(tls)).await?
+    } else {
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&authority),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+        h2(hyper_util::rt::TokioIo::new(stream)).await?
+    };
     let mut req = ::http::Request::post(format!("http://{authority}/v1/certificates"))
         .header("content-type", "application/json");
     if let Some(t) = token {
@@ -179,6 +191,18 @@ async fn request_one(
         ));
     }
     Ok(v)
+}
+
+async fn h2<T>(io: T) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+    tokio::spawn(conn);
+    Ok(send)
 }
 
 fn from_response(v: &serde_json::Value, key_pem: String) -> Result<Credentials, IdentityError> {
@@ -218,7 +242,17 @@ pub async fn bootstrap(
         .as_deref()
         .ok_or_else(|| IdentityError::NoCredential(dir.clone()))?;
     let (key_pem, csr) = key_and_csr()?;
-    let v = request(servers, Some(token), serde_json::json!({ "csr": csr })).await?;
+    let auth = ControlAuth {
+        creds: None,
+        pin: opts.ca_hash,
+    };
+    let v = request(
+        servers,
+        Some(token),
+        serde_json::json!({ "csr": csr }),
+        &auth,
+    )
+    .await?;
     let c = from_response(&v, key_pem)?;
     save(dir, &c)?;
     tracing::info!(spiffe = %c.info.id, serial = %c.info.serial, "certificate obtained with the join token");
@@ -299,7 +333,11 @@ async fn renew(
     let (key_pem, csr) = key_and_csr()?;
     let proof = trellis_identity::join::hex(&prove(&old.key_pem, &csr)?);
     let body = serde_json::json!({ "csr": csr, "certificate": old.chain_pem, "proof": proof });
-    let v = request(servers, None, body).await?;
+    let auth = ControlAuth {
+        creds: Some(old),
+        pin: None,
+    };
+    let v = request(servers, None, body, &auth).await?;
     let c = from_response(&v, key_pem)?;
     save(dir, &c)?;
     Ok(c)

@@ -501,7 +501,11 @@ impl Proxy {
             Source::File(p) => (Some(p.clone()), None),
             Source::Xds(x) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
-                tokio::spawn(xds::run(x.clone(), tx));
+                let x = xds::XdsOptions {
+                    identity: self.shared.identity.clone(),
+                    ..x.clone()
+                };
+                tokio::spawn(xds::run(x, tx));
                 (None, Some(rx))
             }
         };

@@ -13,7 +13,7 @@
 //! back-off, trying the next control plane each time, and tells the new one which document
 //! versions it has, so that only differences are sent.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -39,6 +39,8 @@ pub struct XdsOptions {
     pub node_id: String,
     /// `NAMESPACE/NAME` of the served workload.
     pub workload: Option<String>,
+    /// This proxy's identity: required for `https://` servers, whose xDS is mutual TLS.
+    pub identity: Option<Arc<arc_swap::ArcSwap<crate::identity::Credentials>>>,
 }
 
 /// A resource set to apply; the run loop answers on `done`.
@@ -126,16 +128,32 @@ async fn session(
     updates: &mpsc::Sender<Update>,
 ) -> Result<(), (String, bool)> {
     let fail = |e: String| (e, false);
-    let endpoint = tonic::transport::Endpoint::from_shared(server.to_string())
+    let uri: http::Uri = server
+        .parse()
+        .map_err(|e| fail(format!("bad xds URL: {e}")))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| fail("bad xds URL: no host:port".into()))?
+        .to_string();
+    // The channel speaks HTTP/2 to http://AUTHORITY; for https:// the connector below puts
+    // mutual TLS under it.
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
         .map_err(|e| fail(format!("bad xds URL: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| fail(format!("connect: {e}")))?;
+    let channel = if uri.scheme_str() == Some("https") {
+        let creds = opts.identity.clone().ok_or_else(|| {
+            fail("xDS over TLS (https://) needs this proxy's identity: give --state-dir and --join-token".into())
+        })?;
+        endpoint
+            .connect_with_connector(crate::mtls::ControlConnector { authority, creds })
+            .await
+    } else {
+        endpoint.connect().await
+    }
+    .map_err(|e| fail(format!("connect: {e}")))?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(4);

@@ -25,6 +25,8 @@ pub struct ControlProcess {
     /// Admin token: this data dir's; empty when another replica on the same store created
     /// the mesh's token (set it to that one).
     pub token: String,
+    /// `sha256:HEX` of the mesh's signing root, from the ready line.
+    pub ca_hash: String,
     stderr: Arc<Mutex<Vec<String>>>,
     keep_dir: bool,
 }
@@ -67,6 +69,7 @@ impl ControlProcess {
             xds: addr("xds"),
             data_dir,
             token,
+            ca_hash: v["ca_hash"].as_str().unwrap_or_default().to_string(),
             stderr: lines,
             keep_dir: false,
         }
