@@ -9,6 +9,7 @@ use trellis_proxy::{http::server::ServerLimits, xds::XdsOptions, Options, Proxy,
 
 mod client;
 mod ctl;
+mod join;
 
 /// `EX_USAGE` from sysexits.h: bad flags or config.
 const EX_USAGE: u8 = 64;
@@ -28,6 +29,9 @@ struct Cli {
 enum Cmd {
     /// Run the data-plane proxy.
     Proxy(ProxyArgs),
+    /// Join this host or VM to the mesh: identity, Workload registration, the proxy, health
+    /// checks and heartbeats; deregisters on SIGTERM.
+    Join(join::JoinArgs),
     /// Run the control plane: resource store, HTTP API and xDS server.
     Control(ControlArgs),
     /// Create or update every resource of a file, a directory or stdin, atomically.
@@ -211,6 +215,31 @@ struct ProxyArgs {
     /// The workload this proxy serves, NAMESPACE/NAME.
     #[arg(long)]
     workload: Option<NamespacedName>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Keep an identity (key, certificate, trust bundle; mode 0600) in this directory; a
+    /// still-valid stored certificate is reused after a restart (with --xds).
+    #[arg(long, requires = "xds")]
+    state_dir: Option<PathBuf>,
+    /// Join token for the first certificate (`trellis token create`); prefer the environment
+    /// variable, which other users cannot read in the process list.
+    #[arg(
+        long,
+        env = "TRELLIS_JOIN_TOKEN",
+        hide_env_values = true,
+        requires = "state_dir"
+    )]
+    join_token: Option<String>,
+    /// The mesh's root, `sha256:HEX` (printed by `trellis token create`): how a proxy with
+    /// nothing stored checks a control plane reached over TLS (`--xds https://…`) before it
+    /// sends its join token.
+    #[arg(long, env = "TRELLIS_CA_HASH", value_parser = ca_hash_arg, requires = "state_dir")]
+    ca_hash: Option<[u8; 32]>,
+}
+
+/// How a proxy serves (shared by `trellis proxy` and `trellis join`).
+#[derive(clap::Args, Clone)]
+struct RunArgs {
     /// Admin listener (/metrics, /ready, /live, /config_dump).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -241,24 +270,6 @@ struct ProxyArgs {
     /// Do not write access-log lines to stdout.
     #[arg(long)]
     no_access_log: bool,
-    /// Keep an identity (key, certificate, trust bundle; mode 0600) in this directory; a
-    /// still-valid stored certificate is reused after a restart (with --xds).
-    #[arg(long, requires = "xds")]
-    state_dir: Option<PathBuf>,
-    /// Join token for the first certificate (`trellis token create`); prefer the environment
-    /// variable, which other users cannot read in the process list.
-    #[arg(
-        long,
-        env = "TRELLIS_JOIN_TOKEN",
-        hide_env_values = true,
-        requires = "state_dir"
-    )]
-    join_token: Option<String>,
-    /// The mesh's root, `sha256:HEX` (printed by `trellis token create`): how a proxy with
-    /// nothing stored checks a control plane reached over TLS (`--xds https://…`) before it
-    /// sends its join token.
-    #[arg(long, env = "TRELLIS_CA_HASH", value_parser = ca_hash_arg, requires = "state_dir")]
-    ca_hash: Option<[u8; 32]>,
     /// With an identity, what the inbound listener accepts on every port, overriding the
     /// PeerAuthentications (which default to STRICT): `strict` (mutual TLS only) or
     /// `permissive` (mutual TLS and plaintext, while callers migrate).
@@ -284,6 +295,7 @@ fn main() -> ExitCode {
         .init();
     match cli.cmd {
         Cmd::Proxy(args) => proxy(args),
+        Cmd::Join(args) => join::join(args),
         Cmd::Control(args) => control(args),
         Cmd::Apply { file, conn } => ctl_run(ctl::apply(&conn, &file)),
         Cmd::Get {
@@ -411,6 +423,65 @@ fn control(a: ControlArgs) -> ExitCode {
     })
 }
 
+/// xDS addresses as URLs (`HOST:PORT` means `http://HOST:PORT`).
+fn xds_urls(given: &[String]) -> Vec<String> {
+    given
+        .iter()
+        .map(|s| {
+            if s.contains("://") {
+                s.clone()
+            } else {
+                format!("http://{s}")
+            }
+        })
+        .collect()
+}
+
+/// The proxy's options from the shared serving flags.
+fn proxy_options(
+    r: &RunArgs,
+    source: Source,
+    workload: Option<NamespacedName>,
+    identity: Option<trellis_proxy::identity::IdentityOptions>,
+) -> Options {
+    Options {
+        source,
+        workload,
+        admin: r.admin,
+        outbound: r.outbound,
+        inbound: r.inbound,
+        drain_timeout: r.drain_timeout.0,
+        watch_interval: r.watch_interval.0.max(Duration::from_millis(10)),
+        limits: ServerLimits {
+            header_read_timeout: r.header_read_timeout.0,
+            max_header_bytes: r.max_header_bytes,
+            idle_timeout: r.idle_timeout.0,
+        },
+        access_log: !r.no_access_log,
+        identity,
+        mtls_mode: r.mtls_mode.map(|m| match m {
+            MtlsMode::Strict => trellis_model::resource::MtlsMode::Strict,
+            MtlsMode::Permissive => trellis_model::resource::MtlsMode::Permissive,
+        }),
+    }
+}
+
+/// A tokio runtime: one thread (the sidecar default) or `threads` workers.
+fn runtime(threads: usize, what: &str) -> Option<tokio::runtime::Runtime> {
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    rt.map_err(|e| eprintln!("trellis {what}: cannot start runtime: {e}"))
+        .ok()
+}
+
 fn ca_hash_arg(s: &str) -> Result<[u8; 32], String> {
     trellis_proxy::identity::parse_ca_hash(s).ok_or_else(|| {
         "expected sha256:HEX (64 hex digits), as `trellis token create` prints".into()
@@ -429,49 +500,21 @@ fn proxy(a: ProxyArgs) -> ExitCode {
                 None => host,
             });
             Source::Xds(XdsOptions {
-                servers: a
-                    .xds
-                    .iter()
-                    .map(|s| {
-                        if s.contains("://") {
-                            s.clone()
-                        } else {
-                            format!("http://{s}")
-                        }
-                    })
-                    .collect(),
+                servers: xds_urls(&a.xds),
                 node_id,
                 workload: a.workload.as_ref().map(|w| w.to_string()),
                 identity: None,
             })
         }
     };
-    let opts = Options {
-        source,
-        workload: a.workload,
-        admin: a.admin,
-        outbound: a.outbound,
-        inbound: a.inbound,
-        drain_timeout: a.drain_timeout.0,
-        watch_interval: a.watch_interval.0.max(Duration::from_millis(10)),
-        limits: ServerLimits {
-            header_read_timeout: a.header_read_timeout.0,
-            max_header_bytes: a.max_header_bytes,
-            idle_timeout: a.idle_timeout.0,
-        },
-        access_log: !a.no_access_log,
-        identity: a
-            .state_dir
-            .map(|state_dir| trellis_proxy::identity::IdentityOptions {
-                state_dir,
-                join_token: a.join_token,
-                ca_hash: a.ca_hash,
-            }),
-        mtls_mode: a.mtls_mode.map(|m| match m {
-            MtlsMode::Strict => trellis_model::resource::MtlsMode::Strict,
-            MtlsMode::Permissive => trellis_model::resource::MtlsMode::Permissive,
-        }),
-    };
+    let identity = a
+        .state_dir
+        .map(|state_dir| trellis_proxy::identity::IdentityOptions {
+            state_dir,
+            join_token: a.join_token,
+            ca_hash: a.ca_hash,
+        });
+    let opts = proxy_options(&a.run, source, a.workload, identity);
     // Config is checked before any port is bound.
     let loaded = match trellis_proxy::load(&opts) {
         Ok(c) => c,
@@ -480,22 +523,8 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    let rt = if a.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(a.threads)
-            .enable_all()
-            .build()
-    };
-    let rt = match rt {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trellis proxy: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime(a.run.threads, "proxy") else {
+        return ExitCode::FAILURE;
     };
     rt.block_on(async move {
         let proxy = match Proxy::start(opts, loaded).await {

@@ -56,22 +56,6 @@ fn csr(san: Option<&str>) -> (PathBuf, String) {
     (dir, pem)
 }
 
-fn token(cp: &ControlProcess, ns: &str, id: &str, ttl: &str, uses: &str) -> String {
-    let args = [
-        "token",
-        "create",
-        "-n",
-        ns,
-        "--identity",
-        id,
-        "--ttl",
-        ttl,
-        "--uses",
-        uses,
-    ];
-    ok(cli(cp, &args)).trim().to_string()
-}
-
 async fn sign(cp: &ControlProcess, token: &str, csr: &str) -> (u16, serde_json::Value) {
     let body = serde_json::json!({ "csr": csr }).to_string();
     cp.call(Method::POST, "/api/v1/certificates", &body, Some(token))
@@ -683,26 +667,6 @@ async fn echo_through(
         }
     }
     Ok(buf)
-}
-
-/// GET `/` from `host` through the proxy's outbound listener: status, failure class, body.
-async fn via(p: &ProxyProcess, host: &str) -> (u16, String, String) {
-    let r = client::get_full(p.outbound, host, "/", &[]).await.unwrap();
-    let class = r
-        .headers
-        .get("x-trellis-failure")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (
-        r.status.as_u16(),
-        class,
-        String::from_utf8_lossy(&r.body).into_owned(),
-    )
-}
-
-async fn apply_ok(cp: &ControlProcess, yaml: String) {
-    let (st, v) = cp.call(Method::POST, "/api/v1/apply", &yaml, None).await;
-    assert_eq!(st, 200, "{v}");
 }
 
 /// The callee (`test/peer`, identity beta) and the caller (`test/client`), each joined with

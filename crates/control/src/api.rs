@@ -49,6 +49,8 @@ struct Inner {
     max_body: usize,
     /// One apply at a time, each checked against the state its predecessor left.
     apply_lock: tokio::sync::Mutex<()>,
+    /// Agents heard from by this replica.
+    agents: crate::agent::Agents,
 }
 
 /// An API error: a status and a message, as `{"error": ..., "code": ...}`.
@@ -146,6 +148,7 @@ impl Api {
                 identity,
                 max_body,
                 apply_lock: tokio::sync::Mutex::new(()),
+                agents: Default::default(),
             }),
         }
     }
@@ -178,6 +181,7 @@ impl Api {
         // Proxies authenticate with a join token here, not the admin token.
         let ca = Router::new()
             .route("/certificates", post(identity::sign))
+            .route("/agent", post(crate::agent::handle))
             .layer(DefaultBodyLimit::max(64 << 10));
         Router::new()
             .nest("/api/v1", v1.merge(ca))
@@ -190,6 +194,7 @@ impl Api {
     pub fn certificate_router(&self) -> Router {
         Router::new()
             .route("/v1/certificates", post(identity::sign))
+            .route("/v1/agent", post(crate::agent::handle))
             .layer(DefaultBodyLimit::max(64 << 10))
             .with_state(self.clone())
     }
@@ -202,6 +207,29 @@ impl Api {
     /// The same, shared.
     pub(crate) fn identity_arc(&self) -> identity::Shared {
         self.inner.identity.clone()
+    }
+
+    /// Agents heard from by this replica.
+    pub(crate) fn agents(&self) -> &crate::agent::Agents {
+        &self.inner.agents
+    }
+
+    /// Apply `text` as `file` says, like `POST /apply`, and wait until it is followed.
+    pub(crate) async fn apply_text(
+        &self,
+        file: &str,
+        text: &str,
+    ) -> ApiResult<Vec<crate::apply::Applied>> {
+        let _one = self.inner.apply_lock.lock().await;
+        let current = self.inner.state.borrow().clone();
+        let applied = apply(&self.inner.store, &current.catalog, file, text).await?;
+        let rev = applied
+            .iter()
+            .filter_map(|a| a.resource_version.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        self.caught_up(rev).await;
+        Ok(applied)
     }
 
     /// The store.
@@ -268,15 +296,7 @@ async fn apply_h(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "body is not UTF-8".into()))?;
     let file = q.file.unwrap_or_else(|| "request".into());
-    let _one = api.inner.apply_lock.lock().await;
-    let current = api.inner.state.borrow().clone();
-    let applied = apply(&api.inner.store, &current.catalog, &file, text).await?;
-    let rev = applied
-        .iter()
-        .filter_map(|a| a.resource_version.parse::<u64>().ok())
-        .max()
-        .unwrap_or(0);
-    api.caught_up(rev).await;
+    let applied = api.apply_text(&file, text).await?;
     Ok(Json(json!({ "applied": applied })))
 }
 

@@ -12,6 +12,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
 use trellis_store::{Store, StoreError};
 
+pub mod agent;
 pub mod api;
 pub mod apply;
 pub mod catalog;
@@ -244,6 +245,7 @@ impl Control {
             opts.max_body_bytes,
         );
         let certificates = api.certificate_router();
+        tokio::spawn(agent::sweep(api.agents().clone(), api.store().clone()));
         let ca_hash = api
             .identity()
             .ca(api.store())

@@ -314,10 +314,24 @@ impl Ca {
         proof: &[u8],
         ttl: Duration,
     ) -> Result<Svid, CaError> {
+        let id = self.verify_holder(chain_pem, csr_pem.as_bytes(), proof)?;
+        self.sign(csr_pem, &id, ttl)
+    }
+
+    /// The identity of whoever holds the key of `chain_pem`: the certificate must be a
+    /// currently valid SVID of this CA (or of a root still trusted during a rotation), and
+    /// `proof` its key's signature over `message` ([`prove`]). Agents authenticate their
+    /// requests this way, over plaintext and TLS alike.
+    pub fn verify_holder(
+        &self,
+        chain_pem: &str,
+        message: &[u8],
+        proof: &[u8],
+    ) -> Result<SpiffeId, CaError> {
         // During a root rotation the bundle holds the roots being retired: certificates
-        // they signed renew onto the signing one.
+        // they signed are still good.
         let issuers = format!("{}\n{}", self.cert_pem, self.bundle_pem);
-        let id = with_leaf(chain_pem, |leaf| {
+        with_leaf(chain_pem, |leaf| {
             if !signed_by_any(leaf, &issuers) {
                 return Err(untrusted("not signed by this mesh's CA"));
             }
@@ -329,12 +343,11 @@ impl Ca {
                 &ring::signature::ECDSA_P256_SHA256_ASN1,
                 leaf.public_key().subject_public_key.data.as_ref(),
             );
-            key.verify(csr_pem.as_bytes(), proof).map_err(|_| {
-                untrusted("the proof is not the certificate key's signature of the CSR")
+            key.verify(message, proof).map_err(|_| {
+                untrusted("the proof is not the certificate key's signature of the request")
             })?;
             Ok(id)
-        })?;
-        self.sign(csr_pem, &id, ttl)
+        })
     }
 
     /// Sign `csr_pem` for `allowed`, valid for `ttl`. The CSR's signature is checked; any name

@@ -314,6 +314,11 @@ pub struct WorkloadSpec {
     /// for a workload with an `identity`. Default 15006.
     #[serde(default, rename = "inboundPort")]
     pub inbound_port: Option<u16>,
+    /// Set by the workload's agent (`trellis join`) from its health checks and heartbeats:
+    /// `false` keeps the Workload registered but out of every proxy's endpoints. Absent
+    /// (static Workloads): healthy.
+    #[serde(default)]
+    pub healthy: Option<bool>,
 }
 
 /// The inbound listener's port when a Workload names none.

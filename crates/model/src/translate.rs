@@ -251,6 +251,10 @@ fn cluster(
         .expect("port exists");
     let mut endpoints = Vec::new();
     for &(res, w) in ix.selected(&id.namespace, &svc.selector) {
+        // Its agent says it is down (or fell silent): out of the endpoints, still registered.
+        if w.healthy == Some(false) {
+            continue;
+        }
         let wid = res.id();
         let weight = w.weight.unwrap_or(1);
         if weight == 0 {

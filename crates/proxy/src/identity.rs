@@ -132,9 +132,38 @@ async fn request(
     body: serde_json::Value,
     auth: &ControlAuth<'_>,
 ) -> Result<serde_json::Value, IdentityError> {
+    call(servers, "/v1/certificates", token, body, auth).await
+}
+
+/// POST `request` (JSON), signed with this proxy's key, to `path` of the first control plane
+/// that answers: `{certificate, proof, request}`, as agents talk to `/v1/agent`.
+pub async fn signed_call(
+    servers: &[String],
+    path: &str,
+    creds: &Credentials,
+    request: &serde_json::Value,
+) -> Result<serde_json::Value, IdentityError> {
+    let text = request.to_string();
+    let proof = trellis_identity::join::hex(&prove(&creds.key_pem, &text)?);
+    let body =
+        serde_json::json!({ "certificate": creds.chain_pem, "proof": proof, "request": text });
+    let auth = ControlAuth {
+        creds: Some(creds),
+        pin: None,
+    };
+    call(servers, path, None, body, &auth).await
+}
+
+async fn call(
+    servers: &[String],
+    path: &str,
+    token: Option<&str>,
+    body: serde_json::Value,
+    auth: &ControlAuth<'_>,
+) -> Result<serde_json::Value, IdentityError> {
     let mut why = Vec::new();
     for s in servers {
-        match request_one(s, token, &body, auth).await {
+        match request_one(s, path, token, &body, auth).await {
             Ok(v) => return Ok(v),
             Err(e) => why.push(format!("{s}: {e}")),
         }
@@ -144,6 +173,7 @@ async fn request(
 
 async fn request_one(
     server: &str,
+    path: &str,
     token: Option<&str>,
     body: &serde_json::Value,
     auth: &ControlAuth<'_>,
@@ -163,7 +193,7 @@ async fn request_one(
         .map_err(|e| format!("connect: {e}"))?;
         h2(hyper_util::rt::TokioIo::new(stream)).await?
     };
-    let mut req = ::http::Request::post(format!("http://{authority}/v1/certificates"))
+    let mut req = ::http::Request::post(format!("http://{authority}{path}"))
         .header("content-type", "application/json");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));

@@ -489,6 +489,11 @@ impl Proxy {
         let _ = u.done.send(answer);
     }
 
+    /// The proxy's credentials (renewed in place), when it has an identity.
+    pub fn identity(&self) -> Option<Arc<ArcSwap<identity::Credentials>>> {
+        self.shared.identity.clone()
+    }
+
     /// Serve until SIGTERM or SIGINT; reload on SIGHUP and when the file changes. Then drain.
     pub async fn run(mut self) -> std::io::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};

@@ -103,3 +103,49 @@ pub fn ok(out: std::process::Output) -> String {
     assert!(out.status.success(), "command failed:\n{so}\n{se}");
     so
 }
+
+/// A join token for NS/ID from the real CLI.
+pub fn token(
+    cp: &trellis_test_support::control::ControlProcess,
+    ns: &str,
+    id: &str,
+    ttl: &str,
+    uses: &str,
+) -> String {
+    let args = [
+        "token",
+        "create",
+        "-n",
+        ns,
+        "--identity",
+        id,
+        "--ttl",
+        ttl,
+        "--uses",
+        uses,
+    ];
+    ok(cli(cp, &args)).trim().to_string()
+}
+
+/// GET `/` from `host` through the proxy's outbound listener: status, failure class, body.
+pub async fn via(p: &ProxyProcess, host: &str) -> (u16, String, String) {
+    let r = client::get_full(p.outbound, host, "/", &[]).await.unwrap();
+    let class = r
+        .headers
+        .get("x-trellis-failure")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (
+        r.status.as_u16(),
+        class,
+        String::from_utf8_lossy(&r.body).into_owned(),
+    )
+}
+
+/// Apply YAML through the API; it must succeed.
+pub async fn apply_ok(cp: &trellis_test_support::control::ControlProcess, yaml: String) {
+    let (st, v) = cp
+        .call(http::Method::POST, "/api/v1/apply", &yaml, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+}

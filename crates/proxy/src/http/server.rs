@@ -284,6 +284,7 @@ async fn serve_mtls(
         .server_name()
         .and_then(trellis_identity::tls::inbound_port);
     let opaque = conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
+    let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
     let peer_id = id.map(|id| PeerId {
         port,
         uri: shared.peer_label(&id.to_string()),
@@ -309,7 +310,12 @@ async fn serve_mtls(
         })
     };
     let io = TokioIo::new(tls);
-    drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain);
+    // ALPN already said which protocol: a peer proxy always says h2.
+    if h2 {
+        drive!(builders.h2.serve_connection(io, svc), drain);
+    } else {
+        drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain);
+    }
 }
 
 fn protocol(v: Version) -> &'static str {

@@ -1,0 +1,308 @@
+//! `trellis join`: one host or VM joins the mesh.
+//!
+//! 1. Identity: a stored, still-valid certificate in the state dir, else a new one for the
+//!    join token (the proxy's own flow: its key never leaves the host). A restarted agent
+//!    rejoins with what it stored and needs no token.
+//! 2. The proxy starts in this process, for `NAMESPACE/NAME` (the namespace is the
+//!    identity's), with its listeners bound.
+//! 3. The Workload is registered (`/v1/agent`, signed with the certificate's key) with the
+//!    proxy's real inbound port and `healthy: false`.
+//! 4. Every interval the application is checked (HTTP GET or TCP connect) and a heartbeat
+//!    carries the verdict: healthy after `healthy_threshold` passes in a row, unhealthy after
+//!    `unhealthy_threshold` failures. The control plane marks the Workload unhealthy if
+//!    heartbeats stop.
+//! 5. On SIGTERM or SIGINT the Workload is deregistered, then the proxy drains.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use trellis_proxy::{
+    identity::{self, Credentials, IdentityError, IdentityOptions},
+    Options as ProxyOptions, Proxy, ProxyError,
+};
+
+/// How the application is checked.
+#[derive(Clone, Debug)]
+pub enum Check {
+    /// `GET path` answered with 2xx or 3xx.
+    Http {
+        /// Address.
+        addr: SocketAddr,
+        /// Path.
+        path: String,
+    },
+    /// A TCP connection is accepted.
+    Tcp(SocketAddr),
+    /// None: healthy while the agent runs.
+    None,
+}
+
+/// Health checking.
+#[derive(Clone, Debug)]
+pub struct Health {
+    /// What to check.
+    pub check: Check,
+    /// How often (and how often a heartbeat goes).
+    pub interval: Duration,
+    /// Time allowed for one check.
+    pub timeout: Duration,
+    /// Passes in a row to become healthy.
+    pub healthy_threshold: u32,
+    /// Failures in a row to become unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+/// What `trellis join` was given.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Control planes' xDS URLs.
+    pub servers: Vec<String>,
+    /// Workload name.
+    pub name: String,
+    /// Workload labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Workload spec, as JSON (address, environment, locality, ports, upstreams…); the
+    /// agent sets `identity`, `inboundPort` and `healthy`.
+    pub spec: serde_json::Value,
+    /// State dir, join token, CA hash.
+    pub identity: IdentityOptions,
+    /// The proxy's options; `source`, `workload` and `identity` are filled in here.
+    pub proxy: ProxyOptions,
+    /// Health checking.
+    pub health: Health,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No identity.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The proxy could not start.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// The workload could not be registered.
+    #[error("registering the workload: {0}")]
+    Register(String),
+    /// Signal handling.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Run until SIGTERM or SIGINT.
+pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    let creds = identity::bootstrap(&opts.identity, &opts.servers).await?;
+    let namespace = creds.info.id.namespace.clone();
+    let workload: trellis_model::resource::NamespacedName = format!("{namespace}/{}", opts.name)
+        .parse()
+        .map_err(|e| AgentError::Register(format!("workload name {:?}: {e}", opts.name)))?;
+    let mut popts = opts.proxy.clone();
+    popts.workload = Some(workload.clone());
+    popts.identity = Some(opts.identity.clone());
+    popts.source = trellis_proxy::Source::Xds(trellis_proxy::xds::XdsOptions {
+        servers: opts.servers.clone(),
+        node_id: format!("{workload}@agent"),
+        workload: Some(workload.to_string()),
+        identity: None,
+    });
+    let loaded = trellis_proxy::load(&popts).map_err(|e| AgentError::Register(e.to_string()))?;
+    let proxy = Proxy::start(popts, loaded).await?;
+    let (admin, outbound, inbound) = proxy.addrs;
+    tracing::info!(%admin, %outbound, %inbound, %workload, "listening");
+    let current = proxy
+        .identity()
+        .ok_or_else(|| AgentError::Register("the proxy has no identity".into()))?;
+    let mut spec = opts.spec.clone();
+    if let Some(o) = spec.as_object_mut() {
+        o.insert("inboundPort".into(), inbound.port().into());
+    }
+    let register = serde_json::json!({
+        "op": "register",
+        "name": opts.name,
+        "labels": opts.labels,
+        "spec": spec,
+        "intervalMs": opts.health.interval.as_millis() as u64,
+    });
+    send(&opts.servers, &current, register)
+        .await
+        .map_err(|e| AgentError::Register(e.to_string()))?;
+    tracing::info!(%workload, spiffe = %creds.info.id, "workload registered");
+    let beats = tokio::spawn(heartbeats(
+        opts.servers.clone(),
+        opts.name.clone(),
+        opts.health.clone(),
+        current.clone(),
+    ));
+    // The proxy serves until a signal; then the workload leaves the mesh before it drains.
+    let served = proxy.run().await;
+    beats.abort();
+    let bye = serde_json::json!({ "op": "deregister", "name": opts.name });
+    match tokio::time::timeout(Duration::from_secs(5), send(&opts.servers, &current, bye)).await {
+        Ok(Ok(_)) => tracing::info!(%workload, "workload deregistered"),
+        Ok(Err(e)) => tracing::warn!(%workload, error = %e, "could not deregister"),
+        Err(_) => tracing::warn!(%workload, "deregistration timed out"),
+    }
+    served?;
+    Ok(())
+}
+
+async fn send(
+    servers: &[String],
+    creds: &ArcSwap<Credentials>,
+    mut request: serde_json::Value,
+) -> Result<serde_json::Value, IdentityError> {
+    let ts = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    request["ts"] = ts.into();
+    identity::signed_call(servers, "/v1/agent", &creds.load(), &request).await
+}
+
+/// Check every interval; send the verdict with each heartbeat.
+async fn heartbeats(
+    servers: Vec<String>,
+    name: String,
+    health: Health,
+    creds: Arc<ArcSwap<Credentials>>,
+) {
+    let mut verdict = Verdict::new(&health);
+    let mut tick = tokio::time::interval(health.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let passed = check(&health.check, health.timeout).await;
+        if let Some(now) = verdict.observe(passed.is_ok()) {
+            match &passed {
+                Ok(()) => tracing::info!(workload = %name, "application healthy"),
+                Err(e) => tracing::warn!(workload = %name, error = %e, "application unhealthy"),
+            }
+            let _ = now;
+        }
+        let beat = serde_json::json!({
+            "op": "heartbeat",
+            "name": name,
+            "healthy": verdict.healthy,
+            "intervalMs": health.interval.as_millis() as u64,
+        });
+        if let Err(e) = send(&servers, &creds, beat).await {
+            tracing::warn!(workload = %name, error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// Consecutive passes and failures against the thresholds.
+struct Verdict {
+    healthy: bool,
+    passes: u32,
+    failures: u32,
+    up: u32,
+    down: u32,
+}
+
+impl Verdict {
+    fn new(h: &Health) -> Self {
+        Self {
+            healthy: false,
+            passes: 0,
+            failures: 0,
+            up: h.healthy_threshold.max(1),
+            down: h.unhealthy_threshold.max(1),
+        }
+    }
+
+    /// Record one check; `Some(new)` when the verdict changes.
+    fn observe(&mut self, passed: bool) -> Option<bool> {
+        if passed {
+            self.passes += 1;
+            self.failures = 0;
+        } else {
+            self.failures += 1;
+            self.passes = 0;
+        }
+        let next = if self.healthy {
+            self.failures < self.down
+        } else {
+            self.passes >= self.up
+        };
+        (next != self.healthy).then(|| {
+            self.healthy = next;
+            next
+        })
+    }
+}
+
+/// One check.
+async fn check(c: &Check, timeout: Duration) -> Result<(), String> {
+    let run = async {
+        match c {
+            Check::None => Ok(()),
+            Check::Tcp(addr) => tokio::net::TcpStream::connect(addr)
+                .await
+                .map(drop)
+                .map_err(|e| format!("TCP connect to {addr}: {e}")),
+            Check::Http { addr, path } => http_check(*addr, path).await,
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+async fn http_check(addr: SocketAddr, path: &str) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty};
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", addr.to_string())
+        .header("user-agent", "trellis-agent")
+        .body(Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let r = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let st = r.status();
+    let _ = r.into_body().collect().await;
+    if st.is_success() || st.is_redirection() {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {st}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(up: u32, down: u32) -> Health {
+        Health {
+            check: Check::None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: up,
+            unhealthy_threshold: down,
+        }
+    }
+
+    #[test]
+    fn thresholds_count_consecutive_results() {
+        let mut v = Verdict::new(&health(2, 3));
+        assert_eq!(v.observe(true), None, "one pass is not enough");
+        assert_eq!(v.observe(false), None);
+        assert_eq!(v.observe(true), None, "passes must be consecutive");
+        assert_eq!(v.observe(true), Some(true));
+        assert_eq!(v.observe(false), None);
+        assert_eq!(v.observe(false), None);
+        assert_eq!(v.observe(true), None, "a pass resets the failures");
+        assert_eq!(v.observe(false), None);
+        assert_eq!(v.observe(false), None);
+        assert_eq!(v.observe(false), Some(false));
+    }
+}

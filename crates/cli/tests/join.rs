@@ -1,0 +1,209 @@
+//! `trellis join` end to end on loopback: a real control plane, a real agent process, a real
+//! caller proxy; the application's health switched on and off.
+
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use common::*;
+use http::Method;
+use trellis_test_support::{control::ControlProcess, temp_path};
+
+/// An agent process, killed on drop.
+struct Agent(Child);
+
+impl Agent {
+    fn start(cp: &ControlProcess, state: &str, app: u16, token: Option<&str>) -> Self {
+        let mut c = Command::new(BIN);
+        c.args([
+            "join",
+            "--control-plane",
+            &cp.xds_url(),
+            "--state-dir",
+            state,
+        ])
+        .args(["--name", "catalog-1", "--label", "app=catalog"])
+        .args([
+            "--address",
+            "127.0.0.1",
+            "--environment",
+            "vm",
+            "--zone",
+            "z1",
+        ])
+        .args(["--port", &format!("http={app}"), "--check", "http:/healthz"])
+        .args(["--check-interval", "200ms", "--unhealthy-threshold", "1"])
+        .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+        .args(["--inbound", "127.0.0.1:0", "--no-access-log"])
+        .env_remove("TRELLIS_JOIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if let Some(t) = token {
+            c.args(["--token", t]);
+        }
+        Self(c.spawn().expect("spawn trellis join"))
+    }
+
+    fn signal(&mut self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The stored Workload `test/catalog-1`, if any.
+async fn workload(cp: &ControlProcess) -> Option<serde_json::Value> {
+    let (st, v) = cp
+        .call(
+            Method::GET,
+            "/api/v1/resources/Workload/test/catalog-1",
+            "",
+            None,
+        )
+        .await;
+    (st == 200).then_some(v)
+}
+
+async fn wait_health(cp: &ControlProcess, healthy: bool, what: &str) -> serde_json::Value {
+    eventually(what, Duration::from_secs(15), async || {
+        let w = workload(cp).await?;
+        (w["spec"]["healthy"] == healthy).then_some(w)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() {
+    let up = Arc::new(AtomicBool::new(true));
+    let u = up.clone();
+    let app = upstream::http(move |req| {
+        let up = u.load(Ordering::Relaxed);
+        async move {
+            let (code, body) = match (req.uri().path(), up) {
+                ("/healthz", false) => (503, "down"),
+                _ => (200, "catalog-app"),
+            };
+            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+            *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            r
+        }
+    })
+    .await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n";
+    apply_ok(&cp, mesh.to_string()).await;
+    let state = temp_path("agent-state");
+    let state_s = state.to_str().unwrap().to_string();
+    let t = token(&cp, "test", "catalog", "10m", "1");
+
+    // Join: the Workload appears with the identity's namespace and identity, the proxy's
+    // real inbound port, and turns healthy once the check passes.
+    let mut agent = Agent::start(&cp, &state_s, app.port(), Some(&t));
+    let w = wait_health(&cp, true, "registered and healthy").await;
+    assert_eq!(w["spec"]["identity"], "catalog", "{w}");
+    assert_eq!(w["spec"]["environment"], "vm", "{w}");
+    assert_eq!(w["spec"]["locality"]["zone"], "z1", "{w}");
+    assert_eq!(w["metadata"]["labels"]["app"], "catalog", "{w}");
+    assert!(w["spec"]["inboundPort"].as_u64().unwrap() > 1, "{w}");
+    assert_eq!(
+        w["metadata"]["annotations"]["trellis.dev/agent"],
+        "spiffe://trellis.local/ns/test/sa/catalog"
+    );
+    // A caller reaches it through the agent's proxy, by mutual TLS.
+    let ct = token(&cp, "test", "client", "10m", "1");
+    let cstate = temp_path("agent-caller");
+    let caller = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &["--state-dir", cstate.to_str().unwrap(), "--join-token", &ct],
+    );
+    caller.wait_ready().await;
+    let reach = |want: u16| {
+        let caller = &caller;
+        async move {
+            eventually(
+                "caller sees the change",
+                Duration::from_secs(15),
+                async || {
+                    let (st, class, body) = via(caller, "catalog.test").await;
+                    (st == want).then_some((class, body))
+                },
+            )
+            .await
+        }
+    };
+    assert_eq!(reach(200).await.1, "catalog-app");
+
+    // The application fails its check: the Workload turns unhealthy and leaves the
+    // caller's endpoints; it comes back when the check passes again.
+    up.store(false, Ordering::Relaxed);
+    wait_health(&cp, false, "unhealthy after a failed check").await;
+    assert_eq!(reach(503).await.0, "no_healthy_upstream");
+    up.store(true, Ordering::Relaxed);
+    wait_health(&cp, true, "healthy again").await;
+    reach(200).await;
+
+    // The agent dies without a word: missed heartbeats make it unhealthy.
+    agent.signal("-KILL");
+    let _ = agent.0.wait();
+    wait_health(&cp, false, "unhealthy after missed heartbeats").await;
+    // Restarted with no token: it rejoins with its stored identity.
+    let mut agent = Agent::start(&cp, &state_s, app.port(), None);
+    wait_health(&cp, true, "rejoined without a token").await;
+    reach(200).await;
+    // A clean stop deregisters.
+    agent.signal("-TERM");
+    let _ = agent.0.wait();
+    eventually("deregistered", Duration::from_secs(15), async || {
+        workload(&cp).await.is_none().then_some(())
+    })
+    .await;
+
+    // The systemd unit runs the same command, without the token.
+    let out = Command::new(BIN)
+        .args([
+            "join",
+            "--control-plane",
+            "https://cp.example:7071",
+            "--token",
+            "secret-token",
+        ])
+        .args([
+            "--address",
+            "10.0.0.5",
+            "--name",
+            "vm-1",
+            "--print-systemd-unit",
+        ])
+        .output()
+        .unwrap();
+    let unit = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        unit.contains("ExecStart=")
+            && unit.contains(" join --control-plane https://cp.example:7071"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("Restart=always") && !unit.contains("secret-token"),
+        "{unit}"
+    );
+    for d in [state, cstate] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
