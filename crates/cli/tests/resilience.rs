@@ -128,3 +128,76 @@ async fn a_bad_endpoint_is_ejected_and_success_recovers() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn traffic_stays_in_the_callers_zone_and_fails_over_to_its_region() {
+    use std::sync::{atomic::AtomicBool, Arc};
+    let down = Arc::new(AtomicBool::new(false));
+    let d = down.clone();
+    let z1 = upstream::http(move |_| {
+        let down = d.load(Ordering::Relaxed);
+        async move {
+            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from("z1")));
+            if down {
+                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            }
+            r
+        }
+    })
+    .await;
+    let (z2, r2) = (upstream::named("z2").await, upstream::named("r2").await);
+    let wl = |name: &str, app: &str, port: u16, region: &str, zone: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: {app} }} }}\nspec:\n  address: 127.0.0.1\n  ports: {{ main: {port} }}\n  locality: {{ region: {region}, zone: {zone} }}\n")
+    };
+    let client = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec:\n  address: 127.0.0.1\n  locality: { region: r1, zone: z1 }\n".to_string();
+    let cfg = docs(&[
+        service("web", "HTTP", &[]),
+        wl("web-z1", "web", z1.port(), "r1", "z1"),
+        wl("web-z2", "web", z2.port(), "r1", "z2"),
+        wl("web-r2", "web", r2.port(), "r2", "z9"),
+        route(
+            "web",
+            "web",
+            "    - retry: { attempts: 2, codes: [503], backoff: 1ms }\n",
+        ),
+        policy("web", "  outlierDetection: { consecutiveFailures: 2 }\n"),
+        client,
+    ]);
+    let p = start(&cfg);
+    let mut c = client::Conn::h1(p.outbound).await;
+    for _ in 0..100 {
+        let r = c.get("web.test", "/").await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), &r.body[..]),
+            (200, &b"z1"[..]),
+            "the caller's zone first"
+        );
+    }
+    assert_eq!(
+        p.metric("trellis_http_requests_total", &[("dst_locality", "r1/z1")])
+            .await,
+        100.0
+    );
+    // The zone's only endpoint fails: ejected after two failures, hidden by the retry; the
+    // traffic moves to the caller's region, not across regions.
+    down.store(true, Ordering::Relaxed);
+    for _ in 0..100 {
+        let r = c.get("web.test", "/").await.unwrap();
+        assert_eq!(r.status, 200, "no failure reaches the client");
+        assert_ne!(
+            &r.body[..],
+            b"r2",
+            "another region while this one has capacity"
+        );
+    }
+    assert!(
+        p.metric("trellis_http_requests_total", &[("dst_locality", "r1/z2")])
+            .await
+            >= 98.0
+    );
+    assert_eq!(
+        p.metric("trellis_http_requests_total", &[("dst_locality", "r2/z9")])
+            .await,
+        0.0
+    );
+}

@@ -41,6 +41,8 @@ pub struct LocalWorkload {
     pub environment: Environment,
     /// Where the inbound listener forwards, by service port.
     pub inbound_ports: Vec<InboundPort>,
+    /// Where it runs: its callers prefer endpoints near it.
+    pub locality: Locality,
 }
 
 /// One inbound forwarding target.
@@ -244,6 +246,29 @@ pub struct BackendPolicy {
     pub retry_budget_percent: u32,
     /// Retry budget floor per second.
     pub retry_min_per_second: u32,
+    /// Locality-aware load balancing.
+    pub locality: LocalityLb,
+}
+
+/// Locality-aware load balancing, with defaults filled in.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LocalityLb {
+    /// Mode.
+    pub mode: crate::resource::LocalityMode,
+    /// Overprovisioning factor, percent.
+    pub overprovisioning: u32,
+    /// `Weighted`: shares.
+    pub weights: Vec<crate::resource::LocalityWeight>,
+}
+
+impl Default for LocalityLb {
+    fn default() -> Self {
+        Self {
+            mode: crate::resource::LocalityMode::Failover,
+            overprovisioning: 140,
+            weights: Vec::new(),
+        }
+    }
 }
 
 impl Default for BackendPolicy {
@@ -261,6 +286,7 @@ impl Default for BackendPolicy {
             max_ejection_percent: 50,
             retry_budget_percent: 20,
             retry_min_per_second: 10,
+            locality: LocalityLb::default(),
         }
     }
 }

@@ -747,6 +747,54 @@ pub struct BackendPolicySpec {
     /// Retry budget.
     #[serde(default)]
     pub retry_budget: Option<RetryBudget>,
+    /// Locality-aware load balancing.
+    #[serde(default)]
+    pub locality: Option<LocalityLbSpec>,
+}
+
+/// `spec.locality` of a BackendTrafficPolicy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalityLbSpec {
+    /// `Failover` (the default: the caller's zone, then its region, then anywhere),
+    /// `Weighted` (by `weights`), or `Disabled`.
+    #[serde(default)]
+    pub mode: Option<LocalityMode>,
+    /// Percent (Envoy's overprovisioning factor, default 140): a nearer set keeps all
+    /// traffic while its healthy share × this factor is at least 100 %, and spills the rest
+    /// to the next set below that.
+    #[serde(default)]
+    pub overprovisioning_factor: Option<u32>,
+    /// `Weighted`: the share of each locality (the first entry that matches an endpoint's
+    /// zone or region counts; an endpoint matching none gets no traffic).
+    #[serde(default)]
+    pub weights: Vec<LocalityWeight>,
+}
+
+/// How endpoints' localities shape load balancing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum LocalityMode {
+    /// Nearest healthy set first.
+    #[default]
+    Failover,
+    /// Fixed shares per locality.
+    Weighted,
+    /// Ignore localities.
+    Disabled,
+}
+
+/// One locality's weight.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityWeight {
+    /// Region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Zone (within `region`, if given).
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// Weight (>= 1).
+    pub weight: u32,
 }
 
 /// Reference to a target service.

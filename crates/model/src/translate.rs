@@ -344,6 +344,38 @@ fn policies(ix: &Index<'_>) -> Result<BTreeMap<NamespacedName, BackendPolicy>> {
             bp.retry_budget_percent = rb.percent.unwrap_or(bp.retry_budget_percent);
             bp.retry_min_per_second = rb.min_retries_per_second.unwrap_or(bp.retry_min_per_second);
         }
+        if let Some(l) = &p.locality {
+            use crate::resource::LocalityMode;
+            bp.locality.mode = l.mode.unwrap_or_default();
+            bp.locality.overprovisioning = l.overprovisioning_factor.unwrap_or(140);
+            if !(100..=1000).contains(&bp.locality.overprovisioning) {
+                return bad(
+                    "spec.locality.overprovisioningFactor",
+                    "a percentage from 100 to 1000",
+                );
+            }
+            for (i, w) in l.weights.iter().enumerate() {
+                if w.weight == 0 || (w.region.is_none() && w.zone.is_none()) {
+                    return bad(
+                        &format!("spec.locality.weights[{i}]"),
+                        "needs a region or a zone, and a weight of at least 1",
+                    );
+                }
+            }
+            match (bp.locality.mode, l.weights.is_empty()) {
+                (LocalityMode::Weighted, true) => {
+                    return bad("spec.locality.weights", "Weighted needs weights")
+                }
+                (LocalityMode::Failover | LocalityMode::Disabled, false) => {
+                    return bad(
+                        "spec.locality.weights",
+                        "weights apply only to mode Weighted",
+                    )
+                }
+                _ => {}
+            }
+            bp.locality.weights = l.weights.clone();
+        }
         if p.target_refs.is_empty() {
             return bad("spec.targetRefs", "needs at least one target");
         }
@@ -831,6 +863,7 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
         service,
         environment: w.environment,
         inbound_ports,
+        locality: w.locality.clone(),
     });
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use trellis_model::{
     proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
-    resource::LbKind,
+    resource::{LbKind, Locality, LocalityMode},
 };
 
 use crate::{
@@ -30,6 +30,8 @@ pub struct Endpoint {
     pub cfg: EndpointConfig,
     /// Its workload's name, as a metric label.
     pub workload: Label,
+    /// Its locality, `region/zone`, as a metric label.
+    pub locality: Label,
     /// Its connection pool.
     pub pool: Pool,
     in_flight: AtomicU32,
@@ -59,11 +61,88 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 // Optimistic first guess so that new endpoints get traffic.
 const EWMA_INITIAL_NS: f64 = 1_000_000.0;
 
+/// `region/zone` (either part may be empty), or empty when neither is known.
+fn locality_label(l: &Locality) -> String {
+    match (&l.region, &l.zone) {
+        (None, None) => String::new(),
+        (r, z) => format!(
+            "{}/{}",
+            r.as_deref().unwrap_or_default(),
+            z.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+/// Endpoints as the caller's locality sees them.
+enum Tiers {
+    /// No preference: every endpoint alike.
+    Flat,
+    /// By endpoint index: 0 the caller's zone, 1 its region, 2 elsewhere; a nearer tier
+    /// keeps the traffic while its healthy share × `opf` % is at least 100 %.
+    Failover { tier: Vec<u8>, opf: u32 },
+    /// By endpoint index, the locality group it belongs to (an index into `weights`), if any.
+    Weighted {
+        group: Vec<Option<usize>>,
+        weights: Vec<u32>,
+    },
+}
+
+impl Tiers {
+    fn new(cfg: &ClusterConfig, local: Option<&Locality>) -> Self {
+        let lb = &cfg.policy.locality;
+        match lb.mode {
+            LocalityMode::Disabled => Self::Flat,
+            LocalityMode::Weighted => {
+                let matches = |w: &trellis_model::resource::LocalityWeight, l: &Locality| {
+                    w.region
+                        .as_ref()
+                        .is_none_or(|r| l.region.as_ref() == Some(r))
+                        && w.zone.as_ref().is_none_or(|z| l.zone.as_ref() == Some(z))
+                };
+                let group = cfg
+                    .endpoints
+                    .iter()
+                    .map(|e| lb.weights.iter().position(|w| matches(w, &e.locality)))
+                    .collect();
+                Self::Weighted {
+                    group,
+                    weights: lb.weights.iter().map(|w| w.weight).collect(),
+                }
+            }
+            LocalityMode::Failover => {
+                let Some(me) = local.filter(|l| l.region.is_some() || l.zone.is_some()) else {
+                    return Self::Flat;
+                };
+                let tier: Vec<u8> = cfg
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let region = e.locality.region == me.region;
+                        match (region, e.locality.zone == me.zone) {
+                            (true, true) => 0,
+                            (true, false) => 1,
+                            _ => 2,
+                        }
+                    })
+                    .collect();
+                if tier.windows(2).all(|w| w[0] == w[1]) {
+                    return Self::Flat;
+                }
+                Self::Failover {
+                    tier,
+                    opf: lb.overprovisioning,
+                }
+            }
+        }
+    }
+}
+
 impl Endpoint {
     fn new(cfg: EndpointConfig, idle_timeout: Duration) -> Self {
         Self {
             pool: Pool::new(cfg.addr, cfg.mesh.clone(), idle_timeout),
             workload: cfg.workload.name.as_str().into(),
+            locality: locality_label(&cfg.locality).as_str().into(),
             cfg,
             in_flight: AtomicU32::new(0),
             ewma: Mutex::new((EWMA_INITIAL_NS, Instant::now())),
@@ -139,6 +218,7 @@ pub struct Cluster {
     rr: AtomicU64,
     metrics: Metrics,
     labels: ClusterLabels,
+    tiers: Tiers,
 }
 
 /// Why a cluster could not take a request.
@@ -152,8 +232,15 @@ pub enum AdmitError {
 impl Cluster {
     /// Build a cluster, reusing endpoint state (pools, latency, ejections) and the retry
     /// budget from `prev` where the endpoint is unchanged, so that a reload is invisible.
-    pub fn new(key: String, cfg: ClusterConfig, prev: Option<&Cluster>, metrics: &Metrics) -> Self {
+    pub fn new(
+        key: String,
+        cfg: ClusterConfig,
+        prev: Option<&Cluster>,
+        metrics: &Metrics,
+        local: Option<&Locality>,
+    ) -> Self {
         let idle = cfg.policy.idle_timeout;
+        let tiers = Tiers::new(&cfg, local);
         let endpoints = cfg
             .endpoints
             .iter()
@@ -197,6 +284,7 @@ impl Cluster {
             pending: AtomicUsize::new(0),
             rr: AtomicU64::new(0),
             metrics: metrics.clone(),
+            tiers,
         }
     }
 
@@ -243,6 +331,11 @@ impl Cluster {
     /// Pick an endpoint, skipping those ejected at `now`. `None` when there is no healthy
     /// endpoint. (The caller passes the time it already read: clock reads cost in VMs.)
     pub fn pick(&self, now: Instant) -> Option<Arc<Endpoint>> {
+        match &self.tiers {
+            Tiers::Flat => {}
+            Tiers::Failover { tier, opf } => return self.pick_failover(tier, *opf, now),
+            Tiers::Weighted { group, weights } => return self.pick_weighted(group, weights, now),
+        }
         // Usually nothing is ejected: choose among all endpoints without building a list.
         if !self.endpoints.iter().any(|e| e.is_ejected(now)) {
             return self.choose(&self.endpoints);
@@ -254,6 +347,60 @@ impl Cluster {
             .cloned()
             .collect();
         self.choose(&healthy)
+    }
+
+    /// Envoy's priority load: the nearest tier takes min(100 %, healthy share × opf) of the
+    /// traffic, the next one as much of the rest as its own health allows, and so on; when
+    /// every tier is degraded the shares are scaled to the whole.
+    fn pick_failover(&self, tier: &[u8], opf: u32, now: Instant) -> Option<Arc<Endpoint>> {
+        let (mut total, mut healthy) = ([0u32; 3], [0u32; 3]);
+        for (e, &t) in self.endpoints.iter().zip(tier) {
+            total[t as usize] += 1;
+            if !e.is_ejected(now) {
+                healthy[t as usize] += 1;
+            }
+        }
+        let (mut load, mut left) = ([0u32; 3], 100u32);
+        for t in 0..3 {
+            // An empty tier has no health, and takes nothing.
+            if let Some(share) = (healthy[t] * opf).checked_div(total[t]) {
+                load[t] = share.min(100).min(left);
+                left -= load[t];
+            }
+        }
+        let t = weighted_index(&load)?;
+        let near: Vec<Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .zip(tier)
+            .filter(|(e, &et)| et as usize == t && !e.is_ejected(now))
+            .map(|(e, _)| e.clone())
+            .collect();
+        self.choose(&near)
+    }
+
+    /// A locality group by its weight, among those with a healthy endpoint.
+    fn pick_weighted(
+        &self,
+        group: &[Option<usize>],
+        weights: &[u32],
+        now: Instant,
+    ) -> Option<Arc<Endpoint>> {
+        let mut live = vec![0u32; weights.len()];
+        for (e, g) in self.endpoints.iter().zip(group) {
+            if let Some(g) = g.filter(|_| !e.is_ejected(now)) {
+                live[g] = weights[g];
+            }
+        }
+        let g = weighted_index(&live)?;
+        let members: Vec<Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .zip(group)
+            .filter(|(e, eg)| **eg == Some(g) && !e.is_ejected(now))
+            .map(|(e, _)| e.clone())
+            .collect();
+        self.choose(&members)
     }
 
     fn choose(&self, healthy: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
@@ -374,3 +521,20 @@ fn p2c(healthy: &[Arc<Endpoint>], cost: impl Fn(&Endpoint) -> f64) -> &Arc<Endpo
 
 #[cfg(test)]
 mod tests;
+
+/// An index drawn with probability proportional to `weights`; `None` when all are zero.
+fn weighted_index(weights: &[u32]) -> Option<usize> {
+    let sum: u32 = weights.iter().sum();
+    if sum == 0 {
+        return None;
+    }
+    let mut r = fastrand::u32(0..sum);
+    weights.iter().position(|&w| {
+        if r < w {
+            true
+        } else {
+            r -= w;
+            false
+        }
+    })
+}

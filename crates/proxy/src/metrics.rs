@@ -108,6 +108,8 @@ pub struct RequestLabels {
     pub dst_workload: Label,
     /// Destination environment.
     pub dst_environment: &'static str,
+    /// Destination locality, `region/zone`.
+    pub dst_locality: Label,
     /// Route name.
     pub route: Label,
     /// HTTP status sent to the client.
@@ -234,6 +236,7 @@ impl PartialEq for RequestKey {
             && a.source_identity.same(&b.source_identity)
             && a.dst_service.same(&b.dst_service)
             && a.dst_workload.same(&b.dst_workload)
+            && a.dst_locality.same(&b.dst_locality)
             && a.route.same(&b.route)
     }
 }
@@ -247,6 +250,7 @@ impl Hash for RequestKey {
         h.write_usize(l.source_identity.addr());
         h.write_usize(l.dst_service.addr());
         h.write_usize(l.dst_workload.addr());
+        h.write_usize(l.dst_locality.addr());
         h.write_usize(l.route.addr());
         h.write_usize(l.dst_environment.as_ptr() as usize);
         h.write_u64(
@@ -392,6 +396,7 @@ mod tests {
             dst_service: Label::from("a.ns"),
             dst_workload: Label::default(),
             dst_environment: "vm",
+            dst_locality: Label::default(),
             route: route.clone(),
             status_code: status,
             grpc_status: None,

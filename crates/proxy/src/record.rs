@@ -70,6 +70,8 @@ pub struct Record {
     pub dst_workload: Label,
     /// Destination environment.
     pub dst_environment: &'static str,
+    /// Destination locality, `region/zone`.
+    pub dst_locality: Label,
     /// Route.
     pub route: Label,
     /// Upstream endpoint.
@@ -127,6 +129,7 @@ struct Line<'a> {
     dst_service: &'a str,
     dst_workload: &'a str,
     dst_environment: &'a str,
+    dst_locality: &'a str,
     route: &'a str,
     upstream: Option<String>,
     attempts: u32,
@@ -163,6 +166,7 @@ impl Record {
             dst_service: Label::default(),
             dst_workload: Label::default(),
             dst_environment: "unknown",
+            dst_locality: Label::default(),
             route: Label::default(),
             upstream: None,
             attempts: 0,
@@ -199,6 +203,7 @@ impl Record {
             dst_service: self.dst_service.clone(),
             dst_workload: self.dst_workload.clone(),
             dst_environment: self.dst_environment,
+            dst_locality: self.dst_locality.clone(),
             route: self.route.clone(),
             status_code: self.status,
             grpc_status: self.grpc_status,
@@ -227,6 +232,7 @@ impl Record {
             dst_service: self.dst_service.as_str(),
             dst_workload: self.dst_workload.as_str(),
             dst_environment: self.dst_environment,
+            dst_locality: self.dst_locality.as_str(),
             route: self.route.as_str(),
             upstream: self.upstream.map(|a| a.to_string()),
             attempts: self.attempts,
@@ -247,6 +253,7 @@ impl Record {
         self.upstream = Some(ep.cfg.addr);
         self.dst_workload = ep.workload.clone();
         self.dst_environment = ep.cfg.environment.as_str();
+        self.dst_locality = ep.locality.clone();
     }
 
     /// Look at a gRPC status in response headers or trailers.

@@ -49,6 +49,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Build from `cfg`, carrying endpoint state over from `prev`.
     pub fn build(cfg: ProxyConfig, prev: Option<&Snapshot>, metrics: &Metrics) -> Self {
+        let here = cfg.local.as_ref().map(|l| &l.locality);
         let clusters = cfg
             .clusters
             .iter()
@@ -56,7 +57,7 @@ impl Snapshot {
                 let old = prev.and_then(|p| p.clusters.get(k)).map(|c| c.as_ref());
                 (
                     k.clone(),
-                    Arc::new(Cluster::new(k.clone(), c.clone(), old, metrics)),
+                    Arc::new(Cluster::new(k.clone(), c.clone(), old, metrics, here)),
                 )
             })
             .collect();
@@ -86,7 +87,7 @@ impl Snapshot {
                 let old = prev
                     .and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
                     .map(|t| t.cluster.as_ref());
-                let cluster = Arc::new(Cluster::new(key.clone(), cc, old, metrics));
+                let cluster = Arc::new(Cluster::new(key.clone(), cc, old, metrics, None));
                 inbound.push(InboundTarget {
                     port: ip.port,
                     protocol: ip.protocol,

@@ -496,3 +496,32 @@ fn peer_authentication_errors_name_line_and_field() {
     assert!(e.starts_with("t.yaml:5:"), "{e}");
     assert!(e.contains("STRICT"), "{e}");
 }
+
+#[test]
+fn locality_policies_are_checked_by_field() {
+    let base = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: web, namespace: shop }\nspec: { selector: { app: web }, ports: [{ port: 80 }] }\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: frontend-1, namespace: shop }\nspec: { address: 127.0.0.1, locality: { region: r1, zone: z1 } }\n---\napiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: { name: web, namespace: shop }\nspec:\n  targetRefs: [{ name: web }]\n";
+    let case = |locality: &str| err(&format!("{base}  locality: {locality}\n")).to_string();
+    let e = case("{ overprovisioningFactor: 50 }");
+    assert!(e.contains("spec.locality.overprovisioningFactor"), "{e}");
+    let e = case("{ mode: Weighted }");
+    assert!(
+        e.contains("spec.locality.weights") && e.contains("needs weights"),
+        "{e}"
+    );
+    let e = case("{ mode: Weighted, weights: [{ weight: 1 }] }");
+    assert!(e.contains("spec.locality.weights[0]"), "{e}");
+    let e = case("{ weights: [{ region: r1, weight: 1 }] }");
+    assert!(e.contains("only to mode Weighted"), "{e}");
+    let e = case("{ mode: Nearest }");
+    assert!(e.contains("Nearest"), "{e}");
+    // A good one, and the caller's locality reaches the local workload.
+    let text =
+        format!("{base}  locality: {{ mode: Weighted, weights: [{{ region: r1, weight: 3 }}] }}\n");
+    let res = parse_documents("t.yaml", &text).unwrap();
+    let cfg = translate("t.yaml", &res, Some(&nn("shop/frontend-1"))).unwrap();
+    assert_eq!(
+        cfg.clusters["shop/web:80"].policy.locality.weights[0].weight,
+        3
+    );
+    assert_eq!(cfg.local.unwrap().locality.zone.as_deref(), Some("z1"));
+}

@@ -33,7 +33,13 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
         mtls: Default::default(),
     };
     let mut reg = prometheus_client::registry::Registry::default();
-    Cluster::new("ns/s:80".into(), cfg, None, &Metrics::register(&mut reg))
+    Cluster::new(
+        "ns/s:80".into(),
+        cfg,
+        None,
+        &Metrics::register(&mut reg),
+        None,
+    )
 }
 
 fn spread(c: &Cluster, n: usize) -> HashMap<String, usize> {
@@ -102,4 +108,140 @@ fn budget_limits_retries() {
     }
     let granted = (0..100).filter(|_| b.withdraw(Instant::now())).count();
     assert_eq!(granted, 20);
+}
+
+fn loc(region: &str, zone: &str) -> Locality {
+    Locality {
+        region: Some(region.into()),
+        zone: Some(zone.into()),
+        host: None,
+    }
+}
+
+/// Endpoints 127.0.0.1-2 in r1/z1 (the caller's zone), .3-.4 in r1/z2, .5-.6 in r2/z3.
+fn located(locality: trellis_model::proxy::LocalityLb) -> Cluster {
+    let places = [
+        ("r1", "z1"),
+        ("r1", "z1"),
+        ("r1", "z2"),
+        ("r1", "z2"),
+        ("r2", "z3"),
+        ("r2", "z3"),
+    ];
+    let endpoints = places
+        .iter()
+        .enumerate()
+        .map(|(i, (r, z))| EndpointConfig {
+            addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
+            weight: 1,
+            workload: format!("ns/w{i}").parse().unwrap(),
+            environment: Environment::Vm,
+            locality: loc(r, z),
+            mesh: None,
+        })
+        .collect();
+    let cfg = ClusterConfig {
+        service: "ns/s".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Http,
+        endpoints,
+        policy: BackendPolicy {
+            lb: LbKind::RoundRobin,
+            consecutive_failures: 1,
+            max_ejection_percent: 100,
+            locality,
+            ..Default::default()
+        },
+        mtls: Default::default(),
+    };
+    let mut reg = prometheus_client::registry::Registry::default();
+    let here = loc("r1", "z1");
+    Cluster::new(
+        "ns/s:80".into(),
+        cfg,
+        None,
+        &Metrics::register(&mut reg),
+        Some(&here),
+    )
+}
+
+/// Share of picks per locality label, in percent (10,000 picks: one percentage point is
+/// about five standard deviations of a 30 % share).
+fn shares(c: &Cluster) -> HashMap<String, usize> {
+    let mut m: HashMap<String, usize> = HashMap::new();
+    for _ in 0..10_000 {
+        *m.entry(
+            c.pick(Instant::now())
+                .unwrap()
+                .locality
+                .as_str()
+                .to_string(),
+        )
+        .or_default() += 1;
+    }
+    m.into_iter().map(|(k, v)| (k, (v + 50) / 100)).collect()
+}
+
+#[test]
+fn failover_keeps_traffic_in_the_zone_then_spills_by_health() {
+    let c = located(Default::default());
+    // All healthy: the caller's zone takes everything.
+    assert_eq!(shares(&c), HashMap::from([("r1/z1".to_string(), 100)]));
+    // Half the zone ejected: 50 % × 1.4 = 70 % stays, 30 % goes to the region.
+    c.report(&c.endpoints[0], FailureClass::ConnectRefused);
+    let s = shares(&c);
+    assert!((68..=72).contains(&s["r1/z1"]), "{s:?}");
+    assert!((28..=32).contains(&s["r1/z2"]), "{s:?}");
+    assert!(
+        !s.contains_key("r2/z3"),
+        "the other region is not needed: {s:?}"
+    );
+    // The zone gone: the region takes everything; the region gone too: anywhere.
+    c.report(&c.endpoints[1], FailureClass::ConnectRefused);
+    assert_eq!(shares(&c), HashMap::from([("r1/z2".to_string(), 100)]));
+    c.report(&c.endpoints[2], FailureClass::ConnectRefused);
+    c.report(&c.endpoints[3], FailureClass::ConnectRefused);
+    assert_eq!(shares(&c), HashMap::from([("r2/z3".to_string(), 100)]));
+}
+
+#[test]
+fn a_higher_overprovisioning_factor_keeps_a_degraded_zone_whole() {
+    let c = located(trellis_model::proxy::LocalityLb {
+        overprovisioning: 200,
+        ..Default::default()
+    });
+    c.report(&c.endpoints[0], FailureClass::ConnectRefused);
+    // 50 % × 2.0 = 100 %: no spill.
+    assert_eq!(shares(&c), HashMap::from([("r1/z1".to_string(), 100)]));
+}
+
+#[test]
+fn weighted_localities_share_by_weight_and_skip_dead_ones() {
+    use trellis_model::resource::{LocalityMode, LocalityWeight};
+    let w = |region: &str, zone: Option<&str>, weight| LocalityWeight {
+        region: Some(region.into()),
+        zone: zone.map(Into::into),
+        weight,
+    };
+    let c = located(trellis_model::proxy::LocalityLb {
+        mode: LocalityMode::Weighted,
+        overprovisioning: 140,
+        weights: vec![w("r1", Some("z2"), 75), w("r2", None, 25)],
+    });
+    let s = shares(&c);
+    assert!((73..=77).contains(&s["r1/z2"]), "{s:?}");
+    assert!((23..=27).contains(&s["r2/z3"]), "{s:?}");
+    assert!(!s.contains_key("r1/z1"), "no weight, no traffic: {s:?}");
+    c.report(&c.endpoints[4], FailureClass::ConnectRefused);
+    c.report(&c.endpoints[5], FailureClass::ConnectRefused);
+    assert_eq!(shares(&c), HashMap::from([("r1/z2".to_string(), 100)]));
+}
+
+#[test]
+fn without_a_caller_locality_or_with_it_disabled_localities_do_not_matter() {
+    let c = located(trellis_model::proxy::LocalityLb {
+        mode: trellis_model::resource::LocalityMode::Disabled,
+        ..Default::default()
+    });
+    assert_eq!(shares(&c).len(), 3, "every locality gets traffic");
 }
