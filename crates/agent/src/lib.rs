@@ -95,6 +95,14 @@ pub enum AgentError {
 
 /// Run until SIGTERM or SIGINT.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    run_until(opts, std::future::pending()).await
+}
+
+/// Run until SIGTERM, SIGINT or `stop` (several agents in one process, as `trellis demo`).
+pub async fn run_until(
+    opts: AgentOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
     let creds = identity::bootstrap(&opts.identity, &opts.servers).await?;
     let namespace = creds.info.id.namespace.clone();
     let workload: trellis_model::resource::NamespacedName = format!("{namespace}/{}", opts.name)
@@ -138,7 +146,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         current.clone(),
     ));
     // The proxy serves until a signal; then the workload leaves the mesh before it drains.
-    let served = proxy.run().await;
+    let served = proxy.run_until(stop).await;
     beats.abort();
     let bye = serde_json::json!({ "op": "deregister", "name": opts.name });
     match tokio::time::timeout(Duration::from_secs(5), send(&opts.servers, &current, bye)).await {

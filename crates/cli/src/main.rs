@@ -9,6 +9,7 @@ use trellis_proxy::{http::server::ServerLimits, xds::XdsOptions, Options, Proxy,
 
 mod client;
 mod ctl;
+mod demo;
 mod join;
 
 /// `EX_USAGE` from sysexits.h: bad flags or config.
@@ -27,6 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The whole mesh on this machine: a control plane, a service joined as a VM, a container
+    /// and a bare-metal host, a caller, traffic and a failover (loopback only).
+    Demo(demo::DemoArgs),
     /// Run the data-plane proxy.
     Proxy(ProxyArgs),
     /// Join this host or VM to the mesh: identity, Workload registration, the proxy, health
@@ -285,15 +289,22 @@ enum MtlsMode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own story; its parts' logs only when something goes wrong.
+    let level = if matches!(cli.cmd, Cmd::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
         )
         .init();
     match cli.cmd {
+        Cmd::Demo(args) => demo::demo(args),
         Cmd::Proxy(args) => proxy(args),
         Cmd::Join(args) => join::join(args),
         Cmd::Control(args) => control(args),

@@ -331,32 +331,55 @@ impl Cluster {
     /// Pick an endpoint, skipping those ejected at `now`. `None` when there is no healthy
     /// endpoint. (The caller passes the time it already read: clock reads cost in VMs.)
     pub fn pick(&self, now: Instant) -> Option<Arc<Endpoint>> {
-        match &self.tiers {
-            Tiers::Flat => {}
-            Tiers::Failover { tier, opf } => return self.pick_failover(tier, *opf, now),
-            Tiers::Weighted { group, weights } => return self.pick_weighted(group, weights, now),
+        self.pick_avoiding(now, None)
+    }
+
+    /// Pick as [`Cluster::pick`] does, but not `avoid` (the endpoint a failed try went to)
+    /// while another is usable: a retry goes elsewhere, as Envoy's `previous_hosts`.
+    pub fn pick_avoiding(
+        &self,
+        now: Instant,
+        avoid: Option<&Arc<Endpoint>>,
+    ) -> Option<Arc<Endpoint>> {
+        let usable =
+            |e: &Arc<Endpoint>| !e.is_ejected(now) && !avoid.is_some_and(|a| Arc::ptr_eq(a, e));
+        let picked = match &self.tiers {
+            Tiers::Flat if avoid.is_none() && !self.endpoints.iter().any(|e| e.is_ejected(now)) => {
+                // Usually nothing is ejected: choose among all endpoints without a list.
+                return self.choose(&self.endpoints);
+            }
+            Tiers::Flat => {
+                let healthy: Vec<Arc<Endpoint>> = self
+                    .endpoints
+                    .iter()
+                    .filter(|e| usable(e))
+                    .cloned()
+                    .collect();
+                self.choose(&healthy)
+            }
+            Tiers::Failover { tier, opf } => self.pick_failover(tier, *opf, &usable),
+            Tiers::Weighted { group, weights } => self.pick_weighted(group, weights, &usable),
+        };
+        match picked {
+            // Nothing else is usable: the same endpoint again rather than none.
+            None if avoid.is_some() => self.pick_avoiding(now, None),
+            p => p,
         }
-        // Usually nothing is ejected: choose among all endpoints without building a list.
-        if !self.endpoints.iter().any(|e| e.is_ejected(now)) {
-            return self.choose(&self.endpoints);
-        }
-        let healthy: Vec<Arc<Endpoint>> = self
-            .endpoints
-            .iter()
-            .filter(|e| !e.is_ejected(now))
-            .cloned()
-            .collect();
-        self.choose(&healthy)
     }
 
     /// Envoy's priority load: the nearest tier takes min(100 %, healthy share × opf) of the
     /// traffic, the next one as much of the rest as its own health allows, and so on; when
     /// every tier is degraded the shares are scaled to the whole.
-    fn pick_failover(&self, tier: &[u8], opf: u32, now: Instant) -> Option<Arc<Endpoint>> {
+    fn pick_failover(
+        &self,
+        tier: &[u8],
+        opf: u32,
+        usable: &dyn Fn(&Arc<Endpoint>) -> bool,
+    ) -> Option<Arc<Endpoint>> {
         let (mut total, mut healthy) = ([0u32; 3], [0u32; 3]);
         for (e, &t) in self.endpoints.iter().zip(tier) {
             total[t as usize] += 1;
-            if !e.is_ejected(now) {
+            if usable(e) {
                 healthy[t as usize] += 1;
             }
         }
@@ -373,7 +396,7 @@ impl Cluster {
             .endpoints
             .iter()
             .zip(tier)
-            .filter(|(e, &et)| et as usize == t && !e.is_ejected(now))
+            .filter(|(e, &et)| et as usize == t && usable(e))
             .map(|(e, _)| e.clone())
             .collect();
         self.choose(&near)
@@ -384,11 +407,11 @@ impl Cluster {
         &self,
         group: &[Option<usize>],
         weights: &[u32],
-        now: Instant,
+        usable: &dyn Fn(&Arc<Endpoint>) -> bool,
     ) -> Option<Arc<Endpoint>> {
         let mut live = vec![0u32; weights.len()];
         for (e, g) in self.endpoints.iter().zip(group) {
-            if let Some(g) = g.filter(|_| !e.is_ejected(now)) {
+            if let Some(g) = g.filter(|_| usable(e)) {
                 live[g] = weights[g];
             }
         }
@@ -397,7 +420,7 @@ impl Cluster {
             .endpoints
             .iter()
             .zip(group)
-            .filter(|(e, eg)| **eg == Some(g) && !e.is_ejected(now))
+            .filter(|(e, eg)| **eg == Some(g) && usable(e))
             .map(|(e, _)| e.clone())
             .collect();
         self.choose(&members)

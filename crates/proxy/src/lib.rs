@@ -495,7 +495,17 @@ impl Proxy {
     }
 
     /// Serve until SIGTERM or SIGINT; reload on SIGHUP and when the file changes. Then drain.
-    pub async fn run(mut self) -> std::io::Result<()> {
+    pub async fn run(self) -> std::io::Result<()> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// As [`Proxy::run`], stopping also when `stop` completes (several proxies in one
+    /// process, as `trellis demo` runs them).
+    pub async fn run_until(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        tokio::pin!(stop);
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -518,6 +528,7 @@ impl Proxy {
             let why = tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
+                _ = &mut stop => break,
                 _ = hup.recv(), if file.is_some() => "SIGHUP",
                 _ = tick.tick(), if file.is_some() => {
                     match file.as_ref().map(std::fs::read_to_string) {

@@ -245,3 +245,30 @@ fn without_a_caller_locality_or_with_it_disabled_localities_do_not_matter() {
     });
     assert_eq!(shares(&c).len(), 3, "every locality gets traffic");
 }
+
+#[test]
+fn a_retry_avoids_the_endpoint_that_just_failed() {
+    let c = cluster(LbKind::RoundRobin, &[1, 1]);
+    let first = c.endpoints[0].clone();
+    for _ in 0..50 {
+        let e = c.pick_avoiding(Instant::now(), Some(&first)).unwrap();
+        assert!(!Arc::ptr_eq(&e, &first));
+    }
+    // In the caller's zone alone, the retry spills to the region rather than repeating.
+    let z = located(Default::default());
+    let again = z
+        .pick_avoiding(Instant::now(), Some(&z.endpoints[0]))
+        .unwrap();
+    assert_eq!(
+        again.locality.as_str(),
+        "r1/z1",
+        "the zone's other endpoint"
+    );
+    // The only endpoint: tried again rather than none.
+    let one = cluster(LbKind::RoundRobin, &[1]);
+    let only = one.endpoints[0].clone();
+    assert!(Arc::ptr_eq(
+        &one.pick_avoiding(Instant::now(), Some(&only)).unwrap(),
+        &only
+    ));
+}

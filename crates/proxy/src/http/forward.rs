@@ -398,6 +398,8 @@ pub async fn forward(
     let max_tries = 1 + plan.retry.map_or(0, |r| r.attempts);
     // Built only when a try fails: formatting an error on every request costs.
     let mut last_failure: Option<(FailureClass, String)> = None;
+    // The endpoint of the previous try: a retry goes elsewhere if it can.
+    let mut last_ep: Option<Arc<Endpoint>> = None;
     for attempt in 0..max_tries {
         let body = match first.take() {
             Some(b) => b,
@@ -413,7 +415,7 @@ pub async fn forward(
         } else {
             Instant::now()
         };
-        let Some(ep) = cluster.pick(try_start) else {
+        let Some(ep) = cluster.pick_avoiding(try_start, last_ep.as_ref()) else {
             last_failure = Some((
                 FailureClass::NoHealthyUpstream,
                 format!(
@@ -426,6 +428,7 @@ pub async fn forward(
         };
         rec.attempts = attempt + 1;
         rec.set_endpoint(&ep);
+        last_ep = Some(ep.clone());
         let in_flight = ep.start();
         let per_try = plan.retry.and_then(|r| r.per_try_timeout);
         let remaining = deadline.map(|d| d.saturating_duration_since(try_start));
