@@ -37,6 +37,14 @@ pub enum Check {
     },
     /// A TCP connection is accepted.
     Tcp(SocketAddr),
+    /// The gRPC health protocol (`grpc.health.v1.Health/Check`) answers SERVING for
+    /// `service` (empty: the server as a whole).
+    Grpc {
+        /// Address.
+        addr: SocketAddr,
+        /// Service name.
+        service: String,
+    },
     /// None: healthy while the agent runs.
     None,
 }
@@ -254,11 +262,33 @@ async fn check(c: &Check, timeout: Duration) -> Result<(), String> {
                 .map(drop)
                 .map_err(|e| format!("TCP connect to {addr}: {e}")),
             Check::Http { addr, path } => http_check(*addr, path).await,
+            Check::Grpc { addr, service } => grpc_check(*addr, service).await,
         }
     };
     tokio::time::timeout(timeout, run)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+async fn grpc_check(addr: SocketAddr, service: &str) -> Result<(), String> {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let r = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|s| format!("grpc.health.v1 Check: {:?}: {}", s.code(), s.message()))?;
+    match r.into_inner().status() {
+        ServingStatus::Serving => Ok(()),
+        other => Err(format!("grpc.health.v1 says {}", other.as_str_name())),
+    }
 }
 
 async fn http_check(addr: SocketAddr, path: &str) -> Result<(), String> {
@@ -297,6 +327,44 @@ mod tests {
             healthy_threshold: up,
             unhealthy_threshold: down,
         }
+    }
+
+    #[tokio::test]
+    async fn the_grpc_check_speaks_the_grpc_health_protocol() {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+        );
+        let t = Duration::from_secs(5);
+        let grpc = |service: &str| Check::Grpc {
+            addr,
+            service: service.into(),
+        };
+        // The server as a whole is SERVING from the start.
+        assert_eq!(check(&grpc(""), t).await, Ok(()));
+        reporter
+            .set_service_status("catalog", tonic_health::ServingStatus::NotServing)
+            .await;
+        let e = check(&grpc("catalog"), t).await.unwrap_err();
+        assert!(e.contains("NOT_SERVING"), "{e}");
+        reporter
+            .set_service_status("catalog", tonic_health::ServingStatus::Serving)
+            .await;
+        assert_eq!(check(&grpc("catalog"), t).await, Ok(()));
+        // An unknown service is NOT_FOUND; nothing listening is a connect error.
+        assert!(check(&grpc("nope"), t)
+            .await
+            .unwrap_err()
+            .contains("NotFound"));
+        let closed = Check::Grpc {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            service: String::new(),
+        };
+        assert!(check(&closed, t).await.unwrap_err().contains("connect"));
     }
 
     #[test]

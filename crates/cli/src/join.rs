@@ -44,7 +44,8 @@ pub(crate) struct JoinArgs {
     /// The application's port for a service port name, NAME=PORT (repeat).
     #[arg(long = "port", value_parser = key_value)]
     ports: Vec<(String, String)>,
-    /// How the application is checked: `http:/PATH`, `tcp` or `none`.
+    /// How the application is checked: `http:/PATH`, `tcp`, `grpc[:SERVICE]` (the gRPC
+    /// health protocol) or `none`.
     #[arg(long, default_value = "tcp")]
     check: String,
     /// The port checked (default: the first --port).
@@ -159,12 +160,20 @@ fn health(a: &JoinArgs, spec: &serde_json::Value) -> Result<trellis_agent::Healt
     let check = match a.check.as_str() {
         "none" => trellis_agent::Check::None,
         "tcp" => trellis_agent::Check::Tcp(at()?),
+        c if c == "grpc" || c.starts_with("grpc:") => trellis_agent::Check::Grpc {
+            addr: at()?,
+            service: c.strip_prefix("grpc:").unwrap_or_default().to_string(),
+        },
         c => match c.strip_prefix("http:") {
             Some(path) if path.starts_with('/') => trellis_agent::Check::Http {
                 addr: at()?,
                 path: path.to_string(),
             },
-            _ => return Err(format!("--check {c:?}: expected http:/PATH, tcp or none")),
+            _ => {
+                return Err(format!(
+                    "--check {c:?}: expected http:/PATH, tcp, grpc[:SERVICE] or none"
+                ))
+            }
         },
     };
     Ok(trellis_agent::Health {
