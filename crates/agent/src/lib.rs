@@ -143,7 +143,7 @@ pub async fn run_until(
         "spec": spec,
         "intervalMs": opts.health.interval.as_millis() as u64,
     });
-    send(&opts.servers, &current, register)
+    send(&opts.servers, &current, register.clone())
         .await
         .map_err(|e| AgentError::Register(e.to_string()))?;
     tracing::info!(%workload, spiffe = %creds.info.id, "workload registered");
@@ -152,6 +152,7 @@ pub async fn run_until(
         opts.name.clone(),
         opts.health.clone(),
         current.clone(),
+        register,
     ));
     // The proxy serves until a signal; then the workload leaves the mesh before it drains.
     let served = proxy.run_until(stop).await;
@@ -185,6 +186,7 @@ async fn heartbeats(
     name: String,
     health: Health,
     creds: Arc<ArcSwap<Credentials>>,
+    register: serde_json::Value,
 ) {
     let mut verdict = Verdict::new(&health);
     let mut tick = tokio::time::interval(health.interval);
@@ -205,8 +207,17 @@ async fn heartbeats(
             "healthy": verdict.healthy,
             "intervalMs": health.interval.as_millis() as u64,
         });
-        if let Err(e) = send(&servers, &creds, beat).await {
-            tracing::warn!(workload = %name, error = %e, "heartbeat failed");
+        match send(&servers, &creds, beat).await {
+            Ok(_) => {}
+            // The control plane lost the Workload (deleted by hand, a store restored from
+            // an older backup): register it again; the next heartbeat reports health.
+            Err(e) if e.to_string().contains("HTTP 404") => {
+                tracing::warn!(workload = %name, "the control plane lost this workload; registering it again");
+                if let Err(e) = send(&servers, &creds, register.clone()).await {
+                    tracing::warn!(workload = %name, error = %e, "registration failed");
+                }
+            }
+            Err(e) => tracing::warn!(workload = %name, error = %e, "heartbeat failed"),
         }
     }
 }

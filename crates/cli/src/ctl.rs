@@ -132,9 +132,15 @@ fn detail(doc: &Value) -> String {
             .collect::<Vec<_>>()
             .join(","),
         "Workload" => format!(
-            "{} {}",
+            "{} {}{}",
             spec["address"].as_str().unwrap_or_default(),
-            spec["environment"].as_str().unwrap_or("bare-metal")
+            spec["environment"].as_str().unwrap_or("bare-metal"),
+            // Set by its agent: say so only when it is down.
+            if spec["healthy"] == false {
+                " UNHEALTHY"
+            } else {
+                ""
+            }
         ),
         "HTTPRoute" | "GRPCRoute" => {
             let backends: Vec<String> = spec["rules"]

@@ -158,6 +158,29 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
     wait_health(&cp, true, "healthy again").await;
     reach(200).await;
 
+    // An operator deletes the Workload by hand: the agent registers it again.
+    let (st, v) = cp
+        .call(
+            Method::DELETE,
+            "/api/v1/resources/Workload/test/catalog-1",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    wait_health(&cp, true, "registered again after a deletion").await;
+    // `get` says when a workload is down.
+    up.store(false, Ordering::Relaxed);
+    wait_health(&cp, false, "down again").await;
+    let out = ok(cli(&cp, &["get", "workloads", "-n", "test"]));
+    assert!(
+        out.lines()
+            .any(|l| l.contains("catalog-1") && l.contains("UNHEALTHY")),
+        "{out}"
+    );
+    up.store(true, Ordering::Relaxed);
+    wait_health(&cp, true, "up again").await;
+
     // The agent dies without a word: missed heartbeats make it unhealthy.
     agent.signal("-KILL");
     let _ = agent.0.wait();
