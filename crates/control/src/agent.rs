@@ -146,10 +146,11 @@ pub(crate) async fn handle(
     }
     let key = Key::new("Workload", &id.namespace, &req.name);
     let interval = Duration::from_millis(req.interval_ms.clamp(100, 600_000));
-    let stored = api.store().get(&key).await?;
+    // What this replica follows of the store: a heartbeat costs no store read.
+    let stored = api.followed(&key);
     // An agent speaks only for Workloads of its own identity.
     if let Some(o) = &stored {
-        let owner = o.doc["spec"]["identity"].as_str().unwrap_or_default();
+        let owner = o["spec"]["identity"].as_str().unwrap_or_default();
         if owner != id.identity {
             return Err(bad(
                 StatusCode::FORBIDDEN,
@@ -170,7 +171,7 @@ pub(crate) async fn handle(
             // Healthy once its checks pass; a re-registration keeps what is known.
             let was = stored
                 .as_ref()
-                .and_then(|o| o.doc["spec"]["healthy"].as_bool())
+                .and_then(|o| o["spec"]["healthy"].as_bool())
                 .unwrap_or(false);
             obj.insert("healthy".into(), json!(was));
             let doc = json!({
@@ -199,7 +200,7 @@ pub(crate) async fn handle(
                 ));
             };
             api.agents().heard(&key, interval);
-            if o.doc["spec"]["healthy"].as_bool() != Some(req.healthy) {
+            if o["spec"]["healthy"].as_bool() != Some(req.healthy) {
                 set_health(api.store(), &key, req.healthy, "agent").await?;
             }
         }

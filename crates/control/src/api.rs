@@ -232,6 +232,17 @@ impl Api {
         Ok(applied)
     }
 
+    /// A stored document as this replica follows it (no store read).
+    pub(crate) fn followed(&self, key: &Key) -> Option<Value> {
+        self.inner
+            .state
+            .borrow()
+            .catalog
+            .entries
+            .get(key)
+            .map(|e| e.object.doc.clone())
+    }
+
     /// The store.
     pub(crate) fn store(&self) -> &Store {
         &self.inner.store

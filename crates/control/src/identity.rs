@@ -61,7 +61,13 @@ pub struct Identity {
     pub trust_domain: String,
     /// Lifetime of an issued certificate.
     pub svid_ttl: Duration,
+    /// The built-in CA as last read, and when: agents' heartbeats are verified against it
+    /// many times a second in a large fleet, and a rotation is seen within [`CA_FRESH`].
+    cached: std::sync::Mutex<Option<(std::time::Instant, Arc<Ca>)>>,
 }
+
+/// How long a read of the CA record is used.
+const CA_FRESH: Duration = Duration::from_secs(1);
 
 impl Identity {
     /// The operator's CA (`files`) or the built-in one in `store`.
@@ -86,6 +92,7 @@ impl Identity {
             files,
             trust_domain: trust_domain.to_string(),
             svid_ttl,
+            cached: Default::default(),
         })
     }
 
@@ -94,8 +101,21 @@ impl Identity {
         if let Some(c) = &self.files {
             return Ok(c.clone());
         }
+        if let Some((at, ca)) = self.cached.lock().expect("ca cache").as_ref() {
+            if at.elapsed() < CA_FRESH {
+                return Ok(ca.clone());
+            }
+        }
         let rec = read_record(store).await?;
-        rec.ca(&self.trust_domain).map(Arc::new)
+        let ca = Arc::new(rec.ca(&self.trust_domain)?);
+        *self.cached.lock().expect("ca cache") = Some((std::time::Instant::now(), ca.clone()));
+        Ok(ca)
+    }
+
+    /// Forget the cached CA (after a rotation phase, so this replica signs with the new
+    /// state at once).
+    pub(crate) fn refresh(&self) {
+        *self.cached.lock().expect("ca cache") = None;
     }
 }
 
@@ -341,6 +361,7 @@ pub(crate) async fn rotate(
     api.store()
         .write(vec![write, bundle_write(&rec.roots())])
         .await?;
+    id.refresh();
     tracing::info!(phase = %req.phase, roots = rec.roots().len(), "CA rotation");
     ca_status(AxState(api)).await
 }
