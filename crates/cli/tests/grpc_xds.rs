@@ -65,7 +65,7 @@ async fn grpc_python_client_resolves_and_calls_through_xds() {
         Command::new(py)
             .arg(script)
             .arg("catalog.shop:80")
-            .env("GRPC_XDS_BOOTSTRAP", b)
+            .env("GRPC_XDS_BOOTSTRAP", b.as_os_str())
             .output()
             .unwrap()
     })

@@ -27,10 +27,10 @@ fn openssl(dir: &Path, args: &[&str]) -> String {
     so + &se
 }
 
-/// A fresh key and CSR made by openssl in a new directory, optionally asking for `san`.
-fn csr(san: Option<&str>) -> (PathBuf, String) {
-    let dir = temp_path("csr");
-    std::fs::create_dir_all(&dir).unwrap();
+/// A fresh key and CSR made by openssl in a new directory (removed with the guard),
+/// optionally asking for `san`.
+fn csr(san: Option<&str>) -> (trellis_test_support::Temp, String) {
+    let dir = trellis_test_support::Temp::dir("csr");
     let mut args = vec![
         "req",
         "-new",

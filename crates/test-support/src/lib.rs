@@ -86,18 +86,60 @@ pub fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("trellis-test-{}-{n}-{name}", std::process::id()))
 }
 
-/// Write `text` to a fresh temporary file.
-pub fn write_temp(name: &str, text: &str) -> PathBuf {
+/// Write `text` to a fresh temporary file, removed when the returned guard drops (also
+/// when a test fails).
+pub fn write_temp(name: &str, text: &str) -> Temp {
     let p = temp_path(name);
     std::fs::write(&p, text).expect("write temp file");
-    p
+    Temp(p)
+}
+
+/// A temporary file or directory, removed on drop.
+#[derive(Debug)]
+pub struct Temp(pub PathBuf);
+
+impl Temp {
+    /// A fresh directory.
+    pub fn dir(name: &str) -> Self {
+        let p = temp_path(name);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+}
+
+impl std::ops::Deref for Temp {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Temp {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Temp {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl ProxyProcess {
     /// Start `bin proxy` with `config` and `args`, on ephemeral ports, and wait for it to
     /// report its addresses.
     pub fn start(bin: &str, config: &str, args: &[&str]) -> Self {
-        let path = write_temp("config.yaml", config);
+        // Removed by the process handle's drop, which may rewrite it meanwhile.
+        let path = temp_path("config.yaml");
+        std::fs::write(&path, config).expect("write temp file");
         let head = vec!["--config".to_string(), path.display().to_string()];
         Self::launch(bin, head, path, args)
     }
