@@ -9,16 +9,12 @@
 
 use std::{
     io,
-    pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
 use arc_swap::ArcSwap;
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use trellis_identity::{
     tls::{client_config, inbound_server_name, TlsCredentials, TlsError},
@@ -150,52 +146,7 @@ fn describe(e: &io::Error, peer: &MeshPeer) -> String {
 }
 
 /// A stream to an upstream: plain TCP, or mutual TLS to a peer's proxy.
-pub enum UpStream {
-    /// Plain.
-    Plain(TcpStream),
-    /// Mutual TLS.
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for UpStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+pub type UpStream = trellis_identity::tls::MaybeTls<TlsStream<TcpStream>>;
 
 /// A TLS connection to a control plane at `authority` (`HOST:PORT`): as this proxy's
 /// identity when it has one (the server must be the mesh's control plane by its bundle), or,
