@@ -12,6 +12,15 @@
 //!    `unhealthy_threshold` failures. The control plane marks the Workload unhealthy if
 //!    heartbeats stop.
 //! 5. On SIGTERM or SIGINT the Workload is deregistered, then the proxy drains.
+//!
+//! With capture ([`capture`]), iptables rules in the agent's network namespace send the
+//! workload's traffic through the proxy, and the agent answers DNS for `NAME.NAMESPACE.mesh`
+//! ([`dns`]) with each service's virtual IP. The rules go when the agent stops, and a restart
+//! replaces whatever a crash left.
+
+pub mod capture;
+pub mod containers;
+pub mod dns;
 
 use std::{
     net::SocketAddr,
@@ -82,6 +91,10 @@ pub struct AgentOptions {
     pub proxy: ProxyOptions,
     /// Health checking.
     pub health: Health,
+    /// Transparent capture; the listener ports are filled in once the proxy has bound them.
+    pub capture: Option<capture::CaptureOptions>,
+    /// The mesh resolver.
+    pub dns: Option<dns::DnsOptions>,
 }
 
 /// Why the agent stopped.
@@ -99,6 +112,17 @@ pub enum AgentError {
     /// Signal handling.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// Capture rules could not be installed.
+    #[error("traffic capture: {0}")]
+    Capture(#[from] capture::CaptureError),
+    /// The resolver could not bind.
+    #[error("dns on {addr}: {source}")]
+    Dns {
+        /// Listen address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Run until SIGTERM or SIGINT.
@@ -111,6 +135,10 @@ pub async fn run_until(
     opts: AgentOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    // Rules a crashed run left would send traffic to a proxy that is not there yet.
+    if opts.capture.is_some() {
+        capture::remove()?;
+    }
     let creds = identity::bootstrap(&opts.identity, &opts.servers).await?;
     let namespace = creds.info.id.namespace.clone();
     let workload: trellis_model::resource::NamespacedName = format!("{namespace}/{}", opts.name)
@@ -129,6 +157,30 @@ pub async fn run_until(
     let proxy = Proxy::start(popts, loaded).await?;
     let (admin, outbound, inbound) = proxy.addrs;
     tracing::info!(%admin, %outbound, %inbound, %workload, "listening");
+    let mut resolver = None;
+    if let Some(d) = &opts.dns {
+        let sock = dns::bind(d).await.map_err(|source| AgentError::Dns {
+            addr: d.listen,
+            source,
+        })?;
+        let listen = sock.local_addr()?;
+        tracing::info!(%listen, upstream = ?d.upstream, "answering DNS for .mesh");
+        resolver = Some((
+            tokio::spawn(dns::serve(sock, d.clone(), proxy.shared().clone())),
+            listen,
+        ));
+    }
+    // Dropped at the end of this function, also on an error: the rules go with the agent.
+    let _captured = match &opts.capture {
+        Some(c) => {
+            let mut c = c.clone();
+            c.outbound_port = outbound.port();
+            c.inbound_port = inbound.port();
+            c.dns_port = resolver.as_ref().map(|(_, a)| a.port());
+            Some(c.install()?)
+        }
+        None => None,
+    };
     let current = proxy
         .identity()
         .ok_or_else(|| AgentError::Register("the proxy has no identity".into()))?;
@@ -157,6 +209,9 @@ pub async fn run_until(
     // The proxy serves until a signal; then the workload leaves the mesh before it drains.
     let served = proxy.run_until(stop).await;
     beats.abort();
+    if let Some((task, _)) = resolver {
+        task.abort();
+    }
     let bye = serde_json::json!({ "op": "deregister", "name": opts.name });
     match tokio::time::timeout(Duration::from_secs(5), send(&opts.servers, &current, bye)).await {
         Ok(Ok(_)) => tracing::info!(%workload, "workload deregistered"),

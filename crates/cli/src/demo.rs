@@ -206,6 +206,8 @@ async fn scenario(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
                 healthy_threshold: 1,
                 unhealthy_threshold: 1,
             },
+            capture: None,
+            dns: None,
         };
         agents.push(tokio::spawn(trellis_agent::run_until(
             opts,
@@ -270,6 +272,7 @@ fn proxy_options(
         access_log: false,
         identity,
         mtls_mode: None,
+        socket_mark: None,
     }
 }
 

@@ -66,6 +66,22 @@ pub(crate) struct JoinArgs {
     /// Print a systemd unit that runs this same command, and exit.
     #[arg(long)]
     print_systemd_unit: bool,
+    /// Capture the workload's traffic with iptables rules in this network namespace:
+    /// outbound TCP to the proxy, TCP to its ports to the inbound listener, DNS to the
+    /// agent's resolver. Needs root (CAP_NET_ADMIN); the rules go when the agent stops.
+    #[arg(long)]
+    capture: bool,
+    /// With --capture: print the rules (iptables-restore input) and exit.
+    #[arg(long, requires = "capture")]
+    dry_run: bool,
+    /// Answer DNS for NAME.NAMESPACE.mesh on this UDP address (with --capture the default
+    /// is 127.0.0.1:15053, where DNS is redirected).
+    #[arg(long)]
+    dns: Option<std::net::SocketAddr>,
+    /// Where the resolver sends other names (default: the first nameserver of
+    /// /etc/resolv.conf).
+    #[arg(long)]
+    dns_upstream: Option<std::net::SocketAddr>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -185,6 +201,64 @@ fn health(a: &JoinArgs, spec: &serde_json::Value) -> Result<trellis_agent::Healt
     })
 }
 
+/// The mark capture rules let pass, unless --socket-mark says otherwise.
+const DEFAULT_MARK: u32 = 0x539;
+
+/// Capture rules (listener ports as the flags give them; the agent puts in the bound ones)
+/// and the resolver's options.
+fn capture_and_dns(
+    a: &JoinArgs,
+    spec: &serde_json::Value,
+) -> (
+    Option<trellis_agent::capture::CaptureOptions>,
+    Option<trellis_agent::dns::DnsOptions>,
+) {
+    let mark = a.run.socket_mark.unwrap_or(DEFAULT_MARK);
+    let listen = a
+        .dns
+        .or_else(|| a.capture.then(|| ([127, 0, 0, 1], 15053).into()));
+    let dns = listen.map(|listen| trellis_agent::dns::DnsOptions {
+        listen,
+        upstream: a.dns_upstream.or_else(|| {
+            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            trellis_agent::dns::resolv_conf_upstream(&text)
+        }),
+        mark: a.capture.then_some(mark),
+    });
+    let capture = a.capture.then(|| {
+        let mut app_ports: Vec<u16> = spec["ports"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_u64())
+                    .map(|p| p as u16)
+                    .collect()
+            })
+            .unwrap_or_default();
+        app_ports.sort_unstable();
+        app_ports.dedup();
+        // The control planes: the agent's own calls to them are not marked.
+        let exclude = a
+            .control_plane
+            .iter()
+            .filter_map(|u| {
+                let hostport = u.split("://").last()?.split('/').next()?;
+                std::net::ToSocketAddrs::to_socket_addrs(hostport).ok()
+            })
+            .flatten()
+            .collect();
+        trellis_agent::capture::CaptureOptions {
+            mark,
+            app_ports,
+            outbound_port: a.run.outbound.port(),
+            inbound_port: a.run.inbound.port(),
+            dns_port: dns.as_ref().map(|d| d.listen.port()),
+            exclude,
+        }
+    });
+    (capture, dns)
+}
+
 /// A systemd unit running this command: the token is not in it (it is needed once, from
 /// an environment file, and the state dir carries the identity after that).
 fn systemd_unit(name: &str) -> String {
@@ -226,6 +300,13 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
         print!("{}", systemd_unit(&name));
         return ExitCode::SUCCESS;
     }
+    let (capture, dns) = capture_and_dns(&a, &spec);
+    if a.dry_run {
+        if let Some(c) = &capture {
+            print!("{}", c.rules());
+        }
+        return ExitCode::SUCCESS;
+    }
     let health = match health(&a, &spec) {
         Ok(h) => h,
         Err(e) => {
@@ -254,7 +335,10 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
         workload: None,
         identity: None,
     });
-    let proxy = proxy_options(&a.run, placeholder, None, None);
+    let mut proxy = proxy_options(&a.run, placeholder, None, None);
+    if let Some(c) = &capture {
+        proxy.socket_mark = Some(c.mark);
+    }
     let opts = trellis_agent::AgentOptions {
         servers,
         name,
@@ -263,6 +347,8 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
         identity,
         proxy,
         health,
+        capture,
+        dns,
     };
     let Some(rt) = runtime(a.run.threads, "join") else {
         return ExitCode::FAILURE;

@@ -8,6 +8,7 @@ use trellis_model::{resource::NamespacedName, value::DurationValue};
 use trellis_proxy::{http::server::ServerLimits, xds::XdsOptions, Options, Proxy, Source};
 
 mod client;
+mod containers;
 mod ctl;
 mod demo;
 mod join;
@@ -35,7 +36,10 @@ enum Cmd {
     Proxy(ProxyArgs),
     /// Join this host or VM to the mesh: identity, Workload registration, the proxy, health
     /// checks and heartbeats; deregisters on SIGTERM.
-    Join(join::JoinArgs),
+    Join(Box<join::JoinArgs>),
+    /// Join the labelled containers of a Docker or Podman engine (`trellis.service=NAME`), as
+    /// they start and stop, each with an agent in its network namespace.
+    Containers(containers::ContainersArgs),
     /// Run the control plane: resource store, HTTP API and xDS server.
     Control(ControlArgs),
     /// Create or update every resource of a file, a directory or stdin, atomically.
@@ -279,6 +283,19 @@ struct RunArgs {
     /// `permissive` (mutual TLS and plaintext, while callers migrate).
     #[arg(long, value_enum)]
     mtls_mode: Option<MtlsMode>,
+    /// Mark the proxy's upstream sockets with this SO_MARK (decimal or 0x hex; needs
+    /// CAP_NET_ADMIN), so that capture rules let them pass. `trellis join --capture` sets
+    /// 0x539.
+    #[arg(long, value_parser = mark_arg)]
+    socket_mark: Option<u32>,
+}
+
+fn mark_arg(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?}: expected a number, decimal or 0x hex"))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -306,7 +323,8 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Demo(args) => demo::demo(args),
         Cmd::Proxy(args) => proxy(args),
-        Cmd::Join(args) => join::join(args),
+        Cmd::Join(args) => join::join(*args),
+        Cmd::Containers(args) => containers::containers(args),
         Cmd::Control(args) => control(args),
         Cmd::Apply { file, conn } => ctl_run(ctl::apply(&conn, &file)),
         Cmd::Get {
@@ -474,6 +492,7 @@ fn proxy_options(
             MtlsMode::Strict => trellis_model::resource::MtlsMode::Strict,
             MtlsMode::Permissive => trellis_model::resource::MtlsMode::Permissive,
         }),
+        socket_mark: r.socket_mark,
     }
 }
 

@@ -72,6 +72,69 @@ pub fn canonical_kind(s: &str) -> Option<&'static str> {
         .map(|(k, _)| *k)
 }
 
+/// The range virtual IPs are assigned from: 10.96.0.0/16 (Kubernetes' default service
+/// range, so that the host route operators already keep for it serves here too).
+pub const VIRTUAL_IP_RANGE: (std::net::Ipv4Addr, u8) = (std::net::Ipv4Addr::new(10, 96, 0, 0), 16);
+
+fn set_virtual_ip(doc: &mut Value, ip: Option<std::net::Ipv4Addr>) {
+    let (Some(ip), Some(spec)) = (ip, doc.get_mut("spec").and_then(Value::as_object_mut)) else {
+        return;
+    };
+    spec.insert("virtualIP".into(), Value::String(ip.to_string()));
+}
+
+/// Give every planned Service without a virtual IP a free one from [`VIRTUAL_IP_RANGE`]. The
+/// search starts at a hash of the service's name, so replicas choose alike and a service
+/// deleted and made again usually gets its old address back.
+fn assign_virtual_ips(
+    candidate: &mut BTreeMap<Key, Arc<Entry>>,
+    planned: &mut [(Key, Value, Expect, &Resource)],
+) {
+    let used = |c: &BTreeMap<Key, Arc<Entry>>| -> std::collections::HashSet<u32> {
+        c.values()
+            .filter_map(|e| match &e.resource.spec {
+                Spec::Service(s) => s.virtual_ip.map(u32::from),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut taken = used(candidate);
+    let (base, bits) = VIRTUAL_IP_RANGE;
+    let size = 1u32 << (32 - bits);
+    for (key, doc, _, _) in planned.iter_mut() {
+        let Some(entry) = candidate.get(key) else {
+            continue;
+        };
+        if !matches!(&entry.resource.spec, Spec::Service(s) if s.virtual_ip.is_none()) {
+            continue;
+        }
+        // FNV-1a of namespace/name; offsets 0 and size-1 (network, broadcast) are skipped.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in format!("{}/{}", key.namespace, key.name).bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        let free = (0..size - 2)
+            .map(|i| u32::from(base) + 1 + (h.wrapping_add(i) % (size - 2)))
+            .find(|ip| !taken.contains(ip));
+        let Some(ip) = free else {
+            // A full range: the service stays without a virtual IP (explicit mode still works).
+            tracing::warn!(service = %key.name, "no free virtual IP left");
+            continue;
+        };
+        taken.insert(ip);
+        let ip = std::net::Ipv4Addr::from(ip);
+        set_virtual_ip(doc, Some(ip));
+        let mut resource = (*entry.resource).clone();
+        if let Spec::Service(s) = &mut resource.spec {
+            s.virtual_ip = Some(ip);
+        }
+        let mut e = (**entry).clone();
+        e.object.doc = doc.clone();
+        e.resource = Arc::new(resource);
+        candidate.insert(key.clone(), Arc::new(e));
+    }
+}
+
 fn key_of(r: &Resource) -> Key {
     Key::new(r.kind(), &r.metadata.namespace, &r.metadata.name)
 }
@@ -151,9 +214,22 @@ pub async fn apply(
         }
         trellis_model::check_standalone(file, r)?;
         let expect = expect_of(file, r)?;
-        let doc = normalize(doc, r);
+        let mut doc = normalize(doc, r);
         let mut resource = r.clone();
         resource.metadata.resource_version = None;
+        if let Spec::Service(s) = &mut resource.spec {
+            // An update that does not name the virtual IP keeps the one assigned before.
+            if s.virtual_ip.is_none() {
+                s.virtual_ip = current
+                    .entries
+                    .get(&key)
+                    .and_then(|e| match &e.resource.spec {
+                        Spec::Service(old) => old.virtual_ip,
+                        _ => None,
+                    });
+                set_virtual_ip(&mut doc, s.virtual_ip);
+            }
+        }
         let entry = Entry {
             object: trellis_store::Object {
                 key: key.clone(),
@@ -167,6 +243,7 @@ pub async fn apply(
         candidate.insert(key.clone(), Arc::new(entry));
         planned.push((key, doc, expect, r));
     }
+    assign_virtual_ips(&mut candidate, &mut planned);
     let (eff, _) = effective(&candidate);
     let resources_eff: Vec<Arc<Resource>> = eff.into_iter().map(|(_, r, _, _)| r).collect();
     trellis_model::translate(file, &resources_eff, None)?;

@@ -67,6 +67,8 @@ pub struct ServiceConfig {
     pub host: Arc<str>,
     /// Ports in declaration order.
     pub ports: Vec<PortConfig>,
+    /// The virtual IP that captured traffic to this service is addressed to.
+    pub virtual_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// A service port with its routes.

@@ -246,6 +246,11 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     /// Ports the service exposes.
     pub ports: Vec<ServicePort>,
+    /// The stable virtual IPv4 address that `NAME.NAMESPACE.mesh` resolves to, for
+    /// applications whose traffic is captured. The control plane assigns one from its
+    /// reserved range when it is absent and keeps it across updates.
+    #[serde(default, rename = "virtualIP", skip_serializing_if = "Option::is_none")]
+    pub virtual_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// A port of a service.

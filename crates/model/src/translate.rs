@@ -52,6 +52,7 @@ pub fn translate<R: std::borrow::Borrow<Resource>>(
     let modes = MtlsModes::new(&ix)?;
     let mut clusters = BTreeMap::new();
     let mut services = BTreeMap::new();
+    let mut vips = BTreeMap::new();
     for (id, (res, svc)) in &ix.services {
         validate_service(&ix, res, svc)?;
         for p in &svc.ports {
@@ -70,7 +71,25 @@ pub fn translate<R: std::borrow::Borrow<Resource>>(
             })
             .collect();
         let host = id.host().into();
-        services.insert(id.clone(), ServiceConfig { host, ports });
+        let virtual_ip = svc.virtual_ip;
+        if let Some(ip) = virtual_ip {
+            if let Some(other) = vips.insert(ip, id) {
+                return Err(ConfigError::invalid(
+                    ix.file,
+                    res.line,
+                    format!("Service {}: spec.virtualIP", res.id()),
+                    format!("{ip} is already the virtual IP of Service {other}"),
+                ));
+            }
+        }
+        services.insert(
+            id.clone(),
+            ServiceConfig {
+                host,
+                ports,
+                virtual_ip,
+            },
+        );
     }
     attach_routes(&ix, &mut services)?;
     for (id, svc) in services.iter_mut() {
@@ -226,6 +245,18 @@ fn validate_service(ix: &Index<'_>, res: &Resource, svc: &ServiceSpec) -> Result
                 res.line,
                 field(&format!("spec.ports[{i}].port")),
                 format!("port {} listed twice", p.port),
+            ));
+        }
+    }
+    if let Some(ip) = svc.virtual_ip {
+        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+            return Err(ConfigError::invalid(
+                ix.file,
+                res.line,
+                field("spec.virtualIP"),
+                format!(
+                    "{ip} cannot be a virtual IP (loopback, unspecified, multicast or broadcast)"
+                ),
             ));
         }
     }

@@ -303,6 +303,7 @@ impl Cluster {
             tls: shared.mesh_tls.as_ref(),
             mtls: self.cfg.mtls,
             port: self.cfg.port,
+            mark: shared.socket_mark,
         }
     }
 

@@ -15,6 +15,7 @@ use trellis_model::{
 };
 
 pub mod admin;
+pub mod capture;
 pub mod cluster;
 pub mod drain;
 pub mod failure;
@@ -83,6 +84,8 @@ pub struct Options {
     /// With an identity: what the inbound listener accepts, for every port, whatever the
     /// PeerAuthentications say (`None`: as they say; STRICT without any).
     pub mtls_mode: Option<trellis_model::resource::MtlsMode>,
+    /// `SO_MARK` on every upstream socket, which capture rules exclude (needs CAP_NET_ADMIN).
+    pub socket_mark: Option<u32>,
 }
 
 /// State shared by every task.
@@ -112,6 +115,8 @@ pub struct Shared {
     pub mesh_tls: Option<mtls::MeshTls>,
     /// The inbound listener's mode for every port, overriding the config's.
     pub mtls_mode: Option<trellis_model::resource::MtlsMode>,
+    /// `SO_MARK` for upstream sockets.
+    pub socket_mark: Option<u32>,
     /// Callers' SPIFFE IDs as metric labels, one shared value each (the request-metric cache
     /// compares labels by identity).
     peer_labels: std::sync::Mutex<HashMap<String, metrics::Label>>,
@@ -270,7 +275,7 @@ fn spawn_accept(
                         let shared = shared.clone();
                         match &serve {
                             Serve::Tcp(cluster) => tokio::spawn(tcp::serve_bind(shared, cluster.clone(), stream)),
-                            Serve::Http(kind) => tokio::spawn(http::server::serve(shared, builder.clone(), kind.clone(), stream, peer)),
+                            Serve::Http(kind) => tokio::spawn(capture::accept(shared, builder.clone(), kind.clone(), stream, peer)),
                         };
                     }
                     Err(e) => {
@@ -319,6 +324,7 @@ impl Proxy {
             identity: creds,
             inbound_tls: Default::default(),
             mtls_mode: opts.mtls_mode,
+            socket_mark: opts.socket_mark,
             peer_labels: Default::default(),
         });
         let (admin, admin_addr) = bind(opts.admin, "admin")?;

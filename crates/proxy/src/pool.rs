@@ -133,6 +133,8 @@ pub struct ConnectCtx<'a> {
     pub mtls: MtlsMode,
     /// The service port (callee proxies learn it from the TLS server name).
     pub port: u16,
+    /// `SO_MARK` for upstream sockets, so that capture rules let them pass.
+    pub mark: Option<u32>,
 }
 
 /// The pool of one endpoint.
@@ -230,7 +232,7 @@ impl Pool {
     pub async fn open(&self, ctx: &ConnectCtx<'_>) -> Result<UpStream, UpstreamError> {
         let via = self.via_mesh(ctx)?;
         let addr = via.map_or(self.addr, |p| p.inbound);
-        let stream = connect_tcp(addr, ctx.timeout).await?;
+        let stream = connect_tcp(addr, ctx.timeout, ctx.mark).await?;
         match (via, ctx.tls) {
             (Some(peer), Some(tls)) => {
                 let s = tls
@@ -252,7 +254,7 @@ impl Pool {
             .try_acquire_owned()
             .map_err(|_| UpstreamError::MaxConnections(ctx.cluster.to_string()))?;
         let addr = via.map_or(self.addr, |p| p.inbound);
-        let stream = connect_tcp(addr, ctx.timeout).await?;
+        let stream = connect_tcp(addr, ctx.timeout, ctx.mark).await?;
         let labels = EndpointLabels {
             cluster: ctx.cluster.to_string(),
             endpoint: addr.to_string(),
@@ -326,9 +328,13 @@ impl Drop for Slot {
     }
 }
 
-/// Connect with a timeout, Nagle off.
-pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// Connect with a timeout, Nagle off, and the socket marked with `mark` when given.
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+    mark: Option<u32>,
+) -> Result<TcpStream, UpstreamError> {
+    match tokio::time::timeout(timeout, crate::capture::connect(addr, mark)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)

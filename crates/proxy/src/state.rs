@@ -27,6 +27,8 @@ pub struct InboundTarget {
     pub service: NamespacedName,
     /// Whether it accepts plaintext.
     pub mtls: MtlsMode,
+    /// The application's own port, which captured inbound connections were addressed to.
+    pub target_port: u16,
 }
 
 /// A translated config plus the runtime state built from it.
@@ -38,6 +40,8 @@ pub struct Snapshot {
     /// Service by the host names callers use: `NAME.NAMESPACE`, and bare `NAME` for the
     /// local workload's namespace.
     pub hosts: FastMap<Box<str>, NamespacedName>,
+    /// Service ports by virtual IP and port, for captured connections: (cluster key, protocol).
+    pub vips: FastMap<std::net::SocketAddr, (String, Protocol)>,
     /// Inbound targets.
     pub inbound: Vec<InboundTarget>,
     /// Source service label of outbound traffic.
@@ -94,6 +98,7 @@ impl Snapshot {
                     cluster,
                     service: ip.service.clone(),
                     mtls: ip.mtls,
+                    target_port: ip.target.port(),
                 });
             }
         }
@@ -109,14 +114,23 @@ impl Snapshot {
             .as_ref()
             .map_or("default", |l| l.id.namespace.as_str());
         let mut hosts = FastMap::default();
+        let mut vips = FastMap::default();
         for (id, svc) in &cfg.services {
             hosts.insert(Box::from(&*svc.host), id.clone());
+            hosts.insert(format!("{}.mesh", svc.host).into_boxed_str(), id.clone());
+            if let Some(ip) = svc.virtual_ip {
+                for p in &svc.ports {
+                    let key = trellis_model::proxy::cluster_key(id, p.port);
+                    vips.insert(std::net::SocketAddr::from((ip, p.port)), (key, p.protocol));
+                }
+            }
             if id.namespace == local_ns {
                 hosts.insert(Box::from(id.name.as_str()), id.clone());
             }
         }
         Self {
             hosts,
+            vips,
             cfg: Arc::new(cfg),
             clusters,
             inbound,

@@ -2,6 +2,7 @@
 //! connection ends with one failure class, counted by a drop guard.
 
 use std::{
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -161,12 +162,34 @@ pub async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: Tc
     }
 }
 
-/// An opaque TCP stream from a peer's proxy over mutual TLS, for the local workload's
-/// service port `port` (from the TLS server name): authorized like a CONNECT tunnel, then
-/// spliced to the application.
-pub(crate) async fn serve_inbound(
+/// A captured connection to an address that is no service's virtual IP: connected to as
+/// addressed (marked, so that capture lets it out), and counted as service `passthrough`.
+pub(crate) async fn passthrough(shared: Arc<Shared>, mut client: TcpStream, dst: SocketAddr) {
+    let _active = shared.drain.track();
+    let mut g = ConnGuard::new(
+        shared.clone(),
+        Direction::outbound,
+        PASSTHROUGH.with(Clone::clone),
+    );
+    g.upstream = Some(dst);
+    let _ = client.set_nodelay(true);
+    let timeout = std::time::Duration::from_secs(10);
+    match crate::pool::connect_tcp(dst, timeout, shared.socket_mark).await {
+        Ok(mut up) => splice(&mut client, &mut up, &mut g).await,
+        Err(e) => g.fail(e.class(), e.to_string()),
+    }
+}
+
+thread_local! {
+    static PASSTHROUGH: Label = Label::from("passthrough");
+}
+
+/// An opaque TCP stream for the local workload's service port `port`: from a peer's proxy
+/// over mutual TLS (the port from the TLS server name), or captured in plaintext when the
+/// port accepts it. Authorized like a CONNECT tunnel, then spliced to the application.
+pub(crate) async fn serve_inbound<S: AsyncRead + AsyncWrite + Unpin>(
     shared: Arc<Shared>,
-    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    mut tls: S,
     port: Option<u16>,
     source: Option<crate::http::server::PeerId>,
 ) {
@@ -189,6 +212,17 @@ pub(crate) async fn serve_inbound(
         g.source = p.uri.clone();
     }
     let id = source.as_ref().map(|p| p.id.as_ref());
+    if id.is_none() && crate::http::server::strict(&shared, target) {
+        shared.metrics.count_tls_refusal();
+        g.fail(
+            FailureClass::Denied,
+            format!(
+                "plaintext refused: port {} requires mutual TLS",
+                target.port
+            ),
+        );
+        return;
+    }
     if let Some(detail) = crate::http::server::denied(&snap, target, None, id) {
         g.fail(FailureClass::Denied, detail);
         return;

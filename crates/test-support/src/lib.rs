@@ -13,6 +13,8 @@ use std::{
 pub mod client;
 pub mod control;
 pub mod etcd;
+pub mod netbed;
+pub mod podman;
 pub mod upstream;
 
 /// Poll `f` until it returns `Some`, or panic with `what` after `timeout`.

@@ -130,15 +130,24 @@ macro_rules! drive {
 /// Serve one connection until it closes or the proxy drains. The protocol is chosen from
 /// the first bytes rather than by hyper-util's auto builder on every connection: HTTP/1.1
 /// goes to the proxy's own server, HTTP/2 to hyper's.
+///
+/// `captured` is the local port a captured inbound connection was addressed to: it picks the
+/// local workload's port, and an opaque TCP port is spliced rather than served as HTTP.
 pub async fn serve(
     shared: Arc<Shared>,
     builders: Arc<Builders>,
     listener: Listener,
     stream: TcpStream,
     peer: SocketAddr,
+    captured: Option<u16>,
 ) {
     let _ = stream.set_nodelay(true);
     let _active = shared.drain.track();
+    let captured = captured.and_then(|p| {
+        let snap = shared.state.load();
+        let t = snap.inbound.iter().find(|t| t.target_port == p)?;
+        Some((t.port, t.protocol))
+    });
     if matches!(listener, Listener::Inbound) && shared.identity.is_some() {
         let mut first = [0u8; 1];
         let peeked = tokio::time::timeout(builders.h1.header_read_timeout, stream.peek(&mut first));
@@ -155,6 +164,10 @@ pub async fn serve(
             _ => return,
         }
     }
+    if let Some((port, Protocol::Tcp)) = captured {
+        return tcp::serve_inbound(shared, stream, Some(port), None).await;
+    }
+    let captured = captured.map(|(port, _)| CapturedPort(port));
     let Some(kind) = sniff(&stream, builders.h1.header_read_timeout).await else {
         return;
     };
@@ -164,7 +177,10 @@ pub async fn serve(
             let _ = drain.changed().await;
         });
         let mut conn = ServerConn::new(stream, builders.h1, drained);
-        while let Some(req) = conn.next_request().await {
+        while let Some(mut req) = conn.next_request().await {
+            if let Some(c) = captured {
+                req.extensions_mut().insert(c);
+            }
             let resp = handle(&shared, &listener, req, peer).await;
             if !conn.respond(resp, shared.drain.draining()).await {
                 break;
@@ -177,7 +193,10 @@ pub async fn serve(
         let shared = shared.clone();
         service_fn(move |req: Request<Incoming>| {
             let (shared, listener) = (shared.clone(), listener.clone());
-            let req = req.map(ClientBody::Hyper);
+            let mut req = req.map(ClientBody::Hyper);
+            if let Some(c) = captured {
+                req.extensions_mut().insert(c);
+            }
             async move { Ok::<_, Infallible>(handle(&shared, &listener, req, peer).await) }
         })
     };
@@ -188,12 +207,16 @@ pub async fn serve(
     }
 }
 
+/// The service port of the local workload that a captured inbound connection was meant for.
+#[derive(Clone, Copy)]
+struct CapturedPort(u16);
+
 /// The first byte of a TLS record carrying a handshake (a ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Whether `target` refuses plaintext: this proxy has an identity, and the target's service
 /// is STRICT (or `--mtls-mode` says so for every port).
-fn strict(shared: &Shared, target: &crate::state::InboundTarget) -> bool {
+pub(crate) fn strict(shared: &Shared, target: &crate::state::InboundTarget) -> bool {
     shared.identity.is_some() && shared.mtls_mode.unwrap_or(target.mtls) == MtlsMode::Strict
 }
 
@@ -484,6 +507,7 @@ fn inbound(
     // authority, picks the target; with one HTTP port, that one.
     let port = source
         .and_then(|p| p.port)
+        .or_else(|| req.extensions().get::<CapturedPort>().map(|c| c.0))
         .or_else(|| rec.authority.as_ref().and_then(|a| a.host_port().1));
     let source = source.map(|p| p.id.as_ref());
     if req.method() == Method::CONNECT {

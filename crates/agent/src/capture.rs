@@ -1,0 +1,215 @@
+//! Transparent capture: the iptables rules that send a workload's traffic through its proxy,
+//! installed in the network namespace the agent runs in.
+//!
+//! - Outbound TCP is REDIRECTed to the proxy's outbound listener, except the proxy's own
+//!   connections (they carry `SO_MARK`), traffic that stays on this host (`-o lo`) and the
+//!   control planes' addresses (the agent's own calls to them are not marked).
+//! - TCP to the workload's own ports from other hosts is REDIRECTed to the inbound listener,
+//!   so that a caller cannot go around the proxy (and STRICT mutual TLS means it).
+//! - DNS over UDP is REDIRECTed to the agent's resolver, except its own forwarded queries.
+//!
+//! Everything lives in chains named `TRELLIS_*` in the nat table, installed in one
+//! `iptables-restore --noflush` batch (all or nothing). Removal deletes exactly those chains and
+//! the jumps to them; it runs before every install too, so the rules that a crashed agent left
+//! behind are replaced, never doubled.
+
+use std::{net::SocketAddr, process::Command};
+
+/// What to capture.
+#[derive(Clone, Debug)]
+pub struct CaptureOptions {
+    /// `SO_MARK` of the proxy's and resolver's own sockets, which the rules let pass.
+    pub mark: u32,
+    /// The application's ports, redirected to the inbound listener.
+    pub app_ports: Vec<u16>,
+    /// Where outbound TCP goes (the proxy's outbound listener port).
+    pub outbound_port: u16,
+    /// Where inbound TCP goes (the inbound listener port).
+    pub inbound_port: u16,
+    /// Where DNS queries go (the agent's resolver port), if it answers DNS.
+    pub dns_port: Option<u16>,
+    /// Destinations never captured: the control planes.
+    pub exclude: Vec<SocketAddr>,
+}
+
+/// Why capture could not be set up or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// iptables is missing or failed.
+    #[error("{command}: {detail}")]
+    Iptables {
+        /// What ran.
+        command: String,
+        /// Its error output, or why it could not run.
+        detail: String,
+    },
+}
+
+const CHAINS: [&str; 3] = ["TRELLIS_OUTPUT", "TRELLIS_INBOUND", "TRELLIS_DNS"];
+
+impl CaptureOptions {
+    /// The rules, as `iptables-restore` input for the nat table.
+    pub fn rules(&self) -> String {
+        let mut r = String::from("*nat\n");
+        for c in CHAINS {
+            r += &format!(":{c} - [0:0]\n");
+        }
+        let mark = format!("-m mark --mark {:#x}", self.mark);
+        r += &format!("-A TRELLIS_OUTPUT {mark} -j RETURN\n");
+        r += "-A TRELLIS_OUTPUT -o lo -j RETURN\n";
+        for a in &self.exclude {
+            let (ip, port) = (a.ip(), a.port());
+            if ip.is_ipv4() {
+                r += &format!("-A TRELLIS_OUTPUT -d {ip}/32 -p tcp --dport {port} -j RETURN\n");
+            }
+        }
+        r += &format!(
+            "-A TRELLIS_OUTPUT -p tcp -j REDIRECT --to-ports {}\n",
+            self.outbound_port
+        );
+        for p in &self.app_ports {
+            r += &format!(
+                "-A TRELLIS_INBOUND -p tcp --dport {p} -j REDIRECT --to-ports {}\n",
+                self.inbound_port
+            );
+        }
+        if let Some(dns) = self.dns_port {
+            r += &format!("-A TRELLIS_DNS {mark} -j RETURN\n");
+            r += &format!("-A TRELLIS_DNS -p udp --dport 53 -j REDIRECT --to-ports {dns}\n");
+            r += "-A OUTPUT -p udp --dport 53 -j TRELLIS_DNS\n";
+        }
+        r += "-A OUTPUT -p tcp -j TRELLIS_OUTPUT\n";
+        r += "-A PREROUTING -p tcp -j TRELLIS_INBOUND\n";
+        r += "COMMIT\n";
+        r
+    }
+
+    /// Remove what an earlier run left, then install the rules in one batch.
+    pub fn install(&self) -> Result<Installed, CaptureError> {
+        remove()?;
+        run("iptables-restore", &["--noflush"], Some(&self.rules()))?;
+        tracing::info!(
+            outbound = self.outbound_port,
+            inbound = self.inbound_port,
+            dns = ?self.dns_port,
+            app_ports = ?self.app_ports,
+            "traffic capture installed"
+        );
+        Ok(Installed(()))
+    }
+}
+
+/// Installed rules; dropping this removes them.
+#[derive(Debug)]
+pub struct Installed(());
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        match remove() {
+            Ok(()) => tracing::info!("traffic capture removed"),
+            Err(e) => tracing::error!(error = %e, "could not remove the capture rules"),
+        }
+    }
+}
+
+/// Delete every `TRELLIS_*` chain of the nat table and every rule that jumps to one.
+pub fn remove() -> Result<(), CaptureError> {
+    let listing = run("iptables", &["-t", "nat", "-S"], None)?;
+    for line in listing.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let jumps = words
+            .windows(2)
+            .any(|w| w[0] == "-j" && w[1].starts_with("TRELLIS_"));
+        let builtin = words.get(1).is_some_and(|c| !c.starts_with("TRELLIS_"));
+        if words.first() == Some(&"-A") && jumps && builtin {
+            let mut args = vec!["-t", "nat", "-D"];
+            args.extend(&words[1..]);
+            run("iptables", &args, None)?;
+        }
+    }
+    for line in listing.lines() {
+        if let Some(chain) = line
+            .strip_prefix("-N ")
+            .filter(|c| c.starts_with("TRELLIS_"))
+        {
+            run("iptables", &["-t", "nat", "-F", chain], None)?;
+            run("iptables", &["-t", "nat", "-X", chain], None)?;
+        }
+    }
+    Ok(())
+}
+
+fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CaptureError> {
+    use std::io::Write;
+    let command = format!("{cmd} {}", args.join(" "));
+    let err = |detail: String| CaptureError::Iptables {
+        command: command.clone(),
+        detail,
+    };
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            err(format!(
+                "{e} (is iptables installed? Debian: apt-get install iptables)"
+            ))
+        })?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(text.as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+    if !out.status.success() {
+        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_exclude_the_proxy_loopback_and_control_planes_and_capture_the_rest() {
+        let o = CaptureOptions {
+            mark: 0x539,
+            app_ports: vec![8080, 9090],
+            outbound_port: 15001,
+            inbound_port: 15006,
+            dns_port: Some(15053),
+            exclude: vec!["10.77.0.1:7071".parse().unwrap()],
+        };
+        let r = o.rules();
+        let lines: Vec<&str> = r.lines().collect();
+        let pos = |s: &str| {
+            lines
+                .iter()
+                .position(|l| *l == s)
+                .unwrap_or_else(|| panic!("{s} in\n{r}"))
+        };
+        let redirect = pos("-A TRELLIS_OUTPUT -p tcp -j REDIRECT --to-ports 15001");
+        // Every exclusion comes before the catch-all redirect.
+        assert!(pos("-A TRELLIS_OUTPUT -m mark --mark 0x539 -j RETURN") < redirect);
+        assert!(pos("-A TRELLIS_OUTPUT -o lo -j RETURN") < redirect);
+        assert!(pos("-A TRELLIS_OUTPUT -d 10.77.0.1/32 -p tcp --dport 7071 -j RETURN") < redirect);
+        pos("-A TRELLIS_INBOUND -p tcp --dport 8080 -j REDIRECT --to-ports 15006");
+        pos("-A TRELLIS_INBOUND -p tcp --dport 9090 -j REDIRECT --to-ports 15006");
+        assert!(
+            pos("-A TRELLIS_DNS -m mark --mark 0x539 -j RETURN")
+                < pos("-A TRELLIS_DNS -p udp --dport 53 -j REDIRECT --to-ports 15053")
+        );
+        pos("-A OUTPUT -p tcp -j TRELLIS_OUTPUT");
+        pos("-A PREROUTING -p tcp -j TRELLIS_INBOUND");
+        assert_eq!(lines.first(), Some(&"*nat"));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+        let no_dns = CaptureOptions {
+            dns_port: None,
+            ..o
+        }
+        .rules();
+        assert!(!no_dns.contains("udp"), "{no_dns}");
+    }
+}

@@ -1,0 +1,295 @@
+//! Transparent capture and mesh DNS on real hosts: two network namespaces on a bridge, a
+//! control plane reached over TLS on the bridge, an agent with `--capture` in each. An
+//! unchanged client (curl) calls `http://catalog.test.mesh/` and is meshed by mutual TLS; a
+//! caller that goes around the proxy is refused; other destinations pass through; the rules go
+//! with the agent, and a killed agent's rules are replaced (not doubled) when it restarts
+//! with its stored identity and no token. Needs root (CI runs as root); without root it says
+//! so and does nothing, unless CI is set.
+
+mod common;
+
+use std::{path::PathBuf, time::Duration};
+
+use common::*;
+use http::Method;
+use trellis_test_support::{control::ControlProcess, netbed::NetBed, sum_metric, Temp};
+
+/// A bed, or `None` (with a note) when this machine cannot make one.
+fn bed() -> Option<NetBed> {
+    let bed = NetBed::new();
+    if bed.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the capture tests as root"
+        );
+        eprintln!("skipped: network namespaces need root");
+    }
+    bed
+}
+
+const APP: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("catalog-app saw " + self.client_address[0]).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+struct Join<'a> {
+    cp: &'a ControlProcess,
+    xds: String,
+    state: PathBuf,
+    name: &'a str,
+    app: &'a str,
+    address: String,
+}
+
+impl Join<'_> {
+    fn cmd(&self, bed: &NetBed, ns: &str, token: Option<&str>) -> std::process::Command {
+        let mut c = bed.cmd(ns, &[BIN, "join"]);
+        c.args(["--control-plane", &self.xds, "--ca-hash", &self.cp.ca_hash])
+            .args(["--state-dir", self.state.to_str().unwrap()])
+            .args(["--name", self.name, "--label", &format!("app={}", self.app)])
+            .args(["--address", &self.address, "--environment", "bare-metal"])
+            .args(["--check-interval", "200ms", "--capture"])
+            .env_remove("TRELLIS_JOIN_TOKEN");
+        if let Some(t) = token {
+            c.args(["--token", t]);
+        }
+        c
+    }
+}
+
+/// The processes' logs, printed when the test fails.
+struct Logs(Temp);
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for e in std::fs::read_dir(&self.0 .0)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            eprintln!("==== {}\n{text}", e.path().display());
+        }
+    }
+}
+
+/// curl inside `ns`: (exit code, body).
+fn curl(bed: &NetBed, ns: &str, url: &str) -> (i32, String) {
+    let out = bed
+        .cmd(ns, &["curl", "-sS", "--max-time", "5", url])
+        .output()
+        .expect("curl");
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 {
+        eprintln!(
+            "curl {url} in {ns}: exit {code}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    (code, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn metrics(bed: &NetBed, ns: &str) -> String {
+    curl(bed, ns, "http://127.0.0.1:15000/metrics").1
+}
+
+fn rules(bed: &NetBed, ns: &str) -> String {
+    bed.run(ns, &["iptables", "-t", "nat", "-S"]).1
+}
+
+// Several threads: curl blocks one while the pass-through server answers on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_with_the_agent() {
+    let Some(mut bed) = bed() else { return };
+    let (client, server) = (bed.host(2), bed.host(3));
+    let logs = Logs(Temp::dir("capture-logs"));
+    let cp = ControlProcess::start_in(
+        BIN,
+        trellis_test_support::temp_path("control"),
+        &[],
+        "127.0.0.1:0",
+        &format!("{}:0", bed.gateway()),
+    );
+    let xds = format!("https://{}", cp.xds);
+    let svc = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 8080, protocol: HTTP }]\n";
+    apply_ok(&cp, svc.to_string()).await;
+
+    // The server host: the application on :8080, and its agent.
+    let app = bed.cmd(&server, &["python3", "-c", APP, "8080"]);
+    bed.spawn(app, &logs.0.join("app.log"));
+    let server_state = Temp::dir("capture-server");
+    let join = Join {
+        cp: &cp,
+        xds: xds.clone(),
+        state: server_state.0.clone(),
+        name: "catalog-1",
+        app: "catalog",
+        address: bed.addr(3).to_string(),
+    };
+    let t = token(&cp, "test", "catalog", "10m", "1");
+    let mut c = join.cmd(&bed, &server, Some(&t));
+    c.args(["--port", "http=8080", "--check", "http:/"]);
+    bed.spawn(c, &logs.0.join("server-agent.log"));
+
+    // The client host: only an agent; curl plays the unchanged application.
+    let client_state = Temp::dir("capture-client");
+    let cjoin = Join {
+        cp: &cp,
+        xds,
+        state: client_state.0.clone(),
+        name: "shopper-1",
+        app: "shopper",
+        address: bed.addr(2).to_string(),
+    };
+    let t = token(&cp, "test", "shopper", "10m", "1");
+    let mut c = cjoin.cmd(&bed, &client, Some(&t));
+    c.args(["--check", "none"]);
+    let agent = bed.spawn(c, &logs.0.join("client-agent.log"));
+
+    let log = |name: &str| std::fs::read_to_string(logs.0.join(name)).unwrap_or_default();
+    let (code, body) = eventually(
+        "curl reaches catalog.test.mesh",
+        Duration::from_secs(30),
+        async || {
+            let (code, body) = curl(&bed, &client, "http://catalog.test.mesh/");
+            (code == 0 && body.starts_with("catalog-app")).then_some((code, body))
+        },
+    )
+    .await;
+    // The server's proxy delivered it, from loopback: the request went proxy to proxy.
+    assert_eq!((code, body.as_str()), (0, "catalog-app saw 127.0.0.1"));
+    let m = metrics(&bed, &client);
+    let out = [
+        ("direction", "outbound"),
+        ("dst_service", "catalog.test"),
+        ("failure_class", "ok"),
+    ];
+    assert!(
+        sum_metric(&m, "trellis_http_requests_total", &out) >= 1.0,
+        "{m}"
+    );
+    let m = metrics(&bed, &server);
+    let inb = [("direction", "inbound"), ("failure_class", "ok")];
+    assert!(
+        sum_metric(&m, "trellis_http_requests_total", &inb) >= 1.0,
+        "{m}"
+    );
+    let (st, w) = cp
+        .call(
+            Method::GET,
+            "/api/v1/resources/Service/test/catalog",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    let vip = w["spec"]["virtualIP"].as_str().unwrap().to_string();
+    // The address itself is captured too (no DNS involved).
+    let (code, body) = curl(&bed, &client, &format!("http://{vip}/"));
+    assert_eq!((code, body.as_str()), (0, "catalog-app saw 127.0.0.1"));
+
+    // Going around the proxy: the application's port is captured into the inbound listener,
+    // which refuses plaintext (STRICT by default). The root namespace is not captured.
+    let refused_before = sum_metric(
+        &metrics(&bed, &server),
+        "trellis_inbound_tls_refusals_total",
+        &[],
+    );
+    let direct = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{}:8080/", bed.addr(3)),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&direct.stdout).contains("catalog-app"),
+        "{direct:?}"
+    );
+    let refused = sum_metric(
+        &metrics(&bed, &server),
+        "trellis_inbound_tls_refusals_total",
+        &[],
+    );
+    assert!(
+        refused > refused_before,
+        "refusals {refused_before} -> {refused}"
+    );
+
+    // A destination that is no service passes through as addressed, and is counted so.
+    let other = tokio::net::TcpListener::bind((bed.gateway(), 0))
+        .await
+        .unwrap();
+    let other_addr = other.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = other.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nplain",
+                )
+                .await;
+        }
+    });
+    let (code, body) = curl(&bed, &client, &format!("http://{other_addr}/"));
+    assert_eq!((code, body.as_str()), (0, "plain"));
+    let m = metrics(&bed, &client);
+    let pass = [("dst_service", "passthrough"), ("failure_class", "ok")];
+    assert!(
+        sum_metric(&m, "trellis_tcp_connections_total", &pass) >= 1.0,
+        "{m}"
+    );
+
+    // A killed agent leaves its rules; the restarted one (no token: the stored identity)
+    // replaces them, so they are there once, and traffic flows again.
+    assert!(rules(&bed, &client).contains("TRELLIS_OUTPUT"));
+    bed.signal(agent, "-KILL");
+    bed.wait_exit(agent, Duration::from_secs(5)).await;
+    let jumps = |r: &str| {
+        r.lines()
+            .filter(|l| *l == "-A OUTPUT -p tcp -j TRELLIS_OUTPUT")
+            .count()
+    };
+    assert_eq!(jumps(&rules(&bed, &client)), 1, "left behind by the crash");
+    let mut c = cjoin.cmd(&bed, &client, None);
+    c.args(["--check", "none"]);
+    let agent = bed.spawn(c, &logs.0.join("client-agent-2.log"));
+    eventually(
+        "the restarted agent serves again",
+        Duration::from_secs(30),
+        async || {
+            let (code, body) = curl(&bed, &client, "http://catalog.test.mesh/");
+            (code == 0 && body.starts_with("catalog-app")).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(jumps(&rules(&bed, &client)), 1, "{}", rules(&bed, &client));
+    assert!(log("client-agent-2.log").contains("traffic capture installed"));
+
+    // A clean stop removes every rule it made.
+    bed.signal(agent, "-TERM");
+    assert_eq!(
+        bed.wait_exit(agent, Duration::from_secs(40)).await,
+        Some(0),
+        "{}",
+        log("client-agent-2.log")
+    );
+    let left = rules(&bed, &client);
+    assert!(!left.contains("TRELLIS"), "{left}");
+}

@@ -1,0 +1,264 @@
+//! Service virtual IPs and the agent's resolver, without root: a real control plane assigns
+//! the addresses, a real agent answers `dig` for `NAME.NAMESPACE.mesh` and forwards other
+//! names to a real dnsmasq standing in for the host's resolver. Also what `--capture --dry-run`
+//! would install. (Capture itself needs root and network namespaces: tests/capture.rs.)
+
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use http::Method;
+use trellis_test_support::{control::ControlProcess, Temp};
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A UDP port free right now on 127.0.0.1.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind udp")
+        .port()
+}
+
+fn need(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "this test needs {tool} (Debian: apt-get install {package}); .ci/run installs it"
+    );
+}
+
+/// `dig` against the agent: (status, answers).
+fn dig(port: u16, name: &str) -> (String, Vec<String>) {
+    let out = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), name, "A"])
+        .args(["+tries=1", "+time=3", "+noall", "+comments", "+answer"])
+        .output()
+        .expect("run dig");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("no answer")
+        .to_string();
+    let answers = text
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect();
+    (status, answers)
+}
+
+async fn vip(cp: &ControlProcess, name: &str) -> String {
+    let (st, v) = cp
+        .call(
+            Method::GET,
+            &format!("/api/v1/resources/Service/test/{name}"),
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    v["spec"]["virtualIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn service(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: {name} }}\n  ports: [{{ name: http, port: 80, targetPort: 8080 }}]\n{extra}"
+    )
+}
+
+#[tokio::test]
+async fn services_get_stable_virtual_ips_and_the_agent_resolves_mesh_names() {
+    need("dig", "bind9-dnsutils");
+    need("dnsmasq", "dnsmasq-base");
+    let cp = ControlProcess::start(BIN, &[]);
+
+    // Assigned from 10.96.0.0/16, one per service, kept when the service is applied again.
+    apply_ok(
+        &cp,
+        docs(&[service("catalog", ""), service("payments", "")]),
+    )
+    .await;
+    let (catalog, payments) = (vip(&cp, "catalog").await, vip(&cp, "payments").await);
+    assert!(catalog.starts_with("10.96."), "{catalog}");
+    assert!(payments.starts_with("10.96."), "{payments}");
+    assert_ne!(catalog, payments);
+    let (st, v) = cp
+        .call(Method::POST, "/api/v1/apply", &service("catalog", ""), None)
+        .await;
+    assert_eq!(
+        (st, v["applied"][0]["action"].as_str()),
+        (200, Some("unchanged")),
+        "{v}"
+    );
+    assert_eq!(vip(&cp, "catalog").await, catalog);
+    // An address already taken is refused, naming the field; nothing is written.
+    let taken = service("orders", &format!("  virtualIP: {catalog}\n"));
+    let (st, v) = cp.call(Method::POST, "/api/v1/apply", &taken, None).await;
+    assert_eq!(st, 422, "{v}");
+    let msg = v.to_string();
+    assert!(
+        msg.contains("spec.virtualIP") && msg.contains("already"),
+        "{msg}"
+    );
+    let (st, _) = cp
+        .call(
+            Method::GET,
+            "/api/v1/resources/Service/test/orders",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 404);
+    // A chosen one is kept as given.
+    apply_ok(&cp, service("orders", "  virtualIP: 10.96.200.7\n")).await;
+    assert_eq!(vip(&cp, "orders").await, "10.96.200.7");
+
+    // The host's resolver: a real dnsmasq that knows one name.
+    let upstream_port = free_udp_port();
+    let _dnsmasq = Proc(
+        Command::new("dnsmasq")
+            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts"])
+            .args(["--listen-address=127.0.0.1", "--bind-interfaces"])
+            .arg(format!("--port={upstream_port}"))
+            .args(["--address=/upstream.example/127.0.0.9", "--pid-file="])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dnsmasq"),
+    );
+
+    eventually("dnsmasq answers", Duration::from_secs(10), async || {
+        (dig(upstream_port, "upstream.example").0 == "NOERROR").then_some(())
+    })
+    .await;
+
+    // A joined agent with a resolver on loopback (no capture: no root needed).
+    let state = Temp::dir("dns-agent");
+    let dns_port = free_udp_port();
+    let t = token(&cp, "test", "client", "10m", "1");
+    let _agent = Proc(
+        Command::new(BIN)
+            .args(["join", "--control-plane", &cp.xds_url(), "--token", &t])
+            .args(["--state-dir", state.0.to_str().unwrap()])
+            .args(["--name", "client-1", "--address", "127.0.0.1"])
+            .args(["--check", "none", "--no-access-log"])
+            .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+            .args(["--inbound", "127.0.0.1:0"])
+            .args(["--dns", &format!("127.0.0.1:{dns_port}")])
+            .args(["--dns-upstream", &format!("127.0.0.1:{upstream_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn trellis join"),
+    );
+    let answer = eventually("the agent answers", Duration::from_secs(20), async || {
+        let (status, a) = dig(dns_port, "catalog.test.mesh");
+        (status == "NOERROR" && !a.is_empty()).then_some(a)
+    })
+    .await;
+    assert_eq!(answer, vec![catalog.clone()]);
+    assert_eq!(dig(dns_port, "PAYMENTS.test.mesh.").1, vec![payments]);
+    // Unknown mesh names do not leak to the host's resolver: NXDOMAIN from the agent.
+    assert_eq!(dig(dns_port, "nothing.test.mesh").0, "NXDOMAIN");
+    // Other names go to the host's resolver, whose answer comes back unchanged.
+    let (status, a) = dig(dns_port, "upstream.example");
+    assert_eq!(
+        (status.as_str(), a),
+        ("NOERROR", vec!["127.0.0.9".to_string()])
+    );
+
+    // The resolver follows the mesh: a new service resolves, a deleted one stops resolving.
+    apply_ok(&cp, service("reviews", "")).await;
+    let reviews = vip(&cp, "reviews").await;
+    eventually(
+        "a new service resolves",
+        Duration::from_secs(10),
+        async || (dig(dns_port, "reviews.test.mesh").1 == vec![reviews.clone()]).then_some(()),
+    )
+    .await;
+    let (st, v) = cp
+        .call(
+            Method::DELETE,
+            "/api/v1/resources/Service/test/reviews",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    eventually(
+        "a deleted service stops resolving",
+        Duration::from_secs(10),
+        async || (dig(dns_port, "reviews.test.mesh").0 == "NXDOMAIN").then_some(()),
+    )
+    .await;
+}
+
+#[test]
+fn capture_dry_run_prints_the_rules_it_would_install() {
+    let out = Command::new(BIN)
+        .args(["join", "--capture", "--dry-run"])
+        .args([
+            "--control-plane",
+            "https://127.0.0.1:7071",
+            "--state-dir",
+            "/nonexistent",
+        ])
+        .args([
+            "--name",
+            "web-1",
+            "--address",
+            "10.77.0.2",
+            "--port",
+            "http=8080",
+        ])
+        .args([
+            "--outbound",
+            "127.0.0.1:15001",
+            "--inbound",
+            "0.0.0.0:15006",
+        ])
+        .output()
+        .expect("run trellis join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "-A TRELLIS_OUTPUT -m mark --mark 0x539 -j RETURN",
+        "-A TRELLIS_OUTPUT -o lo -j RETURN",
+        "-A TRELLIS_OUTPUT -d 127.0.0.1/32 -p tcp --dport 7071 -j RETURN",
+        "-A TRELLIS_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+        "-A TRELLIS_INBOUND -p tcp --dport 8080 -j REDIRECT --to-ports 15006",
+        "-A TRELLIS_DNS -p udp --dport 53 -j REDIRECT --to-ports 15053",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing in:\n{text}"
+        );
+    }
+    // Nothing was installed: the dry run needs no root and touches no state.
+    assert!(!std::path::Path::new("/nonexistent").exists());
+}
