@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod netbed;
 pub mod podman;
 pub mod upstream;
+pub mod vm;
 
 /// Poll `f` until it returns `Some`, or panic with `what` after `timeout`.
 pub async fn eventually<T>(

@@ -22,6 +22,7 @@ pub struct NetBed {
     bridge: String,
     subnet: u8,
     hosts: Vec<String>,
+    taps: Vec<String>,
     children: Vec<Child>,
 }
 
@@ -131,6 +132,7 @@ impl NetBed {
             bridge,
             subnet,
             hosts: Vec::new(),
+            taps: Vec::new(),
             children: Vec::new(),
         };
         sh(&["ip", "link", "add", &bed.bridge, "type", "bridge"]);
@@ -189,6 +191,15 @@ impl NetBed {
         let resolv = format!("nameserver {}\n", self.gateway());
         std::fs::write(etc.join("resolv.conf"), resolv).expect("write resolv.conf");
         ns
+    }
+
+    /// A tap device on the bridge, for a VM that will be host `n`; returns its name.
+    pub fn tap(&mut self, n: u8) -> String {
+        let tap = format!("{}t{n}", self.prefix);
+        sh(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap"]);
+        self.taps.push(tap.clone());
+        sh(&["ip", "link", "set", &tap, "master", &self.bridge, "up"]);
+        tap
     }
 
     /// Host `n`'s address.
@@ -255,6 +266,9 @@ impl Drop for NetBed {
             kill_in(ns);
             quiet(&["ip", "netns", "del", ns]);
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
+        }
+        for t in &self.taps {
+            quiet(&["ip", "link", "del", t]);
         }
         quiet(&["ip", "link", "del", &self.bridge]);
     }
