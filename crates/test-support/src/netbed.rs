@@ -22,6 +22,8 @@ pub struct NetBed {
     bridge: String,
     subnet: u8,
     hosts: Vec<String>,
+    /// Links on the bridge (host veths and VM taps), deleted explicitly: a namespace that a
+    /// closing socket still pins would otherwise keep its veth pair for minutes.
     taps: Vec<String>,
     children: Vec<Child>,
 }
@@ -168,6 +170,7 @@ impl NetBed {
         sh(&[
             "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
         ]);
+        self.taps.push(veth.clone());
         sh(&["ip", "link", "set", &veth, "master", &self.bridge, "up"]);
         let addr = format!("{}/24", self.addr(n));
         sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);

@@ -1,0 +1,397 @@
+//! The hybrid fleet's scenarios without root, for developers: the same mesh as tests/fleet.rs
+//! on 127.0.0.x addresses, where the environments are labels, not real. A "VM" agent
+//! (127.0.0.20, the client's zone) and a "container" agent (127.0.0.10, the next zone) serve
+//! `catalog.test` from real application processes; a "bare-metal" client agent is called in
+//! explicit mode (`Host: catalog.test.mesh`: no capture without root).
+//!
+//! 1. the client reaches the VM over mutual TLS;
+//! 2. the VM's application answers 500: `app_error`, not retried;
+//! 3. the VM's application is killed: no request fails, the VM is reported down, and traffic
+//!    returns once the application is back;
+//! 4. the container's agent stops: its workload leaves and the client stops using it;
+//! 5. the VM's host freezes (its agent is stopped with SIGSTOP, the nearest a user can get to
+//!    a cut link): with no other endpoint, the failure is classified as network;
+//! 6. the client's agent restarts with its stored identity and no token.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use http::Method;
+use trellis_test_support::{control::ControlProcess, Temp};
+
+const APP: &str = r#"
+import http.server, sys
+name = sys.argv[3]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code, body = (500, name + "-broken") if self.path == "/cgi-bin/fail" else (200, name)
+        body = body.encode()
+        self.send_response(code)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"#;
+
+/// A child process, killed on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A stopped process cannot die of SIGKILL until it is continued.
+        self.signal("-CONT");
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port()
+}
+
+async fn app(ip: &str, port: u16, name: &str) -> Proc {
+    let p = Proc(
+        Command::new("python3")
+            .args(["-c", APP, ip, &port.to_string(), name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    eventually(
+        "the application listens",
+        Duration::from_secs(10),
+        async || tokio::net::TcpStream::connect(addr).await.ok().map(drop),
+    )
+    .await;
+    p
+}
+
+/// `trellis join` on `ip`, its stderr into `log`.
+fn join(
+    cp: &ControlProcess,
+    state: &Path,
+    log: PathBuf,
+    args: &[&str],
+    token: Option<&str>,
+) -> Proc {
+    let mut c = Command::new(BIN);
+    c.args(["join", "--control-plane", &cp.xds_url()])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .args(["--admin", "127.0.0.1:0", "--no-access-log"])
+        .args(["--check-interval", "200ms", "--unhealthy-threshold", "1"])
+        .args(args)
+        .env_remove("TRELLIS_JOIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"));
+    if let Some(t) = token {
+        c.args(["--token", t]);
+    }
+    Proc(c.spawn().expect("spawn trellis join"))
+}
+
+/// The outbound listener an agent logged.
+async fn outbound(log: &Path) -> SocketAddr {
+    eventually("the agent listens", Duration::from_secs(20), async || {
+        let text = std::fs::read_to_string(log).ok()?;
+        text.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "listening").then(|| v["outbound"].as_str()?.parse().ok())?
+        })
+    })
+    .await
+}
+
+async fn healthy(cp: &ControlProcess, name: &str) -> Option<bool> {
+    let (st, v) = cp
+        .call(
+            Method::GET,
+            &format!("/api/v1/resources/Workload/test/{name}"),
+            "",
+            None,
+        )
+        .await;
+    (st == 200).then(|| v["spec"]["healthy"] == true)
+}
+
+/// GET through the client's outbound listener: status, failure class, body.
+async fn get(out: SocketAddr, path: &str) -> (u16, String, String) {
+    match client::get_full(out, "catalog.test.mesh", path, &[]).await {
+        Ok(r) => (
+            r.status.as_u16(),
+            r.headers
+                .get("x-trellis-failure")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            String::from_utf8_lossy(&r.body).into_owned(),
+        ),
+        Err(_) => (0, String::new(), String::new()),
+    }
+}
+
+/// The processes' logs, printed when the test fails.
+struct Logs(Temp);
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for e in std::fs::read_dir(&self.0 .0)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                eprintln!("==== {}\n{text}", e.path().display());
+            }
+        }
+    }
+}
+
+const MESH: &str = "apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: catalog, namespace: test }
+spec:
+  selector: { app: catalog }
+  ports: [{ name: http, port: 80, targetPort: 8080, protocol: HTTP }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: catalog, namespace: test }
+spec:
+  parentRefs: [{ kind: Service, name: catalog, port: 80 }]
+  rules:
+    - backendRefs: [{ name: catalog, port: 80 }]
+      timeouts: { request: 5s }
+      retry: { attempts: 2, codes: [502, 503, 504], backoff: 20ms, perTryTimeout: 1s }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: BackendTrafficPolicy
+metadata: { name: catalog, namespace: test }
+spec:
+  targetRefs: [{ name: catalog }]
+  connectionPool: { connectTimeout: 500ms }
+";
+
+#[tokio::test]
+async fn the_fleet_scenarios_run_on_loopback_without_root() {
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, MESH.to_string()).await;
+    let logs = Logs(Temp::dir("fleet-lo-logs"));
+    let dirs = Temp::dir("fleet-lo-state");
+    let log = |n: &str| logs.0.join(n);
+
+    let (vm_ip, ctr_ip) = ("127.0.0.20", "127.0.0.10");
+    let vm_port = free_port(vm_ip);
+    let mut vm_app = app(vm_ip, vm_port, "vm-app").await;
+    let ctr_port = free_port(ctr_ip);
+    let _ctr_app = app(ctr_ip, ctr_port, "container-app").await;
+    let t = token(&cp, "test", "catalog", "10m", "2");
+    let place = |ip: &str, env: &str, zone: &str, port: u16| -> Vec<String> {
+        [
+            "--label",
+            "app=catalog",
+            "--address",
+            ip,
+            "--environment",
+            env,
+            "--region",
+            "eu-west-1",
+            "--zone",
+            zone,
+            "--check",
+            "http:/",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--port".into(),
+            format!("http={port}"),
+            "--inbound".into(),
+            format!("{ip}:0"),
+            "--outbound".into(),
+            format!("{ip}:0"),
+        ])
+        .collect()
+    };
+    let args = |v: &[String], name: &str| -> Vec<String> {
+        let mut a = vec!["--name".to_string(), name.to_string()];
+        a.extend(v.iter().cloned());
+        a
+    };
+    let vm_args = args(&place(vm_ip, "vm", "eu-west-1a", vm_port), "catalog-vm");
+    let vm_refs: Vec<&str> = vm_args.iter().map(String::as_str).collect();
+    let vm = join(&cp, &dirs.join("vm"), log("vm.log"), &vm_refs, Some(&t));
+    let ctr_args = args(
+        &place(ctr_ip, "container", "eu-west-1b", ctr_port),
+        "catalog-ctr",
+    );
+    let ctr_refs: Vec<&str> = ctr_args.iter().map(String::as_str).collect();
+    let ctr = join(&cp, &dirs.join("ctr"), log("ctr.log"), &ctr_refs, Some(&t));
+    let client_token = token(&cp, "test", "shopper", "10m", "1");
+    let client_args = [
+        "--name",
+        "shopper-1",
+        "--address",
+        "127.0.0.2",
+        "--environment",
+        "bare-metal",
+        "--region",
+        "eu-west-1",
+        "--zone",
+        "eu-west-1a",
+        "--check",
+        "none",
+        "--outbound",
+        "127.0.0.2:0",
+        "--inbound",
+        "127.0.0.2:0",
+    ];
+    let client = join(
+        &cp,
+        &dirs.join("client"),
+        log("client.log"),
+        &client_args,
+        Some(&client_token),
+    );
+    let out = outbound(&log("client.log")).await;
+    eventually(
+        "both serving workloads are healthy",
+        Duration::from_secs(30),
+        async || {
+            (healthy(&cp, "catalog-vm").await == Some(true)
+                && healthy(&cp, "catalog-ctr").await == Some(true))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // 1. The client's zone first, by mutual TLS.
+    eventually(
+        "the client reaches the VM",
+        Duration::from_secs(20),
+        async || (get(out, "/").await.2 == "vm-app").then_some(()),
+    )
+    .await;
+
+    // 2. The application's 500: passed through, not retried, the application's.
+    let (status, class, body) = get(out, "/cgi-bin/fail").await;
+    assert_eq!(
+        (status, class.as_str(), body.as_str()),
+        (500, "", "vm-app-broken")
+    );
+    let app_errors = |out: &str| {
+        let l = [
+            ("direction", "outbound"),
+            ("dst_service", "catalog.test"),
+            ("failure_class", "app_error"),
+        ];
+        trellis_test_support::sum_metric(out, "trellis_http_requests_total", &l)
+    };
+    let admin = |log: &Path| -> Option<SocketAddr> {
+        let text = std::fs::read_to_string(log).ok()?;
+        text.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "listening").then(|| v["admin"].as_str()?.parse().ok())?
+        })
+    };
+    let client_admin = admin(&log("client.log")).expect("the client's admin address");
+    let metrics = || async move {
+        let r = client::get_full(client_admin, "admin", "/metrics", &[])
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&r.body).into_owned()
+    };
+    assert_eq!(app_errors(&metrics().await), 1.0);
+
+    // 3. The VM's application dies: the container takes the retries, the VM is reported
+    //    down, and it is used again once its application is back.
+    drop(vm_app);
+    for i in 0..20 {
+        let (status, class, body) = get(out, "/").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "container-app"),
+            "request {i}: {class}"
+        );
+    }
+    eventually(
+        "the VM is reported down",
+        Duration::from_secs(20),
+        async || (healthy(&cp, "catalog-vm").await == Some(false)).then_some(()),
+    )
+    .await;
+    vm_app = app(vm_ip, vm_port, "vm-app").await;
+    eventually(
+        "traffic returns to the VM",
+        Duration::from_secs(30),
+        async || (get(out, "/").await.2 == "vm-app").then_some(()),
+    )
+    .await;
+
+    // 4. The container's agent stops: deregistered, and no longer an endpoint.
+    ctr.signal("-TERM");
+    eventually(
+        "the container is deregistered",
+        Duration::from_secs(10),
+        async || healthy(&cp, "catalog-ctr").await.is_none().then_some(()),
+    )
+    .await;
+
+    // 5. The VM's host freezes: the only endpoint does not answer, a network failure.
+    vm.signal("-STOP");
+    let (status, class, _) = get(out, "/").await;
+    assert!(matches!(status, 502..=504), "{status} {class}");
+    assert!(
+        matches!(class.as_str(), "connect_timeout" | "upstream_timeout"),
+        "{class}"
+    );
+    vm.signal("-CONT");
+    eventually(
+        "the VM answers again",
+        Duration::from_secs(30),
+        async || (get(out, "/").await.2 == "vm-app").then_some(()),
+    )
+    .await;
+
+    // 6. The client's agent restarts: its stored identity, no token.
+    drop(client);
+    let _client = join(
+        &cp,
+        &dirs.join("client"),
+        log("client-2.log"),
+        &client_args,
+        None,
+    );
+    let out = outbound(&log("client-2.log")).await;
+    eventually(
+        "the restarted client serves",
+        Duration::from_secs(20),
+        async || (get(out, "/").await.2 == "vm-app").then_some(()),
+    )
+    .await;
+    let text = std::fs::read_to_string(log("client-2.log")).unwrap();
+    assert!(text.contains("reusing the stored certificate"), "{text}");
+    drop(vm_app);
+}
