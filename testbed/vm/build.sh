@@ -5,7 +5,8 @@
 #
 #   testbed/vm/build.sh OUT_DIR TRELLIS_BINARY
 #
-# OUT_DIR/vmlinuz and the module tree are kept between runs (the kernel is fetched once);
+# OUT_DIR/vmlinuz (and vmlinux, the same kernel uncompressed) and the module tree are kept
+# between runs (the kernel is fetched once);
 # OUT_DIR/initramfs.cpio is rebuilt whenever the binary or init is newer than it.
 set -euo pipefail
 out=$(realpath -m "$1")
@@ -19,6 +20,7 @@ need qemu-system-x86_64 qemu-system-x86
 need cpio cpio
 need busybox busybox-static
 need objcopy binutils
+need xz xz-utils
 
 # The kernel: the package linux-image-amd64 depends on today.
 if [ ! -f vmlinuz ]; then
@@ -29,6 +31,18 @@ if [ ! -f vmlinuz ]; then
   dpkg-deb -x ./"$pkg"_*.deb kpkg
   rm -f ./*.deb
   cp kpkg/boot/vmlinuz-* vmlinuz.tmp && mv vmlinuz.tmp vmlinuz
+fi
+# The uncompressed kernel (ELF, booted by PVH): TCG need not emulate the XZ decompressor,
+# which halves the boot. Debian compresses with XZ; the payload starts at its magic.
+if [ ! -f vmlinux ]; then
+  off=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' vmlinuz | head -1 | cut -d: -f1)
+  if [ -n "$off" ]; then
+    tail -c +$((off + 1)) vmlinuz | xz -dc 2>/dev/null > vmlinux.tmp || true
+    if [ "$(head -c 4 vmlinux.tmp | od -An -c | tr -d ' ')" = '177ELF' ]; then
+      mv vmlinux.tmp vmlinux
+    fi
+  fi
+  rm -f vmlinux.tmp
 fi
 
 if [ -f initramfs.cpio ] && [ initramfs.cpio -nt "$bin" ] && [ initramfs.cpio -nt "$here/init" ] \

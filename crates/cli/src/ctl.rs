@@ -124,13 +124,19 @@ fn conditions_summary(doc: &Value) -> String {
 fn detail(doc: &Value) -> String {
     let spec = &doc["spec"];
     match doc["kind"].as_str().unwrap_or_default() {
-        "Service" => spec["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("HTTP")))
-            .collect::<Vec<_>>()
-            .join(","),
+        "Service" => {
+            let ports = spec["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("HTTP")))
+                .collect::<Vec<_>>()
+                .join(",");
+            match spec["virtualIP"].as_str() {
+                Some(ip) => format!("{ports} {ip}"),
+                None => ports,
+            }
+        }
         "Workload" => format!(
             "{} {}{}",
             spec["address"].as_str().unwrap_or_default(),

@@ -103,6 +103,12 @@ async fn services_get_stable_virtual_ips_and_the_agent_resolves_mesh_names() {
     assert!(catalog.starts_with("10.96."), "{catalog}");
     assert!(payments.starts_with("10.96."), "{payments}");
     assert_ne!(catalog, payments);
+    // The operator sees them in `trellis get`.
+    let table = ok(cli(&cp, &["get", "svc", "-n", "test"]));
+    assert!(
+        table.contains(&catalog) && table.contains(&payments),
+        "{table}"
+    );
     let (st, v) = cp
         .call(Method::POST, "/api/v1/apply", &service("catalog", ""), None)
         .await;

@@ -57,6 +57,11 @@ impl Vm {
             append.push_str(&format!(" vm_{k}={v}"));
         }
         let console = dir.join("console.log");
+        // The uncompressed kernel boots in about half the time under TCG, when there is one.
+        let kernel = [images.join("vmlinux"), images.join("vmlinuz")]
+            .into_iter()
+            .find(|k| k.exists())
+            .expect("a kernel in the image dir");
         let qemu = Command::new("qemu-system-x86_64")
             .args([
                 "-accel",
@@ -70,7 +75,7 @@ impl Vm {
             ])
             .args(["-no-reboot", "-rtc", "base=utc"])
             .arg("-kernel")
-            .arg(images.join("vmlinuz"))
+            .arg(kernel)
             .arg("-initrd")
             .arg(images.join("initramfs.cpio"))
             .args(["-append", &append])
