@@ -24,7 +24,10 @@ need xz xz-utils
 
 # The kernel: the package linux-image-amd64 depends on today.
 if [ ! -f vmlinuz ]; then
-  pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+  kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+  pkg=$(kernel_pkg)
+  # A machine whose package lists were never fetched knows no kernel package yet.
+  [ -n "$pkg" ] || { apt-get update -qq >/dev/null 2>&1 || true; pkg=$(kernel_pkg); }
   [ -n "$pkg" ] || { echo "build.sh: cannot find Debian's kernel package" >&2; exit 1; }
   rm -rf kpkg ./*.deb
   apt-get download "$pkg" >/dev/null 2>&1 || (cd /tmp && apt-get download "$pkg" >/dev/null && mv /tmp/"$pkg"_*.deb "$out"/)

@@ -124,7 +124,7 @@ pub fn remove() -> Result<(), CaptureError> {
         if words.first() == Some(&"-A") && jumps && builtin {
             let mut args = vec!["-t", "nat", "-D"];
             args.extend(&words[1..]);
-            run("iptables", &args, None)?;
+            gone_is_fine(run("iptables", &args, None))?;
         }
     }
     for line in listing.lines() {
@@ -132,11 +132,25 @@ pub fn remove() -> Result<(), CaptureError> {
             .strip_prefix("-N ")
             .filter(|c| c.starts_with("TRELLIS_"))
         {
-            run("iptables", &["-t", "nat", "-F", chain], None)?;
-            run("iptables", &["-t", "nat", "-X", chain], None)?;
+            gone_is_fine(run("iptables", &["-t", "nat", "-F", chain], None))?;
+            gone_is_fine(run("iptables", &["-t", "nat", "-X", chain], None))?;
         }
     }
     Ok(())
+}
+
+/// A rule or chain that disappeared since the listing (another agent of this namespace,
+/// stopping, removed it) is what removal wanted.
+fn gone_is_fine(r: Result<String, CaptureError>) -> Result<(), CaptureError> {
+    match r {
+        Err(CaptureError::Iptables { detail, .. })
+            if detail.contains("No chain/target/match")
+                || detail.contains("does a matching rule exist") =>
+        {
+            Ok(())
+        }
+        r => r.map(drop),
+    }
 }
 
 fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CaptureError> {

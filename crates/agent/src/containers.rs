@@ -330,6 +330,8 @@ pub fn join_args(c: &Container, o: &DiscoveryOptions) -> Result<Vec<String>, Str
     if let Some(check) = c.labels.get("trellis.check") {
         arg("--check", check);
     }
+    // An agent whose discovery process died stops with it; the next one joins anew.
+    a.push("--exit-with-parent".into());
     a.extend(o.join_args.iter().cloned());
     Ok(a)
 }
@@ -348,15 +350,22 @@ fn identity_of(c: &Container) -> String {
     format!("{ns}/{id}")
 }
 
+/// A container's agent, restarted with back-off when it exits while the container runs
+/// (a failed join, or an agent of a crashed discovery still holding the namespace's ports).
 struct Joined {
     name: String,
-    child: Child,
+    container: Container,
+    child: Option<Child>,
+    restarts: u32,
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Drop for Joined {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -374,6 +383,7 @@ pub async fn run(
     }
     tracing::info!(engine = %o.engine.socket.display(), containers = joined.len(), "watching containers");
     tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             e = events.recv() => match e {
@@ -390,6 +400,7 @@ pub async fn run(
                     })
                 }
             },
+            _ = tick.tick() => supervise(&o, &mut joined),
             _ = &mut stop => break,
         }
     }
@@ -397,6 +408,31 @@ pub async fn run(
         leave(&o, j).await;
     }
     Ok(())
+}
+
+/// Restart agents that exited while their container runs: 1 s, 2 s, 4 s… at most 30 s apart.
+fn supervise(o: &DiscoveryOptions, joined: &mut HashMap<String, Joined>) {
+    let now = tokio::time::Instant::now();
+    for j in joined.values_mut() {
+        if let Some(c) = &mut j.child {
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    let wait =
+                        Duration::from_secs(1u64 << j.restarts.min(5)).min(Duration::from_secs(30));
+                    tracing::warn!(container = %j.name, %status, retry_in_s = wait.as_secs(), "its agent exited");
+                    j.child = None;
+                    j.retry_at = Some(now + wait);
+                    j.restarts += 1;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(container = %j.name, error = %e, "cannot check its agent"),
+            }
+        }
+        if j.child.is_none() && j.retry_at.is_some_and(|t| t <= now) {
+            j.retry_at = None;
+            j.child = spawn_agent(o, &j.container);
+        }
+    }
 }
 
 async fn start(o: &DiscoveryOptions, id: &str, joined: &mut HashMap<String, Joined>) {
@@ -414,27 +450,46 @@ async fn start(o: &DiscoveryOptions, id: &str, joined: &mut HashMap<String, Join
     if !c.labels.contains_key("trellis.service") {
         return;
     }
-    let args = match join_args(&c, o) {
+    if let Some(child) = spawn_agent(o, &c) {
+        tracing::info!(container = %c.name, ip = ?c.ip, identity = %identity_of(&c), "container joined");
+        joined.insert(
+            id.to_string(),
+            Joined {
+                name: c.name.clone(),
+                container: c,
+                child: Some(child),
+                restarts: 0,
+                retry_at: None,
+            },
+        );
+    }
+}
+
+/// Start `trellis join` for `c` in its network namespace.
+fn spawn_agent(o: &DiscoveryOptions, c: &Container) -> Option<Child> {
+    let args = match join_args(c, o) {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(container = %c.name, "not joined: {e}");
-            return;
+            return None;
         }
     };
-    let identity = identity_of(&c);
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/proc/{}/ns/net", c.pid))
         .arg("--")
         .arg(&o.exe)
         .args(&args)
         .stdin(Stdio::null());
-    match o.tokens.get(&identity) {
+    match o.tokens.get(&identity_of(c)) {
         Some(t) => cmd.env("TRELLIS_JOIN_TOKEN", t),
         None => cmd.env_remove("TRELLIS_JOIN_TOKEN"),
     };
     match &o.log_dir {
         Some(d) => {
-            let f = std::fs::File::create(d.join(format!("{}.log", c.name)));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(d.join(format!("{}.log", c.name)));
             match f.and_then(|f| Ok((f.try_clone()?, f))) {
                 Ok((a, b)) => cmd.stdout(a).stderr(b),
                 Err(_) => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
@@ -444,19 +499,9 @@ async fn start(o: &DiscoveryOptions, id: &str, joined: &mut HashMap<String, Join
             cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
         }
     }
-    match cmd.spawn() {
-        Ok(child) => {
-            tracing::info!(container = %c.name, ip = ?c.ip, %identity, "container joined");
-            joined.insert(
-                id.to_string(),
-                Joined {
-                    name: c.name,
-                    child,
-                },
-            );
-        }
-        Err(e) => tracing::error!(container = %c.name, error = %e, "cannot start its agent"),
-    }
+    cmd.spawn()
+        .map_err(|e| tracing::error!(container = %c.name, error = %e, "cannot start its agent"))
+        .ok()
 }
 
 /// The container is gone: deregister its Workload with its stored identity, then stop its

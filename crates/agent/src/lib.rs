@@ -130,6 +130,20 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     run_until(opts, std::future::pending()).await
 }
 
+/// Resolves when this process's parent exits (it is re-parented): an agent started by
+/// `trellis containers` stops, and deregisters, with it rather than lingering unmanaged.
+pub async fn parent_exited() {
+    let parent = std::os::unix::process::parent_id();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if std::os::unix::process::parent_id() != parent {
+            tracing::warn!(parent, "the parent process exited; stopping");
+            return;
+        }
+    }
+}
+
 /// Run until SIGTERM, SIGINT or `stop` (several agents in one process, as `trellis demo`).
 pub async fn run_until(
     opts: AgentOptions,

@@ -71,6 +71,10 @@ pub(crate) struct JoinArgs {
     /// agent's resolver. Needs root (CAP_NET_ADMIN); the rules go when the agent stops.
     #[arg(long)]
     capture: bool,
+    /// Stop (and deregister) when the parent process exits; `trellis containers` starts its
+    /// agents so.
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
     /// With --capture: print the rules (iptables-restore input) and exit.
     #[arg(long, requires = "capture")]
     dry_run: bool,
@@ -353,7 +357,14 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
     let Some(rt) = runtime(a.run.threads, "join") else {
         return ExitCode::FAILURE;
     };
-    match rt.block_on(trellis_agent::run(opts)) {
+    let run = async {
+        if a.exit_with_parent {
+            trellis_agent::run_until(opts, trellis_agent::parent_exited()).await
+        } else {
+            trellis_agent::run(opts).await
+        }
+    };
+    match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "cannot join");

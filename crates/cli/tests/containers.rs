@@ -86,18 +86,17 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
     // Discovery on the host, with one single-use token for the catalog identity.
     let state = Temp::dir("containers-state");
     let t = token(&cp, "test", "catalog", "10m", "1");
-    let mut c = std::process::Command::new(BIN);
-    c.args(["containers", "--engine", &socket, "--control-plane", &xds])
-        .args([
-            "--ca-hash",
-            &cp.ca_hash,
-            "--token",
-            &format!("test/catalog={t}"),
-        ])
-        .args(["--state-dir", state.0.to_str().unwrap()])
-        .args(["--log-dir", logs.0 .0.to_str().unwrap(), "--capture"])
-        .arg("--join-arg=--check-interval=200ms");
-    let discovery = bed.spawn(c, &logs.0.join("discovery.log"));
+    let discovery_cmd = || {
+        let mut c = std::process::Command::new(BIN);
+        c.args(["containers", "--engine", &socket, "--control-plane", &xds])
+            .args(["--ca-hash", &cp.ca_hash])
+            .args(["--token", &format!("test/catalog={t}")])
+            .args(["--state-dir", state.0.to_str().unwrap()])
+            .args(["--log-dir", logs.0 .0.to_str().unwrap(), "--capture"])
+            .arg("--join-arg=--check-interval=200ms");
+        c
+    };
+    let discovery = bed.spawn(discovery_cmd(), &logs.0.join("discovery.log"));
 
     // A client host whose unchanged application is curl.
     let client_state = Temp::dir("containers-client");
@@ -212,6 +211,48 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
         agent_log.contains("reusing the stored certificate"),
         "{agent_log}"
     );
+
+    // Discovery crashes: the container's agent stops with it and deregisters (nothing
+    // manages it any more); a new discovery joins the running container again.
+    bed.signal(discovery, "-KILL");
+    eventually(
+        "the orphaned agent leaves",
+        Duration::from_secs(20),
+        async || workload(&cp, "catalog-c1").await.is_none().then_some(()),
+    )
+    .await;
+    let discovery = bed.spawn(discovery_cmd(), &logs.0.join("discovery-2.log"));
+    eventually(
+        "the new discovery rejoins it",
+        Duration::from_secs(30),
+        async || {
+            let w = workload(&cp, "catalog-c1").await?;
+            (w["spec"]["healthy"] == true).then_some(())
+        },
+    )
+    .await;
+
+    // The container's agent dies: discovery starts it again (it registers once more).
+    let registered = || {
+        std::fs::read_to_string(logs.0.join("catalog-c1.log"))
+            .unwrap_or_default()
+            .matches("workload registered")
+            .count()
+    };
+    let before = registered();
+    let killed = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", "--", "trellis join .*--name catalog-c1"])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no agent to kill");
+    eventually(
+        "discovery restarts the agent",
+        Duration::from_secs(20),
+        async || (registered() > before).then_some(()),
+    )
+    .await;
+    let d = std::fs::read_to_string(logs.0.join("discovery-2.log")).unwrap_or_default();
+    assert!(d.contains("its agent exited"), "{d}");
 
     bed.signal(discovery, "-TERM");
     assert_eq!(

@@ -24,12 +24,47 @@ impl Drop for Proc {
     }
 }
 
-/// A UDP port free right now on 127.0.0.1.
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("bind udp")
-        .port()
+/// A real dnsmasq on 127.0.0.1 that answers `upstream.example` with 127.0.0.9, and its port.
+/// dnsmasq takes no port 0, so a free one is chosen; it also listens on TCP there, where a
+/// port can be busy (or in TIME_WAIT) while free for UDP, so a start that fails is retried
+/// on another port.
+async fn dnsmasq() -> (Proc, u16) {
+    let logs = Temp::dir("dnsmasq");
+    let mut errors = String::new();
+    for _ in 0..5 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("bind udp")
+            .port();
+        let err = logs.join(format!("stderr-{port}"));
+        let mut p = Proc(
+            Command::new("dnsmasq")
+                .args(["--keep-in-foreground", "--no-resolv", "--no-hosts"])
+                .args(["--listen-address=127.0.0.1", "--bind-interfaces"])
+                .arg(format!("--port={port}"))
+                .args(["--address=/upstream.example/127.0.0.9", "--pid-file="])
+                .arg("--log-facility=-")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&err).unwrap())
+                .spawn()
+                .expect("spawn dnsmasq"),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = p.0.try_wait() {
+                break;
+            }
+            if dig(port, "upstream.example").0 == "NOERROR" {
+                return (p, port);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        errors += &format!(
+            "port {port}: {}\n",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+    }
+    panic!("dnsmasq never answered:\n{errors}");
 }
 
 fn need(tool: &str, package: &str) {
@@ -141,27 +176,11 @@ async fn services_get_stable_virtual_ips_and_the_agent_resolves_mesh_names() {
     assert_eq!(vip(&cp, "orders").await, "10.96.200.7");
 
     // The host's resolver: a real dnsmasq that knows one name.
-    let upstream_port = free_udp_port();
-    let _dnsmasq = Proc(
-        Command::new("dnsmasq")
-            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts"])
-            .args(["--listen-address=127.0.0.1", "--bind-interfaces"])
-            .arg(format!("--port={upstream_port}"))
-            .args(["--address=/upstream.example/127.0.0.9", "--pid-file="])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn dnsmasq"),
-    );
-
-    eventually("dnsmasq answers", Duration::from_secs(10), async || {
-        (dig(upstream_port, "upstream.example").0 == "NOERROR").then_some(())
-    })
-    .await;
+    let (_dnsmasq, upstream_port) = dnsmasq().await;
 
     // A joined agent with a resolver on loopback (no capture: no root needed).
     let state = Temp::dir("dns-agent");
-    let dns_port = free_udp_port();
+    let agent_log = Temp::dir("dns-agent-log");
     let t = token(&cp, "test", "client", "10m", "1");
     let _agent = Proc(
         Command::new(BIN)
@@ -171,13 +190,27 @@ async fn services_get_stable_virtual_ips_and_the_agent_resolves_mesh_names() {
             .args(["--check", "none", "--no-access-log"])
             .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
             .args(["--inbound", "127.0.0.1:0"])
-            .args(["--dns", &format!("127.0.0.1:{dns_port}")])
+            .args(["--dns", "127.0.0.1:0"])
             .args(["--dns-upstream", &format!("127.0.0.1:{upstream_port}")])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(agent_log.join("stderr")).unwrap())
             .spawn()
             .expect("spawn trellis join"),
     );
+    // The resolver's port, as the agent logged it.
+    let dns_port = eventually(
+        "the agent's resolver listens",
+        Duration::from_secs(20),
+        async || {
+            let text = std::fs::read_to_string(agent_log.join("stderr")).ok()?;
+            text.lines().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                let listen: std::net::SocketAddr = v["listen"].as_str()?.parse().ok()?;
+                (v["message"] == "answering DNS for .mesh").then_some(listen.port())
+            })
+        },
+    )
+    .await;
     let answer = eventually("the agent answers", Duration::from_secs(20), async || {
         let (status, a) = dig(dns_port, "catalog.test.mesh");
         (status == "NOERROR" && !a.is_empty()).then_some(a)
