@@ -20,6 +20,8 @@ const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
 const RCODE_SERVFAIL: u8 = 2;
 const RCODE_NXDOMAIN: u8 = 3;
+/// Most forwarded queries waiting for the host's resolver at once.
+const MAX_FORWARDS: usize = 256;
 
 /// A parsed question: the name (lower case, no trailing dot), its type, and where the
 /// question section ends.
@@ -150,6 +152,8 @@ pub async fn bind(opts: &DnsOptions) -> std::io::Result<UdpSocket> {
 /// Answer queries on `sock` until the task is dropped.
 pub async fn serve(sock: UdpSocket, opts: DnsOptions, shared: Arc<Shared>) {
     let sock = Arc::new(sock);
+    // Forwarded queries in flight; beyond this (a flood, a dead upstream) SERVFAIL at once.
+    let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {
@@ -169,8 +173,17 @@ pub async fn serve(sock: UdpSocket, opts: DnsOptions, shared: Arc<Shared>) {
             let _ = sock.send_to(&reply, from).await;
             continue;
         }
+        let Ok(permit) = inflight.clone().try_acquire_owned() else {
+            if let Some(q) = question(&query) {
+                let _ = sock
+                    .send_to(&answer(&query, &q, RCODE_SERVFAIL, None), from)
+                    .await;
+            }
+            continue;
+        };
         let (sock, opts) = (sock.clone(), opts.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let reply = match opts.upstream {
                 Some(up) if up != opts.listen => forward(&query, up, opts.mark).await,
                 _ => None,
