@@ -30,6 +30,11 @@ pub struct CaptureOptions {
     pub dns_port: Option<u16>,
     /// Destinations never captured: the control planes.
     pub exclude: Vec<SocketAddr>,
+    /// The services' virtual IP range and the workload's address: when no route reaches
+    /// the range (a host without a default route), one is added through the interface that
+    /// holds the address, so that connections to virtual IPs leave the application at all,
+    /// and removed again with the rules.
+    pub route: Option<(String, std::net::IpAddr)>,
 }
 
 /// Why capture could not be set up or removed.
@@ -44,6 +49,10 @@ pub enum CaptureError {
         detail: String,
     },
 }
+
+/// The routing protocol number the agent's own routes carry (`ip route … proto 217`), so
+/// that a restarted agent recognises, and replaces, what a crashed one added.
+const ROUTE_PROTO: &str = "217";
 
 const CHAINS: [&str; 3] = ["TRELLIS_OUTPUT", "TRELLIS_INBOUND", "TRELLIS_DNS"];
 
@@ -95,13 +104,19 @@ impl CaptureOptions {
             app_ports = ?self.app_ports,
             "traffic capture installed"
         );
-        Ok(Installed(()))
+        let route = match &self.route {
+            Some((range, address)) => add_route(range, *address)?,
+            None => None,
+        };
+        Ok(Installed { route })
     }
 }
 
-/// Installed rules; dropping this removes them.
+/// Installed rules (and the route added for them); dropping this removes them.
 #[derive(Debug)]
-pub struct Installed(());
+pub struct Installed {
+    route: Option<(String, String)>,
+}
 
 impl Drop for Installed {
     fn drop(&mut self) {
@@ -109,7 +124,48 @@ impl Drop for Installed {
             Ok(()) => tracing::info!("traffic capture removed"),
             Err(e) => tracing::error!(error = %e, "could not remove the capture rules"),
         }
+        if let Some((range, dev)) = self.route.take() {
+            let del = ["route", "del", &range, "dev", &dev, "proto", ROUTE_PROTO];
+            if let Err(e) = run("ip", &del, None) {
+                tracing::warn!(error = %e, "could not remove the virtual IP route");
+            }
+        }
     }
+}
+
+/// Add a route for `range` through the interface holding `address` when nothing routes it;
+/// the route added, to remove later.
+fn add_route(
+    range: &str,
+    address: std::net::IpAddr,
+) -> Result<Option<(String, String)>, CaptureError> {
+    // A route a crashed agent added goes first (it carries this agent's protocol number).
+    let _ = run("ip", &["route", "del", range, "proto", ROUTE_PROTO], None);
+    let first = range.split('/').next().unwrap_or(range);
+    if run("ip", &["route", "get", first], None).is_ok() {
+        return Ok(None);
+    }
+    // `ip -o addr show`: "2: eth0    inet 10.78.1.2/24 brd … scope global eth0 …".
+    let listing = run("ip", &["-o", "addr", "show"], None)?;
+    let want = address.to_string();
+    let dev = listing.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let has = w.windows(2).any(|p| {
+            (p[0] == "inet" || p[0] == "inet6") && p[1].split('/').next() == Some(want.as_str())
+        });
+        has.then(|| w.get(1).map(|d| d.trim_end_matches(':').to_string()))?
+    });
+    let Some(dev) = dev else {
+        tracing::warn!(%address, "no interface holds the workload's address; virtual IPs have no route");
+        return Ok(None);
+    };
+    run(
+        "ip",
+        &["route", "add", range, "dev", &dev, "proto", ROUTE_PROTO],
+        None,
+    )?;
+    tracing::info!(%range, %dev, "route for the services' virtual IPs added");
+    Ok(Some((range.to_string(), dev)))
 }
 
 /// Delete every `TRELLIS_*` chain of the nat table and every rule that jumps to one.
@@ -195,6 +251,7 @@ mod tests {
             inbound_port: 15006,
             dns_port: Some(15053),
             exclude: vec!["10.77.0.1:7071".parse().unwrap()],
+            route: None,
         };
         let r = o.rules();
         let lines: Vec<&str> = r.lines().collect();

@@ -258,6 +258,13 @@ fn capture_and_dns(
             inbound_port: a.run.inbound.port(),
             dns_port: dns.as_ref().map(|d| d.listen.port()),
             exclude,
+            route: spec["address"]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .map(|a| {
+                    let (net, bits) = trellis_control::apply::VIRTUAL_IP_RANGE;
+                    (format!("{net}/{bits}"), a)
+                }),
         }
     });
     (capture, dns)
@@ -308,6 +315,9 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
     if a.dry_run {
         if let Some(c) = &capture {
             print!("{}", c.rules());
+            if let Some((range, address)) = &c.route {
+                println!("# and, when nothing routes {range}: ip route add {range} dev <the interface holding {address}> proto 217");
+            }
         }
         return ExitCode::SUCCESS;
     }

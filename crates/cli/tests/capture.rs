@@ -143,7 +143,10 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     c.args(["--port", "http=8080", "--check", "http:/"]);
     bed.spawn(c, &logs.0.join("server-agent.log"));
 
-    // The client host: only an agent; curl plays the unchanged application.
+    // The client host: only an agent; curl plays the unchanged application. It has no route
+    // to the virtual IPs: the agent adds one (and removes it when it stops).
+    assert!(bed.run(&client, &["ip", "route", "del", "10.96.0.0/16"]).0);
+    let vip_route = |bed: &NetBed| bed.run(&client, &["ip", "route", "show", "10.96.0.0/16"]).1;
     let client_state = Temp::dir("capture-client");
     let cjoin = Join {
         cp: &cp,
@@ -168,6 +171,7 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
         },
     )
     .await;
+    assert!(vip_route(&bed).contains("proto 217"), "{}", vip_route(&bed));
     // The server's proxy delivered it, from loopback: the request went proxy to proxy.
     assert_eq!((code, body.as_str()), (0, "catalog-app saw 127.0.0.1"));
     let m = metrics(&bed, &client);
@@ -292,4 +296,9 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     );
     let left = rules(&bed, &client);
     assert!(!left.contains("TRELLIS"), "{left}");
+    assert_eq!(
+        vip_route(&bed),
+        "",
+        "the agent's route to the virtual IPs is gone"
+    );
 }
