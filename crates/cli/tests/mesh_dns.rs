@@ -251,6 +251,9 @@ async fn services_get_stable_virtual_ips_and_the_agent_resolves_mesh_names() {
         async || (dig(dns_port, "reviews.test.mesh").0 == "NXDOMAIN").then_some(()),
     )
     .await;
+    // Its address was freed with it: made again, it gets the same one back.
+    apply_ok(&cp, service("reviews", "")).await;
+    assert_eq!(vip(&cp, "reviews").await, reviews);
 }
 
 #[test]

@@ -371,15 +371,19 @@ async fn delete_one(
     let key = Key::new(k, &ns, &name);
     let _one = api.inner.apply_lock.lock().await;
     let expect = q.resource_version.map_or(Expect::Any, Expect::Version);
-    let rev = api
-        .inner
-        .store
-        .write(vec![Write {
-            key: key.clone(),
-            doc: None,
-            expect,
-        }])
-        .await?;
+    let mut writes = vec![Write {
+        key: key.clone(),
+        doc: None,
+        expect,
+    }];
+    // A deleted Service's virtual IP is free again, in the same batch.
+    if k == "Service" {
+        let current = api.inner.state.borrow().clone();
+        let mut alloc = crate::vips::Allocations::read(&api.inner.store, &current.catalog).await?;
+        alloc.release(&format!("{ns}/{name}"));
+        writes.extend(alloc.write());
+    }
+    let rev = api.inner.store.write(writes).await?;
     api.caught_up(rev).await;
     Ok(Json(
         json!({ "deleted": { "kind": k, "namespace": ns, "name": name }, "revision": rev.to_string() }),

@@ -8,7 +8,10 @@ use serde_json::Value;
 use trellis_model::{resource::Spec, ConfigError, Resource};
 use trellis_store::{Expect, Key, Store, StoreError, Write};
 
-use crate::catalog::{effective, Catalog, Entry};
+use crate::{
+    catalog::{effective, Catalog, Entry},
+    vips::Allocations,
+};
 
 /// Why an apply was refused. Nothing was written.
 #[derive(Debug, thiserror::Error)]
@@ -83,12 +86,23 @@ fn set_virtual_ip(doc: &mut Value, ip: Option<std::net::Ipv4Addr>) {
     spec.insert("virtualIP".into(), Value::String(ip.to_string()));
 }
 
+/// FNV-1a of `namespace/name`: where the search for a Service's address starts (offsets 0
+/// and size-1, network and broadcast, are skipped).
+fn name_hash(namespace: &str, name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in format!("{namespace}/{name}").bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
 /// Give every planned Service without a virtual IP a free one from [`VIRTUAL_IP_RANGE`]. The
 /// search starts at a hash of the service's name, so replicas choose alike and a service
 /// deleted and made again usually gets its old address back.
 fn assign_virtual_ips(
     candidate: &mut BTreeMap<Key, Arc<Entry>>,
     planned: &mut [(Key, Value, Expect, &Resource)],
+    alloc: &mut Allocations,
 ) {
     let used = |c: &BTreeMap<Key, Arc<Entry>>| -> std::collections::HashSet<u32> {
         c.values()
@@ -108,14 +122,11 @@ fn assign_virtual_ips(
         if !matches!(&entry.resource.spec, Spec::Service(s) if s.virtual_ip.is_none()) {
             continue;
         }
-        // FNV-1a of namespace/name; offsets 0 and size-1 (network, broadcast) are skipped.
-        let mut h: u32 = 0x811c_9dc5;
-        for b in format!("{}/{}", key.namespace, key.name).bytes() {
-            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-        }
+        let h = name_hash(&key.namespace, &key.name);
+        let me = format!("{}/{}", key.namespace, key.name);
         let free = (0..size - 2)
             .map(|i| u32::from(base) + 1 + (h.wrapping_add(i) % (size - 2)))
-            .find(|ip| !taken.contains(ip));
+            .find(|ip| !taken.contains(ip) && alloc.free_for(std::net::Ipv4Addr::from(*ip), &me));
         let Some(ip) = free else {
             // A full range: the service stays without a virtual IP (explicit mode still works).
             tracing::warn!(service = %key.name, "no free virtual IP left");
@@ -123,6 +134,7 @@ fn assign_virtual_ips(
         };
         taken.insert(ip);
         let ip = std::net::Ipv4Addr::from(ip);
+        alloc.claim(ip, &me);
         set_virtual_ip(doc, Some(ip));
         let mut resource = (*entry.resource).clone();
         if let Spec::Service(s) = &mut resource.spec {
@@ -243,7 +255,29 @@ pub async fn apply(
         candidate.insert(key.clone(), Arc::new(entry));
         planned.push((key, doc, expect, r));
     }
-    assign_virtual_ips(&mut candidate, &mut planned);
+    // Addresses this apply keeps or asks for must not be held by another Service, including
+    // one made on another replica that this one does not follow yet.
+    let mut alloc = Allocations::read(store, current).await?;
+    for (key, _, _, r) in &planned {
+        let Some(Spec::Service(s)) = candidate.get(key).map(|e| &e.resource.spec) else {
+            continue;
+        };
+        let Some(ip) = s.virtual_ip else { continue };
+        let me = format!("{}/{}", key.namespace, key.name);
+        match alloc.owner(ip) {
+            Some(other) if other != me => {
+                return Err(ConfigError::Invalid {
+                    file: file.into(),
+                    line: r.line,
+                    field: format!("Service {}: spec.virtualIP", r.id()),
+                    message: format!("{ip} is already the virtual IP of Service {other}"),
+                }
+                .into())
+            }
+            _ => alloc.claim(ip, &me),
+        }
+    }
+    assign_virtual_ips(&mut candidate, &mut planned, &mut alloc);
     let (eff, _) = effective(&candidate);
     let resources_eff: Vec<Arc<Resource>> = eff.into_iter().map(|(_, r, _, _)| r).collect();
     trellis_model::translate(file, &resources_eff, None)?;
@@ -296,6 +330,8 @@ pub async fn apply(
         }
     }
     if !writes.is_empty() {
+        // The allocation record goes with the Services that changed it, or nothing does.
+        writes.extend(alloc.write());
         let rev = store.write(writes).await?;
         for r in &mut results {
             if r.action != "unchanged" {
@@ -304,4 +340,86 @@ pub async fn apply(
         }
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: {name} }}\n  ports: [{{ port: 80 }}]\n{extra}"
+        )
+    }
+
+    async fn catalog(store: &Store) -> Catalog {
+        Catalog::from_listing(store.list().await.unwrap())
+    }
+
+    fn vip(c: &Catalog, name: &str) -> std::net::Ipv4Addr {
+        let e = &c.entries[&Key::new("Service", "test", name)];
+        match &e.resource.spec {
+            Spec::Service(s) => s.virtual_ip.expect("assigned"),
+            _ => unreachable!(),
+        }
+    }
+
+    /// A replica whose followed catalog lags behind another's write still never gives out
+    /// an address the other just gave out: the allocation record is read from the store and
+    /// written under a precondition.
+    #[tokio::test]
+    async fn a_replica_behind_the_store_does_not_reuse_a_virtual_ip() {
+        let dir = trellis_test_support::Temp::dir("vips");
+        let store = Store::open("embedded", &dir).await.unwrap();
+        let stale = catalog(&store).await;
+
+        apply(&store, &stale, "a.yaml", &service("a", ""))
+            .await
+            .unwrap();
+        let a = vip(&catalog(&store).await, "a");
+
+        // The stale replica asks for the same address explicitly: refused, nothing written.
+        let taken = service("b", &format!("  virtualIP: {a}\n"));
+        let err = apply(&store, &stale, "b.yaml", &taken).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("b.yaml:2") && msg.contains("spec.virtualIP"),
+            "{msg}"
+        );
+        assert!(msg.contains("test/a"), "{msg}");
+        assert!(!catalog(&store)
+            .await
+            .entries
+            .contains_key(&Key::new("Service", "test", "b")));
+
+        // It assigns one to a Service whose search starts at `a`'s address (found by trying
+        // names): the record, not the stale catalog, says that one is taken.
+        let (base, bits) = VIRTUAL_IP_RANGE;
+        let size = 1u32 << (32 - bits);
+        let start = |n: &str| u32::from(base) + 1 + (name_hash("test", n) % (size - 2));
+        let twin = (0..10_000_000)
+            .map(|i| format!("c{i}"))
+            .find(|n| start(n) == u32::from(a))
+            .expect("a name that hashes to a's address");
+        apply(&store, &stale, "c.yaml", &service(&twin, ""))
+            .await
+            .unwrap();
+        assert_ne!(vip(&catalog(&store).await, &twin), a);
+
+        // Two applies that read the record at the same version: the second write conflicts.
+        let now = catalog(&store).await;
+        let mut first = Allocations::read(&store, &now).await.unwrap();
+        let mut second = Allocations::read(&store, &now).await.unwrap();
+        first.claim("10.96.200.1".parse().unwrap(), "test/x");
+        second.claim("10.96.200.1".parse().unwrap(), "test/y");
+        store
+            .write(first.write().into_iter().collect())
+            .await
+            .unwrap();
+        let conflict = store.write(second.write().into_iter().collect()).await;
+        assert!(
+            matches!(conflict, Err(StoreError::Conflict { .. })),
+            "{conflict:?}"
+        );
+    }
 }

@@ -21,6 +21,7 @@ pub mod envoy;
 pub mod identity;
 pub mod tls;
 pub mod token;
+pub mod vips;
 pub mod xds;
 
 use catalog::{Catalog, Compiled};
