@@ -512,19 +512,13 @@ async fn leave(o: &DiscoveryOptions, j: Joined) {
         join_token: None,
         ca_hash: None,
     };
-    let bye = async {
-        let creds = identity::bootstrap(&opts, &o.servers).await?;
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let req = serde_json::json!({ "op": "deregister", "name": j.name, "ts": ts });
-        identity::signed_call(&o.servers, "/v1/agent", &creds, &req).await
+    let left = match identity::bootstrap(&opts, &o.servers).await {
+        Ok(creds) => crate::deregister(&o.servers, &creds, &j.name).await,
+        Err(e) => Err(e.to_string()),
     };
-    match tokio::time::timeout(Duration::from_secs(5), bye).await {
-        Ok(Ok(_)) => tracing::info!(container = %j.name, "container left: workload deregistered"),
-        Ok(Err(e)) => tracing::warn!(container = %j.name, error = %e, "could not deregister"),
-        Err(_) => tracing::warn!(container = %j.name, "deregistration timed out"),
+    match left {
+        Ok(()) => tracing::info!(container = %j.name, "container left: workload deregistered"),
+        Err(e) => tracing::warn!(container = %j.name, error = %e, "could not deregister"),
     }
     drop(j);
 }

@@ -209,7 +209,7 @@ pub async fn run_until(
         "spec": spec,
         "intervalMs": opts.health.interval.as_millis() as u64,
     });
-    send(&opts.servers, &current, register.clone())
+    send(&opts.servers, &current.load(), register.clone())
         .await
         .map_err(|e| AgentError::Register(e.to_string()))?;
     tracing::info!(%workload, spiffe = %creds.info.id, "workload registered");
@@ -226,11 +226,9 @@ pub async fn run_until(
     if let Some((task, _)) = resolver {
         task.abort();
     }
-    let bye = serde_json::json!({ "op": "deregister", "name": opts.name });
-    match tokio::time::timeout(Duration::from_secs(5), send(&opts.servers, &current, bye)).await {
-        Ok(Ok(_)) => tracing::info!(%workload, "workload deregistered"),
-        Ok(Err(e)) => tracing::warn!(%workload, error = %e, "could not deregister"),
-        Err(_) => tracing::warn!(%workload, "deregistration timed out"),
+    match deregister(&opts.servers, &current.load(), &opts.name).await {
+        Ok(()) => tracing::info!(%workload, "workload deregistered"),
+        Err(e) => tracing::warn!(%workload, error = %e, "could not deregister"),
     }
     served?;
     Ok(())
@@ -238,7 +236,7 @@ pub async fn run_until(
 
 async fn send(
     servers: &[String],
-    creds: &ArcSwap<Credentials>,
+    creds: &Credentials,
     mut request: serde_json::Value,
 ) -> Result<serde_json::Value, IdentityError> {
     let ts = SystemTime::now()
@@ -246,7 +244,17 @@ async fn send(
         .unwrap_or_default()
         .as_secs();
     request["ts"] = ts.into();
-    identity::signed_call(servers, "/v1/agent", &creds.load(), &request).await
+    identity::signed_call(servers, "/v1/agent", creds, &request).await
+}
+
+/// Take Workload `name` out of the mesh, signed with `creds`, giving up after 5 s.
+async fn deregister(servers: &[String], creds: &Credentials, name: &str) -> Result<(), String> {
+    let bye = serde_json::json!({ "op": "deregister", "name": name });
+    match tokio::time::timeout(Duration::from_secs(5), send(servers, creds, bye)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
 }
 
 /// Check every interval; send the verdict with each heartbeat.
@@ -276,13 +284,13 @@ async fn heartbeats(
             "healthy": verdict.healthy,
             "intervalMs": health.interval.as_millis() as u64,
         });
-        match send(&servers, &creds, beat).await {
+        match send(&servers, &creds.load(), beat).await {
             Ok(_) => {}
             // The control plane lost the Workload (deleted by hand, a store restored from
             // an older backup): register it again; the next heartbeat reports health.
             Err(e) if e.to_string().contains("HTTP 404") => {
                 tracing::warn!(workload = %name, "the control plane lost this workload; registering it again");
-                if let Err(e) = send(&servers, &creds, register.clone()).await {
+                if let Err(e) = send(&servers, &creds.load(), register.clone()).await {
                     tracing::warn!(workload = %name, error = %e, "registration failed");
                 }
             }
