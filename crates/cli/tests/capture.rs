@@ -8,24 +8,11 @@
 
 mod common;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use http::Method;
-use trellis_test_support::{control::ControlProcess, netbed::NetBed, sum_metric, Temp};
-
-/// A bed, or `None` (with a note) when this machine cannot make one.
-fn bed() -> Option<NetBed> {
-    let bed = NetBed::new();
-    if bed.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the capture tests as root"
-        );
-        eprintln!("skipped: network namespaces need root");
-    }
-    bed
-}
+use trellis_test_support::{netbed::NetBed, sum_metric, Logs, Temp};
 
 const APP: &str = r#"
 import http.server, sys
@@ -40,50 +27,6 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
 "#;
-
-struct Join<'a> {
-    cp: &'a ControlProcess,
-    xds: String,
-    state: PathBuf,
-    name: &'a str,
-    app: &'a str,
-    address: String,
-}
-
-impl Join<'_> {
-    fn cmd(&self, bed: &NetBed, ns: &str, token: Option<&str>) -> std::process::Command {
-        let mut c = bed.cmd(ns, &[BIN, "join"]);
-        c.args(["--control-plane", &self.xds, "--ca-hash", &self.cp.ca_hash])
-            .args(["--state-dir", self.state.to_str().unwrap()])
-            .args(["--name", self.name, "--label", &format!("app={}", self.app)])
-            .args(["--address", &self.address, "--environment", "bare-metal"])
-            .args(["--check-interval", "200ms", "--capture"])
-            .env_remove("TRELLIS_JOIN_TOKEN");
-        if let Some(t) = token {
-            c.args(["--token", t]);
-        }
-        c
-    }
-}
-
-/// The processes' logs, printed when the test fails.
-struct Logs(Temp);
-
-impl Drop for Logs {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for e in std::fs::read_dir(&self.0 .0)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            eprintln!("==== {}\n{text}", e.path().display());
-        }
-    }
-}
 
 /// curl inside `ns`: (exit code, body).
 fn curl(bed: &NetBed, ns: &str, url: &str) -> (i32, String) {
@@ -112,23 +55,17 @@ fn rules(bed: &NetBed, ns: &str) -> String {
 // Several threads: curl blocks one while the pass-through server answers on another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_with_the_agent() {
-    let Some(mut bed) = bed() else { return };
+    let Some(mut bed) = root_bed("capture") else {
+        return;
+    };
     let (client, server) = (bed.host(2), bed.host(3));
-    let logs = Logs(Temp::dir("capture-logs"));
-    let cp = ControlProcess::start_in(
-        BIN,
-        trellis_test_support::temp_path("control"),
-        &[],
-        "127.0.0.1:0",
-        &format!("{}:0", bed.gateway()),
-    );
-    let xds = format!("https://{}", cp.xds);
-    let svc = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 8080, protocol: HTTP }]\n";
-    apply_ok(&cp, svc.to_string()).await;
+    let logs = Logs::new("capture-logs");
+    let (cp, xds) = control_on_bridge(&bed);
+    apply_ok(&cp, CATALOG.to_string()).await;
 
     // The server host: the application on :8080, and its agent.
     let app = bed.cmd(&server, &["python3", "-c", APP, "8080"]);
-    bed.spawn(app, &logs.0.join("app.log"));
+    bed.spawn(app, &logs.path("app.log"));
     let server_state = Temp::dir("capture-server");
     let join = Join {
         cp: &cp,
@@ -141,7 +78,7 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     let t = token(&cp, "test", "catalog", "10m", "1");
     let mut c = join.cmd(&bed, &server, Some(&t));
     c.args(["--port", "http=8080", "--check", "http:/"]);
-    bed.spawn(c, &logs.0.join("server-agent.log"));
+    bed.spawn(c, &logs.path("server-agent.log"));
 
     // The client host: only an agent; curl plays the unchanged application. It has no route
     // to the virtual IPs: the agent adds one (and removes it when it stops).
@@ -159,9 +96,8 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     let t = token(&cp, "test", "shopper", "10m", "1");
     let mut c = cjoin.cmd(&bed, &client, Some(&t));
     c.args(["--check", "none"]);
-    let agent = bed.spawn(c, &logs.0.join("client-agent.log"));
+    let agent = bed.spawn(c, &logs.path("client-agent.log"));
 
-    let log = |name: &str| std::fs::read_to_string(logs.0.join(name)).unwrap_or_default();
     let (code, body) = eventually(
         "curl reaches catalog.test.mesh",
         Duration::from_secs(30),
@@ -273,7 +209,7 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     assert_eq!(jumps(&rules(&bed, &client)), 1, "left behind by the crash");
     let mut c = cjoin.cmd(&bed, &client, None);
     c.args(["--check", "none"]);
-    let agent = bed.spawn(c, &logs.0.join("client-agent-2.log"));
+    let agent = bed.spawn(c, &logs.path("client-agent-2.log"));
     eventually(
         "the restarted agent serves again",
         Duration::from_secs(30),
@@ -284,7 +220,9 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     )
     .await;
     assert_eq!(jumps(&rules(&bed, &client)), 1, "{}", rules(&bed, &client));
-    assert!(log("client-agent-2.log").contains("traffic capture installed"));
+    assert!(logs
+        .read("client-agent-2.log")
+        .contains("traffic capture installed"));
 
     // A clean stop removes every rule it made.
     bed.signal(agent, "-TERM");
@@ -292,7 +230,7 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
         bed.wait_exit(agent, Duration::from_secs(40)).await,
         Some(0),
         "{}",
-        log("client-agent-2.log")
+        logs.read("client-agent-2.log")
     );
     let left = rules(&bed, &client);
     assert!(!left.contains("TRELLIS"), "{left}");

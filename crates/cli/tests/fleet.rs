@@ -25,115 +25,18 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use http::Method;
-use trellis_test_support::{control::ControlProcess, netbed::NetBed, podman::Podman, vm::Vm, Temp};
-
-/// One request from `ns` with curl: status (0 if curl failed), x-trellis-failure, body.
-fn get(bed: &NetBed, ns: &str, url: &str) -> (u16, String, String) {
-    let out = bed
-        .cmd(ns, &["curl", "-s", "-D", "-", "--max-time", "10", url])
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or(("", ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let class = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-trellis-failure")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    (status, class, body.trim().to_string())
-}
-
-/// The processes' logs, printed when the test fails.
-struct Logs(Temp);
-
-impl Drop for Logs {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for e in std::fs::read_dir(&self.0 .0)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            eprintln!("==== {}", e.path().display());
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
-async fn healthy(cp: &ControlProcess, name: &str) -> Option<bool> {
-    let (st, v) = cp
-        .call(
-            Method::GET,
-            &format!("/api/v1/resources/Workload/test/{name}"),
-            "",
-            None,
-        )
-        .await;
-    (st == 200).then(|| v["spec"]["healthy"] == true)
-}
-
-const MESH: &str = "apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: { name: catalog, namespace: test }
-spec:
-  selector: { app: catalog }
-  ports: [{ name: http, port: 80, targetPort: 8080, protocol: HTTP }]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: { name: catalog, namespace: test }
-spec:
-  parentRefs: [{ kind: Service, name: catalog, port: 80 }]
-  rules:
-    - backendRefs: [{ name: catalog, port: 80 }]
-      timeouts: { request: 5s }
-      retry: { attempts: 2, codes: [502, 503, 504], backoff: 20ms, perTryTimeout: 1s }
----
-apiVersion: trellis.dev/v1alpha1
-kind: BackendTrafficPolicy
-metadata: { name: catalog, namespace: test }
-spec:
-  targetRefs: [{ name: catalog }]
-  connectionPool: { connectTimeout: 500ms }
-";
+use trellis_test_support::{podman::Podman, vm::Vm, Logs, Temp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
-    let Some(mut bed) = NetBed::new() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the fleet test as root"
-        );
-        eprintln!("skipped: network namespaces, containers and a VM need root");
+    let Some(mut bed) = root_bed("fleet") else {
         return;
     };
     let images = Vm::build(BIN);
     let client = bed.host(2);
-    let logs = Logs(Temp::dir("fleet-logs"));
-    let cp = ControlProcess::start_in(
-        BIN,
-        trellis_test_support::temp_path("control"),
-        &[],
-        "127.0.0.1:0",
-        &format!("{}:0", bed.gateway()),
-    );
-    let xds = format!("https://{}", cp.xds);
-    apply_ok(&cp, MESH.to_string()).await;
+    let logs = Logs::new("fleet-logs");
+    let (cp, xds) = control_on_bridge(&bed);
+    apply_ok(&cp, FLEET_MESH.to_string()).await;
 
     // The VM, in the client's zone.
     let vm_token = token(&cp, "test", "catalog", "10m", "1");
@@ -154,62 +57,31 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     let socket = podman.serve().await.to_string();
     let state = Temp::dir("fleet-containers");
     let t = token(&cp, "test", "catalog", "10m", "1");
-    let mut c = std::process::Command::new(BIN);
-    c.args(["containers", "--engine", &socket, "--control-plane", &xds])
-        .args([
-            "--ca-hash",
-            &cp.ca_hash,
-            "--token",
-            &format!("test/catalog={t}"),
-        ])
-        .args(["--state-dir", state.0.to_str().unwrap()])
-        .args(["--log-dir", logs.0 .0.to_str().unwrap(), "--capture"])
-        .arg("--join-arg=--check-interval=200ms");
-    bed.spawn(c, &logs.0.join("discovery.log"));
-    podman.run(&[
-        "run",
-        "-d",
-        "--name",
-        "catalog-ctr",
-        "--network",
-        "trellisnet",
-        "--label",
-        "trellis.service=catalog",
-        "--label",
-        "trellis.namespace=test",
-        "--label",
-        "trellis.port=8080",
-        "--label",
-        "trellis.check=http:/index.html",
-        "--label",
-        "trellis.locality=eu-west-1/eu-west-1b",
-        trellis_test_support::podman::IMAGE,
-    ]);
+    let c = discovery(&cp, &xds, &socket, &t, &state, &logs.0);
+    bed.spawn(c, &logs.path("discovery.log"));
+    run_catalog_container(&podman, "catalog-ctr");
 
     // The bare-metal client host, in eu-west-1a.
     let client_state = Temp::dir("fleet-client");
     let t = token(&cp, "test", "shopper", "10m", "1");
-    let mut c = bed.cmd(&client, &[BIN, "join"]);
+    let client_join = Join {
+        cp: &cp,
+        xds: xds.clone(),
+        state: client_state.0.clone(),
+        name: "shopper-1",
+        app: "shopper",
+        address: bed.addr(2).to_string(),
+    };
+    let mut c = client_join.cmd(&bed, &client, Some(&t));
     c.args([
-        "--control-plane",
-        &xds,
-        "--ca-hash",
-        &cp.ca_hash,
-        "--token",
-        &t,
-    ])
-    .args(["--state-dir", client_state.0.to_str().unwrap()])
-    .args(["--name", "shopper-1", "--address", &bed.addr(2).to_string()])
-    .args([
-        "--environment",
-        "bare-metal",
         "--region",
         "eu-west-1",
         "--zone",
         "eu-west-1a",
-    ])
-    .args(["--check", "none", "--capture"]);
-    bed.spawn(c, &logs.0.join("client-agent.log"));
+        "--check",
+        "none",
+    ]);
+    bed.spawn(c, &logs.path("client-agent.log"));
 
     eventually(
         "the VM and the container are healthy",
@@ -228,7 +100,7 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
         "the client reaches the VM",
         Duration::from_secs(30),
         async || {
-            let r = get(&bed, &client, url);
+            let r = get_in(&bed, &client, url);
             (r.0 == 200 && r.2 == "vm-app").then_some(r)
         },
     )
@@ -245,20 +117,20 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
         ];
         trellis_test_support::sum_metric(m, "trellis_http_requests_total", &labels)
     };
-    let before = metric(&get(&bed, &client, "http://127.0.0.1:15000/metrics").2);
-    let (status, class, body) = get(&bed, &client, "http://catalog.test.mesh/cgi-bin/fail");
+    let before = metric(&get_in(&bed, &client, "http://127.0.0.1:15000/metrics").2);
+    let (status, class, body) = get_in(&bed, &client, "http://catalog.test.mesh/cgi-bin/fail");
     assert_eq!(
         (status, class.as_str(), body.as_str()),
         (500, "", "vm-app-broken")
     );
-    let after = metric(&get(&bed, &client, "http://127.0.0.1:15000/metrics").2);
+    let after = metric(&get_in(&bed, &client, "http://127.0.0.1:15000/metrics").2);
     assert_eq!(after, before + 1.0, "one app_error, no retry");
 
     // 3. The VM's application dies: no request fails (the container takes the retries),
     //    then the VM's agent reports it down, and it comes back with the application.
     vm.exec("killall httpd").await;
     for i in 0..20 {
-        let (status, class, body) = get(&bed, &client, url);
+        let (status, class, body) = get_in(&bed, &client, url);
         assert_eq!(
             (status, body.as_str()),
             (200, "container-app"),
@@ -275,7 +147,7 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     eventually(
         "traffic returns to the VM",
         Duration::from_secs(30),
-        async || (get(&bed, &client, url).2 == "vm-app").then_some(()),
+        async || (get_in(&bed, &client, url).2 == "vm-app").then_some(()),
     )
     .await;
 
@@ -299,7 +171,7 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     let mut add = vec!["iptables", "-I", "OUTPUT"];
     add.extend(drop_rule);
     assert!(bed.run(&client, &add).0);
-    let (status, class, _) = get(&bed, &client, url);
+    let (status, class, _) = get_in(&bed, &client, url);
     eprintln!("link cut: {status} {class}");
     assert!(matches!(status, 502..=504), "{status} {class}");
     assert!(
@@ -312,7 +184,7 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     eventually(
         "the VM serves again once the link is back",
         Duration::from_secs(60),
-        async || (get(&bed, &client, url).2 == "vm-app").then_some(()),
+        async || (get_in(&bed, &client, url).2 == "vm-app").then_some(()),
     )
     .await;
     drop(vm);

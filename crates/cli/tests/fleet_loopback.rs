@@ -18,13 +18,12 @@ mod common;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use common::*;
-use http::Method;
-use trellis_test_support::{control::ControlProcess, Temp};
+use trellis_test_support::{control::ControlProcess, Logs, Temp};
 
 const APP: &str = r#"
 import http.server, sys
@@ -41,26 +40,6 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
 "#;
-
-/// A child process, killed on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
-            .status();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // A stopped process cannot die of SIGKILL until it is continued.
-        self.signal("-CONT");
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0))
@@ -123,18 +102,6 @@ async fn outbound(log: &Path) -> SocketAddr {
     .await
 }
 
-async fn healthy(cp: &ControlProcess, name: &str) -> Option<bool> {
-    let (st, v) = cp
-        .call(
-            Method::GET,
-            &format!("/api/v1/resources/Workload/test/{name}"),
-            "",
-            None,
-        )
-        .await;
-    (st == 200).then(|| v["spec"]["healthy"] == true)
-}
-
 /// GET through the client's outbound listener: status, failure class, body.
 async fn get(out: SocketAddr, path: &str) -> (u16, String, String) {
     match client::get_full(out, "catalog.test.mesh", path, &[]).await {
@@ -151,56 +118,13 @@ async fn get(out: SocketAddr, path: &str) -> (u16, String, String) {
     }
 }
 
-/// The processes' logs, printed when the test fails.
-struct Logs(Temp);
-
-impl Drop for Logs {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for e in std::fs::read_dir(&self.0 .0)
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                eprintln!("==== {}\n{text}", e.path().display());
-            }
-        }
-    }
-}
-
-const MESH: &str = "apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: { name: catalog, namespace: test }
-spec:
-  selector: { app: catalog }
-  ports: [{ name: http, port: 80, targetPort: 8080, protocol: HTTP }]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: { name: catalog, namespace: test }
-spec:
-  parentRefs: [{ kind: Service, name: catalog, port: 80 }]
-  rules:
-    - backendRefs: [{ name: catalog, port: 80 }]
-      timeouts: { request: 5s }
-      retry: { attempts: 2, codes: [502, 503, 504], backoff: 20ms, perTryTimeout: 1s }
----
-apiVersion: trellis.dev/v1alpha1
-kind: BackendTrafficPolicy
-metadata: { name: catalog, namespace: test }
-spec:
-  targetRefs: [{ name: catalog }]
-  connectionPool: { connectTimeout: 500ms }
-";
-
 #[tokio::test]
 async fn the_fleet_scenarios_run_on_loopback_without_root() {
     let cp = ControlProcess::start(BIN, &[]);
-    apply_ok(&cp, MESH.to_string()).await;
-    let logs = Logs(Temp::dir("fleet-lo-logs"));
+    apply_ok(&cp, FLEET_MESH.to_string()).await;
+    let logs = Logs::new("fleet-lo-logs");
     let dirs = Temp::dir("fleet-lo-state");
-    let log = |n: &str| logs.0.join(n);
+    let log = |n: &str| logs.path(n);
 
     let (vm_ip, ctr_ip) = ("127.0.0.20", "127.0.0.10");
     let vm_port = free_port(vm_ip);

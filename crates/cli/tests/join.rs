@@ -4,7 +4,7 @@
 mod common;
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -16,71 +16,41 @@ use common::*;
 use http::Method;
 use trellis_test_support::{control::ControlProcess, temp_path};
 
-/// An agent process, killed on drop.
-struct Agent(Child);
-
-impl Agent {
-    fn start(cp: &ControlProcess, state: &str, app: u16, token: Option<&str>) -> Self {
-        let mut c = Command::new(BIN);
-        c.args([
-            "join",
-            "--control-plane",
-            &cp.xds_url(),
-            "--state-dir",
-            state,
-        ])
-        .args(["--name", "catalog-1", "--label", "app=catalog"])
-        .args([
-            "--address",
-            "127.0.0.1",
-            "--environment",
-            "vm",
-            "--zone",
-            "z1",
-        ])
-        .args(["--port", &format!("http={app}"), "--check", "http:/healthz"])
-        .args(["--check-interval", "200ms", "--unhealthy-threshold", "1"])
-        .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
-        .args(["--inbound", "127.0.0.1:0", "--no-access-log"])
-        .env_remove("TRELLIS_JOIN_TOKEN")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        if let Some(t) = token {
-            c.args(["--token", t]);
-        }
-        Self(c.spawn().expect("spawn trellis join"))
+/// `trellis join` for `test/catalog-1`, killed on drop.
+fn start_agent(cp: &ControlProcess, state: &str, app: u16, token: Option<&str>) -> Proc {
+    let mut c = Command::new(BIN);
+    c.args([
+        "join",
+        "--control-plane",
+        &cp.xds_url(),
+        "--state-dir",
+        state,
+    ])
+    .args(["--name", "catalog-1", "--label", "app=catalog"])
+    .args([
+        "--address",
+        "127.0.0.1",
+        "--environment",
+        "vm",
+        "--zone",
+        "z1",
+    ])
+    .args(["--port", &format!("http={app}"), "--check", "http:/healthz"])
+    .args(["--check-interval", "200ms", "--unhealthy-threshold", "1"])
+    .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+    .args(["--inbound", "127.0.0.1:0", "--no-access-log"])
+    .env_remove("TRELLIS_JOIN_TOKEN")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(t) = token {
+        c.args(["--token", t]);
     }
-
-    fn signal(&mut self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
-            .status();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The stored Workload `test/catalog-1`, if any.
-async fn workload(cp: &ControlProcess) -> Option<serde_json::Value> {
-    let (st, v) = cp
-        .call(
-            Method::GET,
-            "/api/v1/resources/Workload/test/catalog-1",
-            "",
-            None,
-        )
-        .await;
-    (st == 200).then_some(v)
+    Proc(c.spawn().expect("spawn trellis join"))
 }
 
 async fn wait_health(cp: &ControlProcess, healthy: bool, what: &str) -> serde_json::Value {
     eventually(what, Duration::from_secs(15), async || {
-        let w = workload(cp).await?;
+        let w = workload(cp, "catalog-1").await?;
         (w["spec"]["healthy"] == healthy).then_some(w)
     })
     .await
@@ -112,7 +82,7 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
 
     // Join: the Workload appears with the identity's namespace and identity, the proxy's
     // real inbound port, and turns healthy once the check passes.
-    let mut agent = Agent::start(&cp, &state_s, app.port(), Some(&t));
+    let mut agent = start_agent(&cp, &state_s, app.port(), Some(&t));
     let w = wait_health(&cp, true, "registered and healthy").await;
     assert_eq!(w["spec"]["identity"], "catalog", "{w}");
     assert_eq!(w["spec"]["environment"], "vm", "{w}");
@@ -186,14 +156,14 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
     let _ = agent.0.wait();
     wait_health(&cp, false, "unhealthy after missed heartbeats").await;
     // Restarted with no token: it rejoins with its stored identity.
-    let mut agent = Agent::start(&cp, &state_s, app.port(), None);
+    let mut agent = start_agent(&cp, &state_s, app.port(), None);
     wait_health(&cp, true, "rejoined without a token").await;
     reach(200).await;
     // A clean stop deregisters.
     agent.signal("-TERM");
     let _ = agent.0.wait();
     eventually("deregistered", Duration::from_secs(15), async || {
-        workload(&cp).await.is_none().then_some(())
+        workload(&cp, "catalog-1").await.is_none().then_some(())
     })
     .await;
 

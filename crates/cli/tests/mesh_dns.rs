@@ -6,23 +6,13 @@
 mod common;
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use common::*;
 use http::Method;
-use trellis_test_support::{control::ControlProcess, Temp};
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use trellis_test_support::{control::ControlProcess, need, Temp};
 
 /// A real dnsmasq on 127.0.0.1 that answers `upstream.example` with 127.0.0.9, and its port.
 /// dnsmasq takes no port 0, so a free one is chosen; it also listens on TCP there, where a
@@ -65,17 +55,6 @@ async fn dnsmasq() -> (Proc, u16) {
         );
     }
     panic!("dnsmasq never answered:\n{errors}");
-}
-
-fn need(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "this test needs {tool} (Debian: apt-get install {package}); .ci/run installs it"
-    );
 }
 
 /// `dig` against the agent: (status, answers).

@@ -97,6 +97,65 @@ pub fn write_temp(name: &str, text: &str) -> Temp {
     Temp(p)
 }
 
+/// Where `tool` is on the PATH; panics naming the Debian package to install when it is not.
+pub fn need(tool: &str, package: &str) -> PathBuf {
+    let out = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output();
+    let path = out
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match path {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => panic!(
+            "this test needs {tool} (Debian: apt-get install {package}); .ci/run installs it"
+        ),
+    }
+}
+
+/// A directory for the logs of the processes a test starts: removed on drop, and when the
+/// test fails, the last lines of each file are printed first.
+#[derive(Debug)]
+pub struct Logs(pub Temp);
+
+impl Logs {
+    /// A fresh log directory.
+    pub fn new(name: &str) -> Self {
+        Self(Temp::dir(name))
+    }
+
+    /// The path of log `name` in it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// What log `name` holds so far.
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for e in std::fs::read_dir(&self.0 .0)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("==== {} (last lines)", e.path().display());
+            for l in &lines[lines.len().saturating_sub(200)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 /// A temporary file or directory, removed on drop.
 #[derive(Debug)]
 pub struct Temp(pub PathBuf);

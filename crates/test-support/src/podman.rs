@@ -28,20 +28,9 @@ impl Podman {
     /// Configure podman for `bridge` with containers at `first..=last` of `subnet` (the
     /// bridge's `/24`), and import [`IMAGE`]. Panics with what is missing.
     pub fn new(bridge: &str, gateway: Ipv4Addr, first: u8, last: u8) -> Self {
-        for (tool, pkg) in [
-            ("podman", "podman"),
-            ("runc", "runc"),
-            ("busybox", "busybox-static"),
-        ] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            assert!(
-                found,
-                "containers need {tool} (Debian: apt-get install {pkg}); .ci/run installs it"
-            );
-        }
+        crate::need("podman", "podman");
+        crate::need("runc", "runc");
+        crate::need("busybox", "busybox-static");
         let dir = Temp::dir("podman");
         let d = dir.0.clone();
         let [a, b, c, _] = gateway.octets();
@@ -127,11 +116,7 @@ impl Podman {
         for sub in ["bin", "www", "tmp"] {
             std::fs::create_dir_all(root.join(sub)).unwrap();
         }
-        let busybox = Command::new("sh")
-            .args(["-c", "command -v busybox"])
-            .output()
-            .expect("find busybox");
-        let busybox = String::from_utf8_lossy(&busybox.stdout).trim().to_string();
+        let busybox = crate::need("busybox", "busybox-static");
         std::fs::copy(&busybox, root.join("bin/busybox")).expect("copy busybox");
         for applet in ["sh", "httpd", "sleep", "cat"] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();

@@ -8,6 +8,10 @@ pub use trellis_test_support::{client, eventually, upstream, ProxyProcess};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 
+pub mod fleet;
+#[allow(unused_imports)]
+pub use fleet::*;
+
 /// A Service `name` in namespace `test` on port 80 with one Workload per endpoint (environment
 /// taken round-robin from vm, container, bare-metal).
 pub fn service(name: &str, protocol: &str, endpoints: &[SocketAddr]) -> String {
