@@ -353,7 +353,6 @@ fn identity_of(c: &Container) -> String {
 /// A container's agent, restarted with back-off when it exits while the container runs
 /// (a failed join, or an agent of a crashed discovery still holding the namespace's ports).
 struct Joined {
-    name: String,
     container: Container,
     child: Option<Child>,
     restarts: u32,
@@ -419,13 +418,15 @@ fn supervise(o: &DiscoveryOptions, joined: &mut HashMap<String, Joined>) {
                 Ok(Some(status)) => {
                     let wait =
                         Duration::from_secs(1u64 << j.restarts.min(5)).min(Duration::from_secs(30));
-                    tracing::warn!(container = %j.name, %status, retry_in_s = wait.as_secs(), "its agent exited");
+                    tracing::warn!(container = %j.container.name, %status, retry_in_s = wait.as_secs(), "its agent exited");
                     j.child = None;
                     j.retry_at = Some(now + wait);
                     j.restarts += 1;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(container = %j.name, error = %e, "cannot check its agent"),
+                Err(e) => {
+                    tracing::warn!(container = %j.container.name, error = %e, "cannot check its agent")
+                }
             }
         }
         if j.child.is_none() && j.retry_at.is_some_and(|t| t <= now) {
@@ -455,7 +456,6 @@ async fn start(o: &DiscoveryOptions, id: &str, joined: &mut HashMap<String, Join
         joined.insert(
             id.to_string(),
             Joined {
-                name: c.name.clone(),
                 container: c,
                 child: Some(child),
                 restarts: 0,
@@ -508,17 +508,19 @@ fn spawn_agent(o: &DiscoveryOptions, c: &Container) -> Option<Child> {
 /// agent (whose network went with the container).
 async fn leave(o: &DiscoveryOptions, j: Joined) {
     let opts = IdentityOptions {
-        state_dir: o.state_dir.join(&j.name),
+        state_dir: o.state_dir.join(&j.container.name),
         join_token: None,
         ca_hash: None,
     };
     let left = match identity::bootstrap(&opts, &o.servers).await {
-        Ok(creds) => crate::deregister(&o.servers, &creds, &j.name).await,
+        Ok(creds) => crate::deregister(&o.servers, &creds, &j.container.name).await,
         Err(e) => Err(e.to_string()),
     };
     match left {
-        Ok(()) => tracing::info!(container = %j.name, "container left: workload deregistered"),
-        Err(e) => tracing::warn!(container = %j.name, error = %e, "could not deregister"),
+        Ok(()) => {
+            tracing::info!(container = %j.container.name, "container left: workload deregistered")
+        }
+        Err(e) => tracing::warn!(container = %j.container.name, error = %e, "could not deregister"),
     }
     drop(j);
 }

@@ -144,11 +144,6 @@ pub fn resolv_conf_upstream(text: &str) -> Option<SocketAddr> {
         .map(|ip| SocketAddr::new(ip, 53))
 }
 
-/// Bind the resolver's socket.
-pub async fn bind(opts: &DnsOptions) -> std::io::Result<UdpSocket> {
-    UdpSocket::bind(opts.listen).await
-}
-
 /// Answer queries on `sock` until the task is dropped.
 pub async fn serve(sock: UdpSocket, opts: DnsOptions, shared: Arc<Shared>) {
     let sock = Arc::new(sock);

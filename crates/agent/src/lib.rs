@@ -173,10 +173,12 @@ pub async fn run_until(
     tracing::info!(%admin, %outbound, %inbound, %workload, "listening");
     let mut resolver = None;
     if let Some(d) = &opts.dns {
-        let sock = dns::bind(d).await.map_err(|source| AgentError::Dns {
-            addr: d.listen,
-            source,
-        })?;
+        let sock = tokio::net::UdpSocket::bind(d.listen)
+            .await
+            .map_err(|source| AgentError::Dns {
+                addr: d.listen,
+                source,
+            })?;
         let listen = sock.local_addr()?;
         tracing::info!(%listen, upstream = ?d.upstream, "answering DNS for .mesh");
         resolver = Some((
