@@ -293,14 +293,18 @@ async fn get(bind: SocketAddr) -> Result<(u16, String)> {
 /// Send `rate` requests a second for `duration`, break the VM's app a third of the way
 /// in and mend it at two thirds; print one line a second. Fails if a request failed.
 async fn traffic(a: &DemoArgs, bind: SocketAddr, vm_down: &AtomicBool) -> Result<()> {
-    // Wait until the catalog answers (agents registered, health checks passed).
+    // Wait until the caller's own zone answers: every agent registers on its own, and a
+    // request sent while only the container had joined would be served from the next
+    // zone, which is right but not the story the demo tells.
     let ready = Instant::now();
     loop {
-        if let Ok((200, _)) = get(bind).await {
+        if matches!(get(bind).await, Ok((200, who)) if who == "catalog-vm") {
             break;
         }
         if ready.elapsed() > Duration::from_secs(30) {
-            return Err(anyhow!("the catalog did not become reachable within 30 s"));
+            return Err(anyhow!(
+                "the catalog did not answer from the caller's zone within 30 s"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
