@@ -84,8 +84,13 @@ impl CaptureOptions {
         }
         if let Some(dns) = self.dns_port {
             r += &format!("-A TRELLIS_DNS {mark} -j RETURN\n");
-            r += &format!("-A TRELLIS_DNS -p udp --dport 53 -j REDIRECT --to-ports {dns}\n");
+            for proto in ["udp", "tcp"] {
+                r +=
+                    &format!("-A TRELLIS_DNS -p {proto} --dport 53 -j REDIRECT --to-ports {dns}\n");
+            }
+            // Before the TCP catch-all below, so that DNS over TCP reaches the resolver.
             r += "-A OUTPUT -p udp --dport 53 -j TRELLIS_DNS\n";
+            r += "-A OUTPUT -p tcp --dport 53 -j TRELLIS_DNS\n";
         }
         r += "-A OUTPUT -p tcp -j TRELLIS_OUTPUT\n";
         r += "-A PREROUTING -p tcp -j TRELLIS_INBOUND\n";
@@ -272,7 +277,16 @@ mod tests {
             pos("-A TRELLIS_DNS -m mark --mark 0x539 -j RETURN")
                 < pos("-A TRELLIS_DNS -p udp --dport 53 -j REDIRECT --to-ports 15053")
         );
-        pos("-A OUTPUT -p tcp -j TRELLIS_OUTPUT");
+        assert!(
+            pos("-A TRELLIS_DNS -m mark --mark 0x539 -j RETURN")
+                < pos("-A TRELLIS_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053")
+        );
+        pos("-A OUTPUT -p udp --dport 53 -j TRELLIS_DNS");
+        // DNS over TCP goes to the resolver, not to the outbound listener.
+        assert!(
+            pos("-A OUTPUT -p tcp --dport 53 -j TRELLIS_DNS")
+                < pos("-A OUTPUT -p tcp -j TRELLIS_OUTPUT")
+        );
         pos("-A PREROUTING -p tcp -j TRELLIS_INBOUND");
         assert_eq!(lines.first(), Some(&"*nat"));
         assert_eq!(lines.last(), Some(&"COMMIT"));
@@ -281,6 +295,6 @@ mod tests {
             ..o
         }
         .rules();
-        assert!(!no_dns.contains("udp"), "{no_dns}");
+        assert!(!no_dns.contains("--dport 53"), "{no_dns}");
     }
 }

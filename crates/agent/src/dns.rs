@@ -1,14 +1,20 @@
 //! The agent's resolver: `NAME.NAMESPACE.mesh` is answered from the proxy's config with the
 //! service's virtual IP; any other name is forwarded to the host's resolver and its answer
-//! relayed unchanged. UDP only (mesh answers are a few dozen bytes).
+//! relayed unchanged. Over UDP and over TCP (RFC 7766): a client falls back to TCP when a
+//! forwarded answer comes back truncated, and some are set to use TCP only.
 
 use std::{
+    io,
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
 
-use tokio::net::UdpSocket;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    sync::Semaphore,
+};
 use trellis_model::resource::NamespacedName;
 use trellis_proxy::Shared;
 
@@ -20,8 +26,16 @@ const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
 const RCODE_SERVFAIL: u8 = 2;
 const RCODE_NXDOMAIN: u8 = 3;
+/// A DNS header's length: anything shorter is no message, and is dropped unanswered.
+const HEADER: usize = 12;
 /// Most forwarded queries waiting for the host's resolver at once.
 const MAX_FORWARDS: usize = 256;
+/// Most TCP clients at once; one more is closed at once (it retries, or uses UDP).
+const MAX_TCP_CLIENTS: usize = 128;
+/// A TCP client that sends no query for this long is closed (RFC 7766 suggests seconds).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How long the host's resolver has to answer a forwarded query.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A parsed question: the name (lower case, no trailing dot), its type, and where the
 /// question section ends.
@@ -128,7 +142,7 @@ fn local_answer(
 /// Where the agent's resolver listens and forwards.
 #[derive(Clone, Debug)]
 pub struct DnsOptions {
-    /// Listen address (UDP).
+    /// Listen address (UDP and TCP).
     pub listen: SocketAddr,
     /// The resolver other names go to; `None` answers them SERVFAIL.
     pub upstream: Option<SocketAddr>,
@@ -144,11 +158,48 @@ pub fn resolv_conf_upstream(text: &str) -> Option<SocketAddr> {
         .map(|ip| SocketAddr::new(ip, 53))
 }
 
+/// The UDP socket and TCP listener of one address. With port 0 both get the same free port
+/// (a few tries: the UDP port may be taken for TCP).
+pub async fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
+    let mut tries = if addr.port() == 0 { 8 } else { 1 };
+    loop {
+        let udp = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(udp.local_addr()?).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if tries == 1 => return Err(e),
+            Err(_) => tries -= 1,
+        }
+    }
+}
+
+/// The virtual IP of a service in the proxy's live config: `None` when there is no such
+/// service, `Some(None)` when it has no virtual IP.
+fn lookup(shared: &Shared, id: &NamespacedName) -> Option<Option<Ipv4Addr>> {
+    shared
+        .state
+        .load()
+        .cfg
+        .services
+        .get(id)
+        .map(|s| s.virtual_ip)
+}
+
+/// SERVFAIL for `query`, if it is a query at all.
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let q = question(query)?;
+    Some(answer(query, &q, RCODE_SERVFAIL, None))
+}
+
+/// The host's resolver, unless it is this resolver itself (which would loop).
+fn upstream(opts: &DnsOptions) -> Option<SocketAddr> {
+    opts.upstream.filter(|up| *up != opts.listen)
+}
+
 /// Answer queries on `sock` until the task is dropped.
 pub async fn serve(sock: UdpSocket, opts: DnsOptions, shared: Arc<Shared>) {
     let sock = Arc::new(sock);
     // Forwarded queries in flight; beyond this (a flood, a dead upstream) SERVFAIL at once.
-    let inflight = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDS));
+    let inflight = Arc::new(Semaphore::new(MAX_FORWARDS));
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, from) = match sock.recv_from(&mut buf).await {
@@ -159,35 +210,28 @@ pub async fn serve(sock: UdpSocket, opts: DnsOptions, shared: Arc<Shared>) {
                 continue;
             }
         };
+        if n < HEADER {
+            continue;
+        }
         let query = buf[..n].to_vec();
-        let lookup = |id: &NamespacedName| {
-            let snap = shared.state.load();
-            snap.cfg.services.get(id).map(|s| s.virtual_ip)
-        };
-        if let Some(reply) = local_answer(&query, lookup) {
+        if let Some(reply) = local_answer(&query, |id| lookup(&shared, id)) {
             let _ = sock.send_to(&reply, from).await;
             continue;
         }
         let Ok(permit) = inflight.clone().try_acquire_owned() else {
-            if let Some(q) = question(&query) {
-                let _ = sock
-                    .send_to(&answer(&query, &q, RCODE_SERVFAIL, None), from)
-                    .await;
+            if let Some(r) = servfail(&query) {
+                let _ = sock.send_to(&r, from).await;
             }
             continue;
         };
         let (sock, opts) = (sock.clone(), opts.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let reply = match opts.upstream {
-                Some(up) if up != opts.listen => forward(&query, up, opts.mark).await,
-                _ => None,
+            let reply = match upstream(&opts) {
+                Some(up) => forward(&query, up, opts.mark).await,
+                None => None,
             };
-            let reply = reply.or_else(|| {
-                let q = question(&query)?;
-                Some(answer(&query, &q, RCODE_SERVFAIL, None))
-            });
-            if let Some(r) = reply {
+            if let Some(r) = reply.or_else(|| servfail(&query)) {
                 let _ = sock.send_to(&r, from).await;
             }
         });
@@ -211,10 +255,103 @@ async fn forward(query: &[u8], upstream: SocketAddr, mark: Option<u32>) -> Optio
     sock.connect(upstream).await.ok()?;
     sock.send(query).await.ok()?;
     let mut buf = vec![0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf));
+    let read = tokio::time::timeout(FORWARD_TIMEOUT, sock.recv(&mut buf));
     let n = read.await.ok()?.ok()?;
     // Only the answer to this query (same id).
     (n >= 2 && buf[..2] == query[..2]).then(|| buf[..n].to_vec())
+}
+
+/// Answer DNS over TCP on `listener` until the task is dropped: each message has a two-byte
+/// length before it, and a client may send several queries on one connection.
+pub async fn serve_tcp(listener: TcpListener, opts: DnsOptions, shared: Arc<Shared>) {
+    let clients = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "dns accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = clients.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (opts, shared) = (opts.clone(), shared.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = tcp_client(stream, &opts, &shared).await {
+                tracing::debug!(error = %e, "dns tcp client");
+            }
+        });
+    }
+}
+
+/// One TCP client: its queries in turn, until it closes or idles.
+async fn tcp_client(mut s: TcpStream, opts: &DnsOptions, shared: &Shared) -> io::Result<()> {
+    loop {
+        let Ok(read) = tokio::time::timeout(TCP_IDLE, read_message(&mut s)).await else {
+            return Ok(());
+        };
+        let Some(query) = read?.filter(|q| q.len() >= HEADER) else {
+            return Ok(());
+        };
+        let reply = match local_answer(&query, |id| lookup(shared, id)) {
+            Some(r) => Some(r),
+            None => match upstream(opts) {
+                Some(up) => forward_tcp(&query, up, opts.mark).await,
+                None => None,
+            },
+        };
+        // Not even a query: nothing sensible to say, so the connection ends.
+        let Some(reply) = reply.or_else(|| servfail(&query)) else {
+            return Ok(());
+        };
+        write_message(&mut s, &reply).await?;
+    }
+}
+
+/// One length-prefixed message, or `None` at a clean end of the stream.
+async fn read_message(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut m = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    r.read_exact(&mut m).await?;
+    Ok(Some(m))
+}
+
+async fn write_message(w: &mut (impl AsyncWrite + Unpin), m: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(m.len()).map_err(|_| io::ErrorKind::InvalidData)?;
+    let mut b = Vec::with_capacity(m.len() + 2);
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(m);
+    w.write_all(&b).await
+}
+
+/// Ask the host's resolver over TCP, from a marked socket.
+async fn forward_tcp(query: &[u8], upstream: SocketAddr, mark: Option<u32>) -> Option<Vec<u8>> {
+    let sock = if upstream.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .ok()?;
+    if let Some(m) = mark {
+        if let Err(e) = socket2::SockRef::from(&sock).set_mark(m) {
+            tracing::warn!(error = %e, "cannot mark the forwarded DNS query");
+        }
+    }
+    let ask = async {
+        let mut s = sock.connect(upstream).await.ok()?;
+        write_message(&mut s, query).await.ok()?;
+        read_message(&mut s).await.ok()?
+    };
+    let reply = tokio::time::timeout(FORWARD_TIMEOUT, ask).await.ok()??;
+    (reply.len() >= 2 && reply[..2] == query[..2]).then_some(reply)
 }
 
 #[cfg(test)]

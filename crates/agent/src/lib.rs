@@ -173,16 +173,22 @@ pub async fn run_until(
     tracing::info!(%admin, %outbound, %inbound, %workload, "listening");
     let mut resolver = None;
     if let Some(d) = &opts.dns {
-        let sock = tokio::net::UdpSocket::bind(d.listen)
+        let (udp, tcp) = dns::bind(d.listen)
             .await
             .map_err(|source| AgentError::Dns {
                 addr: d.listen,
                 source,
             })?;
-        let listen = sock.local_addr()?;
+        let listen = udp.local_addr()?;
         tracing::info!(%listen, upstream = ?d.upstream, "answering DNS for .mesh");
+        let shared = proxy.shared().clone();
+        let d = dns::DnsOptions {
+            listen,
+            ..d.clone()
+        };
         resolver = Some((
-            tokio::spawn(dns::serve(sock, d.clone(), proxy.shared().clone())),
+            tokio::spawn(dns::serve(udp, d.clone(), shared.clone())),
+            tokio::spawn(dns::serve_tcp(tcp, d, shared)),
             listen,
         ));
     }
@@ -192,7 +198,7 @@ pub async fn run_until(
             let mut c = c.clone();
             c.outbound_port = outbound.port();
             c.inbound_port = inbound.port();
-            c.dns_port = resolver.as_ref().map(|(_, a)| a.port());
+            c.dns_port = resolver.as_ref().map(|(_, _, a)| a.port());
             Some(c.install()?)
         }
         None => None,
@@ -225,8 +231,9 @@ pub async fn run_until(
     // The proxy serves until a signal; then the workload leaves the mesh before it drains.
     let served = proxy.run_until(stop).await;
     beats.abort();
-    if let Some((task, _)) = resolver {
-        task.abort();
+    if let Some((udp, tcp, _)) = resolver {
+        udp.abort();
+        tcp.abort();
     }
     match deregister(&opts.servers, &current.load(), &opts.name).await {
         Ok(()) => tracing::info!(%workload, "workload deregistered"),

@@ -78,7 +78,7 @@ pub(crate) struct JoinArgs {
     /// With --capture: print the rules (iptables-restore input) and exit.
     #[arg(long, requires = "capture")]
     dry_run: bool,
-    /// Answer DNS for NAME.NAMESPACE.mesh on this UDP address (with --capture the default
+    /// Answer DNS for NAME.NAMESPACE.mesh on this address, UDP and TCP (with --capture the default
     /// is 127.0.0.1:15053, where DNS is redirected).
     #[arg(long)]
     dns: Option<std::net::SocketAddr>,

@@ -139,6 +139,20 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     // The address itself is captured too (no DNS involved).
     let (code, body) = curl(&bed, &client, &format!("http://{vip}/"));
     assert_eq!((code, body.as_str()), (0, "catalog-app saw 127.0.0.1"));
+    // DNS over TCP to the host's nameserver (the bridge's gateway, where nothing answers) is
+    // captured into the agent's resolver as well, as UDP is.
+    let (ok, out, err) = bed.run(
+        &client,
+        &[
+            "dig",
+            "+tcp",
+            "+tries=1",
+            "+time=3",
+            "+short",
+            "catalog.test.mesh",
+        ],
+    );
+    assert_eq!((ok, out.trim()), (true, vip.as_str()), "{err}");
 
     // Going around the proxy: the application's port is captured into the inbound listener,
     // which refuses plaintext (STRICT by default). The root namespace is not captured.

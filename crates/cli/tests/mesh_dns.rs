@@ -57,10 +57,16 @@ async fn dnsmasq() -> (Proc, u16) {
     panic!("dnsmasq never answered:\n{errors}");
 }
 
-/// `dig` against the agent: (status, answers).
+/// `dig` against the agent over UDP: (status, answers).
 fn dig(port: u16, name: &str) -> (String, Vec<String>) {
+    dig_with(port, &[name, "A"])
+}
+
+/// `dig` against the agent with `args` (names, types, options): (first status, answers).
+fn dig_with(port: u16, args: &[&str]) -> (String, Vec<String>) {
     let out = Command::new("dig")
-        .args(["@127.0.0.1", "-p", &port.to_string(), name, "A"])
+        .args(["@127.0.0.1", "-p", &port.to_string()])
+        .args(args)
         .args(["+tries=1", "+time=3", "+noall", "+comments", "+answer"])
         .output()
         .expect("run dig");
@@ -205,6 +211,36 @@ async fn services_get_stable_virtual_ips_and_the_agent_resolves_mesh_names() {
         (status.as_str(), a),
         ("NOERROR", vec!["127.0.0.9".to_string()])
     );
+    // The same over TCP, as a client asks after a truncated answer: mesh names answered,
+    // unknown ones NXDOMAIN, others forwarded (over TCP); two queries on one connection.
+    let tcp = |args: &[&str]| dig_with(dns_port, &[&["+tcp"], args].concat());
+    assert_eq!(
+        tcp(&[
+            "+keepopen",
+            "catalog.test.mesh",
+            "A",
+            "upstream.example",
+            "A"
+        ])
+        .1,
+        vec![catalog.clone(), "127.0.0.9".to_string()]
+    );
+    assert_eq!(tcp(&["nothing.test.mesh", "A"]).0, "NXDOMAIN");
+    // Garbage over TCP (a message that is no query; a length with half its bytes) closes
+    // that connection and nothing else.
+    for junk in [&[0u8, 3, 1, 2, 3][..], &[0, 40, 1, 2]] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", dns_port))
+            .await
+            .unwrap();
+        s.write_all(junk).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest));
+        let n = read.await.expect("the resolver closes it").expect("read");
+        assert_eq!((n, rest), (0, vec![]), "{junk:?}");
+    }
+    assert_eq!(tcp(&["catalog.test.mesh", "A"]).1, vec![catalog.clone()]);
 
     // The resolver follows the mesh: a new service resolves, a deleted one stops resolving.
     apply_ok(&cp, service("reviews", "")).await;
