@@ -6,12 +6,18 @@
 //!   control planes' addresses (the agent's own calls to them are not marked).
 //! - TCP to the workload's own ports from other hosts is REDIRECTed to the inbound listener,
 //!   so that a caller cannot go around the proxy (and STRICT mutual TLS means it).
-//! - DNS over UDP is REDIRECTed to the agent's resolver, except its own forwarded queries.
+//! - DNS (UDP and TCP port 53) is REDIRECTed to the agent's resolver, except its own
+//!   forwarded queries.
+//!
+//! The same rules go into ip6tables when the host has IPv6 (or a dual-stack application could
+//! be reached, and could call out, around the proxy); the proxy and the resolver then listen
+//! on `[::1]`/`[::]` at the same ports.
 //!
 //! Everything lives in chains named `TRELLIS_*` in the nat table, installed in one
-//! `iptables-restore --noflush` batch (all or nothing). Removal deletes exactly those chains and
-//! the jumps to them; it runs before every install too, so the rules that a crashed agent left
-//! behind are replaced, never doubled.
+//! `iptables-restore --noflush` batch per family (all or nothing: a failed IPv6 batch takes the
+//! IPv4 one away again). Removal deletes exactly those chains and the jumps to them; it runs
+//! before every install too, so the rules that a crashed agent left behind are replaced, never
+//! doubled.
 
 use std::{net::SocketAddr, process::Command};
 
@@ -35,6 +41,14 @@ pub struct CaptureOptions {
     /// holds the address, so that connections to virtual IPs leave the application at all,
     /// and removed again with the rules.
     pub route: Option<(String, std::net::IpAddr)>,
+    /// Capture IPv6 as well (see [`ipv6_present`]); installing fails when ip6tables cannot.
+    pub ipv6: bool,
+}
+
+/// Whether this network namespace has IPv6 (any address, `::1` included): then IPv6 is
+/// captured too, or a dual-stack application could be reached around the proxy.
+pub fn ipv6_present() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| !t.trim().is_empty())
 }
 
 /// Why capture could not be set up or removed.
@@ -57,8 +71,17 @@ const ROUTE_PROTO: &str = "217";
 const CHAINS: [&str; 3] = ["TRELLIS_OUTPUT", "TRELLIS_INBOUND", "TRELLIS_DNS"];
 
 impl CaptureOptions {
-    /// The rules, as `iptables-restore` input for the nat table.
+    /// The IPv4 rules, as `iptables-restore` input for the nat table.
     pub fn rules(&self) -> String {
+        self.batch(false)
+    }
+
+    /// The IPv6 rules, as `ip6tables-restore` input for the nat table.
+    pub fn rules_v6(&self) -> String {
+        self.batch(true)
+    }
+
+    fn batch(&self, v6: bool) -> String {
         let mut r = String::from("*nat\n");
         for c in CHAINS {
             r += &format!(":{c} - [0:0]\n");
@@ -68,8 +91,14 @@ impl CaptureOptions {
         r += "-A TRELLIS_OUTPUT -o lo -j RETURN\n";
         for a in &self.exclude {
             let (ip, port) = (a.ip(), a.port());
-            if ip.is_ipv4() {
-                r += &format!("-A TRELLIS_OUTPUT -d {ip}/32 -p tcp --dport {port} -j RETURN\n");
+            match (ip.is_ipv6(), v6) {
+                (false, false) => {
+                    r += &format!("-A TRELLIS_OUTPUT -d {ip}/32 -p tcp --dport {port} -j RETURN\n")
+                }
+                (true, true) => {
+                    r += &format!("-A TRELLIS_OUTPUT -d {ip}/128 -p tcp --dport {port} -j RETURN\n")
+                }
+                _ => {}
             }
         }
         r += &format!(
@@ -98,15 +127,23 @@ impl CaptureOptions {
         r
     }
 
-    /// Remove what an earlier run left, then install the rules in one batch.
+    /// Remove what an earlier run left, then install the rules in one batch per family.
     pub fn install(&self) -> Result<Installed, CaptureError> {
         remove()?;
         run("iptables-restore", &["--noflush"], Some(&self.rules()))?;
+        if self.ipv6 {
+            if let Err(e) = run("ip6tables-restore", &["--noflush"], Some(&self.rules_v6())) {
+                // Nothing half-applied: the IPv4 rules go too.
+                let _ = remove();
+                return Err(e);
+            }
+        }
         tracing::info!(
             outbound = self.outbound_port,
             inbound = self.inbound_port,
             dns = ?self.dns_port,
             app_ports = ?self.app_ports,
+            ipv6 = self.ipv6,
             "traffic capture installed"
         );
         let route = match &self.route {
@@ -173,9 +210,19 @@ fn add_route(
     Ok(Some((range.to_string(), dev)))
 }
 
-/// Delete every `TRELLIS_*` chain of the nat table and every rule that jumps to one.
+/// Delete every `TRELLIS_*` chain of the nat tables (IPv4, and IPv6 where ip6tables works)
+/// and every rule that jumps to one.
 pub fn remove() -> Result<(), CaptureError> {
-    let listing = run("iptables", &["-t", "nat", "-S"], None)?;
+    remove_from("iptables")?;
+    // A host without IPv6 (or without ip6tables' nat) has no IPv6 rules to remove.
+    if run("ip6tables", &["-t", "nat", "-S"], None).is_ok() {
+        remove_from("ip6tables")?;
+    }
+    Ok(())
+}
+
+fn remove_from(iptables: &str) -> Result<(), CaptureError> {
+    let listing = run(iptables, &["-t", "nat", "-S"], None)?;
     for line in listing.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         let jumps = words
@@ -185,7 +232,7 @@ pub fn remove() -> Result<(), CaptureError> {
         if words.first() == Some(&"-A") && jumps && builtin {
             let mut args = vec!["-t", "nat", "-D"];
             args.extend(&words[1..]);
-            gone_is_fine(run("iptables", &args, None))?;
+            gone_is_fine(run(iptables, &args, None))?;
         }
     }
     for line in listing.lines() {
@@ -193,8 +240,8 @@ pub fn remove() -> Result<(), CaptureError> {
             .strip_prefix("-N ")
             .filter(|c| c.starts_with("TRELLIS_"))
         {
-            gone_is_fine(run("iptables", &["-t", "nat", "-F", chain], None))?;
-            gone_is_fine(run("iptables", &["-t", "nat", "-X", chain], None))?;
+            gone_is_fine(run(iptables, &["-t", "nat", "-F", chain], None))?;
+            gone_is_fine(run(iptables, &["-t", "nat", "-X", chain], None))?;
         }
     }
     Ok(())
@@ -247,17 +294,26 @@ fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CaptureE
 mod tests {
     use super::*;
 
-    #[test]
-    fn rules_exclude_the_proxy_loopback_and_control_planes_and_capture_the_rest() {
-        let o = CaptureOptions {
+    /// A workload on 8080 and 9090 with both families' control planes excluded.
+    fn options() -> CaptureOptions {
+        CaptureOptions {
             mark: 0x539,
             app_ports: vec![8080, 9090],
             outbound_port: 15001,
             inbound_port: 15006,
             dns_port: Some(15053),
-            exclude: vec!["10.77.0.1:7071".parse().unwrap()],
+            exclude: vec![
+                "10.77.0.1:7071".parse().unwrap(),
+                "[fd00::1]:7071".parse().unwrap(),
+            ],
             route: None,
-        };
+            ipv6: true,
+        }
+    }
+
+    #[test]
+    fn rules_exclude_the_proxy_loopback_and_control_planes_and_capture_the_rest() {
+        let o = options();
         let r = o.rules();
         let lines: Vec<&str> = r.lines().collect();
         let pos = |s: &str| {
@@ -296,5 +352,28 @@ mod tests {
         }
         .rules();
         assert!(!no_dns.contains("--dport 53"), "{no_dns}");
+    }
+
+    #[test]
+    fn ipv6_rules_are_the_same_with_ipv6_exclusions() {
+        let o = options();
+        let (v4, v6) = (o.rules(), o.rules_v6());
+        assert!(
+            v4.contains("-d 10.77.0.1/32 -p tcp --dport 7071 -j RETURN"),
+            "{v4}"
+        );
+        assert!(!v4.contains("fd00::1"), "{v4}");
+        assert!(
+            v6.contains("-d fd00::1/128 -p tcp --dport 7071 -j RETURN"),
+            "{v6}"
+        );
+        assert!(!v6.contains("10.77.0.1"), "{v6}");
+        let common = |r: &str| {
+            r.lines()
+                .filter(|l| !l.contains("7071"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(common(&v4), common(&v6));
     }
 }

@@ -182,15 +182,26 @@ pub async fn run_until(
         let listen = udp.local_addr()?;
         tracing::info!(%listen, upstream = ?d.upstream, "answering DNS for .mesh");
         let shared = proxy.shared().clone();
-        let d = dns::DnsOptions {
-            listen,
-            ..d.clone()
+        let mut tasks = Vec::new();
+        let mut serve = |udp, tcp, listen| {
+            let d = dns::DnsOptions {
+                listen,
+                ..d.clone()
+            };
+            tasks.push(tokio::spawn(dns::serve(udp, d.clone(), shared.clone())));
+            tasks.push(tokio::spawn(dns::serve_tcp(tcp, d, shared.clone())));
         };
-        resolver = Some((
-            tokio::spawn(dns::serve(udp, d.clone(), shared.clone())),
-            tokio::spawn(dns::serve_tcp(tcp, d, shared)),
-            listen,
-        ));
+        serve(udp, tcp, listen);
+        // IPv6 capture sends queries to `[::1]` at the same port.
+        if opts.capture.as_ref().is_some_and(|c| c.ipv6) {
+            let listen6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), listen.port());
+            let (udp, tcp) = dns::bind(listen6).await.map_err(|source| AgentError::Dns {
+                addr: listen6,
+                source,
+            })?;
+            serve(udp, tcp, listen6);
+        }
+        resolver = Some((tasks, listen));
     }
     // Dropped at the end of this function, also on an error: the rules go with the agent.
     let _captured = match &opts.capture {
@@ -198,7 +209,7 @@ pub async fn run_until(
             let mut c = c.clone();
             c.outbound_port = outbound.port();
             c.inbound_port = inbound.port();
-            c.dns_port = resolver.as_ref().map(|(_, _, a)| a.port());
+            c.dns_port = resolver.as_ref().map(|(_, a)| a.port());
             Some(c.install()?)
         }
         None => None,
@@ -231,9 +242,8 @@ pub async fn run_until(
     // The proxy serves until a signal; then the workload leaves the mesh before it drains.
     let served = proxy.run_until(stop).await;
     beats.abort();
-    if let Some((udp, tcp, _)) = resolver {
-        udp.abort();
-        tcp.abort();
+    for task in resolver.into_iter().flat_map(|(tasks, _)| tasks) {
+        task.abort();
     }
     match deregister(&opts.servers, &current.load(), &opts.name).await {
         Ok(()) => tracing::info!(%workload, "workload deregistered"),

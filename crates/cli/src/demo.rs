@@ -273,6 +273,7 @@ fn proxy_options(
         identity,
         mtls_mode: None,
         socket_mark: None,
+        ipv6_capture: false,
     }
 }
 

@@ -258,6 +258,7 @@ fn capture_and_dns(
             inbound_port: a.run.inbound.port(),
             dns_port: dns.as_ref().map(|d| d.listen.port()),
             exclude,
+            ipv6: trellis_agent::capture::ipv6_present(),
             route: spec["address"]
                 .as_str()
                 .and_then(|a| a.parse().ok())
@@ -314,7 +315,12 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
     let (capture, dns) = capture_and_dns(&a, &spec);
     if a.dry_run {
         if let Some(c) = &capture {
+            println!("# iptables-restore --noflush");
             print!("{}", c.rules());
+            if c.ipv6 {
+                println!("# ip6tables-restore --noflush");
+                print!("{}", c.rules_v6());
+            }
             if let Some((range, address)) = &c.route {
                 println!("# and, when nothing routes {range}: ip route add {range} dev <the interface holding {address}> proto 217");
             }
@@ -352,6 +358,7 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
     let mut proxy = proxy_options(&a.run, placeholder, None, None);
     if let Some(c) = &capture {
         proxy.socket_mark = Some(c.mark);
+        proxy.ipv6_capture = c.ipv6;
     }
     let opts = trellis_agent::AgentOptions {
         servers,

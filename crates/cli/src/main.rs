@@ -493,6 +493,7 @@ fn proxy_options(
             MtlsMode::Permissive => trellis_model::resource::MtlsMode::Permissive,
         }),
         socket_mark: r.socket_mark,
+        ipv6_capture: false,
     }
 }
 

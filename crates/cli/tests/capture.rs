@@ -1,7 +1,8 @@
 //! Transparent capture and mesh DNS on real hosts: two network namespaces on a bridge, a
 //! control plane reached over TLS on the bridge, an agent with `--capture` in each. An
 //! unchanged client (curl) calls `http://catalog.test.mesh/` and is meshed by mutual TLS; a
-//! caller that goes around the proxy is refused; other destinations pass through; the rules go
+//! caller that goes around the proxy is refused; other destinations pass through; the same
+//! holds over IPv6 (the bed is dual-stack), and DNS over UDP and TCP is answered; the rules go
 //! with the agent, and a killed agent's rules are replaced (not doubled) when it restarts
 //! with its stored identity and no token. Needs root (CI runs as root); without root it says
 //! so and does nothing, unless CI is set.
@@ -14,18 +15,26 @@ use common::*;
 use http::Method;
 use trellis_test_support::{netbed::NetBed, sum_metric, Logs, Temp};
 
+// Dual stack (IPv4 callers appear as ::ffff:a.b.c.d, shown without the prefix), so that
+// going around the proxy over IPv6 is tried too.
 const APP: &str = r#"
-import http.server, sys
+import http.server, socket, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = ("catalog-app saw " + self.client_address[0]).encode()
+        peer = self.client_address[0].removeprefix("::ffff:")
+        body = ("catalog-app saw " + peer).encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a):
         pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+S(("::", int(sys.argv[1])), H).serve_forever()
 "#;
 
 /// curl inside `ns`: (exit code, body).
@@ -48,8 +57,34 @@ fn metrics(bed: &NetBed, ns: &str) -> String {
     curl(bed, ns, "http://127.0.0.1:15000/metrics").1
 }
 
+/// A call from the root namespace (not captured) straight to the server's application port
+/// at `url`: the server's capture sends it to the inbound listener, which refuses plaintext.
+fn around_the_proxy(bed: &NetBed, server: &str, url: &str) {
+    let refusals = || {
+        sum_metric(
+            &metrics(bed, server),
+            "trellis_inbound_tls_refusals_total",
+            &[],
+        )
+    };
+    let before = refusals();
+    let direct = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-g", url])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&direct.stdout).contains("catalog-app"),
+        "{url}: {direct:?}"
+    );
+    let after = refusals();
+    assert!(after > before, "{url}: refusals {before} -> {after}");
+}
+
+/// The nat rules of `ns`, IPv4 then IPv6.
 fn rules(bed: &NetBed, ns: &str) -> String {
-    bed.run(ns, &["iptables", "-t", "nat", "-S"]).1
+    let v4 = bed.run(ns, &["iptables", "-t", "nat", "-S"]).1;
+    let v6 = bed.run(ns, &["ip6tables", "-t", "nat", "-S"]).1;
+    format!("{v4}{v6}")
 }
 
 // Several threads: curl blocks one while the pass-through server answers on another.
@@ -156,33 +191,7 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
 
     // Going around the proxy: the application's port is captured into the inbound listener,
     // which refuses plaintext (STRICT by default). The root namespace is not captured.
-    let refused_before = sum_metric(
-        &metrics(&bed, &server),
-        "trellis_inbound_tls_refusals_total",
-        &[],
-    );
-    let direct = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{}:8080/", bed.addr(3)),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&direct.stdout).contains("catalog-app"),
-        "{direct:?}"
-    );
-    let refused = sum_metric(
-        &metrics(&bed, &server),
-        "trellis_inbound_tls_refusals_total",
-        &[],
-    );
-    assert!(
-        refused > refused_before,
-        "refusals {refused_before} -> {refused}"
-    );
+    around_the_proxy(&bed, &server, &format!("http://{}:8080/", bed.addr(3)));
 
     // A destination that is no service passes through as addressed, and is counted so.
     let other = tokio::net::TcpListener::bind((bed.gateway(), 0))
@@ -210,17 +219,63 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
         "{m}"
     );
 
+    // IPv6 is captured alike. Around the proxy to the (dual-stack) application: refused.
+    around_the_proxy(&bed, &server, &format!("http://[{}]:8080/", bed.addr6(3)));
+    // Out to an IPv6 address: through the proxy, as addressed.
+    let passed = |bed: &NetBed| {
+        sum_metric(
+            &metrics(bed, &client),
+            "trellis_tcp_connections_total",
+            &pass,
+        )
+    };
+    let passed_before = passed(&bed);
+    let other6 = std::net::TcpListener::bind((bed.addr6(1), 0)).unwrap();
+    let other6_addr = other6.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        while let Ok((mut s, _)) = other6.accept() {
+            let _ = s.read(&mut [0u8; 1024]);
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nsix");
+        }
+    });
+    let (code, body) = curl(&bed, &client, &format!("http://{other6_addr}/"));
+    assert_eq!((code, body.as_str()), (0, "six"));
+    assert!(
+        passed(&bed) > passed_before,
+        "the IPv6 call went around the proxy"
+    );
+    // DNS to an IPv6 nameserver (where nothing answers), over UDP and TCP.
+    let server6 = format!("@{}", bed.addr6(1));
+    for transport in ["+notcp", "+tcp"] {
+        let (ok, out, err) = bed.run(
+            &client,
+            &[
+                "dig",
+                &server6,
+                transport,
+                "+tries=1",
+                "+time=3",
+                "+short",
+                "catalog.test.mesh",
+            ],
+        );
+        assert_eq!((ok, out.trim()), (true, vip.as_str()), "{transport}: {err}");
+    }
+
     // A killed agent leaves its rules; the restarted one (no token: the stored identity)
     // replaces them, so they are there once, and traffic flows again.
     assert!(rules(&bed, &client).contains("TRELLIS_OUTPUT"));
     bed.signal(agent, "-KILL");
     bed.wait_exit(agent, Duration::from_secs(5)).await;
+    // Once per family.
     let jumps = |r: &str| {
         r.lines()
             .filter(|l| *l == "-A OUTPUT -p tcp -j TRELLIS_OUTPUT")
             .count()
     };
-    assert_eq!(jumps(&rules(&bed, &client)), 1, "left behind by the crash");
+    assert_eq!(jumps(&rules(&bed, &client)), 2, "left behind by the crash");
     let mut c = cjoin.cmd(&bed, &client, None);
     c.args(["--check", "none"]);
     let agent = bed.spawn(c, &logs.path("client-agent-2.log"));
@@ -233,7 +288,7 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
         },
     )
     .await;
-    assert_eq!(jumps(&rules(&bed, &client)), 1, "{}", rules(&bed, &client));
+    assert_eq!(jumps(&rules(&bed, &client)), 2, "{}", rules(&bed, &client));
     assert!(logs
         .read("client-agent-2.log")
         .contains("traffic capture installed"));

@@ -316,6 +316,20 @@ fn capture_dry_run_prints_the_rules_it_would_install() {
             "{line} missing in:\n{text}"
         );
     }
+    // A host with IPv6 gets the same rules for ip6tables.
+    let has_v6 = std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| !t.trim().is_empty());
+    assert_eq!(
+        text.lines()
+            .filter(|l| *l == "-A TRELLIS_OUTPUT -p tcp -j REDIRECT --to-ports 15001")
+            .count(),
+        if has_v6 { 2 } else { 1 },
+        "{text}"
+    );
+    assert_eq!(
+        text.contains("# ip6tables-restore --noflush"),
+        has_v6,
+        "{text}"
+    );
     // Nothing was installed: the dry run needs no root and touches no state.
     assert!(!std::path::Path::new("/nonexistent").exists());
 }

@@ -4,7 +4,13 @@
 //! [`Proxy::start`] binds every listener and returns a handle; [`Proxy::run`] serves until
 //! SIGTERM, reloading on SIGHUP or when the config file changes.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
@@ -86,6 +92,9 @@ pub struct Options {
     pub mtls_mode: Option<trellis_model::resource::MtlsMode>,
     /// `SO_MARK` on every upstream socket, which capture rules exclude (needs CAP_NET_ADMIN).
     pub socket_mark: Option<u32>,
+    /// For IPv6 capture: also accept on `[::1]` at the outbound listener's port and on `[::]`
+    /// at the inbound listener's (IPv6 only; where ip6tables REDIRECTs to).
+    pub ipv6_capture: bool,
 }
 
 /// State shared by every task.
@@ -223,6 +232,16 @@ pub struct Proxy {
 
 /// Bind a listener; returns it with its bound address (the port when `addr` asked for 0).
 fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), ProxyError> {
+    bind_socket(addr, what, false)
+}
+
+/// `bind`, and with `v6_only` an IPv6 socket that leaves IPv4 to the IPv4 listener at the
+/// same port.
+fn bind_socket(
+    addr: SocketAddr,
+    what: &str,
+    v6_only: bool,
+) -> Result<(TcpListener, SocketAddr), ProxyError> {
     let sock = if addr.is_ipv4() {
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
     } else {
@@ -235,6 +254,9 @@ fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), Proxy
     };
     let sock = sock.map_err(err)?;
     sock.set_reuse_address(true).map_err(err)?;
+    if v6_only {
+        sock.set_only_v6(true).map_err(err)?;
+    }
     sock.set_nonblocking(true).map_err(err)?;
     sock.bind(&addr.into()).map_err(err)?;
     sock.listen(1024).map_err(err)?;
@@ -330,6 +352,17 @@ impl Proxy {
         let (admin, admin_addr) = bind(opts.admin, "admin")?;
         let (outbound, outbound_addr) = bind(opts.outbound, "outbound")?;
         let (inbound, inbound_addr) = bind(opts.inbound, "inbound")?;
+        let v6 = if opts.ipv6_capture {
+            let at = |ip: Ipv6Addr, port| SocketAddr::new(ip.into(), port);
+            let out6 = at(Ipv6Addr::LOCALHOST, outbound_addr.port());
+            let in6 = at(Ipv6Addr::UNSPECIFIED, inbound_addr.port());
+            Some((
+                bind_socket(out6, "outbound (IPv6)", true)?.0,
+                bind_socket(in6, "inbound (IPv6)", true)?.0,
+            ))
+        } else {
+            None
+        };
         let mut proxy = Self {
             shared: shared.clone(),
             builder: Arc::new(http::server::builder(opts.limits)),
@@ -345,6 +378,10 @@ impl Proxy {
             |l, kind| spawn_accept(shared.clone(), proxy.builder.clone(), l, Serve::Http(kind));
         http(outbound, Listener::Outbound);
         http(inbound, Listener::Inbound);
+        if let Some((out6, in6)) = v6 {
+            http(out6, Listener::Outbound);
+            http(in6, Listener::Inbound);
+        }
         Ok(proxy)
     }
 

@@ -146,6 +146,10 @@ impl NetBed {
             "dev",
             &bed.bridge,
         ]);
+        // Dual stack, as most hosts are: a unique local IPv6 prefix beside the IPv4 one
+        // (`nodad`: usable at once, no duplicate address detection to wait for).
+        let gw6 = format!("{}/64", bed.addr6(1));
+        sh(&["ip", "addr", "add", &gw6, "dev", &bed.bridge, "nodad"]);
         sh(&["ip", "link", "set", &bed.bridge, "up"]);
         Some(bed)
     }
@@ -160,7 +164,8 @@ impl NetBed {
         Ipv4Addr::new(10, 78, self.subnet, 1)
     }
 
-    /// Add host number `n` (2..=254): a namespace with `eth0` at `10.78.S.n`. Returns its
+    /// Add host number `n` (2..=254): a namespace with `eth0` at `10.78.S.n` and
+    /// `fd78:0:0:S::n`. Returns its
     /// namespace name.
     pub fn host(&mut self, n: u8) -> String {
         let ns = format!("{}-h{n}", self.prefix);
@@ -174,6 +179,10 @@ impl NetBed {
         sh(&["ip", "link", "set", &veth, "master", &self.bridge, "up"]);
         let addr = format!("{}/24", self.addr(n));
         sh(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+        let addr6 = format!("{}/64", self.addr6(n));
+        sh(&[
+            "ip", "-n", &ns, "addr", "add", &addr6, "dev", "eth0", "nodad",
+        ]);
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         sh(&[
@@ -208,6 +217,11 @@ impl NetBed {
     /// Host `n`'s address.
     pub fn addr(&self, n: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 78, self.subnet, n)
+    }
+
+    /// Host `n`'s IPv6 address, `fd78:0:0:S::n` (1 is the bridge's).
+    pub fn addr6(&self, n: u8) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd78, 0, 0, self.subnet.into(), 0, 0, 0, n.into())
     }
 
     /// A command that runs `args` inside namespace `ns`.
