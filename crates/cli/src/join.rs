@@ -69,8 +69,13 @@ pub(crate) struct JoinArgs {
     /// Capture the workload's traffic with iptables rules in this network namespace:
     /// outbound TCP to the proxy, TCP to its ports to the inbound listener, DNS to the
     /// agent's resolver. Needs root (CAP_NET_ADMIN); the rules go when the agent stops.
+    /// IPv6 too (ip6tables) when the namespace has IPv6.
     #[arg(long)]
     capture: bool,
+    /// With --capture: leave IPv6 alone even when the namespace has it (for a kernel
+    /// without ip6tables' nat table). IPv6 traffic then goes around the proxy.
+    #[arg(long, requires = "capture")]
+    no_ipv6_capture: bool,
     /// Stop (and deregister) when the parent process exits; `trellis containers` starts its
     /// agents so.
     #[arg(long, hide = true)]
@@ -258,7 +263,7 @@ fn capture_and_dns(
             inbound_port: a.run.inbound.port(),
             dns_port: dns.as_ref().map(|d| d.listen.port()),
             exclude,
-            ipv6: trellis_agent::capture::ipv6_present(),
+            ipv6: !a.no_ipv6_capture && trellis_agent::capture::ipv6_present(),
             route: spec["address"]
                 .as_str()
                 .and_then(|a| a.parse().ok())

@@ -330,6 +330,19 @@ fn capture_dry_run_prints_the_rules_it_would_install() {
         has_v6,
         "{text}"
     );
+    // Unless told to leave IPv6 alone.
+    let out = Command::new(BIN)
+        .args(["join", "--capture", "--dry-run", "--no-ipv6-capture"])
+        .args(["--control-plane", "https://127.0.0.1:7071"])
+        .args(["--state-dir", "/nonexistent", "--name", "web-1"])
+        .args(["--address", "10.77.0.2", "--port", "http=8080"])
+        .output()
+        .expect("run trellis join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(text.contains("--to-ports 15001"), "{text}");
+    assert!(!text.contains("ip6tables"), "{text}");
     // Nothing was installed: the dry run needs no root and touches no state.
     assert!(!std::path::Path::new("/nonexistent").exists());
 }
