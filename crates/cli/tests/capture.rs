@@ -120,14 +120,7 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     assert!(bed.run(&client, &["ip", "route", "del", "10.96.0.0/16"]).0);
     let vip_route = |bed: &NetBed| bed.run(&client, &["ip", "route", "show", "10.96.0.0/16"]).1;
     let client_state = Temp::dir("capture-client");
-    let cjoin = Join {
-        cp: &cp,
-        xds,
-        state: client_state.0.clone(),
-        name: "shopper-1",
-        app: "shopper",
-        address: bed.addr(2).to_string(),
-    };
+    let cjoin = Join::shopper(&cp, xds, client_state.0.clone(), &bed);
     let t = token(&cp, "test", "shopper", "10m", "1");
     let mut c = cjoin.cmd(&bed, &client, Some(&t));
     c.args(["--check", "none"]);

@@ -33,14 +33,7 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
     // A client host whose unchanged application is curl.
     let client_state = Temp::dir("containers-client");
     let t = token(&cp, "test", "shopper", "10m", "1");
-    let client_join = Join {
-        cp: &cp,
-        xds: xds.clone(),
-        state: client_state.0.clone(),
-        name: "shopper-1",
-        app: "shopper",
-        address: bed.addr(2).to_string(),
-    };
+    let client_join = Join::shopper(&cp, xds.clone(), client_state.0.clone(), &bed);
     let mut c = client_join.cmd(&bed, &client, Some(&t));
     c.args(["--check", "none"]);
     bed.spawn(c, &logs.path("client-agent.log"));

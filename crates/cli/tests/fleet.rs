@@ -4,7 +4,8 @@
 //! real container (podman + runc, joined by `trellis containers`) in the next zone. All on a
 //! private bridge; needs root (CI runs as root), and without it says so and does nothing.
 //!
-//! Scenarios, in order:
+//! Scenarios, in order (`fleet_scenarios` in tests/common/fleet.rs, which tests/fleet_loopback.rs
+//! runs too):
 //! 1. the client reaches the VM by mesh name, over mutual TLS, through capture;
 //! 2. the VM's application answers 500: the client sees it classified `app_error`
 //!    (application), and it is not retried;
@@ -25,7 +26,66 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use trellis_test_support::{podman::Podman, vm::Vm, Logs, Temp};
+use trellis_test_support::{netbed::NetBed, podman::Podman, vm::Vm, Logs, Temp};
+
+/// The client is curl on the bare-metal host, by mesh name through capture; faults are the
+/// real thing: the VM's httpd killed over its command channel, `podman stop`, and an
+/// iptables DROP of the VM's address on the client's host.
+struct RealFleet<'a> {
+    bed: &'a NetBed,
+    client: &'a str,
+    vm: &'a Vm,
+    podman: &'a Podman,
+}
+
+impl RealFleet<'_> {
+    /// Insert (`-I`) or delete (`-D`) the client host's DROP rule for the VM's address.
+    fn drop_rule(&self, op: &str) {
+        let vm = self.vm.ip.to_string();
+        let rule = ["iptables", op, "OUTPUT", "-d", &vm, "-j", "DROP"];
+        assert!(self.bed.run(self.client, &rule).0);
+    }
+}
+
+impl Fleet for RealFleet<'_> {
+    // The VM boots under TCG.
+    const READY: Duration = Duration::from_secs(120);
+    const REACH: Duration = Duration::from_secs(30);
+    // A dropped connection's retransmissions back off; a new one is made after them.
+    const RECOVER: Duration = Duration::from_secs(60);
+
+    async fn get(&self, path: &str) -> (u16, String, String) {
+        get_in(
+            self.bed,
+            self.client,
+            &format!("http://catalog.test.mesh{path}"),
+        )
+    }
+
+    async fn client_metrics(&self) -> String {
+        get_in(self.bed, self.client, "http://127.0.0.1:15000/metrics").2
+    }
+
+    async fn kill_vm_app(&mut self) {
+        self.vm.exec("killall httpd").await;
+    }
+
+    async fn start_vm_app(&mut self) {
+        self.vm.exec("httpd -p 8080 -h /www").await;
+    }
+
+    async fn stop_container(&mut self) {
+        self.podman.run(&["stop", "--time", "0", "catalog-ctr"]);
+    }
+
+    async fn cut_vm(&mut self) {
+        self.drop_rule("-I");
+    }
+
+    async fn mend_vm(&mut self) {
+        self.drop_rule("-D");
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
@@ -64,14 +124,7 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     // The bare-metal client host, in eu-west-1a.
     let client_state = Temp::dir("fleet-client");
     let t = token(&cp, "test", "shopper", "10m", "1");
-    let client_join = Join {
-        cp: &cp,
-        xds: xds.clone(),
-        state: client_state.0.clone(),
-        name: "shopper-1",
-        app: "shopper",
-        address: bed.addr(2).to_string(),
-    };
+    let client_join = Join::shopper(&cp, xds.clone(), client_state.0.clone(), &bed);
     let mut c = client_join.cmd(&bed, &client, Some(&t));
     c.args([
         "--region",
@@ -83,109 +136,12 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     ]);
     bed.spawn(c, &logs.path("client-agent.log"));
 
-    eventually(
-        "the VM and the container are healthy",
-        Duration::from_secs(120),
-        async || {
-            (healthy(&cp, "catalog-vm").await == Some(true)
-                && healthy(&cp, "catalog-ctr").await == Some(true))
-            .then_some(())
-        },
-    )
-    .await;
-    let url = "http://catalog.test.mesh/";
-
-    // 1. By mesh name, through capture and mutual TLS, to the VM: the client's own zone.
-    let r = eventually(
-        "the client reaches the VM",
-        Duration::from_secs(30),
-        async || {
-            let r = get_in(&bed, &client, url);
-            (r.0 == 200 && r.2 == "vm-app").then_some(r)
-        },
-    )
-    .await;
-    assert_eq!(r.1, "", "{r:?}");
-
-    // 2. The application's own 500: passed through unchanged (not retried: 500 is not a
-    //    retried code) and counted by the caller's proxy as the application's failure.
-    let metric = |m: &str| {
-        let labels = [
-            ("direction", "outbound"),
-            ("dst_service", "catalog.test"),
-            ("failure_class", "app_error"),
-        ];
-        trellis_test_support::sum_metric(m, "trellis_http_requests_total", &labels)
+    let mut fleet = RealFleet {
+        bed: &bed,
+        client: &client,
+        vm: &vm,
+        podman: &podman,
     };
-    let before = metric(&get_in(&bed, &client, "http://127.0.0.1:15000/metrics").2);
-    let (status, class, body) = get_in(&bed, &client, "http://catalog.test.mesh/cgi-bin/fail");
-    assert_eq!(
-        (status, class.as_str(), body.as_str()),
-        (500, "", "vm-app-broken")
-    );
-    let after = metric(&get_in(&bed, &client, "http://127.0.0.1:15000/metrics").2);
-    assert_eq!(after, before + 1.0, "one app_error, no retry");
-
-    // 3. The VM's application dies: no request fails (the container takes the retries),
-    //    then the VM's agent reports it down, and it comes back with the application.
-    vm.exec("killall httpd").await;
-    for i in 0..20 {
-        let (status, class, body) = get_in(&bed, &client, url);
-        assert_eq!(
-            (status, body.as_str()),
-            (200, "container-app"),
-            "request {i}: {class}"
-        );
-    }
-    eventually(
-        "the VM is reported down",
-        Duration::from_secs(20),
-        async || (healthy(&cp, "catalog-vm").await == Some(false)).then_some(()),
-    )
-    .await;
-    vm.exec("httpd -p 8080 -h /www").await;
-    eventually(
-        "traffic returns to the VM",
-        Duration::from_secs(30),
-        async || (get_in(&bed, &client, url).2 == "vm-app").then_some(()),
-    )
-    .await;
-
-    // 4. The container stops: it leaves the mesh from the engine's event.
-    let stopped = Instant::now();
-    podman.run(&["stop", "--time", "0", "catalog-ctr"]);
-    eventually(
-        "the container is deregistered",
-        Duration::from_secs(10),
-        async || healthy(&cp, "catalog-ctr").await.is_none().then_some(()),
-    )
-    .await;
-    eprintln!(
-        "container deregistered {:?} after podman stop",
-        stopped.elapsed()
-    );
-
-    // 5. The link to the VM is cut: with no other endpoint, the failure is the network's:
-    //    the pooled connection's request times out, a new connection's connect does.
-    let drop_rule = ["-d", &vm.ip.to_string(), "-j", "DROP"];
-    let mut add = vec!["iptables", "-I", "OUTPUT"];
-    add.extend(drop_rule);
-    assert!(bed.run(&client, &add).0);
-    let (status, class, _) = get_in(&bed, &client, url);
-    eprintln!("link cut: {status} {class}");
-    assert!(matches!(status, 502..=504), "{status} {class}");
-    assert!(
-        matches!(class.as_str(), "connect_timeout" | "upstream_timeout"),
-        "{class}"
-    );
-    let mut del = vec!["iptables", "-D", "OUTPUT"];
-    del.extend(drop_rule);
-    assert!(bed.run(&client, &del).0);
-    eventually(
-        "the VM serves again once the link is back",
-        Duration::from_secs(60),
-        async || (get_in(&bed, &client, url).2 == "vm-app").then_some(()),
-    )
-    .await;
+    fleet_scenarios(&mut fleet, &cp).await;
     drop(vm);
 }

@@ -2,7 +2,8 @@
 //! on 127.0.0.x addresses, where the environments are labels, not real. A "VM" agent
 //! (127.0.0.20, the client's zone) and a "container" agent (127.0.0.10, the next zone) serve
 //! `catalog.test` from real application processes; a "bare-metal" client agent is called in
-//! explicit mode (`Host: catalog.test.mesh`: no capture without root).
+//! explicit mode (`Host: catalog.test.mesh`: no capture without root). Scenarios 1–5 are
+//! tests/fleet.rs's own (`fleet_scenarios`), with the faults made as below.
 //!
 //! 1. the client reaches the VM over mutual TLS;
 //! 2. the VM's application answers 500: `app_error`, not retried;
@@ -90,13 +91,13 @@ fn join(
     Proc(c.spawn().expect("spawn trellis join"))
 }
 
-/// The outbound listener an agent logged.
-async fn outbound(log: &Path) -> SocketAddr {
+/// The address of listener `which` (`outbound`, `admin`) that an agent logged.
+async fn listening(log: &Path, which: &str) -> SocketAddr {
     eventually("the agent listens", Duration::from_secs(20), async || {
         let text = std::fs::read_to_string(log).ok()?;
         text.lines().find_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["message"] == "listening").then(|| v["outbound"].as_str()?.parse().ok())?
+            (v["message"] == "listening").then(|| v[which].as_str()?.parse().ok())?
         })
     })
     .await
@@ -118,6 +119,56 @@ async fn get(out: SocketAddr, path: &str) -> (u16, String, String) {
     }
 }
 
+/// The client is called in explicit mode on its outbound listener; faults are what a user
+/// without root can make: the VM's application process killed, the container's agent
+/// stopped, the VM's agent frozen with SIGSTOP.
+struct LoopbackFleet<'a> {
+    out: SocketAddr,
+    admin: SocketAddr,
+    vm_app: Option<Proc>,
+    vm_addr: (&'a str, u16),
+    vm: &'a Proc,
+    ctr: &'a Proc,
+}
+
+impl Fleet for LoopbackFleet<'_> {
+    const READY: Duration = Duration::from_secs(30);
+    const REACH: Duration = Duration::from_secs(20);
+    const RECOVER: Duration = Duration::from_secs(30);
+
+    async fn get(&self, path: &str) -> (u16, String, String) {
+        get(self.out, path).await
+    }
+
+    async fn client_metrics(&self) -> String {
+        let r = client::get_full(self.admin, "admin", "/metrics", &[])
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&r.body).into_owned()
+    }
+
+    async fn kill_vm_app(&mut self) {
+        self.vm_app = None;
+    }
+
+    async fn start_vm_app(&mut self) {
+        let (ip, port) = self.vm_addr;
+        self.vm_app = Some(app(ip, port, "vm-app").await);
+    }
+
+    async fn stop_container(&mut self) {
+        self.ctr.signal("-TERM");
+    }
+
+    async fn cut_vm(&mut self) {
+        self.vm.signal("-STOP");
+    }
+
+    async fn mend_vm(&mut self) {
+        self.vm.signal("-CONT");
+    }
+}
+
 #[tokio::test]
 async fn the_fleet_scenarios_run_on_loopback_without_root() {
     let cp = ControlProcess::start(BIN, &[]);
@@ -128,7 +179,7 @@ async fn the_fleet_scenarios_run_on_loopback_without_root() {
 
     let (vm_ip, ctr_ip) = ("127.0.0.20", "127.0.0.10");
     let vm_port = free_port(vm_ip);
-    let mut vm_app = app(vm_ip, vm_port, "vm-app").await;
+    let vm_app = app(vm_ip, vm_port, "vm-app").await;
     let ctr_port = free_port(ctr_ip);
     let _ctr_app = app(ctr_ip, ctr_port, "container-app").await;
     let t = token(&cp, "test", "catalog", "10m", "2");
@@ -199,105 +250,16 @@ async fn the_fleet_scenarios_run_on_loopback_without_root() {
         &client_args,
         Some(&client_token),
     );
-    let out = outbound(&log("client.log")).await;
-    eventually(
-        "both serving workloads are healthy",
-        Duration::from_secs(30),
-        async || {
-            (healthy(&cp, "catalog-vm").await == Some(true)
-                && healthy(&cp, "catalog-ctr").await == Some(true))
-            .then_some(())
-        },
-    )
-    .await;
-
-    // 1. The client's zone first, by mutual TLS.
-    eventually(
-        "the client reaches the VM",
-        Duration::from_secs(20),
-        async || (get(out, "/").await.2 == "vm-app").then_some(()),
-    )
-    .await;
-
-    // 2. The application's 500: passed through, not retried, the application's.
-    let (status, class, body) = get(out, "/cgi-bin/fail").await;
-    assert_eq!(
-        (status, class.as_str(), body.as_str()),
-        (500, "", "vm-app-broken")
-    );
-    let app_errors = |out: &str| {
-        let l = [
-            ("direction", "outbound"),
-            ("dst_service", "catalog.test"),
-            ("failure_class", "app_error"),
-        ];
-        trellis_test_support::sum_metric(out, "trellis_http_requests_total", &l)
+    let out = listening(&log("client.log"), "outbound").await;
+    let mut fleet = LoopbackFleet {
+        out,
+        admin: listening(&log("client.log"), "admin").await,
+        vm_app: Some(vm_app),
+        vm_addr: (vm_ip, vm_port),
+        vm: &vm,
+        ctr: &ctr,
     };
-    let admin = |log: &Path| -> Option<SocketAddr> {
-        let text = std::fs::read_to_string(log).ok()?;
-        text.lines().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            (v["message"] == "listening").then(|| v["admin"].as_str()?.parse().ok())?
-        })
-    };
-    let client_admin = admin(&log("client.log")).expect("the client's admin address");
-    let metrics = || async move {
-        let r = client::get_full(client_admin, "admin", "/metrics", &[])
-            .await
-            .unwrap();
-        String::from_utf8_lossy(&r.body).into_owned()
-    };
-    assert_eq!(app_errors(&metrics().await), 1.0);
-
-    // 3. The VM's application dies: the container takes the retries, the VM is reported
-    //    down, and it is used again once its application is back.
-    drop(vm_app);
-    for i in 0..20 {
-        let (status, class, body) = get(out, "/").await;
-        assert_eq!(
-            (status, body.as_str()),
-            (200, "container-app"),
-            "request {i}: {class}"
-        );
-    }
-    eventually(
-        "the VM is reported down",
-        Duration::from_secs(20),
-        async || (healthy(&cp, "catalog-vm").await == Some(false)).then_some(()),
-    )
-    .await;
-    vm_app = app(vm_ip, vm_port, "vm-app").await;
-    eventually(
-        "traffic returns to the VM",
-        Duration::from_secs(30),
-        async || (get(out, "/").await.2 == "vm-app").then_some(()),
-    )
-    .await;
-
-    // 4. The container's agent stops: deregistered, and no longer an endpoint.
-    ctr.signal("-TERM");
-    eventually(
-        "the container is deregistered",
-        Duration::from_secs(10),
-        async || healthy(&cp, "catalog-ctr").await.is_none().then_some(()),
-    )
-    .await;
-
-    // 5. The VM's host freezes: the only endpoint does not answer, a network failure.
-    vm.signal("-STOP");
-    let (status, class, _) = get(out, "/").await;
-    assert!(matches!(status, 502..=504), "{status} {class}");
-    assert!(
-        matches!(class.as_str(), "connect_timeout" | "upstream_timeout"),
-        "{class}"
-    );
-    vm.signal("-CONT");
-    eventually(
-        "the VM answers again",
-        Duration::from_secs(30),
-        async || (get(out, "/").await.2 == "vm-app").then_some(()),
-    )
-    .await;
+    fleet_scenarios(&mut fleet, &cp).await;
 
     // 6. The client's agent restarts: its stored identity, no token.
     drop(client);
@@ -308,7 +270,7 @@ async fn the_fleet_scenarios_run_on_loopback_without_root() {
         &client_args,
         None,
     );
-    let out = outbound(&log("client-2.log")).await;
+    let out = listening(&log("client-2.log"), "outbound").await;
     eventually(
         "the restarted client serves",
         Duration::from_secs(20),
@@ -317,5 +279,4 @@ async fn the_fleet_scenarios_run_on_loopback_without_root() {
     .await;
     let text = std::fs::read_to_string(log("client-2.log")).unwrap();
     assert!(text.contains("reusing the stored certificate"), "{text}");
-    drop(vm_app);
 }

@@ -4,6 +4,7 @@
 use std::{
     path::PathBuf,
     process::{Child, Command},
+    time::{Duration, Instant},
 };
 
 use trellis_test_support::{control::ControlProcess, netbed::NetBed, podman::Podman};
@@ -76,7 +77,19 @@ pub struct Join<'a> {
     pub address: String,
 }
 
-impl Join<'_> {
+impl<'a> Join<'a> {
+    /// The beds' client: `shopper-1` (app `shopper`) on host 2.
+    pub fn shopper(cp: &'a ControlProcess, xds: String, state: PathBuf, bed: &NetBed) -> Self {
+        Join {
+            cp,
+            xds,
+            state,
+            name: "shopper-1",
+            app: "shopper",
+            address: bed.addr(2).to_string(),
+        }
+    }
+
     /// The command, in namespace `ns`, with the token for a first join.
     pub fn cmd(&self, bed: &NetBed, ns: &str, token: Option<&str>) -> Command {
         let mut c = bed.cmd(ns, &[BIN, "join"]);
@@ -199,4 +212,131 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// What differs between the fleet on real parts (tests/fleet.rs) and its loopback twin
+/// (tests/fleet_loopback.rs): how the client calls `catalog.test.mesh`, and how each fault is
+/// made and mended. [`fleet_scenarios`] runs the same scenarios on either.
+#[allow(async_fn_in_trait)] // test code, driven on one task
+pub trait Fleet {
+    /// How long the VM and the container may take to join and pass their checks.
+    const READY: Duration;
+    /// How long the client may take to reach the VM at first.
+    const REACH: Duration;
+    /// How long the VM may take to serve again once its fault is mended.
+    const RECOVER: Duration;
+    /// GET `path` from the client: status, failure class (`x-trellis-failure`), body.
+    async fn get(&self, path: &str) -> (u16, String, String);
+    /// The client proxy's `/metrics`.
+    async fn client_metrics(&self) -> String;
+    /// Kill the VM's application (its agent stays).
+    async fn kill_vm_app(&mut self);
+    /// Start the VM's application again.
+    async fn start_vm_app(&mut self);
+    /// Take the container away (it stops, or its agent does).
+    async fn stop_container(&mut self);
+    /// Cut the client off from the VM (or make the VM not answer).
+    async fn cut_vm(&mut self);
+    /// Undo [`Fleet::cut_vm`].
+    async fn mend_vm(&mut self);
+}
+
+/// The fleet scenarios 1–5, in order, once the VM (`catalog-vm`, the client's zone) and the
+/// container (`catalog-ctr`, the next zone) are healthy; `catalog.test` routes as
+/// [`FLEET_MESH`] says.
+pub async fn fleet_scenarios<F: Fleet>(f: &mut F, cp: &ControlProcess) {
+    super::eventually(
+        "the VM and the container are healthy",
+        F::READY,
+        async || {
+            (healthy(cp, "catalog-vm").await == Some(true)
+                && healthy(cp, "catalog-ctr").await == Some(true))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // 1. The client's own zone first, by mutual TLS.
+    let r = super::eventually("the client reaches the VM", F::REACH, async || {
+        let r = f.get("/").await;
+        (r.0 == 200 && r.2 == "vm-app").then_some(r)
+    })
+    .await;
+    assert_eq!(r.1, "", "{r:?}");
+
+    // 2. The application's own 500: passed through unchanged (not retried: 500 is not a
+    //    retried code) and counted by the caller's proxy, once, as the application's failure.
+    let app_errors = |m: &str| {
+        let labels = [
+            ("direction", "outbound"),
+            ("dst_service", "catalog.test"),
+            ("failure_class", "app_error"),
+        ];
+        trellis_test_support::sum_metric(m, "trellis_http_requests_total", &labels)
+    };
+    let before = app_errors(&f.client_metrics().await);
+    let (status, class, body) = f.get("/cgi-bin/fail").await;
+    assert_eq!(
+        (status, class.as_str(), body.as_str()),
+        (500, "", "vm-app-broken")
+    );
+    let after = app_errors(&f.client_metrics().await);
+    assert_eq!((before, after), (0.0, 1.0), "one app_error, no retry");
+
+    // 3. The VM's application dies: no request fails (the container takes the retries),
+    //    then the VM's agent reports it down, and traffic returns with the application.
+    f.kill_vm_app().await;
+    for i in 0..20 {
+        let (status, class, body) = f.get("/").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "container-app"),
+            "request {i}: {class}"
+        );
+    }
+    super::eventually(
+        "the VM is reported down",
+        Duration::from_secs(20),
+        async || (healthy(cp, "catalog-vm").await == Some(false)).then_some(()),
+    )
+    .await;
+    f.start_vm_app().await;
+    super::eventually(
+        "traffic returns to the VM",
+        Duration::from_secs(30),
+        async || (f.get("/").await.2 == "vm-app").then_some(()),
+    )
+    .await;
+
+    // 4. The container goes: its workload leaves the mesh.
+    let stopped = Instant::now();
+    f.stop_container().await;
+    super::eventually(
+        "the container is deregistered",
+        Duration::from_secs(10),
+        async || healthy(cp, "catalog-ctr").await.is_none().then_some(()),
+    )
+    .await;
+    eprintln!(
+        "container deregistered {:?} after it stopped",
+        stopped.elapsed()
+    );
+
+    // 5. The VM is cut off: with no other endpoint, the failure is the network's (the
+    //    pooled connection's request times out, a new connection's connect does).
+    f.cut_vm().await;
+    let (status, class, _) = f.get("/").await;
+    eprintln!("VM cut off: {status} {class}");
+    assert!(matches!(status, 502..=504), "{status} {class}");
+    assert!(
+        matches!(class.as_str(), "connect_timeout" | "upstream_timeout"),
+        "{class}"
+    );
+    f.mend_vm().await;
+    super::eventually(
+        "the VM serves again once it is reachable",
+        F::RECOVER,
+        async || (f.get("/").await.2 == "vm-app").then_some(()),
+    )
+    .await;
 }
