@@ -12,7 +12,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    net::{TcpListener, TcpStream, UdpSocket},
     sync::Semaphore,
 };
 use trellis_model::resource::NamespacedName;
@@ -332,21 +332,11 @@ async fn write_message(w: &mut (impl AsyncWrite + Unpin), m: &[u8]) -> io::Resul
     w.write_all(&b).await
 }
 
-/// Ask the host's resolver over TCP, from a marked socket.
+/// Ask the host's resolver over TCP, from a marked socket (as the proxy's own upstream
+/// connections are made).
 async fn forward_tcp(query: &[u8], upstream: SocketAddr, mark: Option<u32>) -> Option<Vec<u8>> {
-    let sock = if upstream.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .ok()?;
-    if let Some(m) = mark {
-        if let Err(e) = socket2::SockRef::from(&sock).set_mark(m) {
-            tracing::warn!(error = %e, "cannot mark the forwarded DNS query");
-        }
-    }
     let ask = async {
-        let mut s = sock.connect(upstream).await.ok()?;
+        let mut s = trellis_proxy::capture::connect(upstream, mark).await.ok()?;
         write_message(&mut s, query).await.ok()?;
         read_message(&mut s).await.ok()?
     };
