@@ -16,7 +16,7 @@ use tokio::{
     sync::Semaphore,
 };
 use trellis_model::resource::NamespacedName;
-use trellis_proxy::Shared;
+use trellis_proxy::Services;
 
 /// Time-to-live of a mesh answer: virtual IPs are stable, but a deleted service should not
 /// linger long in callers' caches.
@@ -174,14 +174,8 @@ pub async fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
 
 /// The virtual IP of a service in the proxy's live config: `None` when there is no such
 /// service, `Some(None)` when it has no virtual IP.
-fn lookup(shared: &Shared, id: &NamespacedName) -> Option<Option<Ipv4Addr>> {
-    shared
-        .state
-        .load()
-        .cfg
-        .services
-        .get(id)
-        .map(|s| s.virtual_ip)
+fn lookup(services: &Services, id: &NamespacedName) -> Option<Option<Ipv4Addr>> {
+    services.virtual_ip(id)
 }
 
 /// SERVFAIL for `query`, if it is a query at all.
@@ -196,7 +190,7 @@ fn upstream(opts: &DnsOptions) -> Option<SocketAddr> {
 }
 
 /// Answer queries on `sock` until the task is dropped.
-pub async fn serve(sock: UdpSocket, opts: DnsOptions, shared: Arc<Shared>) {
+pub async fn serve(sock: UdpSocket, opts: DnsOptions, services: Services) {
     let sock = Arc::new(sock);
     // Forwarded queries in flight; beyond this (a flood, a dead upstream) SERVFAIL at once.
     let inflight = Arc::new(Semaphore::new(MAX_FORWARDS));
@@ -214,7 +208,7 @@ pub async fn serve(sock: UdpSocket, opts: DnsOptions, shared: Arc<Shared>) {
             continue;
         }
         let query = buf[..n].to_vec();
-        if let Some(reply) = local_answer(&query, |id| lookup(&shared, id)) {
+        if let Some(reply) = local_answer(&query, |id| lookup(&services, id)) {
             let _ = sock.send_to(&reply, from).await;
             continue;
         }
@@ -263,7 +257,7 @@ async fn forward(query: &[u8], upstream: SocketAddr, mark: Option<u32>) -> Optio
 
 /// Answer DNS over TCP on `listener` until the task is dropped: each message has a two-byte
 /// length before it, and a client may send several queries on one connection.
-pub async fn serve_tcp(listener: TcpListener, opts: DnsOptions, shared: Arc<Shared>) {
+pub async fn serve_tcp(listener: TcpListener, opts: DnsOptions, services: Services) {
     let clients = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
     loop {
         let stream = match listener.accept().await {
@@ -277,10 +271,10 @@ pub async fn serve_tcp(listener: TcpListener, opts: DnsOptions, shared: Arc<Shar
         let Ok(permit) = clients.clone().try_acquire_owned() else {
             continue;
         };
-        let (opts, shared) = (opts.clone(), shared.clone());
+        let (opts, services) = (opts.clone(), services.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = tcp_client(stream, &opts, &shared).await {
+            if let Err(e) = tcp_client(stream, &opts, &services).await {
                 tracing::debug!(error = %e, "dns tcp client");
             }
         });
@@ -288,7 +282,7 @@ pub async fn serve_tcp(listener: TcpListener, opts: DnsOptions, shared: Arc<Shar
 }
 
 /// One TCP client: its queries in turn, until it closes or idles.
-async fn tcp_client(mut s: TcpStream, opts: &DnsOptions, shared: &Shared) -> io::Result<()> {
+async fn tcp_client(mut s: TcpStream, opts: &DnsOptions, services: &Services) -> io::Result<()> {
     loop {
         let Ok(read) = tokio::time::timeout(TCP_IDLE, read_message(&mut s)).await else {
             return Ok(());
@@ -296,7 +290,7 @@ async fn tcp_client(mut s: TcpStream, opts: &DnsOptions, shared: &Shared) -> io:
         let Some(query) = read?.filter(|q| q.len() >= HEADER) else {
             return Ok(());
         };
-        let reply = match local_answer(&query, |id| lookup(shared, id)) {
+        let reply = match local_answer(&query, |id| lookup(services, id)) {
             Some(r) => Some(r),
             None => match upstream(opts) {
                 Some(up) => forward_tcp(&query, up, opts.mark).await,
@@ -336,7 +330,7 @@ async fn write_message(w: &mut (impl AsyncWrite + Unpin), m: &[u8]) -> io::Resul
 /// connections are made).
 async fn forward_tcp(query: &[u8], upstream: SocketAddr, mark: Option<u32>) -> Option<Vec<u8>> {
     let ask = async {
-        let mut s = trellis_proxy::capture::connect(upstream, mark).await.ok()?;
+        let mut s = trellis_proxy::net::connect(upstream, mark).await.ok()?;
         write_message(&mut s, query).await.ok()?;
         read_message(&mut s).await.ok()?
     };

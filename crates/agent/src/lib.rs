@@ -181,15 +181,15 @@ pub async fn run_until(
             })?;
         let listen = udp.local_addr()?;
         tracing::info!(%listen, upstream = ?d.upstream, "answering DNS for .mesh");
-        let shared = proxy.shared().clone();
+        let services = proxy.services();
         let mut tasks = Vec::new();
         let mut serve = |udp, tcp, listen| {
             let d = dns::DnsOptions {
                 listen,
                 ..d.clone()
             };
-            tasks.push(tokio::spawn(dns::serve(udp, d.clone(), shared.clone())));
-            tasks.push(tokio::spawn(dns::serve_tcp(tcp, d, shared.clone())));
+            tasks.push(tokio::spawn(dns::serve(udp, d.clone(), services.clone())));
+            tasks.push(tokio::spawn(dns::serve_tcp(tcp, d, services.clone())));
         };
         serve(udp, tcp, listen);
         // IPv6 capture sends queries to `[::1]` at the same port.
@@ -301,6 +301,7 @@ async fn heartbeats(
             "op": "heartbeat",
             "name": name,
             "healthy": verdict.healthy,
+            "recoveries": verdict.recoveries,
             "intervalMs": health.interval.as_millis() as u64,
         });
         match send(&servers, &creds.load(), beat).await {
@@ -325,6 +326,9 @@ struct Verdict {
     failures: u32,
     up: u32,
     down: u32,
+    /// Checks that passed after one or more failed (below the threshold or not): callers
+    /// lift an outlier ejection of this workload when the count grows.
+    recoveries: u64,
 }
 
 impl Verdict {
@@ -335,12 +339,16 @@ impl Verdict {
             failures: 0,
             up: h.healthy_threshold.max(1),
             down: h.unhealthy_threshold.max(1),
+            recoveries: 0,
         }
     }
 
     /// Record one check; `Some(new)` when the verdict changes.
     fn observe(&mut self, passed: bool) -> Option<bool> {
         if passed {
+            if self.failures > 0 {
+                self.recoveries += 1;
+            }
             self.passes += 1;
             self.failures = 0;
         } else {
@@ -487,5 +495,26 @@ mod tests {
         assert_eq!(v.observe(false), None);
         assert_eq!(v.observe(false), None);
         assert_eq!(v.observe(false), Some(false));
+    }
+
+    #[test]
+    fn a_pass_after_a_failure_is_a_recovery_even_below_the_threshold() {
+        let mut v = Verdict::new(&health(1, 3));
+        v.observe(true);
+        v.observe(true);
+        assert_eq!(v.recoveries, 0, "passing all along is no recovery");
+        v.observe(false);
+        assert!(v.healthy, "one failure of three does not make it unhealthy");
+        v.observe(true);
+        assert_eq!(
+            v.recoveries, 1,
+            "but its callers may have ejected it meanwhile"
+        );
+        v.observe(false);
+        v.observe(false);
+        v.observe(false);
+        assert!(!v.healthy);
+        v.observe(true);
+        assert_eq!(v.recoveries, 2);
     }
 }

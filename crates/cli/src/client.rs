@@ -161,7 +161,7 @@ async fn send_tls(
         .authority()
         .context("no host:port in the server URL")?
         .to_string();
-    let tls = trellis_proxy::mtls::connect_control_as(&authority, pin, b"http/1.1")
+    let tls = trellis_proxy::control_link::connect_control_as(&authority, pin, b"http/1.1")
         .await
         .map_err(|e| anyhow!(e))?;
     let (mut send, conn) =

@@ -264,7 +264,7 @@ fn proxy_options(
         inbound: loopback,
         drain_timeout: Duration::from_secs(2),
         watch_interval: Duration::from_secs(1),
-        limits: trellis_proxy::http::server::ServerLimits {
+        limits: trellis_proxy::ServerLimits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 << 10,
             idle_timeout: Duration::from_secs(60),

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use trellis_model::{resource::NamespacedName, value::DurationValue};
-use trellis_proxy::{http::server::ServerLimits, xds::XdsOptions, Options, Proxy, Source};
+use trellis_proxy::{xds::XdsOptions, Options, Proxy, ServerLimits, Source};
 
 mod client;
 mod containers;

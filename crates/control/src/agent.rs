@@ -20,22 +20,26 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use axum::{body::Bytes, extract::State as AxState, http::StatusCode, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use trellis_identity::join;
-use trellis_store::{Expect, Key, Store, Write};
+use trellis_identity::{join, SpiffeId};
+use trellis_store::{Expect, Key, Store, StoreError, Write};
 
-use crate::api::{Api, ApiError};
+use crate::{
+    apply::{ApplyError, Writer},
+    error::ControlError,
+    identity::Identity,
+};
 
 /// Heartbeat intervals an agent may miss before its Workload is marked unhealthy.
 pub const MISSED: u32 = 3;
 /// How old a request may be.
 const MAX_AGE: u64 = 120;
 
+/// A signed agent request, as it arrives.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Envelope {
+pub struct Envelope {
     certificate: String,
     proof: String,
     request: String,
@@ -55,6 +59,9 @@ struct Request {
     /// The agent's health verdict (heartbeat).
     #[serde(default)]
     healthy: bool,
+    /// Checks that passed after failing, counted by the agent (heartbeat).
+    #[serde(default)]
+    recoveries: u64,
     /// How often heartbeats come.
     #[serde(default = "default_interval")]
     interval_ms: u64,
@@ -70,6 +77,32 @@ enum Op {
     Register,
     Heartbeat,
     Deregister,
+}
+
+/// Why an agent's request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Its signature, certificate or age did not check out.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// It speaks for a Workload of another identity.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A heartbeat for a Workload the control plane does not have.
+    #[error("{0}")]
+    NotRegistered(String),
+    /// The Workload it registers is not valid.
+    #[error(transparent)]
+    Invalid(#[from] ApplyError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The CA could not be read.
+    #[error(transparent)]
+    Setup(#[from] ControlError),
 }
 
 /// Agents this replica has heard from: when each must be heard from again.
@@ -115,120 +148,140 @@ impl Agents {
     }
 }
 
-fn bad(code: StatusCode, m: impl Into<String>) -> ApiError {
-    ApiError(code, m.into())
-}
-
-/// `POST /v1/agent`.
-pub(crate) async fn handle(
-    AxState(api): AxState<Api>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let env: Envelope = serde_json::from_slice(&body)
-        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("body: {e}")))?;
+/// Verify a signed request and carry it out: its certificate, from the mesh's CA, names the
+/// identity it speaks for.
+pub async fn handle(
+    writer: &Writer,
+    identity: &Identity,
+    agents: &Agents,
+    env: Envelope,
+) -> Result<Value, AgentError> {
     let proof =
-        join::unhex(&env.proof).ok_or_else(|| bad(StatusCode::BAD_REQUEST, "proof: not hex"))?;
-    let ca = api.identity().ca(api.store()).await?;
+        join::unhex(&env.proof).ok_or_else(|| AgentError::BadRequest("proof: not hex".into()))?;
+    let ca = identity.ca(writer.store()).await?;
     let id = ca
         .verify_holder(&env.certificate, env.request.as_bytes(), &proof)
         .map_err(|e| {
             tracing::warn!(error = %e, "agent request refused");
-            bad(StatusCode::UNAUTHORIZED, e.to_string())
+            AgentError::Unauthorized(e.to_string())
         })?;
     let req: Request = serde_json::from_str(&env.request)
-        .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("request: {e}")))?;
+        .map_err(|e| AgentError::BadRequest(format!("request: {e}")))?;
     let now = join::unix(SystemTime::now());
     if req.ts.abs_diff(now) > MAX_AGE {
-        return Err(bad(
-            StatusCode::UNAUTHORIZED,
-            "request too old (or the clocks differ by over two minutes)",
+        return Err(AgentError::Unauthorized(
+            "request too old (or the clocks differ by over two minutes)".into(),
         ));
     }
     let key = Key::new("Workload", &id.namespace, &req.name);
-    let interval = Duration::from_millis(req.interval_ms.clamp(100, 600_000));
     // What this replica follows of the store: a heartbeat costs no store read.
-    let stored = api.followed(&key);
+    let stored = writer.followed(&key);
     // An agent speaks only for Workloads of its own identity.
     if let Some(o) = &stored {
         let owner = o["spec"]["identity"].as_str().unwrap_or_default();
         if owner != id.identity {
-            return Err(bad(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "Workload {}/{} belongs to identity {owner:?}, not {id}",
-                    id.namespace, req.name
-                ),
-            ));
+            return Err(AgentError::Forbidden(format!(
+                "Workload {}/{} belongs to identity {owner:?}, not {id}",
+                id.namespace, req.name
+            )));
         }
     }
     match req.op {
-        Op::Register => {
-            let mut spec = req.spec.clone().unwrap_or_else(|| json!({}));
-            let obj = spec
-                .as_object_mut()
-                .ok_or_else(|| bad(StatusCode::BAD_REQUEST, "spec: not an object"))?;
-            obj.insert("identity".into(), json!(id.identity));
-            // Healthy once its checks pass; a re-registration keeps what is known.
-            let was = stored
-                .as_ref()
-                .and_then(|o| o["spec"]["healthy"].as_bool())
-                .unwrap_or(false);
-            obj.insert("healthy".into(), json!(was));
-            let doc = json!({
-                "apiVersion": "trellis.dev/v1alpha1",
-                "kind": "Workload",
-                "metadata": {
-                    "name": req.name,
-                    "namespace": id.namespace,
-                    "labels": req.labels,
-                    "annotations": { "trellis.dev/agent": id.to_string() },
-                },
-                "spec": spec,
-            });
-            let yaml = serde_saphyr::to_string(&doc)
-                .map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
-            let file = format!("agent:{}/{}", id.namespace, req.name);
-            api.apply_text(&file, &yaml).await?;
-            api.agents().heard(&key, interval);
-            tracing::info!(workload = %key, %id, "agent registered its workload");
-        }
+        Op::Register => register(writer, agents, &id, &req, stored.as_ref()).await?,
         Op::Heartbeat => {
             let Some(o) = stored else {
-                return Err(bad(
-                    StatusCode::NOT_FOUND,
-                    format!("Workload {}/{} is not registered", id.namespace, req.name),
-                ));
+                return Err(AgentError::NotRegistered(format!(
+                    "Workload {}/{} is not registered",
+                    id.namespace, req.name
+                )));
             };
-            api.agents().heard(&key, interval);
-            if o["spec"]["healthy"].as_bool() != Some(req.healthy) {
-                set_health(api.store(), &key, req.healthy, "agent").await?;
+            agents.heard(&key, interval(&req));
+            let spec = &o["spec"];
+            let recoveries = spec["healthRecoveries"].as_u64().unwrap_or(0);
+            if spec["healthy"].as_bool() != Some(req.healthy) || recoveries < req.recoveries {
+                let health = Health {
+                    healthy: req.healthy,
+                    recoveries: req.recoveries.max(recoveries),
+                };
+                set_health(writer.store(), &key, health, "agent").await?;
             }
         }
         Op::Deregister => {
             if stored.is_some() {
-                api.store()
-                    .write(vec![Write {
-                        key: key.clone(),
-                        doc: None,
-                        expect: Expect::Any,
-                    }])
-                    .await?;
+                writer.delete(key.clone(), Expect::Any).await?;
             }
-            api.agents().forget(&key);
+            agents.forget(&key);
             tracing::info!(workload = %key, %id, "agent deregistered its workload");
         }
     }
-    Ok(Json(json!({ "ok": true, "workload": key.to_string() })))
+    Ok(json!({ "ok": true, "workload": key.to_string() }))
 }
 
-/// Write `spec.healthy` of a stored Workload (compare-and-swap on its version: a concurrent
-/// change wins, and the next heartbeat tries again).
-async fn set_health(store: &Store, key: &Key, healthy: bool, why: &str) -> Result<(), ApiError> {
+fn interval(req: &Request) -> Duration {
+    Duration::from_millis(req.interval_ms.clamp(100, 600_000))
+}
+
+/// Register the agent's Workload: in its identity's namespace, with its identity, unhealthy
+/// until its checks pass (a re-registration keeps the health known). The document is
+/// checked and written as an apply of it would be, typed (no text round trip).
+async fn register(
+    writer: &Writer,
+    agents: &Agents,
+    id: &SpiffeId,
+    req: &Request,
+    stored: Option<&Value>,
+) -> Result<(), AgentError> {
+    let mut spec = req.spec.clone().unwrap_or_else(|| json!({}));
+    let obj = spec
+        .as_object_mut()
+        .ok_or_else(|| AgentError::BadRequest("spec: not an object".into()))?;
+    obj.insert("identity".into(), json!(id.identity));
+    let known = |field: &str| stored.and_then(|o| o["spec"].get(field)).cloned();
+    obj.insert("healthy".into(), known("healthy").unwrap_or(json!(false)));
+    if let Some(r) = known("healthRecoveries") {
+        obj.insert("healthRecoveries".into(), r);
+    }
+    let doc = json!({
+        "apiVersion": "trellis.dev/v1alpha1",
+        "kind": "Workload",
+        "metadata": {
+            "name": req.name,
+            "namespace": id.namespace,
+            "labels": req.labels,
+            "annotations": { "trellis.dev/agent": id.to_string() },
+        },
+        "spec": spec,
+    });
+    let file = format!("agent:{}/{}", id.namespace, req.name);
+    let resource = trellis_model::resource_from_json(&file, &doc)
+        .map_err(|e| AgentError::Invalid(e.into()))?;
+    writer.apply_documents(&file, vec![(resource, doc)]).await?;
+    let key = Key::new("Workload", &id.namespace, &req.name);
+    agents.heard(&key, interval(req));
+    tracing::info!(workload = %key, %id, "agent registered its workload");
+    Ok(())
+}
+
+/// What the agent last said of its workload's health.
+#[derive(Clone, Copy, Debug)]
+struct Health {
+    healthy: bool,
+    recoveries: u64,
+}
+
+/// Write `spec.healthy` (and `spec.healthRecoveries`) of a stored Workload (compare-and-swap
+/// on its version: a concurrent change wins, and the next heartbeat tries again).
+async fn set_health(store: &Store, key: &Key, h: Health, why: &str) -> Result<(), StoreError> {
     let Some(o) = store.get(key).await? else {
         return Ok(());
     };
     let mut doc = o.doc;
+    let healthy = h.healthy;
     doc["spec"]["healthy"] = json!(healthy);
+    // The count only grows: a replica that heard an older heartbeat cannot take it back.
+    if h.recoveries > doc["spec"]["healthRecoveries"].as_u64().unwrap_or(0) {
+        doc["spec"]["healthRecoveries"] = json!(h.recoveries);
+    }
     store
         .write(vec![Write {
             key: key.clone(),
@@ -236,7 +289,7 @@ async fn set_health(store: &Store, key: &Key, healthy: bool, why: &str) -> Resul
             expect: Expect::Version(o.version),
         }])
         .await?;
-    tracing::info!(workload = %key, healthy, by = why, "workload health changed");
+    tracing::info!(workload = %key, healthy, recoveries = h.recoveries, by = why, "workload health changed");
     Ok(())
 }
 
@@ -247,8 +300,12 @@ pub async fn sweep(agents: Agents, store: Store) {
         tick.tick().await;
         for (key, interval) in agents.lapsed(Instant::now()) {
             tracing::warn!(workload = %key, missed = MISSED, interval_ms = interval.as_millis() as u64, "agent silent: workload marked unhealthy");
-            if let Err(e) = set_health(&store, &key, false, "missed heartbeats").await {
-                tracing::warn!(workload = %key, error = %e.1, "could not mark the workload unhealthy");
+            let h = Health {
+                healthy: false,
+                recoveries: 0,
+            };
+            if let Err(e) = set_health(&store, &key, h, "missed heartbeats").await {
+                tracing::warn!(workload = %key, error = %e, "could not mark the workload unhealthy");
             }
         }
     }

@@ -1,15 +1,17 @@
 //! Applying a file: parse every document, check the set that would result, then write all
 //! documents in one store transaction, or none.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use serde::Serialize;
 use serde_json::Value;
+use tokio::sync::watch;
 use trellis_model::{resource::Spec, ConfigError, Resource};
 use trellis_store::{Expect, Key, Store, StoreError, Write};
 
 use crate::{
     catalog::{effective, Catalog, Entry},
+    state::State,
     vips::Allocations,
 };
 
@@ -200,6 +202,24 @@ pub async fn apply(
         }
         .into());
     }
+    apply_documents(
+        store,
+        current,
+        file,
+        resources.into_iter().zip(docs).collect(),
+    )
+    .await
+}
+
+/// Check typed documents (each with the JSON it is stored as) against `current` and write
+/// them, as [`apply`] does for a file.
+pub async fn apply_documents(
+    store: &Store,
+    current: &Catalog,
+    file: &str,
+    documents: Vec<(Resource, Value)>,
+) -> Result<Vec<Applied>, ApplyError> {
+    let (resources, docs): (Vec<Resource>, Vec<Value>) = documents.into_iter().unzip();
     if resources.is_empty() {
         return Err(ConfigError::Syntax {
             file: file.into(),
@@ -340,6 +360,114 @@ pub async fn apply(
         }
     }
     Ok(results)
+}
+
+/// Writes to the store through this replica: one at a time, each checked against the state
+/// its predecessor left, and answered once this replica follows it (read-your-writes).
+pub struct Writer {
+    store: Store,
+    state: watch::Receiver<Arc<State>>,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Writer {
+    /// Writes to `store`, whose followed state is `state`.
+    pub fn new(store: Store, state: watch::Receiver<Arc<State>>) -> Self {
+        Self {
+            store,
+            state,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The state this replica follows now.
+    pub fn state(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+
+    /// The followed state, to watch.
+    pub fn watch(&self) -> watch::Receiver<Arc<State>> {
+        self.state.clone()
+    }
+
+    /// A stored document as this replica follows it (no store read).
+    pub fn followed(&self, key: &Key) -> Option<Value> {
+        self.state
+            .borrow()
+            .catalog
+            .entries
+            .get(key)
+            .map(|e| e.object.doc.clone())
+    }
+
+    /// Apply `text` as `file` says, and wait until it is followed.
+    pub async fn apply_text(&self, file: &str, text: &str) -> Result<Vec<Applied>, ApplyError> {
+        let _one = self.lock.lock().await;
+        let current = self.state();
+        let applied = apply(&self.store, &current.catalog, file, text).await?;
+        self.caught_up(max_version(&applied)).await;
+        Ok(applied)
+    }
+
+    /// Apply typed documents, and wait until they are followed.
+    pub async fn apply_documents(
+        &self,
+        file: &str,
+        documents: Vec<(Resource, Value)>,
+    ) -> Result<Vec<Applied>, ApplyError> {
+        let _one = self.lock.lock().await;
+        let current = self.state();
+        let applied = apply_documents(&self.store, &current.catalog, file, documents).await?;
+        self.caught_up(max_version(&applied)).await;
+        Ok(applied)
+    }
+
+    /// Delete `key` (at version `expect`); a deleted Service's virtual IP is freed in the same
+    /// batch. The revision of the write.
+    pub async fn delete(&self, key: Key, expect: Expect) -> Result<u64, StoreError> {
+        let _one = self.lock.lock().await;
+        let mut writes = vec![Write {
+            key: key.clone(),
+            doc: None,
+            expect,
+        }];
+        if key.kind == "Service" {
+            let current = self.state();
+            let mut alloc = Allocations::read(&self.store, &current.catalog).await?;
+            alloc.release(&format!("{}/{}", key.namespace, key.name));
+            writes.extend(alloc.write());
+        }
+        let rev = self.store.write(writes).await?;
+        self.caught_up(rev).await;
+        Ok(rev)
+    }
+
+    /// Wait (up to 5 s) until the followed state has caught up with `revision`.
+    pub async fn caught_up(&self, revision: u64) -> Arc<State> {
+        let mut rx = self.state.clone();
+        let wait = async move {
+            rx.wait_for(|s| s.catalog.revision >= revision)
+                .await
+                .map(|s| s.clone())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), wait).await {
+            Ok(Ok(s)) => s,
+            _ => self.state(),
+        }
+    }
+}
+
+fn max_version(applied: &[Applied]) -> u64 {
+    applied
+        .iter()
+        .filter_map(|a| a.resource_version.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use trellis_xds::{
     DOCUMENT_TYPE, PARTIAL_SUFFIX,
 };
 
-use crate::{catalog::Doc, xds::Registry, State};
+use crate::{catalog::Doc, registry::Registry, state::State};
 
 type Out = Result<DeltaDiscoveryResponse, Status>;
 

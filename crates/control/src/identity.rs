@@ -18,12 +18,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use axum::{
-    body::Bytes,
-    extract::State as AxState,
-    http::{header, HeaderMap, StatusCode},
-    Json,
-};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use trellis_identity::{
@@ -34,10 +28,36 @@ use trellis_store::{Expect, Key, Store, StoreError, Write};
 
 use trellis_model::proxy::MESH_NAMESPACE;
 
-use crate::{
-    api::{Api, ApiError},
-    ControlError,
-};
+use crate::error::ControlError;
+
+/// Why a request to the CA (a token, a certificate, a rotation) was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CaRequestError {
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A value is out of range.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// No valid token or proof of a current certificate.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Outside what the token allows.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The CA is not in the state the request needs (a rotation phase).
+    #[error("{0}")]
+    Conflict(String),
+    /// Contention; try again.
+    #[error("{0}")]
+    Busy(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The CA could not be read or used.
+    #[error(transparent)]
+    Setup(#[from] ControlError),
+}
 
 /// Lifetime of the root the control plane makes.
 const ROOT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -267,9 +287,10 @@ async fn establish_ca(store: &Store, trust_domain: &str) -> Result<(), ControlEr
     publish_bundle(store, &rec.roots()).await
 }
 
+/// `POST /api/v1/ca/rotate`'s body.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct RotateRequest {
+pub struct RotateRequest {
     phase: String,
     #[serde(default)]
     force: bool,
@@ -285,26 +306,23 @@ pub(crate) struct RotateRequest {
 ///    has expired (one certificate lifetime after `activate`) unless `force`.
 ///
 /// Each phase is one compare-and-swap of the CA record and the bundle together.
-pub(crate) async fn rotate(
-    AxState(api): AxState<Api>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let req: RotateRequest = json_body(&body)?;
-    let id = api.identity();
+pub async fn rotate(
+    id: &Identity,
+    store: &Store,
+    req: RotateRequest,
+) -> Result<Value, CaRequestError> {
     if id.files.is_some() {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
+        return Err(CaRequestError::Conflict(
             "the mesh uses an operator's CA (--ca-cert): rotate it by giving every replica the new files, with both roots in --ca-bundle during the overlap".into(),
         ));
     }
-    let obj = api
-        .store()
+    let obj = store
         .get(&ca_key())
         .await?
-        .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no CA record".into()))?;
+        .ok_or_else(|| ControlError::Identity("the mesh's CA record is missing".into()))?;
     let mut rec: CaRecord = serde_json::from_value(obj.doc)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let conflict = |m: String| ApiError(StatusCode::CONFLICT, m);
+        .map_err(|e| ControlError::Identity(format!("the mesh's CA record: {e}")))?;
+    let conflict = CaRequestError::Conflict;
     let now = join::unix(SystemTime::now());
     match req.phase.as_str() {
         "begin" => {
@@ -313,8 +331,7 @@ pub(crate) async fn rotate(
                     "a rotation is already under way (see `trellis ca status`)".into(),
                 ));
             }
-            let ca = Ca::generate(&rec.trust_domain, ROOT_LIFETIME)
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            let ca = Ca::generate(&rec.trust_domain, ROOT_LIFETIME).map_err(ControlError::from)?;
             rec.roots = rec.roots();
             rec.roots.push(ca.cert_pem().to_string());
             rec.next = Some(KeyPair {
@@ -347,10 +364,9 @@ pub(crate) async fn rotate(
             rec.activated_at = None;
         }
         other => {
-            return Err(ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("phase: {other:?} is not begin, activate or finish"),
-            ))
+            return Err(CaRequestError::Unprocessable(format!(
+                "phase: {other:?} is not begin, activate or finish"
+            )))
         }
     }
     let write = Write {
@@ -358,18 +374,15 @@ pub(crate) async fn rotate(
         doc: Some(serde_json::to_value(&rec).expect("a CA record serializes")),
         expect: Expect::Version(obj.version),
     };
-    api.store()
-        .write(vec![write, bundle_write(&rec.roots())])
-        .await?;
+    store.write(vec![write, bundle_write(&rec.roots())]).await?;
     id.refresh();
     tracing::info!(phase = %req.phase, roots = rec.roots().len(), "CA rotation");
-    ca_status(AxState(api)).await
+    ca_status(id, store).await
 }
 
 /// `GET /api/v1/ca`: the trust domain, the roots (signing, trusted) and the rotation phase.
-pub(crate) async fn ca_status(AxState(api): AxState<Api>) -> Result<Json<Value>, ApiError> {
-    let id = api.identity();
-    let ca = id.ca(api.store()).await?;
+pub async fn ca_status(id: &Identity, store: &Store) -> Result<Value, CaRequestError> {
+    let ca = id.ca(store).await?;
     let describe = |pem: &str, signing: bool| {
         let info = trellis_identity::ca::describe_ca(pem);
         json!({ "subject": info.0, "notAfter": info.1, "fingerprint": info.2, "signing": signing })
@@ -386,21 +399,21 @@ pub(crate) async fn ca_status(AxState(api): AxState<Api>) -> Result<Json<Value>,
     let phase = if id.files.is_some() {
         "operator CA"
     } else {
-        let rec = read_record(api.store()).await?;
+        let rec = read_record(store).await?;
         match (&rec.next, rec.activated_at) {
             (Some(_), _) => "begun: both roots trusted, the old one signs",
             (None, Some(_)) => "activated: the new root signs, the old one is still trusted",
             _ => "steady",
         }
     };
-    Ok(Json(json!({
+    Ok(json!({
         "caHash": trellis_identity::tls::ca_hash(ca.cert_pem()),
         "trustDomain": id.trust_domain,
         "svidTtlSeconds": id.svid_ttl.as_secs(),
         "signing": signing,
         "roots": roots,
         "phase": phase,
-    })))
+    }))
 }
 
 /// Each PEM certificate in `bundle`.
@@ -413,9 +426,10 @@ fn x509_pems(bundle: &str) -> Vec<String> {
         .collect()
 }
 
+/// `POST /api/v1/tokens`'s body.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct TokenRequest {
+pub struct TokenRequest {
     namespace: String,
     identity: String,
     ttl_seconds: u64,
@@ -423,22 +437,16 @@ pub(crate) struct TokenRequest {
     uses: Option<u32>,
 }
 
-/// A JSON body, whatever its content type says (the CLI and proxies send JSON).
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("body: {e}")))
+fn unprocessable(m: impl Into<String>) -> CaRequestError {
+    CaRequestError::Unprocessable(m.into())
 }
 
-fn unprocessable(m: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::UNPROCESSABLE_ENTITY, m.into())
-}
-
-pub(crate) async fn create_token(
-    AxState(api): AxState<Api>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let req: TokenRequest = json_body(&body)?;
-    let id = api.identity();
+/// A join token for `req`'s identity (shown once; the store keeps only its digest).
+pub async fn create_token(
+    id: &Identity,
+    store: &Store,
+    req: TokenRequest,
+) -> Result<Value, CaRequestError> {
     let spiffe = SpiffeId::new(&id.trust_domain, &req.namespace, &req.identity)
         .map_err(|e| unprocessable(e.to_string()))?;
     let ttl = Duration::from_secs(req.ttl_seconds);
@@ -460,9 +468,8 @@ pub(crate) async fn create_token(
         uses,
         SystemTime::now(),
     );
-    let doc = serde_json::to_value(&grant)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    api.store()
+    let doc = serde_json::to_value(&grant).expect("a grant serializes");
+    store
         .write(vec![Write {
             key: grant_key(&t.id),
             doc: Some(doc),
@@ -470,21 +477,20 @@ pub(crate) async fn create_token(
         }])
         .await?;
     tracing::info!(token_id = %t.id, %spiffe, ttl_s = req.ttl_seconds, uses, "join token created");
-    let ca = id.ca(api.store()).await?;
-    Ok(Json(json!({
+    let ca = id.ca(store).await?;
+    Ok(json!({
         "token": t.token,
         "caHash": trellis_identity::tls::ca_hash(ca.cert_pem()),
         "spiffeId": spiffe.to_string(),
         "expiresAt": grant.expires_at,
         "uses": uses,
-    })))
+    }))
 }
 
-/// `GET /api/v1/tokens`: every join token's grant, never a secret (none is stored).
-pub(crate) async fn list_tokens(AxState(api): AxState<Api>) -> Result<Json<Value>, ApiError> {
+/// Every join token's grant, never a secret (none is stored).
+pub async fn list_tokens(store: &Store) -> Result<Value, StoreError> {
     let now = join::unix(SystemTime::now());
-    let items: Vec<Value> = api
-        .store()
+    let items: Vec<Value> = store
         .list()
         .await?
         .objects
@@ -509,28 +515,26 @@ pub(crate) async fn list_tokens(AxState(api): AxState<Api>) -> Result<Json<Value
             }))
         })
         .collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(json!({ "items": items }))
 }
 
-/// `DELETE /api/v1/tokens/{id}`: revoke a join token (certificates it got stay valid).
-pub(crate) async fn revoke_token(
-    AxState(api): AxState<Api>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    api.store()
+/// Revoke a join token (certificates it got stay valid).
+pub async fn revoke_token(store: &Store, id: &str) -> Result<Value, StoreError> {
+    store
         .write(vec![Write {
-            key: grant_key(&id),
+            key: grant_key(id),
             doc: None,
             expect: Expect::Any,
         }])
         .await?;
     tracing::info!(token_id = %id, "join token revoked");
-    Ok(Json(json!({ "revoked": id })))
+    Ok(json!({ "revoked": id }))
 }
 
+/// `POST /v1/certificates`'s body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CsrRequest {
+pub struct CsrRequest {
     csr: String,
     /// Renewal: the current certificate (PEM chain)...
     #[serde(default)]
@@ -540,13 +544,13 @@ pub(crate) struct CsrRequest {
     proof: Option<String>,
 }
 
-fn issued(svid: &trellis_identity::Svid, ca: &Ca) -> Json<Value> {
-    Json(json!({
+fn issued(svid: &trellis_identity::Svid, ca: &Ca) -> Value {
+    json!({
         "certificate": svid.chain_pem,
         "trustBundle": ca.trust_bundle(),
         "spiffeId": svid.id.to_string(),
         "notAfter": join::unix(svid.not_after),
-    }))
+    })
 }
 
 /// Renew with the current certificate and a proof of its key.
@@ -556,9 +560,9 @@ fn renew(
     req: &CsrRequest,
     cert: &str,
     proof: &str,
-) -> Result<Json<Value>, ApiError> {
-    let proof = join::unhex(proof)
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "proof: not hex".into()))?;
+) -> Result<Value, CaRequestError> {
+    let proof =
+        join::unhex(proof).ok_or_else(|| CaRequestError::BadRequest("proof: not hex".into()))?;
     match ca.renew(&req.csr, cert, &proof, id.svid_ttl) {
         Ok(svid) => {
             tracing::info!(spiffe = %svid.id, "certificate renewed");
@@ -568,28 +572,24 @@ fn renew(
             tracing::warn!(error = %e, "renewal refused");
             Err(unauthorized(e.to_string()))
         }
-        Err(e @ CaError::BadCsr(_)) => Err(ApiError(StatusCode::BAD_REQUEST, e.to_string())),
-        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e @ CaError::BadCsr(_)) => Err(CaRequestError::BadRequest(e.to_string())),
+        Err(e) => Err(ControlError::from(e).into()),
     }
 }
 
-fn unauthorized(m: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::UNAUTHORIZED, m.into())
+fn unauthorized(m: impl Into<String>) -> CaRequestError {
+    CaRequestError::Unauthorized(m.into())
 }
 
-pub(crate) async fn sign(
-    AxState(api): AxState<Api>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    let req: CsrRequest = json_body(&body)?;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    let id = api.identity();
-    let ca = id.ca(api.store()).await?;
+/// A certificate for a CSR: with a join token (`token`, from the bearer header), for the
+/// identity it allows, using one of its uses; or a renewal proven by the current one.
+pub async fn sign(
+    id: &Identity,
+    store: &Store,
+    token: &str,
+    req: CsrRequest,
+) -> Result<Value, CaRequestError> {
+    let ca = id.ca(store).await?;
     let Some((tid, secret)) = join::parse(token) else {
         if let (Some(cert), Some(proof)) = (&req.certificate, &req.proof) {
             return renew(id, &ca, &req, cert, proof);
@@ -600,33 +600,27 @@ pub(crate) async fn sign(
     };
     // A few tries: another proxy using the same multi-use token moves the grant's version.
     for _ in 0..5 {
-        let Some(obj) = api.store().get(&grant_key(tid)).await? else {
+        let Some(obj) = store.get(&grant_key(tid)).await? else {
             tracing::warn!(token_id = %tid, "certificate refused: unknown join token");
             return Err(unauthorized(Refusal::Unknown.to_string()));
         };
-        let grant: Grant = serde_json::from_value(obj.doc.clone()).map_err(|e| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("stored grant: {e}"),
-            )
-        })?;
+        let grant: Grant = serde_json::from_value(obj.doc.clone())
+            .map_err(|e| ControlError::Identity(format!("stored grant: {e}")))?;
         if let Err(r) = grant.check(secret, SystemTime::now()) {
             tracing::warn!(token_id = %tid, reason = %r, "certificate refused");
             return Err(unauthorized(r.to_string()));
         }
         let spiffe = SpiffeId::new(&id.trust_domain, &grant.namespace, &grant.identity)
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            .map_err(|e| ControlError::Identity(format!("stored grant: {e}")))?;
         // Sign first: a refused CSR does not use the token up.
         let svid = match ca.sign(&req.csr, &spiffe, id.svid_ttl) {
             Ok(s) => s,
             Err(e @ CaError::Refused { .. }) => {
                 tracing::warn!(token_id = %tid, error = %e, "certificate refused: identity outside the token's scope");
-                return Err(ApiError(StatusCode::FORBIDDEN, e.to_string()));
+                return Err(CaRequestError::Forbidden(e.to_string()));
             }
-            Err(e @ CaError::BadCsr(_)) => {
-                return Err(ApiError(StatusCode::BAD_REQUEST, e.to_string()))
-            }
-            Err(e) => return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            Err(e @ CaError::BadCsr(_)) => return Err(CaRequestError::BadRequest(e.to_string())),
+            Err(e) => return Err(ControlError::from(e).into()),
         };
         let used = Grant {
             uses_left: grant.uses_left - 1,
@@ -637,7 +631,7 @@ pub(crate) async fn sign(
             doc: Some(serde_json::to_value(&used).expect("a grant serializes")),
             expect: Expect::Version(obj.version),
         };
-        match api.store().write(vec![write]).await {
+        match store.write(vec![write]).await {
             Ok(_) => {
                 tracing::info!(token_id = %tid, %spiffe, uses_left = used.uses_left, "certificate issued");
                 return Ok(issued(&svid, &ca));
@@ -646,8 +640,7 @@ pub(crate) async fn sign(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError(
-        StatusCode::SERVICE_UNAVAILABLE,
+    Err(CaRequestError::Busy(
         "the join token is in use by other requests; try again".into(),
     ))
 }

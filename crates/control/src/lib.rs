@@ -3,278 +3,29 @@
 //!
 //! - [`catalog`]: the store's contents, followed through its watch and compiled into what
 //!   proxies get (with Gateway API status conditions for what was left out).
-//! - [`api`]: the HTTP API under `/api/v1/` (bearer token; apply is atomic and validated).
-//! - [`xds`]: the ADS server (xDS v3, state of the world) and the record of every ACK/NACK.
+//! - [`apply`]: validation of a set of documents and its atomic write.
+//! - [`api`]: the HTTP API under `/api/v1/` (its handlers, over the domain modules below).
+//! - [`identity`]: the mesh's CA, its rotation, join tokens and certificates.
+//! - [`agent`]: agents' registrations and heartbeats.
+//! - [`xds`]: the ADS server (xDS v3); [`registry`]: every proxy's ACK/NACK state.
 //! - [`envoy`]: the translation into Envoy's standard resource types.
-
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
-
-use tokio::{net::TcpListener, sync::watch};
-use trellis_store::{Store, StoreError};
 
 pub mod agent;
 pub mod api;
 pub mod apply;
 pub mod catalog;
+pub mod control;
 mod delta;
 pub mod envoy;
+pub mod error;
 pub mod identity;
+pub mod registry;
+pub mod state;
 pub mod tls;
 pub mod token;
 pub mod vips;
 pub mod xds;
 
-use catalog::{Catalog, Compiled};
-
-/// How the control plane runs. Built once from flags at the edge.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// Data directory (embedded store, admin token).
-    pub data_dir: PathBuf,
-    /// HTTP API address.
-    pub api: SocketAddr,
-    /// xDS (gRPC) address.
-    pub xds: SocketAddr,
-    /// `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
-    pub store: String,
-    /// Largest request body the API accepts.
-    pub max_body_bytes: usize,
-    /// SPIFFE trust domain of the mesh's identities.
-    pub trust_domain: String,
-    /// Lifetime of the certificates the CA issues.
-    pub svid_ttl: Duration,
-    /// The operator's CA (a root, or an intermediate with its root as the bundle), instead
-    /// of a root the control plane makes.
-    pub ca_files: Option<identity::CaFiles>,
-}
-
-/// Why the control plane could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The store could not be opened.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A listener could not bind.
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        /// Address.
-        addr: SocketAddr,
-        /// Which listener.
-        what: &'static str,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The CA could not be loaded or made.
-    #[error("certificate authority: {0}")]
-    Ca(#[from] trellis_identity::CaError),
-    /// The stored identity setup does not fit the options.
-    #[error("{0}")]
-    Identity(String),
-    /// The data directory or token file could not be used.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// The catalog and what was compiled from it, at one revision.
-pub struct State {
-    /// Every resource.
-    pub catalog: Catalog,
-    /// What proxies get.
-    pub compiled: Arc<Compiled>,
-}
-
-/// A running control plane.
-pub struct Control {
-    /// Bound API address.
-    pub api_addr: SocketAddr,
-    /// Bound xDS address.
-    pub xds_addr: SocketAddr,
-    /// The admin token, when this start created it (printed once).
-    pub new_token: Option<String>,
-    /// `sha256:HEX` of the signing root: what proxies (`--ca-hash`) and the CLI
-    /// (`--api-ca-hash`) pin to reach this control plane over TLS.
-    pub ca_hash: String,
-}
-
-/// Listen backlog: a fleet reconnecting at once (after a control-plane restart) must not
-/// overflow it; tokio's default of 1,024 resets connections of a thousand proxies. The kernel
-/// caps it at `net.core.somaxconn`.
-const BACKLOG: u32 = 8192;
-
-fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, ControlError> {
-    let listen = || {
-        let s = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        s.set_reuseaddr(true)?;
-        s.bind(addr)?;
-        s.listen(BACKLOG)
-    };
-    listen().map_err(|source| ControlError::Bind { addr, what, source })
-}
-
-/// Follow the store from `catalog` (the listing `w` starts after): apply every change; list
-/// again when the watch is lost.
-async fn follow(
-    store: Store,
-    tx: watch::Sender<Arc<State>>,
-    mut catalog: Catalog,
-    mut w: trellis_store::Watch,
-) {
-    loop {
-        loop {
-            let change = match w.next().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "store watch ended; listing again");
-                    break;
-                }
-            };
-            catalog.apply(change);
-            // Coalesce a burst: compile once for every batch already waiting.
-            let mut lost = false;
-            while let Some(next) = w.try_next() {
-                match next {
-                    Ok(c) => catalog.apply(c),
-                    Err(_) => {
-                        lost = true;
-                        break;
-                    }
-                }
-            }
-            publish(&tx, &catalog);
-            if lost {
-                break;
-            }
-        }
-        let mut backoff = Duration::from_millis(100);
-        (catalog, w) = loop {
-            match store.list_and_watch().await {
-                Ok((listing, w)) => break (Catalog::from_listing(listing), w),
-                Err(e) => {
-                    tracing::warn!(error = %e, "store unavailable; serving the last state");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
-        publish(&tx, &catalog);
-    }
-}
-
-fn publish(tx: &watch::Sender<Arc<State>>, catalog: &Catalog) {
-    let mut compiled = catalog.compile();
-    compiled.diff_from(&tx.borrow().compiled);
-    let compiled = Arc::new(compiled);
-    tx.send_replace(Arc::new(State {
-        catalog: catalog.clone(),
-        compiled,
-    }));
-}
-
-impl Control {
-    /// Open the store, bind both listeners and start serving.
-    pub async fn start(opts: Options) -> Result<Self, ControlError> {
-        // The data dir holds the admin token, and the embedded store holds the CA's key:
-        // only the control plane's user may read it.
-        let dir_io = |source| ControlError::Io {
-            path: opts.data_dir.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&opts.data_dir).map_err(dir_io)?;
-        std::fs::set_permissions(
-            &opts.data_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .map_err(dir_io)?;
-        let store = Store::open(&opts.store, &opts.data_dir).await?;
-        let (token, new_token) = token::establish(&store, &opts.data_dir).await?;
-        let ttl_range = Duration::from_secs(10)..=Duration::from_secs(365 * 24 * 3600);
-        if !ttl_range.contains(&opts.svid_ttl) {
-            return Err(ControlError::Identity(format!(
-                "--svid-ttl {:?} is out of range (10s to 8760h)",
-                opts.svid_ttl
-            )));
-        }
-        let identity = Arc::new(
-            identity::Identity::new(
-                &store,
-                opts.ca_files.as_ref(),
-                &opts.trust_domain,
-                opts.svid_ttl,
-            )
-            .await?,
-        );
-        let api_l = bind(opts.api, "api")?;
-        let xds_l = bind(opts.xds, "xds")?;
-        let api_addr = api_l.local_addr().map_err(|source| ControlError::Bind {
-            addr: opts.api,
-            what: "api",
-            source,
-        })?;
-        let xds_addr = xds_l.local_addr().map_err(|source| ControlError::Bind {
-            addr: opts.xds,
-            what: "xds",
-            source,
-        })?;
-        // The first state is read before serving, so that no proxy ever gets an empty config
-        // for a store that has resources.
-        let (listing, w) = store.list_and_watch().await?;
-        let catalog = Catalog::from_listing(listing);
-        let compiled = Arc::new(catalog.compile());
-        let (tx, rx) = watch::channel(Arc::new(State {
-            catalog: catalog.clone(),
-            compiled,
-        }));
-        tokio::spawn(follow(store.clone(), tx, catalog, w));
-        let proxies = xds::Registry::default();
-        let api = api::Api::new(
-            store,
-            rx.clone(),
-            proxies.clone(),
-            token,
-            identity,
-            opts.max_body_bytes,
-        );
-        let certificates = api.certificate_router();
-        tokio::spawn(agent::sweep(api.agents().clone(), api.store().clone()));
-        let ca_hash = api
-            .identity()
-            .ca(api.store())
-            .await
-            .ok()
-            .and_then(|c| trellis_identity::tls::ca_hash(c.cert_pem()))
-            .unwrap_or_default();
-        let serving = tls::serving(api.identity_arc(), api.store().clone(), &[b"h2"]).await?;
-        if api_addr.ip().is_loopback() {
-            tokio::spawn(api.serve(api_l));
-        } else {
-            let alpn: &[&[u8]] = &[b"h2", b"http/1.1"];
-            let tls = tls::serving(api.identity_arc(), api.store().clone(), alpn).await?;
-            let l = tls::TlsListener::new(api_l, tls).map_err(|source| ControlError::Bind {
-                addr: api_addr,
-                what: "api",
-                source,
-            })?;
-            tracing::info!(%api_addr, "the API is served over TLS only (not on loopback)");
-            tokio::spawn(api.serve_tls(l));
-        }
-        tokio::spawn(xds::serve(rx, proxies, xds_l, certificates, serving));
-        tracing::info!(%api_addr, %xds_addr, store = %opts.store, "control plane listening");
-        Ok(Self {
-            api_addr,
-            xds_addr,
-            new_token,
-            ca_hash,
-        })
-    }
-}
+pub use control::{Control, Options};
+pub use error::ControlError;
+pub use state::State;

@@ -31,7 +31,7 @@ use trellis_identity::{
 };
 use trellis_store::Store;
 
-use crate::{identity::Identity, ControlError};
+use crate::{error::ControlError, identity::Identity};
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;

@@ -9,7 +9,7 @@ use serde_json::json;
 use trellis_identity::join::{digest, hex, same};
 use trellis_store::{Expect, Key, Store, StoreError, Write};
 
-use crate::ControlError;
+use crate::error::ControlError;
 
 const FILE: &str = "admin.token";
 

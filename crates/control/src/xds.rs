@@ -8,19 +8,16 @@
 //! the proxy; the next change is pushed as usual.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     hash::{Hash, Hasher},
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
+    sync::Arc,
 };
 
-use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
-use trellis_store::Key;
 use trellis_xds::{
     envoy_types::pb::{
         envoy::service::discovery::v3::{
@@ -34,174 +31,12 @@ use trellis_xds::{
     node_workload, Document, DOCUMENT_TYPE,
 };
 
-use crate::{catalog::Doc, State};
+use crate::{catalog::Doc, registry::Registry, state::State};
 
 fn document(d: &Doc) -> Any {
     trellis_xds::envoy_types::util::pack_any(Document {
         yaml: d.yaml.to_string(),
     })
-}
-
-/// ACK/NACK state of one resource type at one proxy.
-#[derive(Clone, Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TypeStatus {
-    /// Version last sent.
-    pub sent: String,
-    /// Version last acknowledged.
-    pub acked: String,
-    /// The last rejection, if the proxy has rejected anything since connecting.
-    pub rejected: Option<Rejection>,
-    /// Resources sent in the last response.
-    pub resources: usize,
-}
-
-/// A NACK.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Rejection {
-    /// The version the proxy refused.
-    pub version: String,
-    /// Its reason, as the proxy gave it.
-    pub message: String,
-    /// When (seconds since the epoch).
-    pub at: u64,
-}
-
-/// One connected proxy.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProxyStatus {
-    /// Node id.
-    pub node: String,
-    /// `NAMESPACE/NAME` of the workload it serves, if it said.
-    pub workload: Option<String>,
-    /// Its address as the control plane sees it.
-    pub peer: Option<String>,
-    /// When it connected (seconds since the epoch).
-    pub connected_at: u64,
-    /// Per resource type (short name: `document`, `listener`, `route`, `cluster`, `endpoint`).
-    pub types: BTreeMap<String, TypeStatus>,
-}
-
-/// Every connected proxy. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct Registry {
-    inner: Arc<Mutex<BTreeMap<u64, ProxyStatus>>>,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn short(type_url: &str) -> String {
-    let t = type_url.rsplit('.').next().unwrap_or(type_url);
-    match t {
-        "Document" => "document",
-        "Listener" => "listener",
-        "RouteConfiguration" => "route",
-        "Cluster" => "cluster",
-        "ClusterLoadAssignment" => "endpoint",
-        other => other,
-    }
-    .to_string()
-}
-
-impl Registry {
-    pub(crate) fn connect(&self, id: u64, peer: Option<SocketAddr>) {
-        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(
-            id,
-            ProxyStatus {
-                node: String::new(),
-                workload: None,
-                peer: peer.map(|p| p.to_string()),
-                connected_at: now(),
-                types: BTreeMap::new(),
-            },
-        );
-    }
-
-    pub(crate) fn disconnect(&self, id: u64) {
-        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(&id);
-    }
-
-    /// Note what a request says about its node.
-    pub(crate) fn node(
-        &self,
-        id: u64,
-        node: &trellis_xds::envoy_types::pb::envoy::config::core::v3::Node,
-    ) {
-        let (nid, wl) = (node.id.clone(), node_workload(node).map(str::to_string));
-        self.update(id, |p| {
-            p.node = nid;
-            if wl.is_some() {
-                p.workload = wl;
-            }
-        });
-    }
-
-    /// Record an ACK (`error` is `None`) or a NACK of `version` of `type_url`.
-    pub(crate) fn answer(&self, id: u64, type_url: &str, version: String, error: Option<String>) {
-        let t = short(type_url);
-        match error {
-            Some(message) => {
-                tracing::warn!(stream = id, r#type = %t, %version, reason = %message, "proxy rejected config");
-                let rejected = Rejection {
-                    version,
-                    message,
-                    at: now(),
-                };
-                self.update(id, |p| {
-                    p.types.entry(t).or_default().rejected = Some(rejected);
-                });
-            }
-            None => self.update(id, |p| p.types.entry(t).or_default().acked = version),
-        }
-    }
-
-    /// Record a response sent.
-    pub(crate) fn sent(&self, id: u64, type_url: &str, version: String, count: usize) {
-        self.update(id, |p| {
-            let ts = p.types.entry(short(type_url)).or_default();
-            ts.sent = version;
-            ts.resources = count;
-        });
-    }
-
-    fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
-        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = m.get_mut(&id) {
-            f(p);
-        }
-    }
-
-    /// Every connected proxy, ordered by connection.
-    pub fn snapshot(&self) -> Vec<ProxyStatus> {
-        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.values().cloned().collect()
-    }
-
-    /// Node ids of the proxies that use `key`: for a Workload, those serving it; for any
-    /// other kind, every proxy that takes Trellis documents (each gets the whole mesh).
-    pub fn using(&self, key: &Key) -> Vec<String> {
-        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let wl = format!("{}/{}", key.namespace, key.name);
-        m.values()
-            .filter(|p| {
-                if key.kind == "Workload" {
-                    p.workload.as_deref() == Some(wl.as_str())
-                } else {
-                    p.types.contains_key("document")
-                }
-            })
-            .map(|p| p.node.clone())
-            .collect()
-    }
 }
 
 /// Serve ADS on `l`, and `extra` (plain HTTP/2 routes) next to it.

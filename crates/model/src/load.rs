@@ -41,6 +41,15 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, ConfigEr
         .map_err(|e| syntax(file, e))
 }
 
+/// One document given as JSON (an agent's registration, say), checked as a file's would be;
+/// an error names the field's path (`spec.ports.http`).
+pub fn resource_from_json(file: &str, doc: &serde_json::Value) -> Result<Resource, ConfigError> {
+    serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::invalid(file, 0, path, first_line(&e.into_inner().to_string()))
+    })
+}
+
 /// Read and parse a file.
 pub fn load_file(path: &Path) -> Result<Vec<Resource>, ConfigError> {
     let file = path.display().to_string();

@@ -96,11 +96,20 @@ pub struct RouteConfig {
     pub request_headers: HeaderEdits,
     /// Response header edits.
     pub response_headers: HeaderEdits,
-    /// Deadline until response headers, retries included.
+    /// Deadline of the whole exchange (retries and the response body included).
     pub timeout: Option<Duration>,
+    /// Longest silence from the upstream (waiting for the head, or between parts of the
+    /// body) when no deadline is set: [`DEFAULT_IDLE_TIMEOUT`] unless `timeouts.request` says
+    /// otherwise.
+    pub idle_timeout: Option<Duration>,
     /// Retry policy.
     pub retry: Option<RetryConfig>,
 }
+
+/// The idle timeout of a route without `timeouts.request`: Envoy's default route timeout,
+/// applied to silence rather than to the whole exchange, so that a long stream that keeps
+/// sending lives while a dead peer is noticed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A match.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -210,6 +219,22 @@ pub struct EndpointConfig {
     /// The workload's proxy, when it has one (an identity): callers with an identity reach
     /// it there by mutual TLS rather than `addr`.
     pub mesh: Option<MeshPeer>,
+    /// How many times its health check passed again after failing (its agent counts): a
+    /// rise lifts an ejection.
+    pub recoveries: u64,
+}
+
+impl EndpointConfig {
+    /// The same endpoint, whatever its health-check history: its connections and load
+    /// estimates carry over.
+    pub fn same_endpoint(&self, o: &Self) -> bool {
+        self.addr == o.addr
+            && self.weight == o.weight
+            && self.workload == o.workload
+            && self.environment == o.environment
+            && self.locality == o.locality
+            && self.mesh == o.mesh
+    }
 }
 
 /// How callers reach a meshed endpoint.

@@ -324,6 +324,15 @@ pub struct WorkloadSpec {
     /// (static Workloads): healthy.
     #[serde(default)]
     pub healthy: Option<bool>,
+    /// Set by the workload's agent: how many times its health check passed again after
+    /// failing. A caller that ejected the endpoint (outlier detection) takes it back when
+    /// this grows, as Envoy does when an active health check passes.
+    #[serde(
+        default,
+        rename = "healthRecoveries",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub health_recoveries: Option<u64>,
 }
 
 /// The inbound listener's port when a Workload names none.
@@ -571,7 +580,7 @@ fn one() -> u32 {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteTimeouts {
-    /// Whole request, retries included, until response headers.
+    /// The whole exchange, retries and the response body included; `0s` for none.
     #[serde(default)]
     pub request: Option<DurationValue>,
     /// One try.

@@ -303,6 +303,7 @@ fn cluster(
             environment: w.environment,
             locality: w.locality.clone(),
             mesh: mesh_peer(&res.metadata.namespace, w),
+            recoveries: w.health_recoveries.unwrap_or(0),
         });
     }
     Ok(ClusterConfig {
@@ -441,6 +442,7 @@ fn default_route(id: &NamespacedName, port: u16) -> RouteConfig {
         request_headers: HeaderEdits::default(),
         response_headers: HeaderEdits::default(),
         timeout: None,
+        idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         retry: None,
     }
 }
@@ -738,6 +740,14 @@ fn rule_config(
         }
     }
     let timeouts = rule.timeouts.clone().unwrap_or_default();
+    // `request` bounds the whole exchange, the response body included; "0s" turns it off
+    // (Gateway API). Without one, a try that hears nothing for the idle timeout fails, so
+    // that a dead peer never holds a request for good.
+    let (timeout, idle_timeout) = match timeouts.request.map(|d| d.0) {
+        Some(d) if d.is_zero() => (None, None),
+        Some(d) => (Some(d), None),
+        None => (None, Some(DEFAULT_IDLE_TIMEOUT)),
+    };
     let retry = match &rule.retry {
         None => None,
         Some(r) => {
@@ -770,7 +780,11 @@ fn rule_config(
                 codes: r.codes.clone(),
                 grpc_codes,
                 backoff: r.backoff.map_or(Duration::from_millis(25), |d| d.0),
-                per_try_timeout: r.per_try_timeout.or(timeouts.backend_request).map(|d| d.0),
+                per_try_timeout: r
+                    .per_try_timeout
+                    .or(timeouts.backend_request)
+                    .map(|d| d.0)
+                    .filter(|d| !d.is_zero()),
             })
         }
     };
@@ -780,7 +794,8 @@ fn rule_config(
         backends,
         request_headers,
         response_headers,
-        timeout: timeouts.request.map(|d| d.0),
+        timeout,
+        idle_timeout,
         retry,
     })
 }

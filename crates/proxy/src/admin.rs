@@ -7,10 +7,13 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use crate::{http::body::ProxyBody, http::server::text, Shared};
+use crate::{
+    http::{body::ProxyBody, server::text},
+    shared::Shared,
+};
 
 /// Serve the admin endpoints until the proxy stops.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -16,25 +16,30 @@ use trellis_model::{
 };
 
 use crate::{
+    error::FailureClass,
     metrics::{ClusterLabels, EndpointLabels, Label, Metrics},
-    pool::Pool,
-    FailureClass,
+    pool::{ConnectCtx, Dialer, Pool},
 };
 
 mod budget;
-pub use budget::RetryBudget;
+pub(crate) use budget::RetryBudget;
 
 /// One endpoint and everything the proxy learned about it.
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// Its config.
-    pub cfg: EndpointConfig,
+    pub(crate) cfg: EndpointConfig,
     /// Its workload's name, as a metric label.
-    pub workload: Label,
+    pub(crate) workload: Label,
     /// Its locality, `region/zone`, as a metric label.
-    pub locality: Label,
+    pub(crate) locality: Label,
+    /// The address this proxy connects to: the peer's proxy for a meshed endpoint (when this
+    /// proxy has an identity), else the application.
+    pub(crate) target: std::net::SocketAddr,
     /// Its connection pool.
-    pub pool: Pool,
+    pub(crate) pool: Pool,
     in_flight: AtomicU32,
+    /// The health-check recoveries last seen in the config (see [`Endpoint::recovered`]).
+    recoveries: AtomicU64,
     /// Peak-EWMA latency estimate, nanoseconds, and when it was last updated.
     ewma: Mutex<(f64, Instant)>,
     outlier: Mutex<Outlier>,
@@ -48,7 +53,7 @@ struct Outlier {
 }
 
 /// Decrements an endpoint's in-flight count when dropped, so cancelled requests count too.
-pub struct InFlight(Arc<Endpoint>);
+pub(crate) struct InFlight(Arc<Endpoint>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -138,25 +143,33 @@ impl Tiers {
 }
 
 impl Endpoint {
-    fn new(cfg: EndpointConfig, idle_timeout: Duration) -> Self {
+    fn new(cfg: EndpointConfig, idle_timeout: Duration, meshed: bool) -> Self {
+        let target = match (&cfg.mesh, meshed) {
+            (Some(m), true) => m.inbound,
+            _ => cfg.addr,
+        };
+        let workload: Arc<str> = cfg.workload.to_string().into();
+        let recoveries = cfg.recoveries;
         Self {
-            pool: Pool::new(cfg.addr, cfg.mesh.clone(), idle_timeout),
+            pool: Pool::new(cfg.addr, workload, cfg.mesh.clone(), idle_timeout),
+            target,
             workload: cfg.workload.name.as_str().into(),
             locality: locality_label(&cfg.locality).as_str().into(),
             cfg,
             in_flight: AtomicU32::new(0),
+            recoveries: AtomicU64::new(recoveries),
             ewma: Mutex::new((EWMA_INITIAL_NS, Instant::now())),
             outlier: Mutex::new(Outlier::default()),
         }
     }
 
     /// Requests in flight.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Mark a request as started.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -168,7 +181,7 @@ impl Endpoint {
 
     /// Record a latency sample taken at `now`. Peak-sensitive: a slower sample replaces the
     /// estimate at once, a faster one decays it.
-    pub fn observe_latency(&self, rtt: Duration, now: Instant) {
+    pub(crate) fn observe_latency(&self, rtt: Duration, now: Instant) {
         let mut g = self.ewma.lock().expect("ewma lock");
         let sample = rtt.as_nanos() as f64;
         if sample > g.0 {
@@ -194,26 +207,38 @@ impl Endpoint {
     }
 
     /// Whether the endpoint is currently ejected.
-    pub fn ejected(&self) -> bool {
+    pub(crate) fn ejected(&self) -> bool {
         self.is_ejected(Instant::now())
+    }
+
+    /// The config says its health check passed again (`recoveries` grew): an ejection by
+    /// outlier detection is lifted, as Envoy does when an active health check passes. `true`
+    /// when one was.
+    fn recovered(&self, recoveries: u64) -> bool {
+        if self.recoveries.fetch_max(recoveries, Ordering::AcqRel) >= recoveries {
+            return false;
+        }
+        let mut o = self.outlier.lock().expect("outlier lock");
+        o.consecutive_failures = 0;
+        o.ejected_until.take().is_some()
     }
 }
 
 /// A cluster and its runtime state.
-pub struct Cluster {
+pub(crate) struct Cluster {
     /// Its key, `namespace/service:port`.
-    pub key: String,
+    pub(crate) key: String,
     /// Its config.
-    pub cfg: ClusterConfig,
+    pub(crate) cfg: ClusterConfig,
     /// Its service's `NAME.NAMESPACE`, as a metric label.
-    pub service: Label,
+    pub(crate) service: Label,
     /// Endpoints.
-    pub endpoints: Vec<Arc<Endpoint>>,
+    pub(crate) endpoints: Vec<Arc<Endpoint>>,
     /// Retry budget.
-    pub budget: Arc<RetryBudget>,
+    pub(crate) budget: Arc<RetryBudget>,
     requests: Arc<Semaphore>,
     /// Connection slots (max connections).
-    pub connections: Arc<Semaphore>,
+    pub(crate) connections: Arc<Semaphore>,
     pending: AtomicUsize,
     rr: AtomicU64,
     metrics: Metrics,
@@ -223,7 +248,7 @@ pub struct Cluster {
 
 /// Why a cluster could not take a request.
 #[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
+pub(crate) enum AdmitError {
     /// Circuit open.
     #[error("cluster {0}: circuit breaker open (max requests and max pending reached)")]
     Overloaded(String),
@@ -232,26 +257,36 @@ pub enum AdmitError {
 impl Cluster {
     /// Build a cluster, reusing endpoint state (pools, latency, ejections) and the retry
     /// budget from `prev` where the endpoint is unchanged, so that a reload is invisible.
-    pub fn new(
+    pub(crate) fn new(
         key: String,
         cfg: ClusterConfig,
         prev: Option<&Cluster>,
         metrics: &Metrics,
         local: Option<&Locality>,
+        meshed: bool,
     ) -> Self {
         let idle = cfg.policy.idle_timeout;
         let tiers = Tiers::new(&cfg, local);
+        let mut lifted = 0;
         let endpoints = cfg
             .endpoints
             .iter()
             .map(|e| {
-                prev.and_then(|p| {
-                    p.endpoints
-                        .iter()
-                        .find(|o| o.cfg == *e && p.cfg.policy.idle_timeout == idle)
-                })
-                .cloned()
-                .unwrap_or_else(|| Arc::new(Endpoint::new(e.clone(), idle)))
+                let old = prev.and_then(|p| {
+                    p.endpoints.iter().find(|o| {
+                        o.cfg.same_endpoint(e) && p.cfg.policy.idle_timeout == idle
+                    })
+                });
+                match old {
+                    Some(o) => {
+                        if o.recovered(e.recoveries) {
+                            lifted += 1;
+                            tracing::info!(cluster = %key, endpoint = %o.target, workload = %e.workload, "health check passed again: ejection lifted");
+                        }
+                        o.clone()
+                    }
+                    None => Arc::new(Endpoint::new(e.clone(), idle, meshed)),
+                }
             })
             .collect();
         let p = &cfg.policy;
@@ -270,7 +305,7 @@ impl Cluster {
                 Arc::new(Semaphore::new(p.max_connections as usize)),
             ),
         };
-        Self {
+        let c = Self {
             labels: ClusterLabels {
                 cluster: key.clone(),
             },
@@ -285,31 +320,35 @@ impl Cluster {
             rr: AtomicU64::new(0),
             metrics: metrics.clone(),
             tiers,
+        };
+        if lifted > 0 {
+            c.update_ejected_gauge();
         }
+        c
     }
 
     /// The policy.
-    pub fn policy(&self) -> &BackendPolicy {
+    pub(crate) fn policy(&self) -> &BackendPolicy {
         &self.cfg.policy
     }
 
     /// What an endpoint pool of this cluster needs to open a connection.
-    pub fn connect_ctx<'a>(&'a self, shared: &'a crate::Shared) -> crate::pool::ConnectCtx<'a> {
-        crate::pool::ConnectCtx {
+    pub(crate) fn connect_ctx<'a>(&'a self, dialer: &'a Dialer) -> ConnectCtx<'a> {
+        ConnectCtx {
             timeout: self.cfg.policy.connect_timeout,
             slots: &self.connections,
             cluster: &self.key,
-            metrics: &shared.metrics,
-            tls: shared.mesh_tls.as_ref(),
+            metrics: &dialer.metrics,
+            tls: dialer.tls.as_ref(),
             mtls: self.cfg.mtls,
             port: self.cfg.port,
-            mark: shared.socket_mark,
+            mark: dialer.mark,
         }
     }
 
     /// Admit a request: take an in-flight slot, waiting in the bounded pending queue for at
     /// most `wait` if none is free.
-    pub async fn admit(&self, wait: Duration) -> Result<OwnedSemaphorePermit, AdmitError> {
+    pub(crate) async fn admit(&self, wait: Duration) -> Result<OwnedSemaphorePermit, AdmitError> {
         if let Ok(p) = self.requests.clone().try_acquire_owned() {
             return Ok(p);
         }
@@ -329,15 +368,16 @@ impl Cluster {
         }
     }
 
+    #[cfg(test)]
     /// Pick an endpoint, skipping those ejected at `now`. `None` when there is no healthy
     /// endpoint. (The caller passes the time it already read: clock reads cost in VMs.)
-    pub fn pick(&self, now: Instant) -> Option<Arc<Endpoint>> {
+    pub(crate) fn pick(&self, now: Instant) -> Option<Arc<Endpoint>> {
         self.pick_avoiding(now, None)
     }
 
     /// Pick as [`Cluster::pick`] does, but not `avoid` (the endpoint a failed try went to)
     /// while another is usable: a retry goes elsewhere, as Envoy's `previous_hosts`.
-    pub fn pick_avoiding(
+    pub(crate) fn pick_avoiding(
         &self,
         now: Instant,
         avoid: Option<&Arc<Endpoint>>,
@@ -458,7 +498,7 @@ impl Cluster {
     }
 
     /// Report the outcome of one try against `ep`, for outlier detection.
-    pub fn report(&self, ep: &Endpoint, class: FailureClass) {
+    pub(crate) fn report(&self, ep: &Endpoint, class: FailureClass) {
         let p = &self.cfg.policy;
         let failed = matches!(
             class,
@@ -496,17 +536,17 @@ impl Cluster {
         o.consecutive_failures = 0;
         o.ejected_until = Some(now + t);
         drop(o);
-        tracing::warn!(cluster = %self.key, endpoint = %ep.cfg.addr, ejection_secs = t.as_secs_f64(), "outlier detection ejected an endpoint");
+        tracing::warn!(cluster = %self.key, endpoint = %ep.target, workload = %ep.cfg.workload, app = %ep.cfg.addr, ejection_secs = t.as_secs_f64(), "outlier detection ejected an endpoint");
         let labels = EndpointLabels {
             cluster: self.key.clone(),
-            endpoint: ep.cfg.addr.to_string(),
+            endpoint: ep.target.to_string(),
         };
         self.metrics.ejections.get_or_create(&labels).inc();
         self.update_ejected_gauge();
     }
 
     /// Refresh the ejected-endpoints gauge.
-    pub fn update_ejected_gauge(&self) {
+    pub(crate) fn update_ejected_gauge(&self) {
         let now = Instant::now();
         let n = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
         self.metrics

@@ -8,13 +8,13 @@ use std::sync::{
 use tokio::sync::{watch, Notify};
 
 /// Shared drain state.
-pub struct Drain {
+pub(crate) struct Drain {
     tx: watch::Sender<bool>,
     active: Arc<(AtomicUsize, Notify)>,
 }
 
 /// Held by each open connection.
-pub struct Active(Arc<(AtomicUsize, Notify)>);
+pub(crate) struct Active(Arc<(AtomicUsize, Notify)>);
 
 impl Drop for Active {
     fn drop(&mut self) {
@@ -35,23 +35,23 @@ impl Default for Drain {
 
 impl Drain {
     /// Count a connection.
-    pub fn track(&self) -> Active {
+    pub(crate) fn track(&self) -> Active {
         self.active.0.fetch_add(1, Ordering::AcqRel);
         Active(self.active.clone())
     }
 
     /// A receiver that changes when draining starts.
-    pub fn signal(&self) -> watch::Receiver<bool> {
+    pub(crate) fn signal(&self) -> watch::Receiver<bool> {
         self.tx.subscribe()
     }
 
     /// Whether draining started.
-    pub fn draining(&self) -> bool {
+    pub(crate) fn draining(&self) -> bool {
         *self.tx.borrow()
     }
 
     /// Start draining and wait until every connection closed.
-    pub async fn drain(&self) {
+    pub(crate) async fn drain(&self) {
         self.tx.send_replace(true);
         loop {
             let notified = self.active.1.notified();
@@ -63,7 +63,7 @@ impl Drain {
     }
 
     /// Open connections.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.active.0.load(Ordering::Acquire)
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 /// Multiply-rotate over 8-byte words.
 #[derive(Default)]
-pub struct FastHasher(u64);
+pub(crate) struct FastHasher(u64);
 
 const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
 
@@ -41,7 +41,7 @@ impl Hasher for FastHasher {
 }
 
 /// A `HashMap` with [`FastHasher`].
-pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
 
 #[cfg(test)]
 mod tests {

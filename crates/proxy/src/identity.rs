@@ -16,7 +16,9 @@ use std::{
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use trellis_identity::{inspect, key_and_csr, prove, CertInfo};
+use trellis_identity::{inspect, key_and_csr, prove};
+
+pub use crate::credentials::Credentials;
 
 pub use trellis_identity::tls::parse_ca_hash;
 
@@ -53,22 +55,6 @@ pub enum IdentityError {
     /// A certificate or key could not be made or read.
     #[error(transparent)]
     Ca(#[from] trellis_identity::CaError),
-}
-
-/// The proxy's current key, certificate and trust bundle.
-#[derive(Clone, Debug)]
-pub struct Credentials {
-    /// What the certificate says.
-    pub info: CertInfo,
-    /// Certificate chain, PEM.
-    pub chain_pem: String,
-    /// Private key, PEM.
-    pub key_pem: String,
-    /// Roots to trust, PEM.
-    pub bundle_pem: String,
-    /// When this proxy got it (or, for a stored one, started with it). Renewal counts from
-    /// here, not from `not_before`, which the CA backdates for clock skew.
-    pub obtained: SystemTime,
 }
 
 const KEY: &str = "key.pem";
@@ -181,7 +167,7 @@ async fn request_one(
     let uri: ::http::Uri = server.parse().map_err(|e| format!("bad URL: {e}"))?;
     let authority = uri.authority().ok_or("no host:port")?.to_string();
     let mut send = if uri.scheme_str() == Some("https") {
-        let tls = crate::mtls::connect_control(&authority, auth.creds, auth.pin).await?;
+        let tls = crate::control_link::connect_control(&authority, auth.creds, auth.pin).await?;
         h2(hyper_util::rt::TokioIo::new(tls)).await?
     } else {
         let stream = tokio::time::timeout(
@@ -376,6 +362,7 @@ async fn renew(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trellis_identity::CertInfo;
 
     #[test]
     fn renewal_is_halfway_from_receipt_not_from_the_backdated_start() {

@@ -12,21 +12,21 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::{fasthash::FastHasher, FailureClass};
+use crate::{error::FailureClass, fasthash::FastHasher};
 
 /// A label value shared by every request that carries it: built once per config (service,
 /// workload, route), cloned per request by a reference count. Empty means "unknown".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Label(Option<Arc<str>>);
+pub(crate) struct Label(Option<Arc<str>>);
 
 impl Label {
     /// The value, or "unknown".
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         self.0.as_deref().unwrap_or("unknown")
     }
 
     /// The value, if known.
-    pub fn get(&self) -> Option<&str> {
+    pub(crate) fn get(&self) -> Option<&str> {
         self.0.as_deref()
     }
 
@@ -76,7 +76,7 @@ impl serde::Serialize for Label {
 /// Traffic direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// From the local workload to a service.
     outbound,
     /// From a peer to the local workload.
@@ -85,7 +85,7 @@ pub enum Direction {
 
 impl Direction {
     /// Name.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::outbound => "outbound",
             Self::inbound => "inbound",
@@ -95,83 +95,83 @@ impl Direction {
 
 /// Labels of request metrics. Missing values are "unknown".
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct RequestLabels {
+pub(crate) struct RequestLabels {
     /// Direction.
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// Source service (the local workload's for outbound).
-    pub src_service: Label,
+    pub(crate) src_service: Label,
     /// The caller's SPIFFE ID, for inbound requests over mutual TLS ("unknown" otherwise).
-    pub source_identity: Label,
+    pub(crate) source_identity: Label,
     /// Destination service.
-    pub dst_service: Label,
+    pub(crate) dst_service: Label,
     /// Destination workload.
-    pub dst_workload: Label,
+    pub(crate) dst_workload: Label,
     /// Destination environment.
-    pub dst_environment: &'static str,
+    pub(crate) dst_environment: &'static str,
     /// Destination locality, `region/zone`.
-    pub dst_locality: Label,
+    pub(crate) dst_locality: Label,
     /// Route name.
-    pub route: Label,
+    pub(crate) route: Label,
     /// HTTP status sent to the client.
-    pub status_code: u16,
+    pub(crate) status_code: u16,
     /// gRPC status, empty when not gRPC.
-    pub grpc_status: Option<u32>,
+    pub(crate) grpc_status: Option<u32>,
     /// Failure class.
-    pub failure_class: FailureClass,
+    pub(crate) failure_class: FailureClass,
 }
 
 /// Labels of TCP connection metrics.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct TcpLabels {
+pub(crate) struct TcpLabels {
     /// Direction.
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// Destination service.
-    pub dst_service: Label,
+    pub(crate) dst_service: Label,
     /// Destination workload.
-    pub dst_workload: Label,
+    pub(crate) dst_workload: Label,
     /// Failure class.
-    pub failure_class: FailureClass,
+    pub(crate) failure_class: FailureClass,
 }
 
 /// Labels keyed by direction and service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ServiceLabels {
+pub(crate) struct ServiceLabels {
     /// Direction.
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     /// Destination service.
-    pub dst_service: Label,
+    pub(crate) dst_service: Label,
 }
 
 /// Labels keyed by cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ClusterLabels {
+pub(crate) struct ClusterLabels {
     /// `namespace/service:port`.
-    pub cluster: String,
+    pub(crate) cluster: String,
 }
 
 /// Labels of retry decisions.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct RetryLabels {
+pub(crate) struct RetryLabels {
     /// Cluster.
-    pub cluster: String,
+    pub(crate) cluster: String,
     /// `sent` or `budget_exhausted`.
-    pub outcome: &'static str,
+    pub(crate) outcome: &'static str,
 }
 
 /// Labels of ejections.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct EndpointLabels {
+pub(crate) struct EndpointLabels {
     /// Cluster.
-    pub cluster: String,
+    pub(crate) cluster: String,
     /// Endpoint address.
-    pub endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 /// Result label.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ResultLabels {
+pub(crate) struct ResultLabels {
     /// `ok` or `error`.
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 fn latency() -> Histogram {
@@ -182,35 +182,37 @@ fn latency() -> Histogram {
 
 /// Every metric of the proxy.
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// Requests by outcome.
-    pub requests: Family<RequestLabels, Counter>,
+    pub(crate) requests: Family<RequestLabels, Counter>,
     /// Request latency (until the response ended).
-    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub(crate) request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     /// TCP connections by outcome.
-    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub(crate) tcp_connections: Family<TcpLabels, Counter>,
     /// Open TCP connections.
-    pub tcp_open: Family<ServiceLabels, Gauge>,
+    pub(crate) tcp_open: Family<ServiceLabels, Gauge>,
     /// Bytes from client to upstream.
-    pub tcp_sent: Family<ServiceLabels, Counter>,
+    pub(crate) tcp_sent: Family<ServiceLabels, Counter>,
     /// Bytes from upstream to client.
-    pub tcp_received: Family<ServiceLabels, Counter>,
+    pub(crate) tcp_received: Family<ServiceLabels, Counter>,
     /// Open upstream connections in the pools.
-    pub pool_open: Family<ClusterLabels, Gauge>,
+    pub(crate) pool_open: Family<ClusterLabels, Gauge>,
     /// Upstream connect attempts.
-    pub pool_connects: Family<EndpointLabels, Counter>,
+    pub(crate) pool_connects: Family<EndpointLabels, Counter>,
     /// Retries.
-    pub retries: Family<RetryLabels, Counter>,
+    pub(crate) retries: Family<RetryLabels, Counter>,
     /// Ejections.
-    pub ejections: Family<EndpointLabels, Counter>,
+    pub(crate) ejections: Family<EndpointLabels, Counter>,
     /// Currently ejected endpoints.
-    pub ejected: Family<ClusterLabels, Gauge>,
+    pub(crate) ejected: Family<ClusterLabels, Gauge>,
     /// Requests refused by circuit breakers.
-    pub overflows: Family<ClusterLabels, Counter>,
+    pub(crate) overflows: Family<ClusterLabels, Counter>,
     /// Config reloads.
-    pub reloads: Family<ResultLabels, Counter>,
+    pub(crate) reloads: Family<ResultLabels, Counter>,
     /// Inbound connections refused for want of valid mutual TLS.
-    pub tls_refusals: Counter,
+    pub(crate) tls_refusals: Counter,
+    /// Access-log lines dropped because the writer fell behind.
+    pub(crate) access_log_dropped: Counter,
     /// Handles of `requests` and `request_duration` by label identity: see [`RequestKey`].
     request_cache: Arc<Mutex<RequestCache>>,
 }
@@ -264,7 +266,7 @@ impl Hash for RequestKey {
 
 impl Metrics {
     /// Create and register under `reg` (the caller gives it the `trellis` prefix).
-    pub fn register(reg: &mut Registry) -> Self {
+    pub(crate) fn register(reg: &mut Registry) -> Self {
         let m = Self {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency),
@@ -280,6 +282,7 @@ impl Metrics {
             overflows: Family::default(),
             reloads: Family::default(),
             tls_refusals: Counter::default(),
+            access_log_dropped: Counter::default(),
             request_cache: Arc::default(),
         };
         reg.register(
@@ -351,18 +354,23 @@ impl Metrics {
             "Inbound connections refused: plaintext under strict mTLS, or a failed mTLS handshake (unstable)",
             m.tls_refusals.clone(),
         );
+        reg.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the log writer fell behind (unstable)",
+            m.access_log_dropped.clone(),
+        );
         m
     }
 
     /// An inbound connection refused for want of valid mutual TLS.
-    pub fn count_tls_refusal(&self) {
+    pub(crate) fn count_tls_refusal(&self) {
         self.tls_refusals.inc();
     }
 }
 
 impl Metrics {
     /// Count a finished request and its duration.
-    pub fn record_request(&self, labels: RequestLabels, seconds: f64) {
+    pub(crate) fn record_request(&self, labels: RequestLabels, seconds: f64) {
         let key = RequestKey(labels);
         let mut cache = self.request_cache.lock().expect("metrics cache lock");
         let (count, duration) = cache.entry(key).or_insert_with_key(|k| {
@@ -376,7 +384,7 @@ impl Metrics {
     }
 
     /// Forget cached handles (after a reload, labels are new allocations).
-    pub fn clear_request_cache(&self) {
+    pub(crate) fn clear_request_cache(&self) {
         self.request_cache
             .lock()
             .expect("metrics cache lock")

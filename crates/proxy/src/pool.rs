@@ -1,9 +1,10 @@
-//! Per-endpoint upstream connection pool: a list of idle HTTP/1.1 connections and one shared,
+//! Per-endpoint upstream connections: a list of idle HTTP/1.1 connections and one shared,
 //! multiplexed HTTP/2 connection.
 //!
 //! HTTP/1.1 connections are the proxy's own ([`crate::h1`]), driven by the request task;
 //! HTTP/2 connections use hyper's low-level connection API. Either way the pool enforces the
-//! cluster's connection limit and classifies connect failures itself.
+//! cluster's connection limit and makes the connect failures' errors, naming both the
+//! address it connected to (a peer's proxy, for a meshed endpoint) and the workload.
 
 use std::{
     net::SocketAddr,
@@ -12,104 +13,39 @@ use std::{
 };
 
 use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::{
-    net::TcpStream,
-    sync::{OwnedSemaphorePermit, Semaphore},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{net::TcpStream, sync::Semaphore};
 
 use trellis_model::{proxy::MeshPeer, resource::MtlsMode};
 
 use crate::{
-    h1::Conn,
+    error::{Error, Kind},
+    h1::{Conn, Idle},
     http::body::UpBody,
     metrics::{ClusterLabels, EndpointLabels, Metrics},
     mtls::{MeshTls, Purpose, UpStream},
-    FailureClass,
+    net::{connect_timeout, ConnectFailure},
+    slot::Slot,
 };
 
-// Idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE: usize = 256;
+/// How often an HTTP/2 connection to a peer's proxy is checked with a PING, and how long the
+/// answer may take: a peer cut off (a dropped link, a dead host) fails the requests on the
+/// connection within both, rather than when the kernel gives up after many minutes.
+pub(crate) const MESH_KEEPALIVE: Duration = Duration::from_secs(10);
 
-/// Why an upstream exchange failed.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// TCP connect failed.
-    #[error("connect to {addr} failed: {source}")]
-    Connect {
-        /// Endpoint.
-        addr: SocketAddr,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// TCP connect timed out.
-    #[error("connect to {addr} timed out after {timeout:?} (is a firewall dropping SYNs, or is the listen backlog full?)")]
-    ConnectTimeout {
-        /// Endpoint.
-        addr: SocketAddr,
-        /// Timeout.
-        timeout: Duration,
-    },
-    /// The cluster's connection limit is reached.
-    #[error("cluster {0}: max connections reached")]
-    MaxConnections(String),
-    /// HTTP handshake failed.
-    #[error("HTTP handshake with {addr} failed: {source}")]
-    Handshake {
-        /// Endpoint.
-        addr: SocketAddr,
-        /// Cause.
-        #[source]
-        source: hyper::Error,
-    },
-    /// The mutual TLS handshake with a peer's proxy failed.
-    #[error("{detail}")]
-    Tls {
-        /// The peer's inbound listener.
-        addr: SocketAddr,
-        /// What went wrong.
-        detail: String,
-    },
-    /// The service requires mutual TLS and this proxy has no identity.
-    #[error("{cluster}: the service requires mutual TLS (STRICT) and this proxy has no identity (start it with --state-dir and --join-token)")]
-    NoIdentity {
-        /// Cluster.
-        cluster: String,
-    },
-    /// An HTTP/1.1 upgrade to a meshed endpoint (not carried over mutual TLS yet).
-    #[error("{0}: HTTP/1.1 upgrades (WebSocket) to an endpoint behind a peer proxy are not supported yet")]
-    MeshUpgrade(String),
-    /// Sending the request or receiving response headers failed.
-    #[error("request to {addr} failed: {source}")]
-    Send {
-        /// Endpoint.
-        addr: SocketAddr,
-        /// Cause.
-        #[source]
-        source: hyper::Error,
-    },
-}
-
-impl UpstreamError {
-    /// The failure class.
-    pub fn class(&self) -> FailureClass {
-        match self {
-            Self::Connect { source, .. } => crate::failure::classify_io(source),
-            Self::ConnectTimeout { .. } => FailureClass::ConnectTimeout,
-            Self::MaxConnections(_) => FailureClass::Overloaded,
-            Self::Tls { .. } | Self::NoIdentity { .. } => FailureClass::TlsError,
-            Self::MeshUpgrade(_) => FailureClass::ProtocolError,
-            Self::Handshake { source, .. } | Self::Send { source, .. } => {
-                crate::failure::classify(source)
-            }
-        }
-    }
+/// What every connection of this proxy is made with: its metrics, its client TLS (when it
+/// has an identity) and the socket mark.
+pub(crate) struct Dialer {
+    /// Metrics.
+    pub(crate) metrics: Metrics,
+    /// This proxy's client TLS, when it has an identity.
+    pub(crate) tls: Option<MeshTls>,
+    /// `SO_MARK` for upstream sockets.
+    pub(crate) mark: Option<u32>,
 }
 
 /// A connection ready to carry one request.
-pub enum Sender {
+pub(crate) enum Sender {
     /// HTTP/1.1; returned to the pool when the response body ends. Boxed once per
     /// connection, so that requests move a pointer rather than the connection's buffers.
     H1(Box<Conn>),
@@ -118,54 +54,66 @@ pub enum Sender {
 }
 
 /// What the pool needs from the cluster to open a connection.
-pub struct ConnectCtx<'a> {
+pub(crate) struct ConnectCtx<'a> {
     /// Connect timeout.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Cluster-wide connection slots.
-    pub slots: &'a Arc<Semaphore>,
+    pub(crate) slots: &'a Arc<Semaphore>,
     /// Cluster key, for errors and metrics.
-    pub cluster: &'a str,
+    pub(crate) cluster: &'a str,
     /// Metrics.
-    pub metrics: &'a Metrics,
+    pub(crate) metrics: &'a Metrics,
     /// This proxy's client TLS, when it has an identity.
-    pub tls: Option<&'a MeshTls>,
+    pub(crate) tls: Option<&'a MeshTls>,
     /// The service's mutual TLS mode.
-    pub mtls: MtlsMode,
+    pub(crate) mtls: MtlsMode,
     /// The service port (callee proxies learn it from the TLS server name).
-    pub port: u16,
+    pub(crate) port: u16,
     /// `SO_MARK` for upstream sockets, so that capture rules let them pass.
-    pub mark: Option<u32>,
+    pub(crate) mark: Option<u32>,
 }
 
-/// The pool of one endpoint.
-pub struct Pool {
+/// The connections of one endpoint.
+pub(crate) struct Pool {
+    /// The application's address.
     addr: SocketAddr,
+    /// Its workload, for errors.
+    workload: Arc<str>,
     mesh: Option<MeshPeer>,
-    idle_timeout: Duration,
-    idle: Mutex<Vec<(Instant, Box<Conn>)>>,
+    idle: Arc<Idle>,
     h2: Mutex<Option<http2::SendRequest<UpBody>>>,
 }
 
 impl Pool {
-    pub(crate) fn new(addr: SocketAddr, mesh: Option<MeshPeer>, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        workload: Arc<str>,
+        mesh: Option<MeshPeer>,
+        idle_timeout: Duration,
+    ) -> Self {
         Self {
             addr,
+            workload,
             mesh,
-            idle_timeout,
-            idle: Mutex::new(Vec::new()),
+            idle: Arc::new(Idle::new(idle_timeout)),
             h2: Mutex::new(None),
         }
+    }
+
+    /// Where HTTP/1.1 connections of this endpoint go back when their exchange is done.
+    pub(crate) fn idle(&self) -> &Arc<Idle> {
+        &self.idle
     }
 
     /// Get a connection: a pooled one if any is alive, else a new one. Returns the sender and
     /// the time spent connecting (zero when reused).
     /// `now` is the caller's reading of the clock.
-    pub async fn checkout(
+    pub(crate) async fn checkout(
         &self,
         h2: bool,
         ctx: &ConnectCtx<'_>,
         now: Instant,
-    ) -> Result<(Sender, Duration), UpstreamError> {
+    ) -> Result<(Sender, Duration), Error> {
         if h2 {
             if let Some(s) = self
                 .h2
@@ -176,10 +124,8 @@ impl Pool {
             {
                 return Ok((Sender::H2(s.clone()), Duration::ZERO));
             }
-        } else {
-            if let Some(c) = self.pop_idle(now) {
-                return Ok((Sender::H1(c), Duration::ZERO));
-            }
+        } else if let Some(c) = self.idle.pop(now) {
+            return Ok((Sender::H1(c), Duration::ZERO));
         }
         let start = Instant::now();
         // Boxed: the handshake futures are large, and every request's future would carry
@@ -188,57 +134,79 @@ impl Pool {
         Ok((s, start.elapsed()))
     }
 
-    fn pop_idle(&self, now: Instant) -> Option<Box<Conn>> {
-        let mut idle = self.idle.lock().expect("pool lock");
-        while let Some((since, c)) = idle.pop() {
-            if now.saturating_duration_since(since) < self.idle_timeout && c.is_alive() {
-                return Some(c);
-            }
-        }
-        None
-    }
-
-    /// Return an HTTP/1.1 connection whose exchange completed. `since` is when that exchange
-    /// began: counting its duration as idle time errs towards closing sooner, and saves a
-    /// clock read.
-    pub fn checkin(&self, c: Box<Conn>, since: Instant) {
-        let mut idle = self.idle.lock().expect("pool lock");
-        if idle.len() < MAX_IDLE {
-            idle.push((since, c));
-        }
-    }
-
     /// The peer proxy to reach by mutual TLS, if any: an endpoint with an identity is
     /// reached at its proxy when this proxy has one too; without one, a STRICT service cannot
     /// be called, and a PERMISSIVE one is called in plaintext at the application's address.
-    fn via_mesh<'a>(&'a self, ctx: &ConnectCtx<'_>) -> Result<Option<&'a MeshPeer>, UpstreamError> {
+    fn via_mesh<'a>(&'a self, ctx: &ConnectCtx<'_>) -> Result<Option<&'a MeshPeer>, Error> {
         match (&self.mesh, ctx.tls, ctx.mtls) {
             (None, _, _) => Ok(None),
             (Some(peer), Some(_), _) => Ok(Some(peer)),
-            (Some(_), None, MtlsMode::Strict) => Err(UpstreamError::NoIdentity {
-                cluster: ctx.cluster.to_string(),
-            }),
+            (Some(_), None, MtlsMode::Strict) => Err(Error::new(
+                Kind::NoIdentity,
+                format!(
+                    "{}: the service requires mutual TLS (STRICT) and this proxy has no \
+                     identity (start it with --state-dir and --join-token)",
+                    ctx.cluster
+                ),
+            )),
             (Some(_), None, MtlsMode::Permissive) => Ok(None),
         }
     }
 
     /// Whether requests go out as HTTP/2: those of an HTTP/2 cluster, and all those to a peer
     /// proxy, which carries any HTTP over one multiplexed connection.
-    pub fn uses_h2(&self, cluster_h2: bool, ctx: &ConnectCtx<'_>) -> bool {
+    pub(crate) fn uses_h2(&self, cluster_h2: bool, ctx: &ConnectCtx<'_>) -> bool {
         cluster_h2 || (self.mesh.is_some() && ctx.tls.is_some())
     }
 
+    /// Who `addr` is, for an error: "the proxy of shop/catalog-1 (app 10.0.0.5:8080) at
+    /// 10.0.0.5:15006" or "shop/catalog-1 at 10.0.0.5:8080".
+    pub(crate) fn describe(&self, addr: SocketAddr) -> String {
+        if addr == self.addr {
+            format!("{} at {addr}", self.workload)
+        } else {
+            format!(
+                "the proxy of {} (app {}) at {addr}",
+                self.workload, self.addr
+            )
+        }
+    }
+
+    async fn tcp(&self, addr: SocketAddr, ctx: &ConnectCtx<'_>) -> Result<TcpStream, Error> {
+        connect_timeout(addr, ctx.timeout, ctx.mark)
+            .await
+            .map_err(|f| match f {
+                ConnectFailure::Io(e) => Error::with_cause(
+                    Kind::Connect,
+                    format!("connect to {}", self.describe(addr)),
+                    e,
+                ),
+                ConnectFailure::TimedOut(t) => Error::new(
+                    Kind::ConnectTimeout,
+                    format!(
+                        "connect to {} timed out after {t:?} (is a firewall dropping SYNs, \
+                         or is the listen backlog full?)",
+                        self.describe(addr)
+                    ),
+                ),
+            })
+    }
+
+    fn tls_failed(&self, addr: SocketAddr, detail: String) -> Error {
+        Error::new(Kind::Tls, format!("{detail} ({})", self.describe(addr)))
+    }
+
     /// An opaque stream (TCP binds and CONNECT tunnels): plain, or mutual TLS to the peer.
-    pub async fn open(&self, ctx: &ConnectCtx<'_>) -> Result<UpStream, UpstreamError> {
+    pub(crate) async fn open(&self, ctx: &ConnectCtx<'_>) -> Result<UpStream, Error> {
         let via = self.via_mesh(ctx)?;
         let addr = via.map_or(self.addr, |p| p.inbound);
-        let stream = connect_tcp(addr, ctx.timeout, ctx.mark).await?;
+        let stream = self.tcp(addr, ctx).await?;
         match (via, ctx.tls) {
             (Some(peer), Some(tls)) => {
                 let s = tls
                     .connect(stream, peer, ctx.port, Purpose::Tcp)
                     .await
-                    .map_err(|detail| UpstreamError::Tls { addr, detail })?;
+                    .map_err(|d| self.tls_failed(addr, d))?;
                 Ok(UpStream::Tls(Box::new(s)))
             }
             _ => Ok(UpStream::Plain(stream)),
@@ -246,15 +214,16 @@ impl Pool {
     }
 
     /// Open a new connection (not pooled until checked in).
-    pub async fn connect(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, UpstreamError> {
+    pub(crate) async fn connect(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, Error> {
         let via = self.via_mesh(ctx)?;
-        let permit = ctx
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| UpstreamError::MaxConnections(ctx.cluster.to_string()))?;
+        let permit = ctx.slots.clone().try_acquire_owned().map_err(|_| {
+            Error::new(
+                Kind::Overloaded,
+                format!("cluster {}: max connections reached", ctx.cluster),
+            )
+        })?;
         let addr = via.map_or(self.addr, |p| p.inbound);
-        let stream = connect_tcp(addr, ctx.timeout, ctx.mark).await?;
+        let stream = self.tcp(addr, ctx).await?;
         let labels = EndpointLabels {
             cluster: ctx.cluster.to_string(),
             endpoint: addr.to_string(),
@@ -267,20 +236,29 @@ impl Pool {
                 cluster: ctx.cluster.to_string(),
             })
             .clone();
-        open.inc();
-        let slot = Slot {
-            _permit: permit,
-            open,
+        let slot = Slot::new(permit, open);
+        let handshake = |source| {
+            Error::with_cause(
+                Kind::Handshake,
+                format!("HTTP/2 handshake with {}", self.describe(addr)),
+                source,
+            )
         };
         if let (Some(peer), Some(tls)) = (via, ctx.tls) {
             let tls = tls
                 .connect(stream, peer, ctx.port, Purpose::Http2)
                 .await
-                .map_err(|detail| UpstreamError::Tls { addr, detail })?;
+                .map_err(|d| self.tls_failed(addr, d))?;
+            // A peer's proxy is checked with PINGs: requests on a connection to a peer cut
+            // off fail within the keep-alive's interval and timeout.
             let (s, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(MESH_KEEPALIVE)
+                .keep_alive_timeout(MESH_KEEPALIVE)
+                .keep_alive_while_idle(true)
                 .handshake(TokioIo::new(tls))
                 .await
-                .map_err(|source| UpstreamError::Handshake { addr, source })?;
+                .map_err(handshake)?;
             tokio::spawn(async move {
                 let _ = conn.await;
                 drop(slot);
@@ -294,7 +272,7 @@ impl Pool {
         let (s, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| UpstreamError::Handshake { addr, source })?;
+            .map_err(handshake)?;
         tokio::spawn(async move {
             let _ = conn.await;
             drop(slot);
@@ -304,42 +282,20 @@ impl Pool {
     }
 
     /// Open a new HTTP/1.1 connection (not pooled until checked in).
-    pub async fn connect_h1(&self, ctx: &ConnectCtx<'_>) -> Result<Box<Conn>, UpstreamError> {
+    pub(crate) async fn connect_h1(&self, ctx: &ConnectCtx<'_>) -> Result<Box<Conn>, Error> {
         if self.via_mesh(ctx)?.is_some() {
-            return Err(UpstreamError::MeshUpgrade(ctx.cluster.to_string()));
+            return Err(Error::new(
+                Kind::Unsupported,
+                format!(
+                    "{}: HTTP/1.1 upgrades (WebSocket) to an endpoint behind a peer proxy are \
+                     not supported yet",
+                    ctx.cluster
+                ),
+            ));
         }
         match self.connect(false, ctx).await? {
             Sender::H1(c) => Ok(c),
             Sender::H2(_) => unreachable!("asked for HTTP/1.1"),
         }
-    }
-}
-
-/// A connection's claim on the cluster's connection limit, counted in the open-connections
-/// gauge; both are given back when the connection closes.
-pub struct Slot {
-    _permit: OwnedSemaphorePermit,
-    open: Gauge,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
-}
-
-/// Connect with a timeout, Nagle off, and the socket marked with `mark` when given.
-pub async fn connect_tcp(
-    addr: SocketAddr,
-    timeout: Duration,
-    mark: Option<u32>,
-) -> Result<TcpStream, UpstreamError> {
-    match tokio::time::timeout(timeout, crate::capture::connect(addr, mark)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(source)) => Err(UpstreamError::Connect { addr, source }),
-        Err(_) => Err(UpstreamError::ConnectTimeout { addr, timeout }),
     }
 }

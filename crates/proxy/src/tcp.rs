@@ -1,11 +1,13 @@
-//! Opaque TCP: explicit-mode binds and HTTP CONNECT tunnels. Plain async byte copying; each
-//! connection ends with one failure class, counted by a drop guard.
+//! Opaque TCP: explicit-mode binds, captured connections to no service, and HTTP CONNECT
+//! tunnels. Plain async byte copying; each connection ends in one record
+//! ([`ConnRecord`]), counted by a drop guard.
 
 use std::{
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use http::{Request, Response, StatusCode};
@@ -15,126 +17,84 @@ use tokio::{
 };
 
 use crate::{
-    cluster::Cluster,
-    http::{body::ProxyBody, forward::local_reply},
-    metrics::{Direction, Label, ServiceLabels, TcpLabels},
+    cluster::{Cluster, Endpoint},
+    error::{io_class, Error, Kind},
+    http::{
+        body::{ClientBody, ProxyBody},
+        upgrade,
+    },
+    metrics::{Direction, Label},
     mtls::UpStream,
-    record::{rfc3339, Record},
-    FailureClass, Shared,
+    net::{connect_timeout, ConnectFailure},
+    pool::Dialer,
+    shared::Shared,
+    stages::{
+        balance,
+        record::{ConnRecord, Record},
+        respond::local_reply,
+    },
 };
 
-/// Counts a TCP connection as open while alive, and records its outcome when dropped.
-struct ConnGuard {
-    shared: Arc<Shared>,
-    direction: Direction,
-    service: Label,
-    workload: Label,
-    upstream: Option<std::net::SocketAddr>,
-    /// The caller's SPIFFE ID, on the inbound side of mutual TLS.
-    source: Label,
-    class: FailureClass,
-    detail: Option<String>,
-    sent: u64,
-    received: u64,
-    start: std::time::Instant,
-    wall: std::time::SystemTime,
-}
-
-impl ConnGuard {
-    fn new(shared: Arc<Shared>, direction: Direction, service: Label) -> Self {
-        let labels = ServiceLabels {
-            direction,
-            dst_service: service.clone(),
-        };
-        shared.metrics.tcp_open.get_or_create(&labels).inc();
-        Self {
-            shared,
-            direction,
-            service,
-            workload: Label::default(),
-            upstream: None,
-            source: Label::default(),
-            class: FailureClass::Ok,
-            detail: None,
-            sent: 0,
-            received: 0,
-            start: std::time::Instant::now(),
-            wall: std::time::SystemTime::now(),
-        }
-    }
-}
-
-impl ConnGuard {
-    fn fail(&mut self, class: FailureClass, detail: String) {
-        self.class = class;
-        self.detail = Some(detail);
-    }
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        let m = &self.shared.metrics;
-        let sl = ServiceLabels {
-            direction: self.direction,
-            dst_service: self.service.clone(),
-        };
-        m.tcp_open.get_or_create(&sl).dec();
-        m.tcp_sent.get_or_create(&sl).inc_by(self.sent);
-        m.tcp_received.get_or_create(&sl).inc_by(self.received);
-        let tl = TcpLabels {
-            direction: self.direction,
-            dst_service: self.service.clone(),
-            dst_workload: self.workload.clone(),
-            failure_class: self.class,
-        };
-        m.tcp_connections.get_or_create(&tl).inc();
-        self.shared.access_log.write(&serde_json::json!({
-            "ts": rfc3339(self.wall),
-            "kind": "tcp",
-            "direction": self.direction.as_str(),
-            "dst_service": self.service,
-            "dst_workload": self.workload,
-            "upstream": self.upstream.map(|a| a.to_string()),
-            "source_identity": self.source,
-            "failure_class": self.class.as_str(),
-            "failure_category": self.class.category(),
-            "detail": self.detail,
-            "bytes_sent": self.sent,
-            "bytes_received": self.received,
-            "total_ms": self.start.elapsed().as_secs_f64() * 1e3,
-        }));
-    }
-}
-
 /// Pick an endpoint and connect (by mutual TLS to a peer proxy, or plain), trying another
-/// endpoint after a connect failure (at most one per endpoint).
-async fn connect(cluster: &Cluster, g: &mut ConnGuard) -> Option<UpStream> {
-    let shared = g.shared.clone();
-    let ctx = cluster.connect_ctx(&shared);
+/// endpoint after a connect failure (at most one try per endpoint). The last failure when
+/// none could be reached.
+pub(crate) async fn connect(
+    dialer: &Dialer,
+    cluster: &Cluster,
+) -> Result<(UpStream, Arc<Endpoint>), Error> {
+    let ctx = cluster.connect_ctx(dialer);
+    let mut avoid: Option<Arc<Endpoint>> = None;
+    let mut last = None;
     for _ in 0..cluster.endpoints.len().max(1) {
-        let Some(ep) = cluster.pick(std::time::Instant::now()) else {
-            g.class = FailureClass::NoHealthyUpstream;
-            g.detail = Some(format!("cluster {} has no healthy endpoint", cluster.key));
-            return None;
+        let ep = match balance::pick(cluster, std::time::Instant::now(), avoid.as_ref()) {
+            Ok(ep) => ep,
+            Err(e) => return Err(last.unwrap_or(e)),
         };
-        g.upstream = Some(ep.cfg.addr);
-        g.workload = ep.workload.clone();
+        // Every endpoint tried: pick_avoiding falls back to the same one.
+        if avoid.as_ref().is_some_and(|a| Arc::ptr_eq(a, &ep)) {
+            break;
+        }
         match ep.pool.open(&ctx).await {
             Ok(s) => {
-                cluster.report(&ep, FailureClass::Ok);
-                return Some(s);
+                cluster.report(&ep, crate::error::FailureClass::Ok);
+                return Ok((s, ep));
             }
             Err(e) => {
-                g.class = e.class();
-                g.detail = Some(e.to_string());
-                cluster.report(&ep, g.class);
+                cluster.report(&ep, e.class());
+                last = Some(e);
             }
         }
+        avoid = Some(ep);
     }
-    None
+    Err(last.unwrap_or_else(|| {
+        Error::new(
+            Kind::NoEndpoint,
+            format!("cluster {} has no healthy endpoint", cluster.key),
+        )
+    }))
 }
 
-async fn splice<A, B>(a: &mut A, b: &mut B, g: &mut ConnGuard)
+/// Connect for the connection `rec` records: its upstream noted, or its failure.
+pub(crate) async fn connect_for(
+    dialer: &Dialer,
+    cluster: &Cluster,
+    rec: &mut ConnRecord,
+) -> Option<UpStream> {
+    match connect(dialer, cluster).await {
+        Ok((s, ep)) => {
+            rec.upstream = Some(ep.target);
+            rec.workload = ep.workload.clone();
+            Some(s)
+        }
+        Err(e) => {
+            rec.fail(&e);
+            None
+        }
+    }
+}
+
+/// Copy both ways until both sides close; the record gets the bytes and how it ended.
+pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, rec: &mut ConnRecord)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -142,41 +102,39 @@ where
     // Count bytes as they flow, so that a reset still reports what went through.
     let mut a = Counted::new(a);
     match tokio::io::copy_bidirectional(&mut a, b).await {
-        Ok(_) => g.class = FailureClass::Ok,
-        Err(e) => g.fail(crate::failure::classify_io(&e), e.to_string()),
+        Ok(_) => rec.class = crate::error::FailureClass::Ok,
+        Err(e) => rec.end_with(io_class(&e), e.to_string()),
     }
-    (g.sent, g.received) = (a.read, a.written);
+    (rec.sent, rec.received) = (a.read, a.written);
 }
 
-/// Proxy one accepted connection on an explicit-mode TCP bind.
-pub async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: TcpStream) {
+/// Proxy one accepted connection on an explicit-mode TCP bind (or captured on a TCP
+/// service's virtual IP).
+pub(crate) async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: TcpStream) {
     let _active = shared.drain.track();
     let snap = shared.state.load_full();
     let Some(cluster) = snap.clusters.get(&cluster_key).cloned() else {
+        // The bind outlived its service (a reload is closing it): the connection is still
+        // recorded.
+        let mut rec = ConnRecord::new(
+            shared.telemetry.clone(),
+            Direction::outbound,
+            Label::default(),
+        );
+        rec.fail(&Error::new(
+            Kind::NoRoute,
+            format!("cluster {cluster_key} is no longer configured"),
+        ));
         return;
     };
-    let mut g = ConnGuard::new(shared.clone(), Direction::outbound, cluster.service.clone());
-    let _ = client.set_nodelay(true);
-    if let Some(mut up) = connect(&cluster, &mut g).await {
-        splice(&mut client, &mut up, &mut g).await;
-    }
-}
-
-/// A captured connection to an address that is no service's virtual IP: connected to as
-/// addressed (marked, so that capture lets it out), and counted as service `passthrough`.
-pub(crate) async fn passthrough(shared: Arc<Shared>, mut client: TcpStream, dst: SocketAddr) {
-    let _active = shared.drain.track();
-    let mut g = ConnGuard::new(
-        shared.clone(),
+    let mut rec = ConnRecord::new(
+        shared.telemetry.clone(),
         Direction::outbound,
-        PASSTHROUGH.with(Clone::clone),
+        cluster.service.clone(),
     );
-    g.upstream = Some(dst);
     let _ = client.set_nodelay(true);
-    let timeout = std::time::Duration::from_secs(10);
-    match crate::pool::connect_tcp(dst, timeout, shared.socket_mark).await {
-        Ok(mut up) => splice(&mut client, &mut up, &mut g).await,
-        Err(e) => g.fail(e.class(), e.to_string()),
+    if let Some(mut up) = connect_for(&shared.dialer, &cluster, &mut rec).await {
+        splice(&mut client, &mut up, &mut rec).await;
     }
 }
 
@@ -184,79 +142,69 @@ thread_local! {
     static PASSTHROUGH: Label = Label::from("passthrough");
 }
 
-/// An opaque TCP stream for the local workload's service port `port`: from a peer's proxy
-/// over mutual TLS (the port from the TLS server name), or captured in plaintext when the
-/// port accepts it. Authorized like a CONNECT tunnel, then spliced to the application.
-pub(crate) async fn serve_inbound<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: Arc<Shared>,
-    mut tls: S,
-    port: Option<u16>,
-    source: Option<crate::http::server::PeerId>,
-) {
-    let snap = shared.state.load_full();
-    let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {
-        let mut g = ConnGuard::new(shared.clone(), Direction::inbound, Label::default());
-        let ports: Vec<u16> = snap.inbound.iter().map(|t| t.port).collect();
-        g.fail(
-            FailureClass::NoRoute,
-            format!("mTLS stream for port {port:?}: the local workload has no such port (ports: {ports:?})"),
-        );
-        return;
-    };
-    let mut g = ConnGuard::new(
-        shared.clone(),
-        Direction::inbound,
-        target.cluster.service.clone(),
+/// How long a passthrough connection may take to connect.
+const PASSTHROUGH_CONNECT: Duration = Duration::from_secs(10);
+
+/// A captured connection to an address that is no service's virtual IP: connected to as
+/// addressed (marked, so that capture lets it out), and counted as service `passthrough`.
+pub(crate) async fn passthrough(shared: Arc<Shared>, mut client: TcpStream, dst: SocketAddr) {
+    let _active = shared.drain.track();
+    let mut rec = ConnRecord::new(
+        shared.telemetry.clone(),
+        Direction::outbound,
+        PASSTHROUGH.with(Clone::clone),
     );
-    if let Some(p) = &source {
-        g.source = p.uri.clone();
-    }
-    let id = source.as_ref().map(|p| p.id.as_ref());
-    if id.is_none() && crate::http::server::strict(&shared, target) {
-        shared.metrics.count_tls_refusal();
-        g.fail(
-            FailureClass::Denied,
-            format!(
-                "plaintext refused: port {} requires mutual TLS",
-                target.port
-            ),
-        );
-        return;
-    }
-    if let Some(detail) = crate::http::server::denied(&snap, target, None, id) {
-        g.fail(FailureClass::Denied, detail);
-        return;
-    }
-    if let Some(mut up) = connect(&target.cluster, &mut g).await {
-        splice(&mut tls, &mut up, &mut g).await;
+    rec.upstream = Some(dst);
+    let _ = client.set_nodelay(true);
+    match connect_timeout(dst, PASSTHROUGH_CONNECT, shared.dialer.mark).await {
+        Ok(mut up) => splice(&mut client, &mut up, &mut rec).await,
+        Err(ConnectFailure::Io(e)) => rec.fail(&Error::with_cause(
+            Kind::Connect,
+            format!("connect to {dst} (passthrough)"),
+            e,
+        )),
+        Err(ConnectFailure::TimedOut(t)) => rec.fail(&Error::new(
+            Kind::ConnectTimeout,
+            format!("connect to {dst} (passthrough) timed out after {t:?}"),
+        )),
     }
 }
 
 /// Answer `CONNECT` with 200 and tunnel bytes to an endpoint of `cluster`.
-pub async fn connect_tunnel(
+pub(crate) async fn connect_tunnel(
     shared: &Arc<Shared>,
     cluster: Arc<Cluster>,
-    mut req: Request<crate::http::body::ClientBody>,
+    mut req: Request<ClientBody>,
     mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
-    // Outbound, or inbound to the local workload: the record knows which listener it came on.
-    let mut g = ConnGuard::new(shared.clone(), rec.direction, cluster.service.clone());
-    let up = connect(&cluster, &mut g).await;
-    rec.upstream = g.upstream;
-    let Some(mut up) = up else {
-        let (class, detail) = (g.class, g.detail.clone().unwrap_or_default());
-        return local_reply(rec, class, detail, false);
+    // The CONNECT request has its record; the tunnel, once open, has one of its own.
+    let (mut up, ep) = match connect(&shared.dialer, &cluster).await {
+        Ok(c) => c,
+        Err(e) => return local_reply(rec, &e, false),
     };
-    rec.dst_workload = g.workload.clone();
+    rec.set_endpoint(&ep);
+    // Outbound, or inbound to the local workload: the record knows which listener it came on.
+    let mut conn = ConnRecord::new(
+        shared.telemetry.clone(),
+        rec.direction,
+        cluster.service.clone(),
+    );
+    conn.source = rec.source_identity.clone();
+    conn.upstream = Some(ep.target);
+    conn.workload = ep.workload.clone();
     rec.status = 200;
     rec.attempts = 1;
-    let on_upgrade = crate::http::upgrade::on(&mut req);
+    let on_upgrade = upgrade::on(&mut req);
     let active = shared.drain.track();
     tokio::spawn(async move {
         let _active = active;
         match on_upgrade.wait().await {
-            Ok(mut client) => splice(&mut client, &mut up, &mut g).await,
-            Err(e) => g.fail(FailureClass::ClientDisconnect, e.to_string()),
+            Ok(mut client) => splice(&mut client, &mut up, &mut conn).await,
+            Err(e) => conn.fail(&Error::with_cause(
+                Kind::ClientGone,
+                "the client left before the tunnel opened",
+                e,
+            )),
         }
     });
     let mut r = Response::new(ProxyBody::full(bytes::Bytes::new()));

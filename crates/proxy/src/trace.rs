@@ -7,11 +7,11 @@ use http::{header::Entry, HeaderMap, HeaderValue};
 use crate::http::{TRACEPARENT, X_REQUEST_ID};
 
 /// Ids of the current request.
-pub struct TraceIds {
+pub(crate) struct TraceIds {
     /// The trace id.
-    pub trace_id: u128,
+    pub(crate) trace_id: u128,
     /// `x-request-id`, as sent upstream.
-    pub request_id: HeaderValue,
+    pub(crate) request_id: HeaderValue,
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -51,7 +51,7 @@ fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
 }
 
 /// Format a trace id for logs.
-pub fn trace_id_hex(id: u128) -> String {
+pub(crate) fn trace_id_hex(id: u128) -> String {
     let mut b = [0u8; 32];
     hex_into(&mut b, id);
     String::from_utf8_lossy(&b).into_owned()
@@ -59,7 +59,7 @@ pub fn trace_id_hex(id: u128) -> String {
 
 /// Continue the caller's trace (new span id, same trace id and flags) or start one, and make
 /// sure the request has an `x-request-id`.
-pub fn prepare(headers: &mut HeaderMap) -> TraceIds {
+pub(crate) fn prepare(headers: &mut HeaderMap) -> TraceIds {
     let existing_id = headers
         .get(&X_REQUEST_ID)
         .filter(|r| !r.is_empty())

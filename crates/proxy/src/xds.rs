@@ -40,7 +40,7 @@ pub struct XdsOptions {
     /// `NAMESPACE/NAME` of the served workload.
     pub workload: Option<String>,
     /// This proxy's identity: required for `https://` servers, whose xDS is mutual TLS.
-    pub identity: Option<Arc<arc_swap::ArcSwap<crate::identity::Credentials>>>,
+    pub identity: Option<Arc<arc_swap::ArcSwap<crate::credentials::Credentials>>>,
 }
 
 /// A resource set to apply; the run loop answers on `done`.
@@ -148,7 +148,7 @@ async fn session(
             fail("xDS over TLS (https://) needs this proxy's identity: give --state-dir and --join-token".into())
         })?;
         endpoint
-            .connect_with_connector(crate::mtls::ControlConnector { authority, creds })
+            .connect_with_connector(crate::control_link::ControlConnector { authority, creds })
             .await
     } else {
         endpoint.connect().await

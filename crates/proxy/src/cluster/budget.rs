@@ -6,7 +6,7 @@ use std::{sync::Mutex, time::Instant};
 const WINDOW_SECS: usize = 10;
 
 /// A sliding ten-second window of requests and retries.
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     percent: u32,
     min_per_second: u32,
     state: Mutex<Window>,
@@ -20,7 +20,7 @@ struct Window {
 
 impl RetryBudget {
     /// `percent` of requests may be retried, plus `min_per_second` retries per second.
-    pub fn new(percent: u32, min_per_second: u32) -> Self {
+    pub(crate) fn new(percent: u32, min_per_second: u32) -> Self {
         Self {
             percent,
             min_per_second,
@@ -47,12 +47,12 @@ impl RetryBudget {
     }
 
     /// Count an original request, made at `now`.
-    pub fn deposit(&self, now: Instant) {
+    pub(crate) fn deposit(&self, now: Instant) {
         self.with_slot(now, |s, _, _| s.1 += 1);
     }
 
     /// Try to spend one retry; false when the budget is exhausted.
-    pub fn withdraw(&self, now: Instant) -> bool {
+    pub(crate) fn withdraw(&self, now: Instant) -> bool {
         let (pct, floor) = (
             u64::from(self.percent),
             u64::from(self.min_per_second) * WINDOW_SECS as u64,
@@ -65,17 +65,6 @@ impl RetryBudget {
             } else {
                 false
             }
-        })
-    }
-
-    /// Retries still allowed in the current window.
-    pub fn remaining(&self) -> i64 {
-        let (pct, floor) = (
-            u64::from(self.percent),
-            u64::from(self.min_per_second) * WINDOW_SECS as u64,
-        );
-        self.with_slot(Instant::now(), |_, reqs, retries| {
-            (u64::from(reqs) * pct / 100 + floor) as i64 - i64::from(retries)
         })
     }
 }

@@ -17,6 +17,7 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
             environment: Environment::Vm,
             locality: Locality::default(),
             mesh: None,
+            recoveries: 0,
         })
         .collect();
     let cfg = ClusterConfig {
@@ -39,6 +40,7 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
         None,
         &Metrics::register(&mut reg),
         None,
+        false,
     )
 }
 
@@ -138,6 +140,7 @@ fn located(locality: trellis_model::proxy::LocalityLb) -> Cluster {
             environment: Environment::Vm,
             locality: loc(r, z),
             mesh: None,
+            recoveries: 0,
         })
         .collect();
     let cfg = ClusterConfig {
@@ -162,6 +165,7 @@ fn located(locality: trellis_model::proxy::LocalityLb) -> Cluster {
         None,
         &Metrics::register(&mut reg),
         Some(&here),
+        false,
     )
 }
 
@@ -271,4 +275,54 @@ fn a_retry_avoids_the_endpoint_that_just_failed() {
         &one.pick_avoiding(Instant::now(), Some(&only)).unwrap(),
         &only
     ));
+}
+
+#[test]
+fn a_health_check_that_passes_again_lifts_an_ejection() {
+    let c = cluster(LbKind::RoundRobin, &[1]);
+    let ep = c.endpoints[0].clone();
+    for _ in 0..3 {
+        c.report(&ep, FailureClass::ConnectRefused);
+    }
+    assert!(
+        ep.ejected(),
+        "the only endpoint is ejected (one ejection is always allowed)"
+    );
+    assert!(c.pick_avoiding(Instant::now(), None).is_none());
+    // The same config again: still ejected, and its pool and estimates carried over.
+    let again = rebuilt(&c, 0);
+    assert!(Arc::ptr_eq(&again.endpoints[0], &ep));
+    assert!(ep.ejected());
+    // Its agent reports a check that passed after failing: the ejection is lifted at once.
+    let recovered = rebuilt(&again, 1);
+    assert!(
+        Arc::ptr_eq(&recovered.endpoints[0], &ep),
+        "same endpoint state"
+    );
+    assert!(!ep.ejected());
+    assert!(recovered.pick_avoiding(Instant::now(), None).is_some());
+    // Seen once: a later reload with the same count does not lift a new ejection.
+    for _ in 0..3 {
+        recovered.report(&ep, FailureClass::ConnectRefused);
+    }
+    assert!(ep.ejected());
+    rebuilt(&recovered, 1);
+    assert!(ep.ejected());
+}
+
+/// `c` rebuilt from its own config, its endpoints reporting `recoveries`.
+fn rebuilt(c: &Cluster, recoveries: u64) -> Cluster {
+    let mut cfg = c.cfg.clone();
+    for e in &mut cfg.endpoints {
+        e.recoveries = recoveries;
+    }
+    let mut reg = prometheus_client::registry::Registry::default();
+    Cluster::new(
+        c.key.clone(),
+        cfg,
+        Some(c),
+        &Metrics::register(&mut reg),
+        None,
+        false,
+    )
 }

@@ -17,7 +17,7 @@ const MAX_CHUNK_LINE: usize = 4096;
 
 /// A response that does not follow HTTP/1.1.
 #[derive(Debug, thiserror::Error)]
-pub enum ParseError {
+pub(crate) enum ParseError {
     /// The status line or a header line is malformed.
     #[error("malformed response head: {0}")]
     Head(httparse::Error),

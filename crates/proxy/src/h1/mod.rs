@@ -20,9 +20,9 @@ use std::{
     future::{poll_fn, Future},
     io,
     pin::{pin, Pin},
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{ready, Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -34,7 +34,10 @@ use tokio::{
 };
 
 use self::codec::{Decoded, Decoder, Head, ParseError, ReqFraming};
-use crate::{cluster::Endpoint, http::body::UpBody, pool::Slot, FailureClass};
+use crate::slot::Slot;
+
+/// A boxed body error (the client's body, read while it is sent upstream).
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// First read size; doubled while reads fill it, up to [`MAX_READ`].
 const MIN_READ: usize = 8 * 1024;
@@ -44,7 +47,7 @@ const COALESCE: u64 = 16 * 1024;
 
 /// Why an HTTP/1.1 exchange failed.
 #[derive(Debug, thiserror::Error)]
-pub enum H1Error {
+pub(crate) enum H1Error {
     /// Reading or writing the socket failed.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -54,28 +57,15 @@ pub enum H1Error {
     /// The upstream does not speak HTTP/1.1 correctly.
     #[error("{0}")]
     Parse(#[from] ParseError),
-    /// The upstream switched protocols unasked.
-    #[error("unexpected 101 Switching Protocols")]
-    UnexpectedUpgrade,
     /// Reading the client's request body failed.
     #[error("reading the request body: {0}")]
-    Body(crate::http::body::BoxError),
+    Body(BoxError),
 }
 
 impl H1Error {
-    /// The failure class.
-    pub fn class(&self) -> FailureClass {
-        match self {
-            Self::Io(e) => crate::failure::classify_io(e),
-            Self::Closed(_) => FailureClass::ConnectionReset,
-            Self::Parse(_) | Self::UnexpectedUpgrade => FailureClass::ProtocolError,
-            Self::Body(_) => FailureClass::ClientDisconnect,
-        }
-    }
-
     /// Nothing came back on a pooled connection: the server most likely closed it while it
     /// sat idle, and the request may be sent again on a fresh one.
-    fn is_stale(&self) -> bool {
+    pub(crate) fn is_stale(&self) -> bool {
         matches!(self, Self::Closed(true))
             || matches!(self, Self::Io(e) if matches!(
                 e.kind(),
@@ -85,7 +75,7 @@ impl H1Error {
 }
 
 /// An upstream HTTP/1.1 connection.
-pub struct Conn {
+pub(crate) struct Conn {
     io: TcpStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -187,7 +177,7 @@ fn poll_head(
 }
 
 /// How a request's body goes on the wire.
-fn request_framing(body: &UpBody) -> ReqFraming {
+fn request_framing<B: Body>(body: &B) -> ReqFraming {
     if body.is_end_stream() {
         return ReqFraming::None;
     }
@@ -210,7 +200,10 @@ pub(crate) fn idempotent(method: &Method) -> bool {
 /// Send `req` (its body is consumed) and read the response head. Informational responses
 /// other than 101 are skipped. The request body is written while the head is awaited, so an
 /// upstream that answers early (say 413) is heard, and the connection is then not reused.
-pub(crate) async fn exchange(conn: &mut Conn, req: &mut Request<UpBody>) -> Result<Head, H1Error> {
+pub(crate) async fn exchange<B>(conn: &mut Conn, req: &mut Request<B>) -> Result<Head, H1Error>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     let framing = request_framing(req.body());
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     conn.wbuf.clear();
@@ -232,12 +225,15 @@ pub(crate) async fn exchange(conn: &mut Conn, req: &mut Request<UpBody>) -> Resu
     Ok(head)
 }
 
-async fn send_body_and_read_head(
+async fn send_body_and_read_head<B>(
     conn: &mut Conn,
-    body: &mut UpBody,
+    body: &mut B,
     framing: ReqFraming,
     method: &Method,
-) -> Result<(Head, bool), H1Error> {
+) -> Result<(Head, bool), H1Error>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     let Conn {
         io,
         rbuf,
@@ -324,27 +320,6 @@ fn next_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Erro
     }
 }
 
-/// After a pooled connection failed with `err`, make `req` ready to be sent again on a fresh
-/// one: only when the connection had simply gone stale, the method is idempotent and the body
-/// can be sent again.
-pub(crate) fn prepare_resend(err: &H1Error, req: &mut Request<UpBody>) -> bool {
-    if !err.is_stale() || !idempotent(req.method()) {
-        return false;
-    }
-    let again = match std::mem::replace(req.body_mut(), UpBody::Empty) {
-        UpBody::Empty => Some(UpBody::Empty),
-        UpBody::Replay(r) => r.replay().map(UpBody::Replay),
-        UpBody::Incoming(_) => None,
-    };
-    match again {
-        Some(body) => {
-            *req.body_mut() = body;
-            true
-        }
-        None => false,
-    }
-}
-
 /// Why a body could not be read from its connection.
 #[derive(Debug)]
 pub(crate) enum BodyRead {
@@ -390,20 +365,59 @@ fn poll_body_frame(
     }
 }
 
+/// Idle HTTP/1.1 connections of one endpoint, most recently used last.
+pub(crate) struct Idle {
+    list: Mutex<Vec<(Instant, Box<Conn>)>>,
+    timeout: Duration,
+}
+
+// Idle connections kept per endpoint.
+const MAX_IDLE: usize = 256;
+
+impl Idle {
+    /// Connections idle longer than `timeout` are closed rather than reused.
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            list: Mutex::new(Vec::new()),
+            timeout,
+        }
+    }
+
+    /// A connection that is still alive, if any; `now` is the caller's reading of the clock.
+    pub(crate) fn pop(&self, now: Instant) -> Option<Box<Conn>> {
+        let mut idle = self.list.lock().expect("idle lock");
+        while let Some((since, c)) = idle.pop() {
+            if now.saturating_duration_since(since) < self.timeout && c.is_alive() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Return a connection whose exchange completed. `since` is when that exchange began:
+    /// counting its duration as idle time errs towards closing sooner, and saves a clock read.
+    pub(crate) fn checkin(&self, c: Box<Conn>, since: Instant) {
+        let mut idle = self.list.lock().expect("idle lock");
+        if idle.len() < MAX_IDLE {
+            idle.push((since, c));
+        }
+    }
+}
+
 /// A response body read straight from the upstream connection. When it ends cleanly the
-/// connection goes back to its endpoint's pool; dropped early, the connection is closed.
-pub struct H1Body {
+/// connection goes back to its endpoint's idle list; dropped early, the connection is closed.
+pub(crate) struct H1Body {
     conn: Option<Box<Conn>>,
     decoder: Decoder,
     keep_alive: bool,
-    home: Arc<Endpoint>,
+    home: Arc<Idle>,
     /// When the exchange began.
     began: Instant,
 }
 
 impl H1Body {
     /// The body of `head`, read from `conn`.
-    pub(crate) fn new(head: &Head, conn: Box<Conn>, home: Arc<Endpoint>, began: Instant) -> Self {
+    pub(crate) fn new(head: &Head, conn: Box<Conn>, home: Arc<Idle>, began: Instant) -> Self {
         let mut b = Self {
             conn: Some(conn),
             decoder: Decoder::new(head.framing),
@@ -422,7 +436,7 @@ impl H1Body {
         if let Some(mut conn) = self.conn.take() {
             if self.keep_alive && conn.rbuf.is_empty() {
                 conn.mark_reused();
-                self.home.pool.checkin(conn, self.began);
+                self.home.checkin(conn, self.began);
             }
         }
     }
@@ -430,7 +444,7 @@ impl H1Body {
 
 impl Body for H1Body {
     type Data = Bytes;
-    type Error = crate::http::body::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::{
     net::TcpStream,
@@ -31,11 +31,7 @@ use tokio::{
 
 use super::{
     codec::{self, BodyOut, Decoder, ParseError, ReqFraming, RequestError, RespFraming},
-    poll_body_frame, poll_fill, BodyRead, COALESCE, MIN_READ,
-};
-use crate::{
-    http::body::{ClientBody, ProxyBody},
-    FailureClass,
+    poll_body_frame, poll_fill, BodyRead, BoxError, COALESCE, MIN_READ,
 };
 
 /// Limits of a client connection.
@@ -90,6 +86,21 @@ enum Stop {
     Bad(RequestError),
 }
 
+/// What the connection read next. Short-lived, on the stack: boxing the request would cost an
+/// allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Incoming {
+    /// A request; its body, if any, is read from the connection by whoever holds it.
+    Request(Request<Option<ReqBody>>),
+    /// A malformed request: answer it with [`ServerConn::reject`], then the connection ends.
+    Malformed(RequestError),
+    /// A request head began but did not end within the header-read timeout (the connection
+    /// ends; answer with [`ServerConn::reject`]).
+    HeadTimeout,
+    /// Nothing more: closed by the client, idle past its timeout, draining, or unusable.
+    Done,
+}
+
 impl ServerConn {
     /// Serve `io`; `drained` completes when the proxy starts draining.
     pub(crate) fn new(
@@ -114,13 +125,19 @@ impl ServerConn {
         }
     }
 
-    /// The next request, or `None` when the connection is done: closed by the client,
-    /// idle past its timeout, draining, unusable after an unfinished request body, or
-    /// malformed (answered with 400, 431 or 501 first).
-    pub(crate) async fn next_request(&mut self) -> Option<Request<ClientBody>> {
-        let mut rd = match self.reader.take() {
-            Some(rd) => rd,
-            None => self.home.as_ref()?.lock().expect("home lock").take()?,
+    /// What the client sends next: a request, a malformed one, a head that did not come
+    /// in time, or nothing more (closed by the client, idle past its timeout, draining, or
+    /// unusable after an unfinished request body).
+    pub(crate) async fn next_request(&mut self) -> Incoming {
+        let rd = match self.reader.take() {
+            Some(rd) => Some(rd),
+            None => self
+                .home
+                .as_ref()
+                .and_then(|h| h.lock().expect("home lock").take()),
+        };
+        let Some(mut rd) = rd else {
+            return Incoming::Done;
         };
         let mut idle = self.served && rd.rbuf.is_empty();
         let mut deadline = Instant::now()
@@ -132,12 +149,12 @@ impl ServerConn {
         let head = poll_fn(|cx| self.poll_head(&mut rd, &mut idle, &mut deadline, cx)).await;
         let head = match head {
             Ok(h) => h,
-            Err(Stop::Closed | Stop::TimedOut) => return None,
-            Err(Stop::Bad(e)) => {
-                // Boxed: rare, and its buffers would grow every request's future.
-                Box::pin(self.reject(&e)).await;
-                return None;
-            }
+            Err(Stop::Closed) => return Incoming::Done,
+            // An idle connection that timed out is no request; a head begun and not
+            // finished is.
+            Err(Stop::TimedOut) if idle || rd.rbuf.is_empty() => return Incoming::Done,
+            Err(Stop::TimedOut) => return Incoming::HeadTimeout,
+            Err(Stop::Bad(e)) => return Incoming::Malformed(e),
         };
         self.served = true;
         let codec::RequestHead {
@@ -154,7 +171,7 @@ impl ServerConn {
         let body = match framing {
             ReqFraming::None => {
                 self.reader = Some(rd);
-                ClientBody::Empty
+                None
             }
             framing => {
                 if expect_continue
@@ -162,10 +179,10 @@ impl ServerConn {
                         .await
                         .is_err()
                 {
-                    return None;
+                    return Incoming::Done;
                 }
                 let home = self.home.get_or_insert_with(Home::default).clone();
-                ClientBody::H1(ReqBody::new(self.io.clone(), rd, framing, home))
+                Some(ReqBody::new(self.io.clone(), rd, framing, home))
             }
         };
         let mut req = Request::new(body);
@@ -187,7 +204,7 @@ impl ServerConn {
         *req.uri_mut() = uri;
         *req.version_mut() = version;
         *req.headers_mut() = headers;
-        Some(req)
+        Incoming::Request(req)
     }
 
     fn poll_head(
@@ -234,36 +251,32 @@ impl ServerConn {
         }
     }
 
-    /// Answer a malformed request and close, letting the client read the answer.
-    async fn reject(&mut self, e: &RequestError) {
-        let status = e.status();
-        let detail = e.to_string();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            crate::http::X_TRELLIS_FAILURE.clone(),
-            http::HeaderValue::from_static(FailureClass::ClientError.as_str()),
-        );
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain"),
-        );
+    /// Answer a request that ends the connection (malformed, or its head too slow), and
+    /// close, letting the client read the answer.
+    pub(crate) async fn reject<B>(&mut self, resp: Response<B>)
+    where
+        B: Body<Data = Bytes, Error = BoxError>,
+    {
+        let (parts, body) = resp.into_parts();
         self.wbuf.clear();
+        let len = body.size_hint().exact().unwrap_or(0);
         codec::encode_response_head(
-            status,
-            &headers,
-            BodyOut::Length(detail.len() as u64 + 1),
+            parts.status,
+            &parts.headers,
+            BodyOut::Length(len),
             Some("close"),
             &mut self.wbuf,
         );
-        self.wbuf.extend_from_slice(detail.as_bytes());
-        self.wbuf.extend_from_slice(b"\n");
-        if write_all(&self.io, &self.wbuf).await.is_ok() {
+        if self.write_body(body, BodyOut::Length(len), false).await {
             linger(&self.io).await;
         }
     }
 
     /// Write the response to the request last returned. `false`: the connection is done.
-    pub(crate) async fn respond(&mut self, resp: Response<ProxyBody>, draining: bool) -> bool {
+    pub(crate) async fn respond<B>(&mut self, resp: Response<B>, draining: bool) -> bool
+    where
+        B: Body<Data = Bytes, Error = BoxError>,
+    {
         let Some(cur) = self.current.take() else {
             return false;
         };
@@ -312,7 +325,10 @@ impl ServerConn {
 
     /// Write the buffered head and the body. `false`: the body failed or did not match its
     /// length, and the connection must close so that the client sees it incomplete.
-    async fn write_body(&mut self, body: ProxyBody, out: BodyOut, trailers_ok: bool) -> bool {
+    async fn write_body<B>(&mut self, body: B, out: BodyOut, trailers_ok: bool) -> bool
+    where
+        B: Body<Data = Bytes, Error = BoxError>,
+    {
         let mut body = pin!(body);
         let chunked = out == BodyOut::Chunked;
         let mut remaining = match out {
@@ -440,7 +456,7 @@ async fn linger(io: &TcpStream) {
 }
 
 /// A request body read from the client's connection.
-pub struct ReqBody {
+pub(crate) struct ReqBody {
     io: Arc<TcpStream>,
     reader: Option<Reader>,
     decoder: Decoder,
@@ -500,7 +516,7 @@ impl ReqBody {
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = crate::http::body::BoxError;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

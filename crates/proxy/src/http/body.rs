@@ -2,28 +2,34 @@
 //! body sent to the client, which records the exchange when it ends or is dropped.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{ready, Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
-/// Boxed body error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) use crate::error::BoxError;
+use crate::error::{Error, Kind};
 
 /// The client's request body: read by the proxy's own HTTP/1.1 server, or by hyper's
 /// HTTP/2 one.
-pub enum ClientBody {
+pub(crate) enum ClientBody {
     /// No body.
     Empty,
     /// From an HTTP/1.1 connection.
     H1(crate::h1::server::ReqBody),
     /// From hyper (HTTP/2).
     Hyper(Incoming),
+    /// Chunks held in memory (tests).
+    #[cfg(test)]
+    Chunks(std::collections::VecDeque<Bytes>),
 }
 
 impl Body for ClientBody {
@@ -38,6 +44,8 @@ impl Body for ClientBody {
             Self::Empty => Poll::Ready(None),
             Self::H1(b) => Pin::new(b).poll_frame(cx),
             Self::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            #[cfg(test)]
+            Self::Chunks(c) => Poll::Ready(c.pop_front().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -46,6 +54,8 @@ impl Body for ClientBody {
             Self::Empty => true,
             Self::H1(b) => b.is_end_stream(),
             Self::Hyper(b) => b.is_end_stream(),
+            #[cfg(test)]
+            Self::Chunks(c) => c.is_empty(),
         }
     }
 
@@ -54,12 +64,14 @@ impl Body for ClientBody {
             Self::Empty => SizeHint::with_exact(0),
             Self::H1(b) => b.size_hint(),
             Self::Hyper(b) => b.size_hint(),
+            #[cfg(test)]
+            Self::Chunks(c) => SizeHint::with_exact(c.iter().map(|b| b.len() as u64).sum()),
         }
     }
 }
 
 /// A request body on its way upstream.
-pub enum UpBody {
+pub(crate) enum UpBody {
     /// No body.
     Empty,
     /// The client's body, streamed once.
@@ -113,7 +125,7 @@ struct ReplayState {
 /// A body that streams the client's body through while keeping a copy (up to `cap` bytes), so
 /// that a later try can replay it. Tries run one after another, so one lock suffices; nothing
 /// waits for the whole body before the first try starts, so streaming calls do not deadlock.
-pub struct Replay {
+pub(crate) struct Replay {
     shared: Arc<Mutex<ReplayState>>,
     pos: usize,
     trailers_sent: bool,
@@ -121,7 +133,7 @@ pub struct Replay {
 
 impl Replay {
     /// Wrap `body`, recording at most `cap` bytes.
-    pub fn new(body: ClientBody, cap: usize) -> Self {
+    pub(crate) fn new(body: ClientBody, cap: usize) -> Self {
         let ended = body.is_end_stream();
         let state = ReplayState {
             rest: body,
@@ -140,12 +152,12 @@ impl Replay {
     }
 
     /// Whether the body is still within the cap, so that a retry can resend it.
-    pub fn can_replay(&self) -> bool {
+    pub(crate) fn can_replay(&self) -> bool {
         !self.shared.lock().expect("replay lock").overflow
     }
 
     /// A fresh copy for the next try, or `None` if the body outgrew the cap.
-    pub fn replay(&self) -> Option<Self> {
+    pub(crate) fn replay(&self) -> Option<Self> {
         let s = self.shared.lock().expect("replay lock");
         (!s.overflow).then(|| Self {
             shared: self.shared.clone(),
@@ -231,13 +243,13 @@ impl Body for Replay {
 }
 
 /// What happens when a response body ends: implemented by the request's record.
-pub trait OnEnd: Send + 'static {
+pub(crate) trait OnEnd: Send + 'static {
     /// The body reached its end; `trailers` if any.
     fn trailers(&mut self, trailers: &HeaderMap);
     /// The stream ended cleanly.
     fn end(&mut self);
-    /// Reading from upstream failed.
-    fn error(&mut self, err: &(dyn std::error::Error + 'static));
+    /// Reading from upstream failed, or a timeout cut the body short.
+    fn error(&mut self, err: &Error);
 }
 
 enum Inner {
@@ -249,7 +261,7 @@ enum Inner {
 }
 
 /// A response body from upstream.
-pub enum UpstreamBody {
+pub(crate) enum UpstreamBody {
     /// HTTP/2.
     H2(Incoming),
     /// HTTP/1.1.
@@ -257,34 +269,114 @@ pub enum UpstreamBody {
 }
 
 /// The response body sent to the client.
-pub struct ProxyBody {
+pub(crate) struct ProxyBody {
     inner: Inner,
     on_end: Option<Box<dyn OnEnd>>,
+    limits: Limits,
+}
+
+/// Timeouts that still run while the body streams: the route's deadline for the whole
+/// exchange, and the longest silence allowed between two frames.
+#[derive(Default)]
+pub(crate) struct Limits {
+    /// The deadline, and the timeout it came from (for the message).
+    pub(crate) deadline: Option<(Instant, Duration)>,
+    /// Idle timeout.
+    pub(crate) idle: Option<Duration>,
+    /// Armed at the first wait: a body that is ready at once costs no timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A frame came since the timer was armed.
+    progressed: bool,
+}
+
+impl Limits {
+    /// The limits of a response whose exchange has `deadline` and `idle`.
+    pub(crate) fn new(deadline: Option<(Instant, Duration)>, idle: Option<Duration>) -> Self {
+        Self {
+            deadline,
+            idle,
+            timer: None,
+            progressed: false,
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        self.deadline.is_none() && self.idle.is_none()
+    }
+
+    fn next(
+        deadline: Option<(Instant, Duration)>,
+        idle: Option<Duration>,
+        now: Instant,
+    ) -> Instant {
+        let idle = idle.map(|i| now + i);
+        match (deadline.map(|d| d.0), idle) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(now),
+        }
+    }
+
+    /// While the body waits: the failure when a limit passed.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Error> {
+        loop {
+            let timer = match &mut self.timer {
+                Some(t) => t,
+                None => {
+                    let at = Self::next(self.deadline, self.idle, Instant::now());
+                    self.progressed = false;
+                    self.timer.insert(Box::pin(tokio::time::sleep_until(at)))
+                }
+            };
+            ready!(timer.as_mut().poll(cx));
+            let now = Instant::now();
+            if let Some((at, t)) = self.deadline {
+                if now >= at {
+                    return Poll::Ready(Error::new(
+                        Kind::Timeout,
+                        format!("the route's timeout of {t:?} passed while the response streamed"),
+                    ));
+                }
+            }
+            if self.progressed {
+                self.progressed = false;
+                let at = Self::next(self.deadline, self.idle, now);
+                timer.as_mut().reset(at);
+                continue;
+            }
+            let idle = self.idle.unwrap_or_default();
+            return Poll::Ready(Error::new(
+                Kind::Idle,
+                format!("the upstream sent nothing for {idle:?} while the response streamed"),
+            ));
+        }
+    }
 }
 
 impl ProxyBody {
     /// A complete body.
-    pub fn full(b: impl Into<Bytes>) -> Self {
+    pub(crate) fn full(b: impl Into<Bytes>) -> Self {
         let b = b.into();
         Self {
             inner: Inner::Full((!b.is_empty()).then_some(b)),
             on_end: None,
+            limits: Limits::default(),
         }
     }
 
-    /// Stream an upstream body.
-    pub fn upstream(b: UpstreamBody) -> Self {
+    /// Stream an upstream body, within `limits`.
+    pub(crate) fn upstream(b: UpstreamBody, limits: Limits) -> Self {
         Self {
             inner: match b {
                 UpstreamBody::H2(b) => Inner::H2(b),
                 UpstreamBody::H1(b) => Inner::H1(b),
             },
             on_end: None,
+            limits,
         }
     }
 
     /// Attach the record that is completed when the body ends (or is dropped early).
-    pub fn with_on_end(mut self, r: Box<dyn OnEnd>) -> Self {
+    pub(crate) fn with_on_end(mut self, r: Box<dyn OnEnd>) -> Self {
         if self.is_end_stream() {
             let mut r = r;
             r.end();
@@ -292,6 +384,17 @@ impl ProxyBody {
         }
         self.on_end = Some(r);
         self
+    }
+}
+
+impl ProxyBody {
+    /// The body failed with `e`: recorded, then handed to the server, which cuts the
+    /// response short for the client.
+    fn failed(&mut self, e: Error) -> BoxError {
+        if let Some(mut r) = self.on_end.take() {
+            r.error(&e);
+        }
+        Box::new(e)
     }
 }
 
@@ -309,8 +412,18 @@ impl Body for ProxyBody {
             Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             Inner::H1(b) => Pin::new(b).poll_frame(cx),
         };
-        let res = ready!(res);
-        match &res {
+        let res = match res {
+            Poll::Ready(r) => r,
+            Poll::Pending if this.limits.is_none() => return Poll::Pending,
+            Poll::Pending => {
+                let e = ready!(this.limits.poll_expired(cx));
+                // The upstream body is dropped with the body: its connection is closed.
+                this.inner = Inner::Full(None);
+                return Poll::Ready(Some(Err(this.failed(e))));
+            }
+        };
+        this.limits.progressed = true;
+        match res {
             Some(Ok(f)) => {
                 if let (Some(t), Some(r)) = (f.trailers_ref(), this.on_end.as_mut()) {
                     r.trailers(t);
@@ -320,19 +433,19 @@ impl Body for ProxyBody {
                         r.end();
                     }
                 }
+                Poll::Ready(Some(Ok(f)))
             }
             Some(Err(e)) => {
-                if let Some(mut r) = this.on_end.take() {
-                    r.error(e.as_ref());
-                }
+                let e = Error::with_cause(Kind::ResponseBody, "reading the response body", e);
+                Poll::Ready(Some(Err(this.failed(e))))
             }
             None => {
                 if let Some(mut r) = this.on_end.take() {
                     r.end();
                 }
+                Poll::Ready(None)
             }
         }
-        Poll::Ready(res)
     }
 
     fn is_end_stream(&self) -> bool {

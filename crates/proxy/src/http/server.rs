@@ -1,9 +1,12 @@
 //! Serving one client connection: HTTP/1.1 and HTTP/2 (prior knowledge) detected on the same
-//! listener, each request resolved to a service port, a route and a cluster.
+//! listener from the first bytes, mutual TLS on the inbound listener, and every request
+//! handed to the inbound or outbound side. Endings that come before any request (a
+//! malformed head, a head that never finished, plaintext refused under STRICT, a failed
+//! inbound handshake) are recorded here.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use http::{header, Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, Version};
 use hyper::{body::Incoming, server::conn::http2, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -14,31 +17,24 @@ use trellis_model::resource::{MtlsMode, Protocol};
 
 use super::{
     body::{ClientBody, ProxyBody},
-    forward::{self, edit_headers, is_grpc, local_reply, strip_hop_by_hop, Plan},
-    route,
+    Listener,
 };
 use crate::{
-    cluster::Cluster,
-    h1::server::{Limits, ServerConn},
+    error::{Error, Kind},
+    h1::server::{Incoming as H1Incoming, Limits, ServerConn},
+    inbound::{self, CapturedPort, PeerId},
     metrics::{Direction, Label},
-    record::Record,
-    state::Snapshot,
-    tcp, FailureClass, Shared,
-};
-
-/// Which listener a connection came in on.
-#[derive(Clone, Debug)]
-pub enum Listener {
-    /// The outbound listener: the service is named by the authority.
-    Outbound,
-    /// The inbound listener: the local workload is the destination.
-    Inbound,
-    /// An explicit-mode bind for one service port.
-    Bind {
-        /// Cluster key.
-        cluster: String,
+    outbound,
+    pool::MESH_KEEPALIVE,
+    shared::Shared,
+    stages::{
+        attempt,
+        record::{ConnRecord, Record},
+        respond::local_reply,
+        Next,
     },
-}
+    tcp,
+};
 
 /// Limits applied to every client connection.
 #[derive(Clone, Copy, Debug)]
@@ -54,14 +50,16 @@ pub struct ServerLimits {
 /// The connection settings, made once: the proxy's own HTTP/1.1 server's limits, hyper's
 /// HTTP/2 builder, and hyper-util's auto-detecting builder for the rare connection whose
 /// first bytes do not decide.
-pub struct Builders {
+pub(crate) struct Builders {
     h1: Limits,
     h2: http2::Builder<TokioExecutor>,
+    /// For peers' proxies over mutual TLS.
+    mesh: http2::Builder<TokioExecutor>,
     auto: auto::Builder<TokioExecutor>,
 }
 
 /// Build the connection builders once per proxy.
-pub fn builder(limits: ServerLimits) -> Builders {
+pub(crate) fn builder(limits: ServerLimits) -> Builders {
     let max_buf = limits.max_header_bytes.max(8192);
     let mut auto = auto::Builder::new(TokioExecutor::new());
     auto.http1()
@@ -80,7 +78,12 @@ pub fn builder(limits: ServerLimits) -> Builders {
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32);
-    Builders { h1, h2, auto }
+    // Peers' proxies are checked with PINGs as they check this one: a caller cut off is
+    // noticed, and its requests to the application cancelled.
+    let mut mesh = h2.clone();
+    mesh.keep_alive_interval(MESH_KEEPALIVE)
+        .keep_alive_timeout(MESH_KEEPALIVE);
+    Builders { h1, h2, mesh, auto }
 }
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -133,7 +136,7 @@ macro_rules! drive {
 ///
 /// `captured` is the local port a captured inbound connection was addressed to: it picks the
 /// local workload's port, and an opaque TCP port is spliced rather than served as HTTP.
-pub async fn serve(
+pub(crate) async fn serve(
     shared: Arc<Shared>,
     builders: Arc<Builders>,
     listener: Listener,
@@ -156,8 +159,19 @@ pub async fn serve(
                 return serve_mtls(shared, builders, listener, stream, peer).await;
             }
             Ok(Ok(1)) if refuses_plaintext(&shared) => {
-                tracing::debug!(%peer, "plaintext refused on the inbound listener (mTLS strict)");
-                shared.metrics.count_tls_refusal();
+                shared.telemetry.metrics.count_tls_refusal();
+                let mut rec = ConnRecord::new(
+                    shared.telemetry.clone(),
+                    Direction::inbound,
+                    Label::default(),
+                );
+                rec.fail(&Error::new(
+                    Kind::PlaintextRefused,
+                    format!(
+                        "plaintext connection from {peer} refused: every port of the local \
+                         workload requires mutual TLS (STRICT)"
+                    ),
+                ));
                 return;
             }
             Ok(Ok(1)) => {}
@@ -165,7 +179,7 @@ pub async fn serve(
         }
     }
     if let Some((port, Protocol::Tcp)) = captured {
-        return tcp::serve_inbound(shared, stream, Some(port), None).await;
+        return inbound::serve_tcp(shared, stream, Some(port), None).await;
     }
     let captured = captured.map(|(port, _)| CapturedPort(port));
     let Some(kind) = sniff(&stream, builders.h1.header_read_timeout).await else {
@@ -177,7 +191,32 @@ pub async fn serve(
             let _ = drain.changed().await;
         });
         let mut conn = ServerConn::new(stream, builders.h1, drained);
-        while let Some(mut req) = conn.next_request().await {
+        loop {
+            let req = match conn.next_request().await {
+                H1Incoming::Request(req) => req,
+                H1Incoming::Done => break,
+                // Boxed: rare, and their futures would grow every request's.
+                H1Incoming::Malformed(e) => {
+                    let status = e.status().as_u16();
+                    let e = Error::with_cause(Kind::BadRequest, format!("request from {peer}"), e)
+                        .with_status(status);
+                    Box::pin(conn.reject(refusal(&shared, &listener, e))).await;
+                    break;
+                }
+                H1Incoming::HeadTimeout => {
+                    let e = Error::new(
+                        Kind::HeadTimeout,
+                        format!(
+                            "the request head from {peer} did not end within {:?}",
+                            builders.h1.header_read_timeout
+                        ),
+                    )
+                    .with_status(408);
+                    Box::pin(conn.reject(refusal(&shared, &listener, e))).await;
+                    break;
+                }
+            };
+            let mut req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
             if let Some(c) = captured {
                 req.extensions_mut().insert(c);
             }
@@ -207,18 +246,27 @@ pub async fn serve(
     }
 }
 
-/// The service port of the local workload that a captured inbound connection was meant for.
-#[derive(Clone, Copy)]
-struct CapturedPort(u16);
+/// The answer to a request that ends its connection before it could be handled, recorded.
+fn refusal(shared: &Shared, listener: &Listener, e: Error) -> Response<ProxyBody> {
+    let rec = Record::new(
+        shared.telemetry.clone(),
+        direction(listener),
+        "HTTP/1.1",
+        Label::default(),
+    );
+    local_reply(rec, &e, false)
+}
+
+fn direction(listener: &Listener) -> Direction {
+    if matches!(listener, Listener::Inbound) {
+        Direction::inbound
+    } else {
+        Direction::outbound
+    }
+}
 
 /// The first byte of a TLS record carrying a handshake (a ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
-
-/// Whether `target` refuses plaintext: this proxy has an identity, and the target's service
-/// is STRICT (or `--mtls-mode` says so for every port).
-pub(crate) fn strict(shared: &Shared, target: &crate::state::InboundTarget) -> bool {
-    shared.identity.is_some() && shared.mtls_mode.unwrap_or(target.mtls) == MtlsMode::Strict
-}
 
 /// Whether a plaintext connection is refused outright: every inbound port is STRICT. With
 /// a PERMISSIVE port among them, each request is checked against its own port.
@@ -232,17 +280,6 @@ fn refuses_plaintext(shared: &Shared) -> bool {
             .iter()
             .all(|t| t.mtls == MtlsMode::Strict),
     }
-}
-
-/// The caller's identity, learned from its certificate, carried to `handle` on each request.
-#[derive(Clone)]
-pub struct PeerId {
-    /// The service port, from the TLS server name.
-    pub port: Option<u16>,
-    /// Parsed, for authorization.
-    pub id: Arc<trellis_model::proxy::PeerIdentity>,
-    /// As a SPIFFE ID, for logs and metrics (interned: one value per identity).
-    pub uri: Label,
 }
 
 /// The inbound TLS configuration for the current certificate; rebuilt when it is renewed.
@@ -277,7 +314,7 @@ fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
 }
 
 /// A mutual-TLS connection on the inbound listener: the handshake, then HTTP/1.1 or HTTP/2
-/// (by ALPN) with every request carrying the caller's identity.
+/// (by ALPN) with every request carrying the caller's identity, or an opaque TCP stream.
 async fn serve_mtls(
     shared: Arc<Shared>,
     builders: Arc<Builders>,
@@ -289,14 +326,29 @@ async fn serve_mtls(
         return;
     };
     let accept = tokio_rustls::TlsAcceptor::from(cfg).accept(stream);
+    let refused = |e: Error| {
+        shared.telemetry.metrics.count_tls_refusal();
+        let mut rec = ConnRecord::new(
+            shared.telemetry.clone(),
+            Direction::inbound,
+            Label::default(),
+        );
+        rec.fail(&e);
+    };
     let tls = match tokio::time::timeout(builders.h1.header_read_timeout, accept).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "mTLS handshake refused");
-            shared.metrics.count_tls_refusal();
-            return;
+            let ctx = format!("mutual TLS handshake with {peer}");
+            return refused(Error::with_cause(Kind::InboundTls, ctx, e));
         }
-        Err(_) => return,
+        Err(_) => {
+            let ctx = format!(
+                "mutual TLS handshake with {peer} did not finish within {:?}",
+                builders.h1.header_read_timeout
+            );
+            return refused(Error::new(Kind::InboundTls, ctx));
+        }
     };
     let conn = tls.get_ref().1;
     let id = conn
@@ -308,17 +360,20 @@ async fn serve_mtls(
         .and_then(trellis_identity::tls::inbound_port);
     let opaque = conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
     let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
-    let peer_id = id.map(|id| PeerId {
-        port,
-        uri: shared.peer_label(&id.to_string()),
-        id: Arc::new(trellis_model::proxy::PeerIdentity {
-            trust_domain: id.trust_domain,
-            namespace: id.namespace,
-            name: id.identity,
-        }),
+    let peer_id = id.map(|id| {
+        let uri = shared.peer_label(&id.to_string());
+        PeerId::new(
+            port,
+            trellis_model::proxy::PeerIdentity {
+                trust_domain: id.trust_domain,
+                namespace: id.namespace,
+                name: id.identity,
+            },
+            uri,
+        )
     });
     if opaque {
-        return crate::tcp::serve_inbound(shared, tls, port, peer_id).await;
+        return inbound::serve_tcp(shared, tls, port, peer_id).await;
     }
     let mut drain = shared.drain.signal();
     let svc = {
@@ -335,7 +390,7 @@ async fn serve_mtls(
     let io = TokioIo::new(tls);
     // ALPN already said which protocol: a peer proxy always says h2.
     if h2 {
-        drive!(builders.h2.serve_connection(io, svc), drain);
+        drive!(builders.mesh.serve_connection(io, svc), drain);
     } else {
         drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain);
     }
@@ -349,19 +404,8 @@ fn protocol(v: Version) -> &'static str {
     }
 }
 
-/// What to do with a request once it is routed. Routing is synchronous; exactly one of these
-/// is awaited, so the per-request future is the size of one forward, not of every branch.
-enum Next<'a> {
-    /// The proxy answers itself.
-    Reply(Response<ProxyBody>),
-    /// Forward to a cluster.
-    Forward(Plan<'a>, Request<ClientBody>, Box<Record>),
-    /// HTTP/1.1 Upgrade to a cluster.
-    Upgrade(Arc<Cluster>, Request<ClientBody>, Box<Record>),
-    /// CONNECT tunnel to a cluster.
-    Tunnel(Arc<Cluster>, Request<ClientBody>, Box<Record>),
-}
-
+/// One request: its record begun, the trace continued, routed by the side it came in on,
+/// and what routing decided awaited.
 async fn handle(
     shared: &Arc<Shared>,
     listener: &Listener,
@@ -369,17 +413,18 @@ async fn handle(
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
     let snap = shared.state.load_full();
-    let direction = if matches!(listener, Listener::Inbound) {
-        Direction::inbound
+    let inbound = matches!(listener, Listener::Inbound);
+    // Outbound requests come from the local workload; an inbound caller says who it is.
+    let src = if inbound {
+        Label::default()
     } else {
-        Direction::outbound
+        snap.src_service.clone()
     };
     let mut rec = Record::new(
-        direction,
+        shared.telemetry.clone(),
+        direction(listener),
         protocol(req.version()),
-        shared.metrics.clone(),
-        shared.access_log.clone(),
-        snap.src_service.clone(),
+        src,
     );
     let source = req.extensions().get::<PeerId>().cloned();
     if let Some(p) = &source {
@@ -390,247 +435,25 @@ async fn handle(
     rec.request_id = Some(ids.request_id);
     rec.method = req.method().clone();
     rec.uri = req.uri().clone();
-    let grpc = is_grpc(&req);
-    let next = match listener {
-        Listener::Inbound => inbound(shared, &snap, req, rec, grpc, source.as_ref()),
-        _ => outbound(&snap, listener, req, rec, grpc, peer),
+    let grpc = crate::http::headers::is_grpc(&req);
+    let next = if inbound {
+        inbound::route(shared, &snap, req, rec, grpc, source.as_ref())
+    } else {
+        outbound::route(&snap, listener, req, rec, grpc, peer)
     };
     match next {
         Next::Reply(r) => r,
-        Next::Forward(plan, req, rec) => forward::forward(shared, plan, req, rec, grpc).await,
+        Next::Forward(plan, req, rec) => {
+            attempt::forward(&shared.dialer, plan, req, rec, grpc).await
+        }
         // Rare paths are boxed so that they do not grow every request's future.
-        Next::Upgrade(c, req, rec) => Box::pin(forward::upgrade(shared, c, req, rec)).await,
+        Next::Upgrade(c, req, rec) => Box::pin(attempt::upgrade(&shared.dialer, c, req, rec)).await,
         Next::Tunnel(c, req, rec) => Box::pin(tcp::connect_tunnel(shared, c, req, rec)).await,
     }
 }
 
-fn outbound<'a>(
-    snap: &'a Snapshot,
-    listener: &Listener,
-    mut req: Request<ClientBody>,
-    mut rec: Box<Record>,
-    grpc: bool,
-    peer: SocketAddr,
-) -> Next<'a> {
-    let authority = route::authority(&req);
-    rec.authority = authority.clone();
-    let target = match listener {
-        Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {
-            let (id, svc) = snap.cfg.services.get_key_value(&c.cfg.service)?;
-            let port = svc.ports.iter().find(|p| p.port == c.cfg.port)?;
-            Some((id, svc, port))
-        }),
-        _ => authority
-            .as_ref()
-            .and_then(|a| route::service_port(snap, a)),
-    };
-    let Some((svc_id, svc, port)) = target else {
-        let detail = match &authority {
-            Some(a) => format!(
-                "no service matches authority {:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}",
-                a.as_str()
-            ),
-            None => "request has no Host header or absolute URI".to_string(),
-        };
-        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, grpc));
-    };
-    rec.dst_service = svc.host.clone().into();
-    if req.method() == Method::CONNECT {
-        let key = trellis_model::proxy::cluster_key(svc_id, port.port);
-        return match snap.clusters.get(&key) {
-            Some(c) => Next::Tunnel(c.clone(), req, rec),
-            None => Next::Reply(local_reply(
-                rec,
-                FailureClass::NoRoute,
-                format!("no cluster {key}"),
-                false,
-            )),
-        };
-    }
-    let Some(r) = route::find(port, &req) else {
-        let detail = format!(
-            "no route of {} matches {} {}",
-            svc.host,
-            rec.method,
-            rec.uri.path()
-        );
-        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, grpc));
-    };
-    rec.route = r.name.clone().into();
-    let backend = route::pick_backend(&r.backends);
-    let Some(cluster) = snap.clusters.get(&backend.cluster).cloned() else {
-        let detail = format!("no cluster {}", backend.cluster);
-        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, grpc));
-    };
-    if !r.request_headers.is_empty() {
-        edit_headers(req.headers_mut(), &r.request_headers);
-    }
-    if is_upgrade(&req) {
-        return Next::Upgrade(cluster, req, rec);
-    }
-    strip_hop_by_hop(req.headers_mut());
-    let plan = Plan {
-        cluster,
-        timeout: r.timeout,
-        retry: r.retry.as_ref(),
-        response_headers: Some(&r.response_headers),
-    };
-    Next::Forward(plan, req, rec)
-}
-
-thread_local! {
-    // The route label of inbound requests, shared rather than allocated per request.
-    static INBOUND_ROUTE: Label = Label::from("inbound");
-}
-
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
-}
-
-fn inbound(
-    shared: &Shared,
-    snap: &Snapshot,
-    mut req: Request<ClientBody>,
-    mut rec: Box<Record>,
-    grpc: bool,
-    source: Option<&PeerId>,
-) -> Next<'static> {
-    rec.authority = route::authority(&req);
-    // The port the caller's proxy named in the TLS server name, else the port of the
-    // authority, picks the target; with one HTTP port, that one.
-    let port = source
-        .and_then(|p| p.port)
-        .or_else(|| req.extensions().get::<CapturedPort>().map(|c| c.0))
-        .or_else(|| rec.authority.as_ref().and_then(|a| a.host_port().1));
-    let source = source.map(|p| p.id.as_ref());
-    if req.method() == Method::CONNECT {
-        return inbound_tunnel(shared, snap, port, req, rec, source);
-    }
-    let http = |t: &&crate::state::InboundTarget| t.protocol != Protocol::Tcp;
-    let target = snap
-        .inbound
-        .iter()
-        .filter(http)
-        .find(|t| Some(t.port) == port)
-        .or_else(|| snap.inbound.iter().find(http));
-    let Some(target) = target else {
-        let detail =
-            "this proxy has no local workload with an HTTP port (start it with --workload)"
-                .to_string();
-        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, grpc));
-    };
-    rec.dst_service = target.cluster.service.clone();
-    rec.route = INBOUND_ROUTE.with(Clone::clone);
-    if source.is_none() && strict(shared, target) {
-        shared.metrics.count_tls_refusal();
-        return Next::Reply(local_reply(
-            rec,
-            FailureClass::Denied,
-            plaintext(target),
-            grpc,
-        ));
-    }
-    let http = Some((req.method().as_str(), req.uri().path()));
-    if let Some(detail) = denied(snap, target, http, source) {
-        return Next::Reply(local_reply(rec, FailureClass::Denied, detail, grpc));
-    }
-    if is_upgrade(&req) {
-        return Next::Upgrade(target.cluster.clone(), req, rec);
-    }
-    strip_hop_by_hop(req.headers_mut());
-    let plan = Plan {
-        cluster: target.cluster.clone(),
-        timeout: None,
-        retry: None,
-        response_headers: None,
-    };
-    Next::Forward(plan, req, rec)
-}
-
-/// Opaque TCP to the local workload: `CONNECT host:PORT` on the inbound listener reaches the
-/// workload's port PORT (any protocol; TCP ports are reachable only this way). This is how a
-/// peer's proxy carries TCP to a workload behind its sidecar; with mutual TLS the same
-/// tunnel runs inside the peers' TLS connection.
-fn inbound_tunnel(
-    shared: &Shared,
-    snap: &Snapshot,
-    port: Option<u16>,
-    req: Request<ClientBody>,
-    mut rec: Box<Record>,
-    source: Option<&trellis_model::proxy::PeerIdentity>,
-) -> Next<'static> {
-    let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {
-        let ports: Vec<u16> = snap.inbound.iter().map(|t| t.port).collect();
-        let detail = format!(
-            "CONNECT to port {}: the local workload has no such port (ports: {ports:?})",
-            port.map_or_else(|| "(none)".to_string(), |p| p.to_string())
-        );
-        return Next::Reply(local_reply(rec, FailureClass::NoRoute, detail, false));
-    };
-    rec.dst_service = target.cluster.service.clone();
-    rec.route = INBOUND_ROUTE.with(Clone::clone);
-    if source.is_none() && strict(shared, target) {
-        shared.metrics.count_tls_refusal();
-        return Next::Reply(local_reply(
-            rec,
-            FailureClass::Denied,
-            plaintext(target),
-            false,
-        ));
-    }
-    if let Some(detail) = denied(snap, target, None, source) {
-        // The HTTP/1.1 server closes a connection whose CONNECT it refused.
-        return Next::Reply(local_reply(rec, FailureClass::Denied, detail, false));
-    }
-    Next::Tunnel(target.cluster.clone(), req, rec)
-}
-
-fn plaintext(target: &crate::state::InboundTarget) -> String {
-    format!(
-        "plaintext refused: Service {} requires mutual TLS (STRICT)",
-        target.service
-    )
-}
-
-/// The authorization policies' verdict on a request (`http`: method and path) or a TCP
-/// tunnel (`None`) to `target` from `source` (a caller that came over mutual TLS);
-/// `Some(why)` when denied. A plaintext caller has no identity, so policies that name
-/// identities or namespaces deny it.
-pub(crate) fn denied(
-    snap: &Snapshot,
-    target: &crate::state::InboundTarget,
-    http: Option<(&str, &str)>,
-    source: Option<&trellis_model::proxy::PeerIdentity>,
-) -> Option<String> {
-    let policies = &snap.cfg.authz;
-    if policies.is_empty() {
-        return None;
-    }
-    let req = trellis_model::proxy::AuthzRequest {
-        source,
-        service: &target.service,
-        port: target.port,
-        http,
-    };
-    let d = trellis_model::proxy::authorize(policies, &req);
-    (!d.allowed).then(|| match d.policy {
-        Some(p) => format!("denied by AuthorizationPolicy {p}"),
-        None => format!(
-            "no AuthorizationPolicy allows this request to {}",
-            target.service
-        ),
-    })
-}
-
 /// A plain response for admin endpoints.
-pub fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {
+pub(crate) fn text(status: http::StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {
     let mut r = Response::new(ProxyBody::full(body));
     *r.status_mut() = status;
     r

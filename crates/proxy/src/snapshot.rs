@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use trellis_model::{
     proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
-    resource::{Locality, MtlsMode, NamespacedName, Protocol},
+    resource::{MtlsMode, NamespacedName, Protocol},
     ProxyConfig,
 };
 
@@ -16,43 +16,53 @@ use crate::{
 };
 
 /// One inbound port: the local application behind a single-endpoint cluster.
-pub struct InboundTarget {
+pub(crate) struct InboundTarget {
     /// Service port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Protocol.
-    pub protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// Cluster whose one endpoint is the application.
-    pub cluster: Arc<Cluster>,
+    pub(crate) cluster: Arc<Cluster>,
     /// The service callers reach through this port (authorization policies guard it).
-    pub service: NamespacedName,
+    pub(crate) service: NamespacedName,
     /// Whether it accepts plaintext.
-    pub mtls: MtlsMode,
+    pub(crate) mtls: MtlsMode,
     /// The application's own port, which captured inbound connections were addressed to.
-    pub target_port: u16,
+    pub(crate) target_port: u16,
 }
 
 /// A translated config plus the runtime state built from it.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// The config.
-    pub cfg: Arc<ProxyConfig>,
+    pub(crate) cfg: Arc<ProxyConfig>,
     /// Outbound clusters by key.
-    pub clusters: FastMap<String, Arc<Cluster>>,
+    pub(crate) clusters: FastMap<String, Arc<Cluster>>,
     /// Service by the host names callers use: `NAME.NAMESPACE`, and bare `NAME` for the
     /// local workload's namespace.
-    pub hosts: FastMap<Box<str>, NamespacedName>,
+    pub(crate) hosts: FastMap<Box<str>, NamespacedName>,
     /// Service ports by virtual IP and port, for captured connections: (cluster key, protocol).
-    pub vips: FastMap<std::net::SocketAddr, (String, Protocol)>,
+    pub(crate) vips: FastMap<std::net::SocketAddr, (String, Protocol)>,
     /// Inbound targets.
-    pub inbound: Vec<InboundTarget>,
+    pub(crate) inbound: Vec<InboundTarget>,
     /// Source service label of outbound traffic.
-    pub src_service: Label,
+    pub(crate) src_service: Label,
+    /// The local workload (`namespace/name`), as a label.
+    pub(crate) src_workload: Label,
+    /// What this proxy tells peers' proxies about itself (`x-trellis-peer`).
+    pub(crate) peer_header: Option<http::HeaderValue>,
     /// Generation, incremented by each reload.
-    pub version: u64,
+    pub(crate) version: u64,
 }
 
 impl Snapshot {
-    /// Build from `cfg`, carrying endpoint state over from `prev`.
-    pub fn build(cfg: ProxyConfig, prev: Option<&Snapshot>, metrics: &Metrics) -> Self {
+    /// Build from `cfg`, carrying endpoint state over from `prev`. `meshed`: this proxy has
+    /// an identity, so it reaches meshed endpoints at their proxies.
+    pub(crate) fn build(
+        cfg: ProxyConfig,
+        prev: Option<&Snapshot>,
+        metrics: &Metrics,
+        meshed: bool,
+    ) -> Self {
         let here = cfg.local.as_ref().map(|l| &l.locality);
         let clusters = cfg
             .clusters
@@ -61,7 +71,14 @@ impl Snapshot {
                 let old = prev.and_then(|p| p.clusters.get(k)).map(|c| c.as_ref());
                 (
                     k.clone(),
-                    Arc::new(Cluster::new(k.clone(), c.clone(), old, metrics, here)),
+                    Arc::new(Cluster::new(
+                        k.clone(),
+                        c.clone(),
+                        old,
+                        metrics,
+                        here,
+                        meshed,
+                    )),
                 )
             })
             .collect();
@@ -78,8 +95,9 @@ impl Snapshot {
                         weight: 1,
                         workload: local.id.clone(),
                         environment: local.environment,
-                        locality: Locality::default(),
+                        locality: local.locality.clone(),
                         mesh: None,
+                        recoveries: 0,
                     }],
                     // The local application is the only endpoint: never eject it.
                     policy: BackendPolicy {
@@ -91,7 +109,7 @@ impl Snapshot {
                 let old = prev
                     .and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
                     .map(|t| t.cluster.as_ref());
-                let cluster = Arc::new(Cluster::new(key.clone(), cc, old, metrics, None));
+                let cluster = Arc::new(Cluster::new(key.clone(), cc, old, metrics, None, false));
                 inbound.push(InboundTarget {
                     port: ip.port,
                     protocol: ip.protocol,
@@ -109,6 +127,12 @@ impl Snapshot {
             .and_then(|s| cfg.services.get(s))
             .map(|s| Label::from(s.host.clone()))
             .unwrap_or_default();
+        let src_workload = cfg
+            .local
+            .as_ref()
+            .map(|l| Label::from(l.id.to_string().as_str()))
+            .unwrap_or_default();
+        let peer_header = peer_header(&cfg);
         let local_ns = cfg
             .local
             .as_ref()
@@ -135,7 +159,30 @@ impl Snapshot {
             clusters,
             inbound,
             src_service,
+            src_workload,
+            peer_header,
             version: prev.map_or(1, |p| p.version + 1),
         }
     }
+}
+
+/// The value of `x-trellis-peer` this proxy sends to peers' proxies: who is calling
+/// (`SERVICE,NAMESPACE/WORKLOAD,ENVIRONMENT,REGION/ZONE`), so that the callee records its
+/// source. Peers believe it only over mutual TLS.
+fn peer_header(cfg: &ProxyConfig) -> Option<http::HeaderValue> {
+    let local = cfg.local.as_ref()?;
+    let service = local
+        .service
+        .as_ref()
+        .and_then(|s| cfg.services.get(s))
+        .map_or("", |s| &*s.host);
+    let l = &local.locality;
+    let v = format!(
+        "{service},{},{},{}/{}",
+        local.id,
+        local.environment.as_str(),
+        l.region.as_deref().unwrap_or_default(),
+        l.zone.as_deref().unwrap_or_default(),
+    );
+    http::HeaderValue::from_str(&v).ok()
 }

@@ -1,6 +1,8 @@
-//! Choosing a service port from the request's authority, and a route by its matches.
+//! Stage `route`: the service port a request's authority names, the first route (in the
+//! Gateway API's precedence order) whose matches it meets, and a backend by weight. Pure
+//! functions over the snapshot: no I/O, no allocation.
 
-use http::{uri::Authority, HeaderValue, Request};
+use http::Request;
 use trellis_model::{
     proxy::{
         MatchConfig, PathMatchConfig, PortConfig, RouteConfig, ServiceConfig, ValueMatcher,
@@ -9,54 +11,12 @@ use trellis_model::{
     resource::NamespacedName,
 };
 
-use crate::state::Snapshot;
-
-/// The authority a request names: the URI's (CONNECT target, absolute URI, HTTP/2
-/// `:authority`), else `Host`. Both forms clone by reference count.
-#[derive(Clone, Debug)]
-pub enum RequestAuthority {
-    /// From the URI.
-    Uri(Authority),
-    /// From the `Host` header.
-    Host(HeaderValue),
-}
-
-impl RequestAuthority {
-    /// As text (empty if `Host` is not valid text).
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Uri(a) => a.as_str(),
-            Self::Host(h) => h.to_str().unwrap_or(""),
-        }
-    }
-
-    /// `(host, port)`; the port only when it is a number.
-    pub fn host_port(&self) -> (&str, Option<u16>) {
-        let s = self.as_str();
-        match s
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse().ok()?)))
-        {
-            Some((h, p)) => (h, Some(p)),
-            None => (s, None),
-        }
-    }
-}
-
-/// The authority `req` names, if any.
-pub fn authority<B>(req: &Request<B>) -> Option<RequestAuthority> {
-    if let Some(a) = req.uri().authority() {
-        return Some(RequestAuthority::Uri(a.clone()));
-    }
-    req.headers()
-        .get(http::header::HOST)
-        .map(|h| RequestAuthority::Host(h.clone()))
-}
+use crate::{http::authority::RequestAuthority, snapshot::Snapshot};
 
 /// The service port that `authority` names, if any (`NAME.NAMESPACE`, a `.mesh` suffix, or a
 /// bare `NAME` in the local namespace). A missing port means port 80, or the service's only
 /// port. No allocation: hosts are looked up in the snapshot's map.
-pub fn service_port<'a>(
+pub(crate) fn service_port<'a>(
     snap: &'a Snapshot,
     authority: &RequestAuthority,
 ) -> Option<(&'a NamespacedName, &'a ServiceConfig, &'a PortConfig)> {
@@ -75,7 +35,7 @@ pub fn service_port<'a>(
 }
 
 /// The first route (in precedence order) that matches.
-pub fn find<'a, B>(port: &'a PortConfig, req: &Request<B>) -> Option<&'a RouteConfig> {
+pub(crate) fn find<'a, B>(port: &'a PortConfig, req: &Request<B>) -> Option<&'a RouteConfig> {
     port.routes
         .iter()
         .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| matches(m, req)))
@@ -121,7 +81,7 @@ fn value_ok(m: &ValueMatcher, v: &str) -> bool {
 }
 
 /// Pick a backend by weight.
-pub fn pick_backend(backends: &[WeightedCluster]) -> &WeightedCluster {
+pub(crate) fn pick_backend(backends: &[WeightedCluster]) -> &WeightedCluster {
     if backends.len() == 1 {
         return &backends[0];
     }
@@ -137,16 +97,4 @@ pub fn pick_backend(backends: &[WeightedCluster]) -> &WeightedCluster {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_and_port() {
-        let a = |s: &'static str| RequestAuthority::Host(HeaderValue::from_static(s));
-        assert_eq!(a("web.shop:8080").host_port(), ("web.shop", Some(8080)));
-        assert_eq!(a("web.shop").host_port(), ("web.shop", None));
-        assert_eq!(a("[::1]:80").host_port(), ("[::1]", Some(80)));
-        assert_eq!(a("[::1]").host_port(), ("[::1]", None));
-        assert_eq!(a("web.shop:http").host_port(), ("web.shop:http", None));
-    }
-}
+mod tests;

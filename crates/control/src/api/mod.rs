@@ -1,0 +1,301 @@
+//! The HTTP API under `/api/v1/`: JSON in and out, a bearer token on every call. The handlers
+//! are thin: they parse the request and call the domain modules ([`crate::apply`],
+//! [`crate::identity`], [`crate::agent`]), whose typed errors become statuses here.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | POST | `/api/v1/apply?file=NAME` | apply multi-document YAML (or JSON) atomically |
+//! | GET | `/api/v1/resources` | every resource, with status |
+//! | GET | `/api/v1/resources/KIND[/NAMESPACE]` | the resources of a kind (in a namespace) |
+//! | GET | `/api/v1/resources/KIND/NAMESPACE/NAME` | one resource, with status and the proxies that use it |
+//! | DELETE | `/api/v1/resources/KIND/NAMESPACE/NAME[?resourceVersion=N]` | delete |
+//! | GET | `/api/v1/watch[?kind=KIND]` | server-sent events, one per change |
+//! | GET | `/api/v1/proxies` | every connected proxy and its ACK/NACK state |
+//! | POST | `/api/v1/tokens` | a join token (shown once) |
+//! | GET | `/api/v1/tokens` | every join token's grant |
+//! | DELETE | `/api/v1/tokens/ID` | revoke a join token |
+//! | GET | `/api/v1/ca` | the CA: roots, the signing one, rotation phase, `caHash` |
+//! | POST | `/api/v1/ca/rotate` | one phase of a root rotation |
+//! | POST | `/api/v1/certificates` (also `/v1/certificates` on the xDS address) | a certificate, for a join token or a proof of the current one (no admin token) |
+//! | POST | `/api/v1/agent` (also `/v1/agent` on the xDS address) | an agent's signed register, heartbeat or deregister (no admin token) |
+//! | GET | `/healthz` | liveness, no token |
+
+mod agent;
+mod identity;
+mod resources;
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{DefaultBodyLimit, Request, State as AxState},
+    http::{header, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use trellis_store::{Store, StoreError};
+
+use crate::{
+    agent::{AgentError, Agents},
+    apply::{ApplyError, Writer},
+    error::ControlError,
+    identity::{CaRequestError, Identity},
+    registry::Registry,
+    state::State,
+    tls::TlsListener,
+    token,
+};
+
+pub use resources::render;
+
+/// The API's shared state.
+#[derive(Clone)]
+pub struct Api {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: Writer,
+    proxies: Registry,
+    token: token::AdminToken,
+    identity: Arc<Identity>,
+    max_body: usize,
+    /// Agents heard from by this replica.
+    agents: Agents,
+}
+
+/// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No valid token (401).
+    #[error("a valid bearer token is required")]
+    Unauthorized,
+    /// No such resource, kind or route (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// An apply was refused, or a stale version given.
+    #[error(transparent)]
+    Apply(Box<ApplyError>),
+    /// The store failed, or refused a write.
+    #[error(transparent)]
+    Store(Box<StoreError>),
+    /// The CA refused.
+    #[error(transparent)]
+    Ca(Box<CaRequestError>),
+    /// An agent's request was refused.
+    #[error(transparent)]
+    Agent(Box<AgentError>),
+    /// The control plane's own setup (its CA record) failed.
+    #[error(transparent)]
+    Setup(Box<ControlError>),
+}
+
+// Boxed: an error travels through every handler's `Result`, which should stay small.
+macro_rules! boxed_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for ApiError {
+            fn from(e: $t) -> Self {
+                Self::$v(Box::new(e))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    ApplyError => Apply,
+    StoreError => Store,
+    CaRequestError => Ca,
+    AgentError => Agent,
+    ControlError => Setup
+);
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        fn store(e: &StoreError) -> StatusCode {
+            match e {
+                StoreError::Conflict { .. } => StatusCode::CONFLICT,
+                StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            }
+        }
+        fn setup(e: &ControlError) -> StatusCode {
+            match e {
+                ControlError::Store(e) => store(e),
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            }
+        }
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Apply(e) => match &**e {
+                ApplyError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                ApplyError::Store(e) => store(e),
+            },
+            Self::Store(e) => store(e),
+            Self::Ca(e) => match &**e {
+                CaRequestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                CaRequestError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                CaRequestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+                CaRequestError::Forbidden(_) => StatusCode::FORBIDDEN,
+                CaRequestError::Conflict(_) => StatusCode::CONFLICT,
+                CaRequestError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+                CaRequestError::Store(e) => store(e),
+                CaRequestError::Setup(e) => setup(e),
+            },
+            Self::Agent(e) => match &**e {
+                AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+                AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
+                AgentError::NotRegistered(_) => StatusCode::NOT_FOUND,
+                AgentError::Invalid(ApplyError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+                AgentError::Invalid(ApplyError::Store(e)) | AgentError::Store(e) => store(e),
+                AgentError::Setup(e) => setup(e),
+            },
+            Self::Setup(e) => setup(e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = Json(json!({ "error": self.to_string(), "code": status.as_u16() }));
+        let mut r = (status, body).into_response();
+        if matches!(self, Self::Unauthorized) {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static"));
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON body, whatever its content type says (the CLI, agents and proxies send JSON).
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+}
+
+impl Api {
+    /// The API over `store` and the followed `state`.
+    pub fn new(
+        store: Store,
+        state: watch::Receiver<Arc<State>>,
+        proxies: Registry,
+        token: token::AdminToken,
+        identity: Arc<Identity>,
+        max_body: usize,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                writer: Writer::new(store, state),
+                proxies,
+                token,
+                identity,
+                max_body,
+                agents: Agents::default(),
+            }),
+        }
+    }
+
+    /// The router (also used by tests in-process).
+    pub fn router(self) -> Router {
+        let v1 = resources::routes()
+            .route(
+                "/tokens",
+                post(identity::create_token).get(identity::list_tokens),
+            )
+            .route(
+                "/tokens/{id}",
+                axum::routing::delete(identity::revoke_token),
+            )
+            .route("/ca", get(identity::ca_status))
+            .route("/ca/rotate", post(identity::rotate))
+            .layer(middleware::from_fn_with_state(self.clone(), auth))
+            .layer(DefaultBodyLimit::max(self.inner.max_body));
+        // Proxies and agents authenticate with a join token or their certificate here, not
+        // the admin token.
+        let ca = Router::new()
+            .route("/certificates", post(identity::sign))
+            .route("/agent", post(agent::handle))
+            .layer(DefaultBodyLimit::max(64 << 10));
+        Router::new()
+            .nest("/api/v1", v1.merge(ca))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .with_state(self)
+    }
+
+    /// The certificate endpoint alone, for the xDS address: a proxy reaches its CA at the
+    /// address it already has.
+    pub fn certificate_router(&self) -> Router {
+        Router::new()
+            .route("/v1/certificates", post(identity::sign))
+            .route("/v1/agent", post(agent::handle))
+            .layer(DefaultBodyLimit::max(64 << 10))
+            .with_state(self.clone())
+    }
+
+    /// The CA and certificate lifetime.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// The same, shared.
+    pub fn identity_arc(&self) -> Arc<Identity> {
+        self.inner.identity.clone()
+    }
+
+    /// Agents heard from by this replica.
+    pub fn agents(&self) -> &Agents {
+        &self.inner.agents
+    }
+
+    /// Every proxy connected to this replica.
+    pub(crate) fn proxies(&self) -> &Registry {
+        &self.inner.proxies
+    }
+
+    /// Writes through this replica.
+    pub(crate) fn writer(&self) -> &Writer {
+        &self.inner.writer
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        self.inner.writer.store()
+    }
+
+    /// Serve until the process ends.
+    pub async fn serve(self, l: TcpListener) {
+        if let Err(e) = axum::serve(l, self.router()).await {
+            tracing::error!(error = %e, "api server failed");
+        }
+    }
+
+    /// Serve on `l` with TLS only (an address beyond loopback): the admin token must not
+    /// cross a network in the clear.
+    pub async fn serve_tls(self, l: TlsListener) {
+        if let Err(e) = axum::serve(l, self.router()).await {
+            tracing::error!(error = %e, "api server failed");
+        }
+    }
+}
+
+async fn auth(AxState(api): AxState<Api>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if api.inner.token.accepts(t) => next.run(req).await,
+        _ => ApiError::Unauthorized.into_response(),
+    }
+}

@@ -1,0 +1,60 @@
+//! The authority a request names, as the routing stages and the record read it.
+
+use http::{uri::Authority, HeaderValue, Request};
+
+/// The authority a request names: the URI's (CONNECT target, absolute URI, HTTP/2
+/// `:authority`), else `Host`. Both forms clone by reference count.
+#[derive(Clone, Debug)]
+pub(crate) enum RequestAuthority {
+    /// From the URI.
+    Uri(Authority),
+    /// From the `Host` header.
+    Host(HeaderValue),
+}
+
+impl RequestAuthority {
+    /// As text (empty if `Host` is not valid text).
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Self::Uri(a) => a.as_str(),
+            Self::Host(h) => h.to_str().unwrap_or(""),
+        }
+    }
+
+    /// `(host, port)`; the port only when it is a number.
+    pub(crate) fn host_port(&self) -> (&str, Option<u16>) {
+        let s = self.as_str();
+        match s
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+        {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    }
+}
+
+/// The authority `req` names, if any.
+pub(crate) fn authority<B>(req: &Request<B>) -> Option<RequestAuthority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(RequestAuthority::Uri(a.clone()));
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .map(|h| RequestAuthority::Host(h.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port() {
+        let a = |s: &'static str| RequestAuthority::Host(HeaderValue::from_static(s));
+        assert_eq!(a("web.shop:8080").host_port(), ("web.shop", Some(8080)));
+        assert_eq!(a("web.shop").host_port(), ("web.shop", None));
+        assert_eq!(a("[::1]:80").host_port(), ("[::1]", Some(80)));
+        assert_eq!(a("[::1]").host_port(), ("[::1]", None));
+        assert_eq!(a("web.shop:http").host_port(), ("web.shop:http", None));
+    }
+}

@@ -1,0 +1,243 @@
+//! The inbound side: what peers (their proxies, over mutual TLS) and plaintext callers send to
+//! the local workload. The target is one of the local workload's ports: the one the caller's
+//! proxy named in its TLS server name, else the one a captured connection was addressed to,
+//! else the authority's port, else the only HTTP port. Stage `policy` admits it (STRICT and
+//! authorization, one check for HTTP, CONNECT and TCP), then it goes to the application.
+
+use std::sync::{Arc, Mutex};
+
+use http::{HeaderValue, Method, Request};
+use tokio::io::{AsyncRead, AsyncWrite};
+use trellis_model::{proxy::PeerIdentity, resource::Protocol};
+
+use crate::{
+    error::{Error, Kind},
+    http::{authority, body::ClientBody, headers::strip_hop_by_hop, X_TRELLIS_PEER},
+    metrics::{Direction, Label},
+    outbound::is_upgrade,
+    shared::Shared,
+    snapshot::{InboundTarget, Snapshot},
+    stages::{
+        attempt::Plan,
+        policy::{self, Inbound},
+        record::{ConnRecord, Record},
+        respond::local_reply,
+        Next,
+    },
+    tcp,
+};
+
+/// The caller's identity, learned from its certificate, carried to each of its requests.
+#[derive(Clone)]
+pub(crate) struct PeerId {
+    /// The service port, from the TLS server name.
+    pub(crate) port: Option<u16>,
+    /// Parsed, for authorization.
+    pub(crate) id: Arc<PeerIdentity>,
+    /// As a SPIFFE ID, for logs and metrics (interned: one value per identity).
+    pub(crate) uri: Label,
+    /// The caller's `x-trellis-peer` last seen on this connection, parsed: a caller's proxy
+    /// sends the same value on every request.
+    meta: Arc<Mutex<Option<PeerMeta>>>,
+}
+
+struct PeerMeta {
+    raw: HeaderValue,
+    service: Label,
+    workload: Label,
+}
+
+impl PeerId {
+    /// The identity of a caller on a new connection.
+    pub(crate) fn new(port: Option<u16>, id: PeerIdentity, uri: Label) -> Self {
+        Self {
+            port,
+            id: Arc::new(id),
+            uri,
+            meta: Arc::default(),
+        }
+    }
+
+    /// The caller's service and workload from its proxy's `x-trellis-peer`
+    /// (`SERVICE,NAMESPACE/WORKLOAD,...`).
+    fn source(&self, v: HeaderValue) -> (Label, Label) {
+        let mut m = self.meta.lock().expect("peer meta lock");
+        if let Some(p) = m.as_ref().filter(|p| p.raw == v) {
+            return (p.service.clone(), p.workload.clone());
+        }
+        let text = v.to_str().unwrap_or_default();
+        let mut parts = text.split(',');
+        let label = |s: Option<&str>| {
+            s.filter(|s| !s.is_empty())
+                .map(Label::from)
+                .unwrap_or_default()
+        };
+        let service = label(parts.next());
+        let workload = label(parts.next());
+        *m = Some(PeerMeta {
+            raw: v,
+            service: service.clone(),
+            workload: workload.clone(),
+        });
+        (service, workload)
+    }
+}
+
+thread_local! {
+    // The route label of inbound requests, shared rather than allocated per request.
+    static INBOUND_ROUTE: Label = Label::from("inbound");
+}
+
+fn strict(shared: &Shared, target: &InboundTarget) -> bool {
+    policy::strict(shared.identity.is_some(), shared.mtls_mode, target)
+}
+
+/// The target of a captured inbound connection addressed to the local port `port`.
+#[derive(Clone, Copy)]
+pub(crate) struct CapturedPort(pub(crate) u16);
+
+/// Route an inbound HTTP request to the local workload: a reply, or where it goes next.
+pub(crate) fn route(
+    shared: &Shared,
+    snap: &Snapshot,
+    mut req: Request<ClientBody>,
+    mut rec: Box<Record>,
+    grpc: bool,
+    source: Option<&PeerId>,
+) -> Next<'static> {
+    rec.authority = authority::authority(&req);
+    // Who calls: its proxy says, and is believed only over mutual TLS. The header never
+    // reaches the application.
+    if let Some(v) = req.headers_mut().remove(&X_TRELLIS_PEER) {
+        if let Some(p) = source {
+            (rec.src_service, rec.src_workload) = p.source(v);
+        }
+    }
+    // The port the caller's proxy named in the TLS server name, else the port a captured
+    // connection was addressed to, else the port of the authority; with one HTTP port, that.
+    let port = source
+        .and_then(|p| p.port)
+        .or_else(|| req.extensions().get::<CapturedPort>().map(|c| c.0))
+        .or_else(|| rec.authority.as_ref().and_then(|a| a.host_port().1));
+    let source = source.map(|p| p.id.as_ref());
+    if req.method() == Method::CONNECT {
+        return tunnel(shared, snap, port, req, rec, source);
+    }
+    let http = |t: &&InboundTarget| t.protocol != Protocol::Tcp;
+    let target = snap
+        .inbound
+        .iter()
+        .filter(http)
+        .find(|t| Some(t.port) == port)
+        .or_else(|| snap.inbound.iter().find(http));
+    let Some(target) = target else {
+        let e = Error::new(
+            Kind::NoRoute,
+            "this proxy has no local workload with an HTTP port (start it with --workload)",
+        );
+        return Next::Reply(local_reply(rec, &e, grpc));
+    };
+    rec.dst_service = target.cluster.service.clone();
+    rec.route = INBOUND_ROUTE.with(Clone::clone);
+    let ask = Inbound {
+        source,
+        http: Some((req.method().as_str(), req.uri().path())),
+    };
+    if let Err(e) = policy::admit(snap, target, ask, strict(shared, target)) {
+        if e.kind() == Kind::PlaintextRefused {
+            shared.telemetry.metrics.count_tls_refusal();
+        }
+        return Next::Reply(local_reply(rec, &e, grpc));
+    }
+    if is_upgrade(&req) {
+        return Next::Upgrade(target.cluster.clone(), req, rec);
+    }
+    strip_hop_by_hop(req.headers_mut());
+    let plan = Plan {
+        cluster: target.cluster.clone(),
+        timeout: None,
+        idle: None,
+        retry: None,
+        response_headers: None,
+        peer_header: None,
+    };
+    Next::Forward(plan, req, rec)
+}
+
+/// Opaque TCP to the local workload: `CONNECT host:PORT` on the inbound listener reaches the
+/// workload's port PORT (any protocol; TCP ports are reachable only this way). This is how a
+/// peer's proxy carries TCP to a workload behind its sidecar; with mutual TLS the same
+/// tunnel runs inside the peers' TLS connection.
+fn tunnel(
+    shared: &Shared,
+    snap: &Snapshot,
+    port: Option<u16>,
+    req: Request<ClientBody>,
+    mut rec: Box<Record>,
+    source: Option<&PeerIdentity>,
+) -> Next<'static> {
+    let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {
+        let e = Error::new(Kind::NoRoute, no_such_port("CONNECT to port", port, snap));
+        return Next::Reply(local_reply(rec, &e, false));
+    };
+    rec.dst_service = target.cluster.service.clone();
+    rec.route = INBOUND_ROUTE.with(Clone::clone);
+    let ask = Inbound { source, http: None };
+    if let Err(e) = policy::admit(snap, target, ask, strict(shared, target)) {
+        if e.kind() == Kind::PlaintextRefused {
+            shared.telemetry.metrics.count_tls_refusal();
+        }
+        // The HTTP/1.1 server closes a connection whose CONNECT it refused.
+        return Next::Reply(local_reply(rec, &e, false));
+    }
+    Next::Tunnel(target.cluster.clone(), req, rec)
+}
+
+fn no_such_port(what: &str, port: Option<u16>, snap: &Snapshot) -> String {
+    let ports: Vec<u16> = snap.inbound.iter().map(|t| t.port).collect();
+    format!(
+        "{what} {}: the local workload has no such port (ports: {ports:?})",
+        port.map_or_else(|| "(none)".to_string(), |p| p.to_string())
+    )
+}
+
+/// An opaque TCP stream for the local workload's service port `port`: from a peer's proxy
+/// over mutual TLS (the port from the TLS server name), or captured in plaintext when the
+/// port accepts it. Admitted like a CONNECT tunnel, then spliced to the application.
+pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut stream: S,
+    port: Option<u16>,
+    source: Option<PeerId>,
+) {
+    let snap = shared.state.load_full();
+    let telemetry = shared.telemetry.clone();
+    let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {
+        let mut rec = ConnRecord::new(telemetry, Direction::inbound, Label::default());
+        let what = "TCP stream for port";
+        rec.fail(&Error::new(Kind::NoRoute, no_such_port(what, port, &snap)));
+        return;
+    };
+    let mut rec = ConnRecord::new(
+        telemetry,
+        Direction::inbound,
+        target.cluster.service.clone(),
+    );
+    if let Some(p) = &source {
+        rec.source = p.uri.clone();
+    }
+    let ask = Inbound {
+        source: source.as_ref().map(|p| p.id.as_ref()),
+        http: None,
+    };
+    if let Err(e) = policy::admit(&snap, target, ask, strict(&shared, target)) {
+        if e.kind() == Kind::PlaintextRefused {
+            shared.telemetry.metrics.count_tls_refusal();
+        }
+        rec.fail(&e);
+        return;
+    }
+    if let Some(mut up) = tcp::connect_for(&shared.dialer, &target.cluster, &mut rec).await {
+        tcp::splice(&mut stream, &mut up, &mut rec).await;
+    }
+}

@@ -1,0 +1,58 @@
+//! How the proxy runs: built once from flags at the edge (the CLI, the agent, the demo).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use trellis_model::resource::{MtlsMode, NamespacedName};
+
+use crate::{http::server::ServerLimits, identity, xds};
+
+/// Where the config comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A resource file, watched for changes.
+    File(PathBuf),
+    /// The control plane, over xDS.
+    Xds(xds::XdsOptions),
+}
+
+impl Source {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Xds(x) => format!("xds:{}", x.servers.join(",")),
+        }
+    }
+}
+
+/// How the proxy runs. Built once from flags at the edge.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where the config comes from.
+    pub source: Source,
+    /// The workload this proxy serves.
+    pub workload: Option<NamespacedName>,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Outbound listener.
+    pub outbound: SocketAddr,
+    /// Inbound listener.
+    pub inbound: SocketAddr,
+    /// How long SIGTERM waits for connections to finish.
+    pub drain_timeout: Duration,
+    /// How often the config file is checked for changes.
+    pub watch_interval: Duration,
+    /// Client header limits.
+    pub limits: ServerLimits,
+    /// Write access-log lines to stdout.
+    pub access_log: bool,
+    /// Get and keep a certificate from the mesh's CA (with xDS only).
+    pub identity: Option<identity::IdentityOptions>,
+    /// With an identity: what the inbound listener accepts, for every port, whatever the
+    /// PeerAuthentications say (`None`: as they say; STRICT without any).
+    pub mtls_mode: Option<MtlsMode>,
+    /// `SO_MARK` on every upstream socket, which capture rules exclude (needs CAP_NET_ADMIN).
+    pub socket_mark: Option<u32>,
+    /// For IPv6 capture: also accept on `[::1]` at the outbound listener's port and on `[::]`
+    /// at the inbound listener's (IPv6 only; where ip6tables REDIRECTs to).
+    pub ipv6_capture: bool,
+}

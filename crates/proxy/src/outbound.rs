@@ -1,0 +1,109 @@
+//! The outbound side: what the local application sends to the mesh. A request names a
+//! service by its authority (or arrives on a service port's explicit bind, or captured on
+//! its virtual IP); stage `route` picks the route and a backend; the attempt stage sends it.
+//! CONNECT opens a TCP tunnel to the service; an Upgrade gets a connection of its own.
+
+use std::net::SocketAddr;
+
+use http::{header, Method, Request, Version};
+
+use crate::{
+    error::{Error, Kind},
+    http::{
+        authority,
+        body::ClientBody,
+        headers::{edit_headers, strip_hop_by_hop},
+        Listener,
+    },
+    snapshot::Snapshot,
+    stages::{attempt::Plan, record::Record, respond::local_reply, route, Next},
+};
+
+/// Route an outbound request: a reply, or where it goes next.
+pub(crate) fn route<'a>(
+    snap: &'a Snapshot,
+    listener: &Listener,
+    mut req: Request<ClientBody>,
+    mut rec: Box<Record>,
+    grpc: bool,
+    peer: SocketAddr,
+) -> Next<'a> {
+    let authority = authority::authority(&req);
+    rec.authority = authority.clone();
+    rec.src_workload = snap.src_workload.clone();
+    let target = match listener {
+        Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {
+            let (id, svc) = snap.cfg.services.get_key_value(&c.cfg.service)?;
+            let port = svc.ports.iter().find(|p| p.port == c.cfg.port)?;
+            Some((id, svc, port))
+        }),
+        _ => authority
+            .as_ref()
+            .and_then(|a| route::service_port(snap, a)),
+    };
+    let Some((svc_id, svc, port)) = target else {
+        let detail = match &authority {
+            Some(a) => format!(
+                "no service matches authority {:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}",
+                a.as_str()
+            ),
+            None => "request has no Host header or absolute URI".to_string(),
+        };
+        return no_route(rec, detail, grpc);
+    };
+    rec.dst_service = svc.host.clone().into();
+    if req.method() == Method::CONNECT {
+        let key = trellis_model::proxy::cluster_key(svc_id, port.port);
+        return match snap.clusters.get(&key) {
+            Some(c) => Next::Tunnel(c.clone(), req, rec),
+            None => no_route(rec, format!("no cluster {key}"), false),
+        };
+    }
+    let Some(r) = route::find(port, &req) else {
+        let detail = format!(
+            "no route of {} matches {} {}",
+            svc.host,
+            rec.method,
+            rec.uri.path()
+        );
+        return no_route(rec, detail, grpc);
+    };
+    rec.route = r.name.clone().into();
+    let backend = route::pick_backend(&r.backends);
+    let Some(cluster) = snap.clusters.get(&backend.cluster).cloned() else {
+        let detail = format!("no cluster {}", backend.cluster);
+        return no_route(rec, detail, grpc);
+    };
+    if !r.request_headers.is_empty() {
+        edit_headers(req.headers_mut(), &r.request_headers);
+    }
+    if is_upgrade(&req) {
+        return Next::Upgrade(cluster, req, rec);
+    }
+    strip_hop_by_hop(req.headers_mut());
+    let plan = Plan {
+        cluster,
+        timeout: r.timeout,
+        idle: r.idle_timeout,
+        retry: r.retry.as_ref(),
+        response_headers: Some(&r.response_headers),
+        peer_header: snap.peer_header.clone(),
+    };
+    Next::Forward(plan, req, rec)
+}
+
+fn no_route(rec: Box<Record>, detail: String, grpc: bool) -> Next<'static> {
+    Next::Reply(local_reply(rec, &Error::new(Kind::NoRoute, detail), grpc))
+}
+
+/// An HTTP/1.1 request asking to switch protocols (WebSocket).
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}

@@ -1,0 +1,451 @@
+//! A running proxy: its listeners bound, its config applied and reapplied, until it drains.
+//!
+//! New config (a changed file, or what the control plane sent) is translated and built into
+//! a snapshot on a blocking thread, not on the request thread; the snapshot is then swapped in
+//! atomically, after the explicit-mode listeners it adds are bound (all or nothing).
+
+use std::{
+    collections::HashMap,
+    net::{Ipv6Addr, SocketAddr},
+    sync::{atomic::Ordering, Arc},
+};
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use trellis_model::{resource::Protocol, ConfigError, ProxyConfig};
+
+use crate::{
+    access_log::AccessLog,
+    admin,
+    drain::Drain,
+    http::{server, Listener},
+    identity,
+    listen::{bind, spawn_accept, BindError, Serve},
+    metrics::{Metrics, ResultLabels},
+    mtls,
+    options::{Options, Source},
+    pool::Dialer,
+    shared::{Services, Shared},
+    snapshot::Snapshot,
+    telemetry::Telemetry,
+    xds,
+};
+
+/// Why the proxy could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Bad config.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not bind.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// No certificate could be had.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+}
+
+/// A translated config and the text it came from.
+pub struct Loaded {
+    /// The translated config.
+    pub config: ProxyConfig,
+    /// The file's text, so that the watcher compares against what was really loaded (a
+    /// change between loading and watching must not be missed).
+    text: String,
+}
+
+fn read_config(path: &std::path::Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        file: path.display().to_string(),
+        source,
+    })
+}
+
+fn translate_text(
+    file: &str,
+    workload: Option<&trellis_model::NamespacedName>,
+    text: &str,
+) -> Result<ProxyConfig, ConfigError> {
+    let resources = trellis_model::parse_documents(file, text)?;
+    trellis_model::translate(file, &resources, workload)
+}
+
+/// Read and translate the config file. A proxy fed by xDS starts empty (and not ready) until
+/// the first bundle arrives.
+pub fn load(opts: &Options) -> Result<Loaded, ConfigError> {
+    match &opts.source {
+        Source::File(path) => {
+            let text = read_config(path)?;
+            let file = path.display().to_string();
+            let config = translate_text(&file, opts.workload.as_ref(), &text)?;
+            Ok(Loaded { config, text })
+        }
+        Source::Xds(_) => Ok(Loaded {
+            config: ProxyConfig::default(),
+            text: String::new(),
+        }),
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    opts: Options,
+    binds: HashMap<String, (SocketAddr, JoinHandle<()>)>,
+    /// The config text last tried (loaded, or refused): the watcher reloads when the file
+    /// differs from it.
+    seen: String,
+    /// One HTTP connection builder (limits from `opts`) for every listener.
+    builder: Arc<server::Builders>,
+    /// Bound addresses: admin, outbound, inbound.
+    pub addrs: (SocketAddr, SocketAddr, SocketAddr),
+}
+
+fn bind_key(cfg: &ProxyConfig, i: usize) -> String {
+    let b = &cfg.tcp_binds[i];
+    if b.bind.port() == 0 {
+        format!("{}#{i}", b.bind)
+    } else {
+        b.bind.to_string()
+    }
+}
+
+impl Proxy {
+    /// Bind every listener and start serving `cfg`.
+    pub async fn start(opts: Options, loaded: Loaded) -> Result<Self, ProxyError> {
+        let Loaded { config: cfg, text } = loaded;
+        // The identity first: without one, a proxy that needs it must not start serving.
+        let creds = match (&opts.identity, &opts.source) {
+            (Some(id), Source::Xds(x)) => {
+                let c = identity::bootstrap(id, &x.servers).await?;
+                let current = Arc::new(ArcSwap::from_pointee(c));
+                tokio::spawn(identity::keep_renewed(
+                    id.clone(),
+                    x.servers.clone(),
+                    current.clone(),
+                ));
+                Some(current)
+            }
+            _ => None,
+        };
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(registry.sub_registry_with_prefix("trellis"));
+        let snap = Snapshot::build(cfg, None, &metrics, creds.is_some());
+        let log = AccessLog::new(opts.access_log, metrics.access_log_dropped.clone());
+        let shared = Arc::new(Shared {
+            state: ArcSwap::from_pointee(snap),
+            telemetry: Arc::new(Telemetry {
+                metrics: metrics.clone(),
+                log,
+            }),
+            dialer: Dialer {
+                metrics,
+                tls: creds.clone().map(mtls::MeshTls::new),
+                mark: opts.socket_mark,
+            },
+            registry,
+            drain: Drain::default(),
+            source: opts.source.describe(),
+            synced: (matches!(opts.source, Source::File(_))).into(),
+            xds_status: Default::default(),
+            identity: creds,
+            inbound_tls: Default::default(),
+            mtls_mode: opts.mtls_mode,
+            peer_labels: Default::default(),
+        });
+        let (admin, admin_addr) = bind(opts.admin, "admin", false)?;
+        let (outbound, outbound_addr) = bind(opts.outbound, "outbound", false)?;
+        let (inbound, inbound_addr) = bind(opts.inbound, "inbound", false)?;
+        let v6 = if opts.ipv6_capture {
+            let at = |ip: Ipv6Addr, port| SocketAddr::new(ip.into(), port);
+            let out6 = at(Ipv6Addr::LOCALHOST, outbound_addr.port());
+            let in6 = at(Ipv6Addr::UNSPECIFIED, inbound_addr.port());
+            Some((
+                bind(out6, "outbound (IPv6)", true)?.0,
+                bind(in6, "inbound (IPv6)", true)?.0,
+            ))
+        } else {
+            None
+        };
+        let mut proxy = Self {
+            shared: shared.clone(),
+            builder: Arc::new(server::builder(opts.limits)),
+            opts,
+            binds: HashMap::new(),
+            seen: text,
+            addrs: (admin_addr, outbound_addr, inbound_addr),
+        };
+        let snap = shared.state.load_full();
+        proxy.binds = proxy.bind_all(&snap.cfg)?;
+        tokio::spawn(admin::serve(shared.clone(), admin));
+        let http =
+            |l, kind| spawn_accept(shared.clone(), proxy.builder.clone(), l, Serve::Http(kind));
+        http(outbound, Listener::Outbound);
+        http(inbound, Listener::Inbound);
+        if let Some((out6, in6)) = v6 {
+            http(out6, Listener::Outbound);
+            http(in6, Listener::Inbound);
+        }
+        Ok(proxy)
+    }
+
+    /// Bind the explicit-mode listeners of `cfg` that are not bound yet; all or nothing.
+    fn bind_all(
+        &self,
+        cfg: &ProxyConfig,
+    ) -> Result<HashMap<String, (SocketAddr, JoinHandle<()>)>, ProxyError> {
+        let mut out: HashMap<String, (SocketAddr, JoinHandle<()>)> = HashMap::new();
+        for (i, b) in cfg.tcp_binds.iter().enumerate() {
+            let key = bind_key(cfg, i);
+            if self.binds.contains_key(&key) {
+                continue;
+            }
+            let what = format!("upstream {}:{}", b.service.host(), b.port);
+            let (l, addr) = match bind(b.bind, &what, false) {
+                Ok(bound) => bound,
+                Err(e) => {
+                    out.values().for_each(|(_, h)| h.abort());
+                    return Err(e.into());
+                }
+            };
+            let serve = if b.protocol == Protocol::Tcp {
+                Serve::Tcp(b.cluster.clone())
+            } else {
+                Serve::Http(Listener::Bind {
+                    cluster: b.cluster.clone(),
+                })
+            };
+            let h = spawn_accept(self.shared.clone(), self.builder.clone(), l, serve);
+            out.insert(key, (addr, h));
+        }
+        Ok(out)
+    }
+
+    /// The bound explicit-mode listeners: (service, port, address).
+    pub fn bound_upstreams(&self) -> Vec<(String, u16, SocketAddr)> {
+        let snap = self.shared.state.load_full();
+        let cfg = &snap.cfg;
+        (0..cfg.tcp_binds.len())
+            .filter_map(|i| {
+                let b = &cfg.tcp_binds[i];
+                let (addr, _) = self.binds.get(&bind_key(cfg, i))?;
+                Some((b.service.host(), b.port, *addr))
+            })
+            .collect()
+    }
+
+    /// The services of the live config (for the agent's resolver).
+    pub fn services(&self) -> Services {
+        Services(self.shared.clone())
+    }
+
+    /// Load the file again and swap the config in, or keep the old one and say why.
+    pub async fn reload(&mut self) -> Result<(), ProxyError> {
+        let res = self.try_reload().await;
+        self.count_reload(&res);
+        res
+    }
+
+    fn count_reload(&self, res: &Result<(), ProxyError>) {
+        let result = if res.is_ok() { "ok" } else { "error" };
+        self.shared
+            .telemetry
+            .metrics
+            .reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    async fn try_reload(&mut self) -> Result<(), ProxyError> {
+        let Source::File(path) = &self.opts.source else {
+            return Ok(());
+        };
+        self.seen = read_config(path)?;
+        let file = path.display().to_string();
+        let (workload, text) = (self.opts.workload.clone(), self.seen.clone());
+        let snap = self
+            .build_off_thread(move || translate_text(&file, workload.as_ref(), &text))
+            .await?;
+        self.swap(snap)
+    }
+
+    /// Translate what the control plane sent and swap it in, or refuse it whole.
+    async fn apply_update(&mut self, u: &xds::Update) -> Result<(), ProxyError> {
+        let file = format!("xds:{}@{}", u.server, u.version);
+        let resources = u.resources.clone();
+        let workload = self.opts.workload.clone();
+        let snap = self
+            .build_off_thread(move || {
+                trellis_model::translate(&file, &resources, workload.as_ref())
+            })
+            .await?;
+        self.swap(snap)
+    }
+
+    /// Run `translate` and build its snapshot on a blocking thread: a large mesh takes
+    /// milliseconds to translate, which the request thread must not spend.
+    async fn build_off_thread(
+        &self,
+        translate: impl FnOnce() -> Result<ProxyConfig, ConfigError> + Send + 'static,
+    ) -> Result<Snapshot, ProxyError> {
+        let old = self.shared.state.load_full();
+        let metrics = self.shared.telemetry.metrics.clone();
+        let meshed = self.shared.identity.is_some();
+        let built = tokio::task::spawn_blocking(move || {
+            let cfg = translate()?;
+            Ok::<_, ConfigError>(Snapshot::build(cfg, Some(&old), &metrics, meshed))
+        })
+        .await;
+        match built {
+            Ok(r) => Ok(r?),
+            // The translation panicked: a bug, but never one that takes the proxy down.
+            Err(e) => Err(ProxyError::Config(ConfigError::Io {
+                file: "translation".into(),
+                source: std::io::Error::other(e.to_string()),
+            })),
+        }
+    }
+
+    /// Bind what `snap` adds, swap it in, and close what it dropped; all or nothing.
+    fn swap(&mut self, snap: Snapshot) -> Result<(), ProxyError> {
+        let new_binds = self.bind_all(&snap.cfg)?;
+        if let (Some(bundle), Some(current), Some(id)) = (
+            &snap.cfg.trust_bundle,
+            &self.shared.identity,
+            &self.opts.identity,
+        ) {
+            match identity::adopt_bundle(&id.state_dir, current, bundle) {
+                Ok(true) => tracing::info!(
+                    roots = bundle.matches("BEGIN CERTIFICATE").count(),
+                    "trust bundle updated"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "trust bundle refused"),
+            }
+        }
+        let keep: Vec<String> = (0..snap.cfg.tcp_binds.len())
+            .map(|i| bind_key(&snap.cfg, i))
+            .collect();
+        self.shared.state.store(Arc::new(snap));
+        self.shared.telemetry.metrics.clear_request_cache();
+        self.binds.retain(|k, (_, h)| {
+            let keep = keep.contains(k);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        self.binds.extend(new_binds);
+        Ok(())
+    }
+
+    async fn on_update(&mut self, u: xds::Update) {
+        let res = self.apply_update(&u).await;
+        self.count_reload(&res);
+        let answer = {
+            let mut st = self
+                .shared
+                .xds_status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match res {
+                Ok(()) => {
+                    st.server = Some(u.server.clone());
+                    st.applied = Some(u.version.clone());
+                    self.shared.synced.store(true, Ordering::Release);
+                    tracing::info!(server = %u.server, version = %u.version, "config from control plane applied");
+                    Ok(())
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    st.rejected = Some((u.version.clone(), reason.clone()));
+                    Err(reason)
+                }
+            }
+        };
+        let _ = u.done.send(answer);
+    }
+
+    /// The proxy's credentials (renewed in place), when it has an identity.
+    pub fn identity(&self) -> Option<Arc<ArcSwap<crate::credentials::Credentials>>> {
+        self.shared.identity.clone()
+    }
+
+    /// Serve until SIGTERM or SIGINT; reload on SIGHUP and when the file changes. Then drain.
+    pub async fn run(self) -> std::io::Result<()> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// As [`Proxy::run`], stopping also when `stop` completes (several proxies in one
+    /// process, as `trellis demo` runs them).
+    pub async fn run_until(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        tokio::pin!(stop);
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(self.opts.watch_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let (file, mut updates) = match &self.opts.source {
+            Source::File(p) => (Some(p.clone()), None),
+            Source::Xds(x) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let x = xds::XdsOptions {
+                    identity: self.shared.identity.clone(),
+                    ..x.clone()
+                };
+                tokio::spawn(xds::run(x, tx));
+                (None, Some(rx))
+            }
+        };
+        loop {
+            let why = tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = &mut stop => break,
+                _ = hup.recv(), if file.is_some() => "SIGHUP",
+                _ = tick.tick(), if file.is_some() => {
+                    match file.as_ref().map(std::fs::read_to_string) {
+                        Some(Ok(now)) if now != self.seen => "file changed",
+                        _ => continue,
+                    }
+                }
+                Some(u) = async { updates.as_mut()?.recv().await }, if updates.is_some() => {
+                    self.on_update(u).await;
+                    continue;
+                }
+            };
+            match self.reload().await {
+                Ok(()) => tracing::info!(
+                    trigger = why,
+                    version = self.shared.state.load().version,
+                    "config reloaded"
+                ),
+                Err(e) => {
+                    tracing::error!(trigger = why, error = %e, "config refused; still serving the previous one")
+                }
+            }
+        }
+        let active = self.shared.drain.active();
+        tracing::info!(
+            active,
+            timeout_secs = self.opts.drain_timeout.as_secs_f64(),
+            "draining"
+        );
+        match tokio::time::timeout(self.opts.drain_timeout, self.shared.drain.drain()).await {
+            Ok(()) => tracing::info!("drained"),
+            Err(_) => tracing::warn!(
+                still_open = self.shared.drain.active(),
+                "drain timeout; closing remaining connections"
+            ),
+        }
+        // Every record made so far reaches the log before the process ends.
+        let log = self.shared.telemetry.log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,519 @@
+//! Stage `attempt`: the tries of one request to one cluster. Each try picks an endpoint
+//! (stage `balance`), checks a connection out of its pool and exchanges the request, within
+//! the per-try timeout, the route's deadline and the idle timeout. A failed try is retried
+//! when the route asks for it, the failure allows it (the error says whether it may be
+//! retried; a peer proxy's own answer counts as its class), the body can be sent again and
+//! the cluster's retry budget has room, after a jittered back-off and on another endpoint if
+//! one is usable.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{
+    header,
+    uri::{Authority, PathAndQuery, Scheme},
+    HeaderValue, Request, Response, StatusCode, Uri, Version,
+};
+use http_body::Body as _;
+use tokio::io::AsyncWriteExt as _;
+use trellis_model::{
+    proxy::{HeaderEdits, RetryConfig},
+    resource::Protocol,
+};
+
+use crate::{
+    cluster::{Cluster, Endpoint},
+    error::{Error, FailureClass, Kind},
+    h1::{self, Conn, H1Body, H1Error},
+    http::{
+        body::{ClientBody, Limits, ProxyBody, Replay, UpBody, UpstreamBody},
+        headers::grpc_status,
+        upgrade, X_TRELLIS_PEER,
+    },
+    metrics::RetryLabels,
+    pool::{ConnectCtx, Dialer, Sender},
+    stages::{
+        balance,
+        record::Record,
+        respond::{local_reply, peer_class, relay},
+    },
+};
+
+/// Largest request body kept for replay; bigger bodies are streamed and not retried.
+const REPLAY_CAP: usize = 64 * 1024;
+const BACKOFF_CAP: Duration = Duration::from_secs(1);
+
+/// What the route asks of this exchange.
+pub(crate) struct Plan<'a> {
+    /// The cluster.
+    pub(crate) cluster: Arc<Cluster>,
+    /// Deadline of the whole exchange, the response body included.
+    pub(crate) timeout: Option<Duration>,
+    /// Longest wait for the response head, and between two parts of the response body.
+    pub(crate) idle: Option<Duration>,
+    /// Retries.
+    pub(crate) retry: Option<&'a RetryConfig>,
+    /// Response header edits.
+    pub(crate) response_headers: Option<&'a HeaderEdits>,
+    /// `x-trellis-peer` for tries that go to a peer's proxy.
+    pub(crate) peer_header: Option<HeaderValue>,
+}
+
+/// The request for one try. `last` says no try follows, so the headers can be moved rather
+/// than copied. URI parts are `Bytes`-backed: cloning them does not copy.
+fn upstream_request(
+    parts: &mut http::request::Parts,
+    body: UpBody,
+    h2: bool,
+    last: bool,
+) -> Request<UpBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = if last {
+        std::mem::take(&mut parts.headers)
+    } else {
+        parts.headers.clone()
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.path_and_query = Some(path);
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        let host = req.headers_mut().remove(header::HOST);
+        let authority = parts.uri.authority().cloned().or_else(|| {
+            host.and_then(|h| {
+                Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(h.as_bytes())).ok()
+            })
+        });
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority.unwrap_or_else(|| Authority::from_static("upstream")));
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+    req
+}
+
+// A short-lived value on the stack: boxing the response would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Try {
+    Response(Response<UpstreamBody>),
+    Failed(Error),
+}
+
+async fn send_once(
+    ctx: &ConnectCtx<'_>,
+    ep: &Arc<Endpoint>,
+    req: Request<UpBody>,
+    h2: bool,
+    rec: &mut Record,
+    began: Instant,
+) -> Try {
+    let (sender, connect) = match ep.pool.checkout(h2, ctx, began).await {
+        Ok(s) => s,
+        Err(e) => return Try::Failed(e),
+    };
+    rec.connect = Some(connect);
+    match sender {
+        Sender::H1(conn) => send_h1(ep, conn, req, ctx, rec, began).await,
+        Sender::H2(s) => send_h2(ep, s, req).await,
+    }
+}
+
+fn exchange_failed(ep: &Endpoint, cause: impl Into<crate::error::BoxError>) -> Error {
+    Error::with_cause(
+        Kind::Exchange,
+        format!("request to {}", ep.pool.describe(ep.target)),
+        cause,
+    )
+}
+
+async fn send_h2(
+    ep: &Endpoint,
+    mut s: hyper::client::conn::http2::SendRequest<UpBody>,
+    req: Request<UpBody>,
+) -> Try {
+    let sent = match s.ready().await {
+        Ok(()) => s.send_request(req).await,
+        Err(e) => Err(e),
+    };
+    match sent {
+        Ok(r) => Try::Response(r.map(UpstreamBody::H2)),
+        Err(e) => Try::Failed(exchange_failed(ep, e)),
+    }
+}
+
+/// One HTTP/1.1 exchange. A pooled connection may have been closed by the server just as we
+/// picked it; an idempotent request is then sent once more on a fresh connection.
+async fn send_h1(
+    ep: &Arc<Endpoint>,
+    mut conn: Box<Conn>,
+    mut req: Request<UpBody>,
+    ctx: &ConnectCtx<'_>,
+    rec: &mut Record,
+    began: Instant,
+) -> Try {
+    let mut result = h1::exchange(&mut conn, &mut req).await;
+    if let Err(e) = &result {
+        if conn.is_reused() && prepare_resend(e, &mut req) {
+            drop(conn);
+            let start = Instant::now();
+            // Boxed for the same reason as in `Pool::checkout`.
+            conn = match Box::pin(ep.pool.connect_h1(ctx)).await {
+                Ok(c) => c,
+                Err(e) => return Try::Failed(e),
+            };
+            rec.connect = Some(start.elapsed());
+            result = h1::exchange(&mut conn, &mut req).await;
+        }
+    }
+    match result {
+        Ok(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => Try::Failed(Error::new(
+            Kind::Protocol,
+            format!("{} switched protocols unasked", ep.pool.describe(ep.target)),
+        )),
+        Ok(head) => {
+            let body = H1Body::new(&head, conn, ep.pool.idle().clone(), began);
+            let mut resp = Response::new(UpstreamBody::H1(body));
+            *resp.status_mut() = head.status;
+            *resp.headers_mut() = head.headers;
+            Try::Response(resp)
+        }
+        Err(e) => Try::Failed(exchange_failed(ep, e)),
+    }
+}
+
+/// After a pooled connection failed with `err`, make `req` ready to be sent again on a fresh
+/// one: only when the connection had simply gone stale, the method is idempotent and the body
+/// can be sent again.
+fn prepare_resend(err: &H1Error, req: &mut Request<UpBody>) -> bool {
+    if !err.is_stale() || !h1::idempotent(req.method()) {
+        return false;
+    }
+    let again = match std::mem::replace(req.body_mut(), UpBody::Empty) {
+        UpBody::Empty => Some(UpBody::Empty),
+        UpBody::Replay(r) => r.replay().map(UpBody::Replay),
+        UpBody::Incoming(_) => None,
+    };
+    match again {
+        Some(body) => {
+            *req.body_mut() = body;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Whether the route's retry policy wants another try after `t`. `grpc` is the response's
+/// grpc-status and `peer` the class a peer's proxy gave its own answer, read once by the
+/// caller.
+fn retry_wanted(
+    retry: &RetryConfig,
+    t: &Try,
+    grpc: Option<u32>,
+    peer: Option<FailureClass>,
+) -> bool {
+    match t {
+        Try::Failed(e) => e.retryable(),
+        Try::Response(r) => {
+            peer.is_some_and(crate::error::peer_retryable)
+                || retry.codes.contains(&r.status().as_u16())
+                || grpc.is_some_and(|c| retry.grpc_codes.contains(&c))
+        }
+    }
+}
+
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1 << attempt.min(10)).min(BACKOFF_CAP);
+    // Full jitter.
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// The wait a try may take for its response head: the per-try timeout, the time left until
+/// the route's deadline and the idle timeout, whichever is shortest; with the kind of
+/// failure its expiry is.
+fn try_limit(
+    per_try: Option<Duration>,
+    remaining: Option<Duration>,
+    idle: Option<Duration>,
+) -> Option<(Duration, Kind)> {
+    let timeout = match (per_try, remaining) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    match (timeout, idle) {
+        (Some(t), Some(i)) if i < t => Some((i, Kind::Idle)),
+        (Some(t), _) => Some((t, Kind::Timeout)),
+        (None, Some(i)) => Some((i, Kind::Idle)),
+        (None, None) => None,
+    }
+}
+
+fn timed_out(ep: &Endpoint, limit: Duration, kind: Kind) -> Error {
+    let who = ep.pool.describe(ep.target);
+    let msg = match kind {
+        Kind::Idle => format!(
+            "no response from {who} within {limit:?} (the idle timeout; a route's \
+             timeouts.request replaces it)"
+        ),
+        _ => format!("no response from {who} within {limit:?}"),
+    };
+    Error::new(kind, msg)
+}
+
+/// Forward `req` as `plan` says, and build the response for the client.
+pub(crate) async fn forward(
+    dialer: &Dialer,
+    plan: Plan<'_>,
+    req: Request<ClientBody>,
+    mut rec: Box<Record>,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let cluster = plan.cluster;
+    let deadline = plan.timeout.map(|t| rec.start + t);
+    let h2 = matches!(cluster.cfg.protocol, Protocol::Http2 | Protocol::Grpc);
+    cluster.budget.deposit(rec.start);
+    let permit = match balance::admit(&cluster).await {
+        Ok(p) => p,
+        Err(e) => return local_reply(rec, &e, grpc),
+    };
+    let ctx = cluster.connect_ctx(dialer);
+    let (mut parts, body) = req.into_parts();
+    let small = body
+        .size_hint()
+        .upper()
+        .is_none_or(|n| n as usize <= REPLAY_CAP);
+    let mut replay = None;
+    // No body at all: nothing to record, every try sends none, and a stale pooled connection
+    // may send it again.
+    let empty = body.is_end_stream();
+    let mut first = Some(match plan.retry {
+        _ if empty => UpBody::Empty,
+        Some(_) if small => {
+            let r = Replay::new(body, REPLAY_CAP);
+            replay = r.replay();
+            UpBody::Replay(r)
+        }
+        _ => UpBody::Incoming(body),
+    });
+    let max_tries = 1 + plan.retry.map_or(0, |r| r.attempts);
+    // Built only when a try fails: formatting an error on every request costs.
+    let mut last_failure: Option<Error> = None;
+    // The endpoint of the previous try: a retry goes elsewhere if it can.
+    let mut last_ep: Option<Arc<Endpoint>> = None;
+    for attempt in 0..max_tries {
+        let body = match first.take() {
+            Some(b) => b,
+            None if empty => UpBody::Empty,
+            None => match replay.as_ref().and_then(Replay::replay) {
+                Some(r) => UpBody::Replay(r),
+                None => break,
+            },
+        };
+        // The first try reuses the request's start time: each clock read costs in a VM.
+        let try_start = if attempt == 0 {
+            rec.start
+        } else {
+            Instant::now()
+        };
+        let ep = match balance::pick(&cluster, try_start, last_ep.as_ref()) {
+            Ok(ep) => ep,
+            Err(e) => {
+                last_failure = Some(e);
+                break;
+            }
+        };
+        rec.attempts = attempt + 1;
+        rec.set_endpoint(&ep);
+        last_ep = Some(ep.clone());
+        let in_flight = ep.start();
+        let limit = try_limit(
+            plan.retry.and_then(|r| r.per_try_timeout),
+            deadline.map(|d| d.saturating_duration_since(try_start)),
+            plan.idle,
+        );
+        // A peer proxy is always reached by HTTP/2.
+        let h2 = ep.pool.uses_h2(h2, &ctx);
+        let mut req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
+        if let (true, Some(v)) = (peer_proxy(&ep), &plan.peer_header) {
+            req.headers_mut().insert(X_TRELLIS_PEER.clone(), v.clone());
+        }
+        // The try's future is built inside each arm: a future bound to a local and then moved
+        // into `timeout` would occupy space twice in this function's future.
+        let outcome = match limit {
+            Some((l, kind)) => {
+                tokio::time::timeout(l, send_once(&ctx, &ep, req, h2, &mut rec, try_start))
+                    .await
+                    .unwrap_or_else(|_| Try::Failed(timed_out(&ep, l, kind)))
+            }
+            None => send_once(&ctx, &ep, req, h2, &mut rec, try_start).await,
+        };
+        let done = Instant::now();
+        // The grpc-status header is read once, and only for gRPC requests; a peer proxy's
+        // own answer keeps the class it gave it.
+        let (class, grpc_code, peer) = match &outcome {
+            Try::Response(r) => {
+                ep.observe_latency(done.saturating_duration_since(try_start), done);
+                let peer = if ep.target != ep.cfg.addr {
+                    peer_class(r.headers())
+                } else {
+                    None
+                };
+                let code = if grpc { grpc_status(r.headers()) } else { None };
+                let class = peer.unwrap_or_else(|| {
+                    code.map_or_else(
+                        || FailureClass::from_status(r.status().as_u16()),
+                        FailureClass::from_grpc,
+                    )
+                });
+                (class, code, peer)
+            }
+            Try::Failed(e) => (e.class(), None, None),
+        };
+        let deadline_passed = deadline.is_some_and(|d| done >= d);
+        let can_retry = plan
+            .retry
+            .is_some_and(|r| retry_wanted(r, &outcome, grpc_code, peer))
+            && attempt + 1 < max_tries
+            && !deadline_passed
+            && (empty || replay.as_ref().is_some_and(Replay::can_replay));
+        if can_retry {
+            if cluster.budget.withdraw(done) {
+                cluster.report(&ep, class);
+                count_retry(dialer, &cluster, "sent");
+                let b = backoff(plan.retry.map_or(Duration::ZERO, |r| r.backoff), attempt);
+                let b = deadline.map_or(b, |d| b.min(d.saturating_duration_since(Instant::now())));
+                tokio::time::sleep(b).await;
+                if let Try::Failed(e) = outcome {
+                    last_failure = Some(e);
+                }
+                continue;
+            }
+            count_retry(dialer, &cluster, "budget_exhausted");
+            rec.detail = Some("retry budget exhausted".into());
+        }
+        match outcome {
+            Try::Failed(e) => {
+                cluster.report(&ep, e.class());
+                last_failure = Some(e);
+                break;
+            }
+            Try::Response(resp) => {
+                rec.first_byte = Some(done.saturating_duration_since(rec.start));
+                rec.class = class;
+                rec.grpc_status = grpc_code;
+                if let Some(c) = peer {
+                    let who = ep.pool.describe(ep.target);
+                    rec.fail(&Error::new(
+                        Kind::PeerProxy(c),
+                        format!("{who} answered {c}"),
+                    ));
+                }
+                rec.guards = Some((in_flight, permit));
+                // Outlier detection sees the final outcome once the body ends, so that a
+                // reset mid-body counts too.
+                rec.report_to = Some((cluster.clone(), ep.clone()));
+                let limits = Limits::new(
+                    deadline.zip(plan.timeout).map(|(d, t)| (d.into(), t)),
+                    plan.idle,
+                );
+                return relay(resp, rec, plan.response_headers, limits, peer_proxy(&ep));
+            }
+        }
+    }
+    let e = last_failure.unwrap_or_else(|| {
+        Error::new(
+            Kind::NoEndpoint,
+            format!("cluster {} has no healthy endpoint", cluster.key),
+        )
+    });
+    drop(permit);
+    local_reply(rec, &e, grpc)
+}
+
+/// Whether `ep` was reached at its proxy, whose own answers say so.
+fn peer_proxy(ep: &Endpoint) -> bool {
+    ep.target != ep.cfg.addr
+}
+
+fn count_retry(dialer: &Dialer, cluster: &Cluster, outcome: &'static str) {
+    let labels = RetryLabels {
+        cluster: cluster.key.clone(),
+        outcome,
+    };
+    dialer.metrics.retries.get_or_create(&labels).inc();
+}
+
+/// Forward an HTTP/1.1 Upgrade (e.g. WebSocket) on a dedicated connection, then splice the
+/// two upgraded streams.
+pub(crate) async fn upgrade(
+    dialer: &Dialer,
+    cluster: Arc<Cluster>,
+    mut req: Request<ClientBody>,
+    mut rec: Box<Record>,
+) -> Response<ProxyBody> {
+    let ep = match balance::pick(&cluster, rec.start, None) {
+        Ok(ep) => ep,
+        Err(e) => return local_reply(rec, &e, false),
+    };
+    rec.attempts = 1;
+    rec.set_endpoint(&ep);
+    let client_upgrade = upgrade::on(&mut req);
+    let ctx = cluster.connect_ctx(dialer);
+    let start = Instant::now();
+    let mut conn = match ep.pool.connect_h1(&ctx).await {
+        Ok(c) => c,
+        Err(e) => return local_reply(rec, &e, false),
+    };
+    rec.connect = Some(start.elapsed());
+    // The upgrade handshake is hop-by-hop by nature: Connection and Upgrade stay as sent.
+    let (mut parts, body) = req.into_parts();
+    let mut up = upstream_request(&mut parts, UpBody::Incoming(body), false, true);
+    let head = match h1::exchange(&mut conn, &mut up).await {
+        Ok(h) => h,
+        Err(e) => return local_reply(rec, &exchange_failed(&ep, e), false),
+    };
+    rec.first_byte = Some(rec.start.elapsed());
+    rec.status = head.status.as_u16();
+    rec.class = FailureClass::from_status(rec.status);
+    let mut resp = if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        let (mut upstream, early, slot) = h1::into_upgraded(*conn);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Ok(mut client) = client_upgrade.wait().await {
+                // What the server sent right after its 101 was read with the head.
+                if early.is_empty() || client.write_all(&early).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            }
+        });
+        Response::new(ProxyBody::full(Bytes::new()).with_on_end(rec))
+    } else {
+        let body = H1Body::new(&head, conn, ep.pool.idle().clone(), rec.start);
+        Response::new(
+            ProxyBody::upstream(UpstreamBody::H1(body), Limits::default()).with_on_end(rec),
+        )
+    };
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    resp
+}
+
+#[cfg(test)]
+mod tests;

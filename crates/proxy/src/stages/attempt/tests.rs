@@ -1,0 +1,334 @@
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use http::Method;
+use http_body_util::BodyExt;
+use prometheus_client::metrics::counter::Counter;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use trellis_model::{
+    proxy::{BackendPolicy, ClusterConfig, EndpointConfig},
+    resource::{Environment, Locality},
+};
+
+use super::*;
+use crate::{
+    access_log::AccessLog,
+    metrics::{Direction, Metrics},
+    telemetry::Telemetry,
+};
+
+fn chunks(parts: &[&'static [u8]]) -> ClientBody {
+    ClientBody::Chunks(
+        parts
+            .iter()
+            .map(|p| Bytes::from_static(p))
+            .collect::<VecDeque<_>>(),
+    )
+}
+
+async fn collect(b: impl http_body::Body<Data = Bytes, Error = crate::error::BoxError>) -> Vec<u8> {
+    b.collect().await.unwrap().to_bytes().to_vec()
+}
+
+#[tokio::test]
+async fn a_replayed_body_is_the_body_sent_first() {
+    let first = Replay::new(chunks(&[b"hello ", b"world"]), 64);
+    let again = first.replay().unwrap();
+    assert_eq!(collect(first).await, b"hello world");
+    assert_eq!(collect(again).await, b"hello world");
+    // Past the cap, nothing is kept: no retry can send it again.
+    let big = Replay::new(chunks(&[b"0123456789", b"0123456789"]), 15);
+    let later = big.replay().unwrap();
+    assert_eq!(
+        collect(big).await.len(),
+        20,
+        "the first try streams it whole"
+    );
+    assert!(!later.can_replay());
+    assert!(later.replay().is_none());
+}
+
+#[test]
+fn the_shortest_limit_applies_and_says_which_it_was() {
+    let s = Duration::from_secs;
+    assert_eq!(try_limit(None, None, None), None);
+    assert_eq!(
+        try_limit(Some(s(2)), Some(s(5)), None),
+        Some((s(2), Kind::Timeout))
+    );
+    assert_eq!(
+        try_limit(Some(s(9)), Some(s(5)), None),
+        Some((s(5), Kind::Timeout))
+    );
+    assert_eq!(
+        try_limit(None, None, Some(s(15))),
+        Some((s(15), Kind::Idle))
+    );
+    assert_eq!(
+        try_limit(Some(s(20)), None, Some(s(15))),
+        Some((s(15), Kind::Idle))
+    );
+    assert_eq!(
+        try_limit(Some(s(1)), None, Some(s(15))),
+        Some((s(1), Kind::Timeout))
+    );
+}
+
+#[test]
+fn back_off_is_jittered_under_a_growing_ceiling() {
+    let base = Duration::from_millis(10);
+    for attempt in 0..20 {
+        let b = backoff(base, attempt);
+        let ceiling = (base * (1 << attempt.min(10))).min(BACKOFF_CAP);
+        assert!(b <= ceiling, "{attempt}: {b:?}");
+    }
+}
+
+fn response(status: u16, failure: Option<&'static str>) -> Try {
+    let mut r = Response::new(UpstreamBody::H1(dummy_h1_body()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    if let Some(f) = failure {
+        r.headers_mut()
+            .insert("x-trellis-failure", HeaderValue::from_static(f));
+    }
+    Try::Response(r)
+}
+
+/// Retry decisions only look at the head; a body that is never read will do.
+fn dummy_h1_body() -> H1Body {
+    let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(std.local_addr().unwrap()).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let io = tokio::net::TcpStream::from_std(client).unwrap();
+    let sem = Arc::new(tokio::sync::Semaphore::new(1));
+    let slot = crate::slot::Slot::new(sem.try_acquire_owned().unwrap(), Default::default());
+    let conn = Box::new(Conn::new(io, slot));
+    let head = h1::codec::Head {
+        status: StatusCode::OK,
+        headers: http::HeaderMap::new(),
+        framing: h1::codec::RespFraming::Empty,
+        keep_alive: false,
+    };
+    H1Body::new(
+        &head,
+        conn,
+        Arc::new(h1::Idle::new(Duration::from_secs(1))),
+        Instant::now(),
+    )
+}
+
+#[tokio::test]
+async fn retries_follow_the_route_and_a_peer_proxys_class() {
+    let retry = RetryConfig {
+        attempts: 2,
+        codes: vec![503],
+        grpc_codes: vec![14],
+        backoff: Duration::ZERO,
+        per_try_timeout: None,
+    };
+    let r = &retry;
+    assert!(
+        retry_wanted(r, &response(503, None), None, None),
+        "a listed status"
+    );
+    assert!(
+        !retry_wanted(r, &response(500, None), None, None),
+        "an unlisted one"
+    );
+    assert!(
+        retry_wanted(r, &response(200, None), Some(14), None),
+        "a listed gRPC status"
+    );
+    // The peer's proxy could not reach its app: retried whatever the codes say.
+    let peer = Some(FailureClass::ConnectRefused);
+    assert!(retry_wanted(
+        r,
+        &response(502, Some("connect_refused")),
+        None,
+        peer
+    ));
+    // The peer's policy refused: another endpoint would refuse too.
+    let denied = Some(FailureClass::Denied);
+    assert!(!retry_wanted(
+        r,
+        &response(403, Some("denied")),
+        None,
+        denied
+    ));
+    let refused = Error::new(Kind::Connect, "x");
+    assert!(retry_wanted(r, &Try::Failed(refused), None, None));
+    let denied = Error::new(Kind::Denied, "x");
+    assert!(!retry_wanted(r, &Try::Failed(denied), None, None));
+}
+
+#[test]
+fn only_a_stale_idempotent_request_is_resent_as_is() {
+    let mk = |m: Method, body: UpBody| {
+        let mut r = Request::new(body);
+        *r.method_mut() = m;
+        r
+    };
+    let stale = H1Error::Closed(true);
+    assert!(prepare_resend(&stale, &mut mk(Method::GET, UpBody::Empty)));
+    assert!(!prepare_resend(
+        &stale,
+        &mut mk(Method::POST, UpBody::Empty)
+    ));
+    let streamed = UpBody::Incoming(ClientBody::Empty);
+    assert!(
+        !prepare_resend(&stale, &mut mk(Method::PUT, streamed)),
+        "a streamed body is gone"
+    );
+    let replay = UpBody::Replay(Replay::new(chunks(&[b"x"]), 16));
+    assert!(prepare_resend(&stale, &mut mk(Method::PUT, replay)));
+    let midway = H1Error::Closed(false);
+    assert!(
+        !prepare_resend(&midway, &mut mk(Method::GET, UpBody::Empty)),
+        "an answer began"
+    );
+}
+
+/// An upstream that answers each request on one connection with the next status of
+/// `statuses`, and keeps the bodies it received.
+async fn upstream(statuses: Vec<u16>) -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        let mut statuses = statuses.into_iter();
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                let Some(end) = text.find("\r\n\r\n") else {
+                    continue;
+                };
+                let len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() < end + 4 + len {
+                    continue;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(buf[end + 4..end + 4 + len].to_vec());
+                buf.drain(..end + 4 + len);
+                let status = statuses.next().unwrap_or(200);
+                let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
+                s.write_all(reply.as_bytes()).await.unwrap();
+            }
+        }
+    });
+    (addr, bodies)
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
+    let (addr, bodies) = upstream(vec![503, 200]).await;
+    let mut reg = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::register(&mut reg);
+    let cfg = ClusterConfig {
+        service: "shop/up".parse().unwrap(),
+        port: 80,
+        protocol: trellis_model::resource::Protocol::Http,
+        endpoints: vec![EndpointConfig {
+            addr,
+            weight: 1,
+            workload: "shop/up-1".parse().unwrap(),
+            environment: Environment::Vm,
+            locality: Locality::default(),
+            mesh: None,
+            recoveries: 0,
+        }],
+        policy: BackendPolicy::default(),
+        mtls: Default::default(),
+    };
+    let cluster = Arc::new(Cluster::new(
+        "shop/up:80".into(),
+        cfg,
+        None,
+        &metrics,
+        None,
+        false,
+    ));
+    let sink = Sink::default();
+    let telemetry = Arc::new(Telemetry {
+        metrics: metrics.clone(),
+        log: AccessLog::to(Some(Box::new(sink.clone())), Counter::default()),
+    });
+    let dialer = Dialer {
+        metrics,
+        tls: None,
+        mark: None,
+    };
+    let retry = RetryConfig {
+        attempts: 2,
+        codes: vec![503],
+        grpc_codes: vec![],
+        backoff: Duration::ZERO,
+        per_try_timeout: None,
+    };
+    let plan = Plan {
+        cluster,
+        timeout: Some(Duration::from_secs(10)),
+        idle: None,
+        retry: Some(&retry),
+        response_headers: None,
+        peer_header: None,
+    };
+    let mut req = Request::new(chunks(&[b"pay", b"load"]));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = "/orders".parse().unwrap();
+    req.headers_mut()
+        .insert(header::HOST, HeaderValue::from_static("up.shop"));
+    let rec = Record::new(
+        telemetry.clone(),
+        Direction::outbound,
+        "HTTP/1.1",
+        Default::default(),
+    );
+    let resp = forward(&dialer, plan, req, rec, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(collect(resp.into_body()).await, b"ok");
+    assert_eq!(
+        *bodies.lock().unwrap(),
+        [b"payload".to_vec(), b"payload".to_vec()]
+    );
+    telemetry.log.close();
+    let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["attempts"], 2);
+    assert_eq!(lines[0]["failure_class"], "ok");
+    assert_eq!(lines[0]["upstream"], addr.to_string());
+}

@@ -1,0 +1,363 @@
+//! Stage `record`: every request and every TCP connection ends in exactly one record, an
+//! access-log line and its metrics, with its failure class, the side that failed and the
+//! detail.
+//!
+//! A [`Record`] is filled in as the request progresses and written once: when the response
+//! ends, fails, or is dropped. A dropped record means the client went away; a request whose
+//! outcome was already known (an application error, say) keeps its class, and the log notes
+//! the disconnect beside it, so that the attribution the mesh exists to give is never erased.
+//! A [`ConnRecord`] does the same for a TCP connection, through a drop guard, so that a
+//! cancelled task still counts.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use http::{HeaderMap, HeaderValue, Method, Uri};
+
+use crate::{
+    access_log::{Entry, HttpLine, TcpLine},
+    cluster::{Cluster, Endpoint, InFlight},
+    error::{Error, FailureClass, Side},
+    http::{authority::RequestAuthority, body::OnEnd},
+    metrics::{Direction, Label, RequestLabels, ServiceLabels, TcpLabels},
+    telemetry::Telemetry,
+};
+
+/// Everything known about a request, filled in as it progresses. Built on every request, so
+/// its fields are cheap to fill: shared labels, and `http` types that clone by reference count.
+pub(crate) struct Record {
+    /// Start.
+    pub(crate) start: Instant,
+    /// Direction.
+    pub(crate) direction: Direction,
+    /// `HTTP/1.1`, `HTTP/2`.
+    pub(crate) protocol: &'static str,
+    /// Method.
+    pub(crate) method: Method,
+    /// Request URI as received.
+    pub(crate) uri: Uri,
+    /// Authority the request named.
+    pub(crate) authority: Option<RequestAuthority>,
+    /// Source service.
+    pub(crate) src_service: Label,
+    /// Source workload.
+    pub(crate) src_workload: Label,
+    /// Destination service.
+    pub(crate) dst_service: Label,
+    /// Destination workload.
+    pub(crate) dst_workload: Label,
+    /// Destination environment.
+    pub(crate) dst_environment: &'static str,
+    /// Destination locality, `region/zone`.
+    pub(crate) dst_locality: Label,
+    /// Route.
+    pub(crate) route: Label,
+    /// The address the last try connected to.
+    pub(crate) upstream: Option<SocketAddr>,
+    /// The application's address, when the last try went to its proxy.
+    pub(crate) upstream_app: Option<SocketAddr>,
+    /// Tries made.
+    pub(crate) attempts: u32,
+    /// Time spent connecting (last try).
+    pub(crate) connect: Option<Duration>,
+    /// Time to response headers.
+    pub(crate) first_byte: Option<Duration>,
+    /// Status sent to the client.
+    pub(crate) status: u16,
+    /// gRPC status, if any.
+    pub(crate) grpc_status: Option<u32>,
+    /// Class so far.
+    pub(crate) class: FailureClass,
+    /// Who caused the failure, once there is one.
+    pub(crate) side: Option<Side>,
+    /// Error detail for the log.
+    pub(crate) detail: Option<String>,
+    /// Trace id.
+    pub(crate) trace_id: u128,
+    /// Request id.
+    pub(crate) request_id: Option<HeaderValue>,
+    /// The caller's SPIFFE ID, when it came over mutual TLS (one shared value per identity,
+    /// as every label).
+    pub(crate) source_identity: Label,
+    /// Held until the response ends: in-flight count and admission slot.
+    pub(crate) guards: Option<(InFlight, tokio::sync::OwnedSemaphorePermit)>,
+    /// The cluster and endpoint told the final class (outlier detection). Held directly
+    /// rather than as a boxed callback: one allocation fewer per request.
+    pub(crate) report_to: Option<(Arc<Cluster>, Arc<Endpoint>)>,
+    /// The client went away after the outcome was known.
+    gone: bool,
+    telemetry: Arc<Telemetry>,
+    done: bool,
+}
+
+impl Record {
+    /// A new record.
+    pub(crate) fn new(
+        telemetry: Arc<Telemetry>,
+        direction: Direction,
+        protocol: &'static str,
+        src_service: Label,
+    ) -> Box<Self> {
+        // Boxed from the start: it ends as the response body's `OnEnd`, and moving a
+        // pointer through the request path is cheaper than moving the record.
+        Box::new(Self {
+            start: Instant::now(),
+            direction,
+            protocol,
+            method: Method::GET,
+            uri: Uri::default(),
+            authority: None,
+            src_service,
+            src_workload: Label::default(),
+            dst_service: Label::default(),
+            dst_workload: Label::default(),
+            dst_environment: "unknown",
+            dst_locality: Label::default(),
+            route: Label::default(),
+            upstream: None,
+            upstream_app: None,
+            attempts: 0,
+            connect: None,
+            first_byte: None,
+            status: 0,
+            grpc_status: None,
+            class: FailureClass::Ok,
+            side: None,
+            detail: None,
+            trace_id: 0,
+            request_id: None,
+            source_identity: Label::default(),
+            guards: None,
+            report_to: None,
+            gone: false,
+            telemetry,
+            done: false,
+        })
+    }
+
+    /// The request failed with `e`.
+    pub(crate) fn fail(&mut self, e: &Error) {
+        self.class = e.class();
+        self.side = Some(e.side());
+        self.detail = Some(e.to_string());
+    }
+
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        if let Some((cluster, ep)) = self.report_to.take() {
+            cluster.report(&ep, self.class);
+        }
+        self.guards = None;
+        let total = self.start.elapsed();
+        if self.side.is_none() && self.class != FailureClass::Ok {
+            self.side = self.class.side();
+        }
+        let labels = RequestLabels {
+            direction: self.direction,
+            src_service: self.src_service.clone(),
+            source_identity: self.source_identity.clone(),
+            dst_service: self.dst_service.clone(),
+            dst_workload: self.dst_workload.clone(),
+            dst_environment: self.dst_environment,
+            dst_locality: self.dst_locality.clone(),
+            route: self.route.clone(),
+            status_code: self.status,
+            grpc_status: self.grpc_status,
+            failure_class: self.class,
+        };
+        let t = &self.telemetry;
+        t.metrics.record_request(labels, total.as_secs_f64());
+        if !t.log.enabled() {
+            return;
+        }
+        let take = std::mem::take::<Label>;
+        let line = HttpLine {
+            // The start in wall-clock time, worked out only when a line is written.
+            start: SystemTime::now() - total,
+            total,
+            direction: self.direction,
+            protocol: self.protocol,
+            method: std::mem::replace(&mut self.method, Method::GET),
+            authority: self.authority.take(),
+            uri: std::mem::take(&mut self.uri),
+            status: self.status,
+            grpc_status: self.grpc_status,
+            class: self.class,
+            side: self.side,
+            detail: self.detail.take(),
+            client_gone: self.gone,
+            source_identity: take(&mut self.source_identity),
+            src_service: take(&mut self.src_service),
+            src_workload: take(&mut self.src_workload),
+            dst_service: take(&mut self.dst_service),
+            dst_workload: take(&mut self.dst_workload),
+            dst_environment: self.dst_environment,
+            dst_locality: take(&mut self.dst_locality),
+            route: take(&mut self.route),
+            upstream: self.upstream,
+            upstream_app: self.upstream_app,
+            attempts: self.attempts,
+            connect: self.connect,
+            first_byte: self.first_byte,
+            trace_id: self.trace_id,
+            request_id: self.request_id.take(),
+        };
+        self.telemetry.log.push(Entry::Http(line));
+    }
+
+    /// Note the endpoint a try went to.
+    pub(crate) fn set_endpoint(&mut self, ep: &Endpoint) {
+        self.upstream = Some(ep.target);
+        self.upstream_app = (ep.target != ep.cfg.addr).then_some(ep.cfg.addr);
+        self.dst_workload = ep.workload.clone();
+        self.dst_environment = ep.cfg.environment.as_str();
+        self.dst_locality = ep.locality.clone();
+    }
+
+    /// Look at a gRPC status in response headers or trailers.
+    pub(crate) fn grpc(&mut self, headers: &HeaderMap) {
+        if let Some(code) = crate::http::headers::grpc_status(headers) {
+            self.grpc_status = Some(code);
+            if self.class == FailureClass::Ok {
+                self.class = FailureClass::from_grpc(code);
+            }
+        }
+    }
+}
+
+impl OnEnd for Record {
+    fn trailers(&mut self, t: &HeaderMap) {
+        self.grpc(t);
+    }
+
+    fn end(&mut self) {
+        self.finish();
+    }
+
+    fn error(&mut self, e: &Error) {
+        self.fail(e);
+        self.finish();
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped before the response ended: the client went away (or the connection
+            // was torn down under it). An outcome already known stays: an application
+            // error whose client then left is still the application's.
+            if self.class == FailureClass::Ok {
+                self.class = FailureClass::ClientDisconnect;
+                self.side = Some(Side::Downstream);
+            } else {
+                self.gone = true;
+            }
+            self.finish();
+        }
+    }
+}
+
+/// The record of one TCP connection: counted as open while alive, its outcome recorded when
+/// dropped.
+pub(crate) struct ConnRecord {
+    telemetry: Arc<Telemetry>,
+    direction: Direction,
+    /// Destination service.
+    pub(crate) service: Label,
+    /// Destination workload.
+    pub(crate) workload: Label,
+    /// The address connected to.
+    pub(crate) upstream: Option<SocketAddr>,
+    /// The caller's SPIFFE ID, on the inbound side of mutual TLS.
+    pub(crate) source: Label,
+    /// How it ended (so far).
+    pub(crate) class: FailureClass,
+    side: Option<Side>,
+    /// What went wrong.
+    pub(crate) detail: Option<String>,
+    /// Bytes from the client.
+    pub(crate) sent: u64,
+    /// Bytes to the client.
+    pub(crate) received: u64,
+    start: Instant,
+    wall: SystemTime,
+}
+
+impl ConnRecord {
+    /// A connection of `direction` to `service`, open from now.
+    pub(crate) fn new(telemetry: Arc<Telemetry>, direction: Direction, service: Label) -> Self {
+        let labels = ServiceLabels {
+            direction,
+            dst_service: service.clone(),
+        };
+        telemetry.metrics.tcp_open.get_or_create(&labels).inc();
+        Self {
+            telemetry,
+            direction,
+            service,
+            workload: Label::default(),
+            upstream: None,
+            source: Label::default(),
+            class: FailureClass::Ok,
+            side: None,
+            detail: None,
+            sent: 0,
+            received: 0,
+            start: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// The connection failed with `e`.
+    pub(crate) fn fail(&mut self, e: &Error) {
+        self.class = e.class();
+        self.side = Some(e.side());
+        self.detail = Some(e.to_string());
+    }
+
+    /// The connection ended with `class` (a spliced stream's I/O error, say).
+    pub(crate) fn end_with(&mut self, class: FailureClass, detail: String) {
+        self.class = class;
+        self.side = class.side();
+        self.detail = Some(detail);
+    }
+}
+
+impl Drop for ConnRecord {
+    fn drop(&mut self) {
+        let m = &self.telemetry.metrics;
+        let sl = ServiceLabels {
+            direction: self.direction,
+            dst_service: self.service.clone(),
+        };
+        m.tcp_open.get_or_create(&sl).dec();
+        m.tcp_sent.get_or_create(&sl).inc_by(self.sent);
+        m.tcp_received.get_or_create(&sl).inc_by(self.received);
+        let tl = TcpLabels {
+            direction: self.direction,
+            dst_service: self.service.clone(),
+            dst_workload: self.workload.clone(),
+            failure_class: self.class,
+        };
+        m.tcp_connections.get_or_create(&tl).inc();
+        self.telemetry.log.push(Entry::Tcp(TcpLine {
+            start: self.wall,
+            total: self.start.elapsed(),
+            direction: self.direction,
+            dst_service: std::mem::take(&mut self.service),
+            dst_workload: std::mem::take(&mut self.workload),
+            upstream: self.upstream,
+            source_identity: std::mem::take(&mut self.source),
+            class: self.class,
+            side: self.side,
+            detail: self.detail.take(),
+            sent: self.sent,
+            received: self.received,
+        }));
+    }
+}
