@@ -86,7 +86,7 @@ impl Api {
                 .clone()
                 .or_else(|| saved.as_ref().and_then(|s| s.ca_hash.clone()))
                 .ok_or_else(|| {
-                    anyhow!("an https:// server is checked against the mesh's root: pass --api-ca-hash sha256:HEX (`trellis ca status` prints it)")
+                    anyhow!("an https:// server is checked against the mesh's root: pass --api-ca-hash sha256:HEX (or set TRELLIS_API_CA_HASH, or save it with `trellis login`). The control plane prints it at every start (\"clients of the API pass --api-ca-hash sha256:...\", and ca_hash in its \"control plane ready\" line) and keeps it in DATA_DIR/ca-hash; `trellis token create` prints it too")
                 })?;
             Some(
                 trellis_proxy::identity::parse_ca_hash(&hash)

@@ -435,6 +435,19 @@ fn control(a: ControlArgs) -> ExitCode {
                 opts.data_dir.join("admin.token").display()
             );
         }
+        // Not secret, and what every client beyond this host needs first: said at every start
+        // and kept beside the admin token.
+        let hash_file = opts.data_dir.join("ca-hash");
+        if let Err(e) = std::fs::write(&hash_file, format!("{}\n", c.ca_hash)) {
+            tracing::warn!(file = %hash_file.display(), error = %e, "cannot write the CA hash");
+        }
+        if !c.api_addr.ip().is_loopback() {
+            eprintln!(
+                "the API is served over TLS: clients of the API pass --api-ca-hash {} (also in {})",
+                c.ca_hash,
+                hash_file.display()
+            );
+        }
         tracing::info!(api = %c.api_addr, xds = %c.xds_addr, ca_hash = %c.ca_hash, "control plane ready");
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (

@@ -124,7 +124,20 @@ async fn invalid_documents_are_refused_whole() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.yaml:11:"), "names file and line: {err}");
     assert!(err.contains("prot"), "names the field: {err}");
+    assert!(
+        err.contains("Service test/bad: spec.ports[0].prot"),
+        "and its path: {err}"
+    );
     assert!(err.contains("422"), "{err}");
+    // A value of the wrong kind: the field's path, and what is allowed.
+    let bad = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: bad, namespace: test }\nspec:\n  ports: [{ port: notanumber }]\n";
+    let f = write_temp("bad-port.yaml", bad);
+    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad-port.yaml:5:19: Service test/bad: spec.ports[0].port: \"notanumber\" is not a port number 1-65535"),
+        "{err}"
+    );
     // A set that parses but does not make sense: also refused whole, with the field.
     let bad = format!(
         "{}---\n{}",
@@ -455,4 +468,62 @@ async fn watch_streams_changes_as_server_sent_events() {
     read_until(&mut s, "\"watched\"", &mut seen).await;
     ok(cli(&cp, &["delete", "service", "watched", "-n", "test"]));
     read_until(&mut s, "event: delete", &mut seen).await;
+}
+
+#[tokio::test]
+async fn a_workload_change_updates_endpoints_without_translating_the_mesh() {
+    let (a, b) = (upstream::named("a").await, upstream::named("b").await);
+    let cp = ControlProcess::start(BIN, &[]);
+    let mesh = |b_healthy: bool| {
+        let mut y = docs(&[service("svc", "HTTP", &[a, b]), client_workload(&[])]);
+        if !b_healthy {
+            // The second endpoint's agent says it is down.
+            y = y.replacen(
+                "  environment: container\n",
+                "  environment: container\n  healthy: false\n",
+                1,
+            );
+        }
+        y
+    };
+    apply_ok(&cp, mesh(false)).await;
+    let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    p.wait_ready().await;
+    let served = async |p: &ProxyProcess| {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            seen.insert(via(p, "svc.test").await.2);
+        }
+        seen
+    };
+    assert_eq!(served(&p).await, ["a".to_string()].into());
+    let scope = async |s: &str| {
+        p.metric(
+            "trellis_config_reloads_total",
+            &[("result", "ok"), ("scope", s)],
+        )
+        .await
+    };
+    let full_before = scope("full").await;
+    // Only a Workload changed: the proxy updates that service's endpoints, and nothing else.
+    apply_ok(&cp, mesh(true)).await;
+    eventually(
+        "the endpoint is back",
+        Duration::from_secs(10),
+        async || (served(&p).await.len() == 2).then_some(()),
+    )
+    .await;
+    assert_eq!(scope("endpoints").await, 1.0);
+    assert_eq!(scope("full").await, full_before);
+    // Anything else (a route) is translated in full again.
+    apply_ok(
+        &cp,
+        route("svc", "svc", "    - timeouts: { request: 5s }\n"),
+    )
+    .await;
+    eventually("the route applied", Duration::from_secs(10), async || {
+        (scope("full").await > full_before).then_some(())
+    })
+    .await;
+    assert_eq!(scope("endpoints").await, 1.0);
 }

@@ -677,41 +677,7 @@ async fn start_pair(
     echo: std::net::SocketAddr,
     plain: std::net::SocketAddr,
 ) -> (ProxyProcess, ProxyProcess, Vec<PathBuf>) {
-    // The callee's inbound port is known once it runs: applied first with a placeholder.
-    apply_ok(cp, peer_mesh(app, echo, plain, "beta", 1)).await;
-    let (callee_state, caller_state) = (temp_path("callee-state"), temp_path("caller-state"));
-    let t = token(cp, "test", "beta", "10m", "1");
-    let callee = ProxyProcess::start_xds(
-        BIN,
-        &[cp.xds_url()],
-        "test/peer",
-        &[
-            "--state-dir",
-            callee_state.to_str().unwrap(),
-            "--join-token",
-            &t,
-        ],
-    );
-    callee.wait_ready().await;
-    apply_ok(
-        cp,
-        peer_mesh(app, echo, plain, "beta", callee.inbound.port()),
-    )
-    .await;
-    let t = token(cp, "test", "client", "10m", "1");
-    let caller = ProxyProcess::start_xds(
-        BIN,
-        &[cp.xds_url()],
-        "test/client",
-        &[
-            "--state-dir",
-            caller_state.to_str().unwrap(),
-            "--join-token",
-            &t,
-        ],
-    );
-    caller.wait_ready().await;
-    (callee, caller, vec![callee_state, caller_state])
+    mtls_pair(cp, |inbound| peer_mesh(app, echo, plain, "beta", inbound)).await
 }
 
 #[tokio::test]
@@ -1119,7 +1085,8 @@ async fn proxies_reach_the_control_plane_over_tls_and_pin_its_root() {
 
 #[tokio::test]
 async fn an_api_beyond_loopback_is_served_over_tls_only() {
-    let cp = ControlProcess::start_in(BIN, temp_path("cp-api"), &[], "0.0.0.0:0", "127.0.0.1:0");
+    let data = temp_path("cp-api");
+    let cp = ControlProcess::start_in(BIN, data.clone(), &[], "0.0.0.0:0", "127.0.0.1:0");
     let local = std::net::SocketAddr::from(([127, 0, 0, 1], cp.api.port()));
     // Plaintext: no answer (the admin token would cross the network in the clear).
     assert!(client::get(local, "api", "/healthz", &[]).await.is_err());
@@ -1147,10 +1114,24 @@ async fn an_api_beyond_loopback_is_served_over_tls_only() {
         String::from_utf8_lossy(&out.stderr).contains("expected hash"),
         "{out:?}"
     );
-    // No hash: the CLI says what it needs.
+    // No hash: the CLI says what it needs, and where to find it (not `trellis ca status`,
+    // which would need it).
     let out = run(&["ca", "status"], &https);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--api-ca-hash"), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--api-ca-hash"),
-        "{out:?}"
+        err.contains("DATA_DIR/ca-hash") && err.contains("control plane ready"),
+        "{err}"
+    );
+    // ...where it is: in the data directory, and said at start.
+    let kept = std::fs::read_to_string(data.join("ca-hash")).unwrap();
+    assert_eq!(kept.trim(), cp.ca_hash);
+    assert!(
+        cp.stderr().iter().any(|l| l.contains(&format!(
+            "clients of the API pass --api-ca-hash {}",
+            cp.ca_hash
+        ))),
+        "{:?}",
+        cp.stderr()
     );
 }

@@ -200,3 +200,113 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+#[tokio::test]
+async fn a_health_check_that_passes_again_lifts_the_callers_ejection() {
+    // The application fails its requests and, once, its health check (below the agent's
+    // threshold, so it never turns unhealthy); meanwhile the caller ejects it.
+    let broken = Arc::new(AtomicBool::new(false));
+    let failed_checks = upstream::counter();
+    let (b, f) = (broken.clone(), failed_checks.clone());
+    let app = upstream::http(move |req| {
+        let broken = b.load(Ordering::Relaxed);
+        let health = req.uri().path() == "/healthz";
+        if broken && health {
+            f.fetch_add(1, Ordering::Relaxed);
+        }
+        async move {
+            let code = if broken { 500 } else { 200 };
+            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from("app")));
+            *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            r
+        }
+    })
+    .await;
+    let cp = ControlProcess::start(BIN, &[]);
+    // An ejection far longer than the test: only the recovery can end it in time.
+    let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: { name: catalog, namespace: test }\nspec:\n  targetRefs: [{ name: catalog }]\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 10m, maxEjectionTime: 10m }\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n";
+    apply_ok(&cp, mesh.to_string()).await;
+    let state = temp_path("agent-recover");
+    let t = token(&cp, "test", "catalog", "10m", "1");
+    let mut c = Command::new(BIN);
+    c.args(["join", "--control-plane", &cp.xds_url(), "--state-dir"])
+        .arg(&state)
+        .args([
+            "--token",
+            &t,
+            "--name",
+            "catalog-1",
+            "--label",
+            "app=catalog",
+        ])
+        .args([
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &format!("http={}", app.port()),
+        ])
+        .args(["--check", "http:/healthz", "--check-interval", "200ms"])
+        .args(["--unhealthy-threshold", "1000"])
+        .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
+        .args(["--inbound", "127.0.0.1:0", "--no-access-log"])
+        .env_remove("TRELLIS_JOIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _agent = Proc(c.spawn().expect("spawn trellis join"));
+    wait_health(&cp, true, "registered and healthy").await;
+    let ct = token(&cp, "test", "client", "10m", "1");
+    let cstate = temp_path("agent-recover-caller");
+    let caller = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &["--state-dir", cstate.to_str().unwrap(), "--join-token", &ct],
+    );
+    caller.wait_ready().await;
+    eventually(
+        "the caller reaches the app",
+        Duration::from_secs(15),
+        async || (via(&caller, "catalog.test").await.0 == 200).then_some(()),
+    )
+    .await;
+    broken.store(true, Ordering::Relaxed);
+    // Three application errors in a row: the only endpoint is ejected.
+    let ejected = eventually("ejected", Duration::from_secs(15), async || {
+        let (st, class, _) = via(&caller, "catalog.test").await;
+        (st == 503 && class == "no_healthy_upstream").then_some(())
+    });
+    ejected.await;
+    // The health check failed at least once meanwhile, then the application recovers.
+    eventually("a failed check", Duration::from_secs(15), async || {
+        (failed_checks.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
+    broken.store(false, Ordering::Relaxed);
+    let w = eventually(
+        "the agent reports the recovery",
+        Duration::from_secs(15),
+        async || {
+            let w = workload(&cp, "catalog-1").await?;
+            (w["spec"]["healthRecoveries"].as_u64() >= Some(1)).then_some(w)
+        },
+    )
+    .await;
+    assert_eq!(w["spec"]["healthy"], true, "never unhealthy: {w}");
+    // The caller takes the endpoint back at once, not after its ten-minute ejection.
+    eventually("ejection lifted", Duration::from_secs(15), async || {
+        (via(&caller, "catalog.test").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        caller
+            .metric(
+                "trellis_outlier_ejected_endpoints",
+                &[("cluster", "test/catalog:80")]
+            )
+            .await,
+        0.0
+    );
+    for d in [state, cstate] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

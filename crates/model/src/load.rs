@@ -19,26 +19,185 @@ fn options() -> serde_saphyr::Options {
 
 /// Parse every document of `text` as plain JSON values (to store them as written).
 pub fn parse_values(file: &str, text: &str) -> Result<Vec<serde_json::Value>, ConfigError> {
-    serde_saphyr::from_multiple_with_options(text, options()).map_err(|e| syntax(file, e))
+    serde_saphyr::from_multiple_with_options(text, options()).map_err(|e| syntax(file, text, e))
 }
 
-fn syntax(file: &str, e: serde_saphyr::Error) -> ConfigError {
+fn syntax(file: &str, text: &str, e: serde_saphyr::Error) -> ConfigError {
     let (line, column) = e
         .location()
         .map(|l| (l.line(), l.column()))
         .unwrap_or((0, 0));
+    let message = bare_message(&first_line(&e.to_string()));
+    // Name the field the error is at, and the resource it belongs to.
+    let message = match field_at(text, line, column) {
+        Some(at) if at.path.is_empty() => format!("{}: {message}", at.resource),
+        Some(at) => format!("{}: {}: {message}", at.resource, at.path),
+        None => message,
+    };
     ConfigError::Syntax {
         file: file.to_string(),
         line,
         column,
-        message: first_line(&e.to_string()),
+        message,
+    }
+}
+
+/// serde-saphyr's message without its `error: line L column C:` prefix (the location is
+/// reported separately).
+fn bare_message(m: &str) -> String {
+    let rest = m.strip_prefix("error: ").unwrap_or(m);
+    match rest.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+        Some((pos, msg)) if pos.contains(" column ") => msg.to_string(),
+        _ => rest.to_string(),
+    }
+}
+
+/// Where in the documents a position is.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct FieldAt {
+    /// `Kind namespace/name`, as far as the document says (`document 2` when it does not).
+    pub(crate) resource: String,
+    /// The dotted path of the node at the position (`spec.ports[0].port`); empty for the
+    /// document itself.
+    pub(crate) path: String,
+}
+
+/// One level of the path being walked.
+enum Level {
+    Map { key: Option<String>, at_key: bool },
+    Seq { index: usize },
+}
+
+/// The field at `line`:`column` (1-based) of `text`: the last node that starts at or before
+/// it, walked with the YAML parser's own events. Only run when an error is reported.
+pub(crate) fn field_at(text: &str, line: u64, column: u64) -> Option<FieldAt> {
+    use serde_saphyr::granit_parser::{Event, Parser};
+    if line == 0 {
+        return None;
+    }
+    let target = (line as usize, column.saturating_sub(1) as usize);
+    let mut stack: Vec<Level> = Vec::new();
+    let mut found: Option<(usize, String)> = None;
+    // Per document: kind, metadata.name, metadata.namespace.
+    let mut docs: Vec<[Option<String>; 3]> = Vec::new();
+    let path = |stack: &[Level]| -> String {
+        let mut p = String::new();
+        for l in stack {
+            match l {
+                Level::Map {
+                    key: Some(k),
+                    at_key: false,
+                } => {
+                    if !p.is_empty() {
+                        p.push('.');
+                    }
+                    p.push_str(k);
+                }
+                Level::Map { .. } => {}
+                Level::Seq { index } => p.push_str(&format!("[{index}]")),
+            }
+        }
+        p
+    };
+    for ev in Parser::new_from_str(text) {
+        let Ok((ev, span)) = ev else { break };
+        let pos = (span.start.line(), span.start.col());
+        let is_node = matches!(
+            ev,
+            Event::Scalar(..)
+                | Event::SequenceStart(..)
+                | Event::MappingStart(..)
+                | Event::Alias(_)
+        );
+        if matches!(ev, Event::DocumentStart(..)) {
+            docs.push(Default::default());
+            stack.clear();
+        }
+        if is_node && pos <= target {
+            // A key is reported as the field it names.
+            let at_key = matches!(stack.last(), Some(Level::Map { at_key: true, .. }));
+            let mut p = path(&stack);
+            if at_key {
+                if let Event::Scalar(k, ..) = &ev {
+                    if !p.is_empty() {
+                        p.push('.');
+                    }
+                    p.push_str(k);
+                }
+            }
+            found = Some((docs.len(), p));
+        }
+        if is_node
+            && pos > target
+            && found.is_some()
+            && docs.len() > found.as_ref().map_or(0, |f| f.0)
+        {
+            break;
+        }
+        // The document's kind and name, for the message's prefix.
+        if let (Event::Scalar(v, ..), Some(d)) = (&ev, docs.last_mut()) {
+            let here = path(&stack);
+            let slot = match (here.as_str(), stack.last()) {
+                ("kind", Some(Level::Map { at_key: false, .. })) => Some(0),
+                ("metadata.name", Some(Level::Map { at_key: false, .. })) => Some(1),
+                ("metadata.namespace", Some(Level::Map { at_key: false, .. })) => Some(2),
+                _ => None,
+            };
+            if let Some(i) = slot {
+                d[i] = Some(v.to_string());
+            }
+        }
+        // Advance the walk.
+        match ev {
+            Event::Scalar(ref v, ..) => {
+                if let Some(Level::Map { key, at_key }) = stack.last_mut() {
+                    if *at_key {
+                        *key = Some(v.to_string());
+                        *at_key = false;
+                        continue;
+                    }
+                }
+                end_value(&mut stack);
+            }
+            Event::Alias(_) => end_value(&mut stack),
+            Event::MappingStart(..) => stack.push(Level::Map {
+                key: None,
+                at_key: true,
+            }),
+            Event::SequenceStart(..) => stack.push(Level::Seq { index: 0 }),
+            Event::MappingEnd | Event::SequenceEnd => {
+                stack.pop();
+                end_value(&mut stack);
+            }
+            _ => {}
+        }
+    }
+    let (doc, path) = found?;
+    let d = docs.get(doc.checked_sub(1)?)?;
+    let resource = match (&d[0], &d[1]) {
+        (Some(kind), Some(name)) => {
+            let ns = d[2].as_deref().unwrap_or("default");
+            format!("{kind} {ns}/{name}")
+        }
+        (Some(kind), None) => kind.clone(),
+        _ => format!("document {doc}"),
+    };
+    Some(FieldAt { resource, path })
+}
+
+/// A value ended: its map expects the next key, its sequence the next item.
+fn end_value(stack: &mut [Level]) {
+    match stack.last_mut() {
+        Some(Level::Map { at_key, .. }) => *at_key = true,
+        Some(Level::Seq { index }) => *index += 1,
+        None => {}
     }
 }
 
 /// Parse every document of `text`; `file` is only used in error messages.
 pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, ConfigError> {
     serde_saphyr::from_multiple_with_options::<Resource>(text, options())
-        .map_err(|e| syntax(file, e))
+        .map_err(|e| syntax(file, text, e))
 }
 
 /// One document given as JSON (an agent's registration, say), checked as a file's would be;
@@ -67,6 +226,103 @@ fn first_line(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn syntax_error(text: &str) -> (u64, String) {
+        match parse_documents("f.yaml", text).unwrap_err() {
+            ConfigError::Syntax { line, message, .. } => (line, message),
+            e => panic!("not a syntax error: {e}"),
+        }
+    }
+
+    const SERVICE: &str = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: shop }\nspec:\n  selector: { app: catalog }\n";
+
+    #[test]
+    fn schema_errors_name_the_field_and_what_is_allowed() {
+        let (line, m) = syntax_error(&format!("{SERVICE}  ports: [{{ port: notanumber }}]\n"));
+        assert_eq!(line, 6);
+        assert_eq!(
+            m,
+            "Service shop/catalog: spec.ports[0].port: \"notanumber\" is not a port number 1-65535"
+        );
+        // Block style, the second item, a port out of range.
+        let text =
+            format!("{SERVICE}  ports:\n    - {{ port: 80 }}\n    - name: b\n      port: 70000\n");
+        let (line, m) = syntax_error(&text);
+        assert_eq!(line, 9);
+        assert_eq!(
+            m,
+            "Service shop/catalog: spec.ports[1].port: 70000 is not a port number 1-65535"
+        );
+        // An unknown field is named by its own path; the resource is the second document's.
+        let text = format!(
+            "{SERVICE}  ports: [{{ port: 80 }}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: w }}\nspec:\n  address: 10.0.0.1\n  locality: {{ region: eu, zon: a }}\n"
+        );
+        let (line, m) = syntax_error(&text);
+        assert_eq!(line, 13);
+        assert!(
+            m.starts_with("Workload default/w: spec.locality.zon: unknown field `zon`"),
+            "{m}"
+        );
+        let (_, m) = syntax_error(&format!(
+            "{SERVICE}  ports: [{{ port: 80, protocol: HTTQ }}]\n"
+        ));
+        assert!(
+            m.starts_with("Service shop/catalog: spec.ports[0].protocol: unknown variant"),
+            "{m}"
+        );
+        let text = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: w, namespace: shop }\nspec: { address: 10.0.0.300, weight: -2 }\n";
+        let (_, m) = syntax_error(text);
+        assert_eq!(
+            m,
+            "Workload shop/w: spec.address: \"10.0.0.300\" is not an IP address (such as 10.0.0.5 or fd00::5)"
+        );
+    }
+
+    #[test]
+    fn a_json_document_is_checked_with_its_field_path() {
+        let doc = serde_json::json!({
+            "apiVersion": "trellis.dev/v1alpha1",
+            "kind": "Workload",
+            "metadata": { "name": "w", "namespace": "shop" },
+            "spec": { "address": "10.0.0.1", "ports": { "http": 0 } },
+        });
+        let e = resource_from_json("agent:shop/w", &doc)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "agent:shop/w:0: spec.ports.http: 0 is not a port number 1-65535"
+        );
+        let ok = serde_json::json!({
+            "apiVersion": "trellis.dev/v1alpha1",
+            "kind": "Workload",
+            "metadata": { "name": "w", "namespace": "shop" },
+            "spec": { "address": "10.0.0.1", "ports": { "http": 8080 } },
+        });
+        assert_eq!(
+            resource_from_json("f", &ok).unwrap().id().to_string(),
+            "shop/w"
+        );
+    }
+
+    #[test]
+    fn a_position_maps_to_its_path() {
+        let text =
+            "a: 1\nb:\n  - x\n  - { c: [1, 2], d: e }\n---\nkind: K\nmetadata: { name: n }\n";
+        let at = |l, c| field_at(text, l, c).unwrap();
+        assert_eq!(at(1, 4).path, "a");
+        assert_eq!(at(3, 5).path, "b[0]");
+        assert_eq!(at(4, 11).path, "b[1].c[0]");
+        assert_eq!(at(4, 14).path, "b[1].c[1]");
+        assert_eq!(at(4, 18).path, "b[1].d", "a key is its field");
+        assert_eq!(at(4, 21).path, "b[1].d");
+        assert_eq!(at(4, 21).resource, "document 1");
+        assert_eq!(at(7, 19).path, "metadata.name");
+        assert_eq!(at(7, 19).resource, "K default/n");
+        assert_eq!(field_at(text, 0, 0), None);
+    }
+
     #[test]
     fn a_fleet_sized_file_parses() {
         // More documents and nodes than serde-saphyr's default budget allows.

@@ -17,8 +17,9 @@ pub struct ProxyConfig {
     pub local: Option<LocalWorkload>,
     /// Every service, by `namespace/name`.
     pub services: BTreeMap<NamespacedName, ServiceConfig>,
-    /// Clusters (a service port and its endpoints), by key `namespace/name:port`.
-    pub clusters: BTreeMap<String, ClusterConfig>,
+    /// Clusters (a service port and its endpoints), by key `namespace/name:port`. Shared: an
+    /// update of some endpoints replaces their clusters and keeps the others.
+    pub clusters: BTreeMap<String, Arc<ClusterConfig>>,
     /// Explicit-mode local listeners.
     pub tcp_binds: Vec<BindConfig>,
     /// Authorization policies, for the inbound side.

@@ -249,7 +249,12 @@ pub struct ServiceSpec {
     /// The stable virtual IPv4 address that `NAME.NAMESPACE.mesh` resolves to, for
     /// applications whose traffic is captured. The control plane assigns one from its
     /// reserved range when it is absent and keeps it across updates.
-    #[serde(default, rename = "virtualIP", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "virtualIP",
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::value::addr::opt_ipv4"
+    )]
     pub virtual_ip: Option<std::net::Ipv4Addr>,
 }
 
@@ -261,9 +266,10 @@ pub struct ServicePort {
     #[serde(default)]
     pub name: Option<String>,
     /// The port callers use.
+    #[serde(deserialize_with = "crate::value::num::port")]
     pub port: u16,
     /// The port the workload listens on; `port` when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_port")]
     pub target_port: Option<u16>,
     /// Application protocol.
     #[serde(default)]
@@ -295,6 +301,7 @@ pub enum Protocol {
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     /// Address at which peers reach the workload.
+    #[serde(deserialize_with = "crate::value::addr::ip")]
     pub address: std::net::IpAddr,
     /// `bare-metal`, `vm`, `container` or `kubernetes`.
     #[serde(default)]
@@ -307,17 +314,21 @@ pub struct WorkloadSpec {
     pub identity: Option<String>,
     /// Per service-port-name overrides of the target port (as Istio's WorkloadEntry), for
     /// workloads that listen elsewhere than the service's `targetPort`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::port_map")]
     pub ports: BTreeMap<String, u16>,
     /// Load-balancing weight of this endpoint (default 1).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub weight: Option<u32>,
     /// Explicit-mode local ports that reach a service.
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
     /// Where peers reach this workload's proxy (its inbound listener), on `address`; only
     /// for a workload with an `identity`. Default 15006.
-    #[serde(default, rename = "inboundPort")]
+    #[serde(
+        default,
+        rename = "inboundPort",
+        deserialize_with = "crate::value::num::opt_port"
+    )]
     pub inbound_port: Option<u16>,
     /// Set by the workload's agent (`trellis join`) from its health checks and heartbeats:
     /// `false` keeps the Workload registered but out of every proxy's endpoints. Absent
@@ -387,8 +398,10 @@ pub struct Upstream {
     /// `NAME.NAMESPACE` of the service.
     pub service: Spanned<String>,
     /// Service port.
+    #[serde(deserialize_with = "crate::value::num::port")]
     pub port: u16,
     /// Local address to listen on.
+    #[serde(deserialize_with = "crate::value::addr::socket")]
     pub bind: std::net::SocketAddr,
 }
 
@@ -422,7 +435,7 @@ pub struct ParentRef {
     #[serde(default)]
     pub namespace: Option<String>,
     /// Service port; every port when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_port")]
     pub port: Option<u16>,
 }
 
@@ -566,9 +579,10 @@ pub struct BackendRef {
     #[serde(default)]
     pub namespace: Option<String>,
     /// Service port.
+    #[serde(deserialize_with = "crate::value::num::port")]
     pub port: u16,
     /// Weight (default 1).
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "crate::value::num::count")]
     pub weight: u32,
 }
 
@@ -593,10 +607,10 @@ pub struct RouteTimeouts {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteRetry {
     /// Retries after the first try.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub attempts: Option<u32>,
     /// HTTP status codes that are retried.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::statuses")]
     pub codes: Vec<u16>,
     /// gRPC status names (e.g. UNAVAILABLE) that are retried.
     #[serde(default)]
@@ -777,7 +791,7 @@ pub struct LocalityLbSpec {
     /// Percent (Envoy's overprovisioning factor, default 140): a nearer set keeps all
     /// traffic while its healthy share × this factor is at least 100 %, and spills the rest
     /// to the next set below that.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub overprovisioning_factor: Option<u32>,
     /// `Weighted`: the share of each locality (the first entry that matches an endpoint's
     /// zone or region counts; an endpoint matching none gets no traffic).
@@ -808,6 +822,7 @@ pub struct LocalityWeight {
     #[serde(default)]
     pub zone: Option<String>,
     /// Weight (>= 1).
+    #[serde(deserialize_with = "crate::value::num::count")]
     pub weight: u32,
 }
 
@@ -848,13 +863,13 @@ pub enum LbKind {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConnectionPool {
     /// Connections to all endpoints together.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub max_connections: Option<u32>,
     /// Requests waiting for an in-flight slot.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub max_pending_requests: Option<u32>,
     /// Requests in flight.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub max_requests: Option<u32>,
     /// TCP connect timeout.
     #[serde(default)]
@@ -869,7 +884,7 @@ pub struct ConnectionPool {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutlierDetection {
     /// Consecutive failures that eject an endpoint.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub consecutive_failures: Option<u32>,
     /// First ejection time; doubles with each ejection of the same endpoint.
     #[serde(default)]
@@ -878,7 +893,7 @@ pub struct OutlierDetection {
     #[serde(default)]
     pub max_ejection_time: Option<DurationValue>,
     /// Largest share of endpoints ejected at once (at least one may always be ejected).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub max_ejection_percent: Option<u32>,
 }
 
@@ -887,10 +902,10 @@ pub struct OutlierDetection {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryBudget {
     /// Retries as a percentage of requests over the last 10 s.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub percent: Option<u32>,
     /// Retries per second always allowed.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
     pub min_retries_per_second: Option<u32>,
 }
 
@@ -954,7 +969,7 @@ pub struct AuthzSource {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthzDestination {
     /// Service ports.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::value::num::ports")]
     pub ports: Vec<u16>,
     /// HTTP methods (HTTP and gRPC only).
     #[serde(default)]

@@ -125,3 +125,158 @@ mod tests {
         }
     }
 }
+
+/// Numbers with a range and a name for what they are, so that a wrong value is refused
+/// with what is allowed ("a port number 1-65535") rather than a type ("invalid u16").
+pub(crate) mod num {
+    use std::{collections::BTreeMap, fmt, marker::PhantomData};
+
+    use serde::{de, Deserialize, Deserializer};
+
+    /// A kind of number: its range and how to say it.
+    pub(crate) trait Kind {
+        const MIN: u64;
+        const MAX: u64;
+        const WHAT: &'static str;
+    }
+
+    /// A TCP port.
+    pub(crate) struct Port;
+    impl Kind for Port {
+        const MIN: u64 = 1;
+        const MAX: u64 = 65_535;
+        const WHAT: &'static str = "a port number 1-65535";
+    }
+
+    /// A count, weight, limit or percentage (checked further where it is used).
+    pub(crate) struct Count;
+    impl Kind for Count {
+        const MIN: u64 = 0;
+        const MAX: u64 = u32::MAX as u64;
+        const WHAT: &'static str = "a whole number from 0 to 4294967295";
+    }
+
+    /// An HTTP status code.
+    pub(crate) struct Status;
+    impl Kind for Status {
+        const MIN: u64 = 100;
+        const MAX: u64 = 599;
+        const WHAT: &'static str = "an HTTP status code (100-599)";
+    }
+
+    /// A value of kind `K`.
+    pub(crate) struct Of<K>(pub(crate) u64, PhantomData<K>);
+
+    impl<'de, K: Kind> Deserialize<'de> for Of<K> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<K>(PhantomData<K>);
+            impl<K: Kind> de::Visitor<'_> for V<K> {
+                type Value = u64;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str(K::WHAT)
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+                    if (K::MIN..=K::MAX).contains(&v) {
+                        Ok(v)
+                    } else {
+                        Err(E::custom(format!("{v} is not {}", K::WHAT)))
+                    }
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+                    match u64::try_from(v) {
+                        Ok(v) => self.visit_u64(v),
+                        Err(_) => Err(E::custom(format!("{v} is not {}", K::WHAT))),
+                    }
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+                    Err(E::custom(format!("{v} is not {}", K::WHAT)))
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+                    Err(E::custom(format!("{v:?} is not {}", K::WHAT)))
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<u64, E> {
+                    Err(E::custom(format!("{v} is not {}", K::WHAT)))
+                }
+            }
+            d.deserialize_any(V::<K>(PhantomData))
+                .map(|v| Self(v, PhantomData))
+        }
+    }
+
+    /// A port.
+    pub(crate) fn port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+        Of::<Port>::deserialize(d).map(|p| p.0 as u16)
+    }
+
+    /// An optional port.
+    pub(crate) fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+        Option::<Of<Port>>::deserialize(d).map(|o| o.map(|p| p.0 as u16))
+    }
+
+    /// A list of ports.
+    pub(crate) fn ports<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+        Vec::<Of<Port>>::deserialize(d).map(|v| v.into_iter().map(|p| p.0 as u16).collect())
+    }
+
+    /// Ports by name.
+    pub(crate) fn port_map<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, u16>, D::Error> {
+        BTreeMap::<String, Of<Port>>::deserialize(d)
+            .map(|m| m.into_iter().map(|(k, p)| (k, p.0 as u16)).collect())
+    }
+
+    /// A count.
+    pub(crate) fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        Of::<Count>::deserialize(d).map(|c| c.0 as u32)
+    }
+
+    /// An optional count.
+    pub(crate) fn opt_count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        Option::<Of<Count>>::deserialize(d).map(|o| o.map(|c| c.0 as u32))
+    }
+
+    /// HTTP status codes.
+    pub(crate) fn statuses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
+        Vec::<Of<Status>>::deserialize(d).map(|v| v.into_iter().map(|s| s.0 as u16).collect())
+    }
+}
+
+/// Addresses, refused with what is expected.
+pub(crate) mod addr {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use serde::{de, Deserialize, Deserializer};
+
+    fn parse<'de, D: Deserializer<'de>, T: std::str::FromStr>(
+        d: D,
+        what: &str,
+    ) -> Result<T, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|_| de::Error::custom(format!("{s:?} is not {what}")))
+    }
+
+    /// An IP address.
+    pub(crate) fn ip<'de, D: Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
+        parse(d, "an IP address (such as 10.0.0.5 or fd00::5)")
+    }
+
+    /// An optional IPv4 address.
+    pub(crate) fn opt_ipv4<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+        let Some(s) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        s.parse().map(Some).map_err(|_| {
+            de::Error::custom(format!("{s:?} is not an IPv4 address (such as 10.96.0.10)"))
+        })
+    }
+
+    /// An address and port.
+    pub(crate) fn socket<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        parse(
+            d,
+            "an address and port (such as 127.0.0.1:9001 or [::1]:9001)",
+        )
+    }
+}

@@ -229,7 +229,7 @@ pub(crate) struct Cluster {
     /// Its key, `namespace/service:port`.
     pub(crate) key: String,
     /// Its config.
-    pub(crate) cfg: ClusterConfig,
+    pub(crate) cfg: Arc<ClusterConfig>,
     /// Its service's `NAME.NAMESPACE`, as a metric label.
     pub(crate) service: Label,
     /// Endpoints.
@@ -259,7 +259,7 @@ impl Cluster {
     /// budget from `prev` where the endpoint is unchanged, so that a reload is invisible.
     pub(crate) fn new(
         key: String,
-        cfg: ClusterConfig,
+        cfg: Arc<ClusterConfig>,
         prev: Option<&Cluster>,
         metrics: &Metrics,
         local: Option<&Locality>,

@@ -230,6 +230,7 @@ fn from_chain(kind: Kind, err: &(dyn StdError + 'static)) -> Option<FailureClass
             match e {
                 H1Error::Io(io) => return Some(from_io(kind, io)),
                 H1Error::Closed(_) => return Some(F::ConnectionReset),
+                H1Error::TimedOut => return Some(F::UpstreamTimeout),
                 H1Error::Parse(_) => return Some(F::ProtocolError),
                 // The client's body, read while sending it upstream: the client's failure.
                 H1Error::Body(inner) => {

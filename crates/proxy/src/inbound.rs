@@ -12,7 +12,12 @@ use trellis_model::{proxy::PeerIdentity, resource::Protocol};
 
 use crate::{
     error::{Error, Kind},
-    http::{authority, body::ClientBody, headers::strip_hop_by_hop, X_TRELLIS_PEER},
+    http::{
+        authority::{self, RequestAuthority},
+        body::ClientBody,
+        headers::strip_hop_by_hop,
+        X_TRELLIS_PEER,
+    },
     metrics::{Direction, Label},
     outbound::is_upgrade,
     shared::Shared,
@@ -123,13 +128,7 @@ pub(crate) fn route(
     if req.method() == Method::CONNECT {
         return tunnel(shared, snap, port, req, rec, source);
     }
-    let http = |t: &&InboundTarget| t.protocol != Protocol::Tcp;
-    let target = snap
-        .inbound
-        .iter()
-        .filter(http)
-        .find(|t| Some(t.port) == port)
-        .or_else(|| snap.inbound.iter().find(http));
+    let target = http_target(snap, port, rec.authority.as_ref());
     let Some(target) = target else {
         let e = Error::new(
             Kind::NoRoute,
@@ -191,6 +190,35 @@ fn tunnel(
         return Next::Reply(local_reply(rec, &e, false));
     }
     Next::Tunnel(target.cluster.clone(), req, rec)
+}
+
+/// The local HTTP port a request is for: the one numbered `port`, and when several services
+/// of the workload share that number, the one its authority names; else the only HTTP port.
+fn http_target<'a>(
+    snap: &'a Snapshot,
+    port: Option<u16>,
+    authority: Option<&RequestAuthority>,
+) -> Option<&'a InboundTarget> {
+    let http = |t: &&InboundTarget| t.protocol != Protocol::Tcp;
+    let mut on_port = snap
+        .inbound
+        .iter()
+        .filter(http)
+        .filter(|t| Some(t.port) == port);
+    let first = on_port.next();
+    let Some(first) = first else {
+        return snap.inbound.iter().find(http);
+    };
+    let named = |t: &InboundTarget| {
+        let Some(a) = authority else { return false };
+        let host = a.host_port().0;
+        let host = host.strip_suffix(".mesh").unwrap_or(host);
+        host == t.cluster.service.as_str() || Some(host) == Some(t.service.name.as_str())
+    };
+    if named(first) {
+        return Some(first);
+    }
+    Some(on_port.find(|t| named(t)).unwrap_or(first))
 }
 
 fn no_such_port(what: &str, port: Option<u16>, snap: &Snapshot) -> String {

@@ -167,11 +167,13 @@ pub(crate) struct EndpointLabels {
     pub(crate) endpoint: String,
 }
 
-/// Result label.
+/// Labels of config reloads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(crate) struct ResultLabels {
+pub(crate) struct ReloadLabels {
     /// `ok` or `error`.
     pub(crate) result: &'static str,
+    /// `full` (the mesh translated) or `endpoints` (only clusters whose endpoints changed).
+    pub(crate) scope: &'static str,
 }
 
 fn latency() -> Histogram {
@@ -208,7 +210,7 @@ pub(crate) struct Metrics {
     /// Requests refused by circuit breakers.
     pub(crate) overflows: Family<ClusterLabels, Counter>,
     /// Config reloads.
-    pub(crate) reloads: Family<ResultLabels, Counter>,
+    pub(crate) reloads: Family<ReloadLabels, Counter>,
     /// Inbound connections refused for want of valid mutual TLS.
     pub(crate) tls_refusals: Counter,
     /// Access-log lines dropped because the writer fell behind.
@@ -346,7 +348,7 @@ impl Metrics {
         );
         reg.register(
             "config_reloads",
-            "Config reloads by result (unstable)",
+            "Config reloads by result and scope (unstable)",
             m.reloads.clone(),
         );
         reg.register(

@@ -105,14 +105,15 @@ impl Pool {
         &self.idle
     }
 
-    /// Get a connection: a pooled one if any is alive, else a new one. Returns the sender and
-    /// the time spent connecting (zero when reused).
-    /// `now` is the caller's reading of the clock.
+    /// Get a connection: a pooled one if any is alive, else a new one, made `within` the
+    /// time given (the handshakes included). Returns the sender and the time spent
+    /// connecting (zero when reused). `now` is the caller's reading of the clock.
     pub(crate) async fn checkout(
         &self,
         h2: bool,
         ctx: &ConnectCtx<'_>,
         now: Instant,
+        within: Option<Duration>,
     ) -> Result<(Sender, Duration), Error> {
         if h2 {
             if let Some(s) = self
@@ -130,7 +131,16 @@ impl Pool {
         let start = Instant::now();
         // Boxed: the handshake futures are large, and every request's future would carry
         // (and hyper would copy) their space although few requests open a connection.
-        let s = Box::pin(self.connect(h2, ctx)).await?;
+        let connect = Box::pin(self.connect(h2, ctx));
+        let s = match within {
+            Some(t) => tokio::time::timeout(t, connect).await.unwrap_or_else(|_| {
+                Err(Error::new(
+                    Kind::Timeout,
+                    format!("no connection to {} within {t:?}", self.describe(self.addr)),
+                ))
+            })?,
+            None => connect.await?,
+        };
         Ok((s, start.elapsed()))
     }
 

@@ -22,7 +22,7 @@ use crate::{
     http::{server, Listener},
     identity,
     listen::{bind, spawn_accept, BindError, Serve},
-    metrics::{Metrics, ResultLabels},
+    metrics::{Metrics, ReloadLabels},
     mtls,
     options::{Options, Source},
     pool::Dialer,
@@ -88,6 +88,20 @@ pub fn load(opts: &Options) -> Result<Loaded, ConfigError> {
     }
 }
 
+/// The snapshot a blocking thread built.
+fn joined(
+    built: Result<Result<Snapshot, ConfigError>, tokio::task::JoinError>,
+) -> Result<Snapshot, ProxyError> {
+    match built {
+        Ok(r) => Ok(r?),
+        // The translation panicked: a bug, but never one that takes the proxy down.
+        Err(e) => Err(ProxyError::Config(ConfigError::Io {
+            file: "translation".into(),
+            source: std::io::Error::other(e.to_string()),
+        })),
+    }
+}
+
 /// A running proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -98,6 +112,9 @@ pub struct Proxy {
     seen: String,
     /// One HTTP connection builder (limits from `opts`) for every listener.
     builder: Arc<server::Builders>,
+    /// The live config is the translation of the last update the control plane sent (none
+    /// was refused since): the next one may be applied as a difference.
+    in_sync: bool,
     /// Bound addresses: admin, outbound, inbound.
     pub addrs: (SocketAddr, SocketAddr, SocketAddr),
 }
@@ -174,6 +191,7 @@ impl Proxy {
             opts,
             binds: HashMap::new(),
             seen: text,
+            in_sync: false,
             addrs: (admin_addr, outbound_addr, inbound_addr),
         };
         let snap = shared.state.load_full();
@@ -243,17 +261,17 @@ impl Proxy {
     /// Load the file again and swap the config in, or keep the old one and say why.
     pub async fn reload(&mut self) -> Result<(), ProxyError> {
         let res = self.try_reload().await;
-        self.count_reload(&res);
+        self.count_reload(&res, "full");
         res
     }
 
-    fn count_reload(&self, res: &Result<(), ProxyError>) {
+    fn count_reload(&self, res: &Result<(), ProxyError>, scope: &'static str) {
         let result = if res.is_ok() { "ok" } else { "error" };
         self.shared
             .telemetry
             .metrics
             .reloads
-            .get_or_create(&ResultLabels { result })
+            .get_or_create(&ReloadLabels { result, scope })
             .inc();
     }
 
@@ -270,17 +288,43 @@ impl Proxy {
         self.swap(snap)
     }
 
-    /// Translate what the control plane sent and swap it in, or refuse it whole.
-    async fn apply_update(&mut self, u: &xds::Update) -> Result<(), ProxyError> {
+    /// Translate what the control plane sent and swap it in, or refuse it whole. When only
+    /// other Workloads changed, only the clusters that hold them are worked out again.
+    async fn apply_update(&mut self, u: &xds::Update) -> (Result<(), ProxyError>, &'static str) {
         let file = format!("xds:{}@{}", u.server, u.version);
         let resources = u.resources.clone();
         let workload = self.opts.workload.clone();
-        let snap = self
-            .build_off_thread(move || {
-                trellis_model::translate(&file, &resources, workload.as_ref())
-            })
-            .await?;
-        self.swap(snap)
+        let endpoints_only = u
+            .workloads_only
+            .clone()
+            .filter(|w| self.in_sync && workload.as_ref().is_none_or(|l| !w.contains(l)));
+        let scope = if endpoints_only.is_some() {
+            "endpoints"
+        } else {
+            "full"
+        };
+        let snap = match endpoints_only {
+            Some(changed) => {
+                let old = self.shared.state.load_full();
+                let metrics = self.shared.telemetry.metrics.clone();
+                let meshed = self.shared.identity.is_some();
+                let built = tokio::task::spawn_blocking(move || {
+                    let (cfg, redone) =
+                        trellis_model::update_workloads(&file, &old.cfg, &resources, &changed)?;
+                    let snap = Snapshot::with_clusters(&old, cfg, &redone, &metrics, meshed);
+                    Ok::<_, ConfigError>(snap)
+                })
+                .await;
+                joined(built)
+            }
+            None => {
+                self.build_off_thread(move || {
+                    trellis_model::translate(&file, &resources, workload.as_ref())
+                })
+                .await
+            }
+        };
+        (snap.and_then(|s| self.swap(s)), scope)
     }
 
     /// Run `translate` and build its snapshot on a blocking thread: a large mesh takes
@@ -297,14 +341,7 @@ impl Proxy {
             Ok::<_, ConfigError>(Snapshot::build(cfg, Some(&old), &metrics, meshed))
         })
         .await;
-        match built {
-            Ok(r) => Ok(r?),
-            // The translation panicked: a bug, but never one that takes the proxy down.
-            Err(e) => Err(ProxyError::Config(ConfigError::Io {
-                file: "translation".into(),
-                source: std::io::Error::other(e.to_string()),
-            })),
-        }
+        joined(built)
     }
 
     /// Bind what `snap` adds, swap it in, and close what it dropped; all or nothing.
@@ -341,8 +378,9 @@ impl Proxy {
     }
 
     async fn on_update(&mut self, u: xds::Update) {
-        let res = self.apply_update(&u).await;
-        self.count_reload(&res);
+        let (res, scope) = self.apply_update(&u).await;
+        self.in_sync = res.is_ok();
+        self.count_reload(&res, scope);
         let answer = {
             let mut st = self
                 .shared

@@ -16,6 +16,7 @@ use crate::{
 };
 
 /// One inbound port: the local application behind a single-endpoint cluster.
+#[derive(Clone)]
 pub(crate) struct InboundTarget {
     /// Service port.
     pub(crate) port: u16,
@@ -55,6 +56,45 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
+    /// `prev` with the clusters `redone` rebuilt from `cfg` (an update of endpoints only:
+    /// see [`trellis_model::update_workloads`]); the others are shared as they are, with their
+    /// pools, estimates and ejections.
+    pub(crate) fn with_clusters(
+        prev: &Snapshot,
+        cfg: ProxyConfig,
+        redone: &[String],
+        metrics: &Metrics,
+        meshed: bool,
+    ) -> Self {
+        let here = cfg.local.as_ref().map(|l| &l.locality);
+        let mut clusters = prev.clusters.clone();
+        for k in redone {
+            let (Some(c), old) = (cfg.clusters.get(k), prev.clusters.get(k)) else {
+                continue;
+            };
+            let c = Cluster::new(
+                k.clone(),
+                c.clone(),
+                old.map(|c| &**c),
+                metrics,
+                here,
+                meshed,
+            );
+            clusters.insert(k.clone(), Arc::new(c));
+        }
+        Self {
+            cfg: Arc::new(cfg),
+            clusters,
+            hosts: prev.hosts.clone(),
+            vips: prev.vips.clone(),
+            inbound: prev.inbound.clone(),
+            src_service: prev.src_service.clone(),
+            src_workload: prev.src_workload.clone(),
+            peer_header: prev.peer_header.clone(),
+            version: prev.version + 1,
+        }
+    }
+
     /// Build from `cfg`, carrying endpoint state over from `prev`. `meshed`: this proxy has
     /// an identity, so it reaches meshed endpoints at their proxies.
     pub(crate) fn build(
@@ -86,7 +126,7 @@ impl Snapshot {
         if let Some(local) = &cfg.local {
             for ip in &local.inbound_ports {
                 let key = format!("inbound|{}", ip.port);
-                let cc = ClusterConfig {
+                let cc = Arc::new(ClusterConfig {
                     service: ip.service.clone(),
                     port: ip.port,
                     protocol: ip.protocol,
@@ -105,7 +145,7 @@ impl Snapshot {
                         ..Default::default()
                     },
                     mtls: ip.mtls,
-                };
+                });
                 let old = prev
                     .and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
                     .map(|t| t.cluster.as_ref());

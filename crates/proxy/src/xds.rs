@@ -13,12 +13,16 @@
 //! back-off, trying the next control plane each time, and tells the new one which document
 //! versions it has, so that only differences are sent.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use trellis_model::Resource;
+use trellis_model::{NamespacedName, Resource};
 use trellis_xds::{
     envoy_types::pb::{
         envoy::service::discovery::v3::{
@@ -47,8 +51,12 @@ pub struct XdsOptions {
 pub struct Update {
     /// The control plane's version.
     pub version: String,
-    /// Every document the control plane sent, parsed.
-    pub resources: Vec<Resource>,
+    /// Every document the control plane sent, parsed (shared with the client's copy: the
+    /// update costs the request thread no deep copy of the mesh).
+    pub resources: Vec<Arc<Resource>>,
+    /// When every document that changed since the previous update is a Workload: their
+    /// names (changed, added or removed). `None` when anything else changed.
+    pub workloads_only: Option<HashSet<NamespacedName>>,
     /// Which control plane sent it.
     pub server: String,
     /// `Ok` to ACK, `Err(reason)` to NACK.
@@ -83,7 +91,7 @@ pub async fn run(opts: XdsOptions, updates: mpsc::Sender<Update>) {
 }
 
 /// The documents held: name → (version, parsed resource).
-type Docs = BTreeMap<String, (String, Resource)>;
+type Docs = BTreeMap<String, (String, Arc<Resource>)>;
 
 fn parse(
     name: &str,
@@ -104,18 +112,50 @@ fn parse(
     }
 }
 
-/// Apply one response to `docs`; the error says which document did not parse (nothing is
-/// changed then).
-fn merge(docs: &mut Docs, resp: &DeltaDiscoveryResponse) -> Result<(), String> {
+/// What changed since the last update the proxy was given: Workloads by name, or anything.
+#[derive(Default)]
+struct Changes(Option<HashSet<NamespacedName>>);
+
+impl Changes {
+    fn none() -> Self {
+        Self(Some(HashSet::new()))
+    }
+
+    fn note(&mut self, r: &Resource) {
+        match (&mut self.0, r.kind()) {
+            (Some(w), "Workload") => drop(w.insert(r.id())),
+            _ => self.0 = None,
+        }
+    }
+}
+
+/// Apply one response to `docs`, noting what changed; the error says which document did not
+/// parse (nothing is changed then).
+fn merge(
+    docs: &mut Docs,
+    resp: &DeltaDiscoveryResponse,
+    changes: &mut Changes,
+) -> Result<(), String> {
     let mut parsed = Vec::with_capacity(resp.resources.len());
     for r in &resp.resources {
-        parsed.push((r.name.clone(), r.version.clone(), parse(&r.name, r)?));
+        parsed.push((
+            r.name.clone(),
+            r.version.clone(),
+            Arc::new(parse(&r.name, r)?),
+        ));
     }
     for n in &resp.removed_resources {
-        docs.remove(n);
+        match docs.remove(n) {
+            Some((_, r)) => changes.note(&r),
+            None => changes.0 = None,
+        }
     }
     for (n, v, r) in parsed {
-        docs.insert(n, (v, r));
+        changes.note(&r);
+        if let Some((_, old)) = docs.insert(n, (v, r)) {
+            // A document that changed kind or name is not an endpoint update.
+            changes.note(&old);
+        }
     }
     Ok(())
 }
@@ -175,6 +215,8 @@ async fn session(
         .into_inner();
     tracing::info!(%server, "xds stream open");
     let mut got = false;
+    // A new stream may resend anything: its first update is applied whole.
+    let mut changes = Changes::default();
     loop {
         let resp = match inbound.message().await {
             Ok(Some(r)) => r,
@@ -185,13 +227,14 @@ async fn session(
         if resp.type_url != DOCUMENT_TYPE {
             continue;
         }
-        let result = match merge(docs, &resp) {
+        let result = match merge(docs, &resp, &mut changes) {
             Ok(()) if resp.system_version_info.ends_with(PARTIAL_SUFFIX) => Ok(()),
             Ok(()) => {
                 let (done, answer) = oneshot::channel();
                 let update = Update {
                     version: resp.system_version_info.clone(),
                     resources: docs.values().map(|(_, r)| r.clone()).collect(),
+                    workloads_only: std::mem::replace(&mut changes, Changes::none()).0,
                     server: server.to_string(),
                     done,
                 };

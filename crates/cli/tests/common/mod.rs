@@ -153,3 +153,31 @@ pub async fn apply_ok(cp: &trellis_test_support::control::ControlProcess, yaml: 
         .await;
     assert_eq!(st, 200, "{v}");
 }
+
+/// A callee (`test/peer`, identity `beta`) and a caller (`test/client`, identity `client`)
+/// fed by `cp`, each joined with a token; `mesh(inbound)` is the mesh with the callee's
+/// inbound port (applied first with a placeholder, as the port is known once it runs).
+/// Returns them and their state dirs.
+pub async fn mtls_pair(
+    cp: &trellis_test_support::control::ControlProcess,
+    mesh: impl Fn(u16) -> String,
+) -> (ProxyProcess, ProxyProcess, Vec<std::path::PathBuf>) {
+    use trellis_test_support::temp_path;
+    apply_ok(cp, mesh(1)).await;
+    let (callee_state, caller_state) = (temp_path("callee-state"), temp_path("caller-state"));
+    let join = |who: &str, state: &std::path::Path, workload: &str| {
+        let t = token(cp, "test", who, "10m", "1");
+        ProxyProcess::start_xds(
+            BIN,
+            &[cp.xds_url()],
+            workload,
+            &["--state-dir", state.to_str().unwrap(), "--join-token", &t],
+        )
+    };
+    let callee = join("beta", &callee_state, "test/peer");
+    callee.wait_ready().await;
+    apply_ok(cp, mesh(callee.inbound.port())).await;
+    let caller = join("client", &caller_state, "test/client");
+    caller.wait_ready().await;
+    (callee, caller, vec![callee_state, caller_state])
+}

@@ -525,3 +525,105 @@ fn locality_policies_are_checked_by_field() {
     );
     assert_eq!(cfg.local.unwrap().locality.zone.as_deref(), Some("z1"));
 }
+
+/// Workload documents for `update_workloads`: `(name, labels, extra spec)`.
+fn workload_doc(name: &str, labels: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: shop, labels: {{ {labels} }} }}\nspec: {{ address: 10.0.0.{}, environment: vm{spec} }}\n",
+        name.len()
+    )
+}
+
+#[test]
+fn an_endpoint_update_gives_what_a_full_translation_gives() {
+    let base = EXAMPLE.to_string();
+    let frontend = nn("shop/frontend-1");
+    let before_docs = [
+        base.clone(),
+        workload_doc("extra-a", "app: catalog, version: v1", ""),
+        workload_doc("extra-b", "app: catalog, version: v2", ", weight: 3"),
+    ]
+    .join("---\n");
+    // Each change touches Workloads only: health, labels that move it between versions, a
+    // new one, a removed one, weight, recoveries.
+    let changes: Vec<(Vec<&str>, Vec<String>)> = vec![
+        (
+            vec!["extra-a"],
+            vec![workload_doc(
+                "extra-a",
+                "app: catalog, version: v1",
+                ", healthy: false",
+            )],
+        ),
+        (
+            vec!["extra-a"],
+            vec![workload_doc("extra-a", "app: catalog, version: v2", "")],
+        ),
+        (
+            vec!["extra-c"],
+            vec![workload_doc("extra-c", "app: catalog, version: v1", "")],
+        ),
+        (vec!["extra-b"], vec![]),
+        (
+            vec!["extra-b"],
+            vec![workload_doc(
+                "extra-b",
+                "app: catalog, version: v2",
+                ", weight: 7",
+            )],
+        ),
+        (
+            vec!["extra-a"],
+            vec![workload_doc(
+                "extra-a",
+                "app: catalog, version: v1",
+                ", healthRecoveries: 2",
+            )],
+        ),
+        (
+            vec!["extra-a", "extra-b"],
+            vec![workload_doc("extra-a", "app: other", "")],
+        ),
+    ];
+    let before_res = parse_documents("b.yaml", &before_docs).unwrap();
+    let before = translate("b.yaml", &before_res, Some(&frontend)).unwrap();
+    for (names, new_docs) in changes {
+        let changed: HashSet<NamespacedName> =
+            names.iter().map(|n| nn(&format!("shop/{n}"))).collect();
+        let mut after_res: Vec<Resource> = before_res
+            .iter()
+            .filter(|r| !(r.kind() == "Workload" && changed.contains(&r.id())))
+            .cloned()
+            .collect();
+        for d in &new_docs {
+            after_res.extend(parse_documents("c.yaml", d).unwrap());
+        }
+        let full = translate("a.yaml", &after_res, Some(&frontend)).unwrap();
+        let (quick, redone) = update_workloads("a.yaml", &before, &after_res, &changed).unwrap();
+        let json = |c: &ProxyConfig| serde_json::to_value(&c.clusters).unwrap();
+        assert_eq!(json(&quick), json(&full), "{names:?}");
+        // Only what could change was worked out again; the rest is shared.
+        for (k, c) in &quick.clusters {
+            if !redone.contains(k) {
+                assert!(Arc::ptr_eq(c, &before.clusters[k]), "{k} shared");
+            }
+        }
+        assert!(
+            !redone.is_empty() || names == ["extra-c"],
+            "{names:?}: {redone:?}"
+        );
+    }
+    // A change that makes a workload invalid is refused like a translation would refuse it.
+    let changed: HashSet<NamespacedName> = [nn("shop/extra-a")].into();
+    let mut bad = before_res.clone();
+    bad.retain(|r| r.id() != nn("shop/extra-a"));
+    bad.extend(
+        parse_documents(
+            "c.yaml",
+            &workload_doc("extra-a", "app: catalog, version: v1", ", weight: 0"),
+        )
+        .unwrap(),
+    );
+    let e = update_workloads("a.yaml", &before, &bad, &changed).unwrap_err();
+    assert!(e.to_string().contains("spec.weight"), "{e}");
+}

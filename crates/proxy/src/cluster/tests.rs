@@ -36,7 +36,7 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
     let mut reg = prometheus_client::registry::Registry::default();
     Cluster::new(
         "ns/s:80".into(),
-        cfg,
+        Arc::new(cfg),
         None,
         &Metrics::register(&mut reg),
         None,
@@ -161,7 +161,7 @@ fn located(locality: trellis_model::proxy::LocalityLb) -> Cluster {
     let here = loc("r1", "z1");
     Cluster::new(
         "ns/s:80".into(),
-        cfg,
+        Arc::new(cfg),
         None,
         &Metrics::register(&mut reg),
         Some(&here),
@@ -312,14 +312,14 @@ fn a_health_check_that_passes_again_lifts_an_ejection() {
 
 /// `c` rebuilt from its own config, its endpoints reporting `recoveries`.
 fn rebuilt(c: &Cluster, recoveries: u64) -> Cluster {
-    let mut cfg = c.cfg.clone();
+    let mut cfg = (*c.cfg).clone();
     for e in &mut cfg.endpoints {
         e.recoveries = recoveries;
     }
     let mut reg = prometheus_client::registry::Registry::default();
     Cluster::new(
         c.key.clone(),
-        cfg,
+        Arc::new(cfg),
         Some(c),
         &Metrics::register(&mut reg),
         None,

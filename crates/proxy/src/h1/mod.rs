@@ -31,6 +31,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::{
     io::{AsyncWriteExt, Interest},
     net::TcpStream,
+    time::Sleep,
 };
 
 use self::codec::{Decoded, Decoder, Head, ParseError, ReqFraming};
@@ -60,6 +61,21 @@ pub(crate) enum H1Error {
     /// Reading the client's request body failed.
     #[error("reading the request body: {0}")]
     Body(BoxError),
+    /// No response head within the exchange's wait.
+    #[error("no response in time")]
+    TimedOut,
+}
+
+/// How long an exchange may wait for its response head.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Wait {
+    /// As long as it takes.
+    Forever,
+    /// Until this instant, the request's sending included.
+    Until(Instant),
+    /// This long after the request was sent: silence from the upstream, not a slow client's
+    /// upload, is what counts.
+    Idle(Duration),
 }
 
 impl H1Error {
@@ -82,6 +98,9 @@ pub(crate) struct Conn {
     read_size: usize,
     /// It has carried an exchange before (and sat in the pool since).
     reused: bool,
+    /// One timer for the connection's exchanges, armed at the first wait and moved only when
+    /// it fires before the current exchange's deadline: most exchanges cost it nothing.
+    timer: Option<Pin<Box<Sleep>>>,
     _slot: Slot,
 }
 
@@ -93,6 +112,7 @@ impl Conn {
             wbuf: BytesMut::new(),
             read_size: MIN_READ,
             reused: false,
+            timer: None,
             _slot: slot,
         }
     }
@@ -155,6 +175,25 @@ fn poll_fill(
     }
 }
 
+/// Whether `deadline` has passed, with the connection's `timer` (see [`Conn::timer`]).
+fn poll_deadline(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    deadline: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if t.deadline() > deadline {
+            t.as_mut().reset(deadline);
+        }
+        ready!(t.as_mut().poll(cx));
+        if tokio::time::Instant::now() >= deadline {
+            return Poll::Ready(());
+        }
+        t.as_mut().reset(deadline);
+    }
+}
+
 /// Read until `rbuf` holds a final (or 101) response head, and take it.
 fn poll_head(
     io: &TcpStream,
@@ -200,7 +239,15 @@ pub(crate) fn idempotent(method: &Method) -> bool {
 /// Send `req` (its body is consumed) and read the response head. Informational responses
 /// other than 101 are skipped. The request body is written while the head is awaited, so an
 /// upstream that answers early (say 413) is heard, and the connection is then not reused.
-pub(crate) async fn exchange<B>(conn: &mut Conn, req: &mut Request<B>) -> Result<Head, H1Error>
+///
+/// `wait` bounds the wait for the head; `began` is when the try began (an idle wait counts
+/// from it when the request goes out in one write).
+pub(crate) async fn exchange<B>(
+    conn: &mut Conn,
+    req: &mut Request<B>,
+    wait: Wait,
+    began: Instant,
+) -> Result<Head, H1Error>
 where
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
 {
@@ -212,12 +259,33 @@ where
     let body = req.body_mut();
     let head = if framing == ReqFraming::None {
         conn.io.write_all(&conn.wbuf).await?;
-        poll_fn(|cx| poll_head(&conn.io, &mut conn.rbuf, &mut conn.read_size, &method, cx)).await?
+        let deadline = match wait {
+            Wait::Forever => None,
+            Wait::Until(t) => Some(t),
+            Wait::Idle(d) => Some(began + d),
+        };
+        let Conn {
+            io,
+            rbuf,
+            read_size,
+            timer,
+            ..
+        } = conn;
+        poll_fn(|cx| match poll_head(io, rbuf, read_size, &method, cx) {
+            Poll::Pending => match deadline {
+                Some(d) if poll_deadline(timer, d.into(), cx).is_ready() => {
+                    Poll::Ready(Err(H1Error::TimedOut))
+                }
+                _ => Poll::Pending,
+            },
+            done => done,
+        })
+        .await?
     } else {
         // Boxed: requests with bodies are the minority, and every request's future would
         // otherwise carry (and hyper would copy) this one's space.
         let (mut head, body_sent) =
-            Box::pin(send_body_and_read_head(conn, body, framing, &method)).await?;
+            Box::pin(send_body_and_read_head(conn, body, framing, &method, wait)).await?;
         // An answer that came before the whole body was sent leaves the connection unusable.
         head.keep_alive &= body_sent;
         head
@@ -230,6 +298,7 @@ async fn send_body_and_read_head<B>(
     body: &mut B,
     framing: ReqFraming,
     method: &Method,
+    wait: Wait,
 ) -> Result<(Head, bool), H1Error>
 where
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
@@ -239,8 +308,13 @@ where
         rbuf,
         wbuf,
         read_size,
+        timer,
         ..
     } = conn;
+    let mut deadline = match wait {
+        Wait::Until(t) => Some(t),
+        Wait::Forever | Wait::Idle(_) => None,
+    };
     let (rd, mut wr) = io.split();
     let mut write = pin!(async {
         let coalesce = matches!(framing, ReqFraming::Length(n) if n <= COALESCE);
@@ -282,6 +356,10 @@ where
     poll_fn(|cx| {
         if written.is_none() {
             if let Poll::Ready(r) = write.as_mut().poll(cx) {
+                // An idle wait starts once the request is out.
+                if let Wait::Idle(d) = wait {
+                    deadline = Some(Instant::now() + d);
+                }
                 written = Some(r);
             }
         }
@@ -303,7 +381,12 @@ where
                     };
                     Poll::Ready(Err(e))
                 }
-                _ => Poll::Pending,
+                _ => match deadline {
+                    Some(d) if poll_deadline(timer, d.into(), cx).is_ready() => {
+                        Poll::Ready(Err(H1Error::TimedOut))
+                    }
+                    _ => Poll::Pending,
+                },
             },
         }
     })

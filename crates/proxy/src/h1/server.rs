@@ -337,10 +337,17 @@ impl ServerConn {
         };
         let mut trailers = None;
         if !matches!(out, BodyOut::None | BodyOut::Never) {
+            // While the body is awaited, a client that closes its connection is noticed (its
+            // response is dropped, and its request's record says so), unless it already sent
+            // more (a pipelined request), which is then left for later.
+            let mut watch = true;
             loop {
                 // A frame that is not ready yet: first send what is buffered (the head).
                 let step = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
                     Poll::Pending if !self.wbuf.is_empty() => Poll::Ready(None),
+                    Poll::Pending if watch && closed(&self.io, &mut watch, cx) => {
+                        Poll::Ready(Some(Some(Err(BoxError::from("client closed")))))
+                    }
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(f) => Poll::Ready(Some(f)),
                 })
@@ -416,6 +423,21 @@ impl ServerConn {
                 io,
                 early: rd.rbuf.freeze(),
             });
+        }
+    }
+}
+
+/// Whether the client closed its connection (or it failed); registers for readiness when it
+/// cannot tell yet. Data waiting to be read ends the watch (`watch` set to false).
+fn closed(io: &TcpStream, watch: &mut bool, cx: &mut Context<'_>) -> bool {
+    let mut probe = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut probe);
+    match io.poll_peek(cx, &mut buf) {
+        Poll::Pending => false,
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => true,
+        Poll::Ready(Ok(_)) => {
+            *watch = false;
+            false
         }
     }
 }

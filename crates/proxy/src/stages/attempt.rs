@@ -117,6 +117,8 @@ enum Try {
     Failed(Error),
 }
 
+/// One try: a connection from the pool (or a new one), the request sent, the response head
+/// read, all within `limit` (its length, and whether it is the idle timeout).
 async fn send_once(
     ctx: &ConnectCtx<'_>,
     ep: &Arc<Endpoint>,
@@ -124,15 +126,22 @@ async fn send_once(
     h2: bool,
     rec: &mut Record,
     began: Instant,
+    limit: Option<(Duration, Kind)>,
 ) -> Try {
-    let (sender, connect) = match ep.pool.checkout(h2, ctx, began).await {
+    let within = limit.map(|l| l.0);
+    let (sender, connect) = match ep.pool.checkout(h2, ctx, began, within).await {
         Ok(s) => s,
         Err(e) => return Try::Failed(e),
     };
     rec.connect = Some(connect);
     match sender {
-        Sender::H1(conn) => send_h1(ep, conn, req, ctx, rec, began).await,
-        Sender::H2(s) => send_h2(ep, s, req).await,
+        Sender::H1(conn) => send_h1(ep, conn, req, ctx, rec, began, limit).await,
+        Sender::H2(s) => match limit {
+            Some((l, kind)) => tokio::time::timeout(l, send_h2(ep, s, req))
+                .await
+                .unwrap_or_else(|_| Try::Failed(timed_out(ep, l, kind))),
+            None => send_h2(ep, s, req).await,
+        },
     }
 }
 
@@ -168,8 +177,15 @@ async fn send_h1(
     ctx: &ConnectCtx<'_>,
     rec: &mut Record,
     began: Instant,
+    limit: Option<(Duration, Kind)>,
 ) -> Try {
-    let mut result = h1::exchange(&mut conn, &mut req).await;
+    // The connection's own timer bounds the wait: no timer is made per request.
+    let wait = match limit {
+        None => h1::Wait::Forever,
+        Some((l, Kind::Idle)) => h1::Wait::Idle(l),
+        Some((l, _)) => h1::Wait::Until(began + l),
+    };
+    let mut result = h1::exchange(&mut conn, &mut req, wait, began).await;
     if let Err(e) = &result {
         if conn.is_reused() && prepare_resend(e, &mut req) {
             drop(conn);
@@ -180,7 +196,7 @@ async fn send_h1(
                 Err(e) => return Try::Failed(e),
             };
             rec.connect = Some(start.elapsed());
-            result = h1::exchange(&mut conn, &mut req).await;
+            result = h1::exchange(&mut conn, &mut req, wait, began).await;
         }
     }
     match result {
@@ -194,6 +210,10 @@ async fn send_h1(
             *resp.status_mut() = head.status;
             *resp.headers_mut() = head.headers;
             Try::Response(resp)
+        }
+        Err(H1Error::TimedOut) => {
+            let (l, kind) = limit.unwrap_or((Duration::ZERO, Kind::Timeout));
+            Try::Failed(timed_out(ep, l, kind))
         }
         Err(e) => Try::Failed(exchange_failed(ep, e)),
     }
@@ -354,16 +374,7 @@ pub(crate) async fn forward(
         if let (true, Some(v)) = (peer_proxy(&ep), &plan.peer_header) {
             req.headers_mut().insert(X_TRELLIS_PEER.clone(), v.clone());
         }
-        // The try's future is built inside each arm: a future bound to a local and then moved
-        // into `timeout` would occupy space twice in this function's future.
-        let outcome = match limit {
-            Some((l, kind)) => {
-                tokio::time::timeout(l, send_once(&ctx, &ep, req, h2, &mut rec, try_start))
-                    .await
-                    .unwrap_or_else(|_| Try::Failed(timed_out(&ep, l, kind)))
-            }
-            None => send_once(&ctx, &ep, req, h2, &mut rec, try_start).await,
-        };
+        let outcome = send_once(&ctx, &ep, req, h2, &mut rec, try_start, limit).await;
         let done = Instant::now();
         // The grpc-status header is read once, and only for gRPC requests; a peer proxy's
         // own answer keeps the class it gave it.
@@ -485,7 +496,7 @@ pub(crate) async fn upgrade(
     // The upgrade handshake is hop-by-hop by nature: Connection and Upgrade stay as sent.
     let (mut parts, body) = req.into_parts();
     let mut up = upstream_request(&mut parts, UpBody::Incoming(body), false, true);
-    let head = match h1::exchange(&mut conn, &mut up).await {
+    let head = match h1::exchange(&mut conn, &mut up, h1::Wait::Forever, rec.start).await {
         Ok(h) => h,
         Err(e) => return local_reply(rec, &exchange_failed(&ep, e), false),
     };

@@ -272,7 +272,7 @@ async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
     };
     let cluster = Arc::new(Cluster::new(
         "shop/up:80".into(),
-        cfg,
+        Arc::new(cfg),
         None,
         &metrics,
         None,
