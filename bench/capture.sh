@@ -20,8 +20,8 @@ SECS=${2:-5}
 [ "$(id -u)" = 0 ] || { echo "bench/capture.sh: needs root (network namespaces, iptables)" >&2; exit 1; }
 need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light iptables iproute2 curl >/dev/null; }; }
 need wrk; need nginx; need iptables; need curl
-cargo build --release -q
-BIN=$PWD/target/release/trellis
+# TRELLIS_BIN measures another build (an earlier commit, say) with this same script.
+if [ -n "${TRELLIS_BIN:-}" ]; then BIN=$(realpath "$TRELLIS_BIN"); else cargo build --release -q; BIN=$PWD/target/release/trellis; fi
 W=$(mktemp -d /tmp/trellis-capture.XXXX)
 NET=10.79.77
 BR=trcapbr0

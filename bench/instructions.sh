@@ -2,14 +2,18 @@
 # User-space instructions per proxied HTTP/1.1 request, counted by callgrind: repeatable to
 # about 0.5% whatever else the machine does, unlike wall-clock throughput.
 # Usage: bench/instructions.sh [REQUESTS]   (needs valgrind, nginx, h2load; loopback only)
+# ACCESS_LOG=1 counts with the access log on (lines to /dev/null; the writer thread's
+# instructions included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
+LOG=--no-access-log
+[ "${ACCESS_LOG:-0}" = 1 ] && LOG=
 for t in valgrind nginx h2load; do
   command -v "$t" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind nginx-light nghttp2-client >/dev/null; }
 done
-cargo build --release -q
-BIN=$PWD/target/release/trellis
+# TRELLIS_BIN measures another build (an earlier commit, say) with this same script.
+if [ -n "${TRELLIS_BIN:-}" ]; then BIN=$(realpath "$TRELLIS_BIN"); else cargo build --release -q; BIN=$PWD/target/release/trellis; fi
 W=$(mktemp -d /tmp/trellis-ir.XXXX)
 VP=
 cleanup() { nginx -s quit -c "$W/nginx.conf" -p "$W" 2>/dev/null || true; [ -z "$VP" ] || kill "$VP" 2>/dev/null || true; rm -rf "$W"; }
@@ -24,7 +28,7 @@ nginx -c "$W/nginx.conf" -p "$W"
 # Total instructions of a proxy run that serves $1 requests.
 run() {
   valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy --config bench/mesh.yaml \
-    --workload bench/client --no-access-log --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
+    --workload bench/client $LOG --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
     --inbound 127.0.0.1:18106 >/dev/null 2>&1 &
   VP=$!
   for _ in $(seq 300); do curl -sf -o /dev/null 127.0.0.1:18100/ready && break; sleep 0.1; done

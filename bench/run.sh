@@ -10,8 +10,8 @@ ROUNDS=${1:-3}
 SECS=${2:-5}
 need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client haproxy nginx-light >/dev/null; }; }
 need wrk; need h2load; need haproxy; need nginx
-cargo build --release -q
-BIN=target/release/trellis
+# TRELLIS_BIN measures another build (an earlier commit, say) with this same script.
+if [ -n "${TRELLIS_BIN:-}" ]; then BIN=$(realpath "$TRELLIS_BIN"); else cargo build --release -q; BIN=target/release/trellis; fi
 W=$(mktemp -d /tmp/trellis-bench.XXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
@@ -62,7 +62,11 @@ HAP
 taskset -c 1 haproxy -f "$W/haproxy.cfg" & HPID=$!; PIDS+=($HPID)
 taskset -c 1 "$BIN" proxy --config bench/mesh.yaml --workload bench/client --no-access-log \
   --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 --inbound 127.0.0.1:18106 2>"$W/trellis.err" & TPID=$!; PIDS+=($TPID)
-for port in 18080 18081 18082 18083 18093; do
+# The same proxy with its access log on (the default), written to a file as in production.
+sed 's/127.0.0.1:18083/127.0.0.1:18084/' bench/mesh.yaml >"$W/mesh-log.yaml"
+taskset -c 1 "$BIN" proxy --config "$W/mesh-log.yaml" --workload bench/client \
+  --admin 127.0.0.1:18101 --outbound 127.0.0.1:18094 --inbound 127.0.0.1:18107 >"$W/access.log" 2>"$W/trellis-log.err" & LPID=$!; PIDS+=($LPID)
+for port in 18080 18081 18082 18083 18084 18093 18094; do
   for _ in $(seq 100); do curl -sf -o /dev/null -H 'Host: up.bench' "http://127.0.0.1:$port/" && break; sleep 0.05; done
 done
 RSS_IDLE=$(awk '/VmRSS/{print $2}' /proc/$TPID/status)
@@ -72,14 +76,14 @@ ticks() {
   for p in $1 $(pgrep -P "$1"); do total=$((total + $(awk '{print $14 + $15}' /proc/$p/stat))); done
   echo $total
 }
-declare -A PPID_OF=([trellis]=$TPID [haproxy]=$HPID [nginx]=$NPID)
+declare -A PPID_OF=([trellis]=$TPID [trellis-log]=$LPID [haproxy]=$HPID [nginx]=$NPID)
 HZ=$(getconf CLK_TCK)
 
-declare -A H1=([direct]=18080 [haproxy]=18081 [nginx]=18082 [trellis]=18083)
-declare -A H2=([direct]=18090 [haproxy]=18091 [nginx]=18092 [trellis]=18093)
+declare -A H1=([direct]=18080 [haproxy]=18081 [nginx]=18082 [trellis]=18083 [trellis-log]=18084)
+declare -A H2=([direct]=18090 [haproxy]=18091 [nginx]=18092 [trellis]=18093 [trellis-log]=18094)
 OUT="$W/raw.txt"; : >"$OUT"
 for r in $(seq "$ROUNDS"); do
-  for t in direct trellis haproxy nginx; do
+  for t in direct trellis trellis-log haproxy nginx; do
     c0=$( [ "$t" = direct ] && echo 0 || ticks "${PPID_OF[$t]}")
     out=$(taskset -c 0 wrk -t1 -c32 -d"${SECS}s" -H 'Host: up.bench' "http://127.0.0.1:${H1[$t]}/")
     c1=$( [ "$t" = direct ] && echo 0 || ticks "${PPID_OF[$t]}")
@@ -94,6 +98,7 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 RSS_PEAK=$(awk '/VmHWM/{print $2}' /proc/$TPID/status)
+echo "access log: $(wc -l <"$W/access.log") lines written, $(curl -s 127.0.0.1:18101/metrics | awk '/^trellis_access_log_dropped_total/{print $2}') dropped"
 
 python3 - "$OUT" "$RSS_IDLE" "$RSS_PEAK" <<'PY'
 import sys, statistics as st
@@ -107,11 +112,15 @@ med = lambda xs: st.median(xs)
 d_rps = med([float(r[2]) for r in by["direct"]]); d_h2 = med([float(r[6]) for r in by["direct"]])
 print("| target | h1 rps (wrk -c32) | x direct | proxy CPU per h1 request | p50 / p99 @ ~2000 rps | h2c rps (h2load -c32 -m10) | x direct |")
 print("| --- | --- | --- | --- | --- | --- | --- |")
-for t in ["direct", "trellis", "haproxy", "nginx"]:
+for t in ["direct", "trellis", "trellis-log", "haproxy", "nginx"]:
     rs = by[t]
     rps = med([float(r[2]) for r in rs]); h2 = med([float(r[6]) for r in rs])
     p50 = med([ms(r[3]) for r in rs]); p99 = med([ms(r[4]) for r in rs])
     cpu = "—" if t == "direct" else f"{med([float(r[7]) for r in rs]):.1f} µs"
     print(f"| {t} | {rps:,.0f} | {rps/d_rps:.2f} | {cpu} | {p50:.2f} / {p99:.2f} ms | {h2:,.0f} | {h2/d_h2:.2f} |")
 print(f"\ntrellis RSS: idle {int(sys.argv[2])/1024:.1f} MiB, peak under load {int(sys.argv[3])/1024:.1f} MiB")
+# The access log's cost: trellis with it on against off, round by round (interleaved).
+on = {r[0]: float(r[2]) for r in by["trellis-log"]}; off = {r[0]: float(r[2]) for r in by["trellis"]}
+ratios = [on[k] / off[k] for k in on if k in off]
+print(f"access log on / off, h1 throughput per round: {', '.join(f'{x:.3f}' for x in ratios)}; median {med(ratios):.3f}")
 PY

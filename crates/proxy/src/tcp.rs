@@ -263,3 +263,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
         Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;

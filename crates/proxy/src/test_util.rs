@@ -9,3 +9,63 @@ pub(crate) fn snapshot(yaml: &str, local: Option<&str>) -> crate::snapshot::Snap
     let metrics = crate::metrics::Metrics::register(&mut reg);
     crate::snapshot::Snapshot::build(cfg, None, &metrics, true)
 }
+
+/// What a test's access log received.
+#[derive(Clone, Default)]
+pub(crate) struct Sink(pub(crate) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("sink").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Sink {
+    /// The lines written, parsed.
+    pub(crate) fn lines(&self) -> Vec<serde_json::Value> {
+        String::from_utf8(self.0.lock().expect("sink").clone())
+            .expect("UTF-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect()
+    }
+}
+
+/// A proxy's shared state over `yaml` (serving `local`), its access log into a sink.
+pub(crate) fn shared(
+    yaml: &str,
+    local: Option<&str>,
+) -> (std::sync::Arc<crate::shared::Shared>, Sink) {
+    use std::sync::Arc;
+    let snap = snapshot(yaml, local);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = crate::metrics::Metrics::register(&mut registry);
+    let sink = Sink::default();
+    let log = crate::access_log::AccessLog::to(Some(Box::new(sink.clone())), Default::default());
+    let shared = crate::shared::Shared {
+        state: arc_swap::ArcSwap::from_pointee(snap),
+        telemetry: Arc::new(crate::telemetry::Telemetry {
+            metrics: metrics.clone(),
+            log,
+        }),
+        dialer: crate::pool::Dialer {
+            metrics,
+            tls: None,
+            mark: None,
+        },
+        registry,
+        drain: Default::default(),
+        source: "test".into(),
+        synced: true.into(),
+        xds_status: Default::default(),
+        identity: None,
+        inbound_tls: Default::default(),
+        mtls_mode: None,
+        peer_labels: Default::default(),
+    };
+    (Arc::new(shared), sink)
+}

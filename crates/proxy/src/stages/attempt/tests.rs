@@ -20,6 +20,7 @@ use crate::{
     access_log::AccessLog,
     metrics::{Direction, Metrics},
     telemetry::Telemetry,
+    test_util::Sink,
 };
 
 fn chunks(parts: &[&'static [u8]]) -> ClientBody {
@@ -236,22 +237,8 @@ async fn upstream(statuses: Vec<u16>) -> (std::net::SocketAddr, Arc<Mutex<Vec<Ve
     (addr, bodies)
 }
 
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[tokio::test]
-async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
-    let (addr, bodies) = upstream(vec![503, 200]).await;
+/// A cluster of one endpoint at `addr`, the dialer and the telemetry (its log in a sink).
+fn fixture(addr: std::net::SocketAddr) -> (Dialer, Arc<Cluster>, Arc<Telemetry>, Sink) {
     let mut reg = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut reg);
     let cfg = ClusterConfig {
@@ -288,6 +275,111 @@ async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
         tls: None,
         mark: None,
     };
+    (dialer, cluster, telemetry, sink)
+}
+
+fn get(path: &str) -> Request<ClientBody> {
+    let mut req = Request::new(ClientBody::Empty);
+    *req.uri_mut() = path.parse().unwrap();
+    req.headers_mut()
+        .insert(header::HOST, HeaderValue::from_static("up.shop"));
+    req
+}
+
+fn plan(
+    cluster: &Arc<Cluster>,
+    timeout: Option<Duration>,
+    idle: Option<Duration>,
+) -> Plan<'static> {
+    Plan {
+        cluster: cluster.clone(),
+        timeout,
+        idle,
+        retry: None,
+        response_headers: None,
+        peer_header: None,
+    }
+}
+
+/// An upstream that reads a request and answers `reply`, then stays silent.
+async fn answering(reply: &'static [u8]) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(reply).await;
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn silence_past_the_idle_timeout_fails_the_try_as_a_network_timeout() {
+    // No head at all.
+    let (dialer, cluster, telemetry, sink) = fixture(answering(b"").await);
+    let rec = Record::new(
+        telemetry.clone(),
+        Direction::outbound,
+        "HTTP/1.1",
+        Default::default(),
+    );
+    let idle = Some(Duration::from_millis(300));
+    let resp = forward(
+        &dialer,
+        plan(&cluster, None, idle),
+        get("/silent"),
+        rec,
+        false,
+    )
+    .await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(resp.headers()["x-trellis-failure"], "upstream_timeout");
+    collect(resp.into_body()).await;
+    // A head, then a body that stops: cut after the idle timeout, recorded as such.
+    let (dialer, cluster, _, _) =
+        fixture(answering(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc").await);
+    let rec = Record::new(
+        telemetry.clone(),
+        Direction::outbound,
+        "HTTP/1.1",
+        Default::default(),
+    );
+    let resp = forward(
+        &dialer,
+        plan(&cluster, None, idle),
+        get("/stalls"),
+        rec,
+        false,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let err = resp.into_body().collect().await.unwrap_err();
+    assert!(err.to_string().contains("sent nothing for 300ms"), "{err}");
+    telemetry.log.close();
+    let lines = sink.lines();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["failure_class"], "upstream_timeout");
+    assert!(
+        lines[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the idle timeout"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[1]["failure_class"], "upstream_timeout");
+    assert_eq!(lines[1]["status"], 200);
+}
+
+#[tokio::test]
+async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
+    let (addr, bodies) = upstream(vec![503, 200]).await;
+    let (dialer, cluster, telemetry, sink) = fixture(addr);
     let retry = RetryConfig {
         attempts: 2,
         codes: vec![503],
