@@ -309,3 +309,6 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -69,3 +69,16 @@ pub(crate) fn shared(
     };
     (Arc::new(shared), sink)
 }
+
+/// Wait until `cond` holds, for at most ten seconds (then panic), yielding between tries.
+pub(crate) async fn eventually_async<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
