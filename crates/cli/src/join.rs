@@ -268,7 +268,7 @@ fn capture_and_dns(
                 .as_str()
                 .and_then(|a| a.parse().ok())
                 .map(|a| {
-                    let (net, bits) = trellis_control::apply::VIRTUAL_IP_RANGE;
+                    let (net, bits) = trellis_control::VIRTUAL_IP_RANGE;
                     (format!("{net}/{bits}"), a)
                 }),
         }

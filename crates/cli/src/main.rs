@@ -401,7 +401,7 @@ fn control(a: ControlArgs) -> ExitCode {
         trust_domain: a.trust_domain,
         svid_ttl: a.svid_ttl.0,
         ca_files: match (a.ca_cert, a.ca_key) {
-            (Some(cert), Some(key)) => Some(trellis_control::identity::CaFiles {
+            (Some(cert), Some(key)) => Some(trellis_control::CaFiles {
                 cert,
                 key,
                 bundle: a.ca_bundle,

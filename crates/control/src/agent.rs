@@ -32,14 +32,14 @@ use crate::{
 };
 
 /// Heartbeat intervals an agent may miss before its Workload is marked unhealthy.
-pub const MISSED: u32 = 3;
+pub(crate) const MISSED: u32 = 3;
 /// How old a request may be.
 const MAX_AGE: u64 = 120;
 
 /// A signed agent request, as it arrives.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Envelope {
+pub(crate) struct Envelope {
     certificate: String,
     proof: String,
     request: String,
@@ -81,7 +81,7 @@ enum Op {
 
 /// Why an agent's request was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub(crate) enum AgentError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -107,7 +107,7 @@ pub enum AgentError {
 
 /// Agents this replica has heard from: when each must be heard from again.
 #[derive(Clone, Default)]
-pub struct Agents {
+pub(crate) struct Agents {
     inner: Arc<Mutex<HashMap<Key, Tracked>>>,
 }
 
@@ -150,7 +150,7 @@ impl Agents {
 
 /// Verify a signed request and carry it out: its certificate, from the mesh's CA, names the
 /// identity it speaks for.
-pub async fn handle(
+pub(crate) async fn handle(
     writer: &Writer,
     identity: &Identity,
     agents: &Agents,
@@ -294,7 +294,7 @@ async fn set_health(store: &Store, key: &Key, h: Health, why: &str) -> Result<()
 }
 
 /// Mark the Workloads of silent agents unhealthy, for as long as this replica runs.
-pub async fn sweep(agents: Agents, store: Store) {
+pub(crate) async fn sweep(agents: Agents, store: Store) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;

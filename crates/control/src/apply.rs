@@ -17,7 +17,7 @@ use crate::{
 
 /// Why an apply was refused. Nothing was written.
 #[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
+pub(crate) enum ApplyError {
     /// A document is malformed, or the resulting set does not make sense.
     #[error(transparent)]
     Invalid(#[from] ConfigError),
@@ -29,21 +29,21 @@ pub enum ApplyError {
 /// What happened to one document.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Applied {
+pub(crate) struct Applied {
     /// Kind.
-    pub kind: String,
+    pub(crate) kind: String,
     /// Namespace.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// `created`, `configured` or `unchanged`.
-    pub action: &'static str,
+    pub(crate) action: &'static str,
     /// The stored version after the apply.
-    pub resource_version: String,
+    pub(crate) resource_version: String,
 }
 
 /// Kinds the API knows, with the short names `trellis get` accepts.
-pub const KINDS: &[(&str, &[&str])] = &[
+pub(crate) const KINDS: &[(&str, &[&str])] = &[
     ("Service", &["service", "services", "svc"]),
     ("Workload", &["workload", "workloads", "wl"]),
     ("HTTPRoute", &["httproute", "httproutes", "route", "routes"]),
@@ -69,7 +69,7 @@ pub const KINDS: &[(&str, &[&str])] = &[
 ];
 
 /// The canonical kind for a name as a user types it.
-pub fn canonical_kind(s: &str) -> Option<&'static str> {
+pub(crate) fn canonical_kind(s: &str) -> Option<&'static str> {
     let l = s.to_ascii_lowercase();
     KINDS
         .iter()
@@ -184,7 +184,7 @@ fn expect_of(file: &str, r: &Resource) -> Result<Expect, ConfigError> {
 }
 
 /// Check `text` (from `file`) against `current` and write it.
-pub async fn apply(
+pub(crate) async fn apply(
     store: &Store,
     current: &Catalog,
     file: &str,
@@ -213,7 +213,7 @@ pub async fn apply(
 
 /// Check typed documents (each with the JSON it is stored as) against `current` and write
 /// them, as [`apply`] does for a file.
-pub async fn apply_documents(
+pub(crate) async fn apply_documents(
     store: &Store,
     current: &Catalog,
     file: &str,
@@ -364,7 +364,7 @@ pub async fn apply_documents(
 
 /// Writes to the store through this replica: one at a time, each checked against the state
 /// its predecessor left, and answered once this replica follows it (read-your-writes).
-pub struct Writer {
+pub(crate) struct Writer {
     store: Store,
     state: watch::Receiver<Arc<State>>,
     lock: tokio::sync::Mutex<()>,
@@ -372,7 +372,7 @@ pub struct Writer {
 
 impl Writer {
     /// Writes to `store`, whose followed state is `state`.
-    pub fn new(store: Store, state: watch::Receiver<Arc<State>>) -> Self {
+    pub(crate) fn new(store: Store, state: watch::Receiver<Arc<State>>) -> Self {
         Self {
             store,
             state,
@@ -381,22 +381,22 @@ impl Writer {
     }
 
     /// The store.
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.store
     }
 
     /// The state this replica follows now.
-    pub fn state(&self) -> Arc<State> {
+    pub(crate) fn state(&self) -> Arc<State> {
         self.state.borrow().clone()
     }
 
     /// The followed state, to watch.
-    pub fn watch(&self) -> watch::Receiver<Arc<State>> {
+    pub(crate) fn watch(&self) -> watch::Receiver<Arc<State>> {
         self.state.clone()
     }
 
     /// A stored document as this replica follows it (no store read).
-    pub fn followed(&self, key: &Key) -> Option<Value> {
+    pub(crate) fn followed(&self, key: &Key) -> Option<Value> {
         self.state
             .borrow()
             .catalog
@@ -406,7 +406,11 @@ impl Writer {
     }
 
     /// Apply `text` as `file` says, and wait until it is followed.
-    pub async fn apply_text(&self, file: &str, text: &str) -> Result<Vec<Applied>, ApplyError> {
+    pub(crate) async fn apply_text(
+        &self,
+        file: &str,
+        text: &str,
+    ) -> Result<Vec<Applied>, ApplyError> {
         let _one = self.lock.lock().await;
         let current = self.state();
         let applied = apply(&self.store, &current.catalog, file, text).await?;
@@ -415,7 +419,7 @@ impl Writer {
     }
 
     /// Apply typed documents, and wait until they are followed.
-    pub async fn apply_documents(
+    pub(crate) async fn apply_documents(
         &self,
         file: &str,
         documents: Vec<(Resource, Value)>,
@@ -429,7 +433,7 @@ impl Writer {
 
     /// Delete `key` (at version `expect`); a deleted Service's virtual IP is freed in the same
     /// batch. The revision of the write.
-    pub async fn delete(&self, key: Key, expect: Expect) -> Result<u64, StoreError> {
+    pub(crate) async fn delete(&self, key: Key, expect: Expect) -> Result<u64, StoreError> {
         let _one = self.lock.lock().await;
         let mut writes = vec![Write {
             key: key.clone(),
@@ -448,7 +452,7 @@ impl Writer {
     }
 
     /// Wait (up to 5 s) until the followed state has caught up with `revision`.
-    pub async fn caught_up(&self, revision: u64) -> Arc<State> {
+    pub(crate) async fn caught_up(&self, revision: u64) -> Arc<State> {
         let mut rx = self.state.clone();
         let wait = async move {
             rx.wait_for(|s| s.catalog.revision >= revision)

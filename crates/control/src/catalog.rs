@@ -17,21 +17,21 @@ use trellis_store::{Change, Event, Key, Listing, Object};
 
 /// One stored resource.
 #[derive(Clone, Debug)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// As stored.
-    pub object: Object,
+    pub(crate) object: Object,
     /// Parsed.
-    pub resource: Arc<Resource>,
+    pub(crate) resource: Arc<Resource>,
     /// Its YAML, rendered once, for proxies.
-    pub yaml: Arc<str>,
+    pub(crate) yaml: Arc<str>,
     /// Hash of the YAML: the document's xDS version.
-    pub version: Arc<str>,
+    pub(crate) version: Arc<str>,
 }
 
 impl Entry {
     /// Parse a stored object. Stored objects were validated on the way in; one that no longer
     /// parses (a newer schema wrote it) is reported and left out.
-    pub fn new(object: Object) -> Result<Self, String> {
+    pub(crate) fn new(object: Object) -> Result<Self, String> {
         let resource: Resource = serde_json::from_value(object.doc.clone())
             .map_err(|e| format!("{}: stored document does not parse: {e}", object.key))?;
         let yaml = serde_saphyr::to_string(&object.doc)
@@ -47,11 +47,11 @@ impl Entry {
 
 /// Every resource at one store revision.
 #[derive(Clone, Debug, Default)]
-pub struct Catalog {
+pub(crate) struct Catalog {
     /// Store revision.
-    pub revision: u64,
+    pub(crate) revision: u64,
     /// Resources by key.
-    pub entries: BTreeMap<Key, Arc<Entry>>,
+    pub(crate) entries: BTreeMap<Key, Arc<Entry>>,
 }
 
 fn insert(entries: &mut BTreeMap<Key, Arc<Entry>>, o: Object) {
@@ -67,7 +67,7 @@ fn insert(entries: &mut BTreeMap<Key, Arc<Entry>>, o: Object) {
 
 impl Catalog {
     /// From a full listing.
-    pub fn from_listing(l: Listing) -> Self {
+    pub(crate) fn from_listing(l: Listing) -> Self {
         let mut entries = BTreeMap::new();
         for o in l.objects {
             insert(&mut entries, o);
@@ -79,7 +79,7 @@ impl Catalog {
     }
 
     /// Apply one committed batch.
-    pub fn apply(&mut self, c: Change) {
+    pub(crate) fn apply(&mut self, c: Change) {
         for e in c.events {
             match e {
                 Event::Put(o) => insert(&mut self.entries, o),
@@ -92,45 +92,45 @@ impl Catalog {
 
 /// A status condition, in Gateway API's shape.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Condition {
+pub(crate) struct Condition {
     /// `Accepted` or `ResolvedRefs`.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// `True` or `False`.
-    pub status: &'static str,
+    pub(crate) status: &'static str,
     /// CamelCase reason.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
     /// Human-readable detail.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// What proxies get at one revision, and each resource's status.
-pub struct Compiled {
+pub(crate) struct Compiled {
     /// Store revision.
-    pub revision: u64,
+    pub(crate) revision: u64,
     /// Conditions per resource (routes, policies, workloads with references).
-    pub conditions: HashMap<Key, Vec<Condition>>,
+    pub(crate) conditions: HashMap<Key, Vec<Condition>>,
     /// The resources proxies get: unresolved routes and policies left out, unresolved
     /// upstreams of a workload dropped.
-    pub effective: Vec<Arc<Resource>>,
+    pub(crate) effective: Vec<Arc<Resource>>,
     /// The same, one YAML document each, by xDS name (`KIND/NAMESPACE/NAME`), with a version
     /// that changes exactly when the document does (Trellis proxies get these by delta xDS).
-    pub docs: BTreeMap<Arc<str>, Doc>,
+    pub(crate) docs: BTreeMap<Arc<str>, Doc>,
     /// The previous compiled revision and the document names that changed since (added,
     /// changed or removed), so that a stream in step only looks at those.
-    pub delta: Option<(u64, Vec<Arc<str>>)>,
+    pub(crate) delta: Option<(u64, Vec<Arc<str>>)>,
     /// The mesh-wide translation (no local workload), for Envoy's resource types; made on
     /// first use, so a fleet of Trellis proxies only never pays for it.
     mesh: std::sync::OnceLock<Result<ProxyConfig, ConfigError>>,
     /// Workload keys by `namespace/name`, to check a node's claim.
-    pub workloads: BTreeMap<NamespacedName, Key>,
+    pub(crate) workloads: BTreeMap<NamespacedName, Key>,
 }
 
 /// A resource proxies get: its key, the parsed resource, its YAML and the YAML's version.
-pub type Served = (Key, Arc<Resource>, Arc<str>, Arc<str>);
+pub(crate) type Served = (Key, Arc<Resource>, Arc<str>, Arc<str>);
 
 /// The resources proxies get, and the conditions that explain what was left out.
-pub fn effective(
+pub(crate) fn effective(
     entries: &BTreeMap<Key, Arc<Entry>>,
 ) -> (Vec<Served>, HashMap<Key, Vec<Condition>>) {
     let list: Vec<&Arc<Entry>> = entries.values().collect();
@@ -235,7 +235,7 @@ fn unresolved(message: String, partial: bool) -> Vec<Condition> {
 
 impl Compiled {
     /// The mesh-wide translation, made once.
-    pub fn mesh(&self) -> &Result<ProxyConfig, ConfigError> {
+    pub(crate) fn mesh(&self) -> &Result<ProxyConfig, ConfigError> {
         self.mesh.get_or_init(|| {
             let m = trellis_model::translate("store", &self.effective, None);
             if let Err(e) = &m {
@@ -246,7 +246,7 @@ impl Compiled {
     }
 
     /// Note what changed since `prev`.
-    pub fn diff_from(&mut self, prev: &Compiled) {
+    pub(crate) fn diff_from(&mut self, prev: &Compiled) {
         let mut names = Vec::new();
         let (mut a, mut b) = (prev.docs.iter().peekable(), self.docs.iter().peekable());
         loop {
@@ -285,11 +285,11 @@ impl Compiled {
 
 /// One document as proxies get it.
 #[derive(Clone, Debug)]
-pub struct Doc {
+pub(crate) struct Doc {
     /// Content hash, as the xDS resource version.
-    pub version: Arc<str>,
+    pub(crate) version: Arc<str>,
     /// The YAML.
-    pub yaml: Arc<str>,
+    pub(crate) yaml: Arc<str>,
 }
 
 fn content_version(yaml: &str) -> Arc<str> {
@@ -300,13 +300,13 @@ fn content_version(yaml: &str) -> Arc<str> {
 }
 
 /// The xDS name of a stored resource.
-pub fn doc_name(k: &Key) -> String {
+pub(crate) fn doc_name(k: &Key) -> String {
     format!("{}/{}/{}", k.kind, k.namespace, k.name)
 }
 
 impl Catalog {
     /// Compile what proxies get.
-    pub fn compile(&self) -> Compiled {
+    pub(crate) fn compile(&self) -> Compiled {
         let (eff, conditions) = effective(&self.entries);
         let docs = eff
             .iter()

@@ -96,7 +96,7 @@ fn dur(d: Duration) -> PbDuration {
 }
 
 /// The name of a service port's Listener and RouteConfiguration: `HOST:PORT`.
-pub fn listener_name(host: &str, port: u16) -> String {
+pub(crate) fn listener_name(host: &str, port: u16) -> String {
     format!("{host}:{port}")
 }
 
@@ -105,7 +105,11 @@ fn wanted(names: &[String], name: &str) -> bool {
 }
 
 /// Resources of `type_url`, limited to `names` (all when empty or `*`).
-pub fn resources(mesh: &ProxyConfig, type_url: &str, names: &[String]) -> Result<Vec<Any>, String> {
+pub(crate) fn resources(
+    mesh: &ProxyConfig,
+    type_url: &str,
+    names: &[String],
+) -> Result<Vec<Any>, String> {
     let mut out = Vec::new();
     match type_url {
         LISTENER_TYPE => {
@@ -178,12 +182,12 @@ fn listener(name: &str, id: &NamespacedName) -> Listener {
 }
 
 /// The name of a sidecar's listener for one declared upstream.
-pub fn outbound_name(b: &BindConfig) -> String {
+pub(crate) fn outbound_name(b: &BindConfig) -> String {
     format!("outbound|{}", b.bind)
 }
 
 /// A sidecar's socket listeners, from the translation for its workload (`cfg.tcp_binds`).
-pub fn sidecar_listeners(cfg: &ProxyConfig, names: &[String]) -> Vec<Any> {
+pub(crate) fn sidecar_listeners(cfg: &ProxyConfig, names: &[String]) -> Vec<Any> {
     let mut out = Vec::new();
     for b in &cfg.tcp_binds {
         let name = outbound_name(b);

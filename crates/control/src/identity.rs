@@ -32,7 +32,7 @@ use crate::error::ControlError;
 
 /// Why a request to the CA (a token, a certificate, a rotation) was refused.
 #[derive(Debug, thiserror::Error)]
-pub enum CaRequestError {
+pub(crate) enum CaRequestError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -73,14 +73,14 @@ fn grant_key(id: &str) -> Key {
 }
 
 /// The CA and how long what it signs lives.
-pub struct Identity {
+pub(crate) struct Identity {
     /// An operator's CA, from files; `None`: the built-in CA, read from the store on use so
     /// that every replica signs with the root a rotation made current.
     files: Option<Arc<Ca>>,
     /// The mesh's trust domain.
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
     /// Lifetime of an issued certificate.
-    pub svid_ttl: Duration,
+    pub(crate) svid_ttl: Duration,
     /// The built-in CA as last read, and when: agents' heartbeats are verified against it
     /// many times a second in a large fleet, and a rotation is seen within [`CA_FRESH`].
     cached: std::sync::Mutex<Option<(std::time::Instant, Arc<Ca>)>>,
@@ -91,7 +91,7 @@ const CA_FRESH: Duration = Duration::from_secs(1);
 
 impl Identity {
     /// The operator's CA (`files`) or the built-in one in `store`.
-    pub async fn new(
+    pub(crate) async fn new(
         store: &Store,
         files: Option<&CaFiles>,
         trust_domain: &str,
@@ -117,7 +117,7 @@ impl Identity {
     }
 
     /// The CA to sign with now, its trust bundle holding every root being rotated.
-    pub async fn ca(&self, store: &Store) -> Result<Arc<Ca>, ControlError> {
+    pub(crate) async fn ca(&self, store: &Store) -> Result<Arc<Ca>, ControlError> {
         if let Some(c) = &self.files {
             return Ok(c.clone());
         }
@@ -290,7 +290,7 @@ async fn establish_ca(store: &Store, trust_domain: &str) -> Result<(), ControlEr
 /// `POST /api/v1/ca/rotate`'s body.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RotateRequest {
+pub(crate) struct RotateRequest {
     phase: String,
     #[serde(default)]
     force: bool,
@@ -306,7 +306,7 @@ pub struct RotateRequest {
 ///    has expired (one certificate lifetime after `activate`) unless `force`.
 ///
 /// Each phase is one compare-and-swap of the CA record and the bundle together.
-pub async fn rotate(
+pub(crate) async fn rotate(
     id: &Identity,
     store: &Store,
     req: RotateRequest,
@@ -381,7 +381,7 @@ pub async fn rotate(
 }
 
 /// `GET /api/v1/ca`: the trust domain, the roots (signing, trusted) and the rotation phase.
-pub async fn ca_status(id: &Identity, store: &Store) -> Result<Value, CaRequestError> {
+pub(crate) async fn ca_status(id: &Identity, store: &Store) -> Result<Value, CaRequestError> {
     let ca = id.ca(store).await?;
     let describe = |pem: &str, signing: bool| {
         let info = trellis_identity::ca::describe_ca(pem);
@@ -429,7 +429,7 @@ fn x509_pems(bundle: &str) -> Vec<String> {
 /// `POST /api/v1/tokens`'s body.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TokenRequest {
+pub(crate) struct TokenRequest {
     namespace: String,
     identity: String,
     ttl_seconds: u64,
@@ -442,7 +442,7 @@ fn unprocessable(m: impl Into<String>) -> CaRequestError {
 }
 
 /// A join token for `req`'s identity (shown once; the store keeps only its digest).
-pub async fn create_token(
+pub(crate) async fn create_token(
     id: &Identity,
     store: &Store,
     req: TokenRequest,
@@ -488,7 +488,7 @@ pub async fn create_token(
 }
 
 /// Every join token's grant, never a secret (none is stored).
-pub async fn list_tokens(store: &Store) -> Result<Value, StoreError> {
+pub(crate) async fn list_tokens(store: &Store) -> Result<Value, StoreError> {
     let now = join::unix(SystemTime::now());
     let items: Vec<Value> = store
         .list()
@@ -519,7 +519,7 @@ pub async fn list_tokens(store: &Store) -> Result<Value, StoreError> {
 }
 
 /// Revoke a join token (certificates it got stay valid).
-pub async fn revoke_token(store: &Store, id: &str) -> Result<Value, StoreError> {
+pub(crate) async fn revoke_token(store: &Store, id: &str) -> Result<Value, StoreError> {
     store
         .write(vec![Write {
             key: grant_key(id),
@@ -534,7 +534,7 @@ pub async fn revoke_token(store: &Store, id: &str) -> Result<Value, StoreError> 
 /// `POST /v1/certificates`'s body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CsrRequest {
+pub(crate) struct CsrRequest {
     csr: String,
     /// Renewal: the current certificate (PEM chain)...
     #[serde(default)]
@@ -583,7 +583,7 @@ fn unauthorized(m: impl Into<String>) -> CaRequestError {
 
 /// A certificate for a CSR: with a join token (`token`, from the bearer header), for the
 /// identity it allows, using one of its uses; or a renewal proven by the current one.
-pub async fn sign(
+pub(crate) async fn sign(
     id: &Identity,
     store: &Store,
     token: &str,
@@ -644,6 +644,3 @@ pub async fn sign(
         "the join token is in use by other requests; try again".into(),
     ))
 }
-
-/// Shared by the API.
-pub type Shared = Arc<Identity>;

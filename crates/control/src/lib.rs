@@ -10,22 +10,23 @@
 //! - [`xds`]: the ADS server (xDS v3); [`registry`]: every proxy's ACK/NACK state.
 //! - [`envoy`]: the translation into Envoy's standard resource types.
 
-pub mod agent;
-pub mod api;
-pub mod apply;
-pub mod catalog;
-pub mod control;
+pub(crate) mod agent;
+pub(crate) mod api;
+pub(crate) mod apply;
+pub(crate) mod catalog;
+pub(crate) mod control;
 mod delta;
-pub mod envoy;
-pub mod error;
-pub mod identity;
-pub mod registry;
-pub mod state;
-pub mod tls;
-pub mod token;
-pub mod vips;
-pub mod xds;
+pub(crate) mod envoy;
+pub(crate) mod error;
+pub(crate) mod identity;
+pub(crate) mod registry;
+pub(crate) mod state;
+pub(crate) mod tls;
+pub(crate) mod token;
+pub(crate) mod vips;
+pub(crate) mod xds;
 
+pub use apply::VIRTUAL_IP_RANGE;
 pub use control::{Control, Options};
 pub use error::ControlError;
-pub use state::State;
+pub use identity::CaFiles;

@@ -15,48 +15,48 @@ use trellis_xds::node_workload;
 /// ACK/NACK state of one resource type at one proxy.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TypeStatus {
+pub(crate) struct TypeStatus {
     /// Version last sent.
-    pub sent: String,
+    pub(crate) sent: String,
     /// Version last acknowledged.
-    pub acked: String,
+    pub(crate) acked: String,
     /// The last rejection, if the proxy has rejected anything since connecting.
-    pub rejected: Option<Rejection>,
+    pub(crate) rejected: Option<Rejection>,
     /// Resources sent in the last response.
-    pub resources: usize,
+    pub(crate) resources: usize,
 }
 
 /// A NACK.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Rejection {
+pub(crate) struct Rejection {
     /// The version the proxy refused.
-    pub version: String,
+    pub(crate) version: String,
     /// Its reason, as the proxy gave it.
-    pub message: String,
+    pub(crate) message: String,
     /// When (seconds since the epoch).
-    pub at: u64,
+    pub(crate) at: u64,
 }
 
 /// One connected proxy.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ProxyStatus {
+pub(crate) struct ProxyStatus {
     /// Node id.
-    pub node: String,
+    pub(crate) node: String,
     /// `NAMESPACE/NAME` of the workload it serves, if it said.
-    pub workload: Option<String>,
+    pub(crate) workload: Option<String>,
     /// Its address as the control plane sees it.
-    pub peer: Option<String>,
+    pub(crate) peer: Option<String>,
     /// When it connected (seconds since the epoch).
-    pub connected_at: u64,
+    pub(crate) connected_at: u64,
     /// Per resource type (short name: `document`, `listener`, `route`, `cluster`, `endpoint`).
-    pub types: BTreeMap<String, TypeStatus>,
+    pub(crate) types: BTreeMap<String, TypeStatus>,
 }
 
 /// Every connected proxy. Cheap to clone.
 #[derive(Clone, Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     inner: Arc<Mutex<BTreeMap<u64, ProxyStatus>>>,
 }
 
@@ -151,14 +151,14 @@ impl Registry {
     }
 
     /// Every connected proxy, ordered by connection.
-    pub fn snapshot(&self) -> Vec<ProxyStatus> {
+    pub(crate) fn snapshot(&self) -> Vec<ProxyStatus> {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         m.values().cloned().collect()
     }
 
     /// Node ids of the proxies that use `key`: for a Workload, those serving it; for any
     /// other kind, every proxy that takes Trellis documents (each gets the whole mesh).
-    pub fn using(&self, key: &Key) -> Vec<String> {
+    pub(crate) fn using(&self, key: &Key) -> Vec<String> {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let wl = format!("{}/{}", key.namespace, key.name);
         m.values()

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use crate::catalog::{Catalog, Compiled};
 
 /// The catalog and what was compiled from it, at one revision.
-pub struct State {
+pub(crate) struct State {
     /// Every resource.
-    pub catalog: Catalog,
+    pub(crate) catalog: Catalog,
     /// What proxies get.
-    pub compiled: Arc<Compiled>,
+    pub(crate) compiled: Arc<Compiled>,
 }

@@ -39,7 +39,7 @@ const TLS_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// This replica's serving configuration, renewed in place.
-pub type Serving = Arc<ArcSwap<rustls::ServerConfig>>;
+pub(crate) type Serving = Arc<ArcSwap<rustls::ServerConfig>>;
 
 async fn issue(
     identity: &Identity,
@@ -64,7 +64,7 @@ async fn issue(
 
 /// Get this replica's serving certificate, and keep renewing it at half its lifetime (so a
 /// root rotation reaches it too).
-pub async fn serving(
+pub(crate) async fn serving(
     identity: Arc<Identity>,
     store: Store,
     alpn: &'static [&'static [u8]],
@@ -93,17 +93,17 @@ pub async fn serving(
 
 /// Who is at the other end of a connection (a request extension, set by tonic).
 #[derive(Clone, Debug)]
-pub struct Peer {
+pub(crate) struct Peer {
     /// The client's address.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The connection is TLS.
-    pub tls: bool,
+    pub(crate) tls: bool,
     /// The SPIFFE ID of the client's certificate, if it gave one.
-    pub id: Option<SpiffeId>,
+    pub(crate) id: Option<SpiffeId>,
 }
 
 /// An accepted connection.
-pub struct Conn {
+pub(crate) struct Conn {
     io: Io,
     peer: Peer,
 }
@@ -121,7 +121,7 @@ impl tonic::transport::server::Connected for Conn {
 
 /// Accept connections on `l`: TLS always, plaintext when `plaintext`. Handshakes run in
 /// tasks of their own, so a slow client never holds up the others.
-pub fn incoming(
+pub(crate) fn incoming(
     l: TcpListener,
     tls: Serving,
     plaintext: bool,
@@ -232,7 +232,7 @@ impl AsyncWrite for Conn {
 /// The client of an ADS stream: over TLS it must have presented a mesh certificate (a proxy
 /// with only a join token may ask for a certificate, nothing else). `None` for connections
 /// not accepted by [`incoming`] (in-process tests).
-pub fn ads_peer<T>(req: &tonic::Request<T>) -> Result<Option<SocketAddr>, tonic::Status> {
+pub(crate) fn ads_peer<T>(req: &tonic::Request<T>) -> Result<Option<SocketAddr>, tonic::Status> {
     match req.extensions().get::<Peer>() {
         None => Ok(req.remote_addr()),
         Some(Peer { tls: true, id: None, .. }) => Err(tonic::Status::unauthenticated(
@@ -244,14 +244,14 @@ pub fn ads_peer<T>(req: &tonic::Request<T>) -> Result<Option<SocketAddr>, tonic:
 
 /// The API's listener beyond loopback: TLS only (HTTP/1.1 or HTTP/2 by ALPN), for
 /// `axum::serve`.
-pub struct TlsListener {
+pub(crate) struct TlsListener {
     rx: tokio_stream::wrappers::ReceiverStream<io::Result<Conn>>,
     addr: SocketAddr,
 }
 
 impl TlsListener {
     /// Serve TLS on `l` with `tls`.
-    pub fn new(l: TcpListener, tls: Serving) -> io::Result<Self> {
+    pub(crate) fn new(l: TcpListener, tls: Serving) -> io::Result<Self> {
         let addr = l.local_addr()?;
         Ok(Self {
             rx: incoming(l, tls, false),

@@ -15,12 +15,12 @@ const FILE: &str = "admin.token";
 
 /// Where the digest lives in the store. Not a resource kind: the catalog skips kinds that
 /// start with `_`, and the API only serves the kinds it knows.
-pub fn store_key() -> Key {
+pub(crate) fn store_key() -> Key {
     Key::new("_AdminToken", "trellis-system", "admin")
 }
 
 /// 32 random bytes from the kernel, hex-encoded.
-pub fn generate() -> std::io::Result<String> {
+pub(crate) fn generate() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(hex(&bytes))
@@ -28,13 +28,13 @@ pub fn generate() -> std::io::Result<String> {
 
 /// The mesh's admin token, as a digest to check bearer tokens against.
 #[derive(Clone, Debug)]
-pub struct AdminToken {
+pub(crate) struct AdminToken {
     sha256: String,
 }
 
 impl AdminToken {
     /// Whether `given` is the token (compared by digest, without an early exit).
-    pub fn accepts(&self, given: &str) -> bool {
+    pub(crate) fn accepts(&self, given: &str) -> bool {
         same(&digest(given.trim()), &self.sha256)
     }
 }
@@ -77,7 +77,7 @@ async fn stored(store: &Store) -> Result<Option<String>, ControlError> {
 /// The mesh's admin token: the one recorded in the store, or else this data dir's (created
 /// when missing), which is then recorded. The second value is the token when this call
 /// created it, so that the caller prints it once.
-pub async fn establish(
+pub(crate) async fn establish(
     store: &Store,
     dir: &Path,
 ) -> Result<(AdminToken, Option<String>), ControlError> {

@@ -21,7 +21,7 @@ fn key() -> Key {
 
 /// The record as read, and what this apply changes in it.
 #[derive(Debug)]
-pub struct Allocations {
+pub(crate) struct Allocations {
     version: Option<u64>,
     ips: BTreeMap<Ipv4Addr, String>,
     changed: bool,
@@ -29,7 +29,7 @@ pub struct Allocations {
 
 impl Allocations {
     /// Read the record; a mesh that has none yet starts from the catalog's Services.
-    pub async fn read(store: &Store, current: &Catalog) -> Result<Self, StoreError> {
+    pub(crate) async fn read(store: &Store, current: &Catalog) -> Result<Self, StoreError> {
         let Some(o) = store.get(&key()).await? else {
             let ips = current
                 .entries
@@ -60,17 +60,17 @@ impl Allocations {
     }
 
     /// The Service (`namespace/name`) that holds `ip`.
-    pub fn owner(&self, ip: Ipv4Addr) -> Option<&str> {
+    pub(crate) fn owner(&self, ip: Ipv4Addr) -> Option<&str> {
         self.ips.get(&ip).map(String::as_str)
     }
 
     /// Whether `owner` may take `ip`: nobody holds it, or `owner` already does.
-    pub fn free_for(&self, ip: Ipv4Addr, owner: &str) -> bool {
+    pub(crate) fn free_for(&self, ip: Ipv4Addr, owner: &str) -> bool {
         self.owner(ip).is_none_or(|o| o == owner)
     }
 
     /// `owner` holds `ip`, and no other address.
-    pub fn claim(&mut self, ip: Ipv4Addr, owner: &str) {
+    pub(crate) fn claim(&mut self, ip: Ipv4Addr, owner: &str) {
         if self.owner(ip) == Some(owner) && self.ips.values().filter(|o| *o == owner).count() == 1 {
             return;
         }
@@ -80,14 +80,14 @@ impl Allocations {
     }
 
     /// `owner` holds nothing.
-    pub fn release(&mut self, owner: &str) {
+    pub(crate) fn release(&mut self, owner: &str) {
         let before = self.ips.len();
         self.ips.retain(|_, o| o != owner);
         self.changed |= self.ips.len() != before;
     }
 
     /// The write that stores the changes, if any: only if the record is still as read.
-    pub fn write(&self) -> Option<Write> {
+    pub(crate) fn write(&self) -> Option<Write> {
         if !self.changed {
             return None;
         }

@@ -40,7 +40,7 @@ fn document(d: &Doc) -> Any {
 }
 
 /// Serve ADS on `l`, and `extra` (plain HTTP/2 routes) next to it.
-pub async fn serve(
+pub(crate) async fn serve(
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
     l: TcpListener,

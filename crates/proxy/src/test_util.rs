@@ -78,7 +78,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within 10 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within 10 s"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }

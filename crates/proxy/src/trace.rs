@@ -16,7 +16,7 @@ pub(crate) struct TraceIds {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn hex_into(out: &mut [u8], mut n: u128) {
+pub(crate) fn hex_into(out: &mut [u8], mut n: u128) {
     for b in out.iter_mut().rev() {
         *b = HEX[(n & 0xf) as usize];
         n >>= 4;
@@ -50,7 +50,8 @@ fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
     ok.then_some((trace, flags as u8))
 }
 
-/// Format a trace id for logs.
+/// Format a trace id.
+#[cfg(test)]
 pub(crate) fn trace_id_hex(id: u128) -> String {
     let mut b = [0u8; 32];
     hex_into(&mut b, id);

@@ -49,11 +49,9 @@ use crate::{
     token,
 };
 
-pub use resources::render;
-
 /// The API's shared state.
 #[derive(Clone)]
-pub struct Api {
+pub(crate) struct Api {
     inner: Arc<Inner>,
 }
 
@@ -69,7 +67,7 @@ struct Inner {
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// The request is malformed (400).
     #[error("{0}")]
     BadRequest(String),
@@ -185,7 +183,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 
 impl Api {
     /// The API over `store` and the followed `state`.
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         state: watch::Receiver<Arc<State>>,
         proxies: Registry,
@@ -206,7 +204,7 @@ impl Api {
     }
 
     /// The router (also used by tests in-process).
-    pub fn router(self) -> Router {
+    pub(crate) fn router(self) -> Router {
         let v1 = resources::routes()
             .route(
                 "/tokens",
@@ -234,7 +232,7 @@ impl Api {
 
     /// The certificate endpoint alone, for the xDS address: a proxy reaches its CA at the
     /// address it already has.
-    pub fn certificate_router(&self) -> Router {
+    pub(crate) fn certificate_router(&self) -> Router {
         Router::new()
             .route("/v1/certificates", post(identity::sign))
             .route("/v1/agent", post(agent::handle))
@@ -243,17 +241,17 @@ impl Api {
     }
 
     /// The CA and certificate lifetime.
-    pub fn identity(&self) -> &Identity {
+    pub(crate) fn identity(&self) -> &Identity {
         &self.inner.identity
     }
 
     /// The same, shared.
-    pub fn identity_arc(&self) -> Arc<Identity> {
+    pub(crate) fn identity_arc(&self) -> Arc<Identity> {
         self.inner.identity.clone()
     }
 
     /// Agents heard from by this replica.
-    pub fn agents(&self) -> &Agents {
+    pub(crate) fn agents(&self) -> &Agents {
         &self.inner.agents
     }
 
@@ -268,12 +266,12 @@ impl Api {
     }
 
     /// The store.
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         self.inner.writer.store()
     }
 
     /// Serve until the process ends.
-    pub async fn serve(self, l: TcpListener) {
+    pub(crate) async fn serve(self, l: TcpListener) {
         if let Err(e) = axum::serve(l, self.router()).await {
             tracing::error!(error = %e, "api server failed");
         }
@@ -281,7 +279,7 @@ impl Api {
 
     /// Serve on `l` with TLS only (an address beyond loopback): the admin token must not
     /// cross a network in the clear.
-    pub async fn serve_tls(self, l: TlsListener) {
+    pub(crate) async fn serve_tls(self, l: TlsListener) {
         if let Err(e) = axum::serve(l, self.router()).await {
             tracing::error!(error = %e, "api server failed");
         }

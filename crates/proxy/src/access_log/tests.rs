@@ -1,5 +1,7 @@
 use std::sync::{Arc, Mutex};
 
+use http::HeaderValue;
+
 use super::*;
 
 #[test]
@@ -99,4 +101,96 @@ fn a_stuck_writer_drops_and_counts_instead_of_blocking() {
     log.close();
     let got = lines(&sink);
     assert_eq!(got.len(), 1 + QUEUE_CAP, "everything queued was written");
+}
+
+fn http_line(path: &str, detail: Option<String>, upstream: SocketAddr) -> Entry {
+    Entry::Http(HttpLine {
+        start: std::time::UNIX_EPOCH + Duration::from_millis(1_764_192_394_123),
+        total: Duration::from_micros(12_345_678),
+        direction: Direction::inbound,
+        protocol: "HTTP/2",
+        method: http::Method::POST,
+        authority: Some(crate::http::authority::RequestAuthority::Host(
+            HeaderValue::from_static("shop.test:80"),
+        )),
+        uri: path.parse().unwrap(),
+        status: 503,
+        grpc_status: Some(14),
+        class: FailureClass::AppError,
+        side: Some(Side::Upstream),
+        detail,
+        client_gone: true,
+        source_identity: Label::from("spiffe://trellis.local/ns/shop/sa/web"),
+        src_service: Label::from("web.shop"),
+        src_workload: Label::default(),
+        dst_service: Label::from("api.shop"),
+        dst_workload: Label::from("api-1"),
+        dst_environment: "vm",
+        dst_locality: Label::from("eu/eu-1"),
+        route: Label::from("shop/api"),
+        upstream: Some(upstream),
+        upstream_app: Some("10.0.0.5:8080".parse().unwrap()),
+        attempts: 2,
+        connect: None,
+        first_byte: Some(Duration::from_micros(1_500)),
+        trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+        request_id: Some(HeaderValue::from_static("req-1")),
+    })
+}
+
+#[test]
+fn lines_are_json_whatever_the_strings_hold() {
+    let sink = Sink::default();
+    let log = AccessLog::to(Some(Box::new(sink.clone())), Counter::default());
+    let nasty = "a \"quoted\" back\\slash\nnew\tline \u{1} été 💥";
+    log.push(http_line(
+        "/p%20ath",
+        Some(nasty.to_string()),
+        "10.0.0.9:15006".parse().unwrap(),
+    ));
+    log.push(http_line("/", None, "[fd00::1]:15006".parse().unwrap()));
+    log.close();
+    let got = lines(&sink);
+    assert_eq!(got.len(), 2);
+    let l = &got[0];
+    assert_eq!(l["ts"], "2025-11-26T21:26:34.123Z");
+    assert_eq!(l["detail"], nasty, "escaped and read back the same");
+    assert_eq!(l["path"], "/p%20ath");
+    assert_eq!(l["authority"], "shop.test:80");
+    assert_eq!(l["status"], 503);
+    assert_eq!(l["grpc_status"], 14);
+    assert_eq!(l["failure_class"], "app_error");
+    assert_eq!(l["failure_category"], "application");
+    assert_eq!(l["failure_side"], "upstream");
+    assert_eq!(l["client_disconnected"], true);
+    assert_eq!(l["upstream"], "10.0.0.9:15006");
+    assert_eq!(l["upstream_app"], "10.0.0.5:8080");
+    assert_eq!(l["connect_ms"], serde_json::Value::Null);
+    assert_eq!(l["first_byte_ms"], 1.5);
+    assert_eq!(l["total_ms"], 12345.678);
+    assert_eq!(l["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(l["request_id"], "req-1");
+    assert_eq!(l["src_service"], "web.shop");
+    assert!(l.get("src_workload").is_none(), "unknown: left out");
+    assert_eq!(got[1]["upstream"], "[fd00::1]:15006");
+    assert!(got[1].get("detail").is_none());
+}
+
+#[test]
+fn every_byte_that_json_needs_escaped_is() {
+    for b in 0u8..=255 {
+        assert_eq!(
+            ESCAPE[b as usize],
+            b < 0x20 || b == b'"' || b == b'\\',
+            "byte {b:#x}"
+        );
+    }
+    let mut out = Vec::new();
+    escaped(&mut out, "0123456789\"abcdefgh\\x\u{7f}é\u{1f}".as_bytes());
+    let s = String::from_utf8(out).unwrap();
+    assert_eq!(s, "\"0123456789\\\"abcdefgh\\\\x\u{7f}é\\u001f\"");
+    assert_eq!(
+        serde_json::from_str::<String>(&s).unwrap(),
+        "0123456789\"abcdefgh\\x\u{7f}é\u{1f}"
+    );
 }

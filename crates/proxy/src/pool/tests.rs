@@ -100,8 +100,15 @@ async fn the_connection_limit_is_the_clusters() {
     let slots = Arc::new(Semaphore::new(1));
     let pool = Pool::new(addr, "shop/up-1".into(), None, Duration::from_secs(60));
     let c = ctx(&slots, &metrics);
-    let (held, _) = pool.checkout(false, &c, Instant::now(), None).await.unwrap();
-    let e = pool.checkout(false, &c, Instant::now(), None).await.err().unwrap();
+    let (held, _) = pool
+        .checkout(false, &c, Instant::now(), None)
+        .await
+        .unwrap();
+    let e = pool
+        .checkout(false, &c, Instant::now(), None)
+        .await
+        .err()
+        .unwrap();
     assert_eq!(e.class(), crate::error::FailureClass::Overloaded);
     assert!(e.to_string().contains("max connections"), "{e}");
     drop(held);
@@ -110,7 +117,11 @@ async fn the_connection_limit_is_the_clusters() {
 
 #[tokio::test]
 async fn connect_failures_name_the_workload_and_the_address() {
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
     let slots = Arc::new(Semaphore::new(1));
     let pool = Pool::new(closed, "shop/up-1".into(), None, Duration::from_secs(60));
@@ -120,6 +131,13 @@ async fn connect_failures_name_the_workload_and_the_address() {
         .err()
         .unwrap();
     assert_eq!(e.class(), crate::error::FailureClass::ConnectRefused);
-    assert!(e.to_string().contains(&format!("shop/up-1 at {closed}")), "{e}");
-    assert_eq!(slots.available_permits(), 1, "a failed connect gives its slot back");
+    assert!(
+        e.to_string().contains(&format!("shop/up-1 at {closed}")),
+        "{e}"
+    );
+    assert_eq!(
+        slots.available_permits(),
+        1,
+        "a failed connect gives its slot back"
+    );
 }
