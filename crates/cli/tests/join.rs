@@ -48,6 +48,21 @@ fn start_agent(cp: &ControlProcess, state: &str, app: u16, token: Option<&str>) 
     Proc(c.spawn().expect("spawn trellis join"))
 }
 
+/// The caller `test/client` (identity `client`), joined with a token and fed by `cp`; its
+/// state dir.
+async fn start_caller(cp: &ControlProcess, state: &str) -> (ProxyProcess, std::path::PathBuf) {
+    let t = token(cp, "test", "client", "10m", "1");
+    let dir = temp_path(state);
+    let caller = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &["--state-dir", dir.to_str().unwrap(), "--join-token", &t],
+    );
+    caller.wait_ready().await;
+    (caller, dir)
+}
+
 async fn wait_health(cp: &ControlProcess, healthy: bool, what: &str) -> serde_json::Value {
     eventually(what, Duration::from_secs(15), async || {
         let w = workload(cp, "catalog-1").await?;
@@ -94,15 +109,7 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
         "spiffe://trellis.local/ns/test/sa/catalog"
     );
     // A caller reaches it through the agent's proxy, by mutual TLS.
-    let ct = token(&cp, "test", "client", "10m", "1");
-    let cstate = temp_path("agent-caller");
-    let caller = ProxyProcess::start_xds(
-        BIN,
-        &[cp.xds_url()],
-        "test/client",
-        &["--state-dir", cstate.to_str().unwrap(), "--join-token", &ct],
-    );
-    caller.wait_ready().await;
+    let (caller, cstate) = start_caller(&cp, "agent-caller").await;
     let reach = |want: u16| {
         let caller = &caller;
         async move {
@@ -254,15 +261,7 @@ async fn a_health_check_that_passes_again_lifts_the_callers_ejection() {
         .stderr(Stdio::null());
     let _agent = Proc(c.spawn().expect("spawn trellis join"));
     wait_health(&cp, true, "registered and healthy").await;
-    let ct = token(&cp, "test", "client", "10m", "1");
-    let cstate = temp_path("agent-recover-caller");
-    let caller = ProxyProcess::start_xds(
-        BIN,
-        &[cp.xds_url()],
-        "test/client",
-        &["--state-dir", cstate.to_str().unwrap(), "--join-token", &ct],
-    );
-    caller.wait_ready().await;
+    let (caller, cstate) = start_caller(&cp, "agent-recover-caller").await;
     eventually(
         "the caller reaches the app",
         Duration::from_secs(15),

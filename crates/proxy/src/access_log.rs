@@ -28,12 +28,8 @@ pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Records queued at most; beyond, they are dropped and counted.
 pub(crate) const QUEUE_CAP: usize = 8192;
 
-/// A finished request, as the log line says it.
+/// A request, as its log line says it (filled in by its record as it progresses).
 pub(crate) struct HttpLine {
-    /// When it began (wall clock).
-    pub(crate) start: SystemTime,
-    /// How long it took, to the end of the response.
-    pub(crate) total: Duration,
     /// Direction.
     pub(crate) direction: Direction,
     /// `HTTP/1.1`, `HTTP/2`.
@@ -88,10 +84,44 @@ pub(crate) struct HttpLine {
     pub(crate) request_id: Option<HeaderValue>,
 }
 
+impl HttpLine {
+    /// What a record holds once its line has gone to the log: nothing that costs.
+    pub(crate) fn taken() -> Self {
+        Self {
+            direction: Direction::outbound,
+            protocol: "",
+            method: Method::GET,
+            authority: None,
+            uri: Uri::default(),
+            status: 0,
+            grpc_status: None,
+            class: FailureClass::Ok,
+            side: None,
+            detail: None,
+            client_gone: false,
+            source_identity: Label::default(),
+            src_service: Label::default(),
+            src_workload: Label::default(),
+            dst_service: Label::default(),
+            dst_workload: Label::default(),
+            dst_environment: "unknown",
+            dst_locality: Label::default(),
+            route: Label::default(),
+            upstream: None,
+            upstream_app: None,
+            attempts: 0,
+            connect: None,
+            first_byte: None,
+            trace_id: 0,
+            request_id: None,
+        }
+    }
+}
+
 /// A finished TCP connection.
 pub(crate) struct TcpLine {
     /// When it began (wall clock).
-    pub(crate) start: SystemTime,
+    pub(crate) at: SystemTime,
     /// How long it lasted.
     pub(crate) total: Duration,
     /// Direction.
@@ -119,8 +149,8 @@ pub(crate) struct TcpLine {
 /// One queued record. Held by value: queueing a record moves it, and costs no allocation.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Entry {
-    /// An HTTP request.
-    Http(HttpLine),
+    /// An HTTP request: its line, when it began (wall clock) and how long it took.
+    Http(HttpLine, SystemTime, Duration),
     /// A TCP connection.
     Tcp(TcpLine),
 }
@@ -288,27 +318,32 @@ impl<'a> Line<'a> {
         Self { buf }
     }
 
+    #[inline(always)]
     fn raw(&mut self, b: &[u8]) {
         self.buf.extend_from_slice(b);
     }
 
+    #[inline(always)]
     fn str(&mut self, key: &[u8], v: &str) {
         self.raw(key);
         escaped(self.buf, v.as_bytes());
     }
 
+    #[inline(always)]
     fn opt_str(&mut self, key: &[u8], v: Option<&str>) {
         if let Some(v) = v {
             self.str(key, v);
         }
     }
 
+    #[inline(always)]
     fn num(&mut self, key: &[u8], n: u64) {
         self.raw(key);
         decimal(self.buf, n);
     }
 
     /// Milliseconds with microsecond precision (`1.234`), or null.
+    #[inline(always)]
     fn ms(&mut self, key: &[u8], d: Option<Duration>) {
         self.raw(key);
         let Some(d) = d else {
@@ -349,6 +384,21 @@ impl<'a> Line<'a> {
             }
         }
         self.buf.push(b'"');
+    }
+
+    /// Class, category and side: names of the taxonomy, nothing to escape.
+    #[inline(always)]
+    fn outcome(&mut self, class: FailureClass, side: Option<Side>) {
+        self.raw(br#","failure_class":""#);
+        self.raw(class.as_str().as_bytes());
+        self.raw(br#"","failure_category":""#);
+        self.raw(class.category().as_str().as_bytes());
+        self.raw(b"\"");
+        if let Some(side) = side {
+            self.raw(br#","failure_side":""#);
+            self.raw(side.as_str().as_bytes());
+            self.raw(b"\"");
+        }
     }
 
     fn end(mut self) {
@@ -449,9 +499,9 @@ impl Clock {
 
 fn format(e: &Entry, clock: &mut Clock, buf: &mut Vec<u8>) {
     match e {
-        Entry::Http(l) => {
+        Entry::Http(l, at, total) => {
             let mut j = Line::new(buf);
-            clock.write(l.start, j.buf);
+            clock.write(*at, j.buf);
             j.raw(br#","kind":"http","direction":""#);
             j.raw(l.direction.as_str().as_bytes());
             j.raw(br#"","protocol":""#);
@@ -467,17 +517,7 @@ fn format(e: &Entry, clock: &mut Clock, buf: &mut Vec<u8>) {
             if let Some(g) = l.grpc_status {
                 j.num(key!("grpc_status"), u64::from(g));
             }
-            // Class, category and side are names of the taxonomy: nothing to escape.
-            j.raw(br#","failure_class":""#);
-            j.raw(l.class.as_str().as_bytes());
-            j.raw(br#"","failure_category":""#);
-            j.raw(l.class.category().as_str().as_bytes());
-            j.raw(b"\"");
-            if let Some(side) = l.side {
-                j.raw(br#","failure_side":""#);
-                j.raw(side.as_str().as_bytes());
-                j.raw(b"\"");
-            }
+            j.outcome(l.class, l.side);
             j.opt_str(key!("detail"), l.detail.as_deref());
             if l.client_gone {
                 j.raw(br#","client_disconnected":true"#);
@@ -497,7 +537,7 @@ fn format(e: &Entry, clock: &mut Clock, buf: &mut Vec<u8>) {
             j.num(key!("attempts"), u64::from(l.attempts));
             j.ms(key!("connect_ms"), l.connect);
             j.ms(key!("first_byte_ms"), l.first_byte);
-            j.ms(key!("total_ms"), Some(l.total));
+            j.ms(key!("total_ms"), Some(*total));
             let mut hex = *br#","trace_id":"00000000000000000000000000000000""#;
             crate::trace::hex_into(&mut hex[13..45], l.trace_id);
             j.raw(&hex);
@@ -512,7 +552,7 @@ fn format(e: &Entry, clock: &mut Clock, buf: &mut Vec<u8>) {
         }
         Entry::Tcp(l) => {
             let mut j = Line::new(buf);
-            clock.write(l.start, j.buf);
+            clock.write(l.at, j.buf);
             j.raw(br#","kind":"tcp","direction":""#);
             j.raw(l.direction.as_str().as_bytes());
             j.raw(b"\"");
@@ -520,16 +560,7 @@ fn format(e: &Entry, clock: &mut Clock, buf: &mut Vec<u8>) {
             j.str(key!("dst_workload"), l.dst_workload.as_str());
             j.addr(key!("upstream"), l.upstream);
             j.str(key!("source_identity"), l.source_identity.as_str());
-            j.raw(br#","failure_class":""#);
-            j.raw(l.class.as_str().as_bytes());
-            j.raw(br#"","failure_category":""#);
-            j.raw(l.class.category().as_str().as_bytes());
-            j.raw(b"\"");
-            if let Some(side) = l.side {
-                j.raw(br#","failure_side":""#);
-                j.raw(side.as_str().as_bytes());
-                j.raw(b"\"");
-            }
+            j.outcome(l.class, l.side);
             match &l.detail {
                 Some(d) => j.str(key!("detail"), d),
                 None => j.raw(br#","detail":null"#),

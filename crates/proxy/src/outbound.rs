@@ -87,7 +87,7 @@ pub(crate) fn route<'a>(
         idle: r.idle_timeout,
         retry: r.retry.as_ref(),
         response_headers: Some(&r.response_headers),
-        peer_header: snap.peer_header.clone(),
+        peer_header: snap.peer_header.as_ref(),
     };
     Next::Forward(plan, req, rec)
 }

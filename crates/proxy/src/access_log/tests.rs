@@ -34,7 +34,7 @@ impl Write for Sink {
 
 fn tcp_line(n: u64) -> Entry {
     Entry::Tcp(TcpLine {
-        start: SystemTime::UNIX_EPOCH,
+        at: SystemTime::UNIX_EPOCH,
         total: Duration::from_millis(1),
         direction: Direction::outbound,
         dst_service: Label::from("svc.ns"),
@@ -104,38 +104,40 @@ fn a_stuck_writer_drops_and_counts_instead_of_blocking() {
 }
 
 fn http_line(path: &str, detail: Option<String>, upstream: SocketAddr) -> Entry {
-    Entry::Http(HttpLine {
-        start: std::time::UNIX_EPOCH + Duration::from_millis(1_764_192_394_123),
-        total: Duration::from_micros(12_345_678),
-        direction: Direction::inbound,
-        protocol: "HTTP/2",
-        method: http::Method::POST,
-        authority: Some(crate::http::authority::RequestAuthority::Host(
-            HeaderValue::from_static("shop.test:80"),
-        )),
-        uri: path.parse().unwrap(),
-        status: 503,
-        grpc_status: Some(14),
-        class: FailureClass::AppError,
-        side: Some(Side::Upstream),
-        detail,
-        client_gone: true,
-        source_identity: Label::from("spiffe://trellis.local/ns/shop/sa/web"),
-        src_service: Label::from("web.shop"),
-        src_workload: Label::default(),
-        dst_service: Label::from("api.shop"),
-        dst_workload: Label::from("api-1"),
-        dst_environment: "vm",
-        dst_locality: Label::from("eu/eu-1"),
-        route: Label::from("shop/api"),
-        upstream: Some(upstream),
-        upstream_app: Some("10.0.0.5:8080".parse().unwrap()),
-        attempts: 2,
-        connect: None,
-        first_byte: Some(Duration::from_micros(1_500)),
-        trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
-        request_id: Some(HeaderValue::from_static("req-1")),
-    })
+    Entry::Http(
+        HttpLine {
+            direction: Direction::inbound,
+            protocol: "HTTP/2",
+            method: http::Method::POST,
+            authority: Some(crate::http::authority::RequestAuthority::Host(
+                HeaderValue::from_static("shop.test:80"),
+            )),
+            uri: path.parse().unwrap(),
+            status: 503,
+            grpc_status: Some(14),
+            class: FailureClass::AppError,
+            side: Some(Side::Upstream),
+            detail,
+            client_gone: true,
+            source_identity: Label::from("spiffe://trellis.local/ns/shop/sa/web"),
+            src_service: Label::from("web.shop"),
+            src_workload: Label::default(),
+            dst_service: Label::from("api.shop"),
+            dst_workload: Label::from("api-1"),
+            dst_environment: "vm",
+            dst_locality: Label::from("eu/eu-1"),
+            route: Label::from("shop/api"),
+            upstream: Some(upstream),
+            upstream_app: Some("10.0.0.5:8080".parse().unwrap()),
+            attempts: 2,
+            connect: None,
+            first_byte: Some(Duration::from_micros(1_500)),
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            request_id: Some(HeaderValue::from_static("req-1")),
+        },
+        std::time::UNIX_EPOCH + Duration::from_millis(1_764_192_394_123),
+        Duration::from_micros(12_345_678),
+    )
 }
 
 #[test]

@@ -59,7 +59,7 @@ pub(crate) struct Plan<'a> {
     /// Response header edits.
     pub(crate) response_headers: Option<&'a HeaderEdits>,
     /// `x-trellis-peer` for tries that go to a peer's proxy.
-    pub(crate) peer_header: Option<HeaderValue>,
+    pub(crate) peer_header: Option<&'a HeaderValue>,
 }
 
 /// The request for one try. `last` says no try follows, so the headers can be moved rather
@@ -371,7 +371,7 @@ pub(crate) async fn forward(
         // A peer proxy is always reached by HTTP/2.
         let h2 = ep.pool.uses_h2(h2, &ctx);
         let mut req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
-        if let (true, Some(v)) = (peer_proxy(&ep), &plan.peer_header) {
+        if let (true, Some(v)) = (peer_proxy(&ep), plan.peer_header) {
             req.headers_mut().insert(X_TRELLIS_PEER.clone(), v.clone());
         }
         let outcome = send_once(&ctx, &ep, req, h2, &mut rec, try_start, limit).await;

@@ -12,89 +12,53 @@
 use std::{
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
-use http::{HeaderMap, HeaderValue, Method, Uri};
+use http::{HeaderMap, Method, Uri};
 
 use crate::{
     access_log::{Entry, HttpLine, TcpLine},
     cluster::{Cluster, Endpoint, InFlight},
     error::{Error, FailureClass, Side},
-    http::{authority::RequestAuthority, body::OnEnd},
+    http::body::OnEnd,
     metrics::{Direction, Label, RequestLabels, ServiceLabels, TcpLabels},
     telemetry::Telemetry,
 };
 
-/// Everything known about a request, filled in as it progresses. Built on every request, so
-/// its fields are cheap to fill: shared labels, and `http` types that clone by reference count.
+/// Everything known about a request, filled in as it progresses: the line it ends as
+/// (reached through `Deref`: `rec.status`, `rec.class`), and what must be let go of when it
+/// ends. Built on every request, so its fields are cheap to fill: shared labels, and `http`
+/// types that clone by reference count.
 pub(crate) struct Record {
+    line: HttpLine,
     /// Start.
     pub(crate) start: Instant,
-    /// Direction.
-    pub(crate) direction: Direction,
-    /// `HTTP/1.1`, `HTTP/2`.
-    pub(crate) protocol: &'static str,
-    /// Method.
-    pub(crate) method: Method,
-    /// Request URI as received.
-    pub(crate) uri: Uri,
-    /// Authority the request named.
-    pub(crate) authority: Option<RequestAuthority>,
-    /// Source service.
-    pub(crate) src_service: Label,
-    /// Source workload.
-    pub(crate) src_workload: Label,
-    /// Destination service.
-    pub(crate) dst_service: Label,
-    /// Destination workload.
-    pub(crate) dst_workload: Label,
-    /// Destination environment.
-    pub(crate) dst_environment: &'static str,
-    /// Destination locality, `region/zone`.
-    pub(crate) dst_locality: Label,
-    /// Route.
-    pub(crate) route: Label,
-    /// The address the last try connected to.
-    pub(crate) upstream: Option<SocketAddr>,
-    /// The application's address, when the last try went to its proxy.
-    pub(crate) upstream_app: Option<SocketAddr>,
-    /// Tries made.
-    pub(crate) attempts: u32,
-    /// Time spent connecting (last try).
-    pub(crate) connect: Option<Duration>,
-    /// Time to response headers.
-    pub(crate) first_byte: Option<Duration>,
-    /// Status sent to the client.
-    pub(crate) status: u16,
-    /// gRPC status, if any.
-    pub(crate) grpc_status: Option<u32>,
-    /// Class so far.
-    pub(crate) class: FailureClass,
-    /// Who caused the failure, once there is one.
-    pub(crate) side: Option<Side>,
-    /// Error detail for the log.
-    pub(crate) detail: Option<String>,
-    /// Trace id.
-    pub(crate) trace_id: u128,
-    /// Request id.
-    pub(crate) request_id: Option<HeaderValue>,
-    /// The caller's SPIFFE ID, when it came over mutual TLS (one shared value per identity,
-    /// as every label).
-    pub(crate) source_identity: Label,
     /// Held until the response ends: in-flight count and admission slot.
     pub(crate) guards: Option<(InFlight, tokio::sync::OwnedSemaphorePermit)>,
     /// The cluster and endpoint told the final class (outlier detection). Held directly
     /// rather than as a boxed callback: one allocation fewer per request.
     pub(crate) report_to: Option<(Arc<Cluster>, Arc<Endpoint>)>,
-    /// The client went away after the outcome was known.
-    gone: bool,
     telemetry: Arc<Telemetry>,
     done: bool,
 }
 
+impl std::ops::Deref for Record {
+    type Target = HttpLine;
+    fn deref(&self) -> &HttpLine {
+        &self.line
+    }
+}
+
+impl std::ops::DerefMut for Record {
+    fn deref_mut(&mut self) -> &mut HttpLine {
+        &mut self.line
+    }
+}
+
 impl Record {
-    /// A new record.
+    /// A new record. Inlined: the box is then filled in place rather than copied into.
+    #[inline]
     pub(crate) fn new(
         telemetry: Arc<Telemetry>,
         direction: Direction,
@@ -104,35 +68,37 @@ impl Record {
         // Boxed from the start: it ends as the response body's `OnEnd`, and moving a
         // pointer through the request path is cheaper than moving the record.
         Box::new(Self {
+            line: HttpLine {
+                direction,
+                protocol,
+                method: Method::GET,
+                authority: None,
+                uri: Uri::default(),
+                status: 0,
+                grpc_status: None,
+                class: FailureClass::Ok,
+                side: None,
+                detail: None,
+                client_gone: false,
+                source_identity: Label::default(),
+                src_service,
+                src_workload: Label::default(),
+                dst_service: Label::default(),
+                dst_workload: Label::default(),
+                dst_environment: "unknown",
+                dst_locality: Label::default(),
+                route: Label::default(),
+                upstream: None,
+                upstream_app: None,
+                attempts: 0,
+                connect: None,
+                first_byte: None,
+                trace_id: 0,
+                request_id: None,
+            },
             start: Instant::now(),
-            direction,
-            protocol,
-            method: Method::GET,
-            uri: Uri::default(),
-            authority: None,
-            src_service,
-            src_workload: Label::default(),
-            dst_service: Label::default(),
-            dst_workload: Label::default(),
-            dst_environment: "unknown",
-            dst_locality: Label::default(),
-            route: Label::default(),
-            upstream: None,
-            upstream_app: None,
-            attempts: 0,
-            connect: None,
-            first_byte: None,
-            status: 0,
-            grpc_status: None,
-            class: FailureClass::Ok,
-            side: None,
-            detail: None,
-            trace_id: 0,
-            request_id: None,
-            source_identity: Label::default(),
             guards: None,
             report_to: None,
-            gone: false,
             telemetry,
             done: false,
         })
@@ -157,57 +123,29 @@ impl Record {
         if self.side.is_none() && self.class != FailureClass::Ok {
             self.side = self.class.side();
         }
+        let l = &self.line;
         let labels = RequestLabels {
-            direction: self.direction,
-            src_service: self.src_service.clone(),
-            source_identity: self.source_identity.clone(),
-            dst_service: self.dst_service.clone(),
-            dst_workload: self.dst_workload.clone(),
-            dst_environment: self.dst_environment,
-            dst_locality: self.dst_locality.clone(),
-            route: self.route.clone(),
-            status_code: self.status,
-            grpc_status: self.grpc_status,
-            failure_class: self.class,
+            direction: l.direction,
+            src_service: l.src_service.clone(),
+            source_identity: l.source_identity.clone(),
+            dst_service: l.dst_service.clone(),
+            dst_workload: l.dst_workload.clone(),
+            dst_environment: l.dst_environment,
+            dst_locality: l.dst_locality.clone(),
+            route: l.route.clone(),
+            status_code: l.status,
+            grpc_status: l.grpc_status,
+            failure_class: l.class,
         };
         let t = &self.telemetry;
         t.metrics.record_request(labels, total.as_secs_f64());
         if !t.log.enabled() {
             return;
         }
-        let take = std::mem::take::<Label>;
-        let line = HttpLine {
-            // The start in wall-clock time, worked out only when a line is written.
-            start: SystemTime::now() - total,
-            total,
-            direction: self.direction,
-            protocol: self.protocol,
-            method: std::mem::replace(&mut self.method, Method::GET),
-            authority: self.authority.take(),
-            uri: std::mem::take(&mut self.uri),
-            status: self.status,
-            grpc_status: self.grpc_status,
-            class: self.class,
-            side: self.side,
-            detail: self.detail.take(),
-            client_gone: self.gone,
-            source_identity: take(&mut self.source_identity),
-            src_service: take(&mut self.src_service),
-            src_workload: take(&mut self.src_workload),
-            dst_service: take(&mut self.dst_service),
-            dst_workload: take(&mut self.dst_workload),
-            dst_environment: self.dst_environment,
-            dst_locality: take(&mut self.dst_locality),
-            route: take(&mut self.route),
-            upstream: self.upstream,
-            upstream_app: self.upstream_app,
-            attempts: self.attempts,
-            connect: self.connect,
-            first_byte: self.first_byte,
-            trace_id: self.trace_id,
-            request_id: self.request_id.take(),
-        };
-        self.telemetry.log.push(Entry::Http(line));
+        // The start in wall-clock time, worked out only when a line is written.
+        let at = SystemTime::now() - total;
+        let line = std::mem::replace(&mut self.line, HttpLine::taken());
+        self.telemetry.log.push(Entry::Http(line, at, total));
     }
 
     /// Note the endpoint a try went to.
@@ -255,7 +193,7 @@ impl Drop for Record {
                 self.class = FailureClass::ClientDisconnect;
                 self.side = Some(Side::Downstream);
             } else {
-                self.gone = true;
+                self.client_gone = true;
             }
             self.finish();
         }
@@ -346,7 +284,7 @@ impl Drop for ConnRecord {
         };
         m.tcp_connections.get_or_create(&tl).inc();
         self.telemetry.log.push(Entry::Tcp(TcpLine {
-            start: self.wall,
+            at: self.wall,
             total: self.start.elapsed(),
             direction: self.direction,
             dst_service: std::mem::take(&mut self.service),

@@ -25,10 +25,12 @@ use crate::{
 pub(crate) fn local_reply(mut rec: Box<Record>, e: &Error, grpc: bool) -> Response<ProxyBody> {
     rec.fail(e);
     let class = e.class();
+    if grpc {
+        rec.grpc_status = Some(class.grpc_status());
+    }
     let detail = rec.detail.as_deref().unwrap_or_default();
     let mut resp = if grpc {
         let code = class.grpc_status();
-        rec.grpc_status = Some(code);
         let mut r = Response::new(ProxyBody::full(Bytes::new()));
         let h = r.headers_mut();
         h.insert(
