@@ -44,6 +44,9 @@ pub enum ProxyError {
     /// No certificate could be had.
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    /// The signal handlers could not be installed.
+    #[error("cannot catch signals: {0}")]
+    Signals(std::io::Error),
 }
 
 /// A translated config and the text it came from.
@@ -102,6 +105,23 @@ fn joined(
     }
 }
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// A running proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -115,6 +135,9 @@ pub struct Proxy {
     /// The live config is the translation of the last update the control plane sent (none
     /// was refused since): the next one may be applied as a difference.
     in_sync: bool,
+    /// SIGTERM, SIGINT and SIGHUP, caught from the start: a signal sent as soon as the
+    /// proxy says it listens must not find the default action (which would end it).
+    signals: Signals,
     /// Bound addresses: admin, outbound, inbound.
     pub addrs: (SocketAddr, SocketAddr, SocketAddr),
 }
@@ -132,6 +155,7 @@ impl Proxy {
     /// Bind every listener and start serving `cfg`.
     pub async fn start(opts: Options, loaded: Loaded) -> Result<Self, ProxyError> {
         let Loaded { config: cfg, text } = loaded;
+        let signals = Signals::catch().map_err(ProxyError::Signals)?;
         // The identity first: without one, a proxy that needs it must not start serving.
         let creds = match (&opts.identity, &opts.source) {
             (Some(id), Source::Xds(x)) => {
@@ -192,6 +216,7 @@ impl Proxy {
             binds: HashMap::new(),
             seen: text,
             in_sync: false,
+            signals,
             addrs: (admin_addr, outbound_addr, inbound_addr),
         };
         let snap = shared.state.load_full();
@@ -422,10 +447,6 @@ impl Proxy {
         stop: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
         tokio::pin!(stop);
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(self.opts.watch_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let (file, mut updates) = match &self.opts.source {
@@ -442,10 +463,10 @@ impl Proxy {
         };
         loop {
             let why = tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = self.signals.term.recv() => break,
+                _ = self.signals.int.recv() => break,
                 _ = &mut stop => break,
-                _ = hup.recv(), if file.is_some() => "SIGHUP",
+                _ = self.signals.hup.recv(), if file.is_some() => "SIGHUP",
                 _ = tick.tick(), if file.is_some() => {
                     match file.as_ref().map(std::fs::read_to_string) {
                         Some(Ok(now)) if now != self.seen => "file changed",
