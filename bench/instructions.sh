@@ -4,6 +4,9 @@
 # Usage: bench/instructions.sh [REQUESTS]   (needs valgrind, nginx, h2load; loopback only)
 # ACCESS_LOG=1 counts with the access log on (lines to /dev/null; the writer thread's
 # instructions included).
+# REPORT=DURATION takes the config from a real control plane (started here, not measured)
+# and reports to it every DURATION (`0s`: config from it, no telemetry): REPORT=0s and
+# REPORT=1s side by side give the cost of fleet telemetry per request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -25,9 +28,18 @@ http { access_log off; keepalive_requests 10000000;
   server { listen 127.0.0.1:18080; location / { return 200 "ok"; } } }
 NGX
 nginx -c "$W/nginx.conf" -p "$W"
+SRC=(--config bench/mesh.yaml)
+if [ -n "${REPORT:-}" ]; then
+  "$BIN" control --data-dir "$W/cp" --api 127.0.0.1:18170 --xds 127.0.0.1:18171 >/dev/null 2>"$W/cp.err" &
+  CP=$!
+  trap 'kill $CP 2>/dev/null || true; cleanup' EXIT
+  for _ in $(seq 100); do [ -s "$W/cp/admin.token" ] && curl -sf -o /dev/null 127.0.0.1:18170/healthz && break; sleep 0.1; done
+  "$BIN" apply -f bench/mesh.yaml --server http://127.0.0.1:18170 --token "$(cat "$W/cp/admin.token")" >/dev/null
+  SRC=(--xds http://127.0.0.1:18171 --report-interval "$REPORT")
+fi
 # Total instructions of a proxy run that serves $1 requests.
 run() {
-  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy --config bench/mesh.yaml \
+  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy "${SRC[@]}" \
     --workload bench/client $LOG --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
     --inbound 127.0.0.1:18106 >/dev/null 2>&1 &
   VP=$!

@@ -119,6 +119,7 @@ async fn scenario(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         trust_domain: "trellis.local".into(),
         svid_ttl: Duration::from_secs(3600),
         ca_files: None,
+        telemetry: Default::default(),
     })
     .await?;
     let token = control
@@ -274,6 +275,7 @@ fn proxy_options(
         mtls_mode: None,
         socket_mark: None,
         ipv6_capture: false,
+        report_every: trellis_proxy::options::DEFAULT_REPORT_EVERY,
     }
 }
 

@@ -11,6 +11,7 @@ mod client;
 mod containers;
 mod ctl;
 mod demo;
+mod fleet;
 mod join;
 
 /// `EX_USAGE` from sysexits.h: bad flags or config.
@@ -97,6 +98,11 @@ enum Cmd {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// Rate, success, latency and failures (network, application, policy) per service or
+    /// workload, from what every proxy reported to the control plane.
+    Stat(fleet::ViewArgs),
+    /// Caller → callee workload pairs: environments, identities, mTLS, rate, success, p99.
+    Edges(fleet::ViewArgs),
     /// Check a server and token, and save them for later commands.
     Login {
         #[command(flatten)]
@@ -199,6 +205,13 @@ struct ControlArgs {
     /// The roots proxies trust, when --ca-cert is an intermediate.
     #[arg(long, requires = "ca_cert")]
     ca_bundle: Option<PathBuf>,
+    /// Most telemetry series kept for the whole mesh; beyond, new series fold into `other`
+    /// rows (each series holds 10 s slots for 15 minutes and 1 minute slots for 24 hours).
+    #[arg(long, default_value_t = 100_000)]
+    telemetry_series: usize,
+    /// Most telemetry series kept per proxy.
+    #[arg(long, default_value_t = 500)]
+    telemetry_series_per_proxy: usize,
 }
 
 #[derive(clap::Args)]
@@ -288,6 +301,10 @@ struct RunArgs {
     /// 0x539.
     #[arg(long, value_parser = mark_arg)]
     socket_mark: Option<u32>,
+    /// With xDS: how often to report to the control plane what this proxy recorded, for
+    /// `trellis stat` and `edges` (`0s`: never).
+    #[arg(long, default_value = "10s")]
+    report_interval: DurationValue,
 }
 
 fn mark_arg(s: &str) -> Result<u32, String> {
@@ -354,6 +371,8 @@ fn main() -> ExitCode {
         } => ctl_run(ctl::describe(&conn, &kind, &name, namespace.as_deref())),
         Cmd::Status { output, conn } => ctl_run(ctl::status(&conn, output)),
         Cmd::Login { conn } => ctl_run(ctl::login(&conn)),
+        Cmd::Stat(a) => ctl_run(fleet::stat(&a)),
+        Cmd::Edges(a) => ctl_run(fleet::edges(&a)),
         Cmd::Token(TokenCmd::Create {
             namespace,
             identity,
@@ -407,6 +426,11 @@ fn control(a: ControlArgs) -> ExitCode {
                 bundle: a.ca_bundle,
             }),
             _ => None,
+        },
+        telemetry: trellis_control::TelemetryLimits {
+            series: a.telemetry_series,
+            series_per_reporter: a.telemetry_series_per_proxy,
+            ..Default::default()
         },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -507,6 +531,7 @@ fn proxy_options(
         }),
         socket_mark: r.socket_mark,
         ipv6_capture: false,
+        report_every: r.report_interval.0,
     }
 }
 

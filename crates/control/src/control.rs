@@ -31,6 +31,8 @@ pub struct Options {
     /// The operator's CA (a root, or an intermediate with its root as the bundle), instead
     /// of a root the control plane makes.
     pub ca_files: Option<identity::CaFiles>,
+    /// How much of the fleet's telemetry is kept: slots and series caps.
+    pub telemetry: trellis_telemetry::store::Limits,
 }
 
 /// A running control plane.
@@ -187,6 +189,10 @@ impl Control {
             token,
             identity,
             opts.max_body_bytes,
+            Arc::new(crate::fleet::Fleet::new(
+                opts.telemetry.clone(),
+                &opts.trust_domain,
+            )),
         );
         let certificates = api.certificate_router();
         tokio::spawn(agent::sweep(api.agents().clone(), api.store().clone()));

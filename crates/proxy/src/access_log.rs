@@ -58,6 +58,10 @@ pub(crate) struct HttpLine {
     pub(crate) src_service: Label,
     /// The caller's workload.
     pub(crate) src_workload: Label,
+    /// The caller's environment (inbound, from its proxy).
+    pub(crate) src_environment: Label,
+    /// The caller's locality (inbound, from its proxy).
+    pub(crate) src_locality: Label,
     /// Destination service.
     pub(crate) dst_service: Label,
     /// Destination workload.
@@ -102,6 +106,8 @@ impl HttpLine {
             source_identity: Label::default(),
             src_service: Label::default(),
             src_workload: Label::default(),
+            src_environment: Label::default(),
+            src_locality: Label::default(),
             dst_service: Label::default(),
             dst_workload: Label::default(),
             dst_environment: "unknown",

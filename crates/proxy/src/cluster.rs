@@ -32,6 +32,12 @@ pub(crate) struct Endpoint {
     pub(crate) workload: Label,
     /// Its locality, `region/zone`, as a metric label.
     pub(crate) locality: Label,
+    /// Its workload, `namespace/name` (for the control plane's summaries).
+    pub(crate) workload_id: Label,
+    /// The identity its proxy must present, `namespace/identity`, when reached through it.
+    pub(crate) identity: Label,
+    /// Its environment.
+    pub(crate) environment: Label,
     /// The address this proxy connects to: the peer's proxy for a meshed endpoint (when this
     /// proxy has an identity), else the application.
     pub(crate) target: std::net::SocketAddr,
@@ -150,11 +156,18 @@ impl Endpoint {
         };
         let workload: Arc<str> = cfg.workload.to_string().into();
         let recoveries = cfg.recoveries;
+        let identity = match (&cfg.mesh, target != cfg.addr) {
+            (Some(m), true) => Label::from(m.identity.to_string().as_str()),
+            _ => Label::default(),
+        };
         Self {
-            pool: Pool::new(cfg.addr, workload, cfg.mesh.clone(), idle_timeout),
+            pool: Pool::new(cfg.addr, workload.clone(), cfg.mesh.clone(), idle_timeout),
             target,
             workload: cfg.workload.name.as_str().into(),
             locality: locality_label(&cfg.locality).as_str().into(),
+            workload_id: Label::from(workload),
+            identity,
+            environment: cfg.environment.as_str().into(),
             cfg,
             in_flight: AtomicU32::new(0),
             recoveries: AtomicU64::new(recoveries),

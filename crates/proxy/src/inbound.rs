@@ -48,8 +48,16 @@ pub(crate) struct PeerId {
 
 struct PeerMeta {
     raw: HeaderValue,
-    service: Label,
-    workload: Label,
+    source: Source,
+}
+
+/// Who calls, from its proxy's `x-trellis-peer`.
+#[derive(Clone, Default)]
+pub(crate) struct Source {
+    pub(crate) service: Label,
+    pub(crate) workload: Label,
+    pub(crate) environment: Label,
+    pub(crate) locality: Label,
 }
 
 impl PeerId {
@@ -63,12 +71,12 @@ impl PeerId {
         }
     }
 
-    /// The caller's service and workload from its proxy's `x-trellis-peer`
-    /// (`SERVICE,NAMESPACE/WORKLOAD,...`).
-    fn source(&self, v: HeaderValue) -> (Label, Label) {
+    /// The caller's service, workload, environment and locality from its proxy's
+    /// `x-trellis-peer` (`SERVICE,NAMESPACE/WORKLOAD,ENVIRONMENT,REGION/ZONE`).
+    fn source(&self, v: HeaderValue) -> Source {
         let mut m = self.meta.lock().expect("peer meta lock");
         if let Some(p) = m.as_ref().filter(|p| p.raw == v) {
-            return (p.service.clone(), p.workload.clone());
+            return p.source.clone();
         }
         let text = v.to_str().unwrap_or_default();
         let mut parts = text.split(',');
@@ -77,14 +85,17 @@ impl PeerId {
                 .map(Label::from)
                 .unwrap_or_default()
         };
-        let service = label(parts.next());
-        let workload = label(parts.next());
+        let source = Source {
+            service: label(parts.next()),
+            workload: label(parts.next()),
+            environment: label(parts.next()),
+            locality: label(parts.next().filter(|l| *l != "/")),
+        };
         *m = Some(PeerMeta {
             raw: v,
-            service: service.clone(),
-            workload: workload.clone(),
+            source: source.clone(),
         });
-        (service, workload)
+        source
     }
 }
 
@@ -115,7 +126,9 @@ pub(crate) fn route(
     // reaches the application.
     if let Some(v) = req.headers_mut().remove(&X_TRELLIS_PEER) {
         if let Some(p) = source {
-            (rec.src_service, rec.src_workload) = p.source(v);
+            let s = p.source(v);
+            (rec.src_service, rec.src_workload) = (s.service, s.workload);
+            (rec.src_environment, rec.src_locality) = (s.environment, s.locality);
         }
     }
     // The port the caller's proxy named in the TLS server name, else the port a captured

@@ -12,7 +12,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::{error::FailureClass, fasthash::FastHasher};
+use crate::{
+    error::FailureClass,
+    fasthash::FastHasher,
+    summary::{PeerKey, Period, TcpSummary},
+};
 
 /// A label value shared by every request that carries it: built once per config (service,
 /// workload, route), cloned per request by a reference count. Empty means "unknown".
@@ -31,13 +35,13 @@ impl Label {
     }
 
     /// Identity of the shared value (0 for "unknown").
-    fn addr(&self) -> usize {
+    pub(crate) fn addr(&self) -> usize {
         self.0
             .as_ref()
             .map_or(0, |a| Arc::as_ptr(a).cast::<u8>() as usize)
     }
 
-    fn same(&self, other: &Self) -> bool {
+    pub(crate) fn same(&self, other: &Self) -> bool {
         match (&self.0, &other.0) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
@@ -215,23 +219,35 @@ pub(crate) struct Metrics {
     pub(crate) tls_refusals: Counter,
     /// Access-log lines dropped because the writer fell behind.
     pub(crate) access_log_dropped: Counter,
-    /// Handles of `requests` and `request_duration` by label identity: see [`RequestKey`].
+    /// Handles of `requests` and `request_duration` by label identity, with the period's
+    /// summary of each key: see [`RequestKey`].
     request_cache: Arc<Mutex<RequestCache>>,
+    /// TCP connections' summary for the period.
+    pub(crate) tcp_summary: Arc<Mutex<TcpSummary>>,
+    /// Whether periods are summed up for reports (a proxy that reports to a control plane).
+    pub(crate) summaries: bool,
 }
 
-type RequestCache = HashMap<RequestKey, (Counter, Histogram), BuildHasherDefault<FastHasher>>;
+#[derive(Default)]
+struct RequestCache {
+    entries: HashMap<RequestKey, (Counter, Histogram, Period), BuildHasherDefault<FastHasher>>,
+    /// Periods of entries forgotten by a reload, until the next report takes them.
+    carried: Vec<(RequestLabels, PeerKey, Period)>,
+}
 
-/// Request labels compared and hashed by the identity of their shared strings, not their
-/// contents: labels come from the config, so identical values are the same allocation.
-/// Looking a request's counter and histogram up this way costs a few words of hashing
-/// instead of hashing nine labels (strings included) twice with SipHash in the families.
-/// The key holds its `Arc`s, so an address cannot be reused while the entry exists.
-struct RequestKey(RequestLabels);
+/// Request labels and the peer, compared and hashed by the identity of their shared
+/// strings, not their contents: labels come from the config, so identical values are the
+/// same allocation. Looking a request's counter, histogram and summary up this way costs a
+/// few words of hashing instead of hashing nine labels (strings included) twice with SipHash
+/// in the families. The key holds its `Arc`s, so an address cannot be reused while the entry
+/// exists. Keys that differ only in the peer share their Prometheus series.
+struct RequestKey(RequestLabels, PeerKey);
 
 impl PartialEq for RequestKey {
     fn eq(&self, o: &Self) -> bool {
         let (a, b) = (&self.0, &o.0);
-        a.direction == b.direction
+        self.1.same(&o.1)
+            && a.direction == b.direction
             && a.status_code == b.status_code
             && a.grpc_status == b.grpc_status
             && a.failure_class == b.failure_class
@@ -263,6 +279,7 @@ impl Hash for RequestKey {
                 | (l.failure_class as u64) << 48
                 | (l.direction as u64) << 56,
         );
+        self.1.hash_ids(h);
     }
 }
 
@@ -286,6 +303,8 @@ impl Metrics {
             tls_refusals: Counter::default(),
             access_log_dropped: Counter::default(),
             request_cache: Arc::default(),
+            tcp_summary: Arc::default(),
+            summaries: false,
         };
         reg.register(
             "http_requests",
@@ -371,26 +390,53 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// Count a finished request and its duration.
-    pub(crate) fn record_request(&self, labels: RequestLabels, seconds: f64) {
-        let key = RequestKey(labels);
+    /// Count a finished request (made in `attempts` tries) and its duration, in the metrics
+    /// and in the period's summary.
+    pub(crate) fn record_request(
+        &self,
+        labels: RequestLabels,
+        peer: PeerKey,
+        seconds: f64,
+        attempts: u32,
+    ) {
+        let key = RequestKey(labels, peer);
         let mut cache = self.request_cache.lock().expect("metrics cache lock");
-        let (count, duration) = cache.entry(key).or_insert_with_key(|k| {
+        let (count, duration, period) = cache.entries.entry(key).or_insert_with_key(|k| {
             (
                 self.requests.get_or_create(&k.0).clone(),
                 self.request_duration.get_or_create(&k.0).clone(),
+                Period::default(),
             )
         });
         count.inc();
         duration.observe(seconds);
+        if self.summaries {
+            period.add(seconds, attempts);
+        }
     }
 
-    /// Forget cached handles (after a reload, labels are new allocations).
+    /// Take the period's request summaries (every key with requests since the last take).
+    pub(crate) fn take_periods(&self) -> Vec<(RequestLabels, PeerKey, Period)> {
+        let mut cache = self.request_cache.lock().expect("metrics cache lock");
+        let mut out = std::mem::take(&mut cache.carried);
+        for (k, (_, _, p)) in cache.entries.iter_mut() {
+            if p.requests > 0 {
+                out.push((k.0.clone(), k.1.clone(), std::mem::take(p)));
+            }
+        }
+        out
+    }
+
+    /// Forget cached handles (after a reload, labels are new allocations); their periods
+    /// wait for the next report.
     pub(crate) fn clear_request_cache(&self) {
-        self.request_cache
-            .lock()
-            .expect("metrics cache lock")
-            .clear();
+        let mut cache = self.request_cache.lock().expect("metrics cache lock");
+        let entries = std::mem::take(&mut cache.entries);
+        for (k, (_, _, p)) in entries {
+            if p.requests > 0 {
+                cache.carried.push((k.0, k.1, p));
+            }
+        }
     }
 }
 
@@ -416,17 +462,26 @@ mod tests {
 
     #[test]
     fn cached_handles_count_into_the_family_series() {
-        let m = Metrics::register(&mut Registry::default());
+        let mut m = Metrics::register(&mut Registry::default());
+        m.summaries = true;
         let (r1, r2) = (Label::from("r"), Label::from("r"));
-        m.record_request(labels(&r1, 200), 0.1);
-        m.record_request(labels(&r1, 200), 0.1);
+        let rec = |l| m.record_request(l, PeerKey::default(), 0.1, 1);
+        rec(labels(&r1, 200));
+        rec(labels(&r1, 200));
         // Same contents, other allocation (as after a reload): the same series.
-        m.record_request(labels(&r2, 200), 0.1);
-        m.record_request(labels(&r1, 503), 0.1);
+        rec(labels(&r2, 200));
+        rec(labels(&r1, 503));
         assert_eq!(m.requests.get_or_create(&labels(&r1, 200)).get(), 3);
         assert_eq!(m.requests.get_or_create(&labels(&r1, 503)).get(), 1);
         m.clear_request_cache();
-        m.record_request(labels(&r1, 200), 0.1);
+        rec(labels(&r1, 200));
         assert_eq!(m.requests.get_or_create(&labels(&r1, 200)).get(), 4);
+        // The summaries: the period's requests by key, those of the cleared entries kept.
+        let mut by_status = std::collections::BTreeMap::new();
+        for (l, _, p) in m.take_periods() {
+            *by_status.entry(l.status_code).or_insert(0) += p.requests;
+        }
+        assert_eq!(by_status.into_iter().collect::<Vec<_>>(), vec![(200, 4), (503, 1)]);
+        assert!(m.take_periods().is_empty(), "taken");
     }
 }

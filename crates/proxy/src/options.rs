@@ -55,4 +55,9 @@ pub struct Options {
     /// For IPv6 capture: also accept on `[::1]` at the outbound listener's port and on `[::]`
     /// at the inbound listener's (IPv6 only; where ip6tables REDIRECTs to).
     pub ipv6_capture: bool,
+    /// With xDS: how often to report to the control plane what was recorded (zero: never).
+    pub report_every: Duration,
 }
+
+/// How often a proxy reports to its control plane by default.
+pub const DEFAULT_REPORT_EVERY: Duration = Duration::from_secs(10);

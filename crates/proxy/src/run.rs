@@ -171,7 +171,9 @@ impl Proxy {
             _ => None,
         };
         let mut registry = Registry::default();
-        let metrics = Metrics::register(registry.sub_registry_with_prefix("trellis"));
+        let mut metrics = Metrics::register(registry.sub_registry_with_prefix("trellis"));
+        // Periods are summed up only for a control plane to take them.
+        metrics.summaries = matches!(opts.source, Source::Xds(_)) && !opts.report_every.is_zero();
         let snap = Snapshot::build(cfg, None, &metrics, creds.is_some());
         let log = AccessLog::new(opts.access_log, metrics.access_log_dropped.clone());
         let shared = Arc::new(Shared {
@@ -449,15 +451,28 @@ impl Proxy {
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(self.opts.watch_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut flush = None;
         let (file, mut updates) = match &self.opts.source {
             Source::File(p) => (Some(p.clone()), None),
             Source::Xds(x) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let (link, linked) = tokio::sync::watch::channel(None);
+                if !self.opts.report_every.is_zero() {
+                    let (ftx, frx) = tokio::sync::mpsc::channel(1);
+                    flush = Some(ftx);
+                    tokio::spawn(crate::reporter::run(
+                        self.shared.clone(),
+                        self.opts.report_every,
+                        x.node_id.clone(),
+                        linked,
+                        frx,
+                    ));
+                }
                 let x = xds::XdsOptions {
                     identity: self.shared.identity.clone(),
                     ..x.clone()
                 };
-                tokio::spawn(xds::run(x, tx));
+                tokio::spawn(xds::run(x, tx, link));
                 (None, Some(rx))
             }
         };
@@ -501,6 +516,14 @@ impl Proxy {
                 still_open = self.shared.drain.active(),
                 "drain timeout; closing remaining connections"
             ),
+        }
+        // What was recorded since the last report reaches the control plane (bounded: a
+        // control plane that is away does not hold up the exit).
+        if let Some(f) = flush {
+            let (done, wait) = tokio::sync::oneshot::channel();
+            if f.send(done).await.is_ok() {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(3), wait).await;
+            }
         }
         // Every record made so far reaches the log before the process ends.
         let log = self.shared.telemetry.log.clone();

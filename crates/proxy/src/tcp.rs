@@ -84,6 +84,7 @@ pub(crate) async fn connect_for(
         Ok((s, ep)) => {
             rec.upstream = Some(ep.target);
             rec.workload = ep.workload.clone();
+            rec.endpoint = Some(ep);
             Some(s)
         }
         Err(e) => {
@@ -192,6 +193,7 @@ pub(crate) async fn connect_tunnel(
     conn.source = rec.source_identity.clone();
     conn.upstream = Some(ep.target);
     conn.workload = ep.workload.clone();
+    conn.endpoint = Some(ep.clone());
     rec.status = 200;
     rec.attempts = 1;
     let on_upgrade = upgrade::on(&mut req);

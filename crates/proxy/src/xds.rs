@@ -65,8 +65,13 @@ pub struct Update {
 
 const INVALID_ARGUMENT: i32 = 3;
 
-/// Follow the control planes until `updates` is closed.
-pub async fn run(opts: XdsOptions, updates: mpsc::Sender<Update>) {
+/// Follow the control planes until `updates` is closed, publishing the connection of each
+/// stream on `link` (the reporter pushes on it) while the stream is open.
+pub(crate) async fn run(
+    opts: XdsOptions,
+    updates: mpsc::Sender<Update>,
+    link: tokio::sync::watch::Sender<Option<crate::reporter::Control>>,
+) {
     let mut backoff = Duration::from_millis(50);
     let mut docs = Docs::new();
     for i in 0usize.. {
@@ -74,7 +79,9 @@ pub async fn run(opts: XdsOptions, updates: mpsc::Sender<Update>) {
             return;
         }
         let server = &opts.servers[i % opts.servers.len()];
-        match session(&opts, server, &mut docs, &updates).await {
+        let r = session(&opts, server, &mut docs, &updates, &link).await;
+        link.send_replace(None);
+        match r {
             Ok(()) => return,
             Err((e, got_response)) => {
                 if got_response {
@@ -166,6 +173,7 @@ async fn session(
     server: &str,
     docs: &mut Docs,
     updates: &mpsc::Sender<Update>,
+    link: &tokio::sync::watch::Sender<Option<crate::reporter::Control>>,
 ) -> Result<(), (String, bool)> {
     let fail = |e: String| (e, false);
     let uri: http::Uri = server
@@ -188,12 +196,19 @@ async fn session(
             fail("xDS over TLS (https://) needs this proxy's identity: give --state-dir and --join-token".into())
         })?;
         endpoint
-            .connect_with_connector(crate::control_link::ControlConnector { authority, creds })
+            .connect_with_connector(crate::control_link::ControlConnector {
+                authority: authority.clone(),
+                creds,
+            })
             .await
     } else {
         endpoint.connect().await
     }
     .map_err(|e| fail(format!("connect: {e}")))?;
+    link.send_replace(Some(crate::reporter::Control {
+        channel: channel.clone(),
+        authority,
+    }));
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(4);

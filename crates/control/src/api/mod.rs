@@ -18,9 +18,14 @@
 //! | POST | `/api/v1/ca/rotate` | one phase of a root rotation |
 //! | POST | `/api/v1/certificates` (also `/v1/certificates` on the xDS address) | a certificate, for a join token or a proof of the current one (no admin token) |
 //! | POST | `/api/v1/agent` (also `/v1/agent` on the xDS address) | an agent's signed register, heartbeat or deregister (no admin token) |
+//! | POST | `/v1/telemetry` (xDS address only) | a proxy's reports (protobuf `Batch`, answered by an `Ack`); its certificate must be the workload's identity |
+//! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload |
+//! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures |
+//! | GET | `/metrics` | the fleet's counters and latency in Prometheus's text format (admin token) |
 //! | GET | `/healthz` | liveness, no token |
 
 mod agent;
+mod fleet;
 mod identity;
 mod resources;
 
@@ -42,6 +47,7 @@ use crate::{
     agent::{AgentError, Agents},
     apply::{ApplyError, Writer},
     error::ControlError,
+    fleet::{Fleet, FleetError},
     identity::{CaRequestError, Identity},
     registry::Registry,
     state::State,
@@ -63,6 +69,8 @@ struct Inner {
     max_body: usize,
     /// Agents heard from by this replica.
     agents: Agents,
+    /// The fleet's telemetry.
+    fleet: Arc<Fleet>,
 }
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
@@ -92,6 +100,9 @@ pub(crate) enum ApiError {
     /// The control plane's own setup (its CA record) failed.
     #[error(transparent)]
     Setup(Box<ControlError>),
+    /// A proxy's reports were refused.
+    #[error(transparent)]
+    Fleet(Box<FleetError>),
 }
 
 // Boxed: an error travels through every handler's `Result`, which should stay small.
@@ -106,6 +117,7 @@ macro_rules! boxed_from {
 }
 
 boxed_from!(
+    FleetError => Fleet,
     ApplyError => Apply,
     StoreError => Store,
     CaRequestError => Ca,
@@ -157,6 +169,10 @@ impl ApiError {
                 AgentError::Setup(e) => setup(e),
             },
             Self::Setup(e) => setup(e),
+            Self::Fleet(e) => match &**e {
+                FleetError::BadReport(_) => StatusCode::BAD_REQUEST,
+                FleetError::Forbidden(_) => StatusCode::FORBIDDEN,
+            },
         }
     }
 }
@@ -176,6 +192,9 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The largest batch of reports taken: 30 periods of 500 series with full histograms.
+const TELEMETRY_MAX_BODY: usize = 16 << 20;
+
 /// A JSON body, whatever its content type says (the CLI, agents and proxies send JSON).
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
@@ -190,6 +209,7 @@ impl Api {
         token: token::AdminToken,
         identity: Arc<Identity>,
         max_body: usize,
+        fleet: Arc<Fleet>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -199,6 +219,7 @@ impl Api {
                 identity,
                 max_body,
                 agents: Agents::default(),
+                fleet,
             }),
         }
     }
@@ -216,6 +237,8 @@ impl Api {
             )
             .route("/ca", get(identity::ca_status))
             .route("/ca/rotate", post(identity::rotate))
+            .route("/stat", get(fleet::stat))
+            .route("/edges", get(fleet::edges))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
         // Proxies and agents authenticate with a join token or their certificate here, not
@@ -224,8 +247,12 @@ impl Api {
             .route("/certificates", post(identity::sign))
             .route("/agent", post(agent::handle))
             .layer(DefaultBodyLimit::max(64 << 10));
+        let scrape = Router::new()
+            .route("/metrics", get(fleet::metrics))
+            .layer(middleware::from_fn_with_state(self.clone(), auth));
         Router::new()
             .nest("/api/v1", v1.merge(ca))
+            .merge(scrape)
             .route("/healthz", get(|| async { "ok\n" }))
             .with_state(self)
     }
@@ -237,6 +264,11 @@ impl Api {
             .route("/v1/certificates", post(identity::sign))
             .route("/v1/agent", post(agent::handle))
             .layer(DefaultBodyLimit::max(64 << 10))
+            .merge(
+                Router::new()
+                    .route("/v1/telemetry", post(fleet::report))
+                    .layer(DefaultBodyLimit::max(TELEMETRY_MAX_BODY)),
+            )
             .with_state(self.clone())
     }
 
@@ -253,6 +285,16 @@ impl Api {
     /// Agents heard from by this replica.
     pub(crate) fn agents(&self) -> &Agents {
         &self.inner.agents
+    }
+
+    /// The fleet's telemetry.
+    pub(crate) fn fleet(&self) -> &Fleet {
+        &self.inner.fleet
+    }
+
+    /// The same, shared.
+    pub(crate) fn fleet_arc(&self) -> Arc<Fleet> {
+        self.inner.fleet.clone()
     }
 
     /// Every proxy connected to this replica.

@@ -25,6 +25,7 @@ impl InProcess {
             trust_domain: "trellis.local".into(),
             svid_ttl: std::time::Duration::from_secs(3600),
             ca_files: None,
+            telemetry: Default::default(),
         })
         .await
         .unwrap();

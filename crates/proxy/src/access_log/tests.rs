@@ -122,6 +122,8 @@ fn http_line(path: &str, detail: Option<String>, upstream: SocketAddr) -> Entry 
             source_identity: Label::from("spiffe://trellis.local/ns/shop/sa/web"),
             src_service: Label::from("web.shop"),
             src_workload: Label::default(),
+            src_environment: Label::default(),
+            src_locality: Label::default(),
             dst_service: Label::from("api.shop"),
             dst_workload: Label::from("api-1"),
             dst_environment: "vm",

@@ -23,6 +23,7 @@ use crate::{
     error::{Error, FailureClass, Side},
     http::body::OnEnd,
     metrics::{Direction, Label, RequestLabels, ServiceLabels, TcpLabels},
+    summary::PeerKey,
     telemetry::Telemetry,
 };
 
@@ -39,6 +40,8 @@ pub(crate) struct Record {
     /// The cluster and endpoint told the final class (outlier detection). Held directly
     /// rather than as a boxed callback: one allocation fewer per request.
     pub(crate) report_to: Option<(Arc<Cluster>, Arc<Endpoint>)>,
+    /// The endpoint of the last try (the peer of an outbound request's summary).
+    endpoint: Option<Arc<Endpoint>>,
     telemetry: Arc<Telemetry>,
     done: bool,
 }
@@ -83,6 +86,8 @@ impl Record {
                 source_identity: Label::default(),
                 src_service,
                 src_workload: Label::default(),
+                src_environment: Label::default(),
+                src_locality: Label::default(),
                 dst_service: Label::default(),
                 dst_workload: Label::default(),
                 dst_environment: "unknown",
@@ -99,6 +104,7 @@ impl Record {
             start: Instant::now(),
             guards: None,
             report_to: None,
+            endpoint: None,
             telemetry,
             done: false,
         })
@@ -137,8 +143,24 @@ impl Record {
             grpc_status: l.grpc_status,
             failure_class: l.class,
         };
+        let peer = match l.direction {
+            Direction::outbound => self
+                .endpoint
+                .take()
+                .map(|ep| PeerKey::endpoint(&ep))
+                .unwrap_or_default(),
+            Direction::inbound => PeerKey {
+                workload: l.src_workload.clone(),
+                identity: l.source_identity.clone(),
+                environment: l.src_environment.clone(),
+                locality: l.src_locality.clone(),
+                endpoint: None,
+                mtls: l.source_identity.get().is_some(),
+            },
+        };
         let t = &self.telemetry;
-        t.metrics.record_request(labels, total.as_secs_f64());
+        t.metrics
+            .record_request(labels, peer, total.as_secs_f64(), l.attempts);
         if !t.log.enabled() {
             return;
         }
@@ -149,7 +171,8 @@ impl Record {
     }
 
     /// Note the endpoint a try went to.
-    pub(crate) fn set_endpoint(&mut self, ep: &Endpoint) {
+    pub(crate) fn set_endpoint(&mut self, ep: &Arc<Endpoint>) {
+        self.endpoint = Some(ep.clone());
         self.upstream = Some(ep.target);
         self.upstream_app = (ep.target != ep.cfg.addr).then_some(ep.cfg.addr);
         self.dst_workload = ep.workload.clone();
@@ -213,6 +236,8 @@ pub(crate) struct ConnRecord {
     pub(crate) upstream: Option<SocketAddr>,
     /// The caller's SPIFFE ID, on the inbound side of mutual TLS.
     pub(crate) source: Label,
+    /// The endpoint connected to (outbound).
+    pub(crate) endpoint: Option<Arc<Endpoint>>,
     /// How it ended (so far).
     pub(crate) class: FailureClass,
     side: Option<Side>,
@@ -234,6 +259,14 @@ impl ConnRecord {
             dst_service: service.clone(),
         };
         telemetry.metrics.tcp_open.get_or_create(&labels).inc();
+        if telemetry.metrics.summaries {
+            telemetry
+                .metrics
+                .tcp_summary
+                .lock()
+                .expect("tcp summary lock")
+                .opened(direction, &service);
+        }
         Self {
             telemetry,
             direction,
@@ -241,6 +274,7 @@ impl ConnRecord {
             workload: Label::default(),
             upstream: None,
             source: Label::default(),
+            endpoint: None,
             class: FailureClass::Ok,
             side: None,
             detail: None,
@@ -283,9 +317,29 @@ impl Drop for ConnRecord {
             failure_class: self.class,
         };
         m.tcp_connections.get_or_create(&tl).inc();
+        let total = self.start.elapsed();
+        if m.summaries {
+            let peer = match (self.direction, &self.endpoint) {
+                (Direction::outbound, Some(ep)) => PeerKey::endpoint(ep),
+                _ => PeerKey {
+                    identity: self.source.clone(),
+                    mtls: self.source.get().is_some(),
+                    ..PeerKey::default()
+                },
+            };
+            m.tcp_summary.lock().expect("tcp summary lock").closed(
+                self.direction,
+                &self.service,
+                self.class,
+                peer,
+                self.sent,
+                self.received,
+                total.as_secs_f64(),
+            );
+        }
         self.telemetry.log.push(Entry::Tcp(TcpLine {
             at: self.wall,
-            total: self.start.elapsed(),
+            total,
             direction: self.direction,
             dst_service: std::mem::take(&mut self.service),
             dst_workload: std::mem::take(&mut self.workload),

@@ -1,0 +1,258 @@
+//! `trellis stat` and `trellis edges`: the fleet's figures, from the control plane's API
+//! (`/api/v1/stat`, `/api/v1/edges`), which holds what every proxy reported.
+
+use anyhow::{bail, Result};
+use hyper::Method;
+use trellis_telemetry::view::{EdgeRow, Failures, Figures, StatRow};
+
+use crate::{
+    client::{Api, Conn},
+    ctl::table,
+};
+
+/// Output of `stat` and `edges`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum ViewOutput {
+    /// Aligned columns.
+    Table,
+    /// More columns: whose view, attempts and their success, localities.
+    Wide,
+    /// JSON, as the API gives it.
+    Json,
+}
+
+/// What `stat` and `edges` show.
+#[derive(clap::Args)]
+pub(crate) struct ViewArgs {
+    /// `svc/NAME`, `workload/NAME` (or `wl/NAME`), or a kind alone (`services`,
+    /// `workloads`); services by default.
+    target: Option<String>,
+    /// Only this namespace (all namespaces without it).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Every namespace (the default; kept for kubectl's habit).
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    all_namespaces: bool,
+    /// How far back: 10s to 24h.
+    #[arg(long, default_value = "1m")]
+    window: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: ViewOutput,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+impl ViewArgs {
+    fn query(&self) -> Result<String> {
+        let mut q = vec![format!("window={}", self.window)];
+        if let Some(t) = &self.target {
+            let (kind, name) = match t.split_once('/') {
+                Some((k, n)) => (k, Some(n)),
+                None => (t.as_str(), None),
+            };
+            let kind = match kind {
+                "svc" | "service" | "services" => "service",
+                "wl" | "workload" | "workloads" => "workload",
+                k => bail!("{k:?}: give svc/NAME, workload/NAME, services or workloads"),
+            };
+            q.push(format!("kind={kind}"));
+            if let Some(n) = name {
+                q.push(format!("name={n}"));
+            }
+        }
+        if let Some(ns) = &self.namespace {
+            q.push(format!("namespace={ns}"));
+        }
+        Ok(q.join("&"))
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{:.2}%", v * 100.0))
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(v) if v < 10.0 => format!("{v:.2}ms"),
+        Some(v) => format!("{v:.0}ms"),
+    }
+}
+
+/// The most frequent failure class of each category: `network: connect_refused 3 · ...`.
+fn failures(f: &Failures) -> String {
+    let parts: Vec<String> = [
+        ("network", &f.network),
+        ("app", &f.application),
+        ("policy", &f.policy),
+    ]
+    .iter()
+    .filter_map(|(name, v)| {
+        let total: u64 = v.iter().map(|c| c.count).sum();
+        let top = v.first()?;
+        let more = if v.len() > 1 { " +" } else { "" };
+        Some(format!(
+            "{name} {total} ({} {}{more})",
+            top.class.as_str(),
+            top.count
+        ))
+    })
+    .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" · ")
+    }
+}
+
+fn figures(f: &Figures) -> Vec<String> {
+    vec![
+        pct(f.success),
+        format!("{:.1}", f.rps),
+        ms(f.latency_ms.p50),
+        ms(f.latency_ms.p95),
+        ms(f.latency_ms.p99),
+        f.tcp_open.to_string(),
+        failures(&f.failures),
+    ]
+}
+
+fn seen(s: trellis_telemetry::view::Seen) -> &'static str {
+    match s {
+        trellis_telemetry::view::Seen::Callers => "callers",
+        trellis_telemetry::view::Seen::Served => "served",
+    }
+}
+
+/// `trellis stat`.
+pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
+    let api = Api::new(&a.conn)?;
+    let v = api
+        .call(Method::GET, &format!("/api/v1/stat?{}", a.query()?), None)
+        .await?;
+    if matches!(a.output, ViewOutput::Json) {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows: Vec<StatRow> = serde_json::from_value(v)?;
+    if rows.is_empty() {
+        eprintln!(
+            "No traffic in the last {} (proxies report every 10 s by default).",
+            a.window
+        );
+        return Ok(());
+    }
+    let wide = matches!(a.output, ViewOutput::Wide);
+    let mut header = vec![
+        "NAME",
+        "ENVIRONMENT",
+        "MESHED",
+        "SUCCESS",
+        "RPS",
+        "P50",
+        "P95",
+        "P99",
+        "TCP",
+        "FAILURES",
+    ];
+    if wide {
+        header.extend([
+            "SEEN BY",
+            "REQUESTS",
+            "ATTEMPTS",
+            "ACTUAL SUCCESS",
+            "LOCALITY",
+        ]);
+    }
+    let lines: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut l = vec![
+                r.name.clone(),
+                if r.environments.is_empty() {
+                    "-".into()
+                } else {
+                    r.environments.join(",")
+                },
+                if r.meshed { "yes" } else { "no" }.into(),
+            ];
+            l.extend(figures(&r.figures));
+            if wide {
+                l.extend([
+                    seen(r.seen).into(),
+                    r.figures.requests.to_string(),
+                    r.figures.attempts.to_string(),
+                    pct(r.figures.actual_success),
+                    if r.localities.is_empty() {
+                        "-".into()
+                    } else {
+                        r.localities.join(",")
+                    },
+                ]);
+            }
+            l
+        })
+        .collect();
+    table(&header, &lines);
+    Ok(())
+}
+
+/// `trellis edges`.
+pub(crate) async fn edges(a: &ViewArgs) -> Result<()> {
+    let api = Api::new(&a.conn)?;
+    let v = api
+        .call(Method::GET, &format!("/api/v1/edges?{}", a.query()?), None)
+        .await?;
+    if matches!(a.output, ViewOutput::Json) {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows: Vec<EdgeRow> = serde_json::from_value(v)?;
+    if rows.is_empty() {
+        eprintln!("No traffic between workloads in the last {}.", a.window);
+        return Ok(());
+    }
+    let wide = matches!(a.output, ViewOutput::Wide);
+    let mut header = vec![
+        "SRC", "SRC ENV", "DST", "DST ENV", "MTLS", "SUCCESS", "RPS", "P99", "FAILURES",
+    ];
+    if wide {
+        header.extend(["SERVICES", "SRC IDENTITY", "DST IDENTITY", "SEEN BY"]);
+    }
+    let lines: Vec<Vec<String>> = rows
+        .iter()
+        .map(|e| {
+            let f = &e.figures;
+            let mut l = vec![
+                e.src.clone(),
+                e.src_environment.clone(),
+                e.dst.clone(),
+                e.dst_environment.clone(),
+                if e.mtls { "yes" } else { "no" }.into(),
+                pct(f.success),
+                format!("{:.1}", f.rps),
+                ms(f.latency_ms.p99),
+                failures(&f.failures),
+            ];
+            if wide {
+                let or_dash = |s: &str| {
+                    if s.is_empty() {
+                        "-".to_string()
+                    } else {
+                        s.to_string()
+                    }
+                };
+                l.extend([
+                    e.services.join(","),
+                    or_dash(&e.src_identity),
+                    or_dash(&e.dst_identity),
+                    seen(e.seen).into(),
+                ]);
+            }
+            l
+        })
+        .collect();
+    table(&header, &lines);
+    Ok(())
+}

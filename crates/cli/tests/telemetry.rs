@@ -1,0 +1,618 @@
+//! Fleet telemetry end to end: real proxies report to a real control plane over the
+//! connection they hold for xDS (mutual TLS), and `trellis stat`, `trellis edges` and the
+//! control plane's `/metrics` give back exactly the traffic sent.
+//!
+//! The mesh: `test/shop` (bare metal) calls `catalog.test`, served by `test/catalog-vm`
+//! (a VM) and `test/catalog-ct` (a container), each behind its own proxy, over mutual TLS.
+//! The environments are labels here (loopback); the test bed's tests make them real. All
+//! three share a zone, so that the caller spreads its requests over both endpoints.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+use trellis_test_support::{control::ControlProcess, eventually, temp_path, ProxyProcess};
+
+/// Counts of an application: requests, and those it failed.
+#[derive(Default)]
+struct Hits {
+    all: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+/// An application that answers 500 to `/fail` and 200 to anything else, counting.
+async fn app(name: &'static str, hits: Arc<Hits>) -> SocketAddr {
+    upstream::http(move |req| {
+        hits.all.fetch_add(1, Ordering::SeqCst);
+        let fail = req.uri().path() == "/fail";
+        if fail {
+            hits.failed.fetch_add(1, Ordering::SeqCst);
+        }
+        async move {
+            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(name)));
+            if fail {
+                *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        }
+    })
+    .await
+}
+
+fn mesh(vm: SocketAddr, ct: SocketAddr, vm_in: u16, ct_in: u16) -> String {
+    let workload = |name: &str, id: &str, env: &str, zone: &str, port: u16, inbound: u16| {
+        let ports = if port > 0 {
+            format!("\n  ports: {{ http: {port} }}\n  inboundPort: {inbound}")
+        } else {
+            String::new()
+        };
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: {id} }} }}\nspec:\n  address: 127.0.0.1\n  identity: {id}\n  environment: {env}\n  locality: {{ region: eu, zone: {zone} }}{ports}\n"
+        )
+    };
+    [
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
+        workload("catalog-vm", "catalog", "vm", "eu-1", vm.port(), vm_in),
+        workload("catalog-ct", "catalog", "container", "eu-1", ct.port(), ct_in),
+        workload("shop", "shop", "bare-metal", "eu-1", 0, 0),
+        // Every failed request is tried twice: the actual attempts are known.
+        route("catalog", "catalog", "    - retry: { attempts: 1, codes: [500], backoff: 1ms }\n"),
+        policy("catalog", "  outlierDetection: { consecutiveFailures: 0 }\n  retryBudget: { percent: 100, minRetriesPerSecond: 1000 }\n  loadBalancer: { type: RoundRobin }\n"),
+    ]
+    .join("---\n")
+}
+
+struct Mesh {
+    cp: ControlProcess,
+    shop: ProxyProcess,
+    vm: ProxyProcess,
+    ct: ProxyProcess,
+    vm_hits: Arc<Hits>,
+    ct_hits: Arc<Hits>,
+    shop_state: std::path::PathBuf,
+}
+
+/// The mesh, every proxy on xDS over mutual TLS, reporting every 200 ms.
+async fn start_mesh() -> Mesh {
+    let (vm_hits, ct_hits) = (Arc::new(Hits::default()), Arc::new(Hits::default()));
+    let (vm_app, ct_app) = (
+        app("vm", vm_hits.clone()).await,
+        app("ct", ct_hits.clone()).await,
+    );
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, mesh(vm_app, ct_app, 1, 1)).await;
+    let xds = format!("https://{}", cp.xds);
+    let join = |id: &str, uses: &str, workload: &str, state: &std::path::Path| {
+        let t = token(&cp, "test", id, "10m", uses);
+        ProxyProcess::start_xds(
+            BIN,
+            std::slice::from_ref(&xds),
+            workload,
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--join-token",
+                &t,
+                "--ca-hash",
+                &cp.ca_hash,
+                "--report-interval",
+                "200ms",
+            ],
+        )
+    };
+    let vm = join("catalog", "1", "test/catalog-vm", &temp_path("vm-state"));
+    let ct = join("catalog", "1", "test/catalog-ct", &temp_path("ct-state"));
+    vm.wait_ready().await;
+    ct.wait_ready().await;
+    apply_ok(
+        &cp,
+        mesh(vm_app, ct_app, vm.inbound.port(), ct.inbound.port()),
+    )
+    .await;
+    let shop_state = temp_path("shop-state");
+    let shop = join("shop", "1", "test/shop", &shop_state);
+    shop.wait_ready().await;
+    // Both endpoints answer through the caller before counting starts.
+    eventually(
+        "the caller reaches both endpoints",
+        Duration::from_secs(15),
+        async || {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..6 {
+                let r = client::get_full(shop.outbound, "catalog.test", "/warm", &[])
+                    .await
+                    .ok()?;
+                (r.status == 200).then_some(())?;
+                seen.insert(r.body.clone());
+            }
+            (seen.len() == 2).then_some(())
+        },
+    )
+    .await;
+    Mesh {
+        cp,
+        shop,
+        vm,
+        ct,
+        vm_hits,
+        ct_hits,
+        shop_state,
+    }
+}
+
+async fn api(cp: &ControlProcess, path: &str) -> Value {
+    let (st, v) = cp.call(http::Method::GET, path, "", None).await;
+    assert_eq!(st, 200, "{path}: {v}");
+    v
+}
+
+fn row<'a>(rows: &'a Value, name: &str) -> Option<&'a Value> {
+    rows.as_array()?.iter().find(|r| r["name"] == name)
+}
+
+/// Sum of a Prometheus counter's samples whose labels include every pair of `want`.
+fn prom_sum(text: &str, metric: &str, want: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| {
+            want.iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The nearest-rank quantile of `v` (sorted).
+fn exact(v: &[f64], q: f64) -> f64 {
+    let rank = ((q * v.len() as f64).ceil() as usize).max(1);
+    v[rank - 1]
+}
+
+#[tokio::test]
+async fn stat_and_edges_give_back_exactly_the_traffic_sent() {
+    let m = start_mesh().await;
+    let warm = (
+        m.vm_hits.all.load(Ordering::SeqCst),
+        m.ct_hits.all.load(Ordering::SeqCst),
+    );
+    // Known traffic: N requests, M of them to /fail (500 from the application, retried once).
+    let (n, fails) = (120u64, 18u64);
+    let mut c = client::Conn::h1(m.shop.outbound).await;
+    for i in 0..n {
+        let path = if i % (n / fails) == 0 && i / (n / fails) < fails {
+            "/fail"
+        } else {
+            "/ok"
+        };
+        let r = c.get("catalog.test", path).await.unwrap();
+        assert_eq!(r.status, if path == "/fail" { 500 } else { 200 }, "{path}");
+    }
+    let vm_hits = m.vm_hits.all.load(Ordering::SeqCst) - warm.0;
+    let ct_hits = m.ct_hits.all.load(Ordering::SeqCst) - warm.1;
+    assert_eq!(
+        (vm_hits + ct_hits) as u64,
+        n + fails,
+        "each failure tried twice"
+    );
+
+    // The warm-up requests are in the window too: they are counted from the caller's log.
+    let lines = eventually(
+        "the caller's log has every request",
+        Duration::from_secs(10),
+        async || {
+            let l = m.shop.logs();
+            let known = l
+                .iter()
+                .filter(|l| l["path"] == "/ok" || l["path"] == "/fail")
+                .count();
+            (known as u64 == n).then_some(l)
+        },
+    )
+    .await;
+    let calls: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["direction"] == "outbound" && l["dst_service"] == "catalog.test")
+        .collect();
+    let warm: Vec<&&Value> = calls.iter().filter(|l| l["path"] == "/warm").collect();
+    let total = calls.len() as u64;
+    assert_eq!(total, warm.len() as u64 + n, "one log line a request");
+    let failed = fails + warm.iter().filter(|l| l["failure_class"] != "ok").count() as u64;
+    let attempts: u64 = calls.iter().map(|l| l["attempts"].as_u64().unwrap()).sum();
+    assert_eq!(
+        attempts
+            - warm
+                .iter()
+                .map(|l| l["attempts"].as_u64().unwrap())
+                .sum::<u64>(),
+        n + fails
+    );
+    let stat = eventually(
+        "stat counts every request",
+        Duration::from_secs(15),
+        async || {
+            let v = api(&m.cp, "/api/v1/stat?namespace=test&window=5m").await;
+            let r = row(&v, "test/catalog")?.clone();
+            (r["requests"] == total).then_some(r)
+        },
+    )
+    .await;
+    // The callers' view: exact counts, the failure class, effective and actual outcomes.
+    assert_eq!(stat["seen"], "callers", "{stat}");
+    assert_eq!(stat["meshed"], true, "{stat}");
+    assert_eq!(
+        stat["environments"],
+        serde_json::json!(["container", "vm"]),
+        "{stat}"
+    );
+    let success = stat["success"].as_f64().unwrap();
+    assert!(
+        (success - (total - failed) as f64 / total as f64).abs() < 1e-12,
+        "{stat}"
+    );
+    assert_eq!(
+        stat["failures"]["application"][0],
+        serde_json::json!({ "class": "app_error", "count": fails }),
+        "{stat}"
+    );
+    assert_eq!(stat["attempts"], attempts, "{stat}");
+    // Every attempt but a request's last failed.
+    let actual = stat["actual_success"].as_f64().unwrap();
+    let good = total - failed;
+    assert!(
+        (actual - good as f64 / attempts as f64).abs() < 1e-12,
+        "{stat}"
+    );
+    // Quantiles within the histogram's error of the exact ones from the access log (which
+    // has the same durations, to the microsecond).
+    let mut ms: Vec<f64> = calls
+        .iter()
+        .map(|l| l["total_ms"].as_f64().unwrap())
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    for (q, key) in [(0.5, "p50"), (0.95, "p95"), (0.99, "p99")] {
+        let (got, want) = (stat["latency_ms"][key].as_f64().unwrap(), exact(&ms, q));
+        assert!(
+            (got - want).abs() <= want * 0.011 + 0.001,
+            "{key}: {got} vs {want}"
+        );
+    }
+
+    // Each workload as it served: every attempt it got, from its own proxy.
+    let wl = api(&m.cp, "/api/v1/stat?kind=workload&namespace=test&window=5m").await;
+    for (name, env, hits) in [
+        ("test/catalog-vm", "vm", &m.vm_hits),
+        ("test/catalog-ct", "container", &m.ct_hits),
+    ] {
+        let all = hits.all.load(Ordering::SeqCst) as u64;
+        let failed = hits.failed.load(Ordering::SeqCst) as u64;
+        let r = eventually(
+            "the workload's own report",
+            Duration::from_secs(10),
+            async || {
+                let v = api(&m.cp, "/api/v1/stat?kind=workload&namespace=test&window=5m").await;
+                let r = row(&v, name)?.clone();
+                (r["requests"] == all).then_some(r)
+            },
+        )
+        .await;
+        assert_eq!(
+            (r["seen"].as_str(), r["environments"][0].as_str()),
+            (Some("served"), Some(env)),
+            "{r}"
+        );
+        assert_eq!(r["failures"]["application"][0]["count"], failed, "{r}");
+    }
+    assert_eq!(
+        row(&wl, "test/shop").map(|r| r["seen"].clone()),
+        Some("callers".into()),
+        "{wl}"
+    );
+
+    // Edges: the caller to each endpoint, with both identities and mTLS; together every
+    // request.
+    let edges = api(&m.cp, "/api/v1/edges?namespace=test&window=5m").await;
+    let mut sum = 0;
+    for (dst, env) in [("test/catalog-vm", "vm"), ("test/catalog-ct", "container")] {
+        let e = edges
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["src"] == "test/shop" && e["dst"] == dst)
+            .unwrap_or_else(|| panic!("no edge to {dst}: {edges}"));
+        assert_eq!(e["src_environment"], "bare-metal", "{e}");
+        assert_eq!(e["dst_environment"], env, "{e}");
+        assert_eq!(e["mtls"], true, "{e}");
+        assert_eq!(
+            e["src_identity"], "spiffe://trellis.local/ns/test/sa/shop",
+            "{e}"
+        );
+        assert_eq!(
+            e["dst_identity"], "spiffe://trellis.local/ns/test/sa/catalog",
+            "{e}"
+        );
+        assert_eq!(e["services"], serde_json::json!(["test/catalog"]), "{e}");
+        sum += e["requests"].as_u64().unwrap();
+    }
+    assert_eq!(sum, total, "{edges}");
+
+    // The CLI shows the API's rows.
+    let out = ok(cli(
+        &m.cp,
+        &[
+            "stat",
+            "svc/catalog",
+            "-n",
+            "test",
+            "--window",
+            "5m",
+            "-o",
+            "json",
+        ],
+    ));
+    let cli_rows: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cli_rows[0]["requests"], total, "{out}");
+    let table = ok(cli(&m.cp, &["stat", "-n", "test", "--window", "5m"]));
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("test/catalog "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.contains(&format!("app {fails} (app_error {fails}")),
+        "{table}"
+    );
+    let edges_table = ok(cli(
+        &m.cp,
+        &["edges", "-n", "test", "--window", "5m", "-o", "wide"],
+    ));
+    assert!(
+        edges_table.lines().any(|l| l.starts_with("test/shop")
+            && l.contains("test/catalog-vm")
+            && l.contains("spiffe://trellis.local/ns/test/sa/catalog")),
+        "{edges_table}"
+    );
+
+    // One scrape of the control plane: the same counts.
+    let (st, text) = scrape(&m.cp).await;
+    assert_eq!(st, 200);
+    let out = [("direction", "outbound"), ("service", "test/catalog")];
+    assert_eq!(
+        prom_sum(&text, "trellis_fleet_requests_total", &out),
+        total,
+        "{text}"
+    );
+    let failed_labels = [
+        ("direction", "outbound"),
+        ("service", "test/catalog"),
+        ("success", "false"),
+    ];
+    assert_eq!(
+        prom_sum(&text, "trellis_fleet_requests_total", &failed_labels),
+        failed
+    );
+    assert_eq!(
+        prom_sum(&text, "trellis_fleet_attempts_total", &out),
+        attempts
+    );
+    assert_eq!(prom_sum(&text, "trellis_fleet_reports_lost_total", &[]), 0);
+    drop((m.vm, m.ct));
+}
+
+/// `GET /metrics` of the control plane with its token: status and text.
+async fn scrape(cp: &ControlProcess) -> (u16, String) {
+    let req = http::Request::get("/metrics")
+        .header("host", "control")
+        .header("authorization", format!("Bearer {}", cp.token))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let r = trellis_test_support::client::send1(cp.api, req)
+        .await
+        .unwrap();
+    (
+        r.status.as_u16(),
+        String::from_utf8_lossy(&r.body).into_owned(),
+    )
+}
+
+/// POST a batch of one report for `workload` to `/v1/telemetry` over mutual TLS as the
+/// proxy whose identity is stored in `state`.
+async fn post_report(
+    cp: &ControlProcess,
+    state: &std::path::Path,
+    workload: &str,
+) -> (u16, String) {
+    use prost::Message;
+    use trellis_telemetry::report::{Batch, Report, Series};
+    let creds = trellis_proxy::identity::bootstrap(
+        &trellis_proxy::identity::IdentityOptions {
+            state_dir: state.to_path_buf(),
+            join_token: None,
+            ca_hash: None,
+        },
+        &[cp.xds_url()],
+    )
+    .await
+    .expect("the stored identity");
+    let tls = trellis_proxy::control_link::connect_control(&cp.xds.to_string(), Some(&creds), None)
+        .await
+        .expect("mutual TLS to the control plane");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let batch = Batch {
+        reports: vec![Report {
+            workload: workload.into(),
+            node: "forger".into(),
+            run: 42,
+            seq: 1,
+            start_ms: 1,
+            period_ms: 1,
+            series: vec![Series {
+                service: "test/catalog".into(),
+                class: "app_error".into(),
+                status_class: 5,
+                requests: 1_000_000,
+                attempts: 1_000_000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let req = http::Request::post(format!("http://{}/v1/telemetry", cp.xds))
+        .header("content-type", "application/x-protobuf")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            batch.encode_to_vec(),
+        )))
+        .unwrap();
+    let r = send.send_request(req).await.unwrap();
+    let st = r.status().as_u16();
+    let body = http_body_util::BodyExt::collect(r.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (st, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn a_report_for_another_workload_is_refused() {
+    let m = start_mesh().await;
+    // The caller's identity (shop) speaking for the catalog's VM: refused whole.
+    let (st, body) = post_report(&m.cp, &m.shop_state, "test/catalog-vm").await;
+    assert_eq!(st, 403, "{body}");
+    assert!(
+        body.contains("belongs to identity \\\"catalog\\\""),
+        "{body}"
+    );
+    let (st, body) = post_report(&m.cp, &m.shop_state, "other/shop").await;
+    assert_eq!(st, 403, "{body}");
+    let v = api(&m.cp, "/api/v1/stat?kind=workload&namespace=test&window=5m").await;
+    assert!(
+        row(&v, "test/catalog-vm").is_none_or(|r| r["requests"].as_u64() < Some(1_000_000)),
+        "{v}"
+    );
+    // For its own workload, the same report is taken (the check is not a blanket refusal).
+    let (st, body) = post_report(&m.cp, &m.shop_state, "test/shop").await;
+    assert_eq!(st, 200, "{body}");
+}
+
+/// A TCP relay to `to` that can be cut: while cut, its connections are closed and new ones
+/// are closed at once.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (c, cs) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                cs.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        Self { addr, cut, conns }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+        if cut {
+            for h in self.conns.lock().unwrap().drain(..) {
+                h.abort();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_cut_off_from_the_control_plane_loses_no_period() {
+    let hits = Arc::new(Hits::default());
+    let a = app("a", hits.clone()).await;
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(
+        &cp,
+        docs(&[service("direct", "HTTP", &[a]), client_workload(&[])]),
+    )
+    .await;
+    let relay = Relay::start(cp.xds).await;
+    let p = ProxyProcess::start_xds(
+        BIN,
+        &[format!("http://{}", relay.addr)],
+        "test/client",
+        &["--report-interval", "200ms"],
+    );
+    p.wait_ready().await;
+    let mut c = client::Conn::h1(p.outbound).await;
+    let mut sent = 0u64;
+    let mut send = async |k: u64, sent: &mut u64| {
+        for _ in 0..k {
+            assert_eq!(c.get("direct.test", "/").await.unwrap().status, 200);
+            *sent += 1;
+        }
+    };
+    send(20, &mut sent).await;
+    relay.set_cut(true);
+    // Cut off for fifteen report periods, with traffic all along.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        send(5, &mut sent).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It really was cut off: the xDS stream broke, and nothing came back meanwhile.
+    assert!(
+        p.stderr().iter().any(|l| l.contains("xds stream lost")),
+        "{:?}",
+        p.stderr()
+    );
+    relay.set_cut(false);
+    send(10, &mut sent).await;
+    let v = eventually(
+        "every request counted once",
+        Duration::from_secs(20),
+        async || {
+            let v = api(&cp, "/api/v1/stat?namespace=test&window=5m").await;
+            let r = row(&v, "test/direct")?.clone();
+            (r["requests"] == sent).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(v["requests"], sent);
+    let (_, text) = scrape(&cp).await;
+    assert_eq!(
+        prom_sum(&text, "trellis_fleet_reports_lost_total", &[]),
+        0,
+        "{text}"
+    );
+    assert_eq!(
+        prom_sum(
+            &text,
+            "trellis_fleet_requests_total",
+            &[("service", "test/direct")]
+        ),
+        sent
+    );
+}

@@ -1,0 +1,123 @@
+//! Handlers of the fleet's telemetry: proxies' reports in (`POST /v1/telemetry`, on the xDS
+//! address), `stat` and `edges` out, and the fleet for Prometheus.
+
+use axum::{
+    body::Bytes,
+    extract::{Query, State as AxState},
+    http::header,
+    response::{IntoResponse, Response},
+    Extension, Json,
+};
+use prost::Message;
+use serde::Deserialize;
+use trellis_telemetry::{
+    report::Batch,
+    view::{EdgeRow, Kind, Selector, StatRow},
+};
+
+use super::{Api, ApiError, ApiResult};
+use crate::tls::Peer;
+
+/// `POST /v1/telemetry`: a batch of one proxy's reports (protobuf); answers an `Ack`.
+pub(crate) async fn report(
+    AxState(api): AxState<Api>,
+    peer: Option<Extension<Peer>>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let batch = Batch::decode(body).map_err(|e| ApiError::BadRequest(format!("report: {e}")))?;
+    let id = peer.as_ref().and_then(|p| p.id.as_ref());
+    let ack = api.fleet().ingest(api.writer(), batch, id)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-protobuf")],
+        ack.encode_to_vec(),
+    )
+        .into_response())
+}
+
+/// What `stat` and `edges` take.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ViewQuery {
+    /// `service` (default) or `workload`.
+    kind: Option<String>,
+    /// Namespace.
+    namespace: Option<String>,
+    /// Name (`namespace/name`, or a name in `namespace`).
+    name: Option<String>,
+    /// `1m` by default: 10s to 24h.
+    window: Option<String>,
+}
+
+impl ViewQuery {
+    fn parse(self, api: &Api) -> ApiResult<(Selector, u64)> {
+        let kind = match self.kind.as_deref() {
+            None | Some("service" | "services" | "svc") => Some(Kind::Service),
+            Some("workload" | "workloads" | "wl") => Some(Kind::Workload),
+            Some(k) => {
+                return Err(ApiError::BadRequest(format!(
+                    "kind {k:?}: service or workload"
+                )))
+            }
+        };
+        let window = match self.window.as_deref() {
+            None => 60_000,
+            Some(w) => {
+                let d: trellis_model::value::DurationValue = w
+                    .parse()
+                    .map_err(|e| ApiError::BadRequest(format!("window: {e}")))?;
+                d.0.as_millis() as u64
+            }
+        };
+        let max = api.fleet().max_window_ms();
+        if !(1_000..=max).contains(&window) {
+            return Err(ApiError::BadRequest(format!(
+                "window: between 1s and {}h",
+                max / 3_600_000
+            )));
+        }
+        Ok((
+            Selector {
+                kind,
+                namespace: self.namespace,
+                name: self.name,
+            },
+            window,
+        ))
+    }
+}
+
+/// `GET /api/v1/stat`: rate, success and latency per service or workload.
+pub(crate) async fn stat(
+    AxState(api): AxState<Api>,
+    Query(q): Query<ViewQuery>,
+) -> ApiResult<Json<Vec<StatRow>>> {
+    let (sel, window) = q.parse(&api)?;
+    let fleet = api.fleet_arc();
+    let rows = tokio::task::spawn_blocking(move || fleet.stat(&sel, window))
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("stat: {e}")))?;
+    Ok(Json(rows))
+}
+
+/// `GET /api/v1/edges`: caller → callee pairs.
+pub(crate) async fn edges(
+    AxState(api): AxState<Api>,
+    Query(q): Query<ViewQuery>,
+) -> ApiResult<Json<Vec<EdgeRow>>> {
+    let (mut sel, window) = q.parse(&api)?;
+    sel.kind = Some(Kind::Workload);
+    let fleet = api.fleet_arc();
+    let rows = tokio::task::spawn_blocking(move || fleet.edges(&sel, window))
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("edges: {e}")))?;
+    Ok(Json(rows))
+}
+
+/// `GET /metrics`: the fleet, in Prometheus's text format.
+pub(crate) async fn metrics(AxState(api): AxState<Api>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        api.fleet().prometheus(),
+    )
+        .into_response()
+}

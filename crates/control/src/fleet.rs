@@ -1,0 +1,185 @@
+//! The fleet's telemetry as the control plane keeps it: proxies' reports checked against who
+//! sends them and merged into the store of `trellis_telemetry` (ring buffers, bounded), and
+//! the views the API answers with.
+//!
+//! A report says which workload it is for. Over mutual TLS (every proxy beyond loopback), the
+//! certificate must be that workload's identity: the Workload must exist in the identity's
+//! namespace with that identity, as for an agent's heartbeat; a report for another workload
+//! is refused whole. Over plaintext, which the xDS listener takes only on loopback, the
+//! report is believed as the xDS stream is.
+
+use std::{
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use trellis_identity::SpiffeId;
+use trellis_store::Key;
+use trellis_telemetry::{
+    report::{Ack, Batch},
+    store::{Limits, Store},
+    view::{self, EdgeRow, Selector, StatRow},
+};
+
+use crate::apply::Writer;
+
+/// Why reports were refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FleetError {
+    /// Not a batch of reports of one proxy run.
+    #[error("{0}")]
+    BadReport(String),
+    /// The sender may not speak for the workload it names.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// The fleet's telemetry.
+pub(crate) struct Fleet {
+    store: Mutex<Store>,
+    trust_domain: String,
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Longest window a query may ask for: what the coarse ring holds.
+pub(crate) fn max_window_ms(l: &Limits) -> u64 {
+    l.coarse_ms * l.coarse_slots as u64
+}
+
+impl Fleet {
+    /// An empty store with `limits`, for a mesh of `trust_domain`.
+    pub(crate) fn new(limits: Limits, trust_domain: &str) -> Self {
+        Self {
+            store: Mutex::new(Store::new(limits)),
+            trust_domain: trust_domain.to_string(),
+        }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Merge a proxy's `batch`, sent by `peer` (its certificate's identity, over mutual TLS).
+    pub(crate) fn ingest(
+        &self,
+        writer: &Writer,
+        mut batch: Batch,
+        peer: Option<&SpiffeId>,
+    ) -> Result<Ack, FleetError> {
+        let Some(first) = batch.reports.first() else {
+            return Err(FleetError::BadReport("no reports".into()));
+        };
+        let (run, workload) = (first.run, first.workload.clone());
+        if batch
+            .reports
+            .iter()
+            .any(|r| r.run != run || r.workload != workload)
+        {
+            return Err(FleetError::BadReport(
+                "the reports of one batch must be of one proxy run and one workload".into(),
+            ));
+        }
+        if let Some(id) = peer {
+            self.check_owner(writer, &workload, id)?;
+        }
+        // Outbound peers are named `namespace/identity`: as SPIFFE IDs, like inbound ones.
+        for r in &mut batch.reports {
+            for s in &mut r.series {
+                if !s.peer_identity.is_empty() && !s.peer_identity.starts_with("spiffe://") {
+                    if let Some((ns, sa)) = s.peer_identity.split_once('/') {
+                        s.peer_identity = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.trust_domain);
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        let identity = peer.map(ToString::to_string);
+        let mut store = self.store();
+        let mut acked = 0;
+        for r in &batch.reports {
+            match store.ingest(r, identity.as_deref(), now) {
+                Ok(a) => acked = a,
+                // Those before it are merged: say so, and refuse the rest.
+                Err(e) if acked > 0 => {
+                    tracing::warn!(%workload, error = %e, "telemetry report refused");
+                    break;
+                }
+                Err(e) => return Err(FleetError::BadReport(e.to_string())),
+            }
+        }
+        Ok(Ack { run, acked })
+    }
+
+    /// A report for `workload` from `id` is that workload's own.
+    fn check_owner(
+        &self,
+        writer: &Writer,
+        workload: &str,
+        id: &SpiffeId,
+    ) -> Result<(), FleetError> {
+        if workload.is_empty() {
+            return Ok(());
+        }
+        let forbidden = |why: String| {
+            FleetError::Forbidden(format!("a report for {workload} from {id}: {why}"))
+        };
+        let (ns, name) = workload.split_once('/').ok_or_else(|| {
+            FleetError::BadReport(format!("workload {workload:?} is not NAMESPACE/NAME"))
+        })?;
+        if ns != id.namespace {
+            return Err(forbidden(format!(
+                "the identity is of namespace {}",
+                id.namespace
+            )));
+        }
+        let stored = writer
+            .followed(&Key::new("Workload", ns, name))
+            .ok_or_else(|| forbidden("no such Workload".into()))?;
+        let owner = stored["spec"]["identity"].as_str().unwrap_or_default();
+        if owner != id.identity {
+            return Err(forbidden(format!(
+                "the Workload belongs to identity {owner:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `trellis stat` over the `window_ms` before now.
+    pub(crate) fn stat(&self, sel: &Selector, window_ms: u64) -> Vec<StatRow> {
+        let store = self.store();
+        let series = store.window(now_ms(), window_ms, |_| true);
+        drop(store);
+        view::stat(&series, sel, window_ms as f64 / 1000.0)
+    }
+
+    /// `trellis edges` over the `window_ms` before now.
+    pub(crate) fn edges(&self, sel: &Selector, window_ms: u64) -> Vec<EdgeRow> {
+        let store = self.store();
+        let series = store.window(now_ms(), window_ms, |_| true);
+        let ids: std::collections::HashMap<String, String> = store
+            .reporters()
+            .iter()
+            .filter_map(|(k, r)| Some((k.to_string(), r.identity.clone()?)))
+            .collect();
+        drop(store);
+        view::edges(&series, sel, window_ms as f64 / 1000.0, |w| {
+            ids.get(w).cloned()
+        })
+    }
+
+    /// The longest window a query may ask for.
+    pub(crate) fn max_window_ms(&self) -> u64 {
+        max_window_ms(self.store().limits())
+    }
+
+    /// The fleet for a Prometheus scrape.
+    pub(crate) fn prometheus(&self) -> String {
+        trellis_telemetry::export::prometheus(&self.store())
+    }
+}

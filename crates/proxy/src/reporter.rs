@@ -1,0 +1,221 @@
+//! The proxy's reports to the control plane: every period (10 s by default), what it
+//! recorded (see [`crate::summary`]) as one numbered report, pushed as protobuf to
+//! `POST /v1/telemetry` over the HTTP/2 connection it already holds for xDS (mutual TLS when
+//! the control plane is `https://`, so the control plane knows who reports).
+//!
+//! Reports wait in a bounded queue until the control plane acknowledges them: a proxy cut off
+//! from its control plane keeps serving and keeps the last [`PENDING`] periods, sent in order
+//! when it reconnects; the control plane's acknowledgement names the highest number merged,
+//! so a resent period is not counted twice. A period with nothing recorded is not sent (its
+//! number is not used). At shutdown the last period is sent before the proxy exits.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use prost::Message;
+use tokio::sync::{oneshot, watch};
+use trellis_telemetry::report::{Ack, Batch, Report};
+
+use crate::shared::Shared;
+
+/// Periods held while the control plane does not acknowledge (15 minutes at 10 s).
+pub(crate) const PENDING: usize = 90;
+/// Series per report; beyond, the quietest fold into `other` rows.
+pub(crate) const SERIES_CAP: usize = 500;
+/// Reports per request.
+const BATCH: usize = 30;
+/// How long a push may take.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection to the control plane, while there is one.
+#[derive(Clone)]
+pub(crate) struct Control {
+    /// The xDS channel (HTTP/2, mutual TLS for `https://`).
+    pub(crate) channel: tonic::transport::Channel,
+    /// `HOST:PORT`.
+    pub(crate) authority: String,
+}
+
+/// Set by the xDS client as streams open and close.
+pub(crate) type Link = watch::Receiver<Option<Control>>;
+
+/// A request to send what is recorded now, answered when done (at shutdown).
+pub(crate) type Flush = oneshot::Sender<()>;
+
+/// Report every `every` until `flush` asks for a last one (or is dropped).
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    every: Duration,
+    node: String,
+    mut link: Link,
+    mut flush: tokio::sync::mpsc::Receiver<Flush>,
+) {
+    let mut r = Reporter {
+        shared,
+        node,
+        run: fastrand::u64(1..),
+        seq: 0,
+        pending: VecDeque::new(),
+        period_start: now_ms(),
+        dropped: 0,
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => r.close_period(),
+            changed = link.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            f = flush.recv() => {
+                r.close_period();
+                let ctl = link.borrow().clone();
+                if let Some(ctl) = ctl {
+                    r.send(&ctl).await;
+                }
+                if let Some(done) = f {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+        let ctl = link.borrow().clone();
+        if let Some(ctl) = ctl {
+            r.send(&ctl).await;
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Reporter {
+    shared: Arc<Shared>,
+    node: String,
+    run: u64,
+    seq: u64,
+    pending: VecDeque<Report>,
+    period_start: u64,
+    dropped: u64,
+}
+
+impl Reporter {
+    /// End the current period: its report joins the queue (if anything was recorded).
+    fn close_period(&mut self) {
+        let now = now_ms();
+        let start = std::mem::replace(&mut self.period_start, now);
+        let metrics = &self.shared.telemetry.metrics;
+        let requests = metrics.take_periods();
+        let (series, folded) = {
+            let mut tcp = metrics.tcp_summary.lock().expect("tcp summary lock");
+            crate::summary::series(requests, &mut tcp, SERIES_CAP)
+        };
+        if series.is_empty() {
+            return;
+        }
+        let snap = self.shared.state.load();
+        let local = snap.cfg.local.as_ref();
+        self.seq += 1;
+        self.pending.push_back(Report {
+            workload: local.map(|l| l.id.to_string()).unwrap_or_default(),
+            node: self.node.clone(),
+            environment: local
+                .map(|l| l.environment.as_str().to_string())
+                .unwrap_or_default(),
+            locality: local
+                .map(|l| {
+                    let l = &l.locality;
+                    format!(
+                        "{}/{}",
+                        l.region.as_deref().unwrap_or_default(),
+                        l.zone.as_deref().unwrap_or_default()
+                    )
+                })
+                .filter(|l| l != "/")
+                .unwrap_or_default(),
+            run: self.run,
+            seq: self.seq,
+            start_ms: start,
+            period_ms: now.saturating_sub(start).min(u64::from(u32::MAX)) as u32,
+            series,
+            folded,
+        });
+        while self.pending.len() > PENDING {
+            self.pending.pop_front();
+            self.dropped += 1;
+            tracing::warn!(
+                dropped = self.dropped,
+                "telemetry report dropped: the control plane has not taken reports for {PENDING} periods"
+            );
+        }
+    }
+
+    /// Push what is queued, oldest first, until it is all acknowledged or a push fails.
+    async fn send(&mut self, ctl: &Control) {
+        while !self.pending.is_empty() {
+            let n = self.pending.len().min(BATCH);
+            let batch = Batch {
+                reports: self.pending.iter().take(n).cloned().collect(),
+            };
+            match push(ctl, &batch).await {
+                Ok(ack) if ack.run == self.run => {
+                    self.pending.retain(|r| r.seq > ack.acked);
+                    if ack.acked < batch.reports[n - 1].seq {
+                        // Merged only in part: the rest is refused; try again next period.
+                        return;
+                    }
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::info!(error = %e, pending = self.pending.len(), "telemetry report not taken; kept for the next try");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn push(ctl: &Control, batch: &Batch) -> Result<Ack, String> {
+    use tonic::codegen::Service;
+    let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(
+        batch.encode_to_vec(),
+    )));
+    let req = http::Request::post(format!("http://{}/v1/telemetry", ctl.authority))
+        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(body)
+        .map_err(|e| e.to_string())?;
+    let mut ch = ctl.channel.clone();
+    let call = async {
+        std::future::poll_fn(|cx| ch.poll_ready(cx))
+            .await
+            .map_err(|e| e.to_string())?;
+        let resp = ch.call(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!(
+                "{status}: {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+            ));
+        }
+        Ack::decode(bytes).map_err(|e| format!("answer: {e}"))
+    };
+    tokio::time::timeout(SEND_TIMEOUT, call)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}

@@ -1,0 +1,129 @@
+use super::*;
+
+fn labels(service: &Label, status: u16, class: FailureClass) -> RequestLabels {
+    RequestLabels {
+        direction: Direction::outbound,
+        src_service: Label::default(),
+        source_identity: Label::default(),
+        dst_service: service.clone(),
+        dst_workload: Label::default(),
+        dst_environment: "vm",
+        dst_locality: Label::default(),
+        route: Label::from("default"),
+        status_code: status,
+        grpc_status: None,
+        failure_class: class,
+    }
+}
+
+fn period(n: u64, attempts: u32, seconds: f64) -> Period {
+    let mut p = Period::default();
+    for _ in 0..n {
+        p.add(seconds, attempts);
+    }
+    p
+}
+
+#[test]
+fn keys_that_differ_only_in_the_exact_status_make_one_series() {
+    let svc = Label::from("catalog.shop");
+    let peer = PeerKey {
+        workload: Label::from("shop/catalog-vm"),
+        identity: Label::from("shop/catalog"),
+        environment: Label::from("vm"),
+        locality: Label::from("eu/eu-1"),
+        endpoint: Some("127.0.0.2:15006".parse().unwrap()),
+        mtls: true,
+    };
+    let (series, folded) = series(
+        vec![
+            (
+                labels(&svc, 500, FailureClass::AppError),
+                peer.clone(),
+                period(3, 2, 0.01),
+            ),
+            (
+                labels(&svc, 503, FailureClass::AppError),
+                peer.clone(),
+                period(2, 1, 0.02),
+            ),
+            (
+                labels(&svc, 200, FailureClass::Ok),
+                peer,
+                period(10, 1, 0.001),
+            ),
+        ],
+        &mut TcpSummary::default(),
+        500,
+    );
+    assert_eq!(folded, 0);
+    assert_eq!(series.len(), 2);
+    let failed = series.iter().find(|s| s.class == "app_error").unwrap();
+    assert_eq!(
+        (failed.requests, failed.attempts, failed.status_class),
+        (5, 8, 5)
+    );
+    assert_eq!(failed.service, "shop/catalog", "as namespace/name");
+    assert_eq!(failed.peer_workload, "shop/catalog-vm");
+    assert_eq!(failed.endpoint, "127.0.0.2:15006");
+    assert!(failed.mtls);
+    let h = Histogram::try_from(failed.latency.as_ref().unwrap()).unwrap();
+    assert_eq!(h.count(), 5);
+}
+
+#[test]
+fn beyond_the_cap_the_quietest_series_fold_into_other() {
+    let requests = (0..10)
+        .map(|i| {
+            let svc = Label::from(format!("s{i}.shop").as_str());
+            (
+                labels(&svc, 200, FailureClass::Ok),
+                PeerKey::default(),
+                period(i + 1, 1, 0.01),
+            )
+        })
+        .collect();
+    let (series, folded) = series(requests, &mut TcpSummary::default(), 4);
+    assert_eq!(folded, 7);
+    assert_eq!(series.len(), 4);
+    // The busiest three whole, the other seven in one row: nothing lost.
+    assert_eq!(series.iter().map(|s| s.requests).sum::<u64>(), 55);
+    let other = series.iter().find(|s| s.service == OTHER).unwrap();
+    assert_eq!(other.requests, 1 + 2 + 3 + 4 + 5 + 6 + 7);
+}
+
+#[test]
+fn tcp_connections_open_close_and_the_gauge_of_those_still_open() {
+    let mut t = TcpSummary::default();
+    let svc = Label::from("db.shop");
+    t.opened(Direction::outbound, &svc);
+    t.opened(Direction::outbound, &svc);
+    t.closed(
+        Direction::outbound,
+        &svc,
+        FailureClass::ConnectionReset,
+        PeerKey::default(),
+        10,
+        20,
+        0.5,
+    );
+    let (s, _) = series(Vec::new(), &mut t, 500);
+    let opened = s.iter().find(|s| s.tcp_opened > 0).unwrap();
+    assert_eq!(
+        (opened.tcp_opened, opened.tcp_open, opened.protocol),
+        (2, 1, 1)
+    );
+    let closed = s.iter().find(|s| s.tcp_closed > 0).unwrap();
+    assert_eq!(
+        (
+            closed.class.as_str(),
+            closed.bytes_sent,
+            closed.bytes_received
+        ),
+        ("connection_reset", 10, 20)
+    );
+    // Next period: nothing opened or closed, one still open: the gauge alone.
+    let (s, _) = series(Vec::new(), &mut t, 500);
+    assert_eq!(s.len(), 1);
+    assert_eq!((s[0].tcp_open, s[0].tcp_opened), (1, 0));
+}

@@ -1,0 +1,14 @@
+//! Fleet telemetry, shared by the proxy (which records and reports), the control plane
+//! (which keeps and answers) and the CLI (which shows):
+//!
+//! - [`hist`]: the latency histogram, exponential buckets that merge exactly;
+//! - [`report`]: the protobuf messages a proxy pushes every period;
+//! - [`key`] and [`store`]: the control plane's series and their ring buffers, bounded;
+//! - [`view`]: the rows of `trellis stat` and `trellis edges`.
+
+pub mod export;
+pub mod hist;
+pub mod key;
+pub mod report;
+pub mod store;
+pub mod view;

@@ -1,0 +1,185 @@
+//! What a proxy pushes to the control plane every period (protobuf, `POST /v1/telemetry` on
+//! the connection it has for xDS): one [`Report`] per period, numbered, with one [`Series`]
+//! per distinct key of what it recorded in that period.
+//!
+//! A report is a delta: the requests, attempts, bytes and latencies of its period only, so
+//! that the control plane adds reports up, and a reconnect that resends a period is caught
+//! by its number (`run`, `seq`) rather than counted twice.
+
+/// Several reports in one request: the periods a proxy held while it could not send.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Batch {
+    /// Oldest first.
+    #[prost(message, repeated, tag = "1")]
+    pub reports: Vec<Report>,
+}
+
+/// The control plane's answer to a [`Batch`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ack {
+    /// The proxy's run the answer is for.
+    #[prost(fixed64, tag = "1")]
+    pub run: u64,
+    /// Every report of that run up to this number is merged (or was before): the proxy may
+    /// let them go.
+    #[prost(uint64, tag = "2")]
+    pub acked: u64,
+}
+
+/// One period of one proxy.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Report {
+    /// The workload the proxy serves, `namespace/name` (empty for a proxy with none).
+    #[prost(string, tag = "1")]
+    pub workload: String,
+    /// The proxy's node id.
+    #[prost(string, tag = "2")]
+    pub node: String,
+    /// The workload's environment.
+    #[prost(string, tag = "3")]
+    pub environment: String,
+    /// The workload's locality, `region/zone`.
+    #[prost(string, tag = "4")]
+    pub locality: String,
+    /// A random number chosen when the proxy started: sequence numbers count within it.
+    #[prost(fixed64, tag = "5")]
+    pub run: u64,
+    /// The period's number in this run, from 1, without gaps.
+    #[prost(uint64, tag = "6")]
+    pub seq: u64,
+    /// Start of the period, Unix milliseconds (the proxy's clock).
+    #[prost(uint64, tag = "7")]
+    pub start_ms: u64,
+    /// Length of the period, milliseconds.
+    #[prost(uint32, tag = "8")]
+    pub period_ms: u32,
+    /// What was recorded, by key.
+    #[prost(message, repeated, tag = "9")]
+    pub series: Vec<Series>,
+    /// Series this proxy folded into `other` rows because it held too many.
+    #[prost(uint64, tag = "10")]
+    pub folded: u64,
+}
+
+/// One key's figures for the period. For outbound series the peer is the callee (workload,
+/// identity it must present, environment, locality, the address connected to); for inbound
+/// ones the caller (from its proxy's `x-trellis-peer` and its certificate).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Series {
+    /// 0 outbound, 1 inbound.
+    #[prost(uint32, tag = "1")]
+    pub direction: u32,
+    /// 0 HTTP (and gRPC), 1 TCP.
+    #[prost(uint32, tag = "2")]
+    pub protocol: u32,
+    /// The service, `namespace/name`.
+    #[prost(string, tag = "3")]
+    pub service: String,
+    /// The route's name.
+    #[prost(string, tag = "4")]
+    pub route: String,
+    /// The peer's workload, `namespace/name` (empty when unknown: an unmeshed caller).
+    #[prost(string, tag = "5")]
+    pub peer_workload: String,
+    /// The peer's SPIFFE ID (empty when not mutual TLS).
+    #[prost(string, tag = "6")]
+    pub peer_identity: String,
+    /// The peer's environment.
+    #[prost(string, tag = "7")]
+    pub peer_environment: String,
+    /// The peer's locality.
+    #[prost(string, tag = "8")]
+    pub peer_locality: String,
+    /// The address connected to (outbound).
+    #[prost(string, tag = "9")]
+    pub endpoint: String,
+    /// Whether the hop was mutual TLS.
+    #[prost(bool, tag = "10")]
+    pub mtls: bool,
+    /// The failure class (`ok`, `app_error`, ...).
+    #[prost(string, tag = "11")]
+    pub class: String,
+    /// The status's hundreds (2 for 2xx), 0 when no status was sent.
+    #[prost(uint32, tag = "12")]
+    pub status_class: u32,
+    /// Requests as the caller got them (after retries).
+    #[prost(uint64, tag = "13")]
+    pub requests: u64,
+    /// Every attempt made for them (each but the last of a request failed).
+    #[prost(uint64, tag = "14")]
+    pub attempts: u64,
+    /// Latency of the requests (or durations of the TCP connections closed), seconds.
+    #[prost(message, optional, tag = "15")]
+    pub latency: Option<Histogram>,
+    /// TCP connections opened.
+    #[prost(uint64, tag = "16")]
+    pub tcp_opened: u64,
+    /// TCP connections closed.
+    #[prost(uint64, tag = "17")]
+    pub tcp_closed: u64,
+    /// TCP bytes from the client.
+    #[prost(uint64, tag = "18")]
+    pub bytes_sent: u64,
+    /// TCP bytes to the client.
+    #[prost(uint64, tag = "19")]
+    pub bytes_received: u64,
+    /// TCP connections open at the period's end.
+    #[prost(uint64, tag = "20")]
+    pub tcp_open: u64,
+}
+
+/// [`crate::hist::Histogram`] on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Histogram {
+    /// Scale.
+    #[prost(sint32, tag = "1")]
+    pub scale: i32,
+    /// Values in the zero bucket.
+    #[prost(uint64, tag = "2")]
+    pub zero: u64,
+    /// Index of the first count.
+    #[prost(sint32, tag = "3")]
+    pub offset: i32,
+    /// Counts by bucket from `offset`.
+    #[prost(uint64, repeated, tag = "4")]
+    pub counts: Vec<u64>,
+    /// Sum of the values.
+    #[prost(double, tag = "5")]
+    pub sum: f64,
+    /// Least value.
+    #[prost(double, tag = "6")]
+    pub min: f64,
+    /// Greatest value.
+    #[prost(double, tag = "7")]
+    pub max: f64,
+}
+
+impl From<&crate::hist::Histogram> for Histogram {
+    fn from(h: &crate::hist::Histogram) -> Self {
+        Self {
+            scale: i32::from(h.scale()),
+            zero: h.zero_count(),
+            offset: h.offset(),
+            counts: h.counts().to_vec(),
+            sum: h.sum(),
+            min: h.min().unwrap_or(0.0),
+            max: h.max().unwrap_or(0.0),
+        }
+    }
+}
+
+impl TryFrom<&Histogram> for crate::hist::Histogram {
+    type Error = String;
+    fn try_from(h: &Histogram) -> Result<Self, String> {
+        let scale = i8::try_from(h.scale).map_err(|_| format!("scale {}", h.scale))?;
+        crate::hist::Histogram::from_parts(
+            scale,
+            h.zero,
+            h.offset,
+            h.counts.clone(),
+            h.sum,
+            h.min,
+            h.max,
+        )
+    }
+}

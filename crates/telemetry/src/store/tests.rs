@@ -1,0 +1,290 @@
+use super::*;
+use crate::{
+    report::{Histogram as WireHist, Report, Series},
+    view::{self, Kind, Selector},
+};
+
+const NOW: u64 = 1_000_000_000;
+
+fn series(service: &str, peer: &str, class: &str, n: u64, latency_s: f64) -> Series {
+    let mut h = Histogram::default();
+    for _ in 0..n {
+        h.record(latency_s);
+    }
+    Series {
+        direction: 0,
+        protocol: 0,
+        service: service.into(),
+        route: "default".into(),
+        peer_workload: peer.into(),
+        peer_identity: format!("spiffe://t/ns/shop/sa/{peer}"),
+        peer_environment: "vm".into(),
+        peer_locality: "r/z".into(),
+        endpoint: "127.0.0.2:15006".into(),
+        mtls: true,
+        class: class.into(),
+        status_class: if class == "ok" { 2 } else { 5 },
+        requests: n,
+        attempts: n,
+        latency: Some(WireHist::from(&h)),
+        ..Default::default()
+    }
+}
+
+fn report(workload: &str, run: u64, seq: u64, start: u64, series: Vec<Series>) -> Report {
+    Report {
+        workload: workload.into(),
+        node: "n1".into(),
+        environment: "container".into(),
+        locality: "r/z".into(),
+        run,
+        seq,
+        start_ms: start,
+        period_ms: 10_000,
+        series,
+        folded: 0,
+    }
+}
+
+fn total(s: &Store, window: u64) -> u64 {
+    s.window(NOW, window, |_| true)
+        .iter()
+        .map(|(_, st)| st.requests)
+        .sum()
+}
+
+#[test]
+fn reports_add_up_and_a_resent_one_is_not_counted_twice() {
+    let mut s = Store::new(Limits::default());
+    let r1 = report(
+        "shop/web",
+        7,
+        1,
+        NOW - 20_000,
+        vec![series("shop/cat", "shop/cat-1", "ok", 90, 0.01)],
+    );
+    let r2 = report(
+        "shop/web",
+        7,
+        2,
+        NOW - 10_000,
+        vec![series("shop/cat", "shop/cat-1", "app_error", 10, 0.02)],
+    );
+    assert_eq!(s.ingest(&r1, None, NOW).unwrap(), 1);
+    assert_eq!(s.ingest(&r2, None, NOW).unwrap(), 2);
+    assert_eq!(s.ingest(&r1, None, NOW).unwrap(), 2, "already merged");
+    assert_eq!(s.duplicates(), 1);
+    assert_eq!(total(&s, 60_000), 100);
+    // A window that starts after the first period leaves it out.
+    assert_eq!(total(&s, 15_000), 10);
+    let rows = view::stat(&s.window(NOW, 60_000, |_| true), &Selector::default(), 60.0);
+    assert_eq!(rows.len(), 1);
+    let r = &rows[0];
+    assert_eq!((r.name.as_str(), r.figures.requests), ("shop/cat", 100));
+    assert_eq!(r.figures.success, Some(0.9));
+    assert_eq!(r.figures.failures.application[0].count, 10);
+    assert_eq!(r.environments, vec!["vm".to_string()]);
+}
+
+#[test]
+fn a_gap_is_counted_lost_and_a_new_run_starts_again() {
+    let mut s = Store::new(Limits::default());
+    let r = |run, seq| {
+        report(
+            "shop/web",
+            run,
+            seq,
+            NOW - 5_000,
+            vec![series("shop/cat", "w", "ok", 1, 0.01)],
+        )
+    };
+    s.ingest(&r(1, 1), None, NOW).unwrap();
+    s.ingest(&r(1, 4), None, NOW).unwrap();
+    assert_eq!(s.lost(), 2);
+    assert_eq!(
+        s.ingest(&r(2, 1), None, NOW).unwrap(),
+        1,
+        "a restarted proxy"
+    );
+    assert_eq!(total(&s, 60_000), 3);
+}
+
+#[test]
+fn a_bad_series_refuses_the_whole_report() {
+    let mut s = Store::new(Limits::default());
+    let mut bad = series("shop/cat", "w", "no_such_class", 1, 0.01);
+    let good = series("shop/cat", "w", "ok", 1, 0.01);
+    let e = s
+        .ingest(
+            &report("shop/web", 1, 1, NOW, vec![good.clone(), bad.clone()]),
+            None,
+            NOW,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("series[1].class"), "{e}");
+    bad.class = "ok".into();
+    bad.latency = Some(WireHist {
+        scale: 99,
+        ..Default::default()
+    });
+    let e = s
+        .ingest(&report("shop/web", 1, 1, NOW, vec![bad]), None, NOW)
+        .unwrap_err();
+    assert!(e.to_string().contains("series[0].latency"), "{e}");
+    assert_eq!(s.series_count(), 0);
+    let e = s
+        .ingest(&report("shop/web", 1, 0, NOW, vec![good]), None, NOW)
+        .unwrap_err();
+    assert!(e.to_string().contains("seq"), "{e}");
+}
+
+#[test]
+fn series_beyond_the_caps_fold_into_other() {
+    let limits = Limits {
+        series_per_reporter: 3,
+        series: 5,
+        ..Limits::default()
+    };
+    let mut s = Store::new(limits);
+    let many: Vec<Series> = (0..10)
+        .map(|i| series(&format!("shop/s{i}"), "w", "ok", 1, 0.01))
+        .collect();
+    s.ingest(&report("shop/a", 1, 1, NOW, many.clone()), None, NOW)
+        .unwrap();
+    // Three of its own, then one `other` row for the rest.
+    assert_eq!(s.series_count(), 4);
+    assert_eq!(s.folded(), 7);
+    assert_eq!(total(&s, 60_000), 10, "folded, not lost");
+    let other = s.window(NOW, 60_000, |k| &*k.service == OTHER);
+    assert_eq!(other[0].1.requests, 7);
+    s.ingest(&report("shop/b", 1, 1, NOW, many), None, NOW)
+        .unwrap();
+    // The mesh's cap: one more of b's own, then its `other` row.
+    assert_eq!(s.series_count(), 6);
+    assert_eq!(total(&s, 60_000), 20);
+}
+
+#[test]
+fn old_slots_move_to_minutes_and_then_go() {
+    let mut s = Store::new(Limits::default());
+    let hour = 3_600_000;
+    s.ingest(
+        &report(
+            "shop/a",
+            1,
+            1,
+            NOW - hour,
+            vec![series("shop/x", "w", "ok", 5, 0.01)],
+        ),
+        None,
+        NOW,
+    )
+    .unwrap();
+    s.ingest(
+        &report(
+            "shop/a",
+            1,
+            2,
+            NOW - 5_000,
+            vec![series("shop/x", "w", "ok", 1, 0.01)],
+        ),
+        None,
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(total(&s, 2 * hour), 6);
+    assert_eq!(total(&s, 60_000), 1);
+    // A day later the old period is gone; fifteen minutes later the new one is in minutes.
+    s.compact(NOW + 20 * 60_000);
+    assert_eq!(
+        s.window(NOW + 20 * 60_000, 2 * hour, |_| true)[0]
+            .1
+            .requests,
+        6
+    );
+    s.compact(NOW + 24 * hour);
+    assert_eq!(s.series_count(), 1);
+    s.compact(NOW + 25 * hour);
+    assert_eq!(s.series_count(), 0);
+}
+
+#[test]
+fn effective_and_actual_outcomes_with_a_retried_failure() {
+    let mut s = Store::new(Limits::default());
+    let mut ok = series("shop/cat", "w", "ok", 8, 0.01);
+    ok.attempts = 10; // two requests succeeded on their second attempt
+    let failed = series("shop/cat", "w", "app_error", 2, 0.01);
+    s.ingest(&report("shop/web", 1, 1, NOW, vec![ok, failed]), None, NOW)
+        .unwrap();
+    let rows = view::stat(&s.window(NOW, 60_000, |_| true), &Selector::default(), 60.0);
+    let f = &rows[0].figures;
+    assert_eq!((f.requests, f.attempts), (10, 12));
+    assert_eq!(f.success, Some(0.8));
+    // 12 attempts, 2 retried ones failed and 2 last ones failed: 8 good.
+    assert_eq!(f.actual_success, Some(8.0 / 12.0));
+}
+
+#[test]
+fn edges_join_caller_and_callee_and_unmeshed_callers_come_from_the_callee() {
+    let mut s = Store::new(Limits::default());
+    s.ingest(
+        &report(
+            "shop/web",
+            1,
+            1,
+            NOW,
+            vec![series("shop/cat", "shop/cat-vm", "ok", 4, 0.01)],
+        ),
+        Some("spiffe://t/ns/shop/sa/web"),
+        NOW,
+    )
+    .unwrap();
+    let mut inbound = series("shop/cat", "", "ok", 3, 0.01);
+    inbound.direction = 1;
+    inbound.peer_identity.clear();
+    inbound.mtls = false;
+    s.ingest(&report("shop/cat-vm", 1, 1, NOW, vec![inbound]), None, NOW)
+        .unwrap();
+    let ids: HashMap<String, String> = s
+        .reporters()
+        .iter()
+        .filter_map(|(k, r)| Some((k.to_string(), r.identity.clone()?)))
+        .collect();
+    let e = view::edges(
+        &s.window(NOW, 60_000, |_| true),
+        &Selector::default(),
+        60.0,
+        |w| ids.get(w).cloned(),
+    );
+    assert_eq!(e.len(), 2);
+    let meshed = e.iter().find(|e| e.src == "shop/web").unwrap();
+    assert_eq!(
+        (meshed.dst.as_str(), meshed.figures.requests, meshed.mtls),
+        ("shop/cat-vm", 4, true)
+    );
+    assert_eq!(meshed.src_identity, "spiffe://t/ns/shop/sa/web");
+    assert_eq!(meshed.dst_environment, "vm");
+    let unmeshed = e.iter().find(|e| e.src == "unmeshed").unwrap();
+    assert_eq!(
+        (
+            unmeshed.dst.as_str(),
+            unmeshed.figures.requests,
+            unmeshed.mtls
+        ),
+        ("shop/cat-vm", 3, false)
+    );
+    let w = view::stat(
+        &s.window(NOW, 60_000, |_| true),
+        &Selector {
+            kind: Some(Kind::Workload),
+            ..Default::default()
+        },
+        60.0,
+    );
+    assert_eq!(
+        w.iter()
+            .map(|r| (r.name.as_str(), r.figures.requests))
+            .collect::<Vec<_>>(),
+        vec![("shop/cat-vm", 3), ("shop/web", 4)]
+    );
+}
