@@ -212,6 +212,10 @@ struct ControlArgs {
     /// Most telemetry series kept per proxy.
     #[arg(long, default_value_t = 500)]
     telemetry_series_per_proxy: usize,
+    /// Most memory the fleet's telemetry slots may take, MiB; beyond, the oldest slots go
+    /// first (and a query over a longer window is refused, saying what is held).
+    #[arg(long, default_value_t = 512)]
+    telemetry_memory: usize,
 }
 
 #[derive(clap::Args)]
@@ -430,6 +434,7 @@ fn control(a: ControlArgs) -> ExitCode {
         telemetry: trellis_control::TelemetryLimits {
             series: a.telemetry_series,
             series_per_reporter: a.telemetry_series_per_proxy,
+            memory: a.telemetry_memory << 20,
             ..Default::default()
         },
     };

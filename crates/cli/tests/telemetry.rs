@@ -278,10 +278,12 @@ async fn stat_and_edges_give_back_exactly_the_traffic_sent() {
         .map(|l| l["total_ms"].as_f64().unwrap())
         .collect();
     ms.sort_by(f64::total_cmp);
+    let err = stat["latency_ms"]["error"].as_f64().unwrap();
+    assert!(err < 0.011, "the proxies' scale: about 1 %: {err}");
     for (q, key) in [(0.5, "p50"), (0.95, "p95"), (0.99, "p99")] {
         let (got, want) = (stat["latency_ms"][key].as_f64().unwrap(), exact(&ms, q));
         assert!(
-            (got - want).abs() <= want * 0.011 + 0.001,
+            (got - want).abs() <= want * err + 0.001,
             "{key}: {got} vs {want}"
         );
     }
@@ -614,5 +616,161 @@ async fn a_proxy_cut_off_from_the_control_plane_loses_no_period() {
             &[("service", "test/direct")]
         ),
         sent
+    );
+}
+
+/// A real Prometheus (Debian's), scraping `target`'s `/metrics` every second with `token`;
+/// killed and its data removed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr, token: &str) -> Option<Self> {
+        if std::process::Command::new("prometheus")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            return None;
+        }
+        let dir = temp_path("prometheus");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = format!(
+            "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nscrape_configs:\n  - job_name: trellis\n    metrics_path: /metrics\n    authorization: {{ credentials: {token} }}\n    static_configs: [{{ targets: ['{target}'] }}]\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        // An ephemeral port, chosen by the kernel and handed over.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        Some(Self { child, addr, dir })
+    }
+
+    /// The value of an instant PromQL query, if it has one.
+    async fn query(&self, promql: &str) -> Option<f64> {
+        let enc: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                    (b as char).to_string()
+                }
+                b => format!("%{b:02X}"),
+            })
+            .collect();
+        let (st, body) = client::get(
+            self.addr,
+            "prometheus",
+            &format!("/api/v1/query?query={enc}"),
+            &[],
+        )
+        .await
+        .ok()?;
+        if st != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&body).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn prometheus_scraping_the_control_plane_agrees_with_stat() {
+    let hits = Arc::new(Hits::default());
+    let a = app("a", hits.clone()).await;
+    let cp = ControlProcess::start(BIN, &[]);
+    // Failures in a row would eject the one endpoint: outlier detection off.
+    let no_ejection = policy("direct", "  outlierDetection: { consecutiveFailures: 0 }\n");
+    apply_ok(
+        &cp,
+        docs(&[
+            service("direct", "HTTP", &[a]),
+            no_ejection,
+            client_workload(&[]),
+        ]),
+    )
+    .await;
+    let Some(prom) = Prometheus::start(cp.api, &cp.token) else {
+        panic!("prometheus is not installed: bash .ci/setup installs it");
+    };
+    let p = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &["--report-interval", "200ms"],
+    );
+    p.wait_ready().await;
+    let mut c = client::Conn::h1(p.outbound).await;
+    let (n, fails) = (50u64, 7u64);
+    for i in 0..n {
+        let path = if i < fails { "/fail" } else { "/ok" };
+        c.get("direct.test", path).await.unwrap();
+    }
+    let stat = eventually(
+        "stat counts every request",
+        Duration::from_secs(15),
+        async || {
+            let v = api(&cp, "/api/v1/stat?namespace=test&window=5m").await;
+            let r = row(&v, "test/direct")?.clone();
+            (r["requests"] == n).then_some(r)
+        },
+    )
+    .await;
+    let success = stat["success"].as_f64().unwrap();
+    assert!(
+        (success - (n - fails) as f64 / n as f64).abs() < 1e-12,
+        "{stat}"
+    );
+    // The same success rate from PromQL over the control plane's one scrape target (its
+    // counters cover its whole life, which the 5 minute window of `stat` covers too).
+    let q = "sum(trellis_fleet_requests_total{service=\"test/direct\",direction=\"outbound\",success=\"true\"}) / sum(trellis_fleet_requests_total{service=\"test/direct\",direction=\"outbound\"})";
+    let total_q =
+        "sum(trellis_fleet_requests_total{service=\"test/direct\",direction=\"outbound\"})";
+    eventually(
+        "Prometheus scraped every request",
+        Duration::from_secs(30),
+        async || (prom.query(total_q).await? == n as f64).then_some(()),
+    )
+    .await;
+    let promql = prom.query(q).await.expect("a success rate");
+    assert!(
+        (promql - success).abs() < 1e-12,
+        "PromQL {promql} vs stat {success}"
+    );
+    // And a quantile from the exported buckets: within a power of two of stat's (the
+    // buckets are powers of two).
+    let p50 = prom
+        .query("histogram_quantile(0.5, sum by (le) (trellis_fleet_request_duration_seconds_bucket{service=\"test/direct\",direction=\"outbound\"}))")
+        .await
+        .expect("a median");
+    let stat_p50 = stat["latency_ms"]["p50"].as_f64().unwrap() / 1000.0;
+    assert!(
+        p50 / stat_p50 < 2.0 && stat_p50 / p50 < 2.0,
+        "PromQL {p50} vs stat {stat_p50}"
     );
 }

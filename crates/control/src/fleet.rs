@@ -69,7 +69,7 @@ impl Fleet {
     pub(crate) fn ingest(
         &self,
         writer: &Writer,
-        mut batch: Batch,
+        batch: Batch,
         peer: Option<&SpiffeId>,
     ) -> Result<Ack, FleetError> {
         let Some(first) = batch.reports.first() else {
@@ -87,16 +87,6 @@ impl Fleet {
         }
         if let Some(id) = peer {
             self.check_owner(writer, &workload, id)?;
-        }
-        // Outbound peers are named `namespace/identity`: as SPIFFE IDs, like inbound ones.
-        for r in &mut batch.reports {
-            for s in &mut r.series {
-                if !s.peer_identity.is_empty() && !s.peer_identity.starts_with("spiffe://") {
-                    if let Some((ns, sa)) = s.peer_identity.split_once('/') {
-                        s.peer_identity = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.trust_domain);
-                    }
-                }
-            }
         }
         let now = now_ms();
         let identity = peer.map(ToString::to_string);
@@ -151,26 +141,60 @@ impl Fleet {
     }
 
     /// `trellis stat` over the `window_ms` before now.
-    pub(crate) fn stat(&self, sel: &Selector, window_ms: u64) -> Vec<StatRow> {
+    pub(crate) fn stat(&self, sel: &Selector, window_ms: u64) -> Result<Vec<StatRow>, FleetError> {
         let store = self.store();
-        let series = store.window(now_ms(), window_ms, |_| true);
+        self.covers(&store, window_ms)?;
+        let w = store.window(
+            now_ms(),
+            window_ms,
+            |_| true,
+            |k| view::wants_latency(sel, k),
+        );
         drop(store);
-        view::stat(&series, sel, window_ms as f64 / 1000.0)
+        Ok(view::stat(&w, sel, window_ms as f64 / 1000.0))
+    }
+
+    /// A window the store holds whole, or why not.
+    fn covers(&self, store: &Store, window_ms: u64) -> Result<(), FleetError> {
+        let held = store.held_from_ms();
+        if held > 0 && now_ms().saturating_sub(window_ms) < held {
+            return Err(FleetError::BadReport(format!(
+                "window: the control plane holds only the last {} s (its telemetry memory, --telemetry-memory, is full); ask for less",
+                now_ms().saturating_sub(held) / 1000
+            )));
+        }
+        Ok(())
     }
 
     /// `trellis edges` over the `window_ms` before now.
-    pub(crate) fn edges(&self, sel: &Selector, window_ms: u64) -> Vec<EdgeRow> {
+    pub(crate) fn edges(&self, sel: &Selector, window_ms: u64) -> Result<Vec<EdgeRow>, FleetError> {
         let store = self.store();
-        let series = store.window(now_ms(), window_ms, |_| true);
+        self.covers(&store, window_ms)?;
+        let series = store.window(
+            now_ms(),
+            window_ms,
+            |_| true,
+            |k| view::wants_latency(sel, k),
+        );
         let ids: std::collections::HashMap<String, String> = store
             .reporters()
             .iter()
             .filter_map(|(k, r)| Some((k.to_string(), r.identity.clone()?)))
             .collect();
         drop(store);
-        view::edges(&series, sel, window_ms as f64 / 1000.0, |w| {
+        let mut rows = view::edges(&series, sel, window_ms as f64 / 1000.0, |w| {
             ids.get(w).cloned()
-        })
+        });
+        // Callers name the identity their callee must present `namespace/identity`: shown as
+        // SPIFFE IDs, like the callers' own.
+        for r in &mut rows {
+            if !r.dst_identity.is_empty() && !r.dst_identity.starts_with("spiffe://") {
+                if let Some((ns, sa)) = r.dst_identity.split_once('/') {
+                    r.dst_identity = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.trust_domain);
+                }
+            }
+        }
+        Ok(rows)
     }
 
     /// The longest window a query may ask for.

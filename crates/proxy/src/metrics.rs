@@ -481,7 +481,10 @@ mod tests {
         for (l, _, p) in m.take_periods() {
             *by_status.entry(l.status_code).or_insert(0) += p.requests;
         }
-        assert_eq!(by_status.into_iter().collect::<Vec<_>>(), vec![(200, 4), (503, 1)]);
+        assert_eq!(
+            by_status.into_iter().collect::<Vec<_>>(),
+            vec![(200, 4), (503, 1)]
+        );
         assert!(m.take_periods().is_empty(), "taken");
     }
 }

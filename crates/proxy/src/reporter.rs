@@ -116,11 +116,11 @@ impl Reporter {
         let start = std::mem::replace(&mut self.period_start, now);
         let metrics = &self.shared.telemetry.metrics;
         let requests = metrics.take_periods();
-        let (series, folded) = {
+        let period = {
             let mut tcp = metrics.tcp_summary.lock().expect("tcp summary lock");
             crate::summary::series(requests, &mut tcp, SERIES_CAP)
         };
-        if series.is_empty() {
+        if period.series.is_empty() {
             return;
         }
         let snap = self.shared.state.load();
@@ -147,8 +147,9 @@ impl Reporter {
             seq: self.seq,
             start_ms: start,
             period_ms: now.saturating_sub(start).min(u64::from(u32::MAX)) as u32,
-            series,
-            folded,
+            series: period.series,
+            latencies: period.latencies,
+            folded: period.folded,
         });
         while self.pending.len() > PENDING {
             self.pending.pop_front();

@@ -7,7 +7,11 @@
 
 use std::{collections::HashMap, hash::Hasher, net::SocketAddr};
 
-use trellis_telemetry::{hist::Histogram, report::Series, store::OTHER};
+use trellis_telemetry::{
+    hist::Histogram,
+    report::{Latency, Series},
+    store::OTHER,
+};
 
 use crate::{
     cluster::Endpoint,
@@ -115,7 +119,6 @@ struct TcpPeriod {
     closed: u64,
     sent: u64,
     received: u64,
-    duration: Histogram,
 }
 
 impl TcpSummary {
@@ -135,7 +138,6 @@ impl TcpSummary {
         peer: PeerKey,
         sent: u64,
         received: u64,
-        seconds: f64,
     ) {
         if let Some(n) = self.open.get_mut(&(direction, service.clone())) {
             *n = n.saturating_sub(1);
@@ -152,7 +154,6 @@ impl TcpSummary {
         p.closed += 1;
         p.sent += sent;
         p.received += received;
-        p.duration.record(seconds);
     }
 
     fn take(&mut self) -> Vec<Series> {
@@ -204,7 +205,6 @@ impl TcpSummary {
                 tcp_closed: p.closed,
                 bytes_sent: p.sent,
                 bytes_received: p.received,
-                latency: Some((&p.duration).into()),
                 ..series_for(k.direction, &k.service, None, &k.peer, k.class, 0, 1)
             });
         }
@@ -253,15 +253,24 @@ fn series_for(
     }
 }
 
+/// What a period adds up to: series (counts), latency groups, and how many series were
+/// folded into `other` rows.
+pub(crate) struct PeriodReport {
+    pub(crate) series: Vec<Series>,
+    pub(crate) latencies: Vec<Latency>,
+    pub(crate) folded: u64,
+}
+
 /// A period's series: request summaries grouped by series key (entries that differ only in
 /// the exact status fold together), then TCP; at most `cap` series, the rest folded into one
-/// `other` row per direction and class. Returns the series and how many were folded.
+/// `other` row per direction and class. Latency by direction, service and peer workload.
 pub(crate) fn series(
     requests: Vec<(RequestLabels, PeerKey, Period)>,
     tcp: &mut TcpSummary,
     cap: usize,
-) -> (Vec<Series>, u64) {
-    let mut by_key: HashMap<SeriesId, (Series, Histogram)> = HashMap::new();
+) -> PeriodReport {
+    let mut by_key: HashMap<SeriesId, Series> = HashMap::new();
+    let mut latency: HashMap<(u32, String, String), Histogram> = HashMap::new();
     for (l, peer, p) in requests {
         let s = series_for(
             l.direction,
@@ -272,20 +281,24 @@ pub(crate) fn series(
             l.status_code,
             0,
         );
-        let (e, h) = by_key
-            .entry(SeriesId::of(&s))
-            .or_insert_with(|| (s, Histogram::default()));
+        latency
+            .entry((s.direction, s.service.clone(), s.peer_workload.clone()))
+            .or_default()
+            .merge(&p.latency);
+        let e = by_key.entry(SeriesId::of(&s)).or_insert(s);
         e.requests += p.requests;
         e.attempts += p.attempts;
-        h.merge(&p.latency);
     }
-    let mut out: Vec<Series> = by_key
-        .into_values()
-        .map(|(s, h)| Series {
-            latency: Some((&h).into()),
-            ..s
+    let latencies = latency
+        .into_iter()
+        .map(|((direction, service, peer_workload), h)| Latency {
+            direction,
+            service,
+            peer_workload,
+            histogram: Some((&h).into()),
         })
         .collect();
+    let mut out: Vec<Series> = by_key.into_values().collect();
     out.extend(tcp.take());
     let mut folded = 0;
     if out.len() > cap {
@@ -311,7 +324,11 @@ pub(crate) fn series(
         }
         out.extend(others.into_values());
     }
-    (out, folded)
+    PeriodReport {
+        series: out,
+        latencies,
+        folded,
+    }
 }
 
 /// A series' key fields (a `Series` holds floats, so it is no map key itself).
@@ -346,15 +363,6 @@ fn merge_into(o: &mut Series, s: &Series) {
     o.tcp_open += s.tcp_open;
     o.bytes_sent += s.bytes_sent;
     o.bytes_received += s.bytes_received;
-    let mut h: Histogram = o
-        .latency
-        .as_ref()
-        .and_then(|h| Histogram::try_from(h).ok())
-        .unwrap_or_default();
-    if let Some(sh) = s.latency.as_ref().and_then(|x| Histogram::try_from(x).ok()) {
-        h.merge(&sh);
-    }
-    o.latency = Some((&h).into());
 }
 
 #[cfg(test)]

@@ -87,12 +87,20 @@ pub fn prometheus(store: &Store) -> String {
         );
     }
     // Latency by direction, workload, service and peer: classes merged.
-    let mut lat: std::collections::BTreeMap<String, crate::hist::Histogram> = Default::default();
-    for (k, t) in http() {
-        lat.entry(labels(k))
-            .or_insert_with(|| crate::hist::Histogram::new(0))
-            .merge(&t.latency);
-    }
+    let lat: std::collections::BTreeMap<String, &crate::hist::Histogram> = store
+        .latency_totals()
+        .iter()
+        .map(|(k, h)| {
+            let l = format!(
+                "direction=\"{}\",workload=\"{}\",service=\"{}\",peer_workload=\"{}\"",
+                dir(k.direction),
+                escape(&k.workload),
+                escape(&k.service),
+                escape(&k.peer_workload)
+            );
+            (l, h)
+        })
+        .collect();
     let _ = writeln!(o, "# HELP trellis_fleet_request_duration_seconds Request latency the fleet's proxies recorded.\n# TYPE trellis_fleet_request_duration_seconds histogram");
     for (l, h) in &lat {
         for k in LE {
@@ -140,6 +148,18 @@ pub fn prometheus(store: &Store) -> String {
         );
     }
     let gauges = [
+        (
+            "trellis_fleet_store_bytes",
+            "gauge",
+            "Bytes the control plane's telemetry slots take, as it counts them.",
+            store.bytes() as u64,
+        ),
+        (
+            "trellis_fleet_held_from_seconds",
+            "gauge",
+            "Unix time from which every slot is still held (0: none dropped before its retention).",
+            store.held_from_ms() / 1000,
+        ),
         (
             "trellis_fleet_series",
             "gauge",

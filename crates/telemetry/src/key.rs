@@ -5,8 +5,6 @@ use std::sync::Arc;
 use serde::Serialize;
 use trellis_taxonomy::FailureClass;
 
-use crate::hist::Histogram;
-
 /// Which side of a hop the reporting proxy was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,46 +67,51 @@ impl Key {
     }
 }
 
-/// What one series adds up to over some time.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Stats {
+/// What a latency histogram is kept by: coarser than a series (no route, endpoint, class or
+/// status), which is all that `stat` and `edges` show quantiles by.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LatKey {
+    /// Direction.
+    pub direction: Direction,
+    /// The reporting workload.
+    pub workload: Arc<str>,
+    /// Service.
+    pub service: Arc<str>,
+    /// The peer's workload.
+    pub peer_workload: Arc<str>,
+}
+
+/// What one series adds up to over some time: counts only (latency is kept by [`LatKey`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
     /// Requests (effective: after retries).
     pub requests: u64,
     /// Attempts (actual).
     pub attempts: u64,
-    /// Latency of requests, or durations of closed TCP connections.
-    pub latency: Histogram,
     /// TCP connections opened.
-    pub tcp_opened: u64,
+    pub tcp_opened: u32,
     /// TCP connections closed.
-    pub tcp_closed: u64,
-    /// TCP bytes from clients.
-    pub bytes_sent: u64,
-    /// TCP bytes to clients.
-    pub bytes_received: u64,
-    /// TCP connections open at the end of the latest period merged, with that period's
-    /// start (Unix ms): a gauge, not a sum.
-    pub tcp_open: Option<(u64, u64)>,
+    pub tcp_closed: u32,
+    /// TCP bytes, both ways.
+    pub tcp_bytes: u64,
+    /// TCP connections open at the end of the latest period merged, and that period's slot
+    /// (a gauge, not a sum: the latest wins).
+    pub tcp_open: u32,
+    /// The slot `tcp_open` was reported for (0: never).
+    pub tcp_open_at: u32,
 }
 
-impl Stats {
-    /// Add `o`.
-    pub fn merge(&mut self, o: &Stats) {
+impl Counts {
+    /// Add `o` (in time: the later gauge wins).
+    pub fn merge(&mut self, o: &Counts) {
         self.requests += o.requests;
         self.attempts += o.attempts;
-        self.latency.merge(&o.latency);
-        self.tcp_opened += o.tcp_opened;
-        self.tcp_closed += o.tcp_closed;
-        self.bytes_sent += o.bytes_sent;
-        self.bytes_received += o.bytes_received;
-        self.tcp_open = match (self.tcp_open, o.tcp_open) {
-            (Some(a), Some(b)) => Some(if b.1 >= a.1 { b } else { a }),
-            (a, b) => a.or(b),
-        };
-    }
-
-    /// Bytes on the heap.
-    pub fn heap_bytes(&self) -> usize {
-        self.latency.heap_bytes()
+        self.tcp_opened = self.tcp_opened.saturating_add(o.tcp_opened);
+        self.tcp_closed = self.tcp_closed.saturating_add(o.tcp_closed);
+        self.tcp_bytes += o.tcp_bytes;
+        if o.tcp_open_at >= self.tcp_open_at && o.tcp_open_at > 0 {
+            self.tcp_open = o.tcp_open;
+            self.tcp_open_at = o.tcp_open_at;
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`view`]: the rows of `trellis stat` and `trellis edges`.
 
 pub mod export;
+pub mod fx;
 pub mod hist;
 pub mod key;
 pub mod report;

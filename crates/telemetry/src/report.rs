@@ -59,6 +59,27 @@ pub struct Report {
     /// Series this proxy folded into `other` rows because it held too many.
     #[prost(uint64, tag = "10")]
     pub folded: u64,
+    /// Request latency by direction, service and peer workload (what `stat` and `edges`
+    /// show quantiles of): far fewer than series, which carry counts only.
+    #[prost(message, repeated, tag = "11")]
+    pub latencies: Vec<Latency>,
+}
+
+/// The latency of the requests of one direction, service and peer workload in a period.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Latency {
+    /// 0 outbound, 1 inbound.
+    #[prost(uint32, tag = "1")]
+    pub direction: u32,
+    /// The service, `namespace/name`.
+    #[prost(string, tag = "2")]
+    pub service: String,
+    /// The peer's workload (empty when unknown).
+    #[prost(string, tag = "3")]
+    pub peer_workload: String,
+    /// Request latency to the end of the response, seconds.
+    #[prost(message, optional, tag = "4")]
+    pub histogram: Option<Histogram>,
 }
 
 /// One key's figures for the period. For outbound series the peer is the callee (workload,
@@ -108,9 +129,6 @@ pub struct Series {
     /// Every attempt made for them (each but the last of a request failed).
     #[prost(uint64, tag = "14")]
     pub attempts: u64,
-    /// Latency of the requests (or durations of the TCP connections closed), seconds.
-    #[prost(message, optional, tag = "15")]
-    pub latency: Option<Histogram>,
     /// TCP connections opened.
     #[prost(uint64, tag = "16")]
     pub tcp_opened: u64,

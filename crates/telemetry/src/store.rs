@@ -1,26 +1,29 @@
-//! The control plane's memory of the fleet's reports: per series, 10 s slots for 15 minutes
-//! and 1 minute slots for 24 hours (by default), merged from every proxy's reports.
+//! The control plane's memory of the fleet's reports: per series, counts in 10 s slots for
+//! 15 minutes and 1 minute slots for 24 hours (by default); per direction, service and peer
+//! workload, latency histograms in the same slots (a quantile within 1.1 % in the fine
+//! slots, 4.4 % in the coarse ones, which are kept at a lower scale).
 //!
-//! Memory is bounded whatever the traffic: at most [`Limits::series_per_reporter`] series per
-//! proxy and [`Limits::series`] in all; a series beyond either cap is folded into its
-//! reporter's `other` row (same direction, class and status, every other label `other`), and
-//! [`Store::folded`] counts the folding. Each series holds at most `fine_slots +
-//! coarse_slots` slots, each at most one histogram of [`crate::hist::MAX_BUCKETS`] buckets.
+//! Memory is bounded whatever the traffic, twice:
+//! - at most [`Limits::series_per_reporter`] series per proxy and [`Limits::series`] in all:
+//!   a series beyond either cap is folded into its reporter's `other` row (same direction,
+//!   class and status, every other label `other`), and [`Store::folded`] counts the folding;
+//! - at most [`Limits::memory`] bytes of slots (the store counts them as it goes): beyond, the
+//!   oldest coarse slots go first, then the oldest fine ones, and [`Store::held_from_ms`]
+//!   says from when the store still holds everything, so a query over a longer window says
+//!   so instead of answering short.
 //!
 //! Reports are numbered per proxy run: a report already merged (a resend after a lost answer)
 //! is not merged again, and a gap (periods the proxy dropped, or a control plane that
 //! restarted) is counted in [`Store::lost`].
 
-use std::{
-    collections::{HashMap, HashSet, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use trellis_taxonomy::FailureClass;
 
 use crate::{
+    fx::{FxMap, FxSet},
     hist::Histogram,
-    key::{Direction, Key, Protocol, Stats},
+    key::{Counts, Direction, Key, LatKey, Protocol},
     report::{Report, Series},
 };
 
@@ -39,6 +42,8 @@ pub struct Limits {
     pub series_per_reporter: usize,
     /// Series in all.
     pub series: usize,
+    /// Bytes the slots may take.
+    pub memory: usize,
 }
 
 impl Default for Limits {
@@ -50,9 +55,13 @@ impl Default for Limits {
             coarse_slots: 1440,
             series_per_reporter: 500,
             series: 100_000,
+            memory: 512 << 20,
         }
     }
 }
+
+/// The scale of histograms in coarse slots (buckets 2^(1/8) wide: a quantile within 4.4 %).
+pub const COARSE_SCALE: i8 = 3;
 
 /// Why a report was refused.
 #[derive(Debug, thiserror::Error)]
@@ -90,20 +99,58 @@ pub struct Reporter {
     pub series: usize,
 }
 
-#[derive(Default)]
-struct Slots {
-    fine: VecDeque<(u64, Stats)>,
-    coarse: VecDeque<(u64, Stats)>,
+/// Slots by index, oldest first.
+type Ring<T> = VecDeque<(u32, T)>;
+
+/// Bytes a slot of counts takes.
+const COUNTS_BYTES: usize = std::mem::size_of::<(u32, Counts)>();
+/// Bytes a key takes (its map entry, its `Arc`, its shared strings' pointers).
+const KEY_BYTES: usize = std::mem::size_of::<Key>() + 64;
+
+fn hist_bytes(h: &Histogram) -> usize {
+    std::mem::size_of::<(u32, Histogram)>() + h.counts().len() * 8
 }
 
-impl Slots {
-    fn add(ring: &mut VecDeque<(u64, Stats)>, slot: u64, s: &Stats) {
-        match ring.binary_search_by_key(&slot, |(k, _)| *k) {
-            Ok(i) => ring[i].1.merge(s),
-            Err(i) => ring.insert(i, (slot, s.clone())),
+/// Add `v` at `slot` of `ring`; the bytes it took.
+fn add_counts(ring: &mut Ring<Counts>, slot: u32, v: &Counts) -> usize {
+    match ring.binary_search_by_key(&slot, |(k, _)| *k) {
+        Ok(i) => {
+            ring[i].1.merge(v);
+            0
+        }
+        Err(i) => {
+            ring.insert(i, (slot, *v));
+            COUNTS_BYTES
         }
     }
+}
 
+/// Add `h` at `slot` of `ring` (at most `scale`); the change in bytes.
+fn add_hist(ring: &mut Ring<Histogram>, slot: u32, h: &Histogram, scale: i8) -> isize {
+    match ring.binary_search_by_key(&slot, |(k, _)| *k) {
+        Ok(i) => {
+            let before = hist_bytes(&ring[i].1);
+            ring[i].1.merge(h);
+            hist_bytes(&ring[i].1) as isize - before as isize
+        }
+        Err(i) => {
+            let mut h = h.clone();
+            h.downscale(h.scale() - scale);
+            h.shrink();
+            let b = hist_bytes(&h);
+            ring.insert(i, (slot, h));
+            b as isize
+        }
+    }
+}
+
+#[derive(Default)]
+struct Slots<T> {
+    fine: Ring<T>,
+    coarse: Ring<T>,
+}
+
+impl<T> Slots<T> {
     fn is_empty(&self) -> bool {
         self.fine.is_empty() && self.coarse.is_empty()
     }
@@ -136,21 +183,32 @@ pub struct Totals {
     pub requests: u64,
     /// Attempts.
     pub attempts: u64,
-    /// Latency at scale 0 (buckets at powers of two).
-    pub latency: Histogram,
     /// TCP connections closed.
     pub tcp_closed: u64,
     /// TCP bytes, both ways.
     pub tcp_bytes: u64,
 }
 
+/// A window of the store: every series and latency group with what it adds up to.
+#[derive(Default)]
+pub struct Window {
+    /// Series and their counts.
+    pub series: Vec<(Arc<Key>, Counts)>,
+    /// Latency groups and their histograms.
+    pub latency: Vec<(Arc<LatKey>, Histogram)>,
+}
+
 /// The fleet's series.
 pub struct Store {
     limits: Limits,
-    series: HashMap<Arc<Key>, Slots>,
-    totals: HashMap<TotalKey, Totals>,
-    reporters: HashMap<Arc<str>, Reporter>,
-    strings: HashSet<Arc<str>>,
+    series: FxMap<Arc<Key>, Slots<Counts>>,
+    latency: FxMap<Arc<LatKey>, Slots<Histogram>>,
+    totals: FxMap<TotalKey, Totals>,
+    latency_totals: FxMap<LatKey, Histogram>,
+    reporters: FxMap<Arc<str>, Reporter>,
+    strings: FxSet<Arc<str>>,
+    bytes: usize,
+    held_from_ms: u64,
     folded: u64,
     lost: u64,
     duplicates: u64,
@@ -165,10 +223,14 @@ impl Store {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
-            series: HashMap::new(),
-            totals: HashMap::new(),
-            reporters: HashMap::new(),
-            strings: HashSet::new(),
+            series: FxMap::default(),
+            latency: FxMap::default(),
+            totals: FxMap::default(),
+            latency_totals: FxMap::default(),
+            reporters: FxMap::default(),
+            strings: FxSet::default(),
+            bytes: 0,
+            held_from_ms: 0,
             folded: 0,
             lost: 0,
             duplicates: 0,
@@ -216,10 +278,23 @@ impl Store {
         if r.seq == 0 {
             return Err(invalid("seq", "numbers start at 1".into()));
         }
-        // Check every series before merging any: a report is taken whole or not at all.
+        // Check everything before merging anything: a report is taken whole or not at all.
         let mut parsed = Vec::with_capacity(r.series.len());
         for (i, s) in r.series.iter().enumerate() {
             parsed.push(parse(s).map_err(|(f, why)| invalid(&format!("series[{i}].{f}"), why))?);
+        }
+        let mut lats = Vec::with_capacity(r.latencies.len());
+        for (i, l) in r.latencies.iter().enumerate() {
+            let at = |f: &str| format!("latencies[{i}].{f}");
+            let direction = direction(l.direction).map_err(|why| invalid(&at("direction"), why))?;
+            for (f, v) in [("service", &l.service), ("peer_workload", &l.peer_workload)] {
+                label(v).map_err(|why| invalid(&at(f), why))?;
+            }
+            let h = match &l.histogram {
+                Some(h) => Histogram::try_from(h).map_err(|why| invalid(&at("histogram"), why))?,
+                None => continue,
+            };
+            lats.push((direction, l, h));
         }
         self.compact(now_ms);
         let name = self.intern(&Self::reporter_name(r));
@@ -231,7 +306,7 @@ impl Store {
             .or_insert_with(|| Reporter {
                 run: r.run,
                 acked: 0,
-                node: r.node.clone(),
+                node: String::new(),
                 identity: None,
                 environment: environment.clone(),
                 locality: locality.clone(),
@@ -260,27 +335,29 @@ impl Store {
         self.folded += r.folded;
         // A period is filed by its start, no later than now (a proxy's clock may run ahead).
         let start = r.start_ms.min(now_ms);
-        let oldest = now_ms.saturating_sub(self.limits.coarse_ms * self.limits.coarse_slots as u64);
-        if start < oldest {
-            return Ok(acked);
-        }
-        for (s, mut stats) in parsed {
-            if let Some(open) = s.tcp_open {
-                stats.tcp_open = Some((open, start));
-            }
+        let l = &self.limits;
+        let fine = start + l.fine_ms * l.fine_slots as u64 >= now_ms;
+        let slot = if fine {
+            (start / l.fine_ms) as u32
+        } else {
+            (start / l.coarse_ms) as u32
+        };
+        let too_old = start < now_ms.saturating_sub(l.coarse_ms * l.coarse_slots as u64)
+            || start < self.held_from_ms;
+        for (s, counts) in parsed {
             let key = Key {
                 direction: s.direction,
                 protocol: s.protocol,
                 workload: name.clone(),
                 environment: environment.clone(),
                 locality: locality.clone(),
-                service: self.intern(&s.service),
-                route: self.intern(&s.route),
-                peer_workload: self.intern(&s.peer_workload),
-                peer_identity: self.intern(&s.peer_identity),
-                peer_environment: self.intern(&s.peer_environment),
-                peer_locality: self.intern(&s.peer_locality),
-                endpoint: self.intern(&s.endpoint),
+                service: self.intern(s.service),
+                route: self.intern(s.route),
+                peer_workload: self.intern(s.peer_workload),
+                peer_identity: self.intern(s.peer_identity),
+                peer_environment: self.intern(s.peer_environment),
+                peer_locality: self.intern(s.peer_locality),
+                endpoint: self.intern(s.endpoint),
                 mtls: s.mtls,
                 class: s.class,
                 status_class: s.status_class,
@@ -297,22 +374,65 @@ impl Store {
                     peer_workload: key.peer_workload.clone(),
                     class: key.class,
                 })
-                .or_insert_with(|| Totals {
-                    latency: Histogram::new(0),
-                    ..Totals::default()
-                });
-            t.requests += stats.requests;
-            t.attempts += stats.attempts.max(stats.requests);
-            t.latency.merge(&stats.latency);
-            t.tcp_closed += stats.tcp_closed;
-            t.tcp_bytes += stats.bytes_sent + stats.bytes_received;
-            let fine = start / self.limits.fine_ms;
-            let slots = self.series.entry(key).or_default();
-            if start + self.limits.fine_ms * self.limits.fine_slots as u64 >= now_ms {
-                Slots::add(&mut slots.fine, fine, &stats);
-            } else {
-                Slots::add(&mut slots.coarse, start / self.limits.coarse_ms, &stats);
+                .or_default();
+            t.requests += counts.requests;
+            t.attempts += counts.attempts;
+            t.tcp_closed += u64::from(counts.tcp_closed);
+            t.tcp_bytes += counts.tcp_bytes;
+            if too_old {
+                continue;
             }
+            let mut counts = counts;
+            if s.tcp_open.is_some() {
+                counts.tcp_open = s.tcp_open.unwrap_or(0);
+                counts.tcp_open_at = (start / self.limits.fine_ms) as u32;
+            }
+            let slots = self.series.entry(key).or_insert_with(|| {
+                self.bytes += KEY_BYTES;
+                Slots::default()
+            });
+            let ring = if fine {
+                &mut slots.fine
+            } else {
+                &mut slots.coarse
+            };
+            self.bytes += add_counts(ring, slot, &counts);
+        }
+        for (direction, l, h) in lats {
+            let key = LatKey {
+                direction,
+                workload: name.clone(),
+                service: self.intern(&l.service),
+                peer_workload: self.intern(&l.peer_workload),
+            };
+            self.latency_totals
+                .entry(key.clone())
+                .or_insert_with(|| Histogram::new(0))
+                .merge(&h);
+            if too_old {
+                continue;
+            }
+            let key = match self.latency.get_key_value(&key) {
+                Some((k, _)) => k.clone(),
+                // Latency groups are coarser than series: bounded by the series caps.
+                None if self.latency.len() >= self.limits.series => continue,
+                None => Arc::new(key),
+            };
+            let slots = self.latency.entry(key).or_insert_with(|| {
+                self.bytes += KEY_BYTES;
+                Slots::default()
+            });
+            let (ring, scale) = if fine {
+                (&mut slots.fine, h.scale())
+            } else {
+                (&mut slots.coarse, COARSE_SCALE)
+            };
+            let d = add_hist(ring, slot, &h, scale);
+            self.bytes = self.bytes.saturating_add_signed(d);
+        }
+        if self.bytes > self.limits.memory {
+            self.compacted_ms = 0;
+            self.compact(now_ms);
         }
         Ok(acked)
     }
@@ -357,21 +477,23 @@ impl Store {
     }
 
     /// Move fine slots older than their retention into coarse ones, drop coarse slots older
-    /// than theirs, and forget series left with nothing (at most once per fine slot).
+    /// than theirs, keep within the memory budget, and forget keys left with nothing (at
+    /// most once per fine slot, unless over budget).
     pub fn compact(&mut self, now_ms: u64) {
         if now_ms < self.compacted_ms + self.limits.fine_ms {
             return;
         }
         self.compacted_ms = now_ms;
-        let l = &self.limits;
-        let fine_from = now_ms.saturating_sub(l.fine_ms * l.fine_slots as u64) / l.fine_ms;
-        let coarse_from = now_ms.saturating_sub(l.coarse_ms * l.coarse_slots as u64) / l.coarse_ms;
-        let ratio = (l.coarse_ms / l.fine_ms).max(1);
-        let reporters = &mut self.reporters;
-        self.series.retain(|k, s| {
+        let l = self.limits.clone();
+        let fine_from = (now_ms.saturating_sub(l.fine_ms * l.fine_slots as u64) / l.fine_ms) as u32;
+        let coarse_from =
+            (now_ms.saturating_sub(l.coarse_ms * l.coarse_slots as u64) / l.coarse_ms) as u32;
+        let ratio = (l.coarse_ms / l.fine_ms).max(1) as u32;
+        let mut bytes = 0usize;
+        for s in self.series.values_mut() {
             while s.fine.front().is_some_and(|(slot, _)| *slot < fine_from) {
-                let (slot, stats) = s.fine.pop_front().expect("checked");
-                Slots::add(&mut s.coarse, slot / ratio, &stats);
+                let (slot, c) = s.fine.pop_front().expect("checked");
+                add_counts(&mut s.coarse, slot / ratio, &c);
             }
             while s
                 .coarse
@@ -380,9 +502,34 @@ impl Store {
             {
                 s.coarse.pop_front();
             }
-            for (_, st) in s.coarse.iter_mut() {
-                st.latency.shrink();
+            bytes += KEY_BYTES + (s.fine.len() + s.coarse.len()) * COUNTS_BYTES;
+        }
+        for s in self.latency.values_mut() {
+            while s.fine.front().is_some_and(|(slot, _)| *slot < fine_from) {
+                let (slot, h) = s.fine.pop_front().expect("checked");
+                add_hist(&mut s.coarse, slot / ratio, &h, COARSE_SCALE);
             }
+            while s
+                .coarse
+                .front()
+                .is_some_and(|(slot, _)| *slot < coarse_from)
+            {
+                s.coarse.pop_front();
+            }
+            bytes += KEY_BYTES;
+            bytes += s
+                .fine
+                .iter()
+                .chain(&s.coarse)
+                .map(|(_, h)| hist_bytes(h))
+                .sum::<usize>();
+        }
+        self.bytes = bytes;
+        if self.bytes > l.memory {
+            self.evict(now_ms);
+        }
+        let reporters = &mut self.reporters;
+        self.series.retain(|k, s| {
             let keep = !s.is_empty();
             if !keep {
                 if let Some(r) = reporters.get_mut(&k.workload) {
@@ -391,57 +538,161 @@ impl Store {
             }
             keep
         });
+        self.latency.retain(|_, s| !s.is_empty());
+        let seen_from = now_ms.saturating_sub(l.coarse_ms * l.coarse_slots as u64);
         self.reporters
-            .retain(|_, r| r.series > 0 || r.seen_ms >= coarse_from * l.coarse_ms);
+            .retain(|_, r| r.series > 0 || r.seen_ms >= seen_from);
         self.strings.retain(|s| Arc::strong_count(s) > 1);
     }
 
-    /// Every series with what it adds up to over the `window_ms` before `now_ms`, among those
-    /// `keep` selects.
+    /// Drop the oldest slots until the store is within its memory budget: coarse ones first,
+    /// a whole minute at a time across every key, then fine ones.
+    fn evict(&mut self, now_ms: u64) {
+        let l = self.limits.clone();
+        // Bytes by the time a slot starts (ms), coarse and fine alike.
+        let mut by_time: std::collections::BTreeMap<u64, usize> = Default::default();
+        for s in self.series.values() {
+            for (slot, _) in &s.coarse {
+                *by_time.entry(u64::from(*slot) * l.coarse_ms).or_default() += COUNTS_BYTES;
+            }
+            for (slot, _) in &s.fine {
+                *by_time.entry(u64::from(*slot) * l.fine_ms).or_default() += COUNTS_BYTES;
+            }
+        }
+        for s in self.latency.values() {
+            for (slot, h) in &s.coarse {
+                *by_time.entry(u64::from(*slot) * l.coarse_ms).or_default() += hist_bytes(h);
+            }
+            for (slot, h) in &s.fine {
+                *by_time.entry(u64::from(*slot) * l.fine_ms).or_default() += hist_bytes(h);
+            }
+        }
+        // Keep a tenth of the budget free, so that eviction does not run at every report.
+        let target = l.memory - l.memory / 10;
+        let mut over = self.bytes.saturating_sub(target);
+        let mut cut = 0;
+        for (t, b) in by_time {
+            if over == 0 {
+                break;
+            }
+            over = over.saturating_sub(b);
+            cut = t + 1;
+        }
+        // Never the current minute: a store too small for one period keeps that period.
+        let cut = cut.min(now_ms.saturating_sub(l.coarse_ms));
+        self.held_from_ms = self.held_from_ms.max(cut);
+        let (coarse_cut, fine_cut) = (
+            cut.div_ceil(l.coarse_ms) as u32,
+            cut.div_ceil(l.fine_ms) as u32,
+        );
+        let mut bytes = 0;
+        for s in self.series.values_mut() {
+            s.coarse.retain(|(slot, _)| *slot >= coarse_cut);
+            s.fine.retain(|(slot, _)| *slot >= fine_cut);
+            bytes += KEY_BYTES + (s.fine.len() + s.coarse.len()) * COUNTS_BYTES;
+        }
+        for s in self.latency.values_mut() {
+            s.coarse.retain(|(slot, _)| *slot >= coarse_cut);
+            s.fine.retain(|(slot, _)| *slot >= fine_cut);
+            bytes += KEY_BYTES
+                + s.fine
+                    .iter()
+                    .chain(&s.coarse)
+                    .map(|(_, h)| hist_bytes(h))
+                    .sum::<usize>();
+        }
+        self.bytes = bytes;
+    }
+
+    /// Every series and latency group with what it adds up to over the `window_ms` before
+    /// `now_ms`, among the series `keep` selects (and the latency groups `keep_latency`).
     pub fn window(
         &self,
         now_ms: u64,
         window_ms: u64,
         keep: impl Fn(&Key) -> bool,
-    ) -> Vec<(Arc<Key>, Stats)> {
+        keep_latency: impl Fn(&LatKey) -> bool,
+    ) -> Window {
         let from = now_ms.saturating_sub(window_ms);
         let l = &self.limits;
-        let mut out = Vec::new();
+        let (fine_from, coarse_from) = (from.div_ceil(l.fine_ms), from.div_ceil(l.coarse_ms));
+        let mut out = Window::default();
         for (k, s) in &self.series {
             if !keep(k) {
                 continue;
             }
-            let mut total = Stats::default();
+            let mut total = Counts::default();
             let mut any = false;
             // A slot counts when it starts within the window.
-            for (slot, st) in s.fine.iter().rev() {
-                if slot * l.fine_ms < from {
-                    break;
-                }
-                total.merge(st);
+            for (_, c) in s
+                .fine
+                .iter()
+                .rev()
+                .take_while(|(slot, _)| u64::from(*slot) >= fine_from)
+            {
+                total.merge(c);
                 any = true;
             }
-            for (slot, st) in s.coarse.iter().rev() {
-                if slot * l.coarse_ms < from {
-                    break;
-                }
-                total.merge(st);
+            for (_, c) in s
+                .coarse
+                .iter()
+                .rev()
+                .take_while(|(slot, _)| u64::from(*slot) >= coarse_from)
+            {
+                total.merge(c);
                 any = true;
             }
             if any {
-                out.push((k.clone(), total));
+                out.series.push((k.clone(), total));
+            }
+        }
+        for (k, s) in &self.latency {
+            if !keep_latency(k) {
+                continue;
+            }
+            let mut total: Option<Histogram> = None;
+            let slots = s
+                .fine
+                .iter()
+                .rev()
+                .take_while(|(slot, _)| u64::from(*slot) >= fine_from)
+                .chain(
+                    s.coarse
+                        .iter()
+                        .rev()
+                        .take_while(|(slot, _)| u64::from(*slot) >= coarse_from),
+                );
+            for (_, h) in slots {
+                match &mut total {
+                    Some(t) => t.merge(h),
+                    None => total = Some(h.clone()),
+                }
+            }
+            if let Some(t) = total {
+                out.latency.push((k.clone(), t));
             }
         }
         out
     }
 
+    /// From when (Unix ms) the store still holds every slot: 0 unless the memory budget
+    /// made it drop some before their retention.
+    pub fn held_from_ms(&self) -> u64 {
+        self.held_from_ms
+    }
+
     /// Counters since the start, for `/metrics`.
-    pub fn totals(&self) -> &HashMap<TotalKey, Totals> {
+    pub fn totals(&self) -> &FxMap<TotalKey, Totals> {
         &self.totals
     }
 
+    /// Latency since the start (scale 0), for `/metrics`.
+    pub fn latency_totals(&self) -> &FxMap<LatKey, Histogram> {
+        &self.latency_totals
+    }
+
     /// The proxies heard from.
-    pub fn reporters(&self) -> &HashMap<Arc<str>, Reporter> {
+    pub fn reporters(&self) -> &FxMap<Arc<str>, Reporter> {
         &self.reporters
     }
 
@@ -465,57 +716,49 @@ impl Store {
         self.duplicates
     }
 
-    /// An estimate of the heap the series hold, bytes.
-    pub fn heap_bytes(&self) -> usize {
-        let slot = std::mem::size_of::<(u64, Stats)>();
-        self.series
-            .values()
-            .map(|s| {
-                (s.fine.capacity() + s.coarse.capacity()) * slot
-                    + s.fine
-                        .iter()
-                        .chain(&s.coarse)
-                        .map(|(_, st)| st.heap_bytes())
-                        .sum::<usize>()
-                    + std::mem::size_of::<Key>()
-                    + 64
-            })
-            .sum::<usize>()
-            + self.strings.iter().map(|s| s.len() + 32).sum::<usize>()
+    /// The bytes the slots and keys take, as the store counts them.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
-/// A series' key fields and figures, checked.
-struct Parsed {
+/// A series' key fields and counts, checked.
+struct Parsed<'a> {
     direction: Direction,
     protocol: Protocol,
-    service: String,
-    route: String,
-    peer_workload: String,
-    peer_identity: String,
-    peer_environment: String,
-    peer_locality: String,
-    endpoint: String,
+    service: &'a str,
+    route: &'a str,
+    peer_workload: &'a str,
+    peer_identity: &'a str,
+    peer_environment: &'a str,
+    peer_locality: &'a str,
+    endpoint: &'a str,
     mtls: bool,
     class: FailureClass,
     status_class: u8,
-    tcp_open: Option<u64>,
+    tcp_open: Option<u32>,
 }
 
 /// Longest label accepted.
 const MAX_LABEL: usize = 512;
 
-fn parse(s: &Series) -> Result<(Parsed, Stats), (&'static str, String)> {
-    let direction = match s.direction {
-        0 => Direction::Outbound,
-        1 => Direction::Inbound,
-        n => {
-            return Err((
-                "direction",
-                format!("{n} is neither 0 (outbound) nor 1 (inbound)"),
-            ))
-        }
-    };
+fn label(v: &str) -> Result<(), String> {
+    if v.len() > MAX_LABEL {
+        return Err(format!("{} bytes, at most {MAX_LABEL}", v.len()));
+    }
+    Ok(())
+}
+
+fn direction(d: u32) -> Result<Direction, String> {
+    match d {
+        0 => Ok(Direction::Outbound),
+        1 => Ok(Direction::Inbound),
+        n => Err(format!("{n} is neither 0 (outbound) nor 1 (inbound)")),
+    }
+}
+
+fn parse(s: &Series) -> Result<(Parsed<'_>, Counts), (&'static str, String)> {
+    let direction = direction(s.direction).map_err(|e| ("direction", e))?;
     let protocol = match s.protocol {
         0 => Protocol::Http,
         1 => Protocol::Tcp,
@@ -538,40 +781,38 @@ fn parse(s: &Series) -> Result<(Parsed, Stats), (&'static str, String)> {
         ("peer_locality", &s.peer_locality),
         ("endpoint", &s.endpoint),
     ] {
-        if v.len() > MAX_LABEL {
-            return Err((f, format!("{} bytes, at most {MAX_LABEL}", v.len())));
-        }
+        label(v).map_err(|e| (f, e))?;
     }
-    let latency = match &s.latency {
-        Some(h) => Histogram::try_from(h).map_err(|e| ("latency", e))?,
-        None => Histogram::default(),
+    let small = |f: &'static str, v: u64| {
+        u32::try_from(v).map_err(|_| (f, format!("{v} is more than a period can hold")))
     };
-    let stats = Stats {
+    let counts = Counts {
         requests: s.requests,
-        attempts: s.attempts,
-        latency,
-        tcp_opened: s.tcp_opened,
-        tcp_closed: s.tcp_closed,
-        bytes_sent: s.bytes_sent,
-        bytes_received: s.bytes_received,
-        tcp_open: None,
+        attempts: s.attempts.max(s.requests),
+        tcp_opened: small("tcp_opened", s.tcp_opened)?,
+        tcp_closed: small("tcp_closed", s.tcp_closed)?,
+        tcp_bytes: s.bytes_sent.saturating_add(s.bytes_received),
+        tcp_open: 0,
+        tcp_open_at: 0,
     };
     let p = Parsed {
         direction,
         protocol,
-        service: s.service.clone(),
-        route: s.route.clone(),
-        peer_workload: s.peer_workload.clone(),
-        peer_identity: s.peer_identity.clone(),
-        peer_environment: s.peer_environment.clone(),
-        peer_locality: s.peer_locality.clone(),
-        endpoint: s.endpoint.clone(),
+        service: &s.service,
+        route: &s.route,
+        peer_workload: &s.peer_workload,
+        peer_identity: &s.peer_identity,
+        peer_environment: &s.peer_environment,
+        peer_locality: &s.peer_locality,
+        endpoint: &s.endpoint,
         mtls: s.mtls,
         class,
         status_class,
-        tcp_open: (protocol == Protocol::Tcp).then_some(s.tcp_open),
+        tcp_open: (protocol == Protocol::Tcp)
+            .then(|| small("tcp_open", s.tcp_open))
+            .transpose()?,
     };
-    Ok((p, stats))
+    Ok((p, counts))
 }
 
 #[cfg(test)]

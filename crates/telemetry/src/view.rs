@@ -18,12 +18,14 @@ use serde::{Deserialize, Serialize};
 use trellis_taxonomy::{Category, FailureClass};
 
 use crate::{
+    fx::FxMap,
     hist::Histogram,
-    key::{Direction, Key, Protocol, Stats},
+    key::{Counts, Direction, Key, LatKey, Protocol},
+    store::Window,
 };
 
 /// Whose view a row is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Seen {
     /// By the callers' proxies (outbound).
@@ -41,6 +43,8 @@ pub struct Latency {
     pub p95: Option<f64>,
     /// 99th percentile.
     pub p99: Option<f64>,
+    /// The most a quantile may be off, relative (half a bucket of the histogram behind it).
+    pub error: Option<f64>,
 }
 
 impl Latency {
@@ -50,6 +54,7 @@ impl Latency {
             p50: ms(0.5),
             p95: ms(0.95),
             p99: ms(0.99),
+            error: (h.count() > 0).then(|| h.relative_error()),
         }
     }
 }
@@ -116,20 +121,19 @@ struct Acc {
 }
 
 impl Acc {
-    fn add(&mut self, k: &Key, s: &Stats) {
-        self.tcp_opened += s.tcp_opened;
-        self.tcp_bytes += s.bytes_sent + s.bytes_received;
+    fn add(&mut self, k: &Key, s: &Counts) {
+        self.tcp_opened += u64::from(s.tcp_opened);
+        self.tcp_bytes += s.tcp_bytes;
         // Gauges of different series add up (each is one series' latest).
-        self.tcp_open += s.tcp_open.map_or(0, |(n, _)| n);
+        self.tcp_open += u64::from(s.tcp_open);
         if k.protocol == Protocol::Tcp {
             if k.class != FailureClass::Ok && s.tcp_closed > 0 {
-                *self.classes.entry(k.class).or_default() += s.tcp_closed;
+                *self.classes.entry(k.class).or_default() += u64::from(s.tcp_closed);
             }
             return;
         }
         self.requests += s.requests;
         self.attempts += s.attempts.max(s.requests);
-        self.latency.merge(&s.latency);
         if k.class != FailureClass::Ok {
             *self.classes.entry(k.class).or_default() += s.requests;
             if !matches!(k.class.category(), Category::Client | Category::Ok) {
@@ -237,17 +241,35 @@ pub struct Selector {
 }
 
 impl Selector {
-    fn full_name(&self) -> Option<String> {
-        let n = self.name.as_deref()?;
-        Some(if n.contains('/') {
-            n.to_string()
-        } else {
-            format!("{}/{n}", self.namespace.as_deref().unwrap_or("default"))
-        })
+    /// The selector with its name made whole (`namespace/name`), ready to match.
+    fn prepared(&self) -> Matcher {
+        let full = self.name.as_deref().map(|n| {
+            if n.contains('/') {
+                n.to_string()
+            } else {
+                format!("{}/{n}", self.namespace.as_deref().unwrap_or("default"))
+            }
+        });
+        Matcher {
+            full,
+            namespace: self.namespace.clone(),
+        }
+    }
+}
+
+/// A [`Selector`] ready to match names.
+struct Matcher {
+    full: Option<String>,
+    namespace: Option<String>,
+}
+
+impl Matcher {
+    fn any(&self) -> bool {
+        self.full.is_none() && self.namespace.is_none()
     }
 
     fn matches(&self, name: &str) -> bool {
-        match (self.full_name(), &self.namespace) {
+        match (&self.full, &self.namespace) {
             (Some(full), _) => name == full,
             (None, Some(ns)) => Key::namespace_of(name) == ns,
             (None, None) => true,
@@ -259,39 +281,43 @@ impl Selector {
 #[derive(Default)]
 struct Group {
     acc: Acc,
-    environments: BTreeSet<String>,
-    localities: BTreeSet<String>,
+    environments: BTreeSet<Arc<str>>,
+    localities: BTreeSet<Arc<str>>,
     meshed: bool,
-    services: BTreeSet<String>,
-    src_identity: String,
-    dst_identity: String,
-    src_environment: String,
-    dst_environment: String,
+    services: BTreeSet<Arc<str>>,
+    src_identity: Option<Arc<str>>,
+    dst_identity: Option<Arc<str>>,
+    src_environment: Option<Arc<str>>,
+    dst_environment: Option<Arc<str>>,
 }
 
-fn insert(set: &mut BTreeSet<String>, v: &Arc<str>) {
-    if !v.is_empty() {
-        set.insert(v.to_string());
+fn insert(set: &mut BTreeSet<Arc<str>>, v: &Arc<str>) {
+    if !v.is_empty() && !set.contains(v) {
+        set.insert(v.clone());
     }
 }
 
-/// `trellis stat` rows from a window of series (`window_s` seconds long).
-pub fn stat(series: &[(Arc<Key>, Stats)], sel: &Selector, window_s: f64) -> Vec<StatRow> {
+/// `trellis stat` rows from a window (`window_s` seconds long).
+pub fn stat(w: &Window, sel: &Selector, window_s: f64) -> Vec<StatRow> {
     let kind = sel.kind.unwrap_or(Kind::Service);
-    // name → (seen, group); a name with a callers' view uses only that one.
-    let mut callers: BTreeMap<String, Group> = BTreeMap::new();
-    let mut served: BTreeMap<String, Group> = BTreeMap::new();
-    for (k, s) in series {
-        let (name, map) = match (kind, k.direction) {
-            (Kind::Service, Direction::Outbound) => (&k.service, &mut callers),
-            (Kind::Service, Direction::Inbound) => (&k.service, &mut served),
-            (Kind::Workload, Direction::Inbound) => (&k.workload, &mut served),
-            (Kind::Workload, Direction::Outbound) => (&k.workload, &mut callers),
+    let m = sel.prepared();
+    // The name a series or latency group counts for, and whose view that is.
+    let name_of =
+        |direction: Direction, workload: &Arc<str>, service: &Arc<str>| -> (Arc<str>, Seen) {
+            match (kind, direction) {
+                (Kind::Service, Direction::Outbound) => (service.clone(), Seen::Callers),
+                (Kind::Service, Direction::Inbound) => (service.clone(), Seen::Served),
+                (Kind::Workload, Direction::Inbound) => (workload.clone(), Seen::Served),
+                (Kind::Workload, Direction::Outbound) => (workload.clone(), Seen::Callers),
+            }
         };
-        if name.is_empty() || !sel.matches(name) {
+    let mut groups: FxMap<(Arc<str>, Seen), Group> = FxMap::default();
+    for (k, s) in &w.series {
+        let (name, seen) = name_of(k.direction, &k.workload, &k.service);
+        if name.is_empty() || !m.matches(&name) {
             continue;
         }
-        let g = map.entry(name.to_string()).or_default();
+        let g = groups.entry((name, seen)).or_default();
         g.acc.add(k, s);
         g.meshed |= k.mtls;
         match (kind, k.direction) {
@@ -305,104 +331,151 @@ pub fn stat(series: &[(Arc<Key>, Stats)], sel: &Selector, window_s: f64) -> Vec<
             }
         }
     }
-    let mut rows = Vec::new();
-    let row = |name: String, g: Group, seen| StatRow {
-        kind,
-        name,
-        environments: g.environments.into_iter().collect(),
-        localities: g.localities.into_iter().collect(),
-        meshed: g.meshed,
-        seen,
-        figures: g.acc.figures(window_s),
-    };
-    // A workload's own view (what it served) comes first; a service's is its callers'.
-    let (first, second, s1, s2) = match kind {
-        Kind::Service => (callers, served, Seen::Callers, Seen::Served),
-        Kind::Workload => (served, callers, Seen::Served, Seen::Callers),
-    };
-    let mut seen_names = BTreeSet::new();
-    for (name, g) in first {
-        seen_names.insert(name.clone());
-        rows.push(row(name, g, s1));
-    }
-    for (name, g) in second {
-        if !seen_names.contains(&name) {
-            rows.push(row(name, g, s2));
+    for (k, h) in &w.latency {
+        if let Some(g) = groups.get_mut(&name_of(k.direction, &k.workload, &k.service)) {
+            g.acc.latency.merge(h);
         }
     }
-    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    // A service's view is its callers' when it has one; a workload's, what it served.
+    let preferred = match kind {
+        Kind::Service => Seen::Callers,
+        Kind::Workload => Seen::Served,
+    };
+    let names: BTreeSet<Arc<str>> = groups.keys().map(|(n, _)| n.clone()).collect();
+    let mut rows: Vec<StatRow> = Vec::with_capacity(names.len());
+    for name in names {
+        let other = if preferred == Seen::Callers {
+            Seen::Served
+        } else {
+            Seen::Callers
+        };
+        let (seen, g) = match groups.remove(&(name.clone(), preferred)) {
+            Some(g) => (preferred, g),
+            None => match groups.remove(&(name.clone(), other)) {
+                Some(g) => (other, g),
+                None => continue,
+            },
+        };
+        rows.push(StatRow {
+            kind,
+            name: name.to_string(),
+            environments: strings(g.environments),
+            localities: strings(g.localities),
+            meshed: g.meshed,
+            seen,
+            figures: g.acc.figures(window_s),
+        });
+    }
     rows
+}
+
+fn strings(set: BTreeSet<Arc<str>>) -> Vec<String> {
+    set.into_iter().map(|s| s.to_string()).collect()
+}
+
+fn text(s: Option<Arc<str>>) -> String {
+    s.map(|s| s.to_string()).unwrap_or_default()
+}
+
+/// The caller, callee and view of the edge a series or latency group is part of: from the
+/// caller's proxy, or from the callee's for a caller without one.
+fn edge_of(
+    direction: Direction,
+    workload: &Arc<str>,
+    peer_workload: &Arc<str>,
+    unmeshed: &Arc<str>,
+) -> Option<(Arc<str>, Arc<str>, Seen)> {
+    match direction {
+        Direction::Outbound if !peer_workload.is_empty() => {
+            Some((workload.clone(), peer_workload.clone(), Seen::Callers))
+        }
+        Direction::Inbound if peer_workload.is_empty() => {
+            Some((unmeshed.clone(), workload.clone(), Seen::Served))
+        }
+        _ => None,
+    }
 }
 
 /// `trellis edges` rows: pairs where either end matches `sel` (by workload).
 pub fn edges(
-    series: &[(Arc<Key>, Stats)],
+    w: &Window,
     sel: &Selector,
     window_s: f64,
     identity_of: impl Fn(&str) -> Option<String>,
 ) -> Vec<EdgeRow> {
-    let mut groups: BTreeMap<(String, String, Seen), Group> = BTreeMap::new();
-    for (k, s) in series {
-        let (src, dst, seen) = match k.direction {
-            Direction::Outbound => (
-                k.workload.to_string(),
-                k.peer_workload.to_string(),
-                Seen::Callers,
-            ),
-            // A meshed caller's own proxy reports the edge; the callee's view is used only
-            // for callers without one.
-            Direction::Inbound if k.peer_workload.is_empty() => {
-                ("unmeshed".to_string(), k.workload.to_string(), Seen::Served)
-            }
-            Direction::Inbound => continue,
+    let m = sel.prepared();
+    let unmeshed: Arc<str> = "unmeshed".into();
+    let mut groups: FxMap<(Arc<str>, Arc<str>, Seen), Group> = FxMap::default();
+    for (k, s) in &w.series {
+        let Some(e) = edge_of(k.direction, &k.workload, &k.peer_workload, &unmeshed) else {
+            continue;
         };
-        if dst.is_empty() {
+        if !m.any() && !m.matches(&e.0) && !m.matches(&e.1) {
             continue;
         }
-        let any = sel.name.is_none() && sel.namespace.is_none();
-        if !any && !sel.matches(&src) && !sel.matches(&dst) {
-            continue;
-        }
-        let g = groups.entry((src.clone(), dst, seen)).or_default();
+        let g = groups.entry(e).or_default();
         g.acc.add(k, s);
         g.meshed |= k.mtls;
         insert(&mut g.services, &k.service);
+        let known = |v: &Arc<str>| (!v.is_empty()).then(|| v.clone());
         match k.direction {
             Direction::Outbound => {
-                g.src_environment = k.environment.to_string();
-                g.dst_environment = k.peer_environment.to_string();
-                if !k.peer_identity.is_empty() {
-                    g.dst_identity = k.peer_identity.to_string();
-                }
-                if g.src_identity.is_empty() {
-                    g.src_identity = identity_of(&src).unwrap_or_default();
-                }
+                g.src_environment = Some(k.environment.clone());
+                g.dst_environment = Some(k.peer_environment.clone());
+                g.dst_identity = known(&k.peer_identity).or(g.dst_identity.take());
             }
             Direction::Inbound => {
-                g.src_environment = k.peer_environment.to_string();
-                g.dst_environment = k.environment.to_string();
-                if !k.peer_identity.is_empty() {
-                    g.src_identity = k.peer_identity.to_string();
-                }
-                if g.dst_identity.is_empty() {
-                    g.dst_identity = identity_of(&k.workload).unwrap_or_default();
-                }
+                g.src_environment = Some(k.peer_environment.clone());
+                g.dst_environment = Some(k.environment.clone());
+                g.src_identity = known(&k.peer_identity).or(g.src_identity.take());
             }
         }
     }
-    groups
+    for (k, h) in &w.latency {
+        if let Some(e) = edge_of(k.direction, &k.workload, &k.peer_workload, &unmeshed) {
+            if let Some(g) = groups.get_mut(&e) {
+                g.acc.latency.merge(h);
+            }
+        }
+    }
+    let mut rows: Vec<EdgeRow> = groups
         .into_iter()
-        .map(|((src, dst, seen), g)| EdgeRow {
-            src,
-            src_environment: g.src_environment,
-            src_identity: g.src_identity,
-            dst,
-            dst_environment: g.dst_environment,
-            dst_identity: g.dst_identity,
-            services: g.services.into_iter().collect(),
-            mtls: g.meshed,
-            seen,
-            figures: g.acc.figures(window_s),
+        .map(|((src, dst, seen), g)| {
+            // The identity a proxy reported with, for the end that has no other source.
+            let src_identity = match g.src_identity {
+                Some(i) => i.to_string(),
+                None => identity_of(&src).unwrap_or_default(),
+            };
+            let dst_identity = match (g.dst_identity, seen) {
+                (Some(i), _) => i.to_string(),
+                (None, Seen::Served) => identity_of(&dst).unwrap_or_default(),
+                (None, Seen::Callers) => String::new(),
+            };
+            EdgeRow {
+                src: src.to_string(),
+                src_environment: text(g.src_environment),
+                src_identity: if seen == Seen::Served && src_identity.is_empty() {
+                    String::new()
+                } else {
+                    src_identity
+                },
+                dst: dst.to_string(),
+                dst_environment: text(g.dst_environment),
+                dst_identity,
+                services: strings(g.services),
+                mtls: g.meshed,
+                seen,
+                figures: g.acc.figures(window_s),
+            }
         })
-        .collect()
+        .collect();
+    rows.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
+    rows
+}
+
+/// Whether a latency group can count for a row or edge `sel` selects (a cheap filter before
+/// histograms are merged).
+pub fn wants_latency(sel: &Selector, k: &LatKey) -> bool {
+    let m = sel.prepared();
+    m.any() || m.matches(&k.workload) || m.matches(&k.service) || m.matches(&k.peer_workload)
 }

@@ -95,7 +95,7 @@ pub(crate) async fn stat(
     let fleet = api.fleet_arc();
     let rows = tokio::task::spawn_blocking(move || fleet.stat(&sel, window))
         .await
-        .map_err(|e| ApiError::BadRequest(format!("stat: {e}")))?;
+        .map_err(|e| ApiError::BadRequest(format!("stat: {e}")))??;
     Ok(Json(rows))
 }
 
@@ -109,7 +109,7 @@ pub(crate) async fn edges(
     let fleet = api.fleet_arc();
     let rows = tokio::task::spawn_blocking(move || fleet.edges(&sel, window))
         .await
-        .map_err(|e| ApiError::BadRequest(format!("edges: {e}")))?;
+        .map_err(|e| ApiError::BadRequest(format!("edges: {e}")))??;
     Ok(Json(rows))
 }
 

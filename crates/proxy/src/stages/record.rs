@@ -334,7 +334,6 @@ impl Drop for ConnRecord {
                 peer,
                 self.sent,
                 self.received,
-                total.as_secs_f64(),
             );
         }
         self.telemetry.log.push(Entry::Tcp(TcpLine {

@@ -35,7 +35,7 @@ fn keys_that_differ_only_in_the_exact_status_make_one_series() {
         endpoint: Some("127.0.0.2:15006".parse().unwrap()),
         mtls: true,
     };
-    let (series, folded) = series(
+    let r = series(
         vec![
             (
                 labels(&svc, 500, FailureClass::AppError),
@@ -56,9 +56,9 @@ fn keys_that_differ_only_in_the_exact_status_make_one_series() {
         &mut TcpSummary::default(),
         500,
     );
-    assert_eq!(folded, 0);
-    assert_eq!(series.len(), 2);
-    let failed = series.iter().find(|s| s.class == "app_error").unwrap();
+    assert_eq!(r.folded, 0);
+    assert_eq!(r.series.len(), 2);
+    let failed = r.series.iter().find(|s| s.class == "app_error").unwrap();
     assert_eq!(
         (failed.requests, failed.attempts, failed.status_class),
         (5, 8, 5)
@@ -67,8 +67,15 @@ fn keys_that_differ_only_in_the_exact_status_make_one_series() {
     assert_eq!(failed.peer_workload, "shop/catalog-vm");
     assert_eq!(failed.endpoint, "127.0.0.2:15006");
     assert!(failed.mtls);
-    let h = Histogram::try_from(failed.latency.as_ref().unwrap()).unwrap();
-    assert_eq!(h.count(), 5);
+    // One latency group for the service and peer: every request, whatever its class.
+    assert_eq!(r.latencies.len(), 1);
+    let l = &r.latencies[0];
+    assert_eq!(
+        (l.service.as_str(), l.peer_workload.as_str()),
+        ("shop/catalog", "shop/catalog-vm")
+    );
+    let h = Histogram::try_from(l.histogram.as_ref().unwrap()).unwrap();
+    assert_eq!(h.count(), 15);
 }
 
 #[test]
@@ -83,12 +90,12 @@ fn beyond_the_cap_the_quietest_series_fold_into_other() {
             )
         })
         .collect();
-    let (series, folded) = series(requests, &mut TcpSummary::default(), 4);
-    assert_eq!(folded, 7);
-    assert_eq!(series.len(), 4);
+    let r = series(requests, &mut TcpSummary::default(), 4);
+    assert_eq!(r.folded, 7);
+    assert_eq!(r.series.len(), 4);
     // The busiest three whole, the other seven in one row: nothing lost.
-    assert_eq!(series.iter().map(|s| s.requests).sum::<u64>(), 55);
-    let other = series.iter().find(|s| s.service == OTHER).unwrap();
+    assert_eq!(r.series.iter().map(|s| s.requests).sum::<u64>(), 55);
+    let other = r.series.iter().find(|s| s.service == OTHER).unwrap();
     assert_eq!(other.requests, 1 + 2 + 3 + 4 + 5 + 6 + 7);
 }
 
@@ -105,9 +112,8 @@ fn tcp_connections_open_close_and_the_gauge_of_those_still_open() {
         PeerKey::default(),
         10,
         20,
-        0.5,
     );
-    let (s, _) = series(Vec::new(), &mut t, 500);
+    let s = series(Vec::new(), &mut t, 500).series;
     let opened = s.iter().find(|s| s.tcp_opened > 0).unwrap();
     assert_eq!(
         (opened.tcp_opened, opened.tcp_open, opened.protocol),
@@ -123,7 +129,7 @@ fn tcp_connections_open_close_and_the_gauge_of_those_still_open() {
         ("connection_reset", 10, 20)
     );
     // Next period: nothing opened or closed, one still open: the gauge alone.
-    let (s, _) = series(Vec::new(), &mut t, 500);
+    let s = series(Vec::new(), &mut t, 500).series;
     assert_eq!(s.len(), 1);
     assert_eq!((s[0].tcp_open, s[0].tcp_opened), (1, 0));
 }

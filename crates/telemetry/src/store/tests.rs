@@ -1,16 +1,12 @@
 use super::*;
 use crate::{
-    report::{Histogram as WireHist, Report, Series},
+    report::{Histogram as WireHist, Latency, Report, Series},
     view::{self, Kind, Selector},
 };
 
 const NOW: u64 = 1_000_000_000;
 
-fn series(service: &str, peer: &str, class: &str, n: u64, latency_s: f64) -> Series {
-    let mut h = Histogram::default();
-    for _ in 0..n {
-        h.record(latency_s);
-    }
+fn series(service: &str, peer: &str, class: &str, n: u64) -> Series {
     Series {
         direction: 0,
         protocol: 0,
@@ -26,13 +22,31 @@ fn series(service: &str, peer: &str, class: &str, n: u64, latency_s: f64) -> Ser
         status_class: if class == "ok" { 2 } else { 5 },
         requests: n,
         attempts: n,
-        latency: Some(WireHist::from(&h)),
         ..Default::default()
     }
 }
 
+/// The latency group of `s`: `n` requests of `latency_s` seconds.
+fn latency(s: &Series, n: u64, latency_s: f64) -> Latency {
+    let mut h = Histogram::default();
+    for _ in 0..n {
+        h.record(latency_s);
+    }
+    Latency {
+        direction: s.direction,
+        service: s.service.clone(),
+        peer_workload: s.peer_workload.clone(),
+        histogram: Some(WireHist::from(&h)),
+    }
+}
+
 fn report(workload: &str, run: u64, seq: u64, start: u64, series: Vec<Series>) -> Report {
+    let latencies = series
+        .iter()
+        .map(|s| latency(s, s.requests, 0.01))
+        .collect();
     Report {
+        latencies,
         workload: workload.into(),
         node: "n1".into(),
         environment: "container".into(),
@@ -46,11 +60,12 @@ fn report(workload: &str, run: u64, seq: u64, start: u64, series: Vec<Series>) -
     }
 }
 
+fn all(s: &Store, window: u64) -> Window {
+    s.window(NOW, window, |_| true, |_| true)
+}
+
 fn total(s: &Store, window: u64) -> u64 {
-    s.window(NOW, window, |_| true)
-        .iter()
-        .map(|(_, st)| st.requests)
-        .sum()
+    all(s, window).series.iter().map(|(_, c)| c.requests).sum()
 }
 
 #[test]
@@ -61,14 +76,14 @@ fn reports_add_up_and_a_resent_one_is_not_counted_twice() {
         7,
         1,
         NOW - 20_000,
-        vec![series("shop/cat", "shop/cat-1", "ok", 90, 0.01)],
+        vec![series("shop/cat", "shop/cat-1", "ok", 90)],
     );
     let r2 = report(
         "shop/web",
         7,
         2,
         NOW - 10_000,
-        vec![series("shop/cat", "shop/cat-1", "app_error", 10, 0.02)],
+        vec![series("shop/cat", "shop/cat-1", "app_error", 10)],
     );
     assert_eq!(s.ingest(&r1, None, NOW).unwrap(), 1);
     assert_eq!(s.ingest(&r2, None, NOW).unwrap(), 2);
@@ -77,7 +92,7 @@ fn reports_add_up_and_a_resent_one_is_not_counted_twice() {
     assert_eq!(total(&s, 60_000), 100);
     // A window that starts after the first period leaves it out.
     assert_eq!(total(&s, 15_000), 10);
-    let rows = view::stat(&s.window(NOW, 60_000, |_| true), &Selector::default(), 60.0);
+    let rows = view::stat(&all(&s, 60_000), &Selector::default(), 60.0);
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
     assert_eq!((r.name.as_str(), r.figures.requests), ("shop/cat", 100));
@@ -95,7 +110,7 @@ fn a_gap_is_counted_lost_and_a_new_run_starts_again() {
             run,
             seq,
             NOW - 5_000,
-            vec![series("shop/cat", "w", "ok", 1, 0.01)],
+            vec![series("shop/cat", "w", "ok", 1)],
         )
     };
     s.ingest(&r(1, 1), None, NOW).unwrap();
@@ -112,8 +127,8 @@ fn a_gap_is_counted_lost_and_a_new_run_starts_again() {
 #[test]
 fn a_bad_series_refuses_the_whole_report() {
     let mut s = Store::new(Limits::default());
-    let mut bad = series("shop/cat", "w", "no_such_class", 1, 0.01);
-    let good = series("shop/cat", "w", "ok", 1, 0.01);
+    let mut bad = series("shop/cat", "w", "no_such_class", 1);
+    let good = series("shop/cat", "w", "ok", 1);
     let e = s
         .ingest(
             &report("shop/web", 1, 1, NOW, vec![good.clone(), bad.clone()]),
@@ -123,14 +138,13 @@ fn a_bad_series_refuses_the_whole_report() {
         .unwrap_err();
     assert!(e.to_string().contains("series[1].class"), "{e}");
     bad.class = "ok".into();
-    bad.latency = Some(WireHist {
+    let mut r = report("shop/web", 1, 1, NOW, vec![bad]);
+    r.latencies[0].histogram = Some(WireHist {
         scale: 99,
         ..Default::default()
     });
-    let e = s
-        .ingest(&report("shop/web", 1, 1, NOW, vec![bad]), None, NOW)
-        .unwrap_err();
-    assert!(e.to_string().contains("series[0].latency"), "{e}");
+    let e = s.ingest(&r, None, NOW).unwrap_err();
+    assert!(e.to_string().contains("latencies[0].histogram"), "{e}");
     assert_eq!(s.series_count(), 0);
     let e = s
         .ingest(&report("shop/web", 1, 0, NOW, vec![good]), None, NOW)
@@ -147,7 +161,7 @@ fn series_beyond_the_caps_fold_into_other() {
     };
     let mut s = Store::new(limits);
     let many: Vec<Series> = (0..10)
-        .map(|i| series(&format!("shop/s{i}"), "w", "ok", 1, 0.01))
+        .map(|i| series(&format!("shop/s{i}"), "w", "ok", 1))
         .collect();
     s.ingest(&report("shop/a", 1, 1, NOW, many.clone()), None, NOW)
         .unwrap();
@@ -155,8 +169,8 @@ fn series_beyond_the_caps_fold_into_other() {
     assert_eq!(s.series_count(), 4);
     assert_eq!(s.folded(), 7);
     assert_eq!(total(&s, 60_000), 10, "folded, not lost");
-    let other = s.window(NOW, 60_000, |k| &*k.service == OTHER);
-    assert_eq!(other[0].1.requests, 7);
+    let other = s.window(NOW, 60_000, |k| &*k.service == OTHER, |_| false);
+    assert_eq!(other.series[0].1.requests, 7);
     s.ingest(&report("shop/b", 1, 1, NOW, many), None, NOW)
         .unwrap();
     // The mesh's cap: one more of b's own, then its `other` row.
@@ -174,7 +188,7 @@ fn old_slots_move_to_minutes_and_then_go() {
             1,
             1,
             NOW - hour,
-            vec![series("shop/x", "w", "ok", 5, 0.01)],
+            vec![series("shop/x", "w", "ok", 5)],
         ),
         None,
         NOW,
@@ -186,7 +200,7 @@ fn old_slots_move_to_minutes_and_then_go() {
             1,
             2,
             NOW - 5_000,
-            vec![series("shop/x", "w", "ok", 1, 0.01)],
+            vec![series("shop/x", "w", "ok", 1)],
         ),
         None,
         NOW,
@@ -196,12 +210,11 @@ fn old_slots_move_to_minutes_and_then_go() {
     assert_eq!(total(&s, 60_000), 1);
     // A day later the old period is gone; fifteen minutes later the new one is in minutes.
     s.compact(NOW + 20 * 60_000);
-    assert_eq!(
-        s.window(NOW + 20 * 60_000, 2 * hour, |_| true)[0]
-            .1
-            .requests,
-        6
-    );
+    let w = s.window(NOW + 20 * 60_000, 2 * hour, |_| true, |_| true);
+    assert_eq!(w.series[0].1.requests, 6);
+    // The histograms moved too, at the coarse scale.
+    assert_eq!(w.latency[0].1.count(), 6);
+    assert_eq!(w.latency[0].1.scale(), COARSE_SCALE);
     s.compact(NOW + 24 * hour);
     assert_eq!(s.series_count(), 1);
     s.compact(NOW + 25 * hour);
@@ -211,12 +224,12 @@ fn old_slots_move_to_minutes_and_then_go() {
 #[test]
 fn effective_and_actual_outcomes_with_a_retried_failure() {
     let mut s = Store::new(Limits::default());
-    let mut ok = series("shop/cat", "w", "ok", 8, 0.01);
+    let mut ok = series("shop/cat", "w", "ok", 8);
     ok.attempts = 10; // two requests succeeded on their second attempt
-    let failed = series("shop/cat", "w", "app_error", 2, 0.01);
+    let failed = series("shop/cat", "w", "app_error", 2);
     s.ingest(&report("shop/web", 1, 1, NOW, vec![ok, failed]), None, NOW)
         .unwrap();
-    let rows = view::stat(&s.window(NOW, 60_000, |_| true), &Selector::default(), 60.0);
+    let rows = view::stat(&all(&s, 60_000), &Selector::default(), 60.0);
     let f = &rows[0].figures;
     assert_eq!((f.requests, f.attempts), (10, 12));
     assert_eq!(f.success, Some(0.8));
@@ -233,29 +246,26 @@ fn edges_join_caller_and_callee_and_unmeshed_callers_come_from_the_callee() {
             1,
             1,
             NOW,
-            vec![series("shop/cat", "shop/cat-vm", "ok", 4, 0.01)],
+            vec![series("shop/cat", "shop/cat-vm", "ok", 4)],
         ),
         Some("spiffe://t/ns/shop/sa/web"),
         NOW,
     )
     .unwrap();
-    let mut inbound = series("shop/cat", "", "ok", 3, 0.01);
+    let mut inbound = series("shop/cat", "", "ok", 3);
     inbound.direction = 1;
     inbound.peer_identity.clear();
     inbound.mtls = false;
     s.ingest(&report("shop/cat-vm", 1, 1, NOW, vec![inbound]), None, NOW)
         .unwrap();
-    let ids: HashMap<String, String> = s
+    let ids: std::collections::HashMap<String, String> = s
         .reporters()
         .iter()
         .filter_map(|(k, r)| Some((k.to_string(), r.identity.clone()?)))
         .collect();
-    let e = view::edges(
-        &s.window(NOW, 60_000, |_| true),
-        &Selector::default(),
-        60.0,
-        |w| ids.get(w).cloned(),
-    );
+    let e = view::edges(&all(&s, 60_000), &Selector::default(), 60.0, |w| {
+        ids.get(w).cloned()
+    });
     assert_eq!(e.len(), 2);
     let meshed = e.iter().find(|e| e.src == "shop/web").unwrap();
     assert_eq!(
@@ -274,7 +284,7 @@ fn edges_join_caller_and_callee_and_unmeshed_callers_come_from_the_callee() {
         ("shop/cat-vm", 3, false)
     );
     let w = view::stat(
-        &s.window(NOW, 60_000, |_| true),
+        &all(&s, 60_000),
         &Selector {
             kind: Some(Kind::Workload),
             ..Default::default()
@@ -287,4 +297,46 @@ fn edges_join_caller_and_callee_and_unmeshed_callers_come_from_the_callee() {
             .collect::<Vec<_>>(),
         vec![("shop/cat-vm", 3), ("shop/web", 4)]
     );
+}
+
+#[test]
+fn the_memory_budget_drops_the_oldest_slots_first_and_says_from_when_it_holds_all() {
+    let hour = 3_600_000;
+    let limits = Limits {
+        memory: 64 << 10,
+        ..Limits::default()
+    };
+    let mut s = Store::new(limits);
+    // Twelve hours of minutes, then the last quarter hour in 10 s slots.
+    let mut seq = 0;
+    for m in (0..12 * 60).rev() {
+        seq += 1;
+        let r = report(
+            "shop/a",
+            1,
+            seq,
+            NOW - 16 * 60_000 - m * 60_000,
+            vec![series("shop/x", "w", "ok", 1)],
+        );
+        s.ingest(&r, None, NOW).unwrap();
+    }
+    for k in (0..90).rev() {
+        seq += 1;
+        let r = report(
+            "shop/a",
+            1,
+            seq,
+            NOW - k * 10_000,
+            vec![series("shop/x", "w", "ok", 1)],
+        );
+        s.ingest(&r, None, NOW).unwrap();
+    }
+    assert!(s.bytes() <= 64 << 10, "{} bytes", s.bytes());
+    let held = s.held_from_ms();
+    assert!(held > NOW - 12 * hour && held < NOW, "held from {held}");
+    // What is held is whole: every period since `held`, none before.
+    let w = s.window(NOW, NOW - held, |_| true, |_| true);
+    let n = w.series[0].1.requests;
+    assert!(n >= 90, "{n}");
+    assert_eq!(total(&s, 24 * hour), n, "nothing older than held");
 }
