@@ -241,13 +241,71 @@ async fn scenario(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     );
 
     let result = traffic(a, bind, &vm_down).await;
+    if let Ok(sent) = &result {
+        // A window a little longer than the story, so that its rates are about the story's.
+        let window = a.duration.0.as_secs() + 10;
+        fleet_view(&api, *sent, window).await;
+    }
     let _ = stop_tx.send(true);
     for a in agents {
         let _ = a.await;
     }
     let _ = shopper_task.await;
     println!("agents deregistered; stopped");
-    result
+    result.map(drop)
+}
+
+/// What the control plane saw, from the proxies' reports: `trellis stat` and `trellis edges`
+/// for the namespace, once the catalog's row counts at least the `sent` requests of the story
+/// and no more come in for longer than a report period (or after 10 s).
+async fn fleet_view(api: &Api, sent: u32, window_s: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = (0, Instant::now());
+    let stat = loop {
+        let v = api
+            .call(
+                Method::GET,
+                &format!("/api/v1/stat?namespace=shop&window={window_s}s"),
+                None,
+            )
+            .await
+            .ok()
+            .and_then(|v| serde_json::from_value::<Vec<trellis_telemetry::view::StatRow>>(v).ok())
+            .unwrap_or_default();
+        let counted = v
+            .iter()
+            .find(|r| r.name == "shop/catalog")
+            .map_or(0, |r| r.figures.requests);
+        if counted != last.0 {
+            last = (counted, Instant::now());
+        }
+        let settled = counted >= u64::from(sent) && last.1.elapsed() > Duration::from_millis(1500);
+        if settled || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let edges = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/edges?namespace=shop&window={window_s}s"),
+            None,
+        )
+        .await
+        .ok()
+        .and_then(|v| serde_json::from_value::<Vec<trellis_telemetry::view::EdgeRow>>(v).ok())
+        .unwrap_or_default();
+    println!(
+        "
+what the control plane saw, from the proxies' reports (trellis stat -n shop -o wide):"
+    );
+    crate::fleet::print_stat(&stat, true);
+    println!(
+        "
+caller -> callee (trellis edges -n shop):"
+    );
+    crate::fleet::print_edges(&edges, false);
+    println!();
 }
 
 /// A proxy on ephemeral loopback ports, quiet, with a short drain.
@@ -275,7 +333,9 @@ fn proxy_options(
         mtls_mode: None,
         socket_mark: None,
         ipv6_capture: false,
-        report_every: trellis_proxy::options::DEFAULT_REPORT_EVERY,
+        // Every second rather than every ten: the demo is short, and its last table shows
+        // what the control plane saw.
+        report_every: Duration::from_secs(1),
     }
 }
 
@@ -295,12 +355,14 @@ async fn get(bind: SocketAddr) -> Result<(u16, String)> {
 
 /// Send `rate` requests a second for `duration`, break the VM's app a third of the way
 /// in and mend it at two thirds; print one line a second. Fails if a request failed.
-async fn traffic(a: &DemoArgs, bind: SocketAddr, vm_down: &AtomicBool) -> Result<()> {
+async fn traffic(a: &DemoArgs, bind: SocketAddr, vm_down: &AtomicBool) -> Result<u32> {
     // Wait until the caller's own zone answers: every agent registers on its own, and a
     // request sent while only the container had joined would be served from the next
     // zone, which is right but not the story the demo tells.
     let ready = Instant::now();
+    let mut warm = 0u32;
     loop {
+        warm += 1;
         if matches!(get(bind).await, Ok((200, who)) if who == "catalog-vm") {
             break;
         }
@@ -352,9 +414,11 @@ async fn traffic(a: &DemoArgs, bind: SocketAddr, vm_down: &AtomicBool) -> Result
             second.clear();
         }
     }
-    println!("\n{sent} requests, {failed} failed");
+    println!(
+        "\n{sent} requests, {failed} failed ({warm} more before: waiting for the caller's zone)"
+    );
     if failed > 0 {
         return Err(anyhow!("{failed} of {sent} requests failed"));
     }
-    Ok(())
+    Ok(sent)
 }

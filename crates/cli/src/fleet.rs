@@ -143,7 +143,12 @@ pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let wide = matches!(a.output, ViewOutput::Wide);
+    print_stat(&rows, matches!(a.output, ViewOutput::Wide));
+    Ok(())
+}
+
+/// `rows` as `trellis stat` prints them.
+pub(crate) fn print_stat(rows: &[StatRow], wide: bool) {
     let mut header = vec![
         "NAME",
         "ENVIRONMENT",
@@ -195,7 +200,6 @@ pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
         })
         .collect();
     table(&header, &lines);
-    Ok(())
 }
 
 /// `trellis edges`.
@@ -213,7 +217,12 @@ pub(crate) async fn edges(a: &ViewArgs) -> Result<()> {
         eprintln!("No traffic between workloads in the last {}.", a.window);
         return Ok(());
     }
-    let wide = matches!(a.output, ViewOutput::Wide);
+    print_edges(&rows, matches!(a.output, ViewOutput::Wide));
+    Ok(())
+}
+
+/// `rows` as `trellis edges` prints them.
+pub(crate) fn print_edges(rows: &[EdgeRow], wide: bool) {
     let mut header = vec![
         "SRC", "SRC ENV", "DST", "DST ENV", "MTLS", "SUCCESS", "RPS", "P99", "FAILURES",
     ];
@@ -254,5 +263,4 @@ pub(crate) async fn edges(a: &ViewArgs) -> Result<()> {
         })
         .collect();
     table(&header, &lines);
-    Ok(())
 }
