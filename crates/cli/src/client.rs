@@ -151,6 +151,65 @@ impl Api {
     }
 }
 
+impl Api {
+    /// GET `path` and hand each line of the answer to `f` as it comes, until `f` says
+    /// stop or the server ends the answer.
+    pub(crate) async fn stream_lines(
+        &self,
+        path: &str,
+        mut f: impl FnMut(&[u8]) -> bool,
+    ) -> Result<()> {
+        let uri = format!("{}{path}", self.server);
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(&uri)
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::new()))?;
+        let resp = match self.tls {
+            None => self.http.request(req).await.map_err(anyhow::Error::from),
+            Some(pin) => send_tls(pin, req).await,
+        }
+        .with_context(|| format!("cannot reach the control plane at {}", self.server))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let msg = v["error"].as_str().map_or_else(
+                || String::from_utf8_lossy(&bytes).into_owned(),
+                str::to_string,
+            );
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(n) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=n).collect();
+                if !f(&line[..n]) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `s` for a URL's query.
+pub(crate) fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// One request over TLS to a control plane whose root has the SHA-256 `pin`.
 async fn send_tls(
     pin: [u8; 32],

@@ -6,7 +6,7 @@ use hyper::Method;
 use trellis_telemetry::view::{EdgeRow, Failures, Figures, StatRow};
 
 use crate::{
-    client::{Api, Conn},
+    client::{query_value, Api, Conn},
     ctl::table,
 };
 
@@ -263,4 +263,124 @@ pub(crate) fn print_edges(rows: &[EdgeRow], wide: bool) {
         })
         .collect();
     table(&header, &lines);
+}
+
+/// Output of `tap`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum TapOutput {
+    /// One line a request.
+    Text,
+    /// One JSON object a line, as the API gives it.
+    Json,
+}
+
+/// What `tap` shows.
+#[derive(clap::Args)]
+pub(crate) struct TapArgs {
+    /// `svc/NAME` (requests to a service, as its callers' proxies see them) or
+    /// `workload/NAME` (everything the workload's proxy records).
+    target: String,
+    /// Namespace of NAME.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Only this method.
+    #[arg(long)]
+    method: Option<String>,
+    /// Only paths starting so.
+    #[arg(long)]
+    path_prefix: Option<String>,
+    /// Only this authority.
+    #[arg(long)]
+    authority: Option<String>,
+    /// Only this failure class (`connect_refused`, `app_error`, ...).
+    #[arg(long)]
+    failure_class: Option<String>,
+    /// At most this many requests a second, over every proxy.
+    #[arg(long, default_value_t = 100.0)]
+    max_rps: f64,
+    /// Stop after this many requests.
+    #[arg(long)]
+    max_events: Option<u64>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: TapOutput,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `trellis tap`.
+pub(crate) async fn tap(a: &TapArgs) -> Result<()> {
+    let (kind, name) = match a.target.split_once('/') {
+        Some(("svc" | "service", n)) => ("service", n),
+        Some(("wl" | "workload", n)) => ("workload", n),
+        _ => bail!("{:?}: give svc/NAME or workload/NAME", a.target),
+    };
+    let mut q = vec![
+        format!("kind={kind}"),
+        format!("namespace={}", query_value(&a.namespace)),
+        format!("name={}", query_value(name)),
+        format!("max_rps={}", a.max_rps),
+    ];
+    for (k, v) in [
+        ("method", &a.method),
+        ("path_prefix", &a.path_prefix),
+        ("authority", &a.authority),
+        ("failure_class", &a.failure_class),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", query_value(v)));
+        }
+    }
+    let api = Api::new(&a.conn)?;
+    let mut seen = 0u64;
+    let json = matches!(a.output, TapOutput::Json);
+    api.stream_lines(&format!("/api/v1/tap?{}", q.join("&")), |line| {
+        if json {
+            println!("{}", String::from_utf8_lossy(line));
+        } else if let Ok(e) = serde_json::from_slice::<serde_json::Value>(line) {
+            println!("{}", tap_line(&e));
+        }
+        seen += 1;
+        a.max_events.is_none_or(|m| seen < m)
+    })
+    .await
+}
+
+/// One tapped request as a line.
+fn tap_line(e: &serde_json::Value) -> String {
+    let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+    let src = e["src_workload"]
+        .as_str()
+        .or(e["src_identity"].as_str())
+        .unwrap_or(if e["direction"] == "outbound" {
+            "(this proxy)"
+        } else {
+            "-"
+        })
+        .to_string();
+    let grpc = e["grpc_status"]
+        .as_u64()
+        .map(|g| format!(" grpc-status={g}"))
+        .unwrap_or_default();
+    let trace = e["trace_id"]
+        .as_str()
+        .map(|t| format!(" trace={t}"))
+        .unwrap_or_default();
+    format!(
+        "{} {src} -> {} ({} {} {}) {} {}{} {}{grpc} {} ({}) {:.2}ms attempts={} endpoint={}{trace}",
+        s("direction"),
+        s("dst_service"),
+        s("dst_workload"),
+        s("dst_environment"),
+        s("dst_locality"),
+        s("method"),
+        s("authority"),
+        s("path"),
+        e["status"],
+        s("class"),
+        s("category"),
+        e["latency_ms"].as_f64().unwrap_or(0.0),
+        e["attempts"],
+        s("endpoint"),
+    )
 }

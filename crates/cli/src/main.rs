@@ -103,6 +103,9 @@ enum Cmd {
     Stat(fleet::ViewArgs),
     /// Caller → callee workload pairs: environments, identities, mTLS, rate, success, p99.
     Edges(fleet::ViewArgs),
+    /// Live requests as the proxies see them: method, path, outcome and failure class,
+    /// latency, attempts, endpoint, who called whom (never header values).
+    Tap(fleet::TapArgs),
     /// Check a server and token, and save them for later commands.
     Login {
         #[command(flatten)]
@@ -377,6 +380,7 @@ fn main() -> ExitCode {
         Cmd::Login { conn } => ctl_run(ctl::login(&conn)),
         Cmd::Stat(a) => ctl_run(fleet::stat(&a)),
         Cmd::Edges(a) => ctl_run(fleet::edges(&a)),
+        Cmd::Tap(a) => ctl_run(fleet::tap(&a)),
         Cmd::Token(TokenCmd::Create {
             namespace,
             identity,

@@ -29,11 +29,12 @@ struct Hits {
     failed: AtomicUsize,
 }
 
-/// An application that answers 500 to `/fail` and 200 to anything else, counting.
+/// An application that answers 500 to paths ending in `/fail` and 200 to anything else,
+/// counting.
 async fn app(name: &'static str, hits: Arc<Hits>) -> SocketAddr {
     upstream::http(move |req| {
         hits.all.fetch_add(1, Ordering::SeqCst);
-        let fail = req.uri().path() == "/fail";
+        let fail = req.uri().path().ends_with("/fail");
         if fail {
             hits.failed.fetch_add(1, Ordering::SeqCst);
         }
@@ -772,5 +773,213 @@ async fn prometheus_scraping_the_control_plane_agrees_with_stat() {
     assert!(
         p50 / stat_p50 < 2.0 && stat_p50 / p50 < 2.0,
         "PromQL {p50} vs stat {stat_p50}"
+    );
+}
+
+/// `trellis tap ARGS` against `cp`, its output lines collected as they come; killed on drop.
+struct TapProcess {
+    child: std::process::Child,
+    lines: Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl TapProcess {
+    fn start(cp: &ControlProcess, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(BIN)
+            .arg("tap")
+            .args(args)
+            .args([
+                "-o",
+                "json",
+                "--server",
+                &cp.api_url(),
+                "--token",
+                &cp.token,
+            ])
+            .env("XDG_CONFIG_HOME", "/nonexistent")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run trellis tap");
+        let out = child.stdout.take().unwrap();
+        let lines: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).expect("a JSON line"));
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TapProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The taps a proxy applies now (its admin page).
+async fn taps_of(p: &ProxyProcess) -> Value {
+    let (_, body) = client::get(p.admin, "admin", "/taps", &[]).await.unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test]
+async fn tap_shows_live_requests_that_match_within_its_bound_split_over_the_proxies() {
+    let hits = Arc::new(Hits::default());
+    let a = app("a", hits.clone()).await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let second = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client2, namespace: test }\nspec: { address: 127.0.0.1 }\n".to_string();
+    let no_ejection = policy("direct", "  outlierDetection: { consecutiveFailures: 0 }\n");
+    apply_ok(
+        &cp,
+        docs(&[
+            service("direct", "HTTP", &[a]),
+            no_ejection,
+            client_workload(&[]),
+            second,
+        ]),
+    )
+    .await;
+    let p1 = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    let p2 = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client2", &[]);
+    p1.wait_ready().await;
+    p2.wait_ready().await;
+
+    // Filters: only /a paths that failed in the application.
+    let tap = TapProcess::start(
+        &cp,
+        &[
+            "svc/direct",
+            "-n",
+            "test",
+            "--path-prefix",
+            "/a",
+            "--failure-class",
+            "app_error",
+            "--max-rps",
+            "1000",
+        ],
+    );
+    // The bound is split over the two proxies following taps.
+    for p in [&p1, &p2] {
+        eventually(
+            "the proxy applies its share of the tap",
+            Duration::from_secs(10),
+            async || {
+                let t = taps_of(p).await;
+                (t[0]["rate"].as_f64() == Some(500.0) && t[0]["service"] == "direct.test")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let (mut c1, mut c2) = (
+        client::Conn::h1(p1.outbound).await,
+        client::Conn::h1(p2.outbound).await,
+    );
+    let secret = [
+        ("authorization", "Bearer sekrit-token"),
+        ("cookie", "sekrit-cookie"),
+    ];
+    for path in ["/a/fail", "/a/ok", "/b/fail", "/a/x/fail"] {
+        assert!(client::get_full(p1.outbound, "direct.test", path, &secret)
+            .await
+            .is_ok());
+        c2.get("direct.test", path).await.unwrap();
+    }
+    let events = eventually(
+        "the matching requests of both proxies",
+        Duration::from_secs(10),
+        async || {
+            let l = tap.lines();
+            (l.len() >= 4).then_some(l)
+        },
+    )
+    .await;
+    let mut got: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["src_workload"].as_str().unwrap_or_default().to_string(),
+                e["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("test/client".into(), "/a/fail".into()),
+            ("test/client".into(), "/a/x/fail".into()),
+            ("test/client2".into(), "/a/fail".into()),
+            ("test/client2".into(), "/a/x/fail".into()),
+        ],
+        "{events:?}"
+    );
+    for e in &events {
+        assert_eq!(
+            (
+                e["class"].as_str(),
+                e["status"].as_u64(),
+                e["direction"].as_str()
+            ),
+            (Some("app_error"), Some(500), Some("outbound")),
+            "{e}"
+        );
+        assert_eq!(e["dst_service"], "direct.test", "{e}");
+        assert!(e["latency_ms"].as_f64().unwrap() > 0.0, "{e}");
+        // No header values, ever.
+        let text = e.to_string();
+        assert!(!text.contains("sekrit"), "{text}");
+    }
+    drop(tap);
+    // The session is gone: the proxies stop tapping.
+    for p in [&p1, &p2] {
+        eventually(
+            "the tap ends with its session",
+            Duration::from_secs(10),
+            async || (taps_of(p).await == serde_json::json!([])).then_some(()),
+        )
+        .await;
+    }
+
+    // A bound of 2 a second over both proxies: a burst of requests yields at most what the
+    // bound allows for the time it took (one second's burst, plus the rate).
+    let tap = TapProcess::start(&cp, &["svc/direct", "-n", "test", "--max-rps", "2"]);
+    eventually(
+        "a share of one a second each",
+        Duration::from_secs(10),
+        async || {
+            (taps_of(&p1).await[0]["rate"].as_f64() == Some(1.0)
+                && taps_of(&p2).await[0]["rate"].as_f64() == Some(1.0))
+            .then_some(())
+        },
+    )
+    .await;
+    let start = tokio::time::Instant::now();
+    for _ in 0..100 {
+        c1.get("direct.test", "/burst").await.unwrap();
+        c2.get("direct.test", "/burst").await.unwrap();
+    }
+    eventually(
+        "some requests tapped",
+        Duration::from_secs(10),
+        async || (!tap.lines().is_empty()).then_some(()),
+    )
+    .await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = tap.lines().len() as f64;
+    assert!(
+        n <= 2.0 + 2.0 * (elapsed + 1.0),
+        "{n} events of 200 requests in {elapsed:.2} s"
     );
 }

@@ -106,8 +106,8 @@ impl Fleet {
         Ok(Ack { run, acked })
     }
 
-    /// A report for `workload` from `id` is that workload's own.
-    fn check_owner(
+    /// A report (or a tap) for `workload` from `id` is that workload's own.
+    pub(crate) fn check_owner(
         &self,
         writer: &Writer,
         workload: &str,

@@ -22,6 +22,7 @@ pub(crate) mod fleet;
 pub(crate) mod identity;
 pub(crate) mod registry;
 pub(crate) mod state;
+pub(crate) mod tap;
 pub(crate) mod tls;
 pub(crate) mod token;
 pub(crate) mod vips;

@@ -54,6 +54,10 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
             "waiting for the first config from the control plane\n",
         ),
         "/ready" => text(StatusCode::OK, "ready\n"),
+        "/taps" => text(
+            StatusCode::OK,
+            serde_json::Value::Array(shared.telemetry.taps.specs()).to_string(),
+        ),
         "/config_dump" => {
             let snap = shared.state.load_full();
             let endpoints: serde_json::Map<String, serde_json::Value> = snap

@@ -31,6 +31,7 @@ pub(crate) mod slot;
 pub(crate) mod snapshot;
 pub(crate) mod stages;
 pub(crate) mod summary;
+pub(crate) mod tap;
 pub(crate) mod tcp;
 pub(crate) mod telemetry;
 pub(crate) mod trace;

@@ -181,6 +181,7 @@ impl Proxy {
             telemetry: Arc::new(Telemetry {
                 metrics: metrics.clone(),
                 log,
+                taps: Default::default(),
             }),
             dialer: Dialer {
                 metrics,
@@ -457,6 +458,11 @@ impl Proxy {
             Source::Xds(x) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
                 let (link, linked) = tokio::sync::watch::channel(None);
+                tokio::spawn(crate::tap::run(
+                    self.shared.clone(),
+                    x.workload.clone().unwrap_or_default(),
+                    linked.clone(),
+                ));
                 if !self.opts.report_every.is_zero() {
                     let (ftx, frx) = tokio::sync::mpsc::channel(1);
                     flush = Some(ftx);

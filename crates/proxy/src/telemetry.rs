@@ -1,6 +1,7 @@
-//! Where records go: the proxy's metrics and its access log, shared by every request.
+//! Where records go: the proxy's metrics (with the period's summaries for the control
+//! plane), its access log and live taps, shared by every request.
 
-use crate::{access_log::AccessLog, metrics::Metrics};
+use crate::{access_log::AccessLog, metrics::Metrics, tap::Taps};
 
 /// The sinks of every record.
 pub(crate) struct Telemetry {
@@ -8,4 +9,6 @@ pub(crate) struct Telemetry {
     pub(crate) metrics: Metrics,
     /// Access log.
     pub(crate) log: AccessLog,
+    /// Live taps the control plane asked for.
+    pub(crate) taps: Taps,
 }

@@ -51,6 +51,7 @@ pub(crate) fn shared(
         telemetry: Arc::new(crate::telemetry::Telemetry {
             metrics: metrics.clone(),
             log,
+            taps: Default::default(),
         }),
         dialer: crate::pool::Dialer {
             metrics,

@@ -121,3 +121,103 @@ pub(crate) async fn metrics(AxState(api): AxState<Api>) -> Response {
     )
         .into_response()
 }
+
+/// Who a proxy says it is, for its taps.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WorkloadQuery {
+    /// `namespace/name`.
+    #[serde(default)]
+    workload: String,
+}
+
+/// `GET /v1/tap`: a proxy follows the taps it is to apply.
+pub(crate) async fn follow_taps(
+    AxState(api): AxState<Api>,
+    peer: Option<Extension<Peer>>,
+    Query(q): Query<WorkloadQuery>,
+) -> ApiResult<Response> {
+    if let Some(id) = peer.as_ref().and_then(|p| p.id.as_ref()) {
+        api.fleet().check_owner(api.writer(), &q.workload, id)?;
+    }
+    let body = axum::body::Body::from_stream(api.taps().follow(q.workload));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// `POST /v1/tap/events`: what a proxy's taps copied.
+pub(crate) async fn tap_events(
+    AxState(api): AxState<Api>,
+    peer: Option<Extension<Peer>>,
+    Query(q): Query<WorkloadQuery>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    if let Some(id) = peer.as_ref().and_then(|p| p.id.as_ref()) {
+        api.fleet().check_owner(api.writer(), &q.workload, id)?;
+    }
+    let events: Vec<serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("events: {e}")))?;
+    let relayed = api.taps().deliver(&q.workload, events);
+    Ok(Json(serde_json::json!({ "relayed": relayed })))
+}
+
+/// What `trellis tap` asks for.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TapQuery {
+    /// `service` (default) or `workload`.
+    kind: Option<String>,
+    /// Namespace of `name` (default `default`).
+    namespace: Option<String>,
+    /// `name` or `namespace/name`.
+    name: String,
+    method: Option<String>,
+    path_prefix: Option<String>,
+    authority: Option<String>,
+    failure_class: Option<String>,
+    /// Events a second over the whole mesh (default 100, at most 10,000).
+    max_rps: Option<f64>,
+}
+
+/// `GET /api/v1/tap`: live requests, one JSON object a line.
+pub(crate) async fn tap(
+    AxState(api): AxState<Api>,
+    Query(q): Query<TapQuery>,
+) -> ApiResult<Response> {
+    use crate::tap::{Spec, Target};
+    let target = match q.kind.as_deref() {
+        None | Some("service" | "svc") => Target::Service,
+        Some("workload" | "wl") => Target::Workload,
+        Some(k) => {
+            return Err(ApiError::BadRequest(format!(
+                "kind {k:?}: service or workload"
+            )))
+        }
+    };
+    let name = if q.name.contains('/') {
+        q.name
+    } else {
+        format!("{}/{}", q.namespace.as_deref().unwrap_or("default"), q.name)
+    };
+    if let Some(c) = &q.failure_class {
+        c.parse::<trellis_taxonomy::FailureClass>().map_err(|_| {
+            ApiError::BadRequest(format!("failure_class {c:?} is not a failure class"))
+        })?;
+    }
+    let max_rps = q.max_rps.unwrap_or(100.0);
+    if !(max_rps > 0.0 && max_rps <= 10_000.0) {
+        return Err(ApiError::BadRequest(
+            "max_rps: more than 0, at most 10000".into(),
+        ));
+    }
+    let spec = Spec {
+        target,
+        name,
+        method: q.method,
+        path_prefix: q.path_prefix,
+        authority: q.authority,
+        failure_class: q.failure_class,
+        max_rps,
+    };
+    let body = axum::body::Body::from_stream(api.taps().open(spec));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}

@@ -21,6 +21,9 @@
 //! | POST | `/v1/telemetry` (xDS address only) | a proxy's reports (protobuf `Batch`, answered by an `Ack`); its certificate must be the workload's identity |
 //! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload |
 //! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures |
+//! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N` | live requests, one JSON object a line, until the client leaves |
+//! | GET | `/v1/tap?workload=NS/NAME` (xDS address only) | a proxy follows its taps: one JSON line `{taps: [...]}` now and at each change |
+//! | POST | `/v1/tap/events?workload=NS/NAME` (xDS address only) | a proxy's tapped records, a JSON array |
 //! | GET | `/metrics` | the fleet's counters and latency in Prometheus's text format (admin token) |
 //! | GET | `/healthz` | liveness, no token |
 
@@ -71,6 +74,8 @@ struct Inner {
     agents: Agents,
     /// The fleet's telemetry.
     fleet: Arc<Fleet>,
+    /// Live tap sessions.
+    taps: Arc<crate::tap::Taps>,
 }
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
@@ -220,6 +225,7 @@ impl Api {
                 max_body,
                 agents: Agents::default(),
                 fleet,
+                taps: Arc::default(),
             }),
         }
     }
@@ -238,6 +244,7 @@ impl Api {
             .route("/ca", get(identity::ca_status))
             .route("/ca/rotate", post(identity::rotate))
             .route("/stat", get(fleet::stat))
+            .route("/tap", get(fleet::tap))
             .route("/edges", get(fleet::edges))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
@@ -267,6 +274,8 @@ impl Api {
             .merge(
                 Router::new()
                     .route("/v1/telemetry", post(fleet::report))
+                    .route("/v1/tap", get(fleet::follow_taps))
+                    .route("/v1/tap/events", post(fleet::tap_events))
                     .layer(DefaultBodyLimit::max(TELEMETRY_MAX_BODY)),
             )
             .with_state(self.clone())
@@ -295,6 +304,11 @@ impl Api {
     /// The same, shared.
     pub(crate) fn fleet_arc(&self) -> Arc<Fleet> {
         self.inner.fleet.clone()
+    }
+
+    /// Live tap sessions.
+    pub(crate) fn taps(&self) -> &Arc<crate::tap::Taps> {
+        &self.inner.taps
     }
 
     /// Every proxy connected to this replica.

@@ -161,6 +161,7 @@ impl Record {
         let t = &self.telemetry;
         t.metrics
             .record_request(labels, peer, total.as_secs_f64(), l.attempts);
+        t.taps.offer(l, total);
         if !t.log.enabled() {
             return;
         }

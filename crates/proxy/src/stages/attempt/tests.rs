@@ -269,6 +269,7 @@ fn fixture(addr: std::net::SocketAddr) -> (Dialer, Arc<Cluster>, Arc<Telemetry>,
     let telemetry = Arc::new(Telemetry {
         metrics: metrics.clone(),
         log: AccessLog::to(Some(Box::new(sink.clone())), Counter::default()),
+        taps: Default::default(),
     });
     let dialer = Dialer {
         metrics,

@@ -1,0 +1,343 @@
+//! Live tap: the control plane asks a proxy, over the connection it holds for xDS, to copy
+//! the records that match a filter, at most so many a second; the proxy sends them back in
+//! small batches on the same connection. No port opens on the host for it, and nothing costs
+//! a request while no tap is on (one atomic load).
+//!
+//! The proxy follows `GET /v1/tap?workload=W` (a stream of JSON lines, each the whole set of
+//! taps for this proxy) and pushes matches to `POST /v1/tap/events`. Header values are never
+//! copied: a tap shows method, authority, path, outcome and who called whom.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::{
+    access_log::HttpLine,
+    metrics::Direction,
+    reporter::{Control, Link},
+    shared::Shared,
+};
+
+/// Events queued for sending; beyond, they are dropped (a tap is best effort).
+const QUEUE: usize = 1024;
+
+/// One tap as the control plane sends it to this proxy.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct TapSpec {
+    /// The session's id.
+    pub(crate) id: u64,
+    /// Only requests to this service (`name.namespace`, as records name it): outbound ones,
+    /// and inbound ones from unmeshed callers. `None`: every record of this proxy.
+    #[serde(default)]
+    pub(crate) service: Option<String>,
+    /// Only this method.
+    #[serde(default)]
+    pub(crate) method: Option<String>,
+    /// Only paths starting so.
+    #[serde(default)]
+    pub(crate) path_prefix: Option<String>,
+    /// Only this authority.
+    #[serde(default)]
+    pub(crate) authority: Option<String>,
+    /// Only this failure class.
+    #[serde(default)]
+    pub(crate) failure_class: Option<String>,
+    /// Events a second this proxy may send for it (its share of the session's bound).
+    pub(crate) rate: f64,
+}
+
+struct Tap {
+    spec: TapSpec,
+    /// Tokens and when they were last topped up.
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl Tap {
+    fn matches(&self, l: &HttpLine) -> bool {
+        let s = &self.spec;
+        if let Some(svc) = &s.service {
+            let to_it = l.dst_service.get() == Some(svc.as_str());
+            let seen_here = match l.direction {
+                Direction::outbound => true,
+                // A meshed caller's own proxy shows the request; the callee's only for
+                // callers without one.
+                Direction::inbound => l.src_workload.get().is_none(),
+            };
+            if !(to_it && seen_here) {
+                return false;
+            }
+        }
+        s.method.as_deref().is_none_or(|m| l.method.as_str() == m)
+            && s.path_prefix
+                .as_deref()
+                .is_none_or(|p| l.uri.path().starts_with(p))
+            && s.authority.as_deref().is_none_or(|a| {
+                l.authority
+                    .as_ref()
+                    .is_some_and(|x| x.as_str().eq_ignore_ascii_case(a))
+            })
+            && s.failure_class
+                .as_deref()
+                .is_none_or(|c| l.class.as_str() == c)
+    }
+
+    /// A token, if the tap's rate allows one now (bursts of up to a second's worth).
+    fn allow(&self) -> bool {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let burst = self.spec.rate.max(1.0);
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.spec.rate).min(burst);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One copied record.
+#[derive(Serialize)]
+struct Event<'a> {
+    tap: u64,
+    ts_ms: u64,
+    direction: &'static str,
+    method: &'a str,
+    authority: Option<&'a str>,
+    path: &'a str,
+    status: u16,
+    grpc_status: Option<u32>,
+    latency_ms: f64,
+    class: &'static str,
+    category: &'static str,
+    attempts: u32,
+    endpoint: Option<String>,
+    src_workload: Option<&'a str>,
+    src_identity: Option<&'a str>,
+    dst_service: Option<&'a str>,
+    dst_workload: Option<&'a str>,
+    dst_environment: &'static str,
+    dst_locality: Option<&'a str>,
+    trace_id: Option<String>,
+}
+
+/// The taps on now, and the queue of what they copied.
+pub(crate) struct Taps {
+    set: ArcSwapOption<Vec<Tap>>,
+    tx: mpsc::Sender<Bytes>,
+    rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+}
+
+impl Default for Taps {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        Self {
+            set: ArcSwapOption::empty(),
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl Taps {
+    /// Copy `l` (which took `total`) to every tap it matches, within their rates.
+    #[inline]
+    pub(crate) fn offer(&self, l: &HttpLine, total: Duration) {
+        let guard = self.set.load();
+        let Some(set) = guard.as_ref() else {
+            return;
+        };
+        for t in set.iter() {
+            if t.matches(l) && t.allow() {
+                let _ = self.tx.try_send(event(t.spec.id, l, total));
+            }
+        }
+    }
+
+    /// Replace the taps (an empty list turns tapping off).
+    fn replace(&self, specs: Vec<TapSpec>) {
+        let old = self.set.load_full();
+        let taps: Vec<Tap> = specs
+            .into_iter()
+            .map(|spec| {
+                // A tap that stays keeps its bucket.
+                let kept = old
+                    .as_ref()
+                    .and_then(|o| o.iter().find(|t| t.spec.id == spec.id))
+                    .map(|t| *t.bucket.lock().unwrap_or_else(|p| p.into_inner()));
+                let bucket = kept.unwrap_or((spec.rate.max(1.0), Instant::now()));
+                Tap {
+                    spec,
+                    bucket: Mutex::new(bucket),
+                }
+            })
+            .collect();
+        self.set.store((!taps.is_empty()).then(|| Arc::new(taps)));
+    }
+
+    /// The specs on now (for the admin page).
+    pub(crate) fn specs(&self) -> Vec<serde_json::Value> {
+        self.set
+            .load()
+            .as_ref()
+            .map(|s| {
+                s.iter()
+                    .map(|t| serde_json::json!({ "id": t.spec.id, "rate": t.spec.rate, "service": t.spec.service }))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn event(tap: u64, l: &HttpLine, total: Duration) -> Bytes {
+    let e = Event {
+        tap,
+        ts_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        direction: l.direction.as_str(),
+        method: l.method.as_str(),
+        authority: l.authority.as_ref().map(|a| a.as_str()),
+        path: l.uri.path(),
+        status: l.status,
+        grpc_status: l.grpc_status,
+        latency_ms: total.as_secs_f64() * 1000.0,
+        class: l.class.as_str(),
+        category: l.class.category().as_str(),
+        attempts: l.attempts,
+        endpoint: l.upstream.map(|a| a.to_string()),
+        src_workload: l.src_workload.get(),
+        src_identity: l.source_identity.get(),
+        dst_service: l.dst_service.get(),
+        dst_workload: l.dst_workload.get(),
+        dst_environment: l.dst_environment,
+        dst_locality: l.dst_locality.get(),
+        trace_id: (l.trace_id != 0).then(|| format!("{:032x}", l.trace_id)),
+    };
+    Bytes::from(serde_json::to_vec(&e).unwrap_or_default())
+}
+
+/// Follow the control plane's taps for `workload` while there is a connection, and send
+/// what they copy.
+pub(crate) async fn run(shared: Arc<Shared>, workload: String, mut link: Link) {
+    let rx = shared
+        .telemetry
+        .taps
+        .rx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(rx) = rx {
+        tokio::spawn(send(rx, link.clone(), workload.replace('/', "%2F")));
+    }
+    loop {
+        let ctl = link.borrow_and_update().clone();
+        if let Some(ctl) = ctl {
+            tokio::select! {
+                r = follow(&shared, &ctl, &workload) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "tap stream ended");
+                    }
+                }
+                _ = link.changed() => {}
+            }
+            // No taps without a control plane to send them to.
+            shared.telemetry.taps.replace(Vec::new());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        } else if link.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One `GET /v1/tap` stream: each line is the whole set of taps.
+async fn follow(shared: &Shared, ctl: &Control, workload: &str) -> Result<(), String> {
+    use tonic::codegen::Service;
+    let req = http::Request::get(format!(
+        "http://{}/v1/tap?workload={}",
+        ctl.authority,
+        workload.replace('/', "%2F")
+    ))
+    .body(tonic::body::Body::empty())
+    .map_err(|e| e.to_string())?;
+    let mut ch = ctl.channel.clone();
+    std::future::poll_fn(|cx| ch.poll_ready(cx))
+        .await
+        .map_err(|e| e.to_string())?;
+    let resp = ch.call(req).await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("{}", resp.status()));
+    }
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(n) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=n).collect();
+            #[derive(Deserialize)]
+            struct Set {
+                taps: Vec<TapSpec>,
+            }
+            match serde_json::from_slice::<Set>(&line) {
+                Ok(s) => shared.telemetry.taps.replace(s.taps),
+                Err(e) => tracing::warn!(error = %e, "tap: an unreadable set of taps"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Send queued events in batches (a JSON array) as they come.
+async fn send(mut rx: mpsc::Receiver<Bytes>, link: Link, workload: String) {
+    use tonic::codegen::Service;
+    while let Some(first) = rx.recv().await {
+        let mut body = Vec::with_capacity(4096);
+        body.push(b'[');
+        body.extend_from_slice(&first);
+        // What else is queued now goes in the same request.
+        while body.len() < 256 << 10 {
+            match rx.try_recv() {
+                Ok(e) => {
+                    body.push(b',');
+                    body.extend_from_slice(&e);
+                }
+                Err(_) => break,
+            }
+        }
+        body.push(b']');
+        let ctl = link.borrow().clone();
+        let Some(ctl) = ctl else {
+            continue;
+        };
+        let Ok(req) = http::Request::post(format!(
+            "http://{}/v1/tap/events?workload={workload}",
+            ctl.authority
+        ))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            Bytes::from(body),
+        ))) else {
+            continue;
+        };
+        let mut ch = ctl.channel.clone();
+        let sent = async {
+            std::future::poll_fn(|cx| ch.poll_ready(cx)).await.ok()?;
+            let r = ch.call(req).await.ok()?;
+            let _ = r.into_body().collect().await;
+            Some(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), sent).await;
+    }
+}
