@@ -308,33 +308,42 @@ pub(crate) struct TapArgs {
     conn: Conn,
 }
 
+impl TapArgs {
+    /// The API path of this tap.
+    fn path(&self) -> Result<String> {
+        let a = self;
+        let (kind, name) = match a.target.split_once('/') {
+            Some(("svc" | "service", n)) => ("service", n),
+            Some(("wl" | "workload", n)) => ("workload", n),
+            _ => bail!("{:?}: give svc/NAME or workload/NAME", a.target),
+        };
+        let mut q = vec![
+            format!("kind={kind}"),
+            format!("namespace={}", query_value(&a.namespace)),
+            format!("name={}", query_value(name)),
+            format!("max_rps={}", a.max_rps),
+        ];
+        for (k, v) in [
+            ("method", &a.method),
+            ("path_prefix", &a.path_prefix),
+            ("authority", &a.authority),
+            ("failure_class", &a.failure_class),
+        ] {
+            if let Some(v) = v {
+                q.push(format!("{k}={}", query_value(v)));
+            }
+        }
+        Ok(format!("/api/v1/tap?{}", q.join("&")))
+    }
+}
+
 /// `trellis tap`.
 pub(crate) async fn tap(a: &TapArgs) -> Result<()> {
-    let (kind, name) = match a.target.split_once('/') {
-        Some(("svc" | "service", n)) => ("service", n),
-        Some(("wl" | "workload", n)) => ("workload", n),
-        _ => bail!("{:?}: give svc/NAME or workload/NAME", a.target),
-    };
-    let mut q = vec![
-        format!("kind={kind}"),
-        format!("namespace={}", query_value(&a.namespace)),
-        format!("name={}", query_value(name)),
-        format!("max_rps={}", a.max_rps),
-    ];
-    for (k, v) in [
-        ("method", &a.method),
-        ("path_prefix", &a.path_prefix),
-        ("authority", &a.authority),
-        ("failure_class", &a.failure_class),
-    ] {
-        if let Some(v) = v {
-            q.push(format!("{k}={}", query_value(v)));
-        }
-    }
+    let path = a.path()?;
     let api = Api::new(&a.conn)?;
     let mut seen = 0u64;
     let json = matches!(a.output, TapOutput::Json);
-    api.stream_lines(&format!("/api/v1/tap?{}", q.join("&")), |line| {
+    api.stream_lines(&path, |line| {
         if json {
             println!("{}", String::from_utf8_lossy(line));
         } else if let Ok(e) = serde_json::from_slice::<serde_json::Value>(line) {
@@ -383,4 +392,143 @@ fn tap_line(e: &serde_json::Value) -> String {
         e["attempts"],
         s("endpoint"),
     )
+}
+
+/// What `top` shows.
+#[derive(clap::Args)]
+pub(crate) struct TopArgs {
+    #[command(flatten)]
+    tap: TapArgs,
+    /// Stop after this long and print the table once (without it: refresh every second
+    /// until interrupted).
+    #[arg(long)]
+    duration: Option<trellis_model::value::DurationValue>,
+}
+
+/// A row's source, destination, method and path.
+type TopKey = (String, String, String, String);
+
+/// One row of `top`: a source, destination, method and path.
+#[derive(Default)]
+struct TopRow {
+    count: u64,
+    failed: u64,
+    best: f64,
+    worst: f64,
+    last: f64,
+    classes: std::collections::BTreeMap<String, u64>,
+}
+
+/// `trellis top`: the tap's requests added up by source, destination, method and path.
+pub(crate) async fn top(a: &TopArgs) -> Result<()> {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex},
+    };
+    let path = a.tap.path()?;
+    let api = Api::new(&a.tap.conn)?;
+    let rows: Arc<Mutex<HashMap<TopKey, TopRow>>> = Arc::default();
+    let r = rows.clone();
+    let stream = async move {
+        api.stream_lines(&path, |line| {
+            let Ok(e) = serde_json::from_slice::<serde_json::Value>(line) else {
+                return true;
+            };
+            let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+            let src = e["src_workload"]
+                .as_str()
+                .or(e["src_identity"].as_str())
+                .unwrap_or("-")
+                .to_string();
+            let dst = format!("{} ({})", s("dst_service"), s("dst_workload"));
+            let key = (src, dst, s("method"), s("path"));
+            let ms = e["latency_ms"].as_f64().unwrap_or(0.0);
+            let class = s("class");
+            let failed = !matches!(e["category"].as_str(), Some("ok" | "client"));
+            let mut rows = r.lock().unwrap_or_else(|p| p.into_inner());
+            let row = rows.entry(key).or_default();
+            row.best = if row.count == 0 { ms } else { row.best.min(ms) };
+            row.worst = row.worst.max(ms);
+            row.last = ms;
+            row.count += 1;
+            if failed {
+                row.failed += 1;
+                *row.classes.entry(class).or_default() += 1;
+            }
+            true
+        })
+        .await
+    };
+    let print = |final_: bool| {
+        let rows = rows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = rows.iter().collect();
+        v.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
+        let lines: Vec<Vec<String>> = v
+            .iter()
+            .map(|((src, dst, method, path), r)| {
+                let top_class = r
+                    .classes
+                    .iter()
+                    .max_by_key(|(_, n)| **n)
+                    .map_or("-".to_string(), |(c, n)| format!("{c} {n}"));
+                vec![
+                    src.clone(),
+                    dst.clone(),
+                    method.clone(),
+                    path.clone(),
+                    r.count.to_string(),
+                    pct(Some((r.count - r.failed) as f64 / r.count as f64)),
+                    ms(Some(r.best)),
+                    ms(Some(r.worst)),
+                    ms(Some(r.last)),
+                    top_class,
+                ]
+            })
+            .collect();
+        if !final_ {
+            // Clear the terminal and draw again.
+            print!("\x1b[2J\x1b[H");
+        }
+        table(
+            &[
+                "SOURCE",
+                "DESTINATION",
+                "METHOD",
+                "PATH",
+                "COUNT",
+                "SUCCESS",
+                "BEST",
+                "WORST",
+                "LAST",
+                "FAILURE",
+            ],
+            &lines,
+        );
+    };
+    let refresh = std::io::IsTerminal::is_terminal(&std::io::stdout()) && a.duration.is_none();
+    tokio::pin!(stream);
+    let until = a
+        .duration
+        .as_ref()
+        .map(|d| tokio::time::Instant::now() + d.0);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = &mut stream => {
+                r?;
+                break;
+            }
+            _ = tick.tick() => {
+                if refresh {
+                    print(false);
+                }
+                if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
+                    break;
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    print(true);
+    Ok(())
 }

@@ -106,6 +106,9 @@ enum Cmd {
     /// Live requests as the proxies see them: method, path, outcome and failure class,
     /// latency, attempts, endpoint, who called whom (never header values).
     Tap(fleet::TapArgs),
+    /// The tap's requests added up by source, destination, method and path: count, success,
+    /// best/worst/last latency and the failure class they carried.
+    Top(fleet::TopArgs),
     /// Check a server and token, and save them for later commands.
     Login {
         #[command(flatten)]
@@ -381,6 +384,7 @@ fn main() -> ExitCode {
         Cmd::Stat(a) => ctl_run(fleet::stat(&a)),
         Cmd::Edges(a) => ctl_run(fleet::edges(&a)),
         Cmd::Tap(a) => ctl_run(fleet::tap(&a)),
+        Cmd::Top(a) => ctl_run(fleet::top(&a)),
         Cmd::Token(TokenCmd::Create {
             namespace,
             identity,

@@ -952,6 +952,66 @@ async fn tap_shows_live_requests_that_match_within_its_bound_split_over_the_prox
         .await;
     }
 
+    // `top` adds the same up: count, success and the failure class by source, destination,
+    // method and path (run for a fixed time, so it prints its table once at the end).
+    let top = std::process::Command::new(BIN)
+        .args([
+            "top",
+            "svc/direct",
+            "-n",
+            "test",
+            "--max-rps",
+            "1000",
+            "--duration",
+            "5s",
+        ])
+        .args(["--server", &cp.api_url(), "--token", &cp.token])
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run trellis top");
+    eventually(
+        "the proxies apply top's tap",
+        Duration::from_secs(3),
+        async || (taps_of(&p1).await[0]["rate"].as_f64() == Some(500.0)).then_some(()),
+    )
+    .await;
+    for path in ["/t/ok", "/t/ok", "/t/ok", "/t/fail", "/t/fail"] {
+        c1.get("direct.test", path).await.unwrap();
+    }
+    c2.get("direct.test", "/t/ok").await.unwrap();
+    let out = top.wait_with_output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = |src: &str, path: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{src} ")) && l.split_whitespace().any(|w| w == path))
+            .unwrap_or_else(|| panic!("no row {src} {path}: {table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // SOURCE DESTINATION (WORKLOAD) METHOD PATH COUNT SUCCESS BEST WORST LAST FAILURE
+    let ok = row("test/client", "/t/ok");
+    assert_eq!(
+        (
+            ok[3].as_str(),
+            ok[5].as_str(),
+            ok[6].as_str(),
+            ok[10].as_str()
+        ),
+        ("GET", "3", "100.00%", "-"),
+        "{table}"
+    );
+    let failed = row("test/client", "/t/fail");
+    assert_eq!(
+        (failed[5].as_str(), failed[6].as_str()),
+        ("2", "0.00%"),
+        "{table}"
+    );
+    assert!(failed[10..].join(" ") == "app_error 2", "{table}");
+    assert_eq!(row("test/client2", "/t/ok")[5], "1", "{table}");
+
     // A bound of 2 a second over both proxies: a burst of requests yields at most what the
     // bound allows for the time it took (one second's burst, plus the rate).
     let tap = TapProcess::start(&cp, &["svc/direct", "-n", "test", "--max-rps", "2"]);
