@@ -363,18 +363,22 @@ impl Store {
                 status_class: s.status_class,
             };
             let key = self.admit(key);
-            let t = self
-                .totals
-                .entry(TotalKey {
-                    direction: key.direction,
-                    protocol: key.protocol,
-                    workload: key.workload.clone(),
-                    environment: key.environment.clone(),
-                    service: key.service.clone(),
-                    peer_workload: key.peer_workload.clone(),
-                    class: key.class,
-                })
-                .or_default();
+            let mut tk = TotalKey {
+                direction: key.direction,
+                protocol: key.protocol,
+                workload: key.workload.clone(),
+                environment: key.environment.clone(),
+                service: key.service.clone(),
+                peer_workload: key.peer_workload.clone(),
+                class: key.class,
+            };
+            // Totals are bounded as series are.
+            if self.totals.len() >= self.limits.series && !self.totals.contains_key(&tk) {
+                let other = self.intern(OTHER);
+                tk.service = other.clone();
+                tk.peer_workload = other;
+            }
+            let t = self.totals.entry(tk).or_default();
             t.requests += counts.requests;
             t.attempts += counts.attempts;
             t.tcp_closed += u64::from(counts.tcp_closed);
@@ -387,7 +391,12 @@ impl Store {
                 counts.tcp_open = s.tcp_open.unwrap_or(0);
                 counts.tcp_open_at = (start / self.limits.fine_ms) as u32;
             }
-            let slots = self.series.entry(key).or_insert_with(|| {
+            let reporters = &mut self.reporters;
+            let slots = self.series.entry(key).or_insert_with_key(|k| {
+                // Counted against its reporter's cap once it is kept.
+                if let Some(r) = reporters.get_mut(&k.workload) {
+                    r.series += 1;
+                }
                 self.bytes += KEY_BYTES;
                 Slots::default()
             });
@@ -469,10 +478,8 @@ impl Store {
             key
         };
         // An `other` row is made even at the cap: at most one per reporter, direction,
-        // protocol, class and status, so still bounded.
-        if let Some(r) = self.reporters.get_mut(&key.workload) {
-            r.series += 1;
-        }
+        // protocol, class and status, so still bounded. It counts against its reporter once
+        // kept (a period too old to keep is not).
         Arc::new(key)
     }
 

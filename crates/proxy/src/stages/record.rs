@@ -143,7 +143,9 @@ impl Record {
             grpc_status: l.grpc_status,
             failure_class: l.class,
         };
+        // The peer is a summary's key only: nothing to build when none is kept.
         let peer = match l.direction {
+            _ if !self.telemetry.metrics.summaries => PeerKey::default(),
             Direction::outbound => self
                 .endpoint
                 .take()
@@ -173,7 +175,9 @@ impl Record {
 
     /// Note the endpoint a try went to.
     pub(crate) fn set_endpoint(&mut self, ep: &Arc<Endpoint>) {
-        self.endpoint = Some(ep.clone());
+        if self.telemetry.metrics.summaries {
+            self.endpoint = Some(ep.clone());
+        }
         self.upstream = Some(ep.target);
         self.upstream_app = (ep.target != ep.cfg.addr).then_some(ep.cfg.addr);
         self.dst_workload = ep.workload.clone();

@@ -340,3 +340,45 @@ fn the_memory_budget_drops_the_oldest_slots_first_and_says_from_when_it_holds_al
     assert!(n >= 90, "{n}");
     assert_eq!(total(&s, 24 * hour), n, "nothing older than held");
 }
+
+#[test]
+fn periods_too_old_to_keep_do_not_use_up_the_cap() {
+    let limits = Limits {
+        series_per_reporter: 2,
+        ..Limits::default()
+    };
+    let mut s = Store::new(limits);
+    let day = 24 * 3_600_000;
+    // The same series, many times, in periods older than anything kept.
+    for seq in 1..=10 {
+        let r = report(
+            "shop/a",
+            1,
+            seq,
+            NOW - 2 * day,
+            vec![series("shop/x", "w", "ok", 1)],
+        );
+        s.ingest(&r, None, NOW).unwrap();
+    }
+    assert_eq!(s.series_count(), 0);
+    // The reporter's own series are still its own, not folded.
+    let r = report(
+        "shop/a",
+        1,
+        11,
+        NOW,
+        vec![
+            series("shop/x", "w", "ok", 1),
+            series("shop/y", "w", "ok", 1),
+        ],
+    );
+    s.ingest(&r, None, NOW).unwrap();
+    assert_eq!(s.folded(), 0);
+    let w = all(&s, 60_000);
+    let mut names: Vec<&str> = w.series.iter().map(|(k, _)| &*k.service).collect();
+    names.sort();
+    assert_eq!(names, vec!["shop/x", "shop/y"]);
+    // Counted all the same.
+    let t: u64 = s.totals().values().map(|t| t.requests).sum();
+    assert_eq!(t, 12);
+}
