@@ -149,6 +149,19 @@ impl Tiers {
 }
 
 impl Endpoint {
+    /// This endpoint as the peer of a summary: reached through its proxy when `target` is
+    /// not the application.
+    pub(crate) fn peer_key(&self) -> crate::summary::PeerKey {
+        crate::summary::PeerKey {
+            workload: self.workload_id.clone(),
+            identity: self.identity.clone(),
+            environment: self.environment.clone(),
+            locality: self.locality.clone(),
+            endpoint: Some(self.target),
+            mtls: self.target != self.cfg.addr,
+        }
+    }
+
     fn new(cfg: EndpointConfig, idle_timeout: Duration, meshed: bool) -> Self {
         let target = match (&cfg.mesh, meshed) {
             (Some(m), true) => m.inbound,

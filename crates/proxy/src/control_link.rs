@@ -100,3 +100,15 @@ impl tonic::codegen::Service<http::Uri> for ControlConnector {
         })
     }
 }
+
+/// The connection to the control plane, while there is one.
+#[derive(Clone)]
+pub(crate) struct Control {
+    /// The xDS channel (HTTP/2, mutual TLS for `https://`).
+    pub(crate) channel: tonic::transport::Channel,
+    /// `HOST:PORT`.
+    pub(crate) authority: String,
+}
+
+/// Set by the xDS client as streams open and close.
+pub(crate) type Link = tokio::sync::watch::Receiver<Option<Control>>;

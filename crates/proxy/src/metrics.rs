@@ -1,7 +1,7 @@
 //! Proxy metrics, registered on a registry handed down by the caller (never a global one).
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
@@ -12,90 +12,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+pub(crate) use crate::labels::{Direction, Label};
 use crate::{
     error::FailureClass,
     fasthash::FastHasher,
-    summary::{PeerKey, Period, TcpSummary},
+    summary::{PeerKey, Period, Recorded, TcpSummary},
 };
-
-/// A label value shared by every request that carries it: built once per config (service,
-/// workload, route), cloned per request by a reference count. Empty means "unknown".
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub(crate) struct Label(Option<Arc<str>>);
-
-impl Label {
-    /// The value, or "unknown".
-    pub(crate) fn as_str(&self) -> &str {
-        self.0.as_deref().unwrap_or("unknown")
-    }
-
-    /// The value, if known.
-    pub(crate) fn get(&self) -> Option<&str> {
-        self.0.as_deref()
-    }
-
-    /// Identity of the shared value (0 for "unknown").
-    pub(crate) fn addr(&self) -> usize {
-        self.0
-            .as_ref()
-            .map_or(0, |a| Arc::as_ptr(a).cast::<u8>() as usize)
-    }
-
-    pub(crate) fn same(&self, other: &Self) -> bool {
-        match (&self.0, &other.0) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        }
-    }
-}
-
-impl From<Arc<str>> for Label {
-    fn from(s: Arc<str>) -> Self {
-        Self(Some(s))
-    }
-}
-
-impl From<&str> for Label {
-    fn from(s: &str) -> Self {
-        Self(Some(s.into()))
-    }
-}
-
-impl EncodeLabelValue for Label {
-    fn encode(
-        &self,
-        e: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
-    ) -> Result<(), std::fmt::Error> {
-        std::fmt::Write::write_str(e, self.as_str())
-    }
-}
-
-impl serde::Serialize for Label {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-/// Traffic direction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub(crate) enum Direction {
-    /// From the local workload to a service.
-    outbound,
-    /// From a peer to the local workload.
-    inbound,
-}
-
-impl Direction {
-    /// Name.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::outbound => "outbound",
-            Self::inbound => "inbound",
-        }
-    }
-}
 
 /// Labels of request metrics. Missing values are "unknown".
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -122,6 +44,19 @@ pub(crate) struct RequestLabels {
     pub(crate) grpc_status: Option<u32>,
     /// Failure class.
     pub(crate) failure_class: FailureClass,
+}
+
+/// A key's period as a summary sees it.
+fn recorded(l: &RequestLabels, peer: PeerKey, period: Period) -> Recorded {
+    Recorded {
+        direction: l.direction,
+        service: l.dst_service.clone(),
+        route: l.route.clone(),
+        class: l.failure_class,
+        status: l.status_code,
+        peer,
+        period,
+    }
 }
 
 /// Labels of TCP connection metrics.
@@ -416,12 +351,16 @@ impl Metrics {
     }
 
     /// Take the period's request summaries (every key with requests since the last take).
-    pub(crate) fn take_periods(&self) -> Vec<(RequestLabels, PeerKey, Period)> {
+    pub(crate) fn take_periods(&self) -> Vec<Recorded> {
         let mut cache = self.request_cache.lock().expect("metrics cache lock");
-        let mut out = std::mem::take(&mut cache.carried);
+        let carried = std::mem::take(&mut cache.carried);
+        let mut out: Vec<Recorded> = carried
+            .into_iter()
+            .map(|(l, peer, period)| recorded(&l, peer, period))
+            .collect();
         for (k, (_, _, p)) in cache.entries.iter_mut() {
             if p.requests > 0 {
-                out.push((k.0.clone(), k.1.clone(), std::mem::take(p)));
+                out.push(recorded(&k.0, k.1.clone(), std::mem::take(p)));
             }
         }
         out
@@ -478,8 +417,8 @@ mod tests {
         assert_eq!(m.requests.get_or_create(&labels(&r1, 200)).get(), 4);
         // The summaries: the period's requests by key, those of the cleared entries kept.
         let mut by_status = std::collections::BTreeMap::new();
-        for (l, _, p) in m.take_periods() {
-            *by_status.entry(l.status_code).or_insert(0) += p.requests;
+        for r in m.take_periods() {
+            *by_status.entry(r.status).or_insert(0) += r.period.requests;
         }
         assert_eq!(
             by_status.into_iter().collect::<Vec<_>>(),

@@ -18,10 +18,13 @@ use std::{
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use prost::Message;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use trellis_telemetry::report::{Ack, Batch, Report};
 
-use crate::shared::Shared;
+use crate::{
+    control_link::{Control, Link},
+    shared::Shared,
+};
 
 /// Periods held while the control plane does not acknowledge (15 minutes at 10 s).
 pub(crate) const PENDING: usize = 90;
@@ -31,18 +34,6 @@ pub(crate) const SERIES_CAP: usize = 500;
 const BATCH: usize = 30;
 /// How long a push may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The connection to the control plane, while there is one.
-#[derive(Clone)]
-pub(crate) struct Control {
-    /// The xDS channel (HTTP/2, mutual TLS for `https://`).
-    pub(crate) channel: tonic::transport::Channel,
-    /// `HOST:PORT`.
-    pub(crate) authority: String,
-}
-
-/// Set by the xDS client as streams open and close.
-pub(crate) type Link = watch::Receiver<Option<Control>>;
 
 /// A request to send what is recorded now, answered when done (at shutdown).
 pub(crate) type Flush = oneshot::Sender<()>;

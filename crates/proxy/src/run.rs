@@ -458,7 +458,7 @@ impl Proxy {
             Source::Xds(x) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
                 let (link, linked) = tokio::sync::watch::channel(None);
-                tokio::spawn(crate::tap::run(
+                tokio::spawn(crate::tap_link::run(
                     self.shared.clone(),
                     x.workload.clone().unwrap_or_default(),
                     linked.clone(),

@@ -14,9 +14,8 @@ use trellis_telemetry::{
 };
 
 use crate::{
-    cluster::Endpoint,
     error::FailureClass,
-    metrics::{Direction, Label, RequestLabels},
+    labels::{Direction, Label},
 };
 
 /// The other end of a request or connection: for outbound, the endpoint called; for
@@ -39,18 +38,6 @@ pub(crate) struct PeerKey {
 }
 
 impl PeerKey {
-    /// The endpoint `ep`, reached through its proxy when `ep.target` is not the application.
-    pub(crate) fn endpoint(ep: &Endpoint) -> Self {
-        Self {
-            workload: ep.workload_id.clone(),
-            identity: ep.identity.clone(),
-            environment: ep.environment.clone(),
-            locality: ep.locality.clone(),
-            endpoint: Some(ep.target),
-            mtls: ep.target != ep.cfg.addr,
-        }
-    }
-
     /// Compared by the identity of the shared strings (see `metrics::RequestKey`).
     pub(crate) fn same(&self, o: &Self) -> bool {
         self.endpoint == o.endpoint
@@ -76,6 +63,24 @@ impl PeerKey {
         }
         h.write_u8(u8::from(self.mtls));
     }
+}
+
+/// A request key's period, as the metrics' cache hands it over.
+pub(crate) struct Recorded {
+    /// Direction.
+    pub(crate) direction: Direction,
+    /// Service (`name.namespace`).
+    pub(crate) service: Label,
+    /// Route.
+    pub(crate) route: Label,
+    /// Failure class.
+    pub(crate) class: FailureClass,
+    /// Status sent.
+    pub(crate) status: u16,
+    /// The other end.
+    pub(crate) peer: PeerKey,
+    /// What was recorded.
+    pub(crate) period: Period,
 }
 
 /// One key's requests in a period.
@@ -264,21 +269,18 @@ pub(crate) struct PeriodReport {
 /// A period's series: request summaries grouped by series key (entries that differ only in
 /// the exact status fold together), then TCP; at most `cap` series, the rest folded into one
 /// `other` row per direction and class. Latency by direction, service and peer workload.
-pub(crate) fn series(
-    requests: Vec<(RequestLabels, PeerKey, Period)>,
-    tcp: &mut TcpSummary,
-    cap: usize,
-) -> PeriodReport {
+pub(crate) fn series(requests: Vec<Recorded>, tcp: &mut TcpSummary, cap: usize) -> PeriodReport {
     let mut by_key: HashMap<SeriesId, Series> = HashMap::new();
     let mut latency: HashMap<(u32, String, String), Histogram> = HashMap::new();
-    for (l, peer, p) in requests {
+    for r in requests {
+        let (peer, p) = (&r.peer, &r.period);
         let s = series_for(
-            l.direction,
-            &l.dst_service,
-            Some(&l.route),
-            &peer,
-            l.failure_class,
-            l.status_code,
+            r.direction,
+            &r.service,
+            Some(&r.route),
+            peer,
+            r.class,
+            r.status,
             0,
         );
         latency

@@ -70,7 +70,7 @@ const INVALID_ARGUMENT: i32 = 3;
 pub(crate) async fn run(
     opts: XdsOptions,
     updates: mpsc::Sender<Update>,
-    link: tokio::sync::watch::Sender<Option<crate::reporter::Control>>,
+    link: tokio::sync::watch::Sender<Option<crate::control_link::Control>>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut docs = Docs::new();
@@ -173,7 +173,7 @@ async fn session(
     server: &str,
     docs: &mut Docs,
     updates: &mpsc::Sender<Update>,
-    link: &tokio::sync::watch::Sender<Option<crate::reporter::Control>>,
+    link: &tokio::sync::watch::Sender<Option<crate::control_link::Control>>,
 ) -> Result<(), (String, bool)> {
     let fail = |e: String| (e, false);
     let uri: http::Uri = server
@@ -205,7 +205,7 @@ async fn session(
         endpoint.connect().await
     }
     .map_err(|e| fail(format!("connect: {e}")))?;
-    link.send_replace(Some(crate::reporter::Control {
+    link.send_replace(Some(crate::control_link::Control {
         channel: channel.clone(),
         authority,
     }));

@@ -149,7 +149,7 @@ impl Record {
             Direction::outbound => self
                 .endpoint
                 .take()
-                .map(|ep| PeerKey::endpoint(&ep))
+                .map(|ep| ep.peer_key())
                 .unwrap_or_default(),
             Direction::inbound => PeerKey {
                 workload: l.src_workload.clone(),
@@ -325,7 +325,7 @@ impl Drop for ConnRecord {
         let total = self.start.elapsed();
         if m.summaries {
             let peer = match (self.direction, &self.endpoint) {
-                (Direction::outbound, Some(ep)) => PeerKey::endpoint(ep),
+                (Direction::outbound, Some(ep)) => ep.peer_key(),
                 _ => PeerKey {
                     identity: self.source.clone(),
                     mtls: self.source.get().is_some(),

@@ -1,18 +1,20 @@
 use super::*;
 
-fn labels(service: &Label, status: u16, class: FailureClass) -> RequestLabels {
-    RequestLabels {
+fn rec(
+    service: &Label,
+    status: u16,
+    class: FailureClass,
+    peer: PeerKey,
+    period: Period,
+) -> Recorded {
+    Recorded {
         direction: Direction::outbound,
-        src_service: Label::default(),
-        source_identity: Label::default(),
-        dst_service: service.clone(),
-        dst_workload: Label::default(),
-        dst_environment: "vm",
-        dst_locality: Label::default(),
+        service: service.clone(),
         route: Label::from("default"),
-        status_code: status,
-        grpc_status: None,
-        failure_class: class,
+        class,
+        status,
+        peer,
+        period,
     }
 }
 
@@ -37,21 +39,21 @@ fn keys_that_differ_only_in_the_exact_status_make_one_series() {
     };
     let r = series(
         vec![
-            (
-                labels(&svc, 500, FailureClass::AppError),
+            rec(
+                &svc,
+                500,
+                FailureClass::AppError,
                 peer.clone(),
                 period(3, 2, 0.01),
             ),
-            (
-                labels(&svc, 503, FailureClass::AppError),
+            rec(
+                &svc,
+                503,
+                FailureClass::AppError,
                 peer.clone(),
                 period(2, 1, 0.02),
             ),
-            (
-                labels(&svc, 200, FailureClass::Ok),
-                peer,
-                period(10, 1, 0.001),
-            ),
+            rec(&svc, 200, FailureClass::Ok, peer, period(10, 1, 0.001)),
         ],
         &mut TcpSummary::default(),
         500,
@@ -83,8 +85,10 @@ fn beyond_the_cap_the_quietest_series_fold_into_other() {
     let requests = (0..10)
         .map(|i| {
             let svc = Label::from(format!("s{i}.shop").as_str());
-            (
-                labels(&svc, 200, FailureClass::Ok),
+            rec(
+                &svc,
+                200,
+                FailureClass::Ok,
                 PeerKey::default(),
                 period(i + 1, 1, 0.01),
             )
