@@ -47,6 +47,11 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The seconds a window really covers (whole slots), for rates.
+fn covered_s(now_ms: u64, w: &trellis_telemetry::store::Window) -> f64 {
+    (now_ms.saturating_sub(w.from_ms) as f64 / 1000.0).max(1.0)
+}
+
 /// Longest window a query may ask for: what the coarse ring holds.
 pub(crate) fn max_window_ms(l: &Limits) -> u64 {
     l.coarse_ms * l.coarse_slots as u64
@@ -144,14 +149,10 @@ impl Fleet {
     pub(crate) fn stat(&self, sel: &Selector, window_ms: u64) -> Result<Vec<StatRow>, FleetError> {
         let store = self.store();
         self.covers(&store, window_ms)?;
-        let w = store.window(
-            now_ms(),
-            window_ms,
-            |_| true,
-            |k| view::wants_latency(sel, k),
-        );
+        let now = now_ms();
+        let w = store.window(now, window_ms, |_| true, |k| view::wants_latency(sel, k));
         drop(store);
-        Ok(view::stat(&w, sel, window_ms as f64 / 1000.0))
+        Ok(view::stat(&w, sel, covered_s(now, &w)))
     }
 
     /// A window the store holds whole, or why not.
@@ -170,19 +171,15 @@ impl Fleet {
     pub(crate) fn edges(&self, sel: &Selector, window_ms: u64) -> Result<Vec<EdgeRow>, FleetError> {
         let store = self.store();
         self.covers(&store, window_ms)?;
-        let series = store.window(
-            now_ms(),
-            window_ms,
-            |_| true,
-            |k| view::wants_latency(sel, k),
-        );
+        let now = now_ms();
+        let series = store.window(now, window_ms, |_| true, |k| view::wants_latency(sel, k));
         let ids: std::collections::HashMap<String, String> = store
             .reporters()
             .iter()
             .filter_map(|(k, r)| Some((k.to_string(), r.identity.clone()?)))
             .collect();
         drop(store);
-        let mut rows = view::edges(&series, sel, window_ms as f64 / 1000.0, |w| {
+        let mut rows = view::edges(&series, sel, covered_s(now, &series), |w| {
             ids.get(w).cloned()
         });
         // Callers name the identity their callee must present `namespace/identity`: shown as

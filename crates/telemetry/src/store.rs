@@ -196,6 +196,9 @@ pub struct Window {
     pub series: Vec<(Arc<Key>, Counts)>,
     /// Latency groups and their histograms.
     pub latency: Vec<(Arc<LatKey>, Histogram)>,
+    /// Where the window really starts (Unix ms): a window covers whole slots, the one
+    /// holding its start included, so it reaches back to that slot's start.
+    pub from_ms: u64,
 }
 
 /// The fleet's series.
@@ -622,15 +625,23 @@ impl Store {
     ) -> Window {
         let from = now_ms.saturating_sub(window_ms);
         let l = &self.limits;
-        let (fine_from, coarse_from) = (from.div_ceil(l.fine_ms), from.div_ceil(l.coarse_ms));
-        let mut out = Window::default();
+        // Whole slots: the one that holds the window's start counts.
+        let (fine_from, coarse_from) = (from / l.fine_ms, from / l.coarse_ms);
+        let mut out = Window {
+            from_ms: if from + l.fine_ms * l.fine_slots as u64 >= now_ms {
+                fine_from * l.fine_ms
+            } else {
+                coarse_from * l.coarse_ms
+            },
+            ..Window::default()
+        };
         for (k, s) in &self.series {
             if !keep(k) {
                 continue;
             }
             let mut total = Counts::default();
             let mut any = false;
-            // A slot counts when it starts within the window.
+            // A slot counts when it holds part of the window.
             for (_, c) in s
                 .fine
                 .iter()

@@ -90,8 +90,10 @@ fn reports_add_up_and_a_resent_one_is_not_counted_twice() {
     assert_eq!(s.ingest(&r1, None, NOW).unwrap(), 2, "already merged");
     assert_eq!(s.duplicates(), 1);
     assert_eq!(total(&s, 60_000), 100);
-    // A window that starts after the first period leaves it out.
-    assert_eq!(total(&s, 15_000), 10);
+    // A window covers whole slots: one that starts in the second period's slot leaves the
+    // first out, and reaches back to the start of that slot.
+    assert_eq!(total(&s, 5_000), 10);
+    assert_eq!(all(&s, 5_000).from_ms, NOW - 10_000);
     let rows = view::stat(&all(&s, 60_000), &Selector::default(), 60.0);
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
