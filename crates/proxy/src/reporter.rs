@@ -145,10 +145,13 @@ impl Reporter {
         while self.pending.len() > PENDING {
             self.pending.pop_front();
             self.dropped += 1;
-            tracing::warn!(
-                dropped = self.dropped,
-                "telemetry report dropped: the control plane has not taken reports for {PENDING} periods"
-            );
+            // Once, then every tenth: a long outage is one line a few minutes, not a flood.
+            if self.dropped % 10 == 1 {
+                tracing::warn!(
+                    dropped = self.dropped,
+                    "telemetry report dropped: the control plane has not taken reports for {PENDING} periods"
+                );
+            }
         }
     }
 
