@@ -167,9 +167,30 @@ impl Histogram {
         if ss > 0 {
             self.downscale(ss);
         }
-        for (k, &c) in o.counts.iter().enumerate() {
-            if c > 0 {
-                self.add_at((o.offset + k as i32) >> os, c);
+        // Make room once, then add bucket by bucket (a window's query merges thousands).
+        let (olo, ohi) = (o.offset >> os, o.top() >> os);
+        if self.counts.is_empty() {
+            self.offset = olo;
+            self.counts = vec![0; (ohi - olo) as usize + 1];
+        } else {
+            if olo < self.offset {
+                let grow = (self.offset - olo) as usize;
+                self.counts.splice(0..0, std::iter::repeat_n(0, grow));
+                self.offset = olo;
+            }
+            if ohi > self.top() {
+                self.counts.resize((ohi - self.offset) as usize + 1, 0);
+            }
+        }
+        let base = self.offset;
+        if os == 0 {
+            let at = (o.offset - base) as usize;
+            for (mine, &c) in self.counts[at..at + o.counts.len()].iter_mut().zip(&o.counts) {
+                *mine += c;
+            }
+        } else {
+            for (k, &c) in o.counts.iter().enumerate() {
+                self.counts[(((o.offset + k as i32) >> os) - base) as usize] += c;
             }
         }
     }
