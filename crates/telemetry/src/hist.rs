@@ -185,7 +185,10 @@ impl Histogram {
         let base = self.offset;
         if os == 0 {
             let at = (o.offset - base) as usize;
-            for (mine, &c) in self.counts[at..at + o.counts.len()].iter_mut().zip(&o.counts) {
+            for (mine, &c) in self.counts[at..at + o.counts.len()]
+                .iter_mut()
+                .zip(&o.counts)
+            {
                 *mine += c;
             }
         } else {
