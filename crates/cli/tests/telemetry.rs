@@ -156,6 +156,24 @@ async fn api(cp: &ControlProcess, path: &str) -> Value {
     v
 }
 
+/// The row `name` of `query` once it counts `n` requests (waited for, with a deadline of
+/// `secs`): reports arrive every period.
+async fn counted(
+    what: &str,
+    secs: u64,
+    cp: &ControlProcess,
+    query: &str,
+    name: &str,
+    n: u64,
+) -> Value {
+    eventually(what, Duration::from_secs(secs), async || {
+        let v = api(cp, query).await;
+        let r = row(&v, name)?.clone();
+        (r["requests"] == n).then_some(r)
+    })
+    .await
+}
+
 fn row<'a>(rows: &'a Value, name: &str) -> Option<&'a Value> {
     rows.as_array()?.iter().find(|r| r["name"] == name)
 }
@@ -236,14 +254,13 @@ async fn stat_and_edges_give_back_exactly_the_traffic_sent() {
                 .sum::<u64>(),
         n + fails
     );
-    let stat = eventually(
+    let stat = counted(
         "stat counts every request",
-        Duration::from_secs(15),
-        async || {
-            let v = api(&m.cp, "/api/v1/stat?namespace=test&window=5m").await;
-            let r = row(&v, "test/catalog")?.clone();
-            (r["requests"] == total).then_some(r)
-        },
+        15,
+        &m.cp,
+        "/api/v1/stat?namespace=test&window=5m",
+        "test/catalog",
+        total,
     )
     .await;
     // The callers' view: exact counts, the failure class, effective and actual outcomes.
@@ -297,14 +314,13 @@ async fn stat_and_edges_give_back_exactly_the_traffic_sent() {
     ] {
         let all = hits.all.load(Ordering::SeqCst) as u64;
         let failed = hits.failed.load(Ordering::SeqCst) as u64;
-        let r = eventually(
+        let r = counted(
             "the workload's own report",
-            Duration::from_secs(10),
-            async || {
-                let v = api(&m.cp, "/api/v1/stat?kind=workload&namespace=test&window=5m").await;
-                let r = row(&v, name)?.clone();
-                (r["requests"] == all).then_some(r)
-            },
+            10,
+            &m.cp,
+            "/api/v1/stat?kind=workload&namespace=test&window=5m",
+            name,
+            all,
         )
         .await;
         assert_eq!(
@@ -593,14 +609,13 @@ async fn a_proxy_cut_off_from_the_control_plane_loses_no_period() {
     );
     relay.set_cut(false);
     send(10, &mut sent).await;
-    let v = eventually(
+    let v = counted(
         "every request counted once",
-        Duration::from_secs(20),
-        async || {
-            let v = api(&cp, "/api/v1/stat?namespace=test&window=5m").await;
-            let r = row(&v, "test/direct")?.clone();
-            (r["requests"] == sent).then_some(r)
-        },
+        20,
+        &cp,
+        "/api/v1/stat?namespace=test&window=5m",
+        "test/direct",
+        sent,
     )
     .await;
     assert_eq!(v["requests"], sent);
@@ -732,14 +747,13 @@ async fn prometheus_scraping_the_control_plane_agrees_with_stat() {
         let path = if i < fails { "/fail" } else { "/ok" };
         c.get("direct.test", path).await.unwrap();
     }
-    let stat = eventually(
+    let stat = counted(
         "stat counts every request",
-        Duration::from_secs(15),
-        async || {
-            let v = api(&cp, "/api/v1/stat?namespace=test&window=5m").await;
-            let r = row(&v, "test/direct")?.clone();
-            (r["requests"] == n).then_some(r)
-        },
+        15,
+        &cp,
+        "/api/v1/stat?namespace=test&window=5m",
+        "test/direct",
+        n,
     )
     .await;
     let success = stat["success"].as_f64().unwrap();

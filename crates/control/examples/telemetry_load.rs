@@ -13,6 +13,9 @@
 //! average of vCPU), its RSS, and how long `GET /api/v1/stat` and `/api/v1/edges` over the
 //! whole mesh take.
 
+mod common;
+
+use common::proc_stat;
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -203,27 +206,6 @@ async fn post(send: &mut Sender, addr: std::net::SocketAddr, batch: &Batch) {
     let st = r.status();
     let b = r.into_body().collect().await.unwrap().to_bytes();
     assert!(st.is_success(), "{st}: {}", String::from_utf8_lossy(&b));
-}
-
-fn proc_stat(pid: u32) -> (f64, u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb = |k: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(0)
-    };
-    (ticks / 100.0, kb("VmRSS:"), kb("VmHWM:"))
 }
 
 async fn get(

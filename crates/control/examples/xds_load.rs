@@ -13,6 +13,9 @@
 //! ACK of the change (the apply's own validation and store write included). It prints p50/p99/max over clients per round and overall, the
 //! control plane's RSS (current and peak) and the CPU it used per round.
 
+mod common;
+
+use common::proc_stat;
 use std::{
     process::{Command, Stdio},
     sync::Arc,
@@ -114,27 +117,6 @@ async fn api(addr: &str, token: &str, body: String) -> u64 {
         .filter_map(|a| a["resourceVersion"].as_str()?.parse().ok())
         .max()
         .unwrap_or(0)
-}
-
-fn proc_stat(pid: u32) -> (f64, u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb = |k: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|x| x.parse().ok())
-            .unwrap_or(0)
-    };
-    (ticks / 100.0, kb("VmRSS:"), kb("VmHWM:"))
 }
 
 /// Per client: the highest document version it has ACKed, and when.

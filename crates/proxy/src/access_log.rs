@@ -89,7 +89,9 @@ pub(crate) struct HttpLine {
 }
 
 impl HttpLine {
-    /// What a record holds once its line has gone to the log: nothing that costs.
+    /// What a record holds once its line has gone to the log (and what a new record starts
+    /// from): nothing that costs.
+    #[inline]
     pub(crate) fn taken() -> Self {
         Self {
             direction: Direction::outbound,

@@ -454,11 +454,7 @@ pub fn edges(
             EdgeRow {
                 src: src.to_string(),
                 src_environment: text(g.src_environment),
-                src_identity: if seen == Seen::Served && src_identity.is_empty() {
-                    String::new()
-                } else {
-                    src_identity
-                },
+                src_identity,
                 dst: dst.to_string(),
                 dst_environment: text(g.dst_environment),
                 dst_identity,

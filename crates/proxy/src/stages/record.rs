@@ -15,7 +15,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use http::{HeaderMap, Method, Uri};
+use http::HeaderMap;
 
 use crate::{
     access_log::{Entry, HttpLine, TcpLine},
@@ -74,32 +74,8 @@ impl Record {
             line: HttpLine {
                 direction,
                 protocol,
-                method: Method::GET,
-                authority: None,
-                uri: Uri::default(),
-                status: 0,
-                grpc_status: None,
-                class: FailureClass::Ok,
-                side: None,
-                detail: None,
-                client_gone: false,
-                source_identity: Label::default(),
                 src_service,
-                src_workload: Label::default(),
-                src_environment: Label::default(),
-                src_locality: Label::default(),
-                dst_service: Label::default(),
-                dst_workload: Label::default(),
-                dst_environment: "unknown",
-                dst_locality: Label::default(),
-                route: Label::default(),
-                upstream: None,
-                upstream_app: None,
-                attempts: 0,
-                connect: None,
-                first_byte: None,
-                trace_id: 0,
-                request_id: None,
+                ..HttpLine::taken()
             },
             start: Instant::now(),
             guards: None,
