@@ -80,12 +80,14 @@ fn ms(v: Option<f64>) -> String {
     }
 }
 
-/// The most frequent failure class of each category: `network: connect_refused 3 · ...`.
+/// The most frequent failure class of each category: `network: connect_refused 3 · ...`;
+/// the client's errors last (listed, not counted against success).
 fn failures(f: &Failures) -> String {
     let parts: Vec<String> = [
         ("network", &f.network),
         ("app", &f.application),
         ("policy", &f.policy),
+        ("client", &f.client),
     ]
     .iter()
     .filter_map(|(name, v)| {
@@ -375,13 +377,16 @@ fn tap_line(e: &serde_json::Value) -> String {
         .as_str()
         .map(|t| format!(" trace={t}"))
         .unwrap_or_default();
+    // Where it went: workload, environment, locality, those known.
+    let at: Vec<&str> = ["dst_workload", "dst_environment", "dst_locality"]
+        .iter()
+        .filter_map(|k| e[*k].as_str().filter(|v| !v.is_empty()))
+        .collect();
     format!(
-        "{} {src} -> {} ({} {} {}) {} {}{} {}{grpc} {} ({}) {:.2}ms attempts={} endpoint={}{trace}",
+        "{} {src} -> {} ({}) {} {}{} {}{grpc} {} ({}) {:.2}ms attempts={} endpoint={}{trace}",
         s("direction"),
         s("dst_service"),
-        s("dst_workload"),
-        s("dst_environment"),
-        s("dst_locality"),
+        at.join(" "),
         s("method"),
         s("authority"),
         s("path"),
