@@ -336,6 +336,8 @@ fn proxy_options(
         // Every second rather than every ten: the demo is short, and its last table shows
         // what the control plane saw.
         report_every: Duration::from_secs(1),
+        otlp_endpoint: None,
+        trace_sampling: trellis_proxy::options::DEFAULT_TRACE_SAMPLING,
     }
 }
 

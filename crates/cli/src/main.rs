@@ -315,6 +315,28 @@ struct RunArgs {
     /// `trellis stat` and `edges` (`0s`: never).
     #[arg(long, default_value = "10s")]
     report_interval: DurationValue,
+    /// Export spans over OTLP/gRPC to this collector, `http://HOST:PORT` (usually port 4317):
+    /// sampled requests' spans, and every failed request's.
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", value_parser = otlp_arg)]
+    otlp_endpoint: Option<String>,
+    /// The share of the traces this proxy starts (requests without a `traceparent` or B3
+    /// context) that are sampled, in percent; a Service's `spec.tracing.samplingPercent`
+    /// overrides it for requests to that service.
+    #[arg(long, default_value_t = 1.0, value_parser = percent_arg)]
+    trace_sampling: f64,
+}
+
+fn otlp_arg(s: &str) -> Result<String, String> {
+    trellis_proxy::check_endpoint(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn percent_arg(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?}: expected a percentage from 0 to 100")),
+    }
 }
 
 fn mark_arg(s: &str) -> Result<u32, String> {
@@ -545,6 +567,8 @@ fn proxy_options(
         socket_mark: r.socket_mark,
         ipv6_capture: false,
         report_every: r.report_interval.0,
+        otlp_endpoint: r.otlp_endpoint.clone(),
+        trace_sampling: r.trace_sampling / 100.0,
     }
 }
 

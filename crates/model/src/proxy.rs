@@ -70,6 +70,10 @@ pub struct ServiceConfig {
     pub ports: Vec<PortConfig>,
     /// The virtual IP that captured traffic to this service is addressed to.
     pub virtual_ip: Option<std::net::Ipv4Addr>,
+    /// The probability (0 to 1) that a trace started by a request to this service is
+    /// sampled; the proxy's own when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_sampling: Option<f64>,
 }
 
 /// A service port with its routes.

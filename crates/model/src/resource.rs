@@ -256,6 +256,21 @@ pub struct ServiceSpec {
         deserialize_with = "crate::value::addr::opt_ipv4"
     )]
     pub virtual_ip: Option<std::net::Ipv4Addr>,
+    /// Tracing of requests to this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
+}
+
+/// How requests to a service are traced.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// The share of the traces that start at this service's callers' proxies (requests that
+    /// came without a trace context) that are sampled, in percent (0 to 100, fractions
+    /// allowed); the proxy's `--trace-sampling` when absent. A failed request's spans are
+    /// exported whatever this says.
+    #[serde(default, deserialize_with = "crate::value::num::opt_percent")]
+    pub sampling_percent: Option<f64>,
 }
 
 /// A port of a service.

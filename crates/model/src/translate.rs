@@ -89,6 +89,11 @@ pub fn translate<R: std::borrow::Borrow<Resource>>(
                 host,
                 ports,
                 virtual_ip,
+                trace_sampling: svc
+                    .tracing
+                    .as_ref()
+                    .and_then(|t| t.sampling_percent)
+                    .map(|p| p / 100.0),
             },
         );
     }

@@ -236,6 +236,17 @@ pub(crate) mod num {
         Option::<Of<Count>>::deserialize(d).map(|o| o.map(|c| c.0 as u32))
     }
 
+    /// An optional percentage, 0 to 100, fractions allowed.
+    pub(crate) fn opt_percent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        let v = Option::<f64>::deserialize(d)?;
+        match v {
+            Some(p) if !(0.0..=100.0).contains(&p) => Err(de::Error::custom(format!(
+                "{p} is not a percentage from 0 to 100"
+            ))),
+            _ => Ok(v),
+        }
+    }
+
     /// HTTP status codes.
     pub(crate) fn statuses<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u16>, D::Error> {
         Vec::<Of<Status>>::deserialize(d).map(|v| v.into_iter().map(|s| s.0 as u16).collect())

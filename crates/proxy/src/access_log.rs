@@ -21,6 +21,7 @@ use crate::{
     error::{FailureClass, Side},
     http::authority::RequestAuthority,
     metrics::{Direction, Label},
+    trace::SpanIds,
 };
 
 /// How often the writer wakes to write what is queued.
@@ -29,6 +30,7 @@ pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(50);
 pub(crate) const QUEUE_CAP: usize = 8192;
 
 /// A request, as its log line says it (filled in by its record as it progresses).
+#[derive(Clone)]
 pub(crate) struct HttpLine {
     /// Direction.
     pub(crate) direction: Direction,
@@ -84,6 +86,12 @@ pub(crate) struct HttpLine {
     pub(crate) first_byte: Option<Duration>,
     /// Trace id.
     pub(crate) trace_id: u128,
+    /// This proxy's spans of the request (exported only when sampled or failed).
+    pub(crate) spans: SpanIds,
+    /// When the last try began, from the start.
+    pub(crate) try_start: Duration,
+    /// The identity the last try's endpoint proved (`namespace/identity`), through its proxy.
+    pub(crate) dst_identity: Label,
     /// `x-request-id`.
     pub(crate) request_id: Option<HeaderValue>,
 }
@@ -121,6 +129,15 @@ impl HttpLine {
             connect: None,
             first_byte: None,
             trace_id: 0,
+            spans: SpanIds {
+                span: 0,
+                parent: 0,
+                attempt: 0,
+                sampled: false,
+                started: false,
+            },
+            try_start: Duration::ZERO,
+            dst_identity: Label::default(),
             request_id: None,
         }
     }

@@ -73,7 +73,7 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 const EWMA_INITIAL_NS: f64 = 1_000_000.0;
 
 /// `region/zone` (either part may be empty), or empty when neither is known.
-fn locality_label(l: &Locality) -> String {
+pub(crate) fn locality_label(l: &Locality) -> String {
     match (&l.region, &l.zone) {
         (None, None) => String::new(),
         (r, z) => format!(

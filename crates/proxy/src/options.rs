@@ -57,7 +57,15 @@ pub struct Options {
     pub ipv6_capture: bool,
     /// With xDS: how often to report to the control plane what was recorded (zero: never).
     pub report_every: Duration,
+    /// Export spans over OTLP/gRPC to this collector (`http://HOST:PORT`).
+    pub otlp_endpoint: Option<String>,
+    /// The probability (0 to 1) that a trace this proxy starts is sampled; a Service's
+    /// `spec.tracing.samplingPercent` overrides it for requests to that service.
+    pub trace_sampling: f64,
 }
+
+/// The share of the traces a proxy starts that are sampled, by default.
+pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
 
 /// How often a proxy reports to its control plane by default.
 pub const DEFAULT_REPORT_EVERY: Duration = Duration::from_secs(10);

@@ -52,6 +52,10 @@ pub(crate) fn route<'a>(
         return no_route(rec, detail, grpc);
     };
     rec.dst_service = svc.host.clone().into();
+    if let Some(p) = svc.trace_sampling {
+        let trace_id = rec.trace_id;
+        crate::trace::resample(req.headers_mut(), trace_id, &mut rec.spans, p);
+    }
     if req.method() == Method::CONNECT {
         let key = trellis_model::proxy::cluster_key(svc_id, port.port);
         return match snap.clusters.get(&key) {

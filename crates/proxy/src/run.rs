@@ -13,7 +13,10 @@ use std::{
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
-use trellis_model::{resource::Protocol, ConfigError, ProxyConfig};
+use trellis_model::{
+    resource::{NamespacedName, Protocol},
+    ConfigError, ProxyConfig,
+};
 
 use crate::{
     access_log::AccessLog,
@@ -25,6 +28,7 @@ use crate::{
     metrics::{Metrics, ReloadLabels},
     mtls,
     options::{Options, Source},
+    otlp,
     pool::Dialer,
     shared::{Services, Shared},
     snapshot::Snapshot,
@@ -176,12 +180,22 @@ impl Proxy {
         metrics.summaries = matches!(opts.source, Source::Xds(_)) && !opts.report_every.is_zero();
         let snap = Snapshot::build(cfg, None, &metrics, creds.is_some());
         let log = AccessLog::new(opts.access_log, metrics.access_log_dropped.clone());
+        let spans = opts.otlp_endpoint.as_deref().map(|e| {
+            let m = otlp::SpanMetrics::register(registry.sub_registry_with_prefix("trellis"));
+            otlp::start(
+                e,
+                span_origin(&snap.cfg, creds.as_ref(), opts.workload.as_ref()),
+                m,
+            )
+        });
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(snap),
             telemetry: Arc::new(Telemetry {
                 metrics: metrics.clone(),
                 log,
                 taps: Default::default(),
+                spans,
+                trace_sampling: opts.trace_sampling,
             }),
             dialer: Dialer {
                 metrics,
@@ -392,6 +406,14 @@ impl Proxy {
         let keep: Vec<String> = (0..snap.cfg.tcp_binds.len())
             .map(|i| bind_key(&snap.cfg, i))
             .collect();
+        if let Some(spans) = &self.shared.telemetry.spans {
+            let workload = self.opts.workload.as_ref();
+            spans.set_origin(span_origin(
+                &snap.cfg,
+                self.shared.identity.as_ref(),
+                workload,
+            ));
+        }
         self.shared.state.store(Arc::new(snap));
         self.shared.telemetry.metrics.clear_request_cache();
         self.binds.retain(|k, (_, h)| {
@@ -535,5 +557,27 @@ impl Proxy {
         let log = self.shared.telemetry.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         Ok(())
+    }
+}
+
+/// Who exports this proxy's spans: its workload, identity, environment and locality.
+fn span_origin(
+    cfg: &ProxyConfig,
+    creds: Option<&Arc<ArcSwap<crate::credentials::Credentials>>>,
+    workload: Option<&NamespacedName>,
+) -> otlp::Origin {
+    let local = cfg.local.as_ref();
+    otlp::Origin {
+        workload: local
+            .map(|l| l.id.to_string())
+            .or_else(|| workload.map(ToString::to_string))
+            .unwrap_or_default(),
+        identity: creds.map(|c| c.load().info.id.to_string()),
+        environment: local
+            .map(|l| l.environment.as_str().to_string())
+            .unwrap_or_default(),
+        locality: local
+            .map(|l| crate::cluster::locality_label(&l.locality))
+            .unwrap_or_default(),
     }
 }

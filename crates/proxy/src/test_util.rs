@@ -52,6 +52,8 @@ pub(crate) fn shared(
             metrics: metrics.clone(),
             log,
             taps: Default::default(),
+            spans: None,
+            trace_sampling: 0.0,
         }),
         dialer: crate::pool::Dialer {
             metrics,

@@ -12,6 +12,26 @@ pub(crate) struct TraceIds {
     pub(crate) trace_id: u128,
     /// `x-request-id`, as sent upstream.
     pub(crate) request_id: HeaderValue,
+    /// This proxy's spans of the request.
+    pub(crate) spans: SpanIds,
+}
+
+/// This proxy's place in a trace: the span of the request it received, whose parent is the
+/// caller's span, and the span of the try under way, whose id goes upstream as the parent of
+/// the next hop. Ids are drawn on every request (two random numbers); spans are built only for
+/// a sampled or failed request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SpanIds {
+    /// The span of the request this proxy received.
+    pub(crate) span: u64,
+    /// The caller's span; 0 when the trace starts here.
+    pub(crate) parent: u64,
+    /// The span of the current try: the parent id the next hop sees.
+    pub(crate) attempt: u64,
+    /// Whether the trace is sampled.
+    pub(crate) sampled: bool,
+    /// No trace context came in: this proxy started the trace (and decided its sampling).
+    pub(crate) started: bool,
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -23,6 +43,7 @@ pub(crate) fn hex_into(out: &mut [u8], mut n: u128) {
     }
 }
 
+/// Lower-case hex only, as W3C and B3 write it.
 fn parse_hex(s: &[u8]) -> Option<u128> {
     let mut n = 0u128;
     for &b in s {
@@ -36,18 +57,87 @@ fn parse_hex(s: &[u8]) -> Option<u128> {
     Some(n)
 }
 
-/// `(trace id, flags)` of a valid version-00-compatible `traceparent`.
-fn parse_traceparent(v: &[u8]) -> Option<(u128, u8)> {
+/// A trace context that came in: trace id, the caller's span, and the sampling decision if
+/// the caller made one.
+#[derive(Debug, PartialEq, Eq)]
+struct Incoming {
+    trace: u128,
+    parent: u64,
+    sampled: Option<bool>,
+}
+
+/// A valid version-00-compatible `traceparent`.
+fn parse_traceparent(v: &[u8]) -> Option<Incoming> {
     if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
         return None;
     }
     let version = parse_hex(&v[..2])?;
     let trace = parse_hex(&v[3..35])?;
-    parse_hex(&v[36..52])?;
+    let parent = parse_hex(&v[36..52])? as u64;
     let flags = parse_hex(&v[53..55])?;
-    // Version ff is invalid; version 00 has exactly 55 bytes; an all-zero trace id is invalid.
-    let ok = version != 0xff && (version != 0 || v.len() == 55) && trace != 0;
-    ok.then_some((trace, flags as u8))
+    // Version ff is invalid; version 00 has exactly 55 bytes; all-zero ids are invalid.
+    let ok = version != 0xff && (version != 0 || v.len() == 55) && trace != 0 && parent != 0;
+    ok.then_some(Incoming {
+        trace,
+        parent,
+        sampled: Some(flags & 1 == 1),
+    })
+}
+
+/// A 64- or 128-bit B3 trace id.
+fn b3_trace(v: &[u8]) -> Option<u128> {
+    matches!(v.len(), 16 | 32)
+        .then(|| parse_hex(v))
+        .flatten()
+        .filter(|t| *t != 0)
+}
+
+fn b3_span(v: &[u8]) -> Option<u64> {
+    (v.len() == 16)
+        .then(|| parse_hex(v))
+        .flatten()
+        .map(|s| s as u64)
+        .filter(|s| *s != 0)
+}
+
+/// B3's sampling state: `1` or `d` (debug) sample, `0` does not; anything else defers.
+fn b3_sampled(v: &[u8]) -> Option<bool> {
+    match v {
+        b"1" | b"d" | b"true" => Some(true),
+        b"0" | b"false" => Some(false),
+        _ => None,
+    }
+}
+
+/// The single `b3` header: `TRACEID-SPANID[-SAMPLED[-PARENTSPANID]]` (a lone sampling
+/// state starts a trace with that decision, which `prepare` does by itself).
+fn parse_b3_single(v: &[u8]) -> Option<Incoming> {
+    let mut parts = v.split(|b| *b == b'-');
+    let trace = b3_trace(parts.next()?)?;
+    let parent = b3_span(parts.next()?)?;
+    let sampled = parts.next().and_then(b3_sampled);
+    Some(Incoming {
+        trace,
+        parent,
+        sampled,
+    })
+}
+
+/// The multi-header B3 form: `x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled` or `x-b3-flags`.
+fn parse_b3_multi(headers: &HeaderMap) -> Option<Incoming> {
+    let trace = b3_trace(headers.get("x-b3-traceid")?.as_bytes())?;
+    let parent = b3_span(headers.get("x-b3-spanid")?.as_bytes())?;
+    let sampled = match headers.get("x-b3-flags").map(HeaderValue::as_bytes) {
+        Some(b"1") => Some(true),
+        _ => headers
+            .get("x-b3-sampled")
+            .and_then(|v| b3_sampled(v.as_bytes())),
+    };
+    Some(Incoming {
+        trace,
+        parent,
+        sampled,
+    })
 }
 
 /// Format a trace id.
@@ -58,28 +148,106 @@ pub(crate) fn trace_id_hex(id: u128) -> String {
     String::from_utf8_lossy(&b).into_owned()
 }
 
-/// Continue the caller's trace (new span id, same trace id and flags) or start one, and make
-/// sure the request has an `x-request-id`.
-pub(crate) fn prepare(headers: &mut HeaderMap) -> TraceIds {
+fn traceparent_bytes(trace_id: u128, span: u64, sampled: bool) -> [u8; 55] {
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut tp[3..35], trace_id);
+    hex_into(&mut tp[36..52], u128::from(span));
+    if sampled {
+        tp[54] = b'1';
+    }
+    tp
+}
+
+/// A `traceparent` naming `span` as the parent of the next hop.
+pub(crate) fn traceparent(trace_id: u128, span: u64, sampled: bool) -> HeaderValue {
+    let tp = traceparent_bytes(trace_id, span, sampled);
+    HeaderValue::from_bytes(&tp).expect("hex is a valid header")
+}
+
+/// A trace this proxy started is sampled with probability `p` (the service's own rate, once
+/// routing knows the service): the decision and the `traceparent` sent upstream are redone.
+/// A trace that came in keeps its caller's decision.
+pub(crate) fn resample(headers: &mut HeaderMap, trace_id: u128, ids: &mut SpanIds, p: f64) {
+    if !ids.started {
+        return;
+    }
+    let sampled = fastrand::f64() < p;
+    if sampled != ids.sampled {
+        ids.sampled = sampled;
+        headers.insert(
+            TRACEPARENT.clone(),
+            traceparent(trace_id, ids.attempt, sampled),
+        );
+    }
+}
+
+/// Continue the caller's trace (W3C `traceparent`, else B3) or start one, sampled with
+/// probability `sampling`; write the `traceparent` the next hop sees (this proxy's try as its
+/// parent); and make sure the request has an `x-request-id`.
+pub(crate) fn prepare(headers: &mut HeaderMap, sampling: f64) -> TraceIds {
     let existing_id = headers
         .get(&X_REQUEST_ID)
         .filter(|r| !r.is_empty())
         .cloned();
     // The traceparent is hashed once: the entry read here is the one written below.
-    let traceparent = headers.entry(TRACEPARENT.clone());
-    let existing = match &traceparent {
+    let tp_entry = headers.entry(TRACEPARENT.clone());
+    let w3c = match &tp_entry {
         Entry::Occupied(e) => parse_traceparent(e.get().as_bytes()),
         Entry::Vacant(_) => None,
     };
-    let (trace_id, flags) = existing.unwrap_or_else(|| (fastrand::u128(1..), 1));
+    let had_id = existing_id.is_some();
+    let ids = match w3c {
+        Some(i) => finish_with(tp_entry, existing_id, Some(i), sampling),
+        None => {
+            // B3 is looked for only when there is no valid traceparent (rare at a mesh hop).
+            drop(tp_entry);
+            let b3 = match headers.get("b3") {
+                Some(v) => parse_b3_single(v.as_bytes()),
+                None => parse_b3_multi(headers),
+            };
+            finish_with(
+                headers.entry(TRACEPARENT.clone()),
+                existing_id,
+                b3,
+                sampling,
+            )
+        }
+    };
+    if !had_id {
+        headers.insert(X_REQUEST_ID.clone(), ids.request_id.clone());
+    }
+    ids
+}
+
+fn finish_with(
+    tp_entry: Entry<'_, HeaderValue>,
+    existing_id: Option<HeaderValue>,
+    incoming: Option<Incoming>,
+    sampling: f64,
+) -> TraceIds {
+    let started = incoming.is_none();
+    let (trace_id, parent, sampled) = match incoming {
+        Some(i) => (
+            i.trace,
+            i.parent,
+            i.sampled.unwrap_or_else(|| fastrand::f64() < sampling),
+        ),
+        None => (fastrand::u128(1..), 0, fastrand::f64() < sampling),
+    };
+    let spans = SpanIds {
+        span: fastrand::u64(1..),
+        parent,
+        attempt: fastrand::u64(1..),
+        sampled,
+        started,
+    };
     // Both values are written into one buffer and shared from it: one allocation, not two.
-    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-0000000000-0000-0000-0000-000000000000";
-    let (tp, id) = buf.split_at_mut(55);
-    hex_into(&mut tp[3..35], trace_id);
-    hex_into(&mut tp[36..52], u128::from(fastrand::u64(1..)));
-    hex_into(&mut tp[53..55], u128::from(flags));
+    let mut buf = [0u8; 55 + 36];
+    buf[..55].copy_from_slice(&traceparent_bytes(trace_id, spans.attempt, sampled));
+    let id = &mut buf[55..];
     if existing_id.is_none() {
         // A random UUID-shaped id.
+        id.copy_from_slice(b"00000000-0000-0000-0000-000000000000");
         let n = fastrand::u128(..);
         hex_into(&mut id[..8], n >> 96);
         hex_into(&mut id[9..13], n >> 80);
@@ -93,7 +261,7 @@ pub(crate) fn prepare(headers: &mut HeaderMap) -> TraceIds {
         &buf[..]
     });
     let value = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).expect("hex is a valid header");
-    match traceparent {
+    match tp_entry {
         Entry::Occupied(mut e) => {
             e.insert(value(shared.slice(..55)));
         }
@@ -103,15 +271,12 @@ pub(crate) fn prepare(headers: &mut HeaderMap) -> TraceIds {
     }
     let request_id = match existing_id {
         Some(r) => r,
-        None => {
-            let v = value(shared.slice(55..));
-            headers.insert(X_REQUEST_ID.clone(), v.clone());
-            v
-        }
+        None => value(shared.slice(55..)),
     };
     TraceIds {
         trace_id,
         request_id,
+        spans,
     }
 }
 
@@ -126,7 +291,7 @@ mod tests {
             "traceparent",
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
-        let ids = prepare(&mut h);
+        let ids = prepare(&mut h, 1.0);
         assert_eq!(
             trace_id_hex(ids.trace_id),
             "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -144,7 +309,7 @@ mod tests {
         ] {
             let mut h = HeaderMap::new();
             h.insert("traceparent", HeaderValue::from_static(bad));
-            let ids = prepare(&mut h);
+            let ids = prepare(&mut h, 1.0);
             assert_ne!(
                 trace_id_hex(ids.trace_id),
                 "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -154,5 +319,108 @@ mod tests {
             assert_eq!(h["x-request-id"], ids.request_id);
             assert_eq!(ids.request_id.len(), 36);
         }
+    }
+
+    fn ctx(pairs: &[(&'static str, &'static str)], sampling: f64) -> (TraceIds, String) {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        let ids = prepare(&mut h, sampling);
+        (ids, h["traceparent"].to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn the_callers_span_is_the_parent_and_this_proxys_try_goes_upstream() {
+        let (ids, tp) = ctx(
+            &[(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+            )],
+            1.0,
+        );
+        let s = ids.spans;
+        assert_eq!(s.parent, 0x00f067aa0ba902b7);
+        assert!(!s.sampled && !s.started, "the caller's decision stands");
+        assert_ne!(s.span, s.attempt);
+        assert_eq!(
+            tp,
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-00", s.attempt)
+        );
+    }
+
+    #[test]
+    fn b3_single_and_multi_headers_are_continued_as_w3c() {
+        let (ids, tp) = ctx(
+            &[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")],
+            0.0,
+        );
+        assert_eq!(
+            trace_id_hex(ids.trace_id),
+            "80f198ee56343ba864fe8b2a57d3eff7"
+        );
+        assert_eq!(ids.spans.parent, 0xe457b5a2e4d86bd1);
+        assert!(ids.spans.sampled && !ids.spans.started);
+        assert!(tp.starts_with("00-80f198ee56343ba864fe8b2a57d3eff7-") && tp.ends_with("-01"));
+        // 64-bit trace id, no sampling state: this proxy decides (here: never).
+        let (ids, tp) = ctx(
+            &[
+                ("x-b3-traceid", "a3ce929d0e0e4736"),
+                ("x-b3-spanid", "00f067aa0ba902b7"),
+            ],
+            0.0,
+        );
+        assert_eq!(ids.trace_id, 0xa3ce929d0e0e4736);
+        assert_eq!(ids.spans.parent, 0x00f067aa0ba902b7);
+        assert!(!ids.spans.sampled && !ids.spans.started);
+        assert!(tp.ends_with("-00"));
+        let (ids, _) = ctx(
+            &[
+                ("x-b3-traceid", "a3ce929d0e0e4736"),
+                ("x-b3-spanid", "00f067aa0ba902b7"),
+                ("x-b3-flags", "1"),
+            ],
+            0.0,
+        );
+        assert!(ids.spans.sampled, "debug means sampled");
+        // A valid traceparent wins over B3; a broken B3 starts a trace.
+        let (ids, _) = ctx(
+            &[
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+            ],
+            0.0,
+        );
+        assert_eq!(ids.spans.parent, 0x00f067aa0ba902b7);
+        let (ids, _) = ctx(&[("b3", "zz-e457b5a2e4d86bd1-1")], 0.0);
+        assert!(ids.spans.started && ids.spans.parent == 0);
+    }
+
+    #[test]
+    fn a_trace_started_here_is_sampled_at_the_rate_and_resampled_per_service() {
+        let (never, tp) = ctx(&[], 0.0);
+        assert!(never.spans.started && !never.spans.sampled && tp.ends_with("-00"));
+        let (always, _) = ctx(&[], 1.0);
+        assert!(always.spans.sampled);
+        let sampled = (0..4000).filter(|_| ctx(&[], 0.25).0.spans.sampled).count();
+        assert!((800..1200).contains(&sampled), "{sampled} of 4000 at 25 %");
+        // The service asks for every trace: the header sent upstream now says so.
+        let mut h = HeaderMap::new();
+        let mut ids = prepare(&mut h, 0.0);
+        resample(&mut h, ids.trace_id, &mut ids.spans, 1.0);
+        assert!(ids.spans.sampled);
+        assert!(h["traceparent"].to_str().unwrap().ends_with("-01"));
+        // A caller's decision is not redone.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+        );
+        let mut ids = prepare(&mut h, 0.0);
+        resample(&mut h, ids.trace_id, &mut ids.spans, 1.0);
+        assert!(!ids.spans.sampled);
     }
 }

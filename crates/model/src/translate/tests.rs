@@ -627,3 +627,18 @@ fn an_endpoint_update_gives_what_a_full_translation_gives() {
     let e = update_workloads("a.yaml", &before, &bad, &changed).unwrap_err();
     assert!(e.to_string().contains("spec.weight"), "{e}");
 }
+
+#[test]
+fn a_services_trace_sampling_is_a_percentage() {
+    let svc = |p: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: a, namespace: shop }}\nspec:\n  selector: {{ app: a }}\n  ports: [{{ port: 80 }}]\n  tracing:\n    samplingPercent: {p}\n")
+    };
+    let res = parse_documents("t.yaml", &svc("2.5")).unwrap();
+    let cfg = translate("t.yaml", &res, None).unwrap();
+    assert_eq!(cfg.services[&nn("shop/a")].trace_sampling, Some(0.025));
+    for bad in ["150", "-1", "often"] {
+        let e = err(&svc(bad)).to_string();
+        assert!(e.starts_with("t.yaml:8:"), "{bad}: {e}");
+        assert!(e.contains("samplingPercent"), "{bad}: {e}");
+    }
+}

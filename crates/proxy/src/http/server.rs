@@ -430,8 +430,9 @@ async fn handle(
     if let Some(p) = &source {
         rec.source_identity = p.uri.clone();
     }
-    let ids = crate::trace::prepare(req.headers_mut());
+    let ids = crate::trace::prepare(req.headers_mut(), shared.telemetry.trace_sampling);
     rec.trace_id = ids.trace_id;
+    rec.spans = ids.spans;
     rec.request_id = Some(ids.request_id);
     rec.method = req.method().clone();
     rec.uri = req.uri().clone();

@@ -31,7 +31,7 @@ use crate::{
     http::{
         body::{ClientBody, Limits, ProxyBody, Replay, UpBody, UpstreamBody},
         headers::grpc_status,
-        upgrade, X_TRELLIS_PEER,
+        upgrade, TRACEPARENT, X_TRELLIS_PEER,
     },
     metrics::RetryLabels,
     pool::{ConnectCtx, Dialer, Sender},
@@ -371,6 +371,11 @@ pub(crate) async fn forward(
         // A peer proxy is always reached by HTTP/2.
         let h2 = ep.pool.uses_h2(h2, &ctx);
         let mut req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
+        if attempt > 0 {
+            // A retry is a span of its own: the next hop sees it as its parent.
+            let tp = rec.begin_try(try_start.saturating_duration_since(rec.start));
+            req.headers_mut().insert(TRACEPARENT.clone(), tp);
+        }
         if let (true, Some(v)) = (peer_proxy(&ep), plan.peer_header) {
             req.headers_mut().insert(X_TRELLIS_PEER.clone(), v.clone());
         }
@@ -407,6 +412,11 @@ pub(crate) async fn forward(
         if can_retry {
             if cluster.budget.withdraw(done) {
                 cluster.report(&ep, class);
+                let status = match &outcome {
+                    Try::Response(r) => r.status().as_u16(),
+                    Try::Failed(_) => 0,
+                };
+                rec.end_try(done.saturating_duration_since(rec.start), class, status);
                 count_retry(dialer, &cluster, "sent");
                 let b = backoff(plan.retry.map_or(Duration::ZERO, |r| r.backoff), attempt);
                 let b = deadline.map_or(b, |d| b.min(d.saturating_duration_since(Instant::now())));

@@ -23,6 +23,7 @@ use crate::{
     error::{Error, FailureClass, Side},
     http::body::OnEnd,
     metrics::{Direction, Label, RequestLabels, ServiceLabels, TcpLabels},
+    otlp::{Finished, TrySpan},
     summary::PeerKey,
     telemetry::Telemetry,
 };
@@ -42,6 +43,8 @@ pub(crate) struct Record {
     pub(crate) report_to: Option<(Arc<Cluster>, Arc<Endpoint>)>,
     /// The endpoint of the last try (the peer of an outbound request's summary).
     endpoint: Option<Arc<Endpoint>>,
+    /// Tries before the last one, kept for their spans (only when spans are exported).
+    earlier: Vec<TrySpan>,
     telemetry: Arc<Telemetry>,
     done: bool,
 }
@@ -81,6 +84,7 @@ impl Record {
             guards: None,
             report_to: None,
             endpoint: None,
+            earlier: Vec::new(),
             telemetry,
             done: false,
         })
@@ -140,13 +144,54 @@ impl Record {
         t.metrics
             .record_request(labels, peer, total.as_secs_f64(), l.attempts);
         t.taps.offer(l, total);
-        if !t.log.enabled() {
+        let spans = t
+            .spans
+            .as_ref()
+            .filter(|_| l.spans.sampled || crate::otlp::always_exported(l.class));
+        if spans.is_none() && !t.log.enabled() {
             return;
         }
         // The start in wall-clock time, worked out only when a line is written.
         let at = SystemTime::now() - total;
+        if let Some(spans) = spans {
+            spans.offer(Finished {
+                line: l.clone(),
+                at,
+                total,
+                earlier: std::mem::take(&mut self.earlier),
+            });
+        }
+        if !t.log.enabled() {
+            return;
+        }
         let line = std::mem::replace(&mut self.line, HttpLine::taken());
         self.telemetry.log.push(Entry::Http(line, at, total));
+    }
+
+    /// The current try ended `at` (from the request's start) with `class` and the status it
+    /// got (0 for none), and another follows: its span is kept for export.
+    pub(crate) fn end_try(&mut self, at: std::time::Duration, class: FailureClass, status: u16) {
+        if self.telemetry.spans.is_some() {
+            let done = TrySpan {
+                span: self.spans.attempt,
+                start: self.try_start,
+                took: at.saturating_sub(self.try_start),
+                endpoint: self.upstream,
+                workload: self.dst_workload.clone(),
+                identity: self.dst_identity.clone(),
+                class,
+                status,
+            };
+            self.earlier.push(done);
+        }
+    }
+
+    /// A new try begins `at` (from the request's start): it gets a span of its own, whose id
+    /// the returned `traceparent` carries to the next hop.
+    pub(crate) fn begin_try(&mut self, at: std::time::Duration) -> http::HeaderValue {
+        self.line.spans.attempt = fastrand::u64(1..);
+        self.line.try_start = at;
+        crate::trace::traceparent(self.trace_id, self.spans.attempt, self.spans.sampled)
     }
 
     /// Note the endpoint a try went to.
@@ -157,6 +202,7 @@ impl Record {
         self.upstream = Some(ep.target);
         self.upstream_app = (ep.target != ep.cfg.addr).then_some(ep.cfg.addr);
         self.dst_workload = ep.workload.clone();
+        self.dst_identity = ep.identity.clone();
         self.dst_environment = ep.cfg.environment.as_str();
         self.dst_locality = ep.locality.clone();
     }

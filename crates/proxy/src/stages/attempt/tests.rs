@@ -194,13 +194,16 @@ fn only_a_stale_idempotent_request_is_resent_as_is() {
     );
 }
 
+type Seen = Arc<Mutex<Vec<Vec<u8>>>>;
+
 /// An upstream that answers each request on one connection with the next status of
-/// `statuses`, and keeps the bodies it received.
-async fn upstream(statuses: Vec<u16>) -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+/// `statuses`, and keeps the bodies and the heads it received.
+async fn upstream(statuses: Vec<u16>) -> (std::net::SocketAddr, Seen, Seen) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let bodies = Arc::new(Mutex::new(Vec::new()));
-    let seen = bodies.clone();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let (seen, seen_heads) = (bodies.clone(), heads.clone());
     tokio::spawn(async move {
         let mut statuses = statuses.into_iter();
         loop {
@@ -227,6 +230,7 @@ async fn upstream(statuses: Vec<u16>) -> (std::net::SocketAddr, Arc<Mutex<Vec<Ve
                 seen.lock()
                     .unwrap()
                     .push(buf[end + 4..end + 4 + len].to_vec());
+                seen_heads.lock().unwrap().push(buf[..end].to_vec());
                 buf.drain(..end + 4 + len);
                 let status = statuses.next().unwrap_or(200);
                 let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
@@ -234,7 +238,7 @@ async fn upstream(statuses: Vec<u16>) -> (std::net::SocketAddr, Arc<Mutex<Vec<Ve
             }
         }
     });
-    (addr, bodies)
+    (addr, bodies, heads)
 }
 
 /// A cluster of one endpoint at `addr`, the dialer and the telemetry (its log in a sink).
@@ -270,6 +274,8 @@ fn fixture(addr: std::net::SocketAddr) -> (Dialer, Arc<Cluster>, Arc<Telemetry>,
         metrics: metrics.clone(),
         log: AccessLog::to(Some(Box::new(sink.clone())), Counter::default()),
         taps: Default::default(),
+        spans: None,
+        trace_sampling: 0.0,
     });
     let dialer = Dialer {
         metrics,
@@ -379,7 +385,7 @@ async fn silence_past_the_idle_timeout_fails_the_try_as_a_network_timeout() {
 
 #[tokio::test]
 async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
-    let (addr, bodies) = upstream(vec![503, 200]).await;
+    let (addr, bodies, _) = upstream(vec![503, 200]).await;
     let (dialer, cluster, telemetry, sink) = fixture(addr);
     let retry = RetryConfig {
         attempts: 2,
@@ -424,4 +430,109 @@ async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
     assert_eq!(lines[0]["attempts"], 2);
     assert_eq!(lines[0]["failure_class"], "ok");
     assert_eq!(lines[0]["upstream"], addr.to_string());
+}
+
+/// The parent span id an upstream saw in a request head's `traceparent`.
+fn parent_seen(head: &[u8]) -> u64 {
+    let head = String::from_utf8_lossy(head);
+    let tp = head
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent: "))
+        .expect("a traceparent");
+    u64::from_str_radix(&tp[36..52], 16).unwrap()
+}
+
+#[tokio::test]
+async fn each_try_is_a_span_under_the_request_and_the_next_hop_sees_it_as_parent() {
+    let (addr, _, heads) = upstream(vec![503, 200]).await;
+    let (dialer, cluster, telemetry, _sink) = fixture(addr);
+    let (spans, mut queued, _) = crate::otlp::Spans::for_test(8);
+    let telemetry = Arc::new(Telemetry {
+        metrics: telemetry.metrics.clone(),
+        log: AccessLog::to(None, Counter::default()),
+        taps: Default::default(),
+        spans: Some(spans),
+        trace_sampling: 0.0,
+    });
+    let retry = RetryConfig {
+        attempts: 1,
+        codes: vec![503],
+        grpc_codes: vec![],
+        backoff: Duration::ZERO,
+        per_try_timeout: None,
+    };
+    let plan = Plan {
+        retry: Some(&retry),
+        ..plan(&cluster, Some(Duration::from_secs(10)), None)
+    };
+    let mut req = get("/");
+    req.headers_mut().insert(
+        "traceparent",
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    );
+    let mut rec = Record::new(
+        telemetry.clone(),
+        Direction::outbound,
+        "HTTP/1.1",
+        Default::default(),
+    );
+    let ids = crate::trace::prepare(req.headers_mut(), 0.0);
+    rec.trace_id = ids.trace_id;
+    rec.spans = ids.spans;
+    let resp = forward(&dialer, plan, req, rec, false).await;
+    assert_eq!(resp.status(), 200);
+    collect(resp.into_body()).await;
+    let f = queued
+        .try_recv()
+        .expect("a sampled request's spans are queued");
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2);
+    let (first, second) = (parent_seen(&heads[0]), parent_seen(&heads[1]));
+    assert_ne!(first, second, "each try is its own parent of the next hop");
+    assert_eq!(f.line.spans.parent, 0x00f067aa0ba902b7);
+    assert_eq!(f.earlier.len(), 1);
+    let t = &f.earlier[0];
+    assert_eq!(
+        (t.span, t.class, t.status, t.endpoint),
+        (first, FailureClass::AppError, 503, Some(addr))
+    );
+    assert_eq!(f.line.spans.attempt, second);
+    assert!(f.line.try_start >= t.start + t.took);
+    assert_eq!((f.line.attempts, f.line.class), (2, FailureClass::Ok));
+}
+
+#[tokio::test]
+async fn an_unsampled_request_queues_spans_only_when_it_failed() {
+    let (addr, _, _) = upstream(vec![200, 500]).await;
+    let (dialer, cluster, telemetry, _sink) = fixture(addr);
+    let (spans, mut queued, _) = crate::otlp::Spans::for_test(8);
+    let telemetry = Arc::new(Telemetry {
+        metrics: telemetry.metrics.clone(),
+        log: AccessLog::to(None, Counter::default()),
+        taps: Default::default(),
+        spans: Some(spans),
+        trace_sampling: 0.0,
+    });
+    for expect in [200, 500] {
+        let mut req = get("/");
+        let mut rec = Record::new(
+            telemetry.clone(),
+            Direction::outbound,
+            "HTTP/1.1",
+            Default::default(),
+        );
+        let ids = crate::trace::prepare(req.headers_mut(), 0.0);
+        rec.trace_id = ids.trace_id;
+        rec.spans = ids.spans;
+        let resp = forward(&dialer, plan(&cluster, None, None), req, rec, false).await;
+        assert_eq!(resp.status(), expect);
+        collect(resp.into_body()).await;
+    }
+    let f = queued.try_recv().expect("the failed request's spans");
+    assert_eq!((f.line.status, f.line.class), (500, FailureClass::AppError));
+    assert!(!f.line.spans.sampled);
+    assert!(
+        queued.try_recv().is_err(),
+        "the successful one was not sampled"
+    );
 }

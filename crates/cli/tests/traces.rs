@@ -1,0 +1,387 @@
+//! Traces end to end: two proxies with mutual TLS export their spans over OTLP/gRPC to a
+//! receiver built from the official OTLP protobufs (the `opentelemetry-proto` crate's tonic
+//! server), and the spans join across the two hops.
+//!
+//! The mesh: `test/shop` (bare metal) calls `catalog.test`, served by `test/catalog-vm`
+//! (a VM) behind its proxy. A request to a path ending in `/fail` gets a 500 from the
+//! application and is tried twice.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::*;
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    },
+    common::v1::any_value,
+    trace::v1::{span::SpanKind, status::StatusCode},
+};
+use trellis_test_support::{control::ControlProcess, eventually, temp_path, ProxyProcess};
+
+/// A span as received, with its resource's and its own attributes as text.
+#[derive(Clone, Debug)]
+struct Got {
+    resource: HashMap<String, String>,
+    attrs: HashMap<String, String>,
+    trace: String,
+    span: String,
+    parent: String,
+    kind: i32,
+    error: bool,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn text(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> HashMap<String, String> {
+    kvs.iter()
+        .map(|kv| {
+            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => s.clone(),
+                Some(any_value::Value::IntValue(i)) => i.to_string(),
+                Some(any_value::Value::BoolValue(b)) => b.to_string(),
+                other => format!("{other:?}"),
+            };
+            (kv.key.clone(), v)
+        })
+        .collect()
+}
+
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<Got>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut got = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            let resource = text(&rs.resource.map(|r| r.attributes).unwrap_or_default());
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    got.push(Got {
+                        resource: resource.clone(),
+                        attrs: text(&s.attributes),
+                        trace: hex(&s.trace_id),
+                        span: hex(&s.span_id),
+                        parent: hex(&s.parent_span_id),
+                        kind: s.kind,
+                        error: s
+                            .status
+                            .is_some_and(|st| st.code == StatusCode::Error as i32),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP/gRPC receiver on loopback; stops when the returned sender is dropped.
+async fn receiver() -> (
+    SocketAddr,
+    Receiver,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let r = Receiver::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let svc = TraceServiceServer::new(r.clone());
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(l),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .unwrap();
+    });
+    (addr, r, stop, task)
+}
+
+impl Receiver {
+    fn of(&self, trace: &str) -> Vec<Got> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|g| g.trace == trace)
+            .cloned()
+            .collect()
+    }
+
+    /// The spans of `trace` once there are `n` (waited for, with a deadline).
+    async fn wait(&self, trace: &str, n: usize) -> Vec<Got> {
+        eventually(
+            &format!("{n} spans of trace {trace}"),
+            Duration::from_secs(15),
+            async || {
+                let s = self.of(trace);
+                (s.len() >= n).then_some(s)
+            },
+        )
+        .await
+    }
+}
+
+fn mesh(app: SocketAddr, inbound: u16) -> String {
+    let workload = |name: &str, id: &str, env: &str, ports: &str| {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: {id} }} }}\nspec:\n  address: 127.0.0.1\n  identity: {id}\n  environment: {env}\n  locality: {{ region: eu, zone: eu-1 }}{ports}\n"
+        )
+    };
+    [
+        // Every trace a caller starts towards catalog is sampled, whatever the proxy's own
+        // rate says.
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n  tracing: { samplingPercent: 100 }\n".to_string(),
+        workload(
+            "catalog-vm",
+            "catalog",
+            "vm",
+            &format!("\n  ports: {{ http: {} }}\n  inboundPort: {inbound}", app.port()),
+        ),
+        workload("shop", "shop", "bare-metal", ""),
+        route("catalog", "catalog", "    - retry: { attempts: 1, codes: [500], backoff: 1ms }\n"),
+        policy("catalog", "  outlierDetection: { consecutiveFailures: 0 }\n  retryBudget: { percent: 100, minRetriesPerSecond: 1000 }\n"),
+    ]
+    .join("---\n")
+}
+
+fn by_kind(spans: &[Got], service: &str, kind: SpanKind) -> Vec<Got> {
+    spans
+        .iter()
+        .filter(|g| g.resource["service.name"] == service && g.kind == kind as i32)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn spans_join_across_two_mtls_hops_and_a_failed_unsampled_request_is_exported() {
+    let (otlp, got, stop, served) = receiver().await;
+    let app = upstream::http(|req| async move {
+        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from("ok")));
+        if req.uri().path().ends_with("/fail") {
+            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        r
+    })
+    .await;
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, mesh(app, 1)).await;
+    let otlp_url = format!("http://{otlp}");
+    let join = |id: &str, workload: &str, what: &str| {
+        let t = token(&cp, "test", id, "10m", "1");
+        let state = temp_path(what);
+        ProxyProcess::start_xds(
+            BIN,
+            &[cp.xds_url()],
+            workload,
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--join-token",
+                &t,
+                "--otlp-endpoint",
+                &otlp_url,
+                // No trace is started sampled unless its service says so.
+                "--trace-sampling",
+                "0",
+            ],
+        )
+    };
+    let vm = join("catalog", "test/catalog-vm", "vm-state");
+    vm.wait_ready().await;
+    apply_ok(&cp, mesh(app, vm.inbound.port())).await;
+    let shop = join("shop", "test/shop", "shop-state");
+    shop.wait_ready().await;
+    eventually(
+        "the caller reaches catalog",
+        Duration::from_secs(15),
+        async || {
+            let r = client::get_full(shop.outbound, "catalog.test", "/warm", &[])
+                .await
+                .ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+
+    // 1. A sampled request: four spans, one chain across both proxies.
+    let t1 = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let tp = format!("00-{t1}-00f067aa0ba902b7-01");
+    let r = client::get_full(
+        shop.outbound,
+        "catalog.test",
+        "/ok",
+        &[("traceparent", &tp)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let spans = got.wait(t1, 4).await;
+    let shop_server = &by_kind(&spans, "shop", SpanKind::Server)[0];
+    let shop_try = &by_kind(&spans, "shop", SpanKind::Client)[0];
+    let vm_server = &by_kind(&spans, "catalog-vm", SpanKind::Server)[0];
+    let vm_try = &by_kind(&spans, "catalog-vm", SpanKind::Client)[0];
+    assert_eq!(shop_server.parent, "00f067aa0ba902b7");
+    assert_eq!(shop_try.parent, shop_server.span);
+    assert_eq!(
+        vm_server.parent, shop_try.span,
+        "the callee's span hangs under the caller's try"
+    );
+    assert_eq!(vm_try.parent, vm_server.span);
+    let (shop_id, catalog_id) = (
+        "spiffe://trellis.local/ns/test/sa/shop",
+        "spiffe://trellis.local/ns/test/sa/catalog",
+    );
+    for s in [shop_server, vm_server] {
+        assert_eq!(s.attrs["trellis.source.identity"], shop_id, "{s:?}");
+        assert_eq!(s.attrs["trellis.destination.identity"], catalog_id, "{s:?}");
+        assert_eq!(s.attrs["trellis.failure_class"], "ok");
+        assert_eq!(s.attrs["trellis.sampled"], "true");
+        assert!(!s.error);
+    }
+    assert_eq!(shop_server.attrs["trellis.destination.environment"], "vm");
+    assert_eq!(
+        shop_server.attrs["trellis.destination.workload"],
+        "catalog-vm"
+    );
+    assert_eq!(shop_server.attrs["trellis.destination.locality"], "eu/eu-1");
+    assert_eq!(vm_server.attrs["trellis.source.environment"], "bare-metal");
+    assert_eq!(vm_server.attrs["trellis.source.workload"], "test/shop");
+    assert_eq!(
+        shop_try.attrs["network.peer.port"],
+        vm.inbound.port().to_string()
+    );
+    assert_eq!(shop_server.resource["trellis.environment"], "bare-metal");
+    assert_eq!(vm_server.resource["trellis.environment"], "vm");
+
+    // 2. An unsampled success, then an unsampled failure tried twice: only the failure is
+    // exported, each try a span of its own, each with the callee's span beneath it.
+    let t2 = "0af7651916cd43dd8448eb211c80319c";
+    let t3 = "5b8aa5a2d2c872e8321cf37308d69df2";
+    let unsampled = |t: &str| format!("00-{t}-b7ad6b7169203331-00");
+    let r = client::get_full(
+        shop.outbound,
+        "catalog.test",
+        "/ok",
+        &[("traceparent", &unsampled(t3))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let r = client::get_full(
+        shop.outbound,
+        "catalog.test",
+        "/x/fail",
+        &[("traceparent", &unsampled(t2))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 500);
+    // The caller's request and two tries; two requests at the callee, each with its try.
+    let spans = got.wait(t2, 7).await;
+    let shop_server = by_kind(&spans, "shop", SpanKind::Server);
+    let shop_tries = by_kind(&spans, "shop", SpanKind::Client);
+    let vm_servers = by_kind(&spans, "catalog-vm", SpanKind::Server);
+    assert_eq!(
+        (shop_server.len(), shop_tries.len(), vm_servers.len()),
+        (1, 2, 2)
+    );
+    let s = &shop_server[0];
+    assert!(s.error);
+    assert_eq!(s.attrs["trellis.failure_class"], "app_error");
+    assert_eq!(s.attrs["trellis.sampled"], "false");
+    assert_eq!(s.attrs["trellis.attempts"], "2");
+    let mut tries: Vec<_> = shop_tries.iter().map(|t| t.span.clone()).collect();
+    let mut parents: Vec<_> = vm_servers.iter().map(|v| v.parent.clone()).collect();
+    tries.sort();
+    parents.sort();
+    assert_eq!(tries, parents, "each try reached the callee as its parent");
+    assert!(shop_tries.iter().all(|t| t.parent == s.span && t.error));
+    assert!(
+        got.of(t3).is_empty(),
+        "an unsampled success is not exported"
+    );
+
+    // 3. B3 from the application is continued.
+    let t4 = "80f198ee56343ba864fe8b2a57d3eff7";
+    let r = client::get_full(
+        shop.outbound,
+        "catalog.test",
+        "/ok",
+        &[("b3", &format!("{t4}-e457b5a2e4d86bd1-1"))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let spans = got.wait(t4, 4).await;
+    assert_eq!(
+        by_kind(&spans, "shop", SpanKind::Server)[0].parent,
+        "e457b5a2e4d86bd1"
+    );
+
+    // 4. No context: the first proxy starts the trace, sampled at the service's rate.
+    let before = got.0.lock().unwrap().len();
+    let r = client::get_full(shop.outbound, "catalog.test", "/ok", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let started = eventually(
+        "a trace started by the caller",
+        Duration::from_secs(15),
+        async || {
+            let all = got.0.lock().unwrap();
+            all[before..]
+                .iter()
+                .find(|g| g.resource["service.name"] == "shop" && g.kind == SpanKind::Server as i32)
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(started.parent, "", "a root span");
+    got.wait(&started.trace, 4).await;
+
+    // 5. The collector goes away: requests are served as before, and the lost spans are
+    // counted rather than waited for.
+    drop(stop);
+    served.await.unwrap();
+    for _ in 0..3 {
+        let r = client::get_full(
+            shop.outbound,
+            "catalog.test",
+            "/ok",
+            &[("traceparent", &tp)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    eventually(
+        "spans that could not be sent are counted",
+        Duration::from_secs(15),
+        async || {
+            let m = shop.metrics().await;
+            m.lines()
+                .any(|l| l.starts_with("trellis_trace_spans_total{outcome=\"failed\"}"))
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -1,0 +1,489 @@
+//! Spans over OTLP/gRPC (`--otlp-endpoint`).
+//!
+//! A request's record hands its finished line to [`Spans::offer`] when the trace is sampled
+//! or the request failed (a failed request's spans are exported whatever the sampling said).
+//! `offer` only queues: the queue is bounded, and when the exporter falls behind (a slow or
+//! unreachable collector) spans are dropped and counted, never waited for. One task turns
+//! the queued records into OTLP spans, off the request path, and sends them in batches.
+//!
+//! Each request gives one span for this proxy (kind SERVER: it received the request; its
+//! parent is the caller's span) and one child span per try (kind CLIENT: it called an
+//! endpoint), whose id is the parent the next hop sees. What no other mesh puts on a span is
+//! on these: the failure class and the side that failed, both SPIFFE identities, the
+//! endpoint, and both ends' environment and locality.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
+    common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
+    resource::v1::Resource,
+    trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status},
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    access_log::HttpLine,
+    error::FailureClass,
+    labels::{Direction, Label},
+};
+
+/// Spans queued at most; beyond, they are dropped and counted.
+const QUEUE_CAP: usize = 4096;
+/// Requests sent in one export at most.
+const BATCH: usize = 512;
+/// How long a span may wait for its batch to fill.
+const LINGER: Duration = Duration::from_millis(200);
+/// How long one export may take.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A try that was retried: its own span, under the request's.
+#[derive(Clone, Debug)]
+pub(crate) struct TrySpan {
+    /// Its span id (the parent its endpoint's proxy saw).
+    pub(crate) span: u64,
+    /// When it began, from the request's start.
+    pub(crate) start: Duration,
+    /// How long it took.
+    pub(crate) took: Duration,
+    /// The address it went to.
+    pub(crate) endpoint: Option<SocketAddr>,
+    /// The endpoint's workload.
+    pub(crate) workload: Label,
+    /// The identity the endpoint's proxy proved.
+    pub(crate) identity: Label,
+    /// How it ended.
+    pub(crate) class: FailureClass,
+    /// The status it got, 0 for none.
+    pub(crate) status: u16,
+}
+
+/// A finished request, as its spans need it.
+pub(crate) struct Finished {
+    /// Its line.
+    pub(crate) line: HttpLine,
+    /// When it began (wall clock).
+    pub(crate) at: SystemTime,
+    /// How long it took.
+    pub(crate) total: Duration,
+    /// Tries before the last one.
+    pub(crate) earlier: Vec<TrySpan>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// Counts of spans by what became of them.
+#[derive(Clone, Default)]
+pub(crate) struct SpanMetrics {
+    spans: Family<OutcomeLabels, Counter>,
+}
+
+impl SpanMetrics {
+    /// Registered as `trellis_trace_spans_total{outcome}`.
+    pub(crate) fn register(reg: &mut Registry) -> Self {
+        let m = Self::default();
+        reg.register(
+            "trace_spans",
+            "Spans by outcome: exported, dropped (queue full), failed (the collector refused or was unreachable) (unstable)",
+            m.spans.clone(),
+        );
+        m
+    }
+
+    fn count(&self, outcome: &'static str, n: usize) {
+        self.spans
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(n as u64);
+    }
+}
+
+/// The queue into the exporter.
+pub(crate) struct Spans {
+    tx: mpsc::Sender<Finished>,
+    metrics: SpanMetrics,
+    origin: Arc<ArcSwap<Origin>>,
+}
+
+impl Spans {
+    /// Who is exporting, once a config says it (the environment and locality come with the
+    /// local workload's config).
+    pub(crate) fn set_origin(&self, o: Origin) {
+        self.origin.store(Arc::new(o));
+    }
+
+    /// Queue a request's spans; drop and count them when the queue is full.
+    pub(crate) fn offer(&self, f: Finished) {
+        if self.tx.try_send(f).is_err() {
+            self.metrics.count("dropped", 1);
+        }
+    }
+}
+
+#[cfg(test)]
+impl Spans {
+    /// A queue of `cap` whose other end the test reads.
+    pub(crate) fn for_test(cap: usize) -> (Self, mpsc::Receiver<Finished>, SpanMetrics) {
+        let (tx, rx) = mpsc::channel(cap);
+        let metrics = SpanMetrics::default();
+        let s = Self {
+            tx,
+            metrics: metrics.clone(),
+            origin: Default::default(),
+        };
+        (s, rx, metrics)
+    }
+}
+
+/// Who is exporting: the resource of every span.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Origin {
+    /// The local workload, `namespace/name`.
+    pub(crate) workload: String,
+    /// This proxy's SPIFFE ID, if it has an identity.
+    pub(crate) identity: Option<String>,
+    /// The local workload's environment.
+    pub(crate) environment: String,
+    /// The local workload's locality.
+    pub(crate) locality: String,
+}
+
+impl Origin {
+    /// A peer's identity (`namespace/identity`) as a SPIFFE ID in this proxy's trust domain.
+    fn spiffe(&self, ns_id: &str) -> Option<String> {
+        let td = self
+            .identity
+            .as_deref()?
+            .strip_prefix("spiffe://")?
+            .split('/')
+            .next()?;
+        let (ns, id) = ns_id.split_once('/')?;
+        Some(format!("spiffe://{td}/ns/{ns}/sa/{id}"))
+    }
+}
+
+/// Why an OTLP endpoint is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("--otlp-endpoint {given:?}: {why}")]
+pub struct BadEndpoint {
+    given: String,
+    why: &'static str,
+}
+
+/// Check an endpoint given on the command line: `http://HOST:PORT` (OTLP/gRPC, usually port
+/// 4317). TLS to the collector is not supported yet.
+pub fn check_endpoint(given: &str) -> Result<(), BadEndpoint> {
+    let bad = |why| BadEndpoint {
+        given: given.into(),
+        why,
+    };
+    if given.starts_with("https://") {
+        return Err(bad(
+            "TLS to the collector is not supported yet; use http:// (a collector on the host)",
+        ));
+    }
+    if !given.starts_with("http://") {
+        return Err(bad("expected http://HOST:PORT"));
+    }
+    tonic::transport::Endpoint::from_shared(given.to_string())
+        .map(|_| ())
+        .map_err(|_| bad("not a valid URI"))
+}
+
+/// Start the exporter to `endpoint` (checked by [`check_endpoint`]); spans go through the
+/// returned queue.
+pub(crate) fn start(endpoint: &str, origin: Origin, metrics: SpanMetrics) -> Spans {
+    let (tx, rx) = mpsc::channel(QUEUE_CAP);
+    let origin = Arc::new(ArcSwap::from_pointee(origin));
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .expect("checked at start-up")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    tokio::spawn(export(
+        TraceServiceClient::new(channel),
+        rx,
+        origin.clone(),
+        metrics.clone(),
+    ));
+    Spans {
+        tx,
+        metrics,
+        origin,
+    }
+}
+
+async fn export(
+    mut client: TraceServiceClient<tonic::transport::Channel>,
+    mut rx: mpsc::Receiver<Finished>,
+    origin: Arc<ArcSwap<Origin>>,
+    metrics: SpanMetrics,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        while batch.len() < BATCH {
+            tokio::select! {
+                f = rx.recv() => match f {
+                    Some(f) => batch.push(f),
+                    None => break,
+                },
+                _ = &mut linger => break,
+            }
+        }
+        let origin = origin.load_full();
+        let resource = resource(&origin);
+        let spans: Vec<Span> = batch.iter().flat_map(|f| spans(f, &origin)).collect();
+        let n = spans.len();
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(resource),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "trellis-proxy".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        };
+        match tokio::time::timeout(EXPORT_TIMEOUT, client.export(req)).await {
+            Ok(Ok(_)) => metrics.count("exported", n),
+            Ok(Err(e)) => {
+                metrics.count("failed", n);
+                tracing::debug!(error = %e, spans = n, "OTLP export refused");
+            }
+            Err(_) => {
+                metrics.count("failed", n);
+                tracing::debug!(spans = n, "OTLP export timed out");
+            }
+        }
+    }
+}
+
+fn kv(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(value) }),
+    }
+}
+
+fn text(key: &str, v: impl Into<String>) -> KeyValue {
+    kv(key, any_value::Value::StringValue(v.into()))
+}
+
+fn int(key: &str, v: i64) -> KeyValue {
+    kv(key, any_value::Value::IntValue(v))
+}
+
+fn resource(o: &Origin) -> Resource {
+    let (ns, name) = o.workload.split_once('/').unwrap_or(("", &o.workload));
+    let mut attributes = vec![
+        text("service.name", name),
+        text("service.namespace", ns),
+        text("trellis.workload", o.workload.as_str()),
+        text("trellis.environment", o.environment.as_str()),
+        text("trellis.locality", o.locality.as_str()),
+    ];
+    if let Some(id) = &o.identity {
+        attributes.push(text("trellis.identity", id.as_str()));
+    }
+    Resource {
+        attributes,
+        ..Default::default()
+    }
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Whether a request that ended with `class` is exported whatever the sampling said: every
+/// failure but a client's own error (a 4xx is the caller's business, and a flood of them
+/// must not flood the collector).
+pub(crate) fn always_exported(class: FailureClass) -> bool {
+    !matches!(class, FailureClass::Ok | FailureClass::ClientError)
+}
+
+fn status(class: FailureClass, detail: Option<&str>) -> Option<Status> {
+    always_exported(class).then(|| Status {
+        message: match detail {
+            Some(d) => format!("{}: {d}", class.as_str()),
+            None => class.as_str().into(),
+        },
+        code: status::StatusCode::Error as i32,
+    })
+}
+
+fn some_label(out: &mut Vec<KeyValue>, key: &str, l: &Label) {
+    if let Some(v) = l.get() {
+        out.push(text(key, v));
+    }
+}
+
+/// The spans of one finished request: this proxy's, then one per try.
+fn spans(f: &Finished, origin: &Origin) -> Vec<Span> {
+    let l = &f.line;
+    let trace_id = l.trace_id.to_be_bytes().to_vec();
+    let start = nanos(f.at);
+    let end = start + f.total.as_nanos() as u64;
+    let service = l.dst_service.get().unwrap_or("unknown");
+    // Who called whom, as SPIFFE IDs: the caller proved its own on the inbound side; the
+    // outbound side knows the identity its endpoint's proxy had to prove.
+    let (src_id, dst_id) = match l.direction {
+        Direction::inbound => (
+            l.source_identity.get().map(str::to_string),
+            origin.identity.clone(),
+        ),
+        Direction::outbound => (
+            origin.identity.clone(),
+            l.dst_identity.get().and_then(|i| origin.spiffe(i)),
+        ),
+    };
+    let mut attributes = vec![
+        text("trellis.direction", l.direction.as_str()),
+        text("http.request.method", l.method.as_str()),
+        text("url.path", l.uri.path()),
+        text("trellis.failure_class", l.class.as_str()),
+        text("trellis.destination.service", service),
+        text("trellis.destination.environment", l.dst_environment),
+        int("trellis.attempts", i64::from(l.attempts)),
+        kv(
+            "trellis.sampled",
+            any_value::Value::BoolValue(l.spans.sampled),
+        ),
+    ];
+    if l.status != 0 {
+        attributes.push(int("http.response.status_code", i64::from(l.status)));
+    }
+    if let Some(g) = l.grpc_status {
+        attributes.push(int("rpc.grpc.status_code", i64::from(g)));
+    }
+    if let Some(a) = &l.authority {
+        attributes.push(text("server.address", a.as_str()));
+    }
+    if let Some(side) = l.side {
+        attributes.push(text("trellis.failure_side", side.as_str()));
+    }
+    if let Some(d) = &l.detail {
+        attributes.push(text("trellis.failure_detail", d.as_str()));
+    }
+    if let Some(id) = src_id {
+        attributes.push(text("trellis.source.identity", id));
+    }
+    if let Some(id) = dst_id {
+        attributes.push(text("trellis.destination.identity", id));
+    }
+    if let Some(r) = l.request_id.as_ref().and_then(|r| r.to_str().ok()) {
+        attributes.push(text("trellis.request_id", r));
+    }
+    some_label(&mut attributes, "trellis.route", &l.route);
+    some_label(&mut attributes, "trellis.source.workload", &l.src_workload);
+    some_label(
+        &mut attributes,
+        "trellis.source.environment",
+        &l.src_environment,
+    );
+    some_label(&mut attributes, "trellis.source.locality", &l.src_locality);
+    some_label(
+        &mut attributes,
+        "trellis.destination.workload",
+        &l.dst_workload,
+    );
+    some_label(
+        &mut attributes,
+        "trellis.destination.locality",
+        &l.dst_locality,
+    );
+    if let Some(u) = l.upstream {
+        attributes.push(text("trellis.endpoint", u.to_string()));
+    }
+    let request = Span {
+        trace_id: trace_id.clone(),
+        span_id: l.spans.span.to_be_bytes().to_vec(),
+        parent_span_id: if l.spans.parent == 0 {
+            Vec::new()
+        } else {
+            l.spans.parent.to_be_bytes().to_vec()
+        },
+        name: format!("{} {} {service}", l.direction.as_str(), l.method),
+        kind: span::SpanKind::Server as i32,
+        start_time_unix_nano: start,
+        end_time_unix_nano: end,
+        attributes,
+        status: status(l.class, l.detail.as_deref()),
+        ..Default::default()
+    };
+    let mut out = Vec::with_capacity(1 + f.earlier.len() + 1);
+    out.push(request);
+    let mut n = 0;
+    let mut try_span = |t: &TrySpan, end: u64, detail: Option<&str>| {
+        n += 1;
+        let mut attributes = vec![
+            int("trellis.attempt", n),
+            text("trellis.failure_class", t.class.as_str()),
+        ];
+        if let Some(ep) = t.endpoint {
+            attributes.push(text("network.peer.address", ep.ip().to_string()));
+            attributes.push(int("network.peer.port", i64::from(ep.port())));
+        }
+        if t.status != 0 {
+            attributes.push(int("http.response.status_code", i64::from(t.status)));
+        }
+        some_label(&mut attributes, "trellis.destination.workload", &t.workload);
+        if let Some(id) = t.identity.get().and_then(|i| origin.spiffe(i)) {
+            attributes.push(text("trellis.destination.identity", id));
+        }
+        Span {
+            trace_id: trace_id.clone(),
+            span_id: t.span.to_be_bytes().to_vec(),
+            parent_span_id: l.spans.span.to_be_bytes().to_vec(),
+            name: format!("attempt {n} {service}"),
+            kind: span::SpanKind::Client as i32,
+            start_time_unix_nano: start + t.start.as_nanos() as u64,
+            end_time_unix_nano: end,
+            attributes,
+            status: status(t.class, detail),
+            ..Default::default()
+        }
+    };
+    for t in &f.earlier {
+        let end = start + (t.start + t.took).as_nanos() as u64;
+        out.push(try_span(t, end, None));
+    }
+    if l.attempts > 0 {
+        // The last try lasts until the response ends.
+        let last = TrySpan {
+            span: l.spans.attempt,
+            start: l.try_start,
+            took: f.total.saturating_sub(l.try_start),
+            endpoint: l.upstream,
+            workload: l.dst_workload.clone(),
+            identity: l.dst_identity.clone(),
+            class: l.class,
+            // A status only if the endpoint answered (not the proxy's own reply).
+            status: if l.first_byte.is_some() { l.status } else { 0 },
+        };
+        out.push(try_span(&last, end, l.detail.as_deref()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
