@@ -144,6 +144,10 @@ impl Api {
         }
         .with_context(|| format!("cannot reach the control plane at {}", self.server))?;
         let status = resp.status();
+        // An answer that lacks part of the fleet (another replica did not answer) says so.
+        if let Some(p) = resp.headers().get("x-trellis-partial") {
+            eprintln!("warning: {}", String::from_utf8_lossy(p.as_bytes()));
+        }
         let bytes = resp.into_body().collect().await?.to_bytes();
         let v = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));

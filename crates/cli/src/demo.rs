@@ -120,6 +120,7 @@ async fn scenario(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         svid_ttl: Duration::from_secs(3600),
         ca_files: None,
         telemetry: Default::default(),
+        advertise: None,
     })
     .await?;
     let token = control

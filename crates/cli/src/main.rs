@@ -222,6 +222,10 @@ struct ControlArgs {
     /// first (and a query over a longer window is refused, saying what is held).
     #[arg(long, default_value_t = 512)]
     telemetry_memory: usize,
+    /// On a shared store (etcd): the xDS address other replicas reach this one at, to
+    /// answer fleet queries together (the --xds address by default).
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -467,6 +471,7 @@ fn control(a: ControlArgs) -> ExitCode {
             memory: a.telemetry_memory << 20,
             ..Default::default()
         },
+        advertise: a.advertise,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1057,3 +1057,143 @@ async fn tap_shows_live_requests_that_match_within_its_bound_split_over_the_prox
         "{n} events of 200 requests in {elapsed:.2} s"
     );
 }
+
+#[tokio::test]
+async fn two_replicas_on_etcd_each_answer_for_the_whole_fleet() {
+    let etcd = trellis_test_support::etcd::Etcd::start().await;
+    let store = etcd.url();
+    let a = ControlProcess::start(BIN, &["--store", &store]);
+    let mut b = ControlProcess::start(BIN, &["--store", &store]);
+    b.token = a.token.clone();
+    let (vm_hits, ct_hits) = (Arc::new(Hits::default()), Arc::new(Hits::default()));
+    let (vm_app, ct_app) = (
+        app("vm", vm_hits.clone()).await,
+        app("ct", ct_hits.clone()).await,
+    );
+    apply_ok(&a, mesh(vm_app, ct_app, 1, 1)).await;
+    // Each proxy reports to the replica it is connected to: the callee catalog-vm to A; the
+    // caller and the callee catalog-ct to B.
+    let join = |cp: &ControlProcess, id: &str, workload: &str, what: &str| {
+        let t = token(cp, "test", id, "10m", "1");
+        let state = temp_path(what);
+        ProxyProcess::start_xds(
+            BIN,
+            &[format!("https://{}", cp.xds)],
+            workload,
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--join-token",
+                &t,
+                "--ca-hash",
+                &cp.ca_hash,
+                "--report-interval",
+                "200ms",
+            ],
+        )
+    };
+    let vm = join(&a, "catalog", "test/catalog-vm", "vm-state");
+    let ct = join(&b, "catalog", "test/catalog-ct", "ct-state");
+    vm.wait_ready().await;
+    ct.wait_ready().await;
+    apply_ok(
+        &a,
+        mesh(vm_app, ct_app, vm.inbound.port(), ct.inbound.port()),
+    )
+    .await;
+    let shop = join(&b, "shop", "test/shop", "shop-state");
+    shop.wait_ready().await;
+    let (n, fails) = (40u64, 8u64);
+    let mut c = client::Conn::h1(shop.outbound).await;
+    for i in 0..n {
+        let path = if i % 5 == 0 { "/fail" } else { "/ok" };
+        let r = c.get("catalog.test", path).await.unwrap();
+        assert_eq!(r.status, if i % 5 == 0 { 500 } else { 200 });
+    }
+    let served = (vm_hits.all.load(Ordering::SeqCst) + ct_hits.all.load(Ordering::SeqCst)) as u64;
+    assert_eq!(served, n + fails, "each failure tried twice");
+    assert!(vm_hits.all.load(Ordering::SeqCst) > 0 && ct_hits.all.load(Ordering::SeqCst) > 0);
+
+    // The service's row comes from the caller's reports, which only B holds: A answers it
+    // as B does, counts and quantiles alike (histograms merge exactly).
+    let q = "/api/v1/stat?namespace=test&window=5m";
+    let from_a = counted(
+        "A counts the caller's requests",
+        20,
+        &a,
+        q,
+        "test/catalog",
+        n,
+    )
+    .await;
+    let from_b = counted(
+        "B counts the caller's requests",
+        20,
+        &b,
+        q,
+        "test/catalog",
+        n,
+    )
+    .await;
+    for f in [
+        "requests",
+        "attempts",
+        "success",
+        "actual_success",
+        "latency_ms",
+        "failures",
+    ] {
+        assert_eq!(from_a[f], from_b[f], "{f}: A {from_a} B {from_b}");
+    }
+    assert_eq!(from_a["attempts"], n + fails);
+    // The callees' rows: catalog-vm reported to A, catalog-ct to B; both answer both.
+    let workloads = "/api/v1/stat?kind=workload&namespace=test&window=5m";
+    for cp in [&a, &b] {
+        let vm_row = counted(
+            "catalog-vm served",
+            20,
+            cp,
+            workloads,
+            "test/catalog-vm",
+            vm_hits.all.load(Ordering::SeqCst) as u64,
+        )
+        .await;
+        assert_eq!(vm_row["seen"], "served");
+        counted(
+            "catalog-ct served",
+            20,
+            cp,
+            workloads,
+            "test/catalog-ct",
+            ct_hits.all.load(Ordering::SeqCst) as u64,
+        )
+        .await;
+        // Edges join a caller reported on one replica with a callee on the other.
+        let edges = api(cp, "/api/v1/edges?namespace=test&window=5m").await;
+        let to_vm = edges
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["src"] == "test/shop" && e["dst"] == "test/catalog-vm")
+            .unwrap_or_else(|| panic!("no shop → catalog-vm edge: {edges}"));
+        assert_eq!(
+            to_vm["src_identity"], "spiffe://trellis.local/ns/test/sa/shop",
+            "{to_vm}"
+        );
+    }
+
+    // B goes away: A still answers, with what it holds, and says what is missing.
+    b.kill();
+    let out = cli(&a, &["stat", "workloads", "-n", "test", "--window", "5m"]);
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{so}\n{se}");
+    assert!(so.contains("test/catalog-vm"), "{so}");
+    assert!(!so.contains("test/catalog-ct"), "B's part is gone: {so}");
+    assert!(
+        se.contains("warning:") && se.contains(&b.xds.to_string()),
+        "the answer names the missing replica: {se}"
+    );
+}

@@ -78,15 +78,23 @@ impl Catalog {
         }
     }
 
-    /// Apply one committed batch.
-    pub(crate) fn apply(&mut self, c: Change) {
+    /// Apply one committed batch; whether it changed a resource (a batch of the control
+    /// plane's own records only, a replica's heartbeat say, changes nothing proxies get).
+    pub(crate) fn apply(&mut self, c: Change) -> bool {
+        let mut changed = false;
         for e in c.events {
+            let key = match &e {
+                Event::Put(o) => &o.key,
+                Event::Delete(k) => k,
+            };
+            changed |= !key.kind.starts_with('_');
             match e {
                 Event::Put(o) => insert(&mut self.entries, o),
                 Event::Delete(k) => drop(self.entries.remove(&k)),
             }
         }
         self.revision = c.revision;
+        changed
     }
 }
 

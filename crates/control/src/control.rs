@@ -7,8 +7,8 @@ use tokio::{net::TcpListener, sync::watch};
 use trellis_store::Store;
 
 use crate::{
-    agent, api, catalog::Catalog, error::ControlError, identity, registry, state::State, tls,
-    token, xds,
+    agent, api, catalog::Catalog, error::ControlError, identity, registry, replicas, state::State,
+    tls, token, xds,
 };
 
 /// How the control plane runs. Built once from flags at the edge.
@@ -33,6 +33,9 @@ pub struct Options {
     pub ca_files: Option<identity::CaFiles>,
     /// How much of the fleet's telemetry is kept: slots and series caps.
     pub telemetry: trellis_telemetry::store::Limits,
+    /// The xDS address other replicas reach this one at (on a shared store); the bound xDS
+    /// address when absent.
+    pub advertise: Option<SocketAddr>,
 }
 
 /// A running control plane.
@@ -84,19 +87,23 @@ async fn follow(
                     break;
                 }
             };
-            catalog.apply(change);
+            let mut changed = catalog.apply(change);
             // Coalesce a burst: compile once for every batch already waiting.
             let mut lost = false;
             while let Some(next) = w.try_next() {
                 match next {
-                    Ok(c) => catalog.apply(c),
+                    Ok(c) => changed |= catalog.apply(c),
                     Err(_) => {
                         lost = true;
                         break;
                     }
                 }
             }
-            publish(&tx, &catalog);
+            // The control plane's own records (heartbeats of replicas, join tokens) change
+            // nothing proxies get: no compile, no push.
+            if changed {
+                publish(&tx, &catalog);
+            }
             if lost {
                 break;
             }
@@ -182,6 +189,17 @@ impl Control {
         }));
         tokio::spawn(follow(store.clone(), tx, catalog, w));
         let proxies = registry::Registry::default();
+        // Replicas on a shared store find each other, to answer fleet queries for the whole
+        // fleet; with the embedded store there is only this one.
+        let replicas = (store.describe() == "etcd").then(|| {
+            let at = opts.advertise.unwrap_or(xds_addr);
+            if at.ip().is_unspecified() {
+                tracing::warn!(%at, "the xDS listener is bound to every address: other replicas cannot reach this one for fleet queries until --advertise names an address they can");
+            }
+            let r = replicas::Replicas::new(store.clone(), identity.clone(), at);
+            tokio::spawn(r.clone().beat());
+            r
+        });
         let api = api::Api::new(
             store,
             rx.clone(),
@@ -193,6 +211,7 @@ impl Control {
                 opts.telemetry.clone(),
                 &opts.trust_domain,
             )),
+            replicas,
         );
         let certificates = api.certificate_router();
         tokio::spawn(agent::sweep(api.agents().clone(), api.store().clone()));

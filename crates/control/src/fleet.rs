@@ -17,9 +17,13 @@ use trellis_identity::SpiffeId;
 use trellis_store::Key;
 use trellis_telemetry::{
     report::{Ack, Batch},
-    store::{Limits, Store},
+    shard::Shard,
+    store::{Limits, Store, Window},
     view::{self, EdgeRow, Selector, StatRow},
 };
+
+/// The identity each reporting workload proved.
+type Ids = std::collections::HashMap<String, String>;
 
 use crate::apply::Writer;
 
@@ -145,14 +149,67 @@ impl Fleet {
         Ok(())
     }
 
-    /// `trellis stat` over the `window_ms` before now.
-    pub(crate) fn stat(&self, sel: &Selector, window_ms: u64) -> Result<Vec<StatRow>, FleetError> {
+    /// This replica's part of the window of `window_ms` before `at_ms`, with the identities
+    /// its reporters proved: what another replica merges into its answer.
+    fn local(
+        &self,
+        sel: &Selector,
+        window_ms: u64,
+        at_ms: u64,
+    ) -> Result<(Window, Ids), FleetError> {
         let store = self.store();
         self.covers(&store, window_ms)?;
-        let now = now_ms();
-        let w = store.window(now, window_ms, |_| true, |k| view::wants_latency(sel, k));
-        drop(store);
-        Ok(view::stat(&w, sel, covered_s(now, &w)))
+        let w = store.window(at_ms, window_ms, |_| true, |k| view::wants_latency(sel, k));
+        let ids = store
+            .reporters()
+            .iter()
+            .filter_map(|(k, r)| Some((k.to_string(), r.identity.clone()?)))
+            .collect();
+        Ok((w, ids))
+    }
+
+    /// This replica's part of a window, for another replica.
+    pub(crate) fn shard(
+        &self,
+        sel: &Selector,
+        window_ms: u64,
+        at_ms: u64,
+    ) -> Result<Shard, FleetError> {
+        let (w, ids) = self.local(sel, window_ms, at_ms)?;
+        Ok(Shard::of(&w, &ids))
+    }
+
+    /// The whole fleet's window: this replica's, with `others`' parts merged in.
+    fn merged(
+        &self,
+        sel: &Selector,
+        window_ms: u64,
+        at_ms: u64,
+        others: Vec<Shard>,
+    ) -> Result<(Window, Ids), FleetError> {
+        let (mut w, mut ids) = self.local(sel, window_ms, at_ms)?;
+        for s in others {
+            match s.into_window() {
+                Ok((o, o_ids)) => {
+                    w.merge(o);
+                    ids.extend(o_ids);
+                }
+                Err(e) => tracing::warn!(error = %e, "another replica's part refused"),
+            }
+        }
+        Ok((w, ids))
+    }
+
+    /// `trellis stat` over the `window_ms` before `at_ms`, with other replicas' parts.
+    pub(crate) fn stat(
+        &self,
+        sel: &Selector,
+        window_ms: u64,
+        at_ms: u64,
+        others: Vec<Shard>,
+    ) -> Result<Vec<StatRow>, FleetError> {
+        let (w, _) = self.merged(sel, window_ms, at_ms, others)?;
+        Ok(view::stat(&w, sel, covered_s(at_ms, &w)))
     }
 
     /// A window the store holds whole, or why not.
@@ -167,19 +224,16 @@ impl Fleet {
         Ok(())
     }
 
-    /// `trellis edges` over the `window_ms` before now.
-    pub(crate) fn edges(&self, sel: &Selector, window_ms: u64) -> Result<Vec<EdgeRow>, FleetError> {
-        let store = self.store();
-        self.covers(&store, window_ms)?;
-        let now = now_ms();
-        let series = store.window(now, window_ms, |_| true, |k| view::wants_latency(sel, k));
-        let ids: std::collections::HashMap<String, String> = store
-            .reporters()
-            .iter()
-            .filter_map(|(k, r)| Some((k.to_string(), r.identity.clone()?)))
-            .collect();
-        drop(store);
-        let mut rows = view::edges(&series, sel, covered_s(now, &series), |w| {
+    /// `trellis edges` over the `window_ms` before `at_ms`, with other replicas' parts.
+    pub(crate) fn edges(
+        &self,
+        sel: &Selector,
+        window_ms: u64,
+        at_ms: u64,
+        others: Vec<Shard>,
+    ) -> Result<Vec<EdgeRow>, FleetError> {
+        let (series, ids) = self.merged(sel, window_ms, at_ms, others)?;
+        let mut rows = view::edges(&series, sel, covered_s(at_ms, &series), |w| {
             ids.get(w).cloned()
         });
         // Callers name the identity their callee must present `namespace/identity`: shown as

@@ -9,6 +9,8 @@
 //! - [`agent`]: agents' registrations and heartbeats.
 //! - [`xds`]: the ADS server (xDS v3); [`registry`]: every proxy's ACK/NACK state.
 //! - [`envoy`]: the translation into Envoy's standard resource types.
+//! - [`fleet`]: the fleet's telemetry; [`replicas`]: replicas on a shared store, which answer
+//!   fleet queries together.
 
 pub(crate) mod agent;
 pub(crate) mod api;
@@ -21,6 +23,7 @@ pub(crate) mod error;
 pub(crate) mod fleet;
 pub(crate) mod identity;
 pub(crate) mod registry;
+pub(crate) mod replicas;
 pub(crate) mod state;
 pub(crate) mod tap;
 pub(crate) mod tls;

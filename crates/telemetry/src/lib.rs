@@ -4,6 +4,7 @@
 //! - [`hist`]: the latency histogram, exponential buckets that merge exactly;
 //! - [`report`]: the protobuf messages a proxy pushes every period;
 //! - [`key`] and [`store`]: the control plane's series and their ring buffers, bounded;
+//! - [`shard`]: a replica's part of a window, merged by the replica that answers;
 //! - [`view`]: the rows of `trellis stat` and `trellis edges`.
 
 pub mod export;
@@ -11,5 +12,6 @@ pub mod fx;
 pub mod hist;
 pub mod key;
 pub mod report;
+pub mod shard;
 pub mod store;
 pub mod view;

@@ -12,11 +12,15 @@ use prost::Message;
 use serde::Deserialize;
 use trellis_telemetry::{
     report::Batch,
+    shard::Shard,
     view::{EdgeRow, Kind, Selector, StatRow},
 };
 
 use super::{Api, ApiError, ApiResult};
-use crate::tls::Peer;
+use crate::{
+    fleet::{now_ms, FleetError},
+    tls::Peer,
+};
 
 /// `POST /v1/telemetry`: a batch of one proxy's reports (protobuf); answers an `Ack`.
 pub(crate) async fn report(
@@ -46,10 +50,13 @@ pub(crate) struct ViewQuery {
     name: Option<String>,
     /// `1m` by default: 10s to 24h.
     window: Option<String>,
+    /// Where the window ends, Unix ms (default: now; never later than now). Replicas ask
+    /// each other with the asking one's `at`, so that every part covers the same slots.
+    at: Option<u64>,
 }
 
 impl ViewQuery {
-    fn parse(self, api: &Api) -> ApiResult<(Selector, u64)> {
+    fn parse(self, api: &Api) -> ApiResult<(Selector, u64, u64)> {
         let kind = match self.kind.as_deref() {
             None | Some("service" | "services" | "svc") => Some(Kind::Service),
             Some("workload" | "workloads" | "wl") => Some(Kind::Workload),
@@ -75,6 +82,8 @@ impl ViewQuery {
                 max / 3_600_000
             )));
         }
+        let now = now_ms();
+        let at = self.at.map_or(now, |a| a.min(now));
         Ok((
             Selector {
                 kind,
@@ -82,35 +91,131 @@ impl ViewQuery {
                 name: self.name,
             },
             window,
+            at,
         ))
     }
 }
 
-/// `GET /api/v1/stat`: rate, success and latency per service or workload.
+/// The query another replica is asked for its part of the same window.
+fn shard_query(sel: &Selector, window_ms: u64, at_ms: u64) -> String {
+    let mut q = format!("window={window_ms}ms&at={at_ms}");
+    if let Some(k) = sel.kind {
+        q.push_str(match k {
+            Kind::Service => "&kind=service",
+            Kind::Workload => "&kind=workload",
+        });
+    }
+    for (k, v) in [("namespace", &sel.namespace), ("name", &sel.name)] {
+        if let Some(v) = v {
+            q.push_str(&format!("&{k}={}", escape(v)));
+        }
+    }
+    q
+}
+
+fn escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The other replicas' parts of a window (none with a single replica), and a header naming
+/// those that did not answer.
+async fn others(
+    api: &Api,
+    sel: &Selector,
+    window_ms: u64,
+    at_ms: u64,
+) -> (Vec<Shard>, Option<String>) {
+    let Some(r) = api.replicas() else {
+        return (Vec::new(), None);
+    };
+    let (shards, missing) = r.gather(&shard_query(sel, window_ms, at_ms)).await;
+    let partial = (!missing.is_empty()).then(|| {
+        let why: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        format!(
+            "this answer lacks what {} other replica(s) hold: {}",
+            missing.len(),
+            why.join("; ")
+        )
+    });
+    (shards, partial)
+}
+
+/// `rows` as JSON, with `x-trellis-partial` when part of the fleet is missing.
+fn answer<T: serde::Serialize>(rows: T, partial: Option<String>) -> Response {
+    let mut r = Json(rows).into_response();
+    if let Some(p) = partial.and_then(|p| axum::http::HeaderValue::try_from(p).ok()) {
+        r.headers_mut().insert(PARTIAL, p);
+    }
+    r
+}
+
+/// Names the replicas an answer lacks.
+const PARTIAL: &str = "x-trellis-partial";
+
+/// `GET /api/v1/stat`: rate, success and latency per service or workload, for the whole
+/// fleet (other replicas' parts merged in).
 pub(crate) async fn stat(
     AxState(api): AxState<Api>,
     Query(q): Query<ViewQuery>,
-) -> ApiResult<Json<Vec<StatRow>>> {
-    let (sel, window) = q.parse(&api)?;
+) -> ApiResult<Response> {
+    let (sel, window, at) = q.parse(&api)?;
+    let (shards, partial) = others(&api, &sel, window, at).await;
     let fleet = api.fleet_arc();
-    let rows = tokio::task::spawn_blocking(move || fleet.stat(&sel, window))
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("stat: {e}")))??;
-    Ok(Json(rows))
+    let rows: Vec<StatRow> =
+        tokio::task::spawn_blocking(move || fleet.stat(&sel, window, at, shards))
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("stat: {e}")))??;
+    Ok(answer(rows, partial))
 }
 
-/// `GET /api/v1/edges`: caller → callee pairs.
+/// `GET /api/v1/edges`: caller → callee pairs, for the whole fleet.
 pub(crate) async fn edges(
     AxState(api): AxState<Api>,
     Query(q): Query<ViewQuery>,
-) -> ApiResult<Json<Vec<EdgeRow>>> {
-    let (mut sel, window) = q.parse(&api)?;
+) -> ApiResult<Response> {
+    let (mut sel, window, at) = q.parse(&api)?;
     sel.kind = Some(Kind::Workload);
+    let (shards, partial) = others(&api, &sel, window, at).await;
     let fleet = api.fleet_arc();
-    let rows = tokio::task::spawn_blocking(move || fleet.edges(&sel, window))
+    let rows: Vec<EdgeRow> =
+        tokio::task::spawn_blocking(move || fleet.edges(&sel, window, at, shards))
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("edges: {e}")))??;
+    Ok(answer(rows, partial))
+}
+
+/// `GET /v1/fleet/shard` (xDS address, another replica only): this replica's part of a
+/// window, protobuf.
+pub(crate) async fn shard(
+    AxState(api): AxState<Api>,
+    peer: Option<Extension<Peer>>,
+    Query(q): Query<ViewQuery>,
+) -> ApiResult<Response> {
+    let me = trellis_identity::tls::control_plane_id(&api.identity().trust_domain);
+    let caller = peer.as_ref().and_then(|p| p.id.as_ref());
+    if caller != Some(&me) {
+        return Err(FleetError::Forbidden(
+            "only another control-plane replica (by its certificate) may ask for this".into(),
+        )
+        .into());
+    }
+    let (sel, window, at) = q.parse(&api)?;
+    let fleet = api.fleet_arc();
+    let shard = tokio::task::spawn_blocking(move || fleet.shard(&sel, window, at))
         .await
-        .map_err(|e| ApiError::BadRequest(format!("edges: {e}")))??;
-    Ok(Json(rows))
+        .map_err(|e| ApiError::BadRequest(format!("shard: {e}")))??;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-protobuf")],
+        shard.encode_to_vec(),
+    )
+        .into_response())
 }
 
 /// `GET /metrics`: the fleet, in Prometheus's text format.

@@ -19,8 +19,9 @@
 //! | POST | `/api/v1/certificates` (also `/v1/certificates` on the xDS address) | a certificate, for a join token or a proof of the current one (no admin token) |
 //! | POST | `/api/v1/agent` (also `/v1/agent` on the xDS address) | an agent's signed register, heartbeat or deregister (no admin token) |
 //! | POST | `/v1/telemetry` (xDS address only) | a proxy's reports (protobuf `Batch`, answered by an `Ack`); its certificate must be the workload's identity |
-//! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload |
-//! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures |
+//! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload; for the whole fleet (other replicas' parts merged in; `x-trellis-partial` names a replica that did not answer) |
+//! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures (whole fleet, as `stat`) |
+//! | GET | `/v1/fleet/shard?kind=&namespace=&name=&window=&at=` (xDS address only) | this replica's part of a window (protobuf `Shard`), for another replica: its certificate must be the control plane's |
 //! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N` | live requests, one JSON object a line, until the client leaves |
 //! | GET | `/v1/tap?workload=NS/NAME` (xDS address only) | a proxy follows its taps: one JSON line `{taps: [...]}` now and at each change |
 //! | POST | `/v1/tap/events?workload=NS/NAME` (xDS address only) | a proxy's tapped records, a JSON array |
@@ -53,6 +54,7 @@ use crate::{
     fleet::{Fleet, FleetError},
     identity::{CaRequestError, Identity},
     registry::Registry,
+    replicas::Replicas,
     state::State,
     tls::TlsListener,
     token,
@@ -76,6 +78,8 @@ struct Inner {
     fleet: Arc<Fleet>,
     /// Live tap sessions.
     taps: Arc<crate::tap::Taps>,
+    /// The other replicas on a shared store, asked for their part of fleet queries.
+    replicas: Option<Arc<Replicas>>,
 }
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
@@ -207,6 +211,8 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
 
 impl Api {
     /// The API over `store` and the followed `state`.
+    // Each is one part of the API's state, built once at start by `Control::start`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         store: Store,
         state: watch::Receiver<Arc<State>>,
@@ -215,6 +221,7 @@ impl Api {
         identity: Arc<Identity>,
         max_body: usize,
         fleet: Arc<Fleet>,
+        replicas: Option<Arc<Replicas>>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -226,6 +233,7 @@ impl Api {
                 agents: Agents::default(),
                 fleet,
                 taps: Arc::default(),
+                replicas,
             }),
         }
     }
@@ -276,6 +284,7 @@ impl Api {
                     .route("/v1/telemetry", post(fleet::report))
                     .route("/v1/tap", get(fleet::follow_taps))
                     .route("/v1/tap/events", post(fleet::tap_events))
+                    .route("/v1/fleet/shard", get(fleet::shard))
                     .layer(DefaultBodyLimit::max(TELEMETRY_MAX_BODY)),
             )
             .with_state(self.clone())
@@ -304,6 +313,11 @@ impl Api {
     /// The same, shared.
     pub(crate) fn fleet_arc(&self) -> Arc<Fleet> {
         self.inner.fleet.clone()
+    }
+
+    /// The other replicas, when the store is shared.
+    pub(crate) fn replicas(&self) -> Option<&Replicas> {
+        self.inner.replicas.as_deref()
     }
 
     /// Live tap sessions.

@@ -26,6 +26,7 @@ impl InProcess {
             svid_ttl: std::time::Duration::from_secs(3600),
             ca_files: None,
             telemetry: Default::default(),
+            advertise: None,
         })
         .await
         .unwrap();

@@ -384,3 +384,69 @@ fn periods_too_old_to_keep_do_not_use_up_the_cap() {
     let t: u64 = s.totals().values().map(|t| t.requests).sum();
     assert_eq!(t, 12);
 }
+
+#[test]
+fn replicas_windows_merged_through_shards_answer_as_one_store_would() {
+    use crate::shard::Shard;
+    use prost::Message;
+    let web = |seq, start, class, n| {
+        report(
+            "shop/web",
+            7,
+            seq,
+            start,
+            vec![series("shop/cat", "shop/cat-1", class, n)],
+        )
+    };
+    let mut inbound = report(
+        "shop/cat-1",
+        9,
+        1,
+        NOW - 20_000,
+        vec![series("shop/cat", "shop/web", "ok", 40)],
+    );
+    inbound.series[0].direction = 1;
+    inbound.latencies[0] = latency(&inbound.series[0], 40, 0.3);
+    // The web proxy reported its first period to A, then moved to B; the callee reports to B.
+    let (mut a, mut b, mut one) = (
+        Store::new(Limits::default()),
+        Store::new(Limits::default()),
+        Store::new(Limits::default()),
+    );
+    let reports = [
+        (web(1, NOW - 20_000, "ok", 90), true),
+        (web(2, NOW - 10_000, "app_error", 10), false),
+        (inbound, false),
+    ];
+    for (r, to_a) in &reports {
+        let s = if *to_a { &mut a } else { &mut b };
+        s.ingest(r, Some("spiffe://t/ns/shop/sa/x"), NOW).unwrap();
+        one.ingest(r, Some("spiffe://t/ns/shop/sa/x"), NOW).unwrap();
+    }
+    let ids = std::collections::HashMap::from([(
+        "shop/cat-1".to_string(),
+        "spiffe://t/ns/shop/sa/cat".to_string(),
+    )]);
+    let wire = Shard::of(&all(&b, 60_000), &ids).encode_to_vec();
+    let (from_b, got_ids) = Shard::decode(wire.as_slice())
+        .unwrap()
+        .into_window()
+        .unwrap();
+    assert_eq!(got_ids, ids);
+    let mut merged = all(&a, 60_000);
+    merged.merge(from_b);
+    for kind in [Kind::Service, Kind::Workload] {
+        let sel = Selector {
+            kind: Some(kind),
+            ..Selector::default()
+        };
+        let rows = |w: &Window| serde_json::to_value(view::stat(w, &sel, 60.0)).unwrap();
+        assert_eq!(rows(&merged), rows(&all(&one, 60_000)), "{kind:?}");
+    }
+    let svc = view::stat(&merged, &Selector::default(), 60.0);
+    assert_eq!(svc[0].figures.requests, 100);
+    // A shard that lies is refused whole.
+    let mut bad = Shard::of(&all(&b, 60_000), &ids);
+    bad.series[0].class = "teapot".into();
+    assert!(bad.into_window().is_err());
+}

@@ -1,0 +1,250 @@
+//! Control-plane replicas find each other through the store, so that a fleet query on any
+//! of them answers for the whole fleet.
+//!
+//! Each proxy reports to the replica it is connected to. Every replica on a shared store
+//! (etcd) records itself (its id and the xDS address peers reach it at) in one store record,
+//! refreshed every [`BEAT`]; a record not refreshed for [`STALE`] is left out, and one gone
+//! for ten minutes is removed. A query gathers the other replicas' parts of the same window
+//! ([`trellis_telemetry::shard::Shard`]) over their xDS address, with mutual TLS as the
+//! control plane's own identity (each replica mints its client certificate from the mesh's
+//! CA, which it holds), and merges them into its own: counts add and histograms merge
+//! exactly. A replica that does not answer within [`ASK_TIMEOUT`] is named in the answer
+//! (`x-trellis-partial`) rather than silently missing.
+//!
+//! Heartbeats change no resource: the store follower does not recompile for them.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use trellis_identity::{
+    key_and_csr,
+    tls::{client_config, control_plane_id, mesh_server_name, TlsCredentials},
+};
+use trellis_store::{Expect, Key, Store, StoreError, Write};
+use trellis_telemetry::shard::Shard;
+
+use crate::{fleet::now_ms, identity::Identity};
+
+/// How often a replica says it is alive.
+pub(crate) const BEAT: Duration = Duration::from_secs(15);
+/// A replica not heard from for this long is not asked.
+const STALE: Duration = Duration::from_secs(45);
+/// A replica not heard from for this long is removed from the record.
+const GONE: Duration = Duration::from_secs(600);
+/// How long a query waits for another replica's part.
+pub(crate) const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest part accepted from another replica.
+const MAX_SHARD: usize = 256 << 20;
+
+fn key() -> Key {
+    Key::new("_Replicas", "trellis-system", "all")
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+struct Seen {
+    /// `HOST:PORT` of its xDS listener.
+    xds: String,
+    /// When it last said it was alive (its clock, Unix ms).
+    seen_ms: u64,
+}
+
+/// Another replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Peer {
+    /// Its id.
+    pub(crate) id: String,
+    /// Its xDS address.
+    pub(crate) xds: String,
+}
+
+/// Why another replica's part is missing.
+#[derive(Debug, thiserror::Error)]
+#[error("replica {id} at {xds}: {why}")]
+pub(crate) struct Unreachable {
+    id: String,
+    xds: String,
+    why: String,
+}
+
+/// This replica and how it reaches the others.
+pub(crate) struct Replicas {
+    id: String,
+    xds: String,
+    store: Store,
+    identity: Arc<Identity>,
+    /// The client configuration for other replicas, and when to mint a new certificate.
+    tls: Mutex<Option<(Arc<rustls::ClientConfig>, Instant)>>,
+}
+
+impl Replicas {
+    /// This replica, reached by the others at `xds`.
+    pub(crate) fn new(store: Store, identity: Arc<Identity>, xds: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            id: format!("{:016x}", fastrand::u64(..)),
+            xds: xds.to_string(),
+            store,
+            identity,
+            tls: Mutex::new(None),
+        })
+    }
+
+    /// Say this replica is alive, every [`BEAT`], until the process ends.
+    pub(crate) async fn beat(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.register().await {
+                tracing::warn!(error = %e, "cannot record this replica in the store; other replicas will not ask it");
+            }
+            tokio::time::sleep(BEAT).await;
+        }
+    }
+
+    async fn read(&self) -> Result<(BTreeMap<String, Seen>, Expect), StoreError> {
+        Ok(match self.store.get(&key()).await? {
+            Some(o) => (
+                serde_json::from_value(o.doc["replicas"].clone()).unwrap_or_default(),
+                Expect::Version(o.version),
+            ),
+            None => (BTreeMap::new(), Expect::Absent),
+        })
+    }
+
+    async fn register(&self) -> Result<(), StoreError> {
+        // Replicas write the one record concurrently: read, change, write if unchanged.
+        let mut tries = 0;
+        loop {
+            let (mut all, expect) = self.read().await?;
+            let now = now_ms();
+            all.retain(|_, s| now.saturating_sub(s.seen_ms) < GONE.as_millis() as u64);
+            all.insert(
+                self.id.clone(),
+                Seen {
+                    xds: self.xds.clone(),
+                    seen_ms: now,
+                },
+            );
+            let write = Write {
+                key: key(),
+                doc: Some(serde_json::json!({ "replicas": all })),
+                expect,
+            };
+            match self.store.write(vec![write]).await {
+                Err(StoreError::Conflict { .. }) if tries < 5 => tries += 1,
+                r => return r.map(|_| ()),
+            }
+        }
+    }
+
+    /// The other replicas heard from lately.
+    pub(crate) async fn peers(&self) -> Vec<Peer> {
+        let all = match self.read().await {
+            Ok((all, _)) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the replicas from the store");
+                return Vec::new();
+            }
+        };
+        let now = now_ms();
+        all.into_iter()
+            .filter(|(id, s)| {
+                *id != self.id && now.saturating_sub(s.seen_ms) < STALE.as_millis() as u64
+            })
+            .map(|(id, s)| Peer { id, xds: s.xds })
+            .collect()
+    }
+
+    /// A client configuration as the control plane's identity, minted from the CA and kept
+    /// for half the certificate's lifetime.
+    async fn client_tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        if let Some((cfg, until)) = &*self.tls.lock().unwrap_or_else(|p| p.into_inner()) {
+            if Instant::now() < *until {
+                return Ok(cfg.clone());
+            }
+        }
+        let ca = self
+            .identity
+            .ca(&self.store)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (key, csr) = key_and_csr().map_err(|e| e.to_string())?;
+        let me = control_plane_id(&self.identity.trust_domain);
+        let svid = ca
+            .sign(&csr, &me, self.identity.svid_ttl)
+            .map_err(|e| e.to_string())?;
+        let creds = TlsCredentials::from_pem(&svid.chain_pem, &key, ca.trust_bundle())
+            .map_err(|e| e.to_string())?;
+        let cfg = client_config(&creds, vec![me], &[b"h2"]).map_err(|e| e.to_string())?;
+        let until = Instant::now() + self.identity.svid_ttl / 2;
+        *self.tls.lock().unwrap_or_else(|p| p.into_inner()) = Some((cfg.clone(), until));
+        Ok(cfg)
+    }
+
+    /// `peer`'s part of a window (`query`: the shard endpoint's query string).
+    async fn ask(&self, peer: &Peer, query: &str) -> Result<Shard, String> {
+        let cfg = self.client_tls().await?;
+        let tcp = tokio::net::TcpStream::connect(&peer.xds)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(mesh_server_name(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("https://{}/v1/fleet/shard?{query}", peer.xds))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_SHARD)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!(
+                "answered {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            ));
+        }
+        Shard::decode(body).map_err(|e| format!("a malformed answer: {e}"))
+    }
+
+    /// Every other replica's part of a window, asked at once; those that did not answer in
+    /// time, with why.
+    pub(crate) async fn gather(&self, query: &str) -> (Vec<Shard>, Vec<Unreachable>) {
+        let peers = self.peers().await;
+        let asks = peers.iter().map(|p| async move {
+            let r = tokio::time::timeout(ASK_TIMEOUT, self.ask(p, query))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {ASK_TIMEOUT:?}")));
+            (p, r)
+        });
+        let mut shards = Vec::new();
+        let mut missing = Vec::new();
+        for (p, r) in futures_util::future::join_all(asks).await {
+            match r {
+                Ok(s) => shards.push(s),
+                Err(why) => missing.push(Unreachable {
+                    id: p.id.clone(),
+                    xds: p.xds.clone(),
+                    why,
+                }),
+            }
+        }
+        (shards, missing)
+    }
+}
