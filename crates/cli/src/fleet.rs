@@ -303,6 +303,10 @@ pub(crate) struct TapArgs {
     /// Stop after this many requests.
     #[arg(long)]
     max_events: Option<u64>,
+    /// Show the requests' and responses' header values (never those of `authorization`,
+    /// `proxy-authorization`, `cookie` or `set-cookie`).
+    #[arg(long)]
+    headers: bool,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: TapOutput,
@@ -325,6 +329,9 @@ impl TapArgs {
             format!("name={}", query_value(name)),
             format!("max_rps={}", a.max_rps),
         ];
+        if a.headers {
+            q.push("headers=true".into());
+        }
         for (k, v) in [
             ("method", &a.method),
             ("path_prefix", &a.path_prefix),
@@ -396,7 +403,23 @@ fn tap_line(e: &serde_json::Value) -> String {
         e["latency_ms"].as_f64().unwrap_or(0.0),
         e["attempts"],
         s("endpoint"),
-    )
+    ) + &headers_lines(e)
+}
+
+/// A tapped request's headers, indented under its line (`>` sent, `<` received).
+fn headers_lines(e: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for (key, mark) in [("request_headers", '>'), ("response_headers", '<')] {
+        if let Some(h) = e[key].as_object() {
+            for (k, v) in h {
+                out.push_str(&format!(
+                    "\n  {mark} {k}: {}",
+                    v.as_str().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// What `top` shows.

@@ -1056,6 +1056,41 @@ async fn tap_shows_live_requests_that_match_within_its_bound_split_over_the_prox
         n <= 2.0 + 2.0 * (elapsed + 1.0),
         "{n} events of 200 requests in {elapsed:.2} s"
     );
+    drop(tap);
+
+    // With --headers, header values show, but credentials' never do.
+    let tap = TapProcess::start(
+        &cp,
+        &[
+            "svc/direct",
+            "-n",
+            "test",
+            "--path-prefix",
+            "/h",
+            "--headers",
+        ],
+    );
+    eventually(
+        "the proxy's tap shows headers",
+        Duration::from_secs(10),
+        async || (taps_of(&p1).await[0]["headers"] == true).then_some(()),
+    )
+    .await;
+    let mut with = secret.to_vec();
+    with.push(("x-order", "o-17"));
+    client::get_full(p1.outbound, "direct.test", "/h/ok", &with)
+        .await
+        .unwrap();
+    let e = eventually("the tapped request", Duration::from_secs(10), async || {
+        tap.lines().into_iter().next()
+    })
+    .await;
+    let req = &e["request_headers"];
+    assert_eq!(req["x-order"], "o-17", "{e}");
+    assert_eq!(req["authorization"], "<withheld>", "{e}");
+    assert_eq!(req["cookie"], "<withheld>", "{e}");
+    assert_eq!(e["response_headers"]["content-length"], "1", "{e}");
+    assert!(!e.to_string().contains("sekrit"), "{e}");
 }
 
 #[tokio::test]

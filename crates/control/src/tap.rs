@@ -46,6 +46,8 @@ pub(crate) struct Spec {
     pub(crate) failure_class: Option<String>,
     /// Events a second, over every proxy.
     pub(crate) max_rps: f64,
+    /// Show header values (the proxies withhold credentials').
+    pub(crate) headers: bool,
 }
 
 struct Session {
@@ -169,6 +171,7 @@ impl Taps {
                     "authority": sp.authority,
                     "failure_class": sp.failure_class,
                     "rate": rate,
+                    "headers": sp.headers,
                 }))
             })
             .collect();

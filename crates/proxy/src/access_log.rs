@@ -94,6 +94,9 @@ pub(crate) struct HttpLine {
     pub(crate) dst_identity: Label,
     /// `x-request-id`.
     pub(crate) request_id: Option<HeaderValue>,
+    /// The request's and the response's headers, kept only while a tap that shows headers
+    /// is on (never written to the log).
+    pub(crate) tap_headers: Option<Box<[http::HeaderMap; 2]>>,
 }
 
 impl HttpLine {
@@ -139,6 +142,7 @@ impl HttpLine {
             try_start: Duration::ZERO,
             dst_identity: Label::default(),
             request_id: None,
+            tap_headers: None,
         }
     }
 }

@@ -4,8 +4,11 @@
 //! a request while no tap is on (one atomic load).
 //!
 //! The proxy follows `GET /v1/tap?workload=W` (a stream of JSON lines, each the whole set of
-//! taps for this proxy) and pushes matches to `POST /v1/tap/events`. Header values are never
-//! copied: a tap shows method, authority, path, outcome and who called whom.
+//! taps for this proxy) and pushes matches to `POST /v1/tap/events`. A tap shows method,
+//! authority, path, outcome and who called whom; header values only when the tap asks for
+//! them (`trellis tap --headers`), and never those of `authorization`, `proxy-authorization`,
+//! `cookie` or `set-cookie`. Only while such a tap is on does a request keep a copy of its
+//! headers (one atomic load decides).
 
 use std::{
     sync::{Arc, Mutex},
@@ -45,6 +48,39 @@ pub(crate) struct TapSpec {
     pub(crate) failure_class: Option<String>,
     /// Events a second this proxy may send for it (its share of the session's bound).
     pub(crate) rate: f64,
+    /// Show header values (but never credentials).
+    #[serde(default)]
+    pub(crate) headers: bool,
+}
+
+/// Headers whose values a tap never shows.
+const SECRET: [&str; 4] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+];
+
+/// Headers as a tap shows them: names with their values (several joined by `, `), and the
+/// credentials' values withheld.
+fn shown(h: &http::HeaderMap) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::<String, String>::new();
+    for (name, value) in h {
+        let v = if SECRET.contains(&name.as_str()) {
+            "<withheld>".into()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        out.entry(name.as_str().to_string())
+            .and_modify(|e| {
+                if !SECRET.contains(&name.as_str()) {
+                    e.push_str(", ");
+                    e.push_str(&v);
+                }
+            })
+            .or_insert(v);
+    }
+    out
 }
 
 struct Tap {
@@ -121,11 +157,17 @@ struct Event<'a> {
     dst_environment: &'static str,
     dst_locality: Option<&'a str>,
     trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_headers: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The taps on now, and the queue of what they copied.
 pub(crate) struct Taps {
     set: ArcSwapOption<Vec<Tap>>,
+    /// Some tap shows headers: requests keep a copy of theirs.
+    headers: std::sync::atomic::AtomicBool,
     tx: mpsc::Sender<Bytes>,
     /// Taken by the task that sends (`tap_link`).
     pub(crate) rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
@@ -136,6 +178,7 @@ impl Default for Taps {
         let (tx, rx) = mpsc::channel(QUEUE);
         Self {
             set: ArcSwapOption::empty(),
+            headers: Default::default(),
             tx,
             rx: Mutex::new(Some(rx)),
         }
@@ -143,6 +186,12 @@ impl Default for Taps {
 }
 
 impl Taps {
+    /// Whether a request should keep its headers for a tap.
+    #[inline]
+    pub(crate) fn want_headers(&self) -> bool {
+        self.headers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Copy `l` (which took `total`) to every tap it matches, within their rates.
     #[inline]
     pub(crate) fn offer(&self, l: &HttpLine, total: Duration) {
@@ -152,7 +201,7 @@ impl Taps {
         };
         for t in set.iter() {
             if t.matches(l) && t.allow() {
-                let _ = self.tx.try_send(event(t.spec.id, l, total));
+                let _ = self.tx.try_send(event(t.spec.id, l, total, t.spec.headers));
             }
         }
     }
@@ -175,6 +224,9 @@ impl Taps {
                 }
             })
             .collect();
+        let headers = taps.iter().any(|t| t.spec.headers);
+        self.headers
+            .store(headers, std::sync::atomic::Ordering::Relaxed);
         self.set.store((!taps.is_empty()).then(|| Arc::new(taps)));
     }
 
@@ -185,14 +237,15 @@ impl Taps {
             .as_ref()
             .map(|s| {
                 s.iter()
-                    .map(|t| serde_json::json!({ "id": t.spec.id, "rate": t.spec.rate, "service": t.spec.service }))
+                    .map(|t| serde_json::json!({ "id": t.spec.id, "rate": t.spec.rate, "service": t.spec.service, "headers": t.spec.headers }))
                     .collect()
             })
             .unwrap_or_default()
     }
 }
 
-fn event(tap: u64, l: &HttpLine, total: Duration) -> Bytes {
+fn event(tap: u64, l: &HttpLine, total: Duration, headers: bool) -> Bytes {
+    let h = l.tap_headers.as_deref().filter(|_| headers);
     let e = Event {
         tap,
         ts_ms: SystemTime::now()
@@ -216,6 +269,8 @@ fn event(tap: u64, l: &HttpLine, total: Duration) -> Bytes {
         dst_environment: l.dst_environment,
         dst_locality: l.dst_locality.get(),
         trace_id: (l.trace_id != 0).then(|| format!("{:032x}", l.trace_id)),
+        request_headers: h.map(|h| shown(&h[0])),
+        response_headers: h.map(|h| shown(&h[1])),
     };
     Bytes::from(serde_json::to_vec(&e).unwrap_or_default())
 }

@@ -281,6 +281,9 @@ pub(crate) struct TapQuery {
     failure_class: Option<String>,
     /// Events a second over the whole mesh (default 100, at most 10,000).
     max_rps: Option<f64>,
+    /// Show header values (never those of credentials). Off by default.
+    #[serde(default)]
+    headers: bool,
 }
 
 /// `GET /api/v1/tap`: live requests, one JSON object a line.
@@ -322,6 +325,7 @@ pub(crate) async fn tap(
         authority: q.authority,
         failure_class: q.failure_class,
         max_rps,
+        headers: q.headers,
     };
     let body = axum::body::Body::from_stream(api.taps().open(spec));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())

@@ -22,7 +22,7 @@
 //! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload; for the whole fleet (other replicas' parts merged in; `x-trellis-partial` names a replica that did not answer) |
 //! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures (whole fleet, as `stat`) |
 //! | GET | `/v1/fleet/shard?kind=&namespace=&name=&window=&at=` (xDS address only) | this replica's part of a window (protobuf `Shard`), for another replica: its certificate must be the control plane's |
-//! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N` | live requests, one JSON object a line, until the client leaves |
+//! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N&headers=true` | live requests, one JSON object a line, until the client leaves; header values only with `headers=true`, never those of credentials |
 //! | GET | `/v1/tap?workload=NS/NAME` (xDS address only) | a proxy follows its taps: one JSON line `{taps: [...]}` now and at each change |
 //! | POST | `/v1/tap/events?workload=NS/NAME` (xDS address only) | a proxy's tapped records, a JSON array |
 //! | GET | `/metrics` | the fleet's counters and latency in Prometheus's text format (admin token) |

@@ -139,6 +139,7 @@ fn http_line(path: &str, detail: Option<String>, upstream: SocketAddr) -> Entry 
             try_start: Duration::ZERO,
             dst_identity: Label::default(),
             request_id: Some(HeaderValue::from_static("req-1")),
+            tap_headers: None,
         },
         std::time::UNIX_EPOCH + Duration::from_millis(1_764_192_394_123),
         Duration::from_micros(12_345_678),

@@ -430,6 +430,9 @@ async fn handle(
     if let Some(p) = &source {
         rec.source_identity = p.uri.clone();
     }
+    if shared.telemetry.taps.want_headers() {
+        rec.tap_headers = Some(Box::new([req.headers().clone(), Default::default()]));
+    }
     let ids = crate::trace::prepare(req.headers_mut(), shared.telemetry.trace_sampling);
     rec.trace_id = ids.trace_id;
     rec.spans = ids.spans;

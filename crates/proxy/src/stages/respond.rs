@@ -62,6 +62,9 @@ pub(crate) fn local_reply(mut rec: Box<Record>, e: &Error, grpc: bool) -> Respon
         HeaderValue::from_static(class.as_str()),
     );
     rec.status = resp.status().as_u16();
+    if let Some(h) = rec.tap_headers.as_mut() {
+        h[1] = resp.headers().clone();
+    }
     resp.map(|b| b.with_on_end(rec))
 }
 
@@ -86,6 +89,9 @@ pub(crate) fn relay(
     strip_response_headers(&mut parts.headers, from_peer);
     if let Some(e) = edits {
         edit_headers(&mut parts.headers, e);
+    }
+    if let Some(h) = rec.tap_headers.as_mut() {
+        h[1] = parts.headers.clone();
     }
     Response::from_parts(parts, ProxyBody::upstream(body, limits).with_on_end(rec))
 }
