@@ -7,6 +7,8 @@
 # REPORT=DURATION takes the config from a real control plane (started here, not measured)
 # and reports to it every DURATION (`0s`: config from it, no telemetry): REPORT=0s and
 # REPORT=1s side by side give the cost of fleet telemetry per request.
+# EXTRA="ARGS" adds proxy flags (say, EXTRA="--otlp-endpoint http://127.0.0.1:1
+# --trace-sampling 100" for the cost of building every request's spans).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -39,7 +41,7 @@ if [ -n "${REPORT:-}" ]; then
 fi
 # Total instructions of a proxy run that serves $1 requests.
 run() {
-  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy "${SRC[@]}" \
+  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy "${SRC[@]}" ${EXTRA:-} \
     --workload bench/client $LOG --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
     --inbound 127.0.0.1:18106 >/dev/null 2>&1 &
   VP=$!

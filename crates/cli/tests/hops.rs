@@ -12,9 +12,15 @@ use trellis_test_support::control::ControlProcess;
 
 /// The callee's Workload `peer` (identity beta, in zone eu/eu-1) serves `ok` (200), `down`
 /// (nothing listens), `spoof` (an application 503 that claims to be the mesh's `denied`) and
-/// `walled` (an AuthorizationPolicy denies the caller). The caller `client` is selected by
-/// Service `client`.
-fn mesh(ok: SocketAddr, down: SocketAddr, spoof: SocketAddr, inbound: u16) -> String {
+/// `walled` (an AuthorizationPolicy denies the caller) and `slow` (an application slower
+/// than its route's 300 ms timeout). The caller `client` is selected by Service `client`.
+fn mesh(
+    ok: SocketAddr,
+    down: SocketAddr,
+    spoof: SocketAddr,
+    slow: SocketAddr,
+    inbound: u16,
+) -> String {
     let svc = |name: &str, sel: &str| {
         format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: {sel} }}\n  ports: [{{ name: {name}, port: 80, targetPort: 1, protocol: HTTP }}]\n")
     };
@@ -23,14 +29,17 @@ fn mesh(ok: SocketAddr, down: SocketAddr, spoof: SocketAddr, inbound: u16) -> St
         svc("down", "peer"),
         svc("spoof", "peer"),
         svc("walled", "peer"),
+        svc("slow", "peer"),
         svc("client", "client"),
         format!(
-            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  locality: {{ region: eu, zone: eu-1 }}\n  ports: {{ ok: {}, down: {}, spoof: {}, walled: {} }}\n",
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  locality: {{ region: eu, zone: eu-1 }}\n  ports: {{ ok: {}, down: {}, spoof: {}, walled: {}, slow: {} }}\n",
             ok.port(),
             down.port(),
             spoof.port(),
-            ok.port()
+            ok.port(),
+            slow.port()
         ),
+        route("slow", "slow", "    - timeouts: { request: 300ms }\n"),
         "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: vm }\n".to_string(),
         "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: wall, namespace: test }\nspec:\n  targetRefs: [{ name: walled }]\n  action: DENY\n  rules: [{ from: [{ identities: [test/client] }] }]\n".to_string(),
     ]
@@ -49,6 +58,25 @@ async fn spoofing_app() -> SocketAddr {
         r
     })
     .await
+}
+
+/// The `Proxy-Status` entries of a response through the caller, nearest the application
+/// first.
+async fn proxy_status(caller: &ProxyProcess, host: &str, path: &str) -> Vec<String> {
+    let r = client::get_full(caller.outbound, host, path, &[])
+        .await
+        .unwrap();
+    r.headers
+        .get_all("proxy-status")
+        .iter()
+        .flat_map(|v| {
+            v.to_str()
+                .unwrap()
+                .split(", ")
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// GET `/PATH` from `host` through the caller; the caller's access-log line for it.
@@ -76,8 +104,14 @@ async fn each_hop_keeps_the_class_of_the_side_that_failed() {
     let ok = upstream::named("ok").await;
     let down = upstream::closed_port().await;
     let spoof = spoofing_app().await;
+    let slow = upstream::http(|_| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from("late")))
+    })
+    .await;
     let cp = ControlProcess::start(BIN, &[]);
-    let (callee, caller, _states) = mtls_pair(&cp, |inbound| mesh(ok, down, spoof, inbound)).await;
+    let (callee, caller, _states) =
+        mtls_pair(&cp, |inbound| mesh(ok, down, spoof, slow, inbound)).await;
     let inbound = format!("127.0.0.1:{}", callee.inbound.port());
     eventually(
         "the caller reaches the callee",
@@ -150,6 +184,47 @@ async fn each_hop_keeps_the_class_of_the_side_that_failed() {
         assert_eq!(n, 1.0, "{class}");
     }
 
+    // RFC 9209 Proxy-Status: each hop's entry, the one nearest the application first. The
+    // callee's proxy could not reach its application; the caller relayed its 502.
+    let ps = proxy_status(&caller, "down.test", "/down-ps").await;
+    assert_eq!(ps.len(), 2, "{ps:?}");
+    assert!(
+        ps[0].starts_with("trellis; error=connection_refused; next-hop=")
+            && ps[0].contains(&down.to_string()),
+        "{ps:?}"
+    );
+    assert_eq!(
+        ps[1],
+        format!("trellis; received-status=502; next-hop=\"{inbound}\""),
+        "{ps:?}"
+    );
+    // The application answered 503: both hops relayed it.
+    let ps = proxy_status(&caller, "spoof.test", "/spoof-ps").await;
+    assert_eq!(
+        ps[..],
+        [
+            format!("trellis; received-status=503; next-hop=\"{spoof}\""),
+            format!("trellis; received-status=503; next-hop=\"{inbound}\""),
+        ],
+    );
+    // Too slow for the route: only the caller's proxy answered, and says how.
+    let ps = proxy_status(&caller, "slow.test", "/slow-ps").await;
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert!(
+        ps[0].starts_with("trellis; error=http_response_timeout; next-hop=")
+            && ps[0].contains(&inbound),
+        "{ps:?}"
+    );
+    // A success says what each hop received.
+    let ps = proxy_status(&caller, "ok.test", "/ok-ps").await;
+    assert_eq!(
+        ps,
+        [
+            "trellis; received-status=200",
+            "trellis; received-status=200"
+        ]
+    );
+
     // The callee names its caller: service, workload and identity; its own locality.
     let line = callee
         .wait_log("inbound ok", |l| l["path"] == "/warm")
@@ -186,7 +261,7 @@ async fn connections_refused_before_any_request_are_recorded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ok = upstream::named("ok").await;
     let cp = ControlProcess::start(BIN, &[]);
-    let (callee, _caller, _states) = mtls_pair(&cp, |inbound| mesh(ok, ok, ok, inbound)).await;
+    let (callee, _caller, _states) = mtls_pair(&cp, |inbound| mesh(ok, ok, ok, ok, inbound)).await;
     // Plaintext to a proxy whose ports are all STRICT.
     let mut s = tokio::net::TcpStream::connect(callee.inbound)
         .await

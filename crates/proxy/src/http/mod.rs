@@ -4,6 +4,7 @@
 pub(crate) mod authority;
 pub(crate) mod body;
 pub(crate) mod headers;
+pub(crate) mod proxy_status;
 pub(crate) mod server;
 pub(crate) mod upgrade;
 

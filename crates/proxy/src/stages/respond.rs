@@ -3,6 +3,8 @@
 //! proper `grpc-status`), or it relays the upstream's response with hop-by-hop headers out
 //! and the route's edits in, completing the record when the body ends.
 //!
+//! Either way the proxy appends its RFC 9209 `Proxy-Status` entry ([`proxy_status`]).
+//!
 //! `x-trellis-failure` means "a Trellis proxy made this answer": it is relayed only from a
 //! peer's proxy (reached by mutual TLS) and removed from what an application sends, so that
 //! a caller can trust it and keep the peer's class across hops.
@@ -16,7 +18,7 @@ use crate::{
     http::{
         body::{Limits, ProxyBody, UpstreamBody},
         headers::{edit_headers, strip_response_headers},
-        GRPC_MESSAGE, GRPC_STATUS, X_TRELLIS_FAILURE,
+        proxy_status, GRPC_MESSAGE, GRPC_STATUS, X_TRELLIS_FAILURE,
     },
     stages::record::Record,
 };
@@ -61,6 +63,12 @@ pub(crate) fn local_reply(mut rec: Box<Record>, e: &Error, grpc: bool) -> Respon
         X_TRELLIS_FAILURE.clone(),
         HeaderValue::from_static(class.as_str()),
     );
+    proxy_status::append_error(
+        resp.headers_mut(),
+        class,
+        rec.upstream,
+        rec.detail.as_deref(),
+    );
     rec.status = resp.status().as_u16();
     if let Some(h) = rec.tap_headers.as_mut() {
         h[1] = resp.headers().clone();
@@ -90,6 +98,7 @@ pub(crate) fn relay(
     if let Some(e) = edits {
         edit_headers(&mut parts.headers, e);
     }
+    proxy_status::append_received(&mut parts.headers, rec.status, rec.upstream);
     if let Some(h) = rec.tap_headers.as_mut() {
         h[1] = parts.headers.clone();
     }
