@@ -11,6 +11,7 @@ mod client;
 mod containers;
 mod ctl;
 mod demo;
+mod diagnose;
 mod fleet;
 mod join;
 
@@ -103,8 +104,11 @@ enum Cmd {
     Stat(fleet::ViewArgs),
     /// Caller → callee workload pairs: environments, identities, mTLS, rate, success, p99.
     Edges(fleet::ViewArgs),
+    /// What fails, and whether it is the network, the application, the mesh's policy or the
+    /// configuration: where, with the evidence of both ends of each hop, and what to check.
+    Diagnose(diagnose::DiagnoseArgs),
     /// Live requests as the proxies see them: method, path, outcome and failure class,
-    /// latency, attempts, endpoint, who called whom (never header values).
+    /// latency, attempts, endpoint, who called whom (header values only with --headers).
     Tap(fleet::TapArgs),
     /// The tap's requests added up by source, destination, method and path: count, success,
     /// best/worst/last latency and the failure class they carried.
@@ -409,6 +413,7 @@ fn main() -> ExitCode {
         Cmd::Login { conn } => ctl_run(ctl::login(&conn)),
         Cmd::Stat(a) => ctl_run(fleet::stat(&a)),
         Cmd::Edges(a) => ctl_run(fleet::edges(&a)),
+        Cmd::Diagnose(a) => ctl_run(diagnose::run(&a)),
         Cmd::Tap(a) => ctl_run(fleet::tap(&a)),
         Cmd::Top(a) => ctl_run(fleet::top(&a)),
         Cmd::Token(TokenCmd::Create {

@@ -16,6 +16,7 @@ use std::{
 use trellis_identity::SpiffeId;
 use trellis_store::Key;
 use trellis_telemetry::{
+    diagnose::{self, Facts, Verdict},
     report::{Ack, Batch},
     shard::Shard,
     store::{Limits, Store, Window},
@@ -222,6 +223,21 @@ impl Fleet {
             )));
         }
         Ok(())
+    }
+
+    /// `trellis diagnose` over the `window_ms` before `at_ms`, with other replicas' parts:
+    /// the verdicts whose place or services `sel` names.
+    pub(crate) fn diagnose(
+        &self,
+        sel: &Selector,
+        window_ms: u64,
+        at_ms: u64,
+        others: Vec<Shard>,
+        facts: &Facts,
+    ) -> Result<Vec<Verdict>, FleetError> {
+        let (w, _) = self.merged(&Selector::default(), window_ms, at_ms, others)?;
+        let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
+        Ok(diagnose::diagnose(&w, facts, &pick))
     }
 
     /// `trellis edges` over the `window_ms` before `at_ms`, with other replicas' parts.

@@ -18,6 +18,7 @@ pub(crate) mod apply;
 pub(crate) mod catalog;
 pub(crate) mod control;
 mod delta;
+pub(crate) mod diagnose;
 pub(crate) mod envoy;
 pub(crate) mod error;
 pub(crate) mod fleet;

@@ -5,8 +5,10 @@
 //! - [`report`]: the protobuf messages a proxy pushes every period;
 //! - [`key`] and [`store`]: the control plane's series and their ring buffers, bounded;
 //! - [`shard`]: a replica's part of a window, merged by the replica that answers;
+//! - [`diagnose`]: verdicts joined from both ends of each hop;
 //! - [`view`]: the rows of `trellis stat` and `trellis edges`.
 
+pub mod diagnose;
 pub mod export;
 pub mod fx;
 pub mod hist;

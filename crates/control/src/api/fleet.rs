@@ -191,6 +191,26 @@ pub(crate) async fn edges(
     Ok(answer(rows, partial))
 }
 
+/// `GET /api/v1/diagnose`: what is failing, where, why, with the evidence of both ends of
+/// each hop (the whole fleet, as `stat`).
+pub(crate) async fn diagnose(
+    AxState(api): AxState<Api>,
+    Query(q): Query<ViewQuery>,
+) -> ApiResult<Response> {
+    let (sel, window, at) = q.parse(&api)?;
+    let (shards, partial) = others(&api, &Selector::default(), window, at).await;
+    let facts = crate::diagnose::facts(&api.writer().state(), &api.proxies().snapshot());
+    let fleet = api.fleet_arc();
+    let verdicts =
+        tokio::task::spawn_blocking(move || fleet.diagnose(&sel, window, at, shards, &facts))
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("diagnose: {e}")))??;
+    Ok(answer(
+        serde_json::json!({ "window_ms": window, "verdicts": verdicts }),
+        partial,
+    ))
+}
+
 /// `GET /v1/fleet/shard` (xDS address, another replica only): this replica's part of a
 /// window, protobuf.
 pub(crate) async fn shard(

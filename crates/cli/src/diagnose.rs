@@ -1,0 +1,171 @@
+//! `trellis diagnose`: the control plane's verdicts (`/api/v1/diagnose`): what fails, whether
+//! the network, the application, the mesh's policy or the configuration, where, the evidence
+//! of both ends of each hop, and the next thing to check.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use hyper::Method;
+use trellis_proxy::FailureClass;
+use trellis_telemetry::diagnose::{Cause, End, Place, Verdict};
+
+use crate::client::{query_value, Api, Conn};
+
+/// Output of `diagnose`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub(crate) enum Output {
+    /// One block per problem.
+    Text,
+    /// JSON, as the API gives it.
+    Json,
+}
+
+/// What `diagnose` looks at.
+#[derive(clap::Args)]
+pub(crate) struct DiagnoseArgs {
+    /// `svc/NAME` or `workload/NAME` (the whole mesh, or the namespace, without it).
+    target: Option<String>,
+    /// Only this namespace.
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// How far back: 10s to 24h.
+    #[arg(long, default_value = "5m")]
+    since: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Output,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+impl DiagnoseArgs {
+    fn query(&self) -> Result<String> {
+        let mut q = vec![format!("window={}", query_value(&self.since))];
+        if let Some(t) = &self.target {
+            let Some((kind, name)) = t.split_once('/') else {
+                bail!("{t:?}: give svc/NAME or workload/NAME");
+            };
+            let kind = match kind {
+                "svc" | "service" => "service",
+                "wl" | "workload" => "workload",
+                k => bail!("{k:?}: give svc/NAME or workload/NAME"),
+            };
+            q.push(format!("kind={kind}"));
+            q.push(format!("name={}", query_value(name)));
+        }
+        if let Some(ns) = &self.namespace {
+            q.push(format!("namespace={}", query_value(ns)));
+        }
+        Ok(q.join("&"))
+    }
+}
+
+fn cause(c: Cause) -> &'static str {
+    match c {
+        Cause::Network => "NETWORK",
+        Cause::Application => "APPLICATION",
+        Cause::MeshPolicy => "MESH POLICY",
+        Cause::Configuration => "CONFIGURATION",
+        Cause::Client => "CLIENT",
+    }
+}
+
+fn end(e: &End) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    if !e.environment.is_empty() && e.environment != "unknown" {
+        parts.push(&e.environment);
+    }
+    if !e.locality.is_empty() {
+        parts.push(&e.locality);
+    }
+    let who = if e.workload.is_empty() {
+        "unmeshed callers"
+    } else {
+        &e.workload
+    };
+    if parts.is_empty() {
+        who.to_string()
+    } else {
+        format!("{who} ({})", parts.join(", "))
+    }
+}
+
+fn place(p: &Place) -> String {
+    match p {
+        Place::Workload { at } => format!("workload {}", end(at)),
+        Place::Link { from, to } => format!("link {} -> {}", end(from), end(to)),
+        Place::Service { name } => format!("service {name}"),
+        Place::Resource { name } => name.clone(),
+    }
+}
+
+fn counts(m: &BTreeMap<FailureClass, u64>) -> String {
+    if m.is_empty() {
+        return "-".into();
+    }
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter()
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One verdict as a block of text.
+pub(crate) fn block(v: &Verdict) -> String {
+    let mut out = format!("✗ {}: {}\n", cause(v.cause), v.problem);
+    out.push_str(&format!("  where:       {}\n", place(&v.place)));
+    if !v.services.is_empty() {
+        out.push_str(&format!("  services:    {}\n", v.services.join(", ")));
+    }
+    out.push_str(&format!("  caller saw:  {}\n", counts(&v.caller_saw)));
+    out.push_str(&format!("  callee saw:  {}\n", counts(&v.callee_saw)));
+    out.push_str("  evidence:\n");
+    for e in &v.evidence {
+        out.push_str(&format!("    - {e}\n"));
+    }
+    out.push_str(&format!("  next:        {}\n", v.next));
+    out
+}
+
+/// `trellis diagnose`.
+pub(crate) async fn run(a: &DiagnoseArgs) -> Result<()> {
+    let api = Api::new(&a.conn)?;
+    let v = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/diagnose?{}", a.query()?),
+            None,
+        )
+        .await?;
+    if matches!(a.output, Output::Json) {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let verdicts: Vec<Verdict> = serde_json::from_value(v["verdicts"].clone())?;
+    if verdicts.is_empty() {
+        println!(
+            "No problem found in the last {} (from what every proxy reported; they report every 10 s).",
+            a.since
+        );
+        return Ok(());
+    }
+    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+    for x in &verdicts {
+        *by.entry(cause(x.cause)).or_default() += 1;
+    }
+    let summary: Vec<String> = by
+        .iter()
+        .map(|(c, n)| format!("{} {n}", c.to_lowercase()))
+        .collect();
+    println!(
+        "{} problem(s) in the last {}: {}\n",
+        verdicts.len(),
+        a.since,
+        summary.join(", ")
+    );
+    for x in &verdicts {
+        println!("{}", block(x));
+    }
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! `trellis diagnose` on loopback: several faults at once under load, through real proxies
+//! with mutual TLS reporting to a real control plane; each must come out with the right
+//! cause and place, and nothing may be said of what works.
+//!
+//! The callee `test/peer` (a container) serves `ok`, `down` (its application is not
+//! running), `errors` (its application answers 503), `slow` (slower than the route's 300 ms)
+//! and `walled` (an AuthorizationPolicy denies the caller). `test/ghost` (a VM) is in the
+//! mesh but its proxy is not running. `gone` selects no workload. The caller is `test/client`
+//! (bare metal). Faults that need root (a DROP rule on one link) are the test bed's.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use serde_json::Value;
+use trellis_test_support::{control::ControlProcess, eventually, temp_path, ProxyProcess};
+
+fn mesh(
+    ok: SocketAddr,
+    down: SocketAddr,
+    errors: SocketAddr,
+    slow: SocketAddr,
+    inbound: u16,
+    ghost: u16,
+) -> String {
+    let svc = |name: &str, sel: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: {sel} }}\n  ports: [{{ name: {name}, port: 80, targetPort: 1, protocol: HTTP }}]\n")
+    };
+    [
+        svc("ok", "peer"),
+        svc("down", "peer"),
+        svc("errors", "peer"),
+        svc("slow", "peer"),
+        svc("walled", "peer"),
+        svc("far", "ghost"),
+        svc("gone", "nobody"),
+        svc("client", "client"),
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  locality: {{ region: eu, zone: eu-1 }}\n  ports: {{ ok: {}, down: {}, errors: {}, slow: {}, walled: {} }}\n",
+            ok.port(),
+            down.port(),
+            errors.port(),
+            slow.port(),
+            ok.port()
+        ),
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost, namespace: test, labels: {{ app: ghost }} }}\nspec:\n  address: 127.0.0.1\n  identity: ghost\n  inboundPort: {ghost}\n  environment: vm\n  ports: {{ far: {} }}\n",
+            ok.port()
+        ),
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: bare-metal }\n".to_string(),
+        "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: wall, namespace: test }\nspec:\n  targetRefs: [{ name: walled }]\n  action: DENY\n  rules: [{ from: [{ identities: [test/client] }] }]\n".to_string(),
+        route("slow", "slow", "    - timeouts: { request: 300ms }\n"),
+        // No ejection: every request meets the fault.
+        policy("down", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+        policy("far", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+    ]
+    .join("---\n")
+}
+
+fn verdicts_about<'a>(v: &'a Value, service: &str) -> Vec<&'a Value> {
+    v["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| {
+            x["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s == service)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn diagnose_names_each_fault_with_its_cause_and_place() {
+    let ok = upstream::named("ok").await;
+    let down = upstream::closed_port().await;
+    let errors = upstream::http(|_| async {
+        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from("no")));
+        *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        r
+    })
+    .await;
+    let slow = upstream::http(|_| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from("late")))
+    })
+    .await;
+    let ghost = upstream::closed_port().await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let m = |inbound| mesh(ok, down, errors, slow, inbound, ghost.port());
+    apply_ok(&cp, m(1)).await;
+    let join = |who: &str, workload: &str| {
+        let t = token(&cp, "test", who, "10m", "1");
+        let state = temp_path(&format!("{who}-state"));
+        ProxyProcess::start_xds(
+            BIN,
+            &[cp.xds_url()],
+            workload,
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--join-token",
+                &t,
+                "--report-interval",
+                "200ms",
+            ],
+        )
+    };
+    let callee = join("beta", "test/peer");
+    callee.wait_ready().await;
+    apply_ok(&cp, m(callee.inbound.port())).await;
+    let caller = join("client", "test/client");
+    caller.wait_ready().await;
+    eventually(
+        "the caller reaches the callee",
+        Duration::from_secs(10),
+        async || {
+            let r = client::get_full(caller.outbound, "ok.test", "/", &[])
+                .await
+                .ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+
+    // Load on every service at once.
+    let mut expect = Vec::new();
+    for (svc, n, status) in [
+        ("ok", 20, 200),
+        ("down", 6, 502),
+        ("errors", 6, 503),
+        ("slow", 4, 504),
+        ("walled", 4, 403),
+        ("far", 4, 502),
+        ("gone", 4, 503),
+    ] {
+        for _ in 0..n {
+            let r = client::get_full(caller.outbound, &format!("{svc}.test"), "/", &[])
+                .await
+                .unwrap();
+            assert_eq!(r.status, status, "{svc}");
+        }
+        expect.push(svc);
+    }
+
+    let v = eventually(
+        "a verdict for each fault",
+        Duration::from_secs(20),
+        async || {
+            let (st, v) = cp
+                .call(
+                    http::Method::GET,
+                    "/api/v1/diagnose?namespace=test&window=5m",
+                    "",
+                    None,
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+            let found = [
+                "test/down",
+                "test/errors",
+                "test/slow",
+                "test/walled",
+                "test/far",
+                "test/gone",
+            ]
+            .iter()
+            .all(|s| !verdicts_about(&v, s).is_empty());
+            // Every period of both sides is in: the counts are whole.
+            let whole = |svc: &str, side: &str, class: &str, n: u64| {
+                verdicts_about(&v, svc)
+                    .first()
+                    .is_some_and(|x| x[side][class].as_u64() >= Some(n))
+            };
+            let done = found
+                && whole("test/down", "callee_saw", "connect_refused", 6)
+                && whole("test/errors", "caller_saw", "app_error", 5)
+                && whole("test/errors", "callee_saw", "app_error", 5)
+                && whole("test/errors", "caller_saw", "no_healthy_upstream", 1)
+                && whole("test/walled", "caller_saw", "denied", 4);
+            done.then_some(v)
+        },
+    )
+    .await;
+    let one = |svc: &str| -> &Value {
+        let all = verdicts_about(&v, svc);
+        assert_eq!(all.len(), 1, "one verdict for {svc}: {all:#?}");
+        all[0]
+    };
+    let place = |x: &Value| {
+        (
+            x["place"]["kind"].as_str().unwrap().to_string(),
+            x["place"]["at"]["workload"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+
+    // The application is down behind the callee's proxy: the application, on its workload.
+    let x = one("test/down");
+    assert_eq!(x["cause"], "application", "{x:#}");
+    assert_eq!(place(x), ("workload".into(), "test/peer".into()), "{x:#}");
+    assert!(
+        x["callee_saw"]["connect_refused"].as_u64().unwrap() >= 6,
+        "{x:#}"
+    );
+    // Its application answers errors: both sides saw them; after five in a row, outlier
+    // detection ejected the endpoint, and the request that then found none is part of the
+    // same problem, not another one.
+    let x = one("test/errors");
+    assert_eq!(
+        (x["cause"].as_str(), place(x).1.as_str()),
+        (Some("application"), "test/peer"),
+        "{x:#}"
+    );
+    assert_eq!(
+        x["caller_saw"]["app_error"], x["callee_saw"]["app_error"],
+        "{x:#}"
+    );
+    assert_eq!(x["failed"], 6, "{x:#}");
+    assert!(x["evidence"].to_string().contains("ejected"), "{x:#}");
+    // Slower than the route waits: the callee saw the requests.
+    let x = one("test/slow");
+    assert_eq!(
+        (x["cause"].as_str(), place(x).1.as_str()),
+        (Some("application"), "test/peer"),
+        "{x:#}"
+    );
+    assert!(x["problem"].as_str().unwrap().contains("slower"), "{x:#}");
+    assert!(x["evidence"].to_string().contains("300 ms"), "{x:#}");
+    // Denied by the mesh, with the policy named.
+    let x = one("test/walled");
+    assert_eq!(x["cause"], "mesh_policy", "{x:#}");
+    assert!(
+        x["evidence"].to_string().contains("test/wall (DENY)"),
+        "{x:#}"
+    );
+    // The ghost's proxy is not there: the network towards it, not its application.
+    let x = one("test/far");
+    assert_eq!(x["cause"], "network", "{x:#}");
+    assert_eq!(x["place"]["to"]["workload"], "test/ghost", "{x:#}");
+    assert_eq!(x["place"]["to"]["environment"], "vm", "{x:#}");
+    assert!(x["callee_saw"].as_object().unwrap().is_empty(), "{x:#}");
+    // A service that selects nothing: configuration.
+    let x = one("test/gone");
+    assert_eq!(x["cause"], "configuration", "{x:#}");
+    // What works is not mentioned.
+    assert!(verdicts_about(&v, "test/ok").is_empty(), "{v:#}");
+
+    // The CLI, narrowed to one service.
+    let out = common::ok(cli(
+        &cp,
+        &["diagnose", "svc/down", "-n", "test", "--since", "5m"],
+    ));
+    assert!(
+        out.contains("APPLICATION") && out.contains("workload test/peer (container, eu/eu-1)"),
+        "{out}"
+    );
+    assert!(!out.contains("test/wall"), "only svc/down: {out}");
+}

@@ -1,0 +1,107 @@
+//! The facts `trellis diagnose` reads besides the traffic: which policies target a service,
+//! which workloads a service selects and their health, the routes' timeouts, the proxies
+//! that refused their config, and the references that do not resolve. The rules themselves
+//! are in [`trellis_telemetry::diagnose`].
+
+use serde_json::Value;
+use trellis_telemetry::diagnose::Facts;
+
+use crate::{registry::ProxyStatus, state::State};
+
+fn ns_name(doc: &Value, fallback_ns: &str) -> String {
+    format!(
+        "{}/{}",
+        doc["metadata"]["namespace"].as_str().unwrap_or(fallback_ns),
+        doc["metadata"]["name"].as_str().unwrap_or_default()
+    )
+}
+
+/// The shortest request timeout of a route's rules, milliseconds.
+fn route_timeout_ms(doc: &Value) -> Option<u64> {
+    doc["spec"]["rules"]
+        .as_array()?
+        .iter()
+        .filter_map(|r| r["timeouts"]["request"].as_str())
+        .filter_map(|t| t.parse::<trellis_model::value::DurationValue>().ok())
+        .map(|d| d.0.as_millis() as u64)
+        .filter(|ms| *ms > 0)
+        .min()
+}
+
+/// The facts of `state`, and of the proxies connected to this replica.
+pub(crate) fn facts(state: &State, proxies: &[ProxyStatus]) -> Facts {
+    let mut f = Facts::default();
+    let mut services: Vec<(String, &Value)> = Vec::new();
+    let mut workloads: Vec<&Value> = Vec::new();
+    for (key, entry) in &state.catalog.entries {
+        let doc = &entry.object.doc;
+        let ns = key.namespace.as_str();
+        match key.kind.as_str() {
+            "Service" => services.push((format!("{ns}/{}", key.name), doc)),
+            "Workload" => workloads.push(doc),
+            "AuthorizationPolicy" => {
+                let action = doc["spec"]["action"].as_str().unwrap_or("ALLOW");
+                let me = format!("{} ({action})", ns_name(doc, ns));
+                for t in doc["spec"]["targetRefs"].as_array().into_iter().flatten() {
+                    if let Some(name) = t["name"].as_str() {
+                        f.policies
+                            .entry(format!("{ns}/{name}"))
+                            .or_default()
+                            .push(me.clone());
+                    }
+                }
+            }
+            "HTTPRoute" | "GRPCRoute" => {
+                if let Some(ms) = route_timeout_ms(doc) {
+                    for p in doc["spec"]["parentRefs"].as_array().into_iter().flatten() {
+                        if let Some(name) = p["name"].as_str() {
+                            let svc = format!("{ns}/{name}");
+                            let t = f.timeouts_ms.entry(svc).or_insert(ms);
+                            *t = (*t).min(ms);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for (svc, doc) in services {
+        let ns = svc.split('/').next().unwrap_or_default();
+        let selector = doc["spec"]["selector"].as_object();
+        let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+            f.selects.insert(svc, Vec::new());
+            continue;
+        };
+        let chosen = workloads
+            .iter()
+            .filter(|w| w["metadata"]["namespace"].as_str().unwrap_or("default") == ns)
+            .filter(|w| {
+                selector
+                    .iter()
+                    .all(|(k, v)| w["metadata"]["labels"][k] == *v)
+            })
+            .map(|w| (ns_name(w, ns), w["spec"]["healthy"].as_bool()))
+            .collect();
+        f.selects.insert(svc, chosen);
+    }
+    for (key, conds) in &state.compiled.conditions {
+        for c in conds.iter().filter(|c| c.status == "False") {
+            f.unresolved.push((
+                format!("{} {}/{}", key.kind, key.namespace, key.name),
+                format!("{}: {}", c.reason, c.message),
+            ));
+        }
+    }
+    for p in proxies {
+        for (ty, st) in &p.types {
+            if let Some(r) = st.rejected.as_ref().filter(|_| st.acked != st.sent) {
+                let who = p.workload.clone().unwrap_or_else(|| p.node.clone());
+                f.refused
+                    .push((who, format!("{ty} version {}: {}", r.version, r.message)));
+            }
+        }
+    }
+    f.unresolved.sort();
+    f.refused.sort();
+    f
+}

@@ -1,0 +1,1050 @@
+//! `trellis diagnose`: what is failing, whether it is the network, the application, the
+//! mesh's policy or the configuration, where, and the evidence, from both ends of each hop.
+//!
+//! Every hop has a proxy at each end, and both report: the caller what it got (its outbound
+//! series, by callee workload and failure class), the callee what it saw and what its own
+//! connect to the application gave (its inbound series, by caller). The rules join the two:
+//!
+//! - the callee's proxy could not connect to its application → the application is down on
+//!   that workload's host (whatever the callers saw);
+//! - the callee's application answered errors → the application, confirmed by both sides;
+//! - the caller timed out, and the callee saw those requests → the application is slower
+//!   than the caller waits (the callee's latency is the evidence);
+//! - the caller's attempts failed in the network (timed out, reset, refused by the callee's
+//!   proxy) and the callee never saw them → the link from the caller when other callers of
+//!   that callee are fine, the callee's host when every caller fails;
+//! - TLS failures → the two identities and which side refused;
+//! - denied or overloaded → the mesh's policy (the policies that target the service);
+//! - no endpoint, no route, a refused config, an unresolved reference → configuration, or the
+//!   application when the workloads exist but are down.
+//!
+//! The rules read classes and counts, never the names of the tests' scenarios; each verdict
+//! carries the counts it rests on so that a reader can disagree with it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use trellis_taxonomy::FailureClass;
+
+use crate::{
+    key::{Direction, LatKey},
+    store::Window,
+};
+
+/// What kind of problem a verdict names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The network between two proxies, or a host.
+    Network,
+    /// The application.
+    Application,
+    /// The mesh's policy (authorization, limits).
+    MeshPolicy,
+    /// The mesh's configuration (resources, a proxy's config).
+    Configuration,
+    /// The callers.
+    Client,
+}
+
+/// One end of a link.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct End {
+    /// Workload, `namespace/name` (empty: an unmeshed caller).
+    pub workload: String,
+    /// Its environment.
+    pub environment: String,
+    /// Its locality.
+    pub locality: String,
+}
+
+/// Where a problem is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Place {
+    /// A workload (its application, its host or its proxy).
+    Workload {
+        /// The workload.
+        at: End,
+    },
+    /// The network path from one workload's host to another's.
+    Link {
+        /// The caller.
+        from: End,
+        /// The callee.
+        to: End,
+    },
+    /// A service as a whole.
+    Service {
+        /// `namespace/name`.
+        name: String,
+    },
+    /// A resource or a proxy's config.
+    Resource {
+        /// `Kind namespace/name`, or the proxy.
+        name: String,
+    },
+}
+
+impl Place {
+    /// The names it mentions (for a selector).
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Place::Workload { at } => vec![&at.workload],
+            Place::Link { from, to } => vec![&from.workload, &to.workload],
+            Place::Service { name } | Place::Resource { name } => vec![name],
+        }
+    }
+}
+
+/// A problem found, with its evidence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Network, application, mesh policy, configuration or client.
+    pub cause: Cause,
+    /// The problem, in a sentence.
+    pub problem: String,
+    /// Where.
+    pub place: Place,
+    /// The services concerned.
+    pub services: Vec<String>,
+    /// Failed requests (or attempts) it accounts for.
+    pub failed: u64,
+    /// What the callers' proxies recorded, by class.
+    pub caller_saw: BTreeMap<FailureClass, u64>,
+    /// What the callee's proxy recorded, by class (`ok` included: it saw those).
+    pub callee_saw: BTreeMap<FailureClass, u64>,
+    /// The facts it rests on, one a line.
+    pub evidence: Vec<String>,
+    /// The next thing to check.
+    pub next: String,
+}
+
+/// What the control plane knows besides the traffic.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    /// Authorization policies by the service they target (`ns/name` → `ns/policy (ACTION)`).
+    pub policies: BTreeMap<String, Vec<String>>,
+    /// The workloads each service (`ns/name`) selects, with their health when known.
+    pub selects: BTreeMap<String, Vec<(String, Option<bool>)>>,
+    /// The shortest route timeout of each service, milliseconds.
+    pub timeouts_ms: BTreeMap<String, u64>,
+    /// Proxies that refused their config: (who, why).
+    pub refused: Vec<(String, String)>,
+    /// Resources whose references do not resolve: (resource, message).
+    pub unresolved: Vec<(String, String)>,
+}
+
+/// A caller's requests to one service's workload, or to the service when no endpoint was
+/// picked.
+#[derive(Default)]
+struct Pair {
+    caller: End,
+    callee: End,
+    identity: String,
+    requests: u64,
+    attempts: u64,
+    classes: BTreeMap<FailureClass, u64>,
+}
+
+impl Pair {
+    fn failed(&self) -> u64 {
+        self.classes
+            .iter()
+            .filter(|(c, _)| counts_against(**c))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn ok(&self) -> u64 {
+        self.classes.get(&FailureClass::Ok).copied().unwrap_or(0)
+    }
+}
+
+/// Whether a class is a failure of the service (not the client's doing).
+fn counts_against(c: FailureClass) -> bool {
+    !matches!(
+        c,
+        FailureClass::Ok | FailureClass::ClientError | FailureClass::ClientDisconnect
+    )
+}
+
+/// The least failures a verdict needs: one failure may be chance.
+const MIN_FAILED: u64 = 2;
+
+fn end(workload: &str, environment: &str, locality: &str) -> End {
+    End {
+        workload: workload.into(),
+        environment: environment.into(),
+        locality: locality.into(),
+    }
+}
+
+fn named(e: &End) -> String {
+    if e.workload.is_empty() {
+        return "unmeshed callers".into();
+    }
+    match (e.environment.as_str(), e.locality.as_str()) {
+        ("" | "unknown", "") => e.workload.clone(),
+        (env, "") => format!("{} ({env})", e.workload),
+        ("" | "unknown", loc) => format!("{} ({loc})", e.workload),
+        (env, loc) => format!("{} ({env}, {loc})", e.workload),
+    }
+}
+
+fn classes_text(m: &BTreeMap<FailureClass, u64>) -> String {
+    let mut v: Vec<(&FailureClass, &u64)> = m.iter().filter(|(_, n)| **n > 0).collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    let parts: Vec<String> = v.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Verdicts accumulate by (cause, problem kind, place): two callers seeing one fault give
+/// one verdict.
+#[derive(Default)]
+struct Found(BTreeMap<(Cause, &'static str, Place), Verdict>);
+
+impl Found {
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        cause: Cause,
+        kind: &'static str,
+        place: Place,
+        service: &str,
+        problem: String,
+        failed: u64,
+        caller: &BTreeMap<FailureClass, u64>,
+        callee: &BTreeMap<FailureClass, u64>,
+        evidence: Vec<String>,
+        next: String,
+    ) {
+        let v = self
+            .0
+            .entry((cause, kind, place.clone()))
+            .or_insert_with(|| Verdict {
+                cause,
+                problem,
+                place,
+                services: Vec::new(),
+                failed: 0,
+                caller_saw: BTreeMap::new(),
+                callee_saw: BTreeMap::new(),
+                evidence: Vec::new(),
+                next,
+            });
+        if !service.is_empty() && !v.services.iter().any(|s| s == service) {
+            v.services.push(service.to_string());
+        }
+        v.failed += failed;
+        for (c, n) in caller {
+            *v.caller_saw.entry(*c).or_default() += n;
+        }
+        for (c, n) in callee {
+            *v.callee_saw.entry(*c).or_default() += n;
+        }
+        for e in evidence {
+            if !v.evidence.contains(&e) {
+                v.evidence.push(e);
+            }
+        }
+    }
+}
+
+fn only(m: &BTreeMap<FailureClass, u64>, keep: &[FailureClass]) -> BTreeMap<FailureClass, u64> {
+    m.iter()
+        .filter(|(c, _)| keep.contains(c))
+        .map(|(c, n)| (*c, *n))
+        .collect()
+}
+
+fn sum(m: &BTreeMap<FailureClass, u64>, of: &[FailureClass]) -> u64 {
+    of.iter().map(|c| m.get(c).copied().unwrap_or(0)).sum()
+}
+
+fn inbound_p99_ms(w: &Window, callee: &str, service: &str, caller: &str) -> Option<f64> {
+    w.latency
+        .iter()
+        .filter(|(k, _)| is_inbound(k, callee, service, caller))
+        .find_map(|(_, h)| h.quantile(0.99))
+        .map(|s| s * 1000.0)
+}
+
+fn is_inbound(k: &LatKey, callee: &str, service: &str, caller: &str) -> bool {
+    k.direction == Direction::Inbound
+        && &*k.workload == callee
+        && &*k.service == service
+        && &*k.peer_workload == caller
+}
+
+/// Every problem in `w`, most failed requests first. `names` keeps only the verdicts whose
+/// place or services mention one of them (empty: all).
+pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<Verdict> {
+    use FailureClass as F;
+    // Both sides of every hop, by (caller, service, callee).
+    let mut out_pairs: BTreeMap<(String, String, String), Pair> = BTreeMap::new();
+    let mut in_pairs: BTreeMap<(String, String, String), Pair> = BTreeMap::new();
+    for (k, c) in &w.series {
+        let (map, key, caller, callee) = match k.direction {
+            Direction::Outbound => (
+                &mut out_pairs,
+                (
+                    k.workload.to_string(),
+                    k.service.to_string(),
+                    k.peer_workload.to_string(),
+                ),
+                end(&k.workload, &k.environment, &k.locality),
+                end(&k.peer_workload, &k.peer_environment, &k.peer_locality),
+            ),
+            Direction::Inbound => (
+                &mut in_pairs,
+                (
+                    k.peer_workload.to_string(),
+                    k.service.to_string(),
+                    k.workload.to_string(),
+                ),
+                end(&k.peer_workload, &k.peer_environment, &k.peer_locality),
+                end(&k.workload, &k.environment, &k.locality),
+            ),
+        };
+        let p = map.entry(key).or_default();
+        if p.caller.workload.is_empty() {
+            p.caller = caller;
+        }
+        if p.callee.workload.is_empty() {
+            p.callee = callee;
+        }
+        if p.identity.is_empty() {
+            p.identity = k.peer_identity.to_string();
+        }
+        let n = c.requests + u64::from(c.tcp_closed);
+        p.requests += n;
+        p.attempts += c.attempts;
+        *p.classes.entry(k.class).or_default() += n;
+    }
+    // What each callee's proxy saw, from every caller.
+    let mut callee_all: BTreeMap<(String, String), BTreeMap<F, u64>> = BTreeMap::new();
+    for ((_, svc, callee), p) in &in_pairs {
+        let m = callee_all.entry((svc.clone(), callee.clone())).or_default();
+        for (c, n) in &p.classes {
+            *m.entry(*c).or_default() += n;
+        }
+    }
+    let empty = BTreeMap::new();
+    let mut found = Found::default();
+
+    // 1. What the callees' proxies recorded about their own applications.
+    for ((caller, svc, _), p) in &in_pairs {
+        let refused = sum(&p.classes, &[F::ConnectRefused, F::ConnectTimeout]);
+        if refused >= MIN_FAILED {
+            let m = only(&p.classes, &[F::ConnectRefused, F::ConnectTimeout]);
+            found.add(
+                Cause::Application,
+                "app_down",
+                Place::Workload { at: p.callee.clone() },
+                svc,
+                format!(
+                    "the application of {} does not accept connections from its proxy",
+                    p.callee.workload
+                ),
+                refused,
+                &empty,
+                &m,
+                vec![format!(
+                    "{}'s proxy could not connect to its application {refused} times ({})",
+                    p.callee.workload,
+                    classes_text(&m)
+                )],
+                format!(
+                    "is the application of {} running and listening on the port its Workload declares for {svc}?",
+                    p.callee.workload
+                ),
+            );
+        }
+        let errors = sum(&p.classes, &[F::AppError, F::AppGrpcError]);
+        if errors >= MIN_FAILED {
+            let m = only(&p.classes, &[F::AppError, F::AppGrpcError, F::Ok]);
+            let share = errors as f64 / p.requests.max(1) as f64;
+            found.add(
+                Cause::Application,
+                "app_errors",
+                Place::Workload { at: p.callee.clone() },
+                svc,
+                format!("the application of {} answers errors", p.callee.workload),
+                errors,
+                &empty,
+                &m,
+                vec![format!(
+                    "{}'s proxy relayed {errors} error answers of its application ({:.0} % of {} requests from {})",
+                    p.callee.workload,
+                    share * 100.0,
+                    p.requests,
+                    if caller.is_empty() { "unmeshed callers" } else { caller }
+                )],
+                format!("see the logs of the application of {}", p.callee.workload),
+            );
+        }
+        let tls = sum(&p.classes, &[F::TlsError]);
+        if tls >= MIN_FAILED {
+            found.add(
+                Cause::Network,
+                "tls",
+                Place::Workload {
+                    at: p.callee.clone(),
+                },
+                svc,
+                format!("{}'s proxy refuses TLS handshakes", p.callee.workload),
+                tls,
+                &empty,
+                &only(&p.classes, &[F::TlsError]),
+                vec![format!(
+                    "{}'s proxy failed {tls} inbound handshakes",
+                    p.callee.workload
+                )],
+                "check that callers have a certificate of the mesh's current roots (trellis check)"
+                    .into(),
+            );
+        }
+        // A meshed caller's refusals are joined from its side below (both counts at once).
+        for (class, what) in [(F::Denied, "denied"), (F::Overloaded, "overloaded")] {
+            let n = p.classes.get(&class).copied().unwrap_or(0);
+            if n >= MIN_FAILED && caller.is_empty() {
+                policy(
+                    &mut found,
+                    facts,
+                    svc,
+                    &p.callee,
+                    what,
+                    n,
+                    &empty,
+                    &p.classes,
+                    "its own proxy",
+                );
+            }
+        }
+    }
+
+    // 2. What the callers got, joined with what their callees saw.
+    for ((caller, svc, callee), p) in &out_pairs {
+        if callee.is_empty() {
+            // No endpoint was picked: the service as a whole, or the caller's own limits
+            // (even one such request may join the verdict that explains it).
+            no_endpoint(&mut found, facts, svc, p);
+            continue;
+        }
+        if p.failed() < MIN_FAILED {
+            continue;
+        }
+        let seen = in_pairs
+            .get(&(caller.clone(), svc.clone(), callee.clone()))
+            .map(|q| q.classes.clone())
+            .unwrap_or_default();
+        let seen_n: u64 = seen.values().sum();
+        let at_callee = callee_all
+            .get(&(svc.clone(), callee.clone()))
+            .cloned()
+            .unwrap_or_default();
+        let callee_ok = at_callee.get(&F::Ok).copied().unwrap_or(0);
+        // The callee's proxy could not reach its application: found above.
+        let app_down = sum(&at_callee, &[F::ConnectRefused, F::ConnectTimeout]) >= MIN_FAILED;
+        let app_errors = sum(&at_callee, &[F::AppError, F::AppGrpcError]) >= MIN_FAILED;
+        for (class, n) in &p.classes {
+            let n = *n;
+            if !counts_against(*class) || n == 0 {
+                continue;
+            }
+            match class {
+                F::AppError | F::AppGrpcError => {
+                    if !app_errors {
+                        // The caller got errors the callee's proxy did not record as its
+                        // application's: an unmeshed callee, or one that does not report.
+                        found.add(
+                            Cause::Application,
+                            "app_errors",
+                            Place::Workload { at: p.callee.clone() },
+                            svc,
+                            format!("the application of {} answers errors", p.callee.workload),
+                            n,
+                            &only(&p.classes, &[*class, F::Ok]),
+                            &seen,
+                            vec![format!(
+                                "{} got {n} error answers from {} (its proxy reported none: not meshed, or not reporting)",
+                                p.caller.workload, p.callee.workload
+                            )],
+                            format!("see the logs of the application of {}", p.callee.workload),
+                        );
+                    } else {
+                        found.add(
+                            Cause::Application,
+                            "app_errors",
+                            Place::Workload {
+                                at: p.callee.clone(),
+                            },
+                            svc,
+                            format!("the application of {} answers errors", p.callee.workload),
+                            0,
+                            &only(&p.classes, &[*class, F::Ok]),
+                            &empty,
+                            vec![format!(
+                                "{} got {n} of them (both sides agree)",
+                                p.caller.workload
+                            )],
+                            format!("see the logs of the application of {}", p.callee.workload),
+                        );
+                    }
+                }
+                F::ConnectRefused | F::ConnectTimeout | F::UpstreamTimeout | F::ConnectionReset
+                    if app_down && matches!(class, F::ConnectRefused | F::ConnectTimeout) =>
+                {
+                    // The far hop's own answer, carried back: the application is down.
+                    found.add(
+                        Cause::Application,
+                        "app_down",
+                        Place::Workload { at: p.callee.clone() },
+                        svc,
+                        format!(
+                            "the application of {} does not accept connections from its proxy",
+                            p.callee.workload
+                        ),
+                        0,
+                        &only(&p.classes, &[*class]),
+                        &empty,
+                        vec![format!(
+                            "{} got {n} {class} answers from {}'s proxy",
+                            p.caller.workload, p.callee.workload
+                        )],
+                        format!(
+                            "is the application of {} running and listening on the port its Workload declares for {svc}?",
+                            p.callee.workload
+                        ),
+                    );
+                }
+                F::UpstreamTimeout if seen_n * 2 >= n => {
+                    // The callee saw them: its application took too long.
+                    let p99 = inbound_p99_ms(w, callee, svc, caller);
+                    let timeout = facts.timeouts_ms.get(svc);
+                    let mut ev = vec![format!(
+                        "{} timed out {n} times waiting for {}; {}'s proxy saw {seen_n} requests from it ({})",
+                        p.caller.workload,
+                        p.callee.workload,
+                        p.callee.workload,
+                        classes_text(&seen)
+                    )];
+                    if let Some(ms) = p99 {
+                        ev.push(format!(
+                            "the callee's requests from this caller took up to {ms:.0} ms (p99)"
+                        ));
+                    }
+                    if let Some(t) = timeout {
+                        ev.push(format!("the route's timeout is {t} ms"));
+                    }
+                    found.add(
+                        Cause::Application,
+                        "slow",
+                        Place::Workload { at: p.callee.clone() },
+                        svc,
+                        format!(
+                            "the application of {} answers slower than its callers wait",
+                            p.callee.workload
+                        ),
+                        n,
+                        &only(&p.classes, &[*class]),
+                        &seen,
+                        ev,
+                        format!(
+                            "why is the application of {} slow (its load, what it waits on)? Or raise {svc}'s route timeout",
+                            p.callee.workload
+                        ),
+                    );
+                }
+                F::ConnectRefused | F::ConnectTimeout | F::UpstreamTimeout | F::ConnectionReset => {
+                    network(
+                        &mut found, &out_pairs, p, svc, *class, n, &seen, seen_n, callee_ok,
+                    );
+                }
+                F::TlsError => {
+                    let mut ev = vec![format!(
+                        "{} failed {n} TLS handshakes with {}'s proxy, which had to prove {}",
+                        p.caller.workload,
+                        p.callee.workload,
+                        if p.identity.is_empty() {
+                            "its identity"
+                        } else {
+                            &p.identity
+                        }
+                    )];
+                    let refused_there = seen.get(&F::TlsError).copied().unwrap_or(0);
+                    ev.push(if refused_there > 0 {
+                        format!("{}'s proxy refused {refused_there} of them: the caller's certificate", p.callee.workload)
+                    } else {
+                        "the callee's proxy recorded none: the caller refused the callee's certificate (wrong identity, or a root it does not trust)".into()
+                    });
+                    found.add(
+                        Cause::Configuration,
+                        "tls",
+                        Place::Link {
+                            from: p.caller.clone(),
+                            to: p.callee.clone(),
+                        },
+                        svc,
+                        format!(
+                            "mutual TLS fails between {} and {}",
+                            p.caller.workload, p.callee.workload
+                        ),
+                        n,
+                        &only(&p.classes, &[F::TlsError]),
+                        &seen,
+                        ev,
+                        format!(
+                            "does {}'s Workload name the identity its certificate has (trellis get workload {})?",
+                            p.callee.workload, p.callee.workload
+                        ),
+                    );
+                }
+                F::Denied | F::Overloaded => {
+                    let what = if *class == F::Denied {
+                        "denied"
+                    } else {
+                        "overloaded"
+                    };
+                    let whose = if seen.get(class).copied().unwrap_or(0) > 0 {
+                        "the callee's proxy"
+                    } else {
+                        "the caller's or the callee's proxy"
+                    };
+                    policy(
+                        &mut found, facts, svc, &p.callee, what, n, &p.classes, &seen, whose,
+                    );
+                }
+                F::ProtocolError => {
+                    found.add(
+                        Cause::Application,
+                        "protocol",
+                        Place::Workload {
+                            at: p.callee.clone(),
+                        },
+                        svc,
+                        format!(
+                            "{} does not speak the protocol its Service declares",
+                            p.callee.workload
+                        ),
+                        n,
+                        &only(&p.classes, &[*class]),
+                        &seen,
+                        vec![format!(
+                            "{} got {n} answers it could not parse",
+                            p.caller.workload
+                        )],
+                        format!("check the protocol of {svc}'s port (HTTP, HTTP2, GRPC, TCP)"),
+                    );
+                }
+                _ => no_endpoint(&mut found, facts, svc, p),
+            }
+        }
+    }
+
+    // 3. What the control plane knows of the configuration.
+    for (who, why) in &facts.refused {
+        found.add(
+            Cause::Configuration,
+            "refused",
+            Place::Resource {
+                name: format!("proxy {who}"),
+            },
+            "",
+            format!("the proxy of {who} refused its configuration and serves the previous one"),
+            0,
+            &empty,
+            &empty,
+            vec![why.clone()],
+            "fix what it names, then apply again (trellis status shows the proxy's state)".into(),
+        );
+    }
+    for (res, why) in &facts.unresolved {
+        found.add(
+            Cause::Configuration,
+            "unresolved",
+            Place::Resource { name: res.clone() },
+            "",
+            format!("{res} refers to something that does not exist"),
+            0,
+            &empty,
+            &empty,
+            vec![why.clone()],
+            format!("trellis describe {res}"),
+        );
+    }
+
+    fold_ejections(&mut found);
+    let mut v: Vec<Verdict> = found
+        .0
+        .into_values()
+        .filter(|v| v.place.names().iter().any(|n| names(n)) || v.services.iter().any(|s| names(s)))
+        .collect();
+    v.sort_by(|a, b| b.failed.cmp(&a.failed).then(a.place.cmp(&b.place)));
+    v
+}
+
+/// Requests that found no usable endpoint of a service whose workloads were failing are a
+/// consequence (outlier detection ejected them), not a problem of their own: they join the
+/// verdict that explains them.
+fn fold_ejections(found: &mut Found) {
+    let ejected: Vec<_> = found
+        .0
+        .keys()
+        .filter(|(c, k, _)| *k == "no_endpoint" && *c == Cause::Network)
+        .cloned()
+        .collect();
+    for key in ejected {
+        let Some(e) = found.0.get(&key).cloned() else {
+            continue;
+        };
+        let svc = e.services.first().cloned().unwrap_or_default();
+        let cause = found
+            .0
+            .iter_mut()
+            .filter(|(k, _)| **k != key)
+            .map(|(_, v)| v)
+            .filter(|v| v.services.contains(&svc) && v.failed > 0)
+            .max_by_key(|v| v.failed);
+        if let Some(v) = cause {
+            v.failed += e.failed;
+            for (c, n) in &e.caller_saw {
+                *v.caller_saw.entry(*c).or_default() += n;
+            }
+            v.evidence.push(format!(
+                "then outlier detection ejected it: {} more requests to {svc} found no endpoint",
+                e.failed
+            ));
+            found.0.remove(&key);
+        }
+    }
+    // What no other verdict explains stands alone only if it is more than chance.
+    found
+        .0
+        .retain(|(_, k, _), v| *k != "no_endpoint" || v.failed >= MIN_FAILED);
+}
+
+/// A network failure on the way from `p.caller` to `p.callee`: the link, or the callee's
+/// host, depending on whether other callers of that callee are fine.
+#[allow(clippy::too_many_arguments)]
+fn network(
+    found: &mut Found,
+    out_pairs: &BTreeMap<(String, String, String), Pair>,
+    p: &Pair,
+    svc: &str,
+    class: FailureClass,
+    n: u64,
+    seen: &BTreeMap<FailureClass, u64>,
+    seen_n: u64,
+    callee_ok: u64,
+) {
+    // Other callers of the same callee: are they fine?
+    let others: Vec<&Pair> = out_pairs
+        .values()
+        .filter(|o| {
+            o.callee.workload == p.callee.workload && o.caller.workload != p.caller.workload
+        })
+        .collect();
+    let others_ok = others
+        .iter()
+        .filter(|o| o.ok() > 0 && o.failed() * 10 < o.requests.max(1))
+        .count();
+    let others_failing = others.iter().filter(|o| o.failed() > o.ok()).count();
+    let mut ev = vec![format!(
+        "{} got {n} {class} trying {} ({} attempts for {} requests)",
+        p.caller.workload, p.callee.workload, p.attempts, p.requests
+    )];
+    ev.push(if seen_n == 0 {
+        format!(
+            "{}'s proxy saw no request from {} in the same window",
+            p.callee.workload, p.caller.workload
+        )
+    } else {
+        format!(
+            "{}'s proxy saw only {seen_n} requests from {} ({})",
+            p.callee.workload,
+            p.caller.workload,
+            classes_text(seen)
+        )
+    });
+    let (place, problem, next) = if others_ok > 0 {
+        ev.push(format!(
+            "{others_ok} other caller(s) of {} got answers",
+            p.callee.workload
+        ));
+        (
+            Place::Link {
+                from: p.caller.clone(),
+                to: p.callee.clone(),
+            },
+            format!(
+                "the network from {} to {} fails ({class})",
+                named(&p.caller),
+                named(&p.callee)
+            ),
+            format!(
+                "check the path between the hosts of {} and {} (firewall rules, routes, MTU); other callers reach {} fine",
+                p.caller.workload, p.callee.workload, p.callee.workload
+            ),
+        )
+    } else if others_failing > 0 || (callee_ok == 0 && !others.is_empty()) {
+        ev.push(format!(
+            "every caller of {} fails ({} other(s))",
+            p.callee.workload,
+            others.len()
+        ));
+        (
+            Place::Workload {
+                at: p.callee.clone(),
+            },
+            format!(
+                "{} cannot be reached by any caller ({class})",
+                named(&p.callee)
+            ),
+            format!(
+                "is the host of {} up, and its proxy (trellis join) running and listening?",
+                p.callee.workload
+            ),
+        )
+    } else {
+        ev.push(format!(
+            "no other caller of {} to compare with: the link or its host",
+            p.callee.workload
+        ));
+        (
+            Place::Link {
+                from: p.caller.clone(),
+                to: p.callee.clone(),
+            },
+            format!(
+                "{} cannot reach {} ({class})",
+                named(&p.caller),
+                named(&p.callee)
+            ),
+            format!(
+                "is the host of {} up and its proxy running? If so, check the path from the host of {}",
+                p.callee.workload, p.caller.workload
+            ),
+        )
+    };
+    let kind = if matches!(place, Place::Link { .. }) {
+        "link"
+    } else {
+        "host"
+    };
+    found.add(
+        Cause::Network,
+        kind,
+        place,
+        svc,
+        problem,
+        n,
+        &only(&p.classes, &[class]),
+        seen,
+        ev,
+        next,
+    );
+}
+
+/// A request refused by the mesh's policy.
+#[allow(clippy::too_many_arguments)]
+fn policy(
+    found: &mut Found,
+    facts: &Facts,
+    svc: &str,
+    callee: &End,
+    what: &str,
+    n: u64,
+    caller_saw: &BTreeMap<FailureClass, u64>,
+    callee_saw: &BTreeMap<FailureClass, u64>,
+    whose: &str,
+) {
+    let (problem, ev, next) = if what == "denied" {
+        let policies = facts.policies.get(svc).cloned().unwrap_or_default();
+        (
+            format!("requests to {svc} are denied by authorization policy"),
+            if policies.is_empty() {
+                vec![format!("{n} requests denied by {whose}; no AuthorizationPolicy targets {svc} (a STRICT port refused plaintext?)")]
+            } else {
+                vec![
+                    format!("{n} requests denied by {whose}"),
+                    format!("policies targeting {svc}: {}", policies.join(", ")),
+                ]
+            },
+            format!(
+                "trellis get authorizationpolicies -n {}",
+                svc.split('/').next().unwrap_or_default()
+            ),
+        )
+    } else {
+        (
+            format!("requests to {svc} are shed by the mesh's limits"),
+            vec![format!(
+                "{n} requests refused as overloaded by {whose} (circuit breaker or limit)"
+            )],
+            format!("raise {svc}'s limits (BackendTrafficPolicy connectionPool) or add capacity"),
+        )
+    };
+    let place = if callee.workload.is_empty() {
+        Place::Service { name: svc.into() }
+    } else {
+        Place::Workload { at: callee.clone() }
+    };
+    let class = if what == "denied" {
+        FailureClass::Denied
+    } else {
+        FailureClass::Overloaded
+    };
+    found.add(
+        Cause::MeshPolicy,
+        if what == "denied" {
+            "denied"
+        } else {
+            "overloaded"
+        },
+        place,
+        svc,
+        problem,
+        n,
+        &only(caller_saw, &[class]),
+        &only(callee_saw, &[class]),
+        ev,
+        next,
+    );
+}
+
+/// Requests that found no endpoint, no route or no limit room at the caller.
+fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
+    use FailureClass as F;
+    let empty = BTreeMap::new();
+    for (class, n) in &p.classes {
+        let n = *n;
+        if n == 0 || !counts_against(*class) {
+            continue;
+        }
+        if n < MIN_FAILED && *class != F::NoHealthyUpstream {
+            continue;
+        }
+        match class {
+            F::NoHealthyUpstream => {
+                let selected = facts.selects.get(svc).cloned().unwrap_or_default();
+                let (cause, problem, ev, next) = if selected.is_empty() {
+                    (
+                        Cause::Configuration,
+                        format!("{svc} selects no workload"),
+                        format!("{n} requests from {} found no endpoint", p.caller.workload),
+                        format!("does {svc}'s selector match the labels of the workloads meant to serve it?"),
+                    )
+                } else {
+                    let down: Vec<String> = selected
+                        .iter()
+                        .filter(|(_, h)| *h == Some(false))
+                        .map(|(w, _)| w.clone())
+                        .collect();
+                    let names: Vec<String> = selected.iter().map(|(w, _)| w.clone()).collect();
+                    if down.len() == selected.len() {
+                        (
+                            Cause::Application,
+                            format!("every workload of {svc} is down"),
+                            format!(
+                                "{n} requests from {} found no endpoint; unhealthy: {}",
+                                p.caller.workload,
+                                down.join(", ")
+                            ),
+                            format!(
+                                "why did {} stop (its health checks, trellis get workload)?",
+                                down.join(", ")
+                            ),
+                        )
+                    } else {
+                        (
+                            Cause::Network,
+                            format!("no endpoint of {svc} is usable"),
+                            format!("{n} requests from {} found no endpoint; {svc} selects {} (ejected by outlier detection after failures?)", p.caller.workload, names.join(", ")),
+                            format!("trellis diagnose svc/{} over a longer window shows why they were ejected", svc.split('/').nth(1).unwrap_or(svc)),
+                        )
+                    }
+                };
+                found.add(
+                    cause,
+                    "no_endpoint",
+                    Place::Service { name: svc.into() },
+                    svc,
+                    problem,
+                    n,
+                    &only(&p.classes, &[*class]),
+                    &empty,
+                    vec![ev],
+                    next,
+                );
+            }
+            F::NoRoute => found.add(
+                Cause::Configuration,
+                "no_route",
+                Place::Workload {
+                    at: p.caller.clone(),
+                },
+                svc,
+                format!(
+                    "{} calls a name no Service or route answers",
+                    p.caller.workload
+                ),
+                n,
+                &only(&p.classes, &[*class]),
+                &empty,
+                vec![format!(
+                    "{n} requests from {} matched no service or route",
+                    p.caller.workload
+                )],
+                "trellis tap workload/NAME --failure-class no_route shows the names it asks for"
+                    .into(),
+            ),
+            F::Overloaded | F::Denied => {
+                let what = if *class == F::Denied {
+                    "denied"
+                } else {
+                    "overloaded"
+                };
+                policy(
+                    found,
+                    facts,
+                    svc,
+                    &End::default(),
+                    what,
+                    n,
+                    &p.classes,
+                    &empty,
+                    "the caller's proxy",
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The names a selector keeps, as a predicate over `namespace/name` strings.
+pub fn selector<'a>(
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+) -> impl Fn(&str) -> bool + 'a {
+    move |n: &str| {
+        let ns_ok = namespace.is_none_or(|ns| n.split('/').next() == Some(ns));
+        let name_ok = name.is_none_or(|want| {
+            n == want || n.split('/').nth(1) == Some(want) || n.ends_with(&format!(" {want}"))
+        });
+        !n.is_empty() && ns_ok && name_ok
+    }
+}
+
+/// The distinct causes in `v` (for a summary line).
+pub fn causes(v: &[Verdict]) -> BTreeSet<Cause> {
+    v.iter().map(|x| x.cause).collect()
+}
+
+#[cfg(test)]
+mod tests;

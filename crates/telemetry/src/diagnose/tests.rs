@@ -1,0 +1,398 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::{
+    hist::Histogram,
+    key::{Counts, Key, Protocol},
+};
+
+/// A series: `reporter` saw `n` requests of `class` to or from `peer` for `service`.
+fn s(
+    dir: Direction,
+    reporter: &str,
+    peer: &str,
+    service: &str,
+    class: FailureClass,
+    n: u64,
+) -> (Arc<Key>, Counts) {
+    let env = |w: &str| -> Arc<str> {
+        match w {
+            w if w.ends_with("-vm") => "vm".into(),
+            w if w.ends_with("-ct") => "container".into(),
+            "" => "".into(),
+            _ => "bare-metal".into(),
+        }
+    };
+    let key = Key {
+        direction: dir,
+        protocol: Protocol::Http,
+        workload: reporter.into(),
+        environment: env(reporter),
+        locality: "eu/eu-1".into(),
+        service: service.into(),
+        route: "default".into(),
+        peer_workload: peer.into(),
+        peer_identity: "".into(),
+        peer_environment: env(peer),
+        peer_locality: if peer.is_empty() {
+            "".into()
+        } else {
+            "eu/eu-1".into()
+        },
+        endpoint: "".into(),
+        mtls: true,
+        class,
+        status_class: 0,
+    };
+    let c = Counts {
+        requests: n,
+        attempts: n,
+        ..Counts::default()
+    };
+    (Arc::new(key), c)
+}
+
+use Direction::{Inbound as In, Outbound as Out};
+use FailureClass as F;
+
+const SVC: &str = "test/catalog";
+
+fn window(series: Vec<(Arc<Key>, Counts)>) -> Window {
+    Window {
+        series,
+        ..Window::default()
+    }
+}
+
+fn run(w: &Window, facts: &Facts) -> Vec<Verdict> {
+    diagnose(w, facts, &|_| true)
+}
+
+fn workload_of(v: &Verdict) -> &str {
+    match &v.place {
+        Place::Workload { at } => &at.workload,
+        _ => "",
+    }
+}
+
+/// The healthy part of every fleet below: shop calls catalog-ct fine.
+fn healthy() -> Vec<(Arc<Key>, Counts)> {
+    vec![
+        s(Out, "test/shop", "test/catalog-ct", SVC, F::Ok, 40),
+        s(In, "test/catalog-ct", "test/shop", SVC, F::Ok, 40),
+    ]
+}
+
+#[test]
+fn a_healthy_fleet_has_nothing_to_say() {
+    assert!(run(&window(healthy()), &Facts::default()).is_empty());
+}
+
+#[test]
+fn the_application_down_on_one_host_is_the_application_there_not_the_network() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectRefused,
+        12,
+    ));
+    w.push(s(
+        In,
+        "test/catalog-vm",
+        "test/shop",
+        SVC,
+        F::ConnectRefused,
+        12,
+    ));
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Application);
+    assert_eq!(workload_of(&v[0]), "test/catalog-vm");
+    assert_eq!(v[0].callee_saw[&F::ConnectRefused], 12);
+    assert_eq!(v[0].caller_saw[&F::ConnectRefused], 12);
+    assert!(v[0].next.contains("running and listening"), "{}", v[0].next);
+}
+
+#[test]
+fn attempts_the_callee_never_saw_are_the_link_when_other_callers_are_fine() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::UpstreamTimeout,
+        8,
+    ));
+    w.push(s(Out, "test/web", "test/catalog-vm", SVC, F::Ok, 30));
+    w.push(s(In, "test/catalog-vm", "test/web", SVC, F::Ok, 30));
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Network);
+    let Place::Link { from, to } = &v[0].place else {
+        panic!("{v:#?}")
+    };
+    assert_eq!(
+        (from.workload.as_str(), to.workload.as_str()),
+        ("test/shop", "test/catalog-vm")
+    );
+    assert_eq!(
+        (from.environment.as_str(), to.environment.as_str()),
+        ("bare-metal", "vm")
+    );
+    assert!(
+        v[0].evidence.iter().any(|e| e.contains("saw no request")),
+        "{v:#?}"
+    );
+    assert!(
+        v[0].evidence.iter().any(|e| e.contains("other caller")),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn when_every_caller_fails_and_nothing_arrives_it_is_the_callees_host() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectTimeout,
+        8,
+    ));
+    w.push(s(
+        Out,
+        "test/web",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectTimeout,
+        5,
+    ));
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(
+        (v[0].cause, workload_of(&v[0])),
+        (Cause::Network, "test/catalog-vm")
+    );
+    assert_eq!(v[0].failed, 13);
+    assert!(v[0].problem.contains("any caller"), "{}", v[0].problem);
+}
+
+#[test]
+fn a_timeout_the_callee_saw_is_a_slow_application_with_its_latency() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::UpstreamTimeout,
+        6,
+    ));
+    w.push(s(
+        In,
+        "test/catalog-vm",
+        "test/shop",
+        SVC,
+        F::ClientDisconnect,
+        6,
+    ));
+    let mut h = Histogram::default();
+    for _ in 0..6 {
+        h.record(0.3);
+    }
+    let lat = LatKey {
+        direction: In,
+        workload: "test/catalog-vm".into(),
+        service: SVC.into(),
+        peer_workload: "test/shop".into(),
+    };
+    let mut win = window(w);
+    win.latency.push((Arc::new(lat), h));
+    let facts = Facts {
+        timeouts_ms: [(SVC.to_string(), 300)].into(),
+        ..Facts::default()
+    };
+    let v = run(&win, &facts);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(
+        (v[0].cause, workload_of(&v[0])),
+        (Cause::Application, "test/catalog-vm")
+    );
+    assert!(v[0].problem.contains("slower"), "{}", v[0].problem);
+    assert!(v[0].evidence.iter().any(|e| e.contains("p99")), "{v:#?}");
+    assert!(v[0].evidence.iter().any(|e| e.contains("300 ms")), "{v:#?}");
+}
+
+#[test]
+fn two_faults_on_two_services_give_two_verdicts_each_in_its_place() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectRefused,
+        10,
+    ));
+    w.push(s(
+        In,
+        "test/catalog-vm",
+        "test/shop",
+        SVC,
+        F::ConnectRefused,
+        10,
+    ));
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/pay-ct",
+        "test/pay",
+        F::AppError,
+        5,
+    ));
+    w.push(s(Out, "test/shop", "test/pay-ct", "test/pay", F::Ok, 15));
+    w.push(s(
+        In,
+        "test/pay-ct",
+        "test/shop",
+        "test/pay",
+        F::AppError,
+        5,
+    ));
+    w.push(s(In, "test/pay-ct", "test/shop", "test/pay", F::Ok, 15));
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 2, "{v:#?}");
+    let places: Vec<(&str, &str)> = v
+        .iter()
+        .map(|x| (workload_of(x), x.services[0].as_str()))
+        .collect();
+    assert_eq!(
+        places,
+        [("test/catalog-vm", SVC), ("test/pay-ct", "test/pay")]
+    );
+    assert!(v.iter().all(|x| x.cause == Cause::Application));
+    let pay = &v[1];
+    assert_eq!(
+        (pay.caller_saw[&F::AppError], pay.callee_saw[&F::AppError]),
+        (5, 5)
+    );
+    // Only one of them, by selector.
+    let only_pay = diagnose(
+        &window(vec![]),
+        &Facts::default(),
+        &selector(Some("test"), Some("pay")),
+    );
+    assert!(only_pay.is_empty());
+}
+
+#[test]
+fn a_deny_names_the_policies_that_target_the_service() {
+    let mut w = healthy();
+    w.push(s(Out, "test/shop", "test/catalog-vm", SVC, F::Denied, 4));
+    w.push(s(In, "test/catalog-vm", "test/shop", SVC, F::Denied, 4));
+    let facts = Facts {
+        policies: [(SVC.to_string(), vec!["test/wall (DENY)".to_string()])].into(),
+        ..Facts::default()
+    };
+    let v = run(&window(w), &facts);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::MeshPolicy);
+    assert!(
+        v[0].evidence.iter().any(|e| e.contains("test/wall (DENY)")),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn no_endpoint_is_configuration_or_the_application_by_what_the_service_selects() {
+    let w = window(vec![s(
+        Out,
+        "test/shop",
+        "",
+        "test/gone",
+        F::NoHealthyUpstream,
+        5,
+    )]);
+    let v = run(&w, &Facts::default());
+    assert_eq!(
+        (v[0].cause, v[0].place.clone()),
+        (
+            Cause::Configuration,
+            Place::Service {
+                name: "test/gone".into()
+            }
+        )
+    );
+    let facts = Facts {
+        selects: [(
+            "test/gone".to_string(),
+            vec![("test/gone-ct".to_string(), Some(false))],
+        )]
+        .into(),
+        ..Facts::default()
+    };
+    let v = run(&w, &facts);
+    assert_eq!(v[0].cause, Cause::Application);
+    assert!(v[0].evidence[0].contains("test/gone-ct"), "{v:#?}");
+}
+
+#[test]
+fn a_refused_config_and_an_unresolved_reference_are_configuration() {
+    let facts = Facts {
+        refused: vec![(
+            "test/shop".into(),
+            "bind 127.0.0.1:80: address in use".into(),
+        )],
+        unresolved: vec![(
+            "HTTPRoute test/r".into(),
+            "backendRefs[0]: Service test/nope not found".into(),
+        )],
+        ..Facts::default()
+    };
+    let v = run(&window(healthy()), &facts);
+    assert_eq!(v.len(), 2, "{v:#?}");
+    assert!(v.iter().all(|x| x.cause == Cause::Configuration));
+}
+
+#[test]
+fn an_ejection_after_application_errors_joins_the_application_verdict() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/pay-ct",
+        "test/pay",
+        F::AppError,
+        5,
+    ));
+    w.push(s(
+        In,
+        "test/pay-ct",
+        "test/shop",
+        "test/pay",
+        F::AppError,
+        5,
+    ));
+    w.push(s(Out, "test/shop", "", "test/pay", F::NoHealthyUpstream, 3));
+    let facts = Facts {
+        selects: [(
+            "test/pay".to_string(),
+            vec![("test/pay-ct".to_string(), Some(true))],
+        )]
+        .into(),
+        ..Facts::default()
+    };
+    let v = run(&window(w), &facts);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!((v[0].cause, v[0].failed), (Cause::Application, 8));
+    assert_eq!(v[0].caller_saw[&F::NoHealthyUpstream], 3);
+    assert!(
+        v[0].evidence.iter().any(|e| e.contains("ejected")),
+        "{v:#?}"
+    );
+}
