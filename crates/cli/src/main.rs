@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use trellis_model::{resource::NamespacedName, value::DurationValue};
 use trellis_proxy::{xds::XdsOptions, Options, Proxy, ServerLimits, Source};
 
+mod check;
 mod client;
 mod containers;
 mod ctl;
@@ -107,6 +108,10 @@ enum Cmd {
     /// What fails, and whether it is the network, the application, the mesh's policy or the
     /// configuration: where, with the evidence of both ends of each hop, and what to check.
     Diagnose(diagnose::DiagnoseArgs),
+    /// The mesh's own health: store, proxies in sync, certificates, root rotation,
+    /// workloads, agents, clocks (exit status 1 when a check fails); `--proxy` checks the
+    /// proxy on this host.
+    Check(check::CheckArgs),
     /// Live requests as the proxies see them: method, path, outcome and failure class,
     /// latency, attempts, endpoint, who called whom (header values only with --headers).
     Tap(fleet::TapArgs),
@@ -414,6 +419,7 @@ fn main() -> ExitCode {
         Cmd::Stat(a) => ctl_run(fleet::stat(&a)),
         Cmd::Edges(a) => ctl_run(fleet::edges(&a)),
         Cmd::Diagnose(a) => ctl_run(diagnose::run(&a)),
+        Cmd::Check(a) => ctl_run(check::run(&a)),
         Cmd::Tap(a) => ctl_run(fleet::tap(&a)),
         Cmd::Top(a) => ctl_run(fleet::top(&a)),
         Cmd::Token(TokenCmd::Create {

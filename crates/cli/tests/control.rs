@@ -290,6 +290,26 @@ async fn a_rejected_config_is_visible_while_the_proxy_keeps_serving() {
     .await;
     assert!(st.contains("cannot listen"), "{st}");
     assert_eq!(answer(&p).await, (200, "a".into()), "still serving");
+    // `trellis check` fails on it, naming the proxy and the reason; so does the proxy's own.
+    let out = cli(&cp, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("✗ proxies in sync")
+            && l.contains("test/client")
+            && l.contains("cannot listen")),
+        "{text}"
+    );
+    let local = std::process::Command::new(BIN)
+        .args(["check", "--proxy", &p.admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&local.stdout).to_string();
+    assert!(!local.status.success(), "{text}");
+    assert!(
+        text.contains("✓ proxy ready") && text.contains("✗ config accepted"),
+        "{text}"
+    );
     let j = ok(cli(&cp, &["describe", "workload", "client", "-n", "test"]));
     assert!(
         j.contains("xds") || j.contains("@"),

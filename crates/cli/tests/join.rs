@@ -157,11 +157,30 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
     );
     up.store(true, Ordering::Relaxed);
     wait_health(&cp, true, "up again").await;
+    // `trellis check` on a healthy mesh: every check passes.
+    let out = cli(&cp, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("✓ agents") && !text.contains("✗"), "{text}");
 
     // The agent dies without a word: missed heartbeats make it unhealthy.
     agent.signal("-KILL");
     let _ = agent.0.wait();
     wait_health(&cp, false, "unhealthy after missed heartbeats").await;
+    // `trellis check` names the silent agent and the unhealthy workload, and fails.
+    let out = cli(&cp, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("✗ agents") && l.contains("test/catalog-1")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("! workloads healthy") && l.contains("test/catalog-1")),
+        "{text}"
+    );
     // Restarted with no token: it rejoins with its stored identity.
     let mut agent = start_agent(&cp, &state_s, app.port(), None);
     wait_health(&cp, true, "rejoined without a token").await;

@@ -166,6 +166,7 @@ fn report(
         period_ms: 10_000,
         series,
         folded: 0,
+        ..Default::default()
     }
 }
 

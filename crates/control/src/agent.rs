@@ -135,6 +135,19 @@ impl Agents {
         self.inner.lock().expect("agents lock").remove(key);
     }
 
+    /// Workloads whose agent is silent now, and for how long past its deadline.
+    pub(crate) fn silent(&self) -> Vec<(Key, Duration)> {
+        let now = Instant::now();
+        let m = self.inner.lock().expect("agents lock");
+        let mut v: Vec<(Key, Duration)> = m
+            .iter()
+            .filter(|(_, t)| t.deadline <= now)
+            .map(|(k, t)| (k.clone(), now - t.deadline + t.interval * MISSED))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Workloads whose agent fell silent since the last sweep.
     fn lapsed(&self, now: Instant) -> Vec<(Key, Duration)> {
         let mut m = self.inner.lock().expect("agents lock");

@@ -39,6 +39,16 @@ pub(crate) enum FleetError {
     Forbidden(String),
 }
 
+/// A reporting proxy as `trellis check` sees it.
+pub(crate) struct ReporterInfo {
+    /// Its workload (or node).
+    pub(crate) name: String,
+    /// When its certificate expires (Unix ms; 0: unknown).
+    pub(crate) cert_not_after_ms: u64,
+    /// Its clock minus the control plane's, ms.
+    pub(crate) skew_ms: i64,
+}
+
 /// The fleet's telemetry.
 pub(crate) struct Fleet {
     store: Mutex<Store>,
@@ -262,6 +272,22 @@ impl Fleet {
             }
         }
         Ok(rows)
+    }
+
+    /// What each reporting proxy last said of itself, for `trellis check`.
+    pub(crate) fn reporters(&self) -> Vec<ReporterInfo> {
+        let mut v: Vec<ReporterInfo> = self
+            .store()
+            .reporters()
+            .iter()
+            .map(|(name, r)| ReporterInfo {
+                name: name.to_string(),
+                cert_not_after_ms: r.cert_not_after_ms,
+                skew_ms: r.skew_ms,
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// The longest window a query may ask for.

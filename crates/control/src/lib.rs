@@ -16,6 +16,7 @@ pub(crate) mod agent;
 pub(crate) mod api;
 pub(crate) mod apply;
 pub(crate) mod catalog;
+pub(crate) mod check;
 pub(crate) mod control;
 mod delta;
 pub(crate) mod diagnose;

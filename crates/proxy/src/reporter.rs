@@ -141,6 +141,14 @@ impl Reporter {
             series: period.series,
             latencies: period.latencies,
             folded: period.folded,
+            cert_not_after_ms: self.shared.identity.as_ref().map_or(0, |c| {
+                c.load()
+                    .info
+                    .not_after
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            }),
+            sent_ms: 0,
         });
         while self.pending.len() > PENDING {
             self.pending.pop_front();
@@ -159,8 +167,17 @@ impl Reporter {
     async fn send(&mut self, ctl: &Control) {
         while !self.pending.is_empty() {
             let n = self.pending.len().min(BATCH);
+            let sent_ms = now_ms();
             let batch = Batch {
-                reports: self.pending.iter().take(n).cloned().collect(),
+                reports: self
+                    .pending
+                    .iter()
+                    .take(n)
+                    .map(|r| Report {
+                        sent_ms,
+                        ..r.clone()
+                    })
+                    .collect(),
             };
             match push(ctl, &batch).await {
                 Ok(ack) if ack.run == self.run => {

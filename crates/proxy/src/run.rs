@@ -441,6 +441,8 @@ impl Proxy {
                 Ok(()) => {
                     st.server = Some(u.server.clone());
                     st.applied = Some(u.version.clone());
+                    // A later config taken: an earlier refusal is history.
+                    st.rejected = None;
                     self.shared.synced.store(true, Ordering::Release);
                     tracing::info!(server = %u.server, version = %u.version, "config from control plane applied");
                     Ok(())

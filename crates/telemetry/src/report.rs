@@ -63,6 +63,13 @@ pub struct Report {
     /// show quantiles of): far fewer than series, which carry counts only.
     #[prost(message, repeated, tag = "11")]
     pub latencies: Vec<Latency>,
+    /// When the proxy's certificate expires (Unix ms; 0: no identity), for `trellis check`.
+    #[prost(uint64, tag = "12")]
+    pub cert_not_after_ms: u64,
+    /// When the proxy sent this report, by its clock (Unix ms): the control plane compares
+    /// it with its own to see a skewed clock.
+    #[prost(uint64, tag = "13")]
+    pub sent_ms: u64,
 }
 
 /// The latency of the requests of one direction, service and peer workload in a period.

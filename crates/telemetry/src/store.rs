@@ -97,6 +97,11 @@ pub struct Reporter {
     pub seen_ms: u64,
     /// Its series in the store.
     pub series: usize,
+    /// When its certificate expires (Unix ms; 0: unknown or none).
+    pub cert_not_after_ms: u64,
+    /// Its clock minus the control plane's, at its latest report (ms; the network's delay
+    /// included, so a few ms are noise).
+    pub skew_ms: i64,
 }
 
 /// Slots by index, oldest first.
@@ -315,8 +320,16 @@ impl Store {
                 locality: locality.clone(),
                 seen_ms: now_ms,
                 series: 0,
+                cert_not_after_ms: 0,
+                skew_ms: 0,
             });
         rep.seen_ms = now_ms;
+        if r.cert_not_after_ms > 0 {
+            rep.cert_not_after_ms = r.cert_not_after_ms;
+        }
+        if r.sent_ms > 0 {
+            rep.skew_ms = r.sent_ms as i64 - now_ms as i64;
+        }
         rep.identity = identity.map(str::to_string);
         rep.node.clone_from(&r.node);
         rep.environment = environment.clone();

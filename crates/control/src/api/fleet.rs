@@ -211,6 +211,12 @@ pub(crate) async fn diagnose(
     ))
 }
 
+/// `GET /api/v1/check`: the mesh's own health, check by check.
+pub(crate) async fn check(AxState(api): AxState<Api>) -> Json<serde_json::Value> {
+    let checks = crate::check::run(&api).await;
+    Json(serde_json::json!({ "checks": checks }))
+}
+
 /// `GET /v1/fleet/shard` (xDS address, another replica only): this replica's part of a
 /// window, protobuf.
 pub(crate) async fn shard(

@@ -57,6 +57,7 @@ fn report(workload: &str, run: u64, seq: u64, start: u64, series: Vec<Series>) -
         period_ms: 10_000,
         series,
         folded: 0,
+        ..Default::default()
     }
 }
 
