@@ -124,6 +124,9 @@ pub(crate) fn block(v: &Verdict) -> String {
     for e in &v.evidence {
         out.push_str(&format!("    - {e}\n"));
     }
+    if !v.traces.is_empty() {
+        out.push_str(&format!("  traces:      {}\n", v.traces.join(", ")));
+    }
     out.push_str(&format!("  next:        {}\n", v.next));
     out
 }

@@ -180,7 +180,9 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
                 && whole("test/errors", "caller_saw", "app_error", 5)
                 && whole("test/errors", "callee_saw", "app_error", 5)
                 && whole("test/errors", "caller_saw", "no_healthy_upstream", 1)
-                && whole("test/walled", "caller_saw", "denied", 4);
+                && whole("test/walled", "caller_saw", "denied", 4)
+                && whole("test/slow", "callee_saw", "client_disconnect", 4)
+                && whole("test/far", "caller_saw", "connect_refused", 4);
             done.then_some(v)
         },
     )
@@ -232,6 +234,15 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     );
     assert!(x["problem"].as_str().unwrap().contains("slower"), "{x:#}");
     assert!(x["evidence"].to_string().contains("300 ms"), "{x:#}");
+    // Joined by the attempts' ids: each of the caller's timed-out attempts reached the
+    // callee's proxy, and their trace ids are given.
+    assert!(
+        x["evidence"]
+            .to_string()
+            .contains("4 of the 4 failed attempts"),
+        "{x:#}"
+    );
+    assert_eq!(x["traces"][0].as_str().map(str::len), Some(32), "{x:#}");
     // Denied by the mesh, with the policy named.
     let x = one("test/walled");
     assert_eq!(x["cause"], "mesh_policy", "{x:#}");
@@ -245,6 +256,12 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     assert_eq!(x["place"]["to"]["workload"], "test/ghost", "{x:#}");
     assert_eq!(x["place"]["to"]["environment"], "vm", "{x:#}");
     assert!(x["callee_saw"].as_object().unwrap().is_empty(), "{x:#}");
+    assert!(
+        x["evidence"]
+            .to_string()
+            .contains("0 of the 4 failed attempts"),
+        "{x:#}"
+    );
     // A service that selects nothing: configuration.
     let x = one("test/gone");
     assert_eq!(x["cause"], "configuration", "{x:#}");

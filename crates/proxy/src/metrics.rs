@@ -16,7 +16,7 @@ pub(crate) use crate::labels::{Direction, Label};
 use crate::{
     error::FailureClass,
     fasthash::FastHasher,
-    summary::{PeerKey, Period, Recorded, TcpSummary},
+    summary::{FailedAttempts, PeerKey, Period, Recorded, TcpSummary},
 };
 
 /// Labels of request metrics. Missing values are "unknown".
@@ -159,6 +159,8 @@ pub(crate) struct Metrics {
     request_cache: Arc<Mutex<RequestCache>>,
     /// TCP connections' summary for the period.
     pub(crate) tcp_summary: Arc<Mutex<TcpSummary>>,
+    /// The period's failed requests, one by one (bounded).
+    pub(crate) failed: Arc<Mutex<FailedAttempts>>,
     /// Whether periods are summed up for reports (a proxy that reports to a control plane).
     pub(crate) summaries: bool,
 }
@@ -239,6 +241,7 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             request_cache: Arc::default(),
             tcp_summary: Arc::default(),
+            failed: Arc::default(),
             summaries: false,
         };
         reg.register(

@@ -111,6 +111,7 @@ impl Reporter {
             let mut tcp = metrics.tcp_summary.lock().expect("tcp summary lock");
             crate::summary::series(requests, &mut tcp, SERIES_CAP)
         };
+        let failed = std::mem::take(&mut *metrics.failed.lock().unwrap_or_else(|p| p.into_inner()));
         if period.series.is_empty() {
             return;
         }
@@ -149,6 +150,8 @@ impl Reporter {
                     .map_or(0, |d| d.as_millis() as u64)
             }),
             sent_ms: 0,
+            attempts: failed.items,
+            attempts_dropped: failed.dropped,
         });
         while self.pending.len() > PENDING {
             self.pending.pop_front();

@@ -103,6 +103,29 @@ impl Period {
     }
 }
 
+/// The period's failed requests, one by one, up to [`FailedAttempts::CAP`].
+#[derive(Default)]
+pub(crate) struct FailedAttempts {
+    /// Listed.
+    pub(crate) items: Vec<trellis_telemetry::report::Attempt>,
+    /// Beyond the bound.
+    pub(crate) dropped: u64,
+}
+
+impl FailedAttempts {
+    /// Failed requests listed per period at most; the rest are counted.
+    pub(crate) const CAP: usize = 64;
+
+    /// Add one, or count it when the period's list is full.
+    pub(crate) fn push(&mut self, a: trellis_telemetry::report::Attempt) {
+        if self.items.len() < Self::CAP {
+            self.items.push(a);
+        } else {
+            self.dropped += 1;
+        }
+    }
+}
+
 /// TCP connections by key, and those open now.
 #[derive(Default)]
 pub(crate) struct TcpSummary {
@@ -225,7 +248,7 @@ fn dir_code(d: Direction) -> u32 {
 }
 
 /// `name.namespace` (how services are labelled) as `namespace/name`.
-fn host_to_id(host: &Label) -> String {
+pub(crate) fn host_to_id(host: &Label) -> String {
     match host.get().and_then(|h| h.split_once('.')) {
         Some((name, ns)) => format!("{ns}/{name}"),
         None => host.get().unwrap_or_default().to_string(),

@@ -2,7 +2,7 @@
 //!
 //! Ids are kept as numbers and hex-encoded into stack buffers: this runs on every request.
 
-use http::{header::Entry, HeaderMap, HeaderValue};
+use http::{header::Entry, HeaderMap, HeaderName, HeaderValue};
 
 use crate::http::{TRACEPARENT, X_REQUEST_ID};
 
@@ -35,6 +35,14 @@ pub(crate) struct SpanIds {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+// B3's names, built once: a lookup by `&str` parses the name on every call, and these are
+// looked for on every request that comes without a `traceparent`.
+static B3: HeaderName = HeaderName::from_static("b3");
+static X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+static X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+static X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+static X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
 pub(crate) fn hex_into(out: &mut [u8], mut n: u128) {
     for b in out.iter_mut().rev() {
@@ -125,12 +133,12 @@ fn parse_b3_single(v: &[u8]) -> Option<Incoming> {
 
 /// The multi-header B3 form: `x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled` or `x-b3-flags`.
 fn parse_b3_multi(headers: &HeaderMap) -> Option<Incoming> {
-    let trace = b3_trace(headers.get("x-b3-traceid")?.as_bytes())?;
-    let parent = b3_span(headers.get("x-b3-spanid")?.as_bytes())?;
-    let sampled = match headers.get("x-b3-flags").map(HeaderValue::as_bytes) {
+    let trace = b3_trace(headers.get(&X_B3_TRACEID)?.as_bytes())?;
+    let parent = b3_span(headers.get(&X_B3_SPANID)?.as_bytes())?;
+    let sampled = match headers.get(&X_B3_FLAGS).map(HeaderValue::as_bytes) {
         Some(b"1") => Some(true),
         _ => headers
-            .get("x-b3-sampled")
+            .get(&X_B3_SAMPLED)
             .and_then(|v| b3_sampled(v.as_bytes())),
     };
     Some(Incoming {
@@ -201,7 +209,7 @@ pub(crate) fn prepare(headers: &mut HeaderMap, sampling: f64) -> TraceIds {
         None => {
             // B3 is looked for only when there is no valid traceparent (rare at a mesh hop).
             drop(tp_entry);
-            let b3 = match headers.get("b3") {
+            let b3 = match headers.get(&B3) {
                 Some(v) => parse_b3_single(v.as_bytes()),
                 None => parse_b3_multi(headers),
             };

@@ -118,9 +118,55 @@ pub struct Verdict {
     pub evidence: Vec<String>,
     /// The next thing to check.
     pub next: String,
+    /// Trace ids of some of the failed requests (a few), to look up in a tracing backend.
+    #[serde(default)]
+    pub traces: Vec<String>,
 }
 
-/// What the control plane knows besides the traffic.
+/// Sample trace ids kept per verdict.
+const TRACES: usize = 3;
+
+/// What the failed requests listed one by one say of one caller, service, callee and class:
+/// how many the caller listed, how many of those the callee's proxy listed too (joined by
+/// the attempt's id), and some of their trace ids.
+struct Joined {
+    listed: usize,
+    arrived: usize,
+    traces: Vec<String>,
+}
+
+fn join(w: &Window, caller: &str, svc: &str, callee: &str, class: FailureClass) -> Joined {
+    let mine: Vec<&crate::report::Attempt> = w
+        .attempts
+        .iter()
+        .filter(|a| {
+            &*a.reporter == caller
+                && a.attempt.direction == 0
+                && a.attempt.service == svc
+                && a.attempt.peer_workload == callee
+                && a.attempt.class == class.as_str()
+        })
+        .map(|a| &a.attempt)
+        .collect();
+    let theirs: BTreeSet<u64> = w
+        .attempts
+        .iter()
+        .filter(|a| {
+            &*a.reporter == callee && a.attempt.direction == 1 && a.attempt.peer_workload == caller
+        })
+        .map(|a| a.attempt.id)
+        .collect();
+    Joined {
+        listed: mine.len(),
+        arrived: mine.iter().filter(|a| theirs.contains(&a.id)).count(),
+        traces: mine
+            .iter()
+            .rev()
+            .take(TRACES)
+            .map(|a| a.trace_id.clone())
+            .collect(),
+    }
+}
 #[derive(Clone, Debug, Default)]
 pub struct Facts {
     /// Authorization policies by the service they target (`ns/name` → `ns/policy (ACTION)`).
@@ -222,7 +268,7 @@ impl Found {
         callee: &BTreeMap<FailureClass, u64>,
         evidence: Vec<String>,
         next: String,
-    ) {
+    ) -> &mut Verdict {
         let v = self
             .0
             .entry((cause, kind, place.clone()))
@@ -236,6 +282,7 @@ impl Found {
                 callee_saw: BTreeMap::new(),
                 evidence: Vec::new(),
                 next,
+                traces: Vec::new(),
             });
         if !service.is_empty() && !v.services.iter().any(|s| s == service) {
             v.services.push(service.to_string());
@@ -250,6 +297,27 @@ impl Found {
         for e in evidence {
             if !v.evidence.contains(&e) {
                 v.evidence.push(e);
+            }
+        }
+        v
+    }
+}
+
+impl Verdict {
+    /// Add what the one-by-one lists say.
+    fn joined(&mut self, j: &Joined, caller: &str, callee: &str) {
+        if j.listed > 0 {
+            let line = format!(
+                "by attempt id: {} of the {} failed attempts {caller} listed reached {callee}'s proxy",
+                j.arrived, j.listed
+            );
+            if !self.evidence.contains(&line) {
+                self.evidence.push(line);
+            }
+        }
+        for t in &j.traces {
+            if self.traces.len() < TRACES && !self.traces.contains(t) {
+                self.traces.push(t.clone());
             }
         }
     }
@@ -523,7 +591,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         ),
                     );
                 }
-                F::UpstreamTimeout if seen_n * 2 >= n => {
+                F::UpstreamTimeout if arrived(w, caller, svc, callee, *class, seen_n, n) => {
                     // The callee saw them: its application took too long.
                     let p99 = inbound_p99_ms(w, callee, svc, caller);
                     let timeout = facts.timeouts_ms.get(svc);
@@ -559,12 +627,15 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                             "why is the application of {} slow (its load, what it waits on)? Or raise {svc}'s route timeout",
                             p.callee.workload
                         ),
-                    );
+                    )
+                    .joined(&join(w, caller, svc, callee, *class), caller, callee);
                 }
                 F::ConnectRefused | F::ConnectTimeout | F::UpstreamTimeout | F::ConnectionReset => {
+                    let j = join(w, caller, svc, callee, *class);
                     network(
                         &mut found, &out_pairs, p, svc, *class, n, &seen, seen_n, callee_ok,
-                    );
+                    )
+                    .joined(&j, caller, callee);
                 }
                 F::TlsError => {
                     let mut ev = vec![format!(
@@ -732,8 +803,8 @@ fn fold_ejections(found: &mut Found) {
 /// A network failure on the way from `p.caller` to `p.callee`: the link, or the callee's
 /// host, depending on whether other callers of that callee are fine.
 #[allow(clippy::too_many_arguments)]
-fn network(
-    found: &mut Found,
+fn network<'a>(
+    found: &'a mut Found,
     out_pairs: &BTreeMap<(String, String, String), Pair>,
     p: &Pair,
     svc: &str,
@@ -742,7 +813,7 @@ fn network(
     seen: &BTreeMap<FailureClass, u64>,
     seen_n: u64,
     callee_ok: u64,
-) {
+) -> &'a mut Verdict {
     // Other callers of the same callee: are they fine?
     let others: Vec<&Pair> = out_pairs
         .values()
@@ -848,7 +919,26 @@ fn network(
         seen,
         ev,
         next,
-    );
+    )
+}
+
+/// Whether the callee's proxy saw most of the caller's failed attempts of `class`: by their
+/// ids when the caller listed them, else by counts (`seen_n` requests seen for `n` failed).
+fn arrived(
+    w: &Window,
+    caller: &str,
+    svc: &str,
+    callee: &str,
+    class: FailureClass,
+    seen_n: u64,
+    n: u64,
+) -> bool {
+    let j = join(w, caller, svc, callee, class);
+    if j.listed > 0 {
+        j.arrived * 2 >= j.listed
+    } else {
+        seen_n * 2 >= n
+    }
 }
 
 /// A request refused by the mesh's policy.
@@ -983,7 +1073,8 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
                     next,
                 );
             }
-            F::NoRoute => found.add(
+            F::NoRoute => {
+                found.add(
                 Cause::Configuration,
                 "no_route",
                 Place::Workload {
@@ -1003,7 +1094,8 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
                 )],
                 "trellis tap workload/NAME --failure-class no_route shows the names it asks for"
                     .into(),
-            ),
+                );
+            }
             F::Overloaded | F::Denied => {
                 let what = if *class == F::Denied {
                     "denied"

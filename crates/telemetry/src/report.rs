@@ -70,6 +70,47 @@ pub struct Report {
     /// it with its own to see a skewed clock.
     #[prost(uint64, tag = "13")]
     pub sent_ms: u64,
+    /// Requests of the period that failed (or that the caller gave up on), one by one with
+    /// the id of the attempt they were (bounded: see `attempts_dropped`), so that the control
+    /// plane can join a caller's failed attempt with what the callee's proxy saw of it.
+    #[prost(message, repeated, tag = "14")]
+    pub attempts: Vec<Attempt>,
+    /// Failed requests of the period beyond the bound, not listed.
+    #[prost(uint64, tag = "15")]
+    pub attempts_dropped: u64,
+}
+
+/// One failed request, by the id of its (last) attempt: the span id the caller's proxy sent
+/// upstream in `traceparent`, which the callee's proxy reads as its parent.
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct Attempt {
+    /// 0 outbound (the id is this proxy's try), 1 inbound (the id is the caller's try).
+    #[prost(uint32, tag = "1")]
+    pub direction: u32,
+    /// The attempt's id.
+    #[prost(fixed64, tag = "2")]
+    pub id: u64,
+    /// The trace it belongs to, 32 hex digits.
+    #[prost(string, tag = "3")]
+    pub trace_id: String,
+    /// The service, `namespace/name`.
+    #[prost(string, tag = "4")]
+    pub service: String,
+    /// The peer's workload (the callee outbound, the caller inbound).
+    #[prost(string, tag = "5")]
+    pub peer_workload: String,
+    /// The failure class.
+    #[prost(string, tag = "6")]
+    pub class: String,
+    /// The status sent back, 0 for none.
+    #[prost(uint32, tag = "7")]
+    pub status: u32,
+    /// When it ended (Unix ms, the proxy's clock).
+    #[prost(uint64, tag = "8")]
+    pub at_ms: u64,
+    /// How long it took, ms.
+    #[prost(uint32, tag = "9")]
+    pub latency_ms: u32,
 }
 
 /// The latency of the requests of one direction, service and peer workload in a period.

@@ -14,7 +14,7 @@ use crate::{
     hist,
     key::{Counts, Direction, Key, LatKey, Protocol},
     report::Histogram,
-    store::Window,
+    store::{FailedAttempt, Window},
 };
 
 /// A replica's window, on the wire (protobuf).
@@ -32,6 +32,23 @@ pub struct Shard {
     /// The identity each reporting workload proved (for `edges`).
     #[prost(message, repeated, tag = "4")]
     pub identities: Vec<ShardIdentity>,
+    /// Failed requests listed one by one.
+    #[prost(message, repeated, tag = "5")]
+    pub attempts: Vec<ShardAttempt>,
+}
+
+/// A failed request of a shard, with who listed it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShardAttempt {
+    /// The reporting workload.
+    #[prost(string, tag = "1")]
+    pub reporter: String,
+    /// When that replica received it (Unix ms).
+    #[prost(uint64, tag = "2")]
+    pub received_ms: u64,
+    /// What the proxy said.
+    #[prost(message, optional, tag = "3")]
+    pub attempt: Option<crate::report::Attempt>,
 }
 
 /// A series of a shard: its key and counts.
@@ -204,11 +221,21 @@ impl Shard {
             })
             .collect();
         identities.sort_by(|a, b| a.workload.cmp(&b.workload));
+        let attempts = w
+            .attempts
+            .iter()
+            .map(|a| ShardAttempt {
+                reporter: a.reporter.to_string(),
+                received_ms: a.received_ms,
+                attempt: Some(a.attempt.clone()),
+            })
+            .collect();
         Self {
             from_ms: w.from_ms,
             series,
             latency,
             identities,
+            attempts,
         }
     }
 
@@ -270,11 +297,23 @@ impl Shard {
             .into_iter()
             .map(|i| (i.workload, i.identity))
             .collect();
+        let attempts = self
+            .attempts
+            .into_iter()
+            .filter_map(|a| {
+                Some(Arc::new(FailedAttempt {
+                    reporter: a.reporter.into(),
+                    received_ms: a.received_ms,
+                    attempt: a.attempt?,
+                }))
+            })
+            .collect();
         Ok((
             Window {
                 series,
                 latency,
                 from_ms: self.from_ms,
+                attempts,
             },
             identities,
         ))
@@ -303,6 +342,8 @@ impl Window {
         self.series.sort_by(|a, b| a.0.cmp(&b.0));
         self.latency = latency.into_iter().collect();
         self.latency.sort_by(|a, b| a.0.cmp(&b.0));
+        self.attempts.extend(other.attempts);
+        self.attempts.sort_by_key(|a| a.received_ms);
         if self.from_ms == 0 || (other.from_ms != 0 && other.from_ms < self.from_ms) {
             self.from_ms = other.from_ms;
         }

@@ -194,9 +194,25 @@ pub struct Totals {
     pub tcp_bytes: u64,
 }
 
+/// A failed request as a proxy listed it, with who listed it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailedAttempt {
+    /// The reporting workload.
+    pub reporter: Arc<str>,
+    /// When the control plane received it (Unix ms).
+    pub received_ms: u64,
+    /// What the proxy said.
+    pub attempt: crate::report::Attempt,
+}
+
+/// Failed requests kept one by one, the newest at most.
+pub const ATTEMPTS_KEPT: usize = 20_000;
+
 /// A window of the store: every series and latency group with what it adds up to.
 #[derive(Default)]
 pub struct Window {
+    /// Failed requests listed one by one in the window (newest last).
+    pub attempts: Vec<Arc<FailedAttempt>>,
     /// Series and their counts.
     pub series: Vec<(Arc<Key>, Counts)>,
     /// Latency groups and their histograms.
@@ -209,6 +225,8 @@ pub struct Window {
 /// The fleet's series.
 pub struct Store {
     limits: Limits,
+    attempts: std::collections::VecDeque<Arc<FailedAttempt>>,
+    attempts_dropped: u64,
     series: FxMap<Arc<Key>, Slots<Counts>>,
     latency: FxMap<Arc<LatKey>, Slots<Histogram>>,
     totals: FxMap<TotalKey, Totals>,
@@ -236,6 +254,8 @@ impl Store {
             totals: FxMap::default(),
             latency_totals: FxMap::default(),
             reporters: FxMap::default(),
+            attempts: Default::default(),
+            attempts_dropped: 0,
             strings: FxSet::default(),
             bytes: 0,
             held_from_ms: 0,
@@ -348,6 +368,18 @@ impl Store {
         }
         rep.acked = r.seq;
         let acked = rep.acked;
+        self.attempts_dropped += r.attempts_dropped;
+        for a in &r.attempts {
+            if self.attempts.len() == ATTEMPTS_KEPT {
+                self.attempts.pop_front();
+                self.attempts_dropped += 1;
+            }
+            self.attempts.push_back(Arc::new(FailedAttempt {
+                reporter: name.clone(),
+                received_ms: now_ms,
+                attempt: a.clone(),
+            }));
+        }
         self.folded += r.folded;
         // A period is filed by its start, no later than now (a proxy's clock may run ahead).
         let start = r.start_ms.min(now_ms);
@@ -677,6 +709,14 @@ impl Store {
                 out.series.push((k.clone(), total));
             }
         }
+        out.attempts = self
+            .attempts
+            .iter()
+            .rev()
+            .take_while(|a| a.received_ms >= out.from_ms)
+            .cloned()
+            .collect();
+        out.attempts.reverse();
         for (k, s) in &self.latency {
             if !keep_latency(k) {
                 continue;
@@ -730,6 +770,12 @@ impl Store {
     /// How many series.
     pub fn series_count(&self) -> usize {
         self.series.len()
+    }
+
+    /// Failed requests not kept one by one: beyond a proxy's bound per period, or pushed out
+    /// of the store's.
+    pub fn attempts_dropped(&self) -> u64 {
+        self.attempts_dropped
     }
 
     /// Series folded into `other` rows, here and by proxies.

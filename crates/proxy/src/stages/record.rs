@@ -141,6 +141,9 @@ impl Record {
             },
         };
         let t = &self.telemetry;
+        if t.metrics.summaries {
+            note_failed(t, l, &peer, total);
+        }
         t.metrics
             .record_request(labels, peer, total.as_secs_f64(), l.attempts);
         t.taps.offer(l, total);
@@ -216,6 +219,41 @@ impl Record {
             }
         }
     }
+}
+
+/// A failed request (or, inbound, one its caller gave up on) joins the period's list, with
+/// the id of its attempt: the control plane joins the caller's entry with the callee's.
+fn note_failed(t: &Telemetry, l: &HttpLine, peer: &PeerKey, total: std::time::Duration) {
+    let gave_up = l.direction == Direction::inbound && l.class == FailureClass::ClientDisconnect;
+    let failed = !matches!(
+        l.class,
+        FailureClass::Ok | FailureClass::ClientError | FailureClass::ClientDisconnect
+    );
+    if !(failed || gave_up) {
+        return;
+    }
+    let (direction, id) = match l.direction {
+        Direction::outbound => (0, l.spans.attempt),
+        Direction::inbound => (1, l.spans.parent),
+    };
+    let a = trellis_telemetry::report::Attempt {
+        direction,
+        id,
+        trace_id: format!("{:032x}", l.trace_id),
+        service: crate::summary::host_to_id(&l.dst_service),
+        peer_workload: peer.workload.get().unwrap_or_default().to_string(),
+        class: l.class.as_str().into(),
+        status: u32::from(l.status),
+        at_ms: SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        latency_ms: total.as_millis().min(u128::from(u32::MAX)) as u32,
+    };
+    t.metrics
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(a);
 }
 
 impl OnEnd for Record {

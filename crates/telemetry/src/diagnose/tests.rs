@@ -396,3 +396,73 @@ fn an_ejection_after_application_errors_joins_the_application_verdict() {
         "{v:#?}"
     );
 }
+
+fn listed(
+    reporter: &str,
+    direction: u32,
+    id: u64,
+    peer: &str,
+    class: F,
+) -> Arc<crate::store::FailedAttempt> {
+    Arc::new(crate::store::FailedAttempt {
+        reporter: reporter.into(),
+        received_ms: 1,
+        attempt: crate::report::Attempt {
+            direction,
+            id,
+            trace_id: format!("{id:032x}"),
+            service: SVC.into(),
+            peer_workload: peer.into(),
+            class: class.as_str().into(),
+            status: 504,
+            at_ms: 1,
+            latency_ms: 300,
+        },
+    })
+}
+
+#[test]
+fn attempt_ids_tell_a_lost_answer_from_a_slow_application() {
+    // The callee served the requests (ok, by its counts) but the caller timed out: by the
+    // attempts' ids, none of the caller's failed attempts is among what the callee listed,
+    // so the answers were lost on the way back: the network, not the application.
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::UpstreamTimeout,
+        4,
+    ));
+    w.push(s(In, "test/catalog-vm", "test/shop", SVC, F::Ok, 4));
+    let mut win = window(w);
+    win.attempts = (1..=4)
+        .map(|id| listed("test/shop", 0, id, "test/catalog-vm", F::UpstreamTimeout))
+        .collect();
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Network, "{v:#?}");
+    assert!(
+        v[0].evidence
+            .iter()
+            .any(|e| e.contains("0 of the 4 failed attempts")),
+        "{v:#?}"
+    );
+    assert_eq!(v[0].traces.len(), 3);
+    // The callee listed the same attempts as given up on by its caller: the application
+    // was slow.
+    win.attempts.extend(
+        (1..=4).map(|id| listed("test/catalog-vm", 1, id, "test/shop", F::ClientDisconnect)),
+    );
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Application, "{v:#?}");
+    assert!(
+        v[0].evidence
+            .iter()
+            .any(|e| e.contains("4 of the 4 failed attempts")),
+        "{v:#?}"
+    );
+    assert_eq!(v[0].traces[0], format!("{:032x}", 4));
+}
