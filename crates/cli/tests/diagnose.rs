@@ -35,6 +35,7 @@ fn mesh(
         svc("walled", "peer"),
         svc("far", "ghost"),
         svc("gone", "nobody"),
+        svc("boxed", "box"),
         svc("client", "client"),
         format!(
             "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  locality: {{ region: eu, zone: eu-1 }}\n  ports: {{ ok: {}, down: {}, errors: {}, slow: {}, walled: {} }}\n",
@@ -49,6 +50,10 @@ fn mesh(
             ok.port()
         ),
         "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: bare-metal }\n".to_string(),
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: box, namespace: test, labels: {{ app: box }} }}\nspec:\n  address: 127.0.0.1\n  environment: container\n  ports: {{ boxed: {} }}\n",
+            ok.port()
+        ),
         "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: wall, namespace: test }\nspec:\n  targetRefs: [{ name: walled }]\n  action: DENY\n  rules: [{ from: [{ identities: [test/client] }] }]\n".to_string(),
         route("slow", "slow", "    - timeouts: { request: 300ms }\n"),
         // No ejection: every request meets the fault.
@@ -126,6 +131,28 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     )
     .await;
 
+    // A container that stopped: its Workload leaves (as `trellis containers` removes it).
+    let (st, v) = cp
+        .call(
+            http::Method::DELETE,
+            "/api/v1/resources/Workload/test/box",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    eventually(
+        "the caller lets the box go",
+        Duration::from_secs(10),
+        async || {
+            let r = client::get_full(caller.outbound, "boxed.test", "/", &[])
+                .await
+                .ok()?;
+            (r.status == 503).then_some(())
+        },
+    )
+    .await;
+
     // Load on every service at once.
     let mut expect = Vec::new();
     for (svc, n, status) in [
@@ -136,6 +163,7 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
         ("walled", 4, 403),
         ("far", 4, 502),
         ("gone", 4, 503),
+        ("boxed", 4, 503),
     ] {
         for _ in 0..n {
             let r = client::get_full(caller.outbound, &format!("{svc}.test"), "/", &[])
@@ -265,6 +293,10 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     // A service that selects nothing: configuration.
     let x = one("test/gone");
     assert_eq!(x["cause"], "configuration", "{x:#}");
+    // A service whose only workload left: the application's side, and when it left.
+    let x = one("test/boxed");
+    assert_eq!(x["cause"], "application", "{x:#}");
+    assert!(x["evidence"].to_string().contains("test/box left"), "{x:#}");
     // What works is not mentioned.
     assert!(verdicts_about(&v, "test/ok").is_empty(), "{v:#}");
 

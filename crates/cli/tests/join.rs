@@ -181,6 +181,28 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
             .any(|l| l.starts_with("! workloads healthy") && l.contains("test/catalog-1")),
         "{text}"
     );
+    // Its timed events: it joined, went down, came back, and went down again.
+    let (st, w) = cp
+        .call(
+            Method::GET,
+            "/api/v1/resources/Workload/test/catalog-1",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{w}");
+    let events: Vec<&str> = w["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events.first(), Some(&"joined"), "{events:?}");
+    assert_eq!(events.last(), Some(&"unhealthy"), "{events:?}");
+    assert!(
+        events.contains(&"healthy") && events.contains(&"left"),
+        "{events:?}"
+    );
     // Restarted with no token: it rejoins with its stored identity.
     let mut agent = start_agent(&cp, &state_s, app.port(), None);
     wait_health(&cp, true, "rejoined without a token").await;

@@ -7,8 +7,8 @@ use tokio::{net::TcpListener, sync::watch};
 use trellis_store::Store;
 
 use crate::{
-    agent, api, catalog::Catalog, error::ControlError, identity, registry, replicas, state::State,
-    tls, token, xds,
+    agent, api, catalog::Catalog, error::ControlError, events::Events, identity, registry,
+    replicas, state::State, tls, token, xds,
 };
 
 /// How the control plane runs. Built once from flags at the edge.
@@ -77,6 +77,7 @@ async fn follow(
     tx: watch::Sender<Arc<State>>,
     mut catalog: Catalog,
     mut w: trellis_store::Watch,
+    events: Events,
 ) {
     loop {
         loop {
@@ -87,12 +88,16 @@ async fn follow(
                     break;
                 }
             };
+            events.observe(&catalog, &change);
             let mut changed = catalog.apply(change);
             // Coalesce a burst: compile once for every batch already waiting.
             let mut lost = false;
             while let Some(next) = w.try_next() {
                 match next {
-                    Ok(c) => changed |= catalog.apply(c),
+                    Ok(c) => {
+                        events.observe(&catalog, &c);
+                        changed |= catalog.apply(c);
+                    }
                     Err(_) => {
                         lost = true;
                         break;
@@ -187,7 +192,8 @@ impl Control {
             catalog: catalog.clone(),
             compiled,
         }));
-        tokio::spawn(follow(store.clone(), tx, catalog, w));
+        let events = Events::default();
+        tokio::spawn(follow(store.clone(), tx, catalog, w, events.clone()));
         let proxies = registry::Registry::default();
         // Replicas on a shared store find each other, to answer fleet queries for the whole
         // fleet; with the embedded store there is only this one.
@@ -212,6 +218,7 @@ impl Control {
                 &opts.trust_domain,
             )),
             replicas,
+            events,
         );
         let certificates = api.certificate_router();
         tokio::spawn(agent::sweep(api.agents().clone(), api.store().clone()));

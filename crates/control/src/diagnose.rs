@@ -6,7 +6,7 @@
 use serde_json::Value;
 use trellis_telemetry::diagnose::Facts;
 
-use crate::{registry::ProxyStatus, state::State};
+use crate::{events::Event, registry::ProxyStatus, state::State};
 
 fn ns_name(doc: &Value, fallback_ns: &str) -> String {
     format!(
@@ -28,9 +28,22 @@ fn route_timeout_ms(doc: &Value) -> Option<u64> {
         .min()
 }
 
-/// The facts of `state`, and of the proxies connected to this replica.
-pub(crate) fn facts(state: &State, proxies: &[ProxyStatus]) -> Facts {
-    let mut f = Facts::default();
+/// The facts of `state`, of the proxies connected to this replica, and of the workloads'
+/// `events` in the window.
+pub(crate) fn facts(
+    state: &State,
+    proxies: &[ProxyStatus],
+    events: &[Event],
+    now_ms: u64,
+) -> Facts {
+    let mut f = Facts {
+        now_ms,
+        events: events
+            .iter()
+            .map(|e| (e.at_ms, e.workload.clone(), e.kind.to_string()))
+            .collect(),
+        ..Facts::default()
+    };
     let mut services: Vec<(String, &Value)> = Vec::new();
     let mut workloads: Vec<&Value> = Vec::new();
     for (key, entry) in &state.catalog.entries {
@@ -68,6 +81,21 @@ pub(crate) fn facts(state: &State, proxies: &[ProxyStatus]) -> Facts {
     for (svc, doc) in services {
         let ns = svc.split('/').next().unwrap_or_default();
         let selector = doc["spec"]["selector"].as_object();
+        // Workloads that left in the window and that this service selected.
+        if let Some(sel) = selector.filter(|s| !s.is_empty()) {
+            let left: Vec<(String, u64)> = events
+                .iter()
+                .filter(|e| e.kind == "left" && e.workload.split('/').next() == Some(ns))
+                .filter(|e| {
+                    sel.iter()
+                        .all(|(k, v)| v.as_str() == e.labels.get(k).map(String::as_str))
+                })
+                .map(|e| (e.workload.clone(), e.at_ms))
+                .collect();
+            if !left.is_empty() {
+                f.departed.insert(svc.clone(), left);
+            }
+        }
         let Some(selector) = selector.filter(|s| !s.is_empty()) else {
             f.selects.insert(svc, Vec::new());
             continue;

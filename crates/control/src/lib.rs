@@ -22,6 +22,7 @@ mod delta;
 pub(crate) mod diagnose;
 pub(crate) mod envoy;
 pub(crate) mod error;
+pub(crate) mod events;
 pub(crate) mod fleet;
 pub(crate) mod identity;
 pub(crate) mod registry;

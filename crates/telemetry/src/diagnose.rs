@@ -179,6 +179,40 @@ pub struct Facts {
     pub refused: Vec<(String, String)>,
     /// Resources whose references do not resolve: (resource, message).
     pub unresolved: Vec<(String, String)>,
+    /// Workloads' events in the window, oldest first: (when, workload, `joined`, `left`,
+    /// `healthy` or `unhealthy`).
+    pub events: Vec<(u64, String, String)>,
+    /// Workloads that left in the window, by each service (`ns/name`) that selected them:
+    /// (workload, when).
+    pub departed: BTreeMap<String, Vec<(String, u64)>>,
+    /// Now (Unix ms): events are told as so long ago.
+    pub now_ms: u64,
+}
+
+impl Facts {
+    /// The latest events of `workload`, as evidence lines (at most three).
+    fn events_of(&self, workload: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .events
+            .iter()
+            .rev()
+            .filter(|(_, w, _)| w == workload)
+            .take(3)
+            .map(|(at, w, kind)| {
+                format!("{w}: {kind} {} ago", ago(self.now_ms.saturating_sub(*at)))
+            })
+            .collect();
+        v.reverse();
+        v
+    }
+}
+
+fn ago(ms: u64) -> String {
+    match ms / 1000 {
+        s @ 0..=119 => format!("{s} s"),
+        s @ 120..=7199 => format!("{} min", s / 60),
+        s => format!("{} h", s / 3600),
+    }
 }
 
 /// A caller's requests to one service's workload, or to the service when no endpoint was
@@ -751,6 +785,19 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
     }
 
     fold_ejections(&mut found);
+    // What the control plane saw happen to the workloads a verdict is about.
+    for v in found.0.values_mut() {
+        let at = match &v.place {
+            Place::Workload { at } => at.workload.clone(),
+            Place::Link { to, .. } => to.workload.clone(),
+            _ => continue,
+        };
+        for e in facts.events_of(&at) {
+            if !v.evidence.contains(&e) {
+                v.evidence.push(e);
+            }
+        }
+    }
     let mut v: Vec<Verdict> = found
         .0
         .into_values()
@@ -1023,7 +1070,28 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
         match class {
             F::NoHealthyUpstream => {
                 let selected = facts.selects.get(svc).cloned().unwrap_or_default();
-                let (cause, problem, ev, next) = if selected.is_empty() {
+                let departed = facts.departed.get(svc).cloned().unwrap_or_default();
+                let (cause, problem, ev, next) = if selected.is_empty() && !departed.is_empty() {
+                    let left: Vec<String> = departed
+                        .iter()
+                        .map(|(w, at)| {
+                            format!("{w} left {} ago", ago(facts.now_ms.saturating_sub(*at)))
+                        })
+                        .collect();
+                    (
+                        Cause::Application,
+                        format!("every workload of {svc} has left"),
+                        format!(
+                            "{n} requests from {} found no endpoint; {}",
+                            p.caller.workload,
+                            left.join(", ")
+                        ),
+                        format!(
+                            "why did {} stop (a stopped container, a host shut down)? Start it again, or point {svc} elsewhere",
+                            departed.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                } else if selected.is_empty() {
                     (
                         Cause::Configuration,
                         format!("{svc} selects no workload"),

@@ -199,7 +199,13 @@ pub(crate) async fn diagnose(
 ) -> ApiResult<Response> {
     let (sel, window, at) = q.parse(&api)?;
     let (shards, partial) = others(&api, &Selector::default(), window, at).await;
-    let facts = crate::diagnose::facts(&api.writer().state(), &api.proxies().snapshot());
+    let events = api.events().since(at.saturating_sub(window));
+    let facts = crate::diagnose::facts(
+        &api.writer().state(),
+        &api.proxies().snapshot(),
+        &events,
+        at,
+    );
     let fleet = api.fleet_arc();
     let verdicts =
         tokio::task::spawn_blocking(move || fleet.diagnose(&sel, window, at, shards, &facts))

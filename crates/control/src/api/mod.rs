@@ -53,6 +53,7 @@ use crate::{
     agent::{AgentError, Agents},
     apply::{ApplyError, Writer},
     error::ControlError,
+    events::Events,
     fleet::{Fleet, FleetError},
     identity::{CaRequestError, Identity},
     registry::Registry,
@@ -82,6 +83,8 @@ struct Inner {
     taps: Arc<crate::tap::Taps>,
     /// The other replicas on a shared store, asked for their part of fleet queries.
     replicas: Option<Arc<Replicas>>,
+    /// Workloads' timed events.
+    events: Events,
 }
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
@@ -224,6 +227,7 @@ impl Api {
         max_body: usize,
         fleet: Arc<Fleet>,
         replicas: Option<Arc<Replicas>>,
+        events: Events,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -236,6 +240,7 @@ impl Api {
                 fleet,
                 taps: Arc::default(),
                 replicas,
+                events,
             }),
         }
     }
@@ -317,6 +322,11 @@ impl Api {
     /// The same, shared.
     pub(crate) fn fleet_arc(&self) -> Arc<Fleet> {
         self.inner.fleet.clone()
+    }
+
+    /// Workloads' timed events.
+    pub(crate) fn events(&self) -> &Events {
+        &self.inner.events
     }
 
     /// The other replicas, when the store is shared.

@@ -129,6 +129,19 @@ async fn get_one(
     // Which connected proxies use it: for a Workload, the proxies serving it.
     let used_by = api.proxies().using(&key);
     doc["usedBy"] = json!(used_by);
+    if k == "Workload" {
+        // What this replica saw happen to it (the newest events, the last hour at most).
+        let me = format!("{ns}/{name}");
+        let since = crate::fleet::now_ms().saturating_sub(3_600_000);
+        let events: Vec<Value> = api
+            .events()
+            .since(since)
+            .into_iter()
+            .filter(|e| e.workload == me)
+            .map(|e| json!({ "atMs": e.at_ms, "event": e.kind }))
+            .collect();
+        doc["events"] = json!(events);
+    }
     Ok(Json(doc))
 }
 

@@ -466,3 +466,73 @@ fn attempt_ids_tell_a_lost_answer_from_a_slow_application() {
     );
     assert_eq!(v[0].traces[0], format!("{:032x}", 4));
 }
+
+#[test]
+fn a_service_whose_workloads_left_is_told_when_they_left() {
+    let w = window(vec![s(
+        Out,
+        "test/shop",
+        "",
+        "test/box",
+        F::NoHealthyUpstream,
+        3,
+    )]);
+    let facts = Facts {
+        now_ms: 100_000,
+        departed: [(
+            "test/box".to_string(),
+            vec![("test/box-ct".to_string(), 40_000)],
+        )]
+        .into(),
+        events: vec![(40_000, "test/box-ct".into(), "left".into())],
+        ..Facts::default()
+    };
+    let v = run(&w, &facts);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Application);
+    assert!(v[0].problem.contains("has left"), "{v:#?}");
+    assert!(
+        v[0].evidence[0].contains("test/box-ct left 60 s ago"),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn a_workloads_recent_events_join_its_verdict() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectRefused,
+        12,
+    ));
+    w.push(s(
+        In,
+        "test/catalog-vm",
+        "test/shop",
+        SVC,
+        F::ConnectRefused,
+        12,
+    ));
+    let facts = Facts {
+        now_ms: 100_000,
+        events: vec![
+            (10_000, "test/catalog-vm".into(), "joined".into()),
+            (95_000, "test/catalog-vm".into(), "unhealthy".into()),
+            (96_000, "test/other".into(), "left".into()),
+        ],
+        ..Facts::default()
+    };
+    let v = run(&window(w), &facts);
+    assert!(
+        v[0].evidence
+            .contains(&"test/catalog-vm: unhealthy 5 s ago".to_string()),
+        "{v:#?}"
+    );
+    assert!(
+        !v[0].evidence.iter().any(|e| e.contains("test/other")),
+        "{v:#?}"
+    );
+}
