@@ -229,7 +229,14 @@ pub(crate) fn print_edges(rows: &[EdgeRow], wide: bool) {
         "SRC", "SRC ENV", "DST", "DST ENV", "MTLS", "SUCCESS", "RPS", "P99", "FAILURES",
     ];
     if wide {
-        header.extend(["SERVICES", "SRC IDENTITY", "DST IDENTITY", "SEEN BY"]);
+        header.extend([
+            "SERVICES",
+            "SRC IDENTITY",
+            "DST IDENTITY",
+            "SEEN BY",
+            "RTT",
+            "RETRANS",
+        ]);
     }
     let lines: Vec<Vec<String>> = rows
         .iter()
@@ -259,6 +266,12 @@ pub(crate) fn print_edges(rows: &[EdgeRow], wide: bool) {
                     or_dash(&e.src_identity),
                     or_dash(&e.dst_identity),
                     seen(e.seen).into(),
+                    e.link
+                        .as_ref()
+                        .map_or("-".into(), |k| format!("{:.2}ms", k.rtt_ms)),
+                    e.link
+                        .as_ref()
+                        .map_or("-".into(), |k| format!("{:.2}%", k.retransmitted * 100.0)),
                 ]);
             }
             l

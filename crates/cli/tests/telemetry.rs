@@ -359,6 +359,14 @@ async fn stat_and_edges_give_back_exactly_the_traffic_sent() {
             "{e}"
         );
         assert_eq!(e["services"], serde_json::json!(["test/catalog"]), "{e}");
+        // The kernel's figures of the caller's connections to that callee's proxy, read
+        // with ss on the caller's host.
+        assert!(e["link"]["connections"].as_u64() >= Some(1), "{e}");
+        assert!(e["link"]["rtt_ms"].as_f64() > Some(0.0), "{e}");
+        assert_eq!(
+            e["link"]["retransmitted"], 0.0,
+            "loopback loses nothing: {e}"
+        );
         sum += e["requests"].as_u64().unwrap();
     }
     assert_eq!(sum, total, "{edges}");

@@ -18,6 +18,7 @@ pub(crate) mod http;
 pub mod identity;
 pub(crate) mod inbound;
 pub(crate) mod labels;
+pub(crate) mod links;
 pub(crate) mod listen;
 pub(crate) mod metrics;
 pub(crate) mod mtls;

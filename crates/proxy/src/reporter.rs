@@ -59,14 +59,17 @@ pub(crate) async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => r.close_period(),
+            _ = tick.tick() => {
+                let links = r.links().await;
+                r.close_period(links);
+            }
             changed = link.changed() => {
                 if changed.is_err() {
                     return;
                 }
             }
             f = flush.recv() => {
-                r.close_period();
+                r.close_period(Vec::new());
                 let ctl = link.borrow().clone();
                 if let Some(ctl) = ctl {
                     r.send(&ctl).await;
@@ -102,7 +105,27 @@ struct Reporter {
 
 impl Reporter {
     /// End the current period: its report joins the queue (if anything was recorded).
-    fn close_period(&mut self) {
+    /// The kernel's figures of the links to every endpoint this proxy may call (on a
+    /// blocking thread: it runs `ss`).
+    async fn links(&self) -> Vec<trellis_telemetry::report::Link> {
+        let snap = self.shared.state.load();
+        let peers: std::collections::HashMap<std::net::SocketAddr, String> = snap
+            .clusters
+            .values()
+            .flat_map(|c| c.endpoints.iter())
+            .map(|e| {
+                (
+                    e.target,
+                    e.workload_id.get().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || crate::links::sample(&peers))
+            .await
+            .unwrap_or_default()
+    }
+
+    fn close_period(&mut self, links: Vec<trellis_telemetry::report::Link>) {
         let now = now_ms();
         let start = std::mem::replace(&mut self.period_start, now);
         let metrics = &self.shared.telemetry.metrics;
@@ -152,6 +175,7 @@ impl Reporter {
             sent_ms: 0,
             attempts: failed.items,
             attempts_dropped: failed.dropped,
+            links,
         });
         while self.pending.len() > PENDING {
             self.pending.pop_front();

@@ -752,7 +752,10 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         }
     }
 
-    // 3. What the control plane knows of the configuration.
+    // 3. The kernel's figures of each link: loss or latency, even when few requests fail.
+    link_figures(&mut found, w);
+
+    // 4. What the control plane knows of the configuration.
     for (who, why) in &facts.refused {
         found.add(
             Cause::Configuration,
@@ -845,6 +848,132 @@ fn fold_ejections(found: &mut Found) {
     found
         .0
         .retain(|(_, k, _), v| *k != "no_endpoint" || v.failed >= MIN_FAILED);
+}
+
+/// Segments sent before a link's retransmissions mean anything.
+const LINK_MIN_SEGS: u64 = 200;
+/// Retransmitted segments (per mille) that make a link lossy, and that a fine one stays under.
+const LOSSY_PERMILLE: u64 = 20;
+const FINE_PERMILLE: u64 = 5;
+/// A round trip this long (µs), and this many times the others' to the same callee, is slow.
+const SLOW_RTT_US: u32 = 50_000;
+const SLOW_RTT_TIMES: u32 = 10;
+
+/// A workload as one end of a link: its environment and locality from any series of it.
+fn end_of(w: &Window, workload: &str) -> End {
+    for (k, _) in &w.series {
+        if &*k.workload == workload {
+            return end(workload, &k.environment, &k.locality);
+        }
+        if &*k.peer_workload == workload {
+            return end(workload, &k.peer_environment, &k.peer_locality);
+        }
+    }
+    end(workload, "", "")
+}
+
+fn permille(l: &crate::report::Link) -> u64 {
+    l.retrans * 1000 / l.segs_out.max(1)
+}
+
+/// Loss and latency on the links the proxies measured.
+fn link_figures(found: &mut Found, w: &Window) {
+    let empty = BTreeMap::new();
+    for (reporter, l) in &w.links {
+        if l.peer_workload.is_empty() {
+            continue;
+        }
+        let others: Vec<&crate::report::Link> = w
+            .links
+            .iter()
+            .filter(|(r, o)| r != reporter && o.peer_workload == l.peer_workload)
+            .map(|(_, o)| o)
+            .collect();
+        let lossy = l.segs_out >= LINK_MIN_SEGS && permille(l) >= LOSSY_PERMILLE;
+        let mut rtts: Vec<u32> = others.iter().map(|o| o.rtt_us).collect();
+        rtts.sort_unstable();
+        let median = rtts.get(rtts.len() / 2).copied();
+        let slow = l.rtt_us >= SLOW_RTT_US
+            && median.is_some_and(|m| l.rtt_us >= m.saturating_mul(SLOW_RTT_TIMES));
+        if !lossy && !slow {
+            continue;
+        }
+        let from = end_of(w, reporter);
+        let to = end_of(w, &l.peer_workload);
+        let figures = format!(
+            "{reporter}'s connections to {} ({}): {} of {} segments retransmitted ({:.1} %), {} connection(s), round trip {:.1} ms",
+            l.peer_workload,
+            l.endpoint,
+            l.retrans,
+            l.segs_out,
+            permille(l) as f64 / 10.0,
+            l.sockets,
+            f64::from(l.rtt_us) / 1000.0
+        );
+        let fine = others
+            .iter()
+            .filter(|o| o.segs_out >= LINK_MIN_SEGS / 2 && permille(o) < FINE_PERMILLE)
+            .count();
+        let mut ev = vec![figures];
+        let (place, kind) = if lossy && fine == 0 && !others.is_empty() {
+            ev.push(format!(
+                "every other caller's link to {} loses segments too",
+                l.peer_workload
+            ));
+            (Place::Workload { at: to.clone() }, "host_loss")
+        } else {
+            if !others.is_empty() {
+                ev.push(format!(
+                    "{} other caller(s) reach {} {}",
+                    others.len(),
+                    l.peer_workload,
+                    if slow {
+                        format!(
+                            "with a round trip of {:.1} ms (median)",
+                            f64::from(median.unwrap_or(0)) / 1000.0
+                        )
+                    } else {
+                        "without loss".into()
+                    }
+                ));
+            }
+            (
+                Place::Link {
+                    from: from.clone(),
+                    to: to.clone(),
+                },
+                if lossy { "loss" } else { "latency" },
+            )
+        };
+        let problem = match (kind, lossy) {
+            ("host_loss", _) => format!("the network of {} loses packets", named(&to)),
+            (_, true) => format!(
+                "packets are lost between {} and {}",
+                named(&from),
+                named(&to)
+            ),
+            _ => format!(
+                "the network between {} and {} is slow",
+                named(&from),
+                named(&to)
+            ),
+        };
+        found.add(
+            Cause::Network,
+            kind,
+            place,
+            "",
+            problem,
+            0,
+            &empty,
+            &empty,
+            ev,
+            format!(
+                "check the path between the hosts of {reporter} and {}: interface errors and drops (ip -s link), a congested or faulty link",
+                l.peer_workload
+            ),
+        );
+    }
 }
 
 /// A network failure on the way from `p.caller` to `p.callee`: the link, or the callee's

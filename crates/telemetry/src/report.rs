@@ -78,6 +78,35 @@ pub struct Report {
     /// Failed requests of the period beyond the bound, not listed.
     #[prost(uint64, tag = "15")]
     pub attempts_dropped: u64,
+    /// The kernel's TCP figures of this proxy's upstream links at the period's end (its
+    /// connections to each endpoint), so that loss or latency shows even when no request
+    /// fails.
+    #[prost(message, repeated, tag = "16")]
+    pub links: Vec<Link>,
+}
+
+/// The kernel's figures (`TCP_INFO`, read through `ss`) of a proxy's open connections to
+/// one endpoint. Counts are over the connections' lifetimes.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Link {
+    /// The address connected to.
+    #[prost(string, tag = "1")]
+    pub endpoint: String,
+    /// The endpoint's workload.
+    #[prost(string, tag = "2")]
+    pub peer_workload: String,
+    /// Open connections.
+    #[prost(uint32, tag = "3")]
+    pub sockets: u32,
+    /// Mean smoothed round-trip time, microseconds.
+    #[prost(uint32, tag = "4")]
+    pub rtt_us: u32,
+    /// Segments sent.
+    #[prost(uint64, tag = "5")]
+    pub segs_out: u64,
+    /// Segments retransmitted.
+    #[prost(uint64, tag = "6")]
+    pub retrans: u64,
 }
 
 /// One failed request, by the id of its (last) attempt: the span id the caller's proxy sent

@@ -35,6 +35,20 @@ pub struct Shard {
     /// Failed requests listed one by one.
     #[prost(message, repeated, tag = "5")]
     pub attempts: Vec<ShardAttempt>,
+    /// Reporters' latest link figures.
+    #[prost(message, repeated, tag = "6")]
+    pub links: Vec<ShardLink>,
+}
+
+/// A reporter's link figures.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShardLink {
+    /// The reporting workload.
+    #[prost(string, tag = "1")]
+    pub reporter: String,
+    /// Its figures.
+    #[prost(message, optional, tag = "2")]
+    pub link: Option<crate::report::Link>,
 }
 
 /// A failed request of a shard, with who listed it.
@@ -230,12 +244,21 @@ impl Shard {
                 attempt: Some(a.attempt.clone()),
             })
             .collect();
+        let links = w
+            .links
+            .iter()
+            .map(|(r, l)| ShardLink {
+                reporter: r.to_string(),
+                link: Some(l.clone()),
+            })
+            .collect();
         Self {
             from_ms: w.from_ms,
             series,
             latency,
             identities,
             attempts,
+            links,
         }
     }
 
@@ -314,6 +337,11 @@ impl Shard {
                 latency,
                 from_ms: self.from_ms,
                 attempts,
+                links: self
+                    .links
+                    .into_iter()
+                    .filter_map(|l| Some((Arc::<str>::from(l.reporter), l.link?)))
+                    .collect(),
             },
             identities,
         ))
@@ -343,6 +371,7 @@ impl Window {
         self.latency = latency.into_iter().collect();
         self.latency.sort_by(|a, b| a.0.cmp(&b.0));
         self.attempts.extend(other.attempts);
+        self.links.extend(other.links);
         self.attempts.sort_by_key(|a| a.received_ms);
         if self.from_ms == 0 || (other.from_ms != 0 && other.from_ms < self.from_ms) {
             self.from_ms = other.from_ms;

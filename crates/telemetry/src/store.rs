@@ -102,6 +102,10 @@ pub struct Reporter {
     /// Its clock minus the control plane's, at its latest report (ms; the network's delay
     /// included, so a few ms are noise).
     pub skew_ms: i64,
+    /// The kernel's figures of its upstream links, at its latest report that had any.
+    pub links: Vec<crate::report::Link>,
+    /// When those came (Unix ms).
+    pub links_ms: u64,
 }
 
 /// Slots by index, oldest first.
@@ -213,6 +217,8 @@ pub const ATTEMPTS_KEPT: usize = 20_000;
 pub struct Window {
     /// Failed requests listed one by one in the window (newest last).
     pub attempts: Vec<Arc<FailedAttempt>>,
+    /// Each reporter's latest link figures, if they came in the window.
+    pub links: Vec<(Arc<str>, crate::report::Link)>,
     /// Series and their counts.
     pub series: Vec<(Arc<Key>, Counts)>,
     /// Latency groups and their histograms.
@@ -342,6 +348,8 @@ impl Store {
                 series: 0,
                 cert_not_after_ms: 0,
                 skew_ms: 0,
+                links: Vec::new(),
+                links_ms: 0,
             });
         rep.seen_ms = now_ms;
         if r.cert_not_after_ms > 0 {
@@ -368,6 +376,10 @@ impl Store {
         }
         rep.acked = r.seq;
         let acked = rep.acked;
+        if !r.links.is_empty() {
+            rep.links.clone_from(&r.links);
+            rep.links_ms = now_ms;
+        }
         self.attempts_dropped += r.attempts_dropped;
         for a in &r.attempts {
             if self.attempts.len() == ATTEMPTS_KEPT {
@@ -717,6 +729,12 @@ impl Store {
             .cloned()
             .collect();
         out.attempts.reverse();
+        for (name, r) in &self.reporters {
+            if r.links_ms >= out.from_ms {
+                out.links
+                    .extend(r.links.iter().map(|l| (name.clone(), l.clone())));
+            }
+        }
         for (k, s) in &self.latency {
             if !keep_latency(k) {
                 continue;

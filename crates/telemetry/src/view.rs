@@ -227,6 +227,39 @@ pub struct EdgeRow {
     /// The figures.
     #[serde(flatten)]
     pub figures: Figures,
+    /// The kernel's figures of the caller's connections to the callee, when its proxy
+    /// measured them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkFigures>,
+}
+
+/// The kernel's TCP figures of one caller's connections to one callee.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkFigures {
+    /// Mean smoothed round trip, milliseconds.
+    pub rtt_ms: f64,
+    /// Share of segments retransmitted, 0 to 1.
+    pub retransmitted: f64,
+    /// Open connections.
+    pub connections: u32,
+}
+
+/// The link figures of `src` → `dst` in `w` (every endpoint of `dst` added up).
+fn link_of(w: &Window, src: &str, dst: &str) -> Option<LinkFigures> {
+    let (mut n, mut rtt, mut segs, mut re) = (0u32, 0u64, 0u64, 0u64);
+    for (r, l) in &w.links {
+        if &**r == src && l.peer_workload == dst {
+            n += l.sockets;
+            rtt += u64::from(l.rtt_us) * u64::from(l.sockets);
+            segs += l.segs_out;
+            re += l.retrans;
+        }
+    }
+    (n > 0).then(|| LinkFigures {
+        rtt_ms: rtt as f64 / f64::from(n) / 1000.0,
+        retransmitted: re as f64 / segs.max(1) as f64,
+        connections: n,
+    })
 }
 
 /// What to show.
@@ -462,6 +495,7 @@ pub fn edges(
                 mtls: g.meshed,
                 seen,
                 figures: g.acc.figures(window_s),
+                link: link_of(w, &src, &dst),
             }
         })
         .collect();

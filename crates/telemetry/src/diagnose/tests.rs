@@ -536,3 +536,68 @@ fn a_workloads_recent_events_join_its_verdict() {
         "{v:#?}"
     );
 }
+
+fn link(peer: &str, segs: u64, retrans: u64, rtt_us: u32) -> crate::report::Link {
+    crate::report::Link {
+        endpoint: "127.0.0.9:15006".into(),
+        peer_workload: peer.into(),
+        sockets: 2,
+        rtt_us,
+        segs_out: segs,
+        retrans,
+    }
+}
+
+#[test]
+fn lost_segments_on_one_link_are_that_link_and_on_every_link_the_callees_host() {
+    let mut win = window(healthy());
+    win.links = vec![
+        (
+            "test/shop".into(),
+            link("test/catalog-ct", 10_000, 600, 900),
+        ),
+        ("test/web".into(), link("test/catalog-ct", 10_000, 3, 800)),
+    ];
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Network);
+    let Place::Link { from, to } = &v[0].place else {
+        panic!("{v:#?}")
+    };
+    assert_eq!(
+        (from.workload.as_str(), to.workload.as_str()),
+        ("test/shop", "test/catalog-ct")
+    );
+    assert!(
+        v[0].evidence[0].contains("600 of 10000 segments retransmitted (6.0 %)"),
+        "{v:#?}"
+    );
+    // Both callers lose segments: the callee's host.
+    win.links[1].1.retrans = 500;
+    let v = run(&win, &Facts::default());
+    assert!(
+        v.iter().all(
+            |x| matches!(&x.place, Place::Workload { at } if at.workload == "test/catalog-ct")
+        ),
+        "{v:#?}"
+    );
+    // Too few segments to say, or a healthy link: nothing.
+    win.links = vec![("test/shop".into(), link("test/catalog-ct", 50, 10, 900))];
+    assert!(run(&win, &Facts::default()).is_empty());
+}
+
+#[test]
+fn a_round_trip_far_slower_than_the_other_callers_is_latency_on_that_link() {
+    let mut win = window(healthy());
+    win.links = vec![
+        (
+            "test/shop".into(),
+            link("test/catalog-ct", 1_000, 0, 180_000),
+        ),
+        ("test/web".into(), link("test/catalog-ct", 1_000, 0, 900)),
+        ("test/api".into(), link("test/catalog-ct", 1_000, 0, 1_100)),
+    ];
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert!(v[0].problem.contains("slow"), "{v:#?}");
+}
