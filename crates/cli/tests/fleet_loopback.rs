@@ -81,6 +81,7 @@ fn join(
         .args(["--state-dir", state.to_str().unwrap()])
         .args(["--admin", "127.0.0.1:0", "--no-access-log"])
         .args(["--check-interval", "200ms", "--unhealthy-threshold", "1"])
+        .args(["--report-interval", "1s"])
         .args(args)
         .env_remove("TRELLIS_JOIN_TOKEN")
         .stdout(Stdio::null())

@@ -197,6 +197,10 @@ pub(crate) fn prepare(headers: &mut HeaderMap, sampling: f64) -> TraceIds {
         .get(&X_REQUEST_ID)
         .filter(|r| !r.is_empty())
         .cloned();
+    let has_b3 = headers.keys().any(|k| {
+        let k = k.as_str().as_bytes();
+        k.first() == Some(&b'b') && k == b"b3" || k.starts_with(b"x-b3-")
+    });
     // The traceparent is hashed once: the entry read here is the one written below.
     let tp_entry = headers.entry(TRACEPARENT.clone());
     let w3c = match &tp_entry {
@@ -206,8 +210,10 @@ pub(crate) fn prepare(headers: &mut HeaderMap, sampling: f64) -> TraceIds {
     let had_id = existing_id.is_some();
     let ids = match w3c {
         Some(i) => finish_with(tp_entry, existing_id, Some(i), sampling),
+        // No valid traceparent, and no B3 name among the headers (one pass over the few
+        // names, cheaper than hashing two of them): a trace starts here.
+        None if !has_b3 => finish_with(tp_entry, existing_id, None, sampling),
         None => {
-            // B3 is looked for only when there is no valid traceparent (rare at a mesh hop).
             drop(tp_entry);
             let b3 = match headers.get(&B3) {
                 Some(v) => parse_b3_single(v.as_bytes()),

@@ -98,6 +98,8 @@ impl<'a> Join<'a> {
             .args(["--name", self.name, "--label", &format!("app={}", self.app)])
             .args(["--address", &self.address, "--environment", "bare-metal"])
             .args(["--check-interval", "200ms", "--capture"])
+            // Reports every second: `diagnose` sees a fault within the scenario.
+            .args(["--report-interval", "1s"])
             .env_remove("TRELLIS_JOIN_TOKEN");
         if let Some(t) = token {
             c.args(["--token", t]);
@@ -331,6 +333,41 @@ pub async fn fleet_scenarios<F: Fleet>(f: &mut F, cp: &ControlProcess) {
     assert!(
         matches!(class.as_str(), "connect_timeout" | "upstream_timeout"),
         "{class}"
+    );
+    // A second request fails the same way; `diagnose` then joins the client's failed
+    // attempts with what the VM's proxy saw of them (nothing, by their ids): the network
+    // towards the VM, not its application.
+    let (status, class, _) = f.get("/").await;
+    assert!(matches!(status, 502..=504), "{status} {class}");
+    let verdict = super::eventually(
+        "diagnose names the network towards the VM",
+        Duration::from_secs(20),
+        async || {
+            let (_, v) = cp
+                .call(
+                    http::Method::GET,
+                    "/api/v1/diagnose?namespace=test&window=1m",
+                    "",
+                    None,
+                )
+                .await;
+            v["verdicts"]
+                .as_array()?
+                .iter()
+                .find(|x| {
+                    x["cause"] == "network"
+                        && (x["place"]["to"]["workload"] == "test/catalog-vm"
+                            || x["place"]["at"]["workload"] == "test/catalog-vm")
+                })
+                .cloned()
+        },
+    )
+    .await;
+    assert!(
+        verdict["evidence"]
+            .to_string()
+            .contains("failed attempts test/shopper-1 listed reached"),
+        "{verdict:#}"
     );
     f.mend_vm().await;
     super::eventually(
