@@ -182,6 +182,68 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     );
     assert_eq!((ok, out.trim()), (true, vip.as_str()), "{err}");
 
+    // Packet loss on the link: one segment in ten from the client's host dropped on arrival
+    // at the server's (loss beyond the sender's host: the sender's kernel retransmits, which
+    // a drop on its own OUTPUT would not show). Requests still succeed; the kernel's figures
+    // of the client proxy's connection show the retransmissions, and `diagnose` names the link.
+    let client_ip = bed.addr(2).to_string();
+    let loss = |op: &str| {
+        let rule = [
+            "iptables",
+            op,
+            "INPUT",
+            "-s",
+            &client_ip,
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            "0.1",
+            "-j",
+            "DROP",
+        ];
+        assert!(bed.run(&server, &rule).0, "{rule:?}");
+    };
+    loss("-I");
+    let verdict = eventually(
+        "diagnose names loss on the link to the server",
+        Duration::from_secs(60),
+        async || {
+            for _ in 0..40 {
+                curl(&bed, &client, "http://catalog.test.mesh/");
+            }
+            let (_, v) = cp
+                .call(
+                    Method::GET,
+                    "/api/v1/diagnose?namespace=test&window=1m",
+                    "",
+                    None,
+                )
+                .await;
+            v["verdicts"]
+                .as_array()?
+                .iter()
+                .find(|x| {
+                    x["cause"] == "network"
+                        && x["problem"].as_str().unwrap_or_default().contains("lost")
+                })
+                .cloned()
+        },
+    )
+    .await;
+    loss("-D");
+    eprintln!("loss on the link: {}", verdict["evidence"][0]);
+    assert_eq!(verdict["place"]["kind"], "link", "{verdict:#}");
+    assert_eq!(
+        (
+            verdict["place"]["from"]["workload"].as_str(),
+            verdict["place"]["to"]["workload"].as_str()
+        ),
+        (Some("test/shopper-1"), Some("test/catalog-1")),
+        "{verdict:#}"
+    );
+
     // Going around the proxy: the application's port is captured into the inbound listener,
     // which refuses plaintext (STRICT by default). The root namespace is not captured.
     around_the_proxy(&bed, &server, &format!("http://{}:8080/", bed.addr(3)));
