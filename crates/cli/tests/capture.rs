@@ -2,7 +2,9 @@
 //! control plane reached over TLS on the bridge, an agent with `--capture` in each. An
 //! unchanged client (curl) calls `http://catalog.test.mesh/` and is meshed by mutual TLS; a
 //! caller that goes around the proxy is refused; other destinations pass through; the same
-//! holds over IPv6 (the bed is dual-stack), and DNS over UDP and TCP is answered; the rules go
+//! holds over IPv6 (the bed is dual-stack), and DNS over UDP and TCP is answered; packet loss
+//! on the link (iptables `statistic` on the server's host) is named by `trellis diagnose` from
+//! the kernel's TCP figures the client's proxy reports; the rules go
 //! with the agent, and a killed agent's rules are replaced (not doubled) when it restarts
 //! with its stored identity and no token. Needs root (CI runs as root); without root it says
 //! so and does nothing, unless CI is set.
