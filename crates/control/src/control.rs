@@ -219,6 +219,7 @@ impl Control {
             )),
             replicas,
             events,
+            crate::pane::Pane::new(api_addr),
         );
         let certificates = api.certificate_router();
         tokio::spawn(agent::sweep(api.agents().clone(), api.store().clone()));

@@ -25,6 +25,7 @@ pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod fleet;
 pub(crate) mod identity;
+pub(crate) mod pane;
 pub(crate) mod registry;
 pub(crate) mod replicas;
 pub(crate) mod state;

@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod browser;
 pub mod client;
 pub mod control;
 pub mod etcd;

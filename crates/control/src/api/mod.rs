@@ -29,10 +29,12 @@
 //! | POST | `/v1/tap/events?workload=NS/NAME` (xDS address only) | a proxy's tapped records, a JSON array |
 //! | GET | `/metrics` | the fleet's counters and latency in Prometheus's text format (admin token) |
 //! | GET | `/healthz` | liveness, no token |
+//! | GET | `/ui/` (and `/`) | the single pane: the fleet's topology, problems, services and traffic shifts (embedded page; `POST /ui/session` with the admin token gives an HttpOnly, SameSite=Strict session cookie that the API accepts from this listener's own host names) |
 
 mod agent;
 mod fleet;
 mod identity;
+mod pane;
 mod resources;
 
 use std::sync::Arc;
@@ -85,6 +87,8 @@ struct Inner {
     replicas: Option<Arc<Replicas>>,
     /// Workloads' timed events.
     events: Events,
+    /// The page's sessions.
+    pane: crate::pane::Pane,
 }
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
@@ -228,6 +232,7 @@ impl Api {
         fleet: Arc<Fleet>,
         replicas: Option<Arc<Replicas>>,
         events: Events,
+        pane: crate::pane::Pane,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -241,6 +246,7 @@ impl Api {
                 taps: Arc::default(),
                 replicas,
                 events,
+                pane,
             }),
         }
     }
@@ -274,9 +280,18 @@ impl Api {
         let scrape = Router::new()
             .route("/metrics", get(fleet::metrics))
             .layer(middleware::from_fn_with_state(self.clone(), auth));
+        let ui = Router::new()
+            .route("/", get(pane::root))
+            .route("/ui", get(pane::root))
+            .route("/ui/", get(pane::index))
+            .route("/ui/pane.js", get(pane::js))
+            .route("/ui/pane.css", get(pane::css))
+            .route("/ui/session", post(pane::sign_in).delete(pane::sign_out))
+            .layer(DefaultBodyLimit::max(4 << 10));
         Router::new()
             .nest("/api/v1", v1.merge(ca))
             .merge(scrape)
+            .merge(ui)
             .route("/healthz", get(|| async { "ok\n" }))
             .with_state(self)
     }
@@ -322,6 +337,16 @@ impl Api {
     /// The same, shared.
     pub(crate) fn fleet_arc(&self) -> Arc<Fleet> {
         self.inner.fleet.clone()
+    }
+
+    /// The page's sessions.
+    pub(crate) fn pane(&self) -> &crate::pane::Pane {
+        &self.inner.pane
+    }
+
+    /// Whether `given` is the admin token.
+    pub(crate) fn token_accepts(&self, given: &str) -> bool {
+        self.inner.token.accepts(given)
     }
 
     /// Workloads' timed events.
@@ -378,6 +403,8 @@ async fn auth(AxState(api): AxState<Api>, req: Request, next: Next) -> Response 
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if api.inner.token.accepts(t) => next.run(req).await,
+        // The page's session cookie, to this listener by name.
+        None if api.inner.pane.authorized(req.headers()) => next.run(req).await,
         _ => ApiError::Unauthorized.into_response(),
     }
 }

@@ -1,0 +1,299 @@
+//! The single pane in a real browser (Debian's chromium through chromedriver): sign-in with
+//! the admin token, the fleet's topology with its edges, the problems `diagnose` finds, the
+//! services' figures, and a traffic shift confirmed in a dialog and applied through the API.
+//! The session cookie's flags and the Host check (DNS rebinding) are checked over raw HTTP.
+//!
+//! The mesh: `test/shop` (bare metal) calls `catalog.test`, whose route splits it between
+//! `catalog-a` (the VM `test/catalog-vm`) and `catalog-b` (the container `test/catalog-ct`);
+//! both applications answer 500 to paths ending in `/fail`.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use trellis_test_support::{
+    browser::Browser, control::ControlProcess, eventually, temp_path, ProxyProcess,
+};
+
+fn mesh(vm: SocketAddr, ct: SocketAddr, vm_in: u16, ct_in: u16) -> String {
+    let svc = |name: &str, sel: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ {sel} }}\n  ports: [{{ name: http, port: 80, targetPort: 1, protocol: HTTP }}]\n")
+    };
+    let workload = |name: &str, version: &str, env: &str, port: u16, inbound: u16| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: catalog, version: {version} }} }}\nspec:\n  address: 127.0.0.1\n  identity: catalog\n  environment: {env}\n  ports: {{ http: {port} }}\n  inboundPort: {inbound}\n")
+    };
+    [
+        svc("catalog", "app: catalog"),
+        svc("catalog-a", "version: a"),
+        svc("catalog-b", "version: b"),
+        workload("catalog-vm", "a", "vm", vm.port(), vm_in),
+        workload("catalog-ct", "b", "container", ct.port(), ct_in),
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: shop, namespace: test, labels: { app: shop } }\nspec: { address: 127.0.0.1, identity: shop, environment: bare-metal }\n".to_string(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: catalog, namespace: test }\nspec:\n  parentRefs: [{ kind: Service, name: catalog, port: 80 }]\n  rules:\n    - backendRefs:\n        - { name: catalog-a, port: 80, weight: 50 }\n        - { name: catalog-b, port: 80, weight: 50 }\n".to_string(),
+        policy("catalog-a", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+        policy("catalog-b", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+    ]
+    .join("---\n")
+}
+
+async fn app(name: &'static str) -> SocketAddr {
+    upstream::http(move |req| async move {
+        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(name)));
+        if req.uri().path().ends_with("/fail") {
+            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        r
+    })
+    .await
+}
+
+/// One raw HTTP/1.1 exchange with the API listener: status line and headers, and the body.
+async fn raw(addr: SocketAddr, request: String) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// Poll the page until `css` selects an element whose text contains `want`.
+async fn wait_text(b: &Browser, css: &str, want: &str) -> String {
+    eventually(
+        &format!("{css} shows {want:?}"),
+        Duration::from_secs(20),
+        async || {
+            let id = b.find(css).await.ok()?;
+            let t = b.text(&id).await.ok()?;
+            t.contains(want).then_some(t)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let (vm_app, ct_app) = (app("vm").await, app("ct").await);
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, mesh(vm_app, ct_app, 1, 1)).await;
+    let join = |id: &str, workload: &str, what: &str| {
+        let t = token(&cp, "test", id, "10m", "1");
+        let state = temp_path(what);
+        ProxyProcess::start_xds(
+            BIN,
+            &[cp.xds_url()],
+            workload,
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--join-token",
+                &t,
+                "--report-interval",
+                "200ms",
+            ],
+        )
+    };
+    let vm = join("catalog", "test/catalog-vm", "vm-state");
+    let ct = join("catalog", "test/catalog-ct", "ct-state");
+    vm.wait_ready().await;
+    ct.wait_ready().await;
+    apply_ok(
+        &cp,
+        mesh(vm_app, ct_app, vm.inbound.port(), ct.inbound.port()),
+    )
+    .await;
+    let shop = join("shop", "test/shop", "shop-state");
+    shop.wait_ready().await;
+    eventually(
+        "both backends answer",
+        Duration::from_secs(15),
+        async || {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..10 {
+                let r = client::get_full(shop.outbound, "catalog.test", "/warm", &[])
+                    .await
+                    .ok()?;
+                seen.insert(r.body.clone());
+            }
+            (seen.len() == 2).then_some(())
+        },
+    )
+    .await;
+    for i in 0..40 {
+        let path = if i % 5 == 0 { "/x/fail" } else { "/ok" };
+        client::get_full(shop.outbound, "catalog.test", path, &[])
+            .await
+            .unwrap();
+    }
+
+    // Sign in: the page asks for the token, and takes it once.
+    let origin = format!("http://{}", cp.api);
+    browser.goto(&format!("{origin}/ui/")).await.unwrap();
+    let field = eventually("the sign-in form", Duration::from_secs(10), async || {
+        browser.find("#signin:not([hidden]) #token").await.ok()
+    })
+    .await;
+    browser.type_into(&field, &cp.token).await.unwrap();
+    let submit = browser.find("#signin-button").await.unwrap();
+    browser.click(&submit).await.unwrap();
+
+    // The topology: the caller's edges to both callees, each in its environment.
+    let edge = r#"[id="edge-test/shop--test/catalog-vm"]"#;
+    eventually(
+        "the edge to the VM is drawn",
+        Duration::from_secs(20),
+        async || browser.find(edge).await.ok(),
+    )
+    .await;
+    let svg = browser.find("#topology").await.unwrap();
+    let drawn = browser.text(&svg).await.unwrap();
+    for want in [
+        "bare-metal",
+        "container",
+        "vm",
+        "test/catalog-ct",
+        "test/shop",
+    ] {
+        assert!(drawn.contains(want), "{want}: {drawn}");
+    }
+    // A click on the edge shows its failure classes and the verdicts about it.
+    browser
+        .eval(&format!(
+            "document.querySelector('{}').dispatchEvent(new MouseEvent('click', {{bubbles: true}}))",
+            edge.replace('\'', "\\'")
+        ))
+        .await
+        .unwrap();
+    let detail = wait_text(&browser, "#edge-detail", "app_error").await;
+    assert!(
+        detail.contains("test/shop (bare-metal) → test/catalog-vm (vm)"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("application: the application of test/catalog-vm answers errors"),
+        "{detail}"
+    );
+    // The problems and the services' figures.
+    wait_text(
+        &browser,
+        "#verdicts",
+        "the application of test/catalog-ct answers errors",
+    )
+    .await;
+    let services = wait_text(&browser, "#services", "test/catalog").await;
+    assert!(services.contains("app_error"), "{services}");
+    // Nothing came from anywhere but the control plane.
+    let fetched = browser
+        .eval("return performance.getEntriesByType('resource').map(e => e.name)")
+        .await
+        .unwrap();
+    for url in fetched.as_array().unwrap() {
+        assert!(url.as_str().unwrap().starts_with(&origin), "{url}");
+    }
+
+    // Shift everything to catalog-b: the page asks, the API applies.
+    let b = browser
+        .find(r#"form.route input[name="catalog-b"]"#)
+        .await
+        .unwrap();
+    browser.type_into(&b, "100").await.unwrap();
+    let a = browser
+        .find(r#"form.route input[name="catalog-a"]"#)
+        .await
+        .unwrap();
+    browser.type_into(&a, "0").await.unwrap();
+    let go = browser.find("form.route button").await.unwrap();
+    browser.click(&go).await.unwrap();
+    let asked = eventually("the confirmation", Duration::from_secs(5), async || {
+        browser.accept_dialog().await.ok()
+    })
+    .await;
+    assert_eq!(asked, "Apply test/catalog: catalog-a=0, catalog-b=100?");
+    wait_text(&browser, "#shift-result", "applied").await;
+    let (st, route) = cp
+        .call(
+            http::Method::GET,
+            "/api/v1/resources/HTTPRoute/test/catalog",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    let refs = &route["spec"]["rules"][0]["backendRefs"];
+    assert_eq!(
+        (refs[0]["weight"].as_u64(), refs[1]["weight"].as_u64()),
+        (Some(0), Some(100)),
+        "{route}"
+    );
+    eventually(
+        "the caller follows the shift",
+        Duration::from_secs(10),
+        async || {
+            for _ in 0..10 {
+                let r = client::get_full(shop.outbound, "catalog.test", "/ok", &[])
+                    .await
+                    .ok()?;
+                if r.body != "ct" {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+
+    // The session over raw HTTP: its cookie's flags, and the Host check.
+    let host = cp.api.to_string();
+    let (head, _) = raw(
+        cp.api,
+        format!(
+            "POST /ui/session HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\ntoken={}",
+            6 + cp.token.len(),
+            cp.token
+        ),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("{head}"))
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap();
+    let get = |h: &str| {
+        format!("GET /api/v1/stat HTTP/1.1\r\nhost: {h}\r\ncookie: {session}\r\nconnection: close\r\n\r\n")
+    };
+    assert!(raw(cp.api, get(&host)).await.0.starts_with("HTTP/1.1 200"));
+    // The same session from a page of another name that resolves here: refused.
+    let rebound = format!("evil.example:{}", cp.api.port());
+    assert!(raw(cp.api, get(&rebound))
+        .await
+        .0
+        .starts_with("HTTP/1.1 401"));
+    let (head, _) = raw(
+        cp.api,
+        format!("GET /ui/ HTTP/1.1\r\nhost: {rebound}\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 421"), "{head}");
+    // A wrong token gets no session.
+    let (head, _) = raw(
+        cp.api,
+        format!("POST /ui/session HTTP/1.1\r\nhost: {host}\r\ncontent-length: 11\r\nconnection: close\r\n\r\ntoken=nope!"),
+    )
+    .await;
+    assert!(
+        head.starts_with("HTTP/1.1 401") && !head.contains("set-cookie"),
+        "{head}"
+    );
+}

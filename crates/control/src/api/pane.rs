@@ -1,0 +1,92 @@
+//! Handlers of the single pane (`/ui/`): the embedded page and its session.
+
+use axum::{
+    body::Bytes,
+    extract::State as AxState,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Redirect, Response},
+};
+
+use super::Api;
+use crate::pane::{form_value, CSS, INDEX, JS};
+
+fn misdirected() -> Response {
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        "this control plane does not answer to that host name\n",
+    )
+        .into_response()
+}
+
+fn asset(api: &Api, headers: &HeaderMap, ctype: &'static str, body: &'static str) -> Response {
+    if !api.pane().host_ok(headers) {
+        return misdirected();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, ctype),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /`: to the pane.
+pub(crate) async fn root() -> Redirect {
+    Redirect::to("/ui/")
+}
+
+/// `GET /ui/`.
+pub(crate) async fn index(AxState(api): AxState<Api>, headers: HeaderMap) -> Response {
+    asset(&api, &headers, "text/html; charset=utf-8", INDEX)
+}
+
+/// `GET /ui/pane.js`.
+pub(crate) async fn js(AxState(api): AxState<Api>, headers: HeaderMap) -> Response {
+    asset(&api, &headers, "text/javascript; charset=utf-8", JS)
+}
+
+/// `GET /ui/pane.css`.
+pub(crate) async fn css(AxState(api): AxState<Api>, headers: HeaderMap) -> Response {
+    asset(&api, &headers, "text/css; charset=utf-8", CSS)
+}
+
+/// `POST /ui/session` (form `token=`): a session for the admin token.
+pub(crate) async fn sign_in(
+    AxState(api): AxState<Api>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let pane = api.pane();
+    if !pane.host_ok(&headers) {
+        return misdirected();
+    }
+    let given = form_value(&body, "token").unwrap_or_default();
+    if !api.token_accepts(&given) {
+        return (StatusCode::UNAUTHORIZED, "not the admin token\n").into_response();
+    }
+    match pane.open() {
+        Some(id) => (
+            StatusCode::NO_CONTENT,
+            [(header::SET_COOKIE, pane.cookie(&id))],
+        )
+            .into_response(),
+        None => (StatusCode::INTERNAL_SERVER_ERROR, "no session\n").into_response(),
+    }
+}
+
+/// `DELETE /ui/session`: sign out.
+pub(crate) async fn sign_out(AxState(api): AxState<Api>, headers: HeaderMap) -> Response {
+    api.pane().close(&headers);
+    (
+        StatusCode::NO_CONTENT,
+        [(header::SET_COOKIE, api.pane().cookie(""))],
+    )
+        .into_response()
+}

@@ -1,0 +1,211 @@
+//! The single pane: a page served by the control plane on its API listener (`/ui/`), over
+//! the same API as the CLI. Assets are embedded in the binary (no CDN, nothing fetched at run
+//! time, no npm). Sign-in takes the admin token once and gives a session cookie (HttpOnly,
+//! SameSite=Strict, Secure over TLS); a request that rides on the cookie must name this
+//! listener in its `Host` (a page of another site resolved to this address — DNS rebinding —
+//! gets nothing). Every write goes through `/api/v1/apply`, as `trellis apply`, after the
+//! page asks the operator to confirm.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use axum::http::{header, HeaderMap};
+
+/// How long a session lasts.
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Sessions kept at most (the oldest go first).
+const SESSIONS: usize = 1000;
+/// The session cookie's name.
+pub(crate) const COOKIE: &str = "trellis_session";
+
+/// The page's assets.
+pub(crate) const INDEX: &str = include_str!("pane/index.html");
+pub(crate) const JS: &str = include_str!("pane/pane.js");
+pub(crate) const CSS: &str = include_str!("pane/pane.css");
+
+/// Sessions, and the names this listener answers to.
+pub(crate) struct Pane {
+    sessions: Mutex<HashMap<String, Instant>>,
+    hosts: Vec<String>,
+    /// The listener is TLS (beyond loopback): cookies are `Secure`.
+    pub(crate) secure: bool,
+}
+
+impl Pane {
+    /// For the API listener bound at `addr`.
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        let port = addr.port();
+        let mut hosts = vec![addr.to_string()];
+        if addr.ip().is_loopback() {
+            hosts.extend([
+                format!("localhost:{port}"),
+                format!("127.0.0.1:{port}"),
+                format!("[::1]:{port}"),
+            ]);
+        } else if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            hosts.push(format!("{}:{port}", h.trim()));
+        }
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            hosts,
+            secure: !addr.ip().is_loopback(),
+        }
+    }
+
+    /// Whether the request names this listener in `Host`.
+    pub(crate) fn host_ok(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|h| self.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)))
+    }
+
+    /// A new session.
+    pub(crate) fn open(&self) -> Option<String> {
+        let id = crate::token::generate().ok()?;
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        s.retain(|_, until| *until > now);
+        if s.len() >= SESSIONS {
+            let oldest = s.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                s.remove(&k);
+            }
+        }
+        s.insert(id.clone(), now + SESSION_TTL);
+        Some(id)
+    }
+
+    /// End the request's session.
+    pub(crate) fn close(&self, headers: &HeaderMap) {
+        if let Some(id) = session_of(headers) {
+            self.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+    }
+
+    /// Whether the request rides on a live session, to this listener by name.
+    pub(crate) fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(id) = session_of(headers) else {
+            return false;
+        };
+        let live = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|until| *until > Instant::now());
+        live && self.host_ok(headers)
+    }
+
+    /// The `Set-Cookie` of session `id` (an empty id clears it).
+    pub(crate) fn cookie(&self, id: &str) -> String {
+        let age = if id.is_empty() {
+            0
+        } else {
+            SESSION_TTL.as_secs()
+        };
+        let secure = if self.secure { "; Secure" } else { "" };
+        format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={age}{secure}")
+    }
+}
+
+fn session_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == COOKIE && !v.is_empty()).then(|| v.to_string())
+        })
+}
+
+/// The value of `key` in a form body (`application/x-www-form-urlencoded`).
+pub(crate) fn form_value(body: &[u8], key: &str) -> Option<String> {
+    let body = std::str::from_utf8(body).ok()?;
+    body.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| decode(v))
+    })
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(s.get(i + 1..i + 3).unwrap_or(""), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_session_counts_only_for_this_listener_by_name() {
+        let p = Pane::new("127.0.0.1:7070".parse().unwrap());
+        let id = p.open().unwrap();
+        let cookie = format!("a=b; {COOKIE}={id}");
+        assert!(p.authorized(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)])));
+        assert!(p.authorized(&headers(&[("host", "localhost:7070"), ("cookie", &cookie)])));
+        // DNS rebinding: another name for this address.
+        assert!(!p.authorized(&headers(&[
+            ("host", "evil.example:7070"),
+            ("cookie", &cookie)
+        ])));
+        assert!(!p.authorized(&headers(&[
+            ("host", "127.0.0.1:7070"),
+            ("cookie", "trellis_session=forged")
+        ])));
+        p.close(&headers(&[("cookie", &cookie)]));
+        assert!(!p.authorized(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)])));
+        let c = p.cookie(&id);
+        assert!(
+            c.contains("HttpOnly") && c.contains("SameSite=Strict") && !c.contains("Secure"),
+            "{c}"
+        );
+        let tls = Pane::new("10.0.0.5:7070".parse().unwrap());
+        assert!(tls.cookie(&id).ends_with("; Secure"));
+    }
+
+    #[test]
+    fn form_values_are_decoded() {
+        assert_eq!(
+            form_value(b"a=1&token=ab%2Bc+d%3D", "token").as_deref(),
+            Some("ab+c d=")
+        );
+        assert_eq!(form_value(b"token=%zz", "token").as_deref(), Some("%zz"));
+        assert_eq!(form_value(b"x=1", "token"), None);
+    }
+}

@@ -1,0 +1,230 @@
+// The single pane: the fleet's topology, problems, services and traffic shifts, from the
+// control plane's own API (the same calls as the CLI), refreshed every 5 s. No framework, no
+// fetch beyond this origin.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+const pct = (x) => (x == null ? "-" : (x * 100).toFixed(2) + "%");
+const ms = (x) => (x == null ? "-" : x.toFixed(1) + "ms");
+let state = { edges: [], verdicts: [], timer: null };
+
+async function api(path, opts = {}) {
+  const r = await fetch(path, { credentials: "same-origin", ...opts });
+  if (r.status === 401) {
+    throw new Error("unauthorized");
+  }
+  const text = await r.text();
+  let body;
+  try { body = JSON.parse(text); } catch (_) { body = text; }
+  if (!r.ok) {
+    throw new Error((body && body.error) || text || r.status);
+  }
+  return body;
+}
+
+function query() {
+  const q = new URLSearchParams({ window: $("window").value });
+  const ns = $("ns").value.trim();
+  if (ns) q.set("namespace", ns);
+  return q.toString();
+}
+
+function healthClass(success) {
+  if (success == null) return "";
+  if (success >= 0.999) return "ok";
+  if (success >= 0.95) return "warn";
+  return "bad";
+}
+
+function health(success) {
+  if (success == null) return "#999";
+  if (success >= 0.999) return "#1a7f37";
+  if (success >= 0.95) return "#bf8700";
+  return "#cf222e";
+}
+
+function failuresText(f) {
+  const parts = [];
+  for (const cat of ["network", "application", "policy", "client"]) {
+    for (const c of (f && f[cat]) || []) parts.push(`${c.class} ${c.count}`);
+  }
+  return parts.join(", ") || "-";
+}
+
+function drawTopology(edges) {
+  const svg = $("topology");
+  const envs = {};
+  const place = (name, env) => {
+    env = env || "unknown";
+    envs[env] = envs[env] || [];
+    if (!envs[env].includes(name)) envs[env].push(name);
+  };
+  for (const e of edges) {
+    place(e.src, e.src_environment);
+    place(e.dst, e.dst_environment);
+  }
+  const names = Object.keys(envs).sort();
+  const colW = 300, top = 40, rowH = 46;
+  const pos = {};
+  let html = "";
+  names.forEach((env, i) => {
+    const x = 10 + i * colW;
+    const h = top + envs[env].length * rowH + 10;
+    html += `<rect class="env" x="${x}" y="5" width="${colW - 20}" height="${h}" rx="6"></rect>`;
+    html += `<text x="${x + 10}" y="25" font-weight="bold">${esc(env)}</text>`;
+    envs[env].forEach((w, j) => {
+      const y = top + j * rowH;
+      pos[w] = { x: x + 20, y, w: colW - 60 };
+      html += `<g class="node"><rect x="${x + 20}" y="${y}" width="${colW - 60}" height="30" rx="4"></rect>` +
+        `<text x="${x + 28}" y="${y + 19}">${esc(w)}</text></g>`;
+    });
+  });
+  edges.forEach((e, i) => {
+    const a = pos[e.src], b = pos[e.dst];
+    if (!a || !b) return;
+    const x1 = a.x + a.w, y1 = a.y + 15, x2 = b.x, y2 = b.y + 15;
+    const back = x2 <= x1;
+    const path = back
+      ? `M${a.x + a.w / 2},${a.y + 30} C${a.x + a.w / 2},${a.y + 80} ${b.x + b.w / 2},${b.y + 80} ${b.x + b.w / 2},${b.y + 30}`
+      : `M${x1},${y1} C${(x1 + x2) / 2},${y1} ${(x1 + x2) / 2},${y2} ${x2},${y2}`;
+    const label = `${e.rps.toFixed(1)} rps · ${pct(e.success)} · p99 ${ms(e.latency_ms && e.latency_ms.p99)}`;
+    const lx = back ? (a.x + b.x + a.w) / 2 : (x1 + x2) / 2, ly = back ? Math.max(a.y, b.y) + 75 : (y1 + y2) / 2 - 6;
+    html += `<path class="edge" data-edge="${i}" id="edge-${esc(e.src)}--${esc(e.dst)}" d="${path}" stroke="${health(e.success)}"></path>`;
+    html += `<text x="${lx - 60}" y="${ly}">${esc(label)}</text>`;
+  });
+  const rows = Math.max(1, ...names.map((n) => envs[n].length));
+  svg.setAttribute("height", String(top + rows * rowH + 90));
+  svg.setAttribute("width", String(Math.max(960, names.length * colW + 20)));
+  svg.innerHTML = html;
+  svg.querySelectorAll(".edge").forEach((p) => p.addEventListener("click", () => showEdge(state.edges[+p.dataset.edge])));
+}
+
+function showEdge(e) {
+  const mine = state.verdicts.filter((v) => JSON.stringify(v.place).includes(`"${e.dst}"`) || JSON.stringify(v.place).includes(`"${e.src}"`));
+  let text = `${e.src} (${e.src_environment}) → ${e.dst} (${e.dst_environment})\n`;
+  text += `identities: ${e.src_identity || "-"} → ${e.dst_identity || "-"} · mTLS ${e.mtls ? "yes" : "no"}\n`;
+  text += `requests ${e.requests} · success ${pct(e.success)} · p50 ${ms(e.latency_ms.p50)} · p99 ${ms(e.latency_ms.p99)}\n`;
+  text += `failures: ${failuresText(e.failures)}\n`;
+  if (e.link) text += `link: round trip ${e.link.rtt_ms.toFixed(2)} ms, ${(e.link.retransmitted * 100).toFixed(2)} % retransmitted\n`;
+  text += mine.length ? `verdicts:\n${mine.map((v) => `  ${v.cause}: ${v.problem}`).join("\n")}` : "verdicts: none";
+  $("edge-detail").textContent = text;
+}
+
+function drawVerdicts(verdicts) {
+  const where = (p) => {
+    if (p.kind === "workload") return `workload ${p.at.workload} (${p.at.environment})`;
+    if (p.kind === "link") return `link ${p.from.workload} (${p.from.environment}) → ${p.to.workload} (${p.to.environment})`;
+    return `${p.kind} ${p.name}`;
+  };
+  $("verdicts").innerHTML = verdicts.length
+    ? verdicts.map((v) => `<li class="verdict"><span class="cause ${esc(v.cause)}">${esc(v.cause.replace("_", " "))}</span> ` +
+      `<b>${esc(v.problem)}</b><br>where: ${esc(where(v.place))}<ul>` +
+      v.evidence.map((e) => `<li>${esc(e)}</li>`).join("") + `</ul>next: ${esc(v.next)}</li>`).join("")
+    : `<li class="ok">No problem found in this window.</li>`;
+}
+
+function drawServices(rows) {
+  $("services").querySelector("tbody").innerHTML = rows.map((r) =>
+    `<tr data-service="${esc(r.name)}"><td>${esc(r.name)}</td><td>${esc((r.environments || []).join(", "))}</td>` +
+    `<td class="${healthClass(r.success)}">${pct(r.success)}</td><td>${r.rps.toFixed(1)}</td>` +
+    `<td>${ms(r.latency_ms.p50)}</td><td>${ms(r.latency_ms.p99)}</td><td>${esc(failuresText(r.failures))}</td></tr>`).join("");
+}
+
+async function drawRoutes() {
+  const routes = (await api("/api/v1/resources/HTTPRoute")).items;
+  const weighted = routes.filter((r) => (r.spec.rules || []).some((rule) => (rule.backendRefs || []).length > 1));
+  $("routes").innerHTML = weighted.map((r, i) => {
+    const id = `${r.metadata.namespace}/${r.metadata.name}`;
+    const rule = r.spec.rules.find((rule) => (rule.backendRefs || []).length > 1);
+    return `<form class="route" data-route="${i}"><b>${esc(id)}</b> ` +
+      rule.backendRefs.map((b, j) => `${esc(b.name)} <input class="weight" data-backend="${j}" name="${esc(b.name)}" type="number" min="0" max="1000" value="${b.weight ?? 1}" size="4">`).join(" ") +
+      ` <button type="submit">shift</button></form>`;
+  }).join("") || "<p>No route splits traffic between backends.</p>";
+  document.querySelectorAll("form.route").forEach((f) => f.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    shift(weighted[+f.dataset.route], f);
+  }));
+}
+
+async function shift(route, form) {
+  const doc = JSON.parse(JSON.stringify(route));
+  for (const k of ["status", "usedBy", "events"]) delete doc[k];
+  const rule = doc.spec.rules.find((rule) => (rule.backendRefs || []).length > 1);
+  const weights = [...form.querySelectorAll("input.weight")].map((i) => +i.value);
+  rule.backendRefs.forEach((b, j) => { b.weight = weights[j]; });
+  const what = rule.backendRefs.map((b) => `${b.name}=${b.weight}`).join(", ");
+  if (!window.confirm(`Apply ${doc.metadata.namespace}/${doc.metadata.name}: ${what}?`)) return;
+  try {
+    await api("/api/v1/apply?file=pane", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(doc) });
+    $("shift-result").innerHTML = `<span class="ok">applied: ${esc(what)}</span>`;
+  } catch (e) {
+    $("shift-result").innerHTML = `<span class="bad">refused: ${esc(e.message)}</span>`;
+  }
+}
+
+async function refresh() {
+  try {
+    const q = query();
+    const [stat, edges, diag] = await Promise.all([
+      api(`/api/v1/stat?${q}`),
+      api(`/api/v1/edges?${q}`),
+      api(`/api/v1/diagnose?${q}`),
+    ]);
+    state.edges = edges;
+    state.verdicts = diag.verdicts;
+    drawTopology(edges);
+    drawVerdicts(diag.verdicts);
+    drawServices(stat);
+    $("summary").textContent = `${stat.length} services · ${edges.length} edges · ${diag.verdicts.length} problems`;
+    return true;
+  } catch (e) {
+    if (e.message === "unauthorized") {
+      showSignIn();
+      return false;
+    }
+    $("summary").textContent = `error: ${e.message}`;
+    return true;
+  }
+}
+
+function showSignIn() {
+  clearInterval(state.timer);
+  $("pane").hidden = true;
+  $("signout").hidden = true;
+  $("signin").hidden = false;
+}
+
+async function showPane() {
+  if (!(await refresh())) return;
+  $("signin").hidden = true;
+  $("pane").hidden = false;
+  $("signout").hidden = false;
+  await drawRoutes();
+  clearInterval(state.timer);
+  state.timer = setInterval(refresh, 5000);
+}
+
+$("signin-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const r = await fetch("/ui/session", {
+    method: "POST",
+    credentials: "same-origin",
+    headers: { "content-type": "application/x-www-form-urlencoded" },
+    body: new URLSearchParams({ token: $("token").value }),
+  });
+  $("token").value = "";
+  if (r.ok) {
+    $("signin-error").textContent = "";
+    showPane();
+  } else {
+    $("signin-error").textContent = "That is not the admin token.";
+  }
+});
+$("signout").addEventListener("click", async () => {
+  await fetch("/ui/session", { method: "DELETE", credentials: "same-origin" });
+  showSignIn();
+});
+$("window").addEventListener("change", refresh);
+$("ns").addEventListener("change", refresh);
+showPane();
