@@ -188,6 +188,12 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     .await;
     let services = wait_text(&browser, "#services", "test/catalog").await;
     assert!(services.contains("app_error"), "{services}");
+    // `TRELLIS_SCREENSHOTS=DIR` keeps a picture of the pane (docs/pane.png is one).
+    if let Some(dir) = std::env::var_os("TRELLIS_SCREENSHOTS") {
+        let png = browser.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        std::fs::write(std::path::Path::new(&dir).join("pane.png"), png).unwrap();
+    }
     // Nothing came from anywhere but the control plane.
     let fetched = browser
         .eval("return performance.getEntriesByType('resource').map(e => e.name)")

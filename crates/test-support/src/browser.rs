@@ -188,6 +188,13 @@ impl Browser {
         Ok(t.as_str().unwrap_or_default().to_string())
     }
 
+    /// A PNG of the page as it is now.
+    pub async fn screenshot(&self) -> Result<Vec<u8>, WdError> {
+        let v = call("GET", &self.url("/screenshot"), None).await?;
+        base64_decode(v.as_str().unwrap_or_default())
+            .ok_or_else(|| WdError("the screenshot is not base64".into()))
+    }
+
     /// Run `script` in the page; its return value.
     pub async fn eval(&self, script: &str) -> Result<Value, WdError> {
         call(
@@ -197,6 +204,36 @@ impl Browser {
         )
         .await
     }
+}
+
+/// Standard base64 (what WebDriver sends screenshots in).
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes: Vec<u8> = s
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= val(*c)? << (18 - 6 * i);
+        }
+        let take = chunk.len().saturating_sub(1);
+        for i in 0..take {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    Some(out)
 }
 
 impl Drop for Browser {

@@ -80,21 +80,24 @@ function drawTopology(edges) {
         `<text x="${x + 28}" y="${y + 19}">${esc(w)}</text></g>`;
     });
   });
+  // Edges run under the boxes, each a little deeper than the last, so that neither they nor
+  // their labels cross a box or each other.
+  const rows = Math.max(1, ...names.map((n) => envs[n].length));
+  const bottom = top + rows * rowH + 10;
+  let deepest = bottom;
   edges.forEach((e, i) => {
     const a = pos[e.src], b = pos[e.dst];
     if (!a || !b) return;
-    const x1 = a.x + a.w, y1 = a.y + 15, x2 = b.x, y2 = b.y + 15;
-    const back = x2 <= x1;
-    const path = back
-      ? `M${a.x + a.w / 2},${a.y + 30} C${a.x + a.w / 2},${a.y + 80} ${b.x + b.w / 2},${b.y + 80} ${b.x + b.w / 2},${b.y + 30}`
-      : `M${x1},${y1} C${(x1 + x2) / 2},${y1} ${(x1 + x2) / 2},${y2} ${x2},${y2}`;
+    const x0 = a.x + a.w / 2 - 10, y0 = a.y + 30, x3 = b.x + b.w / 2 + 10, y3 = b.y + 30;
+    const depth = bottom + 30 + i * 22;
+    deepest = Math.max(deepest, depth);
+    const path = `M${x0},${y0} C${x0},${depth} ${x3},${depth} ${x3},${y3}`;
     const label = `${e.rps.toFixed(1)} rps · ${pct(e.success)} · p99 ${ms(e.latency_ms && e.latency_ms.p99)}`;
-    const lx = back ? (a.x + b.x + a.w) / 2 : (x1 + x2) / 2, ly = back ? Math.max(a.y, b.y) + 75 : (y1 + y2) / 2 - 6;
+    const lx = (x0 + x3) / 2, ly = 0.125 * (y0 + y3) + 0.75 * depth + 15;
     html += `<path class="edge" data-edge="${i}" id="edge-${esc(e.src)}--${esc(e.dst)}" d="${path}" stroke="${health(e.success)}"></path>`;
-    html += `<text x="${lx - 60}" y="${ly}">${esc(label)}</text>`;
+    html += `<text x="${lx}" y="${ly}" text-anchor="middle" class="label">${esc(label)}</text>`;
   });
-  const rows = Math.max(1, ...names.map((n) => envs[n].length));
-  svg.setAttribute("height", String(top + rows * rowH + 90));
+  svg.setAttribute("height", String(deepest + 30));
   svg.setAttribute("width", String(Math.max(960, names.length * colW + 20)));
   svg.innerHTML = html;
   svg.querySelectorAll(".edge").forEach((p) => p.addEventListener("click", () => showEdge(state.edges[+p.dataset.edge])));
