@@ -227,3 +227,15 @@ async fn proxy(admin: &str) -> Vec<Line> {
     }
     out
 }
+
+/// `trellis dashboard`: the single pane's address on the configured control plane, once the
+/// control plane answers with this token.
+pub(crate) async fn dashboard(conn: &Conn) -> Result<()> {
+    let api = Api::new(conn)?;
+    api.call(Method::GET, "/api/v1/check", None).await?;
+    println!("{}/ui/", api.server());
+    eprintln!(
+        "sign in with the admin token (trellis-data/admin.token on the control plane's host)"
+    );
+    Ok(())
+}

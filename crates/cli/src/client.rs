@@ -156,6 +156,11 @@ impl Api {
 }
 
 impl Api {
+    /// The control plane's URL.
+    pub(crate) fn server(&self) -> &str {
+        &self.server
+    }
+
     /// GET `path` and hand each line of the answer to `f` as it comes, until `f` says
     /// stop or the server ends the answer.
     pub(crate) async fn stream_lines(

@@ -112,6 +112,12 @@ enum Cmd {
     /// workloads, agents, clocks (exit status 1 when a check fails); `--proxy` checks the
     /// proxy on this host.
     Check(check::CheckArgs),
+    /// The single pane's address (a page served by the control plane): topology, problems,
+    /// services, traffic shifts.
+    Dashboard {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Live requests as the proxies see them: method, path, outcome and failure class,
     /// latency, attempts, endpoint, who called whom (header values only with --headers).
     Tap(fleet::TapArgs),
@@ -420,6 +426,7 @@ fn main() -> ExitCode {
         Cmd::Edges(a) => ctl_run(fleet::edges(&a)),
         Cmd::Diagnose(a) => ctl_run(diagnose::run(&a)),
         Cmd::Check(a) => ctl_run(check::run(&a)),
+        Cmd::Dashboard { conn } => ctl_run(check::dashboard(&conn)),
         Cmd::Tap(a) => ctl_run(fleet::tap(&a)),
         Cmd::Top(a) => ctl_run(fleet::top(&a)),
         Cmd::Token(TokenCmd::Create {

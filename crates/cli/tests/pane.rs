@@ -134,7 +134,13 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
 
     // Sign in: the page asks for the token, and takes it once.
     let origin = format!("http://{}", cp.api);
-    browser.goto(&format!("{origin}/ui/")).await.unwrap();
+    let url = common::ok(cli(&cp, &["dashboard"])).trim().to_string();
+    assert_eq!(
+        url,
+        format!("{origin}/ui/"),
+        "trellis dashboard prints the pane's address"
+    );
+    browser.goto(&url).await.unwrap();
     let field = eventually("the sign-in form", Duration::from_secs(10), async || {
         browser.find("#signin:not([hidden]) #token").await.ok()
     })
