@@ -194,6 +194,14 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     .await;
     let services = wait_text(&browser, "#services", "test/catalog").await;
     assert!(services.contains("app_error"), "{services}");
+    // Each proxy: its config in step and its certificate (reported by the proxy).
+    let row = wait_text(
+        &browser,
+        r#"#proxies tr[data-proxy="test/catalog-vm"]"#,
+        "in sync",
+    )
+    .await;
+    assert!(row.contains("expires in"), "{row}");
     // `TRELLIS_SCREENSHOTS=DIR` keeps a picture of the pane (docs/pane.png is one).
     if let Some(dir) = std::env::var_os("TRELLIS_SCREENSHOTS") {
         let png = browser.screenshot().await.unwrap();

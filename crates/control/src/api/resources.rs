@@ -237,8 +237,29 @@ where
 
 async fn proxies_h(AxState(api): AxState<Api>) -> Json<Value> {
     let s = api.writer().state();
+    // What each proxy last reported of its certificate (the registry knows only its xDS).
+    let certs: std::collections::HashMap<String, u64> = api
+        .fleet()
+        .reporters()
+        .into_iter()
+        .filter(|r| r.cert_not_after_ms > 0)
+        .map(|r| (r.name, r.cert_not_after_ms))
+        .collect();
+    let proxies: Vec<Value> = api
+        .proxies()
+        .snapshot()
+        .into_iter()
+        .map(|p| {
+            let cert = p.workload.as_ref().and_then(|w| certs.get(w)).copied();
+            let mut v = json!(p);
+            if let Some(ms) = cert {
+                v["certNotAfterMs"] = json!(ms);
+            }
+            v
+        })
+        .collect();
     Json(json!({
         "revision": s.catalog.revision.to_string(),
-        "proxies": api.proxies().snapshot(),
+        "proxies": proxies,
     }))
 }

@@ -134,6 +134,26 @@ function drawServices(rows) {
     `<td>${ms(r.latency_ms.p50)}</td><td>${ms(r.latency_ms.p99)}</td><td>${esc(failuresText(r.failures))}</td></tr>`).join("");
 }
 
+function ago(ms) {
+  const s = Math.max(0, Math.round(ms / 1000));
+  if (s < 120) return `${s} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  return `${Math.round(s / 3600)} h`;
+}
+
+function drawProxies(list) {
+  const now = Date.now();
+  $("proxies").querySelector("tbody").innerHTML = list.map((p) => {
+    const types = Object.entries(p.types || {});
+    const behind = types.filter(([, t]) => t.acked !== t.sent).map(([k]) => k);
+    const refused = types.filter(([, t]) => t.rejected && t.acked !== t.sent).map(([k, t]) => `${k} ${t.rejected.version}: ${t.rejected.message}`);
+    const config = refused.length ? `<span class="bad">refused</span>` : behind.length ? `<span class="warn">behind (${esc(behind.join(", "))})</span>` : `<span class="ok">in sync</span>`;
+    const cert = p.certNotAfterMs ? (p.certNotAfterMs <= now ? `<span class="bad">expired</span>` : `expires in ${ago(p.certNotAfterMs - now)}`) : "-";
+    return `<tr data-proxy="${esc(p.workload || p.node)}"><td>${esc(p.workload || "-")}</td><td>${esc(p.node)}</td>` +
+      `<td>${ago(now - p.connectedAt * 1000)} ago</td><td>${config}</td><td>${esc(refused.join("; ") || "-")}</td><td>${cert}</td></tr>`;
+  }).join("");
+}
+
 async function drawRoutes() {
   const routes = (await api("/api/v1/resources/HTTPRoute")).items;
   const weighted = routes.filter((r) => (r.spec.rules || []).some((rule) => (rule.backendRefs || []).length > 1));
@@ -169,16 +189,18 @@ async function shift(route, form) {
 async function refresh() {
   try {
     const q = query();
-    const [stat, edges, diag] = await Promise.all([
+    const [stat, edges, diag, proxies] = await Promise.all([
       api(`/api/v1/stat?${q}`),
       api(`/api/v1/edges?${q}`),
       api(`/api/v1/diagnose?${q}`),
+      api("/api/v1/proxies"),
     ]);
     state.edges = edges;
     state.verdicts = diag.verdicts;
     drawTopology(edges);
     drawVerdicts(diag.verdicts);
     drawServices(stat);
+    drawProxies(proxies.proxies);
     $("summary").textContent = `${stat.length} services · ${edges.length} edges · ${diag.verdicts.length} problems`;
     return true;
   } catch (e) {
