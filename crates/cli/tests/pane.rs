@@ -202,6 +202,19 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     )
     .await;
     assert!(row.contains("expires in"), "{row}");
+    // The figures are pushed by the server (every second here: `?every=1`), no reload.
+    eventually(
+        "the server pushes fresh figures",
+        Duration::from_secs(10),
+        async || {
+            let n = browser
+                .eval("return window.trellisPane.updates")
+                .await
+                .ok()?;
+            (n.as_u64()? >= 3).then_some(())
+        },
+    )
+    .await;
     // `TRELLIS_SCREENSHOTS=DIR` keeps a picture of the pane (docs/pane.png is one).
     if let Some(dir) = std::env::var_os("TRELLIS_SCREENSHOTS") {
         let png = browser.screenshot().await.unwrap();

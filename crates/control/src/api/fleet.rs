@@ -53,6 +53,8 @@ pub(crate) struct ViewQuery {
     /// Where the window ends, Unix ms (default: now; never later than now). Replicas ask
     /// each other with the asking one's `at`, so that every part covers the same slots.
     at: Option<u64>,
+    /// For the stream: seconds between two pushes (default 5, 1 to 60).
+    every: Option<u64>,
 }
 
 impl ViewQuery {
@@ -215,6 +217,67 @@ pub(crate) async fn diagnose(
         serde_json::json!({ "window_ms": window, "verdicts": verdicts }),
         partial,
     ))
+}
+
+/// What the pane shows, computed once for one window: stat, edges, diagnose (the other
+/// replicas asked once for all three) and the proxies.
+async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde_json::Value> {
+    let at = now_ms();
+    let (shards, partial) = others(api, &Selector::default(), window, at).await;
+    let events = api.events().since(at.saturating_sub(window));
+    let facts = crate::diagnose::facts(
+        &api.writer().state(),
+        &api.proxies().snapshot(),
+        &events,
+        at,
+    );
+    let fleet = api.fleet_arc();
+    let sel = sel.clone();
+    let (stat, edges, verdicts) = tokio::task::spawn_blocking(move || {
+        let stat = fleet.stat(&sel, window, at, shards.clone())?;
+        let mut by_workload = sel.clone();
+        by_workload.kind = Some(Kind::Workload);
+        let edges = fleet.edges(&by_workload, window, at, shards.clone())?;
+        let verdicts = fleet.diagnose(&sel, window, at, shards, &facts)?;
+        Ok::<_, FleetError>((stat, edges, verdicts))
+    })
+    .await
+    .map_err(|e| ApiError::BadRequest(format!("figures: {e}")))??;
+    Ok(serde_json::json!({
+        "stat": stat,
+        "edges": edges,
+        "diagnose": { "window_ms": window, "verdicts": verdicts },
+        "proxies": super::resources::proxies_value(api)["proxies"],
+        "partial": partial,
+    }))
+}
+
+/// `GET /api/v1/fleet/stream`: the pane's figures pushed as server-sent events (`fleet`),
+/// now and every few seconds, until the client leaves.
+pub(crate) async fn stream(
+    AxState(api): AxState<Api>,
+    Query(q): Query<ViewQuery>,
+) -> ApiResult<Response> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let every = std::time::Duration::from_secs(q.every.unwrap_or(5).clamp(1, 60));
+    let (sel, window, _) = q.parse(&api)?;
+    let stream = super::resources::async_stream(move |tx| async move {
+        loop {
+            let ev = match pane_figures(&api, &sel, window).await {
+                Ok(v) => Event::default().event("fleet").json_data(v),
+                Err(e) => Event::default()
+                    .event("problem")
+                    .json_data(serde_json::json!({ "error": e.to_string() })),
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response())
 }
 
 /// `GET /api/v1/check`: the mesh's own health, check by check.

@@ -22,6 +22,7 @@
 //! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload; for the whole fleet (other replicas' parts merged in; `x-trellis-partial` names a replica that did not answer) |
 //! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures (whole fleet, as `stat`) |
 //! | GET | `/api/v1/diagnose?namespace=NS&name=NAME&window=5m` | verdicts: network, application, mesh policy or configuration, where, the evidence of both ends of each hop, and what to check next |
+//! | GET | `/api/v1/fleet/stream?namespace=NS&window=5m&every=5` | server-sent events `fleet`: stat, edges, diagnose and proxies at once, now and every few seconds (the pane's feed) |
 //! | GET | `/api/v1/check` | the mesh's own health: store, proxies in sync, certificates, root rotation, workloads, agents, clocks; each pass, warn or fail with a hint |
 //! | GET | `/v1/fleet/shard?kind=&namespace=&name=&window=&at=` (xDS address only) | this replica's part of a window (protobuf `Shard`), for another replica: its certificate must be the control plane's |
 //! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N&headers=true` | live requests, one JSON object a line, until the client leaves; header values only with `headers=true`, never those of credentials |
@@ -269,6 +270,7 @@ impl Api {
             .route("/edges", get(fleet::edges))
             .route("/diagnose", get(fleet::diagnose))
             .route("/check", get(fleet::check))
+            .route("/fleet/stream", get(fleet::stream))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
         // Proxies and agents authenticate with a join token or their certificate here, not

@@ -223,7 +223,7 @@ fn diff(a: &State, b: &State, kind: Option<&str>) -> Vec<SseEvent> {
 }
 
 /// A stream fed by a task (axum's SSE wants a `Stream`).
-fn async_stream<F, Fut>(
+pub(crate) fn async_stream<F, Fut>(
     f: F,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<SseEvent, axum::Error>>
 where
@@ -236,6 +236,11 @@ where
 }
 
 async fn proxies_h(AxState(api): AxState<Api>) -> Json<Value> {
+    Json(proxies_value(&api))
+}
+
+/// Every proxy connected to this replica, with what it last reported of its certificate.
+pub(crate) fn proxies_value(api: &Api) -> Value {
     let s = api.writer().state();
     // What each proxy last reported of its certificate (the registry knows only its xDS).
     let certs: std::collections::HashMap<String, u64> = api
@@ -258,8 +263,8 @@ async fn proxies_h(AxState(api): AxState<Api>) -> Json<Value> {
             v
         })
         .collect();
-    Json(json!({
+    json!({
         "revision": s.catalog.revision.to_string(),
         "proxies": proxies,
-    }))
+    })
 }

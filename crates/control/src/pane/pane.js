@@ -7,7 +7,8 @@ const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const pct = (x) => (x == null ? "-" : (x * 100).toFixed(2) + "%");
 const ms = (x) => (x == null ? "-" : x.toFixed(1) + "ms");
-let state = { edges: [], verdicts: [], timer: null };
+let state = { edges: [], verdicts: [], feed: null, updates: 0 };
+window.trellisPane = state;
 
 async function api(path, opts = {}) {
   const r = await fetch(path, { credentials: "same-origin", ...opts });
@@ -186,6 +187,20 @@ async function shift(route, form) {
   }
 }
 
+function draw(f) {
+  state.edges = f.edges;
+  state.verdicts = f.diagnose.verdicts;
+  state.updates += 1;
+  drawTopology(f.edges);
+  drawVerdicts(f.diagnose.verdicts);
+  drawServices(f.stat);
+  drawProxies(f.proxies);
+  $("summary").textContent = `${f.stat.length} services · ${f.edges.length} edges · ${f.diagnose.verdicts.length} problems` +
+    (f.partial ? ` · ${f.partial}` : "");
+}
+
+// The first figures by a plain request (which says whether the session holds), then the
+// server pushes them (server-sent events) every few seconds.
 async function refresh() {
   try {
     const q = query();
@@ -195,13 +210,8 @@ async function refresh() {
       api(`/api/v1/diagnose?${q}`),
       api("/api/v1/proxies"),
     ]);
-    state.edges = edges;
-    state.verdicts = diag.verdicts;
-    drawTopology(edges);
-    drawVerdicts(diag.verdicts);
-    drawServices(stat);
-    drawProxies(proxies.proxies);
-    $("summary").textContent = `${stat.length} services · ${edges.length} edges · ${diag.verdicts.length} problems`;
+    draw({ stat, edges, diagnose: diag, proxies: proxies.proxies });
+    follow();
     return true;
   } catch (e) {
     if (e.message === "unauthorized") {
@@ -213,8 +223,18 @@ async function refresh() {
   }
 }
 
+function follow() {
+  if (state.feed) state.feed.close();
+  const every = new URLSearchParams(location.search).get("every") || "5";
+  state.feed = new EventSource(`/api/v1/fleet/stream?${query()}&every=${encodeURIComponent(every)}`);
+  state.feed.addEventListener("fleet", (ev) => draw(JSON.parse(ev.data)));
+  state.feed.addEventListener("problem", (ev) => { $("summary").textContent = `error: ${JSON.parse(ev.data).error}`; });
+  // A stream that the server refuses (the session ended) is closed: check the session.
+  state.feed.onerror = () => { if (state.feed.readyState === EventSource.CLOSED) refresh(); };
+}
+
 function showSignIn() {
-  clearInterval(state.timer);
+  if (state.feed) state.feed.close();
   $("pane").hidden = true;
   $("signout").hidden = true;
   $("signin").hidden = false;
@@ -226,8 +246,6 @@ async function showPane() {
   $("pane").hidden = false;
   $("signout").hidden = false;
   await drawRoutes();
-  clearInterval(state.timer);
-  state.timer = setInterval(refresh, 5000);
 }
 
 $("signin-form").addEventListener("submit", async (ev) => {
