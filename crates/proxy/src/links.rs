@@ -67,15 +67,31 @@ pub(crate) fn parse(
 
 static WARNED: AtomicBool = AtomicBool::new(false);
 
+/// Endpoints named to `ss` at most; with more, it prints every socket.
+const FILTERED: usize = 64;
+
 /// The figures of the links to `peers` (address → workload) now.
 pub(crate) fn sample(peers: &HashMap<SocketAddr, String>) -> Vec<Link> {
     if peers.is_empty() {
         return Vec::new();
     }
-    let out = match Command::new("ss")
-        .args(["-tinH", "state", "established"])
-        .output()
-    {
+    // The kernel filters by destination (a host with many sockets prints only ours), up to
+    // a bound on the expression's length; beyond, everything is read and filtered here.
+    let mut cmd = Command::new("ss");
+    cmd.args(["-tinH", "state", "established"]);
+    if peers.len() <= FILTERED {
+        let mut expr: Vec<String> = vec!["(".into()];
+        for (i, a) in peers.keys().enumerate() {
+            if i > 0 {
+                expr.push("or".into());
+            }
+            expr.push("dst".into());
+            expr.push(a.to_string());
+        }
+        expr.push(")".into());
+        cmd.args(expr);
+    }
+    let out = match cmd.output() {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
         Ok(o) => {
             warn_once(&String::from_utf8_lossy(&o.stderr));
