@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use trellis_store::Key;
+use trellis_telemetry::diagnose::ago;
 
 use crate::{api::Api, fleet::now_ms};
 
@@ -59,15 +60,6 @@ fn list(v: &[String]) -> String {
         s.push_str(&format!(" and {} more", v.len() - SHOWN));
     }
     s
-}
-
-fn ago(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..=119 => format!("{s} s"),
-        120..=7199 => format!("{} min", s / 60),
-        _ => format!("{} h", s / 3600),
-    }
 }
 
 /// Every check this replica can make.

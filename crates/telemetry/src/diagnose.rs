@@ -207,7 +207,8 @@ impl Facts {
     }
 }
 
-fn ago(ms: u64) -> String {
+/// `ms` milliseconds as a person says it: seconds, minutes or hours.
+pub fn ago(ms: u64) -> String {
     match ms / 1000 {
         s @ 0..=119 => format!("{s} s"),
         s @ 120..=7199 => format!("{} min", s / 60),
@@ -339,7 +340,10 @@ impl Found {
 
 impl Verdict {
     /// Add what the one-by-one lists say.
-    fn joined(&mut self, j: &Joined, caller: &str, callee: &str) {
+    fn joined(&mut self, j: Option<&Joined>, caller: &str, callee: &str) {
+        let Some(j) = j else {
+            return;
+        };
         if j.listed > 0 {
             let line = format!(
                 "by attempt id: {} of the {} failed attempts {caller} listed reached {callee}'s proxy",
@@ -559,6 +563,12 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             if !counts_against(*class) || n == 0 {
                 continue;
             }
+            // The one-by-one lists joined once per class that needs them.
+            let j = matches!(
+                class,
+                F::ConnectRefused | F::ConnectTimeout | F::UpstreamTimeout | F::ConnectionReset
+            )
+            .then(|| join(w, caller, svc, callee, *class));
             match class {
                 F::AppError | F::AppGrpcError => {
                     if !app_errors {
@@ -625,7 +635,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         ),
                     );
                 }
-                F::UpstreamTimeout if arrived(w, caller, svc, callee, *class, seen_n, n) => {
+                F::UpstreamTimeout if arrived(j.as_ref(), seen_n, n) => {
                     // The callee saw them: its application took too long.
                     let p99 = inbound_p99_ms(w, callee, svc, caller);
                     let timeout = facts.timeouts_ms.get(svc);
@@ -662,14 +672,13 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                             p.callee.workload
                         ),
                     )
-                    .joined(&join(w, caller, svc, callee, *class), caller, callee);
+                    .joined(j.as_ref(), caller, callee);
                 }
                 F::ConnectRefused | F::ConnectTimeout | F::UpstreamTimeout | F::ConnectionReset => {
-                    let j = join(w, caller, svc, callee, *class);
                     network(
                         &mut found, &out_pairs, p, svc, *class, n, &seen, seen_n, callee_ok,
                     )
-                    .joined(&j, caller, callee);
+                    .joined(j.as_ref(), caller, callee);
                 }
                 F::TlsError => {
                     let mut ev = vec![format!(
@@ -1100,20 +1109,10 @@ fn network<'a>(
 
 /// Whether the callee's proxy saw most of the caller's failed attempts of `class`: by their
 /// ids when the caller listed them, else by counts (`seen_n` requests seen for `n` failed).
-fn arrived(
-    w: &Window,
-    caller: &str,
-    svc: &str,
-    callee: &str,
-    class: FailureClass,
-    seen_n: u64,
-    n: u64,
-) -> bool {
-    let j = join(w, caller, svc, callee, class);
-    if j.listed > 0 {
-        j.arrived * 2 >= j.listed
-    } else {
-        seen_n * 2 >= n
+fn arrived(j: Option<&Joined>, seen_n: u64, n: u64) -> bool {
+    match j {
+        Some(j) if j.listed > 0 => j.arrived * 2 >= j.listed,
+        _ => seen_n * 2 >= n,
     }
 }
 
