@@ -23,6 +23,9 @@ use trellis_telemetry::{
     view::{self, EdgeRow, Selector, StatRow},
 };
 
+/// What the pane shows: stat rows, edges, verdicts.
+pub(crate) type Figures = (Vec<StatRow>, Vec<EdgeRow>, Vec<Verdict>);
+
 /// The identity each reporting workload proved.
 type Ids = std::collections::HashMap<String, String>;
 
@@ -258,10 +261,13 @@ impl Fleet {
         at_ms: u64,
         others: Vec<Shard>,
     ) -> Result<Vec<EdgeRow>, FleetError> {
-        let (series, ids) = self.merged(sel, window_ms, at_ms, others)?;
-        let mut rows = view::edges(&series, sel, covered_s(at_ms, &series), |w| {
-            ids.get(w).cloned()
-        });
+        let (w, ids) = self.merged(sel, window_ms, at_ms, others)?;
+        Ok(self.edge_rows(&w, &ids, sel, at_ms))
+    }
+
+    /// The edges of a merged window.
+    fn edge_rows(&self, w: &Window, ids: &Ids, sel: &Selector, at_ms: u64) -> Vec<EdgeRow> {
+        let mut rows = view::edges(w, sel, covered_s(at_ms, w), |wl| ids.get(wl).cloned());
         // Callers name the identity their callee must present `namespace/identity`: shown as
         // SPIFFE IDs, like the callers' own.
         for r in &mut rows {
@@ -271,7 +277,28 @@ impl Fleet {
                 }
             }
         }
-        Ok(rows)
+        rows
+    }
+
+    /// What the pane shows at once: stat (by `sel`), edges (by workload) and diagnose, from
+    /// one merged window (the store read and the other replicas' parts decoded once).
+    pub(crate) fn figures(
+        &self,
+        sel: &Selector,
+        window_ms: u64,
+        at_ms: u64,
+        others: Vec<Shard>,
+        facts: &Facts,
+    ) -> Result<Figures, FleetError> {
+        let (w, ids) = self.merged(&Selector::default(), window_ms, at_ms, others)?;
+        let stat = view::stat(&w, sel, covered_s(at_ms, &w));
+        let by_workload = Selector {
+            kind: Some(view::Kind::Workload),
+            ..sel.clone()
+        };
+        let edges = self.edge_rows(&w, &ids, &by_workload, at_ms);
+        let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
+        Ok((stat, edges, diagnose::diagnose(&w, facts, &pick)))
     }
 
     /// What each reporting proxy last said of itself, for `trellis check`.

@@ -193,6 +193,17 @@ pub(crate) async fn edges(
     Ok(answer(rows, partial))
 }
 
+/// What diagnose reads besides the traffic, for the window of `window_ms` before `at_ms`.
+fn facts(api: &Api, window_ms: u64, at_ms: u64) -> trellis_telemetry::diagnose::Facts {
+    let events = api.events().since(at_ms.saturating_sub(window_ms));
+    crate::diagnose::facts(
+        &api.writer().state(),
+        &api.proxies().snapshot(),
+        &events,
+        at_ms,
+    )
+}
+
 /// `GET /api/v1/diagnose`: what is failing, where, why, with the evidence of both ends of
 /// each hop (the whole fleet, as `stat`).
 pub(crate) async fn diagnose(
@@ -201,13 +212,7 @@ pub(crate) async fn diagnose(
 ) -> ApiResult<Response> {
     let (sel, window, at) = q.parse(&api)?;
     let (shards, partial) = others(&api, &Selector::default(), window, at).await;
-    let events = api.events().since(at.saturating_sub(window));
-    let facts = crate::diagnose::facts(
-        &api.writer().state(),
-        &api.proxies().snapshot(),
-        &events,
-        at,
-    );
+    let facts = facts(&api, window, at);
     let fleet = api.fleet_arc();
     let verdicts =
         tokio::task::spawn_blocking(move || fleet.diagnose(&sel, window, at, shards, &facts))
@@ -224,25 +229,13 @@ pub(crate) async fn diagnose(
 async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde_json::Value> {
     let at = now_ms();
     let (shards, partial) = others(api, &Selector::default(), window, at).await;
-    let events = api.events().since(at.saturating_sub(window));
-    let facts = crate::diagnose::facts(
-        &api.writer().state(),
-        &api.proxies().snapshot(),
-        &events,
-        at,
-    );
+    let facts = facts(api, window, at);
     let fleet = api.fleet_arc();
     let sel = sel.clone();
-    let (stat, edges, verdicts) = tokio::task::spawn_blocking(move || {
-        let stat = fleet.stat(&sel, window, at, shards.clone())?;
-        let mut by_workload = sel.clone();
-        by_workload.kind = Some(Kind::Workload);
-        let edges = fleet.edges(&by_workload, window, at, shards.clone())?;
-        let verdicts = fleet.diagnose(&sel, window, at, shards, &facts)?;
-        Ok::<_, FleetError>((stat, edges, verdicts))
-    })
-    .await
-    .map_err(|e| ApiError::BadRequest(format!("figures: {e}")))??;
+    let (stat, edges, verdicts) =
+        tokio::task::spawn_blocking(move || fleet.figures(&sel, window, at, shards, &facts))
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("figures: {e}")))??;
     Ok(serde_json::json!({
         "stat": stat,
         "edges": edges,
