@@ -14,7 +14,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use serde_json::Value;
-use trellis_test_support::{control::ControlProcess, eventually, temp_path, ProxyProcess};
+use trellis_test_support::{control::ControlProcess, eventually};
 
 fn mesh(
     ok: SocketAddr,
@@ -98,20 +98,12 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     let m = |inbound| mesh(ok, down, errors, slow, inbound, ghost.port());
     apply_ok(&cp, m(1)).await;
     let join = |who: &str, workload: &str| {
-        let t = token(&cp, "test", who, "10m", "1");
-        let state = temp_path(&format!("{who}-state"));
-        ProxyProcess::start_xds(
-            BIN,
-            &[cp.xds_url()],
+        join_xds(
+            &cp,
+            &cp.xds_url(),
+            who,
             workload,
-            &[
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--join-token",
-                &t,
-                "--report-interval",
-                "200ms",
-            ],
+            &["--report-interval", "200ms"],
         )
     };
     let callee = join("beta", "test/peer");

@@ -12,9 +12,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::*;
-use trellis_test_support::{
-    browser::Browser, control::ControlProcess, eventually, temp_path, ProxyProcess,
-};
+use trellis_test_support::{browser::Browser, control::ControlProcess, eventually};
 
 fn mesh(vm: SocketAddr, ct: SocketAddr, vm_in: u16, ct_in: u16) -> String {
     let svc = |name: &str, sel: &str| {
@@ -82,25 +80,17 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     let (vm_app, ct_app) = (app("vm").await, app("ct").await);
     let cp = ControlProcess::start(BIN, &[]);
     apply_ok(&cp, mesh(vm_app, ct_app, 1, 1)).await;
-    let join = |id: &str, workload: &str, what: &str| {
-        let t = token(&cp, "test", id, "10m", "1");
-        let state = temp_path(what);
-        ProxyProcess::start_xds(
-            BIN,
-            &[cp.xds_url()],
+    let join = |id: &str, workload: &str| {
+        join_xds(
+            &cp,
+            &cp.xds_url(),
+            id,
             workload,
-            &[
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--join-token",
-                &t,
-                "--report-interval",
-                "200ms",
-            ],
+            &["--report-interval", "200ms"],
         )
     };
-    let vm = join("catalog", "test/catalog-vm", "vm-state");
-    let ct = join("catalog", "test/catalog-ct", "ct-state");
+    let vm = join("catalog", "test/catalog-vm");
+    let ct = join("catalog", "test/catalog-ct");
     vm.wait_ready().await;
     ct.wait_ready().await;
     apply_ok(
@@ -108,7 +98,7 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
         mesh(vm_app, ct_app, vm.inbound.port(), ct.inbound.port()),
     )
     .await;
-    let shop = join("shop", "test/shop", "shop-state");
+    let shop = join("shop", "test/shop");
     shop.wait_ready().await;
     eventually(
         "both backends answer",

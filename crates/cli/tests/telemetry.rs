@@ -1116,27 +1116,12 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_fleet() {
     apply_ok(&a, mesh(vm_app, ct_app, 1, 1)).await;
     // Each proxy reports to the replica it is connected to: the callee catalog-vm to A; the
     // caller and the callee catalog-ct to B.
-    let join = |cp: &ControlProcess, id: &str, workload: &str, what: &str| {
-        let t = token(cp, "test", id, "10m", "1");
-        let state = temp_path(what);
-        ProxyProcess::start_xds(
-            BIN,
-            &[format!("https://{}", cp.xds)],
-            workload,
-            &[
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--join-token",
-                &t,
-                "--ca-hash",
-                &cp.ca_hash,
-                "--report-interval",
-                "200ms",
-            ],
-        )
+    let join = |cp: &ControlProcess, id: &str, workload: &str| {
+        let extra = ["--ca-hash", &cp.ca_hash, "--report-interval", "200ms"];
+        join_xds(cp, &format!("https://{}", cp.xds), id, workload, &extra)
     };
-    let vm = join(&a, "catalog", "test/catalog-vm", "vm-state");
-    let ct = join(&b, "catalog", "test/catalog-ct", "ct-state");
+    let vm = join(&a, "catalog", "test/catalog-vm");
+    let ct = join(&b, "catalog", "test/catalog-ct");
     vm.wait_ready().await;
     ct.wait_ready().await;
     apply_ok(
@@ -1144,7 +1129,7 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_fleet() {
         mesh(vm_app, ct_app, vm.inbound.port(), ct.inbound.port()),
     )
     .await;
-    let shop = join(&b, "shop", "test/shop", "shop-state");
+    let shop = join(&b, "shop", "test/shop");
     shop.wait_ready().await;
     let (n, fails) = (40u64, 8u64);
     let mut c = client::Conn::h1(shop.outbound).await;

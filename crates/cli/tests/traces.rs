@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value,
     trace::v1::{span::SpanKind, status::StatusCode},
 };
-use trellis_test_support::{control::ControlProcess, eventually, temp_path, ProxyProcess};
+use trellis_test_support::{control::ControlProcess, eventually};
 
 /// A span as received, with its resource's and its own attributes as text.
 #[derive(Clone, Debug)]
@@ -185,30 +185,15 @@ async fn spans_join_across_two_mtls_hops_and_a_failed_unsampled_request_is_expor
     let cp = ControlProcess::start(BIN, &[]);
     apply_ok(&cp, mesh(app, 1)).await;
     let otlp_url = format!("http://{otlp}");
-    let join = |id: &str, workload: &str, what: &str| {
-        let t = token(&cp, "test", id, "10m", "1");
-        let state = temp_path(what);
-        ProxyProcess::start_xds(
-            BIN,
-            &[cp.xds_url()],
-            workload,
-            &[
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--join-token",
-                &t,
-                "--otlp-endpoint",
-                &otlp_url,
-                // No trace is started sampled unless its service says so.
-                "--trace-sampling",
-                "0",
-            ],
-        )
+    let join = |id: &str, workload: &str| {
+        // No trace is started sampled unless its service says so.
+        let extra = ["--otlp-endpoint", &otlp_url, "--trace-sampling", "0"];
+        join_xds(&cp, &cp.xds_url(), id, workload, &extra)
     };
-    let vm = join("catalog", "test/catalog-vm", "vm-state");
+    let vm = join("catalog", "test/catalog-vm");
     vm.wait_ready().await;
     apply_ok(&cp, mesh(app, vm.inbound.port())).await;
-    let shop = join("shop", "test/shop", "shop-state");
+    let shop = join("shop", "test/shop");
     shop.wait_ready().await;
     eventually(
         "the caller reaches catalog",

@@ -154,6 +154,23 @@ pub async fn apply_ok(cp: &trellis_test_support::control::ControlProcess, yaml: 
     assert_eq!(st, 200, "{v}");
 }
 
+/// A proxy for `workload`, joined to `cp` through `xds` with a single-use token for identity
+/// `id` of namespace `test` (its key and certificate in a fresh state dir), with `extra`
+/// flags.
+pub fn join_xds(
+    cp: &trellis_test_support::control::ControlProcess,
+    xds: &str,
+    id: &str,
+    workload: &str,
+    extra: &[&str],
+) -> ProxyProcess {
+    let t = token(cp, "test", id, "10m", "1");
+    let state = trellis_test_support::temp_path(&format!("{id}-state"));
+    let mut args = vec!["--state-dir", state.to_str().unwrap(), "--join-token", &t];
+    args.extend_from_slice(extra);
+    ProxyProcess::start_xds(BIN, &[xds.to_string()], workload, &args)
+}
+
 /// A callee (`test/peer`, identity `beta`) and a caller (`test/client`, identity `client`)
 /// fed by `cp`, each joined with a token; `mesh(inbound)` is the mesh with the callee's
 /// inbound port (applied first with a placeholder, as the port is known once it runs).
