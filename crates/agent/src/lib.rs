@@ -83,7 +83,9 @@ pub struct AgentOptions {
     /// Workload labels.
     pub labels: std::collections::BTreeMap<String, String>,
     /// Workload spec, as JSON (address, environment, locality, ports, upstreams…); the
-    /// agent sets `identity`, `inboundPort` and `healthy`.
+    /// agent sets `identity`, `healthy`, and `inboundPort` unless the spec has one (a port
+    /// in front of the proxy's inbound listener that forwards to it: a NAT rule, a
+    /// container engine's published port).
     pub spec: serde_json::Value,
     /// State dir, join token, CA hash.
     pub identity: IdentityOptions,
@@ -219,7 +221,7 @@ pub async fn run_until(
         .ok_or_else(|| AgentError::Register("the proxy has no identity".into()))?;
     let mut spec = opts.spec.clone();
     if let Some(o) = spec.as_object_mut() {
-        o.insert("inboundPort".into(), inbound.port().into());
+        o.entry("inboundPort").or_insert(inbound.port().into());
     }
     let register = serde_json::json!({
         "op": "register",

@@ -228,14 +228,37 @@ async fn proxy(admin: &str) -> Vec<Line> {
     out
 }
 
-/// `trellis dashboard`: the single pane's address on the configured control plane, once the
-/// control plane answers with this token.
-pub(crate) async fn dashboard(conn: &Conn) -> Result<()> {
+/// `trellis dashboard`: a sign-in link to the single pane on the configured control plane
+/// (good once, for 15 minutes), opened in a browser where one is at hand.
+pub(crate) async fn dashboard(conn: &Conn, open: bool) -> Result<()> {
     let api = Api::new(conn)?;
-    api.call(Method::GET, "/api/v1/check", None).await?;
-    println!("{}/ui/", api.server());
-    eprintln!(
-        "sign in with the admin token (trellis-data/admin.token on the control plane's host)"
-    );
+    let v = api.call(Method::POST, "/api/v1/ui/links", None).await?;
+    let path = v["path"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the control plane gave no link: {v}"))?;
+    let url = format!("{}{path}", api.server());
+    println!("{url}");
+    eprintln!("the link signs you in once, within 15 minutes; then sign in with the admin token");
+    if open {
+        open_browser(&url);
+    }
     Ok(())
+}
+
+/// Start the desktop's browser on `url`, when there is a desktop (`$BROWSER`, else
+/// `xdg-open`); quietly nothing otherwise.
+pub(crate) fn open_browser(url: &str) {
+    let desktop =
+        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    let program = match std::env::var("BROWSER") {
+        Ok(b) if !b.is_empty() => b,
+        _ if desktop => "xdg-open".into(),
+        _ => return,
+    };
+    let _ = std::process::Command::new(program)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
 }

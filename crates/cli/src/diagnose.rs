@@ -118,6 +118,16 @@ pub(crate) fn block(v: &Verdict) -> String {
     if !v.services.is_empty() {
         out.push_str(&format!("  services:    {}\n", v.services.join(", ")));
     }
+    if let (Some(first), Some(last)) = (v.first_ms, v.last_ms) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        out.push_str(&format!(
+            "  seen:        first {} ago, last {} ago\n",
+            trellis_telemetry::diagnose::ago(now.saturating_sub(first)),
+            trellis_telemetry::diagnose::ago(now.saturating_sub(last))
+        ));
+    }
     out.push_str(&format!("  caller saw:  {}\n", counts(&v.caller_saw)));
     out.push_str(&format!("  callee saw:  {}\n", counts(&v.callee_saw)));
     out.push_str("  evidence:\n");

@@ -112,11 +112,15 @@ enum Cmd {
     /// workloads, agents, clocks (exit status 1 when a check fails); `--proxy` checks the
     /// proxy on this host.
     Check(check::CheckArgs),
-    /// The single pane's address (a page served by the control plane): topology, problems,
-    /// services, traffic shifts.
+    /// A sign-in link to the single pane (a page served by the control plane: topology,
+    /// problems, services, traffic shifts), good once for 15 minutes; opened in the
+    /// desktop's browser when there is one.
     Dashboard {
         #[command(flatten)]
         conn: client::Conn,
+        /// Only print the link.
+        #[arg(long)]
+        no_open: bool,
     },
     /// Live requests as the proxies see them: method, path, outcome and failure class,
     /// latency, attempts, endpoint, who called whom (header values only with --headers).
@@ -426,7 +430,7 @@ fn main() -> ExitCode {
         Cmd::Edges(a) => ctl_run(fleet::edges(&a)),
         Cmd::Diagnose(a) => ctl_run(diagnose::run(&a)),
         Cmd::Check(a) => ctl_run(check::run(&a)),
-        Cmd::Dashboard { conn } => ctl_run(check::dashboard(&conn)),
+        Cmd::Dashboard { conn, no_open } => ctl_run(check::dashboard(&conn, !no_open)),
         Cmd::Tap(a) => ctl_run(fleet::tap(&a)),
         Cmd::Top(a) => ctl_run(fleet::top(&a)),
         Cmd::Token(TokenCmd::Create {

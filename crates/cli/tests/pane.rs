@@ -124,12 +124,7 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
 
     // Sign in: the page asks for the token, and takes it once.
     let origin = format!("http://{}", cp.api);
-    let url = common::ok(cli(&cp, &["dashboard"])).trim().to_string();
-    assert_eq!(
-        url,
-        format!("{origin}/ui/"),
-        "trellis dashboard prints the pane's address"
-    );
+    let url = format!("{origin}/ui/");
     browser.goto(&url).await.unwrap();
     let field = eventually("the sign-in form", Duration::from_secs(10), async || {
         browser.find("#signin:not([hidden]) #token").await.ok()
@@ -309,6 +304,43 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 421"), "{head}");
+    // `trellis dashboard` prints a sign-in link: it opens a session once.
+    let link = common::ok(cli(&cp, &["dashboard", "--no-open"]))
+        .trim()
+        .to_string();
+    let path = link
+        .strip_prefix(&format!("http://{host}"))
+        .unwrap_or_else(|| panic!("a link to this control plane: {link}"));
+    assert!(path.starts_with("/ui/enter?code="), "{link}");
+    let enter = |h: &str| format!("GET {path} HTTP/1.1\r\nhost: {h}\r\nconnection: close\r\n\r\n");
+    // Not from a page of another name (and the link stays good).
+    assert!(raw(cp.api, enter(&rebound))
+        .await
+        .0
+        .starts_with("HTTP/1.1 421"));
+    let (head, _) = raw(cp.api, enter(&host)).await;
+    assert!(head.starts_with("HTTP/1.1 303"), "{head}");
+    assert!(head.lines().any(|l| l == "location: /ui/"), "{head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("{head}"));
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let linked = cookie.split(';').next().unwrap();
+    let (head, _) = raw(
+        cp.api,
+        format!("GET /api/v1/stat HTTP/1.1\r\nhost: {host}\r\ncookie: {linked}\r\nconnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, _) = raw(cp.api, enter(&host)).await;
+    assert!(
+        head.starts_with("HTTP/1.1 401"),
+        "a link works once: {head}"
+    );
     // A wrong token gets no session.
     let (head, _) = raw(
         cp.api,

@@ -19,6 +19,10 @@ use axum::http::{header, HeaderMap};
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Sessions kept at most (the oldest go first).
 const SESSIONS: usize = 1000;
+/// How long a sign-in link lasts (it works once).
+const LINK_TTL: Duration = Duration::from_secs(15 * 60);
+/// Unused sign-in links kept at most.
+const LINKS: usize = 100;
 /// The session cookie's name.
 pub(crate) const COOKIE: &str = "trellis_session";
 
@@ -27,9 +31,49 @@ pub(crate) const INDEX: &str = include_str!("pane/index.html");
 pub(crate) const JS: &str = include_str!("pane/pane.js");
 pub(crate) const CSS: &str = include_str!("pane/pane.css");
 
-/// Sessions, and the names this listener answers to.
+/// Random ids that expire: sessions, sign-in links.
+#[derive(Default)]
+struct Expiring(Mutex<HashMap<String, Instant>>);
+
+impl Expiring {
+    /// A new id, good for `ttl`; beyond `cap` live ids the oldest goes.
+    fn mint(&self, ttl: Duration, cap: usize) -> Option<String> {
+        let id = crate::token::generate().ok()?;
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        s.retain(|_, until| *until > now);
+        if s.len() >= cap {
+            let oldest = s.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                s.remove(&k);
+            }
+        }
+        s.insert(id.clone(), now + ttl);
+        Some(id)
+    }
+
+    fn live(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Whether `id` was live; it is not any more.
+    fn take(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .is_some_and(|until| until > Instant::now())
+    }
+}
+
+/// Sessions, sign-in links, and the names this listener answers to.
 pub(crate) struct Pane {
-    sessions: Mutex<HashMap<String, Instant>>,
+    sessions: Expiring,
+    links: Expiring,
     hosts: Vec<String>,
     /// The listener is TLS (beyond loopback): cookies are `Secure`.
     pub(crate) secure: bool,
@@ -50,7 +94,8 @@ impl Pane {
             hosts.push(format!("{}:{port}", h.trim()));
         }
         Self {
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Expiring::default(),
+            links: Expiring::default(),
             hosts,
             secure: !addr.ip().is_loopback(),
         }
@@ -66,27 +111,28 @@ impl Pane {
 
     /// A new session.
     pub(crate) fn open(&self) -> Option<String> {
-        let id = crate::token::generate().ok()?;
-        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        s.retain(|_, until| *until > now);
-        if s.len() >= SESSIONS {
-            let oldest = s.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                s.remove(&k);
-            }
+        self.sessions.mint(SESSION_TTL, SESSIONS)
+    }
+
+    /// A sign-in link's code: it opens one session, once, within [`LINK_TTL`] (what
+    /// `trellis dashboard` and the demo print, so that nobody pastes the admin token).
+    pub(crate) fn link(&self) -> Option<String> {
+        self.links.mint(LINK_TTL, LINKS)
+    }
+
+    /// A session for a link's code, which is then spent.
+    pub(crate) fn enter(&self, code: &str) -> Option<String> {
+        if self.links.take(code) {
+            self.open()
+        } else {
+            None
         }
-        s.insert(id.clone(), now + SESSION_TTL);
-        Some(id)
     }
 
     /// End the request's session.
     pub(crate) fn close(&self, headers: &HeaderMap) {
         if let Some(id) = session_of(headers) {
-            self.sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.sessions.take(&id);
         }
     }
 
@@ -95,13 +141,7 @@ impl Pane {
         let Some(id) = session_of(headers) else {
             return false;
         };
-        let live = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .is_some_and(|until| *until > Instant::now());
-        live && self.host_ok(headers)
+        self.sessions.live(&id) && self.host_ok(headers)
     }
 
     /// The `Set-Cookie` of session `id` (an empty id clears it).
@@ -197,6 +237,19 @@ mod tests {
         );
         let tls = Pane::new("10.0.0.5:7070".parse().unwrap());
         assert!(tls.cookie(&id).ends_with("; Secure"));
+    }
+
+    #[test]
+    fn a_sign_in_link_opens_one_session_once() {
+        let p = Pane::new("127.0.0.1:7070".parse().unwrap());
+        let code = p.link().unwrap();
+        assert!(p.enter("forged").is_none());
+        let id = p.enter(&code).expect("a session");
+        let cookie = format!("{COOKIE}={id}");
+        assert!(p.authorized(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)])));
+        assert!(p.enter(&code).is_none(), "a link works once");
+        // A session id is not a link's code.
+        assert!(p.enter(&id).is_none());
     }
 
     #[test]

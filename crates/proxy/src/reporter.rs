@@ -173,6 +173,7 @@ impl Reporter {
                     .map_or(0, |d| d.as_millis() as u64)
             }),
             sent_ms: 0,
+            attempts_below: failed.below(),
             attempts: failed.items,
             attempts_dropped: failed.dropped,
             links,

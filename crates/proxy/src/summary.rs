@@ -103,7 +103,10 @@ impl Period {
     }
 }
 
-/// The period's failed requests, one by one, up to [`FailedAttempts::CAP`].
+/// The period's failed requests, one by one, up to [`FailedAttempts::CAP`]: beyond it, those
+/// with the smallest attempt ids. Ids are random, so this is a uniform sample, and the same
+/// one at both ends of a hop (the caller's attempt id is the callee's parent id): the
+/// control plane can still join what the caller and the callee listed.
 #[derive(Default)]
 pub(crate) struct FailedAttempts {
     /// Listed.
@@ -116,13 +119,43 @@ impl FailedAttempts {
     /// Failed requests listed per period at most; the rest are counted.
     pub(crate) const CAP: usize = 64;
 
-    /// Add one, or count it when the period's list is full.
+    /// The sampling key: an attempt without id (from an unmeshed caller) cannot be joined
+    /// and goes first.
+    fn key(a: &trellis_telemetry::report::Attempt) -> u64 {
+        if a.id == 0 {
+            u64::MAX
+        } else {
+            a.id
+        }
+    }
+
+    /// Add one; when the list is full, it takes the place of the one with the largest id
+    /// if its own is smaller, and one of the two is counted as dropped.
     pub(crate) fn push(&mut self, a: trellis_telemetry::report::Attempt) {
         if self.items.len() < Self::CAP {
             self.items.push(a);
-        } else {
-            self.dropped += 1;
+            return;
         }
+        self.dropped += 1;
+        let (at, largest) = self
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (i, Self::key(x)))
+            .max_by_key(|(_, k)| *k)
+            .unwrap_or((0, 0));
+        if Self::key(&a) < largest {
+            self.items[at] = a;
+        }
+    }
+
+    /// The largest id listed when some were dropped (every failed attempt of the period
+    /// with an id up to it is listed), else 0.
+    pub(crate) fn below(&self) -> u64 {
+        if self.dropped == 0 {
+            return 0;
+        }
+        self.items.iter().map(Self::key).max().unwrap_or(0)
     }
 }
 

@@ -28,7 +28,7 @@ use trellis_taxonomy::FailureClass;
 
 use crate::{
     key::{Direction, LatKey},
-    store::Window,
+    store::{FailedAttempt, Window},
 };
 
 /// What kind of problem a verdict names.
@@ -121,6 +121,13 @@ pub struct Verdict {
     /// Trace ids of some of the failed requests (a few), to look up in a tracing backend.
     #[serde(default)]
     pub traces: Vec<String>,
+    /// When the first and the last of the failed requests it rests on ended (Unix ms, by
+    /// the proxies' clocks), from those listed one by one; absent when none was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_ms: Option<u64>,
+    /// See `first_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ms: Option<u64>,
 }
 
 /// Sample trace ids kept per verdict.
@@ -148,17 +155,29 @@ fn join(w: &Window, caller: &str, svc: &str, callee: &str, class: FailureClass) 
         })
         .map(|a| &a.attempt)
         .collect();
-    let theirs: BTreeSet<u64> = w
+    let theirs: Vec<&FailedAttempt> = w
         .attempts
         .iter()
-        .filter(|a| {
-            &*a.reporter == callee && a.attempt.direction == 1 && a.attempt.peer_workload == caller
-        })
+        .filter(|a| &*a.reporter == callee && a.attempt.direction == 1)
+        .map(|a| &**a)
+        .collect();
+    // Beyond its bound a proxy lists the attempts with the smallest ids: only the caller's
+    // attempts below every bound the callee's lists had can be looked for there.
+    let below = theirs
+        .iter()
+        .map(|a| a.listed_below)
+        .min()
+        .unwrap_or(u64::MAX);
+    let theirs: BTreeSet<u64> = theirs
+        .iter()
+        .filter(|a| a.attempt.peer_workload == caller)
         .map(|a| a.attempt.id)
         .collect();
+    let comparable: Vec<&&crate::report::Attempt> =
+        mine.iter().filter(|a| a.id != 0 && a.id <= below).collect();
     Joined {
-        listed: mine.len(),
-        arrived: mine.iter().filter(|a| theirs.contains(&a.id)).count(),
+        listed: comparable.len(),
+        arrived: comparable.iter().filter(|a| theirs.contains(&a.id)).count(),
         traces: mine
             .iter()
             .rev()
@@ -318,6 +337,8 @@ impl Found {
                 evidence: Vec::new(),
                 next,
                 traces: Vec::new(),
+                first_ms: None,
+                last_ms: None,
             });
         if !service.is_empty() && !v.services.iter().any(|s| s == service) {
             v.services.push(service.to_string());
@@ -675,10 +696,23 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                     .joined(j.as_ref(), caller, callee);
                 }
                 F::ConnectRefused | F::ConnectTimeout | F::UpstreamTimeout | F::ConnectionReset => {
-                    network(
-                        &mut found, &out_pairs, p, svc, *class, n, &seen, seen_n, callee_ok,
-                    )
-                    .joined(j.as_ref(), caller, callee);
+                    let up = w
+                        .reporting
+                        .iter()
+                        .filter(|(r, _)| &**r == callee)
+                        .map(|(_, at)| facts.now_ms.saturating_sub(*at))
+                        .min();
+                    let seen = Seen {
+                        classes: &seen,
+                        n: seen_n,
+                        ok: callee_ok,
+                        reported_ago_ms: up,
+                    };
+                    network(&mut found, &out_pairs, p, svc, *class, n, &seen).joined(
+                        j.as_ref(),
+                        caller,
+                        callee,
+                    );
                 }
                 F::TlsError => {
                     let mut ev = vec![format!(
@@ -810,6 +844,12 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             }
         }
     }
+    for v in found.0.values_mut() {
+        if let Some((first, last)) = first_last(w, v) {
+            v.first_ms = Some(first);
+            v.last_ms = Some(last);
+        }
+    }
     let mut v: Vec<Verdict> = found
         .0
         .into_values()
@@ -817,6 +857,38 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         .collect();
     v.sort_by(|a, b| b.failed.cmp(&a.failed).then(a.place.cmp(&b.place)));
     v
+}
+
+/// When the failed requests a verdict rests on ended, first and last: those listed one by
+/// one, of its classes and services, by a proxy at its place.
+fn first_last(w: &Window, v: &Verdict) -> Option<(u64, u64)> {
+    let classes: BTreeSet<&str> = v
+        .caller_saw
+        .keys()
+        .chain(v.callee_saw.keys())
+        .filter(|c| counts_against(**c))
+        .map(|c| c.as_str())
+        .collect();
+    let at_place = |reporter: &str, peer: &str| match &v.place {
+        Place::Workload { at } => reporter == at.workload || peer == at.workload,
+        Place::Link { from, to } => {
+            (reporter == from.workload && peer == to.workload)
+                || (reporter == to.workload && peer == from.workload)
+        }
+        Place::Service { .. } | Place::Resource { .. } => true,
+    };
+    w.attempts
+        .iter()
+        .filter(|a| {
+            classes.contains(a.attempt.class.as_str())
+                && v.services.iter().any(|s| *s == a.attempt.service)
+                && at_place(&a.reporter, &a.attempt.peer_workload)
+        })
+        .map(|a| a.attempt.at_ms)
+        .fold(None, |acc, t| match acc {
+            None => Some((t, t)),
+            Some((f, l)) => Some((f.min(t), l.max(t))),
+        })
 }
 
 /// Requests that found no usable endpoint of a service whose workloads were failing are a
@@ -985,9 +1057,22 @@ fn link_figures(found: &mut Found, w: &Window) {
     }
 }
 
+/// What the callee's side says of a caller's failed attempts.
+struct Seen<'a> {
+    /// The callee's proxy's inbound series from that caller, by class.
+    classes: &'a BTreeMap<FailureClass, u64>,
+    /// Their requests.
+    n: u64,
+    /// Requests the callee answered well, from any caller.
+    ok: u64,
+    /// How long ago the callee's proxy last reported, if it did in the window: then its
+    /// host was up.
+    reported_ago_ms: Option<u64>,
+}
+
 /// A network failure on the way from `p.caller` to `p.callee`: the link, or the callee's
-/// host, depending on whether other callers of that callee are fine.
-#[allow(clippy::too_many_arguments)]
+/// host, depending on whether other callers of that callee are fine and whether the
+/// callee's proxy still reports.
 fn network<'a>(
     found: &'a mut Found,
     out_pairs: &BTreeMap<(String, String, String), Pair>,
@@ -995,9 +1080,7 @@ fn network<'a>(
     svc: &str,
     class: FailureClass,
     n: u64,
-    seen: &BTreeMap<FailureClass, u64>,
-    seen_n: u64,
-    callee_ok: u64,
+    seen: &Seen,
 ) -> &'a mut Verdict {
     // Other callers of the same callee: are they fine?
     let others: Vec<&Pair> = out_pairs
@@ -1015,19 +1098,29 @@ fn network<'a>(
         "{} got {n} {class} trying {} ({} attempts for {} requests)",
         p.caller.workload, p.callee.workload, p.attempts, p.requests
     )];
-    ev.push(if seen_n == 0 {
+    ev.push(if seen.n == 0 {
         format!(
             "{}'s proxy saw no request from {} in the same window",
             p.callee.workload, p.caller.workload
         )
     } else {
         format!(
-            "{}'s proxy saw only {seen_n} requests from {} ({})",
+            "{}'s proxy saw only {} requests from {} ({})",
             p.callee.workload,
+            seen.n,
             p.caller.workload,
-            classes_text(seen)
+            classes_text(seen.classes)
         )
     });
+    // A proxy that reports runs, and so does its host.
+    let up = seen.reported_ago_ms;
+    if let Some(ago_ms) = up {
+        ev.push(format!(
+            "{}'s proxy reported to the control plane {} ago: its host is up",
+            p.callee.workload,
+            ago(ago_ms)
+        ));
+    }
     let (place, problem, next) = if others_ok > 0 {
         ev.push(format!(
             "{others_ok} other caller(s) of {} got answers",
@@ -1048,28 +1141,65 @@ fn network<'a>(
                 p.caller.workload, p.callee.workload, p.callee.workload
             ),
         )
-    } else if others_failing > 0 || (callee_ok == 0 && !others.is_empty()) {
+    } else if others_failing > 0 || (seen.ok == 0 && !others.is_empty()) {
         ev.push(format!(
             "every caller of {} fails ({} other(s))",
             p.callee.workload,
             others.len()
         ));
+        let (problem, next) = if up.is_some() {
+            (
+                format!(
+                    "no caller gets through to {}, whose proxy is up ({class})",
+                    named(&p.callee)
+                ),
+                format!(
+                    "what in front of the host of {} blocks its proxy's inbound port (firewall rules, a NAT or published port)? Or its Workload's address and inboundPort are not where the proxy listens",
+                    p.callee.workload
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "{} cannot be reached by any caller ({class})",
+                    named(&p.callee)
+                ),
+                format!(
+                    "is the host of {} up, and its proxy (trellis join) running and listening?",
+                    p.callee.workload
+                ),
+            )
+        };
         (
             Place::Workload {
                 at: p.callee.clone(),
             },
+            problem,
+            next,
+        )
+    } else if up.is_some() {
+        ev.push(format!(
+            "no other caller of {} to compare with; its host is up, so the path from {} fails",
+            p.callee.workload, p.caller.workload
+        ));
+        (
+            Place::Link {
+                from: p.caller.clone(),
+                to: p.callee.clone(),
+            },
             format!(
-                "{} cannot be reached by any caller ({class})",
+                "the network from {} to {} fails ({class})",
+                named(&p.caller),
                 named(&p.callee)
             ),
             format!(
-                "is the host of {} up, and its proxy (trellis join) running and listening?",
-                p.callee.workload
+                "check the path from the host of {} to the host of {} (firewall rules, routes, MTU), and that {}'s Workload address and inboundPort are where its proxy listens",
+                p.caller.workload, p.callee.workload, p.callee.workload
             ),
         )
     } else {
         ev.push(format!(
-            "no other caller of {} to compare with: the link or its host",
+            "no other caller of {} to compare with, and its proxy did not report: the link or its host",
             p.callee.workload
         ));
         (
@@ -1101,7 +1231,7 @@ fn network<'a>(
         problem,
         n,
         &only(&p.classes, &[class]),
-        seen,
+        seen.classes,
         ev,
         next,
     )

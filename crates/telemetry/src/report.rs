@@ -78,6 +78,12 @@ pub struct Report {
     /// Failed requests of the period beyond the bound, not listed.
     #[prost(uint64, tag = "15")]
     pub attempts_dropped: u64,
+    /// When some were not listed: the largest attempt id listed. The list holds those with
+    /// the smallest ids, every one up to this, so that the caller's and the callee's
+    /// proxies list the same attempts (ids are random) and stay joinable; 0 when the list
+    /// is whole.
+    #[prost(fixed64, tag = "17")]
+    pub attempts_below: u64,
     /// The kernel's TCP figures of this proxy's upstream links at the period's end (its
     /// connections to each endpoint), so that loss or latency shows even when no request
     /// fails.

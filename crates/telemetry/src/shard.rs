@@ -38,6 +38,20 @@ pub struct Shard {
     /// Reporters' latest link figures.
     #[prost(message, repeated, tag = "6")]
     pub links: Vec<ShardLink>,
+    /// The reporters heard from in the window.
+    #[prost(message, repeated, tag = "7")]
+    pub reporting: Vec<ShardSeen>,
+}
+
+/// A reporter heard from, and when last.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShardSeen {
+    /// The reporting workload.
+    #[prost(string, tag = "1")]
+    pub reporter: String,
+    /// When it was last heard from (Unix ms).
+    #[prost(uint64, tag = "2")]
+    pub seen_ms: u64,
 }
 
 /// A reporter's link figures.
@@ -63,6 +77,9 @@ pub struct ShardAttempt {
     /// What the proxy said.
     #[prost(message, optional, tag = "3")]
     pub attempt: Option<crate::report::Attempt>,
+    /// Its period's list is whole up to this id.
+    #[prost(fixed64, tag = "4")]
+    pub listed_below: u64,
 }
 
 /// A series of a shard: its key and counts.
@@ -242,6 +259,7 @@ impl Shard {
                 reporter: a.reporter.to_string(),
                 received_ms: a.received_ms,
                 attempt: Some(a.attempt.clone()),
+                listed_below: a.listed_below,
             })
             .collect();
         let links = w
@@ -252,6 +270,14 @@ impl Shard {
                 link: Some(l.clone()),
             })
             .collect();
+        let reporting = w
+            .reporting
+            .iter()
+            .map(|(r, at)| ShardSeen {
+                reporter: r.to_string(),
+                seen_ms: *at,
+            })
+            .collect();
         Self {
             from_ms: w.from_ms,
             series,
@@ -259,6 +285,7 @@ impl Shard {
             identities,
             attempts,
             links,
+            reporting,
         }
     }
 
@@ -328,6 +355,7 @@ impl Shard {
                     reporter: a.reporter.into(),
                     received_ms: a.received_ms,
                     attempt: a.attempt?,
+                    listed_below: a.listed_below,
                 }))
             })
             .collect();
@@ -341,6 +369,11 @@ impl Shard {
                     .links
                     .into_iter()
                     .filter_map(|l| Some((Arc::<str>::from(l.reporter), l.link?)))
+                    .collect(),
+                reporting: self
+                    .reporting
+                    .into_iter()
+                    .map(|r| (Arc::<str>::from(r.reporter), r.seen_ms))
                     .collect(),
             },
             identities,
@@ -372,6 +405,7 @@ impl Window {
         self.latency.sort_by(|a, b| a.0.cmp(&b.0));
         self.attempts.extend(other.attempts);
         self.links.extend(other.links);
+        self.reporting.extend(other.reporting);
         self.attempts.sort_by_key(|a| a.received_ms);
         if self.from_ms == 0 || (other.from_ms != 0 && other.from_ms < self.from_ms) {
             self.from_ms = other.from_ms;

@@ -207,6 +207,9 @@ pub struct FailedAttempt {
     pub received_ms: u64,
     /// What the proxy said.
     pub attempt: crate::report::Attempt,
+    /// Its period's list holds every failed attempt with an id up to this one
+    /// (`u64::MAX`: every one of the period).
+    pub listed_below: u64,
 }
 
 /// Failed requests kept one by one, the newest at most.
@@ -219,6 +222,9 @@ pub struct Window {
     pub attempts: Vec<Arc<FailedAttempt>>,
     /// Each reporter's latest link figures, if they came in the window.
     pub links: Vec<(Arc<str>, crate::report::Link)>,
+    /// The reporters heard from in the window, with when last (Unix ms): their proxies,
+    /// and so their hosts, were up then.
+    pub reporting: Vec<(Arc<str>, u64)>,
     /// Series and their counts.
     pub series: Vec<(Arc<Key>, Counts)>,
     /// Latency groups and their histograms.
@@ -381,6 +387,10 @@ impl Store {
             rep.links_ms = now_ms;
         }
         self.attempts_dropped += r.attempts_dropped;
+        let listed_below = match r.attempts_below {
+            0 => u64::MAX,
+            t => t,
+        };
         for a in &r.attempts {
             if self.attempts.len() == ATTEMPTS_KEPT {
                 self.attempts.pop_front();
@@ -390,6 +400,7 @@ impl Store {
                 reporter: name.clone(),
                 received_ms: now_ms,
                 attempt: a.clone(),
+                listed_below,
             }));
         }
         self.folded += r.folded;
@@ -730,6 +741,9 @@ impl Store {
             .collect();
         out.attempts.reverse();
         for (name, r) in &self.reporters {
+            if r.seen_ms >= out.from_ms {
+                out.reporting.push((name.clone(), r.seen_ms));
+            }
             if r.links_ms >= out.from_ms {
                 out.links
                     .extend(r.links.iter().map(|l| (name.clone(), l.clone())));

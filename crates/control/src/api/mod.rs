@@ -30,7 +30,7 @@
 //! | POST | `/v1/tap/events?workload=NS/NAME` (xDS address only) | a proxy's tapped records, a JSON array |
 //! | GET | `/metrics` | the fleet's counters and latency in Prometheus's text format (admin token) |
 //! | GET | `/healthz` | liveness, no token |
-//! | GET | `/ui/` (and `/`) | the single pane: the fleet's topology, problems, services and traffic shifts (embedded page; `POST /ui/session` with the admin token gives an HttpOnly, SameSite=Strict session cookie that the API accepts from this listener's own host names) |
+//! | GET | `/ui/` (and `/`) | the single pane: the fleet's topology, problems, services and traffic shifts (embedded page; `POST /ui/session` with the admin token gives an HttpOnly, SameSite=Strict session cookie that the API accepts from this listener's own host names); `POST /api/v1/ui/links` gives a sign-in link, `GET /ui/enter?code=…`, that opens one session once within 15 minutes) |
 
 mod agent;
 mod fleet;
@@ -271,6 +271,7 @@ impl Api {
             .route("/diagnose", get(fleet::diagnose))
             .route("/check", get(fleet::check))
             .route("/fleet/stream", get(fleet::stream))
+            .route("/ui/links", post(pane::new_link))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
         // Proxies and agents authenticate with a join token or their certificate here, not
@@ -289,6 +290,7 @@ impl Api {
             .route("/ui/pane.js", get(pane::js))
             .route("/ui/pane.css", get(pane::css))
             .route("/ui/session", post(pane::sign_in).delete(pane::sign_out))
+            .route("/ui/enter", get(pane::enter))
             .layer(DefaultBodyLimit::max(4 << 10));
         Router::new()
             .nest("/api/v1", v1.merge(ca))

@@ -90,3 +90,49 @@ pub(crate) async fn sign_out(AxState(api): AxState<Api>, headers: HeaderMap) -> 
     )
         .into_response()
 }
+
+/// `GET /ui/enter?code=`: a sign-in link (from `POST /api/v1/ui/links`) opens a session,
+/// once, and leads to the page.
+pub(crate) async fn enter(
+    AxState(api): AxState<Api>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let pane = api.pane();
+    if !pane.host_ok(&headers) {
+        return misdirected();
+    }
+    let code = query
+        .as_deref()
+        .and_then(|q| form_value(q.as_bytes(), "code"))
+        .unwrap_or_default();
+    match pane.enter(&code) {
+        Some(id) => (
+            StatusCode::SEE_OTHER,
+            [
+                (header::SET_COOKIE, pane.cookie(&id)),
+                (header::LOCATION, "/ui/".to_string()),
+                (header::CACHE_CONTROL, "no-store".to_string()),
+            ],
+        )
+            .into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            [(header::CACHE_CONTROL, "no-store")],
+            "this sign-in link was used already or has expired: `trellis dashboard` prints a new one\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /api/v1/ui/links` (admin): a sign-in link for the page, good once for 15 minutes.
+pub(crate) async fn new_link(AxState(api): AxState<Api>) -> Response {
+    match api.pane().link() {
+        Some(code) => axum::Json(serde_json::json!({
+            "path": format!("/ui/enter?code={code}"),
+            "expiresInSeconds": 900,
+        }))
+        .into_response(),
+        None => (StatusCode::INTERNAL_SERVER_ERROR, "no link\n").into_response(),
+    }
+}

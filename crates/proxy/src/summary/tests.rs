@@ -137,3 +137,41 @@ fn tcp_connections_open_close_and_the_gauge_of_those_still_open() {
     assert_eq!(s.len(), 1);
     assert_eq!((s[0].tcp_open, s[0].tcp_opened), (1, 0));
 }
+
+#[test]
+fn beyond_its_bound_the_list_keeps_the_smallest_ids_at_both_ends() {
+    let attempt = |id: u64| trellis_telemetry::report::Attempt {
+        id,
+        ..Default::default()
+    };
+    // The caller's and the callee's proxies see the same attempts in different orders.
+    let ids: Vec<u64> = (0..500u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        .collect();
+    let (mut caller, mut callee) = (FailedAttempts::default(), FailedAttempts::default());
+    for id in &ids {
+        caller.push(attempt(*id));
+    }
+    for id in ids.iter().rev() {
+        callee.push(attempt(*id));
+    }
+    callee.push(attempt(0)); // an unmeshed caller's: no id, never preferred
+    let mut smallest = ids.clone();
+    smallest.sort_unstable();
+    smallest.truncate(FailedAttempts::CAP);
+    for list in [&caller, &callee] {
+        let mut got: Vec<u64> = list.items.iter().map(|a| a.id).collect();
+        got.sort_unstable();
+        assert_eq!(got, smallest);
+        assert_eq!(list.below(), *smallest.last().unwrap());
+    }
+    assert_eq!(caller.dropped, 500 - FailedAttempts::CAP as u64);
+    assert_eq!(callee.dropped, 501 - FailedAttempts::CAP as u64);
+    let mut few = FailedAttempts::default();
+    few.push(attempt(7));
+    assert_eq!(
+        (few.below(), few.dropped),
+        (0, 0),
+        "a whole list has no bound"
+    );
+}

@@ -183,6 +183,148 @@ fn when_every_caller_fails_and_nothing_arrives_it_is_the_callees_host() {
 }
 
 #[test]
+fn a_callee_whose_proxy_still_reports_is_up_so_the_way_to_it_fails() {
+    // One caller, refused: without more, the link or the host. The callee's proxy
+    // reporting says its host is up: the link.
+    let w = vec![
+        s(
+            Out,
+            "test/shop",
+            "test/catalog-ct",
+            SVC,
+            F::ConnectRefused,
+            6,
+        ),
+        s(Out, "test/shop", "test/catalog-vm", SVC, F::Ok, 40),
+        s(In, "test/catalog-vm", "test/shop", SVC, F::Ok, 40),
+    ];
+    let mut win = window(w.clone());
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert!(v[0].problem.contains("cannot reach"), "{v:#?}");
+    win.reporting = vec![("test/catalog-ct".into(), 9_000)];
+    let facts = Facts {
+        now_ms: 12_000,
+        ..Facts::default()
+    };
+    let v = run(&win, &facts);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Network);
+    assert!(
+        matches!(&v[0].place, Place::Link { from, to } if from.workload == "test/shop" && to.workload == "test/catalog-ct"),
+        "{v:#?}"
+    );
+    assert!(v[0].problem.contains("the network from"), "{v:#?}");
+    assert!(
+        v[0].evidence
+            .iter()
+            .any(|e| e.contains("reported to the control plane 3 s ago: its host is up")),
+        "{v:#?}"
+    );
+    // Every caller fails, and the proxy is up: something in front of the host, not the
+    // host.
+    let mut w2 = w;
+    w2.push(s(
+        Out,
+        "test/web",
+        "test/catalog-ct",
+        SVC,
+        F::ConnectRefused,
+        5,
+    ));
+    let mut win = window(w2);
+    win.reporting = vec![("test/catalog-ct".into(), 9_000)];
+    let v = run(&win, &facts);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(
+        (v[0].cause, workload_of(&v[0])),
+        (Cause::Network, "test/catalog-ct")
+    );
+    assert!(v[0].problem.contains("whose proxy is up"), "{v:#?}");
+    assert!(v[0].next.contains("inbound port"), "{v:#?}");
+}
+
+#[test]
+fn only_attempts_below_the_callees_bound_are_looked_for_in_its_list() {
+    // The callee served them (its list, capped, holds ids up to 2) but the caller timed
+    // out on ids 1 to 4: ids 3 and 4 were beyond what the callee could list, so they are
+    // neither arrived nor lost; 2 of 2 comparable arrived: the application.
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::UpstreamTimeout,
+        4,
+    ));
+    w.push(s(
+        In,
+        "test/catalog-vm",
+        "test/shop",
+        SVC,
+        F::ClientDisconnect,
+        40,
+    ));
+    let mut win = window(w);
+    win.attempts = (1..=4)
+        .map(|id| listed("test/shop", 0, id, "test/catalog-vm", F::UpstreamTimeout))
+        .chain((1..=2).map(|id| {
+            let mut a =
+                (*listed("test/catalog-vm", 1, id, "test/shop", F::ClientDisconnect)).clone();
+            a.listed_below = 2;
+            Arc::new(a)
+        }))
+        .collect();
+    let v = run(&win, &Facts::default());
+    assert_eq!(v[0].cause, Cause::Application, "{v:#?}");
+    assert!(
+        v[0].evidence
+            .iter()
+            .any(|e| e.contains("2 of the 2 failed attempts")),
+        "{v:#?}"
+    );
+}
+
+#[test]
+fn a_verdict_says_when_its_failures_were_first_and_last_seen() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectTimeout,
+        3,
+    ));
+    w.push(s(Out, "test/web", "test/catalog-vm", SVC, F::Ok, 30));
+    w.push(s(In, "test/catalog-vm", "test/web", SVC, F::Ok, 30));
+    let mut win = window(w);
+    let v = run(&win, &Facts::default());
+    assert_eq!(
+        (v[0].first_ms, v[0].last_ms),
+        (None, None),
+        "nothing listed"
+    );
+    win.attempts = [(1, 5_000), (2, 2_000), (3, 7_000)]
+        .into_iter()
+        .map(|(id, at)| {
+            let mut a = (*listed("test/shop", 0, id, "test/catalog-vm", F::ConnectTimeout)).clone();
+            a.attempt.at_ms = at;
+            Arc::new(a)
+        })
+        // Another class, another caller: not this verdict's.
+        .chain([listed("test/web", 0, 9, "test/catalog-vm", F::AppError)])
+        .collect();
+    let v = run(&win, &Facts::default());
+    assert_eq!(
+        (v[0].first_ms, v[0].last_ms),
+        (Some(2_000), Some(7_000)),
+        "{v:#?}"
+    );
+}
+
+#[test]
 fn a_timeout_the_callee_saw_is_a_slow_application_with_its_latency() {
     let mut w = healthy();
     w.push(s(
@@ -418,6 +560,7 @@ fn listed(
             at_ms: 1,
             latency_ms: 300,
         },
+        listed_below: u64::MAX,
     })
 }
 
