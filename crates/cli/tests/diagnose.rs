@@ -5,8 +5,10 @@
 //! The callee `test/peer` (a container) serves `ok`, `down` (its application is not
 //! running), `errors` (its application answers 503), `slow` (slower than the route's 300 ms)
 //! and `walled` (an AuthorizationPolicy denies the caller). `test/ghost` (a VM) is in the
-//! mesh but its proxy is not running. `gone` selects no workload. The caller is `test/client`
-//! (bare metal). Faults that need root (a DROP rule on one link) are the test bed's.
+//! mesh but its proxy is not running. `gone` selects no workload. `spare` selects both, and
+//! its route retries: every request succeeds, yet the tries refused on the way to the ghost
+//! are the network's, and said so. The caller is `test/client` (bare metal). Faults that
+//! need root (a DROP rule on one link) are the test bed's.
 
 mod common;
 
@@ -34,11 +36,13 @@ fn mesh(
         svc("slow", "peer"),
         svc("walled", "peer"),
         svc("far", "ghost"),
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: spare, namespace: test }\nspec:\n  selector: { tier: backend }\n  ports: [{ name: spare, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
         svc("gone", "nobody"),
         svc("boxed", "box"),
         svc("client", "client"),
         format!(
-            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  locality: {{ region: eu, zone: eu-1 }}\n  ports: {{ ok: {}, down: {}, errors: {}, slow: {}, walled: {} }}\n",
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer, tier: backend }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  locality: {{ region: eu, zone: eu-1 }}\n  ports: {{ ok: {}, spare: {}, down: {}, errors: {}, slow: {}, walled: {} }}\n",
+            ok.port(),
             ok.port(),
             down.port(),
             errors.port(),
@@ -46,7 +50,8 @@ fn mesh(
             ok.port()
         ),
         format!(
-            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost, namespace: test, labels: {{ app: ghost }} }}\nspec:\n  address: 127.0.0.1\n  identity: ghost\n  inboundPort: {ghost}\n  environment: vm\n  ports: {{ far: {} }}\n",
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost, namespace: test, labels: {{ app: ghost, tier: backend }} }}\nspec:\n  address: 127.0.0.1\n  identity: ghost\n  inboundPort: {ghost}\n  environment: vm\n  ports: {{ far: {}, spare: {} }}\n",
+            ok.port(),
             ok.port()
         ),
         "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: bare-metal }\n".to_string(),
@@ -59,6 +64,8 @@ fn mesh(
         // No ejection: every request meets the fault.
         policy("down", "  outlierDetection: { consecutiveFailures: 0 }\n"),
         policy("far", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+        route("spare", "spare", "    - retry: { attempts: 2, codes: [503] }\n"),
+        policy("spare", "  outlierDetection: { consecutiveFailures: 0 }\n"),
     ]
     .join("---\n")
 }
@@ -154,6 +161,7 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
         ("slow", 4, 504),
         ("walled", 4, 403),
         ("far", 4, 502),
+        ("spare", 10, 200),
         ("gone", 4, 503),
         ("boxed", 4, 503),
     ] {
@@ -202,7 +210,8 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
                 && whole("test/errors", "caller_saw", "no_healthy_upstream", 1)
                 && whole("test/walled", "caller_saw", "denied", 4)
                 && whole("test/slow", "callee_saw", "client_disconnect", 4)
-                && whole("test/far", "caller_saw", "connect_refused", 4);
+                && whole("test/far", "caller_saw", "connect_refused", 4)
+                && !verdicts_about(&v, "test/spare").is_empty();
             done.then_some(v)
         },
     )
@@ -282,6 +291,20 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
             .contains("0 of the 4 failed attempts"),
         "{x:#}"
     );
+    // Retried tries: no request of `spare` failed, but its tries to the ghost were refused
+    // like those of `far`, and are part of the same verdict.
+    let x = one("test/spare");
+    assert_eq!(x["place"]["to"]["workload"], "test/ghost", "{x:#}");
+    assert!(x["services"].to_string().contains("test/far"), "{x:#}");
+    assert!(
+        x["evidence"]
+            .to_string()
+            .contains("retried on another endpoint")
+            || x["caller_saw"]["connect_refused"].as_u64() > Some(4),
+        "{x:#}"
+    );
+    assert!(x["first_ms"].as_u64() <= x["last_ms"].as_u64(), "{x:#}");
+    assert!(x["first_ms"].as_u64().is_some(), "{x:#}");
     // A service that selects nothing: configuration.
     let x = one("test/gone");
     assert_eq!(x["cause"], "configuration", "{x:#}");

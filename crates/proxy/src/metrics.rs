@@ -168,6 +168,9 @@ pub(crate) struct Metrics {
 #[derive(Default)]
 struct RequestCache {
     entries: HashMap<RequestKey, (Counter, Histogram, Period), BuildHasherDefault<FastHasher>>,
+    /// Failed tries that were retried, by the endpoint they went to and how they failed:
+    /// attempts, not requests (the request counts once, by its last try).
+    tries: HashMap<(RequestLabels, PeerKey), u64>,
     /// Periods of entries forgotten by a reload, until the next report takes them.
     carried: Vec<(RequestLabels, PeerKey, Period)>,
 }
@@ -353,7 +356,15 @@ impl Metrics {
         }
     }
 
-    /// Take the period's request summaries (every key with requests since the last take).
+    /// A try that failed and was retried (summaries only: the request itself is recorded
+    /// once, by its last try). Rare: a plain map, keyed by value.
+    pub(crate) fn record_try(&self, labels: RequestLabels, peer: PeerKey) {
+        let mut cache = self.request_cache.lock().expect("metrics cache lock");
+        *cache.tries.entry((labels, peer)).or_default() += 1;
+    }
+
+    /// Take the period's request summaries (every key with requests since the last take),
+    /// and its retried tries (attempts without a request).
     pub(crate) fn take_periods(&self) -> Vec<Recorded> {
         let mut cache = self.request_cache.lock().expect("metrics cache lock");
         let carried = std::mem::take(&mut cache.carried);
@@ -361,6 +372,13 @@ impl Metrics {
             .into_iter()
             .map(|(l, peer, period)| recorded(&l, peer, period))
             .collect();
+        for ((l, peer), n) in std::mem::take(&mut cache.tries) {
+            let period = Period {
+                attempts: n,
+                ..Period::default()
+            };
+            out.push(recorded(&l, peer, period));
+        }
         for (k, (_, _, p)) in cache.entries.iter_mut() {
             if p.requests > 0 {
                 out.push(recorded(&k.0, k.1.clone(), std::mem::take(p)));

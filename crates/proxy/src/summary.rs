@@ -339,10 +339,13 @@ pub(crate) fn series(requests: Vec<Recorded>, tcp: &mut TcpSummary, cap: usize) 
             r.status,
             0,
         );
-        latency
-            .entry((s.direction, s.service.clone(), s.peer_workload.clone()))
-            .or_default()
-            .merge(&p.latency);
+        // Retried tries carry no latency of a request.
+        if p.requests > 0 {
+            latency
+                .entry((s.direction, s.service.clone(), s.peer_workload.clone()))
+                .or_default()
+                .merge(&p.latency);
+        }
         let e = by_key.entry(SeriesId::of(&s)).or_insert(s);
         e.requests += p.requests;
         e.attempts += p.attempts;

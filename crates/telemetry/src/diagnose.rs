@@ -451,7 +451,10 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         let n = c.requests + u64::from(c.tcp_closed);
         p.requests += n;
         p.attempts += c.attempts;
-        *p.classes.entry(k.class).or_default() += n;
+        // A series of tries that failed and were retried has attempts and no request:
+        // they count by their attempts (the endpoint failed, even if a retry saved them).
+        let failed_tries = if n == 0 { c.attempts } else { 0 };
+        *p.classes.entry(k.class).or_default() += n + failed_tries;
     }
     // What each callee's proxy saw, from every caller.
     let mut callee_all: BTreeMap<(String, String), BTreeMap<F, u64>> = BTreeMap::new();
@@ -1094,10 +1097,17 @@ fn network<'a>(
         .filter(|o| o.ok() > 0 && o.failed() * 10 < o.requests.max(1))
         .count();
     let others_failing = others.iter().filter(|o| o.failed() > o.ok()).count();
-    let mut ev = vec![format!(
-        "{} got {n} {class} trying {} ({} attempts for {} requests)",
-        p.caller.workload, p.callee.workload, p.attempts, p.requests
-    )];
+    let mut ev = vec![if p.requests == 0 {
+        format!(
+            "{} got {n} {class} trying {} (each retried on another endpoint)",
+            p.caller.workload, p.callee.workload
+        )
+    } else {
+        format!(
+            "{} got {n} {class} trying {} ({} attempts for {} requests that ended there)",
+            p.caller.workload, p.callee.workload, p.attempts, p.requests
+        )
+    }];
     ev.push(if seen.n == 0 {
         format!(
             "{}'s proxy saw no request from {} in the same window",

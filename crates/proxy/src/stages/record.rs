@@ -110,19 +110,7 @@ impl Record {
             self.side = self.class.side();
         }
         let l = &self.line;
-        let labels = RequestLabels {
-            direction: l.direction,
-            src_service: l.src_service.clone(),
-            source_identity: l.source_identity.clone(),
-            dst_service: l.dst_service.clone(),
-            dst_workload: l.dst_workload.clone(),
-            dst_environment: l.dst_environment,
-            dst_locality: l.dst_locality.clone(),
-            route: l.route.clone(),
-            status_code: l.status,
-            grpc_status: l.grpc_status,
-            failure_class: l.class,
-        };
+        let labels = labels(l, l.status, l.class);
         // The peer is a summary's key only: nothing to build when none is kept.
         let peer = match l.direction {
             _ if !self.telemetry.metrics.summaries => PeerKey::default(),
@@ -141,11 +129,16 @@ impl Record {
             },
         };
         let t = &self.telemetry;
-        if t.metrics.summaries {
+        // Reported, a request counts its last try; the earlier ones were recorded as they
+        // failed (`end_try`), each by its own endpoint.
+        let attempts = if t.metrics.summaries {
             note_failed(t, l, &peer, total);
-        }
+            1
+        } else {
+            l.attempts
+        };
         t.metrics
-            .record_request(labels, peer, total.as_secs_f64(), l.attempts);
+            .record_request(labels, peer, total.as_secs_f64(), attempts);
         t.taps.offer(l, total);
         let spans = t
             .spans
@@ -174,6 +167,21 @@ impl Record {
     /// The current try ended `at` (from the request's start) with `class` and the status it
     /// got (0 for none), and another follows: its span is kept for export.
     pub(crate) fn end_try(&mut self, at: std::time::Duration, class: FailureClass, status: u16) {
+        if self.telemetry.metrics.summaries {
+            // Reported by the endpoint it went to and how it failed, and listed with its
+            // id: the control plane sees a failed endpoint even when the retry saved the
+            // request.
+            let peer = self
+                .endpoint
+                .as_ref()
+                .map(|ep| ep.peer_key())
+                .unwrap_or_default();
+            let t = &self.telemetry;
+            let took = at.saturating_sub(self.try_start);
+            list_failed(t, &self.line, &peer, class, status, took);
+            t.metrics
+                .record_try(labels(&self.line, status, class), peer);
+        }
         if self.telemetry.spans.is_some() {
             let done = TrySpan {
                 span: self.spans.attempt,
@@ -221,6 +229,24 @@ impl Record {
     }
 }
 
+/// The labels of a request's metrics, with the status and class it ended with (or one of
+/// its tries did).
+fn labels(l: &HttpLine, status: u16, class: FailureClass) -> RequestLabels {
+    RequestLabels {
+        direction: l.direction,
+        src_service: l.src_service.clone(),
+        source_identity: l.source_identity.clone(),
+        dst_service: l.dst_service.clone(),
+        dst_workload: l.dst_workload.clone(),
+        dst_environment: l.dst_environment,
+        dst_locality: l.dst_locality.clone(),
+        route: l.route.clone(),
+        status_code: status,
+        grpc_status: l.grpc_status,
+        failure_class: class,
+    }
+}
+
 /// A failed request (or, inbound, one its caller gave up on) joins the period's list, with
 /// the id of its attempt: the control plane joins the caller's entry with the callee's.
 fn note_failed(t: &Telemetry, l: &HttpLine, peer: &PeerKey, total: std::time::Duration) {
@@ -229,9 +255,21 @@ fn note_failed(t: &Telemetry, l: &HttpLine, peer: &PeerKey, total: std::time::Du
         l.class,
         FailureClass::Ok | FailureClass::ClientError | FailureClass::ClientDisconnect
     );
-    if !(failed || gave_up) {
-        return;
+    if failed || gave_up {
+        list_failed(t, l, peer, l.class, l.status, total);
     }
+}
+
+/// Put the current try (outbound) or the caller's (inbound) on the period's list of failed
+/// attempts, as ending with `class` and `status` after `took`.
+fn list_failed(
+    t: &Telemetry,
+    l: &HttpLine,
+    peer: &PeerKey,
+    class: FailureClass,
+    status: u16,
+    took: std::time::Duration,
+) {
     let (direction, id) = match l.direction {
         Direction::outbound => (0, l.spans.attempt),
         Direction::inbound => (1, l.spans.parent),
@@ -242,12 +280,12 @@ fn note_failed(t: &Telemetry, l: &HttpLine, peer: &PeerKey, total: std::time::Du
         trace_id: format!("{:032x}", l.trace_id),
         service: crate::summary::host_to_id(&l.dst_service),
         peer_workload: peer.workload.get().unwrap_or_default().to_string(),
-        class: l.class.as_str().into(),
-        status: u32::from(l.status),
+        class: class.as_str().into(),
+        status: u32::from(status),
         at_ms: SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
-        latency_ms: total.as_millis().min(u128::from(u32::MAX)) as u32,
+        latency_ms: took.as_millis().min(u128::from(u32::MAX)) as u32,
     };
     t.metrics
         .failed
