@@ -378,9 +378,10 @@ enum MtlsMode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own story; its parts' logs only when something goes wrong.
+    // The demo prints its own story, faults included; its parts' logs only on errors
+    // (RUST_LOG=warn shows the ejections and health changes too).
     let level = if matches!(cli.cmd, Cmd::Demo(_)) {
-        "warn"
+        "error"
     } else {
         "info"
     };

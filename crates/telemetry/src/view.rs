@@ -134,7 +134,9 @@ impl Acc {
         }
         self.requests += s.requests;
         self.attempts += s.attempts.max(s.requests);
-        if k.class != FailureClass::Ok {
+        // Failures are the requests' (what callers got); tries that failed and were retried
+        // (attempts without a request) show in the actual success only.
+        if k.class != FailureClass::Ok && s.requests > 0 {
             *self.classes.entry(k.class).or_default() += s.requests;
             if !matches!(k.class.category(), Category::Client | Category::Ok) {
                 self.failed += s.requests;
