@@ -254,6 +254,35 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     );
     assert_eq!(x["failed"], 6, "{x:#}");
     assert!(x["evidence"].to_string().contains("ejected"), "{x:#}");
+    // The caller's proxy told the control plane it ejected the callee, and why.
+    assert!(
+        x["evidence"]
+            .to_string()
+            .contains("test/client's proxy ejected test/peer (127.0.0.1:")
+            && x["evidence"]
+                .to_string()
+                .contains("5 failures in a row, the last app_error"),
+        "{x:#}"
+    );
+    let (st, peer) = cp
+        .call(
+            http::Method::GET,
+            "/api/v1/resources/Workload/test/peer",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{peer}");
+    assert!(
+        peer["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "ejected"
+                && e["by"] == "test/client"
+                && e["class"] == "app_error"),
+        "describe shows the ejection: {peer:#}"
+    );
     // Slower than the route waits: the callee saw the requests.
     let x = one("test/slow");
     assert_eq!(

@@ -318,6 +318,16 @@ impl Fleet {
     }
 
     /// The longest window a query may ask for.
+    /// What the proxies reporting to this replica said of `workload`'s endpoints since
+    /// `from_ms`: ejected by outlier detection, or let back in.
+    pub(crate) fn ejections_of(
+        &self,
+        workload: &str,
+        from_ms: u64,
+    ) -> Vec<std::sync::Arc<trellis_telemetry::store::Ejected>> {
+        self.store().ejections_of(workload, from_ms)
+    }
+
     pub(crate) fn max_window_ms(&self) -> u64 {
         max_window_ms(self.store().limits())
     }

@@ -308,6 +308,13 @@ impl Cluster {
                         if o.recovered(e.recoveries) {
                             lifted += 1;
                             tracing::info!(cluster = %key, endpoint = %o.target, workload = %e.workload, "health check passed again: ejection lifted");
+                            metrics.note_ejection(trellis_telemetry::report::Ejection {
+                                service: cfg.service.to_string(),
+                                peer_workload: e.workload.to_string(),
+                                endpoint: o.target.to_string(),
+                                at_ms: crate::reporter::now_ms(),
+                                ..Default::default()
+                            });
                         }
                         o.clone()
                     }
@@ -563,6 +570,16 @@ impl Cluster {
         o.ejected_until = Some(now + t);
         drop(o);
         tracing::warn!(cluster = %self.key, endpoint = %ep.target, workload = %ep.cfg.workload, app = %ep.cfg.addr, ejection_secs = t.as_secs_f64(), "outlier detection ejected an endpoint");
+        self.metrics
+            .note_ejection(trellis_telemetry::report::Ejection {
+                service: self.cfg.service.to_string(),
+                peer_workload: ep.cfg.workload.to_string(),
+                endpoint: ep.target.to_string(),
+                at_ms: crate::reporter::now_ms(),
+                seconds: t.as_secs().max(1) as u32,
+                class: class.as_str().into(),
+                failures: p.consecutive_failures,
+            });
         let labels = EndpointLabels {
             cluster: self.key.clone(),
             endpoint: ep.target.to_string(),

@@ -161,6 +161,8 @@ pub(crate) struct Metrics {
     pub(crate) tcp_summary: Arc<Mutex<TcpSummary>>,
     /// The period's failed requests, one by one (bounded).
     pub(crate) failed: Arc<Mutex<FailedAttempts>>,
+    /// The period's ejections by outlier detection, and endpoints let back in early.
+    pub(crate) ejections_told: Arc<Mutex<Vec<trellis_telemetry::report::Ejection>>>,
     /// Whether periods are summed up for reports (a proxy that reports to a control plane).
     pub(crate) summaries: bool,
 }
@@ -245,6 +247,7 @@ impl Metrics {
             request_cache: Arc::default(),
             tcp_summary: Arc::default(),
             failed: Arc::default(),
+            ejections_told: Arc::default(),
             summaries: false,
         };
         reg.register(
@@ -353,6 +356,21 @@ impl Metrics {
         duration.observe(seconds);
         if self.summaries {
             period.add(seconds, attempts);
+        }
+    }
+
+    /// An endpoint ejected (`seconds` > 0) or let back in: the period's report tells it (64 a
+    /// period at most).
+    pub(crate) fn note_ejection(&self, e: trellis_telemetry::report::Ejection) {
+        if !self.summaries {
+            return;
+        }
+        let mut v = self
+            .ejections_told
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if v.len() < 64 {
+            v.push(e);
         }
     }
 

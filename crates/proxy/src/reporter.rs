@@ -87,7 +87,8 @@ pub(crate) async fn run(
     }
 }
 
-fn now_ms() -> u64 {
+/// Now, in Unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -135,7 +136,13 @@ impl Reporter {
             crate::summary::series(requests, &mut tcp, SERIES_CAP)
         };
         let failed = std::mem::take(&mut *metrics.failed.lock().unwrap_or_else(|p| p.into_inner()));
-        if period.series.is_empty() {
+        let ejections = std::mem::take(
+            &mut *metrics
+                .ejections_told
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if period.series.is_empty() && ejections.is_empty() {
             return;
         }
         let snap = self.shared.state.load();
@@ -174,6 +181,7 @@ impl Reporter {
             }),
             sent_ms: 0,
             attempts_below: failed.below(),
+            ejections,
             attempts: failed.items,
             attempts_dropped: failed.dropped,
             links,

@@ -841,7 +841,11 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             Place::Link { to, .. } => to.workload.clone(),
             _ => continue,
         };
-        for e in facts.events_of(&at) {
+        for e in facts
+            .events_of(&at)
+            .into_iter()
+            .chain(ejections_of(w, facts.now_ms, &at))
+        {
             if !v.evidence.contains(&e) {
                 v.evidence.push(e);
             }
@@ -859,6 +863,35 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         .filter(|v| v.place.names().iter().any(|n| names(n)) || v.services.iter().any(|s| names(s)))
         .collect();
     v.sort_by(|a, b| b.failed.cmp(&a.failed).then(a.place.cmp(&b.place)));
+    v
+}
+
+/// What the callers' outlier detection did to `workload`'s endpoints, as evidence lines
+/// (the newest three).
+fn ejections_of(w: &Window, now_ms: u64, workload: &str) -> Vec<String> {
+    let mut v: Vec<String> = w
+        .ejections
+        .iter()
+        .rev()
+        .filter(|e| e.ejection.peer_workload == workload)
+        .take(3)
+        .map(|e| {
+            let x = &e.ejection;
+            let when = ago(now_ms.saturating_sub(x.at_ms));
+            if x.seconds == 0 {
+                format!(
+                    "{}'s proxy let {workload} back in {when} ago (its health check passed)",
+                    e.reporter
+                )
+            } else {
+                format!(
+                    "{}'s proxy ejected {workload} ({}) {when} ago for {} s: {} failures in a row, the last {}",
+                    e.reporter, x.endpoint, x.seconds, x.failures, x.class
+                )
+            }
+        })
+        .collect();
+    v.reverse();
     v
 }
 

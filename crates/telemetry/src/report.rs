@@ -84,6 +84,9 @@ pub struct Report {
     /// is whole.
     #[prost(fixed64, tag = "17")]
     pub attempts_below: u64,
+    /// Endpoints this proxy's outlier detection ejected in the period, or let back in.
+    #[prost(message, repeated, tag = "18")]
+    pub ejections: Vec<Ejection>,
     /// The kernel's TCP figures of this proxy's upstream links at the period's end (its
     /// connections to each endpoint), so that loss or latency shows even when no request
     /// fails.
@@ -146,6 +149,34 @@ pub struct Attempt {
     /// How long it took, ms.
     #[prost(uint32, tag = "9")]
     pub latency_ms: u32,
+}
+
+/// An endpoint a proxy's outlier detection ejected, or let back in before its time (its
+/// health check passed again). One that is simply let back when its time is up is not
+/// told: `at_ms + seconds` says when.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ejection {
+    /// The service, `namespace/name`.
+    #[prost(string, tag = "1")]
+    pub service: String,
+    /// The endpoint's workload.
+    #[prost(string, tag = "2")]
+    pub peer_workload: String,
+    /// The address connected to.
+    #[prost(string, tag = "3")]
+    pub endpoint: String,
+    /// When (Unix ms, the proxy's clock).
+    #[prost(uint64, tag = "4")]
+    pub at_ms: u64,
+    /// For how long, seconds; 0: let back in.
+    #[prost(uint32, tag = "5")]
+    pub seconds: u32,
+    /// The failure class of the try that tipped it.
+    #[prost(string, tag = "6")]
+    pub class: String,
+    /// Failures in a row that tipped it.
+    #[prost(uint32, tag = "7")]
+    pub failures: u32,
 }
 
 /// The latency of the requests of one direction, service and peer workload in a period.

@@ -41,6 +41,23 @@ pub struct Shard {
     /// The reporters heard from in the window.
     #[prost(message, repeated, tag = "7")]
     pub reporting: Vec<ShardSeen>,
+    /// Ejections the reporters told.
+    #[prost(message, repeated, tag = "8")]
+    pub ejections: Vec<ShardEjection>,
+}
+
+/// An ejection of a shard, with who told it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShardEjection {
+    /// The reporting workload.
+    #[prost(string, tag = "1")]
+    pub reporter: String,
+    /// When that replica received it (Unix ms).
+    #[prost(uint64, tag = "2")]
+    pub received_ms: u64,
+    /// What the proxy said.
+    #[prost(message, optional, tag = "3")]
+    pub ejection: Option<crate::report::Ejection>,
 }
 
 /// A reporter heard from, and when last.
@@ -278,6 +295,15 @@ impl Shard {
                 seen_ms: *at,
             })
             .collect();
+        let ejections = w
+            .ejections
+            .iter()
+            .map(|e| ShardEjection {
+                reporter: e.reporter.to_string(),
+                received_ms: e.received_ms,
+                ejection: Some(e.ejection.clone()),
+            })
+            .collect();
         Self {
             from_ms: w.from_ms,
             series,
@@ -286,6 +312,7 @@ impl Shard {
             attempts,
             links,
             reporting,
+            ejections,
         }
     }
 
@@ -375,6 +402,17 @@ impl Shard {
                     .into_iter()
                     .map(|r| (Arc::<str>::from(r.reporter), r.seen_ms))
                     .collect(),
+                ejections: self
+                    .ejections
+                    .into_iter()
+                    .filter_map(|e| {
+                        Some(Arc::new(crate::store::Ejected {
+                            reporter: e.reporter.into(),
+                            received_ms: e.received_ms,
+                            ejection: e.ejection?,
+                        }))
+                    })
+                    .collect(),
             },
             identities,
         ))
@@ -406,6 +444,8 @@ impl Window {
         self.attempts.extend(other.attempts);
         self.links.extend(other.links);
         self.reporting.extend(other.reporting);
+        self.ejections.extend(other.ejections);
+        self.ejections.sort_by_key(|e| e.received_ms);
         self.attempts.sort_by_key(|a| a.received_ms);
         if self.from_ms == 0 || (other.from_ms != 0 && other.from_ms < self.from_ms) {
             self.from_ms = other.from_ms;

@@ -214,6 +214,21 @@ pub struct FailedAttempt {
 
 /// Failed requests kept one by one, the newest at most.
 pub const ATTEMPTS_KEPT: usize = 20_000;
+/// Ejections kept, the newest at most.
+pub const EJECTIONS_KEPT: usize = 5_000;
+/// Ejections taken from one report at most (a proxy lists 64).
+const EJECTIONS_PER_REPORT: usize = 64;
+
+/// An ejection as a proxy told it, with who told it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ejected {
+    /// The reporting workload (the caller whose outlier detection ejected).
+    pub reporter: Arc<str>,
+    /// When the control plane received it (Unix ms).
+    pub received_ms: u64,
+    /// What the proxy said.
+    pub ejection: crate::report::Ejection,
+}
 
 /// A window of the store: every series and latency group with what it adds up to.
 #[derive(Default)]
@@ -225,6 +240,9 @@ pub struct Window {
     /// The reporters heard from in the window, with when last (Unix ms): their proxies,
     /// and so their hosts, were up then.
     pub reporting: Vec<(Arc<str>, u64)>,
+    /// Endpoints ejected (or let back in) by the proxies' outlier detection in the window,
+    /// oldest first.
+    pub ejections: Vec<Arc<Ejected>>,
     /// Series and their counts.
     pub series: Vec<(Arc<Key>, Counts)>,
     /// Latency groups and their histograms.
@@ -239,6 +257,7 @@ pub struct Store {
     limits: Limits,
     attempts: std::collections::VecDeque<Arc<FailedAttempt>>,
     attempts_dropped: u64,
+    ejections: std::collections::VecDeque<Arc<Ejected>>,
     series: FxMap<Arc<Key>, Slots<Counts>>,
     latency: FxMap<Arc<LatKey>, Slots<Histogram>>,
     totals: FxMap<TotalKey, Totals>,
@@ -268,6 +287,7 @@ impl Store {
             reporters: FxMap::default(),
             attempts: Default::default(),
             attempts_dropped: 0,
+            ejections: Default::default(),
             strings: FxSet::default(),
             bytes: 0,
             held_from_ms: 0,
@@ -401,6 +421,16 @@ impl Store {
                 received_ms: now_ms,
                 attempt: a.clone(),
                 listed_below,
+            }));
+        }
+        for e in r.ejections.iter().take(EJECTIONS_PER_REPORT) {
+            if self.ejections.len() == EJECTIONS_KEPT {
+                self.ejections.pop_front();
+            }
+            self.ejections.push_back(Arc::new(Ejected {
+                reporter: name.clone(),
+                received_ms: now_ms,
+                ejection: e.clone(),
             }));
         }
         self.folded += r.folded;
@@ -740,6 +770,14 @@ impl Store {
             .cloned()
             .collect();
         out.attempts.reverse();
+        out.ejections = self
+            .ejections
+            .iter()
+            .rev()
+            .take_while(|e| e.received_ms >= out.from_ms)
+            .cloned()
+            .collect();
+        out.ejections.reverse();
         for (name, r) in &self.reporters {
             if r.seen_ms >= out.from_ms {
                 out.reporting.push((name.clone(), r.seen_ms));
@@ -776,6 +814,21 @@ impl Store {
             }
         }
         out
+    }
+
+    /// What the proxies said of `workload`'s endpoints since `from_ms` (received), oldest
+    /// first.
+    pub fn ejections_of(&self, workload: &str, from_ms: u64) -> Vec<Arc<Ejected>> {
+        let mut v: Vec<Arc<Ejected>> = self
+            .ejections
+            .iter()
+            .rev()
+            .take_while(|e| e.received_ms >= from_ms)
+            .filter(|e| e.ejection.peer_workload == workload)
+            .cloned()
+            .collect();
+        v.reverse();
+        v
     }
 
     /// From when (Unix ms) the store still holds every slot: 0 unless the memory budget

@@ -133,14 +133,26 @@ async fn get_one(
         // What this replica saw happen to it (the newest events, the last hour at most).
         let me = format!("{ns}/{name}");
         let since = crate::fleet::now_ms().saturating_sub(3_600_000);
-        let events: Vec<Value> = api
+        let mut events: Vec<(u64, Value)> = api
             .events()
             .since(since)
             .into_iter()
             .filter(|e| e.workload == me)
-            .map(|e| json!({ "atMs": e.at_ms, "event": e.kind }))
+            .map(|e| (e.at_ms, json!({ "atMs": e.at_ms, "event": e.kind })))
             .collect();
-        doc["events"] = json!(events);
+        // The callers' outlier detection, as the proxies reporting here told it.
+        events.extend(api.fleet().ejections_of(&me, since).into_iter().map(|e| {
+            let x = &e.ejection;
+            let v = if x.seconds == 0 {
+                json!({ "atMs": x.at_ms, "event": "let back in", "by": &*e.reporter, "endpoint": x.endpoint })
+            } else {
+                json!({ "atMs": x.at_ms, "event": "ejected", "by": &*e.reporter, "endpoint": x.endpoint,
+                        "seconds": x.seconds, "failures": x.failures, "class": x.class })
+            };
+            (x.at_ms, v)
+        }));
+        events.sort_by_key(|(at, _)| *at);
+        doc["events"] = json!(events.into_iter().map(|(_, v)| v).collect::<Vec<_>>());
     }
     Ok(Json(doc))
 }

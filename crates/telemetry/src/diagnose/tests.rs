@@ -287,6 +287,58 @@ fn only_attempts_below_the_callees_bound_are_looked_for_in_its_list() {
 }
 
 #[test]
+fn the_callers_ejections_of_a_workload_join_its_verdict() {
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectTimeout,
+        8,
+    ));
+    w.push(s(Out, "test/web", "test/catalog-vm", SVC, F::Ok, 30));
+    w.push(s(In, "test/catalog-vm", "test/web", SVC, F::Ok, 30));
+    let mut win = window(w);
+    let ejection = |who: &str, at_ms: u64, seconds: u32| {
+        Arc::new(crate::store::Ejected {
+            reporter: "test/shop".into(),
+            received_ms: at_ms,
+            ejection: crate::report::Ejection {
+                service: SVC.into(),
+                peer_workload: who.into(),
+                endpoint: "10.0.0.3:15006".into(),
+                at_ms,
+                seconds,
+                class: "connect_timeout".into(),
+                failures: 5,
+            },
+        })
+    };
+    win.ejections = vec![
+        ejection("test/catalog-vm", 4_000, 30),
+        ejection("test/other", 5_000, 30),
+        ejection("test/catalog-vm", 9_000, 0),
+    ];
+    let facts = Facts {
+        now_ms: 10_000,
+        ..Facts::default()
+    };
+    let v = run(&win, &facts);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    let ev = v[0].evidence.join("\n");
+    assert!(
+        ev.contains("test/shop's proxy ejected test/catalog-vm (10.0.0.3:15006) 6 s ago for 30 s: 5 failures in a row, the last connect_timeout"),
+        "{ev}"
+    );
+    assert!(
+        ev.contains("test/shop's proxy let test/catalog-vm back in 1 s ago"),
+        "{ev}"
+    );
+    assert!(!ev.contains("test/other"), "{ev}");
+}
+
+#[test]
 fn a_verdict_says_when_its_failures_were_first_and_last_seen() {
     let mut w = healthy();
     w.push(s(
