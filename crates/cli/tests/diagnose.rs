@@ -355,3 +355,123 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     );
     assert!(!out.contains("test/wall"), "only svc/down: {out}");
 }
+
+/// A TCP hop that holds every chunk from the caller for `delay` before passing it on: a
+/// slow link, on loopback without root (the delay is the fault injected, not a wait).
+async fn slow_hop(target: SocketAddr, delay: Duration) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((a, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(b) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let (mut ar, mut aw) = a.into_split();
+                let (mut br, mut bw) = b.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 16 << 10];
+                    while let Ok(n @ 1..) = ar.read(&mut buf).await {
+                        tokio::time::sleep(delay).await;
+                        if bw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = bw.shutdown().await;
+                };
+                let down = async move {
+                    let _ = tokio::io::copy(&mut br, &mut aw).await;
+                    let _ = aw.shutdown().await;
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn time_lost_between_the_two_proxies_is_the_link_even_when_nothing_fails() {
+    let ok = upstream::named("ok").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let mesh = |inbound: u16| {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: ok, namespace: test }}\nspec:\n  selector: {{ app: peer }}\n  ports: [{{ name: ok, port: 80, targetPort: 1, protocol: HTTP }}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: vm\n  ports: {{ ok: {} }}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: client, namespace: test }}\nspec: {{ address: 127.0.0.1, identity: client, environment: container }}\n",
+            ok.port()
+        )
+    };
+    apply_ok(&cp, mesh(1)).await;
+    let join = |who: &str, workload: &str| {
+        join_xds(
+            &cp,
+            &cp.xds_url(),
+            who,
+            workload,
+            &["--report-interval", "200ms"],
+        )
+    };
+    let callee = join("beta", "test/peer");
+    callee.wait_ready().await;
+    // Callers reach the callee's proxy through a link that adds 80 ms on the way there.
+    let hop = slow_hop(callee.inbound, Duration::from_millis(80)).await;
+    apply_ok(&cp, mesh(hop.port())).await;
+    let caller = join("client", "test/client");
+    caller.wait_ready().await;
+    eventually(
+        "the caller reaches the callee",
+        Duration::from_secs(10),
+        async || {
+            let r = client::get_full(caller.outbound, "ok.test", "/", &[])
+                .await
+                .ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..25 {
+        let r = client::get_full(caller.outbound, "ok.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let v = eventually(
+        "a verdict on the slow link",
+        Duration::from_secs(15),
+        async || {
+            let (st, v) = cp
+                .call(
+                    http::Method::GET,
+                    "/api/v1/diagnose?namespace=test&window=5m",
+                    "",
+                    None,
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+            v["verdicts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["place"]["kind"] == "link")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(v["cause"], "network", "{v:#}");
+    assert_eq!(
+        (
+            v["place"]["from"]["workload"].as_str(),
+            v["place"]["to"]["workload"].as_str()
+        ),
+        (Some("test/client"), Some("test/peer")),
+        "{v:#}"
+    );
+    assert!(v["problem"].as_str().unwrap().contains("slow"), "{v:#}");
+    assert!(
+        v["evidence"]
+            .to_string()
+            .contains("between the two proxies"),
+        "{v:#}"
+    );
+    assert_eq!(v["failed"], 0, "nothing failed: {v:#}");
+}

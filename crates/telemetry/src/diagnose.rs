@@ -13,6 +13,8 @@
 //! - the caller's attempts failed in the network (timed out, reset, refused by the callee's
 //!   proxy) and the callee never saw them → the link from the caller when other callers of
 //!   that callee are fine, the callee's host when every caller fails;
+//! - requests that take far longer at the caller than at the callee spend the difference
+//!   between the two proxies → a slow link (or the callee's host, when every caller waits);
 //! - TLS failures → the two identities and which side refused;
 //! - denied or overloaded → the mesh's policy (the policies that target the service);
 //! - no endpoint, no route, a refused config, an unresolved reference → configuration, or the
@@ -798,8 +800,10 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         }
     }
 
-    // 3. The kernel's figures of each link: loss or latency, even when few requests fail.
+    // 3. The kernel's figures of each link: loss or latency, even when few requests fail;
+    //    and the time requests spend between the two proxies of a hop.
     link_figures(&mut found, w);
+    latency_gaps(&mut found, w);
 
     // 4. What the control plane knows of the configuration.
     for (who, why) in &facts.refused {
@@ -1088,6 +1092,131 @@ fn link_figures(found: &mut Found, w: &Window) {
             format!(
                 "check the path between the hosts of {reporter} and {}: interface errors and drops (ip -s link), a congested or faulty link",
                 l.peer_workload
+            ),
+        );
+    }
+}
+
+/// Time between two proxies (median, caller's minus callee's) from which a link is slow.
+const GAP_SLOW_MS: f64 = 50.0;
+/// ... and at most this for the link to count as fine.
+const GAP_FINE_MS: f64 = 20.0;
+/// Requests each side must have timed for their medians to count.
+const GAP_MIN_REQUESTS: u64 = 20;
+
+/// One caller → callee pair timed at both ends.
+struct Gap {
+    caller: String,
+    callee: String,
+    service: String,
+    /// Medians, ms: at the caller's proxy (the whole way) and at the callee's (its
+    /// application and its proxy's own work).
+    caller_ms: f64,
+    callee_ms: f64,
+}
+
+impl Gap {
+    fn ms(&self) -> f64 {
+        self.caller_ms - self.callee_ms
+    }
+}
+
+/// Requests that take much longer at the caller than at the callee spend that time between
+/// the two proxies: the network (or the callee's host), even when nothing fails. The
+/// medians of both ends' histograms for the same caller, service and callee are compared;
+/// the link when other callers of that callee are fine, the callee's host when all are slow.
+fn latency_gaps(found: &mut Found, w: &Window) {
+    let median = |k: &LatKey, h: &crate::hist::Histogram| -> Option<f64> {
+        (h.count() >= GAP_MIN_REQUESTS && !k.peer_workload.is_empty())
+            .then(|| h.quantile(0.5))
+            .flatten()
+            .map(|s| s * 1000.0)
+    };
+    let mut gaps: Vec<Gap> = Vec::new();
+    for (k, h) in &w.latency {
+        if k.direction != Direction::Outbound {
+            continue;
+        }
+        let Some(caller_ms) = median(k, h) else {
+            continue;
+        };
+        let callee_ms = w
+            .latency
+            .iter()
+            .find(|(i, _)| is_inbound(i, &k.peer_workload, &k.service, &k.workload))
+            .and_then(|(i, h)| median(i, h));
+        if let Some(callee_ms) = callee_ms {
+            gaps.push(Gap {
+                caller: k.workload.to_string(),
+                callee: k.peer_workload.to_string(),
+                service: k.service.to_string(),
+                caller_ms,
+                callee_ms,
+            });
+        }
+    }
+    let empty = BTreeMap::new();
+    for g in &gaps {
+        if g.ms() < GAP_SLOW_MS || g.caller_ms < 2.0 * g.callee_ms {
+            continue;
+        }
+        let others: Vec<&Gap> = gaps
+            .iter()
+            .filter(|o| o.callee == g.callee && o.caller != g.caller)
+            .collect();
+        let fine = others.iter().filter(|o| o.ms() <= GAP_FINE_MS).count();
+        let (from, to) = (end_of(w, &g.caller), end_of(w, &g.callee));
+        let mut ev = vec![format!(
+            "{} waited {:.0} ms (median) for {}'s answers to {}, whose proxy took {:.1} ms: {:.0} ms between the two proxies",
+            g.caller, g.caller_ms, g.callee, g.service, g.callee_ms, g.ms()
+        )];
+        let (place, kind, problem) = if !others.is_empty() && fine == 0 {
+            ev.push(format!(
+                "every other caller of {} waits too ({} other(s))",
+                g.callee,
+                others.len()
+            ));
+            (
+                Place::Workload { at: to.clone() },
+                "host_latency",
+                format!(
+                    "requests to {} are slow on the way, from every caller",
+                    named(&to)
+                ),
+            )
+        } else {
+            if fine > 0 {
+                ev.push(format!(
+                    "{fine} other caller(s) of {} see less than {GAP_FINE_MS:.0} ms between the proxies",
+                    g.callee
+                ));
+            }
+            (
+                Place::Link {
+                    from: from.clone(),
+                    to: to.clone(),
+                },
+                "latency",
+                format!(
+                    "the network between {} and {} is slow",
+                    named(&from),
+                    named(&to)
+                ),
+            )
+        };
+        found.add(
+            Cause::Network,
+            kind,
+            place,
+            &g.service,
+            problem,
+            0,
+            &empty,
+            &empty,
+            ev,
+            format!(
+                "check the path between the hosts of {} and {} (a congested or long route, a saturated link, a VPN), and the host of {} (CPU starved?)",
+                g.caller, g.callee, g.callee
             ),
         );
     }

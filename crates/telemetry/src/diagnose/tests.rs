@@ -796,3 +796,58 @@ fn a_round_trip_far_slower_than_the_other_callers_is_latency_on_that_link() {
     assert_eq!(v.len(), 1, "{v:#?}");
     assert!(v[0].problem.contains("slow"), "{v:#?}");
 }
+
+/// A latency group: `n` requests of `ms` each, as `reporter` timed them.
+fn lat(dir: Direction, reporter: &str, peer: &str, ms: f64, n: u64) -> (Arc<LatKey>, Histogram) {
+    let mut h = Histogram::new(5);
+    for _ in 0..n {
+        h.record(ms / 1000.0);
+    }
+    let k = LatKey {
+        direction: dir,
+        workload: reporter.into(),
+        service: SVC.into(),
+        peer_workload: peer.into(),
+    };
+    (Arc::new(k), h)
+}
+
+#[test]
+fn time_spent_between_two_proxies_is_latency_on_that_link_or_at_the_callees_host() {
+    // shop waits 240 ms for answers catalog-ct's proxy gives in 4 ms; web waits 5 ms.
+    let mut win = window(healthy());
+    win.latency = vec![
+        lat(Out, "test/shop", "test/catalog-ct", 240.0, 50),
+        lat(In, "test/catalog-ct", "test/shop", 4.0, 50),
+        lat(Out, "test/web", "test/catalog-ct", 5.0, 50),
+        lat(In, "test/catalog-ct", "test/web", 4.0, 50),
+        // Too few to say anything.
+        lat(Out, "test/api", "test/catalog-ct", 900.0, 5),
+        lat(In, "test/catalog-ct", "test/api", 4.0, 5),
+    ];
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Network);
+    assert!(
+        matches!(&v[0].place, Place::Link { from, to } if from.workload == "test/shop" && to.workload == "test/catalog-ct"),
+        "{v:#?}"
+    );
+    let ev = v[0].evidence.join("\n");
+    assert!(ev.contains("test/shop waited 2"), "{ev}");
+    assert!(
+        ev.contains("1 other caller(s) of test/catalog-ct see less than 20 ms"),
+        "{ev}"
+    );
+    // Both callers wait: the callee's host (or its proxy), not a link.
+    win.latency[2] = lat(Out, "test/web", "test/catalog-ct", 200.0, 50);
+    let v = run(&win, &Facts::default());
+    let places: Vec<&str> = v.iter().map(workload_of).collect();
+    assert!(places.contains(&"test/catalog-ct"), "{v:#?}");
+    assert!(v.iter().all(|x| x.cause == Cause::Network), "{v:#?}");
+    // The application itself is slow (both ends wait alike): not the network's.
+    win.latency = vec![
+        lat(Out, "test/shop", "test/catalog-ct", 240.0, 50),
+        lat(In, "test/catalog-ct", "test/shop", 236.0, 50),
+    ];
+    assert!(run(&win, &Facts::default()).is_empty());
+}
