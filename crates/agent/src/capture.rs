@@ -68,7 +68,8 @@ pub enum CaptureError {
 /// that a restarted agent recognises, and replaces, what a crashed one added.
 const ROUTE_PROTO: &str = "217";
 
-const CHAINS: [&str; 3] = ["TRELLIS_OUTPUT", "TRELLIS_INBOUND", "TRELLIS_DNS"];
+/// The chains the rules live in.
+pub const CHAINS: [&str; 3] = ["TRELLIS_OUTPUT", "TRELLIS_INBOUND", "TRELLIS_DNS"];
 
 impl CaptureOptions {
     /// The IPv4 rules, as `iptables-restore` input for the nat table.

@@ -206,16 +206,30 @@ pub async fn run_until(
         resolver = Some((tasks, listen));
     }
     // Dropped at the end of this function, also on an error: the rules go with the agent.
+    let mut host = serde_json::json!({
+        "resolver": resolver.as_ref().map(|(_, a)| a.to_string()),
+    });
     let _captured = match &opts.capture {
         Some(c) => {
             let mut c = c.clone();
             c.outbound_port = outbound.port();
             c.inbound_port = inbound.port();
             c.dns_port = resolver.as_ref().map(|(_, a)| a.port());
-            Some(c.install()?)
+            let installed = c.install()?;
+            host["capture"] = serde_json::json!({
+                "chains": capture::CHAINS,
+                "outboundPort": c.outbound_port,
+                "inboundPort": c.inbound_port,
+                "appPorts": c.app_ports,
+                "dnsPort": c.dns_port,
+                "ipv6": c.ipv6,
+            });
+            Some(installed)
         }
         None => None,
     };
+    // What `trellis check --proxy` on this host checks.
+    proxy.describe_host(host);
     let current = proxy
         .identity()
         .ok_or_else(|| AgentError::Register("the proxy has no identity".into()))?;

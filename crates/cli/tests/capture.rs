@@ -184,6 +184,45 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
     );
     assert_eq!((ok, out.trim()), (true, vip.as_str()), "{err}");
 
+    // `trellis check --proxy` on the client host: the capture rules and the resolver the
+    // agent set up are in place, and port 53 reaches the resolver.
+    let check = |bed: &NetBed| {
+        let o = bed
+            .cmd(&client, &[BIN, "check", "--proxy"])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = check(&bed);
+    assert!(ok, "{out}");
+    for want in ["✓ capture rules:", "✓ mesh resolver:", "✓ DNS capture:"] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    // A rule removed behind the agent's back is found, and named.
+    let jump = |op: &'static str| {
+        [
+            "iptables",
+            "-t",
+            "nat",
+            op,
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "TRELLIS_OUTPUT",
+        ]
+    };
+    assert!(bed.run(&client, &jump("-D")).0);
+    let (ok, out) = check(&bed);
+    assert!(
+        !ok && out.contains("✗ capture rules: missing: OUTPUT → TRELLIS_OUTPUT"),
+        "{out}"
+    );
+    assert!(bed.run(&client, &jump("-A")).0);
+
     // Packet loss on the link: one segment in ten from the client's host dropped on arrival
     // at the server's (loss beyond the sender's host: the sender's kernel retransmits, which
     // a drop on its own OUTPUT would not show). Requests still succeed; the kernel's figures

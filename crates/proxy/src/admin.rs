@@ -88,6 +88,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
                 "config": serde_json::to_value(&*snap.cfg)
                     .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
                 "endpoint_health": endpoints,
+                "host": &*shared.host.lock().unwrap_or_else(|p| p.into_inner()),
             });
             let mut r = text(
                 StatusCode::OK,

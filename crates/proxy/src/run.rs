@@ -211,6 +211,7 @@ impl Proxy {
             inbound_tls: Default::default(),
             mtls_mode: opts.mtls_mode,
             peer_labels: Default::default(),
+            host: Default::default(),
         });
         let (admin, admin_addr) = bind(opts.admin, "admin", false)?;
         let (outbound, outbound_addr) = bind(opts.outbound, "outbound", false)?;
@@ -293,6 +294,13 @@ impl Proxy {
                 Some((b.service.host(), b.port, *addr))
             })
             .collect()
+    }
+
+    /// Describe what the agent set up on this host beside the proxy (capture rules, the
+    /// mesh resolver): `/config_dump` shows it as `host`, and `trellis check --proxy`
+    /// checks it.
+    pub fn describe_host(&self, host: serde_json::Value) {
+        *self.shared.host.lock().unwrap_or_else(|p| p.into_inner()) = host;
     }
 
     /// The services of the live config (for the agent's resolver).

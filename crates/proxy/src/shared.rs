@@ -44,6 +44,9 @@ pub(crate) struct Shared {
     /// Callers' SPIFFE IDs as metric labels, one shared value each (the request-metric cache
     /// compares labels by identity).
     pub(crate) peer_labels: Mutex<HashMap<String, Label>>,
+    /// What the agent set up on this host beside the proxy (capture, the mesh resolver),
+    /// for `/config_dump` and `trellis check --proxy`; null without an agent.
+    pub(crate) host: Mutex<serde_json::Value>,
 }
 
 impl Shared {

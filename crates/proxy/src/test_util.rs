@@ -69,6 +69,7 @@ pub(crate) fn shared(
         inbound_tls: Default::default(),
         mtls_mode: None,
         peer_labels: Default::default(),
+        host: Default::default(),
     };
     (Arc::new(shared), sink)
 }

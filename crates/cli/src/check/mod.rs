@@ -12,6 +12,8 @@ use serde_json::Value;
 
 use crate::client::{Api, Conn};
 
+mod host;
+
 /// What `check` looks at.
 #[derive(clap::Args)]
 pub(crate) struct CheckArgs {
@@ -24,11 +26,27 @@ pub(crate) struct CheckArgs {
 }
 
 /// One line of the report.
-struct Line {
+pub(super) struct Line {
     outcome: &'static str,
     name: String,
     message: String,
     hint: String,
+}
+
+impl Line {
+    /// A line; the hint is kept only when the check did not pass.
+    fn new(outcome: &'static str, name: &str, message: String, hint: &str) -> Self {
+        Line {
+            outcome,
+            name: name.into(),
+            message,
+            hint: if outcome == "pass" {
+                String::new()
+            } else {
+                hint.into()
+            },
+        }
+    }
 }
 
 fn print(lines: &[Line]) -> Result<()> {
@@ -193,6 +211,8 @@ async fn proxy(admin: &str) -> Vec<Line> {
             "",
         ),
     });
+    // What the agent set up on this host beside the proxy.
+    out.extend(host::checks(&dump).await);
     if let Some(id) = dump["identity"].as_object() {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
