@@ -179,6 +179,39 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     .await;
     let services = wait_text(&browser, "#services", "test/catalog").await;
     assert!(services.contains("app_error"), "{services}");
+    // A click on a service opens its view: requests over time by the workload that served
+    // them, its endpoints by environment with their health, the route that names it.
+    let row = browser
+        .find(r#"#services tr[data-service="test/catalog"] td"#)
+        .await
+        .unwrap();
+    browser.click(&row).await.unwrap();
+    let endpoints = wait_text(&browser, "#service-endpoints", "test/catalog-ct").await;
+    assert!(
+        endpoints.contains("test/catalog-vm")
+            && endpoints.contains("vm")
+            && endpoints.contains("container"),
+        "{endpoints}"
+    );
+    for w in ["test/catalog-vm", "test/catalog-ct"] {
+        browser
+            .find(&format!(r#"#service-rps polyline[data-series="{w}"]"#))
+            .await
+            .unwrap_or_else(|e| panic!("a line for {w}: {e:?}"));
+    }
+    let routes = wait_text(&browser, "#service-routes", "test/catalog").await;
+    assert!(routes.contains("catalog-a 50 / catalog-b 50"), "{routes}");
+    let facts = wait_text(&browser, "#service-facts", "requests").await;
+    assert!(facts.contains("mutual TLS STRICT"), "{facts}");
+    if let Some(dir) = std::env::var_os("TRELLIS_SCREENSHOTS") {
+        browser
+            .eval("document.getElementById('service-view').scrollIntoView()")
+            .await
+            .unwrap();
+        let png = browser.screenshot().await.unwrap();
+        std::fs::write(std::path::Path::new(&dir).join("pane-service.png"), png).unwrap();
+        browser.eval("window.scrollTo(0, 0)").await.unwrap();
+    }
     // Each proxy: its config in step and its certificate (reported by the proxy).
     let row = wait_text(
         &browser,

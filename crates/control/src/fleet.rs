@@ -226,6 +226,17 @@ impl Fleet {
         Ok(view::stat(&w, sel, covered_s(at_ms, &w)))
     }
 
+    /// `service`'s timeline over the `window_ms` before `at_ms`, from the reports this
+    /// replica received.
+    pub(crate) fn timeline(
+        &self,
+        service: &str,
+        window_ms: u64,
+        at_ms: u64,
+    ) -> trellis_telemetry::store::Timeline {
+        self.store().timeline(at_ms, window_ms, service)
+    }
+
     /// A window the store holds whole, or why not.
     fn covers(&self, store: &Store, window_ms: u64) -> Result<(), FleetError> {
         let held = store.held_from_ms();

@@ -977,5 +977,8 @@ fn parse(s: &Series) -> Result<(Parsed<'_>, Counts), (&'static str, String)> {
     Ok((p, counts))
 }
 
+mod timeline;
+pub use timeline::{Point, Timeline};
+
 #[cfg(test)]
 mod tests;

@@ -224,6 +224,31 @@ pub(crate) async fn diagnose(
     ))
 }
 
+/// `GET /api/v1/services/{ns}/{name}/view`: the pane's service view: its figures over the
+/// window slot by slot (from the reports this replica received; `x-trellis-partial` when
+/// other replicas hold some), the workloads it selects with their health and events, the
+/// routes and policies that name it, its mutual-TLS mode.
+pub(crate) async fn service_view(
+    AxState(api): AxState<Api>,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+    Query(q): Query<ViewQuery>,
+) -> ApiResult<Response> {
+    let (_, window, at) = q.parse(&api)?;
+    let events = api.events().since(at.saturating_sub(3_600_000));
+    let mut v = crate::service_view::view(&api.writer().state(), &events, &ns, &name)
+        .ok_or_else(|| ApiError::NotFound(format!("Service {ns}/{name} not found")))?;
+    v["timeline"] = serde_json::to_value(api.fleet().timeline(&format!("{ns}/{name}"), window, at))
+        .unwrap_or_default();
+    v["window_ms"] = window.into();
+    let partial = match api.replicas() {
+        Some(r) if !r.peers().await.is_empty() => {
+            Some("the timeline holds only the reports this replica received".to_string())
+        }
+        _ => None,
+    };
+    Ok(answer(v, partial))
+}
+
 /// What the pane shows, computed once for one window: stat, edges, diagnose (the other
 /// replicas asked once for all three) and the proxies.
 async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde_json::Value> {

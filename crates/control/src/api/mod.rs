@@ -23,6 +23,7 @@
 //! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures (whole fleet, as `stat`) |
 //! | GET | `/api/v1/diagnose?namespace=NS&name=NAME&window=5m` | verdicts: network, application, mesh policy or configuration, where, the evidence of both ends of each hop, and what to check next |
 //! | GET | `/api/v1/fleet/stream?namespace=NS&window=5m&every=5` | server-sent events `fleet`: stat, edges, diagnose and proxies at once, now and every few seconds (the pane's feed) |
+//! | GET | `/api/v1/services/{ns}/{name}/view?window=15m` | the pane's service view: a timeline slot by slot (requests, failed, p50/p99, requests by serving workload; this replica's reports), the workloads it selects with health and events, the routes and policies that name it, its mTLS mode |
 //! | GET | `/api/v1/check` | the mesh's own health: store, proxies in sync, certificates, root rotation, workloads, agents, clocks; each pass, warn or fail with a hint |
 //! | GET | `/v1/fleet/shard?kind=&namespace=&name=&window=&at=` (xDS address only) | this replica's part of a window (protobuf `Shard`), for another replica: its certificate must be the control plane's |
 //! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N&headers=true` | live requests, one JSON object a line, until the client leaves; header values only with `headers=true`, never those of credentials |
@@ -272,6 +273,7 @@ impl Api {
             .route("/check", get(fleet::check))
             .route("/fleet/stream", get(fleet::stream))
             .route("/ui/links", post(pane::new_link))
+            .route("/services/{ns}/{name}/view", get(fleet::service_view))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
         // Proxies and agents authenticate with a join token or their certificate here, not

@@ -134,10 +134,75 @@ function drawVerdicts(verdicts) {
 }
 
 function drawServices(rows) {
-  $("services").querySelector("tbody").innerHTML = rows.map((r) =>
+  const body = $("services").querySelector("tbody");
+  body.onclick = (ev) => {
+    const tr = ev.target.closest("tr[data-service]");
+    if (tr) showService(tr.dataset.service);
+  };
+  body.innerHTML = rows.map((r) =>
     `<tr data-service="${esc(r.name)}"><td>${esc(r.name)}</td><td>${esc((r.environments || []).join(", "))}</td>` +
     `<td class="${healthClass(r.success)}">${pct(r.success)}</td><td>${r.rps.toFixed(1)}</td>` +
     `<td>${ms(r.latency_ms.p50)}</td><td>${ms(r.latency_ms.p99)}</td><td>${esc(failuresText(r.failures))}</td></tr>`).join("");
+}
+
+const PALETTE = ["#0969da", "#1a7f37", "#8250df", "#bf8700", "#cf222e", "#57606a", "#1b7c83", "#a40e26"];
+
+// A line chart of `lines` ({name, points: [[at_ms, value]], color}) over [from, to].
+function chart(svg, lines, from, to, unit) {
+  const w = +svg.getAttribute("width"), h = +svg.getAttribute("height");
+  const left = 50, right = 200, top = 8, bottom = 18;
+  const max = Math.max(1e-9, ...lines.flatMap((l) => l.points.map((p) => p[1])));
+  const x = (t) => left + (w - left - right) * (t - from) / Math.max(1, to - from);
+  const y = (v) => top + (h - top - bottom) * (1 - v / max);
+  let out = `<line class="axis" x1="${left}" y1="${y(0)}" x2="${w - right}" y2="${y(0)}"/>` +
+    `<text x="4" y="${top + 10}">${esc(max.toFixed(max < 10 ? 1 : 0))} ${esc(unit)}</text><text x="4" y="${y(0)}">0</text>`;
+  lines.forEach((l, i) => {
+    const pts = l.points.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+    const dots = l.points.map(([t, v]) => `<circle cx="${x(t).toFixed(1)}" cy="${y(v).toFixed(1)}" r="2.5" fill="${l.color}"><title>${esc(l.name)}: ${v.toFixed(1)} ${esc(unit)} at ${new Date(t).toLocaleTimeString()}</title></circle>`).join("");
+    out += `<polyline class="series" data-series="${esc(l.name)}" stroke="${l.color}" points="${pts}"><title>${esc(l.name)}</title></polyline>${dots}` +
+      `<text x="${w - right + 8}" y="${top + 12 + 14 * i}" fill="${l.color}">${esc(l.name)}</text>`;
+  });
+  svg.innerHTML = out;
+}
+
+async function showService(name) {
+  state.service = name;
+  const [ns, n] = name.split("/");
+  try {
+    drawService(await api(`/api/v1/services/${encodeURIComponent(ns)}/${encodeURIComponent(n)}/view?window=${encodeURIComponent($("window").value)}`));
+  } catch (e) {
+    $("service-facts").textContent = `error: ${e.message}`;
+  }
+}
+
+function drawService(v) {
+  $("service-view").hidden = false;
+  $("service-name").textContent = v.service;
+  const t = v.timeline, step = t.step_ms / 1000;
+  const to = Date.now(), from = to - v.window_ms;
+  const workloads = [...new Set(t.points.flatMap((p) => Object.keys(p.by_workload)))].sort();
+  chart($("service-rps"), workloads.map((w, i) => ({
+    name: w, color: PALETTE[i % PALETTE.length],
+    points: t.points.map((p) => [p.at_ms, (p.by_workload[w] || 0) / step]),
+  })), from, to, "rps");
+  chart($("service-latency"), [
+    { name: "p50", color: PALETTE[0], points: t.points.filter((p) => p.p50_ms != null).map((p) => [p.at_ms, p.p50_ms]) },
+    { name: "p99", color: PALETTE[2], points: t.points.filter((p) => p.p99_ms != null).map((p) => [p.at_ms, p.p99_ms]) },
+    { name: "failed %", color: PALETTE[4], points: t.points.map((p) => [p.at_ms, 100 * p.failed / Math.max(1, p.requests)]) },
+  ], from, to, "ms · %");
+  const requests = t.points.reduce((a, p) => a + p.requests, 0), failed = t.points.reduce((a, p) => a + p.failed, 0);
+  $("service-facts").textContent = `${requests} requests, ${failed} failed, in ${t.step_ms / 1000} s slots · mutual TLS ${v.mtls}` +
+    (v.policies.length ? ` · policies: ${v.policies.map((p) => `${p.kind} ${p.name}${p.action ? " (" + p.action + ")" : ""}`).join(", ")}` : "");
+  const now = Date.now();
+  $("service-endpoints").querySelector("tbody").innerHTML = v.endpoints.map((e) => {
+    const loc = e.locality ? [e.locality.region, e.locality.zone].filter(Boolean).join("/") : "";
+    const h = e.healthy === false ? `<span class="bad">unhealthy</span>` : e.healthy === true ? `<span class="ok">healthy</span>` : "-";
+    const ev = e.events.map((x) => `${x.event} ${ago(now - x.atMs)} ago`).join(", ") || "-";
+    return `<tr data-workload="${esc(e.workload)}"><td>${esc(e.workload)}</td><td>${esc(e.environment)}</td><td>${esc(loc)}</td><td>${h}</td><td>${esc(ev)}</td></tr>`;
+  }).join("") || `<tr><td colspan="5">The service selects no workload.</td></tr>`;
+  $("service-routes").innerHTML = v.routes.map((r) => `<li>${esc(r.kind)} ${esc(r.name)} (as ${esc(r.as)}): ` +
+    r.rules.map((rule) => rule.backends.map((b) => `${esc(b.name)} ${b.weight}`).join(" / ") || "(no backends)").join("; ") + "</li>").join("") ||
+    "<li>No route names it: callers reach its endpoints directly.</li>";
 }
 
 function ago(ms) {
@@ -200,6 +265,7 @@ function draw(f) {
   drawVerdicts(f.diagnose.verdicts);
   drawServices(f.stat);
   drawProxies(f.proxies);
+  if (state.service) showService(state.service);
   $("summary").textContent = `${f.stat.length} services · ${f.edges.length} edges · ${f.diagnose.verdicts.length} problems` +
     (f.partial ? ` · ${f.partial}` : "");
 }

@@ -451,3 +451,45 @@ fn replicas_windows_merged_through_shards_answer_as_one_store_would() {
     bad.series[0].class = "teapot".into();
     assert!(bad.into_window().is_err());
 }
+
+#[test]
+fn a_services_timeline_has_a_point_per_slot_with_who_served() {
+    let mut s = Store::new(Limits::default());
+    // Two periods, 20 s apart: the VM serves the first, the container (and a failure) the
+    // second; another service's traffic is not in it.
+    let first = report(
+        "shop/shopper",
+        1,
+        1,
+        NOW - 40_000,
+        vec![
+            series("shop/catalog", "shop/catalog-vm", "ok", 30),
+            series("shop/other", "shop/x", "ok", 99),
+        ],
+    );
+    let second = report(
+        "shop/shopper",
+        1,
+        2,
+        NOW - 20_000,
+        vec![
+            series("shop/catalog", "shop/catalog-ct", "ok", 18),
+            series("shop/catalog", "shop/catalog-ct", "app_error", 2),
+        ],
+    );
+    for (r, at) in [(first, NOW - 30_000), (second, NOW - 10_000)] {
+        s.ingest(&r, None, at).unwrap();
+    }
+    let t = s.timeline(NOW, 60_000, "shop/catalog");
+    assert_eq!(t.step_ms, 10_000);
+    assert_eq!(t.points.len(), 2, "{t:#?}");
+    let (a, b) = (&t.points[0], &t.points[1]);
+    assert_eq!((a.at_ms, a.requests, a.failed), (NOW - 40_000, 30, 0));
+    assert_eq!(a.by_workload.get("shop/catalog-vm"), Some(&30));
+    assert_eq!((b.at_ms, b.requests, b.failed), (NOW - 20_000, 20, 2));
+    assert_eq!(b.by_workload.get("shop/catalog-ct"), Some(&20));
+    assert!(b.p50_ms.is_some_and(|ms| (ms - 10.0).abs() < 1.0), "{b:?}");
+    // A shorter window keeps the slots it reaches.
+    assert_eq!(s.timeline(NOW, 25_000, "shop/catalog").points.len(), 1);
+    assert!(s.timeline(NOW, 60_000, "shop/none").points.is_empty());
+}
