@@ -312,7 +312,7 @@ impl Cluster {
                                 service: cfg.service.to_string(),
                                 peer_workload: e.workload.to_string(),
                                 endpoint: o.target.to_string(),
-                                at_ms: crate::reporter::now_ms(),
+                                at_ms: crate::summary::now_ms(),
                                 ..Default::default()
                             });
                         }
@@ -575,7 +575,7 @@ impl Cluster {
                 service: self.cfg.service.to_string(),
                 peer_workload: ep.cfg.workload.to_string(),
                 endpoint: ep.target.to_string(),
-                at_ms: crate::reporter::now_ms(),
+                at_ms: crate::summary::now_ms(),
                 seconds: t.as_secs().max(1) as u32,
                 class: class.as_str().into(),
                 failures: p.consecutive_failures,

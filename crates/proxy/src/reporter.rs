@@ -12,7 +12,7 @@
 use std::{
     collections::VecDeque,
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -87,12 +87,7 @@ pub(crate) async fn run(
     }
 }
 
-/// Now, in Unix milliseconds.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::summary::now_ms;
 
 struct Reporter {
     shared: Arc<Shared>,
