@@ -469,6 +469,56 @@ pub(crate) async fn token_create(
 }
 
 /// `trellis token list`.
+/// `trellis token read-only`: make a read-only token, print it once.
+pub(crate) async fn read_only_create(conn: &Conn, name: &str) -> Result<()> {
+    let api = Api::new(conn)?;
+    let body = serde_json::json!({ "name": name }).to_string();
+    let v = api
+        .call(Method::POST, "/api/v1/viewer-tokens", Some(body))
+        .await?;
+    println!("{}", v["token"].as_str().unwrap_or_default());
+    eprintln!(
+        "read-only token {} ({name}): reads the mesh, changes nothing; shown once (trellis token read-only-revoke {} ends it)",
+        v["id"].as_str().unwrap_or_default(),
+        v["id"].as_str().unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `trellis token read-only-list`.
+pub(crate) async fn read_only_list(conn: &Conn) -> Result<()> {
+    let api = Api::new(conn)?;
+    let v = api.call(Method::GET, "/api/v1/viewer-tokens", None).await?;
+    let rows: Vec<Vec<String>> = v["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|t| {
+            vec![
+                t["id"].as_str().unwrap_or_default().into(),
+                t["name"].as_str().unwrap_or_default().into(),
+                t["createdAt"].to_string(),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "CREATED (UNIX)"], &rows);
+    Ok(())
+}
+
+/// `trellis token read-only-revoke ID`.
+pub(crate) async fn read_only_revoke(conn: &Conn, id: &str) -> Result<()> {
+    let api = Api::new(conn)?;
+    api.call(
+        Method::DELETE,
+        &format!("/api/v1/viewer-tokens/{}", crate::client::query_value(id)),
+        None,
+    )
+    .await?;
+    println!("revoked read-only token {id}");
+    Ok(())
+}
+
 pub(crate) async fn token_list(conn: &Conn) -> Result<()> {
     let api = Api::new(conn)?;
     let v = api.call(Method::GET, "/api/v1/tokens", None).await?;

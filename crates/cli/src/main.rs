@@ -178,6 +178,27 @@ enum TokenCmd {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// Make a read-only token (for the pane on a wall screen, a dashboard, a colleague):
+    /// it reads everything but the tokens and changes nothing; printed once.
+    ReadOnly {
+        /// What it is for.
+        #[arg(long, default_value = "viewer")]
+        name: String,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// The read-only tokens (ids and names).
+    ReadOnlyList {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Revoke a read-only token by id.
+    ReadOnlyRevoke {
+        /// Token id.
+        id: String,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Create a join token for NAMESPACE/IDENTITY; it is printed once.
     Create {
         /// Namespace of the identity.
@@ -442,6 +463,13 @@ fn main() -> ExitCode {
             conn,
         }) => ctl_run(ctl::token_create(&conn, &namespace, &identity, ttl.0, uses)),
         Cmd::Token(TokenCmd::List { conn }) => ctl_run(ctl::token_list(&conn)),
+        Cmd::Token(TokenCmd::ReadOnly { name, conn }) => {
+            ctl_run(ctl::read_only_create(&conn, &name))
+        }
+        Cmd::Token(TokenCmd::ReadOnlyList { conn }) => ctl_run(ctl::read_only_list(&conn)),
+        Cmd::Token(TokenCmd::ReadOnlyRevoke { id, conn }) => {
+            ctl_run(ctl::read_only_revoke(&conn, &id))
+        }
         Cmd::Token(TokenCmd::Revoke { id, conn }) => ctl_run(ctl::token_revoke(&conn, &id)),
         Cmd::Ca(CaCmd::Status { conn }) => ctl_run(ctl::ca_status(&conn, None, false)),
         Cmd::Ca(CaCmd::Rotate { phase, force, conn }) => {

@@ -299,6 +299,31 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     )
     .await;
 
+    // A read-only token: the page shows the fleet, and no way to change it.
+    let ro = common::ok(cli(&cp, &["token", "read-only", "--name", "wall"]))
+        .trim()
+        .to_string();
+    let out = browser.find("#signout").await.unwrap();
+    browser.click(&out).await.unwrap();
+    let field = eventually(
+        "the sign-in form again",
+        Duration::from_secs(10),
+        async || browser.find("#signin:not([hidden]) #token").await.ok(),
+    )
+    .await;
+    browser.type_into(&field, &ro).await.unwrap();
+    let submit = browser.find("#signin-button").await.unwrap();
+    browser.click(&submit).await.unwrap();
+    wait_text(&browser, "#role", "read-only").await;
+    wait_text(&browser, "#services", "test/catalog").await;
+    assert_eq!(
+        browser
+            .eval("return document.getElementById('shift').hidden")
+            .await
+            .unwrap(),
+        serde_json::Value::Bool(true)
+    );
+
     // The session over raw HTTP: its cookie's flags, and the Host check.
     let host = cp.api.to_string();
     let (head, _) = raw(
@@ -374,6 +399,81 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
         head.starts_with("HTTP/1.1 401"),
         "a link works once: {head}"
     );
+    // The read-only token over raw HTTP: it reads, and changes nothing, nor reads tokens.
+    let bearer = |method: &str, path: &str, t: &str| {
+        format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {t}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    };
+    assert!(raw(cp.api, bearer("GET", "/api/v1/stat", &ro))
+        .await
+        .0
+        .starts_with("HTTP/1.1 200"));
+    assert!(
+        raw(cp.api, bearer("GET", "/api/v1/resources/HTTPRoute", &ro))
+            .await
+            .0
+            .starts_with("HTTP/1.1 200")
+    );
+    for (method, path) in [
+        ("POST", "/api/v1/apply"),
+        ("DELETE", "/api/v1/resources/HTTPRoute/test/catalog"),
+        ("GET", "/api/v1/tokens"),
+        ("GET", "/api/v1/viewer-tokens"),
+        ("POST", "/api/v1/ui/links"),
+    ] {
+        let (head, body) = raw(cp.api, bearer(method, path, &ro)).await;
+        assert!(
+            head.starts_with("HTTP/1.1 403"),
+            "{method} {path}: {head} {body}"
+        );
+    }
+    // Its session may only read as well.
+    let (head, _) = raw(
+        cp.api,
+        format!(
+            "POST /ui/session HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\ntoken={ro}",
+            6 + ro.len()
+        ),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+    let ro_session = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let with_cookie = |method: &str, path: &str| {
+        format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\ncookie: {ro_session}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    };
+    let (head, body) = raw(cp.api, with_cookie("GET", "/ui/session")).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200") && body.contains("\"readOnly\":true"),
+        "{head} {body}"
+    );
+    assert!(raw(cp.api, with_cookie("POST", "/api/v1/apply"))
+        .await
+        .0
+        .starts_with("HTTP/1.1 403"));
+    // Revoked, it opens nothing.
+    let id = common::ok(cli(&cp, &["token", "read-only-list"]));
+    let id = id
+        .lines()
+        .find(|l| l.contains("wall"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    common::ok(cli(&cp, &["token", "read-only-revoke", &id]));
+    assert!(raw(cp.api, bearer("GET", "/api/v1/stat", &ro))
+        .await
+        .0
+        .starts_with("HTTP/1.1 401"));
+    // ... and the session it opened ends with it.
+    assert!(raw(cp.api, with_cookie("GET", "/api/v1/stat"))
+        .await
+        .0
+        .starts_with("HTTP/1.1 401"));
     // A wrong token gets no session.
     let (head, _) = raw(
         cp.api,

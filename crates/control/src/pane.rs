@@ -31,42 +31,48 @@ pub(crate) const INDEX: &str = include_str!("pane/index.html");
 pub(crate) const JS: &str = include_str!("pane/pane.js");
 pub(crate) const CSS: &str = include_str!("pane/pane.css");
 
-/// Random ids that expire: sessions, sign-in links.
+/// Who a session or link is for: the admin (`None`) or a read-only token (its id).
+pub(crate) type Holder = Option<String>;
+
+/// Random ids that expire, each with its holder: sessions, sign-in links.
 #[derive(Default)]
-struct Expiring(Mutex<HashMap<String, Instant>>);
+struct Expiring(Mutex<HashMap<String, (Instant, Holder)>>);
 
 impl Expiring {
     /// A new id, good for `ttl`; beyond `cap` live ids the oldest goes.
-    fn mint(&self, ttl: Duration, cap: usize) -> Option<String> {
+    fn mint(&self, ttl: Duration, cap: usize, holder: Holder) -> Option<String> {
         let id = crate::token::generate().ok()?;
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        s.retain(|_, until| *until > now);
+        s.retain(|_, (until, _)| *until > now);
         if s.len() >= cap {
-            let oldest = s.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone());
+            let oldest = s.iter().min_by_key(|(_, u)| u.0).map(|(k, _)| k.clone());
             if let Some(k) = oldest {
                 s.remove(&k);
             }
         }
-        s.insert(id.clone(), now + ttl);
+        s.insert(id.clone(), (now + ttl, holder));
         Some(id)
     }
 
-    fn live(&self, id: &str) -> bool {
+    /// `Some(holder)` while `id` lives.
+    fn live(&self, id: &str) -> Option<Holder> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .is_some_and(|until| *until > Instant::now())
+            .filter(|(until, _)| *until > Instant::now())
+            .map(|(_, h)| h.clone())
     }
 
-    /// Whether `id` was live; it is not any more.
-    fn take(&self, id: &str) -> bool {
+    /// `Some(holder)` if `id` was live; it is not any more.
+    fn take(&self, id: &str) -> Option<Holder> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
-            .is_some_and(|until| until > Instant::now())
+            .filter(|(until, _)| *until > Instant::now())
+            .map(|(_, h)| h)
     }
 }
 
@@ -109,24 +115,21 @@ impl Pane {
             .is_some_and(|h| self.hosts.iter().any(|x| x.eq_ignore_ascii_case(h)))
     }
 
-    /// A new session.
-    pub(crate) fn open(&self) -> Option<String> {
-        self.sessions.mint(SESSION_TTL, SESSIONS)
+    /// A new session for `holder` (the admin, or a read-only token by id).
+    pub(crate) fn open(&self, holder: Holder) -> Option<String> {
+        self.sessions.mint(SESSION_TTL, SESSIONS, holder)
     }
 
     /// A sign-in link's code: it opens one session, once, within [`LINK_TTL`] (what
     /// `trellis dashboard` and the demo print, so that nobody pastes the admin token).
     pub(crate) fn link(&self) -> Option<String> {
-        self.links.mint(LINK_TTL, LINKS)
+        self.links.mint(LINK_TTL, LINKS, None)
     }
 
     /// A session for a link's code, which is then spent.
     pub(crate) fn enter(&self, code: &str) -> Option<String> {
-        if self.links.take(code) {
-            self.open()
-        } else {
-            None
-        }
+        let holder = self.links.take(code)?;
+        self.open(holder)
     }
 
     /// End the request's session.
@@ -136,12 +139,10 @@ impl Pane {
         }
     }
 
-    /// Whether the request rides on a live session, to this listener by name.
-    pub(crate) fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(id) = session_of(headers) else {
-            return false;
-        };
-        self.sessions.live(&id) && self.host_ok(headers)
+    /// `Some(holder)` when the request rides on a live session, to this listener by name.
+    pub(crate) fn session(&self, headers: &HeaderMap) -> Option<Holder> {
+        let id = session_of(headers)?;
+        self.sessions.live(&id).filter(|_| self.host_ok(headers))
     }
 
     /// The `Set-Cookie` of session `id` (an empty id clears it).
@@ -215,21 +216,44 @@ mod tests {
     #[test]
     fn a_session_counts_only_for_this_listener_by_name() {
         let p = Pane::new("127.0.0.1:7070".parse().unwrap());
-        let id = p.open().unwrap();
+        let id = p.open(None).unwrap();
         let cookie = format!("a=b; {COOKIE}={id}");
-        assert!(p.authorized(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)])));
-        assert!(p.authorized(&headers(&[("host", "localhost:7070"), ("cookie", &cookie)])));
+        assert!(p
+            .session(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)]))
+            .is_some());
+        assert!(p
+            .session(&headers(&[("host", "localhost:7070"), ("cookie", &cookie)]))
+            .is_some());
         // DNS rebinding: another name for this address.
-        assert!(!p.authorized(&headers(&[
-            ("host", "evil.example:7070"),
-            ("cookie", &cookie)
-        ])));
-        assert!(!p.authorized(&headers(&[
-            ("host", "127.0.0.1:7070"),
-            ("cookie", "trellis_session=forged")
-        ])));
+        assert!(p
+            .session(&headers(&[
+                ("host", "evil.example:7070"),
+                ("cookie", &cookie)
+            ]))
+            .is_none());
+        assert!(p
+            .session(&headers(&[
+                ("host", "127.0.0.1:7070"),
+                ("cookie", "trellis_session=forged")
+            ]))
+            .is_none());
+        assert_eq!(
+            p.session(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)])),
+            Some(None)
+        );
+        let ro = p.open(Some("ro1".into())).unwrap();
+        let ro_cookie = format!("{COOKIE}={ro}");
+        assert_eq!(
+            p.session(&headers(&[
+                ("host", "127.0.0.1:7070"),
+                ("cookie", &ro_cookie)
+            ])),
+            Some(Some("ro1".into()))
+        );
         p.close(&headers(&[("cookie", &cookie)]));
-        assert!(!p.authorized(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)])));
+        assert!(p
+            .session(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)]))
+            .is_none());
         let c = p.cookie(&id);
         assert!(
             c.contains("HttpOnly") && c.contains("SameSite=Strict") && !c.contains("Secure"),
@@ -246,7 +270,9 @@ mod tests {
         assert!(p.enter("forged").is_none());
         let id = p.enter(&code).expect("a session");
         let cookie = format!("{COOKIE}={id}");
-        assert!(p.authorized(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)])));
+        assert!(p
+            .session(&headers(&[("host", "127.0.0.1:7070"), ("cookie", &cookie)]))
+            .is_some());
         assert!(p.enter(&code).is_none(), "a link works once");
         // A session id is not a link's code.
         assert!(p.enter(&id).is_none());

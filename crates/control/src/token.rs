@@ -161,3 +161,137 @@ mod tests {
         let _ = std::fs::remove_dir_all(&base);
     }
 }
+
+/// Where a read-only token's digest lives in the store.
+fn viewer_key(id: &str) -> Key {
+    Key::new("_ViewerToken", "trellis-system", id)
+}
+
+/// How stale this replica's copy of the read-only tokens may be (one made or revoked
+/// through another replica counts after at most this).
+const VIEWERS_STALE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Read-only tokens: they may read everything the admin token reads but the tokens
+/// themselves, and change nothing. Each is kept in the store by its id, as its SHA-256
+/// digest and a name; the token itself is shown once, when it is made.
+#[derive(Default)]
+pub(crate) struct Viewers {
+    /// Digest → id, as last read from the store, and when.
+    known: std::sync::Mutex<(
+        std::collections::HashMap<String, String>,
+        Option<std::time::Instant>,
+    )>,
+}
+
+impl Viewers {
+    async fn reload(&self, store: &Store) -> Result<(), StoreError> {
+        let found = store
+            .list()
+            .await?
+            .objects
+            .into_iter()
+            .filter(|o| o.key.kind == "_ViewerToken")
+            .filter_map(|o| Some((o.doc["sha256"].as_str()?.to_string(), o.key.name)))
+            .collect();
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
+            (found, Some(std::time::Instant::now()));
+        Ok(())
+    }
+
+    /// This replica's copy, read again when stale.
+    async fn fresh(&self, store: &Store) {
+        let stale = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .is_none_or(|at| at.elapsed() > VIEWERS_STALE);
+        if stale {
+            if let Err(e) = self.reload(store).await {
+                tracing::warn!(error = %e, "cannot read the read-only tokens");
+            }
+        }
+    }
+
+    /// The id of the read-only token `given`, if it is one.
+    pub(crate) async fn which(&self, store: &Store, given: &str) -> Option<String> {
+        self.fresh(store).await;
+        let d = digest(given.trim());
+        // Looked up by digest: the lookup's timing says nothing of the token.
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .get(&d)
+            .cloned()
+    }
+
+    /// Whether the read-only token `id` still stands (a session opened with it ends with
+    /// it).
+    pub(crate) async fn stands(&self, store: &Store, id: &str) -> bool {
+        self.fresh(store).await;
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .values()
+            .any(|v| v == id)
+    }
+
+    /// Make a read-only token named `name`: `{id, name, token}` (the token, once).
+    pub(crate) async fn create(
+        &self,
+        store: &Store,
+        name: &str,
+    ) -> Result<serde_json::Value, ControlError> {
+        let token = format!(
+            "ro-{}",
+            generate().map_err(|source| ControlError::Io {
+                path: "/dev/urandom".into(),
+                source,
+            })?
+        );
+        let id = digest(&token)[..12].to_string();
+        store
+            .write(vec![Write {
+                key: viewer_key(&id),
+                doc: Some(json!({ "sha256": digest(&token), "name": name, "createdAt": trellis_identity::join::unix(std::time::SystemTime::now()) })),
+                expect: Expect::Absent,
+            }])
+            .await?;
+        self.reload(store).await?;
+        tracing::info!(token_id = %id, name, "read-only token made");
+        Ok(json!({ "id": id, "name": name, "token": token }))
+    }
+
+    /// The read-only tokens: ids and names.
+    pub(crate) async fn list(&self, store: &Store) -> Result<serde_json::Value, StoreError> {
+        let items: Vec<serde_json::Value> = store
+            .list()
+            .await?
+            .objects
+            .into_iter()
+            .filter(|o| o.key.kind == "_ViewerToken")
+            .map(|o| json!({ "id": o.key.name, "name": o.doc["name"], "createdAt": o.doc["createdAt"] }))
+            .collect();
+        Ok(json!({ "items": items }))
+    }
+
+    /// Revoke one.
+    pub(crate) async fn revoke(
+        &self,
+        store: &Store,
+        id: &str,
+    ) -> Result<serde_json::Value, StoreError> {
+        store
+            .write(vec![Write {
+                key: viewer_key(id),
+                doc: None,
+                expect: Expect::Any,
+            }])
+            .await?;
+        self.reload(store).await?;
+        tracing::info!(token_id = %id, "read-only token revoked");
+        Ok(json!({ "revoked": id }))
+    }
+}

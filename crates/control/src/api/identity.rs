@@ -66,3 +66,35 @@ pub(crate) async fn sign(
         identity::sign(api.identity(), api.store(), token, req).await?,
     ))
 }
+
+/// `POST /api/v1/viewer-tokens` (`{"name": …}`): a read-only token, shown once.
+pub(crate) async fn create_viewer(
+    AxState(api): AxState<Api>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        json_body(&body)?
+    };
+    let name = req["name"].as_str().unwrap_or("viewer");
+    if name.len() > 64 {
+        return Err(super::ApiError::BadRequest(
+            "name: at most 64 characters".into(),
+        ));
+    }
+    Ok(Json(api.viewers().create(api.store(), name).await?))
+}
+
+/// `GET /api/v1/viewer-tokens`.
+pub(crate) async fn list_viewers(AxState(api): AxState<Api>) -> ApiResult<Json<Value>> {
+    Ok(Json(api.viewers().list(api.store()).await?))
+}
+
+/// `DELETE /api/v1/viewer-tokens/{id}`.
+pub(crate) async fn revoke_viewer(
+    AxState(api): AxState<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(api.viewers().revoke(api.store(), &id).await?))
+}

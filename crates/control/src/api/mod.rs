@@ -24,6 +24,8 @@
 //! | GET | `/api/v1/diagnose?namespace=NS&name=NAME&window=5m` | verdicts: network, application, mesh policy or configuration, where, the evidence of both ends of each hop, and what to check next |
 //! | GET | `/api/v1/fleet/stream?namespace=NS&window=5m&every=5` | server-sent events `fleet`: stat, edges, diagnose and proxies at once, now and every few seconds (the pane's feed) |
 //! | GET | `/api/v1/services/{ns}/{name}/view?window=15m` | the pane's service view: a timeline slot by slot (requests, failed, p50/p99, requests by serving workload; this replica's reports), the workloads it selects with health and events, the routes and policies that name it, its mTLS mode |
+//! | POST, GET | `/api/v1/viewer-tokens` | make a read-only token (`{"name"}`; the token is in the answer, once), list them (admin only) |
+//! | DELETE | `/api/v1/viewer-tokens/{id}` | revoke one; sessions opened with it end |
 //! | GET | `/api/v1/check` | the mesh's own health: store, proxies in sync, certificates, root rotation, workloads, agents, clocks; each pass, warn or fail with a hint |
 //! | GET | `/v1/fleet/shard?kind=&namespace=&name=&window=&at=` (xDS address only) | this replica's part of a window (protobuf `Shard`), for another replica: its certificate must be the control plane's |
 //! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N&headers=true` | live requests, one JSON object a line, until the client leaves; header values only with `headers=true`, never those of credentials |
@@ -91,6 +93,8 @@ struct Inner {
     events: Events,
     /// The page's sessions.
     pane: crate::pane::Pane,
+    /// Read-only tokens.
+    viewers: token::Viewers,
 }
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
@@ -102,6 +106,9 @@ pub(crate) enum ApiError {
     /// No valid token (401).
     #[error("a valid bearer token is required")]
     Unauthorized,
+    /// A read-only token (or session) asked to change something, or to read tokens (403).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such resource, kind or route (404).
     #[error("{0}")]
     NotFound(String),
@@ -163,6 +170,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Apply(e) => match &**e {
                 ApplyError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -249,6 +257,7 @@ impl Api {
                 replicas,
                 events,
                 pane,
+                viewers: token::Viewers::default(),
             }),
         }
     }
@@ -273,6 +282,14 @@ impl Api {
             .route("/check", get(fleet::check))
             .route("/fleet/stream", get(fleet::stream))
             .route("/ui/links", post(pane::new_link))
+            .route(
+                "/viewer-tokens",
+                post(identity::create_viewer).get(identity::list_viewers),
+            )
+            .route(
+                "/viewer-tokens/{id}",
+                axum::routing::delete(identity::revoke_viewer),
+            )
             .route("/services/{ns}/{name}/view", get(fleet::service_view))
             .layer(middleware::from_fn_with_state(self.clone(), auth))
             .layer(DefaultBodyLimit::max(self.inner.max_body));
@@ -291,7 +308,10 @@ impl Api {
             .route("/ui/", get(pane::index))
             .route("/ui/pane.js", get(pane::js))
             .route("/ui/pane.css", get(pane::css))
-            .route("/ui/session", post(pane::sign_in).delete(pane::sign_out))
+            .route(
+                "/ui/session",
+                post(pane::sign_in).get(pane::whoami).delete(pane::sign_out),
+            )
             .route("/ui/enter", get(pane::enter))
             .layer(DefaultBodyLimit::max(4 << 10));
         Router::new()
@@ -343,6 +363,11 @@ impl Api {
     /// The same, shared.
     pub(crate) fn fleet_arc(&self) -> Arc<Fleet> {
         self.inner.fleet.clone()
+    }
+
+    /// The read-only tokens.
+    pub(crate) fn viewers(&self) -> &token::Viewers {
+        &self.inner.viewers
     }
 
     /// The page's sessions.
@@ -407,10 +432,42 @@ async fn auth(AxState(api): AxState<Api>, req: Request, next: Next) -> Response 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if api.inner.token.accepts(t) => next.run(req).await,
-        // The page's session cookie, to this listener by name.
-        None if api.inner.pane.authorized(req.headers()) => next.run(req).await,
-        _ => ApiError::Unauthorized.into_response(),
+    let read_only = match given {
+        Some(t) if api.inner.token.accepts(t) => false,
+        Some(t) => match api.inner.viewers.which(api.store(), t).await {
+            Some(_) => true,
+            None => return ApiError::Unauthorized.into_response(),
+        },
+        // The page's session cookie, to this listener by name; one opened with a
+        // read-only token ends when the token is revoked.
+        None => match api.inner.pane.session(req.headers()) {
+            Some(None) => false,
+            Some(Some(id)) if api.inner.viewers.stands(api.store(), &id).await => true,
+            _ => return ApiError::Unauthorized.into_response(),
+        },
+    };
+    if read_only && !readable(&req) {
+        return ApiError::Forbidden(
+            "a read-only token reads the mesh (not its tokens) and changes nothing".into(),
+        )
+        .into_response();
     }
+    next.run(req).await
+}
+
+/// What a read-only token may do: read, but not the tokens.
+fn readable(req: &Request) -> bool {
+    let path = req.uri().path();
+    let tokens = [
+        "/tokens",
+        "/viewer-tokens",
+        "/api/v1/tokens",
+        "/api/v1/viewer-tokens",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p));
+    matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    ) && !tokens
 }

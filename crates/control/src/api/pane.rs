@@ -68,16 +68,35 @@ pub(crate) async fn sign_in(
         return misdirected();
     }
     let given = form_value(&body, "token").unwrap_or_default();
-    if !api.token_accepts(&given) {
-        return (StatusCode::UNAUTHORIZED, "not the admin token\n").into_response();
-    }
-    match pane.open() {
+    let holder = if api.token_accepts(&given) {
+        None
+    } else if let Some(id) = api.viewers().which(api.store(), &given).await {
+        Some(id)
+    } else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "neither the admin token nor a read-only one\n",
+        )
+            .into_response();
+    };
+    match pane.open(holder) {
         Some(id) => (
             StatusCode::NO_CONTENT,
             [(header::SET_COOKIE, pane.cookie(&id))],
         )
             .into_response(),
         None => (StatusCode::INTERNAL_SERVER_ERROR, "no session\n").into_response(),
+    }
+}
+
+/// `GET /ui/session`: whether the request rides on a session, and whether it may only read.
+pub(crate) async fn whoami(AxState(api): AxState<Api>, headers: HeaderMap) -> Response {
+    match api.pane().session(&headers) {
+        Some(None) => axum::Json(serde_json::json!({ "readOnly": false })).into_response(),
+        Some(Some(id)) if api.viewers().stands(api.store(), &id).await => {
+            axum::Json(serde_json::json!({ "readOnly": true })).into_response()
+        }
+        _ => (StatusCode::UNAUTHORIZED, "no session\n").into_response(),
     }
 }
 

@@ -316,7 +316,13 @@ async function showPane() {
   $("signin").hidden = true;
   $("pane").hidden = false;
   $("signout").hidden = false;
-  await drawRoutes();
+  // A read-only session sees everything but cannot shift traffic (the API refuses it too).
+  let readOnly = false;
+  try { readOnly = (await api("/ui/session")).readOnly; } catch (_) { /* a bearer-less page: keep the default */ }
+  state.readOnly = readOnly;
+  $("role").textContent = readOnly ? "read-only" : "";
+  $("shift").hidden = readOnly;
+  if (!readOnly) await drawRoutes();
 }
 
 $("signin-form").addEventListener("submit", async (ev) => {
@@ -332,7 +338,7 @@ $("signin-form").addEventListener("submit", async (ev) => {
     $("signin-error").textContent = "";
     showPane();
   } else {
-    $("signin-error").textContent = "That is not the admin token.";
+    $("signin-error").textContent = "That is neither the admin token nor a read-only one.";
   }
 });
 $("signout").addEventListener("click", async () => {
