@@ -170,6 +170,16 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
         detail.contains("application: the application of test/catalog-vm answers errors"),
         "{detail}"
     );
+    // A click on a workload: its proxy, its edges, what happened to it.
+    browser
+        .eval(r#"document.querySelector('#topology g.node[data-workload="test/catalog-vm"]').dispatchEvent(new MouseEvent('click', {bubbles: true}))"#)
+        .await
+        .unwrap();
+    let proxy = wait_text(&browser, "#workload-proxy", "in sync").await;
+    assert!(proxy.contains("certificate expires in"), "{proxy}");
+    let edges = wait_text(&browser, "#workload-edges", "test/shop").await;
+    assert!(edges.contains("test/catalog-vm"), "{edges}");
+    wait_text(&browser, "#workload-events", "joined").await;
     // The problems and the services' figures.
     wait_text(
         &browser,

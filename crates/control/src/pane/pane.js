@@ -77,7 +77,7 @@ function drawTopology(edges) {
     envs[env].forEach((w, j) => {
       const y = top + j * rowH;
       pos[w] = { x: x + 20, y, w: colW - 60 };
-      html += `<g class="node"><rect x="${x + 20}" y="${y}" width="${colW - 60}" height="30" rx="4"></rect>` +
+      html += `<g class="node" data-workload="${esc(w)}"><rect x="${x + 20}" y="${y}" width="${colW - 60}" height="30" rx="4"></rect>` +
         `<text x="${x + 28}" y="${y + 19}">${esc(w)}</text></g>`;
     });
   });
@@ -102,6 +102,40 @@ function drawTopology(edges) {
   svg.setAttribute("width", String(Math.max(960, names.length * colW + 20)));
   svg.innerHTML = html;
   svg.querySelectorAll(".edge").forEach((p) => p.addEventListener("click", () => showEdge(state.edges[+p.dataset.edge])));
+  svg.querySelectorAll(".node").forEach((g) => g.addEventListener("click", () => showWorkload(g.dataset.workload)));
+}
+
+// A workload: its proxy (config in step or refused, certificate), its edges both ways, and
+// what happened to it (the control plane's events, callers' ejections).
+async function showWorkload(name) {
+  state.workload = name;
+  const [ns, n] = name.split("/");
+  const el = $("workload-view");
+  el.hidden = false;
+  $("workload-name").textContent = name;
+  const p = (state.proxies || []).find((x) => x.workload === name);
+  const now = Date.now();
+  if (p) {
+    const types = Object.entries(p.types || {});
+    const refused = types.filter(([, t]) => t.rejected && t.acked !== t.sent).map(([k, t]) => `${k} ${t.rejected.version}: ${t.rejected.message}`);
+    const behind = types.filter(([, t]) => t.acked !== t.sent).map(([k]) => k);
+    $("workload-proxy").textContent = `proxy ${p.node}, connected ${ago(now - p.connectedAt * 1000)} ago · config ` +
+      (refused.length ? `refused (${refused.join("; ")})` : behind.length ? `behind (${behind.join(", ")})` : "in sync") +
+      (p.certNotAfterMs ? ` · certificate expires in ${ago(p.certNotAfterMs - now)}` : "");
+  } else {
+    $("workload-proxy").textContent = "no proxy of it is connected to this replica";
+  }
+  $("workload-edges").querySelector("tbody").innerHTML = state.edges.filter((e) => e.src === name || e.dst === name).map((e) =>
+    `<tr><td>${esc(e.src)}</td><td>${esc(e.dst)}</td><td class="${healthClass(e.success)}">${pct(e.success)}</td>` +
+    `<td>${e.rps.toFixed(1)}</td><td>${ms(e.latency_ms && e.latency_ms.p99)}</td><td>${esc(failuresText(e.failures))}</td></tr>`).join("");
+  try {
+    const w = await api(`/api/v1/resources/Workload/${encodeURIComponent(ns)}/${encodeURIComponent(n)}`);
+    $("workload-events").innerHTML = (w.events || []).slice(-20).map((x) =>
+      `<li>${esc(x.event)}${x.by ? ` by ${esc(x.by)}` : ""}${x.seconds ? ` for ${x.seconds} s (${x.failures} × ${esc(x.class)})` : ""} — ${ago(now - x.atMs)} ago</li>`).join("") ||
+      "<li>none in the last hour</li>";
+  } catch (e) {
+    $("workload-events").innerHTML = `<li>${esc(e.message)}</li>`;
+  }
 }
 
 function showEdge(e) {
@@ -214,6 +248,10 @@ function ago(ms) {
 
 function drawProxies(list) {
   const now = Date.now();
+  $("proxies").querySelector("tbody").onclick = (ev) => {
+    const tr = ev.target.closest("tr[data-proxy]");
+    if (tr) showWorkload(tr.dataset.proxy);
+  };
   $("proxies").querySelector("tbody").innerHTML = list.map((p) => {
     const types = Object.entries(p.types || {});
     const behind = types.filter(([, t]) => t.acked !== t.sent).map(([k]) => k);
@@ -265,7 +303,9 @@ function draw(f) {
   drawVerdicts(f.diagnose.verdicts);
   drawServices(f.stat);
   drawProxies(f.proxies);
+  state.proxies = f.proxies;
   if (state.service) showService(state.service);
+  if (state.workload) showWorkload(state.workload);
   $("summary").textContent = `${f.stat.length} services · ${f.edges.length} edges · ${f.diagnose.verdicts.length} problems` +
     (f.partial ? ` · ${f.partial}` : "");
 }
