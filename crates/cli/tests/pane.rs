@@ -58,6 +58,37 @@ async fn raw(addr: SocketAddr, request: String) -> (String, String) {
     (head.to_string(), body.to_string())
 }
 
+/// Draws 1,000 workloads in 5 namespaces and 3 environments with 5,000 edges (3 % of them
+/// unhealthy) twice, and says how long each took, layout included.
+const SCALE: &str = r##"
+const envs = ["vm", "container", "bare-metal"], W = 1000, E = 5000;
+const wl = (i) => `ns${i % 5}/w${i}`, env = (i) => envs[i % 3];
+let seed = 7;
+const rnd = (n) => { seed = (seed * 48271) % 2147483647; return seed % n; };
+const none = { network: [], application: [], policy: [], client: [] };
+const edges = [];
+for (let k = 0; k < E; k++) {
+  const a = k % W, b = rnd(W);
+  edges.push({ src: wl(a), dst: wl(b), src_environment: env(a), dst_environment: env(b), rps: 1 + rnd(50),
+    requests: 100, success: rnd(100) < 3 ? 0.9 : 1, latency_ms: { p50: 1, p99: 5 }, failures: none, mtls: true });
+}
+const stat = [];
+for (let i = 0; i < 200; i++) stat.push({ name: `ns${i % 5}/svc${i}`, environments: ["vm"], success: 1, rps: 10,
+  latency_ms: { p50: 1, p95: 2, p99: 3 }, failures: none });
+const f = { stat, edges, diagnose: { verdicts: [] }, proxies: [] };
+const t0 = performance.now();
+window.trellisPane.draw(f);
+document.body.getBoundingClientRect();
+const first = performance.now() - t0;
+edges.forEach((e) => { e.rps += 1; });
+const t1 = performance.now();
+window.trellisPane.draw(f);
+document.body.getBoundingClientRect();
+const update = performance.now() - t1;
+return { first_ms: first, update_ms: update, nodes: document.querySelectorAll("#topology .node").length,
+  edges_drawn: document.querySelectorAll("#topology .edge").length, summary: document.getElementById("summary").textContent };
+"##;
+
 /// Poll the page until `css` selects an element whose text contains `want`.
 async fn wait_text(b: &Browser, css: &str, want: &str) -> String {
     eventually(
@@ -333,6 +364,14 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
             .unwrap(),
         serde_json::Value::Bool(true)
     );
+
+    // `TRELLIS_PANE_SCALE=1`: time the page drawing a fleet of 1,000 workloads and 5,000
+    // edges, first and as an update (printed, for docs/benchmarks.md; not a threshold).
+    if std::env::var_os("TRELLIS_PANE_SCALE").is_some() {
+        let v = browser.eval(SCALE).await.unwrap();
+        eprintln!("pane at scale: {v}");
+        assert!(v["nodes"].as_u64() > Some(0), "{v}");
+    }
 
     // The session over raw HTTP: its cookie's flags, and the Host check.
     let host = cp.api.to_string();

@@ -9,6 +9,8 @@ const pct = (x) => (x == null ? "-" : (x * 100).toFixed(2) + "%");
 const ms = (x) => (x == null ? "-" : x.toFixed(1) + "ms");
 let state = { edges: [], verdicts: [], feed: null, updates: 0 };
 window.trellisPane = state;
+// For measurements (tests/pane.rs with TRELLIS_PANE_SCALE): draw figures given by hand.
+state.draw = (f) => draw(f);
 
 async function api(path, opts = {}) {
   const r = await fetch(path, { credentials: "same-origin", ...opts });
@@ -53,8 +55,51 @@ function failuresText(f) {
   return parts.join(", ") || "-";
 }
 
-function drawTopology(edges) {
+// Beyond this many workloads the topology draws groups (environment and namespace) and
+// the edges between them; a click on a group's edge lists its least healthy members.
+const MAX_NODES = 60;
+const MAX_EDGES = 80;
+
+function groupOf(workload, env) {
+  return `${workload.split("/")[0]} · ${env || "unknown"}`;
+}
+
+function aggregate(edges) {
+  const groups = new Map();
+  for (const e of edges) {
+    const src = groupOf(e.src, e.src_environment), dst = groupOf(e.dst, e.dst_environment);
+    const k = `${src}\u0000${dst}`;
+    let g = groups.get(k);
+    if (!g) {
+      g = { src, dst, src_environment: e.src_environment, dst_environment: e.dst_environment, rps: 0, requests: 0, ok: 0,
+            latency_ms: { p50: null, p99: null }, failures: { network: [], application: [], policy: [], client: [] }, members: [], mtls: true };
+      groups.set(k, g);
+    }
+    g.rps += e.rps;
+    g.requests += e.requests;
+    g.ok += e.success == null ? 0 : e.success * e.requests;
+    g.mtls = g.mtls && e.mtls;
+    for (const q of ["p50", "p99"]) {
+      const v = e.latency_ms && e.latency_ms[q];
+      if (v != null && (g.latency_ms[q] == null || v > g.latency_ms[q])) g.latency_ms[q] = v;
+    }
+    g.members.push(e);
+  }
+  return [...groups.values()].map((g) => ({ ...g, success: g.requests ? g.ok / g.requests : null }));
+}
+
+function drawTopology(all) {
   const svg = $("topology");
+  const workloads = new Set(all.flatMap((e) => [e.src, e.dst]));
+  const grouped = workloads.size > MAX_NODES;
+  let edges = grouped ? aggregate(all) : all;
+  // At most MAX_EDGES drawn: the least healthy first, then the busiest.
+  state.hidden = Math.max(0, edges.length - MAX_EDGES);
+  if (state.hidden) {
+    edges = [...edges].sort((a, b) => (a.success ?? 1) - (b.success ?? 1) || b.rps - a.rps).slice(0, MAX_EDGES);
+  }
+  state.shown = edges;
+  state.grouped = grouped ? workloads.size : 0;
   const envs = {};
   const place = (name, env) => {
     env = env || "unknown";
@@ -77,7 +122,7 @@ function drawTopology(edges) {
     envs[env].forEach((w, j) => {
       const y = top + j * rowH;
       pos[w] = { x: x + 20, y, w: colW - 60 };
-      html += `<g class="node" data-workload="${esc(w)}"><rect x="${x + 20}" y="${y}" width="${colW - 60}" height="30" rx="4"></rect>` +
+      html += `<g class="node" ${grouped ? "data-group" : "data-workload"}="${esc(w)}"><rect x="${x + 20}" y="${y}" width="${colW - 60}" height="30" rx="4"></rect>` +
         `<text x="${x + 28}" y="${y + 19}">${esc(w)}</text></g>`;
     });
   });
@@ -101,8 +146,8 @@ function drawTopology(edges) {
   svg.setAttribute("height", String(deepest + 30));
   svg.setAttribute("width", String(Math.max(960, names.length * colW + 20)));
   svg.innerHTML = html;
-  svg.querySelectorAll(".edge").forEach((p) => p.addEventListener("click", () => showEdge(state.edges[+p.dataset.edge])));
-  svg.querySelectorAll(".node").forEach((g) => g.addEventListener("click", () => showWorkload(g.dataset.workload)));
+  svg.querySelectorAll(".edge").forEach((p) => p.addEventListener("click", () => showEdge(state.shown[+p.dataset.edge])));
+  svg.querySelectorAll(".node[data-workload]").forEach((g) => g.addEventListener("click", () => showWorkload(g.dataset.workload)));
 }
 
 // A workload: its proxy (config in step or refused, certificate), its edges both ways, and
@@ -139,6 +184,12 @@ async function showWorkload(name) {
 }
 
 function showEdge(e) {
+  if (e.members) {
+    const worst = [...e.members].sort((a, b) => (a.success ?? 1) - (b.success ?? 1) || b.rps - a.rps).slice(0, 10);
+    $("edge-detail").textContent = `${e.src} → ${e.dst}: ${e.members.length} edges, ${e.requests} requests, success ${pct(e.success)}, p99 ≤ ${ms(e.latency_ms.p99)}\n` +
+      `least healthy:\n` + worst.map((m) => `  ${m.src} → ${m.dst}: ${pct(m.success)} · ${m.rps.toFixed(1)} rps · p99 ${ms(m.latency_ms && m.latency_ms.p99)} · ${failuresText(m.failures)}`).join("\n");
+    return;
+  }
   const mine = state.verdicts.filter((v) => JSON.stringify(v.place).includes(`"${e.dst}"`) || JSON.stringify(v.place).includes(`"${e.src}"`));
   let text = `${e.src} (${e.src_environment}) → ${e.dst} (${e.dst_environment})\n`;
   text += `identities: ${e.src_identity || "-"} → ${e.dst_identity || "-"} · mTLS ${e.mtls ? "yes" : "no"}\n`;
@@ -307,6 +358,8 @@ function draw(f) {
   if (state.service) showService(state.service);
   if (state.workload) showWorkload(state.workload);
   $("summary").textContent = `${f.stat.length} services · ${f.edges.length} edges · ${f.diagnose.verdicts.length} problems` +
+    (state.grouped ? ` · ${state.grouped} workloads, drawn by namespace and environment` : "") +
+    (state.hidden ? ` · ${state.hidden} healthy edges not drawn` : "") +
     (f.partial ? ` · ${f.partial}` : "");
 }
 
