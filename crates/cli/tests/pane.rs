@@ -1,7 +1,9 @@
 //! The single pane in a real browser (Debian's chromium through chromedriver): sign-in with
-//! the admin token, the fleet's topology with its edges, the problems `diagnose` finds, the
-//! services' figures, and a traffic shift confirmed in a dialog and applied through the API.
-//! The session cookie's flags and the Host check (DNS rebinding) are checked over raw HTTP.
+//! the admin token, the fleet's topology with its edges, a workload's view, the problems
+//! `diagnose` finds, the services' figures and a service's view over time, a live tap, a
+//! traffic shift confirmed in a dialog and applied through the API, and the page as a
+//! read-only token sees it. The session cookie's flags, sign-in links, read-only tokens and
+//! the Host check (DNS rebinding) are checked over raw HTTP.
 //!
 //! The mesh: `test/shop` (bare metal) calls `catalog.test`, whose route splits it between
 //! `catalog-a` (the VM `test/catalog-vm`) and `catalog-b` (the container `test/catalog-ct`);
@@ -244,6 +246,30 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     assert!(routes.contains("catalog-a 50 / catalog-b 50"), "{routes}");
     let facts = wait_text(&browser, "#service-facts", "requests").await;
     assert!(facts.contains("mutual TLS STRICT"), "{facts}");
+    // Live tap from the page, on the service just opened: requests show as they happen.
+    let start = browser.find("#tap-start").await.unwrap();
+    browser.click(&start).await.unwrap();
+    wait_text(&browser, "#tap-status", "tapping").await;
+    let row = eventually(
+        "a tapped request in the page",
+        Duration::from_secs(20),
+        async || {
+            client::get_full(shop.outbound, "catalog.test", "/tapped", &[])
+                .await
+                .ok()?;
+            let id = browser.find("#tap tbody").await.ok()?;
+            let t = browser.text(&id).await.ok()?;
+            t.contains("/tapped").then_some(t)
+        },
+    )
+    .await;
+    assert!(
+        row.contains("test/shop") && row.contains("catalog.test/tapped 200 ok"),
+        "{row}"
+    );
+    let stop = browser.find("#tap-stop").await.unwrap();
+    browser.click(&stop).await.unwrap();
+    wait_text(&browser, "#tap-status", "stopped").await;
     if let Some(dir) = std::env::var_os("TRELLIS_SCREENSHOTS") {
         browser
             .eval("document.getElementById('service-view').scrollIntoView()")

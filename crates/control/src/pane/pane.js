@@ -252,6 +252,7 @@ function chart(svg, lines, from, to, unit) {
 
 async function showService(name) {
   state.service = name;
+  if (!$("tap-name").value) $("tap-name").value = name;
   const [ns, n] = name.split("/");
   try {
     drawService(await api(`/api/v1/services/${encodeURIComponent(ns)}/${encodeURIComponent(n)}/view?window=${encodeURIComponent($("window").value)}`));
@@ -438,6 +439,64 @@ $("signout").addEventListener("click", async () => {
   await fetch("/ui/session", { method: "DELETE", credentials: "same-origin" });
   showSignIn();
 });
+// Live tap: the API's stream of tapped requests (one JSON object a line), read as it comes;
+// the newest 200 rows are kept.
+async function startTap(ev) {
+  ev.preventDefault();
+  stopTap();
+  const q = new URLSearchParams({ kind: $("tap-kind").value, name: $("tap-name").value.trim(), max_rps: "50" });
+  for (const [id, key] of [["tap-method", "method"], ["tap-path", "path_prefix"], ["tap-class", "failure_class"]]) {
+    const v = $(id).value.trim();
+    if (v) q.set(key, v);
+  }
+  const ctl = new AbortController();
+  state.tap = ctl;
+  $("tap-stop").disabled = false;
+  $("tap-status").textContent = "tapping…";
+  $("tap").querySelector("tbody").innerHTML = "";
+  try {
+    const r = await fetch(`/api/v1/tap?${q}`, { credentials: "same-origin", signal: ctl.signal });
+    if (!r.ok) throw new Error((await r.text()) || r.status);
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        if (line.trim()) tapRow(JSON.parse(line));
+      }
+    }
+    $("tap-status").textContent = "ended";
+  } catch (e) {
+    $("tap-status").textContent = e.name === "AbortError" ? "stopped" : `error: ${e.message}`;
+  }
+  $("tap-stop").disabled = true;
+}
+
+function stopTap() {
+  if (state.tap) state.tap.abort();
+  state.tap = null;
+}
+
+function tapRow(e) {
+  const body = $("tap").querySelector("tbody");
+  const tr = document.createElement("tr");
+  const src = e.src_workload || e.src_identity || (e.direction === "outbound" ? "(its proxy)" : "-");
+  const dst = [e.dst_service, e.dst_workload].filter(Boolean).join(" @ ");
+  tr.className = e.class === "ok" ? "" : "bad";
+  tr.innerHTML = `<td>${new Date().toLocaleTimeString()}</td><td>${esc(e.direction)}</td><td>${esc(src)}</td><td>${esc(dst)}</td>` +
+    `<td>${esc(e.method)} ${esc(e.authority)}${esc(e.path)}</td><td>${esc(e.status)}</td><td>${esc(e.class)}</td>` +
+    `<td>${ms(e.latency_ms)}</td><td>${esc(e.attempts)}</td><td>${esc(e.trace_id || "")}</td>`;
+  body.prepend(tr);
+  while (body.rows.length > 200) body.deleteRow(body.rows.length - 1);
+}
+
+$("tap-form").addEventListener("submit", startTap);
+$("tap-stop").addEventListener("click", stopTap);
 $("window").addEventListener("change", refresh);
 $("ns").addEventListener("change", refresh);
 showPane();
