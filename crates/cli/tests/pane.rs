@@ -315,17 +315,21 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
         assert!(url.as_str().unwrap().starts_with(&origin), "{url}");
     }
 
-    // Shift everything to catalog-b: the page asks, the API applies.
-    let b = browser
-        .find(r#"form.route input[name="catalog-b"]"#)
-        .await
-        .unwrap();
-    browser.type_into(&b, "100").await.unwrap();
-    let a = browser
-        .find(r#"form.route input[name="catalog-a"]"#)
-        .await
-        .unwrap();
-    browser.type_into(&a, "0").await.unwrap();
+    // Shift everything to catalog-b with the sliders: the page asks, the API applies.
+    for (backend, weight) in [("catalog-b", 100), ("catalog-a", 0)] {
+        browser
+            .eval(&format!(
+                r#"const i = document.querySelector('form.route input[name="{backend}"]'); i.value = {weight}; i.dispatchEvent(new Event('input', {{bubbles: true}}));"#
+            ))
+            .await
+            .unwrap();
+    }
+    let shown = browser.find("form.route").await.unwrap();
+    let shown = browser.text(&shown).await.unwrap();
+    assert!(
+        shown.contains("catalog-a 0") && shown.contains("catalog-b 100"),
+        "{shown}"
+    );
     let go = browser.find("form.route button").await.unwrap();
     browser.click(&go).await.unwrap();
     let asked = eventually("the confirmation", Duration::from_secs(5), async || {

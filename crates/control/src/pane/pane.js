@@ -322,9 +322,17 @@ async function drawRoutes() {
     const id = `${r.metadata.namespace}/${r.metadata.name}`;
     const rule = r.spec.rules.find((rule) => (rule.backendRefs || []).length > 1);
     return `<form class="route" data-route="${i}"><b>${esc(id)}</b> ` +
-      rule.backendRefs.map((b, j) => `${esc(b.name)} <input class="weight" data-backend="${j}" name="${esc(b.name)}" type="number" min="0" max="1000" value="${b.weight ?? 1}" size="4">`).join(" ") +
+      rule.backendRefs.map((b, j) => {
+        const w = b.weight ?? 1;
+        return `<label>${esc(b.name)} <input class="weight" data-backend="${j}" name="${esc(b.name)}" type="range" min="0" max="${Math.max(100, w)}" value="${w}">` +
+          ` <output>${w}</output></label>`;
+      }).join(" ") +
       ` <button type="submit">shift</button></form>`;
   }).join("") || "<p>No route splits traffic between backends.</p>";
+  // A slider shows its weight as it moves; nothing is sent before the confirmation.
+  document.querySelectorAll("form.route input.weight").forEach((i) => i.addEventListener("input", () => {
+    i.nextElementSibling.textContent = i.value;
+  }));
   document.querySelectorAll("form.route").forEach((f) => f.addEventListener("submit", (ev) => {
     ev.preventDefault();
     shift(weighted[+f.dataset.route], f);
