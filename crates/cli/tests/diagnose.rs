@@ -31,6 +31,7 @@ fn mesh(
     };
     [
         svc("ok", "peer"),
+        svc("sluggish", "peer"),
         svc("down", "peer"),
         svc("errors", "peer"),
         svc("slow", "peer"),
@@ -41,9 +42,10 @@ fn mesh(
         svc("boxed", "box"),
         svc("client", "client"),
         format!(
-            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer, tier: backend }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  locality: {{ region: eu, zone: eu-1 }}\n  ports: {{ ok: {}, spare: {}, down: {}, errors: {}, slow: {}, walled: {} }}\n",
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer, tier: backend }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  locality: {{ region: eu, zone: eu-1 }}\n  ports: {{ ok: {}, spare: {}, sluggish: {}, down: {}, errors: {}, slow: {}, walled: {} }}\n",
             ok.port(),
             ok.port(),
+            slow.port(),
             down.port(),
             errors.port(),
             slow.port(),
@@ -152,6 +154,18 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     )
     .await;
 
+    // Slow but not failing (2 s, no route timeout): three at once, while the rest runs.
+    let sluggish: Vec<_> = (0..3)
+        .map(|_| {
+            let to = caller.outbound;
+            tokio::spawn(async move {
+                client::get_full(to, "sluggish.test", "/", &[])
+                    .await
+                    .unwrap()
+                    .status
+            })
+        })
+        .collect();
     // Load on every service at once.
     let mut expect = Vec::new();
     for (svc, n, status) in [
@@ -174,6 +188,9 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
         expect.push(svc);
     }
 
+    for s in sluggish {
+        assert_eq!(s.await.unwrap(), 200, "slow, not failed");
+    }
     let v = eventually(
         "a verdict for each fault",
         Duration::from_secs(20),
@@ -211,7 +228,8 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
                 && whole("test/walled", "caller_saw", "denied", 4)
                 && whole("test/slow", "callee_saw", "client_disconnect", 4)
                 && whole("test/far", "caller_saw", "connect_refused", 4)
-                && !verdicts_about(&v, "test/spare").is_empty();
+                && !verdicts_about(&v, "test/spare").is_empty()
+                && !verdicts_about(&v, "test/sluggish").is_empty();
             done.then_some(v)
         },
     )
@@ -301,6 +319,20 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
         "{x:#}"
     );
     assert_eq!(x["traces"][0].as_str().map(str::len), Some(32), "{x:#}");
+    // Slow but answering: listed at both ends by attempt id, slow at the callee too, so the
+    // application's (part of the same verdict on test/peer as the timeouts).
+    let x = one("test/sluggish");
+    assert_eq!(
+        (x["cause"].as_str(), place(x).1.as_str()),
+        (Some("application"), "test/peer"),
+        "{x:#}"
+    );
+    assert!(
+        x["evidence"]
+            .to_string()
+            .contains("timed 3 of 3 of them as slow too"),
+        "{x:#}"
+    );
     // Denied by the mesh, with the policy named.
     let x = one("test/walled");
     assert_eq!(x["cause"], "mesh_policy", "{x:#}");
@@ -393,6 +425,30 @@ async fn slow_hop(target: SocketAddr, delay: Duration) -> SocketAddr {
 
 #[tokio::test]
 async fn time_lost_between_the_two_proxies_is_the_link_even_when_nothing_fails() {
+    // The medians of both ends: 80 ms more at the caller.
+    let v = slow_link(Duration::from_millis(80), 25).await;
+    assert!(
+        v["evidence"]
+            .to_string()
+            .contains("between the two proxies"),
+        "{v:#}"
+    );
+}
+
+#[tokio::test]
+async fn requests_slow_only_at_the_caller_lost_their_time_on_the_link() {
+    // Listed one by one at both ends (a second or more): slow at the caller, quick at the
+    // callee, by their attempt ids.
+    let v = slow_link(Duration::from_millis(1100), 4).await;
+    let ev = v["evidence"].to_string();
+    assert!(ev.contains("took 1000 ms or more"), "{v:#}");
+    assert!(ev.contains("timed only 0 of"), "{v:#}");
+    assert_eq!(v["traces"].as_array().map(Vec::len), Some(3), "{v:#}");
+}
+
+/// `n` requests from a caller to a callee whose inbound is behind a hop that holds each
+/// chunk `delay`: the verdict on the link `diagnose` gives.
+async fn slow_link(delay: Duration, n: usize) -> Value {
     let ok = upstream::named("ok").await;
     let cp = ControlProcess::start(BIN, &[]);
     let mesh = |inbound: u16| {
@@ -413,8 +469,8 @@ async fn time_lost_between_the_two_proxies_is_the_link_even_when_nothing_fails()
     };
     let callee = join("beta", "test/peer");
     callee.wait_ready().await;
-    // Callers reach the callee's proxy through a link that adds 80 ms on the way there.
-    let hop = slow_hop(callee.inbound, Duration::from_millis(80)).await;
+    // Callers reach the callee's proxy through a link that adds `delay` on the way there.
+    let hop = slow_hop(callee.inbound, delay).await;
     apply_ok(&cp, mesh(hop.port())).await;
     let caller = join("client", "test/client");
     caller.wait_ready().await;
@@ -429,7 +485,7 @@ async fn time_lost_between_the_two_proxies_is_the_link_even_when_nothing_fails()
         },
     )
     .await;
-    for _ in 0..25 {
+    for _ in 0..n {
         let r = client::get_full(caller.outbound, "ok.test", "/", &[])
             .await
             .unwrap();
@@ -467,11 +523,6 @@ async fn time_lost_between_the_two_proxies_is_the_link_even_when_nothing_fails()
         "{v:#}"
     );
     assert!(v["problem"].as_str().unwrap().contains("slow"), "{v:#}");
-    assert!(
-        v["evidence"]
-            .to_string()
-            .contains("between the two proxies"),
-        "{v:#}"
-    );
     assert_eq!(v["failed"], 0, "nothing failed: {v:#}");
+    v
 }

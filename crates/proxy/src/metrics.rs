@@ -161,6 +161,8 @@ pub(crate) struct Metrics {
     pub(crate) tcp_summary: Arc<Mutex<TcpSummary>>,
     /// The period's failed requests, one by one (bounded).
     pub(crate) failed: Arc<Mutex<FailedAttempts>>,
+    /// The period's slow requests (not failed), one by one (bounded alike).
+    pub(crate) slow: Arc<Mutex<FailedAttempts>>,
     /// The period's ejections by outlier detection, and endpoints let back in early.
     pub(crate) ejections_told: Arc<Mutex<Vec<trellis_telemetry::report::Ejection>>>,
     /// Whether periods are summed up for reports (a proxy that reports to a control plane).
@@ -247,6 +249,7 @@ impl Metrics {
             request_cache: Arc::default(),
             tcp_summary: Arc::default(),
             failed: Arc::default(),
+            slow: Arc::default(),
             ejections_told: Arc::default(),
             summaries: false,
         };

@@ -137,6 +137,7 @@ impl Reporter {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
+        let slow = std::mem::take(&mut *metrics.slow.lock().unwrap_or_else(|p| p.into_inner()));
         if period.series.is_empty() && ejections.is_empty() {
             return;
         }
@@ -176,6 +177,8 @@ impl Reporter {
             }),
             sent_ms: 0,
             attempts_below: failed.below(),
+            slow_below: slow.below(),
+            slow: slow.items,
             ejections,
             attempts: failed.items,
             attempts_dropped: failed.dropped,

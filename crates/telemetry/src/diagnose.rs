@@ -15,6 +15,8 @@
 //!   that callee are fine, the callee's host when every caller fails;
 //! - requests that take far longer at the caller than at the callee spend the difference
 //!   between the two proxies → a slow link (or the callee's host, when every caller waits);
+//! - requests that did not fail but took a second or more, listed at both ends: slow at the
+//!   callee too → the application; quick at the callee → the link;
 //! - TLS failures → the two identities and which side refused;
 //! - denied or overloaded → the mesh's policy (the policies that target the service);
 //! - no endpoint, no route, a refused config, an unresolved reference → configuration, or the
@@ -804,6 +806,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
     //    and the time requests spend between the two proxies of a hop.
     link_figures(&mut found, w);
     latency_gaps(&mut found, w);
+    slow_lists(&mut found, w);
 
     // 4. What the control plane knows of the configuration.
     for (who, why) in &facts.refused {
@@ -1219,6 +1222,114 @@ fn latency_gaps(found: &mut Found, w: &Window) {
                 g.caller, g.callee, g.callee
             ),
         );
+    }
+}
+
+/// Slow requests a caller listed, at least this many, make a verdict.
+const SLOW_MIN: usize = 3;
+
+/// Requests that did not fail but took a second or more, listed one by one at both ends of
+/// a hop: those the callee's proxy timed as slow too are its application's; those it timed
+/// as quick lost their time between the two proxies (a retransmitted SYN or segment, a
+/// queue on the way), which medians miss when it is only the tail.
+fn slow_lists(found: &mut Found, w: &Window) {
+    let mut by: BTreeMap<(&str, &str, &str), Vec<&crate::report::Attempt>> = BTreeMap::new();
+    for a in w.slow.iter().filter(|a| a.attempt.direction == 0) {
+        by.entry((&*a.reporter, &a.attempt.service, &a.attempt.peer_workload))
+            .or_default()
+            .push(&a.attempt);
+    }
+    let empty = BTreeMap::new();
+    for ((caller, svc, callee), mine) in by {
+        if mine.len() < SLOW_MIN || callee.is_empty() {
+            continue;
+        }
+        let theirs: Vec<&FailedAttempt> = w
+            .slow
+            .iter()
+            .filter(|a| &*a.reporter == callee && a.attempt.direction == 1)
+            .map(|a| &**a)
+            .collect();
+        let below = theirs
+            .iter()
+            .map(|a| a.listed_below)
+            .min()
+            .unwrap_or(u64::MAX);
+        let ids: BTreeSet<u64> = theirs
+            .iter()
+            .filter(|a| a.attempt.peer_workload == caller)
+            .map(|a| a.attempt.id)
+            .collect();
+        let comparable: Vec<&&crate::report::Attempt> =
+            mine.iter().filter(|a| a.id != 0 && a.id <= below).collect();
+        if comparable.is_empty() {
+            continue;
+        }
+        let slow_there = comparable.iter().filter(|a| ids.contains(&a.id)).count();
+        let worst = mine.iter().map(|a| a.latency_ms).max().unwrap_or(0);
+        let (from, to) = (end_of(w, caller), end_of(w, callee));
+        let head = format!(
+            "{} of {caller}'s requests to {callee} took {} ms or more, the slowest {worst} ms (none failed)",
+            mine.len(),
+            crate::report::SLOW_MS
+        );
+        let v = if slow_there * 2 >= comparable.len() {
+            found.add(
+                Cause::Application,
+                "slow",
+                Place::Workload { at: to.clone() },
+                svc,
+                format!("the application of {callee} is slow"),
+                0,
+                &empty,
+                &empty,
+                vec![
+                    head,
+                    format!(
+                        "by attempt id: {callee}'s proxy timed {slow_there} of {} of them as slow too: the time is its application's",
+                        comparable.len()
+                    ),
+                ],
+                format!("why is the application of {callee} slow (its load, what it waits on)?"),
+            )
+        } else {
+            found.add(
+                Cause::Network,
+                "latency",
+                Place::Link {
+                    from: from.clone(),
+                    to: to.clone(),
+                },
+                svc,
+                format!(
+                    "the network between {} and {} is slow",
+                    named(&from),
+                    named(&to)
+                ),
+                0,
+                &empty,
+                &empty,
+                vec![
+                    head,
+                    format!(
+                        "by attempt id: {callee}'s proxy timed only {slow_there} of {} of them as slow: the rest of the time was spent between the two proxies",
+                        comparable.len()
+                    ),
+                ],
+                format!(
+                    "check the path between the hosts of {caller} and {callee}: retransmissions (ss -ti), a saturated link or queue"
+                ),
+            )
+        };
+        for a in mine.iter().rev().take(TRACES) {
+            if v.traces.len() < TRACES && !v.traces.contains(&a.trace_id) {
+                v.traces.push(a.trace_id.clone());
+            }
+        }
+        for a in &mine {
+            v.first_ms = Some(v.first_ms.map_or(a.at_ms, |f| f.min(a.at_ms)));
+            v.last_ms = Some(v.last_ms.map_or(a.at_ms, |l| l.max(a.at_ms)));
+        }
     }
 }
 

@@ -87,6 +87,14 @@ pub struct Report {
     /// Endpoints this proxy's outlier detection ejected in the period, or let back in.
     #[prost(message, repeated, tag = "18")]
     pub ejections: Vec<Ejection>,
+    /// Requests of the period that did not fail but took [`SLOW_MS`] or more (outbound:
+    /// their last try; inbound: this proxy's own time), one by one with their attempt id,
+    /// sampled as `attempts` are.
+    #[prost(message, repeated, tag = "19")]
+    pub slow: Vec<Attempt>,
+    /// As `attempts_below`, for `slow`.
+    #[prost(fixed64, tag = "20")]
+    pub slow_below: u64,
     /// The kernel's TCP figures of this proxy's upstream links at the period's end (its
     /// connections to each endpoint), so that loss or latency shows even when no request
     /// fails.
@@ -150,6 +158,11 @@ pub struct Attempt {
     #[prost(uint32, tag = "9")]
     pub latency_ms: u32,
 }
+
+/// A request this long (ms) or longer is listed as slow, at both ends of a hop alike (so
+/// that the two lists join: a slow request only the caller listed lost its time between
+/// the two proxies).
+pub const SLOW_MS: u32 = 1_000;
 
 /// An endpoint a proxy's outlier detection ejected, or let back in before its time (its
 /// health check passed again). One that is simply let back when its time is up is not

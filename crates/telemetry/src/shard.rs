@@ -44,6 +44,9 @@ pub struct Shard {
     /// Ejections the reporters told.
     #[prost(message, repeated, tag = "8")]
     pub ejections: Vec<ShardEjection>,
+    /// Slow requests listed one by one.
+    #[prost(message, repeated, tag = "9")]
+    pub slow: Vec<ShardAttempt>,
 }
 
 /// An ejection of a shard, with who told it.
@@ -269,16 +272,18 @@ impl Shard {
             })
             .collect();
         identities.sort_by(|a, b| a.workload.cmp(&b.workload));
-        let attempts = w
-            .attempts
-            .iter()
-            .map(|a| ShardAttempt {
-                reporter: a.reporter.to_string(),
-                received_ms: a.received_ms,
-                attempt: Some(a.attempt.clone()),
-                listed_below: a.listed_below,
-            })
-            .collect();
+        let listed = |v: &[Arc<FailedAttempt>]| -> Vec<ShardAttempt> {
+            v.iter()
+                .map(|a| ShardAttempt {
+                    reporter: a.reporter.to_string(),
+                    received_ms: a.received_ms,
+                    attempt: Some(a.attempt.clone()),
+                    listed_below: a.listed_below,
+                })
+                .collect()
+        };
+        let attempts = listed(&w.attempts);
+        let slow = listed(&w.slow);
         let links = w
             .links
             .iter()
@@ -313,6 +318,7 @@ impl Shard {
             links,
             reporting,
             ejections,
+            slow,
         }
     }
 
@@ -374,24 +380,27 @@ impl Shard {
             .into_iter()
             .map(|i| (i.workload, i.identity))
             .collect();
-        let attempts = self
-            .attempts
-            .into_iter()
-            .filter_map(|a| {
-                Some(Arc::new(FailedAttempt {
-                    reporter: a.reporter.into(),
-                    received_ms: a.received_ms,
-                    attempt: a.attempt?,
-                    listed_below: a.listed_below,
-                }))
-            })
-            .collect();
+        let listed = |v: Vec<ShardAttempt>| -> Vec<Arc<FailedAttempt>> {
+            v.into_iter()
+                .filter_map(|a| {
+                    Some(Arc::new(FailedAttempt {
+                        reporter: a.reporter.into(),
+                        received_ms: a.received_ms,
+                        attempt: a.attempt?,
+                        listed_below: a.listed_below,
+                    }))
+                })
+                .collect()
+        };
+        let attempts = listed(self.attempts);
+        let slow = listed(self.slow);
         Ok((
             Window {
                 series,
                 latency,
                 from_ms: self.from_ms,
                 attempts,
+                slow,
                 links: self
                     .links
                     .into_iter()
@@ -445,6 +454,8 @@ impl Window {
         self.links.extend(other.links);
         self.reporting.extend(other.reporting);
         self.ejections.extend(other.ejections);
+        self.slow.extend(other.slow);
+        self.slow.sort_by_key(|a| a.received_ms);
         self.ejections.sort_by_key(|e| e.received_ms);
         self.attempts.sort_by_key(|a| a.received_ms);
         if self.from_ms == 0 || (other.from_ms != 0 && other.from_ms < self.from_ms) {

@@ -214,6 +214,10 @@ pub struct FailedAttempt {
 
 /// Failed requests kept one by one, the newest at most.
 pub const ATTEMPTS_KEPT: usize = 20_000;
+/// Slow requests kept one by one, the newest at most.
+pub const SLOW_KEPT: usize = 10_000;
+/// Slow requests taken from one report at most (a proxy lists 64).
+const SLOW_PER_REPORT: usize = 64;
 /// Ejections kept, the newest at most.
 pub const EJECTIONS_KEPT: usize = 5_000;
 /// Ejections taken from one report at most (a proxy lists 64).
@@ -243,6 +247,8 @@ pub struct Window {
     /// Endpoints ejected (or let back in) by the proxies' outlier detection in the window,
     /// oldest first.
     pub ejections: Vec<Arc<Ejected>>,
+    /// Slow requests (not failed) listed one by one in the window (newest last).
+    pub slow: Vec<Arc<FailedAttempt>>,
     /// Series and their counts.
     pub series: Vec<(Arc<Key>, Counts)>,
     /// Latency groups and their histograms.
@@ -258,6 +264,7 @@ pub struct Store {
     attempts: std::collections::VecDeque<Arc<FailedAttempt>>,
     attempts_dropped: u64,
     ejections: std::collections::VecDeque<Arc<Ejected>>,
+    slow: std::collections::VecDeque<Arc<FailedAttempt>>,
     series: FxMap<Arc<Key>, Slots<Counts>>,
     latency: FxMap<Arc<LatKey>, Slots<Histogram>>,
     totals: FxMap<TotalKey, Totals>,
@@ -288,6 +295,7 @@ impl Store {
             attempts: Default::default(),
             attempts_dropped: 0,
             ejections: Default::default(),
+            slow: Default::default(),
             strings: FxSet::default(),
             bytes: 0,
             held_from_ms: 0,
@@ -421,6 +429,21 @@ impl Store {
                 received_ms: now_ms,
                 attempt: a.clone(),
                 listed_below,
+            }));
+        }
+        let slow_below = match r.slow_below {
+            0 => u64::MAX,
+            t => t,
+        };
+        for a in r.slow.iter().take(SLOW_PER_REPORT) {
+            if self.slow.len() == SLOW_KEPT {
+                self.slow.pop_front();
+            }
+            self.slow.push_back(Arc::new(FailedAttempt {
+                reporter: name.clone(),
+                received_ms: now_ms,
+                attempt: a.clone(),
+                listed_below: slow_below,
             }));
         }
         for e in r.ejections.iter().take(EJECTIONS_PER_REPORT) {
@@ -770,6 +793,14 @@ impl Store {
             .cloned()
             .collect();
         out.attempts.reverse();
+        out.slow = self
+            .slow
+            .iter()
+            .rev()
+            .take_while(|a| a.received_ms >= out.from_ms)
+            .cloned()
+            .collect();
+        out.slow.reverse();
         out.ejections = self
             .ejections
             .iter()

@@ -248,7 +248,11 @@ fn labels(l: &HttpLine, status: u16, class: FailureClass) -> RequestLabels {
 }
 
 /// A failed request (or, inbound, one its caller gave up on) joins the period's list, with
-/// the id of its attempt: the control plane joins the caller's entry with the callee's.
+/// the id of its attempt: the control plane joins the caller's entry with the callee's. One
+/// that did not fail but took [`SLOW_MS`] or more (outbound: its last try; inbound: this
+/// proxy's own time) joins the list of slow ones, to be joined the same way.
+///
+/// [`SLOW_MS`]: trellis_telemetry::report::SLOW_MS
 fn note_failed(t: &Telemetry, l: &HttpLine, peer: &PeerKey, total: std::time::Duration) {
     let gave_up = l.direction == Direction::inbound && l.class == FailureClass::ClientDisconnect;
     let failed = !matches!(
@@ -257,6 +261,14 @@ fn note_failed(t: &Telemetry, l: &HttpLine, peer: &PeerKey, total: std::time::Du
     );
     if failed || gave_up {
         list_failed(t, l, peer, l.class, l.status, total);
+        return;
+    }
+    let took = match l.direction {
+        Direction::outbound => total.saturating_sub(l.try_start),
+        Direction::inbound => total,
+    };
+    if took.as_millis() >= u128::from(trellis_telemetry::report::SLOW_MS) {
+        list(&t.metrics.slow, l, peer, l.class, l.status, took);
     }
 }
 
@@ -264,6 +276,18 @@ fn note_failed(t: &Telemetry, l: &HttpLine, peer: &PeerKey, total: std::time::Du
 /// attempts, as ending with `class` and `status` after `took`.
 fn list_failed(
     t: &Telemetry,
+    l: &HttpLine,
+    peer: &PeerKey,
+    class: FailureClass,
+    status: u16,
+    took: std::time::Duration,
+) {
+    list(&t.metrics.failed, l, peer, class, status, took);
+}
+
+/// Put the current try (outbound) or the caller's (inbound) on `to`.
+fn list(
+    to: &std::sync::Mutex<crate::summary::FailedAttempts>,
     l: &HttpLine,
     peer: &PeerKey,
     class: FailureClass,
@@ -287,11 +311,7 @@ fn list_failed(
             .map_or(0, |d| d.as_millis() as u64),
         latency_ms: took.as_millis().min(u128::from(u32::MAX)) as u32,
     };
-    t.metrics
-        .failed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(a);
+    to.lock().unwrap_or_else(|p| p.into_inner()).push(a);
 }
 
 impl OnEnd for Record {

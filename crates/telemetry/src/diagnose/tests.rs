@@ -851,3 +851,51 @@ fn time_spent_between_two_proxies_is_latency_on_that_link_or_at_the_callees_host
     ];
     assert!(run(&win, &Facts::default()).is_empty());
 }
+
+#[test]
+fn slow_requests_slow_at_the_callee_are_its_application_and_quick_there_the_link() {
+    let slow = |reporter: &str, direction: u32, id: u64, peer: &str, ms: u32| {
+        let mut a = (*listed(reporter, direction, id, peer, F::Ok)).clone();
+        a.attempt.latency_ms = ms;
+        a.attempt.at_ms = 1_000 * id;
+        Arc::new(a)
+    };
+    // shop's four slow requests to catalog-vm: the VM's proxy timed them slow too.
+    let mut win = window(healthy());
+    win.slow = (1..=4)
+        .map(|id| slow("test/shop", 0, id, "test/catalog-vm", 1_500))
+        .chain((1..=4).map(|id| slow("test/catalog-vm", 1, id, "test/shop", 1_450)))
+        .collect();
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(
+        (v[0].cause, workload_of(&v[0])),
+        (Cause::Application, "test/catalog-vm")
+    );
+    assert!(
+        v[0].evidence.iter().any(
+            |e| e.contains("4 of test/shop's requests to test/catalog-vm took 1000 ms or more")
+        ),
+        "{v:#?}"
+    );
+    assert_eq!((v[0].first_ms, v[0].last_ms), (Some(1_000), Some(4_000)));
+    assert_eq!(v[0].traces.len(), 3);
+    // The same requests quick at the callee: their time went between the proxies.
+    win.slow.truncate(4);
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Network);
+    assert!(
+        matches!(&v[0].place, Place::Link { to, .. } if to.workload == "test/catalog-vm"),
+        "{v:#?}"
+    );
+    assert!(
+        v[0].evidence
+            .iter()
+            .any(|e| e.contains("timed only 0 of 4")),
+        "{v:#?}"
+    );
+    // Two are too few to say.
+    win.slow.truncate(2);
+    assert!(run(&win, &Facts::default()).is_empty());
+}
