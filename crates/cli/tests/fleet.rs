@@ -16,7 +16,10 @@
 //!    event) and the client's proxy stops using it;
 //! 5. the link to the VM is cut (iptables DROP): with no other endpoint, the failures are
 //!    classified as network (`upstream_timeout` on the pooled connection, `connect_timeout`
-//!    on a new one).
+//!    on a new one);
+//! 6. the link to the VM rejects (iptables REJECT with a TCP reset on the client's host):
+//!    `diagnose` names the network on that link, not the VM's host, whose proxy goes on
+//!    reporting.
 //!
 //! The sixth scenario, an agent restarting with its stored identity and no token, is in
 //! tests/capture.rs (a host) and tests/containers.rs (a container).
@@ -43,6 +46,26 @@ impl RealFleet<'_> {
     fn drop_rule(&self, op: &str) {
         let vm = self.vm.ip.to_string();
         let rule = ["iptables", op, "OUTPUT", "-d", &vm, "-j", "DROP"];
+        assert!(self.bed.run(self.client, &rule).0);
+    }
+
+    /// Insert (`-I`) or delete (`-D`) the client host's rule that answers TCP to the VM's
+    /// address with a reset.
+    fn reject_rule(&self, op: &str) {
+        let vm = self.vm.ip.to_string();
+        let rule = [
+            "iptables",
+            op,
+            "OUTPUT",
+            "-d",
+            &vm,
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ];
         assert!(self.bed.run(self.client, &rule).0);
     }
 }
@@ -143,5 +166,45 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
         podman: &podman,
     };
     fleet_scenarios(&mut fleet, &cp).await;
+
+    // 6. The link rejects: the client's connects to the VM are reset by its own host's
+    //    rule. The VM's proxy goes on reporting over its own path, so the verdict is the
+    //    link's, with the evidence that the VM's host is up.
+    fleet.reject_rule("-I");
+    let verdict = eventually(
+        "diagnose names the rejecting link to the VM",
+        Duration::from_secs(30),
+        async || {
+            fleet.get("/").await;
+            let (_, v) = cp
+                .call(
+                    http::Method::GET,
+                    "/api/v1/diagnose?namespace=test&window=20s",
+                    "",
+                    None,
+                )
+                .await;
+            v["verdicts"]
+                .as_array()?
+                .iter()
+                .find(|x| {
+                    x["cause"] == "network"
+                        && x["place"]["kind"] == "link"
+                        && x["place"]["to"]["workload"] == "test/catalog-vm"
+                        && (x["caller_saw"]["connect_refused"].as_u64() > Some(0)
+                            || x["caller_saw"]["connection_reset"].as_u64() > Some(0))
+                })
+                .cloned()
+        },
+    )
+    .await;
+    let (_, proxies) = cp
+        .call(http::Method::GET, "/api/v1/proxies", "", None)
+        .await;
+    assert!(
+        verdict["evidence"].to_string().contains("its host is up"),
+        "{verdict:#}\n{proxies:#}"
+    );
+    fleet.reject_rule("-D");
     drop(vm);
 }

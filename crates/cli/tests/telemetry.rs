@@ -363,10 +363,10 @@ async fn stat_and_edges_give_back_exactly_the_traffic_sent() {
         // with ss on the caller's host.
         assert!(e["link"]["connections"].as_u64() >= Some(1), "{e}");
         assert!(e["link"]["rtt_ms"].as_f64() > Some(0.0), "{e}");
-        assert_eq!(
-            e["link"]["retransmitted"], 0.0,
-            "loopback loses nothing: {e}"
-        );
+        // Loopback loses nothing, but a loaded machine's loopback sees the odd spurious
+        // retransmission (a tail-loss probe before a delayed ACK): a share, not a count.
+        let r = e["link"]["retransmitted"].as_f64();
+        assert!(r.is_some_and(|r| (0.0..0.1).contains(&r)), "{e}");
         sum += e["requests"].as_u64().unwrap();
     }
     assert_eq!(sum, total, "{edges}");

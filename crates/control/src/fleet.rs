@@ -328,7 +328,6 @@ impl Fleet {
         v
     }
 
-    /// The longest window a query may ask for.
     /// What the proxies reporting to this replica said of `workload`'s endpoints since
     /// `from_ms`: ejected by outlier detection, or let back in.
     pub(crate) fn ejections_of(
@@ -339,6 +338,7 @@ impl Fleet {
         self.store().ejections_of(workload, from_ms)
     }
 
+    /// The longest window a query may ask for.
     pub(crate) fn max_window_ms(&self) -> u64 {
         max_window_ms(self.store().limits())
     }

@@ -138,9 +138,9 @@ impl Reporter {
                 .unwrap_or_else(|p| p.into_inner()),
         );
         let slow = std::mem::take(&mut *metrics.slow.lock().unwrap_or_else(|p| p.into_inner()));
-        if period.series.is_empty() && ejections.is_empty() {
-            return;
-        }
+        // An idle period is reported too, empty: that the proxy reports says that it, and its
+        // host, are up (diagnose tells a cut link from a dead host by it), and its
+        // certificate's expiry and clock stay current.
         let snap = self.shared.state.load();
         let local = snap.cfg.local.as_ref();
         self.seq += 1;
