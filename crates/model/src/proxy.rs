@@ -59,6 +59,8 @@ pub struct InboundPort {
     pub service: NamespacedName,
     /// Mutual TLS mode of the service.
     pub mtls: MtlsMode,
+    /// The adaptive concurrency limit the service's policy sets.
+    pub adaptive: AdaptiveLimit,
 }
 
 /// A service and its ports.
@@ -280,6 +282,29 @@ pub struct BackendPolicy {
     pub retry_min_per_second: u32,
     /// Locality-aware load balancing.
     pub locality: LocalityLb,
+    /// The adaptive concurrency limit of the service's workloads' inbound side.
+    pub adaptive: AdaptiveLimit,
+}
+
+/// A workload's adaptive concurrency limit (Gradient2-style: it follows latency).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct AdaptiveLimit {
+    /// On (the default).
+    pub enabled: bool,
+    /// The lowest the limit goes.
+    pub min: u32,
+    /// The highest.
+    pub max: u32,
+}
+
+impl Default for AdaptiveLimit {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min: 20,
+            max: 1000,
+        }
+    }
 }
 
 /// Locality-aware load balancing, with defaults filled in.
@@ -319,6 +344,7 @@ impl Default for BackendPolicy {
             retry_budget_percent: 20,
             retry_min_per_second: 10,
             locality: LocalityLb::default(),
+            adaptive: AdaptiveLimit::default(),
         }
     }
 }

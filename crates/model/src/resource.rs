@@ -793,6 +793,25 @@ pub struct BackendPolicySpec {
     /// Locality-aware load balancing.
     #[serde(default)]
     pub locality: Option<LocalityLbSpec>,
+    /// The adaptive concurrency limit on the service's workloads' inbound side (on by
+    /// default).
+    #[serde(default)]
+    pub adaptive_concurrency: Option<AdaptiveConcurrencySpec>,
+}
+
+/// `spec.adaptiveConcurrency` of a BackendTrafficPolicy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdaptiveConcurrencySpec {
+    /// `false` turns it off.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// The limit never falls below this.
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
+    pub min_limit: Option<u32>,
+    /// ... nor rises above this.
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
+    pub max_limit: Option<u32>,
 }
 
 /// `spec.locality` of a BackendTrafficPolicy.

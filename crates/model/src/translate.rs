@@ -461,6 +461,21 @@ fn policies(ix: &Index<'_>) -> Result<BTreeMap<NamespacedName, BackendPolicy>> {
                 );
             }
         }
+        if let Some(ac) = &p.adaptive_concurrency {
+            let a = &mut bp.adaptive;
+            a.enabled = ac.enabled.unwrap_or(a.enabled);
+            a.min = ac.min_limit.unwrap_or(a.min);
+            a.max = ac.max_limit.unwrap_or(a.max.max(a.min));
+            if a.min == 0 {
+                return bad("spec.adaptiveConcurrency.minLimit", "must be at least 1");
+            }
+            if a.max < a.min {
+                return bad(
+                    "spec.adaptiveConcurrency.maxLimit",
+                    "must not be below minLimit",
+                );
+            }
+        }
         if let Some(rb) = &p.retry_budget {
             bp.retry_budget_percent = rb.percent.unwrap_or(bp.retry_budget_percent);
             bp.retry_min_per_second = rb.min_retries_per_second.unwrap_or(bp.retry_min_per_second);
@@ -940,16 +955,15 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
         }
         service.get_or_insert_with(|| sid.clone());
         for p in &svc.ports {
-            let mtls = cfg
-                .clusters
-                .get(&cluster_key(sid, p.port))
-                .map_or_else(MtlsMode::default, |c| c.mtls);
+            let cluster = cfg.clusters.get(&cluster_key(sid, p.port));
+            let mtls = cluster.map_or_else(MtlsMode::default, |c| c.mtls);
             inbound_ports.push(InboundPort {
                 port: p.port,
                 target: SocketAddr::new(app_ip, workload_port(w, p)),
                 protocol: p.protocol,
                 service: sid.clone(),
                 mtls,
+                adaptive: cluster.map(|c| c.policy.adaptive).unwrap_or_default(),
             });
         }
     }

@@ -38,6 +38,23 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
             if prometheus_client::encoding::text::encode(&mut out, &shared.registry).is_err() {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
             }
+            // The adaptive concurrency limit, read now.
+            let (limit, in_flight, shed) = shared.adaptive.figures();
+            let adaptive = format!(
+                "# HELP trellis_adaptive_concurrency_limit The inbound adaptive concurrency limit (requests in flight to the application).\n\
+                 # TYPE trellis_adaptive_concurrency_limit gauge\n\
+                 trellis_adaptive_concurrency_limit {limit}\n\
+                 # HELP trellis_adaptive_concurrency_in_flight Inbound requests in flight under the limit.\n\
+                 # TYPE trellis_adaptive_concurrency_in_flight gauge\n\
+                 trellis_adaptive_concurrency_in_flight {in_flight}\n\
+                 # HELP trellis_adaptive_concurrency_shed Inbound requests shed by the limit (503, overloaded).\n\
+                 # TYPE trellis_adaptive_concurrency_shed counter\n\
+                 trellis_adaptive_concurrency_shed_total {shed}\n"
+            );
+            match out.rfind("# EOF") {
+                Some(i) => out.insert_str(i, &adaptive),
+                None => out.push_str(&adaptive),
+            }
             let mut r = text(StatusCode::OK, out);
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -164,6 +164,24 @@ pub(crate) fn route(
     if is_upgrade(&req) {
         return Next::Upgrade(target.cluster.clone(), req, rec);
     }
+    // The workload's adaptive concurrency limit: over it, shed now rather than queue.
+    if target.adaptive.enabled {
+        let a = &shared.adaptive;
+        a.bound(target.adaptive.min, target.adaptive.max);
+        match a.admit() {
+            Some(p) => rec.adaptive = Some(p),
+            None => {
+                let (limit, ..) = a.figures();
+                let e = Error::new(
+                    Kind::Overloaded,
+                    format!(
+                        "the workload's adaptive concurrency limit is reached ({limit} in flight)"
+                    ),
+                );
+                return Next::Reply(local_reply(rec, &e, grpc));
+            }
+        }
+    }
     strip_hop_by_hop(req.headers_mut());
     let plan = Plan {
         cluster: target.cluster.clone(),

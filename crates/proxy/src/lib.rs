@@ -6,6 +6,7 @@
 //! of named stages ([`stages`]); `docs/ARCHITECTURE.md` walks through them.
 
 pub(crate) mod access_log;
+pub(crate) mod adaptive;
 pub(crate) mod admin;
 pub(crate) mod cluster;
 pub mod control_link;

@@ -212,6 +212,7 @@ impl Proxy {
             mtls_mode: opts.mtls_mode,
             peer_labels: Default::default(),
             host: Default::default(),
+            adaptive: Default::default(),
         });
         let (admin, admin_addr) = bind(opts.admin, "admin", false)?;
         let (outbound, outbound_addr) = bind(opts.outbound, "outbound", false)?;

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     /// What the agent set up on this host beside the proxy (capture, the mesh resolver),
     /// for `/config_dump` and `trellis check --proxy`; null without an agent.
     pub(crate) host: Mutex<serde_json::Value>,
+    /// The workload's adaptive concurrency limit (inbound).
+    pub(crate) adaptive: Arc<crate::adaptive::Adaptive>,
 }
 
 impl Shared {

@@ -30,6 +30,8 @@ pub(crate) struct InboundTarget {
     pub(crate) mtls: MtlsMode,
     /// The application's own port, which captured inbound connections were addressed to.
     pub(crate) target_port: u16,
+    /// The adaptive concurrency limit its service's policy sets.
+    pub(crate) adaptive: trellis_model::proxy::AdaptiveLimit,
 }
 
 /// A translated config plus the runtime state built from it.
@@ -157,6 +159,7 @@ impl Snapshot {
                     service: ip.service.clone(),
                     mtls: ip.mtls,
                     target_port: ip.target.port(),
+                    adaptive: ip.adaptive,
                 });
             }
         }

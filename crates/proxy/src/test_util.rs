@@ -70,6 +70,7 @@ pub(crate) fn shared(
         mtls_mode: None,
         peer_labels: Default::default(),
         host: Default::default(),
+        adaptive: Default::default(),
     };
     (Arc::new(shared), sink)
 }

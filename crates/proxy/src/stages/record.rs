@@ -38,6 +38,9 @@ pub(crate) struct Record {
     pub(crate) start: Instant,
     /// Held until the response ends: in-flight count and admission slot.
     pub(crate) guards: Option<(InFlight, tokio::sync::OwnedSemaphorePermit)>,
+    /// Inbound: the place the adaptive concurrency limit gave it, given back (with its
+    /// time) when the response ends.
+    pub(crate) adaptive: Option<crate::adaptive::Permit>,
     /// The cluster and endpoint told the final class (outlier detection). Held directly
     /// rather than as a boxed callback: one allocation fewer per request.
     pub(crate) report_to: Option<(Arc<Cluster>, Arc<Endpoint>)>,
@@ -82,6 +85,7 @@ impl Record {
             },
             start: Instant::now(),
             guards: None,
+            adaptive: None,
             report_to: None,
             endpoint: None,
             earlier: Vec::new(),
@@ -106,6 +110,14 @@ impl Record {
         }
         self.guards = None;
         let total = self.start.elapsed();
+        if let Some(p) = self.adaptive.take() {
+            // The application's own answers say how loaded it is; a reset or a client gone
+            // says nothing.
+            p.done(
+                total,
+                matches!(self.class, FailureClass::Ok | FailureClass::AppError),
+            );
+        }
         if self.side.is_none() && self.class != FailureClass::Ok {
             self.side = self.class.side();
         }
