@@ -9,6 +9,9 @@
 # REPORT=1s side by side give the cost of fleet telemetry per request.
 # EXTRA="ARGS" adds proxy flags (say, EXTRA="--otlp-endpoint http://127.0.0.1:1
 # --trace-sampling 100" for the cost of building every request's spans).
+# INBOUND=1 measures the inbound side instead: the proxy of bench/up-1 in front of nginx,
+# requests sent to its inbound listener (plaintext: a file config has no identity); the
+# adaptive concurrency limit is on this path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -40,13 +43,15 @@ if [ -n "${REPORT:-}" ]; then
   SRC=(--xds http://127.0.0.1:18171 --report-interval "$REPORT")
 fi
 # Total instructions of a proxy run that serves $1 requests.
+WL=bench/client URL=http://127.0.0.1:18083/
+[ "${INBOUND:-0}" = 1 ] && WL=bench/up-1 URL=http://127.0.0.1:18106/
 run() {
   valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy "${SRC[@]}" ${EXTRA:-} \
-    --workload bench/client $LOG --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
+    --workload "$WL" $LOG --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
     --inbound 127.0.0.1:18106 >/dev/null 2>&1 &
   VP=$!
   for _ in $(seq 300); do curl -sf -o /dev/null 127.0.0.1:18100/ready && break; sleep 0.1; done
-  [ "$1" -gt 0 ] && h2load --h1 -n "$1" -c 8 http://127.0.0.1:18083/ >/dev/null
+  [ "$1" -gt 0 ] && h2load --h1 -n "$1" -c 8 "$URL" >/dev/null
   kill -TERM "$VP"; wait "$VP" || true; VP=
   callgrind_annotate "$W/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'
 }

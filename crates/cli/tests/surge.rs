@@ -88,7 +88,21 @@ async fn a_flood_is_shed_early_by_the_adaptive_limit_and_not_when_the_policy_tur
     })
     .await;
     let cp = ControlProcess::start(BIN, &[]);
-    let (callee, caller, _dirs) = mtls_pair(&cp, |inbound| mesh(app.port(), inbound, "")).await;
+    apply_ok(&cp, mesh(app.port(), 1, "")).await;
+    let join = |who: &str, workload: &str| {
+        join_xds(
+            &cp,
+            &cp.xds_url(),
+            who,
+            workload,
+            &["--report-interval", "200ms"],
+        )
+    };
+    let callee = join("beta", "test/peer");
+    callee.wait_ready().await;
+    apply_ok(&cp, mesh(app.port(), callee.inbound.port(), "")).await;
+    let caller = join("client", "test/client");
+    caller.wait_ready().await;
     eventually(
         "the caller reaches the callee",
         Duration::from_secs(10),
@@ -118,6 +132,35 @@ async fn a_flood_is_shed_early_by_the_adaptive_limit_and_not_when_the_policy_tur
     assert!(shed > 0 && ok > 0, "{ok} answered, {shed} shed");
     assert!(counted >= shed as f64, "{counted} counted for {shed} seen");
     assert!(limit < 100.0, "the limit came down from its start: {limit}");
+
+    // `diagnose` names the limit, at the callee.
+    let v = eventually(
+        "diagnose names the shedding",
+        Duration::from_secs(15),
+        async || {
+            let (_, v) = cp
+                .call(
+                    http::Method::GET,
+                    "/api/v1/diagnose?namespace=test&window=1m",
+                    "",
+                    None,
+                )
+                .await;
+            v["verdicts"]
+                .as_array()?
+                .iter()
+                .find(|x| x["cause"] == "mesh_policy")
+                .cloned()
+        },
+    )
+    .await;
+    assert!(
+        v["problem"]
+            .as_str()
+            .unwrap()
+            .contains("test/peer are shed by its adaptive concurrency limit"),
+        "{v:#}"
+    );
 
     // Turned off by the service's policy: the same flood queues, nothing is shed.
     apply_ok(

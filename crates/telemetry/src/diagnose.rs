@@ -1559,13 +1559,37 @@ fn policy(
                 svc.split('/').next().unwrap_or_default()
             ),
         )
+    } else if whose == "the caller's proxy" {
+        // No endpoint was tried: the caller's own circuit breaker refused.
+        (
+            format!("requests to {svc} are refused by the callers' circuit breaker"),
+            vec![format!(
+                "{n} requests refused as overloaded by {whose} before any endpoint was tried: its connection pool for {svc} was full (maxRequests, maxPendingRequests)"
+            )],
+            format!("raise {svc}'s connectionPool limits (BackendTrafficPolicy) or add capacity"),
+        )
+    } else if whose == "the callee's proxy" || whose == "its own proxy" {
+        let at = if callee.workload.is_empty() {
+            svc.to_string()
+        } else {
+            callee.workload.clone()
+        };
+        (
+            format!("requests to {at} are shed by its adaptive concurrency limit"),
+            vec![format!(
+                "{n} requests shed as overloaded by {whose}: more were in flight than its limit, which follows its application's latency"
+            )],
+            format!(
+                "add capacity for {svc} (its application slows under this load: trellis_adaptive_concurrency_limit on {at}'s proxy), or bound it with BackendTrafficPolicy adaptiveConcurrency"
+            ),
+        )
     } else {
         (
             format!("requests to {svc} are shed by the mesh's limits"),
             vec![format!(
-                "{n} requests refused as overloaded by {whose} (circuit breaker or limit)"
+                "{n} requests refused as overloaded by {whose} (a circuit breaker or the adaptive concurrency limit)"
             )],
-            format!("raise {svc}'s limits (BackendTrafficPolicy connectionPool) or add capacity"),
+            format!("raise {svc}'s limits (BackendTrafficPolicy connectionPool, adaptiveConcurrency) or add capacity"),
         )
     };
     let place = if callee.workload.is_empty() {
