@@ -163,6 +163,11 @@ pub(crate) fn print_stat(rows: &[StatRow], wide: bool) {
         "TCP",
         "FAILURES",
     ];
+    // Workloads' adaptive concurrency limits, when any reported one.
+    let limits = rows.iter().any(|r| r.adaptive.is_some());
+    if limits {
+        header.push("LIMIT (IN FLIGHT)");
+    }
     if wide {
         header.extend([
             "SEEN BY",
@@ -185,6 +190,12 @@ pub(crate) fn print_stat(rows: &[StatRow], wide: bool) {
                 if r.meshed { "yes" } else { "no" }.into(),
             ];
             l.extend(figures(&r.figures));
+            if limits {
+                l.push(
+                    r.adaptive
+                        .map_or("-".into(), |a| format!("{} ({})", a.limit, a.in_flight)),
+                );
+            }
             if wide {
                 l.extend([
                     seen(r.seen).into(),

@@ -162,6 +162,28 @@ async fn a_flood_is_shed_early_by_the_adaptive_limit_and_not_when_the_policy_tur
         "{v:#}"
     );
 
+    // `stat` shows the workload's limit, as its proxy reported it.
+    let out = eventually(
+        "stat shows the limit",
+        Duration::from_secs(10),
+        async || {
+            let out = common::ok(cli(
+                &cp,
+                &["stat", "workloads", "-n", "test", "--window", "1m"],
+            ));
+            let header = out.lines().find(|l| l.starts_with("NAME"))?.to_string();
+            let col = header.find("LIMIT (IN FLIGHT)")?;
+            let row = out
+                .lines()
+                .find(|l| l.starts_with("test/peer "))?
+                .to_string();
+            let limit: f64 = row.get(col..)?.split_whitespace().next()?.parse().ok()?;
+            (limit < 100.0).then_some(out)
+        },
+    )
+    .await;
+    assert!(out.contains("overloaded"), "the sheds, as failures: {out}");
+
     // Turned off by the service's policy: the same flood queues, nothing is shed.
     apply_ok(
         &cp,

@@ -176,6 +176,10 @@ impl Reporter {
                     .map_or(0, |d| d.as_millis() as u64)
             }),
             sent_ms: 0,
+            adaptive: snap.inbound.iter().any(|t| t.adaptive.enabled).then(|| {
+                let (limit, in_flight, _) = self.shared.adaptive.figures();
+                trellis_telemetry::report::Adaptive { limit, in_flight }
+            }),
             attempts_below: failed.below(),
             slow_below: slow.below(),
             slow: slow.items,

@@ -95,6 +95,9 @@ pub struct Report {
     /// As `attempts_below`, for `slow`.
     #[prost(fixed64, tag = "20")]
     pub slow_below: u64,
+    /// The inbound adaptive concurrency limit at the period's end, if on.
+    #[prost(message, optional, tag = "21")]
+    pub adaptive: Option<Adaptive>,
     /// The kernel's TCP figures of this proxy's upstream links at the period's end (its
     /// connections to each endpoint), so that loss or latency shows even when no request
     /// fails.
@@ -157,6 +160,17 @@ pub struct Attempt {
     /// How long it took, ms.
     #[prost(uint32, tag = "9")]
     pub latency_ms: u32,
+}
+
+/// A workload's adaptive concurrency limit, as its proxy last reported it.
+#[derive(Clone, Copy, PartialEq, prost::Message, serde::Serialize, serde::Deserialize)]
+pub struct Adaptive {
+    /// The limit (requests in flight to the application).
+    #[prost(uint32, tag = "1")]
+    pub limit: u32,
+    /// In flight at the period's end.
+    #[prost(uint32, tag = "2")]
+    pub in_flight: u32,
 }
 
 /// A request this long (ms) or longer is listed as slow, at both ends of a hop alike (so

@@ -47,6 +47,20 @@ pub struct Shard {
     /// Slow requests listed one by one.
     #[prost(message, repeated, tag = "9")]
     pub slow: Vec<ShardAttempt>,
+    /// The reporters' adaptive concurrency limits.
+    #[prost(message, repeated, tag = "10")]
+    pub adaptive: Vec<ShardAdaptive>,
+}
+
+/// A reporter's adaptive concurrency limit.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShardAdaptive {
+    /// The reporting workload.
+    #[prost(string, tag = "1")]
+    pub reporter: String,
+    /// Its figures.
+    #[prost(message, optional, tag = "2")]
+    pub figures: Option<crate::report::Adaptive>,
 }
 
 /// An ejection of a shard, with who told it.
@@ -319,6 +333,14 @@ impl Shard {
             reporting,
             ejections,
             slow,
+            adaptive: w
+                .adaptive
+                .iter()
+                .map(|(r, a)| ShardAdaptive {
+                    reporter: r.to_string(),
+                    figures: Some(*a),
+                })
+                .collect(),
         }
     }
 
@@ -401,6 +423,11 @@ impl Shard {
                 from_ms: self.from_ms,
                 attempts,
                 slow,
+                adaptive: self
+                    .adaptive
+                    .into_iter()
+                    .filter_map(|a| Some((Arc::<str>::from(a.reporter), a.figures?)))
+                    .collect(),
                 links: self
                     .links
                     .into_iter()
@@ -455,6 +482,7 @@ impl Window {
         self.reporting.extend(other.reporting);
         self.ejections.extend(other.ejections);
         self.slow.extend(other.slow);
+        self.adaptive.extend(other.adaptive);
         self.slow.sort_by_key(|a| a.received_ms);
         self.ejections.sort_by_key(|e| e.received_ms);
         self.attempts.sort_by_key(|a| a.received_ms);

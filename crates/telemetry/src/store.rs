@@ -104,6 +104,8 @@ pub struct Reporter {
     pub skew_ms: i64,
     /// The kernel's figures of its upstream links, at its latest report that had any.
     pub links: Vec<crate::report::Link>,
+    /// Its adaptive concurrency limit, as last reported.
+    pub adaptive: Option<crate::report::Adaptive>,
     /// When those came (Unix ms).
     pub links_ms: u64,
 }
@@ -244,6 +246,8 @@ pub struct Window {
     /// The reporters heard from in the window, with when last (Unix ms): their proxies,
     /// and so their hosts, were up then.
     pub reporting: Vec<(Arc<str>, u64)>,
+    /// Their adaptive concurrency limits, as last reported in the window.
+    pub adaptive: Vec<(Arc<str>, crate::report::Adaptive)>,
     /// Endpoints ejected (or let back in) by the proxies' outlier detection in the window,
     /// oldest first.
     pub ejections: Vec<Arc<Ejected>>,
@@ -384,8 +388,10 @@ impl Store {
                 skew_ms: 0,
                 links: Vec::new(),
                 links_ms: 0,
+                adaptive: None,
             });
         rep.seen_ms = now_ms;
+        rep.adaptive = r.adaptive;
         if r.cert_not_after_ms > 0 {
             rep.cert_not_after_ms = r.cert_not_after_ms;
         }
@@ -812,6 +818,9 @@ impl Store {
         for (name, r) in &self.reporters {
             if r.seen_ms >= out.from_ms {
                 out.reporting.push((name.clone(), r.seen_ms));
+                if let Some(a) = r.adaptive {
+                    out.adaptive.push((name.clone(), a));
+                }
             }
             if r.links_ms >= out.from_ms {
                 out.links

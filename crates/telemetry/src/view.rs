@@ -203,6 +203,9 @@ pub struct StatRow {
     /// The figures.
     #[serde(flatten)]
     pub figures: Figures,
+    /// A workload's inbound adaptive concurrency limit, as its proxy last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<crate::report::Adaptive>,
 }
 
 /// One caller → callee pair of `trellis edges`.
@@ -399,6 +402,14 @@ pub fn stat(w: &Window, sel: &Selector, window_s: f64) -> Vec<StatRow> {
             meshed: g.meshed,
             seen,
             figures: g.acc.figures(window_s),
+            adaptive: (kind == Kind::Workload)
+                .then(|| {
+                    w.adaptive
+                        .iter()
+                        .find(|(r, _)| **r == *name)
+                        .map(|(_, a)| *a)
+                })
+                .flatten(),
         });
     }
     rows
