@@ -491,27 +491,9 @@ async fn slow_link(delay: Duration, n: usize) -> Value {
             .unwrap();
         assert_eq!(r.status, 200);
     }
-    let v = eventually(
-        "a verdict on the slow link",
-        Duration::from_secs(15),
-        async || {
-            let (st, v) = cp
-                .call(
-                    http::Method::GET,
-                    "/api/v1/diagnose?namespace=test&window=5m",
-                    "",
-                    None,
-                )
-                .await;
-            assert_eq!(st, 200, "{v}");
-            v["verdicts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["place"]["kind"] == "link")
-                .cloned()
-        },
-    )
+    let v = verdict(&cp, "5m", Duration::from_secs(15), |x| {
+        x["place"]["kind"] == "link"
+    })
     .await;
     assert_eq!(v["cause"], "network", "{v:#}");
     assert_eq!(

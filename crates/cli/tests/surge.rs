@@ -134,25 +134,9 @@ async fn a_flood_is_shed_early_by_the_adaptive_limit_and_not_when_the_policy_tur
     assert!(limit < 100.0, "the limit came down from its start: {limit}");
 
     // `diagnose` names the limit, at the callee.
-    let v = eventually(
-        "diagnose names the shedding",
-        Duration::from_secs(15),
-        async || {
-            let (_, v) = cp
-                .call(
-                    http::Method::GET,
-                    "/api/v1/diagnose?namespace=test&window=1m",
-                    "",
-                    None,
-                )
-                .await;
-            v["verdicts"]
-                .as_array()?
-                .iter()
-                .find(|x| x["cause"] == "mesh_policy")
-                .cloned()
-        },
-    )
+    let v = verdict(&cp, "1m", Duration::from_secs(15), |x| {
+        x["cause"] == "mesh_policy"
+    })
     .await;
     assert!(
         v["problem"]

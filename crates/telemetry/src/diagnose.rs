@@ -146,6 +146,33 @@ struct Joined {
     traces: Vec<String>,
 }
 
+/// What `callee`'s proxy listed in `list` as coming from `caller` (the attempt ids), and
+/// up to which id its lists were whole: beyond its bound a proxy lists the attempts with the
+/// smallest ids, so only a caller's attempts below every bound the callee's lists had can be
+/// looked for there.
+fn listed_by_callee(
+    list: &[std::sync::Arc<FailedAttempt>],
+    caller: &str,
+    callee: &str,
+) -> (u64, BTreeSet<u64>) {
+    let theirs: Vec<&FailedAttempt> = list
+        .iter()
+        .filter(|a| &*a.reporter == callee && a.attempt.direction == 1)
+        .map(|a| &**a)
+        .collect();
+    let below = theirs
+        .iter()
+        .map(|a| a.listed_below)
+        .min()
+        .unwrap_or(u64::MAX);
+    let ids = theirs
+        .iter()
+        .filter(|a| a.attempt.peer_workload == caller)
+        .map(|a| a.attempt.id)
+        .collect();
+    (below, ids)
+}
+
 fn join(w: &Window, caller: &str, svc: &str, callee: &str, class: FailureClass) -> Joined {
     let mine: Vec<&crate::report::Attempt> = w
         .attempts
@@ -159,24 +186,7 @@ fn join(w: &Window, caller: &str, svc: &str, callee: &str, class: FailureClass) 
         })
         .map(|a| &a.attempt)
         .collect();
-    let theirs: Vec<&FailedAttempt> = w
-        .attempts
-        .iter()
-        .filter(|a| &*a.reporter == callee && a.attempt.direction == 1)
-        .map(|a| &**a)
-        .collect();
-    // Beyond its bound a proxy lists the attempts with the smallest ids: only the caller's
-    // attempts below every bound the callee's lists had can be looked for there.
-    let below = theirs
-        .iter()
-        .map(|a| a.listed_below)
-        .min()
-        .unwrap_or(u64::MAX);
-    let theirs: BTreeSet<u64> = theirs
-        .iter()
-        .filter(|a| a.attempt.peer_workload == caller)
-        .map(|a| a.attempt.id)
-        .collect();
+    let (below, theirs) = listed_by_callee(&w.attempts, caller, callee);
     let comparable: Vec<&&crate::report::Attempt> =
         mine.iter().filter(|a| a.id != 0 && a.id <= below).collect();
     Joined {
@@ -1244,22 +1254,7 @@ fn slow_lists(found: &mut Found, w: &Window) {
         if mine.len() < SLOW_MIN || callee.is_empty() {
             continue;
         }
-        let theirs: Vec<&FailedAttempt> = w
-            .slow
-            .iter()
-            .filter(|a| &*a.reporter == callee && a.attempt.direction == 1)
-            .map(|a| &**a)
-            .collect();
-        let below = theirs
-            .iter()
-            .map(|a| a.listed_below)
-            .min()
-            .unwrap_or(u64::MAX);
-        let ids: BTreeSet<u64> = theirs
-            .iter()
-            .filter(|a| a.attempt.peer_workload == caller)
-            .map(|a| a.attempt.id)
-            .collect();
+        let (below, ids) = listed_by_callee(&w.slow, caller, callee);
         let comparable: Vec<&&crate::report::Attempt> =
             mine.iter().filter(|a| a.id != 0 && a.id <= below).collect();
         if comparable.is_empty() {

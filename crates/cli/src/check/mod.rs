@@ -141,16 +141,7 @@ async fn get(admin: &str, path: &str) -> Result<(u16, Bytes), String> {
 
 /// The checks of the proxy whose admin listener is `admin`.
 async fn proxy(admin: &str) -> Vec<Line> {
-    let line = |outcome, name: &str, message: String, hint: &str| Line {
-        outcome,
-        name: name.into(),
-        message,
-        hint: if outcome == "pass" {
-            String::new()
-        } else {
-            hint.into()
-        },
-    };
+    let line = Line::new;
     let mut out = Vec::new();
     match get(admin, "/live").await {
         Ok((200, _)) => out.push(line(

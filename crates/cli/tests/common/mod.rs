@@ -198,3 +198,20 @@ pub async fn mtls_pair(
     caller.wait_ready().await;
     (callee, caller, vec![callee_state, caller_state])
 }
+
+/// The first verdict `trellis diagnose` gives over `window` (`5m`, …) in namespace `test`
+/// that `pred` accepts, asked until one does (or `within` passes: the test fails).
+pub async fn verdict(
+    cp: &trellis_test_support::control::ControlProcess,
+    window: &str,
+    within: std::time::Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let path = format!("/api/v1/diagnose?namespace=test&window={window}");
+    eventually(&format!("a verdict in {path}"), within, async || {
+        let (st, v) = cp.call(http::Method::GET, &path, "", None).await;
+        assert_eq!(st, 200, "{v}");
+        v["verdicts"].as_array()?.iter().find(|x| pred(x)).cloned()
+    })
+    .await
+}
