@@ -1,7 +1,9 @@
 //! Absorbing a surge, on loopback through real proxies with mutual TLS: the callee's proxy
 //! keeps an adaptive concurrency limit on its inbound side (on by default) that follows the
 //! application's latency, and sheds what is over it at once, as `overloaded` with
-//! `Proxy-Status: …; error=connection_limit_reached`, rather than queueing it.
+//! `Proxy-Status: …; error=connection_limit_reached`, rather than queueing it; and it holds
+//! callers to a RateLimitPolicy's shares, fairly (a caller over its share drains nobody
+//! else's), with 429 `rate_limited` and the RateLimit headers.
 
 mod common;
 
@@ -192,4 +194,152 @@ async fn a_flood_is_shed_early_by_the_adaptive_limit_and_not_when_the_policy_tur
         },
     )
     .await;
+}
+
+fn limited_mesh(app: u16, inbound: u16, mode: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: busy, namespace: test }}\nspec:\n  selector: {{ app: peer }}\n  ports: [{{ name: http, port: 80, targetPort: 1, protocol: HTTP }}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  ports: {{ http: {app} }}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: client, namespace: test }}\nspec: {{ address: 127.0.0.1, identity: client }}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: other, namespace: test }}\nspec: {{ address: 127.0.0.1, identity: other }}\n---\napiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{ name: busy, namespace: test }}\nspec:\n  targetRefs: [{{ name: busy }}]\n  mode: {mode}\n  perCaller: [{{ requests: 5, per: 1m }}]\n  total: [{{ requests: 8, per: 1m }}]\n"
+    )
+}
+
+/// `n` requests one after another from `via`: the statuses, and the last refusal.
+async fn send(via: std::net::SocketAddr, n: usize) -> (usize, Option<client::Reply>) {
+    let (mut ok, mut refused) = (0, None);
+    for _ in 0..n {
+        let r = client::get_full(via, "busy.test", "/", &[]).await.unwrap();
+        if r.status == 200 {
+            ok += 1;
+        } else {
+            refused = Some(r);
+        }
+    }
+    (ok, refused)
+}
+
+#[tokio::test]
+async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
+    let app = upstream::named("ok").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, limited_mesh(app.port(), 1, "Enforce")).await;
+    let join = |who: &str, workload: &str| {
+        join_xds(
+            &cp,
+            &cp.xds_url(),
+            who,
+            workload,
+            &["--report-interval", "200ms"],
+        )
+    };
+    let callee = join("beta", "test/peer");
+    callee.wait_ready().await;
+    apply_ok(
+        &cp,
+        limited_mesh(app.port(), callee.inbound.port(), "Enforce"),
+    )
+    .await;
+    let a = join("client", "test/client");
+    let b = join("other", "test/other");
+    a.wait_ready().await;
+    b.wait_ready().await;
+    // Each caller may send 5 a minute, all together 8 a minute (per callee workload): once
+    // the callee's proxy holds the policy, the counts are exact.
+    eventually(
+        "the callee holds the policy",
+        Duration::from_secs(10),
+        async || {
+            let (_, body) = client::get(callee.admin, "admin", "/config_dump", &[])
+                .await
+                .ok()?;
+            String::from_utf8_lossy(&body)
+                .contains("\"policy\": \"test/busy\"")
+                .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "the callers reach the callee",
+        Duration::from_secs(10),
+        async || {
+            let r = client::get_full(a.outbound, "busy.test", "/", &[])
+                .await
+                .ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+    // a used 1 already: 4 more of its own, then refused, without taking from the total.
+    let (ok, refused) = send(a.outbound, 20).await;
+    assert_eq!(ok, 4, "a's share");
+    let r = refused.expect("a was refused");
+    assert_eq!(r.status, 429);
+    let h = |k: &str| r.headers.get(k).map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(h("x-trellis-failure").as_deref(), Some("rate_limited"));
+    assert_eq!(
+        h("ratelimit-policy").as_deref(),
+        Some("\"caller\";q=5;w=60")
+    );
+    assert!(
+        h("retry-after").is_some_and(|s| s.parse::<u64>().unwrap() >= 1),
+        "{:?}",
+        r.headers
+    );
+    assert!(h("proxy-status").is_some_and(|s| s.contains("error=http_request_denied")));
+    // b gets what the total has left: 8 − a's 5 = 3, then the total refuses it.
+    let (ok, refused) = send(b.outbound, 10).await;
+    assert_eq!(
+        ok, 3,
+        "the total's rest, not drained by a's refused requests"
+    );
+    let r = refused.expect("b was refused");
+    assert_eq!(
+        r.headers.get("ratelimit-policy").unwrap(),
+        "\"total\";q=8;w=60"
+    );
+    let m = callee.metrics().await;
+    let over = |scope: &str, mode: &str| {
+        sum_metric(
+            &m,
+            "trellis_rate_limited_total",
+            &[("policy", "test/busy"), ("scope", scope), ("mode", mode)],
+        )
+    };
+    assert_eq!(
+        (over("caller", "enforce"), over("total", "enforce")),
+        (16.0, 7.0)
+    );
+
+    // `diagnose` names the policy.
+    let v = verdict(&cp, "1m", Duration::from_secs(15), |x| {
+        x["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("over its RateLimitPolicy"))
+    })
+    .await;
+    assert_eq!(v["cause"], "mesh_policy", "{v:#}");
+
+    // Shadow mode counts what it would refuse and refuses nothing.
+    apply_ok(
+        &cp,
+        limited_mesh(app.port(), callee.inbound.port(), "Shadow"),
+    )
+    .await;
+    eventually(
+        "shadow mode lets a through",
+        Duration::from_secs(10),
+        async || {
+            let r = client::get_full(a.outbound, "busy.test", "/", &[])
+                .await
+                .ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+    // (A changed policy starts with fresh buckets: a has 5 again, and used at least 1.)
+    let (ok, _) = send(a.outbound, 12).await;
+    assert_eq!(ok, 12, "nothing refused");
+    let m = callee.metrics().await;
+    assert!(
+        sum_metric(&m, "trellis_rate_limited_total", &[("mode", "shadow")]) >= 8.0,
+        "{m}"
+    );
 }

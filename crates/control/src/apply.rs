@@ -66,6 +66,10 @@ pub(crate) const KINDS: &[(&str, &[&str])] = &[
         &["peerauthentication", "peerauthentications", "pa", "mtls"],
     ),
     ("TrustBundle", &["trustbundle", "trustbundles", "bundle"]),
+    (
+        "RateLimitPolicy",
+        &["ratelimitpolicy", "ratelimitpolicies", "ratelimit", "rl"],
+    ),
 ];
 
 /// The canonical kind for a name as a user types it.

@@ -156,7 +156,8 @@ pub(crate) fn effective(
             Spec::HttpRoute(_) | Spec::GrpcRoute(_) | Spec::BackendPolicy(_)
         ) || matches!(&r.spec, Spec::Workload(w) if !w.upstreams.is_empty())
             || matches!(&r.spec, Spec::AuthorizationPolicy(a) if !a.target_refs.is_empty())
-            || matches!(&r.spec, Spec::PeerAuthentication(a) if !a.target_refs.is_empty());
+            || matches!(&r.spec, Spec::PeerAuthentication(a) if !a.target_refs.is_empty())
+            || matches!(&r.spec, Spec::RateLimitPolicy(_));
         let key = e.object.key.clone();
         match problems.remove(&i) {
             None => {

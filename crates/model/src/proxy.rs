@@ -61,6 +61,34 @@ pub struct InboundPort {
     pub mtls: MtlsMode,
     /// The adaptive concurrency limit the service's policy sets.
     pub adaptive: AdaptiveLimit,
+    /// The rate limits of the RateLimitPolicy that targets the service, if any.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A service's rate limits, as its workloads' proxies enforce them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RateLimit {
+    /// The policy, `namespace/name`.
+    pub policy: String,
+    /// Count what would be refused, refuse nothing.
+    pub shadow: bool,
+    /// On all requests together.
+    pub total: Vec<Rate>,
+    /// On each caller's.
+    pub per_caller: Vec<Rate>,
+    /// Per-caller limits of their own, by caller (`namespace/identity`).
+    pub overrides: BTreeMap<String, Vec<Rate>>,
+}
+
+/// `requests` per `per`, up to `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Rate {
+    /// Requests...
+    pub requests: u32,
+    /// ... per this long.
+    pub per: Duration,
+    /// At once, at most.
+    pub burst: u32,
 }
 
 /// A service and its ports.

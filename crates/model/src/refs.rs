@@ -102,6 +102,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
         match &r.spec {
             Spec::AuthorizationPolicy(AuthorizationPolicySpec { target_refs, .. })
             | Spec::PeerAuthentication(PeerAuthenticationSpec { target_refs, .. })
+            | Spec::RateLimitPolicy(crate::resource::RateLimitPolicySpec { target_refs, .. })
             | Spec::BackendPolicy(BackendPolicySpec { target_refs, .. }) => {
                 for (i, t) in target_refs.iter().enumerate() {
                     let target = id(&t.name.value, &None);

@@ -114,6 +114,8 @@ pub enum Spec {
     PeerAuthentication(PeerAuthenticationSpec),
     /// `TrustBundle`.
     TrustBundle(TrustBundleSpec),
+    /// `RateLimitPolicy`.
+    RateLimitPolicy(RateLimitPolicySpec),
 }
 
 impl Resource {
@@ -128,6 +130,7 @@ impl Resource {
             Spec::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Spec::PeerAuthentication(_) => "PeerAuthentication",
             Spec::TrustBundle(_) => "TrustBundle",
+            Spec::RateLimitPolicy(_) => "RateLimitPolicy",
         }
     }
 
@@ -149,6 +152,7 @@ const KINDS: &[(&str, &str)] = &[
     ("AuthorizationPolicy", "trellis.dev/v1alpha1"),
     ("PeerAuthentication", "trellis.dev/v1alpha1"),
     ("TrustBundle", "trellis.dev/v1alpha1"),
+    ("RateLimitPolicy", "trellis.dev/v1alpha1"),
 ];
 
 impl<'de> Deserialize<'de> for Resource {
@@ -196,6 +200,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                         "AuthorizationPolicy" => Spec::AuthorizationPolicy(map.next_value()?),
                         "PeerAuthentication" => Spec::PeerAuthentication(map.next_value()?),
                         "TrustBundle" => Spec::TrustBundle(map.next_value()?),
+                        "RateLimitPolicy" => Spec::RateLimitPolicy(map.next_value()?),
                         other => return Err(unknown_kind(other)),
                     });
                 }
@@ -1023,6 +1028,66 @@ pub struct AuthzPath {
     /// Starts with (whole segments: `/api` matches `/api` and `/api/x`, not `/apix`).
     #[serde(default)]
     pub prefix: Option<String>,
+}
+
+// === RateLimitPolicy ===
+
+/// `kind: RateLimitPolicy` (shaped after Gateway API's GEP-5160 and Envoy's local rate
+/// limit): requests to a Service, limited by each of its workloads' proxies, in total and
+/// per caller (by SPIFFE identity; unmeshed callers by source address). A caller's own
+/// share is checked before the total, and a request takes from either only if both allow,
+/// so a caller over its share drains no one else's.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitPolicySpec {
+    /// Services (of the policy's namespace).
+    pub target_refs: Vec<PolicyTargetRef>,
+    /// `Enforce` (the default) or `Shadow` (counts what it would refuse, refuses nothing).
+    #[serde(default)]
+    pub mode: RateLimitMode,
+    /// Limits on all requests together, per workload.
+    #[serde(default)]
+    pub total: Vec<RateSpec>,
+    /// Limits on each caller's requests, per workload.
+    #[serde(default)]
+    pub per_caller: Vec<RateSpec>,
+    /// Other per-caller limits for some identities.
+    #[serde(default)]
+    pub overrides: Vec<RateOverride>,
+}
+
+/// Enforce or only count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum RateLimitMode {
+    /// Refuse over the limit (429).
+    #[default]
+    Enforce,
+    /// Count what would be refused.
+    Shadow,
+}
+
+/// `requests` per `per`, with up to `burst` at once.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateSpec {
+    /// Requests...
+    #[serde(deserialize_with = "crate::value::num::count")]
+    pub requests: u32,
+    /// ... per this long (`1s`, `1m`, up to `1h`).
+    pub per: DurationValue,
+    /// At once, at most (default: `requests`).
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
+    pub burst: Option<u32>,
+}
+
+/// Per-caller limits of their own for one identity.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateOverride {
+    /// `namespace/identity`, as AuthorizationPolicy names callers.
+    pub identity: String,
+    /// Its limits (instead of `perCaller`).
+    pub per_caller: Vec<RateSpec>,
 }
 
 // === PeerAuthentication ===

@@ -38,6 +38,7 @@ struct Index<'a> {
     authz: Vec<(&'a Resource, &'a crate::resource::AuthorizationPolicySpec)>,
     peer_auth: Vec<(&'a Resource, &'a PeerAuthenticationSpec)>,
     bundles: Vec<(&'a Resource, &'a crate::resource::TrustBundleSpec)>,
+    rate_limits: Vec<(&'a Resource, &'a crate::resource::RateLimitPolicySpec)>,
 }
 
 /// Translate `resources` (read from `file`) into the config of the proxy serving `local`.
@@ -137,6 +138,7 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
         authz: Vec::new(),
         peer_auth: Vec::new(),
         bundles: Vec::new(),
+        rate_limits: Vec::new(),
     };
     let mut seen = HashSet::new();
     for r in resources {
@@ -173,6 +175,10 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
             Spec::TrustBundle(b) => {
                 check_bundle(file, r, b)?;
                 ix.bundles.push((r, b));
+            }
+            Spec::RateLimitPolicy(p) => {
+                rate_limit(file, r, p)?;
+                ix.rate_limits.push((r, p));
             }
         }
     }
@@ -964,6 +970,17 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
                 service: sid.clone(),
                 mtls,
                 adaptive: cluster.map(|c| c.policy.adaptive).unwrap_or_default(),
+                // The first RateLimitPolicy (by name) that targets the service.
+                rate_limit: ix
+                    .rate_limits
+                    .iter()
+                    .filter(|(r, p)| {
+                        r.metadata.namespace == sid.namespace
+                            && p.target_refs.iter().any(|t| t.name.value == sid.name)
+                    })
+                    .min_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name))
+                    .map(|(r, p)| rate_limit(ix.file, r, p))
+                    .transpose()?,
             });
         }
     }
@@ -1309,12 +1326,85 @@ fn check_bundle(file: &str, r: &Resource, b: &crate::resource::TrustBundleSpec) 
     Ok(())
 }
 
+/// A RateLimitPolicy's limits, checked and filled in (they need no other resource).
+fn rate_limit(
+    file: &str,
+    r: &Resource,
+    p: &crate::resource::RateLimitPolicySpec,
+) -> Result<crate::proxy::RateLimit> {
+    let field = |f: &str| format!("RateLimitPolicy {}: {f}", r.id());
+    let bad = |f: String, m: &str| ConfigError::invalid(file, r.line, field(&f), m);
+    let rates = |at: &str, list: &[crate::resource::RateSpec]| -> Result<Vec<crate::proxy::Rate>> {
+        let mut out: Vec<crate::proxy::Rate> = Vec::new();
+        for (i, x) in list.iter().enumerate() {
+            let f = format!("{at}[{i}]");
+            if x.requests == 0 {
+                return Err(bad(format!("{f}.requests"), "must be at least 1"));
+            }
+            if x.per.0.is_zero() || x.per.0 > Duration::from_secs(3600) {
+                return Err(bad(format!("{f}.per"), "from 1ms to 1h"));
+            }
+            if x.burst == Some(0) {
+                return Err(bad(format!("{f}.burst"), "must be at least 1"));
+            }
+            if out.iter().any(|o| o.per == x.per.0) {
+                return Err(bad(format!("{f}.per"), "another limit has this window"));
+            }
+            out.push(crate::proxy::Rate {
+                requests: x.requests,
+                per: x.per.0,
+                burst: x.burst.unwrap_or(x.requests),
+            });
+        }
+        Ok(out)
+    };
+    let total = rates("spec.total", &p.total)?;
+    let per_caller = rates("spec.perCaller", &p.per_caller)?;
+    let mut overrides = BTreeMap::new();
+    for (i, o) in p.overrides.iter().enumerate() {
+        let f = format!("spec.overrides[{i}]");
+        let ok = o
+            .identity
+            .split_once('/')
+            .is_some_and(|(ns, id)| !ns.is_empty() && !id.is_empty() && !id.contains('/'));
+        if !ok {
+            return Err(bad(
+                format!("{f}.identity"),
+                "namespace/identity, as in AuthorizationPolicy",
+            ));
+        }
+        if overrides
+            .insert(
+                o.identity.clone(),
+                rates(&format!("{f}.perCaller"), &o.per_caller)?,
+            )
+            .is_some()
+        {
+            return Err(bad(format!("{f}.identity"), "named twice"));
+        }
+    }
+    if total.is_empty() && per_caller.is_empty() && overrides.is_empty() {
+        return Err(bad(
+            "spec".into(),
+            "give total, perCaller or overrides limits",
+        ));
+    }
+    Ok(crate::proxy::RateLimit {
+        policy: r.id().to_string(),
+        shadow: p.mode == crate::resource::RateLimitMode::Shadow,
+        total,
+        per_caller,
+        overrides,
+    })
+}
+
 /// Check what can be checked of `r` without the other resources. An apply runs this on every
 /// document, so that a policy whose targets do not exist yet is still checked.
 pub fn check_standalone(file: &str, r: &Resource) -> Result<()> {
     match &r.spec {
         Spec::AuthorizationPolicy(p) => authz_rules(file, r, p).map(drop),
         Spec::TrustBundle(b) => check_bundle(file, r, b),
+        Spec::RateLimitPolicy(p) => rate_limit(file, r, p).map(drop),
         _ => Ok(()),
     }
 }

@@ -36,6 +36,8 @@ pub(crate) enum Kind {
     InboundTls,
     /// A circuit breaker or the cluster's connection limit refused it.
     Overloaded,
+    /// Over a rate limit of the service's RateLimitPolicy.
+    RateLimited,
     /// No endpoint to send to.
     NoEndpoint,
     /// TCP connect to the upstream failed.
@@ -202,6 +204,7 @@ pub(crate) fn classify(kind: Kind, cause: Option<&(dyn StdError + 'static)>) -> 
         Kind::Denied | Kind::PlaintextRefused => F::Denied,
         Kind::InboundTls | Kind::Tls | Kind::NoIdentity => F::TlsError,
         Kind::Overloaded => F::Overloaded,
+        Kind::RateLimited => F::RateLimited,
         Kind::NoEndpoint => F::NoHealthyUpstream,
         Kind::ConnectTimeout => F::ConnectTimeout,
         Kind::Timeout | Kind::Idle => F::UpstreamTimeout,

@@ -120,6 +120,7 @@ pub(crate) fn route(
     mut rec: Box<Record>,
     grpc: bool,
     source: Option<&PeerId>,
+    peer: std::net::SocketAddr,
 ) -> Next<'static> {
     rec.authority = authority::authority(&req);
     // Who calls: its proxy says, and is believed only over mutual TLS. The header never
@@ -164,6 +165,14 @@ pub(crate) fn route(
     if is_upgrade(&req) {
         return Next::Upgrade(target.cluster.clone(), req, rec);
     }
+    // The service's rate limits, before a place under the concurrency limit is taken.
+    if let Some(l) = &target.rate_limit {
+        if let Some((e, headers)) = rate_limited(shared, l, source, peer) {
+            let mut r = local_reply(rec, &e, grpc);
+            r.headers_mut().extend(headers);
+            return Next::Reply(r);
+        }
+    }
     // The workload's adaptive concurrency limit: over it, shed now rather than queue.
     if target.adaptive.enabled {
         let a = &shared.adaptive;
@@ -192,6 +201,64 @@ pub(crate) fn route(
         peer_header: None,
     };
     Next::Forward(plan, req, rec)
+}
+
+/// Whether `l` refuses this request of `source` (else of the address `peer`): the error and
+/// the `RateLimit-Policy`, `RateLimit` and `Retry-After` headers of the 429. In shadow mode
+/// what would be refused is counted and let through.
+fn rate_limited(
+    shared: &Shared,
+    l: &crate::ratelimit::RateLimiter,
+    source: Option<&PeerIdentity>,
+    peer: std::net::SocketAddr,
+) -> Option<(Error, http::HeaderMap)> {
+    use crate::ratelimit::{Decision, Over};
+    let caller = match source {
+        Some(id) => format!("{}/{}", id.namespace, id.name),
+        None => format!("ip:{}", peer.ip()),
+    };
+    let Decision::Limited {
+        scope,
+        rate,
+        retry_after_ns,
+    } = l.check(&caller)
+    else {
+        return None;
+    };
+    let scope = match scope {
+        Over::Caller => "caller",
+        Over::Total => "total",
+    };
+    shared
+        .telemetry
+        .metrics
+        .count_rate_limited(&l.cfg.policy, scope, l.cfg.shadow);
+    if l.cfg.shadow {
+        return None;
+    }
+    let secs = retry_after_ns.div_ceil(1_000_000_000).max(1);
+    let window = rate.per.as_secs().max(1);
+    let mut h = http::HeaderMap::new();
+    // draft-ietf-httpapi-ratelimit-headers: the policy that refused, and when it frees.
+    let policy = format!("\"{scope}\";q={};w={window}", rate.requests);
+    let now = format!("\"{scope}\";r=0;t={secs}");
+    for (k, v) in [
+        ("ratelimit-policy", policy),
+        ("ratelimit", now),
+        ("retry-after", secs.to_string()),
+    ] {
+        if let Ok(v) = http::HeaderValue::from_str(&v) {
+            h.insert(http::HeaderName::from_static(k), v);
+        }
+    }
+    let e = Error::new(
+        Kind::RateLimited,
+        format!(
+            "over the {scope} limit of {} ({} per {:?}) for {caller}",
+            l.cfg.policy, rate.requests, rate.per
+        ),
+    );
+    Some((e, h))
 }
 
 /// Opaque TCP to the local workload: `CONNECT host:PORT` on the inbound listener reaches the

@@ -28,6 +28,7 @@ pub mod options;
 pub(crate) mod otlp;
 pub(crate) mod outbound;
 pub(crate) mod pool;
+pub(crate) mod ratelimit;
 pub(crate) mod reporter;
 pub mod run;
 pub(crate) mod shared;

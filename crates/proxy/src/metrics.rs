@@ -72,6 +72,17 @@ pub(crate) struct TcpLabels {
     pub(crate) failure_class: FailureClass,
 }
 
+/// Labels of the rate-limit counter.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct RateLimitLabels {
+    /// The RateLimitPolicy, `namespace/name`.
+    pub(crate) policy: String,
+    /// `caller` or `total`.
+    pub(crate) scope: &'static str,
+    /// `enforce` (refused) or `shadow` (only counted).
+    pub(crate) mode: &'static str,
+}
+
 /// Labels keyed by direction and service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct ServiceLabels {
@@ -163,6 +174,8 @@ pub(crate) struct Metrics {
     pub(crate) failed: Arc<Mutex<FailedAttempts>>,
     /// The period's slow requests (not failed), one by one (bounded alike).
     pub(crate) slow: Arc<Mutex<FailedAttempts>>,
+    /// Requests over a rate limit.
+    pub(crate) rate_limited: Family<RateLimitLabels, Counter>,
     /// The period's ejections by outlier detection, and endpoints let back in early.
     pub(crate) ejections_told: Arc<Mutex<Vec<trellis_telemetry::report::Ejection>>>,
     /// Whether periods are summed up for reports (a proxy that reports to a control plane).
@@ -250,6 +263,7 @@ impl Metrics {
             tcp_summary: Arc::default(),
             failed: Arc::default(),
             slow: Arc::default(),
+            rate_limited: Family::default(),
             ejections_told: Arc::default(),
             summaries: false,
         };
@@ -268,6 +282,11 @@ impl Metrics {
             "tcp_connections",
             "TCP connections by outcome (unstable)",
             m.tcp_connections.clone(),
+        );
+        reg.register(
+            "rate_limited",
+            "Inbound requests over a RateLimitPolicy's limit (refused, or counted in shadow mode)",
+            m.rate_limited.clone(),
         );
         reg.register(
             "tcp_connections_open",
@@ -375,6 +394,17 @@ impl Metrics {
         if v.len() < 64 {
             v.push(e);
         }
+    }
+
+    /// A request over a rate limit (refused, or in shadow mode only counted).
+    pub(crate) fn count_rate_limited(&self, policy: &str, scope: &'static str, shadow: bool) {
+        self.rate_limited
+            .get_or_create(&RateLimitLabels {
+                policy: policy.to_string(),
+                scope,
+                mode: if shadow { "shadow" } else { "enforce" },
+            })
+            .inc();
     }
 
     /// A try that failed and was retried (summaries only: the request itself is recorded

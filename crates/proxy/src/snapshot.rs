@@ -32,6 +32,9 @@ pub(crate) struct InboundTarget {
     pub(crate) target_port: u16,
     /// The adaptive concurrency limit its service's policy sets.
     pub(crate) adaptive: trellis_model::proxy::AdaptiveLimit,
+    /// The rate limits of its service's RateLimitPolicy (kept across configs while they
+    /// stay the same).
+    pub(crate) rate_limit: Option<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 /// A translated config plus the runtime state built from it.
@@ -160,6 +163,14 @@ impl Snapshot {
                     mtls: ip.mtls,
                     target_port: ip.target.port(),
                     adaptive: ip.adaptive,
+                    rate_limit: ip.rate_limit.as_ref().map(|cfg| {
+                        prev.and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
+                            .and_then(|t| t.rate_limit.clone())
+                            .filter(|l| l.cfg == *cfg)
+                            .unwrap_or_else(|| {
+                                Arc::new(crate::ratelimit::RateLimiter::new(cfg.clone()))
+                            })
+                    }),
                 });
             }
         }

@@ -34,8 +34,10 @@ pub enum FailureClass {
     UpstreamTimeout,
     /// The upstream spoke something other than the expected protocol.
     ProtocolError,
-    /// Circuit open, concurrency or rate limit.
+    /// Circuit open, or a concurrency limit.
     Overloaded,
+    /// Over a rate limit (its caller's share, or the total).
+    RateLimited,
     /// Refused by authorization policy (or plaintext refused under STRICT mutual TLS).
     Denied,
     /// No service or route matched.
@@ -76,7 +78,7 @@ pub enum Side {
 
 impl FailureClass {
     /// Every class, in declaration order.
-    pub const ALL: [FailureClass; 15] = [
+    pub const ALL: [FailureClass; 16] = [
         Self::Ok,
         Self::AppError,
         Self::AppGrpcError,
@@ -88,6 +90,7 @@ impl FailureClass {
         Self::UpstreamTimeout,
         Self::ProtocolError,
         Self::Overloaded,
+        Self::RateLimited,
         Self::Denied,
         Self::NoRoute,
         Self::ClientError,
@@ -108,6 +111,7 @@ impl FailureClass {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::ProtocolError => "protocol_error",
             Self::Overloaded => "overloaded",
+            Self::RateLimited => "rate_limited",
             Self::Denied => "denied",
             Self::NoRoute => "no_route",
             Self::ClientError => "client_error",
@@ -120,7 +124,7 @@ impl FailureClass {
         match self {
             Self::Ok => Category::Ok,
             Self::AppError | Self::AppGrpcError => Category::Application,
-            Self::Overloaded | Self::Denied | Self::NoRoute => Category::Policy,
+            Self::Overloaded | Self::RateLimited | Self::Denied | Self::NoRoute => Category::Policy,
             Self::ClientError | Self::ClientDisconnect => Category::Client,
             Self::ConnectRefused
             | Self::ConnectTimeout
@@ -153,6 +157,7 @@ impl FailureClass {
             Self::ConnectTimeout | Self::UpstreamTimeout => 504,
             Self::Denied => 403,
             Self::NoRoute => 404,
+            Self::RateLimited => 429,
             Self::ClientError | Self::ClientDisconnect => 400,
             Self::Ok | Self::AppError | Self::AppGrpcError => 502,
         }
@@ -163,6 +168,7 @@ impl FailureClass {
         match self {
             Self::ConnectTimeout | Self::UpstreamTimeout => 4, // DEADLINE_EXCEEDED
             Self::Denied => 7,                                 // PERMISSION_DENIED
+            Self::RateLimited => 8,                            // RESOURCE_EXHAUSTED
             Self::NoRoute => 12,                               // UNIMPLEMENTED
             Self::ClientError | Self::ClientDisconnect => 3,   // INVALID_ARGUMENT
             _ => 14,                                           // UNAVAILABLE

@@ -554,7 +554,11 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             );
         }
         // A meshed caller's refusals are joined from its side below (both counts at once).
-        for (class, what) in [(F::Denied, "denied"), (F::Overloaded, "overloaded")] {
+        for (class, what) in [
+            (F::Denied, "denied"),
+            (F::Overloaded, "overloaded"),
+            (F::RateLimited, "rate_limited"),
+        ] {
             let n = p.classes.get(&class).copied().unwrap_or(0);
             if n >= MIN_FAILED && caller.is_empty() {
                 policy(
@@ -770,11 +774,11 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         ),
                     );
                 }
-                F::Denied | F::Overloaded => {
-                    let what = if *class == F::Denied {
-                        "denied"
-                    } else {
-                        "overloaded"
+                F::Denied | F::Overloaded | F::RateLimited => {
+                    let what = match class {
+                        F::Denied => "denied",
+                        F::RateLimited => "rate_limited",
+                        _ => "overloaded",
                     };
                     let whose = if seen.get(class).copied().unwrap_or(0) > 0 {
                         "the callee's proxy"
@@ -1554,6 +1558,17 @@ fn policy(
                 svc.split('/').next().unwrap_or_default()
             ),
         )
+    } else if what == "rate_limited" {
+        (
+            format!("requests to {svc} are over its RateLimitPolicy"),
+            vec![format!(
+                "{n} requests refused as rate_limited (429) by {whose}: a caller over its share, or all of them over the total"
+            )],
+            format!(
+                "trellis get ratelimitpolicies -n {}: raise the limits, or find the caller that sends too much (trellis top)",
+                svc.split('/').next().unwrap_or_default()
+            ),
+        )
     } else if whose == "the caller's proxy" {
         // No endpoint was tried: the caller's own circuit breaker refused.
         (
@@ -1592,17 +1607,17 @@ fn policy(
     } else {
         Place::Workload { at: callee.clone() }
     };
-    let class = if what == "denied" {
-        FailureClass::Denied
-    } else {
-        FailureClass::Overloaded
+    let class = match what {
+        "denied" => FailureClass::Denied,
+        "rate_limited" => FailureClass::RateLimited,
+        _ => FailureClass::Overloaded,
     };
     found.add(
         Cause::MeshPolicy,
-        if what == "denied" {
-            "denied"
-        } else {
-            "overloaded"
+        match what {
+            "denied" => "denied",
+            "rate_limited" => "rate_limited",
+            _ => "overloaded",
         },
         place,
         svc,
@@ -1724,11 +1739,11 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
                     .into(),
                 );
             }
-            F::Overloaded | F::Denied => {
-                let what = if *class == F::Denied {
-                    "denied"
-                } else {
-                    "overloaded"
+            F::Overloaded | F::Denied | F::RateLimited => {
+                let what = match class {
+                    F::Denied => "denied",
+                    F::RateLimited => "rate_limited",
+                    _ => "overloaded",
                 };
                 policy(
                     found,

@@ -642,3 +642,63 @@ fn a_services_trace_sampling_is_a_percentage() {
         assert!(e.contains("samplingPercent"), "{bad}: {e}");
     }
 }
+
+const RATE_LIMIT: &str = "apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: { name: busy, namespace: shop }
+spec:
+  targetRefs: [{ name: catalog }]
+  perCaller: [{ requests: 5, per: 1m }, { requests: 1, per: 1s, burst: 2 }]
+  total: [{ requests: 100, per: 1s }]
+  overrides: [{ identity: shop/reports, perCaller: [{ requests: 50, per: 1m }] }]
+";
+
+#[test]
+fn a_rate_limit_policy_reaches_its_services_inbound_and_bad_ones_are_named() {
+    // On the workload's inbound port of the service it targets, filled in.
+    let text = format!("{EXAMPLE}---\n{RATE_LIMIT}");
+    let res = parse_documents("rl.yaml", &text).unwrap();
+    let cfg = translate("rl.yaml", &res, Some(&nn("shop/catalog-vm-1"))).unwrap();
+    let local = cfg.local.expect("a local workload");
+    let rl = local
+        .inbound_ports
+        .iter()
+        .find_map(|p| p.rate_limit.clone());
+    // catalog-vm-1 is selected by catalog (and catalog-v1): the policy is on catalog's port.
+    let rl = rl.expect("the policy on the inbound port");
+    assert_eq!(rl.policy, "shop/busy");
+    assert_eq!(rl.per_caller.len(), 2);
+    assert_eq!(rl.per_caller[0].burst, 5, "burst defaults to requests");
+    assert_eq!(rl.per_caller[1].burst, 2);
+    assert_eq!(rl.overrides["shop/reports"][0].requests, 50);
+    assert!(!rl.shadow);
+    // Refused whole, naming the file, line and field.
+    for (from, to, field) in [
+        (
+            "requests: 5, per: 1m",
+            "requests: 0, per: 1m",
+            "spec.perCaller[0].requests",
+        ),
+        (
+            "requests: 100, per: 1s",
+            "requests: 100, per: 2h",
+            "spec.total[0].per",
+        ),
+        (
+            "identity: shop/reports",
+            "identity: reports",
+            "spec.overrides[0].identity",
+        ),
+        (
+            "{ requests: 1, per: 1s, burst: 2 }",
+            "{ requests: 1, per: 1m }",
+            "spec.perCaller[1].per",
+        ),
+    ] {
+        let bad = RATE_LIMIT.replace(from, to);
+        let res =
+            parse_documents("rl.yaml", &bad).and_then(|r| translate("rl.yaml", &r, None).map(drop));
+        let e = res.unwrap_err().to_string();
+        assert!(e.contains("rl.yaml:") && e.contains(field), "{field}: {e}");
+    }
+}

@@ -31,7 +31,9 @@ pub(crate) fn error_type(class: FailureClass) -> &'static str {
         FailureClass::UpstreamTimeout => "http_response_timeout",
         FailureClass::ProtocolError => "http_protocol_error",
         FailureClass::Overloaded => "connection_limit_reached",
-        FailureClass::Denied => "http_request_denied",
+        // RFC 9209 has no type for a rate limit: the request was refused by this hop's
+        // policy (the class, `rate_limited`, says which).
+        FailureClass::Denied | FailureClass::RateLimited => "http_request_denied",
         FailureClass::NoRoute => "destination_not_found",
         FailureClass::ClientError | FailureClass::ClientDisconnect => "http_request_error",
         // The proxy makes no answer of its own for these; if it ever does, it is its own.

@@ -441,7 +441,7 @@ async fn handle(
     rec.uri = req.uri().clone();
     let grpc = crate::http::headers::is_grpc(&req);
     let next = if inbound {
-        inbound::route(shared, &snap, req, rec, grpc, source.as_ref())
+        inbound::route(shared, &snap, req, rec, grpc, source.as_ref(), peer)
     } else {
         outbound::route(&snap, listener, req, rec, grpc, peer)
     };
