@@ -33,13 +33,16 @@ http { access_log off; keepalive_requests 10000000;
   server { listen 127.0.0.1:18080; location / { return 200 "ok"; } } }
 NGX
 nginx -c "$W/nginx.conf" -p "$W"
-SRC=(--config bench/mesh.yaml)
+# MESH=FILE uses another mesh (bench/mesh-ratelimit.yaml adds a RateLimitPolicy that never
+# refuses, for the cost of checking it).
+MESH=${MESH:-bench/mesh.yaml}
+SRC=(--config "$MESH")
 if [ -n "${REPORT:-}" ]; then
   "$BIN" control --data-dir "$W/cp" --api 127.0.0.1:18170 --xds 127.0.0.1:18171 >/dev/null 2>"$W/cp.err" &
   CP=$!
   trap 'kill $CP 2>/dev/null || true; cleanup' EXIT
   for _ in $(seq 100); do [ -s "$W/cp/admin.token" ] && curl -sf -o /dev/null 127.0.0.1:18170/healthz && break; sleep 0.1; done
-  "$BIN" apply -f bench/mesh.yaml --server http://127.0.0.1:18170 --token "$(cat "$W/cp/admin.token")" >/dev/null
+  "$BIN" apply -f "$MESH" --server http://127.0.0.1:18170 --token "$(cat "$W/cp/admin.token")" >/dev/null
   SRC=(--xds http://127.0.0.1:18171 --report-interval "$REPORT")
 fi
 # Total instructions of a proxy run that serves $1 requests.

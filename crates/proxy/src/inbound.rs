@@ -138,6 +138,7 @@ pub(crate) fn route(
         .and_then(|p| p.port)
         .or_else(|| req.extensions().get::<CapturedPort>().map(|c| c.0))
         .or_else(|| rec.authority.as_ref().and_then(|a| a.host_port().1));
+    let source_uri = source.map(|p| p.uri.clone());
     let source = source.map(|p| p.id.as_ref());
     if req.method() == Method::CONNECT {
         return tunnel(shared, snap, port, req, rec, source);
@@ -167,7 +168,9 @@ pub(crate) fn route(
     }
     // The service's rate limits, before a place under the concurrency limit is taken.
     if let Some(l) = &target.rate_limit {
-        if let Some((e, headers)) = rate_limited(shared, l, source, peer) {
+        if let Some((e, headers)) =
+            rate_limited(shared, l, source_uri.as_ref().and_then(Label::get), peer)
+        {
             let mut r = local_reply(rec, &e, grpc);
             r.headers_mut().extend(headers);
             return Next::Reply(r);
@@ -209,19 +212,23 @@ pub(crate) fn route(
 fn rate_limited(
     shared: &Shared,
     l: &crate::ratelimit::RateLimiter,
-    source: Option<&PeerIdentity>,
+    source: Option<&str>,
     peer: std::net::SocketAddr,
 ) -> Option<(Error, http::HeaderMap)> {
     use crate::ratelimit::{Decision, Over};
+    let unmeshed;
     let caller = match source {
-        Some(id) => format!("{}/{}", id.namespace, id.name),
-        None => format!("ip:{}", peer.ip()),
+        Some(uri) => uri,
+        None => {
+            unmeshed = format!("ip:{}", peer.ip());
+            &unmeshed
+        }
     };
     let Decision::Limited {
         scope,
         rate,
         retry_after_ns,
-    } = l.check(&caller)
+    } = l.check(caller)
     else {
         return None;
     };

@@ -1,6 +1,6 @@
 //! Rate limits on a workload's inbound side (a RateLimitPolicy on its service): GCRA
 //! (the generic cell rate algorithm) buckets, one per limit, in total and per caller (its
-//! SPIFFE identity as `namespace/identity`, an unmeshed caller by its source address).
+//! SPIFFE ID, an unmeshed caller by its source address).
 //!
 //! Fair: the caller's own buckets are asked first, then the total's, and a request takes
 //! from them only if all allow; a caller over its share is refused without taking from the
@@ -45,24 +45,30 @@ fn interval_ns(r: &Rate) -> u64 {
     (r.per.as_nanos() / u128::from(r.requests.max(1))).max(1) as u64
 }
 
-/// Whether one more request fits each of `rates` whose TATs are `tats` at `now`: the new
-/// TATs, or the first limit over and when it frees.
-fn ask(rates: &[Rate], tats: &[u64], now: u64) -> Result<Vec<u64>, (Rate, u64)> {
-    let mut out = Vec::with_capacity(rates.len());
+/// Whether one more request fits each of `rates` whose TATs are `tats` at `now`: `Ok`, or
+/// the first limit over and when it frees. Nothing is changed.
+fn ask(rates: &[Rate], tats: &[u64], now: u64) -> Result<(), (Rate, u64)> {
     for (r, tat) in rates.iter().zip(tats) {
-        let t = interval_ns(r);
-        let tolerance = t.saturating_mul(u64::from(r.burst.max(1) - 1));
+        let tolerance = interval_ns(r).saturating_mul(u64::from(r.burst.max(1) - 1));
         let allowed_at = tat.saturating_sub(tolerance);
         if allowed_at > now {
             return Err((*r, allowed_at - now));
         }
-        out.push((*tat).max(now) + t);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Take one request from each of `rates` (after [`ask`] allowed it).
+fn take(rates: &[Rate], tats: &mut [u64], now: u64) {
+    for (r, tat) in rates.iter().zip(tats) {
+        *tat = (*tat).max(now) + interval_ns(r);
+    }
 }
 
 struct State {
     total: Vec<u64>,
+    // The standard hasher: callers' keys come from outside (addresses), so not one an
+    // attacker could collide.
     callers: HashMap<String, Vec<u64>>,
     /// Shared by the callers that came when the table was full of active ones.
     overflow: Vec<u64>,
@@ -79,7 +85,7 @@ impl RateLimiter {
     pub(crate) fn new(cfg: RateLimit) -> Self {
         let state = State {
             total: vec![0; cfg.total.len()],
-            callers: HashMap::new(),
+            callers: HashMap::default(),
             overflow: Vec::new(),
         };
         Self {
@@ -89,12 +95,23 @@ impl RateLimiter {
         }
     }
 
-    /// The per-caller limits of `caller`.
+    /// The per-caller limits of `caller` (`namespace/identity`, or a SPIFFE ID
+    /// `spiffe://…/ns/NAMESPACE/sa/IDENTITY`).
     fn rates_of(&self, caller: &str) -> &[Rate] {
+        let named = |who: &str| match caller.strip_prefix("spiffe://") {
+            Some(uri) => who.split_once('/').is_some_and(|(ns, id)| {
+                uri.strip_suffix(id)
+                    .and_then(|u| u.strip_suffix("/sa/"))
+                    .and_then(|u| u.strip_suffix(ns))
+                    .is_some_and(|u| u.ends_with("/ns/"))
+            }),
+            None => who == caller,
+        };
         self.cfg
             .overrides
-            .get(caller)
-            .map_or(&self.cfg.per_caller[..], |v| &v[..])
+            .iter()
+            .find(|(who, _)| named(who))
+            .map_or(&self.cfg.per_caller[..], |(_, v)| &v[..])
     }
 
     /// Take a request of `caller` now.
@@ -115,43 +132,37 @@ impl RateLimiter {
             // Forget the callers that owe nothing: they are as new.
             callers.retain(|_, tats| tats.iter().any(|t| *t > now));
         }
-        let mine: &mut Vec<u64> = if rates.is_empty() {
-            overflow // unused: no per-caller limit
-        } else if callers.contains_key(caller) || callers.len() < CALLERS {
-            callers
-                .entry(caller.to_string())
-                .or_insert_with(|| vec![0; rates.len()])
-        } else {
-            if overflow.len() != rates.len() {
+        if !rates.is_empty() && !callers.contains_key(caller) {
+            if callers.len() < CALLERS {
+                callers.insert(caller.to_string(), vec![0; rates.len()]);
+            } else if overflow.len() != rates.len() {
                 *overflow = vec![0; rates.len()];
             }
-            overflow
+        }
+        let mine: &mut Vec<u64> = match callers.get_mut(caller) {
+            Some(v) if !rates.is_empty() => v,
+            // No per-caller limit (nothing is taken from it), or the table is full.
+            _ => overflow,
         };
         if mine.len() != rates.len() {
             *mine = vec![0; rates.len()];
         }
-        let own = match ask(rates, mine, now) {
-            Ok(v) => v,
-            Err((rate, after)) => {
-                return Decision::Limited {
-                    scope: Over::Caller,
-                    rate,
-                    retry_after_ns: after,
-                }
-            }
-        };
-        let all = match ask(&self.cfg.total, total, now) {
-            Ok(v) => v,
-            Err((rate, after)) => {
-                return Decision::Limited {
-                    scope: Over::Total,
-                    rate,
-                    retry_after_ns: after,
-                }
-            }
-        };
-        *mine = own;
-        *total = all;
+        if let Err((rate, after)) = ask(rates, mine, now) {
+            return Decision::Limited {
+                scope: Over::Caller,
+                rate,
+                retry_after_ns: after,
+            };
+        }
+        if let Err((rate, after)) = ask(&self.cfg.total, total, now) {
+            return Decision::Limited {
+                scope: Over::Total,
+                rate,
+                retry_after_ns: after,
+            };
+        }
+        take(rates, mine, now);
+        take(&self.cfg.total, total, now);
         Decision::Allow
     }
 

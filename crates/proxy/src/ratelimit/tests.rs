@@ -75,8 +75,11 @@ fn overrides_give_an_identity_its_own_share() {
     cfg.overrides
         .insert("ns/vip".into(), vec![rate(50, 60, 50)]);
     let l = RateLimiter::new(cfg);
-    assert_eq!(allowed(&l, "ns/vip", 60, 0), 50);
-    assert_eq!(allowed(&l, "ns/other", 10, 0), 2);
+    assert_eq!(allowed(&l, "spiffe://td/ns/ns/sa/vip", 60, 0), 50);
+    assert_eq!(allowed(&l, "spiffe://td/ns/ns/sa/other", 10, 0), 2);
+    // Not a prefix or a suffix of another identity's.
+    assert_eq!(allowed(&l, "spiffe://td/ns/ns/sa/xvip", 10, 0), 2);
+    assert_eq!(allowed(&l, "spiffe://td/ns/xns/sa/vip", 10, 0), 2);
 }
 
 #[test]
