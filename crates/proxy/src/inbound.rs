@@ -215,14 +215,10 @@ fn rate_limited(
     source: Option<&str>,
     peer: std::net::SocketAddr,
 ) -> Option<(Error, http::HeaderMap)> {
-    use crate::ratelimit::{Decision, Over};
-    let unmeshed;
+    use crate::ratelimit::{Caller, Decision, Over};
     let caller = match source {
-        Some(uri) => uri,
-        None => {
-            unmeshed = format!("ip:{}", peer.ip());
-            &unmeshed
-        }
+        Some(uri) => Caller::Id(uri),
+        None => Caller::Ip(peer.ip()),
     };
     let Decision::Limited {
         scope,

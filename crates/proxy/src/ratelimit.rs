@@ -12,12 +12,31 @@
 //! limiter began: a request is allowed when `TAT − burst tolerance ≤ now`, and then moves the
 //! TAT on by one emission interval (`per / requests`) from `max(TAT, now)`.
 
-use std::{collections::HashMap, sync::Mutex, time::Instant};
+use std::{collections::HashMap, net::IpAddr, sync::Mutex, time::Instant};
 
 use trellis_model::proxy::{Rate, RateLimit};
 
 /// Callers kept at most.
 pub(crate) const CALLERS: usize = 10_000;
+
+/// Who asks: a meshed caller by its SPIFFE ID, an unmeshed one by its address (looked up
+/// without building a key: a request pays no allocation here).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Caller<'a> {
+    /// `spiffe://…/ns/NAMESPACE/sa/IDENTITY` (or `namespace/identity`).
+    Id(&'a str),
+    /// Its source address.
+    Ip(IpAddr),
+}
+
+impl std::fmt::Display for Caller<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Id(id) => f.write_str(id),
+            Caller::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
 
 /// Why a request is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +88,8 @@ struct State {
     total: Vec<u64>,
     // The standard hasher: callers' keys come from outside (addresses), so not one an
     // attacker could collide.
-    callers: HashMap<String, Vec<u64>>,
+    by_id: HashMap<String, Vec<u64>>,
+    by_ip: HashMap<IpAddr, Vec<u64>>,
     /// Shared by the callers that came when the table was full of active ones.
     overflow: Vec<u64>,
 }
@@ -85,7 +105,8 @@ impl RateLimiter {
     pub(crate) fn new(cfg: RateLimit) -> Self {
         let state = State {
             total: vec![0; cfg.total.len()],
-            callers: HashMap::default(),
+            by_id: HashMap::new(),
+            by_ip: HashMap::new(),
             overflow: Vec::new(),
         };
         Self {
@@ -97,7 +118,10 @@ impl RateLimiter {
 
     /// The per-caller limits of `caller` (`namespace/identity`, or a SPIFFE ID
     /// `spiffe://…/ns/NAMESPACE/sa/IDENTITY`).
-    fn rates_of(&self, caller: &str) -> &[Rate] {
+    fn rates_of(&self, caller: Caller<'_>) -> &[Rate] {
+        let Caller::Id(caller) = caller else {
+            return &self.cfg.per_caller;
+        };
         let named = |who: &str| match caller.strip_prefix("spiffe://") {
             Some(uri) => who.split_once('/').is_some_and(|(ns, id)| {
                 uri.strip_suffix(id)
@@ -115,31 +139,45 @@ impl RateLimiter {
     }
 
     /// Take a request of `caller` now.
-    pub(crate) fn check(&self, caller: &str) -> Decision {
+    pub(crate) fn check(&self, caller: Caller<'_>) -> Decision {
         let now = self.start.elapsed().as_nanos() as u64;
         self.check_at(caller, now)
     }
 
-    fn check_at(&self, caller: &str, now: u64) -> Decision {
+    fn check_at(&self, caller: Caller<'_>, now: u64) -> Decision {
         let rates = self.rates_of(caller);
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let State {
             total,
-            callers,
+            by_id,
+            by_ip,
             overflow,
         } = &mut *s;
-        if !rates.is_empty() && !callers.contains_key(caller) && callers.len() >= CALLERS {
-            // Forget the callers that owe nothing: they are as new.
-            callers.retain(|_, tats| tats.iter().any(|t| *t > now));
-        }
-        if !rates.is_empty() && !callers.contains_key(caller) {
-            if callers.len() < CALLERS {
-                callers.insert(caller.to_string(), vec![0; rates.len()]);
+        let known = match caller {
+            Caller::Id(id) => by_id.contains_key(id),
+            Caller::Ip(ip) => by_ip.contains_key(&ip),
+        };
+        if !rates.is_empty() && !known {
+            if by_id.len() + by_ip.len() >= CALLERS {
+                // Forget the callers that owe nothing: they are as new.
+                by_id.retain(|_, tats| tats.iter().any(|t| *t > now));
+                by_ip.retain(|_, tats| tats.iter().any(|t| *t > now));
+            }
+            if by_id.len() + by_ip.len() < CALLERS {
+                let fresh = vec![0; rates.len()];
+                match caller {
+                    Caller::Id(id) => drop(by_id.insert(id.to_string(), fresh)),
+                    Caller::Ip(ip) => drop(by_ip.insert(ip, fresh)),
+                }
             } else if overflow.len() != rates.len() {
                 *overflow = vec![0; rates.len()];
             }
         }
-        let mine: &mut Vec<u64> = match callers.get_mut(caller) {
+        let held = match caller {
+            Caller::Id(id) => by_id.get_mut(id),
+            Caller::Ip(ip) => by_ip.get_mut(&ip),
+        };
+        let mine: &mut Vec<u64> = match held {
             Some(v) if !rates.is_empty() => v,
             // No per-caller limit (nothing is taken from it), or the table is full.
             _ => overflow,
@@ -169,11 +207,8 @@ impl RateLimiter {
     /// Callers held now.
     #[cfg(test)]
     pub(crate) fn callers(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .callers
-            .len()
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.by_id.len() + s.by_ip.len()
     }
 }
 

@@ -24,7 +24,7 @@ const S: u64 = 1_000_000_000;
 
 fn allowed(l: &RateLimiter, caller: &str, n: usize, at: u64) -> usize {
     (0..n)
-        .filter(|_| l.check_at(caller, at) == Decision::Allow)
+        .filter(|_| l.check_at(Caller::Id(caller), at) == Decision::Allow)
         .count()
 }
 
@@ -35,11 +35,11 @@ fn a_caller_over_its_share_drains_nobody_elses() {
     assert_eq!(allowed(&l, "ns/a", 20, S), 5, "a gets its share");
     // a's 15 refused requests took nothing from the total: b gets the 3 left.
     assert_eq!(allowed(&l, "ns/b", 10, S), 3);
-    match l.check_at("ns/c", S) {
+    match l.check_at(Caller::Id("ns/c"), S) {
         Decision::Limited { scope, .. } => assert_eq!(scope, Over::Total),
         d => panic!("{d:?}"),
     }
-    match l.check_at("ns/a", S) {
+    match l.check_at(Caller::Id("ns/a"), S) {
         Decision::Limited {
             scope,
             retry_after_ns,
@@ -87,10 +87,11 @@ fn memory_is_bounded_whatever_the_number_of_callers() {
     let l = limiter(vec![], vec![rate(1, 1, 1)]);
     // Many callers at once, each owing: beyond the cap they share the overflow bucket.
     for i in 0..(CALLERS + 500) {
-        l.check_at(&format!("ip:{i}"), 0);
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i as u32);
+        l.check_at(Caller::Ip(ip.into()), 0);
     }
     assert_eq!(l.callers(), CALLERS);
     // A second later every one owes nothing: the table makes room again.
-    assert_eq!(l.check_at("ip:new", 2 * S), Decision::Allow);
+    assert_eq!(l.check_at(Caller::Id("ns/new"), 2 * S), Decision::Allow);
     assert!(l.callers() < 10, "{}", l.callers());
 }
