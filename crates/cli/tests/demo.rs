@@ -48,7 +48,7 @@ fn get_head(addr: &str, path: &str) -> String {
 #[test]
 fn the_demo_tells_its_story_and_each_step_shows_in_diagnose_and_stat() {
     let mut child = Command::new(BIN)
-        .args(["demo", "--duration", "15s", "--step", "3s", "--rate", "20"])
+        .args(["demo", "--duration", "20s", "--step", "4s", "--rate", "20"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

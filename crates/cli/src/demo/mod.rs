@@ -399,7 +399,9 @@ impl Story<'_> {
             }
             let _ = end_tx.send(true);
         });
-        let secs = step.as_secs().max(1);
+        // A step's window reaches a little before it: a report is filed by the start of its
+        // period, so what failed in the step's first second may be filed a second earlier.
+        let secs = step.as_secs().max(1) + 2;
         let steps: [(&str, Lever); 5] = [
             ("steady traffic: the shopper's own zone (eu-west-1a) serves it, from the VM; the container (eu-west-1b) and the bare-metal host (us-east) stand by", Lever::None),
             ("the VM's application fails (503, and its health check): retries and the agent's health check move the traffic to the container in the next zone", Lever::VmDown(true)),
