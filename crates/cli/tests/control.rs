@@ -495,13 +495,7 @@ async fn a_workload_change_updates_endpoints_without_translating_the_mesh() {
     let (a, b) = (upstream::named("a").await, upstream::named("b").await);
     let cp = ControlProcess::start(BIN, &[]);
     let mesh = |b_healthy: bool| {
-        // Round robin: which endpoints serve shows at once (peak-EWMA would prefer the one
-        // it has timed until the new one is tried).
-        let mut y = docs(&[
-            service("svc", "HTTP", &[a, b]),
-            client_workload(&[]),
-            policy("svc", "  loadBalancer: { type: RoundRobin }\n"),
-        ]);
+        let mut y = docs(&[service("svc", "HTTP", &[a, b]), client_workload(&[])]);
         if !b_healthy {
             // The second endpoint's agent says it is down.
             y = y.replacen(

@@ -48,6 +48,8 @@ pub(crate) struct Endpoint {
     recoveries: AtomicU64,
     /// Peak-EWMA latency estimate, nanoseconds, and when it was last updated.
     ewma: Mutex<(f64, Instant)>,
+    /// Whether a latency sample has been taken.
+    timed: std::sync::atomic::AtomicBool,
     outlier: Mutex<Outlier>,
 }
 
@@ -185,6 +187,7 @@ impl Endpoint {
             in_flight: AtomicU32::new(0),
             recoveries: AtomicU64::new(recoveries),
             ewma: Mutex::new((EWMA_INITIAL_NS, Instant::now())),
+            timed: std::sync::atomic::AtomicBool::new(false),
             outlier: Mutex::new(Outlier::default()),
         }
     }
@@ -208,6 +211,9 @@ impl Endpoint {
     /// Record a latency sample taken at `now`. Peak-sensitive: a slower sample replaces the
     /// estimate at once, a faster one decays it.
     pub(crate) fn observe_latency(&self, rtt: Duration, now: Instant) {
+        if !self.timed.load(Ordering::Relaxed) {
+            self.timed.store(true, Ordering::Relaxed);
+        }
         let mut g = self.ewma.lock().expect("ewma lock");
         let sample = rtt.as_nanos() as f64;
         if sample > g.0 {
@@ -321,7 +327,8 @@ impl Cluster {
                     None => Arc::new(Endpoint::new(e.clone(), idle, meshed)),
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        warm_start(&endpoints);
         let p = &cfg.policy;
         let (budget, requests, connections) = match prev {
             Some(prev) if prev.cfg.policy == *p => (
@@ -596,6 +603,30 @@ impl Cluster {
             .ejected
             .get_or_create(&self.labels)
             .set(n as i64);
+    }
+}
+
+/// Endpoints never timed (new, or back before they took a request) start at half the
+/// fastest timed one's estimate, so that the next pick tries them and they compete on their
+/// own numbers from then on. With the fixed initial estimate alone, an endpoint of a service
+/// that answers faster than it was never picked while the others stayed fast: a scale-out
+/// that took no traffic.
+fn warm_start(endpoints: &[Arc<Endpoint>]) {
+    let estimate = |e: &Endpoint| e.ewma.lock().expect("ewma lock").0;
+    let fastest = endpoints
+        .iter()
+        .filter(|e| e.timed.load(Ordering::Relaxed))
+        .map(|e| estimate(e))
+        .min_by(f64::total_cmp);
+    let Some(fastest) = fastest else {
+        return;
+    };
+    for e in endpoints
+        .iter()
+        .filter(|e| !e.timed.load(Ordering::Relaxed))
+    {
+        let mut g = e.ewma.lock().expect("ewma lock");
+        g.0 = g.0.min(fastest / 2.0);
     }
 }
 

@@ -326,3 +326,26 @@ fn rebuilt(c: &Cluster, recoveries: u64) -> Cluster {
         false,
     )
 }
+
+#[test]
+fn an_endpoint_never_timed_is_tried_before_a_faster_timed_one() {
+    // a has answered in 0.2 ms; b joins (or comes back) untimed, with the fixed 1 ms
+    // estimate: without the warm start, power of two choices never picks it.
+    let c = cluster(LbKind::PeakEWMA, &[1, 1]);
+    let now = Instant::now();
+    c.endpoints[0].observe_latency(Duration::from_micros(200), now);
+    let mut reg = prometheus_client::registry::Registry::default();
+    let again = Cluster::new(
+        "ns/s:80".into(),
+        c.cfg.clone(),
+        Some(&c),
+        &Metrics::register(&mut reg),
+        None,
+        false,
+    );
+    assert_eq!(
+        again.pick(Instant::now()).unwrap().cfg.addr.to_string(),
+        "127.0.0.2:80",
+        "the untimed endpoint is tried next"
+    );
+}
