@@ -213,6 +213,13 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     let edges = wait_text(&browser, "#workload-edges", "test/shop").await;
     assert!(edges.contains("test/catalog-vm"), "{edges}");
     wait_text(&browser, "#workload-events", "joined").await;
+    // Its inbound adaptive concurrency limit (on by default; it starts at 100).
+    wait_text(
+        &browser,
+        "#workload-limit",
+        "adaptive concurrency limit 100",
+    )
+    .await;
     // The problems and the services' figures.
     wait_text(
         &browser,

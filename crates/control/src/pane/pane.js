@@ -173,6 +173,14 @@ async function showWorkload(name) {
   $("workload-edges").querySelector("tbody").innerHTML = state.edges.filter((e) => e.src === name || e.dst === name).map((e) =>
     `<tr><td>${esc(e.src)}</td><td>${esc(e.dst)}</td><td class="${healthClass(e.success)}">${pct(e.success)}</td>` +
     `<td>${e.rps.toFixed(1)}</td><td>${ms(e.latency_ms && e.latency_ms.p99)}</td><td>${esc(failuresText(e.failures))}</td></tr>`).join("");
+  // Its inbound adaptive concurrency limit, as its proxy last reported it.
+  try {
+    const rows = await api(`/api/v1/stat?kind=workload&namespace=${encodeURIComponent(ns)}&name=${encodeURIComponent(name)}&window=${encodeURIComponent($("window").value)}`);
+    const a = (rows.find((r) => r.name === name) || {}).adaptive;
+    $("workload-limit").textContent = a ? `adaptive concurrency limit ${a.limit} (${a.in_flight} in flight)` : "";
+  } catch (_) {
+    $("workload-limit").textContent = "";
+  }
   try {
     const w = await api(`/api/v1/resources/Workload/${encodeURIComponent(ns)}/${encodeURIComponent(n)}`);
     $("workload-events").innerHTML = (w.events || []).slice(-20).map((x) =>
