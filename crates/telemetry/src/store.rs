@@ -236,6 +236,66 @@ pub struct Ejected {
     pub ejection: crate::report::Ejection,
 }
 
+/// What the control plane keeps one by one, by when it received it.
+trait Received {
+    fn received_ms(&self) -> u64;
+}
+
+impl Received for FailedAttempt {
+    fn received_ms(&self) -> u64 {
+        self.received_ms
+    }
+}
+
+impl Received for Ejected {
+    fn received_ms(&self) -> u64 {
+        self.received_ms
+    }
+}
+
+/// The newest `cap` items received, oldest first.
+struct Kept<T> {
+    items: std::collections::VecDeque<Arc<T>>,
+    cap: usize,
+}
+
+impl<T: Received> Kept<T> {
+    fn new(cap: usize) -> Self {
+        Self {
+            items: Default::default(),
+            cap,
+        }
+    }
+
+    /// Keep `item`; whether the oldest had to go for it.
+    fn push(&mut self, item: T) -> bool {
+        let full = self.items.len() == self.cap;
+        if full {
+            self.items.pop_front();
+        }
+        self.items.push_back(Arc::new(item));
+        full
+    }
+
+    /// Those received since `from_ms`, oldest first.
+    fn since(&self, from_ms: u64) -> impl Iterator<Item = &Arc<T>> {
+        let from = self
+            .items
+            .iter()
+            .rposition(|x| x.received_ms() < from_ms)
+            .map_or(0, |i| i + 1);
+        self.items.range(from..)
+    }
+}
+
+/// A report's `…_below` bound as kept: 0 (the list is whole) as `u64::MAX`.
+fn whole_if_zero(below: u64) -> u64 {
+    match below {
+        0 => u64::MAX,
+        t => t,
+    }
+}
+
 /// A window of the store: every series and latency group with what it adds up to.
 #[derive(Default)]
 pub struct Window {
@@ -265,10 +325,10 @@ pub struct Window {
 /// The fleet's series.
 pub struct Store {
     limits: Limits,
-    attempts: std::collections::VecDeque<Arc<FailedAttempt>>,
+    attempts: Kept<FailedAttempt>,
     attempts_dropped: u64,
-    ejections: std::collections::VecDeque<Arc<Ejected>>,
-    slow: std::collections::VecDeque<Arc<FailedAttempt>>,
+    ejections: Kept<Ejected>,
+    slow: Kept<FailedAttempt>,
     series: FxMap<Arc<Key>, Slots<Counts>>,
     latency: FxMap<Arc<LatKey>, Slots<Histogram>>,
     totals: FxMap<TotalKey, Totals>,
@@ -296,10 +356,10 @@ impl Store {
             totals: FxMap::default(),
             latency_totals: FxMap::default(),
             reporters: FxMap::default(),
-            attempts: Default::default(),
+            attempts: Kept::new(ATTEMPTS_KEPT),
             attempts_dropped: 0,
-            ejections: Default::default(),
-            slow: Default::default(),
+            ejections: Kept::new(EJECTIONS_KEPT),
+            slow: Kept::new(SLOW_KEPT),
             strings: FxSet::default(),
             bytes: 0,
             held_from_ms: 0,
@@ -421,46 +481,31 @@ impl Store {
             rep.links_ms = now_ms;
         }
         self.attempts_dropped += r.attempts_dropped;
-        let listed_below = match r.attempts_below {
-            0 => u64::MAX,
-            t => t,
-        };
+        let listed_below = whole_if_zero(r.attempts_below);
         for a in &r.attempts {
-            if self.attempts.len() == ATTEMPTS_KEPT {
-                self.attempts.pop_front();
-                self.attempts_dropped += 1;
-            }
-            self.attempts.push_back(Arc::new(FailedAttempt {
+            let evicted = self.attempts.push(FailedAttempt {
                 reporter: name.clone(),
                 received_ms: now_ms,
                 attempt: a.clone(),
                 listed_below,
-            }));
+            });
+            self.attempts_dropped += u64::from(evicted);
         }
-        let slow_below = match r.slow_below {
-            0 => u64::MAX,
-            t => t,
-        };
+        let slow_below = whole_if_zero(r.slow_below);
         for a in r.slow.iter().take(SLOW_PER_REPORT) {
-            if self.slow.len() == SLOW_KEPT {
-                self.slow.pop_front();
-            }
-            self.slow.push_back(Arc::new(FailedAttempt {
+            self.slow.push(FailedAttempt {
                 reporter: name.clone(),
                 received_ms: now_ms,
                 attempt: a.clone(),
                 listed_below: slow_below,
-            }));
+            });
         }
         for e in r.ejections.iter().take(EJECTIONS_PER_REPORT) {
-            if self.ejections.len() == EJECTIONS_KEPT {
-                self.ejections.pop_front();
-            }
-            self.ejections.push_back(Arc::new(Ejected {
+            self.ejections.push(Ejected {
                 reporter: name.clone(),
                 received_ms: now_ms,
                 ejection: e.clone(),
-            }));
+            });
         }
         self.folded += r.folded;
         // A period is filed by its start, no later than now (a proxy's clock may run ahead).
@@ -791,30 +836,9 @@ impl Store {
                 out.series.push((k.clone(), total));
             }
         }
-        out.attempts = self
-            .attempts
-            .iter()
-            .rev()
-            .take_while(|a| a.received_ms >= out.from_ms)
-            .cloned()
-            .collect();
-        out.attempts.reverse();
-        out.slow = self
-            .slow
-            .iter()
-            .rev()
-            .take_while(|a| a.received_ms >= out.from_ms)
-            .cloned()
-            .collect();
-        out.slow.reverse();
-        out.ejections = self
-            .ejections
-            .iter()
-            .rev()
-            .take_while(|e| e.received_ms >= out.from_ms)
-            .cloned()
-            .collect();
-        out.ejections.reverse();
+        out.attempts = self.attempts.since(out.from_ms).cloned().collect();
+        out.slow = self.slow.since(out.from_ms).cloned().collect();
+        out.ejections = self.ejections.since(out.from_ms).cloned().collect();
         for (name, r) in &self.reporters {
             if r.seen_ms >= out.from_ms {
                 out.reporting.push((name.clone(), r.seen_ms));
@@ -859,16 +883,11 @@ impl Store {
     /// What the proxies said of `workload`'s endpoints since `from_ms` (received), oldest
     /// first.
     pub fn ejections_of(&self, workload: &str, from_ms: u64) -> Vec<Arc<Ejected>> {
-        let mut v: Vec<Arc<Ejected>> = self
-            .ejections
-            .iter()
-            .rev()
-            .take_while(|e| e.received_ms >= from_ms)
+        self.ejections
+            .since(from_ms)
             .filter(|e| e.ejection.peer_workload == workload)
             .cloned()
-            .collect();
-        v.reverse();
-        v
+            .collect()
     }
 
     /// From when (Unix ms) the store still holds every slot: 0 unless the memory budget
