@@ -146,15 +146,16 @@ struct Joined {
     traces: Vec<String>,
 }
 
-/// What `callee`'s proxy listed in `list` as coming from `caller` (the attempt ids), and
-/// up to which id its lists were whole: beyond its bound a proxy lists the attempts with the
-/// smallest ids, so only a caller's attempts below every bound the callee's lists had can be
-/// looked for there.
-fn listed_by_callee(
+/// Of `mine` (a caller's attempts listed one by one), those that can be looked for in what
+/// `callee`'s proxy listed in `list` — beyond its bound a proxy lists the attempts with the
+/// smallest ids, so only a caller's attempts below every bound the callee's lists had — and
+/// how many of those the callee listed as coming from `caller`.
+fn joinable<'a>(
+    mine: &[&'a crate::report::Attempt],
     list: &[std::sync::Arc<FailedAttempt>],
     caller: &str,
     callee: &str,
-) -> (u64, BTreeSet<u64>) {
+) -> (Vec<&'a crate::report::Attempt>, usize) {
     let theirs: Vec<&FailedAttempt> = list
         .iter()
         .filter(|a| &*a.reporter == callee && a.attempt.direction == 1)
@@ -165,12 +166,18 @@ fn listed_by_callee(
         .map(|a| a.listed_below)
         .min()
         .unwrap_or(u64::MAX);
-    let ids = theirs
+    let ids: BTreeSet<u64> = theirs
         .iter()
         .filter(|a| a.attempt.peer_workload == caller)
         .map(|a| a.attempt.id)
         .collect();
-    (below, ids)
+    let comparable: Vec<&crate::report::Attempt> = mine
+        .iter()
+        .copied()
+        .filter(|a| a.id != 0 && a.id <= below)
+        .collect();
+    let found = comparable.iter().filter(|a| ids.contains(&a.id)).count();
+    (comparable, found)
 }
 
 fn join(w: &Window, caller: &str, svc: &str, callee: &str, class: FailureClass) -> Joined {
@@ -186,12 +193,10 @@ fn join(w: &Window, caller: &str, svc: &str, callee: &str, class: FailureClass) 
         })
         .map(|a| &a.attempt)
         .collect();
-    let (below, theirs) = listed_by_callee(&w.attempts, caller, callee);
-    let comparable: Vec<&&crate::report::Attempt> =
-        mine.iter().filter(|a| a.id != 0 && a.id <= below).collect();
+    let (comparable, arrived) = joinable(&mine, &w.attempts, caller, callee);
     Joined {
         listed: comparable.len(),
-        arrived: comparable.iter().filter(|a| theirs.contains(&a.id)).count(),
+        arrived,
         traces: mine
             .iter()
             .rev()
@@ -554,11 +559,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             );
         }
         // A meshed caller's refusals are joined from its side below (both counts at once).
-        for (class, what) in [
-            (F::Denied, "denied"),
-            (F::Overloaded, "overloaded"),
-            (F::RateLimited, "rate_limited"),
-        ] {
+        for class in [F::Denied, F::Overloaded, F::RateLimited] {
             let n = p.classes.get(&class).copied().unwrap_or(0);
             if n >= MIN_FAILED && caller.is_empty() {
                 policy(
@@ -566,11 +567,11 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                     facts,
                     svc,
                     &p.callee,
-                    what,
+                    class,
                     n,
                     &empty,
                     &p.classes,
-                    "its own proxy",
+                    Refuser::Own,
                 );
             }
         }
@@ -775,18 +776,13 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                     );
                 }
                 F::Denied | F::Overloaded | F::RateLimited => {
-                    let what = match class {
-                        F::Denied => "denied",
-                        F::RateLimited => "rate_limited",
-                        _ => "overloaded",
-                    };
                     let whose = if seen.get(class).copied().unwrap_or(0) > 0 {
-                        "the callee's proxy"
+                        Refuser::Callee
                     } else {
-                        "the caller's or the callee's proxy"
+                        Refuser::Either
                     };
                     policy(
-                        &mut found, facts, svc, &p.callee, what, n, &p.classes, &seen, whose,
+                        &mut found, facts, svc, &p.callee, *class, n, &p.classes, &seen, whose,
                     );
                 }
                 F::ProtocolError => {
@@ -1149,6 +1145,19 @@ fn latency_gaps(found: &mut Found, w: &Window) {
             .flatten()
             .map(|s| s * 1000.0)
     };
+    // The callees' medians by (callee, service, caller): looked up once per caller's group
+    // (a scan per group would be quadratic in the fleet's edges).
+    let inbound: BTreeMap<(&str, &str, &str), f64> = w
+        .latency
+        .iter()
+        .filter(|(k, _)| k.direction == Direction::Inbound)
+        .filter_map(|(k, h)| {
+            Some((
+                (&*k.workload, &*k.service, &*k.peer_workload),
+                median(k, h)?,
+            ))
+        })
+        .collect();
     let mut gaps: Vec<Gap> = Vec::new();
     for (k, h) in &w.latency {
         if k.direction != Direction::Outbound {
@@ -1157,11 +1166,9 @@ fn latency_gaps(found: &mut Found, w: &Window) {
         let Some(caller_ms) = median(k, h) else {
             continue;
         };
-        let callee_ms = w
-            .latency
-            .iter()
-            .find(|(i, _)| is_inbound(i, &k.peer_workload, &k.service, &k.workload))
-            .and_then(|(i, h)| median(i, h));
+        let callee_ms = inbound
+            .get(&(&*k.peer_workload, &*k.service, &*k.workload))
+            .copied();
         if let Some(callee_ms) = callee_ms {
             gaps.push(Gap {
                 caller: k.workload.to_string(),
@@ -1258,13 +1265,10 @@ fn slow_lists(found: &mut Found, w: &Window) {
         if mine.len() < SLOW_MIN || callee.is_empty() {
             continue;
         }
-        let (below, ids) = listed_by_callee(&w.slow, caller, callee);
-        let comparable: Vec<&&crate::report::Attempt> =
-            mine.iter().filter(|a| a.id != 0 && a.id <= below).collect();
+        let (comparable, slow_there) = joinable(&mine, &w.slow, caller, callee);
         if comparable.is_empty() {
             continue;
         }
-        let slow_there = comparable.iter().filter(|a| ids.contains(&a.id)).count();
         let worst = mine.iter().map(|a| a.latency_ms).max().unwrap_or(0);
         let (from, to) = (end_of(w, caller), end_of(w, callee));
         let head = format!(
@@ -1528,20 +1532,45 @@ fn arrived(j: Option<&Joined>, seen_n: u64, n: u64) -> bool {
     }
 }
 
-/// A request refused by the mesh's policy.
+/// Which proxy refused requests.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refuser {
+    /// The caller's, before any endpoint was tried.
+    Caller,
+    /// The callee's (it recorded the refusals).
+    Callee,
+    /// The caller's or the callee's (only the caller recorded them).
+    Either,
+    /// The callee's, for callers without a proxy.
+    Own,
+}
+
+impl Refuser {
+    fn text(self) -> &'static str {
+        match self {
+            Refuser::Caller => "the caller's proxy",
+            Refuser::Callee => "the callee's proxy",
+            Refuser::Either => "the caller's or the callee's proxy",
+            Refuser::Own => "its own proxy",
+        }
+    }
+}
+
+/// Requests of `class` (`denied`, `overloaded`, `rate_limited`) refused by the mesh's policy.
 #[allow(clippy::too_many_arguments)]
 fn policy(
     found: &mut Found,
     facts: &Facts,
     svc: &str,
     callee: &End,
-    what: &str,
+    class: FailureClass,
     n: u64,
     caller_saw: &BTreeMap<FailureClass, u64>,
     callee_saw: &BTreeMap<FailureClass, u64>,
-    whose: &str,
+    refuser: Refuser,
 ) {
-    let (problem, ev, next) = if what == "denied" {
+    let whose = refuser.text();
+    let (problem, ev, next) = if class == FailureClass::Denied {
         let policies = facts.policies.get(svc).cloned().unwrap_or_default();
         (
             format!("requests to {svc} are denied by authorization policy"),
@@ -1558,7 +1587,7 @@ fn policy(
                 svc.split('/').next().unwrap_or_default()
             ),
         )
-    } else if what == "rate_limited" {
+    } else if class == FailureClass::RateLimited {
         (
             format!("requests to {svc} are over its RateLimitPolicy"),
             vec![format!(
@@ -1569,7 +1598,7 @@ fn policy(
                 svc.split('/').next().unwrap_or_default()
             ),
         )
-    } else if whose == "the caller's proxy" {
+    } else if refuser == Refuser::Caller {
         // No endpoint was tried: the caller's own circuit breaker refused.
         (
             format!("requests to {svc} are refused by the callers' circuit breaker"),
@@ -1578,7 +1607,7 @@ fn policy(
             )],
             format!("raise {svc}'s connectionPool limits (BackendTrafficPolicy) or add capacity"),
         )
-    } else if whose == "the callee's proxy" || whose == "its own proxy" {
+    } else if matches!(refuser, Refuser::Callee | Refuser::Own) {
         let at = if callee.workload.is_empty() {
             svc.to_string()
         } else {
@@ -1607,18 +1636,9 @@ fn policy(
     } else {
         Place::Workload { at: callee.clone() }
     };
-    let class = match what {
-        "denied" => FailureClass::Denied,
-        "rate_limited" => FailureClass::RateLimited,
-        _ => FailureClass::Overloaded,
-    };
     found.add(
         Cause::MeshPolicy,
-        match what {
-            "denied" => "denied",
-            "rate_limited" => "rate_limited",
-            _ => "overloaded",
-        },
+        class.as_str(),
         place,
         svc,
         problem,
@@ -1740,21 +1760,16 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
                 );
             }
             F::Overloaded | F::Denied | F::RateLimited => {
-                let what = match class {
-                    F::Denied => "denied",
-                    F::RateLimited => "rate_limited",
-                    _ => "overloaded",
-                };
                 policy(
                     found,
                     facts,
                     svc,
                     &End::default(),
-                    what,
+                    *class,
                     n,
                     &p.classes,
                     &empty,
-                    "the caller's proxy",
+                    Refuser::Caller,
                 );
             }
             _ => {}
