@@ -10,7 +10,8 @@
 //! UNAVAILABLE), class `overloaded`, `Proxy-Status: …; error=connection_limit_reached`,
 //! which a caller's retry takes to another endpoint.
 //!
-//! Per request: two atomic adds and a load to admit, and a short lock to add the sample;
+//! Per request: two atomic adds and a load to admit, a load to see the policy's bounds
+//! unchanged, and a short lock to add the sample;
 //! the limit is worked out once a window ([`WINDOW`] and at least [`WINDOW_SAMPLES`]).
 
 use std::{
@@ -133,9 +134,12 @@ impl Adaptive {
     /// The policy's bounds (from the config: cheap when unchanged).
     pub(crate) fn bound(&self, min: u32, max: u32) {
         let packed = u64::from(min) << 32 | u64::from(max);
-        if self.bounds.swap(packed, Ordering::Relaxed) == packed {
+        // Read, not swapped: every request passes here, and a write would bounce the cache
+        // line between the cores.
+        if self.bounds.load(Ordering::Relaxed) == packed {
             return;
         }
+        self.bounds.store(packed, Ordering::Relaxed);
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if (s.min, s.max) == (min, max) {
             return;

@@ -89,6 +89,11 @@ pub(crate) async fn run(
 
 use crate::summary::now_ms;
 
+/// What `m` holds, leaving it empty.
+fn take<T: Default>(m: &std::sync::Mutex<T>) -> T {
+    std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 struct Reporter {
     shared: Arc<Shared>,
     node: String,
@@ -130,14 +135,8 @@ impl Reporter {
             let mut tcp = metrics.tcp_summary.lock().expect("tcp summary lock");
             crate::summary::series(requests, &mut tcp, SERIES_CAP)
         };
-        let failed = std::mem::take(&mut *metrics.failed.lock().unwrap_or_else(|p| p.into_inner()));
-        let ejections = std::mem::take(
-            &mut *metrics
-                .ejections_told
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        let slow = std::mem::take(&mut *metrics.slow.lock().unwrap_or_else(|p| p.into_inner()));
+        let (failed, slow) = (take(&metrics.failed), take(&metrics.slow));
+        let ejections = take(&metrics.ejections_told);
         // An idle period is reported too, empty: that the proxy reports says that it, and its
         // host, are up (diagnose tells a cut link from a dead host by it), and its
         // certificate's expiry and clock stay current.
