@@ -38,7 +38,12 @@ struct Index<'a> {
     authz: Vec<(&'a Resource, &'a crate::resource::AuthorizationPolicySpec)>,
     peer_auth: Vec<(&'a Resource, &'a PeerAuthenticationSpec)>,
     bundles: Vec<(&'a Resource, &'a crate::resource::TrustBundleSpec)>,
-    rate_limits: Vec<(&'a Resource, &'a crate::resource::RateLimitPolicySpec)>,
+    /// RateLimitPolicies, checked and converted once.
+    rate_limits: Vec<(
+        &'a Resource,
+        &'a crate::resource::RateLimitPolicySpec,
+        RateLimit,
+    )>,
 }
 
 /// Translate `resources` (read from `file`) into the config of the proxy serving `local`.
@@ -177,8 +182,8 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
                 ix.bundles.push((r, b));
             }
             Spec::RateLimitPolicy(p) => {
-                rate_limit(file, r, p)?;
-                ix.rate_limits.push((r, p));
+                let limits = rate_limit(file, r, p)?;
+                ix.rate_limits.push((r, p, limits));
             }
         }
     }
@@ -974,13 +979,12 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
                 rate_limit: ix
                     .rate_limits
                     .iter()
-                    .filter(|(r, p)| {
+                    .filter(|(r, p, _)| {
                         r.metadata.namespace == sid.namespace
                             && p.target_refs.iter().any(|t| t.name.value == sid.name)
                     })
                     .min_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name))
-                    .map(|(r, p)| rate_limit(ix.file, r, p))
-                    .transpose()?,
+                    .map(|(_, _, limits)| limits.clone()),
             });
         }
     }
@@ -1331,7 +1335,7 @@ fn rate_limit(
     file: &str,
     r: &Resource,
     p: &crate::resource::RateLimitPolicySpec,
-) -> Result<crate::proxy::RateLimit> {
+) -> Result<RateLimit> {
     let field = |f: &str| format!("RateLimitPolicy {}: {f}", r.id());
     let bad = |f: String, m: &str| ConfigError::invalid(file, r.line, field(&f), m);
     let rates = |at: &str, list: &[crate::resource::RateSpec]| -> Result<Vec<crate::proxy::Rate>> {
@@ -1389,7 +1393,7 @@ fn rate_limit(
             "give total, perCaller or overrides limits",
         ));
     }
-    Ok(crate::proxy::RateLimit {
+    Ok(RateLimit {
         policy: r.id().to_string(),
         shadow: p.mode == crate::resource::RateLimitMode::Shadow,
         total,
