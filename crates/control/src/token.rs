@@ -184,13 +184,17 @@ pub(crate) struct Viewers {
 }
 
 impl Viewers {
+    /// The read-only tokens' records in the store.
+    async fn stored(store: &Store) -> Result<Vec<trellis_store::Object>, StoreError> {
+        let mut all = store.list().await?.objects;
+        all.retain(|o| o.key.kind == "_ViewerToken");
+        Ok(all)
+    }
+
     async fn reload(&self, store: &Store) -> Result<(), StoreError> {
-        let found = store
-            .list()
+        let found = Self::stored(store)
             .await?
-            .objects
             .into_iter()
-            .filter(|o| o.key.kind == "_ViewerToken")
             .filter_map(|o| Some((o.doc["sha256"].as_str()?.to_string(), o.key.name)))
             .collect();
         *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -266,12 +270,9 @@ impl Viewers {
 
     /// The read-only tokens: ids and names.
     pub(crate) async fn list(&self, store: &Store) -> Result<serde_json::Value, StoreError> {
-        let items: Vec<serde_json::Value> = store
-            .list()
+        let items: Vec<serde_json::Value> = Self::stored(store)
             .await?
-            .objects
             .into_iter()
-            .filter(|o| o.key.kind == "_ViewerToken")
             .map(|o| json!({ "id": o.key.name, "name": o.doc["name"], "createdAt": o.doc["createdAt"] }))
             .collect();
         Ok(json!({ "items": items }))

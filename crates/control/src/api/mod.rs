@@ -455,17 +455,13 @@ async fn auth(AxState(api): AxState<Api>, req: Request, next: Next) -> Response 
     next.run(req).await
 }
 
-/// What a read-only token may do: read, but not the tokens.
+/// What a read-only token may do: read, but not the tokens. (The middleware runs inside
+/// the `/api/v1` nest: it sees the path without that prefix.)
 fn readable(req: &Request) -> bool {
     let path = req.uri().path();
-    let tokens = [
-        "/tokens",
-        "/viewer-tokens",
-        "/api/v1/tokens",
-        "/api/v1/viewer-tokens",
-    ]
-    .iter()
-    .any(|p| path.starts_with(p));
+    let tokens = ["/tokens", "/viewer-tokens"]
+        .iter()
+        .any(|p| path.starts_with(p));
     matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
