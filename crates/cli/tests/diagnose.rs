@@ -106,31 +106,13 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     let cp = ControlProcess::start(BIN, &[]);
     let m = |inbound| mesh(ok, down, errors, slow, inbound, ghost.port());
     apply_ok(&cp, m(1)).await;
-    let join = |who: &str, workload: &str| {
-        join_xds(
-            &cp,
-            &cp.xds_url(),
-            who,
-            workload,
-            &["--report-interval", "200ms"],
-        )
-    };
+    let join = |who: &str, workload: &str| join_reporting(&cp, who, workload);
     let callee = join("beta", "test/peer");
     callee.wait_ready().await;
     apply_ok(&cp, m(callee.inbound.port())).await;
     let caller = join("client", "test/client");
     caller.wait_ready().await;
-    eventually(
-        "the caller reaches the callee",
-        Duration::from_secs(10),
-        async || {
-            let r = client::get_full(caller.outbound, "ok.test", "/", &[])
-                .await
-                .ok()?;
-            (r.status == 200).then_some(())
-        },
-    )
-    .await;
+    until_answered(caller.outbound, "ok.test").await;
 
     // A container that stopped: its Workload leaves (as `trellis containers` removes it).
     let (st, v) = cp
@@ -458,15 +440,7 @@ async fn slow_link(delay: Duration, n: usize) -> Value {
         )
     };
     apply_ok(&cp, mesh(1)).await;
-    let join = |who: &str, workload: &str| {
-        join_xds(
-            &cp,
-            &cp.xds_url(),
-            who,
-            workload,
-            &["--report-interval", "200ms"],
-        )
-    };
+    let join = |who: &str, workload: &str| join_reporting(&cp, who, workload);
     let callee = join("beta", "test/peer");
     callee.wait_ready().await;
     // Callers reach the callee's proxy through a link that adds `delay` on the way there.
@@ -474,17 +448,7 @@ async fn slow_link(delay: Duration, n: usize) -> Value {
     apply_ok(&cp, mesh(hop.port())).await;
     let caller = join("client", "test/client");
     caller.wait_ready().await;
-    eventually(
-        "the caller reaches the callee",
-        Duration::from_secs(10),
-        async || {
-            let r = client::get_full(caller.outbound, "ok.test", "/", &[])
-                .await
-                .ok()?;
-            (r.status == 200).then_some(())
-        },
-    )
-    .await;
+    until_answered(caller.outbound, "ok.test").await;
     for _ in 0..n {
         let r = client::get_full(caller.outbound, "ok.test", "/", &[])
             .await

@@ -113,15 +113,7 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     let (vm_app, ct_app) = (app("vm").await, app("ct").await);
     let cp = ControlProcess::start(BIN, &[]);
     apply_ok(&cp, mesh(vm_app, ct_app, 1, 1)).await;
-    let join = |id: &str, workload: &str| {
-        join_xds(
-            &cp,
-            &cp.xds_url(),
-            id,
-            workload,
-            &["--report-interval", "200ms"],
-        )
-    };
+    let join = |who: &str, workload: &str| join_reporting(&cp, who, workload);
     let vm = join("catalog", "test/catalog-vm");
     let ct = join("catalog", "test/catalog-ct");
     vm.wait_ready().await;
@@ -186,15 +178,26 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     ] {
         assert!(drawn.contains(want), "{want}: {drawn}");
     }
-    // A click on the edge shows its failure classes and the verdicts about it.
-    browser
-        .eval(&format!(
-            "document.querySelector('{}').dispatchEvent(new MouseEvent('click', {{bubbles: true}}))",
-            edge.replace('\'', "\\'")
-        ))
-        .await
-        .unwrap();
-    let detail = wait_text(&browser, "#edge-detail", "app_error").await;
+    // A click on the edge shows its failure classes and the verdicts about it (clicked
+    // again until the verdict is in: the proxies' reports come in over a second or so, and
+    // the detail is what the page held at the click).
+    let click = format!(
+        "document.querySelector('{}').dispatchEvent(new MouseEvent('click', {{bubbles: true}}))",
+        edge.replace('\'', "\\'")
+    );
+    let detail = eventually(
+        "the edge's detail with its verdict",
+        Duration::from_secs(20),
+        async || {
+            browser.eval(&click).await.ok()?;
+            let id = browser.find("#edge-detail").await.ok()?;
+            let t = browser.text(&id).await.ok()?;
+            (t.contains("app_error")
+                && t.contains("application: the application of test/catalog-vm answers errors"))
+            .then_some(t)
+        },
+    )
+    .await;
     assert!(
         detail.contains("test/shop (bare-metal) → test/catalog-vm (vm)"),
         "{detail}"

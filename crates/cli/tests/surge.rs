@@ -91,31 +91,13 @@ async fn a_flood_is_shed_early_by_the_adaptive_limit_and_not_when_the_policy_tur
     .await;
     let cp = ControlProcess::start(BIN, &[]);
     apply_ok(&cp, mesh(app.port(), 1, "")).await;
-    let join = |who: &str, workload: &str| {
-        join_xds(
-            &cp,
-            &cp.xds_url(),
-            who,
-            workload,
-            &["--report-interval", "200ms"],
-        )
-    };
+    let join = |who: &str, workload: &str| join_reporting(&cp, who, workload);
     let callee = join("beta", "test/peer");
     callee.wait_ready().await;
     apply_ok(&cp, mesh(app.port(), callee.inbound.port(), "")).await;
     let caller = join("client", "test/client");
     caller.wait_ready().await;
-    eventually(
-        "the caller reaches the callee",
-        Duration::from_secs(10),
-        async || {
-            let r = client::get_full(caller.outbound, "busy.test", "/", &[])
-                .await
-                .ok()?;
-            (r.status == 200).then_some(())
-        },
-    )
-    .await;
+    until_answered(caller.outbound, "busy.test").await;
 
     // Light load first (5 at once, 2 s): the limit learns the unloaded time.
     let (ok, shed) = flood(caller.outbound, 5, Instant::now() + Duration::from_secs(2)).await;
@@ -221,15 +203,7 @@ async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
     let app = upstream::named("ok").await;
     let cp = ControlProcess::start(BIN, &[]);
     apply_ok(&cp, limited_mesh(app.port(), 1, "Enforce")).await;
-    let join = |who: &str, workload: &str| {
-        join_xds(
-            &cp,
-            &cp.xds_url(),
-            who,
-            workload,
-            &["--report-interval", "200ms"],
-        )
-    };
+    let join = |who: &str, workload: &str| join_reporting(&cp, who, workload);
     let callee = join("beta", "test/peer");
     callee.wait_ready().await;
     apply_ok(
@@ -256,17 +230,7 @@ async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
         },
     )
     .await;
-    eventually(
-        "the callers reach the callee",
-        Duration::from_secs(10),
-        async || {
-            let r = client::get_full(a.outbound, "busy.test", "/", &[])
-                .await
-                .ok()?;
-            (r.status == 200).then_some(())
-        },
-    )
-    .await;
+    until_answered(a.outbound, "busy.test").await;
     // a used 1 already: 4 more of its own, then refused, without taking from the total.
     let (ok, refused) = send(a.outbound, 20).await;
     assert_eq!(ok, 4, "a's share");
@@ -323,17 +287,7 @@ async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
         limited_mesh(app.port(), callee.inbound.port(), "Shadow"),
     )
     .await;
-    eventually(
-        "shadow mode lets a through",
-        Duration::from_secs(10),
-        async || {
-            let r = client::get_full(a.outbound, "busy.test", "/", &[])
-                .await
-                .ok()?;
-            (r.status == 200).then_some(())
-        },
-    )
-    .await;
+    until_answered(a.outbound, "busy.test").await;
     // (A changed policy starts with fresh buckets: a has 5 again, and used at least 1.)
     let (ok, _) = send(a.outbound, 12).await;
     assert_eq!(ok, 12, "nothing refused");

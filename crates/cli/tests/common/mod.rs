@@ -215,3 +215,32 @@ pub async fn verdict(
     })
     .await
 }
+
+/// As [`join_xds`] on `cp`'s own xDS address, reporting every 200 ms (a test's window fills
+/// within a second).
+pub fn join_reporting(
+    cp: &trellis_test_support::control::ControlProcess,
+    id: &str,
+    workload: &str,
+) -> ProxyProcess {
+    join_xds(
+        cp,
+        &cp.xds_url(),
+        id,
+        workload,
+        &["--report-interval", "200ms"],
+    )
+}
+
+/// Wait (10 s at most) until a request to `host` through `via` is answered 200.
+pub async fn until_answered(via: SocketAddr, host: &str) {
+    eventually(
+        &format!("{host} answers through {via}"),
+        std::time::Duration::from_secs(10),
+        async || {
+            let r = client::get_full(via, host, "/", &[]).await.ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+}
