@@ -214,11 +214,8 @@ function drawVerdicts(verdicts) {
     if (p.kind === "link") return `link ${p.from.workload} (${p.from.environment}) → ${p.to.workload} (${p.to.environment})`;
     return `${p.kind} ${p.name}`;
   };
-  const ago = (ms) => {
-    const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
-    return s < 120 ? `${s} s` : s < 7200 ? `${Math.round(s / 60)} min` : `${Math.round(s / 3600)} h`;
-  };
-  const seen = (v) => v.first_ms ? `<br>seen: first ${ago(v.first_ms)} ago, last ${ago(v.last_ms)} ago` : "";
+  const now = Date.now();
+  const seen = (v) => v.first_ms ? `<br>seen: first ${ago(now - v.first_ms)} ago, last ${ago(now - v.last_ms)} ago` : "";
   $("verdicts").innerHTML = verdicts.length
     ? verdicts.map((v) => `<li class="verdict"><span class="cause ${esc(v.cause)}">${esc(v.cause.replace("_", " "))}</span> ` +
       `<b>${esc(v.problem)}</b><br>where: ${esc(where(v.place))}${seen(v)}<ul>` +
