@@ -146,6 +146,46 @@ pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
         return Ok(());
     }
     print_stat(&rows, matches!(a.output, ViewOutput::Wide));
+    if !a.query()?.contains("kind=workload") {
+        print_spill(&api, a).await?;
+    }
+    Ok(())
+}
+
+/// Below the services: where traffic spills over from one pool to the next, and since when.
+async fn print_spill(api: &Api, a: &ViewArgs) -> Result<()> {
+    let mut q = Vec::new();
+    if let Some(ns) = &a.namespace {
+        q.push(format!("namespace={ns}"));
+    }
+    if let Some((_, n)) = a.target.as_deref().and_then(|t| t.split_once('/')) {
+        q.push(format!("name={n}"));
+    }
+    let v = api
+        .call(Method::GET, &format!("/api/v1/spill?{}", q.join("&")), None)
+        .await?;
+    let states: Vec<trellis_telemetry::load::SpillState> = serde_json::from_value(v)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let lines: Vec<String> = states
+        .iter()
+        .flat_map(|s| {
+            s.lines(|at| {
+                format!(
+                    "{} ({} ago)",
+                    trellis_telemetry::load::clock(at),
+                    trellis_telemetry::diagnose::ago(now.saturating_sub(at))
+                )
+            })
+        })
+        .collect();
+    if !lines.is_empty() {
+        println!();
+        for l in lines {
+            println!("{l}");
+        }
+    }
     Ok(())
 }
 

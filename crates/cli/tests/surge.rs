@@ -3,7 +3,8 @@
 //! application's latency, and sheds what is over it at once, as `overloaded` with
 //! `Proxy-Status: …; error=connection_limit_reached`, rather than queueing it; and it holds
 //! callers to a RateLimitPolicy's shares, fairly (a caller over its share drains nobody
-//! else's), with 429 `rate_limited` and the RateLimit headers.
+//! else's), with 429 `rate_limited` and the RateLimit headers; and a service's traffic spills
+//! over by load from its saturated VM pool to its containers, and comes back.
 
 mod common;
 
@@ -296,4 +297,190 @@ async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
         sum_metric(&m, "trellis_rate_limited_total", &[("mode", "shadow")]) >= 8.0,
         "{m}"
     );
+}
+
+/// `test/catalog` on a VM (`catalog-vm`) and in a container (`catalog-ct`), with the VM
+/// preferred and the container taking what spills over; `inbound`: the two proxies'.
+fn spill_mesh(vm: u16, ct: u16, inbound: (u16, u16)) -> String {
+    let workload = |name: &str, env: &str, port: u16, inbound: u16| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: catalog }} }}\nspec:\n  address: 127.0.0.1\n  identity: catalog\n  environment: {env}\n  inboundPort: {inbound}\n  ports: {{ http: {port} }}\n")
+    };
+    [
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
+        workload("catalog-vm", "vm", vm, inbound.0),
+        workload("catalog-ct", "container", ct, inbound.1),
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
+        policy(
+            "catalog",
+            "  outlierDetection: { consecutiveFailures: 0 }\n  spillover:\n    pools: [{ environment: vm }, { environment: container }]\n    hold: 1s\n",
+        ),
+    ]
+    .join("---\n")
+}
+
+/// An application that serves `capacity` requests at once in 20 ms (the rest wait their
+/// turn), and counts what it served.
+async fn pool_app(capacity: usize, served: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    let slots = Arc::new(tokio::sync::Semaphore::new(capacity));
+    upstream::http(move |_| {
+        let (slots, served) = (slots.clone(), served.clone());
+        async move {
+            let _slot = slots.acquire().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            served.fetch_add(1, Ordering::SeqCst);
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from("done")))
+        }
+    })
+    .await
+}
+
+/// The VM pool's line of the control plane's spill-over state.
+async fn vm_pool(cp: &ControlProcess) -> Option<serde_json::Value> {
+    let (st, v) = cp
+        .call(http::Method::GET, "/api/v1/spill?namespace=test", "", None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let s = v
+        .as_array()?
+        .iter()
+        .find(|s| s["service"] == "test/catalog")?;
+    Some(json_with_history(&s["pools"][0], &s["history"]))
+}
+
+fn json_with_history(pool: &serde_json::Value, history: &serde_json::Value) -> serde_json::Value {
+    let mut p = pool.clone();
+    p["history"] = history.clone();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_spills_from_the_saturated_vm_pool_to_containers_and_comes_back() {
+    // The VM serves 4 at once; the container as many as come.
+    let (vm_served, ct_served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (vm_app, ct_app) = (
+        pool_app(4, vm_served.clone()).await,
+        pool_app(1000, ct_served.clone()).await,
+    );
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, spill_mesh(vm_app.port(), ct_app.port(), (1, 1))).await;
+    let join = |who: &str, workload: &str| join_reporting(&cp, who, workload);
+    let (vm, ct) = (
+        join("catalog", "test/catalog-vm"),
+        join("catalog", "test/catalog-ct"),
+    );
+    vm.wait_ready().await;
+    ct.wait_ready().await;
+    let inbound = (vm.inbound.port(), ct.inbound.port());
+    apply_ok(&cp, spill_mesh(vm_app.port(), ct_app.port(), inbound)).await;
+    let caller = join("client", "test/client");
+    caller.wait_ready().await;
+    let to = caller.outbound;
+    let light = async |n: usize| {
+        for _ in 0..n {
+            let r = client::get_full(to, "catalog.test", "/", &[])
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200);
+        }
+    };
+    eventually("the VM answers", Duration::from_secs(15), async || {
+        client::get_full(to, "catalog.test", "/", &[])
+            .await
+            .ok()
+            .filter(|r| r.status == 200 && vm_served.load(Ordering::SeqCst) > 0)
+    })
+    .await;
+
+    // Light load: the preferred pool takes it all (and the VM's limit learns its unloaded
+    // time: 150 requests, 15 windows or more).
+    let ct_before = ct_served.load(Ordering::SeqCst);
+    light(150).await;
+    assert_eq!(
+        ct_served.load(Ordering::SeqCst),
+        ct_before,
+        "light load stays on the VM"
+    );
+
+    // A surge of 24 callers at once, 6× what the VM serves: its load stays over the high
+    // mark, and a growing share spills to the container.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut surge = Vec::new();
+    for _ in 0..24 {
+        let stop = stop.clone();
+        surge.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let _ = client::get_full(to, "catalog.test", "/", &[]).await;
+            }
+        }));
+    }
+    let spilling = eventually(
+        "the VM pool spills to the container",
+        Duration::from_secs(30),
+        async || {
+            let p = vm_pool(&cp).await?;
+            (p["spilled_percent"].as_f64()? > 0.0 && ct_served.load(Ordering::SeqCst) > ct_before)
+                .then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(spilling["to"], "container", "{spilling:#}");
+    assert!(spilling["since_ms"].as_u64().is_some(), "{spilling:#}");
+    assert_eq!(spilling["history"][0]["what"], "started", "{spilling:#}");
+    // `stat` says so under the services.
+    let out = common::ok(cli(&cp, &["stat", "-n", "test"]));
+    assert!(
+        out.contains("test/catalog: ") && out.contains("% spilled vm → container since"),
+        "{out}"
+    );
+    // And the pane, under its services (in a real browser, when there is one).
+    if let Some(browser) = trellis_test_support::browser::Browser::start().await {
+        let (st, link) = cp
+            .call(http::Method::POST, "/api/v1/ui/links", "", None)
+            .await;
+        assert_eq!(st, 200, "{link}");
+        let url = format!("http://{}{}", cp.api, link["path"].as_str().unwrap());
+        browser.goto(&url).await.unwrap();
+        let shown = eventually(
+            "the pane shows the spill",
+            Duration::from_secs(20),
+            async || {
+                let id = browser.find("#spill").await.ok()?;
+                let t = browser.text(&id).await.ok()?;
+                t.contains("% spilled vm → container since").then_some(t)
+            },
+        )
+        .await;
+        assert!(shown.contains("test/catalog: "), "{shown}");
+        assert!(shown.contains("vm load "), "{shown}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in surge {
+        t.await.unwrap();
+    }
+
+    // The surge over, light load again: the share comes back to nothing, and then the VM
+    // takes everything again.
+    let back = eventually(
+        "the traffic comes back to the VM",
+        Duration::from_secs(40),
+        async || {
+            light(5).await;
+            let p = vm_pool(&cp).await?;
+            (p["spilled_percent"].as_f64()? == 0.0).then_some(p)
+        },
+    )
+    .await;
+    let history = back["history"].as_array().unwrap();
+    assert_eq!(history.last().unwrap()["what"], "ended", "{back:#}");
+    // Proxies take the shares at their next exchange (a second).
+    eventually(
+        "the caller sends nothing to the container",
+        Duration::from_secs(5),
+        async || {
+            let before = ct_served.load(Ordering::SeqCst);
+            light(20).await;
+            (ct_served.load(Ordering::SeqCst) == before).then_some(())
+        },
+    )
+    .await;
 }

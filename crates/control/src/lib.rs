@@ -29,6 +29,7 @@ pub(crate) mod pane;
 pub(crate) mod registry;
 pub(crate) mod replicas;
 pub(crate) mod service_view;
+pub(crate) mod spill;
 pub(crate) mod state;
 pub(crate) mod tap;
 pub(crate) mod tls;

@@ -312,6 +312,42 @@ pub struct BackendPolicy {
     pub locality: LocalityLb,
     /// The adaptive concurrency limit of the service's workloads' inbound side.
     pub adaptive: AdaptiveLimit,
+    /// Spill-over by load between pools of endpoints (none by default).
+    pub spillover: Option<Spillover>,
+}
+
+/// Pools a spill-over policy may name (endpoints matching none form one more).
+pub const MAX_POOLS: usize = 8;
+
+/// Spill-over by load: endpoints in ordered pools; the control plane says, from the pools'
+/// load across the fleet, which share of each pool's traffic goes on to the next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Spillover {
+    /// The pools, most preferred first (endpoints matching none form one more, last).
+    pub pools: Vec<crate::resource::PoolSpec>,
+    /// Percent of a pool's capacity in flight above which its share grows.
+    pub high: u32,
+    /// ... below which it shrinks.
+    pub low: u32,
+    /// How long the load stays past a mark before the share moves.
+    pub hold: Duration,
+}
+
+impl Spillover {
+    /// The pool of an endpoint in `env` at `l`: an index into `pools`, or `pools.len()`.
+    pub fn pool_of(&self, env: Environment, l: &Locality) -> usize {
+        self.pools
+            .iter()
+            .position(|p| p.matches(env, l))
+            .unwrap_or(self.pools.len())
+    }
+
+    /// A pool's name, for people ("vm", "container z1", "other").
+    pub fn pool_name(&self, i: usize) -> String {
+        self.pools
+            .get(i)
+            .map_or_else(|| "other".to_string(), ToString::to_string)
+    }
 }
 
 /// A workload's adaptive concurrency limit (Gradient2-style: it follows latency).
@@ -373,6 +409,7 @@ impl Default for BackendPolicy {
             retry_min_per_second: 10,
             locality: LocalityLb::default(),
             adaptive: AdaptiveLimit::default(),
+            spillover: None,
         }
     }
 }

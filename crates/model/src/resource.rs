@@ -802,6 +802,76 @@ pub struct BackendPolicySpec {
     /// default).
     #[serde(default)]
     pub adaptive_concurrency: Option<AdaptiveConcurrencySpec>,
+    /// Spill-over by load: an ordered preference of endpoint pools, and the load band that
+    /// moves traffic from one to the next.
+    #[serde(default)]
+    pub spillover: Option<SpilloverSpec>,
+}
+
+/// `spec.spillover` of a BackendTrafficPolicy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SpilloverSpec {
+    /// The pools, most preferred first; an endpoint belongs to the first that matches it,
+    /// and endpoints matching none form a last pool.
+    pub pools: Vec<PoolSpec>,
+    /// Percent of a pool's capacity (its workloads' adaptive concurrency limits) in flight
+    /// above which a growing share of its traffic goes to the next pool (default 80).
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
+    pub high_load: Option<u32>,
+    /// ... and below which the share comes back (default 50).
+    #[serde(default, deserialize_with = "crate::value::num::opt_count")]
+    pub low_load: Option<u32>,
+    /// How long the load stays past a mark before the share moves (default 3s).
+    #[serde(default)]
+    pub hold: Option<crate::value::DurationValue>,
+}
+
+/// One pool of `spec.spillover.pools`: endpoints by environment and locality.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// Environment.
+    #[serde(default)]
+    pub environment: Option<Environment>,
+    /// Region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Zone.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+impl PoolSpec {
+    /// Whether an endpoint in `env` at `l` belongs to this pool.
+    pub fn matches(&self, env: Environment, l: &Locality) -> bool {
+        self.environment.is_none_or(|e| e == env)
+            && self
+                .region
+                .as_ref()
+                .is_none_or(|r| l.region.as_ref() == Some(r))
+            && self
+                .zone
+                .as_ref()
+                .is_none_or(|z| l.zone.as_ref() == Some(z))
+    }
+}
+
+impl std::fmt::Display for PoolSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<&str> = [
+            self.environment.map(Environment::as_str),
+            self.region.as_deref(),
+            self.zone.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if parts.is_empty() {
+            return f.write_str("any");
+        }
+        f.write_str(&parts.join(" "))
+    }
 }
 
 /// `spec.adaptiveConcurrency` of a BackendTrafficPolicy.

@@ -487,6 +487,40 @@ fn policies(ix: &Index<'_>) -> Result<BTreeMap<NamespacedName, BackendPolicy>> {
                 );
             }
         }
+        if let Some(sp) = &p.spillover {
+            let high = sp.high_load.unwrap_or(80);
+            let low = sp.low_load.unwrap_or(50);
+            let hold = sp.hold.map_or(Duration::from_secs(3), |d| d.0);
+            if sp.pools.is_empty() || sp.pools.len() > crate::proxy::MAX_POOLS {
+                return bad(
+                    "spec.spillover.pools",
+                    &format!("from 1 to {} pools", crate::proxy::MAX_POOLS),
+                );
+            }
+            for (i, pool) in sp.pools.iter().enumerate() {
+                if *pool == crate::resource::PoolSpec::default() {
+                    return bad(
+                        &format!("spec.spillover.pools[{i}]"),
+                        "needs an environment, a region or a zone",
+                    );
+                }
+            }
+            if !(1..=100).contains(&high) {
+                return bad("spec.spillover.highLoad", "a percentage from 1 to 100");
+            }
+            if low >= high {
+                return bad("spec.spillover.lowLoad", "must be below highLoad");
+            }
+            if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&hold) {
+                return bad("spec.spillover.hold", "from 1s to 5m");
+            }
+            bp.spillover = Some(crate::proxy::Spillover {
+                pools: sp.pools.clone(),
+                high,
+                low,
+                hold,
+            });
+        }
         if let Some(rb) = &p.retry_budget {
             bp.retry_budget_percent = rb.percent.unwrap_or(bp.retry_budget_percent);
             bp.retry_min_per_second = rb.min_retries_per_second.unwrap_or(bp.retry_min_per_second);

@@ -38,6 +38,9 @@ const BUSY_WINDOWS: f64 = 6000.0;
 const WARMUP_WINDOWS: u32 = 10;
 /// How much slower than the baseline a window may be before the limit shrinks.
 const TOLERANCE: f64 = 1.25;
+/// How much slower than tolerated a window must be for the limit to come down while the
+/// workload is far below it (a clear queue, not jitter).
+const QUEUEING: f64 = 2.0;
 /// How much of a new estimate the limit takes at once.
 const SMOOTHING: f64 = 0.2;
 /// Times below this count as this: sub-millisecond jitter is not queueing.
@@ -58,6 +61,9 @@ struct State {
     start: Instant,
     min: u32,
     max: u32,
+    /// Seconds the answered requests took, summed, since [`Adaptive::take_busy`] last
+    /// read it: over the time between two reads, the average in flight (Little's law).
+    busy_s: f64,
 }
 
 /// One workload's limit.
@@ -89,6 +95,7 @@ impl Default for Adaptive {
                 start: Instant::now(),
                 min: d.min,
                 max: d.max,
+                busy_s: 0.0,
             }),
         }
     }
@@ -158,8 +165,15 @@ impl Adaptive {
         )
     }
 
+    /// The seconds answered requests took since the last call, summed (see `busy_s`).
+    pub(crate) fn take_busy(&self) -> f64 {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut s.busy_s)
+    }
+
     fn sample(&self, took: Duration, in_flight: u32) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.busy_s += took.as_secs_f64();
         s.sum_s += took.as_secs_f64().max(FLOOR_S);
         s.samples += 1;
         s.peak = s.peak.max(in_flight);
@@ -179,19 +193,33 @@ fn step(s: &mut State, short: f64) -> u32 {
     // Busy: at least half the limit in flight. Otherwise the application is not the limit
     // (app-limited): the window says what its time is without a queue.
     let busy = f64::from(s.peak) >= s.estimate / 2.0;
+    // Queueing: clearly slower than the baseline (past the warm-up), whatever the limit.
+    let queueing =
+        s.windows > WARMUP_WINDOWS && s.long_s.is_some_and(|l| short > QUEUEING * TOLERANCE * l);
     let long = match s.long_s {
         None => short,
         Some(l) if s.windows <= WARMUP_WINDOWS => l + (short - l) / f64::from(s.windows),
-        Some(l) if busy => l + (short - l) * 2.0 / (BUSY_WINDOWS + 1.0),
+        Some(l) if busy || queueing => l + (short - l) * 2.0 / (BUSY_WINDOWS + 1.0),
         Some(l) => l + (short - l) * 2.0 / (LONG_WINDOWS + 1.0),
     };
     // After a long overload the baseline may have drifted up: let it come down faster.
     let long = if long / short > 2.0 { long * 0.9 } else { long };
     s.long_s = Some(long);
+    let gradient = (TOLERANCE * long / short).clamp(0.5, 1.0);
     if !busy {
+        // App-limited: no growth. But an application that queues at fewer requests than
+        // half the limit (a small VM under a limit still at its start) is past its
+        // capacity: the limit comes down to what it had in flight, and Gradient2 goes on
+        // from there (Netflix's leaves it where it is, and the queue grows under it).
+        if queueing {
+            let peak = f64::from(s.peak);
+            let wanted = peak * gradient + peak.sqrt().max(1.0);
+            s.estimate = wanted
+                .min(s.estimate)
+                .clamp(f64::from(s.min), f64::from(s.max));
+        }
         return s.estimate as u32;
     }
-    let gradient = (TOLERANCE * long / short).clamp(0.5, 1.0);
     let queue = s.estimate.sqrt().max(1.0);
     let wanted = s.estimate * gradient + queue;
     let next = s.estimate * (1.0 - SMOOTHING) + wanted * SMOOTHING;

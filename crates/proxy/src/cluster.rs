@@ -98,11 +98,60 @@ enum Tiers {
         group: Vec<Option<usize>>,
         weights: Vec<u32>,
     },
+    /// Spill-over by load: by endpoint index, its pool; the shares the control plane gives
+    /// (see [`SpillShares`]); health failover (`opf`, as [`Tiers::Failover`]) underneath.
+    Spill {
+        pool: Vec<u8>,
+        shares: Arc<SpillShares>,
+        opf: u32,
+    },
+}
+
+/// Pools of a spill-over policy, with the one of endpoints matching none.
+const POOLS: usize = trellis_model::proxy::MAX_POOLS + 1;
+
+/// A service's spill-over shares, set by the load exchange with the control plane
+/// ([`crate::spill_link`]) and read by every pick: by pool, thousandths of the traffic
+/// reaching it that go on to the next pool with a usable endpoint.
+#[derive(Default)]
+pub(crate) struct SpillShares {
+    permille: [AtomicU32; POOLS],
+}
+
+impl SpillShares {
+    /// Take the control plane's shares (missing ones are 0; each at most 1,000).
+    pub(crate) fn set(&self, permille: &[u32]) {
+        for (i, s) in self.permille.iter().enumerate() {
+            let v = permille.get(i).copied().unwrap_or(0).min(1000);
+            s.store(v, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self, i: usize) -> u32 {
+        self.permille[i].load(Ordering::Relaxed)
+    }
 }
 
 impl Tiers {
-    fn new(cfg: &ClusterConfig, local: Option<&Locality>) -> Self {
+    /// `prev`: the shares of the cluster this one replaces (kept while its pools are the
+    /// same, so a reload does not bring spilled traffic back for a second).
+    fn new(cfg: &ClusterConfig, local: Option<&Locality>, prev: Option<&Tiers>) -> Self {
         let lb = &cfg.policy.locality;
+        if let Some(sp) = &cfg.policy.spillover {
+            let shares = match prev {
+                Some(Tiers::Spill { shares, .. }) => shares.clone(),
+                _ => Arc::default(),
+            };
+            return Self::Spill {
+                pool: cfg
+                    .endpoints
+                    .iter()
+                    .map(|e| sp.pool_of(e.environment, &e.locality) as u8)
+                    .collect(),
+                shares,
+                opf: lb.overprovisioning,
+            };
+        }
         match lb.mode {
             LocalityMode::Disabled => Self::Flat,
             LocalityMode::Weighted => {
@@ -298,7 +347,8 @@ impl Cluster {
         meshed: bool,
     ) -> Self {
         let idle = cfg.policy.idle_timeout;
-        let tiers = Tiers::new(&cfg, local);
+        let same_pools = prev.is_some_and(|p| p.cfg.policy.spillover == cfg.policy.spillover);
+        let tiers = Tiers::new(&cfg, local, prev.filter(|_| same_pools).map(|p| &p.tiers));
         let mut lifted = 0;
         let endpoints = cfg
             .endpoints
@@ -440,6 +490,7 @@ impl Cluster {
             }
             Tiers::Failover { tier, opf } => self.pick_failover(tier, *opf, &usable),
             Tiers::Weighted { group, weights } => self.pick_weighted(group, weights, &usable),
+            Tiers::Spill { pool, shares, opf } => self.pick_spill(pool, shares, *opf, &usable),
         };
         match picked {
             // Nothing else is usable: the same endpoint again rather than none.
@@ -481,6 +532,62 @@ impl Cluster {
             .map(|(e, _)| e.clone())
             .collect();
         self.choose(&near)
+    }
+
+    /// Spill-over: each pool first takes what its health allows (as [`Tiers::Failover`]:
+    /// min(100 %, healthy share × `opf`) of what is left), then passes its share of what it
+    /// took on to the next pool with a usable endpoint (which may pass some on in turn).
+    fn pick_spill(
+        &self,
+        pool: &[u8],
+        shares: &SpillShares,
+        opf: u32,
+        usable: &dyn Fn(&Arc<Endpoint>) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let (mut total, mut healthy) = ([0u32; POOLS], [0u32; POOLS]);
+        for (e, &p) in self.endpoints.iter().zip(pool) {
+            total[p as usize] += 1;
+            if usable(e) {
+                healthy[p as usize] += 1;
+            }
+        }
+        // Loads in hundred-thousandths of the traffic.
+        const WHOLE: u64 = 100_000;
+        let (mut load, mut left) = ([0u64; POOLS], WHOLE);
+        for p in 0..POOLS {
+            if let Some(share) =
+                (u64::from(healthy[p]) * u64::from(opf)).checked_div(u64::from(total[p]))
+            {
+                load[p] = (share.min(100) * WHOLE / 100).min(left);
+                left -= load[p];
+            }
+        }
+        for p in 0..POOLS {
+            let Some(next) = (p + 1..POOLS).find(|&q| healthy[q] > 0) else {
+                break;
+            };
+            let moved = load[p] * u64::from(shares.get(p)) / 1000;
+            load[p] -= moved;
+            load[next] += moved;
+        }
+        let weights = load.map(|l| l as u32);
+        let p = weighted_index(&weights)?;
+        let members: Vec<Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .zip(pool)
+            .filter(|(e, &ep)| ep as usize == p && usable(e))
+            .map(|(e, _)| e.clone())
+            .collect();
+        self.choose(&members)
+    }
+
+    /// The spill-over shares of this cluster, if its service has a spill-over policy.
+    pub(crate) fn spill_shares(&self) -> Option<&SpillShares> {
+        match &self.tiers {
+            Tiers::Spill { shares, .. } => Some(shares),
+            _ => None,
+        }
     }
 
     /// A locality group by its weight, among those with a healthy endpoint.

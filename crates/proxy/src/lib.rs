@@ -34,6 +34,7 @@ pub mod run;
 pub(crate) mod shared;
 pub(crate) mod slot;
 pub(crate) mod snapshot;
+pub(crate) mod spill_link;
 pub(crate) mod stages;
 pub(crate) mod summary;
 pub(crate) mod tap;

@@ -496,6 +496,11 @@ impl Proxy {
                     x.workload.clone().unwrap_or_default(),
                     linked.clone(),
                 ));
+                tokio::spawn(crate::spill_link::run(
+                    self.shared.clone(),
+                    x.workload.clone().unwrap_or_default(),
+                    linked.clone(),
+                ));
                 if !self.opts.report_every.is_zero() {
                     let (ftx, frx) = tokio::sync::mpsc::channel(1);
                     flush = Some(ftx);

@@ -4,6 +4,7 @@
 //! - [`hist`]: the latency histogram, exponential buckets that merge exactly;
 //! - [`report`]: the protobuf messages a proxy pushes every period;
 //! - [`key`] and [`store`]: the control plane's series and their ring buffers, bounded;
+//! - [`load`]: the load exchange behind spill-over, and its state as shown;
 //! - [`shard`]: a replica's part of a window, merged by the replica that answers;
 //! - [`diagnose`]: verdicts joined from both ends of each hop;
 //! - [`view`]: the rows of `trellis stat` and `trellis edges`.
@@ -13,6 +14,7 @@ pub mod export;
 pub mod fx;
 pub mod hist;
 pub mod key;
+pub mod load;
 pub mod report;
 pub mod shard;
 pub mod store;

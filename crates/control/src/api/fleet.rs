@@ -266,6 +266,7 @@ async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde
         "edges": edges,
         "diagnose": { "window_ms": window, "verdicts": verdicts },
         "proxies": super::resources::proxies_value(api)["proxies"],
+        "spill": api.spill().states(),
         "partial": partial,
     }))
 }
@@ -376,6 +377,51 @@ pub(crate) async fn tap_events(
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("events: {e}")))?;
     let relayed = api.taps().deliver(&q.workload, events);
     Ok(Json(serde_json::json!({ "relayed": relayed })))
+}
+
+/// `POST /v1/load`: a proxy's load; answers the spill-over shares.
+pub(crate) async fn load(
+    AxState(api): AxState<Api>,
+    peer: Option<Extension<Peer>>,
+    body: Bytes,
+) -> ApiResult<Json<trellis_telemetry::load::Answer>> {
+    let b: trellis_telemetry::load::Beacon =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("load: {e}")))?;
+    if let Some(id) = peer.as_ref().and_then(|p| p.id.as_ref()) {
+        api.fleet().check_owner(api.writer(), &b.workload, id)?;
+    }
+    Ok(Json(api.spill().beacon(&b, std::time::Instant::now())))
+}
+
+/// What `GET /api/v1/spill` takes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SpillQuery {
+    namespace: Option<String>,
+    /// `name` or `namespace/name`.
+    name: Option<String>,
+}
+
+/// `GET /api/v1/spill`: where services spill over (this replica's decisions).
+pub(crate) async fn spill(
+    AxState(api): AxState<Api>,
+    Query(q): Query<SpillQuery>,
+) -> Json<Vec<trellis_telemetry::load::SpillState>> {
+    let full = q
+        .name
+        .as_ref()
+        .map(|n| match (n.contains('/'), &q.namespace) {
+            (true, _) => n.clone(),
+            (false, ns) => format!("{}/{n}", ns.as_deref().unwrap_or("default")),
+        });
+    let mut states = api.spill().states();
+    states.retain(|s| {
+        full.as_ref().is_none_or(|f| &s.service == f)
+            && q.namespace
+                .as_ref()
+                .is_none_or(|ns| s.service.split('/').next() == Some(ns))
+    });
+    Json(states)
 }
 
 /// What `trellis tap` asks for.

@@ -22,6 +22,8 @@
 //! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload; for the whole fleet (other replicas' parts merged in; `x-trellis-partial` names a replica that did not answer) |
 //! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures (whole fleet, as `stat`) |
 //! | GET | `/api/v1/diagnose?namespace=NS&name=NAME&window=5m` | verdicts: network, application, mesh policy or configuration, where, the evidence of both ends of each hop, and what to check next |
+//! | GET | `/api/v1/spill?namespace=NS&name=NAME` | services with a spill-over policy: each pool's load, the share it spills to the next and since when, what moved lately |
+//! | POST | `/v1/load` (xDS address only) | a proxy's load (JSON `Beacon`); answers the spill-over shares and when to come back |
 //! | GET | `/api/v1/fleet/stream?namespace=NS&window=5m&every=5` | server-sent events `fleet`: stat, edges, diagnose and proxies at once, now and every few seconds (the pane's feed) |
 //! | GET | `/api/v1/services/{ns}/{name}/view?window=15m` | the pane's service view: a timeline slot by slot (requests, failed, p50/p99, requests by serving workload; this replica's reports), the workloads it selects with health and events, the routes and policies that name it, its mTLS mode |
 //! | POST, GET | `/api/v1/viewer-tokens` | make a read-only token (`{"name"}`; the token is in the answer, once), list them (admin only) |
@@ -95,6 +97,8 @@ struct Inner {
     pane: crate::pane::Pane,
     /// Read-only tokens.
     viewers: token::Viewers,
+    /// Spill-over decisions.
+    spill: Arc<crate::spill::Spill>,
 }
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
@@ -258,6 +262,7 @@ impl Api {
                 events,
                 pane,
                 viewers: token::Viewers::default(),
+                spill: Arc::default(),
             }),
         }
     }
@@ -281,6 +286,7 @@ impl Api {
             .route("/diagnose", get(fleet::diagnose))
             .route("/check", get(fleet::check))
             .route("/fleet/stream", get(fleet::stream))
+            .route("/spill", get(fleet::spill))
             .route("/ui/links", post(pane::new_link))
             .route(
                 "/viewer-tokens",
@@ -334,6 +340,7 @@ impl Api {
                     .route("/v1/telemetry", post(fleet::report))
                     .route("/v1/tap", get(fleet::follow_taps))
                     .route("/v1/tap/events", post(fleet::tap_events))
+                    .route("/v1/load", post(fleet::load))
                     .route("/v1/fleet/shard", get(fleet::shard))
                     .layer(DefaultBodyLimit::max(TELEMETRY_MAX_BODY)),
             )
@@ -388,6 +395,11 @@ impl Api {
     /// The other replicas, when the store is shared.
     pub(crate) fn replicas(&self) -> Option<&Replicas> {
         self.inner.replicas.as_deref()
+    }
+
+    /// Spill-over decisions.
+    pub(crate) fn spill(&self) -> &Arc<crate::spill::Spill> {
+        &self.inner.spill
     }
 
     /// Live tap sessions.

@@ -235,6 +235,21 @@ function drawServices(rows) {
     `<td>${ms(r.latency_ms.p50)}</td><td>${ms(r.latency_ms.p99)}</td><td>${esc(failuresText(r.failures))}</td></tr>`).join("");
 }
 
+// Where services spill over by load: "test/catalog: 23 % spilled vm → container since
+// 14:02:05 (2m ago)", each pool's load, what moved lately.
+function drawSpill(states) {
+  const now = Date.now();
+  const lines = states.flatMap((s) => s.pools.filter((p) => p.spilled_percent > 0).map((p) =>
+    `<li class="spilling">${esc(s.service)}: ${p.spilled_percent.toFixed(0)} % spilled ${esc(p.name)} → ${esc(p.to || "?")}` +
+    (p.since_ms ? ` since ${esc(new Date(p.since_ms).toLocaleTimeString())} (${ago(now - p.since_ms)} ago)` : "") + "</li>"));
+  const loads = states.map((s) => `<li>${esc(s.service)}: ` + s.pools.map((p) =>
+    `${esc(p.name)} ${p.load_percent == null ? "load unknown" : `load ${p.load_percent.toFixed(0)} %`}` +
+    (p.shed ? `, ${p.shed} shed` : "")).join(" · ") +
+    (s.history.length ? ` · last: ${esc(s.history[s.history.length - 1].what)} ${ago(now - s.history[s.history.length - 1].at_ms)} ago` : "") + "</li>");
+  $("spill").innerHTML = lines.join("") + loads.join("");
+  $("spill").hidden = states.length === 0;
+}
+
 const PALETTE = ["#0969da", "#1a7f37", "#8250df", "#bf8700", "#cf222e", "#57606a", "#1b7c83", "#a40e26"];
 
 // A line chart of `lines` ({name, points: [[at_ms, value]], color}) over [from, to].
@@ -367,6 +382,7 @@ function draw(f) {
   drawTopology(f.edges);
   drawVerdicts(f.diagnose.verdicts);
   drawServices(f.stat);
+  drawSpill(f.spill || []);
   drawProxies(f.proxies);
   state.proxies = f.proxies;
   if (state.service) showService(state.service);
@@ -382,13 +398,14 @@ function draw(f) {
 async function refresh() {
   try {
     const q = query();
-    const [stat, edges, diag, proxies] = await Promise.all([
+    const [stat, edges, diag, proxies, spill] = await Promise.all([
       api(`/api/v1/stat?${q}`),
       api(`/api/v1/edges?${q}`),
       api(`/api/v1/diagnose?${q}`),
       api("/api/v1/proxies"),
+      api("/api/v1/spill"),
     ]);
-    draw({ stat, edges, diagnose: diag, proxies: proxies.proxies });
+    draw({ stat, edges, diagnose: diag, proxies: proxies.proxies, spill });
     follow();
     return true;
   } catch (e) {

@@ -498,6 +498,54 @@ fn peer_authentication_errors_name_line_and_field() {
 }
 
 #[test]
+fn spillover_policies_reach_the_clusters_and_bad_ones_are_named() {
+    let base = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: web, namespace: shop }\nspec: { selector: { app: web }, ports: [{ port: 80 }] }\n---\napiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: { name: web, namespace: shop }\nspec:\n  targetRefs: [{ name: web }]\n";
+    let case = |spill: &str| err(&format!("{base}  spillover: {spill}\n")).to_string();
+    let e = case("{ pools: [] }");
+    assert!(
+        e.contains("spec.spillover.pools") && e.contains("from 1 to 8"),
+        "{e}"
+    );
+    let e = case("{ pools: [{}] }");
+    assert!(e.contains("spec.spillover.pools[0]"), "{e}");
+    let e = case("{ pools: [{ environment: vm }], lowLoad: 80 }");
+    assert!(
+        e.contains("spec.spillover.lowLoad") && e.contains("below highLoad"),
+        "{e}"
+    );
+    let e = case("{ pools: [{ environment: vm }], highLoad: 150 }");
+    assert!(e.contains("spec.spillover.highLoad"), "{e}");
+    let e = case("{ pools: [{ environment: vm }], hold: 500ms }");
+    assert!(e.contains("spec.spillover.hold"), "{e}");
+    let e = case("{ pools: [{ environment: moon }] }");
+    assert!(e.contains("moon"), "{e}");
+    // The line is the policy's.
+    assert!(e.starts_with("t.yaml:"), "{e}");
+    let text = format!(
+        "{base}  spillover: {{ pools: [{{ environment: vm, zone: z1 }}, {{ environment: container }}], highLoad: 70 }}\n"
+    );
+    let res = parse_documents("t.yaml", &text).unwrap();
+    let cfg = translate("t.yaml", &res, None).unwrap();
+    let sp = cfg.clusters["shop/web:80"]
+        .policy
+        .spillover
+        .clone()
+        .unwrap();
+    assert_eq!((sp.high, sp.low, sp.hold), (70, 50, Duration::from_secs(3)));
+    assert_eq!(sp.pool_name(0), "vm z1");
+    assert_eq!(sp.pool_name(2), "other");
+    use crate::resource::{Environment, Locality};
+    let (vm, ct) = (Environment::Vm, Environment::Container);
+    let z1 = Locality {
+        zone: Some("z1".into()),
+        ..Default::default()
+    };
+    assert_eq!(sp.pool_of(vm, &z1), 0);
+    assert_eq!(sp.pool_of(vm, &Locality::default()), 2);
+    assert_eq!(sp.pool_of(ct, &Locality::default()), 1);
+}
+
+#[test]
 fn locality_policies_are_checked_by_field() {
     let base = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: web, namespace: shop }\nspec: { selector: { app: web }, ports: [{ port: 80 }] }\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: frontend-1, namespace: shop }\nspec: { address: 127.0.0.1, locality: { region: r1, zone: z1 } }\n---\napiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: { name: web, namespace: shop }\nspec:\n  targetRefs: [{ name: web }]\n";
     let case = |locality: &str| err(&format!("{base}  locality: {locality}\n")).to_string();

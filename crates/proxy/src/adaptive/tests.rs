@@ -11,6 +11,7 @@ fn state(estimate: f64) -> State {
         start: Instant::now(),
         min: 20,
         max: 1000,
+        busy_s: 0.0,
     }
 }
 
@@ -45,6 +46,35 @@ fn under_a_flood_the_limit_settles_where_queueing_starts() {
         "settled between {lo} and {hi}: {:?}",
         &limits[..400]
     );
+}
+
+#[test]
+fn a_small_application_queueing_far_below_the_starting_limit_brings_it_down() {
+    // A VM that serves 4 at once in 20 ms, with 24 callers: in flight never reaches half of
+    // the limit it starts with (100), but its time is 6× the unloaded one.
+    let mut s = state(100.0);
+    for _ in 0..20 {
+        s.peak = 2;
+        step(&mut s, service_time(0.020, 4.0, 2.0));
+    }
+    assert_eq!(s.estimate as u32, 100, "light load moves nothing");
+    let mut limits = Vec::new();
+    for _ in 0..100 {
+        let n = s.estimate.floor().min(24.0);
+        s.peak = n as u32;
+        limits.push(step(&mut s, service_time(0.020, 4.0, n)));
+    }
+    // Down to its minimum (20) at once, and kept there: the queue is not learnt as normal.
+    assert_eq!(limits[0], 20, "{limits:?}");
+    assert!(limits.iter().all(|&l| l == 20), "{limits:?}");
+    assert!(s.long_s.unwrap() < 0.025, "baseline {:?}", s.long_s);
+    // A jittery but unqueued application (1.5× its time now and then) keeps its limit.
+    let mut s = state(100.0);
+    for i in 0..200 {
+        s.peak = 3;
+        let t = if i % 7 == 0 { 0.030 } else { 0.020 };
+        assert_eq!(step(&mut s, t), 100);
+    }
 }
 
 #[test]

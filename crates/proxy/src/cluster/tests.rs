@@ -349,3 +349,114 @@ fn an_endpoint_never_timed_is_tried_before_a_faster_timed_one() {
         "the untimed endpoint is tried next"
     );
 }
+
+/// Endpoints .1-.2 on VMs, .3-.4 in containers, .5 on bare metal; spill-over pools vm,
+/// then container (bare metal matches neither: the last pool).
+fn pooled() -> Cluster {
+    use trellis_model::resource::PoolSpec;
+    let envs = [
+        Environment::Vm,
+        Environment::Vm,
+        Environment::Container,
+        Environment::Container,
+        Environment::BareMetal,
+    ];
+    let endpoints = envs
+        .iter()
+        .enumerate()
+        .map(|(i, env)| EndpointConfig {
+            addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
+            weight: 1,
+            workload: format!("ns/w{i}").parse().unwrap(),
+            environment: *env,
+            locality: Locality::default(),
+            mesh: None,
+            recoveries: 0,
+        })
+        .collect();
+    let pool = |e| PoolSpec {
+        environment: Some(e),
+        ..Default::default()
+    };
+    let cfg = ClusterConfig {
+        service: "ns/s".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Http,
+        endpoints,
+        policy: BackendPolicy {
+            lb: LbKind::RoundRobin,
+            consecutive_failures: 1,
+            max_ejection_percent: 100,
+            spillover: Some(trellis_model::proxy::Spillover {
+                pools: vec![pool(Environment::Vm), pool(Environment::Container)],
+                high: 80,
+                low: 50,
+                hold: Duration::from_secs(3),
+            }),
+            ..Default::default()
+        },
+        mtls: Default::default(),
+    };
+    let mut reg = prometheus_client::registry::Registry::default();
+    Cluster::new(
+        "ns/s:80".into(),
+        Arc::new(cfg),
+        None,
+        &Metrics::register(&mut reg),
+        None,
+        false,
+    )
+}
+
+/// Share of picks per environment, percent.
+fn env_shares(c: &Cluster) -> HashMap<String, usize> {
+    let mut m: HashMap<String, usize> = HashMap::new();
+    for _ in 0..10_000 {
+        let e = c.pick(Instant::now()).unwrap();
+        *m.entry(e.environment.as_str().to_string()).or_default() += 1;
+    }
+    m.into_iter().map(|(k, v)| (k, (v + 50) / 100)).collect()
+}
+
+#[test]
+fn spill_shares_move_traffic_down_the_preference_with_health_underneath() {
+    let c = pooled();
+    let shares = c.spill_shares().unwrap();
+    // No share: the first pool takes everything.
+    assert_eq!(env_shares(&c), HashMap::from([("vm".to_string(), 100)]));
+    // 30 % of the VMs' traffic spills to the containers.
+    shares.set(&[300]);
+    let s = env_shares(&c);
+    assert!((68..=72).contains(&s["vm"]), "{s:?}");
+    assert!((28..=32).contains(&s["container"]), "{s:?}");
+    // And half of what reaches the containers on to bare metal: 15 %.
+    shares.set(&[300, 500]);
+    let s = env_shares(&c);
+    assert!((13..=17).contains(&s["bare-metal"]), "{s:?}");
+    assert!((13..=17).contains(&s["container"]), "{s:?}");
+    // A rebuilt cluster with the same pools keeps the shares (a reload moves nothing back).
+    let mut reg = prometheus_client::registry::Registry::default();
+    let again = Cluster::new(
+        c.key.clone(),
+        c.cfg.clone(),
+        Some(&c),
+        &Metrics::register(&mut reg),
+        None,
+        false,
+    );
+    assert_eq!(again.spill_shares().unwrap().get(0), 300);
+    // Health underneath: the containers gone, the VMs' spill skips to bare metal; the VMs
+    // gone too, bare metal takes everything whatever the shares say.
+    shares.set(&[300]);
+    c.report(&c.endpoints[2], FailureClass::ConnectRefused);
+    c.report(&c.endpoints[3], FailureClass::ConnectRefused);
+    let s = env_shares(&c);
+    assert!((28..=32).contains(&s["bare-metal"]), "{s:?}");
+    assert!(!s.contains_key("container"), "{s:?}");
+    c.report(&c.endpoints[0], FailureClass::ConnectRefused);
+    c.report(&c.endpoints[1], FailureClass::ConnectRefused);
+    assert_eq!(
+        env_shares(&c),
+        HashMap::from([("bare-metal".to_string(), 100)])
+    );
+}
