@@ -320,7 +320,11 @@ fn spill_mesh(vm: u16, ct: u16, inbound: (u16, u16)) -> String {
 
 /// An application that serves `capacity` requests at once in 20 ms (the rest wait their
 /// turn), and counts what it served.
-async fn pool_app(capacity: usize, served: Arc<AtomicUsize>) -> std::net::SocketAddr {
+async fn pool_app(
+    name: &'static str,
+    capacity: usize,
+    served: Arc<AtomicUsize>,
+) -> std::net::SocketAddr {
     let slots = Arc::new(tokio::sync::Semaphore::new(capacity));
     upstream::http(move |_| {
         let (slots, served) = (slots.clone(), served.clone());
@@ -328,7 +332,7 @@ async fn pool_app(capacity: usize, served: Arc<AtomicUsize>) -> std::net::Socket
             let _slot = slots.acquire().await.unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
             served.fetch_add(1, Ordering::SeqCst);
-            http::Response::new(http_body_util::Full::new(bytes::Bytes::from("done")))
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from(name)))
         }
     })
     .await
@@ -358,8 +362,8 @@ async fn a_surge_spills_from_the_saturated_vm_pool_to_containers_and_comes_back(
     // The VM serves 4 at once; the container as many as come.
     let (vm_served, ct_served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (vm_app, ct_app) = (
-        pool_app(4, vm_served.clone()).await,
-        pool_app(1000, ct_served.clone()).await,
+        pool_app("vm", 4, vm_served.clone()).await,
+        pool_app("ct", 1000, ct_served.clone()).await,
     );
     let cp = ControlProcess::start(BIN, &[]);
     apply_ok(&cp, spill_mesh(vm_app.port(), ct_app.port(), (1, 1))).await;
@@ -483,4 +487,246 @@ async fn a_surge_spills_from_the_saturated_vm_pool_to_containers_and_comes_back(
         },
     )
     .await;
+}
+
+/// How one scenario of the surge benchmark protects the VM pool.
+#[derive(Clone, Copy, Debug)]
+enum Protection {
+    None,
+    Static,
+    Adaptive,
+    Spill,
+}
+
+/// The benchmark's mesh: `test/catalog` on one VM (zone z1, the caller's) and one container
+/// (zone z2); requests time out after 1 s.
+fn bench_mesh(vm: u16, ct: u16, inbound: (u16, u16), p: Protection) -> String {
+    let workload = |name: &str, env: &str, zone: &str, port: u16, inbound: u16| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: catalog }} }}\nspec:\n  address: 127.0.0.1\n  identity: catalog\n  environment: {env}\n  locality: {{ region: r1, zone: {zone} }}\n  inboundPort: {inbound}\n  ports: {{ http: {port} }}\n")
+    };
+    let spec = match p {
+        Protection::None => "  adaptiveConcurrency: { enabled: false }\n",
+        Protection::Static => "  adaptiveConcurrency: { minLimit: 16, maxLimit: 16 }\n",
+        // The pools serve 8 at once: below the default minimum limit (20), so the policy
+        // lowers it, as an operator of small VMs would.
+        Protection::Adaptive => "  adaptiveConcurrency: { minLimit: 4 }\n",
+        Protection::Spill => "  adaptiveConcurrency: { minLimit: 4 }\n  spillover:\n    pools: [{ environment: vm }, { environment: container }]\n",
+    };
+    [
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
+        workload("catalog-vm", "vm", "z1", vm, inbound.0),
+        workload("catalog-ct", "container", "z2", ct, inbound.1),
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client, locality: { region: r1, zone: z1 } }\n".to_string(),
+        route("catalog", "catalog", "    - timeouts: { request: 1s }\n"),
+        policy("catalog", spec),
+    ]
+    .join("---\n")
+}
+
+/// One request's outcome in the benchmark.
+struct Outcome {
+    phase: usize,
+    ok: bool,
+    /// Served by the container.
+    ct: bool,
+    ms: f64,
+    class: String,
+}
+
+/// The surge benchmark (issue 18): a fixed-capacity VM pool (8 at once, 20 ms: 400 requests
+/// a second) preferred by the caller's locality, and a container pool of the same size;
+/// offered load stepped 0.5×, 1×, 2×, 3×, 1×, 0.5× the VM's capacity; four protections. Run
+/// by `bench/surge.sh` (release build); prints a table per scenario.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: bench/surge.sh runs it"]
+async fn surge_benchmark() {
+    let only = std::env::var("SURGE_ONLY").ok();
+    for p in [
+        Protection::None,
+        Protection::Static,
+        Protection::Adaptive,
+        Protection::Spill,
+    ] {
+        if only
+            .as_ref()
+            .is_some_and(|o| !format!("{p:?}").eq_ignore_ascii_case(o))
+        {
+            continue;
+        }
+        surge_scenario(p).await;
+    }
+}
+
+async fn surge_scenario(p: Protection) {
+    const CAPACITY: f64 = 400.0;
+    let phases: [(f64, u64); 6] = [
+        (0.5, 10),
+        (1.0, 10),
+        (2.0, 10),
+        (3.0, 20),
+        (1.0, 10),
+        (0.5, 30),
+    ];
+    let (vm_served, ct_served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (vm_app, ct_app) = (
+        pool_app("vm", 8, vm_served.clone()).await,
+        pool_app("ct", 8, ct_served.clone()).await,
+    );
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, bench_mesh(vm_app.port(), ct_app.port(), (1, 1), p)).await;
+    let join = |who: &str, workload: &str| {
+        join_xds(&cp, &cp.xds_url(), who, workload, &["--no-access-log"])
+    };
+    let (vm, ct) = (
+        join("catalog", "test/catalog-vm"),
+        join("catalog", "test/catalog-ct"),
+    );
+    vm.wait_ready().await;
+    ct.wait_ready().await;
+    let inbound = (vm.inbound.port(), ct.inbound.port());
+    apply_ok(&cp, bench_mesh(vm_app.port(), ct_app.port(), inbound, p)).await;
+    let caller = join("client", "test/client");
+    caller.wait_ready().await;
+    until_answered(caller.outbound, "catalog.test").await;
+
+    // Open loop: requests are sent at the phase's rate whatever happens to earlier ones.
+    let to = caller.outbound;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
+    // Who served, second by second.
+    let per_second = {
+        let (vm_served, ct_served) = (vm_served.clone(), ct_served.clone());
+        let total: u64 = phases.iter().map(|(_, s)| s).sum();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let (mut v0, mut c0) = (0, 0);
+            for _ in 0..=total {
+                tick.tick().await;
+                let (v, c) = (
+                    vm_served.load(Ordering::SeqCst),
+                    ct_served.load(Ordering::SeqCst),
+                );
+                out.push((v - v0, c - c0));
+                (v0, c0) = (v, c);
+            }
+            out
+        })
+    };
+    let mut limits = Vec::new();
+    for (i, (x, secs)) in phases.iter().enumerate() {
+        if i > 0 {
+            limits.push(sum_metric(
+                &vm.metrics().await,
+                "trellis_adaptive_concurrency_limit",
+                &[],
+            ));
+        }
+        let rate = CAPACITY * x;
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let until = Instant::now() + Duration::from_secs(*secs);
+        while Instant::now() < until {
+            tick.tick().await;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                let r = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client::get_full(to, "catalog.test", "/", &[]),
+                )
+                .await;
+                let ct = matches!(&r, Ok(Ok(r)) if r.body.as_ref() == b"ct");
+                let (ok, class) = match r {
+                    Ok(Ok(r)) if r.status == 200 => (true, String::new()),
+                    Ok(Ok(r)) => (
+                        false,
+                        r.headers
+                            .get("x-trellis-failure")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or(r.status.as_str())
+                            .to_string(),
+                    ),
+                    Ok(Err(_)) => (false, "client_error".into()),
+                    Err(_) => (false, "client_timeout".into()),
+                };
+                let _ = tx.send(Outcome {
+                    phase: i,
+                    ok,
+                    ct,
+                    ms: sent.elapsed().as_secs_f64() * 1000.0,
+                    class,
+                });
+            });
+        }
+    }
+    limits.push(sum_metric(
+        &vm.metrics().await,
+        "trellis_adaptive_concurrency_limit",
+        &[],
+    ));
+    drop(tx);
+    let mut all = Vec::new();
+    while let Some(o) = rx.recv().await {
+        all.push(o);
+    }
+    let served = per_second.await.unwrap();
+
+    println!("\n## {p:?}");
+    println!("| phase | offered/s | goodput/s | p99 served (VM, container) | failed | failures | to container | VM limit at the end |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut unloaded_p99 = 0.0;
+    let mut t0 = 0;
+    for (i, (x, secs)) in phases.iter().enumerate() {
+        let mine: Vec<&Outcome> = all.iter().filter(|o| o.phase == i).collect();
+        let p99 = |f: &dyn Fn(&Outcome) -> bool| {
+            let mut ok: Vec<f64> = mine.iter().filter(|o| o.ok && f(o)).map(|o| o.ms).collect();
+            ok.sort_by(f64::total_cmp);
+            ok.get((ok.len() * 99 / 100).min(ok.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let ok: Vec<&&Outcome> = mine.iter().filter(|o| o.ok).collect();
+        let (p99, p99_vm, p99_ct) = (p99(&|_| true), p99(&|o| !o.ct), p99(&|o| o.ct));
+        if i == 0 {
+            unloaded_p99 = p99;
+        }
+        let mut classes: std::collections::BTreeMap<&str, usize> = Default::default();
+        for o in mine.iter().filter(|o| !o.ok) {
+            *classes.entry(o.class.as_str()).or_default() += 1;
+        }
+        let secs_range = t0 as usize..(t0 + secs) as usize;
+        let (v, c) = served[secs_range.start + 1..=secs_range.end.min(served.len() - 1)]
+            .iter()
+            .fold((0, 0), |(a, b), (v, c)| (a + v, b + c));
+        println!(
+            "| {x}× {secs}s | {:.0} | {:.0} | {p99:.0} ms ({p99_vm:.0}, {p99_ct:.0}) | {} | {} | {:.0} % | {} |",
+            mine.len() as f64 / *secs as f64,
+            ok.len() as f64 / *secs as f64,
+            mine.len() - ok.len(),
+            classes
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            100.0 * c as f64 / (v + c).max(1) as f64,
+            match p {
+                Protection::None => "-".to_string(),
+                _ => limits[i].to_string(),
+            },
+        );
+        t0 += secs;
+    }
+    // When traffic came back to the VM after the surge: the first second from which the
+    // container served under 5 % of what was served, to the end.
+    let surge_end: u64 = phases[..4].iter().map(|(_, s)| s).sum();
+    let back = (surge_end as usize..served.len()).find(|&s| {
+        served[s..]
+            .iter()
+            .all(|(v, c)| (*c as f64) < 0.05 * (*v + *c).max(1) as f64)
+    });
+    let waited = all.iter().filter(|o| o.ms > 1100.0).count();
+    println!(
+        "\nunloaded p99 {unloaded_p99:.0} ms; back on the VM {}; requests that waited past the 1 s timeout: {waited}",
+        back.map_or("never".into(), |s| format!("{} s after the surge", s as u64 - surge_end))
+    );
 }

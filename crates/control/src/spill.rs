@@ -7,9 +7,15 @@
 //! second, for each such service, each pool's load is its workloads' requests in flight over
 //! their limits (their learnt capacity), and each pool's share moves:
 //!
-//! - up by [`UP`] a second while the load has stayed at or above the policy's high mark (or
-//!   the pool shed requests) for its `hold`;
-//! - down by [`DOWN`] a second while it has stayed below the low mark for its `hold`;
+//! - up while the load has stayed at or above the policy's high mark (or the pool shed
+//!   requests) for its `hold`: each second by [`UP`], or, when the pool sheds a fraction
+//!   `e` of what reaches it, by half of `e` × what it still keeps (moving `e` of it would
+//!   shed nothing; half, because what the proxies do now shows in the loads a second or
+//!   two later);
+//! - down by [`DOWN`] a second while it has stayed below the low mark for its `hold`, or
+//!   while the pool it spills to has stayed overloaded and it has not;
+//! - when both are overloaded, by [`DOWN`] towards the one that sheds the smaller fraction
+//!   (evened out, they serve the most they can together);
 //! - not at all in between, nor while nothing is heard from the pool: the band and the hold
 //!   are the hysteresis, so a load that wanders inside the band never moves traffic.
 //!
@@ -40,6 +46,8 @@ use crate::fleet::now_ms;
 const UP: u32 = 100;
 /// How much it falls a second while its pool is light.
 const DOWN: u32 = 50;
+/// Two overloaded pools shedding fractions this far apart move traffic to even them out.
+const BALANCE: f64 = 0.05;
 /// A load heard longer ago than this does not count.
 const FRESH: Duration = Duration::from_secs(3);
 /// A workload not heard from for this long is forgotten.
@@ -56,6 +64,7 @@ struct Load {
     limit: u32,
     in_flight: f64,
     shed: u64,
+    answered: u64,
     at: Instant,
 }
 
@@ -74,6 +83,7 @@ struct Pool {
     /// What the last tick saw.
     load: Option<f64>,
     shed: u64,
+    answered: u64,
     workloads: u32,
     /// It has endpoints (and so may take spilled traffic).
     populated: bool,
@@ -118,6 +128,7 @@ impl Spill {
                         limit: b.limit,
                         in_flight: b.in_flight_milli as f64 / 1000.0,
                         shed: b.shed,
+                        answered: b.answered,
                         at: now,
                     },
                 );
@@ -178,6 +189,7 @@ impl Spill {
                 let in_flight: f64 = heard.iter().map(|l| l.in_flight).sum();
                 pool.load = (limit > 0.0).then(|| 100.0 * in_flight / limit);
                 pool.shed = heard.iter().map(|l| l.shed).sum();
+                pool.answered = heard.iter().map(|l| l.answered).sum();
                 pool.workloads = heard.len() as u32;
                 pool.populated = !ws.is_empty();
             }
@@ -227,10 +239,9 @@ fn step(service: &NamespacedName, s: &mut Service, now: Instant) {
         f64::from(s.policy.low),
         s.policy.hold,
     );
-    for i in 0..s.pools.len() {
-        let elsewhere = next_populated(&s.pools, i).is_some();
-        let name = s.policy.pool_name(i);
-        let p = &mut s.pools[i];
+    // First every pool's condition, held or not; then the moves, which look at the pool the
+    // spilled traffic goes to.
+    for p in &mut s.pools {
         let overloaded = p.shed > 0 || p.load.is_some_and(|l| l >= high);
         let light = !overloaded && p.load.is_some_and(|l| l < low);
         p.above = if overloaded {
@@ -239,17 +250,40 @@ fn step(service: &NamespacedName, s: &mut Service, now: Instant) {
             None
         };
         p.below = if light { p.below.or(Some(now)) } else { None };
-        let held = |since: Option<Instant>| since.is_some_and(|t| now.duration_since(t) >= hold);
+    }
+    let held = |since: Option<Instant>| since.is_some_and(|t| now.duration_since(t) >= hold);
+    let shed_fraction = |p: &Pool| p.shed as f64 / (p.shed + p.answered).max(1) as f64;
+    for i in 0..s.pools.len() {
+        let next = next_populated(&s.pools, i);
+        let (next_overloaded, next_shed) = next.map_or((false, 0.0), |j| {
+            let n = &s.pools[j];
+            (held(n.above), shed_fraction(n))
+        });
+        let name = s.policy.pool_name(i);
+        let p = &mut s.pools[i];
         // At most one move a second, however often the tick runs.
         let may_move = p
             .moved
             .is_none_or(|t| now.duration_since(t) >= Duration::from_millis(950));
         let before = p.permille;
-        if !elsewhere {
+        let shed = shed_fraction(p);
+        if next.is_none() {
             p.permille = 0;
-        } else if may_move && held(p.above) {
-            p.permille = (p.permille + UP).min(1000);
-        } else if may_move && held(p.below) {
+        } else if !may_move {
+        } else if held(p.above) && !next_overloaded {
+            let kept = f64::from(1000 - p.permille);
+            let up = UP.max((kept * shed / 2.0) as u32);
+            p.permille = (p.permille + up).min(1000);
+        } else if held(p.above) {
+            // Both overloaded: even out what they shed (the most either can serve).
+            if shed > next_shed + BALANCE {
+                p.permille = (p.permille + DOWN).min(1000);
+            } else if next_shed > shed + BALANCE {
+                p.permille = p.permille.saturating_sub(DOWN);
+            }
+        } else if held(p.below) || next_overloaded {
+            // Light, or the next pool is overloaded while this one is not: bring traffic
+            // back.
             p.permille = p.permille.saturating_sub(DOWN);
         }
         if p.permille == before {

@@ -1,14 +1,15 @@
 //! Adaptive concurrency on a workload's inbound side, in the style of Netflix's Gradient2:
 //! the limit on requests in flight to the application follows its latency. A long-term
-//! average of the application's time (the baseline, learnt while the workload is not busy,
-//! and only very slowly while it is) is compared with the last window's average; while they
-//! agree the limit grows by about its square root a window, and when the window is slower
-//! than the baseline (by more than [`TOLERANCE`]) it shrinks in proportion, by at most half.
-//! It never grows while the workload is far below its limit (app-limited), there is no
-//! probe window that pins concurrency, and it stays between the policy's minimum and
-//! maximum. A request over the limit is shed at once: 503 (gRPC
-//! UNAVAILABLE), class `overloaded`, `Proxy-Status: …; error=connection_limit_reached`,
-//! which a caller's retry takes to another endpoint.
+//! average of the application's time (the baseline, learnt while the workload is neither
+//! busy nor slower than tolerated, and only very slowly otherwise) is compared with the last
+//! window's average; while they agree the limit grows by about half its square root a
+//! window, and when the window is slower than the baseline (by more than [`TOLERANCE`]) it
+//! shrinks in proportion, by at most half. It never grows while the workload is far below
+//! its limit (app-limited), but comes down there too when the application clearly queues
+//! (see [`QUEUEING`], [`SLOW_RUN`]); there is no probe window that pins concurrency, and it
+//! stays between the policy's minimum and maximum. A request over the limit is shed at
+//! once: 503 (gRPC UNAVAILABLE), class `overloaded`, `Proxy-Status: …;
+//! error=connection_limit_reached`, which a caller's retry takes to another endpoint.
 //!
 //! Per request: two atomic adds and a load to admit, a load to see the policy's bounds
 //! unchanged, and a short lock to add the sample;
@@ -39,8 +40,10 @@ const WARMUP_WINDOWS: u32 = 10;
 /// How much slower than the baseline a window may be before the limit shrinks.
 const TOLERANCE: f64 = 1.25;
 /// How much slower than tolerated a window must be for the limit to come down while the
-/// workload is far below it (a clear queue, not jitter).
+/// workload is far below it (a clear queue, not jitter)...
 const QUEUEING: f64 = 2.0;
+/// ... or how many windows in a row slower than tolerated (a queue that stays).
+const SLOW_RUN: u32 = 3;
 /// How much of a new estimate the limit takes at once.
 const SMOOTHING: f64 = 0.2;
 /// Times below this count as this: sub-millisecond jitter is not queueing.
@@ -64,6 +67,10 @@ struct State {
     /// Seconds the answered requests took, summed, since [`Adaptive::take_busy`] last
     /// read it: over the time between two reads, the average in flight (Little's law).
     busy_s: f64,
+    /// Requests answered since then.
+    answered: u64,
+    /// Windows in a row slower than the baseline tolerates.
+    slow_run: u32,
 }
 
 /// One workload's limit.
@@ -96,6 +103,8 @@ impl Default for Adaptive {
                 min: d.min,
                 max: d.max,
                 busy_s: 0.0,
+                answered: 0,
+                slow_run: 0,
             }),
         }
     }
@@ -165,15 +174,20 @@ impl Adaptive {
         )
     }
 
-    /// The seconds answered requests took since the last call, summed (see `busy_s`).
-    pub(crate) fn take_busy(&self) -> f64 {
+    /// Since the last call: the seconds answered requests took, summed (see `busy_s`), and
+    /// how many they were.
+    pub(crate) fn take_busy(&self) -> (f64, u64) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut s.busy_s)
+        (
+            std::mem::take(&mut s.busy_s),
+            std::mem::take(&mut s.answered),
+        )
     }
 
     fn sample(&self, took: Duration, in_flight: u32) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.busy_s += took.as_secs_f64();
+        s.answered += 1;
         s.sum_s += took.as_secs_f64().max(FLOOR_S);
         s.samples += 1;
         s.peak = s.peak.max(in_flight);
@@ -193,13 +207,18 @@ fn step(s: &mut State, short: f64) -> u32 {
     // Busy: at least half the limit in flight. Otherwise the application is not the limit
     // (app-limited): the window says what its time is without a queue.
     let busy = f64::from(s.peak) >= s.estimate / 2.0;
-    // Queueing: clearly slower than the baseline (past the warm-up), whatever the limit.
-    let queueing =
-        s.windows > WARMUP_WINDOWS && s.long_s.is_some_and(|l| short > QUEUEING * TOLERANCE * l);
+    // Slower than tolerated, and queueing: clearly slower (past the warm-up), whatever the
+    // limit. A slow window is learnt as slowly as a busy one: a queue building under a limit
+    // the workload is still far below (at exactly its capacity, say) is not its normal time.
+    let warm = s.windows > WARMUP_WINDOWS;
+    let slow = warm && s.long_s.is_some_and(|l| short > TOLERANCE * l);
+    s.slow_run = if slow { s.slow_run + 1 } else { 0 };
+    let queueing = warm
+        && (s.slow_run >= SLOW_RUN || s.long_s.is_some_and(|l| short > QUEUEING * TOLERANCE * l));
     let long = match s.long_s {
         None => short,
         Some(l) if s.windows <= WARMUP_WINDOWS => l + (short - l) / f64::from(s.windows),
-        Some(l) if busy || queueing => l + (short - l) * 2.0 / (BUSY_WINDOWS + 1.0),
+        Some(l) if busy || slow => l + (short - l) * 2.0 / (BUSY_WINDOWS + 1.0),
         Some(l) => l + (short - l) * 2.0 / (LONG_WINDOWS + 1.0),
     };
     // After a long overload the baseline may have drifted up: let it come down faster.
@@ -213,14 +232,14 @@ fn step(s: &mut State, short: f64) -> u32 {
         // from there (Netflix's leaves it where it is, and the queue grows under it).
         if queueing {
             let peak = f64::from(s.peak);
-            let wanted = peak * gradient + peak.sqrt().max(1.0);
+            let wanted = peak * gradient + (peak.sqrt() / 2.0).max(1.0);
             s.estimate = wanted
                 .min(s.estimate)
                 .clamp(f64::from(s.min), f64::from(s.max));
         }
         return s.estimate as u32;
     }
-    let queue = s.estimate.sqrt().max(1.0);
+    let queue = (s.estimate.sqrt() / 2.0).max(1.0);
     let wanted = s.estimate * gradient + queue;
     let next = s.estimate * (1.0 - SMOOTHING) + wanted * SMOOTHING;
     s.estimate = next.clamp(f64::from(s.min), f64::from(s.max));

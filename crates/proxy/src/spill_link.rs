@@ -41,13 +41,14 @@ pub(crate) async fn run(shared: Arc<Shared>, workload: String, link: Link) {
             .inbound
             .iter()
             .any(|t| t.adaptive.enabled);
-        let busy = shared.adaptive.take_busy();
+        let (busy, answered) = shared.adaptive.take_busy();
         let period = now.duration_since(last).as_secs_f64().max(0.001);
         let beacon = Beacon {
             workload: workload.clone(),
             limit: if enabled { limit } else { 0 },
             in_flight_milli: (busy / period * 1000.0) as u64,
             shed: shed.saturating_sub(last_shed),
+            answered,
         };
         (last, last_shed) = (now, shed);
         match exchange(&ctl, &beacon).await {

@@ -20,6 +20,9 @@ pub struct Beacon {
     pub in_flight_milli: u64,
     /// Requests shed by the limit during the period.
     pub shed: u64,
+    /// Requests the application answered during the period.
+    #[serde(default)]
+    pub answered: u64,
 }
 
 /// The control plane's answer.

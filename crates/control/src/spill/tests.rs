@@ -26,6 +26,12 @@ fn mesh(extra: &str) -> ProxyConfig {
 /// A fleet whose VMs each have `vm` in flight of a limit of 20 (and shed `shed`), and whose
 /// containers each have 2 of 100.
 fn hear(s: &Spill, vm: f64, shed: u64, now: Instant) {
+    hear_both(s, (vm, shed), (2.0, 0), now);
+}
+
+/// As [`hear`], the containers (limit 100) with `ct` in flight and shedding.
+fn hear_both(s: &Spill, vm: (f64, u64), ct: (f64, u64), now: Instant) {
+    let (vm, shed) = vm;
     for w in ["vm-1", "vm-2", "vm-3"] {
         s.beacon(
             &Beacon {
@@ -33,6 +39,7 @@ fn hear(s: &Spill, vm: f64, shed: u64, now: Instant) {
                 limit: 20,
                 in_flight_milli: (vm * 1000.0) as u64,
                 shed,
+                answered: 100,
             },
             now,
         );
@@ -42,8 +49,9 @@ fn hear(s: &Spill, vm: f64, shed: u64, now: Instant) {
             &Beacon {
                 workload: format!("test/{w}"),
                 limit: 100,
-                in_flight_milli: 2000,
-                shed: 0,
+                in_flight_milli: (ct.0 * 1000.0) as u64,
+                shed: ct.1,
+                answered: 100,
             },
             now,
         );
@@ -120,6 +128,15 @@ fn shedding_counts_as_overload_and_short_spikes_move_nothing() {
 }
 
 #[test]
+fn a_pool_shedding_much_of_its_traffic_spills_in_proportion() {
+    // Each VM sheds 300 and answers 100 a second: 3/4 of what reaches the pool is too much.
+    // After the hold, half of that at once (37.5 %), then half of 3/4 of what is left.
+    let (s, m, mut t) = (Spill::default(), mesh(""), Instant::now());
+    let up = run(&s, &m, &mut t, 5, 20.0, 300);
+    assert_eq!(up, [0.0, 0.0, 0.0, 37.5, 60.9], "{up:?}");
+}
+
+#[test]
 fn a_load_swinging_across_the_band_does_not_flap() {
     // The load swings each second between just below the high mark and just above the low
     // one (as a pool near its balance does): the share rises once and holds.
@@ -184,4 +201,33 @@ fn a_policy_removed_or_changed_starts_over() {
     s.tick(&plain, t);
     assert!(s.states().is_empty());
     assert_eq!(s.beacon(&Beacon::default(), t).every_ms, 10_000);
+}
+
+#[test]
+fn when_the_next_pool_is_overloaded_too_the_shares_even_out_what_both_shed() {
+    let (s, m, mut t) = (Spill::default(), mesh(""), Instant::now());
+    let mut tick = |vm: (f64, u64), ct: (f64, u64)| {
+        t += Duration::from_secs(1);
+        hear_both(&s, vm, ct, t);
+        s.tick(&m, t);
+        vm_share(&s)
+    };
+    // The VMs overloaded, the containers not: up.
+    let shares: Vec<f64> = (0..5).map(|_| tick((20.0, 100), (20.0, 0))).collect();
+    assert!(shares[4] > 0.0, "{shares:?}");
+    // Both overloaded, the VMs shedding half of what they get, the containers a tenth: once
+    // the containers have been overloaded for the hold, up by 5 % a second only.
+    let shares: Vec<f64> = (0..6).map(|_| tick((20.0, 100), (100.0, 11))).collect();
+    let steps: Vec<f64> = shares
+        .windows(2)
+        .map(|w| ((w[1] - w[0]) * 10.0).round() / 10.0)
+        .collect();
+    assert_eq!(steps[2..], [5.0, 5.0, 5.0], "{shares:?}");
+    // Now the containers shed more: back by 5 % a second.
+    let top = shares[5];
+    let shares: Vec<f64> = (0..3).map(|_| tick((20.0, 11), (100.0, 100))).collect();
+    assert_eq!(shares[2], top - 15.0, "{shares:?}");
+    // The VMs within their band, the containers overloaded: back too.
+    let shares: Vec<f64> = (0..4).map(|_| tick((12.0, 0), (100.0, 100))).collect();
+    assert_eq!(shares[3], top - 35.0, "{shares:?}");
 }

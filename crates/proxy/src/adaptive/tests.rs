@@ -12,6 +12,8 @@ fn state(estimate: f64) -> State {
         min: 20,
         max: 1000,
         busy_s: 0.0,
+        answered: 0,
+        slow_run: 0,
     }
 }
 
@@ -68,6 +70,19 @@ fn a_small_application_queueing_far_below_the_starting_limit_brings_it_down() {
     assert_eq!(limits[0], 20, "{limits:?}");
     assert!(limits.iter().all(|&l| l == 20), "{limits:?}");
     assert!(s.long_s.unwrap() < 0.025, "baseline {:?}", s.long_s);
+    // Three windows in a row 1.5× slower than the baseline, far below the limit: a queue
+    // that stays, the limit comes down; two, then a normal one, are jitter.
+    let mut s = state(100.0);
+    for _ in 0..20 {
+        s.peak = 30;
+        step(&mut s, 0.020);
+    }
+    for t in [0.030, 0.030, 0.020, 0.030, 0.030] {
+        s.peak = 30;
+        assert_eq!(step(&mut s, t), 100, "two slow windows in a row are jitter");
+    }
+    s.peak = 30;
+    assert!(step(&mut s, 0.030) < 100, "the third brings the limit down");
     // A jittery but unqueued application (1.5× its time now and then) keeps its limit.
     let mut s = state(100.0);
     for i in 0..200 {
