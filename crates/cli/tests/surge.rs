@@ -299,6 +299,75 @@ async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
     );
 }
 
+#[tokio::test]
+async fn a_rate_limit_on_a_route_holds_its_requests_and_the_services_holds_the_rest() {
+    let app = upstream::named("ok").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    // The service's policy (5 a minute per caller, 8 in all) and, on a route of it for
+    // /search, 2 a minute per caller: the more specific target holds /search.
+    let mesh = |inbound: u16| {
+        format!(
+            "{}---\n{}---\napiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{ name: search, namespace: test }}\nspec:\n  targetRefs: [{{ kind: HTTPRoute, name: search }}]\n  perCaller: [{{ requests: 2, per: 1m }}]\n",
+            limited_mesh(app.port(), inbound, "Enforce"),
+            route(
+                "search",
+                "busy",
+                "    - matches: [{ path: { type: PathPrefix, value: /search } }]\n      backendRefs: [{ name: busy, port: 80 }]\n"
+            )
+        )
+    };
+    apply_ok(&cp, mesh(1)).await;
+    let callee = join_reporting(&cp, "beta", "test/peer");
+    callee.wait_ready().await;
+    apply_ok(&cp, mesh(callee.inbound.port())).await;
+    let a = join_reporting(&cp, "client", "test/client");
+    a.wait_ready().await;
+    eventually(
+        "the callee holds both policies",
+        Duration::from_secs(10),
+        async || {
+            let (_, body) = client::get(callee.admin, "admin", "/config_dump", &[])
+                .await
+                .ok()?;
+            String::from_utf8_lossy(&body)
+                .contains("\"policy\": \"test/search\"")
+                .then_some(())
+        },
+    )
+    .await;
+    let get = async |path: &str| {
+        client::get_full(a.outbound, "busy.test", path, &[])
+            .await
+            .unwrap()
+    };
+    // Answered once the callee is reachable (it counts against the service's 5).
+    eventually("busy answers", Duration::from_secs(10), async || {
+        (get("/warm").await.status == 200).then_some(())
+    })
+    .await;
+    let mut search = Vec::new();
+    for _ in 0..4 {
+        search.push(get("/search/q").await);
+    }
+    let statuses: Vec<u16> = search.iter().map(|r| r.status.as_u16()).collect();
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    assert_eq!(
+        search[2].headers.get("ratelimit-policy").unwrap(),
+        "\"caller\";q=2;w=60"
+    );
+    // The rest of the service: its own policy, untouched by /search (4 more of its 5).
+    let mut rest = Vec::new();
+    for _ in 0..6 {
+        rest.push(get("/other").await.status.as_u16());
+    }
+    assert_eq!(rest, [200, 200, 200, 200, 429, 429]);
+    // Counted under each policy.
+    let m = callee.metrics().await;
+    let refused =
+        |policy: &str| sum_metric(&m, "trellis_rate_limited_total", &[("policy", policy)]);
+    assert_eq!((refused("test/search"), refused("test/busy")), (2.0, 2.0));
+}
+
 /// `test/catalog` on a VM (`catalog-vm`) and in a container (`catalog-ct`), with the VM
 /// preferred and the container taking what spills over; `inbound`: the two proxies'.
 fn spill_mesh(vm: u16, ct: u16, inbound: (u16, u16)) -> String {

@@ -61,8 +61,11 @@ pub struct InboundPort {
     pub mtls: MtlsMode,
     /// The adaptive concurrency limit the service's policy sets.
     pub adaptive: AdaptiveLimit,
-    /// The rate limits of the RateLimitPolicy that targets the service, if any.
-    pub rate_limit: Option<RateLimit>,
+    /// The rate limits that apply to the service's requests: those of the RateLimitPolicies
+    /// that target a route of it (each with the route's matches), then that of the first
+    /// policy that targets the service itself. A request is held to the first whose matches
+    /// it meets (the most specific target wins).
+    pub rate_limits: Vec<RateLimit>,
 }
 
 /// A service's rate limits, as its workloads' proxies enforce them.
@@ -70,6 +73,11 @@ pub struct InboundPort {
 pub struct RateLimit {
     /// The policy, `namespace/name`.
     pub policy: String,
+    /// The route it targets (`namespace/name`), if it targets a route.
+    pub route: Option<String>,
+    /// The requests it holds: those meeting one of these (a route's matches), or all when
+    /// empty.
+    pub matches: Vec<MatchConfig>,
     /// Count what would be refused, refuse nothing.
     pub shadow: bool,
     /// On all requests together.
@@ -147,7 +155,7 @@ pub struct RouteConfig {
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A match.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MatchConfig {
     /// Path.
     pub path: Option<PathMatchConfig>,
@@ -160,7 +168,7 @@ pub struct MatchConfig {
 }
 
 /// Path matchers.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum PathMatchConfig {
     /// Equal.
     Exact(String),
@@ -171,7 +179,7 @@ pub enum PathMatchConfig {
 }
 
 /// Value matchers.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum ValueMatcher {
     /// Equal.
     Exact(String),

@@ -39,6 +39,12 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                 .extend(s.ports.iter().map(|p| p.port));
         }
     }
+    let route_ids: BTreeSet<(&str, NamespacedName)> = resources
+        .iter()
+        .map(|r| r.borrow())
+        .filter(|r| matches!(r.spec, Spec::HttpRoute(_) | Spec::GrpcRoute(_)))
+        .map(|r| (r.kind(), r.id()))
+        .collect();
     let check = |kind: &str, ns: &NamespacedName, port: Option<u16>| -> Option<String> {
         if kind != "Service" {
             return Some(format!("{kind} is not a kind a mesh route can name"));
@@ -100,9 +106,20 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
             }
         }
         match &r.spec {
+            Spec::RateLimitPolicy(crate::resource::RateLimitPolicySpec { target_refs, .. }) => {
+                for (i, t) in target_refs.iter().enumerate() {
+                    let target = id(&t.name.value, &None);
+                    let message = match t.kind.as_str() {
+                        "HTTPRoute" | "GRPCRoute" => (!route_ids
+                            .contains(&(t.kind.as_str(), target.clone())))
+                        .then(|| format!("{} {target} not found", t.kind)),
+                        _ => check(&t.kind, &target, None),
+                    };
+                    push(format!("spec.targetRefs[{i}]"), message, None);
+                }
+            }
             Spec::AuthorizationPolicy(AuthorizationPolicySpec { target_refs, .. })
             | Spec::PeerAuthentication(PeerAuthenticationSpec { target_refs, .. })
-            | Spec::RateLimitPolicy(crate::resource::RateLimitPolicySpec { target_refs, .. })
             | Spec::BackendPolicy(BackendPolicySpec { target_refs, .. }) => {
                 for (i, t) in target_refs.iter().enumerate() {
                     let target = id(&t.name.value, &None);

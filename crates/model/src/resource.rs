@@ -1110,7 +1110,9 @@ pub struct AuthzPath {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitPolicySpec {
-    /// Services (of the policy's namespace).
+    /// Services, HTTPRoutes or GRPCRoutes (of the policy's namespace): a route's policy holds
+    /// the requests that meet the route's matches, on the workloads of its parent and
+    /// backend Services, instead of a policy on the Service.
     pub target_refs: Vec<PolicyTargetRef>,
     /// `Enforce` (the default) or `Shadow` (counts what it would refuse, refuses nothing).
     #[serde(default)]

@@ -1009,16 +1009,7 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
                 service: sid.clone(),
                 mtls,
                 adaptive: cluster.map(|c| c.policy.adaptive).unwrap_or_default(),
-                // The first RateLimitPolicy (by name) that targets the service.
-                rate_limit: ix
-                    .rate_limits
-                    .iter()
-                    .filter(|(r, p, _)| {
-                        r.metadata.namespace == sid.namespace
-                            && p.target_refs.iter().any(|t| t.name.value == sid.name)
-                    })
-                    .min_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name))
-                    .map(|(_, _, limits)| limits.clone()),
+                rate_limits: rate_limits_for(ix, sid)?,
             });
         }
     }
@@ -1364,6 +1355,69 @@ fn check_bundle(file: &str, r: &Resource, b: &crate::resource::TrustBundleSpec) 
     Ok(())
 }
 
+/// The rate limits on the requests of `sid`'s workloads (see `InboundPort::rate_limits`):
+/// the policies (by name) that target a route with `sid` as a parent or a backend, each with
+/// the route's matches (none when a rule of it matches everything), then the first that
+/// targets `sid` itself.
+fn rate_limits_for(ix: &Index<'_>, sid: &NamespacedName) -> Result<Vec<RateLimit>> {
+    let mut policies: Vec<_> = ix
+        .rate_limits
+        .iter()
+        .filter(|(r, _, _)| r.metadata.namespace == sid.namespace)
+        .collect();
+    policies.sort_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name));
+    let mut out = Vec::new();
+    for (_, p, limits) in &policies {
+        for t in p.target_refs.iter().filter(|t| t.kind != "Service") {
+            let Some((rr, route)) = ix.routes.iter().find(|(rr, _)| {
+                rr.kind() == t.kind
+                    && rr.metadata.namespace == sid.namespace
+                    && rr.metadata.name == t.name.value
+            }) else {
+                continue;
+            };
+            let named = |name: &str, ns: &Option<String>| {
+                name == sid.name && ns.as_ref().is_none_or(|n| *n == sid.namespace)
+            };
+            let concerns = route
+                .parent_refs
+                .iter()
+                .any(|p| named(&p.name.value, &p.namespace))
+                || route.rules.iter().any(|rule| {
+                    rule.backend_refs
+                        .iter()
+                        .any(|b| named(&b.name.value, &b.namespace))
+                });
+            if !concerns {
+                continue;
+            }
+            let mut matches = Vec::new();
+            let mut all = false;
+            for (ri, rule) in route.rules.iter().enumerate() {
+                all |= rule.matches.is_empty();
+                for (mi, m) in rule.matches.iter().enumerate() {
+                    matches.push(match_config(ix, rr, ri, mi, m)?);
+                }
+            }
+            if all {
+                matches.clear();
+            }
+            out.push(RateLimit {
+                route: Some(rr.id().to_string()),
+                matches,
+                ..limits.clone()
+            });
+        }
+    }
+    let whole = policies.iter().find(|(_, p, _)| {
+        p.target_refs
+            .iter()
+            .any(|t| t.kind == "Service" && t.name.value == sid.name)
+    });
+    out.extend(whole.map(|(_, _, limits)| limits.clone()));
+    Ok(out)
+}
+
 /// A RateLimitPolicy's limits, checked and filled in (they need no other resource).
 fn rate_limit(
     file: &str,
@@ -1429,6 +1483,8 @@ fn rate_limit(
     }
     Ok(RateLimit {
         policy: r.id().to_string(),
+        route: None,
+        matches: Vec::new(),
         shadow: p.mode == crate::resource::RateLimitMode::Shadow,
         total,
         per_caller,

@@ -88,6 +88,8 @@ impl PartialEq for RegexValue {
     }
 }
 
+impl Eq for RegexValue {}
+
 /// An HTTP header name, checked when it is read, stored lower-case.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct HeaderName(pub String);

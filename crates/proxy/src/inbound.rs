@@ -166,8 +166,16 @@ pub(crate) fn route(
     if is_upgrade(&req) {
         return Next::Upgrade(target.cluster.clone(), req, rec);
     }
-    // The service's rate limits, before a place under the concurrency limit is taken.
-    if let Some(l) = &target.rate_limit {
+    // The rate limits (a route's, else the service's), before a place under the
+    // concurrency limit is taken.
+    let limit = target.rate_limits.iter().find(|l| {
+        l.cfg.matches.is_empty()
+            || l.cfg
+                .matches
+                .iter()
+                .any(|m| crate::stages::route::matches(m, &req))
+    });
+    if let Some(l) = limit {
         if let Some((e, headers)) =
             rate_limited(shared, l, source_uri.as_ref().and_then(Label::get), peer)
         {

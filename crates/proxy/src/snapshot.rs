@@ -34,7 +34,8 @@ pub(crate) struct InboundTarget {
     pub(crate) adaptive: trellis_model::proxy::AdaptiveLimit,
     /// The rate limits of its service's RateLimitPolicy (kept across configs while they
     /// stay the same).
-    pub(crate) rate_limit: Option<Arc<crate::ratelimit::RateLimiter>>,
+    /// The rate limits on its requests (the first whose matches a request meets holds it).
+    pub(crate) rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 /// A translated config plus the runtime state built from it.
@@ -163,14 +164,19 @@ impl Snapshot {
                     mtls: ip.mtls,
                     target_port: ip.target.port(),
                     adaptive: ip.adaptive,
-                    rate_limit: ip.rate_limit.as_ref().map(|cfg| {
-                        prev.and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
-                            .and_then(|t| t.rate_limit.clone())
-                            .filter(|l| l.cfg == *cfg)
-                            .unwrap_or_else(|| {
-                                Arc::new(crate::ratelimit::RateLimiter::new(cfg.clone()))
-                            })
-                    }),
+                    rate_limits: ip
+                        .rate_limits
+                        .iter()
+                        .map(|cfg| {
+                            // A limiter whose policy is unchanged keeps its buckets.
+                            prev.and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
+                                .and_then(|t| t.rate_limits.iter().find(|l| l.cfg == *cfg))
+                                .cloned()
+                                .unwrap_or_else(|| {
+                                    Arc::new(crate::ratelimit::RateLimiter::new(cfg.clone()))
+                                })
+                        })
+                        .collect(),
                 });
             }
         }

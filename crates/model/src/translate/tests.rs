@@ -711,7 +711,7 @@ fn a_rate_limit_policy_reaches_its_services_inbound_and_bad_ones_are_named() {
     let rl = local
         .inbound_ports
         .iter()
-        .find_map(|p| p.rate_limit.clone());
+        .find_map(|p| p.rate_limits.first().cloned());
     // catalog-vm-1 is selected by catalog (and catalog-v1): the policy is on catalog's port.
     let rl = rl.expect("the policy on the inbound port");
     assert_eq!(rl.policy, "shop/busy");
@@ -720,6 +720,47 @@ fn a_rate_limit_policy_reaches_its_services_inbound_and_bad_ones_are_named() {
     assert_eq!(rl.per_caller[1].burst, 2);
     assert_eq!(rl.overrides["shop/reports"][0].requests, 50);
     assert!(!rl.shadow);
+    assert!(rl.matches.is_empty() && rl.route.is_none(), "every request");
+    // A policy on a route: first, with the route's matches, on the workloads of its parent
+    // and its backends; the service's policy after it.
+    let on_route = "apiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: { name: a-route, namespace: shop }\nspec:\n  targetRefs: [{ kind: HTTPRoute, name: catalog }]\n  total: [{ requests: 7, per: 1s }]\n";
+    let text = format!("{EXAMPLE}---\n{RATE_LIMIT}---\n{on_route}");
+    let res = parse_documents("rl.yaml", &text).unwrap();
+    assert!(crate::refs::resolve(&res).is_empty());
+    let cfg = translate("rl.yaml", &res, Some(&nn("shop/catalog-vm-1"))).unwrap();
+    let ports = &cfg.local.unwrap().inbound_ports;
+    let catalog = ports
+        .iter()
+        .find(|p| p.service == nn("shop/catalog"))
+        .unwrap();
+    let names: Vec<&str> = catalog
+        .rate_limits
+        .iter()
+        .map(|l| l.policy.as_str())
+        .collect();
+    assert_eq!(names, ["shop/a-route", "shop/busy"]);
+    let r = &catalog.rate_limits[0];
+    assert_eq!(r.route.as_deref(), Some("shop/catalog"));
+    assert_eq!(r.matches.len(), 1);
+    assert!(
+        matches!(&r.matches[0].path, Some(crate::proxy::PathMatchConfig::Prefix(p)) if p == "/" || p.is_empty())
+    );
+    // catalog-v1, a backend of the route: the route's policy alone.
+    let v1 = ports
+        .iter()
+        .find(|p| p.service == nn("shop/catalog-v1"))
+        .unwrap();
+    let names: Vec<&str> = v1.rate_limits.iter().map(|l| l.policy.as_str()).collect();
+    assert_eq!(names, ["shop/a-route"]);
+    // A route that does not exist is an unresolved reference.
+    let missing = on_route.replace("name: catalog }", "name: nope }");
+    let res = parse_documents("rl.yaml", &format!("{EXAMPLE}---\n{missing}")).unwrap();
+    let u = crate::refs::resolve(&res);
+    assert!(
+        u.iter()
+            .any(|u| u.message.contains("HTTPRoute shop/nope not found")),
+        "{u:?}"
+    );
     // Refused whole, naming the file, line and field.
     for (from, to, field) in [
         (

@@ -13,6 +13,8 @@ fn rate(requests: u32, per_s: u64, burst: u32) -> Rate {
 fn limiter(total: Vec<Rate>, per_caller: Vec<Rate>) -> RateLimiter {
     RateLimiter::new(RateLimit {
         policy: "test/p".into(),
+        route: None,
+        matches: Vec::new(),
         shadow: false,
         total,
         per_caller,

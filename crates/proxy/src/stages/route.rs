@@ -41,7 +41,8 @@ pub(crate) fn find<'a, B>(port: &'a PortConfig, req: &Request<B>) -> Option<&'a 
         .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| matches(m, req)))
 }
 
-fn matches<B>(m: &MatchConfig, req: &Request<B>) -> bool {
+/// Whether `req` meets `m` (also asked by the inbound side for a route's rate limits).
+pub(crate) fn matches<B>(m: &MatchConfig, req: &Request<B>) -> bool {
     let path = req.uri().path();
     let path_ok = match &m.path {
         None => true,
