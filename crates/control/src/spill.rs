@@ -16,8 +16,9 @@
 //!   while the pool it spills to has stayed overloaded and it has not;
 //! - when both are overloaded, by [`DOWN`] towards the one that sheds the smaller fraction
 //!   (evened out, they serve the most they can together);
-//! - not at all in between, nor while nothing is heard from the pool: the band and the hold
-//!   are the hysteresis, so a load that wanders inside the band never moves traffic.
+//! - not at all in between, nor while nothing is heard from the pool (its timers stand: a
+//!   proxy too busy to tell on time breaks no hold): the band and the hold are the
+//!   hysteresis, so a load that wanders inside the band never moves traffic.
 //!
 //! Rising fast and falling slowly: a surge is absorbed within seconds, and traffic comes
 //! back over about twenty. Health stays underneath: proxies skip pools with no usable
@@ -242,6 +243,11 @@ fn step(service: &NamespacedName, s: &mut Service, now: Instant) {
     // First every pool's condition, held or not; then the moves, which look at the pool the
     // spilled traffic goes to.
     for p in &mut s.pools {
+        if p.workloads == 0 {
+            // Nothing heard lately (a proxy too busy to tell, say): no evidence either way,
+            // the timers stand.
+            continue;
+        }
         let overloaded = p.shed > 0 || p.load.is_some_and(|l| l >= high);
         let light = !overloaded && p.load.is_some_and(|l| l < low);
         p.above = if overloaded {
@@ -269,7 +275,7 @@ fn step(service: &NamespacedName, s: &mut Service, now: Instant) {
         let shed = shed_fraction(p);
         if next.is_none() {
             p.permille = 0;
-        } else if !may_move {
+        } else if !may_move || p.workloads == 0 {
         } else if held(p.above) && !next_overloaded {
             let kept = f64::from(1000 - p.permille);
             let up = UP.max((kept * shed / 2.0) as u32);

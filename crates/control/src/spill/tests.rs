@@ -182,6 +182,9 @@ fn nothing_spills_without_a_pool_to_take_it_or_without_loads_heard() {
     assert!(held > 0.0);
     assert!((0..10).all(|_| quiet() == held));
     assert_eq!(s.states()[0].pools[0].load_percent, None);
+    // Heard again, still overloaded: the hold it had stands, the share rises at once.
+    run(&s, &m, &mut t, 1, 19.0, 0);
+    assert!(vm_share(&s) > held);
 }
 
 #[test]
