@@ -185,6 +185,22 @@ fn limited_mesh(app: u16, inbound: u16, mode: &str) -> String {
     )
 }
 
+/// Wait until `proxy`'s config holds the RateLimitPolicy `policy`.
+async fn holds_policy(proxy: &trellis_test_support::ProxyProcess, policy: &str) {
+    let want = format!("\"policy\": \"{policy}\"");
+    eventually(
+        &format!("the callee holds {policy}"),
+        Duration::from_secs(10),
+        async || {
+            let (_, body) = client::get(proxy.admin, "admin", "/config_dump", &[])
+                .await
+                .ok()?;
+            String::from_utf8_lossy(&body).contains(&want).then_some(())
+        },
+    )
+    .await;
+}
+
 /// `n` requests one after another from `via`: the statuses, and the last refusal.
 async fn send(via: std::net::SocketAddr, n: usize) -> (usize, Option<client::Reply>) {
     let (mut ok, mut refused) = (0, None);
@@ -218,19 +234,7 @@ async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
     b.wait_ready().await;
     // Each caller may send 5 a minute, all together 8 a minute (per callee workload): once
     // the callee's proxy holds the policy, the counts are exact.
-    eventually(
-        "the callee holds the policy",
-        Duration::from_secs(10),
-        async || {
-            let (_, body) = client::get(callee.admin, "admin", "/config_dump", &[])
-                .await
-                .ok()?;
-            String::from_utf8_lossy(&body)
-                .contains("\"policy\": \"test/busy\"")
-                .then_some(())
-        },
-    )
-    .await;
+    holds_policy(&callee, "test/busy").await;
     until_answered(a.outbound, "busy.test").await;
     // a used 1 already: 4 more of its own, then refused, without taking from the total.
     let (ok, refused) = send(a.outbound, 20).await;
@@ -322,19 +326,7 @@ async fn a_rate_limit_on_a_route_holds_its_requests_and_the_services_holds_the_r
     apply_ok(&cp, mesh(callee.inbound.port())).await;
     let a = join_reporting(&cp, "client", "test/client");
     a.wait_ready().await;
-    eventually(
-        "the callee holds both policies",
-        Duration::from_secs(10),
-        async || {
-            let (_, body) = client::get(callee.admin, "admin", "/config_dump", &[])
-                .await
-                .ok()?;
-            String::from_utf8_lossy(&body)
-                .contains("\"policy\": \"test/search\"")
-                .then_some(())
-        },
-    )
-    .await;
+    holds_policy(&callee, "test/search").await;
     let get = async |path: &str| {
         client::get_full(a.outbound, "busy.test", path, &[])
             .await
@@ -387,6 +379,32 @@ fn spill_mesh(vm: u16, ct: u16, inbound: (u16, u16)) -> String {
     .join("---\n")
 }
 
+/// The proxies of `catalog-vm`, `catalog-ct` (identity `catalog`) and `test/client`, joined
+/// to `cp` with `extra` flags; `mesh(inbound)` is the mesh with the two callees' inbound
+/// ports (applied first with placeholders: a port is known once its proxy runs).
+async fn pools(
+    cp: &ControlProcess,
+    mesh: impl Fn((u16, u16)) -> String,
+    extra: &[&str],
+) -> (
+    trellis_test_support::ProxyProcess,
+    trellis_test_support::ProxyProcess,
+    trellis_test_support::ProxyProcess,
+) {
+    apply_ok(cp, mesh((1, 1))).await;
+    let join = |who: &str, workload: &str| join_xds(cp, &cp.xds_url(), who, workload, extra);
+    let (vm, ct) = (
+        join("catalog", "test/catalog-vm"),
+        join("catalog", "test/catalog-ct"),
+    );
+    vm.wait_ready().await;
+    ct.wait_ready().await;
+    apply_ok(cp, mesh((vm.inbound.port(), ct.inbound.port()))).await;
+    let caller = join("client", "test/client");
+    caller.wait_ready().await;
+    (vm, ct, caller)
+}
+
 /// An application that serves `capacity` requests at once in 20 ms (the rest wait their
 /// turn), and counts what it served.
 async fn pool_app(
@@ -435,18 +453,12 @@ async fn a_surge_spills_from_the_saturated_vm_pool_to_containers_and_comes_back(
         pool_app("ct", 1000, ct_served.clone()).await,
     );
     let cp = ControlProcess::start(BIN, &[]);
-    apply_ok(&cp, spill_mesh(vm_app.port(), ct_app.port(), (1, 1))).await;
-    let join = |who: &str, workload: &str| join_reporting(&cp, who, workload);
-    let (vm, ct) = (
-        join("catalog", "test/catalog-vm"),
-        join("catalog", "test/catalog-ct"),
-    );
-    vm.wait_ready().await;
-    ct.wait_ready().await;
-    let inbound = (vm.inbound.port(), ct.inbound.port());
-    apply_ok(&cp, spill_mesh(vm_app.port(), ct_app.port(), inbound)).await;
-    let caller = join("client", "test/client");
-    caller.wait_ready().await;
+    let (_vm, _ct, caller) = pools(
+        &cp,
+        |inbound| spill_mesh(vm_app.port(), ct_app.port(), inbound),
+        &["--report-interval", "200ms"],
+    )
+    .await;
     let to = caller.outbound;
     let light = async |n: usize| {
         for _ in 0..n {
@@ -642,20 +654,12 @@ async fn surge_scenario(p: Protection) {
         pool_app("ct", 8, ct_served.clone()).await,
     );
     let cp = ControlProcess::start(BIN, &[]);
-    apply_ok(&cp, bench_mesh(vm_app.port(), ct_app.port(), (1, 1), p)).await;
-    let join = |who: &str, workload: &str| {
-        join_xds(&cp, &cp.xds_url(), who, workload, &["--no-access-log"])
-    };
-    let (vm, ct) = (
-        join("catalog", "test/catalog-vm"),
-        join("catalog", "test/catalog-ct"),
-    );
-    vm.wait_ready().await;
-    ct.wait_ready().await;
-    let inbound = (vm.inbound.port(), ct.inbound.port());
-    apply_ok(&cp, bench_mesh(vm_app.port(), ct_app.port(), inbound, p)).await;
-    let caller = join("client", "test/client");
-    caller.wait_ready().await;
+    let (vm, _ct, caller) = pools(
+        &cp,
+        |inbound| bench_mesh(vm_app.port(), ct_app.port(), inbound, p),
+        &["--no-access-log"],
+    )
+    .await;
     until_answered(caller.outbound, "catalog.test").await;
 
     // Open loop: requests are sent at the phase's rate whatever happens to earlier ones.

@@ -110,5 +110,50 @@ pub(crate) struct Control {
     pub(crate) authority: String,
 }
 
+impl Control {
+    /// `POST path` with `body` (of `content_type`) on the xDS connection, within `timeout`:
+    /// the answer's body, or why there is none (a refusal with the start of its body).
+    pub(crate) async fn post(
+        &self,
+        path: &str,
+        content_type: &'static str,
+        body: Vec<u8>,
+        timeout: std::time::Duration,
+    ) -> Result<bytes::Bytes, String> {
+        use http_body_util::BodyExt;
+        use tonic::codegen::Service;
+        let req = http::Request::post(format!("http://{}{path}", self.authority))
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                bytes::Bytes::from(body),
+            )))
+            .map_err(|e| e.to_string())?;
+        let mut ch = self.channel.clone();
+        let call = async {
+            std::future::poll_fn(|cx| ch.poll_ready(cx))
+                .await
+                .map_err(|e| e.to_string())?;
+            let resp = ch.call(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+                ));
+            }
+            Ok(bytes)
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    }
+}
+
 /// Set by the xDS client as streams open and close.
 pub(crate) type Link = tokio::sync::watch::Receiver<Option<Control>>;

@@ -15,8 +15,6 @@ use std::{
     time::{Duration, UNIX_EPOCH},
 };
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
 use prost::Message;
 use tokio::sync::oneshot;
 use trellis_telemetry::report::{Ack, Batch, Report};
@@ -235,36 +233,14 @@ impl Reporter {
 }
 
 async fn push(ctl: &Control, batch: &Batch) -> Result<Ack, String> {
-    use tonic::codegen::Service;
-    let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(
-        batch.encode_to_vec(),
-    )));
-    let req = http::Request::post(format!("http://{}/v1/telemetry", ctl.authority))
-        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-        .body(body)
-        .map_err(|e| e.to_string())?;
-    let mut ch = ctl.channel.clone();
-    let call = async {
-        std::future::poll_fn(|cx| ch.poll_ready(cx))
-            .await
-            .map_err(|e| e.to_string())?;
-        let resp = ch.call(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!(
-                "{status}: {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
-            ));
-        }
-        Ack::decode(bytes).map_err(|e| format!("answer: {e}"))
-    };
-    tokio::time::timeout(SEND_TIMEOUT, call)
-        .await
-        .map_err(|_| "timed out".to_string())?
+    let body = batch.encode_to_vec();
+    let answer = ctl
+        .post(
+            "/v1/telemetry",
+            "application/x-protobuf",
+            body,
+            SEND_TIMEOUT,
+        )
+        .await?;
+    Ack::decode(answer).map_err(|e| format!("answer: {e}"))
 }

@@ -6,8 +6,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 use trellis_telemetry::load::{Answer, Beacon};
 
@@ -76,36 +74,9 @@ fn apply(shared: &Shared, a: &Answer) {
 }
 
 async fn exchange(ctl: &Control, beacon: &Beacon) -> Result<Answer, String> {
-    use tonic::codegen::Service;
     let body = serde_json::to_vec(beacon).map_err(|e| e.to_string())?;
-    let req = http::Request::post(format!("http://{}/v1/load", ctl.authority))
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(tonic::body::Body::new(http_body_util::Full::new(
-            Bytes::from(body),
-        )))
-        .map_err(|e| e.to_string())?;
-    let mut ch = ctl.channel.clone();
-    let call = async {
-        std::future::poll_fn(|cx| ch.poll_ready(cx))
-            .await
-            .map_err(|e| e.to_string())?;
-        let resp = ch.call(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!(
-                "{status}: {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
-            ));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| format!("answer: {e}"))
-    };
-    tokio::time::timeout(TIMEOUT, call)
-        .await
-        .map_err(|_| "timed out".to_string())?
+    let answer = ctl
+        .post("/v1/load", "application/json", body, TIMEOUT)
+        .await?;
+    serde_json::from_slice(&answer).map_err(|e| format!("answer: {e}"))
 }

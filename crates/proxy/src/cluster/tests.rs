@@ -6,6 +6,19 @@ use trellis_model::{
     resource::{Environment, Locality, Protocol},
 };
 
+/// A new cluster of `cfg` (`ns/s:80`), for a caller at `here`.
+fn built(cfg: ClusterConfig, here: Option<&Locality>) -> Cluster {
+    let mut reg = prometheus_client::registry::Registry::default();
+    Cluster::new(
+        "ns/s:80".into(),
+        Arc::new(cfg),
+        None,
+        &Metrics::register(&mut reg),
+        here,
+        false,
+    )
+}
+
 fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
     let endpoints = weights
         .iter()
@@ -33,15 +46,7 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
         },
         mtls: Default::default(),
     };
-    let mut reg = prometheus_client::registry::Registry::default();
-    Cluster::new(
-        "ns/s:80".into(),
-        Arc::new(cfg),
-        None,
-        &Metrics::register(&mut reg),
-        None,
-        false,
-    )
+    built(cfg, None)
 }
 
 fn spread(c: &Cluster, n: usize) -> HashMap<String, usize> {
@@ -157,16 +162,7 @@ fn located(locality: trellis_model::proxy::LocalityLb) -> Cluster {
         },
         mtls: Default::default(),
     };
-    let mut reg = prometheus_client::registry::Registry::default();
-    let here = loc("r1", "z1");
-    Cluster::new(
-        "ns/s:80".into(),
-        Arc::new(cfg),
-        None,
-        &Metrics::register(&mut reg),
-        Some(&here),
-        false,
-    )
+    built(cfg, Some(&loc("r1", "z1")))
 }
 
 /// Share of picks per locality label, in percent (10,000 picks: one percentage point is
@@ -397,15 +393,7 @@ fn pooled() -> Cluster {
         },
         mtls: Default::default(),
     };
-    let mut reg = prometheus_client::registry::Registry::default();
-    Cluster::new(
-        "ns/s:80".into(),
-        Arc::new(cfg),
-        None,
-        &Metrics::register(&mut reg),
-        None,
-        false,
-    )
+    built(cfg, None)
 }
 
 /// Share of picks per environment, percent.
