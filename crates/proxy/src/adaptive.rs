@@ -64,7 +64,7 @@ struct State {
     start: Instant,
     min: u32,
     max: u32,
-    /// Seconds the answered requests took, summed, since [`Adaptive::take_busy`] last
+    /// Seconds the requests that ended took, summed, since [`Adaptive::take_busy`] last
     /// read it: over the time between two reads, the average in flight (Little's law).
     busy_s: f64,
     /// Requests answered since then.
@@ -122,6 +122,11 @@ impl Permit {
     pub(crate) fn done(self, took: Duration, answered: bool) {
         if answered {
             self.of.sample(took, self.in_flight);
+        } else {
+            // Not a sample of the application's time, but it was in flight all along: the
+            // load exchange counts it (a workload whose requests time out is loaded).
+            let mut s = self.of.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.busy_s += took.as_secs_f64();
         }
     }
 }

@@ -32,7 +32,7 @@ pub(crate) async fn run(shared: Arc<Shared>, workload: String, link: Link) {
             continue;
         };
         let now = Instant::now();
-        let (limit, _, shed) = shared.adaptive.figures();
+        let (limit, in_flight_now, shed) = shared.adaptive.figures();
         let enabled = shared
             .state
             .load()
@@ -44,7 +44,9 @@ pub(crate) async fn run(shared: Arc<Shared>, workload: String, link: Link) {
         let beacon = Beacon {
             workload: workload.clone(),
             limit: if enabled { limit } else { 0 },
-            in_flight_milli: (busy / period * 1000.0) as u64,
+            // Little's law counts requests as they end; those in flight now (stuck behind a
+            // saturated application, say) count too.
+            in_flight_milli: ((busy / period).max(f64::from(in_flight_now)) * 1000.0) as u64,
             shed: shed.saturating_sub(last_shed),
             answered,
         };

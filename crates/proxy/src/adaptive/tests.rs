@@ -139,3 +139,18 @@ fn requests_over_the_limit_are_shed_and_counted() {
     assert_eq!(a.figures().1, 0, "permits give their place back");
     assert!(a.admit().is_some());
 }
+
+#[test]
+fn the_load_exchange_counts_every_request_that_was_in_flight() {
+    // Answered or not (a request that timed out was in flight all along), each request's
+    // time counts towards the load; only answered ones are samples of the application.
+    let a = Arc::new(Adaptive::default());
+    let p = a.admit().unwrap();
+    p.done(Duration::from_millis(300), true);
+    let p = a.admit().unwrap();
+    p.done(Duration::from_millis(700), false);
+    let (busy, answered) = a.take_busy();
+    assert!((busy - 1.0).abs() < 1e-9, "{busy}");
+    assert_eq!(answered, 1);
+    assert_eq!(a.take_busy(), (0.0, 0), "taken");
+}
