@@ -303,6 +303,84 @@ async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
     );
 }
 
+/// `test/busy` on two workloads whose limit is 1 in flight each, in front of applications
+/// that take 300 ms, and two callers; the route retries.
+fn two_of_one(apps: (u16, u16), inbound: (u16, u16)) -> String {
+    let peer = |name: &str, app: u16, inbound: u16| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  ports: {{ http: {app} }}\n")
+    };
+    let caller = |name: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test }}\nspec: {{ address: 127.0.0.1, identity: {name} }}\n")
+    };
+    [
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: busy, namespace: test }\nspec:\n  selector: { app: peer }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
+        peer("peer-1", apps.0, inbound.0),
+        peer("peer-2", apps.1, inbound.1),
+        caller("client"),
+        caller("other"),
+        route("busy", "busy", "    - backendRefs: [{ name: busy, port: 80 }]\n      retry: { attempts: 2, backoff: 1ms }\n"),
+        policy(
+            "busy",
+            "  outlierDetection: { consecutiveFailures: 0 }\n  adaptiveConcurrency: { minLimit: 1, maxLimit: 1 }\n",
+        ),
+    ]
+    .join("---\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_shed_by_one_workload_is_retried_on_another() {
+    let slow = || {
+        upstream::http(|_| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from("done")))
+        })
+    };
+    let (a1, a2) = (slow().await, slow().await);
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, two_of_one((a1.port(), a2.port()), (1, 1))).await;
+    let (p1, p2) = (
+        join_reporting(&cp, "beta", "test/peer-1"),
+        join_reporting(&cp, "beta", "test/peer-2"),
+    );
+    p1.wait_ready().await;
+    p2.wait_ready().await;
+    let inbound = (p1.inbound.port(), p2.inbound.port());
+    apply_ok(&cp, two_of_one((a1.port(), a2.port()), inbound)).await;
+    let (a, b) = (
+        join_reporting(&cp, "client", "test/client"),
+        join_reporting(&cp, "other", "test/other"),
+    );
+    a.wait_ready().await;
+    b.wait_ready().await;
+    until_answered(a.outbound, "busy.test").await;
+    until_answered(b.outbound, "busy.test").await;
+    // Two callers at once, each choosing on its own: when both choose the same workload, its
+    // limit of 1 sheds one, and that caller's retry takes it to the other workload, free.
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let (x, y) = tokio::join!(
+            client::get_full(a.outbound, "busy.test", "/", &[]),
+            client::get_full(b.outbound, "busy.test", "/", &[]),
+        );
+        statuses.push(x.unwrap().status.as_u16());
+        statuses.push(y.unwrap().status.as_u16());
+    }
+    let mut shed = 0.0;
+    for p in [&p1, &p2] {
+        shed += sum_metric(
+            &p.metrics().await,
+            "trellis_adaptive_concurrency_shed_total",
+            &[],
+        );
+    }
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "{statuses:?} ({shed} shed)"
+    );
+    // Both choosing the same workload in none of 20 rounds: about one chance in a million.
+    assert!(shed >= 1.0, "no request was shed: {statuses:?}");
+}
+
 #[tokio::test]
 async fn a_rate_limit_on_a_route_holds_its_requests_and_the_services_holds_the_rest() {
     let app = upstream::named("ok").await;
