@@ -138,7 +138,7 @@ pub(crate) fn route(
         .and_then(|p| p.port)
         .or_else(|| req.extensions().get::<CapturedPort>().map(|c| c.0))
         .or_else(|| rec.authority.as_ref().and_then(|a| a.host_port().1));
-    let source_uri = source.map(|p| p.uri.clone());
+    let caller = source;
     let source = source.map(|p| p.id.as_ref());
     if req.method() == Method::CONNECT {
         return tunnel(shared, snap, port, req, rec, source);
@@ -176,8 +176,7 @@ pub(crate) fn route(
                 .any(|m| crate::stages::route::matches(m, &req))
     });
     if let Some(l) = limit {
-        if let Some((e, headers)) =
-            rate_limited(shared, l, source_uri.as_ref().and_then(Label::get), peer)
+        if let Some((e, headers)) = rate_limited(shared, l, caller.and_then(|p| p.uri.get()), peer)
         {
             let mut r = local_reply(rec, &e, grpc);
             r.headers_mut().extend(headers);

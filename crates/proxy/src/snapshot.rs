@@ -32,9 +32,8 @@ pub(crate) struct InboundTarget {
     pub(crate) target_port: u16,
     /// The adaptive concurrency limit its service's policy sets.
     pub(crate) adaptive: trellis_model::proxy::AdaptiveLimit,
-    /// The rate limits of its service's RateLimitPolicy (kept across configs while they
-    /// stay the same).
-    /// The rate limits on its requests (the first whose matches a request meets holds it).
+    /// The rate limits on its requests (the first whose matches a request meets holds it;
+    /// each kept across configs while its policy stays the same).
     pub(crate) rate_limits: Vec<Arc<crate::ratelimit::RateLimiter>>,
 }
 
@@ -152,9 +151,8 @@ impl Snapshot {
                     },
                     mtls: ip.mtls,
                 });
-                let old = prev
-                    .and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
-                    .map(|t| t.cluster.as_ref());
+                let was = prev.and_then(|p| p.inbound.iter().find(|t| t.port == ip.port));
+                let old = was.map(|t| t.cluster.as_ref());
                 let cluster = Arc::new(Cluster::new(key.clone(), cc, old, metrics, None, false));
                 inbound.push(InboundTarget {
                     port: ip.port,
@@ -169,8 +167,7 @@ impl Snapshot {
                         .iter()
                         .map(|cfg| {
                             // A limiter whose policy is unchanged keeps its buckets.
-                            prev.and_then(|p| p.inbound.iter().find(|t| t.port == ip.port))
-                                .and_then(|t| t.rate_limits.iter().find(|l| l.cfg == *cfg))
+                            was.and_then(|t| t.rate_limits.iter().find(|l| l.cfg == *cfg))
                                 .cloned()
                                 .unwrap_or_else(|| {
                                     Arc::new(crate::ratelimit::RateLimiter::new(cfg.clone()))
