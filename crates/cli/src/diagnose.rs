@@ -119,9 +119,7 @@ pub(crate) fn block(v: &Verdict) -> String {
         out.push_str(&format!("  services:    {}\n", v.services.join(", ")));
     }
     if let (Some(first), Some(last)) = (v.first_ms, v.last_ms) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = trellis_telemetry::now_ms();
         out.push_str(&format!(
             "  seen:        first {} ago, last {} ago\n",
             trellis_telemetry::diagnose::ago(now.saturating_sub(first)),

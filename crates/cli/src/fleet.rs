@@ -130,8 +130,9 @@ fn seen(s: trellis_telemetry::view::Seen) -> &'static str {
 /// `trellis stat`.
 pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
     let api = Api::new(&a.conn)?;
+    let query = a.query()?;
     let v = api
-        .call(Method::GET, &format!("/api/v1/stat?{}", a.query()?), None)
+        .call(Method::GET, &format!("/api/v1/stat?{query}"), None)
         .await?;
     if matches!(a.output, ViewOutput::Json) {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -146,7 +147,7 @@ pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
         return Ok(());
     }
     print_stat(&rows, matches!(a.output, ViewOutput::Wide));
-    if !a.query()?.contains("kind=workload") {
+    if !query.contains("kind=workload") {
         // A control plane that predates spill-over has no such view: the table stands alone.
         if let Err(e) = print_spill(&api, a).await {
             tracing::debug!(error = %e, "no spill-over view");
@@ -168,9 +169,7 @@ async fn print_spill(api: &Api, a: &ViewArgs) -> Result<()> {
         .call(Method::GET, &format!("/api/v1/spill?{}", q.join("&")), None)
         .await?;
     let states: Vec<trellis_telemetry::load::SpillState> = serde_json::from_value(v)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = trellis_telemetry::now_ms();
     let lines: Vec<String> = states
         .iter()
         .flat_map(|s| {

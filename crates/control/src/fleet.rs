@@ -8,10 +8,7 @@
 //! is refused whole. Over plaintext, which the xDS listener takes only on loopback, the
 //! report is believed as the xDS stream is.
 
-use std::{
-    sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::sync::Mutex;
 
 use trellis_identity::SpiffeId;
 use trellis_store::Key;
@@ -58,12 +55,7 @@ pub(crate) struct Fleet {
     trust_domain: String,
 }
 
-/// Unix milliseconds now.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use trellis_telemetry::now_ms;
 
 /// The seconds a window really covers (whole slots), for rates.
 fn covered_s(now_ms: u64, w: &trellis_telemetry::store::Window) -> f64 {

@@ -18,12 +18,7 @@ use crate::{
     labels::{Direction, Label},
 };
 
-/// Now, in Unix milliseconds.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use trellis_telemetry::now_ms;
 
 /// The other end of a request or connection: for outbound, the endpoint called; for
 /// inbound, the caller (from its proxy's `x-trellis-peer` and its certificate).

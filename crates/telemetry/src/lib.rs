@@ -19,3 +19,11 @@ pub mod report;
 pub mod shard;
 pub mod store;
 pub mod view;
+
+/// Now, in Unix milliseconds (0 on a clock before 1970): the time every report, verdict and
+/// view is stamped with.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
