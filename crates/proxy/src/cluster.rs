@@ -508,30 +508,9 @@ impl Cluster {
         opf: u32,
         usable: &dyn Fn(&Arc<Endpoint>) -> bool,
     ) -> Option<Arc<Endpoint>> {
-        let (mut total, mut healthy) = ([0u32; 3], [0u32; 3]);
-        for (e, &t) in self.endpoints.iter().zip(tier) {
-            total[t as usize] += 1;
-            if usable(e) {
-                healthy[t as usize] += 1;
-            }
-        }
-        let (mut load, mut left) = ([0u32; 3], 100u32);
-        for t in 0..3 {
-            // An empty tier has no health, and takes nothing.
-            if let Some(share) = (healthy[t] * opf).checked_div(total[t]) {
-                load[t] = share.min(100).min(left);
-                left -= load[t];
-            }
-        }
-        let t = weighted_index(&load)?;
-        let near: Vec<Arc<Endpoint>> = self
-            .endpoints
-            .iter()
-            .zip(tier)
-            .filter(|(e, &et)| et as usize == t && usable(e))
-            .map(|(e, _)| e.clone())
-            .collect();
-        self.choose(&near)
+        let (load, _) = self.priority_load::<3>(tier, opf, usable);
+        let t = weighted_index(&load.map(|l| l as u32))?;
+        self.choose(&self.tier_members(tier, t, usable))
     }
 
     /// Spill-over: each pool first takes what its health allows (as [`Tiers::Failover`]:
@@ -544,24 +523,7 @@ impl Cluster {
         opf: u32,
         usable: &dyn Fn(&Arc<Endpoint>) -> bool,
     ) -> Option<Arc<Endpoint>> {
-        let (mut total, mut healthy) = ([0u32; POOLS], [0u32; POOLS]);
-        for (e, &p) in self.endpoints.iter().zip(pool) {
-            total[p as usize] += 1;
-            if usable(e) {
-                healthy[p as usize] += 1;
-            }
-        }
-        // Loads in hundred-thousandths of the traffic.
-        const WHOLE: u64 = 100_000;
-        let (mut load, mut left) = ([0u64; POOLS], WHOLE);
-        for p in 0..POOLS {
-            if let Some(share) =
-                (u64::from(healthy[p]) * u64::from(opf)).checked_div(u64::from(total[p]))
-            {
-                load[p] = (share.min(100) * WHOLE / 100).min(left);
-                left -= load[p];
-            }
-        }
+        let (mut load, healthy) = self.priority_load::<POOLS>(pool, opf, usable);
         for p in 0..POOLS {
             let Some(next) = (p + 1..POOLS).find(|&q| healthy[q] > 0) else {
                 break;
@@ -570,16 +532,53 @@ impl Cluster {
             load[p] -= moved;
             load[next] += moved;
         }
-        let weights = load.map(|l| l as u32);
-        let p = weighted_index(&weights)?;
-        let members: Vec<Arc<Endpoint>> = self
-            .endpoints
+        let p = weighted_index(&load.map(|l| l as u32))?;
+        self.choose(&self.tier_members(pool, p, usable))
+    }
+
+    /// Envoy's priority load over the `N` tiers `tier` gives each endpoint (by index): in
+    /// order, each takes min(100 %, its healthy share × `opf` %) of what the ones before it
+    /// left, an empty tier nothing. In hundred-thousandths of the traffic, with each tier's
+    /// usable endpoints.
+    fn priority_load<const N: usize>(
+        &self,
+        tier: &[u8],
+        opf: u32,
+        usable: &dyn Fn(&Arc<Endpoint>) -> bool,
+    ) -> ([u64; N], [u32; N]) {
+        const WHOLE: u64 = 100_000;
+        let (mut total, mut healthy) = ([0u32; N], [0u32; N]);
+        for (e, &t) in self.endpoints.iter().zip(tier) {
+            total[t as usize] += 1;
+            if usable(e) {
+                healthy[t as usize] += 1;
+            }
+        }
+        let (mut load, mut left) = ([0u64; N], WHOLE);
+        for t in 0..N {
+            if let Some(share) =
+                (u64::from(healthy[t]) * u64::from(opf)).checked_div(u64::from(total[t]))
+            {
+                load[t] = (share.min(100) * WHOLE / 100).min(left);
+                left -= load[t];
+            }
+        }
+        (load, healthy)
+    }
+
+    /// The usable endpoints of tier `t`.
+    fn tier_members(
+        &self,
+        tier: &[u8],
+        t: usize,
+        usable: &dyn Fn(&Arc<Endpoint>) -> bool,
+    ) -> Vec<Arc<Endpoint>> {
+        self.endpoints
             .iter()
-            .zip(pool)
-            .filter(|(e, &ep)| ep as usize == p && usable(e))
+            .zip(tier)
+            .filter(|(e, &et)| et as usize == t && usable(e))
             .map(|(e, _)| e.clone())
-            .collect();
-        self.choose(&members)
+            .collect()
     }
 
     /// The spill-over shares of this cluster, if its service has a spill-over policy.
