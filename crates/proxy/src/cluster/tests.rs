@@ -6,8 +6,33 @@ use trellis_model::{
     resource::{Environment, Locality, Protocol},
 };
 
-/// A new cluster of `cfg` (`ns/s:80`), for a caller at `here`.
-fn built(cfg: ClusterConfig, here: Option<&Locality>) -> Cluster {
+/// Endpoint `i`: `127.0.0.{i+1}:80`, workload `ns/w{i}`.
+fn endpoint(i: usize, weight: u32, environment: Environment, locality: Locality) -> EndpointConfig {
+    EndpointConfig {
+        addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
+        weight,
+        workload: format!("ns/w{i}").parse().unwrap(),
+        environment,
+        locality,
+        mesh: None,
+        recoveries: 0,
+    }
+}
+
+/// A new cluster `ns/s:80` of `endpoints` with `policy`, for a caller at `here`.
+fn built(
+    endpoints: Vec<EndpointConfig>,
+    policy: BackendPolicy,
+    here: Option<&Locality>,
+) -> Cluster {
+    let cfg = ClusterConfig {
+        service: "ns/s".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Http,
+        endpoints,
+        policy,
+        mtls: Default::default(),
+    };
     let mut reg = prometheus_client::registry::Registry::default();
     Cluster::new(
         "ns/s:80".into(),
@@ -23,30 +48,15 @@ fn cluster(lb: LbKind, weights: &[u32]) -> Cluster {
     let endpoints = weights
         .iter()
         .enumerate()
-        .map(|(i, w)| EndpointConfig {
-            addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
-            weight: *w,
-            workload: format!("ns/w{i}").parse().unwrap(),
-            environment: Environment::Vm,
-            locality: Locality::default(),
-            mesh: None,
-            recoveries: 0,
-        })
+        .map(|(i, w)| endpoint(i, *w, Environment::Vm, Locality::default()))
         .collect();
-    let cfg = ClusterConfig {
-        service: "ns/s".parse().unwrap(),
-        port: 80,
-        protocol: Protocol::Http,
-        endpoints,
-        policy: BackendPolicy {
-            lb,
-            consecutive_failures: 3,
-            max_ejection_percent: 50,
-            ..Default::default()
-        },
-        mtls: Default::default(),
+    let policy = BackendPolicy {
+        lb,
+        consecutive_failures: 3,
+        max_ejection_percent: 50,
+        ..Default::default()
     };
-    built(cfg, None)
+    built(endpoints, policy, None)
 }
 
 fn spread(c: &Cluster, n: usize) -> HashMap<String, usize> {
@@ -138,31 +148,16 @@ fn located(locality: trellis_model::proxy::LocalityLb) -> Cluster {
     let endpoints = places
         .iter()
         .enumerate()
-        .map(|(i, (r, z))| EndpointConfig {
-            addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
-            weight: 1,
-            workload: format!("ns/w{i}").parse().unwrap(),
-            environment: Environment::Vm,
-            locality: loc(r, z),
-            mesh: None,
-            recoveries: 0,
-        })
+        .map(|(i, (r, z))| endpoint(i, 1, Environment::Vm, loc(r, z)))
         .collect();
-    let cfg = ClusterConfig {
-        service: "ns/s".parse().unwrap(),
-        port: 80,
-        protocol: Protocol::Http,
-        endpoints,
-        policy: BackendPolicy {
-            lb: LbKind::RoundRobin,
-            consecutive_failures: 1,
-            max_ejection_percent: 100,
-            locality,
-            ..Default::default()
-        },
-        mtls: Default::default(),
+    let policy = BackendPolicy {
+        lb: LbKind::RoundRobin,
+        consecutive_failures: 1,
+        max_ejection_percent: 100,
+        locality,
+        ..Default::default()
     };
-    built(cfg, Some(&loc("r1", "z1")))
+    built(endpoints, policy, Some(&loc("r1", "z1")))
 }
 
 /// Share of picks per locality label, in percent (10,000 picks: one percentage point is
@@ -360,40 +355,25 @@ fn pooled() -> Cluster {
     let endpoints = envs
         .iter()
         .enumerate()
-        .map(|(i, env)| EndpointConfig {
-            addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
-            weight: 1,
-            workload: format!("ns/w{i}").parse().unwrap(),
-            environment: *env,
-            locality: Locality::default(),
-            mesh: None,
-            recoveries: 0,
-        })
+        .map(|(i, env)| endpoint(i, 1, *env, Locality::default()))
         .collect();
     let pool = |e| PoolSpec {
         environment: Some(e),
         ..Default::default()
     };
-    let cfg = ClusterConfig {
-        service: "ns/s".parse().unwrap(),
-        port: 80,
-        protocol: Protocol::Http,
-        endpoints,
-        policy: BackendPolicy {
-            lb: LbKind::RoundRobin,
-            consecutive_failures: 1,
-            max_ejection_percent: 100,
-            spillover: Some(trellis_model::proxy::Spillover {
-                pools: vec![pool(Environment::Vm), pool(Environment::Container)],
-                high: 80,
-                low: 50,
-                hold: Duration::from_secs(3),
-            }),
-            ..Default::default()
-        },
-        mtls: Default::default(),
+    let policy = BackendPolicy {
+        lb: LbKind::RoundRobin,
+        consecutive_failures: 1,
+        max_ejection_percent: 100,
+        spillover: Some(trellis_model::proxy::Spillover {
+            pools: vec![pool(Environment::Vm), pool(Environment::Container)],
+            high: 80,
+            low: 50,
+            hold: Duration::from_secs(3),
+        }),
+        ..Default::default()
     };
-    built(cfg, None)
+    built(endpoints, policy, None)
 }
 
 /// Share of picks per environment, percent.
