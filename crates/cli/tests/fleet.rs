@@ -19,7 +19,10 @@
 //!    on a new one);
 //! 6. the link to the VM rejects (iptables REJECT with a TCP reset on the client's host):
 //!    `diagnose` names the network on that link, not the VM's host, whose proxy goes on
-//!    reporting.
+//!    reporting;
+//! 7. a surge on a VM page that serves one request at a time: the VM's adaptive limit comes
+//!    down and sheds, the control plane spills a share of the traffic to the container
+//!    (started again), and brings it all back to the VM once the surge is over.
 //!
 //! The sixth scenario, an agent restarting with its stored identity and no token, is in
 //! tests/capture.rs (a host) and tests/containers.rs (a container).
@@ -165,12 +168,15 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
         vm: &vm,
         podman: &podman,
     };
+    let five = Instant::now();
     fleet_scenarios(&mut fleet, &cp).await;
+    eprintln!("scenarios 1-5 took {:?}", five.elapsed());
 
     // 6. The link rejects: the client's connects to the VM are reset by its own host's
     //    rule. The VM's proxy goes on reporting over its own path (every 10 s; a minute's
     //    window holds some even when the emulated VM runs slow), so the verdict is the
     //    link's, with the evidence that the VM's host is up.
+    let six = Instant::now();
     fleet.reject_rule("-I");
     let verdict = eventually(
         "diagnose names the rejecting link to the VM, whose host is up",
@@ -210,5 +216,126 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
         "{verdict:#}\n{proxies:#}"
     );
     fleet.reject_rule("-D");
+    eprintln!("scenario 6 took {:?}", six.elapsed());
+
+    // 7. A surge spills from the VM to the container and comes back.
+    let seven = Instant::now();
+    podman.run(&["start", "catalog-ctr"]);
+    eventually(
+        "the container is back",
+        Duration::from_secs(60),
+        async || (healthy(&cp, "catalog-ctr").await == Some(true)).then_some(()),
+    )
+    .await;
+    // Spill-over from the VM pool to the containers (the VM's limit may come down to 2).
+    // Overload is the adaptive limit's to tell here: outlier detection is off, so a try that
+    // times out in the VM's queue does not eject it (the health floor, scenario 3).
+    let spill = "apiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: { name: catalog, namespace: test }\nspec:\n  targetRefs: [{ name: catalog }]\n  connectionPool: { connectTimeout: 500ms }\n  outlierDetection: { consecutiveFailures: 0 }\n  adaptiveConcurrency: { minLimit: 2 }\n  spillover:\n    pools: [{ environment: vm }, { environment: container }]\n    hold: 1s\n";
+    apply_ok(&cp, spill.to_string()).await;
+    // The VM takes the traffic again (the client's proxy may still hold it ejected after
+    // scenario 6's resets).
+    eventually(
+        "the VM serves before the surge",
+        Duration::from_secs(90),
+        async || (fleet.get("/").await.2 == "vm-app").then_some(()),
+    )
+    .await;
+    // Before the surge, the VM's proxy learns the page's time unloaded: one request at a
+    // time, 150 of them (its limit's baseline needs ten windows of ten).
+    let (done, out, err) = bed.run(
+        &client,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "120",
+            "http://catalog.test.mesh/cgi-bin/one?[1-150]",
+        ],
+    );
+    let from_vm = out.lines().filter(|l| *l == "vm-one").count();
+    eprintln!("scenario 7: warmed up after {:?}", seven.elapsed());
+    assert!(
+        done && from_vm >= 140,
+        "{from_vm} from the VM:\n{out}\n{err}"
+    );
+    let vm_pool = async || {
+        let (_, v) = cp
+            .call(http::Method::GET, "/api/v1/spill?namespace=test", "", None)
+            .await;
+        v.as_array()?
+            .iter()
+            .find(|s| s["service"] == "test/catalog")
+            .map(|s| (s["pools"][0].clone(), s["history"].clone()))
+    };
+    // The surge: eight requests at once, all the time, to a page the VM serves one at a
+    // time (20 a second).
+    let surge = {
+        let mut c = bed.cmd(
+            &client,
+            &[
+                "curl",
+                "-s",
+                "-Z",
+                "--parallel-max",
+                "8",
+                "--max-time",
+                "5",
+                "http://catalog.test.mesh/cgi-bin/one?[1-1000000]",
+            ],
+        );
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        Proc(c.spawn().expect("curl"))
+    };
+    let mut told = Instant::now();
+    let spilling = eventually(
+        "the VM pool spills to the container",
+        Duration::from_secs(90),
+        async || {
+            let (pool, _) = vm_pool().await?;
+            if told.elapsed() > Duration::from_secs(5) {
+                eprintln!("the VM pool: {pool}");
+                told = Instant::now();
+            }
+            (pool["spilled_percent"].as_f64()? > 0.0).then_some(pool)
+        },
+    )
+    .await;
+    eprintln!(
+        "scenario 7: spilling after {:?}: {spilling}",
+        seven.elapsed()
+    );
+    assert_eq!(spilling["to"], "container", "{spilling:#}");
+    let stat = eventually(
+        "stat tells the spill",
+        Duration::from_secs(10),
+        async || {
+            let out = ok(cli(&cp, &["stat", "-n", "test"]));
+            out.contains("% spilled vm → container since")
+                .then_some(out)
+        },
+    )
+    .await;
+    eprintln!("{stat}");
+    drop(surge);
+    let (back, history) = eventually(
+        "the traffic comes back to the VM",
+        Duration::from_secs(90),
+        async || {
+            let (pool, history) = vm_pool().await?;
+            (pool["spilled_percent"].as_f64()? == 0.0).then_some((pool, history))
+        },
+    )
+    .await;
+    eprintln!("scenario 7: back after {:?}", seven.elapsed());
+    assert_eq!(
+        history.as_array().unwrap().last().unwrap()["what"],
+        "ended",
+        "{back:#} {history:#}"
+    );
+    eventually("the VM serves again", Duration::from_secs(30), async || {
+        (fleet.get("/cgi-bin/one").await.2 == "vm-one").then_some(())
+    })
+    .await;
     drop(vm);
 }

@@ -299,6 +299,12 @@ impl Endpoint {
         if self.recoveries.fetch_max(recoveries, Ordering::AcqRel) >= recoveries {
             return false;
         }
+        self.lift()
+    }
+
+    /// Lift an ejection by outlier detection and forget the failures counted; `true` when
+    /// there was one.
+    fn lift(&self) -> bool {
         let mut o = self.outlier.lock().expect("outlier lock");
         o.consecutive_failures = 0;
         o.ejected_until.take().is_some()
@@ -361,9 +367,19 @@ impl Cluster {
                 });
                 match old {
                     Some(o) => {
-                        if o.recovered(e.recoveries) {
+                        // Lifted when its health check passed again, or when the policy
+                        // now has outlier detection off (an operator turning it off wants
+                        // the endpoints it ejected back, not after their time).
+                        let why = if o.recovered(e.recoveries) {
+                            Some("health check passed again")
+                        } else if cfg.policy.consecutive_failures == 0 && o.lift() {
+                            Some("outlier detection is off")
+                        } else {
+                            None
+                        };
+                        if let Some(why) = why {
                             lifted += 1;
-                            tracing::info!(cluster = %key, endpoint = %o.target, workload = %e.workload, "health check passed again: ejection lifted");
+                            tracing::info!(cluster = %key, endpoint = %o.target, workload = %e.workload, "{why}: ejection lifted");
                             metrics.note_ejection(trellis_telemetry::report::Ejection {
                                 service: cfg.service.to_string(),
                                 peer_workload: e.workload.to_string(),

@@ -21,7 +21,8 @@ pub struct Podman {
     pub socket: String,
 }
 
-/// The image every test container runs: busybox httpd on 8080, serving `index.html`.
+/// The image every test container runs: busybox httpd on 8080, serving `index.html` and
+/// `/cgi-bin/one` (50 ms).
 pub const IMAGE: &str = "localhost/trellis-test-app:1";
 
 impl Podman {
@@ -113,15 +114,25 @@ impl Podman {
 
     fn import_image(&self) {
         let root = self.dir.join("rootfs");
-        for sub in ["bin", "www", "tmp"] {
+        for sub in ["bin", "www/cgi-bin", "tmp"] {
             std::fs::create_dir_all(root.join(sub)).unwrap();
         }
         let busybox = crate::need("busybox", "busybox-static");
         std::fs::copy(&busybox, root.join("bin/busybox")).expect("copy busybox");
-        for applet in ["sh", "httpd", "sleep", "cat"] {
+        for applet in ["sh", "httpd", "sleep", "cat", "usleep"] {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
         }
         std::fs::write(root.join("www/index.html"), "container-app\n").unwrap();
+        // The page the test bed's VM serves one at a time, here as elastic as containers
+        // are: 50 ms each, as many at once as come.
+        let one = root.join("www/cgi-bin/one");
+        std::fs::write(
+            &one,
+            "#!/bin/sh\nusleep 50000\nprintf 'Content-Type: text/plain\\r\\n\\r\\ncontainer-one\\n'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&one, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let mut tar = Command::new("tar")
             .args(["-C", root.to_str().unwrap(), "-cf", "-", "."])
             .stdout(Stdio::piped())

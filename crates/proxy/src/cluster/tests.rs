@@ -301,12 +301,43 @@ fn a_health_check_that_passes_again_lifts_an_ejection() {
     assert!(ep.ejected());
 }
 
+#[test]
+fn turning_outlier_detection_off_lifts_its_ejections() {
+    let c = cluster(LbKind::RoundRobin, &[1, 1]);
+    let ep = c.endpoints[0].clone();
+    for _ in 0..3 {
+        c.report(&ep, FailureClass::ConnectRefused);
+    }
+    assert!(ep.ejected());
+    // Another change to the policy keeps it out for its time.
+    let mut cfg = (*c.cfg).clone();
+    cfg.policy.max_ejection_percent = 100;
+    let other = rebuilt_from(&c, cfg);
+    assert!(Arc::ptr_eq(&other.endpoints[0], &ep));
+    assert!(ep.ejected());
+    // Detection off: back at once, and nothing ejects it any more.
+    let mut cfg = (*other.cfg).clone();
+    cfg.policy.consecutive_failures = 0;
+    let off = rebuilt_from(&other, cfg);
+    assert!(Arc::ptr_eq(&off.endpoints[0], &ep), "same endpoint state");
+    assert!(!ep.ejected());
+    for _ in 0..10 {
+        off.report(&ep, FailureClass::ConnectRefused);
+    }
+    assert!(!ep.ejected());
+}
+
 /// `c` rebuilt from its own config, its endpoints reporting `recoveries`.
 fn rebuilt(c: &Cluster, recoveries: u64) -> Cluster {
     let mut cfg = (*c.cfg).clone();
     for e in &mut cfg.endpoints {
         e.recoveries = recoveries;
     }
+    rebuilt_from(c, cfg)
+}
+
+/// `c` rebuilt from `cfg`.
+fn rebuilt_from(c: &Cluster, cfg: ClusterConfig) -> Cluster {
     let mut reg = prometheus_client::registry::Registry::default();
     Cluster::new(
         c.key.clone(),
