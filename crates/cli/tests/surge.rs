@@ -4,7 +4,8 @@
 //! `Proxy-Status: …; error=connection_limit_reached`, rather than queueing it; and it holds
 //! callers to a RateLimitPolicy's shares, fairly (a caller over its share drains nobody
 //! else's), with 429 `rate_limited` and the RateLimit headers; and a service's traffic spills
-//! over by load from its saturated VM pool to its containers, and comes back.
+//! over by load from its saturated VM pool to its containers, and comes back (also when the
+//! caller's control-plane replica is not the one its callees tell their loads).
 
 mod common;
 
@@ -469,18 +470,35 @@ async fn pools(
     trellis_test_support::ProxyProcess,
     trellis_test_support::ProxyProcess,
 ) {
-    apply_ok(cp, mesh((1, 1))).await;
-    let join = |who: &str, workload: &str| join_xds(cp, &cp.xds_url(), who, workload, extra);
+    pools_on(cp, cp, mesh, extra).await
+}
+
+/// As [`pools`], the callees' proxies connected to `callees`, the caller's to `caller` (two
+/// replicas on one store).
+async fn pools_on(
+    callees: &ControlProcess,
+    caller: &ControlProcess,
+    mesh: impl Fn((u16, u16)) -> String,
+    extra: &[&str],
+) -> (
+    trellis_test_support::ProxyProcess,
+    trellis_test_support::ProxyProcess,
+    trellis_test_support::ProxyProcess,
+) {
+    apply_ok(callees, mesh((1, 1))).await;
+    let join = |cp: &ControlProcess, who: &str, workload: &str| {
+        join_xds(cp, &cp.xds_url(), who, workload, extra)
+    };
     let (vm, ct) = (
-        join("catalog", "test/catalog-vm"),
-        join("catalog", "test/catalog-ct"),
+        join(callees, "catalog", "test/catalog-vm"),
+        join(callees, "catalog", "test/catalog-ct"),
     );
     vm.wait_ready().await;
     ct.wait_ready().await;
-    apply_ok(cp, mesh((vm.inbound.port(), ct.inbound.port()))).await;
-    let caller = join("client", "test/client");
-    caller.wait_ready().await;
-    (vm, ct, caller)
+    apply_ok(callees, mesh((vm.inbound.port(), ct.inbound.port()))).await;
+    let client = join(caller, "client", "test/client");
+    client.wait_ready().await;
+    (vm, ct, client)
 }
 
 /// An application that serves `capacity` requests at once in 20 ms (the rest wait their
@@ -646,6 +664,84 @@ async fn a_surge_spills_from_the_saturated_vm_pool_to_containers_and_comes_back(
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_on_another_replica_spills_by_the_loads_that_replica_is_passed() {
+    // Two replicas on one etcd: the pools' proxies tell A their loads; the caller is
+    // connected to B, which hears none of the pools' loads itself.
+    let etcd = trellis_test_support::etcd::Etcd::start().await;
+    let store = etcd.url();
+    let a = ControlProcess::start(BIN, &["--store", &store]);
+    let mut b = ControlProcess::start(BIN, &["--store", &store]);
+    b.token = a.token.clone();
+    let (vm_served, ct_served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (vm_app, ct_app) = (
+        pool_app("vm", 4, vm_served.clone()).await,
+        pool_app("ct", 1000, ct_served.clone()).await,
+    );
+    let (_vm, _ct, caller) = pools_on(
+        &a,
+        &b,
+        |inbound| spill_mesh(vm_app.port(), ct_app.port(), inbound),
+        &[],
+    )
+    .await;
+    let to = caller.outbound;
+    // Light load first (the VM's limit learns its unloaded time), all on the VM.
+    for _ in 0..150 {
+        let r = client::get_full(to, "catalog.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        ct_served.load(Ordering::SeqCst),
+        0,
+        "light load stays on the VM"
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let surge: Vec<_> = (0..24)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = client::get_full(to, "catalog.test", "/", &[]).await;
+                }
+            })
+        })
+        .collect();
+    // B sees the VM pool's load (passed on by A), spills, and the caller follows it.
+    let spilling = eventually(
+        "B spills the VM pool to the container",
+        Duration::from_secs(30),
+        async || {
+            let p = vm_pool(&b).await?;
+            (p["spilled_percent"].as_f64()? > 0.0 && ct_served.load(Ordering::SeqCst) > 0)
+                .then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(spilling["workloads"], 1, "{spilling:#}");
+    assert_eq!(spilling["to"], "container", "{spilling:#}");
+    stop.store(true, Ordering::SeqCst);
+    for t in surge {
+        t.await.unwrap();
+    }
+    let back = eventually(
+        "B brings the traffic back to the VM",
+        Duration::from_secs(40),
+        async || {
+            client::get_full(to, "catalog.test", "/", &[]).await.ok()?;
+            let p = vm_pool(&b).await?;
+            (p["spilled_percent"].as_f64()? == 0.0).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(
+        back["history"].as_array().unwrap().last().unwrap()["what"],
+        "ended"
+    );
 }
 
 /// How one scenario of the surge benchmark protects the VM pool.

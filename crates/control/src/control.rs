@@ -217,13 +217,13 @@ impl Control {
                 opts.telemetry.clone(),
                 &opts.trust_domain,
             )),
-            replicas,
+            replicas.clone(),
             events,
             crate::pane::Pane::new(api_addr),
         );
         let certificates = api.certificate_router();
         tokio::spawn(agent::sweep(api.agents().clone(), api.store().clone()));
-        tokio::spawn(crate::spill::run(api.spill().clone(), rx.clone()));
+        tokio::spawn(crate::spill::run(api.spill().clone(), rx.clone(), replicas));
         let ca_hash = api
             .identity()
             .ca(api.store())

@@ -29,7 +29,7 @@ use trellis_identity::{
     tls::{client_config, control_plane_id, mesh_server_name, TlsCredentials},
 };
 use trellis_store::{Expect, Key, Store, StoreError, Write};
-use trellis_telemetry::shard::Shard;
+use trellis_telemetry::{load::Heard, shard::Shard};
 
 use crate::{fleet::now_ms, identity::Identity};
 
@@ -43,6 +43,8 @@ const GONE: Duration = Duration::from_secs(600);
 pub(crate) const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest part accepted from another replica.
 const MAX_SHARD: usize = 256 << 20;
+/// Largest list of loads accepted from another replica (100,000 workloads' beacons).
+const MAX_LOADS: usize = 32 << 20;
 
 fn key() -> Key {
     Key::new("_Replicas", "trellis-system", "all")
@@ -82,7 +84,12 @@ pub(crate) struct Replicas {
     identity: Arc<Identity>,
     /// The client configuration for other replicas, and when to mint a new certificate.
     tls: Mutex<Option<(Arc<rustls::ClientConfig>, Instant)>>,
+    /// Connections to other replicas, by xDS address, kept for the asks made every second
+    /// (loads for spill-over).
+    conns: Mutex<BTreeMap<String, Sender>>,
 }
+
+type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
 
 impl Replicas {
     /// This replica, reached by the others at `xds`.
@@ -93,6 +100,7 @@ impl Replicas {
             store,
             identity,
             tls: Mutex::new(None),
+            conns: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -186,8 +194,17 @@ impl Replicas {
         Ok(cfg)
     }
 
-    /// `peer`'s part of a window (`query`: the shard endpoint's query string).
-    async fn ask(&self, peer: &Peer, query: &str) -> Result<Shard, String> {
+    /// A connection to `peer`: the one kept while it is open, else a new one (kept).
+    async fn connect(&self, peer: &Peer) -> Result<Sender, String> {
+        let kept = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer.xds)
+            .cloned();
+        if let Some(send) = kept.filter(|s| !s.is_closed()) {
+            return Ok(send);
+        }
         let cfg = self.client_tls().await?;
         let tcp = tokio::net::TcpStream::connect(&peer.xds)
             .await
@@ -197,19 +214,30 @@ impl Replicas {
             .connect(mesh_server_name(), tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
+        let (send, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(tls),
         )
         .await
         .map_err(|e| format!("HTTP/2: {e}"))?;
         tokio::spawn(conn);
-        let req = http::Request::get(format!("https://{}/v1/fleet/shard?{query}", peer.xds))
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|_, s| !s.is_closed());
+        conns.insert(peer.xds.clone(), send.clone());
+        Ok(send)
+    }
+
+    /// `GET path` (with its query) of `peer`'s xDS listener: the answer's body, at most
+    /// `limit` bytes.
+    async fn get(&self, peer: &Peer, path: &str, limit: usize) -> Result<Bytes, String> {
+        let mut send = self.connect(peer).await?;
+        send.ready().await.map_err(|e| e.to_string())?;
+        let req = http::Request::get(format!("https://{}{path}", peer.xds))
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_SHARD)
+        let body = http_body_util::Limited::new(resp.into_body(), limit)
             .collect()
             .await
             .map_err(|e| format!("reading the answer: {e}"))?
@@ -220,7 +248,41 @@ impl Replicas {
                 String::from_utf8_lossy(&body[..body.len().min(300)])
             ));
         }
+        Ok(body)
+    }
+
+    /// `peer`'s part of a window (`query`: the shard endpoint's query string).
+    async fn ask(&self, peer: &Peer, query: &str) -> Result<Shard, String> {
+        let body = self
+            .get(peer, &format!("/v1/fleet/shard?{query}"), MAX_SHARD)
+            .await?;
         Shard::decode(body).map_err(|e| format!("a malformed answer: {e}"))
+    }
+
+    /// The loads every other replica heard itself lately (for spill-over); a replica that
+    /// does not answer within `timeout` is left out (and logged).
+    pub(crate) async fn loads(&self, timeout: Duration) -> Vec<Heard> {
+        let peers = self.peers().await;
+        let asks = peers.iter().map(|p| async move {
+            let r = tokio::time::timeout(timeout, self.get(p, "/v1/fleet/loads", MAX_LOADS))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+                .and_then(|b| {
+                    serde_json::from_slice::<Vec<Heard>>(&b)
+                        .map_err(|e| format!("a malformed answer: {e}"))
+                });
+            (p, r)
+        });
+        let mut all = Vec::new();
+        for (p, r) in futures_util::future::join_all(asks).await {
+            match r {
+                Ok(heard) => all.extend(heard),
+                Err(why) => {
+                    tracing::debug!(replica = %p.id, xds = %p.xds, %why, "another replica's loads missing")
+                }
+            }
+        }
+        all
     }
 
     /// Every other replica's part of a window, asked at once; those that did not answer in

@@ -24,8 +24,11 @@
 //! back over about twenty. Health stays underneath: proxies skip pools with no usable
 //! endpoint whatever the shares say.
 //!
-//! Each replica decides from the loads of the proxies connected to it (replicas do not
-//! share loads yet).
+//! On a shared store, each replica decides from the whole fleet's loads: once a second it
+//! asks the others for the beacons they heard themselves ([`Spill::own`], served as
+//! `GET /v1/fleet/loads`) and keeps the freshest for each workload, so a caller connected
+//! to one replica follows the loads of callees connected to another. Replicas that see the
+//! same loads move the same shares, within a tick of each other.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -38,7 +41,7 @@ use trellis_model::{
     resource::NamespacedName,
 };
 use trellis_telemetry::load::{
-    Answer, Beacon, PoolState, Shares, SpillChange, SpillState, HISTORY,
+    Answer, Beacon, Heard, PoolState, Shares, SpillChange, SpillState, HISTORY,
 };
 
 use crate::fleet::now_ms;
@@ -67,6 +70,21 @@ struct Load {
     shed: u64,
     answered: u64,
     at: Instant,
+    /// Heard by this replica itself (not passed on by another).
+    own: bool,
+}
+
+impl Load {
+    fn of(b: &Beacon, at: Instant, own: bool) -> Self {
+        Self {
+            limit: b.limit,
+            in_flight: b.in_flight_milli as f64 / 1000.0,
+            shed: b.shed,
+            answered: b.answered,
+            at,
+            own,
+        }
+    }
 }
 
 /// One pool's controller.
@@ -103,6 +121,18 @@ struct Inner {
     services: BTreeMap<NamespacedName, Service>,
 }
 
+impl Inner {
+    /// Keep `workload`'s load (at most [`MAX_LOADS`] workloads: the stale ones go first).
+    fn keep(&mut self, workload: &str, load: Load, now: Instant) {
+        if self.loads.len() >= MAX_LOADS && !self.loads.contains_key(workload) {
+            self.loads.retain(|_, l| now.duration_since(l.at) < FORGET);
+        }
+        if self.loads.len() < MAX_LOADS || self.loads.contains_key(workload) {
+            self.loads.insert(workload.to_string(), load);
+        }
+    }
+}
+
 /// This replica's spill-over decisions.
 #[derive(Default)]
 pub(crate) struct Spill {
@@ -119,21 +149,7 @@ impl Spill {
     pub(crate) fn beacon(&self, b: &Beacon, now: Instant) -> Answer {
         let mut g = self.lock();
         if !b.workload.is_empty() {
-            if g.loads.len() >= MAX_LOADS && !g.loads.contains_key(&b.workload) {
-                g.loads.retain(|_, l| now.duration_since(l.at) < FORGET);
-            }
-            if g.loads.len() < MAX_LOADS || g.loads.contains_key(&b.workload) {
-                g.loads.insert(
-                    b.workload.clone(),
-                    Load {
-                        limit: b.limit,
-                        in_flight: b.in_flight_milli as f64 / 1000.0,
-                        shed: b.shed,
-                        answered: b.answered,
-                        at: now,
-                    },
-                );
-            }
+            g.keep(&b.workload, Load::of(b, now, true), now);
         }
         Answer {
             every_ms: if g.services.is_empty() {
@@ -150,6 +166,46 @@ impl Spill {
                     permille: s.pools.iter().map(|p| p.permille).collect(),
                 })
                 .collect(),
+        }
+    }
+
+    /// Some service has a spill-over policy.
+    pub(crate) fn active(&self) -> bool {
+        !self.lock().services.is_empty()
+    }
+
+    /// The beacons this replica heard itself lately, for the other replicas.
+    pub(crate) fn own(&self, now: Instant) -> Vec<Heard> {
+        let g = self.lock();
+        g.loads
+            .iter()
+            .filter(|(_, l)| l.own && now.duration_since(l.at) <= FRESH)
+            .map(|(w, l)| Heard {
+                beacon: Beacon {
+                    workload: w.clone(),
+                    limit: l.limit,
+                    in_flight_milli: (l.in_flight * 1000.0) as u64,
+                    shed: l.shed,
+                    answered: l.answered,
+                },
+                age_ms: now.duration_since(l.at).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// Take what another replica heard (where it is fresher than what this one holds).
+    pub(crate) fn merge(&self, heard: &[Heard], now: Instant) {
+        let mut g = self.lock();
+        for h in heard {
+            let age = Duration::from_millis(h.age_ms);
+            if h.beacon.workload.is_empty() || age > FRESH {
+                continue;
+            }
+            let at = now.checked_sub(age).unwrap_or(now);
+            if g.loads.get(&h.beacon.workload).is_some_and(|l| l.at >= at) {
+                continue;
+            }
+            g.keep(&h.beacon.workload, Load::of(&h.beacon, at, false), now);
         }
     }
 
@@ -315,15 +371,24 @@ fn step(service: &NamespacedName, s: &mut Service, now: Instant) {
     }
 }
 
-/// Tick every second, with the mesh this replica follows.
+/// How long a tick waits for the other replicas' loads.
+const ASK_LOADS: Duration = Duration::from_millis(700);
+
+/// Tick every second, with the mesh this replica follows and, on a shared store, the loads
+/// the other replicas heard.
 pub(crate) async fn run(
     spill: std::sync::Arc<Spill>,
     state: tokio::sync::watch::Receiver<std::sync::Arc<crate::state::State>>,
+    replicas: Option<std::sync::Arc<crate::replicas::Replicas>>,
 ) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
+        if let Some(r) = replicas.as_ref().filter(|_| spill.active()) {
+            let heard = r.loads(ASK_LOADS).await;
+            spill.merge(&heard, Instant::now());
+        }
         let st = state.borrow().clone();
         if let Ok(mesh) = st.compiled.mesh() {
             spill.tick(mesh, Instant::now());

@@ -25,6 +25,19 @@ pub struct Beacon {
     pub answered: u64,
 }
 
+/// A beacon one replica heard itself, `age_ms` ago, as it passes it to the others
+/// (`GET /v1/fleet/loads`), so that every replica decides from the whole fleet's loads
+/// whichever replica each proxy is connected to. An age, not a time: the replicas' clocks
+/// need not agree.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heard {
+    /// The beacon.
+    pub beacon: Beacon,
+    /// How long ago it came.
+    pub age_ms: u64,
+}
+
 /// The control plane's answer.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

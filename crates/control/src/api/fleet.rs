@@ -312,14 +312,7 @@ pub(crate) async fn shard(
     peer: Option<Extension<Peer>>,
     Query(q): Query<ViewQuery>,
 ) -> ApiResult<Response> {
-    let me = trellis_identity::tls::control_plane_id(&api.identity().trust_domain);
-    let caller = peer.as_ref().and_then(|p| p.id.as_ref());
-    if caller != Some(&me) {
-        return Err(FleetError::Forbidden(
-            "only another control-plane replica (by its certificate) may ask for this".into(),
-        )
-        .into());
-    }
+    only_replicas(&api, peer.as_ref())?;
     let (sel, window, at) = q.parse(&api)?;
     let fleet = api.fleet_arc();
     let shard = tokio::task::spawn_blocking(move || fleet.shard(&sel, window, at))
@@ -379,6 +372,29 @@ pub(crate) async fn tap_events(
     Ok(Json(serde_json::json!({ "relayed": relayed })))
 }
 
+/// `GET /v1/fleet/loads` (xDS address, another replica only): the beacons this replica
+/// heard itself lately, JSON, so that every replica decides spill-over from the whole
+/// fleet's loads.
+pub(crate) async fn loads(
+    AxState(api): AxState<Api>,
+    peer: Option<Extension<Peer>>,
+) -> ApiResult<Json<Vec<trellis_telemetry::load::Heard>>> {
+    only_replicas(&api, peer.as_ref())?;
+    Ok(Json(api.spill().own(std::time::Instant::now())))
+}
+
+/// Refuse a caller that is not another control-plane replica (by its certificate).
+fn only_replicas(api: &Api, peer: Option<&Extension<Peer>>) -> ApiResult<()> {
+    let me = trellis_identity::tls::control_plane_id(&api.identity().trust_domain);
+    if peer.and_then(|p| p.id.as_ref()) != Some(&me) {
+        return Err(FleetError::Forbidden(
+            "only another control-plane replica (by its certificate) may ask for this".into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// `POST /v1/load`: a proxy's load; answers the spill-over shares.
 pub(crate) async fn load(
     AxState(api): AxState<Api>,
@@ -402,7 +418,8 @@ pub(crate) struct SpillQuery {
     name: Option<String>,
 }
 
-/// `GET /api/v1/spill`: where services spill over (this replica's decisions).
+/// `GET /api/v1/spill`: where services spill over (this replica's decisions, from the whole
+/// fleet's loads).
 pub(crate) async fn spill(
     AxState(api): AxState<Api>,
     Query(q): Query<SpillQuery>,

@@ -234,3 +234,50 @@ fn when_the_next_pool_is_overloaded_too_the_shares_even_out_what_both_shed() {
     let shares: Vec<f64> = (0..4).map(|_| tick((12.0, 0), (100.0, 100))).collect();
     assert_eq!(shares[3], top - 35.0, "{shares:?}");
 }
+
+#[test]
+fn replicas_pass_on_only_what_they_heard_and_each_decides_from_all_of_it() {
+    // The VMs' proxies are connected to replica A, the caller to B.
+    let (a, b, m, mut t) = (Spill::default(), Spill::default(), mesh(""), Instant::now());
+    let mut b_shares = Vec::new();
+    for _ in 0..6 {
+        t += Duration::from_secs(1);
+        hear(&a, 19.0, 5, t);
+        let from_a = a.own(t);
+        assert_eq!(from_a.len(), 5, "{from_a:?}");
+        b.merge(&from_a, t);
+        // What B took from A, B does not pass on (A would take its own beacons back).
+        assert!(b.own(t).is_empty());
+        a.tick(&m, t);
+        b.tick(&m, t);
+        b_shares.push(vm_share(&b));
+    }
+    assert!(b_shares[5] > 0.0, "B spills from A's loads: {b_shares:?}");
+    assert_eq!(
+        vm_share(&a),
+        vm_share(&b),
+        "the same loads, the same shares"
+    );
+    // A beacon B heard itself later than A's is not replaced by A's older one.
+    t += Duration::from_millis(500);
+    let light = Beacon {
+        workload: "test/vm-1".into(),
+        limit: 20,
+        in_flight_milli: 1000,
+        ..Default::default()
+    };
+    b.beacon(&light, t);
+    let mut old = a.own(t);
+    old.iter_mut().for_each(|h| h.age_ms = 400);
+    b.merge(&old, t);
+    let mine = b.own(t);
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].beacon, light);
+    // Stale ones are not taken at all.
+    let c = Spill::default();
+    let mut stale = a.own(t);
+    stale.iter_mut().for_each(|h| h.age_ms = 5000);
+    c.merge(&stale, t);
+    c.tick(&m, t);
+    assert_eq!(c.states()[0].pools[0].workloads, 0);
+}
