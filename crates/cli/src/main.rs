@@ -15,6 +15,7 @@ mod demo;
 mod diagnose;
 mod fleet;
 mod join;
+mod shift;
 
 /// `EX_USAGE` from sysexits.h: bad flags or config.
 const EX_USAGE: u8 = 64;
@@ -128,6 +129,10 @@ enum Cmd {
     /// The tap's requests added up by source, destination, method and path: count, success,
     /// best/worst/last latency and the failure class they carried.
     Top(fleet::TopArgs),
+    /// Progressive delivery: `shift svc/NAME --to BACKEND` moves a Service's traffic to a
+    /// canary step by step, judged against the stable version at each step and rolled back
+    /// on its own (the control plane runs it); `shift status|pause|resume|abort|promote`.
+    Shift(shift::ShiftArgs),
     /// Check a server and token, and save them for later commands.
     Login {
         #[command(flatten)]
@@ -455,6 +460,7 @@ fn main() -> ExitCode {
         Cmd::Dashboard { conn, no_open } => ctl_run(check::dashboard(&conn, !no_open)),
         Cmd::Tap(a) => ctl_run(fleet::tap(&a)),
         Cmd::Top(a) => ctl_run(fleet::top(&a)),
+        Cmd::Shift(a) => ctl_run(shift::run(&a)),
         Cmd::Token(TokenCmd::Create {
             namespace,
             identity,

@@ -70,6 +70,7 @@ pub(crate) const KINDS: &[(&str, &[&str])] = &[
         "RateLimitPolicy",
         &["ratelimitpolicy", "ratelimitpolicies", "ratelimit", "rl"],
     ),
+    ("Rollout", &["rollout", "rollouts", "ro"]),
 ];
 
 /// The canonical kind for a name as a user types it.
@@ -223,6 +224,23 @@ pub(crate) async fn apply_documents(
     file: &str,
     documents: Vec<(Resource, Value)>,
 ) -> Result<Vec<Applied>, ApplyError> {
+    apply_with(store, current, file, documents, Vec::new()).await
+}
+
+/// As [`apply_documents`], committing `extra` (the control plane's own records, each with
+/// its precondition) in the same batch: all of it is written, or none. An empty list of
+/// documents writes only `extra`.
+async fn apply_with(
+    store: &Store,
+    current: &Catalog,
+    file: &str,
+    documents: Vec<(Resource, Value)>,
+    extra: Vec<Write>,
+) -> Result<Vec<Applied>, ApplyError> {
+    if documents.is_empty() && !extra.is_empty() {
+        store.write(extra).await?;
+        return Ok(Vec::new());
+    }
     let (resources, docs): (Vec<Resource>, Vec<Value>) = documents.into_iter().unzip();
     if resources.is_empty() {
         return Err(ConfigError::Syntax {
@@ -353,9 +371,12 @@ pub(crate) async fn apply_documents(
             });
         }
     }
-    if !writes.is_empty() {
+    if !writes.is_empty() || !extra.is_empty() {
         // The allocation record goes with the Services that changed it, or nothing does.
-        writes.extend(alloc.write());
+        if !writes.is_empty() {
+            writes.extend(alloc.write());
+        }
+        writes.extend(extra);
         let rev = store.write(writes).await?;
         for r in &mut results {
             if r.action != "unchanged" {
@@ -431,6 +452,21 @@ impl Writer {
         let _one = self.lock.lock().await;
         let current = self.state();
         let applied = apply_documents(&self.store, &current.catalog, file, documents).await?;
+        self.caught_up(max_version(&applied)).await;
+        Ok(applied)
+    }
+
+    /// Apply typed documents with `extra` records in the same batch ([`apply_with`]), and
+    /// wait until they are followed.
+    pub(crate) async fn apply_with(
+        &self,
+        file: &str,
+        documents: Vec<(Resource, Value)>,
+        extra: Vec<Write>,
+    ) -> Result<Vec<Applied>, ApplyError> {
+        let _one = self.lock.lock().await;
+        let current = self.state();
+        let applied = apply_with(&self.store, &current.catalog, file, documents, extra).await?;
         self.caught_up(max_version(&applied)).await;
         Ok(applied)
     }

@@ -223,6 +223,7 @@ impl Control {
         );
         let certificates = api.certificate_router();
         tokio::spawn(agent::sweep(api.agents().clone(), api.store().clone()));
+        tokio::spawn(api.rollouts().clone().run());
         tokio::spawn(crate::spill::run(api.spill().clone(), rx.clone(), replicas));
         let ca_hash = api
             .identity()

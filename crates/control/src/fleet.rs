@@ -206,6 +206,20 @@ impl Fleet {
         Ok((w, ids))
     }
 
+    /// The whole fleet's window of `window_ms` before `at_ms` (every series), with other
+    /// replicas' parts: what a rollout's analysis reads.
+    pub(crate) fn window(
+        &self,
+        window_ms: u64,
+        at_ms: u64,
+        others: Vec<Shard>,
+    ) -> Result<Window, FleetError> {
+        let window_ms = window_ms.clamp(1_000, self.max_window_ms());
+        Ok(self
+            .merged(&Selector::default(), window_ms, at_ms, others)?
+            .0)
+    }
+
     /// `trellis stat` over the `window_ms` before `at_ms`, with other replicas' parts.
     pub(crate) fn stat(
         &self,

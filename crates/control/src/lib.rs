@@ -28,6 +28,7 @@ pub(crate) mod identity;
 pub(crate) mod pane;
 pub(crate) mod registry;
 pub(crate) mod replicas;
+pub(crate) mod rollout;
 pub(crate) mod service_view;
 pub(crate) mod spill;
 pub(crate) mod state;

@@ -130,6 +130,25 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                     );
                 }
             }
+            Spec::Rollout(p) => {
+                for (f, name) in [
+                    ("spec.service", &p.service),
+                    ("spec.stable", &p.stable),
+                    ("spec.canary", &p.canary),
+                ] {
+                    push(f.into(), check("Service", &id(name, &None), None), None);
+                }
+                for (i, route) in p.routes.iter().enumerate() {
+                    let target = id(route, &None);
+                    let found = route_ids.contains(&("HTTPRoute", target.clone()))
+                        || route_ids.contains(&("GRPCRoute", target.clone()));
+                    push(
+                        format!("spec.routes[{i}]"),
+                        (!found).then(|| format!("no HTTPRoute or GRPCRoute {target}")),
+                        None,
+                    );
+                }
+            }
             Spec::Workload(w) => {
                 for (i, u) in w.upstreams.iter().enumerate() {
                     let target = parse_authority_name(&u.service.value, ns);

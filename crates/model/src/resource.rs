@@ -116,6 +116,8 @@ pub enum Spec {
     TrustBundle(TrustBundleSpec),
     /// `RateLimitPolicy`.
     RateLimitPolicy(RateLimitPolicySpec),
+    /// `Rollout`.
+    Rollout(RolloutSpec),
 }
 
 impl Resource {
@@ -131,6 +133,7 @@ impl Resource {
             Spec::PeerAuthentication(_) => "PeerAuthentication",
             Spec::TrustBundle(_) => "TrustBundle",
             Spec::RateLimitPolicy(_) => "RateLimitPolicy",
+            Spec::Rollout(_) => "Rollout",
         }
     }
 
@@ -153,6 +156,7 @@ const KINDS: &[(&str, &str)] = &[
     ("PeerAuthentication", "trellis.dev/v1alpha1"),
     ("TrustBundle", "trellis.dev/v1alpha1"),
     ("RateLimitPolicy", "trellis.dev/v1alpha1"),
+    ("Rollout", "trellis.dev/v1alpha1"),
 ];
 
 impl<'de> Deserialize<'de> for Resource {
@@ -201,6 +205,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                         "PeerAuthentication" => Spec::PeerAuthentication(map.next_value()?),
                         "TrustBundle" => Spec::TrustBundle(map.next_value()?),
                         "RateLimitPolicy" => Spec::RateLimitPolicy(map.next_value()?),
+                        "Rollout" => Spec::Rollout(map.next_value()?),
                         other => return Err(unknown_kind(other)),
                     });
                 }
@@ -1160,6 +1165,110 @@ pub struct RateOverride {
     pub identity: String,
     /// Its limits (instead of `perCaller`).
     pub per_caller: Vec<RateSpec>,
+}
+
+// === Rollout ===
+
+/// `kind: Rollout`: progressive delivery of a Service's traffic from a stable backend to a
+/// canary, step by step, each step held while the control plane compares the canary with the
+/// stable version over the same window, rolled back at once on a clear regression. The
+/// control plane keeps it (its progress survives the CLI and restarts) and writes the
+/// weights of the routes that send the Service's traffic to the stable backend.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// The Service whose traffic shifts (of the rollout's namespace).
+    pub service: String,
+    /// The backend Service now serving it.
+    pub stable: String,
+    /// The backend Service taking its place.
+    pub canary: String,
+    /// The routes to shift (HTTPRoute or GRPCRoute names); default: every route with the
+    /// Service as a parent and the stable backend among its backends.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// The canary's percent of the traffic at each step, rising; the last step passed,
+    /// the canary takes it all.
+    #[serde(default = "default_steps")]
+    pub steps: Vec<u32>,
+    /// How long each step holds at least.
+    #[serde(default = "default_interval")]
+    pub interval: DurationValue,
+    /// How the canary is judged.
+    #[serde(default)]
+    pub analysis: RolloutAnalysis,
+    /// `Rollback` (the default) or `Pause` on a failed analysis.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+fn default_steps() -> Vec<u32> {
+    vec![5, 25, 50, 100]
+}
+
+fn default_interval() -> DurationValue {
+    DurationValue(std::time::Duration::from_secs(30))
+}
+
+/// The analysis of a step: the canary against the stable version over the step's window.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutAnalysis {
+    /// Requests the canary must have answered in a step before it can pass (fewer: the step
+    /// holds, "not enough traffic").
+    #[serde(
+        default = "default_min_requests",
+        deserialize_with = "crate::value::num::count"
+    )]
+    pub min_requests: u32,
+    /// How far the canary's rate of application failures may be above the stable
+    /// version's, in percentage points.
+    #[serde(default = "default_error_margin")]
+    pub max_error_rate_increase: f64,
+    /// Which latency percentile is compared (50 to 99.9).
+    #[serde(default = "default_percentile")]
+    pub latency_percentile: f64,
+    /// How many times the stable version's latency (at that percentile) the canary's may
+    /// be, plus 5 ms.
+    #[serde(default = "default_latency_ratio")]
+    pub max_latency_ratio: f64,
+}
+
+impl Default for RolloutAnalysis {
+    fn default() -> Self {
+        Self {
+            min_requests: default_min_requests(),
+            max_error_rate_increase: default_error_margin(),
+            latency_percentile: default_percentile(),
+            max_latency_ratio: default_latency_ratio(),
+        }
+    }
+}
+
+fn default_min_requests() -> u32 {
+    100
+}
+
+fn default_error_margin() -> f64 {
+    1.0
+}
+
+fn default_percentile() -> f64 {
+    99.0
+}
+
+fn default_latency_ratio() -> f64 {
+    1.5
+}
+
+/// What a failed analysis does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OnFailure {
+    /// Every route back to the stable backend, at once.
+    #[default]
+    Rollback,
+    /// Hold the weights where they are, for an operator to decide.
+    Pause,
 }
 
 // === PeerAuthentication ===

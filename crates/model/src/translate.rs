@@ -185,6 +185,8 @@ fn index<'a, R: std::borrow::Borrow<Resource>>(
                 let limits = rate_limit(file, r, p)?;
                 ix.rate_limits.push((r, p, limits));
             }
+            // The control plane's to run; nothing of it reaches a proxy.
+            Spec::Rollout(p) => rollout(file, r, p)?,
         }
     }
     ix.index_labels();
@@ -1492,6 +1494,53 @@ fn rate_limit(
     })
 }
 
+/// A Rollout's own fields.
+fn rollout(file: &str, r: &Resource, p: &crate::resource::RolloutSpec) -> Result<()> {
+    let bad = |f: &str, m: &str| {
+        ConfigError::invalid(file, r.line, format!("Rollout {}: {f}", r.id()), m)
+    };
+    for (f, v) in [
+        ("spec.service", &p.service),
+        ("spec.stable", &p.stable),
+        ("spec.canary", &p.canary),
+    ] {
+        if v.is_empty() || v.contains('/') {
+            return Err(bad(f, "a Service name of the rollout's namespace"));
+        }
+    }
+    if p.stable == p.canary {
+        return Err(bad("spec.canary", "the same Service as spec.stable"));
+    }
+    if p.steps.is_empty() || p.steps.len() > 20 {
+        return Err(bad("spec.steps", "from 1 to 20 steps"));
+    }
+    for (i, w) in p.steps.iter().enumerate() {
+        if *w == 0 || *w > 100 || (i > 0 && *w <= p.steps[i - 1]) {
+            return Err(bad(
+                &format!("spec.steps[{i}]"),
+                "percentages from 1 to 100, each above the one before",
+            ));
+        }
+    }
+    if p.interval.0 < Duration::from_secs(1) || p.interval.0 > Duration::from_secs(86_400) {
+        return Err(bad("spec.interval", "from 1s to 24h"));
+    }
+    let a = &p.analysis;
+    if !(0.0..=100.0).contains(&a.max_error_rate_increase) {
+        return Err(bad(
+            "spec.analysis.maxErrorRateIncrease",
+            "percentage points, from 0 to 100",
+        ));
+    }
+    if !(50.0..=99.9).contains(&a.latency_percentile) {
+        return Err(bad("spec.analysis.latencyPercentile", "from 50 to 99.9"));
+    }
+    if !(1.0..=100.0).contains(&a.max_latency_ratio) {
+        return Err(bad("spec.analysis.maxLatencyRatio", "from 1 to 100"));
+    }
+    Ok(())
+}
+
 /// Check what can be checked of `r` without the other resources. An apply runs this on every
 /// document, so that a policy whose targets do not exist yet is still checked.
 pub fn check_standalone(file: &str, r: &Resource) -> Result<()> {
@@ -1499,6 +1548,7 @@ pub fn check_standalone(file: &str, r: &Resource) -> Result<()> {
         Spec::AuthorizationPolicy(p) => authz_rules(file, r, p).map(drop),
         Spec::TrustBundle(b) => check_bundle(file, r, b),
         Spec::RateLimitPolicy(p) => rate_limit(file, r, p).map(drop),
+        Spec::Rollout(p) => rollout(file, r, p),
         _ => Ok(()),
     }
 }

@@ -151,11 +151,21 @@ struct Joined {
 /// smallest ids, so only a caller's attempts below every bound the callee's lists had — and
 /// how many of those the callee listed as coming from `caller`.
 fn joinable<'a>(
+    w: &Window,
     mine: &[&'a crate::report::Attempt],
     list: &[std::sync::Arc<FailedAttempt>],
     caller: &str,
     callee: &str,
 ) -> (Vec<&'a crate::report::Attempt>, usize) {
+    // An attempt the callee's proxy could not have told of yet (it last reported before the
+    // attempt ended, give or take [`SETTLE_MS`]) is not compared: its absence there says
+    // nothing. A callee not heard from at all in the window is compared as before (its
+    // silence is evidence of its own).
+    let heard = w
+        .reporting
+        .iter()
+        .find(|(r, _)| &**r == callee)
+        .map(|(_, at)| *at);
     let theirs: Vec<&FailedAttempt> = list
         .iter()
         .filter(|a| &*a.reporter == callee && a.attempt.direction == 1)
@@ -175,6 +185,7 @@ fn joinable<'a>(
         .iter()
         .copied()
         .filter(|a| a.id != 0 && a.id <= below)
+        .filter(|a| heard.is_none_or(|h| a.at_ms + SETTLE_MS <= h))
         .collect();
     let found = comparable.iter().filter(|a| ids.contains(&a.id)).count();
     (comparable, found)
@@ -193,7 +204,7 @@ fn join(w: &Window, caller: &str, svc: &str, callee: &str, class: FailureClass) 
         })
         .map(|a| &a.attempt)
         .collect();
-    let (comparable, arrived) = joinable(&mine, &w.attempts, caller, callee);
+    let (comparable, arrived) = joinable(w, &mine, &w.attempts, caller, callee);
     Joined {
         listed: comparable.len(),
         arrived,
@@ -1246,6 +1257,10 @@ fn latency_gaps(found: &mut Found, w: &Window) {
     }
 }
 
+/// How long after an attempt ended its callee's proxy must have reported for the attempt
+/// to be looked for there (a report built just before the attempt ended arrives after it).
+const SETTLE_MS: u64 = 1_000;
+
 /// Slow requests a caller listed, at least this many, make a verdict.
 const SLOW_MIN: usize = 3;
 
@@ -1265,8 +1280,8 @@ fn slow_lists(found: &mut Found, w: &Window) {
         if mine.len() < SLOW_MIN || callee.is_empty() {
             continue;
         }
-        let (comparable, slow_there) = joinable(&mine, &w.slow, caller, callee);
-        if comparable.is_empty() {
+        let (comparable, slow_there) = joinable(w, &mine, &w.slow, caller, callee);
+        if comparable.len() < SLOW_MIN {
             continue;
         }
         let worst = mine.iter().map(|a| a.latency_ms).max().unwrap_or(0);

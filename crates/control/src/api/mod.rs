@@ -22,6 +22,8 @@
 //! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload; for the whole fleet (other replicas' parts merged in; `x-trellis-partial` names a replica that did not answer) |
 //! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures (whole fleet, as `stat`) |
 //! | GET | `/api/v1/diagnose?namespace=NS&name=NAME&window=5m` | verdicts: network, application, mesh policy or configuration, where, the evidence of both ends of each hop, and what to check next |
+//! | GET | `/api/v1/rollouts?namespace=NS&name=NAME` | rollouts (`kind: Rollout`): phase, step, the canary's weight, the last analysis (the canary's and the stable's figures, the verdict and why), what happened |
+//! | POST | `/api/v1/rollouts/{ns}/{name}/{pause,resume,abort,promote}` | move a rollout by hand (409 when its phase does not allow it) |
 //! | GET | `/api/v1/spill?namespace=NS&name=NAME` | services with a spill-over policy: each pool's load, the share it spills to the next and since when, what moved lately |
 //! | POST | `/v1/load` (xDS address only) | a proxy's load (JSON `Beacon`); answers the spill-over shares and when to come back |
 //! | GET | `/api/v1/fleet/stream?namespace=NS&window=5m&every=5` | server-sent events `fleet`: stat, edges, diagnose and proxies at once, now and every few seconds (the pane's feed) |
@@ -43,6 +45,7 @@ mod fleet;
 mod identity;
 mod pane;
 mod resources;
+mod rollouts;
 
 use std::sync::Arc;
 
@@ -67,6 +70,7 @@ use crate::{
     identity::{CaRequestError, Identity},
     registry::Registry,
     replicas::Replicas,
+    rollout::RolloutError,
     state::State,
     tls::TlsListener,
     token,
@@ -79,7 +83,7 @@ pub(crate) struct Api {
 }
 
 struct Inner {
-    writer: Writer,
+    writer: Arc<Writer>,
     proxies: Registry,
     token: token::AdminToken,
     identity: Arc<Identity>,
@@ -100,6 +104,8 @@ struct Inner {
     viewers: token::Viewers,
     /// Spill-over decisions.
     spill: Arc<crate::spill::Spill>,
+    /// Progressive delivery.
+    rollouts: Arc<crate::rollout::Rollouts>,
 }
 
 /// Why an API call failed; each becomes a status and `{"error": ..., "code": ...}`.
@@ -135,6 +141,9 @@ pub(crate) enum ApiError {
     /// A proxy's reports were refused.
     #[error(transparent)]
     Fleet(Box<FleetError>),
+    /// A rollout could not be moved.
+    #[error(transparent)]
+    Rollout(Box<RolloutError>),
 }
 
 // Boxed: an error travels through every handler's `Result`, which should stay small.
@@ -154,7 +163,8 @@ boxed_from!(
     StoreError => Store,
     CaRequestError => Ca,
     AgentError => Agent,
-    ControlError => Setup
+    ControlError => Setup,
+    RolloutError => Rollout
 );
 
 impl ApiError {
@@ -206,6 +216,12 @@ impl ApiError {
                 FleetError::BadReport(_) => StatusCode::BAD_REQUEST,
                 FleetError::Forbidden(_) => StatusCode::FORBIDDEN,
             },
+            Self::Rollout(e) => match &**e {
+                RolloutError::NotFound(_) => StatusCode::NOT_FOUND,
+                RolloutError::NotNow(_) => StatusCode::CONFLICT,
+                RolloutError::Apply(ApplyError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+                RolloutError::Apply(ApplyError::Store(e)) | RolloutError::Store(e) => store(e),
+            },
         }
     }
 }
@@ -249,9 +265,13 @@ impl Api {
         events: Events,
         pane: crate::pane::Pane,
     ) -> Self {
+        let writer = Arc::new(Writer::new(store, state));
+        let rollouts =
+            crate::rollout::Rollouts::new(writer.clone(), fleet.clone(), replicas.clone());
         Self {
             inner: Arc::new(Inner {
-                writer: Writer::new(store, state),
+                writer,
+                rollouts,
                 proxies,
                 token,
                 identity,
@@ -288,6 +308,8 @@ impl Api {
             .route("/check", get(fleet::check))
             .route("/fleet/stream", get(fleet::stream))
             .route("/spill", get(fleet::spill))
+            .route("/rollouts", get(rollouts::list))
+            .route("/rollouts/{ns}/{name}/{action}", post(rollouts::act))
             .route("/ui/links", post(pane::new_link))
             .route(
                 "/viewer-tokens",
@@ -402,6 +424,11 @@ impl Api {
     /// Spill-over decisions.
     pub(crate) fn spill(&self) -> &Arc<crate::spill::Spill> {
         &self.inner.spill
+    }
+
+    /// Progressive delivery.
+    pub(crate) fn rollouts(&self) -> &Arc<crate::rollout::Rollouts> {
+        &self.inner.rollouts
     }
 
     /// Live tap sessions.

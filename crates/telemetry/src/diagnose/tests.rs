@@ -895,6 +895,14 @@ fn slow_requests_slow_at_the_callee_are_its_application_and_quick_there_the_link
             .any(|e| e.contains("timed only 0 of 4")),
         "{v:#?}"
     );
+    // Unless the callee's proxy has not reported since they ended: then nothing is said
+    // yet (its list may still be on the way), and once it has, the verdict is the link's.
+    win.reporting = vec![("test/catalog-vm".into(), 3_500)];
+    assert!(run(&win, &Facts::default()).is_empty());
+    win.reporting = vec![("test/catalog-vm".into(), 5_000)];
+    let v = run(&win, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Network);
     // Two are too few to say.
     win.slow.truncate(2);
     assert!(run(&win, &Facts::default()).is_empty());

@@ -1,0 +1,273 @@
+//! `trellis shift`: progressive delivery from the command line. `shift svc/NAME --to
+//! BACKEND` applies a Rollout (the control plane runs it: steps, analysis, rollback), so
+//! nothing depends on this command staying up; `shift status|pause|resume|abort|promote`
+//! read and move it.
+
+use anyhow::{bail, Context, Result};
+use hyper::Method;
+use serde_json::Value;
+
+use crate::client::{query_value as enc, Api, Conn};
+
+/// `trellis shift`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct ShiftArgs {
+    #[command(subcommand)]
+    action: Option<ShiftCmd>,
+    #[command(flatten)]
+    start: StartArgs,
+}
+
+/// What `shift svc/NAME --to BACKEND` takes.
+#[derive(clap::Args)]
+pub(crate) struct StartArgs {
+    /// The Service whose traffic shifts: `svc/NAME`.
+    target: Option<String>,
+    /// The backend Service taking the traffic (the canary).
+    #[arg(long)]
+    to: Option<String>,
+    /// The backend Service serving it now (default: the backend with the most weight in
+    /// the Service's routes).
+    #[arg(long)]
+    from: Option<String>,
+    /// The canary's percent at each step.
+    #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
+    steps: Vec<u32>,
+    /// How long each step holds at least.
+    #[arg(long, default_value = "30s")]
+    interval: String,
+    /// Requests the canary must answer in a step before it can pass.
+    #[arg(long, default_value_t = 100)]
+    min_requests: u32,
+    /// How far the canary's error rate may be above the stable's, in percentage points.
+    #[arg(long, default_value_t = 1.0)]
+    max_error_increase: f64,
+    /// How many times the stable's p99 latency the canary's may be (plus 5 ms).
+    #[arg(long, default_value_t = 1.5)]
+    max_latency_ratio: f64,
+    /// On a failed analysis: roll back (the default) or pause.
+    #[arg(long, value_parser = ["rollback", "pause"], default_value = "rollback")]
+    on_failure: String,
+    /// Namespace (default: `default`).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `trellis shift ACTION`.
+#[derive(clap::Subcommand)]
+pub(crate) enum ShiftCmd {
+    /// Where rollouts are: phase, step, weight, the last analysis and what happened.
+    Status(OneArgs),
+    /// Hold the weights where they are.
+    Pause(OneArgs),
+    /// Go on from the step it was paused at (the step begins again).
+    Resume(OneArgs),
+    /// Send all the traffic back to the stable backend now.
+    Abort(OneArgs),
+    /// Send all the traffic to the canary now.
+    Promote(OneArgs),
+}
+
+/// One rollout (all of them, for `status` without one).
+#[derive(clap::Args)]
+pub(crate) struct OneArgs {
+    /// `svc/NAME` (a rollout is named after its Service).
+    target: Option<String>,
+    /// Namespace (default: `default`; `status` without one: every namespace).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// JSON, as the API gives it (`status`).
+    #[arg(short = 'o', long, value_parser = ["text", "json"], default_value = "text")]
+    output: String,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+fn service_name(target: &str) -> Result<&str> {
+    match target.split_once('/') {
+        Some(("svc" | "service", n)) if !n.is_empty() => Ok(n),
+        _ => bail!("{target:?}: give svc/NAME"),
+    }
+}
+
+/// `trellis shift …`.
+pub(crate) async fn run(a: &ShiftArgs) -> Result<()> {
+    match &a.action {
+        None => start(&a.start).await,
+        Some(ShiftCmd::Status(o)) => status(o).await,
+        Some(ShiftCmd::Pause(o)) => act(o, "pause").await,
+        Some(ShiftCmd::Resume(o)) => act(o, "resume").await,
+        Some(ShiftCmd::Abort(o)) => act(o, "abort").await,
+        Some(ShiftCmd::Promote(o)) => act(o, "promote").await,
+    }
+}
+
+async fn start(a: &StartArgs) -> Result<()> {
+    let Some(target) = &a.target else {
+        bail!("give svc/NAME --to BACKEND, or one of status, pause, resume, abort, promote");
+    };
+    let service = service_name(target)?;
+    let Some(canary) = &a.to else {
+        bail!("--to BACKEND: the Service to shift {target}'s traffic to");
+    };
+    let ns = a.namespace.as_deref().unwrap_or("default");
+    let api = Api::new(&a.conn)?;
+    let stable = match &a.from {
+        Some(s) => s.clone(),
+        None => stable_backend(&api, ns, service, canary).await?,
+    };
+    let steps: Vec<String> = a.steps.iter().map(u32::to_string).collect();
+    let yaml = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Rollout\nmetadata: {{ name: {service}, namespace: {ns} }}\nspec:\n  service: {service}\n  stable: {stable}\n  canary: {canary}\n  steps: [{}]\n  interval: {}\n  analysis:\n    minRequests: {}\n    maxErrorRateIncrease: {}\n    maxLatencyRatio: {}\n  onFailure: {}\n",
+        steps.join(", "),
+        a.interval,
+        a.min_requests,
+        a.max_error_increase,
+        a.max_latency_ratio,
+        if a.on_failure == "pause" { "Pause" } else { "Rollback" },
+    );
+    api.call(
+        Method::POST,
+        &format!("/api/v1/apply?file={}", enc("trellis shift")),
+        Some(yaml),
+    )
+    .await?;
+    println!(
+        "rollout {ns}/{service}: {stable} → {canary} in steps of {} %, each held {} and at least {} canary requests; the control plane runs it (follow with `trellis shift status svc/{service} -n {ns}`)",
+        steps.join(", "),
+        a.interval,
+        a.min_requests
+    );
+    Ok(())
+}
+
+/// The backend with the most weight in the routes whose parent is `service` (other than
+/// `canary`).
+async fn stable_backend(api: &Api, ns: &str, service: &str, canary: &str) -> Result<String> {
+    let mut best: Option<(u64, String)> = None;
+    for kind in ["HTTPRoute", "GRPCRoute"] {
+        let v = api
+            .call(
+                Method::GET,
+                &format!("/api/v1/resources/{kind}/{}", enc(ns)),
+                None,
+            )
+            .await?;
+        for r in v["items"].as_array().or(v.as_array()).into_iter().flatten() {
+            let parents = r["spec"]["parentRefs"].as_array().into_iter().flatten();
+            if !parents.into_iter().any(|p| p["name"] == service) {
+                continue;
+            }
+            for rule in r["spec"]["rules"].as_array().into_iter().flatten() {
+                for b in rule["backendRefs"].as_array().into_iter().flatten() {
+                    let name = b["name"].as_str().unwrap_or_default();
+                    let w = b["weight"].as_u64().unwrap_or(1);
+                    if name != canary && best.as_ref().is_none_or(|(bw, _)| w > *bw) {
+                        best = Some((w, name.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    best.map(|(_, n)| n).with_context(|| {
+        format!("no HTTPRoute or GRPCRoute of {ns} sends svc/{service}'s traffic to a backend: write one (the stable backend), or give --from")
+    })
+}
+
+async fn act(o: &OneArgs, action: &str) -> Result<()> {
+    let Some(target) = &o.target else {
+        bail!("give svc/NAME");
+    };
+    let name = service_name(target)?;
+    let ns = o.namespace.as_deref().unwrap_or("default");
+    let api = Api::new(&o.conn)?;
+    let v = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/rollouts/{}/{}/{action}", enc(ns), enc(name)),
+            None,
+        )
+        .await?;
+    print_status(&v, trellis_telemetry::now_ms());
+    Ok(())
+}
+
+async fn status(o: &OneArgs) -> Result<()> {
+    let api = Api::new(&o.conn)?;
+    let mut q = Vec::new();
+    if let Some(ns) = &o.namespace {
+        q.push(format!("namespace={}", enc(ns)));
+    }
+    if let Some(t) = &o.target {
+        q.push(format!("name={}", enc(service_name(t)?)));
+        if o.namespace.is_none() {
+            q.push("namespace=default".into());
+        }
+    }
+    let v = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/rollouts?{}", q.join("&")),
+            None,
+        )
+        .await?;
+    if o.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let all = v.as_array().cloned().unwrap_or_default();
+    if all.is_empty() {
+        println!("No rollouts.");
+    }
+    let now = trellis_telemetry::now_ms();
+    for r in &all {
+        print_status(r, now);
+    }
+    Ok(())
+}
+
+/// One rollout as `shift status` prints it.
+fn print_status(r: &Value, now: u64) {
+    let ago = |at: u64| trellis_telemetry::diagnose::ago(now.saturating_sub(at));
+    let steps: Vec<String> = r["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s.to_string())
+        .collect();
+    let phase = r["phase"].as_str().unwrap_or("pending");
+    println!(
+        "{}/{}: {} → {}: {phase}, canary at {} % (step {} of {}: {} %)",
+        r["namespace"].as_str().unwrap_or_default(),
+        r["name"].as_str().unwrap_or_default(),
+        r["stable"].as_str().unwrap_or_default(),
+        r["canary"].as_str().unwrap_or_default(),
+        r["weight"],
+        r["step"].as_u64().unwrap_or(0) + 1,
+        steps.len(),
+        steps.join(", "),
+    );
+    if let Some(reason) = r["reason"].as_str().filter(|s| !s.is_empty()) {
+        println!("  why: {reason}");
+    }
+    if let Some(a) = r.get("analysis").filter(|a| !a.is_null()) {
+        println!(
+            "  analysis ({} ago): {}: {}",
+            ago(a["at_ms"].as_u64().unwrap_or(now)),
+            a["verdict"].as_str().unwrap_or_default(),
+            a["message"].as_str().unwrap_or_default()
+        );
+    }
+    for h in r["history"].as_array().into_iter().flatten() {
+        println!(
+            "  {} ago  {:<11} {:>3} %  {}",
+            ago(h["at_ms"].as_u64().unwrap_or(now)),
+            h["what"].as_str().unwrap_or_default(),
+            h["weight"],
+            h["detail"].as_str().unwrap_or_default()
+        );
+    }
+}

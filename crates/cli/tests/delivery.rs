@@ -1,0 +1,434 @@
+//! Progressive delivery on loopback through real proxies with mutual TLS: `trellis shift
+//! svc/catalog --to catalog-v2` applies a Rollout that the control plane runs: catalog-v1
+//! (a VM-labelled workload) is the stable backend, catalog-v2 (a container-labelled one) the
+//! canary; each step is judged from what the two workloads' own proxies reported, and a
+//! regression rolls back at once.
+
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use common::*;
+use trellis_test_support::{control::ControlProcess, upstream, ProxyProcess};
+
+/// How the canary's application behaves.
+#[derive(Clone, Copy, PartialEq)]
+enum Canary {
+    Good,
+    /// Every fifth request answers 500.
+    FailsOneInFive,
+    /// 150 ms slower than the stable version.
+    Slow,
+}
+
+/// An application that answers its name, as `how` says; counts what it answered.
+async fn app(name: &'static str, how: Canary, hits: Arc<AtomicUsize>) -> std::net::SocketAddr {
+    upstream::http(move |_| {
+        let hits = hits.clone();
+        async move {
+            let n = hits.fetch_add(1, Ordering::SeqCst);
+            if how == Canary::Slow {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(name)));
+            if how == Canary::FailsOneInFive && n % 5 == 4 {
+                *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        }
+    })
+    .await
+}
+
+fn mesh(v1: u16, v2: u16, inbound: (u16, u16)) -> String {
+    let service = |name: &str, selector: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {selector}\n  ports: [{{ name: http, port: 80, targetPort: 1, protocol: HTTP }}]\n")
+    };
+    let workload = |version: &str, env: &str, port: u16, inbound: u16| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: catalog-{version}, namespace: test, labels: {{ app: catalog, version: {version} }} }}\nspec:\n  address: 127.0.0.1\n  identity: catalog\n  environment: {env}\n  inboundPort: {inbound}\n  ports: {{ http: {port} }}\n")
+    };
+    [
+        service("catalog", "{ app: catalog }"),
+        service("catalog-v1", "{ app: catalog, version: v1 }"),
+        service("catalog-v2", "{ app: catalog, version: v2 }"),
+        workload("v1", "vm", v1, inbound.0),
+        workload("v2", "container", v2, inbound.1),
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
+        route(
+            "catalog",
+            "catalog",
+            "    - backendRefs: [{ name: catalog-v1, port: 80 }]\n",
+        ),
+    ]
+    .join("---\n")
+}
+
+/// The two versions' proxies and the caller's, fed by a control plane.
+struct Delivery {
+    cp: ControlProcess,
+    _v1: ProxyProcess,
+    _v2: ProxyProcess,
+    caller: ProxyProcess,
+    v1_hits: Arc<AtomicUsize>,
+    v2_hits: Arc<AtomicUsize>,
+}
+
+async fn delivery(canary: Canary) -> Delivery {
+    let (v1_hits, v2_hits) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let v1_app = app("v1", Canary::Good, v1_hits.clone()).await;
+    let v2_app = app("v2", canary, v2_hits.clone()).await;
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(&cp, mesh(v1_app.port(), v2_app.port(), (1, 1))).await;
+    let extra = ["--report-interval", "200ms"];
+    let join = |who: &str, workload: &str| join_xds(&cp, &cp.xds_url(), who, workload, &extra);
+    let (v1, v2) = (
+        join("catalog", "test/catalog-v1"),
+        join("catalog", "test/catalog-v2"),
+    );
+    v1.wait_ready().await;
+    v2.wait_ready().await;
+    apply_ok(
+        &cp,
+        mesh(
+            v1_app.port(),
+            v2_app.port(),
+            (v1.inbound.port(), v2.inbound.port()),
+        ),
+    )
+    .await;
+    let caller = join("client", "test/client");
+    caller.wait_ready().await;
+    until_answered(caller.outbound, "catalog.test").await;
+    Delivery {
+        cp,
+        _v1: v1,
+        _v2: v2,
+        caller,
+        v1_hits,
+        v2_hits,
+    }
+}
+
+/// Requests from the caller, two at a time, until dropped.
+struct Traffic(Arc<AtomicBool>, Vec<tokio::task::JoinHandle<()>>);
+
+impl Traffic {
+    fn start(to: std::net::SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let _ = client::get_full(to, "catalog.test", "/", &[]).await;
+                    }
+                })
+            })
+            .collect();
+        Self(stop, tasks)
+    }
+
+    async fn stop(self) {
+        self.0.store(true, Ordering::SeqCst);
+        for t in self.1 {
+            t.await.unwrap();
+        }
+    }
+}
+
+/// `trellis shift ARGS… -n test`: its stdout (the command must succeed).
+fn shift(cp: &ControlProcess, args: &[&str]) -> String {
+    let mut all = vec!["shift"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-n", "test"]);
+    ok(cli(cp, &all))
+}
+
+/// The rollout of `test/catalog` as the API gives it.
+async fn rollout(cp: &ControlProcess) -> serde_json::Value {
+    let (st, v) = cp
+        .call(
+            http::Method::GET,
+            "/api/v1/rollouts?namespace=test&name=catalog",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    v[0].clone()
+}
+
+/// Wait until the rollout is in `phase` (failing with the rollout as it last was).
+async fn phase(cp: &ControlProcess, phase: &str, within: Duration) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let r = rollout(cp).await;
+        if r["phase"] == phase {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rollout not {phase} after {within:?}: {r:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The weights of the route `test/catalog`'s backends, by name.
+async fn weights(cp: &ControlProcess) -> Vec<(String, u64)> {
+    let (_, r) = cp
+        .call(
+            http::Method::GET,
+            "/api/v1/resources/HTTPRoute/test/catalog",
+            "",
+            None,
+        )
+        .await;
+    r["spec"]["rules"][0]["backendRefs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap_or(1),
+            )
+        })
+        .collect()
+}
+
+fn history(r: &serde_json::Value) -> Vec<String> {
+    r["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["what"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Only `name`'s application answers new requests, eventually.
+async fn all_to(d: &Delivery, name: &str) {
+    eventually(
+        &format!("the caller sends everything to {name}"),
+        Duration::from_secs(10),
+        async || {
+            for _ in 0..20 {
+                let r = client::get_full(d.caller.outbound, "catalog.test", "/", &[])
+                    .await
+                    .ok()?;
+                if r.body != name.as_bytes() {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_canary_is_promoted_through_every_step() {
+    let d = delivery(Canary::Good).await;
+    let traffic = Traffic::start(d.caller.outbound);
+    let out = shift(
+        &d.cp,
+        &[
+            "svc/catalog",
+            "--to",
+            "catalog-v2",
+            "--steps",
+            "10,50,100",
+            "--interval",
+            "2s",
+            "--min-requests",
+            "20",
+        ],
+    );
+    assert!(
+        out.contains("catalog-v1 → catalog-v2"),
+        "the stable backend found in the route: {out}"
+    );
+    // The first step: 10 % to the canary (the canary added to the route beside v1).
+    eventually(
+        "the first step's weights",
+        Duration::from_secs(10),
+        async || {
+            (weights(&d.cp).await == [("catalog-v1".into(), 90), ("catalog-v2".into(), 10)])
+                .then_some(())
+        },
+    )
+    .await;
+    let done = phase(&d.cp, "succeeded", Duration::from_secs(60)).await;
+    traffic.stop().await;
+    assert_eq!(history(&done), ["started", "step", "succeeded"], "{done:#}");
+    assert!(
+        done["history"][1]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("passed: "),
+        "{done:#}"
+    );
+    assert_eq!(done["weight"], 100);
+    assert_eq!(
+        weights(&d.cp).await,
+        [("catalog-v1".into(), 0), ("catalog-v2".into(), 100)]
+    );
+    assert!(
+        d.v2_hits.load(Ordering::SeqCst) > 40,
+        "the canary served its steps"
+    );
+    all_to(&d, "v2").await;
+    let out = shift(&d.cp, &["status", "svc/catalog"]);
+    assert!(
+        out.contains("test/catalog: catalog-v1 → catalog-v2: succeeded, canary at 100 %"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_one_request_in_five_is_rolled_back_before_its_step_ends() {
+    let d = delivery(Canary::FailsOneInFive).await;
+    let traffic = Traffic::start(d.caller.outbound);
+    // A long step and a large sample: the regression is clear long before either.
+    shift(
+        &d.cp,
+        &[
+            "svc/catalog",
+            "--to",
+            "catalog-v2",
+            "--steps",
+            "20,50",
+            "--interval",
+            "60s",
+            "--min-requests",
+            "1000",
+        ],
+    );
+    let back = phase(&d.cp, "rolledBack", Duration::from_secs(50)).await;
+    traffic.stop().await;
+    assert_eq!(history(&back), ["started", "rolled back"], "{back:#}");
+    let took = back["history"][1]["at_ms"].as_u64().unwrap()
+        - back["history"][0]["at_ms"].as_u64().unwrap();
+    assert!(
+        took < 60_000,
+        "rolled back within the step, after {took} ms: {back:#}"
+    );
+    let reason = back["reason"].as_str().unwrap();
+    assert!(reason.contains("error rate clearly higher"), "{reason}");
+    assert_eq!(back["weight"], 0);
+    assert_eq!(
+        weights(&d.cp).await,
+        [("catalog-v1".into(), 100), ("catalog-v2".into(), 0)]
+    );
+    all_to(&d, "v1").await;
+    // Nothing moves a rollout that ended.
+    let out = cli(&d.cp, &["shift", "resume", "svc/catalog", "-n", "test"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RolledBack: cannot Resume"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_canary_is_rolled_back_on_latency() {
+    let d = delivery(Canary::Slow).await;
+    let traffic = Traffic::start(d.caller.outbound);
+    shift(
+        &d.cp,
+        &[
+            "svc/catalog",
+            "--to",
+            "catalog-v2",
+            "--steps",
+            "30",
+            "--interval",
+            "60s",
+        ],
+    );
+    let back = phase(&d.cp, "rolledBack", Duration::from_secs(50)).await;
+    traffic.stop().await;
+    let reason = back["reason"].as_str().unwrap();
+    assert!(reason.contains("clearly slower"), "{reason}");
+    assert!(d.v1_hits.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        weights(&d.cp).await,
+        [("catalog-v1".into(), 100), ("catalog-v2".into(), 0)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it() {
+    let mut d = delivery(Canary::Good).await;
+    shift(
+        &d.cp,
+        &[
+            "svc/catalog",
+            "--to",
+            "catalog-v2",
+            "--steps",
+            "10,50",
+            "--interval",
+            "1s",
+            "--min-requests",
+            "20",
+        ],
+    );
+    // No traffic: past its interval, the step holds and says why.
+    let held = eventually(
+        "the step holds for lack of traffic",
+        Duration::from_secs(20),
+        async || {
+            let r = rollout(&d.cp).await;
+            let a = &r["analysis"];
+            let late = a["at_ms"].as_u64()? > r["step_started_ms"].as_u64()? + 3_000;
+            (late && a["message"].as_str()?.contains("not enough traffic")).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(held["phase"], "progressing", "{held:#}");
+    assert_eq!(held["weight"], 10, "{held:#}");
+    assert_eq!(history(&held), ["started"]);
+
+    // The control plane killed and started again on its data: the rollout is where it was.
+    let (api, xds) = (d.cp.api.to_string(), d.cp.xds.to_string());
+    let token = d.cp.token.clone();
+    let dir = d.cp.kill();
+    d.cp = ControlProcess::start_in(BIN, dir, &[], &api, &xds);
+    d.cp.token = token;
+    let again = rollout(&d.cp).await;
+    assert_eq!(again["phase"], "progressing", "{again:#}");
+    assert_eq!(again["weight"], 10);
+    assert_eq!(again["step_started_ms"], held["step_started_ms"]);
+    assert_eq!(history(&again), ["started"], "resumed, not started again");
+
+    // Paused by hand, nothing moves however much traffic comes; resumed, it goes on.
+    let out = shift(&d.cp, &["pause", "svc/catalog"]);
+    assert!(out.contains(": paused, canary at 10 %"), "{out}");
+    let traffic = Traffic::start(d.caller.outbound);
+    eventually(
+        "the canary takes traffic",
+        Duration::from_secs(10),
+        async || (d.v2_hits.load(Ordering::SeqCst) > 30).then_some(()),
+    )
+    .await;
+    let paused = rollout(&d.cp).await;
+    assert_eq!(paused["phase"], "paused");
+    assert_eq!(paused["weight"], 10);
+    shift(&d.cp, &["resume", "svc/catalog"]);
+    let stepped = eventually("the next step", Duration::from_secs(30), async || {
+        let r = rollout(&d.cp).await;
+        (r["weight"] == 50).then_some(r)
+    })
+    .await;
+    assert_eq!(history(&stepped), ["started", "paused", "resumed", "step"]);
+    // Promoted by hand: everything to the canary at once.
+    let out = shift(&d.cp, &["promote", "svc/catalog"]);
+    assert!(out.contains(": succeeded, canary at 100 %"), "{out}");
+    traffic.stop().await;
+    all_to(&d, "v2").await;
+}

@@ -1,0 +1,663 @@
+//! Progressive delivery (`kind: Rollout`, `trellis shift`): the control plane moves a
+//! Service's traffic from its stable backend to a canary step by step, and rolls it back on
+//! its own.
+//!
+//! A Rollout's progress (its phase, step, the canary's weight now, when the step began, what
+//! happened) is a record of the control plane's own in the store (`_Rollout/NS/NAME`), so it
+//! survives the CLI exiting and the control plane restarting: a restarted replica resumes the
+//! step where it was. Once a second each replica, for each progressing rollout:
+//!
+//! - reads the whole fleet's window since the step began (its own reports and the other
+//!   replicas' parts) and judges the step ([`judge`]): the canary's workloads against the
+//!   stable's, as their own proxies saw them answer;
+//! - on a clear regression (error rate or median latency), at once: every route back to the
+//!   stable backend in one write (or the weights held, with `onFailure: Pause`);
+//! - past the step's interval with the minimum sample and within the bounds: the next step's
+//!   weight, or, after the last step, everything to the canary (succeeded);
+//! - otherwise the step holds, saying why ("not enough traffic: …"): a step never passes
+//!   without its sample, however long traffic stays away.
+//!
+//! Each transition writes the routes' weights and the record together, the record at the
+//! version it was read at: of two replicas deciding at once, one writes and the other's
+//! write is refused and forgotten. A rollout whose spec changes starts again from its first
+//! step; one deleted leaves the weights as they are.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use trellis_model::{
+    resource::{NamespacedName, OnFailure, RolloutSpec, Spec},
+    Resource,
+};
+use trellis_store::{Expect, Key, StoreError, Write};
+
+use crate::{
+    apply::{ApplyError, Writer},
+    fleet::{now_ms, Fleet},
+    replicas::Replicas,
+    state::State,
+};
+
+mod judge;
+pub(crate) use judge::{Side, Verdict};
+
+/// How often rollouts are looked at.
+const EVERY: Duration = Duration::from_secs(1);
+/// Changes kept per rollout.
+const HISTORY: usize = 50;
+
+/// Where a rollout is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum Phase {
+    /// Its steps are under way.
+    Progressing,
+    /// Held by an operator, or by a failed analysis with `onFailure: Pause`.
+    Paused,
+    /// The canary takes all the traffic.
+    Succeeded,
+    /// A failed analysis sent all the traffic back to the stable backend.
+    RolledBack,
+    /// An operator sent all the traffic back to the stable backend.
+    Aborted,
+}
+
+/// A rollout's progress, as stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Progress {
+    /// The spec it runs (a changed spec starts again).
+    spec: Value,
+    phase: Phase,
+    step: usize,
+    /// The canary's percent now.
+    weight: u32,
+    step_started_ms: u64,
+    /// Why it is paused or ended.
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    history: Vec<Change>,
+}
+
+impl Progress {
+    fn note(&mut self, what: &str, detail: String) {
+        self.history.push(Change {
+            at_ms: now_ms(),
+            what: what.into(),
+            weight: self.weight,
+            detail,
+        });
+        if self.history.len() > HISTORY {
+            self.history.remove(0);
+        }
+    }
+}
+
+/// One thing that happened to a rollout.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Change {
+    at_ms: u64,
+    /// `started`, `step`, `succeeded`, `rolled back`, `paused`, `resumed`, `aborted`,
+    /// `promoted`.
+    what: String,
+    /// The canary's percent after it.
+    weight: u32,
+    detail: String,
+}
+
+/// The last analysis of a rollout's step on this replica.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Analysis {
+    at_ms: u64,
+    verdict: Verdict,
+    message: String,
+    canary: Side,
+    stable: Side,
+}
+
+/// A rollout as `trellis shift status`, `describe` and the pane show it.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Status {
+    namespace: String,
+    name: String,
+    service: String,
+    stable: String,
+    canary: String,
+    steps: Vec<u32>,
+    interval_ms: u64,
+    min_requests: u32,
+    /// None until the controller has started it.
+    phase: Option<Phase>,
+    step: usize,
+    weight: u32,
+    step_started_ms: u64,
+    reason: String,
+    analysis: Option<Analysis>,
+    history: Vec<Change>,
+}
+
+/// What an operator asks of a rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Hold the weights where they are.
+    Pause,
+    /// Go on with the step it was at (which begins again).
+    Resume,
+    /// Everything back to the stable backend.
+    Abort,
+    /// Everything to the canary now.
+    Promote,
+}
+
+impl std::str::FromStr for Action {
+    type Err = RolloutError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            "abort" => Self::Abort,
+            "promote" => Self::Promote,
+            _ => {
+                return Err(RolloutError::NotNow(format!(
+                    "{s:?}: pause, resume, abort or promote"
+                )))
+            }
+        })
+    }
+}
+
+/// Why a rollout could not be moved.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RolloutError {
+    /// No such Rollout.
+    #[error("{0}")]
+    NotFound(String),
+    /// Not in a phase that allows it.
+    #[error("{0}")]
+    NotNow(String),
+    /// The routes' new weights were refused.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The store failed, or another replica moved it first.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The rollouts' controller on this replica.
+pub(crate) struct Rollouts {
+    writer: Arc<Writer>,
+    fleet: Arc<Fleet>,
+    replicas: Option<Arc<Replicas>>,
+    /// The last analysis of each rollout (`namespace/name`).
+    analyses: Mutex<BTreeMap<String, Analysis>>,
+    /// The rollouts seen at the last look: one gone since has its record removed.
+    known: Mutex<HashSet<NamespacedName>>,
+}
+
+fn record_key(id: &NamespacedName) -> Key {
+    Key::new("_Rollout", &id.namespace, &id.name)
+}
+
+/// The rollouts of `state`, with their specs as JSON (what a progress runs).
+fn rollouts(state: &State) -> Vec<(NamespacedName, RolloutSpec, Value)> {
+    state
+        .catalog
+        .entries
+        .values()
+        .filter_map(|e| match &e.resource.spec {
+            Spec::Rollout(r) => Some((
+                e.resource.id(),
+                r.clone(),
+                e.object.doc.get("spec").cloned().unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Rollouts {
+    pub(crate) fn new(
+        writer: Arc<Writer>,
+        fleet: Arc<Fleet>,
+        replicas: Option<Arc<Replicas>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            writer,
+            fleet,
+            replicas,
+            analyses: Mutex::default(),
+            known: Mutex::default(),
+        })
+    }
+
+    /// Look at every rollout once a second, until the process ends.
+    pub(crate) async fn run(self: Arc<Self>) {
+        let mut every = tokio::time::interval(EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.tick().await;
+        }
+    }
+
+    async fn tick(&self) {
+        let state = self.writer.state();
+        let all = rollouts(&state);
+        let now: HashSet<NamespacedName> = all.iter().map(|(id, _, _)| id.clone()).collect();
+        let gone: Vec<NamespacedName> = {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = known.difference(&now).cloned().collect();
+            *known = now;
+            gone
+        };
+        for id in gone {
+            let w = Write {
+                key: record_key(&id),
+                doc: None,
+                expect: Expect::Any,
+            };
+            if let Err(e) = self.writer.store().write(vec![w]).await {
+                tracing::warn!(rollout = %id, error = %e, "cannot remove a deleted rollout's progress");
+            }
+            self.lock_analyses().remove(&id.to_string());
+        }
+        for (id, spec, json) in all {
+            if let Err(e) = self.step(&state, &id, &spec, &json).await {
+                match e {
+                    // Another replica moved it first: its decision stands.
+                    RolloutError::Store(StoreError::Conflict { .. })
+                    | RolloutError::Apply(ApplyError::Store(StoreError::Conflict { .. })) => {}
+                    e => tracing::warn!(rollout = %id, error = %e, "rollout step failed"),
+                }
+            }
+        }
+    }
+
+    fn lock_analyses(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Analysis>> {
+        self.analyses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stored progress of `id`, with its version (None: not started, or started for
+    /// another spec).
+    async fn progress(
+        &self,
+        id: &NamespacedName,
+        json: &Value,
+    ) -> Result<(Option<Progress>, Expect), StoreError> {
+        let stored = self.writer.store().get(&record_key(id)).await?;
+        let expect = stored
+            .as_ref()
+            .map_or(Expect::Absent, |o| Expect::Version(o.version));
+        let p = stored
+            .and_then(|o| serde_json::from_value::<Progress>(o.doc).ok())
+            .filter(|p| &p.spec == json);
+        Ok((p, expect))
+    }
+
+    /// One look at one rollout.
+    async fn step(
+        &self,
+        state: &State,
+        id: &NamespacedName,
+        spec: &RolloutSpec,
+        json: &Value,
+    ) -> Result<(), RolloutError> {
+        let (p, expect) = self.progress(id, json).await?;
+        let Some(mut p) = p else {
+            let mut p = Progress {
+                spec: json.clone(),
+                phase: Phase::Progressing,
+                step: 0,
+                weight: spec.steps[0],
+                step_started_ms: now_ms(),
+                reason: String::new(),
+                history: Vec::new(),
+            };
+            p.note(
+                "started",
+                format!(
+                    "{} → {}: {} % to the canary",
+                    spec.stable, spec.canary, p.weight
+                ),
+            );
+            tracing::info!(rollout = %id, weight = p.weight, "rollout started");
+            return self.commit(state, id, spec, &p, expect).await;
+        };
+        if p.phase != Phase::Progressing {
+            return Ok(());
+        }
+        let analysis = self.analyse(state, id, spec, &p).await;
+        let verdict = analysis.verdict;
+        let message = analysis.message.clone();
+        self.lock_analyses().insert(id.to_string(), analysis);
+        match verdict {
+            Verdict::Hold => {
+                // The rollout owns the weights while it progresses: a route applied over
+                // them gets them back.
+                if weights_differ(state, id, spec, p.weight) {
+                    return self.commit(state, id, spec, &p, expect).await;
+                }
+                Ok(())
+            }
+            Verdict::Fail => {
+                match spec.on_failure {
+                    OnFailure::Rollback => {
+                        p.phase = Phase::RolledBack;
+                        p.weight = 0;
+                        p.note("rolled back", message.clone());
+                    }
+                    OnFailure::Pause => {
+                        p.phase = Phase::Paused;
+                        p.note("paused", message.clone());
+                    }
+                }
+                p.reason = message;
+                tracing::warn!(rollout = %id, phase = ?p.phase, reason = %p.reason, "rollout analysis failed");
+                self.commit(state, id, spec, &p, expect).await
+            }
+            Verdict::Pass => {
+                let next = p.step + 1;
+                if next < spec.steps.len() && spec.steps[next] < 100 {
+                    p.step = next;
+                    p.weight = spec.steps[next];
+                    p.step_started_ms = now_ms();
+                    p.note("step", message);
+                } else {
+                    p.step = spec.steps.len() - 1;
+                    p.weight = 100;
+                    p.phase = Phase::Succeeded;
+                    p.note("succeeded", message);
+                }
+                tracing::info!(rollout = %id, weight = p.weight, phase = ?p.phase, "rollout moved on");
+                self.commit(state, id, spec, &p, expect).await
+            }
+        }
+    }
+
+    /// The fleet's figures since the step began, judged.
+    async fn analyse(
+        &self,
+        state: &State,
+        id: &NamespacedName,
+        spec: &RolloutSpec,
+        p: &Progress,
+    ) -> Analysis {
+        let at_ms = now_ms();
+        if routes(state, id, spec).is_empty() {
+            return Analysis {
+                at_ms,
+                verdict: Verdict::Hold,
+                message: format!(
+                    "no HTTPRoute or GRPCRoute of {} has Service {} as a parent and {} among its backends: write one, or name it in spec.routes",
+                    id.namespace, spec.service, spec.stable
+                ),
+                canary: Side::default(),
+                stable: Side::default(),
+            };
+        }
+        let window_ms = at_ms.saturating_sub(p.step_started_ms).max(1_000);
+        let others = match &self.replicas {
+            Some(r) => {
+                r.gather(&format!("window={window_ms}ms&at={at_ms}"))
+                    .await
+                    .0
+            }
+            None => Vec::new(),
+        };
+        let pct = spec.analysis.latency_percentile;
+        let (canary, stable) = match self.fleet.window(window_ms, at_ms, others) {
+            Ok(w) => (
+                judge::side(&w, &workloads_of(state, id, &spec.canary), pct),
+                judge::side(&w, &workloads_of(state, id, &spec.stable), pct),
+            ),
+            Err(e) => {
+                return Analysis {
+                    at_ms,
+                    verdict: Verdict::Hold,
+                    message: format!("no figures: {e}"),
+                    canary: Side::default(),
+                    stable: Side::default(),
+                }
+            }
+        };
+        let held = window_ms >= spec.interval.0.as_millis() as u64;
+        let (verdict, message) = judge::judge(&spec.analysis, &canary, &stable, held);
+        Analysis {
+            at_ms,
+            verdict,
+            message,
+            canary,
+            stable,
+        }
+    }
+
+    /// Write the routes' weights for `p` and `p` itself, together (`p` at `expect`).
+    async fn commit(
+        &self,
+        state: &State,
+        id: &NamespacedName,
+        spec: &RolloutSpec,
+        p: &Progress,
+        expect: Expect,
+    ) -> Result<(), RolloutError> {
+        let docs = weighted_routes(state, id, spec, p.weight)?;
+        let record = Write {
+            key: record_key(id),
+            doc: Some(serde_json::to_value(p).expect("progress serializes")),
+            expect,
+        };
+        self.writer
+            .apply_with(&format!("rollout:{id}"), docs, vec![record])
+            .await?;
+        Ok(())
+    }
+
+    /// Every rollout of `namespace` (all with None), or the one `name` names.
+    pub(crate) async fn statuses(
+        &self,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<Status>, StoreError> {
+        let state = self.writer.state();
+        let mut out = Vec::new();
+        for (id, spec, json) in rollouts(&state) {
+            if namespace.is_some_and(|n| n != id.namespace) || name.is_some_and(|n| n != id.name) {
+                continue;
+            }
+            let (p, _) = self.progress(&id, &json).await?;
+            let analysis = self.lock_analyses().get(&id.to_string()).cloned();
+            out.push(Status {
+                namespace: id.namespace.clone(),
+                name: id.name.clone(),
+                service: spec.service.clone(),
+                stable: spec.stable.clone(),
+                canary: spec.canary.clone(),
+                steps: spec.steps.clone(),
+                interval_ms: spec.interval.0.as_millis() as u64,
+                min_requests: spec.analysis.min_requests,
+                phase: p.as_ref().map(|p| p.phase),
+                step: p.as_ref().map_or(0, |p| p.step),
+                weight: p.as_ref().map_or(0, |p| p.weight),
+                step_started_ms: p.as_ref().map_or(0, |p| p.step_started_ms),
+                reason: p.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
+                analysis: analysis
+                    .filter(|_| p.as_ref().is_some_and(|p| p.phase == Phase::Progressing)),
+                history: p.map(|p| p.history).unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Do what an operator asks of rollout `id`.
+    pub(crate) async fn act(
+        &self,
+        id: &NamespacedName,
+        action: Action,
+    ) -> Result<(), RolloutError> {
+        let state = self.writer.state();
+        let Some((_, spec, json)) = rollouts(&state).into_iter().find(|(i, _, _)| i == id) else {
+            return Err(RolloutError::NotFound(format!("Rollout {id} not found")));
+        };
+        let (p, expect) = self.progress(id, &json).await?;
+        let Some(mut p) = p else {
+            return Err(RolloutError::NotNow(format!(
+                "Rollout {id} has not started yet; try again in a second"
+            )));
+        };
+        let who = "by an operator".to_string();
+        match (action, p.phase) {
+            (Action::Pause, Phase::Progressing) => {
+                p.phase = Phase::Paused;
+                p.reason = "paused by an operator".into();
+                p.note("paused", who);
+            }
+            (Action::Resume, Phase::Paused) => {
+                p.phase = Phase::Progressing;
+                p.reason.clear();
+                p.step_started_ms = now_ms();
+                p.weight = spec.steps[p.step];
+                p.note("resumed", who);
+            }
+            (Action::Abort, Phase::Progressing | Phase::Paused) => {
+                p.phase = Phase::Aborted;
+                p.weight = 0;
+                p.reason = "aborted by an operator".into();
+                p.note("aborted", who);
+            }
+            (Action::Promote, Phase::Progressing | Phase::Paused) => {
+                p.phase = Phase::Succeeded;
+                p.weight = 100;
+                p.step = spec.steps.len() - 1;
+                p.reason = "promoted by an operator".into();
+                p.note("promoted", who);
+            }
+            (a, phase) => {
+                return Err(RolloutError::NotNow(format!(
+                    "Rollout {id} is {phase:?}: cannot {a:?} it"
+                )))
+            }
+        }
+        self.commit(&state, id, &spec, &p, expect).await
+    }
+}
+
+/// The workloads `service` (of `id`'s namespace) selects, as compiled.
+fn workloads_of(state: &State, id: &NamespacedName, service: &str) -> HashSet<String> {
+    let Ok(mesh) = state.compiled.mesh() else {
+        return HashSet::new();
+    };
+    mesh.clusters
+        .values()
+        .filter(|c| c.service.namespace == id.namespace && c.service.name == service)
+        .flat_map(|c| c.endpoints.iter().map(|e| e.workload.to_string()))
+        .collect()
+}
+
+/// The routes `spec` shifts: those it names, else every HTTPRoute and GRPCRoute of its
+/// namespace with the Service as a parent and the stable backend among its backends.
+fn routes<'a>(state: &'a State, id: &NamespacedName, spec: &RolloutSpec) -> Vec<(Key, &'a Value)> {
+    state
+        .catalog
+        .entries
+        .iter()
+        .filter(|(k, _)| {
+            (k.kind == "HTTPRoute" || k.kind == "GRPCRoute") && k.namespace == id.namespace
+        })
+        .filter(|(k, e)| {
+            if !spec.routes.is_empty() {
+                return spec.routes.contains(&k.name);
+            }
+            let doc = &e.object.doc;
+            let parents = doc["spec"]["parentRefs"].as_array();
+            parents.is_some_and(|ps| {
+                ps.iter().any(|p| {
+                    p["name"] == spec.service.as_str()
+                        && p["namespace"].as_str().is_none_or(|n| n == id.namespace)
+                })
+            }) && has_backend(doc, &id.namespace, &spec.stable)
+        })
+        .map(|(k, e)| (k.clone(), &e.object.doc))
+        .collect()
+}
+
+fn is_backend(b: &Value, ns: &str, name: &str) -> bool {
+    b["name"] == name && b["namespace"].as_str().is_none_or(|n| n == ns)
+}
+
+fn has_backend(doc: &Value, ns: &str, name: &str) -> bool {
+    doc["spec"]["rules"].as_array().is_some_and(|rules| {
+        rules.iter().any(|r| {
+            r["backendRefs"]
+                .as_array()
+                .is_some_and(|bs| bs.iter().any(|b| is_backend(b, ns, name)))
+        })
+    })
+}
+
+/// `doc` (a route) with the canary at `weight` % and the stable backend at the rest in each
+/// rule that sends to the stable backend (the canary added beside it where it is missing).
+fn with_weights(doc: &Value, ns: &str, spec: &RolloutSpec, weight: u32) -> Value {
+    let mut doc = doc.clone();
+    let Some(rules) = doc["spec"]["rules"].as_array_mut() else {
+        return doc;
+    };
+    for r in rules {
+        let Some(bs) = r.get_mut("backendRefs").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        let Some(stable) = bs.iter().position(|b| is_backend(b, ns, &spec.stable)) else {
+            continue;
+        };
+        if !bs.iter().any(|b| is_backend(b, ns, &spec.canary)) {
+            let mut c = bs[stable].clone();
+            c["name"] = Value::from(spec.canary.as_str());
+            bs.push(c);
+        }
+        for b in bs.iter_mut() {
+            if is_backend(b, ns, &spec.stable) {
+                b["weight"] = Value::from(100 - weight);
+            } else if is_backend(b, ns, &spec.canary) {
+                b["weight"] = Value::from(weight);
+            }
+        }
+    }
+    doc
+}
+
+/// The routes of `spec` at `weight`, typed for an apply (only those that change).
+fn weighted_routes(
+    state: &State,
+    id: &NamespacedName,
+    spec: &RolloutSpec,
+    weight: u32,
+) -> Result<Vec<(Resource, Value)>, RolloutError> {
+    let mut out = Vec::new();
+    for (key, doc) in routes(state, id, spec) {
+        let new = with_weights(doc, &id.namespace, spec, weight);
+        if &new == doc {
+            continue;
+        }
+        let file = format!("rollout:{id}");
+        let r = trellis_model::resource_from_json(&file, &new)
+            .map_err(|e| RolloutError::Apply(ApplyError::Invalid(e)))?;
+        tracing::debug!(route = %key, weight, "rollout weights");
+        out.push((r, new));
+    }
+    Ok(out)
+}
+
+/// Some route of `spec` does not have the canary at `weight`.
+fn weights_differ(state: &State, id: &NamespacedName, spec: &RolloutSpec, weight: u32) -> bool {
+    routes(state, id, spec)
+        .into_iter()
+        .any(|(_, doc)| &with_weights(doc, &id.namespace, spec, weight) != doc)
+}
+
+#[cfg(test)]
+mod tests;

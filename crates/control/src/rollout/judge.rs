@@ -1,0 +1,182 @@
+//! A rollout step's analysis: the canary's figures against the stable version's over the
+//! same window, both read where the application answers (the inbound side of their own
+//! proxies), so that what a network between caller and callee does, or a fault a caller's
+//! proxy injects, never counts against the canary's code.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+use trellis_model::resource::RolloutAnalysis;
+use trellis_taxonomy::{Category, FailureClass};
+use trellis_telemetry::{
+    hist::Histogram,
+    key::Direction,
+    store::{Window, COARSE_SCALE},
+};
+
+/// How sure a "clear" regression must be: z for 99 % on each side.
+const Z: f64 = 2.576;
+/// A canary needs at least this many failures before its error rate is a clear regression.
+const CLEAR_FAILURES: u64 = 3;
+/// Requests on each side before a latency regression can be clear.
+const CLEAR_LATENCY_REQUESTS: u64 = 20;
+/// Latency allowed over the stable version's × the ratio, ms (jitter of fast services).
+pub(crate) const LATENCY_SLACK_MS: f64 = 5.0;
+
+/// One side's figures over the window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub(crate) struct Side {
+    /// Requests its workloads answered (or failed).
+    pub(crate) requests: u64,
+    /// Of them, failures of its own: the application's errors, and its local application
+    /// refusing or dropping its proxy's connections.
+    pub(crate) failures: u64,
+    /// Latency at the analysis's percentile, ms.
+    pub(crate) latency_ms: Option<f64>,
+    /// Median latency, ms.
+    pub(crate) median_ms: Option<f64>,
+}
+
+impl Side {
+    /// Failures over requests, as a fraction.
+    pub(crate) fn error_rate(&self) -> f64 {
+        self.failures as f64 / self.requests.max(1) as f64
+    }
+}
+
+/// What a step's analysis says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Verdict {
+    /// Not yet: too early, or not enough traffic.
+    Hold,
+    /// The step passed.
+    Pass,
+    /// The canary regressed.
+    Fail,
+}
+
+/// The figures of the workloads in `of` over `w`, at `percentile`.
+pub(crate) fn side(w: &Window, of: &HashSet<String>, percentile: f64) -> Side {
+    let mut s = Side::default();
+    for (k, c) in &w.series {
+        if k.direction != Direction::Inbound || !of.contains(&*k.workload) {
+            continue;
+        }
+        s.requests += c.requests;
+        if own_failure(k.class) {
+            s.failures += c.requests;
+        }
+    }
+    let mut h = Histogram::new(COARSE_SCALE);
+    for (k, l) in &w.latency {
+        if k.direction == Direction::Inbound && of.contains(&*k.workload) {
+            h.merge(l);
+        }
+    }
+    if h.count() > 0 {
+        // The histograms hold seconds.
+        s.latency_ms = h.quantile(percentile / 100.0).map(|v| v * 1000.0);
+        s.median_ms = h.quantile(0.5).map(|v| v * 1000.0);
+    }
+    s
+}
+
+/// A failure recorded on the callee's inbound side that is the callee's own: its
+/// application's error, or its application (on the same host as the proxy) refusing,
+/// dropping or not answering the connection. The mesh's own refusals (overload, rate
+/// limits, authorization) and the client's are not.
+fn own_failure(c: FailureClass) -> bool {
+    matches!(c.category(), Category::Application | Category::Network)
+}
+
+/// Judge a step. `held`: its interval has passed.
+pub(crate) fn judge(
+    a: &RolloutAnalysis,
+    canary: &Side,
+    stable: &Side,
+    held: bool,
+) -> (Verdict, String) {
+    let margin = a.max_error_rate_increase / 100.0;
+    let pct = |x: f64| format!("{:.1} %", 100.0 * x);
+    let rates = format!(
+        "canary {} of {} failed ({}), stable {} of {} ({})",
+        canary.failures,
+        canary.requests,
+        pct(canary.error_rate()),
+        stable.failures,
+        stable.requests,
+        pct(stable.error_rate())
+    );
+    // A clear regression fails at once, before the interval is over or the sample full.
+    if canary.failures >= CLEAR_FAILURES
+        && wilson(canary.failures, canary.requests).0
+            > wilson(stable.failures, stable.requests).1 + margin
+    {
+        return (Verdict::Fail, format!("error rate clearly higher: {rates}"));
+    }
+    let allowed = |stable_ms: f64| stable_ms * a.max_latency_ratio + LATENCY_SLACK_MS;
+    let p = a.latency_percentile;
+    if let (Some(c50), Some(sp)) = (canary.median_ms, stable.latency_ms) {
+        if canary.requests >= CLEAR_LATENCY_REQUESTS
+            && stable.requests >= CLEAR_LATENCY_REQUESTS
+            && c50 > allowed(sp)
+        {
+            return (
+                Verdict::Fail,
+                format!("clearly slower: the canary's median {c50:.1} ms is over the stable p{p}'s {sp:.1} ms × {} + {LATENCY_SLACK_MS} ms", a.max_latency_ratio),
+            );
+        }
+    }
+    if !held {
+        return (
+            Verdict::Hold,
+            format!("the step holds for its interval; {rates}"),
+        );
+    }
+    if canary.requests < u64::from(a.min_requests) {
+        return (
+            Verdict::Hold,
+            format!(
+                "not enough traffic: the canary answered {} of the {} requests a step needs",
+                canary.requests, a.min_requests
+            ),
+        );
+    }
+    if canary.error_rate() > stable.error_rate() + margin {
+        return (
+            Verdict::Fail,
+            format!(
+                "error rate over the stable's by more than {} points: {rates}",
+                a.max_error_rate_increase
+            ),
+        );
+    }
+    let latency = match (canary.latency_ms, stable.latency_ms) {
+        (Some(c), Some(s)) if c > allowed(s) => {
+            return (
+                Verdict::Fail,
+                format!("slower: the canary's p{p} {c:.1} ms is over the stable's {s:.1} ms × {} + {LATENCY_SLACK_MS} ms", a.max_latency_ratio),
+            )
+        }
+        (Some(c), Some(s)) => format!("p{p} {c:.1} ms against {s:.1} ms"),
+        (Some(c), None) => format!("p{p} {c:.1} ms (no stable traffic to compare)"),
+        _ => "no latency recorded".to_string(),
+    };
+    (Verdict::Pass, format!("passed: {rates}; {latency}"))
+}
+
+/// Wilson's score interval of `k` successes in `n`, at [`Z`]: (low, high).
+fn wilson(k: u64, n: u64) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (n, p) = (n as f64, k as f64 / n as f64);
+    let z2 = Z * Z;
+    let centre = (p + z2 / (2.0 * n)) / (1.0 + z2 / n);
+    let half = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / (1.0 + z2 / n);
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+use super::*;
+
+fn side(requests: u64, failures: u64, median: f64, tail: f64) -> Side {
+    Side {
+        requests,
+        failures,
+        latency_ms: Some(tail),
+        median_ms: Some(median),
+    }
+}
+
+fn spec(min: u32) -> RolloutAnalysis {
+    RolloutAnalysis {
+        min_requests: min,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_clear_error_regression_fails_at_once_even_early_and_below_the_sample() {
+    // 20 % of the canary's answers fail; the stable's do not.
+    let stable = side(400, 0, 2.0, 5.0);
+    let (v, why) = judge(&spec(200), &side(30, 6, 2.0, 5.0), &stable, false);
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(why.contains("6 of 30"), "{why}");
+    // Two failures in ten is not yet clear: it holds.
+    let (v, _) = judge(&spec(200), &side(10, 2, 2.0, 5.0), &stable, false);
+    assert_eq!(v, Verdict::Hold);
+    // Nor is a canary failing as often as the stable version (and short of the sample).
+    let (v, _) = judge(
+        &spec(200),
+        &side(100, 2, 2.0, 5.0),
+        &side(400, 8, 2.0, 5.0),
+        true,
+    );
+    assert_eq!(v, Verdict::Hold);
+}
+
+#[test]
+fn a_step_holds_without_enough_traffic_and_passes_with_it() {
+    let stable = side(1000, 1, 2.0, 6.0);
+    let (v, why) = judge(&spec(200), &side(50, 0, 2.0, 6.0), &stable, true);
+    assert_eq!(v, Verdict::Hold);
+    assert!(
+        why.contains("not enough traffic") && why.contains("50 of the 200"),
+        "{why}"
+    );
+    // No traffic at all: holds, never passes (Flagger's "keeps advancing" is what this
+    // avoids).
+    let (v, _) = judge(&spec(200), &Side::default(), &Side::default(), true);
+    assert_eq!(v, Verdict::Hold);
+    let (v, why) = judge(&spec(200), &side(250, 1, 2.0, 7.0), &stable, true);
+    assert_eq!(v, Verdict::Pass, "{why}");
+    // Before its interval, even a full sample holds.
+    let (v, _) = judge(&spec(200), &side(250, 1, 2.0, 7.0), &stable, false);
+    assert_eq!(v, Verdict::Hold);
+}
+
+#[test]
+fn an_error_rate_over_the_margin_fails_at_the_end_of_the_step() {
+    // 3 % against 1 %: not clear at 99 % with 250 requests, but over the 1-point margin.
+    let (v, why) = judge(
+        &spec(200),
+        &side(250, 8, 2.0, 5.0),
+        &side(1000, 10, 2.0, 5.0),
+        true,
+    );
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(why.contains("more than 1 points"), "{why}");
+}
+
+#[test]
+fn a_slow_canary_fails_on_latency() {
+    let stable = side(1000, 0, 3.0, 10.0);
+    // Its median over the stable's p99 × 1.5 + 5 ms: clear, at once.
+    let (v, why) = judge(&spec(200), &side(25, 0, 205.0, 260.0), &stable, false);
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(why.contains("clearly slower"), "{why}");
+    // Only its tail slower: judged at the end of the step.
+    let tail = side(300, 0, 3.0, 40.0);
+    assert_eq!(judge(&spec(200), &tail, &stable, false).0, Verdict::Hold);
+    let (v, why) = judge(&spec(200), &tail, &stable, true);
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(why.contains("p99 40.0 ms"), "{why}");
+    // Within the ratio and the slack: passes.
+    let (v, _) = judge(&spec(200), &side(300, 0, 3.0, 19.0), &stable, true);
+    assert_eq!(v, Verdict::Pass);
+}
+
+#[test]
+fn wilson_bounds() {
+    let (lo, hi) = wilson(0, 400);
+    assert_eq!(lo, 0.0);
+    assert!(hi > 0.0 && hi < 0.02, "{hi}");
+    let (lo, hi) = wilson(6, 30);
+    assert!(lo > 0.05 && lo < 0.1 && hi > 0.4 && hi < 0.5, "{lo} {hi}");
+    assert_eq!(wilson(0, 0), (0.0, 1.0));
+}
