@@ -333,6 +333,13 @@ pub(crate) async fn describe(conn: &Conn, kind: &str, name: &str, ns: Option<&st
             table(&["TYPE", "STATUS", "REASON", "MESSAGE"], &rows);
         }
     }
+    if let Some(rs) = v["rollouts"].as_array() {
+        println!("Rollouts:");
+        let now = trellis_telemetry::now_ms();
+        for r in rs {
+            crate::shift::print_status(r, now);
+        }
+    }
     let used: Vec<&str> = v["usedBy"]
         .as_array()
         .into_iter()

@@ -229,8 +229,8 @@ async fn status(o: &OneArgs) -> Result<()> {
     Ok(())
 }
 
-/// One rollout as `shift status` prints it.
-fn print_status(r: &Value, now: u64) {
+/// One rollout as `shift status` (and `describe`) prints it.
+pub(crate) fn print_status(r: &Value, now: u64) {
     let ago = |at: u64| trellis_telemetry::diagnose::ago(now.saturating_sub(at));
     let steps: Vec<String> = r["steps"]
         .as_array()

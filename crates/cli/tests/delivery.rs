@@ -2,7 +2,8 @@
 //! svc/catalog --to catalog-v2` applies a Rollout that the control plane runs: catalog-v1
 //! (a VM-labelled workload) is the stable backend, catalog-v2 (a container-labelled one) the
 //! canary; each step is judged from what the two workloads' own proxies reported, and a
-//! regression rolls back at once.
+//! regression rolls back at once. The pane shows rollouts and an operator can pause one
+//! there (in a real browser, when there is one).
 
 mod common;
 
@@ -178,6 +179,20 @@ async fn phase(cp: &ControlProcess, phase: &str, within: Duration) -> serde_json
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Wait until the pane's `css` shows `want`.
+async fn pane_text(b: &trellis_test_support::browser::Browser, css: &str, want: &str) -> String {
+    eventually(
+        &format!("{css} shows {want:?}"),
+        Duration::from_secs(20),
+        async || {
+            let id = b.find(css).await.ok()?;
+            let t = b.text(&id).await.ok()?;
+            t.contains(want).then_some(t)
+        },
+    )
+    .await
 }
 
 /// The weights of the route `test/catalog`'s backends, by name.
@@ -406,8 +421,45 @@ async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it()
     assert_eq!(again["step_started_ms"], held["step_started_ms"]);
     assert_eq!(history(&again), ["started"], "resumed, not started again");
 
-    // Paused by hand, nothing moves however much traffic comes; resumed, it goes on.
-    let out = shift(&d.cp, &["pause", "svc/catalog"]);
+    // Paused by hand (on the pane, after a confirmation, when there is a browser), nothing
+    // moves however much traffic comes; resumed, it goes on.
+    if let Some(browser) = trellis_test_support::browser::Browser::start().await {
+        let (st, link) =
+            d.cp.call(http::Method::POST, "/api/v1/ui/links", "", None)
+                .await;
+        assert_eq!(st, 200, "{link}");
+        let url = format!("http://{}{}", d.cp.api, link["path"].as_str().unwrap());
+        browser.goto(&url).await.unwrap();
+        pane_text(
+            &browser,
+            "#rollouts",
+            "catalog-v1 → catalog-v2: progressing, canary at 10 %",
+        )
+        .await;
+        let pause = eventually("the pause button", Duration::from_secs(10), async || {
+            browser
+                .find(r#"button.rollout-act[data-action="pause"]"#)
+                .await
+                .ok()
+        })
+        .await;
+        browser.click(&pause).await.unwrap();
+        let asked = eventually("the confirmation", Duration::from_secs(5), async || {
+            browser.accept_dialog().await.ok()
+        })
+        .await;
+        assert_eq!(asked, "pause rollout test/catalog?");
+        pane_text(
+            &browser,
+            "#rollout-result",
+            "done: pause rollout test/catalog",
+        )
+        .await;
+        pane_text(&browser, "#rollouts", "paused, canary at 10 %").await;
+    } else {
+        shift(&d.cp, &["pause", "svc/catalog"]);
+    }
+    let out = shift(&d.cp, &["status", "svc/catalog"]);
     assert!(out.contains(": paused, canary at 10 %"), "{out}");
     let traffic = Traffic::start(d.caller.outbound);
     eventually(

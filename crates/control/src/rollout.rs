@@ -142,6 +142,18 @@ pub(crate) struct Status {
     history: Vec<Change>,
 }
 
+impl Status {
+    /// Its name (its Service's, for those `trellis shift` makes).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The Service whose traffic it shifts.
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+}
+
 /// What an operator asks of a rollout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Action {

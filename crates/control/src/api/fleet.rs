@@ -267,6 +267,7 @@ async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde
         "diagnose": { "window_ms": window, "verdicts": verdicts },
         "proxies": super::resources::proxies_value(api)["proxies"],
         "spill": api.spill().states(),
+        "rollouts": api.rollouts().statuses(None, None).await.unwrap_or_default(),
         "partial": partial,
     }))
 }

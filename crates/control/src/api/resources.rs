@@ -129,6 +129,23 @@ async fn get_one(
     // Which connected proxies use it: for a Workload, the proxies serving it.
     let used_by = api.proxies().using(&key);
     doc["usedBy"] = json!(used_by);
+    // A Rollout's progress; a Service's rollouts.
+    if k == "Rollout" || k == "Service" {
+        let all = api.rollouts().statuses(Some(&ns), None).await?;
+        let mine: Vec<_> = all
+            .into_iter()
+            .filter(|r| {
+                if k == "Rollout" {
+                    r.name() == name
+                } else {
+                    r.service() == name
+                }
+            })
+            .collect();
+        if !mine.is_empty() {
+            doc["rollouts"] = json!(mine);
+        }
+    }
     if k == "Workload" {
         // What this replica saw happen to it (the newest events, the last hour at most).
         let me = format!("{ns}/{name}");

@@ -250,6 +250,39 @@ function drawSpill(states) {
   $("spill").hidden = states.length === 0;
 }
 
+// Rollouts: where each is, its last analysis and what happened; an operator (not a
+// read-only session) can pause, resume, abort or promote one, after a confirmation.
+function drawRollouts(all) {
+  const now = Date.now();
+  $("rollouts-section").hidden = all.length === 0;
+  const actions = { progressing: ["pause", "abort", "promote"], paused: ["resume", "abort", "promote"] };
+  $("rollouts").innerHTML = all.map((r, i) => {
+    const id = `${r.namespace}/${r.name}`;
+    const phase = r.phase || "pending";
+    const a = r.analysis;
+    const last = r.history.slice(-3).map((h) => `${esc(h.what)} ${ago(now - h.at_ms)} ago (${h.weight} %)`).join(" · ");
+    const buttons = state.readOnly ? "" : (actions[phase] || []).map((act) =>
+      ` <button class="rollout-act" data-rollout="${i}" data-action="${act}" type="button">${act}</button>`).join("");
+    return `<li class="rollout ${esc(phase)}"><b>${esc(id)}</b>: ${esc(r.stable)} → ${esc(r.canary)}: ` +
+      `<span class="phase">${esc(phase)}</span>, canary at ${r.weight} % (step ${r.step + 1} of ${r.steps.length}: ${esc(r.steps.join(", "))} %)` +
+      (r.reason ? ` · why: ${esc(r.reason)}` : "") +
+      (a ? ` · analysis: ${esc(a.verdict)}: ${esc(a.message)}` : "") +
+      (last ? ` · ${last}` : "") + buttons + "</li>";
+  }).join("");
+  document.querySelectorAll("button.rollout-act").forEach((b) => b.addEventListener("click", async () => {
+    const r = all[+b.dataset.rollout];
+    const what = `${b.dataset.action} rollout ${r.namespace}/${r.name}`;
+    if (!window.confirm(`${what}?`)) return;
+    try {
+      await api(`/api/v1/rollouts/${encodeURIComponent(r.namespace)}/${encodeURIComponent(r.name)}/${b.dataset.action}`, { method: "POST" });
+      $("rollout-result").innerHTML = `<span class="ok">done: ${esc(what)}</span>`;
+      drawRollouts(await api("/api/v1/rollouts"));
+    } catch (e) {
+      $("rollout-result").innerHTML = `<span class="bad">refused: ${esc(e.message)}</span>`;
+    }
+  }));
+}
+
 const PALETTE = ["#0969da", "#1a7f37", "#8250df", "#bf8700", "#cf222e", "#57606a", "#1b7c83", "#a40e26"];
 
 // A line chart of `lines` ({name, points: [[at_ms, value]], color}) over [from, to].
@@ -383,6 +416,7 @@ function draw(f) {
   drawVerdicts(f.diagnose.verdicts);
   drawServices(f.stat);
   drawSpill(f.spill || []);
+  drawRollouts(f.rollouts || []);
   drawProxies(f.proxies);
   state.proxies = f.proxies;
   if (state.service) showService(state.service);
@@ -398,14 +432,15 @@ function draw(f) {
 async function refresh() {
   try {
     const q = query();
-    const [stat, edges, diag, proxies, spill] = await Promise.all([
+    const [stat, edges, diag, proxies, spill, rollouts] = await Promise.all([
       api(`/api/v1/stat?${q}`),
       api(`/api/v1/edges?${q}`),
       api(`/api/v1/diagnose?${q}`),
       api("/api/v1/proxies"),
       api("/api/v1/spill"),
+      api("/api/v1/rollouts"),
     ]);
-    draw({ stat, edges, diagnose: diag, proxies: proxies.proxies, spill });
+    draw({ stat, edges, diagnose: diag, proxies: proxies.proxies, spill, rollouts });
     follow();
     return true;
   } catch (e) {
