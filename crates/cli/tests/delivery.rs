@@ -484,3 +484,126 @@ async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it()
     traffic.stop().await;
     all_to(&d, "v2").await;
 }
+
+/// The route with a fault filter and a retry policy.
+fn faulty_route(fault: &str, retry: &str) -> String {
+    route(
+        "catalog",
+        "catalog",
+        &format!("    - backendRefs: [{{ name: catalog-v1, port: 80 }}]\n      filters:\n        - type: trellis.dev/Fault\n          fault:\n{fault}      retry: {retry}\n"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_injected_into_each_try_inside_the_retries_and_blamed_on_nobody() {
+    let d = delivery(Canary::Good).await;
+    let to = d.caller.outbound;
+    // Aborts on 30 % of the tries, retried twice on 503 as a real 503 would be: a request
+    // fails only when all three of its tries are aborted (2.7 %), and an aborted try never
+    // reaches the application.
+    apply_ok(
+        &d.cp,
+        faulty_route(
+            "            - abort: { percent: 30, httpStatus: 503 }\n",
+            "{ attempts: 2, codes: [503] }",
+        ),
+    )
+    .await;
+    eventually("the fault applies", Duration::from_secs(10), async || {
+        for _ in 0..30 {
+            let r = client::get_full(to, "catalog.test", "/", &[]).await.ok()?;
+            if r.status == 503 {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    let before = d.v1_hits.load(Ordering::SeqCst);
+    let n = 400;
+    let mut failed = 0;
+    for _ in 0..n {
+        let r = client::get_full(to, "catalog.test", "/", &[])
+            .await
+            .unwrap();
+        if r.status == 200 {
+            continue;
+        }
+        failed += 1;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.headers["x-trellis-failure"], "injected");
+        let ps = r.headers["proxy-status"].to_str().unwrap();
+        assert!(ps.contains("error=proxy_internal_response"), "{ps}");
+    }
+    let served = d.v1_hits.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        served,
+        n - failed,
+        "every request that succeeded reached the app once"
+    );
+    // 2.7 % expected (10.8 of 400); without the retries it would be 30 %.
+    assert!((1..=32).contains(&failed), "{failed} of {n} failed");
+
+    // Delays count inside the try's time: one longer than the per-try timeout times the try
+    // out as a slow upstream would, and it is retried, but its class is still `injected`.
+    apply_ok(
+        &d.cp,
+        faulty_route(
+            "            - delay: { percent: 100, duration: 300ms }\n",
+            "{ attempts: 1, codes: [503], perTryTimeout: 100ms }",
+        ),
+    )
+    .await;
+    let r = eventually("the delay applies", Duration::from_secs(10), async || {
+        let r = client::get_full(to, "catalog.test", "/", &[]).await.ok()?;
+        (r.status == 504).then_some(r)
+    })
+    .await;
+    assert_eq!(r.headers["x-trellis-failure"], "injected");
+    let before = d.v1_hits.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let r = client::get_full(to, "catalog.test", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 504);
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "two tries of 100 ms: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(d.v1_hits.load(Ordering::SeqCst), before, "nothing was sent");
+
+    // Diagnose names the mesh's own faults, and blames neither the network nor the
+    // application for them.
+    let verdicts = eventually(
+        "diagnose names the injected faults",
+        Duration::from_secs(20),
+        async || {
+            let (_, v) =
+                d.cp.call(
+                    http::Method::GET,
+                    "/api/v1/diagnose?namespace=test&window=1m",
+                    "",
+                    None,
+                )
+                .await;
+            let all = v["verdicts"].as_array()?.clone();
+            all.iter()
+                .any(|x| {
+                    x["cause"] == "mesh_policy"
+                        && x["problem"]
+                            .as_str()
+                            .is_some_and(|p| p.contains("faults the mesh injects"))
+                        && x["caller_saw"]["injected"].as_u64() > Some(0)
+                })
+                .then_some(all)
+        },
+    )
+    .await;
+    for v in &verdicts {
+        assert!(
+            v["cause"] != "network" && v["cause"] != "application",
+            "{v:#}"
+        );
+    }
+}

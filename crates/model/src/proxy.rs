@@ -147,6 +147,29 @@ pub struct RouteConfig {
     pub idle_timeout: Option<Duration>,
     /// Retry policy.
     pub retry: Option<RetryConfig>,
+    /// Faults injected into each try, in order (a `trellis.dev/Fault` filter).
+    pub faults: Vec<FaultConfig>,
+}
+
+/// One injected fault, on `per_million` of the tries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum FaultConfig {
+    /// Hold the try this long before it is sent.
+    Delay {
+        /// Tries, per million.
+        per_million: u32,
+        /// How long.
+        duration: Duration,
+    },
+    /// Answer the try without sending it.
+    Abort {
+        /// Tries, per million.
+        per_million: u32,
+        /// An HTTP request's status.
+        status: u16,
+        /// A gRPC request's status.
+        grpc_status: u32,
+    },
 }
 
 /// The idle timeout of a route without `timeouts.request`: Envoy's default route timeout,

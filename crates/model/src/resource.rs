@@ -564,6 +564,49 @@ pub enum RouteFilter {
         #[serde(rename = "responseHeaderModifier")]
         modifier: HeaderModifier,
     },
+    /// Fault injection, a Trellis extension (Gateway API has none): delays and aborts,
+    /// applied in order to each try of a request, inside its retries and timeouts.
+    #[serde(rename = "trellis.dev/Fault")]
+    Fault {
+        /// The faults, in order (as Kuma's MeshFaultInjection lists them).
+        fault: Vec<FaultSpec>,
+    },
+}
+
+/// One fault of a `trellis.dev/Fault` filter: a delay or an abort.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultSpec {
+    /// Hold the try before it is sent.
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    /// Answer the try without sending it.
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+/// A delay, on `percent` of the tries.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// Of the tries, 0 to 100 (fractions allowed).
+    pub percent: f64,
+    /// How long.
+    pub duration: DurationValue,
+}
+
+/// An abort, on `percent` of the tries.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// Of the tries, 0 to 100 (fractions allowed).
+    pub percent: f64,
+    /// The status an HTTP request gets (default 503).
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    /// The status a gRPC request gets (default 14, UNAVAILABLE).
+    #[serde(default)]
+    pub grpc_status: Option<u32>,
 }
 
 /// Header modifier.

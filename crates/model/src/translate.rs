@@ -595,6 +595,7 @@ fn default_route(id: &NamespacedName, port: u16) -> RouteConfig {
         timeout: None,
         idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         retry: None,
+        faults: Vec::new(),
     }
 }
 
@@ -857,13 +858,65 @@ fn rule_config(
     }
     let mut request_headers = HeaderEdits::default();
     let mut response_headers = HeaderEdits::default();
-    for f in &rule.filters {
+    let mut faults = Vec::new();
+    for (fi, f) in rule.filters.iter().enumerate() {
         let (edits, m) = match f {
             crate::resource::RouteFilter::RequestHeaderModifier { modifier } => {
                 (&mut request_headers, modifier)
             }
             crate::resource::RouteFilter::ResponseHeaderModifier { modifier } => {
                 (&mut response_headers, modifier)
+            }
+            crate::resource::RouteFilter::Fault { fault } => {
+                let at = |i: usize, f: &str| field(&format!("filters[{fi}].fault[{i}]{f}"));
+                let bad = |i: usize, f: &str, m: &str| {
+                    ConfigError::invalid(ix.file, res.line, at(i, f), m)
+                };
+                if fault.is_empty() || fault.len() > 8 {
+                    return Err(ConfigError::invalid(
+                        ix.file,
+                        res.line,
+                        field(&format!("filters[{fi}].fault")),
+                        "from 1 to 8 faults",
+                    ));
+                }
+                for (i, x) in fault.iter().enumerate() {
+                    let per_million = |p: f64, f: &str| {
+                        if (0.0..=100.0).contains(&p) {
+                            Ok((p * 10_000.0).round() as u32)
+                        } else {
+                            Err(bad(i, f, "from 0 to 100"))
+                        }
+                    };
+                    faults.push(match (&x.delay, &x.abort) {
+                        (Some(d), None) => {
+                            if d.duration.0 > Duration::from_secs(3600) {
+                                return Err(bad(i, ".delay.duration", "at most 1h"));
+                            }
+                            crate::proxy::FaultConfig::Delay {
+                                per_million: per_million(d.percent, ".delay.percent")?,
+                                duration: d.duration.0,
+                            }
+                        }
+                        (None, Some(a)) => {
+                            let status = a.http_status.unwrap_or(503);
+                            if !(200..=599).contains(&status) {
+                                return Err(bad(i, ".abort.httpStatus", "from 200 to 599"));
+                            }
+                            let grpc_status = a.grpc_status.unwrap_or(14);
+                            if !(1..=16).contains(&grpc_status) {
+                                return Err(bad(i, ".abort.grpcStatus", "from 1 to 16"));
+                            }
+                            crate::proxy::FaultConfig::Abort {
+                                per_million: per_million(a.percent, ".abort.percent")?,
+                                status,
+                                grpc_status,
+                            }
+                        }
+                        _ => return Err(bad(i, "", "give either delay or abort")),
+                    });
+                }
+                continue;
             }
         };
         edits
@@ -948,6 +1001,7 @@ fn rule_config(
         timeout,
         idle_timeout,
         retry,
+        faults,
     })
 }
 

@@ -64,6 +64,16 @@ pub(crate) enum Kind {
     Unsupported,
     /// The peer's proxy answered for its side with this class (`x-trellis-failure`).
     PeerProxy(FailureClass),
+    /// A fault injected by the route (`trellis.dev/Fault`): this HTTP status, or this gRPC
+    /// status for a gRPC request.
+    Injected {
+        /// HTTP status.
+        status: u16,
+        /// gRPC status.
+        grpc: u32,
+        /// An injected delay outlasted the try's time limit: retried as a timeout is.
+        timeout: bool,
+    },
 }
 
 /// A failure on the request path.
@@ -107,14 +117,19 @@ impl Error {
         };
         let retryable = match kind {
             Kind::PeerProxy(c) => peer_retryable(c),
+            Kind::Injected { timeout, .. } => timeout,
             _ => side == Side::Upstream && class.retriable(),
+        };
+        let status = match kind {
+            Kind::Injected { status, .. } => Some(status),
+            _ => None,
         };
         Self {
             kind,
             class,
             side,
             retryable,
-            status: None,
+            status,
             context,
             cause,
         }
@@ -210,6 +225,7 @@ pub(crate) fn classify(kind: Kind, cause: Option<&(dyn StdError + 'static)>) -> 
         Kind::Timeout | Kind::Idle => F::UpstreamTimeout,
         Kind::Protocol | Kind::Unsupported => F::ProtocolError,
         Kind::PeerProxy(c) => c,
+        Kind::Injected { .. } => F::Injected,
         Kind::Connect | Kind::Handshake | Kind::Exchange | Kind::ResponseBody => cause
             .and_then(|c| from_chain(kind, c))
             .unwrap_or(match kind {

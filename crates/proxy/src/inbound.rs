@@ -209,6 +209,7 @@ pub(crate) fn route(
         retry: None,
         response_headers: None,
         peer_header: None,
+        faults: &[],
     };
     Next::Forward(plan, req, rec)
 }

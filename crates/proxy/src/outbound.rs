@@ -92,6 +92,7 @@ pub(crate) fn route<'a>(
         retry: r.retry.as_ref(),
         response_headers: Some(&r.response_headers),
         peer_header: snap.peer_header.as_ref(),
+        faults: &r.faults,
     };
     Next::Forward(plan, req, rec)
 }

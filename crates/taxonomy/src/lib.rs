@@ -46,6 +46,9 @@ pub enum FailureClass {
     ClientError,
     /// The client went away before the exchange completed.
     ClientDisconnect,
+    /// A fault the mesh injected on purpose (a route's `trellis.dev/Fault` filter): neither
+    /// the network's nor the application's.
+    Injected,
 }
 
 /// The categories of the taxonomy: what an operator asks first.
@@ -78,7 +81,7 @@ pub enum Side {
 
 impl FailureClass {
     /// Every class, in declaration order.
-    pub const ALL: [FailureClass; 16] = [
+    pub const ALL: [FailureClass; 17] = [
         Self::Ok,
         Self::AppError,
         Self::AppGrpcError,
@@ -95,6 +98,7 @@ impl FailureClass {
         Self::NoRoute,
         Self::ClientError,
         Self::ClientDisconnect,
+        Self::Injected,
     ];
 
     /// The name used in logs, labels and headers.
@@ -116,6 +120,7 @@ impl FailureClass {
             Self::NoRoute => "no_route",
             Self::ClientError => "client_error",
             Self::ClientDisconnect => "client_disconnect",
+            Self::Injected => "injected",
         }
     }
 
@@ -124,7 +129,11 @@ impl FailureClass {
         match self {
             Self::Ok => Category::Ok,
             Self::AppError | Self::AppGrpcError => Category::Application,
-            Self::Overloaded | Self::RateLimited | Self::Denied | Self::NoRoute => Category::Policy,
+            Self::Overloaded
+            | Self::RateLimited
+            | Self::Denied
+            | Self::NoRoute
+            | Self::Injected => Category::Policy,
             Self::ClientError | Self::ClientDisconnect => Category::Client,
             Self::ConnectRefused
             | Self::ConnectTimeout
@@ -153,7 +162,7 @@ impl FailureClass {
             Self::ConnectRefused | Self::ConnectionReset | Self::ProtocolError | Self::TlsError => {
                 502
             }
-            Self::NoHealthyUpstream | Self::Overloaded => 503,
+            Self::NoHealthyUpstream | Self::Overloaded | Self::Injected => 503,
             Self::ConnectTimeout | Self::UpstreamTimeout => 504,
             Self::Denied => 403,
             Self::NoRoute => 404,

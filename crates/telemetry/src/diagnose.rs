@@ -818,6 +818,28 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         format!("check the protocol of {svc}'s port (HTTP, HTTP2, GRPC, TCP)"),
                     );
                 }
+                // Faults the mesh injected on purpose: neither the network's nor the
+                // application's, whatever their status says.
+                F::Injected => {
+                    found.add(
+                        Cause::MeshPolicy,
+                        "injected",
+                        Place::Service { name: svc.clone() },
+                        svc,
+                        format!("requests to {svc} fail by faults the mesh injects on purpose"),
+                        n,
+                        &only(&p.classes, &[*class]),
+                        &empty,
+                        vec![format!(
+                            "{} got {n} answers from its own proxy's trellis.dev/Fault filter (class injected), not from {}",
+                            p.caller.workload, p.callee.workload
+                        )],
+                        format!(
+                            "when the experiment is over, remove the fault filter from {svc}'s route (trellis get httproutes -n {})",
+                            svc.split('/').next().unwrap_or_default()
+                        ),
+                    );
+                }
                 _ => no_endpoint(&mut found, facts, svc, p),
             }
         }

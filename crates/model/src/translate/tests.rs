@@ -791,3 +791,51 @@ fn a_rate_limit_policy_reaches_its_services_inbound_and_bad_ones_are_named() {
         assert!(e.contains("rl.yaml:") && e.contains(field), "{field}: {e}");
     }
 }
+
+#[test]
+fn fault_filters_translate_in_order_and_bad_ones_name_their_field() {
+    let mesh = |fault: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: a, namespace: shop }}\nspec:\n  ports: [{{ port: 80 }}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: r, namespace: shop }}\nspec:\n  parentRefs: [{{ name: a, port: 80 }}]\n  rules:\n    - backendRefs: [{{ name: a, port: 80 }}]\n      filters:\n        - type: trellis.dev/Fault\n          fault:\n{fault}")
+    };
+    let ok = mesh("            - delay: { percent: 12.5, duration: 20ms }\n            - abort: { percent: 1, grpcStatus: 8 }\n");
+    let res = parse_documents("t.yaml", &ok).unwrap();
+    let cfg = translate("t.yaml", &res, None).unwrap();
+    let r = &cfg.services[&nn("shop/a")].ports[0].routes[0];
+    assert_eq!(
+        r.faults,
+        [
+            crate::proxy::FaultConfig::Delay {
+                per_million: 125_000,
+                duration: Duration::from_millis(20)
+            },
+            crate::proxy::FaultConfig::Abort {
+                per_million: 10_000,
+                status: 503,
+                grpc_status: 8
+            }
+        ]
+    );
+    for (fault, field, why) in [
+        (
+            "            - abort: { percent: 150 }\n",
+            "spec.rules[0].filters[0].fault[0].abort.percent",
+            "from 0 to 100",
+        ),
+        (
+            "            - delay: { percent: 5, duration: 1s }\n              abort: { percent: 5 }\n",
+            "spec.rules[0].filters[0].fault[0]",
+            "either delay or abort",
+        ),
+        (
+            "            - abort: { percent: 5, httpStatus: 99 }\n",
+            "spec.rules[0].filters[0].fault[0].abort.httpStatus",
+            "from 200 to 599",
+        ),
+    ] {
+        let e = err(&mesh(fault)).to_string();
+        assert!(e.contains(&format!("HTTPRoute shop/r: {field}")), "{e}");
+        assert!(e.contains(why), "{e}");
+    }
+    let e = err(&mesh("            - drop: { percent: 5 }\n")).to_string();
+    assert!(e.contains("unknown field `drop`"), "{e}");
+}

@@ -36,10 +36,12 @@ pub(crate) fn error_type(class: FailureClass) -> &'static str {
         FailureClass::Denied | FailureClass::RateLimited => "http_request_denied",
         FailureClass::NoRoute => "destination_not_found",
         FailureClass::ClientError | FailureClass::ClientDisconnect => "http_request_error",
-        // The proxy makes no answer of its own for these; if it ever does, it is its own.
-        FailureClass::Ok | FailureClass::AppError | FailureClass::AppGrpcError => {
-            "proxy_internal_response"
-        }
+        // An injected fault is this hop's own answer, made without trying the next hop; the
+        // proxy makes no answer of its own for the others (if it ever does, it is its own).
+        FailureClass::Injected
+        | FailureClass::Ok
+        | FailureClass::AppError
+        | FailureClass::AppGrpcError => "proxy_internal_response",
     }
 }
 

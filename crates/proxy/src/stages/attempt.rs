@@ -20,7 +20,7 @@ use http::{
 use http_body::Body as _;
 use tokio::io::AsyncWriteExt as _;
 use trellis_model::{
-    proxy::{HeaderEdits, RetryConfig},
+    proxy::{FaultConfig, HeaderEdits, RetryConfig},
     resource::Protocol,
 };
 
@@ -36,7 +36,7 @@ use crate::{
     metrics::RetryLabels,
     pool::{ConnectCtx, Dialer, Sender},
     stages::{
-        balance,
+        balance, fault,
         record::Record,
         respond::{local_reply, peer_class, relay},
     },
@@ -60,6 +60,8 @@ pub(crate) struct Plan<'a> {
     pub(crate) response_headers: Option<&'a HeaderEdits>,
     /// `x-trellis-peer` for tries that go to a peer's proxy.
     pub(crate) peer_header: Option<&'a HeaderValue>,
+    /// Faults to inject into each try.
+    pub(crate) faults: &'a [FaultConfig],
 }
 
 /// The request for one try. `last` says no try follows, so the headers can be moved rather
@@ -250,7 +252,16 @@ fn retry_wanted(
     peer: Option<FailureClass>,
 ) -> bool {
     match t {
-        Try::Failed(e) => e.retryable(),
+        // An injected abort is retried as the status it stands for would be.
+        Try::Failed(e) => match e.kind() {
+            Kind::Injected {
+                status, grpc: code, ..
+            } => {
+                // (A GRPCRoute's retry policy names gRPC codes, an HTTPRoute's statuses.)
+                e.retryable() || retry.codes.contains(&status) || retry.grpc_codes.contains(&code)
+            }
+            _ => e.retryable(),
+        },
         Try::Response(r) => {
             peer.is_some_and(crate::error::peer_retryable)
                 || retry.codes.contains(&r.status().as_u16())
@@ -379,7 +390,13 @@ pub(crate) async fn forward(
         if let (true, Some(v)) = (peer_proxy(&ep), plan.peer_header) {
             req.headers_mut().insert(X_TRELLIS_PEER.clone(), v.clone());
         }
-        let outcome = send_once(&ctx, &ep, req, h2, &mut rec, try_start, limit).await;
+        let outcome = match plan.faults {
+            [] => send_once(&ctx, &ep, req, h2, &mut rec, try_start, limit).await,
+            faults => match fault::roll(faults, fault::draw) {
+                None => send_once(&ctx, &ep, req, h2, &mut rec, try_start, limit).await,
+                Some(f) => Box::pin(faulty_try(f, &ctx, &ep, req, h2, &mut rec, limit, grpc)).await,
+            },
+        };
         let done = Instant::now();
         // The grpc-status header is read once, and only for gRPC requests; a peer proxy's
         // own answer keeps the class it gave it.
@@ -466,6 +483,62 @@ pub(crate) async fn forward(
     });
     drop(permit);
     local_reply(rec, &e, grpc)
+}
+
+/// A try with faults injected: held for the delay (within its time limit, which a longer
+/// delay exhausts as a slow upstream would), then aborted or sent.
+#[allow(clippy::too_many_arguments)]
+async fn faulty_try(
+    f: fault::Rolled,
+    ctx: &ConnectCtx<'_>,
+    ep: &Arc<Endpoint>,
+    req: Request<UpBody>,
+    h2: bool,
+    rec: &mut Record,
+    limit: Option<(Duration, Kind)>,
+    grpc: bool,
+) -> Try {
+    if !f.delay.is_zero() {
+        if let Some((l, _)) = limit.filter(|(l, _)| *l <= f.delay) {
+            // The try times out as it would behind a slow upstream, but the class says
+            // whose doing it was.
+            tokio::time::sleep(l).await;
+            rec.injected += l;
+            return Try::Failed(Error::new(
+                Kind::Injected {
+                    status: 504,
+                    grpc: 4,
+                    timeout: true,
+                },
+                format!(
+                    "fault injected by the route: a delay of {:?} outlasted the try's {l:?}",
+                    f.delay
+                ),
+            ));
+        }
+        tokio::time::sleep(f.delay).await;
+        rec.injected += f.delay;
+        if rec.detail.is_none() {
+            rec.detail = Some(format!("injected delay of {:?}", f.delay));
+        }
+    }
+    if let Some((status, code)) = f.abort {
+        let what = if grpc {
+            format!("gRPC status {code}")
+        } else {
+            format!("status {status}")
+        };
+        return Try::Failed(Error::new(
+            Kind::Injected {
+                status,
+                grpc: code,
+                timeout: false,
+            },
+            format!("fault injected by the route: {what}"),
+        ));
+    }
+    let limit = limit.map(|(l, kind)| (l.saturating_sub(f.delay), kind));
+    send_once(ctx, ep, req, h2, rec, Instant::now(), limit).await
 }
 
 /// Whether `ep` was reached at its proxy, whose own answers say so.

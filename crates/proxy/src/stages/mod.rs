@@ -5,7 +5,8 @@
 //! 2. [`route`]: authority → service port → route → weighted backend (outbound; inbound
 //!    picks the local workload's port);
 //! 3. [`policy`]: mutual TLS required, authorization (rate and concurrency limits later);
-//! 4. fault injection (later);
+//! 4. [`fault`]: a route's injected delays and aborts, rolled for each try inside
+//!    [`attempt`]'s retry loop;
 //! 5. [`balance`]: the cluster's circuit breaker, then an endpoint;
 //! 6. [`attempt`]: the tries, with timeouts, retries within the budget and the replayed body;
 //! 7. [`respond`]: the proxy's own answer for a failure, or the upstream's relayed;
@@ -18,6 +19,7 @@
 
 pub(crate) mod attempt;
 pub(crate) mod balance;
+pub(crate) mod fault;
 pub(crate) mod policy;
 pub(crate) mod record;
 pub(crate) mod respond;

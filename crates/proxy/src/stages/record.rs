@@ -50,6 +50,9 @@ pub(crate) struct Record {
     earlier: Vec<TrySpan>,
     telemetry: Arc<Telemetry>,
     done: bool,
+    /// Delays a route's fault filter injected: the mesh's doing on purpose, left out of the
+    /// latency reported for diagnosis and analysis (the access log keeps the whole time).
+    pub(crate) injected: std::time::Duration,
 }
 
 impl std::ops::Deref for Record {
@@ -91,6 +94,7 @@ impl Record {
             earlier: Vec::new(),
             telemetry,
             done: false,
+            injected: std::time::Duration::ZERO,
         })
     }
 
@@ -141,16 +145,17 @@ impl Record {
             },
         };
         let t = &self.telemetry;
+        let measured = total.saturating_sub(self.injected);
         // Reported, a request counts its last try; the earlier ones were recorded as they
         // failed (`end_try`), each by its own endpoint.
         let attempts = if t.metrics.summaries {
-            note_failed(t, l, &peer, total);
+            note_failed(t, l, &peer, measured);
             1
         } else {
             l.attempts
         };
         t.metrics
-            .record_request(labels, peer, total.as_secs_f64(), attempts);
+            .record_request(labels, peer, measured.as_secs_f64(), attempts);
         t.taps.offer(l, total);
         let spans = t
             .spans

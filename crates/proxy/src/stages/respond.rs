@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderValue, Response};
 use trellis_model::proxy::HeaderEdits;
 
 use crate::{
-    error::{Error, FailureClass},
+    error::{Error, FailureClass, Kind},
     http::{
         body::{Limits, ProxyBody, UpstreamBody},
         headers::{edit_headers, strip_response_headers},
@@ -27,12 +27,15 @@ use crate::{
 pub(crate) fn local_reply(mut rec: Box<Record>, e: &Error, grpc: bool) -> Response<ProxyBody> {
     rec.fail(e);
     let class = e.class();
+    let code = match e.kind() {
+        Kind::Injected { grpc, .. } => grpc,
+        _ => class.grpc_status(),
+    };
     if grpc {
-        rec.grpc_status = Some(class.grpc_status());
+        rec.grpc_status = Some(code);
     }
     let detail = rec.detail.as_deref().unwrap_or_default();
     let mut resp = if grpc {
-        let code = class.grpc_status();
         let mut r = Response::new(ProxyBody::full(Bytes::new()));
         let h = r.headers_mut();
         h.insert(

@@ -305,6 +305,7 @@ fn plan(
         retry: None,
         response_headers: None,
         peer_header: None,
+        faults: &[],
     }
 }
 
@@ -401,6 +402,7 @@ async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
         retry: Some(&retry),
         response_headers: None,
         peer_header: None,
+        faults: &[],
     };
     let mut req = Request::new(chunks(&[b"pay", b"load"]));
     *req.method_mut() = Method::POST;
