@@ -152,6 +152,9 @@ pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
         if let Err(e) = print_spill(&api, a).await {
             tracing::debug!(error = %e, "no spill-over view");
         }
+        if let Err(e) = print_mirrors(&api, &query).await {
+            tracing::debug!(error = %e, "no mirrors view");
+        }
     }
     Ok(())
 }
@@ -186,6 +189,21 @@ async fn print_spill(api: &Api, a: &ViewArgs) -> Result<()> {
         println!();
         for l in lines {
             println!("{l}");
+        }
+    }
+    Ok(())
+}
+
+/// Below the services: each route's mirror and how its answers compared with the primary's.
+async fn print_mirrors(api: &Api, query: &str) -> Result<()> {
+    let v = api
+        .call(Method::GET, &format!("/api/v1/mirrors?{query}"), None)
+        .await?;
+    let rows: Vec<trellis_telemetry::view::MirrorRow> = serde_json::from_value(v)?;
+    if !rows.is_empty() {
+        println!();
+        for r in rows {
+            println!("{}", r.line());
         }
     }
     Ok(())

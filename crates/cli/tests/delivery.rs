@@ -28,11 +28,23 @@ enum Canary {
     Slow,
 }
 
-/// An application that answers its name, as `how` says; counts what it answered.
+/// Requests marked as mirrored copies that an application saw, and the body bytes of
+/// those.
+static MARKED: AtomicUsize = AtomicUsize::new(0);
+static MARKED_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// An application that answers its name, as `how` says; counts what it answered (and, in
+/// [`MARKED`], the mirrored copies).
 async fn app(name: &'static str, how: Canary, hits: Arc<AtomicUsize>) -> std::net::SocketAddr {
-    upstream::http(move |_| {
+    upstream::http(move |req: http::Request<hyper::body::Incoming>| {
         let hits = hits.clone();
         async move {
+            if req.headers().get("x-trellis-mirror").is_some() {
+                use http_body_util::BodyExt as _;
+                let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
+                MARKED.fetch_add(1, Ordering::SeqCst);
+                MARKED_BYTES.fetch_add(body.unwrap_or(0), Ordering::SeqCst);
+            }
             let n = hits.fetch_add(1, Ordering::SeqCst);
             if how == Canary::Slow {
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -606,4 +618,159 @@ async fn faults_are_injected_into_each_try_inside_the_retries_and_blamed_on_nobo
             "{v:#}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_the_requests_are_mirrored_and_compared_and_the_mirror_answers_nobody() {
+    // catalog-v2 fails one request in five: the mirror's answers are discarded, but the
+    // comparison says so.
+    let d = delivery(Canary::FailsOneInFive).await;
+    let to = d.caller.outbound;
+    let mirror = |extra: &str| {
+        route(
+            "catalog",
+            "catalog",
+            &format!("    - backendRefs: [{{ name: catalog-v1, port: 80 }}]\n      filters:\n        - type: RequestMirror\n          requestMirror:\n            backendRef: {{ name: catalog-v2, port: 80 }}\n{extra}"),
+        )
+    };
+    // Only one of percent and fraction (GEP-3171).
+    let (st, v) =
+        d.cp.call(
+            http::Method::POST,
+            "/api/v1/apply",
+            &mirror(
+                "            percent: 50\n            fraction: { numerator: 1, denominator: 2 }\n",
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(st, 422, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("spec.rules[0].filters[0].requestMirror: give percent or fraction, not both"),
+        "{v}"
+    );
+    apply_ok(
+        &d.cp,
+        mirror("            fraction: { numerator: 1, denominator: 2 }\n"),
+    )
+    .await;
+    eventually("the mirror applies", Duration::from_secs(10), async || {
+        let _ = client::get_full(to, "catalog.test", "/", &[]).await.ok()?;
+        (d.v2_hits.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    let sent_before = outbound_requests(&d.caller).await;
+    let v2_before = d.v2_hits.load(Ordering::SeqCst);
+    let n = 300;
+    for _ in 0..n {
+        let r = client::get_full(to, "catalog.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status.as_u16(), &r.body[..]),
+            (200, &b"v1"[..]),
+            "the primary answers"
+        );
+    }
+    // About half went to the mirror too (150 expected; 6 standard deviations either way).
+    let mirrored = eventually("the copies arrive", Duration::from_secs(10), async || {
+        let m = d.v2_hits.load(Ordering::SeqCst) - v2_before;
+        (m >= 100).then_some(m)
+    })
+    .await;
+    assert!(
+        (100..=200).contains(&mirrored),
+        "{mirrored} of {n} mirrored"
+    );
+    // The caller's proxy counted its requests, not the copies.
+    assert_eq!(outbound_requests(&d.caller).await - sent_before, n as f64);
+    // Every copy was marked; a small body is copied whole.
+    let marked = MARKED.load(Ordering::SeqCst);
+    assert!(marked >= mirrored, "{marked} marked of {mirrored}");
+    eventually(
+        "a small body is mirrored whole",
+        Duration::from_secs(20),
+        async || {
+            let req = http::Request::post("/")
+                .header("host", "catalog.test")
+                .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                    b'y';
+                    1000
+                ])))
+                .unwrap();
+            let r = client::send1(to, req).await.ok()?;
+            assert_eq!(r.status, 200);
+            (MARKED_BYTES.load(Ordering::SeqCst) >= 1000).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        MARKED_BYTES.load(Ordering::SeqCst) % 1000,
+        0,
+        "whole bodies only"
+    );
+    // A body over the mirror's cap is not copied (and is counted as skipped).
+    let big = vec![b'x'; 100_000];
+    let v2_now = d.v2_hits.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        let req = http::Request::post("/")
+            .header("host", "catalog.test")
+            .body(http_body_util::Full::new(bytes::Bytes::from(big.clone())))
+            .unwrap();
+        let r = client::send1(to, req).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    // The figures: sent, skipped, how often the mirror agreed (it fails one in five: about
+    // 80 %), through the control plane.
+    let row = eventually(
+        "the mirror's figures",
+        Duration::from_secs(20),
+        async || {
+            let (_, v) =
+                d.cp.call(
+                    http::Method::GET,
+                    "/api/v1/mirrors?namespace=test&window=1m",
+                    "",
+                    None,
+                )
+                .await;
+            let row = v.as_array()?.first()?.clone();
+            (row["sent"].as_u64()? >= mirrored as u64 && row["skipped"].as_u64()? >= 3)
+                .then_some(row)
+        },
+    )
+    .await;
+    assert_eq!(
+        d.v2_hits.load(Ordering::SeqCst),
+        v2_now,
+        "no big body mirrored"
+    );
+    assert_eq!(row["mirror"], "test/catalog-v2:80", "{row:#}");
+    let agreement = row["agreement"].as_f64().unwrap();
+    assert!((0.65..0.95).contains(&agreement), "{row:#}");
+    assert!(row["failures"]["app_error"].as_u64() > Some(0), "{row:#}");
+    let out = stat_of_test(&d.cp);
+    assert!(
+        out.contains("mirror test/catalog") && out.contains("→ test/catalog-v2:80"),
+        "{out}"
+    );
+    assert!(out.contains("% agree with the primary"), "{out}");
+}
+
+/// The caller's outbound requests so far, by its proxy's own metrics.
+async fn outbound_requests(p: &ProxyProcess) -> f64 {
+    let m = p.metrics().await;
+    trellis_test_support::sum_metric(
+        &m,
+        "trellis_http_requests_total",
+        &[("direction", "outbound")],
+    )
+}
+
+/// `trellis stat -n test`.
+fn stat_of_test(cp: &ControlProcess) -> String {
+    ok(cli(cp, &["stat", "-n", "test"]))
 }

@@ -21,7 +21,12 @@ use trellis_telemetry::{
 };
 
 /// What the pane shows: stat rows, edges, verdicts.
-pub(crate) type Figures = (Vec<StatRow>, Vec<EdgeRow>, Vec<Verdict>);
+pub(crate) type Figures = (
+    Vec<StatRow>,
+    Vec<EdgeRow>,
+    Vec<Verdict>,
+    Vec<view::MirrorRow>,
+);
 
 /// The identity each reporting workload proved.
 type Ids = std::collections::HashMap<String, String>;
@@ -315,7 +320,20 @@ impl Fleet {
         };
         let edges = self.edge_rows(&w, &ids, &by_workload, at_ms);
         let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
-        Ok((stat, edges, diagnose::diagnose(&w, facts, &pick)))
+        let verdicts = diagnose::diagnose(&w, facts, &pick);
+        Ok((stat, edges, verdicts, view::mirrors(&w, sel)))
+    }
+
+    /// Mirrors over the `window_ms` before `at_ms`, with other replicas' parts.
+    pub(crate) fn mirrors(
+        &self,
+        sel: &Selector,
+        window_ms: u64,
+        at_ms: u64,
+        others: Vec<Shard>,
+    ) -> Result<Vec<view::MirrorRow>, FleetError> {
+        let (w, _) = self.merged(&Selector::default(), window_ms, at_ms, others)?;
+        Ok(view::mirrors(&w, sel))
     }
 
     /// What each reporting proxy last said of itself, for `trellis check`.

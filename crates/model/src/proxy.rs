@@ -149,6 +149,17 @@ pub struct RouteConfig {
     pub retry: Option<RetryConfig>,
     /// Faults injected into each try, in order (a `trellis.dev/Fault` filter).
     pub faults: Vec<FaultConfig>,
+    /// Where copies of a share of the requests go (`RequestMirror` filters).
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+/// A mirror of a route's requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MirrorConfig {
+    /// Its cluster.
+    pub cluster: String,
+    /// Requests mirrored, per million.
+    pub per_million: u32,
 }
 
 /// One injected fault, on `per_million` of the tries.

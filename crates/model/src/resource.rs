@@ -564,6 +564,13 @@ pub enum RouteFilter {
         #[serde(rename = "responseHeaderModifier")]
         modifier: HeaderModifier,
     },
+    /// Send a copy of a share of the requests to another backend; its answers are
+    /// discarded (and compared with the primary's).
+    RequestMirror {
+        /// The mirror.
+        #[serde(rename = "requestMirror")]
+        mirror: RequestMirrorSpec,
+    },
     /// Fault injection, a Trellis extension (Gateway API has none): delays and aborts,
     /// applied in order to each try of a request, inside its retries and timeouts.
     #[serde(rename = "trellis.dev/Fault")]
@@ -571,6 +578,53 @@ pub enum RouteFilter {
         /// The faults, in order (as Kuma's MeshFaultInjection lists them).
         fault: Vec<FaultSpec>,
     },
+}
+
+/// Gateway API's `requestMirror`: a backend and the share mirrored (`percent` or
+/// `fraction`, only one of the two, GEP-3171; all requests without either).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestMirrorSpec {
+    /// The Service copies go to.
+    pub backend_ref: MirrorBackendRef,
+    /// Percent of the requests, 0 to 100.
+    #[serde(default)]
+    pub percent: Option<u32>,
+    /// Or numerator over denominator of them.
+    #[serde(default)]
+    pub fraction: Option<Fraction>,
+}
+
+/// The Service a mirror sends to.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorBackendRef {
+    /// Must be `Service`.
+    #[serde(default = "service_kind")]
+    pub kind: String,
+    /// Service name.
+    pub name: Spanned<String>,
+    /// Service namespace; the route's when absent.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Service port.
+    #[serde(deserialize_with = "crate::value::num::port")]
+    pub port: u16,
+}
+
+/// `numerator` / `denominator` (default 100).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fraction {
+    /// Of ...
+    pub numerator: u32,
+    /// ... this many.
+    #[serde(default = "hundred")]
+    pub denominator: u32,
+}
+
+fn hundred() -> u32 {
+    100
 }
 
 /// One fault of a `trellis.dev/Fault` filter: a delay or an abort.

@@ -596,6 +596,7 @@ fn default_route(id: &NamespacedName, port: u16) -> RouteConfig {
         idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         retry: None,
         faults: Vec::new(),
+        mirrors: Vec::new(),
     }
 }
 
@@ -859,6 +860,7 @@ fn rule_config(
     let mut request_headers = HeaderEdits::default();
     let mut response_headers = HeaderEdits::default();
     let mut faults = Vec::new();
+    let mut mirrors = Vec::new();
     for (fi, f) in rule.filters.iter().enumerate() {
         let (edits, m) = match f {
             crate::resource::RouteFilter::RequestHeaderModifier { modifier } => {
@@ -866,6 +868,52 @@ fn rule_config(
             }
             crate::resource::RouteFilter::ResponseHeaderModifier { modifier } => {
                 (&mut response_headers, modifier)
+            }
+            crate::resource::RouteFilter::RequestMirror { mirror } => {
+                let f = |x: &str| field(&format!("filters[{fi}].requestMirror{x}"));
+                let bad = |x: &str, m: String| ConfigError::invalid(ix.file, res.line, f(x), m);
+                let b = &mirror.backend_ref;
+                let id = NamespacedName {
+                    namespace: b
+                        .namespace
+                        .clone()
+                        .unwrap_or(res.metadata.namespace.clone()),
+                    name: b.name.value.clone(),
+                };
+                let Some((_, svc)) = ix.services.get(&id).filter(|_| b.kind == "Service") else {
+                    return Err(bad(".backendRef.name", format!("Service {id} not found")));
+                };
+                if !svc.ports.iter().any(|p| p.port == b.port) {
+                    return Err(bad(
+                        ".backendRef.port",
+                        format!("Service {id} has no port {}", b.port),
+                    ));
+                }
+                let per_million = match (mirror.percent, &mirror.fraction) {
+                    (Some(_), Some(_)) => {
+                        return Err(bad("", "give percent or fraction, not both".into()))
+                    }
+                    (Some(p), None) if p <= 100 => p * 10_000,
+                    (Some(_), None) => return Err(bad(".percent", "from 0 to 100".into())),
+                    (None, Some(fr)) if fr.denominator > 0 && fr.numerator <= fr.denominator => {
+                        (u64::from(fr.numerator) * 1_000_000 / u64::from(fr.denominator)) as u32
+                    }
+                    (None, Some(_)) => {
+                        return Err(bad(
+                            ".fraction",
+                            "a numerator from 0 to its denominator, which is above 0".into(),
+                        ))
+                    }
+                    (None, None) => 1_000_000,
+                };
+                if mirrors.len() >= 4 {
+                    return Err(bad("", "at most 4 mirrors a rule".into()));
+                }
+                mirrors.push(crate::proxy::MirrorConfig {
+                    cluster: cluster_key(&id, b.port),
+                    per_million,
+                });
+                continue;
             }
             crate::resource::RouteFilter::Fault { fault } => {
                 let at = |i: usize, f: &str| field(&format!("filters[{fi}].fault[{i}]{f}"));
@@ -1002,6 +1050,7 @@ fn rule_config(
         idle_timeout,
         retry,
         faults,
+        mirrors,
     })
 }
 

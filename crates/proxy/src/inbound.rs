@@ -210,6 +210,7 @@ pub(crate) fn route(
         response_headers: None,
         peer_header: None,
         faults: &[],
+        mirror_to: Vec::new(),
     };
     Next::Forward(plan, req, rec)
 }

@@ -22,6 +22,7 @@ pub(crate) mod labels;
 pub(crate) mod links;
 pub(crate) mod listen;
 pub(crate) mod metrics;
+pub(crate) mod mirrors;
 pub(crate) mod mtls;
 pub mod net;
 pub mod options;

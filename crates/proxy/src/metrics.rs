@@ -178,6 +178,8 @@ pub(crate) struct Metrics {
     pub(crate) rate_limited: Family<RateLimitLabels, Counter>,
     /// The period's ejections by outlier detection, and endpoints let back in early.
     pub(crate) ejections_told: Arc<Mutex<Vec<trellis_telemetry::report::Ejection>>>,
+    /// Mirrors' slots and the period's comparisons.
+    pub(crate) mirrors: Arc<crate::mirrors::Mirrors>,
     /// Whether periods are summed up for reports (a proxy that reports to a control plane).
     pub(crate) summaries: bool,
 }
@@ -265,6 +267,7 @@ impl Metrics {
             slow: Arc::default(),
             rate_limited: Family::default(),
             ejections_told: Arc::default(),
+            mirrors: Arc::default(),
             summaries: false,
         };
         reg.register(

@@ -93,6 +93,13 @@ pub(crate) fn route<'a>(
         response_headers: Some(&r.response_headers),
         peer_header: snap.peer_header.as_ref(),
         faults: &r.faults,
+        mirror_to: if r.mirrors.is_empty() {
+            Vec::new()
+        } else {
+            crate::stages::mirror::roll(&r.mirrors, crate::stages::fault::draw)
+                .filter_map(|m| snap.clusters.get(&m.cluster).cloned())
+                .collect()
+        },
     };
     Next::Forward(plan, req, rec)
 }

@@ -181,6 +181,7 @@ impl Reporter {
             slow_below: slow.below(),
             slow: slow.items,
             ejections,
+            mirrors: metrics.mirrors.take(),
             attempts: failed.items,
             attempts_dropped: failed.dropped,
             links,

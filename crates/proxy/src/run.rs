@@ -197,11 +197,11 @@ impl Proxy {
                 spans,
                 trace_sampling: opts.trace_sampling,
             }),
-            dialer: Dialer {
+            dialer: Arc::new(Dialer {
                 metrics,
                 tls: creds.clone().map(mtls::MeshTls::new),
                 mark: opts.socket_mark,
-            },
+            }),
             registry,
             drain: Drain::default(),
             source: opts.source.describe(),

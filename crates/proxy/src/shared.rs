@@ -24,7 +24,7 @@ pub(crate) struct Shared {
     /// Where records go.
     pub(crate) telemetry: Arc<Telemetry>,
     /// How upstream connections are made.
-    pub(crate) dialer: Dialer,
+    pub(crate) dialer: Arc<Dialer>,
     /// Registry, for `/metrics`.
     pub(crate) registry: Registry,
     /// Drain signal and connection count.

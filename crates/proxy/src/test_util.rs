@@ -55,11 +55,11 @@ pub(crate) fn shared(
             spans: None,
             trace_sampling: 0.0,
         }),
-        dialer: crate::pool::Dialer {
+        dialer: Arc::new(crate::pool::Dialer {
             metrics,
             tls: None,
             mark: None,
-        },
+        }),
         registry,
         drain: Default::default(),
         source: "test".into(),

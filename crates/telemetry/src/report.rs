@@ -98,6 +98,9 @@ pub struct Report {
     /// The inbound adaptive concurrency limit at the period's end, if on.
     #[prost(message, optional, tag = "21")]
     pub adaptive: Option<Adaptive>,
+    /// Mirrored requests of the period, by route and mirror, compared with the primary's.
+    #[prost(message, repeated, tag = "22")]
+    pub mirrors: Vec<Mirrored>,
     /// The kernel's TCP figures of this proxy's upstream links at the period's end (its
     /// connections to each endpoint), so that loss or latency shows even when no request
     /// fails.
@@ -204,6 +207,39 @@ pub struct Ejection {
     /// Failures in a row that tipped it.
     #[prost(uint32, tag = "7")]
     pub failures: u32,
+}
+
+/// A route's requests mirrored to one backend in a period, and how the mirror's answers
+/// compared with the primary's.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mirrored {
+    /// The route, `namespace/route[.rule]`.
+    #[prost(string, tag = "1")]
+    pub route: String,
+    /// The service called, `namespace/name`.
+    #[prost(string, tag = "2")]
+    pub service: String,
+    /// The mirror's cluster, `namespace/name:port`.
+    #[prost(string, tag = "3")]
+    pub mirror: String,
+    /// Copies sent.
+    #[prost(uint64, tag = "4")]
+    pub sent: u64,
+    /// Copies not sent: the body over the cap, unfinished, or too many mirrored at once.
+    #[prost(uint64, tag = "5")]
+    pub skipped: u64,
+    /// Copies whose answer was compared with the primary's.
+    #[prost(uint64, tag = "6")]
+    pub compared: u64,
+    /// Of them, those whose status class (2xx, 3xx, 4xx, 5xx, or none) agreed.
+    #[prost(uint64, tag = "7")]
+    pub agreed: u64,
+    /// The mirror's time to its answer's head minus the primary's, summed, ms.
+    #[prost(sint64, tag = "8")]
+    pub latency_diff_ms: i64,
+    /// The mirror's failures by class.
+    #[prost(map = "string, uint64", tag = "9")]
+    pub failures: std::collections::HashMap<String, u64>,
 }
 
 /// The latency of the requests of one direction, service and peer workload in a period.

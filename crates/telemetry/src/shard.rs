@@ -50,6 +50,23 @@ pub struct Shard {
     /// The reporters' adaptive concurrency limits.
     #[prost(message, repeated, tag = "10")]
     pub adaptive: Vec<ShardAdaptive>,
+    /// Mirrored requests' figures.
+    #[prost(message, repeated, tag = "11")]
+    pub mirrors: Vec<ShardMirror>,
+}
+
+/// Mirror figures of a shard, with who told them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShardMirror {
+    /// The reporting workload.
+    #[prost(string, tag = "1")]
+    pub reporter: String,
+    /// When that replica received them (Unix ms).
+    #[prost(uint64, tag = "2")]
+    pub received_ms: u64,
+    /// What the proxy said.
+    #[prost(message, optional, tag = "3")]
+    pub figures: Option<crate::report::Mirrored>,
 }
 
 /// A reporter's adaptive concurrency limit.
@@ -333,6 +350,15 @@ impl Shard {
             reporting,
             ejections,
             slow,
+            mirrors: w
+                .mirrors
+                .iter()
+                .map(|m| ShardMirror {
+                    reporter: m.reporter.to_string(),
+                    received_ms: m.received_ms,
+                    figures: Some(m.figures.clone()),
+                })
+                .collect(),
             adaptive: w
                 .adaptive
                 .iter()
@@ -449,6 +475,17 @@ impl Shard {
                         }))
                     })
                     .collect(),
+                mirrors: self
+                    .mirrors
+                    .into_iter()
+                    .filter_map(|m| {
+                        Some(Arc::new(crate::store::MirrorFigures {
+                            reporter: m.reporter.into(),
+                            received_ms: m.received_ms,
+                            figures: m.figures?,
+                        }))
+                    })
+                    .collect(),
             },
             identities,
         ))
@@ -481,6 +518,8 @@ impl Window {
         self.links.extend(other.links);
         self.reporting.extend(other.reporting);
         self.ejections.extend(other.ejections);
+        self.mirrors.extend(other.mirrors);
+        self.mirrors.sort_by_key(|m| m.received_ms);
         self.slow.extend(other.slow);
         self.adaptive.extend(other.adaptive);
         self.slow.sort_by_key(|a| a.received_ms);

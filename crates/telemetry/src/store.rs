@@ -225,6 +225,28 @@ pub const EJECTIONS_KEPT: usize = 5_000;
 /// Ejections taken from one report at most (a proxy lists 64).
 const EJECTIONS_PER_REPORT: usize = 64;
 
+/// Mirror figures kept at most (per period and route of each proxy).
+pub const MIRRORS_KEPT: usize = 5_000;
+/// Mirror figures taken from one report at most.
+const MIRRORS_PER_REPORT: usize = 64;
+
+/// A period's mirror figures as a proxy told them, with who told them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MirrorFigures {
+    /// The reporting workload (the caller whose proxy mirrored).
+    pub reporter: Arc<str>,
+    /// When the control plane received them (Unix ms).
+    pub received_ms: u64,
+    /// What the proxy said.
+    pub figures: crate::report::Mirrored,
+}
+
+impl Received for MirrorFigures {
+    fn received_ms(&self) -> u64 {
+        self.received_ms
+    }
+}
+
 /// An ejection as a proxy told it, with who told it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ejected {
@@ -313,6 +335,8 @@ pub struct Window {
     pub ejections: Vec<Arc<Ejected>>,
     /// Slow requests (not failed) listed one by one in the window (newest last).
     pub slow: Vec<Arc<FailedAttempt>>,
+    /// Mirrored requests' figures received in the window, oldest first.
+    pub mirrors: Vec<Arc<MirrorFigures>>,
     /// Series and their counts.
     pub series: Vec<(Arc<Key>, Counts)>,
     /// Latency groups and their histograms.
@@ -328,6 +352,7 @@ pub struct Store {
     attempts: Kept<FailedAttempt>,
     attempts_dropped: u64,
     ejections: Kept<Ejected>,
+    mirrors: Kept<MirrorFigures>,
     slow: Kept<FailedAttempt>,
     series: FxMap<Arc<Key>, Slots<Counts>>,
     latency: FxMap<Arc<LatKey>, Slots<Histogram>>,
@@ -359,6 +384,7 @@ impl Store {
             attempts: Kept::new(ATTEMPTS_KEPT),
             attempts_dropped: 0,
             ejections: Kept::new(EJECTIONS_KEPT),
+            mirrors: Kept::new(MIRRORS_KEPT),
             slow: Kept::new(SLOW_KEPT),
             strings: FxSet::default(),
             bytes: 0,
@@ -505,6 +531,13 @@ impl Store {
                 reporter: name.clone(),
                 received_ms: now_ms,
                 ejection: e.clone(),
+            });
+        }
+        for m in r.mirrors.iter().take(MIRRORS_PER_REPORT) {
+            self.mirrors.push(MirrorFigures {
+                reporter: name.clone(),
+                received_ms: now_ms,
+                figures: m.clone(),
             });
         }
         self.folded += r.folded;
@@ -839,6 +872,7 @@ impl Store {
         out.attempts = self.attempts.since(out.from_ms).cloned().collect();
         out.slow = self.slow.since(out.from_ms).cloned().collect();
         out.ejections = self.ejections.since(out.from_ms).cloned().collect();
+        out.mirrors = self.mirrors.since(out.from_ms).cloned().collect();
         for (name, r) in &self.reporters {
             if r.seen_ms >= out.from_ms {
                 out.reporting.push((name.clone(), r.seen_ms));

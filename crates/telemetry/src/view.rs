@@ -522,3 +522,102 @@ pub fn wants_latency(sel: &Selector, k: &LatKey) -> bool {
     let m = sel.prepared();
     m.any() || m.matches(&k.workload) || m.matches(&k.service) || m.matches(&k.peer_workload)
 }
+
+/// A route's mirror added up over a window: how the mirror's answers compared with the
+/// primary's.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MirrorRow {
+    /// The route, `namespace/route[.rule]`.
+    pub route: String,
+    /// The service called, `namespace/name`.
+    pub service: String,
+    /// The mirror's cluster, `namespace/name:port`.
+    pub mirror: String,
+    /// Copies sent.
+    pub sent: u64,
+    /// Copies skipped (body over the cap or unfinished, too many at once).
+    pub skipped: u64,
+    /// Copies compared with the primary.
+    pub compared: u64,
+    /// Of those, the share whose status class agreed with the primary's.
+    pub agreement: Option<f64>,
+    /// The mirror's time to its answer minus the primary's, on average, ms.
+    pub latency_diff_ms: Option<f64>,
+    /// The mirror's failures by class.
+    pub failures: BTreeMap<String, u64>,
+}
+
+impl MirrorRow {
+    /// One line, as `trellis stat` prints it under the services.
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "mirror {} → {}: {} mirrored",
+            self.route, self.mirror, self.sent
+        );
+        if self.skipped > 0 {
+            s.push_str(&format!(" ({} skipped)", self.skipped));
+        }
+        if let Some(a) = self.agreement {
+            s.push_str(&format!("; {:.1} % agree with the primary", a * 100.0));
+        }
+        if let Some(d) = self.latency_diff_ms {
+            let (word, d) = if d >= 0.0 {
+                ("slower", d)
+            } else {
+                ("faster", -d)
+            };
+            s.push_str(&format!("; the mirror {d:.1} ms {word} on average"));
+        }
+        if !self.failures.is_empty() {
+            let f: Vec<String> = self
+                .failures
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            s.push_str(&format!("; its failures: {}", f.join(", ")));
+        }
+        s
+    }
+}
+
+/// The window's mirrors, by route and mirror, of the services `sel` names (namespace, name).
+pub fn mirrors(w: &Window, sel: &Selector) -> Vec<MirrorRow> {
+    let m = sel.prepared();
+    let mut by: BTreeMap<(String, String), (MirrorRow, i64)> = BTreeMap::new();
+    for f in &w.mirrors {
+        let x = &f.figures;
+        if !m.matches(&x.service) {
+            continue;
+        }
+        let (row, diff) = by
+            .entry((x.route.clone(), x.mirror.clone()))
+            .or_insert_with(|| {
+                (
+                    MirrorRow {
+                        route: x.route.clone(),
+                        service: x.service.clone(),
+                        mirror: x.mirror.clone(),
+                        ..Default::default()
+                    },
+                    0,
+                )
+            });
+        row.sent += x.sent;
+        row.skipped += x.skipped;
+        row.compared += x.compared;
+        *diff += x.latency_diff_ms;
+        // `agreement` holds the count until the end.
+        *row.agreement.get_or_insert(0.0) += x.agreed as f64;
+        for (c, n) in &x.failures {
+            *row.failures.entry(c.clone()).or_default() += n;
+        }
+    }
+    by.into_values()
+        .map(|(mut row, diff)| {
+            let n = row.compared;
+            row.agreement = row.agreement.filter(|_| n > 0).map(|a| a / n as f64);
+            row.latency_diff_ms = (n > 0).then(|| diff as f64 / n as f64);
+            row
+        })
+        .collect()
+}

@@ -177,6 +177,21 @@ pub(crate) async fn stat(
     Ok(answer(rows, partial))
 }
 
+/// `GET /api/v1/mirrors`: routes' mirrors and how their answers compared with the
+/// primary's, for the whole fleet.
+pub(crate) async fn mirrors(
+    AxState(api): AxState<Api>,
+    Query(q): Query<ViewQuery>,
+) -> ApiResult<Response> {
+    let (sel, window, at) = q.parse(&api)?;
+    let (shards, partial) = others(&api, &Selector::default(), window, at).await;
+    let fleet = api.fleet_arc();
+    let rows = tokio::task::spawn_blocking(move || fleet.mirrors(&sel, window, at, shards))
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("mirrors: {e}")))??;
+    Ok(answer(rows, partial))
+}
+
 /// `GET /api/v1/edges`: caller → callee pairs, for the whole fleet.
 pub(crate) async fn edges(
     AxState(api): AxState<Api>,
@@ -257,7 +272,7 @@ async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde
     let facts = facts(api, window, at);
     let fleet = api.fleet_arc();
     let sel = sel.clone();
-    let (stat, edges, verdicts) =
+    let (stat, edges, verdicts, mirrors) =
         tokio::task::spawn_blocking(move || fleet.figures(&sel, window, at, shards, &facts))
             .await
             .map_err(|e| ApiError::BadRequest(format!("figures: {e}")))??;
@@ -267,6 +282,7 @@ async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde
         "diagnose": { "window_ms": window, "verdicts": verdicts },
         "proxies": super::resources::proxies_value(api)["proxies"],
         "spill": api.spill().states(),
+        "mirrors": mirrors,
         "rollouts": api.rollouts().statuses(None, None).await.unwrap_or_default(),
         "partial": partial,
     }))

@@ -22,6 +22,7 @@
 //! | GET | `/api/v1/stat?kind=service\|workload&namespace=NS&name=NAME&window=1m` | rate, success, latency, TCP and failures by category, per service or workload; for the whole fleet (other replicas' parts merged in; `x-trellis-partial` names a replica that did not answer) |
 //! | GET | `/api/v1/edges?namespace=NS&name=NAME&window=1m` | caller → callee workload pairs with their identities, mTLS and figures (whole fleet, as `stat`) |
 //! | GET | `/api/v1/diagnose?namespace=NS&name=NAME&window=5m` | verdicts: network, application, mesh policy or configuration, where, the evidence of both ends of each hop, and what to check next |
+//! | GET | `/api/v1/mirrors?namespace=NS&name=NAME&window=1m` | routes' mirrors: copies sent and skipped, how often the mirror's status class agreed with the primary's, its latency against the primary's, its failures by class |
 //! | GET | `/api/v1/rollouts?namespace=NS&name=NAME` | rollouts (`kind: Rollout`): phase, step, the canary's weight, the last analysis (the canary's and the stable's figures, the verdict and why), what happened |
 //! | POST | `/api/v1/rollouts/{ns}/{name}/{pause,resume,abort,promote}` | move a rollout by hand (409 when its phase does not allow it) |
 //! | GET | `/api/v1/spill?namespace=NS&name=NAME` | services with a spill-over policy: each pool's load, the share it spills to the next and since when, what moved lately |
@@ -308,6 +309,7 @@ impl Api {
             .route("/check", get(fleet::check))
             .route("/fleet/stream", get(fleet::stream))
             .route("/spill", get(fleet::spill))
+            .route("/mirrors", get(fleet::mirrors))
             .route("/rollouts", get(rollouts::list))
             .route("/rollouts/{ns}/{name}/{action}", post(rollouts::act))
             .route("/ui/links", post(pane::new_link))

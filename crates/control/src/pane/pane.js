@@ -250,6 +250,20 @@ function drawSpill(states) {
   $("spill").hidden = states.length === 0;
 }
 
+// Mirrors: what each route's mirror got, against the primary's answers.
+function drawMirrors(rows) {
+  $("mirrors").hidden = rows.length === 0;
+  $("mirrors").innerHTML = rows.map((m) => {
+    let t = `mirror ${esc(m.route)} → ${esc(m.mirror)}: ${m.sent} mirrored`;
+    if (m.skipped) t += ` (${m.skipped} skipped)`;
+    if (m.agreement != null) t += `; ${(m.agreement * 100).toFixed(1)} % agree with the primary`;
+    if (m.latency_diff_ms != null) t += `; the mirror ${Math.abs(m.latency_diff_ms).toFixed(1)} ms ${m.latency_diff_ms >= 0 ? "slower" : "faster"} on average`;
+    const f = Object.entries(m.failures || {}).map(([c, n]) => `${esc(c)} ${n}`);
+    if (f.length) t += `; its failures: ${f.join(", ")}`;
+    return `<li class="mirror">${t}</li>`;
+  }).join("");
+}
+
 // Rollouts: where each is, its last analysis and what happened; an operator (not a
 // read-only session) can pause, resume, abort or promote one, after a confirmation.
 function drawRollouts(all) {
@@ -416,6 +430,7 @@ function draw(f) {
   drawVerdicts(f.diagnose.verdicts);
   drawServices(f.stat);
   drawSpill(f.spill || []);
+  drawMirrors(f.mirrors || []);
   drawRollouts(f.rollouts || []);
   drawProxies(f.proxies);
   state.proxies = f.proxies;
@@ -432,15 +447,16 @@ function draw(f) {
 async function refresh() {
   try {
     const q = query();
-    const [stat, edges, diag, proxies, spill, rollouts] = await Promise.all([
+    const [stat, edges, diag, proxies, spill, rollouts, mirrors] = await Promise.all([
       api(`/api/v1/stat?${q}`),
       api(`/api/v1/edges?${q}`),
       api(`/api/v1/diagnose?${q}`),
       api("/api/v1/proxies"),
       api("/api/v1/spill"),
       api("/api/v1/rollouts"),
+      api(`/api/v1/mirrors?${q}`),
     ]);
-    draw({ stat, edges, diagnose: diag, proxies: proxies.proxies, spill, rollouts });
+    draw({ stat, edges, diagnose: diag, proxies: proxies.proxies, spill, rollouts, mirrors });
     follow();
     return true;
   } catch (e) {

@@ -156,6 +156,13 @@ impl Replay {
         !self.shared.lock().expect("replay lock").overflow
     }
 
+    /// Whether the whole body has been read and kept (a copy then needs nothing more from
+    /// the client).
+    pub(crate) fn complete(&self) -> bool {
+        let s = self.shared.lock().expect("replay lock");
+        s.ended && !s.overflow
+    }
+
     /// A fresh copy for the next try, or `None` if the body outgrew the cap.
     pub(crate) fn replay(&self) -> Option<Self> {
         let s = self.shared.lock().expect("replay lock");

@@ -12,11 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{
-    header,
-    uri::{Authority, PathAndQuery, Scheme},
-    HeaderValue, Request, Response, StatusCode, Uri, Version,
-};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
 use tokio::io::AsyncWriteExt as _;
 use trellis_model::{
@@ -27,16 +23,18 @@ use trellis_model::{
 use crate::{
     cluster::{Cluster, Endpoint},
     error::{Error, FailureClass, Kind},
-    h1::{self, Conn, H1Body, H1Error},
+    h1::{self, H1Body},
     http::{
         body::{ClientBody, Limits, ProxyBody, Replay, UpBody, UpstreamBody},
         headers::grpc_status,
         upgrade, TRACEPARENT, X_TRELLIS_PEER,
     },
     metrics::RetryLabels,
-    pool::{ConnectCtx, Dialer, Sender},
+    pool::{ConnectCtx, Dialer},
     stages::{
-        balance, fault,
+        balance,
+        exchange::{exchange_failed, send_once, upstream_request, Try},
+        fault, mirror,
         record::Record,
         respond::{local_reply, peer_class, relay},
     },
@@ -62,184 +60,8 @@ pub(crate) struct Plan<'a> {
     pub(crate) peer_header: Option<&'a HeaderValue>,
     /// Faults to inject into each try.
     pub(crate) faults: &'a [FaultConfig],
-}
-
-/// The request for one try. `last` says no try follows, so the headers can be moved rather
-/// than copied. URI parts are `Bytes`-backed: cloning them does not copy.
-fn upstream_request(
-    parts: &mut http::request::Parts,
-    body: UpBody,
-    h2: bool,
-    last: bool,
-) -> Request<UpBody> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.headers_mut() = if last {
-        std::mem::take(&mut parts.headers)
-    } else {
-        parts.headers.clone()
-    };
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = http::uri::Parts::default();
-    uri.path_and_query = Some(path);
-    if h2 {
-        *req.version_mut() = Version::HTTP_2;
-        let host = req.headers_mut().remove(header::HOST);
-        let authority = parts.uri.authority().cloned().or_else(|| {
-            host.and_then(|h| {
-                Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(h.as_bytes())).ok()
-            })
-        });
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(authority.unwrap_or_else(|| Authority::from_static("upstream")));
-    } else {
-        *req.version_mut() = Version::HTTP_11;
-        if !req.headers().contains_key(header::HOST) {
-            if let Some(v) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
-    }
-    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
-    req
-}
-
-// A short-lived value on the stack: boxing the response would cost an allocation per request.
-#[allow(clippy::large_enum_variant)]
-enum Try {
-    Response(Response<UpstreamBody>),
-    Failed(Error),
-}
-
-/// One try: a connection from the pool (or a new one), the request sent, the response head
-/// read, all within `limit` (its length, and whether it is the idle timeout).
-async fn send_once(
-    ctx: &ConnectCtx<'_>,
-    ep: &Arc<Endpoint>,
-    req: Request<UpBody>,
-    h2: bool,
-    rec: &mut Record,
-    began: Instant,
-    limit: Option<(Duration, Kind)>,
-) -> Try {
-    let within = limit.map(|l| l.0);
-    let (sender, connect) = match ep.pool.checkout(h2, ctx, began, within).await {
-        Ok(s) => s,
-        Err(e) => return Try::Failed(e),
-    };
-    rec.connect = Some(connect);
-    match sender {
-        Sender::H1(conn) => send_h1(ep, conn, req, ctx, rec, began, limit).await,
-        Sender::H2(s) => match limit {
-            Some((l, kind)) => tokio::time::timeout(l, send_h2(ep, s, req))
-                .await
-                .unwrap_or_else(|_| Try::Failed(timed_out(ep, l, kind))),
-            None => send_h2(ep, s, req).await,
-        },
-    }
-}
-
-fn exchange_failed(ep: &Endpoint, cause: impl Into<crate::error::BoxError>) -> Error {
-    Error::with_cause(
-        Kind::Exchange,
-        format!("request to {}", ep.pool.describe(ep.target)),
-        cause,
-    )
-}
-
-async fn send_h2(
-    ep: &Endpoint,
-    mut s: hyper::client::conn::http2::SendRequest<UpBody>,
-    req: Request<UpBody>,
-) -> Try {
-    let sent = match s.ready().await {
-        Ok(()) => s.send_request(req).await,
-        Err(e) => Err(e),
-    };
-    match sent {
-        Ok(r) => Try::Response(r.map(UpstreamBody::H2)),
-        Err(e) => Try::Failed(exchange_failed(ep, e)),
-    }
-}
-
-/// One HTTP/1.1 exchange. A pooled connection may have been closed by the server just as we
-/// picked it; an idempotent request is then sent once more on a fresh connection.
-async fn send_h1(
-    ep: &Arc<Endpoint>,
-    mut conn: Box<Conn>,
-    mut req: Request<UpBody>,
-    ctx: &ConnectCtx<'_>,
-    rec: &mut Record,
-    began: Instant,
-    limit: Option<(Duration, Kind)>,
-) -> Try {
-    // The connection's own timer bounds the wait: no timer is made per request.
-    let wait = match limit {
-        None => h1::Wait::Forever,
-        Some((l, Kind::Idle)) => h1::Wait::Idle(l),
-        Some((l, _)) => h1::Wait::Until(began + l),
-    };
-    let mut result = h1::exchange(&mut conn, &mut req, wait, began).await;
-    if let Err(e) = &result {
-        if conn.is_reused() && prepare_resend(e, &mut req) {
-            drop(conn);
-            let start = Instant::now();
-            // Boxed for the same reason as in `Pool::checkout`.
-            conn = match Box::pin(ep.pool.connect_h1(ctx)).await {
-                Ok(c) => c,
-                Err(e) => return Try::Failed(e),
-            };
-            rec.connect = Some(start.elapsed());
-            result = h1::exchange(&mut conn, &mut req, wait, began).await;
-        }
-    }
-    match result {
-        Ok(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => Try::Failed(Error::new(
-            Kind::Protocol,
-            format!("{} switched protocols unasked", ep.pool.describe(ep.target)),
-        )),
-        Ok(head) => {
-            let body = H1Body::new(&head, conn, ep.pool.idle().clone(), began);
-            let mut resp = Response::new(UpstreamBody::H1(body));
-            *resp.status_mut() = head.status;
-            *resp.headers_mut() = head.headers;
-            Try::Response(resp)
-        }
-        Err(H1Error::TimedOut) => {
-            let (l, kind) = limit.unwrap_or((Duration::ZERO, Kind::Timeout));
-            Try::Failed(timed_out(ep, l, kind))
-        }
-        Err(e) => Try::Failed(exchange_failed(ep, e)),
-    }
-}
-
-/// After a pooled connection failed with `err`, make `req` ready to be sent again on a fresh
-/// one: only when the connection had simply gone stale, the method is idempotent and the body
-/// can be sent again.
-fn prepare_resend(err: &H1Error, req: &mut Request<UpBody>) -> bool {
-    if !err.is_stale() || !h1::idempotent(req.method()) {
-        return false;
-    }
-    let again = match std::mem::replace(req.body_mut(), UpBody::Empty) {
-        UpBody::Empty => Some(UpBody::Empty),
-        UpBody::Replay(r) => r.replay().map(UpBody::Replay),
-        UpBody::Incoming(_) => None,
-    };
-    match again {
-        Some(body) => {
-            *req.body_mut() = body;
-            true
-        }
-        None => false,
-    }
+    /// Mirrors that came up for this request (rolled by the route stage).
+    pub(crate) mirror_to: Vec<Arc<Cluster>>,
 }
 
 /// Whether the route's retry policy wants another try after `t`. `grpc` is the response's
@@ -296,21 +118,9 @@ fn try_limit(
     }
 }
 
-fn timed_out(ep: &Endpoint, limit: Duration, kind: Kind) -> Error {
-    let who = ep.pool.describe(ep.target);
-    let msg = match kind {
-        Kind::Idle => format!(
-            "no response from {who} within {limit:?} (the idle timeout; a route's \
-             timeouts.request replaces it)"
-        ),
-        _ => format!("no response from {who} within {limit:?}"),
-    };
-    Error::new(kind, msg)
-}
-
 /// Forward `req` as `plan` says, and build the response for the client.
 pub(crate) async fn forward(
-    dialer: &Dialer,
+    dialer: &Arc<Dialer>,
     plan: Plan<'_>,
     req: Request<ClientBody>,
     mut rec: Box<Record>,
@@ -334,9 +144,33 @@ pub(crate) async fn forward(
     // No body at all: nothing to record, every try sends none, and a stale pooled connection
     // may send it again.
     let empty = body.is_end_stream();
+    let mut mirror_to = plan.mirror_to;
+    let mirror_head = if mirror_to.is_empty() {
+        None
+    } else if empty
+        || body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n as usize <= mirror::BODY_CAP)
+    {
+        Some(mirror::Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        })
+    } else {
+        // Over the mirrors' body cap, or of a length not told: not mirrored.
+        let route = rec.route.as_str().to_string();
+        for c in mirror_to.drain(..) {
+            let service = cluster.cfg.service.to_string();
+            dialer.metrics.mirrors.skipped(&route, &service, &c.key);
+        }
+        None
+    };
+    let mirrored = mirror_head.is_some();
     let mut first = Some(match plan.retry {
         _ if empty => UpBody::Empty,
-        Some(_) if small => {
+        _ if small && (plan.retry.is_some() || mirrored) => {
             let r = Replay::new(body, REPLAY_CAP);
             replay = r.replay();
             UpBody::Replay(r)
@@ -391,9 +225,9 @@ pub(crate) async fn forward(
             req.headers_mut().insert(X_TRELLIS_PEER.clone(), v.clone());
         }
         let outcome = match plan.faults {
-            [] => send_once(&ctx, &ep, req, h2, &mut rec, try_start, limit).await,
+            [] => send_once(&ctx, &ep, req, h2, &mut rec.connect, try_start, limit).await,
             faults => match fault::roll(faults, fault::draw) {
-                None => send_once(&ctx, &ep, req, h2, &mut rec, try_start, limit).await,
+                None => send_once(&ctx, &ep, req, h2, &mut rec.connect, try_start, limit).await,
                 Some(f) => Box::pin(faulty_try(f, &ctx, &ep, req, h2, &mut rec, limit, grpc)).await,
             },
         };
@@ -446,6 +280,27 @@ pub(crate) async fn forward(
             count_retry(dialer, &cluster, "budget_exhausted");
             rec.detail = Some("retry budget exhausted".into());
         }
+        if let Some(head) = &mirror_head {
+            let status = match &outcome {
+                Try::Response(r) => r.status().as_u16(),
+                Try::Failed(e) => e.status(),
+            };
+            let primary = mirror::Primary {
+                status,
+                first_byte: done.saturating_duration_since(try_start),
+            };
+            mirror_all(
+                dialer,
+                &cluster,
+                &mut mirror_to,
+                head,
+                empty,
+                replay.as_ref(),
+                &rec,
+                plan.peer_header,
+                primary,
+            );
+        }
         match outcome {
             Try::Failed(e) => {
                 cluster.report(&ep, e.class());
@@ -483,6 +338,47 @@ pub(crate) async fn forward(
     });
     drop(permit);
     local_reply(rec, &e, grpc)
+}
+
+/// Send the copies of a request whose last try ended as `primary` says (once: the list is
+/// emptied), each with the body recorded whole; without it they are skipped.
+#[allow(clippy::too_many_arguments)]
+fn mirror_all(
+    dialer: &Arc<Dialer>,
+    cluster: &Cluster,
+    to: &mut Vec<Arc<Cluster>>,
+    head: &mirror::Head,
+    empty: bool,
+    replay: Option<&Replay>,
+    rec: &Record,
+    peer_header: Option<&HeaderValue>,
+    primary: mirror::Primary,
+) {
+    let route: Arc<str> = rec.route.as_str().into();
+    let service = cluster.cfg.service.to_string();
+    for c in to.drain(..) {
+        let body = if empty {
+            Some(UpBody::Empty)
+        } else {
+            replay
+                .filter(|r| r.complete())
+                .and_then(Replay::replay)
+                .map(UpBody::Replay)
+        };
+        match body {
+            Some(b) => mirror::send(
+                dialer,
+                c,
+                route.clone(),
+                service.clone(),
+                head,
+                b,
+                peer_header.cloned(),
+                primary,
+            ),
+            None => dialer.metrics.mirrors.skipped(&route, &service, &c.key),
+        }
+    }
 }
 
 /// A try with faults injected: held for the delay (within its time limit, which a longer
@@ -538,7 +434,7 @@ async fn faulty_try(
         ));
     }
     let limit = limit.map(|(l, kind)| (l.saturating_sub(f.delay), kind));
-    send_once(ctx, ep, req, h2, rec, Instant::now(), limit).await
+    send_once(ctx, ep, req, h2, &mut rec.connect, Instant::now(), limit).await
 }
 
 /// Whether `ep` was reached at its proxy, whose own answers say so.

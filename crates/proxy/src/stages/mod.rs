@@ -7,6 +7,7 @@
 //! 3. [`policy`]: mutual TLS required, authorization (rate and concurrency limits later);
 //! 4. [`fault`]: a route's injected delays and aborts, rolled for each try inside
 //!    [`attempt`]'s retry loop;
+//!    [`mirror`]: a copy of a share of the requests to another backend, compared;
 //! 5. [`balance`]: the cluster's circuit breaker, then an endpoint;
 //! 6. [`attempt`]: the tries, with timeouts, retries within the budget and the replayed body;
 //! 7. [`respond`]: the proxy's own answer for a failure, or the upstream's relayed;
@@ -19,7 +20,9 @@
 
 pub(crate) mod attempt;
 pub(crate) mod balance;
+pub(crate) mod exchange;
 pub(crate) mod fault;
+pub(crate) mod mirror;
 pub(crate) mod policy;
 pub(crate) mod record;
 pub(crate) mod respond;

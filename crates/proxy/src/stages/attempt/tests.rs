@@ -3,7 +3,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use http::Method;
+use http::{header, Method};
+
+use crate::{
+    h1::{Conn, H1Error},
+    stages::exchange::prepare_resend,
+};
 use http_body_util::BodyExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
@@ -242,7 +247,7 @@ async fn upstream(statuses: Vec<u16>) -> (std::net::SocketAddr, Seen, Seen) {
 }
 
 /// A cluster of one endpoint at `addr`, the dialer and the telemetry (its log in a sink).
-fn fixture(addr: std::net::SocketAddr) -> (Dialer, Arc<Cluster>, Arc<Telemetry>, Sink) {
+fn fixture(addr: std::net::SocketAddr) -> (Arc<Dialer>, Arc<Cluster>, Arc<Telemetry>, Sink) {
     let mut reg = prometheus_client::registry::Registry::default();
     let metrics = Metrics::register(&mut reg);
     let cfg = ClusterConfig {
@@ -277,11 +282,11 @@ fn fixture(addr: std::net::SocketAddr) -> (Dialer, Arc<Cluster>, Arc<Telemetry>,
         spans: None,
         trace_sampling: 0.0,
     });
-    let dialer = Dialer {
+    let dialer = Arc::new(Dialer {
         metrics,
         tls: None,
         mark: None,
-    };
+    });
     (dialer, cluster, telemetry, sink)
 }
 
@@ -306,6 +311,7 @@ fn plan(
         response_headers: None,
         peer_header: None,
         faults: &[],
+        mirror_to: Vec::new(),
     }
 }
 
@@ -403,6 +409,7 @@ async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
         response_headers: None,
         peer_header: None,
         faults: &[],
+        mirror_to: Vec::new(),
     };
     let mut req = Request::new(chunks(&[b"pay", b"load"]));
     *req.method_mut() = Method::POST;

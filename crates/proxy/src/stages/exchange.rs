@@ -1,0 +1,214 @@
+//! Stage `exchange`: one try's exchange with one endpoint, for [`super::attempt`]'s tries and
+//! [`super::mirror`]'s copies: a connection from the endpoint's pool (or a new one), the
+//! request sent, the response head read within the try's time limit. An HTTP/1.1 request
+//! that meets a pooled connection the server just closed is sent once more on a fresh one.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http::{
+    header,
+    uri::{Authority, PathAndQuery, Scheme},
+    HeaderValue, Request, Response, StatusCode, Uri, Version,
+};
+
+use crate::{
+    cluster::Endpoint,
+    error::{Error, Kind},
+    h1::{self, Conn, H1Body, H1Error},
+    http::body::{UpBody, UpstreamBody},
+    pool::{ConnectCtx, Sender},
+};
+
+/// The request for one try. `last` says no try follows, so the headers can be moved rather
+/// than copied. URI parts are `Bytes`-backed: cloning them does not copy.
+pub(crate) fn upstream_request(
+    parts: &mut http::request::Parts,
+    body: UpBody,
+    h2: bool,
+    last: bool,
+) -> Request<UpBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.headers_mut() = if last {
+        std::mem::take(&mut parts.headers)
+    } else {
+        parts.headers.clone()
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.path_and_query = Some(path);
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        let host = req.headers_mut().remove(header::HOST);
+        let authority = parts.uri.authority().cloned().or_else(|| {
+            host.and_then(|h| {
+                Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(h.as_bytes())).ok()
+            })
+        });
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority.unwrap_or_else(|| Authority::from_static("upstream")));
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+    }
+    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+    req
+}
+
+// A short-lived value on the stack: boxing the response would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Try {
+    Response(Response<UpstreamBody>),
+    Failed(Error),
+}
+
+/// One try: a connection from the pool (or a new one), the request sent, the response head
+/// read, all within `limit` (its length, and whether it is the idle timeout); `connect` set
+/// to the time a new connection took.
+pub(crate) async fn send_once(
+    ctx: &ConnectCtx<'_>,
+    ep: &Arc<Endpoint>,
+    req: Request<UpBody>,
+    h2: bool,
+    connect: &mut Option<Duration>,
+    began: Instant,
+    limit: Option<(Duration, Kind)>,
+) -> Try {
+    let within = limit.map(|l| l.0);
+    let (sender, took) = match ep.pool.checkout(h2, ctx, began, within).await {
+        Ok(s) => s,
+        Err(e) => return Try::Failed(e),
+    };
+    *connect = Some(took);
+    match sender {
+        Sender::H1(conn) => send_h1(ep, conn, req, ctx, connect, began, limit).await,
+        Sender::H2(s) => match limit {
+            Some((l, kind)) => tokio::time::timeout(l, send_h2(ep, s, req))
+                .await
+                .unwrap_or_else(|_| Try::Failed(timed_out(ep, l, kind))),
+            None => send_h2(ep, s, req).await,
+        },
+    }
+}
+
+pub(crate) fn exchange_failed(ep: &Endpoint, cause: impl Into<crate::error::BoxError>) -> Error {
+    Error::with_cause(
+        Kind::Exchange,
+        format!("request to {}", ep.pool.describe(ep.target)),
+        cause,
+    )
+}
+
+async fn send_h2(
+    ep: &Endpoint,
+    mut s: hyper::client::conn::http2::SendRequest<UpBody>,
+    req: Request<UpBody>,
+) -> Try {
+    let sent = match s.ready().await {
+        Ok(()) => s.send_request(req).await,
+        Err(e) => Err(e),
+    };
+    match sent {
+        Ok(r) => Try::Response(r.map(UpstreamBody::H2)),
+        Err(e) => Try::Failed(exchange_failed(ep, e)),
+    }
+}
+
+/// One HTTP/1.1 exchange. A pooled connection may have been closed by the server just as we
+/// picked it; an idempotent request is then sent once more on a fresh connection.
+async fn send_h1(
+    ep: &Arc<Endpoint>,
+    mut conn: Box<Conn>,
+    mut req: Request<UpBody>,
+    ctx: &ConnectCtx<'_>,
+    connect: &mut Option<Duration>,
+    began: Instant,
+    limit: Option<(Duration, Kind)>,
+) -> Try {
+    // The connection's own timer bounds the wait: no timer is made per request.
+    let wait = match limit {
+        None => h1::Wait::Forever,
+        Some((l, Kind::Idle)) => h1::Wait::Idle(l),
+        Some((l, _)) => h1::Wait::Until(began + l),
+    };
+    let mut result = h1::exchange(&mut conn, &mut req, wait, began).await;
+    if let Err(e) = &result {
+        if conn.is_reused() && prepare_resend(e, &mut req) {
+            drop(conn);
+            let start = Instant::now();
+            // Boxed for the same reason as in `Pool::checkout`.
+            conn = match Box::pin(ep.pool.connect_h1(ctx)).await {
+                Ok(c) => c,
+                Err(e) => return Try::Failed(e),
+            };
+            *connect = Some(start.elapsed());
+            result = h1::exchange(&mut conn, &mut req, wait, began).await;
+        }
+    }
+    match result {
+        Ok(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => Try::Failed(Error::new(
+            Kind::Protocol,
+            format!("{} switched protocols unasked", ep.pool.describe(ep.target)),
+        )),
+        Ok(head) => {
+            let body = H1Body::new(&head, conn, ep.pool.idle().clone(), began);
+            let mut resp = Response::new(UpstreamBody::H1(body));
+            *resp.status_mut() = head.status;
+            *resp.headers_mut() = head.headers;
+            Try::Response(resp)
+        }
+        Err(H1Error::TimedOut) => {
+            let (l, kind) = limit.unwrap_or((Duration::ZERO, Kind::Timeout));
+            Try::Failed(timed_out(ep, l, kind))
+        }
+        Err(e) => Try::Failed(exchange_failed(ep, e)),
+    }
+}
+
+/// After a pooled connection failed with `err`, make `req` ready to be sent again on a fresh
+/// one: only when the connection had simply gone stale, the method is idempotent and the body
+/// can be sent again.
+pub(crate) fn prepare_resend(err: &H1Error, req: &mut Request<UpBody>) -> bool {
+    if !err.is_stale() || !h1::idempotent(req.method()) {
+        return false;
+    }
+    let again = match std::mem::replace(req.body_mut(), UpBody::Empty) {
+        UpBody::Empty => Some(UpBody::Empty),
+        UpBody::Replay(r) => r.replay().map(UpBody::Replay),
+        UpBody::Incoming(_) => None,
+    };
+    match again {
+        Some(body) => {
+            *req.body_mut() = body;
+            true
+        }
+        None => false,
+    }
+}
+
+pub(crate) fn timed_out(ep: &Endpoint, limit: Duration, kind: Kind) -> Error {
+    let who = ep.pool.describe(ep.target);
+    let msg = match kind {
+        Kind::Idle => format!(
+            "no response from {who} within {limit:?} (the idle timeout; a route's \
+             timeouts.request replaces it)"
+        ),
+        _ => format!("no response from {who} within {limit:?}"),
+    };
+    Error::new(kind, msg)
+}
