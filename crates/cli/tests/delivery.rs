@@ -774,3 +774,36 @@ async fn outbound_requests(p: &ProxyProcess) -> f64 {
 fn stat_of_test(cp: &ControlProcess) -> String {
     ok(cli(cp, &["stat", "-n", "test"]))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_do_not_count_against_a_canary() {
+    // One request in five aborted by the route's own fault filter, to both versions: the
+    // rollout's analysis reads what the applications answered, so the canary is promoted.
+    let d = delivery(Canary::Good).await;
+    apply_ok(
+        &d.cp,
+        faulty_route(
+            "            - abort: { percent: 20, httpStatus: 500 }\n",
+            "{ attempts: 0, codes: [503] }",
+        ),
+    )
+    .await;
+    let traffic = Traffic::start(d.caller.outbound);
+    shift(
+        &d.cp,
+        &[
+            "svc/catalog",
+            "--to",
+            "catalog-v2",
+            "--steps",
+            "20,50",
+            "--interval",
+            "2s",
+            "--min-requests",
+            "20",
+        ],
+    );
+    let done = phase(&d.cp, "succeeded", Duration::from_secs(60)).await;
+    traffic.stop().await;
+    assert_eq!(history(&done), ["started", "step", "succeeded"], "{done:#}");
+}
