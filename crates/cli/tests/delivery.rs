@@ -193,20 +193,6 @@ async fn phase(cp: &ControlProcess, phase: &str, within: Duration) -> serde_json
     }
 }
 
-/// Wait until the pane's `css` shows `want`.
-async fn pane_text(b: &trellis_test_support::browser::Browser, css: &str, want: &str) -> String {
-    eventually(
-        &format!("{css} shows {want:?}"),
-        Duration::from_secs(20),
-        async || {
-            let id = b.find(css).await.ok()?;
-            let t = b.text(&id).await.ok()?;
-            t.contains(want).then_some(t)
-        },
-    )
-    .await
-}
-
 /// The weights of the route `test/catalog`'s backends, by name.
 async fn weights(cp: &ControlProcess) -> Vec<(String, u64)> {
     let (_, r) = cp
@@ -442,7 +428,7 @@ async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it()
         assert_eq!(st, 200, "{link}");
         let url = format!("http://{}{}", d.cp.api, link["path"].as_str().unwrap());
         browser.goto(&url).await.unwrap();
-        pane_text(
+        wait_text(
             &browser,
             "#rollouts",
             "catalog-v1 → catalog-v2: progressing, canary at 10 %",
@@ -461,13 +447,13 @@ async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it()
         })
         .await;
         assert_eq!(asked, "pause rollout test/catalog?");
-        pane_text(
+        wait_text(
             &browser,
             "#rollout-result",
             "done: pause rollout test/catalog",
         )
         .await;
-        pane_text(&browser, "#rollouts", "paused, canary at 10 %").await;
+        wait_text(&browser, "#rollouts", "paused, canary at 10 %").await;
     } else {
         shift(&d.cp, &["pause", "svc/catalog"]);
     }

@@ -91,20 +91,6 @@ return { first_ms: first, update_ms: update, nodes: document.querySelectorAll("#
   edges_drawn: document.querySelectorAll("#topology .edge").length, summary: document.getElementById("summary").textContent };
 "##;
 
-/// Poll the page until `css` selects an element whose text contains `want`.
-async fn wait_text(b: &Browser, css: &str, want: &str) -> String {
-    eventually(
-        &format!("{css} shows {want:?}"),
-        Duration::from_secs(20),
-        async || {
-            let id = b.find(css).await.ok()?;
-            let t = b.text(&id).await.ok()?;
-            t.contains(want).then_some(t)
-        },
-    )
-    .await
-}
-
 #[tokio::test]
 async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     let Some(browser) = Browser::start().await else {

@@ -619,13 +619,11 @@ fn attach_routes(
         }
         for (pi, parent) in route.parent_refs.iter().enumerate() {
             let line = parent.name.referenced.line();
-            let pid = NamespacedName {
-                namespace: parent
-                    .namespace
-                    .clone()
-                    .unwrap_or(res.metadata.namespace.clone()),
-                name: parent.name.value.clone(),
-            };
+            let pid = ref_id(
+                &parent.namespace,
+                &parent.name.value,
+                &res.metadata.namespace,
+            );
             let f = field(&format!("spec.parentRefs[{pi}].name"));
             let Some(svc) = services.get(&pid).filter(|_| parent.kind == "Service") else {
                 return Err(ConfigError::invalid(
@@ -800,6 +798,14 @@ fn match_config(
     })
 }
 
+/// What a reference names: `name` in `namespace`, the referring resource's by default.
+fn ref_id(namespace: &Option<String>, name: &str, default: &str) -> NamespacedName {
+    NamespacedName {
+        namespace: namespace.clone().unwrap_or_else(|| default.to_string()),
+        name: name.to_string(),
+    }
+}
+
 fn rule_config(
     ix: &Index<'_>,
     res: &Resource,
@@ -813,13 +819,7 @@ fn rule_config(
     let mut backends = Vec::new();
     for (bi, b) in rule.backend_refs.iter().enumerate() {
         let line = b.name.referenced.line();
-        let id = NamespacedName {
-            namespace: b
-                .namespace
-                .clone()
-                .unwrap_or(res.metadata.namespace.clone()),
-            name: b.name.value.clone(),
-        };
+        let id = ref_id(&b.namespace, &b.name.value, &res.metadata.namespace);
         let f = field(&format!("backendRefs[{bi}].name"));
         let Some((_, svc)) = ix.services.get(&id).filter(|_| b.kind == "Service") else {
             return Err(ConfigError::invalid(
@@ -873,13 +873,7 @@ fn rule_config(
                 let f = |x: &str| field(&format!("filters[{fi}].requestMirror{x}"));
                 let bad = |x: &str, m: String| ConfigError::invalid(ix.file, res.line, f(x), m);
                 let b = &mirror.backend_ref;
-                let id = NamespacedName {
-                    namespace: b
-                        .namespace
-                        .clone()
-                        .unwrap_or(res.metadata.namespace.clone()),
-                    name: b.name.value.clone(),
-                };
+                let id = ref_id(&b.namespace, &b.name.value, &res.metadata.namespace);
                 let Some((_, svc)) = ix.services.get(&id).filter(|_| b.kind == "Service") else {
                     return Err(bad(".backendRef.name", format!("Service {id} not found")));
                 };

@@ -244,3 +244,22 @@ pub async fn until_answered(via: SocketAddr, host: &str) {
     )
     .await;
 }
+
+/// Wait until the page's `css` shows `want` (in a real browser); its text.
+#[allow(dead_code)]
+pub async fn wait_text(
+    b: &trellis_test_support::browser::Browser,
+    css: &str,
+    want: &str,
+) -> String {
+    eventually(
+        &format!("{css} shows {want:?}"),
+        std::time::Duration::from_secs(20),
+        async || {
+            let id = b.find(css).await.ok()?;
+            let t = b.text(&id).await.ok()?;
+            t.contains(want).then_some(t)
+        },
+    )
+    .await
+}
