@@ -542,6 +542,40 @@ async fn faults_are_injected_into_each_try_inside_the_retries_and_blamed_on_nobo
     // 2.7 % expected (10.8 of 400); without the retries it would be 30 %.
     assert!((1..=32).contains(&failed), "{failed} of {n} failed");
 
+    // Delays on 40 % of the tries (400 requests, no retries): counted by the proxy, within
+    // bounds, and each delayed request took the delay at least.
+    apply_ok(
+        &d.cp,
+        faulty_route(
+            "            - delay: { percent: 40, duration: 20ms }\n",
+            "{ attempts: 0, codes: [503] }",
+        ),
+    )
+    .await;
+    let delays = async || {
+        let m = d.caller.metrics().await;
+        trellis_test_support::sum_metric(&m, "trellis_faults_injected_total", &[("fault", "delay")])
+    };
+    eventually("the delay applies", Duration::from_secs(10), async || {
+        let _ = client::get_full(to, "catalog.test", "/", &[]).await.ok()?;
+        (delays().await > 0.0).then_some(())
+    })
+    .await;
+    let before = delays().await;
+    let mut slow = 0;
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        let r = client::get_full(to, "catalog.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        slow += usize::from(started.elapsed() >= Duration::from_millis(20));
+    }
+    let delayed = (delays().await - before) as usize;
+    // 160 expected; 6 standard deviations (59) either way.
+    assert!((101..=219).contains(&delayed), "{delayed} of {n} delayed");
+    assert!(slow >= delayed, "{slow} took the delay, {delayed} delayed");
+
     // Delays count inside the try's time: one longer than the per-try timeout times the try
     // out as a slow upstream would, and it is retried, but its class is still `injected`.
     apply_ok(

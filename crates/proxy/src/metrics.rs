@@ -108,6 +108,15 @@ pub(crate) struct RetryLabels {
     pub(crate) outcome: &'static str,
 }
 
+/// Labels of injected faults.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct FaultLabels {
+    /// Route.
+    pub(crate) route: String,
+    /// `delay` or `abort`.
+    pub(crate) fault: &'static str,
+}
+
 /// Labels of ejections.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct EndpointLabels {
@@ -153,6 +162,8 @@ pub(crate) struct Metrics {
     pub(crate) pool_connects: Family<EndpointLabels, Counter>,
     /// Retries.
     pub(crate) retries: Family<RetryLabels, Counter>,
+    /// Faults injected by routes' fault filters, by try.
+    pub(crate) faults: Family<FaultLabels, Counter>,
     /// Ejections.
     pub(crate) ejections: Family<EndpointLabels, Counter>,
     /// Currently ejected endpoints.
@@ -255,6 +266,7 @@ impl Metrics {
             pool_open: Family::default(),
             pool_connects: Family::default(),
             retries: Family::default(),
+            faults: Family::default(),
             ejections: Family::default(),
             ejected: Family::default(),
             overflows: Family::default(),
@@ -319,6 +331,11 @@ impl Metrics {
             m.pool_connects.clone(),
         );
         reg.register("retries", "Retry decisions (unstable)", m.retries.clone());
+        reg.register(
+            "faults_injected",
+            "Tries delayed or aborted by a route's trellis.dev/Fault filter (unstable)",
+            m.faults.clone(),
+        );
         reg.register(
             "outlier_ejections",
             "Endpoints ejected by outlier detection (unstable)",

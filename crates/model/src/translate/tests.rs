@@ -839,3 +839,59 @@ fn fault_filters_translate_in_order_and_bad_ones_name_their_field() {
     let e = err(&mesh("            - drop: { percent: 5 }\n")).to_string();
     assert!(e.contains("unknown field `drop`"), "{e}");
 }
+
+#[test]
+fn mirrors_take_percent_or_fraction_and_name_their_field() {
+    let mesh = |mirror: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: a, namespace: shop }}\nspec:\n  ports: [{{ port: 80 }}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: b, namespace: shop }}\nspec:\n  ports: [{{ port: 80 }}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: r, namespace: shop }}\nspec:\n  parentRefs: [{{ name: a, port: 80 }}]\n  rules:\n    - backendRefs: [{{ name: a, port: 80 }}]\n      filters:\n        - type: RequestMirror\n          requestMirror:\n{mirror}")
+    };
+    let per_million = |m: &str| {
+        let res = parse_documents("t.yaml", &mesh(m)).unwrap();
+        let cfg = translate("t.yaml", &res, None).unwrap();
+        let r = &cfg.services[&nn("shop/a")].ports[0].routes[0];
+        assert_eq!(r.mirrors[0].cluster, "shop/b:80");
+        r.mirrors[0].per_million
+    };
+    let to_b = "            backendRef: { name: b, port: 80 }\n";
+    assert_eq!(
+        per_million(&format!("{to_b}            percent: 10\n")),
+        100_000
+    );
+    assert_eq!(
+        per_million(&format!(
+            "{to_b}            fraction: {{ numerator: 1, denominator: 3 }}\n"
+        )),
+        333_333
+    );
+    assert_eq!(
+        per_million(&format!("{to_b}            fraction: {{ numerator: 5 }}\n")),
+        50_000
+    );
+    assert_eq!(per_million(to_b), 1_000_000);
+    for (m, field, why) in [
+        (
+            format!("{to_b}            fraction: {{ numerator: 3, denominator: 2 }}\n"),
+            "requestMirror.fraction",
+            "numerator",
+        ),
+        (
+            format!("{to_b}            percent: 101\n"),
+            "requestMirror.percent",
+            "from 0 to 100",
+        ),
+        (
+            "            backendRef: { name: c, port: 80 }\n".to_string(),
+            "requestMirror.backendRef.name",
+            "Service shop/c not found",
+        ),
+    ] {
+        let e = err(&mesh(&m)).to_string();
+        assert!(
+            e.contains(&format!(
+                "HTTPRoute shop/r: spec.rules[0].filters[0].{field}"
+            )),
+            "{e}"
+        );
+        assert!(e.contains(why), "{e}");
+    }
+}

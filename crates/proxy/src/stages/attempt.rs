@@ -228,7 +228,10 @@ pub(crate) async fn forward(
             [] => send_once(&ctx, &ep, req, h2, &mut rec.connect, try_start, limit).await,
             faults => match fault::roll(faults, fault::draw) {
                 None => send_once(&ctx, &ep, req, h2, &mut rec.connect, try_start, limit).await,
-                Some(f) => Box::pin(faulty_try(f, &ctx, &ep, req, h2, &mut rec, limit, grpc)).await,
+                Some(f) => {
+                    count_faults(dialer, &rec, f);
+                    Box::pin(faulty_try(f, &ctx, &ep, req, h2, &mut rec, limit, grpc)).await
+                }
             },
         };
         let done = Instant::now();
@@ -440,6 +443,18 @@ async fn faulty_try(
 /// Whether `ep` was reached at its proxy, whose own answers say so.
 fn peer_proxy(ep: &Endpoint) -> bool {
     ep.target != ep.cfg.addr
+}
+
+fn count_faults(dialer: &Dialer, rec: &Record, f: fault::Rolled) {
+    for (fault, on) in [("delay", !f.delay.is_zero()), ("abort", f.abort.is_some())] {
+        if on {
+            let labels = crate::metrics::FaultLabels {
+                route: rec.route.as_str().to_string(),
+                fault,
+            };
+            dialer.metrics.faults.get_or_create(&labels).inc();
+        }
+    }
 }
 
 fn count_retry(dialer: &Dialer, cluster: &Cluster, outcome: &'static str) {
