@@ -156,7 +156,7 @@ async fn stable_backend(api: &Api, ns: &str, service: &str, canary: &str) -> Res
                 None,
             )
             .await?;
-        for r in v["items"].as_array().or(v.as_array()).into_iter().flatten() {
+        for r in v["items"].as_array().into_iter().flatten() {
             let parents = r["spec"]["parentRefs"].as_array().into_iter().flatten();
             if !parents.into_iter().any(|p| p["name"] == service) {
                 continue;

@@ -423,11 +423,23 @@ impl Rollouts {
             None => Vec::new(),
         };
         let pct = spec.analysis.latency_percentile;
-        let (canary, stable) = match self.fleet.window(window_ms, at_ms, others) {
-            Ok(w) => (
-                judge::side(&w, &workloads_of(state, id, &spec.canary), pct),
-                judge::side(&w, &workloads_of(state, id, &spec.stable), pct),
-            ),
+        let (fleet, canary, stable) = (
+            self.fleet.clone(),
+            workloads_of(state, id, &spec.canary),
+            workloads_of(state, id, &spec.stable),
+        );
+        // The whole fleet's window is built and read off the runtime's threads, as the
+        // API's fleet queries are.
+        let figures = tokio::task::spawn_blocking(move || {
+            let w = fleet
+                .window(window_ms, at_ms, others)
+                .map_err(|e| e.to_string())?;
+            Ok((judge::side(&w, &canary, pct), judge::side(&w, &stable, pct)))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let (canary, stable) = match figures {
+            Ok(sides) => sides,
             Err(e) => {
                 return Analysis {
                     at_ms,

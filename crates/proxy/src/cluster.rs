@@ -209,7 +209,7 @@ impl Endpoint {
             environment: self.environment.clone(),
             locality: self.locality.clone(),
             endpoint: Some(self.target),
-            mtls: self.target != self.cfg.addr,
+            mtls: self.via_peer_proxy(),
         }
     }
 
@@ -239,6 +239,12 @@ impl Endpoint {
             timed: std::sync::atomic::AtomicBool::new(false),
             outlier: Mutex::new(Outlier::default()),
         }
+    }
+
+    /// Whether it is reached at its workload's proxy (whose own answers say so), not at
+    /// the application directly.
+    pub(crate) fn via_peer_proxy(&self) -> bool {
+        self.target != self.cfg.addr
     }
 
     /// Requests in flight.
@@ -439,6 +445,14 @@ impl Cluster {
     }
 
     /// What an endpoint pool of this cluster needs to open a connection.
+    /// Whether its protocol is HTTP/2 (gRPC included) end to end.
+    pub(crate) fn http2(&self) -> bool {
+        matches!(
+            self.cfg.protocol,
+            trellis_model::resource::Protocol::Http2 | trellis_model::resource::Protocol::Grpc
+        )
+    }
+
     pub(crate) fn connect_ctx<'a>(&'a self, dialer: &'a Dialer) -> ConnectCtx<'a> {
         ConnectCtx {
             timeout: self.cfg.policy.connect_timeout,

@@ -15,10 +15,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
 use tokio::io::AsyncWriteExt as _;
-use trellis_model::{
-    proxy::{FaultConfig, HeaderEdits, RetryConfig},
-    resource::Protocol,
-};
+use trellis_model::proxy::{FaultConfig, HeaderEdits, RetryConfig};
 
 use crate::{
     cluster::{Cluster, Endpoint},
@@ -33,10 +30,10 @@ use crate::{
     pool::{ConnectCtx, Dialer},
     stages::{
         balance,
-        exchange::{exchange_failed, send_once, upstream_request, Try},
+        exchange::{exchange_failed, peer_answer, send_once, upstream_request, Try},
         fault, mirror,
         record::Record,
-        respond::{local_reply, peer_class, relay},
+        respond::{local_reply, relay},
     },
 };
 
@@ -128,7 +125,7 @@ pub(crate) async fn forward(
 ) -> Response<ProxyBody> {
     let cluster = plan.cluster;
     let deadline = plan.timeout.map(|t| rec.start + t);
-    let h2 = matches!(cluster.cfg.protocol, Protocol::Http2 | Protocol::Grpc);
+    let h2 = cluster.http2();
     cluster.budget.deposit(rec.start);
     let permit = match balance::admit(&cluster).await {
         Ok(p) => p,
@@ -160,11 +157,7 @@ pub(crate) async fn forward(
         })
     } else {
         // Over the mirrors' body cap, or of a length not told: not mirrored.
-        let route = rec.route.as_str().to_string();
-        for c in mirror_to.drain(..) {
-            let service = cluster.cfg.service.to_string();
-            dialer.metrics.mirrors.skipped(&route, &service, &c.key);
-        }
+        skip_mirrors(dialer, &cluster, &mut mirror_to, &rec);
         None
     };
     let mirrored = mirror_head.is_some();
@@ -221,7 +214,7 @@ pub(crate) async fn forward(
             let tp = rec.begin_try(try_start.saturating_duration_since(rec.start));
             req.headers_mut().insert(TRACEPARENT.clone(), tp);
         }
-        if let (true, Some(v)) = (peer_proxy(&ep), plan.peer_header) {
+        if let (true, Some(v)) = (ep.via_peer_proxy(), plan.peer_header) {
             req.headers_mut().insert(X_TRELLIS_PEER.clone(), v.clone());
         }
         let outcome = match plan.faults {
@@ -240,11 +233,7 @@ pub(crate) async fn forward(
         let (class, grpc_code, peer) = match &outcome {
             Try::Response(r) => {
                 ep.observe_latency(done.saturating_duration_since(try_start), done);
-                let peer = if ep.target != ep.cfg.addr {
-                    peer_class(r.headers())
-                } else {
-                    None
-                };
+                let peer = peer_answer(&ep, r.headers());
                 let code = if grpc { grpc_status(r.headers()) } else { None };
                 let class = peer.unwrap_or_else(|| {
                     code.map_or_else(
@@ -329,7 +318,13 @@ pub(crate) async fn forward(
                     deadline.zip(plan.timeout).map(|(d, t)| (d.into(), t)),
                     plan.idle,
                 );
-                return relay(resp, rec, plan.response_headers, limits, peer_proxy(&ep));
+                return relay(
+                    resp,
+                    rec,
+                    plan.response_headers,
+                    limits,
+                    ep.via_peer_proxy(),
+                );
             }
         }
     }
@@ -341,6 +336,17 @@ pub(crate) async fn forward(
     });
     drop(permit);
     local_reply(rec, &e, grpc)
+}
+
+/// Count the copies left in `to` as skipped (and empty it).
+fn skip_mirrors(dialer: &Dialer, cluster: &Cluster, to: &mut Vec<Arc<Cluster>>, rec: &Record) {
+    if to.is_empty() {
+        return;
+    }
+    let (route, service) = (rec.route.as_str(), cluster.cfg.service.to_string());
+    for c in to.drain(..) {
+        dialer.metrics.mirrors.skipped(route, &service, &c.key);
+    }
 }
 
 /// Send the copies of a request whose last try ended as `primary` says (once: the list is
@@ -357,30 +363,28 @@ fn mirror_all(
     peer_header: Option<&HeaderValue>,
     primary: mirror::Primary,
 ) {
+    // The body, if any, must have been read whole and kept.
+    let replay = replay.filter(|r| r.complete());
+    if !empty && replay.is_none() {
+        return skip_mirrors(dialer, cluster, to, rec);
+    }
     let route: Arc<str> = rec.route.as_str().into();
     let service = cluster.cfg.service.to_string();
     for c in to.drain(..) {
-        let body = if empty {
-            Some(UpBody::Empty)
-        } else {
-            replay
-                .filter(|r| r.complete())
-                .and_then(Replay::replay)
-                .map(UpBody::Replay)
+        let body = match replay.and_then(Replay::replay) {
+            Some(r) => UpBody::Replay(r),
+            None => UpBody::Empty,
         };
-        match body {
-            Some(b) => mirror::send(
-                dialer,
-                c,
-                route.clone(),
-                service.clone(),
-                head,
-                b,
-                peer_header.cloned(),
-                primary,
-            ),
-            None => dialer.metrics.mirrors.skipped(&route, &service, &c.key),
-        }
+        mirror::send(
+            dialer,
+            c,
+            route.clone(),
+            service.clone(),
+            head,
+            body,
+            peer_header.cloned(),
+            primary,
+        );
     }
 }
 
@@ -438,11 +442,6 @@ async fn faulty_try(
     }
     let limit = limit.map(|(l, kind)| (l.saturating_sub(f.delay), kind));
     send_once(ctx, ep, req, h2, &mut rec.connect, Instant::now(), limit).await
-}
-
-/// Whether `ep` was reached at its proxy, whose own answers say so.
-fn peer_proxy(ep: &Endpoint) -> bool {
-    ep.target != ep.cfg.addr
 }
 
 fn count_faults(dialer: &Dialer, rec: &Record, f: fault::Rolled) {

@@ -212,3 +212,16 @@ pub(crate) fn timed_out(ep: &Endpoint, limit: Duration, kind: Kind) -> Error {
     };
     Error::new(kind, msg)
 }
+
+/// The class a peer's proxy gave its own answer (`x-trellis-failure`), believed only from
+/// an endpoint reached at its proxy.
+pub(crate) fn peer_answer(
+    ep: &Endpoint,
+    headers: &http::HeaderMap,
+) -> Option<crate::error::FailureClass> {
+    if ep.via_peer_proxy() {
+        super::respond::peer_class(headers)
+    } else {
+        None
+    }
+}

@@ -115,14 +115,10 @@ async fn exchange(
         Err(e) => return (0, e.class(), start.elapsed()),
     };
     let ctx = cluster.connect_ctx(dialer);
-    let h2 = matches!(
-        cluster.cfg.protocol,
-        trellis_model::resource::Protocol::Http2 | trellis_model::resource::Protocol::Grpc
-    );
-    let h2 = ep.pool.uses_h2(h2, &ctx);
+    let h2 = ep.pool.uses_h2(cluster.http2(), &ctx);
     let (mut parts, body) = req.into_parts();
     let mut req = super::exchange::upstream_request(&mut parts, body, h2, true);
-    if let (true, Some(v)) = (ep.target != ep.cfg.addr, peer_header) {
+    if let (true, Some(v)) = (ep.via_peer_proxy(), peer_header) {
         req.headers_mut()
             .insert(crate::http::X_TRELLIS_PEER.clone(), v);
     }
@@ -143,12 +139,8 @@ async fn exchange(
         super::exchange::Try::Failed(e) => (0, e.class(), took),
         super::exchange::Try::Response(r) => {
             let status = r.status().as_u16();
-            let class = if ep.target != ep.cfg.addr {
-                super::respond::peer_class(r.headers())
-            } else {
-                None
-            }
-            .unwrap_or_else(|| FailureClass::from_status(status));
+            let class = super::exchange::peer_answer(&ep, r.headers())
+                .unwrap_or_else(|| FailureClass::from_status(status));
             // Read to the end (a pooled connection is reused only then), within the time.
             let body = crate::http::body::ProxyBody::upstream(
                 r.into_body(),

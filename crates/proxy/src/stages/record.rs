@@ -228,7 +228,7 @@ impl Record {
             self.endpoint = Some(ep.clone());
         }
         self.upstream = Some(ep.target);
-        self.upstream_app = (ep.target != ep.cfg.addr).then_some(ep.cfg.addr);
+        self.upstream_app = ep.via_peer_proxy().then_some(ep.cfg.addr);
         self.dst_workload = ep.workload.clone();
         self.dst_identity = ep.identity.clone();
         self.dst_environment = ep.cfg.environment.as_str();
