@@ -328,6 +328,9 @@ pub(crate) async fn forward(
             }
         }
     }
+    // No try came to an end (no endpoint, or a body that cannot be sent again): the copies
+    // are not sent, and say so.
+    skip_mirrors(dialer, &cluster, &mut mirror_to, &rec);
     let e = last_failure.unwrap_or_else(|| {
         Error::new(
             Kind::NoEndpoint,
