@@ -434,14 +434,20 @@ async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it()
             "catalog-v1 → catalog-v2: progressing, canary at 10 %",
         )
         .await;
-        let pause = eventually("the pause button", Duration::from_secs(10), async || {
-            browser
-                .find(r#"button.rollout-act[data-action="pause"]"#)
-                .await
-                .ok()
-        })
+        // The list is drawn again on every push from the control plane: a button found
+        // just before a push is gone by the click, and is found again.
+        eventually(
+            "the pause button clicked",
+            Duration::from_secs(10),
+            async || {
+                let pause = browser
+                    .find(r#"button.rollout-act[data-action="pause"]"#)
+                    .await
+                    .ok()?;
+                browser.click(&pause).await.ok()
+            },
+        )
         .await;
-        browser.click(&pause).await.unwrap();
         let asked = eventually("the confirmation", Duration::from_secs(5), async || {
             browser.accept_dialog().await.ok()
         })
