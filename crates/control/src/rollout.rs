@@ -115,6 +115,8 @@ pub(crate) struct Change {
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Analysis {
     at_ms: u64,
+    /// The step it judged (an analysis of a step passed is not the next step's).
+    step: usize,
     verdict: Verdict,
     message: String,
     canary: Side,
@@ -379,12 +381,12 @@ impl Rollouts {
                     p.step = next;
                     p.weight = spec.steps[next];
                     p.step_started_ms = now_ms();
-                    p.note("step", message);
+                    p.note("step", format!("passed: {message}"));
                 } else {
                     p.step = spec.steps.len() - 1;
                     p.weight = 100;
                     p.phase = Phase::Succeeded;
-                    p.note("succeeded", message);
+                    p.note("succeeded", format!("passed: {message}"));
                 }
                 tracing::info!(rollout = %id, weight = p.weight, phase = ?p.phase, "rollout moved on");
                 self.commit(state, id, spec, &p, expect).await
@@ -404,6 +406,7 @@ impl Rollouts {
         if routes(state, id, spec).is_empty() {
             return Analysis {
                 at_ms,
+                step: p.step,
                 verdict: Verdict::Hold,
                 message: format!(
                     "no HTTPRoute or GRPCRoute of {} has Service {} as a parent and {} among its backends: write one, or name it in spec.routes",
@@ -443,6 +446,7 @@ impl Rollouts {
             Err(e) => {
                 return Analysis {
                     at_ms,
+                    step: p.step,
                     verdict: Verdict::Hold,
                     message: format!("no figures: {e}"),
                     canary: Side::default(),
@@ -454,6 +458,7 @@ impl Rollouts {
         let (verdict, message) = judge::judge(&spec.analysis, &canary, &stable, held);
         Analysis {
             at_ms,
+            step: p.step,
             verdict,
             message,
             canary,
@@ -510,8 +515,10 @@ impl Rollouts {
                 weight: p.as_ref().map_or(0, |p| p.weight),
                 step_started_ms: p.as_ref().map_or(0, |p| p.step_started_ms),
                 reason: p.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
-                analysis: analysis
-                    .filter(|_| p.as_ref().is_some_and(|p| p.phase == Phase::Progressing)),
+                analysis: analysis.filter(|a| {
+                    p.as_ref()
+                        .is_some_and(|p| p.phase == Phase::Progressing && p.step == a.step)
+                }),
                 history: p.map(|p| p.history).unwrap_or_default(),
             });
         }

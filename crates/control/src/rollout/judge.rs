@@ -163,7 +163,7 @@ pub(crate) fn judge(
         (Some(c), None) => format!("p{p} {c:.1} ms (no stable traffic to compare)"),
         _ => "no latency recorded".to_string(),
     };
-    (Verdict::Pass, format!("passed: {rates}; {latency}"))
+    (Verdict::Pass, format!("{rates}; {latency}"))
 }
 
 /// Wilson's score interval of `k` successes in `n`, at [`Z`]: (low, high).
