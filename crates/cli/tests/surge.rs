@@ -307,16 +307,16 @@ async fn a_caller_over_its_rate_limit_drains_nobody_elses_share() {
 /// `test/busy` on two workloads whose limit is 1 in flight each, in front of applications
 /// that take 300 ms, and two callers; the route retries.
 fn two_of_one(apps: (u16, u16), inbound: (u16, u16)) -> String {
-    let peer = |name: &str, app: u16, inbound: u16| {
-        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  ports: {{ http: {app} }}\n")
+    let peer = |name: &str, zone: &str, app: u16, inbound: u16| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  locality: {{ region: r1, zone: {zone} }}\n  inboundPort: {inbound}\n  ports: {{ http: {app} }}\n")
     };
     let caller = |name: &str| {
-        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test }}\nspec: {{ address: 127.0.0.1, identity: {name} }}\n")
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test }}\nspec: {{ address: 127.0.0.1, identity: {name}, locality: {{ region: r1, zone: z1 }} }}\n")
     };
     [
         "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: busy, namespace: test }\nspec:\n  selector: { app: peer }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
-        peer("peer-1", apps.0, inbound.0),
-        peer("peer-2", apps.1, inbound.1),
+        peer("peer-1", "z1", apps.0, inbound.0),
+        peer("peer-2", "z2", apps.1, inbound.1),
         caller("client"),
         caller("other"),
         route("busy", "busy", "    - backendRefs: [{ name: busy, port: 80 }]\n      retry: { attempts: 2, backoff: 1ms }\n"),
@@ -355,8 +355,11 @@ async fn a_request_shed_by_one_workload_is_retried_on_another() {
     b.wait_ready().await;
     until_answered(a.outbound, "busy.test").await;
     until_answered(b.outbound, "busy.test").await;
-    // Two callers at once, each choosing on its own: when both choose the same workload, its
-    // limit of 1 sheds one, and that caller's retry takes it to the other workload, free.
+    // Two callers at once, both in peer-1's zone, so both choose it (by locality) every
+    // round: its limit of 1 sheds one, and that caller's retry takes it to the other
+    // workload, free, in the next zone. (Left to choose on their own with their latency
+    // estimates, two callers can settle on different workloads and never meet: a CI run
+    // saw 20 rounds without a shed.)
     let mut statuses = Vec::new();
     for _ in 0..20 {
         let (x, y) = tokio::join!(
@@ -378,7 +381,6 @@ async fn a_request_shed_by_one_workload_is_retried_on_another() {
         statuses.iter().all(|&s| s == 200),
         "{statuses:?} ({shed} shed)"
     );
-    // Both choosing the same workload in none of 20 rounds: about one chance in a million.
     assert!(shed >= 1.0, "no request was shed: {statuses:?}");
 }
 
