@@ -175,19 +175,16 @@ impl Engine {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let mut body = resp.into_body();
-            let mut buf = Vec::new();
+            let mut lines = Lines::default();
+            let mut events = Vec::new();
             while let Some(Ok(frame)) = body.frame().await {
                 let Ok(data) = frame.into_data() else {
                     continue;
                 };
-                buf.extend_from_slice(&data);
-                // One JSON object per line.
-                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    if let Some(e) = parse_event(&line) {
-                        if tx.send(e).await.is_err() {
-                            return;
-                        }
+                lines.push(&data, &mut events);
+                for e in events.drain(..) {
+                    if tx.send(e).await.is_err() {
+                        return;
                     }
                 }
             }
@@ -206,6 +203,39 @@ fn url_escape(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// The longest event line read: the rest of a longer one is skipped up to its end. An engine
+/// writes a few hundred bytes per event; a broken one must not grow the agent without bound.
+const MAX_EVENT_LINE: usize = 64 << 10;
+
+/// The event stream cut into lines (one JSON object each), however its bytes arrive.
+#[derive(Default)]
+struct Lines {
+    buf: Vec<u8>,
+    /// In a line that grew too long: dropped up to its end.
+    skipping: bool,
+}
+
+impl Lines {
+    /// Take `data`; the events of the lines it completes go to `out`.
+    fn push(&mut self, data: &[u8], out: &mut Vec<Event>) {
+        for piece in data.split_inclusive(|b| *b == b'\n') {
+            if !self.skipping {
+                self.buf.extend_from_slice(piece);
+            }
+            if piece.last() == Some(&b'\n') {
+                if !self.skipping {
+                    out.extend(parse_event(&self.buf));
+                }
+                self.buf.clear();
+                self.skipping = false;
+            } else if self.buf.len() > MAX_EVENT_LINE {
+                self.buf = Vec::new();
+                self.skipping = true;
+            }
+        }
+    }
 }
 
 fn parse_event(line: &[u8]) -> Option<Event> {
@@ -513,16 +543,40 @@ async fn leave(o: &DiscoveryOptions, j: Joined) {
         ca_hash: None,
     };
     let left = match identity::bootstrap(&opts, &o.servers).await {
-        Ok(creds) => crate::deregister(&o.servers, &creds, &j.container.name).await,
+        // Its container is gone already: nothing to wait for.
+        Ok(creds) => crate::deregister(&o.servers, &creds, &j.container.name, Duration::ZERO).await,
         Err(e) => Err(e.to_string()),
     };
     match left {
-        Ok(()) => {
+        Ok(_) => {
             tracing::info!(container = %j.container.name, "container left: workload deregistered")
         }
         Err(e) => tracing::warn!(container = %j.container.name, error = %e, "could not deregister"),
     }
     drop(j);
+}
+
+/// The event stream read whole and in two pieces (the fuzz target): the same events either
+/// way, and never more than one line's worth kept.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn check_events(data: &[u8]) {
+    let (cut, data) = match data.split_first() {
+        Some((&c, rest)) => (usize::from(c) * rest.len() / 256, rest),
+        None => return,
+    };
+    let mut whole = (Lines::default(), Vec::new());
+    whole.0.push(data, &mut whole.1);
+    let mut two = (Lines::default(), Vec::new());
+    two.0.push(&data[..cut], &mut two.1);
+    assert!(two.0.buf.len() <= MAX_EVENT_LINE);
+    two.0.push(&data[cut..], &mut two.1);
+    assert!(whole.0.buf.len() <= MAX_EVENT_LINE && two.0.buf.len() <= MAX_EVENT_LINE);
+    assert_eq!(whole.1, two.1, "the events depend on how the bytes arrived");
+    for line in data.split(|b| *b == b'\n') {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+            let _ = parse_container(&v);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,9 @@ const TTL: u32 = 30;
 const TYPE_A: u16 = 1;
 const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
+const RCODE_FORMERR: u8 = 1;
 const RCODE_SERVFAIL: u8 = 2;
+const RCODE_NOTIMP: u8 = 4;
 const RCODE_NXDOMAIN: u8 = 3;
 /// A DNS header's length: anything shorter is no message, and is dropped unanswered.
 const HEADER: usize = 12;
@@ -114,18 +116,37 @@ fn answer(query: &[u8], q: &Question, rcode: u8, a: Option<Ipv4Addr>) -> Vec<u8>
     r
 }
 
-/// What to answer locally, or `None` to forward.
-fn local_answer(
-    query: &[u8],
-    lookup: impl Fn(&NamespacedName) -> Option<Option<Ipv4Addr>>,
-) -> Option<Vec<u8>> {
+/// What the resolver does with a message.
+#[derive(Debug, PartialEq)]
+enum Reply {
+    /// Answer it with this message.
+    Answer(Vec<u8>),
+    /// Ask the host's resolver.
+    Forward,
+    /// Say nothing: shorter than a header, or a response (answering a response could bounce
+    /// it between two resolvers for ever).
+    Drop,
+}
+
+/// What to do with `query`: mesh names are answered here, other plain queries forwarded, and
+/// what is not one plain query answered FORMERR (or NOTIMP for other opcodes) with the bare
+/// header, so that nothing the resolver sends is larger than what it was sent but for one
+/// A record: it cannot serve as an amplifier.
+fn decide(query: &[u8], lookup: impl Fn(&NamespacedName) -> Option<Option<Ipv4Addr>>) -> Reply {
+    if query.len() < HEADER || query[2] & 0x80 != 0 {
+        return Reply::Drop;
+    }
+    if query[2] & 0x78 != 0 {
+        return Reply::Answer(bare(query, RCODE_NOTIMP));
+    }
     let Some(q) = question(query) else {
-        // Not one plain query: forwarded, for the host's resolver to judge.
-        return None;
+        return Reply::Answer(bare(query, RCODE_FORMERR));
     };
-    let svc = mesh_service(&q.name)?;
+    let Some(svc) = mesh_service(&q.name) else {
+        return Reply::Forward;
+    };
     let found = svc.as_ref().and_then(&lookup);
-    Some(match found {
+    Reply::Answer(match found {
         None => answer(query, &q, RCODE_NXDOMAIN, None),
         Some(ip) if q.qclass == CLASS_IN && (q.qtype == TYPE_A || q.qtype == TYPE_ANY) => {
             match ip {
@@ -137,6 +158,15 @@ fn local_answer(
         // AAAA and other types of an existing name: no data.
         Some(_) => answer(query, &q, 0, None),
     })
+}
+
+/// A reply of the header alone: the query's id, opcode and RD, and `rcode`.
+fn bare(query: &[u8], rcode: u8) -> Vec<u8> {
+    let mut r = query[..HEADER].to_vec();
+    r[2] = 0x80 | (query[2] & 0x79);
+    r[3] = rcode;
+    r[4..].fill(0);
+    r
 }
 
 /// Where the agent's resolver listens and forwards.
@@ -204,13 +234,14 @@ pub async fn serve(sock: UdpSocket, opts: DnsOptions, services: Services) {
                 continue;
             }
         };
-        if n < HEADER {
-            continue;
-        }
         let query = buf[..n].to_vec();
-        if let Some(reply) = local_answer(&query, |id| lookup(&services, id)) {
-            let _ = sock.send_to(&reply, from).await;
-            continue;
+        match decide(&query, |id| lookup(&services, id)) {
+            Reply::Drop => continue,
+            Reply::Answer(reply) => {
+                let _ = sock.send_to(&reply, from).await;
+                continue;
+            }
+            Reply::Forward => {}
         }
         let Ok(permit) = inflight.clone().try_acquire_owned() else {
             if let Some(r) = servfail(&query) {
@@ -290,14 +321,15 @@ async fn tcp_client(mut s: TcpStream, opts: &DnsOptions, services: &Services) ->
         let Some(query) = read?.filter(|q| q.len() >= HEADER) else {
             return Ok(());
         };
-        let reply = match local_answer(&query, |id| lookup(services, id)) {
-            Some(r) => Some(r),
-            None => match upstream(opts) {
+        let reply = match decide(&query, |id| lookup(services, id)) {
+            Reply::Answer(r) => Some(r),
+            Reply::Drop => None,
+            Reply::Forward => match upstream(opts) {
                 Some(up) => forward_tcp(&query, up, opts.mark).await,
                 None => None,
             },
         };
-        // Not even a query: nothing sensible to say, so the connection ends.
+        // Not a query: nothing sensible to say, so the connection ends.
         let Some(reply) = reply.or_else(|| servfail(&query)) else {
             return Ok(());
         };
@@ -338,6 +370,37 @@ async fn forward_tcp(query: &[u8], upstream: SocketAddr, mark: Option<u32>) -> O
     (reply.len() >= 2 && reply[..2] == query[..2]).then_some(reply)
 }
 
+/// The resolver's decision on any message (the fuzz target): never a reply to a response,
+/// never a reply larger than the query but for one A record, always the query's id and the
+/// response bit, and mesh names never forwarded.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn check_decide(query: &[u8]) {
+    let lookup = |id: &NamespacedName| match id.name.len() % 3 {
+        0 => Some(Some(Ipv4Addr::new(10, 96, 0, 1))),
+        1 => Some(None),
+        _ => None,
+    };
+    match decide(query, lookup) {
+        Reply::Drop => assert!(query.len() < HEADER || query[2] & 0x80 != 0),
+        Reply::Forward => {
+            let q = question(query).expect("only a plain query is forwarded");
+            assert!(mesh_service(&q.name).is_none(), "a mesh name forwarded");
+            assert!(servfail(query).is_some());
+        }
+        Reply::Answer(r) => {
+            assert!(query[2] & 0x80 == 0, "a response answered");
+            assert!(
+                r.len() >= HEADER && r.len() <= query.len() + 16,
+                "amplified"
+            );
+            assert_eq!(r[..2], query[..2], "another id");
+            assert!(r[2] & 0x80 != 0, "not a response");
+            let count = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
+            assert!(count(4) <= 1 && count(6) <= 1 && count(8) == 0 && count(10) == 0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,27 +422,58 @@ mod tests {
             .then_some(Some(Ipv4Addr::new(10, 96, 1, 2)))
     }
 
+    fn answered(q: &[u8]) -> Vec<u8> {
+        match decide(q, lookup) {
+            Reply::Answer(r) => r,
+            other => panic!("{other:?} for {q:?}"),
+        }
+    }
+
     #[test]
     fn mesh_names_are_answered_and_others_forwarded() {
-        let q = query("Catalog.shop.mesh", TYPE_A);
-        let r = local_answer(&q, lookup).expect("a mesh name is answered here");
+        let r = answered(&query("Catalog.shop.mesh", TYPE_A));
         assert_eq!(&r[..2], &[0x12, 0x34], "same id");
         assert_eq!(r[3] & 0x0f, 0, "NOERROR");
         assert_eq!(u16::from_be_bytes([r[6], r[7]]), 1, "one answer");
         assert_eq!(&r[r.len() - 4..], &[10, 96, 1, 2]);
         // An unknown service in .mesh: NXDOMAIN, authoritative.
-        let r = local_answer(&query("nope.shop.mesh", TYPE_A), lookup).unwrap();
+        let r = answered(&query("nope.shop.mesh", TYPE_A));
         assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
         assert_ne!(r[2] & 0x04, 0);
         // AAAA of a service: no data, no error.
-        let r = local_answer(&query("catalog.shop.mesh", 28), lookup).unwrap();
+        let r = answered(&query("catalog.shop.mesh", 28));
         assert_eq!((r[3] & 0x0f, r[7]), (0, 0));
-        // Anything else goes to the host's resolver; so does what does not parse.
-        assert!(local_answer(&query("example.org", TYPE_A), lookup).is_none());
-        assert!(local_answer(&[1, 2, 3], lookup).is_none());
+        // Any other name goes to the host's resolver.
+        assert_eq!(
+            decide(&query("example.org", TYPE_A), lookup),
+            Reply::Forward
+        );
+    }
+
+    #[test]
+    fn what_is_not_one_plain_query_is_not_forwarded() {
+        // Shorter than a header: silence.
+        assert_eq!(decide(&[1, 2, 3], lookup), Reply::Drop);
+        // A response (QR set), say reflected at the resolver: silence, never a reply.
+        let mut resp = query("example.org", TYPE_A);
+        resp[2] |= 0x80;
+        assert_eq!(decide(&resp, lookup), Reply::Drop);
+        // A question cut short: FORMERR, the header alone (never more than was sent).
         let mut truncated = query("catalog.shop.mesh", TYPE_A);
         truncated.truncate(20);
-        assert!(local_answer(&truncated, lookup).is_none());
+        let r = answered(&truncated);
+        assert_eq!(
+            (r.len(), &r[..2], r[2] & 0x80, r[3] & 0x0f),
+            (12, &[0x12, 0x34][..], 0x80, RCODE_FORMERR)
+        );
+        // Two questions: FORMERR too.
+        let mut two = query("catalog.shop.mesh", TYPE_A);
+        two[5] = 2;
+        assert_eq!(answered(&two)[3] & 0x0f, RCODE_FORMERR);
+        // Another opcode (here UPDATE): NOTIMP.
+        let mut update = query("catalog.shop.mesh", TYPE_A);
+        update[2] = 5 << 3;
+        assert_eq!(answered(&update)[3] & 0x0f, RCODE_NOTIMP);
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!    carries the verdict: healthy after `healthy_threshold` passes in a row, unhealthy after
 //!    `unhealthy_threshold` failures. The control plane marks the Workload unhealthy if
 //!    heartbeats stop.
-//! 5. On SIGTERM or SIGINT the Workload is deregistered, then the proxy drains.
+//! 5. On SIGTERM or SIGINT the Workload is deregistered; the control plane answers once the
+//!    proxies connected to it have applied that (5 s at most), and only then does the proxy
+//!    drain, so that no caller sends it a request after it stopped taking them.
 //!
 //! With capture ([`capture`]), iptables rules in the agent's network namespace send the
 //! workload's traffic through the proxy, and the agent answers DNS for `NAME.NAMESPACE.mesh`
@@ -21,6 +23,8 @@
 pub mod capture;
 pub mod containers;
 pub mod dns;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 
 use std::{
     net::SocketAddr,
@@ -255,15 +259,23 @@ pub async fn run_until(
         current.clone(),
         register,
     ));
-    // The proxy serves until a signal; then the workload leaves the mesh before it drains.
-    let served = proxy.run_until(stop).await;
-    beats.abort();
+    // The proxy serves until a signal; then the workload leaves the mesh, the callers learn
+    // it, and only then does the proxy drain (it serves on meanwhile).
+    let leave = async {
+        beats.abort();
+        match deregister(&opts.servers, &current.load(), &opts.name, LEAVE_WAIT).await {
+            Ok(0) => {
+                tracing::info!(%workload, "workload deregistered; every caller has the change")
+            }
+            Ok(behind) => {
+                tracing::warn!(%workload, behind, "workload deregistered; some proxies did not take the change in time")
+            }
+            Err(e) => tracing::warn!(%workload, error = %e, "could not deregister"),
+        }
+    };
+    let served = proxy.run_leaving(stop, leave).await;
     for task in resolver.into_iter().flat_map(|(tasks, _)| tasks) {
         task.abort();
-    }
-    match deregister(&opts.servers, &current.load(), &opts.name).await {
-        Ok(()) => tracing::info!(%workload, "workload deregistered"),
-        Err(e) => tracing::warn!(%workload, error = %e, "could not deregister"),
     }
     served?;
     Ok(())
@@ -282,11 +294,26 @@ async fn send(
     identity::signed_call(servers, "/v1/agent", creds, &request).await
 }
 
-/// Take Workload `name` out of the mesh, signed with `creds`, giving up after 5 s.
-async fn deregister(servers: &[String], creds: &Credentials, name: &str) -> Result<(), String> {
-    let bye = serde_json::json!({ "op": "deregister", "name": name });
-    match tokio::time::timeout(Duration::from_secs(5), send(servers, creds, bye)).await {
-        Ok(Ok(_)) => Ok(()),
+/// How long the control plane waits, at most, for the proxies to take a deregistration.
+const LEAVE_WAIT: Duration = Duration::from_secs(5);
+
+/// Take Workload `name` out of the mesh, signed with `creds`: the control plane answers once
+/// the proxies connected to it have applied the change (or `wait` passed), with how many had
+/// not. Gives up after that wait and 5 s more.
+async fn deregister(
+    servers: &[String],
+    creds: &Credentials,
+    name: &str,
+    wait: Duration,
+) -> Result<u64, String> {
+    let bye = serde_json::json!({
+        "op": "deregister",
+        "name": name,
+        "waitMs": wait.as_millis() as u64,
+    });
+    let limit = wait + Duration::from_secs(5);
+    match tokio::time::timeout(limit, send(servers, creds, bye)).await {
+        Ok(Ok(v)) => Ok(v["behind"].as_u64().unwrap_or(0)),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".into()),
     }

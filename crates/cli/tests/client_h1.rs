@@ -100,6 +100,25 @@ async fn closed(s: &mut TcpStream) -> bool {
     )
 }
 
+/// An absolute-form target with a query but no path goes upstream as `/?query`: on its own
+/// `?query` is no valid request target (found by the `http1_request` fuzz target).
+#[tokio::test]
+async fn an_absolute_target_without_a_path_goes_upstream_with_one() {
+    let p = proxy(upstream().await);
+    let mut s = TcpStream::connect(p.outbound).await.unwrap();
+    s.write_all(b"GET http://alpha.test?q=1 HTTP/1.1\r\nhost: alpha.test\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_until(&mut s, |o| {
+        o.ends_with("/?q=1") || o.contains("x-trellis-failure")
+    })
+    .await;
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK") && out.ends_with("\r\n\r\n/?q=1"),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     let p = proxy(upstream().await);

@@ -29,6 +29,7 @@ use crate::{
     apply::{ApplyError, Writer},
     error::ControlError,
     identity::Identity,
+    registry::Registry,
 };
 
 /// Heartbeat intervals an agent may miss before its Workload is marked unhealthy.
@@ -65,6 +66,27 @@ struct Request {
     /// How often heartbeats come.
     #[serde(default = "default_interval")]
     interval_ms: u64,
+    /// Deregister: answer once the proxies connected here have applied the removal, waiting
+    /// at most this long (capped at [`MAX_LEAVE_WAIT`]).
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// The longest a deregistration waits for the proxies to take it.
+const MAX_LEAVE_WAIT: Duration = Duration::from_secs(10);
+
+/// Wait until no proxy connected to this replica is behind revision `rev` (a proxy serving
+/// the leaving Workload itself aside), or `wait` passed; the count still behind.
+async fn until_applied(proxies: &Registry, rev: u64, leaving: &Key, wait: Duration) -> usize {
+    let deadline = Instant::now() + wait.min(MAX_LEAVE_WAIT);
+    let workload = format!("{}/{}", leaving.namespace, leaving.name);
+    loop {
+        let behind = proxies.behind(rev, &workload);
+        if behind == 0 || Instant::now() >= deadline {
+            return behind;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn default_interval() -> u64 {
@@ -167,6 +189,7 @@ pub(crate) async fn handle(
     writer: &Writer,
     identity: &Identity,
     agents: &Agents,
+    proxies: &Registry,
     env: Envelope,
 ) -> Result<Value, AgentError> {
     let proof =
@@ -220,11 +243,17 @@ pub(crate) async fn handle(
             }
         }
         Op::Deregister => {
-            if stored.is_some() {
-                writer.delete(key.clone(), Expect::Any).await?;
-            }
+            let rev = match stored {
+                Some(_) => Some(writer.delete(key.clone(), Expect::Any).await?),
+                None => None,
+            };
             agents.forget(&key);
             tracing::info!(workload = %key, %id, "agent deregistered its workload");
+            if let Some(rev) = rev.filter(|_| req.wait_ms > 0) {
+                let wait = Duration::from_millis(req.wait_ms);
+                let behind = until_applied(proxies, rev, &key, wait).await;
+                return Ok(json!({ "ok": true, "workload": key.to_string(), "behind": behind }));
+            }
         }
     }
     Ok(json!({ "ok": true, "workload": key.to_string() }))

@@ -156,6 +156,17 @@ impl Registry {
         m.values().cloned().collect()
     }
 
+    /// How many proxies taking Trellis documents have not applied revision `rev` (an update
+    /// still in parts is not applied), those serving Workload `except` aside.
+    pub(crate) fn behind(&self, rev: u64, except: &str) -> usize {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.values()
+            .filter(|p| p.workload.as_deref() != Some(except))
+            .filter_map(|p| p.types.get("document"))
+            .filter(|t| t.acked.parse::<u64>().map_or(true, |v| v < rev))
+            .count()
+    }
+
     /// Node ids of the proxies that use `key`: for a Workload, those serving it; for any
     /// other kind, every proxy that takes Trellis documents (each gets the whole mesh).
     pub(crate) fn using(&self, key: &Key) -> Vec<String> {

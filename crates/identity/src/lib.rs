@@ -9,6 +9,8 @@
 //! - [`tls`]: rustls configurations for mTLS between proxies (TLS 1.3, SPIFFE IDs).
 
 pub mod ca;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod join;
 pub mod spiffe;
 pub mod tls;

@@ -5,6 +5,8 @@
 //! proxy fed by a static file and a proxy fed by xDS end up with the same [`ProxyConfig`].
 
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod load;
 pub mod proxy;
 pub mod refs;

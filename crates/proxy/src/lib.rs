@@ -14,6 +14,8 @@ pub mod credentials;
 pub(crate) mod drain;
 pub(crate) mod error;
 pub(crate) mod fasthash;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub(crate) mod h1;
 pub(crate) mod http;
 pub mod identity;

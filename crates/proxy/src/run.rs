@@ -479,8 +479,19 @@ impl Proxy {
     /// As [`Proxy::run`], stopping also when `stop` completes (several proxies in one
     /// process, as `trellis demo` runs them).
     pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        self.run_leaving(stop, async {}).await
+    }
+
+    /// As [`Proxy::run_until`], and once stopped, `leave` runs before the drain while the proxy
+    /// serves on and applies updates: an agent takes its Workload out of the mesh there and
+    /// waits until callers have the change, so that none sends it a request it would refuse.
+    pub async fn run_leaving(
         mut self,
         stop: impl std::future::Future<Output = ()>,
+        leave: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(self.opts.watch_interval);
@@ -545,6 +556,15 @@ impl Proxy {
                 ),
                 Err(e) => {
                     tracing::error!(trigger = why, error = %e, "config refused; still serving the previous one")
+                }
+            }
+        }
+        tokio::pin!(leave);
+        loop {
+            tokio::select! {
+                () = &mut leave => break,
+                Some(u) = async { updates.as_mut()?.recv().await }, if updates.is_some() => {
+                    self.on_update(u).await;
                 }
             }
         }

@@ -92,6 +92,12 @@ fn parse_traceparent(v: &[u8]) -> Option<Incoming> {
     })
 }
 
+/// The trace and parent ids of a valid `traceparent` (for the fuzz targets).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn traceparent_ids(v: &[u8]) -> Option<(u128, u64)> {
+    parse_traceparent(v).map(|i| (i.trace, i.parent))
+}
+
 /// A 64- or 128-bit B3 trace id.
 fn b3_trace(v: &[u8]) -> Option<u128> {
     matches!(v.len(), 16 | 32)

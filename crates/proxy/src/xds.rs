@@ -282,3 +282,60 @@ async fn session(
         }
     }
 }
+
+/// Two delta responses from `data` (the first two bytes: the first one's length), applied in
+/// turn to an empty set, as the proxy applies them: each whole or not at all; and when the
+/// second changes Workloads only, working out just their clusters gives what a full
+/// translation gives.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn apply_for_fuzzing(data: &[u8]) {
+    let json = |c: &trellis_model::ProxyConfig| serde_json::to_value(c).expect("serializes");
+    let (first, second) = match data {
+        [a, b, rest @ ..] => {
+            rest.split_at((usize::from(*a) << 8 | usize::from(*b)).min(rest.len()))
+        }
+        _ => return,
+    };
+    let mut docs = Docs::new();
+    let mut prev = None;
+    for msg in [first, second] {
+        let Ok(resp) = DeltaDiscoveryResponse::decode(msg) else {
+            return;
+        };
+        let before: Vec<_> = docs
+            .iter()
+            .map(|(n, (v, _))| (n.clone(), v.clone()))
+            .collect();
+        let mut changes = Changes::none();
+        if merge(&mut docs, &resp, &mut changes).is_err() {
+            let after: Vec<_> = docs
+                .iter()
+                .map(|(n, (v, _))| (n.clone(), v.clone()))
+                .collect();
+            assert_eq!(before, after, "a refused update changed the documents");
+            return;
+        }
+        let resources: Vec<Arc<Resource>> = docs.values().map(|(_, r)| r.clone()).collect();
+        let full = trellis_model::translate("xds", &resources, None);
+        if let (Some(prev), Some(changed)) = (&prev, &changes.0) {
+            let part = trellis_model::update_workloads("xds", prev, &resources, changed);
+            match (&part, &full) {
+                (Ok((p, _)), Ok(f)) => {
+                    assert_eq!(
+                        json(p),
+                        json(f),
+                        "an endpoint update differs from a full one"
+                    );
+                }
+                (Err(_), Err(_)) => {}
+                (p, f) => panic!(
+                    "an endpoint update gives {:?}, a full one {:?}",
+                    p.as_ref().err(),
+                    f.as_ref().err()
+                ),
+            }
+        }
+        let Ok(full) = full else { return };
+        prev = Some(full);
+    }
+}

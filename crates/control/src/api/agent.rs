@@ -9,6 +9,13 @@ use crate::agent;
 /// `POST /v1/agent`: a signed register, heartbeat or deregister.
 pub(crate) async fn handle(AxState(api): AxState<Api>, body: Bytes) -> ApiResult<Json<Value>> {
     let env = json_body(&body)?;
-    let out = agent::handle(api.writer(), api.identity(), api.agents(), env).await?;
+    let out = agent::handle(
+        api.writer(),
+        api.identity(),
+        api.agents(),
+        api.proxies(),
+        env,
+    )
+    .await?;
     Ok(Json(out))
 }

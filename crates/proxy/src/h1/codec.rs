@@ -12,6 +12,20 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Versi
 pub(crate) const MAX_HEAD: usize = 64 * 1024 - 1;
 /// Most headers in a response head (hyper's default too).
 const MAX_HEADERS: usize = 100;
+/// Fields dropped from a trailer section: framing, routing, connection handling, and how the
+/// content is read.
+const TRAILER_FORBIDDEN: [&str; 10] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-type",
+    "content-encoding",
+];
 /// Longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -496,6 +510,14 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, Pars
                     Ok(httparse::Status::Complete((len, hs))) => {
                         let mut map = HeaderMap::with_capacity(hs.len());
                         for h in hs.iter() {
+                            // Fields that frame or route a message have no meaning in a
+                            // trailer section (RFC 9110 §6.5.1), and must not travel on.
+                            if TRAILER_FORBIDDEN
+                                .iter()
+                                .any(|f| h.name.eq_ignore_ascii_case(f))
+                            {
+                                continue;
+                            }
                             let (Ok(n), Ok(v)) = (
                                 HeaderName::from_bytes(h.name.as_bytes()),
                                 HeaderValue::from_bytes(h.value),
@@ -540,7 +562,13 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, ParseError> {
     let rest = &line[digits..];
     let ext = rest.iter().position(|&b| b != b' ' && b != b'\t');
     match ext.map(|i| rest[i]) {
-        None | Some(b';') => Ok(size),
+        None => Ok(size),
+        // Extensions are skipped, but not a control character among them (a bare CR, which
+        // another parser may take for the end of the line: a smuggling vector).
+        Some(b';') if rest.iter().all(|&b| b == b'\t' || !b.is_ascii_control()) => Ok(size),
+        Some(b';') => Err(ParseError::Chunked(
+            "control character in a chunk extension",
+        )),
         Some(_) => Err(ParseError::Chunked("invalid chunk size")),
     }
 }

@@ -251,6 +251,15 @@ fn chunked_bodies_decode_the_same_at_every_split() {
 }
 
 #[test]
+fn framing_fields_in_a_trailer_section_are_dropped() {
+    let wire = b"2\r\nok\r\n0\r\ncontent-length: 5\r\nTransfer-Encoding: chunked\r\nhost: evil\r\nx-sum: 1\r\n\r\n";
+    let (data, trailers, _) = decode_in_steps(RespFraming::Chunked, wire, 4).unwrap();
+    let t = trailers.expect("trailers");
+    assert_eq!(data, b"ok");
+    assert_eq!(t.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-sum"]);
+}
+
+#[test]
 fn broken_chunked_bodies_are_refused() {
     for bad in [
         &b"zz\r\nhello\r\n"[..],
@@ -260,6 +269,9 @@ fn broken_chunked_bodies_are_refused() {
         b"fffffffffffffffff\r\n",
         b"5\nhello\r\n",
         b"0\r\nbad trailer\r\n\r\n",
+        // A bare CR or another control character hidden in a chunk extension.
+        b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+        b"5;a\x00\r\nhello\r\n0\r\n\r\n",
     ] {
         assert!(
             decode_in_steps(RespFraming::Chunked, bad, bad.len()).is_err(),

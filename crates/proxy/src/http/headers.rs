@@ -84,14 +84,18 @@ fn strip_present(h: &mut HeaderMap, present: u16) {
     };
     if present & 1 != 0 && !h.get_all(header::CONNECTION).iter().all(usual) {
         for v in h.get_all(header::CONNECTION) {
-            for token in v.to_str().unwrap_or("").split(',').map(str::trim) {
+            // Split as bytes: a value with other bytes beside the names still names them.
+            for token in v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                 // `te` is handled below; other hop-by-hop names are removed anyway.
-                let listed = token.eq_ignore_ascii_case("te")
+                let listed = token.eq_ignore_ascii_case(b"te")
                     || HOP_BY_HOP
                         .iter()
-                        .any(|n| token.eq_ignore_ascii_case(n.as_str()));
-                if !token.is_empty() && !listed && h.contains_key(token) {
-                    if let Ok(n) = header::HeaderName::from_bytes(token.as_bytes()) {
+                        .any(|n| token.eq_ignore_ascii_case(n.as_str().as_bytes()));
+                if token.is_empty() || listed {
+                    continue;
+                }
+                if let Ok(n) = header::HeaderName::from_bytes(token) {
+                    if h.contains_key(&n) {
                         named.push(n);
                     }
                 }

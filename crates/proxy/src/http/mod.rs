@@ -38,3 +38,16 @@ pub(crate) static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-messa
 pub(crate) static X_TRELLIS_FAILURE: HeaderName = HeaderName::from_static("x-trellis-failure");
 /// `x-trellis-peer`: who the caller is, from its proxy (believed only over mutual TLS).
 pub(crate) static X_TRELLIS_PEER: HeaderName = HeaderName::from_static("x-trellis-peer");
+
+/// The target a request is sent upstream with: its path and query (origin form), `/` when it
+/// has none, and a `/` before a query that came without a path (`http://host?q` in absolute
+/// form; RFC 9112 §3.2.1), which would be no valid target on its own.
+pub(crate) fn origin_form(uri: &::http::Uri) -> ::http::uri::PathAndQuery {
+    match uri.path_and_query() {
+        Some(p) if p.as_str().starts_with('/') || p.as_str() == "*" => p.clone(),
+        Some(p) => format!("/{}", p.as_str())
+            .parse()
+            .unwrap_or_else(|_| ::http::uri::PathAndQuery::from_static("/")),
+        None => ::http::uri::PathAndQuery::from_static("/"),
+    }
+}

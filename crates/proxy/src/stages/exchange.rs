@@ -10,7 +10,7 @@ use std::{
 
 use http::{
     header,
-    uri::{Authority, PathAndQuery, Scheme},
+    uri::{Authority, Scheme},
     HeaderValue, Request, Response, StatusCode, Uri, Version,
 };
 
@@ -37,11 +37,7 @@ pub(crate) fn upstream_request(
     } else {
         parts.headers.clone()
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = crate::http::origin_form(&parts.uri);
     let mut uri = http::uri::Parts::default();
     uri.path_and_query = Some(path);
     if h2 {

@@ -59,6 +59,15 @@ fn hop_by_hop_headers_are_stripped() {
     assert_eq!(names(&h), ["te"]);
     assert_eq!(h["te"], "trailers");
 
+    // A Connection value with bytes beyond ASCII still names its headers.
+    let mut h = map(&[("x-hop", "1"), ("y", "1")]);
+    h.insert(
+        "connection",
+        http::HeaderValue::from_bytes(b"x-hop, \xff").unwrap(),
+    );
+    strip_hop_by_hop(&mut h);
+    assert_eq!(names(&h), ["y"]);
+
     let mut h = map(&[("te", "gzip")]);
     strip_hop_by_hop(&mut h);
     assert!(h.is_empty());

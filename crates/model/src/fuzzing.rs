@@ -1,0 +1,91 @@
+//! Entry point for the resource loader's fuzz target (`fuzz/`): any text as a resource file.
+//! Built for `cargo fuzz` with the `fuzzing` feature, and in the unit tests, which replay the
+//! committed corpus (`fuzz/corpus/resources`) on every `cargo test`.
+
+use crate::ConfigError;
+
+const FILE: &str = "fuzz.yaml";
+
+/// An error names the file, and a line that exists in it (or 0: unknown).
+fn check_error(e: &ConfigError, lines: u64) {
+    let (file, line) = match e {
+        ConfigError::Io { file, .. } => (file, 0),
+        ConfigError::Syntax { file, line, .. } | ConfigError::Invalid { file, line, .. } => {
+            (file, *line)
+        }
+    };
+    assert_eq!(file, FILE, "an error names another file: {e}");
+    assert!(line <= lines + 1, "an error at line {line} of {lines}: {e}");
+}
+
+/// Parse `data` as resource YAML and translate it for the mesh and for its first Workload:
+/// refused with a located error or accepted, never a panic; the control plane's two readings
+/// (plain values then each checked, and typed resources) agree on what they accept.
+pub fn resources(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let lines = text.lines().count() as u64;
+    let typed = crate::parse_documents(FILE, &text);
+    let values = crate::parse_values(FILE, &text);
+    if let Err(e) = &typed {
+        check_error(e, lines);
+    }
+    if let Err(e) = &values {
+        check_error(e, lines);
+    }
+    let Ok(resources) = typed else {
+        if let Ok(values) = values {
+            // Values that parse but do not make resources: each refusal names a field.
+            for v in values.iter().filter(|v| !v.is_null()) {
+                if let Err(e) = crate::resource_from_json(FILE, v) {
+                    check_error(&e, lines);
+                }
+            }
+        }
+        return;
+    };
+    let values = values.expect("typed resources parse as plain values too");
+    let from_json: Vec<_> = values
+        .iter()
+        .filter(|v| !v.is_null())
+        .map(|v| crate::resource_from_json(FILE, v))
+        .collect();
+    assert_eq!(
+        from_json.len(),
+        resources.len(),
+        "the two readings see a different number of documents"
+    );
+    for (r, j) in resources.iter().zip(&from_json) {
+        let j = j
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{} read typed, not as a value: {e}", r.id()));
+        assert_eq!((r.kind(), r.id()), (j.kind(), j.id()));
+    }
+    match crate::translate(FILE, &resources, None) {
+        Ok(_) => {}
+        Err(e) => check_error(&e, lines),
+    }
+    if let Some(w) = resources.iter().find(|r| r.kind() == "Workload") {
+        if let Err(e) = crate::translate(FILE, &resources, Some(&w.id())) {
+            check_error(&e, lines);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_committed_corpus_holds_its_properties() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/resources");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let p = e.expect("corpus entry").path();
+            let data = std::fs::read(&p).expect("corpus file");
+            if std::panic::catch_unwind(|| super::resources(&data)).is_err() {
+                panic!("{} breaks a property", p.display());
+            }
+            n += 1;
+        }
+        assert!(n > 0);
+    }
+}
