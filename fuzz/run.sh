@@ -47,8 +47,14 @@ run_one() {
       rm -rf "corpus/$t" && cp -r "$out/corpus" "corpus/$t"
     fi
   else
-    echo "$t: FAILED"; tail -40 "$out/log"
-    for a in "$out"/artifacts/*; do [ -f "$a" ] && { echo "input $a:"; od -c "$a" | head -20; }; done
+    echo "$t: FAILED"
+    grep -a -A4 -E "panicked|ERROR: libFuzzer|ERROR: AddressSanitizer" "$out/log" | head -30
+    mkdir -p "artifacts/$t"
+    for a in "$out"/artifacts/*; do
+      [ -f "$a" ] || continue
+      cp "$a" "artifacts/$t/"
+      echo "input (kept in fuzz/artifacts/$t/$(basename "$a")):"; od -c "$a" | head -20
+    done
     return 1
   fi
 }

@@ -127,10 +127,48 @@ pub(crate) enum AgentError {
     Setup(#[from] ControlError),
 }
 
-/// Agents this replica has heard from: when each must be heard from again.
+/// Agents this replica has heard from: when each must be heard from again; and the proofs
+/// of the requests it took, so that none is taken twice.
 #[derive(Clone, Default)]
 pub(crate) struct Agents {
     inner: Arc<Mutex<HashMap<Key, Tracked>>>,
+    proofs: Arc<Mutex<Proofs>>,
+}
+
+/// Signatures of the requests taken within their age limit: a request sent again as it was
+/// (replayed by whoever saw it) is refused. ECDSA signatures are randomized, so an agent's
+/// own retry, signed again, is a new one.
+#[derive(Default)]
+struct Proofs {
+    hasher: std::collections::hash_map::RandomState,
+    seen: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<(Instant, u64)>,
+}
+
+/// Most proofs remembered (8 bytes each, twice): a fleet of 10,000 agents sending every
+/// second fills it in 100 s, more than the age limit's window at usual intervals.
+const MAX_PROOFS: usize = 1_000_000;
+
+impl Proofs {
+    /// Whether `proof` is new (and remember it).
+    fn first_use(&mut self, proof: &[u8], now: Instant) -> bool {
+        use std::hash::BuildHasher;
+        // A request is taken up to MAX_AGE on either side of its time stamp.
+        let keep = Duration::from_secs(2 * MAX_AGE + 1);
+        while let Some(&(at, h)) = self.order.front() {
+            if now.duration_since(at) <= keep && self.order.len() < MAX_PROOFS {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&h);
+        }
+        let h = self.hasher.hash_one(proof);
+        if !self.seen.insert(h) {
+            return false;
+        }
+        self.order.push_back((now, h));
+        true
+    }
 }
 
 struct Tracked {
@@ -151,6 +189,12 @@ impl Agents {
                 lapsed: false,
             },
         );
+    }
+
+    /// Whether the request signed by `proof` was not taken before.
+    fn first_use(&self, proof: &[u8]) -> bool {
+        let mut p = self.proofs.lock().expect("proofs lock");
+        p.first_use(proof, Instant::now())
     }
 
     fn forget(&self, key: &Key) {
@@ -207,6 +251,12 @@ pub(crate) async fn handle(
     if req.ts.abs_diff(now) > MAX_AGE {
         return Err(AgentError::Unauthorized(
             "request too old (or the clocks differ by over two minutes)".into(),
+        ));
+    }
+    if !agents.first_use(&proof) {
+        tracing::warn!(%id, "agent request replayed; refused");
+        return Err(AgentError::Unauthorized(
+            "replayed request: this signature was used before".into(),
         ));
     }
     let key = Key::new("Workload", &id.namespace, &req.name);
@@ -350,5 +400,28 @@ pub(crate) async fn sweep(agents: Agents, store: Store) {
                 tracing::warn!(workload = %key, error = %e, "could not mark the workload unhealthy");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proof_is_taken_once_within_the_age_window() {
+        let mut p = Proofs::default();
+        let t0 = Instant::now();
+        assert!(p.first_use(b"sig-1", t0));
+        assert!(
+            !p.first_use(b"sig-1", t0 + Duration::from_secs(200)),
+            "replayed"
+        );
+        assert!(p.first_use(b"sig-2", t0 + Duration::from_secs(1)));
+        // Past both sides of the age limit, a proof is forgotten (the request's time stamp
+        // refuses it by then).
+        let later = t0 + Duration::from_secs(2 * MAX_AGE + 5);
+        assert!(p.first_use(b"sig-3", later));
+        assert_eq!(p.order.len(), 1);
+        assert!(p.seen.len() == 1);
     }
 }

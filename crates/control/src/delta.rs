@@ -159,6 +159,9 @@ impl DeltaTask {
                     Ok(None) => false,
                     Err(e) => {
                         tracing::debug!(stream = self.id, error = %e, "delta xds stream ended");
+                        // A message that could not be read (over the size limit, say): the
+                        // client learns why its stream ends.
+                        let _ = self.tx.try_send(Err(e));
                         false
                     }
                 },

@@ -206,6 +206,8 @@ impl StreamTask {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(stream = self.id, error = %e, "xds stream ended");
+                        // The client learns why (a message over the size limit, say).
+                        let _ = self.tx.try_send(Err(e));
                         break;
                     }
                 },

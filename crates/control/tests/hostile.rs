@@ -1,0 +1,64 @@
+//! Hostile xDS clients: a message over the size limit ends only its own stream, with
+//! RESOURCE_EXHAUSTED, and the control plane serves the next client.
+
+use std::time::Duration;
+
+mod common;
+
+use common::InProcess;
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_xds::{
+    envoy_types::pb::envoy::service::discovery::v3::{
+        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+        DeltaDiscoveryRequest,
+    },
+    DOCUMENT_TYPE,
+};
+
+async fn first_answer(cp: &InProcess, req: DeltaDiscoveryRequest) -> Result<usize, tonic::Status> {
+    let mut c = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(req).await.unwrap();
+    let mut rx = c
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("an answer in time")?;
+    Ok(m.map_or(0, |m| m.resources.len()))
+}
+
+#[tokio::test]
+async fn an_xds_message_over_the_limit_ends_only_its_stream() {
+    let cp = InProcess::start("hostile-xds").await;
+    cp.call(
+        http::Method::POST,
+        "/api/v1/apply",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: s, namespace: d }\nspec:\n  selector: { app: s }\n  ports: [{ port: 80 }]\n",
+    )
+    .await;
+    let hello = || DeltaDiscoveryRequest {
+        node: Some(trellis_xds::node("hostile", None)),
+        type_url: DOCUMENT_TYPE.into(),
+        ..Default::default()
+    };
+    // 17 MiB of subscribed names: over the 16 MiB a message may have.
+    let mut big = hello();
+    big.resource_names_subscribe = (0..17 * 1024).map(|i| format!("{i:01024}")).collect();
+    let err = first_answer(&cp, big).await.expect_err("refused");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+        ),
+        "{err:?}"
+    );
+    assert!(err.message().contains("message"), "{err:?}");
+    // The next client is served as ever.
+    let got = first_answer(&cp, hello()).await.expect("served");
+    assert!(got >= 1, "{got}");
+}
