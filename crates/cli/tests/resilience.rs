@@ -63,6 +63,52 @@ async fn retries_hide_a_flaky_upstream() {
     );
 }
 
+/// An endpoint that refuses connections (a proxy drained, a host gone) costs no request,
+/// without any retry policy: a try that never left is sent once more, elsewhere, at once. POSTs
+/// with a body too: nothing of them reached the refusing endpoint.
+#[tokio::test]
+async fn a_try_refused_at_connect_is_sent_elsewhere_without_a_retry_policy() {
+    let hits = upstream::counter();
+    let good = upstream::status(200, hits.clone()).await;
+    let gone = upstream::closed_port().await;
+    let cfg = docs(&[
+        service("two", "HTTP", &[good, gone]),
+        // Outlier detection off: every other try goes to the refusing endpoint.
+        policy("two", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+        client_workload(&[]),
+    ]);
+    let p = start(&cfg);
+    let mut c = client::Conn::h1(p.outbound).await;
+    for i in 0..100 {
+        let r = if i % 2 == 0 {
+            c.get("two.test", "/").await.unwrap()
+        } else {
+            c.post("two.test", "/", bytes::Bytes::from_static(b"a body"))
+                .await
+                .unwrap()
+        };
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {:?}",
+            r.headers.get("x-trellis-failure")
+        );
+    }
+    assert_eq!(hits.load(Ordering::Relaxed), 100);
+    let unsent = p
+        .metric("trellis_retries_total", &[("outcome", "unsent")])
+        .await;
+    assert!(unsent >= 20.0, "{unsent} tries sent again");
+    // One endpoint only, and it refuses: the request still fails, after two tries.
+    let cfg = docs(&[service("lone", "HTTP", &[gone]), client_workload(&[])]);
+    let p = start(&cfg);
+    let r = client::get_full(p.outbound, "lone.test", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
+    assert_eq!(r.headers["x-trellis-failure"], "connect_refused");
+}
+
 #[tokio::test]
 async fn retry_budget_stops_a_retry_storm() {
     let hits = upstream::counter();

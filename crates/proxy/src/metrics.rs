@@ -104,7 +104,7 @@ pub(crate) struct ClusterLabels {
 pub(crate) struct RetryLabels {
     /// Cluster.
     pub(crate) cluster: String,
-    /// `sent` or `budget_exhausted`.
+    /// `sent`, `budget_exhausted`, or `unsent` (a try that never left, sent once more).
     pub(crate) outcome: &'static str,
 }
 

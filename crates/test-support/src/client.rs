@@ -97,18 +97,43 @@ impl Conn {
 
     /// GET `path` at `authority`.
     pub async fn get(&mut self, authority: &str, path: &str) -> Result<Reply, hyper::Error> {
+        self.send(http::Method::GET, authority, path, Bytes::new())
+            .await
+    }
+
+    /// POST `body` to `path` at `authority`.
+    pub async fn post(
+        &mut self,
+        authority: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Reply, hyper::Error> {
+        self.send(http::Method::POST, authority, path, body).await
+    }
+
+    async fn send(
+        &mut self,
+        method: http::Method,
+        authority: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Reply, hyper::Error> {
         let resp = if let Some(s) = self.h1.as_mut() {
             s.ready().await?;
-            let req = Request::get(path)
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
                 .header("host", authority)
-                .body(Full::new(Bytes::new()))
+                .body(Full::new(body))
                 .unwrap();
             s.send_request(req).await?
         } else {
             let s = self.h2.as_mut().unwrap();
             s.ready().await?;
-            let req = Request::get(format!("http://{authority}{path}"))
-                .body(Full::new(Bytes::new()))
+            let req = Request::builder()
+                .method(method)
+                .uri(format!("http://{authority}{path}"))
+                .body(Full::new(body))
                 .unwrap();
             s.send_request(req).await?
         };

@@ -4,7 +4,9 @@
 //! when the route asks for it, the failure allows it (the error says whether it may be
 //! retried; a peer proxy's own answer counts as its class), the body can be sent again and
 //! the cluster's retry budget has room, after a jittered back-off and on another endpoint if
-//! one is usable.
+//! one is usable. A try that never left (no connection could be had: refused, timed out, a
+//! failed handshake, a connection closing) is tried once more elsewhere at once, with or
+//! without a retry policy and outside the budget, with its body untouched.
 
 use std::{
     sync::Arc,
@@ -81,6 +83,7 @@ fn retry_wanted(
             }
             _ => e.retryable(),
         },
+        Try::Unsent(e, _) => e.retryable(),
         Try::Response(r) => {
             peer.is_some_and(crate::error::peer_retryable)
                 || retry.codes.contains(&r.status().as_u16())
@@ -170,12 +173,19 @@ pub(crate) async fn forward(
         }
         _ => UpBody::Incoming(body),
     });
-    let max_tries = 1 + plan.retry.map_or(0, |r| r.attempts);
+    let mut max_tries = 1 + plan.retry.map_or(0, |r| r.attempts);
+    // A request that never left (no connection could be had) gets one more try elsewhere,
+    // with or without a retry policy: nothing reached the upstream, so any method is safe to
+    // send again, and an endpoint that just went away (a drained proxy) costs no failure.
+    let mut unsent_retry = true;
+    let mut next_attempt = 0;
     // Built only when a try fails: formatting an error on every request costs.
     let mut last_failure: Option<Error> = None;
     // The endpoint of the previous try: a retry goes elsewhere if it can.
     let mut last_ep: Option<Arc<Endpoint>> = None;
-    for attempt in 0..max_tries {
+    while next_attempt < max_tries {
+        let attempt = next_attempt;
+        next_attempt += 1;
         let body = match first.take() {
             Some(b) => b,
             None if empty => UpBody::Empty,
@@ -228,6 +238,32 @@ pub(crate) async fn forward(
             },
         };
         let done = Instant::now();
+        let outcome = match outcome {
+            Try::Unsent(e, req) if unsent_retry && deadline.is_none_or(|d| done < d) => {
+                unsent_retry = false;
+                cluster.report(&ep, e.class());
+                rec.end_try(done.saturating_duration_since(rec.start), e.class(), 0);
+                count_retry(dialer, &cluster, "unsent");
+                // The request as it was: its headers (the last try took them), its body.
+                let (up, body) = req.into_parts();
+                parts.headers = up.headers;
+                parts.headers.remove(&X_TRELLIS_PEER);
+                if let (false, Some(a)) = (
+                    parts.headers.contains_key(http::header::HOST),
+                    up.uri.authority(),
+                ) {
+                    if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                        parts.headers.insert(http::header::HOST, v);
+                    }
+                }
+                first = Some(body);
+                max_tries = max_tries.max(attempt + 2);
+                last_failure = Some(e);
+                continue;
+            }
+            Try::Unsent(e, _) => Try::Failed(e),
+            o => o,
+        };
         // The grpc-status header is read once, and only for gRPC requests; a peer proxy's
         // own answer keeps the class it gave it.
         let (class, grpc_code, peer) = match &outcome {
@@ -243,7 +279,7 @@ pub(crate) async fn forward(
                 });
                 (class, code, peer)
             }
-            Try::Failed(e) => (e.class(), None, None),
+            Try::Failed(e) | Try::Unsent(e, _) => (e.class(), None, None),
         };
         let deadline_passed = deadline.is_some_and(|d| done >= d);
         let can_retry = plan
@@ -257,14 +293,14 @@ pub(crate) async fn forward(
                 cluster.report(&ep, class);
                 let status = match &outcome {
                     Try::Response(r) => r.status().as_u16(),
-                    Try::Failed(_) => 0,
+                    Try::Failed(_) | Try::Unsent(..) => 0,
                 };
                 rec.end_try(done.saturating_duration_since(rec.start), class, status);
                 count_retry(dialer, &cluster, "sent");
                 let b = backoff(plan.retry.map_or(Duration::ZERO, |r| r.backoff), attempt);
                 let b = deadline.map_or(b, |d| b.min(d.saturating_duration_since(Instant::now())));
                 tokio::time::sleep(b).await;
-                if let Try::Failed(e) = outcome {
+                if let Try::Failed(e) | Try::Unsent(e, _) = outcome {
                     last_failure = Some(e);
                 }
                 continue;
@@ -275,7 +311,7 @@ pub(crate) async fn forward(
         if let Some(head) = &mirror_head {
             let status = match &outcome {
                 Try::Response(r) => r.status().as_u16(),
-                Try::Failed(e) => e.status(),
+                Try::Failed(e) | Try::Unsent(e, _) => e.status(),
             };
             let primary = mirror::Primary {
                 status,
@@ -294,7 +330,7 @@ pub(crate) async fn forward(
             );
         }
         match outcome {
-            Try::Failed(e) => {
+            Try::Failed(e) | Try::Unsent(e, _) => {
                 cluster.report(&ep, e.class());
                 last_failure = Some(e);
                 break;

@@ -71,6 +71,10 @@ pub(crate) fn upstream_request(
 pub(crate) enum Try {
     Response(Response<UpstreamBody>),
     Failed(Error),
+    /// No byte of the request left: no connection could be had (refused, timed out, TLS or
+    /// HTTP/2 handshake failed, or closed before the request went). The request comes back,
+    /// body untouched, for a try elsewhere.
+    Unsent(Error, Box<Request<UpBody>>),
 }
 
 /// One try: a connection from the pool (or a new one), the request sent, the response head
@@ -88,7 +92,7 @@ pub(crate) async fn send_once(
     let within = limit.map(|l| l.0);
     let (sender, took) = match ep.pool.checkout(h2, ctx, began, within).await {
         Ok(s) => s,
-        Err(e) => return Try::Failed(e),
+        Err(e) => return Try::Unsent(e, Box::new(req)),
     };
     *connect = Some(took);
     match sender {
@@ -115,11 +119,11 @@ async fn send_h2(
     mut s: hyper::client::conn::http2::SendRequest<UpBody>,
     req: Request<UpBody>,
 ) -> Try {
-    let sent = match s.ready().await {
-        Ok(()) => s.send_request(req).await,
-        Err(e) => Err(e),
-    };
-    match sent {
+    if let Err(e) = s.ready().await {
+        // The connection closed (a GOAWAY) before this request went on it.
+        return Try::Unsent(exchange_failed(ep, e), Box::new(req));
+    }
+    match s.send_request(req).await {
         Ok(r) => Try::Response(r.map(UpstreamBody::H2)),
         Err(e) => Try::Failed(exchange_failed(ep, e)),
     }
@@ -150,7 +154,8 @@ async fn send_h1(
             // Boxed for the same reason as in `Pool::checkout`.
             conn = match Box::pin(ep.pool.connect_h1(ctx)).await {
                 Ok(c) => c,
-                Err(e) => return Try::Failed(e),
+                // Ready to be sent again, and not sent on a new connection.
+                Err(e) => return Try::Unsent(e, Box::new(req)),
             };
             *connect = Some(start.elapsed());
             result = h1::exchange(&mut conn, &mut req, wait, began).await;

@@ -136,7 +136,9 @@ async fn exchange(
     .await;
     let took = start.elapsed();
     match outcome {
-        super::exchange::Try::Failed(e) => (0, e.class(), took),
+        super::exchange::Try::Failed(e) | super::exchange::Try::Unsent(e, _) => {
+            (0, e.class(), took)
+        }
         super::exchange::Try::Response(r) => {
             let status = r.status().as_u16();
             let class = super::exchange::peer_answer(&ep, r.headers())
