@@ -123,9 +123,14 @@ async fn send_h2(
         // The connection closed (a GOAWAY) before this request went on it.
         return Try::Unsent(exchange_failed(ep, e), Box::new(req));
     }
-    match s.send_request(req).await {
+    match s.try_send_request(req).await {
         Ok(r) => Try::Response(r.map(UpstreamBody::H2)),
-        Err(e) => Try::Failed(exchange_failed(ep, e)),
+        // Queued for a connection that closed before writing it (a draining peer's GOAWAY
+        // crossing it): hyper hands it back, unsent.
+        Err(mut e) => match e.take_message() {
+            Some(req) => Try::Unsent(exchange_failed(ep, e.into_error()), Box::new(req)),
+            None => Try::Failed(exchange_failed(ep, e.into_error())),
+        },
     }
 }
 
