@@ -358,7 +358,7 @@ pub fn update_workloads<R: std::borrow::Borrow<Resource>>(
     changed: &HashSet<NamespacedName>,
 ) -> Result<(ProxyConfig, Vec<String>)> {
     let mut services = HashMap::new();
-    let mut workloads = Vec::new();
+    let mut workloads: Vec<(&Resource, &WorkloadSpec)> = Vec::new();
     for r in resources {
         let r: &Resource = r.borrow();
         match &r.spec {
@@ -370,6 +370,15 @@ pub fn update_workloads<R: std::borrow::Borrow<Resource>>(
                         r.line,
                         format!("Workload {}: metadata.name", r.id()),
                         "names and namespaces must be DNS labels (a-z, 0-9, '-')",
+                    ));
+                }
+                // As a full translation refuses it: two documents of one Workload.
+                if workloads.iter().any(|(o, _)| o.id() == r.id()) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        r.line,
+                        format!("Workload {}: metadata.name", r.id()),
+                        "defined twice",
                     ));
                 }
                 workloads.push((r, w));

@@ -674,6 +674,19 @@ fn an_endpoint_update_gives_what_a_full_translation_gives() {
     );
     let e = update_workloads("a.yaml", &before, &bad, &changed).unwrap_err();
     assert!(e.to_string().contains("spec.weight"), "{e}");
+    // So is a second document of the same Workload (found looking for an xds_update fuzz
+    // crash that did not come again: the endpoint update took both as endpoints).
+    let mut twice = before_res.clone();
+    twice.extend(
+        parse_documents(
+            "c.yaml",
+            &workload_doc("extra-a", "app: catalog, version: v1", ""),
+        )
+        .unwrap(),
+    );
+    assert!(translate("a.yaml", &twice, Some(&frontend)).is_err());
+    let e = update_workloads("a.yaml", &before, &twice, &changed).unwrap_err();
+    assert!(e.to_string().contains("defined twice"), "{e}");
 }
 
 #[test]
