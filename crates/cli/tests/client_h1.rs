@@ -119,6 +119,27 @@ async fn an_absolute_target_without_a_path_goes_upstream_with_one() {
     );
 }
 
+/// A request the next hop could not take once the mesh's headers are added is refused here,
+/// 431: the proxy adds `traceparent` and `x-request-id`, the next hop up to three more, and
+/// HTTP/1.1 servers take 100 (found by the `http1_request` fuzz target).
+#[tokio::test]
+async fn a_request_with_no_room_for_the_meshs_headers_is_refused_431() {
+    let p = proxy(upstream().await);
+    let with = |n: usize| {
+        let mut r = String::from("GET /many HTTP/1.1\r\nhost: alpha.test\r\n");
+        for i in 1..n {
+            r.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        r + "connection: close\r\n\r\n"
+    };
+    for (n, want) in [(90, "HTTP/1.1 200"), (96, "HTTP/1.1 431")] {
+        let mut s = TcpStream::connect(p.outbound).await.unwrap();
+        s.write_all(with(n).as_bytes()).await.unwrap();
+        let out = read_until(&mut s, |o| o.contains("\r\n\r\n")).await;
+        assert!(out.starts_with(want), "{n} headers: {out}");
+    }
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     let p = proxy(upstream().await);

@@ -23,7 +23,13 @@ fn check_error(e: &ConfigError, lines: u64) {
 /// (plain values then each checked, and typed resources) agree on what they accept.
 pub fn resources(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let lines = text.lines().count() as u64;
+    // Lines as YAML counts them: CR LF, CR and LF each end one.
+    let lines = text
+        .replace("\r\n", "\n")
+        .bytes()
+        .filter(|b| matches!(b, b'\n' | b'\r'))
+        .count() as u64
+        + 1;
     let typed = crate::parse_documents(FILE, &text);
     let values = crate::parse_values(FILE, &text);
     if let Err(e) = &typed {

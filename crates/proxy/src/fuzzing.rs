@@ -146,6 +146,10 @@ pub fn http1_request(data: &[u8]) {
     // What the proxy sends on: hop-by-hop headers out, the framing its own.
     let mut headers = head.headers.clone();
     crate::http::headers::strip_hop_by_hop(&mut headers);
+    if headers.len() > crate::outbound::MAX_HEADERS_ON {
+        // Refused at the outbound with 431.
+        return;
+    }
     let origin = crate::http::origin_form(&head.uri);
     let target = origin.as_str();
     let mut out = BytesMut::new();
