@@ -2,7 +2,9 @@
 # Soak: steady load through two proxies with mutual TLS for MINUTES (default 30), an
 # operation every EVERY seconds (default 180) in turn: a callee's proxy drained and
 # restarted, a push storm of 50 applies, the route's weights moved, the control plane
-# SIGKILLed and restarted. Each period's requests, failures (non-2xx and socket errors, by
+# SIGKILLed and restarted (`b` reaches both callees; the route splitting it between them
+# lives only through its own operation: a split's backend of one endpoint cannot survive
+# that endpoint's restart). Each period's requests, failures (non-2xx and socket errors, by
 # wrk), and every process's RSS and open file descriptors are printed as a table row, so
 # that memory or descriptor growth and failed requests show period by period.
 #
@@ -41,7 +43,7 @@ start_cp
 export TRELLIS_SERVER=http://127.0.0.1:18470 TRELLIS_TOKEN
 for _ in $(seq 100); do [ -s "$W/cp/admin.token" ] && break; sleep 0.05; done
 TRELLIS_TOKEN=$(cat "$W/cp/admin.token")
-mesh() { # weights of b-vm and b-ct
+mesh() { # b reaches both callees as one cluster; b-vm and b-ct one each
   cat <<YAML
 apiVersion: trellis.dev/v1alpha1
 kind: Service
@@ -57,13 +59,7 @@ apiVersion: trellis.dev/v1alpha1
 kind: Service
 metadata: { name: b-ct, namespace: soak }
 spec: { selector: { app: b, version: ct }, ports: [{ name: web, port: 80, targetPort: 1, protocol: HTTP }] }
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: { name: b, namespace: soak }
-spec:
-  parentRefs: [{ kind: Service, name: b, port: 80 }]
-  rules: [{ backendRefs: [{ name: b-vm, port: 80, weight: $1 }, { name: b-ct, port: 80, weight: $2 }] }]
+
 ---
 apiVersion: trellis.dev/v1alpha1
 kind: Workload
@@ -85,8 +81,25 @@ spec:
   upstreams: [{ service: b.soak, port: 80, bind: 127.0.0.1:18483 }]
 YAML
 }
-apply() { mesh "$1" "$2" | "$BIN" apply -f - >/dev/null; }
-apply 50 50
+split() { # the weights of b-vm and b-ct for b
+  "$BIN" apply -f - >/dev/null <<YAML
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: b, namespace: soak }
+spec:
+  parentRefs: [{ kind: Service, name: b, port: 80 }]
+  rules: [{ backendRefs: [{ name: b-vm, port: 80, weight: $1 }, { name: b-ct, port: 80, weight: $2 }] }]
+YAML
+}
+noise() {
+  "$BIN" apply -f - >/dev/null <<YAML
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: noise-$1, namespace: soak }
+spec: { selector: { app: noise }, ports: [{ port: 80 }] }
+YAML
+}
+mesh | "$BIN" apply -f - >/dev/null
 token() { "$BIN" token create -n soak --identity "$1" --ttl 10m --uses "${2:-1}" 2>/dev/null; }
 BETA=$(token beta 2)
 proxy() { # NAME WORKLOAD PORT-BASE [TOKEN]
@@ -99,6 +112,12 @@ proxy ct peer-ct 18600 "$BETA"; CT=$!; PIDS+=($CT)
 proxy client client 18300 "$(token client)"; CALLER=$!; PIDS+=($CALLER)
 wait_http http://127.0.0.1:18483/
 
+# The caller's failed requests by class so far (from its /metrics), for the periods that fail.
+classes() {
+  curl -s http://127.0.0.1:18300/metrics | awk '/^trellis_http_requests_total/ && !/failure_class="ok"/ {
+    split($0, a, "failure_class=\""); split(a[2], b, "\""); n[b[1]] += $NF }
+    END { s = ""; for (k in n) s = s k " " n[k] " "; print (s == "" ? "-" : s) }'
+}
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 fds() { ls "/proc/$1/fd" 2>/dev/null | wc -l; }
 cat >"$W/pace.lua" <<'LUA'
@@ -111,16 +130,17 @@ op() { # sets WHAT; runs in this shell, as it restarts processes
        proxy vm peer-vm 18500; VM=$!
        wait_http http://127.0.0.1:18500/ready ;;
     1) WHAT="push storm: 50 applies"
-       for i in $(seq 50); do apply $(( 40 + i % 20 )) $(( 60 - i % 20 )); done ;;
-    2) WHAT="route weights moved: 100/0, 0/100, 50/50"
-       apply 100 0; sleep 2; apply 0 100; sleep 2; apply 50 50 ;;
+       for i in $(seq 50); do noise $(( i % 10 )); done ;;
+    2) WHAT="route weights moved: 100/0, 0/100, 50/50, route deleted"
+       split 100 0; sleep 2; split 0 100; sleep 2; split 50 50; sleep 2
+       "$BIN" delete httproute b -n soak >/dev/null ;;
     3) WHAT="control plane SIGKILL + restart"
        kill -KILL "$CP"; wait "$CP" 2>/dev/null || true; sleep 2; start_cp ;;
   esac
 }
 
-printf '| minute | operation in the period | requests | failed | caller RSS KiB / fds | peer-vm | peer-ct | control plane |\n'
-printf '| ---: | --- | ---: | ---: | --- | --- | --- | --- |\n'
+printf '| minute | operation in the period | requests | failed | caller RSS KiB / fds | peer-vm | peer-ct | control plane | caller failures so far |\n'
+printf '| ---: | --- | ---: | ---: | --- | --- | --- | --- | --- |\n'
 periods=$(( MINUTES * 60 / EVERY )); [ "$periods" -ge 1 ] || periods=1
 began=$SECONDS
 for n in $(seq 0 $(( periods - 1 ))); do
@@ -130,9 +150,11 @@ for n in $(seq 0 $(( periods - 1 ))); do
   if [ "$n" -gt 0 ]; then sleep $(( EVERY / 3 )); op $(( n - 1 )); fi
   wait "$WRK"
   reqs=$(awk '/requests in/ {print $1}' "$W/wrk.$n")
-  non2xx=$(awk '/Non-2xx/ {print $4}' "$W/wrk.$n"); non2xx=${non2xx:-0}
-  sock=$(awk -F'[ ,]+' '/Socket errors/ {print $4+$6+$8+$10}' "$W/wrk.$n"); sock=${sock:-0}
-  printf '| %d | %s | %s | %d | %s / %s | %s / %s | %s / %s | %s / %s |\n' \
+  # "  Non-2xx or 3xx responses: N", "  Socket errors: connect A, read B, write C, timeout D"
+  non2xx=$(awk '/Non-2xx/ {print $NF}' "$W/wrk.$n"); non2xx=${non2xx:-0}
+  sock=$(awk -F'[ ,]+' '/Socket errors/ {print $5+$7+$9+$11}' "$W/wrk.$n"); sock=${sock:-0}
+  printf '| %d | %s | %s | %d | %s / %s | %s / %s | %s / %s | %s / %s | %s |\n' \
     $(( (SECONDS - began) / 60 )) "$WHAT" "$reqs" $(( non2xx + sock )) \
-    "$(rss $CALLER)" "$(fds $CALLER)" "$(rss $VM)" "$(fds $VM)" "$(rss $CT)" "$(fds $CT)" "$(rss $CP)" "$(fds $CP)"
+    "$(rss $CALLER)" "$(fds $CALLER)" "$(rss $VM)" "$(fds $VM)" "$(rss $CT)" "$(fds $CT)" "$(rss $CP)" "$(fds $CP)" "$(classes)"
+  grep -E "Socket errors|Non-2xx" "$W/wrk.$n" | sed 's/^ */  wrk: /' >&2 || true
 done

@@ -388,6 +388,37 @@ async fn proxies_keep_serving_without_the_control_plane_and_resync() {
     wait_answer(&p, "b").await;
 }
 
+/// A proxy fed by xDS takes connections only once its first config is in: a request that
+/// came before (a restarted callee's callers reconnect at once) waits in the backlog and is
+/// answered by the config, not refused with `no_route` by a proxy that knows nothing yet.
+#[tokio::test]
+async fn a_request_before_the_first_config_waits_for_it() {
+    let a = upstream::named("a").await;
+    // The control plane's addresses, taken now; it starts after the proxy.
+    let (api, xds) = (upstream::closed_port().await, upstream::closed_port().await);
+    let p = ProxyProcess::start_xds(BIN, &[format!("http://{xds}")], "test/client", &[]);
+    let early = tokio::spawn({
+        let outbound = p.outbound;
+        async move { client::get(outbound, "front.test", "/", &[]).await }
+    });
+    let dir = trellis_test_support::temp_path("early-cp");
+    let cp = ControlProcess::start_in(BIN, dir, &[], &api.to_string(), &xds.to_string());
+    apply(
+        &cp,
+        &docs(&[
+            service("svc-a", "HTTP", &[a]),
+            client_workload(&[]),
+            front("{ name: svc-a, port: 80 }"),
+        ]),
+    );
+    let (st, body) = tokio::time::timeout(Duration::from_secs(30), early)
+        .await
+        .expect("answered once the config came")
+        .unwrap()
+        .unwrap();
+    assert_eq!((st.as_u16(), &body[..]), (200, &b"a"[..]));
+}
+
 #[tokio::test]
 async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
     let etcd = trellis_test_support::etcd::Etcd::start().await;

@@ -66,7 +66,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
         }
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" if shared.drain.draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/ready" if !shared.synced.load(std::sync::atomic::Ordering::Acquire) => text(
+        "/ready" if !*shared.synced.borrow() => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the first config from the control plane\n",
         ),

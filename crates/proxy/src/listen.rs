@@ -70,6 +70,9 @@ pub(crate) enum Serve {
     Tcp(String),
 }
 
+/// How long a proxy fed by xDS holds new connections waiting for its first config.
+const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(10);
+
 /// Accept on `listener` until the proxy drains.
 pub(crate) fn spawn_accept(
     shared: Arc<Shared>,
@@ -79,6 +82,17 @@ pub(crate) fn spawn_accept(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut drain = shared.drain.signal();
+        // A proxy fed by xDS takes connections once its first config is in: until then they
+        // wait in the kernel's backlog, rather than meet a proxy that knows no route (a
+        // restarted callee's callers reconnect at once). Bounded: a control plane out of
+        // reach leaves the proxy answering as it can.
+        let mut synced = shared.synced.subscribe();
+        if !*synced.borrow() {
+            tokio::select! {
+                _ = tokio::time::timeout(FIRST_CONFIG_WAIT, synced.wait_for(|s| *s)) => {}
+                _ = drain.changed() => return,
+            }
+        }
         loop {
             tokio::select! {
                 r = listener.accept() => match r {

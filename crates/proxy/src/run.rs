@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     net::{Ipv6Addr, SocketAddr},
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
 };
 
 use arc_swap::ArcSwap;
@@ -205,7 +205,7 @@ impl Proxy {
             registry,
             drain: Drain::default(),
             source: opts.source.describe(),
-            synced: (matches!(opts.source, Source::File(_))).into(),
+            synced: tokio::sync::watch::Sender::new(matches!(opts.source, Source::File(_))),
             xds_status: Default::default(),
             identity: creds,
             inbound_tls: Default::default(),
@@ -452,7 +452,7 @@ impl Proxy {
                     st.applied = Some(u.version.clone());
                     // A later config taken: an earlier refusal is history.
                     st.rejected = None;
-                    self.shared.synced.store(true, Ordering::Release);
+                    self.shared.synced.send_replace(true);
                     tracing::info!(server = %u.server, version = %u.version, "config from control plane applied");
                     Ok(())
                 }

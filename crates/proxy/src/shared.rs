@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     net::Ipv4Addr,
-    sync::{atomic::AtomicBool, Arc, Mutex},
+    sync::{Arc, Mutex},
 };
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -31,8 +31,9 @@ pub(crate) struct Shared {
     pub(crate) drain: Drain,
     /// Where the config came from.
     pub(crate) source: String,
-    /// A config has been applied (always, for a file; after the first bundle, for xDS).
-    pub(crate) synced: AtomicBool,
+    /// A config has been applied (always, for a file; after the first bundle, for xDS). The
+    /// listeners take connections once it is (see `listen::spawn_accept`).
+    pub(crate) synced: tokio::sync::watch::Sender<bool>,
     /// The xDS version last applied, and the last refusal.
     pub(crate) xds_status: Mutex<XdsStatus>,
     /// The proxy's certificate and key, when it has an identity (renewed in place).

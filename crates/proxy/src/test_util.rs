@@ -63,7 +63,7 @@ pub(crate) fn shared(
         registry,
         drain: Default::default(),
         source: "test".into(),
-        synced: true.into(),
+        synced: tokio::sync::watch::Sender::new(true),
         xds_status: Default::default(),
         identity: None,
         inbound_tls: Default::default(),
