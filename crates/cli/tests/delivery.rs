@@ -740,7 +740,9 @@ async fn half_the_requests_are_mirrored_and_compared_and_the_mirror_answers_nobo
     );
     // A body over the mirror's cap is not copied (and is counted as skipped).
     let big = vec![b'x'; 100_000];
-    let v2_now = d.v2_hits.load(Ordering::SeqCst);
+    // (By the bytes copies brought: a copy of one of the small bodies above may still be on
+    // its way, and counts as a hit.)
+    let bytes_now = MARKED_BYTES.load(Ordering::SeqCst);
     for _ in 0..20 {
         let req = http::Request::post("/")
             .header("host", "catalog.test")
@@ -769,11 +771,8 @@ async fn half_the_requests_are_mirrored_and_compared_and_the_mirror_answers_nobo
         },
     )
     .await;
-    assert_eq!(
-        d.v2_hits.load(Ordering::SeqCst),
-        v2_now,
-        "no big body mirrored"
-    );
+    let copied = MARKED_BYTES.load(Ordering::SeqCst) - bytes_now;
+    assert!(copied < big.len(), "a big body mirrored: {copied} bytes");
     assert_eq!(row["mirror"], "test/catalog-v2:80", "{row:#}");
     let agreement = row["agreement"].as_f64().unwrap();
     assert!((0.65..0.95).contains(&agreement), "{row:#}");
