@@ -73,8 +73,9 @@ async fn a_try_refused_at_connect_is_sent_elsewhere_without_a_retry_policy() {
     let gone = upstream::closed_port().await;
     let cfg = docs(&[
         service("two", "HTTP", &[good, gone]),
-        // Outlier detection off: every other try goes to the refusing endpoint.
-        policy("two", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+        // Round robin and outlier detection off: every other try goes to the refusing
+        // endpoint (peak-EWMA would learn to avoid it, as fast as the requests come).
+        policy("two", "  loadBalancer: { type: RoundRobin }\n  outlierDetection: { consecutiveFailures: 0 }\n"),
         client_workload(&[]),
     ]);
     let p = start(&cfg);
