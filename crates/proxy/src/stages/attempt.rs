@@ -32,7 +32,7 @@ use crate::{
     pool::{ConnectCtx, Dialer},
     stages::{
         balance,
-        exchange::{exchange_failed, peer_answer, send_once, upstream_request, Try},
+        exchange::{exchange_failed, peer_answer, send_once, upstream_request, Sent, Try, Unsent},
         fault, mirror,
         record::Record,
         respond::{local_reply, relay},
@@ -83,7 +83,6 @@ fn retry_wanted(
             }
             _ => e.retryable(),
         },
-        Try::Unsent(e, _) => e.retryable(),
         Try::Response(r) => {
             peer.is_some_and(crate::error::peer_retryable)
                 || retry.codes.contains(&r.status().as_u16())
@@ -239,7 +238,8 @@ pub(crate) async fn forward(
         };
         let done = Instant::now();
         let outcome = match outcome {
-            Try::Unsent(e, req) if unsent_retry && deadline.is_none_or(|d| done < d) => {
+            Ok(t) => t,
+            Err(Unsent { error: e, req }) if unsent_retry && deadline.is_none_or(|d| done < d) => {
                 unsent_retry = false;
                 cluster.report(&ep, e.class());
                 rec.end_try(done.saturating_duration_since(rec.start), e.class(), 0);
@@ -261,8 +261,7 @@ pub(crate) async fn forward(
                 last_failure = Some(e);
                 continue;
             }
-            Try::Unsent(e, _) => Try::Failed(e),
-            o => o,
+            Err(u) => Try::Failed(u.error),
         };
         // The grpc-status header is read once, and only for gRPC requests; a peer proxy's
         // own answer keeps the class it gave it.
@@ -279,7 +278,7 @@ pub(crate) async fn forward(
                 });
                 (class, code, peer)
             }
-            Try::Failed(e) | Try::Unsent(e, _) => (e.class(), None, None),
+            Try::Failed(e) => (e.class(), None, None),
         };
         let deadline_passed = deadline.is_some_and(|d| done >= d);
         let can_retry = plan
@@ -293,14 +292,14 @@ pub(crate) async fn forward(
                 cluster.report(&ep, class);
                 let status = match &outcome {
                     Try::Response(r) => r.status().as_u16(),
-                    Try::Failed(_) | Try::Unsent(..) => 0,
+                    Try::Failed(_) => 0,
                 };
                 rec.end_try(done.saturating_duration_since(rec.start), class, status);
                 count_retry(dialer, &cluster, "sent");
                 let b = backoff(plan.retry.map_or(Duration::ZERO, |r| r.backoff), attempt);
                 let b = deadline.map_or(b, |d| b.min(d.saturating_duration_since(Instant::now())));
                 tokio::time::sleep(b).await;
-                if let Try::Failed(e) | Try::Unsent(e, _) = outcome {
+                if let Try::Failed(e) = outcome {
                     last_failure = Some(e);
                 }
                 continue;
@@ -311,7 +310,7 @@ pub(crate) async fn forward(
         if let Some(head) = &mirror_head {
             let status = match &outcome {
                 Try::Response(r) => r.status().as_u16(),
-                Try::Failed(e) | Try::Unsent(e, _) => e.status(),
+                Try::Failed(e) => e.status(),
             };
             let primary = mirror::Primary {
                 status,
@@ -330,7 +329,7 @@ pub(crate) async fn forward(
             );
         }
         match outcome {
-            Try::Failed(e) | Try::Unsent(e, _) => {
+            Try::Failed(e) => {
                 cluster.report(&ep, e.class());
                 last_failure = Some(e);
                 break;
@@ -439,14 +438,14 @@ async fn faulty_try(
     rec: &mut Record,
     limit: Option<(Duration, Kind)>,
     grpc: bool,
-) -> Try {
+) -> Sent {
     if !f.delay.is_zero() {
         if let Some((l, _)) = limit.filter(|(l, _)| *l <= f.delay) {
             // The try times out as it would behind a slow upstream, but the class says
             // whose doing it was.
             tokio::time::sleep(l).await;
             rec.injected += l;
-            return Try::Failed(Error::new(
+            return Ok(Try::Failed(Error::new(
                 Kind::Injected {
                     status: 504,
                     grpc: 4,
@@ -456,7 +455,7 @@ async fn faulty_try(
                     "fault injected by the route: a delay of {:?} outlasted the try's {l:?}",
                     f.delay
                 ),
-            ));
+            )));
         }
         tokio::time::sleep(f.delay).await;
         rec.injected += f.delay;
@@ -470,14 +469,14 @@ async fn faulty_try(
         } else {
             format!("status {status}")
         };
-        return Try::Failed(Error::new(
+        return Ok(Try::Failed(Error::new(
             Kind::Injected {
                 status,
                 grpc: code,
                 timeout: false,
             },
             format!("fault injected by the route: {what}"),
-        ));
+        )));
     }
     let limit = limit.map(|(l, kind)| (l.saturating_sub(f.delay), kind));
     send_once(ctx, ep, req, h2, &mut rec.connect, Instant::now(), limit).await

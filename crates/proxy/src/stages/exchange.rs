@@ -71,10 +71,24 @@ pub(crate) fn upstream_request(
 pub(crate) enum Try {
     Response(Response<UpstreamBody>),
     Failed(Error),
-    /// No byte of the request left: no connection could be had (refused, timed out, TLS or
-    /// HTTP/2 handshake failed, or closed before the request went). The request comes back,
-    /// body untouched, for a try elsewhere.
-    Unsent(Error, Box<Request<UpBody>>),
+}
+
+/// A try whose request never left: no connection could be had (refused, timed out, a TLS or
+/// HTTP/2 handshake failed, or it closed before the request went). The request comes back,
+/// body untouched, for a try elsewhere.
+pub(crate) struct Unsent {
+    pub(crate) error: Error,
+    pub(crate) req: Box<Request<UpBody>>,
+}
+
+/// What one try came to, or its request back unsent.
+pub(crate) type Sent = Result<Try, Unsent>;
+
+fn unsent(error: Error, req: Request<UpBody>) -> Sent {
+    Err(Unsent {
+        error,
+        req: Box::new(req),
+    })
 }
 
 /// One try: a connection from the pool (or a new one), the request sent, the response head
@@ -88,11 +102,11 @@ pub(crate) async fn send_once(
     connect: &mut Option<Duration>,
     began: Instant,
     limit: Option<(Duration, Kind)>,
-) -> Try {
+) -> Sent {
     let within = limit.map(|l| l.0);
     let (sender, took) = match ep.pool.checkout(h2, ctx, began, within).await {
         Ok(s) => s,
-        Err(e) => return Try::Unsent(e, Box::new(req)),
+        Err(e) => return unsent(e, req),
     };
     *connect = Some(took);
     match sender {
@@ -100,7 +114,7 @@ pub(crate) async fn send_once(
         Sender::H2(s) => match limit {
             Some((l, kind)) => tokio::time::timeout(l, send_h2(ep, s, req))
                 .await
-                .unwrap_or_else(|_| Try::Failed(timed_out(ep, l, kind))),
+                .unwrap_or_else(|_| Ok(Try::Failed(timed_out(ep, l, kind)))),
             None => send_h2(ep, s, req).await,
         },
     }
@@ -118,18 +132,18 @@ async fn send_h2(
     ep: &Endpoint,
     mut s: hyper::client::conn::http2::SendRequest<UpBody>,
     req: Request<UpBody>,
-) -> Try {
+) -> Sent {
     if let Err(e) = s.ready().await {
         // The connection closed (a GOAWAY) before this request went on it.
-        return Try::Unsent(exchange_failed(ep, e), Box::new(req));
+        return unsent(exchange_failed(ep, e), req);
     }
     match s.try_send_request(req).await {
-        Ok(r) => Try::Response(r.map(UpstreamBody::H2)),
+        Ok(r) => Ok(Try::Response(r.map(UpstreamBody::H2))),
         // Queued for a connection that closed before writing it (a draining peer's GOAWAY
         // crossing it): hyper hands it back, unsent.
         Err(mut e) => match e.take_message() {
-            Some(req) => Try::Unsent(exchange_failed(ep, e.into_error()), Box::new(req)),
-            None => Try::Failed(exchange_failed(ep, e.into_error())),
+            Some(req) => unsent(exchange_failed(ep, e.into_error()), req),
+            None => Ok(Try::Failed(exchange_failed(ep, e.into_error()))),
         },
     }
 }
@@ -144,7 +158,7 @@ async fn send_h1(
     connect: &mut Option<Duration>,
     began: Instant,
     limit: Option<(Duration, Kind)>,
-) -> Try {
+) -> Sent {
     // The connection's own timer bounds the wait: no timer is made per request.
     let wait = match limit {
         None => h1::Wait::Forever,
@@ -160,13 +174,13 @@ async fn send_h1(
             conn = match Box::pin(ep.pool.connect_h1(ctx)).await {
                 Ok(c) => c,
                 // Ready to be sent again, and not sent on a new connection.
-                Err(e) => return Try::Unsent(e, Box::new(req)),
+                Err(e) => return unsent(e, req),
             };
             *connect = Some(start.elapsed());
             result = h1::exchange(&mut conn, &mut req, wait, began).await;
         }
     }
-    match result {
+    Ok(match result {
         Ok(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => Try::Failed(Error::new(
             Kind::Protocol,
             format!("{} switched protocols unasked", ep.pool.describe(ep.target)),
@@ -183,7 +197,7 @@ async fn send_h1(
             Try::Failed(timed_out(ep, l, kind))
         }
         Err(e) => Try::Failed(exchange_failed(ep, e)),
-    }
+    })
 }
 
 /// After a pooled connection failed with `err`, make `req` ready to be sent again on a fresh

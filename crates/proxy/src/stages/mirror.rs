@@ -136,10 +136,10 @@ async fn exchange(
     .await;
     let took = start.elapsed();
     match outcome {
-        super::exchange::Try::Failed(e) | super::exchange::Try::Unsent(e, _) => {
+        Ok(super::exchange::Try::Failed(e)) | Err(super::exchange::Unsent { error: e, .. }) => {
             (0, e.class(), took)
         }
-        super::exchange::Try::Response(r) => {
+        Ok(super::exchange::Try::Response(r)) => {
             let status = r.status().as_u16();
             let class = super::exchange::peer_answer(&ep, r.headers())
                 .unwrap_or_else(|| FailureClass::from_status(status));
