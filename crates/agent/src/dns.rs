@@ -208,6 +208,16 @@ fn lookup(services: &Services, id: &NamespacedName) -> Option<Option<Ipv4Addr>> 
     services.virtual_ip(id)
 }
 
+/// The mesh Service `query` asks for, when the proxy does not hold it and asks for such on
+/// demand (what the answer then waits for).
+fn not_held(query: &[u8], services: &Services) -> Option<NamespacedName> {
+    if !services.on_demand() || query.len() < HEADER || query[2] & 0xF8 != 0 {
+        return None;
+    }
+    let id = mesh_service(&question(query)?.name)??;
+    services.virtual_ip(&id).is_none().then_some(id)
+}
+
 /// SERVFAIL for `query`, if it is a query at all.
 fn servfail(query: &[u8]) -> Option<Vec<u8>> {
     let q = question(query)?;
@@ -235,6 +245,24 @@ pub async fn serve(sock: UdpSocket, opts: DnsOptions, services: Services) {
             }
         };
         let query = buf[..n].to_vec();
+        // A mesh name the proxy does not hold is asked for on demand, off this loop.
+        if let Some(id) = not_held(&query, &services) {
+            let Ok(permit) = inflight.clone().try_acquire_owned() else {
+                if let Some(r) = servfail(&query) {
+                    let _ = sock.send_to(&r, from).await;
+                }
+                continue;
+            };
+            let (sock, services) = (sock.clone(), services.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let found = services.find(&id).await;
+                if let Reply::Answer(r) = decide(&query, |_| found) {
+                    let _ = sock.send_to(&r, from).await;
+                }
+            });
+            continue;
+        }
         match decide(&query, |id| lookup(&services, id)) {
             Reply::Drop => continue,
             Reply::Answer(reply) => {
@@ -321,6 +349,13 @@ async fn tcp_client(mut s: TcpStream, opts: &DnsOptions, services: &Services) ->
         let Some(query) = read?.filter(|q| q.len() >= HEADER) else {
             return Ok(());
         };
+        if let Some(id) = not_held(&query, services) {
+            let found = services.find(&id).await;
+            if let Reply::Answer(r) = decide(&query, |_| found) {
+                write_message(&mut s, &r).await?;
+            }
+            continue;
+        }
         let reply = match decide(&query, |id| lookup(services, id)) {
             Reply::Answer(r) => Some(r),
             Reply::Drop => None,

@@ -142,7 +142,9 @@ fn detail(doc: &Value) -> String {
             spec["address"].as_str().unwrap_or_default(),
             spec["environment"].as_str().unwrap_or("bare-metal"),
             // Set by its agent: say so only when it is down.
-            if spec["healthy"] == false {
+            if doc["status"]["health"]["healthy"] == false
+                || (doc["status"]["health"].is_null() && spec["healthy"] == false)
+            {
                 " UNHEALTHY"
             } else {
                 ""
@@ -316,6 +318,18 @@ pub(crate) async fn describe(conn: &Conn, kind: &str, name: &str, ns: Option<&st
     println!("Spec:");
     for l in serde_saphyr::to_string(&v["spec"])?.lines() {
         println!("  {l}");
+    }
+    let health = &v["status"]["health"];
+    if !health.is_null() {
+        println!(
+            "Health:     {} (reported by its agent; checks recovered {} times)",
+            if health["healthy"] == true {
+                "healthy"
+            } else {
+                "UNHEALTHY"
+            },
+            health["recoveries"].as_u64().unwrap_or(0)
+        );
     }
     println!("Conditions:");
     match v["status"]["conditions"].as_array() {

@@ -364,6 +364,10 @@ struct RunArgs {
     /// `trellis stat` and `edges` (`0s`: never).
     #[arg(long, default_value = "10s")]
     report_interval: DurationValue,
+    /// With xDS: a Service this proxy asked for on demand (a name the application used that
+    /// its Workload does not declare as an upstream) is released once unused for this long.
+    #[arg(long, default_value = "5m")]
+    on_demand_idle: DurationValue,
     /// Export spans over OTLP/gRPC to this collector, `http://HOST:PORT` (usually port 4317):
     /// sampled requests' spans, and every failed request's.
     #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", value_parser = otlp_arg)]
@@ -631,6 +635,7 @@ fn proxy_options(
         report_every: r.report_interval.0,
         otlp_endpoint: r.otlp_endpoint.clone(),
         trace_sampling: r.trace_sampling / 100.0,
+        on_demand_idle: r.on_demand_idle.0,
     }
 }
 

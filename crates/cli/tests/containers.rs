@@ -45,7 +45,7 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
         Duration::from_secs(30),
         async || {
             let w = workload(&cp, "catalog-c1").await?;
-            (w["spec"]["healthy"] == true).then_some(w)
+            (w["status"]["health"]["healthy"] == true).then_some(w)
         },
     )
     .await;
@@ -128,7 +128,7 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
         Duration::from_secs(30),
         async || {
             let w = workload(&cp, "catalog-c1").await?;
-            (w["spec"]["healthy"] == true).then_some(())
+            (w["status"]["health"]["healthy"] == true).then_some(())
         },
     )
     .await;

@@ -330,13 +330,17 @@ async fn a_rejected_config_is_visible_while_the_proxy_keeps_serving() {
 async fn a_large_mesh_arrives_in_parts_and_is_applied_once() {
     let a = upstream::named("a").await;
     let cp = ControlProcess::start(BIN, &[]);
-    // 600 other workloads: about 90 KiB of YAML, more than one response carries.
+    // A service the client calls with 600 workloads: about 90 KiB of YAML, more than one
+    // response carries (a proxy gets what it calls, so they must be endpoints of its
+    // upstream; no request goes to them).
     let filler: Vec<String> = (0..600)
-        .map(|i| format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: w{i}, namespace: filler, labels: {{ app: other }} }}\nspec:\n  address: 127.0.1.{}\n", i % 250 + 1))
+        .map(|i| format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: w{i}, namespace: test, labels: {{ app: big }} }}\nspec:\n  address: 127.0.1.{}\n", i % 250 + 1))
         .collect();
+    let big = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: big, namespace: test }\nspec:\n  selector: { app: big }\n  ports: [{ name: main, port: 80 }]\n";
     let mut all = vec![
         service("svc-a", "HTTP", &[a]),
-        client_workload(&[]),
+        big.to_string(),
+        client_workload(&["front", "big"]),
         front("{ name: svc-a, port: 80 }"),
     ];
     all.extend(filler);
@@ -373,6 +377,9 @@ async fn proxies_keep_serving_without_the_control_plane_and_resync() {
     apply(&cp, &docs(&[base, front("{ name: svc-a, port: 80 }")]));
     let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
     p.wait_ready().await;
+    // `front` is not among the client's upstreams: asked for on demand, and then kept
+    // (and asked for again of the restarted control plane, which sends its change).
+    assert_eq!(answer(&p).await, (200, "a".into()));
     let (api, xds) = (cp.api.to_string(), cp.xds.to_string());
     let dir = cp.kill();
     for _ in 0..20 {
@@ -526,7 +533,11 @@ async fn a_workload_change_updates_endpoints_without_translating_the_mesh() {
     let (a, b) = (upstream::named("a").await, upstream::named("b").await);
     let cp = ControlProcess::start(BIN, &[]);
     let mesh = |b_healthy: bool| {
-        let mut y = docs(&[service("svc", "HTTP", &[a, b]), client_workload(&[])]);
+        let mut y = docs(&[
+            service("svc", "HTTP", &[a, b]),
+            client_workload(&[]),
+            policy("svc", "  loadBalancer: { type: RoundRobin }\n"),
+        ]);
         if !b_healthy {
             // The second endpoint's agent says it is down.
             y = y.replacen(

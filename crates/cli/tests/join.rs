@@ -77,7 +77,7 @@ async fn start_caller(cp: &ControlProcess, state: &str) -> (ProxyProcess, std::p
 async fn wait_health(cp: &ControlProcess, healthy: bool, what: &str) -> serde_json::Value {
     eventually(what, Duration::from_secs(15), async || {
         let w = workload(cp, "catalog-1").await?;
-        (w["spec"]["healthy"] == healthy).then_some(w)
+        (w["status"]["health"]["healthy"] == healthy).then_some(w)
     })
     .await
 }
@@ -139,11 +139,16 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
 
     // The application fails its check: the Workload turns unhealthy and leaves the
     // caller's endpoints; it comes back when the check passes again.
+    // Health is status: the flap changes no resource version.
+    let version = w["metadata"]["resourceVersion"].clone();
     up.store(false, Ordering::Relaxed);
-    wait_health(&cp, false, "unhealthy after a failed check").await;
+    let down = wait_health(&cp, false, "unhealthy after a failed check").await;
+    assert_eq!(down["metadata"]["resourceVersion"], version, "{down}");
+    assert!(down["spec"].get("healthy").is_none(), "not in spec: {down}");
     assert_eq!(reach(503).await.0, "no_healthy_upstream");
     up.store(true, Ordering::Relaxed);
-    wait_health(&cp, true, "healthy again").await;
+    let up_again = wait_health(&cp, true, "healthy again").await;
+    assert_eq!(up_again["metadata"]["resourceVersion"], version);
     reach(200).await;
 
     // An operator deletes the Workload by hand: the agent registers it again.
@@ -338,11 +343,14 @@ async fn a_health_check_that_passes_again_lifts_the_callers_ejection() {
         Duration::from_secs(15),
         async || {
             let w = workload(&cp, "catalog-1").await?;
-            (w["spec"]["healthRecoveries"].as_u64() >= Some(1)).then_some(w)
+            (w["status"]["health"]["recoveries"].as_u64() >= Some(1)).then_some(w)
         },
     )
     .await;
-    assert_eq!(w["spec"]["healthy"], true, "never unhealthy: {w}");
+    assert_eq!(
+        w["status"]["health"]["healthy"], true,
+        "never unhealthy: {w}"
+    );
     // The caller takes the endpoint back at once, not after its ten-minute ejection.
     eventually("ejection lifted", Duration::from_secs(15), async || {
         (via(&caller, "catalog.test").await.0 == 200).then_some(())

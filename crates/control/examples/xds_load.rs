@@ -12,6 +12,12 @@
 //! weights) and measures, for every client, the time from sending the apply to that client's
 //! ACK of the change (the apply's own validation and store write included). It prints p50/p99/max over clients per round and overall, the
 //! control plane's RSS (current and peak) and the CPU it used per round.
+//!
+//! With `--calls K` each client is a proxy for a Workload of its own that calls K Services
+//! (scoped delivery: it gets what it calls); the route change then concerns only the callers
+//! of `svc-0`, whose ACKs are measured, and each round also changes one Workload of another
+//! Service and counts the clients sent anything (its callers alone should be). `--services`
+//! sets how many Services the Workloads are spread over.
 
 mod common;
 
@@ -37,6 +43,17 @@ struct Args {
     clients: usize,
     workloads: usize,
     rounds: usize,
+    services: usize,
+    calls: usize,
+    /// Also run a real `trellis proxy` for client 0's workload (with `--calls`).
+    proxy: bool,
+}
+
+/// The Services client `i` calls (none: it gets the whole mesh).
+fn calls(a: &Args, i: usize) -> Vec<usize> {
+    (0..a.calls)
+        .map(|k| (i * 7 + k * 131) % a.services)
+        .collect()
 }
 
 fn args() -> Args {
@@ -45,6 +62,9 @@ fn args() -> Args {
         clients: 1000,
         workloads: 10_000,
         rounds: 10,
+        services: 100,
+        calls: 0,
+        proxy: false,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     for w in v.chunks(2) {
@@ -53,14 +73,17 @@ fn args() -> Args {
             ("--clients", Some(x)) => a.clients = x.parse().expect("--clients N"),
             ("--workloads", Some(x)) => a.workloads = x.parse().expect("--workloads N"),
             ("--rounds", Some(x)) => a.rounds = x.parse().expect("--rounds N"),
+            ("--services", Some(x)) => a.services = x.parse().expect("--services N"),
+            ("--calls", Some(x)) => a.calls = x.parse().expect("--calls K"),
+            ("--proxy", _) => a.proxy = true,
             _ => panic!("usage: xds_load [--bin PATH] [--clients N] [--workloads N] [--rounds N]"),
         }
     }
     a
 }
 
-fn mesh(workloads: usize) -> String {
-    let services = 100;
+fn mesh(a: &Args) -> String {
+    let (services, workloads) = (a.services, a.workloads);
     let mut y = String::new();
     for s in 0..services {
         y.push_str(&format!(
@@ -78,8 +101,36 @@ fn mesh(workloads: usize) -> String {
             w % 4
         ));
     }
+    if a.calls > 0 {
+        for i in 0..a.clients {
+            y.push_str(&format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: client-{i}, namespace: bench, labels: {{ app: client }} }}\nspec:\n  address: 10.200.{}.{}\n  upstreams:\n",
+                i >> 8,
+                i & 255
+            ));
+            for s in calls(a, i) {
+                y.push_str(&format!(
+                    "    - {{ service: svc-{s}.bench, port: 80, bind: 127.0.0.1:0 }}\n"
+                ));
+            }
+            y.push_str("---\n");
+        }
+    }
     y.push_str(&route(50));
     y
+}
+
+/// Workload `w` (of Service `w % services`) with weight `weight`.
+fn workload(a: &Args, w: usize, weight: u32) -> String {
+    let s = w % a.services;
+    format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: wl-{w}, namespace: bench, labels: {{ app: svc-{s} }} }}\nspec:\n  address: 10.{}.{}.{}\n  environment: {}\n  locality: {{ region: r1, zone: z{} }}\n  weight: {weight}\n",
+        (w >> 16) & 255,
+        (w >> 8) & 255,
+        w & 255,
+        ["vm", "container", "bare-metal"][w % 3],
+        w % 4
+    )
 }
 
 fn route(weight: u32) -> String {
@@ -119,10 +170,17 @@ async fn api(addr: &str, token: &str, body: String) -> u64 {
         .unwrap_or(0)
 }
 
-/// Per client: the highest document version it has ACKed, and when.
-type Acks = Arc<Mutex<Vec<(u64, Instant)>>>;
+/// Per client: the highest document version it has ACKed, when, and how many responses it
+/// was sent.
+type Acks = Arc<Mutex<Vec<(u64, Instant, u64)>>>;
 
-async fn client(i: usize, xds: String, acks: Acks, ready: mpsc::Sender<()>) {
+async fn client(
+    i: usize,
+    xds: String,
+    workload: Option<String>,
+    acks: Acks,
+    ready: mpsc::Sender<()>,
+) {
     // A thousand connects at once can overflow the listen backlog, which resets a
     // connection before or after its stream opens: retry both, as a proxy does.
     let mut tries = 0u64;
@@ -134,7 +192,7 @@ async fn client(i: usize, xds: String, acks: Acks, ready: mpsc::Sender<()>) {
                 .max_decoding_message_size(256 << 20);
             let (tx, rx) = mpsc::channel(4);
             tx.send(DeltaDiscoveryRequest {
-                node: Some(trellis_xds::node(&format!("sim-{i}"), None)),
+                node: Some(trellis_xds::node(&format!("sim-{i}"), workload.as_deref())),
                 type_url: DOCUMENT_TYPE.into(),
                 ..Default::default()
             })
@@ -170,12 +228,29 @@ async fn client(i: usize, xds: String, acks: Acks, ready: mpsc::Sender<()>) {
         })
         .await
         .unwrap();
-        acks.lock().await[i] = (v, now);
+        let mut a = acks.lock().await;
+        a[i] = (v, now, a[i].2 + 1);
+        drop(a);
         if first && !partial {
             first = false;
             let _ = ready.send(()).await;
         }
     }
+}
+
+/// Whether the proxy's admin `/ready` on `s` answers 200.
+async fn ready(s: tokio::net::TcpStream) -> bool {
+    let Ok((mut c, conn)) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await
+    else {
+        return false;
+    };
+    tokio::spawn(conn);
+    let req = http::Request::get("/ready")
+        .header("host", "admin")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    matches!(c.send_request(req).await, Ok(r) if r.status() == 200)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -214,13 +289,20 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let t0 = Instant::now();
-    api("127.0.0.1:17070", &token, mesh(a.workloads)).await;
+    api("127.0.0.1:17070", &token, mesh(&a)).await;
     println!(
-        "applied {} workloads + 100 services in {:?}",
+        "applied {} workloads + {} services (+ {} client workloads calling {} services each) in {:?}",
         a.workloads,
+        a.services,
+        if a.calls > 0 { a.clients } else { 0 },
+        a.calls,
         t0.elapsed()
     );
-    let acks: Acks = Arc::new(Mutex::new(vec![(0, Instant::now()); a.clients]));
+    let acks: Acks = Arc::new(Mutex::new(vec![(0, Instant::now(), 0); a.clients]));
+    // The clients the route change (on svc-0) concerns.
+    let affected: Vec<bool> = (0..a.clients)
+        .map(|i| a.calls == 0 || calls(&a, i).contains(&0))
+        .collect();
     let (rtx, mut rrx) = mpsc::channel(a.clients);
     let (cpu_sync, _, _) = proc_stat(pid);
     let t0 = Instant::now();
@@ -228,6 +310,7 @@ async fn main() {
         tokio::spawn(client(
             i,
             "http://127.0.0.1:17071".into(),
+            (a.calls > 0).then(|| format!("bench/client-{i}")),
             acks.clone(),
             rtx.clone(),
         ));
@@ -243,6 +326,48 @@ async fn main() {
         cpu - cpu_sync,
         rss0 / 1024
     );
+    // A real proxy for client 0's workload (the simulated client 0 stays; two streams for one
+    // workload are fine): how long until its first config is applied, and its memory.
+    let proxy = if a.proxy && a.calls > 0 {
+        let t = Instant::now();
+        let p = Command::new(&a.bin)
+            .args(["proxy", "--xds", "http://127.0.0.1:17071"])
+            .args(["--workload", "bench/client-0"])
+            .args([
+                "--admin",
+                "127.0.0.1:17072",
+                "--outbound",
+                "127.0.0.1:17073",
+            ])
+            .args(["--inbound", "127.0.0.1:17074", "--no-access-log"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run trellis proxy");
+        loop {
+            if let Ok(s) = tokio::net::TcpStream::connect("127.0.0.1:17072").await {
+                if ready(s).await {
+                    break;
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the proxy never got ready"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (_, rss, _) = proc_stat(p.id());
+        println!(
+            "a real proxy for bench/client-0 (calls {} services): first config applied {:.0} ms after it started; RSS {:.1} MiB",
+            a.calls,
+            t.elapsed().as_secs_f64() * 1000.0,
+            rss as f64 / 1024.0
+        );
+        Some(p)
+    } else {
+        None
+    };
     let mut all = Vec::new();
     let mut maxes = Vec::new();
     let mut cpu_per_round = Vec::new();
@@ -257,8 +382,15 @@ async fn main() {
         .await;
         let applied = Instant::now();
         let times = loop {
-            let v = acks.lock().await.clone();
-            if v.iter().all(|(r, _)| *r >= rev) {
+            let v: Vec<_> = acks
+                .lock()
+                .await
+                .iter()
+                .zip(&affected)
+                .filter(|(_, a)| **a)
+                .map(|(x, _)| *x)
+                .collect();
+            if v.iter().all(|(r, _, _)| *r >= rev) {
                 break v;
             }
             assert!(
@@ -270,14 +402,43 @@ async fn main() {
         let (cpu1, _, _) = proc_stat(pid);
         let mut lat: Vec<f64> = times
             .iter()
-            .map(|(_, t)| t.saturating_duration_since(start).as_secs_f64() * 1000.0)
+            .map(|(_, t, _)| t.saturating_duration_since(start).as_secs_f64() * 1000.0)
             .collect();
         let (p50, p99, max) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99), pct(&mut lat, 1.0));
         println!(
-            "round {round}: apply answered in {:.1} ms; ACK after the apply was sent: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; control plane CPU {:.2} s",
+            "round {round}: apply answered in {:.1} ms; ACK after the apply was sent ({} clients concerned): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; control plane CPU {:.2} s",
             (applied - start).as_secs_f64() * 1000.0,
+            times.len(),
             cpu1 - cpu0
         );
+        if a.calls > 0 {
+            // One Workload of another Service changes (as a health flap would): who is sent it?
+            let w = (round * 37 + 5) % a.workloads;
+            let svc = w % a.services;
+            let callers = (0..a.clients)
+                .filter(|&i| calls(&a, i).contains(&svc))
+                .count();
+            let sent_before: Vec<u64> = acks.lock().await.iter().map(|x| x.2).collect();
+            let rev = api("127.0.0.1:17070", &token, workload(&a, w, 2 + round as u32)).await;
+            let t = Instant::now();
+            // Its callers ACK it; then give the others time to be sent it, if they were.
+            loop {
+                let v = acks.lock().await.clone();
+                let done = (0..a.clients)
+                    .filter(|&i| calls(&a, i).contains(&svc))
+                    .all(|i| v[i].0 >= rev);
+                if done || t.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let v = acks.lock().await.clone();
+            let sent = (0..a.clients).filter(|&i| v[i].2 > sent_before[i]).count();
+            println!(
+                "  workload wl-{w} of svc-{svc} changed: {sent} clients were sent something, {callers} call svc-{svc}"
+            );
+        }
         all.extend(lat);
         maxes.push(max);
         cpu_per_round.push(cpu1 - cpu0);
@@ -295,6 +456,16 @@ async fn main() {
         rss / 1024,
         hwm / 1024
     );
+    if let Some(mut p) = proxy {
+        let (cpu, rss, hwm) = proc_stat(p.id());
+        println!(
+            "the real proxy after the rounds: CPU {cpu:.2} s in all, RSS {:.1} MiB (peak {:.1} MiB)",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
+        let _ = p.kill();
+        let _ = p.wait();
+    }
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -27,6 +27,7 @@ use trellis_store::{Expect, Key, Store, StoreError, Write};
 
 use crate::{
     apply::{ApplyError, Writer},
+    catalog::{health_key, Health},
     error::ControlError,
     identity::Identity,
     registry::Registry,
@@ -273,18 +274,18 @@ pub(crate) async fn handle(
         }
     }
     match req.op {
-        Op::Register => register(writer, agents, &id, &req, stored.as_ref()).await?,
+        Op::Register => register(writer, agents, &id, &req).await?,
         Op::Heartbeat => {
-            let Some(o) = stored else {
+            if stored.is_none() {
                 return Err(AgentError::NotRegistered(format!(
                     "Workload {}/{} is not registered",
                     id.namespace, req.name
                 )));
-            };
+            }
             agents.heard(&key, interval(&req));
-            let spec = &o["spec"];
-            let recoveries = spec["healthRecoveries"].as_u64().unwrap_or(0);
-            if spec["healthy"].as_bool() != Some(req.healthy) || recoveries < req.recoveries {
+            let known = writer.followed_health(&key);
+            let recoveries = known.map_or(0, |h| h.recoveries);
+            if known.map(|h| h.healthy) != Some(req.healthy) || recoveries < req.recoveries {
                 let health = Health {
                     healthy: req.healthy,
                     recoveries: req.recoveries.max(recoveries),
@@ -297,6 +298,15 @@ pub(crate) async fn handle(
                 Some(_) => Some(writer.delete(key.clone(), Expect::Any).await?),
                 None => None,
             };
+            // Its health record goes with it (after: callers stop at the Workload's removal).
+            let forget = Write {
+                key: health_key(&key),
+                doc: None,
+                expect: Expect::Any,
+            };
+            if let Err(e) = writer.store().write(vec![forget]).await {
+                tracing::warn!(workload = %key, error = %e, "could not remove the health record");
+            }
             agents.forget(&key);
             tracing::info!(workload = %key, %id, "agent deregistered its workload");
             if let Some(rev) = rev.filter(|_| req.wait_ms > 0) {
@@ -321,17 +331,28 @@ async fn register(
     agents: &Agents,
     id: &SpiffeId,
     req: &Request,
-    stored: Option<&Value>,
 ) -> Result<(), AgentError> {
     let mut spec = req.spec.clone().unwrap_or_else(|| json!({}));
     let obj = spec
         .as_object_mut()
         .ok_or_else(|| AgentError::BadRequest("spec: not an object".into()))?;
     obj.insert("identity".into(), json!(id.identity));
-    let known = |field: &str| stored.and_then(|o| o["spec"].get(field)).cloned();
-    obj.insert("healthy".into(), known("healthy").unwrap_or(json!(false)));
-    if let Some(r) = known("healthRecoveries") {
-        obj.insert("healthRecoveries".into(), r);
+    // Health is a record of its own, written before the Workload: unhealthy until its checks
+    // pass, so that no caller is sent to it before; a re-registration keeps what is known.
+    let key = Key::new("Workload", &id.namespace, &req.name);
+    if writer.followed_health(&key).is_none() {
+        let first = Write {
+            key: health_key(&key),
+            doc: Some(json!(Health {
+                healthy: false,
+                recoveries: 0
+            })),
+            expect: Expect::Absent,
+        };
+        match writer.store().write(vec![first]).await {
+            Ok(_) | Err(StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let doc = json!({
         "apiVersion": "trellis.dev/v1alpha1",
@@ -348,37 +369,37 @@ async fn register(
     let resource = trellis_model::resource_from_json(&file, &doc)
         .map_err(|e| AgentError::Invalid(e.into()))?;
     writer.apply_documents(&file, vec![(resource, doc)]).await?;
-    let key = Key::new("Workload", &id.namespace, &req.name);
     agents.heard(&key, interval(req));
     tracing::info!(workload = %key, %id, "agent registered its workload");
     Ok(())
 }
 
-/// What the agent last said of its workload's health.
-#[derive(Clone, Copy, Debug)]
-struct Health {
-    healthy: bool,
-    recoveries: u64,
-}
-
-/// Write `spec.healthy` (and `spec.healthRecoveries`) of a stored Workload (compare-and-swap
-/// on its version: a concurrent change wins, and the next heartbeat tries again).
+/// Write Workload `key`'s health record (compare-and-swap on its version: a concurrent
+/// change wins, and the next heartbeat tries again). The Workload itself is not written: a
+/// health change is no change of the resource.
 async fn set_health(store: &Store, key: &Key, h: Health, why: &str) -> Result<(), StoreError> {
-    let Some(o) = store.get(key).await? else {
+    if store.get(key).await?.is_none() {
         return Ok(());
-    };
-    let mut doc = o.doc;
+    }
+    let hk = health_key(key);
+    let old = store.get(&hk).await?;
+    let known: Option<Health> = old
+        .as_ref()
+        .and_then(|o| serde_json::from_value(o.doc.clone()).ok());
     let healthy = h.healthy;
-    doc["spec"]["healthy"] = json!(healthy);
     // The count only grows: a replica that heard an older heartbeat cannot take it back.
-    if h.recoveries > doc["spec"]["healthRecoveries"].as_u64().unwrap_or(0) {
-        doc["spec"]["healthRecoveries"] = json!(h.recoveries);
+    let next = Health {
+        healthy,
+        recoveries: h.recoveries.max(known.map_or(0, |k| k.recoveries)),
+    };
+    if known == Some(next) {
+        return Ok(());
     }
     store
         .write(vec![Write {
-            key: key.clone(),
-            doc: Some(doc),
-            expect: Expect::Version(o.version),
+            key: hk,
+            doc: Some(json!(next)),
+            expect: old.map_or(Expect::Absent, |o| Expect::Version(o.version)),
         }])
         .await?;
     tracing::info!(workload = %key, healthy, recoveries = h.recoveries, by = why, "workload health changed");

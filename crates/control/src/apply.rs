@@ -290,6 +290,7 @@ async fn apply_with(
                 version: 0,
                 doc: doc.clone(),
             },
+            health: None,
             resource: Arc::new(resource),
             yaml: Arc::from(""),
             version: Arc::from(""),
@@ -421,6 +422,11 @@ impl Writer {
     }
 
     /// A stored document as this replica follows it (no store read).
+    pub(crate) fn followed_health(&self, key: &Key) -> Option<crate::catalog::Health> {
+        self.state.borrow().catalog.health.get(key).copied()
+    }
+
+    /// The stored document of `key`, as this replica follows the store.
     pub(crate) fn followed(&self, key: &Key) -> Option<Value> {
         self.state
             .borrow()

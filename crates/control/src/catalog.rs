@@ -11,37 +11,85 @@ use serde_json::Value;
 use trellis_model::{
     refs::{resolve, Unresolved},
     resource::{NamespacedName, Spec},
+    scope::ScopeIndex,
     ConfigError, ProxyConfig, Resource,
 };
 use trellis_store::{Change, Event, Key, Listing, Object};
+
+/// The store kind of health records: one per Workload whose agent reports its health
+/// (`_Health/NAMESPACE/NAME`), kept out of the Workload itself so that a health change is no
+/// change of the resource (no new `resourceVersion`, nothing to conflict with an apply).
+pub(crate) const HEALTH_KIND: &str = "_Health";
+
+/// What a Workload's agent last said of its health (or the control plane, for a silent one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub(crate) struct Health {
+    /// Its checks pass.
+    pub(crate) healthy: bool,
+    /// Checks that passed after failing, counted by its agent (only grows).
+    #[serde(default)]
+    pub(crate) recoveries: u64,
+}
+
+/// The health record's key of Workload `key`.
+pub(crate) fn health_key(key: &Key) -> Key {
+    Key::new(HEALTH_KIND, &key.namespace, &key.name)
+}
 
 /// One stored resource.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
     /// As stored.
     pub(crate) object: Object,
-    /// Parsed.
+    /// A Workload's health record, if it has one.
+    pub(crate) health: Option<Health>,
+    /// Parsed, as proxies get it (a Workload with its health).
     pub(crate) resource: Arc<Resource>,
-    /// Its YAML, rendered once, for proxies.
+    /// Its YAML as proxies get it, rendered once.
     pub(crate) yaml: Arc<str>,
     /// Hash of the YAML: the document's xDS version.
     pub(crate) version: Arc<str>,
 }
 
 impl Entry {
-    /// Parse a stored object. Stored objects were validated on the way in; one that no longer
-    /// parses (a newer schema wrote it) is reported and left out.
-    pub(crate) fn new(object: Object) -> Result<Self, String> {
-        let resource: Resource = serde_json::from_value(object.doc.clone())
+    /// Parse a stored object (stored objects were validated on the way in; one that no
+    /// longer parses, a newer schema wrote it, is reported and left out); a Workload with
+    /// its health record, if it has one: proxies get the health in
+    /// the Workload's `spec.healthy` and `spec.healthRecoveries` (the proxy's model; a static
+    /// file writes them there), while the stored object is left as it was written.
+    pub(crate) fn with_health(object: Object, health: Option<Health>) -> Result<Self, String> {
+        let served = match health {
+            Some(h) if object.key.kind == "Workload" => {
+                let mut doc = object.doc.clone();
+                let spec = &mut doc["spec"];
+                spec["healthy"] = h.healthy.into();
+                let written = spec["healthRecoveries"].as_u64().unwrap_or(0);
+                if h.recoveries > written {
+                    spec["healthRecoveries"] = h.recoveries.into();
+                }
+                std::borrow::Cow::Owned(doc)
+            }
+            _ => std::borrow::Cow::Borrowed(&object.doc),
+        };
+        let resource: Resource = serde_json::from_value(served.clone().into_owned())
             .map_err(|e| format!("{}: stored document does not parse: {e}", object.key))?;
-        let yaml = serde_saphyr::to_string(&object.doc)
+        let yaml = serde_saphyr::to_string(&*served)
             .map_err(|e| format!("{}: cannot render: {e}", object.key))?;
         Ok(Self {
             object,
+            health,
             resource: Arc::new(resource),
             version: content_version(&yaml),
             yaml: yaml.into(),
         })
+    }
+
+    /// Whether it is healthy, as far as anyone said: its health record, else what its
+    /// `spec.healthy` says (a Workload applied with it).
+    pub(crate) fn healthy(&self) -> Option<bool> {
+        self.health
+            .map(|h| h.healthy)
+            .or_else(|| self.object.doc["spec"]["healthy"].as_bool())
     }
 }
 
@@ -52,30 +100,68 @@ pub(crate) struct Catalog {
     pub(crate) revision: u64,
     /// Resources by key.
     pub(crate) entries: BTreeMap<Key, Arc<Entry>>,
-}
-
-fn insert(entries: &mut BTreeMap<Key, Arc<Entry>>, o: Object) {
-    // The control plane's own records (the admin token's digest) are not resources.
-    if o.key.kind.starts_with('_') {
-        return;
-    }
-    match Entry::new(o) {
-        Ok(e) => drop(entries.insert(e.object.key.clone(), Arc::new(e))),
-        Err(e) => tracing::error!(error = %e, "skipping stored resource"),
-    }
+    /// Health records, by the key of their Workload.
+    pub(crate) health: BTreeMap<Key, Health>,
 }
 
 impl Catalog {
+    /// Take a stored object in.
+    fn insert(&mut self, o: Object) {
+        if o.key.kind == HEALTH_KIND {
+            let workload = Key::new("Workload", &o.key.namespace, &o.key.name);
+            match serde_json::from_value::<Health>(o.doc) {
+                Ok(h) => drop(self.health.insert(workload.clone(), h)),
+                Err(e) => tracing::error!(key = %o.key, error = %e, "skipping health record"),
+            }
+            self.rehealth(&workload);
+            return;
+        }
+        // The control plane's own records (the admin token's digest) are not resources.
+        if o.key.kind.starts_with('_') {
+            return;
+        }
+        let health = self.health.get(&o.key).copied();
+        match Entry::with_health(o, health) {
+            Ok(e) => drop(self.entries.insert(e.object.key.clone(), Arc::new(e))),
+            Err(e) => tracing::error!(error = %e, "skipping stored resource"),
+        }
+    }
+
+    fn remove(&mut self, k: &Key) {
+        if k.kind == HEALTH_KIND {
+            let workload = Key::new("Workload", &k.namespace, &k.name);
+            self.health.remove(&workload);
+            self.rehealth(&workload);
+        } else {
+            self.entries.remove(k);
+        }
+    }
+
+    /// Build Workload `key`'s entry again with its health record (or without).
+    fn rehealth(&mut self, key: &Key) {
+        let Some(e) = self.entries.get(key) else {
+            return;
+        };
+        let health = self.health.get(key).copied();
+        if e.health == health {
+            return;
+        }
+        match Entry::with_health(e.object.clone(), health) {
+            Ok(e) => drop(self.entries.insert(key.clone(), Arc::new(e))),
+            Err(e) => tracing::error!(error = %e, "skipping stored resource"),
+        }
+    }
+
     /// From a full listing.
     pub(crate) fn from_listing(l: Listing) -> Self {
-        let mut entries = BTreeMap::new();
-        for o in l.objects {
-            insert(&mut entries, o);
-        }
-        Self {
+        let mut c = Self {
             revision: l.revision,
-            entries,
+            ..Self::default()
+        };
+        for o in l.objects {
+            c.insert(o);
         }
+        c
     }
 
     /// Apply one committed batch; whether it changed a resource (a batch of the control
@@ -87,10 +173,10 @@ impl Catalog {
                 Event::Put(o) => &o.key,
                 Event::Delete(k) => k,
             };
-            changed |= !key.kind.starts_with('_');
+            changed |= !key.kind.starts_with('_') || key.kind == HEALTH_KIND;
             match e {
-                Event::Put(o) => insert(&mut self.entries, o),
-                Event::Delete(k) => drop(self.entries.remove(&k)),
+                Event::Put(o) => self.insert(o),
+                Event::Delete(k) => self.remove(&k),
             }
         }
         self.revision = c.revision;
@@ -132,6 +218,11 @@ pub(crate) struct Compiled {
     mesh: std::sync::OnceLock<Result<ProxyConfig, ConfigError>>,
     /// Workload keys by `namespace/name`, to check a node's claim.
     pub(crate) workloads: BTreeMap<NamespacedName, Key>,
+    /// The xDS name of each of `effective`, in its order.
+    pub(crate) names: Vec<Arc<str>>,
+    /// What refers to what among `effective`, to work out each proxy's scope; made on first
+    /// use (a state no scoped stream looks at never pays for it).
+    scope: std::sync::OnceLock<ScopeIndex>,
 }
 
 /// A resource proxies get: its key, the parsed resource, its YAML and the YAML's version.
@@ -243,6 +334,20 @@ fn unresolved(message: String, partial: bool) -> Vec<Condition> {
 }
 
 impl Compiled {
+    /// The xDS names of what the proxy serving `local` needs, calling also the Services
+    /// `also` (asked for on demand): see [`trellis_model::scope`].
+    pub(crate) fn scope(
+        &self,
+        local: &NamespacedName,
+        also: impl IntoIterator<Item = NamespacedName>,
+    ) -> std::collections::HashSet<Arc<str>> {
+        let ix = self.scope.get_or_init(|| ScopeIndex::new(&self.effective));
+        ix.needs(&self.effective, local, also)
+            .into_iter()
+            .map(|i| self.names[i].clone())
+            .collect()
+    }
+
     /// The mesh-wide translation, made once.
     pub(crate) fn mesh(&self) -> &Result<ProxyConfig, ConfigError> {
         self.mesh.get_or_init(|| {
@@ -317,14 +422,16 @@ impl Catalog {
     /// Compile what proxies get.
     pub(crate) fn compile(&self) -> Compiled {
         let (eff, conditions) = effective(&self.entries);
+        let names: Vec<Arc<str>> = eff.iter().map(|(k, ..)| Arc::from(doc_name(k))).collect();
         let docs = eff
             .iter()
-            .map(|(k, _, y, v)| {
+            .zip(&names)
+            .map(|((_, _, y, v), n)| {
                 let d = Doc {
                     version: v.clone(),
                     yaml: y.clone(),
                 };
-                (Arc::from(doc_name(k)), d)
+                (n.clone(), d)
             })
             .collect();
         let workloads = eff
@@ -341,6 +448,58 @@ impl Catalog {
             delta: None,
             mesh: Default::default(),
             workloads,
+            names,
+            scope: Default::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_health_record_changes_what_proxies_get_and_not_the_resource() {
+        let key = Key::new("Workload", "test", "w");
+        let doc = json!({
+            "apiVersion": "trellis.dev/v1alpha1",
+            "kind": "Workload",
+            "metadata": { "name": "w", "namespace": "test" },
+            "spec": { "address": "127.0.0.1" },
+        });
+        let mut c = Catalog::default();
+        let put = |key: Key, version, doc| Change {
+            revision: version,
+            events: vec![Event::Put(Object { key, version, doc })],
+        };
+        assert!(c.apply(put(key.clone(), 5, doc.clone())));
+        let healthy = c.entries[&key].clone();
+        assert_eq!(healthy.healthy(), None);
+        // The agent says it is down: a record of its own.
+        let down = json!(Health {
+            healthy: false,
+            recoveries: 2
+        });
+        assert!(c.apply(put(health_key(&key), 6, down)), "proxies are told");
+        let e = c.entries[&key].clone();
+        assert_eq!(e.object.version, 5, "the resource did not change");
+        assert_eq!(e.object.doc, doc, "nor its stored document");
+        assert_ne!(e.version, healthy.version, "what proxies get did");
+        assert_eq!(e.healthy(), Some(false));
+        let Spec::Workload(w) = &e.resource.spec else {
+            panic!("a workload")
+        };
+        assert_eq!((w.healthy, w.health_recoveries), (Some(false), Some(2)));
+        // A new apply of the Workload keeps its health; the record's removal ends it.
+        assert!(c.apply(put(key.clone(), 7, doc.clone())));
+        assert_eq!(c.entries[&key].healthy(), Some(false));
+        let gone = Change {
+            revision: 8,
+            events: vec![Event::Delete(health_key(&key))],
+        };
+        assert!(c.apply(gone));
+        assert_eq!(c.entries[&key].healthy(), None);
+        assert_eq!(c.entries[&key].version, healthy.version);
     }
 }

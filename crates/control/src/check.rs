@@ -233,7 +233,7 @@ pub(crate) async fn run(api: &Api) -> Vec<Check> {
         .catalog
         .entries
         .iter()
-        .filter(|(k, e)| k.kind == "Workload" && e.object.doc["spec"]["healthy"] == false)
+        .filter(|(k, e)| k.kind == "Workload" && e.healthy() == Some(false))
         .map(|(k, _)| format!("{}/{}", k.namespace, k.name))
         .collect();
     out.push(if unhealthy.is_empty() {

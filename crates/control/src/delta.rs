@@ -17,7 +17,7 @@
 //! many streams hold a list of names still to send.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
     sync::Arc,
     time::Duration,
 };
@@ -31,7 +31,13 @@ use trellis_xds::{
     DOCUMENT_TYPE, PARTIAL_SUFFIX,
 };
 
-use crate::{catalog::Doc, registry::Registry, state::State};
+use trellis_model::NamespacedName;
+
+use crate::{
+    catalog::{Compiled, Doc},
+    registry::Registry,
+    state::State,
+};
 
 type Out = Result<DeltaDiscoveryResponse, Status>;
 
@@ -46,7 +52,15 @@ enum Have {
 
 struct Sub {
     wildcard: bool,
+    /// A Trellis proxy that names its workload and subscribed to no name in particular gets
+    /// what that workload needs ([`Compiled::scope`]) and the Services it subscribes to by
+    /// name (`Service/NAMESPACE/NAME`, asked for on demand), each with what it needs.
+    scoped: Option<NamespacedName>,
     names: BTreeSet<String>,
+    /// A scoped stream's scope at the state last compared.
+    scope: HashSet<Arc<str>>,
+    /// Names subscribed to that do not exist, which the client has been told (as removed).
+    absent: HashSet<String>,
     have: Have,
     nonce: String,
     /// The version of the update being sent, or last sent.
@@ -57,7 +71,18 @@ struct Sub {
 
 impl Sub {
     fn wants(&self, name: &str) -> bool {
+        if self.scoped.is_some() {
+            return self.scope.contains(name) || self.names.contains(name);
+        }
         self.wildcard || self.names.contains(name)
+    }
+
+    /// The Services subscribed to by name.
+    fn services(&self) -> impl Iterator<Item = NamespacedName> + '_ {
+        self.names
+            .iter()
+            .filter_map(|n| n.strip_prefix("Service/"))
+            .filter_map(|n| n.parse().ok())
     }
 
     /// The held versions as a map (before the subscription changes).
@@ -193,7 +218,17 @@ impl DeltaTask {
             // A first request that names nothing subscribes to everything (wildcard).
             wildcard: req.resource_names_subscribe.is_empty()
                 || star(&req.resource_names_subscribe),
+            // ... which for a proxy that serves a workload is what that workload needs; "*"
+            // named explicitly is the whole mesh.
+            scoped: req
+                .node
+                .as_ref()
+                .and_then(trellis_xds::node_workload)
+                .and_then(|w| w.parse().ok())
+                .filter(|_| !star(&req.resource_names_subscribe)),
             names: BTreeSet::new(),
+            scope: HashSet::new(),
+            absent: HashSet::new(),
             have: Have::Known(
                 req.initial_resource_versions
                     .iter()
@@ -219,9 +254,15 @@ impl DeltaTask {
         for n in &req.resource_names_unsubscribe {
             if n == "*" {
                 sub.wildcard = false;
+                sub.scoped = None;
             } else {
                 sub.names.remove(n);
-                sub.known().remove(n);
+                sub.absent.remove(n);
+                // A scoped client is sent the removal of what no longer falls in its scope,
+                // the unsubscribed Service with the rest.
+                if sub.scoped.is_none() {
+                    sub.known().remove(n);
+                }
             }
             changed = true;
         }
@@ -282,9 +323,29 @@ impl DeltaTask {
     fn diff(&mut self) -> Option<Pending> {
         let state = self.state.borrow_and_update().clone();
         let sub = self.sub.as_mut()?;
-        let c = &state.compiled;
+        let compiled = state.compiled.clone();
+        let c = &*compiled;
         let mut names = VecDeque::new();
         let mut removed = Vec::new();
+        // Subscribed names that do not exist are sent as removed, once: a proxy waiting for a
+        // name asked for on demand learns at once that there is none.
+        for n in &sub.names {
+            if c.docs.contains_key(n.as_str()) {
+                sub.absent.remove(n);
+            } else if sub.absent.insert(n.clone()) {
+                removed.push(n.clone());
+            }
+        }
+        if let Some(local) = sub.scoped.clone() {
+            sub.scope = c.scope(&local, sub.services());
+            let have = std::mem::replace(&mut sub.have, Have::Known(HashMap::new()));
+            let Have::Known(had) = have else {
+                unreachable!("a scoped subscription holds a map")
+            };
+            let now = scoped_diff(c, sub, had, &mut names, &mut removed);
+            sub.have = Have::Known(now);
+            return self.finish(state, names, removed);
+        }
         // Compare what the client has with `c` for one name.
         let mut consider =
             |name: &str, had: Option<&Arc<str>>, sub: &Sub| match c.docs.get_key_value(name) {
@@ -343,12 +404,33 @@ impl DeltaTask {
                 .count()
         };
         sub.have = Have::At(state.clone());
+        self.finish(state, names, removed).inspect(|_| {
+            self.proxies
+                .sent(self.id, DOCUMENT_TYPE, c.revision.to_string(), count);
+        })
+    }
+
+    /// The update that sends `names` and removes `removed`; `None` when there is nothing to
+    /// send and the client has had a response before.
+    fn finish(
+        &mut self,
+        state: Arc<State>,
+        names: VecDeque<Arc<str>>,
+        removed: Vec<String>,
+    ) -> Option<Pending> {
+        let sub = self.sub.as_mut()?;
         if names.is_empty() && removed.is_empty() && !sub.nonce.is_empty() {
             return None;
         }
-        sub.version = c.revision.to_string();
-        self.proxies
-            .sent(self.id, DOCUMENT_TYPE, sub.version.clone(), count);
+        sub.version = state.compiled.revision.to_string();
+        if sub.scoped.is_some() {
+            let count = match &sub.have {
+                Have::Known(m) => m.len(),
+                Have::At(_) => 0,
+            };
+            self.proxies
+                .sent(self.id, DOCUMENT_TYPE, sub.version.clone(), count);
+        }
         Some(Pending {
             state,
             names,
@@ -394,4 +476,40 @@ impl DeltaTask {
         self.deadline = Some(tokio::time::Instant::now() + ANSWER_TIMEOUT);
         self.tx.send(Ok(resp)).await.is_ok()
     }
+}
+
+/// A scoped stream's difference: what of its scope (and its names) `c` holds at another
+/// version than the client had, and what the client had that it no longer wants. Costs the
+/// size of the scope, not of the mesh. Returns what the client holds after.
+fn scoped_diff(
+    c: &Compiled,
+    sub: &Sub,
+    had: HashMap<String, Arc<str>>,
+    names: &mut VecDeque<Arc<str>>,
+    removed: &mut Vec<String>,
+) -> HashMap<String, Arc<str>> {
+    let mut now = HashMap::with_capacity(sub.scope.len());
+    let wanted = sub
+        .scope
+        .iter()
+        .map(|n| &**n)
+        .chain(sub.names.iter().map(|n| n.as_str()));
+    for n in wanted {
+        let Some((k, d)) = c.docs.get_key_value(n) else {
+            continue;
+        };
+        if now.contains_key(n) {
+            continue;
+        }
+        if had.get(n) != Some(&d.version) {
+            names.push_back(k.clone());
+        }
+        now.insert(n.to_string(), d.version.clone());
+    }
+    for n in had.into_keys() {
+        if !now.contains_key(&n) {
+            removed.push(n);
+        }
+    }
+    now
 }

@@ -45,13 +45,13 @@ pub(crate) fn facts(
         ..Facts::default()
     };
     let mut services: Vec<(String, &Value)> = Vec::new();
-    let mut workloads: Vec<&Value> = Vec::new();
+    let mut workloads: Vec<(&Value, Option<bool>)> = Vec::new();
     for (key, entry) in &state.catalog.entries {
         let doc = &entry.object.doc;
         let ns = key.namespace.as_str();
         match key.kind.as_str() {
             "Service" => services.push((format!("{ns}/{}", key.name), doc)),
-            "Workload" => workloads.push(doc),
+            "Workload" => workloads.push((doc, entry.healthy())),
             "AuthorizationPolicy" => {
                 let action = doc["spec"]["action"].as_str().unwrap_or("ALLOW");
                 let me = format!("{} ({action})", ns_name(doc, ns));
@@ -102,13 +102,13 @@ pub(crate) fn facts(
         };
         let chosen = workloads
             .iter()
-            .filter(|w| w["metadata"]["namespace"].as_str().unwrap_or("default") == ns)
-            .filter(|w| {
+            .filter(|(w, _)| w["metadata"]["namespace"].as_str().unwrap_or("default") == ns)
+            .filter(|(w, _)| {
                 selector
                     .iter()
                     .all(|(k, v)| w["metadata"]["labels"][k] == *v)
             })
-            .map(|w| (ns_name(w, ns), w["spec"]["healthy"].as_bool()))
+            .map(|(w, healthy)| (ns_name(w, ns), *healthy))
             .collect();
         f.selects.insert(svc, chosen);
     }

@@ -10,9 +10,12 @@ use std::{
 
 use serde::Serialize;
 use serde_json::Value;
-use trellis_store::{Change, Event as StoreEvent};
+use trellis_store::{Change, Event as StoreEvent, Key};
 
-use crate::{catalog::Catalog, fleet::now_ms};
+use crate::{
+    catalog::{Catalog, HEALTH_KIND},
+    fleet::now_ms,
+};
 
 /// Events kept at most.
 pub(crate) const KEPT: usize = 10_000;
@@ -66,12 +69,31 @@ impl Events {
                 StoreEvent::Put(o) => (&o.key, Some(&o.doc)),
                 StoreEvent::Delete(k) => (k, None),
             };
+            let name = format!("{}/{}", key.namespace, key.name);
+            if key.kind == HEALTH_KIND {
+                // A health record of a Workload already here: its health changes.
+                let workload = Key::new("Workload", &key.namespace, &key.name);
+                let Some(w) = catalog.entries.get(&workload) else {
+                    continue;
+                };
+                let now = after.and_then(|a| a["healthy"].as_bool());
+                if now.is_some() && now != w.healthy() {
+                    let kind = if now == Some(false) {
+                        "unhealthy"
+                    } else {
+                        "healthy"
+                    };
+                    self.push(name, kind, &w.object.doc);
+                }
+                continue;
+            }
             if key.kind != "Workload" {
                 continue;
             }
-            let name = format!("{}/{}", key.namespace, key.name);
-            let before = catalog.entries.get(key).map(|e| &e.object.doc);
-            let health = |d: &Value| d["spec"]["healthy"].as_bool();
+            let before = catalog.entries.get(key);
+            // Health written in the Workload itself (a static one), or its record.
+            let record = catalog.health.get(key).map(|h| h.healthy);
+            let health = |d: &Value| record.or_else(|| d["spec"]["healthy"].as_bool());
             match (before, after) {
                 (None, Some(a)) => {
                     self.push(name.clone(), "joined", a);
@@ -79,8 +101,8 @@ impl Events {
                         self.push(name, "unhealthy", a);
                     }
                 }
-                (Some(b), None) => self.push(name, "left", b),
-                (Some(b), Some(a)) if health(b) != health(a) => match health(a) {
+                (Some(b), None) => self.push(name, "left", &b.object.doc),
+                (Some(b), Some(a)) if b.healthy() != health(a) => match health(a) {
                     Some(false) => self.push(name, "unhealthy", a),
                     _ => self.push(name, "healthy", a),
                 },

@@ -64,7 +64,7 @@ pub(crate) fn view(state: &State, events: &[Event], ns: &str, name: &str) -> Opt
                     "environment": spec["environment"].as_str().unwrap_or("bare-metal"),
                     "locality": spec["locality"],
                     "address": spec["address"],
-                    "healthy": spec["healthy"],
+                    "healthy": e.healthy(),
                     "events": latest,
                 }));
             }

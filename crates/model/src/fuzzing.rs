@@ -75,6 +75,65 @@ pub fn resources(data: &[u8]) {
             check_error(&e, lines);
         }
     }
+    scope(&resources);
+}
+
+/// For (up to three of) the Workloads of `resources`: what [`crate::scope::ScopeIndex`] says
+/// its proxy needs translates as the whole set does for that proxy, Service for Service.
+pub fn scope(resources: &[crate::Resource]) {
+    let ix = crate::scope::ScopeIndex::new(resources);
+    for w in resources.iter().filter(|r| r.kind() == "Workload").take(3) {
+        let local = w.id();
+        let Ok(full) = crate::translate(FILE, resources, Some(&local)) else {
+            continue;
+        };
+        let needed = ix.needs(resources, &local, []);
+        let subset: Vec<&crate::Resource> = needed.iter().map(|&i| &resources[i]).collect();
+        let part = crate::translate(FILE, &subset, Some(&local))
+            .unwrap_or_else(|e| panic!("{local}: its scope does not translate: {e}"));
+        assert_eq!(json(&part.local), json(&full.local), "{local}: local side");
+        assert_eq!(
+            json(&part.tcp_binds),
+            json(&full.tcp_binds),
+            "{local}: binds"
+        );
+        assert_eq!(part.trust_bundle, full.trust_bundle, "{local}: bundle");
+        for (id, s) in &part.services {
+            assert_eq!(json(s), json(&full.services[id]), "{local}: Service {id}");
+        }
+        for (k, c) in &part.clusters {
+            assert_eq!(json(c), json(&full.clusters[k]), "{local}: cluster {k}");
+        }
+        for b in &full.tcp_binds {
+            assert!(
+                part.clusters.contains_key(&b.cluster),
+                "{local}: {} missing",
+                b.cluster
+            );
+        }
+        // The authorization its inbound side applies.
+        let inbound: Vec<_> = full
+            .local
+            .iter()
+            .flat_map(|l| l.inbound_ports.iter().map(|p| p.service.clone()))
+            .collect();
+        let applies = |c: &crate::ProxyConfig| -> Vec<serde_json::Value> {
+            c.authz
+                .iter()
+                .filter(|a| match &a.scope {
+                    crate::proxy::AuthzScope::Mesh => true,
+                    crate::proxy::AuthzScope::Namespace(ns) => *ns == local.namespace,
+                    crate::proxy::AuthzScope::Services(s) => s.iter().any(|s| inbound.contains(s)),
+                })
+                .map(json)
+                .collect()
+        };
+        assert_eq!(applies(&part), applies(&full), "{local}: authorization");
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("serializes")
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ mod load;
 pub mod proxy;
 pub mod refs;
 pub mod resource;
+pub mod scope;
 mod translate;
 pub mod value;
 

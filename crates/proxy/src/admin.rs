@@ -105,6 +105,11 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ProxyBody> {
                 "config": serde_json::to_value(&*snap.cfg)
                     .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
                 "endpoint_health": endpoints,
+                "on_demand": shared.demand.as_ref().map(|d| {
+                    let mut v: Vec<String> = d.asked().iter().map(|id| id.to_string()).collect();
+                    v.sort();
+                    v
+                }),
                 "host": &*shared.host.lock().unwrap_or_else(|p| p.into_inner()),
             });
             let mut r = text(

@@ -62,7 +62,13 @@ pub struct Options {
     /// The probability (0 to 1) that a trace this proxy starts is sampled; a Service's
     /// `spec.tracing.samplingPercent` overrides it for requests to that service.
     pub trace_sampling: f64,
+    /// With xDS for a workload: a Service asked for on demand (not among the workload's
+    /// upstreams) is released once unused for this long.
+    pub on_demand_idle: Duration,
 }
+
+/// How long a Service asked for on demand stays held unused, by default.
+pub const DEFAULT_ON_DEMAND_IDLE: Duration = Duration::from_secs(300);
 
 /// The share of the traces a proxy starts that are sampled, by default.
 pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;

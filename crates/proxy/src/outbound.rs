@@ -26,7 +26,28 @@ use crate::{
 /// its forwarded form was refused by the next hop.
 pub(crate) const MAX_HEADERS_ON: usize = 97;
 
-/// Route an outbound request: a reply, or where it goes next.
+/// The mesh Service an authority names (`NAME.NAMESPACE[.mesh]`, or a bare `NAME` in the
+/// local workload's namespace), when it could be one: labels of letters, digits and '-'.
+fn mesh_name(host: &str, local_ns: &str) -> Option<trellis_model::NamespacedName> {
+    let host = host.strip_suffix(".mesh").unwrap_or(host);
+    let (name, ns) = host.split_once('.').unwrap_or((host, local_ns));
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    (label(name) && label(ns)).then(|| trellis_model::NamespacedName {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    })
+}
+
+/// Route an outbound request: a reply, or where it goes next. With `ask`, a request whose
+/// authority names a Service the config does not hold is handed back to be asked for on
+/// demand ([`Next::Discover`]).
 pub(crate) fn route<'a>(
     snap: &'a Snapshot,
     listener: &Listener,
@@ -34,6 +55,7 @@ pub(crate) fn route<'a>(
     mut rec: Box<Record>,
     grpc: bool,
     peer: SocketAddr,
+    ask: bool,
 ) -> Next<'a> {
     let authority = authority::authority(&req);
     rec.authority = authority.clone();
@@ -49,6 +71,18 @@ pub(crate) fn route<'a>(
             .and_then(|a| route::service_port(snap, a)),
     };
     let Some((svc_id, svc, port)) = target else {
+        if let (true, Listener::Outbound, Some(a)) = (ask, listener, &authority) {
+            let local_ns = snap
+                .cfg
+                .local
+                .as_ref()
+                .map_or("default", |l| &l.id.namespace);
+            if let Some(id) = mesh_name(a.host_port().0, local_ns) {
+                if !snap.cfg.services.contains_key(&id) {
+                    return Next::Discover(id, req, rec);
+                }
+            }
+        }
         let detail = match &authority {
             Some(a) => format!(
                 "no service matches authority {:?} (expected NAME.NAMESPACE[:PORT]); peer {peer}",

@@ -139,6 +139,8 @@ pub struct Proxy {
     /// The live config is the translation of the last update the control plane sent (none
     /// was refused since): the next one may be applied as a difference.
     in_sync: bool,
+    /// What on-demand discovery asks of the xDS client, until it starts.
+    asks: Option<tokio::sync::mpsc::UnboundedReceiver<crate::demand::Ask>>,
     /// SIGTERM, SIGINT and SIGHUP, caught from the start: a signal sent as soon as the
     /// proxy says it listens must not find the default action (which would end it).
     signals: Signals,
@@ -188,6 +190,20 @@ impl Proxy {
                 m,
             )
         });
+        // A proxy fed by xDS for a workload holds what the workload needs, and asks for
+        // other Services on demand.
+        let (demand, asks) = match (&opts.source, &opts.workload) {
+            (Source::Xds(_), Some(_)) => {
+                let (d, rx) = crate::demand::Demand::new(opts.on_demand_idle);
+                registry.sub_registry_with_prefix("trellis").register(
+                    "on_demand_lookups",
+                    "Requests and mesh DNS queries for a Service the proxy did not hold, which waited for the control plane, by outcome",
+                    d.lookups.clone(),
+                );
+                (Some(Arc::new(d)), Some(rx))
+            }
+            _ => (None, None),
+        };
         let shared = Arc::new(Shared {
             state: ArcSwap::from_pointee(snap),
             telemetry: Arc::new(Telemetry {
@@ -213,6 +229,7 @@ impl Proxy {
             peer_labels: Default::default(),
             host: Default::default(),
             adaptive: Default::default(),
+            demand,
         });
         let (admin, admin_addr) = bind(opts.admin, "admin", false)?;
         let (outbound, outbound_addr) = bind(opts.outbound, "outbound", false)?;
@@ -235,6 +252,7 @@ impl Proxy {
             binds: HashMap::new(),
             seen: text,
             in_sync: false,
+            asks,
             signals,
             addrs: (admin_addr, outbound_addr, inbound_addr),
         };
@@ -424,6 +442,9 @@ impl Proxy {
             ));
         }
         self.shared.state.store(Arc::new(snap));
+        if let Some(d) = &self.shared.demand {
+            d.config_changed();
+        }
         self.shared.telemetry.metrics.clear_request_cache();
         self.binds.retain(|k, (_, h)| {
             let keep = keep.contains(k);
@@ -527,7 +548,16 @@ impl Proxy {
                     identity: self.shared.identity.clone(),
                     ..x.clone()
                 };
-                tokio::spawn(xds::run(x, tx, link));
+                let demand = match (self.shared.demand.clone(), self.asks.take()) {
+                    (Some(d), Some(asks)) => {
+                        let shared = self.shared.clone();
+                        let live = move || shared.state.load_full();
+                        tokio::spawn(crate::demand::sweep_every(d.clone(), live));
+                        Some((d, asks))
+                    }
+                    _ => None,
+                };
+                tokio::spawn(xds::run(x, tx, link, demand));
                 (None, Some(rx))
             }
         };

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub(crate) host: Mutex<serde_json::Value>,
     /// The workload's adaptive concurrency limit (inbound).
     pub(crate) adaptive: Arc<crate::adaptive::Adaptive>,
+    /// Services asked for on demand (xDS for a workload only).
+    pub(crate) demand: Option<Arc<crate::demand::Demand>>,
 }
 
 impl Shared {
@@ -92,5 +94,19 @@ impl Services {
             .services
             .get(id)
             .map(|s| s.virtual_ip)
+    }
+
+    /// Whether services not held are asked for on demand.
+    pub fn on_demand(&self) -> bool {
+        self.0.demand.is_some()
+    }
+
+    /// [`Services::virtual_ip`], asking the control plane for a service the proxy does not
+    /// hold and waiting a bounded time for it (see [`crate::demand`]).
+    pub async fn find(&self, id: &NamespacedName) -> Option<Option<Ipv4Addr>> {
+        if let Some(d) = &self.0.demand {
+            d.fetch(id, || self.virtual_ip(id).is_some()).await;
+        }
+        self.virtual_ip(id)
     }
 }

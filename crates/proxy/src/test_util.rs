@@ -71,6 +71,7 @@ pub(crate) fn shared(
         peer_labels: Default::default(),
         host: Default::default(),
         adaptive: Default::default(),
+        demand: None,
     };
     (Arc::new(shared), sink)
 }

@@ -1,5 +1,8 @@
 //! The proxy as an xDS client: one incremental (delta) ADS stream to one of several control
-//! planes, subscribed to every Trellis document (wildcard).
+//! planes. A proxy that serves a workload subscribes to no name in particular and the control
+//! plane sends what that workload needs; it subscribes to `Service/NAMESPACE/NAME` for a
+//! Service asked for on demand ([`crate::demand`]) and unsubscribes to release it. A proxy
+//! without a workload gets every document (wildcard).
 //!
 //! The client keeps the documents it was sent, parsed. After each response the whole set goes
 //! to the proxy's run loop, which translates it with the same code as a static file and swaps
@@ -23,6 +26,8 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_model::{NamespacedName, Resource};
+
+use crate::demand::{resource_name, service_of, Ask, Demand};
 use trellis_xds::{
     envoy_types::pb::{
         envoy::service::discovery::v3::{
@@ -65,12 +70,16 @@ pub struct Update {
 
 const INVALID_ARGUMENT: i32 = 3;
 
+/// On-demand discovery's side of the client: whom to tell of absent names, and what it asks.
+pub(crate) type OnDemand = (Arc<Demand>, mpsc::UnboundedReceiver<Ask>);
+
 /// Follow the control planes until `updates` is closed, publishing the connection of each
 /// stream on `link` (the reporter pushes on it) while the stream is open.
 pub(crate) async fn run(
     opts: XdsOptions,
     updates: mpsc::Sender<Update>,
     link: tokio::sync::watch::Sender<Option<crate::control_link::Control>>,
+    mut demand: Option<OnDemand>,
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut docs = Docs::new();
@@ -79,7 +88,7 @@ pub(crate) async fn run(
             return;
         }
         let server = &opts.servers[i % opts.servers.len()];
-        let r = session(&opts, server, &mut docs, &updates, &link).await;
+        let r = session(&opts, server, &mut docs, &updates, &link, &mut demand).await;
         link.send_replace(None);
         match r {
             Ok(()) => return,
@@ -152,9 +161,9 @@ fn merge(
         ));
     }
     for n in &resp.removed_resources {
-        match docs.remove(n) {
-            Some((_, r)) => changes.note(&r),
-            None => changes.0 = None,
+        // A name not held: one subscribed to that does not exist.
+        if let Some((_, r)) = docs.remove(n) {
+            changes.note(&r);
         }
     }
     for (n, v, r) in parsed {
@@ -174,6 +183,7 @@ async fn session(
     docs: &mut Docs,
     updates: &mpsc::Sender<Update>,
     link: &tokio::sync::watch::Sender<Option<crate::control_link::Control>>,
+    demand: &mut Option<OnDemand>,
 ) -> Result<(), (String, bool)> {
     let fail = |e: String| (e, false);
     let uri: http::Uri = server
@@ -220,6 +230,11 @@ async fn session(
             .iter()
             .map(|(n, (v, _))| (n.clone(), v.clone()))
             .collect(),
+        // What was asked for on demand, asked again of this control plane.
+        resource_names_subscribe: demand
+            .as_ref()
+            .map(|(d, _)| d.asked().iter().map(resource_name).collect())
+            .unwrap_or_default(),
         ..Default::default()
     };
     tx.send(first).await.map_err(|_| fail("closed".into()))?;
@@ -233,7 +248,32 @@ async fn session(
     // A new stream may resend anything: its first update is applied whole.
     let mut changes = Changes::default();
     loop {
-        let resp = match inbound.message().await {
+        let asked = async {
+            match demand.as_mut() {
+                Some((_, asks)) => asks.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            Some(ask) = asked => {
+                let (sub, unsub) = match ask {
+                    Ask::Subscribe(id) => (vec![resource_name(&id)], Vec::new()),
+                    Ask::Unsubscribe(id) => (Vec::new(), vec![resource_name(&id)]),
+                };
+                let req = DeltaDiscoveryRequest {
+                    type_url: DOCUMENT_TYPE.into(),
+                    resource_names_subscribe: sub,
+                    resource_names_unsubscribe: unsub,
+                    ..Default::default()
+                };
+                if tx.send(req).await.is_err() {
+                    return Err(("request stream closed".into(), got));
+                }
+                continue;
+            }
+        };
+        let resp = match msg {
             Ok(Some(r)) => r,
             Ok(None) => return Err(("closed by the control plane".into(), got)),
             Err(e) => return Err((format!("{e}"), got)),
@@ -241,6 +281,11 @@ async fn session(
         got = true;
         if resp.type_url != DOCUMENT_TYPE {
             continue;
+        }
+        if let Some((d, _)) = demand.as_ref() {
+            for id in resp.removed_resources.iter().filter_map(|n| service_of(n)) {
+                d.absent(&id);
+            }
         }
         let result = match merge(docs, &resp, &mut changes) {
             Ok(()) if resp.system_version_info.ends_with(PARTIAL_SUFFIX) => Ok(()),

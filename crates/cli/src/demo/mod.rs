@@ -625,5 +625,6 @@ fn proxy_options(
         report_every: Duration::from_secs(1),
         otlp_endpoint: None,
         trace_sampling: trellis_proxy::options::DEFAULT_TRACE_SAMPLING,
+        on_demand_idle: trellis_proxy::options::DEFAULT_ON_DEMAND_IDLE,
     }
 }

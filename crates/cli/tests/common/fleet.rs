@@ -192,7 +192,7 @@ pub async fn workload(cp: &ControlProcess, name: &str) -> Option<serde_json::Val
 pub async fn healthy(cp: &ControlProcess, name: &str) -> Option<bool> {
     workload(cp, name)
         .await
-        .map(|w| w["spec"]["healthy"] == true)
+        .map(|w| w["status"]["health"]["healthy"] == true)
 }
 
 /// A child process, killed on drop (continued first: a stopped process cannot die of

@@ -46,6 +46,10 @@ pub(crate) fn render(e: &Entry, state: &State) -> Value {
     if let Some(c) = state.compiled.conditions.get(&e.object.key) {
         doc["status"] = json!({ "conditions": c });
     }
+    // A Workload's health is status, reported by its agent: no part of what was applied.
+    if let Some(h) = e.health {
+        doc["status"]["health"] = json!(h);
+    }
     doc
 }
 

@@ -46,6 +46,15 @@ impl RetryBudget {
         f(&mut w.slots[idx], reqs, retries)
     }
 
+    /// Whether a request was counted in the window up to `now`.
+    pub(crate) fn recent(&self, now: Instant) -> bool {
+        let w = self.state.lock().expect("budget lock");
+        let sec = now.saturating_duration_since(w.start).as_secs();
+        w.slots
+            .iter()
+            .any(|s| s.1 > 0 && sec.saturating_sub(s.0) < WINDOW_SECS as u64)
+    }
+
     /// Count an original request, made at `now`.
     pub(crate) fn deposit(&self, now: Instant) {
         self.with_slot(now, |s, _, _| s.1 += 1);

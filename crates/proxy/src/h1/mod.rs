@@ -477,6 +477,13 @@ impl Idle {
         None
     }
 
+    /// Close the connections idle past the timeout (they would not be reused), so that they
+    /// give back their connection slots.
+    pub(crate) fn prune(&self, now: Instant) {
+        let mut idle = self.list.lock().expect("idle lock");
+        idle.retain(|(since, _)| now.saturating_duration_since(*since) < self.timeout);
+    }
+
     /// Return a connection whose exchange completed. `since` is when that exchange began:
     /// counting its duration as idle time errs towards closing sooner, and saves a clock read.
     pub(crate) fn checkin(&self, c: Box<Conn>, since: Instant) {

@@ -443,7 +443,8 @@ async fn handle(
     let next = if inbound {
         inbound::route(shared, &snap, req, rec, grpc, source.as_ref(), peer)
     } else {
-        outbound::route(&snap, listener, req, rec, grpc, peer)
+        let ask = shared.demand.is_some();
+        outbound::route(&snap, listener, req, rec, grpc, peer, ask)
     };
     match next {
         Next::Reply(r) => r,
@@ -453,6 +454,40 @@ async fn handle(
         // Rare paths are boxed so that they do not grow every request's future.
         Next::Upgrade(c, req, rec) => Box::pin(attempt::upgrade(&shared.dialer, c, req, rec)).await,
         Next::Tunnel(c, req, rec) => Box::pin(tcp::connect_tunnel(shared, c, req, rec)).await,
+        Next::Discover(id, req, rec) => {
+            Box::pin(discover(shared, listener, id, req, rec, grpc, peer)).await
+        }
+    }
+}
+
+/// A request for a Service the config does not hold: ask for it on demand, wait a bounded
+/// time, and route it again on the config that holds it (or answer `no_route`).
+async fn discover(
+    shared: &Arc<Shared>,
+    listener: &Listener,
+    id: trellis_model::NamespacedName,
+    req: Request<ClientBody>,
+    rec: Box<Record>,
+    grpc: bool,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    if let Some(d) = &shared.demand {
+        d.fetch(&id, || shared.state.load().cfg.services.contains_key(&id))
+            .await;
+    }
+    let snap = shared.state.load_full();
+    match outbound::route(&snap, listener, req, rec, grpc, peer, false) {
+        Next::Reply(r) => r,
+        Next::Forward(plan, req, rec) => {
+            attempt::forward(&shared.dialer, plan, req, rec, grpc).await
+        }
+        Next::Upgrade(c, req, rec) => attempt::upgrade(&shared.dialer, c, req, rec).await,
+        Next::Tunnel(c, req, rec) => tcp::connect_tunnel(shared, c, req, rec).await,
+        // Not handed back when not asked to; answered as the miss it is all the same.
+        Next::Discover(id, _, rec) => {
+            let e = Error::new(Kind::NoRoute, format!("no service {id}"));
+            local_reply(rec, &e, grpc)
+        }
     }
 }
 

@@ -49,4 +49,10 @@ pub(crate) enum Next<'a> {
     Upgrade(Arc<Cluster>, Request<ClientBody>, Box<record::Record>),
     /// CONNECT tunnel to a cluster.
     Tunnel(Arc<Cluster>, Request<ClientBody>, Box<record::Record>),
+    /// A Service the config does not hold, to ask the control plane for (outbound, xDS).
+    Discover(
+        trellis_model::NamespacedName,
+        Request<ClientBody>,
+        Box<record::Record>,
+    ),
 }

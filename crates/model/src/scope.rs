@@ -1,0 +1,374 @@
+//! What one proxy needs of the mesh: its own Workload, what its inbound side reads (the
+//! Services that select it, their policies, the namespace's and the mesh's peer
+//! authentication and authorization, the trust bundles) and, for its outbound side, the
+//! Services it calls, each complete: its routes, its policies, the Workloads it selects, and
+//! every Service those name in turn (a route's backends and mirrors, a policy's other targets).
+//!
+//! The set is closed under references, so it translates exactly as the whole mesh does for
+//! this proxy (`fuzzing::scope` checks that on every corpus input): every Service the
+//! subset's translation holds has the same config and clusters as in the whole mesh's.
+//!
+//! [`ScopeIndex`] is built once per state of the mesh (linear in its size); [`ScopeIndex::needs`]
+//! then costs what the proxy needs, not what the mesh holds, so a control plane can work it
+//! out for each of a thousand proxies on every change.
+
+use std::{
+    borrow::Borrow,
+    collections::{BTreeSet, HashMap, HashSet, VecDeque},
+};
+
+use crate::{
+    proxy::MESH_NAMESPACE,
+    resource::{PolicyTargetRef, RouteSpec, Spec},
+    NamespacedName, Resource,
+};
+
+/// The resources of one state of the mesh, indexed by what refers to what.
+#[derive(Debug, Default)]
+pub struct ScopeIndex {
+    /// Services by id.
+    services: HashMap<NamespacedName, usize>,
+    /// Services by namespace (a workload's inbound Services are in its namespace).
+    services_in: HashMap<String, Vec<usize>>,
+    /// Workloads by id.
+    workloads: HashMap<NamespacedName, usize>,
+    /// Workloads by (namespace, label key, label value).
+    by_label: HashMap<(String, String, String), Vec<usize>>,
+    /// Routes by each of their parents, policies by each of their targets.
+    naming: HashMap<NamespacedName, Vec<usize>>,
+    /// PeerAuthentications and AuthorizationPolicies without targets, by namespace.
+    namespace_wide: HashMap<String, Vec<usize>>,
+    /// RateLimitPolicies by namespace (they limit their namespace's inbound requests).
+    rate_limits: HashMap<String, Vec<usize>>,
+    /// What every proxy gets: the trust bundles.
+    everyone: Vec<usize>,
+}
+
+/// Every Service that `r` names, in `r`'s terms (a route's parents, backends and mirrors; a
+/// policy's targets; a Workload's upstreams).
+pub fn services_named(r: &Resource) -> Vec<NamespacedName> {
+    let ns = &r.metadata.namespace;
+    let id = |name: &str, explicit: &Option<String>| NamespacedName {
+        namespace: explicit.clone().unwrap_or_else(|| ns.clone()),
+        name: name.to_string(),
+    };
+    let targets = |t: &[PolicyTargetRef]| {
+        t.iter()
+            .filter(|t| t.kind == "Service")
+            .map(|t| id(&t.name.value, &None))
+            .collect()
+    };
+    fn route<M>(
+        h: &RouteSpec<M>,
+        id: impl Fn(&str, &Option<String>) -> NamespacedName,
+    ) -> Vec<NamespacedName> {
+        let mut out: Vec<NamespacedName> = h
+            .parent_refs
+            .iter()
+            .map(|p| id(&p.name.value, &p.namespace))
+            .collect();
+        for rule in &h.rules {
+            out.extend(
+                rule.backend_refs
+                    .iter()
+                    .map(|b| id(&b.name.value, &b.namespace)),
+            );
+            for f in &rule.filters {
+                if let crate::resource::RouteFilter::RequestMirror { mirror } = f {
+                    let b = &mirror.backend_ref;
+                    out.push(id(&b.name.value, &b.namespace));
+                }
+            }
+        }
+        out
+    }
+    match &r.spec {
+        Spec::HttpRoute(h) => route(h, id),
+        Spec::GrpcRoute(g) => route(g, id),
+        Spec::BackendPolicy(p) => targets(&p.target_refs),
+        Spec::AuthorizationPolicy(p) => targets(&p.target_refs),
+        Spec::PeerAuthentication(p) => targets(&p.target_refs),
+        Spec::RateLimitPolicy(p) => targets(&p.target_refs),
+        Spec::Workload(w) => w
+            .upstreams
+            .iter()
+            .map(|u| crate::parse_authority_name(&u.service.value, ns))
+            .collect(),
+        Spec::Service(_) | Spec::TrustBundle(_) | Spec::Rollout(_) => Vec::new(),
+    }
+}
+
+fn parents<M>(h: &RouteSpec<M>, ns: &str) -> Vec<NamespacedName> {
+    h.parent_refs
+        .iter()
+        .map(|p| NamespacedName {
+            namespace: p.namespace.clone().unwrap_or_else(|| ns.to_string()),
+            name: p.name.value.clone(),
+        })
+        .collect()
+}
+
+fn selects(
+    selector: &std::collections::BTreeMap<String, String>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+impl ScopeIndex {
+    /// Index `resources` (one pass).
+    pub fn new<R: Borrow<Resource>>(resources: &[R]) -> Self {
+        let mut ix = Self::default();
+        for (i, r) in resources.iter().enumerate() {
+            let r: &Resource = r.borrow();
+            let ns = &r.metadata.namespace;
+            match &r.spec {
+                Spec::Service(_) => {
+                    ix.services.insert(r.id(), i);
+                    ix.services_in.entry(ns.clone()).or_default().push(i);
+                }
+                Spec::Workload(_) => {
+                    ix.workloads.insert(r.id(), i);
+                    for (k, v) in &r.metadata.labels {
+                        ix.by_label
+                            .entry((ns.clone(), k.clone(), v.clone()))
+                            .or_default()
+                            .push(i);
+                    }
+                }
+                Spec::TrustBundle(_) => ix.everyone.push(i),
+                Spec::RateLimitPolicy(_) => ix.rate_limits.entry(ns.clone()).or_default().push(i),
+                Spec::Rollout(_) => {}
+                Spec::HttpRoute(_) | Spec::GrpcRoute(_) | Spec::BackendPolicy(_) => {}
+                Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {}
+            }
+            if matches!(
+                &r.spec,
+                Spec::AuthorizationPolicy(p) if p.target_refs.is_empty()
+            ) || matches!(&r.spec, Spec::PeerAuthentication(p) if p.target_refs.is_empty())
+            {
+                ix.namespace_wide.entry(ns.clone()).or_default().push(i);
+            }
+            if !matches!(r.spec, Spec::Workload(_) | Spec::RateLimitPolicy(_)) {
+                // A route shapes its parents' traffic, not its backends': a caller of a
+                // canary backend does not need the routes that split to it.
+                let mut named = match &r.spec {
+                    Spec::HttpRoute(h) => parents(h, ns),
+                    Spec::GrpcRoute(g) => parents(g, ns),
+                    _ => services_named(r),
+                };
+                named.sort();
+                named.dedup();
+                for s in named {
+                    ix.naming.entry(s).or_default().push(i);
+                }
+            }
+        }
+        ix
+    }
+
+    /// The indices (into the slice given to [`ScopeIndex::new`]) of what the proxy serving
+    /// `local` needs, calling the Services it declares as upstreams and `also` (names it asked
+    /// for on demand). Empty when `local` is not a Workload of this mesh.
+    pub fn needs<R: Borrow<Resource>>(
+        &self,
+        resources: &[R],
+        local: &NamespacedName,
+        also: impl IntoIterator<Item = NamespacedName>,
+    ) -> BTreeSet<usize> {
+        let mut out = BTreeSet::new();
+        let Some(&me) = self.workloads.get(local) else {
+            return out;
+        };
+        let res = |i: usize| -> &Resource { resources[i].borrow() };
+        out.insert(me);
+        out.extend(&self.everyone);
+        let mine = res(me);
+        let mut queue: VecDeque<NamespacedName> = services_named(mine).into();
+        // Inbound: the Services of its namespace that select it, and the namespace's rate
+        // limits (with what they name).
+        for &s in self.services_in.get(&local.namespace).into_iter().flatten() {
+            if let Spec::Service(svc) = &res(s).spec {
+                if selects(&svc.selector, &mine.metadata.labels) {
+                    queue.push_back(res(s).id());
+                }
+            }
+        }
+        for &p in self.rate_limits.get(&local.namespace).into_iter().flatten() {
+            out.insert(p);
+        }
+        queue.extend(also);
+        let mut namespaces: HashSet<&str> = HashSet::from([local.namespace.as_str()]);
+        let mut seen = HashSet::new();
+        while let Some(s) = queue.pop_front() {
+            if !seen.insert(s.clone()) {
+                continue;
+            }
+            let Some(&si) = self.services.get(&s) else {
+                continue;
+            };
+            out.insert(si);
+            let r = res(si);
+            namespaces.insert(r.metadata.namespace.as_str());
+            if let Spec::Service(svc) = &r.spec {
+                out.extend(self.selected(&r.metadata.namespace, &svc.selector, resources));
+            }
+            for &a in self.naming.get(&s).into_iter().flatten() {
+                if out.insert(a) {
+                    queue.extend(services_named(res(a)));
+                }
+            }
+        }
+        for ns in namespaces.into_iter().chain([MESH_NAMESPACE]) {
+            out.extend(self.namespace_wide.get(ns).into_iter().flatten());
+        }
+        out
+    }
+
+    /// The workloads `selector` selects in `namespace`, as the translation selects them (an
+    /// empty selector selects none).
+    fn selected<'a, R: Borrow<Resource>>(
+        &'a self,
+        namespace: &'a str,
+        selector: &'a std::collections::BTreeMap<String, String>,
+        resources: &'a [R],
+    ) -> impl Iterator<Item = usize> + 'a {
+        let lists: Option<Vec<&Vec<usize>>> = selector
+            .iter()
+            .map(|(k, v)| {
+                self.by_label
+                    .get(&(namespace.to_string(), k.clone(), v.clone()))
+            })
+            .collect();
+        lists
+            .and_then(|l| l.into_iter().min_by_key(|l| l.len()))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(move |&i| selects(selector, &resources[i].borrow().metadata.labels))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_documents;
+
+    const EXAMPLE: &str = include_str!("../../../examples/quickstart.yaml");
+
+    /// The quick start plus a namespace the frontend never calls, with its own route,
+    /// policies and a namespace-wide authorization.
+    fn mesh() -> Vec<Resource> {
+        let other = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: billing, namespace: pay }
+spec:
+  selector: { app: billing }
+  ports: [{ name: http, port: 80, protocol: HTTP }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: billing-1, namespace: pay, labels: { app: billing } }
+spec: { address: 127.0.0.9 }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: billing, namespace: pay }
+spec:
+  parentRefs: [{ kind: Service, name: billing }]
+  rules: [{ backendRefs: [{ name: billing, port: 80 }] }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: pay-only, namespace: pay }
+spec:
+  action: ALLOW
+  rules: [{ from: [{ identities: ["pay/*"] }] }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: shop-all, namespace: shop }
+spec:
+  action: ALLOW
+  rules: [{ from: [{ identities: ["shop/*"] }] }]
+"#;
+        parse_documents("t.yaml", &format!("{EXAMPLE}\n---\n{other}")).expect("parses")
+    }
+
+    fn names(rs: &[Resource], set: &BTreeSet<usize>) -> Vec<String> {
+        set.iter()
+            .map(|&i| format!("{}/{}", rs[i].kind(), rs[i].id()))
+            .collect()
+    }
+
+    #[test]
+    fn a_proxy_needs_what_it_calls_and_serves_and_nothing_else() {
+        let rs = mesh();
+        let ix = ScopeIndex::new(&rs);
+        let front = "shop/frontend-1".parse().unwrap();
+        let got = names(&rs, &ix.needs(&rs, &front, []));
+        // The frontend calls catalog: its route's backends (v1, v2), their policy and
+        // workloads come along; its namespace's authorization too. Nothing of `pay`.
+        assert_eq!(
+            got,
+            [
+                "Service/shop/catalog",
+                "Service/shop/catalog-v1",
+                "Service/shop/catalog-v2",
+                "Workload/shop/catalog-vm-1",
+                "Workload/shop/catalog-ctr-1",
+                "Workload/shop/frontend-1",
+                "HTTPRoute/shop/catalog",
+                "BackendTrafficPolicy/shop/catalog",
+                "AuthorizationPolicy/shop/shop-all",
+            ]
+        );
+        // Asked for on demand, billing comes with its route and workload (and the
+        // namespace-wide policies of `pay`: peer authentication there sets billing's mTLS).
+        let got = names(
+            &rs,
+            &ix.needs(&rs, &front, ["pay/billing".parse().unwrap()]),
+        );
+        for n in [
+            "Service/pay/billing",
+            "Workload/pay/billing-1",
+            "HTTPRoute/pay/billing",
+        ] {
+            assert!(got.contains(&n.to_string()), "{n} in {got:?}");
+        }
+        // The billing workload serves billing and calls nothing.
+        let got = names(&rs, &ix.needs(&rs, &"pay/billing-1".parse().unwrap(), []));
+        assert_eq!(
+            got,
+            [
+                "Service/pay/billing",
+                "Workload/pay/billing-1",
+                "HTTPRoute/pay/billing",
+                "AuthorizationPolicy/pay/pay-only",
+            ]
+        );
+        // A caller of a route's backend alone does not get the route, nor its parent.
+        let v1 = ["shop/catalog-v1".parse().unwrap()];
+        let got = names(&rs, &ix.needs(&rs, &"pay/billing-1".parse().unwrap(), v1));
+        assert!(
+            got.contains(&"Service/shop/catalog-v1".to_string()),
+            "{got:?}"
+        );
+        assert!(
+            !got.contains(&"HTTPRoute/shop/catalog".to_string()),
+            "{got:?}"
+        );
+        assert!(
+            !got.contains(&"Service/shop/catalog".to_string()),
+            "{got:?}"
+        );
+        // Not a workload of this mesh: nothing.
+        assert!(ix.needs(&rs, &"x/y".parse().unwrap(), []).is_empty());
+        // And each translates as the whole mesh does for that proxy.
+        for w in ["shop/frontend-1", "pay/billing-1", "shop/catalog-vm-1"] {
+            crate::translate("t.yaml", &rs, Some(&w.parse().unwrap())).expect("translates");
+        }
+        crate::fuzzing::scope(&rs);
+    }
+}
