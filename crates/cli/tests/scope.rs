@@ -136,6 +136,25 @@ async fn a_proxy_holds_what_its_workload_calls_and_asks_for_the_rest() {
         "the client was sent a change it does not need"
     );
     assert_eq!(applied(&p).await, before);
+    // ... and the control plane counts it in step with that revision all the same (what
+    // `check` and a deregistration waiting for the proxies read).
+    eventually(
+        "the client counted in step",
+        Duration::from_secs(10),
+        async || {
+            let (_, v) = cp
+                .call(http::Method::GET, "/api/v1/proxies", "", None)
+                .await;
+            let me = v["proxies"]
+                .as_array()?
+                .iter()
+                .find(|x| x["workload"] == "test/client")?
+                .clone();
+            let acked: u64 = me["types"]["document"]["acked"].as_str()?.parse().ok()?;
+            (acked >= pushed).then_some(())
+        },
+    )
+    .await;
     // One to svc-a reaches it.
     apply_ok(
         &cp,

@@ -324,10 +324,21 @@ async fn apply_with(
     let (eff, _) = effective(&candidate);
     let resources_eff: Vec<Arc<Resource>> = eff.into_iter().map(|(_, r, _, _)| r).collect();
     trellis_model::translate(file, &resources_eff, None)?;
-    // A workload with explicit upstreams is also checked as its own proxy would see it.
+    // A workload with explicit upstreams is also checked as its own proxy would see it: on
+    // what its proxy gets (its scope, which translates for it as the whole set does), so
+    // that an apply of a thousand such workloads does not translate the mesh a thousand
+    // times.
+    let mut scope = None;
     for (_, _, _, r) in &planned {
         if matches!(&r.spec, Spec::Workload(w) if !w.upstreams.is_empty()) {
-            trellis_model::translate(file, &resources_eff, Some(&r.id()))?;
+            let ix =
+                scope.get_or_insert_with(|| trellis_model::scope::ScopeIndex::new(&resources_eff));
+            let subset: Vec<&Resource> = ix
+                .needs(&resources_eff, &r.id(), [])
+                .into_iter()
+                .map(|i| &*resources_eff[i])
+                .collect();
+            trellis_model::translate(file, &subset, Some(&r.id()))?;
         }
     }
     let mut writes = Vec::new();

@@ -348,6 +348,17 @@ impl Compiled {
             .collect()
     }
 
+    /// Whether any of `services` selects Workload `workload` (false when there is no such
+    /// Workload).
+    pub(crate) fn selects_any(
+        &self,
+        services: &[NamespacedName],
+        workload: &NamespacedName,
+    ) -> bool {
+        let ix = self.scope.get_or_init(|| ScopeIndex::new(&self.effective));
+        ix.selects_any(&self.effective, services, workload)
+    }
+
     /// The mesh-wide translation, made once.
     pub(crate) fn mesh(&self) -> &Result<ProxyConfig, ConfigError> {
         self.mesh.get_or_init(|| {

@@ -44,7 +44,7 @@ type Out = Result<DeltaDiscoveryResponse, Status>;
 /// What the client holds.
 enum Have {
     /// Name → version: what it declared on reconnect, or after a change of subscription.
-    Known(HashMap<String, Arc<str>>),
+    Known(HashMap<Arc<str>, Arc<str>>),
     /// Exactly the wanted documents of this compiled state. Streams in step share the
     /// state instead of keeping a map each (a thousand proxies × ten thousand documents).
     At(Arc<State>),
@@ -57,8 +57,10 @@ struct Sub {
     /// name (`Service/NAMESPACE/NAME`, asked for on demand), each with what it needs.
     scoped: Option<NamespacedName>,
     names: BTreeSet<String>,
-    /// A scoped stream's scope at the state last compared.
+    /// A scoped stream's scope at the state last compared (`at`), and the Services in it.
     scope: HashSet<Arc<str>>,
+    services: Vec<NamespacedName>,
+    at: u64,
     /// Names subscribed to that do not exist, which the client has been told (as removed).
     absent: HashSet<String>,
     have: Have,
@@ -86,14 +88,14 @@ impl Sub {
     }
 
     /// The held versions as a map (before the subscription changes).
-    fn known(&mut self) -> &mut HashMap<String, Arc<str>> {
+    fn known(&mut self) -> &mut HashMap<Arc<str>, Arc<str>> {
         if let Have::At(st) = &self.have {
             let m = st
                 .compiled
                 .docs
                 .iter()
                 .filter(|(n, _)| self.wants(n))
-                .map(|(n, d)| (n.to_string(), d.version.clone()))
+                .map(|(n, d)| (n.clone(), d.version.clone()))
                 .collect();
             self.have = Have::Known(m);
         }
@@ -228,11 +230,13 @@ impl DeltaTask {
                 .filter(|_| !star(&req.resource_names_subscribe)),
             names: BTreeSet::new(),
             scope: HashSet::new(),
+            services: Vec::new(),
+            at: 0,
             absent: HashSet::new(),
             have: Have::Known(
                 req.initial_resource_versions
                     .iter()
-                    .map(|(k, v)| (k.clone(), Arc::from(v.as_str())))
+                    .map(|(k, v)| (Arc::from(k.as_str()), Arc::from(v.as_str())))
                     .collect(),
             ),
             nonce: String::new(),
@@ -261,7 +265,7 @@ impl DeltaTask {
                 // A scoped client is sent the removal of what no longer falls in its scope,
                 // the unsubscribed Service with the rest.
                 if sub.scoped.is_none() {
-                    sub.known().remove(n);
+                    sub.known().remove(n.as_str());
                 }
             }
             changed = true;
@@ -337,7 +341,31 @@ impl DeltaTask {
             }
         }
         if let Some(local) = sub.scoped.clone() {
+            // In step, and every change a Workload out of the scope that no Service of the
+            // scope selects and that is not the proxy's own (a health flap elsewhere, say):
+            // nothing to work out or send.
+            let own = format!("Workload/{}/{}", local.namespace, local.name);
+            let quiet = c.delta.as_ref().is_some_and(|(p, changed)| {
+                *p == sub.at
+                    && changed.iter().all(|n| {
+                        !sub.scope.contains(n)
+                            && **n != *own
+                            && !sub.names.contains(&**n)
+                            && n.strip_prefix("Workload/")
+                                .and_then(|w| w.parse().ok())
+                                .is_some_and(|w| !c.selects_any(&sub.services, &w))
+                    })
+            });
+            sub.at = c.revision;
+            if quiet {
+                return self.finish(state, names, removed);
+            }
             sub.scope = c.scope(&local, sub.services());
+            sub.services = sub
+                .scope
+                .iter()
+                .filter_map(|n| n.strip_prefix("Service/")?.parse().ok())
+                .collect();
             let have = std::mem::replace(&mut sub.have, Have::Known(HashMap::new()));
             let Have::Known(had) = have else {
                 unreachable!("a scoped subscription holds a map")
@@ -386,7 +414,7 @@ impl DeltaTask {
             }
             Have::Known(m) => {
                 for (n, v) in m {
-                    if !c.docs.contains_key(n.as_str()) {
+                    if !c.docs.contains_key(n) {
                         consider(n, Some(v), sub);
                     }
                 }
@@ -420,6 +448,12 @@ impl DeltaTask {
     ) -> Option<Pending> {
         let sub = self.sub.as_mut()?;
         if names.is_empty() && removed.is_empty() && !sub.nonce.is_empty() {
+            // A scoped client that needs nothing of this state holds all it needs of it:
+            // in step with it (for `check`, and for a deregistration waiting on proxies).
+            if sub.scoped.is_some() && self.deadline.is_none() {
+                let v = state.compiled.revision.to_string();
+                self.proxies.current(self.id, DOCUMENT_TYPE, v);
+            }
             return None;
         }
         sub.version = state.compiled.revision.to_string();
@@ -484,10 +518,10 @@ impl DeltaTask {
 fn scoped_diff(
     c: &Compiled,
     sub: &Sub,
-    had: HashMap<String, Arc<str>>,
+    had: HashMap<Arc<str>, Arc<str>>,
     names: &mut VecDeque<Arc<str>>,
     removed: &mut Vec<String>,
-) -> HashMap<String, Arc<str>> {
+) -> HashMap<Arc<str>, Arc<str>> {
     let mut now = HashMap::with_capacity(sub.scope.len());
     let wanted = sub
         .scope
@@ -504,11 +538,11 @@ fn scoped_diff(
         if had.get(n) != Some(&d.version) {
             names.push_back(k.clone());
         }
-        now.insert(n.to_string(), d.version.clone());
+        now.insert(k.clone(), d.version.clone());
     }
     for n in had.into_keys() {
         if !now.contains_key(&n) {
-            removed.push(n);
+            removed.push(n.to_string());
         }
     }
     now

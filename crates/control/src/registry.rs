@@ -134,6 +134,18 @@ impl Registry {
         }
     }
 
+    /// Record that the proxy, with nothing outstanding, needs nothing of `version` (a scoped
+    /// proxy untouched by a change): it is in step with it as if it had ACKed it.
+    pub(crate) fn current(&self, id: u64, type_url: &str, version: String) {
+        self.update(id, |p| {
+            let ts = p.types.entry(short(type_url)).or_default();
+            if ts.sent == ts.acked {
+                ts.sent.clone_from(&version);
+                ts.acked = version;
+            }
+        });
+    }
+
     /// Record a response sent.
     pub(crate) fn sent(&self, id: u64, type_url: &str, version: String, count: usize) {
         self.update(id, |p| {

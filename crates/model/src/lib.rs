@@ -19,4 +19,6 @@ pub use error::ConfigError;
 pub use load::{load_file, parse_documents, parse_values, resource_from_json};
 pub use proxy::ProxyConfig;
 pub use resource::{NamespacedName, Resource};
-pub use translate::{check_standalone, parse_authority_name, translate, update_workloads};
+pub use translate::{
+    check_standalone, is_dns_label, parse_authority_name, translate, update_workloads,
+};

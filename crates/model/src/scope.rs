@@ -225,6 +225,27 @@ impl ScopeIndex {
         out
     }
 
+    /// Whether any of `services` selects Workload `workload` (false when there is no such
+    /// Workload): whether a change of that Workload can concern a proxy calling them.
+    pub fn selects_any<R: Borrow<Resource>>(
+        &self,
+        resources: &[R],
+        services: &[NamespacedName],
+        workload: &NamespacedName,
+    ) -> bool {
+        let Some(&w) = self.workloads.get(workload) else {
+            return false;
+        };
+        let labels = &resources[w].borrow().metadata.labels;
+        services.iter().any(|s| {
+            s.namespace == workload.namespace
+                && self.services.get(s).is_some_and(|&i| {
+                    matches!(&resources[i].borrow().spec, Spec::Service(svc)
+                        if !svc.selector.is_empty() && selects(&svc.selector, labels))
+                })
+        })
+    }
+
     /// The workloads `selector` selects in `namespace`, as the translation selects them (an
     /// empty selector selects none).
     fn selected<'a, R: Borrow<Resource>>(

@@ -229,7 +229,8 @@ impl<'a> Index<'a> {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// Whether `s` is a DNS label as names and namespaces must be (a-z, 0-9, '-'; at most 63).
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

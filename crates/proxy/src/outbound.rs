@@ -31,14 +31,7 @@ pub(crate) const MAX_HEADERS_ON: usize = 97;
 fn mesh_name(host: &str, local_ns: &str) -> Option<trellis_model::NamespacedName> {
     let host = host.strip_suffix(".mesh").unwrap_or(host);
     let (name, ns) = host.split_once('.').unwrap_or((host, local_ns));
-    let label = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !s.starts_with('-')
-            && !s.ends_with('-')
-    };
+    let label = trellis_model::is_dns_label;
     (label(name) && label(ns)).then(|| trellis_model::NamespacedName {
         namespace: ns.to_string(),
         name: name.to_string(),
