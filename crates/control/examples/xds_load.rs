@@ -82,9 +82,25 @@ fn args() -> Args {
     a
 }
 
-fn mesh(a: &Args) -> String {
-    let (services, workloads) = (a.services, a.workloads);
+/// With `--proxy`: Services `held` (called by client 0) and `probe-0` … `probe-19` (asked
+/// for on demand), each with one Workload at the local HTTP server on `port`.
+const PROBES: usize = 20;
+
+fn probes(port: u16) -> String {
     let mut y = String::new();
+    let names =
+        std::iter::once("held".to_string()).chain((0..PROBES).map(|k| format!("probe-{k}")));
+    for n in names {
+        y.push_str(&format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {n}, namespace: bench }}\nspec:\n  selector: {{ app: {n} }}\n  ports: [{{ name: http, port: 80, targetPort: {port} }}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {n}-w, namespace: bench, labels: {{ app: {n} }} }}\nspec:\n  address: 127.0.0.1\n---\n"
+        ));
+    }
+    y
+}
+
+fn mesh(a: &Args, probe: Option<u16>) -> String {
+    let (services, workloads) = (a.services, a.workloads);
+    let mut y = probe.map(probes).unwrap_or_default();
     for s in 0..services {
         y.push_str(&format!(
             "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: svc-{s}, namespace: bench }}\nspec:\n  selector: {{ app: svc-{s} }}\n  ports: [{{ name: http, port: 80, targetPort: 8080 }}]\n---\n"
@@ -112,6 +128,9 @@ fn mesh(a: &Args) -> String {
                 y.push_str(&format!(
                     "    - {{ service: svc-{s}.bench, port: 80, bind: 127.0.0.1:0 }}\n"
                 ));
+            }
+            if i == 0 && probe.is_some() {
+                y.push_str("    - { service: held.bench, port: 80, bind: 127.0.0.1:0 }\n");
             }
             y.push_str("---\n");
         }
@@ -289,7 +308,13 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let t0 = Instant::now();
-    api("127.0.0.1:17070", &token, mesh(&a)).await;
+    // What the real proxy's requests reach (with --proxy).
+    let probe = if a.proxy && a.calls > 0 {
+        Some(trellis_test_support::upstream::named("ok").await)
+    } else {
+        None
+    };
+    api("127.0.0.1:17070", &token, mesh(&a, probe.map(|p| p.port()))).await;
     println!(
         "applied {} workloads + {} services (+ {} client workloads calling {} services each) in {:?}",
         a.workloads,
@@ -363,6 +388,32 @@ async fn main() {
             a.calls,
             t.elapsed().as_secs_f64() * 1000.0,
             rss as f64 / 1024.0
+        );
+        // A request to a Service it holds, against the first one to a Service it must ask
+        // for (each probe once: the first request is the lookup's).
+        let out: std::net::SocketAddr = "127.0.0.1:17073".parse().expect("address");
+        let timed = async |host: &str| {
+            let t = Instant::now();
+            let r = trellis_test_support::client::get_full(out, host, "/", &[])
+                .await
+                .expect("the proxy answers");
+            assert_eq!(r.status, 200, "{host}: {:?}", r.headers);
+            t.elapsed().as_secs_f64() * 1000.0
+        };
+        let mut held = Vec::new();
+        for _ in 0..PROBES {
+            held.push(timed("held.bench").await);
+        }
+        let mut asked = Vec::new();
+        for k in 0..PROBES {
+            asked.push(timed(&format!("probe-{k}.bench")).await);
+        }
+        let (h50, a50) = (pct(&mut held, 0.5), pct(&mut asked, 0.5));
+        println!(
+            "requests through it, new connection each: to a held Service p50 {h50:.2} ms, max {:.2} ms; the first to a Service asked for on demand p50 {a50:.2} ms, max {:.2} ms (+{:.2} ms at the median)",
+            pct(&mut held, 1.0),
+            pct(&mut asked, 1.0),
+            a50 - h50
         );
         Some(p)
     } else {
