@@ -106,6 +106,9 @@ impl Sub {
     }
 }
 
+/// Most names one stream may subscribe to by name.
+const MAX_NAMES: usize = 4096;
+
 /// How long an unanswered response holds its permit and blocks the next push.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -251,6 +254,10 @@ impl DeltaTask {
             if n == "*" {
                 changed |= !sub.wildcard;
                 sub.wildcard = true;
+            } else if sub.names.len() >= MAX_NAMES && !sub.names.contains(n) {
+                // A proxy asks for at most 1,024 names on demand; a client asking for more
+                // does not make the control plane hold them.
+                tracing::warn!(stream = self.id, max = MAX_NAMES, name = %n, "too many names subscribed; ignored");
             } else {
                 changed |= sub.names.insert(n.clone());
             }

@@ -62,3 +62,44 @@ async fn an_xds_message_over_the_limit_ends_only_its_stream() {
     let got = first_answer(&cp, hello()).await.expect("served");
     assert!(got >= 1, "{got}");
 }
+
+/// A client (a proxy of a workload) subscribing to many names that do not exist is told they
+/// do not, at most 4,096 of them: the control plane does not hold more for it.
+#[tokio::test]
+async fn names_subscribed_beyond_the_bound_are_not_held() {
+    let cp = InProcess::start("hostile-names").await;
+    cp.call(
+        http::Method::POST,
+        "/api/v1/apply",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: w, namespace: d }\nspec: { address: 127.0.0.1 }\n",
+    )
+    .await;
+    let mut c = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(trellis_xds::node("greedy", Some("d/w"))),
+        type_url: DOCUMENT_TYPE.into(),
+        resource_names_subscribe: (0..6000).map(|i| format!("Service/d/n{i}")).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut rx = c
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = tokio::time::timeout(Duration::from_secs(10), rx.message())
+        .await
+        .expect("an answer in time")
+        .unwrap()
+        .expect("a response");
+    // Its own Workload and the trust bundle, and the names it asked for told absent, as far
+    // as the bound.
+    let mut names: Vec<&str> = m.resources.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["TrustBundle/trellis-system/mesh", "Workload/d/w"]);
+    assert_eq!(m.removed_resources.len(), 4096);
+}

@@ -131,9 +131,15 @@ impl Demand {
                 Some(Name::Asked { .. }) => {}
                 _ => {
                     if names.len() >= MAX_NAMES {
-                        names.retain(
-                            |_, n| !matches!(n, Name::Absent(at) if at.elapsed() >= ABSENT_FOR),
-                        );
+                        // Expired absent names make room (and are unsubscribed).
+                        names.retain(|id, n| {
+                            let expired =
+                                matches!(n, Name::Absent(at) if at.elapsed() >= ABSENT_FOR);
+                            if expired {
+                                let _ = self.asks.send(Ask::Unsubscribe(id.clone()));
+                            }
+                            !expired
+                        });
                         if names.len() >= MAX_NAMES {
                             tracing::warn!(service = %id, max = MAX_NAMES, "too many names asked for on demand; not asking");
                             return "refused";
