@@ -348,15 +348,23 @@ impl Compiled {
             .collect()
     }
 
-    /// Whether any of `services` selects Workload `workload` (false when there is no such
-    /// Workload).
-    pub(crate) fn selects_any(
+    /// Whether a change of the document named `name` (`KIND/NAMESPACE/NAME`), as it is now,
+    /// can concern the proxy of `local` whose scope holds `services` and not that document
+    /// (see [`ScopeIndex::may_concern`]); true for a name it cannot read.
+    pub(crate) fn may_concern(
         &self,
+        name: &str,
         services: &[NamespacedName],
-        workload: &NamespacedName,
+        local: &NamespacedName,
     ) -> bool {
+        let Some((kind, id)) = name.split_once('/') else {
+            return true;
+        };
+        let Ok(id) = id.parse::<NamespacedName>() else {
+            return true;
+        };
         let ix = self.scope.get_or_init(|| ScopeIndex::new(&self.effective));
-        ix.selects_any(&self.effective, services, workload)
+        ix.may_concern(&self.effective, kind, &id, services, local)
     }
 
     /// The mesh-wide translation, made once.

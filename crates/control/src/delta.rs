@@ -348,9 +348,11 @@ impl DeltaTask {
             }
         }
         if let Some(local) = sub.scoped.clone() {
-            // In step, and every change a Workload out of the scope that no Service of the
-            // scope selects and that is not the proxy's own (a health flap elsewhere, say):
-            // nothing to work out or send.
+            // In step, and no change can concern this proxy: each is a document out of its
+            // scope, not its own Workload, and not one that may now belong in its scope (a
+            // Workload none of its Services selects, a route on none of them, a policy
+            // targeting none of them): nothing to work out or send. A health flap elsewhere
+            // or a route change elsewhere costs a stream a few lookups.
             let own = format!("Workload/{}/{}", local.namespace, local.name);
             let quiet = c.delta.as_ref().is_some_and(|(p, changed)| {
                 *p == sub.at
@@ -358,9 +360,7 @@ impl DeltaTask {
                         !sub.scope.contains(n)
                             && **n != *own
                             && !sub.names.contains(&**n)
-                            && n.strip_prefix("Workload/")
-                                .and_then(|w| w.parse().ok())
-                                .is_some_and(|w| !c.selects_any(&sub.services, &w))
+                            && !c.may_concern(n, &sub.services, &local)
                     })
             });
             sub.at = c.revision;

@@ -129,6 +129,56 @@ pub fn scope(resources: &[crate::Resource]) {
                 .collect()
         };
         assert_eq!(applies(&part), applies(&full), "{local}: authorization");
+        unconcerned(resources, &ix, &local);
+    }
+}
+
+/// What a control plane skips is safe to skip. For each resource X but `local`'s Workload,
+/// as a change from the set without X to the set with it (X added or changed): when X was
+/// out of the old scope and [`crate::scope::ScopeIndex::may_concern`] says, on the new set,
+/// that it cannot concern the proxy, the scope is the same; and as a removal, X out of the
+/// scope, the scope is the same without it.
+fn unconcerned(
+    resources: &[crate::Resource],
+    ix: &crate::scope::ScopeIndex,
+    local: &crate::NamespacedName,
+) {
+    type Names = std::collections::BTreeSet<(&'static str, crate::NamespacedName)>;
+    let scope = |rs: &[crate::Resource], ix: &crate::scope::ScopeIndex| -> Names {
+        ix.needs(rs, local, [])
+            .iter()
+            .map(|&i| (rs[i].kind(), rs[i].id()))
+            .collect()
+    };
+    let with = scope(resources, ix);
+    for (x, r) in resources.iter().enumerate() {
+        let key = (r.kind(), r.id());
+        if r.kind() == "Workload" && r.id() == *local {
+            continue;
+        }
+        let rest: Vec<crate::Resource> = resources
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != x)
+            .map(|(_, r)| r.clone())
+            .collect();
+        let without = scope(&rest, &crate::scope::ScopeIndex::new(&rest));
+        let services: Vec<crate::NamespacedName> = without
+            .iter()
+            .filter(|(k, _)| *k == "Service")
+            .map(|(_, id)| id.clone())
+            .collect();
+        if !without.contains(&key)
+            && !ix.may_concern(resources, r.kind(), &r.id(), &services, local)
+        {
+            assert_eq!(
+                with, without,
+                "{local}: {key:?} added was skipped but changes the scope"
+            );
+        }
+        if !with.contains(&key) {
+            assert_eq!(with, without, "{local}: {key:?} removed changes the scope");
+        }
     }
 }
 

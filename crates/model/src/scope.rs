@@ -42,6 +42,8 @@ pub struct ScopeIndex {
     rate_limits: HashMap<String, Vec<usize>>,
     /// What every proxy gets: the trust bundles.
     everyone: Vec<usize>,
+    /// Every resource by (kind, id).
+    by_key: HashMap<(&'static str, NamespacedName), usize>,
 }
 
 /// Every Service that `r` names, in `r`'s terms (a route's parents, backends and mirrors; a
@@ -122,6 +124,7 @@ impl ScopeIndex {
         for (i, r) in resources.iter().enumerate() {
             let r: &Resource = r.borrow();
             let ns = &r.metadata.namespace;
+            ix.by_key.insert((r.kind(), r.id()), i);
             match &r.spec {
                 Spec::Service(_) => {
                     ix.services.insert(r.id(), i);
@@ -223,6 +226,59 @@ impl ScopeIndex {
             out.extend(self.namespace_wide.get(ns).into_iter().flatten());
         }
         out
+    }
+
+    /// Whether a change of resource `kind` `id` (as it is now; false when it is gone) can
+    /// concern the proxy of `local` whose scope holds `services` and not that resource:
+    /// whether it may now belong in that scope.
+    pub fn may_concern<R: Borrow<Resource>>(
+        &self,
+        resources: &[R],
+        kind: &str,
+        id: &NamespacedName,
+        services: &[NamespacedName],
+        local: &NamespacedName,
+    ) -> bool {
+        let namespace = local.namespace.as_str();
+        if kind == "Workload" {
+            return self.selects_any(resources, services, id);
+        }
+        const KINDS: [&str; 10] = [
+            "Service",
+            "Workload",
+            "HTTPRoute",
+            "GRPCRoute",
+            "BackendTrafficPolicy",
+            "AuthorizationPolicy",
+            "PeerAuthentication",
+            "TrustBundle",
+            "RateLimitPolicy",
+            "Rollout",
+        ];
+        let Some(kind) = KINDS.iter().find(|k| **k == kind) else {
+            return true;
+        };
+        let Some(&i) = self.by_key.get(&(*kind, id.clone())) else {
+            return false;
+        };
+        let r: &Resource = resources[i].borrow();
+        let names_one = |named: Vec<NamespacedName>| named.iter().any(|s| services.contains(s));
+        match &r.spec {
+            // A Service may be what something in the scope names, or select the proxy's
+            // workload: Services change seldom, so any is worked out.
+            Spec::Service(_) => true,
+            Spec::Rollout(_) => false,
+            Spec::Workload(_) => self.selects_any(resources, services, id),
+            Spec::HttpRoute(h) => names_one(parents(h, &r.metadata.namespace)),
+            Spec::GrpcRoute(g) => names_one(parents(g, &r.metadata.namespace)),
+            Spec::AuthorizationPolicy(p) if p.target_refs.is_empty() => true,
+            Spec::PeerAuthentication(p) if p.target_refs.is_empty() => true,
+            Spec::RateLimitPolicy(_) => r.metadata.namespace == namespace,
+            Spec::TrustBundle(_) => true,
+            Spec::BackendPolicy(_) | Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {
+                names_one(services_named(r))
+            }
+        }
     }
 
     /// Whether any of `services` selects Workload `workload` (false when there is no such
