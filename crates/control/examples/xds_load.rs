@@ -47,6 +47,9 @@ struct Args {
     calls: usize,
     /// Also run a real `trellis proxy` for client 0's workload (with `--calls`).
     proxy: bool,
+    /// With `--proxy`: seconds of paced load (`wrk`, ~2,000 requests/s) through the real
+    /// proxy, once quiet and once while Workloads across the mesh change 10 times a second.
+    steady: u64,
 }
 
 /// The Services client `i` calls (none: it gets the whole mesh).
@@ -65,6 +68,7 @@ fn args() -> Args {
         services: 100,
         calls: 0,
         proxy: false,
+        steady: 0,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     for w in v.chunks(2) {
@@ -76,6 +80,7 @@ fn args() -> Args {
             ("--services", Some(x)) => a.services = x.parse().expect("--services N"),
             ("--calls", Some(x)) => a.calls = x.parse().expect("--calls K"),
             ("--proxy", _) => a.proxy = true,
+            ("--steady", Some(x)) => a.steady = x.parse().expect("--steady SECONDS"),
             _ => panic!("usage: xds_load [--bin PATH] [--clients N] [--workloads N] [--rounds N]"),
         }
     }
@@ -529,6 +534,75 @@ async fn main() {
             busy1 - idle1,
             idle1 - idle0
         );
+    }
+    if proxy.is_some() && a.steady > 0 {
+        // p99 of a steady ~2,000 requests/s through the real proxy (16 connections, one
+        // request per 8 ms each: bench/pace.lua), quiet and then with 10 Workload changes a
+        // second across the mesh (Workloads of Services client 0 does not call, as most
+        // flaps in a fleet are: its proxy is sent none of them).
+        let steady = async |label: &str| {
+            let secs = a.steady;
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new("wrk")
+                    .args(["-t1", "-c16", "--latency", "-s", "bench/pace.lua"])
+                    .arg(format!("-d{secs}s"))
+                    .args(["-H", "Host: held.bench", "http://127.0.0.1:17073/"])
+                    .output()
+            })
+            .await
+            .expect("wrk's thread")
+            .expect("run wrk (apt-get install wrk)");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let field = |key: &str| {
+                text.lines()
+                    .find(|l| l.trim_start().starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            println!(
+                "steady load through the real proxy, {label}: p50 {}, p99 {}, {} requests/s",
+                field("50%"),
+                field("99%"),
+                field("Requests/sec:")
+            );
+        };
+        steady("quiet").await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flapper = {
+            let (stop, token) = (stop.clone(), token.clone());
+            let mine = calls(&a, 0);
+            let (services, workloads) = (a.services, a.workloads);
+            let args = Args {
+                bin: String::new(),
+                clients: 0,
+                workloads,
+                rounds: 0,
+                services,
+                calls: 0,
+                proxy: false,
+                steady: 0,
+            };
+            tokio::spawn(async move {
+                let mut n = 0usize;
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tick.tick().await;
+                    n += 1;
+                    let w = (n * 7919) % workloads;
+                    if mine.contains(&(w % services)) {
+                        continue;
+                    }
+                    let y = workload(&args, w, 100 + (n % 50) as u32);
+                    api("127.0.0.1:17070", &token, y).await;
+                }
+                n
+            })
+        };
+        steady("while 10 Workloads a second change elsewhere").await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = flapper.await.unwrap_or(0);
+        println!("  ({n} changes applied meanwhile)");
     }
     if let Some(mut p) = proxy {
         let (cpu, rss, hwm) = proc_stat(p.id());

@@ -17,9 +17,59 @@ fn options() -> serde_saphyr::Options {
     o
 }
 
-/// Parse every document of `text` as plain JSON values (to store them as written).
+/// Parse every document of `text` as plain JSON values (to store them as written). A plain
+/// YAML scalar where the schema wants a string (`version: 1` in labels, `name: 12`) is
+/// stored as that string, as the typed reading ([`parse_documents`]) takes it: stored as a
+/// number, the control plane could not read back what it had accepted.
 pub fn parse_values(file: &str, text: &str) -> Result<Vec<serde_json::Value>, ConfigError> {
-    serde_saphyr::from_multiple_with_options(text, options()).map_err(|e| syntax(file, text, e))
+    let mut docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple_with_options(text, options())
+            .map_err(|e| syntax(file, text, e))?;
+    for d in docs.iter_mut().filter(|d| !d.is_null()) {
+        as_typed_reads(d);
+    }
+    Ok(docs)
+}
+
+/// Turn each number or boolean that the schema wants as a string into that string, as the
+/// typed reading does (at most 256 of them; anything else wrong is left for the checks).
+fn as_typed_reads(doc: &mut serde_json::Value) {
+    use serde_json::Value;
+    for _ in 0..256 {
+        let Err(e) = serde_path_to_error::deserialize::<_, Resource>(&*doc) else {
+            return;
+        };
+        let message = e.inner().to_string();
+        let scalar = ["integer", "boolean", "floating point"]
+            .iter()
+            .any(|t| message.starts_with(&format!("invalid type: {t}")));
+        if !scalar || !message.contains("expected a string") {
+            return;
+        }
+        let mut at = &mut *doc;
+        for seg in e.path().iter() {
+            at = match (seg, at) {
+                (serde_path_to_error::Segment::Map { key }, Value::Object(m)) => {
+                    match m.get_mut(key) {
+                        Some(v) => v,
+                        None => return,
+                    }
+                }
+                (serde_path_to_error::Segment::Seq { index }, Value::Array(a)) => {
+                    match a.get_mut(*index) {
+                        Some(v) => v,
+                        None => return,
+                    }
+                }
+                _ => return,
+            };
+        }
+        *at = match at {
+            Value::Number(n) => Value::String(n.to_string()),
+            Value::Bool(b) => Value::String(b.to_string()),
+            _ => return,
+        };
+    }
 }
 
 fn syntax(file: &str, text: &str, e: serde_saphyr::Error) -> ConfigError {
@@ -236,6 +286,29 @@ mod tests {
     }
 
     const SERVICE: &str = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: shop }\nspec:\n  selector: { app: catalog }\n";
+
+    #[test]
+    fn plain_scalars_where_strings_are_wanted_are_stored_as_the_typed_reading_takes_them() {
+        // Found by the `resources` fuzz target: `version: 1` in labels was accepted by the
+        // typed reading and stored as a number, which the control plane then could not read.
+        let text = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: 12, namespace: shop, labels: { version: 1, canary: true, w: 0.5 } }\nspec: { address: 127.0.0.1 }\n";
+        let typed = parse_documents("f", text).unwrap();
+        let values = parse_values("f", text).unwrap();
+        let m = &values[0]["metadata"];
+        assert_eq!(m["name"], "12");
+        assert_eq!(m["labels"]["version"], "1");
+        assert_eq!(m["labels"]["canary"], "true");
+        assert_eq!(m["labels"]["w"], "0.5");
+        let read = resource_from_json("f", &values[0]).expect("reads back");
+        assert_eq!(read.metadata.labels, typed[0].metadata.labels);
+        assert_eq!(read.id(), typed[0].id());
+        // Numbers where numbers are wanted stay numbers.
+        let svc = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: s }\nspec:\n  selector: { app: s }\n  ports: [{ port: 80 }]\n";
+        assert_eq!(
+            parse_values("f", svc).unwrap()[0]["spec"]["ports"][0]["port"],
+            80
+        );
+    }
 
     #[test]
     fn schema_errors_name_the_field_and_what_is_allowed() {
