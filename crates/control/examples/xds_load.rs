@@ -70,18 +70,23 @@ fn args() -> Args {
         proxy: false,
         steady: 0,
     };
-    let v: Vec<String> = std::env::args().skip(1).collect();
-    for w in v.chunks(2) {
-        match (w[0].as_str(), w.get(1)) {
-            ("--bin", Some(x)) => a.bin = x.clone(),
-            ("--clients", Some(x)) => a.clients = x.parse().expect("--clients N"),
-            ("--workloads", Some(x)) => a.workloads = x.parse().expect("--workloads N"),
-            ("--rounds", Some(x)) => a.rounds = x.parse().expect("--rounds N"),
-            ("--services", Some(x)) => a.services = x.parse().expect("--services N"),
-            ("--calls", Some(x)) => a.calls = x.parse().expect("--calls K"),
-            ("--proxy", _) => a.proxy = true,
-            ("--steady", Some(x)) => a.steady = x.parse().expect("--steady SECONDS"),
-            _ => panic!("usage: xds_load [--bin PATH] [--clients N] [--workloads N] [--rounds N]"),
+    let mut v = std::env::args().skip(1);
+    let usage = "usage: xds_load [--bin PATH] [--clients N] [--workloads N] [--rounds N] [--services N] [--calls K] [--proxy] [--steady SECONDS]";
+    while let Some(flag) = v.next() {
+        if flag == "--proxy" {
+            a.proxy = true;
+            continue;
+        }
+        let x = v.next().expect(usage);
+        match flag.as_str() {
+            "--bin" => a.bin = x,
+            "--clients" => a.clients = x.parse().expect("--clients N"),
+            "--workloads" => a.workloads = x.parse().expect("--workloads N"),
+            "--rounds" => a.rounds = x.parse().expect("--rounds N"),
+            "--services" => a.services = x.parse().expect("--services N"),
+            "--calls" => a.calls = x.parse().expect("--calls K"),
+            "--steady" => a.steady = x.parse().expect("--steady SECONDS"),
+            _ => panic!("{usage}"),
         }
     }
     a
@@ -262,6 +267,18 @@ async fn client(
     }
 }
 
+/// `program` (with `--steady`: on CPU `cpu` alone, so that the control plane's work and
+/// the proxy's do not share a core: what the steady run measures is the proxy).
+fn on_cpu(pin: bool, cpu: &str, program: &str) -> Command {
+    if pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", cpu, program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
 /// Whether the proxy's admin `/ready` on `s` answers 200.
 async fn ready(s: tokio::net::TcpStream) -> bool {
     let Ok((mut c, conn)) =
@@ -288,7 +305,7 @@ async fn main() {
     let a = args();
     let dir = std::env::temp_dir().join(format!("trellis-xds-load-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut child = Command::new(&a.bin)
+    let mut child = on_cpu(a.steady > 0, "1", &a.bin)
         .args(["control", "--data-dir"])
         .arg(&dir)
         .args(["--api", "127.0.0.1:17070", "--xds", "127.0.0.1:17071"])
@@ -360,7 +377,7 @@ async fn main() {
     // workload are fine): how long until its first config is applied, and its memory.
     let proxy = if a.proxy && a.calls > 0 {
         let t = Instant::now();
-        let p = Command::new(&a.bin)
+        let p = on_cpu(a.steady > 0, "0", &a.bin)
             .args(["proxy", "--xds", "http://127.0.0.1:17071"])
             .args(["--workload", "bench/client-0"])
             .args([
@@ -543,7 +560,7 @@ async fn main() {
         let steady = async |label: &str| {
             let secs = a.steady;
             let out = tokio::task::spawn_blocking(move || {
-                Command::new("wrk")
+                on_cpu(true, "0", "wrk")
                     .args(["-t1", "-c16", "--latency", "-s", "bench/pace.lua"])
                     .arg(format!("-d{secs}s"))
                     .args(["-H", "Host: held.bench", "http://127.0.0.1:17073/"])
@@ -567,7 +584,19 @@ async fn main() {
                 field("Requests/sec:")
             );
         };
+        let reloads = async || {
+            let admin: std::net::SocketAddr = "127.0.0.1:17072".parse().expect("address");
+            let (_, body) = trellis_test_support::client::get(admin, "admin", "/metrics", &[])
+                .await
+                .expect("metrics");
+            String::from_utf8_lossy(&body)
+                .lines()
+                .filter(|l| l.starts_with("trellis_config_reloads_total"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
         steady("quiet").await;
+        let before = reloads().await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flapper = {
             let (stop, token) = (stop.clone(), token.clone());
@@ -602,7 +631,10 @@ async fn main() {
         steady("while 10 Workloads a second change elsewhere").await;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let n = flapper.await.unwrap_or(0);
-        println!("  ({n} changes applied meanwhile)");
+        println!(
+            "  ({n} changes applied meanwhile; the proxy applied {} configs in that time)",
+            reloads().await - before
+        );
     }
     if let Some(mut p) = proxy {
         let (cpu, rss, hwm) = proc_stat(p.id());
