@@ -365,7 +365,11 @@ impl DeltaTask {
             });
             sub.at = c.revision;
             if quiet {
-                return self.finish(state, names, removed);
+                let count = match &sub.have {
+                    Have::Known(m) => m.len(),
+                    Have::At(_) => 0,
+                };
+                return self.finish(state, names, removed, count);
             }
             sub.scope = c.scope(&local, sub.services());
             sub.services = sub
@@ -378,8 +382,9 @@ impl DeltaTask {
                 unreachable!("a scoped subscription holds a map")
             };
             let now = scoped_diff(c, sub, had, &mut names, &mut removed);
+            let count = now.len();
             sub.have = Have::Known(now);
-            return self.finish(state, names, removed);
+            return self.finish(state, names, removed, count);
         }
         // Compare what the client has with `c` for one name.
         let mut consider =
@@ -439,19 +444,18 @@ impl DeltaTask {
                 .count()
         };
         sub.have = Have::At(state.clone());
-        self.finish(state, names, removed).inspect(|_| {
-            self.proxies
-                .sent(self.id, DOCUMENT_TYPE, c.revision.to_string(), count);
-        })
+        self.finish(state, names, removed, count)
     }
 
-    /// The update that sends `names` and removes `removed`; `None` when there is nothing to
-    /// send and the client has had a response before.
+    /// The update that sends `names` and removes `removed` (the client then holding `count`
+    /// documents); `None` when there is nothing to send and the client has had a response
+    /// before.
     fn finish(
         &mut self,
         state: Arc<State>,
         names: VecDeque<Arc<str>>,
         removed: Vec<String>,
+        count: usize,
     ) -> Option<Pending> {
         let sub = self.sub.as_mut()?;
         if names.is_empty() && removed.is_empty() && !sub.nonce.is_empty() {
@@ -464,14 +468,8 @@ impl DeltaTask {
             return None;
         }
         sub.version = state.compiled.revision.to_string();
-        if sub.scoped.is_some() {
-            let count = match &sub.have {
-                Have::Known(m) => m.len(),
-                Have::At(_) => 0,
-            };
-            self.proxies
-                .sent(self.id, DOCUMENT_TYPE, sub.version.clone(), count);
-        }
+        self.proxies
+            .sent(self.id, DOCUMENT_TYPE, sub.version.clone(), count);
         Some(Pending {
             state,
             names,

@@ -146,6 +146,11 @@ impl Resource {
     }
 }
 
+/// The kind `kind` names, as [`Resource::kind`] spells it, if it is one.
+pub(crate) fn known_kind(kind: &str) -> Option<&'static str> {
+    KINDS.iter().map(|(k, _)| *k).find(|k| *k == kind)
+}
+
 const KINDS: &[(&str, &str)] = &[
     ("Service", "trellis.dev/v1alpha1"),
     ("Workload", "trellis.dev/v1alpha1"),

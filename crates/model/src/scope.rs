@@ -60,15 +60,13 @@ pub fn services_named(r: &Resource) -> Vec<NamespacedName> {
             .map(|t| id(&t.name.value, &None))
             .collect()
     };
-    fn route<M>(
-        h: &RouteSpec<M>,
-        id: impl Fn(&str, &Option<String>) -> NamespacedName,
-    ) -> Vec<NamespacedName> {
-        let mut out: Vec<NamespacedName> = h
-            .parent_refs
-            .iter()
-            .map(|p| id(&p.name.value, &p.namespace))
-            .collect();
+    /// Parents, then each rule's backends and mirrors.
+    fn route<M>(h: &RouteSpec<M>, ns: &str) -> Vec<NamespacedName> {
+        let id = |name: &str, explicit: &Option<String>| NamespacedName {
+            namespace: explicit.clone().unwrap_or_else(|| ns.to_string()),
+            name: name.to_string(),
+        };
+        let mut out = parents(h, ns);
         for rule in &h.rules {
             out.extend(
                 rule.backend_refs
@@ -85,8 +83,8 @@ pub fn services_named(r: &Resource) -> Vec<NamespacedName> {
         out
     }
     match &r.spec {
-        Spec::HttpRoute(h) => route(h, id),
-        Spec::GrpcRoute(g) => route(g, id),
+        Spec::HttpRoute(h) => route(h, ns),
+        Spec::GrpcRoute(g) => route(g, ns),
         Spec::BackendPolicy(p) => targets(&p.target_refs),
         Spec::AuthorizationPolicy(p) => targets(&p.target_refs),
         Spec::PeerAuthentication(p) => targets(&p.target_refs),
@@ -239,26 +237,10 @@ impl ScopeIndex {
         services: &[NamespacedName],
         local: &NamespacedName,
     ) -> bool {
-        let namespace = local.namespace.as_str();
-        if kind == "Workload" {
-            return self.selects_any(resources, services, id);
-        }
-        const KINDS: [&str; 10] = [
-            "Service",
-            "Workload",
-            "HTTPRoute",
-            "GRPCRoute",
-            "BackendTrafficPolicy",
-            "AuthorizationPolicy",
-            "PeerAuthentication",
-            "TrustBundle",
-            "RateLimitPolicy",
-            "Rollout",
-        ];
-        let Some(kind) = KINDS.iter().find(|k| **k == kind) else {
+        let Some(kind) = crate::resource::known_kind(kind) else {
             return true;
         };
-        let Some(&i) = self.by_key.get(&(*kind, id.clone())) else {
+        let Some(&i) = self.by_key.get(&(kind, id.clone())) else {
             return false;
         };
         let r: &Resource = resources[i].borrow();
@@ -273,7 +255,7 @@ impl ScopeIndex {
             Spec::GrpcRoute(g) => names_one(parents(g, &r.metadata.namespace)),
             Spec::AuthorizationPolicy(p) if p.target_refs.is_empty() => true,
             Spec::PeerAuthentication(p) if p.target_refs.is_empty() => true,
-            Spec::RateLimitPolicy(_) => r.metadata.namespace == namespace,
+            Spec::RateLimitPolicy(_) => r.metadata.namespace == local.namespace,
             Spec::TrustBundle(_) => true,
             Spec::BackendPolicy(_) | Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {
                 names_one(services_named(r))
