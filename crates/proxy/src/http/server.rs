@@ -440,11 +440,19 @@ async fn handle(
     rec.method = req.method().clone();
     rec.uri = req.uri().clone();
     let grpc = crate::http::headers::is_grpc(&req);
+    // The config that holds a Service asked for on demand, when one was.
+    let fetched;
     let next = if inbound {
         inbound::route(shared, &snap, req, rec, grpc, source.as_ref(), peer)
     } else {
         let ask = shared.demand.is_some();
-        outbound::route(&snap, listener, req, rec, grpc, peer, ask)
+        match outbound::route(&snap, listener, req, rec, grpc, peer, ask) {
+            Next::Discover(id, req, rec) => {
+                fetched = Box::pin(discover(shared, &id)).await;
+                outbound::route(&fetched, listener, req, rec, grpc, peer, false)
+            }
+            next => next,
+        }
     };
     match next {
         Next::Reply(r) => r,
@@ -454,41 +462,26 @@ async fn handle(
         // Rare paths are boxed so that they do not grow every request's future.
         Next::Upgrade(c, req, rec) => Box::pin(attempt::upgrade(&shared.dialer, c, req, rec)).await,
         Next::Tunnel(c, req, rec) => Box::pin(tcp::connect_tunnel(shared, c, req, rec)).await,
-        Next::Discover(id, req, rec) => {
-            Box::pin(discover(shared, listener, id, req, rec, grpc, peer)).await
-        }
-    }
-}
-
-/// A request for a Service the config does not hold: ask for it on demand, wait a bounded
-/// time, and route it again on the config that holds it (or answer `no_route`).
-async fn discover(
-    shared: &Arc<Shared>,
-    listener: &Listener,
-    id: trellis_model::NamespacedName,
-    req: Request<ClientBody>,
-    rec: Box<Record>,
-    grpc: bool,
-    peer: SocketAddr,
-) -> Response<ProxyBody> {
-    if let Some(d) = &shared.demand {
-        d.fetch(&id, || shared.state.load().cfg.services.contains_key(&id))
-            .await;
-    }
-    let snap = shared.state.load_full();
-    match outbound::route(&snap, listener, req, rec, grpc, peer, false) {
-        Next::Reply(r) => r,
-        Next::Forward(plan, req, rec) => {
-            attempt::forward(&shared.dialer, plan, req, rec, grpc).await
-        }
-        Next::Upgrade(c, req, rec) => attempt::upgrade(&shared.dialer, c, req, rec).await,
-        Next::Tunnel(c, req, rec) => tcp::connect_tunnel(shared, c, req, rec).await,
-        // Not handed back when not asked to; answered as the miss it is all the same.
+        // Routed again without asking: not handed back; answered as the miss it is.
         Next::Discover(id, _, rec) => {
             let e = Error::new(Kind::NoRoute, format!("no service {id}"));
             local_reply(rec, &e, grpc)
         }
     }
+}
+
+/// Ask the control plane for Service `id`, which the config does not hold, and wait a
+/// bounded time for a config that holds it: the config to route on again (which may still
+/// not hold it: `no_route`).
+async fn discover(
+    shared: &Shared,
+    id: &trellis_model::NamespacedName,
+) -> Arc<crate::snapshot::Snapshot> {
+    if let Some(d) = &shared.demand {
+        d.fetch(id, || shared.state.load().cfg.services.contains_key(id))
+            .await;
+    }
+    shared.state.load_full()
 }
 
 /// A plain response for admin endpoints.
