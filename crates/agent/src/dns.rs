@@ -245,31 +245,18 @@ pub async fn serve(sock: UdpSocket, opts: DnsOptions, services: Services) {
             }
         };
         let query = buf[..n].to_vec();
-        // A mesh name the proxy does not hold is asked for on demand, off this loop.
-        if let Some(id) = not_held(&query, &services) {
-            let Ok(permit) = inflight.clone().try_acquire_owned() else {
-                if let Some(r) = servfail(&query) {
-                    let _ = sock.send_to(&r, from).await;
+        // A mesh name the proxy does not hold is asked for on demand, off this loop, as a
+        // forwarded query is.
+        let ask = not_held(&query, &services);
+        if ask.is_none() {
+            match decide(&query, |id| lookup(&services, id)) {
+                Reply::Drop => continue,
+                Reply::Answer(reply) => {
+                    let _ = sock.send_to(&reply, from).await;
+                    continue;
                 }
-                continue;
-            };
-            let (sock, services) = (sock.clone(), services.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let found = services.find(&id).await;
-                if let Reply::Answer(r) = decide(&query, |_| found) {
-                    let _ = sock.send_to(&r, from).await;
-                }
-            });
-            continue;
-        }
-        match decide(&query, |id| lookup(&services, id)) {
-            Reply::Drop => continue,
-            Reply::Answer(reply) => {
-                let _ = sock.send_to(&reply, from).await;
-                continue;
+                Reply::Forward => {}
             }
-            Reply::Forward => {}
         }
         let Ok(permit) = inflight.clone().try_acquire_owned() else {
             if let Some(r) = servfail(&query) {
@@ -277,12 +264,19 @@ pub async fn serve(sock: UdpSocket, opts: DnsOptions, services: Services) {
             }
             continue;
         };
-        let (sock, opts) = (sock.clone(), opts.clone());
+        let (sock, opts, services) = (sock.clone(), opts.clone(), services.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let reply = match upstream(&opts) {
-                Some(up) => forward(&query, up, opts.mark).await,
-                None => None,
+            let reply = match (ask, upstream(&opts)) {
+                (Some(id), _) => {
+                    let found = services.find(&id).await;
+                    match decide(&query, |_| found) {
+                        Reply::Answer(r) => Some(r),
+                        Reply::Drop | Reply::Forward => None,
+                    }
+                }
+                (None, Some(up)) => forward(&query, up, opts.mark).await,
+                (None, None) => None,
             };
             if let Some(r) = reply.or_else(|| servfail(&query)) {
                 let _ = sock.send_to(&r, from).await;
@@ -349,14 +343,12 @@ async fn tcp_client(mut s: TcpStream, opts: &DnsOptions, services: &Services) ->
         let Some(query) = read?.filter(|q| q.len() >= HEADER) else {
             return Ok(());
         };
-        if let Some(id) = not_held(&query, services) {
-            let found = services.find(&id).await;
-            if let Reply::Answer(r) = decide(&query, |_| found) {
-                write_message(&mut s, &r).await?;
-            }
-            continue;
-        }
-        let reply = match decide(&query, |id| lookup(services, id)) {
+        // A mesh name the proxy does not hold is asked for on demand first.
+        let found = match not_held(&query, services) {
+            Some(id) => Some(services.find(&id).await),
+            None => None,
+        };
+        let reply = match decide(&query, |id| found.unwrap_or_else(|| lookup(services, id))) {
             Reply::Answer(r) => Some(r),
             Reply::Drop => None,
             Reply::Forward => match upstream(opts) {
