@@ -274,7 +274,7 @@ pub(crate) async fn handle(
         }
     }
     match req.op {
-        Op::Register => register(writer, agents, &id, &req).await?,
+        Op::Register => register(writer, agents, &id, &req, &key).await?,
         Op::Heartbeat => {
             if stored.is_none() {
                 return Err(AgentError::NotRegistered(format!(
@@ -331,6 +331,7 @@ async fn register(
     agents: &Agents,
     id: &SpiffeId,
     req: &Request,
+    key: &Key,
 ) -> Result<(), AgentError> {
     let mut spec = req.spec.clone().unwrap_or_else(|| json!({}));
     let obj = spec
@@ -339,10 +340,9 @@ async fn register(
     obj.insert("identity".into(), json!(id.identity));
     // Health is a record of its own, written before the Workload: unhealthy until its checks
     // pass, so that no caller is sent to it before; a re-registration keeps what is known.
-    let key = Key::new("Workload", &id.namespace, &req.name);
-    if writer.followed_health(&key).is_none() {
+    if writer.followed_health(key).is_none() {
         let first = Write {
-            key: health_key(&key),
+            key: health_key(key),
             doc: Some(json!(Health {
                 healthy: false,
                 recoveries: 0
@@ -369,7 +369,7 @@ async fn register(
     let resource = trellis_model::resource_from_json(&file, &doc)
         .map_err(|e| AgentError::Invalid(e.into()))?;
     writer.apply_documents(&file, vec![(resource, doc)]).await?;
-    agents.heard(&key, interval(req));
+    agents.heard(key, interval(req));
     tracing::info!(workload = %key, %id, "agent registered its workload");
     Ok(())
 }

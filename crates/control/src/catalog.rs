@@ -36,6 +36,11 @@ pub(crate) fn health_key(key: &Key) -> Key {
     Key::new(HEALTH_KIND, &key.namespace, &key.name)
 }
 
+/// The key of the Workload whose health record is `health`.
+pub(crate) fn workload_key(health: &Key) -> Key {
+    Key::new("Workload", &health.namespace, &health.name)
+}
+
 /// One stored resource.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
@@ -108,7 +113,7 @@ impl Catalog {
     /// Take a stored object in.
     fn insert(&mut self, o: Object) {
         if o.key.kind == HEALTH_KIND {
-            let workload = Key::new("Workload", &o.key.namespace, &o.key.name);
+            let workload = workload_key(&o.key);
             match serde_json::from_value::<Health>(o.doc) {
                 Ok(h) => drop(self.health.insert(workload.clone(), h)),
                 Err(e) => tracing::error!(key = %o.key, error = %e, "skipping health record"),
@@ -129,7 +134,7 @@ impl Catalog {
 
     fn remove(&mut self, k: &Key) {
         if k.kind == HEALTH_KIND {
-            let workload = Key::new("Workload", &k.namespace, &k.name);
+            let workload = workload_key(k);
             self.health.remove(&workload);
             self.rehealth(&workload);
         } else {

@@ -10,10 +10,10 @@ use std::{
 
 use serde::Serialize;
 use serde_json::Value;
-use trellis_store::{Change, Event as StoreEvent, Key};
+use trellis_store::{Change, Event as StoreEvent};
 
 use crate::{
-    catalog::{Catalog, HEALTH_KIND},
+    catalog::{workload_key, Catalog, HEALTH_KIND},
     fleet::now_ms,
 };
 
@@ -72,7 +72,7 @@ impl Events {
             let name = format!("{}/{}", key.namespace, key.name);
             if key.kind == HEALTH_KIND {
                 // A health record of a Workload already here: its health changes.
-                let workload = Key::new("Workload", &key.namespace, &key.name);
+                let workload = workload_key(key);
                 let Some(w) = catalog.entries.get(&workload) else {
                     continue;
                 };
