@@ -117,15 +117,8 @@ fn mesh(a: &Args, probe: Option<u16>) -> String {
         ));
     }
     for w in 0..workloads {
-        let s = w % services;
-        y.push_str(&format!(
-            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: wl-{w}, namespace: bench, labels: {{ app: svc-{s} }} }}\nspec:\n  address: 10.{}.{}.{}\n  environment: {}\n  locality: {{ region: r1, zone: z{} }}\n---\n",
-            (w >> 16) & 255,
-            (w >> 8) & 255,
-            w & 255,
-            ["vm", "container", "bare-metal"][w % 3],
-            w % 4
-        ));
+        y.push_str(&workload(services, w, 1));
+        y.push_str("---\n");
     }
     if a.calls > 0 {
         for i in 0..a.clients {
@@ -150,8 +143,8 @@ fn mesh(a: &Args, probe: Option<u16>) -> String {
 }
 
 /// Workload `w` (of Service `w % services`) with weight `weight`.
-fn workload(a: &Args, w: usize, weight: u32) -> String {
-    let s = w % a.services;
+fn workload(services: usize, w: usize, weight: u32) -> String {
+    let s = w % services;
     format!(
         "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: wl-{w}, namespace: bench, labels: {{ app: svc-{s} }} }}\nspec:\n  address: 10.{}.{}.{}\n  environment: {}\n  locality: {{ region: r1, zone: z{} }}\n  weight: {weight}\n",
         (w >> 16) & 255,
@@ -492,7 +485,12 @@ async fn main() {
                 .filter(|&i| calls(&a, i).contains(&svc))
                 .count();
             let sent_before: Vec<u64> = acks.lock().await.iter().map(|x| x.2).collect();
-            let rev = api("127.0.0.1:17070", &token, workload(&a, w, 2 + round as u32)).await;
+            let rev = api(
+                "127.0.0.1:17070",
+                &token,
+                workload(a.services, w, 2 + round as u32),
+            )
+            .await;
             let t = Instant::now();
             // Its callers ACK it; then give the others time to be sent it, if they were.
             loop {
@@ -541,7 +539,7 @@ async fn main() {
         let (idle1, _, _) = proc_stat(p.id());
         for k in 0..50u32 {
             let w = w0 + a.services * (k as usize % 4);
-            api("127.0.0.1:17070", &token, workload(&a, w, 50 + k)).await;
+            api("127.0.0.1:17070", &token, workload(a.services, w, 50 + k)).await;
             tokio::time::sleep(pause).await;
         }
         let (busy1, _, _) = proc_stat(p.id());
@@ -602,16 +600,6 @@ async fn main() {
             let (stop, token) = (stop.clone(), token.clone());
             let mine = calls(&a, 0);
             let (services, workloads) = (a.services, a.workloads);
-            let args = Args {
-                bin: String::new(),
-                clients: 0,
-                workloads,
-                rounds: 0,
-                services,
-                calls: 0,
-                proxy: false,
-                steady: 0,
-            };
             tokio::spawn(async move {
                 let mut n = 0usize;
                 let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -622,7 +610,7 @@ async fn main() {
                     if mine.contains(&(w % services)) {
                         continue;
                     }
-                    let y = workload(&args, w, 100 + (n % 50) as u32);
+                    let y = workload(services, w, 100 + (n % 50) as u32);
                     api("127.0.0.1:17070", &token, y).await;
                 }
                 n
