@@ -65,8 +65,9 @@ pub(crate) struct Outcome {
 enum Name {
     /// Asked for; held once a config holds it. Seen unused since then, if it was.
     Asked { unused_since: Option<Instant> },
-    /// The control plane has no such Service (as of then).
-    Absent(Instant),
+    /// The control plane has no such Service (as of then). Tokio's clock, so that tests can
+    /// move it.
+    Absent(tokio::time::Instant),
 }
 
 /// The names asked for on demand, shared by the request path, the resolver and the xDS client.
@@ -106,7 +107,7 @@ impl Demand {
     /// The control plane has no Service `id` (or no longer has it).
     pub(crate) fn absent(&self, id: &NamespacedName) {
         if let Some(n) = self.names().get_mut(id) {
-            *n = Name::Absent(Instant::now());
+            *n = Name::Absent(tokio::time::Instant::now());
         }
         self.config_changed();
     }
@@ -129,7 +130,13 @@ impl Demand {
             match names.get(id) {
                 Some(Name::Absent(at)) if at.elapsed() < ABSENT_FOR => return "absent",
                 Some(Name::Asked { .. }) => {}
-                _ => {
+                expired => {
+                    // An expired absent name is still subscribed, and the control plane tells a
+                    // subscription once that a name is absent: release it and ask afresh.
+                    if expired.is_some() {
+                        names.remove(id);
+                        let _ = self.asks.send(Ask::Unsubscribe(id.clone()));
+                    }
                     if names.len() >= MAX_NAMES {
                         // Expired absent names make room (and are unsubscribed).
                         names.retain(|id, n| {
@@ -175,7 +182,7 @@ impl Demand {
         let mut release = Vec::new();
         self.names().retain(|id, n| {
             let keep = match n {
-                Name::Absent(at) => now.duration_since(*at) < ABSENT_FOR,
+                Name::Absent(at) => at.elapsed() < ABSENT_FOR,
                 Name::Asked { unused_since } => {
                     if in_use(id) {
                         *unused_since = None;
@@ -312,6 +319,17 @@ mod tests {
         assert!(!waiter.await.unwrap());
         assert!(!d.fetch(&id("shop/nope"), || false).await);
         assert!(asks.try_recv().is_err(), "not asked again");
+        // Once the answer has expired it is asked afresh: released first, since the control
+        // plane tells a subscription once that a name is absent.
+        tokio::time::advance(ABSENT_FOR).await;
+        let again = {
+            let d = d.clone();
+            tokio::spawn(async move { d.fetch(&id("shop/nope"), || false).await })
+        };
+        assert_eq!(asks.recv().await, Some(Ask::Unsubscribe(id("shop/nope"))));
+        assert_eq!(asks.recv().await, Some(Ask::Subscribe(id("shop/nope"))));
+        d.absent(&id("shop/nope"));
+        assert!(!again.await.unwrap());
         // Never answered: the wait ends at its bound.
         let start = tokio::time::Instant::now();
         assert!(!d.fetch(&id("shop/silent"), || false).await);
