@@ -12,6 +12,9 @@
 # INBOUND=1 measures the inbound side instead: the proxy of bench/up-1 in front of nginx,
 # requests sent to its inbound listener (plaintext: a file config has no identity); the
 # adaptive concurrency limit is on this path.
+# MTLS=1 measures the mesh path of bench/mtls.sh instead: two proxies with identities from a
+# real control plane (not measured), HTTP/2 over mutual TLS between them; both run under
+# callgrind and the figure is the two together (caller and callee printed apart too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -58,5 +61,47 @@ run() {
   kill -TERM "$VP"; wait "$VP" || true; VP=
   callgrind_annotate "$W/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'
 }
+total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'; }
+# The mesh path: caller and callee under callgrind, each with a fresh identity. One request
+# opens the connection between them (and its handshakes) in both runs, so that the
+# subtraction leaves the requests alone.
+run_mtls() {
+  local run=$W/run$1 pids=() p
+  mkdir -p "$run"
+  for p in callee caller; do
+    local wl=bench/up-1 id=up admin=18200 in=18206 out=18201
+    [ $p = caller ] && wl=bench/client id=client admin=18300 in=18306 out=18301
+    local tok
+    tok=$("$BIN" token create -n bench --identity $id --ttl 10m --server http://127.0.0.1:18170 \
+      --token "$(cat "$W/cp/admin.token")" 2>/dev/null)
+    valgrind --tool=callgrind --callgrind-out-file="$run/$p.out" "$BIN" proxy \
+      --xds http://127.0.0.1:18171 --workload $wl --state-dir "$run/$p" --join-token "$tok" \
+      $LOG ${EXTRA:-} --admin 127.0.0.1:$admin --outbound 127.0.0.1:$out --inbound 127.0.0.1:$in \
+      >/dev/null 2>"$run/$p.err" &
+    pids+=($!)
+    for _ in $(seq 600); do curl -sf -o /dev/null 127.0.0.1:$admin/ready && break; sleep 0.1; done
+  done
+  for _ in $(seq 600); do curl -sf -o /dev/null http://127.0.0.1:18183/ && break; sleep 0.1; done
+  if [ "$1" -gt 0 ]; then
+    h2load --h1 -n "$1" -c 8 http://127.0.0.1:18183/ >"$run/h2load.txt"
+    # Every request answered 200 through both proxies, or the figure means nothing.
+    grep -q "status codes: $1 2xx" "$run/h2load.txt" || { cat "$run/h2load.txt" >&2; exit 1; }
+  fi
+  for p in "${pids[@]}"; do kill -TERM "$p"; wait "$p" || true; done
+  [ -z "${KEEP:-}" ] || [ "$1" = 0 ] || cp "$run/caller.out" "$run/callee.out" "$KEEP/"
+  echo "$(total "$run/caller.out") $(total "$run/callee.out")"
+}
+if [ "${MTLS:-0}" = 1 ]; then
+  "$BIN" control --data-dir "$W/cp" --api 127.0.0.1:18170 --xds 127.0.0.1:18171 >/dev/null 2>"$W/cp.err" &
+  CP=$!
+  trap 'kill $CP 2>/dev/null || true; pkill -f "callgrind-out-file=$W" 2>/dev/null || true; cleanup' EXIT
+  for _ in $(seq 100); do [ -s "$W/cp/admin.token" ] && curl -sf -o /dev/null 127.0.0.1:18170/healthz && break; sleep 0.1; done
+  "$BIN" apply -f bench/mesh-mtls.yaml --server http://127.0.0.1:18170 --token "$(cat "$W/cp/admin.token")" >/dev/null
+  read -r fc fe < <(run_mtls "$N")
+  read -r bc be < <(run_mtls 0)
+  echo "caller $(( (fc - bc) / N )), callee $(( (fe - be) / N )) instructions per request"
+  echo "$(( (fc + fe - bc - be) / N )) instructions per request through two proxies with mutual TLS ($N requests; start-up and shutdown, $((bc + be)), subtracted)"
+  exit 0
+fi
 full=$(run "$N"); base=$(run 0)
 echo "$(( (full - base) / N )) instructions per request ($N requests; start-up and shutdown, $base, subtracted)"

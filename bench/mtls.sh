@@ -42,28 +42,7 @@ wait_http http://127.0.0.1:18170/healthz
 export TRELLIS_SERVER=http://127.0.0.1:18170 TRELLIS_TOKEN
 for _ in $(seq 100); do [ -s "$W/cp/admin.token" ] && break; sleep 0.05; done
 TRELLIS_TOKEN=$(cat "$W/cp/admin.token")
-cat >"$W/mesh.yaml" <<'YAML'
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: { name: up, namespace: bench }
-spec:
-  selector: { app: up }
-  ports: [{ name: http, port: 80, targetPort: 18080, protocol: HTTP }]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Workload
-metadata: { name: up-1, namespace: bench, labels: { app: up } }
-spec: { address: 127.0.0.1, identity: up, inboundPort: 18206 }
----
-apiVersion: trellis.dev/v1alpha1
-kind: Workload
-metadata: { name: client, namespace: bench }
-spec:
-  address: 127.0.0.1
-  identity: client
-  upstreams: [{ service: up.bench, port: 80, bind: 127.0.0.1:18183 }]
-YAML
-"$BIN" apply -f "$W/mesh.yaml" >/dev/null
+"$BIN" apply -f bench/mesh-mtls.yaml >/dev/null
 token() { "$BIN" token create -n bench --identity "$1" --ttl 10m 2>/dev/null; }
 # The callee's identity is `up`, the caller's `client` (the tokens name them).
 taskset -c 1 "$BIN" proxy --xds http://127.0.0.1:18171 --workload bench/up-1 --state-dir "$W/callee" \

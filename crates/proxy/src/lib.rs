@@ -18,6 +18,7 @@ pub(crate) mod fasthash;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub(crate) mod h1;
+pub(crate) mod h2_client;
 pub(crate) mod http;
 pub mod identity;
 pub(crate) mod inbound;

@@ -2,7 +2,7 @@
 //! multiplexed HTTP/2 connection.
 //!
 //! HTTP/1.1 connections are the proxy's own ([`crate::h1`]), driven by the request task;
-//! HTTP/2 connections use hyper's low-level connection API. Either way the pool enforces the
+//! HTTP/2 connections are the proxy's own client over `h2` ([`crate::h2_client`]). Either way the pool enforces the
 //! cluster's connection limit and makes the connect failures' errors, naming both the
 //! address it connected to (a peer's proxy, for a meshed endpoint) and the workload.
 
@@ -12,8 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, sync::Semaphore};
 
 use trellis_model::{proxy::MeshPeer, resource::MtlsMode};
@@ -21,7 +19,7 @@ use trellis_model::{proxy::MeshPeer, resource::MtlsMode};
 use crate::{
     error::{Error, Kind},
     h1::{Conn, Idle},
-    http::body::UpBody,
+    h2_client::{self, H2Sender},
     metrics::{ClusterLabels, EndpointLabels, Metrics},
     mtls::{MeshTls, Purpose, UpStream},
     net::{connect_timeout, ConnectFailure},
@@ -50,7 +48,7 @@ pub(crate) enum Sender {
     /// connection, so that requests move a pointer rather than the connection's buffers.
     H1(Box<Conn>),
     /// HTTP/2; shared.
-    H2(http2::SendRequest<UpBody>),
+    H2(H2Sender),
 }
 
 /// What the pool needs from the cluster to open a connection.
@@ -81,7 +79,7 @@ pub(crate) struct Pool {
     workload: Arc<str>,
     mesh: Option<MeshPeer>,
     idle: Arc<Idle>,
-    h2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    h2: Mutex<Option<H2Sender>>,
 }
 
 impl Pool {
@@ -254,39 +252,23 @@ impl Pool {
                 source,
             )
         };
-        if let (Some(peer), Some(tls)) = (via, ctx.tls) {
-            let tls = tls
-                .connect(stream, peer, ctx.port, Purpose::Http2)
+        let s = match (via, ctx.tls) {
+            (Some(peer), Some(tls)) => {
+                let tls = tls
+                    .connect(stream, peer, ctx.port, Purpose::Http2)
+                    .await
+                    .map_err(|d| self.tls_failed(addr, d))?;
+                // A peer's proxy is checked with PINGs: requests on a connection to a peer
+                // cut off fail within the keep-alive's interval and timeout.
+                h2_client::handshake(tls, Some(MESH_KEEPALIVE), slot)
+                    .await
+                    .map_err(handshake)?
+            }
+            _ if !h2 => return Ok(Sender::H1(Box::new(Conn::new(stream, slot)))),
+            _ => h2_client::handshake(stream, None, slot)
                 .await
-                .map_err(|d| self.tls_failed(addr, d))?;
-            // A peer's proxy is checked with PINGs: requests on a connection to a peer cut
-            // off fail within the keep-alive's interval and timeout.
-            let (s, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .keep_alive_interval(MESH_KEEPALIVE)
-                .keep_alive_timeout(MESH_KEEPALIVE)
-                .keep_alive_while_idle(true)
-                .handshake(TokioIo::new(tls))
-                .await
-                .map_err(handshake)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-                drop(slot);
-            });
-            *self.h2.lock().expect("pool lock") = Some(s.clone());
-            return Ok(Sender::H2(s));
-        }
-        if !h2 {
-            return Ok(Sender::H1(Box::new(Conn::new(stream, slot))));
-        }
-        let (s, conn) = http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(handshake)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(slot);
-        });
+                .map_err(handshake)?,
+        };
         *self.h2.lock().expect("pool lock") = Some(s.clone());
         Ok(Sender::H2(s))
     }

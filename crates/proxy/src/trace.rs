@@ -175,7 +175,17 @@ fn traceparent_bytes(trace_id: u128, span: u64, sampled: bool) -> [u8; 55] {
 /// A `traceparent` naming `span` as the parent of the next hop.
 pub(crate) fn traceparent(trace_id: u128, span: u64, sampled: bool) -> HeaderValue {
     let tp = traceparent_bytes(trace_id, span, sampled);
-    HeaderValue::from_bytes(&tp).expect("hex is a valid header")
+    per_request(HeaderValue::from_bytes(&tp).expect("hex is a valid header"))
+}
+
+/// A value that belongs to one request (a `traceparent`, an `x-request-id`), marked so that
+/// HTTP/2 sends it as a literal never indexed: added to the HPACK tables on both sides of a
+/// connection between proxies it would only push out the entries that do repeat (the
+/// authority, `x-trellis-peer`, the application's own headers), which then go as literals
+/// too, and make every lookup in the tables longer.
+fn per_request(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
 }
 
 /// A trace this proxy started is sampled with probability `p` (the service's own rate, once
@@ -280,7 +290,9 @@ fn finish_with(
     } else {
         &buf[..]
     });
-    let value = |b: bytes::Bytes| HeaderValue::from_maybe_shared(b).expect("hex is a valid header");
+    let value = |b: bytes::Bytes| {
+        per_request(HeaderValue::from_maybe_shared(b).expect("hex is a valid header"))
+    };
     match tp_entry {
         Entry::Occupied(mut e) => {
             e.insert(value(shared.slice(..55)));

@@ -3,7 +3,7 @@ use std::{error::Error as _, io, time::Duration};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
@@ -290,8 +290,26 @@ async fn hyper_errors_from_a_real_exchange() {
     );
 }
 
+/// The proxy's own HTTP/2 client over `io`.
+async fn h2_sender(
+    io: tokio::io::DuplexStream,
+    keepalive: Option<Duration>,
+) -> crate::h2_client::H2Sender {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+    let slot = crate::slot::Slot::new(slots.try_acquire_owned().unwrap(), Default::default());
+    crate::h2_client::handshake(io, keepalive, slot)
+        .await
+        .unwrap()
+}
+
+fn h2_request() -> Request<crate::http::body::UpBody> {
+    let mut req = Request::new(crate::http::body::UpBody::Empty);
+    *req.uri_mut() = "http://peer/".parse().unwrap();
+    req
+}
+
 #[tokio::test]
-async fn a_stream_reset_by_a_real_h2_peer_is_hyper_over_h2() {
+async fn a_stream_reset_by_a_real_h2_peer_is_a_connection_reset() {
     let (client, server) = tokio::io::duplex(64 << 10);
     tokio::spawn(async move {
         let mut conn = h2::server::handshake(server).await.unwrap();
@@ -299,54 +317,41 @@ async fn a_stream_reset_by_a_real_h2_peer_is_hyper_over_h2() {
             respond.send_reset(h2::Reason::REFUSED_STREAM);
         }
     });
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(client),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::new(Empty::new());
-    *req.uri_mut() = "http://peer/".parse().unwrap();
-    let err = send.send_request(req).await.unwrap_err();
-    let e = class_of(Kind::Exchange, err);
+    let send = h2_sender(client, None).await;
+    let Err(err) = send.send(h2_request()).await else {
+        panic!("the stream was reset")
+    };
+    assert!(err.unsent.is_none(), "the request went out");
+    let e = class_of(Kind::Exchange, err.error);
     assert_eq!(e.class(), FailureClass::ConnectionReset, "{e}");
     assert!(e.retryable());
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_keepalive_that_goes_unanswered_is_an_upstream_timeout() {
+async fn a_keepalive_that_goes_unanswered_closes_the_connection_and_fails_its_requests() {
     // A peer that completes the handshake, then never answers again (a cut link).
     let (client, server) = tokio::io::duplex(64 << 10);
     let _server = tokio::spawn(async move {
         let _conn = h2::server::handshake(server).await.unwrap();
         std::future::pending::<()>().await;
     });
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(client))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
-    let mut req = Request::new(Empty::new());
-    *req.uri_mut() = "http://peer/".parse().unwrap();
-    let err = send.send_request(req).await.unwrap_err();
-    let e = class_of(Kind::Exchange, err);
-    assert!(
-        matches!(
-            e.class(),
-            FailureClass::UpstreamTimeout | FailureClass::ConnectionReset
-        ),
+    let send = h2_sender(client, Some(Duration::from_secs(10))).await;
+    let start = tokio::time::Instant::now();
+    let Err(err) = send.clone().send(h2_request()).await else {
+        panic!("the peer never answers")
+    };
+    // One interval to the PING, one for its answer.
+    assert_eq!(start.elapsed(), Duration::from_secs(20));
+    let e = class_of(Kind::Exchange, err.error);
+    assert_eq!(
+        e.class().category(),
+        trellis_taxonomy::Category::Network,
         "{e}"
     );
-    assert_eq!(e.class().category(), trellis_taxonomy::Category::Network);
-    let conn_err = conn.await.unwrap().unwrap_err();
-    assert!(conn_err.is_timeout(), "{conn_err}");
-    assert_eq!(
-        class_of(Kind::Exchange, conn_err).class(),
-        FailureClass::UpstreamTimeout
-    );
+    assert!(send.is_closed());
+    // A request on the closed connection comes back unsent, for a try elsewhere.
+    let Err(err) = send.send(h2_request()).await else {
+        panic!("the connection is closed")
+    };
+    assert!(err.unsent.is_some(), "{}", err.error);
 }

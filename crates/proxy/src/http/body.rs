@@ -262,7 +262,7 @@ pub(crate) trait OnEnd: Send + 'static {
 enum Inner {
     Full(Option<Bytes>),
     /// From an HTTP/2 upstream (hyper's client).
-    H2(Incoming),
+    H2(H2Body),
     /// From an HTTP/1.1 upstream (the proxy's own client).
     H1(crate::h1::H1Body),
 }
@@ -270,9 +270,53 @@ enum Inner {
 /// A response body from upstream.
 pub(crate) enum UpstreamBody {
     /// HTTP/2.
-    H2(Incoming),
+    H2(H2Body),
     /// HTTP/1.1.
     H1(crate::h1::H1Body),
+}
+
+/// A response body from an HTTP/2 upstream; what it reads is given back to the peer's flow
+/// control at once (the proxy's own buffering is bounded by its client's).
+pub(crate) struct H2Body {
+    recv: h2::RecvStream,
+    /// Still reading DATA frames (then the trailers).
+    data: bool,
+}
+
+impl H2Body {
+    pub(crate) fn new(recv: h2::RecvStream) -> Self {
+        Self { recv, data: true }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if self.data {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(b)) => {
+                    let _ = self.recv.flow_control().release_capacity(b.len());
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => self.data = false,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
 }
 
 /// The response body sent to the client.

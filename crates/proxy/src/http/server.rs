@@ -4,7 +4,9 @@
 //! malformed head, a head that never finished, plaintext refused under STRICT, a failed
 //! inbound handshake) are recorded here.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
+};
 
 use http::{Request, Response, Version};
 use hyper::{body::Incoming, server::conn::http2, service::service_fn};
@@ -236,7 +238,7 @@ pub(crate) async fn serve(
             if let Some(c) = captured {
                 req.extensions_mut().insert(c);
             }
-            async move { Ok::<_, Infallible>(handle(&shared, &listener, req, peer).await) }
+            respond_boxed(shared, listener, req, peer)
         })
     };
     let io = TokioIo::new(stream);
@@ -384,7 +386,7 @@ async fn serve_mtls(
             if let Some(p) = &peer_id {
                 req.extensions_mut().insert(p.clone());
             }
-            async move { Ok::<_, Infallible>(handle(&shared, &listener, req, peer).await) }
+            respond_boxed(shared, listener, req, peer)
         })
     };
     let io = TokioIo::new(tls);
@@ -394,6 +396,18 @@ async fn serve_mtls(
     } else {
         drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain);
     }
+}
+
+/// A request served by hyper (HTTP/2, and HTTP/1.1 over TLS), its future boxed: hyper keeps
+/// the future in each stream's task and moves that task as it spawns and finishes it, and the
+/// request path's future is several kilobytes. One allocation instead of those copies.
+fn respond_boxed(
+    shared: Arc<Shared>,
+    listener: Listener,
+    req: Request<ClientBody>,
+    peer: SocketAddr,
+) -> Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>>>> {
+    Box::pin(async move { Ok(handle(&shared, &listener, req, peer).await) })
 }
 
 fn protocol(v: Version) -> &'static str {

@@ -18,6 +18,7 @@ use crate::{
     cluster::Endpoint,
     error::{Error, Kind},
     h1::{self, Conn, H1Body, H1Error},
+    h2_client::H2Sender,
     http::body::{UpBody, UpstreamBody},
     pool::{ConnectCtx, Sender},
 };
@@ -128,22 +129,13 @@ pub(crate) fn exchange_failed(ep: &Endpoint, cause: impl Into<crate::error::BoxE
     )
 }
 
-async fn send_h2(
-    ep: &Endpoint,
-    mut s: hyper::client::conn::http2::SendRequest<UpBody>,
-    req: Request<UpBody>,
-) -> Sent {
-    if let Err(e) = s.ready().await {
-        // The connection closed (a GOAWAY) before this request went on it.
-        return unsent(exchange_failed(ep, e), req);
-    }
-    match s.try_send_request(req).await {
+async fn send_h2(ep: &Endpoint, s: H2Sender, req: Request<UpBody>) -> Sent {
+    match s.send(req).await {
         Ok(r) => Ok(Try::Response(r.map(UpstreamBody::H2))),
-        // Queued for a connection that closed before writing it (a draining peer's GOAWAY
-        // crossing it): hyper hands it back, unsent.
-        Err(mut e) => match e.take_message() {
-            Some(req) => unsent(exchange_failed(ep, e.into_error()), req),
-            None => Ok(Try::Failed(exchange_failed(ep, e.into_error()))),
+        // The connection closed (a draining peer's GOAWAY) before a stream was opened for it.
+        Err(e) => match e.unsent {
+            Some(req) => unsent(exchange_failed(ep, e.error), req),
+            None => Ok(Try::Failed(exchange_failed(ep, e.error))),
         },
     }
 }

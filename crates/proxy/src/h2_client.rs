@@ -1,0 +1,287 @@
+//! The proxy's HTTP/2 client: the `h2` crate driven directly, for peers' proxies (over mutual
+//! TLS) and HTTP/2 upstreams.
+//!
+//! hyper's HTTP/2 client hands each request to the connection's task through a channel,
+//! spawns a task per request to wait for its response and another to stream its body, and
+//! answers through a oneshot: measured on the mesh path, that machinery and the copies of the
+//! futures it moves cost more per request than framing the request does. Here the request's
+//! own task opens the stream and awaits the response; only a request with a body spawns a
+//! task, to stream it while the response is awaited. The connection runs in its own task,
+//! which also checks a peer's proxy with PINGs.
+
+use std::{
+    future::poll_fn,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    task::Poll,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{
+    http::body::{H2Body, UpBody},
+    slot::Slot,
+};
+
+/// Flow-control windows and limits: hyper's client defaults, which this client replaced.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_FRAME: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// A multiplexed connection's sending side; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct H2Sender {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+/// A request that could not be sent: its error, and the request when it never left (the
+/// connection was gone before a stream was opened for it).
+pub(crate) struct SendError {
+    pub(crate) error: h2::Error,
+    pub(crate) unsent: Option<Request<UpBody>>,
+}
+
+/// Handshake over `io`, and drive the connection in a task of its own that holds `slot`
+/// until the connection ends. With `keepalive`, the peer is sent a PING that often and the
+/// connection is closed when one is not answered within the same time: requests on a
+/// connection to a peer cut off fail then, not when the kernel gives up.
+pub(crate) async fn handshake<T>(
+    io: T,
+    keepalive: Option<Duration>,
+    slot: Slot,
+) -> Result<H2Sender, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let done = closed.clone();
+    let ping = keepalive.and_then(|every| Some((every, conn.ping_pong()?)));
+    tokio::spawn(async move {
+        match ping {
+            None => {
+                let _ = (&mut conn).await;
+            }
+            Some((every, mut ping)) => loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut conn => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let pong = tokio::time::timeout(every, ping.ping(h2::Ping::opaque()));
+                tokio::select! {
+                    biased;
+                    _ = &mut conn => break,
+                    r = pong => if !matches!(r, Ok(Ok(_))) {
+                        tracing::info!(timeout = ?every, "an HTTP/2 peer did not answer a PING; closing the connection");
+                        break;
+                    }
+                }
+            },
+        }
+        done.store(true, Ordering::Release);
+        drop(slot);
+    });
+    Ok(H2Sender { send, closed })
+}
+
+impl H2Sender {
+    /// Whether the connection has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Send `req` and wait for the response head.
+    pub(crate) async fn send(
+        self,
+        req: Request<UpBody>,
+    ) -> Result<Response<H2Body>, Box<SendError>> {
+        let send = match self.send.ready().await {
+            Ok(s) => s,
+            Err(error) => {
+                return Err(Box::new(SendError {
+                    error,
+                    unsent: Some(req),
+                }))
+            }
+        };
+        let mut send = send;
+        let (parts, body) = req.into_parts();
+        let mut head = Request::from_parts(parts, ());
+        strip_connection_headers(head.headers_mut());
+        let eos = body.is_end_stream();
+        let (response, stream) = send.send_request(head, eos).map_err(|error| {
+            Box::new(SendError {
+                error,
+                unsent: None,
+            })
+        })?;
+        if !eos {
+            tokio::spawn(stream_body(body, stream));
+        }
+        let resp = response.await.map_err(|error| {
+            Box::new(SendError {
+                error,
+                unsent: None,
+            })
+        })?;
+        Ok(resp.map(H2Body::new))
+    }
+}
+
+/// Headers that HTTP/2 forbids (RFC 9113, 8.2.2): `h2` refuses a request carrying one.
+fn strip_connection_headers(h: &mut HeaderMap) {
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::HeaderName::from_static("keep-alive"),
+        header::HeaderName::from_static("proxy-connection"),
+    ] {
+        if h.contains_key(&name) {
+            h.remove(&name);
+        }
+    }
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// Stream a request body into its stream, as the peer's flow control allows; the stream is
+/// reset when the body fails, and the copying stops when the peer resets the stream.
+async fn stream_body(mut body: UpBody, mut tx: h2::SendStream<Bytes>) {
+    loop {
+        let next = poll_fn(|cx| {
+            if tx.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        })
+        .await;
+        let frame = match next {
+            // Reset by the peer (it answered without reading the rest, say).
+            None => return,
+            Some(None) => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(_))) => {
+                tx.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Some(Some(Ok(f))) => f,
+        };
+        let mut data = match frame.into_data() {
+            Ok(d) => d,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    let _ = tx.send_trailers(t);
+                } else {
+                    let _ = tx.send_data(Bytes::new(), true);
+                }
+                return;
+            }
+        };
+        let eos = body.is_end_stream();
+        if data.is_empty() {
+            if eos {
+                let _ = tx.send_data(data, true);
+                return;
+            }
+            continue;
+        }
+        while !data.is_empty() {
+            tx.reserve_capacity(data.len());
+            let n = match poll_fn(|cx| tx.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                _ => return,
+            };
+            if n == 0 {
+                continue;
+            }
+            let chunk = data.split_to(n.min(data.len()));
+            if tx.send_data(chunk, eos && data.is_empty()).is_err() {
+                return;
+            }
+        }
+        if eos {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::http::body::ClientBody;
+
+    /// A request body larger than the peer's window goes out whole as the peer's flow control
+    /// allows, and the response's data and trailers come back, with what was read given back
+    /// to the peer's flow control (the response is larger than the client's stream window).
+    #[tokio::test]
+    async fn a_body_larger_than_the_windows_goes_both_ways_with_trailers() {
+        const CHUNK: usize = 100 << 10;
+        let (client, server) = tokio::io::duplex(16 << 10);
+        let peer = tokio::spawn(async move {
+            // The server's default window: 64 KiB per stream.
+            let mut conn = h2::server::handshake(server).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let mut got = 0;
+            while let Some(b) = body.data().await {
+                let b = b.unwrap();
+                got += b.len();
+                body.flow_control().release_capacity(b.len()).unwrap();
+            }
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            let reply = Bytes::from(vec![b'x'; STREAM_WINDOW as usize + CHUNK]);
+            send.reserve_capacity(reply.len());
+            send.send_data(reply, false).unwrap();
+            let mut t = HeaderMap::new();
+            t.insert("x-received", got.to_string().parse().unwrap());
+            send.send_trailers(t).unwrap();
+        });
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let slot = Slot::new(slots.try_acquire_owned().unwrap(), Default::default());
+        let send = handshake(client, None, slot).await.unwrap();
+        let chunks: VecDeque<Bytes> = (0..3).map(|i| Bytes::from(vec![i; CHUNK])).collect();
+        let mut req = Request::new(UpBody::Incoming(ClientBody::Chunks(chunks)));
+        *req.uri_mut() = "http://peer/upload".parse().unwrap();
+        let exchange = async {
+            let Ok(resp) = send.send(req).await else {
+                panic!("no response")
+            };
+            resp.into_body().collect().await.unwrap()
+        };
+        let body = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("a stalled window would stop the exchange");
+        let trailers = body.trailers().cloned().expect("trailers");
+        assert_eq!(body.to_bytes().len(), STREAM_WINDOW as usize + CHUNK);
+        assert_eq!(trailers["x-received"], (3 * CHUNK).to_string().as_str());
+        peer.await.unwrap();
+    }
+}
