@@ -14,7 +14,9 @@
 # adaptive concurrency limit is on this path.
 # MTLS=1 measures the mesh path of bench/mtls.sh instead: two proxies with identities from a
 # real control plane (not measured), HTTP/2 over mutual TLS between them; both run under
-# callgrind and the figure is the two together (caller and callee printed apart too).
+# callgrind and the figure is the two together (caller and callee printed apart too). It moves
+# by about 2% between runs (how many HTTP/2 frames one read or write carries depends on
+# timing): take the median of three. KEEP=DIR keeps both callgrind files of the measured run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}

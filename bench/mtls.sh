@@ -119,6 +119,8 @@ for port in 18080 18083 18183 18181 18191; do wait_http -H 'Host: up.bench' "htt
 curl -sf http://127.0.0.1:18200/metrics | grep -q 'source_identity="spiffe://trellis.local/ns/bench/sa/client"' \
   || { echo "the caller's requests did not arrive over mutual TLS" >&2; exit 1; }
 
+rss() { awk '/^(VmRSS|VmHWM)/{printf "%s %.1f MiB ", $1, $2/1024}' /proc/$1/status; }
+IDLE_CALLER=$(rss $CALLER) IDLE_CALLEE=$(rss $CALLEE)
 ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
 HZ=$(getconf CLK_TCK)
 declare -A PORT=([direct]=18080 [trellis-plain-1hop]=18083 [haproxy-plain-2hops]=18191 [trellis-mtls-2hops]=18183 [haproxy-mtls-2hops]=18181)
@@ -147,6 +149,8 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 
+echo "trellis caller proxy: idle (before the rounds) $IDLE_CALLER; after: $(rss $CALLER)"
+echo "trellis callee proxy: idle (before the rounds) $IDLE_CALLEE; after: $(rss $CALLEE)"
 python3 - "$OUT" <<'PY'
 import sys, statistics as st
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]

@@ -124,6 +124,16 @@ async fn each_hop_keeps_the_class_of_the_side_that_failed() {
         },
     )
     .await;
+    // A response relayed over HTTP/2 between the proxies keeps its length for the client:
+    // a content-length, not chunks.
+    let r = client::get_full(caller.outbound, "ok.test", "/length", &[])
+        .await
+        .unwrap();
+    assert!(
+        r.headers.contains_key("content-length") && !r.headers.contains_key("transfer-encoding"),
+        "{:?}",
+        r.headers
+    );
 
     // The callee's application is down: the callee's proxy says connect_refused, and the
     // caller keeps that class (a network failure at the far hop), not app_error.

@@ -143,7 +143,9 @@ impl H2Sender {
                 unsent: None,
             })
         })?;
-        Ok(resp.map(H2Body::new))
+        let (parts, recv) = resp.into_parts();
+        let body = H2Body::new(recv, &parts.headers);
+        Ok(Response::from_parts(parts, body))
     }
 }
 
@@ -256,7 +258,10 @@ mod tests {
                 got += b.len();
                 body.flow_control().release_capacity(b.len()).unwrap();
             }
-            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            let mut head = Response::new(());
+            let len = STREAM_WINDOW as usize + CHUNK;
+            head.headers_mut().insert("content-length", len.into());
+            let mut send = respond.send_response(head, false).unwrap();
             let reply = Bytes::from(vec![b'x'; STREAM_WINDOW as usize + CHUNK]);
             send.reserve_capacity(reply.len());
             send.send_data(reply, false).unwrap();
@@ -274,6 +279,10 @@ mod tests {
             let Ok(resp) = send.send(req).await else {
                 panic!("no response")
             };
+            // The length is known before the body comes: the HTTP/1.1 server that forwards it
+            // answers with a content-length rather than chunks.
+            let expected = STREAM_WINDOW as u64 + CHUNK as u64;
+            assert_eq!(resp.body().size_hint().exact(), Some(expected));
             resp.into_body().collect().await.unwrap()
         };
         let body = tokio::time::timeout(Duration::from_secs(10), exchange)

@@ -281,11 +281,22 @@ pub(crate) struct H2Body {
     recv: h2::RecvStream,
     /// Still reading DATA frames (then the trailers).
     data: bool,
+    /// What is left to read, when the head gave a `content-length`: the size hint that lets
+    /// the HTTP/1.1 server answer its client with a length rather than chunks.
+    remaining: Option<u64>,
 }
 
 impl H2Body {
-    pub(crate) fn new(recv: h2::RecvStream) -> Self {
-        Self { recv, data: true }
+    /// The body of a message whose head is `headers`.
+    pub(crate) fn new(recv: h2::RecvStream, headers: &HeaderMap) -> Self {
+        let remaining = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        Self {
+            recv,
+            data: true,
+            remaining,
+        }
     }
 }
 
@@ -301,6 +312,9 @@ impl Body for H2Body {
             match ready!(self.recv.poll_data(cx)) {
                 Some(Ok(b)) => {
                     let _ = self.recv.flow_control().release_capacity(b.len());
+                    if let Some(r) = self.remaining.as_mut() {
+                        *r = r.saturating_sub(b.len() as u64);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(b))));
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
@@ -316,6 +330,13 @@ impl Body for H2Body {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 
