@@ -117,10 +117,13 @@ impl H2Sender {
         let send = match self.send.ready().await {
             Ok(s) => s,
             Err(error) => {
+                // Closed or going away (a GOAWAY): the pool opens a new connection for the
+                // next request rather than handing this one out again.
+                self.closed.store(true, Ordering::Release);
                 return Err(Box::new(SendError {
                     error,
                     unsent: Some(req),
-                }))
+                }));
             }
         };
         let mut send = send;
@@ -292,5 +295,42 @@ mod tests {
         assert_eq!(body.to_bytes().len(), STREAM_WINDOW as usize + CHUNK);
         assert_eq!(trailers["x-received"], (3 * CHUNK).to_string().as_str());
         peer.await.unwrap();
+    }
+
+    /// A peer that goes away (a draining proxy's GOAWAY): a request after it comes back
+    /// unsent, for a try elsewhere, and the connection is no longer handed out.
+    #[tokio::test]
+    async fn after_a_goaway_requests_come_back_unsent_and_the_connection_is_closed() {
+        let (client, server) = tokio::io::duplex(16 << 10);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server).await.unwrap();
+            let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+            respond.send_response(Response::new(()), true).unwrap();
+            conn.graceful_shutdown();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                let _ = respond.send_response(Response::new(()), true);
+            }
+        });
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let slot = Slot::new(slots.try_acquire_owned().unwrap(), Default::default());
+        let send = handshake(client, None, slot).await.unwrap();
+        let req = || {
+            let mut r = Request::new(UpBody::Empty);
+            *r.uri_mut() = "http://peer/".parse().unwrap();
+            r
+        };
+        assert!(send.clone().send(req()).await.is_ok());
+        let unsent = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match send.clone().send(req()).await {
+                    Ok(_) => tokio::task::yield_now().await,
+                    Err(e) => break e.unsent.is_some(),
+                }
+            }
+        })
+        .await
+        .expect("the GOAWAY ends the connection");
+        assert!(unsent, "the request never left");
+        assert!(send.is_closed());
     }
 }

@@ -87,7 +87,17 @@ pub(crate) fn wait_for_log(
 pub fn temp_path(name: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("trellis-test-{}-{n}-{name}", std::process::id()))
+    // The time too: process ids are reused, and a path left behind by an earlier run with
+    // the same id (a proxy's state dir, with a certificate from another CA) would be taken
+    // for this one's.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    std::env::temp_dir().join(format!(
+        "trellis-test-{}-{t}-{n}-{name}",
+        std::process::id()
+    ))
 }
 
 /// Write `text` to a fresh temporary file, removed when the returned guard drops (also
