@@ -440,12 +440,12 @@ impl Cluster {
     }
 
     /// Whether it is in use: a request within the retry budget's window (10 s), a request in
-    /// flight or a connection open (HTTP/1.1 connections idle past their timeout are closed
-    /// first: they would not be reused).
+    /// flight or a connection open (connections unused past the idle timeout are closed
+    /// first, HTTP/2 ones to peers' proxies included: they would not be reused).
     pub(crate) fn busy(&self, now: Instant) -> bool {
         let p = &self.cfg.policy;
         for e in &self.endpoints {
-            e.pool.idle().prune(now);
+            e.pool.prune(now);
         }
         self.budget.recent(now)
             || self.requests.available_permits() < p.max_requests as usize

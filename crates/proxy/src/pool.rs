@@ -79,7 +79,10 @@ pub(crate) struct Pool {
     workload: Arc<str>,
     mesh: Option<MeshPeer>,
     idle: Arc<Idle>,
-    h2: Mutex<Option<H2Sender>>,
+    /// The shared HTTP/2 connection and when a request last took it.
+    h2: Mutex<Option<(H2Sender, Instant)>>,
+    /// How long a connection may go unused before it is closed.
+    idle_timeout: Duration,
 }
 
 impl Pool {
@@ -95,12 +98,26 @@ impl Pool {
             mesh,
             idle: Arc::new(Idle::new(idle_timeout)),
             h2: Mutex::new(None),
+            idle_timeout,
         }
     }
 
     /// Where HTTP/1.1 connections of this endpoint go back when their exchange is done.
     pub(crate) fn idle(&self) -> &Arc<Idle> {
         &self.idle
+    }
+
+    /// Close the connections unused for the idle timeout: idle HTTP/1.1 ones, and the HTTP/2
+    /// one when no request has taken it for as long (it closes once the requests still on it
+    /// finish; the next request opens a new one).
+    pub(crate) fn prune(&self, now: Instant) {
+        self.idle.prune(now);
+        let mut h2 = self.h2.lock().expect("pool lock");
+        if h2.as_ref().is_some_and(|(s, used)| {
+            s.is_closed() || now.saturating_duration_since(*used) >= self.idle_timeout
+        }) {
+            *h2 = None;
+        }
     }
 
     /// Get a connection: a pooled one if any is alive, else a new one, made `within` the
@@ -114,13 +131,14 @@ impl Pool {
         within: Option<Duration>,
     ) -> Result<(Sender, Duration), Error> {
         if h2 {
-            if let Some(s) = self
+            if let Some((s, used)) = self
                 .h2
                 .lock()
                 .expect("pool lock")
-                .as_ref()
-                .filter(|s| !s.is_closed())
+                .as_mut()
+                .filter(|(s, _)| !s.is_closed())
             {
+                *used = now;
                 return Ok((Sender::H2(s.clone()), Duration::ZERO));
             }
         } else if let Some(c) = self.idle.pop(now) {
@@ -269,7 +287,7 @@ impl Pool {
                 .await
                 .map_err(handshake)?,
         };
-        *self.h2.lock().expect("pool lock") = Some(s.clone());
+        *self.h2.lock().expect("pool lock") = Some((s.clone(), Instant::now()));
         Ok(Sender::H2(s))
     }
 

@@ -141,3 +141,67 @@ async fn connect_failures_name_the_workload_and_the_address() {
         "a failed connect gives its slot back"
     );
 }
+
+/// An HTTP/2 server that serves connections until their clients close them.
+async fn h2_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let _ = respond.send_response(http::Response::new(()), true);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The shared HTTP/2 connection is closed once no request has taken it for the idle timeout
+/// (its slot comes back, so the cluster is no longer busy and a name asked for on demand
+/// can be released), and the next request opens a new one.
+#[tokio::test]
+async fn an_http2_connection_unused_for_the_idle_timeout_is_closed() {
+    let addr = h2_server().await;
+    let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+    let slots = Arc::new(Semaphore::new(2));
+    let pool = Pool::new(addr, "shop/up-1".into(), None, Duration::from_secs(60));
+    let c = ctx(&slots, &metrics);
+    let t0 = Instant::now();
+    let (s, connect) = pool.checkout(true, &c, t0, None).await.unwrap();
+    assert!(connect > Duration::ZERO);
+    drop(s);
+    assert_eq!(slots.available_permits(), 1);
+    // Used again within the idle time: kept.
+    let (_s, connect) = pool
+        .checkout(true, &c, t0 + Duration::from_secs(30), None)
+        .await
+        .unwrap();
+    assert_eq!(connect, Duration::ZERO);
+    drop(_s);
+    pool.prune(t0 + Duration::from_secs(80));
+    assert_eq!(slots.available_permits(), 1, "used 50 s ago: kept");
+    // Unused for the idle time: closed, and its slot given back.
+    pool.prune(t0 + Duration::from_secs(91));
+    wait_until(|| slots.available_permits() == 2).await;
+    let (_s, connect) = pool
+        .checkout(true, &c, t0 + Duration::from_secs(92), None)
+        .await
+        .unwrap();
+    assert!(connect > Duration::ZERO, "a new connection");
+}
+
+/// Wait (5 s at most) until `done` holds.
+async fn wait_until(done: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("within 5 s");
+}
