@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -114,7 +114,7 @@ impl H2Sender {
         self,
         req: Request<UpBody>,
     ) -> Result<Response<H2Body>, Box<SendError>> {
-        let send = match self.send.ready().await {
+        let mut send = match self.send.ready().await {
             Ok(s) => s,
             Err(error) => {
                 // Closed or going away (a GOAWAY): the pool opens a new connection for the
@@ -126,10 +126,10 @@ impl H2Sender {
                 }));
             }
         };
-        let mut send = send;
+        // Hop-by-hop headers, which HTTP/2 forbids (RFC 9113, 8.2.2), were stripped when the
+        // request was routed (`strip_hop_by_hop`, keeping only `te: trailers`).
         let (parts, body) = req.into_parts();
-        let mut head = Request::from_parts(parts, ());
-        strip_connection_headers(head.headers_mut());
+        let head = Request::from_parts(parts, ());
         let eos = body.is_end_stream();
         let (response, stream) = send.send_request(head, eos).map_err(|error| {
             Box::new(SendError {
@@ -149,24 +149,6 @@ impl H2Sender {
         let (parts, recv) = resp.into_parts();
         let body = H2Body::new(recv, &parts.headers);
         Ok(Response::from_parts(parts, body))
-    }
-}
-
-/// Headers that HTTP/2 forbids (RFC 9113, 8.2.2): `h2` refuses a request carrying one.
-fn strip_connection_headers(h: &mut HeaderMap) {
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-    ] {
-        if h.contains_key(&name) {
-            h.remove(&name);
-        }
-    }
-    if h.get(header::TE).is_some_and(|v| v != "trailers") {
-        h.remove(header::TE);
     }
 }
 
@@ -237,6 +219,7 @@ async fn stream_body(mut body: UpBody, mut tx: h2::SendStream<Bytes>) {
 mod tests {
     use std::collections::VecDeque;
 
+    use http::HeaderMap;
     use http_body_util::BodyExt;
 
     use super::*;
@@ -272,9 +255,9 @@ mod tests {
             t.insert("x-received", got.to_string().parse().unwrap());
             send.send_trailers(t).unwrap();
         });
-        let slots = Arc::new(tokio::sync::Semaphore::new(1));
-        let slot = Slot::new(slots.try_acquire_owned().unwrap(), Default::default());
-        let send = handshake(client, None, slot).await.unwrap();
+        let send = handshake(client, None, crate::test_util::slot())
+            .await
+            .unwrap();
         let chunks: VecDeque<Bytes> = (0..3).map(|i| Bytes::from(vec![i; CHUNK])).collect();
         let mut req = Request::new(UpBody::Incoming(ClientBody::Chunks(chunks)));
         *req.uri_mut() = "http://peer/upload".parse().unwrap();
@@ -311,9 +294,9 @@ mod tests {
                 let _ = respond.send_response(Response::new(()), true);
             }
         });
-        let slots = Arc::new(tokio::sync::Semaphore::new(1));
-        let slot = Slot::new(slots.try_acquire_owned().unwrap(), Default::default());
-        let send = handshake(client, None, slot).await.unwrap();
+        let send = handshake(client, None, crate::test_util::slot())
+            .await
+            .unwrap();
         let req = || {
             let mut r = Request::new(UpBody::Empty);
             *r.uri_mut() = "http://peer/".parse().unwrap();

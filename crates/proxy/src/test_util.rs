@@ -10,6 +10,15 @@ pub(crate) fn snapshot(yaml: &str, local: Option<&str>) -> crate::snapshot::Snap
     crate::snapshot::Snapshot::build(cfg, None, &metrics, true)
 }
 
+/// A connection slot of a cluster allowing one connection (not counted anywhere).
+pub(crate) fn slot() -> crate::slot::Slot {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+    crate::slot::Slot::new(
+        slots.try_acquire_owned().expect("a free slot"),
+        Default::default(),
+    )
+}
+
 /// What a test's access log received.
 #[derive(Clone, Default)]
 pub(crate) struct Sink(pub(crate) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

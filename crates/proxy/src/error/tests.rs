@@ -295,9 +295,7 @@ async fn h2_sender(
     io: tokio::io::DuplexStream,
     keepalive: Option<Duration>,
 ) -> crate::h2_client::H2Sender {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
-    let slot = crate::slot::Slot::new(slots.try_acquire_owned().unwrap(), Default::default());
-    crate::h2_client::handshake(io, keepalive, slot)
+    crate::h2_client::handshake(io, keepalive, crate::test_util::slot())
         .await
         .unwrap()
 }

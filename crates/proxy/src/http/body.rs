@@ -261,7 +261,7 @@ pub(crate) trait OnEnd: Send + 'static {
 
 enum Inner {
     Full(Option<Bytes>),
-    /// From an HTTP/2 upstream (hyper's client).
+    /// From an HTTP/2 upstream (the proxy's own client, `h2_client`).
     H2(H2Body),
     /// From an HTTP/1.1 upstream (the proxy's own client).
     H1(crate::h1::H1Body),
