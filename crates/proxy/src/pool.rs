@@ -2,9 +2,10 @@
 //! multiplexed HTTP/2 connection.
 //!
 //! HTTP/1.1 connections are the proxy's own ([`crate::h1`]), driven by the request task;
-//! HTTP/2 connections are the proxy's own client over `h2` ([`crate::h2_client`]). Either way the pool enforces the
-//! cluster's connection limit and makes the connect failures' errors, naming both the
-//! address it connected to (a peer's proxy, for a meshed endpoint) and the workload.
+//! HTTP/2 connections are the proxy's own client over `h2` ([`crate::h2_client`]). Either
+//! way the pool enforces the cluster's connection limit and makes the connect failures'
+//! errors, naming both the address it connected to (a peer's proxy, for a meshed endpoint)
+//! and the workload.
 
 use std::{
     net::SocketAddr,
@@ -81,8 +82,6 @@ pub(crate) struct Pool {
     idle: Arc<Idle>,
     /// The shared HTTP/2 connection and when a request last took it.
     h2: Mutex<Option<(H2Sender, Instant)>>,
-    /// How long a connection may go unused before it is closed.
-    idle_timeout: Duration,
 }
 
 impl Pool {
@@ -98,7 +97,6 @@ impl Pool {
             mesh,
             idle: Arc::new(Idle::new(idle_timeout)),
             h2: Mutex::new(None),
-            idle_timeout,
         }
     }
 
@@ -114,7 +112,7 @@ impl Pool {
         self.idle.prune(now);
         let mut h2 = self.h2.lock().expect("pool lock");
         if h2.as_ref().is_some_and(|(s, used)| {
-            s.is_closed() || now.saturating_duration_since(*used) >= self.idle_timeout
+            s.is_closed() || now.saturating_duration_since(*used) >= self.idle.timeout()
         }) {
             *h2 = None;
         }

@@ -477,6 +477,11 @@ impl Idle {
         None
     }
 
+    /// How long a connection may sit unused before it is closed.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Close the connections idle past the timeout (they would not be reused), so that they
     /// give back their connection slots.
     pub(crate) fn prune(&self, now: Instant) {
