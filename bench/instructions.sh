@@ -53,6 +53,8 @@ fi
 # Total instructions of a proxy run that serves $1 requests.
 WL=bench/client URL=http://127.0.0.1:18083/
 [ "${INBOUND:-0}" = 1 ] && WL=bench/up-1 URL=http://127.0.0.1:18106/
+# Instructions counted in a callgrind file.
+total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'; }
 run() {
   valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy "${SRC[@]}" ${EXTRA:-} \
     --workload "$WL" $LOG --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
@@ -61,9 +63,8 @@ run() {
   for _ in $(seq 300); do curl -sf -o /dev/null 127.0.0.1:18100/ready && break; sleep 0.1; done
   [ "$1" -gt 0 ] && h2load --h1 -n "$1" -c 8 "$URL" >/dev/null
   kill -TERM "$VP"; wait "$VP" || true; VP=
-  callgrind_annotate "$W/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'
+  total "$W/cg.out"
 }
-total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'; }
 # The mesh path: caller and callee under callgrind, each with a fresh identity. One request
 # opens the connection between them (and its handshakes) in both runs, so that the
 # subtraction leaves the requests alone.
