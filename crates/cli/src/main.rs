@@ -332,6 +332,12 @@ struct RunArgs {
     /// How long SIGTERM waits for open connections.
     #[arg(long, default_value = "30s")]
     drain_timeout: DurationValue,
+    /// Upgrade in place: take over the listeners of the proxy answering at this Unix socket
+    /// (start the new binary with the same flags; the old one drains and exits once the new
+    /// one has its config), and answer there for the next upgrade. `trellis join` uses
+    /// STATE_DIR/handoff.sock unless given one.
+    #[arg(long)]
+    handoff: Option<PathBuf>,
     /// How often the config file is checked for changes.
     #[arg(long, default_value = "1s")]
     watch_interval: DurationValue,
@@ -636,6 +642,7 @@ fn proxy_options(
         otlp_endpoint: r.otlp_endpoint.clone(),
         trace_sampling: r.trace_sampling / 100.0,
         on_demand_idle: r.on_demand_idle.0,
+        handoff: r.handoff.clone(),
     }
 }
 
@@ -715,7 +722,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             .collect();
         tracing::info!(%admin, %outbound, %inbound, upstreams = upstreams.join(","), "listening");
         match proxy.run().await {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "signal handling failed");
                 ExitCode::FAILURE

@@ -221,3 +221,143 @@ async fn bad_requests_get_4xx_and_slow_clients_are_cut_off() {
     let (st, _) = client::get(p.outbound, "web.test", "/", &[]).await.unwrap();
     assert_eq!(st, 200, "the proxy is still up");
 }
+
+/// One request on a new connection, closed after it: `Ok` with the body when answered 200,
+/// else what went wrong (a refused connection included).
+async fn once(addr: std::net::SocketAddr, host: &str) -> Result<String, String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err(format!("answer: {:?}", text.lines().next())),
+    }
+}
+
+/// Upgrade in place: a second process started with the same flags and `--handoff` takes the
+/// listeners over (the same sockets: the kernel's accept queue is shared), then the first
+/// finishes its in-flight requests and exits. Under a load of new connections to the
+/// outbound listener and to an explicit bind, none is refused and no request fails, through
+/// two upgrades in a row (the second from the process that took over).
+#[tokio::test]
+async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
+    let app = upstream::named("a").await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    let slow = upstream::http(move |_| {
+        s.fetch_add(1, Ordering::Relaxed);
+        async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from("slow")))
+        }
+    })
+    .await;
+    let config = docs(&[
+        service("web", "HTTP", &[app]),
+        service("slow", "HTTP", &[slow]),
+        client_workload(&["web"]),
+    ]);
+    let sock = trellis_test_support::temp_path("handoff.sock");
+    let args = [
+        "--workload",
+        "test/client",
+        "--drain-timeout",
+        "10s",
+        "--handoff",
+        sock.to_str().unwrap(),
+    ];
+    let mut old = ProxyProcess::start(BIN, &config, &args);
+    let (outbound, bind, admin) = (old.outbound, old.upstream("web.test:80"), old.admin);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let load: Vec<_> = (0..4)
+        .map(|i| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let addr = if i % 2 == 0 { outbound } else { bind };
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match once(addr, "web.test").await {
+                        Ok(body) if body == "a" => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            failed.lock().unwrap().push(format!("{addr}: {other:?}"));
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    for round in 0..2 {
+        let before = ok.load(Ordering::Relaxed);
+        // A request in flight on the old process when the new one takes over.
+        let n = started.load(Ordering::Relaxed);
+        let in_flight = tokio::spawn(async move { once(outbound, "slow.test").await });
+        eventually(
+            "the slow request upstream",
+            Duration::from_secs(10),
+            async || (started.load(Ordering::Relaxed) > n).then_some(()),
+        )
+        .await;
+        let new = ProxyProcess::start(BIN, &config, &args);
+        assert_eq!(
+            (new.outbound, new.upstream("web.test:80"), new.admin),
+            (outbound, bind, admin),
+            "round {round}: the same listeners"
+        );
+        assert_eq!(
+            old.wait_exit(Duration::from_secs(20)).await,
+            Some(0),
+            "round {round}: the old process drains and exits"
+        );
+        assert_eq!(
+            in_flight.await.unwrap().as_deref(),
+            Ok("slow"),
+            "round {round}: the in-flight request finished on the old process"
+        );
+        assert!(
+            old.stderr()
+                .iter()
+                .any(|l| l.contains("took the listeners over")),
+            "round {round}: {:?}",
+            old.stderr()
+        );
+        // The new process serves on alone.
+        let after = ok.load(Ordering::Relaxed);
+        eventually(
+            "answers after the old one left",
+            Duration::from_secs(10),
+            async || (ok.load(Ordering::Relaxed) > after + 20).then_some(()),
+        )
+        .await;
+        let (st, _) = client::get(admin, "admin", "/ready", &[]).await.unwrap();
+        assert_eq!(
+            st, 200,
+            "round {round}: the admin listener is the new process's"
+        );
+        println!(
+            "round {round}: {} requests answered during the upgrade, {} failed",
+            ok.load(Ordering::Relaxed) - before,
+            failed.lock().unwrap().len()
+        );
+        old = new;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let _ = std::fs::remove_file(sock);
+}

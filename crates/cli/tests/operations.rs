@@ -4,8 +4,8 @@
 //! requests, failures and their classes are printed as a table (docs/reliability.md).
 //!
 //! Here: a push storm (100 applies), a route's weights moved, a callee's proxy drained and
-//! restarted while the other endpoint serves, and the control plane killed (SIGKILL) and
-//! restarted. Elsewhere, under load as well: a config file reload (lifecycle.rs), an agent
+//! restarted while the other endpoint serves, the control plane killed (SIGKILL) and
+//! restarted, and a callee's proxy upgraded in place while it is the only endpoint serving. Elsewhere, under load as well: a config file reload (lifecycle.rs), an agent
 //! leaving on SIGTERM (join.rs), one of two replicas on etcd killed (control.rs), leaf
 //! renewals and a root rotation (identity.rs).
 
@@ -159,13 +159,22 @@ async fn during<F: std::future::Future<Output = ()>>(
 }
 
 /// Join a callee's proxy for `workload` with `state` (a token for identity `beta` the first
-/// time; its stored certificate after).
+/// time; its stored certificate after). It answers for upgrades at `state`.sock: started
+/// again while it runs, the new process takes its listeners over.
 fn callee(cp: &ControlProcess, state: &std::path::Path, workload: &str, t: &str) -> ProxyProcess {
+    let handoff = state.with_extension("sock");
     ProxyProcess::start_xds(
         BIN,
         &[cp.xds_url()],
         workload,
-        &["--state-dir", state.to_str().unwrap(), "--join-token", t],
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--join-token",
+            t,
+            "--handoff",
+            handoff.to_str().unwrap(),
+        ],
     )
 }
 
@@ -274,6 +283,24 @@ async fn operations_on_a_live_mesh_fail_no_request() {
             .await;
     })
     .await;
+
+    // 5. The VM callee's proxy upgraded in place while it is the only endpoint the route
+    // sends to: a new process (same flags) takes its listeners over, has its config from
+    // the control plane, and the old one drains and exits.
+    during(
+        &load,
+        &mut rows,
+        "callee proxy upgraded in place (only endpoint)",
+        async {
+            let new = callee(&cp, &states[0], "test/peer-vm", &beta);
+            assert_eq!(new.inbound, vm.inbound, "the same inbound listener");
+            assert_eq!(vm.wait_exit(Duration::from_secs(40)).await, Some(0));
+            vm = new;
+            load.until("the new process serves", |v| v[0] > 100 && v[1] == 0)
+                .await;
+        },
+    )
+    .await;
     load.stop().await;
 
     println!("| operation | requests during it | failed | classes | seconds |");
@@ -311,6 +338,7 @@ async fn operations_on_a_live_mesh_fail_no_request() {
         );
     }
     for s in states {
+        let _ = std::fs::remove_file(s.with_extension("sock"));
         let _ = std::fs::remove_dir_all(s);
     }
 }

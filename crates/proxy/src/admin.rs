@@ -13,9 +13,19 @@ use crate::{
 };
 
 /// Serve the admin endpoints until the proxy stops.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+/// Serve until `stop` completes (a successor took the listener over).
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut stop => return,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let shared = shared.clone();

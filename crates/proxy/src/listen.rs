@@ -10,6 +10,7 @@ use tokio::{net::TcpListener, net::TcpStream, task::JoinHandle};
 use trellis_model::resource::Protocol;
 
 use crate::{
+    handoff::{Inherited, Offered},
     http::{
         server::{self, Builders},
         Listener,
@@ -59,6 +60,34 @@ pub(crate) fn bind(
     sock.listen(1024).map_err(err)?;
     let l = TcpListener::from_std(sock.into()).map_err(err)?;
     let bound = l.local_addr().map_err(err)?;
+    Ok((l, bound))
+}
+
+/// Bind a listener as [`bind`] does, or take the one `from` handed over as `name` when it
+/// listens where `addr` asks; either way offer it to a successor when `offered` is given.
+pub(crate) fn bind_as(
+    from: Option<&mut Inherited>,
+    offered: Option<&Offered>,
+    (name, what): (&str, &str),
+    addr: SocketAddr,
+    v6_only: bool,
+) -> Result<(TcpListener, SocketAddr), BindError> {
+    let err = |source| BindError {
+        addr,
+        what: what.to_string(),
+        source,
+    };
+    let (l, bound) = match from.and_then(|f| f.take_tcp(name, addr)) {
+        Some(l) => {
+            let l = TcpListener::from_std(l).map_err(err)?;
+            let bound = l.local_addr().map_err(err)?;
+            (l, bound)
+        }
+        None => bind(addr, what, v6_only)?,
+    };
+    if let Some(o) = offered {
+        o.add(name, &l).map_err(err)?;
+    }
     Ok((l, bound))
 }
 

@@ -65,6 +65,9 @@ pub struct Options {
     /// With xDS for a workload: a Service asked for on demand (not among the workload's
     /// upstreams) is released once unused for this long.
     pub on_demand_idle: Duration,
+    /// Upgrades in place: take over the listeners of the proxy answering at this Unix
+    /// socket, if one does, and answer there for the next one ([`crate::handoff`]).
+    pub handoff: Option<std::path::PathBuf>,
 }
 
 /// How long a Service asked for on demand stays held unused, by default.

@@ -22,9 +22,10 @@ use crate::{
     access_log::AccessLog,
     admin,
     drain::Drain,
+    handoff::{self, HandoffError, Inherited, Offered},
     http::{server, Listener},
     identity,
-    listen::{bind, spawn_accept, BindError, Serve},
+    listen::{bind_as, spawn_accept, BindError, Serve},
     metrics::{Metrics, ReloadLabels},
     mtls,
     options::{Options, Source},
@@ -51,6 +52,18 @@ pub enum ProxyError {
     /// The signal handlers could not be installed.
     #[error("cannot catch signals: {0}")]
     Signals(std::io::Error),
+    /// Taking over from the running proxy failed, or the handoff socket could not be bound.
+    #[error(transparent)]
+    Handoff(#[from] HandoffError),
+}
+
+/// Why a proxy stopped serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// A signal, or its owner, stopped it.
+    Asked,
+    /// A new process (this process id) took its listeners over: an upgrade in place.
+    HandedOver(u32),
 }
 
 /// A translated config and the text it came from.
@@ -146,6 +159,19 @@ pub struct Proxy {
     signals: Signals,
     /// Bound addresses: admin, outbound, inbound.
     pub addrs: (SocketAddr, SocketAddr, SocketAddr),
+    /// What the process this one takes over from handed over, until this one is ready.
+    inherited: Option<Inherited>,
+    /// With `--handoff`: the listeners offered to a successor.
+    offered: Option<Offered>,
+    /// With `--handoff`, once bound: where a successor asks for them.
+    successor: Option<tokio::net::UnixListener>,
+    /// Set once a successor took over: the admin listener stops accepting.
+    handed: tokio::sync::watch::Sender<bool>,
+}
+
+/// The name a listener is offered to a successor under.
+fn bind_name(key: &str) -> String {
+    format!("upstream {key}")
 }
 
 fn bind_key(cfg: &ProxyConfig, i: usize) -> String {
@@ -231,16 +257,35 @@ impl Proxy {
             adaptive: Default::default(),
             demand,
         });
-        let (admin, admin_addr) = bind(opts.admin, "admin", false)?;
-        let (outbound, outbound_addr) = bind(opts.outbound, "outbound", false)?;
-        let (inbound, inbound_addr) = bind(opts.inbound, "inbound", false)?;
+        // An upgrade: the running proxy's listeners, taken over before anything is bound.
+        let mut inherited = match &opts.handoff {
+            Some(path) => handoff::take_over(path).await?,
+            None => None,
+        };
+        let offered = opts.handoff.as_ref().map(|_| Offered::default());
+        let successor = match (&opts.handoff, &inherited) {
+            (Some(path), None) => Some(handoff::bind(path)?),
+            _ => None,
+        };
+        let mut bind = |name: &'static str, addr, v6_only| {
+            bind_as(
+                inherited.as_mut(),
+                offered.as_ref(),
+                (name, name),
+                addr,
+                v6_only,
+            )
+        };
+        let (admin, admin_addr) = bind("admin", opts.admin, false)?;
+        let (outbound, outbound_addr) = bind("outbound", opts.outbound, false)?;
+        let (inbound, inbound_addr) = bind("inbound", opts.inbound, false)?;
         let v6 = if opts.ipv6_capture {
             let at = |ip: Ipv6Addr, port| SocketAddr::new(ip.into(), port);
             let out6 = at(Ipv6Addr::LOCALHOST, outbound_addr.port());
             let in6 = at(Ipv6Addr::UNSPECIFIED, inbound_addr.port());
             Some((
-                bind(out6, "outbound (IPv6)", true)?.0,
-                bind(in6, "inbound (IPv6)", true)?.0,
+                bind("outbound (IPv6)", out6, true)?.0,
+                bind("inbound (IPv6)", in6, true)?.0,
             ))
         } else {
             None
@@ -255,10 +300,17 @@ impl Proxy {
             asks,
             signals,
             addrs: (admin_addr, outbound_addr, inbound_addr),
+            inherited,
+            offered,
+            successor,
+            handed: tokio::sync::watch::Sender::new(false),
         };
         let snap = shared.state.load_full();
         proxy.binds = proxy.bind_all(&snap.cfg)?;
-        tokio::spawn(admin::serve(shared.clone(), admin));
+        let mut handed = proxy.handed.subscribe();
+        tokio::spawn(admin::serve(shared.clone(), admin, async move {
+            let _ = handed.wait_for(|h| *h).await;
+        }));
         let http =
             |l, kind| spawn_accept(shared.clone(), proxy.builder.clone(), l, Serve::Http(kind));
         http(outbound, Listener::Outbound);
@@ -272,7 +324,7 @@ impl Proxy {
 
     /// Bind the explicit-mode listeners of `cfg` that are not bound yet; all or nothing.
     fn bind_all(
-        &self,
+        &mut self,
         cfg: &ProxyConfig,
     ) -> Result<HashMap<String, (SocketAddr, JoinHandle<()>)>, ProxyError> {
         let mut out: HashMap<String, (SocketAddr, JoinHandle<()>)> = HashMap::new();
@@ -282,13 +334,19 @@ impl Proxy {
                 continue;
             }
             let what = format!("upstream {}:{}", b.service.host(), b.port);
-            let (l, addr) = match bind(b.bind, &what, false) {
-                Ok(bound) => bound,
-                Err(e) => {
-                    out.values().for_each(|(_, h)| h.abort());
-                    return Err(e.into());
-                }
-            };
+            let name = bind_name(&key);
+            let from = self.inherited.as_mut();
+            let (l, addr) =
+                match bind_as(from, self.offered.as_ref(), (&name, &what), b.bind, false) {
+                    Ok(bound) => bound,
+                    Err(e) => {
+                        for (k, (_, h)) in &out {
+                            h.abort();
+                            self.offered.iter().for_each(|o| o.remove(&bind_name(k)));
+                        }
+                        return Err(e.into());
+                    }
+                };
             let serve = if b.protocol == Protocol::Tcp {
                 Serve::Tcp(b.cluster.clone())
             } else {
@@ -446,10 +504,12 @@ impl Proxy {
             d.config_changed();
         }
         self.shared.telemetry.metrics.clear_request_cache();
+        let offered = self.offered.as_ref();
         self.binds.retain(|k, (_, h)| {
             let keep = keep.contains(k);
             if !keep {
                 h.abort();
+                offered.iter().for_each(|o| o.remove(&bind_name(k)));
             }
             keep
         });
@@ -492,8 +552,9 @@ impl Proxy {
         self.shared.identity.clone()
     }
 
-    /// Serve until SIGTERM or SIGINT; reload on SIGHUP and when the file changes. Then drain.
-    pub async fn run(self) -> std::io::Result<()> {
+    /// Serve until SIGTERM or SIGINT, or until a successor took the listeners over; reload
+    /// on SIGHUP and when the file changes. Then drain.
+    pub async fn run(self) -> std::io::Result<Stopped> {
         self.run_until(std::future::pending()).await
     }
 
@@ -502,19 +563,48 @@ impl Proxy {
     pub async fn run_until(
         self,
         stop: impl std::future::Future<Output = ()>,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Stopped> {
         self.run_leaving(stop, async {}).await
+    }
+
+    /// The listeners and sockets offered to a successor (with `--handoff`): an agent adds its
+    /// resolver's sockets and what it passes on.
+    pub fn offered(&self) -> Option<&Offered> {
+        self.offered.as_ref()
+    }
+
+    /// What the process this one takes over from handed over and the proxy did not take (an
+    /// agent's resolver's sockets, what it passed on); its listeners are the proxy's.
+    pub fn inherited(&mut self) -> Option<&mut Inherited> {
+        self.inherited.as_mut()
     }
 
     /// As [`Proxy::run_until`], and once stopped, `leave` runs before the drain while the proxy
     /// serves on and applies updates: an agent takes its Workload out of the mesh there and
     /// waits until callers have the change, so that none sends it a request it would refuse.
+    /// A proxy whose listeners a successor took over drains without `leave`: the workload
+    /// stays in the mesh, served by the new process.
     pub async fn run_leaving(
         mut self,
         stop: impl std::future::Future<Output = ()>,
         leave: impl std::future::Future<Output = ()>,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Stopped> {
         tokio::pin!(stop);
+        // Taking over: the predecessor stops accepting once this proxy has its first config
+        // (bounded), and this one answers at the handoff path from then on.
+        let ready = {
+            let mut synced = self.shared.synced.subscribe();
+            async move {
+                let _ = tokio::time::timeout(handoff::READY_WAIT, synced.wait_for(|s| *s)).await;
+            }
+        };
+        tokio::pin!(ready);
+        let (successor_tx, mut successor) = tokio::sync::oneshot::channel();
+        let mut successor_tx = Some(successor_tx);
+        if let Some(l) = self.successor.take() {
+            self.serve_successor(l, &mut successor_tx);
+        }
+        let mut stopped = Stopped::Asked;
         let mut tick = tokio::time::interval(self.opts.watch_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut flush = None;
@@ -566,6 +656,23 @@ impl Proxy {
                 _ = self.signals.term.recv() => break,
                 _ = self.signals.int.recv() => break,
                 _ = &mut stop => break,
+                () = &mut ready, if self.inherited.is_some() => {
+                    self.took_over(&mut successor_tx);
+                    continue;
+                }
+                r = &mut successor, if successor_tx.is_none() && !successor.is_terminated() => {
+                    match r {
+                        Ok(Ok(pid)) => {
+                            tracing::info!(successor = pid, "a new process took the listeners over; draining");
+                            stopped = Stopped::HandedOver(pid);
+                            self.handed.send_replace(true);
+                            break;
+                        }
+                        Ok(Err(e)) => tracing::error!(error = %e, "the handoff socket failed; upgrades in place are off"),
+                        Err(_) => {}
+                    }
+                    continue;
+                }
                 _ = self.signals.hup.recv(), if file.is_some() => "SIGHUP",
                 _ = tick.tick(), if file.is_some() => {
                     match file.as_ref().map(std::fs::read_to_string) {
@@ -590,11 +697,13 @@ impl Proxy {
             }
         }
         tokio::pin!(leave);
-        loop {
-            tokio::select! {
-                () = &mut leave => break,
-                Some(u) = async { updates.as_mut()?.recv().await }, if updates.is_some() => {
-                    self.on_update(u).await;
+        if stopped == Stopped::Asked {
+            loop {
+                tokio::select! {
+                    () = &mut leave => break,
+                    Some(u) = async { updates.as_mut()?.recv().await }, if updates.is_some() => {
+                        self.on_update(u).await;
+                    }
                 }
             }
         }
@@ -622,7 +731,44 @@ impl Proxy {
         // Every record made so far reaches the log before the process ends.
         let log = self.shared.telemetry.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
-        Ok(())
+        Ok(stopped)
+    }
+
+    /// Tell the predecessor to stop accepting, and answer at the handoff path from now on.
+    fn took_over(&mut self, tx: &mut Option<tokio::sync::oneshot::Sender<std::io::Result<u32>>>) {
+        let Some(inherited) = self.inherited.take() else {
+            return;
+        };
+        let from = inherited.offer.pid;
+        if let Err(e) = inherited.finish() {
+            tracing::warn!(error = %e, "the predecessor went away before it was told to stop");
+        }
+        tracing::info!(
+            predecessor = from,
+            synced = *self.shared.synced.borrow(),
+            "took over; the predecessor drains"
+        );
+        match self.opts.handoff.as_deref().map(handoff::bind) {
+            Some(Ok(l)) => self.serve_successor(l, tx),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "the handoff socket could not be bound; upgrades in place are off")
+            }
+            None => {}
+        }
+    }
+
+    /// Offer the listeners to a successor on `l`; `tx` learns when one took them.
+    fn serve_successor(
+        &self,
+        l: tokio::net::UnixListener,
+        tx: &mut Option<tokio::sync::oneshot::Sender<std::io::Result<u32>>>,
+    ) {
+        let (Some(offered), Some(tx)) = (self.offered.clone(), tx.take()) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = tx.send(handoff::serve(l, offered).await);
+        });
     }
 }
 

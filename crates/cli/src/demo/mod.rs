@@ -626,5 +626,6 @@ fn proxy_options(
         otlp_endpoint: None,
         trace_sampling: trellis_proxy::options::DEFAULT_TRACE_SAMPLING,
         on_demand_idle: trellis_proxy::options::DEFAULT_ON_DEMAND_IDLE,
+        handoff: None,
     }
 }

@@ -1,0 +1,366 @@
+//! Upgrading the proxy in place: a new process (a new binary) takes over the listening
+//! sockets of the running one, passed over a Unix socket (`SCM_RIGHTS`), as HAProxy's
+//! `expose-fd listeners` and Envoy's hot restart do. The kernel keeps one accept queue per
+//! socket, so no connection is refused and none waiting in a backlog is lost: both processes
+//! accept from the same sockets until the new one has its config, then the old one stops
+//! accepting and drains what it holds.
+//!
+//! The exchange, on a stream socket at the path both processes are given (`--handoff`):
+//! 1. the new process connects; the running one sends a length (`u32`, big-endian) and a JSON
+//!    [`Offer`], with every socket it offers attached, in the offer's order;
+//! 2. the new process binds what it was not handed, takes its first config (or waits
+//!    [`READY_WAIT`]), and sends one byte, [`READY`];
+//! 3. the old process stops accepting and drains; the new one answers at the path from then
+//!    on, for the next upgrade.
+//!
+//! A new process that fails, or goes away before step 2, leaves the old one serving as before.
+//! Only a process of the same user may connect (the socket is `0600` and the peer's
+//! credentials are checked).
+
+use std::{
+    collections::BTreeMap,
+    io::{IoSlice, IoSliceMut, Read, Write},
+    mem::MaybeUninit,
+    net::SocketAddr,
+    os::fd::{AsFd, OwnedFd},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde::{Deserialize, Serialize};
+
+/// The byte the new process sends once it serves.
+const READY: u8 = b'R';
+
+/// How long the new process waits for its first config before it tells the old one to stop
+/// (the same bound as a fresh proxy's listeners wait for it).
+pub(crate) const READY_WAIT: Duration = Duration::from_secs(10);
+
+/// How long the running process waits for a new one to be ready before it gives up on it.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// The most sockets one offer carries.
+const MAX_SOCKETS: usize = 64;
+
+/// The largest offer, in bytes.
+const MAX_OFFER: usize = 64 * 1024;
+
+/// An upgrade could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// The exchange failed.
+    #[error("handoff at {}: {what}: {source}", path.display())]
+    Io {
+        /// The socket's path.
+        path: PathBuf,
+        /// The step.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The running process sent something else than an offer.
+    #[error("handoff at {}: {source}", path.display())]
+    Protocol {
+        /// The socket's path.
+        path: PathBuf,
+        /// What was wrong.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the running process hands over: the sockets' names (with their descriptors attached
+/// in this order) and what its owner adds (an agent's health verdict).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Offer {
+    /// The running process's id.
+    pub pid: u32,
+    /// Names of the attached sockets, in order.
+    pub sockets: Vec<String>,
+    /// What the process's owner passes on.
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+/// The sockets a running process offers to its successor, by name: duplicates of the
+/// listeners' descriptors, added as they are bound and removed as they close (a closed
+/// listener's socket must not live on here).
+#[derive(Clone, Default)]
+pub struct Offered {
+    sockets: Arc<Mutex<BTreeMap<String, OwnedFd>>>,
+    extra: Arc<Mutex<serde_json::Value>>,
+}
+
+impl Offered {
+    /// Offer `socket` as `name` (a duplicate of its descriptor is kept).
+    pub fn add(&self, name: &str, socket: impl AsFd) -> std::io::Result<()> {
+        let fd = socket.as_fd().try_clone_to_owned()?;
+        self.lock().insert(name.to_string(), fd);
+        Ok(())
+    }
+
+    /// Stop offering `name`.
+    pub fn remove(&self, name: &str) {
+        self.lock().remove(name);
+    }
+
+    /// What the owner passes on with the sockets (replaces what was set).
+    pub fn set_extra(&self, extra: serde_json::Value) {
+        *self.extra.lock().unwrap_or_else(|p| p.into_inner()) = extra;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OwnedFd>> {
+        self.sockets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Send the offer on `conn`.
+    fn send(&self, conn: &UnixStream) -> std::io::Result<usize> {
+        let sockets = self.lock();
+        let (names, fds): (Vec<String>, Vec<_>) = sockets
+            .iter()
+            .take(MAX_SOCKETS)
+            .map(|(n, fd)| (n.clone(), fd.as_fd()))
+            .unzip();
+        let offer = Offer {
+            pid: std::process::id(),
+            sockets: names,
+            extra: self.extra.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
+        let body = serde_json::to_vec(&offer).map_err(std::io::Error::other)?;
+        let len = (body.len() as u32).to_be_bytes();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+        let mut cmsg = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(std::io::Error::other("too many sockets to hand over"));
+        }
+        let iov = [IoSlice::new(&len), IoSlice::new(&body)];
+        let mut sent = rustix::net::sendmsg(conn, &iov, &mut cmsg, SendFlags::NOSIGNAL)?;
+        // The descriptors went with the first byte; the rest is plain data.
+        let all = [&len[..], &body[..]].concat();
+        while sent < all.len() {
+            sent += (&*conn).write(&all[sent..])?;
+        }
+        Ok(fds.len())
+    }
+}
+
+/// What a new process took over from the running one.
+pub struct Inherited {
+    path: PathBuf,
+    conn: UnixStream,
+    sockets: BTreeMap<String, OwnedFd>,
+    /// The offer (the old process's id, what its owner passed on).
+    pub offer: Offer,
+}
+
+impl Inherited {
+    /// The TCP listener handed over as `name`, if it listens where `addr` asks (the same
+    /// address, or the same IP with any port when `addr`'s port is 0). One that listens
+    /// elsewhere is closed: the new process was configured to move it.
+    pub(crate) fn take_tcp(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Option<std::net::TcpListener> {
+        let fd = self.sockets.remove(name)?;
+        let l = std::net::TcpListener::from(fd);
+        let at = l.local_addr().ok()?;
+        let fits = at.ip() == addr.ip() && (addr.port() == 0 || addr.port() == at.port());
+        if !fits {
+            tracing::info!(name, was = %at, now = %addr, "a handed-over listener moved; binding anew");
+        }
+        (fits && l.set_nonblocking(true).is_ok()).then_some(l)
+    }
+
+    /// The socket handed over as `name`, whatever it is (an agent's resolver's).
+    pub fn take(&mut self, name: &str) -> Option<OwnedFd> {
+        self.sockets.remove(name)
+    }
+
+    /// Tell the old process to stop accepting, and close what was handed over and not
+    /// taken (listeners the new config does not have).
+    pub(crate) fn finish(self) -> Result<(), HandoffError> {
+        let mut conn = &self.conn;
+        conn.write_all(&[READY])
+            .map_err(|source| HandoffError::Io {
+                path: self.path.clone(),
+                what: "telling the running process to stop",
+                source,
+            })?;
+        if !self.sockets.is_empty() {
+            tracing::info!(closed = ?self.sockets.keys().collect::<Vec<_>>(), "handed-over sockets the new config does not use closed");
+        }
+        Ok(())
+    }
+}
+
+/// Take over from the process answering at `path`, if one does: `None` when none does (no
+/// socket there, or a stale one).
+pub(crate) async fn take_over(path: &Path) -> Result<Option<Inherited>, HandoffError> {
+    let path = path.to_path_buf();
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || take_over_blocking(p))
+        .await
+        .map_err(|e| HandoffError::Io {
+            path,
+            what: "receiving",
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+fn take_over_blocking(path: PathBuf) -> Result<Option<Inherited>, HandoffError> {
+    let io = |what: &'static str| {
+        let path = path.clone();
+        move |source| HandoffError::Io { path, what, source }
+    };
+    let conn = match UnixStream::connect(&path) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(io("connecting")(e)),
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io("connecting"))?;
+    let (body, fds) = receive(&conn).map_err(io("receiving the sockets"))?;
+    let offer: Offer = serde_json::from_slice(&body).map_err(|e| HandoffError::Protocol {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    if offer.sockets.len() != fds.len() {
+        return Err(HandoffError::Protocol {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} names for {} sockets", offer.sockets.len(), fds.len()),
+            ),
+        });
+    }
+    let sockets = offer.sockets.iter().cloned().zip(fds).collect();
+    tracing::info!(from = offer.pid, sockets = ?offer.sockets, "taking over from the running proxy");
+    Ok(Some(Inherited {
+        path,
+        conn,
+        sockets,
+        offer,
+    }))
+}
+
+/// Read one offer: its bytes and the descriptors that came with them.
+fn receive(conn: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut fds = Vec::new();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let r = rustix::net::recvmsg(conn, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC)?;
+        for m in cmsg.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = m {
+                fds.extend(received);
+            }
+        }
+        if r.bytes == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..r.bytes]);
+        if got.len() >= 4 {
+            let len = u32::from_be_bytes([got[0], got[1], got[2], got[3]]) as usize;
+            if len > MAX_OFFER {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("an offer of {len} bytes"),
+                ));
+            }
+            if got.len() >= 4 + len {
+                got.drain(..4);
+                got.truncate(len);
+                return Ok((got, fds));
+            }
+        }
+    }
+}
+
+/// Listen at `path` for a successor (only this user may connect). A socket file left there
+/// (a stale one, or the predecessor's) is replaced.
+pub(crate) fn bind(path: &Path) -> Result<tokio::net::UnixListener, HandoffError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what: &'static str| {
+        let path = path.to_path_buf();
+        move |source| HandoffError::Io { path, what, source }
+    };
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(io("binding"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("restricting"))?;
+    Ok(listener)
+}
+
+/// Answer on `listener` until a new process has taken over (its process id), offering what
+/// `offered` holds.
+pub(crate) async fn serve(
+    listener: tokio::net::UnixListener,
+    offered: Offered,
+) -> std::io::Result<u32> {
+    let uid = rustix::process::getuid();
+    loop {
+        let (conn, _) = listener.accept().await?;
+        match rustix::net::sockopt::socket_peercred(&conn) {
+            Ok(c) if c.uid == uid => {}
+            other => {
+                tracing::warn!(peer = ?other.map(|c| (c.pid, c.uid)), "handoff refused: another user");
+                continue;
+            }
+        }
+        let conn = conn.into_std()?;
+        let offered = offered.clone();
+        let done = tokio::task::spawn_blocking(move || hand_over(conn, &offered)).await;
+        match done {
+            Ok(Ok(pid)) => return Ok(pid),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "a new process did not take over; serving on")
+            }
+            Err(e) => tracing::warn!(error = %e, "handoff failed; serving on"),
+        }
+    }
+}
+
+/// Offer the sockets on `conn` and wait for the new process to be ready: its process id.
+fn hand_over(conn: UnixStream, offered: &Offered) -> std::io::Result<u32> {
+    conn.set_nonblocking(false)?;
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let peer = rustix::net::sockopt::socket_peercred(&conn)
+        .map(|c| c.pid.as_raw_nonzero().get() as u32)
+        .unwrap_or(0);
+    let n = offered.send(&conn)?;
+    tracing::info!(
+        to = peer,
+        sockets = n,
+        "sockets handed to a new process; waiting for it to be ready"
+    );
+    conn.set_read_timeout(Some(TAKEOVER_WAIT))?;
+    let mut b = [0u8; 1];
+    match (&conn).read(&mut b)? {
+        1 if b[0] == READY => Ok(peer),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "it went away before it was ready",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

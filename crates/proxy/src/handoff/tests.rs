@@ -1,0 +1,116 @@
+use std::net::{SocketAddr, TcpListener, TcpStream};
+
+use super::*;
+
+fn path(name: &str) -> PathBuf {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    std::env::temp_dir().join(format!(
+        "trellis-handoff-{}-{t}-{name}.sock",
+        std::process::id()
+    ))
+}
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A running side: `listener` offered as `outbound`, answering at `at`.
+fn running(
+    at: &Path,
+    listener: &TcpListener,
+) -> (Offered, tokio::task::JoinHandle<std::io::Result<u32>>) {
+    let offered = Offered::default();
+    offered.add("outbound", listener).unwrap();
+    offered.set_extra(serde_json::json!({ "healthy": true }));
+    let l = bind(at).unwrap();
+    let serving = tokio::spawn(serve(l, offered.clone()));
+    (offered, serving)
+}
+
+#[tokio::test]
+async fn a_successor_serves_the_same_socket_and_the_predecessor_learns_when_it_is_ready() {
+    let at = path("takeover");
+    let old = TcpListener::bind(any_port()).unwrap();
+    let addr = old.local_addr().unwrap();
+    let (offered, serving) = running(&at, &old);
+    let mut inherited = take_over(&at)
+        .await
+        .unwrap()
+        .expect("a running process answers");
+    assert_eq!(inherited.offer.pid, std::process::id());
+    assert_eq!(inherited.offer.extra["healthy"], true);
+    let new = inherited
+        .take_tcp("outbound", any_port())
+        .expect("handed over");
+    assert_eq!(new.local_addr().unwrap(), addr);
+    // The predecessor closes its copies: the socket lives on in the successor, and a
+    // connection made now waits in its backlog instead of being refused.
+    drop(old);
+    offered.remove("outbound");
+    let _client = TcpStream::connect(addr).expect("not refused");
+    new.set_nonblocking(false).unwrap();
+    new.accept().expect("accepted by the successor");
+    assert!(
+        !serving.is_finished(),
+        "the predecessor stops only once told"
+    );
+    inherited.finish().unwrap();
+    let pid = tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the predecessor learns")
+        .unwrap()
+        .unwrap();
+    assert_eq!(pid, std::process::id());
+    let _ = std::fs::remove_file(at);
+}
+
+#[tokio::test]
+async fn nothing_to_take_over_from_a_missing_or_stale_socket() {
+    let at = path("missing");
+    assert!(take_over(&at).await.unwrap().is_none());
+    // A socket file whose process is gone: connections to it are refused.
+    drop(std::os::unix::net::UnixListener::bind(&at).unwrap());
+    assert!(at.exists());
+    assert!(take_over(&at).await.unwrap().is_none());
+    // And it is replaced by the next one to answer there.
+    let l = bind(&at).unwrap();
+    drop(l);
+    let _ = std::fs::remove_file(at);
+}
+
+#[tokio::test]
+async fn a_successor_that_goes_away_before_it_is_ready_leaves_the_predecessor_serving() {
+    let at = path("gone");
+    let old = TcpListener::bind(any_port()).unwrap();
+    let (_offered, serving) = running(&at, &old);
+    let first = take_over(&at).await.unwrap().expect("answers");
+    drop(first);
+    // Still offering: a second successor takes over.
+    let mut second = take_over(&at).await.unwrap().expect("still answers");
+    assert!(second.take_tcp("outbound", any_port()).is_some());
+    second.finish().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the predecessor learns")
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_file(at);
+}
+
+#[tokio::test]
+async fn a_listener_configured_elsewhere_is_not_taken() {
+    let at = path("moved");
+    let old = TcpListener::bind(any_port()).unwrap();
+    let other = TcpListener::bind(any_port()).unwrap().local_addr().unwrap();
+    let (_offered, _serving) = running(&at, &old);
+    let mut inherited = take_over(&at).await.unwrap().expect("answers");
+    assert!(inherited.take_tcp("outbound", other).is_none());
+    assert!(
+        inherited.take_tcp("inbound", any_port()).is_none(),
+        "never offered"
+    );
+    let _ = std::fs::remove_file(at);
+}
