@@ -151,7 +151,7 @@ impl CaptureOptions {
             Some((range, address)) => add_route(range, *address)?,
             None => None,
         };
-        Ok(Installed { route })
+        Ok(Installed { route, armed: true })
     }
 }
 
@@ -159,10 +159,33 @@ impl CaptureOptions {
 #[derive(Debug)]
 pub struct Installed {
     route: Option<(String, String)>,
+    armed: bool,
+}
+
+impl Installed {
+    /// Take charge of the rules a predecessor installed (an upgrade in place: the listeners
+    /// they send to are the same sockets), with the route it added (range, device).
+    pub fn adopt(route: Option<(String, String)>) -> Self {
+        tracing::info!(?route, "traffic capture taken over from the previous agent");
+        Self { route, armed: true }
+    }
+
+    /// The route added for the services' virtual IPs (range, device).
+    pub fn route(&self) -> Option<&(String, String)> {
+        self.route.as_ref()
+    }
+
+    /// Leave the rules in place for a successor that took over.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for Installed {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         match remove() {
             Ok(()) => tracing::info!("traffic capture removed"),
             Err(e) => tracing::error!(error = %e, "could not remove the capture rules"),

@@ -14,6 +14,10 @@
 //! 5. On SIGTERM or SIGINT the Workload is deregistered; the control plane answers once the
 //!    proxies connected to it have applied that (5 s at most), and only then does the proxy
 //!    drain, so that no caller sends it a request after it stopped taking them.
+//! 6. Upgrade in place: the same command started again (a new binary) takes over through the
+//!    proxy's handoff socket (`STATE_DIR/handoff.sock`): the listeners, the resolver's
+//!    sockets, the health verdict and the capture rules pass to it, and this agent drains
+//!    and exits without deregistering.
 //!
 //! With capture ([`capture`]), iptables rules in the agent's network namespace send the
 //! workload's traffic through the proxy, and the agent answers DNS for `NAME.NAMESPACE.mesh`
@@ -35,7 +39,7 @@ use std::{
 use arc_swap::ArcSwap;
 use trellis_proxy::{
     identity::{self, Credentials, IdentityError, IdentityOptions},
-    Options as ProxyOptions, Proxy, ProxyError,
+    Options as ProxyOptions, Proxy, ProxyError, Stopped,
 };
 
 /// How the application is checked.
@@ -155,10 +159,6 @@ pub async fn run_until(
     opts: AgentOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    // Rules a crashed run left would send traffic to a proxy that is not there yet.
-    if opts.capture.is_some() {
-        capture::remove()?;
-    }
     let creds = identity::bootstrap(&opts.identity, &opts.servers).await?;
     let namespace = creds.info.id.namespace.clone();
     let workload: trellis_model::resource::NamespacedName = format!("{namespace}/{}", opts.name)
@@ -174,17 +174,20 @@ pub async fn run_until(
         identity: None,
     });
     let loaded = trellis_proxy::load(&popts).map_err(|e| AgentError::Register(e.to_string()))?;
-    let proxy = Proxy::start(popts, loaded).await?;
+    let mut proxy = Proxy::start(popts, loaded).await?;
     let (admin, outbound, inbound) = proxy.addrs;
     tracing::info!(%admin, %outbound, %inbound, %workload, "listening");
+    // An upgrade in place: the predecessor (another `trellis join` with this state dir)
+    // handed its listeners over, and passed on its health verdict and capture.
+    let handed = proxy.inherited().map(|i| i.offer.extra.clone());
+    // Rules a crashed run left would send traffic to a proxy that is not there yet; a
+    // predecessor's stay, for the same listeners.
+    if opts.capture.is_some() && handed.is_none() {
+        capture::remove()?;
+    }
     let mut resolver = None;
     if let Some(d) = &opts.dns {
-        let (udp, tcp) = dns::bind(d.listen)
-            .await
-            .map_err(|source| AgentError::Dns {
-                addr: d.listen,
-                source,
-            })?;
+        let (udp, tcp) = resolver_sockets(&mut proxy, d.listen).await?;
         let listen = udp.local_addr()?;
         tracing::info!(%listen, upstream = ?d.upstream, "answering DNS for .mesh");
         let services = proxy.services();
@@ -201,10 +204,7 @@ pub async fn run_until(
         // IPv6 capture sends queries to `[::1]` at the same port.
         if opts.capture.as_ref().is_some_and(|c| c.ipv6) {
             let listen6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), listen.port());
-            let (udp, tcp) = dns::bind(listen6).await.map_err(|source| AgentError::Dns {
-                addr: listen6,
-                source,
-            })?;
+            let (udp, tcp) = resolver_sockets(&mut proxy, listen6).await?;
             serve(udp, tcp, listen6);
         }
         resolver = Some((tasks, listen));
@@ -213,13 +213,20 @@ pub async fn run_until(
     let mut host = serde_json::json!({
         "resolver": resolver.as_ref().map(|(_, a)| a.to_string()),
     });
-    let _captured = match &opts.capture {
+    let mut captured = match &opts.capture {
         Some(c) => {
             let mut c = c.clone();
             c.outbound_port = outbound.port();
             c.inbound_port = inbound.port();
             c.dns_port = resolver.as_ref().map(|(_, a)| a.port());
-            let installed = c.install()?;
+            let predecessor = handed.as_ref().and_then(|h| h.get("capture"));
+            let installed = match predecessor {
+                Some(p) => capture::Installed::adopt(serde_json::from_value(p.clone()).ok()),
+                None => c.install()?,
+            };
+            if let Some(o) = proxy.offered() {
+                o.pass_on("capture", serde_json::json!(installed.route()));
+            }
             host["capture"] = serde_json::json!({
                 "chains": capture::CHAINS,
                 "outboundPort": c.outbound_port,
@@ -252,12 +259,18 @@ pub async fn run_until(
         .await
         .map_err(|e| AgentError::Register(e.to_string()))?;
     tracing::info!(%workload, spiffe = %creds.info.id, "workload registered");
+    let mut verdict = Verdict::new(&opts.health);
+    if let Some(h) = &handed {
+        verdict.healthy = h["healthy"].as_bool().unwrap_or(false);
+        verdict.recoveries = h["recoveries"].as_u64().unwrap_or(0);
+    }
     let beats = tokio::spawn(heartbeats(
         opts.servers.clone(),
         opts.name.clone(),
-        opts.health.clone(),
+        (opts.health.clone(), verdict),
         current.clone(),
         register,
+        proxy.offered().cloned(),
     ));
     // The proxy serves until a signal; then the workload leaves the mesh, the callers learn
     // it, and only then does the proxy drain (it serves on meanwhile).
@@ -274,11 +287,57 @@ pub async fn run_until(
         }
     };
     let served = proxy.run_leaving(stop, leave).await;
+    beats.abort();
     for task in resolver.into_iter().flat_map(|(tasks, _)| tasks) {
         task.abort();
     }
+    if let Ok(Stopped::HandedOver(successor)) = served {
+        // The workload stays in the mesh, served by the successor, with these rules.
+        if let Some(c) = captured.take() {
+            c.keep();
+        }
+        tracing::info!(successor, %workload, "a new agent took over; the workload stays registered");
+    }
+    drop(captured);
     served?;
     Ok(())
+}
+
+/// The resolver's sockets at `listen`: the ones a predecessor handed over, or bound now; and
+/// offered to a successor.
+async fn resolver_sockets(
+    proxy: &mut Proxy,
+    listen: SocketAddr,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), AgentError> {
+    let names = (format!("dns udp {listen}"), format!("dns tcp {listen}"));
+    let err = |source| AgentError::Dns {
+        addr: listen,
+        source,
+    };
+    let fits = |at: std::io::Result<SocketAddr>| {
+        at.is_ok_and(|a| a.ip() == listen.ip() && (listen.port() == 0 || listen.port() == a.port()))
+    };
+    let handed = proxy
+        .inherited()
+        .and_then(|i| Some((i.take(&names.0)?, i.take(&names.1)?)));
+    let handed = handed.and_then(|(u, t)| {
+        let (u, t) = (std::net::UdpSocket::from(u), std::net::TcpListener::from(t));
+        (fits(u.local_addr()) && fits(t.local_addr())).then_some((u, t))
+    });
+    let (udp, tcp) = match handed {
+        Some((u, t)) => {
+            u.set_nonblocking(true).map_err(err)?;
+            t.set_nonblocking(true).map_err(err)?;
+            let udp = tokio::net::UdpSocket::from_std(u).map_err(err)?;
+            (udp, tokio::net::TcpListener::from_std(t).map_err(err)?)
+        }
+        None => dns::bind(listen).await.map_err(err)?,
+    };
+    if let Some(o) = proxy.offered() {
+        o.add(&names.0, &udp).map_err(err)?;
+        o.add(&names.1, &tcp).map_err(err)?;
+    }
+    Ok((udp, tcp))
 }
 
 async fn send(
@@ -319,15 +378,16 @@ async fn deregister(
     }
 }
 
-/// Check every interval; send the verdict with each heartbeat.
+/// Check every interval; send the verdict with each heartbeat, and pass it on to a
+/// successor (an upgrade in place starts from it, not from unhealthy).
 async fn heartbeats(
     servers: Vec<String>,
     name: String,
-    health: Health,
+    (health, mut verdict): (Health, Verdict),
     creds: Arc<ArcSwap<Credentials>>,
     register: serde_json::Value,
+    offered: Option<trellis_proxy::handoff::Offered>,
 ) {
-    let mut verdict = Verdict::new(&health);
     let mut tick = tokio::time::interval(health.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -339,6 +399,10 @@ async fn heartbeats(
                 Err(e) => tracing::warn!(workload = %name, error = %e, "application unhealthy"),
             }
             let _ = now;
+        }
+        if let Some(o) = &offered {
+            o.pass_on("healthy", verdict.healthy.into());
+            o.pass_on("recoveries", verdict.recoveries.into());
         }
         let beat = serde_json::json!({
             "op": "heartbeat",

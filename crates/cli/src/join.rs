@@ -361,6 +361,12 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
         identity: None,
     });
     let mut proxy = proxy_options(&a.run, placeholder, None, None);
+    // Upgrades in place by default: the same command run again (a new binary) takes over.
+    // A Unix socket's path is limited to 107 bytes; a longer state dir goes without.
+    let handoff = a.state_dir.join("handoff.sock");
+    if proxy.handoff.is_none() && handoff.as_os_str().len() < 100 {
+        proxy.handoff = Some(handoff);
+    }
     if let Some(c) = &capture {
         proxy.socket_mark = Some(c.mark);
         proxy.ipv6_capture = c.ipv6;

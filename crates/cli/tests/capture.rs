@@ -389,13 +389,50 @@ async fn captured_clients_reach_services_by_mesh_name_over_mtls_and_rules_go_wit
         .read("client-agent-2.log")
         .contains("traffic capture installed"));
 
+    // An upgrade in place: the same command started again takes over the running agent's
+    // listeners and resolver sockets (through STATE_DIR/handoff.sock) and keeps its rules
+    // and route; the old agent exits without removing them. Captured clients, by mesh name,
+    // are served throughout.
+    let mut c = cjoin.cmd(&bed, &client, None);
+    c.args(["--check", "none"]);
+    let upgraded = bed.spawn(c, &logs.path("client-agent-3.log"));
+    let (mut served, mut failed) = (0, Vec::new());
+    while !bed.exited(agent) {
+        let (code, body) = curl(&bed, &client, "http://catalog.test.mesh/");
+        if code == 0 && body.starts_with("catalog-app") {
+            served += 1;
+        } else {
+            failed.push((code, body));
+        }
+        assert!(served + failed.len() < 2000, "the old agent did not leave");
+    }
+    assert_eq!(
+        bed.wait_exit(agent, Duration::from_secs(1)).await,
+        Some(0),
+        "{}",
+        logs.read("client-agent-2.log")
+    );
+    eprintln!("upgrade in place: {served} captured requests served, failed: {failed:?}");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(logs
+        .read("client-agent-3.log")
+        .contains("traffic capture taken over"));
+    assert!(logs
+        .read("client-agent-2.log")
+        .contains("a new agent took over"));
+    assert_eq!(jumps(&rules(&bed, &client)), 2, "{}", rules(&bed, &client));
+    assert!(vip_route(&bed).contains("proto 217"), "{}", vip_route(&bed));
+    let (code, body) = curl(&bed, &client, "http://catalog.test.mesh/");
+    assert_eq!((code, body.as_str()), (0, "catalog-app saw 127.0.0.1"));
+    let agent = upgraded;
+
     // A clean stop removes every rule it made.
     bed.signal(agent, "-TERM");
     assert_eq!(
         bed.wait_exit(agent, Duration::from_secs(40)).await,
         Some(0),
         "{}",
-        logs.read("client-agent-2.log")
+        logs.read("client-agent-3.log")
     );
     let left = rules(&bed, &client);
     assert!(!left.contains("TRELLIS"), "{left}");

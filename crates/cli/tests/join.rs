@@ -29,6 +29,18 @@ fn start_agent_named(
     token: Option<&str>,
     name: &str,
 ) -> Proc {
+    start_agent_with(cp, state, app, token, name, &[])
+}
+
+/// As [`start_agent_named`], with more flags.
+fn start_agent_with(
+    cp: &ControlProcess,
+    state: &str,
+    app: u16,
+    token: Option<&str>,
+    name: &str,
+    extra: &[&str],
+) -> Proc {
     let mut c = Command::new(BIN);
     c.args([
         "join",
@@ -50,6 +62,7 @@ fn start_agent_named(
     .args(["--check-interval", "200ms", "--unhealthy-threshold", "1"])
     .args(["--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0"])
     .args(["--inbound", "127.0.0.1:0", "--no-access-log"])
+    .args(extra)
     .env_remove("TRELLIS_JOIN_TOKEN")
     .stdout(Stdio::null())
     .stderr(Stdio::null());
@@ -482,6 +495,143 @@ async fn an_agent_leaving_on_sigterm_fails_no_request_of_a_steady_load() {
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
     assert!(workload(&cp, "catalog-1").await.is_none(), "deregistered");
     for d in [s1, s2, cstate] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// An agent upgraded in place: the same `trellis join` command started again (a new binary
+/// would be) takes over the running agent's listeners through STATE_DIR/handoff.sock, with
+/// its health verdict; the old agent drains and exits without deregistering. Under a steady
+/// load through a caller's proxy (mutual TLS) to this, the only endpoint, no request fails,
+/// and the Workload stays registered and healthy throughout.
+#[tokio::test]
+async fn an_agent_upgraded_in_place_fails_no_request_and_stays_registered() {
+    let app = upstream::http(|_req| async {
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from("one")))
+    })
+    .await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n";
+    apply_ok(&cp, mesh.to_string()).await;
+    let t = token(&cp, "test", "catalog", "10m", "1");
+    let state = temp_path("upgrade");
+    let s = state.to_str().unwrap();
+    // Three passes to become healthy: a new agent that started from unhealthy would show.
+    let slow_up = ["--healthy-threshold", "3"];
+    let mut old = start_agent_with(&cp, s, app.port(), Some(&t), "catalog-1", &slow_up);
+    let (caller, cstate) = start_caller(&cp, "upgrade-caller").await;
+    eventually(
+        "the agent's workload answers",
+        Duration::from_secs(20),
+        async || {
+            let (st, _, body) = via(&caller, "catalog.test").await;
+            (st == 200 && body == "one").then_some(())
+        },
+    )
+    .await;
+    let registered = workload(&cp, "catalog-1").await.expect("registered");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, outbound) =
+            (stop.clone(), ok.clone(), failed.clone(), caller.outbound);
+        load.push(tokio::spawn(async move {
+            let mut c = client::Conn::h1(outbound).await;
+            while !stop.load(Ordering::Relaxed) {
+                match c.get("catalog.test", "/").await {
+                    Ok(r) if r.status == 200 => drop(ok.fetch_add(1, Ordering::Relaxed)),
+                    Ok(r) => failed.lock().unwrap().push(format!(
+                        "{} {:?}",
+                        r.status,
+                        r.headers.get("x-trellis-failure")
+                    )),
+                    Err(e) => {
+                        failed.lock().unwrap().push(e.to_string());
+                        c = client::Conn::h1(outbound).await;
+                    }
+                }
+            }
+        }));
+    }
+    let count = |ok: &std::sync::atomic::AtomicU64| ok.load(Ordering::Relaxed);
+    let until = |n: u64| {
+        let ok = ok.clone();
+        async move {
+            eventually("requests answered", Duration::from_secs(30), async || {
+                (count(&ok) >= n).then_some(())
+            })
+            .await
+        }
+    };
+    until(200).await;
+    let before = count(&ok);
+    let new = start_agent_with(&cp, s, app.port(), None, "catalog-1", &slow_up);
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = old.0.wait();
+        (old, status)
+    });
+    // What the control plane says of the workload while the upgrade goes on.
+    let watching = AtomicBool::new(true);
+    let watch = async {
+        let mut seen = Vec::new();
+        while watching.load(Ordering::Relaxed) {
+            seen.push(healthy(&cp, "catalog-1").await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen
+    };
+    let upgrade = async {
+        let (_old, status) = tokio::time::timeout(Duration::from_secs(30), exited)
+            .await
+            .expect("the old agent exits once the new one took over")
+            .unwrap();
+        assert!(status.as_ref().is_ok_and(|s| s.success()), "{status:?}");
+        let during = count(&ok) - before;
+        until(count(&ok) + 300).await;
+        watching.store(false, Ordering::Relaxed);
+        during
+    };
+    let (seen, during) = tokio::join!(watch, upgrade);
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let failed = failed.lock().unwrap().clone();
+    let first: Vec<_> = failed.iter().take(10).collect();
+    println!(
+        "upgrade: {during} requests while the agent was replaced, {} in all, {} failed (first: {first:?}); {} looks at the workload",
+        count(&ok),
+        failed.len(),
+        seen.len()
+    );
+    // (Before the load, the caller was answered `no_healthy_upstream` until the workload
+    // was healthy.)
+    let unexpected = |c: &str| c != "ok" && c != "no_healthy_upstream";
+    for l in caller
+        .logs()
+        .iter()
+        .filter(|l| l["failure_class"].as_str().is_some_and(unexpected))
+        .take(5)
+    {
+        println!("caller: {l}");
+    }
+    assert!(during > 0, "no request went during the upgrade");
+    assert!(failed.is_empty(), "{} failed: {first:?}", failed.len());
+    assert!(
+        seen.iter().all(|h| *h == Some(true)),
+        "the workload was unhealthy or gone during the upgrade: {seen:?}"
+    );
+    let now = workload(&cp, "catalog-1").await.expect("still registered");
+    assert_eq!(
+        now["spec"]["inboundPort"], registered["spec"]["inboundPort"],
+        "the same inbound listener"
+    );
+    drop(new);
+    for d in [state, cstate] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

@@ -129,8 +129,19 @@ impl H2Sender {
         // Hop-by-hop headers, which HTTP/2 forbids (RFC 9113, 8.2.2), were stripped when the
         // request was routed (`strip_hop_by_hop`, keeping only `te: trailers`).
         let (parts, body) = req.into_parts();
-        let head = Request::from_parts(parts, ());
         let eos = body.is_end_stream();
+        // A draining peer's GOAWAY refuses the streams above the last one it took (RFC 9113,
+        // 6.8: not processed), such as one opened just before the GOAWAY came. Kept for that
+        // case: an idempotent request without a body, sent again on another connection.
+        let again = (eos && crate::h1::idempotent(&parts.method)).then(|| {
+            let mut r = Request::new(UpBody::Empty);
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = parts.uri.clone();
+            *r.version_mut() = parts.version;
+            *r.headers_mut() = parts.headers.clone();
+            r
+        });
+        let head = Request::from_parts(parts, ());
         let (response, stream) = send.send_request(head, eos).map_err(|error| {
             Box::new(SendError {
                 error,
@@ -141,9 +152,16 @@ impl H2Sender {
             tokio::spawn(stream_body(body, stream));
         }
         let resp = response.await.map_err(|error| {
+            // The peer's GOAWAY ended the stream (once the peer went away, the connection's
+            // end reports the same error for any stream left open: only an idempotent request
+            // is sent again, as RFC 9110, 9.2.2 allows).
+            let refused = error.is_go_away() && error.is_remote();
+            if refused {
+                self.closed.store(true, Ordering::Release);
+            }
             Box::new(SendError {
                 error,
-                unsent: None,
+                unsent: again.filter(|_| refused),
             })
         })?;
         let (parts, recv) = resp.into_parts();
@@ -315,5 +333,73 @@ mod tests {
         .expect("the GOAWAY ends the connection");
         assert!(unsent, "the request never left");
         assert!(send.is_closed());
+    }
+
+    /// A peer (raw frames) that refuses the first stream it sees with a GOAWAY whose last
+    /// stream id is below it, as a draining peer does to a stream that crossed its GOAWAY,
+    /// and keeps the connection open.
+    async fn refusing_peer(mut io: tokio::io::DuplexStream) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let frame = |kind: u8, flags: u8, payload: &[u8]| {
+            let len = (payload.len() as u32).to_be_bytes();
+            let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+            f.extend_from_slice(payload);
+            f
+        };
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await.unwrap();
+        io.write_all(&frame(4, 0, &[])).await.unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            io.read_exact(&mut payload).await.unwrap();
+            match (head[3], head[4]) {
+                // SETTINGS: acknowledged.
+                (4, 0) => io.write_all(&frame(4, 1, &[])).await.unwrap(),
+                // HEADERS: refused (last stream id 0, NO_ERROR).
+                (1, _) => {
+                    io.write_all(&frame(7, 0, &[0; 8])).await.unwrap();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        // Open, answering nothing more.
+        let mut rest = Vec::new();
+        let _ = io.read_to_end(&mut rest).await;
+    }
+
+    /// A stream a draining peer's GOAWAY refused (above its last stream id: not processed)
+    /// comes back unsent when it is idempotent and has no body, to be sent again on another
+    /// connection; a POST does not (it fails: the same error ends streams left open when the
+    /// peer goes away after taking them).
+    #[tokio::test]
+    async fn a_stream_refused_by_a_goaway_comes_back_unsent_when_idempotent() {
+        for (method, resent) in [(http::Method::GET, true), (http::Method::POST, false)] {
+            let (client, server) = tokio::io::duplex(16 << 10);
+            tokio::spawn(refusing_peer(server));
+            let send = handshake(client, None, crate::test_util::slot())
+                .await
+                .unwrap();
+            let mut req = Request::new(UpBody::Empty);
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = "http://peer/item".parse().unwrap();
+            req.headers_mut().insert("x-kept", "1".parse().unwrap());
+            let sent = tokio::time::timeout(Duration::from_secs(10), send.clone().send(req))
+                .await
+                .expect("the GOAWAY ends the stream");
+            let Err(e) = sent else {
+                panic!("{method}: answered")
+            };
+            assert!(e.error.is_go_away(), "{method}: {}", e.error);
+            assert_eq!(e.unsent.is_some(), resent, "{method}");
+            if let Some(r) = e.unsent {
+                assert_eq!((r.method(), r.uri().path()), (&method, "/item"));
+                assert_eq!(r.headers()["x-kept"], "1");
+            }
+            assert!(send.is_closed(), "{method}: not handed out again");
+        }
     }
 }

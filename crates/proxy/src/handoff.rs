@@ -111,9 +111,13 @@ impl Offered {
         self.lock().remove(name);
     }
 
-    /// What the owner passes on with the sockets (replaces what was set).
-    pub fn set_extra(&self, extra: serde_json::Value) {
-        *self.extra.lock().unwrap_or_else(|p| p.into_inner()) = extra;
+    /// Pass `value` on as `key` with the sockets (replacing what was passed as `key`).
+    pub fn pass_on(&self, key: &str, value: serde_json::Value) {
+        let mut extra = self.extra.lock().unwrap_or_else(|p| p.into_inner());
+        if !extra.is_object() {
+            *extra = serde_json::json!({});
+        }
+        extra[key] = value;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OwnedFd>> {

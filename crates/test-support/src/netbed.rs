@@ -259,6 +259,11 @@ impl NetBed {
         quiet(&["kill", sig, &self.children[i].id().to_string()]);
     }
 
+    /// Whether process `i` has exited (without waiting).
+    pub fn exited(&mut self, i: usize) -> bool {
+        matches!(self.children[i].try_wait(), Ok(Some(_)))
+    }
+
     /// Wait until process `i` exits, for at most `timeout`; its exit code (`None`: still
     /// running, or killed by a signal).
     pub async fn wait_exit(&mut self, i: usize, timeout: std::time::Duration) -> Option<i32> {

@@ -24,7 +24,7 @@ fn running(
 ) -> (Offered, tokio::task::JoinHandle<std::io::Result<u32>>) {
     let offered = Offered::default();
     offered.add("outbound", listener).unwrap();
-    offered.set_extra(serde_json::json!({ "healthy": true }));
+    offered.pass_on("healthy", serde_json::json!(true));
     let l = bind(at).unwrap();
     let serving = tokio::spawn(serve(l, offered.clone()));
     (offered, serving)
