@@ -2,7 +2,8 @@
 # Soak: steady load through two proxies with mutual TLS for MINUTES (default 30), an
 # operation every EVERY seconds (default 180) in turn: a callee's proxy drained and
 # restarted, a push storm of 50 applies, the route's weights moved, the control plane
-# SIGKILLed and restarted (`b` reaches both callees; the route splitting it between them
+# SIGKILLed and restarted, the other callee's proxy upgraded in place (a new process takes
+# its listeners over `--handoff`) (`b` reaches both callees; the route splitting it between them
 # lives only through its own operation: a split's backend of one endpoint cannot survive
 # that endpoint's restart). Each period's requests, failures (non-2xx and socket errors, by
 # wrk), and every process's RSS and open file descriptors are printed as a table row, so
@@ -104,7 +105,7 @@ token() { "$BIN" token create -n soak --identity "$1" --ttl 10m --uses "${2:-1}"
 BETA=$(token beta 2)
 proxy() { # NAME WORKLOAD PORT-BASE [TOKEN]
   "$BIN" proxy --xds http://127.0.0.1:18471 --workload "soak/$2" --state-dir "$W/$1" \
-    ${4:+--join-token "$4"} --no-access-log --admin "127.0.0.1:$3" \
+    ${4:+--join-token "$4"} --no-access-log --handoff "$W/$1.sock" --admin "127.0.0.1:$3" \
     --outbound "127.0.0.1:$(( $3 + 1 ))" --inbound "127.0.0.1:$(( $3 + 6 ))" 2>>"$W/$1.err" &
 }
 proxy vm peer-vm 18500 "$BETA"; VM=$!
@@ -124,7 +125,7 @@ cat >"$W/pace.lua" <<'LUA'
 function delay() return 8 end
 LUA
 op() { # sets WHAT; runs in this shell, as it restarts processes
-  case $(( $1 % 4 )) in
+  case $(( $1 % 5 )) in
     0) WHAT="callee proxy drained + restarted"
        kill -TERM "$VM"; wait "$VM" 2>/dev/null || true
        proxy vm peer-vm 18500; VM=$!
@@ -136,6 +137,9 @@ op() { # sets WHAT; runs in this shell, as it restarts processes
        "$BIN" delete httproute b -n soak >/dev/null ;;
     3) WHAT="control plane SIGKILL + restart"
        kill -KILL "$CP"; wait "$CP" 2>/dev/null || true; sleep 2; start_cp ;;
+    4) WHAT="callee proxy upgraded in place (handoff)"
+       old=$CT; proxy ct peer-ct 18600; CT=$!; PIDS+=($CT)
+       wait "$old" 2>/dev/null || true ;; # it exits once the new one has its config
   esac
 }
 

@@ -22,6 +22,53 @@ fn backend(e: etcd_client::Error) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
 }
 
+/// Whether `e` says the request never reached etcd: the member the client picked could not
+/// be connected to (killed, or its host down). Sent again, it goes to another member; safe
+/// for every request, transactions included, as nothing was sent.
+fn unsent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// Whether `e` leaves a write's outcome unknown: the member took it, but its leader was lost
+/// (`etcdserver: leader changed`) or the wait for it timed out. Such a write may still be
+/// committed; a read once a leader is elected tells (see [`Etcd::applied`]). A read so
+/// refused may simply be sent again.
+fn unknown(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded))
+}
+
+/// How many times a request is sent again, and how long apart at first (doubling): about
+/// 1.5 s in all, what a member's loss and a new election take.
+const RESENDS: u32 = 5;
+const RESEND_AFTER: Duration = Duration::from_millis(50);
+
+/// Run `call` until it reaches etcd (see [`unsent`]), [`RESENDS`] more times at most; a
+/// read (`read`) also while no leader answers for it ([`unknown`]).
+async fn reaching<T, F>(read: bool, mut call: impl FnMut() -> F) -> Result<T, etcd_client::Error>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut wait = RESEND_AFTER;
+    for _ in 0..RESENDS {
+        match call().await {
+            Err(e) if unsent(&e) || (read && unknown(&e)) => {
+                tracing::warn!(error = %e, "an etcd request did not go through; sending it again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            done => return done,
+        }
+    }
+    call().await
+}
+
 impl Etcd {
     pub(crate) async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
         let opts = ConnectOptions::new()
@@ -58,12 +105,13 @@ impl Etcd {
     }
 
     pub(crate) async fn list(&self) -> Result<Listing, StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(backend)?;
+        let resp = reaching(true, || {
+            let mut kv = self.client.kv_client();
+            let opts = GetOptions::new().with_prefix();
+            async move { kv.get(self.prefix.as_str(), Some(opts)).await }
+        })
+        .await
+        .map_err(backend)?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0) as u64;
         let objects = resp
             .kvs()
@@ -74,13 +122,42 @@ impl Etcd {
     }
 
     pub(crate) async fn get(&self, key: &Key) -> Result<Option<Object>, StoreError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.path(key), None)
-            .await
-            .map_err(backend)?;
-        resp.kvs().first().map(|kv| self.object(kv)).transpose()
+        Ok(self.get_at(key).await?.0)
+    }
+
+    /// `key`'s object and the store's revision when it was read (linearizable).
+    async fn get_at(&self, key: &Key) -> Result<(Option<Object>, u64), StoreError> {
+        let path = self.path(key);
+        let resp = reaching(true, || {
+            let (mut kv, path) = (self.client.kv_client(), path.clone());
+            async move { kv.get(path, None).await }
+        })
+        .await
+        .map_err(backend)?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0) as u64;
+        let object = resp.kvs().first().map(|kv| self.object(kv)).transpose()?;
+        Ok((object, revision))
+    }
+
+    /// Whether `writes` are in the store as written (every put's document there, every
+    /// deleted key gone): the revision then. Read after a write's outcome was unknown: a
+    /// linearizable read is served by a leader that committed an entry of its own term, so
+    /// the lost leader's write is committed by then or never will be.
+    async fn applied(&self, writes: &[Write]) -> Result<Option<u64>, StoreError> {
+        let mut at = 0;
+        for w in writes {
+            let (found, revision) = self.get_at(&w.key).await?;
+            let there = match (&w.doc, found) {
+                (Some(doc), Some(o)) => o.doc == *doc,
+                (None, None) => true,
+                _ => false,
+            };
+            if !there {
+                return Ok(None);
+            }
+            at = at.max(revision);
+        }
+        Ok(Some(at))
     }
 
     pub(crate) async fn write(&self, writes: Vec<Write>) -> Result<u64, StoreError> {
@@ -116,12 +193,30 @@ impl Etcd {
                 }
             }
         }
-        let resp = self
-            .client
-            .kv_client()
-            .txn(Txn::new().when(compares).and_then(ops))
-            .await
-            .map_err(backend)?;
+        let txn = Txn::new().when(compares).and_then(ops);
+        let send = || {
+            let (mut kv, txn) = (self.client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        };
+        let mut wait = RESEND_AFTER;
+        let mut tries = 0;
+        let resp = loop {
+            match reaching(false, send).await {
+                Ok(r) => break r,
+                // Its leader lost: committed or not, a read tells; if not, it is sent again
+                // (its preconditions still guard it).
+                Err(e) if unknown(&e) && tries < RESENDS => {
+                    tracing::warn!(error = %e, "an etcd write's outcome is unknown; reading it back");
+                    tries += 1;
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    if let Some(revision) = self.applied(&writes).await? {
+                        return Ok(revision);
+                    }
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        };
         if resp.succeeded() {
             return Ok(resp.header().map(|h| h.revision()).unwrap_or(0) as u64);
         }
@@ -143,12 +238,12 @@ impl Etcd {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(listing.revision as i64 + 1);
-        let mut stream = self
-            .client
-            .watch_client()
-            .watch(self.prefix.as_str(), Some(opts))
-            .await
-            .map_err(backend)?;
+        let mut stream = reaching(true, || {
+            let (mut w, opts) = (self.client.watch_client(), Some(opts.clone()));
+            async move { w.watch(self.prefix.as_str(), opts).await }
+        })
+        .await
+        .map_err(backend)?;
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {

@@ -73,3 +73,85 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A real etcd cluster of several members on loopback ports; members are killed, and their
+/// data removed, on drop.
+pub struct EtcdCluster {
+    members: Vec<Option<Etcd>>,
+}
+
+impl EtcdCluster {
+    /// Start `n` members as one cluster and wait until each accepts connections and the
+    /// cluster has a leader (a member answers `/health` with `"health":"true"`).
+    pub async fn start(n: usize) -> Self {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let peer = |p: u16| format!("http://127.0.0.1:{p}");
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}={}", peer(*p)))
+            .collect();
+        let initial = initial.join(",");
+        let members = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, p))| {
+                let dir = crate::temp_path(&format!("etcd-m{i}"));
+                let c = format!("http://127.0.0.1:{client}");
+                let child = Command::new("etcd")
+                    .args(["--name", &format!("m{i}"), "--data-dir"])
+                    .arg(&dir)
+                    .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+                    .args(["--listen-peer-urls", &peer(*p)])
+                    .args(["--initial-advertise-peer-urls", &peer(*p)])
+                    .args(["--initial-cluster", &initial])
+                    .args(["--initial-cluster-state", "new"])
+                    .args(["--log-level", "error"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("cannot run `etcd`: install Debian's etcd-server (.ci/run does)");
+                let addr: SocketAddr = ([127, 0, 0, 1], *client).into();
+                Some(Etcd { child, dir, addr })
+            })
+            .collect();
+        let cluster = Self { members };
+        for m in cluster.members.iter().flatten() {
+            let addr = m.addr;
+            crate::eventually(
+                "etcd member healthy (the cluster has a leader)",
+                Duration::from_secs(30),
+                async || {
+                    tokio::net::TcpStream::connect(addr).await.ok()?;
+                    let (st, body) = crate::client::get(addr, "etcd", "/health", &[])
+                        .await
+                        .ok()?;
+                    (st == 200 && String::from_utf8_lossy(&body).contains("\"true\"")).then_some(())
+                },
+            )
+            .await;
+        }
+        cluster
+    }
+
+    /// The `--store` URL for `trellis control`: every member still running.
+    pub fn url(&self) -> String {
+        let addrs: Vec<String> = self
+            .members
+            .iter()
+            .flatten()
+            .map(|m| m.addr.to_string())
+            .collect();
+        format!("etcd://{}", addrs.join(","))
+    }
+
+    /// Member `i`'s client address.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.members[i].as_ref().expect("running").addr
+    }
+
+    /// Kill member `i` (SIGKILL) and remove its data.
+    pub fn kill(&mut self, i: usize) {
+        drop(self.members[i].take());
+    }
+}
