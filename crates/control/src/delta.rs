@@ -109,8 +109,13 @@ impl Sub {
 /// Most names one stream may subscribe to by name.
 const MAX_NAMES: usize = 4096;
 
-/// How long an unanswered response holds its permit and blocks the next push.
+/// How long an unanswered response blocks the next push to its stream.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an unanswered response holds its permit: a proxy answers in milliseconds; one
+/// that does not must not hold up the other streams' updates for the whole
+/// [`ANSWER_TIMEOUT`].
+const PERMIT_HOLD: Duration = Duration::from_secs(1);
 
 /// The YAML that one response carries at most; a larger document still goes, alone.
 pub(crate) const PART_BYTES: usize = 32 << 10;
@@ -131,8 +136,11 @@ pub(crate) struct DeltaTask {
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
     permits: Arc<Semaphore>,
-    /// Held from an update's first part to the answer of its last.
+    /// Held from an update's first part to the answer of its last, unless a part goes
+    /// unanswered for [`PERMIT_HOLD`].
     permit: Option<OwnedSemaphorePermit>,
+    /// When an unanswered response gives its permit up to another stream's update.
+    hold_until: Option<tokio::time::Instant>,
     /// A response waits for its answer until then.
     deadline: Option<tokio::time::Instant>,
     /// The rest of an update sent in parts.
@@ -171,6 +179,7 @@ impl DeltaTask {
             proxies,
             permits,
             permit: None,
+            hold_until: None,
             deadline: None,
             pending: None,
             dirty: false,
@@ -183,6 +192,7 @@ impl DeltaTask {
     pub(crate) async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
         loop {
             let deadline = self.deadline;
+            let hold = self.hold_until.filter(|_| self.permit.is_some());
             let ok = tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => self.on_request(req).await,
@@ -196,6 +206,13 @@ impl DeltaTask {
                     }
                 },
                 changed = self.state.changed() => changed.is_ok() && self.push().await,
+                _ = tokio::time::sleep_until(hold.unwrap_or_else(tokio::time::Instant::now)), if hold.is_some() => {
+                    // Still waiting for the answer, but no longer holding up other streams'
+                    // updates: the next part takes a permit again.
+                    self.permit = None;
+                    self.hold_until = None;
+                    true
+                }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                     tracing::warn!(stream = self.id, "no answer to the last response; sending again when something changes");
                     self.deadline = None;
@@ -512,7 +529,9 @@ impl DeltaTask {
             nonce: sub.nonce.clone(),
             ..Default::default()
         };
-        self.deadline = Some(tokio::time::Instant::now() + ANSWER_TIMEOUT);
+        let now = tokio::time::Instant::now();
+        self.deadline = Some(now + ANSWER_TIMEOUT);
+        self.hold_until = Some(now + PERMIT_HOLD);
         self.tx.send(Ok(resp)).await.is_ok()
     }
 }

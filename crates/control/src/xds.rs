@@ -69,8 +69,9 @@ pub(crate) async fn serve(
     }
 }
 
-/// Delta updates in progress, over all streams. An update holds its permit from its first part
-/// until the client answers its last (or a timeout), so a thousand proxies connecting at once
+/// Delta updates in progress, over all streams. An update's part holds a permit until the
+/// client answers it (or a second passes: a client that never answers does not hold up the
+/// others, `delta::PERMIT_HOLD`), so a thousand proxies connecting at once
 /// are synced a bounded number at a time, each holding the names still to send and one part
 /// of at most `delta::PART_BYTES`, instead of all holding a copy of the mesh together.
 const PUSHES_IN_FLIGHT: usize = 128;

@@ -103,3 +103,57 @@ async fn names_subscribed_beyond_the_bound_are_not_held() {
     assert_eq!(names, ["TrustBundle/trellis-system/mesh", "Workload/d/w"]);
     assert_eq!(m.removed_resources.len(), 4096);
 }
+
+/// Clients that subscribe and never answer cannot hold up the others' updates: 130 streams
+/// (more than the 128 updates that may be in flight) subscribe and never acknowledge their
+/// first response; a client that subscribes after them gets its first config once they give
+/// their permits up (1 s), not when their answers time out (10 s: it did before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_answer_do_not_hold_up_the_others() {
+    let cp = InProcess::start("hostile-silent").await;
+    cp.call(
+        http::Method::POST,
+        "/api/v1/apply",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: s, namespace: d }\nspec:\n  selector: { app: s }\n  ports: [{ port: 80 }]\n",
+    )
+    .await;
+    let hello = |id: String| DeltaDiscoveryRequest {
+        node: Some(trellis_xds::node(&id, None)),
+        type_url: DOCUMENT_TYPE.into(),
+        ..Default::default()
+    };
+    let mut silent = Vec::new();
+    for i in 0..130 {
+        // A connection per 40 streams (a server admits a bounded number per connection).
+        if i % 40 == 0 {
+            let ch = tonic::transport::Channel::from_shared(cp.xds_url())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            silent.push((ch, Vec::new()));
+        }
+        let (ch, streams) = silent.last_mut().unwrap();
+        let mut c = AggregatedDiscoveryServiceClient::new(ch.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(hello(format!("silent-{i}"))).await.unwrap();
+        let stream = c
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        // Kept open, never read, never answered.
+        streams.push((tx, stream));
+    }
+    let began = std::time::Instant::now();
+    let got = first_answer(&cp, hello("patient".into()))
+        .await
+        .expect("served");
+    let waited = began.elapsed();
+    eprintln!("the client after 130 silent ones was answered after {waited:?}");
+    assert!(got >= 1, "{got}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "held up by clients that never answer: {waited:?}"
+    );
+}
