@@ -14,6 +14,13 @@
 //! container's stored key from the host's namespace (the container's network is already
 //! torn down, so its own agent cannot), then kills that agent.
 //!
+//! Upgrade in place: the same command started again (a new binary) takes over through
+//! `STATE/containers.sock`. The running discovery stops restarting and managing its agents;
+//! the new one starts an agent for every labelled container, each of which takes over from
+//! the old agent of its container (through `STATE/NAME/handoff.sock`, as `trellis join`
+//! does); the old agents exit without deregistering, and the old discovery exits once they
+//! all have (within [`HANDOVER_WAIT`]), leaving nothing.
+//!
 //! Labels: `trellis.service` (required; also the workload's `app` label), `trellis.port`
 //! (`8080`, or `http=8080,grpc=9090`), `trellis.namespace` (default `default`),
 //! `trellis.identity` (default the service), `trellis.locality` (`REGION/ZONE`),
@@ -30,7 +37,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::{net::UnixStream, sync::mpsc};
-use trellis_proxy::identity::{self, IdentityOptions};
+use trellis_proxy::{
+    handoff,
+    identity::{self, IdentityOptions},
+};
 
 /// Why discovery stopped or a call to the engine failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +61,14 @@ pub enum EngineError {
         /// Why.
         detail: String,
     },
+    /// Taking over from the running discovery failed, or its socket could not be bound.
+    #[error(transparent)]
+    Handoff(#[from] trellis_proxy::handoff::HandoffError),
 }
+
+/// How long a discovery that a new one took over waits for its agents to be replaced; what
+/// is left then stops with it (and deregisters).
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(60);
 
 /// A Docker Engine API client over a unix socket.
 #[derive(Clone, Debug)]
@@ -404,6 +421,29 @@ pub async fn run(
     o: DiscoveryOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), EngineError> {
+    // An upgrade in place: the discovery running with this state dir stops managing its
+    // agents before this one starts theirs, which take over from them.
+    let path = o.state_dir.join("containers.sock");
+    if let Some(prev) = handoff::take_over(&path).await? {
+        let from = prev.offer.pid;
+        prev.finish()?;
+        tracing::info!(
+            predecessor = from,
+            "taking the containers over from the running discovery"
+        );
+    }
+    let _ = std::fs::create_dir_all(&o.state_dir);
+    let listener = handoff::bind(&path)
+        .map_err(|e| tracing::warn!(error = %e, "upgrades in place are off"))
+        .ok();
+    let successor = async {
+        match listener {
+            Some(l) => handoff::serve(l, Default::default()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(successor);
+    let mut handing: Option<tokio::time::Instant> = None;
     // Subscribe first, then list: a container that starts in between is in one or the other.
     let mut events = o.engine.events().await?;
     let mut joined: HashMap<String, Joined> = HashMap::new();
@@ -414,8 +454,29 @@ pub async fn run(
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
+        if let Some(since) = handing {
+            if joined.is_empty() || since.elapsed() > HANDOVER_WAIT {
+                tracing::info!(
+                    left = joined.len(),
+                    "the new discovery has the containers; exiting"
+                );
+                // What was not replaced in time leaves, as at a stop.
+                for (_, j) in joined.drain() {
+                    leave(&o, j).await;
+                }
+                return Ok(());
+            }
+        }
         tokio::select! {
-            e = events.recv() => match e {
+            r = &mut successor, if handing.is_none() => match r {
+                Ok(pid) => {
+                    tracing::info!(successor = pid, "a new discovery took over; its agents replace these");
+                    handing = Some(tokio::time::Instant::now());
+                }
+                Err(e) => tracing::error!(error = %e, "the handoff socket failed; upgrades in place are off"),
+            },
+            // Once handed over, the new discovery follows the engine.
+            e = events.recv(), if handing.is_none() => match e {
                 Some(Event::Start(id)) => start(&o, &id, &mut joined).await,
                 Some(Event::Stop(id)) => {
                     if let Some(j) = joined.remove(&id) {
@@ -429,7 +490,13 @@ pub async fn run(
                     })
                 }
             },
-            _ = tick.tick() => supervise(&o, &mut joined),
+            _ = tick.tick() => match handing {
+                None => supervise(&o, &mut joined),
+                // Agents that exited were replaced: not restarted, not deregistered.
+                Some(_) => joined.retain(|_, j| {
+                    j.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+                }),
+            },
             _ = &mut stop => break,
         }
     }

@@ -2,7 +2,8 @@
 //! socket watched by `trellis containers`, a client host with a capturing agent. A labelled
 //! container joins as a `container` Workload with an agent in its network namespace, serves
 //! `http://catalog.test.mesh/` over mutual TLS, leaves every proxy when it stops, and rejoins
-//! with its stored identity (the single-use token is spent) when it starts again. Needs root.
+//! with its stored identity (the single-use token is spent) when it starts again, and is
+//! handed from one discovery to the next in an upgrade in place. Needs root.
 
 mod common;
 
@@ -153,6 +154,74 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
     .await;
     let d = logs.read("discovery-2.log");
     assert!(d.contains("its agent exited"), "{d}");
+    // Silent while it was down, the workload was marked unhealthy; its first heartbeat
+    // makes it healthy again, and the client's proxy learns it.
+    eventually(
+        "the client reaches the restarted agent",
+        Duration::from_secs(20),
+        async || {
+            let (status, _, _) = get_in(&bed, &client, "http://catalog.test.mesh/");
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+
+    // Upgrade in place: the same command started again takes over; the running discovery
+    // hands its agents over (the new agents take their listeners) and exits, and the
+    // container stays registered and reachable throughout.
+    let upgraded = bed.spawn(discovery_cmd(), &logs.path("discovery-3.log"));
+    let (mut served, mut failed) = (0, Vec::new());
+    while !bed.exited(discovery) {
+        assert!(
+            workload(&cp, "catalog-c1").await.is_some(),
+            "deregistered during the upgrade"
+        );
+        let (status, _, body) = get_in(&bed, &client, "http://catalog.test.mesh/");
+        if status == 200 {
+            served += 1;
+        } else {
+            failed.push((status, body));
+        }
+        assert!(
+            served + failed.len() < 3000,
+            "the old discovery did not leave"
+        );
+    }
+    assert_eq!(
+        bed.wait_exit(discovery, Duration::from_secs(1)).await,
+        Some(0),
+        "{}",
+        logs.read("discovery-2.log")
+    );
+    eprintln!(
+        "discovery upgraded in place: {served} requests served during it, failed: {failed:?}"
+    );
+    if !failed.is_empty() {
+        let agent = logs.read("catalog-c1.log");
+        let tail: Vec<&str> = agent
+            .lines()
+            .filter(|l| l.contains("\"level\""))
+            .rev()
+            .take(80)
+            .collect();
+        panic!(
+            "{failed:?}\nagent log (last lines first):\n{}\ndiscovery-2:\n{}\ndiscovery-3:\n{}",
+            tail.join("\n"),
+            logs.read("discovery-2.log"),
+            logs.read("discovery-3.log")
+        );
+    }
+    assert!(logs
+        .read("discovery-2.log")
+        .contains("a new discovery took over"));
+    // The container's agent was replaced, not restarted: the old one handed over.
+    assert!(logs
+        .read("catalog-c1.log")
+        .contains("a new agent took over"));
+    let (status, _, _) = get_in(&bed, &client, "http://catalog.test.mesh/");
+    assert_eq!(status, 200);
+    assert_eq!(healthy(&cp, "catalog-c1").await, Some(true));
+    let discovery = upgraded;
 
     bed.signal(discovery, "-TERM");
     assert_eq!(

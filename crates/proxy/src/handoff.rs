@@ -190,7 +190,7 @@ impl Inherited {
 
     /// Tell the old process to stop accepting, and close what was handed over and not
     /// taken (listeners the new config does not have).
-    pub(crate) fn finish(self) -> Result<(), HandoffError> {
+    pub fn finish(self) -> Result<(), HandoffError> {
         let mut conn = &self.conn;
         conn.write_all(&[READY])
             .map_err(|source| HandoffError::Io {
@@ -207,7 +207,7 @@ impl Inherited {
 
 /// Take over from the process answering at `path`, if one does: `None` when none does (no
 /// socket there, or a stale one).
-pub(crate) async fn take_over(path: &Path) -> Result<Option<Inherited>, HandoffError> {
+pub async fn take_over(path: &Path) -> Result<Option<Inherited>, HandoffError> {
     let path = path.to_path_buf();
     let p = path.clone();
     tokio::task::spawn_blocking(move || take_over_blocking(p))
@@ -224,21 +224,33 @@ fn take_over_blocking(path: PathBuf) -> Result<Option<Inherited>, HandoffError> 
         let path = path.clone();
         move |source| HandoffError::Io { path, what, source }
     };
-    let conn = match UnixStream::connect(&path) {
-        Ok(c) => c,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
+    // A process that is exiting may still accept and then close without an offer: asked
+    // again a moment later, it is gone (refused) or answers.
+    let mut tries = 0;
+    let (conn, (body, fds)) = loop {
+        let conn = match UnixStream::connect(&path) {
+            Ok(c) => c,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(io("connecting")(e)),
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(io("connecting"))?;
+        match receive(&conn) {
+            Ok(got) => break (conn, got),
+            Err(e) if tries < EXITING_TRIES && closed_early(&e) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(io("receiving the sockets")(e)),
         }
-        Err(e) => return Err(io("connecting")(e)),
     };
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io("connecting"))?;
-    let (body, fds) = receive(&conn).map_err(io("receiving the sockets"))?;
     let offer: Offer = serde_json::from_slice(&body).map_err(|e| HandoffError::Protocol {
         path: path.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
@@ -260,6 +272,19 @@ fn take_over_blocking(path: PathBuf) -> Result<Option<Inherited>, HandoffError> 
         sockets,
         offer,
     }))
+}
+
+/// How many times a process that closed without an offer is asked again (100 ms apart).
+const EXITING_TRIES: u32 = 50;
+
+/// The other end closed before it sent an offer (it was exiting).
+fn closed_early(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 /// Read one offer: its bytes and the descriptors that came with them.
@@ -300,7 +325,7 @@ fn receive(conn: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
 
 /// Listen at `path` for a successor (only this user may connect). A socket file left there
 /// (a stale one, or the predecessor's) is replaced.
-pub(crate) fn bind(path: &Path) -> Result<tokio::net::UnixListener, HandoffError> {
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, HandoffError> {
     use std::os::unix::fs::PermissionsExt;
     let io = |what: &'static str| {
         let path = path.to_path_buf();
@@ -315,10 +340,7 @@ pub(crate) fn bind(path: &Path) -> Result<tokio::net::UnixListener, HandoffError
 
 /// Answer on `listener` until a new process has taken over (its process id), offering what
 /// `offered` holds.
-pub(crate) async fn serve(
-    listener: tokio::net::UnixListener,
-    offered: Offered,
-) -> std::io::Result<u32> {
+pub async fn serve(listener: tokio::net::UnixListener, offered: Offered) -> std::io::Result<u32> {
     let uid = rustix::process::getuid();
     loop {
         let (conn, _) = listener.accept().await?;

@@ -114,3 +114,20 @@ async fn a_listener_configured_elsewhere_is_not_taken() {
     );
     let _ = std::fs::remove_file(at);
 }
+
+/// A process on its way out may accept and close without an offer: the new one asks again,
+/// and starts afresh once nothing answers (it failed to start before).
+#[tokio::test]
+async fn a_predecessor_that_closes_without_an_offer_is_asked_again() {
+    let at = path("exiting");
+    let l = std::os::unix::net::UnixListener::bind(&at).unwrap();
+    let exiting = std::thread::spawn(move || {
+        let (conn, _) = l.accept().unwrap();
+        drop(conn);
+        // Then gone: the file stays, connections are refused.
+        drop(l);
+    });
+    assert!(take_over(&at).await.unwrap().is_none());
+    exiting.join().unwrap();
+    let _ = std::fs::remove_file(at);
+}
