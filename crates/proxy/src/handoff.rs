@@ -209,48 +209,54 @@ impl Inherited {
 /// socket there, or a stale one).
 pub async fn take_over(path: &Path) -> Result<Option<Inherited>, HandoffError> {
     let path = path.to_path_buf();
-    let p = path.clone();
-    tokio::task::spawn_blocking(move || take_over_blocking(p))
-        .await
-        .map_err(|e| HandoffError::Io {
-            path,
-            what: "receiving",
-            source: std::io::Error::other(e.to_string()),
-        })?
+    let mut tries = 0;
+    loop {
+        let p = path.clone();
+        let got = tokio::task::spawn_blocking(move || take_over_blocking(p))
+            .await
+            .map_err(|e| HandoffError::Io {
+                path: path.clone(),
+                what: RECEIVING,
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        match got {
+            // A process that is exiting may still accept and then close without an offer:
+            // asked again a moment later, it is gone (refused) or answers.
+            Err(HandoffError::Io {
+                what: RECEIVING,
+                source,
+                ..
+            }) if tries < EXITING_TRIES && closed_early(&source) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            done => return done,
+        }
+    }
 }
+
+const RECEIVING: &str = "receiving the sockets";
 
 fn take_over_blocking(path: PathBuf) -> Result<Option<Inherited>, HandoffError> {
     let io = |what: &'static str| {
         let path = path.clone();
         move |source| HandoffError::Io { path, what, source }
     };
-    // A process that is exiting may still accept and then close without an offer: asked
-    // again a moment later, it is gone (refused) or answers.
-    let mut tries = 0;
-    let (conn, (body, fds)) = loop {
-        let conn = match UnixStream::connect(&path) {
-            Ok(c) => c,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                return Ok(None)
-            }
-            Err(e) => return Err(io("connecting")(e)),
-        };
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(io("connecting"))?;
-        match receive(&conn) {
-            Ok(got) => break (conn, got),
-            Err(e) if tries < EXITING_TRIES && closed_early(&e) => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => return Err(io("receiving the sockets")(e)),
+    let conn = match UnixStream::connect(&path) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
         }
+        Err(e) => return Err(io("connecting")(e)),
     };
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io("connecting"))?;
+    let (body, fds) = receive(&conn).map_err(io(RECEIVING))?;
     let offer: Offer = serde_json::from_slice(&body).map_err(|e| HandoffError::Protocol {
         path: path.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
