@@ -300,7 +300,7 @@ fn systemd_unit(name: &str) -> String {
         }
     }
     format!(
-        "[Unit]\nDescription=Trellis agent for workload {name}\nWants=network-online.target\nAfter=network-online.target\n\n[Service]\n# The join token, for the first start only: TRELLIS_JOIN_TOKEN=trellis-join....\nEnvironmentFile=-/etc/trellis/join.env\nExecStart={exe} {}\nRestart=always\nRestartSec=2\nKillSignal=SIGTERM\nTimeoutStopSec=40\n\n[Install]\nWantedBy=multi-user.target\n",
+        "[Unit]\nDescription=Trellis agent for workload {name}\nWants=network-online.target\nAfter=network-online.target\n\n[Service]\n# READY=1 once the proxy serves; an upgrade's new process says MAINPID= itself.\nType=notify\nNotifyAccess=all\n# The join token, for the first start only: TRELLIS_JOIN_TOKEN=trellis-join....\nEnvironmentFile=-/etc/trellis/join.env\nExecStart={exe} {}\n# Upgrade in place: replace the binary, then `systemctl reload`; the agent starts the new\n# one, which takes its listeners over, and drains.\nExecReload=/bin/kill -USR2 $MAINPID\nRestart=always\nRestartSec=2\nKillSignal=SIGTERM\nTimeoutStopSec=40\n\n[Install]\nWantedBy=multi-user.target\n",
         args.join(" ")
     )
 }
@@ -367,6 +367,8 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
     if proxy.handoff.is_none() && handoff.as_os_str().len() < 100 {
         proxy.handoff = Some(handoff);
     }
+    // Its successor would stop with this process: a discovery upgrades its agents itself.
+    proxy.upgrade_on_usr2 = !a.exit_with_parent;
     if let Some(c) = &capture {
         proxy.socket_mark = Some(c.mark);
         proxy.ipv6_capture = c.ipv6;

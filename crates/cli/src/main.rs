@@ -643,6 +643,7 @@ fn proxy_options(
         trace_sampling: r.trace_sampling / 100.0,
         on_demand_idle: r.on_demand_idle.0,
         handoff: r.handoff.clone(),
+        upgrade_on_usr2: true,
     }
 }
 

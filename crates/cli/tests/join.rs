@@ -274,7 +274,10 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
         "{unit}"
     );
     assert!(
-        unit.contains("Restart=always") && !unit.contains("secret-token"),
+        unit.contains("Restart=always")
+            && unit.contains("Type=notify")
+            && unit.contains("ExecReload=/bin/kill -USR2 $MAINPID")
+            && !unit.contains("secret-token"),
         "{unit}"
     );
     for d in [state, cstate] {

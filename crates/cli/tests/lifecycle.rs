@@ -361,3 +361,86 @@ async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
     let _ = std::fs::remove_file(sock);
 }
+
+/// SIGUSR2 with `--handoff`: the proxy starts its binary again with the same arguments, and
+/// the new process takes the listeners over as in an upgrade; under a service manager
+/// (`NOTIFY_SOCKET`, systemd's protocol; here a datagram socket the test reads) the first
+/// says `READY=1` once it serves, the new one `MAINPID=` its own id with `READY=1`, so that a
+/// `Type=notify` unit follows it. No connection is refused meanwhile.
+#[tokio::test]
+async fn sigusr2_starts_a_successor_that_takes_over_and_tells_the_service_manager() {
+    let app = upstream::named("a").await;
+    let config = docs(&[service("web", "HTTP", &[app]), client_workload(&[])]);
+    let sock = trellis_test_support::temp_path("usr2-handoff.sock");
+    let notify = trellis_test_support::temp_path("notify.sock");
+    let manager = tokio::net::UnixDatagram::bind(&notify).unwrap();
+    let said = async || {
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(20), manager.recv(&mut buf))
+            .await
+            .expect("the service manager is told")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let args = [
+        "--workload",
+        "test/client",
+        "--handoff",
+        sock.to_str().unwrap(),
+    ];
+    let mut old = ProxyProcess::start_with_env(
+        BIN,
+        &config,
+        &args,
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
+    );
+    assert_eq!(said().await, "READY=1");
+    let outbound = old.outbound;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match once(outbound, "web.test").await {
+                        Ok(body) if body == "a" => drop(ok.fetch_add(1, Ordering::Relaxed)),
+                        other => failed.lock().unwrap().push(format!("{other:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    old.signal("USR2");
+    let told = said().await;
+    let pid: u32 = told
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID: {told:?}"));
+    assert!(told.lines().any(|l| l == "READY=1"), "{told:?}");
+    assert_ne!(pid, old.pid(), "a new process");
+    assert_eq!(old.wait_exit(Duration::from_secs(20)).await, Some(0));
+    let after = ok.load(Ordering::Relaxed);
+    eventually(
+        "the successor serves",
+        Duration::from_secs(10),
+        async || (ok.load(Ordering::Relaxed) > after + 20).then_some(()),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    // The successor is no child of this test: ended by its id.
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    let failed = failed.lock().unwrap().clone();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let _ = std::fs::remove_file(sock);
+    let _ = std::fs::remove_file(notify);
+}

@@ -30,6 +30,7 @@ pub(crate) mod metrics;
 pub(crate) mod mirrors;
 pub(crate) mod mtls;
 pub mod net;
+pub(crate) mod notify;
 pub mod options;
 pub(crate) mod otlp;
 pub(crate) mod outbound;

@@ -68,6 +68,9 @@ pub struct Options {
     /// Upgrades in place: take over the listeners of the proxy answering at this Unix
     /// socket, if one does, and answer there for the next one ([`crate::handoff`]).
     pub handoff: Option<std::path::PathBuf>,
+    /// With `handoff`: on SIGUSR2, start this binary again with the same arguments, to take
+    /// over (off for an agent that must stop with its parent).
+    pub upgrade_on_usr2: bool,
 }
 
 /// How long a Service asked for on demand stays held unused, by default.

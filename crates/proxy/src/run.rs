@@ -126,6 +126,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -135,6 +136,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }
@@ -599,6 +601,7 @@ impl Proxy {
             }
         };
         tokio::pin!(ready);
+        let mut ready_said = false;
         let (successor_tx, mut successor) = tokio::sync::oneshot::channel();
         let mut successor_tx = Some(successor_tx);
         if let Some(l) = self.successor.take() {
@@ -656,8 +659,18 @@ impl Proxy {
                 _ = self.signals.term.recv() => break,
                 _ = self.signals.int.recv() => break,
                 _ = &mut stop => break,
-                () = &mut ready, if self.inherited.is_some() => {
-                    self.took_over(&mut successor_tx);
+                () = &mut ready, if !ready_said => {
+                    ready_said = true;
+                    if self.inherited.is_some() {
+                        self.took_over(&mut successor_tx);
+                        crate::notify::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+                    } else {
+                        crate::notify::notify("READY=1");
+                    }
+                    continue;
+                }
+                _ = self.signals.usr2.recv() => {
+                    self.start_successor();
                     continue;
                 }
                 r = &mut successor, if successor_tx.is_none() && !successor.is_terminated() => {
@@ -732,6 +745,24 @@ impl Proxy {
         let log = self.shared.telemetry.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         Ok(stopped)
+    }
+
+    /// SIGUSR2: start this binary again (the file at its path: the new one, after an
+    /// upgrade) with the same arguments; it takes the listeners over.
+    fn start_successor(&self) {
+        if self.opts.handoff.is_none() || !self.opts.upgrade_on_usr2 {
+            tracing::warn!("SIGUSR2: no upgrade in place without --handoff (or for an agent started by a discovery)");
+            return;
+        }
+        match crate::notify::same_command().and_then(|mut c| c.spawn()) {
+            Ok(mut child) => {
+                tracing::info!(pid = child.id(), "SIGUSR2: started again to take over");
+                // Reaped if it fails; a thread of its own, which the process's exit ends (a
+                // blocking task would hold the runtime's shutdown until the successor ends).
+                std::thread::spawn(move || child.wait());
+            }
+            Err(e) => tracing::error!(error = %e, "SIGUSR2: could not start a successor"),
+        }
     }
 
     /// Tell the predecessor to stop accepting, and answer at the handoff path from now on.

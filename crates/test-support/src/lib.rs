@@ -214,7 +214,15 @@ impl ProxyProcess {
         let path = temp_path("config.yaml");
         std::fs::write(&path, config).expect("write temp file");
         let head = vec!["--config".to_string(), path.display().to_string()];
-        Self::launch(bin, head, path, args)
+        Self::launch(bin, head, path, args, &[])
+    }
+
+    /// As [`Self::start`], with these environment variables set for the process.
+    pub fn start_with_env(bin: &str, config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let path = temp_path("config.yaml");
+        std::fs::write(&path, config).expect("write temp file");
+        let head = vec!["--config".to_string(), path.display().to_string()];
+        Self::launch(bin, head, path, args, env)
     }
 
     /// Start `bin proxy` fed by the control planes at `xds` (URLs), serving `workload`.
@@ -226,7 +234,7 @@ impl ProxyProcess {
             "--workload".to_string(),
             workload.to_string(),
         ];
-        Self::launch(bin, head, PathBuf::new(), args)
+        Self::launch(bin, head, PathBuf::new(), args, &[])
     }
 
     /// Wait until `/ready` answers 200 (for xDS: the first config is applied).
@@ -238,8 +246,15 @@ impl ProxyProcess {
         .await
     }
 
-    fn launch(bin: &str, head: Vec<String>, path: PathBuf, args: &[&str]) -> Self {
+    fn launch(
+        bin: &str,
+        head: Vec<String>,
+        path: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut child = Command::new(bin)
+            .envs(env.iter().copied())
             .arg("proxy")
             .args(&head)
             .args([

@@ -627,5 +627,6 @@ fn proxy_options(
         trace_sampling: trellis_proxy::options::DEFAULT_TRACE_SAMPLING,
         on_demand_idle: trellis_proxy::options::DEFAULT_ON_DEMAND_IDLE,
         handoff: None,
+        upgrade_on_usr2: false,
     }
 }
