@@ -426,6 +426,31 @@ async fn a_request_before_the_first_config_waits_for_it() {
     assert_eq!((st.as_u16(), &body[..]), (200, &b"a"[..]));
 }
 
+/// One client in a loop to `front.test` through `outbound` on a kept-alive connection until
+/// the flag is set; the task answers how many requests were answered 200, and the failures.
+fn steady_load(
+    outbound: std::net::SocketAddr,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<(u32, Vec<String>)>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let load = tokio::spawn(async move {
+        let (mut okc, mut failed) = (0u32, Vec::new());
+        let mut c = client::Conn::h1(outbound).await;
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+            match c.get("front.test", "/").await {
+                Ok(r) if r.status == 200 => okc += 1,
+                Ok(r) => failed.push(r.status.to_string()),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (okc, failed)
+    });
+    (stop, load)
+}
+
 #[tokio::test]
 async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
     let etcd = trellis_test_support::etcd::Etcd::start().await;
@@ -452,21 +477,7 @@ async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
     assert!(st.contains("test/client"), "connected to B: {st}");
 
     // Steady load while B stops: no request fails.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let outbound = p.outbound;
-    let s2 = stop.clone();
-    let load = tokio::spawn(async move {
-        let (mut okc, mut failed) = (0u32, Vec::new());
-        let mut c = client::Conn::h1(outbound).await;
-        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-            match c.get("front.test", "/").await {
-                Ok(r) if r.status == 200 => okc += 1,
-                Ok(r) => failed.push(r.status.to_string()),
-                Err(e) => failed.push(e.to_string()),
-            }
-        }
-        (okc, failed)
-    });
+    let (stop, load) = steady_load(p.outbound);
     cp_b.kill();
     // The proxy moves to A: A sees it, and A's next change reaches it.
     eventually(
@@ -528,20 +539,7 @@ async fn a_killed_member_of_three_etcd_members_fails_no_request() {
     let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
     p.wait_ready().await;
     wait_answer(&p, "a").await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (outbound, s2) = (p.outbound, stop.clone());
-    let load = tokio::spawn(async move {
-        let (mut okc, mut failed) = (0u32, Vec::new());
-        let mut c = client::Conn::h1(outbound).await;
-        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-            match c.get("front.test", "/").await {
-                Ok(r) if r.status == 200 => okc += 1,
-                Ok(r) => failed.push(r.status.to_string()),
-                Err(e) => failed.push(e.to_string()),
-            }
-        }
-        (okc, failed)
-    });
+    let (stop, load) = steady_load(p.outbound);
     let leader = etcd_leader(&cluster, 3).await;
     cluster.kill(leader);
     let killed = Instant::now();

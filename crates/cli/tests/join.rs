@@ -72,6 +72,74 @@ fn start_agent_with(
     Proc(c.spawn().expect("spawn trellis join"))
 }
 
+/// A steady load: four clients in a loop on kept-alive connections through `outbound` to
+/// `catalog.test`, every answer counted.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(outbound: std::net::SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (0..4)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let mut c = client::Conn::h1(outbound).await;
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.get("catalog.test", "/").await {
+                            Ok(r) if r.status == 200 => drop(ok.fetch_add(1, Ordering::Relaxed)),
+                            Ok(r) => failed.lock().unwrap().push(format!(
+                                "{} {:?}",
+                                r.status,
+                                r.headers.get("x-trellis-failure")
+                            )),
+                            Err(e) => {
+                                failed.lock().unwrap().push(e.to_string());
+                                c = client::Conn::h1(outbound).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Requests answered so far.
+    fn count(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Wait until `n` requests in all were answered.
+    async fn until(&self, n: u64) {
+        eventually("requests answered", Duration::from_secs(30), async || {
+            (self.count() >= n).then_some(())
+        })
+        .await
+    }
+
+    /// Stop; the failures.
+    async fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        failed
+    }
+}
+
 /// The caller `test/client` (identity `client`), joined with a token and fed by `cp`; its
 /// state dir.
 async fn start_caller(cp: &ControlProcess, state: &str) -> (ProxyProcess, std::path::PathBuf) {
@@ -436,42 +504,9 @@ async fn an_agent_leaving_on_sigterm_fails_no_request_of_a_steady_load() {
         },
     )
     .await;
-    // A steady load: four clients in a loop, every answer counted.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (
-        Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        Arc::new(std::sync::Mutex::new(Vec::new())),
-    );
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed, outbound) =
-            (stop.clone(), ok.clone(), failed.clone(), caller.outbound);
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match client::get_full(outbound, "catalog.test", "/", &[]).await {
-                    Ok(r) if r.status == 200 => drop(ok.fetch_add(1, Ordering::Relaxed)),
-                    Ok(r) => failed.lock().unwrap().push(format!(
-                        "{} {:?}",
-                        r.status,
-                        r.headers.get("x-trellis-failure")
-                    )),
-                    Err(e) => failed.lock().unwrap().push(e.to_string()),
-                }
-            }
-        }));
-    }
-    let count = |ok: &std::sync::atomic::AtomicU64| ok.load(Ordering::Relaxed);
-    let until = |n: u64| {
-        let ok = ok.clone();
-        async move {
-            eventually("requests answered", Duration::from_secs(30), async || {
-                (count(&ok) >= n).then_some(())
-            })
-            .await
-        }
-    };
-    until(300).await;
-    let before = count(&ok);
+    let load = Load::start(caller.outbound);
+    load.until(300).await;
+    let before = load.count();
     one.signal("-TERM");
     let exited = tokio::task::spawn_blocking(move || {
         let status = one.0.wait();
@@ -482,18 +517,12 @@ async fn an_agent_leaving_on_sigterm_fails_no_request_of_a_steady_load() {
         .expect("the agent exits within 30 s")
         .unwrap();
     assert!(status.is_ok(), "{status:?}");
-    let during = count(&ok) - before;
+    let during = load.count() - before;
     // And a while after it left.
-    until(count(&ok) + 300).await;
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.await.unwrap();
-    }
-    let failed = failed.lock().unwrap().clone();
-    println!(
-        "leave: {during} requests while the agent left, {} in all, failed: {failed:?}",
-        count(&ok)
-    );
+    load.until(load.count() + 300).await;
+    let all = load.count();
+    let failed = load.stop().await;
+    println!("leave: {during} requests while the agent left, {all} in all, failed: {failed:?}");
     assert!(during > 0, "no request went while the agent left");
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
     assert!(workload(&cp, "catalog-1").await.is_none(), "deregistered");
@@ -533,45 +562,9 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_stays_registered() {
     )
     .await;
     let registered = workload(&cp, "catalog-1").await.expect("registered");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (
-        Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        Arc::new(std::sync::Mutex::new(Vec::new())),
-    );
-    let mut load = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed, outbound) =
-            (stop.clone(), ok.clone(), failed.clone(), caller.outbound);
-        load.push(tokio::spawn(async move {
-            let mut c = client::Conn::h1(outbound).await;
-            while !stop.load(Ordering::Relaxed) {
-                match c.get("catalog.test", "/").await {
-                    Ok(r) if r.status == 200 => drop(ok.fetch_add(1, Ordering::Relaxed)),
-                    Ok(r) => failed.lock().unwrap().push(format!(
-                        "{} {:?}",
-                        r.status,
-                        r.headers.get("x-trellis-failure")
-                    )),
-                    Err(e) => {
-                        failed.lock().unwrap().push(e.to_string());
-                        c = client::Conn::h1(outbound).await;
-                    }
-                }
-            }
-        }));
-    }
-    let count = |ok: &std::sync::atomic::AtomicU64| ok.load(Ordering::Relaxed);
-    let until = |n: u64| {
-        let ok = ok.clone();
-        async move {
-            eventually("requests answered", Duration::from_secs(30), async || {
-                (count(&ok) >= n).then_some(())
-            })
-            .await
-        }
-    };
-    until(200).await;
-    let before = count(&ok);
+    let load = Load::start(caller.outbound);
+    load.until(200).await;
+    let before = load.count();
     let new = start_agent_with(&cp, s, app.port(), None, "catalog-1", &slow_up);
     let exited = tokio::task::spawn_blocking(move || {
         let status = old.0.wait();
@@ -593,21 +586,17 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_stays_registered() {
             .expect("the old agent exits once the new one took over")
             .unwrap();
         assert!(status.as_ref().is_ok_and(|s| s.success()), "{status:?}");
-        let during = count(&ok) - before;
-        until(count(&ok) + 300).await;
+        let during = load.count() - before;
+        load.until(load.count() + 300).await;
         watching.store(false, Ordering::Relaxed);
         during
     };
     let (seen, during) = tokio::join!(watch, upgrade);
-    stop.store(true, Ordering::Relaxed);
-    for l in load {
-        l.await.unwrap();
-    }
-    let failed = failed.lock().unwrap().clone();
+    let all = load.count();
+    let failed = load.stop().await;
     let first: Vec<_> = failed.iter().take(10).collect();
     println!(
-        "upgrade: {during} requests while the agent was replaced, {} in all, {} failed (first: {first:?}); {} looks at the workload",
-        count(&ok),
+        "upgrade: {during} requests while the agent was replaced, {all} in all, {} failed (first: {first:?}); {} looks at the workload",
         failed.len(),
         seen.len()
     );
