@@ -254,6 +254,19 @@ fn take_over_blocking(path: PathBuf) -> Result<Option<Inherited>, HandoffError> 
         }
         Err(e) => return Err(io("connecting")(e)),
     };
+    // Sockets are taken only from a process of this user.
+    let peer =
+        rustix::net::sockopt::socket_peercred(&conn).map_err(|e| io("connecting")(e.into()))?;
+    if peer.uid != rustix::process::getuid() {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the process answering is another user's (uid {})",
+                peer.uid.as_raw()
+            ),
+        );
+        return Err(io("connecting")(e));
+    }
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io("connecting"))?;
     let (body, fds) = receive(&conn).map_err(io(RECEIVING))?;

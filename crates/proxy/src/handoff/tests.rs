@@ -131,3 +131,38 @@ async fn a_predecessor_that_closes_without_an_offer_is_asked_again() {
     exiting.join().unwrap();
     let _ = std::fs::remove_file(at);
 }
+
+/// Sockets are taken only from a process of the same user: one of another user's answering
+/// at the path is refused, named (needs root to run a process as `nobody`; skipped without).
+#[tokio::test]
+async fn a_process_of_another_user_is_not_taken_over_from() {
+    use std::os::unix::process::CommandExt;
+    if !rustix::process::getuid().is_root() {
+        eprintln!("skipped: not root");
+        return;
+    }
+    let at = path("other-user");
+    let script = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen()\nprint('up', flush=True)\nc,_=s.accept()\nsys.stdin.read()",
+        at.to_str().unwrap()
+    );
+    let mut other = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .uid(65534)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut up = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(other.stdout.take().unwrap()),
+        &mut up,
+    )
+    .unwrap();
+    let refused = take_over(&at).await;
+    let _ = other.kill();
+    let _ = other.wait();
+    let _ = std::fs::remove_file(&at);
+    let err = refused.err().expect("refused").to_string();
+    assert!(err.contains("another user"), "{err}");
+}
