@@ -128,6 +128,33 @@ async fn follow(
     }
 }
 
+/// How long the mesh must stay unchanged before the memory its last compile freed is given
+/// back, and how often it is given back anyway (streams' syncs free memory too).
+const QUIET: Duration = Duration::from_secs(2);
+const RELEASE_EVERY: Duration = Duration::from_secs(60);
+
+/// Give the memory the allocator holds free back to the system once changes settle, and
+/// every minute: a compile of a large mesh, or a thousand proxies syncing, peaks the heap, and
+/// glibc keeps what was freed (311 MiB resident for a 90 MiB heap, 135 MiB after; see
+/// `trellis_memory`). On a blocking thread: it walks every arena under its lock.
+async fn give_memory_back(mut state: watch::Receiver<Arc<State>>) {
+    let mut every = tokio::time::interval(RELEASE_EVERY);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Until the changes settle.
+                while let Ok(Ok(())) = tokio::time::timeout(QUIET, state.changed()).await {}
+            }
+            _ = every.tick() => {}
+        }
+        let _ = tokio::task::spawn_blocking(trellis_memory::release).await;
+    }
+}
+
 fn publish(tx: &watch::Sender<Arc<State>>, catalog: &Catalog) {
     let mut compiled = catalog.compile();
     compiled.diff_from(&tx.borrow().compiled);
@@ -194,6 +221,7 @@ impl Control {
         }));
         let events = Events::default();
         tokio::spawn(follow(store.clone(), tx, catalog, w, events.clone()));
+        tokio::spawn(give_memory_back(rx.clone()));
         let proxies = registry::Registry::default();
         // Replicas on a shared store find each other, to answer fleet queries for the whole
         // fleet; with the embedded store there is only this one.
