@@ -246,8 +246,9 @@ async fn once(addr: std::net::SocketAddr, host: &str) -> Result<String, String> 
 /// Upgrade in place: a second process started with the same flags and `--handoff` takes the
 /// listeners over (the same sockets: the kernel's accept queue is shared), then the first
 /// finishes its in-flight requests and exits. Under a load of new connections to the
-/// outbound listener and to an explicit bind, none is refused and no request fails, through
-/// two upgrades in a row (the second from the process that took over).
+/// outbound listener and to an explicit bind, and of kept-alive clients, none is refused and
+/// no request fails, through two upgrades in a row (the second from the process that took
+/// over).
 #[tokio::test]
 async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
     let app = upstream::named("a").await;
@@ -282,7 +283,7 @@ async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
         Arc::new(AtomicUsize::new(0)),
         Arc::new(std::sync::Mutex::new(Vec::new())),
     );
-    let load: Vec<_> = (0..4)
+    let mut load: Vec<_> = (0..4)
         .map(|i| {
             let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
             let addr = if i % 2 == 0 { outbound } else { bind };
@@ -299,6 +300,31 @@ async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
             })
         })
         .collect();
+    // And four kept-alive HTTP/1.1 clients, idle 20 ms between requests, that open a new
+    // connection when an answer says `connection: close` (and never resend): the old
+    // process answers their next request with it rather than closing them while idle.
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            let mut c = client::Conn::h1(outbound).await;
+            while !stop.load(Ordering::Relaxed) {
+                match c.get("web.test", "/").await {
+                    Ok(r) if r.status == 200 => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if r.headers.get("connection").is_some_and(|v| v == "close") {
+                            c = client::Conn::h1(outbound).await;
+                        }
+                    }
+                    other => {
+                        let what = other.map_or_else(|e| e.to_string(), |r| r.status.to_string());
+                        failed.lock().unwrap().push(format!("kept-alive: {what}"));
+                        c = client::Conn::h1(outbound).await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
     for round in 0..2 {
         let before = ok.load(Ordering::Relaxed);
         // A request in flight on the old process when the new one takes over.

@@ -1,8 +1,11 @@
 //! Graceful drain: a signal that tells connections to finish, and a count of those still open.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
 use tokio::sync::{watch, Notify};
@@ -11,7 +14,15 @@ use tokio::sync::{watch, Notify};
 pub(crate) struct Drain {
     tx: watch::Sender<bool>,
     active: Arc<(AtomicUsize, Notify)>,
+    /// A successor took the listeners over (an upgrade in place): see [`Drain::idle_ends`].
+    handed: Arc<AtomicBool>,
 }
+
+/// How long, in a drain after an upgrade's handover, an idle HTTP/1.1 connection waits for
+/// a last request (answered with `connection: close`) before it is closed: a client that
+/// sends one then goes to the new process for the next without a failed request, where a
+/// connection closed at once races the client's next request.
+pub(crate) const HANDOVER_IDLE_GRACE: Duration = Duration::from_secs(2);
 
 /// Held by each open connection.
 pub(crate) struct Active(Arc<(AtomicUsize, Notify)>);
@@ -29,6 +40,7 @@ impl Default for Drain {
         Self {
             tx: watch::channel(false).0,
             active: Arc::new((AtomicUsize::new(0), Notify::new())),
+            handed: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -43,6 +55,25 @@ impl Drain {
     /// A receiver that changes when draining starts.
     pub(crate) fn signal(&self) -> watch::Receiver<bool> {
         self.tx.subscribe()
+    }
+
+    /// A successor took the listeners over: the drain that follows gives idle connections
+    /// [`HANDOVER_IDLE_GRACE`].
+    pub(crate) fn hand_over(&self) {
+        self.handed.store(true, Ordering::Release);
+    }
+
+    /// Completes when an idle kept-alive connection is to be closed: when draining starts,
+    /// or [`HANDOVER_IDLE_GRACE`] later after a handover.
+    pub(crate) fn idle_ends(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut signal = self.signal();
+        let handed = self.handed.clone();
+        async move {
+            let _ = signal.wait_for(|d| *d).await;
+            if handed.load(Ordering::Acquire) {
+                tokio::time::sleep(HANDOVER_IDLE_GRACE).await;
+            }
+        }
     }
 
     /// Whether draining started.

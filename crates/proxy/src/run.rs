@@ -679,6 +679,7 @@ impl Proxy {
                             tracing::info!(successor = pid, "a new process took the listeners over; draining");
                             stopped = Stopped::HandedOver(pid);
                             self.handed.send_replace(true);
+                            self.shared.drain.hand_over();
                             break;
                         }
                         Ok(Err(e)) => tracing::error!(error = %e, "the handoff socket failed; upgrades in place are off"),

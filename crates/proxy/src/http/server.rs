@@ -189,9 +189,7 @@ pub(crate) async fn serve(
     };
     let mut drain = shared.drain.signal();
     if let Sniff::Http1 = kind {
-        let drained = Box::pin(async move {
-            let _ = drain.changed().await;
-        });
+        let drained = Box::pin(shared.drain.idle_ends());
         let mut conn = ServerConn::new(stream, builders.h1, drained);
         loop {
             let req = match conn.next_request().await {
