@@ -15,7 +15,8 @@
 //!
 //! A new process that fails, or goes away before step 2, leaves the old one serving as before.
 //! Only a process of the same user may connect (the socket is `0600` and the peer's
-//! credentials are checked).
+//! credentials are checked), and a new process takes sockets only from one of its own user.
+//! SIGUSR2 makes a running proxy start its successor itself (`run`), for service managers.
 
 use std::{
     collections::BTreeMap,
