@@ -2,7 +2,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -15,7 +15,7 @@ pub(crate) struct Drain {
     tx: watch::Sender<bool>,
     active: Arc<(AtomicUsize, Notify)>,
     /// A successor took the listeners over (an upgrade in place): see [`Drain::idle_ends`].
-    handed: Arc<AtomicBool>,
+    handed: watch::Sender<bool>,
 }
 
 /// How long, in a drain after an upgrade's handover, an idle HTTP/1.1 connection waits for
@@ -40,7 +40,7 @@ impl Default for Drain {
         Self {
             tx: watch::channel(false).0,
             active: Arc::new((AtomicUsize::new(0), Notify::new())),
-            handed: Arc::new(AtomicBool::new(false)),
+            handed: watch::channel(false).0,
         }
     }
 }
@@ -60,17 +60,25 @@ impl Drain {
     /// A successor took the listeners over: the drain that follows gives idle connections
     /// [`HANDOVER_IDLE_GRACE`].
     pub(crate) fn hand_over(&self) {
-        self.handed.store(true, Ordering::Release);
+        self.handed.send_replace(true);
+    }
+
+    /// Completes once a successor took the listeners over.
+    pub(crate) fn handed_over(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut handed = self.handed.subscribe();
+        async move {
+            let _ = handed.wait_for(|h| *h).await;
+        }
     }
 
     /// Completes when an idle kept-alive connection is to be closed: when draining starts,
     /// or [`HANDOVER_IDLE_GRACE`] later after a handover.
     pub(crate) fn idle_ends(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut signal = self.signal();
-        let handed = self.handed.clone();
+        let handed = self.handed.subscribe();
         async move {
             let _ = signal.wait_for(|d| *d).await;
-            if handed.load(Ordering::Acquire) {
+            if *handed.borrow() {
                 tokio::time::sleep(HANDOVER_IDLE_GRACE).await;
             }
         }

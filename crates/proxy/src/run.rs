@@ -167,8 +167,6 @@ pub struct Proxy {
     offered: Option<Offered>,
     /// With `--handoff`, once bound: where a successor asks for them.
     successor: Option<tokio::net::UnixListener>,
-    /// Set once a successor took over: the admin listener stops accepting.
-    handed: tokio::sync::watch::Sender<bool>,
 }
 
 /// The name a listener is offered to a successor under.
@@ -305,14 +303,12 @@ impl Proxy {
             inherited,
             offered,
             successor,
-            handed: tokio::sync::watch::Sender::new(false),
         };
         let snap = shared.state.load_full();
         proxy.binds = proxy.bind_all(&snap.cfg)?;
-        let mut handed = proxy.handed.subscribe();
-        tokio::spawn(admin::serve(shared.clone(), admin, async move {
-            let _ = handed.wait_for(|h| *h).await;
-        }));
+        // A successor takes the admin listener over too.
+        let handed = shared.drain.handed_over();
+        tokio::spawn(admin::serve(shared.clone(), admin, handed));
         let http =
             |l, kind| spawn_accept(shared.clone(), proxy.builder.clone(), l, Serve::Http(kind));
         http(outbound, Listener::Outbound);
@@ -678,7 +674,6 @@ impl Proxy {
                         Ok(Ok(pid)) => {
                             tracing::info!(successor = pid, "a new process took the listeners over; draining");
                             stopped = Stopped::HandedOver(pid);
-                            self.handed.send_replace(true);
                             self.shared.drain.hand_over();
                             break;
                         }
