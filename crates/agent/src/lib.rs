@@ -314,15 +314,10 @@ async fn resolver_sockets(
         addr: listen,
         source,
     };
-    let fits = |at: std::io::Result<SocketAddr>| {
-        at.is_ok_and(|a| a.ip() == listen.ip() && (listen.port() == 0 || listen.port() == a.port()))
-    };
-    let handed = proxy
-        .inherited()
-        .and_then(|i| Some((i.take(&names.0)?, i.take(&names.1)?)));
-    let handed = handed.and_then(|(u, t)| {
-        let (u, t) = (std::net::UdpSocket::from(u), std::net::TcpListener::from(t));
-        (fits(u.local_addr()) && fits(t.local_addr())).then_some((u, t))
+    let handed = proxy.inherited().and_then(|i| {
+        let udp = i.take_bound(&names.0, listen, std::net::UdpSocket::local_addr)?;
+        let tcp = i.take_bound(&names.1, listen, std::net::TcpListener::local_addr)?;
+        Some((udp, tcp))
     });
     let (udp, tcp) = match handed {
         Some((u, t)) => {

@@ -174,19 +174,26 @@ impl Inherited {
         name: &str,
         addr: SocketAddr,
     ) -> Option<std::net::TcpListener> {
-        let fd = self.sockets.remove(name)?;
-        let l = std::net::TcpListener::from(fd);
-        let at = l.local_addr().ok()?;
-        let fits = at.ip() == addr.ip() && (addr.port() == 0 || addr.port() == at.port());
-        if !fits {
-            tracing::info!(name, was = %at, now = %addr, "a handed-over listener moved; binding anew");
-        }
-        (fits && l.set_nonblocking(true).is_ok()).then_some(l)
+        let l = self.take_bound(name, addr, std::net::TcpListener::local_addr)?;
+        l.set_nonblocking(true).ok()?;
+        Some(l)
     }
 
-    /// The socket handed over as `name`, whatever it is (an agent's resolver's).
-    pub fn take(&mut self, name: &str) -> Option<OwnedFd> {
-        self.sockets.remove(name)
+    /// The socket handed over as `name`, as an `S` (a listener, a UDP socket), if it is bound
+    /// where `addr` asks, as [`Inherited::take_tcp`] says; `local_addr` reads where it is.
+    pub fn take_bound<S: From<OwnedFd>>(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        local_addr: impl Fn(&S) -> std::io::Result<SocketAddr>,
+    ) -> Option<S> {
+        let s = S::from(self.sockets.remove(name)?);
+        let at = local_addr(&s).ok()?;
+        let fits = at.ip() == addr.ip() && (addr.port() == 0 || addr.port() == at.port());
+        if !fits {
+            tracing::info!(name, was = %at, now = %addr, "a handed-over socket moved; binding anew");
+        }
+        fits.then_some(s)
     }
 
     /// Tell the old process to stop accepting, and close what was handed over and not
