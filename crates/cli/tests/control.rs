@@ -23,6 +23,16 @@ fn front(backends: &str) -> String {
     ])
 }
 
+/// Services `svc-a` (answered at `a`) and `svc-b` (at `b`), and the client workload the
+/// proxy serves.
+fn two_backends(a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
+    docs(&[
+        service("svc-a", "HTTP", &[a]),
+        service("svc-b", "HTTP", &[b]),
+        client_workload(&[]),
+    ])
+}
+
 async fn answer(p: &ProxyProcess) -> (u16, String) {
     match client::get(p.outbound, "front.test", "/", &[]).await {
         Ok((s, b)) => (s.as_u16(), String::from_utf8_lossy(&b).into_owned()),
@@ -45,11 +55,7 @@ async fn wait_answer(p: &ProxyProcess, want: &str) -> Duration {
 async fn apply_shift_and_delete_reach_the_proxy_live() {
     let (a, b) = (upstream::named("a").await, upstream::named("b").await);
     let cp = ControlProcess::start(BIN, &[]);
-    let base = docs(&[
-        service("svc-a", "HTTP", &[a]),
-        service("svc-b", "HTTP", &[b]),
-        client_workload(&[]),
-    ]);
+    let base = two_backends(a, b);
     let out = apply(
         &cp,
         &docs(&[base.clone(), front("{ name: svc-a, port: 80 }")]),
@@ -369,11 +375,7 @@ async fn a_large_mesh_arrives_in_parts_and_is_applied_once() {
 async fn proxies_keep_serving_without_the_control_plane_and_resync() {
     let (a, b) = (upstream::named("a").await, upstream::named("b").await);
     let mut cp = ControlProcess::start(BIN, &[]);
-    let base = docs(&[
-        service("svc-a", "HTTP", &[a]),
-        service("svc-b", "HTTP", &[b]),
-        client_workload(&[]),
-    ]);
+    let base = two_backends(a, b);
     apply(&cp, &docs(&[base, front("{ name: svc-a, port: 80 }")]));
     let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
     p.wait_ready().await;
@@ -461,11 +463,7 @@ async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
     assert!(cp_b.token.is_empty(), "B created a token of its own");
     cp_b.token = cp_a.token.clone();
     let (a, b) = (upstream::named("a").await, upstream::named("b").await);
-    let base = docs(&[
-        service("svc-a", "HTTP", &[a]),
-        service("svc-b", "HTTP", &[b]),
-        client_workload(&[]),
-    ]);
+    let base = two_backends(a, b);
     apply(&cp_a, &docs(&[base, front("{ name: svc-a, port: 80 }")]));
     // The proxy prefers B, then A.
     let p = ProxyProcess::start_xds(BIN, &[cp_b.xds_url(), cp_a.xds_url()], "test/client", &[]);
@@ -530,11 +528,7 @@ async fn a_killed_member_of_three_etcd_members_fails_no_request() {
     let mut cluster = trellis_test_support::etcd::EtcdCluster::start(3).await;
     let cp = ControlProcess::start(BIN, &["--store", &cluster.url()]);
     let (a, b) = (upstream::named("a").await, upstream::named("b").await);
-    let base = docs(&[
-        service("svc-a", "HTTP", &[a]),
-        service("svc-b", "HTTP", &[b]),
-        client_workload(&[]),
-    ]);
+    let base = two_backends(a, b);
     apply(&cp, &docs(&[base, front("{ name: svc-a, port: 80 }")]));
     let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
     p.wait_ready().await;
