@@ -32,22 +32,32 @@ async fn first_answer(cp: &InProcess, req: DeltaDiscoveryRequest) -> Result<usiz
     Ok(m.map_or(0, |m| m.resources.len()))
 }
 
-#[tokio::test]
-async fn an_xds_message_over_the_limit_ends_only_its_stream() {
-    let cp = InProcess::start("hostile-xds").await;
+/// A control plane holding one Service, `d/s`.
+async fn with_a_service(test: &str) -> InProcess {
+    let cp = InProcess::start(test).await;
     cp.call(
         http::Method::POST,
         "/api/v1/apply",
         "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: s, namespace: d }\nspec:\n  selector: { app: s }\n  ports: [{ port: 80 }]\n",
     )
     .await;
-    let hello = || DeltaDiscoveryRequest {
-        node: Some(trellis_xds::node("hostile", None)),
+    cp
+}
+
+/// A first delta request of node `id` (no workload): everything.
+fn hello(id: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(trellis_xds::node(id, None)),
         type_url: DOCUMENT_TYPE.into(),
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test]
+async fn an_xds_message_over_the_limit_ends_only_its_stream() {
+    let cp = with_a_service("hostile-xds").await;
     // 17 MiB of subscribed names: over the 16 MiB a message may have.
-    let mut big = hello();
+    let mut big = hello("hostile");
     big.resource_names_subscribe = (0..17 * 1024).map(|i| format!("{i:01024}")).collect();
     let err = first_answer(&cp, big).await.expect_err("refused");
     assert!(
@@ -59,7 +69,7 @@ async fn an_xds_message_over_the_limit_ends_only_its_stream() {
     );
     assert!(err.message().contains("message"), "{err:?}");
     // The next client is served as ever.
-    let got = first_answer(&cp, hello()).await.expect("served");
+    let got = first_answer(&cp, hello("hostile")).await.expect("served");
     assert!(got >= 1, "{got}");
 }
 
@@ -110,18 +120,7 @@ async fn names_subscribed_beyond_the_bound_are_not_held() {
 /// their permits up (1 s), not when their answers time out (10 s: it did before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_answer_do_not_hold_up_the_others() {
-    let cp = InProcess::start("hostile-silent").await;
-    cp.call(
-        http::Method::POST,
-        "/api/v1/apply",
-        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: s, namespace: d }\nspec:\n  selector: { app: s }\n  ports: [{ port: 80 }]\n",
-    )
-    .await;
-    let hello = |id: String| DeltaDiscoveryRequest {
-        node: Some(trellis_xds::node(&id, None)),
-        type_url: DOCUMENT_TYPE.into(),
-        ..Default::default()
-    };
+    let cp = with_a_service("hostile-silent").await;
     let mut silent = Vec::new();
     for i in 0..130 {
         // A connection per 40 streams (a server admits a bounded number per connection).
@@ -136,7 +135,7 @@ async fn clients_that_never_answer_do_not_hold_up_the_others() {
         let (ch, streams) = silent.last_mut().unwrap();
         let mut c = AggregatedDiscoveryServiceClient::new(ch.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(hello(format!("silent-{i}"))).await.unwrap();
+        tx.send(hello(&format!("silent-{i}"))).await.unwrap();
         let stream = c
             .delta_aggregated_resources(ReceiverStream::new(rx))
             .await
@@ -146,9 +145,7 @@ async fn clients_that_never_answer_do_not_hold_up_the_others() {
         streams.push((tx, stream));
     }
     let began = std::time::Instant::now();
-    let got = first_answer(&cp, hello("patient".into()))
-        .await
-        .expect("served");
+    let got = first_answer(&cp, hello("patient")).await.expect("served");
     let waited = began.elapsed();
     eprintln!("the client after 130 silent ones was answered after {waited:?}");
     assert!(got >= 1, "{got}");
