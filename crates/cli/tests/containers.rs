@@ -12,6 +12,20 @@ use std::time::{Duration, Instant};
 use common::*;
 use trellis_test_support::{podman::Podman, Logs, Temp};
 
+/// Wait until `client` (a host of the bed) is answered 200 by `catalog.test.mesh`.
+async fn until_served(
+    bed: &trellis_test_support::netbed::NetBed,
+    client: &str,
+    what: &str,
+    secs: u64,
+) {
+    eventually(what, Duration::from_secs(secs), async || {
+        let (status, _, _) = get_in(bed, client, "http://catalog.test.mesh/");
+        (status == 200).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events() {
     let Some(mut bed) = root_bed("container") else {
@@ -99,15 +113,7 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
     // Started again: a new network namespace, the same name; it rejoins with the identity
     // stored for it (its token was single-use and is spent).
     podman.run(&["start", "catalog-c1"]);
-    eventually(
-        "the container rejoins",
-        Duration::from_secs(30),
-        async || {
-            let (status, _, _) = get_in(&bed, &client, "http://catalog.test.mesh/");
-            (status == 200).then_some(())
-        },
-    )
-    .await;
+    until_served(&bed, &client, "the container rejoins", 30).await;
     let agent_log = logs.read("catalog-c1.log");
     assert!(
         agent_log.contains("reusing the stored certificate"),
@@ -156,15 +162,7 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
     assert!(d.contains("its agent exited"), "{d}");
     // Silent while it was down, the workload was marked unhealthy; its first heartbeat
     // makes it healthy again, and the client's proxy learns it.
-    eventually(
-        "the client reaches the restarted agent",
-        Duration::from_secs(20),
-        async || {
-            let (status, _, _) = get_in(&bed, &client, "http://catalog.test.mesh/");
-            (status == 200).then_some(())
-        },
-    )
-    .await;
+    until_served(&bed, &client, "the client reaches the restarted agent", 20).await;
 
     // Upgrade in place: the same command started again takes over; the running discovery
     // hands its agents over (the new agents take their listeners) and exits, and the
