@@ -243,6 +243,31 @@ async fn once(addr: std::net::SocketAddr, host: &str) -> Result<String, String> 
     }
 }
 
+/// One client per address of `addrs`, each in a loop of requests to `web.test` (answered
+/// `a`) on a new connection each ([`once`]) until `stop`: answers counted in `ok`, anything
+/// else named in `failed`.
+fn new_connection_load(
+    addrs: &[std::net::SocketAddr],
+    stop: &Arc<AtomicBool>,
+    ok: &Arc<AtomicUsize>,
+    failed: &Arc<std::sync::Mutex<Vec<String>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    addrs
+        .iter()
+        .map(|&addr| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match once(addr, "web.test").await {
+                        Ok(body) if body == "a" => drop(ok.fetch_add(1, Ordering::Relaxed)),
+                        other => failed.lock().unwrap().push(format!("{addr}: {other:?}")),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 /// Upgrade in place: a second process started with the same flags and `--handoff` takes the
 /// listeners over (the same sockets: the kernel's accept queue is shared), then the first
 /// finishes its in-flight requests and exits. Under a load of new connections to the
@@ -283,23 +308,7 @@ async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
         Arc::new(AtomicUsize::new(0)),
         Arc::new(std::sync::Mutex::new(Vec::new())),
     );
-    let mut load: Vec<_> = (0..4)
-        .map(|i| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            let addr = if i % 2 == 0 { outbound } else { bind };
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match once(addr, "web.test").await {
-                        Ok(body) if body == "a" => ok.fetch_add(1, Ordering::Relaxed),
-                        other => {
-                            failed.lock().unwrap().push(format!("{addr}: {other:?}"));
-                            0
-                        }
-                    };
-                }
-            })
-        })
-        .collect();
+    let mut load = new_connection_load(&[outbound, bind, outbound, bind], &stop, &ok, &failed);
     // And four kept-alive HTTP/1.1 clients, idle 20 ms between requests, that open a new
     // connection when an answer says `connection: close` (and never resend): the old
     // process answers their next request with it rather than closing them while idle.
@@ -427,19 +436,7 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_tells_the_service_manage
         Arc::new(AtomicUsize::new(0)),
         Arc::new(std::sync::Mutex::new(Vec::new())),
     );
-    let load: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match once(outbound, "web.test").await {
-                        Ok(body) if body == "a" => drop(ok.fetch_add(1, Ordering::Relaxed)),
-                        other => failed.lock().unwrap().push(format!("{other:?}")),
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = new_connection_load(&[outbound, outbound], &stop, &ok, &failed);
     old.signal("USR2");
     let told = said().await;
     let pid: u32 = told
