@@ -187,7 +187,6 @@ pub(crate) async fn serve(
     let Some(kind) = sniff(&stream, builders.h1.header_read_timeout).await else {
         return;
     };
-    let mut drain = shared.drain.signal();
     if let Sniff::Http1 = kind {
         let drained = Box::pin(shared.drain.idle_ends());
         let mut conn = ServerConn::new(stream, builders.h1, drained);
@@ -240,6 +239,7 @@ pub(crate) async fn serve(
         })
     };
     let io = TokioIo::new(stream);
+    let mut drain = shared.drain.signal();
     match kind {
         Sniff::Http2 => drive!(builders.h2.serve_connection(io, svc), drain),
         _ => drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain),
