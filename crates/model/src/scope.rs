@@ -188,16 +188,27 @@ impl ScopeIndex {
         let mut queue: VecDeque<NamespacedName> = services_named(mine).into();
         // Inbound: the Services of its namespace that select it, and the namespace's rate
         // limits (with what they name).
+        let mut inbound = Vec::new();
         for &s in self.services_in.get(&local.namespace).into_iter().flatten() {
             if let Spec::Service(svc) = &res(s).spec {
                 if selects(&svc.selector, &mine.metadata.labels) {
-                    queue.push_back(res(s).id());
+                    inbound.push(res(s).id());
                 }
             }
         }
         for &p in self.rate_limits.get(&local.namespace).into_iter().flatten() {
             out.insert(p);
+            // A policy on a route limits the workloads of the route's parents and backends
+            // with the route's matches: such a route comes along, with what it names (the
+            // translation checks its references).
+            for r in self.limited_routes(res(p)) {
+                let named = services_named(res(r));
+                if named.iter().any(|s| inbound.contains(s)) && out.insert(r) {
+                    queue.extend(named);
+                }
+            }
         }
+        queue.extend(inbound);
         queue.extend(also);
         let mut namespaces: HashSet<&str> = HashSet::from([local.namespace.as_str()]);
         let mut seen = HashSet::new();
@@ -251,8 +262,14 @@ impl ScopeIndex {
             Spec::Service(_) => true,
             Spec::Rollout(_) => false,
             Spec::Workload(_) => self.selects_any(resources, services, id),
-            Spec::HttpRoute(h) => names_one(parents(h, &r.metadata.namespace)),
-            Spec::GrpcRoute(g) => names_one(parents(g, &r.metadata.namespace)),
+            Spec::HttpRoute(h) => {
+                names_one(parents(h, &r.metadata.namespace))
+                    || self.limits_route(resources, kind, id, local)
+            }
+            Spec::GrpcRoute(g) => {
+                names_one(parents(g, &r.metadata.namespace))
+                    || self.limits_route(resources, kind, id, local)
+            }
             Spec::AuthorizationPolicy(p) if p.target_refs.is_empty() => true,
             Spec::PeerAuthentication(p) if p.target_refs.is_empty() => true,
             Spec::RateLimitPolicy(_) => r.metadata.namespace == local.namespace,
@@ -261,6 +278,46 @@ impl ScopeIndex {
                 names_one(services_named(r))
             }
         }
+    }
+
+    /// The routes (indices) that RateLimitPolicy `policy` targets, in its namespace.
+    fn limited_routes<'a>(&'a self, policy: &'a Resource) -> impl Iterator<Item = usize> + 'a {
+        let targets = match &policy.spec {
+            Spec::RateLimitPolicy(p) => p.target_refs.as_slice(),
+            _ => &[],
+        };
+        targets.iter().filter_map(|t| {
+            let kind = crate::resource::known_kind(&t.kind)?;
+            let id = NamespacedName {
+                namespace: policy.metadata.namespace.clone(),
+                name: t.name.value.clone(),
+            };
+            (kind != "Service")
+                .then(|| self.by_key.get(&(kind, id)).copied())
+                .flatten()
+        })
+    }
+
+    /// Whether a RateLimitPolicy of `local`'s namespace targets route `kind` `id`: its
+    /// scope then holds the route.
+    fn limits_route<R: Borrow<Resource>>(
+        &self,
+        resources: &[R],
+        kind: &str,
+        id: &NamespacedName,
+        local: &NamespacedName,
+    ) -> bool {
+        id.namespace == local.namespace
+            && self
+                .rate_limits
+                .get(&local.namespace)
+                .into_iter()
+                .flatten()
+                .any(|&p| {
+                    let p: &Resource = resources[p].borrow();
+                    matches!(&p.spec, Spec::RateLimitPolicy(s)
+                        if s.target_refs.iter().any(|t| t.kind == kind && t.name.value == id.name))
+                })
     }
 
     /// Whether any of `services` selects Workload `workload` (false when there is no such
@@ -428,6 +485,49 @@ spec:
         for w in ["shop/frontend-1", "pay/billing-1", "shop/catalog-vm-1"] {
             crate::translate("t.yaml", &rs, Some(&w.parse().unwrap())).expect("translates");
         }
+        crate::fuzzing::scope(&rs);
+    }
+
+    /// Found by the `resources` fuzz target: a RateLimitPolicy on a route limits the
+    /// workloads of the route's backends too, so a backend's proxy needs that route although
+    /// it neither calls nor serves the route's parent.
+    #[test]
+    fn a_backends_proxy_needs_the_route_its_rate_limit_targets() {
+        let policy = "apiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: { name: a-route, namespace: shop }\nspec:\n  targetRefs: [{ kind: HTTPRoute, name: catalog }]\n  total: [{ requests: 7, per: 1s }]\n";
+        // `catalog` (the route's parent) selects other workloads: catalog-vm-1 serves only
+        // catalog-v1, a backend of the route.
+        let example = EXAMPLE.replacen("selector: { app: catalog }", "selector: { app: other }", 1);
+        assert_ne!(example, EXAMPLE);
+        let rs = parse_documents("t.yaml", &format!("{example}\n---\n{policy}")).expect("parses");
+        let ix = ScopeIndex::new(&rs);
+        let vm = "shop/catalog-vm-1".parse().unwrap();
+        let got = names(&rs, &ix.needs(&rs, &vm, []));
+        for n in ["HTTPRoute/shop/catalog", "RateLimitPolicy/shop/a-route"] {
+            assert!(got.contains(&n.to_string()), "{n} in {got:?}");
+        }
+        let full = crate::translate("t.yaml", &rs, Some(&vm)).expect("translates");
+        let limits = |c: &crate::ProxyConfig| -> Vec<String> {
+            let local = c.local.as_ref().expect("a local side");
+            local
+                .inbound_ports
+                .iter()
+                .flat_map(|p| p.rate_limits.iter().map(|l| l.policy.clone()))
+                .collect()
+        };
+        assert!(limits(&full).contains(&"shop/a-route".to_string()));
+        let subset: Vec<&Resource> = ix.needs(&rs, &vm, []).iter().map(|&i| &rs[i]).collect();
+        let part = crate::translate("t.yaml", &subset, Some(&vm)).expect("translates");
+        assert_eq!(limits(&part), limits(&full));
+        // A proxy of another namespace is not concerned by that route's changes.
+        let billing = "pay/billing-1".parse().unwrap();
+        assert!(!ix.may_concern(
+            &rs,
+            "HTTPRoute",
+            &"shop/catalog".parse().unwrap(),
+            &[],
+            &billing
+        ));
+        assert!(ix.may_concern(&rs, "HTTPRoute", &"shop/catalog".parse().unwrap(), &[], &vm));
         crate::fuzzing::scope(&rs);
     }
 }
