@@ -10,7 +10,7 @@ use trellis_model::{resource::Spec, ConfigError, Resource};
 use trellis_store::{Expect, Key, Store, StoreError, Write};
 
 use crate::{
-    catalog::{effective, Catalog, Entry},
+    catalog::{effective, Catalog, Entry, Stored},
     state::State,
     vips::Allocations,
 };
@@ -148,7 +148,11 @@ fn assign_virtual_ips(
             s.virtual_ip = Some(ip);
         }
         let mut e = (**entry).clone();
-        e.object.doc = doc.clone();
+        e.object = Stored::new(trellis_store::Object {
+            key: key.clone(),
+            version: e.object.version,
+            doc: doc.clone(),
+        });
         e.resource = Arc::new(resource);
         candidate.insert(key.clone(), Arc::new(e));
     }
@@ -285,11 +289,11 @@ async fn apply_with(
             }
         }
         let entry = Entry {
-            object: trellis_store::Object {
+            object: Stored::new(trellis_store::Object {
                 key: key.clone(),
                 version: 0,
                 doc: doc.clone(),
-            },
+            }),
             health: None,
             resource: Arc::new(resource),
             yaml: Arc::from(""),
@@ -347,7 +351,7 @@ async fn apply_with(
         let old = current.entries.get(&key);
         let action = match old {
             None => "created",
-            Some(o) if o.object.doc == doc => "unchanged",
+            Some(o) if o.object.is(&doc) => "unchanged",
             Some(_) => "configured",
         };
         if let (Some(o), Expect::Version(v)) = (old, expect) {
@@ -444,7 +448,7 @@ impl Writer {
             .catalog
             .entries
             .get(key)
-            .map(|e| e.object.doc.clone())
+            .map(|e| e.object.doc())
     }
 
     /// Apply `text` as `file` says, and wait until it is followed.

@@ -41,11 +41,89 @@ pub(crate) fn workload_key(health: &Key) -> Key {
     Key::new("Workload", &health.namespace, &health.name)
 }
 
+/// A stored object, kept compact: its document as JSON text, parsed again when read (rarely:
+/// the API, views and diagnostics read it; proxies get the parsed resource and its YAML). A
+/// parsed `Value` of a Workload costs ~4.7 KB of heap, ten times its text, and the catalog
+/// holds one for every resource of the mesh.
+#[derive(Clone, Debug)]
+pub(crate) struct Stored {
+    /// Where it lives.
+    pub(crate) key: Key,
+    /// Resource version: the store revision of its last write.
+    pub(crate) version: u64,
+    doc: StoredDoc,
+}
+
+#[derive(Clone, Debug)]
+enum StoredDoc {
+    /// Serialized (`serde_json` reads it back as the same value).
+    Text(Box<str>),
+    /// Kept parsed: nested deeper than `serde_json` reads back.
+    Value(Box<Value>),
+}
+
+/// Nesting `serde_json` reads back (its parser stops at 128 levels).
+const READ_BACK_DEPTH: usize = 100;
+
+fn deeper_than(v: &Value, depth: usize) -> bool {
+    if depth == 0 {
+        return true;
+    }
+    match v {
+        Value::Array(a) => a.iter().any(|v| deeper_than(v, depth - 1)),
+        Value::Object(m) => m.values().any(|v| deeper_than(v, depth - 1)),
+        _ => false,
+    }
+}
+
+impl Stored {
+    pub(crate) fn new(o: Object) -> Self {
+        let doc = match serde_json::to_string(&o.doc) {
+            Ok(text) if !deeper_than(&o.doc, READ_BACK_DEPTH) => StoredDoc::Text(text.into()),
+            _ => StoredDoc::Value(Box::new(o.doc)),
+        };
+        Self {
+            key: o.key,
+            version: o.version,
+            doc,
+        }
+    }
+
+    /// The document, as stored.
+    pub(crate) fn doc(&self) -> Value {
+        match &self.doc {
+            StoredDoc::Text(t) => serde_json::from_str(t).unwrap_or_else(|e| {
+                // Not reached: the text was written from a value of bounded depth.
+                tracing::error!(key = %self.key, error = %e, "stored document does not read back");
+                Value::Null
+            }),
+            StoredDoc::Value(v) => Value::clone(v),
+        }
+    }
+
+    /// Whether the stored document is `doc`.
+    pub(crate) fn is(&self, doc: &Value) -> bool {
+        match &self.doc {
+            StoredDoc::Text(t) => serde_json::to_string(doc).is_ok_and(|d| *d == **t),
+            StoredDoc::Value(v) => **v == *doc,
+        }
+    }
+
+    /// As the store holds it.
+    pub(crate) fn object(&self) -> Object {
+        Object {
+            key: self.key.clone(),
+            version: self.version,
+            doc: self.doc(),
+        }
+    }
+}
+
 /// One stored resource.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
     /// As stored.
-    pub(crate) object: Object,
+    pub(crate) object: Stored,
     /// A Workload's health record, if it has one.
     pub(crate) health: Option<Health>,
     /// Parsed, as proxies get it (a Workload with its health).
@@ -81,7 +159,7 @@ impl Entry {
         let yaml = serde_saphyr::to_string(&*served)
             .map_err(|e| format!("{}: cannot render: {e}", object.key))?;
         Ok(Self {
-            object,
+            object: Stored::new(object),
             health,
             resource: Arc::new(resource),
             version: content_version(&yaml),
@@ -94,7 +172,11 @@ impl Entry {
     pub(crate) fn healthy(&self) -> Option<bool> {
         self.health
             .map(|h| h.healthy)
-            .or_else(|| self.object.doc["spec"]["healthy"].as_bool())
+            .or_else(|| match &self.resource.spec {
+                // Without a record the resource was read from the stored document itself.
+                Spec::Workload(w) => w.healthy,
+                _ => None,
+            })
     }
 }
 
@@ -151,7 +233,7 @@ impl Catalog {
         if e.health == health {
             return;
         }
-        match Entry::with_health(e.object.clone(), health) {
+        match Entry::with_health(e.object.object(), health) {
             Ok(e) => drop(self.entries.insert(key.clone(), Arc::new(e))),
             Err(e) => tracing::error!(error = %e, "skipping stored resource"),
         }
@@ -272,7 +354,7 @@ pub(crate) fn effective(
                 conditions.insert(key.clone(), unresolved(message, partial));
                 if partial {
                     // Keep the workload (it is an endpoint); drop only its dangling upstreams.
-                    let mut doc = e.object.doc.clone();
+                    let mut doc = e.object.doc();
                     let mut r = Resource::clone(r);
                     let mut drop_idx: Vec<usize> = ps.iter().filter_map(|p| p.upstream).collect();
                     drop_idx.sort_unstable();
@@ -483,6 +565,41 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A stored document is kept as text and reads back as it was written, numbers, strings
+    /// and nesting alike; one nested deeper than `serde_json` reads back stays a value.
+    #[test]
+    fn a_stored_document_reads_back_as_written() {
+        let doc = json!({
+            "kind": "Workload",
+            "metadata": { "name": "w", "namespace": "test", "labels": { "a": "1", "é": "\u{1F600}" } },
+            "spec": { "address": "127.0.0.1", "weight": 0.25, "port": 18446744073709551615u64, "n": -3 },
+        });
+        let key = Key::new("Workload", "test", "w");
+        let s = Stored::new(Object {
+            key: key.clone(),
+            version: 3,
+            doc: doc.clone(),
+        });
+        assert!(matches!(s.doc, StoredDoc::Text(_)));
+        assert_eq!(s.doc(), doc);
+        assert!(s.is(&doc));
+        assert!(!s.is(&json!({ "kind": "Workload" })));
+        let o = s.object();
+        assert_eq!((o.key, o.version, o.doc), (key.clone(), 3, doc));
+        let mut deep = json!(1);
+        for _ in 0..200 {
+            deep = json!([deep]);
+        }
+        let s = Stored::new(Object {
+            key,
+            version: 4,
+            doc: deep.clone(),
+        });
+        assert!(matches!(s.doc, StoredDoc::Value(_)));
+        assert_eq!(s.doc(), deep);
+        assert!(s.is(&deep));
+    }
+
     #[test]
     fn a_health_record_changes_what_proxies_get_and_not_the_resource() {
         let key = Key::new("Workload", "test", "w");
@@ -508,7 +625,7 @@ mod tests {
         assert!(c.apply(put(health_key(&key), 6, down)), "proxies are told");
         let e = c.entries[&key].clone();
         assert_eq!(e.object.version, 5, "the resource did not change");
-        assert_eq!(e.object.doc, doc, "nor its stored document");
+        assert!(e.object.is(&doc), "nor its stored document");
         assert_ne!(e.version, healthy.version, "what proxies get did");
         assert_eq!(e.healthy(), Some(false));
         let Spec::Workload(w) = &e.resource.spec else {

@@ -39,7 +39,9 @@ use crate::{
     state::State,
 };
 
-type Out = Result<DeltaDiscoveryResponse, Status>;
+/// A response on its way to the stream's encoder, boxed: the channel's first block of 32
+/// slots is allocated with it, 6 KB of `DeltaDiscoveryResponse`s per stream unboxed.
+pub(crate) type Out = Result<Box<DeltaDiscoveryResponse>, Status>;
 
 /// What the client holds.
 enum Have {
@@ -532,7 +534,7 @@ impl DeltaTask {
         let now = tokio::time::Instant::now();
         self.deadline = Some(now + ANSWER_TIMEOUT);
         self.hold_until = Some(now + PERMIT_HOLD);
-        self.tx.send(Ok(resp)).await.is_ok()
+        self.tx.send(Ok(Box::new(resp))).await.is_ok()
     }
 }
 

@@ -44,17 +44,23 @@ pub(crate) fn facts(
             .collect(),
         ..Facts::default()
     };
-    let mut services: Vec<(String, &Value)> = Vec::new();
-    let mut workloads: Vec<(&Value, Option<bool>)> = Vec::new();
+    let mut services: Vec<(String, Value)> = Vec::new();
+    let mut workloads: Vec<(Value, Option<bool>)> = Vec::new();
     for (key, entry) in &state.catalog.entries {
-        let doc = &entry.object.doc;
+        if !matches!(
+            key.kind.as_str(),
+            "Service" | "Workload" | "AuthorizationPolicy" | "HTTPRoute" | "GRPCRoute"
+        ) {
+            continue;
+        }
+        let doc = entry.object.doc();
         let ns = key.namespace.as_str();
         match key.kind.as_str() {
             "Service" => services.push((format!("{ns}/{}", key.name), doc)),
             "Workload" => workloads.push((doc, entry.healthy())),
             "AuthorizationPolicy" => {
                 let action = doc["spec"]["action"].as_str().unwrap_or("ALLOW");
-                let me = format!("{} ({action})", ns_name(doc, ns));
+                let me = format!("{} ({action})", ns_name(&doc, ns));
                 for t in doc["spec"]["targetRefs"].as_array().into_iter().flatten() {
                     if let Some(name) = t["name"].as_str() {
                         f.policies
@@ -65,7 +71,7 @@ pub(crate) fn facts(
                 }
             }
             "HTTPRoute" | "GRPCRoute" => {
-                if let Some(ms) = route_timeout_ms(doc) {
+                if let Some(ms) = route_timeout_ms(&doc) {
                     for p in doc["spec"]["parentRefs"].as_array().into_iter().flatten() {
                         if let Some(name) = p["name"].as_str() {
                             let svc = format!("{ns}/{name}");

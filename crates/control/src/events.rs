@@ -29,7 +29,9 @@ pub(crate) struct Event {
     pub(crate) workload: String,
     /// `joined`, `left`, `healthy` or `unhealthy`.
     pub(crate) kind: &'static str,
-    /// Its labels (a service that selected it can be found after it left).
+    /// Its labels when it left (a service that selected it can be found after it left);
+    /// other events keep none (10,000 events of a fleet of workloads would hold ~6 MB).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) labels: BTreeMap<String, String>,
 }
 
@@ -49,7 +51,8 @@ fn labels(doc: &Value) -> BTreeMap<String, String> {
 }
 
 impl Events {
-    fn push(&self, workload: String, kind: &'static str, doc: &Value) {
+    /// Keep an event; `labels` only for a workload that left.
+    fn push(&self, workload: String, kind: &'static str, labels: BTreeMap<String, String>) {
         let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if q.len() == KEPT {
             q.pop_front();
@@ -58,7 +61,7 @@ impl Events {
             at_ms: now_ms(),
             workload,
             kind,
-            labels: labels(doc),
+            labels,
         });
     }
 
@@ -83,7 +86,7 @@ impl Events {
                     } else {
                         "healthy"
                     };
-                    self.push(name, kind, &w.object.doc);
+                    self.push(name, kind, BTreeMap::new());
                 }
                 continue;
             }
@@ -96,15 +99,15 @@ impl Events {
             let health = |d: &Value| record.or_else(|| d["spec"]["healthy"].as_bool());
             match (before, after) {
                 (None, Some(a)) => {
-                    self.push(name.clone(), "joined", a);
+                    self.push(name.clone(), "joined", BTreeMap::new());
                     if health(a) == Some(false) {
-                        self.push(name, "unhealthy", a);
+                        self.push(name, "unhealthy", BTreeMap::new());
                     }
                 }
-                (Some(b), None) => self.push(name, "left", &b.object.doc),
+                (Some(b), None) => self.push(name, "left", labels(&b.object.doc())),
                 (Some(b), Some(a)) if b.healthy() != health(a) => match health(a) {
-                    Some(false) => self.push(name, "unhealthy", a),
-                    _ => self.push(name, "healthy", a),
+                    Some(false) => self.push(name, "unhealthy", BTreeMap::new()),
+                    _ => self.push(name, "healthy", BTreeMap::new()),
                 },
                 _ => {}
             }
@@ -122,5 +125,50 @@ impl Events {
             .collect();
         v.reverse();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use trellis_store::{Key, Object};
+
+    use super::*;
+
+    /// A workload's events: joined and left; only the departure keeps its labels (a service
+    /// that selected it is found from them).
+    #[test]
+    fn a_departure_keeps_the_labels_of_the_workload_that_left() {
+        let key = Key::new("Workload", "shop", "w-1");
+        let doc = json!({
+            "apiVersion": "trellis.dev/v1alpha1",
+            "kind": "Workload",
+            "metadata": { "name": "w-1", "namespace": "shop", "labels": { "app": "catalog" } },
+            "spec": { "address": "127.0.0.1" },
+        });
+        let events = Events::default();
+        let mut catalog = Catalog::default();
+        let put = Change {
+            revision: 1,
+            events: vec![StoreEvent::Put(Object {
+                key: key.clone(),
+                version: 1,
+                doc,
+            })],
+        };
+        events.observe(&catalog, &put);
+        assert!(catalog.apply(put));
+        let gone = Change {
+            revision: 2,
+            events: vec![StoreEvent::Delete(key)],
+        };
+        events.observe(&catalog, &gone);
+        let got: Vec<_> = events
+            .since(0)
+            .into_iter()
+            .map(|e| (e.kind, e.labels))
+            .collect();
+        let catalog_labels = BTreeMap::from([("app".to_string(), "catalog".to_string())]);
+        assert_eq!(got, [("joined", BTreeMap::new()), ("left", catalog_labels)]);
     }
 }

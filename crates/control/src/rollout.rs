@@ -228,7 +228,11 @@ fn rollouts(state: &State) -> Vec<(NamespacedName, RolloutSpec, Value)> {
             Spec::Rollout(r) => Some((
                 e.resource.id(),
                 r.clone(),
-                e.object.doc.get("spec").cloned().unwrap_or_default(),
+                e.object
+                    .doc()
+                    .get_mut("spec")
+                    .map(Value::take)
+                    .unwrap_or_default(),
             )),
             _ => None,
         })
@@ -592,7 +596,7 @@ fn workloads_of(state: &State, id: &NamespacedName, service: &str) -> HashSet<St
 
 /// The routes `spec` shifts: those it names, else every HTTPRoute and GRPCRoute of its
 /// namespace with the Service as a parent and the stable backend among its backends.
-fn routes<'a>(state: &'a State, id: &NamespacedName, spec: &RolloutSpec) -> Vec<(Key, &'a Value)> {
+fn routes(state: &State, id: &NamespacedName, spec: &RolloutSpec) -> Vec<(Key, Value)> {
     state
         .catalog
         .entries
@@ -600,11 +604,11 @@ fn routes<'a>(state: &'a State, id: &NamespacedName, spec: &RolloutSpec) -> Vec<
         .filter(|(k, _)| {
             (k.kind == "HTTPRoute" || k.kind == "GRPCRoute") && k.namespace == id.namespace
         })
-        .filter(|(k, e)| {
+        .map(|(k, e)| (k.clone(), e.object.doc()))
+        .filter(|(k, doc)| {
             if !spec.routes.is_empty() {
                 return spec.routes.contains(&k.name);
             }
-            let doc = &e.object.doc;
             let parents = doc["spec"]["parentRefs"].as_array();
             parents.is_some_and(|ps| {
                 ps.iter().any(|p| {
@@ -613,7 +617,6 @@ fn routes<'a>(state: &'a State, id: &NamespacedName, spec: &RolloutSpec) -> Vec<
                 })
             }) && has_backend(doc, &id.namespace, &spec.stable)
         })
-        .map(|(k, e)| (k.clone(), &e.object.doc))
         .collect()
 }
 
@@ -670,8 +673,8 @@ fn weighted_routes(
 ) -> Result<Vec<(Resource, Value)>, RolloutError> {
     let mut out = Vec::new();
     for (key, doc) in routes(state, id, spec) {
-        let new = with_weights(doc, &id.namespace, spec, weight);
-        if &new == doc {
+        let new = with_weights(&doc, &id.namespace, spec, weight);
+        if new == doc {
             continue;
         }
         let file = format!("rollout:{id}");
@@ -687,7 +690,7 @@ fn weighted_routes(
 fn weights_differ(state: &State, id: &NamespacedName, spec: &RolloutSpec, weight: u32) -> bool {
     routes(state, id, spec)
         .into_iter()
-        .any(|(_, doc)| &with_weights(doc, &id.namespace, spec, weight) != doc)
+        .any(|(_, doc)| with_weights(&doc, &id.namespace, spec, weight) != doc)
 }
 
 #[cfg(test)]

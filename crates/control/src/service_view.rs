@@ -30,7 +30,7 @@ pub(crate) fn view(state: &State, events: &[Event], ns: &str, name: &str) -> Opt
     let svc = entries
         .iter()
         .find(|(k, _)| k.kind == "Service" && k.namespace == ns && k.name == name)
-        .map(|(_, e)| &e.object.doc)?;
+        .map(|(_, e)| e.object.doc())?;
     let selector = svc["spec"]["selector"]
         .as_object()
         .cloned()
@@ -41,7 +41,7 @@ pub(crate) fn view(state: &State, events: &[Event], ns: &str, name: &str) -> Opt
     // The most specific PeerAuthentication wins: the service's, its namespace's, the mesh's.
     let mut mtls: [Option<String>; 3] = [None, None, None];
     for (key, e) in entries {
-        let doc = &e.object.doc;
+        let doc = &e.object.doc();
         let spec = &doc["spec"];
         let same_ns = key.namespace == ns;
         match key.kind.as_str() {

@@ -16,7 +16,7 @@ use std::{
 };
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use trellis_xds::{
     envoy_types::pb::{
@@ -85,6 +85,9 @@ struct Ads {
 
 type Out = Result<DiscoveryResponse, Status>;
 
+/// A response on its way to the encoder, boxed (as `delta::Out`): small channel slots.
+type Queued = Result<Box<DiscoveryResponse>, Status>;
+
 impl Ads {
     /// A new stream's id, registered as a connected proxy.
     fn open(&self, peer: Option<SocketAddr>) -> u64 {
@@ -117,7 +120,8 @@ impl AggregatedDiscoveryService for Ads {
             workload: None,
         };
         tokio::spawn(stream.run(inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let out = ReceiverStream::new(rx).map(|r| r.map(|b| *b));
+        Ok(Response::new(Box::pin(out)))
     }
 
     type DeltaAggregatedResourcesStream =
@@ -138,7 +142,8 @@ impl AggregatedDiscoveryService for Ads {
             tx,
         );
         tokio::spawn(stream.run(inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let out = ReceiverStream::new(rx).map(|r| r.map(|b| *b));
+        Ok(Response::new(Box::pin(out)))
     }
 }
 
@@ -152,7 +157,7 @@ struct Sub {
 
 struct StreamTask {
     id: u64,
-    tx: tokio::sync::mpsc::Sender<Out>,
+    tx: tokio::sync::mpsc::Sender<Queued>,
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
     subs: HashMap<String, Sub>,
@@ -306,6 +311,6 @@ impl StreamTask {
             ..Default::default()
         };
         self.proxies.sent(self.id, t, version, count);
-        self.tx.send(Ok(resp)).await.map_err(|_| ())
+        self.tx.send(Ok(Box::new(resp))).await.map_err(|_| ())
     }
 }

@@ -53,12 +53,20 @@ async fn blocking<T: Send + 'static>(
         .map_err(StoreError::backend)?
 }
 
+/// The store's own page cache (reads and writes), in bytes.
+const CACHE_BYTES: usize = 4 << 20;
+
 impl Embedded {
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(StoreError::backend)?;
         }
-        let db = Database::create(path)
+        // redb caches up to 1 GiB of pages by default: every page written stays in memory.
+        // The catalog holds what the control plane reads; the file's pages stay in the OS's
+        // cache.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         // Create the tables so that readers never see them missing.
         let txn = db.begin_write().map_err(StoreError::backend)?;

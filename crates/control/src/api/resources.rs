@@ -36,7 +36,7 @@ pub(super) fn routes() -> Router<Api> {
 
 /// A resource as the API returns it: the stored document, its version and status.
 pub(crate) fn render(e: &Entry, state: &State) -> Value {
-    let mut doc = e.object.doc.clone();
+    let mut doc = e.object.doc();
     if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert(
             "resourceVersion".into(),
