@@ -465,6 +465,12 @@ impl Compiled {
         })
     }
 
+    /// Whether the mesh-wide translation was made.
+    #[cfg(test)]
+    pub(crate) fn mesh_made(&self) -> bool {
+        self.mesh.get().is_some()
+    }
+
     /// Note what changed since `prev`.
     pub(crate) fn diff_from(&mut self, prev: &Compiled) {
         let mut names = Vec::new();

@@ -390,9 +390,22 @@ pub(crate) async fn run(
             spill.merge(&heard, Instant::now());
         }
         let st = state.borrow().clone();
-        if let Ok(mesh) = st.compiled.mesh() {
-            spill.tick(mesh, Instant::now());
-        }
+        tick_with(&spill, &st.compiled, Instant::now());
+    }
+}
+
+/// Tick with the mesh of `compiled`: its whole-mesh translation only when some
+/// BackendTrafficPolicy asks for spill-over (that translation costs tens of milliseconds at
+/// 10,000 workloads, made again after every change of the mesh); without, the services'
+/// states are let go.
+fn tick_with(spill: &Spill, compiled: &crate::catalog::Compiled, now: Instant) {
+    let spills = compiled.effective.iter().any(|r| {
+        matches!(&r.spec, trellis_model::resource::Spec::BackendPolicy(p) if p.spillover.is_some())
+    });
+    if !spills {
+        spill.tick(&ProxyConfig::default(), now);
+    } else if let Ok(mesh) = compiled.mesh() {
+        spill.tick(mesh, now);
     }
 }
 
