@@ -326,8 +326,21 @@ async fn apply_with(
     }
     assign_virtual_ips(&mut candidate, &mut planned, &mut alloc);
     let (eff, _) = effective(&candidate);
+    // The set as it was translated (it was checked as this one is): what this apply changes
+    // is checked with what it can break, not with every Workload of the fleet.
+    let planned_keys: std::collections::HashSet<&Key> = planned.iter().map(|p| &p.0).collect();
+    let changed: Vec<usize> = eff
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _, _, _))| planned_keys.contains(k))
+        .map(|(i, _)| i)
+        .collect();
     let resources_eff: Vec<Arc<Resource>> = eff.into_iter().map(|(_, r, _, _)| r).collect();
-    trellis_model::translate(file, &resources_eff, None)?;
+    let check: Vec<&Resource> = trellis_model::scope::to_check(&resources_eff, &changed)
+        .into_iter()
+        .map(|i| &*resources_eff[i])
+        .collect();
+    trellis_model::translate(file, &check, None)?;
     // A workload with explicit upstreams is also checked as its own proxy would see it: on
     // what its proxy gets (its scope, which translates for it as the whole set does), so
     // that an apply of a thousand such workloads does not translate the mesh a thousand

@@ -76,6 +76,43 @@ pub fn resources(data: &[u8]) {
         }
     }
     scope(&resources);
+    checked_change(&resources);
+}
+
+/// For (up to three of) the resources X of `resources`: when the set without X translates,
+/// translating what [`crate::scope::to_check`] picks for X added (or changed) refuses exactly
+/// when translating the whole set does.
+pub fn checked_change(resources: &[crate::Resource]) {
+    for x in 0..resources.len().min(3) {
+        let before: Vec<&crate::Resource> = resources
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != x)
+            .map(|(_, r)| r)
+            .collect();
+        if crate::translate(FILE, &before, None).is_err() {
+            continue;
+        }
+        let whole = crate::translate(FILE, resources, None);
+        let part: Vec<&crate::Resource> = crate::scope::to_check(resources, &[x])
+            .into_iter()
+            .map(|i| &resources[i])
+            .collect();
+        let checked = crate::translate(FILE, &part, None);
+        assert_eq!(
+            checked
+                .as_ref()
+                .map(drop)
+                .map_err(|e| e.to_string())
+                .is_ok(),
+            whole.as_ref().map(drop).is_ok(),
+            "{} {} changed: checked {:?}, whole {:?}",
+            resources[x].kind(),
+            resources[x].id(),
+            checked.err().map(|e| e.to_string()),
+            whole.err().map(|e| e.to_string()),
+        );
+    }
 }
 
 /// For (up to three of) the Workloads of `resources`: what [`crate::scope::ScopeIndex`] says

@@ -115,6 +115,53 @@ fn selects(
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// What to translate to check the set `resources` after a change of the resources at
+/// `changed` (indices), when the set before the change translated: every resource but the
+/// Workloads, the changed Workloads (and any other of the same name: defined twice), and the
+/// Workloads a changed Service selects. A
+/// Workload's checks, its own and as an endpoint of the Services that select it, read no
+/// other Workload, and the rest of a mesh is small next to its Workloads: a change checked
+/// this way costs what the mesh's Services and policies cost, not its fleet
+/// (`fuzzing::resources` checks that this refuses exactly what translating the whole set
+/// refuses).
+pub fn to_check<R: Borrow<Resource>>(resources: &[R], changed: &[usize]) -> Vec<usize> {
+    let changed: HashSet<usize> = changed.iter().copied().collect();
+    let names: HashSet<(&str, &str)> = changed
+        .iter()
+        .filter_map(|&i| {
+            let r: &Resource = resources.get(i)?.borrow();
+            let m = &r.metadata;
+            matches!(r.spec, Spec::Workload(_)).then_some((m.namespace.as_str(), m.name.as_str()))
+        })
+        .collect();
+    let services: Vec<(&str, &std::collections::BTreeMap<String, String>)> = changed
+        .iter()
+        .filter_map(|&i| {
+            let r: &Resource = resources.get(i)?.borrow();
+            match &r.spec {
+                Spec::Service(s) => Some((r.metadata.namespace.as_str(), &s.selector)),
+                _ => None,
+            }
+        })
+        .collect();
+    resources
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            let r: &Resource = (*r).borrow();
+            !matches!(r.spec, Spec::Workload(_))
+                || changed.contains(i)
+                || names.contains(&(r.metadata.namespace.as_str(), r.metadata.name.as_str()))
+                || services.iter().any(|(ns, sel)| {
+                    *ns == r.metadata.namespace
+                        && !sel.is_empty()
+                        && selects(sel, &r.metadata.labels)
+                })
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
 impl ScopeIndex {
     /// Index `resources` (one pass).
     pub fn new<R: Borrow<Resource>>(resources: &[R]) -> Self {
@@ -486,6 +533,53 @@ spec:
             crate::translate("t.yaml", &rs, Some(&w.parse().unwrap())).expect("translates");
         }
         crate::fuzzing::scope(&rs);
+    }
+
+    /// A change is checked with the Workloads it can break: itself, or those a changed
+    /// Service selects; and what that refuses is what the whole set refuses.
+    #[test]
+    fn a_change_is_checked_with_the_workloads_it_can_break() {
+        let rs = mesh();
+        let at = |kind: &str, id: &str| {
+            rs.iter()
+                .position(|r| r.kind() == kind && r.id().to_string() == id)
+                .unwrap()
+        };
+        let workloads = |picked: Vec<usize>| -> Vec<String> {
+            picked
+                .into_iter()
+                .filter(|&i| rs[i].kind() == "Workload")
+                .map(|i| rs[i].id().to_string())
+                .collect()
+        };
+        let front = at("Workload", "shop/frontend-1");
+        assert_eq!(workloads(to_check(&rs, &[front])), ["shop/frontend-1"]);
+        let v1 = at("Service", "shop/catalog-v1");
+        assert_eq!(workloads(to_check(&rs, &[v1])), ["shop/catalog-vm-1"]);
+        let route = at("HTTPRoute", "shop/catalog");
+        assert!(workloads(to_check(&rs, &[route])).is_empty());
+        // Every other kind is always checked.
+        let picked = to_check(&rs, &[front]);
+        for (i, r) in rs.iter().enumerate() {
+            if r.kind() != "Workload" {
+                assert!(picked.contains(&i), "{}", r.id());
+            }
+        }
+        // A Service added that selects a Workload of weight 0: refused, checked either way.
+        let extra = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: idle-1, namespace: pay, labels: { app: idle } }\nspec: { address: 127.0.0.7, weight: 0 }\n---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: idle, namespace: pay }\nspec:\n  selector: { app: idle }\n  ports: [{ name: http, port: 80, protocol: HTTP }]\n";
+        let mut more = rs.clone();
+        more.extend(parse_documents("t.yaml", extra).expect("parses"));
+        let svc = more.len() - 1;
+        let before: Vec<&Resource> = more[..svc].iter().collect();
+        crate::translate("t.yaml", &before, None).expect("unselected, it is not checked");
+        assert!(crate::translate("t.yaml", &more, None).is_err());
+        let part: Vec<&Resource> = to_check(&more, &[svc])
+            .into_iter()
+            .map(|i| &more[i])
+            .collect();
+        let e = crate::translate("t.yaml", &part, None).expect_err("refused");
+        assert!(e.to_string().contains("spec.weight"), "{e}");
+        crate::fuzzing::checked_change(&more);
     }
 
     /// Found by the `resources` fuzz target: a RateLimitPolicy on a route limits the
