@@ -2,7 +2,8 @@
 # Run every fuzz target for SECONDS (default 30), JOBS at a time (default 2), on a scratch copy
 # of the committed corpus; fail, printing the input, when a target finds a crash or a broken
 # property. `bash fuzz/run.sh 600 1 http1_request` runs one target for ten minutes and keeps
-# what it learns: with KEEP=1 new inputs are merged (minimised) into fuzz/corpus.
+# what it learns: with KEEP=1 new inputs are merged (minimised) into fuzz/corpus; named
+# inputs (seeds, faults found) are kept.
 #
 # Builds with cargo-fuzz (installed from crates.io when missing) on the nightly toolchain, or
 # on stable with RUSTC_BOOTSTRAP=1 when there is no nightly; without a sanitizer: the crates
@@ -44,6 +45,11 @@ run_one() {
     printf '%-16s %s\n' "$t" "$(grep -E '^stat::number_of_executed_units' "$out/log" | awk '{print $2 " runs"}') $(grep -oE 'cov: [0-9]+' "$out/log" | tail -1)"
     if [ "${KEEP:-0}" = 1 ]; then
       "${fuzz[@]}" cmin --sanitizer "$sanitizer" "$t" "$out/corpus" >/dev/null 2>&1 || true
+      # Named inputs (hand-written seeds, the inputs of faults found) stay, whatever their
+      # coverage: libFuzzer names its own by their SHA-1.
+      for f in "corpus/$t"/*; do
+        [[ $(basename "$f") =~ ^[0-9a-f]{40}$ ]] || cp "$f" "$out/corpus/"
+      done
       rm -rf "corpus/$t" && cp -r "$out/corpus" "corpus/$t"
     fi
   else
