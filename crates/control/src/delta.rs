@@ -7,7 +7,7 @@
 //! arrive meanwhile are sent together once it is answered, so a slow proxy gets fewer, larger
 //! updates instead of a queue.
 //!
-//! An update larger than [`PART_BYTES`] of YAML (the first sync of a proxy joining a big mesh)
+//! An update larger than [`PART_BYTES`] encoded (the first sync of a proxy joining a big mesh)
 //! goes in parts, each answered before the next is sent; all but the last carry
 //! [`PARTIAL_SUFFIX`] and the proxy applies the set at the last. tonic keeps each stream's
 //! encode buffer at the size of the largest message the stream ever sent, so whole-mesh
@@ -119,8 +119,11 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`ANSWER_TIMEOUT`].
 const PERMIT_HOLD: Duration = Duration::from_secs(1);
 
-/// The YAML that one response carries at most; a larger document still goes, alone.
-pub(crate) const PART_BYTES: usize = 32 << 10;
+/// A response's encoded size at most (a larger document still goes, alone). tonic's encode
+/// buffer starts at 8 KiB, doubles until a response fits, and keeps that size for the
+/// stream's life: parts that fit 16 KiB keep it there (parts of 32 KiB of YAML, ~43 KB
+/// encoded, grew it to 64 KiB on every stream that ever had a large update).
+pub(crate) const PART_BYTES: usize = 15 << 10;
 
 /// What is left to send of an update.
 struct Pending {
@@ -496,7 +499,7 @@ impl DeltaTask {
         })
     }
 
-    /// Send the next part of the pending update: documents up to [`PART_BYTES`] of YAML, and
+    /// Send the next part of the pending update: documents up to [`PART_BYTES`] encoded, and
     /// with the last part the removals.
     async fn send_part(&mut self) -> bool {
         let (Some(sub), Some(p)) = (self.sub.as_mut(), self.pending.as_mut()) else {
@@ -506,11 +509,14 @@ impl DeltaTask {
         let mut bytes = 0;
         while let Some(n) = p.names.front() {
             if let Some(d) = p.state.compiled.docs.get(n) {
-                if !resources.is_empty() && bytes + d.yaml.len() > PART_BYTES {
+                let r = resource(n, d);
+                // The resource and its field's tag and length.
+                let len = prost::Message::encoded_len(&r) + 4;
+                if !resources.is_empty() && bytes + len > PART_BYTES {
                     break;
                 }
-                bytes += d.yaml.len();
-                resources.push(resource(n, d));
+                bytes += len;
+                resources.push(r);
             }
             p.names.pop_front();
         }
