@@ -21,10 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 use trellis_xds::{
     envoy_types::pb::{
         envoy::service::discovery::v3::{
-            aggregated_discovery_service_server::{
-                AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-            },
-            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+            aggregated_discovery_service_server::AggregatedDiscoveryService, DeltaDiscoveryRequest,
+            DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
         },
         google::protobuf::Any,
     },
@@ -32,6 +30,10 @@ use trellis_xds::{
 };
 
 use crate::{catalog::Doc, registry::Registry, state::State};
+
+mod small_buffers;
+
+use small_buffers::AdsService;
 
 fn document(d: &Doc) -> Any {
     trellis_xds::envoy_types::util::pack_any(Document {
@@ -56,9 +58,7 @@ pub(crate) async fn serve(
     // Plaintext only from this host: elsewhere, proxies must come over TLS.
     let plaintext = l.local_addr().is_ok_and(|a| a.ip().is_loopback());
     let incoming = crate::tls::incoming(l, tls, plaintext);
-    let routes = tonic::service::Routes::from(extra).add_service(
-        AggregatedDiscoveryServiceServer::new(ads).max_decoding_message_size(16 << 20),
-    );
+    let routes = tonic::service::Routes::from(extra).add_service(AdsService::new(ads));
     let r = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_routes(routes)
