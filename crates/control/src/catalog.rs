@@ -108,15 +108,6 @@ impl Stored {
             StoredDoc::Value(v) => **v == *doc,
         }
     }
-
-    /// As the store holds it.
-    pub(crate) fn object(&self) -> Object {
-        Object {
-            key: self.key.clone(),
-            version: self.version,
-            doc: self.doc(),
-        }
-    }
 }
 
 /// One stored resource.
@@ -134,6 +125,29 @@ pub(crate) struct Entry {
     pub(crate) version: Arc<str>,
 }
 
+/// Stored document `doc` of `key` as proxies get it, parsed and as YAML: a Workload's with
+/// its health record in `spec`.
+fn served(key: &Key, doc: &Value, health: Option<Health>) -> Result<(Resource, String), String> {
+    let served = match health {
+        Some(h) if key.kind == "Workload" => {
+            let mut doc = doc.clone();
+            let spec = &mut doc["spec"];
+            spec["healthy"] = h.healthy.into();
+            let written = spec["healthRecoveries"].as_u64().unwrap_or(0);
+            if h.recoveries > written {
+                spec["healthRecoveries"] = h.recoveries.into();
+            }
+            std::borrow::Cow::Owned(doc)
+        }
+        _ => std::borrow::Cow::Borrowed(doc),
+    };
+    let resource: Resource = serde_json::from_value(served.clone().into_owned())
+        .map_err(|e| format!("{key}: stored document does not parse: {e}"))?;
+    let yaml =
+        serde_saphyr::to_string(&*served).map_err(|e| format!("{key}: cannot render: {e}"))?;
+    Ok((resource, yaml))
+}
+
 impl Entry {
     /// Parse a stored object (stored objects were validated on the way in; one that no
     /// longer parses, a newer schema wrote it, is reported and left out); a Workload with
@@ -141,30 +155,25 @@ impl Entry {
     /// the Workload's `spec.healthy` and `spec.healthRecoveries` (the proxy's model; a static
     /// file writes them there), while the stored object is left as it was written.
     pub(crate) fn with_health(object: Object, health: Option<Health>) -> Result<Self, String> {
-        let served = match health {
-            Some(h) if object.key.kind == "Workload" => {
-                let mut doc = object.doc.clone();
-                let spec = &mut doc["spec"];
-                spec["healthy"] = h.healthy.into();
-                let written = spec["healthRecoveries"].as_u64().unwrap_or(0);
-                if h.recoveries > written {
-                    spec["healthRecoveries"] = h.recoveries.into();
-                }
-                std::borrow::Cow::Owned(doc)
-            }
-            _ => std::borrow::Cow::Borrowed(&object.doc),
-        };
-        let resource: Resource = serde_json::from_value(served.clone().into_owned())
-            .map_err(|e| format!("{}: stored document does not parse: {e}", object.key))?;
-        let yaml = serde_saphyr::to_string(&*served)
-            .map_err(|e| format!("{}: cannot render: {e}", object.key))?;
-        Ok(Self {
-            object: Stored::new(object),
+        let (resource, yaml) = served(&object.key, &object.doc, health)?;
+        Ok(Self::new(Stored::new(object), health, resource, yaml))
+    }
+
+    /// The same stored object with `health` instead (its document read back, kept as it
+    /// was stored).
+    fn rehealthed(&self, health: Option<Health>) -> Result<Self, String> {
+        let (resource, yaml) = served(&self.object.key, &self.object.doc(), health)?;
+        Ok(Self::new(self.object.clone(), health, resource, yaml))
+    }
+
+    fn new(object: Stored, health: Option<Health>, resource: Resource, yaml: String) -> Self {
+        Self {
+            object,
             health,
             resource: Arc::new(resource),
             version: content_version(&yaml),
             yaml: yaml.into(),
-        })
+        }
     }
 
     /// Whether it is healthy, as far as anyone said: its health record, else what its
@@ -233,7 +242,7 @@ impl Catalog {
         if e.health == health {
             return;
         }
-        match Entry::with_health(e.object.object(), health) {
+        match e.rehealthed(health) {
             Ok(e) => drop(self.entries.insert(key.clone(), Arc::new(e))),
             Err(e) => tracing::error!(error = %e, "skipping stored resource"),
         }
@@ -590,8 +599,7 @@ mod tests {
         assert_eq!(s.doc(), doc);
         assert!(s.is(&doc));
         assert!(!s.is(&json!({ "kind": "Workload" })));
-        let o = s.object();
-        assert_eq!((o.key, o.version, o.doc), (key.clone(), 3, doc));
+        assert_eq!((s.key.clone(), s.version, s.doc()), (key.clone(), 3, doc));
         let mut deep = json!(1);
         for _ in 0..200 {
             deep = json!([deep]);
