@@ -311,11 +311,11 @@ impl ScopeIndex {
             Spec::Workload(_) => self.selects_any(resources, services, id),
             Spec::HttpRoute(h) => {
                 names_one(parents(h, &r.metadata.namespace))
-                    || self.limits_route(resources, kind, id, local)
+                    || self.limits_route(resources, i, local)
             }
             Spec::GrpcRoute(g) => {
                 names_one(parents(g, &r.metadata.namespace))
-                    || self.limits_route(resources, kind, id, local)
+                    || self.limits_route(resources, i, local)
             }
             Spec::AuthorizationPolicy(p) if p.target_refs.is_empty() => true,
             Spec::PeerAuthentication(p) if p.target_refs.is_empty() => true,
@@ -345,25 +345,23 @@ impl ScopeIndex {
         })
     }
 
-    /// Whether a RateLimitPolicy of `local`'s namespace targets route `kind` `id`: its
+    /// Whether a RateLimitPolicy of `local`'s namespace targets route `route` (an index): its
     /// scope then holds the route.
     fn limits_route<R: Borrow<Resource>>(
         &self,
         resources: &[R],
-        kind: &str,
-        id: &NamespacedName,
+        route: usize,
         local: &NamespacedName,
     ) -> bool {
-        id.namespace == local.namespace
+        resources[route].borrow().metadata.namespace == local.namespace
             && self
                 .rate_limits
                 .get(&local.namespace)
                 .into_iter()
                 .flatten()
                 .any(|&p| {
-                    let p: &Resource = resources[p].borrow();
-                    matches!(&p.spec, Spec::RateLimitPolicy(s)
-                        if s.target_refs.iter().any(|t| t.kind == kind && t.name.value == id.name))
+                    self.limited_routes(resources[p].borrow())
+                        .any(|r| r == route)
                 })
     }
 
