@@ -37,14 +37,14 @@ const START: usize = 1 << 10;
 const YIELD: usize = 32 << 10;
 
 /// The largest request a stream reads (a proxy subscribing to many names by name).
-pub(super) const MAX_REQUEST: usize = 16 << 20;
+const MAX_REQUEST: usize = 16 << 20;
 
 /// Protobuf messages of delta ADS with small buffers.
 #[derive(Clone, Copy, Debug, Default)]
-pub(super) struct DeltaCodec;
+struct DeltaCodec;
 
 impl DeltaCodec {
-    pub(super) fn settings() -> BufferSettings {
+    fn settings() -> BufferSettings {
         BufferSettings::new(START, YIELD)
     }
 }
