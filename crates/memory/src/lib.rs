@@ -25,16 +25,6 @@ pub fn release() -> bool {
 
 #[cfg(test)]
 mod tests {
-    /// Resident memory of this process, in KiB.
-    fn rss_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-
     /// A peak of small blocks (below the threshold above which glibc maps blocks of their
     /// own), all freed but the last, which pins the top of the heap: the freed memory stays
     /// resident until it is asked for back.
@@ -43,9 +33,9 @@ mod tests {
         let blocks: Vec<Vec<u8>> = (0..100_000).map(|i| vec![i as u8; 1024]).collect();
         let pin = vec![1u8; 1024];
         drop(blocks);
-        let before = rss_kib();
+        let before = trellis_test_support::rss_kib(std::process::id());
         assert!(super::release(), "nothing given back");
-        let after = rss_kib();
+        let after = trellis_test_support::rss_kib(std::process::id());
         assert!(
             after + 50_000 < before,
             "resident {before} KiB before, {after} KiB after"
