@@ -386,8 +386,12 @@ pub(crate) async fn status(conn: &Conn, o: Output) -> Result<()> {
             let sent = s["sent"].as_str().unwrap_or_default().to_string();
             let acked = s["acked"].as_str().unwrap_or_default().to_string();
             let rejected = &s["rejected"];
+            let silent = t == "document" && p["silentSince"].is_u64();
             let state = if !rejected.is_null() && rejected["version"].as_str() == Some(&sent) {
                 "NACKED"
+            } else if silent {
+                // It left an update unanswered: neither ACK nor NACK.
+                "NOT ANSWERING"
             } else if acked == sent && sent == current {
                 "SYNCED"
             } else if acked == sent {

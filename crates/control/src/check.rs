@@ -89,9 +89,21 @@ pub(crate) async fn run(api: &Api) -> Vec<Check> {
 
     // Proxies: connected, in step, nothing refused.
     let proxies = api.proxies().snapshot();
-    let (mut refused, mut behind) = (Vec::new(), Vec::new());
+    let (mut refused, mut behind, mut silent) = (Vec::new(), Vec::new(), Vec::new());
+    let now_s = now_ms() / 1000;
     for p in &proxies {
         let who = p.workload.clone().unwrap_or_else(|| p.node.clone());
+        if let Some(since) = p.silent_since {
+            let who = p
+                .peer
+                .as_ref()
+                .map_or(who.clone(), |a| format!("{who} at {a}"));
+            silent.push(format!(
+                "{who} (for {})",
+                ago(now_s.saturating_sub(since) * 1000)
+            ));
+            continue;
+        }
         for (ty, st) in &p.types {
             if let Some(r) = st.rejected.as_ref().filter(|_| st.acked != st.sent) {
                 refused.push(format!("{who} ({ty} {}: {})", r.version, r.message));
@@ -106,6 +118,13 @@ pub(crate) async fn run(api: &Api) -> Vec<Check> {
             Outcome::Fail,
             format!("{} refused their config: {}", refused.len(), list(&refused)),
             "fix what the proxy names and apply again; trellis status shows every proxy",
+        )
+    } else if !silent.is_empty() {
+        check(
+            "proxies in sync",
+            Outcome::Fail,
+            format!("{} do not answer their updates: {}", silent.len(), list(&silent)),
+            "a proxy that neither acknowledges nor refuses what it is sent is stuck (or not a proxy): restart it, or look at its log",
         )
     } else if !behind.is_empty() {
         check(

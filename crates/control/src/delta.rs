@@ -125,6 +125,29 @@ const PERMIT_HOLD: Duration = Duration::from_secs(1);
 /// encoded, grew it to 64 KiB on every stream that ever had a large update).
 pub(crate) const PART_BYTES: usize = 15 << 10;
 
+/// Permits for updates in flight: those of streams that answer, and a few of their own for
+/// streams that stopped answering (one left a response unanswered past [`PERMIT_HOLD`]), so
+/// that however many of those there are, each retry of theirs at the [`ANSWER_TIMEOUT`]
+/// takes nothing from the streams that answer.
+#[derive(Clone)]
+pub(crate) struct Permits {
+    answering: Arc<Semaphore>,
+    silent: Arc<Semaphore>,
+}
+
+/// Updates in flight to streams that stopped answering, at most.
+const SILENT_PUSHES: usize = 4;
+
+impl Permits {
+    /// `answering` updates in flight to streams that answer, at most.
+    pub(crate) fn new(answering: usize) -> Self {
+        Self {
+            answering: Arc::new(Semaphore::new(answering)),
+            silent: Arc::new(Semaphore::new(SILENT_PUSHES)),
+        }
+    }
+}
+
 /// What is left to send of an update.
 struct Pending {
     /// The state the update brings the client to.
@@ -140,10 +163,13 @@ pub(crate) struct DeltaTask {
     id: u64,
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
-    permits: Arc<Semaphore>,
+    permits: Permits,
     /// Held from an update's first part to the answer of its last, unless a part goes
     /// unanswered for [`PERMIT_HOLD`].
     permit: Option<OwnedSemaphorePermit>,
+    /// The client left a response unanswered past [`PERMIT_HOLD`] and has not answered
+    /// since: its updates take their permits from [`Permits::silent`].
+    silent: bool,
     /// When an unanswered response gives its permit up to another stream's update.
     hold_until: Option<tokio::time::Instant>,
     /// A response waits for its answer until then.
@@ -175,7 +201,7 @@ impl DeltaTask {
         id: u64,
         state: watch::Receiver<Arc<State>>,
         proxies: Registry,
-        permits: Arc<Semaphore>,
+        permits: Permits,
         tx: mpsc::Sender<Out>,
     ) -> Self {
         Self {
@@ -184,6 +210,7 @@ impl DeltaTask {
             proxies,
             permits,
             permit: None,
+            silent: false,
             hold_until: None,
             deadline: None,
             pending: None,
@@ -212,17 +239,11 @@ impl DeltaTask {
                 },
                 changed = self.state.changed() => changed.is_ok() && self.push().await,
                 _ = tokio::time::sleep_until(hold.unwrap_or_else(tokio::time::Instant::now)), if hold.is_some() => {
-                    // Still waiting for the answer, but no longer holding up other streams'
-                    // updates: the next part takes a permit again.
-                    self.permit = None;
-                    self.hold_until = None;
+                    self.went_silent();
                     true
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                    tracing::warn!(stream = self.id, "no answer to the last response; sending again when something changes");
-                    self.deadline = None;
-                    self.permit = None;
-                    !std::mem::take(&mut self.dirty) || self.push().await
+                    self.answer_timed_out().await
                 }
             };
             if !ok {
@@ -230,6 +251,30 @@ impl DeltaTask {
             }
         }
         self.proxies.disconnect(self.id);
+    }
+
+    /// The last response went unanswered for [`PERMIT_HOLD`]: still waiting for the answer,
+    /// but no longer holding up other streams' updates; until the client answers, its
+    /// updates take permits of the silent streams.
+    fn went_silent(&mut self) {
+        self.permit = None;
+        self.hold_until = None;
+        if !self.silent {
+            self.silent = true;
+            self.proxies.silent(self.id, true);
+        }
+    }
+
+    /// The last response went unanswered for [`ANSWER_TIMEOUT`]: what changed since goes now,
+    /// and anything that changes later when it does.
+    async fn answer_timed_out(&mut self) -> bool {
+        tracing::warn!(
+            stream = self.id,
+            "no answer to the last response; sending again when something changes"
+        );
+        self.deadline = None;
+        self.permit = None;
+        !std::mem::take(&mut self.dirty) || self.push().await
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> bool {
@@ -315,6 +360,9 @@ impl DeltaTask {
                 self.proxies.answer(self.id, DOCUMENT_TYPE, v, err);
             }
             self.deadline = None;
+            if std::mem::take(&mut self.silent) {
+                self.proxies.silent(self.id, false);
+            }
             if self.pending.is_none() && !changed && !std::mem::take(&mut self.dirty) {
                 self.permit = None;
                 return true;
@@ -335,7 +383,12 @@ impl DeltaTask {
             return true;
         }
         if self.permit.is_none() {
-            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            let pool = if self.silent {
+                &self.permits.silent
+            } else {
+                &self.permits.answering
+            };
+            let Ok(permit) = pool.clone().acquire_owned().await else {
                 return false;
             };
             self.permit = Some(permit);
@@ -578,4 +631,57 @@ fn scoped_diff(
         }
     }
     now
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+
+    fn hello(nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: DOCUMENT_TYPE.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A stream that stopped answering retries at its answer timeout with permits of its
+    /// own: with every permit of the answering streams taken (by their updates), its retry
+    /// still goes, and takes none of theirs; once it answers, it is one of them again.
+    #[tokio::test]
+    async fn a_stream_that_stopped_answering_takes_no_permit_from_those_that_answer() {
+        let catalog = Catalog::default();
+        let compiled = Arc::new(catalog.compile());
+        let (_state_tx, state) = watch::channel(Arc::new(State { catalog, compiled }));
+        let proxies = Registry::default();
+        proxies.connect(7, None);
+        let permits = Permits::new(1);
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut task = DeltaTask::new(7, state, proxies.clone(), permits.clone(), tx);
+
+        // The first response holds the one permit until it is answered.
+        assert!(task.on_request(hello("")).await);
+        let first = rx.recv().await.expect("a response").expect("not an error");
+        assert_eq!(permits.answering.available_permits(), 0);
+        // Unanswered past the hold: the permit goes back, and the proxy is told silent.
+        task.went_silent();
+        assert_eq!(permits.answering.available_permits(), 1);
+        assert!(proxies.snapshot()[0].silent_since.is_some());
+
+        // Another stream's update takes the answering permit; a change is pending here when
+        // the answer times out: the retry goes with a permit of the silent streams.
+        let _other = permits.answering.clone().acquire_owned().await.unwrap();
+        task.dirty = true;
+        let retried = tokio::time::timeout(Duration::from_secs(10), task.answer_timed_out())
+            .await
+            .expect("a silent stream's retry waited for the answering streams' permits");
+        assert!(retried);
+        assert_eq!(permits.answering.available_permits(), 0);
+
+        // It answers: no longer silent, and its next update takes an answering permit.
+        assert!(task.on_request(hello(&first.nonce)).await);
+        assert!(!task.silent);
+        assert!(proxies.snapshot()[0].silent_since.is_none());
+    }
 }

@@ -52,6 +52,10 @@ pub(crate) struct ProxyStatus {
     pub(crate) connected_at: u64,
     /// Per resource type (short name: `document`, `listener`, `route`, `cluster`, `endpoint`).
     pub(crate) types: BTreeMap<String, TypeStatus>,
+    /// Since when (seconds since the epoch) it has left an update unanswered past the time a
+    /// proxy takes to answer (a second): stuck, or not a proxy at all. Trellis documents only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) silent_since: Option<u64>,
 }
 
 /// Every connected proxy. Cheap to clone.
@@ -91,6 +95,7 @@ impl Registry {
                 peer: peer.map(|p| p.to_string()),
                 connected_at: now(),
                 types: BTreeMap::new(),
+                silent_since: None,
             },
         );
     }
@@ -155,6 +160,17 @@ impl Registry {
         });
     }
 
+    /// Record that the proxy stopped answering its updates (`true`), or answered again.
+    pub(crate) fn silent(&self, id: u64, silent: bool) {
+        if silent {
+            tracing::warn!(
+                stream = id,
+                "a proxy left its update unanswered; its updates now wait apart"
+            );
+        }
+        self.update(id, |p| p.silent_since = silent.then(now));
+    }
+
     fn update(&self, id: u64, f: impl FnOnce(&mut ProxyStatus)) {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = m.get_mut(&id) {
@@ -169,11 +185,12 @@ impl Registry {
     }
 
     /// How many proxies taking Trellis documents have not applied revision `rev` (an update
-    /// still in parts is not applied), those serving Workload `except` aside.
+    /// still in parts is not applied), those serving Workload `except` aside, and those that
+    /// stopped answering: waiting for them cannot make them take it.
     pub(crate) fn behind(&self, rev: u64, except: &str) -> usize {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         m.values()
-            .filter(|p| p.workload.as_deref() != Some(except))
+            .filter(|p| p.workload.as_deref() != Some(except) && p.silent_since.is_none())
             .filter_map(|p| p.types.get("document"))
             .filter(|t| t.acked.parse::<u64>().map_or(true, |v| v < rev))
             .count()
@@ -194,5 +211,30 @@ impl Registry {
             })
             .map(|p| p.node.clone())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deregistration waits for the proxies behind a revision, but not for one that
+    /// stopped answering: waiting cannot make it take the change.
+    #[test]
+    fn a_proxy_that_stopped_answering_is_not_waited_for() {
+        let r = Registry::default();
+        let doc = trellis_xds::DOCUMENT_TYPE;
+        for id in [1, 2] {
+            r.connect(id, None);
+            r.answer(id, doc, "4".into(), None);
+            r.sent(id, doc, "5".into(), 1);
+        }
+        assert_eq!(r.behind(5, "d/leaving"), 2);
+        r.silent(2, true);
+        assert_eq!(r.behind(5, "d/leaving"), 1);
+        r.silent(2, false);
+        assert_eq!(r.behind(5, "d/leaving"), 2);
+        r.answer(1, doc, "5".into(), None);
+        assert_eq!(r.behind(5, "d/leaving"), 1);
     }
 }

@@ -52,7 +52,7 @@ pub(crate) async fn serve(
     let ads = Ads {
         state,
         proxies,
-        pushes: Arc::new(tokio::sync::Semaphore::new(PUSHES_IN_FLIGHT)),
+        pushes: crate::delta::Permits::new(PUSHES_IN_FLIGHT),
         next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)),
     };
     // Plaintext only from this host: elsewhere, proxies must come over TLS.
@@ -79,7 +79,7 @@ const PUSHES_IN_FLIGHT: usize = 128;
 struct Ads {
     state: watch::Receiver<Arc<State>>,
     proxies: Registry,
-    pushes: Arc<tokio::sync::Semaphore>,
+    pushes: crate::delta::Permits,
     next_id: Arc<std::sync::atomic::AtomicU64>,
 }
 

@@ -153,4 +153,30 @@ async fn clients_that_never_answer_do_not_hold_up_the_others() {
         waited < Duration::from_secs(5),
         "held up by clients that never answer: {waited:?}"
     );
+    // `check` names them: they neither acknowledge nor refuse what they are sent.
+    let line = trellis_test_support::eventually(
+        "check names the clients that do not answer",
+        Duration::from_secs(10),
+        async || {
+            let v = cp.call(http::Method::GET, "/api/v1/check", "").await;
+            let c = v["checks"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "proxies in sync")?
+                .clone();
+            c["message"]
+                .as_str()?
+                .starts_with("130 do not answer")
+                .then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(line["outcome"], "fail", "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .contains("silent-0 at 127.0.0.1:"),
+        "{line}"
+    );
 }

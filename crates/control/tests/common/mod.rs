@@ -41,8 +41,13 @@ impl InProcess {
         }
     }
 
-    /// One API call with the admin token; it must succeed.
-    pub(crate) async fn call(&self, method: http::Method, path: &str, body: &str) {
+    /// One API call with the admin token; it must succeed. Its JSON answer.
+    pub(crate) async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: &str,
+    ) -> serde_json::Value {
         let req = http::Request::builder()
             .method(method)
             .uri(path)
@@ -56,6 +61,7 @@ impl InProcess {
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{:?}", r.body);
+        serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null)
     }
 
     /// `http://` URL of the xDS server.
