@@ -12,7 +12,8 @@
 //!    `unhealthy_threshold` failures. The control plane marks the Workload unhealthy if
 //!    heartbeats stop.
 //! 5. On SIGTERM or SIGINT the Workload is deregistered; the control plane answers once the
-//!    proxies connected to it have applied that (5 s at most), and only then does the proxy
+//!    proxies connected to it, and to the other replicas on its store, have applied that (5 s
+//!    at most), and only then does the proxy
 //!    drain, so that no caller sends it a request after it stopped taking them.
 //! 6. Upgrade in place: the same command started again (a new binary) takes over through the
 //!    proxy's handoff socket (`STATE_DIR/handoff.sock`): the listeners, the resolver's
@@ -352,8 +353,8 @@ async fn send(
 const LEAVE_WAIT: Duration = Duration::from_secs(5);
 
 /// Take Workload `name` out of the mesh, signed with `creds`: the control plane answers once
-/// the proxies connected to it have applied the change (or `wait` passed), with how many had
-/// not. Gives up after that wait and 5 s more.
+/// the proxies connected to it and to the other replicas have applied the change (or `wait`
+/// passed), with how many had not. Gives up after that wait and 5 s more.
 async fn deregister(
     servers: &[String],
     creds: &Credentials,

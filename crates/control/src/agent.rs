@@ -31,6 +31,7 @@ use crate::{
     error::ControlError,
     identity::Identity,
     registry::Registry,
+    replicas::Replicas,
 };
 
 /// Heartbeat intervals an agent may miss before its Workload is marked unhealthy.
@@ -67,8 +68,8 @@ struct Request {
     /// How often heartbeats come.
     #[serde(default = "default_interval")]
     interval_ms: u64,
-    /// Deregister: answer once the proxies connected here have applied the removal, waiting
-    /// at most this long (capped at [`MAX_LEAVE_WAIT`]).
+    /// Deregister: answer once the proxies connected here and to the other replicas have
+    /// applied the removal, waiting at most this long (capped at [`MAX_LEAVE_WAIT`]).
     #[serde(default)]
     wait_ms: u64,
 }
@@ -77,12 +78,17 @@ struct Request {
 const MAX_LEAVE_WAIT: Duration = Duration::from_secs(10);
 
 /// Wait until no proxy connected to this replica is behind revision `rev` (a proxy serving
-/// the leaving Workload itself aside), or `wait` passed; the count still behind.
-async fn until_applied(proxies: &Registry, rev: u64, leaving: &Key, wait: Duration) -> usize {
+/// the leaving Workload `workload`, `NAMESPACE/NAME`, itself aside, and any that stopped
+/// answering), or `wait` passed; the count still behind.
+pub(crate) async fn until_applied(
+    proxies: &Registry,
+    rev: u64,
+    workload: &str,
+    wait: Duration,
+) -> usize {
     let deadline = Instant::now() + wait.min(MAX_LEAVE_WAIT);
-    let workload = format!("{}/{}", leaving.namespace, leaving.name);
     loop {
-        let behind = proxies.behind(rev, &workload);
+        let behind = proxies.behind(rev, workload);
         if behind == 0 || Instant::now() >= deadline {
             return behind;
         }
@@ -235,6 +241,7 @@ pub(crate) async fn handle(
     identity: &Identity,
     agents: &Agents,
     proxies: &Registry,
+    replicas: Option<&Replicas>,
     env: Envelope,
 ) -> Result<Value, AgentError> {
     let proof =
@@ -310,9 +317,24 @@ pub(crate) async fn handle(
             agents.forget(&key);
             tracing::info!(workload = %key, %id, "agent deregistered its workload");
             if let Some(rev) = rev.filter(|_| req.wait_ms > 0) {
-                let wait = Duration::from_millis(req.wait_ms);
-                let behind = until_applied(proxies, rev, &key, wait).await;
-                return Ok(json!({ "ok": true, "workload": key.to_string(), "behind": behind }));
+                // The proxies of every replica: callers connected to another one send to
+                // the leaving workload as long as theirs have not taken the removal.
+                let wait = Duration::from_millis(req.wait_ms).min(MAX_LEAVE_WAIT);
+                let workload = format!("{}/{}", key.namespace, key.name);
+                let elsewhere = async {
+                    match replicas {
+                        Some(r) => r.behind(rev, &workload, wait).await,
+                        None => (0, 0),
+                    }
+                };
+                let (here, (there, unreachable)) =
+                    tokio::join!(until_applied(proxies, rev, &workload, wait), elsewhere);
+                let mut out =
+                    json!({ "ok": true, "workload": key.to_string(), "behind": here + there });
+                if unreachable > 0 {
+                    out["unreachableReplicas"] = unreachable.into();
+                }
+                return Ok(out);
             }
         }
     }

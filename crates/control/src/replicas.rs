@@ -285,6 +285,45 @@ impl Replicas {
         all
     }
 
+    /// How many proxies connected to the other replicas have not applied revision `rev`
+    /// (those serving `workload` aside), each replica answering once its own are in step or
+    /// `wait` passed; and how many replicas did not answer (each logged).
+    pub(crate) async fn behind(&self, rev: u64, workload: &str, wait: Duration) -> (usize, usize) {
+        let peers = self.peers().await;
+        // A workload's namespace and name are DNS labels: nothing in them to escape.
+        let path = format!(
+            "/v1/fleet/behind?rev={rev}&workload={workload}&waitMs={}",
+            wait.as_millis()
+        );
+        let asks = peers.iter().map(|p| {
+            let path = &path;
+            async move {
+                let limit = wait + ASK_TIMEOUT;
+                let r = tokio::time::timeout(limit, self.get(p, path, 1 << 10))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+                    .and_then(|b| {
+                        serde_json::from_slice::<serde_json::Value>(&b)
+                            .ok()
+                            .and_then(|v| v["behind"].as_u64())
+                            .ok_or_else(|| "a malformed answer".to_string())
+                    });
+                (p, r)
+            }
+        });
+        let (mut behind, mut unreachable) = (0, 0);
+        for (p, r) in futures_util::future::join_all(asks).await {
+            match r {
+                Ok(n) => behind += n as usize,
+                Err(why) => {
+                    unreachable += 1;
+                    tracing::warn!(replica = %p.id, xds = %p.xds, %why, "another replica did not say whether its proxies took a deregistration");
+                }
+            }
+        }
+        (behind, unreachable)
+    }
+
     /// Every other replica's part of a window, asked at once; those that did not answer in
     /// time, with why.
     pub(crate) async fn gather(&self, query: &str) -> (Vec<Shard>, Vec<Unreachable>) {

@@ -14,6 +14,7 @@ pub(crate) async fn handle(AxState(api): AxState<Api>, body: Bytes) -> ApiResult
         api.identity(),
         api.agents(),
         api.proxies(),
+        api.replicas(),
         env,
     )
     .await?;

@@ -400,6 +400,32 @@ pub(crate) async fn loads(
     Ok(Json(api.spill().own(std::time::Instant::now())))
 }
 
+/// What another replica asks while a deregistration waits.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct BehindQuery {
+    /// The store revision that removed the workload.
+    rev: u64,
+    /// `NAMESPACE/NAME` of the leaving workload (its own proxy is not waited for).
+    workload: String,
+    /// How long to wait for this replica's proxies, in milliseconds.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// `GET /v1/fleet/behind` (xDS address, another replica only): answered once the proxies
+/// connected here have applied revision `rev` (or the wait passed), with how many had not.
+pub(crate) async fn behind(
+    AxState(api): AxState<Api>,
+    peer: Option<Extension<Peer>>,
+    Query(q): Query<BehindQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    only_replicas(&api, peer.as_ref())?;
+    let wait = std::time::Duration::from_millis(q.wait_ms);
+    let n = crate::agent::until_applied(api.proxies(), q.rev, &q.workload, wait).await;
+    Ok(Json(serde_json::json!({ "behind": n })))
+}
+
 /// Refuse a caller that is not another control-plane replica (by its certificate).
 fn only_replicas(api: &Api, peer: Option<&Extension<Peer>>) -> ApiResult<()> {
     let me = trellis_identity::tls::control_plane_id(&api.identity().trust_domain);

@@ -33,6 +33,7 @@
 //! | DELETE | `/api/v1/viewer-tokens/{id}` | revoke one; sessions opened with it end |
 //! | GET | `/api/v1/check` | the mesh's own health: store, proxies in sync, certificates, root rotation, workloads, agents, clocks; each pass, warn or fail with a hint |
 //! | GET | `/v1/fleet/shard?kind=&namespace=&name=&window=&at=` (xDS address only) | this replica's part of a window (protobuf `Shard`), for another replica: its certificate must be the control plane's |
+//! | GET | `/v1/fleet/behind?rev=&workload=&waitMs=` (xDS address only) | answered once the proxies connected to this replica have applied store revision `rev` (the workload's own aside) or the wait (at most 10 s) passed: `{"behind": N}`, for another replica's deregistration; the control plane's certificate only |
 //! | GET | `/v1/fleet/loads` (xDS address only) | the proxies' loads this replica heard itself lately (JSON `Heard` list), for another replica's spill-over decisions; the control plane's certificate only |
 //! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N&headers=true` | live requests, one JSON object a line, until the client leaves; header values only with `headers=true`, never those of credentials |
 //! | GET | `/v1/tap?workload=NS/NAME` (xDS address only) | a proxy follows its taps: one JSON line `{taps: [...]}` now and at each change |
@@ -368,6 +369,7 @@ impl Api {
                     .route("/v1/load", post(fleet::load))
                     .route("/v1/fleet/shard", get(fleet::shard))
                     .route("/v1/fleet/loads", get(fleet::loads))
+                    .route("/v1/fleet/behind", get(fleet::behind))
                     .layer(DefaultBodyLimit::max(TELEMETRY_MAX_BODY)),
             )
             .with_state(self.clone())

@@ -13,14 +13,22 @@ pub(crate) struct InProcess {
 
 impl InProcess {
     /// Start on a fresh data dir named after `test`.
+    #[allow(dead_code)]
     pub(crate) async fn start(test: &str) -> Self {
+        Self::start_on(test, "embedded").await
+    }
+
+    /// Start on a fresh data dir named after `test`, on `store` (`embedded`, or an etcd
+    /// URL). A replica that joins a store where another made the admin token has none of
+    /// its own: give it that one ([`InProcess::with_token_of`]).
+    pub(crate) async fn start_on(test: &str, store: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("trellis-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let control = Control::start(Options {
             data_dir: dir.clone(),
             api: "127.0.0.1:0".parse().unwrap(),
             xds: "127.0.0.1:0".parse().unwrap(),
-            store: "embedded".into(),
+            store: store.into(),
             max_body_bytes: 4 << 20,
             trust_domain: "trellis.local".into(),
             svid_ttl: std::time::Duration::from_secs(3600),
@@ -31,7 +39,7 @@ impl InProcess {
         .await
         .unwrap();
         let token = std::fs::read_to_string(dir.join("admin.token"))
-            .unwrap()
+            .unwrap_or_default()
             .trim()
             .to_string();
         Self {
@@ -39,6 +47,44 @@ impl InProcess {
             dir,
             token,
         }
+    }
+
+    /// The admin token.
+    #[allow(dead_code)]
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// This replica, calling the API with `other`'s admin token.
+    #[allow(dead_code)]
+    pub(crate) fn with_token_of(mut self, other: &InProcess) -> Self {
+        self.token.clone_from(&other.token);
+        self
+    }
+
+    /// `POST path` with `body` (JSON) and, if given, `bearer` instead of the admin token:
+    /// the status and the JSON answer.
+    #[allow(dead_code)]
+    pub(crate) async fn post_as(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        bearer: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = http::Request::post(path).header("host", "cp");
+        if let Some(b) = bearer {
+            req = req.header("authorization", format!("Bearer {b}"));
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        let r = trellis_test_support::client::send1(self.control.api_addr, req)
+            .await
+            .unwrap();
+        let v = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+        (r.status.as_u16(), v)
     }
 
     /// One API call with the admin token; it must succeed. Its JSON answer.
