@@ -16,7 +16,8 @@
 # real control plane (not measured), HTTP/2 over mutual TLS between them; both run under
 # callgrind and the figure is the two together (caller and callee printed apart too). It moves
 # by about 2% between runs (how many HTTP/2 frames one read or write carries depends on
-# timing): take the median of three. KEEP=DIR keeps both callgrind files of the measured run.
+# timing): take the median of three. KEEP=DIR keeps the callgrind file(s) of the measured run
+# (caller.out and callee.out; proxy.out without MTLS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -63,6 +64,7 @@ run() {
   for _ in $(seq 300); do curl -sf -o /dev/null 127.0.0.1:18100/ready && break; sleep 0.1; done
   [ "$1" -gt 0 ] && h2load --h1 -n "$1" -c 8 "$URL" >/dev/null
   kill -TERM "$VP"; wait "$VP" || true; VP=
+  [ -z "${KEEP:-}" ] || [ "$1" = 0 ] || cp "$W/cg.out" "$KEEP/proxy.out"
   total "$W/cg.out"
 }
 # The mesh path: caller and callee under callgrind, each with a fresh identity. One request

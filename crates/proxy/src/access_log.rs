@@ -465,15 +465,27 @@ const ESCAPE: [bool; 256] = {
 };
 
 /// A JSON string: quotes, backslashes and control characters escaped; the rest (UTF-8
-/// included) as it is. Most strings need nothing: one table lookup a byte, one copy.
+/// included) as it is. Most strings need nothing: eight bytes are looked at together while
+/// none of them needs escaping (about a quarter of the instructions of a lookup a byte),
+/// then copied at once.
 fn escaped(buf: &mut Vec<u8>, s: &[u8]) {
+    buf.reserve(s.len() + 2);
     buf.push(b'"');
     let mut start = 0;
-    for (i, &b) in s.iter().enumerate() {
+    let mut i = 0;
+    while i < s.len() {
+        if let Some(w) = s.get(i..i + 8) {
+            if !needs_escape(u64::from_le_bytes(w.try_into().expect("eight bytes"))) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = s[i];
+        i += 1;
         if !ESCAPE[b as usize] {
             continue;
         }
-        buf.extend_from_slice(&s[start..i]);
+        buf.extend_from_slice(&s[start..i - 1]);
         match b {
             b'"' => buf.extend_from_slice(b"\\\""),
             b'\\' => buf.extend_from_slice(b"\\\\"),
@@ -487,10 +499,21 @@ fn escaped(buf: &mut Vec<u8>, s: &[u8]) {
                 buf.push(HEX[(c & 0xf) as usize]);
             }
         }
-        start = i + 1;
+        start = i;
     }
     buf.extend_from_slice(&s[start..]);
     buf.push(b'"');
+}
+
+/// Whether any of the eight bytes of `w` is one [`ESCAPE`] names: below 0x20, `"` or `\`.
+/// (The classic test for a zero byte, `(v - 0x01..) & !v & 0x80..`, exact as to whether
+/// there is one; bytes from 0x80 up, UTF-8, never match.)
+fn needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    (below_space | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\')))) != 0
 }
 
 /// The formatter's memory: the last second's `YYYY-MM-DDTHH:MM:SS` (lines of one batch

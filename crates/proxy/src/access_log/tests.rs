@@ -202,3 +202,53 @@ fn every_byte_that_json_needs_escaped_is() {
         "0123456789\"abcdefgh\\x\u{7f}é\u{1f}"
     );
 }
+
+/// The byte-at-a-time escaping `escaped` must agree with.
+fn escaped_bytewise(s: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'"'];
+    for &b in s {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            c if c < 0x20 => out.extend_from_slice(format!("\\u{c:04x}").as_bytes()),
+            c => out.push(c),
+        }
+    }
+    out.push(b'"');
+    out
+}
+
+/// Eight bytes looked at together find what one at a time finds: every byte value at every
+/// place of a word and across words, then random strings rich in what needs escaping
+/// (and in bytes from 0x80 up, which borrow differently).
+#[test]
+fn escaping_a_word_at_a_time_agrees_with_a_byte_at_a_time() {
+    let check = |s: &[u8]| {
+        let mut out = Vec::new();
+        escaped(&mut out, s);
+        assert_eq!(out, escaped_bytewise(s), "{s:?}");
+    };
+    for b in 0u8..=255 {
+        for at in 0..19 {
+            let mut s = vec![b'a'; 19];
+            s[at] = b;
+            check(&s);
+            s.iter_mut().filter(|c| **c == b'a').for_each(|c| *c = 0xc3);
+            check(&s);
+        }
+    }
+    let alphabet = [
+        0u8, 0x1f, 0x20, b'"', b'\\', b'\n', 0x21, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xff, b'a',
+    ];
+    let mut rng = fastrand::Rng::with_seed(22);
+    for _ in 0..20_000 {
+        let n = rng.usize(0..40);
+        let s: Vec<u8> = (0..n)
+            .map(|_| alphabet[rng.usize(..alphabet.len())])
+            .collect();
+        check(&s);
+    }
+}
