@@ -360,5 +360,21 @@ async fn the_control_plane_refuses_deep_yaml_and_replayed_agent_requests() {
         v["error"].as_str().unwrap_or_default().contains("replayed"),
         "{v}"
     );
+    // The same request with the signature's `s` replaced by `n − s`: another signature of
+    // the same bytes that verifies as well (ECDSA is malleable), and a replay all the same.
+    let other = serde_json::json!({
+        "certificate": cert,
+        "proof": trellis_identity::join::hex(&trellis_test_support::ecdsa::malleated(&proof)),
+        "request": request,
+    })
+    .to_string();
+    let (st, v) = cp
+        .call(http::Method::POST, "/api/v1/agent", &other, None)
+        .await;
+    assert_eq!(st, 401, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("replayed"),
+        "{v}"
+    );
     let _ = std::fs::remove_dir_all(state);
 }

@@ -261,7 +261,9 @@ pub(crate) async fn handle(
             "request too old (or the clocks differ by over two minutes)".into(),
         ));
     }
-    if !agents.first_use(&proof) {
+    // By the signature's r: the same request with `s` replaced by `n − s` verifies as well
+    // (ECDSA is malleable) and must count as the same.
+    if !agents.first_use(trellis_identity::proof_id(&proof).unwrap_or(&proof)) {
         tracing::warn!(%id, "agent request replayed; refused");
         return Err(AgentError::Unauthorized(
             "replayed request: this signature was used before".into(),

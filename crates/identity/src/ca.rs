@@ -174,6 +174,30 @@ pub fn prove(key_pem: &str, csr_pem: &str) -> Result<Vec<u8>, CaError> {
     Ok(KeyPair::from_pem(key_pem)?.sign(csr_pem.as_bytes())?)
 }
 
+/// What tells one [`prove`] signature from another, for refusing a replay: its `r`. An
+/// ECDSA signature is malleable — `(r, n − s)` verifies wherever `(r, s)` does — so a
+/// replayed request can carry other signature bytes than the first; `r` comes from the
+/// signer's random nonce and is the same in both. `None` if `proof` is not a DER
+/// `SEQUENCE { INTEGER, INTEGER }` (it never verifies then).
+pub fn proof_id(proof: &[u8]) -> Option<&[u8]> {
+    // SEQUENCE, its length (short form: a P-256 signature is at most 72 bytes), INTEGER r.
+    let (&[0x30, len], rest) = proof.split_first_chunk::<2>()? else {
+        return None;
+    };
+    if usize::from(len) != rest.len() {
+        return None;
+    }
+    let (&[0x02, rlen], rest) = rest.split_first_chunk::<2>()? else {
+        return None;
+    };
+    let r = rest.get(..usize::from(rlen))?;
+    // Without the zero byte DER puts before an integer whose top bit is set.
+    Some(match r {
+        [0, tail @ ..] => tail,
+        _ => r,
+    })
+}
+
 /// An issued certificate.
 #[derive(Clone, Debug)]
 pub struct Svid {
@@ -429,6 +453,42 @@ impl Ca {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request's signature with `s` replaced by `n − s` verifies too (ring, as ECDSA
+    /// allows): a replay check on the signature's bytes would take it as new. `proof_id`
+    /// gives both the same id, and different signings of one request different ids.
+    #[test]
+    fn a_malleated_proof_verifies_and_has_the_same_id() {
+        let ca = Ca::generate("trellis.local", Duration::from_secs(3600)).unwrap();
+        let id = SpiffeId::new("trellis.local", "shop", "catalog").unwrap();
+        let (key, csr) = key_and_csr().unwrap();
+        let svid = ca.sign(&csr, &id, Duration::from_secs(600)).unwrap();
+        let msg = r#"{"op":"deregister","name":"catalog-1","ts":1}"#;
+        let proof = prove(&key, msg).unwrap();
+        let other = trellis_test_support::ecdsa::malleated(&proof);
+        assert_ne!(other, proof);
+        assert_eq!(
+            ca.verify_holder(&svid.chain_pem, msg.as_bytes(), &proof)
+                .unwrap(),
+            id
+        );
+        assert_eq!(
+            ca.verify_holder(&svid.chain_pem, msg.as_bytes(), &other)
+                .unwrap(),
+            id
+        );
+        assert_eq!(proof_id(&proof), proof_id(&other));
+        // r, at most 32 bytes (the DER zero byte taken off).
+        assert!(proof_id(&proof).is_some_and(|r| !r.is_empty() && r.len() <= 32));
+        let again = prove(&key, msg).unwrap();
+        assert_ne!(
+            proof_id(&again),
+            proof_id(&proof),
+            "a new signing, a new id"
+        );
+        assert_eq!(proof_id(b"\x30\x02\x05\x00"), None);
+        assert_eq!(proof_id(b""), None);
+    }
 
     fn csr(sans: &[&str]) -> String {
         let key = KeyPair::generate().unwrap();

@@ -15,5 +15,5 @@ pub mod join;
 pub mod spiffe;
 pub mod tls;
 
-pub use ca::{chains_to, inspect, key_and_csr, prove, Ca, CaError, CertInfo, Svid};
+pub use ca::{chains_to, inspect, key_and_csr, proof_id, prove, Ca, CaError, CertInfo, Svid};
 pub use spiffe::SpiffeId;

@@ -13,6 +13,7 @@ use std::{
 pub mod browser;
 pub mod client;
 pub mod control;
+pub mod ecdsa;
 pub mod etcd;
 pub mod netbed;
 pub mod podman;
