@@ -140,7 +140,16 @@ pub(crate) enum AgentError {
 pub(crate) struct Agents {
     inner: Arc<Mutex<HashMap<Key, Tracked>>>,
     proofs: Arc<Mutex<Proofs>>,
+    /// Proof records this replica wrote to the store, with when (Unix seconds) each may go.
+    recorded: Arc<Mutex<std::collections::VecDeque<(u64, Key)>>>,
 }
+
+/// The store records of register and deregister proofs, `_AgentProof/trellis-system/R`
+/// (`R` the signature's r, hex): with replicas on a shared store, a request one of them took
+/// is refused by every other. A heartbeat is remembered only by the replica that took it: a
+/// replayed one restates a health verdict its agent's next heartbeat sets again, and a
+/// store write per heartbeat (10,000 agents every 5 s) would cost every replica's watch.
+const PROOF_KIND: &str = "_AgentProof";
 
 /// Signatures of the requests taken within their age limit: a request sent again as it was
 /// (replayed by whoever saw it) is refused. ECDSA signatures are randomized, so an agent's
@@ -204,6 +213,51 @@ impl Agents {
         p.first_use(proof, Instant::now())
     }
 
+    /// Whether no replica on `store` took the request signed by `proof` (its r) before, time
+    /// stamped `ts`; recorded if not. The record outlives the request's age limit and is then
+    /// removed by this replica, with its next record (one left by a replica that stopped
+    /// stays: a few bytes).
+    async fn first_use_everywhere(
+        &self,
+        store: &Store,
+        proof: &[u8],
+        ts: u64,
+    ) -> Result<bool, StoreError> {
+        let now = join::unix(SystemTime::now());
+        let key = Key::new(PROOF_KIND, "trellis-system", &join::hex(proof));
+        let until = ts + MAX_AGE + 1;
+        let expired: Vec<Key> = {
+            let mut r = self.recorded.lock().expect("recorded lock");
+            let n = r.iter().take_while(|(u, _)| *u < now).count();
+            r.drain(..n).map(|(_, k)| k).collect()
+        };
+        let record = Write {
+            key: key.clone(),
+            doc: Some(json!({ "until": until })),
+            expect: Expect::Absent,
+        };
+        match store.write(vec![record]).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        self.recorded
+            .lock()
+            .expect("recorded lock")
+            .push_back((until, key));
+        for k in expired {
+            let gone = Write {
+                key: k,
+                doc: None,
+                expect: Expect::Any,
+            };
+            if let Err(e) = store.write(vec![gone]).await {
+                tracing::debug!(error = %e, "an agent proof record was not removed");
+            }
+        }
+        Ok(true)
+    }
+
     fn forget(&self, key: &Key) {
         self.inner.lock().expect("agents lock").remove(key);
     }
@@ -263,11 +317,23 @@ pub(crate) async fn handle(
     }
     // By the signature's r: the same request with `s` replaced by `n − s` verifies as well
     // (ECDSA is malleable) and must count as the same.
-    if !agents.first_use(trellis_identity::proof_id(&proof).unwrap_or(&proof)) {
+    let proof_id = trellis_identity::proof_id(&proof).unwrap_or(&proof);
+    if !agents.first_use(proof_id) {
         tracing::warn!(%id, "agent request replayed; refused");
         return Err(AgentError::Unauthorized(
             "replayed request: this signature was used before".into(),
         ));
+    }
+    if replicas.is_some() && req.op != Op::Heartbeat {
+        let first = agents
+            .first_use_everywhere(writer.store(), proof_id, req.ts)
+            .await?;
+        if !first {
+            tracing::warn!(%id, "agent request replayed to another replica; refused");
+            return Err(AgentError::Unauthorized(
+                "replayed request: this signature was used before".into(),
+            ));
+        }
     }
     let key = Key::new("Workload", &id.namespace, &req.name);
     // What this replica follows of the store: a heartbeat costs no store read.

@@ -1,6 +1,6 @@
 //! Control-plane replicas on one etcd: an agent's deregistration through one replica waits
-//! for the proxies connected to the others too (needs Debian's etcd-server: `.ci/run`
-//! installs it).
+//! for the proxies connected to the others too, and a replay of it to another replica is
+//! refused (needs Debian's etcd-server: `.ci/run` installs it).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -80,10 +80,10 @@ fn slow_client(cp: &InProcess, gone: &'static str) -> tokio::task::JoinHandle<In
 
 /// A deregistration taken by replica A answers only once a proxy connected to replica B has
 /// applied it: callers connected to B would otherwise keep sending to the leaving workload
-/// while it drains. The agent's request is signed as `trellis join` signs it, with a
+/// while it drains. The same request replayed to B is refused. The agent's request is signed as `trellis join` signs it, with a
 /// certificate of the workload's identity got with a join token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deregistration_waits_for_the_proxies_of_every_replica() {
+async fn a_deregistration_waits_for_every_replicas_proxies_and_no_replica_takes_it_twice() {
     let etcd = trellis_test_support::etcd::Etcd::start().await;
     let a = InProcess::start_on("replicas-a", &etcd.url()).await;
     let b = InProcess::start_on("replicas-b", &etcd.url())
@@ -149,5 +149,13 @@ async fn a_deregistration_waits_for_the_proxies_of_every_replica() {
         acked <= answered,
         "A answered the deregistration {:?} before B's proxy had applied it",
         acked - answered
+    );
+
+    // The same signed request replayed to B, which never saw it: refused all the same.
+    let (st, v) = b.post_as("/api/v1/agent", &envelope, None).await;
+    assert_eq!(st, 401, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("replayed"),
+        "{v}"
     );
 }
