@@ -107,11 +107,11 @@ fn name_hash(namespace: &str, name: &str) -> u32 {
 /// search starts at a hash of the service's name, so replicas choose alike and a service
 /// deleted and made again usually gets its old address back.
 fn assign_virtual_ips(
-    candidate: &mut BTreeMap<Key, Arc<Entry>>,
+    candidate: &mut crate::catalog::Entries,
     planned: &mut [(Key, Value, Expect, &Resource)],
     alloc: &mut Allocations,
 ) {
-    let used = |c: &BTreeMap<Key, Arc<Entry>>| -> std::collections::HashSet<u32> {
+    let used = |c: &crate::catalog::Entries| -> std::collections::HashSet<u32> {
         c.values()
             .filter_map(|e| match &e.resource.spec {
                 Spec::Service(s) => s.virtual_ip.map(u32::from),
@@ -154,7 +154,7 @@ fn assign_virtual_ips(
             doc: doc.clone(),
         });
         e.resource = Arc::new(resource);
-        candidate.insert(key.clone(), Arc::new(e));
+        candidate.insert(Arc::new(key.clone()), Arc::new(e));
     }
 }
 
@@ -298,8 +298,9 @@ async fn apply_with(
             resource: Arc::new(resource),
             yaml: Arc::from(""),
             version: Arc::from(""),
+            name: Arc::from(""),
         };
-        candidate.insert(key.clone(), Arc::new(entry));
+        candidate.insert(Arc::new(key.clone()), Arc::new(entry));
         planned.push((key, doc, expect, r));
     }
     // Addresses this apply keeps or asks for must not be held by another Service, including
@@ -332,10 +333,10 @@ async fn apply_with(
     let changed: Vec<usize> = eff
         .iter()
         .enumerate()
-        .filter(|(_, (k, _, _, _))| planned_keys.contains(k))
+        .filter(|(_, (k, ..))| planned_keys.contains(k))
         .map(|(i, _)| i)
         .collect();
-    let resources_eff: Vec<Arc<Resource>> = eff.into_iter().map(|(_, r, _, _)| r).collect();
+    let resources_eff: Vec<Arc<Resource>> = eff.into_iter().map(|s| s.1).collect();
     let check: Vec<&Resource> = trellis_model::scope::to_check(&resources_eff, &changed)
         .into_iter()
         .map(|i| &*resources_eff[i])

@@ -123,6 +123,8 @@ pub(crate) struct Entry {
     pub(crate) yaml: Arc<str>,
     /// Hash of the YAML: the document's xDS version.
     pub(crate) version: Arc<str>,
+    /// Its xDS name, `KIND/NAMESPACE/NAME`, made once (a compile names every resource).
+    pub(crate) name: Arc<str>,
 }
 
 /// Stored document `doc` of `key` as proxies get it, parsed and as YAML: a Workload's with
@@ -168,6 +170,7 @@ impl Entry {
 
     fn new(object: Stored, health: Option<Health>, resource: Resource, yaml: String) -> Self {
         Self {
+            name: doc_name(&object.key).into(),
             object,
             health,
             resource: Arc::new(resource),
@@ -189,15 +192,18 @@ impl Entry {
     }
 }
 
+/// Resources by key.
+pub(crate) type Entries = BTreeMap<Arc<Key>, Arc<Entry>>;
+
 /// Every resource at one store revision.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Catalog {
     /// Store revision.
     pub(crate) revision: u64,
-    /// Resources by key.
-    pub(crate) entries: BTreeMap<Key, Arc<Entry>>,
+    /// Resources by key (shared keys: a state's copy of the catalog costs no key copies).
+    pub(crate) entries: Entries,
     /// Health records, by the key of their Workload.
-    pub(crate) health: BTreeMap<Key, Health>,
+    pub(crate) health: BTreeMap<Arc<Key>, Health>,
 }
 
 impl Catalog {
@@ -206,7 +212,7 @@ impl Catalog {
         if o.key.kind == HEALTH_KIND {
             let workload = workload_key(&o.key);
             match serde_json::from_value::<Health>(o.doc) {
-                Ok(h) => drop(self.health.insert(workload.clone(), h)),
+                Ok(h) => drop(self.health.insert(Arc::new(workload.clone()), h)),
                 Err(e) => tracing::error!(key = %o.key, error = %e, "skipping health record"),
             }
             self.rehealth(&workload);
@@ -218,7 +224,10 @@ impl Catalog {
         }
         let health = self.health.get(&o.key).copied();
         match Entry::with_health(o, health) {
-            Ok(e) => drop(self.entries.insert(e.object.key.clone(), Arc::new(e))),
+            Ok(e) => drop(
+                self.entries
+                    .insert(Arc::new(e.object.key.clone()), Arc::new(e)),
+            ),
             Err(e) => tracing::error!(error = %e, "skipping stored resource"),
         }
     }
@@ -243,7 +252,7 @@ impl Catalog {
             return;
         }
         match e.rehealthed(health) {
-            Ok(e) => drop(self.entries.insert(key.clone(), Arc::new(e))),
+            Ok(e) => drop(self.entries.insert(Arc::new(key.clone()), Arc::new(e))),
             Err(e) => tracing::error!(error = %e, "skipping stored resource"),
         }
     }
@@ -312,8 +321,9 @@ pub(crate) struct Compiled {
     /// The mesh-wide translation (no local workload), for Envoy's resource types; made on
     /// first use, so a fleet of Trellis proxies only never pays for it.
     mesh: std::sync::OnceLock<Result<ProxyConfig, ConfigError>>,
-    /// Workload keys by `namespace/name`, to check a node's claim.
-    pub(crate) workloads: BTreeMap<NamespacedName, Key>,
+    /// The Workloads served, to check a node's claim; made on first use (Envoy's listeners
+    /// for a workload ask), not by every compile.
+    workloads: std::sync::OnceLock<std::collections::HashSet<NamespacedName>>,
     /// The xDS name of each of `effective`, in its order.
     pub(crate) names: Vec<Arc<str>>,
     /// What refers to what among `effective`, to work out each proxy's scope; made on first
@@ -321,13 +331,12 @@ pub(crate) struct Compiled {
     scope: std::sync::OnceLock<ScopeIndex>,
 }
 
-/// A resource proxies get: its key, the parsed resource, its YAML and the YAML's version.
-pub(crate) type Served = (Key, Arc<Resource>, Arc<str>, Arc<str>);
+/// A resource proxies get: its key, the parsed resource, its YAML, the YAML's version and its
+/// xDS name.
+pub(crate) type Served<'a> = (&'a Key, Arc<Resource>, Arc<str>, Arc<str>, Arc<str>);
 
 /// The resources proxies get, and the conditions that explain what was left out.
-pub(crate) fn effective(
-    entries: &BTreeMap<Key, Arc<Entry>>,
-) -> (Vec<Served>, HashMap<Key, Vec<Condition>>) {
+pub(crate) fn effective(entries: &Entries) -> (Vec<Served<'_>>, HashMap<Key, Vec<Condition>>) {
     let list: Vec<&Arc<Entry>> = entries.values().collect();
     let resources: Vec<&Resource> = list.iter().map(|e| e.resource.as_ref()).collect();
     let mut problems: HashMap<usize, Vec<Unresolved>> = HashMap::new();
@@ -345,13 +354,19 @@ pub(crate) fn effective(
             || matches!(&r.spec, Spec::AuthorizationPolicy(a) if !a.target_refs.is_empty())
             || matches!(&r.spec, Spec::PeerAuthentication(a) if !a.target_refs.is_empty())
             || matches!(&r.spec, Spec::RateLimitPolicy(_));
-        let key = e.object.key.clone();
+        let key = &e.object.key;
         match problems.remove(&i) {
             None => {
                 if has_refs {
                     conditions.insert(key.clone(), resolved_ok());
                 }
-                out.push((key, r.clone(), e.yaml.clone(), e.version.clone()));
+                out.push((
+                    key,
+                    r.clone(),
+                    e.yaml.clone(),
+                    e.version.clone(),
+                    e.name.clone(),
+                ));
             }
             Some(ps) => {
                 let message = ps
@@ -379,7 +394,7 @@ pub(crate) fn effective(
                     }
                     let yaml = serde_saphyr::to_string(&doc).unwrap_or_default();
                     let version = content_version(&yaml);
-                    out.push((key, Arc::new(r), yaml.into(), version));
+                    out.push((key, Arc::new(r), yaml.into(), version, e.name.clone()));
                 }
             }
         }
@@ -474,6 +489,19 @@ impl Compiled {
         })
     }
 
+    /// Whether `w` is a Workload proxies are served.
+    pub(crate) fn serves_workload(&self, w: &NamespacedName) -> bool {
+        self.workloads
+            .get_or_init(|| {
+                self.effective
+                    .iter()
+                    .filter(|r| matches!(r.spec, Spec::Workload(_)))
+                    .map(|r| r.id())
+                    .collect()
+            })
+            .contains(w)
+    }
+
     /// Whether the mesh-wide translation was made.
     #[cfg(test)]
     pub(crate) fn mesh_made(&self) -> bool {
@@ -505,7 +533,8 @@ impl Compiled {
                         b.next();
                     }
                     std::cmp::Ordering::Equal => {
-                        if da.version != db.version {
+                        // Mostly the same shared version, not only an equal one.
+                        if !Arc::ptr_eq(&da.version, &db.version) && da.version != db.version {
                             names.push((*nb).clone());
                         }
                         a.next();
@@ -543,11 +572,10 @@ impl Catalog {
     /// Compile what proxies get.
     pub(crate) fn compile(&self) -> Compiled {
         let (eff, conditions) = effective(&self.entries);
-        let names: Vec<Arc<str>> = eff.iter().map(|(k, ..)| Arc::from(doc_name(k))).collect();
+        let names: Vec<Arc<str>> = eff.iter().map(|s| s.4.clone()).collect();
         let docs = eff
             .iter()
-            .zip(&names)
-            .map(|((_, _, y, v), n)| {
+            .map(|(_, _, y, v, n)| {
                 let d = Doc {
                     version: v.clone(),
                     yaml: y.clone(),
@@ -555,12 +583,7 @@ impl Catalog {
                 (n.clone(), d)
             })
             .collect();
-        let workloads = eff
-            .iter()
-            .filter(|(_, r, _, _)| matches!(r.spec, Spec::Workload(_)))
-            .map(|(k, r, _, _)| (r.id(), k.clone()))
-            .collect();
-        let effective: Vec<Arc<Resource>> = eff.into_iter().map(|(_, r, _, _)| r).collect();
+        let effective: Vec<Arc<Resource>> = eff.into_iter().map(|s| s.1).collect();
         Compiled {
             revision: self.revision,
             conditions,
@@ -568,7 +591,7 @@ impl Catalog {
             docs,
             delta: None,
             mesh: Default::default(),
-            workloads,
+            workloads: Default::default(),
             names,
             scope: Default::default(),
         }
@@ -656,5 +679,109 @@ mod tests {
         assert!(c.apply(gone));
         assert_eq!(c.entries[&key].healthy(), None);
         assert_eq!(c.entries[&key].version, healthy.version);
+    }
+}
+
+/// What a compile costs at fleet size (not a check: run it by hand, in release,
+/// `cargo test --release -p trellis-control --lib compile_cost -- --ignored --nocapture`):
+/// 1,000 Services, 10,000 endpoint Workloads, 1,000 callers of 5 Services each, one health
+/// record changed per round, as the control plane compiles after each change.
+#[cfg(test)]
+mod cost {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    #[ignore]
+    fn compile_cost() {
+        let mut c = Catalog::default();
+        let mut events = Vec::new();
+        let mut v = 0;
+        let mut put = |key: Key, doc: Value, events: &mut Vec<Event>| {
+            v += 1;
+            events.push(Event::Put(Object {
+                key,
+                version: v,
+                doc,
+            }));
+        };
+        for s in 0..1000 {
+            put(
+                Key::new("Service", "bench", &format!("svc-{s}")),
+                json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Service",
+                  "metadata": {"name": format!("svc-{s}"), "namespace": "bench"},
+                  "spec": {"selector": {"app": format!("svc-{s}")}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}),
+                &mut events,
+            );
+        }
+        for w in 0..10_000usize {
+            put(
+                Key::new("Workload", "bench", &format!("wl-{w}")),
+                json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Workload",
+                  "metadata": {"name": format!("wl-{w}"), "namespace": "bench", "labels": {"app": format!("svc-{}", w % 1000)}},
+                  "spec": {"address": format!("10.{}.{}.{}", (w >> 16) & 255, (w >> 8) & 255, w & 255),
+                           "environment": "vm", "locality": {"region": "r1", "zone": format!("z{}", w % 4)}}}),
+                &mut events,
+            );
+        }
+        for i in 0..1000usize {
+            let ups: Vec<Value> = (0..5)
+                .map(|k| json!({"service": format!("svc-{}.bench", (i * 7 + k * 131) % 1000), "port": 80, "bind": "127.0.0.1:0"}))
+                .collect();
+            put(
+                Key::new("Workload", "bench", &format!("client-{i}")),
+                json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Workload",
+                  "metadata": {"name": format!("client-{i}"), "namespace": "bench"},
+                  "spec": {"address": "10.200.0.1", "upstreams": ups}}),
+                &mut events,
+            );
+        }
+        c.apply(Change {
+            revision: v,
+            events,
+        });
+        let mut prev = Arc::new(c.compile());
+        let rounds = 20u32;
+        let mut parts = [std::time::Duration::ZERO; 4];
+        let began = std::time::Instant::now();
+        for r in 0..rounds {
+            let key = Key::new("Workload", "bench", &format!("wl-{r}"));
+            c.apply(Change {
+                revision: v + 1 + u64::from(r),
+                events: vec![Event::Put(Object {
+                    key: health_key(&key),
+                    version: v + 1 + u64::from(r),
+                    doc: json!(Health {
+                        healthy: r % 2 == 0,
+                        recoveries: 0
+                    }),
+                })],
+            });
+            let t = std::time::Instant::now();
+            let mut next = c.compile();
+            parts[0] += t.elapsed();
+            let t = std::time::Instant::now();
+            next.diff_from(&prev);
+            parts[1] += t.elapsed();
+            let t = std::time::Instant::now();
+            let state = crate::state::State {
+                catalog: c.clone(),
+                compiled: Arc::new(next),
+            };
+            parts[2] += t.elapsed();
+            let t = std::time::Instant::now();
+            prev = state.compiled.clone();
+            drop(state);
+            parts[3] += t.elapsed();
+        }
+        eprintln!(
+            "compile + diff + catalog clone after a health change, {} resources: {:?} each (compile {:?}, diff {:?}, clone {:?}, drop {:?})",
+            c.entries.len(),
+            began.elapsed() / rounds,
+            parts[0] / rounds,
+            parts[1] / rounds,
+            parts[2] / rounds,
+            parts[3] / rounds,
+        );
     }
 }

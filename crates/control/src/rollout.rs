@@ -604,7 +604,7 @@ fn routes(state: &State, id: &NamespacedName, spec: &RolloutSpec) -> Vec<(Key, V
         .filter(|(k, _)| {
             (k.kind == "HTTPRoute" || k.kind == "GRPCRoute") && k.namespace == id.namespace
         })
-        .map(|(k, e)| (k.clone(), e.object.doc()))
+        .map(|(k, e)| (Key::clone(k), e.object.doc()))
         .filter(|(k, doc)| {
             if !spec.routes.is_empty() {
                 return spec.routes.contains(&k.name);

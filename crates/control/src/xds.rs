@@ -190,7 +190,7 @@ fn resources(
         Err(e) => return Err(format!("the stored resources do not translate: {e}")),
     };
     if let Some(w) = workload.filter(|_| type_url == trellis_xds::LISTENER_TYPE) {
-        if state.compiled.workloads.contains_key(w) {
+        if state.compiled.serves_workload(w) {
             let cfg = trellis_model::translate("store", &state.compiled.effective, Some(w))
                 .map_err(|e| format!("workload {w} does not translate: {e}"))?;
             out.extend(crate::envoy::sidecar_listeners(&cfg, names));
