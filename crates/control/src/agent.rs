@@ -226,11 +226,6 @@ impl Agents {
         let now = join::unix(SystemTime::now());
         let key = Key::new(PROOF_KIND, "trellis-system", &join::hex(proof));
         let until = ts + MAX_AGE + 1;
-        let expired: Vec<Key> = {
-            let mut r = self.recorded.lock().expect("recorded lock");
-            let n = r.iter().take_while(|(u, _)| *u < now).count();
-            r.drain(..n).map(|(_, k)| k).collect()
-        };
         let record = Write {
             key: key.clone(),
             doc: Some(json!({ "until": until })),
@@ -241,10 +236,15 @@ impl Agents {
             Err(StoreError::Conflict { .. }) => return Ok(false),
             Err(e) => return Err(e),
         }
-        self.recorded
-            .lock()
-            .expect("recorded lock")
-            .push_back((until, key));
+        // Those written before whose requests are now too old to be taken anywhere (in the
+        // order written: one recorded for a later time stamp waits for the next round).
+        let expired: Vec<Key> = {
+            let mut r = self.recorded.lock().expect("recorded lock");
+            let n = r.iter().take_while(|(u, _)| *u < now).count();
+            let expired = r.drain(..n).map(|(_, k)| k).collect();
+            r.push_back((until, key));
+            expired
+        };
         for k in expired {
             let gone = Write {
                 key: k,

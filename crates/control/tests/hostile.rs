@@ -16,16 +16,7 @@ use trellis_xds::{
 };
 
 async fn first_answer(cp: &InProcess, req: DeltaDiscoveryRequest) -> Result<usize, tonic::Status> {
-    let mut c = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
-        .await
-        .unwrap()
-        .max_encoding_message_size(64 << 20);
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(req).await.unwrap();
-    let mut rx = c
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let (_tx, mut rx) = cp.delta_stream(req).await?;
     let m = tokio::time::timeout(Duration::from_secs(10), rx.message())
         .await
         .expect("an answer in time")?;
@@ -84,23 +75,15 @@ async fn names_subscribed_beyond_the_bound_are_not_held() {
         "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: w, namespace: d }\nspec: { address: 127.0.0.1 }\n",
     )
     .await;
-    let mut c = AggregatedDiscoveryServiceClient::connect(cp.xds_url())
+    let (_tx, mut rx) = cp
+        .delta_stream(DeltaDiscoveryRequest {
+            node: Some(trellis_xds::node("greedy", Some("d/w"))),
+            type_url: DOCUMENT_TYPE.into(),
+            resource_names_subscribe: (0..6000).map(|i| format!("Service/d/n{i}")).collect(),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(trellis_xds::node("greedy", Some("d/w"))),
-        type_url: DOCUMENT_TYPE.into(),
-        resource_names_subscribe: (0..6000).map(|i| format!("Service/d/n{i}")).collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut rx = c
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
     let m = tokio::time::timeout(Duration::from_secs(10), rx.message())
         .await
         .expect("an answer in time")

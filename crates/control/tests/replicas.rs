@@ -8,13 +8,8 @@ mod common;
 
 use common::InProcess;
 use serde_json::json;
-use tokio_stream::wrappers::ReceiverStream;
 use trellis_xds::{
-    envoy_types::pb::envoy::service::discovery::v3::{
-        aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-        DeltaDiscoveryRequest,
-    },
-    DOCUMENT_TYPE,
+    envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest, DOCUMENT_TYPE,
 };
 
 const MESH: &str = "apiVersion: trellis.dev/v1alpha1
@@ -38,25 +33,16 @@ const ACK_DELAY: Duration = Duration::from_millis(600);
 /// A delta xDS client of `cp` that subscribes to every document and acknowledges each
 /// response [`ACK_DELAY`] after it came; resolves to when it acknowledged the response that
 /// removed `gone`.
-fn slow_client(cp: &InProcess, gone: &'static str) -> tokio::task::JoinHandle<Instant> {
-    let url = cp.xds_url();
-    tokio::spawn(async move {
-        let mut c = AggregatedDiscoveryServiceClient::connect(url)
-            .await
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(DeltaDiscoveryRequest {
+async fn slow_client(cp: &InProcess, gone: &'static str) -> tokio::task::JoinHandle<Instant> {
+    let (tx, mut stream) = cp
+        .delta_stream(DeltaDiscoveryRequest {
             node: Some(trellis_xds::node("slow", None)),
             type_url: DOCUMENT_TYPE.into(),
             ..Default::default()
         })
         .await
         .unwrap();
-        let mut stream = c
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+    tokio::spawn(async move {
         loop {
             let m = stream
                 .message()
@@ -92,7 +78,7 @@ async fn a_deregistration_waits_for_every_replicas_proxies_and_no_replica_takes_
     a.call(http::Method::POST, "/api/v1/apply", MESH).await;
 
     // A caller's proxy on B that takes 600 ms to acknowledge, and is in step with the mesh.
-    let acked = slow_client(&b, "Workload/test/catalog-1");
+    let acked = slow_client(&b, "Workload/test/catalog-1").await;
     trellis_test_support::eventually(
         "the slow client in step",
         Duration::from_secs(20),

@@ -323,6 +323,29 @@ pub async fn fleet_scenarios<F: Fleet>(f: &mut F, cp: &ControlProcess) {
         "container deregistered {:?} after it stopped",
         stopped.elapsed()
     );
+    // ... and the client's proxy has taken it: until then it may still send to the
+    // container (whose agent serves until every caller has the change), and the next step
+    // needs the VM to be its only endpoint.
+    super::eventually(
+        "the client's proxy has the change",
+        Duration::from_secs(10),
+        async || {
+            let (_, v) = cp
+                .call(http::Method::GET, "/api/v1/proxies", "", None)
+                .await;
+            let rev: u64 = v["revision"].as_str()?.parse().ok()?;
+            let client = v["proxies"]
+                .as_array()?
+                .iter()
+                .find(|p| p["workload"] == "test/shopper-1")?;
+            let acked: u64 = client["types"]["document"]["acked"]
+                .as_str()?
+                .parse()
+                .ok()?;
+            (acked >= rev).then_some(())
+        },
+    )
+    .await;
 
     // 5. The VM is cut off: with no other endpoint, the failure is the network's (the
     //    pooled connection's request times out, a new connection's connect does).

@@ -4,6 +4,10 @@
 use std::path::PathBuf;
 
 use trellis_control::{Control, Options};
+use trellis_xds::envoy_types::pb::envoy::service::discovery::v3::{
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+};
 
 pub(crate) struct InProcess {
     pub(crate) control: Control,
@@ -71,20 +75,8 @@ impl InProcess {
         body: &serde_json::Value,
         bearer: Option<&str>,
     ) -> (u16, serde_json::Value) {
-        let mut req = http::Request::post(path).header("host", "cp");
-        if let Some(b) = bearer {
-            req = req.header("authorization", format!("Bearer {b}"));
-        }
-        let req = req
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                body.to_string(),
-            )))
-            .unwrap();
-        let r = trellis_test_support::client::send1(self.control.api_addr, req)
+        self.send(http::Method::POST, path, body.to_string(), bearer)
             .await
-            .unwrap();
-        let v = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
-        (r.status.as_u16(), v)
     }
 
     /// One API call with the admin token; it must succeed. Its JSON answer.
@@ -94,20 +86,64 @@ impl InProcess {
         path: &str,
         body: &str,
     ) -> serde_json::Value {
-        let req = http::Request::builder()
+        let (status, v) = self
+            .send(method, path, body.to_string(), Some(&self.token))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    /// One API call with `bearer` (or none): the status and the JSON answer (`null` if the
+    /// body is not JSON).
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: String,
+        bearer: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = http::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "cp")
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                body.to_string(),
-            )))
+            .header("host", "cp");
+        if let Some(b) = bearer {
+            req = req.header("authorization", format!("Bearer {b}"));
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
             .unwrap();
         let r = trellis_test_support::client::send1(self.control.api_addr, req)
             .await
             .unwrap();
-        assert_eq!(r.status, 200, "{:?}", r.body);
-        serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null)
+        let v = serde_json::from_slice(&r.body)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&r.body).into()));
+        (r.status.as_u16(), v)
+    }
+
+    /// A delta ADS stream to this control plane, opened with `first`: the sender of the
+    /// stream's next requests and its responses.
+    #[allow(dead_code)]
+    pub(crate) async fn delta_stream(
+        &self,
+        first: DeltaDiscoveryRequest,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+            tonic::Streaming<DeltaDiscoveryResponse>,
+        ),
+        tonic::Status,
+    > {
+        let mut c = AggregatedDiscoveryServiceClient::connect(self.xds_url())
+            .await
+            .unwrap()
+            .max_encoding_message_size(64 << 20);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(first).await.unwrap();
+        let stream = c
+            .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok((tx, stream))
     }
 
     /// `http://` URL of the xDS server.
