@@ -64,16 +64,18 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
             namespace: explicit.clone().unwrap_or_else(|| ns.clone()),
             name: name.to_string(),
         };
-        let mut push = |field: String, message: Option<String>, upstream: Option<usize>| {
-            if let Some(message) = message {
-                out.push(Unresolved {
-                    index,
-                    field,
-                    message,
-                    upstream,
-                });
-            }
-        };
+        // The field's path is written only for a reference that does not resolve (most do).
+        let mut push =
+            |field: &dyn Fn() -> String, message: Option<String>, upstream: Option<usize>| {
+                if let Some(message) = message {
+                    out.push(Unresolved {
+                        index,
+                        field: field(),
+                        message,
+                        upstream,
+                    });
+                }
+            };
         let routes = match &r.spec {
             Spec::HttpRoute(h) => Some((
                 &h.parent_refs,
@@ -89,7 +91,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
             for (i, p) in parents.iter().enumerate() {
                 let target = id(&p.name.value, &p.namespace);
                 push(
-                    format!("spec.parentRefs[{i}]"),
+                    &|| format!("spec.parentRefs[{i}]"),
                     check(&p.kind, &target, p.port),
                     None,
                 );
@@ -98,7 +100,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                 for (bi, b) in backends.iter().enumerate() {
                     let target = id(&b.name.value, &b.namespace);
                     push(
-                        format!("spec.rules[{ri}].backendRefs[{bi}]"),
+                        &|| format!("spec.rules[{ri}].backendRefs[{bi}]"),
                         check(&b.kind, &target, Some(b.port)),
                         None,
                     );
@@ -115,7 +117,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                         .then(|| format!("{} {target} not found", t.kind)),
                         _ => check(&t.kind, &target, None),
                     };
-                    push(format!("spec.targetRefs[{i}]"), message, None);
+                    push(&|| format!("spec.targetRefs[{i}]"), message, None);
                 }
             }
             Spec::AuthorizationPolicy(AuthorizationPolicySpec { target_refs, .. })
@@ -124,7 +126,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                 for (i, t) in target_refs.iter().enumerate() {
                     let target = id(&t.name.value, &None);
                     push(
-                        format!("spec.targetRefs[{i}]"),
+                        &|| format!("spec.targetRefs[{i}]"),
                         check(&t.kind, &target, None),
                         None,
                     );
@@ -136,14 +138,14 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                     ("spec.stable", &p.stable),
                     ("spec.canary", &p.canary),
                 ] {
-                    push(f.into(), check("Service", &id(name, &None), None), None);
+                    push(&|| f.into(), check("Service", &id(name, &None), None), None);
                 }
                 for (i, route) in p.routes.iter().enumerate() {
                     let target = id(route, &None);
                     let found = route_ids.contains(&("HTTPRoute", target.clone()))
                         || route_ids.contains(&("GRPCRoute", target.clone()));
                     push(
-                        format!("spec.routes[{i}]"),
+                        &|| format!("spec.routes[{i}]"),
                         (!found).then(|| format!("no HTTPRoute or GRPCRoute {target}")),
                         None,
                     );
@@ -153,7 +155,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                 for (i, u) in w.upstreams.iter().enumerate() {
                     let target = parse_authority_name(&u.service.value, ns);
                     push(
-                        format!("spec.upstreams[{i}]"),
+                        &|| format!("spec.upstreams[{i}]"),
                         check("Service", &target, Some(u.port)),
                         Some(i),
                     );
