@@ -206,13 +206,22 @@ pub(crate) struct Catalog {
     pub(crate) health: BTreeMap<Arc<Key>, Health>,
 }
 
+/// Set `key`'s value in `map`, the key copied only when it is new: an update or a health flap
+/// replaces the value of a key the map holds.
+fn put<V>(map: &mut BTreeMap<Arc<Key>, V>, key: &Key, v: V) {
+    match map.get_mut(key) {
+        Some(slot) => *slot = v,
+        None => drop(map.insert(Arc::new(key.clone()), v)),
+    }
+}
+
 impl Catalog {
     /// Take a stored object in.
     fn insert(&mut self, o: Object) {
         if o.key.kind == HEALTH_KIND {
             let workload = workload_key(&o.key);
             match serde_json::from_value::<Health>(o.doc) {
-                Ok(h) => drop(self.health.insert(Arc::new(workload.clone()), h)),
+                Ok(h) => put(&mut self.health, &workload, h),
                 Err(e) => tracing::error!(key = %o.key, error = %e, "skipping health record"),
             }
             self.rehealth(&workload);
@@ -224,10 +233,10 @@ impl Catalog {
         }
         let health = self.health.get(&o.key).copied();
         match Entry::with_health(o, health) {
-            Ok(e) => drop(
-                self.entries
-                    .insert(Arc::new(e.object.key.clone()), Arc::new(e)),
-            ),
+            Ok(e) => {
+                let e = Arc::new(e);
+                put(&mut self.entries, &e.object.key, e.clone());
+            }
             Err(e) => tracing::error!(error = %e, "skipping stored resource"),
         }
     }
@@ -252,7 +261,7 @@ impl Catalog {
             return;
         }
         match e.rehealthed(health) {
-            Ok(e) => drop(self.entries.insert(Arc::new(key.clone()), Arc::new(e))),
+            Ok(e) => put(&mut self.entries, key, Arc::new(e)),
             Err(e) => tracing::error!(error = %e, "skipping stored resource"),
         }
     }
