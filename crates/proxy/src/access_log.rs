@@ -466,8 +466,7 @@ const ESCAPE: [bool; 256] = {
 
 /// A JSON string: quotes, backslashes and control characters escaped; the rest (UTF-8
 /// included) as it is. Most strings need nothing: eight bytes are looked at together while
-/// none of them needs escaping (about a quarter of the instructions of a lookup a byte),
-/// then copied at once.
+/// none of them needs escaping, then copied at once.
 fn escaped(buf: &mut Vec<u8>, s: &[u8]) {
     buf.reserve(s.len() + 2);
     buf.push(b'"');
