@@ -1,10 +1,7 @@
 //! The control plane's view of the store: every resource, parsed once, kept current from the
 //! store's watch, and compiled into what proxies get.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -192,8 +189,10 @@ impl Entry {
     }
 }
 
-/// Resources by key.
-pub(crate) type Entries = BTreeMap<Arc<Key>, Arc<Entry>>;
+/// Resources by key: a persistent map, so that a state's copy of the catalog shares every
+/// entry and node a later change does not touch (a copy costs nothing, a change the path to
+/// what it changed).
+pub(crate) type Entries = imbl::OrdMap<Arc<Key>, Arc<Entry>>;
 
 /// Every resource at one store revision.
 #[derive(Clone, Debug, Default)]
@@ -203,12 +202,54 @@ pub(crate) struct Catalog {
     /// Resources by key (shared keys: a state's copy of the catalog costs no key copies).
     pub(crate) entries: Entries,
     /// Health records, by the key of their Workload.
-    pub(crate) health: BTreeMap<Arc<Key>, Health>,
+    pub(crate) health: imbl::OrdMap<Arc<Key>, Health>,
+    /// What changed since the last compile, for the next one to redo only that.
+    since: Since,
+}
+
+/// What changed in a catalog since it was last compiled.
+#[derive(Clone, Debug, Default)]
+enum Since {
+    /// Nothing proxies get.
+    #[default]
+    Nothing,
+    /// Only these Workloads' served documents, not what they refer to or what selects them:
+    /// their health (an agent's heartbeat, a check that flaps), or a rewrite that keeps their
+    /// labels and upstreams (an agent registering again with a new address, a new weight).
+    Served(Vec<Arc<Key>>),
+    /// Anything else (a resource written or removed, a new listing): compile it all.
+    Anything,
+}
+
+impl Since {
+    fn served(&mut self, key: &Arc<Key>) {
+        match self {
+            Since::Nothing => *self = Since::Served(vec![key.clone()]),
+            Since::Served(keys) => keys.push(key.clone()),
+            Since::Anything => {}
+        }
+    }
+}
+
+/// Whether Workloads `a` and `b` (one key) refer to and are selected by the same: the same
+/// labels and upstreams. What the compile works out of references (which Services select
+/// which Workloads, what resolves) then holds for both.
+fn same_references(a: &Resource, b: &Resource) -> bool {
+    let (Spec::Workload(wa), Spec::Workload(wb)) = (&a.spec, &b.spec) else {
+        return false;
+    };
+    let ups = |w: &trellis_model::resource::WorkloadSpec| {
+        w.upstreams
+            .iter()
+            .map(|u| (u.service.value.clone(), u.port, u.bind))
+            .collect::<Vec<_>>()
+    };
+    a.metadata.labels == b.metadata.labels && ups(wa) == ups(wb)
 }
 
 /// Set `key`'s value in `map`, the key copied only when it is new: an update or a health flap
 /// replaces the value of a key the map holds.
-fn put<V>(map: &mut BTreeMap<Arc<Key>, V>, key: &Key, v: V) {
+fn put<V: Clone>(map: &mut imbl::OrdMap<Arc<Key>, V>, key: &Key, v: V) {
     match map.get_mut(key) {
         Some(slot) => *slot = v,
         None => drop(map.insert(Arc::new(key.clone()), v)),
@@ -235,9 +276,22 @@ impl Catalog {
         match Entry::with_health(o, health) {
             Ok(e) => {
                 let e = Arc::new(e);
-                put(&mut self.entries, &e.object.key, e.clone());
+                match self.entries.get_key_value(&e.object.key) {
+                    Some((key, old)) if same_references(&old.resource, &e.resource) => {
+                        let key = key.clone();
+                        self.since.served(&key);
+                        self.entries.insert(key, e);
+                    }
+                    _ => {
+                        self.since = Since::Anything;
+                        put(&mut self.entries, &e.object.key, e.clone());
+                    }
+                }
             }
-            Err(e) => tracing::error!(error = %e, "skipping stored resource"),
+            Err(e) => {
+                self.since = Since::Anything;
+                tracing::error!(error = %e, "skipping stored resource");
+            }
         }
     }
 
@@ -246,22 +300,28 @@ impl Catalog {
             let workload = workload_key(k);
             self.health.remove(&workload);
             self.rehealth(&workload);
-        } else {
+        } else if !k.kind.starts_with('_') {
+            self.since = Since::Anything;
             self.entries.remove(k);
         }
     }
 
     /// Build Workload `key`'s entry again with its health record (or without).
     fn rehealth(&mut self, key: &Key) {
-        let Some(e) = self.entries.get(key) else {
+        let Some((key, e)) = self.entries.get_key_value(key) else {
             return;
         };
-        let health = self.health.get(key).copied();
+        let health = self.health.get(&**key).copied();
         if e.health == health {
             return;
         }
         match e.rehealthed(health) {
-            Ok(e) => put(&mut self.entries, key, Arc::new(e)),
+            Ok(e) => {
+                let key = key.clone();
+                self.entries.insert(key.clone(), Arc::new(e));
+                self.since.served(&key);
+            }
+            // Left as it was served (not reached: it was parsed with a record before).
             Err(e) => tracing::error!(error = %e, "skipping stored resource"),
         }
     }
@@ -270,6 +330,7 @@ impl Catalog {
     pub(crate) fn from_listing(l: Listing) -> Self {
         let mut c = Self {
             revision: l.revision,
+            since: Since::Anything,
             ..Self::default()
         };
         for o in l.objects {
@@ -317,13 +378,14 @@ pub(crate) struct Compiled {
     /// Store revision.
     pub(crate) revision: u64,
     /// Conditions per resource (routes, policies, workloads with references).
-    pub(crate) conditions: HashMap<Key, Vec<Condition>>,
+    pub(crate) conditions: Arc<HashMap<Key, Vec<Condition>>>,
     /// The resources proxies get: unresolved routes and policies left out, unresolved
     /// upstreams of a workload dropped.
     pub(crate) effective: Vec<Arc<Resource>>,
     /// The same, one YAML document each, by xDS name (`KIND/NAMESPACE/NAME`), with a version
     /// that changes exactly when the document does (Trellis proxies get these by delta xDS).
-    pub(crate) docs: BTreeMap<Arc<str>, Doc>,
+    /// A persistent map: the state after a change shares what the change did not touch.
+    pub(crate) docs: imbl::OrdMap<Arc<str>, Doc>,
     /// The previous compiled revision and the document names that changed since (added,
     /// changed or removed), so that a stream in step only looks at those.
     pub(crate) delta: Option<(u64, Vec<Arc<str>>)>,
@@ -331,13 +393,15 @@ pub(crate) struct Compiled {
     /// first use, so a fleet of Trellis proxies only never pays for it.
     mesh: std::sync::OnceLock<Result<ProxyConfig, ConfigError>>,
     /// The Workloads served, to check a node's claim; made on first use (Envoy's listeners
-    /// for a workload ask), not by every compile.
-    workloads: std::sync::OnceLock<std::collections::HashSet<NamespacedName>>,
+    /// for a workload ask), not by every compile. Shared by the states a health change
+    /// compiled from this one.
+    workloads: Arc<std::sync::OnceLock<std::collections::HashSet<NamespacedName>>>,
     /// The xDS name of each of `effective`, in its order.
-    pub(crate) names: Vec<Arc<str>>,
+    names: Arc<[Arc<str>]>,
     /// What refers to what among `effective`, to work out each proxy's scope; made on first
-    /// use (a state no scoped stream looks at never pays for it).
-    scope: std::sync::OnceLock<ScopeIndex>,
+    /// use (a state no scoped stream looks at never pays for it). Shared like `workloads`:
+    /// health is no reference.
+    scope: Arc<std::sync::OnceLock<ScopeIndex>>,
 }
 
 /// A resource proxies get: its key, the parsed resource, its YAML, the YAML's version and its
@@ -461,7 +525,7 @@ impl Compiled {
         local: &NamespacedName,
         also: impl IntoIterator<Item = NamespacedName>,
     ) -> std::collections::HashSet<Arc<str>> {
-        let ix = self.scope.get_or_init(|| ScopeIndex::new(&self.effective));
+        let ix = self.scope_index();
         ix.needs(&self.effective, local, also)
             .into_iter()
             .map(|i| self.names[i].clone())
@@ -483,8 +547,57 @@ impl Compiled {
         let Ok(id) = id.parse::<NamespacedName>() else {
             return true;
         };
-        let ix = self.scope.get_or_init(|| ScopeIndex::new(&self.effective));
+        let ix = self.scope_index();
         ix.may_concern(&self.effective, kind, &id, services, local)
+    }
+
+    fn scope_index(&self) -> &ScopeIndex {
+        self.scope.get_or_init(|| ScopeIndex::new(&self.effective))
+    }
+
+    /// The state of `catalog` after only Workloads `keys` changed since this state was
+    /// compiled from it, and not in what they refer to or what selects them
+    /// ([`Since::Served`]): this one with their documents replaced, what it worked out of
+    /// references shared, and the changed names known without comparing every document.
+    /// Costs a copy of the list of resources (pointers) and a path of the document map per
+    /// Workload, not a compile of the mesh. `None` when a Workload is not served as stored
+    /// (left out, or served without an unresolved upstream): compile it all then.
+    fn with_rewritten(&self, catalog: &Catalog, keys: &[Arc<Key>]) -> Option<Compiled> {
+        let mut effective = self.effective.clone();
+        let mut docs = self.docs.clone();
+        let mut changed = Vec::with_capacity(keys.len());
+        for key in keys {
+            let e = catalog.entries.get(&**key)?;
+            // Served without an upstream: its document is not the stored one.
+            let partial = self.conditions.get(&**key).is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.kind == "ResolvedRefs" && c.status == "False")
+            });
+            if partial {
+                return None;
+            }
+            let doc = docs.get_mut(&e.name)?;
+            // Changed back within one batch: not a change.
+            if doc.version != e.version {
+                effective[doc.index] = e.resource.clone();
+                doc.version = e.version.clone();
+                doc.yaml = e.yaml.clone();
+                changed.push(e.name.clone());
+            }
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        Some(Compiled {
+            revision: catalog.revision,
+            conditions: self.conditions.clone(),
+            effective,
+            docs,
+            delta: Some((self.revision, changed)),
+            mesh: Default::default(),
+            workloads: self.workloads.clone(),
+            names: self.names.clone(),
+            scope: self.scope.clone(),
+        })
     }
 
     /// The mesh-wide translation, made once.
@@ -563,6 +676,8 @@ pub(crate) struct Doc {
     pub(crate) version: Arc<str>,
     /// The YAML.
     pub(crate) yaml: Arc<str>,
+    /// Its place in [`Compiled::effective`].
+    index: usize,
 }
 
 fn content_version(yaml: &str) -> Arc<str> {
@@ -578,16 +693,38 @@ pub(crate) fn doc_name(k: &Key) -> String {
 }
 
 impl Catalog {
+    /// Compile what proxies get, as the state after `prev` (the last compile of this
+    /// catalog): only what changed since when that was only Workloads' health or addresses
+    /// ([`Since::Served`]), else everything; the changed names noted either way.
+    pub(crate) fn compile_after(&mut self, prev: &Compiled) -> Compiled {
+        let since = std::mem::take(&mut self.since);
+        let keys = match &since {
+            Since::Nothing => &[][..],
+            Since::Served(keys) => keys.as_slice(),
+            Since::Anything => &[][..],
+        };
+        if !matches!(since, Since::Anything) {
+            if let Some(c) = prev.with_rewritten(self, keys) {
+                return c;
+            }
+        }
+        let mut c = self.compile();
+        c.diff_from(prev);
+        c
+    }
+
     /// Compile what proxies get.
     pub(crate) fn compile(&self) -> Compiled {
         let (eff, conditions) = effective(&self.entries);
-        let names: Vec<Arc<str>> = eff.iter().map(|s| s.4.clone()).collect();
+        let names: Arc<[Arc<str>]> = eff.iter().map(|s| s.4.clone()).collect();
         let docs = eff
             .iter()
-            .map(|(_, _, y, v, n)| {
+            .enumerate()
+            .map(|(index, (_, _, y, v, n))| {
                 let d = Doc {
                     version: v.clone(),
                     yaml: y.clone(),
+                    index,
                 };
                 (n.clone(), d)
             })
@@ -595,7 +732,7 @@ impl Catalog {
         let effective: Vec<Arc<Resource>> = eff.into_iter().map(|s| s.1).collect();
         Compiled {
             revision: self.revision,
-            conditions,
+            conditions: Arc::new(conditions),
             effective,
             docs,
             delta: None,
@@ -646,6 +783,181 @@ mod tests {
         assert!(s.is(&deep));
     }
 
+    /// Everything proxies and the API read of a compiled state, to compare two.
+    fn seen(c: &Compiled) -> String {
+        let docs: Vec<_> = c
+            .docs
+            .iter()
+            .map(|(n, d)| format!("{n} {} {} {}", d.version, d.index, d.yaml))
+            .collect();
+        let mut conditions: Vec<_> = c.conditions.iter().map(|c| format!("{c:?}")).collect();
+        conditions.sort();
+        format!(
+            "{} {:?} {docs:?} {:?} {conditions:?} {:?}",
+            c.revision, c.delta, c.names, c.effective
+        )
+    }
+
+    /// After a change of Workloads' health or addresses only (not their labels or upstreams),
+    /// the control plane redoes only their documents and shares the rest (the references
+    /// worked out, the scope index); what it makes is what a whole compile and comparison
+    /// make, at every step of a run of health records written and removed among Workloads
+    /// rewritten (with their references or other labels and upstreams) and removed, a
+    /// Workload with an unresolved upstream (served without it: compiled whole) and records
+    /// of Workloads that do not exist.
+    #[test]
+    fn a_health_change_compiles_to_what_a_whole_compile_makes() {
+        let mesh = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: a, namespace: t }
+spec: { selector: { app: a }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: b, namespace: t }
+spec: { selector: { app: b }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: HTTPRoute
+metadata: { name: split, namespace: t }
+spec:
+  parentRefs: [{ name: a, kind: Service }]
+  rules: [{ backendRefs: [{ name: a, port: 80, weight: 9 }, { name: b, port: 80, weight: 1 }] }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: caller, namespace: t }
+spec: { address: 127.0.0.9, upstreams: [{ service: a.t, port: 80, bind: 127.0.0.1:9001 }] }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: { name: dangling, namespace: t, labels: { app: b } }
+spec:
+  address: 127.0.0.8
+  upstreams: [{ service: b.t, port: 80, bind: 127.0.0.1:9002 }, { service: gone.t, port: 80, bind: 127.0.0.1:9003 }]
+"#;
+        let workload = |name: &str, app: &str, n: u64| {
+            json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Workload",
+              "metadata": {"name": name, "namespace": "t", "labels": {"app": app}},
+              "spec": {"address": format!("127.0.1.{}", n % 200), "weight": n % 7 + 1}})
+        };
+        let docs: Vec<Value> = trellis_model::parse_values("t.yaml", mesh)
+            .unwrap()
+            .into_iter()
+            .filter(|v| !v.is_null())
+            .collect();
+        // A Workload as first written, at another address: the same references.
+        let moved = |name: &str, n: u64| {
+            let mut doc = docs
+                .iter()
+                .find(|d| d["metadata"]["name"] == name)
+                .unwrap()
+                .clone();
+            doc["spec"]["address"] = format!("127.0.2.{}", n % 200).into();
+            doc
+        };
+        let mut events: Vec<Event> = docs
+            .iter()
+            .cloned()
+            .map(|doc| {
+                let key = Key::new(
+                    doc["kind"].as_str().unwrap(),
+                    "t",
+                    doc["metadata"]["name"].as_str().unwrap(),
+                );
+                Event::Put(Object {
+                    key,
+                    version: 1,
+                    doc,
+                })
+            })
+            .collect();
+        let names = ["a-1", "a-2", "b-1", "caller", "dangling", "nobody"];
+        for (i, n) in names[..3].iter().enumerate() {
+            let doc = workload(n, &n[..1], i as u64);
+            events.push(Event::Put(Object {
+                key: Key::new("Workload", "t", n),
+                version: 1,
+                doc,
+            }));
+        }
+        let mut c = Catalog::default();
+        c.apply(Change {
+            revision: 1,
+            events,
+        });
+        let mut prev = c.compile();
+        let (mut shared, mut whole, mut rewrites_shared) = (0, 0, 0);
+        // A fixed pseudo-random walk (xorshift), so that a failure replays.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for step in 0..400u64 {
+            let mut batch = Vec::new();
+            for _ in 0..1 + step % 3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let name = names[(x % names.len() as u64) as usize];
+                let key = Key::new("Workload", "t", name);
+                batch.push(match (x >> 8) % 16 {
+                    0 => Event::Put(Object {
+                        doc: workload(name, if x & 1 == 0 { "a" } else { "b" }, x >> 20),
+                        key,
+                        version: step + 2,
+                    }),
+                    1 if name == "caller" || name == "dangling" => Event::Put(Object {
+                        doc: moved(name, x >> 20),
+                        key,
+                        version: step + 2,
+                    }),
+                    1 => Event::Delete(key),
+                    // A new address or weight, its labels as first written.
+                    4 | 5 => Event::Put(Object {
+                        doc: if name == "caller" || name == "dangling" {
+                            moved(name, x >> 20)
+                        } else {
+                            workload(name, &name[..1], x >> 20)
+                        },
+                        key,
+                        version: step + 2,
+                    }),
+                    2 | 3 => Event::Delete(health_key(&key)),
+                    _ => Event::Put(Object {
+                        key: health_key(&key),
+                        version: step + 2,
+                        doc: json!(Health {
+                            healthy: (x >> 30) & 1 == 0,
+                            recoveries: (x >> 31) % 3,
+                        }),
+                    }),
+                });
+            }
+            let rewrite = batch
+                .iter()
+                .any(|e| matches!(e, Event::Put(o) if o.key.kind == "Workload"));
+            c.apply(Change {
+                revision: step + 2,
+                events: batch,
+            });
+            let mut expected = c.compile();
+            expected.diff_from(&prev);
+            let next = c.compile_after(&prev);
+            assert_eq!(seen(&next), seen(&expected), "step {step}");
+            if Arc::ptr_eq(&next.scope, &prev.scope) {
+                shared += 1;
+                rewrites_shared += usize::from(rewrite);
+            } else {
+                whole += 1;
+            }
+            prev = next;
+        }
+        // Both ways were taken, often.
+        assert!(
+            shared > 150 && whole > 80 && rewrites_shared > 40,
+            "{shared} shared ({rewrites_shared} with a Workload rewritten), {whole} whole"
+        );
+    }
+
     #[test]
     fn a_health_record_changes_what_proxies_get_and_not_the_resource() {
         let key = Key::new("Workload", "test", "w");
@@ -694,7 +1006,8 @@ mod tests {
 /// What a compile costs at fleet size (not a check: run it by hand, in release,
 /// `cargo test --release -p trellis-control --lib compile_cost -- --ignored --nocapture`):
 /// 1,000 Services, 10,000 endpoint Workloads, 1,000 callers of 5 Services each, one health
-/// record changed per round, as the control plane compiles after each change.
+/// record changed per round, as the control plane compiles after each change (`FULL=1`: the
+/// whole compile and comparison it does after any other change).
 #[cfg(test)]
 mod cost {
     use super::*;
@@ -749,9 +1062,15 @@ mod cost {
             revision: v,
             events,
         });
+        let full = std::env::var_os("FULL").is_some();
         let mut prev = Arc::new(c.compile());
+        let caller = NamespacedName {
+            namespace: "bench".into(),
+            name: "client-0".into(),
+        };
+        prev.scope(&caller, []);
         let rounds = 20u32;
-        let mut parts = [std::time::Duration::ZERO; 4];
+        let mut parts = [std::time::Duration::ZERO; 5];
         let began = std::time::Instant::now();
         for r in 0..rounds {
             let key = Key::new("Workload", "bench", &format!("wl-{r}"));
@@ -767,11 +1086,22 @@ mod cost {
                 })],
             });
             let t = std::time::Instant::now();
-            let mut next = c.compile();
-            parts[0] += t.elapsed();
+            let next = if full {
+                let mut next = c.compile();
+                parts[0] += t.elapsed();
+                let t = std::time::Instant::now();
+                next.diff_from(&prev);
+                parts[1] += t.elapsed();
+                next
+            } else {
+                let next = c.compile_after(&prev);
+                parts[0] += t.elapsed();
+                next
+            };
+            // What a scoped stream works out of it (the index is made once per state).
             let t = std::time::Instant::now();
-            next.diff_from(&prev);
-            parts[1] += t.elapsed();
+            next.scope(&caller, []);
+            parts[4] += t.elapsed();
             let t = std::time::Instant::now();
             let state = crate::state::State {
                 catalog: c.clone(),
@@ -784,13 +1114,15 @@ mod cost {
             parts[3] += t.elapsed();
         }
         eprintln!(
-            "compile + diff + catalog clone after a health change, {} resources: {:?} each (compile {:?}, diff {:?}, clone {:?}, drop {:?})",
+            "{} after a health change, {} resources: {:?} each (compile {:?}, diff {:?}, clone {:?}, drop {:?}, a scope {:?})",
+            if full { "whole compile" } else { "compile_after" },
             c.entries.len(),
             began.elapsed() / rounds,
             parts[0] / rounds,
             parts[1] / rounds,
             parts[2] / rounds,
             parts[3] / rounds,
+            parts[4] / rounds,
         );
     }
 }

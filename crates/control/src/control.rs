@@ -107,7 +107,7 @@ async fn follow(
             // The control plane's own records (heartbeats of replicas, join tokens) change
             // nothing proxies get: no compile, no push.
             if changed {
-                publish(&tx, &catalog);
+                publish(&tx, &mut catalog);
             }
             if lost {
                 break;
@@ -124,7 +124,7 @@ async fn follow(
                 }
             }
         };
-        publish(&tx, &catalog);
+        publish(&tx, &mut catalog);
     }
 }
 
@@ -155,10 +155,9 @@ async fn give_memory_back(mut state: watch::Receiver<Arc<State>>) {
     }
 }
 
-fn publish(tx: &watch::Sender<Arc<State>>, catalog: &Catalog) {
-    let mut compiled = catalog.compile();
-    compiled.diff_from(&tx.borrow().compiled);
-    let compiled = Arc::new(compiled);
+fn publish(tx: &watch::Sender<Arc<State>>, catalog: &mut Catalog) {
+    let prev = tx.borrow().compiled.clone();
+    let compiled = Arc::new(catalog.compile_after(&prev));
     tx.send_replace(Arc::new(State {
         catalog: catalog.clone(),
         compiled,

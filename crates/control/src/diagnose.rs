@@ -118,7 +118,7 @@ pub(crate) fn facts(
             .collect();
         f.selects.insert(svc, chosen);
     }
-    for (key, conds) in &state.compiled.conditions {
+    for (key, conds) in state.compiled.conditions.iter() {
         for c in conds.iter().filter(|c| c.status == "False") {
             f.unresolved.push((
                 format!("{} {}/{}", key.kind, key.namespace, key.name),
