@@ -1069,7 +1069,10 @@ mod cost {
             name: "client-0".into(),
         };
         prev.scope(&caller, []);
-        let rounds = 20u32;
+        let rounds: u32 = std::env::var("ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(20);
         let mut parts = [std::time::Duration::ZERO; 5];
         let began = std::time::Instant::now();
         for r in 0..rounds {

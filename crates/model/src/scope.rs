@@ -14,7 +14,8 @@
 
 use std::{
     borrow::Borrow,
-    collections::{BTreeSet, HashMap, HashSet, VecDeque},
+    collections::{hash_map::RandomState, BTreeSet, HashMap, HashSet, VecDeque},
+    hash::{BuildHasher, BuildHasherDefault, Hash, Hasher},
 };
 
 use crate::{
@@ -24,26 +25,81 @@ use crate::{
 };
 
 /// The resources of one state of the mesh, indexed by what refers to what.
+///
+/// Its tables are keyed by a hash of the names looked up, not by copies of them: building
+/// the index of 12,000 resources then allocates a table entry per resource instead of two or
+/// three strings, and every lookup checks the resources it finds against the names (two
+/// names of one hash are both kept; the hash is keyed at random per index, so names cannot
+/// be chosen to collide).
 #[derive(Debug, Default)]
 pub struct ScopeIndex {
     /// Services by id.
-    services: HashMap<NamespacedName, usize>,
+    services: Table,
     /// Services by namespace (a workload's inbound Services are in its namespace).
-    services_in: HashMap<String, Vec<usize>>,
+    services_in: Table,
     /// Workloads by id.
-    workloads: HashMap<NamespacedName, usize>,
+    workloads: Table,
     /// Workloads by (namespace, label key, label value).
-    by_label: HashMap<(String, String, String), Vec<usize>>,
+    by_label: Table,
     /// Routes by each of their parents, policies by each of their targets.
-    naming: HashMap<NamespacedName, Vec<usize>>,
+    naming: Table,
     /// PeerAuthentications and AuthorizationPolicies without targets, by namespace.
-    namespace_wide: HashMap<String, Vec<usize>>,
+    namespace_wide: Table,
     /// RateLimitPolicies by namespace (they limit their namespace's inbound requests).
-    rate_limits: HashMap<String, Vec<usize>>,
+    rate_limits: Table,
     /// What every proxy gets: the trust bundles.
     everyone: Vec<usize>,
     /// Every resource by (kind, id).
-    by_key: HashMap<(&'static str, NamespacedName), usize>,
+    by_key: Table,
+    /// The key of the tables' hash.
+    hasher: RandomState,
+}
+
+/// Indices of resources by the hash of a name: most hashes have one, kept inline.
+#[derive(Debug, Default)]
+struct Table {
+    first: HashMap<u64, usize, BuildHasherDefault<Hashed>>,
+    more: HashMap<u64, Vec<usize>, BuildHasherDefault<Hashed>>,
+}
+
+impl Table {
+    fn insert(&mut self, h: u64, i: usize) {
+        match self.first.entry(h) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(i);
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.more.entry(h).or_default().push(i)
+            }
+        }
+    }
+
+    /// Every index kept under hash `h`, in the order they were kept.
+    fn get(&self, h: u64) -> impl Iterator<Item = usize> + '_ {
+        self.first
+            .get(&h)
+            .copied()
+            .into_iter()
+            .chain(self.more.get(&h).into_iter().flatten().copied())
+    }
+}
+
+/// A hasher for keys that are hashes already.
+#[derive(Default)]
+struct Hashed(u64);
+
+impl Hasher for Hashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// Every Service that `r` names, in `r`'s terms (a route's parents, backends and mirrors; a
@@ -162,30 +218,50 @@ pub fn to_check<R: Borrow<Resource>>(resources: &[R], changed: &[usize]) -> Vec<
         .collect()
 }
 
+/// What resource `r` is kept under in [`ScopeIndex`]'s `naming`: a route's parents (a route
+/// shapes its parents' traffic, not its backends': a caller of a canary backend does not
+/// need the routes that split to it), a policy's targets; nothing for a Workload or a
+/// RateLimitPolicy.
+fn naming_of(r: &Resource) -> Vec<NamespacedName> {
+    let ns = &r.metadata.namespace;
+    let mut named = match &r.spec {
+        Spec::Workload(_) | Spec::RateLimitPolicy(_) => return Vec::new(),
+        Spec::HttpRoute(h) => parents(h, ns),
+        Spec::GrpcRoute(g) => parents(g, ns),
+        _ => services_named(r),
+    };
+    named.sort();
+    named.dedup();
+    named
+}
+
+fn is(r: &Resource, id: &NamespacedName) -> bool {
+    r.metadata.namespace == id.namespace && r.metadata.name == id.name
+}
+
 impl ScopeIndex {
     /// Index `resources` (one pass).
     pub fn new<R: Borrow<Resource>>(resources: &[R]) -> Self {
         let mut ix = Self::default();
         for (i, r) in resources.iter().enumerate() {
             let r: &Resource = r.borrow();
-            let ns = &r.metadata.namespace;
-            ix.by_key.insert((r.kind(), r.id()), i);
+            let ns = r.metadata.namespace.as_str();
+            let id = ix.hash(&[ns, &r.metadata.name]);
+            ix.by_key
+                .insert(ix.hash(&[r.kind(), ns, &r.metadata.name]), i);
             match &r.spec {
                 Spec::Service(_) => {
-                    ix.services.insert(r.id(), i);
-                    ix.services_in.entry(ns.clone()).or_default().push(i);
+                    ix.services.insert(id, i);
+                    ix.services_in.insert(ix.hash(&[ns]), i);
                 }
                 Spec::Workload(_) => {
-                    ix.workloads.insert(r.id(), i);
+                    ix.workloads.insert(id, i);
                     for (k, v) in &r.metadata.labels {
-                        ix.by_label
-                            .entry((ns.clone(), k.clone(), v.clone()))
-                            .or_default()
-                            .push(i);
+                        ix.by_label.insert(ix.hash(&[ns, k, v]), i);
                     }
                 }
                 Spec::TrustBundle(_) => ix.everyone.push(i),
-                Spec::RateLimitPolicy(_) => ix.rate_limits.entry(ns.clone()).or_default().push(i),
+                Spec::RateLimitPolicy(_) => ix.rate_limits.insert(ix.hash(&[ns]), i),
                 Spec::Rollout(_) => {}
                 Spec::HttpRoute(_) | Spec::GrpcRoute(_) | Spec::BackendPolicy(_) => {}
                 Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {}
@@ -195,24 +271,64 @@ impl ScopeIndex {
                 Spec::AuthorizationPolicy(p) if p.target_refs.is_empty()
             ) || matches!(&r.spec, Spec::PeerAuthentication(p) if p.target_refs.is_empty())
             {
-                ix.namespace_wide.entry(ns.clone()).or_default().push(i);
+                ix.namespace_wide.insert(ix.hash(&[ns]), i);
             }
-            if !matches!(r.spec, Spec::Workload(_) | Spec::RateLimitPolicy(_)) {
-                // A route shapes its parents' traffic, not its backends': a caller of a
-                // canary backend does not need the routes that split to it.
-                let mut named = match &r.spec {
-                    Spec::HttpRoute(h) => parents(h, ns),
-                    Spec::GrpcRoute(g) => parents(g, ns),
-                    _ => services_named(r),
-                };
-                named.sort();
-                named.dedup();
-                for s in named {
-                    ix.naming.entry(s).or_default().push(i);
-                }
+            for s in naming_of(r) {
+                ix.naming.insert(ix.hash(&[&s.namespace, &s.name]), i);
             }
         }
         ix
+    }
+
+    /// The tables' key of `parts`.
+    fn hash(&self, parts: &[&str]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        for p in parts {
+            p.hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// The index of `id` kept in `table` (Services or Workloads by id).
+    fn by_id<R: Borrow<Resource>>(
+        &self,
+        table: &Table,
+        resources: &[R],
+        id: &NamespacedName,
+    ) -> Option<usize> {
+        table
+            .get(self.hash(&[&id.namespace, &id.name]))
+            .filter(|&i| is(resources[i].borrow(), id))
+            // Defined twice (a file can): the last, as a map by id keeps it.
+            .last()
+    }
+
+    /// The resource of kind `kind` (as [`Resource::kind`] names it) and id `id`.
+    fn by_key<R: Borrow<Resource>>(
+        &self,
+        resources: &[R],
+        kind: &str,
+        id: &NamespacedName,
+    ) -> Option<usize> {
+        self.by_key
+            .get(self.hash(&[kind, &id.namespace, &id.name]))
+            .filter(|&i| {
+                let r: &Resource = resources[i].borrow();
+                r.kind() == kind && is(r, id)
+            })
+            .last()
+    }
+
+    /// What `table` keeps of namespace `ns` (Services, namespace-wide policies, rate limits).
+    fn in_namespace<'a, R: Borrow<Resource>>(
+        &self,
+        table: &'a Table,
+        resources: &'a [R],
+        ns: &'a str,
+    ) -> impl Iterator<Item = usize> + 'a {
+        table
+            .get(self.hash(&[ns]))
+            .filter(move |&i| resources[i].borrow().metadata.namespace == ns)
     }
 
     /// The indices (into the slice given to [`ScopeIndex::new`]) of what the proxy serving
@@ -225,7 +341,7 @@ impl ScopeIndex {
         also: impl IntoIterator<Item = NamespacedName>,
     ) -> BTreeSet<usize> {
         let mut out = BTreeSet::new();
-        let Some(&me) = self.workloads.get(local) else {
+        let Some(me) = self.by_id(&self.workloads, resources, local) else {
             return out;
         };
         let res = |i: usize| -> &Resource { resources[i].borrow() };
@@ -236,19 +352,19 @@ impl ScopeIndex {
         // Inbound: the Services of its namespace that select it, and the namespace's rate
         // limits (with what they name).
         let mut inbound = Vec::new();
-        for &s in self.services_in.get(&local.namespace).into_iter().flatten() {
+        for s in self.in_namespace(&self.services_in, resources, &local.namespace) {
             if let Spec::Service(svc) = &res(s).spec {
                 if selects(&svc.selector, &mine.metadata.labels) {
                     inbound.push(res(s).id());
                 }
             }
         }
-        for &p in self.rate_limits.get(&local.namespace).into_iter().flatten() {
+        for p in self.in_namespace(&self.rate_limits, resources, &local.namespace) {
             out.insert(p);
             // A policy on a route limits the workloads of the route's parents and backends
             // with the route's matches: such a route comes along, with what it names (the
             // translation checks its references).
-            for r in self.limited_routes(res(p)) {
+            for r in self.limited_routes(resources, res(p)) {
                 let named = services_named(res(r));
                 if named.iter().any(|s| inbound.contains(s)) && out.insert(r) {
                     queue.extend(named);
@@ -263,7 +379,7 @@ impl ScopeIndex {
             if !seen.insert(s.clone()) {
                 continue;
             }
-            let Some(&si) = self.services.get(&s) else {
+            let Some(si) = self.by_id(&self.services, resources, &s) else {
                 continue;
             };
             out.insert(si);
@@ -272,14 +388,15 @@ impl ScopeIndex {
             if let Spec::Service(svc) = &r.spec {
                 out.extend(self.selected(&r.metadata.namespace, &svc.selector, resources));
             }
-            for &a in self.naming.get(&s).into_iter().flatten() {
-                if out.insert(a) {
+            for a in self.naming.get(self.hash(&[&s.namespace, &s.name])) {
+                if !out.contains(&a) && naming_of(res(a)).contains(&s) {
+                    out.insert(a);
                     queue.extend(services_named(res(a)));
                 }
             }
         }
         for ns in namespaces.into_iter().chain([MESH_NAMESPACE]) {
-            out.extend(self.namespace_wide.get(ns).into_iter().flatten());
+            out.extend(self.in_namespace(&self.namespace_wide, resources, ns));
         }
         out
     }
@@ -298,7 +415,7 @@ impl ScopeIndex {
         let Some(kind) = crate::resource::known_kind(kind) else {
             return true;
         };
-        let Some(&i) = self.by_key.get(&(kind, id.clone())) else {
+        let Some(i) = self.by_key(resources, kind, id) else {
             return false;
         };
         let r: &Resource = resources[i].borrow();
@@ -328,19 +445,23 @@ impl ScopeIndex {
     }
 
     /// The routes (indices) that RateLimitPolicy `policy` targets, in its namespace.
-    fn limited_routes<'a>(&'a self, policy: &'a Resource) -> impl Iterator<Item = usize> + 'a {
+    fn limited_routes<'a, R: Borrow<Resource>>(
+        &'a self,
+        resources: &'a [R],
+        policy: &'a Resource,
+    ) -> impl Iterator<Item = usize> + 'a {
         let targets = match &policy.spec {
             Spec::RateLimitPolicy(p) => p.target_refs.as_slice(),
             _ => &[],
         };
-        targets.iter().filter_map(|t| {
+        targets.iter().filter_map(move |t| {
             let kind = crate::resource::known_kind(&t.kind)?;
             let id = NamespacedName {
                 namespace: policy.metadata.namespace.clone(),
                 name: t.name.value.clone(),
             };
             (kind != "Service")
-                .then(|| self.by_key.get(&(kind, id)).copied())
+                .then(|| self.by_key(resources, kind, &id))
                 .flatten()
         })
     }
@@ -355,12 +476,9 @@ impl ScopeIndex {
     ) -> bool {
         resources[route].borrow().metadata.namespace == local.namespace
             && self
-                .rate_limits
-                .get(&local.namespace)
-                .into_iter()
-                .flatten()
-                .any(|&p| {
-                    self.limited_routes(resources[p].borrow())
+                .in_namespace(&self.rate_limits, resources, &local.namespace)
+                .any(|p| {
+                    self.limited_routes(resources, resources[p].borrow())
                         .any(|r| r == route)
                 })
     }
@@ -373,13 +491,13 @@ impl ScopeIndex {
         services: &[NamespacedName],
         workload: &NamespacedName,
     ) -> bool {
-        let Some(&w) = self.workloads.get(workload) else {
+        let Some(w) = self.by_id(&self.workloads, resources, workload) else {
             return false;
         };
         let labels = &resources[w].borrow().metadata.labels;
         services.iter().any(|s| {
             s.namespace == workload.namespace
-                && self.services.get(s).is_some_and(|&i| {
+                && self.by_id(&self.services, resources, s).is_some_and(|i| {
                     matches!(&resources[i].borrow().spec, Spec::Service(svc)
                         if !svc.selector.is_empty() && selects(&svc.selector, labels))
                 })
@@ -394,19 +512,18 @@ impl ScopeIndex {
         selector: &'a std::collections::BTreeMap<String, String>,
         resources: &'a [R],
     ) -> impl Iterator<Item = usize> + 'a {
-        let lists: Option<Vec<&Vec<usize>>> = selector
+        // The Workloads kept under the selector's rarest label.
+        let rarest = selector
             .iter()
-            .map(|(k, v)| {
-                self.by_label
-                    .get(&(namespace.to_string(), k.clone(), v.clone()))
-            })
-            .collect();
-        lists
-            .and_then(|l| l.into_iter().min_by_key(|l| l.len()))
+            .map(|(k, v)| self.hash(&[namespace, k, v]))
+            .min_by_key(|&h| self.by_label.get(h).count());
+        rarest
             .into_iter()
-            .flatten()
-            .copied()
-            .filter(move |&i| selects(selector, &resources[i].borrow().metadata.labels))
+            .flat_map(move |h| self.by_label.get(h))
+            .filter(move |&i| {
+                let r: &Resource = resources[i].borrow();
+                r.metadata.namespace == namespace && selects(selector, &r.metadata.labels)
+            })
     }
 }
 
