@@ -333,7 +333,7 @@ async fn apply_with(
     let changed: Vec<usize> = eff
         .iter()
         .enumerate()
-        .filter(|(_, (k, ..))| planned_keys.contains(k))
+        .filter(|(_, (k, ..))| planned_keys.contains(&***k))
         .map(|(i, _)| i)
         .collect();
     let resources_eff: Vec<Arc<Resource>> = eff.into_iter().map(|s| s.1).collect();

@@ -213,10 +213,13 @@ enum Since {
     /// Nothing proxies get.
     #[default]
     Nothing,
-    /// Only these Workloads' served documents, not what they refer to or what selects them:
-    /// their health (an agent's heartbeat, a check that flaps), or a rewrite that keeps their
-    /// labels and upstreams (an agent registering again with a new address, a new weight).
-    Served(Vec<Arc<Key>>),
+    /// Only these Workloads, and nothing any other resource resolves against: their health
+    /// (an agent's heartbeat, a check that flaps), a rewrite that keeps their labels and
+    /// upstreams (an agent registering again with a new address, a new weight), or a
+    /// Workload without upstreams added, removed or relabelled (containers coming and
+    /// going). A Workload's upstreams are what its conditions say resolve: one that has some
+    /// and changes them, comes or goes is [`Since::Anything`].
+    Workloads(Vec<Arc<Key>>),
     /// Anything else (a resource written or removed, a new listing): compile it all.
     Anything,
 }
@@ -224,8 +227,8 @@ enum Since {
 impl Since {
     fn served(&mut self, key: &Arc<Key>) {
         match self {
-            Since::Nothing => *self = Since::Served(vec![key.clone()]),
-            Since::Served(keys) => keys.push(key.clone()),
+            Since::Nothing => *self = Since::Workloads(vec![key.clone()]),
+            Since::Workloads(keys) => keys.push(key.clone()),
             Since::Anything => {}
         }
     }
@@ -245,6 +248,11 @@ fn same_references(a: &Resource, b: &Resource) -> bool {
             .collect::<Vec<_>>()
     };
     a.metadata.labels == b.metadata.labels && ups(wa) == ups(wb)
+}
+
+/// Whether `r` is a Workload without upstreams: one that refers to nothing.
+fn refers_to_nothing(r: &Resource) -> bool {
+    matches!(&r.spec, Spec::Workload(w) if w.upstreams.is_empty())
 }
 
 /// Set `key`'s value in `map`, the key copied only when it is new: an update or a health flap
@@ -277,8 +285,17 @@ impl Catalog {
             Ok(e) => {
                 let e = Arc::new(e);
                 match self.entries.get_key_value(&e.object.key) {
-                    Some((key, old)) if same_references(&old.resource, &e.resource) => {
+                    Some((key, old))
+                        if same_references(&old.resource, &e.resource)
+                            || (refers_to_nothing(&old.resource)
+                                && refers_to_nothing(&e.resource)) =>
+                    {
                         let key = key.clone();
+                        self.since.served(&key);
+                        self.entries.insert(key, e);
+                    }
+                    None if refers_to_nothing(&e.resource) => {
+                        let key = Arc::new(e.object.key.clone());
                         self.since.served(&key);
                         self.entries.insert(key, e);
                     }
@@ -301,8 +318,11 @@ impl Catalog {
             self.health.remove(&workload);
             self.rehealth(&workload);
         } else if !k.kind.starts_with('_') {
-            self.since = Since::Anything;
-            self.entries.remove(k);
+            match self.entries.remove_with_key(k) {
+                Some((key, e)) if refers_to_nothing(&e.resource) => self.since.served(&key),
+                Some(_) => self.since = Since::Anything,
+                None => {}
+            }
         }
     }
 
@@ -379,9 +399,9 @@ pub(crate) struct Compiled {
     pub(crate) revision: u64,
     /// Conditions per resource (routes, policies, workloads with references).
     pub(crate) conditions: Arc<HashMap<Key, Vec<Condition>>>,
-    /// The resources proxies get: unresolved routes and policies left out, unresolved
-    /// upstreams of a workload dropped.
-    pub(crate) effective: Vec<Arc<Resource>>,
+    /// The resources proxies get, in the catalog's order of keys: unresolved routes and
+    /// policies left out, unresolved upstreams of a workload dropped.
+    pub(crate) effective: Vec<Item>,
     /// The same, one YAML document each, by xDS name (`KIND/NAMESPACE/NAME`), with a version
     /// that changes exactly when the document does (Trellis proxies get these by delta xDS).
     /// A persistent map: the state after a change shares what the change did not touch.
@@ -396,8 +416,6 @@ pub(crate) struct Compiled {
     /// for a workload ask), not by every compile. Shared by the states a health change
     /// compiled from this one.
     workloads: Arc<std::sync::OnceLock<std::collections::HashSet<NamespacedName>>>,
-    /// The xDS name of each of `effective`, in its order.
-    names: Arc<[Arc<str>]>,
     /// What refers to what among `effective`, to work out each proxy's scope; made on first
     /// use (a state no scoped stream looks at never pays for it). Shared like `workloads`:
     /// health is no reference.
@@ -406,19 +424,64 @@ pub(crate) struct Compiled {
 
 /// A resource proxies get: its key, the parsed resource, its YAML, the YAML's version and its
 /// xDS name.
-pub(crate) type Served<'a> = (&'a Key, Arc<Resource>, Arc<str>, Arc<str>, Arc<str>);
+pub(crate) type Served<'a> = (&'a Arc<Key>, Arc<Resource>, Arc<str>, Arc<str>, Arc<str>);
+
+/// A resource proxies get, with its key and its xDS name: one pointer, so that a state made
+/// from the one before copies one pointer per resource.
+#[derive(Clone, Debug)]
+pub(crate) struct Item(Arc<ItemParts>);
+
+#[derive(Debug)]
+struct ItemParts {
+    key: Arc<Key>,
+    name: Arc<str>,
+    resource: Arc<Resource>,
+}
+
+impl Item {
+    fn new(key: Arc<Key>, name: Arc<str>, resource: Arc<Resource>) -> Self {
+        Self(Arc::new(ItemParts {
+            key,
+            name,
+            resource,
+        }))
+    }
+
+    /// Its xDS name.
+    fn name(&self) -> &Arc<str> {
+        &self.0.name
+    }
+
+    /// Its key in the catalog.
+    fn key(&self) -> &Arc<Key> {
+        &self.0.key
+    }
+}
+
+impl std::ops::Deref for Item {
+    type Target = Resource;
+    fn deref(&self) -> &Resource {
+        &self.0.resource
+    }
+}
+
+impl std::borrow::Borrow<Resource> for Item {
+    fn borrow(&self) -> &Resource {
+        &self.0.resource
+    }
+}
 
 /// The resources proxies get, and the conditions that explain what was left out.
 pub(crate) fn effective(entries: &Entries) -> (Vec<Served<'_>>, HashMap<Key, Vec<Condition>>) {
-    let list: Vec<&Arc<Entry>> = entries.values().collect();
-    let resources: Vec<&Resource> = list.iter().map(|e| e.resource.as_ref()).collect();
+    let list: Vec<(&Arc<Key>, &Arc<Entry>)> = entries.iter().collect();
+    let resources: Vec<&Resource> = list.iter().map(|(_, e)| e.resource.as_ref()).collect();
     let mut problems: HashMap<usize, Vec<Unresolved>> = HashMap::new();
     for u in resolve(&resources) {
         problems.entry(u.index).or_default().push(u);
     }
     let mut out = Vec::with_capacity(list.len());
     let mut conditions = HashMap::new();
-    for (i, e) in list.into_iter().enumerate() {
+    for (i, (key, e)) in list.into_iter().enumerate() {
         let r = &e.resource;
         let has_refs = matches!(
             r.spec,
@@ -427,11 +490,10 @@ pub(crate) fn effective(entries: &Entries) -> (Vec<Served<'_>>, HashMap<Key, Vec
             || matches!(&r.spec, Spec::AuthorizationPolicy(a) if !a.target_refs.is_empty())
             || matches!(&r.spec, Spec::PeerAuthentication(a) if !a.target_refs.is_empty())
             || matches!(&r.spec, Spec::RateLimitPolicy(_));
-        let key = &e.object.key;
         match problems.remove(&i) {
             None => {
                 if has_refs {
-                    conditions.insert(key.clone(), resolved_ok());
+                    conditions.insert(Key::clone(key), resolved_ok());
                 }
                 out.push((
                     key,
@@ -448,7 +510,7 @@ pub(crate) fn effective(entries: &Entries) -> (Vec<Served<'_>>, HashMap<Key, Vec
                     .collect::<Vec<_>>()
                     .join("; ");
                 let partial = ps.iter().all(|p| p.upstream.is_some());
-                conditions.insert(key.clone(), unresolved(message, partial));
+                conditions.insert(Key::clone(key), unresolved(message, partial));
                 if partial {
                     // Keep the workload (it is an endpoint); drop only its dangling upstreams.
                     let mut doc = e.object.doc();
@@ -528,7 +590,7 @@ impl Compiled {
         let ix = self.scope_index();
         ix.needs(&self.effective, local, also)
             .into_iter()
-            .map(|i| self.names[i].clone())
+            .map(|i| self.effective[i].name().clone())
             .collect()
     }
 
@@ -556,19 +618,31 @@ impl Compiled {
     }
 
     /// The state of `catalog` after only Workloads `keys` changed since this state was
-    /// compiled from it, and not in what they refer to or what selects them
-    /// ([`Since::Served`]): this one with their documents replaced, what it worked out of
-    /// references shared, and the changed names known without comparing every document.
-    /// Costs a copy of the list of resources (pointers) and a path of the document map per
-    /// Workload, not a compile of the mesh. `None` when a Workload is not served as stored
-    /// (left out, or served without an unresolved upstream): compile it all then.
-    fn with_rewritten(&self, catalog: &Catalog, keys: &[Arc<Key>]) -> Option<Compiled> {
+    /// compiled from it, and nothing any other resource resolves against
+    /// ([`Since::Workloads`]): this one with their documents replaced, added or removed, what
+    /// it worked out of references shared (the conditions) or kept up to date (the scope
+    /// index, when it was made), and the changed names known without comparing every
+    /// document. Costs a copy of the list of resources (a pointer each), a path of the
+    /// document map per Workload and, when one comes, goes or is relabelled, a pass over the
+    /// scope index's numbers: not a compile of the mesh. `None` when a Workload is served
+    /// otherwise than stored (without an unresolved upstream): compile it all then.
+    fn with_workloads(&self, catalog: &Catalog, keys: &[Arc<Key>]) -> Option<Compiled> {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
         let mut effective = self.effective.clone();
         let mut docs = self.docs.clone();
+        // Kept up to date from this state's, once one comes, goes or is relabelled; made
+        // anew on first use when this state had none.
+        let (mut index, mut moved) = (None::<ScopeIndex>, false);
+        let mut moving = |index: &mut Option<ScopeIndex>| {
+            if !moved {
+                moved = true;
+                *index = self.scope.get().cloned();
+            }
+        };
         let mut changed = Vec::with_capacity(keys.len());
-        for key in keys {
-            let e = catalog.entries.get(&**key)?;
-            // Served without an upstream: its document is not the stored one.
+        for key in &keys {
             let partial = self.conditions.get(&**key).is_some_and(|c| {
                 c.iter()
                     .any(|c| c.kind == "ResolvedRefs" && c.status == "False")
@@ -576,17 +650,68 @@ impl Compiled {
             if partial {
                 return None;
             }
-            let doc = docs.get_mut(&e.name)?;
-            // Changed back within one batch: not a change.
-            if doc.version != e.version {
-                effective[doc.index] = e.resource.clone();
-                doc.version = e.version.clone();
-                doc.yaml = e.yaml.clone();
-                changed.push(e.name.clone());
-            }
+            let at = effective.binary_search_by(|it| it.key().as_ref().cmp(key.as_ref()));
+            let name = match (at, catalog.entries.get(&**key)) {
+                (Ok(i), Some(e)) => {
+                    // Changed back within one batch: not a change.
+                    if docs.get(&e.name).is_some_and(|d| d.version == e.version) {
+                        continue;
+                    }
+                    let was = effective[i].clone();
+                    if !same_references(&was, &e.resource) {
+                        if !(refers_to_nothing(&was) && refers_to_nothing(&e.resource)) {
+                            return None;
+                        }
+                        moving(&mut index);
+                        if let Some(ix) = &mut index {
+                            ix.replace_workload(i, &was, &e.resource);
+                        }
+                    }
+                    effective[i] = Item::new(key.clone(), e.name.clone(), e.resource.clone());
+                    docs.insert(e.name.clone(), Doc::of(e));
+                    e.name.clone()
+                }
+                (Err(i), Some(e)) => {
+                    if !refers_to_nothing(&e.resource) {
+                        return None;
+                    }
+                    moving(&mut index);
+                    if let Some(ix) = &mut index {
+                        ix.insert_workload(i, &e.resource);
+                    }
+                    let item = Item::new(key.clone(), e.name.clone(), e.resource.clone());
+                    effective.insert(i, item);
+                    docs.insert(e.name.clone(), Doc::of(e));
+                    e.name.clone()
+                }
+                (Ok(i), None) => {
+                    let was = effective.remove(i);
+                    if !refers_to_nothing(&was) {
+                        return None;
+                    }
+                    moving(&mut index);
+                    if let Some(ix) = &mut index {
+                        ix.remove_workload(i, &was);
+                    }
+                    docs.remove(was.name());
+                    was.name().clone()
+                }
+                (Err(_), None) => continue,
+            };
+            changed.push(name);
         }
         changed.sort_unstable();
         changed.dedup();
+        let (scope, workloads) = if moved {
+            let scope = std::sync::OnceLock::new();
+            if let Some(ix) = index {
+                let _ = scope.set(ix);
+            }
+            // The served Workloads are made again when Envoy's listeners ask.
+            (Arc::new(scope), Arc::default())
+        } else {
+            (self.scope.clone(), self.workloads.clone())
+        };
         Some(Compiled {
             revision: catalog.revision,
             conditions: self.conditions.clone(),
@@ -594,9 +719,8 @@ impl Compiled {
             docs,
             delta: Some((self.revision, changed)),
             mesh: Default::default(),
-            workloads: self.workloads.clone(),
-            names: self.names.clone(),
-            scope: self.scope.clone(),
+            workloads,
+            scope,
         })
     }
 
@@ -676,8 +800,15 @@ pub(crate) struct Doc {
     pub(crate) version: Arc<str>,
     /// The YAML.
     pub(crate) yaml: Arc<str>,
-    /// Its place in [`Compiled::effective`].
-    index: usize,
+}
+
+impl Doc {
+    fn of(e: &Entry) -> Self {
+        Self {
+            version: e.version.clone(),
+            yaml: e.yaml.clone(),
+        }
+    }
 }
 
 fn content_version(yaml: &str) -> Arc<str> {
@@ -694,17 +825,18 @@ pub(crate) fn doc_name(k: &Key) -> String {
 
 impl Catalog {
     /// Compile what proxies get, as the state after `prev` (the last compile of this
-    /// catalog): only what changed since when that was only Workloads' health or addresses
-    /// ([`Since::Served`]), else everything; the changed names noted either way.
+    /// catalog): only what changed since when that was only Workloads that refer to nothing
+    /// that changed ([`Since::Workloads`]), else everything; the changed names noted either
+    /// way.
     pub(crate) fn compile_after(&mut self, prev: &Compiled) -> Compiled {
         let since = std::mem::take(&mut self.since);
         let keys = match &since {
             Since::Nothing => &[][..],
-            Since::Served(keys) => keys.as_slice(),
+            Since::Workloads(keys) => keys.as_slice(),
             Since::Anything => &[][..],
         };
         if !matches!(since, Since::Anything) {
-            if let Some(c) = prev.with_rewritten(self, keys) {
+            if let Some(c) = prev.with_workloads(self, keys) {
                 return c;
             }
         }
@@ -716,20 +848,20 @@ impl Catalog {
     /// Compile what proxies get.
     pub(crate) fn compile(&self) -> Compiled {
         let (eff, conditions) = effective(&self.entries);
-        let names: Arc<[Arc<str>]> = eff.iter().map(|s| s.4.clone()).collect();
         let docs = eff
             .iter()
-            .enumerate()
-            .map(|(index, (_, _, y, v, n))| {
+            .map(|(_, _, y, v, n)| {
                 let d = Doc {
                     version: v.clone(),
                     yaml: y.clone(),
-                    index,
                 };
                 (n.clone(), d)
             })
             .collect();
-        let effective: Vec<Arc<Resource>> = eff.into_iter().map(|s| s.1).collect();
+        let effective: Vec<Item> = eff
+            .into_iter()
+            .map(|(k, r, _, _, n)| Item::new(k.clone(), n, r))
+            .collect();
         Compiled {
             revision: self.revision,
             conditions: Arc::new(conditions),
@@ -738,7 +870,6 @@ impl Catalog {
             delta: None,
             mesh: Default::default(),
             workloads: Default::default(),
-            names,
             scope: Default::default(),
         }
     }
@@ -788,13 +919,13 @@ mod tests {
         let docs: Vec<_> = c
             .docs
             .iter()
-            .map(|(n, d)| format!("{n} {} {} {}", d.version, d.index, d.yaml))
+            .map(|(n, d)| format!("{n} {} {}", d.version, d.yaml))
             .collect();
         let mut conditions: Vec<_> = c.conditions.iter().map(|c| format!("{c:?}")).collect();
         conditions.sort();
         format!(
-            "{} {:?} {docs:?} {:?} {conditions:?} {:?}",
-            c.revision, c.delta, c.names, c.effective
+            "{} {:?} {docs:?} {conditions:?} {:?}",
+            c.revision, c.delta, c.effective
         )
     }
 
@@ -888,7 +1019,21 @@ spec:
             events,
         });
         let mut prev = c.compile();
-        let (mut shared, mut whole, mut rewrites_shared) = (0, 0, 0);
+        let (mut shared, mut whole, mut rewrites_shared, mut reindexed) = (0, 0, 0, 0);
+        let scopes = |c: &Compiled| -> Vec<Vec<Arc<str>>> {
+            names
+                .iter()
+                .map(|n| {
+                    let local = NamespacedName {
+                        namespace: "t".into(),
+                        name: n.to_string(),
+                    };
+                    let mut scope: Vec<_> = c.scope(&local, []).into_iter().collect();
+                    scope.sort();
+                    scope
+                })
+                .collect()
+        };
         // A fixed pseudo-random walk (xorshift), so that a failure replays.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for step in 0..400u64 {
@@ -943,9 +1088,12 @@ spec:
             expected.diff_from(&prev);
             let next = c.compile_after(&prev);
             assert_eq!(seen(&next), seen(&expected), "step {step}");
-            if Arc::ptr_eq(&next.scope, &prev.scope) {
+            // The scope index kept up to date says what one made anew says.
+            assert_eq!(scopes(&next), scopes(&expected), "step {step}");
+            if Arc::ptr_eq(&next.conditions, &prev.conditions) {
                 shared += 1;
                 rewrites_shared += usize::from(rewrite);
+                reindexed += usize::from(!Arc::ptr_eq(&next.scope, &prev.scope));
             } else {
                 whole += 1;
             }
@@ -953,8 +1101,8 @@ spec:
         }
         // Both ways were taken, often.
         assert!(
-            shared > 150 && whole > 80 && rewrites_shared > 40,
-            "{shared} shared ({rewrites_shared} with a Workload rewritten), {whole} whole"
+            shared > 250 && whole > 40 && rewrites_shared > 60 && reindexed > 30,
+            "{shared} shared ({rewrites_shared} with a Workload written, {reindexed} with one added, removed or relabelled), {whole} whole"
         );
     }
 
@@ -1007,7 +1155,8 @@ spec:
 /// `cargo test --release -p trellis-control --lib compile_cost -- --ignored --nocapture`):
 /// 1,000 Services, 10,000 endpoint Workloads, 1,000 callers of 5 Services each, one health
 /// record changed per round, as the control plane compiles after each change (`FULL=1`: the
-/// whole compile and comparison it does after any other change).
+/// whole compile and comparison it does after any other change; `CHURN=1`: a Workload
+/// without upstreams added or removed per round instead, a container coming and going).
 #[cfg(test)]
 mod cost {
     use super::*;
@@ -1063,6 +1212,7 @@ mod cost {
             events,
         });
         let full = std::env::var_os("FULL").is_some();
+        let churn = std::env::var_os("CHURN").is_some();
         let mut prev = Arc::new(c.compile());
         let caller = NamespacedName {
             namespace: "bench".into(),
@@ -1077,16 +1227,34 @@ mod cost {
         let began = std::time::Instant::now();
         for r in 0..rounds {
             let key = Key::new("Workload", "bench", &format!("wl-{r}"));
-            c.apply(Change {
-                revision: v + 1 + u64::from(r),
-                events: vec![Event::Put(Object {
+            let revision = v + 1 + u64::from(r);
+            let event = if churn {
+                // A container comes (even rounds) and goes (odd rounds).
+                let key = Key::new("Workload", "bench", &format!("ctr-{}", r / 2));
+                if r % 2 == 0 {
+                    Event::Put(Object {
+                        key,
+                        version: revision,
+                        doc: json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "Workload",
+                          "metadata": {"name": format!("ctr-{}", r / 2), "namespace": "bench", "labels": {"app": format!("svc-{}", r % 1000)}},
+                          "spec": {"address": "10.250.0.1", "environment": "container"}}),
+                    })
+                } else {
+                    Event::Delete(key)
+                }
+            } else {
+                Event::Put(Object {
                     key: health_key(&key),
-                    version: v + 1 + u64::from(r),
+                    version: revision,
                     doc: json!(Health {
                         healthy: r % 2 == 0,
                         recoveries: 0
                     }),
-                })],
+                })
+            };
+            c.apply(Change {
+                revision,
+                events: vec![event],
             });
             let t = std::time::Instant::now();
             let next = if full {
@@ -1117,8 +1285,9 @@ mod cost {
             parts[3] += t.elapsed();
         }
         eprintln!(
-            "{} after a health change, {} resources: {:?} each (compile {:?}, diff {:?}, clone {:?}, drop {:?}, a scope {:?})",
+            "{} after {}, {} resources: {:?} each (compile {:?}, diff {:?}, clone {:?}, drop {:?}, a scope {:?})",
             if full { "whole compile" } else { "compile_after" },
+            if churn { "a Workload came or went" } else { "a health change" },
             c.entries.len(),
             began.elapsed() / rounds,
             parts[0] / rounds,

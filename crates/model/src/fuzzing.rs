@@ -112,9 +112,12 @@ pub fn checked_change(resources: &[crate::Resource]) {
 }
 
 /// For (up to three of) the Workloads of `resources`: what [`crate::scope::ScopeIndex`] says
-/// its proxy needs translates as the whole set does for that proxy, Service for Service.
+/// its proxy needs translates as the whole set does for that proxy, Service for Service; and
+/// an index kept up to date as a Workload comes, goes or is relabelled says what an index
+/// made anew says.
 pub fn scope(resources: &[crate::Resource]) {
     let ix = crate::scope::ScopeIndex::new(resources);
+    kept_up_to_date(resources, &ix);
     for w in resources.iter().filter(|r| r.kind() == "Workload").take(3) {
         let local = w.id();
         let Ok(full) = crate::translate(FILE, resources, Some(&local)) else {
@@ -164,6 +167,49 @@ pub fn scope(resources: &[crate::Resource]) {
         assert_eq!(applies(&part), applies(&full), "{local}: authorization");
         unconcerned(resources, &ix, &local);
     }
+}
+
+/// For the first Workload X of `resources` (at `at`): the index of the set without X with X
+/// inserted, the index of the set with X removed, and the index with X relabelled, each
+/// says for every Workload (up to five) what the index made anew of that set says.
+fn kept_up_to_date(resources: &[crate::Resource], ix: &crate::scope::ScopeIndex) {
+    use crate::scope::ScopeIndex;
+    let Some(at) = resources.iter().position(|r| r.kind() == "Workload") else {
+        return;
+    };
+    let x = &resources[at];
+    let same = |rs: &[crate::Resource], kept: &ScopeIndex, what: &str| {
+        let anew = ScopeIndex::new(rs);
+        for w in rs.iter().filter(|r| r.kind() == "Workload").take(5) {
+            let local = w.id();
+            assert_eq!(
+                kept.needs(rs, &local, []),
+                anew.needs(rs, &local, []),
+                "{local}'s scope after {} {} {what}",
+                x.kind(),
+                x.id()
+            );
+        }
+    };
+    let mut without = resources.to_vec();
+    without.remove(at);
+    let mut inserted = ScopeIndex::new(&without);
+    inserted.insert_workload(at, x);
+    same(resources, &inserted, "came");
+    let mut removed = ix.clone();
+    removed.remove_workload(at, x);
+    same(&without, &removed, "went");
+    let mut relabelled = resources.to_vec();
+    let y = &mut relabelled[at];
+    let labels = std::mem::take(&mut y.metadata.labels);
+    y.metadata.labels = labels
+        .into_iter()
+        .skip(1)
+        .chain([("fuzz".to_string(), "relabelled".to_string())])
+        .collect();
+    let mut replaced = ix.clone();
+    replaced.replace_workload(at, x, &relabelled[at]);
+    same(&relabelled, &replaced, "was relabelled");
 }
 
 /// What a control plane skips is safe to skip. For each resource X but `local`'s Workload,

@@ -31,7 +31,7 @@ use crate::{
 /// three strings, and every lookup checks the resources it finds against the names (two
 /// names of one hash are both kept; the hash is keyed at random per index, so names cannot
 /// be chosen to collide).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ScopeIndex {
     /// Services by id.
     services: Table,
@@ -56,7 +56,7 @@ pub struct ScopeIndex {
 }
 
 /// Indices of resources by the hash of a name: most hashes have one, kept inline.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Table {
     first: HashMap<u64, usize, BuildHasherDefault<Hashed>>,
     more: HashMap<u64, Vec<usize>, BuildHasherDefault<Hashed>>,
@@ -72,6 +72,43 @@ impl Table {
                 self.more.entry(h).or_default().push(i)
             }
         }
+    }
+
+    fn remove(&mut self, h: u64, i: usize) {
+        if self.first.get(&h) == Some(&i) {
+            match self.more.get_mut(&h) {
+                Some(l) => {
+                    let next = l.remove(0);
+                    if l.is_empty() {
+                        self.more.remove(&h);
+                    }
+                    self.first.insert(h, next);
+                }
+                None => {
+                    self.first.remove(&h);
+                }
+            }
+        } else if let Some(l) = self.more.get_mut(&h) {
+            l.retain(|&x| x != i);
+            if l.is_empty() {
+                self.more.remove(&h);
+            }
+        }
+    }
+
+    /// Every index from `from` on one up (`up`) or down.
+    fn shift(&mut self, from: usize, up: bool) {
+        let moved = |i: &mut usize| {
+            if *i >= from {
+                if up {
+                    *i += 1;
+                } else {
+                    *i -= 1;
+                }
+            }
+        };
+        self.first.values_mut().for_each(moved);
+        self.more.values_mut().flatten().for_each(moved);
     }
 
     /// Every index kept under hash `h`, in the order they were kept.
@@ -245,6 +282,11 @@ impl ScopeIndex {
         let mut ix = Self::default();
         for (i, r) in resources.iter().enumerate() {
             let r: &Resource = r.borrow();
+            if let Spec::Workload(_) = &r.spec {
+                // Workloads name nothing the index keeps (their upstreams are read from them).
+                ix.workload(i, r, true);
+                continue;
+            }
             let ns = r.metadata.namespace.as_str();
             let id = ix.hash(&[ns, &r.metadata.name]);
             ix.by_key
@@ -254,12 +296,7 @@ impl ScopeIndex {
                     ix.services.insert(id, i);
                     ix.services_in.insert(ix.hash(&[ns]), i);
                 }
-                Spec::Workload(_) => {
-                    ix.workloads.insert(id, i);
-                    for (k, v) in &r.metadata.labels {
-                        ix.by_label.insert(ix.hash(&[ns, k, v]), i);
-                    }
-                }
+                Spec::Workload(_) => {}
                 Spec::TrustBundle(_) => ix.everyone.push(i),
                 Spec::RateLimitPolicy(_) => ix.rate_limits.insert(ix.hash(&[ns]), i),
                 Spec::Rollout(_) => {}
@@ -278,6 +315,73 @@ impl ScopeIndex {
             }
         }
         ix
+    }
+
+    /// Keep (`keep`) or forget Workload `r` at index `at`.
+    fn workload(&mut self, at: usize, r: &Resource, keep: bool) {
+        let (ns, name) = (r.metadata.namespace.as_str(), r.metadata.name.as_str());
+        let key = self.hash(&[r.kind(), ns, name]);
+        let id = self.hash(&[ns, name]);
+        let labels: Vec<u64> = r
+            .metadata
+            .labels
+            .iter()
+            .map(|(k, v)| self.hash(&[ns, k, v]))
+            .collect();
+        let put = |t: &mut Table, h: u64| {
+            if keep {
+                t.insert(h, at)
+            } else {
+                t.remove(h, at)
+            }
+        };
+        put(&mut self.by_key, key);
+        put(&mut self.workloads, id);
+        for h in labels {
+            put(&mut self.by_label, h);
+        }
+    }
+
+    /// The index of the resources after Workload `r` was inserted at `at` (those from `at`
+    /// on moved up one): what [`ScopeIndex::new`] makes of them, at the cost of moving the
+    /// indices kept rather than hashing every name again.
+    pub fn insert_workload(&mut self, at: usize, r: &Resource) {
+        self.shift(at, true);
+        self.workload(at, r, true);
+    }
+
+    /// The index of the resources after Workload `r`, at `at`, was removed (those after it
+    /// moved down one).
+    pub fn remove_workload(&mut self, at: usize, r: &Resource) {
+        self.workload(at, r, false);
+        self.shift(at + 1, false);
+    }
+
+    /// The index of the resources after Workload `was` at `at` was replaced by `now` (new
+    /// labels, say).
+    pub fn replace_workload(&mut self, at: usize, was: &Resource, now: &Resource) {
+        self.workload(at, was, false);
+        self.workload(at, now, true);
+    }
+
+    fn shift(&mut self, from: usize, up: bool) {
+        for t in [
+            &mut self.services,
+            &mut self.services_in,
+            &mut self.workloads,
+            &mut self.by_label,
+            &mut self.naming,
+            &mut self.namespace_wide,
+            &mut self.rate_limits,
+            &mut self.by_key,
+        ] {
+            t.shift(from, up);
+        }
+        for i in &mut self.everyone {
+            if *i >= from {
+                *i = if up { *i + 1 } else { *i - 1 };
+            }
+        }
     }
 
     /// The tables' key of `parts`.
@@ -299,8 +403,8 @@ impl ScopeIndex {
         table
             .get(self.hash(&[&id.namespace, &id.name]))
             .filter(|&i| is(resources[i].borrow(), id))
-            // Defined twice (a file can): the last, as a map by id keeps it.
-            .last()
+            // Defined twice (a file can): the later, as a map by id keeps it.
+            .max()
     }
 
     /// The resource of kind `kind` (as [`Resource::kind`] names it) and id `id`.
@@ -316,7 +420,7 @@ impl ScopeIndex {
                 let r: &Resource = resources[i].borrow();
                 r.kind() == kind && is(r, id)
             })
-            .last()
+            .max()
     }
 
     /// What `table` keeps of namespace `ns` (Services, namespace-wide policies, rate limits).
