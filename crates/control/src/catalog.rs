@@ -929,15 +929,16 @@ mod tests {
         )
     }
 
-    /// After a change of Workloads' health or addresses only (not their labels or upstreams),
-    /// the control plane redoes only their documents and shares the rest (the references
-    /// worked out, the scope index); what it makes is what a whole compile and comparison
-    /// make, at every step of a run of health records written and removed among Workloads
-    /// rewritten (with their references or other labels and upstreams) and removed, a
-    /// Workload with an unresolved upstream (served without it: compiled whole) and records
-    /// of Workloads that do not exist.
+    /// After a change of Workloads only (their health, their address, or one without
+    /// upstreams added, removed or relabelled), the control plane redoes only their documents
+    /// and shares the rest or keeps it up to date (the conditions, the scope index); what it
+    /// makes is what a whole compile and comparison make, and every Workload's scope is the
+    /// same, at every step of a run of health records written and removed among Workloads
+    /// rewritten (with their labels and upstreams or others), added and removed, a Workload
+    /// with an unresolved upstream (served without it: compiled whole) and records of
+    /// Workloads that do not exist.
     #[test]
-    fn a_health_change_compiles_to_what_a_whole_compile_makes() {
+    fn a_change_of_workloads_compiles_to_what_a_whole_compile_makes() {
         let mesh = r#"
 apiVersion: trellis.dev/v1alpha1
 kind: Service
