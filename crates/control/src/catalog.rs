@@ -225,7 +225,7 @@ enum Since {
 }
 
 impl Since {
-    fn served(&mut self, key: &Arc<Key>) {
+    fn workload(&mut self, key: &Arc<Key>) {
         match self {
             Since::Nothing => *self = Since::Workloads(vec![key.clone()]),
             Since::Workloads(keys) => keys.push(key.clone()),
@@ -291,12 +291,12 @@ impl Catalog {
                                 && refers_to_nothing(&e.resource)) =>
                     {
                         let key = key.clone();
-                        self.since.served(&key);
+                        self.since.workload(&key);
                         self.entries.insert(key, e);
                     }
                     None if refers_to_nothing(&e.resource) => {
                         let key = Arc::new(e.object.key.clone());
-                        self.since.served(&key);
+                        self.since.workload(&key);
                         self.entries.insert(key, e);
                     }
                     _ => {
@@ -319,7 +319,7 @@ impl Catalog {
             self.rehealth(&workload);
         } else if !k.kind.starts_with('_') {
             match self.entries.remove_with_key(k) {
-                Some((key, e)) if refers_to_nothing(&e.resource) => self.since.served(&key),
+                Some((key, e)) if refers_to_nothing(&e.resource) => self.since.workload(&key),
                 Some(_) => self.since = Since::Anything,
                 None => {}
             }
@@ -339,7 +339,7 @@ impl Catalog {
             Ok(e) => {
                 let key = key.clone();
                 self.entries.insert(key.clone(), Arc::new(e));
-                self.since.served(&key);
+                self.since.workload(&key);
             }
             // Left as it was served (not reached: it was parsed with a record before).
             Err(e) => tracing::error!(error = %e, "skipping stored resource"),
