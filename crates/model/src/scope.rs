@@ -98,15 +98,7 @@ impl Table {
 
     /// Every index from `from` on one up (`up`) or down.
     fn shift(&mut self, from: usize, up: bool) {
-        let moved = |i: &mut usize| {
-            if *i >= from {
-                if up {
-                    *i += 1;
-                } else {
-                    *i -= 1;
-                }
-            }
-        };
+        let moved = |i: &mut usize| shift(i, from, up);
         self.first.values_mut().for_each(moved);
         self.more.values_mut().flatten().for_each(moved);
     }
@@ -118,6 +110,13 @@ impl Table {
             .copied()
             .into_iter()
             .chain(self.more.get(&h).into_iter().flatten().copied())
+    }
+}
+
+/// Index `i` one up (`up`) or down if it is `from` or after.
+fn shift(i: &mut usize, from: usize, up: bool) {
+    if *i >= from {
+        *i = if up { *i + 1 } else { *i - 1 };
     }
 }
 
@@ -296,10 +295,10 @@ impl ScopeIndex {
                     ix.services.insert(id, i);
                     ix.services_in.insert(ix.hash(&[ns]), i);
                 }
-                Spec::Workload(_) => {}
                 Spec::TrustBundle(_) => ix.everyone.push(i),
                 Spec::RateLimitPolicy(_) => ix.rate_limits.insert(ix.hash(&[ns]), i),
-                Spec::Rollout(_) => {}
+                // Workloads were kept above.
+                Spec::Workload(_) | Spec::Rollout(_) => {}
                 Spec::HttpRoute(_) | Spec::GrpcRoute(_) | Spec::BackendPolicy(_) => {}
                 Spec::AuthorizationPolicy(_) | Spec::PeerAuthentication(_) => {}
             }
@@ -378,9 +377,7 @@ impl ScopeIndex {
             t.shift(from, up);
         }
         for i in &mut self.everyone {
-            if *i >= from {
-                *i = if up { *i + 1 } else { *i - 1 };
-            }
+            shift(i, from, up);
         }
     }
 
