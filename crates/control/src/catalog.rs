@@ -213,12 +213,9 @@ enum Since {
     /// Nothing proxies get.
     #[default]
     Nothing,
-    /// Only these Workloads, and nothing any other resource resolves against: their health
-    /// (an agent's heartbeat, a check that flaps), a rewrite that keeps their labels and
-    /// upstreams (an agent registering again with a new address, a new weight), or a
-    /// Workload without upstreams added, removed or relabelled (containers coming and
-    /// going). A Workload's upstreams are what its conditions say resolve: one that has some
-    /// and changes them, comes or goes is [`Since::Anything`].
+    /// Only these Workloads: written, removed or given a health record (an agent's
+    /// heartbeat, a check that flaps, containers coming and going). Whether that can be
+    /// compiled without the rest is [`Compiled::with_workloads`]'s to say.
     Workloads(Vec<Arc<Key>>),
     /// Anything else (a resource written or removed, a new listing): compile it all.
     Anything,
@@ -284,26 +281,8 @@ impl Catalog {
         match Entry::with_health(o, health) {
             Ok(e) => {
                 let e = Arc::new(e);
-                match self.entries.get_key_value(&e.object.key) {
-                    Some((key, old))
-                        if same_references(&old.resource, &e.resource)
-                            || (refers_to_nothing(&old.resource)
-                                && refers_to_nothing(&e.resource)) =>
-                    {
-                        let key = key.clone();
-                        self.since.workload(&key);
-                        self.entries.insert(key, e);
-                    }
-                    None if refers_to_nothing(&e.resource) => {
-                        let key = Arc::new(e.object.key.clone());
-                        self.since.workload(&key);
-                        self.entries.insert(key, e);
-                    }
-                    _ => {
-                        self.since = Since::Anything;
-                        put(&mut self.entries, &e.object.key, e.clone());
-                    }
-                }
+                put(&mut self.entries, &e.object.key, e.clone());
+                self.changed(&e.object.key);
             }
             Err(e) => {
                 self.since = Since::Anything;
@@ -317,13 +296,23 @@ impl Catalog {
             let workload = workload_key(k);
             self.health.remove(&workload);
             self.rehealth(&workload);
-        } else if !k.kind.starts_with('_') {
-            match self.entries.remove_with_key(k) {
-                Some((key, e)) if refers_to_nothing(&e.resource) => self.since.workload(&key),
-                Some(_) => self.since = Since::Anything,
-                None => {}
-            }
+        } else if !k.kind.starts_with('_') && self.entries.remove(k).is_some() {
+            self.changed(k);
         }
+    }
+
+    /// Note that resource `key` was written or removed: a Workload is noted by key, any
+    /// other change means compiling it all.
+    fn changed(&mut self, key: &Key) {
+        if key.kind != "Workload" {
+            self.since = Since::Anything;
+            return;
+        }
+        let key = match self.entries.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => Arc::new(key.clone()),
+        };
+        self.since.workload(&key);
     }
 
     /// Build Workload `key`'s entry again with its health record (or without).
@@ -413,12 +402,12 @@ pub(crate) struct Compiled {
     /// first use, so a fleet of Trellis proxies only never pays for it.
     mesh: std::sync::OnceLock<Result<ProxyConfig, ConfigError>>,
     /// The Workloads served, to check a node's claim; made on first use (Envoy's listeners
-    /// for a workload ask), not by every compile. Shared by the states a health change
-    /// compiled from this one.
+    /// for a workload ask), not by every compile. Shared by the states made from this one
+    /// when no Workload came or went (`with_workloads`).
     workloads: Arc<std::sync::OnceLock<std::collections::HashSet<NamespacedName>>>,
     /// What refers to what among `effective`, to work out each proxy's scope; made on first
-    /// use (a state no scoped stream looks at never pays for it). Shared like `workloads`:
-    /// health is no reference.
+    /// use (a state no scoped stream looks at never pays for it). Shared like `workloads`,
+    /// or kept up to date when Workloads came, went or were relabelled.
     scope: Arc<std::sync::OnceLock<ScopeIndex>>,
 }
 
@@ -618,29 +607,31 @@ impl Compiled {
     }
 
     /// The state of `catalog` after only Workloads `keys` changed since this state was
-    /// compiled from it, and nothing any other resource resolves against
-    /// ([`Since::Workloads`]): this one with their documents replaced, added or removed, what
-    /// it worked out of references shared (the conditions) or kept up to date (the scope
-    /// index, when it was made), and the changed names known without comparing every
-    /// document. Costs a copy of the list of resources (a pointer each), a path of the
+    /// compiled from it ([`Since::Workloads`]), when nothing another resource resolves
+    /// against changed with them: their health, a rewrite that keeps their labels and
+    /// upstreams (a new address, a new weight), or a Workload without upstreams added,
+    /// removed or relabelled. It is this state with their documents replaced, added or
+    /// removed, what it worked out of references shared (the conditions) or kept up to date
+    /// (the scope index, when it was made), and the changed names known without comparing
+    /// every document. Costs a copy of the list of resources (a pointer each), a path of the
     /// document map per Workload and, when one comes, goes or is relabelled, a pass over the
-    /// scope index's numbers: not a compile of the mesh. `None` when a Workload is served
-    /// otherwise than stored (without an unresolved upstream): compile it all then.
-    fn with_workloads(&self, catalog: &Catalog, keys: &[Arc<Key>]) -> Option<Compiled> {
-        let mut keys = keys.to_vec();
+    /// scope index's numbers: not a compile of the mesh. `None` otherwise — a Workload with
+    /// upstreams that comes, goes or changes them (what its conditions say resolves), or one
+    /// served otherwise than stored (without an unresolved upstream): compile it all then.
+    fn with_workloads(&self, catalog: &Catalog, mut keys: Vec<Arc<Key>>) -> Option<Compiled> {
         keys.sort_unstable();
         keys.dedup();
         let mut effective = self.effective.clone();
         let mut docs = self.docs.clone();
-        // Kept up to date from this state's, once one comes, goes or is relabelled; made
-        // anew on first use when this state had none.
-        let (mut index, mut moved) = (None::<ScopeIndex>, false);
-        let mut moving = |index: &mut Option<ScopeIndex>| {
-            if !moved {
-                moved = true;
-                *index = self.scope.get().cloned();
-            }
-        };
+        // Once one comes, goes or is relabelled: this state's index to keep up to date, or
+        // none (made anew on first use) when this state had none.
+        let mut index: Option<Option<ScopeIndex>> = None;
+        fn kept<'a>(
+            index: &'a mut Option<Option<ScopeIndex>>,
+            built: Option<&ScopeIndex>,
+        ) -> Option<&'a mut ScopeIndex> {
+            index.get_or_insert_with(|| built.cloned()).as_mut()
+        }
         let mut changed = Vec::with_capacity(keys.len());
         for key in &keys {
             let partial = self.conditions.get(&**key).is_some_and(|c| {
@@ -662,8 +653,7 @@ impl Compiled {
                         if !(refers_to_nothing(&was) && refers_to_nothing(&e.resource)) {
                             return None;
                         }
-                        moving(&mut index);
-                        if let Some(ix) = &mut index {
+                        if let Some(ix) = kept(&mut index, self.scope.get()) {
                             ix.replace_workload(i, &was, &e.resource);
                         }
                     }
@@ -675,8 +665,7 @@ impl Compiled {
                     if !refers_to_nothing(&e.resource) {
                         return None;
                     }
-                    moving(&mut index);
-                    if let Some(ix) = &mut index {
+                    if let Some(ix) = kept(&mut index, self.scope.get()) {
                         ix.insert_workload(i, &e.resource);
                     }
                     let item = Item::new(key.clone(), e.name.clone(), e.resource.clone());
@@ -689,8 +678,7 @@ impl Compiled {
                     if !refers_to_nothing(&was) {
                         return None;
                     }
-                    moving(&mut index);
-                    if let Some(ix) = &mut index {
+                    if let Some(ix) = kept(&mut index, self.scope.get()) {
                         ix.remove_workload(i, &was);
                     }
                     docs.remove(was.name());
@@ -702,15 +690,16 @@ impl Compiled {
         }
         changed.sort_unstable();
         changed.dedup();
-        let (scope, workloads) = if moved {
-            let scope = std::sync::OnceLock::new();
-            if let Some(ix) = index {
-                let _ = scope.set(ix);
+        let (scope, workloads) = match index {
+            Some(index) => {
+                let scope = std::sync::OnceLock::new();
+                if let Some(ix) = index {
+                    let _ = scope.set(ix);
+                }
+                // The served Workloads are made again when Envoy's listeners ask.
+                (Arc::new(scope), Arc::default())
             }
-            // The served Workloads are made again when Envoy's listeners ask.
-            (Arc::new(scope), Arc::default())
-        } else {
-            (self.scope.clone(), self.workloads.clone())
+            None => (self.scope.clone(), self.workloads.clone()),
         };
         Some(Compiled {
             revision: catalog.revision,
@@ -825,24 +814,20 @@ pub(crate) fn doc_name(k: &Key) -> String {
 
 impl Catalog {
     /// Compile what proxies get, as the state after `prev` (the last compile of this
-    /// catalog): only what changed since when that was only Workloads that refer to nothing
-    /// that changed ([`Since::Workloads`]), else everything; the changed names noted either
+    /// catalog): only what changed since when that was only Workloads and
+    /// [`Compiled::with_workloads`] can, else everything; the changed names noted either
     /// way.
     pub(crate) fn compile_after(&mut self, prev: &Compiled) -> Compiled {
-        let since = std::mem::take(&mut self.since);
-        let keys = match &since {
-            Since::Nothing => &[][..],
-            Since::Workloads(keys) => keys.as_slice(),
-            Since::Anything => &[][..],
+        let alone = match std::mem::take(&mut self.since) {
+            Since::Nothing => prev.with_workloads(self, Vec::new()),
+            Since::Workloads(keys) => prev.with_workloads(self, keys),
+            Since::Anything => None,
         };
-        if !matches!(since, Since::Anything) {
-            if let Some(c) = prev.with_workloads(self, keys) {
-                return c;
-            }
-        }
-        let mut c = self.compile();
-        c.diff_from(prev);
-        c
+        alone.unwrap_or_else(|| {
+            let mut c = self.compile();
+            c.diff_from(prev);
+            c
+        })
     }
 
     /// Compile what proxies get.
@@ -934,9 +919,10 @@ mod tests {
     /// and shares the rest or keeps it up to date (the conditions, the scope index); what it
     /// makes is what a whole compile and comparison make, and every Workload's scope is the
     /// same, at every step of a run of health records written and removed among Workloads
-    /// rewritten (with their labels and upstreams or others), added and removed, a Workload
-    /// with an unresolved upstream (served without it: compiled whole) and records of
-    /// Workloads that do not exist.
+    /// rewritten (with their labels and upstreams or others), added and removed, callers
+    /// removed and back with their upstreams (compiled whole), a Workload with an unresolved
+    /// upstream (served without it: compiled whole) and records of Workloads that do not
+    /// exist.
     #[test]
     fn a_change_of_workloads_compiles_to_what_a_whole_compile_makes() {
         let mesh = r#"
@@ -1057,6 +1043,8 @@ spec:
                         version: step + 2,
                     }),
                     1 => Event::Delete(key),
+                    // A caller goes (and comes back with its upstreams, above).
+                    6 if name == "caller" || name == "dangling" => Event::Delete(key),
                     // A new address or weight, its labels as first written.
                     4 | 5 => Event::Put(Object {
                         doc: if name == "caller" || name == "dangling" {
