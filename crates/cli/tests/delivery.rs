@@ -504,7 +504,18 @@ async fn faults_are_injected_into_each_try_inside_the_retries_and_blamed_on_nobo
     let to = d.caller.outbound;
     // Aborts on 30 % of the tries, retried twice on 503 as a real 503 would be: a request
     // fails only when all three of its tries are aborted (2.7 %), and an aborted try never
-    // reaches the application.
+    // reaches the application. Retries of injected aborts draw on the retry budget as any
+    // retry does (they reach the upstream when they pass); 0.39 retries per request is
+    // above the default budget's 20 % once its floor is spent, so this route gets a budget
+    // that does not bind, and the test checks that it did not.
+    apply_ok(
+        &d.cp,
+        policy(
+            "catalog-v1",
+            "  retryBudget: { percent: 100, minRetriesPerSecond: 1000 }\n",
+        ),
+    )
+    .await;
     apply_ok(
         &d.cp,
         faulty_route(
@@ -545,8 +556,20 @@ async fn faults_are_injected_into_each_try_inside_the_retries_and_blamed_on_nobo
         n - failed,
         "every request that succeeded reached the app once"
     );
+    let refused = d
+        .caller
+        .metric("trellis_retries_total", &[("outcome", "budget_exhausted")])
+        .await;
+    assert_eq!(refused, 0.0, "no retry was refused by the budget");
     // 2.7 % expected (10.8 of 400); without the retries it would be 30 %.
-    assert!((1..=32).contains(&failed), "{failed} of {n} failed");
+    let sent = d
+        .caller
+        .metric("trellis_retries_total", &[("outcome", "sent")])
+        .await;
+    assert!(
+        (1..=32).contains(&failed),
+        "{failed} of {n} failed; {sent} retries sent (~156 expected)"
+    );
 
     // Delays on 40 % of the tries (400 requests, no retries): counted by the proxy, within
     // bounds, and each delayed request took the delay at least.
