@@ -108,9 +108,17 @@ fn strict(shared: &Shared, target: &InboundTarget) -> bool {
     policy::strict(shared.identity.is_some(), shared.mtls_mode, target)
 }
 
-/// The target of a captured inbound connection addressed to the local port `port`.
-#[derive(Clone, Copy)]
-pub(crate) struct CapturedPort(pub(crate) u16);
+/// What a request's connection knows of its caller, handed to each of its requests with
+/// the request (not in its extensions: a map allocated, hashed into and freed per request).
+#[derive(Clone)]
+pub(crate) struct Caller {
+    /// The connection's peer address.
+    pub(crate) addr: std::net::SocketAddr,
+    /// Its identity, from its certificate (mutual TLS).
+    pub(crate) identity: Option<PeerId>,
+    /// The local port a captured inbound connection was addressed to.
+    pub(crate) captured: Option<u16>,
+}
 
 /// Route an inbound HTTP request to the local workload: a reply, or where it goes next.
 pub(crate) fn route(
@@ -119,9 +127,9 @@ pub(crate) fn route(
     mut req: Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
-    source: Option<&PeerId>,
-    peer: std::net::SocketAddr,
+    from: &Caller,
 ) -> Next<'static> {
+    let (source, peer) = (from.identity.as_ref(), from.addr);
     rec.authority = authority::authority(&req);
     // Who calls: its proxy says, and is believed only over mutual TLS. The header never
     // reaches the application.
@@ -136,7 +144,7 @@ pub(crate) fn route(
     // connection was addressed to, else the port of the authority; with one HTTP port, that.
     let port = source
         .and_then(|p| p.port)
-        .or_else(|| req.extensions().get::<CapturedPort>().map(|c| c.0))
+        .or(from.captured)
         .or_else(|| rec.authority.as_ref().and_then(|a| a.host_port().1));
     let caller = source;
     let source = source.map(|p| p.id.as_ref());

@@ -24,7 +24,7 @@ use super::{
 use crate::{
     error::{Error, Kind},
     h1::server::{Incoming as H1Incoming, Limits, ServerConn},
-    inbound::{self, CapturedPort, PeerId},
+    inbound::{self, Caller, PeerId},
     metrics::{Direction, Label},
     outbound,
     pool::MESH_KEEPALIVE,
@@ -183,7 +183,11 @@ pub(crate) async fn serve(
     if let Some((port, Protocol::Tcp)) = captured {
         return inbound::serve_tcp(shared, stream, Some(port), None).await;
     }
-    let captured = captured.map(|(port, _)| CapturedPort(port));
+    let caller = Caller {
+        addr: peer,
+        identity: None,
+        captured: captured.map(|(port, _)| port),
+    };
     let Some(kind) = sniff(&stream, builders.h1.header_read_timeout).await else {
         return;
     };
@@ -215,11 +219,8 @@ pub(crate) async fn serve(
                     break;
                 }
             };
-            let mut req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
-            if let Some(c) = captured {
-                req.extensions_mut().insert(c);
-            }
-            let resp = handle(&shared, &listener, req, peer).await;
+            let req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
+            let resp = handle(&shared, &listener, req, &caller).await;
             if !conn.respond(resp, shared.drain.draining()).await {
                 break;
             }
@@ -231,11 +232,7 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         service_fn(move |req: Request<Incoming>| {
             let (shared, listener) = (shared.clone(), listener.clone());
-            let mut req = req.map(ClientBody::Hyper);
-            if let Some(c) = captured {
-                req.extensions_mut().insert(c);
-            }
-            respond_boxed(shared, listener, req, peer)
+            respond_boxed(shared, listener, req.map(ClientBody::Hyper), caller.clone())
         })
     };
     let io = TokioIo::new(stream);
@@ -360,7 +357,7 @@ async fn serve_mtls(
         .and_then(trellis_identity::tls::inbound_port);
     let opaque = conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
     let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
-    let peer_id = id.map(|id| {
+    let identity = id.map(|id| {
         let uri = shared.peer_label(&id.to_string());
         PeerId::new(
             port,
@@ -373,18 +370,19 @@ async fn serve_mtls(
         )
     });
     if opaque {
-        return inbound::serve_tcp(shared, tls, port, peer_id).await;
+        return inbound::serve_tcp(shared, tls, port, identity).await;
     }
     let mut drain = shared.drain.signal();
+    let caller = Caller {
+        addr: peer,
+        identity,
+        captured: None,
+    };
     let svc = {
         let shared = shared.clone();
         service_fn(move |req: Request<Incoming>| {
             let (shared, listener) = (shared.clone(), listener.clone());
-            let mut req = req.map(ClientBody::Hyper);
-            if let Some(p) = &peer_id {
-                req.extensions_mut().insert(p.clone());
-            }
-            respond_boxed(shared, listener, req, peer)
+            respond_boxed(shared, listener, req.map(ClientBody::Hyper), caller.clone())
         })
     };
     let io = TokioIo::new(tls);
@@ -403,9 +401,9 @@ fn respond_boxed(
     shared: Arc<Shared>,
     listener: Listener,
     req: Request<ClientBody>,
-    peer: SocketAddr,
+    caller: Caller,
 ) -> Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>>>> {
-    Box::pin(async move { Ok(handle(&shared, &listener, req, peer).await) })
+    Box::pin(async move { Ok(handle(&shared, &listener, req, &caller).await) })
 }
 
 fn protocol(v: Version) -> &'static str {
@@ -422,8 +420,9 @@ async fn handle(
     shared: &Arc<Shared>,
     listener: &Listener,
     mut req: Request<ClientBody>,
-    peer: SocketAddr,
+    caller: &Caller,
 ) -> Response<ProxyBody> {
+    let peer = caller.addr;
     let snap = shared.state.load_full();
     let inbound = matches!(listener, Listener::Inbound);
     // Outbound requests come from the local workload; an inbound caller says who it is.
@@ -438,8 +437,7 @@ async fn handle(
         protocol(req.version()),
         src,
     );
-    let source = req.extensions().get::<PeerId>().cloned();
-    if let Some(p) = &source {
+    if let Some(p) = &caller.identity {
         rec.source_identity = p.uri.clone();
     }
     if shared.telemetry.taps.want_headers() {
@@ -455,7 +453,7 @@ async fn handle(
     // The config that holds a Service asked for on demand, when one was.
     let fetched;
     let next = if inbound {
-        inbound::route(shared, &snap, req, rec, grpc, source.as_ref(), peer)
+        inbound::route(shared, &snap, req, rec, grpc, caller)
     } else {
         let ask = shared.demand.is_some();
         match outbound::route(&snap, listener, req, rec, grpc, peer, ask) {
