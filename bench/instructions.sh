@@ -18,6 +18,11 @@
 # by about 2% between runs (how many HTTP/2 frames one read or write carries depends on
 # timing): take the median of three. KEEP=DIR keeps the callgrind file(s) of the measured run
 # (caller.out and callee.out; proxy.out without MTLS).
+# BREAKDOWN=1 also prints where each proxy's instructions per request go, by the source
+# file each instruction came from (inlined code counts where it was written): HPACK, the
+# rest of h2, hyper, http (header maps, URIs), bytes, tokio, TLS (rustls, ring), libc's
+# copies, its allocator, the proxy's own crates, and the rest; start-up subtracted as for
+# the totals. It does not move with the machine either, and says which part a step moved.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4000}
@@ -56,6 +61,40 @@ WL=bench/client URL=http://127.0.0.1:18083/
 [ "${INBOUND:-0}" = 1 ] && WL=bench/up-1 URL=http://127.0.0.1:18106/
 # Instructions counted in a callgrind file.
 total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}'; }
+# Instructions of a callgrind file by part (see BREAKDOWN above): "part count" lines. A line
+# of the standard library's source counts for the function it was inlined into.
+PARTS="hpack h2 hyper http bytes tokio tls memcpy alloc own other"
+parts() {
+  callgrind_annotate --auto=no --threshold=100 "$1" 2>/dev/null | awk -v parts="$PARTS" '
+    /file:function/ { listed = 1; next }
+    !listed || !/^ *[0-9,]+ / { next }
+    {
+      n = $1; gsub(",", "", n)
+      f = $0; sub(/^ *[0-9,]+ +\([ 0-9.]+%\) +/, "", f)
+      file = f; sub(/:.*/, "", file); fn = substr(f, length(file) + 2)
+      s = (file ~ /^\/rust(c)?\//) ? fn : file
+      if (s ~ /\/h2-[0-9.]+\/src\/hpack\/|(^|[<( &])h2::hpack::/) p = "hpack"
+      else if (s ~ /\/h2-[0-9.]+\/|(^|[<( &])h2::/) p = "h2"
+      else if (s ~ /\/hyper(-util)?-[0-9.]+\/|(^|[<( &])hyper(_util)?::/) p = "hyper"
+      else if (s ~ /\/http-[0-9.]+\/|(^|[<( &])http::/) p = "http"
+      else if (s ~ /\/bytes-[0-9.]+\/|(^|[<( &])bytes::/) p = "bytes"
+      else if (s ~ /\/tokio-[0-9.]+\/|(^|[<( &])tokio::/) p = "tokio"
+      else if (s ~ /\/(rustls|ring)-[0-9.]+\/|(^|[<( &])(rustls|ring)::/) p = "tls"
+      else if (file ~ /\/string\//) p = "memcpy"
+      else if (file ~ /\/malloc\/|\/sys\/alloc\// || fn ~ /^__rust_(alloc|dealloc|realloc)/) p = "alloc"
+      else if ((file !~ /registry/ && file ~ /crates\/[a-z0-9_-]+\/src\//) || s ~ /(^|[<( &])trellis_/) p = "own"
+      else p = "other"
+      sum[p] += n
+    }
+    END { k = split(parts, ps, " "); for (i = 1; i <= k; i++) print ps[i], sum[ps[i]] + 0 }'
+}
+# "part per-request" pairs for the N-request file $1 less the no-request file $2.
+breakdown() {
+  join <(parts "$1" | sort) <(parts "$2" | sort) |
+    awk -v n="$N" -v parts="$PARTS" '{ d[$1] = ($2 - $3) / n } END {
+      k = split(parts, ps, " ")
+      for (i = 1; i <= k; i++) printf "%s %.1fk%s", ps[i], d[ps[i]] / 1000, (i < k ? ", " : "\n") }'
+}
 run() {
   valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy "${SRC[@]}" ${EXTRA:-} \
     --workload "$WL" $LOG --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
@@ -65,6 +104,7 @@ run() {
   [ "$1" -gt 0 ] && h2load --h1 -n "$1" -c 8 "$URL" >/dev/null
   kill -TERM "$VP"; wait "$VP" || true; VP=
   [ -z "${KEEP:-}" ] || [ "$1" = 0 ] || cp "$W/cg.out" "$KEEP/proxy.out"
+  cp "$W/cg.out" "$W/proxy-$1.out"
   total "$W/cg.out"
 }
 # The mesh path: caller and callee under callgrind, each with a fresh identity. One request
@@ -94,6 +134,7 @@ run_mtls() {
   fi
   for p in "${pids[@]}"; do kill -TERM "$p"; wait "$p" || true; done
   [ -z "${KEEP:-}" ] || [ "$1" = 0 ] || cp "$run/caller.out" "$run/callee.out" "$KEEP/"
+  cp "$run/caller.out" "$W/caller-$1.out"; cp "$run/callee.out" "$W/callee-$1.out"
   echo "$(total "$run/caller.out") $(total "$run/callee.out")"
 }
 if [ "${MTLS:-0}" = 1 ]; then
@@ -106,7 +147,13 @@ if [ "${MTLS:-0}" = 1 ]; then
   read -r bc be < <(run_mtls 0)
   echo "caller $(( (fc - bc) / N )), callee $(( (fe - be) / N )) instructions per request"
   echo "$(( (fc + fe - bc - be) / N )) instructions per request through two proxies with mutual TLS ($N requests; start-up and shutdown, $((bc + be)), subtracted)"
+  if [ "${BREAKDOWN:-0}" = 1 ]; then
+    echo "caller: $(breakdown "$W/caller-$N.out" "$W/caller-0.out")"
+    echo "callee: $(breakdown "$W/callee-$N.out" "$W/callee-0.out")"
+  fi
   exit 0
 fi
 full=$(run "$N"); base=$(run 0)
 echo "$(( (full - base) / N )) instructions per request ($N requests; start-up and shutdown, $base, subtracted)"
+[ "${BREAKDOWN:-0}" = 1 ] && echo "by part: $(breakdown "$W/proxy-$N.out" "$W/proxy-0.out")"
+exit 0
