@@ -120,6 +120,15 @@ fn shift(i: &mut usize, from: usize, up: bool) {
     }
 }
 
+/// [`ScopeIndex`]'s key of `parts`, with its hash's key `hasher`.
+fn hash_of(hasher: &RandomState, parts: &[&str]) -> u64 {
+    let mut h = hasher.build_hasher();
+    for p in parts {
+        p.hash(&mut h);
+    }
+    h.finish()
+}
+
 /// A hasher for keys that are hashes already.
 #[derive(Default)]
 struct Hashed(u64);
@@ -287,12 +296,11 @@ impl ScopeIndex {
                 continue;
             }
             let ns = r.metadata.namespace.as_str();
-            let id = ix.hash(&[ns, &r.metadata.name]);
             ix.by_key
                 .insert(ix.hash(&[r.kind(), ns, &r.metadata.name]), i);
             match &r.spec {
                 Spec::Service(_) => {
-                    ix.services.insert(id, i);
+                    ix.services.insert(ix.hash(&[ns, &r.metadata.name]), i);
                     ix.services_in.insert(ix.hash(&[ns]), i);
                 }
                 Spec::TrustBundle(_) => ix.everyone.push(i),
@@ -319,14 +327,14 @@ impl ScopeIndex {
     /// Keep (`keep`) or forget Workload `r` at index `at`.
     fn workload(&mut self, at: usize, r: &Resource, keep: bool) {
         let (ns, name) = (r.metadata.namespace.as_str(), r.metadata.name.as_str());
-        let key = self.hash(&[r.kind(), ns, name]);
-        let id = self.hash(&[ns, name]);
-        let labels: Vec<u64> = r
-            .metadata
-            .labels
-            .iter()
-            .map(|(k, v)| self.hash(&[ns, k, v]))
-            .collect();
+        let Self {
+            by_key,
+            workloads,
+            by_label,
+            hasher,
+            ..
+        } = self;
+        let hash = |parts: &[&str]| hash_of(hasher, parts);
         let put = |t: &mut Table, h: u64| {
             if keep {
                 t.insert(h, at)
@@ -334,10 +342,10 @@ impl ScopeIndex {
                 t.remove(h, at)
             }
         };
-        put(&mut self.by_key, key);
-        put(&mut self.workloads, id);
-        for h in labels {
-            put(&mut self.by_label, h);
+        put(by_key, hash(&[r.kind(), ns, name]));
+        put(workloads, hash(&[ns, name]));
+        for (k, v) in &r.metadata.labels {
+            put(by_label, hash(&[ns, k, v]));
         }
     }
 
@@ -383,11 +391,7 @@ impl ScopeIndex {
 
     /// The tables' key of `parts`.
     fn hash(&self, parts: &[&str]) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        for p in parts {
-            p.hash(&mut h);
-        }
-        h.finish()
+        hash_of(&self.hasher, parts)
     }
 
     /// The index of `id` kept in `table` (Services or Workloads by id).
