@@ -4,9 +4,7 @@
 //! malformed head, a head that never finished, plaintext refused under STRICT, a failed
 //! inbound handshake) are recorded here.
 
-use std::{
-    convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{Request, Response, Version};
 use hyper::{body::Incoming, server::conn::http2, service::service_fn};
@@ -228,13 +226,7 @@ pub(crate) async fn serve(
         conn.finish();
         return;
     }
-    let svc = {
-        let shared = shared.clone();
-        service_fn(move |req: Request<Incoming>| {
-            let (shared, listener) = (shared.clone(), listener.clone());
-            respond_boxed(shared, listener, req.map(ClientBody::Hyper), caller.clone())
-        })
-    };
+    let svc = hyper_service(shared.clone(), listener, caller);
     let io = TokioIo::new(stream);
     let mut drain = shared.drain.signal();
     match kind {
@@ -378,13 +370,7 @@ async fn serve_mtls(
         identity,
         captured: None,
     };
-    let svc = {
-        let shared = shared.clone();
-        service_fn(move |req: Request<Incoming>| {
-            let (shared, listener) = (shared.clone(), listener.clone());
-            respond_boxed(shared, listener, req.map(ClientBody::Hyper), caller.clone())
-        })
-    };
+    let svc = hyper_service(shared.clone(), listener, caller);
     let io = TokioIo::new(tls);
     // ALPN already said which protocol: a peer proxy always says h2.
     if h2 {
@@ -394,16 +380,28 @@ async fn serve_mtls(
     }
 }
 
-/// A request served by hyper (HTTP/2, and HTTP/1.1 over TLS), its future boxed: hyper keeps
-/// the future in each stream's task and moves that task as it spawns and finishes it, and the
-/// request path's future is several kilobytes. One allocation instead of those copies.
-fn respond_boxed(
+/// The service hyper serves a connection's requests with (HTTP/2, and HTTP/1.1 over TLS):
+/// each goes to the request path with what the connection knows of its caller, its future
+/// boxed: hyper keeps the future in each stream's task and moves that task as it spawns and
+/// finishes it, and the request path's future is several kilobytes. One allocation instead
+/// of those copies.
+fn hyper_service(
     shared: Arc<Shared>,
     listener: Listener,
-    req: Request<ClientBody>,
     caller: Caller,
-) -> Pin<Box<impl Future<Output = Result<Response<ProxyBody>, Infallible>>>> {
-    Box::pin(async move { Ok(handle(&shared, &listener, req, &caller).await) })
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future: Send,
+> {
+    service_fn(move |req: Request<Incoming>| {
+        let (shared, listener, caller) = (shared.clone(), listener.clone(), caller.clone());
+        Box::pin(async move {
+            let req = req.map(ClientBody::Hyper);
+            Ok(handle(&shared, &listener, req, &caller).await)
+        })
+    })
 }
 
 fn protocol(v: Version) -> &'static str {
