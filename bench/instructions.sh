@@ -107,9 +107,10 @@ run() {
   cp "$W/cg.out" "$W/proxy-$1.out"
   total "$W/cg.out"
 }
-# The mesh path: caller and callee under callgrind, each with a fresh identity. One request
-# opens the connection between them (and its handshakes) in both runs, so that the
-# subtraction leaves the requests alone.
+# The mesh path: caller and callee under callgrind, each with a fresh identity. Both runs
+# begin with the same warm-up ($WARM requests from 8 connections, 800 unless set), which opens
+# the connections between the proxies (and their handshakes: one HTTP/2 connection, or up to
+# 8 HTTP/1.1 ones), so that the subtraction leaves the measured requests alone.
 run_mtls() {
   local run=$W/run$1 pids=() p
   mkdir -p "$run"
@@ -127,11 +128,10 @@ run_mtls() {
     for _ in $(seq 600); do curl -sf -o /dev/null 127.0.0.1:$admin/ready && break; sleep 0.1; done
   done
   for _ in $(seq 600); do curl -sf -o /dev/null http://127.0.0.1:18183/ && break; sleep 0.1; done
-  if [ "$1" -gt 0 ]; then
-    h2load --h1 -n "$1" -c 8 http://127.0.0.1:18183/ >"$run/h2load.txt"
-    # Every request answered 200 through both proxies, or the figure means nothing.
-    grep -q "status codes: $1 2xx" "$run/h2load.txt" || { cat "$run/h2load.txt" >&2; exit 1; }
-  fi
+  local n=$(( $1 + ${WARM:-800} ))
+  h2load --h1 -n "$n" -c 8 http://127.0.0.1:18183/ >"$run/h2load.txt"
+  # Every request answered 200 through both proxies, or the figure means nothing.
+  grep -q "status codes: $n 2xx" "$run/h2load.txt" || { cat "$run/h2load.txt" >&2; exit 1; }
   for p in "${pids[@]}"; do kill -TERM "$p"; wait "$p" || true; done
   [ -z "${KEEP:-}" ] || [ "$1" = 0 ] || cp "$run/caller.out" "$run/callee.out" "$KEEP/"
   cp "$run/caller.out" "$W/caller-$1.out"; cp "$run/callee.out" "$W/callee-$1.out"
@@ -146,7 +146,7 @@ if [ "${MTLS:-0}" = 1 ]; then
   read -r fc fe < <(run_mtls "$N")
   read -r bc be < <(run_mtls 0)
   echo "caller $(( (fc - bc) / N )), callee $(( (fe - be) / N )) instructions per request"
-  echo "$(( (fc + fe - bc - be) / N )) instructions per request through two proxies with mutual TLS ($N requests; start-up and shutdown, $((bc + be)), subtracted)"
+  echo "$(( (fc + fe - bc - be) / N )) instructions per request through two proxies with mutual TLS ($N requests; start-up, shutdown and ${WARM:-800} warm-up requests, $((bc + be)), subtracted)"
   if [ "${BREAKDOWN:-0}" = 1 ]; then
     echo "caller: $(breakdown "$W/caller-$N.out" "$W/caller-0.out")"
     echo "callee: $(breakdown "$W/callee-$N.out" "$W/callee-0.out")"

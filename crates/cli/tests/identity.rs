@@ -690,8 +690,8 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
     let inbound = callee.inbound.port();
 
-    // HTTP/1.1 from the application, HTTP/2 over mutual TLS between the proxies: the callee
-    // names the caller.
+    // HTTP/1.1 from the application rides HTTP/1.1 over mutual TLS between the proxies (the
+    // downstream protocol): the callee names the caller.
     eventually("HTTP over mTLS", Duration::from_secs(10), async || {
         let (st, _, body) = via(&caller, "b.test").await;
         (st == 200 && body == "peer-app").then_some(())
@@ -701,6 +701,48 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     let line = callee
         .wait_log("inbound request from the caller", |l| {
             l["direction"] == "inbound" && l["status"] == 200
+        })
+        .await;
+    assert_eq!(line["source_identity"], client_id, "{line}");
+    assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
+    // Several HTTP/1.1 requests at once (on as many pooled connections as are free, each by
+    // mutual TLS): each names the caller.
+    let many = (0..6).map(|_| async {
+        let r = client::get_full(caller.outbound, "b.test", "/many", &[])
+            .await
+            .unwrap();
+        (
+            r.status.as_u16(),
+            String::from_utf8_lossy(&r.body).into_owned(),
+        )
+    });
+    for (st, body) in futures_util::future::join_all(many).await {
+        assert_eq!((st, body.as_str()), (200, "peer-app"));
+    }
+    let lines = eventually(
+        "the six requests at the callee",
+        Duration::from_secs(10),
+        async || {
+            let l: Vec<_> = callee
+                .logs()
+                .into_iter()
+                .filter(|l| l["direction"] == "inbound" && l["path"] == "/many")
+                .collect();
+            (l.len() == 6).then_some(l)
+        },
+    )
+    .await;
+    for l in &lines {
+        assert_eq!(l["source_identity"], client_id, "{l}");
+        assert_eq!(l["protocol"], "HTTP/1.1", "{l}");
+    }
+    // An HTTP/2 client's requests ride HTTP/2 between the proxies, multiplexed as it sent them.
+    let mut h2 = client::Conn::h2(caller.outbound).await;
+    let r = h2.get("b.test", "/h2").await.unwrap();
+    assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"peer-app"[..]));
+    let line = callee
+        .wait_log("the HTTP/2 request at the callee", |l| {
+            l["direction"] == "inbound" && l["path"] == "/h2"
         })
         .await;
     assert_eq!(line["source_identity"], client_id, "{line}");

@@ -178,3 +178,41 @@ async fn a_proxy_holds_what_its_workload_calls_and_asks_for_the_rest() {
     // And asked for again when needed.
     assert_eq!(via(&p, "svc-b.test").await.2, "b");
 }
+
+/// An upgrade in place keeps what was asked for on demand: the old process passes its names
+/// on with its listeners and the new one asks for them in its first request, so it holds
+/// them from its first config. A client that resolved a name through the old process (its
+/// DNS answer, a virtual IP) and connects to the new one is served without a lookup.
+#[tokio::test]
+async fn an_upgrade_in_place_keeps_the_names_asked_for_on_demand() {
+    let (a, b) = (upstream::named("a").await, upstream::named("b").await);
+    let cp = ControlProcess::start(BIN, &[]);
+    apply_ok(
+        &cp,
+        docs(&[
+            service("svc-a", "HTTP", &[a]),
+            service("svc-b", "HTTP", &[b]),
+            caller("client", &["svc-a"]),
+        ]),
+    )
+    .await;
+    let sock = trellis_test_support::temp_path("scope-handoff.sock");
+    let args = ["--handoff", sock.to_str().unwrap()];
+    let mut old = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &args);
+    old.wait_ready().await;
+    assert_eq!(via(&old, "svc-b.test").await.2, "b");
+    assert_eq!(services(&old).await, ["test/svc-a", "test/svc-b"]);
+
+    let new = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &args);
+    assert_eq!(old.wait_exit(Duration::from_secs(20)).await, Some(0));
+    new.wait_ready().await;
+    // Before any request reaches it, the new process holds what the old one asked for.
+    assert_eq!(services(&new).await, ["test/svc-a", "test/svc-b"]);
+    assert_eq!(
+        dump(&new).await["on_demand"],
+        serde_json::json!(["test/svc-b"])
+    );
+    assert_eq!(via(&new, "svc-b.test").await.2, "b");
+    let lookups = new.metric("trellis_on_demand_lookups_total", &[]).await;
+    assert_eq!(lookups, 0.0, "the new process had to look svc-b up");
+}

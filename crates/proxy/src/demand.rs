@@ -204,6 +204,22 @@ impl Demand {
         }
     }
 
+    /// Take over names a predecessor had asked for (an upgrade in place), before the first
+    /// xDS request, which subscribes them: the new process holds from its first config what
+    /// the old one served, and a client that resolved a name through the old one's DNS and
+    /// connects to the new one is served, not taken for traffic to an unknown address.
+    pub(crate) fn adopt(&self, ids: impl IntoIterator<Item = NamespacedName>) {
+        let mut names = self.names();
+        for id in ids {
+            if names.len() >= MAX_NAMES {
+                break;
+            }
+            names
+                .entry(id)
+                .or_insert(Name::Asked { unused_since: None });
+        }
+    }
+
     /// The names asked for and not found absent (to subscribe again on a new stream).
     pub(crate) fn asked(&self) -> Vec<NamespacedName> {
         self.names()

@@ -97,7 +97,12 @@ pub struct Offer {
 pub struct Offered {
     sockets: Arc<Mutex<BTreeMap<String, OwnedFd>>>,
     extra: Arc<Mutex<serde_json::Value>>,
+    /// What is passed on as read when the offer is made (state that changes all the time).
+    live: Arc<Mutex<Vec<(String, Provider)>>>,
 }
+
+/// Reads a value to pass on when an offer is made.
+type Provider = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl Offered {
     /// Offer `socket` as `name` (a duplicate of its descriptor is kept).
@@ -121,6 +126,17 @@ impl Offered {
         extra[key] = value;
     }
 
+    /// Pass on what `read` says when the offer is made, as `key`.
+    pub(crate) fn pass_on_live(
+        &self,
+        key: &str,
+        read: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|(k, _)| k != key);
+        live.push((key.to_string(), Box::new(read)));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OwnedFd>> {
         self.sockets.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -133,10 +149,17 @@ impl Offered {
             .take(MAX_SOCKETS)
             .map(|(n, fd)| (n.clone(), fd.as_fd()))
             .unzip();
+        let mut extra = self.extra.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (key, read) in self.live.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if !extra.is_object() {
+                extra = serde_json::json!({});
+            }
+            extra[key.as_str()] = read();
+        }
         let offer = Offer {
             pid: std::process::id(),
             sockets: names,
-            extra: self.extra.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            extra,
         };
         let body = serde_json::to_vec(&offer).map_err(std::io::Error::other)?;
         let len = (body.len() as u32).to_be_bytes();

@@ -169,6 +169,9 @@ pub struct Proxy {
     successor: Option<tokio::net::UnixListener>,
 }
 
+/// Under what the names asked for on demand are passed on to a successor.
+const ON_DEMAND: &str = "on_demand";
+
 /// The name a listener is offered to a successor under.
 fn bind_name(key: &str) -> String {
     format!("upstream {key}")
@@ -263,6 +266,36 @@ impl Proxy {
             None => None,
         };
         let offered = opts.handoff.as_ref().map(|_| Offered::default());
+        // The names asked for on demand go to a successor, which asks for them in its first
+        // request (see `Demand::adopt`).
+        if let (Some(o), Some(d)) = (&offered, &shared.demand) {
+            let d = d.clone();
+            o.pass_on_live(ON_DEMAND, move || {
+                serde_json::to_value(d.asked()).unwrap_or_default()
+            });
+        }
+        if let (Some(i), Some(d)) = (&inherited, &shared.demand) {
+            let names = i.offer.extra.get(ON_DEMAND).cloned();
+            let parse =
+                |v: serde_json::Value| -> Result<Vec<trellis_model::NamespacedName>, String> {
+                    let names: Vec<String> =
+                        serde_json::from_value(v).map_err(|e| e.to_string())?;
+                    names.iter().map(|n| n.parse()).collect()
+                };
+            match names.map(parse) {
+                Some(Ok(ids)) => {
+                    tracing::info!(
+                        names = ids.len(),
+                        "asking for the names the predecessor asked for on demand"
+                    );
+                    d.adopt(ids);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "the predecessor's on-demand names are unreadable; not asked for")
+                }
+                None => {}
+            }
+        }
         let successor = match (&opts.handoff, &inherited) {
             (Some(path), None) => Some(handoff::bind(path)?),
             _ => None,

@@ -550,7 +550,7 @@ impl Body for ReqBody {
         };
         let res = ready!(poll_body_frame(
             &mut this.decoder,
-            &this.io,
+            &mut &*this.io,
             &mut rd.rbuf,
             &mut rd.read_size,
             cx
