@@ -682,7 +682,20 @@ async fn start_pair(
 
 #[tokio::test]
 async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
-    let app = upstream::named("peer-app").await;
+    // "peer-app"; to a POST, how many bytes its body had.
+    let app = upstream::http(|req: http::Request<hyper::body::Incoming>| async move {
+        let post = req.method() == Method::POST;
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = match post {
+            true => format!("peer-app got {} bytes", body.len()),
+            false => "peer-app".to_string(),
+        };
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)))
+    })
+    .await;
     let echo = upstream::tcp_echo().await;
     let plain = upstream::named("not-a-proxy").await;
     let cp = ControlProcess::start(BIN, &[]);
@@ -735,6 +748,19 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     for l in &lines {
         assert_eq!(l["source_identity"], client_id, "{l}");
         assert_eq!(l["protocol"], "HTTP/1.1", "{l}");
+    }
+    // A request body larger than one TLS record, and requests after it on the same client
+    // connection: the callee reads the body from the session while it answers.
+    let mut c = client::Conn::h1(caller.outbound).await;
+    for _ in 0..2 {
+        let r = c
+            .post("b.test", "/upload", bytes::Bytes::from(vec![7u8; 300_000]))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, "peer-app got 300000 bytes");
+        let r = c.get("b.test", "/after").await.unwrap();
+        assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"peer-app"[..]));
     }
     // An HTTP/2 client's requests ride HTTP/2 between the proxies, multiplexed as it sent them.
     let mut h2 = client::Conn::h2(caller.outbound).await;
