@@ -703,8 +703,8 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
     let inbound = callee.inbound.port();
 
-    // HTTP/1.1 from the application rides HTTP/1.1 over mutual TLS between the proxies (the
-    // downstream protocol): the callee names the caller.
+    // HTTP/1.1 from the application, HTTP/2 over mutual TLS between the proxies: the callee
+    // names the caller.
     eventually("HTTP over mTLS", Duration::from_secs(10), async || {
         let (st, _, body) = via(&caller, "b.test").await;
         (st == 200 && body == "peer-app").then_some(())
@@ -717,9 +717,8 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
         })
         .await;
     assert_eq!(line["source_identity"], client_id, "{line}");
-    assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
-    // Several HTTP/1.1 requests at once (on as many pooled connections as are free, each by
-    // mutual TLS): each names the caller.
+    assert_eq!(line["protocol"], "HTTP/2", "{line}");
+    // Several HTTP/1.1 requests at once, streams of the one connection: each names the caller.
     let many = (0..6).map(|_| async {
         let r = client::get_full(caller.outbound, "b.test", "/many", &[])
             .await
@@ -747,10 +746,10 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     .await;
     for l in &lines {
         assert_eq!(l["source_identity"], client_id, "{l}");
-        assert_eq!(l["protocol"], "HTTP/1.1", "{l}");
+        assert_eq!(l["protocol"], "HTTP/2", "{l}");
     }
-    // A request body larger than one TLS record, and requests after it on the same client
-    // connection: the callee reads the body from the session while it answers.
+    // A request body larger than a TLS record and the HTTP/2 stream's first frames, and
+    // requests after it on the same client connection.
     let mut c = client::Conn::h1(caller.outbound).await;
     for _ in 0..2 {
         let r = c
@@ -762,7 +761,7 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
         let r = c.get("b.test", "/after").await.unwrap();
         assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"peer-app"[..]));
     }
-    // An HTTP/2 client's requests ride HTTP/2 between the proxies, multiplexed as it sent them.
+    // An HTTP/2 client's requests ride the same way.
     let mut h2 = client::Conn::h2(caller.outbound).await;
     let r = h2.get("b.test", "/h2").await.unwrap();
     assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"peer-app"[..]));

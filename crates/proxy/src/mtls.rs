@@ -4,9 +4,8 @@
 //!
 //! A caller reaches a meshed endpoint at its proxy's inbound listener, names the service port
 //! in the TLS server name ([`trellis_identity::tls::inbound_server_name`]) and asks by ALPN
-//! for HTTP/1.1 (requests that came as HTTP/1.1 to an HTTP/1.1 service: pooled connections,
-//! the cheapest path per request), HTTP/2 (gRPC and HTTP/2 services, and requests that came
-//! as HTTP/2: one multiplexed connection per peer) or an opaque TCP stream ([`ALPN_TCP`]).
+//! for HTTP/2 (every HTTP request, whatever the application speaks: one multiplexed
+//! connection per peer) or for an opaque TCP stream ([`ALPN_TCP`]).
 
 use std::{
     io,
@@ -29,8 +28,6 @@ pub(crate) use trellis_identity::tls::ALPN_TCP;
 /// What a connection to a peer carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Purpose {
-    /// HTTP/1.1 (a connection per request in flight, pooled).
-    Http1,
     /// HTTP/2.
     Http2,
     /// Opaque TCP.
@@ -40,7 +37,6 @@ pub(crate) enum Purpose {
 impl Purpose {
     fn alpn(self) -> &'static [u8] {
         match self {
-            Self::Http1 => b"http/1.1",
             Self::Http2 => b"h2",
             Self::Tcp => ALPN_TCP,
         }

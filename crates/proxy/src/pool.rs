@@ -32,21 +32,6 @@ use crate::{
 /// connection within both, rather than when the kernel gives up after many minutes.
 pub(crate) const MESH_KEEPALIVE: Duration = Duration::from_secs(10);
 
-/// TCP keep-alive on an HTTP/1.1 connection to a peer's proxy, in place of HTTP/2's PINGs:
-/// probes after [`MESH_KEEPALIVE`] of silence, the connection closed when one is not answered
-/// within as long; and unacknowledged data (a request sent into a cut link) fails after
-/// twice that. A request waiting on a peer cut off thus fails within about 20 s, as over
-/// HTTP/2, rather than after the kernel's two hours.
-fn mesh_keepalive(stream: &TcpStream) {
-    let sock = socket2::SockRef::from(stream);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(MESH_KEEPALIVE)
-        .with_interval(MESH_KEEPALIVE)
-        .with_retries(1);
-    let _ = sock.set_tcp_keepalive(&ka);
-    let _ = sock.set_tcp_user_timeout(Some(2 * MESH_KEEPALIVE));
-}
-
 /// What every connection of this proxy is made with: its metrics, its client TLS (when it
 /// has an identity) and the socket mark.
 pub(crate) struct Dialer {
@@ -192,18 +177,10 @@ impl Pool {
         }
     }
 
-    /// Whether a request goes out as HTTP/2: one of an HTTP/2 cluster, and one to a peer's
-    /// proxy that came as HTTP/2 (`downstream_h2`), multiplexed as its client multiplexed
-    /// it. An HTTP/1.1 request to an HTTP/1.1 service goes to a peer's proxy as HTTP/1.1 over
-    /// mutual TLS, on a pooled connection: no HPACK, no stream state, no second framing of
-    /// what the application sent (Envoy's "use the downstream protocol", Istio's default).
-    pub(crate) fn uses_h2(
-        &self,
-        cluster_h2: bool,
-        downstream_h2: bool,
-        ctx: &ConnectCtx<'_>,
-    ) -> bool {
-        cluster_h2 || (downstream_h2 && self.mesh.is_some() && ctx.tls.is_some())
+    /// Whether requests go out as HTTP/2: those of an HTTP/2 cluster, and all those to a peer
+    /// proxy, which carries any HTTP over one multiplexed connection.
+    pub(crate) fn uses_h2(&self, cluster_h2: bool, ctx: &ConnectCtx<'_>) -> bool {
+        cluster_h2 || (self.mesh.is_some() && ctx.tls.is_some())
     }
 
     /// Who `addr` is, for an error: "the proxy of shop/catalog-1 (app 10.0.0.5:8080) at
@@ -292,17 +269,6 @@ impl Pool {
             )
         };
         let s = match (via, ctx.tls) {
-            (Some(peer), Some(tls)) if !h2 => {
-                // A peer cut off fails the requests on its connections within the keep-alive
-                // (TCP's, here: HTTP/1.1 has no PING).
-                mesh_keepalive(&stream);
-                let tls = tls
-                    .connect(stream, peer, ctx.port, Purpose::Http1)
-                    .await
-                    .map_err(|d| self.tls_failed(addr, d))?;
-                let io = UpStream::Tls(Box::new(tls));
-                return Ok(Sender::H1(Box::new(Conn::new(io, slot))));
-            }
             (Some(peer), Some(tls)) => {
                 let tls = tls
                     .connect(stream, peer, ctx.port, Purpose::Http2)
@@ -314,10 +280,7 @@ impl Pool {
                     .await
                     .map_err(handshake)?
             }
-            _ if !h2 => {
-                let io = UpStream::Plain(stream);
-                return Ok(Sender::H1(Box::new(Conn::new(io, slot))));
-            }
+            _ if !h2 => return Ok(Sender::H1(Box::new(Conn::new(stream, slot)))),
             _ => h2_client::handshake(stream, None, slot)
                 .await
                 .map_err(handshake)?,
@@ -326,18 +289,22 @@ impl Pool {
         Ok(Sender::H2(s))
     }
 
-    /// Open a new HTTP/1.1 connection (not pooled until checked in): to the application, or
-    /// over mutual TLS to its proxy.
+    /// Open a new HTTP/1.1 connection (not pooled until checked in).
     pub(crate) async fn connect_h1(&self, ctx: &ConnectCtx<'_>) -> Result<Box<Conn>, Error> {
+        if self.via_mesh(ctx)?.is_some() {
+            return Err(Error::new(
+                Kind::Unsupported,
+                format!(
+                    "{}: HTTP/1.1 upgrades (WebSocket) to an endpoint behind a peer proxy are \
+                     not supported yet",
+                    ctx.cluster
+                ),
+            ));
+        }
         match self.connect(false, ctx).await? {
             Sender::H1(c) => Ok(c),
             Sender::H2(_) => unreachable!("asked for HTTP/1.1"),
         }
-    }
-
-    /// Whether a connection to this endpoint goes to its proxy, by mutual TLS.
-    pub(crate) fn via_peer(&self, ctx: &ConnectCtx<'_>) -> bool {
-        matches!(self.via_mesh(ctx), Ok(Some(_)))
     }
 }
 

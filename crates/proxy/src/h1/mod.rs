@@ -29,13 +29,13 @@ use bytes::{Bytes, BytesMut};
 use http::{Method, Request};
 use http_body::{Body, Frame, SizeHint};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest},
+    io::{AsyncWriteExt, Interest},
     net::TcpStream,
     time::Sleep,
 };
 
 use self::codec::{Decoded, Decoder, Head, ParseError, ReqFraming};
-use crate::{mtls::UpStream, slot::Slot};
+use crate::slot::Slot;
 
 /// A boxed body error (the client's body, read while it is sent upstream).
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -90,10 +90,9 @@ impl H1Error {
     }
 }
 
-/// An upstream HTTP/1.1 connection: to an application in plaintext, or to a peer's proxy
-/// over mutual TLS.
+/// An upstream HTTP/1.1 connection.
 pub(crate) struct Conn {
-    io: UpStream,
+    io: TcpStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     read_size: usize,
@@ -106,7 +105,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(io: UpStream, slot: Slot) -> Self {
+    pub(crate) fn new(io: TcpStream, slot: Slot) -> Self {
         Self {
             io,
             rbuf: BytesMut::new(),
@@ -120,23 +119,9 @@ impl Conn {
 
     /// Whether an idle connection still looks usable: not closed by the peer, and nothing
     /// unasked-for sent on it. Costs no system call while the socket is not readable.
-    pub(crate) fn is_alive(&mut self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         let mut probe = [0u8; 1];
-        match &mut self.io {
-            UpStream::Plain(s) => {
-                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-            // TLS: what arrived is decrypted (a session ticket, a close_notify, data nobody
-            // asked for); only "nothing to read yet" leaves the connection usable. The
-            // waker is a no-op: the connection's next user polls it with its own.
-            UpStream::Tls(s) => {
-                let mut buf = tokio::io::ReadBuf::new(&mut probe);
-                let mut cx = Context::from_waker(std::task::Waker::noop());
-                Pin::new(s.as_mut())
-                    .poll_read(&mut cx, &mut buf)
-                    .is_pending()
-            }
-        }
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     pub(crate) fn mark_reused(&mut self) {
@@ -190,75 +175,6 @@ fn poll_fill(
     }
 }
 
-/// Where the codec reads from: a plaintext socket (read as [`poll_fill`] does), or a TLS
-/// stream (or its read half), read into the buffer's free space.
-pub(crate) trait Fill {
-    /// Read more into `rbuf`: `Ok(0)` at EOF.
-    fn poll_fill(
-        &mut self,
-        rbuf: &mut BytesMut,
-        read_size: &mut usize,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>>;
-}
-
-impl Fill for &TcpStream {
-    fn poll_fill(
-        &mut self,
-        rbuf: &mut BytesMut,
-        read_size: &mut usize,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        poll_fill(self, rbuf, read_size, cx)
-    }
-}
-
-impl Fill for UpStream {
-    fn poll_fill(
-        &mut self,
-        rbuf: &mut BytesMut,
-        read_size: &mut usize,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        match self {
-            UpStream::Plain(s) => poll_fill(s, rbuf, read_size, cx),
-            UpStream::Tls(s) => poll_fill_async(s.as_mut(), rbuf, read_size, cx),
-        }
-    }
-}
-
-/// Any other reader (a TLS stream's read half).
-pub(crate) struct Reader<R>(pub(crate) R);
-
-impl<R: AsyncRead + Unpin> Fill for Reader<R> {
-    fn poll_fill(
-        &mut self,
-        rbuf: &mut BytesMut,
-        read_size: &mut usize,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        poll_fill_async(&mut self.0, rbuf, read_size, cx)
-    }
-}
-
-/// [`poll_fill`] for a reader that is not a socket: the same growth of the read size.
-fn poll_fill_async<R: AsyncRead + Unpin>(
-    io: &mut R,
-    rbuf: &mut BytesMut,
-    read_size: &mut usize,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    if rbuf.capacity() - rbuf.len() < *read_size / 2 {
-        rbuf.reserve(*read_size);
-    }
-    let room = rbuf.capacity() - rbuf.len();
-    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, rbuf))?;
-    if n == room && *read_size < MAX_READ {
-        *read_size *= 2;
-    }
-    Poll::Ready(Ok(n))
-}
-
 /// Whether `deadline` has passed, with the connection's `timer` (see [`Conn::timer`]).
 fn poll_deadline(
     timer: &mut Option<Pin<Box<Sleep>>>,
@@ -280,7 +196,7 @@ fn poll_deadline(
 
 /// Read until `rbuf` holds a final (or 101) response head, and take it.
 fn poll_head(
-    io: &mut impl Fill,
+    io: &TcpStream,
     rbuf: &mut BytesMut,
     read_size: &mut usize,
     method: &Method,
@@ -291,7 +207,7 @@ fn poll_head(
             return Poll::Ready(Ok(head));
         }
         let before = rbuf.len();
-        match ready!(io.poll_fill(rbuf, read_size, cx)) {
+        match ready!(poll_fill(io, rbuf, read_size, cx)) {
             Ok(0) => return Poll::Ready(Err(H1Error::Closed(before == 0))),
             Ok(_) => {}
             Err(e) => return Poll::Ready(Err(e.into())),
@@ -343,8 +259,6 @@ where
     let body = req.body_mut();
     let head = if framing == ReqFraming::None {
         conn.io.write_all(&conn.wbuf).await?;
-        // TLS may hold back what it could not write yet; a socket's flush does nothing.
-        conn.io.flush().await?;
         let deadline = match wait {
             Wait::Forever => None,
             Wait::Until(t) => Some(t),
@@ -397,55 +311,11 @@ where
         timer,
         ..
     } = conn;
-    let bufs = Bufs {
-        rbuf,
-        wbuf,
-        read_size,
-        timer,
-    };
-    match io {
-        UpStream::Plain(s) => {
-            let (rd, wr) = s.split();
-            body_and_head(&mut rd.as_ref(), wr, bufs, body, framing, method, wait).await
-        }
-        UpStream::Tls(s) => {
-            let (rd, wr) = tokio::io::split(s.as_mut());
-            body_and_head(&mut Reader(rd), wr, bufs, body, framing, method, wait).await
-        }
-    }
-}
-
-/// A connection's buffers and timer, borrowed apart from its socket.
-struct Bufs<'a> {
-    rbuf: &'a mut BytesMut,
-    wbuf: &'a mut BytesMut,
-    read_size: &'a mut usize,
-    timer: &'a mut Option<Pin<Box<Sleep>>>,
-}
-
-async fn body_and_head<B, W>(
-    rd: &mut impl Fill,
-    mut wr: W,
-    bufs: Bufs<'_>,
-    body: &mut B,
-    framing: ReqFraming,
-    method: &Method,
-    wait: Wait,
-) -> Result<(Head, bool), H1Error>
-where
-    B: Body<Data = Bytes, Error = BoxError> + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let Bufs {
-        rbuf,
-        wbuf,
-        read_size,
-        timer,
-    } = bufs;
     let mut deadline = match wait {
         Wait::Until(t) => Some(t),
         Wait::Forever | Wait::Idle(_) => None,
     };
+    let (rd, mut wr) = io.split();
     let mut write = pin!(async {
         let coalesce = matches!(framing, ReqFraming::Length(n) if n <= COALESCE);
         if !coalesce {
@@ -480,7 +350,6 @@ where
             codec::encode_chunked_end(trailers.as_ref(), wbuf);
         }
         wr.write_all(wbuf).await?;
-        wr.flush().await?;
         Ok::<_, H1Error>(())
     });
     let mut written: Option<Result<(), H1Error>> = None;
@@ -494,7 +363,7 @@ where
                 written = Some(r);
             }
         }
-        match poll_head(rd, rbuf, read_size, method, cx) {
+        match poll_head(rd.as_ref(), rbuf, read_size, method, cx) {
             Poll::Ready(Ok(head)) => {
                 Poll::Ready(Ok((head, matches!(written, Some(Ok(())))))) // early answers end reuse
             }
@@ -558,7 +427,7 @@ impl From<BodyRead> for H1Error {
 /// bodies read from upstreams and request bodies read from clients.
 fn poll_body_frame(
     decoder: &mut Decoder,
-    io: &mut impl Fill,
+    io: &TcpStream,
     rbuf: &mut BytesMut,
     read_size: &mut usize,
     cx: &mut Context<'_>,
@@ -568,7 +437,7 @@ fn poll_body_frame(
             Ok(Decoded::Data(d)) => return Poll::Ready(Ok(Some(Frame::data(d)))),
             Ok(Decoded::Trailers(t)) => return Poll::Ready(Ok(Some(Frame::trailers(t)))),
             Ok(Decoded::End) => return Poll::Ready(Ok(None)),
-            Ok(Decoded::NeedMore) => match ready!(io.poll_fill(rbuf, read_size, cx)) {
+            Ok(Decoded::NeedMore) => match ready!(poll_fill(io, rbuf, read_size, cx)) {
                 Ok(0) if decoder.at_eof() => return Poll::Ready(Ok(None)),
                 Ok(0) => return Poll::Ready(Err(BodyRead::Closed)),
                 Ok(_) => {}
@@ -600,7 +469,7 @@ impl Idle {
     /// A connection that is still alive, if any; `now` is the caller's reading of the clock.
     pub(crate) fn pop(&self, now: Instant) -> Option<Box<Conn>> {
         let mut idle = self.list.lock().expect("idle lock");
-        while let Some((since, mut c)) = idle.pop() {
+        while let Some((since, c)) = idle.pop() {
             if now.saturating_duration_since(since) < self.timeout && c.is_alive() {
                 return Some(c);
             }
@@ -715,6 +584,6 @@ impl Body for H1Body {
 }
 
 /// An upgraded upstream connection: the socket, and what the server sent after its 101.
-pub(crate) fn into_upgraded(conn: Conn) -> (UpStream, Bytes, Slot) {
+pub(crate) fn into_upgraded(conn: Conn) -> (TcpStream, Bytes, Slot) {
     (conn.io, conn.rbuf.freeze(), conn._slot)
 }

@@ -10,9 +10,6 @@
 //! A request body is read from the same socket by whoever holds it (the upstream exchange,
 //! possibly after the response has begun); the read buffer comes back to the connection
 //! when the body ends, and the connection is kept alive only if it did.
-//!
-//! The same server answers peers' proxies over mutual TLS (ALPN `http/1.1`): the session is
-//! then shared by the connection and a request body behind a lock, held only within a poll.
 
 use std::{
     future::{poll_fn, Future},
@@ -27,7 +24,6 @@ use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::{
-    io::AsyncWrite,
     net::TcpStream,
     sync::oneshot,
     time::{Instant, Sleep},
@@ -35,102 +31,8 @@ use tokio::{
 
 use super::{
     codec::{self, BodyOut, Decoder, ParseError, ReqFraming, RequestError, RespFraming},
-    poll_body_frame, poll_fill, poll_fill_async, BodyRead, BoxError, Fill, COALESCE, MIN_READ,
+    poll_body_frame, poll_fill, BodyRead, BoxError, COALESCE, MIN_READ,
 };
-
-/// A peer proxy's mutual-TLS session.
-type Tls = tokio_rustls::server::TlsStream<TcpStream>;
-
-/// A client connection, shared by the connection (which writes) and a request body (which
-/// reads): a socket, read and written through `&TcpStream`, or a TLS session, which needs
-/// to be held mutably, behind a lock that no one holds across an await.
-#[derive(Clone)]
-pub(crate) enum Io {
-    Plain(Arc<TcpStream>),
-    Tls(Arc<Mutex<Tls>>),
-}
-
-impl Io {
-    pub(crate) fn plain(s: TcpStream) -> Self {
-        Self::Plain(Arc::new(s))
-    }
-
-    pub(crate) fn tls(s: Tls) -> Self {
-        Self::Tls(Arc::new(Mutex::new(s)))
-    }
-
-    async fn write_all(&self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            Self::Plain(s) => write_all(s, buf).await,
-            Self::Tls(t) => {
-                let mut buf = buf;
-                poll_fn(|cx| {
-                    let mut tls = lock(t);
-                    while !buf.is_empty() {
-                        match ready!(Pin::new(&mut *tls).poll_write(cx, buf)) {
-                            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                            Ok(n) => buf = &buf[n..],
-                            Err(e) => return Poll::Ready(Err(e)),
-                        }
-                    }
-                    // What the session holds back goes out too.
-                    Pin::new(&mut *tls).poll_flush(cx)
-                })
-                .await
-            }
-        }
-    }
-
-    /// Whether the client closed its connection; see [`closed`].
-    fn closed(&self, watch: &mut bool, cx: &mut Context<'_>) -> bool {
-        match self {
-            Self::Plain(s) => closed(s, watch, cx),
-            // The socket under the session: its end is the client's close.
-            Self::Tls(t) => closed(lock(t).get_ref().0, watch, cx),
-        }
-    }
-
-    async fn linger(&self) {
-        match self {
-            Self::Plain(s) => linger(s).await,
-            Self::Tls(t) => {
-                // close_notify and the write side shut, then what the client still sends is
-                // read and dropped for a moment, as for a socket.
-                let _ = poll_fn(|cx| Pin::new(&mut *lock(t)).poll_shutdown(cx)).await;
-                let mut sink = BytesMut::new();
-                let mut size = MIN_READ;
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while sink.len() < 1 << 20 {
-                        let n =
-                            poll_fn(|cx| poll_fill_async(&mut *lock(t), &mut sink, &mut size, cx));
-                        if !matches!(n.await, Ok(n) if n > 0) {
-                            return;
-                        }
-                    }
-                })
-                .await;
-            }
-        }
-    }
-}
-
-fn lock(t: &Mutex<Tls>) -> std::sync::MutexGuard<'_, Tls> {
-    t.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Fill for Io {
-    fn poll_fill(
-        &mut self,
-        rbuf: &mut BytesMut,
-        read_size: &mut usize,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        match self {
-            Self::Plain(s) => poll_fill(s, rbuf, read_size, cx),
-            Self::Tls(t) => poll_fill_async(&mut *lock(t), rbuf, read_size, cx),
-        }
-    }
-}
 
 /// Limits of a client connection.
 #[derive(Clone, Copy, Debug)]
@@ -164,7 +66,7 @@ struct Current {
 
 /// One client connection speaking HTTP/1.1.
 pub(crate) struct ServerConn {
-    io: Io,
+    io: Arc<TcpStream>,
     reader: Option<Reader>,
     home: Option<Home>,
     wbuf: BytesMut,
@@ -202,12 +104,12 @@ pub(crate) enum Incoming {
 impl ServerConn {
     /// Serve `io`; `drained` completes when the proxy starts draining.
     pub(crate) fn new(
-        io: Io,
+        io: TcpStream,
         limits: Limits,
         drained: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Self {
         Self {
-            io,
+            io: Arc::new(io),
             reader: Some(Reader {
                 rbuf: BytesMut::new(),
                 read_size: MIN_READ,
@@ -273,9 +175,7 @@ impl ServerConn {
             }
             framing => {
                 if expect_continue
-                    && self
-                        .io
-                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    && write_all(&self.io, b"HTTP/1.1 100 Continue\r\n\r\n")
                         .await
                         .is_err()
                 {
@@ -327,7 +227,7 @@ impl ServerConn {
                     Err(e) => return Poll::Ready(Err(Stop::Bad(e))),
                 }
             }
-            match self.io.poll_fill(&mut rd.rbuf, &mut rd.read_size, cx) {
+            match poll_fill(&self.io, &mut rd.rbuf, &mut rd.read_size, cx) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(Stop::Closed)),
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Pending => break,
@@ -368,7 +268,7 @@ impl ServerConn {
             &mut self.wbuf,
         );
         if self.write_body(body, BodyOut::Length(len), false).await {
-            self.io.linger().await;
+            linger(&self.io).await;
         }
     }
 
@@ -445,7 +345,7 @@ impl ServerConn {
                 // A frame that is not ready yet: first send what is buffered (the head).
                 let step = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
                     Poll::Pending if !self.wbuf.is_empty() => Poll::Ready(None),
-                    Poll::Pending if watch && self.io.closed(&mut watch, cx) => {
+                    Poll::Pending if watch && closed(&self.io, &mut watch, cx) => {
                         Poll::Ready(Some(Some(Err(BoxError::from("client closed")))))
                     }
                     Poll::Pending => Poll::Pending,
@@ -454,7 +354,7 @@ impl ServerConn {
                 .await;
                 let frame = match step {
                     None => {
-                        if self.io.write_all(&self.wbuf).await.is_err() {
+                        if write_all(&self.io, &self.wbuf).await.is_err() {
                             return false;
                         }
                         self.wbuf.clear();
@@ -479,8 +379,8 @@ impl ServerConn {
                         if self.wbuf.len() + data.len() <= COALESCE as usize {
                             self.wbuf.extend_from_slice(&data);
                         } else {
-                            if self.io.write_all(&self.wbuf).await.is_err()
-                                || self.io.write_all(&data).await.is_err()
+                            if write_all(&self.io, &self.wbuf).await.is_err()
+                                || write_all(&self.io, &data).await.is_err()
                             {
                                 return false;
                             }
@@ -500,11 +400,11 @@ impl ServerConn {
                 );
             }
             if remaining.is_some_and(|r| r > 0) {
-                let _ = self.io.write_all(&self.wbuf).await;
+                let _ = write_all(&self.io, &self.wbuf).await;
                 return false;
             }
         }
-        let ok = self.io.write_all(&self.wbuf).await.is_ok();
+        let ok = write_all(&self.io, &self.wbuf).await.is_ok();
         self.wbuf.clear();
         ok
     }
@@ -518,12 +418,7 @@ impl ServerConn {
             Some(rd) => Some(rd),
             None => self.home.and_then(|h| h.lock().expect("home lock").take()),
         };
-        // A peer proxy's TLS session is not switched: callers do not send upgrades through
-        // peers (`attempt::upgrade` refuses them), and the tunnel would need the session.
-        let Io::Plain(io) = self.io else {
-            return;
-        };
-        if let (Some(rd), Ok(io)) = (rd, Arc::try_unwrap(io)) {
+        if let (Some(rd), Ok(io)) = (rd, Arc::try_unwrap(self.io)) {
             let _ = tx.send(Switched {
                 io,
                 early: rd.rbuf.freeze(),
@@ -584,7 +479,7 @@ async fn linger(io: &TcpStream) {
 
 /// A request body read from the client's connection.
 pub(crate) struct ReqBody {
-    io: Io,
+    io: Arc<TcpStream>,
     reader: Option<Reader>,
     decoder: Decoder,
     home: Home,
@@ -615,7 +510,7 @@ impl From<BodyRead> for BodyError {
 }
 
 impl ReqBody {
-    fn new(io: Io, rd: Reader, framing: ReqFraming, home: Home) -> Self {
+    fn new(io: Arc<TcpStream>, rd: Reader, framing: ReqFraming, home: Home) -> Self {
         let decoder = Decoder::new(match framing {
             ReqFraming::None => RespFraming::Empty,
             ReqFraming::Length(n) => RespFraming::Length(n),
@@ -655,7 +550,7 @@ impl Body for ReqBody {
         };
         let res = ready!(poll_body_frame(
             &mut this.decoder,
-            &mut this.io,
+            &this.io,
             &mut rd.rbuf,
             &mut rd.read_size,
             cx

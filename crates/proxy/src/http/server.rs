@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     error::{Error, Kind},
-    h1::server::{Incoming as H1Incoming, Io as H1Io, Limits, ServerConn},
+    h1::server::{Incoming as H1Incoming, Limits, ServerConn},
     inbound::{self, Caller, PeerId},
     metrics::{Direction, Label},
     outbound,
@@ -190,7 +190,41 @@ pub(crate) async fn serve(
         return;
     };
     if let Sniff::Http1 = kind {
-        return serve_h1(&shared, &builders, &listener, H1Io::plain(stream), &caller).await;
+        let drained = Box::pin(shared.drain.idle_ends());
+        let mut conn = ServerConn::new(stream, builders.h1, drained);
+        loop {
+            let req = match conn.next_request().await {
+                H1Incoming::Request(req) => req,
+                H1Incoming::Done => break,
+                // Boxed: rare, and their futures would grow every request's.
+                H1Incoming::Malformed(e) => {
+                    let status = e.status().as_u16();
+                    let e = Error::with_cause(Kind::BadRequest, format!("request from {peer}"), e)
+                        .with_status(status);
+                    Box::pin(conn.reject(refusal(&shared, &listener, e))).await;
+                    break;
+                }
+                H1Incoming::HeadTimeout => {
+                    let e = Error::new(
+                        Kind::HeadTimeout,
+                        format!(
+                            "the request head from {peer} did not end within {:?}",
+                            builders.h1.header_read_timeout
+                        ),
+                    )
+                    .with_status(408);
+                    Box::pin(conn.reject(refusal(&shared, &listener, e))).await;
+                    break;
+                }
+            };
+            let req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
+            let resp = handle(&shared, &listener, req, &caller).await;
+            if !conn.respond(resp, shared.drain.draining()).await {
+                break;
+            }
+        }
+        conn.finish();
+        return;
     }
     let svc = hyper_service(shared.clone(), listener, caller);
     let io = TokioIo::new(stream);
@@ -199,52 +233,6 @@ pub(crate) async fn serve(
         Sniff::Http2 => drive!(builders.h2.serve_connection(io, svc), drain),
         _ => drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain),
     }
-}
-
-/// Serve an HTTP/1.1 connection with the proxy's own server: a client's socket, or a peer
-/// proxy's mutual-TLS session.
-async fn serve_h1(
-    shared: &Arc<Shared>,
-    builders: &Builders,
-    listener: &Listener,
-    io: H1Io,
-    caller: &Caller,
-) {
-    let peer = caller.addr;
-    let drained = Box::pin(shared.drain.idle_ends());
-    let mut conn = ServerConn::new(io, builders.h1, drained);
-    loop {
-        let req = match conn.next_request().await {
-            H1Incoming::Request(req) => req,
-            H1Incoming::Done => break,
-            // Boxed: rare, and their futures would grow every request's.
-            H1Incoming::Malformed(e) => {
-                let status = e.status().as_u16();
-                let e = Error::with_cause(Kind::BadRequest, format!("request from {peer}"), e)
-                    .with_status(status);
-                Box::pin(conn.reject(refusal(shared, listener, e))).await;
-                break;
-            }
-            H1Incoming::HeadTimeout => {
-                let e = Error::new(
-                    Kind::HeadTimeout,
-                    format!(
-                        "the request head from {peer} did not end within {:?}",
-                        builders.h1.header_read_timeout
-                    ),
-                )
-                .with_status(408);
-                Box::pin(conn.reject(refusal(shared, listener, e))).await;
-                break;
-            }
-        };
-        let req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
-        let resp = handle(shared, listener, req, caller).await;
-        if !conn.respond(resp, shared.drain.draining()).await {
-            break;
-        }
-    }
-    conn.finish();
 }
 
 /// The answer to a request that ends its connection before it could be handled, recorded.
@@ -359,10 +347,8 @@ async fn serve_mtls(
     let port = conn
         .server_name()
         .and_then(trellis_identity::tls::inbound_port);
-    let alpn = conn.alpn_protocol();
-    let opaque = alpn == Some(trellis_identity::tls::ALPN_TCP);
-    let h2 = alpn == Some(b"h2".as_slice());
-    let h1 = alpn == Some(b"http/1.1".as_slice());
+    let opaque = conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
+    let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
     let identity = id.map(|id| {
         let uri = shared.peer_label(&id.to_string());
         PeerId::new(
@@ -378,20 +364,15 @@ async fn serve_mtls(
     if opaque {
         return inbound::serve_tcp(shared, tls, port, identity).await;
     }
+    let mut drain = shared.drain.signal();
     let caller = Caller {
         addr: peer,
         identity,
         captured: None,
     };
-    // A peer proxy sends HTTP/1.1 requests as HTTP/1.1 (and says so by ALPN): the proxy's
-    // own server, as for a plaintext client.
-    if h1 {
-        return serve_h1(&shared, &builders, &listener, H1Io::tls(tls), &caller).await;
-    }
-    let mut drain = shared.drain.signal();
     let svc = hyper_service(shared.clone(), listener, caller);
     let io = TokioIo::new(tls);
-    // ALPN said HTTP/2; without ALPN, hyper-util tells by the first bytes.
+    // ALPN already said which protocol: a peer proxy always says h2.
     if h2 {
         drive!(builders.mesh.serve_connection(io, svc), drain);
     } else {

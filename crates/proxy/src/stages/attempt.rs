@@ -128,7 +128,6 @@ pub(crate) async fn forward(
     let cluster = plan.cluster;
     let deadline = plan.timeout.map(|t| rec.start + t);
     let h2 = cluster.http2();
-    let downstream_h2 = req.version() == http::Version::HTTP_2;
     cluster.budget.deposit(rec.start);
     let permit = match balance::admit(&cluster).await {
         Ok(p) => p,
@@ -216,7 +215,8 @@ pub(crate) async fn forward(
             deadline.map(|d| d.saturating_duration_since(try_start)),
             plan.idle,
         );
-        let h2 = ep.pool.uses_h2(h2, downstream_h2, &ctx);
+        // A peer proxy is always reached by HTTP/2.
+        let h2 = ep.pool.uses_h2(h2, &ctx);
         let mut req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
         if attempt > 0 {
             // A retry is a span of its own: the next hop sees it as its parent.
@@ -518,17 +518,6 @@ pub(crate) async fn upgrade(
     rec.set_endpoint(&ep);
     let client_upgrade = upgrade::on(&mut req);
     let ctx = cluster.connect_ctx(dialer);
-    if ep.pool.via_peer(&ctx) {
-        let e = Error::new(
-            Kind::Unsupported,
-            format!(
-                "{}: HTTP/1.1 upgrades (WebSocket) to an endpoint behind a peer proxy are not \
-                 supported yet",
-                ctx.cluster
-            ),
-        );
-        return local_reply(rec, &e, false);
-    }
     let start = Instant::now();
     let mut conn = match ep.pool.connect_h1(&ctx).await {
         Ok(c) => c,

@@ -113,7 +113,7 @@ fn dummy_h1_body() -> H1Body {
     let io = tokio::net::TcpStream::from_std(client).unwrap();
     let sem = Arc::new(tokio::sync::Semaphore::new(1));
     let slot = crate::slot::Slot::new(sem.try_acquire_owned().unwrap(), Default::default());
-    let conn = Box::new(Conn::new(crate::mtls::UpStream::Plain(io), slot));
+    let conn = Box::new(Conn::new(io, slot));
     let head = h1::codec::Head {
         status: StatusCode::OK,
         headers: http::HeaderMap::new(),
