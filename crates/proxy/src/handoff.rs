@@ -149,19 +149,31 @@ impl Offered {
             .take(MAX_SOCKETS)
             .map(|(n, fd)| (n.clone(), fd.as_fd()))
             .unzip();
-        let mut extra = self.extra.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let fixed = self.extra.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut extra = fixed.clone();
         for (key, read) in self.live.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             if !extra.is_object() {
                 extra = serde_json::json!({});
             }
             extra[key.as_str()] = read();
         }
-        let offer = Offer {
+        let mut offer = Offer {
             pid: std::process::id(),
             sockets: names,
             extra,
         };
-        let body = serde_json::to_vec(&offer).map_err(std::io::Error::other)?;
+        let mut body = serde_json::to_vec(&offer).map_err(std::io::Error::other)?;
+        if body.len() > MAX_OFFER {
+            // The successor would refuse the whole offer: the upgrade goes on without what
+            // is passed on live (state it can rebuild), not without the sockets.
+            tracing::warn!(
+                bytes = body.len(),
+                max = MAX_OFFER,
+                "the offer is too large with its live state; handing over without it"
+            );
+            offer.extra = fixed;
+            body = serde_json::to_vec(&offer).map_err(std::io::Error::other)?;
+        }
         let len = (body.len() as u32).to_be_bytes();
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
         let mut cmsg = SendAncillaryBuffer::new(&mut space);

@@ -171,6 +171,8 @@ pub struct Proxy {
 
 /// Under what the names asked for on demand are passed on to a successor.
 const ON_DEMAND: &str = "on_demand";
+/// The most bytes of names passed on (the whole offer may be 64 KiB).
+const ON_DEMAND_BUDGET: usize = 32 * 1024;
 
 /// The name a listener is offered to a successor under.
 fn bind_name(key: &str) -> String {
@@ -271,7 +273,20 @@ impl Proxy {
         if let (Some(o), Some(d)) = (&offered, &shared.demand) {
             let d = d.clone();
             o.pass_on_live(ON_DEMAND, move || {
-                serde_json::to_value(d.asked()).unwrap_or_default()
+                // At most ON_DEMAND_BUDGET bytes of names (1,024 long ones would not fit in
+                // an offer); the successor asks for the rest on first use.
+                let mut room = ON_DEMAND_BUDGET;
+                let names: Vec<String> = d
+                    .asked()
+                    .iter()
+                    .map(|n| n.to_string())
+                    .take_while(|n| {
+                        let fits = n.len() + 3 <= room;
+                        room = room.saturating_sub(n.len() + 3);
+                        fits
+                    })
+                    .collect();
+                serde_json::json!(names)
             });
         }
         if let (Some(i), Some(d)) = (&inherited, &shared.demand) {

@@ -166,3 +166,44 @@ async fn a_process_of_another_user_is_not_taken_over_from() {
     let err = refused.err().expect("refused").to_string();
     assert!(err.contains("another user"), "{err}");
 }
+
+/// State passed on live that would make the offer too large for the successor is left out,
+/// and the sockets and the fixed state are handed over all the same.
+#[tokio::test]
+async fn an_offer_too_large_with_its_live_state_is_made_without_it() {
+    let at = path("large");
+    let old = TcpListener::bind(any_port()).unwrap();
+    let (offered, _serving) = running(&at, &old);
+    offered.pass_on_live("names", || serde_json::json!(["x".repeat(100)]));
+    offered.pass_on_live("huge", || serde_json::json!("y".repeat(MAX_OFFER)));
+    let mut inherited = take_over(&at)
+        .await
+        .unwrap()
+        .expect("a running process answers");
+    assert_eq!(inherited.offer.extra["healthy"], true);
+    assert!(inherited.offer.extra.get("huge").is_none());
+    assert!(inherited.offer.extra.get("names").is_none());
+    assert!(inherited.take_tcp("outbound", any_port()).is_some());
+    inherited.finish().unwrap();
+}
+
+/// What is passed on live is read when the offer is made.
+#[tokio::test]
+async fn live_state_is_read_when_the_offer_is_made() {
+    let at = path("live");
+    let old = TcpListener::bind(any_port()).unwrap();
+    let (offered, _serving) = running(&at, &old);
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let read = n.clone();
+    offered.pass_on_live("n", move || {
+        read.load(std::sync::atomic::Ordering::Relaxed).into()
+    });
+    n.store(7, std::sync::atomic::Ordering::Relaxed);
+    let inherited = take_over(&at)
+        .await
+        .unwrap()
+        .expect("a running process answers");
+    assert_eq!(inherited.offer.extra["n"], 7);
+    assert_eq!(inherited.offer.extra["healthy"], true);
+    inherited.finish().unwrap();
+}
