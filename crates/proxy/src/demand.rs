@@ -14,7 +14,7 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -25,7 +25,10 @@ use prometheus_client::{
 use tokio::sync::{mpsc, watch};
 use trellis_model::NamespacedName;
 
-use crate::snapshot::Snapshot;
+use crate::{
+    handoff::{Offer, Offered},
+    snapshot::Snapshot,
+};
 
 /// How long a request for a name the proxy does not hold waits for it.
 pub const WAIT: Duration = Duration::from_secs(2);
@@ -204,11 +207,35 @@ impl Demand {
         }
     }
 
+    /// Ask for the names a predecessor passed on in its `offer` (see [`pass_on`]).
+    pub(crate) fn take_over(&self, offer: &Offer) {
+        let Some(names) = offer.extra.get(HANDED_OVER) else {
+            return;
+        };
+        let parse = |v: &serde_json::Value| -> Result<Vec<NamespacedName>, String> {
+            let names: Vec<String> =
+                serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+            names.iter().map(|n| n.parse()).collect()
+        };
+        match parse(names) {
+            Ok(ids) => {
+                tracing::info!(
+                    names = ids.len(),
+                    "asking for the names the predecessor asked for on demand"
+                );
+                self.adopt(ids);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the predecessor's on-demand names are unreadable; not asked for")
+            }
+        }
+    }
+
     /// Take over names a predecessor had asked for (an upgrade in place), before the first
     /// xDS request, which subscribes them: the new process holds from its first config what
     /// the old one served, and a client that resolved a name through the old one's DNS and
     /// connects to the new one is served, not taken for traffic to an unknown address.
-    pub(crate) fn adopt(&self, ids: impl IntoIterator<Item = NamespacedName>) {
+    fn adopt(&self, ids: impl IntoIterator<Item = NamespacedName>) {
         let mut names = self.names();
         for id in ids {
             if names.len() >= MAX_NAMES {
@@ -228,6 +255,32 @@ impl Demand {
             .map(|(id, _)| id.clone())
             .collect()
     }
+}
+
+/// Under what the names asked for are passed on to a successor.
+const HANDED_OVER: &str = "on_demand";
+/// The most bytes of names passed on (a whole offer may be 64 KiB).
+const HANDED_OVER_BUDGET: usize = 32 * 1024;
+
+/// Pass the names asked for on to a successor (an upgrade in place), as they are when it
+/// takes over: at most [`HANDED_OVER_BUDGET`] bytes of them (1,024 long names would not fit
+/// in an offer); the successor asks for the rest on first use.
+pub(crate) fn pass_on(demand: &Arc<Demand>, offered: &Offered) {
+    let d = demand.clone();
+    offered.pass_on_live(HANDED_OVER, move || {
+        let mut room = HANDED_OVER_BUDGET;
+        let names: Vec<String> = d
+            .asked()
+            .iter()
+            .map(|n| n.to_string())
+            .take_while(|n| {
+                let fits = n.len() + 3 <= room;
+                room = room.saturating_sub(n.len() + 3);
+                fits
+            })
+            .collect();
+        serde_json::json!(names)
+    });
 }
 
 /// Whether Service `id` is in use in `snap`: a request to one of the clusters its routes send

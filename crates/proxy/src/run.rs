@@ -169,11 +169,6 @@ pub struct Proxy {
     successor: Option<tokio::net::UnixListener>,
 }
 
-/// Under what the names asked for on demand are passed on to a successor.
-const ON_DEMAND: &str = "on_demand";
-/// The most bytes of names passed on (the whole offer may be 64 KiB).
-const ON_DEMAND_BUDGET: usize = 32 * 1024;
-
 /// The name a listener is offered to a successor under.
 fn bind_name(key: &str) -> String {
     format!("upstream {key}")
@@ -269,47 +264,12 @@ impl Proxy {
         };
         let offered = opts.handoff.as_ref().map(|_| Offered::default());
         // The names asked for on demand go to a successor, which asks for them in its first
-        // request (see `Demand::adopt`).
+        // request.
         if let (Some(o), Some(d)) = (&offered, &shared.demand) {
-            let d = d.clone();
-            o.pass_on_live(ON_DEMAND, move || {
-                // At most ON_DEMAND_BUDGET bytes of names (1,024 long ones would not fit in
-                // an offer); the successor asks for the rest on first use.
-                let mut room = ON_DEMAND_BUDGET;
-                let names: Vec<String> = d
-                    .asked()
-                    .iter()
-                    .map(|n| n.to_string())
-                    .take_while(|n| {
-                        let fits = n.len() + 3 <= room;
-                        room = room.saturating_sub(n.len() + 3);
-                        fits
-                    })
-                    .collect();
-                serde_json::json!(names)
-            });
+            crate::demand::pass_on(d, o);
         }
         if let (Some(i), Some(d)) = (&inherited, &shared.demand) {
-            let names = i.offer.extra.get(ON_DEMAND).cloned();
-            let parse =
-                |v: serde_json::Value| -> Result<Vec<trellis_model::NamespacedName>, String> {
-                    let names: Vec<String> =
-                        serde_json::from_value(v).map_err(|e| e.to_string())?;
-                    names.iter().map(|n| n.parse()).collect()
-                };
-            match names.map(parse) {
-                Some(Ok(ids)) => {
-                    tracing::info!(
-                        names = ids.len(),
-                        "asking for the names the predecessor asked for on demand"
-                    );
-                    d.adopt(ids);
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "the predecessor's on-demand names are unreadable; not asked for")
-                }
-                None => {}
-            }
+            d.take_over(&i.offer);
         }
         let successor = match (&opts.handoff, &inherited) {
             (Some(path), None) => Some(handoff::bind(path)?),
