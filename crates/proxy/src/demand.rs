@@ -22,6 +22,7 @@ use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
 };
+use serde::Deserialize as _;
 use tokio::sync::{mpsc, watch};
 use trellis_model::NamespacedName;
 
@@ -213,8 +214,7 @@ impl Demand {
             return;
         };
         let parse = |v: &serde_json::Value| -> Result<Vec<NamespacedName>, String> {
-            let names: Vec<String> =
-                serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+            let names = Vec::<String>::deserialize(v).map_err(|e| e.to_string())?;
             names.iter().map(|n| n.parse()).collect()
         };
         match parse(names) {

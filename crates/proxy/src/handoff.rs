@@ -101,6 +101,14 @@ pub struct Offered {
     live: Arc<Mutex<Vec<(String, Provider)>>>,
 }
 
+/// Set `key` of what is passed on (an object, made one if it is not yet).
+fn put(extra: &mut serde_json::Value, key: &str, value: serde_json::Value) {
+    if !extra.is_object() {
+        *extra = serde_json::json!({});
+    }
+    extra[key] = value;
+}
+
 /// Reads a value to pass on when an offer is made.
 type Provider = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
@@ -119,11 +127,11 @@ impl Offered {
 
     /// Pass `value` on as `key` with the sockets (replacing what was passed as `key`).
     pub fn pass_on(&self, key: &str, value: serde_json::Value) {
-        let mut extra = self.extra.lock().unwrap_or_else(|p| p.into_inner());
-        if !extra.is_object() {
-            *extra = serde_json::json!({});
-        }
-        extra[key] = value;
+        put(
+            &mut self.extra.lock().unwrap_or_else(|p| p.into_inner()),
+            key,
+            value,
+        );
     }
 
     /// Pass on what `read` says when the offer is made, as `key`.
@@ -152,10 +160,7 @@ impl Offered {
         let fixed = self.extra.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut extra = fixed.clone();
         for (key, read) in self.live.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            if !extra.is_object() {
-                extra = serde_json::json!({});
-            }
-            extra[key.as_str()] = read();
+            put(&mut extra, key, read());
         }
         let mut offer = Offer {
             pid: std::process::id(),
