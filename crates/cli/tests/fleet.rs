@@ -232,12 +232,18 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     // times out in the VM's queue does not eject it (the health floor, scenario 3).
     let spill = "apiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: { name: catalog, namespace: test }\nspec:\n  targetRefs: [{ name: catalog }]\n  connectionPool: { connectTimeout: 500ms }\n  outlierDetection: { consecutiveFailures: 0 }\n  adaptiveConcurrency: { minLimit: 2 }\n  spillover:\n    pools: [{ environment: vm }, { environment: container }]\n    hold: 1s\n";
     apply_ok(&cp, spill.to_string()).await;
-    // The VM takes the traffic again (the client's proxy may still hold it ejected after
-    // scenario 6's resets).
+    // The client's proxy holds the policy (before it does, the VM and the container share
+    // the traffic, and a request the VM answers proves nothing), and the VM takes the
+    // traffic again (the client's proxy may still hold it ejected after scenario 6's resets).
     eventually(
-        "the VM serves before the surge",
+        "the VM serves under the spill-over policy before the surge",
         Duration::from_secs(90),
-        async || (fleet.get("/").await.2 == "vm-app").then_some(()),
+        async || {
+            let dump = get_in(&bed, &client, "http://127.0.0.1:15000/config_dump").2;
+            let dump: serde_json::Value = serde_json::from_str(&dump).ok()?;
+            has_spillover(&dump["config"]).then_some(())?;
+            (fleet.get("/").await.2 == "vm-app").then_some(())
+        },
     )
     .await;
     // Before the surge, the VM's proxy learns the page's time unloaded: one request at a
@@ -338,4 +344,15 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     })
     .await;
     drop(vm);
+}
+
+/// Whether a proxy's config (its `/config_dump`'s `config`) holds a spill-over policy.
+fn has_spillover(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .any(|(k, v)| (k == "spillover" && !v.is_null()) || has_spillover(v)),
+        serde_json::Value::Array(a) => a.iter().any(has_spillover),
+        _ => false,
+    }
 }
