@@ -18,6 +18,7 @@
 # by about 2% between runs (how many HTTP/2 frames one read or write carries depends on
 # timing): take the median of three. KEEP=DIR keeps the callgrind file(s) of the measured run
 # (caller.out and callee.out; proxy.out without MTLS).
+# CALLGRIND="FLAGS" adds callgrind flags (bench/link-order.sh passes --demangle=no).
 # BREAKDOWN=1 also prints where each proxy's instructions per request go, by the source
 # file each instruction came from (inlined code counts where it was written): HPACK, the
 # rest of h2, hyper, http (header maps, URIs), bytes, tokio, TLS (rustls, ring), libc's
@@ -96,7 +97,7 @@ breakdown() {
       for (i = 1; i <= k; i++) printf "%s %.1fk%s", ps[i], d[ps[i]] / 1000, (i < k ? ", " : "\n") }'
 }
 run() {
-  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out" "$BIN" proxy "${SRC[@]}" ${EXTRA:-} \
+  valgrind --tool=callgrind ${CALLGRIND:-} --callgrind-out-file="$W/cg.out" "$BIN" proxy "${SRC[@]}" ${EXTRA:-} \
     --workload "$WL" $LOG --admin 127.0.0.1:18100 --outbound 127.0.0.1:18093 \
     --inbound 127.0.0.1:18106 >/dev/null 2>&1 &
   VP=$!
@@ -120,7 +121,7 @@ run_mtls() {
     local tok
     tok=$("$BIN" token create -n bench --identity $id --ttl 10m --server http://127.0.0.1:18170 \
       --token "$(cat "$W/cp/admin.token")" 2>/dev/null)
-    valgrind --tool=callgrind --callgrind-out-file="$run/$p.out" "$BIN" proxy \
+    valgrind --tool=callgrind ${CALLGRIND:-} --callgrind-out-file="$run/$p.out" "$BIN" proxy \
       --xds http://127.0.0.1:18171 --workload $wl --state-dir "$run/$p" --join-token "$tok" \
       $LOG ${EXTRA:-} --admin 127.0.0.1:$admin --outbound 127.0.0.1:$out --inbound 127.0.0.1:$in \
       >/dev/null 2>"$run/$p.err" &
