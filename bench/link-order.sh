@@ -11,7 +11,7 @@
 # How: the proxies of bench/instructions.sh run under callgrind (names kept mangled, as in
 # the binary's symbol table): the mesh path (caller and callee with identities, HTTP/2 over
 # mutual TLS), one plaintext hop with the access log on reporting to a control plane every
-# second, and the inbound side. Every function of the binary they ran is listed, by the
+# second, the inbound side, and the agent (`trellis join`) of the mesh path's callee. Every function of the binary they ran is listed, by the
 # instructions it ran itself (most first). A function missing from the file (renamed since,
 # or new) is laid out where the linker would have put it: the file goes stale slowly, and
 # this script renews it.
@@ -30,13 +30,57 @@ if [ "${1:-}" = check ]; then
 fi
 N=${1:-2000}
 K=$(mktemp -d /tmp/trellis-order.XXXX)
-trap 'rm -rf "$K"' EXIT
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  nginx -s quit -c "$K/nginx.conf" -p "$K" 2>/dev/null || true
+  rm -rf "$K"
+}
+trap cleanup EXIT
 cargo build --release -q
-export TRELLIS_BIN=target/release/trellis CALLGRIND=--demangle=no KEEP=$K
+BIN=$(realpath target/release/trellis)
+export TRELLIS_BIN=$BIN CALLGRIND=--demangle=no KEEP=$K
 MTLS=1 bash bench/instructions.sh "$N" >/dev/null
 ACCESS_LOG=1 REPORT=1s bash bench/instructions.sh "$N" >/dev/null && mv "$K/proxy.out" "$K/plain.out"
 INBOUND=1 bash bench/instructions.sh "$N" >/dev/null && mv "$K/proxy.out" "$K/inbound.out"
-python3 - "$K" "$(realpath target/release/trellis)" >crates/cli/link-order.txt <<'PY'
+
+# The agent (`trellis join`) of the mesh path's callee, with a health check, its telemetry
+# report and a caller's requests through it; then both are scraped (the caller counts as one
+# more proxy run).
+up() { for _ in $(seq 600); do curl -sf -o /dev/null "$@" && return 0; sleep 0.1; done; echo "not up: $*" >&2; exit 1; }
+cat >"$K/nginx.conf" <<NGX
+worker_processes 1; daemon on; pid $K/nginx.pid; error_log $K/nginx.err;
+events { worker_connections 1024; }
+http { access_log off; server { listen 127.0.0.1:18080; location / { return 200 "ok"; } } }
+NGX
+nginx -c "$K/nginx.conf" -p "$K"
+"$BIN" control --data-dir "$K/cp" --api 127.0.0.1:18170 --xds 127.0.0.1:18171 2>"$K/cp.err" & PIDS+=($!)
+up http://127.0.0.1:18170/healthz
+for _ in $(seq 100); do [ -s "$K/cp/admin.token" ] && break; sleep 0.1; done
+export TRELLIS_SERVER=http://127.0.0.1:18170 TRELLIS_TOKEN
+TRELLIS_TOKEN=$(cat "$K/cp/admin.token")
+# The mesh without its Workload `up-1`: the agent registers it.
+python3 -c 'import sys; print("---\n".join(d for d in open(sys.argv[1]).read().split("---\n") if "name: up-1" not in d))' \
+  bench/mesh-mtls.yaml | "$BIN" apply -f - >/dev/null
+token() { "$BIN" token create -n bench --identity "$1" --ttl 10m 2>/dev/null; }
+valgrind --tool=callgrind --demangle=no --callgrind-out-file="$K/agent.out" "$BIN" join \
+  --control-plane http://127.0.0.1:18171 --state-dir "$K/agent" --token "$(token up)" --name up-1 \
+  --label app=up --address 127.0.0.1 --environment vm --zone z1 --port http=18080 \
+  --check http:/healthz --check-interval 1s --admin 127.0.0.1:18200 --outbound 127.0.0.1:18201 \
+  --inbound 127.0.0.1:18206 >/dev/null 2>"$K/agent.err" & AGENT=$!; PIDS+=($AGENT)
+valgrind --tool=callgrind --demangle=no --callgrind-out-file="$K/scraped.out" "$BIN" proxy \
+  --xds http://127.0.0.1:18171 --workload bench/client --state-dir "$K/caller" \
+  --join-token "$(token client)" --no-access-log --admin 127.0.0.1:18300 --outbound 127.0.0.1:18301 \
+  --inbound 127.0.0.1:18306 >/dev/null 2>"$K/caller.err" & CALLER=$!; PIDS+=($CALLER)
+up http://127.0.0.1:18200/ready
+up http://127.0.0.1:18183/
+h2load --h1 -n "$N" -c 8 http://127.0.0.1:18183/ >/dev/null
+sleep 12 # a telemetry report (every 10 s) and more health checks
+# What a scraper and an operator ask both of them for.
+for a in 18200 18300; do for p in metrics config_dump ready live; do curl -s -o /dev/null "127.0.0.1:$a/$p"; done; done
+kill -TERM "$AGENT" "$CALLER"; wait "$AGENT" "$CALLER" || true
+python3 - "$K" "$BIN" >crates/cli/link-order.txt <<'PY'
 import os, sys
 
 def self_costs(path, binary):
@@ -78,15 +122,22 @@ def self_costs(path, binary):
     return costs
 
 k, binary = sys.argv[1], sys.argv[2]
-best = {}
-for f in sorted(os.listdir(k)):
-    if f.endswith(".out"):
+def ranked(files):
+    """The functions the runs in `files` ran, by the most instructions one run gave each."""
+    best = {}
+    for f in files:
         for fn, c in self_costs(os.path.join(k, f), binary).items():
             fn = fn.split("'")[0]  # callgrind marks a recursive call's level: f'2
             best[fn] = max(best.get(fn, 0), c)
-# Symbols only: callgrind names what it cannot place by address ("0x...").
-for fn in sorted(best, key=lambda f: (-best[f], f)):
-    if not fn.startswith("0x") and " " not in fn:
-        print(fn)
+    # Symbols only: callgrind names what it cannot place by address ("0x...").
+    return [f for f in sorted(best, key=lambda f: (-best[f], f)) if not f.startswith("0x") and " " not in f]
+
+# The proxies' functions first, then those only the agent ran: a proxy's code stays as
+# compact as if the agent's were not there.
+outs = sorted(f for f in os.listdir(k) if f.endswith(".out"))
+proxy = ranked([f for f in outs if f != "agent.out"])
+seen = set(proxy)
+for fn in proxy + [f for f in ranked(["agent.out"]) if f not in seen]:
+    print(fn)
 PY
 echo "crates/cli/link-order.txt: $(wc -l <crates/cli/link-order.txt) functions"
