@@ -11,10 +11,13 @@
 # How: the proxies of bench/instructions.sh run under callgrind (names kept mangled, as in
 # the binary's symbol table): the mesh path (caller and callee with identities, HTTP/2 over
 # mutual TLS), one plaintext hop with the access log on reporting to a control plane every
-# second, the inbound side, and the agent (`trellis join`) of the mesh path's callee. Every function of the binary they ran is listed, by the
-# instructions it ran itself (most first). A function missing from the file (renamed since,
-# or new) is laid out where the linker would have put it: the file goes stale slowly, and
-# this script renews it.
+# second, the inbound side; then an agent (`trellis join`) as the mesh path's callee, and a
+# caller whose /metrics is scraped. The functions of the binary the proxies ran come first,
+# by the instructions each ran itself (most first), then those only the agent ran, so that a
+# proxy's code stays as compact as if the agent's were not there. A function missing from
+# the file (renamed since, or new) is laid out where the linker would have put it; names
+# change by steps (a symbol's hash changes with its crate's metadata: a dependency added, a
+# new compiler), and `check` says when to renew the file.
 #
 # Usage: bench/link-order.sh [REQUESTS]   (needs what bench/instructions.sh needs)
 #        bench/link-order.sh check        how many of the file's functions a release build
