@@ -67,12 +67,15 @@ TRELLIS_TOKEN=$(cat "$K/cp/admin.token")
 python3 -c 'import sys; print("---\n".join(d for d in open(sys.argv[1]).read().split("---\n") if "name: up-1" not in d))' \
   bench/mesh-mtls.yaml | "$BIN" apply -f - >/dev/null
 token() { "$BIN" token create -n bench --identity "$1" --ttl 10m 2>/dev/null; }
-valgrind --tool=callgrind --demangle=no --callgrind-out-file="$K/agent.out" "$BIN" join \
+# `trellis ARGS...` under callgrind, into $K/NAME.out (exec: run in the background, its $! is
+# valgrind's own, which a TERM then stops and which writes its file as it exits).
+cg() { local out=$K/$1.out; shift; exec valgrind --tool=callgrind $CALLGRIND --callgrind-out-file="$out" "$BIN" "$@"; }
+cg agent join \
   --control-plane http://127.0.0.1:18171 --state-dir "$K/agent" --token "$(token up)" --name up-1 \
   --label app=up --address 127.0.0.1 --environment vm --zone z1 --port http=18080 \
   --check http:/healthz --check-interval 1s --admin 127.0.0.1:18200 --outbound 127.0.0.1:18201 \
   --inbound 127.0.0.1:18206 >/dev/null 2>"$K/agent.err" & AGENT=$!; PIDS+=($AGENT)
-valgrind --tool=callgrind --demangle=no --callgrind-out-file="$K/scraped.out" "$BIN" proxy \
+cg scraped proxy \
   --xds http://127.0.0.1:18171 --workload bench/client --state-dir "$K/caller" \
   --join-token "$(token client)" --no-access-log --admin 127.0.0.1:18300 --outbound 127.0.0.1:18301 \
   --inbound 127.0.0.1:18306 >/dev/null 2>"$K/caller.err" & CALLER=$!; PIDS+=($CALLER)
@@ -83,6 +86,10 @@ sleep 12 # a telemetry report (every 10 s) and more health checks
 # What a scraper and an operator ask both of them for.
 for a in 18200 18300; do for p in metrics config_dump ready live; do curl -s -o /dev/null "127.0.0.1:$a/$p"; done; done
 kill -TERM "$AGENT" "$CALLER"; wait "$AGENT" "$CALLER" || true
+# Every run's file, or the order would leave out what a missing run ran.
+for f in caller callee plain inbound agent scraped; do
+  [ -s "$K/$f.out" ] || { echo "no callgrind file of the $f run" >&2; exit 1; }
+done
 python3 - "$K" "$BIN" >crates/cli/link-order.txt <<'PY'
 import os, sys
 
