@@ -11,16 +11,15 @@ include!("link_order.rs");
 fn main() {
     println!("cargo:rerun-if-changed=link-order.txt");
     println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
-    println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
+    // A linker set in `.cargo/config.toml` or by `CARGO_TARGET_<triple>_LINKER`: Cargo hands
+    // either to this script as `RUSTC_LINKER`, and runs it again when it changes.
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     let release = env::var("PROFILE").as_deref() == Ok("release");
     let target = env::var("TARGET").unwrap_or_default();
     // The flag is lld's: rustc links with its own lld on this target since 1.90, unless told
     // to use another linker.
     let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    let linker_set = env::var_os("RUSTC_LINKER").is_some()
-        || env::var_os("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_some();
-    let own_linker = rustc_lld_links(&flags, linker_set);
+    let own_linker = rustc_lld_links(&flags, env::var_os("RUSTC_LINKER").is_some());
     let order = concat!(env!("CARGO_MANIFEST_DIR"), "/link-order.txt");
     let lld = target == "x86_64-unknown-linux-gnu" && own_linker && rustc_minor() >= 90;
     if release && lld && std::path::Path::new(order).exists() {
