@@ -12,7 +12,7 @@
 # certificate), trellis's inbound listener against haproxy B, with the same kind of
 # certificate (ECDSA P-256, issued by the mesh's CA).
 #
-# Usage: bench/mtls.sh [ROUNDS] [SECONDS]. Loopback only. CPU 0: load generator, control
+# Usage: bench/mtls.sh [ROUNDS] [SECONDS]; TRACE=1 [SHOW=N] bench/mtls.sh (below). Loopback only. CPU 0: load generator, control
 # plane. CPU 1: nginx and the proxies under test (one thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -127,6 +127,25 @@ declare -A PORT=([direct]=18080 [trellis-plain-1hop]=18083 [haproxy-plain-2hops]
 declare -A PROCS=([direct]="" [trellis-plain-1hop]="$PLAIN" [haproxy-plain-2hops]="$HAPA $HAPB" [trellis-mtls-2hops]="$CALLER $CALLEE" [haproxy-mtls-2hops]="$HAPA $HAPB")
 ORDER="direct trellis-plain-1hop haproxy-plain-2hops trellis-mtls-2hops haproxy-mtls-2hops"
 OUT="$W/raw.txt"; : >"$OUT"
+# TRACE=1: instead of the rounds, trace the proxies' core under the paced load (~2,000 rps)
+# for 1 s per mesh path (system calls and context switches, `perf record`) and print where
+# its bursts spend their time (bench/burst-phases.py; needs perf and root).
+if [ -n "${TRACE:-}" ]; then
+  command -v perf >/dev/null || { echo "TRACE=1 needs perf" >&2; exit 1; }
+  for t in trellis-mtls-2hops haproxy-mtls-2hops; do
+    read -r first second <<<"${PROCS[$t]}"
+    taskset -c 0 wrk -t1 -c16 -d4s --latency -s bench/pace.lua -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
+    LOAD=$!
+    sleep 1.5 # let the load settle
+    perf record -q -o "$W/$t.data" -e raw_syscalls:sys_enter -e raw_syscalls:sys_exit \
+      -e sched:sched_switch -C 1 -- sleep 1 2>/dev/null
+    wait "$LOAD"
+    perf script -i "$W/$t.data" -F comm,pid,cpu,time,event,trace >"$W/$t.txt" 2>/dev/null
+    echo "== $t (traced; wrk: $(awk '/^ +50%/{p50=$2} /^ +99%/{p99=$2} END{print "p50", p50, "p99", p99}' "$W/$t.wrk"))"
+    python3 bench/burst-phases.py "$W/$t.txt" "$first" "$second" ${SHOW:-} | sed 's/^/  /'
+  done
+  exit 0
+fi
 for r in $(seq "$ROUNDS"); do
   for t in $ORDER; do
     procs=${PROCS[$t]}
