@@ -241,7 +241,7 @@ impl Spans {
                 .map_err(|_| String::from_utf8_lossy(&head[ns..ns + nl]).into_owned())?;
             let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
                 .map_err(|_| name.as_str().to_owned())?;
-            seen.note(&name);
+            seen.note(&name, &head[vs..vs + vl]);
             headers.append(name, value);
         }
         Ok((headers, seen))
@@ -259,32 +259,53 @@ fn chunked_last(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
 }
 
-/// The content-length, if any: one number, possibly repeated (`7, 7`); `Err` otherwise.
-fn content_length(headers: &HeaderMap, seen: Seen) -> Result<Option<u64>, ()> {
-    let mut length = None;
-    if !seen.has(Seen::CONTENT_LENGTH) {
-        return Ok(None);
-    }
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().map_err(|_| ())?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(());
-            }
-            let n: u64 = part.parse().map_err(|_| ())?;
-            if length.is_some_and(|l| l != n) {
-                return Err(());
-            }
-            length = Some(n);
-        }
-    }
-    Ok(length)
+/// Which of the headers that decide framing and connection handling a head carries, noted
+/// while it is parsed, so that absent ones cost no lookup; and what its content-length and
+/// `Connection` say, read from their bytes then, so that present ones cost none either.
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    bits: u8,
+    length: Length,
+    /// The `Connection` tokens found: `Seen::CLOSE`, `KEEP_ALIVE`, `UPGRADE_TOKEN`.
+    connection: u8,
 }
 
-/// Which of the headers that decide framing and connection handling a head carries, noted
-/// while it is parsed, so that absent ones cost no lookup.
-#[derive(Clone, Copy, Default)]
-struct Seen(u8);
+/// The content-length of a head so far: one number, possibly repeated (`7, 7`, or in two
+/// fields); anything else makes it invalid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Length {
+    #[default]
+    Absent,
+    Is(u64),
+    Invalid,
+}
+
+impl Length {
+    /// Take one more `content-length` field into account.
+    fn and(self, value: &[u8]) -> Self {
+        let mut length = self;
+        for part in value.split(|b| *b == b',') {
+            let part = trim_ows(part);
+            let n = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
+                .flatten();
+            length = match (length, n) {
+                (Self::Invalid, _) | (_, None) => return Self::Invalid,
+                (Self::Is(l), Some(n)) if l != n => return Self::Invalid,
+                (_, Some(n)) => Self::Is(n),
+            };
+        }
+        length
+    }
+}
+
+/// `value` without the optional whitespace (spaces, tabs) around it.
+fn trim_ows(value: &[u8]) -> &[u8] {
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = value.iter().position(|b| !ows(b)).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
+    &value[start..end]
+}
 
 impl Seen {
     const CONTENT_LENGTH: u8 = 1;
@@ -294,21 +315,72 @@ impl Seen {
     const UPGRADE: u8 = 16;
     const TE: u8 = 32;
 
-    fn note(&mut self, name: &HeaderName) {
-        self.0 |= match name.as_str() {
+    const CLOSE: u8 = 1;
+    const KEEP_ALIVE: u8 = 2;
+    const UPGRADE_TOKEN: u8 = 4;
+
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        let bit = match name.as_str() {
             "content-length" => Self::CONTENT_LENGTH,
             "transfer-encoding" => Self::TRANSFER_ENCODING,
             "connection" => Self::CONNECTION,
             "expect" => Self::EXPECT,
             "upgrade" => Self::UPGRADE,
             "te" => Self::TE,
-            _ => 0,
+            _ => return,
         };
+        self.bits |= bit;
+        if bit == Self::CONTENT_LENGTH {
+            self.length = self.length.and(value);
+        } else if bit == Self::CONNECTION {
+            self.connection |= connection_tokens(value);
+        }
     }
 
     fn has(self, bit: u8) -> bool {
-        self.0 & bit != 0
+        self.bits & bit != 0
     }
+
+    /// Whether a `Connection` field named `token` (one of `CLOSE`, `KEEP_ALIVE`,
+    /// `UPGRADE_TOKEN`).
+    fn connection(self, token: u8) -> bool {
+        self.connection & token != 0
+    }
+
+    /// The content-length, if any; `Err` when the fields do not make one number.
+    fn content_length(self) -> Result<Option<u64>, ()> {
+        match self.length {
+            Length::Absent => Ok(None),
+            Length::Is(n) => Ok(Some(n)),
+            Length::Invalid => Err(()),
+        }
+    }
+}
+
+/// The tokens of one `Connection` field that decide what becomes of the connection. A
+/// field that is not visible ASCII names none (it cannot be read as a list of tokens).
+fn connection_tokens(value: &[u8]) -> u8 {
+    if !value
+        .iter()
+        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
+    {
+        return 0;
+    }
+    value
+        .split(|b| *b == b',')
+        .map(|t| {
+            let t = trim_ows(t);
+            if t.eq_ignore_ascii_case(b"close") {
+                Seen::CLOSE
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                Seen::KEEP_ALIVE
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                Seen::UPGRADE_TOKEN
+            } else {
+                0
+            }
+        })
+        .fold(0, |a, b| a | b)
 }
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
@@ -327,12 +399,10 @@ fn framing(
     headers: &mut HeaderMap,
     seen: Seen,
 ) -> Result<(RespFraming, bool), ParseError> {
-    let connection =
-        |token| seen.has(Seen::CONNECTION) && has_token(headers, &header::CONNECTION, token);
     let mut keep_alive = if version == Version::HTTP_10 {
-        connection("keep-alive")
+        seen.connection(Seen::KEEP_ALIVE)
     } else {
-        !connection("close")
+        !seen.connection(Seen::CLOSE)
     };
     if *method == Method::HEAD
         || status.is_informational()
@@ -350,7 +420,9 @@ fn framing(
         }
         return Ok((RespFraming::Eof, false));
     }
-    let length = content_length(headers, seen).map_err(|()| ParseError::ContentLength)?;
+    let length = seen
+        .content_length()
+        .map_err(|()| ParseError::ContentLength)?;
     Ok(match length {
         Some(0) => (RespFraming::Empty, keep_alive),
         Some(n) => (RespFraming::Length(n), keep_alive),
@@ -668,12 +740,10 @@ pub(crate) fn parse_request_head(
     // rehashes it.
     let (headers, seen) = spans.header_map(&head, 2).map_err(RequestError::Header)?;
     let framing = request_framing(&headers, seen)?;
-    let connection =
-        |token| seen.has(Seen::CONNECTION) && has_token(&headers, &header::CONNECTION, token);
     let keep_alive = if version == Version::HTTP_10 {
-        connection("keep-alive")
+        seen.connection(Seen::KEEP_ALIVE)
     } else {
-        !connection("close")
+        !seen.connection(Seen::CLOSE)
     };
     let expect_continue = framing != ReqFraming::None
         && version == Version::HTTP_11
@@ -681,7 +751,8 @@ pub(crate) fn parse_request_head(
         && headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = method == Method::CONNECT || (seen.has(Seen::UPGRADE) && connection("upgrade"));
+    let upgrade = method == Method::CONNECT
+        || (seen.has(Seen::UPGRADE) && seen.connection(Seen::UPGRADE_TOKEN));
     let trailers = seen.has(Seen::TE) && has_token(&headers, &header::TE, "trailers");
     Ok(Some(RequestHead {
         method,
@@ -708,7 +779,9 @@ fn request_framing(headers: &HeaderMap, seen: Seen) -> Result<ReqFraming, Reques
             Err(RequestError::TransferEncoding)
         };
     }
-    let length = content_length(headers, seen).map_err(|()| RequestError::ContentLength)?;
+    let length = seen
+        .content_length()
+        .map_err(|()| RequestError::ContentLength)?;
     Ok(match length {
         None | Some(0) => ReqFraming::None,
         Some(n) => ReqFraming::Length(n),

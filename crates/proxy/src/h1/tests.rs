@@ -571,3 +571,167 @@ fn mutated_requests_never_panic_and_never_frame_ambiguously() {
         }
     }
 }
+
+/// The rules the codec applied by looking the fields up again in the parsed map (before
+/// they were read while the map was built): the content-length, and whether a
+/// `Connection` field names a token.
+fn looked_up_length(h: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut length = None;
+    for v in h.get_all("content-length") {
+        for part in v.to_str().map_err(|_| ())?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let n: u64 = part.parse().map_err(|_| ())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+fn looked_up_token(h: &HeaderMap, token: &str) -> bool {
+    h.get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+#[test]
+fn lengths_and_connection_tokens_read_while_parsing_follow_the_lookup_rules() {
+    let lengths: &[&[u8]] = &[
+        b"0",
+        b"7",
+        b" 7 ",
+        b"\t7\t",
+        b"7, 7",
+        b"7,7",
+        b"7, 8",
+        b"+1",
+        b"",
+        b" ",
+        b"1 2",
+        b"5,",
+        b",5",
+        b"0x5",
+        b"007",
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"99999999999999999999999",
+        b"7\x80",
+        b"\x80",
+    ];
+    let tokens: &[&[u8]] = &[
+        b"close",
+        b"Close",
+        b" close ",
+        b"keep-alive",
+        b"Keep-Alive, close",
+        b"upgrade",
+        b"x, Upgrade",
+        b"closed",
+        b"close\x80",
+        b"",
+        b",",
+        b"keep-alive,,close",
+        b"\tclose",
+        b"close keep-alive",
+    ];
+    let mut cases = 0;
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        for (i, a) in lengths.iter().enumerate() {
+            for b in std::iter::once(None).chain(lengths[i..].iter().map(Some)) {
+                for c in std::iter::once(None).chain(tokens.iter().map(Some)) {
+                    for d in std::iter::once(None).chain(tokens.iter().take(6).map(Some)) {
+                        let mut fields = Vec::new();
+                        for (name, v) in [("content-length", Some(a)), ("Content-Length", b)]
+                            .into_iter()
+                            .chain([("connection", c), ("Connection", d)])
+                        {
+                            if let Some(v) = v {
+                                fields.extend_from_slice(name.as_bytes());
+                                fields.extend_from_slice(b": ");
+                                fields.extend_from_slice(v);
+                                fields.extend_from_slice(b"\r\n");
+                            }
+                        }
+                        let mut res = format!("{version} 200 OK\r\n").into_bytes();
+                        res.extend_from_slice(&fields);
+                        res.extend_from_slice(b"\r\n");
+                        let mut req = format!("GET / {version}\r\nupgrade: x\r\n").into_bytes();
+                        req.extend_from_slice(&fields);
+                        req.extend_from_slice(b"\r\n");
+                        // The reference reads the map the parser built; a head the parser
+                        // refuses for another reason (a bad field value) is skipped.
+                        let Ok(Some(parsed)) =
+                            parse_request_head(&mut BytesMut::from(&req[..]), MAX_HEAD)
+                        else {
+                            let err = parse_request_head(&mut BytesMut::from(&req[..]), MAX_HEAD);
+                            assert!(
+                                matches!(err, Err(RequestError::ContentLength)),
+                                "{:?}: {err:?}",
+                                String::from_utf8_lossy(&req)
+                            );
+                            // Refused for its length: the reference must refuse it too, and
+                            // so must the response parser.
+                            let mut h = HeaderMap::new();
+                            for (name, v) in [("content-length", Some(a)), ("content-length", b)] {
+                                if let Some(v) = v {
+                                    h.append(name, HeaderValue::from_bytes(v).unwrap());
+                                }
+                            }
+                            assert_eq!(
+                                looked_up_length(&h),
+                                Err(()),
+                                "{:?}",
+                                String::from_utf8_lossy(&req)
+                            );
+                            assert!(matches!(
+                                head(&res, &Method::GET),
+                                Err(ParseError::ContentLength)
+                            ));
+                            cases += 1;
+                            continue;
+                        };
+                        let h = &parsed.headers;
+                        let http10 = version == "HTTP/1.0";
+                        let keep_alive = if http10 {
+                            looked_up_token(h, "keep-alive")
+                        } else {
+                            !looked_up_token(h, "close")
+                        };
+                        let length = looked_up_length(h).expect("accepted, so a valid length");
+                        let at = String::from_utf8_lossy(&req);
+                        assert_eq!(parsed.keep_alive, keep_alive, "{at:?}");
+                        assert_eq!(parsed.upgrade, looked_up_token(h, "upgrade"), "{at:?}");
+                        assert_eq!(
+                            parsed.framing,
+                            match length {
+                                None | Some(0) => ReqFraming::None,
+                                Some(n) => ReqFraming::Length(n),
+                            },
+                            "{at:?}"
+                        );
+                        let r = head(&res, &Method::GET).unwrap().unwrap();
+                        assert_eq!(
+                            (r.framing, r.keep_alive),
+                            match length {
+                                None => (RespFraming::Eof, false),
+                                Some(0) => (RespFraming::Empty, keep_alive),
+                                Some(n) => (RespFraming::Length(n), keep_alive),
+                            },
+                            "{:?}",
+                            String::from_utf8_lossy(&res)
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(cases > 20_000, "{cases}");
+}
