@@ -78,10 +78,21 @@ fn syntax(file: &str, text: &str, e: serde_saphyr::Error) -> ConfigError {
         .map(|l| (l.line(), l.column()))
         .unwrap_or((0, 0));
     let message = bare_message(&first_line(&e.to_string()));
-    // Name the field the error is at, and the resource it belongs to.
+    // Name the field the error is at, and the resource it belongs to. A missing field is
+    // reported at the last key of the mapping that lacks it: name that mapping.
     let message = match field_at(text, line, column) {
-        Some(at) if at.path.is_empty() => format!("{}: {message}", at.resource),
-        Some(at) => format!("{}: {}: {message}", at.resource, at.path),
+        Some(at) => {
+            let path = if message.starts_with("missing field") {
+                at.mapping
+            } else {
+                at.path
+            };
+            if path.is_empty() {
+                format!("{}: {message}", at.resource)
+            } else {
+                format!("{}: {path}: {message}", at.resource)
+            }
+        }
         None => message,
     };
     ConfigError::Syntax {
@@ -110,6 +121,9 @@ pub(crate) struct FieldAt {
     /// The dotted path of the node at the position (`spec.ports[0].port`); empty for the
     /// document itself.
     pub(crate) path: String,
+    /// When that node is a key, the path of the mapping it is a key of (`spec.ports[0]`);
+    /// otherwise the node's own path.
+    pub(crate) mapping: String,
 }
 
 /// One level of the path being walked.
@@ -127,7 +141,8 @@ pub(crate) fn field_at(text: &str, line: u64, column: u64) -> Option<FieldAt> {
     }
     let target = (line as usize, column.saturating_sub(1) as usize);
     let mut stack: Vec<Level> = Vec::new();
-    let mut found: Option<(usize, String)> = None;
+    // The document, the node's path, and the path of the mapping it is a key of.
+    let mut found: Option<(usize, String, String)> = None;
     // Per document: kind, metadata.name, metadata.namespace.
     let mut docs: Vec<[Option<String>; 3]> = Vec::new();
     let path = |stack: &[Level]| -> String {
@@ -166,7 +181,8 @@ pub(crate) fn field_at(text: &str, line: u64, column: u64) -> Option<FieldAt> {
         if is_node && pos <= target {
             // A key is reported as the field it names.
             let at_key = matches!(stack.last(), Some(Level::Map { at_key: true, .. }));
-            let mut p = path(&stack);
+            let mapping = path(&stack);
+            let mut p = mapping.clone();
             if at_key {
                 if let Event::Scalar(k, ..) = &ev {
                     if !p.is_empty() {
@@ -175,7 +191,8 @@ pub(crate) fn field_at(text: &str, line: u64, column: u64) -> Option<FieldAt> {
                     p.push_str(k);
                 }
             }
-            found = Some((docs.len(), p));
+            let mapping = if at_key { mapping } else { p.clone() };
+            found = Some((docs.len(), p, mapping));
         }
         if is_node
             && pos > target
@@ -222,7 +239,7 @@ pub(crate) fn field_at(text: &str, line: u64, column: u64) -> Option<FieldAt> {
             _ => {}
         }
     }
-    let (doc, path) = found?;
+    let (doc, path, mapping) = found?;
     let d = docs.get(doc.checked_sub(1)?)?;
     let resource = match (&d[0], &d[1]) {
         (Some(kind), Some(name)) => {
@@ -232,7 +249,11 @@ pub(crate) fn field_at(text: &str, line: u64, column: u64) -> Option<FieldAt> {
         (Some(kind), None) => kind.clone(),
         _ => format!("document {doc}"),
     };
-    Some(FieldAt { resource, path })
+    Some(FieldAt {
+        resource,
+        path,
+        mapping,
+    })
 }
 
 /// A value ended: its map expects the next key, its sequence the next item.
@@ -389,11 +410,49 @@ mod tests {
         assert_eq!(at(4, 11).path, "b[1].c[0]");
         assert_eq!(at(4, 14).path, "b[1].c[1]");
         assert_eq!(at(4, 18).path, "b[1].d", "a key is its field");
+        assert_eq!(at(4, 18).mapping, "b[1]", "and belongs to its mapping");
+        assert_eq!(at(4, 21).mapping, "b[1].d", "a value is its own");
         assert_eq!(at(4, 21).path, "b[1].d");
         assert_eq!(at(4, 21).resource, "document 1");
         assert_eq!(at(7, 19).path, "metadata.name");
         assert_eq!(at(7, 19).resource, "K default/n");
         assert_eq!(field_at(text, 0, 0), None);
+    }
+
+    #[test]
+    fn a_missing_field_is_named_with_the_mapping_that_lacks_it() {
+        // serde-saphyr reports a missing field at the last key of the mapping (or at an
+        // empty mapping itself): the message names the mapping, not that last key.
+        let cases = [
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { namespace: x }\nspec:\n  selector: { app: s }\n",
+                "Service: metadata: missing field `name`",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata:\n  namespace: x\nspec:\n  selector: { app: s }\n",
+                "Service: metadata: missing field `name`",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {}\nspec:\n  selector: { app: s }\n",
+                "Service: metadata: missing field `name`",
+            ),
+            (
+                "kind: Service\nmetadata:\n  name: a\n",
+                "Service default/a: missing field `apiVersion`",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: a }\nspec:\n  ports:\n    - protocol: HTTP\n      name: web\n",
+                "Service default/a: spec.ports[0]: missing field `port`",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: a }\nspec:\n  ports: [{}]\n",
+                "Service default/a: spec.ports[0]: missing field `port`",
+            ),
+        ];
+        for (text, want) in cases {
+            let (_, m) = syntax_error(text);
+            assert!(m.starts_with(want), "{text:?}: {m}");
+        }
     }
 
     #[test]
