@@ -112,14 +112,13 @@ impl Api {
         path: &str,
         body: Option<String>,
     ) -> Result<Value> {
-        let (status, v) = self.call_raw(method, path, body).await?;
+        let (status, v) = self.call_raw(method.clone(), path, body).await?;
         if !status.is_success() {
-            let msg = v
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string());
-            bail!("{msg} (HTTP {})", status.as_u16());
+            bail!(
+                "{} (HTTP {})",
+                error_text(&v, status, &method, path),
+                status.as_u16()
+            );
         }
         Ok(v)
     }
@@ -183,12 +182,13 @@ impl Api {
         let mut body = resp.into_body();
         if !status.is_success() {
             let bytes = body.collect().await?.to_bytes();
-            let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            let msg = v["error"].as_str().map_or_else(
-                || String::from_utf8_lossy(&bytes).into_owned(),
-                str::to_string,
+            let v = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+            bail!(
+                "{} (HTTP {})",
+                error_text(&v, status, &Method::GET, path),
+                status.as_u16()
             );
-            bail!("{msg} (HTTP {})", status.as_u16());
         }
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -236,4 +236,53 @@ async fn send_tls(
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
     tokio::spawn(conn);
     Ok(send.send_request(req).await?)
+}
+
+/// What a refused request says: the server's `error`, else its body, else (an empty answer,
+/// as from a path the server does not serve) the request and the status's reason.
+fn error_text(v: &Value, status: StatusCode, method: &Method, path: &str) -> String {
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        return e.to_string();
+    }
+    match v {
+        Value::String(s) if !s.trim().is_empty() => s.trim().to_string(),
+        Value::String(_) | Value::Null => format!(
+            "{method} {path}: {}",
+            status.canonical_reason().unwrap_or("refused")
+        ),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_without_a_message_names_the_request() {
+        let not_found = StatusCode::NOT_FOUND;
+        let path = "/api/v1/resources/service/default/x/y";
+        assert_eq!(
+            error_text(&Value::String(String::new()), not_found, &Method::GET, path),
+            "GET /api/v1/resources/service/default/x/y: Not Found"
+        );
+        assert_eq!(
+            error_text(&Value::Null, not_found, &Method::DELETE, "/p"),
+            "DELETE /p: Not Found"
+        );
+        let said = serde_json::json!({ "error": "Service shop/x not found" });
+        assert_eq!(
+            error_text(&said, not_found, &Method::GET, "/p"),
+            "Service shop/x not found"
+        );
+        assert_eq!(
+            error_text(
+                &Value::String("busy\n".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                &Method::GET,
+                "/p"
+            ),
+            "busy"
+        );
+    }
 }

@@ -229,26 +229,76 @@ fn print_docs(items: &[Value], o: Output) -> Result<()> {
     Ok(())
 }
 
+/// The resource a command names: `KIND NAME`, `KIND/NAME`, and a namespace either by `-n`
+/// or in front of the name (`shop/catalog`, as trellis itself prints names).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    kind: String,
+    name: Option<String>,
+    ns: Option<String>,
+}
+
+impl Target {
+    pub(crate) fn of(kind: &str, name: Option<&str>, ns: Option<&str>) -> Result<Self> {
+        let (kind, name) = match (kind.split_once('/'), name) {
+            (Some(_), Some(n)) => {
+                bail!("the name is given twice ({kind:?} and {n:?}): write KIND NAME or KIND/NAME")
+            }
+            (Some((k, n)), None) => (k, Some(n)),
+            (None, n) => (kind, n),
+        };
+        let (ns, name) = match name.map(|n| (n, n.split_once('/'))) {
+            Some((n, Some((n_ns, _)))) if ns.is_some_and(|ns| ns != n_ns) => bail!(
+                "the namespace is given twice (-n {} and {n:?})",
+                ns.unwrap_or_default()
+            ),
+            Some((_, Some((n_ns, n)))) => (Some(n_ns), Some(n)),
+            Some((n, None)) => (ns, Some(n)),
+            None => (ns, None),
+        };
+        if kind.is_empty() || name.is_some_and(|n| n.is_empty() || n.contains('/')) {
+            bail!("expected KIND NAME, KIND/NAME or KIND NAMESPACE/NAME");
+        }
+        Ok(Self {
+            kind: kind.to_string(),
+            name: name.map(str::to_string),
+            ns: ns.map(str::to_string),
+        })
+    }
+
+    /// The one resource named: its API path, and its name for messages.
+    fn one(&self, verb: &str) -> Result<(String, &str)> {
+        let Some(name) = self.name.as_deref() else {
+            bail!(
+                "which {}? `trellis {verb} {} NAME` (or {}/NAME)",
+                self.kind,
+                self.kind,
+                self.kind
+            );
+        };
+        let ns = self.ns.as_deref().unwrap_or("default");
+        Ok((
+            format!(
+                "/api/v1/resources/{}/{}/{}",
+                enc(&self.kind),
+                enc(ns),
+                enc(name)
+            ),
+            name,
+        ))
+    }
+}
+
 /// `trellis get KIND [NAME]`.
-pub(crate) async fn get(
-    conn: &Conn,
-    kind: &str,
-    name: Option<&str>,
-    ns: Option<&str>,
-    o: Output,
-) -> Result<()> {
+pub(crate) async fn get(conn: &Conn, target: Result<Target>, o: Output) -> Result<()> {
+    let target = target?;
     let api = Api::new(conn)?;
-    let kind = enc(kind);
-    match name {
-        Some(n) => {
-            let ns = ns.unwrap_or("default");
-            let mut v = api
-                .call(
-                    Method::GET,
-                    &format!("/api/v1/resources/{kind}/{}/{}", enc(ns), enc(n)),
-                    None,
-                )
-                .await?;
+    let ns = target.ns.as_deref();
+    let kind = enc(&target.kind);
+    match target.name.as_deref() {
+        Some(_) => {
+            let (path, _) = target.one("get")?;
+            let mut v = api.call(Method::GET, &path, None).await?;
             if let Some(obj) = v.as_object_mut() {
                 obj.remove("usedBy");
             }
@@ -276,30 +326,21 @@ pub(crate) async fn get(
 }
 
 /// `trellis delete KIND NAME`.
-pub(crate) async fn delete(conn: &Conn, kind: &str, name: &str, ns: Option<&str>) -> Result<()> {
+pub(crate) async fn delete(conn: &Conn, target: Result<Target>) -> Result<()> {
+    let target = target?;
+    let (path, name) = target.one("delete")?;
     let api = Api::new(conn)?;
-    let ns = ns.unwrap_or("default");
-    api.call(
-        Method::DELETE,
-        &format!("/api/v1/resources/{}/{}/{}", enc(kind), enc(ns), enc(name)),
-        None,
-    )
-    .await?;
-    println!("{}/{name} deleted", kind.to_lowercase());
+    api.call(Method::DELETE, &path, None).await?;
+    println!("{}/{name} deleted", target.kind.to_lowercase());
     Ok(())
 }
 
 /// `trellis describe KIND NAME`: the resource, its conditions, and which proxies use it.
-pub(crate) async fn describe(conn: &Conn, kind: &str, name: &str, ns: Option<&str>) -> Result<()> {
+pub(crate) async fn describe(conn: &Conn, target: Result<Target>) -> Result<()> {
+    let target = target?;
+    let (path, _) = target.one("describe")?;
     let api = Api::new(conn)?;
-    let ns = ns.unwrap_or("default");
-    let v = api
-        .call(
-            Method::GET,
-            &format!("/api/v1/resources/{}/{}/{}", enc(kind), enc(ns), enc(name)),
-            None,
-        )
-        .await?;
+    let v = api.call(Method::GET, &path, None).await?;
     println!("Kind:       {}", v["kind"].as_str().unwrap_or_default());
     println!(
         "Name:       {}",
@@ -628,4 +669,63 @@ pub(crate) async fn ca_status(conn: &Conn, rotate: Option<&str>, force: bool) ->
         .collect();
     table(&["SHA-256", "SUBJECT", "NOT AFTER (UNIX)", "ROLE"], &rows);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Target;
+
+    fn t(
+        kind: &str,
+        name: Option<&str>,
+        ns: Option<&str>,
+    ) -> (String, Option<String>, Option<String>) {
+        let t =
+            Target::of(kind, name, ns).unwrap_or_else(|e| panic!("{kind} {name:?} {ns:?}: {e}"));
+        (t.kind, t.name, t.ns)
+    }
+
+    fn s(v: &str) -> Option<String> {
+        Some(v.to_string())
+    }
+
+    #[test]
+    fn a_resource_is_named_as_trellis_prints_it() {
+        let want = ("service".to_string(), s("catalog"), s("shop"));
+        assert_eq!(t("service", Some("catalog"), Some("shop")), want);
+        assert_eq!(t("service/catalog", None, Some("shop")), want);
+        assert_eq!(t("service", Some("shop/catalog"), None), want);
+        assert_eq!(t("service", Some("shop/catalog"), Some("shop")), want);
+        assert_eq!(t("service/shop/catalog", None, None), want);
+        assert_eq!(t("svc", Some("a"), None), ("svc".into(), s("a"), None));
+        assert_eq!(t("svc", None, Some("x")), ("svc".into(), None, s("x")));
+        for (kind, name, ns) in [
+            ("service", Some("shop/catalog"), Some("other")),
+            ("svc/a", Some("b"), None),
+            ("svc", Some("a/b/c"), None),
+            ("svc/", None, None),
+            ("/a", None, None),
+            ("svc", Some("shop/"), None),
+        ] {
+            assert!(
+                Target::of(kind, name, ns).is_err(),
+                "{kind} {name:?} {ns:?}"
+            );
+        }
+        let e = Target::of("svc", None, None)
+            .unwrap()
+            .one("describe")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "which svc? `trellis describe svc NAME` (or svc/NAME)"
+        );
+        let (path, name) = Target::of("service/shop/catalog", None, None)
+            .unwrap()
+            .one("get")
+            .map(|(p, n)| (p, n.to_string()))
+            .unwrap();
+        assert_eq!(path, "/api/v1/resources/service/shop/catalog");
+        assert_eq!(name, "catalog");
+    }
 }

@@ -56,9 +56,10 @@ enum Cmd {
     },
     /// List resources of a kind, or show one.
     Get {
-        /// Kind (service, workload, httproute, grpcroute, backendtrafficpolicy, or short forms).
+        /// Kind (service, workload, httproute, grpcroute, backendtrafficpolicy, or short
+        /// forms), or KIND/NAME.
         kind: String,
-        /// Name (lists every resource of the kind when absent).
+        /// Name, or NAMESPACE/NAME (lists every resource of the kind when absent).
         name: Option<String>,
         /// Namespace (every namespace when listing without it; `default` for one resource).
         #[arg(short = 'n', long)]
@@ -71,10 +72,10 @@ enum Cmd {
     },
     /// Delete a resource.
     Delete {
-        /// Kind.
+        /// Kind, or KIND/NAME.
         kind: String,
-        /// Name.
-        name: String,
+        /// Name, or NAMESPACE/NAME.
+        name: Option<String>,
         /// Namespace.
         #[arg(short = 'n', long)]
         namespace: Option<String>,
@@ -83,10 +84,10 @@ enum Cmd {
     },
     /// Show a resource with its status conditions and the proxies that use it.
     Describe {
-        /// Kind.
+        /// Kind, or KIND/NAME.
         kind: String,
-        /// Name.
-        name: String,
+        /// Name, or NAMESPACE/NAME.
+        name: Option<String>,
         /// Namespace.
         #[arg(short = 'n', long)]
         namespace: Option<String>,
@@ -413,6 +414,17 @@ enum MtlsMode {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
+    match std::panic::catch_unwind(run) {
+        Ok(code) => code,
+        // Unwound (what the command holds was dropped): the status a shell gives a process
+        // ended by SIGPIPE.
+        Err(_) if STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::from(141),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn run() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story, faults included; its parts' logs only on errors
     // (RUST_LOG=warn shows the ejections and health changes too).
@@ -444,9 +456,7 @@ fn main() -> ExitCode {
             conn,
         } => ctl_run(ctl::get(
             &conn,
-            &kind,
-            name.as_deref(),
-            namespace.as_deref(),
+            ctl::Target::of(&kind, name.as_deref(), namespace.as_deref()),
             output,
         )),
         Cmd::Delete {
@@ -454,13 +464,19 @@ fn main() -> ExitCode {
             name,
             namespace,
             conn,
-        } => ctl_run(ctl::delete(&conn, &kind, &name, namespace.as_deref())),
+        } => ctl_run(ctl::delete(
+            &conn,
+            ctl::Target::of(&kind, name.as_deref(), namespace.as_deref()),
+        )),
         Cmd::Describe {
             kind,
             name,
             namespace,
             conn,
-        } => ctl_run(ctl::describe(&conn, &kind, &name, namespace.as_deref())),
+        } => ctl_run(ctl::describe(
+            &conn,
+            ctl::Target::of(&kind, name.as_deref(), namespace.as_deref()),
+        )),
         Cmd::Status { output, conn } => ctl_run(ctl::status(&conn, output)),
         Cmd::Login { conn } => ctl_run(ctl::login(&conn)),
         Cmd::Stat(a) => ctl_run(fleet::stat(&a)),
@@ -730,4 +746,28 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// Set when `println!` panicked because stdout is a pipe whose reader has gone.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Output piped into a reader that stops early (`trellis get svc | head -1`) ends the command
+/// quietly, as a closed pipe ends other command-line tools: Rust ignores SIGPIPE, so the
+/// write fails and `println!` panics. That panic prints nothing; `main` gives status 141
+/// once it has unwound. Any other panic is reported as before.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        default(info);
+    }));
 }

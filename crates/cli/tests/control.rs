@@ -241,6 +241,44 @@ async fn unresolved_references_are_stored_with_a_condition() {
     apply(&cp, &front("{ name: missing, port: 80 }"));
     let out = ok(cli(&cp, &["describe", "httproute", "front", "-n", "test"]));
     assert!(out.contains("ResolvedRefs"), "{out}");
+    // The same resource named as trellis prints names (NAMESPACE/NAME), and as KIND/NAME.
+    for args in [
+        &["describe", "httproute", "test/front"][..],
+        &["describe", "httproute/front", "-n", "test"],
+        &["describe", "httproute/test/front"],
+    ] {
+        assert_eq!(ok(cli(&cp, args)), out, "{args:?}");
+    }
+    let table = ok(cli(&cp, &["get", "route", "test/front"]));
+    assert!(table.contains("front"), "{table}");
+    // One that does not exist, and a name that cannot be one: each says what.
+    let res = cli(&cp, &["describe", "httproute", "test/nothing"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("test/nothing"),
+        "{err}"
+    );
+    let res = cli(&cp, &["get", "route", "a/b/c"]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success() && err.contains("expected KIND NAME"),
+        "{err}"
+    );
+    // Output into a pipe whose reader has gone ends the command quietly (status 141, as
+    // for SIGPIPE), not with a panic.
+    let mut child = std::process::Command::new(BIN)
+        .args(["get", "route", "-n", "test"])
+        .args(["--server", &cp.api_url(), "--token", &cp.token])
+        .env("XDG_CONFIG_HOME", "/nonexistent")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run trellis");
+    drop(child.stdout.take());
+    let res = child.wait_with_output().expect("trellis ends");
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     assert!(out.contains("BackendNotFound"), "{out}");
     assert!(out.contains("Service test/missing not found"), "{out}");
     let table = ok(cli(&cp, &["get", "httproute", "-n", "test"]));
