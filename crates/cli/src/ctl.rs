@@ -266,6 +266,19 @@ impl Target {
         })
     }
 
+    pub(crate) fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The namespace given, by `-n` or in front of the name.
+    pub(crate) fn namespace(&self) -> Option<&str> {
+        self.ns.as_deref()
+    }
+
     /// The one resource named: its API path, and its name for messages.
     fn one(&self, verb: &str) -> Result<(String, &str)> {
         let Some(name) = self.name.as_deref() else {

@@ -86,10 +86,16 @@ pub(crate) struct OneArgs {
     conn: Conn,
 }
 
-fn service_name(target: &str) -> Result<&str> {
-    match target.split_once('/') {
-        Some(("svc" | "service", n)) if !n.is_empty() => Ok(n),
-        _ => bail!("{target:?}: give svc/NAME"),
+/// The Service a rollout is about: `svc/NAME` (namespace by `-n`, else `default`) or
+/// `svc/NAMESPACE/NAME`, as `get` and `describe` take it.
+fn service(target: &str, ns: Option<&str>) -> Result<(String, String)> {
+    let t = crate::ctl::Target::of(target, None, ns)?;
+    match (t.kind(), t.name()) {
+        ("svc" | "service", Some(name)) => Ok((
+            t.namespace().unwrap_or("default").to_string(),
+            name.to_string(),
+        )),
+        _ => bail!("{target:?}: give svc/NAME (or svc/NAMESPACE/NAME)"),
     }
 }
 
@@ -109,11 +115,11 @@ async fn start(a: &StartArgs) -> Result<()> {
     let Some(target) = &a.target else {
         bail!("give svc/NAME --to BACKEND, or one of status, pause, resume, abort, promote");
     };
-    let service = service_name(target)?;
+    let (ns, service) = service(target, a.namespace.as_deref())?;
+    let (ns, service) = (ns.as_str(), service.as_str());
     let Some(canary) = &a.to else {
         bail!("--to BACKEND: the Service to shift {target}'s traffic to");
     };
-    let ns = a.namespace.as_deref().unwrap_or("default");
     let api = Api::new(&a.conn)?;
     let stable = match &a.from {
         Some(s) => s.clone(),
@@ -173,7 +179,7 @@ async fn stable_backend(api: &Api, ns: &str, service: &str, canary: &str) -> Res
         }
     }
     best.map(|(_, n)| n).with_context(|| {
-        format!("no HTTPRoute or GRPCRoute of {ns} sends svc/{service}'s traffic to a backend: write one (the stable backend), or give --from")
+        format!("no HTTPRoute or GRPCRoute in namespace {ns} sends svc/{service}'s traffic to a backend: write one (the stable backend), give --from, or name the namespace (-n NS or svc/NS/NAME)")
     })
 }
 
@@ -181,8 +187,8 @@ async fn act(o: &OneArgs, action: &str) -> Result<()> {
     let Some(target) = &o.target else {
         bail!("give svc/NAME");
     };
-    let name = service_name(target)?;
-    let ns = o.namespace.as_deref().unwrap_or("default");
+    let (ns, name) = service(target, o.namespace.as_deref())?;
+    let (ns, name) = (ns.as_str(), name.as_str());
     let api = Api::new(&o.conn)?;
     let v = api
         .call(
@@ -198,13 +204,16 @@ async fn act(o: &OneArgs, action: &str) -> Result<()> {
 async fn status(o: &OneArgs) -> Result<()> {
     let api = Api::new(&o.conn)?;
     let mut q = Vec::new();
-    if let Some(ns) = &o.namespace {
-        q.push(format!("namespace={}", enc(ns)));
-    }
-    if let Some(t) = &o.target {
-        q.push(format!("name={}", enc(service_name(t)?)));
-        if o.namespace.is_none() {
-            q.push("namespace=default".into());
+    match &o.target {
+        Some(t) => {
+            let (ns, name) = service(t, o.namespace.as_deref())?;
+            q.push(format!("namespace={}", enc(&ns)));
+            q.push(format!("name={}", enc(&name)));
+        }
+        None => {
+            if let Some(ns) = &o.namespace {
+                q.push(format!("namespace={}", enc(ns)));
+            }
         }
     }
     let v = api
@@ -269,5 +278,29 @@ pub(crate) fn print_status(r: &Value, now: u64) {
             h["weight"],
             h["detail"].as_str().unwrap_or_default()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::service;
+
+    #[test]
+    fn a_rollout_names_its_service_as_get_does() {
+        let s = |t, ns| service(t, ns).map_err(|e| e.to_string());
+        let want = Ok(("shop".to_string(), "catalog".to_string()));
+        assert_eq!(s("svc/catalog", Some("shop")), want);
+        assert_eq!(s("svc/shop/catalog", None), want);
+        assert_eq!(s("service/shop/catalog", Some("shop")), want);
+        assert_eq!(
+            s("svc/catalog", None),
+            Ok(("default".into(), "catalog".into()))
+        );
+        assert!(s("svc/shop/catalog", Some("other")).is_err());
+        assert!(s("catalog", None).unwrap_err().contains("give svc/NAME"));
+        assert!(s("route/catalog", None)
+            .unwrap_err()
+            .contains("give svc/NAME"));
+        assert!(s("svc/", None).is_err());
     }
 }

@@ -302,6 +302,11 @@ async fn a_good_canary_is_promoted_through_every_step() {
         out.contains("test/catalog: catalog-v1 → catalog-v2: succeeded, canary at 100 %"),
         "{out}"
     );
+    // The namespace in the name, as `get` and `describe` take it, is the same rollout.
+    assert_eq!(
+        ok(cli(&d.cp, &["shift", "status", "svc/test/catalog"])),
+        out
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
