@@ -337,7 +337,7 @@ async fn scenario(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
     if let Ok((t, warm)) = &result {
         fleet_view(&api, t.sent, t.start).await;
         println!(
-            "{} requests, {} failed ({warm} more before: waiting for the caller's zone)",
+            "{} requests, {} failed ({warm} more before the story, while the caller's zone came up: the table above counts them too)",
             t.sent, t.failed
         );
     }
