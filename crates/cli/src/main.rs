@@ -9,6 +9,7 @@ use trellis_proxy::{xds::XdsOptions, Options, Proxy, ServerLimits, Source};
 
 mod check;
 mod client;
+mod closed_pipe;
 mod containers;
 mod ctl;
 mod demo;
@@ -414,12 +415,12 @@ enum MtlsMode {
 }
 
 fn main() -> ExitCode {
-    quiet_on_closed_stdout();
+    closed_pipe::quiet();
     match std::panic::catch_unwind(run) {
         Ok(code) => code,
         // Unwound (what the command holds was dropped): the status a shell gives a process
         // ended by SIGPIPE.
-        Err(_) if STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::from(141),
+        Err(_) if closed_pipe::happened() => ExitCode::from(141),
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
@@ -746,28 +747,4 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             }
         }
     })
-}
-
-/// Set when `println!` panicked because stdout is a pipe whose reader has gone.
-static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Output piped into a reader that stops early (`trellis get svc | head -1`) ends the command
-/// quietly, as a closed pipe ends other command-line tools: Rust ignores SIGPIPE, so the
-/// write fails and `println!` panics. That panic prints nothing; `main` gives status 141
-/// once it has unwound. Any other panic is reported as before.
-fn quiet_on_closed_stdout() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or_default();
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
-            return;
-        }
-        default(info);
-    }));
 }
