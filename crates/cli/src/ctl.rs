@@ -302,6 +302,42 @@ impl Target {
     }
 }
 
+/// What the fleet's views (`stat`, `edges`, `tap`, `top`, `diagnose`) look at: `svc/NAME` or
+/// `workload/NAME` (`wl/NAME`), the name possibly `NAMESPACE/NAME` as `get` takes it, or a
+/// kind alone (`services`).
+pub(crate) struct FleetTarget {
+    /// As the API names it: `service` or `workload`.
+    pub(crate) kind: &'static str,
+    pub(crate) name: Option<String>,
+    /// The namespace in the name, else the one given by `-n`.
+    pub(crate) ns: Option<String>,
+}
+
+impl FleetTarget {
+    pub(crate) fn of(target: &str, ns: Option<&str>) -> Result<Self> {
+        let t = Target::of(target, None, ns)?;
+        let kind = match t.kind() {
+            "svc" | "service" | "services" => "service",
+            "wl" | "workload" | "workloads" => "workload",
+            k => bail!("{k:?}: give svc/NAME or workload/NAME (NAME may be NAMESPACE/NAME)"),
+        };
+        Ok(Self {
+            kind,
+            name: t.name().map(str::to_string),
+            ns: t.namespace().map(str::to_string),
+        })
+    }
+
+    /// The same, where a name is needed.
+    pub(crate) fn named(target: &str, ns: Option<&str>) -> Result<(Self, String)> {
+        let t = Self::of(target, ns)?;
+        let Some(name) = t.name.clone() else {
+            bail!("{target:?}: give svc/NAME or workload/NAME (NAME may be NAMESPACE/NAME)");
+        };
+        Ok((t, name))
+    }
+}
+
 /// `trellis get KIND [NAME]`.
 pub(crate) async fn get(conn: &Conn, target: Result<Target>, o: Output) -> Result<()> {
     let target = target?;
@@ -740,5 +776,29 @@ mod tests {
             .unwrap();
         assert_eq!(path, "/api/v1/resources/service/shop/catalog");
         assert_eq!(name, "catalog");
+    }
+
+    #[test]
+    fn the_fleet_views_name_their_target_alike() {
+        use super::FleetTarget;
+        let f = |t: &str, ns| {
+            FleetTarget::of(t, ns)
+                .map(|f| (f.kind, f.name, f.ns))
+                .map_err(|e| e.to_string())
+        };
+        let want = Ok(("service", s("catalog"), s("shop")));
+        assert_eq!(f("svc/catalog", Some("shop")), want);
+        assert_eq!(f("svc/shop/catalog", None), want);
+        assert_eq!(f("service/shop/catalog", Some("shop")), want);
+        assert_eq!(
+            f("wl/shop/vm-1", None),
+            Ok(("workload", s("vm-1"), s("shop")))
+        );
+        assert_eq!(f("services", None), Ok(("service", None, None)));
+        assert!(f("svc/shop/catalog", Some("other")).is_err());
+        assert!(f("route/catalog", None)
+            .unwrap_err()
+            .contains("give svc/NAME"));
+        assert!(FleetTarget::named("services", Some("shop")).is_err());
     }
 }

@@ -4,12 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use hyper::Method;
 use trellis_proxy::FailureClass;
 use trellis_telemetry::diagnose::{Cause, End, Place, Verdict};
 
-use crate::client::{query_value, Api, Conn};
+use crate::{
+    client::{query_value, Api, Conn},
+    ctl::FleetTarget,
+};
 
 /// Output of `diagnose`.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -41,19 +44,14 @@ pub(crate) struct DiagnoseArgs {
 impl DiagnoseArgs {
     fn query(&self) -> Result<String> {
         let mut q = vec![format!("window={}", query_value(&self.since))];
+        let mut ns = self.namespace.clone();
         if let Some(t) = &self.target {
-            let Some((kind, name)) = t.split_once('/') else {
-                bail!("{t:?}: give svc/NAME or workload/NAME");
-            };
-            let kind = match kind {
-                "svc" | "service" => "service",
-                "wl" | "workload" => "workload",
-                k => bail!("{k:?}: give svc/NAME or workload/NAME"),
-            };
-            q.push(format!("kind={kind}"));
-            q.push(format!("name={}", query_value(name)));
+            let (t, name) = FleetTarget::named(t, self.namespace.as_deref())?;
+            q.push(format!("kind={}", t.kind));
+            q.push(format!("name={}", query_value(&name)));
+            ns = t.ns;
         }
-        if let Some(ns) = &self.namespace {
+        if let Some(ns) = &ns {
             q.push(format!("namespace={}", query_value(ns)));
         }
         Ok(q.join("&"))

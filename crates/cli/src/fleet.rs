@@ -1,13 +1,14 @@
 //! `trellis stat` and `trellis edges`: the fleet's figures, from the control plane's API
 //! (`/api/v1/stat`, `/api/v1/edges`), which holds what every proxy reported.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use hyper::Method;
 use trellis_telemetry::view::{EdgeRow, Failures, Figures, StatRow};
 
 use crate::{
     client::{query_value, Api, Conn},
     ctl::table,
+    ctl::FleetTarget,
 };
 
 /// Output of `stat` and `edges`.
@@ -46,25 +47,28 @@ pub(crate) struct ViewArgs {
 impl ViewArgs {
     fn query(&self) -> Result<String> {
         let mut q = vec![format!("window={}", self.window)];
-        if let Some(t) = &self.target {
-            let (kind, name) = match t.split_once('/') {
-                Some((k, n)) => (k, Some(n)),
-                None => (t.as_str(), None),
-            };
-            let kind = match kind {
-                "svc" | "service" | "services" => "service",
-                "wl" | "workload" | "workloads" => "workload",
-                k => bail!("{k:?}: give svc/NAME, workload/NAME, services or workloads"),
-            };
+        let (kind, name, ns) = self.target()?;
+        if let Some(kind) = kind {
             q.push(format!("kind={kind}"));
-            if let Some(n) = name {
-                q.push(format!("name={n}"));
-            }
         }
-        if let Some(ns) = &self.namespace {
-            q.push(format!("namespace={ns}"));
+        if let Some(n) = name {
+            q.push(format!("name={}", query_value(&n)));
+        }
+        if let Some(ns) = ns {
+            q.push(format!("namespace={}", query_value(&ns)));
         }
         Ok(q.join("&"))
+    }
+
+    /// The target's kind, name and namespace (the one in its name, else `-n`).
+    fn target(&self) -> Result<(Option<&'static str>, Option<String>, Option<String>)> {
+        match &self.target {
+            Some(t) => {
+                let f = FleetTarget::of(t, self.namespace.as_deref())?;
+                Ok((Some(f.kind), f.name, f.ns))
+            }
+            None => Ok((None, None, self.namespace.clone())),
+        }
     }
 }
 
@@ -162,11 +166,12 @@ pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
 /// Below the services: where traffic spills over from one pool to the next, and since when.
 async fn print_spill(api: &Api, a: &ViewArgs) -> Result<()> {
     let mut q = Vec::new();
-    if let Some(ns) = &a.namespace {
-        q.push(format!("namespace={ns}"));
+    let (_, name, ns) = a.target()?;
+    if let Some(ns) = ns {
+        q.push(format!("namespace={}", query_value(&ns)));
     }
-    if let Some((_, n)) = a.target.as_deref().and_then(|t| t.split_once('/')) {
-        q.push(format!("name={n}"));
+    if let Some(n) = name {
+        q.push(format!("name={}", query_value(&n)));
     }
     let v = api
         .call(Method::GET, &format!("/api/v1/spill?{}", q.join("&")), None)
@@ -366,9 +371,9 @@ pub(crate) struct TapArgs {
     /// `svc/NAME` (requests to a service, as its callers' proxies see them) or
     /// `workload/NAME` (everything the workload's proxy records).
     target: String,
-    /// Namespace of NAME.
-    #[arg(short = 'n', long, default_value = "default")]
-    namespace: String,
+    /// Namespace of NAME (`default` unless given here or as svc/NAMESPACE/NAME).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
     /// Only this method.
     #[arg(long)]
     method: Option<String>,
@@ -402,15 +407,14 @@ impl TapArgs {
     /// The API path of this tap.
     fn path(&self) -> Result<String> {
         let a = self;
-        let (kind, name) = match a.target.split_once('/') {
-            Some(("svc" | "service", n)) => ("service", n),
-            Some(("wl" | "workload", n)) => ("workload", n),
-            _ => bail!("{:?}: give svc/NAME or workload/NAME", a.target),
-        };
+        let (t, name) = FleetTarget::named(&a.target, a.namespace.as_deref())?;
         let mut q = vec![
-            format!("kind={kind}"),
-            format!("namespace={}", query_value(&a.namespace)),
-            format!("name={}", query_value(name)),
+            format!("kind={}", t.kind),
+            format!(
+                "namespace={}",
+                query_value(t.ns.as_deref().unwrap_or("default"))
+            ),
+            format!("name={}", query_value(&name)),
             format!("max_rps={}", a.max_rps),
         ];
         if a.headers {

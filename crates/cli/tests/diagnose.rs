@@ -364,16 +364,19 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     // What works is not mentioned.
     assert!(verdicts_about(&v, "test/ok").is_empty(), "{v:#}");
 
-    // The CLI, narrowed to one service.
-    let out = common::ok(cli(
-        &cp,
-        &["diagnose", "svc/down", "-n", "test", "--since", "5m"],
-    ));
-    assert!(
-        out.contains("APPLICATION") && out.contains("workload test/peer (container, eu/eu-1)"),
-        "{out}"
-    );
-    assert!(!out.contains("test/wall"), "only svc/down: {out}");
+    // The CLI, narrowed to one service (its namespace by -n, or in its name as `get`
+    // takes it).
+    for args in [
+        &["diagnose", "svc/down", "-n", "test", "--since", "5m"][..],
+        &["diagnose", "svc/test/down", "--since", "5m"],
+    ] {
+        let out = common::ok(cli(&cp, args));
+        assert!(
+            out.contains("APPLICATION") && out.contains("workload test/peer (container, eu/eu-1)"),
+            "{args:?}: {out}"
+        );
+        assert!(!out.contains("test/wall"), "only svc/down: {out}");
+    }
 }
 
 /// A TCP hop that holds every chunk from the caller for `delay` before passing it on: a
