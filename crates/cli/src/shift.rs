@@ -89,14 +89,11 @@ pub(crate) struct OneArgs {
 /// The Service a rollout is about: `svc/NAME` (namespace by `-n`, else `default`) or
 /// `svc/NAMESPACE/NAME`, as `get` and `describe` take it.
 fn service(target: &str, ns: Option<&str>) -> Result<(String, String)> {
-    let t = crate::ctl::Target::of(target, None, ns)?;
-    match (t.kind(), t.name()) {
-        ("svc" | "service", Some(name)) => Ok((
-            t.namespace().unwrap_or("default").to_string(),
-            name.to_string(),
-        )),
-        _ => bail!("{target:?}: give svc/NAME (or svc/NAMESPACE/NAME)"),
+    let (t, name) = crate::ctl::FleetTarget::named(target, ns)?;
+    if t.kind != "service" {
+        bail!("{target:?}: give svc/NAME (or svc/NAMESPACE/NAME)");
     }
+    Ok((t.ns.unwrap_or_else(|| "default".into()), name))
 }
 
 /// `trellis shift …`.
