@@ -115,9 +115,15 @@ taskset -c 1 haproxy -f "$W/hap-a.cfg" 2>"$W/hap-a.err" & HAPA=$!; PIDS+=($HAPA)
 taskset -c 1 haproxy -f "$W/hap-b.cfg" 2>"$W/hap-b.err" & HAPB=$!; PIDS+=($HAPB)
 
 for port in 18080 18083 18183 18181 18191; do wait_http -H 'Host: up.bench' "http://127.0.0.1:$port/"; done
-# The mTLS path really is mTLS: the callee counted the caller's identity.
-curl -sf http://127.0.0.1:18200/metrics | grep -q 'source_identity="spiffe://trellis.local/ns/bench/sa/client"' \
-  || { echo "the caller's requests did not arrive over mutual TLS" >&2; exit 1; }
+# The mTLS path really is mTLS: the callee counted the caller's identity (it counts a
+# request when its body has ended, which can be just after the client has the answer).
+mtls=0
+for _ in $(seq 40); do
+  curl -sf http://127.0.0.1:18200/metrics | grep -q 'source_identity="spiffe://trellis.local/ns/bench/sa/client"' \
+    && { mtls=1; break; }
+  sleep 0.05
+done
+[ "$mtls" = 1 ] || { echo "the caller's requests did not arrive over mutual TLS" >&2; exit 1; }
 
 rss() { awk '/^(VmRSS|VmHWM)/{printf "%s %.1f MiB ", $1, $2/1024}' /proc/$1/status; }
 IDLE_CALLER=$(rss $CALLER) IDLE_CALLEE=$(rss $CALLEE)
