@@ -107,7 +107,7 @@ def main():
     path, first_pid, second_pid = sys.argv[1:4]
     show = int(sys.argv[4]) if len(sys.argv) > 4 else None
     who = {first_pid: "first", second_pid: "second"}
-    rows, shown = [], 0
+    rows = []
     evs = events(path, who)
     found = bursts(evs)
 
@@ -130,7 +130,6 @@ def main():
                     print(f"{t - t0:8.1f} {p:6s} {NAMES.get(nr, nr)}({v})")
                 else:
                     print(f"{t - t0:8.1f} {p:6s}   = {v}")
-            shown += 1
     if not rows:
         print("no burst of 6 requests or more found")
         return

@@ -266,19 +266,6 @@ impl Target {
         })
     }
 
-    pub(crate) fn kind(&self) -> &str {
-        &self.kind
-    }
-
-    pub(crate) fn name(&self) -> Option<&str> {
-        self.name.as_deref()
-    }
-
-    /// The namespace given, by `-n` or in front of the name.
-    pub(crate) fn namespace(&self) -> Option<&str> {
-        self.ns.as_deref()
-    }
-
     /// The one resource named: its API path, and its name for messages.
     fn one(&self, verb: &str) -> Result<(String, &str)> {
         let Some(name) = self.name.as_deref() else {
@@ -316,15 +303,15 @@ pub(crate) struct FleetTarget {
 impl FleetTarget {
     pub(crate) fn of(target: &str, ns: Option<&str>) -> Result<Self> {
         let t = Target::of(target, None, ns)?;
-        let kind = match t.kind() {
+        let kind = match t.kind.as_str() {
             "svc" | "service" | "services" => "service",
             "wl" | "workload" | "workloads" => "workload",
             k => bail!("{k:?}: give svc/NAME or workload/NAME (NAME may be NAMESPACE/NAME)"),
         };
         Ok(Self {
             kind,
-            name: t.name().map(str::to_string),
-            ns: t.namespace().map(str::to_string),
+            name: t.name,
+            ns: t.ns,
         })
     }
 
@@ -339,8 +326,7 @@ impl FleetTarget {
 }
 
 /// `trellis get KIND [NAME]`.
-pub(crate) async fn get(conn: &Conn, target: Result<Target>, o: Output) -> Result<()> {
-    let target = target?;
+pub(crate) async fn get(conn: &Conn, target: Target, o: Output) -> Result<()> {
     let api = Api::new(conn)?;
     let ns = target.ns.as_deref();
     let kind = enc(&target.kind);
@@ -375,8 +361,7 @@ pub(crate) async fn get(conn: &Conn, target: Result<Target>, o: Output) -> Resul
 }
 
 /// `trellis delete KIND NAME`.
-pub(crate) async fn delete(conn: &Conn, target: Result<Target>) -> Result<()> {
-    let target = target?;
+pub(crate) async fn delete(conn: &Conn, target: Target) -> Result<()> {
     let (path, name) = target.one("delete")?;
     let api = Api::new(conn)?;
     api.call(Method::DELETE, &path, None).await?;
@@ -385,8 +370,7 @@ pub(crate) async fn delete(conn: &Conn, target: Result<Target>) -> Result<()> {
 }
 
 /// `trellis describe KIND NAME`: the resource, its conditions, and which proxies use it.
-pub(crate) async fn describe(conn: &Conn, target: Result<Target>) -> Result<()> {
-    let target = target?;
+pub(crate) async fn describe(conn: &Conn, target: Target) -> Result<()> {
     let (path, _) = target.one("describe")?;
     let api = Api::new(conn)?;
     let v = api.call(Method::GET, &path, None).await?;

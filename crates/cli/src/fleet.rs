@@ -7,8 +7,7 @@ use trellis_telemetry::view::{EdgeRow, Failures, Figures, StatRow};
 
 use crate::{
     client::{query_value, Api, Conn},
-    ctl::table,
-    ctl::FleetTarget,
+    ctl::{table, FleetTarget},
 };
 
 /// Output of `stat` and `edges`.

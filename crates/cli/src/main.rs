@@ -455,29 +455,28 @@ fn run() -> ExitCode {
             namespace,
             output,
             conn,
-        } => ctl_run(ctl::get(
-            &conn,
-            ctl::Target::of(&kind, name.as_deref(), namespace.as_deref()),
-            output,
-        )),
+        } => ctl_run(async move {
+            let target = ctl::Target::of(&kind, name.as_deref(), namespace.as_deref())?;
+            ctl::get(&conn, target, output).await
+        }),
         Cmd::Delete {
             kind,
             name,
             namespace,
             conn,
-        } => ctl_run(ctl::delete(
-            &conn,
-            ctl::Target::of(&kind, name.as_deref(), namespace.as_deref()),
-        )),
+        } => ctl_run(async move {
+            let target = ctl::Target::of(&kind, name.as_deref(), namespace.as_deref())?;
+            ctl::delete(&conn, target).await
+        }),
         Cmd::Describe {
             kind,
             name,
             namespace,
             conn,
-        } => ctl_run(ctl::describe(
-            &conn,
-            ctl::Target::of(&kind, name.as_deref(), namespace.as_deref()),
-        )),
+        } => ctl_run(async move {
+            let target = ctl::Target::of(&kind, name.as_deref(), namespace.as_deref())?;
+            ctl::describe(&conn, target).await
+        }),
         Cmd::Status { output, conn } => ctl_run(ctl::status(&conn, output)),
         Cmd::Login { conn } => ctl_run(ctl::login(&conn)),
         Cmd::Stat(a) => ctl_run(fleet::stat(&a)),

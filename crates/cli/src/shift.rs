@@ -293,7 +293,10 @@ mod tests {
             s("svc/catalog", None),
             Ok(("default".into(), "catalog".into()))
         );
-        assert!(s("svc/shop/catalog", Some("other")).is_err());
+        assert!(s("svc/shop/catalog", Some("other"))
+            .unwrap_err()
+            .contains("given twice"));
+        assert!(s("wl/catalog", None).unwrap_err().contains("give svc/NAME"));
         assert!(s("catalog", None).unwrap_err().contains("give svc/NAME"));
         assert!(s("route/catalog", None)
             .unwrap_err()
