@@ -160,11 +160,12 @@ impl Api {
         &self.server
     }
 
-    /// GET `path` and hand each line of the answer to `f` as it comes, until `f` says
-    /// stop or the server ends the answer.
+    /// GET `path`, hand the answer's headers to `head`, then each line of the answer to `f`
+    /// as it comes, until `f` says stop or the server ends the answer.
     pub(crate) async fn stream_lines(
         &self,
         path: &str,
+        head: impl FnOnce(&hyper::HeaderMap),
         mut f: impl FnMut(&[u8]) -> bool,
     ) -> Result<()> {
         let uri = format!("{}{path}", self.server);
@@ -179,7 +180,8 @@ impl Api {
         }
         .with_context(|| format!("cannot reach the control plane at {}", self.server))?;
         let status = resp.status();
-        let mut body = resp.into_body();
+        let (parts, mut body) = resp.into_parts();
+        let resp_headers = parts.headers;
         if !status.is_success() {
             let bytes = body.collect().await?.to_bytes();
             let v = serde_json::from_slice(&bytes)
@@ -190,6 +192,10 @@ impl Api {
                 status.as_u16()
             );
         }
+        if let Some(p) = resp_headers.get("x-trellis-partial") {
+            eprintln!("warning: {}", String::from_utf8_lossy(p.as_bytes()));
+        }
+        head(&resp_headers);
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else {

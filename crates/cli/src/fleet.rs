@@ -71,6 +71,54 @@ impl ViewArgs {
     }
 }
 
+impl ViewArgs {
+    /// When the view named a service or workload that the control plane does not hold (a
+    /// typo, or the wrong namespace), a sentence saying so, for a view that came back empty.
+    /// None when it exists or cannot be told.
+    async fn undefined(&self, api: &Api) -> Option<String> {
+        let (Some(kind), Some(name), ns) = self.target().ok()? else {
+            return None;
+        };
+        let (title, plural) = match kind {
+            "workload" => ("Workload", "workloads"),
+            _ => ("Service", "services"),
+        };
+        let (path, found) = match &ns {
+            Some(ns) => (
+                format!(
+                    "/api/v1/resources/{kind}/{}/{}",
+                    query_value(ns),
+                    query_value(&name)
+                ),
+                None,
+            ),
+            None => (format!("/api/v1/resources/{kind}"), Some(&name)),
+        };
+        let (status, v) = api.call_raw(Method::GET, &path, None).await.ok()?;
+        let exists = match found {
+            // Without a namespace, the view looks in every one.
+            Some(name) => v["items"]
+                .as_array()?
+                .iter()
+                .any(|o| o["metadata"]["name"] == name.as_str()),
+            None if status == hyper::StatusCode::NOT_FOUND => false,
+            None if status.is_success() => true,
+            None => return None,
+        };
+        if exists {
+            return None;
+        }
+        Some(match ns {
+            Some(ns) => format!(
+                "{title} {ns}/{name} is not defined (`trellis get {plural} -n {ns}` lists those that are)"
+            ),
+            None => format!(
+                "No {title} named {name} is defined in any namespace (`trellis get {plural}` lists those that are)"
+            ),
+        })
+    }
+}
+
 fn pct(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{:.2}%", v * 100.0))
 }
@@ -143,10 +191,13 @@ pub(crate) async fn stat(a: &ViewArgs) -> Result<()> {
     }
     let rows: Vec<StatRow> = serde_json::from_value(v)?;
     if rows.is_empty() {
-        eprintln!(
-            "No traffic in the last {} (proxies report every 10 s by default).",
-            a.window
-        );
+        match a.undefined(&api).await {
+            Some(what) => eprintln!("{what}; no traffic to it in the last {}.", a.window),
+            None => eprintln!(
+                "No traffic in the last {} (proxies report every 10 s by default).",
+                a.window
+            ),
+        }
         return Ok(());
     }
     print_stat(&rows, matches!(a.output, ViewOutput::Wide));
@@ -291,7 +342,10 @@ pub(crate) async fn edges(a: &ViewArgs) -> Result<()> {
     }
     let rows: Vec<EdgeRow> = serde_json::from_value(v)?;
     if rows.is_empty() {
-        eprintln!("No traffic between workloads in the last {}.", a.window);
+        match a.undefined(&api).await {
+            Some(what) => eprintln!("{what}; no traffic to or from it in the last {}.", a.window),
+            None => eprintln!("No traffic between workloads in the last {}.", a.window),
+        }
         return Ok(());
     }
     print_edges(&rows, matches!(a.output, ViewOutput::Wide));
@@ -431,6 +485,30 @@ impl TapArgs {
         }
         Ok(format!("/api/v1/tap?{}", q.join("&")))
     }
+
+    /// Says so on stderr when no proxy connected to the control plane would copy the
+    /// tap's requests (nothing would show until one connects).
+    fn say_reach(&self, h: &hyper::HeaderMap) {
+        let reach = h
+            .get("x-trellis-tap-proxies")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if reach != Some(0) {
+            return;
+        }
+        let Ok((t, name)) = FleetTarget::named(&self.target, self.namespace.as_deref()) else {
+            return;
+        };
+        let ns = t.ns.as_deref().unwrap_or("default");
+        if t.kind == "workload" {
+            eprintln!(
+                "Workload {ns}/{name}'s proxy is not connected to the control plane: its requests show once it is (Ctrl-C to stop)."
+            );
+        } else {
+            eprintln!(
+                "No proxy is connected to the control plane: {ns}/{name}'s requests show once its callers' proxies are (Ctrl-C to stop)."
+            );
+        }
+    }
 }
 
 /// `trellis tap`.
@@ -439,15 +517,19 @@ pub(crate) async fn tap(a: &TapArgs) -> Result<()> {
     let api = Api::new(&a.conn)?;
     let mut seen = 0u64;
     let json = matches!(a.output, TapOutput::Json);
-    api.stream_lines(&path, |line| {
-        if json {
-            println!("{}", String::from_utf8_lossy(line));
-        } else if let Ok(e) = serde_json::from_slice::<serde_json::Value>(line) {
-            println!("{}", tap_line(&e));
-        }
-        seen += 1;
-        a.max_events.is_none_or(|m| seen < m)
-    })
+    api.stream_lines(
+        &path,
+        |h| a.say_reach(h),
+        |line| {
+            if json {
+                println!("{}", String::from_utf8_lossy(line));
+            } else if let Ok(e) = serde_json::from_slice::<serde_json::Value>(line) {
+                println!("{}", tap_line(&e));
+            }
+            seen += 1;
+            a.max_events.is_none_or(|m| seen < m)
+        },
+    )
     .await
 }
 
@@ -544,34 +626,39 @@ pub(crate) async fn top(a: &TopArgs) -> Result<()> {
     let api = Api::new(&a.tap.conn)?;
     let rows: Arc<Mutex<HashMap<TopKey, TopRow>>> = Arc::default();
     let r = rows.clone();
+    let tap = &a.tap;
     let stream = async move {
-        api.stream_lines(&path, |line| {
-            let Ok(e) = serde_json::from_slice::<serde_json::Value>(line) else {
-                return true;
-            };
-            let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
-            let src = e["src_workload"]
-                .as_str()
-                .or(e["src_identity"].as_str())
-                .unwrap_or("-")
-                .to_string();
-            let dst = format!("{} ({})", s("dst_service"), s("dst_workload"));
-            let key = (src, dst, s("method"), s("path"));
-            let ms = e["latency_ms"].as_f64().unwrap_or(0.0);
-            let class = s("class");
-            let failed = !matches!(e["category"].as_str(), Some("ok" | "client"));
-            let mut rows = r.lock().unwrap_or_else(|p| p.into_inner());
-            let row = rows.entry(key).or_default();
-            row.best = if row.count == 0 { ms } else { row.best.min(ms) };
-            row.worst = row.worst.max(ms);
-            row.last = ms;
-            row.count += 1;
-            if failed {
-                row.failed += 1;
-                *row.classes.entry(class).or_default() += 1;
-            }
-            true
-        })
+        api.stream_lines(
+            &path,
+            |h| tap.say_reach(h),
+            |line| {
+                let Ok(e) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    return true;
+                };
+                let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+                let src = e["src_workload"]
+                    .as_str()
+                    .or(e["src_identity"].as_str())
+                    .unwrap_or("-")
+                    .to_string();
+                let dst = format!("{} ({})", s("dst_service"), s("dst_workload"));
+                let key = (src, dst, s("method"), s("path"));
+                let ms = e["latency_ms"].as_f64().unwrap_or(0.0);
+                let class = s("class");
+                let failed = !matches!(e["category"].as_str(), Some("ok" | "client"));
+                let mut rows = r.lock().unwrap_or_else(|p| p.into_inner());
+                let row = rows.entry(key).or_default();
+                row.best = if row.count == 0 { ms } else { row.best.min(ms) };
+                row.worst = row.worst.max(ms);
+                row.last = ms;
+                row.count += 1;
+                if failed {
+                    row.failed += 1;
+                    *row.classes.entry(class).or_default() += 1;
+                }
+                true
+            },
+        )
         .await
     };
     let print = |final_: bool| {

@@ -380,6 +380,21 @@ struct RunArgs {
     /// sampled requests' spans, and every failed request's.
     #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", value_parser = otlp_arg)]
     otlp_endpoint: Option<String>,
+    /// The roots (PEM) that verify an `https://` collector's certificate; the system's
+    /// bundle without it.
+    #[arg(long, env = "TRELLIS_OTLP_CA", requires = "otlp_endpoint")]
+    otlp_ca: Option<std::path::PathBuf>,
+    /// A header sent to the collector with every export, `NAME=VALUE` (an API key, a
+    /// tenant); repeat it, or give several comma-separated in the environment (which keeps
+    /// a secret out of the process list).
+    #[arg(
+        long = "otlp-header",
+        env = "TRELLIS_OTLP_HEADERS",
+        value_delimiter = ',',
+        requires = "otlp_endpoint",
+        hide_env_values = true
+    )]
+    otlp_headers: Vec<String>,
     /// The share of the traces this proxy starts (requests without a `traceparent` or B3
     /// context) that are sampled, in percent; a Service's `spec.tracing.samplingPercent`
     /// overrides it for requests to that service.
@@ -656,6 +671,8 @@ fn proxy_options(
         ipv6_capture: false,
         report_every: r.report_interval.0,
         otlp_endpoint: r.otlp_endpoint.clone(),
+        otlp_ca: r.otlp_ca.clone(),
+        otlp_headers: r.otlp_headers.clone(),
         trace_sampling: r.trace_sampling / 100.0,
         on_demand_idle: r.on_demand_idle.0,
         handoff: r.handoff.clone(),
@@ -712,6 +729,14 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             ca_hash: a.ca_hash,
         });
     let opts = proxy_options(&a.run, source, a.workload, identity);
+    if let Some(e) = &opts.otlp_endpoint {
+        if let Err(e) =
+            trellis_proxy::check_collector(e, opts.otlp_ca.as_deref(), &opts.otlp_headers)
+        {
+            eprintln!("trellis proxy: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
     // Config is checked before any port is bound.
     let loaded = match trellis_proxy::load(&opts) {
         Ok(c) => c,

@@ -442,7 +442,7 @@ async fn proxies_keep_serving_without_the_control_plane_and_resync() {
 async fn a_request_before_the_first_config_waits_for_it() {
     let a = upstream::named("a").await;
     // The control plane's addresses, taken now; it starts after the proxy.
-    let (api, xds) = (upstream::closed_port().await, upstream::closed_port().await);
+    let (api, xds) = (upstream::spare_addr().await, upstream::spare_addr().await);
     let p = ProxyProcess::start_xds(BIN, &[format!("http://{xds}")], "test/client", &[]);
     let early = tokio::spawn({
         let outbound = p.outbound;

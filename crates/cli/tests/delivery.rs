@@ -86,7 +86,8 @@ fn mesh(v1: u16, v2: u16, inbound: (u16, u16)) -> String {
 struct Delivery {
     cp: ControlProcess,
     _v1: ProxyProcess,
-    _v2: ProxyProcess,
+    /// The canary's proxy (taken to stop it).
+    v2: Option<ProxyProcess>,
     caller: ProxyProcess,
     v1_hits: Arc<AtomicUsize>,
     v2_hits: Arc<AtomicUsize>,
@@ -121,7 +122,7 @@ async fn delivery(canary: Canary) -> Delivery {
     Delivery {
         cp,
         _v1: v1,
-        _v2: v2,
+        v2: Some(v2),
         caller,
         v1_hits,
         v2_hits,
@@ -161,6 +162,24 @@ fn shift(cp: &ControlProcess, args: &[&str]) -> String {
     all.extend_from_slice(args);
     all.extend_from_slice(&["-n", "test"]);
     ok(cli(cp, &all))
+}
+
+/// `trellis shift svc/catalog --to catalog-v2` with these steps, interval and (when given)
+/// minimum sample, in namespace test: its stdout.
+fn to_v2(cp: &ControlProcess, steps: &str, interval: &str, min_requests: Option<&str>) -> String {
+    let mut args = vec![
+        "svc/catalog",
+        "--to",
+        "catalog-v2",
+        "--steps",
+        steps,
+        "--interval",
+        interval,
+    ];
+    if let Some(m) = min_requests {
+        args.extend(["--min-requests", m]);
+    }
+    shift(cp, &args)
 }
 
 /// The rollout of `test/catalog` as the API gives it.
@@ -249,20 +268,7 @@ async fn all_to(d: &Delivery, name: &str) {
 async fn a_good_canary_is_promoted_through_every_step() {
     let d = delivery(Canary::Good).await;
     let traffic = Traffic::start(d.caller.outbound);
-    let out = shift(
-        &d.cp,
-        &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
-            "--steps",
-            "10,50,100",
-            "--interval",
-            "2s",
-            "--min-requests",
-            "20",
-        ],
-    );
+    let out = to_v2(&d.cp, "10,50,100", "2s", Some("20"));
     assert!(
         out.contains("catalog-v1 → catalog-v2"),
         "the stable backend found in the route: {out}"
@@ -314,20 +320,7 @@ async fn a_canary_failing_one_request_in_five_is_rolled_back_before_its_step_end
     let d = delivery(Canary::FailsOneInFive).await;
     let traffic = Traffic::start(d.caller.outbound);
     // A long step and a large sample: the regression is clear long before either.
-    shift(
-        &d.cp,
-        &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
-            "--steps",
-            "20,50",
-            "--interval",
-            "60s",
-            "--min-requests",
-            "1000",
-        ],
-    );
+    to_v2(&d.cp, "20,50", "60s", Some("1000"));
     let back = phase(&d.cp, "rolledBack", Duration::from_secs(50)).await;
     traffic.stop().await;
     assert_eq!(history(&back), ["started", "rolled back"], "{back:#}");
@@ -353,21 +346,35 @@ async fn a_canary_failing_one_request_in_five_is_rolled_back_before_its_step_end
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_whose_proxy_is_down_is_rolled_back_as_not_reached() {
+    let mut d = delivery(Canary::Good).await;
+    // The canary's proxy stops (a crashed process; its Workload stays registered): it
+    // answers nothing, so its own figures can never fill a step's sample.
+    drop(d.v2.take());
+    let traffic = Traffic::start(d.caller.outbound);
+    to_v2(&d.cp, "20,50", "2s", Some("20"));
+    // The callers sent it its share and failed to reach it: rolled back, not held forever.
+    let back = phase(&d.cp, "rolledBack", Duration::from_secs(30)).await;
+    traffic.stop().await;
+    let reason = back["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the canary is not reached: it answered 0 requests")
+            && reason.contains("connect_refused"),
+        "{reason}"
+    );
+    assert_eq!(history(&back), ["started", "rolled back"], "{back:#}");
+    assert_eq!(
+        weights(&d.cp).await,
+        [("catalog-v1".into(), 100), ("catalog-v2".into(), 0)]
+    );
+    all_to(&d, "v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_canary_is_rolled_back_on_latency() {
     let d = delivery(Canary::Slow).await;
     let traffic = Traffic::start(d.caller.outbound);
-    shift(
-        &d.cp,
-        &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
-            "--steps",
-            "30",
-            "--interval",
-            "60s",
-        ],
-    );
+    to_v2(&d.cp, "30", "60s", None);
     let back = phase(&d.cp, "rolledBack", Duration::from_secs(50)).await;
     traffic.stop().await;
     let reason = back["reason"].as_str().unwrap();
@@ -382,20 +389,7 @@ async fn a_slow_canary_is_rolled_back_on_latency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it() {
     let mut d = delivery(Canary::Good).await;
-    shift(
-        &d.cp,
-        &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
-            "--steps",
-            "10,50",
-            "--interval",
-            "1s",
-            "--min-requests",
-            "20",
-        ],
-    );
+    to_v2(&d.cp, "10,50", "1s", Some("20"));
     // No traffic: past its interval, the step holds and says why.
     let held = eventually(
         "the step holds for lack of traffic",
@@ -842,20 +836,7 @@ async fn injected_faults_do_not_count_against_a_canary() {
     )
     .await;
     let traffic = Traffic::start(d.caller.outbound);
-    shift(
-        &d.cp,
-        &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
-            "--steps",
-            "20,50",
-            "--interval",
-            "2s",
-            "--min-requests",
-            "20",
-        ],
-    );
+    to_v2(&d.cp, "20,50", "2s", Some("20"));
     let done = phase(&d.cp, "succeeded", Duration::from_secs(60)).await;
     traffic.stop().await;
     assert_eq!(history(&done), ["started", "step", "succeeded"], "{done:#}");

@@ -13,39 +13,13 @@ use common::*;
 use http::Method;
 use trellis_test_support::{control::ControlProcess, temp_path};
 
-fn openssl(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl (installed by .ci/setup)");
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "openssl {args:?} failed:\n{so}\n{se}");
-    so + &se
-}
-
 /// A fresh key and CSR made by openssl in a new directory (removed with the guard),
 /// optionally asking for `san`.
 fn csr(san: Option<&str>) -> (trellis_test_support::Temp, String) {
     let dir = trellis_test_support::Temp::dir("csr");
-    let mut args = vec![
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "csr.pem",
-        "-subj",
-        "/O=test",
-    ];
+    let mut args = vec!["req", "-new"];
+    args.extend(EC_KEY);
+    args.extend(["-keyout", "key.pem", "-out", "csr.pem", "-subj", "/O=test"]);
     let ext;
     if let Some(s) = san {
         ext = format!("subjectAltName={s}");
@@ -324,13 +298,7 @@ async fn an_operators_intermediate_signs_and_the_chain_verifies_to_its_root() {
     // The operator's PKI, made with openssl: a root and an intermediate under it.
     let pki = temp_path("operator-pki");
     std::fs::create_dir_all(&pki).unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
+    let ec = EC_KEY;
     let mut root = vec!["req", "-x509"];
     root.extend(ec);
     root.extend([
@@ -857,6 +825,140 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
             .await
             >= 1.0
     );
+    for d in states {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// A WebSocket application (tungstenite): each message echoed back; an upgrade to
+/// `/refused` is answered 403 with a body; a plain request gets 200 "plain".
+async fn websocket_app() -> std::net::SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    upstream::tcp(|mut s| async move {
+        let mut peek = [0u8; 2048];
+        let Ok(n) = s.peek(&mut peek).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&peek[..n]).to_ascii_lowercase();
+        if !head.contains("upgrade: websocket") {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain")
+                .await;
+            return;
+        }
+        // tungstenite's callback type: its error is the whole response.
+        #[allow(clippy::result_large_err)]
+        let refuse = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+            if req.uri().path() == "/refused" {
+                let mut e = ErrorResponse::new(Some("not for you.".into()));
+                *e.status_mut() = http::StatusCode::FORBIDDEN;
+                return Err(e);
+            }
+            Ok(resp)
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, refuse).await else {
+            return;
+        };
+        while let Some(Ok(m)) = ws.next().await {
+            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn websocket_upgrades_cross_peer_proxies_over_mutual_tls() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error, Message};
+    let app = websocket_app().await;
+    let echo = upstream::tcp_echo().await;
+    let plain = upstream::named("not-a-proxy").await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
+    eventually("HTTP over mTLS", Duration::from_secs(10), async || {
+        let (st, _, body) = via(&caller, "b.test").await;
+        (st == 200 && body == "plain").then_some(())
+    })
+    .await;
+    let request = |path: &str| {
+        let mut req = format!("ws://{}{path}", caller.outbound)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert("host", "b.test".parse().unwrap());
+        req
+    };
+
+    // A real WebSocket client and server: the handshake (the server's accept key checked by
+    // the client) and the frames both ways cross both proxies and the mutual TLS between.
+    let (mut ws, resp) = tokio_tungstenite::connect_async(request("/chat"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let m = ws.next().await.unwrap().unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    // Larger than a TLS record, and than the socket buffers' first fill.
+    let big = vec![7u8; 300_000];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let m = ws.next().await.unwrap().unwrap();
+    assert!(m.into_data() == big);
+    ws.close(None).await.unwrap();
+
+    // The callee served it from the caller's identity, over its own mutual TLS connection.
+    let line = callee
+        .wait_log("the upgrade at the callee", |l| {
+            l["direction"] == "inbound" && l["path"] == "/chat"
+        })
+        .await;
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(
+        line["source_identity"], "spiffe://trellis.local/ns/test/sa/client",
+        "{line}"
+    );
+    assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
+
+    // An upgrade the application refuses: its answer comes back, status and body.
+    match tokio_tungstenite::connect_async(request("/refused")).await {
+        Err(Error::Http(r)) => {
+            assert_eq!(r.status(), 403);
+            // tungstenite reads the body as it comes, without undoing the chunked framing
+            // the proxies put on a body of unknown length (the application gave none).
+            let body = String::from_utf8_lossy(r.body().as_deref().unwrap_or_default());
+            assert!(body.contains("not for you."), "{body:?}");
+        }
+        other => panic!("expected the application's 403: {other:?}"),
+    }
+    let line = caller
+        .wait_log("the refused upgrade at the caller", |l| {
+            l["direction"] == "outbound" && l["path"] == "/refused"
+        })
+        .await;
+    assert_eq!(line["status"], 403, "{line}");
+    assert_eq!(line["failure_class"], "client_error", "{line}");
+
+    // One the callee's proxy refuses (its authorization): the caller keeps the class that
+    // proxy gave, as for any request between the proxies.
+    apply_ok(&cp, "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: no-admin, namespace: test }\nspec:\n  targetRefs: [{ name: b }]\n  action: DENY\n  rules:\n    - to: [{ paths: [{ prefix: /admin }] }]\n".to_string()).await;
+    let status = eventually("the policy applied", Duration::from_secs(10), async || {
+        match tokio_tungstenite::connect_async(request("/admin")).await {
+            Err(Error::Http(r)) => (r.status() == 403).then_some(r.status()),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(status, 403);
+    let line = caller
+        .wait_log("the denied upgrade at the caller", |l| {
+            l["direction"] == "outbound" && l["path"] == "/admin" && l["status"] == 403
+        })
+        .await;
+    assert_eq!(line["failure_class"], "denied", "{line}");
     for d in states {
         let _ = std::fs::remove_dir_all(d);
     }

@@ -91,6 +91,30 @@ return { first_ms: first, update_ms: update, nodes: document.querySelectorAll("#
   edges_drawn: document.querySelectorAll("#topology .edge").length, summary: document.getElementById("summary").textContent };
 "##;
 
+/// With `TRELLIS_SCREENSHOTS=DIR`, a picture of the page as `DIR/file`, scrolled to the
+/// element `id` when one is named (then back to the top).
+async fn keep_picture(
+    browser: &trellis_test_support::browser::Browser,
+    id: Option<&str>,
+    file: &str,
+) {
+    let Some(dir) = std::env::var_os("TRELLIS_SCREENSHOTS") else {
+        return;
+    };
+    if let Some(id) = id {
+        browser
+            .eval(&format!("document.getElementById('{id}').scrollIntoView()"))
+            .await
+            .unwrap();
+    }
+    let png = browser.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    std::fs::write(std::path::Path::new(&dir).join(file), png).unwrap();
+    if id.is_some() {
+        browser.eval("window.scrollTo(0, 0)").await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     let Some(browser) = Browser::start().await else {
@@ -261,7 +285,8 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     // Live tap from the page, on the service just opened: requests show as they happen.
     let start = browser.find("#tap-start").await.unwrap();
     browser.click(&start).await.unwrap();
-    wait_text(&browser, "#tap-status", "tapping").await;
+    // The page says how many proxies the tap reaches (the caller and the two callees).
+    wait_text(&browser, "#tap-status", "tapping through 3 proxies").await;
     let row = eventually(
         "a tapped request in the page",
         Duration::from_secs(20),
@@ -279,18 +304,11 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
         row.contains("test/shop") && row.contains("catalog.test/tapped 200 ok"),
         "{row}"
     );
+    keep_picture(&browser, Some("tap"), "pane-tap.png").await;
     let stop = browser.find("#tap-stop").await.unwrap();
     browser.click(&stop).await.unwrap();
     wait_text(&browser, "#tap-status", "stopped").await;
-    if let Some(dir) = std::env::var_os("TRELLIS_SCREENSHOTS") {
-        browser
-            .eval("document.getElementById('service-view').scrollIntoView()")
-            .await
-            .unwrap();
-        let png = browser.screenshot().await.unwrap();
-        std::fs::write(std::path::Path::new(&dir).join("pane-service.png"), png).unwrap();
-        browser.eval("window.scrollTo(0, 0)").await.unwrap();
-    }
+    keep_picture(&browser, Some("service-view"), "pane-service.png").await;
     // Each proxy: its config in step and its certificate (reported by the proxy).
     let row = wait_text(
         &browser,
@@ -313,11 +331,7 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     )
     .await;
     // `TRELLIS_SCREENSHOTS=DIR` keeps a picture of the pane (docs/pane.png is one).
-    if let Some(dir) = std::env::var_os("TRELLIS_SCREENSHOTS") {
-        let png = browser.screenshot().await.unwrap();
-        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-        std::fs::write(std::path::Path::new(&dir).join("pane.png"), png).unwrap();
-    }
+    keep_picture(&browser, None, "pane.png").await;
     // Nothing came from anywhere but the control plane.
     let fetched = browser
         .eval("return performance.getEntriesByType('resource').map(e => e.name)")

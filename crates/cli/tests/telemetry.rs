@@ -396,6 +396,41 @@ async fn stat_and_edges_give_back_exactly_the_traffic_sent() {
         line.contains(&format!("app {fails} (app_error {fails}")),
         "{table}"
     );
+    // An empty view tells a name the control plane does not hold (a typo, the wrong
+    // namespace) from a defined service that had no traffic.
+    apply_ok(
+        &m.cp,
+        service("idle", "HTTP", &["127.0.0.1:9".parse().unwrap()]),
+    )
+    .await;
+    let said = |args: &[&str]| {
+        let out = cli(&m.cp, args);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let se = said(&["stat", "svc/catalog", "-n", "other"]);
+    assert!(
+        se.contains("Service other/catalog is not defined") && se.contains("no traffic"),
+        "{se}"
+    );
+    let se = said(&["stat", "svc/catalgo"]);
+    assert!(
+        se.contains("No Service named catalgo is defined in any namespace"),
+        "{se}"
+    );
+    let se = said(&["edges", "wl/test/nobody"]);
+    assert!(se.contains("Workload test/nobody is not defined"), "{se}");
+    for args in [
+        &["stat", "svc/test/idle"][..],
+        &["stat", "svc/idle"],
+        &["edges", "svc/idle", "-n", "test"],
+    ] {
+        let se = said(args);
+        assert!(
+            se.starts_with("No traffic") && !se.contains("not defined"),
+            "{args:?}: {se}"
+        );
+    }
     let edges_table = ok(cli(
         &m.cp,
         &["edges", "-n", "test", "--window", "5m", "-o", "wide"],
@@ -449,15 +484,13 @@ async fn scrape(cp: &ControlProcess) -> (u16, String) {
     )
 }
 
-/// POST a batch of one report for `workload` to `/v1/telemetry` over mutual TLS as the
-/// proxy whose identity is stored in `state`.
-async fn post_report(
+/// `req` sent to the control plane's xDS address over mutual TLS as the proxy whose identity
+/// is stored in `state`: the answer's status and body.
+async fn send_as_proxy(
     cp: &ControlProcess,
     state: &std::path::Path,
-    workload: &str,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
 ) -> (u16, String) {
-    use prost::Message;
-    use trellis_telemetry::report::{Batch, Report, Series};
     let creds = trellis_proxy::identity::bootstrap(
         &trellis_proxy::identity::IdentityOptions {
             state_dir: state.to_path_buf(),
@@ -478,6 +511,24 @@ async fn post_report(
     .await
     .unwrap();
     tokio::spawn(conn);
+    let r = send.send_request(req).await.unwrap();
+    let st = r.status().as_u16();
+    let body = http_body_util::BodyExt::collect(r.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (st, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// POST a batch of one report for `workload` to `/v1/telemetry` over mutual TLS as the
+/// proxy whose identity is stored in `state`.
+async fn post_report(
+    cp: &ControlProcess,
+    state: &std::path::Path,
+    workload: &str,
+) -> (u16, String) {
+    use prost::Message;
+    use trellis_telemetry::report::{Batch, Report, Series};
     let batch = Batch {
         reports: vec![Report {
             workload: workload.into(),
@@ -503,13 +554,7 @@ async fn post_report(
             batch.encode_to_vec(),
         )))
         .unwrap();
-    let r = send.send_request(req).await.unwrap();
-    let st = r.status().as_u16();
-    let body = http_body_util::BodyExt::collect(r.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    (st, String::from_utf8_lossy(&body).into_owned())
+    send_as_proxy(cp, state, req).await
 }
 
 #[tokio::test]
@@ -532,6 +577,23 @@ async fn a_report_for_another_workload_is_refused() {
     // For its own workload, the same report is taken (the check is not a blanket refusal).
     let (st, body) = post_report(&m.cp, &m.shop_state, "test/shop").await;
     assert_eq!(st, 200, "{body}");
+    // What one replica asks another is refused to a proxy's identity: a tap session's part
+    // (with every header value but credentials'), a window's part, the fleet's loads.
+    for path in [
+        "/v1/fleet/tap?kind=service&name=test/catalog&headers=true",
+        "/v1/fleet/shard?window=5m",
+        "/v1/fleet/loads",
+    ] {
+        let req = http::Request::get(format!("http://{}{path}", m.cp.xds))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let (st, body) = send_as_proxy(&m.cp, &m.shop_state, req).await;
+        assert_eq!(st, 403, "{path}: {body}");
+        assert!(
+            body.contains("only another control-plane replica"),
+            "{body}"
+        );
+    }
 }
 
 /// A TCP relay to `to` that can be cut: while cut, its connections are closed and new ones
@@ -802,6 +864,7 @@ async fn prometheus_scraping_the_control_plane_agrees_with_stat() {
 struct TapProcess {
     child: std::process::Child,
     lines: Arc<std::sync::Mutex<Vec<Value>>>,
+    errors: Arc<std::sync::Mutex<String>>,
 }
 
 impl TapProcess {
@@ -820,10 +883,22 @@ impl TapProcess {
             ])
             .env("XDG_CONFIG_HOME", "/nonexistent")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run trellis tap");
         let out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let errors: Arc<std::sync::Mutex<String>> = Arc::default();
+        let e = errors.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                e.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
         let lines: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
         let l = lines.clone();
         std::thread::spawn(move || {
@@ -833,11 +908,20 @@ impl TapProcess {
                     .push(serde_json::from_str(&line).expect("a JSON line"));
             }
         });
-        Self { child, lines }
+        Self {
+            child,
+            lines,
+            errors,
+        }
     }
 
     fn lines(&self) -> Vec<Value> {
         self.lines.lock().unwrap().clone()
+    }
+
+    /// What it wrote on stderr so far.
+    fn errors(&self) -> String {
+        self.errors.lock().unwrap().clone()
     }
 }
 
@@ -875,6 +959,21 @@ async fn tap_shows_live_requests_that_match_within_its_bound_split_over_the_prox
     let p2 = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client2", &[]);
     p1.wait_ready().await;
     p2.wait_ready().await;
+
+    // A tap no connected proxy can serve says so, rather than printing nothing.
+    let nobody = TapProcess::start(&cp, &["wl/test/nobody"]);
+    eventually(
+        "the tap says the workload's proxy is not connected",
+        Duration::from_secs(10),
+        async || {
+            nobody
+                .errors()
+                .contains("Workload test/nobody's proxy is not connected")
+                .then_some(())
+        },
+    )
+    .await;
+    drop(nobody);
 
     // Filters: only /a paths that failed in the application.
     let tap = TapProcess::start(
@@ -1131,6 +1230,20 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_fleet() {
     .await;
     let shop = join(&b, "shop", "test/shop");
     shop.wait_ready().await;
+    // Taps opened on A reach the proxies connected to B: the service's caller, and a
+    // workload of B's.
+    let svc_tap = TapProcess::start(&a, &["svc/test/catalog", "--max-rps", "1000"]);
+    let ct_tap = TapProcess::start(&a, &["wl/test/catalog-ct", "--max-rps", "1000"]);
+    eventually(
+        "B's proxies apply the taps opened on A",
+        Duration::from_secs(10),
+        async || {
+            let (s, c) = (taps_of(&shop).await, taps_of(&ct).await);
+            (s.as_array().map(Vec::len) == Some(1) && c.as_array().map(Vec::len) == Some(2))
+                .then_some(())
+        },
+    )
+    .await;
     let (n, fails) = (40u64, 8u64);
     let mut c = client::Conn::h1(shop.outbound).await;
     for i in 0..n {
@@ -1142,27 +1255,71 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_fleet() {
     assert_eq!(served, n + fails, "each failure tried twice");
     assert!(vm_hits.all.load(Ordering::SeqCst) > 0 && ct_hits.all.load(Ordering::SeqCst) > 0);
 
+    let tapped = eventually(
+        "A's service tap shows every request of B's caller",
+        Duration::from_secs(10),
+        async || {
+            let l = svc_tap.lines();
+            (l.len() as u64 >= n).then_some(l)
+        },
+    )
+    .await;
+    assert_eq!(tapped.len() as u64, n, "{tapped:?}");
+    for e in &tapped {
+        assert_eq!(
+            (e["src_workload"].as_str(), e["direction"].as_str()),
+            (Some("test/shop"), Some("outbound")),
+            "{e}"
+        );
+    }
+    let to_ct = ct_hits.all.load(Ordering::SeqCst) as u64;
+    let served = eventually(
+        "A's workload tap shows what B's catalog-ct served",
+        Duration::from_secs(10),
+        async || {
+            let l = ct_tap.lines();
+            (l.len() as u64 >= to_ct).then_some(l)
+        },
+    )
+    .await;
+    for e in &served {
+        assert_eq!(
+            (e["dst_workload"].as_str(), e["direction"].as_str()),
+            (Some("catalog-ct"), Some("inbound")),
+            "{e}"
+        );
+    }
+    assert!(
+        !svc_tap.errors().contains("not connected") && !ct_tap.errors().contains("not connected"),
+        "A counts B's proxies: {} {}",
+        svc_tap.errors(),
+        ct_tap.errors()
+    );
+    // The session ends on B with the tap on A.
+    drop((svc_tap, ct_tap));
+    for p in [&shop, &ct] {
+        eventually(
+            "B's proxies stop tapping",
+            Duration::from_secs(10),
+            async || (taps_of(p).await == serde_json::json!([])).then_some(()),
+        )
+        .await;
+    }
+
     // The service's row comes from the caller's reports, which only B holds: A answers it
     // as B does, counts and quantiles alike (histograms merge exactly).
+    // A failed try is reported when it fails, apart from its request: both are waited for.
     let q = "/api/v1/stat?namespace=test&window=5m";
-    let from_a = counted(
-        "A counts the caller's requests",
-        20,
-        &a,
-        q,
-        "test/catalog",
-        n,
-    )
-    .await;
-    let from_b = counted(
-        "B counts the caller's requests",
-        20,
-        &b,
-        q,
-        "test/catalog",
-        n,
-    )
-    .await;
+    let every_try = async |what: &str, cp: &ControlProcess| {
+        eventually(what, Duration::from_secs(20), async || {
+            let v = api(cp, q).await;
+            let r = row(&v, "test/catalog")?.clone();
+            (r["requests"] == n && r["attempts"] == n + fails).then_some(r)
+        })
+        .await
+    };
+    let from_a = every_try("A counts the caller's requests and tries", &a).await;
+    let from_b = every_try("B counts the caller's requests and tries", &b).await;
     for f in [
         "requests",
         "attempts",

@@ -36,6 +36,8 @@ struct Got {
     parent: String,
     kind: i32,
     error: bool,
+    /// The export's `authorization` and `x-tenant` metadata.
+    headers: (Option<String>, Option<String>),
 }
 
 fn hex(b: &[u8]) -> String {
@@ -66,6 +68,13 @@ impl TraceService for Receiver {
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut got = self.0.lock().unwrap();
+        let header = |n: &str| {
+            req.metadata()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let headers = (header("authorization"), header("x-tenant"));
         for rs in req.into_inner().resource_spans {
             let resource = text(&rs.resource.map(|r| r.attributes).unwrap_or_default());
             for ss in rs.scope_spans {
@@ -80,6 +89,7 @@ impl TraceService for Receiver {
                         error: s
                             .status
                             .is_some_and(|st| st.code == StatusCode::Error as i32),
+                        headers: headers.clone(),
                     });
                 }
             }
@@ -369,4 +379,229 @@ async fn spans_join_across_two_mtls_hops_and_a_failed_unsampled_request_is_expor
         },
     )
     .await;
+}
+
+/// A key and a certificate made by the real `openssl` command in `dir`: a CA (`ca.pem`), and
+/// a server certificate for 127.0.0.1 signed by it (`server.pem`, `server.key`).
+fn openssl_ca_and_server(dir: &std::path::Path) {
+    let run = |args: &[&str]| openssl(dir, args);
+    let ec = EC_KEY;
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=collector CA"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&["-keyout", "ca.key", "-out", "ca.pem"]);
+    run(&ca);
+    let mut csr = vec!["req", "-new", "-subj", "/CN=collector"];
+    csr.extend_from_slice(&ec);
+    csr.extend_from_slice(&["-keyout", "server.key", "-out", "server.csr"]);
+    run(&csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+/// A TLS stream as tonic's server takes it.
+struct Tls(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for Tls {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for Tls {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tls {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// The OTLP receiver over TLS (ALPN h2), with the certificate in `dir`; stops with the task.
+async fn tls_receiver(
+    dir: &std::path::Path,
+) -> (SocketAddr, Receiver, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let r = Receiver::default();
+    let svc = TraceServiceServer::new(r.clone());
+    // Handshakes that fail (a client that does not trust the certificate) are skipped.
+    let incoming = futures_util::stream::unfold((l, acceptor), |(l, acceptor)| async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return None;
+            };
+            if let Ok(s) = acceptor.accept(tcp).await {
+                return Some((Ok::<_, std::io::Error>(Tls(s)), (l, acceptor)));
+            }
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await;
+    });
+    (addr, r, task)
+}
+
+#[tokio::test]
+async fn spans_go_to_a_collector_over_tls_verified_by_the_ca_given() {
+    let dir = trellis_test_support::Temp::dir("otlp-tls");
+    openssl_ca_and_server(&dir);
+    let other = trellis_test_support::Temp::dir("otlp-other-ca");
+    openssl_ca_and_server(&other);
+    let (otlp, got, task) = tls_receiver(&dir).await;
+    let down = trellis_test_support::upstream::closed_port().await;
+    let config = docs(&[service("down", "HTTP", &[down]), client_workload(&[])]);
+    let url = format!("https://{otlp}");
+    let ca = dir.join("ca.pem").display().to_string();
+    // A failed request's spans are exported whatever the sampling says.
+    let failed = async |p: &trellis_test_support::ProxyProcess| {
+        let r = client::get_full(p.outbound, "down.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 502);
+    };
+    // The proxy, its collector verified with `ca`.
+    let start = |ca: &str, env: &[(&str, &str)]| {
+        trellis_test_support::ProxyProcess::start_with_env(
+            BIN,
+            &config,
+            &[
+                "--workload",
+                "test/client",
+                "--otlp-endpoint",
+                &url,
+                "--otlp-ca",
+                ca,
+            ],
+            env,
+        )
+    };
+    // Headers for the collector (an API key) from the environment, out of the process list.
+    let p = start(
+        &ca,
+        &[(
+            "TRELLIS_OTLP_HEADERS",
+            "Authorization=Bearer t0ken,x-tenant=shop",
+        )],
+    );
+    failed(&p).await;
+    let spans = eventually(
+        "the failed request's span over TLS",
+        Duration::from_secs(15),
+        async || {
+            let g = got.0.lock().unwrap().clone();
+            (!g.is_empty()).then_some(g)
+        },
+    )
+    .await;
+    assert_eq!(
+        spans[0].attrs["trellis.failure_class"], "connect_refused",
+        "{spans:?}"
+    );
+    assert_eq!(
+        spans[0].headers,
+        (Some("Bearer t0ken".into()), Some("shop".into())),
+        "the collector's headers came with the export"
+    );
+    drop(p);
+
+    // The collector's certificate from another CA: refused, and the spans counted as failed.
+    let before = got.0.lock().unwrap().len();
+    let wrong = other.join("ca.pem").display().to_string();
+    let p = start(&wrong, &[]);
+    failed(&p).await;
+    eventually(
+        "spans the collector could not be sent are counted",
+        Duration::from_secs(15),
+        async || {
+            (p.metric("trellis_trace_spans_total", &[("outcome", "failed")])
+                .await
+                > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(got.0.lock().unwrap().len(), before, "nothing reached it");
+    task.abort();
+
+    // A proxy given `args` beside the collector: refused before it starts; its stderr.
+    let refused = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(["proxy", "--config", "/dev/null", "--otlp-endpoint", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A CA file that cannot be read stops the proxy before it starts, naming the file.
+    let err = refused(&["--otlp-ca", "/nonexistent/ca.pem"]);
+    assert!(err.contains("--otlp-ca /nonexistent/ca.pem"), "{err}");
+    // So does a header that cannot be sent, named without its value (it may be a secret).
+    let err = refused(&["--otlp-header", "x-key=s3cret\u{7f}"]);
+    assert!(
+        err.contains("--otlp-header x-key: its value is not visible ASCII"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
 }

@@ -46,6 +46,12 @@ const MAX_SHARD: usize = 256 << 20;
 /// Largest list of loads accepted from another replica (100,000 workloads' beacons).
 const MAX_LOADS: usize = 32 << 20;
 
+/// The most of a refusal's body read, for its message.
+const REFUSAL_READ: usize = 64 << 10;
+
+/// How many proxies a tap session reaches (on a tap's answer, from a replica or the API).
+pub(crate) const TAP_REACH: &str = "x-trellis-tap-proxies";
+
 fn key() -> Key {
     Key::new("_Replicas", "trellis-system", "all")
 }
@@ -230,6 +236,21 @@ impl Replicas {
     /// `GET path` (with its query) of `peer`'s xDS listener: the answer's body, at most
     /// `limit` bytes.
     async fn get(&self, peer: &Peer, path: &str, limit: usize) -> Result<Bytes, String> {
+        let (_, body) = self.open(peer, path).await?;
+        Ok(http_body_util::Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes())
+    }
+
+    /// `GET path` of `peer`'s xDS listener, answered with a stream: its headers and its body
+    /// as it comes. A refusal is an error with its status and the start of its body.
+    async fn open(
+        &self,
+        peer: &Peer,
+        path: &str,
+    ) -> Result<(http::HeaderMap, hyper::body::Incoming), String> {
         let mut send = self.connect(peer).await?;
         send.ready().await.map_err(|e| e.to_string())?;
         let req = http::Request::get(format!("https://{}{path}", peer.xds))
@@ -237,18 +258,76 @@ impl Replicas {
             .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = http_body_util::Limited::new(resp.into_body(), limit)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
+        let (head, body) = resp.into_parts();
         if !status.is_success() {
+            let body = http_body_util::Limited::new(body, REFUSAL_READ)
+                .collect()
+                .await
+                .map_err(|e| format!("answered {status}; reading its body: {e}"))?
+                .to_bytes();
             return Err(format!(
                 "answered {status}: {}",
                 String::from_utf8_lossy(&body[..body.len().min(300)])
             ));
         }
-        Ok(body)
+        Ok((head.headers, body))
+    }
+
+    /// Every other replica's part of a tap session (`query`: the tap's query string): how
+    /// many of its proxies would copy the session's requests, and its events as they come;
+    /// those that did not answer in time, with why.
+    pub(crate) async fn taps(
+        &self,
+        query: &str,
+    ) -> (Vec<(usize, hyper::body::Incoming)>, Vec<Unreachable>) {
+        let path = format!("/v1/fleet/tap?{query}");
+        let peers = self.peers().await;
+        self.ask_all(&peers, |p| {
+            let path = &path;
+            async move {
+                let (headers, body) = self.open(p, path).await?;
+                let reach = headers
+                    .get(TAP_REACH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(0);
+                Ok((reach, body))
+            }
+        })
+        .await
+    }
+
+    /// `ask` of each of `peers` at once, each within [`ASK_TIMEOUT`]: the answers, and the
+    /// replicas that did not answer in time, with why.
+    async fn ask_all<'a, T, F>(
+        &self,
+        peers: &'a [Peer],
+        ask: impl Fn(&'a Peer) -> F,
+    ) -> (Vec<T>, Vec<Unreachable>)
+    where
+        F: std::future::Future<Output = Result<T, String>> + 'a,
+    {
+        let asks = peers.iter().map(|p| {
+            let f = ask(p);
+            async move {
+                let r = tokio::time::timeout(ASK_TIMEOUT, f)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {ASK_TIMEOUT:?}")));
+                (p, r)
+            }
+        });
+        let mut answers = Vec::new();
+        let mut missing = Vec::new();
+        for (p, r) in futures_util::future::join_all(asks).await {
+            match r {
+                Ok(a) => answers.push(a),
+                Err(why) => missing.push(Unreachable {
+                    id: p.id.clone(),
+                    xds: p.xds.clone(),
+                    why,
+                }),
+            }
+        }
+        (answers, missing)
     }
 
     /// `peer`'s part of a window (`query`: the shard endpoint's query string).
@@ -328,24 +407,6 @@ impl Replicas {
     /// time, with why.
     pub(crate) async fn gather(&self, query: &str) -> (Vec<Shard>, Vec<Unreachable>) {
         let peers = self.peers().await;
-        let asks = peers.iter().map(|p| async move {
-            let r = tokio::time::timeout(ASK_TIMEOUT, self.ask(p, query))
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {ASK_TIMEOUT:?}")));
-            (p, r)
-        });
-        let mut shards = Vec::new();
-        let mut missing = Vec::new();
-        for (p, r) in futures_util::future::join_all(asks).await {
-            match r {
-                Ok(s) => shards.push(s),
-                Err(why) => missing.push(Unreachable {
-                    id: p.id.clone(),
-                    xds: p.xds.clone(),
-                    why,
-                }),
-            }
-        }
-        (shards, missing)
+        self.ask_all(&peers, |p| self.ask(p, query)).await
     }
 }

@@ -407,7 +407,8 @@ impl Rollouts {
         p: &Progress,
     ) -> Analysis {
         let at_ms = now_ms();
-        if routes(state, id, spec).is_empty() {
+        let found = routes(state, id, spec);
+        if found.is_empty() {
             return Analysis {
                 at_ms,
                 step: p.step,
@@ -430,10 +431,11 @@ impl Rollouts {
             None => Vec::new(),
         };
         let pct = spec.analysis.latency_percentile;
-        let (fleet, canary, stable) = (
+        let (fleet, canary, stable, rules) = (
             self.fleet.clone(),
             workloads_of(state, id, &spec.canary),
             workloads_of(state, id, &spec.stable),
+            weighted_rules(&found, id, spec),
         );
         // The whole fleet's window is built and read off the runtime's threads, as the
         // API's fleet queries are.
@@ -441,11 +443,15 @@ impl Rollouts {
             let w = fleet
                 .window(window_ms, at_ms, others)
                 .map_err(|e| e.to_string())?;
-            Ok((judge::side(&w, &canary, pct), judge::side(&w, &stable, pct)))
+            Ok((
+                judge::side(&w, &canary, pct),
+                judge::side(&w, &stable, pct),
+                judge::routed(&w, &rules, &canary),
+            ))
         })
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
-        let (canary, stable) = match figures {
+        let (canary, stable, routed) = match figures {
             Ok(sides) => sides,
             Err(e) => {
                 return Analysis {
@@ -459,7 +465,11 @@ impl Rollouts {
             }
         };
         let held = window_ms >= spec.interval.0.as_millis() as u64;
-        let (verdict, message) = judge::judge(&spec.analysis, &canary, &stable, held);
+        let share = judge::Share {
+            weight: p.weight,
+            routed,
+        };
+        let (verdict, message) = judge::judge(&spec.analysis, &canary, &stable, &share, held);
         Analysis {
             at_ms,
             step: p.step,
@@ -618,6 +628,41 @@ fn routes(state: &State, id: &NamespacedName, spec: &RolloutSpec) -> Vec<(Key, V
             }) && has_backend(doc, &id.namespace, &spec.stable)
         })
         .collect()
+}
+
+/// The rules the rollout weighs (those that send to the stable backend), by the names the
+/// proxies report their traffic under ([`trellis_model::rule_name`]).
+fn weighted_rules(
+    routes: &[(Key, Value)],
+    id: &NamespacedName,
+    spec: &RolloutSpec,
+) -> HashSet<String> {
+    let mut names = HashSet::new();
+    for (k, doc) in routes {
+        let Some(rules) = doc["spec"]["rules"].as_array() else {
+            continue;
+        };
+        let route = NamespacedName {
+            namespace: k.namespace.to_string(),
+            name: k.name.to_string(),
+        };
+        for (i, r) in rules.iter().enumerate() {
+            let weighs = r["backendRefs"].as_array().is_some_and(|bs| {
+                bs.iter()
+                    .any(|b| is_backend(b, &id.namespace, &spec.stable))
+            });
+            if !weighs {
+                continue;
+            }
+            names.insert(trellis_model::rule_name(
+                &route,
+                r["name"].as_str(),
+                i,
+                rules.len(),
+            ));
+        }
+    }
+    names
 }
 
 fn is_backend(b: &Value, ns: &str, name: &str) -> bool {

@@ -13,8 +13,9 @@ use std::{
     time::Instant,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
+use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
@@ -65,6 +66,31 @@ struct Inner {
     watchers: HashMap<String, usize>,
 }
 
+impl Session {
+    /// One event's token from the session's bucket, if it has one.
+    fn take(&mut self, now: Instant) -> bool {
+        let burst = self.spec.max_rps.max(1.0);
+        self.bucket.0 = (self.bucket.0
+            + now.duration_since(self.bucket.1).as_secs_f64() * self.spec.max_rps)
+            .min(burst);
+        self.bucket.1 = now;
+        if self.bucket.0 < 1.0 {
+            return false;
+        }
+        self.bucket.0 -= 1.0;
+        true
+    }
+}
+
+/// An open session, for what relays other replicas' events into it.
+#[derive(Clone)]
+pub(crate) struct Opened {
+    /// Its id.
+    pub(crate) id: u64,
+    /// A handle on its queue, whose `closed()` says when the session's reader left.
+    pub(crate) ended: mpsc::Sender<Bytes>,
+}
+
 /// Every tap session of this replica.
 pub(crate) struct Taps {
     inner: Mutex<Inner>,
@@ -108,6 +134,9 @@ impl Drop for Guard {
     }
 }
 
+/// The longest event line another replica may send.
+const MAX_LINE: usize = 1 << 20;
+
 /// Events a session may hold unread; beyond, they are dropped.
 const SESSION_QUEUE: usize = 4096;
 
@@ -120,8 +149,9 @@ impl Taps {
     pub(crate) fn open(
         self: &Arc<Self>,
         spec: Spec,
-    ) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    ) -> (Opened, impl Stream<Item = Result<Bytes, Infallible>>) {
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let ended = tx.clone();
         let id = {
             let mut i = self.lock();
             i.next += 1;
@@ -139,10 +169,35 @@ impl Taps {
         };
         self.changed.send_modify(|v| *v += 1);
         let guard = Guard(self.clone(), GuardKind::Session(id));
-        futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
             let e = rx.recv().await?;
             Some((Ok(e), (rx, guard)))
-        })
+        });
+        (Opened { id, ended }, stream)
+    }
+
+    /// How many proxies connected here would copy `spec`'s requests: every proxy following
+    /// taps for a service's (any of them may be a caller), the workload's own for a
+    /// workload's.
+    pub(crate) fn reach(&self, spec: &Spec) -> usize {
+        let i = self.lock();
+        match spec.target {
+            Target::Service => i.watchers.values().sum(),
+            Target::Workload => i.watchers.get(&spec.name).copied().unwrap_or(0),
+        }
+    }
+
+    /// Lines another replica's part of session `id` sent (its own proxies' events, bounded
+    /// there): into the session within its bound. False once the session has ended.
+    pub(crate) fn relay(&self, id: u64, line: Bytes) -> bool {
+        let mut i = self.lock();
+        let Some(s) = i.sessions.get_mut(&id) else {
+            return false;
+        };
+        if s.take(Instant::now()) {
+            let _ = s.tx.try_send(line);
+        }
+        true
     }
 
     /// The taps `workload`'s proxy is to apply, as one JSON line.
@@ -204,6 +259,37 @@ impl Taps {
         })
     }
 
+    /// Another replica's part of session `opened`: its lines into the session, until the
+    /// session's reader leaves (the part's answer is then dropped, which ends the session
+    /// there) or the other replica ends it.
+    pub(crate) async fn relay_from(self: Arc<Self>, opened: Opened, mut part: Incoming) {
+        use http_body_util::BodyExt;
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = tokio::select! {
+                () = opened.ended.closed() => return,
+                f = part.frame() => f,
+            };
+            let Some(Ok(frame)) = frame else { return };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(n) = buf.iter().position(|&b| b == b'\n') {
+                let line = buf.split_to(n + 1).freeze();
+                if !self.relay(opened.id, line) {
+                    return;
+                }
+            }
+            if buf.len() > MAX_LINE {
+                tracing::warn!(
+                    "another replica sent a tap line longer than {MAX_LINE} bytes; its part of the session ends"
+                );
+                return;
+            }
+        }
+    }
+
     /// Events a proxy of `workload` sent: to their sessions, within each session's bound.
     /// Returns how many were relayed.
     pub(crate) fn deliver(&self, workload: &str, events: Vec<serde_json::Value>) -> usize {
@@ -221,15 +307,9 @@ impl Taps {
             if s.spec.target == Target::Workload && s.spec.name != workload {
                 continue;
             }
-            let burst = s.spec.max_rps.max(1.0);
-            s.bucket.0 = (s.bucket.0
-                + now.duration_since(s.bucket.1).as_secs_f64() * s.spec.max_rps)
-                .min(burst);
-            s.bucket.1 = now;
-            if s.bucket.0 < 1.0 {
+            if !s.take(now) {
                 continue;
             }
-            s.bucket.0 -= 1.0;
             let mut line = serde_json::to_vec(&e).unwrap_or_default();
             line.push(b'\n');
             if s.tx.try_send(Bytes::from(line)).is_ok() {

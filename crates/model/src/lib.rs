@@ -20,5 +20,5 @@ pub use load::{load_file, parse_documents, parse_values, resource_from_json};
 pub use proxy::ProxyConfig;
 pub use resource::{NamespacedName, Resource};
 pub use translate::{
-    check_standalone, is_dns_label, parse_authority_name, translate, update_workloads,
+    check_standalone, is_dns_label, parse_authority_name, rule_name, translate, update_workloads,
 };

@@ -658,11 +658,7 @@ fn attach_routes(
             };
             for port in ports {
                 for (ri, rule) in route.rules.iter().enumerate() {
-                    let rname = match &rule.name {
-                        Some(n) => format!("{}.{n}", res.id()),
-                        None if route.rules.len() == 1 => res.id().to_string(),
-                        None => format!("{}.{ri}", res.id()),
-                    };
+                    let rname = rule_name(&res.id(), rule.name.as_deref(), ri, route.rules.len());
                     let base = rule_config(ix, res, ri, rule, &pid, port, rname)?;
                     let matches: Vec<RouteMatch> = if rule.matches.is_empty() {
                         vec![RouteMatch::default()]
@@ -1170,6 +1166,17 @@ fn local_workload(ix: &Index<'_>, local: &NamespacedName, cfg: &mut ProxyConfig)
         locality: w.locality.clone(),
     });
     Ok(())
+}
+
+/// The name a route's rule is compiled (and its traffic reported) under: `NS/ROUTE.RULE`
+/// for a named rule, `NS/ROUTE` for a route's only rule, `NS/ROUTE.INDEX` otherwise
+/// (`index` of `count` rules).
+pub fn rule_name(route: &NamespacedName, name: Option<&str>, index: usize, count: usize) -> String {
+    match name {
+        Some(n) => format!("{route}.{n}"),
+        None if count == 1 => route.to_string(),
+        None => format!("{route}.{index}"),
+    }
 }
 
 /// `name.namespace` (optionally with a `.mesh` suffix) or a bare `name` in `default_ns`.

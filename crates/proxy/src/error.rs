@@ -60,8 +60,6 @@ pub(crate) enum Kind {
     Idle,
     /// The upstream broke the protocol (an unasked-for protocol switch).
     Protocol,
-    /// The request needs something the mesh cannot carry to this endpoint yet.
-    Unsupported,
     /// The peer's proxy answered for its side with this class (`x-trellis-failure`).
     PeerProxy(FailureClass),
     /// A fault injected by the route (`trellis.dev/Fault`): this HTTP status, or this gRPC
@@ -223,7 +221,7 @@ pub(crate) fn classify(kind: Kind, cause: Option<&(dyn StdError + 'static)>) -> 
         Kind::NoEndpoint => F::NoHealthyUpstream,
         Kind::ConnectTimeout => F::ConnectTimeout,
         Kind::Timeout | Kind::Idle => F::UpstreamTimeout,
-        Kind::Protocol | Kind::Unsupported => F::ProtocolError,
+        Kind::Protocol => F::ProtocolError,
         Kind::PeerProxy(c) => c,
         Kind::Injected { .. } => F::Injected,
         Kind::Connect | Kind::Handshake | Kind::Exchange | Kind::ResponseBody => cause

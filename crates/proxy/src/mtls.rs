@@ -32,6 +32,9 @@ pub(crate) enum Purpose {
     Http2,
     /// Opaque TCP.
     Tcp,
+    /// An HTTP/1.1 request that asks to switch protocols (WebSocket), on a connection of its
+    /// own: the peer's proxy carries it to its application as it came.
+    Http1Upgrade,
 }
 
 impl Purpose {
@@ -39,6 +42,7 @@ impl Purpose {
         match self {
             Self::Http2 => b"h2",
             Self::Tcp => ALPN_TCP,
+            Self::Http1Upgrade => b"http/1.1",
         }
     }
 }

@@ -57,8 +57,13 @@ pub struct Options {
     pub ipv6_capture: bool,
     /// With xDS: how often to report to the control plane what was recorded (zero: never).
     pub report_every: Duration,
-    /// Export spans over OTLP/gRPC to this collector (`http://HOST:PORT`).
+    /// Export spans over OTLP/gRPC to this collector (`http://HOST:PORT`, or
+    /// `https://HOST:PORT` over TLS).
     pub otlp_endpoint: Option<String>,
+    /// The roots (PEM) that verify an `https://` collector; the system's bundle without it.
+    pub otlp_ca: Option<std::path::PathBuf>,
+    /// Headers sent to the collector with every export, `NAME=VALUE` each (an API key).
+    pub otlp_headers: Vec<String>,
     /// The probability (0 to 1) that a trace this proxy starts is sampled; a Service's
     /// `spec.tracing.samplingPercent` overrides it for requests to that service.
     pub trace_sampling: f64,

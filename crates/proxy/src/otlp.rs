@@ -1,4 +1,6 @@
-//! Spans over OTLP/gRPC (`--otlp-endpoint`).
+//! Spans over OTLP/gRPC (`--otlp-endpoint`), in plaintext to a collector on the host
+//! (`http://`) or over TLS (`https://`, the collector verified against `--otlp-ca` or the
+//! system's roots).
 //!
 //! A request's record hands its finished line to [`Spans::offer`] when the trace is sampled
 //! or the request failed (a failed request's spans are exported whatever the sampling said).
@@ -34,7 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     access_log::HttpLine,
-    error::FailureClass,
+    error::{BoxError, FailureClass},
     labels::{Direction, Label},
 };
 
@@ -189,30 +191,177 @@ pub fn check_endpoint(given: &str) -> Result<(), BadEndpoint> {
         given: given.into(),
         why,
     };
-    if given.starts_with("https://") {
-        return Err(bad(
-            "TLS to the collector is not supported yet; use http:// (a collector on the host)",
-        ));
+    if !given.starts_with("http://") && !given.starts_with("https://") {
+        return Err(bad("expected http://HOST:PORT or https://HOST:PORT"));
     }
-    if !given.starts_with("http://") {
-        return Err(bad("expected http://HOST:PORT"));
+    let uri: http::Uri = given.parse().map_err(|_| bad("not a valid URI"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
     }
     tonic::transport::Endpoint::from_shared(given.to_string())
         .map(|_| ())
         .map_err(|_| bad("not a valid URI"))
 }
 
+/// Where the roots that verify a collector's certificate are looked for when no file is
+/// given: the system's bundle (Debian and Ubuntu, Fedora and RHEL, Alpine and others).
+const SYSTEM_ROOTS: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// Why the connection to the collector cannot be set up as asked: the flag, what it named
+/// (a file, a header's name), why.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {what}: {why}")]
+pub struct CollectorError {
+    flag: &'static str,
+    what: String,
+    why: String,
+}
+
+/// The TLS client for an `https://` collector: its certificate verified against the roots in
+/// `ca` (PEM), else the system's bundle; ALPN `h2`. None for `http://`.
+pub(crate) fn collector_tls(
+    endpoint: &str,
+    ca: Option<&std::path::Path>,
+) -> Result<Option<Arc<rustls::ClientConfig>>, CollectorError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    if !endpoint.starts_with("https://") {
+        return Ok(None);
+    }
+    let path = match ca {
+        Some(p) => p.to_path_buf(),
+        None => SYSTEM_ROOTS
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| CollectorError {
+                flag: "--otlp-ca",
+                what: "(none given)".into(),
+                why: format!(
+                    "no system bundle of roots at {}; give the collector's CA with --otlp-ca",
+                    SYSTEM_ROOTS.join(", ")
+                ),
+            })?,
+    };
+    let err = |why: String| CollectorError {
+        flag: "--otlp-ca",
+        what: path.display().to_string(),
+        why,
+    };
+    let pem = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| err(format!("not PEM certificates: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| err(format!("a certificate refused as a root: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no certificate in it".into()));
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(Arc::new(cfg)))
+}
+
+/// Headers sent with every export (an API key, a tenant: `NAME=VALUE` each), as gRPC
+/// metadata. A value is never repeated in an error: it may be a secret.
+pub(crate) fn collector_headers(
+    given: &[String],
+) -> Result<tonic::metadata::MetadataMap, CollectorError> {
+    use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
+    let mut map = tonic::metadata::MetadataMap::new();
+    for g in given {
+        let err = |what: &str, why: &str| CollectorError {
+            flag: "--otlp-header",
+            what: what.to_string(),
+            why: why.to_string(),
+        };
+        let Some((name, value)) = g.split_once('=') else {
+            return Err(err("(a header)", "expected NAME=VALUE"));
+        };
+        let name = name.trim().to_ascii_lowercase();
+        if name.ends_with("-bin") || name.starts_with(':') || name.starts_with("grpc-") {
+            return Err(err(&name, "reserved for gRPC or binary values"));
+        }
+        let key = AsciiMetadataKey::from_bytes(name.as_bytes())
+            .map_err(|_| err(&name, "not a header name"))?;
+        let value = value.trim();
+        let value = AsciiMetadataValue::try_from(value)
+            .ok()
+            .filter(|_| value.bytes().all(|b| (b' '..=b'~').contains(&b)))
+            .ok_or_else(|| err(&name, "its value is not visible ASCII"))?;
+        map.append(key, value);
+    }
+    Ok(map)
+}
+
+/// Whether the connection to `endpoint` can be set up with `ca` and `headers` (checked
+/// before the proxy starts).
+pub fn check_collector(
+    endpoint: &str,
+    ca: Option<&std::path::Path>,
+    headers: &[String],
+) -> Result<(), CollectorError> {
+    collector_tls(endpoint, ca)?;
+    collector_headers(headers).map(|_| ())
+}
+
+/// A connection to an `https://` collector: TCP to its host and port, then TLS for its host
+/// name (or IP address).
+async fn connect_tls(
+    uri: http::Uri,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>, BoxError>
+{
+    let host = uri.host().ok_or("no host")?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(host)?;
+    let s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
+    Ok(hyper_util::rt::TokioIo::new(s))
+}
+
 /// Start the exporter to `endpoint` (checked by [`check_endpoint`]); spans go through the
 /// returned queue.
-pub(crate) fn start(endpoint: &str, origin: Origin, metrics: SpanMetrics) -> Spans {
+/// With `tls` (from [`collector_tls`]) the connection is TLS.
+pub(crate) fn start(
+    endpoint: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    headers: tonic::metadata::MetadataMap,
+    origin: Origin,
+    metrics: SpanMetrics,
+) -> Spans {
     let (tx, rx) = mpsc::channel(QUEUE_CAP);
     let origin = Arc::new(ArcSwap::from_pointee(origin));
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .expect("checked at start-up")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
+        .connect_timeout(Duration::from_secs(5));
+    let channel = match tls {
+        None => ep.connect_lazy(),
+        Some(tls) => ep.connect_with_connector_lazy(tower::service_fn(move |uri: http::Uri| {
+            connect_tls(uri, tls.clone())
+        })),
+    };
     tokio::spawn(export(
         TraceServiceClient::new(channel),
+        headers,
         rx,
         origin.clone(),
         metrics.clone(),
@@ -226,6 +375,7 @@ pub(crate) fn start(endpoint: &str, origin: Origin, metrics: SpanMetrics) -> Spa
 
 async fn export(
     mut client: TraceServiceClient<tonic::transport::Channel>,
+    headers: tonic::metadata::MetadataMap,
     mut rx: mpsc::Receiver<Finished>,
     origin: Arc<ArcSwap<Origin>>,
     metrics: SpanMetrics,
@@ -262,6 +412,8 @@ async fn export(
                 schema_url: String::new(),
             }],
         };
+        let mut req = tonic::Request::new(req);
+        *req.metadata_mut() = headers.clone();
         match tokio::time::timeout(EXPORT_TIMEOUT, client.export(req)).await {
             Ok(Ok(_)) => metrics.count("exported", n),
             Ok(Err(e)) => {

@@ -240,12 +240,7 @@ impl Pool {
     /// Open a new connection (not pooled until checked in).
     pub(crate) async fn connect(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, Error> {
         let via = self.via_mesh(ctx)?;
-        let permit = ctx.slots.clone().try_acquire_owned().map_err(|_| {
-            Error::new(
-                Kind::Overloaded,
-                format!("cluster {}: max connections reached", ctx.cluster),
-            )
-        })?;
+        let permit = ctx.slot()?;
         let addr = via.map_or(self.addr, |p| p.inbound);
         let stream = self.tcp(addr, ctx).await?;
         let labels = EndpointLabels {
@@ -289,14 +284,14 @@ impl Pool {
         Ok(Sender::H2(s))
     }
 
-    /// Open a new HTTP/1.1 connection (not pooled until checked in).
+    /// Open a new HTTP/1.1 connection (not pooled until checked in), to an endpoint reached
+    /// in plaintext.
     pub(crate) async fn connect_h1(&self, ctx: &ConnectCtx<'_>) -> Result<Box<Conn>, Error> {
         if self.via_mesh(ctx)?.is_some() {
             return Err(Error::new(
-                Kind::Unsupported,
+                Kind::Protocol,
                 format!(
-                    "{}: HTTP/1.1 upgrades (WebSocket) to an endpoint behind a peer proxy are \
-                     not supported yet",
+                    "{}: an HTTP/1.1 connection to an endpoint behind a peer proxy",
                     ctx.cluster
                 ),
             ));
@@ -306,6 +301,45 @@ impl Pool {
             Sender::H2(_) => unreachable!("asked for HTTP/1.1"),
         }
     }
+
+    /// A connection of its own for a request that asks to switch protocols (WebSocket): to
+    /// the endpoint in plaintext, or by mutual TLS (ALPN `http/1.1`) to its proxy, which
+    /// carries the request to its application as it came.
+    pub(crate) async fn connect_upgrade(&self, ctx: &ConnectCtx<'_>) -> Result<ForUpgrade, Error> {
+        let (Some(peer), Some(tls)) = (self.via_mesh(ctx)?, ctx.tls) else {
+            return Ok(ForUpgrade::Plain(self.connect_h1(ctx).await?));
+        };
+        let permit = ctx.slot()?;
+        let stream = self.tcp(peer.inbound, ctx).await?;
+        let s = tls
+            .connect(stream, peer, ctx.port, Purpose::Http1Upgrade)
+            .await
+            .map_err(|d| self.tls_failed(peer.inbound, d))?;
+        Ok(ForUpgrade::Peer(Box::new(s), permit))
+    }
+}
+
+impl ConnectCtx<'_> {
+    /// A place for one more connection within the cluster's bound.
+    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            Error::new(
+                Kind::Overloaded,
+                format!("cluster {}: max connections reached", self.cluster),
+            )
+        })
+    }
+}
+
+/// A connection for a protocol switch.
+pub(crate) enum ForUpgrade {
+    /// HTTP/1.1 to the endpoint itself.
+    Plain(Box<Conn>),
+    /// Mutual TLS to the endpoint's proxy, and the connection's place in the cluster's bound.
+    Peer(
+        Box<tokio_rustls::client::TlsStream<TcpStream>>,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
 }
 
 #[cfg(test)]

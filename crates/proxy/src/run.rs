@@ -55,6 +55,9 @@ pub enum ProxyError {
     /// Taking over from the running proxy failed, or the handoff socket could not be bound.
     #[error(transparent)]
     Handoff(#[from] HandoffError),
+    /// The connection to the span collector cannot be set up as asked.
+    #[error(transparent)]
+    Collector(#[from] otlp::CollectorError),
 }
 
 /// Why a proxy stopped serving.
@@ -208,14 +211,21 @@ impl Proxy {
         metrics.summaries = matches!(opts.source, Source::Xds(_)) && !opts.report_every.is_zero();
         let snap = Snapshot::build(cfg, None, &metrics, creds.is_some());
         let log = AccessLog::new(opts.access_log, metrics.access_log_dropped.clone());
-        let spans = opts.otlp_endpoint.as_deref().map(|e| {
-            let m = otlp::SpanMetrics::register(registry.sub_registry_with_prefix("trellis"));
-            otlp::start(
-                e,
-                span_origin(&snap.cfg, creds.as_ref(), opts.workload.as_ref()),
-                m,
-            )
-        });
+        let spans = match opts.otlp_endpoint.as_deref() {
+            None => None,
+            Some(e) => {
+                let tls = otlp::collector_tls(e, opts.otlp_ca.as_deref())?;
+                let headers = otlp::collector_headers(&opts.otlp_headers)?;
+                let m = otlp::SpanMetrics::register(registry.sub_registry_with_prefix("trellis"));
+                Some(otlp::start(
+                    e,
+                    tls,
+                    headers,
+                    span_origin(&snap.cfg, creds.as_ref(), opts.workload.as_ref()),
+                    m,
+                ))
+            }
+        };
         // A proxy fed by xDS for a workload holds what the workload needs, and asks for
         // other Services on demand.
         let (demand, asks) = match (&opts.source, &opts.workload) {

@@ -32,15 +32,13 @@ pub struct ControlProcess {
 }
 
 impl ControlProcess {
-    /// Start with a fresh data dir and the embedded store.
+    /// Start with a fresh data dir and the embedded store, listening on a random
+    /// `127.0.0.X` (X from 2 to 254; the same for both listeners): a test that stops it and
+    /// starts it again on the same ports finds them free, as no other test's connection
+    /// takes an ephemeral port there (theirs are on 127.0.0.1).
     pub fn start(bin: &str, args: &[&str]) -> Self {
-        Self::start_in(
-            bin,
-            crate::temp_path("control"),
-            args,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-        )
+        let any = format!("{}:0", crate::upstream::spare_ip());
+        Self::start_in(bin, crate::temp_path("control"), args, &any, &any)
     }
 
     /// Start on `data_dir` (kept when this handle drops, so that a restart finds it), binding

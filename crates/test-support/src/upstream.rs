@@ -157,6 +157,22 @@ pub async fn closed_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// An address to listen on later (a process started after something that must know it):
+/// a port free now on a random `127.0.0.X` (X from 2 to 254). Other tests' connections to
+/// 127.0.0.1 take their own ephemeral ports on 127.0.0.1, so none of them can take this
+/// one in the meantime, as they could a port of 127.0.0.1's given back by
+/// [`closed_port`].
+pub async fn spare_addr() -> SocketAddr {
+    let l = TcpListener::bind((spare_ip(), 0)).await.unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A random `127.0.0.X` (X from 2 to 254), where no other test's outgoing connection takes
+/// an ephemeral port (theirs are on 127.0.0.1).
+pub fn spare_ip() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, 0, fastrand::u8(2..=254))
+}
+
 /// A listener whose accept queue is full, so that new SYNs are dropped: connects time out.
 /// Keep the returned value alive for as long as the address must stay that way.
 pub async fn full_backlog() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {

@@ -263,3 +263,27 @@ pub async fn wait_text(
     )
     .await
 }
+
+/// The real `openssl` command run in `dir` (it must succeed): its stdout and stderr.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (installed by .ci/setup)");
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "openssl {args:?} failed:\n{so}\n{se}");
+    so + &se
+}
+
+/// openssl's arguments for a new P-256 key, unencrypted.
+pub const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];

@@ -3,7 +3,7 @@
 
 use axum::{
     body::Bytes,
-    extract::{Query, State as AxState},
+    extract::{Query, RawQuery, State as AxState},
     http::header,
     response::{IntoResponse, Response},
     Extension, Json,
@@ -505,47 +505,113 @@ pub(crate) struct TapQuery {
     headers: bool,
 }
 
-/// `GET /api/v1/tap`: live requests, one JSON object a line.
+impl TapQuery {
+    /// The session it asks for.
+    fn spec(self) -> ApiResult<crate::tap::Spec> {
+        use crate::tap::{Spec, Target};
+        let q = self;
+        let target = match q.kind.as_deref() {
+            None | Some("service" | "svc") => Target::Service,
+            Some("workload" | "wl") => Target::Workload,
+            Some(k) => {
+                return Err(ApiError::BadRequest(format!(
+                    "kind {k:?}: service or workload"
+                )))
+            }
+        };
+        let name = if q.name.contains('/') {
+            q.name
+        } else {
+            format!("{}/{}", q.namespace.as_deref().unwrap_or("default"), q.name)
+        };
+        if let Some(c) = &q.failure_class {
+            c.parse::<trellis_taxonomy::FailureClass>().map_err(|_| {
+                ApiError::BadRequest(format!("failure_class {c:?} is not a failure class"))
+            })?;
+        }
+        let max_rps = q.max_rps.unwrap_or(100.0);
+        if !(max_rps > 0.0 && max_rps <= 10_000.0) {
+            return Err(ApiError::BadRequest(
+                "max_rps: more than 0, at most 10000".into(),
+            ));
+        }
+        Ok(Spec {
+            target,
+            name,
+            method: q.method,
+            path_prefix: q.path_prefix,
+            authority: q.authority,
+            failure_class: q.failure_class,
+            max_rps,
+            headers: q.headers,
+        })
+    }
+}
+
+/// `GET /api/v1/tap`: live requests, one JSON object a line, from the proxies connected to
+/// every replica (each other replica opens the same session for its own proxies and this one
+/// relays their events within the session's bound). `x-trellis-tap-proxies` says how many
+/// proxies the session reaches; `x-trellis-partial` names a replica that did not answer.
 pub(crate) async fn tap(
     AxState(api): AxState<Api>,
+    RawQuery(raw): RawQuery,
     Query(q): Query<TapQuery>,
 ) -> ApiResult<Response> {
-    use crate::tap::{Spec, Target};
-    let target = match q.kind.as_deref() {
-        None | Some("service" | "svc") => Target::Service,
-        Some("workload" | "wl") => Target::Workload,
-        Some(k) => {
-            return Err(ApiError::BadRequest(format!(
-                "kind {k:?}: service or workload"
-            )))
+    let spec = q.spec()?;
+    let mut reach = api.taps().reach(&spec);
+    let (opened, events) = api.taps().open(spec);
+    let mut partial = None;
+    if let Some(r) = api.replicas() {
+        let (parts, missing) = r.taps(raw.as_deref().unwrap_or_default()).await;
+        for (n, part) in parts {
+            reach += n;
+            tokio::spawn(api.taps().clone().relay_from(opened.clone(), part));
         }
-    };
-    let name = if q.name.contains('/') {
-        q.name
-    } else {
-        format!("{}/{}", q.namespace.as_deref().unwrap_or("default"), q.name)
-    };
-    if let Some(c) = &q.failure_class {
-        c.parse::<trellis_taxonomy::FailureClass>().map_err(|_| {
-            ApiError::BadRequest(format!("failure_class {c:?} is not a failure class"))
-        })?;
+        if !missing.is_empty() {
+            let why: Vec<String> = missing.iter().map(ToString::to_string).collect();
+            partial = Some(format!(
+                "this tap lacks the proxies of {} other replica(s): {}",
+                missing.len(),
+                why.join("; ")
+            ));
+        }
     }
-    let max_rps = q.max_rps.unwrap_or(100.0);
-    if !(max_rps > 0.0 && max_rps <= 10_000.0) {
-        return Err(ApiError::BadRequest(
-            "max_rps: more than 0, at most 10000".into(),
-        ));
+    tap_answer(events, reach, partial)
+}
+
+/// `GET /v1/fleet/tap` (xDS address, another replica only): this replica's part of a tap
+/// session opened on another, for the proxies connected here.
+pub(crate) async fn tap_part(
+    AxState(api): AxState<Api>,
+    peer: Option<Extension<Peer>>,
+    Query(q): Query<TapQuery>,
+) -> ApiResult<Response> {
+    only_replicas(&api, peer.as_ref())?;
+    let spec = q.spec()?;
+    let reach = api.taps().reach(&spec);
+    let (_, events) = api.taps().open(spec);
+    tap_answer(events, reach, None)
+}
+
+/// A tap session's events as an answer, with how many proxies it reaches.
+fn tap_answer(
+    events: impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+    reach: usize,
+    partial: Option<String>,
+) -> ApiResult<Response> {
+    let mut r = (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
+            (
+                header::HeaderName::from_static(crate::replicas::TAP_REACH),
+                reach.to_string(),
+            ),
+        ],
+        axum::body::Body::from_stream(events),
+    )
+        .into_response();
+    if let Some(p) = partial.and_then(|p| axum::http::HeaderValue::try_from(p).ok()) {
+        r.headers_mut().insert(PARTIAL, p);
     }
-    let spec = Spec {
-        target,
-        name,
-        method: q.method,
-        path_prefix: q.path_prefix,
-        authority: q.authority,
-        failure_class: q.failure_class,
-        max_rps,
-        headers: q.headers,
-    };
-    let body = axum::body::Body::from_stream(api.taps().open(spec));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    Ok(r)
 }

@@ -35,7 +35,8 @@
 //! | GET | `/v1/fleet/shard?kind=&namespace=&name=&window=&at=` (xDS address only) | this replica's part of a window (protobuf `Shard`), for another replica: its certificate must be the control plane's |
 //! | GET | `/v1/fleet/behind?rev=&workload=&waitMs=` (xDS address only) | answered once the proxies connected to this replica have applied store revision `rev` (the workload's own aside) or the wait (at most 10 s) passed: `{"behind": N}`, for another replica's deregistration; the control plane's certificate only |
 //! | GET | `/v1/fleet/loads` (xDS address only) | the proxies' loads this replica heard itself lately (JSON `Heard` list), for another replica's spill-over decisions; the control plane's certificate only |
-//! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N&headers=true` | live requests, one JSON object a line, until the client leaves; header values only with `headers=true`, never those of credentials |
+//! | GET | `/api/v1/tap?kind=service\|workload&namespace=NS&name=NAME&method=M&path_prefix=P&authority=A&failure_class=C&max_rps=N&headers=true` | live requests, one JSON object a line, until the client leaves, from the proxies of every replica; `x-trellis-tap-proxies` says how many proxies it reaches (`x-trellis-partial` names a replica that did not answer); header values only with `headers=true`, never those of credentials |
+//! | GET | `/v1/fleet/tap?…` (xDS address only) | this replica's part of a tap session opened on another (same query as `/api/v1/tap`), for the proxies connected here; `x-trellis-tap-proxies` says how many it reaches; the control plane's certificate only |
 //! | GET | `/v1/tap?workload=NS/NAME` (xDS address only) | a proxy follows its taps: one JSON line `{taps: [...]}` now and at each change |
 //! | POST | `/v1/tap/events?workload=NS/NAME` (xDS address only) | a proxy's tapped records, a JSON array |
 //! | GET | `/metrics` | the fleet's counters and latency in Prometheus's text format (admin token) |
@@ -369,6 +370,7 @@ impl Api {
                     .route("/v1/load", post(fleet::load))
                     .route("/v1/fleet/shard", get(fleet::shard))
                     .route("/v1/fleet/loads", get(fleet::loads))
+                    .route("/v1/fleet/tap", get(fleet::tap_part))
                     .route("/v1/fleet/behind", get(fleet::behind))
                     .layer(DefaultBodyLimit::max(TELEMETRY_MAX_BODY)),
             )

@@ -538,6 +538,15 @@ async function startTap(ev) {
   try {
     const r = await fetch(`/api/v1/tap?${q}`, { credentials: "same-origin", signal: ctl.signal });
     if (!r.ok) throw new Error((await r.text()) || r.status);
+    // How many proxies could copy these requests, over every replica (and which replica
+    // did not answer): a tap that no proxy can serve says so rather than staying empty.
+    const reach = Number(r.headers.get("x-trellis-tap-proxies") ?? "NaN");
+    const partial = r.headers.get("x-trellis-partial");
+    let status = Number.isNaN(reach) ? "tapping…"
+      : reach === 0 ? "tapping — no proxy that could see these requests is connected yet"
+      : `tapping through ${reach} ${reach === 1 ? "proxy" : "proxies"}…`;
+    if (partial) status += ` (warning: ${partial})`;
+    $("tap-status").textContent = status;
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {

@@ -10,7 +10,7 @@ use trellis_model::resource::RolloutAnalysis;
 use trellis_taxonomy::{Category, FailureClass};
 use trellis_telemetry::{
     hist::Histogram,
-    key::Direction,
+    key::{Direction, Key},
     store::{Window, COARSE_SCALE},
 };
 
@@ -82,6 +82,39 @@ pub(crate) fn side(w: &Window, of: &HashSet<String>, percentile: f64) -> Side {
     s
 }
 
+/// What the callers sent through the rollout's weighted rules over the window, as their own
+/// proxies reported it: how many requests, and how those meant for the canary failed
+/// before its application answered (by class).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Routed {
+    /// Requests through the rules, whichever backend they went to.
+    pub(crate) requests: u64,
+    /// Of those sent toward the canary's workloads (or to no endpoint at all), the failures
+    /// on the way there (refused, timed out, reset, TLS, no healthy endpoint).
+    pub(crate) unreached: std::collections::BTreeMap<FailureClass, u64>,
+}
+
+/// The callers' side of rules `rules` (their compiled names, `NS/ROUTE` or
+/// `NS/ROUTE.RULE`) over `w`; `canary`: the canary's workloads (`NS/NAME`).
+pub(crate) fn routed(w: &Window, rules: &HashSet<String>, canary: &HashSet<String>) -> Routed {
+    let mut r = Routed::default();
+    for (k, c) in &w.series {
+        if k.direction != Direction::Outbound || !rules.contains(&*k.route) {
+            continue;
+        }
+        r.requests += c.requests;
+        let peer = &*k.peer_workload;
+        let to_canary = peer.is_empty()
+            || canary.contains(peer)
+            || (!peer.contains('/')
+                && canary.contains(&format!("{}/{peer}", Key::namespace_of(&k.service))));
+        if to_canary && k.class.category() == Category::Network {
+            *r.unreached.entry(k.class).or_default() += c.requests;
+        }
+    }
+    r
+}
+
 /// A failure recorded on the callee's inbound side that is the callee's own: its
 /// application's error, or its application (on the same host as the proxy) refusing,
 /// dropping or not answering the connection. The mesh's own refusals (overload, rate
@@ -90,11 +123,25 @@ fn own_failure(c: FailureClass) -> bool {
     matches!(c.category(), Category::Application | Category::Network)
 }
 
+/// The canary's share of a step: its weight, and what the callers sent through the
+/// rollout's rules.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Share {
+    /// The canary's percent of the rules' traffic.
+    pub(crate) weight: u32,
+    /// The callers' side of the rules.
+    pub(crate) routed: Routed,
+}
+
+/// Below this fraction of the requests its weight sent it, a canary is not reached.
+const UNREACHED_FRACTION: f64 = 0.25;
+
 /// Judge a step. `held`: its interval has passed.
 pub(crate) fn judge(
     a: &RolloutAnalysis,
     canary: &Side,
     stable: &Side,
+    share: &Share,
     held: bool,
 ) -> (Verdict, String) {
     let margin = a.max_error_rate_increase / 100.0;
@@ -132,6 +179,36 @@ pub(crate) fn judge(
         return (
             Verdict::Hold,
             format!("the step holds for its interval; {rates}"),
+        );
+    }
+    // The callers sent the canary its share but it answered a small part of it: it is not
+    // reached (its proxy down, its host cut off, its endpoints ejected). Without its share
+    // (no traffic, or the weights not yet applied), the step holds below.
+    let sent = share.routed.requests as f64 * f64::from(share.weight) / 100.0;
+    if canary.requests < u64::from(a.min_requests)
+        && sent >= f64::from(a.min_requests)
+        && (canary.requests as f64) < sent * UNREACHED_FRACTION
+    {
+        let how: Vec<String> = share
+            .routed
+            .unreached
+            .iter()
+            .map(|(c, n)| format!("{} {n}", c.as_str()))
+            .collect();
+        let how = if how.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; the callers' requests toward it failed: {}",
+                how.join(", ")
+            )
+        };
+        return (
+            Verdict::Fail,
+            format!(
+                "the canary is not reached: it answered {} requests where its weight of {} % of the callers' {} sent it ~{sent:.0}{how}",
+                canary.requests, share.weight, share.routed.requests
+            ),
         );
     }
     if canary.requests < u64::from(a.min_requests) {

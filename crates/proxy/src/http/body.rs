@@ -265,6 +265,8 @@ enum Inner {
     H2(H2Body),
     /// From an HTTP/1.1 upstream (the proxy's own client).
     H1(crate::h1::H1Body),
+    /// From hyper's HTTP/1.1 client: a peer proxy's answer to a protocol switch it refused.
+    Hyper(Incoming),
 }
 
 /// A response body from upstream.
@@ -273,6 +275,8 @@ pub(crate) enum UpstreamBody {
     H2(H2Body),
     /// HTTP/1.1.
     H1(crate::h1::H1Body),
+    /// HTTP/1.1 read by hyper (a peer proxy's answer on a connection made for an upgrade).
+    Hyper(Incoming),
 }
 
 /// A response body from an HTTP/2 upstream; what it reads is given back to the peer's flow
@@ -441,6 +445,7 @@ impl ProxyBody {
             inner: match b {
                 UpstreamBody::H2(b) => Inner::H2(b),
                 UpstreamBody::H1(b) => Inner::H1(b),
+                UpstreamBody::Hyper(b) => Inner::Hyper(b),
             },
             on_end: None,
             limits,
@@ -483,6 +488,7 @@ impl Body for ProxyBody {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             Inner::H1(b) => Pin::new(b).poll_frame(cx),
+            Inner::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
         };
         let res = match res {
             Poll::Ready(r) => r,
@@ -525,6 +531,7 @@ impl Body for ProxyBody {
             Inner::Full(b) => b.is_none(),
             Inner::H2(b) => b.is_end_stream(),
             Inner::H1(b) => b.is_end_stream(),
+            Inner::Hyper(b) => b.is_end_stream(),
         }
     }
 
@@ -533,6 +540,7 @@ impl Body for ProxyBody {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::H2(b) => b.size_hint(),
             Inner::H1(b) => b.size_hint(),
+            Inner::Hyper(b) => b.size_hint(),
         }
     }
 }

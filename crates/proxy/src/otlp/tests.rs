@@ -196,12 +196,45 @@ async fn a_full_queue_drops_and_counts_instead_of_waiting() {
 }
 
 #[test]
-fn only_a_plain_http_collector_is_accepted() {
+fn a_collector_is_http_or_https_with_a_host() {
     assert!(check_endpoint("http://127.0.0.1:4317").is_ok());
-    let e = check_endpoint("https://collector:4317").unwrap_err();
-    assert!(e.to_string().contains("TLS"), "{e}");
-    assert!(check_endpoint("127.0.0.1:4317").is_err());
+    assert!(check_endpoint("https://collector:4317").is_ok());
+    let e = check_endpoint("127.0.0.1:4317").unwrap_err();
+    assert!(e.to_string().contains("https://HOST:PORT"), "{e}");
+    assert!(check_endpoint("grpc://collector:4317").is_err());
     assert!(check_endpoint("http://bad host").is_err());
+    assert!(check_endpoint("https://:4317").is_err());
+}
+
+#[test]
+fn tls_to_a_collector_needs_readable_pem_roots() {
+    // Plain HTTP needs none.
+    assert!(collector_tls("http://127.0.0.1:4317", None)
+        .unwrap()
+        .is_none());
+    let dir = std::env::temp_dir().join(format!("trellis-otlp-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let junk = dir.join("junk.pem");
+    std::fs::write(
+        &junk,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    for (ca, says) in [
+        (dir.join("missing.pem"), "No such file"),
+        (empty.clone(), "no certificate in it"),
+        (junk.clone(), "not PEM certificates"),
+    ] {
+        let e = collector_tls("https://collector:4317", Some(&ca)).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.starts_with(&format!("--otlp-ca {}: ", ca.display())) && e.contains(says),
+            "{e}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -211,4 +244,27 @@ fn a_peers_identity_is_named_in_this_proxys_trust_domain() {
         Some("spiffe://example.org/ns/pay/sa/ledger")
     );
     assert_eq!(Origin::default().spiffe("pay/ledger"), None);
+}
+
+#[test]
+fn collector_headers_are_names_and_visible_ascii_values() {
+    let m =
+        collector_headers(&["Authorization=Bearer abc".into(), "x-tenant= shop ".into()]).unwrap();
+    assert_eq!(m.get("authorization").unwrap(), "Bearer abc");
+    assert_eq!(m.get("x-tenant").unwrap(), "shop");
+    for (bad, says) in [
+        ("no-equals", "expected NAME=VALUE"),
+        ("bad name=x", "not a header name"),
+        ("grpc-timeout=1S", "reserved"),
+        ("key-bin=AAAA", "reserved"),
+        ("x-key=caf\u{e9}", "not visible ASCII"),
+    ] {
+        let e = collector_headers(&[bad.into()]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--otlp-header ") && e.contains(says),
+            "{bad}: {e}"
+        );
+        // A value never shows in the error.
+        assert!(!e.contains("AAAA") && !e.contains("caf"), "{e}");
+    }
 }

@@ -16,6 +16,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
+use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
 use trellis_model::proxy::{FaultConfig, HeaderEdits, RetryConfig};
 
@@ -29,7 +30,7 @@ use crate::{
         upgrade, TRACEPARENT, X_TRELLIS_PEER,
     },
     metrics::RetryLabels,
-    pool::{ConnectCtx, Dialer},
+    pool::{ConnectCtx, Dialer, ForUpgrade},
     stages::{
         balance,
         exchange::{exchange_failed, peer_answer, send_once, upstream_request, Sent, Try, Unsent},
@@ -519,7 +520,7 @@ pub(crate) async fn upgrade(
     let client_upgrade = upgrade::on(&mut req);
     let ctx = cluster.connect_ctx(dialer);
     let start = Instant::now();
-    let mut conn = match ep.pool.connect_h1(&ctx).await {
+    let conn = match ep.pool.connect_upgrade(&ctx).await {
         Ok(c) => c,
         Err(e) => return local_reply(rec, &e, false),
     };
@@ -527,6 +528,12 @@ pub(crate) async fn upgrade(
     // The upgrade handshake is hop-by-hop by nature: Connection and Upgrade stay as sent.
     let (mut parts, body) = req.into_parts();
     let mut up = upstream_request(&mut parts, UpBody::Incoming(body), false, true);
+    let mut conn = match conn {
+        ForUpgrade::Plain(conn) => conn,
+        ForUpgrade::Peer(tls, permit) => {
+            return via_peer(&ep, *tls, permit, up, client_upgrade, rec).await;
+        }
+    };
     let head = match h1::exchange(&mut conn, &mut up, h1::Wait::Forever, rec.start).await {
         Ok(h) => h,
         Err(e) => return local_reply(rec, &exchange_failed(&ep, e), false),
@@ -555,6 +562,65 @@ pub(crate) async fn upgrade(
     *resp.status_mut() = head.status;
     *resp.headers_mut() = head.headers;
     resp
+}
+
+/// An upgrade to an endpoint behind a peer proxy: the request as it came, over mutual TLS
+/// (ALPN `http/1.1`) on a connection of its own, read with hyper's HTTP/1.1 client; on 101,
+/// the two switched streams are spliced.
+async fn via_peer(
+    ep: &Endpoint,
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    up: Request<UpBody>,
+    client_upgrade: upgrade::OnUpgrade,
+    mut rec: Box<Record>,
+) -> Response<ProxyBody> {
+    let failed = |why: &str, e: hyper::Error| {
+        Error::with_cause(
+            Kind::Exchange,
+            format!("{why} {}", ep.pool.describe(ep.target)),
+            e,
+        )
+    };
+    let (mut send, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
+        Ok(c) => c,
+        Err(e) => return local_reply(rec, &failed("HTTP/1.1 with", e), false),
+    };
+    // The connection lives until the switched streams (or the refusal's body) end.
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _ = conn.with_upgrades().await;
+    });
+    let mut resp = match send.send_request(up).await {
+        Ok(r) => r,
+        Err(e) => return local_reply(rec, &failed("the upgrade request to", e), false),
+    };
+    rec.first_byte = Some(rec.start.elapsed());
+    rec.status = resp.status().as_u16();
+    // A refusal by the peer's proxy itself (its authorization, its application down) keeps
+    // the class that proxy gave it.
+    rec.class =
+        peer_answer(ep, resp.headers()).unwrap_or_else(|| FailureClass::from_status(rec.status));
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (parts, body) = resp.into_parts();
+        let mut out = Response::new(
+            ProxyBody::upstream(UpstreamBody::Hyper(body), Limits::default()).with_on_end(rec),
+        );
+        *out.status_mut() = parts.status;
+        *out.headers_mut() = parts.headers;
+        return out;
+    }
+    let switched = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let (Ok(upstream), Ok(mut client)) = (switched.await, client_upgrade.wait().await) else {
+            return;
+        };
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut TokioIo::new(upstream)).await;
+    });
+    let mut out = Response::new(ProxyBody::full(Bytes::new()).with_on_end(rec));
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *out.headers_mut() = std::mem::take(resp.headers_mut());
+    out
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@ fn side(requests: u64, failures: u64, median: f64, tail: f64) -> Side {
     }
 }
 
+fn none() -> Share {
+    Share::default()
+}
+
 fn spec(min: u32) -> RolloutAnalysis {
     RolloutAnalysis {
         min_requests: min,
@@ -20,17 +24,18 @@ fn spec(min: u32) -> RolloutAnalysis {
 fn a_clear_error_regression_fails_at_once_even_early_and_below_the_sample() {
     // 20 % of the canary's answers fail; the stable's do not.
     let stable = side(400, 0, 2.0, 5.0);
-    let (v, why) = judge(&spec(200), &side(30, 6, 2.0, 5.0), &stable, false);
+    let (v, why) = judge(&spec(200), &side(30, 6, 2.0, 5.0), &stable, &none(), false);
     assert_eq!(v, Verdict::Fail, "{why}");
     assert!(why.contains("6 of 30"), "{why}");
     // Two failures in ten is not yet clear: it holds.
-    let (v, _) = judge(&spec(200), &side(10, 2, 2.0, 5.0), &stable, false);
+    let (v, _) = judge(&spec(200), &side(10, 2, 2.0, 5.0), &stable, &none(), false);
     assert_eq!(v, Verdict::Hold);
     // Nor is a canary failing as often as the stable version (and short of the sample).
     let (v, _) = judge(
         &spec(200),
         &side(100, 2, 2.0, 5.0),
         &side(400, 8, 2.0, 5.0),
+        &none(),
         true,
     );
     assert_eq!(v, Verdict::Hold);
@@ -39,7 +44,7 @@ fn a_clear_error_regression_fails_at_once_even_early_and_below_the_sample() {
 #[test]
 fn a_step_holds_without_enough_traffic_and_passes_with_it() {
     let stable = side(1000, 1, 2.0, 6.0);
-    let (v, why) = judge(&spec(200), &side(50, 0, 2.0, 6.0), &stable, true);
+    let (v, why) = judge(&spec(200), &side(50, 0, 2.0, 6.0), &stable, &none(), true);
     assert_eq!(v, Verdict::Hold);
     assert!(
         why.contains("not enough traffic") && why.contains("50 of the 200"),
@@ -47,12 +52,18 @@ fn a_step_holds_without_enough_traffic_and_passes_with_it() {
     );
     // No traffic at all: holds, never passes (Flagger's "keeps advancing" is what this
     // avoids).
-    let (v, _) = judge(&spec(200), &Side::default(), &Side::default(), true);
+    let (v, _) = judge(
+        &spec(200),
+        &Side::default(),
+        &Side::default(),
+        &none(),
+        true,
+    );
     assert_eq!(v, Verdict::Hold);
-    let (v, why) = judge(&spec(200), &side(250, 1, 2.0, 7.0), &stable, true);
+    let (v, why) = judge(&spec(200), &side(250, 1, 2.0, 7.0), &stable, &none(), true);
     assert_eq!(v, Verdict::Pass, "{why}");
     // Before its interval, even a full sample holds.
-    let (v, _) = judge(&spec(200), &side(250, 1, 2.0, 7.0), &stable, false);
+    let (v, _) = judge(&spec(200), &side(250, 1, 2.0, 7.0), &stable, &none(), false);
     assert_eq!(v, Verdict::Hold);
 }
 
@@ -63,6 +74,7 @@ fn an_error_rate_over_the_margin_fails_at_the_end_of_the_step() {
         &spec(200),
         &side(250, 8, 2.0, 5.0),
         &side(1000, 10, 2.0, 5.0),
+        &none(),
         true,
     );
     assert_eq!(v, Verdict::Fail, "{why}");
@@ -73,17 +85,26 @@ fn an_error_rate_over_the_margin_fails_at_the_end_of_the_step() {
 fn a_slow_canary_fails_on_latency() {
     let stable = side(1000, 0, 3.0, 10.0);
     // Its median over the stable's p99 × 1.5 + 5 ms: clear, at once.
-    let (v, why) = judge(&spec(200), &side(25, 0, 205.0, 260.0), &stable, false);
+    let (v, why) = judge(
+        &spec(200),
+        &side(25, 0, 205.0, 260.0),
+        &stable,
+        &none(),
+        false,
+    );
     assert_eq!(v, Verdict::Fail, "{why}");
     assert!(why.contains("clearly slower"), "{why}");
     // Only its tail slower: judged at the end of the step.
     let tail = side(300, 0, 3.0, 40.0);
-    assert_eq!(judge(&spec(200), &tail, &stable, false).0, Verdict::Hold);
-    let (v, why) = judge(&spec(200), &tail, &stable, true);
+    assert_eq!(
+        judge(&spec(200), &tail, &stable, &none(), false).0,
+        Verdict::Hold
+    );
+    let (v, why) = judge(&spec(200), &tail, &stable, &none(), true);
     assert_eq!(v, Verdict::Fail, "{why}");
     assert!(why.contains("p99 40.0 ms"), "{why}");
     // Within the ratio and the slack: passes.
-    let (v, _) = judge(&spec(200), &side(300, 0, 3.0, 19.0), &stable, true);
+    let (v, _) = judge(&spec(200), &side(300, 0, 3.0, 19.0), &stable, &none(), true);
     assert_eq!(v, Verdict::Pass);
 }
 
@@ -95,4 +116,78 @@ fn wilson_bounds() {
     let (lo, hi) = wilson(6, 30);
     assert!(lo > 0.05 && lo < 0.1 && hi > 0.4 && hi < 0.5, "{lo} {hi}");
     assert_eq!(wilson(0, 0), (0.0, 1.0));
+}
+
+/// The callers' side: `requests` through the rules, `unreached` of them failed toward the
+/// canary (connect_refused).
+fn share(weight: u32, requests: u64, unreached: u64) -> Share {
+    let mut routed = Routed {
+        requests,
+        ..Default::default()
+    };
+    if unreached > 0 {
+        routed
+            .unreached
+            .insert(FailureClass::ConnectRefused, unreached);
+    }
+    Share { weight, routed }
+}
+
+#[test]
+fn a_canary_that_answers_little_of_the_share_it_was_sent_is_not_reached() {
+    let stable = side(900, 0, 2.0, 6.0);
+    // 10 % of 1,000 requests were meant for it; it answered none, its callers' 100 failed.
+    let (v, why) = judge(
+        &spec(20),
+        &Side::default(),
+        &stable,
+        &share(10, 1000, 100),
+        true,
+    );
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(
+        why.contains("not reached")
+            && why.contains("answered 0 requests")
+            && why.contains("~100")
+            && why.contains("connect_refused 100"),
+        "{why}"
+    );
+    // Not before its interval: the weights may still be on their way to the callers.
+    let (v, _) = judge(
+        &spec(20),
+        &Side::default(),
+        &stable,
+        &share(10, 1000, 100),
+        false,
+    );
+    assert_eq!(v, Verdict::Hold);
+    // Its share smaller than the sample a step needs: no conclusion, it holds.
+    let (v, why) = judge(
+        &spec(200),
+        &side(0, 0, 2.0, 6.0),
+        &stable,
+        &share(10, 1000, 0),
+        true,
+    );
+    assert_eq!(v, Verdict::Hold, "{why}");
+    // It answered a good part of its share (a report still on its way): holds for the
+    // sample, never fails on the shortfall.
+    let (v, why) = judge(
+        &spec(200),
+        &side(60, 0, 2.0, 6.0),
+        &stable,
+        &share(10, 1500, 0),
+        true,
+    );
+    assert_eq!(v, Verdict::Hold, "{why}");
+    assert!(why.contains("not enough traffic"), "{why}");
+    // No traffic at all: holds, as before.
+    let (v, _) = judge(
+        &spec(20),
+        &Side::default(),
+        &Side::default(),
+        &share(10, 0, 0),
+        true,
+    );
+    assert_eq!(v, Verdict::Hold);
 }
