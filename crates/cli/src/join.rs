@@ -361,6 +361,15 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
         identity: None,
     });
     let mut proxy = proxy_options(&a.run, placeholder, None, None);
+    // The span collector's settings are checked before the join token is spent.
+    if let Some(e) = &proxy.otlp_endpoint {
+        if let Err(e) =
+            trellis_proxy::check_collector(e, proxy.collector_tls(), &proxy.otlp_headers)
+        {
+            eprintln!("trellis join: {e}");
+            return ExitCode::from(crate::EX_USAGE);
+        }
+    }
     // Upgrades in place by default: the same command run again (a new binary) takes over.
     // A Unix socket's path is limited to 107 bytes; a longer state dir goes without.
     let handoff = a.state_dir.join("handoff.sock");

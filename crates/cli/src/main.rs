@@ -376,14 +376,25 @@ struct RunArgs {
     /// its Workload does not declare as an upstream) is released once unused for this long.
     #[arg(long, default_value = "5m")]
     on_demand_idle: DurationValue,
-    /// Export spans over OTLP/gRPC to this collector, `http://HOST:PORT` (usually port 4317):
-    /// sampled requests' spans, and every failed request's.
+    /// Export spans over OTLP/gRPC to this collector, `http://HOST:PORT` (usually port 4317)
+    /// or `https://HOST:PORT` over TLS: sampled requests' spans, and every failed request's.
     #[arg(long, env = "TRELLIS_OTLP_ENDPOINT", value_parser = otlp_arg)]
     otlp_endpoint: Option<String>,
     /// The roots (PEM) that verify an `https://` collector's certificate; the system's
     /// bundle without it.
     #[arg(long, env = "TRELLIS_OTLP_CA", requires = "otlp_endpoint")]
     otlp_ca: Option<std::path::PathBuf>,
+    /// The certificate chain (PEM, leaf first) this proxy shows an `https://` collector that
+    /// asks for a client certificate.
+    #[arg(
+        long,
+        env = "TRELLIS_OTLP_CLIENT_CERT",
+        requires_all = ["otlp_endpoint", "otlp_client_key"]
+    )]
+    otlp_client_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of `--otlp-client-cert`.
+    #[arg(long, env = "TRELLIS_OTLP_CLIENT_KEY", requires = "otlp_client_cert")]
+    otlp_client_key: Option<std::path::PathBuf>,
     /// A header sent to the collector with every export, `NAME=VALUE` (an API key, a
     /// tenant); repeat it, or give several comma-separated in the environment (which keeps
     /// a secret out of the process list).
@@ -672,6 +683,8 @@ fn proxy_options(
         report_every: r.report_interval.0,
         otlp_endpoint: r.otlp_endpoint.clone(),
         otlp_ca: r.otlp_ca.clone(),
+        otlp_client_cert: r.otlp_client_cert.clone(),
+        otlp_client_key: r.otlp_client_key.clone(),
         otlp_headers: r.otlp_headers.clone(),
         trace_sampling: r.trace_sampling / 100.0,
         on_demand_idle: r.on_demand_idle.0,
@@ -730,8 +743,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
         });
     let opts = proxy_options(&a.run, source, a.workload, identity);
     if let Some(e) = &opts.otlp_endpoint {
-        if let Err(e) =
-            trellis_proxy::check_collector(e, opts.otlp_ca.as_deref(), &opts.otlp_headers)
+        if let Err(e) = trellis_proxy::check_collector(e, opts.collector_tls(), &opts.otlp_headers)
         {
             eprintln!("trellis proxy: {e}");
             return ExitCode::from(EX_USAGE);

@@ -381,41 +381,69 @@ async fn spans_join_across_two_mtls_hops_and_a_failed_unsampled_request_is_expor
     .await;
 }
 
-/// A key and a certificate made by the real `openssl` command in `dir`: a CA (`ca.pem`), and
-/// a server certificate for 127.0.0.1 signed by it (`server.pem`, `server.key`).
+/// A CA made by the real `openssl` command in `dir`: `NAME.pem` and its key `NAME.key`.
+fn openssl_ca(dir: &std::path::Path, name: &str, cn: &str) {
+    let (key, pem, subj) = (
+        format!("{name}.key"),
+        format!("{name}.pem"),
+        format!("/CN={cn}"),
+    );
+    let mut args = vec!["req", "-x509", "-days", "1", "-subj", &subj];
+    args.extend_from_slice(&EC_KEY);
+    args.extend_from_slice(&["-keyout", &key, "-out", &pem]);
+    openssl(dir, &args);
+}
+
+/// A key (`NAME.key`) and a certificate (`NAME.pem`) for `cn` made by `openssl` in `dir`,
+/// signed by the CA `ca` (from [`openssl_ca`]), with the extensions `ext`.
+fn openssl_leaf(dir: &std::path::Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    let [key, csr, pem, cnf, subj, ca_pem, ca_key] = [
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.cnf"),
+        format!("/CN={cn}"),
+        format!("{ca}.pem"),
+        format!("{ca}.key"),
+    ];
+    let mut args = vec!["req", "-new", "-subj", &subj];
+    args.extend_from_slice(&EC_KEY);
+    args.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+    openssl(dir, &args);
+    std::fs::write(dir.join(&cnf), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &cnf,
+            "-out",
+            &pem,
+        ],
+    );
+}
+
+/// A CA (`ca.pem`) and a server certificate for 127.0.0.1 signed by it (`server.pem`,
+/// `server.key`), made by `openssl` in `dir`.
 fn openssl_ca_and_server(dir: &std::path::Path) {
-    let run = |args: &[&str]| openssl(dir, args);
-    let ec = EC_KEY;
-    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=collector CA"];
-    ca.extend_from_slice(&ec);
-    ca.extend_from_slice(&["-keyout", "ca.key", "-out", "ca.pem"]);
-    run(&ca);
-    let mut csr = vec!["req", "-new", "-subj", "/CN=collector"];
-    csr.extend_from_slice(&ec);
-    csr.extend_from_slice(&["-keyout", "server.key", "-out", "server.csr"]);
-    run(&csr);
-    std::fs::write(
-        dir.join("ext.cnf"),
+    openssl_ca(dir, "ca", "collector CA");
+    openssl_leaf(
+        dir,
+        "ca",
+        "server",
+        "collector",
         "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "server.pem",
-    ]);
+    );
 }
 
 /// A TLS stream as tonic's server takes it.
@@ -458,9 +486,11 @@ impl tokio::io::AsyncWrite for Tls {
     }
 }
 
-/// The OTLP receiver over TLS (ALPN h2), with the certificate in `dir`; stops with the task.
+/// The OTLP receiver over TLS (ALPN h2), with the certificate in `dir`; with `client_ca`,
+/// it requires a client certificate chained to that CA (PEM); stops with the task.
 async fn tls_receiver(
     dir: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
 ) -> (SocketAddr, Receiver, tokio::task::JoinHandle<()>) {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.pem"))
@@ -468,14 +498,25 @@ async fn tls_receiver(
         .map(Result::unwrap)
         .collect();
     let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_single_cert(chain, key).unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -508,7 +549,7 @@ async fn spans_go_to_a_collector_over_tls_verified_by_the_ca_given() {
     openssl_ca_and_server(&dir);
     let other = trellis_test_support::Temp::dir("otlp-other-ca");
     openssl_ca_and_server(&other);
-    let (otlp, got, task) = tls_receiver(&dir).await;
+    let (otlp, got, task) = tls_receiver(&dir, None).await;
     let down = trellis_test_support::upstream::closed_port().await;
     let config = docs(&[service("down", "HTTP", &[down]), client_workload(&[])]);
     let url = format!("https://{otlp}");
@@ -604,4 +645,178 @@ async fn spans_go_to_a_collector_over_tls_verified_by_the_ca_given() {
         "{err}"
     );
     assert!(!err.contains("s3cret"), "{err}");
+}
+
+#[tokio::test]
+async fn spans_go_to_a_collector_that_asks_for_a_client_certificate() {
+    let dir = trellis_test_support::Temp::dir("otlp-mtls");
+    openssl_ca_and_server(&dir);
+    // The collector trusts the clients of its own CA; the proxy's certificate is one of
+    // them, and a stray key matches no certificate.
+    openssl_ca(&dir, "clients", "collector's clients");
+    openssl_leaf(
+        &dir,
+        "clients",
+        "client",
+        "trellis proxy test.client",
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    );
+    openssl_leaf(
+        &dir,
+        "clients",
+        "stray",
+        "stray",
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    );
+    let (otlp, got, task) = tls_receiver(&dir, Some(&dir.join("clients.pem"))).await;
+    let down = trellis_test_support::upstream::closed_port().await;
+    let config = docs(&[service("down", "HTTP", &[down]), client_workload(&[])]);
+    let url = format!("https://{otlp}");
+    let path = |f: &str| dir.join(f).display().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let start = |more: &[&str]| {
+        let mut args = vec![
+            "--workload",
+            "test/client",
+            "--otlp-endpoint",
+            &url,
+            "--otlp-ca",
+            &ca,
+        ];
+        args.extend_from_slice(more);
+        trellis_test_support::ProxyProcess::start(BIN, &config, &args)
+    };
+    let failed = async |p: &trellis_test_support::ProxyProcess| {
+        let r = client::get_full(p.outbound, "down.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 502);
+    };
+
+    // Without a client certificate the collector refuses the connection: nothing arrives,
+    // and the spans are counted as failed.
+    let p = start(&[]);
+    failed(&p).await;
+    eventually(
+        "spans the collector refused are counted",
+        Duration::from_secs(15),
+        async || {
+            (p.metric("trellis_trace_spans_total", &[("outcome", "failed")])
+                .await
+                > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(got.0.lock().unwrap().is_empty(), "nothing reached it");
+    drop(p);
+
+    // With it, the failed request's spans are exported.
+    let p = start(&["--otlp-client-cert", &cert, "--otlp-client-key", &key]);
+    failed(&p).await;
+    let spans = eventually(
+        "the failed request's span over mutual TLS",
+        Duration::from_secs(15),
+        async || {
+            let g = got.0.lock().unwrap().clone();
+            (!g.is_empty()).then_some(g)
+        },
+    )
+    .await;
+    assert_eq!(
+        spans[0].attrs["trellis.failure_class"], "connect_refused",
+        "{spans:?}"
+    );
+    drop(p);
+    task.abort();
+
+    // Refused before the proxy starts, naming the flag and the file.
+    let refused = |endpoint: &str, args: &[&str], code: i32| {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "proxy",
+                "--config",
+                "/dev/null",
+                "--otlp-endpoint",
+                endpoint,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stray = path("stray.key");
+    let err = refused(
+        &url,
+        &["--otlp-client-cert", &cert, "--otlp-client-key", &stray],
+        64,
+    );
+    assert!(
+        err.contains(&format!("--otlp-client-key {stray}: not the key of {cert}")),
+        "{err}"
+    );
+    let err = refused(
+        &url,
+        &[
+            "--otlp-client-cert",
+            &ca,
+            "--otlp-client-key",
+            &path("ca.pem"),
+        ],
+        64,
+    );
+    assert!(
+        err.contains(&format!(
+            "--otlp-client-key {}: no PEM private key",
+            path("ca.pem")
+        )),
+        "{err}"
+    );
+    // TLS settings for a plaintext collector are refused, not ignored.
+    let plain = format!("http://{otlp}");
+    let err = refused(
+        &plain,
+        &["--otlp-client-cert", &cert, "--otlp-client-key", &key],
+        64,
+    );
+    assert!(
+        err.contains(&format!(
+            "--otlp-client-cert {cert}: the collector {plain} is plaintext"
+        )),
+        "{err}"
+    );
+    // A certificate without its key is a usage error of the command line.
+    let err = refused(&url, &["--otlp-client-cert", &cert], 2);
+    assert!(err.contains("--otlp-client-key"), "{err}");
+    // `trellis join` checks them before it spends its join token on a control plane.
+    let state = dir.join("state");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "join",
+            "--control-plane",
+            "http://127.0.0.1:1",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .args([
+            "--name",
+            "vm-1",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            "http=8080",
+        ])
+        .args(["--token", "trellis-join.unused", "--otlp-endpoint", &url])
+        .args(["--otlp-client-cert", &cert, "--otlp-client-key", &stray])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains(&format!(
+            "trellis join: --otlp-client-key {stray}: not the key of"
+        )),
+        "{err}"
+    );
 }

@@ -57,7 +57,7 @@ mod test_util;
 pub use http::server::ServerLimits;
 pub use listen::BindError;
 pub use options::{Options, Source};
-pub use otlp::{check_collector, check_endpoint, BadEndpoint, CollectorError};
+pub use otlp::{check_collector, check_endpoint, BadEndpoint, CollectorError, CollectorTls};
 pub use run::{load, Loaded, Proxy, ProxyError, Stopped};
 pub use shared::Services;
 pub use trellis_taxonomy::FailureClass;

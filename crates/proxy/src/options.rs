@@ -62,6 +62,10 @@ pub struct Options {
     pub otlp_endpoint: Option<String>,
     /// The roots (PEM) that verify an `https://` collector; the system's bundle without it.
     pub otlp_ca: Option<std::path::PathBuf>,
+    /// The certificate chain (PEM) shown to an `https://` collector that asks for one.
+    pub otlp_client_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    pub otlp_client_key: Option<std::path::PathBuf>,
     /// Headers sent to the collector with every export, `NAME=VALUE` each (an API key).
     pub otlp_headers: Vec<String>,
     /// The probability (0 to 1) that a trace this proxy starts is sampled; a Service's
@@ -76,6 +80,17 @@ pub struct Options {
     /// With `handoff`: on SIGUSR2, start this binary again with the same arguments, to take
     /// over (off for an agent that must stop with its parent).
     pub upgrade_on_usr2: bool,
+}
+
+impl Options {
+    /// What TLS to the span collector uses (none of it for an `http://` one).
+    pub fn collector_tls(&self) -> crate::otlp::CollectorTls<'_> {
+        crate::otlp::CollectorTls {
+            ca: self.otlp_ca.as_deref(),
+            client_cert: self.otlp_client_cert.as_deref(),
+            client_key: self.otlp_client_key.as_deref(),
+        }
+    }
 }
 
 /// How long a Service asked for on demand stays held unused, by default.

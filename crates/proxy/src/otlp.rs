@@ -1,6 +1,7 @@
 //! Spans over OTLP/gRPC (`--otlp-endpoint`), in plaintext to a collector on the host
 //! (`http://`) or over TLS (`https://`, the collector verified against `--otlp-ca` or the
-//! system's roots).
+//! system's roots; a client certificate, `--otlp-client-cert` and `--otlp-client-key`, for a
+//! collector that asks for one).
 //!
 //! A request's record hands its finished line to [`Spans::offer`] when the trace is sampled
 //! or the request failed (a failed request's spans are exported whatever the sampling said).
@@ -184,8 +185,8 @@ pub struct BadEndpoint {
     why: &'static str,
 }
 
-/// Check an endpoint given on the command line: `http://HOST:PORT` (OTLP/gRPC, usually port
-/// 4317). TLS to the collector is not supported yet.
+/// Check an endpoint given on the command line: `http://HOST:PORT` or `https://HOST:PORT`
+/// (OTLP/gRPC, usually port 4317).
 pub fn check_endpoint(given: &str) -> Result<(), BadEndpoint> {
     let bad = |why| BadEndpoint {
         given: given.into(),
@@ -221,17 +222,41 @@ pub struct CollectorError {
     why: String,
 }
 
-/// The TLS client for an `https://` collector: its certificate verified against the roots in
-/// `ca` (PEM), else the system's bundle; ALPN `h2`. None for `http://`.
+/// What TLS to an `https://` collector uses: the roots that verify its certificate (PEM;
+/// the system's bundle without them), and the certificate chain and key (PEM) this proxy
+/// shows a collector that asks for one (an OpenTelemetry Collector with
+/// `tls.client_ca_file`, say).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CollectorTls<'a> {
+    pub ca: Option<&'a std::path::Path>,
+    pub client_cert: Option<&'a std::path::Path>,
+    pub client_key: Option<&'a std::path::Path>,
+}
+
+/// The TLS client for an `https://` collector: its certificate verified against `tls.ca`,
+/// else the system's bundle; `tls`'s client certificate shown when the collector asks; ALPN
+/// `h2`. None for `http://`, which refuses TLS settings rather than ignore them.
 pub(crate) fn collector_tls(
     endpoint: &str,
-    ca: Option<&std::path::Path>,
+    tls: CollectorTls<'_>,
 ) -> Result<Option<Arc<rustls::ClientConfig>>, CollectorError> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     if !endpoint.starts_with("https://") {
+        let given = [
+            ("--otlp-ca", tls.ca),
+            ("--otlp-client-cert", tls.client_cert),
+            ("--otlp-client-key", tls.client_key),
+        ];
+        if let Some((flag, Some(path))) = given.into_iter().find(|(_, p)| p.is_some()) {
+            return Err(CollectorError {
+                flag,
+                what: path.display().to_string(),
+                why: format!("the collector {endpoint} is plaintext: TLS settings need https://"),
+            });
+        }
         return Ok(None);
     }
-    let path = match ca {
+    let path = match tls.ca {
         Some(p) => p.to_path_buf(),
         None => SYSTEM_ROOTS
             .iter()
@@ -262,15 +287,77 @@ pub(crate) fn collector_tls(
     if roots.is_empty() {
         return Err(err("no certificate in it".into()));
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| err(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut cfg = match (tls.client_cert, tls.client_key) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key_file)) => {
+            let (chain, key) = client_identity(cert, key_file)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| CollectorError {
+                    flag: "--otlp-client-key",
+                    what: key_file.display().to_string(),
+                    why: format!("not the key of {}: {e}", cert.display()),
+                })?
+        }
+        (Some(cert), None) => {
+            return Err(CollectorError {
+                flag: "--otlp-client-cert",
+                what: cert.display().to_string(),
+                why: "needs its key, --otlp-client-key".into(),
+            })
+        }
+        (None, Some(key)) => {
+            return Err(CollectorError {
+                flag: "--otlp-client-key",
+                what: key.display().to_string(),
+                why: "needs its certificate, --otlp-client-cert".into(),
+            })
+        }
+    };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(Arc::new(cfg)))
+}
+
+/// A certificate chain, leaf first, and its private key.
+type ClientIdentity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// The certificate chain and the private key (PKCS#8, PKCS#1 or SEC1) a proxy shows its
+/// collector, read from their PEM files.
+fn client_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<ClientIdentity, CollectorError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let cert_err = |why: String| CollectorError {
+        flag: "--otlp-client-cert",
+        what: cert.display().to_string(),
+        why,
+    };
+    let pem = std::fs::read(cert).map_err(|e| cert_err(e.to_string()))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(format!("not PEM certificates: {e}")))?;
+    if chain.is_empty() {
+        return Err(cert_err("no certificate in it".into()));
+    }
+    let key_err = |why: String| CollectorError {
+        flag: "--otlp-client-key",
+        what: key.display().to_string(),
+        why,
+    };
+    let pem = std::fs::read(key).map_err(|e| key_err(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| key_err(format!("no PEM private key in it: {e}")))?;
+    Ok((chain, key))
 }
 
 /// Headers sent with every export (an API key, a tenant: `NAME=VALUE` each), as gRPC
@@ -305,14 +392,14 @@ pub(crate) fn collector_headers(
     Ok(map)
 }
 
-/// Whether the connection to `endpoint` can be set up with `ca` and `headers` (checked
+/// Whether the connection to `endpoint` can be set up with `tls` and `headers` (checked
 /// before the proxy starts).
 pub fn check_collector(
     endpoint: &str,
-    ca: Option<&std::path::Path>,
+    tls: CollectorTls<'_>,
     headers: &[String],
 ) -> Result<(), CollectorError> {
-    collector_tls(endpoint, ca)?;
+    collector_tls(endpoint, tls)?;
     collector_headers(headers).map(|_| ())
 }
 

@@ -214,7 +214,7 @@ impl Proxy {
         let spans = match opts.otlp_endpoint.as_deref() {
             None => None,
             Some(e) => {
-                let tls = otlp::collector_tls(e, opts.otlp_ca.as_deref())?;
+                let tls = otlp::collector_tls(e, opts.collector_tls())?;
                 let headers = otlp::collector_headers(&opts.otlp_headers)?;
                 let m = otlp::SpanMetrics::register(registry.sub_registry_with_prefix("trellis"));
                 Some(otlp::start(

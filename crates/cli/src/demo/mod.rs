@@ -625,6 +625,8 @@ fn proxy_options(
         report_every: Duration::from_secs(1),
         otlp_endpoint: None,
         otlp_ca: None,
+        otlp_client_cert: None,
+        otlp_client_key: None,
         otlp_headers: Vec::new(),
         trace_sampling: trellis_proxy::options::DEFAULT_TRACE_SAMPLING,
         on_demand_idle: trellis_proxy::options::DEFAULT_ON_DEMAND_IDLE,

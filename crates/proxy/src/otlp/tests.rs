@@ -209,9 +209,11 @@ fn a_collector_is_http_or_https_with_a_host() {
 #[test]
 fn tls_to_a_collector_needs_readable_pem_roots() {
     // Plain HTTP needs none.
-    assert!(collector_tls("http://127.0.0.1:4317", None)
-        .unwrap()
-        .is_none());
+    assert!(
+        collector_tls("http://127.0.0.1:4317", CollectorTls::default())
+            .unwrap()
+            .is_none()
+    );
     let dir = std::env::temp_dir().join(format!("trellis-otlp-ca-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let empty = dir.join("empty.pem");
@@ -227,13 +229,29 @@ fn tls_to_a_collector_needs_readable_pem_roots() {
         (empty.clone(), "no certificate in it"),
         (junk.clone(), "not PEM certificates"),
     ] {
-        let e = collector_tls("https://collector:4317", Some(&ca)).unwrap_err();
+        let tls = CollectorTls {
+            ca: Some(&ca),
+            ..CollectorTls::default()
+        };
+        let e = collector_tls("https://collector:4317", tls).unwrap_err();
         let e = e.to_string();
         assert!(
             e.starts_with(&format!("--otlp-ca {}: ", ca.display())) && e.contains(says),
             "{e}"
         );
     }
+    // TLS settings for a plaintext collector are refused, not ignored.
+    let tls = CollectorTls {
+        ca: Some(&empty),
+        ..CollectorTls::default()
+    };
+    let e = collector_tls("http://127.0.0.1:4317", tls)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!("--otlp-ca {}: ", empty.display())) && e.contains("plaintext"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
