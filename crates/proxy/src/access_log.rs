@@ -590,7 +590,7 @@ fn format(e: &Entry, clock: &mut Clock, buf: &mut Vec<u8>) {
             j.ms(key!("first_byte_ms"), l.first_byte);
             j.ms(key!("total_ms"), Some(*total));
             let mut hex = *br#","trace_id":"00000000000000000000000000000000""#;
-            crate::trace::hex_into(&mut hex[13..45], l.trace_id);
+            hex[13..45].copy_from_slice(&crate::trace::hex32(l.trace_id));
             j.raw(&hex);
             j.str(
                 key!("request_id"),

@@ -34,7 +34,34 @@ pub(crate) struct SpanIds {
     pub(crate) started: bool,
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// The 16 lower-case hex digits of `n`, most significant first: each nibble spread to a
+/// byte of its own and turned into its digit in one word, not a digit at a time (this runs
+/// three times on every request).
+fn hex16(n: u64) -> [u8; 16] {
+    let spread = |x: u32| {
+        let x = u64::from(x);
+        let x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+        let x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+        (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f
+    };
+    // A byte of 10 or more gets `'a' - '0' - 10` added to its `'0'`.
+    let digits = |v: u64| {
+        let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        v + 0x3030_3030_3030_3030 + letters * 39
+    };
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&digits(spread((n >> 32) as u32)).to_be_bytes());
+    out[8..].copy_from_slice(&digits(spread(n as u32)).to_be_bytes());
+    out
+}
+
+/// The 32 lower-case hex digits of `n`.
+pub(crate) fn hex32(n: u128) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[..16].copy_from_slice(&hex16((n >> 64) as u64));
+    out[16..].copy_from_slice(&hex16(n as u64));
+    out
+}
 
 // B3's names, built once: a lookup by `&str` parses the name on every call, and these are
 // looked for on every request that comes without a `traceparent`.
@@ -44,25 +71,44 @@ static X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
 static X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 static X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
-pub(crate) fn hex_into(out: &mut [u8], mut n: u128) {
-    for b in out.iter_mut().rev() {
-        *b = HEX[(n & 0xf) as usize];
-        n >>= 4;
+/// The value of each byte as a lower-case hex digit; 16 for any other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [16u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Lower-case hex only, as W3C and B3 write it; at most 16 digits.
+fn parse_hex64(s: &[u8]) -> Option<u64> {
+    debug_assert!(s.len() <= 16);
+    let mut n = 0u64;
+    let mut bad = 0u8;
+    for &b in s {
+        let d = HEX_VALUE[b as usize];
+        bad |= d;
+        n = (n << 4) | u64::from(d & 0xf);
+    }
+    // Only a byte that is not a digit has the bit of 16.
+    (bad & 0x10 == 0).then_some(n)
 }
 
-/// Lower-case hex only, as W3C and B3 write it.
+/// As [`parse_hex64`], at most 32 digits.
 fn parse_hex(s: &[u8]) -> Option<u128> {
-    let mut n = 0u128;
-    for &b in s {
-        let d = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            _ => return None,
-        };
-        n = (n << 4) | u128::from(d);
+    if s.len() > 32 {
+        return None;
     }
-    Some(n)
+    let split = s.len().saturating_sub(16);
+    let (hi, lo) = s.split_at(split);
+    Some((u128::from(parse_hex64(hi)?) << 64) | u128::from(parse_hex64(lo)?))
 }
 
 /// A trace context that came in: trace id, the caller's span, and the sampling decision if
@@ -79,10 +125,10 @@ fn parse_traceparent(v: &[u8]) -> Option<Incoming> {
     if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
         return None;
     }
-    let version = parse_hex(&v[..2])?;
+    let version = parse_hex64(&v[..2])?;
     let trace = parse_hex(&v[3..35])?;
-    let parent = parse_hex(&v[36..52])? as u64;
-    let flags = parse_hex(&v[53..55])?;
+    let parent = parse_hex64(&v[36..52])?;
+    let flags = parse_hex64(&v[53..55])?;
     // Version ff is invalid; version 00 has exactly 55 bytes; all-zero ids are invalid.
     let ok = version != 0xff && (version != 0 || v.len() == 55) && trace != 0 && parent != 0;
     ok.then_some(Incoming {
@@ -157,15 +203,13 @@ fn parse_b3_multi(headers: &HeaderMap) -> Option<Incoming> {
 /// Format a trace id.
 #[cfg(test)]
 pub(crate) fn trace_id_hex(id: u128) -> String {
-    let mut b = [0u8; 32];
-    hex_into(&mut b, id);
-    String::from_utf8_lossy(&b).into_owned()
+    String::from_utf8_lossy(&hex32(id)).into_owned()
 }
 
 fn traceparent_bytes(trace_id: u128, span: u64, sampled: bool) -> [u8; 55] {
     let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    hex_into(&mut tp[3..35], trace_id);
-    hex_into(&mut tp[36..52], u128::from(span));
+    tp[3..35].copy_from_slice(&hex32(trace_id));
+    tp[36..52].copy_from_slice(&hex16(span));
     if sampled {
         tp[54] = b'1';
     }
@@ -278,12 +322,12 @@ fn finish_with(
     if existing_id.is_none() {
         // A random UUID-shaped id.
         id.copy_from_slice(b"00000000-0000-0000-0000-000000000000");
-        let n = fastrand::u128(..);
-        hex_into(&mut id[..8], n >> 96);
-        hex_into(&mut id[9..13], n >> 80);
-        hex_into(&mut id[14..18], n >> 64);
-        hex_into(&mut id[19..23], n >> 48);
-        hex_into(&mut id[24..], n);
+        let h = hex32(fastrand::u128(..));
+        id[..8].copy_from_slice(&h[..8]);
+        id[9..13].copy_from_slice(&h[8..12]);
+        id[14..18].copy_from_slice(&h[12..16]);
+        id[19..23].copy_from_slice(&h[16..20]);
+        id[24..].copy_from_slice(&h[20..]);
     }
     let shared = bytes::Bytes::copy_from_slice(if existing_id.is_some() {
         &buf[..55]
@@ -315,6 +359,45 @@ fn finish_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_is_written_and_read_as_the_formatter_does() {
+        let mut values: Vec<u128> = vec![0, 1, 9, 10, 15, 16, u128::MAX, u128::from(u64::MAX)];
+        values.extend((0..2000).map(|_| fastrand::u128(..)));
+        // Every nibble value in every place.
+        values.extend((0..32).flat_map(|i| (0..16u128).map(move |d| d << (4 * i))));
+        for n in values {
+            let want = format!("{n:032x}");
+            assert_eq!(std::str::from_utf8(&hex32(n)).unwrap(), want);
+            assert_eq!(
+                std::str::from_utf8(&hex16(n as u64)).unwrap(),
+                format!("{:016x}", n as u64)
+            );
+            assert_eq!(parse_hex(want.as_bytes()), Some(n));
+            assert_eq!(parse_hex64(&want.as_bytes()[16..]), Some(n as u64));
+            // Shorter forms too (B3's 64-bit trace ids, a traceparent's two-digit fields).
+            for len in [1, 2, 15, 16, 17, 31] {
+                let part = &want.as_bytes()[32 - len..];
+                assert_eq!(
+                    parse_hex(part),
+                    u128::from_str_radix(&want[32 - len..], 16).ok()
+                );
+            }
+        }
+        // Anything but a lower-case hex digit, in any place, refuses the whole.
+        let good = *b"0123456789abcdef0123456789abcdef";
+        for at in 0..32 {
+            for b in (0..=255u8).filter(|b| !b.is_ascii_digit() && !(b'a'..=b'f').contains(b)) {
+                let mut v = good;
+                v[at] = b;
+                assert_eq!(parse_hex(&v), None, "{b:#x} at {at}");
+                if at >= 16 {
+                    assert_eq!(parse_hex64(&v[16..]), None, "{b:#x} at {at}");
+                }
+            }
+        }
+        assert_eq!(parse_hex(&[b'0'; 33]), None, "more than 32 digits");
+    }
 
     #[test]
     fn propagates_or_creates() {
