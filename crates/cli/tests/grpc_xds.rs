@@ -1,5 +1,6 @@
 //! A real proxyless gRPC client (grpcio's xDS resolver, gRFC A27) resolves
-//! `xds:///catalog.shop:80` through the control plane and calls a real gRPC server.
+//! `xds:///catalog.shop:80` through the control plane and calls a real gRPC server; a
+//! route's `trellis.dev/Fault` reaches it as the fault filter's override (gRFC A33).
 //!
 //! Needs a Python with `grpcio` and `grpcio-health-checking`: `$TRELLIS_GRPC_PYTHON`, or the
 //! virtualenv that `.ci/run` makes in `target/grpc-venv`.
@@ -61,22 +62,30 @@ async fn grpc_python_client_resolves_and_calls_through_xds() {
     });
     let b = write_temp("bootstrap.json", &bootstrap.to_string());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/grpc_xds_client.py");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(py)
-            .arg(script)
-            .arg("catalog.shop:80")
-            .env("GRPC_XDS_BOOTSTRAP", b.as_os_str())
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "grpc client failed:\n{so}\n{se}");
-    assert_eq!(so.trim(), "SERVING");
+    // One call by a new client process: whether it succeeded, what it printed, its stderr.
+    let call = || {
+        let (py, script, b) = (py.clone(), script.clone(), b.to_path_buf());
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(py)
+                    .arg(script)
+                    .arg("catalog.shop:80")
+                    .env("GRPC_XDS_BOOTSTRAP", b.as_os_str())
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (ok, so, se) = call().await;
+    assert!(ok, "grpc client failed:\n{so}\n{se}");
+    assert_eq!(so, "SERVING");
     // The control plane recorded the client's ACKs of all four types.
     let (_, v) = cp
         .call(http::Method::GET, "/api/v1/proxies", "", None)
@@ -92,4 +101,26 @@ async fn grpc_python_client_resolves_and_calls_through_xds() {
             assert_eq!(p["types"][t]["acked"], p["types"][t]["sent"], "{t}: {p}");
         }
     }
+
+    // A fault on the route: the client aborts every call itself, with the status asked for
+    // (ABORTED, which neither the server nor a broken connection would give).
+    let faulty = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: catalog, namespace: shop }\nspec:\n  parentRefs: [{ kind: Service, name: catalog, port: 80 }]\n  rules:\n    - backendRefs: [{ name: catalog, port: 80 }]\n      filters:\n        - type: trellis.dev/Fault\n          fault:\n            - abort: { percent: 100, grpcStatus: 10 }\n";
+    let (st, v) = cp
+        .call(http::Method::POST, "/api/v1/apply", faulty, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (ok, so, se) = call().await;
+    assert!(!ok && so == "ABORTED", "{so}\n{se}");
+    // Gone with the route: served again.
+    let (st, v) = cp
+        .call(
+            http::Method::DELETE,
+            "/api/v1/resources/GRPCRoute/shop/catalog",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (ok, so, se) = call().await;
+    assert!(ok && so == "SERVING", "{so}\n{se}");
 }

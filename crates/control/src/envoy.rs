@@ -11,13 +11,19 @@
 //! an HttpConnectionManager taking the service port's RouteConfiguration by RDS, a TCP port a
 //! TcpProxy to its cluster. HTTP/2 and gRPC clusters say so in their protocol options, which
 //! Envoy needs to speak HTTP/2 upstream.
+//!
+//! Every HttpConnectionManager has the fault filter (empty) before the Router, and a route
+//! with a `trellis.dev/Fault` filter overrides it (`typed_per_filter_config`, gRFC A33 for
+//! proxyless gRPC): the route's first delay and first abort (the filter holds one of each),
+//! applied per request rather than per try as a Trellis proxy does. A route's
+//! `RequestMirror` filters become `request_mirror_policies` (Envoy; gRPC does not mirror).
 
 use std::{collections::BTreeMap, time::Duration};
 
 use trellis_model::{
     proxy::{
-        BindConfig, ClusterConfig, EndpointConfig, PathMatchConfig, PortConfig, RouteConfig,
-        ValueMatcher,
+        BindConfig, ClusterConfig, EndpointConfig, FaultConfig, PathMatchConfig, PortConfig,
+        RouteConfig, ValueMatcher,
     },
     resource::{LbKind, NamespacedName, Protocol},
     ProxyConfig,
@@ -36,7 +42,7 @@ use trellis_xds::{
                     core::v3::{
                         address, config_source::ConfigSourceSpecifier, socket_address, Address,
                         AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality,
-                        Metadata, SocketAddress,
+                        Metadata, RuntimeFractionalPercent, SocketAddress,
                     },
                     endpoint::v3::{
                         lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint,
@@ -45,15 +51,21 @@ use trellis_xds::{
                     listener::v3::{filter, ApiListener, Filter, FilterChain, Listener},
                     route::v3::{
                         header_matcher::HeaderMatchSpecifier,
-                        query_parameter_matcher::QueryParameterMatchSpecifier, route,
-                        route_action::ClusterSpecifier, route_match::PathSpecifier,
-                        weighted_cluster::ClusterWeight, HeaderMatcher, QueryParameterMatcher,
-                        Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-                        WeightedCluster,
+                        query_parameter_matcher::QueryParameterMatchSpecifier,
+                        route,
+                        route_action::{ClusterSpecifier, RequestMirrorPolicy},
+                        route_match::PathSpecifier,
+                        weighted_cluster::ClusterWeight,
+                        HeaderMatcher, QueryParameterMatcher, Route, RouteAction,
+                        RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
                     },
                 },
                 extensions::filters::{
-                    http::router::v3::Router,
+                    common::fault::v3::{fault_delay::FaultDelaySecifier, FaultDelay},
+                    http::{
+                        fault::v3::{fault_abort::ErrorType, FaultAbort, HttpFault},
+                        router::v3::Router,
+                    },
                     network::{
                         http_connection_manager::v3::{
                             http_connection_manager::RouteSpecifier, http_filter,
@@ -69,7 +81,10 @@ use trellis_xds::{
                     },
                     HttpProtocolOptions,
                 },
-                r#type::matcher::v3::{string_matcher::MatchPattern, RegexMatcher, StringMatcher},
+                r#type::{
+                    matcher::v3::{string_matcher::MatchPattern, RegexMatcher, StringMatcher},
+                    v3::{fractional_percent::DenominatorType, FractionalPercent},
+                },
             },
             google::protobuf::{
                 value::Kind, Any, Duration as PbDuration, Struct, UInt32Value, Value,
@@ -160,15 +175,72 @@ fn hcm(name: &str, id: &NamespacedName) -> HttpConnectionManager {
             config_source: Some(ads()),
             route_config_name: name.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: vec![
+            // No fault unless a route says so (`fault`).
+            HttpFilter {
+                name: FAULT_FILTER.into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    HttpFault::default(),
+                ))),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
         ..Default::default()
     }
+}
+
+/// The fault filter's name in every HttpConnectionManager, which a route's override names.
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+fn per_million(n: u32) -> FractionalPercent {
+    FractionalPercent {
+        numerator: n,
+        denominator: DenominatorType::Million as i32,
+    }
+}
+
+/// A route's faults as the fault filter's override: its first delay and its first abort (the
+/// filter holds one of each); an abort answers with the gRPC status on a gRPC port, the HTTP
+/// status on others. None without faults.
+fn fault(faults: &[FaultConfig], protocol: Protocol) -> Option<HttpFault> {
+    let delay = faults.iter().find_map(|f| match f {
+        FaultConfig::Delay {
+            per_million: n,
+            duration,
+        } => Some(FaultDelay {
+            percentage: Some(per_million(*n)),
+            fault_delay_secifier: Some(FaultDelaySecifier::FixedDelay(dur(*duration))),
+        }),
+        FaultConfig::Abort { .. } => None,
+    });
+    let abort = faults.iter().find_map(|f| match f {
+        FaultConfig::Abort {
+            per_million: n,
+            status,
+            grpc_status,
+        } => Some(FaultAbort {
+            percentage: Some(per_million(*n)),
+            error_type: Some(if protocol == Protocol::Grpc {
+                ErrorType::GrpcStatus(*grpc_status)
+            } else {
+                ErrorType::HttpStatus(u32::from(*status))
+            }),
+            ..Default::default()
+        }),
+        FaultConfig::Delay { .. } => None,
+    });
+    (delay.is_some() || abort.is_some()).then(|| HttpFault {
+        delay,
+        abort,
+        ..Default::default()
+    })
 }
 
 fn listener(name: &str, id: &NamespacedName) -> Listener {
@@ -305,6 +377,10 @@ fn route_config(name: &str, host: &str, p: &PortConfig) -> RouteConfiguration {
                     ),
                 })
                 .collect();
+            let typed_per_filter_config = fault(&r.faults, p.protocol)
+                .map(|f| (FAULT_FILTER.to_string(), pack_any(f)))
+                .into_iter()
+                .collect();
             routes.push(Route {
                 name: r.name.to_string(),
                 r#match: Some(RouteMatch {
@@ -314,6 +390,7 @@ fn route_config(name: &str, host: &str, p: &PortConfig) -> RouteConfiguration {
                     ..Default::default()
                 }),
                 action: Some(route::Action::Route(route_action(r))),
+                typed_per_filter_config,
                 ..Default::default()
             });
         }
@@ -354,6 +431,18 @@ fn route_action(r: &RouteConfig) -> RouteAction {
     };
     RouteAction {
         cluster_specifier: Some(cluster_specifier),
+        request_mirror_policies: r
+            .mirrors
+            .iter()
+            .map(|m| RequestMirrorPolicy {
+                cluster: m.cluster.clone(),
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(per_million(m.per_million)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
         timeout: r.timeout.map(dur),
         retry_policy: r.retry.as_ref().map(|rt| {
             use trellis_xds::envoy_types::pb::envoy::config::route::v3::RetryPolicy;

@@ -390,3 +390,99 @@ async fn an_envoy_sidecar_gets_socket_listeners_for_its_upstreams() {
         .typed_extension_protocol_options
         .is_empty());
 }
+
+#[tokio::test]
+async fn a_routes_faults_and_mirror_reach_envoy_as_the_fault_filter_and_a_mirror_policy() {
+    use trellis_xds::envoy_types::pb::envoy::{
+        extensions::filters::{
+            common::fault::v3::fault_delay::FaultDelaySecifier,
+            http::fault::v3::{fault_abort::ErrorType, HttpFault},
+        },
+        r#type::v3::fractional_percent::DenominatorType,
+    };
+    let cp = InProcess::start("a27-faults").await;
+    let http_mesh = MESH
+        .replace("protocol: GRPC", "protocol: HTTP")
+        .replace(
+            "kind: GRPCRoute",
+            "kind: HTTPRoute",
+        )
+        .replace(
+            "    - matches: [{ method: { service: shop.Catalog, method: Get } }]\n      backendRefs: [{ name: catalog, port: 80, weight: 90 }, { name: catalog-v2, port: 80, weight: 10 }]\n",
+            "    - backendRefs: [{ name: catalog, port: 80 }]\n      filters:\n        - type: trellis.dev/Fault\n          fault:\n            - abort: { percent: 2.5, httpStatus: 418 }\n            - delay: { percent: 50, duration: 100ms }\n            - abort: { percent: 99, httpStatus: 500 }\n        - type: RequestMirror\n          requestMirror: { backendRef: { name: catalog-v2, port: 80 }, percent: 25 }\n",
+        );
+    assert!(http_mesh.contains("RequestMirror"), "{http_mesh}");
+    cp.call(
+        http::Method::POST,
+        "/api/v1/apply?file=mesh.yaml",
+        &http_mesh,
+    )
+    .await;
+    let (tx, mut inbound) = open_ads(&cp).await;
+    let target = "catalog.shop:80";
+    let r = fetch(&tx, &mut inbound, LISTENER_TYPE, &[target], true).await;
+    let l = Listener::decode(r.resources[0].value.as_slice()).unwrap();
+    let hcm = HttpConnectionManager::decode(
+        l.api_listener
+            .unwrap()
+            .api_listener
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["envoy.filters.http.fault", "envoy.filters.http.router"]
+    );
+
+    let r = fetch(&tx, &mut inbound, ROUTE_TYPE, &[target], false).await;
+    let rc = RouteConfiguration::decode(r.resources[0].value.as_slice()).unwrap();
+    let route = &rc.virtual_hosts[0].routes[0];
+    // The filter holds one delay and one abort: the route's first of each.
+    let any = &route.typed_per_filter_config["envoy.filters.http.fault"];
+    let f = HttpFault::decode(any.value.as_slice()).unwrap();
+    let abort = f.abort.unwrap();
+    assert_eq!(abort.error_type, Some(ErrorType::HttpStatus(418)));
+    let pct = abort.percentage.unwrap();
+    assert_eq!(
+        (pct.numerator, pct.denominator),
+        (25_000, DenominatorType::Million as i32)
+    );
+    let delay = f.delay.unwrap();
+    assert_eq!(delay.percentage.unwrap().numerator, 500_000);
+    let Some(FaultDelaySecifier::FixedDelay(d)) = delay.fault_delay_secifier else {
+        panic!("a fixed delay")
+    };
+    assert_eq!((d.seconds, d.nanos), (0, 100_000_000));
+    // A quarter of the requests mirrored to catalog-v2's cluster.
+    let Some(Action::Route(ra)) = &route.action else {
+        panic!("route action")
+    };
+    let m: Vec<(String, u32)> = ra
+        .request_mirror_policies
+        .iter()
+        .map(|m| {
+            let p = m.runtime_fraction.as_ref().unwrap().default_value.unwrap();
+            (m.cluster.clone(), p.numerator)
+        })
+        .collect();
+    assert_eq!(m, [("shop/catalog-v2:80".to_string(), 250_000)]);
+    // The default route of catalog-v2's own port has neither.
+    let r = fetch(
+        &tx,
+        &mut inbound,
+        ROUTE_TYPE,
+        &["catalog-v2.shop:80"],
+        false,
+    )
+    .await;
+    let rc = RouteConfiguration::decode(r.resources[0].value.as_slice()).unwrap();
+    let route = &rc.virtual_hosts[0].routes[0];
+    assert!(route.typed_per_filter_config.is_empty());
+    let Some(Action::Route(ra)) = &route.action else {
+        panic!("route action")
+    };
+    assert!(ra.request_mirror_policies.is_empty());
+}
