@@ -258,6 +258,8 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     .await;
     let services = wait_text(&browser, "#services", "test/catalog").await;
     assert!(services.contains("app_error"), "{services}");
+    // The header counts them, in the singular for one.
+    wait_text(&browser, "#summary", "1 service · 2 edges · 2 problems").await;
     // A click on a service opens its view: requests over time by the workload that served
     // them, its endpoints by environment with their health, the route that names it.
     let row = browser

@@ -436,9 +436,14 @@ function draw(f) {
   state.proxies = f.proxies;
   if (state.service) showService(state.service);
   if (state.workload) showWorkload(state.workload);
-  $("summary").textContent = `${f.stat.length} services · ${f.edges.length} edges · ${f.diagnose.verdicts.length} problems` +
-    (state.grouped ? ` · ${state.grouped} workloads, drawn by namespace and environment` : "") +
-    (state.hidden ? ` · ${state.hidden} healthy edges not drawn` : "") +
+  const count = (k, one, many) => `${k} ${k === 1 ? one : many}`;
+  $("summary").textContent = [
+    count(f.stat.length, "service", "services"),
+    count(f.edges.length, "edge", "edges"),
+    count(f.diagnose.verdicts.length, "problem", "problems"),
+  ].join(" · ") +
+    (state.grouped ? ` · ${count(state.grouped, "workload", "workloads")}, drawn by namespace and environment` : "") +
+    (state.hidden ? ` · ${count(state.hidden, "healthy edge", "healthy edges")} not drawn` : "") +
     (f.partial ? ` · ${f.partial}` : "");
 }
 
