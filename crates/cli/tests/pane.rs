@@ -303,7 +303,9 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     )
     .await;
     assert!(
-        row.contains("test/shop") && row.contains("catalog.test/tapped 200 ok"),
+        row.contains("test/shop")
+            && row.contains("catalog.test/tapped 200 ok")
+            && (row.contains("@ test/catalog-vm") || row.contains("@ test/catalog-ct")),
         "{row}"
     );
     keep_picture(&browser, Some("tap"), "pane-tap.png").await;

@@ -1285,7 +1285,7 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_fleet() {
     for e in &served {
         assert_eq!(
             (e["dst_workload"].as_str(), e["direction"].as_str()),
-            (Some("catalog-ct"), Some("inbound")),
+            (Some("test/catalog-ct"), Some("inbound")),
             "{e}"
         );
     }

@@ -153,7 +153,8 @@ struct Event<'a> {
     src_workload: Option<&'a str>,
     src_identity: Option<&'a str>,
     dst_service: Option<&'a str>,
-    dst_workload: Option<&'a str>,
+    /// `namespace/name`, as the caller's is and as `stat` and `edges` name workloads.
+    dst_workload: Option<String>,
     dst_environment: &'static str,
     dst_locality: Option<&'a str>,
     trace_id: Option<String>,
@@ -244,6 +245,17 @@ impl Taps {
     }
 }
 
+/// The destination workload as `namespace/name`. A line names it without its namespace (a
+/// metric label); a service selects workloads of its own namespace only, so the namespace is
+/// the service's (`name.namespace`).
+fn workload_id(l: &HttpLine) -> Option<String> {
+    let name = l.dst_workload.get()?;
+    Some(match l.dst_service.get().and_then(|h| h.split_once('.')) {
+        Some((_, ns)) if !name.contains('/') => format!("{ns}/{name}"),
+        _ => name.to_string(),
+    })
+}
+
 fn event(tap: u64, l: &HttpLine, total: Duration, headers: bool) -> Bytes {
     let h = l.tap_headers.as_deref().filter(|_| headers);
     let e = Event {
@@ -265,7 +277,7 @@ fn event(tap: u64, l: &HttpLine, total: Duration, headers: bool) -> Bytes {
         src_workload: l.src_workload.get(),
         src_identity: l.source_identity.get(),
         dst_service: l.dst_service.get(),
-        dst_workload: l.dst_workload.get(),
+        dst_workload: workload_id(l),
         dst_environment: l.dst_environment,
         dst_locality: l.dst_locality.get(),
         trace_id: (l.trace_id != 0).then(|| format!("{:032x}", l.trace_id)),
