@@ -755,6 +755,18 @@ async fn half_the_requests_are_mirrored_and_compared_and_the_mirror_answers_nobo
         },
     )
     .await;
+    // So is a body of a length not told (chunked, in two chunks).
+    let before = MARKED_BYTES.load(Ordering::SeqCst);
+    eventually(
+        "a chunked body is mirrored whole",
+        Duration::from_secs(20),
+        async || {
+            let status = post_chunked(to, &[&[b'z'; 400], &[b'z'; 600]]).await;
+            assert_eq!(status, 200);
+            (MARKED_BYTES.load(Ordering::SeqCst) >= before + 1000).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         MARKED_BYTES.load(Ordering::SeqCst) % 1000,
         0,
@@ -805,6 +817,29 @@ async fn half_the_requests_are_mirrored_and_compared_and_the_mirror_answers_nobo
         "{out}"
     );
     assert!(out.contains("% agree with the primary"), "{out}");
+}
+
+/// A POST to catalog.test whose body is `chunks`, sent chunked on a connection of its own:
+/// the answer's status.
+async fn post_chunked(to: std::net::SocketAddr, chunks: &[&[u8]]) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut req = b"POST / HTTP/1.1\r\nhost: catalog.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    for c in chunks {
+        req.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        req.extend_from_slice(c);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+    s.write_all(&req).await.unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|a| a.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an answer: {answer}"))
 }
 
 /// The caller's outbound requests so far, by its proxy's own metrics.

@@ -42,6 +42,9 @@ use crate::{
 
 /// Largest request body kept for replay; bigger bodies are streamed and not retried.
 const REPLAY_CAP: usize = 64 * 1024;
+// A mirrored body is the one recorded for retries: a chunked one that outgrew this cap is
+// not copied, so the mirrors' cap cannot be larger.
+const _: () = assert!(mirror::BODY_CAP <= REPLAY_CAP);
 const BACKOFF_CAP: Duration = Duration::from_secs(1);
 
 /// What the route asks of this exchange.
@@ -151,15 +154,17 @@ pub(crate) async fn forward(
         || body
             .size_hint()
             .upper()
-            .is_some_and(|n| n as usize <= mirror::BODY_CAP)
+            .is_none_or(|n| n as usize <= mirror::BODY_CAP)
     {
+        // A body of a length not told (chunked) is recorded as it streams to the primary,
+        // up to the cap, and copied only if it ended within it (`mirror_all`).
         Some(mirror::Head {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             headers: parts.headers.clone(),
         })
     } else {
-        // Over the mirrors' body cap, or of a length not told: not mirrored.
+        // Over the mirrors' body cap: not mirrored.
         skip_mirrors(dialer, &cluster, &mut mirror_to, &rec);
         None
     };

@@ -5,10 +5,11 @@
 //! `trellis stat` and the pane).
 //!
 //! A copy is sent once the primary's answer head has come (the request body, if any, then
-//! recorded whole), on a task of its own: it never delays the primary. It is marked
-//! (`x-trellis-mirror: 1`), has a cap of its own on requests in flight
-//! ([`crate::mirrors::IN_FLIGHT`]) and
-//! on body size ([`BODY_CAP`]) (beyond either it is skipped and counted), and counts
+//! recorded whole, whether its length was told or it came chunked), on a task of its own:
+//! it never delays the primary. It is marked (`x-trellis-mirror: 1`), has a cap of its own
+//! on requests in flight ([`crate::mirrors::IN_FLIGHT`]) and on body size ([`BODY_CAP`])
+//! (beyond either, or a body not ended when the primary answered, it is skipped and
+//! counted), and counts
 //! neither in the caller's metrics and reports nor in the cluster's retry budget. Cost on a
 //! route without mirrors: one emptiness check per request.
 
