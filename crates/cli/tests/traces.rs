@@ -543,6 +543,62 @@ async fn tls_receiver(
     (addr, r, task)
 }
 
+/// A request to `down.test`, whose port is closed: a 502, whose spans are exported whatever
+/// the sampling says.
+async fn fail_one(p: &trellis_test_support::ProxyProcess) {
+    let r = client::get_full(p.outbound, "down.test", "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
+}
+
+/// The spans `got` holds once there are some; the first is a failed request's.
+async fn failed_spans(got: &Receiver, what: &str) -> Vec<Got> {
+    let spans = eventually(what, Duration::from_secs(15), async || {
+        let g = got.0.lock().unwrap().clone();
+        (!g.is_empty()).then_some(g)
+    })
+    .await;
+    assert_eq!(
+        spans[0].attrs["trellis.failure_class"], "connect_refused",
+        "{spans:?}"
+    );
+    spans
+}
+
+/// Until `p` counts spans it could not send to its collector.
+async fn spans_not_sent(p: &trellis_test_support::ProxyProcess) {
+    eventually(
+        "spans the collector could not be sent are counted",
+        Duration::from_secs(15),
+        async || {
+            (p.metric("trellis_trace_spans_total", &[("outcome", "failed")])
+                .await
+                > 0.0)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// `trellis proxy` with the collector `endpoint` and `args`, refused before it starts with
+/// exit status `code`: its stderr.
+fn refused(endpoint: &str, args: &[&str], code: i32) -> String {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "proxy",
+            "--config",
+            "/dev/null",
+            "--otlp-endpoint",
+            endpoint,
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(code), "{args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn spans_go_to_a_collector_over_tls_verified_by_the_ca_given() {
     let dir = trellis_test_support::Temp::dir("otlp-tls");
@@ -554,13 +610,6 @@ async fn spans_go_to_a_collector_over_tls_verified_by_the_ca_given() {
     let config = docs(&[service("down", "HTTP", &[down]), client_workload(&[])]);
     let url = format!("https://{otlp}");
     let ca = dir.join("ca.pem").display().to_string();
-    // A failed request's spans are exported whatever the sampling says.
-    let failed = async |p: &trellis_test_support::ProxyProcess| {
-        let r = client::get_full(p.outbound, "down.test", "/", &[])
-            .await
-            .unwrap();
-        assert_eq!(r.status, 502);
-    };
     // The proxy, its collector verified with `ca`.
     let start = |ca: &str, env: &[(&str, &str)]| {
         trellis_test_support::ProxyProcess::start_with_env(
@@ -585,20 +634,8 @@ async fn spans_go_to_a_collector_over_tls_verified_by_the_ca_given() {
             "Authorization=Bearer t0ken,x-tenant=shop",
         )],
     );
-    failed(&p).await;
-    let spans = eventually(
-        "the failed request's span over TLS",
-        Duration::from_secs(15),
-        async || {
-            let g = got.0.lock().unwrap().clone();
-            (!g.is_empty()).then_some(g)
-        },
-    )
-    .await;
-    assert_eq!(
-        spans[0].attrs["trellis.failure_class"], "connect_refused",
-        "{spans:?}"
-    );
+    fail_one(&p).await;
+    let spans = failed_spans(&got, "the failed request's span over TLS").await;
     assert_eq!(
         spans[0].headers,
         (Some("Bearer t0ken".into()), Some("shop".into())),
@@ -610,36 +647,16 @@ async fn spans_go_to_a_collector_over_tls_verified_by_the_ca_given() {
     let before = got.0.lock().unwrap().len();
     let wrong = other.join("ca.pem").display().to_string();
     let p = start(&wrong, &[]);
-    failed(&p).await;
-    eventually(
-        "spans the collector could not be sent are counted",
-        Duration::from_secs(15),
-        async || {
-            (p.metric("trellis_trace_spans_total", &[("outcome", "failed")])
-                .await
-                > 0.0)
-                .then_some(())
-        },
-    )
-    .await;
+    fail_one(&p).await;
+    spans_not_sent(&p).await;
     assert_eq!(got.0.lock().unwrap().len(), before, "nothing reached it");
     task.abort();
 
-    // A proxy given `args` beside the collector: refused before it starts; its stderr.
-    let refused = |args: &[&str]| {
-        let out = std::process::Command::new(BIN)
-            .args(["proxy", "--config", "/dev/null", "--otlp-endpoint", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64));
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     // A CA file that cannot be read stops the proxy before it starts, naming the file.
-    let err = refused(&["--otlp-ca", "/nonexistent/ca.pem"]);
+    let err = refused(&url, &["--otlp-ca", "/nonexistent/ca.pem"], 64);
     assert!(err.contains("--otlp-ca /nonexistent/ca.pem"), "{err}");
     // So does a header that cannot be sent, named without its value (it may be a secret).
-    let err = refused(&["--otlp-header", "x-key=s3cret\u{7f}"]);
+    let err = refused(&url, &["--otlp-header", "x-key=s3cret\u{7f}"], 64);
     assert!(
         err.contains("--otlp-header x-key: its value is not visible ASCII"),
         "{err}"
@@ -686,66 +703,23 @@ async fn spans_go_to_a_collector_that_asks_for_a_client_certificate() {
         args.extend_from_slice(more);
         trellis_test_support::ProxyProcess::start(BIN, &config, &args)
     };
-    let failed = async |p: &trellis_test_support::ProxyProcess| {
-        let r = client::get_full(p.outbound, "down.test", "/", &[])
-            .await
-            .unwrap();
-        assert_eq!(r.status, 502);
-    };
 
     // Without a client certificate the collector refuses the connection: nothing arrives,
     // and the spans are counted as failed.
     let p = start(&[]);
-    failed(&p).await;
-    eventually(
-        "spans the collector refused are counted",
-        Duration::from_secs(15),
-        async || {
-            (p.metric("trellis_trace_spans_total", &[("outcome", "failed")])
-                .await
-                > 0.0)
-                .then_some(())
-        },
-    )
-    .await;
+    fail_one(&p).await;
+    spans_not_sent(&p).await;
     assert!(got.0.lock().unwrap().is_empty(), "nothing reached it");
     drop(p);
 
     // With it, the failed request's spans are exported.
     let p = start(&["--otlp-client-cert", &cert, "--otlp-client-key", &key]);
-    failed(&p).await;
-    let spans = eventually(
-        "the failed request's span over mutual TLS",
-        Duration::from_secs(15),
-        async || {
-            let g = got.0.lock().unwrap().clone();
-            (!g.is_empty()).then_some(g)
-        },
-    )
-    .await;
-    assert_eq!(
-        spans[0].attrs["trellis.failure_class"], "connect_refused",
-        "{spans:?}"
-    );
+    fail_one(&p).await;
+    failed_spans(&got, "the failed request's span over mutual TLS").await;
     drop(p);
     task.abort();
 
     // Refused before the proxy starts, naming the flag and the file.
-    let refused = |endpoint: &str, args: &[&str], code: i32| {
-        let out = std::process::Command::new(BIN)
-            .args([
-                "proxy",
-                "--config",
-                "/dev/null",
-                "--otlp-endpoint",
-                endpoint,
-            ])
-            .args(args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(code), "{args:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     let stray = path("stray.key");
     let err = refused(
         &url,

@@ -222,6 +222,17 @@ pub struct CollectorError {
     why: String,
 }
 
+impl CollectorError {
+    /// What `flag` named, the file at `path`, cannot be used, and why.
+    fn file(flag: &'static str, path: &std::path::Path, why: impl Into<String>) -> Self {
+        Self {
+            flag,
+            what: path.display().to_string(),
+            why: why.into(),
+        }
+    }
+}
+
 /// What TLS to an `https://` collector uses: the roots that verify its certificate (PEM;
 /// the system's bundle without them), and the certificate chain and key (PEM) this proxy
 /// shows a collector that asks for one (an OpenTelemetry Collector with
@@ -248,11 +259,11 @@ pub(crate) fn collector_tls(
             ("--otlp-client-key", tls.client_key),
         ];
         if let Some((flag, Some(path))) = given.into_iter().find(|(_, p)| p.is_some()) {
-            return Err(CollectorError {
+            return Err(CollectorError::file(
                 flag,
-                what: path.display().to_string(),
-                why: format!("the collector {endpoint} is plaintext: TLS settings need https://"),
-            });
+                path,
+                format!("the collector {endpoint} is plaintext: TLS settings need https://"),
+            ));
         }
         return Ok(None);
     }
@@ -271,11 +282,7 @@ pub(crate) fn collector_tls(
                 ),
             })?,
     };
-    let err = |why: String| CollectorError {
-        flag: "--otlp-ca",
-        what: path.display().to_string(),
-        why,
-    };
+    let err = |why: String| CollectorError::file("--otlp-ca", &path, why);
     let pem = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&pem) {
@@ -297,27 +304,18 @@ pub(crate) fn collector_tls(
         (None, None) => builder.with_no_client_auth(),
         (Some(cert), Some(key_file)) => {
             let (chain, key) = client_identity(cert, key_file)?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| CollectorError {
-                    flag: "--otlp-client-key",
-                    what: key_file.display().to_string(),
-                    why: format!("not the key of {}: {e}", cert.display()),
-                })?
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                let why = format!("not the key of {}: {e}", cert.display());
+                CollectorError::file("--otlp-client-key", key_file, why)
+            })?
         }
         (Some(cert), None) => {
-            return Err(CollectorError {
-                flag: "--otlp-client-cert",
-                what: cert.display().to_string(),
-                why: "needs its key, --otlp-client-key".into(),
-            })
+            let why = "needs its key, --otlp-client-key";
+            return Err(CollectorError::file("--otlp-client-cert", cert, why));
         }
         (None, Some(key)) => {
-            return Err(CollectorError {
-                flag: "--otlp-client-key",
-                what: key.display().to_string(),
-                why: "needs its certificate, --otlp-client-cert".into(),
-            })
+            let why = "needs its certificate, --otlp-client-cert";
+            return Err(CollectorError::file("--otlp-client-key", key, why));
         }
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -337,11 +335,7 @@ fn client_identity(
     key: &std::path::Path,
 ) -> Result<ClientIdentity, CollectorError> {
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-    let cert_err = |why: String| CollectorError {
-        flag: "--otlp-client-cert",
-        what: cert.display().to_string(),
-        why,
-    };
+    let cert_err = |why: String| CollectorError::file("--otlp-client-cert", cert, why);
     let pem = std::fs::read(cert).map_err(|e| cert_err(e.to_string()))?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -349,11 +343,7 @@ fn client_identity(
     if chain.is_empty() {
         return Err(cert_err("no certificate in it".into()));
     }
-    let key_err = |why: String| CollectorError {
-        flag: "--otlp-client-key",
-        what: key.display().to_string(),
-        why,
-    };
+    let key_err = |why: String| CollectorError::file("--otlp-client-key", key, why);
     let pem = std::fs::read(key).map_err(|e| key_err(e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(&pem)
         .map_err(|e| key_err(format!("no PEM private key in it: {e}")))?;
