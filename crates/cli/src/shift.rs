@@ -37,6 +37,10 @@ pub(crate) struct StartArgs {
     /// How long each step holds at least.
     #[arg(long, default_value = "30s")]
     interval: String,
+    /// A dark stage first: this percent of the requests copied to the canary (its answers
+    /// discarded) and judged as a step is, before any user reaches it.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    mirror: Option<u32>,
     /// Requests the canary must answer in a step before it can pass.
     #[arg(long, default_value_t = 100)]
     min_requests: u32,
@@ -123,8 +127,12 @@ async fn start(a: &StartArgs) -> Result<()> {
         None => stable_backend(&api, ns, service, canary).await?,
     };
     let steps: Vec<String> = a.steps.iter().map(u32::to_string).collect();
+    let mirror = a
+        .mirror
+        .map(|p| format!("  mirror: {{ percent: {p} }}\n"))
+        .unwrap_or_default();
     let yaml = format!(
-        "apiVersion: trellis.dev/v1alpha1\nkind: Rollout\nmetadata: {{ name: {service}, namespace: {ns} }}\nspec:\n  service: {service}\n  stable: {stable}\n  canary: {canary}\n  steps: [{}]\n  interval: {}\n  analysis:\n    minRequests: {}\n    maxErrorRateIncrease: {}\n    maxLatencyRatio: {}\n  onFailure: {}\n",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Rollout\nmetadata: {{ name: {service}, namespace: {ns} }}\nspec:\n  service: {service}\n  stable: {stable}\n  canary: {canary}\n  steps: [{}]\n  interval: {}\n{mirror}  analysis:\n    minRequests: {}\n    maxErrorRateIncrease: {}\n    maxLatencyRatio: {}\n  onFailure: {}\n",
         steps.join(", "),
         a.interval,
         a.min_requests,
@@ -138,8 +146,12 @@ async fn start(a: &StartArgs) -> Result<()> {
         Some(yaml),
     )
     .await?;
+    let dark = a
+        .mirror
+        .map(|p| format!(" after a dark stage ({p} % of the requests copied to it)"))
+        .unwrap_or_default();
     println!(
-        "rollout {ns}/{service}: {stable} → {canary} in steps of {} %, each held {} and at least {} canary requests; the control plane runs it (follow with `trellis shift status svc/{service} -n {ns}`)",
+        "rollout {ns}/{service}: {stable} → {canary}{dark} in steps of {} %, each held {} and at least {} canary requests; the control plane runs it (follow with `trellis shift status svc/{service} -n {ns}`)",
         steps.join(", "),
         a.interval,
         a.min_requests
@@ -245,17 +257,27 @@ pub(crate) fn print_status(r: &Value, now: u64) {
         .map(|s| s.to_string())
         .collect();
     let phase = r["phase"].as_str().unwrap_or("pending");
-    println!(
-        "{}/{}: {} → {}: {phase}, canary at {} % (step {} of {}: {} %)",
+    let (ns, name, stable, canary) = (
         r["namespace"].as_str().unwrap_or_default(),
         r["name"].as_str().unwrap_or_default(),
         r["stable"].as_str().unwrap_or_default(),
         r["canary"].as_str().unwrap_or_default(),
-        r["weight"],
-        r["step"].as_u64().unwrap_or(0) + 1,
-        steps.len(),
-        steps.join(", "),
     );
+    if r["dark"] == true {
+        println!(
+            "{ns}/{name}: {stable} → {canary}: {phase}, dark stage: {} % of the requests copied to the canary, none of them answered by it (then steps of {} %)",
+            r["mirror"],
+            steps.join(", "),
+        );
+    } else {
+        println!(
+            "{ns}/{name}: {stable} → {canary}: {phase}, canary at {} % (step {} of {}: {} %)",
+            r["weight"],
+            r["step"].as_u64().unwrap_or(0) + 1,
+            steps.len(),
+            steps.join(", "),
+        );
+    }
     if let Some(reason) = r["reason"].as_str().filter(|s| !s.is_empty()) {
         println!("  why: {reason}");
     }

@@ -345,6 +345,138 @@ async fn a_canary_failing_one_request_in_five_is_rolled_back_before_its_step_end
     assert!(err.contains("RolledBack: cannot Resume"), "{err}");
 }
 
+/// The rule of `test/catalog` as the API gives it (its filters, its backends).
+async fn rule(cp: &ControlProcess) -> serde_json::Value {
+    let (_, r) = cp
+        .call(
+            http::Method::GET,
+            "/api/v1/resources/HTTPRoute/test/catalog",
+            "",
+            None,
+        )
+        .await;
+    r["spec"]["rules"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_its_dark_stage_is_rolled_back_before_any_user_reaches_it() {
+    let d = delivery(Canary::FailsOneInFive).await;
+    // Every answer the users get, until told to stop: the ones not v1's 200 kept.
+    let stop = Arc::new(AtomicBool::new(false));
+    let users = {
+        let (stop, to) = (stop.clone(), d.caller.outbound);
+        tokio::spawn(async move {
+            let (mut n, mut other) = (0, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                let r = client::get_full(to, "catalog.test", "/", &[])
+                    .await
+                    .unwrap();
+                n += 1;
+                if (r.status.as_u16(), &r.body[..]) != (200, &b"v1"[..]) {
+                    other.push((r.status.as_u16(), r.body));
+                }
+            }
+            (n, other)
+        })
+    };
+    let v2_before = d.v2_hits.load(Ordering::SeqCst);
+    let out = shift(
+        &d.cp,
+        &[
+            "svc/catalog",
+            "--to",
+            "catalog-v2",
+            "--steps",
+            "20,50",
+            "--interval",
+            "60s",
+            "--min-requests",
+            "1000",
+            "--mirror",
+            "100",
+        ],
+    );
+    assert!(
+        out.contains("after a dark stage (100 % of the requests copied to it)"),
+        "{out}"
+    );
+    let back = phase(&d.cp, "rolledBack", Duration::from_secs(50)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (n, other) = users.await.unwrap();
+    assert_eq!(history(&back), ["started", "rolled back"], "{back:#}");
+    let started = back["history"][0]["detail"].as_str().unwrap();
+    assert!(started.contains("dark stage"), "{started}");
+    let reason = back["reason"].as_str().unwrap();
+    assert!(reason.contains("error rate clearly higher"), "{reason}");
+    // The canary failed on copies only: every user was answered by v1.
+    assert!(n > 0 && other.is_empty(), "{n} requests, others: {other:?}");
+    assert!(
+        d.v2_hits.load(Ordering::SeqCst) > v2_before,
+        "the canary got copies"
+    );
+    // Rolled back: no weight and no copies left on the route.
+    assert_eq!(
+        weights(&d.cp).await,
+        [("catalog-v1".into(), 100), ("catalog-v2".into(), 0)]
+    );
+    let r = rule(&d.cp).await;
+    assert!(r.get("filters").is_none(), "{r:#}");
+    assert_eq!(back["dark"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_canary_passes_its_dark_stage_then_its_steps() {
+    let d = delivery(Canary::Good).await;
+    let traffic = Traffic::start(d.caller.outbound);
+    shift(
+        &d.cp,
+        &[
+            "svc/catalog",
+            "--to",
+            "catalog-v2",
+            "--steps",
+            "50,100",
+            "--interval",
+            "3s",
+            "--min-requests",
+            "20",
+            "--mirror",
+            "50",
+        ],
+    );
+    // The dark stage: the canary at 0 %, half the requests copied to it.
+    eventually(
+        "the dark stage's route",
+        Duration::from_secs(10),
+        async || {
+            let r = rule(&d.cp).await;
+            (r["filters"][0]["requestMirror"]["percent"] == 50).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(
+        weights(&d.cp).await,
+        [("catalog-v1".into(), 100), ("catalog-v2".into(), 0)]
+    );
+    let out = shift(&d.cp, &["status", "svc/catalog"]);
+    assert!(
+        out.contains(
+            "progressing, dark stage: 50 % of the requests copied to the canary, none of them answered by it"
+        ),
+        "{out}"
+    );
+    let done = phase(&d.cp, "succeeded", Duration::from_secs(60)).await;
+    traffic.stop().await;
+    assert_eq!(history(&done), ["started", "step", "succeeded"], "{done:#}");
+    let passed = done["history"][1]["detail"].as_str().unwrap();
+    assert!(passed.starts_with("dark stage passed: "), "{passed}");
+    assert_eq!(done["history"][1]["weight"], 50);
+    // The copies stopped with the dark stage.
+    let r = rule(&d.cp).await;
+    assert!(r.get("filters").is_none(), "{r:#}");
+    all_to(&d, "v2").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_whose_proxy_is_down_is_rolled_back_as_not_reached() {
     let mut d = delivery(Canary::Good).await;

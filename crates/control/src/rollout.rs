@@ -12,6 +12,10 @@
 //!   stable's, as their own proxies saw them answer;
 //! - on a clear regression (error rate or median latency), at once: every route back to the
 //!   stable backend in one write (or the weights held, with `onFailure: Pause`);
+//! - with `spec.mirror`, a dark stage comes first: the canary's weight stays 0 and the
+//!   rollout's rules copy that share of their requests to it (`RequestMirror`, answers
+//!   discarded); the canary's proxy reports the copies it served as any request, so the
+//!   stage is judged as a step is, and the canary answers no user before it passes;
 //! - past the step's interval with the minimum sample and within the bounds: the next step's
 //!   weight, or, after the last step, everything to the canary (succeeded);
 //! - otherwise the step holds, saying why ("not enough traffic: …"): a step never passes
@@ -77,6 +81,9 @@ struct Progress {
     step: usize,
     /// The canary's percent now.
     weight: u32,
+    /// In the dark stage (before the first step): copies only.
+    #[serde(default)]
+    dark: bool,
     step_started_ms: u64,
     /// Why it is paused or ended.
     #[serde(default)]
@@ -103,8 +110,8 @@ impl Progress {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Change {
     at_ms: u64,
-    /// `started`, `step`, `succeeded`, `rolled back`, `paused`, `resumed`, `aborted`,
-    /// `promoted`.
+    /// `started`, `step` (the dark stage's end too), `succeeded`, `rolled back`, `paused`,
+    /// `resumed`, `aborted`, `promoted`.
     what: String,
     /// The canary's percent after it.
     weight: u32,
@@ -132,12 +139,16 @@ pub(crate) struct Status {
     stable: String,
     canary: String,
     steps: Vec<u32>,
+    /// The dark stage's percent of requests copied to the canary, if it has one.
+    mirror: Option<u32>,
     interval_ms: u64,
     min_requests: u32,
     /// None until the controller has started it.
     phase: Option<Phase>,
     step: usize,
     weight: u32,
+    /// In the dark stage: the canary gets copies, no user's request.
+    dark: bool,
     step_started_ms: u64,
     reason: String,
     analysis: Option<Analysis>,
@@ -328,21 +339,27 @@ impl Rollouts {
     ) -> Result<(), RolloutError> {
         let (p, expect) = self.progress(id, json).await?;
         let Some(mut p) = p else {
+            let dark = spec.mirror.is_some();
             let mut p = Progress {
                 spec: json.clone(),
                 phase: Phase::Progressing,
                 step: 0,
-                weight: spec.steps[0],
+                weight: if dark { 0 } else { spec.steps[0] },
+                dark,
                 step_started_ms: now_ms(),
                 reason: String::new(),
                 history: Vec::new(),
             };
+            let how = match &spec.mirror {
+                Some(m) => format!(
+                    "dark stage, {} % of the requests copied to the canary",
+                    m.percent
+                ),
+                None => format!("{} % to the canary", p.weight),
+            };
             p.note(
                 "started",
-                format!(
-                    "{} → {}: {} % to the canary",
-                    spec.stable, spec.canary, p.weight
-                ),
+                format!("{} → {}: {how}", spec.stable, spec.canary),
             );
             tracing::info!(rollout = %id, weight = p.weight, "rollout started");
             return self.commit(state, id, spec, &p, expect).await;
@@ -358,7 +375,7 @@ impl Rollouts {
             Verdict::Hold => {
                 // The rollout owns the weights while it progresses: a route applied over
                 // them gets them back.
-                if weights_differ(state, id, spec, p.weight) {
+                if weights_differ(state, id, spec, &p) {
                     return self.commit(state, id, spec, &p, expect).await;
                 }
                 Ok(())
@@ -368,6 +385,7 @@ impl Rollouts {
                     OnFailure::Rollback => {
                         p.phase = Phase::RolledBack;
                         p.weight = 0;
+                        p.dark = false;
                         p.note("rolled back", message.clone());
                     }
                     OnFailure::Pause => {
@@ -377,6 +395,15 @@ impl Rollouts {
                 }
                 p.reason = message;
                 tracing::warn!(rollout = %id, phase = ?p.phase, reason = %p.reason, "rollout analysis failed");
+                self.commit(state, id, spec, &p, expect).await
+            }
+            Verdict::Pass if p.dark => {
+                // Out of the dark: the copies stop, the first step's weight begins.
+                p.dark = false;
+                p.weight = spec.steps[0];
+                p.step_started_ms = now_ms();
+                p.note("step", format!("dark stage passed: {message}"));
+                tracing::info!(rollout = %id, weight = p.weight, "rollout out of its dark stage");
                 self.commit(state, id, spec, &p, expect).await
             }
             Verdict::Pass => {
@@ -465,8 +492,12 @@ impl Rollouts {
             }
         };
         let held = window_ms >= spec.interval.0.as_millis() as u64;
+        // In the dark stage the canary's share is the copies'.
         let share = judge::Share {
-            weight: p.weight,
+            weight: match (&spec.mirror, p.dark) {
+                (Some(m), true) => m.percent,
+                _ => p.weight,
+            },
             routed,
         };
         let (verdict, message) = judge::judge(&spec.analysis, &canary, &stable, &share, held);
@@ -489,7 +520,7 @@ impl Rollouts {
         p: &Progress,
         expect: Expect,
     ) -> Result<(), RolloutError> {
-        let docs = weighted_routes(state, id, spec, p.weight)?;
+        let docs = weighted_routes(state, id, spec, p)?;
         let record = Write {
             key: record_key(id),
             doc: Some(serde_json::to_value(p).expect("progress serializes")),
@@ -522,11 +553,13 @@ impl Rollouts {
                 stable: spec.stable.clone(),
                 canary: spec.canary.clone(),
                 steps: spec.steps.clone(),
+                mirror: spec.mirror.as_ref().map(|m| m.percent),
                 interval_ms: spec.interval.0.as_millis() as u64,
                 min_requests: spec.analysis.min_requests,
                 phase: p.as_ref().map(|p| p.phase),
                 step: p.as_ref().map_or(0, |p| p.step),
                 weight: p.as_ref().map_or(0, |p| p.weight),
+                dark: p.as_ref().is_some_and(|p| p.dark),
                 step_started_ms: p.as_ref().map_or(0, |p| p.step_started_ms),
                 reason: p.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
                 analysis: analysis.filter(|a| {
@@ -566,18 +599,20 @@ impl Rollouts {
                 p.phase = Phase::Progressing;
                 p.reason.clear();
                 p.step_started_ms = now_ms();
-                p.weight = spec.steps[p.step];
+                p.weight = if p.dark { 0 } else { spec.steps[p.step] };
                 p.note("resumed", who);
             }
             (Action::Abort, Phase::Progressing | Phase::Paused) => {
                 p.phase = Phase::Aborted;
                 p.weight = 0;
+                p.dark = false;
                 p.reason = "aborted by an operator".into();
                 p.note("aborted", who);
             }
             (Action::Promote, Phase::Progressing | Phase::Paused) => {
                 p.phase = Phase::Succeeded;
                 p.weight = 100;
+                p.dark = false;
                 p.step = spec.steps.len() - 1;
                 p.reason = "promoted by an operator".into();
                 p.note("promoted", who);
@@ -679,9 +714,52 @@ fn has_backend(doc: &Value, ns: &str, name: &str) -> bool {
     })
 }
 
-/// `doc` (a route) with the canary at `weight` % and the stable backend at the rest in each
-/// rule that sends to the stable backend (the canary added beside it where it is missing).
-fn with_weights(doc: &Value, ns: &str, spec: &RolloutSpec, weight: u32) -> Value {
+/// What a rollout writes into its rules: the canary's weight, and the percent of requests
+/// copied to it (its dark stage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Routing {
+    weight: u32,
+    mirror: Option<u32>,
+}
+
+impl Routing {
+    fn of(spec: &RolloutSpec, p: &Progress) -> Self {
+        Self {
+            weight: p.weight,
+            // Copies go while the dark stage runs or is paused, never after it.
+            mirror: spec
+                .mirror
+                .as_ref()
+                .filter(|_| p.dark && matches!(p.phase, Phase::Progressing | Phase::Paused))
+                .map(|m| m.percent),
+        }
+    }
+}
+
+/// The `RequestMirror` filter a rollout writes: `percent` of the rule's requests to the
+/// canary, on the stable backend's port.
+fn canary_mirror(spec: &RolloutSpec, port: &Value, percent: u32) -> Value {
+    serde_json::json!({
+        "type": "RequestMirror",
+        "requestMirror": {
+            "backendRef": { "name": spec.canary, "port": port },
+            "percent": percent,
+        }
+    })
+}
+
+/// Whether a route filter is a mirror to the canary (the rollout's own, which it removes when
+/// the dark stage ends).
+fn mirrors_to(f: &Value, ns: &str, canary: &str) -> bool {
+    f["type"] == "RequestMirror" && is_backend(&f["requestMirror"]["backendRef"], ns, canary)
+}
+
+/// `doc` (a route) with the canary at `routing.weight` % and the stable backend at the rest
+/// in each rule that sends to the stable backend (the canary added beside it where it is
+/// missing), and `routing.mirror` % of those rules' requests copied to the canary (no
+/// copies without it).
+fn with_weights(doc: &Value, ns: &str, spec: &RolloutSpec, routing: Routing) -> Value {
+    let weight = routing.weight;
     let mut doc = doc.clone();
     let Some(rules) = doc["spec"]["rules"].as_array_mut() else {
         return doc;
@@ -705,20 +783,50 @@ fn with_weights(doc: &Value, ns: &str, spec: &RolloutSpec, weight: u32) -> Value
                 b["weight"] = Value::from(weight);
             }
         }
+        let port = bs[stable]["port"].clone();
+        let had = r
+            .get("filters")
+            .and_then(Value::as_array)
+            .is_some_and(|fs| fs.iter().any(|f| mirrors_to(f, ns, &spec.canary)));
+        if !had && routing.mirror.is_none() {
+            continue;
+        }
+        let mut filters: Vec<Value> = r
+            .get("filters")
+            .and_then(Value::as_array)
+            .map(|fs| {
+                fs.iter()
+                    .filter(|f| !mirrors_to(f, ns, &spec.canary))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(percent) = routing.mirror {
+            filters.push(canary_mirror(spec, &port, percent));
+        }
+        if filters.is_empty() {
+            if let Some(o) = r.as_object_mut() {
+                o.remove("filters");
+            }
+        } else {
+            r["filters"] = Value::from(filters);
+        }
     }
     doc
 }
 
-/// The routes of `spec` at `weight`, typed for an apply (only those that change).
+/// The routes of `spec` as `p` has them, typed for an apply (only those that change).
 fn weighted_routes(
     state: &State,
     id: &NamespacedName,
     spec: &RolloutSpec,
-    weight: u32,
+    p: &Progress,
 ) -> Result<Vec<(Resource, Value)>, RolloutError> {
     let mut out = Vec::new();
+    let routing = Routing::of(spec, p);
+    let weight = routing.weight;
     for (key, doc) in routes(state, id, spec) {
-        let new = with_weights(&doc, &id.namespace, spec, weight);
+        let new = with_weights(&doc, &id.namespace, spec, routing);
         if new == doc {
             continue;
         }
@@ -731,11 +839,12 @@ fn weighted_routes(
     Ok(out)
 }
 
-/// Some route of `spec` does not have the canary at `weight`.
-fn weights_differ(state: &State, id: &NamespacedName, spec: &RolloutSpec, weight: u32) -> bool {
+/// Some route of `spec` is not as `p` has it.
+fn weights_differ(state: &State, id: &NamespacedName, spec: &RolloutSpec, p: &Progress) -> bool {
+    let routing = Routing::of(spec, p);
     routes(state, id, spec)
         .into_iter()
-        .any(|(_, doc)| with_weights(&doc, &id.namespace, spec, weight) != doc)
+        .any(|(_, doc)| with_weights(&doc, &id.namespace, spec, routing) != doc)
 }
 
 #[cfg(test)]

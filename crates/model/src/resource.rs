@@ -1296,6 +1296,11 @@ pub struct RolloutSpec {
     /// How long each step holds at least.
     #[serde(default = "default_interval")]
     pub interval: DurationValue,
+    /// A dark stage before the first step: a share of the requests copied to the canary
+    /// (its answers discarded), judged as a step is, so that the canary answers no user
+    /// until it has passed.
+    #[serde(default)]
+    pub mirror: Option<RolloutMirror>,
     /// How the canary is judged.
     #[serde(default)]
     pub analysis: RolloutAnalysis,
@@ -1310,6 +1315,14 @@ fn default_steps() -> Vec<u32> {
 
 fn default_interval() -> DurationValue {
     DurationValue(std::time::Duration::from_secs(30))
+}
+
+/// A rollout's dark stage.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutMirror {
+    /// Percent of the requests through the rollout's rules copied to the canary, 1 to 100.
+    pub percent: u32,
 }
 
 /// The analysis of a step: the canary against the stable version over the step's window.

@@ -1639,6 +1639,12 @@ fn rollout(file: &str, r: &Resource, p: &crate::resource::RolloutSpec) -> Result
     if p.interval.0 < Duration::from_secs(1) || p.interval.0 > Duration::from_secs(86_400) {
         return Err(bad("spec.interval", "from 1s to 24h"));
     }
+    if p.mirror
+        .as_ref()
+        .is_some_and(|m| !(1..=100).contains(&m.percent))
+    {
+        return Err(bad("spec.mirror.percent", "from 1 to 100"));
+    }
     let a = &p.analysis;
     if !(0.0..=100.0).contains(&a.max_error_rate_increase) {
         return Err(bad(

@@ -278,7 +278,10 @@ function drawRollouts(all) {
     const buttons = state.readOnly ? "" : (actions[phase] || []).map((act) =>
       ` <button class="rollout-act" data-rollout="${i}" data-action="${act}" type="button">${act}</button>`).join("");
     return `<li class="rollout ${esc(phase)}"><b>${esc(id)}</b>: ${esc(r.stable)} → ${esc(r.canary)}: ` +
-      `<span class="phase">${esc(phase)}</span>, canary at ${r.weight} % (step ${r.step + 1} of ${r.steps.length}: ${esc(r.steps.join(", "))} %)` +
+      `<span class="phase">${esc(phase)}</span>, ` +
+      (r.dark
+        ? `dark stage: ${r.mirror} % of the requests copied to the canary, none answered by it (then steps of ${esc(r.steps.join(", "))} %)`
+        : `canary at ${r.weight} % (step ${r.step + 1} of ${r.steps.length}: ${esc(r.steps.join(", "))} %)`) +
       (r.reason ? ` · why: ${esc(r.reason)}` : "") +
       (a ? ` · analysis: ${esc(a.verdict)}: ${esc(a.message)}` : "") +
       (last ? ` · ${last}` : "") + buttons + "</li>";

@@ -23,7 +23,7 @@ fn a_route_gets_the_canary_beside_the_stable_backend_and_the_weights_add_up_to_1
             ]
         }
     });
-    let five = with_weights(&route, "test", &spec(), 5);
+    let five = with_weights(&route, "test", &spec(), at(5));
     assert_eq!(
         five["spec"]["rules"][1]["backendRefs"],
         json!([
@@ -38,18 +38,72 @@ fn a_route_gets_the_canary_beside_the_stable_backend_and_the_weights_add_up_to_1
         json!({ "request": "5s" })
     );
     // The next step moves the same two; rolled back, the canary keeps a zero weight.
-    let half = with_weights(&five, "test", &spec(), 50);
+    let half = with_weights(&five, "test", &spec(), at(50));
     assert_eq!(half["spec"]["rules"][1]["backendRefs"][0]["weight"], 50);
     assert_eq!(half["spec"]["rules"][1]["backendRefs"][1]["weight"], 50);
-    let back = with_weights(&half, "test", &spec(), 0);
+    let back = with_weights(&half, "test", &spec(), at(0));
     assert_eq!(back["spec"]["rules"][1]["backendRefs"][0]["weight"], 100);
     assert_eq!(back["spec"]["rules"][1]["backendRefs"][1]["weight"], 0);
-    assert_eq!(with_weights(&back, "test", &spec(), 0), back);
+    assert_eq!(with_weights(&back, "test", &spec(), at(0)), back);
     // A backend of another namespace with the stable's name is not the stable backend.
     let other = json!({ "spec": { "rules": [
         { "backendRefs": [{ "name": "catalog-v1", "namespace": "prod", "port": 80 }] }
     ] } });
-    assert_eq!(with_weights(&other, "test", &spec(), 5), other);
+    assert_eq!(with_weights(&other, "test", &spec(), at(5)), other);
+}
+
+/// The canary at `weight` %, no copies.
+fn at(weight: u32) -> Routing {
+    Routing {
+        weight,
+        mirror: None,
+    }
+}
+
+#[test]
+fn the_dark_stage_copies_to_the_canary_and_its_end_removes_only_its_own_mirror() {
+    let route = json!({
+        "kind": "HTTPRoute",
+        "spec": { "rules": [
+            { "backendRefs": [{ "name": "catalog-v1", "port": 8080 }],
+              "filters": [{ "type": "RequestMirror",
+                            "requestMirror": { "backendRef": { "name": "shadow", "port": 80 }, "percent": 5 } }] }
+        ] }
+    });
+    let dark = Routing {
+        weight: 0,
+        mirror: Some(30),
+    };
+    let d = with_weights(&route, "test", &spec(), dark);
+    let rule = &d["spec"]["rules"][0];
+    assert_eq!(
+        rule["backendRefs"],
+        json!([
+            { "name": "catalog-v1", "port": 8080, "weight": 100 },
+            { "name": "catalog-v2", "port": 8080, "weight": 0 }
+        ])
+    );
+    assert_eq!(
+        rule["filters"],
+        json!([
+            route["spec"]["rules"][0]["filters"][0],
+            { "type": "RequestMirror",
+              "requestMirror": { "backendRef": { "name": "catalog-v2", "port": 8080 }, "percent": 30 } }
+        ])
+    );
+    // The same stage again changes nothing (the rollout writes only what differs).
+    assert_eq!(with_weights(&d, "test", &spec(), dark), d);
+    // Out of the dark: the first step's weight, the copies gone, the route's own mirror kept.
+    let first = with_weights(&d, "test", &spec(), at(5));
+    let rule = &first["spec"]["rules"][0];
+    assert_eq!(rule["backendRefs"][1]["weight"], 5);
+    assert_eq!(rule["filters"], route["spec"]["rules"][0]["filters"]);
+    // A rule whose only filter was the rollout's loses its `filters` with it.
+    let bare =
+        json!({ "spec": { "rules": [{ "backendRefs": [{ "name": "catalog-v1", "port": 80 }] }] } });
+    let d = with_weights(&bare, "test", &spec(), dark);
+    let back = with_weights(&d, "test", &spec(), at(0));
+    assert!(back["spec"]["rules"][0].get("filters").is_none(), "{back}");
 }
 
 #[test]

@@ -908,3 +908,32 @@ fn mirrors_take_percent_or_fraction_and_name_their_field() {
         assert!(e.contains(why), "{e}");
     }
 }
+
+#[test]
+fn a_rollouts_dark_stage_copies_from_1_to_100_percent() {
+    let rollout = |mirror: &str| {
+        format!("apiVersion: trellis.dev/v1alpha1\nkind: Rollout\nmetadata: {{ name: catalog, namespace: shop }}\nspec:\n  service: catalog\n  stable: catalog-v1\n  canary: catalog-v2\n{mirror}")
+    };
+    let check = |text: &str| {
+        let r = parse_documents("t.yaml", text).unwrap();
+        check_standalone("t.yaml", &r[0])
+    };
+    assert!(check(&rollout("")).is_ok());
+    assert!(check(&rollout("  mirror: { percent: 10 }\n")).is_ok());
+    for bad in [0, 101] {
+        let e = check(&rollout(&format!("  mirror: {{ percent: {bad} }}\n")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("t.yaml:2:")
+                && e.contains("spec.mirror.percent")
+                && e.contains("from 1 to 100"),
+            "{e}"
+        );
+    }
+    // Only `percent`: a misspelt field is refused where it stands.
+    let e = parse_documents("t.yaml", &rollout("  mirror: { precent: 10 }\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("precent"), "{e}");
+}
