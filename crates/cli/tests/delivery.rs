@@ -428,22 +428,26 @@ async fn a_canary_failing_its_dark_stage_is_rolled_back_before_any_user_reaches_
 async fn a_good_canary_passes_its_dark_stage_then_its_steps() {
     let d = delivery(Canary::Good).await;
     let traffic = Traffic::start(d.caller.outbound);
-    shift(
-        &d.cp,
-        &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
-            "--steps",
-            "50,100",
-            "--interval",
-            "3s",
-            "--min-requests",
-            "20",
-            "--mirror",
-            "50",
-        ],
-    );
+    let dark = |interval: &str| {
+        shift(
+            &d.cp,
+            &[
+                "svc/catalog",
+                "--to",
+                "catalog-v2",
+                "--steps",
+                "50,100",
+                "--interval",
+                interval,
+                "--min-requests",
+                "20",
+                "--mirror",
+                "50",
+            ],
+        )
+    };
+    // First with an interval of an hour: the dark stage holds while it is looked at.
+    dark("1h");
     // The dark stage: the canary at 0 %, half the requests copied to it.
     eventually(
         "the dark stage's route",
@@ -458,13 +462,22 @@ async fn a_good_canary_passes_its_dark_stage_then_its_steps() {
         weights(&d.cp).await,
         [("catalog-v1".into(), 100), ("catalog-v2".into(), 0)]
     );
+    let said = "progressing, dark stage: 50 % of the requests copied to the canary, none";
     let out = shift(&d.cp, &["status", "svc/catalog"]);
-    assert!(
-        out.contains(
-            "progressing, dark stage: 50 % of the requests copied to the canary, none of them answered by it"
-        ),
-        "{out}"
-    );
+    assert!(out.contains(said), "{out}");
+    // The pane says so too (when there is a browser).
+    if let Some(browser) = trellis_test_support::browser::Browser::start().await {
+        let (st, link) =
+            d.cp.call(http::Method::POST, "/api/v1/ui/links", "", None)
+                .await;
+        assert_eq!(st, 200, "{link}");
+        let url = format!("http://{}{}", d.cp.api, link["path"].as_str().unwrap());
+        browser.goto(&url).await.unwrap();
+        wait_text(&browser, "#rollouts", said).await;
+    }
+    // The same rollout with a short interval (a changed spec starts again): through the
+    // dark stage and the steps.
+    dark("3s");
     let done = phase(&d.cp, "succeeded", Duration::from_secs(60)).await;
     traffic.stop().await;
     assert_eq!(history(&done), ["started", "step", "succeeded"], "{done:#}");
