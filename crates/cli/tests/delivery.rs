@@ -212,8 +212,8 @@ async fn phase(cp: &ControlProcess, phase: &str, within: Duration) -> serde_json
     }
 }
 
-/// The weights of the route `test/catalog`'s backends, by name.
-async fn weights(cp: &ControlProcess) -> Vec<(String, u64)> {
+/// The rule of `test/catalog` as the API gives it (its filters, its backends).
+async fn rule(cp: &ControlProcess) -> serde_json::Value {
     let (_, r) = cp
         .call(
             http::Method::GET,
@@ -222,7 +222,12 @@ async fn weights(cp: &ControlProcess) -> Vec<(String, u64)> {
             None,
         )
         .await;
-    r["spec"]["rules"][0]["backendRefs"]
+    r["spec"]["rules"][0].clone()
+}
+
+/// The weights of the route `test/catalog`'s backends, by name.
+async fn weights(cp: &ControlProcess) -> Vec<(String, u64)> {
+    rule(cp).await["backendRefs"]
         .as_array()
         .unwrap()
         .iter()
@@ -345,19 +350,6 @@ async fn a_canary_failing_one_request_in_five_is_rolled_back_before_its_step_end
     assert!(err.contains("RolledBack: cannot Resume"), "{err}");
 }
 
-/// The rule of `test/catalog` as the API gives it (its filters, its backends).
-async fn rule(cp: &ControlProcess) -> serde_json::Value {
-    let (_, r) = cp
-        .call(
-            http::Method::GET,
-            "/api/v1/resources/HTTPRoute/test/catalog",
-            "",
-            None,
-        )
-        .await;
-    r["spec"]["rules"][0].clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_failing_its_dark_stage_is_rolled_back_before_any_user_reaches_it() {
     let d = delivery(Canary::FailsOneInFive).await;
@@ -466,13 +458,7 @@ async fn a_good_canary_passes_its_dark_stage_then_its_steps() {
     let out = shift(&d.cp, &["status", "svc/catalog"]);
     assert!(out.contains(said), "{out}");
     // The pane says so too (when there is a browser).
-    if let Some(browser) = trellis_test_support::browser::Browser::start().await {
-        let (st, link) =
-            d.cp.call(http::Method::POST, "/api/v1/ui/links", "", None)
-                .await;
-        assert_eq!(st, 200, "{link}");
-        let url = format!("http://{}{}", d.cp.api, link["path"].as_str().unwrap());
-        browser.goto(&url).await.unwrap();
+    if let Some(browser) = open_pane(&d.cp).await {
         wait_text(&browser, "#rollouts", said).await;
     }
     // The same rollout with a short interval (a changed spec starts again): through the
@@ -565,13 +551,7 @@ async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it()
 
     // Paused by hand (on the pane, after a confirmation, when there is a browser), nothing
     // moves however much traffic comes; resumed, it goes on.
-    if let Some(browser) = trellis_test_support::browser::Browser::start().await {
-        let (st, link) =
-            d.cp.call(http::Method::POST, "/api/v1/ui/links", "", None)
-                .await;
-        assert_eq!(st, 200, "{link}");
-        let url = format!("http://{}{}", d.cp.api, link["path"].as_str().unwrap());
-        browser.goto(&url).await.unwrap();
+    if let Some(browser) = open_pane(&d.cp).await {
         wait_text(
             &browser,
             "#rollouts",

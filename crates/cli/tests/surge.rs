@@ -616,13 +616,7 @@ async fn a_surge_spills_from_the_saturated_vm_pool_to_containers_and_comes_back(
         "{out}"
     );
     // And the pane, under its services (in a real browser, when there is one).
-    if let Some(browser) = trellis_test_support::browser::Browser::start().await {
-        let (st, link) = cp
-            .call(http::Method::POST, "/api/v1/ui/links", "", None)
-            .await;
-        assert_eq!(st, 200, "{link}");
-        let url = format!("http://{}{}", cp.api, link["path"].as_str().unwrap());
-        browser.goto(&url).await.unwrap();
+    if let Some(browser) = common::open_pane(&cp).await {
         let shown = eventually(
             "the pane shows the spill",
             Duration::from_secs(20),

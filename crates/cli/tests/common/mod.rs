@@ -264,6 +264,21 @@ pub async fn wait_text(
     .await
 }
 
+/// The single pane of `cp` in a real browser, signed in through a one-time link; None (said
+/// so) where chromium is not installed.
+pub async fn open_pane(
+    cp: &trellis_test_support::control::ControlProcess,
+) -> Option<trellis_test_support::browser::Browser> {
+    let browser = trellis_test_support::browser::Browser::start().await?;
+    let (st, link) = cp
+        .call(http::Method::POST, "/api/v1/ui/links", "", None)
+        .await;
+    assert_eq!(st, 200, "{link}");
+    let url = format!("http://{}{}", cp.api, link["path"].as_str().unwrap());
+    browser.goto(&url).await.unwrap();
+    Some(browser)
+}
+
 /// The real `openssl` command run in `dir` (it must succeed): its stdout and stderr.
 pub fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
     let out = std::process::Command::new("openssl")

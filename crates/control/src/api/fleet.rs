@@ -138,24 +138,35 @@ async fn others(
         return (Vec::new(), None);
     };
     let (shards, missing) = r.gather(&shard_query(sel, window_ms, at_ms)).await;
-    let partial = (!missing.is_empty()).then(|| {
-        let why: Vec<String> = missing.iter().map(ToString::to_string).collect();
-        format!(
-            "this answer lacks what {} other replica(s) hold: {}",
-            missing.len(),
-            why.join("; ")
-        )
+    let partial = lacking(&missing, |n| {
+        format!("this answer lacks what {n} other replica(s) hold")
     });
     (shards, partial)
 }
 
-/// `rows` as JSON, with `x-trellis-partial` when part of the fleet is missing.
-fn answer<T: serde::Serialize>(rows: T, partial: Option<String>) -> Response {
-    let mut r = Json(rows).into_response();
+/// What an answer lacks (`lacks`, given how many replicas did not answer) and why each
+/// replica in `missing` did not; None when none is missing.
+fn lacking(
+    missing: &[crate::replicas::Unreachable],
+    lacks: impl FnOnce(usize) -> String,
+) -> Option<String> {
+    (!missing.is_empty()).then(|| {
+        let why: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        format!("{}: {}", lacks(missing.len()), why.join("; "))
+    })
+}
+
+/// `r` with `x-trellis-partial` when part of the fleet is missing.
+fn mark_partial(mut r: Response, partial: Option<String>) -> Response {
     if let Some(p) = partial.and_then(|p| axum::http::HeaderValue::try_from(p).ok()) {
         r.headers_mut().insert(PARTIAL, p);
     }
     r
+}
+
+/// `rows` as JSON, with `x-trellis-partial` when part of the fleet is missing.
+fn answer<T: serde::Serialize>(rows: T, partial: Option<String>) -> Response {
+    mark_partial(Json(rows).into_response(), partial)
 }
 
 /// Names the replicas an answer lacks.
@@ -567,14 +578,9 @@ pub(crate) async fn tap(
             reach += n;
             tokio::spawn(api.taps().clone().relay_from(opened.clone(), part));
         }
-        if !missing.is_empty() {
-            let why: Vec<String> = missing.iter().map(ToString::to_string).collect();
-            partial = Some(format!(
-                "this tap lacks the proxies of {} other replica(s): {}",
-                missing.len(),
-                why.join("; ")
-            ));
-        }
+        partial = lacking(&missing, |n| {
+            format!("this tap lacks the proxies of {n} other replica(s)")
+        });
     }
     tap_answer(events, reach, partial)
 }
@@ -599,7 +605,7 @@ fn tap_answer(
     reach: usize,
     partial: Option<String>,
 ) -> ApiResult<Response> {
-    let mut r = (
+    let r = (
         [
             (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
             (
@@ -610,8 +616,5 @@ fn tap_answer(
         axum::body::Body::from_stream(events),
     )
         .into_response();
-    if let Some(p) = partial.and_then(|p| axum::http::HeaderValue::try_from(p).ok()) {
-        r.headers_mut().insert(PARTIAL, p);
-    }
-    Ok(r)
+    Ok(mark_partial(r, partial))
 }
