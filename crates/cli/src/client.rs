@@ -130,6 +130,20 @@ impl Api {
         path: &str,
         body: Option<String>,
     ) -> Result<(StatusCode, Value)> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, json_or_text(&bytes)))
+    }
+
+    /// Send a request with the token; an answer that lacks part of the fleet (another
+    /// replica did not answer) says so on stderr.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let uri = format!("{}{path}", self.server);
         let req = Request::builder()
             .method(method)
@@ -142,16 +156,17 @@ impl Api {
             Some(pin) => send_tls(pin, req).await,
         }
         .with_context(|| format!("cannot reach the control plane at {}", self.server))?;
-        let status = resp.status();
-        // An answer that lacks part of the fleet (another replica did not answer) says so.
         if let Some(p) = resp.headers().get("x-trellis-partial") {
             eprintln!("warning: {}", String::from_utf8_lossy(p.as_bytes()));
         }
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Ok((status, v))
+        Ok(resp)
     }
+}
+
+/// An answer's body as JSON, or as a JSON string when it is not JSON.
+fn json_or_text(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 impl Api {
@@ -168,34 +183,18 @@ impl Api {
         head: impl FnOnce(&hyper::HeaderMap),
         mut f: impl FnMut(&[u8]) -> bool,
     ) -> Result<()> {
-        let uri = format!("{}{path}", self.server);
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(&uri)
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(Full::new(Bytes::new()))?;
-        let resp = match self.tls {
-            None => self.http.request(req).await.map_err(anyhow::Error::from),
-            Some(pin) => send_tls(pin, req).await,
-        }
-        .with_context(|| format!("cannot reach the control plane at {}", self.server))?;
+        let resp = self.send(Method::GET, path, None).await?;
         let status = resp.status();
         let (parts, mut body) = resp.into_parts();
-        let resp_headers = parts.headers;
         if !status.is_success() {
             let bytes = body.collect().await?.to_bytes();
-            let v = serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
             bail!(
                 "{} (HTTP {})",
-                error_text(&v, status, &Method::GET, path),
+                error_text(&json_or_text(&bytes), status, &Method::GET, path),
                 status.as_u16()
             );
         }
-        if let Some(p) = resp_headers.get("x-trellis-partial") {
-            eprintln!("warning: {}", String::from_utf8_lossy(p.as_bytes()));
-        }
-        head(&resp_headers);
+        head(&parts.headers);
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else {
