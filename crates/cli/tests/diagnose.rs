@@ -16,7 +16,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use common::*;
 use serde_json::Value;
-use trellis_test_support::{control::ControlProcess, eventually};
+use trellis_test_support::{control::ControlProcess, eventually, eventually_explained};
 
 fn mesh(
     ok: SocketAddr,
@@ -173,7 +173,7 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     for s in sluggish {
         assert_eq!(s.await.unwrap(), 200, "slow, not failed");
     }
-    let v = eventually(
+    let v = eventually_explained(
         "a verdict for each fault",
         Duration::from_secs(20),
         async || {
@@ -186,33 +186,42 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
                 )
                 .await;
             assert_eq!(st, 200, "{v}");
-            let found = [
+            let mut missing: Vec<String> = [
                 "test/down",
                 "test/errors",
                 "test/slow",
                 "test/walled",
                 "test/far",
                 "test/gone",
+                "test/spare",
+                "test/sluggish",
             ]
             .iter()
-            .all(|s| !verdicts_about(&v, s).is_empty());
+            .filter(|s| verdicts_about(&v, s).is_empty())
+            .map(|s| format!("a verdict about {s}"))
+            .collect();
             // Every period of both sides is in: the counts are whole.
-            let whole = |svc: &str, side: &str, class: &str, n: u64| {
-                verdicts_about(&v, svc)
+            for (svc, side, class, n) in [
+                ("test/down", "callee_saw", "connect_refused", 6),
+                ("test/errors", "caller_saw", "app_error", 5),
+                ("test/errors", "callee_saw", "app_error", 5),
+                ("test/errors", "caller_saw", "no_healthy_upstream", 1),
+                ("test/walled", "caller_saw", "denied", 4),
+                ("test/slow", "callee_saw", "client_disconnect", 4),
+                ("test/far", "caller_saw", "connect_refused", 4),
+            ] {
+                let whole = verdicts_about(&v, svc)
                     .first()
-                    .is_some_and(|x| x[side][class].as_u64() >= Some(n))
-            };
-            let done = found
-                && whole("test/down", "callee_saw", "connect_refused", 6)
-                && whole("test/errors", "caller_saw", "app_error", 5)
-                && whole("test/errors", "callee_saw", "app_error", 5)
-                && whole("test/errors", "caller_saw", "no_healthy_upstream", 1)
-                && whole("test/walled", "caller_saw", "denied", 4)
-                && whole("test/slow", "callee_saw", "client_disconnect", 4)
-                && whole("test/far", "caller_saw", "connect_refused", 4)
-                && !verdicts_about(&v, "test/spare").is_empty()
-                && !verdicts_about(&v, "test/sluggish").is_empty();
-            done.then_some(v)
+                    .is_some_and(|x| x[side][class].as_u64() >= Some(n));
+                if !whole {
+                    missing.push(format!("{svc}'s {side}.{class} >= {n}"));
+                }
+            }
+            if missing.is_empty() {
+                Ok(v)
+            } else {
+                Err(format!("missing {missing:?} in {v:#}"))
+            }
         },
     )
     .await;

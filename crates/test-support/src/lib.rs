@@ -39,6 +39,26 @@ pub async fn eventually<T>(
     }
 }
 
+/// Like [`eventually`], but `f` says what is still missing (`Err`), and the last of those
+/// reasons is in the panic: a wait on several conditions then names the one that never held.
+pub async fn eventually_explained<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(why) => assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for: {what}; last seen: {why}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A `trellis proxy` child process. Killed on drop.
 pub struct ProxyProcess {
     child: Option<Child>,
