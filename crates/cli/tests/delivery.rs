@@ -477,6 +477,70 @@ async fn a_good_canary_passes_its_dark_stage_then_its_steps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_deleted_in_its_dark_stage_takes_its_copies_away() {
+    let d = delivery(Canary::Good).await;
+    let args = [
+        "svc/catalog",
+        "--to",
+        "catalog-v2",
+        "--steps",
+        "50",
+        "--interval",
+        "1h",
+        "--mirror",
+        "20",
+    ];
+    shift(&d.cp, &args);
+    let get = async || {
+        let r = client::get_full(d.caller.outbound, "catalog.test", "/", &[])
+            .await
+            .unwrap();
+        assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"v1"[..]));
+    };
+    // The dark stage copies to the canary.
+    eventually(
+        "the canary gets copies",
+        Duration::from_secs(10),
+        async || {
+            get().await;
+            (d.v2_hits.load(Ordering::SeqCst) > 0).then_some(())
+        },
+    )
+    .await;
+    ok(cli(&d.cp, &["delete", "rollout/catalog", "-n", "test"]));
+    // The rollout's mirror leaves with it; the weights it wrote stay.
+    eventually(
+        "the deleted rollout's copies gone from the route",
+        Duration::from_secs(10),
+        async || rule(&d.cp).await.get("filters").is_none().then_some(()),
+    )
+    .await;
+    assert_eq!(
+        weights(&d.cp).await,
+        [("catalog-v1".into(), 100), ("catalog-v2".into(), 0)]
+    );
+    // The caller stops copying: a batch of 20 without a copy, then 50 more (a 20 % mirror
+    // left behind would copy ~10 of them).
+    eventually(
+        "the caller stops copying to the canary",
+        Duration::from_secs(10),
+        async || {
+            let before = d.v2_hits.load(Ordering::SeqCst);
+            for _ in 0..20 {
+                get().await;
+            }
+            (d.v2_hits.load(Ordering::SeqCst) == before).then_some(())
+        },
+    )
+    .await;
+    let before = d.v2_hits.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        get().await;
+    }
+    assert_eq!(d.v2_hits.load(Ordering::SeqCst), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_whose_proxy_is_down_is_rolled_back_as_not_reached() {
     let mut d = delivery(Canary::Good).await;
     // The canary's proxy stops (a crashed process; its Workload stays registered): it

@@ -24,10 +24,11 @@
 //! Each transition writes the routes' weights and the record together, the record at the
 //! version it was read at: of two replicas deciding at once, one writes and the other's
 //! write is refused and forgotten. A rollout whose spec changes starts again from its first
-//! step; one deleted leaves the weights as they are.
+//! step; one deleted leaves the weights as they are, but takes its dark stage's copies
+//! away (a mirror nobody judges any more would go on loading the canary unseen).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -221,8 +222,9 @@ pub(crate) struct Rollouts {
     replicas: Option<Arc<Replicas>>,
     /// The last analysis of each rollout (`namespace/name`).
     analyses: Mutex<BTreeMap<String, Analysis>>,
-    /// The rollouts seen at the last look: one gone since has its record removed.
-    known: Mutex<HashSet<NamespacedName>>,
+    /// The rollouts seen at the last look, with their specs: one gone since has its record
+    /// and its mirror removed.
+    known: Mutex<HashMap<NamespacedName, RolloutSpec>>,
 }
 
 fn record_key(id: &NamespacedName) -> Key {
@@ -278,21 +280,20 @@ impl Rollouts {
     async fn tick(&self) {
         let state = self.writer.state();
         let all = rollouts(&state);
-        let now: HashSet<NamespacedName> = all.iter().map(|(id, _, _)| id.clone()).collect();
-        let gone: Vec<NamespacedName> = {
+        let now: HashMap<NamespacedName, RolloutSpec> = all
+            .iter()
+            .map(|(id, spec, _)| (id.clone(), spec.clone()))
+            .collect();
+        let gone: Vec<(NamespacedName, RolloutSpec)> = {
             let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-            let gone = known.difference(&now).cloned().collect();
-            *known = now;
-            gone
+            let was = std::mem::replace(&mut *known, now);
+            was.into_iter()
+                .filter(|(id, _)| !known.contains_key(id))
+                .collect()
         };
-        for id in gone {
-            let w = Write {
-                key: record_key(&id),
-                doc: None,
-                expect: Expect::Any,
-            };
-            if let Err(e) = self.writer.store().write(vec![w]).await {
-                tracing::warn!(rollout = %id, error = %e, "cannot remove a deleted rollout's progress");
+        for (id, spec) in gone {
+            if let Err(e) = self.forget(&state, &id, &spec).await {
+                tracing::warn!(rollout = %id, error = %e, "cannot remove a deleted rollout's progress and copies");
             }
             self.lock_analyses().remove(&id.to_string());
         }
@@ -493,11 +494,10 @@ impl Rollouts {
         };
         let held = window_ms >= spec.interval.0.as_millis() as u64;
         // In the dark stage the canary's share is the copies'.
+        let mirrored = spec.mirror.as_ref().filter(|_| p.dark);
         let share = judge::Share {
-            weight: match (&spec.mirror, p.dark) {
-                (Some(m), true) => m.percent,
-                _ => p.weight,
-            },
+            weight: mirrored.map_or(p.weight, |m| m.percent),
+            copies: mirrored.is_some(),
             routed,
         };
         let (verdict, message) = judge::judge(&spec.analysis, &canary, &stable, &share, held);
@@ -509,6 +509,38 @@ impl Rollouts {
             canary,
             stable,
         }
+    }
+
+    /// Rollout `id` (last seen as `spec`) was deleted: remove its record, and the copies its
+    /// dark stage sends the canary, together. The weights stay as they are.
+    async fn forget(
+        &self,
+        state: &State,
+        id: &NamespacedName,
+        spec: &RolloutSpec,
+    ) -> Result<(), RolloutError> {
+        let record = Write {
+            key: record_key(id),
+            doc: None,
+            expect: Expect::Any,
+        };
+        let mut docs = Vec::new();
+        for (_, doc) in routes(state, id, spec) {
+            let new = without_mirror(&doc, &id.namespace, spec);
+            if new != doc {
+                let r = trellis_model::resource_from_json(&format!("rollout:{id}"), &new)
+                    .map_err(|e| RolloutError::Apply(ApplyError::Invalid(e)))?;
+                docs.push((r, new));
+            }
+        }
+        if docs.is_empty() {
+            self.writer.store().write(vec![record]).await?;
+        } else {
+            self.writer
+                .apply_with(&format!("rollout:{id}"), docs, vec![record])
+                .await?;
+        }
+        Ok(())
     }
 
     /// Write the routes' weights for `p` and `p` itself, together (`p` at `expect`).
@@ -783,36 +815,60 @@ fn with_weights(doc: &Value, ns: &str, spec: &RolloutSpec, routing: Routing) -> 
                 b["weight"] = Value::from(weight);
             }
         }
-        let port = bs[stable]["port"].clone();
-        let had = r
-            .get("filters")
-            .and_then(Value::as_array)
-            .is_some_and(|fs| fs.iter().any(|f| mirrors_to(f, ns, &spec.canary)));
-        if !had && routing.mirror.is_none() {
-            continue;
-        }
-        let mut filters: Vec<Value> = r
-            .get("filters")
-            .and_then(Value::as_array)
-            .map(|fs| {
-                fs.iter()
-                    .filter(|f| !mirrors_to(f, ns, &spec.canary))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(percent) = routing.mirror {
-            filters.push(canary_mirror(spec, &port, percent));
-        }
-        if filters.is_empty() {
-            if let Some(o) = r.as_object_mut() {
-                o.remove("filters");
-            }
-        } else {
-            r["filters"] = Value::from(filters);
+        let mirror = routing
+            .mirror
+            .map(|percent| canary_mirror(spec, &bs[stable]["port"], percent));
+        set_mirror(r, ns, &spec.canary, mirror);
+    }
+    doc
+}
+
+/// `doc` (a route) without the copies to the canary in the rules that send to the stable
+/// backend: what a deleted rollout leaves (its weights stay).
+fn without_mirror(doc: &Value, ns: &str, spec: &RolloutSpec) -> Value {
+    let mut doc = doc.clone();
+    let Some(rules) = doc["spec"]["rules"].as_array_mut() else {
+        return doc;
+    };
+    for r in rules {
+        let weighs = r["backendRefs"]
+            .as_array()
+            .is_some_and(|bs| bs.iter().any(|b| is_backend(b, ns, &spec.stable)));
+        if weighs {
+            set_mirror(r, ns, &spec.canary, None);
         }
     }
     doc
+}
+
+/// Rule `r`'s filters with `mirror` as its only mirror to the canary (none without it); its
+/// other filters kept in their order.
+fn set_mirror(r: &mut Value, ns: &str, canary: &str, mirror: Option<Value>) {
+    let had = r
+        .get("filters")
+        .and_then(Value::as_array)
+        .is_some_and(|fs| fs.iter().any(|f| mirrors_to(f, ns, canary)));
+    if !had && mirror.is_none() {
+        return;
+    }
+    let mut filters: Vec<Value> = r
+        .get("filters")
+        .and_then(Value::as_array)
+        .map(|fs| {
+            fs.iter()
+                .filter(|f| !mirrors_to(f, ns, canary))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    filters.extend(mirror);
+    if filters.is_empty() {
+        if let Some(o) = r.as_object_mut() {
+            o.remove("filters");
+        }
+    } else {
+        r["filters"] = Value::from(filters);
+    }
 }
 
 /// The routes of `spec` as `p` has them, typed for an apply (only those that change).

@@ -129,6 +129,8 @@ fn own_failure(c: FailureClass) -> bool {
 pub(crate) struct Share {
     /// The canary's percent of the rules' traffic.
     pub(crate) weight: u32,
+    /// The percent is of copies (the dark stage's mirror), not of requests answered.
+    pub(crate) copies: bool,
     /// The callers' side of the rules.
     pub(crate) routed: Routed,
 }
@@ -206,8 +208,11 @@ pub(crate) fn judge(
         return (
             Verdict::Fail,
             format!(
-                "the canary is not reached: it answered {} requests where its weight of {} % of the callers' {} sent it ~{sent:.0}{how}",
-                canary.requests, share.weight, share.routed.requests
+                "the canary is not reached: it answered {} requests where {} {} % of the callers' {} sent it ~{sent:.0}{how}",
+                canary.requests,
+                if share.copies { "copies of" } else { "its weight of" },
+                share.weight,
+                share.routed.requests
             ),
         );
     }

@@ -107,6 +107,40 @@ fn the_dark_stage_copies_to_the_canary_and_its_end_removes_only_its_own_mirror()
 }
 
 #[test]
+fn a_deleted_rollout_takes_its_copies_away_and_leaves_the_weights() {
+    let route = json!({
+        "kind": "HTTPRoute",
+        "spec": { "rules": [
+            { "backendRefs": [{ "name": "catalog-v1", "port": 8080 }],
+              "filters": [{ "type": "RequestMirror",
+                            "requestMirror": { "backendRef": { "name": "shadow", "port": 80 }, "percent": 5 } }] },
+            { "backendRefs": [{ "name": "admin", "port": 80 }],
+              "filters": [{ "type": "RequestMirror",
+                            "requestMirror": { "backendRef": { "name": "catalog-v2", "port": 80 }, "percent": 7 } }] }
+        ] }
+    });
+    let dark = Routing {
+        weight: 0,
+        mirror: Some(30),
+    };
+    let d = with_weights(&route, "test", &spec(), dark);
+    let left = without_mirror(&d, "test", &spec());
+    // The rollout's own copies go; the weights it wrote stay; the route's own mirror and a
+    // rule it does not weigh (a mirror to the canary's name there is the operator's) stay.
+    assert_eq!(
+        left["spec"]["rules"][0]["filters"],
+        route["spec"]["rules"][0]["filters"]
+    );
+    assert_eq!(
+        left["spec"]["rules"][0]["backendRefs"],
+        d["spec"]["rules"][0]["backendRefs"]
+    );
+    assert_eq!(left["spec"]["rules"][1], route["spec"]["rules"][1]);
+    // Nothing to take away: the same route (nothing is written).
+    assert_eq!(without_mirror(&left, "test", &spec()), left);
+}
+
+#[test]
 fn actions_parse() {
     assert_eq!("pause".parse::<Action>().unwrap(), Action::Pause);
     assert_eq!("promote".parse::<Action>().unwrap(), Action::Promote);

@@ -130,7 +130,11 @@ fn share(weight: u32, requests: u64, unreached: u64) -> Share {
             .unreached
             .insert(FailureClass::ConnectRefused, unreached);
     }
-    Share { weight, routed }
+    Share {
+        weight,
+        copies: false,
+        routed,
+    }
 }
 
 #[test]
@@ -150,6 +154,23 @@ fn a_canary_that_answers_little_of_the_share_it_was_sent_is_not_reached() {
             && why.contains("answered 0 requests")
             && why.contains("~100")
             && why.contains("connect_refused 100"),
+        "{why}"
+    );
+    assert!(why.contains("its weight of 10 %"), "{why}");
+    // In the dark stage the share is the copies' (the canary answers none of them).
+    let (v, why) = judge(
+        &spec(20),
+        &Side::default(),
+        &stable,
+        &Share {
+            copies: true,
+            ..share(10, 1000, 100)
+        },
+        true,
+    );
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(
+        why.contains("where copies of 10 % of the callers' 1000 sent it ~100"),
         "{why}"
     );
     // Not before its interval: the weights may still be on their way to the callers.
