@@ -125,10 +125,19 @@ pub(crate) struct Analysis {
     at_ms: u64,
     /// The step it judged (an analysis of a step passed is not the next step's).
     step: usize,
+    /// It judged the dark stage (step 0 before its weight), not the step after it.
+    dark: bool,
     verdict: Verdict,
     message: String,
     canary: Side,
     stable: Side,
+}
+
+impl Analysis {
+    /// It judged the step `p` is at now (not a step or stage already passed or ended).
+    fn judges(&self, p: &Progress) -> bool {
+        p.phase == Phase::Progressing && p.step == self.step && p.dark == self.dark
+    }
 }
 
 /// A rollout as `trellis shift status`, `describe` and the pane show it.
@@ -440,6 +449,7 @@ impl Rollouts {
             return Analysis {
                 at_ms,
                 step: p.step,
+                dark: p.dark,
                 verdict: Verdict::Hold,
                 message: format!(
                     "no HTTPRoute or GRPCRoute of {} has Service {} as a parent and {} among its backends: write one, or name it in spec.routes",
@@ -485,6 +495,7 @@ impl Rollouts {
                 return Analysis {
                     at_ms,
                     step: p.step,
+                    dark: p.dark,
                     verdict: Verdict::Hold,
                     message: format!("no figures: {e}"),
                     canary: Side::default(),
@@ -504,6 +515,7 @@ impl Rollouts {
         Analysis {
             at_ms,
             step: p.step,
+            dark: p.dark,
             verdict,
             message,
             canary,
@@ -594,10 +606,7 @@ impl Rollouts {
                 dark: p.as_ref().is_some_and(|p| p.dark),
                 step_started_ms: p.as_ref().map_or(0, |p| p.step_started_ms),
                 reason: p.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
-                analysis: analysis.filter(|a| {
-                    p.as_ref()
-                        .is_some_and(|p| p.phase == Phase::Progressing && p.step == a.step)
-                }),
+                analysis: analysis.filter(|a| p.as_ref().is_some_and(|p| a.judges(p))),
                 history: p.map(|p| p.history).unwrap_or_default(),
             });
         }

@@ -141,6 +141,38 @@ fn a_deleted_rollout_takes_its_copies_away_and_leaves_the_weights() {
 }
 
 #[test]
+fn the_dark_stages_last_analysis_is_not_shown_as_the_first_steps() {
+    let progress = |dark: bool, phase: Phase| Progress {
+        spec: Value::Null,
+        phase,
+        step: 0,
+        weight: if dark { 0 } else { 10 },
+        dark,
+        step_started_ms: 0,
+        reason: String::new(),
+        history: Vec::new(),
+    };
+    let of_dark = Analysis {
+        at_ms: 0,
+        step: 0,
+        dark: true,
+        verdict: Verdict::Pass,
+        message: String::new(),
+        canary: Side::default(),
+        stable: Side::default(),
+    };
+    assert!(of_dark.judges(&progress(true, Phase::Progressing)));
+    // The dark stage passed: the first step is step 0 too, but not what was judged.
+    assert!(!of_dark.judges(&progress(false, Phase::Progressing)));
+    assert!(!of_dark.judges(&progress(true, Phase::Paused)));
+    let of_first = Analysis {
+        dark: false,
+        ..of_dark
+    };
+    assert!(of_first.judges(&progress(false, Phase::Progressing)));
+}
+
+#[test]
 fn actions_parse() {
     assert_eq!("pause".parse::<Action>().unwrap(), Action::Pause);
     assert_eq!("promote".parse::<Action>().unwrap(), Action::Promote);
