@@ -605,38 +605,6 @@ fn peer_mesh(
     .join("---\n")
 }
 
-/// CONNECT `authority` through the proxy at `proxy`, send `msg`, and read it echoed back.
-async fn echo_through(
-    proxy: std::net::SocketAddr,
-    authority: &str,
-    msg: &[u8],
-) -> Result<Vec<u8>, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(proxy)
-        .await
-        .map_err(|e| e.to_string())?;
-    let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
-    s.write_all(head.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    let head = read_head(&mut s, &mut buf)
-        .await
-        .ok_or("no response head")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(head);
-    }
-    s.write_all(msg).await.map_err(|e| e.to_string())?;
-    while buf.len() < msg.len() {
-        let mut chunk = [0u8; 1024];
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    Ok(buf)
-}
-
 /// The callee (`test/peer`, identity beta) and the caller (`test/client`), each joined with
 /// a token, the callee's inbound port published in its Workload. Returns their state dirs.
 async fn start_pair(

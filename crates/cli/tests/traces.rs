@@ -381,6 +381,101 @@ async fn spans_join_across_two_mtls_hops_and_a_failed_unsampled_request_is_expor
     .await;
 }
 
+/// Opaque TCP through two proxies with mutual TLS: each proxy's connection is a span (the
+/// caller's sampled at its rate of 100 %), and a connection the callee could not complete is
+/// exported by the callee although its rate is 0 %.
+#[tokio::test]
+async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
+    let (otlp, got, _stop, _served) = receiver().await;
+    let echo = upstream::tcp_echo().await;
+    let closed = upstream::closed_port().await;
+    let cp = ControlProcess::start(BIN, &[]);
+    let mesh = |inbound: u16| {
+        let tcp = |name: &str, port: u16| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: catalog }}\n  ports: [{{ name: {name}, port: {port}, targetPort: 1, protocol: TCP }}]\n")
+        };
+        [
+            tcp("db", 5432),
+            tcp("cold", 5433),
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: catalog-vm, namespace: test, labels: {{ app: catalog }} }}\nspec:\n  address: 127.0.0.1\n  identity: catalog\n  environment: vm\n  inboundPort: {inbound}\n  ports: {{ db: {}, cold: {} }}\n", echo.port(), closed.port()),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: shop, namespace: test, labels: { app: shop } }\nspec: { address: 127.0.0.1, identity: shop, environment: bare-metal }\n".to_string(),
+        ]
+        .join("---\n")
+    };
+    apply_ok(&cp, mesh(1)).await;
+    let otlp_url = format!("http://{otlp}");
+    let join = |id: &str, workload: &str, rate: &str| {
+        let extra = ["--otlp-endpoint", &otlp_url, "--trace-sampling", rate];
+        join_xds(&cp, &cp.xds_url(), id, workload, &extra)
+    };
+    let vm = join("catalog", "test/catalog-vm", "0");
+    vm.wait_ready().await;
+    apply_ok(&cp, mesh(vm.inbound.port())).await;
+    let shop = join("shop", "test/shop", "100");
+    shop.wait_ready().await;
+    let echoed = eventually(
+        "an echo through both proxies",
+        Duration::from_secs(15),
+        async || {
+            echo_through(shop.outbound, "db.test:5432", b"ping")
+                .await
+                .ok()
+                .filter(|e| e == b"ping")
+        },
+    )
+    .await;
+    assert_eq!(echoed, b"ping");
+    let tcp_span = async |service: &str, name: &str, kind: SpanKind| {
+        eventually(
+            &format!("{service}'s span of a connection to {name}"),
+            Duration::from_secs(15),
+            async || {
+                got.0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|g| {
+                        g.resource["service.name"] == service
+                            && g.kind == kind as i32
+                            && g.attrs
+                                .get("trellis.destination.service")
+                                .map(String::as_str)
+                                == Some(name)
+                    })
+                    .cloned()
+            },
+        )
+        .await
+    };
+    // The caller's span: its own trace, the bytes each way, whom it reached.
+    let s = tcp_span("shop", "db.test", SpanKind::Client).await;
+    assert_eq!(s.parent, "", "{s:?}");
+    assert_eq!(s.attrs["network.transport"], "tcp", "{s:?}");
+    assert_eq!(s.attrs["trellis.failure_class"], "ok", "{s:?}");
+    assert_eq!(s.attrs["trellis.tcp.bytes_from_client"], "4", "{s:?}");
+    assert_eq!(s.attrs["trellis.tcp.bytes_to_client"], "4", "{s:?}");
+    assert_eq!(s.attrs["trellis.destination.workload"], "test/catalog-vm");
+    assert_eq!(
+        s.attrs["trellis.destination.identity"],
+        "spiffe://trellis.local/ns/test/sa/catalog"
+    );
+    assert_eq!(s.attrs["network.peer.port"], vm.inbound.port().to_string());
+    assert!(!s.error);
+
+    // The callee cannot reach its application: its span is exported (rate 0 %), an error
+    // naming the class and who called.
+    let _ = echo_through(shop.outbound, "cold.test:5433", b"ping").await;
+    let s = tcp_span("catalog-vm", "cold.test", SpanKind::Server).await;
+    assert!(s.error, "{s:?}");
+    assert_eq!(s.attrs["trellis.failure_class"], "connect_refused", "{s:?}");
+    assert_eq!(s.attrs["trellis.sampled"], "false", "{s:?}");
+    assert_eq!(
+        s.attrs["trellis.source.identity"],
+        "spiffe://trellis.local/ns/test/sa/shop"
+    );
+    assert_eq!(s.resource["trellis.environment"], "vm");
+}
+
 /// A CA made by the real `openssl` command in `dir`: `NAME.pem` and its key `NAME.key`.
 fn openssl_ca(dir: &std::path::Path, name: &str, cn: &str) {
     let (key, pem, subj) = (

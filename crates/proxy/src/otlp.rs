@@ -14,6 +14,11 @@
 //! endpoint), whose id is the parent the next hop sees. What no other mesh puts on a span is
 //! on these: the failure class and the side that failed, both SPIFFE identities, the
 //! endpoint, and both ends' environment and locality.
+//!
+//! An opaque TCP connection gives one span per proxy (kind CLIENT outbound, SERVER inbound)
+//! from accept to close, with the bytes each way, how it ended and the same names. Its bytes
+//! carry no trace context, so it starts a trace of its own, sampled at the proxy's rate; a
+//! failed connection is exported whatever that rate says, as a failed request is.
 
 use std::{
     net::SocketAddr,
@@ -37,7 +42,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     access_log::HttpLine,
-    error::{BoxError, FailureClass},
+    error::{BoxError, FailureClass, Side},
     labels::{Direction, Label},
 };
 
@@ -83,6 +88,43 @@ pub(crate) struct Finished {
     pub(crate) earlier: Vec<TrySpan>,
 }
 
+/// A finished opaque TCP connection, as its span needs it.
+#[derive(Debug)]
+pub(crate) struct ConnFinished {
+    pub(crate) direction: Direction,
+    /// Destination service.
+    pub(crate) service: Label,
+    /// Destination workload, `namespace/name` when known.
+    pub(crate) workload: Label,
+    /// The address connected to.
+    pub(crate) upstream: Option<SocketAddr>,
+    /// The caller's SPIFFE ID (inbound, over mutual TLS).
+    pub(crate) source: Label,
+    /// The identity the endpoint's proxy proved, `namespace/identity` (outbound).
+    pub(crate) dst_identity: Label,
+    pub(crate) class: FailureClass,
+    pub(crate) side: Option<Side>,
+    pub(crate) detail: Option<String>,
+    /// Bytes from the client.
+    pub(crate) sent: u64,
+    /// Bytes to the client.
+    pub(crate) received: u64,
+    /// When it was accepted (wall clock).
+    pub(crate) at: SystemTime,
+    /// How long it lasted.
+    pub(crate) total: Duration,
+    /// Whether its trace was sampled (a failure is exported either way).
+    pub(crate) sampled: bool,
+}
+
+/// What the exporter is handed. A request is queued by value as before (boxing it would
+/// cost each exported request an allocation to spare the rarer connections some bytes).
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Queued {
+    Request(Finished),
+    Connection(ConnFinished),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
@@ -115,7 +157,7 @@ impl SpanMetrics {
 
 /// The queue into the exporter.
 pub(crate) struct Spans {
-    tx: mpsc::Sender<Finished>,
+    tx: mpsc::Sender<Queued>,
     metrics: SpanMetrics,
     origin: Arc<ArcSwap<Origin>>,
 }
@@ -129,7 +171,16 @@ impl Spans {
 
     /// Queue a request's spans; drop and count them when the queue is full.
     pub(crate) fn offer(&self, f: Finished) {
-        if self.tx.try_send(f).is_err() {
+        self.queue(Queued::Request(f));
+    }
+
+    /// Queue a TCP connection's span, as [`Spans::offer`] does a request's.
+    pub(crate) fn offer_conn(&self, c: ConnFinished) {
+        self.queue(Queued::Connection(c));
+    }
+
+    fn queue(&self, q: Queued) {
+        if self.tx.try_send(q).is_err() {
             self.metrics.count("dropped", 1);
         }
     }
@@ -138,7 +189,7 @@ impl Spans {
 #[cfg(test)]
 impl Spans {
     /// A queue of `cap` whose other end the test reads.
-    pub(crate) fn for_test(cap: usize) -> (Self, mpsc::Receiver<Finished>, SpanMetrics) {
+    pub(crate) fn for_test(cap: usize) -> (Self, mpsc::Receiver<Queued>, SpanMetrics) {
         let (tx, rx) = mpsc::channel(cap);
         let metrics = SpanMetrics::default();
         let s = Self {
@@ -147,6 +198,17 @@ impl Spans {
             origin: Default::default(),
         };
         (s, rx, metrics)
+    }
+}
+
+#[cfg(test)]
+impl Queued {
+    /// The request it is (a test's expectation).
+    pub(crate) fn request(self) -> Finished {
+        match self {
+            Self::Request(f) => f,
+            Self::Connection(c) => panic!("a connection's span, not a request's: {c:?}"),
+        }
     }
 }
 
@@ -453,7 +515,7 @@ pub(crate) fn start(
 async fn export(
     mut client: TraceServiceClient<tonic::transport::Channel>,
     headers: tonic::metadata::MetadataMap,
-    mut rx: mpsc::Receiver<Finished>,
+    mut rx: mpsc::Receiver<Queued>,
     origin: Arc<ArcSwap<Origin>>,
     metrics: SpanMetrics,
 ) {
@@ -472,7 +534,13 @@ async fn export(
         }
         let origin = origin.load_full();
         let resource = resource(&origin);
-        let spans: Vec<Span> = batch.iter().flat_map(|f| spans(f, &origin)).collect();
+        let spans: Vec<Span> = batch
+            .iter()
+            .flat_map(|q| match q {
+                Queued::Request(f) => spans(f, &origin),
+                Queued::Connection(c) => vec![conn_span(c, &origin)],
+            })
+            .collect();
         let n = spans.len();
         let req = ExportTraceServiceRequest {
             resource_spans: vec![ResourceSpans {
@@ -712,6 +780,59 @@ fn spans(f: &Finished, origin: &Origin) -> Vec<Span> {
         out.push(try_span(&last, end, l.detail.as_deref()));
     }
     out
+}
+
+/// The span of one finished TCP connection: a root span of a trace of its own.
+fn conn_span(c: &ConnFinished, origin: &Origin) -> Span {
+    let start = nanos(c.at);
+    let service = c.service.get().unwrap_or("unknown");
+    let (src_id, dst_id) = match c.direction {
+        Direction::inbound => (c.source.get().map(str::to_string), origin.identity.clone()),
+        Direction::outbound => (
+            origin.identity.clone(),
+            c.dst_identity.get().and_then(|i| origin.spiffe(i)),
+        ),
+    };
+    let mut attributes = vec![
+        text("trellis.direction", c.direction.as_str()),
+        text("network.transport", "tcp"),
+        text("trellis.failure_class", c.class.as_str()),
+        text("trellis.destination.service", service),
+        int("trellis.tcp.bytes_from_client", c.sent as i64),
+        int("trellis.tcp.bytes_to_client", c.received as i64),
+        kv("trellis.sampled", any_value::Value::BoolValue(c.sampled)),
+    ];
+    if let Some(side) = c.side {
+        attributes.push(text("trellis.failure_side", side.as_str()));
+    }
+    if let Some(d) = &c.detail {
+        attributes.push(text("trellis.failure_detail", d.as_str()));
+    }
+    if let Some(id) = src_id {
+        attributes.push(text("trellis.source.identity", id));
+    }
+    if let Some(id) = dst_id {
+        attributes.push(text("trellis.destination.identity", id));
+    }
+    some_label(&mut attributes, "trellis.destination.workload", &c.workload);
+    if let Some(u) = c.upstream {
+        attributes.push(text("network.peer.address", u.ip().to_string()));
+        attributes.push(int("network.peer.port", i64::from(u.port())));
+    }
+    Span {
+        trace_id: fastrand::u128(1..).to_be_bytes().to_vec(),
+        span_id: fastrand::u64(1..).to_be_bytes().to_vec(),
+        name: format!("{} tcp {service}", c.direction.as_str()),
+        kind: match c.direction {
+            Direction::inbound => span::SpanKind::Server,
+            Direction::outbound => span::SpanKind::Client,
+        } as i32,
+        start_time_unix_nano: start,
+        end_time_unix_nano: start + c.total.as_nanos() as u64,
+        attributes,
+        status: status(c.class, c.detail.as_deref()),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

@@ -85,6 +85,38 @@ pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Opti
     }
 }
 
+/// CONNECT `authority` through the proxy at `proxy`, send `msg`, and read it echoed back.
+pub async fn echo_through(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    msg: &[u8],
+) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .map_err(|e| e.to_string())?;
+    let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    s.write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf)
+        .await
+        .ok_or("no response head")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head);
+    }
+    s.write_all(msg).await.map_err(|e| e.to_string())?;
+    while buf.len() < msg.len() {
+        let mut chunk = [0u8; 1024];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Ok(buf)
+}
+
 /// Run the CLI against the control plane `cp` (its URL and admin token); the output.
 pub fn cli(
     cp: &trellis_test_support::control::ControlProcess,

@@ -173,6 +173,92 @@ fn a_failure_is_an_error_span_with_its_class_side_and_detail() {
     assert!(!attrs(&out[1]).contains_key("http.response.status_code"));
 }
 
+/// An outbound TCP connection to `db.shop` through its endpoint's proxy.
+fn connection() -> ConnFinished {
+    ConnFinished {
+        direction: Direction::outbound,
+        service: Label::from("db.shop"),
+        workload: Label::from("shop/db-1"),
+        upstream: Some("127.0.0.9:15006".parse().unwrap()),
+        source: Label::default(),
+        dst_identity: Label::from("shop/db"),
+        class: FailureClass::Ok,
+        side: None,
+        detail: None,
+        sent: 1200,
+        received: 34_000,
+        at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        total: Duration::from_millis(2500),
+        sampled: true,
+    }
+}
+
+#[test]
+fn a_tcp_connection_is_a_root_span_with_its_bytes_both_ways() {
+    let s = conn_span(&connection(), &origin());
+    assert_eq!(s.kind, span::SpanKind::Client as i32);
+    assert_eq!(s.name, "outbound tcp db.shop");
+    assert!(s.parent_span_id.is_empty(), "a trace of its own");
+    assert_eq!((s.trace_id.len(), s.span_id.len()), (16, 8));
+    assert!(s.trace_id.iter().any(|&b| b != 0) && s.span_id.iter().any(|&b| b != 0));
+    assert_eq!(s.end_time_unix_nano - s.start_time_unix_nano, 2_500_000_000);
+    assert_eq!(s.start_time_unix_nano, 1_800_000_000_000_000_000);
+    let a = attrs(&s);
+    assert_eq!(a["network.transport"], "tcp");
+    assert_eq!(a["trellis.tcp.bytes_from_client"], "1200");
+    assert_eq!(a["trellis.tcp.bytes_to_client"], "34000");
+    assert_eq!(a["trellis.failure_class"], "ok");
+    assert_eq!(a["trellis.destination.workload"], "shop/db-1");
+    assert_eq!(
+        a["trellis.destination.identity"],
+        "spiffe://example.org/ns/shop/sa/db"
+    );
+    assert_eq!(
+        a["trellis.source.identity"],
+        "spiffe://example.org/ns/shop/sa/web"
+    );
+    assert_eq!(a["network.peer.port"], "15006");
+    assert!(s.status.is_none());
+    // Two connections, two traces.
+    assert_ne!(conn_span(&connection(), &origin()).trace_id, s.trace_id);
+}
+
+#[test]
+fn a_refused_inbound_tcp_connection_is_an_error_span() {
+    let c = ConnFinished {
+        direction: Direction::inbound,
+        upstream: None,
+        workload: Label::default(),
+        dst_identity: Label::default(),
+        source: Label::from("spiffe://example.org/ns/shop/sa/gateway"),
+        class: FailureClass::Denied,
+        side: Some(Side::Proxy),
+        detail: Some("denied by shop/wall".into()),
+        sent: 0,
+        received: 0,
+        sampled: false,
+        ..connection()
+    };
+    let s = conn_span(&c, &origin());
+    assert_eq!(s.kind, span::SpanKind::Server as i32);
+    let a = attrs(&s);
+    assert_eq!(a["trellis.failure_class"], "denied");
+    assert_eq!(a["trellis.failure_side"], "proxy");
+    assert_eq!(a["trellis.sampled"], "false");
+    assert_eq!(
+        a["trellis.source.identity"],
+        "spiffe://example.org/ns/shop/sa/gateway"
+    );
+    // This proxy is the destination.
+    assert_eq!(
+        a["trellis.destination.identity"],
+        "spiffe://example.org/ns/shop/sa/web"
+    );
+    let st = s.status.unwrap();
+    assert_eq!(st.code, status::StatusCode::Error as i32);
+    assert_eq!(st.message, "denied: denied by shop/wall");
+}
+
 #[test]
 fn failures_but_a_clients_own_are_always_exported() {
     for c in FailureClass::ALL {

@@ -23,7 +23,7 @@ use crate::{
     error::{Error, FailureClass, Side},
     http::body::OnEnd,
     metrics::{Direction, Label, RequestLabels, ServiceLabels, TcpLabels},
-    otlp::{Finished, TrySpan},
+    otlp::{ConnFinished, Finished, TrySpan},
     summary::PeerKey,
     telemetry::Telemetry,
 };
@@ -475,6 +475,28 @@ impl Drop for ConnRecord {
                 self.sent,
                 self.received,
             );
+        }
+        if let Some(spans) = &self.telemetry.spans {
+            let sampled = fastrand::f64() < self.telemetry.trace_sampling;
+            if sampled || crate::otlp::always_exported(self.class) {
+                let ep = self.endpoint.as_deref();
+                spans.offer_conn(ConnFinished {
+                    direction: self.direction,
+                    service: self.service.clone(),
+                    workload: ep.map_or_else(|| self.workload.clone(), |e| e.workload_id.clone()),
+                    upstream: self.upstream,
+                    source: self.source.clone(),
+                    dst_identity: ep.map(|e| e.identity.clone()).unwrap_or_default(),
+                    class: self.class,
+                    side: self.side,
+                    detail: self.detail.clone(),
+                    sent: self.sent,
+                    received: self.received,
+                    at: self.wall,
+                    total,
+                    sampled,
+                });
+            }
         }
         self.telemetry.log.push(Entry::Tcp(TcpLine {
             at: self.wall,

@@ -493,7 +493,8 @@ async fn each_try_is_a_span_under_the_request_and_the_next_hop_sees_it_as_parent
     collect(resp.into_body()).await;
     let f = queued
         .try_recv()
-        .expect("a sampled request's spans are queued");
+        .expect("a sampled request's spans are queued")
+        .request();
     let heads = heads.lock().unwrap().clone();
     assert_eq!(heads.len(), 2);
     let (first, second) = (parent_seen(&heads[0]), parent_seen(&heads[1]));
@@ -537,7 +538,10 @@ async fn an_unsampled_request_queues_spans_only_when_it_failed() {
         assert_eq!(resp.status(), expect);
         collect(resp.into_body()).await;
     }
-    let f = queued.try_recv().expect("the failed request's spans");
+    let f = queued
+        .try_recv()
+        .expect("the failed request's spans")
+        .request();
     assert_eq!((f.line.status, f.line.class), (500, FailureClass::AppError));
     assert!(!f.line.spans.sampled);
     assert!(
