@@ -254,8 +254,12 @@ async fn spans_join_across_two_mtls_hops_and_a_failed_unsampled_request_is_expor
     }
     assert_eq!(shop_server.attrs["trellis.destination.environment"], "vm");
     assert_eq!(
-        shop_server.attrs["trellis.destination.workload"],
-        "catalog-vm"
+        (
+            shop_server.attrs["trellis.destination.workload"].as_str(),
+            shop_try.attrs["trellis.destination.workload"].as_str()
+        ),
+        ("test/catalog-vm", "test/catalog-vm"),
+        "namespace/name, as the CLI and the pane name it"
     );
     assert_eq!(shop_server.attrs["trellis.destination.locality"], "eu/eu-1");
     assert_eq!(vm_server.attrs["trellis.source.environment"], "bare-metal");

@@ -99,6 +99,17 @@ pub(crate) struct HttpLine {
     pub(crate) tap_headers: Option<Box<[http::HeaderMap; 2]>>,
 }
 
+/// A destination workload (`name`, as a metric label has it) as `namespace/name`, as the CLI
+/// and the pane name it: a service selects workloads of its own namespace only, so the
+/// namespace is the service's (`service`: `name.namespace`).
+pub(crate) fn workload_id(service: &Label, name: &Label) -> Option<String> {
+    let name = name.get()?;
+    Some(match service.get().and_then(|h| h.split_once('.')) {
+        Some((_, ns)) if !name.contains('/') => format!("{ns}/{name}"),
+        _ => name.to_string(),
+    })
+}
+
 impl HttpLine {
     /// What a record holds once its line has gone to the log (and what a new record starts
     /// from): nothing that costs.

@@ -41,7 +41,7 @@ use prometheus_client::{
 use tokio::sync::mpsc;
 
 use crate::{
-    access_log::HttpLine,
+    access_log::{workload_id, HttpLine},
     error::{BoxError, FailureClass, Side},
     labels::{Direction, Label},
 };
@@ -698,11 +698,9 @@ fn spans(f: &Finished, origin: &Origin) -> Vec<Span> {
         &l.src_environment,
     );
     some_label(&mut attributes, "trellis.source.locality", &l.src_locality);
-    some_label(
-        &mut attributes,
-        "trellis.destination.workload",
-        &l.dst_workload,
-    );
+    if let Some(w) = workload_id(&l.dst_service, &l.dst_workload) {
+        attributes.push(text("trellis.destination.workload", w));
+    }
     some_label(
         &mut attributes,
         "trellis.destination.locality",
@@ -743,7 +741,9 @@ fn spans(f: &Finished, origin: &Origin) -> Vec<Span> {
         if t.status != 0 {
             attributes.push(int("http.response.status_code", i64::from(t.status)));
         }
-        some_label(&mut attributes, "trellis.destination.workload", &t.workload);
+        if let Some(w) = workload_id(&l.dst_service, &t.workload) {
+            attributes.push(text("trellis.destination.workload", w));
+        }
         if let Some(id) = t.identity.get().and_then(|i| origin.spiffe(i)) {
             attributes.push(text("trellis.destination.identity", id));
         }

@@ -20,7 +20,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::{access_log::HttpLine, metrics::Direction};
+use crate::{
+    access_log::{workload_id, HttpLine},
+    metrics::Direction,
+};
 
 /// Events queued for sending; beyond, they are dropped (a tap is best effort).
 const QUEUE: usize = 1024;
@@ -245,17 +248,6 @@ impl Taps {
     }
 }
 
-/// The destination workload as `namespace/name`. A line names it without its namespace (a
-/// metric label); a service selects workloads of its own namespace only, so the namespace is
-/// the service's (`name.namespace`).
-fn workload_id(l: &HttpLine) -> Option<String> {
-    let name = l.dst_workload.get()?;
-    Some(match l.dst_service.get().and_then(|h| h.split_once('.')) {
-        Some((_, ns)) if !name.contains('/') => format!("{ns}/{name}"),
-        _ => name.to_string(),
-    })
-}
-
 fn event(tap: u64, l: &HttpLine, total: Duration, headers: bool) -> Bytes {
     let h = l.tap_headers.as_deref().filter(|_| headers);
     let e = Event {
@@ -277,7 +269,7 @@ fn event(tap: u64, l: &HttpLine, total: Duration, headers: bool) -> Bytes {
         src_workload: l.src_workload.get(),
         src_identity: l.source_identity.get(),
         dst_service: l.dst_service.get(),
-        dst_workload: workload_id(l),
+        dst_workload: workload_id(&l.dst_service, &l.dst_workload),
         dst_environment: l.dst_environment,
         dst_locality: l.dst_locality.get(),
         trace_id: (l.trace_id != 0).then(|| format!("{:032x}", l.trace_id)),

@@ -101,6 +101,7 @@ fn a_retried_request_is_a_server_span_with_a_client_span_per_try() {
     );
     assert_eq!(a["trellis.destination.environment"], "container");
     assert_eq!(a["trellis.destination.locality"], "eu/eu-2");
+    assert_eq!(a["trellis.destination.workload"], "shop/api-2");
     assert_eq!(a["trellis.failure_class"], "ok");
     assert_eq!(a["url.path"], "/orders");
     assert_eq!(a["trellis.attempts"], "2");
@@ -115,7 +116,8 @@ fn a_retried_request_is_a_server_span_with_a_client_span_per_try() {
     assert_eq!(fa["trellis.attempt"], "1");
     assert_eq!(fa["trellis.failure_class"], "connect_refused");
     assert_eq!(fa["network.peer.address"], "127.0.0.6");
-    assert_eq!(fa["trellis.destination.workload"], "api-1");
+    assert_eq!(fa["trellis.destination.workload"], "shop/api-1");
+    assert_eq!(la["trellis.destination.workload"], "shop/api-2");
     assert!(!fa.contains_key("http.response.status_code"));
     assert_eq!(
         first.status.as_ref().map(|s| s.code),
