@@ -38,7 +38,8 @@ pub(crate) struct StartArgs {
     #[arg(long, default_value = "30s")]
     interval: String,
     /// A dark stage first: this percent of the requests copied to the canary (its answers
-    /// discarded) and judged as a step is, before any user reaches it.
+    /// discarded) and judged as a step is, before any user reaches it. Writes (POST, PUT,
+    /// DELETE…) are copied too: their side effects at the canary are not discarded.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     mirror: Option<u32>,
     /// Requests the canary must answer in a step before it can pass.
@@ -148,7 +149,7 @@ async fn start(a: &StartArgs) -> Result<()> {
     .await?;
     let dark = a
         .mirror
-        .map(|p| format!(" after a dark stage ({p} % of the requests copied to it)"))
+        .map(|p| format!(" after a dark stage ({p} % of the requests copied to it, writes included: their side effects at the canary are real)"))
         .unwrap_or_default();
     println!(
         "rollout {ns}/{service}: {stable} → {canary}{dark} in steps of {} %, each held {} and at least {} canary requests; the control plane runs it (follow with `trellis shift status svc/{service} -n {ns}`)",

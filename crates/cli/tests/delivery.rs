@@ -439,7 +439,8 @@ async fn a_good_canary_passes_its_dark_stage_then_its_steps() {
         )
     };
     // First with an interval of an hour: the dark stage holds while it is looked at.
-    dark("1h");
+    let out = dark("1h");
+    assert!(out.contains("writes included"), "{out}");
     // The dark stage: the canary at 0 %, half the requests copied to it.
     eventually(
         "the dark stage's route",
