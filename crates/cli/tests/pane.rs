@@ -204,6 +204,20 @@ async fn the_pane_shows_the_fleet_and_shifts_traffic_after_a_confirmation() {
     ] {
         assert!(drawn.contains(want), "{want}: {drawn}");
     }
+    // Each label lies on a box over every curve (drawn after all of them), so that no later
+    // edge's curve runs across an earlier edge's figures.
+    let on_top = r#"const paths = [...document.querySelectorAll('#topology .edge')];
+const labels = [...document.querySelectorAll('#topology text.label')];
+const boxes = [...document.querySelectorAll('#topology rect.label-bg')];
+return paths.length >= 2 && labels.length === paths.length && boxes.length === labels.length &&
+  [...labels, ...boxes].every((l) =>
+    paths.every((p) => p.compareDocumentPosition(l) & Node.DOCUMENT_POSITION_FOLLOWING));"#;
+    eventually(
+        "both edges drawn, their labels over every curve",
+        Duration::from_secs(20),
+        async || (browser.eval(on_top).await.ok()? == serde_json::json!(true)).then_some(()),
+    )
+    .await;
     // A click on the edge shows its failure classes and the verdicts about it (clicked
     // again until the verdict is in: the proxies' reports come in over a second or so, and
     // the detail is what the page held at the click).

@@ -131,6 +131,9 @@ function drawTopology(all) {
   const rows = Math.max(1, ...names.map((n) => envs[n].length));
   const bottom = top + rows * rowH + 10;
   let deepest = bottom;
+  // Labels go on top of every curve, each on a white box (a later edge's curve may pass
+  // where an earlier edge's label is).
+  let labels = "";
   edges.forEach((e, i) => {
     const a = pos[e.src], b = pos[e.dst];
     if (!a || !b) return;
@@ -141,11 +144,24 @@ function drawTopology(all) {
     const label = `${e.rps.toFixed(1)} rps · ${pct(e.success)} · p99 ${ms(e.latency_ms && e.latency_ms.p99)}`;
     const lx = (x0 + x3) / 2, ly = 0.125 * (y0 + y3) + 0.75 * depth + 15;
     html += `<path class="edge" data-edge="${i}" id="edge-${esc(e.src)}--${esc(e.dst)}" d="${path}" stroke="${health(e.success)}"></path>`;
-    html += `<text x="${lx}" y="${ly}" text-anchor="middle" class="label">${esc(label)}</text>`;
+    labels += `<text x="${lx}" y="${ly}" text-anchor="middle" class="label">${esc(label)}</text>`;
   });
+  html += labels;
   svg.setAttribute("height", String(deepest + 30));
   svg.setAttribute("width", String(Math.max(960, names.length * colW + 20)));
   svg.innerHTML = html;
+  // Measured all at once, then boxed: one layout, not one per label.
+  const texts = [...svg.querySelectorAll("text.label")];
+  const sizes = texts.map((t) => t.getBBox());
+  texts.forEach((t, i) => {
+    const b = sizes[i];
+    const bg = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    bg.setAttribute("class", "label-bg");
+    for (const [k, v] of [["x", b.x - 3], ["y", b.y - 1], ["width", b.width + 6], ["height", b.height + 2]]) {
+      bg.setAttribute(k, String(v));
+    }
+    t.before(bg);
+  });
   svg.querySelectorAll(".edge").forEach((p) => p.addEventListener("click", () => showEdge(state.shown[+p.dataset.edge])));
   svg.querySelectorAll(".node[data-workload]").forEach((g) => g.addEventListener("click", () => showWorkload(g.dataset.workload)));
 }
