@@ -334,10 +334,14 @@ async fn scenario(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         }
         Err(e) => Err(e),
     };
-    if let Ok((t, warm)) = &result {
+    if let Ok((t, (warm, warm_failed))) = &result {
         fleet_view(&api, t.sent, t.start).await;
+        let not_ok = match warm_failed {
+            0 => String::new(),
+            n => format!(", {n} of them not answered"),
+        };
         println!(
-            "{} requests, {} failed ({warm} more before the story, while the caller's zone came up: the table above counts them too)",
+            "{} requests, {} failed ({warm} more before the story{not_ok}, while the caller's zone came up: the table above counts them too)",
             t.sent, t.failed
         );
     }

@@ -42,14 +42,16 @@ async fn get(bind: SocketAddr) -> Result<(u16, String)> {
 
 /// Wait until `who` answers (every agent registers on its own: a request sent while only
 /// some had joined would be served elsewhere, which is right but not the story). Returns
-/// the requests it took.
-pub(super) async fn warm_up(bind: SocketAddr, who: &str) -> Result<u32> {
+/// the requests it took, and how many of them were not answered 200.
+pub(super) async fn warm_up(bind: SocketAddr, who: &str) -> Result<(u32, u32)> {
     let start = Instant::now();
-    let mut sent = 0;
+    let (mut sent, mut failed) = (0, 0);
     loop {
         sent += 1;
-        if matches!(get(bind).await, Ok((200, w)) if w == who) {
-            return Ok(sent);
+        match get(bind).await {
+            Ok((200, w)) if w == who => return Ok((sent, failed)),
+            Ok((200, _)) => {}
+            _ => failed += 1,
         }
         if start.elapsed() > Duration::from_secs(30) {
             return Err(anyhow!("{who} did not answer within 30 s"));
