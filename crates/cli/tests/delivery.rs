@@ -389,7 +389,7 @@ async fn a_canary_failing_its_dark_stage_is_rolled_back_before_any_user_reaches_
         ],
     );
     assert!(
-        out.contains("after a dark stage (100 % of the requests copied to it)"),
+        out.contains("after a dark stage (100 % of the requests copied to it, writes included"),
         "{out}"
     );
     let back = phase(&d.cp, "rolledBack", Duration::from_secs(50)).await;

@@ -388,6 +388,111 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     }
 }
 
+/// Opaque TCP, through CONNECT tunnels at the caller's proxy and mutual TLS between the
+/// proxies: `db`'s application is not running behind its proxy (the application's, on its
+/// workload), and `far-db`'s workload has no proxy running (the network's, towards it).
+/// `echo`'s connections work and are not mentioned.
+#[tokio::test]
+async fn diagnose_tells_a_tcp_application_down_from_the_network_towards_it() {
+    let (down, ghost, echo) = (
+        upstream::closed_port().await,
+        upstream::closed_port().await,
+        upstream::tcp_echo().await,
+    );
+    let cp = ControlProcess::start(BIN, &[]);
+    let mesh = |inbound: u16| {
+        let tcp = |name: &str, sel: &str, port: u16| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: {sel} }}\n  ports: [{{ name: {name}, port: {port}, targetPort: 1, protocol: TCP }}]\n")
+        };
+        [
+            tcp("db", "peer", 5432),
+            tcp("echo", "peer", 7),
+            tcp("far-db", "ghost", 5432),
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  ports: {{ db: {}, echo: {} }}\n", down.port(), echo.port()),
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost, namespace: test, labels: {{ app: ghost }} }}\nspec:\n  address: 127.0.0.1\n  identity: ghost\n  inboundPort: {}\n  environment: vm\n  ports: {{ far-db: 1 }}\n", ghost.port()),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: bare-metal }\n".to_string(),
+            policy("db", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+            policy("far-db", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+        ]
+        .join("---\n")
+    };
+    apply_ok(&cp, mesh(1)).await;
+    let callee = join_reporting(&cp, "beta", "test/peer");
+    callee.wait_ready().await;
+    apply_ok(&cp, mesh(callee.inbound.port())).await;
+    let caller = join_reporting(&cp, "client", "test/client");
+    caller.wait_ready().await;
+    eventually(
+        "an echo through both proxies",
+        Duration::from_secs(15),
+        async || {
+            echo_through(caller.outbound, "echo.test:7", b"ping")
+                .await
+                .ok()
+                .filter(|e| e == b"ping")
+        },
+    )
+    .await;
+    for _ in 0..4 {
+        // The callee's proxy takes the connection, then cannot reach its application.
+        let _ = echo_through(caller.outbound, "db.test:5432", b"select 1").await;
+        // The caller's proxy cannot reach the ghost's: the tunnel is refused.
+        let refused = echo_through(caller.outbound, "far-db.test:5432", b"select 1").await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
+    let v = eventually_explained(
+        "a verdict for each TCP fault",
+        Duration::from_secs(20),
+        async || {
+            let (st, v) = cp
+                .call(
+                    http::Method::GET,
+                    "/api/v1/diagnose?namespace=test&window=5m",
+                    "",
+                    None,
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+            let seen = |svc: &str, side: &str, class: &str| {
+                verdicts_about(&v, svc)
+                    .first()
+                    .is_some_and(|x| x[side][class].as_u64() >= Some(4))
+            };
+            if seen("test/db", "callee_saw", "connect_refused")
+                && seen("test/far-db", "caller_saw", "connect_refused")
+            {
+                Ok(v)
+            } else {
+                Err(format!("{v:#}"))
+            }
+        },
+    )
+    .await;
+    let one = |svc: &str| -> &Value {
+        let all = verdicts_about(&v, svc);
+        assert_eq!(all.len(), 1, "one verdict for {svc}: {v:#}");
+        all[0]
+    };
+    let x = one("test/db");
+    assert_eq!(x["cause"], "application", "{x:#}");
+    assert_eq!(x["place"]["at"]["workload"], "test/peer", "{x:#}");
+    // The caller saw its streams reset: the same problem, not the network's, since the
+    // callee's proxy took as many streams from it (joined by who called: a stream does not
+    // name its caller's workload) and its application refused them.
+    assert_eq!(x["caller_saw"]["connection_reset"], 4, "{x:#}");
+    assert!(
+        x["evidence"]
+            .to_string()
+            .contains("test/client had 4 connections closed by test/peer's proxy"),
+        "{x:#}"
+    );
+    let x = one("test/far-db");
+    assert_eq!(x["cause"], "network", "{x:#}");
+    assert_eq!(x["place"]["to"]["workload"], "test/ghost", "{x:#}");
+    assert!(x["callee_saw"].as_object().unwrap().is_empty(), "{x:#}");
+    assert!(verdicts_about(&v, "test/echo").is_empty(), "{v:#}");
+}
+
 /// A TCP hop that holds every chunk from the caller for `delay` before passing it on: a
 /// slow link, on loopback without root (the delay is the fault injected, not a wait).
 async fn slow_hop(target: SocketAddr, delay: Duration) -> SocketAddr {

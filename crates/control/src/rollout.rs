@@ -537,7 +537,14 @@ impl Rollouts {
             expect: Expect::Any,
         };
         let mut docs = Vec::new();
-        for (_, doc) in routes(state, id, spec) {
+        // Only a rollout with a dark stage wrote a mirror (one without leaves the rules'
+        // filters as they are).
+        let mirrored = if spec.mirror.is_some() {
+            routes(state, id, spec)
+        } else {
+            Vec::new()
+        };
+        for (_, doc) in mirrored {
             let new = without_mirror(&doc, &id.namespace, spec);
             if new != doc {
                 let r = trellis_model::resource_from_json(&format!("rollout:{id}"), &new)

@@ -94,7 +94,7 @@ pub(crate) struct ConnFinished {
     pub(crate) direction: Direction,
     /// Destination service.
     pub(crate) service: Label,
-    /// Destination workload, `namespace/name` when known.
+    /// Destination workload (its name, as a metric label has it).
     pub(crate) workload: Label,
     /// The address connected to.
     pub(crate) upstream: Option<SocketAddr>,
@@ -814,7 +814,9 @@ fn conn_span(c: &ConnFinished, origin: &Origin) -> Span {
     if let Some(id) = dst_id {
         attributes.push(text("trellis.destination.identity", id));
     }
-    some_label(&mut attributes, "trellis.destination.workload", &c.workload);
+    if let Some(w) = workload_id(&c.service, &c.workload) {
+        attributes.push(text("trellis.destination.workload", w));
+    }
     if let Some(u) = c.upstream {
         attributes.push(text("network.peer.address", u.ip().to_string()));
         attributes.push(int("network.peer.port", i64::from(u.port())));

@@ -35,20 +35,32 @@ use crate::{
     },
 };
 
+/// Why no endpoint could be connected to: the last failure, and the endpoint it came from
+/// (none when no endpoint was picked), so that the connection is recorded against it.
+pub(crate) struct NotConnected {
+    pub(crate) error: Error,
+    pub(crate) endpoint: Option<Arc<Endpoint>>,
+}
+
 /// Pick an endpoint and connect (by mutual TLS to a peer proxy, or plain), trying another
 /// endpoint after a connect failure (at most one try per endpoint). The last failure when
 /// none could be reached.
 pub(crate) async fn connect(
     dialer: &Dialer,
     cluster: &Cluster,
-) -> Result<(UpStream, Arc<Endpoint>), Error> {
+) -> Result<(UpStream, Arc<Endpoint>), NotConnected> {
     let ctx = cluster.connect_ctx(dialer);
     let mut avoid: Option<Arc<Endpoint>> = None;
-    let mut last = None;
+    let mut last: Option<NotConnected> = None;
     for _ in 0..cluster.endpoints.len().max(1) {
         let ep = match balance::pick(cluster, std::time::Instant::now(), avoid.as_ref()) {
             Ok(ep) => ep,
-            Err(e) => return Err(last.unwrap_or(e)),
+            Err(error) => {
+                return Err(last.unwrap_or(NotConnected {
+                    error,
+                    endpoint: None,
+                }))
+            }
         };
         // Every endpoint tried: pick_avoiding falls back to the same one.
         if avoid.as_ref().is_some_and(|a| Arc::ptr_eq(a, &ep)) {
@@ -59,18 +71,22 @@ pub(crate) async fn connect(
                 cluster.report(&ep, crate::error::FailureClass::Ok);
                 return Ok((s, ep));
             }
-            Err(e) => {
-                cluster.report(&ep, e.class());
-                last = Some(e);
+            Err(error) => {
+                cluster.report(&ep, error.class());
+                last = Some(NotConnected {
+                    error,
+                    endpoint: Some(ep.clone()),
+                });
             }
         }
         avoid = Some(ep);
     }
-    Err(last.unwrap_or_else(|| {
-        Error::new(
+    Err(last.unwrap_or_else(|| NotConnected {
+        error: Error::new(
             Kind::NoEndpoint,
             format!("cluster {} has no healthy endpoint", cluster.key),
-        )
+        ),
+        endpoint: None,
     }))
 }
 
@@ -87,8 +103,13 @@ pub(crate) async fn connect_for(
             rec.endpoint = Some(ep);
             Some(s)
         }
-        Err(e) => {
-            rec.fail(&e);
+        Err(NotConnected { error, endpoint }) => {
+            if let Some(ep) = endpoint {
+                rec.upstream = Some(ep.target);
+                rec.workload = ep.workload.clone();
+                rec.endpoint = Some(ep);
+            }
+            rec.fail(&error);
             None
         }
     }
@@ -181,7 +202,14 @@ pub(crate) async fn connect_tunnel(
     // The CONNECT request has its record; the tunnel, once open, has one of its own.
     let (mut up, ep) = match connect(&shared.dialer, &cluster).await {
         Ok(c) => c,
-        Err(e) => return local_reply(rec, &e, false),
+        Err(NotConnected { error, endpoint }) => {
+            // Recorded against the endpoint that failed last (as a request's try is).
+            if let Some(ep) = &endpoint {
+                rec.set_endpoint(ep);
+                rec.attempts = 1;
+            }
+            return local_reply(rec, &error, false);
+        }
     };
     rec.set_endpoint(&ep);
     // Outbound, or inbound to the local workload: the record knows which listener it came on.

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use trellis_taxonomy::FailureClass;
 
 use crate::{
-    key::{Direction, LatKey},
+    key::{Direction, LatKey, Protocol},
     store::{FailedAttempt, Window},
 };
 
@@ -438,6 +438,9 @@ fn is_inbound(k: &LatKey, callee: &str, service: &str, caller: &str) -> bool {
         && &*k.peer_workload == caller
 }
 
+/// The callers of one hop (service, callee): workload → (environment, locality).
+type Callers<'a> = BTreeMap<&'a str, (&'a str, &'a str)>;
+
 /// Every problem in `w`, most failed requests first. `names` keeps only the verdicts whose
 /// place or services mention one of them (empty: all).
 pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<Verdict> {
@@ -445,6 +448,30 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
     // Both sides of every hop, by (caller, service, callee).
     let mut out_pairs: BTreeMap<(String, String, String), Pair> = BTreeMap::new();
     let mut in_pairs: BTreeMap<(String, String, String), Pair> = BTreeMap::new();
+    // Who called each callee for each service, by the callers' own reports. A TCP stream
+    // carries its caller's identity (mutual TLS) but not its workload (an HTTP request's
+    // header tells it): the callee's side of a stream is joined to the caller that reported
+    // the same hop, when only one did.
+    let mut callers_of: BTreeMap<(&str, &str), Callers<'_>> = BTreeMap::new();
+    for (k, _) in &w.series {
+        if k.direction == Direction::Outbound && !k.peer_workload.is_empty() {
+            callers_of
+                .entry((&*k.service, &*k.peer_workload))
+                .or_default()
+                .insert(&*k.workload, (&*k.environment, &*k.locality));
+        }
+    }
+    let sole_caller = |k: &crate::key::Key| {
+        let unnamed = k.protocol == Protocol::Tcp
+            && k.peer_workload.is_empty()
+            && !k.peer_identity.is_empty();
+        unnamed
+            .then(|| callers_of.get(&(&*k.service, &*k.workload)))
+            .flatten()
+            .filter(|m| m.len() == 1)
+            .and_then(|m| m.iter().next())
+            .map(|(w, (e, l))| (*w, *e, *l))
+    };
     for (k, c) in &w.series {
         let (map, key, caller, callee) = match k.direction {
             Direction::Outbound => (
@@ -457,16 +484,23 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                 end(&k.workload, &k.environment, &k.locality),
                 end(&k.peer_workload, &k.peer_environment, &k.peer_locality),
             ),
-            Direction::Inbound => (
-                &mut in_pairs,
+            Direction::Inbound => {
+                let (pw, pe, pl) = sole_caller(k).unwrap_or((
+                    &k.peer_workload,
+                    &k.peer_environment,
+                    &k.peer_locality,
+                ));
                 (
-                    k.peer_workload.to_string(),
-                    k.service.to_string(),
-                    k.workload.to_string(),
-                ),
-                end(&k.peer_workload, &k.peer_environment, &k.peer_locality),
-                end(&k.workload, &k.environment, &k.locality),
-            ),
+                    &mut in_pairs,
+                    (
+                        pw.to_string(),
+                        k.service.to_string(),
+                        k.workload.to_string(),
+                    ),
+                    end(pw, pe, pl),
+                    end(&k.workload, &k.environment, &k.locality),
+                )
+            }
         };
         let p = map.entry(key).or_default();
         if p.caller.workload.is_empty() {
@@ -664,9 +698,26 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                     }
                 }
                 F::ConnectRefused | F::ConnectTimeout | F::UpstreamTimeout | F::ConnectionReset
-                    if app_down && matches!(class, F::ConnectRefused | F::ConnectTimeout) =>
+                    if app_down
+                        && (matches!(class, F::ConnectRefused | F::ConnectTimeout)
+                            || (*class == F::ConnectionReset
+                                && sum(&seen, &[F::ConnectRefused, F::ConnectTimeout]) >= n)) =>
                 {
-                    // The far hop's own answer, carried back: the application is down.
+                    // The far hop's own answer, carried back: the application is down. Or,
+                    // for a TCP stream, which has no answer to carry it: the callee's proxy
+                    // took as many of this caller's streams and closed them, its application
+                    // refusing them.
+                    let told = if *class == F::ConnectionReset {
+                        format!(
+                            "{} had {n} connections closed by {}'s proxy (connection_reset), which saw as many from it refused by its application",
+                            p.caller.workload, p.callee.workload
+                        )
+                    } else {
+                        format!(
+                            "{} got {n} {class} answers from {}'s proxy",
+                            p.caller.workload, p.callee.workload
+                        )
+                    };
                     found.add(
                         Cause::Application,
                         "app_down",
@@ -679,10 +730,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         0,
                         &only(&p.classes, &[*class]),
                         &empty,
-                        vec![format!(
-                            "{} got {n} {class} answers from {}'s proxy",
-                            p.caller.workload, p.callee.workload
-                        )],
+                        vec![told],
                         format!(
                             "is the application of {} running and listening on the port its Workload declares for {svc}?",
                             p.callee.workload

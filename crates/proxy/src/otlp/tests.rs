@@ -180,7 +180,7 @@ fn connection() -> ConnFinished {
     ConnFinished {
         direction: Direction::outbound,
         service: Label::from("db.shop"),
-        workload: Label::from("shop/db-1"),
+        workload: Label::from("db-1"),
         upstream: Some("127.0.0.9:15006".parse().unwrap()),
         source: Label::default(),
         dst_identity: Label::from("shop/db"),

@@ -483,7 +483,7 @@ impl Drop for ConnRecord {
                 spans.offer_conn(ConnFinished {
                     direction: self.direction,
                     service: self.service.clone(),
-                    workload: ep.map_or_else(|| self.workload.clone(), |e| e.workload_id.clone()),
+                    workload: self.workload.clone(),
                     upstream: self.upstream,
                     source: self.source.clone(),
                     dst_identity: ep.map(|e| e.identity.clone()).unwrap_or_default(),

@@ -907,3 +907,65 @@ fn slow_requests_slow_at_the_callee_are_its_application_and_quick_there_the_link
     win.slow.truncate(2);
     assert!(run(&win, &Facts::default()).is_empty());
 }
+
+/// A TCP series: connections counted as `tcp_closed`; the callee's side names the caller's
+/// identity only (a stream has no header to name its workload).
+fn tcp(
+    dir: Direction,
+    reporter: &str,
+    peer: &str,
+    service: &str,
+    class: FailureClass,
+    n: u32,
+) -> (Arc<Key>, Counts) {
+    let (k, _) = s(dir, reporter, peer, service, class, 0);
+    let mut k = (*k).clone();
+    k.protocol = Protocol::Tcp;
+    if dir == In {
+        k.peer_identity = format!("spiffe://trellis.local/ns/test/sa/{peer}").into();
+        k.peer_workload = "".into();
+        k.peer_environment = "".into();
+        k.peer_locality = "".into();
+    }
+    let c = Counts {
+        tcp_closed: n,
+        ..Counts::default()
+    };
+    (Arc::new(k), c)
+}
+
+#[test]
+fn a_tcp_caller_reset_by_a_callee_whose_application_refused_is_the_application() {
+    const DB: &str = "test/db";
+    let w = vec![
+        tcp(Out, "test/shop", "test/db-vm", DB, F::ConnectionReset, 5),
+        tcp(In, "test/db-vm", "shop", DB, F::ConnectRefused, 5),
+    ];
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Application);
+    assert_eq!(workload_of(&v[0]), "test/db-vm");
+    assert_eq!(v[0].caller_saw[&F::ConnectionReset], 5);
+    assert_eq!(v[0].callee_saw[&F::ConnectRefused], 5);
+    // Fewer refusals at the callee than resets at the caller: the rest went elsewhere (the
+    // network's), so the resets are not all explained by the application.
+    let w = vec![
+        tcp(Out, "test/shop", "test/db-vm", DB, F::ConnectionReset, 9),
+        tcp(In, "test/db-vm", "shop", DB, F::ConnectRefused, 5),
+    ];
+    let v = run(&window(w), &Facts::default());
+    assert!(v.iter().any(|v| v.cause == Cause::Network), "{v:#?}");
+    // Two callers of the same hop: the callee's streams cannot be told apart by workload,
+    // so they are not joined to either (each caller's resets are the network's to judge).
+    let w = vec![
+        tcp(Out, "test/shop", "test/db-vm", DB, F::ConnectionReset, 5),
+        tcp(Out, "test/cart", "test/db-vm", DB, F::ConnectionReset, 5),
+        tcp(In, "test/db-vm", "shop", DB, F::ConnectRefused, 10),
+    ];
+    let v = run(&window(w), &Facts::default());
+    let app = v
+        .iter()
+        .find(|v| v.cause == Cause::Application)
+        .expect("the callee's own refusals");
+    assert!(!app.caller_saw.contains_key(&F::ConnectionReset), "{v:#?}");
+}
