@@ -390,10 +390,11 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
 
 /// Opaque TCP, through CONNECT tunnels at the caller's proxy and mutual TLS between the
 /// proxies: `db`'s application is not running behind its proxy (the application's, on its
-/// workload), and `far-db`'s workload has no proxy running (the network's, towards it).
-/// `echo`'s connections work and are not mentioned.
+/// workload), `far-db`'s workload has no proxy running (the network's, towards it), and
+/// `vault` denies the caller by AuthorizationPolicy (the mesh's). `echo`'s connections work
+/// and are not mentioned.
 #[tokio::test]
-async fn diagnose_tells_a_tcp_application_down_from_the_network_towards_it() {
+async fn diagnose_tells_tcp_faults_apart_application_network_and_policy() {
     let (down, ghost, echo) = (
         upstream::closed_port().await,
         upstream::closed_port().await,
@@ -408,10 +409,12 @@ async fn diagnose_tells_a_tcp_application_down_from_the_network_towards_it() {
             tcp("db", "peer", 5432),
             tcp("echo", "peer", 7),
             tcp("far-db", "ghost", 5432),
-            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  ports: {{ db: {}, echo: {} }}\n", down.port(), echo.port()),
+            tcp("vault", "peer", 8200),
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  ports: {{ db: {}, echo: {}, vault: {} }}\n", down.port(), echo.port(), echo.port()),
             format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost, namespace: test, labels: {{ app: ghost }} }}\nspec:\n  address: 127.0.0.1\n  identity: ghost\n  inboundPort: {}\n  environment: vm\n  ports: {{ far-db: 1 }}\n", ghost.port()),
             "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: bare-metal }\n".to_string(),
             policy("db", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+            "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: sealed, namespace: test }\nspec:\n  targetRefs: [{ name: vault }]\n  action: DENY\n  rules: [{ from: [{ identities: [test/client] }] }]\n".to_string(),
             policy("far-db", "  outlierDetection: { consecutiveFailures: 0 }\n"),
         ]
         .join("---\n")
@@ -439,6 +442,9 @@ async fn diagnose_tells_a_tcp_application_down_from_the_network_towards_it() {
         // The caller's proxy cannot reach the ghost's: the tunnel is refused.
         let refused = echo_through(caller.outbound, "far-db.test:5432", b"select 1").await;
         assert!(refused.is_err(), "{refused:?}");
+        // The callee's proxy takes the stream and closes it: the caller is denied.
+        let sealed = echo_through(caller.outbound, "vault.test:8200", b"unseal").await;
+        assert!(sealed.map_or(true, |e| e.is_empty()), "nothing echoed");
     }
     let v = eventually_explained(
         "a verdict for each TCP fault",
@@ -460,6 +466,7 @@ async fn diagnose_tells_a_tcp_application_down_from_the_network_towards_it() {
             };
             if seen("test/db", "callee_saw", "connect_refused")
                 && seen("test/far-db", "caller_saw", "connect_refused")
+                && seen("test/vault", "callee_saw", "denied")
             {
                 Ok(v)
             } else {
@@ -490,6 +497,12 @@ async fn diagnose_tells_a_tcp_application_down_from_the_network_towards_it() {
     assert_eq!(x["cause"], "network", "{x:#}");
     assert_eq!(x["place"]["to"]["workload"], "test/ghost", "{x:#}");
     assert!(x["callee_saw"].as_object().unwrap().is_empty(), "{x:#}");
+    let x = one("test/vault");
+    assert_eq!(x["cause"], "mesh_policy", "{x:#}");
+    assert!(
+        x["evidence"].to_string().contains("test/sealed (DENY)"),
+        "{x:#}"
+    );
     assert!(verdicts_about(&v, "test/echo").is_empty(), "{v:#}");
 }
 

@@ -737,6 +737,28 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         ),
                     );
                 }
+                F::ConnectionReset
+                    if sum(&seen, &[F::Denied, F::Overloaded, F::RateLimited]) >= n =>
+                {
+                    // A TCP stream the callee's proxy refuses (policy, its limit) is closed,
+                    // not answered: the caller sees it reset. The callee's proxy recorded at
+                    // least as many of this caller's streams so: its reason is the verdict's.
+                    let refused = [F::Denied, F::Overloaded, F::RateLimited]
+                        .into_iter()
+                        .max_by_key(|c| seen.get(c).copied().unwrap_or(0))
+                        .unwrap_or(F::Denied);
+                    policy(
+                        &mut found,
+                        facts,
+                        svc,
+                        &p.callee,
+                        refused,
+                        n,
+                        &only(&p.classes, &[*class]),
+                        &seen,
+                        Refuser::Callee,
+                    );
+                }
                 F::UpstreamTimeout if arrived(j.as_ref(), seen_n, n) => {
                     // The callee saw them: its application took too long.
                     let p99 = inbound_p99_ms(w, callee, svc, caller);
@@ -841,7 +863,15 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         Refuser::Either
                     };
                     policy(
-                        &mut found, facts, svc, &p.callee, *class, n, &p.classes, &seen, whose,
+                        &mut found,
+                        facts,
+                        svc,
+                        &p.callee,
+                        *class,
+                        n,
+                        &only(&p.classes, &[*class]),
+                        &seen,
+                        whose,
                     );
                 }
                 F::ProtocolError => {
@@ -1642,6 +1672,8 @@ impl Refuser {
 }
 
 /// Requests of `class` (`denied`, `overloaded`, `rate_limited`) refused by the mesh's policy.
+/// `caller_saw`: the callers' counts the verdict rests on (as they recorded them: a TCP
+/// stream refused at the callee is a reset at its caller); `callee_saw` is cut to `class`.
 #[allow(clippy::too_many_arguments)]
 fn policy(
     found: &mut Found,
@@ -1728,7 +1760,7 @@ fn policy(
         svc,
         problem,
         n,
-        &only(caller_saw, &[class]),
+        caller_saw,
         &only(callee_saw, &[class]),
         ev,
         next,
@@ -1852,7 +1884,7 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
                     &End::default(),
                     *class,
                     n,
-                    &p.classes,
+                    &only(&p.classes, &[*class]),
                     &empty,
                     Refuser::Caller,
                 );

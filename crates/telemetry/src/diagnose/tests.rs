@@ -969,3 +969,19 @@ fn a_tcp_caller_reset_by_a_callee_whose_application_refused_is_the_application()
         .expect("the callee's own refusals");
     assert!(!app.caller_saw.contains_key(&F::ConnectionReset), "{v:#?}");
 }
+
+#[test]
+fn a_tcp_caller_reset_by_a_callee_that_refused_it_by_policy_is_the_policy() {
+    const DB: &str = "test/db";
+    for refused in [F::Denied, F::Overloaded] {
+        let w = vec![
+            tcp(Out, "test/shop", "test/db-vm", DB, F::ConnectionReset, 5),
+            tcp(In, "test/db-vm", "shop", DB, refused, 5),
+        ];
+        let v = run(&window(w), &Facts::default());
+        assert_eq!(v.len(), 1, "{v:#?}");
+        assert_eq!(v[0].cause, Cause::MeshPolicy, "{v:#?}");
+        assert_eq!(v[0].caller_saw[&F::ConnectionReset], 5);
+        assert_eq!(v[0].callee_saw[&refused], 5);
+    }
+}
