@@ -388,17 +388,20 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
     }
 }
 
-/// Opaque TCP, through CONNECT tunnels at the caller's proxy and mutual TLS between the
-/// proxies: `db`'s application is not running behind its proxy (the application's, on its
-/// workload), `far-db`'s workload has no proxy running (the network's, towards it), and
-/// `vault` denies the caller by AuthorizationPolicy (the mesh's). `echo`'s connections work
-/// and are not mentioned.
+/// Connections cut or refused. Opaque TCP, through CONNECT tunnels at the caller's proxy and
+/// mutual TLS between the proxies: `db`'s application is not running behind its proxy (the
+/// application's, on its workload), `far-db`'s workload has no proxy running (the network's,
+/// towards it), and `vault` denies the caller by AuthorizationPolicy (the mesh's); `echo`'s
+/// connections work and are not mentioned. And HTTP: `crashy`'s application resets its
+/// connection in the middle of each answer (the application's, though the caller sees only
+/// a reset).
 #[tokio::test]
-async fn diagnose_tells_tcp_faults_apart_application_network_and_policy() {
-    let (down, ghost, echo) = (
+async fn diagnose_tells_cut_and_refused_connections_apart() {
+    let (down, ghost, echo, crashy) = (
         upstream::closed_port().await,
         upstream::closed_port().await,
         upstream::tcp_echo().await,
+        upstream::reset_mid_response().await,
     );
     let cp = ControlProcess::start(BIN, &[]);
     let mesh = |inbound: u16| {
@@ -410,10 +413,12 @@ async fn diagnose_tells_tcp_faults_apart_application_network_and_policy() {
             tcp("echo", "peer", 7),
             tcp("far-db", "ghost", 5432),
             tcp("vault", "peer", 8200),
-            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  ports: {{ db: {}, echo: {}, vault: {} }}\n", down.port(), echo.port(), echo.port()),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: crashy, namespace: test }\nspec:\n  selector: { app: peer }\n  ports: [{ name: crashy, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  ports: {{ db: {}, echo: {}, vault: {}, crashy: {} }}\n", down.port(), echo.port(), echo.port(), crashy.port()),
             format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost, namespace: test, labels: {{ app: ghost }} }}\nspec:\n  address: 127.0.0.1\n  identity: ghost\n  inboundPort: {}\n  environment: vm\n  ports: {{ far-db: 1 }}\n", ghost.port()),
             "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: bare-metal }\n".to_string(),
             policy("db", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+            policy("crashy", "  outlierDetection: { consecutiveFailures: 0 }\n"),
             "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: sealed, namespace: test }\nspec:\n  targetRefs: [{ name: vault }]\n  action: DENY\n  rules: [{ from: [{ identities: [test/client] }] }]\n".to_string(),
             policy("far-db", "  outlierDetection: { consecutiveFailures: 0 }\n"),
         ]
@@ -445,6 +450,9 @@ async fn diagnose_tells_tcp_faults_apart_application_network_and_policy() {
         // The callee's proxy takes the stream and closes it: the caller is denied.
         let sealed = echo_through(caller.outbound, "vault.test:8200", b"unseal").await;
         assert!(sealed.map_or(true, |e| e.is_empty()), "nothing echoed");
+        // A head, part of the body, then a reset: never a whole answer.
+        let cut = client::get_full(caller.outbound, "crashy.test", "/", &[]).await;
+        assert!(cut.map_or(true, |r| r.body.len() < 1000), "a whole answer");
     }
     let v = eventually_explained(
         "a verdict for each TCP fault",
@@ -467,6 +475,7 @@ async fn diagnose_tells_tcp_faults_apart_application_network_and_policy() {
             if seen("test/db", "callee_saw", "connect_refused")
                 && seen("test/far-db", "caller_saw", "connect_refused")
                 && seen("test/vault", "callee_saw", "denied")
+                && seen("test/crashy", "callee_saw", "connection_reset")
             {
                 Ok(v)
             } else {
@@ -497,6 +506,16 @@ async fn diagnose_tells_tcp_faults_apart_application_network_and_policy() {
     assert_eq!(x["cause"], "network", "{x:#}");
     assert_eq!(x["place"]["to"]["workload"], "test/ghost", "{x:#}");
     assert!(x["callee_saw"].as_object().unwrap().is_empty(), "{x:#}");
+    let x = one("test/crashy");
+    assert_eq!(x["cause"], "application", "{x:#}");
+    assert_eq!(x["place"]["at"]["workload"], "test/peer", "{x:#}");
+    assert!(
+        x["problem"]
+            .as_str()
+            .unwrap()
+            .contains("resets its connections"),
+        "{x:#}"
+    );
     let x = one("test/vault");
     assert_eq!(x["cause"], "mesh_policy", "{x:#}");
     assert!(

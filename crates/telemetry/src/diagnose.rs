@@ -275,6 +275,10 @@ struct Pair {
     requests: u64,
     attempts: u64,
     classes: BTreeMap<FailureClass, u64>,
+    /// A callee's HTTP requests whose exchange with its own application was reset (the
+    /// application's side: a caller that goes away is `client_disconnect`). A TCP stream's
+    /// reset could be either side's, so it is not counted here.
+    app_resets: u64,
 }
 
 impl Pair {
@@ -519,6 +523,12 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         // they count by their attempts (the endpoint failed, even if a retry saved them).
         let failed_tries = if n == 0 { c.attempts } else { 0 };
         *p.classes.entry(k.class).or_default() += n + failed_tries;
+        if k.direction == Direction::Inbound
+            && k.protocol == Protocol::Http
+            && k.class == FailureClass::ConnectionReset
+        {
+            p.app_resets += n + failed_tries;
+        }
     }
     // What each callee's proxy saw, from every caller.
     let mut callee_all: BTreeMap<(String, String), BTreeMap<F, u64>> = BTreeMap::new();
@@ -580,6 +590,32 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                     if caller.is_empty() { "unmeshed callers" } else { caller }
                 )],
                 format!("see the logs of the application of {}", p.callee.workload),
+            );
+        }
+        if p.app_resets >= MIN_FAILED {
+            let n = p.app_resets;
+            found.add(
+                Cause::Application,
+                "app_resets",
+                Place::Workload { at: p.callee.clone() },
+                svc,
+                format!(
+                    "the application of {} resets its connections before it answers",
+                    p.callee.workload
+                ),
+                n,
+                &empty,
+                &BTreeMap::from([(F::ConnectionReset, n)]),
+                vec![format!(
+                    "{}'s proxy had {n} exchanges with its application cut by a reset or close ({} requests from {})",
+                    p.callee.workload,
+                    p.requests,
+                    if caller.is_empty() { "unmeshed callers" } else { caller }
+                )],
+                format!(
+                    "see the logs of the application of {} (a crash, a restart, or a limit on its connections)",
+                    p.callee.workload
+                ),
             );
         }
         let tls = sum(&p.classes, &[F::TlsError]);
@@ -646,6 +682,10 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         // The callee's proxy could not reach its application: found above.
         let app_down = sum(&at_callee, &[F::ConnectRefused, F::ConnectTimeout]) >= MIN_FAILED;
         let app_errors = sum(&at_callee, &[F::AppError, F::AppGrpcError]) >= MIN_FAILED;
+        // This caller's requests whose exchange the callee's application reset.
+        let reset_there = in_pairs
+            .get(&(caller.clone(), svc.clone(), callee.clone()))
+            .map_or(0, |q| q.app_resets);
         for (class, n) in &p.classes {
             let n = *n;
             if !counts_against(*class) || n == 0 {
@@ -733,6 +773,33 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         vec![told],
                         format!(
                             "is the application of {} running and listening on the port its Workload declares for {svc}?",
+                            p.callee.workload
+                        ),
+                    );
+                }
+                F::ConnectionReset if reset_there >= MIN_FAILED && reset_there >= n => {
+                    // The callee's proxy saw its application reset as many of this caller's
+                    // requests, and told the caller so: the application's, on its workload.
+                    found.add(
+                        Cause::Application,
+                        "app_resets",
+                        Place::Workload {
+                            at: p.callee.clone(),
+                        },
+                        svc,
+                        format!(
+                            "the application of {} resets its connections before it answers",
+                            p.callee.workload
+                        ),
+                        0,
+                        &only(&p.classes, &[*class]),
+                        &empty,
+                        vec![format!(
+                            "{} got {n} of them as connection_reset (both sides agree)",
+                            p.caller.workload
+                        )],
+                        format!(
+                            "see the logs of the application of {} (a crash, a restart, or a limit on its connections)",
                             p.callee.workload
                         ),
                     );

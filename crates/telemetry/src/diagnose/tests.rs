@@ -985,3 +985,61 @@ fn a_tcp_caller_reset_by_a_callee_that_refused_it_by_policy_is_the_policy() {
         assert_eq!(v[0].callee_saw[&refused], 5);
     }
 }
+
+#[test]
+fn an_application_that_resets_its_connections_is_the_application_not_the_network() {
+    // HTTP: the callee's proxy had its exchanges with its application reset, and the caller
+    // got that back: the application's.
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectionReset,
+        5,
+    ));
+    w.push(s(
+        In,
+        "test/catalog-vm",
+        "test/shop",
+        SVC,
+        F::ConnectionReset,
+        5,
+    ));
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Application);
+    assert_eq!(workload_of(&v[0]), "test/catalog-vm");
+    assert_eq!(v[0].caller_saw[&F::ConnectionReset], 5);
+    assert_eq!(v[0].callee_saw[&F::ConnectionReset], 5);
+    assert!(v[0].problem.contains("resets its connections"), "{v:#?}");
+    // Resets the callee never recorded are still the network's.
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectionReset,
+        5,
+    ));
+    w.push(s(In, "test/catalog-vm", "test/shop", SVC, F::Ok, 5));
+    let v = run(&window(w), &Facts::default());
+    assert!(v.iter().all(|v| v.cause == Cause::Network), "{v:#?}");
+    // A TCP stream's reset at both ends could be either side's: not the application's by
+    // this rule.
+    let w = vec![
+        tcp(
+            Out,
+            "test/shop",
+            "test/db-vm",
+            "test/db",
+            F::ConnectionReset,
+            5,
+        ),
+        tcp(In, "test/db-vm", "shop", "test/db", F::ConnectionReset, 5),
+    ];
+    let v = run(&window(w), &Facts::default());
+    assert!(v.iter().all(|v| v.cause != Cause::Application), "{v:#?}");
+}
