@@ -241,6 +241,39 @@ fn effective_and_actual_outcomes_with_a_retried_failure() {
 }
 
 #[test]
+fn a_meshed_callers_tcp_stream_is_its_own_edge_not_an_unmeshed_one() {
+    let mut s = Store::new(Limits::default());
+    let tcp = |direction: u32, peer: &str| Series {
+        direction,
+        protocol: 1,
+        requests: 0,
+        attempts: 0,
+        tcp_opened: 2,
+        tcp_closed: 2,
+        ..series("shop/db", peer, "ok", 0)
+    };
+    s.ingest(
+        &report("shop/web", 1, 1, NOW, vec![tcp(0, "shop/db-vm")]),
+        Some("spiffe://t/ns/shop/sa/web"),
+        NOW,
+    )
+    .unwrap();
+    // The callee's side: the caller's identity (mutual TLS), no workload.
+    let mut inbound = tcp(1, "");
+    inbound.peer_identity = "spiffe://t/ns/shop/sa/web".into();
+    s.ingest(&report("shop/db-vm", 1, 1, NOW, vec![inbound]), None, NOW)
+        .unwrap();
+    let e = view::edges(&all(&s, 60_000), &Selector::default(), 60.0, |_| None);
+    assert_eq!(
+        e.iter()
+            .map(|e| (e.src.as_str(), e.dst.as_str()))
+            .collect::<Vec<_>>(),
+        [("shop/web", "shop/db-vm")],
+        "{e:?}"
+    );
+}
+
+#[test]
 fn edges_join_caller_and_callee_and_unmeshed_callers_come_from_the_callee() {
     let mut s = Store::new(Limits::default());
     s.ingest(
