@@ -476,6 +476,10 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             .and_then(|m| m.iter().next())
             .map(|(w, (e, l))| (*w, *e, *l))
     };
+    // The callee's side of meshed callers' streams that could not be joined to one caller
+    // (several share the hop), by (service, callee).
+    let mut unnamed_streams: BTreeMap<(String, String), BTreeMap<FailureClass, u64>> =
+        BTreeMap::new();
     for (k, c) in &w.series {
         let (map, key, caller, callee) = match k.direction {
             Direction::Outbound => (
@@ -489,11 +493,21 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                 end(&k.peer_workload, &k.peer_environment, &k.peer_locality),
             ),
             Direction::Inbound => {
-                let (pw, pe, pl) = sole_caller(k).unwrap_or((
-                    &k.peer_workload,
-                    &k.peer_environment,
-                    &k.peer_locality,
-                ));
+                let sole = sole_caller(k);
+                if sole.is_none()
+                    && k.protocol == Protocol::Tcp
+                    && k.peer_workload.is_empty()
+                    && !k.peer_identity.is_empty()
+                {
+                    let n = u64::from(c.tcp_closed);
+                    *unnamed_streams
+                        .entry((k.service.to_string(), k.workload.to_string()))
+                        .or_default()
+                        .entry(k.class)
+                        .or_default() += n;
+                }
+                let (pw, pe, pl) =
+                    sole.unwrap_or((&k.peer_workload, &k.peer_environment, &k.peer_locality));
                 (
                     &mut in_pairs,
                     (
@@ -658,6 +672,13 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         }
     }
 
+    // Every caller's resets of each hop, for the streams that are not joined one by one.
+    let mut resets_to: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for ((_, svc, callee), p) in &out_pairs {
+        *resets_to.entry((svc, callee)).or_default() +=
+            p.classes.get(&F::ConnectionReset).copied().unwrap_or(0);
+    }
+
     // 2. What the callers got, joined with what their callees saw.
     for ((caller, svc, callee), p) in &out_pairs {
         if callee.is_empty() {
@@ -682,6 +703,22 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         // The callee's proxy could not reach its application: found above.
         let app_down = sum(&at_callee, &[F::ConnectRefused, F::ConnectTimeout]) >= MIN_FAILED;
         let app_errors = sum(&at_callee, &[F::AppError, F::AppGrpcError]) >= MIN_FAILED;
+        // What the callee's proxy recorded of the streams this caller saw reset: its own
+        // (joined to it), or, when several callers share the hop and the callee's side names
+        // none of them, all the hop's streams, which must then explain every caller's
+        // resets together.
+        let unnamed = unnamed_streams.get(&(svc.clone(), callee.clone()));
+        let all_resets = resets_to
+            .get(&(svc.as_str(), callee.as_str()))
+            .copied()
+            .unwrap_or(0);
+        let explains = |set: &[F], n: u64| {
+            sum(&seen, set) >= n || unnamed.is_some_and(|u| sum(u, set) >= all_resets.max(n))
+        };
+        let stream_seen = match unnamed {
+            Some(u) if seen.is_empty() => u.clone(),
+            _ => seen.clone(),
+        };
         // This caller's requests whose exchange the callee's application reset.
         let reset_there = in_pairs
             .get(&(caller.clone(), svc.clone(), callee.clone()))
@@ -741,7 +778,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                     if app_down
                         && (matches!(class, F::ConnectRefused | F::ConnectTimeout)
                             || (*class == F::ConnectionReset
-                                && sum(&seen, &[F::ConnectRefused, F::ConnectTimeout]) >= n)) =>
+                                && explains(&[F::ConnectRefused, F::ConnectTimeout], n))) =>
                 {
                     // The far hop's own answer, carried back: the application is down. Or,
                     // for a TCP stream, which has no answer to carry it: the callee's proxy
@@ -749,7 +786,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                     // refusing them.
                     let told = if *class == F::ConnectionReset {
                         format!(
-                            "{} had {n} connections closed by {}'s proxy (connection_reset), which saw as many from it refused by its application",
+                            "{} had {n} connections closed by {}'s proxy (connection_reset), whose application refused as many of its callers' streams",
                             p.caller.workload, p.callee.workload
                         )
                     } else {
@@ -804,15 +841,13 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         ),
                     );
                 }
-                F::ConnectionReset
-                    if sum(&seen, &[F::Denied, F::Overloaded, F::RateLimited]) >= n =>
-                {
+                F::ConnectionReset if explains(&[F::Denied, F::Overloaded, F::RateLimited], n) => {
                     // A TCP stream the callee's proxy refuses (policy, its limit) is closed,
                     // not answered: the caller sees it reset. The callee's proxy recorded at
                     // least as many of this caller's streams so: its reason is the verdict's.
                     let refused = [F::Denied, F::Overloaded, F::RateLimited]
                         .into_iter()
-                        .max_by_key(|c| seen.get(c).copied().unwrap_or(0))
+                        .max_by_key(|c| stream_seen.get(c).copied().unwrap_or(0))
                         .unwrap_or(F::Denied);
                     policy(
                         &mut found,
@@ -822,7 +857,9 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         refused,
                         n,
                         &only(&p.classes, &[*class]),
-                        &seen,
+                        // Streams not joined to this caller are counted once, from the
+                        // callee's side (step 1).
+                        if seen.is_empty() { &empty } else { &seen },
                         Refuser::Callee,
                     );
                 }

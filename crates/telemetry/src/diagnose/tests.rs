@@ -955,12 +955,25 @@ fn a_tcp_caller_reset_by_a_callee_whose_application_refused_is_the_application()
     ];
     let v = run(&window(w), &Facts::default());
     assert!(v.iter().any(|v| v.cause == Cause::Network), "{v:#?}");
-    // Two callers of the same hop: the callee's streams cannot be told apart by workload,
-    // so they are not joined to either (each caller's resets are the network's to judge).
+    // Two callers of the same hop: the callee's streams name neither, so they must explain
+    // both callers' resets together: 10 refused for 5 + 5 resets is one application
+    // verdict with both callers' resets joined, the callee's refusals counted once.
     let w = vec![
         tcp(Out, "test/shop", "test/db-vm", DB, F::ConnectionReset, 5),
         tcp(Out, "test/cart", "test/db-vm", DB, F::ConnectionReset, 5),
         tcp(In, "test/db-vm", "shop", DB, F::ConnectRefused, 10),
+    ];
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::Application);
+    assert_eq!(v[0].caller_saw[&F::ConnectionReset], 10);
+    assert_eq!(v[0].callee_saw[&F::ConnectRefused], 10);
+    // 6 refused for 5 + 5 resets: some resets are not the application's; neither caller's
+    // are joined to it, and the network is judged as before.
+    let w = vec![
+        tcp(Out, "test/shop", "test/db-vm", DB, F::ConnectionReset, 5),
+        tcp(Out, "test/cart", "test/db-vm", DB, F::ConnectionReset, 5),
+        tcp(In, "test/db-vm", "shop", DB, F::ConnectRefused, 6),
     ];
     let v = run(&window(w), &Facts::default());
     let app = v
@@ -968,6 +981,7 @@ fn a_tcp_caller_reset_by_a_callee_whose_application_refused_is_the_application()
         .find(|v| v.cause == Cause::Application)
         .expect("the callee's own refusals");
     assert!(!app.caller_saw.contains_key(&F::ConnectionReset), "{v:#?}");
+    assert!(v.iter().any(|v| v.cause == Cause::Network), "{v:#?}");
 }
 
 #[test]
@@ -984,6 +998,17 @@ fn a_tcp_caller_reset_by_a_callee_that_refused_it_by_policy_is_the_policy() {
         assert_eq!(v[0].caller_saw[&F::ConnectionReset], 5);
         assert_eq!(v[0].callee_saw[&refused], 5);
     }
+    // Two callers denied on one hop: one policy verdict, the callee's count once.
+    let w = vec![
+        tcp(Out, "test/shop", "test/db-vm", DB, F::ConnectionReset, 5),
+        tcp(Out, "test/cart", "test/db-vm", DB, F::ConnectionReset, 5),
+        tcp(In, "test/db-vm", "shop", DB, F::Denied, 10),
+    ];
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].cause, Cause::MeshPolicy, "{v:#?}");
+    assert_eq!(v[0].caller_saw[&F::ConnectionReset], 10);
+    assert_eq!(v[0].callee_saw[&F::Denied], 10);
 }
 
 #[test]
