@@ -390,7 +390,7 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
 
 /// Connections cut or refused. Opaque TCP, through CONNECT tunnels at the caller's proxy and
 /// mutual TLS between the proxies: `db`'s application is not running behind its proxy (the
-/// application's, on its workload), `far-db`'s workload has no proxy running (the network's,
+/// application's, on its workload, for both of its clients), `far-db`'s workload has no proxy running (the network's,
 /// towards it), and `vault` denies the caller by AuthorizationPolicy (the mesh's); `echo`'s
 /// connections work and are not mentioned. And HTTP: `crashy`'s application resets its
 /// connection in the middle of each answer (the application's, though the caller sees only
@@ -417,6 +417,7 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
             format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  ports: {{ db: {}, echo: {}, vault: {}, crashy: {} }}\n", down.port(), echo.port(), echo.port(), crashy.port()),
             format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost, namespace: test, labels: {{ app: ghost }} }}\nspec:\n  address: 127.0.0.1\n  identity: ghost\n  inboundPort: {}\n  environment: vm\n  ports: {{ far-db: 1 }}\n", ghost.port()),
             "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: bare-metal }\n".to_string(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: cart, namespace: test, labels: { app: cart } }\nspec: { address: 127.0.0.1, identity: cart, environment: vm }\n".to_string(),
             policy("db", "  outlierDetection: { consecutiveFailures: 0 }\n"),
             policy("crashy", "  outlierDetection: { consecutiveFailures: 0 }\n"),
             "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: sealed, namespace: test }\nspec:\n  targetRefs: [{ name: vault }]\n  action: DENY\n  rules: [{ from: [{ identities: [test/client] }] }]\n".to_string(),
@@ -430,6 +431,9 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
     apply_ok(&cp, mesh(callee.inbound.port())).await;
     let caller = join_reporting(&cp, "client", "test/client");
     caller.wait_ready().await;
+    // A second client of the database: the callee's streams name neither.
+    let cart = join_reporting(&cp, "cart", "test/cart");
+    cart.wait_ready().await;
     eventually(
         "an echo through both proxies",
         Duration::from_secs(15),
@@ -444,6 +448,7 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
     for _ in 0..4 {
         // The callee's proxy takes the connection, then cannot reach its application.
         let _ = echo_through(caller.outbound, "db.test:5432", b"select 1").await;
+        let _ = echo_through(cart.outbound, "db.test:5432", b"select 2").await;
         // The caller's proxy cannot reach the ghost's: the tunnel is refused.
         let refused = echo_through(caller.outbound, "far-db.test:5432", b"select 1").await;
         assert!(refused.is_err(), "{refused:?}");
@@ -473,6 +478,10 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
                     .is_some_and(|x| x[side][class].as_u64() >= Some(4))
             };
             if seen("test/db", "callee_saw", "connect_refused")
+                && verdicts_about(&v, "test/db").first().is_some_and(|x| {
+                    x["callee_saw"]["connect_refused"].as_u64() >= Some(8)
+                        && x["caller_saw"]["connection_reset"].as_u64() >= Some(8)
+                })
                 && seen("test/far-db", "caller_saw", "connect_refused")
                 && seen("test/vault", "callee_saw", "denied")
                 && seen("test/crashy", "callee_saw", "connection_reset")
@@ -492,16 +501,20 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
     let x = one("test/db");
     assert_eq!(x["cause"], "application", "{x:#}");
     assert_eq!(x["place"]["at"]["workload"], "test/peer", "{x:#}");
-    // The caller saw its streams reset: the same problem, not the network's, since the
-    // callee's proxy took as many streams from it (joined by who called: a stream does not
-    // name its caller's workload) and its application refused them.
-    assert_eq!(x["caller_saw"]["connection_reset"], 4, "{x:#}");
-    assert!(
-        x["evidence"]
-            .to_string()
-            .contains("test/client had 4 connections closed by test/peer's proxy"),
-        "{x:#}"
-    );
+    // Both clients saw their streams reset: the same problem, not the network's, since the
+    // callee's proxy took as many streams from its callers (a stream does not name its
+    // caller's workload: they are counted for both together) and its application refused
+    // them.
+    assert_eq!(x["caller_saw"]["connection_reset"], 8, "{x:#}");
+    assert_eq!(x["callee_saw"]["connect_refused"], 8, "{x:#}");
+    for who in ["test/client", "test/cart"] {
+        assert!(
+            x["evidence"].to_string().contains(&format!(
+                "{who} had 4 connections closed by test/peer's proxy"
+            )),
+            "{x:#}"
+        );
+    }
     let x = one("test/far-db");
     assert_eq!(x["cause"], "network", "{x:#}");
     assert_eq!(x["place"]["to"]["workload"], "test/ghost", "{x:#}");
