@@ -712,8 +712,11 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             .get(&(svc.as_str(), callee.as_str()))
             .copied()
             .unwrap_or(0);
+        // The callee's records of `set` must cover this caller's resets on top of what the
+        // caller already got back as `set` (an HTTP caller is told a refusal).
         let explains = |set: &[F], n: u64| {
-            sum(&seen, set) >= n || unnamed.is_some_and(|u| sum(u, set) >= all_resets.max(n))
+            sum(&seen, set) >= n + sum(&p.classes, set)
+                || unnamed.is_some_and(|u| sum(u, set) >= all_resets.max(n))
         };
         let stream_seen = match unnamed {
             Some(u) if seen.is_empty() => u.clone(),

@@ -985,6 +985,44 @@ fn a_tcp_caller_reset_by_a_callee_whose_application_refused_is_the_application()
 }
 
 #[test]
+fn resets_beside_refusals_already_told_are_not_the_refusals() {
+    // HTTP: the caller was told of 10 refusals (connect_refused carried back) and saw 5
+    // resets the callee never recorded: the resets are not the application's.
+    let mut w = healthy();
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectRefused,
+        10,
+    ));
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectionReset,
+        5,
+    ));
+    w.push(s(
+        In,
+        "test/catalog-vm",
+        "test/shop",
+        SVC,
+        F::ConnectRefused,
+        10,
+    ));
+    let v = run(&window(w), &Facts::default());
+    let app = v
+        .iter()
+        .find(|v| v.cause == Cause::Application)
+        .expect("the application down");
+    assert!(!app.caller_saw.contains_key(&F::ConnectionReset), "{v:#?}");
+    assert!(v.iter().any(|v| v.cause == Cause::Network), "{v:#?}");
+}
+
+#[test]
 fn a_tcp_caller_reset_by_a_callee_that_refused_it_by_policy_is_the_policy() {
     const DB: &str = "test/db";
     for refused in [F::Denied, F::Overloaded] {
