@@ -98,16 +98,12 @@ pub(crate) async fn connect_for(
 ) -> Option<UpStream> {
     match connect(dialer, cluster).await {
         Ok((s, ep)) => {
-            rec.upstream = Some(ep.target);
-            rec.workload = ep.workload.clone();
-            rec.endpoint = Some(ep);
+            rec.set_endpoint(ep);
             Some(s)
         }
         Err(NotConnected { error, endpoint }) => {
             if let Some(ep) = endpoint {
-                rec.upstream = Some(ep.target);
-                rec.workload = ep.workload.clone();
-                rec.endpoint = Some(ep);
+                rec.set_endpoint(ep);
             }
             rec.fail(&error);
             None
@@ -219,9 +215,7 @@ pub(crate) async fn connect_tunnel(
         cluster.service.clone(),
     );
     conn.source = rec.source_identity.clone();
-    conn.upstream = Some(ep.target);
-    conn.workload = ep.workload.clone();
-    conn.endpoint = Some(ep.clone());
+    conn.set_endpoint(ep.clone());
     rec.status = 200;
     rec.attempts = 1;
     let on_upgrade = upgrade::on(&mut req);

@@ -425,6 +425,13 @@ impl ConnRecord {
         }
     }
 
+    /// The connection went (or tried to go) to `ep`.
+    pub(crate) fn set_endpoint(&mut self, ep: Arc<Endpoint>) {
+        self.upstream = Some(ep.target);
+        self.workload = ep.workload.clone();
+        self.endpoint = Some(ep);
+    }
+
     /// The connection failed with `e`.
     pub(crate) fn fail(&mut self, e: &Error) {
         self.class = e.class();
