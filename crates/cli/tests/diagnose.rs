@@ -87,6 +87,20 @@ fn verdicts_about<'a>(v: &'a Value, service: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// What `GET /api/v1/diagnose` says of namespace test over 5 minutes.
+async fn diagnosed(cp: &ControlProcess) -> Value {
+    let (st, v) = cp
+        .call(
+            http::Method::GET,
+            "/api/v1/diagnose?namespace=test&window=5m",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    v
+}
+
 #[tokio::test]
 async fn diagnose_names_each_fault_with_its_cause_and_place() {
     let ok = upstream::named("ok").await;
@@ -177,15 +191,7 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
         "a verdict for each fault",
         Duration::from_secs(20),
         async || {
-            let (st, v) = cp
-                .call(
-                    http::Method::GET,
-                    "/api/v1/diagnose?namespace=test&window=5m",
-                    "",
-                    None,
-                )
-                .await;
-            assert_eq!(st, 200, "{v}");
+            let v = diagnosed(&cp).await;
             let mut missing: Vec<String> = [
                 "test/down",
                 "test/errors",
@@ -463,15 +469,7 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
         "a verdict for each TCP fault",
         Duration::from_secs(20),
         async || {
-            let (st, v) = cp
-                .call(
-                    http::Method::GET,
-                    "/api/v1/diagnose?namespace=test&window=5m",
-                    "",
-                    None,
-                )
-                .await;
-            assert_eq!(st, 200, "{v}");
+            let v = diagnosed(&cp).await;
             let seen = |svc: &str, side: &str, class: &str| {
                 verdicts_about(&v, svc)
                     .first()
