@@ -52,21 +52,33 @@ pub(crate) struct DemoArgs {
 async fn app(name: &'static str, down: Arc<AtomicBool>) -> Result<SocketAddr> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
+    // Requests refused since the application went down: its health check fails once it
+    // has refused a few (a broken application's check notices at its next round; were it
+    // to fail first, the agent could take the workload out before any request saw the
+    // fault, and there would be nothing for diagnose to show).
+    let refused = Arc::new(std::sync::atomic::AtomicU32::new(0));
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            let down = down.clone();
+            let (down, refused) = (down.clone(), refused.clone());
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                        let down = down.load(Ordering::Relaxed);
-                        async move {
-                            let mut r = Response::new(Full::new(Bytes::from(name)));
-                            if down {
-                                *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                            }
-                            Ok::<_, Infallible>(r)
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let failing = if !down.load(Ordering::Relaxed) {
+                        refused.store(0, Ordering::Relaxed);
+                        false
+                    } else if req.uri().path() == "/healthz" {
+                        refused.load(Ordering::Relaxed) >= HEALTH_LAGS
+                    } else {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        true
+                    };
+                    async move {
+                        let mut r = Response::new(Full::new(Bytes::from(name)));
+                        if failing {
+                            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                         }
-                    });
+                        Ok::<_, Infallible>(r)
+                    }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                     .await;
@@ -75,6 +87,9 @@ async fn app(name: &'static str, down: Arc<AtomicBool>) -> Result<SocketAddr> {
     });
     Ok(addr)
 }
+
+/// Requests a failed application refuses before its health check fails too.
+const HEALTH_LAGS: u32 = 3;
 
 const MESH: &str = r#"apiVersion: trellis.dev/v1alpha1
 kind: Service
