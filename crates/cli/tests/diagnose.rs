@@ -104,7 +104,7 @@ async fn diagnosed(cp: &ControlProcess) -> Value {
 #[tokio::test]
 async fn diagnose_names_each_fault_with_its_cause_and_place() {
     let ok = upstream::named("ok").await;
-    let down = upstream::closed_port().await;
+    let (down, _down) = upstream::refusing();
     let errors = upstream::http(|_| async {
         let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from("no")));
         *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
@@ -116,7 +116,7 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
         http::Response::new(http_body_util::Full::new(bytes::Bytes::from("late")))
     })
     .await;
-    let ghost = upstream::closed_port().await;
+    let (ghost, _ghost) = upstream::refusing();
     let cp = ControlProcess::start(BIN, &[]);
     let m = |inbound| mesh(ok, down, errors, slow, inbound, ghost.port());
     apply_ok(&cp, m(1)).await;
@@ -403,9 +403,10 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
 /// a reset).
 #[tokio::test]
 async fn diagnose_tells_cut_and_refused_connections_apart() {
-    let (down, ghost, echo, crashy) = (
-        upstream::closed_port().await,
-        upstream::closed_port().await,
+    // Ports that refuse for the whole test (a port given back could be taken by another
+    // test's listener: once, far-db's "ghost" answered, and the verdict was tls_error).
+    let ((down, _down), (ghost, _ghost)) = (upstream::refusing(), upstream::refusing());
+    let (echo, crashy) = (
         upstream::tcp_echo().await,
         upstream::reset_mid_response().await,
     );

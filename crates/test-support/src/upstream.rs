@@ -157,6 +157,17 @@ pub async fn closed_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// An address that refuses connections for as long as the returned socket lives: its port
+/// is bound but not listening, so no other test's listener can take it in the meantime (as
+/// it can a port [`closed_port`] gave back).
+pub fn refusing() -> (SocketAddr, socket2::Socket) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    (addr, sock)
+}
+
 /// An address to listen on later (a process started after something that must know it):
 /// a port free now on a random `127.0.0.X` (X from 2 to 254). Other tests' connections to
 /// 127.0.0.1 take their own ephemeral ports on 127.0.0.1, so none of them can take this
