@@ -392,7 +392,7 @@ async fn spans_join_across_two_mtls_hops_and_a_failed_unsampled_request_is_expor
 async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
     let (otlp, got, _stop, _served) = receiver().await;
     let echo = upstream::tcp_echo().await;
-    let closed = upstream::closed_port().await;
+    let (closed, _closed) = upstream::refusing();
     let cp = ControlProcess::start(BIN, &[]);
     let mesh = |inbound: u16| {
         let tcp = |name: &str, port: u16| {
