@@ -690,6 +690,7 @@ fn proxy_options(
         on_demand_idle: r.on_demand_idle.0,
         handoff: r.handoff.clone(),
         upgrade_on_usr2: true,
+        stop_on_interrupt: true,
     }
 }
 

@@ -47,8 +47,9 @@ fn get_head(addr: &str, path: &str) -> String {
 
 #[test]
 fn the_demo_tells_its_story_and_each_step_shows_in_diagnose_and_stat() {
+    // Ended by Ctrl-C (SIGINT) once the story is over, as a user ends it.
     let mut child = Command::new(BIN)
-        .args(["demo", "--duration", "20s", "--step", "4s", "--rate", "20"])
+        .args(["demo", "--step", "4s", "--rate", "20"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -71,11 +72,41 @@ fn the_demo_tells_its_story_and_each_step_shows_in_diagnose_and_stat() {
             assert!(get_head(addr, path).starts_with("HTTP/1.1 401"), "once");
             link_checked = true;
         }
+        if line.starts_with("--- the story is over") {
+            let sent = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+        }
     }
     let out = child.wait_with_output().unwrap();
     let se = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{so}\n{se}");
     assert!(link_checked, "the demo prints a sign-in link: {so}");
+    // Ctrl-C stops the traffic before the proxies: no request fails from then on.
+    let t = |l: &str, after: &str| -> f64 {
+        l.split(after)
+            .nth(1)
+            .unwrap()
+            .trim_start()
+            .split('s')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let ctrl_c = so
+        .lines()
+        .find(|l| l.starts_with("(Ctrl-C at t="))
+        .map(|l| t(l, "t="))
+        .unwrap_or_else(|| panic!("the demo saw Ctrl-C: {so}"));
+    for l in se.lines().filter(|l| l.contains("request failed")) {
+        assert!(
+            t(l, "t=") < ctrl_c,
+            "failed at Ctrl-C ({ctrl_c} s): {l}\n{se}"
+        );
+    }
     for env in [
         "catalog-vm          as vm",
         "catalog-container   as container",

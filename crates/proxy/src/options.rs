@@ -80,6 +80,9 @@ pub struct Options {
     /// With `handoff`: on SIGUSR2, start this binary again with the same arguments, to take
     /// over (off for an agent that must stop with its parent).
     pub upgrade_on_usr2: bool,
+    /// SIGINT stops the proxy as SIGTERM does. Off where the process handles Ctrl-C itself
+    /// and stops its proxies after (the demo stops its traffic first).
+    pub stop_on_interrupt: bool,
 }
 
 impl Options {

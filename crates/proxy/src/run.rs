@@ -671,7 +671,7 @@ impl Proxy {
         loop {
             let why = tokio::select! {
                 _ = self.signals.term.recv() => break,
-                _ = self.signals.int.recv() => break,
+                _ = self.signals.int.recv(), if self.opts.stop_on_interrupt => break,
                 _ = &mut stop => break,
                 () = &mut ready, if !ready_said => {
                     ready_said = true;

@@ -414,7 +414,9 @@ impl Story<'_> {
             };
             tokio::select! {
                 _ = limit => {}
-                _ = tokio::signal::ctrl_c() => println!("\n(Ctrl-C)"),
+                _ = tokio::signal::ctrl_c() => {
+                    println!("\n(Ctrl-C at t={:.1}s)", start.elapsed().as_secs_f64());
+                }
             }
             let _ = end_tx.send(true);
         });
@@ -651,5 +653,8 @@ fn proxy_options(
         on_demand_idle: trellis_proxy::options::DEFAULT_ON_DEMAND_IDLE,
         handoff: None,
         upgrade_on_usr2: false,
+        // Ctrl-C is the demo's: its traffic stops first, then its proxies, so that none
+        // is drained under a request in flight.
+        stop_on_interrupt: false,
     }
 }

@@ -101,7 +101,10 @@ pub(super) async fn run(
                         Ok((st, body)) => format!("{st} {}", body.trim()),
                         Err(e) => e.to_string(),
                     };
-                    eprintln!("request failed: {what}");
+                    eprintln!(
+                        "t={:>5.1}s  request failed: {what}",
+                        start.elapsed().as_secs_f64()
+                    );
                     if n == SHOWN {
                         eprintln!("(further failed requests are only counted)");
                     }
