@@ -536,22 +536,15 @@ impl Rollouts {
             doc: None,
             expect: Expect::Any,
         };
-        let mut docs = Vec::new();
         // Only a rollout with a dark stage wrote a mirror (one without leaves the rules'
         // filters as they are).
-        let mirrored = if spec.mirror.is_some() {
-            routes(state, id, spec)
+        let docs = if spec.mirror.is_some() {
+            rewritten_routes(state, id, spec, |doc| {
+                without_mirror(doc, &id.namespace, spec)
+            })?
         } else {
             Vec::new()
         };
-        for (_, doc) in mirrored {
-            let new = without_mirror(&doc, &id.namespace, spec);
-            if new != doc {
-                let r = trellis_model::resource_from_json(&format!("rollout:{id}"), &new)
-                    .map_err(|e| RolloutError::Apply(ApplyError::Invalid(e)))?;
-                docs.push((r, new));
-            }
-        }
         if docs.is_empty() {
             self.writer.store().write(vec![record]).await?;
         } else {
@@ -894,18 +887,29 @@ fn weighted_routes(
     spec: &RolloutSpec,
     p: &Progress,
 ) -> Result<Vec<(Resource, Value)>, RolloutError> {
-    let mut out = Vec::new();
     let routing = Routing::of(spec, p);
-    let weight = routing.weight;
+    rewritten_routes(state, id, spec, |doc| {
+        with_weights(doc, &id.namespace, spec, routing)
+    })
+}
+
+/// The routes of `spec` that `rewrite` changes, rewritten and typed for an apply.
+fn rewritten_routes(
+    state: &State,
+    id: &NamespacedName,
+    spec: &RolloutSpec,
+    rewrite: impl Fn(&Value) -> Value,
+) -> Result<Vec<(Resource, Value)>, RolloutError> {
+    let mut out = Vec::new();
     for (key, doc) in routes(state, id, spec) {
-        let new = with_weights(&doc, &id.namespace, spec, routing);
+        let new = rewrite(&doc);
         if new == doc {
             continue;
         }
         let file = format!("rollout:{id}");
         let r = trellis_model::resource_from_json(&file, &new)
             .map_err(|e| RolloutError::Apply(ApplyError::Invalid(e)))?;
-        tracing::debug!(route = %key, weight, "rollout weights");
+        tracing::debug!(route = %key, rollout = %id, "rollout rewrites a route");
         out.push((r, new));
     }
     Ok(out)
