@@ -466,10 +466,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         }
     }
     let sole_caller = |k: &crate::key::Key| {
-        let unnamed = k.protocol == Protocol::Tcp
-            && k.peer_workload.is_empty()
-            && !k.peer_identity.is_empty();
-        unnamed
+        k.unnamed_stream()
             .then(|| callers_of.get(&(&*k.service, &*k.workload)))
             .flatten()
             .filter(|m| m.len() == 1)
@@ -494,11 +491,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             ),
             Direction::Inbound => {
                 let sole = sole_caller(k);
-                if sole.is_none()
-                    && k.protocol == Protocol::Tcp
-                    && k.peer_workload.is_empty()
-                    && !k.peer_identity.is_empty()
-                {
+                if sole.is_none() && k.unnamed_stream() {
                     let n = u64::from(c.tcp_closed);
                     *unnamed_streams
                         .entry((k.service.to_string(), k.workload.to_string()))
@@ -608,27 +601,18 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         }
         if p.app_resets >= MIN_FAILED {
             let n = p.app_resets;
-            found.add(
-                Cause::Application,
-                "app_resets",
-                Place::Workload { at: p.callee.clone() },
+            app_resets(
+                &mut found,
                 svc,
-                format!(
-                    "the application of {} resets its connections before it answers",
-                    p.callee.workload
-                ),
+                &p.callee,
                 n,
                 &empty,
                 &BTreeMap::from([(F::ConnectionReset, n)]),
-                vec![format!(
+                format!(
                     "{}'s proxy had {n} exchanges with its application cut by a reset or close ({} requests from {})",
                     p.callee.workload,
                     p.requests,
                     if caller.is_empty() { "unmeshed callers" } else { caller }
-                )],
-                format!(
-                    "see the logs of the application of {} (a crash, a restart, or a limit on its connections)",
-                    p.callee.workload
                 ),
             );
         }
@@ -690,10 +674,8 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         if p.failed() < MIN_FAILED {
             continue;
         }
-        let seen = in_pairs
-            .get(&(caller.clone(), svc.clone(), callee.clone()))
-            .map(|q| q.classes.clone())
-            .unwrap_or_default();
+        let joined = in_pairs.get(&(caller.clone(), svc.clone(), callee.clone()));
+        let seen = joined.map(|q| q.classes.clone()).unwrap_or_default();
         let seen_n: u64 = seen.values().sum();
         let at_callee = callee_all
             .get(&(svc.clone(), callee.clone()))
@@ -723,9 +705,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
             _ => seen.clone(),
         };
         // This caller's requests whose exchange the callee's application reset.
-        let reset_there = in_pairs
-            .get(&(caller.clone(), svc.clone(), callee.clone()))
-            .map_or(0, |q| q.app_resets);
+        let reset_there = joined.map_or(0, |q| q.app_resets);
         for (class, n) in &p.classes {
             let n = *n;
             if !counts_against(*class) || n == 0 {
@@ -820,27 +800,16 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                 F::ConnectionReset if reset_there >= MIN_FAILED && reset_there >= n => {
                     // The callee's proxy saw its application reset as many of this caller's
                     // requests, and told the caller so: the application's, on its workload.
-                    found.add(
-                        Cause::Application,
-                        "app_resets",
-                        Place::Workload {
-                            at: p.callee.clone(),
-                        },
+                    app_resets(
+                        &mut found,
                         svc,
-                        format!(
-                            "the application of {} resets its connections before it answers",
-                            p.callee.workload
-                        ),
+                        &p.callee,
                         0,
                         &only(&p.classes, &[*class]),
                         &empty,
-                        vec![format!(
+                        format!(
                             "{} got {n} of them as connection_reset (both sides agree)",
                             p.caller.workload
-                        )],
-                        format!(
-                            "see the logs of the application of {} (a crash, a restart, or a limit on its connections)",
-                            p.callee.workload
                         ),
                     );
                 }
@@ -1776,6 +1745,37 @@ impl Refuser {
             Refuser::Own => "its own proxy",
         }
     }
+}
+
+/// The verdict on an application that resets its connections before it answers (`n` of its
+/// failures, counted once: from the callee's side; a caller joins with 0).
+fn app_resets(
+    found: &mut Found,
+    svc: &str,
+    callee: &End,
+    n: u64,
+    caller_saw: &BTreeMap<FailureClass, u64>,
+    callee_saw: &BTreeMap<FailureClass, u64>,
+    evidence: String,
+) {
+    found.add(
+        Cause::Application,
+        "app_resets",
+        Place::Workload { at: callee.clone() },
+        svc,
+        format!(
+            "the application of {} resets its connections before it answers",
+            callee.workload
+        ),
+        n,
+        caller_saw,
+        callee_saw,
+        vec![evidence],
+        format!(
+            "see the logs of the application of {} (a crash, a restart, or a limit on its connections)",
+            callee.workload
+        ),
+    );
 }
 
 /// Requests of `class` (`denied`, `overloaded`, `rate_limited`) refused by the mesh's policy.

@@ -61,6 +61,16 @@ pub struct Key {
 }
 
 impl Key {
+    /// A meshed caller's TCP streams, as the callee's proxy reports them: the caller's
+    /// identity (mutual TLS) but not its workload, which only an HTTP request's header
+    /// tells.
+    pub fn unnamed_stream(&self) -> bool {
+        self.direction == Direction::Inbound
+            && self.protocol == Protocol::Tcp
+            && self.peer_workload.is_empty()
+            && !self.peer_identity.is_empty()
+    }
+
     /// `namespace` of `ns/name`.
     pub fn namespace_of(s: &str) -> &str {
         s.split_once('/').map_or("", |(ns, _)| ns)

@@ -455,11 +455,7 @@ pub fn edges(
     for (k, s) in &w.series {
         // A meshed caller's TCP stream names its identity but not its workload at the callee
         // (no header to tell it): its edge is the caller's own report, not an unmeshed one.
-        if k.direction == Direction::Inbound
-            && k.protocol == Protocol::Tcp
-            && k.peer_workload.is_empty()
-            && !k.peer_identity.is_empty()
-        {
+        if k.unnamed_stream() {
             continue;
         }
         let Some(e) = edge_of(k.direction, &k.workload, &k.peer_workload, &unmeshed) else {
