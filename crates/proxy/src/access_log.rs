@@ -158,7 +158,8 @@ impl HttpLine {
     }
 }
 
-/// A finished TCP connection.
+/// A finished TCP connection (its access log line, and its span's facts).
+#[derive(Clone, Debug)]
 pub(crate) struct TcpLine {
     /// When it began (wall clock).
     pub(crate) at: SystemTime,

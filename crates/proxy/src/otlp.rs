@@ -41,8 +41,8 @@ use prometheus_client::{
 use tokio::sync::mpsc;
 
 use crate::{
-    access_log::{workload_id, HttpLine},
-    error::{BoxError, FailureClass, Side},
+    access_log::{workload_id, HttpLine, TcpLine},
+    error::{BoxError, FailureClass},
     labels::{Direction, Label},
 };
 
@@ -88,31 +88,13 @@ pub(crate) struct Finished {
     pub(crate) earlier: Vec<TrySpan>,
 }
 
-/// A finished opaque TCP connection, as its span needs it.
+/// A finished opaque TCP connection, as its span needs it: its access log line, and what
+/// the line does not say.
 #[derive(Debug)]
 pub(crate) struct ConnFinished {
-    pub(crate) direction: Direction,
-    /// Destination service.
-    pub(crate) service: Label,
-    /// Destination workload (its name, as a metric label has it).
-    pub(crate) workload: Label,
-    /// The address connected to.
-    pub(crate) upstream: Option<SocketAddr>,
-    /// The caller's SPIFFE ID (inbound, over mutual TLS).
-    pub(crate) source: Label,
+    pub(crate) line: TcpLine,
     /// The identity the endpoint's proxy proved, `namespace/identity` (outbound).
     pub(crate) dst_identity: Label,
-    pub(crate) class: FailureClass,
-    pub(crate) side: Option<Side>,
-    pub(crate) detail: Option<String>,
-    /// Bytes from the client.
-    pub(crate) sent: u64,
-    /// Bytes to the client.
-    pub(crate) received: u64,
-    /// When it was accepted (wall clock).
-    pub(crate) at: SystemTime,
-    /// How long it lasted.
-    pub(crate) total: Duration,
     /// Whether its trace was sampled (a failure is exported either way).
     pub(crate) sampled: bool,
 }
@@ -226,6 +208,24 @@ pub(crate) struct Origin {
 }
 
 impl Origin {
+    /// Who called whom, as SPIFFE IDs: the caller proved its own on the inbound side
+    /// (`source`); the outbound side knows the identity its endpoint's proxy had to prove
+    /// (`dst`, `namespace/identity`).
+    fn ends(
+        &self,
+        direction: Direction,
+        source: &Label,
+        dst: &Label,
+    ) -> (Option<String>, Option<String>) {
+        match direction {
+            Direction::inbound => (source.get().map(str::to_string), self.identity.clone()),
+            Direction::outbound => (
+                self.identity.clone(),
+                dst.get().and_then(|i| self.spiffe(i)),
+            ),
+        }
+    }
+
     /// A peer's identity (`namespace/identity`) as a SPIFFE ID in this proxy's trust domain.
     fn spiffe(&self, ns_id: &str) -> Option<String> {
         let td = self
@@ -641,18 +641,7 @@ fn spans(f: &Finished, origin: &Origin) -> Vec<Span> {
     let start = nanos(f.at);
     let end = start + f.total.as_nanos() as u64;
     let service = l.dst_service.get().unwrap_or("unknown");
-    // Who called whom, as SPIFFE IDs: the caller proved its own on the inbound side; the
-    // outbound side knows the identity its endpoint's proxy had to prove.
-    let (src_id, dst_id) = match l.direction {
-        Direction::inbound => (
-            l.source_identity.get().map(str::to_string),
-            origin.identity.clone(),
-        ),
-        Direction::outbound => (
-            origin.identity.clone(),
-            l.dst_identity.get().and_then(|i| origin.spiffe(i)),
-        ),
-    };
+    let (src_id, dst_id) = origin.ends(l.direction, &l.source_identity, &l.dst_identity);
     let mut attributes = vec![
         text("trellis.direction", l.direction.as_str()),
         text("http.request.method", l.method.as_str()),
@@ -784,28 +773,23 @@ fn spans(f: &Finished, origin: &Origin) -> Vec<Span> {
 
 /// The span of one finished TCP connection: a root span of a trace of its own.
 fn conn_span(c: &ConnFinished, origin: &Origin) -> Span {
-    let start = nanos(c.at);
-    let service = c.service.get().unwrap_or("unknown");
-    let (src_id, dst_id) = match c.direction {
-        Direction::inbound => (c.source.get().map(str::to_string), origin.identity.clone()),
-        Direction::outbound => (
-            origin.identity.clone(),
-            c.dst_identity.get().and_then(|i| origin.spiffe(i)),
-        ),
-    };
+    let l = &c.line;
+    let start = nanos(l.at);
+    let service = l.dst_service.get().unwrap_or("unknown");
+    let (src_id, dst_id) = origin.ends(l.direction, &l.source_identity, &c.dst_identity);
     let mut attributes = vec![
-        text("trellis.direction", c.direction.as_str()),
+        text("trellis.direction", l.direction.as_str()),
         text("network.transport", "tcp"),
-        text("trellis.failure_class", c.class.as_str()),
+        text("trellis.failure_class", l.class.as_str()),
         text("trellis.destination.service", service),
-        int("trellis.tcp.bytes_from_client", c.sent as i64),
-        int("trellis.tcp.bytes_to_client", c.received as i64),
+        int("trellis.tcp.bytes_from_client", l.sent as i64),
+        int("trellis.tcp.bytes_to_client", l.received as i64),
         kv("trellis.sampled", any_value::Value::BoolValue(c.sampled)),
     ];
-    if let Some(side) = c.side {
+    if let Some(side) = l.side {
         attributes.push(text("trellis.failure_side", side.as_str()));
     }
-    if let Some(d) = &c.detail {
+    if let Some(d) = &l.detail {
         attributes.push(text("trellis.failure_detail", d.as_str()));
     }
     if let Some(id) = src_id {
@@ -814,25 +798,25 @@ fn conn_span(c: &ConnFinished, origin: &Origin) -> Span {
     if let Some(id) = dst_id {
         attributes.push(text("trellis.destination.identity", id));
     }
-    if let Some(w) = workload_id(&c.service, &c.workload) {
+    if let Some(w) = workload_id(&l.dst_service, &l.dst_workload) {
         attributes.push(text("trellis.destination.workload", w));
     }
-    if let Some(u) = c.upstream {
+    if let Some(u) = l.upstream {
         attributes.push(text("network.peer.address", u.ip().to_string()));
         attributes.push(int("network.peer.port", i64::from(u.port())));
     }
     Span {
         trace_id: fastrand::u128(1..).to_be_bytes().to_vec(),
         span_id: fastrand::u64(1..).to_be_bytes().to_vec(),
-        name: format!("{} tcp {service}", c.direction.as_str()),
-        kind: match c.direction {
+        name: format!("{} tcp {service}", l.direction.as_str()),
+        kind: match l.direction {
             Direction::inbound => span::SpanKind::Server,
             Direction::outbound => span::SpanKind::Client,
         } as i32,
         start_time_unix_nano: start,
-        end_time_unix_nano: start + c.total.as_nanos() as u64,
+        end_time_unix_nano: start + l.total.as_nanos() as u64,
         attributes,
-        status: status(c.class, c.detail.as_deref()),
+        status: status(l.class, l.detail.as_deref()),
         ..Default::default()
     }
 }

@@ -178,19 +178,21 @@ fn a_failure_is_an_error_span_with_its_class_side_and_detail() {
 /// An outbound TCP connection to `db.shop` through its endpoint's proxy.
 fn connection() -> ConnFinished {
     ConnFinished {
-        direction: Direction::outbound,
-        service: Label::from("db.shop"),
-        workload: Label::from("db-1"),
-        upstream: Some("127.0.0.9:15006".parse().unwrap()),
-        source: Label::default(),
+        line: TcpLine {
+            direction: Direction::outbound,
+            dst_service: Label::from("db.shop"),
+            dst_workload: Label::from("db-1"),
+            upstream: Some("127.0.0.9:15006".parse().unwrap()),
+            source_identity: Label::default(),
+            class: FailureClass::Ok,
+            side: None,
+            detail: None,
+            sent: 1200,
+            received: 34_000,
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            total: Duration::from_millis(2500),
+        },
         dst_identity: Label::from("shop/db"),
-        class: FailureClass::Ok,
-        side: None,
-        detail: None,
-        sent: 1200,
-        received: 34_000,
-        at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-        total: Duration::from_millis(2500),
         sampled: true,
     }
 }
@@ -228,18 +230,20 @@ fn a_tcp_connection_is_a_root_span_with_its_bytes_both_ways() {
 #[test]
 fn a_refused_inbound_tcp_connection_is_an_error_span() {
     let c = ConnFinished {
-        direction: Direction::inbound,
-        upstream: None,
-        workload: Label::default(),
+        line: TcpLine {
+            direction: Direction::inbound,
+            upstream: None,
+            dst_workload: Label::default(),
+            source_identity: Label::from("spiffe://example.org/ns/shop/sa/gateway"),
+            class: FailureClass::Denied,
+            side: Some(Side::Proxy),
+            detail: Some("denied by shop/wall".into()),
+            sent: 0,
+            received: 0,
+            ..connection().line
+        },
         dst_identity: Label::default(),
-        source: Label::from("spiffe://example.org/ns/shop/sa/gateway"),
-        class: FailureClass::Denied,
-        side: Some(Side::Proxy),
-        detail: Some("denied by shop/wall".into()),
-        sent: 0,
-        received: 0,
         sampled: false,
-        ..connection()
     };
     let s = conn_span(&c, &origin());
     assert_eq!(s.kind, span::SpanKind::Server as i32);

@@ -483,29 +483,7 @@ impl Drop for ConnRecord {
                 self.received,
             );
         }
-        if let Some(spans) = &self.telemetry.spans {
-            let sampled = fastrand::f64() < self.telemetry.trace_sampling;
-            if sampled || crate::otlp::always_exported(self.class) {
-                let ep = self.endpoint.as_deref();
-                spans.offer_conn(ConnFinished {
-                    direction: self.direction,
-                    service: self.service.clone(),
-                    workload: self.workload.clone(),
-                    upstream: self.upstream,
-                    source: self.source.clone(),
-                    dst_identity: ep.map(|e| e.identity.clone()).unwrap_or_default(),
-                    class: self.class,
-                    side: self.side,
-                    detail: self.detail.clone(),
-                    sent: self.sent,
-                    received: self.received,
-                    at: self.wall,
-                    total,
-                    sampled,
-                });
-            }
-        }
-        self.telemetry.log.push(Entry::Tcp(TcpLine {
+        let line = TcpLine {
             at: self.wall,
             total,
             direction: self.direction,
@@ -518,6 +496,21 @@ impl Drop for ConnRecord {
             detail: self.detail.take(),
             sent: self.sent,
             received: self.received,
-        }));
+        };
+        if let Some(spans) = &self.telemetry.spans {
+            let sampled = fastrand::f64() < self.telemetry.trace_sampling;
+            if sampled || crate::otlp::always_exported(line.class) {
+                spans.offer_conn(ConnFinished {
+                    line: line.clone(),
+                    dst_identity: self
+                        .endpoint
+                        .as_ref()
+                        .map(|e| e.identity.clone())
+                        .unwrap_or_default(),
+                    sampled,
+                });
+            }
+        }
+        self.telemetry.log.push(Entry::Tcp(line));
     }
 }
