@@ -441,17 +441,7 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
     // A second client of the database: the callee's streams name neither.
     let cart = join_reporting(&cp, "cart", "test/cart");
     cart.wait_ready().await;
-    eventually(
-        "an echo through both proxies",
-        Duration::from_secs(15),
-        async || {
-            echo_through(caller.outbound, "echo.test:7", b"ping")
-                .await
-                .ok()
-                .filter(|e| e == b"ping")
-        },
-    )
-    .await;
+    until_echoed(caller.outbound, "echo.test:7").await;
     for _ in 0..4 {
         // The callee's proxy takes the connection, then cannot reach its application.
         let _ = echo_through(caller.outbound, "db.test:5432", b"select 1").await;

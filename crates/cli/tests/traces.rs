@@ -417,18 +417,7 @@ async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
     apply_ok(&cp, mesh(vm.inbound.port())).await;
     let shop = join("shop", "test/shop", "100");
     shop.wait_ready().await;
-    let echoed = eventually(
-        "an echo through both proxies",
-        Duration::from_secs(15),
-        async || {
-            echo_through(shop.outbound, "db.test:5432", b"ping")
-                .await
-                .ok()
-                .filter(|e| e == b"ping")
-        },
-    )
-    .await;
-    assert_eq!(echoed, b"ping");
+    until_echoed(shop.outbound, "db.test:5432").await;
     let tcp_span = async |service: &str, name: &str, kind: SpanKind| {
         eventually(
             &format!("{service}'s span of a connection to {name}"),

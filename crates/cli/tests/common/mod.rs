@@ -277,6 +277,19 @@ pub async fn until_answered(via: SocketAddr, host: &str) {
     .await;
 }
 
+/// Wait until a CONNECT tunnel to `authority` through the proxy at `via` echoes bytes back.
+pub async fn until_echoed(via: SocketAddr, authority: &str) {
+    eventually(
+        &format!("an echo from {authority} through {via}"),
+        std::time::Duration::from_secs(15),
+        async || {
+            let e = echo_through(via, authority, b"ping").await.ok()?;
+            (e == b"ping").then_some(())
+        },
+    )
+    .await;
+}
+
 /// Wait until the page's `css` shows `want` (in a real browser); its text.
 #[allow(dead_code)]
 pub async fn wait_text(
