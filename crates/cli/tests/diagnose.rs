@@ -438,20 +438,20 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
     apply_ok(&cp, mesh(callee.inbound.port())).await;
     let caller = join_reporting(&cp, "client", "test/client");
     caller.wait_ready().await;
-    // A second client of the database: the callee's streams name neither.
+    // A second client of the database: each stream's hello names its caller.
     let cart = join_reporting(&cp, "cart", "test/cart");
     cart.wait_ready().await;
     until_echoed(caller.outbound, "echo.test:7").await;
     for _ in 0..4 {
-        // The callee's proxy takes the connection, then cannot reach its application.
+        // The callee's proxy cannot reach its application, and answers the caller's so.
         let _ = echo_through(caller.outbound, "db.test:5432", b"select 1").await;
         let _ = echo_through(cart.outbound, "db.test:5432", b"select 2").await;
         // The caller's proxy cannot reach the ghost's: the tunnel is refused.
         let refused = echo_through(caller.outbound, "far-db.test:5432", b"select 1").await;
         assert!(refused.is_err(), "{refused:?}");
-        // The callee's proxy takes the stream and closes it: the caller is denied.
+        // The callee's proxy refuses the stream by its policy, and says so.
         let sealed = echo_through(caller.outbound, "vault.test:8200", b"unseal").await;
-        assert!(sealed.map_or(true, |e| e.is_empty()), "nothing echoed");
+        assert!(sealed.is_err_and(|head| head.contains("403")), "refused");
         // A head, part of the body, then a reset: never a whole answer.
         let cut = client::get_full(caller.outbound, "crashy.test", "/", &[]).await;
         assert!(cut.map_or(true, |r| r.body.len() < 1000), "a whole answer");
@@ -469,7 +469,7 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
             if seen("test/db", "callee_saw", "connect_refused")
                 && verdicts_about(&v, "test/db").first().is_some_and(|x| {
                     x["callee_saw"]["connect_refused"].as_u64() >= Some(8)
-                        && x["caller_saw"]["connection_reset"].as_u64() >= Some(8)
+                        && x["caller_saw"]["connect_refused"].as_u64() >= Some(8)
                 })
                 && seen("test/far-db", "caller_saw", "connect_refused")
                 && seen("test/vault", "callee_saw", "denied")
@@ -490,16 +490,15 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
     let x = one("test/db");
     assert_eq!(x["cause"], "application", "{x:#}");
     assert_eq!(x["place"]["at"]["workload"], "test/peer", "{x:#}");
-    // Both clients saw their streams reset: the same problem, not the network's, since the
-    // callee's proxy took as many streams from its callers (a stream does not name its
-    // caller's workload: they are counted for both together) and its application refused
-    // them.
-    assert_eq!(x["caller_saw"]["connection_reset"], 8, "{x:#}");
+    // Both clients were told by the callee's proxy that its application refused (each
+    // stream's hello named its caller, and the answer carried the callee's class): one
+    // problem, the application's, with each client's share.
+    assert_eq!(x["caller_saw"]["connect_refused"], 8, "{x:#}");
     assert_eq!(x["callee_saw"]["connect_refused"], 8, "{x:#}");
     for who in ["test/client", "test/cart"] {
         assert!(
             x["evidence"].to_string().contains(&format!(
-                "{who} had 4 connections closed by test/peer's proxy"
+                "{who} got 4 connect_refused answers from test/peer's proxy"
             )),
             "{x:#}"
         );
@@ -520,6 +519,7 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
     );
     let x = one("test/vault");
     assert_eq!(x["cause"], "mesh_policy", "{x:#}");
+    assert_eq!(x["caller_saw"]["denied"], 4, "{x:#}");
     assert!(
         x["evidence"].to_string().contains("test/sealed (DENY)"),
         "{x:#}"

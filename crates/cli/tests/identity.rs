@@ -1272,3 +1272,142 @@ async fn an_api_beyond_loopback_is_served_over_tls_only() {
         cp.stderr()
     );
 }
+
+/// An opaque TCP stream between two proxies starts with a hello and an answer: the callee's
+/// proxy learns which workload calls, and the caller learns whether the callee's application
+/// took the connection. Service `db` has two replicas behind their proxies, one with its
+/// application down: every connection through the caller reaches the other (no ejection
+/// helps: outlier detection is off), and the down replica's proxy names the caller it refused.
+/// Service `vault` (on the up replica) denies the caller by AuthorizationPolicy: its CONNECT
+/// is refused 403, not answered 200 and then closed.
+#[tokio::test]
+async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
+    let echo = upstream::tcp_echo().await;
+    let (down, _down) = upstream::refusing();
+    let cp = ControlProcess::start(BIN, &[]);
+    // A callee whose proxy is older than the hello: it offers only the bare stream.
+    let old = old_callee(peer_credentials(&cp, "test", "db-old").await, echo).await;
+    let mesh = |up_in: u16, down_in: u16| {
+        let svc = |name: &str, app: &str, port: u16| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: {app} }}\n  ports: [{{ name: {name}, port: {port}, targetPort: 1, protocol: TCP }}]\n")
+        };
+        let wl = |name: &str, app: &str, inbound: u16, ports: String| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: {app} }} }}\nspec:\n  address: 127.0.0.1\n  identity: {name}\n  inboundPort: {inbound}\n  ports: {{ {ports} }}\n")
+        };
+        [
+            svc("db", "db", 5432),
+            svc("vault", "db", 8200),
+            svc("legacy", "legacy", 6000),
+            wl("db-up", "db", up_in, format!("db: {0}, vault: {0}", echo.port())),
+            wl("db-down", "db", down_in, format!("db: {}", down.port())),
+            wl("db-old", "legacy", old.port(), format!("legacy: {}", echo.port())),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
+            policy("db", "  outlierDetection: { consecutiveFailures: 0 }\n"),
+            "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: sealed, namespace: test }\nspec:\n  targetRefs: [{ name: vault }]\n  action: DENY\n  rules: [{ from: [{ identities: [test/client] }] }]\n".to_string(),
+        ]
+        .join("---\n")
+    };
+    apply_ok(&cp, mesh(1, 1)).await;
+    let up = join_reporting(&cp, "db-up", "test/db-up");
+    let dn = join_reporting(&cp, "db-down", "test/db-down");
+    up.wait_ready().await;
+    dn.wait_ready().await;
+    apply_ok(&cp, mesh(up.inbound.port(), dn.inbound.port())).await;
+    let caller = join_reporting(&cp, "client", "test/client");
+    caller.wait_ready().await;
+    until_echoed(caller.outbound, "db.test:5432").await;
+    for i in 0..12 {
+        let msg = format!("select {i}");
+        let got = echo_through(caller.outbound, "db.test:5432", msg.as_bytes()).await;
+        assert_eq!(got.as_deref(), Ok(msg.as_bytes()), "connection {i}");
+    }
+    // The replica whose application is down refused the caller's streams, and says whose.
+    let line = dn
+        .wait_log("the down replica's refusal", |l| {
+            l["kind"] == "tcp" && l["direction"] == "inbound"
+        })
+        .await;
+    assert_eq!(line["failure_class"], "connect_refused", "{line}");
+    assert_eq!(line["src_workload"], "test/client", "{line}");
+    // The replica that took them names the caller too.
+    let line = up
+        .wait_log("the up replica's stream", |l| {
+            l["kind"] == "tcp" && l["direction"] == "inbound" && l["bytes_sent"] == 8
+        })
+        .await;
+    assert_eq!(line["failure_class"], "ok", "{line}");
+    assert_eq!(line["src_workload"], "test/client", "{line}");
+    // The caller knew each of those streams was refused, and tried the other replica: as
+    // many retries as the down replica refused (each endpoint is tried once per connection).
+    // (The access log is written off the request path: waited for.)
+    let retried = caller
+        .metric("trellis_retries_total", &[("outcome", "sent")])
+        .await;
+    trellis_test_support::eventually_explained(
+        "a retry for each refusal",
+        Duration::from_secs(10),
+        async || {
+            let refusals = dn
+                .logs()
+                .iter()
+                .filter(|l| l["kind"] == "tcp" && l["failure_class"] == "connect_refused")
+                .count();
+            match refusals as f64 == retried {
+                true => Ok(()),
+                false => Err(format!("{refusals} refusals, {retried} retries")),
+            }
+        },
+    )
+    .await;
+
+    // Denied by the callee's policy: the CONNECT is refused, with the callee's class.
+    let denied = echo_through(caller.outbound, "vault.test:8200", b"unseal").await;
+    let head = denied.expect_err("the CONNECT refused");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(head.contains("x-trellis-failure: denied"), "{head}");
+
+    // Proxies of both ages work together: this caller with the old callee (it agrees to the
+    // bare stream, and no hello is sent)...
+    let got = echo_through(caller.outbound, "legacy.test:6000", b"to old").await;
+    assert_eq!(got.as_deref(), Ok(&b"to old"[..]));
+    // ...and an old caller (it offers only the bare stream) with the new callee.
+    let me = peer_credentials(&cp, "test", "client").await;
+    let up_id = "spiffe://trellis.local/ns/test/sa/db-up".parse().unwrap();
+    let alpn: &[&[u8]] = &[trellis_identity::tls::ALPN_TCP];
+    let cfg = trellis_identity::tls::client_config(&me, vec![up_id], alpn).unwrap();
+    let tcp = tokio::net::TcpStream::connect(up.inbound).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(trellis_identity::tls::inbound_server_name(5432), tcp)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"from old").await.unwrap();
+    let mut back = [0u8; 8];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"from old");
+}
+
+/// A callee's proxy older than the stream's hello: mutual TLS as `creds`, offering only
+/// `trellis-tcp`, then the bare stream to `app`.
+async fn old_callee(
+    creds: trellis_identity::tls::TlsCredentials,
+    app: std::net::SocketAddr,
+) -> std::net::SocketAddr {
+    let alpn: &[&[u8]] = &[trellis_identity::tls::ALPN_TCP];
+    let cfg = trellis_identity::tls::server_config(&creds, alpn).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let accept = tokio_rustls::TlsAcceptor::from(cfg.clone()).accept(s);
+            tokio::spawn(async move {
+                let Ok(mut tls) = accept.await else { return };
+                let Ok(mut up) = tokio::net::TcpStream::connect(app).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    addr
+}

@@ -175,6 +175,8 @@ pub(crate) struct TcpLine {
     pub(crate) upstream: Option<SocketAddr>,
     /// The caller's SPIFFE ID.
     pub(crate) source_identity: Label,
+    /// The caller's workload (`namespace/name`), when its proxy said (inbound).
+    pub(crate) src_workload: Label,
     /// How it ended.
     pub(crate) class: FailureClass,
     /// Who caused a failure.
@@ -623,6 +625,7 @@ fn format(e: &Entry, clock: &mut Clock, buf: &mut Vec<u8>) {
             j.str(key!("dst_workload"), l.dst_workload.as_str());
             j.addr(key!("upstream"), l.upstream);
             j.str(key!("source_identity"), l.source_identity.as_str());
+            j.opt_str(key!("src_workload"), l.src_workload.get());
             j.outcome(l.class, l.side);
             match &l.detail {
                 Some(d) => j.str(key!("detail"), d),

@@ -476,6 +476,7 @@ impl Cluster {
             mtls: self.cfg.mtls,
             port: self.cfg.port,
             mark: dialer.mark,
+            peer_header: None,
         }
     }
 

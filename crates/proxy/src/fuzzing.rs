@@ -12,7 +12,9 @@
 //!   bare LF is refused.
 //! - HTTP/1.1 responses: the same, with the body framings of responses.
 //! - Headers: after hop-by-hop stripping, none remains (nor a header that `Connection` names);
-//!   the `traceparent` sent on is always valid, and continues a valid incoming trace.
+//!   the `traceparent` sent on is always valid, and continues a valid incoming trace. The
+//!   same bytes as the body of an opaque stream's hello and answer (`peer_stream`): read or
+//!   refused, and what is read is written so that it reads back the same.
 //! - xDS: an update of Trellis documents is applied whole or not at all.
 
 use bytes::{BufMut, BytesMut};
@@ -307,6 +309,47 @@ pub fn headers(data: &[u8]) {
         assert_eq!(ids.trace_id, trace, "the caller's trace was not continued");
     }
     assert!(h.contains_key(&crate::http::X_REQUEST_ID));
+    peer_stream_frames(data);
+}
+
+/// `data` as the body of an opaque stream's hello and of its answer: each read or refused
+/// (never a panic), and what is read, written again, reads back the same (a caller's name
+/// too long to fit is left out; a detail too long loses its tail).
+fn peer_stream_frames(data: &[u8]) {
+    use crate::peer_stream::{answer_frame, hello_frame, parse_answer, parse_hello, Answer};
+    let body = &data[..data.len().min(crate::peer_stream::MAX_FRAME)];
+    if let Ok(h) = parse_hello(body) {
+        let again = hello_frame(&h);
+        assert!(again.len() - 2 <= crate::peer_stream::MAX_FRAME);
+        let back = parse_hello(&again[2..]).expect("a hello written is read");
+        if back != h {
+            assert!(
+                back.peer.is_none(),
+                "a hello read back as another: {back:?}"
+            );
+        }
+    }
+    if let Ok(a) = parse_answer(body) {
+        let again = answer_frame(&a);
+        assert!(again.len() - 2 <= crate::peer_stream::MAX_FRAME);
+        let back = parse_answer(&again[2..]).expect("an answer written is read");
+        match (&a, &back) {
+            (
+                Answer::Refused { class, detail },
+                Answer::Refused {
+                    class: c,
+                    detail: d,
+                },
+            ) => {
+                assert_eq!(class, c);
+                assert!(
+                    detail.starts_with(d.as_str()),
+                    "{detail:?} read back as {d:?}"
+                );
+            }
+            _ => assert_eq!(back, a, "an answer read back"),
+        }
+    }
 }
 
 /// A delta xDS response (protobuf) applied to an empty set of documents: whole or not at

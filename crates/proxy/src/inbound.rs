@@ -7,11 +7,11 @@
 use std::sync::{Arc, Mutex};
 
 use http::{HeaderValue, Method, Request};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use trellis_model::{proxy::PeerIdentity, resource::Protocol};
 
 use crate::{
-    error::{Error, Kind},
+    error::{io_class, Error, Kind},
     http::{
         authority::{self, RequestAuthority},
         body::ClientBody,
@@ -20,6 +20,7 @@ use crate::{
     },
     metrics::{Direction, Label},
     outbound::is_upgrade,
+    peer_stream,
     shared::Shared,
     snapshot::{InboundTarget, Snapshot},
     stages::{
@@ -349,41 +350,90 @@ fn no_such_port(what: &str, port: Option<u16>, snap: &Snapshot) -> String {
 
 /// An opaque TCP stream for the local workload's service port `port`: from a peer's proxy
 /// over mutual TLS (the port from the TLS server name), or captured in plaintext when the
-/// port accepts it. Admitted like a CONNECT tunnel, then spliced to the application.
+/// port accepts it. Admitted like a CONNECT tunnel, then spliced to the application. With
+/// `hello` (ALPN `trellis-tcp/2`) the caller's proxy first says who calls, and is answered
+/// whether the application took the connection ([`crate::peer_stream`]).
 pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
     shared: Arc<Shared>,
     mut stream: S,
     port: Option<u16>,
     source: Option<PeerId>,
+    hello: bool,
 ) {
     let snap = shared.state.load_full();
-    let telemetry = shared.telemetry.clone();
-    let Some(target) = snap.inbound.iter().find(|t| Some(t.port) == port) else {
-        let mut rec = ConnRecord::new(telemetry, Direction::inbound, Label::default());
-        let what = "TCP stream for port";
-        rec.fail(&Error::new(Kind::NoRoute, no_such_port(what, port, &snap)));
-        return;
-    };
-    let mut rec = ConnRecord::new(
-        telemetry,
-        Direction::inbound,
-        target.cluster.service.clone(),
-    );
+    let target = snap.inbound.iter().find(|t| Some(t.port) == port);
+    let service = target
+        .map(|t| t.cluster.service.clone())
+        .unwrap_or_default();
+    let mut rec = ConnRecord::new(shared.telemetry.clone(), Direction::inbound, service);
     if let Some(p) = &source {
         rec.source = p.uri.clone();
     }
-    let ask = Inbound {
-        source: source.as_ref().map(|p| p.id.as_ref()),
-        http: None,
-    };
-    if let Err(e) = policy::admit(&snap, target, ask, strict(&shared, target)) {
-        if e.kind() == Kind::PlaintextRefused {
-            shared.telemetry.metrics.count_tls_refusal();
+    if hello {
+        match peer_stream::read_hello(&mut stream).await {
+            // Believed over mutual TLS only, as `x-trellis-peer` is.
+            Ok(h) => {
+                if let (Some(p), Some(v)) = (&source, h.peer) {
+                    let s = p.source(v);
+                    (rec.src_service, rec.src_workload) = (s.service, s.workload);
+                    (rec.src_environment, rec.src_locality) = (s.environment, s.locality);
+                }
+            }
+            Err(e) => return rec.fail(&e),
         }
-        rec.fail(&e);
-        return;
     }
-    if let Some(mut up) = tcp::connect_for(&shared.dialer, &target.cluster, &mut rec).await {
-        tcp::splice(&mut stream, &mut up, &mut rec).await;
+    let up = match target {
+        None => Err(Error::new(
+            Kind::NoRoute,
+            no_such_port("TCP stream for port", port, &snap),
+        )),
+        Some(target) => {
+            let ask = Inbound {
+                source: source.as_ref().map(|p| p.id.as_ref()),
+                http: None,
+            };
+            match policy::admit(&snap, target, ask, strict(&shared, target)) {
+                Err(e) => {
+                    if e.kind() == Kind::PlaintextRefused {
+                        shared.telemetry.metrics.count_tls_refusal();
+                    }
+                    Err(e)
+                }
+                Ok(()) => {
+                    match tcp::connect(&shared.dialer, &target.cluster, Direction::inbound, None)
+                        .await
+                    {
+                        Ok((up, ep)) => {
+                            rec.set_endpoint(ep);
+                            Ok(up)
+                        }
+                        Err(tcp::NotConnected { error, endpoint }) => {
+                            if let Some(ep) = endpoint {
+                                rec.set_endpoint(ep);
+                            }
+                            Err(error)
+                        }
+                    }
+                }
+            }
+        }
+    };
+    match up {
+        Ok(mut up) => {
+            if hello {
+                if let Err(e) = peer_stream::write_answer(&mut stream, None).await {
+                    return rec.end_with(io_class(&e), format!("the answer to the caller: {e}"));
+                }
+            }
+            tcp::splice(&mut stream, &mut up, &mut rec).await;
+        }
+        Err(e) => {
+            // The caller's proxy is told why, then the stream ends.
+            if hello {
+                let _ = peer_stream::write_answer(&mut stream, Some(&e)).await;
+                let _ = stream.shutdown().await;
+            }
+            rec.fail(&e);
+        }
     }
 }

@@ -34,6 +34,7 @@ pub(crate) mod notify;
 pub mod options;
 pub(crate) mod otlp;
 pub(crate) mod outbound;
+pub(crate) mod peer_stream;
 pub(crate) mod pool;
 pub(crate) mod ratelimit;
 pub(crate) mod reporter;

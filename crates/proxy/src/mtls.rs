@@ -5,7 +5,9 @@
 //! A caller reaches a meshed endpoint at its proxy's inbound listener, names the service port
 //! in the TLS server name ([`trellis_identity::tls::inbound_server_name`]) and asks by ALPN
 //! for HTTP/2 (every HTTP request, whatever the application speaks: one multiplexed
-//! connection per peer) or for an opaque TCP stream ([`ALPN_TCP`]).
+//! connection per peer) or for an opaque TCP stream ([`ALPN_TCP_HELLO`], which opens with a
+//! hello and an answer: [`crate::peer_stream`]; or [`ALPN_TCP`], the bare stream a proxy older
+//! than that speaks).
 
 use std::{
     io,
@@ -21,7 +23,7 @@ use trellis_identity::{
 };
 use trellis_model::proxy::MeshPeer;
 
-use crate::{credentials::Credentials, fasthash::FastMap};
+use crate::{credentials::Credentials, fasthash::FastMap, peer_stream::ALPN_TCP_HELLO};
 
 pub(crate) use trellis_identity::tls::ALPN_TCP;
 
@@ -38,11 +40,12 @@ pub(crate) enum Purpose {
 }
 
 impl Purpose {
-    fn alpn(self) -> &'static [u8] {
+    /// The protocols offered, preferred first.
+    fn alpn(self) -> &'static [&'static [u8]] {
         match self {
-            Self::Http2 => b"h2",
-            Self::Tcp => ALPN_TCP,
-            Self::Http1Upgrade => b"http/1.1",
+            Self::Http2 => &[b"h2"],
+            Self::Tcp => &[ALPN_TCP_HELLO, ALPN_TCP],
+            Self::Http1Upgrade => &[b"http/1.1"],
         }
     }
 }
@@ -91,7 +94,7 @@ impl MeshTls {
             why: e.to_string(),
         })?;
         let own = TlsCredentials::from_pem(&creds.chain_pem, &creds.key_pem, &creds.bundle_pem)?;
-        let cfg = client_config(&own, vec![expected], &[purpose.alpn()])?;
+        let cfg = client_config(&own, vec![expected], purpose.alpn())?;
         let mut configs = self.configs.lock().expect("tls lock");
         // Peers come and go: a bound on the cache, cleared rather than tracked.
         if configs.len() >= 4096 {
@@ -101,7 +104,8 @@ impl MeshTls {
         Ok(cfg)
     }
 
-    /// Handshake with `peer` over `tcp`, for service port `port`.
+    /// Handshake with `peer` over `tcp`, for service port `port`; the peer agreed to one of
+    /// the purpose's protocols (its ALPN says which).
     pub(crate) async fn connect(
         &self,
         tcp: TcpStream,
@@ -114,12 +118,13 @@ impl MeshTls {
             .connect(inbound_server_name(port), tcp)
             .await
             .map_err(|e| describe(&e, peer))?;
-        if tls.get_ref().1.alpn_protocol() != Some(purpose.alpn()) {
+        let agreed = tls.get_ref().1.alpn_protocol();
+        if !agreed.is_some_and(|a| purpose.alpn().contains(&a)) {
             return Err(format!(
                 "the proxy of {} at {} did not agree to {}",
                 peer.identity,
                 peer.inbound,
-                String::from_utf8_lossy(purpose.alpn())
+                String::from_utf8_lossy(purpose.alpn()[0])
             ));
         }
         Ok(tls)

@@ -801,6 +801,9 @@ fn conn_span(c: &ConnFinished, origin: &Origin) -> Span {
     if let Some(w) = workload_id(&l.dst_service, &l.dst_workload) {
         attributes.push(text("trellis.destination.workload", w));
     }
+    if let Some(w) = l.src_workload.get() {
+        attributes.push(text("trellis.source.workload", w));
+    }
     if let Some(u) = l.upstream {
         attributes.push(text("network.peer.address", u.ip().to_string()));
         attributes.push(int("network.peer.port", i64::from(u.port())));

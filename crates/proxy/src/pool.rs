@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http::HeaderValue;
 use tokio::{net::TcpStream, sync::Semaphore};
+use tokio_rustls::client::TlsStream;
 
 use trellis_model::{proxy::MeshPeer, resource::MtlsMode};
 
@@ -24,6 +26,7 @@ use crate::{
     metrics::{ClusterLabels, EndpointLabels, Metrics},
     mtls::{MeshTls, Purpose, UpStream},
     net::{connect_timeout, ConnectFailure},
+    peer_stream::{self, Answer, ALPN_TCP_HELLO},
     slot::Slot,
 };
 
@@ -70,6 +73,8 @@ pub(crate) struct ConnectCtx<'a> {
     pub(crate) port: u16,
     /// `SO_MARK` for upstream sockets, so that capture rules let them pass.
     pub(crate) mark: Option<u32>,
+    /// Who calls (this proxy's `x-trellis-peer`), said in an opaque stream's hello.
+    pub(crate) peer_header: Option<&'a HeaderValue>,
 }
 
 /// The connections of one endpoint.
@@ -227,13 +232,49 @@ impl Pool {
         let stream = self.tcp(addr, ctx).await?;
         match (via, ctx.tls) {
             (Some(peer), Some(tls)) => {
-                let s = tls
+                let mut s = tls
                     .connect(stream, peer, ctx.port, Purpose::Tcp)
                     .await
                     .map_err(|d| self.tls_failed(addr, d))?;
+                if s.get_ref().1.alpn_protocol() == Some(ALPN_TCP_HELLO) {
+                    self.hello(&mut s, addr, ctx.peer_header).await?;
+                }
                 Ok(UpStream::Tls(Box::new(s)))
             }
             _ => Ok(UpStream::Plain(stream)),
+        }
+    }
+
+    /// An opaque stream's hello to the peer's proxy at `addr`, and its answer: the stream
+    /// follows, or the failure the peer's proxy had reaching its application (or its policy's
+    /// refusal), recorded as that proxy's class.
+    async fn hello(
+        &self,
+        s: &mut TlsStream<TcpStream>,
+        addr: SocketAddr,
+        peer: Option<&HeaderValue>,
+    ) -> Result<(), Error> {
+        let hello = peer_stream::Hello {
+            peer: peer.cloned(),
+        };
+        let answer = match peer_stream::write_hello(s, &hello).await {
+            Ok(()) => peer_stream::read_answer(s).await,
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(Answer::Connected) => Ok(()),
+            Ok(Answer::Refused { class, detail }) => Err(Error::new(
+                Kind::PeerProxy(class),
+                format!("{} refused the stream: {detail}", self.describe(addr)),
+            )),
+            Err(e) => Err(Error::with_cause(
+                Kind::Exchange,
+                format!(
+                    "no answer to the stream's hello from {}",
+                    self.describe(addr)
+                ),
+                e,
+            )),
         }
     }
 

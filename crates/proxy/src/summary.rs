@@ -205,18 +205,40 @@ impl TcpSummary {
         if let Some(n) = self.open.get_mut(&(direction, service.clone())) {
             *n = n.saturating_sub(1);
         }
-        let p = self
-            .closed
+        let p = self.tally(direction, service, class, peer);
+        p.closed += 1;
+        p.sent += sent;
+        p.received += received;
+    }
+
+    /// A connection's try that failed before another endpoint was tried: counted by its
+    /// endpoint and class as a closed connection is (as an HTTP request's failed try is), the
+    /// connection itself still open.
+    pub(crate) fn failed_try(
+        &mut self,
+        direction: Direction,
+        service: &Label,
+        class: FailureClass,
+        peer: PeerKey,
+    ) {
+        self.tally(direction, service, class, peer).closed += 1;
+    }
+
+    fn tally(
+        &mut self,
+        direction: Direction,
+        service: &Label,
+        class: FailureClass,
+        peer: PeerKey,
+    ) -> &mut TcpPeriod {
+        self.closed
             .entry(TcpKey {
                 direction,
                 service: service.clone(),
                 class,
                 peer,
             })
-            .or_default();
-        p.closed += 1;
-        p.sent += sent;
-        p.received += received;
+            .or_default()
     }
 
     fn take(&mut self) -> Vec<Series> {

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -23,7 +23,7 @@ use crate::{
         body::{ClientBody, ProxyBody},
         upgrade,
     },
-    metrics::{Direction, Label},
+    metrics::{Direction, Label, RetryLabels},
     mtls::UpStream,
     net::{connect_timeout, ConnectFailure},
     pool::Dialer,
@@ -42,14 +42,20 @@ pub(crate) struct NotConnected {
     pub(crate) endpoint: Option<Arc<Endpoint>>,
 }
 
-/// Pick an endpoint and connect (by mutual TLS to a peer proxy, or plain), trying another
-/// endpoint after a connect failure (at most one try per endpoint). The last failure when
-/// none could be reached.
+/// Pick an endpoint and connect (by mutual TLS to a peer proxy, saying who calls with
+/// `peer_header`, or plain), trying another endpoint after a connect failure (at most one try
+/// per endpoint), unless a peer's proxy refused in a way another endpoint will not change (its
+/// policy denied the caller). The last failure when none could be reached. A failure another
+/// endpoint made good is counted as a failed try of its own endpoint, as an HTTP request's
+/// is, and as a retry.
 pub(crate) async fn connect(
     dialer: &Dialer,
     cluster: &Cluster,
+    direction: Direction,
+    peer_header: Option<&HeaderValue>,
 ) -> Result<(UpStream, Arc<Endpoint>), NotConnected> {
-    let ctx = cluster.connect_ctx(dialer);
+    let mut ctx = cluster.connect_ctx(dialer);
+    ctx.peer_header = peer_header;
     let mut avoid: Option<Arc<Endpoint>> = None;
     let mut last: Option<NotConnected> = None;
     for _ in 0..cluster.endpoints.len().max(1) {
@@ -66,6 +72,9 @@ pub(crate) async fn connect(
         if avoid.as_ref().is_some_and(|a| Arc::ptr_eq(a, &ep)) {
             break;
         }
+        if let Some(failed) = last.take() {
+            failed_try(dialer, cluster, direction, failed);
+        }
         match ep.pool.open(&ctx).await {
             Ok(s) => {
                 cluster.report(&ep, crate::error::FailureClass::Ok);
@@ -73,10 +82,14 @@ pub(crate) async fn connect(
             }
             Err(error) => {
                 cluster.report(&ep, error.class());
+                let settled = matches!(error.kind(), Kind::PeerProxy(_)) && !error.retryable();
                 last = Some(NotConnected {
                     error,
                     endpoint: Some(ep.clone()),
                 });
+                if settled {
+                    break;
+                }
             }
         }
         avoid = Some(ep);
@@ -90,13 +103,34 @@ pub(crate) async fn connect(
     }))
 }
 
-/// Connect for the connection `rec` records: its upstream noted, or its failure.
+/// A try that failed before another endpoint was tried: counted by its endpoint and class in
+/// the summary the control plane gets, and as a retry sent.
+fn failed_try(dialer: &Dialer, cluster: &Cluster, direction: Direction, failed: NotConnected) {
+    let m = &dialer.metrics;
+    let labels = RetryLabels {
+        cluster: cluster.key.clone(),
+        outcome: "sent",
+    };
+    m.retries.get_or_create(&labels).inc();
+    if let (true, Some(ep)) = (m.summaries, &failed.endpoint) {
+        m.tcp_summary.lock().expect("tcp summary lock").failed_try(
+            direction,
+            &cluster.service,
+            failed.error.class(),
+            ep.peer_key(),
+        );
+    }
+}
+
+/// Connect for the connection `rec` records (an outbound bind's, saying who calls with
+/// `peer_header`): its upstream noted, or its failure.
 pub(crate) async fn connect_for(
     dialer: &Dialer,
     cluster: &Cluster,
     rec: &mut ConnRecord,
+    peer_header: Option<&HeaderValue>,
 ) -> Option<UpStream> {
-    match connect(dialer, cluster).await {
+    match connect(dialer, cluster, rec.direction(), peer_header).await {
         Ok((s, ep)) => {
             rec.set_endpoint(ep);
             Some(s)
@@ -151,7 +185,8 @@ pub(crate) async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut cli
         cluster.service.clone(),
     );
     let _ = client.set_nodelay(true);
-    if let Some(mut up) = connect_for(&shared.dialer, &cluster, &mut rec).await {
+    let peer_header = snap.peer_header.as_ref();
+    if let Some(mut up) = connect_for(&shared.dialer, &cluster, &mut rec, peer_header).await {
         splice(&mut client, &mut up, &mut rec).await;
     }
 }
@@ -196,7 +231,9 @@ pub(crate) async fn connect_tunnel(
     mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
     // The CONNECT request has its record; the tunnel, once open, has one of its own.
-    let (mut up, ep) = match connect(&shared.dialer, &cluster).await {
+    let peer_header = shared.state.load().peer_header.clone();
+    let dialer = &shared.dialer;
+    let (mut up, ep) = match connect(dialer, &cluster, rec.direction, peer_header.as_ref()).await {
         Ok(c) => c,
         Err(NotConnected { error, endpoint }) => {
             // Recorded against the endpoint that failed last (as a request's try is).

@@ -453,9 +453,9 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
     let mut out_pairs: BTreeMap<(String, String, String), Pair> = BTreeMap::new();
     let mut in_pairs: BTreeMap<(String, String, String), Pair> = BTreeMap::new();
     // Who called each callee for each service, by the callers' own reports. A TCP stream
-    // carries its caller's identity (mutual TLS) but not its workload (an HTTP request's
-    // header tells it): the callee's side of a stream is joined to the caller that reported
-    // the same hop, when only one did.
+    // from a proxy older than the stream's hello carries its caller's identity (mutual TLS)
+    // but not its workload: the callee's side of such a stream is joined to the caller that
+    // reported the same hop, when only one did.
     let mut callers_of: BTreeMap<(&str, &str), Callers<'_>> = BTreeMap::new();
     for (k, _) in &w.series {
         if k.direction == Direction::Outbound && !k.peer_workload.is_empty() {

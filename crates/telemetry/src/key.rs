@@ -61,9 +61,9 @@ pub struct Key {
 }
 
 impl Key {
-    /// A meshed caller's TCP streams, as the callee's proxy reports them: the caller's
-    /// identity (mutual TLS) but not its workload, which only an HTTP request's header
-    /// tells.
+    /// A meshed caller's TCP streams, as the callee's proxy reports them when the caller's
+    /// proxy is older than the stream's hello: the caller's identity (mutual TLS) but not its
+    /// workload.
     pub fn unnamed_stream(&self) -> bool {
         self.direction == Direction::Inbound
             && self.protocol == Protocol::Tcp

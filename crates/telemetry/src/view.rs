@@ -453,8 +453,9 @@ pub fn edges(
     let unmeshed: Arc<str> = "unmeshed".into();
     let mut groups: FxMap<(Arc<str>, Arc<str>, Seen), Group> = FxMap::default();
     for (k, s) in &w.series {
-        // A meshed caller's TCP stream names its identity but not its workload at the callee
-        // (no header to tell it): its edge is the caller's own report, not an unmeshed one.
+        // A meshed caller's TCP stream from a proxy older than the stream's hello names its
+        // identity but not its workload at the callee: its edge is the caller's own report,
+        // not an unmeshed one.
         if k.unnamed_stream() {
             continue;
         }

@@ -41,6 +41,7 @@ fn tcp_line(n: u64) -> Entry {
         dst_workload: Label::default(),
         upstream: None,
         source_identity: Label::default(),
+        src_workload: Label::default(),
         class: FailureClass::ConnectRefused,
         side: Some(Side::Upstream),
         detail: None,

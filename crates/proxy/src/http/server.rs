@@ -179,7 +179,7 @@ pub(crate) async fn serve(
         }
     }
     if let Some((port, Protocol::Tcp)) = captured {
-        return inbound::serve_tcp(shared, stream, Some(port), None).await;
+        return inbound::serve_tcp(shared, stream, Some(port), None, false).await;
     }
     let caller = Caller {
         addr: peer,
@@ -285,7 +285,13 @@ fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
         &creds.bundle_pem,
     )
     .and_then(|c| {
-        let alpn: [&[u8]; 3] = [b"h2", b"http/1.1", trellis_identity::tls::ALPN_TCP];
+        // A caller's choice among these is the first of this list it offers.
+        let alpn: [&[u8]; 4] = [
+            b"h2",
+            b"http/1.1",
+            crate::peer_stream::ALPN_TCP_HELLO,
+            trellis_identity::tls::ALPN_TCP,
+        ];
         trellis_identity::tls::server_config(&c, &alpn)
     });
     match built {
@@ -347,7 +353,8 @@ async fn serve_mtls(
     let port = conn
         .server_name()
         .and_then(trellis_identity::tls::inbound_port);
-    let opaque = conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
+    let hello = conn.alpn_protocol() == Some(crate::peer_stream::ALPN_TCP_HELLO);
+    let opaque = hello || conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
     let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
     let identity = id.map(|id| {
         let uri = shared.peer_label(&id.to_string());
@@ -362,7 +369,7 @@ async fn serve_mtls(
         )
     });
     if opaque {
-        return inbound::serve_tcp(shared, tls, port, identity).await;
+        return inbound::serve_tcp(shared, tls, port, identity, hello).await;
     }
     let mut drain = shared.drain.signal();
     let caller = Caller {

@@ -184,6 +184,7 @@ fn connection() -> ConnFinished {
             dst_workload: Label::from("db-1"),
             upstream: Some("127.0.0.9:15006".parse().unwrap()),
             source_identity: Label::default(),
+            src_workload: Label::default(),
             class: FailureClass::Ok,
             side: None,
             detail: None,
@@ -235,6 +236,7 @@ fn a_refused_inbound_tcp_connection_is_an_error_span() {
             upstream: None,
             dst_workload: Label::default(),
             source_identity: Label::from("spiffe://example.org/ns/shop/sa/gateway"),
+            src_workload: Label::from("shop/gateway-1"),
             class: FailureClass::Denied,
             side: Some(Side::Proxy),
             detail: Some("denied by shop/wall".into()),
@@ -255,6 +257,8 @@ fn a_refused_inbound_tcp_connection_is_an_error_span() {
         a["trellis.source.identity"],
         "spiffe://example.org/ns/shop/sa/gateway"
     );
+    // The caller's workload, as its proxy said in the stream's hello.
+    assert_eq!(a["trellis.source.workload"], "shop/gateway-1");
     // This proxy is the destination.
     assert_eq!(
         a["trellis.destination.identity"],

@@ -40,6 +40,7 @@ fn ctx<'a>(slots: &'a Arc<Semaphore>, metrics: &'a Metrics) -> ConnectCtx<'a> {
         mtls: MtlsMode::Permissive,
         port: 80,
         mark: None,
+        peer_header: None,
     }
 }
 

@@ -376,6 +376,12 @@ pub(crate) struct ConnRecord {
     pub(crate) upstream: Option<SocketAddr>,
     /// The caller's SPIFFE ID, on the inbound side of mutual TLS.
     pub(crate) source: Label,
+    /// The caller's service, workload, environment and locality, from its proxy's hello
+    /// (inbound, over mutual TLS).
+    pub(crate) src_service: Label,
+    pub(crate) src_workload: Label,
+    pub(crate) src_environment: Label,
+    pub(crate) src_locality: Label,
     /// The endpoint connected to (outbound).
     pub(crate) endpoint: Option<Arc<Endpoint>>,
     /// How it ended (so far).
@@ -414,6 +420,10 @@ impl ConnRecord {
             workload: Label::default(),
             upstream: None,
             source: Label::default(),
+            src_service: Label::default(),
+            src_workload: Label::default(),
+            src_environment: Label::default(),
+            src_locality: Label::default(),
             endpoint: None,
             class: FailureClass::Ok,
             side: None,
@@ -423,6 +433,11 @@ impl ConnRecord {
             start: Instant::now(),
             wall: SystemTime::now(),
         }
+    }
+
+    /// Outbound or inbound.
+    pub(crate) fn direction(&self) -> Direction {
+        self.direction
     }
 
     /// The connection went (or tried to go) to `ep`.
@@ -469,9 +484,12 @@ impl Drop for ConnRecord {
             let peer = match (self.direction, &self.endpoint) {
                 (Direction::outbound, Some(ep)) => ep.peer_key(),
                 _ => PeerKey {
+                    workload: self.src_workload.clone(),
                     identity: self.source.clone(),
+                    environment: self.src_environment.clone(),
+                    locality: self.src_locality.clone(),
+                    endpoint: None,
                     mtls: self.source.get().is_some(),
-                    ..PeerKey::default()
                 },
             };
             m.tcp_summary.lock().expect("tcp summary lock").closed(
@@ -491,6 +509,7 @@ impl Drop for ConnRecord {
             dst_workload: std::mem::take(&mut self.workload),
             upstream: self.upstream,
             source_identity: std::mem::take(&mut self.source),
+            src_workload: std::mem::take(&mut self.src_workload),
             class: self.class,
             side: self.side,
             detail: self.detail.take(),
