@@ -476,7 +476,6 @@ impl Cluster {
             mtls: self.cfg.mtls,
             port: self.cfg.port,
             mark: dialer.mark,
-            peer_header: None,
         }
     }
 

@@ -73,8 +73,6 @@ pub(crate) struct ConnectCtx<'a> {
     pub(crate) port: u16,
     /// `SO_MARK` for upstream sockets, so that capture rules let them pass.
     pub(crate) mark: Option<u32>,
-    /// Who calls (this proxy's `x-trellis-peer`), said in an opaque stream's hello.
-    pub(crate) peer_header: Option<&'a HeaderValue>,
 }
 
 /// The connections of one endpoint.
@@ -225,8 +223,13 @@ impl Pool {
         Error::new(Kind::Tls, format!("{detail} ({})", self.describe(addr)))
     }
 
-    /// An opaque stream (TCP binds and CONNECT tunnels): plain, or mutual TLS to the peer.
-    pub(crate) async fn open(&self, ctx: &ConnectCtx<'_>) -> Result<UpStream, Error> {
+    /// An opaque stream (TCP binds and CONNECT tunnels): plain, or mutual TLS to the peer,
+    /// whose hello says who calls with `peer_header` (this proxy's `x-trellis-peer`).
+    pub(crate) async fn open(
+        &self,
+        ctx: &ConnectCtx<'_>,
+        peer_header: Option<&HeaderValue>,
+    ) -> Result<UpStream, Error> {
         let via = self.via_mesh(ctx)?;
         let addr = via.map_or(self.addr, |p| p.inbound);
         let stream = self.tcp(addr, ctx).await?;
@@ -237,7 +240,7 @@ impl Pool {
                     .await
                     .map_err(|d| self.tls_failed(addr, d))?;
                 if s.get_ref().1.alpn_protocol() == Some(ALPN_TCP_HELLO) {
-                    self.hello(&mut s, addr, ctx.peer_header).await?;
+                    self.hello(&mut s, addr, peer_header).await?;
                 }
                 Ok(UpStream::Tls(Box::new(s)))
             }

@@ -54,8 +54,7 @@ pub(crate) async fn connect(
     direction: Direction,
     peer_header: Option<&HeaderValue>,
 ) -> Result<(UpStream, Arc<Endpoint>), NotConnected> {
-    let mut ctx = cluster.connect_ctx(dialer);
-    ctx.peer_header = peer_header;
+    let ctx = cluster.connect_ctx(dialer);
     let mut avoid: Option<Arc<Endpoint>> = None;
     let mut last: Option<NotConnected> = None;
     for _ in 0..cluster.endpoints.len().max(1) {
@@ -75,7 +74,7 @@ pub(crate) async fn connect(
         if let Some(failed) = last.take() {
             failed_try(dialer, cluster, direction, failed);
         }
-        match ep.pool.open(&ctx).await {
+        match ep.pool.open(&ctx, peer_header).await {
             Ok(s) => {
                 cluster.report(&ep, crate::error::FailureClass::Ok);
                 return Ok((s, ep));

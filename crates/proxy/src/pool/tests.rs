@@ -40,7 +40,6 @@ fn ctx<'a>(slots: &'a Arc<Semaphore>, metrics: &'a Metrics) -> ConnectCtx<'a> {
         mtls: MtlsMode::Permissive,
         port: 80,
         mark: None,
-        peer_header: None,
     }
 }
 
