@@ -506,9 +506,28 @@ async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
     // The proxy prefers B, then A.
     let p = ProxyProcess::start_xds(BIN, &[cp_b.xds_url(), cp_a.xds_url()], "test/client", &[]);
     p.wait_ready().await;
-    // An apply through A reaches the proxy connected to B.
+    // An apply through A reaches the proxy connected to B. (Seen once in CI: it did not
+    // within 10 s. Should it again, the message says what B knew and had pushed.)
     apply(&cp_a, &front("{ name: svc-b, port: 80 }"));
-    wait_answer(&p, "b").await;
+    trellis_test_support::eventually_explained(
+        "proxy answers \"b\" after an apply through A",
+        Duration::from_secs(10),
+        async || match answer(&p).await {
+            (_, body) if body == "b" => Ok(()),
+            last => {
+                let (_, routes) = cp_b
+                    .call(http::Method::GET, "/api/v1/resources/HTTPRoute", "", None)
+                    .await;
+                let (_, proxies) = cp_b
+                    .call(http::Method::GET, "/api/v1/proxies", "", None)
+                    .await;
+                Err(format!(
+                    "the proxy answered {last:?}; B's routes {routes}; B's proxies {proxies}"
+                ))
+            }
+        },
+    )
+    .await;
     let st = ok(cli(&cp_b, &["status"]));
     assert!(st.contains("test/client"), "connected to B: {st}");
 
