@@ -386,8 +386,9 @@ async fn spans_join_across_two_mtls_hops_and_a_failed_unsampled_request_is_expor
 }
 
 /// Opaque TCP through two proxies with mutual TLS: each proxy's connection is a span (the
-/// caller's sampled at its rate of 100 %), and a connection the callee could not complete is
-/// exported by the callee although its rate is 0 %.
+/// caller's sampled at its rate of 100 %), the callee's in the caller's trace (the stream's
+/// hello carries it), and a connection the callee could not complete is exported by the
+/// callee although neither its rate (0 %) nor its caller's decision asked.
 #[tokio::test]
 async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
     let (otlp, got, _stop, _served) = receiver().await;
@@ -403,6 +404,7 @@ async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
             tcp("cold", 5433),
             format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: catalog-vm, namespace: test, labels: {{ app: catalog }} }}\nspec:\n  address: 127.0.0.1\n  identity: catalog\n  environment: vm\n  inboundPort: {inbound}\n  ports: {{ db: {}, cold: {} }}\n", echo.port(), closed.port()),
             "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: shop, namespace: test, labels: { app: shop } }\nspec: { address: 127.0.0.1, identity: shop, environment: bare-metal }\n".to_string(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: quiet, namespace: test, labels: { app: quiet } }\nspec: { address: 127.0.0.1, identity: quiet, environment: bare-metal }\n".to_string(),
         ]
         .join("---\n")
     };
@@ -417,8 +419,11 @@ async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
     apply_ok(&cp, mesh(vm.inbound.port())).await;
     let shop = join("shop", "test/shop", "100");
     shop.wait_ready().await;
+    // A caller that samples nothing.
+    let quiet = join("quiet", "test/quiet", "0");
+    quiet.wait_ready().await;
     until_echoed(shop.outbound, "db.test:5432").await;
-    let tcp_span = async |service: &str, name: &str, kind: SpanKind| {
+    let span_of = async |service: &str, name: &str, kind: SpanKind, with: &dyn Fn(&Got) -> bool| {
         eventually(
             &format!("{service}'s span of a connection to {name}"),
             Duration::from_secs(15),
@@ -434,15 +439,32 @@ async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
                                 .get("trellis.destination.service")
                                 .map(String::as_str)
                                 == Some(name)
+                            && with(g)
                     })
                     .cloned()
             },
         )
         .await
     };
+    let tcp = |g: &Got| g.attrs.get("network.transport").map(String::as_str) == Some("tcp");
+    // A try's span of an HTTP request (a CONNECT's): it names no service.
+    let try_span = async |service: &str, id: &str| {
+        eventually(
+            &format!("{service}'s span {id}"),
+            Duration::from_secs(15),
+            async || {
+                got.0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|g| g.resource["service.name"] == service && g.span == id)
+                    .cloned()
+            },
+        )
+        .await
+    };
     // The caller's span: its own trace, the bytes each way, whom it reached.
-    let s = tcp_span("shop", "db.test", SpanKind::Client).await;
-    assert_eq!(s.parent, "", "{s:?}");
+    let s = span_of("shop", "db.test", SpanKind::Client, &tcp).await;
     assert_eq!(s.attrs["network.transport"], "tcp", "{s:?}");
     assert_eq!(s.attrs["trellis.failure_class"], "ok", "{s:?}");
     assert_eq!(s.attrs["trellis.tcp.bytes_from_client"], "4", "{s:?}");
@@ -454,19 +476,42 @@ async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
     );
     assert_eq!(s.attrs["network.peer.port"], vm.inbound.port().to_string());
     assert!(!s.error);
+    // Its parent is the CONNECT request's try, an HTTP span of the caller's.
+    let connect = try_span("shop", &s.parent).await;
+    assert!(connect.attrs.contains_key("trellis.attempt"), "{connect:?}");
+    assert_eq!(connect.kind, SpanKind::Client as i32);
+    assert_eq!(connect.trace, s.trace);
+    // The callee's span of the same stream: in the caller's trace, under the same try (the
+    // stream's hello said so), exported at the callee's rate of 0 % because the caller
+    // sampled it; it names the caller's workload.
+    let c = span_of("catalog-vm", "db.test", SpanKind::Server, &|g| {
+        g.trace == s.trace
+    })
+    .await;
+    assert_eq!(c.parent, s.parent, "{c:?}");
+    assert_eq!(c.attrs["trellis.sampled"], "true", "{c:?}");
+    assert_eq!(c.attrs["trellis.source.workload"], "test/shop", "{c:?}");
+    assert!(!c.error);
 
-    // The callee cannot reach its application: its span is exported (rate 0 %), an error
+    // The callee cannot reach its application, for a caller that samples nothing: the
+    // callee's span is exported anyway (its rate 0 %, the caller's decision no), an error
     // naming the class and who called.
-    let _ = echo_through(shop.outbound, "cold.test:5433", b"ping").await;
-    let s = tcp_span("catalog-vm", "cold.test", SpanKind::Server).await;
+    let _ = echo_through(quiet.outbound, "cold.test:5433", b"ping").await;
+    let s = span_of("catalog-vm", "cold.test", SpanKind::Server, &tcp).await;
     assert!(s.error, "{s:?}");
     assert_eq!(s.attrs["trellis.failure_class"], "connect_refused", "{s:?}");
     assert_eq!(s.attrs["trellis.sampled"], "false", "{s:?}");
     assert_eq!(
         s.attrs["trellis.source.identity"],
-        "spiffe://trellis.local/ns/test/sa/shop"
+        "spiffe://trellis.local/ns/test/sa/quiet"
     );
     assert_eq!(s.resource["trellis.environment"], "vm");
+    // Its parent: the caller's CONNECT try (the tunnel never opened), which failed with the
+    // callee's class.
+    let q = try_span("quiet", &s.parent).await;
+    assert!(q.attrs.contains_key("trellis.attempt"), "{q:?}");
+    assert_eq!(q.trace, s.trace);
+    assert_eq!(q.attrs["trellis.failure_class"], "connect_refused", "{q:?}");
 }
 
 /// A CA made by the real `openssl` command in `dir`: `NAME.pem` and its key `NAME.key`.

@@ -378,6 +378,10 @@ pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
                     (rec.src_service, rec.src_workload) = (s.service, s.workload);
                     (rec.src_environment, rec.src_locality) = (s.environment, s.locality);
                 }
+                // This side's span of the stream joins the caller's trace.
+                if let Some(t) = h.trace {
+                    rec.trace = crate::trace::ConnTrace::child_of(t);
+                }
             }
             Err(e) => return rec.fail(&e),
         }
@@ -400,7 +404,8 @@ pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(e)
                 }
                 Ok(()) => {
-                    match tcp::connect(&shared.dialer, &target.cluster, Direction::inbound, None)
+                    let local = peer_stream::Hello::default();
+                    match tcp::connect(&shared.dialer, &target.cluster, Direction::inbound, &local)
                         .await
                     {
                         Ok((up, ep)) => {

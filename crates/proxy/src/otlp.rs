@@ -17,8 +17,10 @@
 //!
 //! An opaque TCP connection gives one span per proxy (kind CLIENT outbound, SERVER inbound)
 //! from accept to close, with the bytes each way, how it ended and the same names. Its bytes
-//! carry no trace context, so it starts a trace of its own, sampled at the proxy's rate; a
-//! failed connection is exported whatever that rate says, as a failed request is.
+//! carry no trace context, so the caller's proxy starts a trace, sampled at its rate, and
+//! tells the callee's proxy in the stream's hello: the callee's span is the caller's
+//! span's child, with the caller's decision. A failed connection is exported whatever the
+//! decision, as a failed request is.
 
 use std::{
     net::SocketAddr,
@@ -44,6 +46,7 @@ use crate::{
     access_log::{workload_id, HttpLine, TcpLine},
     error::{BoxError, FailureClass},
     labels::{Direction, Label},
+    trace::ConnTrace,
 };
 
 /// Spans queued at most; beyond, they are dropped and counted.
@@ -95,8 +98,8 @@ pub(crate) struct ConnFinished {
     pub(crate) line: TcpLine,
     /// The identity the endpoint's proxy proved, `namespace/identity` (outbound).
     pub(crate) dst_identity: Label,
-    /// Whether its trace was sampled (a failure is exported either way).
-    pub(crate) sampled: bool,
+    /// Its span, and whether its trace was sampled (a failure is exported either way).
+    pub(crate) trace: ConnTrace,
 }
 
 /// What the exporter is handed. A request is queued by value as before (boxing it would
@@ -784,7 +787,10 @@ fn conn_span(c: &ConnFinished, origin: &Origin) -> Span {
         text("trellis.destination.service", service),
         int("trellis.tcp.bytes_from_client", l.sent as i64),
         int("trellis.tcp.bytes_to_client", l.received as i64),
-        kv("trellis.sampled", any_value::Value::BoolValue(c.sampled)),
+        kv(
+            "trellis.sampled",
+            any_value::Value::BoolValue(c.trace.ctx.sampled),
+        ),
     ];
     if let Some(side) = l.side {
         attributes.push(text("trellis.failure_side", side.as_str()));
@@ -808,9 +814,14 @@ fn conn_span(c: &ConnFinished, origin: &Origin) -> Span {
         attributes.push(text("network.peer.address", u.ip().to_string()));
         attributes.push(int("network.peer.port", i64::from(u.port())));
     }
+    let t = &c.trace;
     Span {
-        trace_id: fastrand::u128(1..).to_be_bytes().to_vec(),
-        span_id: fastrand::u64(1..).to_be_bytes().to_vec(),
+        trace_id: t.ctx.trace_id.to_be_bytes().to_vec(),
+        span_id: t.ctx.span.to_be_bytes().to_vec(),
+        parent_span_id: match t.parent {
+            0 => Vec::new(),
+            p => p.to_be_bytes().to_vec(),
+        },
         name: format!("{} tcp {service}", l.direction.as_str()),
         kind: match l.direction {
             Direction::inbound => span::SpanKind::Server,

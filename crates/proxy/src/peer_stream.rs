@@ -3,6 +3,9 @@
 //! service, workload, environment, locality), and the callee's proxy answers whether its
 //! application took the connection, with the failure's class and detail when it did not.
 //!
+//! The hello also carries the caller's span of the stream (a `traceparent`), so that the
+//! callee's span of it joins the caller's trace.
+//!
 //! So the caller records a refusal as the callee saw it (`connect_refused`, `denied`,
 //! `overloaded`), not as a reset of a stream that had been accepted; it tries another
 //! endpoint, as for a failed connect, and an endpoint whose application is down is ejected
@@ -20,7 +23,10 @@ use std::{io, time::Duration};
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::{Error, FailureClass, Kind};
+use crate::{
+    error::{Error, FailureClass, Kind},
+    trace::SpanContext,
+};
 
 /// The ALPN of a stream that starts with the hello and the answer.
 pub(crate) const ALPN_TCP_HELLO: &[u8] = b"trellis-tcp/2";
@@ -38,6 +44,8 @@ pub(crate) const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Hello {
     /// The caller's `x-trellis-peer`.
     pub(crate) peer: Option<HeaderValue>,
+    /// The caller's span of the stream.
+    pub(crate) trace: Option<SpanContext>,
 }
 
 /// What the callee's proxy answers: `Ok` when its application took the connection (the
@@ -130,14 +138,19 @@ async fn write_frame<S: AsyncWrite + Unpin>(s: &mut S, frame: &[u8]) -> io::Resu
     s.flush().await
 }
 
-/// A hello's body: `peer` read, other names skipped.
+/// A hello's body: `peer` and `traceparent` read (a trace context not valid is skipped, as
+/// an HTTP request's is: the callee starts a trace), other names skipped.
 pub(crate) fn parse_hello(body: &[u8]) -> io::Result<Hello> {
     let mut hello = Hello::default();
     for (name, value) in lines(body)? {
-        if name == b"peer" {
-            let v = HeaderValue::from_bytes(value)
-                .map_err(|_| invalid("the peer is not a header value".into()))?;
-            hello.peer = Some(v);
+        match name {
+            b"peer" => {
+                let v = HeaderValue::from_bytes(value)
+                    .map_err(|_| invalid("the peer is not a header value".into()))?;
+                hello.peer = Some(v);
+            }
+            b"traceparent" => hello.trace = SpanContext::parse(value),
+            _ => {}
         }
     }
     Ok(hello)
@@ -145,10 +158,20 @@ pub(crate) fn parse_hello(body: &[u8]) -> io::Result<Hello> {
 
 /// A hello as a frame. A caller that does not fit is not named (rather than named wrong).
 pub(crate) fn hello_frame(hello: &Hello) -> Vec<u8> {
-    match &hello.peer {
-        Some(p) if "peer=\n".len() + p.len() <= MAX_FRAME => frame(&[("peer", p.as_bytes())]),
-        _ => frame(&[]),
+    let tp = hello.trace.map(|t| t.traceparent());
+    let mut lines: Vec<(&str, &[u8])> = Vec::with_capacity(2);
+    if let Some(tp) = &tp {
+        lines.push(("traceparent", tp));
     }
+    let room = MAX_FRAME - tp.map_or(0, |t| "traceparent=\n".len() + t.len());
+    if let Some(p) = hello
+        .peer
+        .as_ref()
+        .filter(|p| "peer=\n".len() + p.len() <= room)
+    {
+        lines.push(("peer", p.as_bytes()));
+    }
+    frame(&lines)
 }
 
 /// An answer's body: `class` (`ok`, or the failure's) and `detail` read, other names

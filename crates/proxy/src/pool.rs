@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::HeaderValue;
 use tokio::{net::TcpStream, sync::Semaphore};
 use tokio_rustls::client::TlsStream;
 
@@ -224,11 +223,11 @@ impl Pool {
     }
 
     /// An opaque stream (TCP binds and CONNECT tunnels): plain, or mutual TLS to the peer,
-    /// whose hello says who calls with `peer_header` (this proxy's `x-trellis-peer`).
+    /// opening with `hello` (who calls, the stream's span) when the peer's proxy speaks it.
     pub(crate) async fn open(
         &self,
         ctx: &ConnectCtx<'_>,
-        peer_header: Option<&HeaderValue>,
+        hello: &peer_stream::Hello,
     ) -> Result<UpStream, Error> {
         let via = self.via_mesh(ctx)?;
         let addr = via.map_or(self.addr, |p| p.inbound);
@@ -240,7 +239,7 @@ impl Pool {
                     .await
                     .map_err(|d| self.tls_failed(addr, d))?;
                 if s.get_ref().1.alpn_protocol() == Some(ALPN_TCP_HELLO) {
-                    self.hello(&mut s, addr, peer_header).await?;
+                    self.hello(&mut s, addr, hello).await?;
                 }
                 Ok(UpStream::Tls(Box::new(s)))
             }
@@ -255,12 +254,9 @@ impl Pool {
         &self,
         s: &mut TlsStream<TcpStream>,
         addr: SocketAddr,
-        peer: Option<&HeaderValue>,
+        hello: &peer_stream::Hello,
     ) -> Result<(), Error> {
-        let hello = peer_stream::Hello {
-            peer: peer.cloned(),
-        };
-        let answer = match peer_stream::write_hello(s, &hello).await {
+        let answer = match peer_stream::write_hello(s, hello).await {
             Ok(()) => peer_stream::read_answer(s).await,
             Err(e) => Err(e),
         };

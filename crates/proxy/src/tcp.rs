@@ -26,6 +26,7 @@ use crate::{
     metrics::{Direction, Label, RetryLabels},
     mtls::UpStream,
     net::{connect_timeout, ConnectFailure},
+    peer_stream::Hello,
     pool::Dialer,
     shared::Shared,
     stages::{
@@ -33,6 +34,7 @@ use crate::{
         record::{ConnRecord, Record},
         respond::local_reply,
     },
+    trace::{ConnTrace, SpanContext},
 };
 
 /// Why no endpoint could be connected to: the last failure, and the endpoint it came from
@@ -42,8 +44,8 @@ pub(crate) struct NotConnected {
     pub(crate) endpoint: Option<Arc<Endpoint>>,
 }
 
-/// Pick an endpoint and connect (by mutual TLS to a peer proxy, saying who calls with
-/// `peer_header`, or plain), trying another endpoint after a connect failure (at most one try
+/// Pick an endpoint and connect (by mutual TLS to a peer proxy, opening with `hello`, or
+/// plain), trying another endpoint after a connect failure (at most one try
 /// per endpoint), unless a peer's proxy refused in a way another endpoint will not change (its
 /// policy denied the caller). The last failure when none could be reached. A failure another
 /// endpoint made good is counted as a failed try of its own endpoint, as an HTTP request's
@@ -52,7 +54,7 @@ pub(crate) async fn connect(
     dialer: &Dialer,
     cluster: &Cluster,
     direction: Direction,
-    peer_header: Option<&HeaderValue>,
+    hello: &Hello,
 ) -> Result<(UpStream, Arc<Endpoint>), NotConnected> {
     let ctx = cluster.connect_ctx(dialer);
     let mut avoid: Option<Arc<Endpoint>> = None;
@@ -74,7 +76,7 @@ pub(crate) async fn connect(
         if let Some(failed) = last.take() {
             failed_try(dialer, cluster, direction, failed);
         }
-        match ep.pool.open(&ctx, peer_header).await {
+        match ep.pool.open(&ctx, hello).await {
             Ok(s) => {
                 cluster.report(&ep, crate::error::FailureClass::Ok);
                 return Ok((s, ep));
@@ -122,14 +124,18 @@ fn failed_try(dialer: &Dialer, cluster: &Cluster, direction: Direction, failed: 
 }
 
 /// Connect for the connection `rec` records (an outbound bind's, saying who calls with
-/// `peer_header`): its upstream noted, or its failure.
+/// `peer_header`, and the record's span): its upstream noted, or its failure.
 pub(crate) async fn connect_for(
     dialer: &Dialer,
     cluster: &Cluster,
     rec: &mut ConnRecord,
     peer_header: Option<&HeaderValue>,
 ) -> Option<UpStream> {
-    match connect(dialer, cluster, rec.direction(), peer_header).await {
+    let hello = Hello {
+        peer: peer_header.cloned(),
+        trace: Some(rec.trace.ctx),
+    };
+    match connect(dialer, cluster, rec.direction(), &hello).await {
         Ok((s, ep)) => {
             rec.set_endpoint(ep);
             Some(s)
@@ -230,9 +236,18 @@ pub(crate) async fn connect_tunnel(
     mut rec: Box<Record>,
 ) -> Response<ProxyBody> {
     // The CONNECT request has its record; the tunnel, once open, has one of its own.
-    let peer_header = shared.state.load().peer_header.clone();
-    let dialer = &shared.dialer;
-    let (mut up, ep) = match connect(dialer, &cluster, rec.direction, peer_header.as_ref()).await {
+    // The CONNECT's try is the parent of both proxies' spans of the tunnel: it is exported
+    // when the tunnel fails to open, which the tunnel's own span then is not.
+    let connect_try = SpanContext {
+        trace_id: rec.trace_id,
+        span: rec.spans.attempt,
+        sampled: rec.spans.sampled,
+    };
+    let hello = Hello {
+        peer: shared.state.load().peer_header.clone(),
+        trace: Some(connect_try),
+    };
+    let (mut up, ep) = match connect(&shared.dialer, &cluster, rec.direction, &hello).await {
         Ok(c) => c,
         Err(NotConnected { error, endpoint }) => {
             // Recorded against the endpoint that failed last (as a request's try is).
@@ -251,6 +266,7 @@ pub(crate) async fn connect_tunnel(
         cluster.service.clone(),
     );
     conn.source = rec.source_identity.clone();
+    conn.trace = ConnTrace::child_of(connect_try);
     conn.set_endpoint(ep.clone());
     rec.status = 200;
     rec.attempts = 1;

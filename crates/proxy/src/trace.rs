@@ -138,6 +138,65 @@ fn parse_traceparent(v: &[u8]) -> Option<Incoming> {
     })
 }
 
+/// A span's place in a trace, as one proxy tells the next: the trace, the span and the
+/// sampling decision (a `traceparent`'s three values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SpanContext {
+    pub(crate) trace_id: u128,
+    pub(crate) span: u64,
+    pub(crate) sampled: bool,
+}
+
+impl SpanContext {
+    /// As a `traceparent` (version 00).
+    pub(crate) fn traceparent(&self) -> [u8; 55] {
+        traceparent_bytes(self.trace_id, self.span, self.sampled)
+    }
+
+    /// A valid `traceparent`'s context (one without a decision is not sampled).
+    pub(crate) fn parse(v: &[u8]) -> Option<Self> {
+        parse_traceparent(v).map(|i| Self {
+            trace_id: i.trace,
+            span: i.parent,
+            sampled: i.sampled.unwrap_or(false),
+        })
+    }
+}
+
+/// An opaque TCP connection's span: its context, and its parent's span (0 for a trace that
+/// starts here). A connection's bytes carry no trace context; a stream between two proxies
+/// carries the caller's in its hello ([`crate::peer_stream`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConnTrace {
+    pub(crate) ctx: SpanContext,
+    pub(crate) parent: u64,
+}
+
+impl ConnTrace {
+    /// A trace that starts here, sampled with probability `p`.
+    pub(crate) fn start(p: f64) -> Self {
+        Self {
+            ctx: SpanContext {
+                trace_id: fastrand::u128(1..),
+                span: fastrand::u64(1..),
+                sampled: fastrand::f64() < p,
+            },
+            parent: 0,
+        }
+    }
+
+    /// A span of the caller's trace, under the caller's span, with the caller's decision.
+    pub(crate) fn child_of(caller: SpanContext) -> Self {
+        Self {
+            ctx: SpanContext {
+                span: fastrand::u64(1..),
+                ..caller
+            },
+            parent: caller.span,
+        }
+    }
+}
+
 /// The trace and parent ids of a valid `traceparent` (for the fuzz targets).
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn traceparent_ids(v: &[u8]) -> Option<(u128, u64)> {
@@ -359,6 +418,23 @@ fn finish_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connections_span_continues_its_callers_trace() {
+        let caller = ConnTrace::start(1.0);
+        assert_eq!(caller.parent, 0);
+        assert!(caller.ctx.sampled && caller.ctx.trace_id != 0 && caller.ctx.span != 0);
+        // Told in a traceparent, read back whole.
+        let told = SpanContext::parse(&caller.ctx.traceparent()).unwrap();
+        assert_eq!(told, caller.ctx);
+        let callee = ConnTrace::child_of(told);
+        assert_eq!(callee.ctx.trace_id, caller.ctx.trace_id);
+        assert_eq!(callee.parent, caller.ctx.span);
+        assert_ne!(callee.ctx.span, caller.ctx.span);
+        assert!(callee.ctx.sampled, "the caller's decision");
+        assert!(!ConnTrace::start(0.0).ctx.sampled);
+        assert_eq!(SpanContext::parse(b"00-00-00-00"), None);
+    }
 
     #[test]
     fn hex_is_written_and_read_as_the_formatter_does() {

@@ -194,7 +194,7 @@ fn connection() -> ConnFinished {
             total: Duration::from_millis(2500),
         },
         dst_identity: Label::from("shop/db"),
-        sampled: true,
+        trace: crate::trace::ConnTrace::start(1.0),
     }
 }
 
@@ -245,10 +245,22 @@ fn a_refused_inbound_tcp_connection_is_an_error_span() {
             ..connection().line
         },
         dst_identity: Label::default(),
-        sampled: false,
+        // The caller's span, told in the stream's hello: not sampled.
+        trace: crate::trace::ConnTrace::child_of(crate::trace::SpanContext {
+            trace_id: 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+            span: 0xb7ad_6b71_6920_3331,
+            sampled: false,
+        }),
     };
     let s = conn_span(&c, &origin());
     assert_eq!(s.kind, span::SpanKind::Server as i32);
+    // A span of the caller's trace, under the caller's span.
+    assert_eq!(
+        s.trace_id,
+        0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c_u128.to_be_bytes()
+    );
+    assert_eq!(s.parent_span_id, 0xb7ad_6b71_6920_3331u64.to_be_bytes());
+    assert_ne!(s.span_id, s.parent_span_id);
     let a = attrs(&s);
     assert_eq!(a["trellis.failure_class"], "denied");
     assert_eq!(a["trellis.failure_side"], "proxy");

@@ -6,7 +6,11 @@ use super::*;
 async fn a_hello_and_each_answer_read_back_as_written() {
     let (mut a, mut b) = duplex(4096);
     let peer = HeaderValue::from_static("db.shop,shop/cart-1,vm,eu/a");
-    let hello = Hello { peer: Some(peer) };
+    let trace = crate::trace::ConnTrace::start(0.5).ctx;
+    let hello = Hello {
+        peer: Some(peer),
+        trace: Some(trace),
+    };
     write_hello(&mut a, &hello).await.unwrap();
     assert_eq!(read_hello(&mut b).await.unwrap(), hello);
     // A caller with nothing to say (no local workload) says so in an empty frame.
@@ -104,6 +108,7 @@ fn what_does_not_fit_a_frame_is_left_out_or_cut_at_a_character() {
     let long = "é".repeat(MAX_FRAME);
     let h = Hello {
         peer: Some(HeaderValue::from_str(&"p".repeat(MAX_FRAME)).unwrap()),
+        trace: None,
     };
     assert_eq!(
         parse_hello(&hello_frame(&h)[2..]).unwrap(),
@@ -126,4 +131,11 @@ fn what_does_not_fit_a_frame_is_left_out_or_cut_at_a_character() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_trace_context_not_valid_is_skipped_not_refused() {
+    let h = parse_hello(b"traceparent=00-zz-1-01\npeer=a\n").unwrap();
+    assert_eq!(h.trace, None);
+    assert_eq!(h.peer, Some(HeaderValue::from_static("a")));
 }

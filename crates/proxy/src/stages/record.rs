@@ -26,6 +26,7 @@ use crate::{
     otlp::{ConnFinished, Finished, TrySpan},
     summary::PeerKey,
     telemetry::Telemetry,
+    trace::ConnTrace,
 };
 
 /// Everything known about a request, filled in as it progresses: the line it ends as
@@ -393,6 +394,8 @@ pub(crate) struct ConnRecord {
     pub(crate) sent: u64,
     /// Bytes to the client.
     pub(crate) received: u64,
+    /// Its span: a trace that starts here, or (inbound, from a peer's proxy) the caller's.
+    pub(crate) trace: ConnTrace,
     start: Instant,
     wall: SystemTime,
 }
@@ -414,7 +417,6 @@ impl ConnRecord {
                 .opened(direction, &service);
         }
         Self {
-            telemetry,
             direction,
             service,
             workload: Label::default(),
@@ -430,8 +432,10 @@ impl ConnRecord {
             detail: None,
             sent: 0,
             received: 0,
+            trace: ConnTrace::start(telemetry.trace_sampling),
             start: Instant::now(),
             wall: SystemTime::now(),
+            telemetry,
         }
     }
 
@@ -517,8 +521,7 @@ impl Drop for ConnRecord {
             received: self.received,
         };
         if let Some(spans) = &self.telemetry.spans {
-            let sampled = fastrand::f64() < self.telemetry.trace_sampling;
-            if sampled || crate::otlp::always_exported(line.class) {
+            if self.trace.ctx.sampled || crate::otlp::always_exported(line.class) {
                 spans.offer_conn(ConnFinished {
                     line: line.clone(),
                     dst_identity: self
@@ -526,7 +529,7 @@ impl Drop for ConnRecord {
                         .as_ref()
                         .map(|e| e.identity.clone())
                         .unwrap_or_default(),
-                    sampled,
+                    trace: self.trace,
                 });
             }
         }
