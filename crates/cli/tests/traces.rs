@@ -394,17 +394,20 @@ async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
     let (otlp, got, _stop, _served) = receiver().await;
     let echo = upstream::tcp_echo().await;
     let (closed, _closed) = upstream::refusing();
+    // Where the quiet caller's proxy binds Service `traced`.
+    let bind = upstream::spare_addr().await;
     let cp = ControlProcess::start(BIN, &[]);
     let mesh = |inbound: u16| {
-        let tcp = |name: &str, port: u16| {
-            format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: catalog }}\n  ports: [{{ name: {name}, port: {port}, targetPort: 1, protocol: TCP }}]\n")
+        let tcp = |name: &str, port: u16, extra: &str| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: test }}\nspec:\n  selector: {{ app: catalog }}\n  ports: [{{ name: {name}, port: {port}, targetPort: 1, protocol: TCP }}]\n{extra}")
         };
         [
-            tcp("db", 5432),
-            tcp("cold", 5433),
-            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: catalog-vm, namespace: test, labels: {{ app: catalog }} }}\nspec:\n  address: 127.0.0.1\n  identity: catalog\n  environment: vm\n  inboundPort: {inbound}\n  ports: {{ db: {}, cold: {} }}\n", echo.port(), closed.port()),
+            tcp("db", 5432, ""),
+            tcp("cold", 5433, ""),
+            tcp("traced", 5434, "  tracing: { samplingPercent: 100 }\n"),
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: catalog-vm, namespace: test, labels: {{ app: catalog }} }}\nspec:\n  address: 127.0.0.1\n  identity: catalog\n  environment: vm\n  inboundPort: {inbound}\n  ports: {{ db: {0}, cold: {1}, traced: {0} }}\n", echo.port(), closed.port()),
             "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: shop, namespace: test, labels: { app: shop } }\nspec: { address: 127.0.0.1, identity: shop, environment: bare-metal }\n".to_string(),
-            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: quiet, namespace: test, labels: { app: quiet } }\nspec: { address: 127.0.0.1, identity: quiet, environment: bare-metal }\n".to_string(),
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: quiet, namespace: test, labels: {{ app: quiet }} }}\nspec:\n  address: 127.0.0.1\n  identity: quiet\n  environment: bare-metal\n  upstreams: [{{ service: traced.test, port: 5434, bind: '{bind}' }}]\n"),
         ]
         .join("---\n")
     };
@@ -512,6 +515,32 @@ async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
     assert!(q.attrs.contains_key("trellis.attempt"), "{q:?}");
     assert_eq!(q.trace, s.trace);
     assert_eq!(q.attrs["trellis.failure_class"], "connect_refused", "{q:?}");
+
+    // Through the quiet caller's TCP bind, to a Service whose own sampling rate is 100 %:
+    // the connection is sampled by the Service's rate, as an HTTP request would be, and the
+    // callee's span follows.
+    let echoed = eventually(
+        "an echo through the bind",
+        Duration::from_secs(10),
+        async || {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut c = tokio::net::TcpStream::connect(bind).await.ok()?;
+            c.write_all(b"ping").await.ok()?;
+            let mut back = [0u8; 4];
+            c.read_exact(&mut back).await.ok()?;
+            Some(back)
+        },
+    )
+    .await;
+    assert_eq!(&echoed, b"ping");
+    let s = span_of("quiet", "traced.test", SpanKind::Client, &tcp).await;
+    assert_eq!(s.attrs["trellis.sampled"], "true", "{s:?}");
+    assert_eq!(s.parent, "", "a bind's connection starts its trace: {s:?}");
+    let c = span_of("catalog-vm", "traced.test", SpanKind::Server, &|g| {
+        g.trace == s.trace
+    })
+    .await;
+    assert_eq!(c.parent, s.span, "{c:?}");
 }
 
 /// A CA made by the real `openssl` command in `dir`: `NAME.pem` and its key `NAME.key`.

@@ -189,6 +189,15 @@ pub(crate) async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut cli
         Direction::outbound,
         cluster.service.clone(),
     );
+    // The Service's own sampling rate, when it sets one, as for its HTTP requests.
+    let rate = snap
+        .hosts
+        .get(cluster.service.as_str())
+        .and_then(|id| snap.cfg.services.get(id))
+        .and_then(|s| s.trace_sampling);
+    if let Some(p) = rate {
+        rec.trace = ConnTrace::start(p);
+    }
     let _ = client.set_nodelay(true);
     let peer_header = snap.peer_header.as_ref();
     if let Some(mut up) = connect_for(&shared.dialer, &cluster, &mut rec, peer_header).await {
