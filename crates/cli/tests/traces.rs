@@ -426,44 +426,33 @@ async fn tcp_connections_are_spans_and_a_failed_one_is_exported_unsampled() {
     let quiet = join("quiet", "test/quiet", "0");
     quiet.wait_ready().await;
     until_echoed(shop.outbound, "db.test:5432").await;
+    // The first span received that `with` picks, waited for.
+    let first = async |what: String, with: &dyn Fn(&Got) -> bool| {
+        eventually(&what, Duration::from_secs(15), async || {
+            got.0.lock().unwrap().iter().find(|g| with(g)).cloned()
+        })
+        .await
+    };
     let span_of = async |service: &str, name: &str, kind: SpanKind, with: &dyn Fn(&Got) -> bool| {
-        eventually(
-            &format!("{service}'s span of a connection to {name}"),
-            Duration::from_secs(15),
-            async || {
-                got.0
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|g| {
-                        g.resource["service.name"] == service
-                            && g.kind == kind as i32
-                            && g.attrs
-                                .get("trellis.destination.service")
-                                .map(String::as_str)
-                                == Some(name)
-                            && with(g)
-                    })
-                    .cloned()
-            },
-        )
+        let what = format!("{service}'s span of a connection to {name}");
+        first(what, &|g: &Got| {
+            g.resource["service.name"] == service
+                && g.kind == kind as i32
+                && g.attrs
+                    .get("trellis.destination.service")
+                    .map(String::as_str)
+                    == Some(name)
+                && with(g)
+        })
         .await
     };
     let tcp = |g: &Got| g.attrs.get("network.transport").map(String::as_str) == Some("tcp");
     // A try's span of an HTTP request (a CONNECT's): it names no service.
     let try_span = async |service: &str, id: &str| {
-        eventually(
-            &format!("{service}'s span {id}"),
-            Duration::from_secs(15),
-            async || {
-                got.0
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|g| g.resource["service.name"] == service && g.span == id)
-                    .cloned()
-            },
-        )
+        let what = format!("{service}'s span {id}");
+        first(what, &|g: &Got| {
+            g.resource["service.name"] == service && g.span == id
+        })
         .await
     };
     // The caller's span: its own trace, the bytes each way, whom it reached.
