@@ -398,9 +398,9 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
 /// mutual TLS between the proxies: `db`'s application is not running behind its proxy (the
 /// application's, on its workload, for both of its clients), `far-db`'s workload has no proxy running (the network's,
 /// towards it), and `vault` denies the caller by AuthorizationPolicy (the mesh's); `echo`'s
-/// connections work and are not mentioned. And HTTP: `crashy`'s application resets its
-/// connection in the middle of each answer (the application's, though the caller sees only
-/// a reset).
+/// connections work and are not mentioned; `cache`'s application resets each stream after
+/// part of its answer (the application's, though the caller sees only a reset). And HTTP:
+/// `crashy` is that application (the application's too).
 #[tokio::test]
 async fn diagnose_tells_cut_and_refused_connections_apart() {
     // Ports that refuse for the whole test (a port given back could be taken by another
@@ -420,8 +420,9 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
             tcp("echo", "peer", 7),
             tcp("far-db", "ghost", 5432),
             tcp("vault", "peer", 8200),
+            tcp("cache", "peer", 6379),
             "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: crashy, namespace: test }\nspec:\n  selector: { app: peer }\n  ports: [{ name: crashy, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
-            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  ports: {{ db: {}, echo: {}, vault: {}, crashy: {} }}\n", down.port(), echo.port(), echo.port(), crashy.port()),
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: peer, namespace: test, labels: {{ app: peer }} }}\nspec:\n  address: 127.0.0.1\n  identity: beta\n  inboundPort: {inbound}\n  environment: container\n  ports: {{ db: {}, echo: {}, vault: {}, crashy: {3}, cache: {3} }}\n", down.port(), echo.port(), echo.port(), crashy.port()),
             format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: ghost, namespace: test, labels: {{ app: ghost }} }}\nspec:\n  address: 127.0.0.1\n  identity: ghost\n  inboundPort: {}\n  environment: vm\n  ports: {{ far-db: 1 }}\n", ghost.port()),
             "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test, labels: { app: client } }\nspec: { address: 127.0.0.1, identity: client, environment: bare-metal }\n".to_string(),
             "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: cart, namespace: test, labels: { app: cart } }\nspec: { address: 127.0.0.1, identity: cart, environment: vm }\n".to_string(),
@@ -455,6 +456,9 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
         // A head, part of the body, then a reset: never a whole answer.
         let cut = client::get_full(caller.outbound, "crashy.test", "/", &[]).await;
         assert!(cut.map_or(true, |r| r.body.len() < 1000), "a whole answer");
+        // The same application behind a TCP port: it answers part, then resets the stream.
+        let cut = echo_through(caller.outbound, "cache.test:6379", b"get k").await;
+        assert!(cut.map_or(true, |b| b.len() < 100), "a whole answer");
     }
     let v = eventually_explained(
         "a verdict for each TCP fault",
@@ -474,6 +478,11 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
                 && seen("test/far-db", "caller_saw", "connect_refused")
                 && seen("test/vault", "callee_saw", "denied")
                 && seen("test/crashy", "callee_saw", "connection_reset")
+                // One verdict for cache and crashy (one application): all of both in.
+                && verdicts_about(&v, "test/cache").first().is_some_and(|x| {
+                    x["callee_saw"]["connection_reset"].as_u64() >= Some(8)
+                        && x["caller_saw"]["connection_reset"].as_u64() >= Some(8)
+                })
             {
                 Ok(v)
             } else {
@@ -517,6 +526,21 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
             .contains("resets its connections"),
         "{x:#}"
     );
+    // The TCP stream the application reset: the callee's proxy records its application's
+    // reset apart from its caller's leaving, so this is the application's too, the same
+    // problem as crashy's (one application behind both ports): one verdict for both.
+    let x = one("test/cache");
+    assert_eq!(x["cause"], "application", "{x:#}");
+    assert_eq!(x["place"]["at"]["workload"], "test/peer", "{x:#}");
+    assert_eq!(
+        x["services"],
+        serde_json::json!(["test/cache", "test/crashy"])
+    );
+    assert_eq!(x["caller_saw"]["connection_reset"], 8, "{x:#}");
+    for svc in ["test/cache", "test/crashy"] {
+        let told = format!("test/client got 4 of them for {svc} as connection_reset");
+        assert!(x["evidence"].to_string().contains(&told), "{x:#}");
+    }
     let x = one("test/vault");
     assert_eq!(x["cause"], "mesh_policy", "{x:#}");
     assert_eq!(x["caller_saw"]["denied"], 4, "{x:#}");

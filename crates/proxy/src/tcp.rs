@@ -150,7 +150,11 @@ pub(crate) async fn connect_for(
     }
 }
 
-/// Copy both ways until both sides close; the record gets the bytes and how it ended.
+/// Copy both ways until both sides close; the record gets the bytes and how it ended. A
+/// failure on the client's side `a` (a caller's application, or on the callee's proxy the
+/// caller's proxy) is the client's leaving, `client_disconnect`; one on the upstream's side
+/// `b` is classed by its error (on the callee's proxy, the application's reset), so that the
+/// two ends of a stream tell who cut it.
 pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, rec: &mut ConnRecord)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -160,6 +164,10 @@ where
     let mut a = Counted::new(a);
     match tokio::io::copy_bidirectional(&mut a, b).await {
         Ok(_) => rec.class = crate::error::FailureClass::Ok,
+        Err(e) if a.failed => rec.end_with(
+            crate::error::FailureClass::ClientDisconnect,
+            format!("the client's side: {e}"),
+        ),
         Err(e) => rec.end_with(io_class(&e), e.to_string()),
     }
     (rec.sent, rec.received) = (a.read, a.written);
@@ -297,11 +305,13 @@ pub(crate) async fn connect_tunnel(
     r.map(|b| b.with_on_end(rec))
 }
 
-/// Counts bytes read from and written to the client side.
+/// Counts bytes read from and written to the client side, and notes whether an I/O error
+/// came from it.
 pub(crate) struct Counted<'a, T> {
     inner: &'a mut T,
     read: u64,
     written: u64,
+    failed: bool,
 }
 
 impl<'a, T> Counted<'a, T> {
@@ -310,7 +320,13 @@ impl<'a, T> Counted<'a, T> {
             inner,
             read: 0,
             written: 0,
+            failed: false,
         }
+    }
+
+    fn note<R>(&mut self, r: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        self.failed |= matches!(r, Poll::Ready(Err(_)));
+        r
     }
 }
 
@@ -324,7 +340,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut *this.inner).poll_read(cx, buf);
         this.read += (buf.filled().len() - before) as u64;
-        r
+        this.note(r)
     }
 }
 
@@ -339,13 +355,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
         if let Poll::Ready(Ok(n)) = &r {
             this.written += *n as u64;
         }
-        r
+        this.note(r)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.inner).poll_flush(cx);
+        this.note(r)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.inner).poll_shutdown(cx);
+        this.note(r)
     }
 }
 

@@ -530,8 +530,13 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
         // they count by their attempts (the endpoint failed, even if a retry saved them).
         let failed_tries = if n == 0 { c.attempts } else { 0 };
         *p.classes.entry(k.class).or_default() += n + failed_tries;
+        // The callee's proxy saw its application reset the exchange: an HTTP request's, or
+        // a stream's that names its caller (its hello did, so the callee's proxy is one that
+        // tells its application's resets, `connection_reset`, from its caller's leaving,
+        // `client_disconnect`; an older proxy's stream reset could be either side's).
+        let told_apart = k.protocol == Protocol::Http || !k.peer_workload.is_empty();
         if k.direction == Direction::Inbound
-            && k.protocol == Protocol::Http
+            && told_apart
             && k.class == FailureClass::ConnectionReset
         {
             p.app_resets += n + failed_tries;
@@ -609,7 +614,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                 &empty,
                 &BTreeMap::from([(F::ConnectionReset, n)]),
                 format!(
-                    "{}'s proxy had {n} exchanges with its application cut by a reset or close ({} requests from {})",
+                    "{}'s proxy had {n} exchanges for {svc} with its application cut by a reset or close (of {} from {})",
                     p.callee.workload,
                     p.requests,
                     if caller.is_empty() { "unmeshed callers" } else { caller }
@@ -808,7 +813,7 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         &only(&p.classes, &[*class]),
                         &empty,
                         format!(
-                            "{} got {n} of them as connection_reset (both sides agree)",
+                            "{} got {n} of them for {svc} as connection_reset (both sides agree)",
                             p.caller.workload
                         ),
                     );

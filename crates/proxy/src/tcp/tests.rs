@@ -44,3 +44,59 @@ async fn a_bind_whose_cluster_is_gone_still_records_its_connection() {
     });
     assert_eq!(open.get(), 0, "counted closed again");
 }
+
+/// Two ends of a loopback TCP connection: (the end the proxy holds, the far end).
+async fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    (l.accept().await.unwrap().0, far)
+}
+
+/// Reset `s` (close with SO_LINGER 0).
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+#[tokio::test]
+async fn a_splice_tells_whose_side_reset_it() {
+    use tokio::io::AsyncWriteExt;
+    let (shared, sink) = shared(MESH, None);
+    for client_resets in [true, false] {
+        let (mut client, client_far) = pair().await;
+        let (mut up, mut up_far) = pair().await;
+        let rec = ConnRecord::new(
+            shared.telemetry.clone(),
+            Direction::inbound,
+            Label::from("db.shop"),
+        );
+        let task = tokio::spawn(async move {
+            let mut rec = rec;
+            splice(&mut client, &mut up, &mut rec).await;
+        });
+        if client_resets {
+            reset(client_far);
+        } else {
+            // The application sends a little, then resets.
+            up_far.write_all(b"partial").await.unwrap();
+            reset(up_far);
+        }
+        task.await.unwrap();
+    }
+    shared.telemetry.log.close();
+    let lines = sink.lines();
+    let classes: Vec<&str> = lines
+        .iter()
+        .map(|l| l["failure_class"].as_str().unwrap())
+        .collect();
+    // The client's reset is its leaving; the application's is the connection's reset.
+    assert_eq!(
+        classes,
+        ["client_disconnect", "connection_reset"],
+        "{lines:?}"
+    );
+    assert_eq!(lines[0]["failure_side"], "downstream", "{}", lines[0]);
+    assert_eq!(lines[1]["failure_side"], "upstream", "{}", lines[1]);
+}

@@ -1105,4 +1105,28 @@ fn an_application_that_resets_its_connections_is_the_application_not_the_network
     ];
     let v = run(&window(w), &Facts::default());
     assert!(v.iter().all(|v| v.cause != Cause::Application), "{v:#?}");
+    // A stream whose hello named its caller came through a callee's proxy that records its
+    // application's reset as `connection_reset` and its caller's leaving otherwise: the
+    // application's.
+    let (named, c) = tcp(In, "test/db-vm", "shop", "test/db", F::ConnectionReset, 5);
+    let mut named = (*named).clone();
+    named.peer_workload = "test/shop".into();
+    let w = vec![
+        tcp(
+            Out,
+            "test/shop",
+            "test/db-vm",
+            "test/db",
+            F::ConnectionReset,
+            5,
+        ),
+        (Arc::new(named), c),
+    ];
+    let v = run(&window(w), &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(
+        (v[0].cause, workload_of(&v[0])),
+        (Cause::Application, "test/db-vm")
+    );
+    assert!(v[0].problem.contains("resets its connections"), "{v:#?}");
 }
