@@ -459,6 +459,17 @@ pub fn edges(
         if k.unnamed_stream() {
             continue;
         }
+        // A TCP service's count of connections opened and open, which a proxy keeps by
+        // service and names no peer by: no caller's edge (it drew an "unmeshed" one for
+        // every TCP service behind a proxy).
+        let gauge = k.protocol == Protocol::Tcp
+            && s.tcp_closed == 0
+            && s.requests == 0
+            && k.peer_workload.is_empty()
+            && k.peer_identity.is_empty();
+        if gauge {
+            continue;
+        }
         let Some(e) = edge_of(k.direction, &k.workload, &k.peer_workload, &unmeshed) else {
             continue;
         };

@@ -274,6 +274,53 @@ fn a_meshed_callers_tcp_stream_is_its_own_edge_not_an_unmeshed_one() {
 }
 
 #[test]
+fn a_tcp_services_count_of_open_connections_is_no_callers_edge() {
+    let mut s = Store::new(Limits::default());
+    let tcp = |direction: u32, peer: &str, closed: u64| Series {
+        direction,
+        protocol: 1,
+        requests: 0,
+        attempts: 0,
+        tcp_closed: closed,
+        ..series("shop/db", peer, "ok", 0)
+    };
+    s.ingest(
+        &report("shop/db-vm", 1, 1, NOW, vec![]),
+        Some("spiffe://t/ns/shop/sa/db"),
+        NOW,
+    )
+    .unwrap();
+    s.ingest(
+        &report("shop/web", 1, 1, NOW, vec![tcp(0, "shop/db-vm", 2)]),
+        Some("spiffe://t/ns/shop/sa/web"),
+        NOW,
+    )
+    .unwrap();
+    // The callee's proxy: its streams, each naming its caller (the stream's hello), and the
+    // service's count of connections opened and open, which names no caller.
+    let mut named = tcp(1, "shop/web", 2);
+    named.peer_identity = "spiffe://t/ns/shop/sa/web".into();
+    let mut gauge = tcp(1, "", 0);
+    gauge.peer_identity.clear();
+    gauge.mtls = false;
+    (gauge.tcp_opened, gauge.tcp_open) = (2, 1);
+    s.ingest(
+        &report("shop/db-vm", 1, 2, NOW, vec![named, gauge]),
+        None,
+        NOW,
+    )
+    .unwrap();
+    let e = view::edges(&all(&s, 60_000), &Selector::default(), 60.0, |_| None);
+    assert_eq!(
+        e.iter()
+            .map(|e| (e.src.as_str(), e.dst.as_str()))
+            .collect::<Vec<_>>(),
+        [("shop/web", "shop/db-vm")],
+        "{e:?}"
+    );
+}
+
+#[test]
 fn edges_join_caller_and_callee_and_unmeshed_callers_come_from_the_callee() {
     let mut s = Store::new(Limits::default());
     s.ingest(
