@@ -375,7 +375,7 @@ pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(h) => {
                 if let (Some(p), Some(v)) = (&source, h.peer) {
                     let s = p.source(v);
-                    (rec.src_service, rec.src_workload) = (s.service, s.workload);
+                    rec.src_workload = s.workload;
                     (rec.src_environment, rec.src_locality) = (s.environment, s.locality);
                 }
                 // This side's span of the stream joins the caller's trace.

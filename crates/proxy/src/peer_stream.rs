@@ -3,8 +3,9 @@
 //! service, workload, environment, locality), and the callee's proxy answers whether its
 //! application took the connection, with the failure's class and detail when it did not.
 //!
-//! The hello also carries the caller's span of the stream (a `traceparent`), so that the
-//! callee's span of it joins the caller's trace.
+//! The hello also carries a span of the caller's (a `traceparent`: its span of the stream, or
+//! the try of the CONNECT that opened it), under which the callee's span of the stream joins
+//! the caller's trace.
 //!
 //! So the caller records a refusal as the callee saw it (`connect_refused`, `denied`,
 //! `overloaded`), not as a reset of a stream that had been accepted; it tries another
@@ -44,12 +45,13 @@ pub(crate) const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Hello {
     /// The caller's `x-trellis-peer`.
     pub(crate) peer: Option<HeaderValue>,
-    /// The caller's span of the stream.
+    /// The caller's span the callee's span of the stream is a child of.
     pub(crate) trace: Option<SpanContext>,
 }
 
-/// What the callee's proxy answers: `Ok` when its application took the connection (the
-/// stream follows), else the failure's class and detail (the stream is closed).
+/// What the callee's proxy answers: connected when its application took the connection (the
+/// stream follows; class `ok` on the wire), else the failure's class and detail (the stream
+/// is closed).
 #[derive(Debug, PartialEq)]
 pub(crate) enum Answer {
     /// The stream follows.

@@ -377,9 +377,8 @@ pub(crate) struct ConnRecord {
     pub(crate) upstream: Option<SocketAddr>,
     /// The caller's SPIFFE ID, on the inbound side of mutual TLS.
     pub(crate) source: Label,
-    /// The caller's service, workload, environment and locality, from its proxy's hello
-    /// (inbound, over mutual TLS).
-    pub(crate) src_service: Label,
+    /// The caller's workload, environment and locality, from its proxy's hello (inbound,
+    /// over mutual TLS).
     pub(crate) src_workload: Label,
     pub(crate) src_environment: Label,
     pub(crate) src_locality: Label,
@@ -422,7 +421,6 @@ impl ConnRecord {
             workload: Label::default(),
             upstream: None,
             source: Label::default(),
-            src_service: Label::default(),
             src_workload: Label::default(),
             src_environment: Label::default(),
             src_locality: Label::default(),
