@@ -1090,38 +1090,27 @@ fn an_application_that_resets_its_connections_is_the_application_not_the_network
     w.push(s(In, "test/catalog-vm", "test/shop", SVC, F::Ok, 5));
     let v = run(&window(w), &Facts::default());
     assert!(v.iter().all(|v| v.cause == Cause::Network), "{v:#?}");
-    // A TCP stream's reset at both ends could be either side's: not the application's by
+    // A TCP stream's reset at both ends, from a proxy older than the stream's hello (the
+    // callee's side names no caller), could be either side's: not the application's by
     // this rule.
-    let w = vec![
-        tcp(
-            Out,
-            "test/shop",
-            "test/db-vm",
-            "test/db",
-            F::ConnectionReset,
-            5,
-        ),
-        tcp(In, "test/db-vm", "shop", "test/db", F::ConnectionReset, 5),
-    ];
+    let caller = tcp(
+        Out,
+        "test/shop",
+        "test/db-vm",
+        "test/db",
+        F::ConnectionReset,
+        5,
+    );
+    let (callee, c) = tcp(In, "test/db-vm", "shop", "test/db", F::ConnectionReset, 5);
+    let w = vec![caller.clone(), (callee.clone(), c.clone())];
     let v = run(&window(w), &Facts::default());
     assert!(v.iter().all(|v| v.cause != Cause::Application), "{v:#?}");
     // A stream whose hello named its caller came through a callee's proxy that records its
     // application's reset as `connection_reset` and its caller's leaving otherwise: the
     // application's.
-    let (named, c) = tcp(In, "test/db-vm", "shop", "test/db", F::ConnectionReset, 5);
-    let mut named = (*named).clone();
+    let mut named = (*callee).clone();
     named.peer_workload = "test/shop".into();
-    let w = vec![
-        tcp(
-            Out,
-            "test/shop",
-            "test/db-vm",
-            "test/db",
-            F::ConnectionReset,
-            5,
-        ),
-        (Arc::new(named), c),
-    ];
+    let w = vec![caller, (Arc::new(named), c)];
     let v = run(&window(w), &Facts::default());
     assert_eq!(v.len(), 1, "{v:#?}");
     assert_eq!(
