@@ -1102,7 +1102,7 @@ fn an_application_that_resets_its_connections_is_the_application_not_the_network
         5,
     );
     let (callee, c) = tcp(In, "test/db-vm", "shop", "test/db", F::ConnectionReset, 5);
-    let w = vec![caller.clone(), (callee.clone(), c.clone())];
+    let w = vec![caller.clone(), (callee.clone(), c)];
     let v = run(&window(w), &Facts::default());
     assert!(v.iter().all(|v| v.cause != Cause::Application), "{v:#?}");
     // A stream whose hello named its caller came through a callee's proxy that records its
