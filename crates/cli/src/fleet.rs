@@ -123,6 +123,15 @@ fn pct(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{:.2}%", v * 100.0))
 }
 
+/// A row's success: its requests', or, for a row with no requests but TCP connections that
+/// ended, theirs ("99.00% of 120 conn").
+fn success(f: &Figures) -> String {
+    match (f.requests, f.tcp_closed) {
+        (0, n) if n > 0 => format!("{} of {n} conn", pct(f.tcp_success)),
+        _ => pct(f.success),
+    }
+}
+
 fn ms(v: Option<f64>) -> String {
     match v {
         None => "-".into(),
@@ -161,7 +170,7 @@ fn failures(f: &Failures) -> String {
 
 fn figures(f: &Figures) -> Vec<String> {
     vec![
-        pct(f.success),
+        success(f),
         format!("{:.1}", f.rps),
         ms(f.latency_ms.p50),
         ms(f.latency_ms.p95),
@@ -377,7 +386,7 @@ pub(crate) fn print_edges(rows: &[EdgeRow], wide: bool) {
                 e.dst.clone(),
                 e.dst_environment.clone(),
                 if e.mtls { "yes" } else { "no" }.into(),
-                pct(f.success),
+                success(f),
                 format!("{:.1}", f.rps),
                 ms(f.latency_ms.p99),
                 failures(&f.failures),
@@ -733,4 +742,28 @@ pub(crate) async fn top(a: &TopArgs) -> Result<()> {
     }
     print(true);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_with_only_tcp_shows_its_connections_success() {
+        let http = Figures {
+            requests: 10,
+            success: Some(0.9),
+            tcp_closed: 4,
+            tcp_success: Some(0.5),
+            ..Figures::default()
+        };
+        assert_eq!(success(&http), "90.00%");
+        let tcp = Figures {
+            tcp_closed: 5,
+            tcp_success: Some(0.8),
+            ..Figures::default()
+        };
+        assert_eq!(success(&tcp), "80.00% of 5 conn");
+        assert_eq!(success(&Figures::default()), "-");
+    }
 }

@@ -91,6 +91,21 @@ return { first_ms: first, update_ms: update, nodes: document.querySelectorAll("#
   edges_drawn: document.querySelectorAll("#topology .edge").length, summary: document.getElementById("summary").textContent };
 "##;
 
+/// Draws a database's edge and service (TCP connections, no requests) and reads back the
+/// edge's label and colour and the service's success cell.
+const TCP_ONLY: &str = r##"
+const none = { network: [], application: [], policy: [], client: [] };
+const tcp = { rps: 0, requests: 0, success: null, tcp_closed: 5, tcp_success: 0.8,
+  latency_ms: { p50: null, p95: null, p99: null }, failures: none };
+const edges = [{ src: "t/web", dst: "t/db-vm", src_environment: "container", dst_environment: "vm", mtls: true, ...tcp }];
+const stat = [{ name: "t/db", environments: ["vm"], ...tcp }];
+window.trellisPane.draw({ stat, edges, diagnose: { verdicts: [] }, proxies: [] });
+const path = document.getElementById("edge-t/web--t/db-vm");
+return { label: document.querySelector("#topology text.label").textContent,
+  stroke: path && path.getAttribute("stroke"),
+  service: document.querySelector("#services tbody tr td:nth-child(3)").textContent };
+"##;
+
 /// With `TRELLIS_SCREENSHOTS=DIR`, a picture of the page as `DIR/file`, scrolled to the
 /// element `id` when one is named (then back to the top).
 async fn keep_picture(
@@ -446,6 +461,13 @@ return paths.length >= 2 && labels.length === paths.length && boxes.length === l
         eprintln!("pane at scale: {v}");
         assert!(v["nodes"].as_u64() > Some(0), "{v}");
     }
+
+    // A database's edge (TCP connections, no requests) is labelled by its connections and
+    // coloured by their success (80 %: red), and so is its service's row; not drawn idle.
+    let v = browser.eval(TCP_ONLY).await.unwrap();
+    assert_eq!(v["label"], "5 conn · 80.00%", "{v}");
+    assert_eq!(v["stroke"], "#cf222e", "{v}");
+    assert_eq!(v["service"], "80.00% of 5 conn", "{v}");
 
     // The session over raw HTTP: its cookie's flags, and the Host check.
     let host = cp.api.to_string();

@@ -103,6 +103,14 @@ pub struct Figures {
     pub tcp_open: u64,
     /// TCP bytes, both ways.
     pub tcp_bytes: u64,
+    /// TCP connections that ended in the window, a try that failed before another endpoint
+    /// took the connection counted as one (as an HTTP request's attempts are).
+    #[serde(default)]
+    pub tcp_closed: u64,
+    /// Share of those that did not fail by the network, the application or the mesh's policy;
+    /// `None` with none.
+    #[serde(default)]
+    pub tcp_success: Option<f64>,
     /// Failures.
     pub failures: Failures,
 }
@@ -117,6 +125,8 @@ struct Acc {
     tcp_opened: u64,
     tcp_open: u64,
     tcp_bytes: u64,
+    tcp_closed: u64,
+    tcp_failed: u64,
     classes: BTreeMap<FailureClass, u64>,
 }
 
@@ -127,8 +137,13 @@ impl Acc {
         // Gauges of different series add up (each is one series' latest).
         self.tcp_open += u64::from(s.tcp_open);
         if k.protocol == Protocol::Tcp {
-            if k.class != FailureClass::Ok && s.tcp_closed > 0 {
-                *self.classes.entry(k.class).or_default() += u64::from(s.tcp_closed);
+            let closed = u64::from(s.tcp_closed);
+            self.tcp_closed += closed;
+            if k.class != FailureClass::Ok && closed > 0 {
+                *self.classes.entry(k.class).or_default() += closed;
+                if !matches!(k.class.category(), Category::Client | Category::Ok) {
+                    self.tcp_failed += closed;
+                }
             }
             return;
         }
@@ -170,6 +185,8 @@ impl Acc {
             tcp_opened: self.tcp_opened,
             tcp_open: self.tcp_open,
             tcp_bytes: self.tcp_bytes,
+            tcp_closed: self.tcp_closed,
+            tcp_success: ratio(self.tcp_closed - self.tcp_failed, self.tcp_closed),
             failures,
         }
     }

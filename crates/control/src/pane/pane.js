@@ -40,6 +40,16 @@ function healthClass(success) {
   return "bad";
 }
 
+// A row's or an edge's success: its requests', or, with none, its TCP connections' (a
+// database's edge would look idle otherwise).
+function successOf(r) {
+  return !r.requests && r.tcp_closed ? r.tcp_success : r.success;
+}
+
+function successText(r) {
+  return !r.requests && r.tcp_closed ? `${pct(r.tcp_success)} of ${r.tcp_closed} conn` : pct(r.success);
+}
+
 function health(success) {
   if (success == null) return "#999";
   if (success >= 0.999) return "#1a7f37";
@@ -72,12 +82,15 @@ function aggregate(edges) {
     let g = groups.get(k);
     if (!g) {
       g = { src, dst, src_environment: e.src_environment, dst_environment: e.dst_environment, rps: 0, requests: 0, ok: 0,
+            tcp_closed: 0, tcp_ok: 0,
             latency_ms: { p50: null, p99: null }, failures: { network: [], application: [], policy: [], client: [] }, members: [], mtls: true };
       groups.set(k, g);
     }
     g.rps += e.rps;
     g.requests += e.requests;
     g.ok += e.success == null ? 0 : e.success * e.requests;
+    g.tcp_closed += e.tcp_closed || 0;
+    g.tcp_ok += e.tcp_success == null ? 0 : e.tcp_success * e.tcp_closed;
     g.mtls = g.mtls && e.mtls;
     for (const q of ["p50", "p99"]) {
       const v = e.latency_ms && e.latency_ms[q];
@@ -85,7 +98,8 @@ function aggregate(edges) {
     }
     g.members.push(e);
   }
-  return [...groups.values()].map((g) => ({ ...g, success: g.requests ? g.ok / g.requests : null }));
+  return [...groups.values()].map((g) => ({ ...g, success: g.requests ? g.ok / g.requests : null,
+    tcp_success: g.tcp_closed ? g.tcp_ok / g.tcp_closed : null }));
 }
 
 function drawTopology(all) {
@@ -96,7 +110,7 @@ function drawTopology(all) {
   // At most MAX_EDGES drawn: the least healthy first, then the busiest.
   state.hidden = Math.max(0, edges.length - MAX_EDGES);
   if (state.hidden) {
-    edges = [...edges].sort((a, b) => (a.success ?? 1) - (b.success ?? 1) || b.rps - a.rps).slice(0, MAX_EDGES);
+    edges = [...edges].sort((a, b) => (successOf(a) ?? 1) - (successOf(b) ?? 1) || b.rps - a.rps).slice(0, MAX_EDGES);
   }
   state.shown = edges;
   state.grouped = grouped ? workloads.size : 0;
@@ -141,9 +155,11 @@ function drawTopology(all) {
     const depth = bottom + 30 + i * 22;
     deepest = Math.max(deepest, depth);
     const path = `M${x0},${y0} C${x0},${depth} ${x3},${depth} ${x3},${y3}`;
-    const label = `${e.rps.toFixed(1)} rps · ${pct(e.success)} · p99 ${ms(e.latency_ms && e.latency_ms.p99)}`;
+    const label = !e.requests && e.tcp_closed
+      ? `${e.tcp_closed} conn · ${pct(e.tcp_success)}`
+      : `${e.rps.toFixed(1)} rps · ${pct(e.success)} · p99 ${ms(e.latency_ms && e.latency_ms.p99)}`;
     const lx = (x0 + x3) / 2, ly = 0.125 * (y0 + y3) + 0.75 * depth + 15;
-    html += `<path class="edge" data-edge="${i}" id="edge-${esc(e.src)}--${esc(e.dst)}" d="${path}" stroke="${health(e.success)}"></path>`;
+    html += `<path class="edge" data-edge="${i}" id="edge-${esc(e.src)}--${esc(e.dst)}" d="${path}" stroke="${health(successOf(e))}"></path>`;
     labels += `<text x="${lx}" y="${ly}" text-anchor="middle" class="label">${esc(label)}</text>`;
   });
   html += labels;
@@ -187,7 +203,7 @@ async function showWorkload(name) {
     $("workload-proxy").textContent = "no proxy of it is connected to this replica";
   }
   $("workload-edges").querySelector("tbody").innerHTML = state.edges.filter((e) => e.src === name || e.dst === name).map((e) =>
-    `<tr><td>${esc(e.src)}</td><td>${esc(e.dst)}</td><td class="${healthClass(e.success)}">${pct(e.success)}</td>` +
+    `<tr><td>${esc(e.src)}</td><td>${esc(e.dst)}</td><td class="${healthClass(successOf(e))}">${successText(e)}</td>` +
     `<td>${e.rps.toFixed(1)}</td><td>${ms(e.latency_ms && e.latency_ms.p99)}</td><td>${esc(failuresText(e.failures))}</td></tr>`).join("");
   // Its inbound adaptive concurrency limit, as its proxy last reported it.
   try {
@@ -209,15 +225,16 @@ async function showWorkload(name) {
 
 function showEdge(e) {
   if (e.members) {
-    const worst = [...e.members].sort((a, b) => (a.success ?? 1) - (b.success ?? 1) || b.rps - a.rps).slice(0, 10);
+    const worst = [...e.members].sort((a, b) => (successOf(a) ?? 1) - (successOf(b) ?? 1) || b.rps - a.rps).slice(0, 10);
     $("edge-detail").textContent = `${e.src} → ${e.dst}: ${e.members.length} edges, ${e.requests} requests, success ${pct(e.success)}, p99 ≤ ${ms(e.latency_ms.p99)}\n` +
-      `least healthy:\n` + worst.map((m) => `  ${m.src} → ${m.dst}: ${pct(m.success)} · ${m.rps.toFixed(1)} rps · p99 ${ms(m.latency_ms && m.latency_ms.p99)} · ${failuresText(m.failures)}`).join("\n");
+      `least healthy:\n` + worst.map((m) => `  ${m.src} → ${m.dst}: ${successText(m)} · ${m.rps.toFixed(1)} rps · p99 ${ms(m.latency_ms && m.latency_ms.p99)} · ${failuresText(m.failures)}`).join("\n");
     return;
   }
   const mine = state.verdicts.filter((v) => JSON.stringify(v.place).includes(`"${e.dst}"`) || JSON.stringify(v.place).includes(`"${e.src}"`));
   let text = `${e.src} (${e.src_environment}) → ${e.dst} (${e.dst_environment})\n`;
   text += `identities: ${e.src_identity || "-"} → ${e.dst_identity || "-"} · mTLS ${e.mtls ? "yes" : "no"}\n`;
   text += `requests ${e.requests} · success ${pct(e.success)} · p50 ${ms(e.latency_ms.p50)} · p99 ${ms(e.latency_ms.p99)}\n`;
+  if (e.tcp_closed) text += `TCP connections ended ${e.tcp_closed} · success ${pct(e.tcp_success)}\n`;
   text += `failures: ${failuresText(e.failures)}\n`;
   if (e.link) text += `link: round trip ${e.link.rtt_ms.toFixed(2)} ms, ${(e.link.retransmitted * 100).toFixed(2)} % retransmitted\n`;
   text += mine.length ? `verdicts:\n${mine.map((v) => `  ${v.cause}: ${v.problem}`).join("\n")}` : "verdicts: none";
@@ -247,7 +264,7 @@ function drawServices(rows) {
   };
   body.innerHTML = rows.map((r) =>
     `<tr data-service="${esc(r.name)}"><td>${esc(r.name)}</td><td>${esc((r.environments || []).join(", "))}</td>` +
-    `<td class="${healthClass(r.success)}">${pct(r.success)}</td><td>${r.rps.toFixed(1)}</td>` +
+    `<td class="${healthClass(successOf(r))}">${successText(r)}</td><td>${r.rps.toFixed(1)}</td>` +
     `<td>${ms(r.latency_ms.p50)}</td><td>${ms(r.latency_ms.p99)}</td><td>${esc(failuresText(r.failures))}</td></tr>`).join("");
 }
 

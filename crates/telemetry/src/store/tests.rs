@@ -313,6 +313,34 @@ fn a_tcp_services_count_of_open_connections_is_no_callers_edge() {
 }
 
 #[test]
+fn a_tcp_edge_counts_its_connections_and_their_success() {
+    let mut s = Store::new(Limits::default());
+    let tcp = |class: &str, closed: u64| Series {
+        protocol: 1,
+        requests: 0,
+        attempts: 0,
+        tcp_closed: closed,
+        ..series("shop/db", "shop/db-vm", class, 0)
+    };
+    let streams = vec![
+        tcp("ok", 3),
+        tcp("connect_refused", 1),
+        tcp("client_disconnect", 1),
+    ];
+    s.ingest(
+        &report("shop/web", 1, 1, NOW, streams),
+        Some("spiffe://t/ns/shop/sa/web"),
+        NOW,
+    )
+    .unwrap();
+    let e = view::edges(&all(&s, 60_000), &Selector::default(), 60.0, |_| None);
+    let f = &e[0].figures;
+    // Five ended; the refused one failed (the client's leaving is not the service's).
+    assert_eq!((f.tcp_closed, f.tcp_success), (5, Some(0.8)), "{e:?}");
+    assert_eq!((f.requests, f.success), (0, None));
+}
+
+#[test]
 fn edges_join_caller_and_callee_and_unmeshed_callers_come_from_the_callee() {
     let mut s = Store::new(Limits::default());
     s.ingest(
