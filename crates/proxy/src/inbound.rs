@@ -403,23 +403,7 @@ pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Err(e)
                 }
-                Ok(()) => {
-                    let local = peer_stream::Hello::default();
-                    match tcp::connect(&shared.dialer, &target.cluster, Direction::inbound, &local)
-                        .await
-                    {
-                        Ok((up, ep)) => {
-                            rec.set_endpoint(ep);
-                            Ok(up)
-                        }
-                        Err(tcp::NotConnected { error, endpoint }) => {
-                            if let Some(ep) = endpoint {
-                                rec.set_endpoint(ep);
-                            }
-                            Err(error)
-                        }
-                    }
-                }
+                Ok(()) => tcp::connect_for(&shared.dialer, &target.cluster, &mut rec, None).await,
             }
         }
     };

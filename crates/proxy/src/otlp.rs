@@ -774,7 +774,7 @@ fn spans(f: &Finished, origin: &Origin) -> Vec<Span> {
     out
 }
 
-/// The span of one finished TCP connection: a root span of a trace of its own.
+/// The span of one finished TCP connection, where its record's trace puts it.
 fn conn_span(c: &ConnFinished, origin: &Origin) -> Span {
     let l = &c.line;
     let start = nanos(l.at);

@@ -40,6 +40,25 @@ pub(crate) struct PeerKey {
 }
 
 impl PeerKey {
+    /// A caller as the callee's proxy knows it: its workload, environment and locality (from
+    /// its proxy's `x-trellis-peer` or stream hello) and its SPIFFE ID (mutual TLS), empty
+    /// when it did not say.
+    pub(crate) fn caller(
+        workload: &Label,
+        identity: &Label,
+        environment: &Label,
+        locality: &Label,
+    ) -> Self {
+        Self {
+            workload: workload.clone(),
+            identity: identity.clone(),
+            environment: environment.clone(),
+            locality: locality.clone(),
+            endpoint: None,
+            mtls: identity.get().is_some(),
+        }
+    }
+
     /// Compared by the identity of the shared strings (see `metrics::RequestKey`).
     pub(crate) fn same(&self, o: &Self) -> bool {
         self.endpoint == o.endpoint

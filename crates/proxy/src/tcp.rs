@@ -123,14 +123,15 @@ fn failed_try(dialer: &Dialer, cluster: &Cluster, direction: Direction, failed: 
     }
 }
 
-/// Connect for the connection `rec` records (an outbound bind's, saying who calls with
-/// `peer_header`, and the record's span): its upstream noted, or its failure.
+/// Connect for the connection `rec` records (saying who calls with `peer_header`, and the
+/// record's span, to a peer's proxy): the endpoint connected to, or the one that failed
+/// last, noted in `rec`; the failure is the caller's to record (and, on a callee, to answer).
 pub(crate) async fn connect_for(
     dialer: &Dialer,
     cluster: &Cluster,
     rec: &mut ConnRecord,
     peer_header: Option<&HeaderValue>,
-) -> Option<UpStream> {
+) -> Result<UpStream, Error> {
     let hello = Hello {
         peer: peer_header.cloned(),
         trace: Some(rec.trace.ctx),
@@ -138,14 +139,13 @@ pub(crate) async fn connect_for(
     match connect(dialer, cluster, rec.direction(), &hello).await {
         Ok((s, ep)) => {
             rec.set_endpoint(ep);
-            Some(s)
+            Ok(s)
         }
         Err(NotConnected { error, endpoint }) => {
             if let Some(ep) = endpoint {
                 rec.set_endpoint(ep);
             }
-            rec.fail(&error);
-            None
+            Err(error)
         }
     }
 }
@@ -208,8 +208,9 @@ pub(crate) async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut cli
     }
     let _ = client.set_nodelay(true);
     let peer_header = snap.peer_header.as_ref();
-    if let Some(mut up) = connect_for(&shared.dialer, &cluster, &mut rec, peer_header).await {
-        splice(&mut client, &mut up, &mut rec).await;
+    match connect_for(&shared.dialer, &cluster, &mut rec, peer_header).await {
+        Ok(mut up) => splice(&mut client, &mut up, &mut rec).await,
+        Err(e) => rec.fail(&e),
     }
 }
 

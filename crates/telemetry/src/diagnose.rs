@@ -275,9 +275,10 @@ struct Pair {
     requests: u64,
     attempts: u64,
     classes: BTreeMap<FailureClass, u64>,
-    /// A callee's HTTP requests whose exchange with its own application was reset (the
-    /// application's side: a caller that goes away is `client_disconnect`). A TCP stream's
-    /// reset could be either side's, so it is not counted here.
+    /// A callee's HTTP requests, and TCP streams that named their caller, whose exchange with
+    /// its own application was reset (the application's side: a caller that goes away is
+    /// `client_disconnect`). An older proxy's stream reset could be either side's, so it is
+    /// not counted here.
     app_resets: u64,
 }
 
@@ -769,9 +770,9 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                                 && explains(&[F::ConnectRefused, F::ConnectTimeout], n))) =>
                 {
                     // The far hop's own answer, carried back: the application is down. Or,
-                    // for a TCP stream, which has no answer to carry it: the callee's proxy
-                    // took as many of this caller's streams and closed them, its application
-                    // refusing them.
+                    // for a TCP stream from a proxy older than the stream's answer: the
+                    // callee's proxy took as many of this caller's streams and closed them,
+                    // its application refusing them.
                     let told = if *class == F::ConnectionReset {
                         format!(
                             "{} had {n} connections closed by {}'s proxy (connection_reset), whose application refused as many of its callers' streams",
@@ -819,8 +820,9 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                     );
                 }
                 F::ConnectionReset if explains(&[F::Denied, F::Overloaded, F::RateLimited], n) => {
-                    // A TCP stream the callee's proxy refuses (policy, its limit) is closed,
-                    // not answered: the caller sees it reset. The callee's proxy recorded at
+                    // A TCP stream the callee's proxy refuses (policy, its limit) is closed
+                    // without an answer by a proxy older than the stream's answer: the caller
+                    // sees it reset. The callee's proxy recorded at
                     // least as many of this caller's streams so: its reason is the verdict's.
                     let refused = [F::Denied, F::Overloaded, F::RateLimited]
                         .into_iter()

@@ -136,14 +136,12 @@ impl Record {
                 .take()
                 .map(|ep| ep.peer_key())
                 .unwrap_or_default(),
-            Direction::inbound => PeerKey {
-                workload: l.src_workload.clone(),
-                identity: l.source_identity.clone(),
-                environment: l.src_environment.clone(),
-                locality: l.src_locality.clone(),
-                endpoint: None,
-                mtls: l.source_identity.get().is_some(),
-            },
+            Direction::inbound => PeerKey::caller(
+                &l.src_workload,
+                &l.source_identity,
+                &l.src_environment,
+                &l.src_locality,
+            ),
         };
         let t = &self.telemetry;
         let measured = total.saturating_sub(self.injected);
@@ -393,7 +391,8 @@ pub(crate) struct ConnRecord {
     pub(crate) sent: u64,
     /// Bytes to the client.
     pub(crate) received: u64,
-    /// Its span: a trace that starts here, or (inbound, from a peer's proxy) the caller's.
+    /// Its span: a trace that starts here, or a child of the span its caller's proxy named in
+    /// the stream's hello (inbound), or of its CONNECT's try (a tunnel).
     pub(crate) trace: ConnTrace,
     start: Instant,
     wall: SystemTime,
@@ -485,14 +484,12 @@ impl Drop for ConnRecord {
         if m.summaries {
             let peer = match (self.direction, &self.endpoint) {
                 (Direction::outbound, Some(ep)) => ep.peer_key(),
-                _ => PeerKey {
-                    workload: self.src_workload.clone(),
-                    identity: self.source.clone(),
-                    environment: self.src_environment.clone(),
-                    locality: self.src_locality.clone(),
-                    endpoint: None,
-                    mtls: self.source.get().is_some(),
-                },
+                _ => PeerKey::caller(
+                    &self.src_workload,
+                    &self.source,
+                    &self.src_environment,
+                    &self.src_locality,
+                ),
             };
             m.tcp_summary.lock().expect("tcp summary lock").closed(
                 self.direction,
