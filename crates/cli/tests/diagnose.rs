@@ -87,6 +87,13 @@ fn verdicts_about<'a>(v: &'a Value, service: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// The one verdict about `service` (asserted to be one).
+fn one_about<'a>(v: &'a Value, service: &str) -> &'a Value {
+    let all = verdicts_about(v, service);
+    assert_eq!(all.len(), 1, "one verdict for {service}: {v:#}");
+    all[0]
+}
+
 /// What `GET /api/v1/diagnose` says of namespace test over 5 minutes.
 async fn diagnosed(cp: &ControlProcess) -> Value {
     let (st, v) = cp
@@ -231,11 +238,7 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
         },
     )
     .await;
-    let one = |svc: &str| -> &Value {
-        let all = verdicts_about(&v, svc);
-        assert_eq!(all.len(), 1, "one verdict for {svc}: {all:#?}");
-        all[0]
-    };
+    let one = |svc: &str| one_about(&v, svc);
     let place = |x: &Value| {
         (
             x["place"]["kind"].as_str().unwrap().to_string(),
@@ -491,11 +494,7 @@ async fn diagnose_tells_cut_and_refused_connections_apart() {
         },
     )
     .await;
-    let one = |svc: &str| -> &Value {
-        let all = verdicts_about(&v, svc);
-        assert_eq!(all.len(), 1, "one verdict for {svc}: {v:#}");
-        all[0]
-    };
+    let one = |svc: &str| one_about(&v, svc);
     let x = one("test/db");
     assert_eq!(x["cause"], "application", "{x:#}");
     assert_eq!(x["place"]["at"]["workload"], "test/peer", "{x:#}");
