@@ -1321,6 +1321,18 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
         let got = echo_through(caller.outbound, "db.test:5432", msg.as_bytes()).await;
         assert_eq!(got.as_deref(), Ok(msg.as_bytes()), "connection {i}");
     }
+    // Each replica's streams rode one HTTP/2 connection to its proxy: one mutual-TLS
+    // handshake each, not one per stream.
+    for (replica, p) in [("db-up", &up), ("db-down", &dn)] {
+        let endpoint = p.inbound.to_string();
+        let connects = caller
+            .metric(
+                "trellis_upstream_connects_total",
+                &[("endpoint", endpoint.as_str())],
+            )
+            .await;
+        assert_eq!(connects, 1.0, "connections made to {replica}'s proxy");
+    }
     // The replica whose application is down refused the caller's streams, and says whose.
     let line = dn
         .wait_log("the down replica's refusal", |l| {

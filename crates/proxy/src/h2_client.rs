@@ -42,6 +42,9 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 pub(crate) struct H2Sender {
     send: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// The peer's proxy takes opaque TCP streams on this connection
+    /// ([`crate::peer_stream::ALPN_H2_STREAMS`]).
+    streams: bool,
 }
 
 /// A request that could not be sent: its error, and the request when it never left (the
@@ -100,13 +103,47 @@ where
         done.store(true, Ordering::Release);
         drop(slot);
     });
-    Ok(H2Sender { send, closed })
+    Ok(H2Sender {
+        send,
+        closed,
+        streams: false,
+    })
 }
 
 impl H2Sender {
     /// Whether the connection has ended.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Mark the connection as one on which the peer's proxy takes opaque TCP streams (it
+    /// agreed to [`crate::peer_stream::ALPN_H2_STREAMS`]).
+    pub(crate) fn with_streams(mut self, streams: bool) -> Self {
+        self.streams = streams;
+        self
+    }
+
+    /// Whether the peer's proxy takes opaque TCP streams on this connection.
+    pub(crate) fn takes_streams(&self) -> bool {
+        self.streams
+    }
+
+    /// Open a stream for `head` whose body the caller writes (an opaque TCP stream to a peer's
+    /// proxy): the stream's sending half, and the response to come. `Err` with `true` when the
+    /// connection was closed or going away before the stream opened (another connection may
+    /// take it).
+    pub(crate) async fn open(
+        self,
+        head: Request<()>,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), (h2::Error, bool)> {
+        let mut send = match self.send.ready().await {
+            Ok(s) => s,
+            Err(error) => {
+                self.closed.store(true, Ordering::Release);
+                return Err((error, true));
+            }
+        };
+        send.send_request(head, false).map_err(|e| (e, false))
     }
 
     /// Send `req` and wait for the response head.

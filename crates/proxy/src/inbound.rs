@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use http::{HeaderValue, Method, Request};
+use http::{HeaderValue, Method, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use trellis_model::{proxy::PeerIdentity, resource::Protocol};
 
@@ -14,7 +14,7 @@ use crate::{
     error::{io_class, Error, Kind},
     http::{
         authority::{self, RequestAuthority},
-        body::ClientBody,
+        body::{ClientBody, ProxyBody},
         headers::strip_hop_by_hop,
         X_TRELLIS_PEER,
     },
@@ -346,6 +346,26 @@ fn no_such_port(what: &str, port: Option<u16>, snap: &Snapshot) -> String {
         "{what} {}: the local workload has no such port (ports: {ports:?})",
         port.map_or_else(|| "(none)".to_string(), |p| p.to_string())
     )
+}
+
+/// An opaque TCP stream from a peer's proxy carried as a stream of its HTTP/2 connection
+/// (`crate::h2_stream`), for the service port that connection is for: taken at once (the
+/// hello and the answer follow in the bodies, as on a connection of its own), and served
+/// like one in a task of its own, which the proxy's drain waits for.
+pub(crate) fn serve_stream(
+    shared: Arc<Shared>,
+    req: Request<hyper::body::Incoming>,
+    source: PeerId,
+) -> Response<ProxyBody> {
+    let (out, body) = crate::pipe::pipe();
+    let stream = crate::pipe::Duplex::new(req.into_body(), out);
+    let active = shared.drain.track();
+    tokio::spawn(async move {
+        let _active = active;
+        let port = source.port;
+        serve_tcp(shared, stream, port, Some(source), true).await;
+    });
+    Response::new(ProxyBody::pipe(body))
 }
 
 /// An opaque TCP stream for the local workload's service port `port`: from a peer's proxy

@@ -11,11 +11,16 @@
 
 use std::{
     io,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
 };
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
 use tokio_rustls::client::TlsStream;
 use trellis_identity::{
     tls::{client_config, inbound_server_name, TlsCredentials, TlsError},
@@ -23,7 +28,12 @@ use trellis_identity::{
 };
 use trellis_model::proxy::MeshPeer;
 
-use crate::{credentials::Credentials, fasthash::FastMap, peer_stream::ALPN_TCP_HELLO};
+use crate::{
+    credentials::Credentials,
+    fasthash::FastMap,
+    h2_stream::Outgoing,
+    peer_stream::{ALPN_H2_STREAMS, ALPN_TCP_HELLO},
+};
 
 pub(crate) use trellis_identity::tls::ALPN_TCP;
 
@@ -43,7 +53,7 @@ impl Purpose {
     /// The protocols offered, preferred first.
     fn alpn(self) -> &'static [&'static [u8]] {
         match self {
-            Self::Http2 => &[b"h2"],
+            Self::Http2 => &[ALPN_H2_STREAMS, b"h2"],
             Self::Tcp => &[ALPN_TCP_HELLO, ALPN_TCP],
             Self::Http1Upgrade => &[b"http/1.1"],
         }
@@ -112,23 +122,59 @@ impl MeshTls {
         peer: &MeshPeer,
         port: u16,
         purpose: Purpose,
-    ) -> Result<TlsStream<TcpStream>, String> {
-        let cfg = self.config(peer, purpose).map_err(|e| e.to_string())?;
+    ) -> Result<TlsStream<TcpStream>, TlsFailed> {
+        let cfg = self
+            .config(peer, purpose)
+            .map_err(|e| TlsFailed::new(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(cfg)
             .connect(inbound_server_name(port), tcp)
             .await
-            .map_err(|e| describe(&e, peer))?;
+            .map_err(|e| TlsFailed {
+                no_protocol: no_protocol(&e),
+                detail: describe(&e, peer),
+            })?;
         let agreed = tls.get_ref().1.alpn_protocol();
         if !agreed.is_some_and(|a| purpose.alpn().contains(&a)) {
-            return Err(format!(
-                "the proxy of {} at {} did not agree to {}",
-                peer.identity,
-                peer.inbound,
-                String::from_utf8_lossy(purpose.alpn()[0])
-            ));
+            return Err(TlsFailed {
+                detail: format!(
+                    "the proxy of {} at {} did not agree to {}",
+                    peer.identity,
+                    peer.inbound,
+                    String::from_utf8_lossy(purpose.alpn()[0])
+                ),
+                no_protocol: true,
+            });
         }
         Ok(tls)
     }
+}
+
+/// A handshake with a peer that failed.
+pub(crate) struct TlsFailed {
+    /// What failed, said for an operator.
+    pub(crate) detail: String,
+    /// The peer agreed to none of the protocols offered: it speaks others (a proxy older or
+    /// newer than this one), not that it refused this proxy.
+    pub(crate) no_protocol: bool,
+}
+
+impl TlsFailed {
+    fn new(detail: String) -> Self {
+        Self {
+            detail,
+            no_protocol: false,
+        }
+    }
+}
+
+/// Whether the handshake failed because the peer took none of the protocols offered.
+fn no_protocol(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
 }
 
 /// A handshake failure, said so that an operator knows where to look.
@@ -153,5 +199,53 @@ fn describe(e: &io::Error, peer: &MeshPeer) -> String {
     }
 }
 
-/// A stream to an upstream: plain TCP, or mutual TLS to a peer's proxy.
-pub(crate) type UpStream = trellis_identity::tls::MaybeTls<TlsStream<TcpStream>>;
+/// A stream to an upstream: plain TCP, mutual TLS to a peer's proxy on a connection of its
+/// own, or a stream of the HTTP/2 connection to a peer's proxy.
+pub(crate) enum UpStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// Mutual TLS (boxed: its buffers are large).
+    Tls(Box<TlsStream<TcpStream>>),
+    /// A stream of the HTTP/2 connection to the peer's proxy.
+    OnH2(Box<Outgoing>),
+}
+
+impl AsyncRead for UpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::OnH2(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, b),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
+            Self::OnH2(s) => Pin::new(s.as_mut()).poll_write(cx, b),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::OnH2(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::OnH2(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -32,6 +32,17 @@ use crate::{
 /// The ALPN of a stream that starts with the hello and the answer.
 pub(crate) const ALPN_TCP_HELLO: &[u8] = b"trellis-tcp/2";
 
+/// The ALPN of an HTTP/2 connection on which the callee's proxy also takes opaque TCP
+/// streams, each a request of method [`STREAM_METHOD`] that opens with the same hello and
+/// answer ([`crate::h2_stream`]). The protocol is HTTP/2; the name only tells the caller that
+/// the callee takes streams, before it sends one. A callee older than this agrees to `h2`,
+/// and its callers open a connection per stream as before.
+pub(crate) const ALPN_H2_STREAMS: &[u8] = b"trellis-h2";
+
+/// The method of a request that is an opaque TCP stream to the service port its connection is
+/// for, on an [`ALPN_H2_STREAMS`] connection.
+pub(crate) const STREAM_METHOD: &str = "TRELLIS-TCP";
+
 /// The largest hello or answer either side reads.
 pub(crate) const MAX_FRAME: usize = 2048;
 

@@ -13,8 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{net::TcpStream, sync::Semaphore};
-use tokio_rustls::client::TlsStream;
+use http::Request;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Semaphore,
+};
 
 use trellis_model::{proxy::MeshPeer, resource::MtlsMode};
 
@@ -22,10 +26,11 @@ use crate::{
     error::{Error, Kind},
     h1::{Conn, Idle},
     h2_client::{self, H2Sender},
+    h2_stream::Outgoing,
     metrics::{ClusterLabels, EndpointLabels, Metrics},
-    mtls::{MeshTls, Purpose, UpStream},
+    mtls::{MeshTls, Purpose, TlsFailed, UpStream},
     net::{connect_timeout, ConnectFailure},
-    peer_stream::{self, Answer, ALPN_TCP_HELLO},
+    peer_stream::{self, Answer, ALPN_H2_STREAMS, ALPN_TCP_HELLO},
     slot::Slot,
 };
 
@@ -131,15 +136,8 @@ impl Pool {
         within: Option<Duration>,
     ) -> Result<(Sender, Duration), Error> {
         if h2 {
-            if let Some((s, used)) = self
-                .h2
-                .lock()
-                .expect("pool lock")
-                .as_mut()
-                .filter(|(s, _)| !s.is_closed())
-            {
-                *used = now;
-                return Ok((Sender::H2(s.clone()), Duration::ZERO));
+            if let Some(s) = self.pooled_h2(now) {
+                return Ok((Sender::H2(s), Duration::ZERO));
             }
         } else if let Some(c) = self.idle.pop(now) {
             return Ok((Sender::H1(c), Duration::ZERO));
@@ -158,6 +156,14 @@ impl Pool {
             None => connect.await?,
         };
         Ok((s, start.elapsed()))
+    }
+
+    /// The HTTP/2 connection in the pool, if it is still open; taken at `now`.
+    fn pooled_h2(&self, now: Instant) -> Option<H2Sender> {
+        let mut h2 = self.h2.lock().expect("pool lock");
+        let (s, used) = h2.as_mut().filter(|(s, _)| !s.is_closed())?;
+        *used = now;
+        Some(s.clone())
     }
 
     /// The peer proxy to reach by mutual TLS, if any: an endpoint with an identity is
@@ -218,26 +224,34 @@ impl Pool {
             })
     }
 
-    fn tls_failed(&self, addr: SocketAddr, detail: String) -> Error {
-        Error::new(Kind::Tls, format!("{detail} ({})", self.describe(addr)))
+    fn tls_failed(&self, addr: SocketAddr, f: TlsFailed) -> Error {
+        Error::new(Kind::Tls, format!("{} ({})", f.detail, self.describe(addr)))
     }
 
-    /// An opaque stream (TCP binds and CONNECT tunnels): plain, or mutual TLS to the peer,
-    /// opening with `hello` (who calls, the stream's span) when the peer's proxy speaks it.
+    /// An opaque stream (TCP binds and CONNECT tunnels): plain, or to the peer's proxy, as a
+    /// stream of the HTTP/2 connection to it when it takes streams there, else by mutual TLS
+    /// on a connection of its own; either way opening with `hello` (who calls, the stream's
+    /// span) when the peer's proxy speaks it.
     pub(crate) async fn open(
         &self,
         ctx: &ConnectCtx<'_>,
         hello: &peer_stream::Hello,
     ) -> Result<UpStream, Error> {
         let via = self.via_mesh(ctx)?;
+        if let (Some(peer), Some(_)) = (via, ctx.tls) {
+            if let Some(s) = self.open_on_h2(ctx, peer.inbound, hello).await? {
+                return Ok(UpStream::OnH2(Box::new(s)));
+            }
+        }
         let addr = via.map_or(self.addr, |p| p.inbound);
         let stream = self.tcp(addr, ctx).await?;
+        self.count_connect(ctx, addr);
         match (via, ctx.tls) {
             (Some(peer), Some(tls)) => {
                 let mut s = tls
                     .connect(stream, peer, ctx.port, Purpose::Tcp)
                     .await
-                    .map_err(|d| self.tls_failed(addr, d))?;
+                    .map_err(|f| self.tls_failed(addr, f))?;
                 if s.get_ref().1.alpn_protocol() == Some(ALPN_TCP_HELLO) {
                     self.hello(&mut s, addr, hello).await?;
                 }
@@ -247,16 +261,99 @@ impl Pool {
         }
     }
 
+    /// An opaque stream as a stream of the HTTP/2 connection to the peer's proxy at `addr`
+    /// (pooled, else made now), opened with `hello` and answered. `None` when the peer's
+    /// proxy does not take streams there (it is older than this, or agrees to no HTTP/2 of
+    /// ours): the caller opens a connection for the stream. A stream the peer did not process
+    /// (its GOAWAY as it drains) is opened again on a new connection, once.
+    async fn open_on_h2(
+        &self,
+        ctx: &ConnectCtx<'_>,
+        addr: SocketAddr,
+        hello: &peer_stream::Hello,
+    ) -> Result<Option<Outgoing>, Error> {
+        let mut pooled = self.pooled_h2(Instant::now());
+        loop {
+            let again = pooled.is_some();
+            let sender = match pooled.take() {
+                Some(s) => s,
+                None => match self.dial(true, ctx).await {
+                    Ok(Sender::H2(s)) => s,
+                    Ok(Sender::H1(_)) => unreachable!("asked for HTTP/2"),
+                    Err(f) if f.no_protocol => return Ok(None),
+                    Err(f) => return Err(f.error),
+                },
+            };
+            if !sender.takes_streams() {
+                return Ok(None);
+            }
+            let head = Request::builder()
+                .method(peer_stream::STREAM_METHOD)
+                .uri(format!("http://{}/", self.addr))
+                .body(())
+                .expect("a valid request head");
+            let mut s = match sender.open(head).await {
+                Ok((response, send)) => Outgoing::new(response, send),
+                Err((_, true)) if again => continue,
+                Err((e, _)) => return Err(self.stream_failed(addr, e.to_string())),
+            };
+            // The hello goes with the request's head; the head of the response comes back at
+            // once, the answer once the peer's proxy has connected to its application.
+            let head = match peer_stream::write_hello(&mut s, hello).await {
+                Ok(()) => s.head().await,
+                Err(e) => return Err(self.stream_failed(addr, e.to_string())),
+            };
+            match head {
+                Ok(()) => {}
+                Err(e) if again && e.unprocessed() => continue,
+                Err(e) => return Err(self.stream_failed(addr, e.to_string())),
+            }
+            self.answer(&mut s, addr, Ok(())).await?;
+            return Ok(Some(s));
+        }
+    }
+
+    /// A connection made to `addr`, counted (`trellis_upstream_connects_total`).
+    fn count_connect(&self, ctx: &ConnectCtx<'_>, addr: SocketAddr) {
+        let labels = EndpointLabels {
+            cluster: ctx.cluster.to_string(),
+            endpoint: addr.to_string(),
+        };
+        ctx.metrics.pool_connects.get_or_create(&labels).inc();
+    }
+
+    fn stream_failed(&self, addr: SocketAddr, detail: String) -> Error {
+        Error::new(
+            Kind::Exchange,
+            format!(
+                "a stream on the HTTP/2 connection to {}: {detail}",
+                self.describe(addr)
+            ),
+        )
+    }
+
     /// An opaque stream's hello to the peer's proxy at `addr`, and its answer: the stream
     /// follows, or the failure the peer's proxy had reaching its application (or its policy's
     /// refusal), recorded as that proxy's class.
-    async fn hello(
+    async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        s: &mut TlsStream<TcpStream>,
+        s: &mut S,
         addr: SocketAddr,
         hello: &peer_stream::Hello,
     ) -> Result<(), Error> {
-        let answer = match peer_stream::write_hello(s, hello).await {
+        let written = peer_stream::write_hello(s, hello).await;
+        self.answer(s, addr, written).await
+    }
+
+    /// The answer to a hello (`written`, when writing it did not fail) from the peer's proxy
+    /// at `addr`.
+    async fn answer<S: AsyncRead + Unpin>(
+        &self,
+        s: &mut S,
+        addr: SocketAddr,
+        written: std::io::Result<()>,
+    ) -> Result<(), Error> {
+        let answer = match written {
             Ok(()) => peer_stream::read_answer(s).await,
             Err(e) => Err(e),
         };
@@ -279,15 +376,16 @@ impl Pool {
 
     /// Open a new connection (not pooled until checked in).
     pub(crate) async fn connect(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, Error> {
+        self.dial(h2, ctx).await.map_err(|f| f.error)
+    }
+
+    /// [`Self::connect`], saying whether a peer's proxy agreed to none of the protocols.
+    async fn dial(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, Dialed> {
         let via = self.via_mesh(ctx)?;
         let permit = ctx.slot()?;
         let addr = via.map_or(self.addr, |p| p.inbound);
         let stream = self.tcp(addr, ctx).await?;
-        let labels = EndpointLabels {
-            cluster: ctx.cluster.to_string(),
-            endpoint: addr.to_string(),
-        };
-        ctx.metrics.pool_connects.get_or_create(&labels).inc();
+        self.count_connect(ctx, addr);
         let open = ctx
             .metrics
             .pool_open
@@ -308,12 +406,17 @@ impl Pool {
                 let tls = tls
                     .connect(stream, peer, ctx.port, Purpose::Http2)
                     .await
-                    .map_err(|d| self.tls_failed(addr, d))?;
+                    .map_err(|f| Dialed {
+                        no_protocol: f.no_protocol,
+                        error: self.tls_failed(addr, f),
+                    })?;
+                let streams = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2_STREAMS);
                 // A peer's proxy is checked with PINGs: requests on a connection to a peer
                 // cut off fail within the keep-alive's interval and timeout.
                 h2_client::handshake(tls, Some(MESH_KEEPALIVE), slot)
                     .await
                     .map_err(handshake)?
+                    .with_streams(streams)
             }
             _ if !h2 => return Ok(Sender::H1(Box::new(Conn::new(stream, slot)))),
             _ => h2_client::handshake(stream, None, slot)
@@ -354,8 +457,24 @@ impl Pool {
         let s = tls
             .connect(stream, peer, ctx.port, Purpose::Http1Upgrade)
             .await
-            .map_err(|d| self.tls_failed(peer.inbound, d))?;
+            .map_err(|f| self.tls_failed(peer.inbound, f))?;
         Ok(ForUpgrade::Peer(Box::new(s), permit))
+    }
+}
+
+/// A connection that could not be made.
+struct Dialed {
+    error: Error,
+    /// A peer's proxy agreed to none of the protocols offered.
+    no_protocol: bool,
+}
+
+impl From<Error> for Dialed {
+    fn from(error: Error) -> Self {
+        Self {
+            error,
+            no_protocol: false,
+        }
     }
 }
 

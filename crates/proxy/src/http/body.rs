@@ -267,6 +267,8 @@ enum Inner {
     H1(crate::h1::H1Body),
     /// From hyper's HTTP/1.1 client: a peer proxy's answer to a protocol switch it refused.
     Hyper(Incoming),
+    /// An opaque stream's bytes back to a caller's proxy (`crate::pipe`).
+    Pipe(crate::pipe::PipeBody),
 }
 
 /// A response body from upstream.
@@ -439,6 +441,15 @@ impl ProxyBody {
         }
     }
 
+    /// The bytes of an opaque stream, as they are written into `b`.
+    pub(crate) fn pipe(b: crate::pipe::PipeBody) -> Self {
+        Self {
+            inner: Inner::Pipe(b),
+            on_end: None,
+            limits: Limits::default(),
+        }
+    }
+
     /// Stream an upstream body, within `limits`.
     pub(crate) fn upstream(b: UpstreamBody, limits: Limits) -> Self {
         Self {
@@ -489,6 +500,7 @@ impl Body for ProxyBody {
             Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             Inner::H1(b) => Pin::new(b).poll_frame(cx),
             Inner::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Inner::Pipe(b) => Pin::new(b).poll_frame(cx),
         };
         let res = match res {
             Poll::Ready(r) => r,
@@ -532,6 +544,7 @@ impl Body for ProxyBody {
             Inner::H2(b) => b.is_end_stream(),
             Inner::H1(b) => b.is_end_stream(),
             Inner::Hyper(b) => b.is_end_stream(),
+            Inner::Pipe(b) => b.is_end_stream(),
         }
     }
 
@@ -541,6 +554,7 @@ impl Body for ProxyBody {
             Inner::H2(b) => b.size_hint(),
             Inner::H1(b) => b.size_hint(),
             Inner::Hyper(b) => b.size_hint(),
+            Inner::Pipe(_) => SizeHint::default(),
         }
     }
 }

@@ -286,7 +286,8 @@ fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
     )
     .and_then(|c| {
         // A caller's choice among these is the first of this list it offers.
-        let alpn: [&[u8]; 4] = [
+        let alpn: [&[u8]; 5] = [
+            crate::peer_stream::ALPN_H2_STREAMS,
             b"h2",
             b"http/1.1",
             crate::peer_stream::ALPN_TCP_HELLO,
@@ -355,7 +356,8 @@ async fn serve_mtls(
         .and_then(trellis_identity::tls::inbound_port);
     let hello = conn.alpn_protocol() == Some(crate::peer_stream::ALPN_TCP_HELLO);
     let opaque = hello || conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
-    let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
+    let h2 = conn.alpn_protocol() == Some(b"h2".as_slice())
+        || conn.alpn_protocol() == Some(crate::peer_stream::ALPN_H2_STREAMS);
     let identity = id.map(|id| {
         let uri = shared.peer_label(&id.to_string());
         PeerId::new(
@@ -405,6 +407,12 @@ fn hyper_service(
     service_fn(move |req: Request<Incoming>| {
         let (shared, listener, caller) = (shared.clone(), listener.clone(), caller.clone());
         Box::pin(async move {
+            // An opaque stream from a peer's proxy (mutual TLS only): not a request.
+            if req.method().as_str() == crate::peer_stream::STREAM_METHOD {
+                if let Some(id) = &caller.identity {
+                    return Ok(inbound::serve_stream(shared, req, id.clone()));
+                }
+            }
             let req = req.map(ClientBody::Hyper);
             Ok(handle(&shared, &listener, req, &caller).await)
         })
