@@ -1333,6 +1333,29 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
             .await;
         assert_eq!(connects, 1.0, "connections made to {replica}'s proxy");
     }
+    // One connection carries at most 100 streams: held open together, those past it have a
+    // connection each, and every one echoes.
+    let before = caller
+        .metric(
+            "trellis_upstream_connects_total",
+            &[("endpoint", up.inbound.to_string().as_str())],
+        )
+        .await;
+    let mut held = Vec::new();
+    for i in 0..102 {
+        let mut s = tunnel(caller.outbound, "db.test:5432").await;
+        let msg = format!("held {i:03}");
+        assert_eq!(echo_on(&mut s, msg.as_bytes()).await, msg.as_bytes());
+        held.push(s);
+    }
+    let after = caller
+        .metric(
+            "trellis_upstream_connects_total",
+            &[("endpoint", up.inbound.to_string().as_str())],
+        )
+        .await;
+    assert_eq!(after - before, 2.0, "connections past the cap on streams");
+    drop(held);
     // The replica whose application is down refused the caller's streams, and says whose.
     let line = dn
         .wait_log("the down replica's refusal", |l| {
@@ -1397,6 +1420,31 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
     let mut back = [0u8; 8];
     tls.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"from old");
+}
+
+/// A tunnel to `authority` through `proxy` (CONNECT), open.
+async fn tunnel(proxy: std::net::SocketAddr, authority: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let head = read_head(&mut s, &mut buf).await.expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(buf.is_empty(), "bytes after the head: {buf:?}");
+    s
+}
+
+/// `msg` sent on `s` and as many bytes read back.
+async fn echo_on(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("an echo within 10 s")
+        .unwrap();
+    back
 }
 
 /// A callee's proxy older than the stream's hello: mutual TLS as `creds`, offering only

@@ -42,10 +42,27 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 pub(crate) struct H2Sender {
     send: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
-    /// The peer's proxy takes opaque TCP streams on this connection
-    /// ([`crate::peer_stream::ALPN_H2_STREAMS`]).
-    streams: bool,
 }
+
+/// A connection's flow-control windows: the most one stream, and the whole connection, may
+/// have in flight unread.
+#[derive(Clone, Copy)]
+pub(crate) struct Windows {
+    pub(crate) stream: u32,
+    pub(crate) connection: u32,
+}
+
+/// Requests: hyper's client defaults, which this client replaced.
+pub(crate) const REQUESTS: Windows = Windows {
+    stream: STREAM_WINDOW,
+    connection: CONN_WINDOW,
+};
+
+/// A connection for opaque streams ([`crate::peer_stream::ALPN_TCP_STREAMS`]).
+pub(crate) const STREAMS: Windows = Windows {
+    stream: crate::peer_stream::STREAM_WINDOW,
+    connection: crate::peer_stream::STREAMS_CONNECTION_WINDOW,
+};
 
 /// A request that could not be sent: its error, and the request when it never left (the
 /// connection was gone before a stream was opened for it).
@@ -66,9 +83,22 @@ pub(crate) async fn handshake<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    handshake_with(io, keepalive, slot, REQUESTS).await
+}
+
+/// [`handshake`] with flow-control windows of `windows`.
+pub(crate) async fn handshake_with<T>(
+    io: T,
+    keepalive: Option<Duration>,
+    slot: Slot,
+    windows: Windows,
+) -> Result<H2Sender, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (send, mut conn) = h2::client::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
+        .initial_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST)
@@ -103,29 +133,13 @@ where
         done.store(true, Ordering::Release);
         drop(slot);
     });
-    Ok(H2Sender {
-        send,
-        closed,
-        streams: false,
-    })
+    Ok(H2Sender { send, closed })
 }
 
 impl H2Sender {
     /// Whether the connection has ended.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
-    }
-
-    /// Mark the connection as one on which the peer's proxy takes opaque TCP streams (it
-    /// agreed to [`crate::peer_stream::ALPN_H2_STREAMS`]).
-    pub(crate) fn with_streams(mut self, streams: bool) -> Self {
-        self.streams = streams;
-        self
-    }
-
-    /// Whether the peer's proxy takes opaque TCP streams on this connection.
-    pub(crate) fn takes_streams(&self) -> bool {
-        self.streams
     }
 
     /// Open a stream for `head` whose body the caller writes (an opaque TCP stream to a peer's

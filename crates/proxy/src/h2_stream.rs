@@ -1,10 +1,11 @@
 //! An opaque TCP stream carried as one stream of the HTTP/2 connection between two proxies
 //! (the caller's side; the callee's is [`crate::pipe`]).
 //!
-//! A callee that agreed to [`crate::peer_stream::ALPN_H2_STREAMS`] takes a request of method
-//! [`crate::peer_stream::STREAM_METHOD`] on the connection its HTTP requests already use, as
-//! an opaque stream for the service port that connection is for: the request body carries
-//! the caller's bytes, the response body the callee's. The stream opens with the same hello
+//! A callee that agreed to [`crate::peer_stream::ALPN_TCP_STREAMS`] takes each request of
+//! method [`crate::peer_stream::STREAM_METHOD`] on that connection as an opaque stream for the
+//! service port the connection is for: the request body carries the caller's bytes, the
+//! response body the callee's. One such connection per endpoint carries up to
+//! [`crate::pool`]'s cap of streams, apart from the connection HTTP requests use. The stream opens with the same hello
 //! and answer as a stream on a connection of its own (`trellis-tcp/2`), so the callee's proxy
 //! admits it, connects to its application and answers the same way; only the mutual-TLS
 //! handshake per stream is gone, as HBONE's CONNECT streams do away with it.
@@ -17,6 +18,10 @@ use std::{
     future::Future,
     io,
     pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     task::{ready, Context, Poll},
 };
 
@@ -44,16 +49,36 @@ pub(crate) struct Outgoing {
     buf: Bytes,
     /// The sending half was ended (cleanly) or reset.
     sent_end: bool,
+    /// Counts the stream among its connection's while it lives.
+    _open: OpenCount,
+}
+
+/// One stream counted among its connection's open ones, from its making to its drop.
+pub(crate) struct OpenCount(Arc<AtomicUsize>);
+
+impl OpenCount {
+    /// Count one more in `open`.
+    pub(crate) fn new(open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::AcqRel);
+        Self(open)
+    }
+}
+
+impl Drop for OpenCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Outgoing {
-    /// The stream `send` opened, whose response is `response`.
-    pub(crate) fn new(response: ResponseFuture, send: SendStream<Bytes>) -> Self {
+    /// The stream `send` opened, whose response is `response`, counted by `open`.
+    pub(crate) fn new(response: ResponseFuture, send: SendStream<Bytes>, open: OpenCount) -> Self {
         Self {
             send,
             recv: Recv::Head(response),
             buf: Bytes::new(),
             sent_end: false,
+            _open: open,
         }
     }
 

@@ -32,7 +32,7 @@ use crate::{
     credentials::Credentials,
     fasthash::FastMap,
     h2_stream::Outgoing,
-    peer_stream::{ALPN_H2_STREAMS, ALPN_TCP_HELLO},
+    peer_stream::{ALPN_TCP_HELLO, ALPN_TCP_STREAMS},
 };
 
 pub(crate) use trellis_identity::tls::ALPN_TCP;
@@ -42,8 +42,10 @@ pub(crate) use trellis_identity::tls::ALPN_TCP;
 pub(crate) enum Purpose {
     /// HTTP/2.
     Http2,
-    /// Opaque TCP.
+    /// Opaque TCP, a connection per stream.
     Tcp,
+    /// Opaque TCP streams, many on one HTTP/2 connection.
+    TcpStreams,
     /// An HTTP/1.1 request that asks to switch protocols (WebSocket), on a connection of its
     /// own: the peer's proxy carries it to its application as it came.
     Http1Upgrade,
@@ -53,7 +55,8 @@ impl Purpose {
     /// The protocols offered, preferred first.
     fn alpn(self) -> &'static [&'static [u8]] {
         match self {
-            Self::Http2 => &[ALPN_H2_STREAMS, b"h2"],
+            Self::Http2 => &[b"h2"],
+            Self::TcpStreams => &[ALPN_TCP_STREAMS],
             Self::Tcp => &[ALPN_TCP_HELLO, ALPN_TCP],
             Self::Http1Upgrade => &[b"http/1.1"],
         }

@@ -32,16 +32,32 @@ use crate::{
 /// The ALPN of a stream that starts with the hello and the answer.
 pub(crate) const ALPN_TCP_HELLO: &[u8] = b"trellis-tcp/2";
 
-/// The ALPN of an HTTP/2 connection on which the callee's proxy also takes opaque TCP
-/// streams, each a request of method [`STREAM_METHOD`] that opens with the same hello and
-/// answer ([`crate::h2_stream`]). The protocol is HTTP/2; the name only tells the caller that
-/// the callee takes streams, before it sends one. A callee older than this agrees to `h2`,
-/// and its callers open a connection per stream as before.
-pub(crate) const ALPN_H2_STREAMS: &[u8] = b"trellis-h2";
+/// The ALPN of an HTTP/2 connection that carries opaque TCP streams only, each a request of
+/// method [`STREAM_METHOD`] that opens with the same hello and answer
+/// ([`crate::h2_stream`]). Kept apart from the connection that carries HTTP requests, with
+/// flow-control windows of its own, so that a stream whose reader stalls does not hold up
+/// requests. A callee older than this agrees to none of it, and its callers open a
+/// connection per stream as before.
+pub(crate) const ALPN_TCP_STREAMS: &[u8] = b"trellis-tcp/h2";
 
 /// The method of a request that is an opaque TCP stream to the service port its connection is
-/// for, on an [`ALPN_H2_STREAMS`] connection.
+/// for, on an [`ALPN_TCP_STREAMS`] connection.
 pub(crate) const STREAM_METHOD: &str = "TRELLIS-TCP";
+
+/// How many opaque streams one [`ALPN_TCP_STREAMS`] connection carries at most (ztunnel's
+/// HBONE pools likewise cap streams per connection); past it a stream has a connection of its
+/// own. The callee allows a few more at once, for those still closing.
+pub(crate) const MAX_STREAMS: usize = 100;
+
+/// The flow-control window of each stream on an [`ALPN_TCP_STREAMS`] connection, both ways: a
+/// stream whose reader stalls holds at most this much of its connection's window. 256 KiB is
+/// ~2 Gbit/s per stream at a 1-ms round trip.
+pub(crate) const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The flow-control window of an [`ALPN_TCP_STREAMS`] connection, both ways: more than
+/// [`MAX_STREAMS`] stalled streams hold, so that no number of them holds up the others (at the
+/// cost of up to 25 MiB buffered should all stall at once).
+pub(crate) const STREAMS_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// The largest hello or answer either side reads.
 pub(crate) const MAX_FRAME: usize = 2048;

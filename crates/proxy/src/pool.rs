@@ -9,7 +9,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -26,11 +29,11 @@ use crate::{
     error::{Error, Kind},
     h1::{Conn, Idle},
     h2_client::{self, H2Sender},
-    h2_stream::Outgoing,
+    h2_stream::{OpenCount, Outgoing},
     metrics::{ClusterLabels, EndpointLabels, Metrics},
     mtls::{MeshTls, Purpose, TlsFailed, UpStream},
     net::{connect_timeout, ConnectFailure},
-    peer_stream::{self, Answer, ALPN_H2_STREAMS, ALPN_TCP_HELLO},
+    peer_stream::{self, Answer, ALPN_TCP_HELLO},
     slot::Slot,
 };
 
@@ -89,6 +92,28 @@ pub(crate) struct Pool {
     idle: Arc<Idle>,
     /// The shared HTTP/2 connection and when a request last took it.
     h2: Mutex<Option<(H2Sender, Instant)>>,
+    /// The HTTP/2 connection for opaque streams to the peer's proxy.
+    streams: Mutex<Streams>,
+}
+
+/// How long a peer's proxy that took no streams is not asked again: a connection per stream
+/// meanwhile.
+const STREAMS_ASK_AGAIN: Duration = Duration::from_secs(60);
+
+/// The connection for opaque streams, if any, and whether the peer's proxy refused one.
+#[derive(Default)]
+struct Streams {
+    conn: Option<StreamsConn>,
+    /// The peer's proxy agreed to no connection for streams: not asked again until then.
+    refused_until: Option<Instant>,
+}
+
+struct StreamsConn {
+    send: H2Sender,
+    /// The streams open on it.
+    open: Arc<AtomicUsize>,
+    /// When a stream last opened on it.
+    used: Instant,
 }
 
 impl Pool {
@@ -104,6 +129,7 @@ impl Pool {
             mesh,
             idle: Arc::new(Idle::new(idle_timeout)),
             h2: Mutex::new(None),
+            streams: Mutex::default(),
         }
     }
 
@@ -112,9 +138,10 @@ impl Pool {
         &self.idle
     }
 
-    /// Close the connections unused for the idle timeout: idle HTTP/1.1 ones, and the HTTP/2
+    /// Close the connections unused for the idle timeout: idle HTTP/1.1 ones, the HTTP/2
     /// one when no request has taken it for as long (it closes once the requests still on it
-    /// finish; the next request opens a new one).
+    /// finish; the next request opens a new one), and the one for streams once none is open
+    /// on it and none opened for as long.
     pub(crate) fn prune(&self, now: Instant) {
         self.idle.prune(now);
         let mut h2 = self.h2.lock().expect("pool lock");
@@ -122,6 +149,15 @@ impl Pool {
             s.is_closed() || now.saturating_duration_since(*used) >= self.idle.timeout()
         }) {
             *h2 = None;
+        }
+        drop(h2);
+        let mut st = self.streams.lock().expect("pool lock");
+        if st.conn.as_ref().is_some_and(|c| {
+            c.send.is_closed()
+                || (c.open.load(Ordering::Acquire) == 0
+                    && now.saturating_duration_since(c.used) >= self.idle.timeout())
+        }) {
+            st.conn = None;
         }
     }
 
@@ -229,17 +265,17 @@ impl Pool {
     }
 
     /// An opaque stream (TCP binds and CONNECT tunnels): plain, or to the peer's proxy, as a
-    /// stream of the HTTP/2 connection to it when it takes streams there, else by mutual TLS
-    /// on a connection of its own; either way opening with `hello` (who calls, the stream's
-    /// span) when the peer's proxy speaks it.
+    /// stream of an HTTP/2 connection for streams to it when it takes them, else by mutual
+    /// TLS on a connection of its own; either way opening with `hello` (who calls, the
+    /// stream's span) when the peer's proxy speaks it.
     pub(crate) async fn open(
         &self,
         ctx: &ConnectCtx<'_>,
         hello: &peer_stream::Hello,
     ) -> Result<UpStream, Error> {
         let via = self.via_mesh(ctx)?;
-        if let (Some(peer), Some(_)) = (via, ctx.tls) {
-            if let Some(s) = self.open_on_h2(ctx, peer.inbound, hello).await? {
+        if let (Some(peer), Some(tls)) = (via, ctx.tls) {
+            if let Some(s) = self.open_on_h2(ctx, peer, tls, hello).await? {
                 return Ok(UpStream::OnH2(Box::new(s)));
             }
         }
@@ -261,39 +297,58 @@ impl Pool {
         }
     }
 
-    /// An opaque stream as a stream of the HTTP/2 connection to the peer's proxy at `addr`
-    /// (pooled, else made now), opened with `hello` and answered. `None` when the peer's
-    /// proxy does not take streams there (it is older than this, or agrees to no HTTP/2 of
-    /// ours): the caller opens a connection for the stream. A stream the peer did not process
-    /// (its GOAWAY as it drains) is opened again on a new connection, once.
+    /// An opaque stream as a stream of the HTTP/2 connection for streams to the peer's proxy
+    /// (pooled, else made now), opened with `hello` and answered. `None` when the stream is to
+    /// have a connection of its own: the peer's proxy takes no streams (it is older than this;
+    /// asked again after [`STREAMS_ASK_AGAIN`]), or the connection carries
+    /// [`peer_stream::MAX_STREAMS`] already. A stream the peer did not process (its GOAWAY as it drains) is
+    /// opened again on a new connection, once.
     async fn open_on_h2(
         &self,
         ctx: &ConnectCtx<'_>,
-        addr: SocketAddr,
+        peer: &MeshPeer,
+        tls: &MeshTls,
         hello: &peer_stream::Hello,
     ) -> Result<Option<Outgoing>, Error> {
-        let mut pooled = self.pooled_h2(Instant::now());
+        let addr = peer.inbound;
+        let mut pooled = {
+            let now = Instant::now();
+            let mut st = self.streams.lock().expect("pool lock");
+            if st.refused_until.is_some_and(|t| now < t) {
+                return Ok(None);
+            }
+            match st.conn.as_mut().filter(|c| !c.send.is_closed()) {
+                Some(c) if c.open.load(Ordering::Acquire) >= peer_stream::MAX_STREAMS => {
+                    return Ok(None)
+                }
+                Some(c) => {
+                    c.used = now;
+                    Some((c.send.clone(), c.open.clone()))
+                }
+                None => None,
+            }
+        };
         loop {
             let again = pooled.is_some();
-            let sender = match pooled.take() {
-                Some(s) => s,
-                None => match self.dial(true, ctx).await {
-                    Ok(Sender::H2(s)) => s,
-                    Ok(Sender::H1(_)) => unreachable!("asked for HTTP/2"),
-                    Err(f) if f.no_protocol => return Ok(None),
+            let (sender, open) = match pooled.take() {
+                Some(p) => p,
+                None => match self.dial_streams(ctx, peer, tls).await {
+                    Ok(p) => p,
+                    Err(f) if f.no_protocol => {
+                        let until = Instant::now() + STREAMS_ASK_AGAIN;
+                        self.streams.lock().expect("pool lock").refused_until = Some(until);
+                        return Ok(None);
+                    }
                     Err(f) => return Err(f.error),
                 },
             };
-            if !sender.takes_streams() {
-                return Ok(None);
-            }
             let head = Request::builder()
                 .method(peer_stream::STREAM_METHOD)
                 .uri(format!("http://{}/", self.addr))
                 .body(())
                 .expect("a valid request head");
             let mut s = match sender.open(head).await {
-                Ok((response, send)) => Outgoing::new(response, send),
+                Ok((response, send)) => Outgoing::new(response, send, OpenCount::new(open)),
                 Err((_, true)) if again => continue,
                 Err((e, _)) => return Err(self.stream_failed(addr, e.to_string())),
             };
@@ -311,6 +366,44 @@ impl Pool {
             self.answer(&mut s, addr, Ok(())).await?;
             return Ok(Some(s));
         }
+    }
+
+    /// A new HTTP/2 connection for opaque streams to `peer`'s proxy, pooled: its sender and
+    /// the count of the streams open on it.
+    async fn dial_streams(
+        &self,
+        ctx: &ConnectCtx<'_>,
+        peer: &MeshPeer,
+        tls: &MeshTls,
+    ) -> Result<(H2Sender, Arc<AtomicUsize>), Dialed> {
+        let permit = ctx.slot()?;
+        let addr = peer.inbound;
+        let stream = self.tcp(addr, ctx).await?;
+        self.count_connect(ctx, addr);
+        let slot = Slot::new(permit, ctx.open_gauge());
+        let tls = tls
+            .connect(stream, peer, ctx.port, Purpose::TcpStreams)
+            .await
+            .map_err(|f| Dialed {
+                no_protocol: f.no_protocol,
+                error: self.tls_failed(addr, f),
+            })?;
+        let send = h2_client::handshake_with(tls, Some(MESH_KEEPALIVE), slot, h2_client::STREAMS)
+            .await
+            .map_err(|e| {
+                Error::with_cause(
+                    Kind::Handshake,
+                    format!("HTTP/2 handshake for streams with {}", self.describe(addr)),
+                    e,
+                )
+            })?;
+        let open = Arc::new(AtomicUsize::new(0));
+        self.streams.lock().expect("pool lock").conn = Some(StreamsConn {
+            send: send.clone(),
+            open: open.clone(),
+            used: Instant::now(),
+        });
+        Ok((send, open))
     }
 
     /// A connection made to `addr`, counted (`trellis_upstream_connects_total`).
@@ -376,24 +469,12 @@ impl Pool {
 
     /// Open a new connection (not pooled until checked in).
     pub(crate) async fn connect(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, Error> {
-        self.dial(h2, ctx).await.map_err(|f| f.error)
-    }
-
-    /// [`Self::connect`], saying whether a peer's proxy agreed to none of the protocols.
-    async fn dial(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, Dialed> {
         let via = self.via_mesh(ctx)?;
         let permit = ctx.slot()?;
         let addr = via.map_or(self.addr, |p| p.inbound);
         let stream = self.tcp(addr, ctx).await?;
         self.count_connect(ctx, addr);
-        let open = ctx
-            .metrics
-            .pool_open
-            .get_or_create(&ClusterLabels {
-                cluster: ctx.cluster.to_string(),
-            })
-            .clone();
-        let slot = Slot::new(permit, open);
+        let slot = Slot::new(permit, ctx.open_gauge());
         let handshake = |source| {
             Error::with_cause(
                 Kind::Handshake,
@@ -406,17 +487,12 @@ impl Pool {
                 let tls = tls
                     .connect(stream, peer, ctx.port, Purpose::Http2)
                     .await
-                    .map_err(|f| Dialed {
-                        no_protocol: f.no_protocol,
-                        error: self.tls_failed(addr, f),
-                    })?;
-                let streams = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2_STREAMS);
+                    .map_err(|f| self.tls_failed(addr, f))?;
                 // A peer's proxy is checked with PINGs: requests on a connection to a peer
                 // cut off fail within the keep-alive's interval and timeout.
                 h2_client::handshake(tls, Some(MESH_KEEPALIVE), slot)
                     .await
                     .map_err(handshake)?
-                    .with_streams(streams)
             }
             _ if !h2 => return Ok(Sender::H1(Box::new(Conn::new(stream, slot)))),
             _ => h2_client::handshake(stream, None, slot)
@@ -479,6 +555,16 @@ impl From<Error> for Dialed {
 }
 
 impl ConnectCtx<'_> {
+    /// The gauge of the cluster's open pooled connections.
+    fn open_gauge(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.metrics
+            .pool_open
+            .get_or_create(&ClusterLabels {
+                cluster: self.cluster.to_string(),
+            })
+            .clone()
+    }
+
     /// A place for one more connection within the cluster's bound.
     fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
         self.slots.clone().try_acquire_owned().map_err(|_| {

@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// A callee whose every stream goes to `streams` (the test plays its application), and a
-/// caller's connection to it.
+/// caller's connection to it, both set up as the proxies set up a connection for streams.
 async fn connection() -> (
     h2::client::SendRequest<Bytes>,
     mpsc::UnboundedReceiver<Duplex>,
@@ -33,11 +33,17 @@ async fn connection() -> (
         async move { Ok::<_, Infallible>(Response::new(ProxyBody::pipe(body))) }
     });
     tokio::spawn(async move {
-        let _ = http2::Builder::new(TokioExecutor::new())
+        let _ = crate::http::server::for_streams(http2::Builder::new(TokioExecutor::new()))
             .serve_connection(TokioIo::new(b), svc)
             .await;
     });
-    let (send, conn) = h2::client::handshake(a).await.unwrap();
+    let windows = crate::h2_client::STREAMS;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
+        .handshake(a)
+        .await
+        .unwrap();
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -57,7 +63,8 @@ async fn open(send: &h2::client::SendRequest<Bytes>) -> Outgoing {
         .unwrap()
         .send_request(head, false)
         .unwrap();
-    let mut s = Outgoing::new(response, tx);
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut s = Outgoing::new(response, tx, OpenCount::new(count));
     s.head().await.unwrap();
     s
 }
@@ -151,4 +158,51 @@ async fn a_caller_gone_before_its_end_reads_as_a_reset() {
     {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+}
+
+/// A stream whose callee does not read (its application stalled) takes no more than its own
+/// window of the connection's: another stream on the same connection still goes both ways.
+/// With hyper's default windows (1 MiB for the connection as for a stream) the first stream
+/// would hold the whole connection.
+#[tokio::test]
+async fn a_stalled_stream_holds_up_no_other() {
+    let (send, mut streams) = connection().await;
+    let mut stalled = open(&send).await;
+    let _unread = streams.recv().await.unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let count = written.clone();
+    tokio::spawn(async move {
+        let chunk = vec![7u8; 16 * 1024];
+        loop {
+            if stalled.write_all(&chunk).await.is_err() {
+                return;
+            }
+            count.fetch_add(chunk.len(), Ordering::AcqRel);
+        }
+    });
+    // Its writes stop once the peer's window for it is used up.
+    let window = crate::peer_stream::STREAM_WINDOW as usize;
+    crate::test_util::eventually_async(|| {
+        let n = written.load(Ordering::Acquire);
+        async move { n >= window }
+    })
+    .await;
+    let mut other = open(&send).await;
+    let mut callee = streams.recv().await.unwrap();
+    // More than a stream's window, so the callee's reading must give the window back.
+    let mut got = vec![0u8; 2 * window];
+    let sent = vec![1u8; 2 * window];
+    let (w, r) =
+        within(async { tokio::join!(other.write_all(&sent), callee.read_exact(&mut got)) }).await;
+    w.unwrap();
+    r.unwrap();
+    callee.write_all(b"back").await.unwrap();
+    let mut back = [0u8; 4];
+    within(other.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"back");
+    assert!(
+        written.load(Ordering::Acquire) < 4 * window,
+        "the stalled stream kept writing: {}",
+        written.load(Ordering::Acquire)
+    );
 }

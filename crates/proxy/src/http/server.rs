@@ -24,7 +24,7 @@ use crate::{
     h1::server::{Incoming as H1Incoming, Limits, ServerConn},
     inbound::{self, Caller, PeerId},
     metrics::{Direction, Label},
-    outbound,
+    outbound, peer_stream,
     pool::MESH_KEEPALIVE,
     shared::Shared,
     stages::{
@@ -55,6 +55,8 @@ pub(crate) struct Builders {
     h2: http2::Builder<TokioExecutor>,
     /// For peers' proxies over mutual TLS.
     mesh: http2::Builder<TokioExecutor>,
+    /// For peers' proxies' connections for opaque streams.
+    streams: http2::Builder<TokioExecutor>,
     auto: auto::Builder<TokioExecutor>,
 }
 
@@ -83,7 +85,24 @@ pub(crate) fn builder(limits: ServerLimits) -> Builders {
     let mut mesh = h2.clone();
     mesh.keep_alive_interval(MESH_KEEPALIVE)
         .keep_alive_timeout(MESH_KEEPALIVE);
-    Builders { h1, h2, mesh, auto }
+    let streams = for_streams(mesh.clone());
+    Builders {
+        h1,
+        h2,
+        mesh,
+        streams,
+        auto,
+    }
+}
+
+/// `b` set up for peers' connections for opaque streams: the windows of the callers' side
+/// of such a connection (`h2_client::STREAMS`), so that no number of stalled streams holds up
+/// the others, and room above the callers' cap for streams still closing.
+pub(crate) fn for_streams(mut b: http2::Builder<TokioExecutor>) -> http2::Builder<TokioExecutor> {
+    b.initial_stream_window_size(peer_stream::STREAM_WINDOW)
+        .initial_connection_window_size(peer_stream::STREAMS_CONNECTION_WINDOW)
+        .max_concurrent_streams(peer_stream::MAX_STREAMS as u32 + 28);
+    b
 }
 
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -287,10 +306,10 @@ fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
     .and_then(|c| {
         // A caller's choice among these is the first of this list it offers.
         let alpn: [&[u8]; 5] = [
-            crate::peer_stream::ALPN_H2_STREAMS,
             b"h2",
+            peer_stream::ALPN_TCP_STREAMS,
             b"http/1.1",
-            crate::peer_stream::ALPN_TCP_HELLO,
+            peer_stream::ALPN_TCP_HELLO,
             trellis_identity::tls::ALPN_TCP,
         ];
         trellis_identity::tls::server_config(&c, &alpn)
@@ -354,10 +373,10 @@ async fn serve_mtls(
     let port = conn
         .server_name()
         .and_then(trellis_identity::tls::inbound_port);
-    let hello = conn.alpn_protocol() == Some(crate::peer_stream::ALPN_TCP_HELLO);
+    let hello = conn.alpn_protocol() == Some(peer_stream::ALPN_TCP_HELLO);
     let opaque = hello || conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
-    let h2 = conn.alpn_protocol() == Some(b"h2".as_slice())
-        || conn.alpn_protocol() == Some(crate::peer_stream::ALPN_H2_STREAMS);
+    let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
+    let streams = conn.alpn_protocol() == Some(peer_stream::ALPN_TCP_STREAMS);
     let identity = id.map(|id| {
         let uri = shared.peer_label(&id.to_string());
         PeerId::new(
@@ -374,6 +393,14 @@ async fn serve_mtls(
         return inbound::serve_tcp(shared, tls, port, identity, hello).await;
     }
     let mut drain = shared.drain.signal();
+    if let (true, Some(id)) = (streams, identity.clone()) {
+        let svc = streams_service(shared.clone(), id);
+        drive!(
+            builders.streams.serve_connection(TokioIo::new(tls), svc),
+            drain
+        );
+        return;
+    }
     let caller = Caller {
         addr: peer,
         identity,
@@ -387,6 +414,31 @@ async fn serve_mtls(
     } else {
         drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain);
     }
+}
+
+/// The service of a peer's connection for opaque streams: each request of the stream method
+/// is a stream for the service port the connection is for; anything else is refused (400).
+fn streams_service(
+    shared: Arc<Shared>,
+    caller: PeerId,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future: Send,
+> {
+    service_fn(move |req: Request<Incoming>| {
+        let resp = if req.method().as_str() == peer_stream::STREAM_METHOD {
+            inbound::serve_stream(shared.clone(), req, caller.clone())
+        } else {
+            let mut r = Response::new(ProxyBody::full(
+                "trellis: this connection carries opaque TCP streams only\n",
+            ));
+            *r.status_mut() = http::StatusCode::BAD_REQUEST;
+            r
+        };
+        std::future::ready(Ok(resp))
+    })
 }
 
 /// The service hyper serves a connection's requests with (HTTP/2, and HTTP/1.1 over TLS):
@@ -407,12 +459,6 @@ fn hyper_service(
     service_fn(move |req: Request<Incoming>| {
         let (shared, listener, caller) = (shared.clone(), listener.clone(), caller.clone());
         Box::pin(async move {
-            // An opaque stream from a peer's proxy (mutual TLS only): not a request.
-            if req.method().as_str() == crate::peer_stream::STREAM_METHOD {
-                if let Some(id) = &caller.identity {
-                    return Ok(inbound::serve_stream(shared, req, id.clone()));
-                }
-            }
             let req = req.map(ClientBody::Hyper);
             Ok(handle(&shared, &listener, req, &caller).await)
         })
