@@ -4,7 +4,10 @@
 # reached directly: N connections one after another, each connect, one byte each way, close.
 # Prints the median and p99 of a connection's time, from connect to the echoed byte.
 #
-# Usage: [TRELLIS_BIN=path] bench/tcp-connect.sh [N]. Loopback only; CPU 0 runs the client,
+# BULK=MIB also sends that many MiB each way through one connection: MiB/s, and the two
+# proxies' CPU per MiB (what a stream costs per byte).
+#
+# Usage: [TRELLIS_BIN=path] [BULK=MIB] bench/tcp-connect.sh [N]. Loopback only; CPU 0 runs the client,
 # CPU 1 the proxies and the echo server. Run it for two builds, alternated, to compare them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +23,7 @@ wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$@" && return 0; sl
 taskset -c 1 python3 -c '
 import asyncio
 async def echo(r, w):
-    while data := await r.read(4096):
+    while data := await r.read(65536):
         w.write(data); await w.drain()
     w.close()
 async def main():
@@ -64,9 +67,11 @@ taskset -c 1 "$BIN" proxy --xds http://127.0.0.1:18171 --workload bench/client -
 wait_http http://127.0.0.1:18200/ready
 wait_http http://127.0.0.1:18300/ready
 
-taskset -c 0 python3 - "$N" <<'PY'
-import socket, sys, time
-n = int(sys.argv[1])
+CALLEE=${PIDS[2]} CALLER=${PIDS[3]}
+taskset -c 0 python3 - "$N" "${BULK:-0}" "$CALLER" "$CALLEE" <<'PY'
+import os, socket, sys, threading, time
+n, bulk = int(sys.argv[1]), int(sys.argv[2])
+pids = sys.argv[3:5]
 def once(port):
     t = time.perf_counter()
     s = socket.create_connection(("127.0.0.1", port))
@@ -83,4 +88,31 @@ for name, port in (("direct", 18082), ("two mTLS proxies", 18184)):
     ts = sorted(once(port) for _ in range(n))
     med, p99 = ts[n // 2] * 1e6, ts[int(n * 0.99)] * 1e6
     print(f"{name:>18}: {n} connections, median {med:.0f} µs, p99 {p99:.0f} µs")
+def cpu():
+    # user + system ticks of the two proxies
+    t = 0
+    for p in pids:
+        f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        t += int(f[11]) + int(f[12])
+    return t / os.sysconf("SC_CLK_TCK")
+if bulk:
+    # BULK=MIB: that many MiB each way through one connection, written and read at once.
+    s = socket.create_connection(("127.0.0.1", 18184))
+    chunk, total = b"y" * 65536, bulk << 20
+    def send():
+        for _ in range(total // len(chunk)):
+            s.sendall(chunk)
+    c0, t0 = cpu(), time.perf_counter()
+    w = threading.Thread(target=send)
+    w.start()
+    got = 0
+    while got < total:
+        b = s.recv(1 << 20)
+        if not b:
+            raise SystemExit("closed early")
+        got += len(b)
+    w.join()
+    took, used = time.perf_counter() - t0, cpu() - c0
+    print(f"{'bulk':>18}: {bulk} MiB each way in {took:.2f} s, {2 * bulk / took:.0f} MiB/s, "
+          f"the proxies' CPU {used * 1000 / (2 * bulk):.2f} ms per MiB")
 PY

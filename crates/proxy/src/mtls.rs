@@ -5,9 +5,10 @@
 //! A caller reaches a meshed endpoint at its proxy's inbound listener, names the service port
 //! in the TLS server name ([`trellis_identity::tls::inbound_server_name`]) and asks by ALPN
 //! for HTTP/2 (every HTTP request, whatever the application speaks: one multiplexed
-//! connection per peer) or for an opaque TCP stream ([`ALPN_TCP_HELLO`], which opens with a
-//! hello and an answer: [`crate::peer_stream`]; or [`ALPN_TCP`], the bare stream a proxy older
-//! than that speaks).
+//! connection per peer), for HTTP/2 that carries opaque TCP streams ([`ALPN_TCP_STREAMS`]: one
+//! more connection per peer, [`crate::h2_stream`]), or for one opaque TCP stream on a
+//! connection of its own ([`ALPN_TCP_HELLO`], which opens with a hello and an answer:
+//! [`crate::peer_stream`]; or [`ALPN_TCP`], the bare stream a proxy older than that speaks).
 
 use std::{
     io,

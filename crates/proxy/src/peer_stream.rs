@@ -1,5 +1,7 @@
-//! An opaque TCP stream between two Trellis proxies over mutual TLS, ALPN `trellis-tcp/2`:
-//! before the stream's first byte the caller's proxy says who calls (its `x-trellis-peer`:
+//! An opaque TCP stream between two Trellis proxies over mutual TLS: one of many on an HTTP/2
+//! connection ([`ALPN_TCP_STREAMS`], [`crate::h2_stream`]), or one on a connection of its own
+//! (ALPN `trellis-tcp/2`). Either way, before the stream's first byte the caller's proxy says
+//! who calls (its `x-trellis-peer`:
 //! service, workload, environment, locality), and the callee's proxy answers whether its
 //! application took the connection, with the failure's class and detail when it did not.
 //!
