@@ -5,7 +5,8 @@
 # Prints the median and p99 of a connection's time, from connect to the echoed byte.
 #
 # BULK=MIB also sends that many MiB each way through one connection: MiB/s, and the two
-# proxies' CPU per MiB (what a stream costs per byte).
+# proxies' CPU per MiB (what a stream costs per byte). HOLD=N also holds N connections open
+# at once: the two proxies' RSS per open connection.
 #
 # Usage: [TRELLIS_BIN=path] [BULK=MIB] bench/tcp-connect.sh [N]. Loopback only; CPU 0 runs the client,
 # CPU 1 the proxies and the echo server. Run it for two builds, alternated, to compare them.
@@ -68,10 +69,10 @@ wait_http http://127.0.0.1:18200/ready
 wait_http http://127.0.0.1:18300/ready
 
 CALLEE=${PIDS[2]} CALLER=${PIDS[3]}
-taskset -c 0 python3 - "$N" "${BULK:-0}" "$CALLER" "$CALLEE" <<'PY'
+taskset -c 0 python3 - "$N" "${BULK:-0}" "${HOLD:-0}" "$CALLER" "$CALLEE" <<'PY'
 import os, socket, sys, threading, time
-n, bulk = int(sys.argv[1]), int(sys.argv[2])
-pids = sys.argv[3:5]
+n, bulk, hold = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+pids = sys.argv[4:6]
 def once(port):
     t = time.perf_counter()
     s = socket.create_connection(("127.0.0.1", port))
@@ -82,12 +83,6 @@ def once(port):
     took = time.perf_counter() - t
     s.close()
     return took
-for name, port in (("direct", 18082), ("two mTLS proxies", 18184)):
-    for _ in range(100):
-        once(port)  # warm-up: sessions, pools
-    ts = sorted(once(port) for _ in range(n))
-    med, p99 = ts[n // 2] * 1e6, ts[int(n * 0.99)] * 1e6
-    print(f"{name:>18}: {n} connections, median {med:.0f} µs, p99 {p99:.0f} µs")
 def cpu():
     # user + system ticks of the two proxies
     t = 0
@@ -95,6 +90,36 @@ def cpu():
         f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
         t += int(f[11]) + int(f[12])
     return t / os.sysconf("SC_CLK_TCK")
+for name, port in (("direct", 18082), ("two mTLS proxies", 18184)):
+    for _ in range(100):
+        once(port)  # warm-up: sessions, pools
+    c0 = cpu()
+    ts = sorted(once(port) for _ in range(n))
+    med, p99 = ts[n // 2] * 1e6, ts[int(n * 0.99)] * 1e6
+    used = "" if port == 18082 else f", the proxies' CPU {(cpu() - c0) * 1e6 / n:.0f} µs each"
+    print(f"{name:>18}: {n} connections, median {med:.0f} µs, p99 {p99:.0f} µs{used}")
+def rss():
+    # the two proxies' resident memory, KiB
+    t = 0
+    for p in pids:
+        for line in open(f"/proc/{p}/status"):
+            if line.startswith("VmRSS:"):
+                t += int(line.split()[1])
+    return t
+if hold:
+    # HOLD=N: N connections held open at once (one byte echoed on each): the proxies' memory
+    # per open connection.
+    r0, held = rss(), []
+    for _ in range(hold):
+        s = socket.create_connection(("127.0.0.1", 18184))
+        s.sendall(b"h")
+        if s.recv(1) != b"h":
+            raise SystemExit("no echo")
+        held.append(s)
+    print(f"{'held':>18}: {hold} connections open, the proxies' RSS +{(rss() - r0) / 1024:.1f} MiB "
+          f"({(rss() - r0) / hold:.1f} KiB each)")
+    for s in held:
+        s.close()
 if bulk:
     # BULK=MIB: that many MiB each way through one connection, written and read at once.
     s = socket.create_connection(("127.0.0.1", 18184))

@@ -363,7 +363,15 @@ pub(crate) fn serve_stream(
     tokio::spawn(async move {
         let _active = active;
         let port = source.port;
-        serve_tcp(shared, stream, port, Some(source), true).await;
+        serve_tcp(
+            shared,
+            stream,
+            port,
+            Some(source),
+            true,
+            tcp::STREAM_COPY_BUF,
+        )
+        .await;
     });
     Response::new(ProxyBody::pipe(body))
 }
@@ -379,6 +387,7 @@ pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
     port: Option<u16>,
     source: Option<PeerId>,
     hello: bool,
+    buf: usize,
 ) {
     let snap = shared.state.load_full();
     let target = snap.inbound.iter().find(|t| Some(t.port) == port);
@@ -434,7 +443,7 @@ pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
                     return rec.end_with(io_class(&e), format!("the answer to the caller: {e}"));
                 }
             }
-            tcp::splice(&mut stream, &mut up, &mut rec).await;
+            tcp::splice(&mut stream, &mut up, &mut rec, buf).await;
         }
         Err(e) => {
             // The caller's proxy is told why, then the stream ends.

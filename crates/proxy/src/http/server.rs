@@ -198,7 +198,7 @@ pub(crate) async fn serve(
         }
     }
     if let Some((port, Protocol::Tcp)) = captured {
-        return inbound::serve_tcp(shared, stream, Some(port), None, false).await;
+        return inbound::serve_tcp(shared, stream, Some(port), None, false, tcp::COPY_BUF).await;
     }
     let caller = Caller {
         addr: peer,
@@ -390,7 +390,7 @@ async fn serve_mtls(
         )
     });
     if opaque {
-        return inbound::serve_tcp(shared, tls, port, identity, hello).await;
+        return inbound::serve_tcp(shared, tls, port, identity, hello, tcp::COPY_BUF).await;
     }
     let mut drain = shared.drain.signal();
     if let (true, Some(id)) = (streams, identity.clone()) {

@@ -74,7 +74,7 @@ async fn a_splice_tells_whose_side_reset_it() {
         );
         let task = tokio::spawn(async move {
             let mut rec = rec;
-            splice(&mut client, &mut up, &mut rec).await;
+            splice(&mut client, &mut up, &mut rec, COPY_BUF).await;
         });
         if client_resets {
             reset(client_far);
