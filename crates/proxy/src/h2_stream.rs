@@ -136,6 +136,15 @@ impl std::fmt::Display for HeadError {
     }
 }
 
+impl std::error::Error for HeadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::H2(e) => Some(e),
+            Self::Status(_) => None,
+        }
+    }
+}
+
 /// An HTTP/2 error as the stream's I/O error: a reset by the peer reads as a TCP reset
 /// would.
 pub(crate) fn io_error(e: h2::Error) -> io::Error {

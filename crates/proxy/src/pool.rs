@@ -350,18 +350,25 @@ impl Pool {
             let mut s = match sender.open(head).await {
                 Ok((response, send)) => Outgoing::new(response, send, OpenCount::new(open)),
                 Err((_, true)) if again => continue,
-                Err((e, _)) => return Err(self.stream_failed(addr, e.to_string())),
+                Err((e, _)) => return Err(self.stream_failed(addr, e)),
             };
             // The hello goes with the request's head; the head of the response comes back at
-            // once, the answer once the peer's proxy has connected to its application.
-            let head = match peer_stream::write_hello(&mut s, hello).await {
-                Ok(()) => s.head().await,
-                Err(e) => return Err(self.stream_failed(addr, e.to_string())),
-            };
-            match head {
-                Ok(()) => {}
-                Err(e) if again && e.unprocessed() => continue,
-                Err(e) => return Err(self.stream_failed(addr, e.to_string())),
+            // once (the answer once the peer's proxy has connected to its application), and
+            // is waited for as long as the answer would be.
+            if let Err(e) = peer_stream::write_hello(&mut s, hello).await {
+                return Err(self.stream_failed(addr, e));
+            }
+            match tokio::time::timeout(peer_stream::FRAME_TIMEOUT, s.head()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if again && e.unprocessed() => continue,
+                Ok(Err(e)) => return Err(self.stream_failed(addr, e)),
+                Err(_) => {
+                    let waited = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {:?}", peer_stream::FRAME_TIMEOUT),
+                    );
+                    return Err(self.stream_failed(addr, waited));
+                }
             }
             self.answer(&mut s, addr, Ok(())).await?;
             return Ok(Some(s));
@@ -415,13 +422,16 @@ impl Pool {
         ctx.metrics.pool_connects.get_or_create(&labels).inc();
     }
 
-    fn stream_failed(&self, addr: SocketAddr, detail: String) -> Error {
-        Error::new(
+    /// A stream on the connection for streams to `addr` that failed with `cause` (classed by
+    /// it: a reset, a timeout).
+    fn stream_failed(&self, addr: SocketAddr, cause: impl Into<crate::error::BoxError>) -> Error {
+        Error::with_cause(
             Kind::Exchange,
             format!(
-                "a stream on the HTTP/2 connection to {}: {detail}",
+                "a stream on the HTTP/2 connection for streams to {}",
                 self.describe(addr)
             ),
+            cause,
         )
     }
 

@@ -393,7 +393,13 @@ async fn serve_mtls(
         return inbound::serve_tcp(shared, tls, port, identity, hello, tcp::COPY_BUF).await;
     }
     let mut drain = shared.drain.signal();
-    if let (true, Some(id)) = (streams, identity.clone()) {
+    if streams {
+        // Streams are admitted by the caller's identity; a certificate without one names no
+        // caller (the handshake checked its chain), so its connection carries nothing.
+        let Some(id) = identity else {
+            tracing::info!(%peer, "a connection for streams without a SPIFFE ID; closed");
+            return;
+        };
         let svc = streams_service(shared.clone(), id);
         drive!(
             builders.streams.serve_connection(TokioIo::new(tls), svc),
