@@ -214,16 +214,6 @@ pub(crate) enum UpStream {
     OnH2(Box<Outgoing>),
 }
 
-impl UpStream {
-    /// What a splice with this stream reads at a time each way.
-    pub(crate) fn copy_buf(&self) -> usize {
-        match self {
-            Self::OnH2(_) => crate::tcp::STREAM_COPY_BUF,
-            _ => crate::tcp::COPY_BUF,
-        }
-    }
-}
-
 impl AsyncRead for UpStream {
     fn poll_read(
         self: Pin<&mut Self>,

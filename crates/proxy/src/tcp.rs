@@ -188,6 +188,14 @@ pub(crate) const COPY_BUF: usize = 8 * 1024;
 /// memory per open connection (32 KiB: the same CPU, 20 KiB more).
 pub(crate) const STREAM_COPY_BUF: usize = 16 * 1024;
 
+/// What a splice with `up` reads at a time each way.
+fn copy_buf(up: &UpStream) -> usize {
+    match up {
+        UpStream::OnH2(_) => STREAM_COPY_BUF,
+        _ => COPY_BUF,
+    }
+}
+
 /// Proxy one accepted connection on an explicit-mode TCP bind (or captured on a TCP
 /// service's virtual IP).
 pub(crate) async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: TcpStream) {
@@ -225,7 +233,7 @@ pub(crate) async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut cli
     let peer_header = snap.peer_header.as_ref();
     match connect_for(&shared.dialer, &cluster, &mut rec, peer_header).await {
         Ok(mut up) => {
-            let buf = up.copy_buf();
+            let buf = copy_buf(&up);
             splice(&mut client, &mut up, &mut rec, buf).await
         }
         Err(e) => rec.fail(&e),
@@ -312,7 +320,7 @@ pub(crate) async fn connect_tunnel(
         let _active = active;
         match on_upgrade.wait().await {
             Ok(mut client) => {
-                let buf = up.copy_buf();
+                let buf = copy_buf(&up);
                 splice(&mut client, &mut up, &mut conn, buf).await
             }
             Err(e) => conn.fail(&Error::with_cause(
