@@ -1420,6 +1420,35 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
     let mut back = [0u8; 8];
     tls.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"from old");
+
+    // A connection for streams carries streams only: an ordinary request on it is refused
+    // (400), not carried to the application, and the stream after it still works.
+    let alpn: &[&[u8]] = &[b"trellis-tcp/h2"];
+    let up_id = "spiffe://trellis.local/ns/test/sa/db-up".parse().unwrap();
+    let cfg = trellis_identity::tls::client_config(&me, vec![up_id], alpn).unwrap();
+    let tcp = tokio::net::TcpStream::connect(up.inbound).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(trellis_identity::tls::inbound_server_name(5432), tcp)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"trellis-tcp/h2"[..])
+    );
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://db.test:5432/")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let got = echo_through(caller.outbound, "db.test:5432", b"still").await;
+    assert_eq!(got.as_deref(), Ok(&b"still"[..]));
 }
 
 /// A tunnel to `authority` through `proxy` (CONNECT), open.
