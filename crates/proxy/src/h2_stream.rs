@@ -5,10 +5,11 @@
 //! method [`crate::peer_stream::STREAM_METHOD`] on that connection as an opaque stream for the
 //! service port the connection is for: the request body carries the caller's bytes, the
 //! response body the callee's. One such connection per endpoint carries up to
-//! [`crate::pool`]'s cap of streams, apart from the connection HTTP requests use. The stream opens with the same hello
-//! and answer as a stream on a connection of its own (`trellis-tcp/2`), so the callee's proxy
-//! admits it, connects to its application and answers the same way; only the mutual-TLS
-//! handshake per stream is gone, as HBONE's CONNECT streams do away with it.
+//! [`crate::peer_stream::MAX_STREAMS`] streams, apart from the connection HTTP requests use.
+//! A stream opens with the same hello and answer as a stream on a connection of its own
+//! (`trellis-tcp/2`), so the callee's proxy admits it, connects to its application and
+//! answers the same way; only the mutual-TLS handshake per stream is gone, as HBONE's
+//! CONNECT streams do away with it.
 //!
 //! A reset travels as a reset: a stream dropped before its end is reset (`CANCEL`), and one
 //! the peer reset reads as `ConnectionReset`, so that each proxy classes the other side's
@@ -89,15 +90,18 @@ impl Outgoing {
         let Recv::Head(response) = &mut self.recv else {
             return Ok(());
         };
-        let resp = match response.await {
-            Ok(r) => r,
-            Err(e) => {
-                self.recv = Recv::Done;
-                return Err(HeadError::H2(e));
-            }
-        };
+        let head = response.await;
+        self.took(head)
+    }
+
+    /// The response's head as it came: its body to read next, else why not.
+    fn took(
+        &mut self,
+        head: Result<http::Response<RecvStream>, h2::Error>,
+    ) -> Result<(), HeadError> {
+        self.recv = Recv::Done;
+        let resp = head.map_err(HeadError::H2)?;
         if resp.status() != StatusCode::OK {
-            self.recv = Recv::Done;
             return Err(HeadError::Status(resp.status()));
         }
         self.recv = Recv::Body(resp.into_body());
@@ -165,23 +169,14 @@ impl AsyncRead for Outgoing {
             let recv = match &mut this.recv {
                 Recv::Done => return Poll::Ready(Ok(())),
                 Recv::Body(r) => r,
+                // Read before the head was waited for: it is waited for here.
                 Recv::Head(response) => {
-                    let resp = match ready!(Pin::new(response).poll(cx)) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            this.recv = Recv::Done;
-                            return Poll::Ready(Err(io_error(e)));
-                        }
-                    };
-                    if resp.status() != StatusCode::OK {
-                        this.recv = Recv::Done;
-                        return Poll::Ready(Err(io::Error::other(format!(
-                            "the peer's proxy answered {} to a stream",
-                            resp.status()
-                        ))));
+                    let head = ready!(Pin::new(response).poll(cx));
+                    match this.took(head) {
+                        Ok(()) => continue,
+                        Err(HeadError::H2(e)) => return Poll::Ready(Err(io_error(e))),
+                        Err(e) => return Poll::Ready(Err(io::Error::other(e))),
                     }
-                    this.recv = Recv::Body(resp.into_body());
-                    continue;
                 }
             };
             match ready!(recv.poll_data(cx)) {
