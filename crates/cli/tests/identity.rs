@@ -1451,6 +1451,109 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
     assert_eq!(got.as_deref(), Ok(&b"still"[..]));
 }
 
+/// A TCP application that answers each read with `name`, a colon and what it read.
+async fn named_echo(name: &'static str) -> std::net::SocketAddr {
+    upstream::tcp(move |mut s| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            let mut out = format!("{name}:").into_bytes();
+            out.extend_from_slice(&buf[..n]);
+            if s.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// A callee's proxy drained (SIGTERM) while streams to it are open on the caller's
+/// connection for streams: those streams go on until their clients close them, every new
+/// stream reaches the other replica (none fails), and the proxy exits once its streams have
+/// ended.
+#[tokio::test]
+async fn a_drained_callee_keeps_its_streams_and_new_ones_go_to_the_other_replica() {
+    let apps = [named_echo("a").await, named_echo("b").await];
+    let cp = ControlProcess::start(BIN, &[]);
+    let mesh = |inbound: [u16; 2]| {
+        let wl = |name: &str, inbound: u16, app: std::net::SocketAddr| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: db }} }}\nspec:\n  address: 127.0.0.1\n  identity: {name}\n  inboundPort: {inbound}\n  ports: {{ db: {} }}\n", app.port())
+        };
+        [
+            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: db, namespace: test }\nspec:\n  selector: { app: db }\n  ports: [{ name: db, port: 5432, targetPort: 1, protocol: TCP }]\n".to_string(),
+            wl("db-a", inbound[0], apps[0]),
+            wl("db-b", inbound[1], apps[1]),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
+        ]
+        .join("---\n")
+    };
+    apply_ok(&cp, mesh([1, 1])).await;
+    let mut a = join_reporting(&cp, "db-a", "test/db-a");
+    let b = join_reporting(&cp, "db-b", "test/db-b");
+    a.wait_ready().await;
+    b.wait_ready().await;
+    apply_ok(&cp, mesh([a.inbound.port(), b.inbound.port()])).await;
+    let caller = join_reporting(&cp, "client", "test/client");
+    caller.wait_ready().await;
+    trellis_test_support::eventually("an answer from db", Duration::from_secs(15), async || {
+        let v = echo_through(caller.outbound, "db.test:5432", b"up?").await;
+        v.ok().filter(|v| v.len() >= 3)
+    })
+    .await;
+    // Streams held open until at least two reached each replica.
+    let mut on_a = Vec::new();
+    let mut on_b = Vec::new();
+    for i in 0..200 {
+        if on_a.len() >= 2 && on_b.len() >= 2 {
+            break;
+        }
+        let mut s = tunnel(caller.outbound, "db.test:5432").await;
+        let msg = format!("open {i}");
+        match ask(&mut s, &msg).await {
+            r if r == format!("a:{msg}") => on_a.push(s),
+            r if r == format!("b:{msg}") => on_b.push(s),
+            r => panic!("unexpected answer {r:?}"),
+        }
+    }
+    assert!(
+        on_a.len() >= 2 && on_b.len() >= 2,
+        "streams on both replicas"
+    );
+
+    a.signal("TERM");
+    // The streams open to the draining replica go on...
+    for (i, s) in on_a.iter_mut().enumerate() {
+        let msg = format!("still {i}");
+        assert_eq!(ask(s, &msg).await, format!("a:{msg}"));
+    }
+    // ...and every new stream reaches the other replica, none failing.
+    for i in 0..30 {
+        let mut s = tunnel(caller.outbound, "db.test:5432").await;
+        let msg = format!("new {i}");
+        assert_eq!(
+            ask(&mut s, &msg).await,
+            format!("b:{msg}"),
+            "new stream {i}"
+        );
+    }
+    // The draining proxy exits once its streams have ended.
+    drop(on_a);
+    assert_eq!(a.wait_exit(Duration::from_secs(20)).await, Some(0));
+    drop(on_b);
+}
+
+/// `msg` sent on `s` to a [`named_echo`]: its answer.
+async fn ask(s: &mut tokio::net::TcpStream, msg: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg.as_bytes()).await.unwrap();
+    let mut back = vec![0u8; msg.len() + 2];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&back).into_owned()
+}
+
 /// A tunnel to `authority` through `proxy` (CONNECT), open.
 async fn tunnel(proxy: std::net::SocketAddr, authority: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
