@@ -73,8 +73,12 @@ impl PeerId {
     }
 
     /// The caller's service, workload, environment and locality from its proxy's
-    /// `x-trellis-peer` (`SERVICE,NAMESPACE/WORKLOAD,ENVIRONMENT,REGION/ZONE`).
-    fn source(&self, v: HeaderValue) -> Source {
+    /// `x-trellis-peer` (`SERVICE,NAMESPACE/WORKLOAD,ENVIRONMENT,REGION/ZONE`). Believed only
+    /// for a workload of the namespace the caller's certificate was issued for: a proxy names
+    /// its own workload, which is in that namespace, so a workload of another namespace is a
+    /// claim its certificate does not back, and none of it is recorded (the caller's SPIFFE
+    /// ID still is).
+    pub(crate) fn source(&self, v: HeaderValue) -> Source {
         let mut m = self.meta.lock().expect("peer meta lock");
         if let Some(p) = m.as_ref().filter(|p| p.raw == v) {
             return p.source.clone();
@@ -86,12 +90,25 @@ impl PeerId {
                 .map(Label::from)
                 .unwrap_or_default()
         };
-        let source = Source {
+        let mut source = Source {
             service: label(parts.next()),
             workload: label(parts.next()),
             environment: label(parts.next()),
             locality: label(parts.next().filter(|l| *l != "/")),
         };
+        let backed = source
+            .workload
+            .as_str()
+            .split_once('/')
+            .is_some_and(|(ns, _)| ns == self.id.namespace);
+        if !backed {
+            tracing::warn!(
+                claimed = %source.workload.as_str(),
+                identity = %self.uri.as_str(),
+                "a caller's proxy named a workload its certificate does not back; not recorded"
+            );
+            source = Source::default();
+        }
         *m = Some(PeerMeta {
             raw: v,
             source: source.clone(),
@@ -455,3 +472,6 @@ pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
