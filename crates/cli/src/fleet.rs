@@ -132,6 +132,15 @@ fn success(f: &Figures) -> String {
     }
 }
 
+/// A row's rate: requests per second, or for a row with only TCP connections, the
+/// connections that ended per second.
+fn rate(f: &Figures) -> String {
+    match (f.requests, f.tcp_closed) {
+        (0, n) if n > 0 => format!("{:.1} conn/s", f.tcp_cps),
+        _ => format!("{:.1}", f.rps),
+    }
+}
+
 fn ms(v: Option<f64>) -> String {
     match v {
         None => "-".into(),
@@ -171,7 +180,7 @@ fn failures(f: &Failures) -> String {
 fn figures(f: &Figures) -> Vec<String> {
     vec![
         success(f),
-        format!("{:.1}", f.rps),
+        rate(f),
         ms(f.latency_ms.p50),
         ms(f.latency_ms.p95),
         ms(f.latency_ms.p99),
@@ -387,7 +396,7 @@ pub(crate) fn print_edges(rows: &[EdgeRow], wide: bool) {
                 e.dst_environment.clone(),
                 if e.mtls { "yes" } else { "no" }.into(),
                 success(f),
-                format!("{:.1}", f.rps),
+                rate(f),
                 ms(f.latency_ms.p99),
                 failures(&f.failures),
             ];
@@ -765,5 +774,14 @@ mod tests {
         };
         assert_eq!(success(&tcp), "80.00% of 5 conn");
         assert_eq!(success(&Figures::default()), "-");
+        // Its rate is of connections; a row with requests keeps its requests' rate.
+        let tcp = Figures {
+            tcp_cps: 0.25,
+            ..tcp
+        };
+        assert_eq!(rate(&tcp), "0.2 conn/s");
+        let http = Figures { rps: 3.0, ..http };
+        assert_eq!(rate(&http), "3.0");
+        assert_eq!(rate(&Figures::default()), "0.0");
     }
 }

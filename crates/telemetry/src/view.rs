@@ -111,6 +111,10 @@ pub struct Figures {
     /// `None` with none.
     #[serde(default)]
     pub tcp_success: Option<f64>,
+    /// TCP connections that ended, per second over the window: a TCP row's rate, as `rps`
+    /// is a row's of requests.
+    #[serde(default)]
+    pub tcp_cps: f64,
     /// Failures.
     pub failures: Failures,
 }
@@ -187,6 +191,7 @@ impl Acc {
             tcp_bytes: self.tcp_bytes,
             tcp_closed: self.tcp_closed,
             tcp_success: ratio(self.tcp_closed - self.tcp_failed, self.tcp_closed),
+            tcp_cps: self.tcp_closed as f64 / window_s,
             failures,
         }
     }

@@ -338,6 +338,8 @@ fn a_tcp_edge_counts_its_connections_and_their_success() {
     // Five ended; the refused one failed (the client's leaving is not the service's).
     assert_eq!((f.tcp_closed, f.tcp_success), (5, Some(0.8)), "{e:?}");
     assert_eq!((f.requests, f.success), (0, None));
+    // Its rate: five ended over the 60-s window.
+    assert!((f.tcp_cps - 5.0 / 60.0).abs() < 1e-9, "{}", f.tcp_cps);
 }
 
 #[test]
