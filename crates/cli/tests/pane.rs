@@ -95,7 +95,7 @@ return { first_ms: first, update_ms: update, nodes: document.querySelectorAll("#
 /// edge's label and colour and the service's success cell.
 const TCP_ONLY: &str = r##"
 const none = { network: [], application: [], policy: [], client: [] };
-const tcp = { rps: 0, requests: 0, success: null, tcp_closed: 5, tcp_success: 0.8,
+const tcp = { rps: 0, requests: 0, success: null, tcp_closed: 5, tcp_success: 0.8, tcp_cps: 0.5,
   latency_ms: { p50: null, p95: null, p99: null }, failures: none };
 const edges = [{ src: "t/web", dst: "t/db-vm", src_environment: "container", dst_environment: "vm", mtls: true, ...tcp }];
 const stat = [{ name: "t/db", environments: ["vm"], ...tcp }];
@@ -103,7 +103,8 @@ window.trellisPane.draw({ stat, edges, diagnose: { verdicts: [] }, proxies: [] }
 const path = document.getElementById("edge-t/web--t/db-vm");
 return { label: document.querySelector("#topology text.label").textContent,
   stroke: path && path.getAttribute("stroke"),
-  service: document.querySelector("#services tbody tr td:nth-child(3)").textContent };
+  service: document.querySelector("#services tbody tr td:nth-child(3)").textContent,
+  rate: document.querySelector("#services tbody tr td:nth-child(4)").textContent };
 "##;
 
 /// With `TRELLIS_SCREENSHOTS=DIR`, a picture of the page as `DIR/file`, scrolled to the
@@ -468,6 +469,7 @@ return paths.length >= 2 && labels.length === paths.length && boxes.length === l
     assert_eq!(v["label"], "5 conn · 80.00%", "{v}");
     assert_eq!(v["stroke"], "#cf222e", "{v}");
     assert_eq!(v["service"], "80.00% of 5 conn", "{v}");
+    assert_eq!(v["rate"], "0.5 conn/s", "{v}");
 
     // The session over raw HTTP: its cookie's flags, and the Host check.
     let host = cp.api.to_string();

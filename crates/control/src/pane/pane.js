@@ -50,6 +50,11 @@ function successText(r) {
   return !r.requests && r.tcp_closed ? `${pct(r.tcp_success)} of ${r.tcp_closed} conn` : pct(r.success);
 }
 
+// A row's or an edge's rate: its requests', or, with none, its TCP connections' that ended.
+function rateText(r) {
+  return !r.requests && r.tcp_closed ? `${(r.tcp_cps || 0).toFixed(1)} conn/s` : r.rps.toFixed(1);
+}
+
 function health(success) {
   if (success == null) return "#999";
   if (success >= 0.999) return "#1a7f37";
@@ -82,7 +87,7 @@ function aggregate(edges) {
     let g = groups.get(k);
     if (!g) {
       g = { src, dst, src_environment: e.src_environment, dst_environment: e.dst_environment, rps: 0, requests: 0, ok: 0,
-            tcp_closed: 0, tcp_ok: 0,
+            tcp_closed: 0, tcp_ok: 0, tcp_cps: 0,
             latency_ms: { p50: null, p99: null }, failures: { network: [], application: [], policy: [], client: [] }, members: [], mtls: true };
       groups.set(k, g);
     }
@@ -90,6 +95,7 @@ function aggregate(edges) {
     g.requests += e.requests;
     g.ok += e.success == null ? 0 : e.success * e.requests;
     g.tcp_closed += e.tcp_closed || 0;
+    g.tcp_cps += e.tcp_cps || 0;
     g.tcp_ok += e.tcp_success == null ? 0 : e.tcp_success * e.tcp_closed;
     g.mtls = g.mtls && e.mtls;
     for (const q of ["p50", "p99"]) {
@@ -204,7 +210,7 @@ async function showWorkload(name) {
   }
   $("workload-edges").querySelector("tbody").innerHTML = state.edges.filter((e) => e.src === name || e.dst === name).map((e) =>
     `<tr><td>${esc(e.src)}</td><td>${esc(e.dst)}</td><td class="${healthClass(successOf(e))}">${successText(e)}</td>` +
-    `<td>${e.rps.toFixed(1)}</td><td>${ms(e.latency_ms && e.latency_ms.p99)}</td><td>${esc(failuresText(e.failures))}</td></tr>`).join("");
+    `<td>${rateText(e)}</td><td>${ms(e.latency_ms && e.latency_ms.p99)}</td><td>${esc(failuresText(e.failures))}</td></tr>`).join("");
   // Its inbound adaptive concurrency limit, as its proxy last reported it.
   try {
     const rows = await api(`/api/v1/stat?kind=workload&namespace=${encodeURIComponent(ns)}&name=${encodeURIComponent(name)}&window=${encodeURIComponent($("window").value)}`);
@@ -227,7 +233,7 @@ function showEdge(e) {
   if (e.members) {
     const worst = [...e.members].sort((a, b) => (successOf(a) ?? 1) - (successOf(b) ?? 1) || b.rps - a.rps).slice(0, 10);
     $("edge-detail").textContent = `${e.src} → ${e.dst}: ${e.members.length} edges, ${e.requests} requests, success ${pct(e.success)}, p99 ≤ ${ms(e.latency_ms.p99)}\n` +
-      `least healthy:\n` + worst.map((m) => `  ${m.src} → ${m.dst}: ${successText(m)} · ${m.rps.toFixed(1)} rps · p99 ${ms(m.latency_ms && m.latency_ms.p99)} · ${failuresText(m.failures)}`).join("\n");
+      `least healthy:\n` + worst.map((m) => `  ${m.src} → ${m.dst}: ${successText(m)} · ${rateText(m)}${m.requests ? " rps" : ""} · p99 ${ms(m.latency_ms && m.latency_ms.p99)} · ${failuresText(m.failures)}`).join("\n");
     return;
   }
   const mine = state.verdicts.filter((v) => JSON.stringify(v.place).includes(`"${e.dst}"`) || JSON.stringify(v.place).includes(`"${e.src}"`));
@@ -264,7 +270,7 @@ function drawServices(rows) {
   };
   body.innerHTML = rows.map((r) =>
     `<tr data-service="${esc(r.name)}"><td>${esc(r.name)}</td><td>${esc((r.environments || []).join(", "))}</td>` +
-    `<td class="${healthClass(successOf(r))}">${successText(r)}</td><td>${r.rps.toFixed(1)}</td>` +
+    `<td class="${healthClass(successOf(r))}">${successText(r)}</td><td>${rateText(r)}</td>` +
     `<td>${ms(r.latency_ms.p50)}</td><td>${ms(r.latency_ms.p99)}</td><td>${esc(failuresText(r.failures))}</td></tr>`).join("");
 }
 
