@@ -204,13 +204,13 @@ fn describe(e: &io::Error, peer: &MeshPeer) -> String {
 }
 
 /// A stream to an upstream: plain TCP, mutual TLS to a peer's proxy on a connection of its
-/// own, or a stream of the HTTP/2 connection to a peer's proxy.
+/// own, or a stream of the HTTP/2 connection for streams to a peer's proxy.
 pub(crate) enum UpStream {
     /// Plain TCP.
     Plain(TcpStream),
     /// Mutual TLS (boxed: its buffers are large).
     Tls(Box<TlsStream<TcpStream>>),
-    /// A stream of the HTTP/2 connection to the peer's proxy.
+    /// A stream of the HTTP/2 connection for streams to the peer's proxy.
     OnH2(Box<Outgoing>),
 }
 
