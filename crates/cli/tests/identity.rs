@@ -1334,7 +1334,17 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
         assert_eq!(connects, 1.0, "connections made to {replica}'s proxy");
     }
     // One connection carries at most 100 streams: held open together, those past it have a
-    // connection each, and every one echoes.
+    // connection each, and every one echoes. (The streams above have ended first: none of
+    // the caller's TCP connections is open.)
+    trellis_test_support::eventually(
+        "the earlier streams ended",
+        Duration::from_secs(10),
+        async || {
+            let open = caller.metric("trellis_tcp_connections_open", &[]).await;
+            (open == 0.0).then_some(())
+        },
+    )
+    .await;
     let before = caller
         .metric(
             "trellis_upstream_connects_total",
