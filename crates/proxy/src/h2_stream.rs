@@ -26,7 +26,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{client::ResponseFuture, RecvStream, SendStream};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -194,9 +194,7 @@ impl AsyncRead for Outgoing {
                 }
             }
         }
-        let n = this.buf.len().min(out.remaining());
-        out.put_slice(&this.buf[..n]);
-        this.buf.advance(n);
+        let n = crate::net::read_held(&mut this.buf, out);
         if let Recv::Body(r) = &mut this.recv {
             let _ = r.flow_control().release_capacity(n);
         }

@@ -1,10 +1,24 @@
 //! Sockets: connecting upstream (with a timeout, Nagle off, and `SO_MARK` so that capture
-//! rules let the proxy's own connections pass) and reading a captured connection's original
-//! destination (`SO_ORIGINAL_DST`, set by the agent's iptables REDIRECT).
+//! rules let the proxy's own connections pass), reading a captured connection's original
+//! destination (`SO_ORIGINAL_DST`, set by the agent's iptables REDIRECT), and handing bytes
+//! already read to a stream's reader.
 
 use std::{io, net::SocketAddr, time::Duration};
 
-use tokio::net::{TcpSocket, TcpStream};
+use bytes::{Buf, Bytes};
+use tokio::{
+    io::ReadBuf,
+    net::{TcpSocket, TcpStream},
+};
+
+/// Move as much of `held` (bytes a stream has read and not yet handed on) into `out` as fits:
+/// how many.
+pub(crate) fn read_held(held: &mut Bytes, out: &mut ReadBuf<'_>) -> usize {
+    let n = held.len().min(out.remaining());
+    out.put_slice(&held[..n]);
+    held.advance(n);
+    n
+}
 
 /// The destination a REDIRECTed connection was addressed to; `None` when it was not
 /// redirected (it came to the listener's own address, or conntrack does not know it).

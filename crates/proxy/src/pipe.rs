@@ -15,7 +15,7 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -188,9 +188,7 @@ impl AsyncRead for Duplex {
                 None => this.ended = true,
             }
         }
-        let n = this.buf.len().min(out.remaining());
-        out.put_slice(&this.buf[..n]);
-        this.buf.advance(n);
+        crate::net::read_held(&mut this.buf, out);
         Poll::Ready(Ok(()))
     }
 }

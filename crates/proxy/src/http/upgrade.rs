@@ -66,8 +66,7 @@ impl AsyncRead for Upgraded {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::H1 { early, .. } if !early.is_empty() => {
-                let n = early.len().min(buf.remaining());
-                buf.put_slice(&early.split_to(n));
+                crate::net::read_held(early, buf);
                 Poll::Ready(Ok(()))
             }
             Self::H1 { io, .. } => Pin::new(io).poll_read(cx, buf),
