@@ -1089,14 +1089,7 @@ async fn control_h2(
         .connect(trellis_identity::tls::mesh_server_name(), tcp)
         .await
         .unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    send
+    h2_over(tls).await
 }
 
 #[tokio::test]
@@ -1445,13 +1438,7 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
         tls.get_ref().1.alpn_protocol(),
         Some(&b"trellis-tcp/h2"[..])
     );
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_over(tls).await;
     let req = http::Request::get("http://db.test:5432/")
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();

@@ -359,17 +359,13 @@ async fn inbound_connect_reaches_a_tcp_port_of_the_local_workload() {
 
 #[tokio::test]
 async fn connect_over_h2_is_tunnelled() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioIo;
     let e = upstream::tcp_echo().await;
     let p = start(&docs(&[
         service("echo", "TCP", &[e]),
         client_workload(&["echo"]),
     ]));
-    let io = TokioIo::new(tokio::net::TcpStream::connect(p.outbound).await.unwrap());
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_over(tokio::net::TcpStream::connect(p.outbound).await.unwrap()).await;
     let req = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri("echo.test:80")

@@ -504,13 +504,7 @@ async fn send_as_proxy(
     let tls = trellis_proxy::control_link::connect_control(&cp.xds.to_string(), Some(&creds), None)
         .await
         .expect("mutual TLS to the control plane");
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_over(tls).await;
     let r = send.send_request(req).await.unwrap();
     let st = r.status().as_u16();
     let body = http_body_util::BodyExt::collect(r.into_body())

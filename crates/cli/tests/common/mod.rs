@@ -8,6 +8,24 @@ pub use trellis_test_support::{client, eventually, upstream, ProxyProcess};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 
+/// An HTTP/2 client over `io`, its connection driven in a task of its own.
+pub async fn h2_over<T, B>(io: T) -> hyper::client::conn::http2::SendRequest<B>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 pub mod fleet;
 #[allow(unused_imports)]
 pub use fleet::*;
