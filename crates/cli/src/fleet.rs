@@ -123,21 +123,25 @@ fn pct(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{:.2}%", v * 100.0))
 }
 
-/// A row's success: its requests', or, for a row with no requests but TCP connections that
-/// ended, theirs ("99.00% of 120 conn").
+/// Whether a row carries only TCP: no requests, and TCP connections that ended. Its success
+/// and rate are then its connections'.
+fn tcp_only(f: &Figures) -> bool {
+    f.requests == 0 && f.tcp_closed > 0
+}
+
+/// A row's success: its requests', or a TCP-only row's connections' ("99.00% of 120 conn").
 fn success(f: &Figures) -> String {
-    match (f.requests, f.tcp_closed) {
-        (0, n) if n > 0 => format!("{} of {n} conn", pct(f.tcp_success)),
-        _ => pct(f.success),
+    match tcp_only(f) {
+        true => format!("{} of {} conn", pct(f.tcp_success), f.tcp_closed),
+        false => pct(f.success),
     }
 }
 
-/// A row's rate: requests per second, or for a row with only TCP connections, the
-/// connections that ended per second.
+/// A row's rate: requests per second, or a TCP-only row's connections that ended per second.
 fn rate(f: &Figures) -> String {
-    match (f.requests, f.tcp_closed) {
-        (0, n) if n > 0 => format!("{:.1} conn/s", f.tcp_cps),
-        _ => format!("{:.1}", f.rps),
+    match tcp_only(f) {
+        true => format!("{:.1} conn/s", f.tcp_cps),
+        false => format!("{:.1}", f.rps),
     }
 }
 

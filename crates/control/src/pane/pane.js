@@ -40,19 +40,23 @@ function healthClass(success) {
   return "bad";
 }
 
-// A row's or an edge's success: its requests', or, with none, its TCP connections' (a
-// database's edge would look idle otherwise).
+// Whether a row or an edge carries only TCP: no requests, and TCP connections that ended.
+// Its success and rate are then its connections' (a database's edge would look idle
+// otherwise).
+function tcpOnly(r) {
+  return !r.requests && r.tcp_closed;
+}
+
 function successOf(r) {
-  return !r.requests && r.tcp_closed ? r.tcp_success : r.success;
+  return tcpOnly(r) ? r.tcp_success : r.success;
 }
 
 function successText(r) {
-  return !r.requests && r.tcp_closed ? `${pct(r.tcp_success)} of ${r.tcp_closed} conn` : pct(r.success);
+  return tcpOnly(r) ? `${pct(r.tcp_success)} of ${r.tcp_closed} conn` : pct(r.success);
 }
 
-// A row's or an edge's rate: its requests', or, with none, its TCP connections' that ended.
 function rateText(r) {
-  return !r.requests && r.tcp_closed ? `${(r.tcp_cps || 0).toFixed(1)} conn/s` : r.rps.toFixed(1);
+  return tcpOnly(r) ? `${(r.tcp_cps || 0).toFixed(1)} conn/s` : r.rps.toFixed(1);
 }
 
 function health(success) {
@@ -161,7 +165,7 @@ function drawTopology(all) {
     const depth = bottom + 30 + i * 22;
     deepest = Math.max(deepest, depth);
     const path = `M${x0},${y0} C${x0},${depth} ${x3},${depth} ${x3},${y3}`;
-    const label = !e.requests && e.tcp_closed
+    const label = tcpOnly(e)
       ? `${e.tcp_closed} conn · ${pct(e.tcp_success)}`
       : `${e.rps.toFixed(1)} rps · ${pct(e.success)} · p99 ${ms(e.latency_ms && e.latency_ms.p99)}`;
     const lx = (x0 + x3) / 2, ly = 0.125 * (y0 + y3) + 0.75 * depth + 15;
@@ -233,7 +237,7 @@ function showEdge(e) {
   if (e.members) {
     const worst = [...e.members].sort((a, b) => (successOf(a) ?? 1) - (successOf(b) ?? 1) || b.rps - a.rps).slice(0, 10);
     $("edge-detail").textContent = `${e.src} → ${e.dst}: ${e.members.length} edges, ${e.requests} requests, success ${pct(e.success)}, p99 ≤ ${ms(e.latency_ms.p99)}\n` +
-      `least healthy:\n` + worst.map((m) => `  ${m.src} → ${m.dst}: ${successText(m)} · ${rateText(m)}${m.requests ? " rps" : ""} · p99 ${ms(m.latency_ms && m.latency_ms.p99)} · ${failuresText(m.failures)}`).join("\n");
+      `least healthy:\n` + worst.map((m) => `  ${m.src} → ${m.dst}: ${successText(m)} · ${rateText(m)}${tcpOnly(m) ? "" : " rps"} · p99 ${ms(m.latency_ms && m.latency_ms.p99)} · ${failuresText(m.failures)}`).join("\n");
     return;
   }
   const mine = state.verdicts.filter((v) => JSON.stringify(v.place).includes(`"${e.dst}"`) || JSON.stringify(v.place).includes(`"${e.src}"`));
