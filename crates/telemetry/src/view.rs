@@ -134,6 +134,12 @@ struct Acc {
     classes: BTreeMap<FailureClass, u64>,
 }
 
+/// Whether an ending of class `c` counts against a service's success: the network's, the
+/// application's and the mesh policy's do; a client's (4xx, went away) does not.
+fn fails_the_service(c: FailureClass) -> bool {
+    !matches!(c.category(), Category::Client | Category::Ok)
+}
+
 impl Acc {
     fn add(&mut self, k: &Key, s: &Counts) {
         self.tcp_opened += u64::from(s.tcp_opened);
@@ -145,7 +151,7 @@ impl Acc {
             self.tcp_closed += closed;
             if k.class != FailureClass::Ok && closed > 0 {
                 *self.classes.entry(k.class).or_default() += closed;
-                if !matches!(k.class.category(), Category::Client | Category::Ok) {
+                if fails_the_service(k.class) {
                     self.tcp_failed += closed;
                 }
             }
@@ -157,7 +163,7 @@ impl Acc {
         // (attempts without a request) show in the actual success only.
         if k.class != FailureClass::Ok && s.requests > 0 {
             *self.classes.entry(k.class).or_default() += s.requests;
-            if !matches!(k.class.category(), Category::Client | Category::Ok) {
+            if fails_the_service(k.class) {
                 self.failed += s.requests;
             }
         }
