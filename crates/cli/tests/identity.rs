@@ -639,8 +639,8 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
     let inbound = callee.inbound.port();
 
-    // HTTP/1.1 from the application, HTTP/2 over mutual TLS between the proxies: the callee
-    // names the caller.
+    // HTTP/1.1 from the application, HTTP/1.1 on a stream of the one mutual-TLS connection
+    // between the proxies (`trellis-mux/1`): the callee names the caller.
     eventually("HTTP over mTLS", Duration::from_secs(10), async || {
         let (st, _, body) = via(&caller, "b.test").await;
         (st == 200 && body == "peer-app").then_some(())
@@ -653,7 +653,7 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
         })
         .await;
     assert_eq!(line["source_identity"], client_id, "{line}");
-    assert_eq!(line["protocol"], "HTTP/2", "{line}");
+    assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
     // Several HTTP/1.1 requests at once, streams of the one connection: each names the caller.
     let many = (0..6).map(|_| async {
         let r = client::get_full(caller.outbound, "b.test", "/many", &[])
@@ -682,9 +682,9 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     .await;
     for l in &lines {
         assert_eq!(l["source_identity"], client_id, "{l}");
-        assert_eq!(l["protocol"], "HTTP/2", "{l}");
+        assert_eq!(l["protocol"], "HTTP/1.1", "{l}");
     }
-    // A request body larger than a TLS record and the HTTP/2 stream's first frames, and
+    // A request body larger than a TLS record and a stream's window, and
     // requests after it on the same client connection.
     let mut c = client::Conn::h1(caller.outbound).await;
     for _ in 0..2 {
@@ -697,7 +697,7 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
         let r = c.get("b.test", "/after").await.unwrap();
         assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"peer-app"[..]));
     }
-    // An HTTP/2 client's requests ride the same way.
+    // An HTTP/2 client's requests to this HTTP/1.1 service ride the same way.
     let mut h2 = client::Conn::h2(caller.outbound).await;
     let r = h2.get("b.test", "/h2").await.unwrap();
     assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"peer-app"[..]));
@@ -707,7 +707,16 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
         })
         .await;
     assert_eq!(line["source_identity"], client_id, "{line}");
-    assert_eq!(line["protocol"], "HTTP/2", "{line}");
+    assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
+    // All of it on one connection to the callee's proxy: concurrent requests, bodies past a
+    // stream's window (256 KiB), both clients.
+    let connects = caller
+        .metric(
+            "trellis_upstream_connects_total",
+            &[("endpoint", callee.inbound.to_string().as_str())],
+        )
+        .await;
+    assert_eq!(connects, 1.0, "connections made to the callee's proxy");
     // Opaque TCP (a CONNECT tunnel at the caller) rides mutual TLS too.
     assert_eq!(
         echo_through(caller.outbound, "t.test:5000", b"over mtls")

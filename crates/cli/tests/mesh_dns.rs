@@ -22,10 +22,10 @@ async fn dnsmasq() -> (Proc, u16) {
     let logs = Temp::dir("dnsmasq");
     let mut errors = String::new();
     for _ in 0..5 {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("bind udp")
-            .port();
+        // dnsmasq listens on the port over UDP and TCP: a port free for both (a port taken
+        // only for TCP, one of the many connections the other tests make, failed it with
+        // "Address already in use").
+        let port = free_udp_and_tcp_port();
         let err = logs.join(format!("stderr-{port}"));
         let mut p = Proc(
             Command::new("dnsmasq")
@@ -55,6 +55,17 @@ async fn dnsmasq() -> (Proc, u16) {
         );
     }
     panic!("dnsmasq never answered:\n{errors}");
+}
+
+/// A port of 127.0.0.1 that was free for UDP and for TCP alike just now.
+fn free_udp_and_tcp_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = tcp.local_addr().expect("tcp address").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// `dig` against the agent over UDP: (status, answers).

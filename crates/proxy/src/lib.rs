@@ -30,6 +30,7 @@ pub(crate) mod listen;
 pub(crate) mod metrics;
 pub(crate) mod mirrors;
 pub(crate) mod mtls;
+pub(crate) mod mux;
 pub mod net;
 pub(crate) mod notify;
 pub mod options;

@@ -4,8 +4,9 @@
 //!
 //! A caller reaches a meshed endpoint at its proxy's inbound listener, names the service port
 //! in the TLS server name ([`trellis_identity::tls::inbound_server_name`]) and asks by ALPN
-//! for HTTP/2 (every HTTP request, whatever the application speaks: one multiplexed
-//! connection per peer), for HTTP/2 that carries opaque TCP streams ([`ALPN_TCP_STREAMS`]: one
+//! for streams of HTTP/1.1 ([`crate::mux::ALPN_MUX`]: requests to an HTTP/1.1 service, one
+//! connection per peer), HTTP/2 (requests to an HTTP/2 or gRPC service, and all of them to
+//! a peer's proxy older than the streams: one multiplexed connection per peer), for HTTP/2 that carries opaque TCP streams ([`ALPN_TCP_STREAMS`]: one
 //! more connection per peer, [`crate::h2_stream`]), or for one opaque TCP stream on a
 //! connection of its own ([`ALPN_TCP_HELLO`], which opens with a hello and an answer:
 //! [`crate::peer_stream`]; or [`ALPN_TCP`], the bare stream a proxy older than that speaks).
@@ -41,6 +42,8 @@ pub(crate) use trellis_identity::tls::ALPN_TCP;
 /// What a connection to a peer carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Purpose {
+    /// HTTP/1.1 exchanges, each pooled connection a stream of one connection.
+    Http1Streams,
     /// HTTP/2.
     Http2,
     /// Opaque TCP, a connection per stream.
@@ -56,6 +59,7 @@ impl Purpose {
     /// The protocols offered, preferred first.
     fn alpn(self) -> &'static [&'static [u8]] {
         match self {
+            Self::Http1Streams => &[crate::mux::ALPN_MUX],
             Self::Http2 => &[b"h2"],
             Self::TcpStreams => &[ALPN_TCP_STREAMS],
             Self::Tcp => &[ALPN_TCP_HELLO, ALPN_TCP],

@@ -1,5 +1,6 @@
 //! Per-endpoint upstream connections: a list of idle HTTP/1.1 connections and one shared,
-//! multiplexed HTTP/2 connection.
+//! multiplexed HTTP/2 connection; for an endpoint behind a peer's proxy, the HTTP/1.1
+//! connections are streams of one connection to that proxy ([`crate::mux`]).
 //!
 //! HTTP/1.1 connections are the proxy's own ([`crate::h1`]), driven by the request task;
 //! HTTP/2 connections are the proxy's own client over `h2` ([`crate::h2_client`]). Either
@@ -32,6 +33,7 @@ use crate::{
     h2_stream::{OpenCount, Outgoing},
     metrics::{ClusterLabels, EndpointLabels, Metrics},
     mtls::{MeshTls, Purpose, TlsFailed, UpStream},
+    mux::{Mux, MuxStream},
     net::{connect_timeout, ConnectFailure},
     peer_stream::{self, Answer, ALPN_TCP_HELLO},
     slot::Slot,
@@ -41,6 +43,21 @@ use crate::{
 /// answer may take: a peer cut off (a dropped link, a dead host) fails the requests on the
 /// connection within both, rather than when the kernel gives up after many minutes.
 pub(crate) const MESH_KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// TCP keep-alive on the connection for HTTP/1.1 streams to a peer's proxy, in place of
+/// HTTP/2's PINGs: probes after [`MESH_KEEPALIVE`] of silence, the connection closed when one
+/// is not answered within as long, and unacknowledged data (a request sent into a cut link)
+/// fails after twice that. A request waiting on a peer cut off thus fails within about 20 s,
+/// as over HTTP/2, rather than after the kernel's two hours.
+fn mesh_keepalive(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(MESH_KEEPALIVE)
+        .with_interval(MESH_KEEPALIVE)
+        .with_retries(1);
+    let _ = sock.set_tcp_keepalive(&ka);
+    let _ = sock.set_tcp_user_timeout(Some(2 * MESH_KEEPALIVE));
+}
 
 /// What every connection of this proxy is made with: its metrics, its client TLS (when it
 /// has an identity) and the socket mark.
@@ -94,6 +111,17 @@ pub(crate) struct Pool {
     h2: Mutex<Option<(H2Sender, Instant)>>,
     /// The HTTP/2 connection for opaque streams to the peer's proxy.
     streams: Mutex<Streams>,
+    /// The connection whose streams carry HTTP/1.1 to the peer's proxy.
+    mux: Mutex<MuxConn>,
+}
+
+/// The connection for HTTP/1.1 streams to a peer's proxy, if any, and whether that proxy
+/// refused one.
+#[derive(Default)]
+struct MuxConn {
+    conn: Option<(Mux, Instant)>,
+    /// The peer's proxy agreed to no such connection: HTTP/2 until then.
+    refused_until: Option<Instant>,
 }
 
 /// How long a peer's proxy that took no streams is not asked again: a connection per stream
@@ -130,6 +158,7 @@ impl Pool {
             idle: Arc::new(Idle::new(idle_timeout)),
             h2: Mutex::new(None),
             streams: Mutex::default(),
+            mux: Mutex::default(),
         }
     }
 
@@ -158,6 +187,15 @@ impl Pool {
                     && now.saturating_duration_since(c.used) >= self.idle.timeout())
         }) {
             st.conn = None;
+        }
+        drop(st);
+        let mut mux = self.mux.lock().expect("pool lock");
+        if mux.conn.as_ref().is_some_and(|(m, used)| {
+            !m.is_usable()
+                || (m.open_streams() == 0
+                    && now.saturating_duration_since(*used) >= self.idle.timeout())
+        }) {
+            mux.conn = None;
         }
     }
 
@@ -221,10 +259,12 @@ impl Pool {
         }
     }
 
-    /// Whether requests go out as HTTP/2: those of an HTTP/2 cluster, and all those to a peer
-    /// proxy, which carries any HTTP over one multiplexed connection.
-    pub(crate) fn uses_h2(&self, cluster_h2: bool, ctx: &ConnectCtx<'_>) -> bool {
-        cluster_h2 || (self.mesh.is_some() && ctx.tls.is_some())
+    /// Whether requests go out as HTTP/2: those of an HTTP/2 cluster. The others go as
+    /// HTTP/1.1, to a peer's proxy on streams of one connection ([`crate::mux`]); a peer's
+    /// proxy that takes no such streams (older than this) gets them as HTTP/2 instead
+    /// ([`Self::connect`] hands out its HTTP/2 connection).
+    pub(crate) fn uses_h2(&self, cluster_h2: bool) -> bool {
+        cluster_h2
     }
 
     /// Who `addr` is, for an error: "the proxy of shop/catalog-1 (app 10.0.0.5:8080) at
@@ -477,9 +517,19 @@ impl Pool {
         }
     }
 
-    /// Open a new connection (not pooled until checked in).
+    /// Open a new connection (not pooled until checked in). An HTTP/1.1 one to an endpoint
+    /// behind a peer's proxy is a stream of the connection to that proxy; if the proxy takes
+    /// no such streams, the HTTP/2 connection to it is handed out instead.
     pub(crate) async fn connect(&self, h2: bool, ctx: &ConnectCtx<'_>) -> Result<Sender, Error> {
         let via = self.via_mesh(ctx)?;
+        if let (false, Some(peer), Some(tls)) = (h2, via, ctx.tls) {
+            if let Some(s) = self.mux_stream(ctx, peer, tls).await? {
+                return Ok(Sender::H1(Box::new(Conn::over_mux(s))));
+            }
+            if let Some(s) = self.pooled_h2(Instant::now()) {
+                return Ok(Sender::H2(s));
+            }
+        }
         let permit = ctx.slot()?;
         let addr = via.map_or(self.addr, |p| p.inbound);
         let stream = self.tcp(addr, ctx).await?;
@@ -513,22 +563,71 @@ impl Pool {
         Ok(Sender::H2(s))
     }
 
-    /// Open a new HTTP/1.1 connection (not pooled until checked in), to an endpoint reached
-    /// in plaintext.
+    /// Open a new HTTP/1.1 connection (not pooled until checked in): to an endpoint reached
+    /// in plaintext, or a stream to its proxy.
     pub(crate) async fn connect_h1(&self, ctx: &ConnectCtx<'_>) -> Result<Box<Conn>, Error> {
-        if self.via_mesh(ctx)?.is_some() {
-            return Err(Error::new(
-                Kind::Protocol,
-                format!(
-                    "{}: an HTTP/1.1 connection to an endpoint behind a peer proxy",
-                    ctx.cluster
-                ),
-            ));
-        }
         match self.connect(false, ctx).await? {
             Sender::H1(c) => Ok(c),
-            Sender::H2(_) => unreachable!("asked for HTTP/1.1"),
+            Sender::H2(_) => Err(Error::new(
+                Kind::Protocol,
+                format!(
+                    "{}: the proxy of {} takes no HTTP/1.1 streams (it is older than this one)",
+                    ctx.cluster, self.workload
+                ),
+            )),
         }
+    }
+
+    /// A new stream for HTTP/1.1 on the connection to `peer`'s proxy (pooled, else made
+    /// now). `None` when that proxy takes no such streams (it is older than this; asked
+    /// again after [`STREAMS_ASK_AGAIN`]).
+    async fn mux_stream(
+        &self,
+        ctx: &ConnectCtx<'_>,
+        peer: &MeshPeer,
+        tls: &MeshTls,
+    ) -> Result<Option<MuxStream>, Error> {
+        {
+            let now = Instant::now();
+            let mut st = self.mux.lock().expect("pool lock");
+            if st.refused_until.is_some_and(|t| now < t) {
+                return Ok(None);
+            }
+            if let Some((m, used)) = st.conn.as_mut() {
+                if let Some(s) = m.open() {
+                    *used = now;
+                    return Ok(Some(s));
+                }
+            }
+        }
+        let permit = ctx.slot()?;
+        let addr = peer.inbound;
+        let stream = self.tcp(addr, ctx).await?;
+        self.count_connect(ctx, addr);
+        mesh_keepalive(&stream);
+        let slot = Slot::new(permit, ctx.open_gauge());
+        let tls = match tls
+            .connect(stream, peer, ctx.port, Purpose::Http1Streams)
+            .await
+        {
+            Ok(t) => t,
+            Err(f) if f.no_protocol => {
+                let until = Instant::now() + STREAMS_ASK_AGAIN;
+                self.mux.lock().expect("pool lock").refused_until = Some(until);
+                return Ok(None);
+            }
+            Err(f) => return Err(self.tls_failed(addr, f)),
+        };
+        let (mux, conn) = Mux::client(tls);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "a connection for HTTP/1.1 streams ended");
+            }
+        });
+        let s = mux.open();
+        self.mux.lock().expect("pool lock").conn = Some((mux, Instant::now()));
+        Ok(s)
     }
 
     /// A connection of its own for a request that asks to switch protocols (WebSocket): to

@@ -29,13 +29,13 @@ use bytes::{Bytes, BytesMut};
 use http::{Method, Request};
 use http_body::{Body, Frame, SizeHint};
 use tokio::{
-    io::{AsyncWriteExt, Interest},
+    io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
     net::TcpStream,
     time::Sleep,
 };
 
 use self::codec::{Decoded, Decoder, Head, ParseError, ReqFraming};
-use crate::slot::Slot;
+use crate::{mux::MuxStream, slot::Slot};
 
 /// A boxed body error (the client's body, read while it is sent upstream).
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -90,9 +90,102 @@ impl H1Error {
     }
 }
 
+/// What an HTTP/1.1 connection runs over: a socket, or a stream of the connection to a
+/// peer's proxy that carries many ([`crate::mux`]). Read and written through `&self`, so
+/// that a body can be sent while the answer is read.
+pub(crate) enum Link {
+    Tcp(TcpStream),
+    Mux(MuxStream),
+}
+
+impl Link {
+    /// Read more into `rbuf`: `Ok(0)` at the peer's end.
+    fn poll_fill(
+        &self,
+        rbuf: &mut BytesMut,
+        read_size: &mut usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Self::Tcp(s) => poll_fill(s, rbuf, read_size, cx),
+            Self::Mux(s) => s.poll_read_into(cx, rbuf),
+        }
+    }
+
+    /// Write all of `buf`.
+    pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Tcp(io) => {
+                while !buf.is_empty() {
+                    match io.try_write(buf) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => buf = &buf[n..],
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            Self::Mux(s) => s.send_all(buf).await,
+        }
+    }
+
+    /// Whether an idle connection still looks usable: not closed by the peer, and nothing
+    /// unasked-for sent on it. Costs no system call while a socket is not readable.
+    fn is_alive(&self) -> bool {
+        match self {
+            Self::Tcp(s) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Self::Mux(s) => s.is_usable(),
+        }
+    }
+}
+
+impl AsyncRead for Link {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Mux(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Mux(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Mux(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Mux(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// An upstream HTTP/1.1 connection.
 pub(crate) struct Conn {
-    io: TcpStream,
+    io: Link,
     rbuf: BytesMut,
     wbuf: BytesMut,
     read_size: usize,
@@ -101,11 +194,26 @@ pub(crate) struct Conn {
     /// One timer for the connection's exchanges, armed at the first wait and moved only when
     /// it fires before the current exchange's deadline: most exchanges cost it nothing.
     timer: Option<Pin<Box<Sleep>>>,
-    _slot: Slot,
+    /// Its place in the cluster's connection bound (a stream to a peer's proxy has none: its
+    /// connection holds it).
+    _slot: Option<Slot>,
 }
 
 impl Conn {
     pub(crate) fn new(io: TcpStream, slot: Slot) -> Self {
+        Self::with(Link::Tcp(io), Some(slot))
+    }
+
+    /// A stream to a peer's proxy, as a connection. It counts as reused: a stream that meets
+    /// a connection the peer just closed (as it drained) before any answer came is stale as a
+    /// pooled socket is, and its idempotent request is sent once more.
+    pub(crate) fn over_mux(stream: MuxStream) -> Self {
+        let mut c = Self::with(Link::Mux(stream), None);
+        c.reused = true;
+        c
+    }
+
+    fn with(io: Link, slot: Option<Slot>) -> Self {
         Self {
             io,
             rbuf: BytesMut::new(),
@@ -118,10 +226,9 @@ impl Conn {
     }
 
     /// Whether an idle connection still looks usable: not closed by the peer, and nothing
-    /// unasked-for sent on it. Costs no system call while the socket is not readable.
+    /// unasked-for sent on it.
     pub(crate) fn is_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.io.is_alive()
     }
 
     pub(crate) fn mark_reused(&mut self) {
@@ -196,7 +303,7 @@ fn poll_deadline(
 
 /// Read until `rbuf` holds a final (or 101) response head, and take it.
 fn poll_head(
-    io: &TcpStream,
+    io: &Link,
     rbuf: &mut BytesMut,
     read_size: &mut usize,
     method: &Method,
@@ -207,7 +314,7 @@ fn poll_head(
             return Poll::Ready(Ok(head));
         }
         let before = rbuf.len();
-        match ready!(poll_fill(io, rbuf, read_size, cx)) {
+        match ready!(io.poll_fill(rbuf, read_size, cx)) {
             Ok(0) => return Poll::Ready(Err(H1Error::Closed(before == 0))),
             Ok(_) => {}
             Err(e) => return Poll::Ready(Err(e.into())),
@@ -315,7 +422,7 @@ where
         Wait::Until(t) => Some(t),
         Wait::Forever | Wait::Idle(_) => None,
     };
-    let (rd, mut wr) = io.split();
+    let (rd, wr) = (&*io, &*io);
     let mut write = pin!(async {
         let coalesce = matches!(framing, ReqFraming::Length(n) if n <= COALESCE);
         if !coalesce {
@@ -363,7 +470,7 @@ where
                 written = Some(r);
             }
         }
-        match poll_head(rd.as_ref(), rbuf, read_size, method, cx) {
+        match poll_head(rd, rbuf, read_size, method, cx) {
             Poll::Ready(Ok(head)) => {
                 Poll::Ready(Ok((head, matches!(written, Some(Ok(())))))) // early answers end reuse
             }
@@ -427,7 +534,7 @@ impl From<BodyRead> for H1Error {
 /// bodies read from upstreams and request bodies read from clients.
 fn poll_body_frame(
     decoder: &mut Decoder,
-    io: &TcpStream,
+    io: &Link,
     rbuf: &mut BytesMut,
     read_size: &mut usize,
     cx: &mut Context<'_>,
@@ -437,7 +544,7 @@ fn poll_body_frame(
             Ok(Decoded::Data(d)) => return Poll::Ready(Ok(Some(Frame::data(d)))),
             Ok(Decoded::Trailers(t)) => return Poll::Ready(Ok(Some(Frame::trailers(t)))),
             Ok(Decoded::End) => return Poll::Ready(Ok(None)),
-            Ok(Decoded::NeedMore) => match ready!(poll_fill(io, rbuf, read_size, cx)) {
+            Ok(Decoded::NeedMore) => match ready!(io.poll_fill(rbuf, read_size, cx)) {
                 Ok(0) if decoder.at_eof() => return Poll::Ready(Ok(None)),
                 Ok(0) => return Poll::Ready(Err(BodyRead::Closed)),
                 Ok(_) => {}
@@ -584,6 +691,6 @@ impl Body for H1Body {
 }
 
 /// An upgraded upstream connection: the socket, and what the server sent after its 101.
-pub(crate) fn into_upgraded(conn: Conn) -> (TcpStream, Bytes, Slot) {
+pub(crate) fn into_upgraded(conn: Conn) -> (Link, Bytes, Option<Slot>) {
     (conn.io, conn.rbuf.freeze(), conn._slot)
 }

@@ -31,8 +31,9 @@ use tokio::{
 
 use super::{
     codec::{self, BodyOut, Decoder, ParseError, ReqFraming, RequestError, RespFraming},
-    poll_body_frame, poll_fill, BodyRead, BoxError, COALESCE, MIN_READ,
+    poll_body_frame, BodyRead, BoxError, Link, COALESCE, MIN_READ,
 };
+use crate::mux::MuxStream;
 
 /// Limits of a client connection.
 #[derive(Clone, Copy, Debug)]
@@ -66,7 +67,7 @@ struct Current {
 
 /// One client connection speaking HTTP/1.1.
 pub(crate) struct ServerConn {
-    io: Arc<TcpStream>,
+    io: Arc<Link>,
     reader: Option<Reader>,
     home: Option<Home>,
     wbuf: BytesMut,
@@ -108,6 +109,19 @@ impl ServerConn {
         limits: Limits,
         drained: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Self {
+        Self::with(Link::Tcp(io), limits, drained)
+    }
+
+    /// Serve a stream of a peer proxy's connection ([`crate::mux`]) as a connection.
+    pub(crate) fn over_mux(
+        stream: MuxStream,
+        limits: Limits,
+        drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Self {
+        Self::with(Link::Mux(stream), limits, drained)
+    }
+
+    fn with(io: Link, limits: Limits, drained: Pin<Box<dyn Future<Output = ()> + Send>>) -> Self {
         Self {
             io: Arc::new(io),
             reader: Some(Reader {
@@ -175,7 +189,9 @@ impl ServerConn {
             }
             framing => {
                 if expect_continue
-                    && write_all(&self.io, b"HTTP/1.1 100 Continue\r\n\r\n")
+                    && self
+                        .io
+                        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                         .await
                         .is_err()
                 {
@@ -227,7 +243,7 @@ impl ServerConn {
                     Err(e) => return Poll::Ready(Err(Stop::Bad(e))),
                 }
             }
-            match poll_fill(&self.io, &mut rd.rbuf, &mut rd.read_size, cx) {
+            match self.io.poll_fill(&mut rd.rbuf, &mut rd.read_size, cx) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(Stop::Closed)),
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Pending => break,
@@ -248,6 +264,36 @@ impl ServerConn {
                 return Poll::Ready(Err(Stop::TimedOut));
             }
             self.timer.as_mut().reset(*deadline);
+        }
+    }
+
+    /// Run `f` (the request's handling) while the client is there: a stream of a peer
+    /// proxy's connection that the peer resets (its caller gave up, say at its timeout)
+    /// drops `f`, as HTTP/2 drops a reset stream's request, so that the request is
+    /// recorded as the client's disconnect and its upstream exchange ends. `None` then. A
+    /// socket's client is not watched here (that would cost a readiness check per request);
+    /// its close is noticed when the response is written.
+    pub(crate) fn while_connected<'a, F: Future + 'a>(
+        &'a self,
+        f: F,
+    ) -> impl Future<Output = Option<F::Output>> + 'a {
+        // Only the link is borrowed across the wait: the connection is not `Sync`.
+        let io: &Link = &self.io;
+        async move {
+            let Link::Mux(s) = io else {
+                return Some(f.await);
+            };
+            let mut f = pin!(f);
+            poll_fn(|cx| {
+                if let Poll::Ready(out) = f.as_mut().poll(cx) {
+                    return Poll::Ready(Some(out));
+                }
+                if s.poll_gone(cx) {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await
         }
     }
 
@@ -354,7 +400,7 @@ impl ServerConn {
                 .await;
                 let frame = match step {
                     None => {
-                        if write_all(&self.io, &self.wbuf).await.is_err() {
+                        if self.io.write_all(&self.wbuf).await.is_err() {
                             return false;
                         }
                         self.wbuf.clear();
@@ -379,8 +425,8 @@ impl ServerConn {
                         if self.wbuf.len() + data.len() <= COALESCE as usize {
                             self.wbuf.extend_from_slice(&data);
                         } else {
-                            if write_all(&self.io, &self.wbuf).await.is_err()
-                                || write_all(&self.io, &data).await.is_err()
+                            if self.io.write_all(&self.wbuf).await.is_err()
+                                || self.io.write_all(&data).await.is_err()
                             {
                                 return false;
                             }
@@ -400,11 +446,11 @@ impl ServerConn {
                 );
             }
             if remaining.is_some_and(|r| r > 0) {
-                let _ = write_all(&self.io, &self.wbuf).await;
+                let _ = self.io.write_all(&self.wbuf).await;
                 return false;
             }
         }
-        let ok = write_all(&self.io, &self.wbuf).await.is_ok();
+        let ok = self.io.write_all(&self.wbuf).await.is_ok();
         self.wbuf.clear();
         ok
     }
@@ -418,7 +464,9 @@ impl ServerConn {
             Some(rd) => Some(rd),
             None => self.home.and_then(|h| h.lock().expect("home lock").take()),
         };
-        if let (Some(rd), Ok(io)) = (rd, Arc::try_unwrap(self.io)) {
+        // A stream of a peer's connection is not switched: callers send upgrades to peers on
+        // connections of their own.
+        if let (Some(rd), Ok(Link::Tcp(io))) = (rd, Arc::try_unwrap(self.io)) {
             let _ = tx.send(Switched {
                 io,
                 early: rd.rbuf.freeze(),
@@ -429,7 +477,12 @@ impl ServerConn {
 
 /// Whether the client closed its connection (or it failed); registers for readiness when it
 /// cannot tell yet. Data waiting to be read ends the watch (`watch` set to false).
-fn closed(io: &TcpStream, watch: &mut bool, cx: &mut Context<'_>) -> bool {
+fn closed(io: &Link, watch: &mut bool, cx: &mut Context<'_>) -> bool {
+    let io = match io {
+        Link::Tcp(s) => s,
+        // A stream: the peer reset it, or its connection ended.
+        Link::Mux(s) => return s.poll_gone(cx),
+    };
     let mut probe = [0u8; 1];
     let mut buf = tokio::io::ReadBuf::new(&mut probe);
     match io.poll_peek(cx, &mut buf) {
@@ -442,22 +495,15 @@ fn closed(io: &TcpStream, watch: &mut bool, cx: &mut Context<'_>) -> bool {
     }
 }
 
-async fn write_all(io: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        match io.try_write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Before closing after an error answer: stop sending, and read (and drop) what the client
 /// still sends for a moment, so that the close does not reset the connection and destroy
 /// the answer before the client reads it.
-async fn linger(io: &TcpStream) {
+async fn linger(io: &Link) {
+    let io = match io {
+        Link::Tcp(s) => s,
+        // A stream ends cleanly, its answer queued before the end.
+        Link::Mux(s) => return s.finish(),
+    };
     let _ = socket2::SockRef::from(io).shutdown(std::net::Shutdown::Write);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let mut sink = [0u8; 4096];
@@ -479,7 +525,7 @@ async fn linger(io: &TcpStream) {
 
 /// A request body read from the client's connection.
 pub(crate) struct ReqBody {
-    io: Arc<TcpStream>,
+    io: Arc<Link>,
     reader: Option<Reader>,
     decoder: Decoder,
     home: Home,
@@ -510,7 +556,7 @@ impl From<BodyRead> for BodyError {
 }
 
 impl ReqBody {
-    fn new(io: Arc<TcpStream>, rd: Reader, framing: ReqFraming, home: Home) -> Self {
+    fn new(io: Arc<Link>, rd: Reader, framing: ReqFraming, home: Home) -> Self {
         let decoder = Decoder::new(match framing {
             ReqFraming::None => RespFraming::Empty,
             ReqFraming::Length(n) => RespFraming::Length(n),

@@ -24,7 +24,7 @@ use crate::{
     h1::server::{Incoming as H1Incoming, Limits, ServerConn},
     inbound::{self, Caller, PeerId},
     metrics::{Direction, Label},
-    outbound, peer_stream,
+    mux, outbound, peer_stream,
     pool::MESH_KEEPALIVE,
     shared::Shared,
     stages::{
@@ -210,40 +210,8 @@ pub(crate) async fn serve(
     };
     if let Sniff::Http1 = kind {
         let drained = Box::pin(shared.drain.idle_ends());
-        let mut conn = ServerConn::new(stream, builders.h1, drained);
-        loop {
-            let req = match conn.next_request().await {
-                H1Incoming::Request(req) => req,
-                H1Incoming::Done => break,
-                // Boxed: rare, and their futures would grow every request's.
-                H1Incoming::Malformed(e) => {
-                    let status = e.status().as_u16();
-                    let e = Error::with_cause(Kind::BadRequest, format!("request from {peer}"), e)
-                        .with_status(status);
-                    Box::pin(conn.reject(refusal(&shared, &listener, e))).await;
-                    break;
-                }
-                H1Incoming::HeadTimeout => {
-                    let e = Error::new(
-                        Kind::HeadTimeout,
-                        format!(
-                            "the request head from {peer} did not end within {:?}",
-                            builders.h1.header_read_timeout
-                        ),
-                    )
-                    .with_status(408);
-                    Box::pin(conn.reject(refusal(&shared, &listener, e))).await;
-                    break;
-                }
-            };
-            let req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
-            let resp = handle(&shared, &listener, req, &caller).await;
-            if !conn.respond(resp, shared.drain.draining()).await {
-                break;
-            }
-        }
-        conn.finish();
-        return;
+        let conn = ServerConn::new(stream, builders.h1, drained);
+        return serve_h1(&shared, &builders, &listener, conn, &caller).await;
     }
     let svc = hyper_service(shared.clone(), listener, caller);
     let io = TokioIo::new(stream);
@@ -252,6 +220,98 @@ pub(crate) async fn serve(
         Sniff::Http2 => drive!(builders.h2.serve_connection(io, svc), drain),
         _ => drive!(builders.auto.serve_connection_with_upgrades(io, svc), drain),
     }
+}
+
+/// Serve an HTTP/1.1 connection with the proxy's own server: a client's socket, or a stream
+/// of a peer proxy's connection ([`mux`]).
+async fn serve_h1(
+    shared: &Arc<Shared>,
+    builders: &Builders,
+    listener: &Listener,
+    mut conn: ServerConn,
+    caller: &Caller,
+) {
+    let peer = caller.addr;
+    loop {
+        let req = match conn.next_request().await {
+            H1Incoming::Request(req) => req,
+            H1Incoming::Done => break,
+            // Boxed: rare, and their futures would grow every request's.
+            H1Incoming::Malformed(e) => {
+                let status = e.status().as_u16();
+                let e = Error::with_cause(Kind::BadRequest, format!("request from {peer}"), e)
+                    .with_status(status);
+                Box::pin(conn.reject(refusal(shared, listener, e))).await;
+                break;
+            }
+            H1Incoming::HeadTimeout => {
+                let e = Error::new(
+                    Kind::HeadTimeout,
+                    format!(
+                        "the request head from {peer} did not end within {:?}",
+                        builders.h1.header_read_timeout
+                    ),
+                )
+                .with_status(408);
+                Box::pin(conn.reject(refusal(shared, listener, e))).await;
+                break;
+            }
+        };
+        let req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
+        let Some(resp) = conn
+            .while_connected(handle(shared, listener, req, caller))
+            .await
+        else {
+            break;
+        };
+        if !conn.respond(resp, shared.drain.draining()).await {
+            break;
+        }
+    }
+    conn.finish();
+}
+
+/// A peer proxy's connection for HTTP/1.1 streams ([`mux`]): each stream is served as an
+/// HTTP/1.1 connection of its own, in a task of its own, with what the connection knows of
+/// its caller. As the proxy drains, the caller is told to open no more streams; the
+/// connection ends once the last one does.
+async fn serve_mux<T>(
+    shared: Arc<Shared>,
+    builders: Arc<Builders>,
+    listener: Listener,
+    io: T,
+    caller: Caller,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut acceptor, conn) = mux::Acceptor::server(io);
+    tokio::pin!(conn);
+    let mut draining = *drain.borrow();
+    if draining {
+        acceptor.go_away();
+    }
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.as_mut() => return,
+            s = acceptor.accept() => {
+                let Some(s) = s else { break };
+                let (shared, builders, listener, caller) =
+                    (shared.clone(), builders.clone(), listener.clone(), caller.clone());
+                tokio::spawn(async move {
+                    let drained = Box::pin(shared.drain.idle_ends());
+                    let conn = ServerConn::over_mux(s, builders.h1, drained);
+                    serve_h1(&shared, &builders, &listener, conn, &caller).await;
+                });
+            }
+            _ = drain.changed(), if !draining => {
+                draining = true;
+                acceptor.go_away();
+            }
+        }
+    }
+    let _ = conn.await;
 }
 
 /// The answer to a request that ends its connection before it could be handled, recorded.
@@ -305,7 +365,8 @@ fn inbound_tls(shared: &Shared) -> Option<Arc<rustls::ServerConfig>> {
     )
     .and_then(|c| {
         // A caller's choice among these is the first of this list it offers.
-        let alpn: [&[u8]; 5] = [
+        let alpn: [&[u8]; 6] = [
+            mux::ALPN_MUX,
             b"h2",
             peer_stream::ALPN_TCP_STREAMS,
             b"http/1.1",
@@ -377,6 +438,7 @@ async fn serve_mtls(
     let opaque = hello || conn.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
     let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
     let streams = conn.alpn_protocol() == Some(peer_stream::ALPN_TCP_STREAMS);
+    let h1_streams = conn.alpn_protocol() == Some(mux::ALPN_MUX);
     let identity = id.map(|id| {
         let uri = shared.peer_label(&id.to_string());
         PeerId::new(
@@ -412,6 +474,9 @@ async fn serve_mtls(
         identity,
         captured: None,
     };
+    if h1_streams {
+        return serve_mux(shared, builders, listener, tls, caller, drain).await;
+    }
     let svc = hyper_service(shared.clone(), listener, caller);
     let io = TokioIo::new(tls);
     // ALPN already said which protocol: a peer proxy always says h2.

@@ -221,8 +221,7 @@ pub(crate) async fn forward(
             deadline.map(|d| d.saturating_duration_since(try_start)),
             plan.idle,
         );
-        // A peer proxy is always reached by HTTP/2.
-        let h2 = ep.pool.uses_h2(h2, &ctx);
+        let h2 = ep.pool.uses_h2(h2);
         let mut req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
         if attempt > 0 {
             // A retry is a span of its own: the next hop sees it as its parent.

@@ -112,13 +112,34 @@ pub(crate) async fn send_once(
     *connect = Some(took);
     match sender {
         Sender::H1(conn) => send_h1(ep, conn, req, ctx, connect, began, limit).await,
-        Sender::H2(s) => match limit {
-            Some((l, kind)) => tokio::time::timeout(l, send_h2(ep, s, req))
-                .await
-                .unwrap_or_else(|_| Ok(Try::Failed(timed_out(ep, l, kind)))),
-            None => send_h2(ep, s, req).await,
-        },
+        Sender::H2(s) => {
+            // HTTP/1.1 for a peer's proxy that takes only HTTP/2 (one older than this).
+            let req = if h2 { req } else { as_h2(req) };
+            match limit {
+                Some((l, kind)) => tokio::time::timeout(l, send_h2(ep, s, req))
+                    .await
+                    .unwrap_or_else(|_| Ok(Try::Failed(timed_out(ep, l, kind)))),
+                None => send_h2(ep, s, req).await,
+            }
+        }
     }
+}
+
+/// A request made for HTTP/1.1 ([`upstream_request`]), made over for HTTP/2: its `Host`
+/// becomes the URI's authority.
+fn as_h2(mut req: Request<UpBody>) -> Request<UpBody> {
+    *req.version_mut() = Version::HTTP_2;
+    let host = req.headers_mut().remove(header::HOST);
+    let authority = host
+        .and_then(|h| {
+            Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(h.as_bytes())).ok()
+        })
+        .unwrap_or_else(|| Authority::from_static("upstream"));
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
+    req
 }
 
 pub(crate) fn exchange_failed(ep: &Endpoint, cause: impl Into<crate::error::BoxError>) -> Error {
