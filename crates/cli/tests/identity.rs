@@ -1609,3 +1609,166 @@ async fn old_callee(
     });
     addr
 }
+
+/// A callee's proxy older than HTTP/1.1 streams: it agrees to `h2` only (ALPN). An HTTP/1.1
+/// client's request to its HTTP/1.1 service still reaches it, as HTTP/2 with the `Host` as
+/// the authority, and goes on doing so (the caller asks for streams again only later).
+#[tokio::test]
+async fn a_callee_older_than_http1_streams_gets_requests_as_http2() {
+    let cp = ControlProcess::start(BIN, &[]);
+    let old = old_h2_callee(peer_credentials(&cp, "test", "web-old").await).await;
+    let mesh = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: web, namespace: test }}\nspec:\n  selector: {{ app: web }}\n  ports: [{{ name: http, port: 80, targetPort: 1, protocol: HTTP }}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: web-old, namespace: test, labels: {{ app: web }} }}\nspec:\n  address: 127.0.0.1\n  identity: web-old\n  inboundPort: {}\n  ports: {{ http: 1 }}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: client, namespace: test }}\nspec: {{ address: 127.0.0.1, identity: client }}\n",
+        old.port()
+    );
+    apply_ok(&cp, mesh).await;
+    let caller = join_reporting(&cp, "client", "test/client");
+    caller.wait_ready().await;
+    let mut c = client::Conn::h1(caller.outbound).await;
+    for i in 0..3 {
+        let r = c.get("web.test", &format!("/old/{i}")).await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            format!("HTTP/2.0 web.test /old/{i}")
+        );
+    }
+}
+
+/// A callee's proxy older than HTTP/1.1 streams: mutual TLS as `creds`, agreeing to `h2`
+/// only, answering each request with its version, authority and path.
+async fn old_h2_callee(creds: trellis_identity::tls::TlsCredentials) -> std::net::SocketAddr {
+    let alpn: &[&[u8]] = &[b"h2"];
+    let cfg = trellis_identity::tls::server_config(&creds, alpn).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let accept = tokio_rustls::TlsAcceptor::from(cfg.clone()).accept(s);
+            tokio::spawn(async move {
+                let Ok(tls) = accept.await else { return };
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let said = format!(
+                            "{:?} {} {}",
+                            req.version(),
+                            req.uri().authority().map_or("-", |a| a.as_str()),
+                            req.uri().path()
+                        );
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(said)),
+                        ))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A callee's proxy drained (SIGTERM) under a steady load of HTTP/1.1 requests that ride
+/// streams of the caller's one connection to it: no request fails. The requests in flight
+/// finish, the caller opens no stream on that connection once told (the callee's GOAWAY,
+/// answered), a request that meets a stream the callee has just closed goes once more, and
+/// the other replica takes the new ones. The drained proxy then exits 0.
+#[tokio::test]
+async fn a_drained_callee_fails_no_http_request_on_its_streams() {
+    let app = |name: &'static str| {
+        upstream::http(move |_| async move {
+            // Slow enough that requests are in flight when the drain begins.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from(name)))
+        })
+    };
+    let apps = [app("a").await, app("b").await];
+    let cp = ControlProcess::start(BIN, &[]);
+    let mesh = |inbound: [u16; 2]| {
+        let wl = |name: &str, inbound: u16, app: std::net::SocketAddr| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: web }} }}\nspec:\n  address: 127.0.0.1\n  identity: {name}\n  inboundPort: {inbound}\n  ports: {{ http: {} }}\n", app.port())
+        };
+        [
+            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: web, namespace: test }\nspec:\n  selector: { app: web }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
+            wl("web-a", inbound[0], apps[0]),
+            wl("web-b", inbound[1], apps[1]),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
+        ]
+        .join("---\n")
+    };
+    apply_ok(&cp, mesh([1, 1])).await;
+    let mut a = join_reporting(&cp, "web-a", "test/web-a");
+    let b = join_reporting(&cp, "web-b", "test/web-b");
+    a.wait_ready().await;
+    b.wait_ready().await;
+    apply_ok(&cp, mesh([a.inbound.port(), b.inbound.port()])).await;
+    let caller = join_reporting(&cp, "client", "test/client");
+    caller.wait_ready().await;
+    // Eight clients, each on its own kept-alive connection, until told to stop; each
+    // request's outcome kept (status, body).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outcomes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (stop, outcomes, to) = (stop.clone(), outcomes.clone(), caller.outbound);
+        clients.push(tokio::spawn(async move {
+            let mut c = client::Conn::h1(to).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = match c.get("web.test", "/").await {
+                    Ok(r) => (
+                        r.status.as_u16(),
+                        String::from_utf8_lossy(&r.body).into_owned(),
+                    ),
+                    Err(e) => (0, e.to_string()),
+                };
+                outcomes.lock().unwrap().push(got);
+            }
+        }));
+    }
+    let count = |of: &str| {
+        outcomes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(st, body)| *st == 200 && body == of)
+            .count()
+    };
+    trellis_test_support::eventually(
+        "both replicas answer",
+        Duration::from_secs(15),
+        async || (count("a") >= 20 && count("b") >= 20).then_some(()),
+    )
+    .await;
+    a.signal("TERM");
+    assert_eq!(
+        a.wait_exit(Duration::from_secs(20)).await,
+        Some(0),
+        "the drained proxy exits 0"
+    );
+    // Requests go on after the exit: all to the other replica.
+    let after_exit = outcomes.lock().unwrap().len();
+    trellis_test_support::eventually(
+        "requests after the exit",
+        Duration::from_secs(15),
+        async || (outcomes.lock().unwrap().len() >= after_exit + 50).then_some(()),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let all = outcomes.lock().unwrap().clone();
+    let failed: Vec<_> = all.iter().filter(|(st, _)| *st != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        all.len()
+    );
+    assert!(
+        all[after_exit..].iter().all(|(_, body)| body == "b"),
+        "after the exit only the other replica answers"
+    );
+}
