@@ -1671,10 +1671,11 @@ async fn old_h2_callee(creds: trellis_identity::tls::TlsCredentials) -> std::net
 }
 
 /// A callee's proxy drained (SIGTERM) under a steady load of HTTP/1.1 requests that ride
-/// streams of the caller's one connection to it: no request fails. The requests in flight
-/// finish, the caller opens no stream on that connection once told (the callee's GOAWAY,
-/// answered), a request that meets a stream the callee has just closed goes once more, and
-/// the other replica takes the new ones. The drained proxy then exits 0.
+/// streams of the caller's one connection to it: no request fails, the other replica takes
+/// the new ones, and the drained proxy exits 0. This is the whole under load; the
+/// mechanisms it rests on (the callee's GOAWAY answered before it closes, a stream's reset
+/// read after its bytes) are shown one by one in `mux`'s unit tests, and the races they
+/// close are too narrow for this test to hit every run.
 #[tokio::test]
 async fn a_drained_callee_fails_no_http_request_on_its_streams() {
     let app = |name: &'static str| {

@@ -288,3 +288,34 @@ async fn the_connection_closes_when_the_caller_lets_go() {
         .expect("callee task")
         .expect("clean close");
 }
+
+#[tokio::test]
+async fn a_stream_opened_as_the_callee_goes_away_is_served() {
+    let (mux, mut acceptor, _caller, callee) = pair();
+    // No stream open: the callee could close at once, but waits for the caller's answer.
+    acceptor.go_away();
+    // The caller has not read the GOAWAY yet (nothing ran in between): it opens a stream.
+    let late = mux.open().expect("not known to go away yet");
+    late.send_all(b"late").await.expect("write");
+    late.finish();
+    let mut got = within(acceptor.accept())
+        .await
+        .expect("the stream sent before the answer is served");
+    let mut buf = Vec::new();
+    within(got.read_to_end(&mut buf)).await.expect("read");
+    assert_eq!(buf, b"late");
+    got.write_all(b"served").await.expect("answer");
+    got.finish();
+    let mut late = late;
+    let mut back = Vec::new();
+    within(late.read_to_end(&mut back))
+        .await
+        .expect("its answer");
+    assert_eq!(back, b"served");
+    drop((late, got));
+    assert!(within(acceptor.accept()).await.is_none());
+    within(callee)
+        .await
+        .expect("callee task")
+        .expect("closed cleanly");
+}
