@@ -16,6 +16,8 @@
 //!   same bytes as the body of an opaque stream's hello and answer (`peer_stream`): read or
 //!   refused, and what is read is written so that it reads back the same.
 //! - xDS: an update of Trellis documents is applied whole or not at all.
+//! - The frames of a connection between two proxies (`mux`): taken in or refused in any two
+//!   reads, no stream past its window or the callee's stream limit, and answers whole frames.
 
 use bytes::{BufMut, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method};
@@ -358,6 +360,13 @@ pub fn xds_update(data: &[u8]) {
     crate::xds::apply_for_fuzzing(data);
 }
 
+/// Bytes from a peer on a connection for HTTP/1.1 streams (`mux`), cut into two reads at
+/// the place the first byte picks.
+pub fn mux_frames(data: &[u8]) {
+    let (cut, rest) = split_point(data);
+    crate::mux::receive_for_fuzzing(rest, cut);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +402,7 @@ mod tests {
         replay("http1_response", http1_response);
         replay("headers", headers);
         replay("xds_update", xds_update);
+        replay("mux_frames", mux_frames);
     }
 
     /// Seeds of `xds_update` from the committed resource seeds: each file's documents as the

@@ -796,3 +796,54 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Connection<T> {
         }
     }
 }
+
+/// For the fuzz target `mux_frames`: `data`, as a peer sent it, taken in by the callee's
+/// end and by the caller's (with stream 1 open), in two reads cut at `cut`. Whatever the
+/// bytes, nothing panics, no stream holds more than its window or lies about what it holds,
+/// the callee holds no more than [`MAX_STREAMS`], and what either end queued in answer is
+/// whole frames of the kinds it sends.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn receive_for_fuzzing(data: &[u8], cut: usize) {
+    for side in [Side::Callee, Side::Caller] {
+        let shared = Shared::new(side);
+        let mut st = shared.lock();
+        if side == Side::Caller {
+            st.streams.insert(1, Stream::new(true));
+            st.next_id = 2;
+        }
+        let cut = cut.min(data.len());
+        let mut buf = BytesMut::new();
+        for part in [&data[..cut], &data[cut..]] {
+            buf.extend_from_slice(part);
+            if st.receive(&mut buf).is_err() {
+                break;
+            }
+            assert!(
+                st.streams.len() <= MAX_STREAMS + 1,
+                "streams past the limit"
+            );
+            for s in st.streams.values() {
+                assert!(s.buffered <= WINDOW as usize, "past the window");
+                assert_eq!(s.buffered, s.recv.iter().map(Bytes::len).sum::<usize>());
+            }
+            assert!(buf.len() < HEADER || buf.len() < HEADER + frame_len(&buf));
+        }
+        let mut out = &st.out[..];
+        while !out.is_empty() {
+            assert!(out.len() >= HEADER, "a cut frame header");
+            let len = frame_len(out);
+            assert!(out.len() >= HEADER + len, "a cut frame");
+            assert!(
+                matches!(out[3], WINDOW_UPDATE | RESET | GOAWAY),
+                "an answer of kind {}",
+                out[3]
+            );
+            out = &out[HEADER + len..];
+        }
+    }
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+fn frame_len(b: &[u8]) -> usize {
+    u32::from_be_bytes([0, b[0], b[1], b[2]]) as usize
+}

@@ -267,34 +267,34 @@ impl ServerConn {
         }
     }
 
+    /// Whether the connection is a stream of a peer proxy's connection ([`crate::mux`]),
+    /// whose reset [`Self::while_connected`] watches for.
+    pub(crate) fn is_stream(&self) -> bool {
+        matches!(*self.io, Link::Mux(_))
+    }
+
     /// Run `f` (the request's handling) while the client is there: a stream of a peer
     /// proxy's connection that the peer resets (its caller gave up, say at its timeout)
     /// drops `f`, as HTTP/2 drops a reset stream's request, so that the request is
     /// recorded as the client's disconnect and its upstream exchange ends. `None` then. A
-    /// socket's client is not watched here (that would cost a readiness check per request);
-    /// its close is noticed when the response is written.
+    /// socket's client is not watched (that would cost a readiness check per request): its
+    /// close is noticed when the response is written. `f` is pinned where it was made: the
+    /// request path's future is several KiB, and moving it costs a copy per request.
     pub(crate) fn while_connected<'a, F: Future + 'a>(
         &'a self,
-        f: F,
+        mut f: Pin<&'a mut F>,
     ) -> impl Future<Output = Option<F::Output>> + 'a {
         // Only the link is borrowed across the wait: the connection is not `Sync`.
         let io: &Link = &self.io;
-        async move {
-            let Link::Mux(s) = io else {
-                return Some(f.await);
-            };
-            let mut f = pin!(f);
-            poll_fn(|cx| {
-                if let Poll::Ready(out) = f.as_mut().poll(cx) {
-                    return Poll::Ready(Some(out));
-                }
-                if s.poll_gone(cx) {
-                    return Poll::Ready(None);
-                }
-                Poll::Pending
-            })
-            .await
-        }
+        poll_fn(move |cx| {
+            if let Poll::Ready(out) = f.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            match io {
+                Link::Mux(s) if s.poll_gone(cx) => Poll::Ready(None),
+                _ => Poll::Pending,
+            }
+        })
     }
 
     /// Answer a request that ends the connection (malformed, or its head too slow), and

@@ -4,7 +4,7 @@
 //! malformed head, a head that never finished, plaintext refused under STRICT, a failed
 //! inbound handshake) are recorded here.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
 use http::{Request, Response, Version};
 use hyper::{body::Incoming, server::conn::http2, service::service_fn};
@@ -258,11 +258,14 @@ async fn serve_h1(
             }
         };
         let req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
-        let Some(resp) = conn
-            .while_connected(handle(shared, listener, req, caller))
-            .await
-        else {
-            break;
+        let resp = if conn.is_stream() {
+            let f = pin!(handle(shared, listener, req, caller));
+            match conn.while_connected(f).await {
+                Some(r) => r,
+                None => break,
+            }
+        } else {
+            handle(shared, listener, req, caller).await
         };
         if !conn.respond(resp, shared.drain.draining()).await {
             break;
@@ -270,6 +273,10 @@ async fn serve_h1(
     }
     conn.finish();
 }
+
+/// How long an idle stream of a peer's connection for HTTP/1.1 streams is kept at least:
+/// longer than a caller's pool keeps one (a cluster's idle timeout, 60 s unless set).
+const STREAM_IDLE: Duration = Duration::from_secs(600);
 
 /// A peer proxy's connection for HTTP/1.1 streams ([`mux`]): each stream is served as an
 /// HTTP/1.1 connection of its own, in a task of its own, with what the connection knows of
@@ -287,6 +294,12 @@ async fn serve_mux<T>(
 {
     let (mut acceptor, conn) = mux::Acceptor::server(io);
     tokio::pin!(conn);
+    // The caller's pool decides when an idle stream closes (its cluster's idle timeout): a
+    // stream this side closed first would meet the request the caller sent on it meanwhile.
+    let limits = Limits {
+        idle_timeout: builders.h1.idle_timeout.max(STREAM_IDLE),
+        ..builders.h1
+    };
     let mut draining = *drain.borrow();
     if draining {
         acceptor.go_away();
@@ -301,7 +314,7 @@ async fn serve_mux<T>(
                     (shared.clone(), builders.clone(), listener.clone(), caller.clone());
                 tokio::spawn(async move {
                     let drained = Box::pin(shared.drain.idle_ends());
-                    let conn = ServerConn::over_mux(s, builders.h1, drained);
+                    let conn = ServerConn::over_mux(s, limits, drained);
                     serve_h1(&shared, &builders, &listener, conn, &caller).await;
                 });
             }
