@@ -102,7 +102,8 @@ async fn through(
 #[tokio::test]
 async fn each_hop_keeps_the_class_of_the_side_that_failed() {
     let ok = upstream::named("ok").await;
-    let down = upstream::closed_port().await;
+    // Refusing for as long as the test runs: the callee's proxy reaches it at 127.0.0.1.
+    let (down, _down) = upstream::refusing();
     let spoof = spoofing_app().await;
     let slow = upstream::http(|_| async {
         tokio::time::sleep(Duration::from_secs(3)).await;

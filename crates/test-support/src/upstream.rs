@@ -151,10 +151,11 @@ pub async fn reset_mid_response() -> SocketAddr {
     .await
 }
 
-/// An address where nothing listens.
+/// An address where nothing listens: a port free now on a random `127.0.0.X` (see
+/// [`spare_addr`]). A port of 127.0.0.1 given back could be taken by another test's
+/// listener in the meantime (an admin server answered a test's "refused" requests 404 so).
 pub async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    spare_addr().await
 }
 
 /// An address that refuses connections for as long as the returned socket lives: its port
