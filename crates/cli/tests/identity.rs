@@ -1742,6 +1742,18 @@ async fn a_drained_callee_fails_no_http_request_on_its_streams() {
         async || (count("a") >= 20 && count("b") >= 20).then_some(()),
     )
     .await;
+    // The eight clients' first requests came at once, with no connection to either replica
+    // yet: one was made to each, the others waited for it.
+    for p in [&a, &b] {
+        let endpoint = p.inbound.to_string();
+        let connects = caller
+            .metric(
+                "trellis_upstream_connects_total",
+                &[("endpoint", endpoint.as_str())],
+            )
+            .await;
+        assert_eq!(connects, 1.0, "connections made to {endpoint}");
+    }
     a.signal("TERM");
     assert_eq!(
         a.wait_exit(Duration::from_secs(20)).await,

@@ -113,6 +113,9 @@ pub(crate) struct Pool {
     streams: Mutex<Streams>,
     /// The connection whose streams carry HTTP/1.1 to the peer's proxy.
     mux: Mutex<MuxConn>,
+    /// Held while that connection is made: requests that need it meanwhile wait for it
+    /// rather than each making one (their streams would keep every one of them open).
+    mux_dial: tokio::sync::Mutex<()>,
 }
 
 /// The connection for HTTP/1.1 streams to a peer's proxy, if any, and whether that proxy
@@ -159,6 +162,7 @@ impl Pool {
             h2: Mutex::new(None),
             streams: Mutex::default(),
             mux: Mutex::default(),
+            mux_dial: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -587,18 +591,13 @@ impl Pool {
         peer: &MeshPeer,
         tls: &MeshTls,
     ) -> Result<Option<MuxStream>, Error> {
-        {
-            let now = Instant::now();
-            let mut st = self.mux.lock().expect("pool lock");
-            if st.refused_until.is_some_and(|t| now < t) {
-                return Ok(None);
-            }
-            if let Some((m, used)) = st.conn.as_mut() {
-                if let Some(s) = m.open() {
-                    *used = now;
-                    return Ok(Some(s));
-                }
-            }
+        if let Some(pooled) = self.pooled_mux() {
+            return Ok(pooled);
+        }
+        // One dial at a time; whoever waited takes a stream of the connection it made.
+        let _dialing = self.mux_dial.lock().await;
+        if let Some(pooled) = self.pooled_mux() {
+            return Ok(pooled);
         }
         let permit = ctx.slot()?;
         let addr = peer.inbound;
@@ -628,6 +627,20 @@ impl Pool {
         let s = mux.open();
         self.mux.lock().expect("pool lock").conn = Some((mux, Instant::now()));
         Ok(s)
+    }
+
+    /// A stream of the pooled connection for HTTP/1.1 streams (`Some(Some)`), or `Some(None)`
+    /// while the peer's proxy is known to take none; `None` when a connection is to be made.
+    fn pooled_mux(&self) -> Option<Option<MuxStream>> {
+        let now = Instant::now();
+        let mut st = self.mux.lock().expect("pool lock");
+        if st.refused_until.is_some_and(|t| now < t) {
+            return Some(None);
+        }
+        let (m, used) = st.conn.as_mut()?;
+        let s = m.open()?;
+        *used = now;
+        Some(Some(s))
     }
 
     /// A connection of its own for a request that asks to switch protocols (WebSocket): to
