@@ -43,14 +43,7 @@ pub(crate) fn upstream_request(
     uri.path_and_query = Some(path);
     if h2 {
         *req.version_mut() = Version::HTTP_2;
-        let host = req.headers_mut().remove(header::HOST);
-        let authority = parts.uri.authority().cloned().or_else(|| {
-            host.and_then(|h| {
-                Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(h.as_bytes())).ok()
-            })
-        });
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(authority.unwrap_or_else(|| Authority::from_static("upstream")));
+        h2_target(req.headers_mut(), parts.uri.authority().cloned(), &mut uri);
     } else {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
@@ -125,20 +118,31 @@ pub(crate) async fn send_once(
     }
 }
 
+/// An HTTP/2 request's target: `authority` (the client's, when its request had one), else
+/// the `Host` header (taken out: HTTP/2 carries it as `:authority`), else `upstream`; the
+/// scheme `http`.
+fn h2_target(
+    headers: &mut http::HeaderMap,
+    authority: Option<Authority>,
+    uri: &mut http::uri::Parts,
+) {
+    let host = headers.remove(header::HOST);
+    let authority = authority.or_else(|| {
+        host.and_then(|h| {
+            Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(h.as_bytes())).ok()
+        })
+    });
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority.unwrap_or_else(|| Authority::from_static("upstream")));
+}
+
 /// A request made for HTTP/1.1 ([`upstream_request`]), made over for HTTP/2: its `Host`
 /// becomes the URI's authority.
 fn as_h2(mut req: Request<UpBody>) -> Request<UpBody> {
     *req.version_mut() = Version::HTTP_2;
-    let host = req.headers_mut().remove(header::HOST);
-    let authority = host
-        .and_then(|h| {
-            Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(h.as_bytes())).ok()
-        })
-        .unwrap_or_else(|| Authority::from_static("upstream"));
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
-    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
+    let mut uri = std::mem::take(req.uri_mut()).into_parts();
+    h2_target(req.headers_mut(), None, &mut uri);
+    *req.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     req
 }
 
