@@ -162,9 +162,7 @@ impl State {
     /// had nothing to write.
     fn frame(&mut self, kind: u8, flags: u8, id: u32, len: usize) {
         if self.out.is_empty() {
-            if let Some(w) = &self.driver {
-                w.wake_by_ref();
-            }
+            self.wake_driver();
         }
         let len = u32::try_from(len).expect("a frame's length fits 24 bits");
         self.out.reserve(HEADER + len as usize);
@@ -434,10 +432,9 @@ impl Acceptor {
         let mut st = self.shared.lock();
         if !st.going_away {
             st.going_away = true;
+            // The frame wakes the connection's task, which then also sees whether it is
+            // done.
             st.frame(GOAWAY, 0, 0, 0);
-            if st.finished() {
-                st.wake_driver();
-            }
             if let Some(w) = st.acceptor.take() {
                 w.wake();
             }

@@ -52,6 +52,14 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
         .expect("done in time")
 }
 
+/// A connection's task ends, and without an error (a clean close), in time.
+async fn closed_cleanly(task: tokio::task::JoinHandle<io::Result<()>>) {
+    within(task)
+        .await
+        .expect("the connection's task")
+        .expect("closed cleanly");
+}
+
 #[tokio::test]
 async fn many_streams_carry_their_own_bytes_both_ways() {
     let (mux, acceptor, _c, _s) = pair();
@@ -221,14 +229,8 @@ async fn going_away_serves_the_streams_sent_before_the_answer_then_closes() {
     drop(first);
     // With the last stream gone, the connection closes, and the acceptor says so.
     assert!(within(acceptor.accept()).await.is_none());
-    within(callee)
-        .await
-        .expect("callee task")
-        .expect("closed cleanly");
-    within(caller)
-        .await
-        .expect("caller task")
-        .expect("closed cleanly");
+    closed_cleanly(callee).await;
+    closed_cleanly(caller).await;
 }
 
 #[tokio::test]
@@ -279,14 +281,8 @@ async fn the_connection_closes_when_the_caller_lets_go() {
     drop(s);
     assert!(!caller.is_finished(), "a handle keeps the connection");
     drop(mux);
-    within(caller)
-        .await
-        .expect("caller task")
-        .expect("clean close");
-    within(callee)
-        .await
-        .expect("callee task")
-        .expect("clean close");
+    closed_cleanly(caller).await;
+    closed_cleanly(callee).await;
 }
 
 #[tokio::test]
@@ -314,8 +310,5 @@ async fn a_stream_opened_as_the_callee_goes_away_is_served() {
     assert_eq!(back, b"served");
     drop((late, got));
     assert!(within(acceptor.accept()).await.is_none());
-    within(callee)
-        .await
-        .expect("callee task")
-        .expect("closed cleanly");
+    closed_cleanly(callee).await;
 }
