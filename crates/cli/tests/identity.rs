@@ -1480,27 +1480,7 @@ async fn named_echo(name: &'static str) -> std::net::SocketAddr {
 #[tokio::test]
 async fn a_drained_callee_keeps_its_streams_and_new_ones_go_to_the_other_replica() {
     let apps = [named_echo("a").await, named_echo("b").await];
-    let cp = ControlProcess::start(BIN, &[]);
-    let mesh = |inbound: [u16; 2]| {
-        let wl = |name: &str, inbound: u16, app: std::net::SocketAddr| {
-            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: db }} }}\nspec:\n  address: 127.0.0.1\n  identity: {name}\n  inboundPort: {inbound}\n  ports: {{ db: {} }}\n", app.port())
-        };
-        [
-            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: db, namespace: test }\nspec:\n  selector: { app: db }\n  ports: [{ name: db, port: 5432, targetPort: 1, protocol: TCP }]\n".to_string(),
-            wl("db-a", inbound[0], apps[0]),
-            wl("db-b", inbound[1], apps[1]),
-            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
-        ]
-        .join("---\n")
-    };
-    apply_ok(&cp, mesh([1, 1])).await;
-    let mut a = join_reporting(&cp, "db-a", "test/db-a");
-    let b = join_reporting(&cp, "db-b", "test/db-b");
-    a.wait_ready().await;
-    b.wait_ready().await;
-    apply_ok(&cp, mesh([a.inbound.port(), b.inbound.port()])).await;
-    let caller = join_reporting(&cp, "client", "test/client");
-    caller.wait_ready().await;
+    let (_cp, mut a, _b, caller) = two_replicas("db", 5432, "TCP", apps).await;
     trellis_test_support::eventually("an answer from db", Duration::from_secs(15), async || {
         let v = echo_through(caller.outbound, "db.test:5432", b"up?").await;
         v.ok().filter(|v| v.len() >= 3)
@@ -1546,6 +1526,45 @@ async fn a_drained_callee_keeps_its_streams_and_new_ones_go_to_the_other_replica
     drop(on_a);
     assert_eq!(a.wait_exit(Duration::from_secs(20)).await, Some(0));
     drop(on_b);
+}
+
+/// A control plane, Service `svc` (port `port` of `protocol`) with two replicas `SVC-a` and
+/// `SVC-b` whose applications are `apps`, each behind its joined proxy, and a joined caller
+/// (`test/client`); all ready.
+async fn two_replicas(
+    svc: &str,
+    port: u16,
+    protocol: &str,
+    apps: [std::net::SocketAddr; 2],
+) -> (
+    ControlProcess,
+    trellis_test_support::ProxyProcess,
+    trellis_test_support::ProxyProcess,
+    trellis_test_support::ProxyProcess,
+) {
+    let cp = ControlProcess::start(BIN, &[]);
+    let names = [format!("{svc}-a"), format!("{svc}-b")];
+    let mesh = |inbound: [u16; 2]| {
+        let wl = |name: &str, inbound: u16, app: std::net::SocketAddr| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: {svc} }} }}\nspec:\n  address: 127.0.0.1\n  identity: {name}\n  inboundPort: {inbound}\n  ports: {{ {svc}: {} }}\n", app.port())
+        };
+        [
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {svc}, namespace: test }}\nspec:\n  selector: {{ app: {svc} }}\n  ports: [{{ name: {svc}, port: {port}, targetPort: 1, protocol: {protocol} }}]\n"),
+            wl(&names[0], inbound[0], apps[0]),
+            wl(&names[1], inbound[1], apps[1]),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
+        ]
+        .join("---\n")
+    };
+    apply_ok(&cp, mesh([1, 1])).await;
+    let a = join_reporting(&cp, &names[0], &format!("test/{}", names[0]));
+    let b = join_reporting(&cp, &names[1], &format!("test/{}", names[1]));
+    a.wait_ready().await;
+    b.wait_ready().await;
+    apply_ok(&cp, mesh([a.inbound.port(), b.inbound.port()])).await;
+    let caller = join_reporting(&cp, "client", "test/client");
+    caller.wait_ready().await;
+    (cp, a, b, caller)
 }
 
 /// `msg` sent on `s` to a [`named_echo`]: its answer.
@@ -1686,27 +1705,7 @@ async fn a_drained_callee_fails_no_http_request_on_its_streams() {
         })
     };
     let apps = [app("a").await, app("b").await];
-    let cp = ControlProcess::start(BIN, &[]);
-    let mesh = |inbound: [u16; 2]| {
-        let wl = |name: &str, inbound: u16, app: std::net::SocketAddr| {
-            format!("apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: {name}, namespace: test, labels: {{ app: web }} }}\nspec:\n  address: 127.0.0.1\n  identity: {name}\n  inboundPort: {inbound}\n  ports: {{ http: {} }}\n", app.port())
-        };
-        [
-            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: web, namespace: test }\nspec:\n  selector: { app: web }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n".to_string(),
-            wl("web-a", inbound[0], apps[0]),
-            wl("web-b", inbound[1], apps[1]),
-            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n".to_string(),
-        ]
-        .join("---\n")
-    };
-    apply_ok(&cp, mesh([1, 1])).await;
-    let mut a = join_reporting(&cp, "web-a", "test/web-a");
-    let b = join_reporting(&cp, "web-b", "test/web-b");
-    a.wait_ready().await;
-    b.wait_ready().await;
-    apply_ok(&cp, mesh([a.inbound.port(), b.inbound.port()])).await;
-    let caller = join_reporting(&cp, "client", "test/client");
-    caller.wait_ready().await;
+    let (_cp, mut a, b, caller) = two_replicas("web", 80, "HTTP", apps).await;
     // Eight clients, each on its own kept-alive connection, until told to stop; each
     // request's outcome kept (status, body).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
