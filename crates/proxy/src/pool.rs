@@ -263,14 +263,6 @@ impl Pool {
         }
     }
 
-    /// Whether requests go out as HTTP/2: those of an HTTP/2 cluster. The others go as
-    /// HTTP/1.1, to a peer's proxy on streams of one connection ([`crate::mux`]); a peer's
-    /// proxy that takes no such streams (older than this) gets them as HTTP/2 instead
-    /// ([`Self::connect`] hands out its HTTP/2 connection).
-    pub(crate) fn uses_h2(&self, cluster_h2: bool) -> bool {
-        cluster_h2
-    }
-
     /// Who `addr` is, for an error: "the proxy of shop/catalog-1 (app 10.0.0.5:8080) at
     /// 10.0.0.5:15006" or "shop/catalog-1 at 10.0.0.5:8080".
     pub(crate) fn describe(&self, addr: SocketAddr) -> String {

@@ -131,6 +131,8 @@ pub(crate) async fn forward(
 ) -> Response<ProxyBody> {
     let cluster = plan.cluster;
     let deadline = plan.timeout.map(|t| rec.start + t);
+    // HTTP/2 for an HTTP/2 cluster; anything else goes as HTTP/1.1, to a peer's proxy on a
+    // stream of its one connection (`pool::Pool::connect`).
     let h2 = cluster.http2();
     cluster.budget.deposit(rec.start);
     let permit = match balance::admit(&cluster).await {
@@ -221,7 +223,6 @@ pub(crate) async fn forward(
             deadline.map(|d| d.saturating_duration_since(try_start)),
             plan.idle,
         );
-        let h2 = ep.pool.uses_h2(h2);
         let mut req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
         if attempt > 0 {
             // A retry is a span of its own: the next hop sees it as its parent.

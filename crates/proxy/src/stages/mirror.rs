@@ -116,7 +116,7 @@ async fn exchange(
         Err(e) => return (0, e.class(), start.elapsed()),
     };
     let ctx = cluster.connect_ctx(dialer);
-    let h2 = ep.pool.uses_h2(cluster.http2());
+    let h2 = cluster.http2();
     let (mut parts, body) = req.into_parts();
     let mut req = super::exchange::upstream_request(&mut parts, body, h2, true);
     if let (true, Some(v)) = (ep.via_peer_proxy(), peer_header) {
