@@ -13,7 +13,7 @@ use tokio::sync::{watch, Notify};
 /// Shared drain state.
 pub(crate) struct Drain {
     tx: watch::Sender<bool>,
-    active: Arc<(AtomicUsize, Notify)>,
+    active: Arc<Counts>,
     /// A successor took the listeners over (an upgrade in place): see [`Drain::idle_ends`].
     handed: watch::Sender<bool>,
 }
@@ -24,13 +24,35 @@ pub(crate) struct Drain {
 /// connection closed at once races the client's next request.
 pub(crate) const HANDOVER_IDLE_GRACE: Duration = Duration::from_secs(2);
 
-/// Held by each open connection.
-pub(crate) struct Active(Arc<(AtomicUsize, Notify)>);
+/// What a drain waits for: open connections, and accept loops still running.
+#[derive(Default)]
+struct Counts {
+    connections: AtomicUsize,
+    accepting: AtomicUsize,
+    none_left: Notify,
+}
+
+/// Held by each open connection ([`Drain::track`]) and by each accept loop
+/// ([`Drain::accepting`]).
+pub(crate) struct Active {
+    counts: Arc<Counts>,
+    loop_: bool,
+}
+
+impl Active {
+    fn count(&self) -> &AtomicUsize {
+        if self.loop_ {
+            &self.counts.accepting
+        } else {
+            &self.counts.connections
+        }
+    }
+}
 
 impl Drop for Active {
     fn drop(&mut self) {
-        if self.0 .0.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0 .1.notify_waiters();
+        if self.count().fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.counts.none_left.notify_waiters();
         }
     }
 }
@@ -39,17 +61,32 @@ impl Default for Drain {
     fn default() -> Self {
         Self {
             tx: watch::channel(false).0,
-            active: Arc::new((AtomicUsize::new(0), Notify::new())),
+            active: Arc::default(),
             handed: watch::channel(false).0,
         }
     }
 }
 
 impl Drain {
-    /// Count a connection.
+    /// Count a connection. An accept loop counts each connection it accepts before it
+    /// hands it to a task, so a drain never misses a connection whose task has not run yet.
     pub(crate) fn track(&self) -> Active {
-        self.active.0.fetch_add(1, Ordering::AcqRel);
-        Active(self.active.clone())
+        self.guard(false)
+    }
+
+    /// Count an accept loop: a drain ends only once every loop stopped accepting, after
+    /// it counted ([`Self::track`]) every connection it took.
+    pub(crate) fn accepting(&self) -> Active {
+        self.guard(true)
+    }
+
+    fn guard(&self, loop_: bool) -> Active {
+        let active = Active {
+            counts: self.active.clone(),
+            loop_,
+        };
+        active.count().fetch_add(1, Ordering::AcqRel);
+        active
     }
 
     /// A receiver that changes when draining starts.
@@ -89,12 +126,13 @@ impl Drain {
         *self.tx.borrow()
     }
 
-    /// Start draining and wait until every connection closed.
+    /// Start draining and wait until every accept loop stopped and every connection
+    /// closed.
     pub(crate) async fn drain(&self) {
         self.tx.send_replace(true);
         loop {
-            let notified = self.active.1.notified();
-            if self.active.0.load(Ordering::Acquire) == 0 {
+            let notified = self.active.none_left.notified();
+            if self.active.accepting.load(Ordering::Acquire) == 0 && self.active() == 0 {
                 return;
             }
             notified.await;
@@ -103,6 +141,9 @@ impl Drain {
 
     /// Open connections.
     pub(crate) fn active(&self) -> usize {
-        self.active.0.load(Ordering::Acquire)
+        self.active.connections.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -109,8 +109,15 @@ pub(crate) fn spawn_accept(
     listener: TcpListener,
     serve: Serve,
 ) -> JoinHandle<()> {
+    // Counted from before the task runs: a drain that starts first sees the loop, and the
+    // loop sees the drain (the signal's value, not only its changes).
+    let accepting = shared.drain.accepting();
+    let mut drain = shared.drain.signal();
     tokio::spawn(async move {
-        let mut drain = shared.drain.signal();
+        let _accepting = accepting;
+        if *drain.borrow_and_update() {
+            return;
+        }
         // A proxy fed by xDS takes connections once its first config is in: until then they
         // wait in the kernel's backlog, rather than meet a proxy that knows no route (a
         // restarted callee's callers reconnect at once). Bounded: a control plane out of
@@ -126,10 +133,25 @@ pub(crate) fn spawn_accept(
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
+                        // Counted here, not in its task: a drain that starts before that
+                        // task runs waits for it.
+                        let active = shared.drain.track();
                         let shared = shared.clone();
                         match &serve {
-                            Serve::Tcp(cluster) => tokio::spawn(tcp::serve_bind(shared, cluster.clone(), stream)),
-                            Serve::Http(kind) => tokio::spawn(accept(shared, builders.clone(), kind.clone(), stream, peer)),
+                            Serve::Tcp(cluster) => {
+                                let cluster = cluster.clone();
+                                tokio::spawn(async move {
+                                    let _active = active;
+                                    tcp::serve_bind(shared, cluster, stream).await;
+                                })
+                            }
+                            Serve::Http(kind) => {
+                                let (builders, kind) = (builders.clone(), kind.clone());
+                                tokio::spawn(async move {
+                                    let _active = active;
+                                    accept(shared, builders, kind, stream, peer).await;
+                                })
+                            }
                         };
                     }
                     Err(e) => {

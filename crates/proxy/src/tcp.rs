@@ -199,7 +199,6 @@ fn copy_buf(up: &UpStream) -> usize {
 /// Proxy one accepted connection on an explicit-mode TCP bind (or captured on a TCP
 /// service's virtual IP).
 pub(crate) async fn serve_bind(shared: Arc<Shared>, cluster_key: String, mut client: TcpStream) {
-    let _active = shared.drain.track();
     let snap = shared.state.load_full();
     let Some(cluster) = snap.clusters.get(&cluster_key).cloned() else {
         // The bind outlived its service (a reload is closing it): the connection is still
@@ -250,7 +249,6 @@ const PASSTHROUGH_CONNECT: Duration = Duration::from_secs(10);
 /// A captured connection to an address that is no service's virtual IP: connected to as
 /// addressed (marked, so that capture lets it out), and counted as service `passthrough`.
 pub(crate) async fn passthrough(shared: Arc<Shared>, mut client: TcpStream, dst: SocketAddr) {
-    let _active = shared.drain.track();
     let mut rec = ConnRecord::new(
         shared.telemetry.clone(),
         Direction::outbound,

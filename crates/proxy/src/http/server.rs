@@ -154,7 +154,8 @@ macro_rules! drive {
 /// goes to the proxy's own server, HTTP/2 to hyper's.
 ///
 /// `captured` is the local port a captured inbound connection was addressed to: it picks the
-/// local workload's port, and an opaque TCP port is spliced rather than served as HTTP.
+/// local workload's port, and an opaque TCP port is spliced rather than served as HTTP. The
+/// accept loop counted the connection for the drain ([`crate::drain::Drain::track`]).
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     builders: Arc<Builders>,
@@ -164,7 +165,6 @@ pub(crate) async fn serve(
     captured: Option<u16>,
 ) {
     let _ = stream.set_nodelay(true);
-    let _active = shared.drain.track();
     let captured = captured.and_then(|p| {
         let snap = shared.state.load();
         let t = snap.inbound.iter().find(|t| t.target_port == p)?;
@@ -312,7 +312,10 @@ async fn serve_mux<T>(
                 let Some(s) = s else { break };
                 let (shared, builders, listener, caller) =
                     (shared.clone(), builders.clone(), listener.clone(), caller.clone());
+                // Counted on its own: a stream's task may outlive the connection's.
+                let active = shared.drain.track();
                 tokio::spawn(async move {
+                    let _active = active;
                     let drained = Box::pin(shared.drain.idle_ends());
                     let conn = ServerConn::over_mux(s, limits, drained);
                     serve_h1(&shared, &builders, &listener, conn, &caller).await;
