@@ -237,8 +237,12 @@ impl Spans {
         let mut seen = Seen::default();
         for &(ns, nl, vs, vl) in &self.at[..self.count] {
             let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
-            let name = HeaderName::from_bytes(&head[ns..ns + nl])
-                .map_err(|_| String::from_utf8_lossy(&head[ns..ns + nl]).into_owned())?;
+            let raw = &head[ns..ns + nl];
+            let name = match super::names::known(raw) {
+                Some(name) => name,
+                None => HeaderName::from_bytes(raw)
+                    .map_err(|_| String::from_utf8_lossy(raw).into_owned())?,
+            };
             let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
                 .map_err(|_| name.as_str().to_owned())?;
             seen.note(&name, &head[vs..vs + vl]);

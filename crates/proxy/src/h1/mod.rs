@@ -12,6 +12,7 @@
 //! connection task anyway.
 
 pub(crate) mod codec;
+mod names;
 pub(crate) mod server;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,151 @@
+//! Header names met on most requests and responses, recognised from their bytes without
+//! `HeaderName::from_bytes`, which lower-cases every name into a scratch buffer before it
+//! looks the standard ones up, and allocates for any other (`traceparent`, `x-request-id`
+//! and `x-trellis-peer` arrive on every request between proxies).
+
+use http::{header, HeaderName};
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_TRELLIS_PEER: HeaderName = HeaderName::from_static("x-trellis-peer");
+const X_TRELLIS_FAILURE: HeaderName = HeaderName::from_static("x-trellis-failure");
+const PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// `name` (a header name as httparse accepted it: token characters only) as one of the
+/// common names, whatever its case; `None` for any other, which `HeaderName::from_bytes`
+/// then reads.
+pub(super) fn known(name: &[u8]) -> Option<HeaderName> {
+    let first = *name.first()? | 0x20;
+    let (lower, known) = match (name.len(), first) {
+        (2, b't') => (&b"te"[..], header::TE),
+        (4, b'h') => (&b"host"[..], header::HOST),
+        (4, b'd') => (&b"date"[..], header::DATE),
+        (4, b'e') => (&b"etag"[..], header::ETAG),
+        (4, b'v') => (&b"vary"[..], header::VARY),
+        (6, b's') => (&b"server"[..], header::SERVER),
+        (6, b'a') => (&b"accept"[..], header::ACCEPT),
+        (6, b'c') => (&b"cookie"[..], header::COOKIE),
+        (6, b'e') => (&b"expect"[..], header::EXPECT),
+        (6, b'o') => (&b"origin"[..], header::ORIGIN),
+        (7, b'u') => (&b"upgrade"[..], header::UPGRADE),
+        (7, b'r') => (&b"referer"[..], header::REFERER),
+        (8, b'l') => (&b"location"[..], header::LOCATION),
+        (10, b'c') => (&b"connection"[..], header::CONNECTION),
+        (10, b'u') => (&b"user-agent"[..], header::USER_AGENT),
+        (10, b'k') => (&b"keep-alive"[..], KEEP_ALIVE),
+        (10, b's') => (&b"set-cookie"[..], header::SET_COOKIE),
+        (10, b't') => (&b"tracestate"[..], TRACESTATE),
+        (11, b't') => (&b"traceparent"[..], TRACEPARENT),
+        (11, b'g') => (&b"grpc-status"[..], GRPC_STATUS),
+        (12, b'c') => (&b"content-type"[..], header::CONTENT_TYPE),
+        (12, b'x') => (&b"x-request-id"[..], X_REQUEST_ID),
+        (12, b'p') => (&b"proxy-status"[..], PROXY_STATUS),
+        (13, b'c') => (&b"cache-control"[..], header::CACHE_CONTROL),
+        (13, b'a') => (&b"authorization"[..], header::AUTHORIZATION),
+        (13, b'l') => (&b"last-modified"[..], header::LAST_MODIFIED),
+        (14, b'c') => (&b"content-length"[..], header::CONTENT_LENGTH),
+        (14, b'x') => (&b"x-trellis-peer"[..], X_TRELLIS_PEER),
+        (15, b'a') if name[7] | 0x20 == b'e' => (&b"accept-encoding"[..], header::ACCEPT_ENCODING),
+        (15, b'a') => (&b"accept-language"[..], header::ACCEPT_LANGUAGE),
+        (15, b'x') => (&b"x-forwarded-for"[..], X_FORWARDED_FOR),
+        (16, b'c') => (&b"content-encoding"[..], header::CONTENT_ENCODING),
+        (17, b't') => (&b"transfer-encoding"[..], header::TRANSFER_ENCODING),
+        (17, b'x') => (&b"x-trellis-failure"[..], X_TRELLIS_FAILURE),
+        _ => return None,
+    };
+    same_token(name, lower).then_some(known)
+}
+
+/// Whether `name` is `lower` (lower-case letters and `-`) in any case. Setting bit 5 maps
+/// an upper-case letter to its lower case and leaves `-` as it is; the only other byte it
+/// maps onto one of those is CR (onto `-`), which is no token character.
+fn same_token(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower)
+            .fold(0u8, |d, (n, l)| d | ((n | 0x20) ^ l))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every name the table knows reads as `HeaderName::from_bytes` reads it, in any case;
+    /// names that differ by a byte, or are other names of the same length and first letter,
+    /// are left to it.
+    #[test]
+    fn known_names_read_as_from_bytes_reads_them() {
+        let names = [
+            "te",
+            "host",
+            "date",
+            "etag",
+            "vary",
+            "server",
+            "accept",
+            "cookie",
+            "expect",
+            "origin",
+            "upgrade",
+            "referer",
+            "location",
+            "connection",
+            "user-agent",
+            "keep-alive",
+            "set-cookie",
+            "tracestate",
+            "traceparent",
+            "grpc-status",
+            "content-type",
+            "x-request-id",
+            "cache-control",
+            "authorization",
+            "last-modified",
+            "proxy-status",
+            "content-length",
+            "x-trellis-peer",
+            "accept-encoding",
+            "accept-language",
+            "x-forwarded-for",
+            "content-encoding",
+            "transfer-encoding",
+            "x-trellis-failure",
+        ];
+        for n in names {
+            let upper = n.to_ascii_uppercase();
+            let title: String = n
+                .split('-')
+                .map(|w| w[..1].to_ascii_uppercase() + &w[1..])
+                .collect::<Vec<_>>()
+                .join("-");
+            for form in [n.to_string(), upper, title] {
+                let want = HeaderName::from_bytes(form.as_bytes()).unwrap();
+                assert_eq!(known(form.as_bytes()), Some(want), "{form}");
+            }
+            // One byte off, anywhere: not this name.
+            for i in 0..n.len() {
+                let mut off = n.as_bytes().to_vec();
+                off[i] = if off[i] == b'q' { b'z' } else { b'q' };
+                if let Some(k) = known(&off) {
+                    assert_eq!(k.as_str().as_bytes(), &off[..], "{n} with byte {i} changed");
+                }
+            }
+        }
+        for other in [
+            "accept-charset",
+            "x-custom",
+            "t",
+            "",
+            "content-lengthy",
+            "hosts",
+        ] {
+            assert_eq!(known(other.as_bytes()), None, "{other}");
+        }
+    }
+}
