@@ -13,10 +13,10 @@
 # requests sent to its inbound listener (plaintext: a file config has no identity); the
 # adaptive concurrency limit is on this path.
 # MTLS=1 measures the mesh path of bench/mtls.sh instead: two proxies with identities from a
-# real control plane (not measured), HTTP/2 over mutual TLS between them; both run under
-# callgrind and the figure is the two together (caller and callee printed apart too). It moves
-# by about 2% between runs (how many HTTP/2 frames one read or write carries depends on
-# timing): take the median of three. KEEP=DIR keeps the callgrind file(s) of the measured run
+# real control plane (not measured), HTTP/1.1 on streams of one mutual-TLS connection between
+# them (HTTP/2 for gRPC services); both run under callgrind and the figure is the two together
+# (caller and callee printed apart too). It moves by about 2% between runs (how many frames
+# one read or write carries depends on timing): take the median of three. KEEP=DIR keeps the callgrind file(s) of the measured run
 # (caller.out and callee.out; proxy.out without MTLS).
 # CALLGRIND="FLAGS" adds callgrind flags (bench/link-order.sh passes --demangle=no).
 # BREAKDOWN=1 also prints where each proxy's instructions per request go, by the source
@@ -110,8 +110,8 @@ run() {
 }
 # The mesh path: caller and callee under callgrind, each with a fresh identity. Both runs
 # begin with the same warm-up ($WARM requests from 8 connections, 800 unless set), which opens
-# the connections between the proxies (and their handshakes: one HTTP/2 connection, or up to
-# 8 HTTP/1.1 ones), so that the subtraction leaves the measured requests alone.
+# the connection between the proxies (and its handshake) and the caller's pooled streams, so
+# that the subtraction leaves the measured requests alone.
 run_mtls() {
   local run=$W/run$1 pids=() p
   mkdir -p "$run"

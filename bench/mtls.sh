@@ -5,7 +5,7 @@
 #   direct                    wrk → nginx
 #   trellis plaintext, 1 hop  wrk → trellis (standalone, the peer has no proxy) → nginx
 #   haproxy plaintext, 2 hops wrk → haproxy A → haproxy B → nginx
-#   trellis mTLS, 2 hops      wrk → trellis caller ══mTLS, HTTP/2══▶ trellis callee → nginx
+#   trellis mTLS, 2 hops      wrk → trellis caller ══mTLS, HTTP/1.1 streams══▶ trellis callee → nginx
 #   haproxy mTLS, 2 hops      wrk → haproxy A ══mTLS══▶ haproxy B → nginx
 #
 # and the full-handshake rate each TLS server accepts (openssl s_time -new, TLS 1.3, client
