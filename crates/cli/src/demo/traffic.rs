@@ -46,15 +46,35 @@ async fn get(bind: SocketAddr) -> Result<(u16, String)> {
 pub(super) async fn warm_up(bind: SocketAddr, who: &str) -> Result<(u32, u32)> {
     let start = Instant::now();
     let (mut sent, mut failed) = (0, 0);
+    // What answered instead, and the last failure: said if `who` never answers.
+    let mut others = BTreeMap::<String, u32>::new();
+    let mut last_failure = None;
     loop {
         sent += 1;
         match get(bind).await {
             Ok((200, w)) if w == who => return Ok((sent, failed)),
-            Ok((200, _)) => {}
-            _ => failed += 1,
+            Ok((200, w)) => *others.entry(w).or_default() += 1,
+            Ok((st, body)) => {
+                failed += 1;
+                last_failure = Some(format!("{st} {}", body.trim()));
+            }
+            Err(e) => {
+                failed += 1;
+                last_failure = Some(e.to_string());
+            }
         }
         if start.elapsed() > Duration::from_secs(30) {
-            return Err(anyhow!("{who} did not answer within 30 s"));
+            let others: Vec<String> = others.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            return Err(anyhow!(
+                "{who} did not answer within 30 s ({sent} requests: answered by {}; {failed} \
+                 failed, the last with {})",
+                if others.is_empty() {
+                    "none".to_string()
+                } else {
+                    others.join(", ")
+                },
+                last_failure.as_deref().unwrap_or("-"),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
