@@ -32,7 +32,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use trellis_test_support::{netbed::NetBed, podman::Podman, vm::Vm, Logs, Temp};
+use trellis_test_support::{
+    eventually_explained, netbed::NetBed, podman::Podman, vm::Vm, Logs, Temp,
+};
 
 /// The client is curl on the bare-metal host, by mesh name through capture; faults are the
 /// real thing: the VM's httpd killed over its command channel, `podman stop`, and an
@@ -178,11 +180,11 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     //    link's, with the evidence that the VM's host is up.
     let six = Instant::now();
     fleet.reject_rule("-I");
-    let verdict = eventually(
+    let verdict = eventually_explained(
         "diagnose names the rejecting link to the VM, whose host is up",
         Duration::from_secs(45),
         async || {
-            fleet.get("/").await;
+            let got = fleet.get("/").await;
             let (_, v) = cp
                 .call(
                     http::Method::GET,
@@ -191,8 +193,11 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
                     None,
                 )
                 .await;
+            // Said if the wait times out: what the client got, and every verdict.
+            let seen = || format!("the client got {got:?}; diagnose said {v}");
             v["verdicts"]
-                .as_array()?
+                .as_array()
+                .ok_or_else(seen)?
                 .iter()
                 .find(|x| {
                     x["cause"] == "network"
@@ -205,6 +210,7 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
                         && x["evidence"].to_string().contains("its host is up")
                 })
                 .cloned()
+                .ok_or_else(seen)
         },
     )
     .await;
@@ -216,7 +222,7 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
         "{verdict:#}\n{proxies:#}"
     );
     fleet.reject_rule("-D");
-    eprintln!("scenario 6 took {:?}", six.elapsed());
+    eprintln!("scenario 6 took {:?}: {verdict}", six.elapsed());
 
     // 7. A surge spills from the VM to the container and comes back.
     let seven = Instant::now();

@@ -763,9 +763,18 @@ pub fn diagnose(w: &Window, facts: &Facts, names: &dyn Fn(&str) -> bool) -> Vec<
                         );
                     }
                 }
+                // A refused or timed-out connect is the callee's answer, carried back, only if
+                // the attempts reached its proxy (by their ids, else by its count of this
+                // caller's requests that ended so): its application being down in the same
+                // window does not make the caller's own connects to its proxy its answers.
                 F::ConnectRefused | F::ConnectTimeout | F::UpstreamTimeout | F::ConnectionReset
                     if app_down
-                        && (matches!(class, F::ConnectRefused | F::ConnectTimeout)
+                        && ((matches!(class, F::ConnectRefused | F::ConnectTimeout)
+                            && arrived(
+                                j.as_ref(),
+                                sum(&seen, &[F::ConnectRefused, F::ConnectTimeout]),
+                                n,
+                            ))
                             || (*class == F::ConnectionReset
                                 && explains(&[F::ConnectRefused, F::ConnectTimeout], n))) =>
                 {

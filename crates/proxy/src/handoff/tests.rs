@@ -2,15 +2,37 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 
 use super::*;
 
-fn path(name: &str) -> PathBuf {
+/// A handoff socket's path, unique to the test, removed when the test ends (failed or not).
+struct Sock(PathBuf);
+
+impl std::ops::Deref for Sock {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Sock {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn path(name: &str) -> Sock {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    std::env::temp_dir().join(format!(
+    Sock(std::env::temp_dir().join(format!(
         "trellis-handoff-{}-{t}-{name}.sock",
         std::process::id()
-    ))
+    )))
 }
 
 fn any_port() -> SocketAddr {
@@ -64,7 +86,6 @@ async fn a_successor_serves_the_same_socket_and_the_predecessor_learns_when_it_i
         .unwrap()
         .unwrap();
     assert_eq!(pid, std::process::id());
-    let _ = std::fs::remove_file(at);
 }
 
 #[tokio::test]
@@ -78,7 +99,6 @@ async fn nothing_to_take_over_from_a_missing_or_stale_socket() {
     // And it is replaced by the next one to answer there.
     let l = bind(&at).unwrap();
     drop(l);
-    let _ = std::fs::remove_file(at);
 }
 
 #[tokio::test]
@@ -97,7 +117,6 @@ async fn a_successor_that_goes_away_before_it_is_ready_leaves_the_predecessor_se
         .expect("the predecessor learns")
         .unwrap()
         .unwrap();
-    let _ = std::fs::remove_file(at);
 }
 
 #[tokio::test]
@@ -112,7 +131,6 @@ async fn a_listener_configured_elsewhere_is_not_taken() {
         inherited.take_tcp("inbound", any_port()).is_none(),
         "never offered"
     );
-    let _ = std::fs::remove_file(at);
 }
 
 /// A process on its way out may accept and close without an offer: the new one asks again,
@@ -129,7 +147,6 @@ async fn a_predecessor_that_closes_without_an_offer_is_asked_again() {
     });
     assert!(take_over(&at).await.unwrap().is_none());
     exiting.join().unwrap();
-    let _ = std::fs::remove_file(at);
 }
 
 /// Sockets are taken only from a process of the same user: one of another user's answering
@@ -162,7 +179,6 @@ async fn a_process_of_another_user_is_not_taken_over_from() {
     let refused = take_over(&at).await;
     let _ = other.kill();
     let _ = other.wait();
-    let _ = std::fs::remove_file(&at);
     let err = refused.err().expect("refused").to_string();
     assert!(err.contains("another user"), "{err}");
 }

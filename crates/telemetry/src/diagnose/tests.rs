@@ -616,6 +616,78 @@ fn listed(
     })
 }
 
+/// The callee's application was down earlier in the window (its proxy answered this caller
+/// `connect_refused` twice); then the caller's own connects to that proxy are refused. Those
+/// never reached it (by their ids), and it still reports: the link, not more of the
+/// application's answers.
+#[test]
+fn refused_connects_that_never_reached_a_callee_whose_application_was_down_are_the_link() {
+    let mut w = healthy();
+    w.push(s(Out, "test/shop", "test/catalog-vm", SVC, F::Ok, 10));
+    w.push(s(In, "test/catalog-vm", "test/shop", SVC, F::Ok, 10));
+    w.push(s(
+        Out,
+        "test/shop",
+        "test/catalog-vm",
+        SVC,
+        F::ConnectRefused,
+        7,
+    ));
+    w.push(s(
+        In,
+        "test/catalog-vm",
+        "test/shop",
+        SVC,
+        F::ConnectRefused,
+        2,
+    ));
+    let mut win = window(w);
+    win.reporting = vec![("test/catalog-vm".into(), 9_000)];
+    win.attempts = (1..=7)
+        .map(|id| listed("test/shop", 0, id, "test/catalog-vm", F::ConnectRefused))
+        .chain((1..=2).map(|id| listed("test/catalog-vm", 1, id, "test/shop", F::ConnectRefused)))
+        .collect();
+    let facts = Facts {
+        now_ms: 12_000,
+        ..Facts::default()
+    };
+    let v = run(&win, &facts);
+    let link = v
+        .iter()
+        .find(|x| {
+            matches!(&x.place, Place::Link { from, to }
+                if from.workload == "test/shop" && to.workload == "test/catalog-vm")
+        })
+        .unwrap_or_else(|| panic!("no verdict on the link: {v:#?}"));
+    assert_eq!(link.cause, Cause::Network, "{link:#?}");
+    assert_eq!(link.caller_saw[&F::ConnectRefused], 7, "{link:#?}");
+    assert!(
+        link.evidence
+            .iter()
+            .any(|e| e.contains("2 of the 7 failed attempts")),
+        "{link:#?}"
+    );
+    assert!(
+        link.evidence.iter().any(|e| e.contains("its host is up")),
+        "{link:#?}"
+    );
+    // Attempts that did reach it are its answers: the application.
+    win.attempts = (1..=7)
+        .map(|id| listed("test/shop", 0, id, "test/catalog-vm", F::ConnectRefused))
+        .chain((1..=7).map(|id| listed("test/catalog-vm", 1, id, "test/shop", F::ConnectRefused)))
+        .collect();
+    let v = run(&win, &facts);
+    assert!(
+        v.iter().all(|x| !matches!(x.place, Place::Link { .. })),
+        "{v:#?}"
+    );
+    assert!(
+        v.iter()
+            .any(|x| x.cause == Cause::Application && workload_of(x) == "test/catalog-vm"),
+        "{v:#?}"
+    );
+}
+
 #[test]
 fn attempt_ids_tell_a_lost_answer_from_a_slow_application() {
     // The callee served the requests (ok, by its counts) but the caller timed out: by the
