@@ -12,6 +12,7 @@ use std::{
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_test_support::Temp;
 
 fn split(wa: u32, wb: u32, a: std::net::SocketAddr, b: std::net::SocketAddr) -> String {
     docs(&[
@@ -292,7 +293,7 @@ async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
         service("slow", "HTTP", &[slow]),
         client_workload(&["web"]),
     ]);
-    let sock = trellis_test_support::temp_path("handoff.sock");
+    let sock = Temp(trellis_test_support::temp_path("handoff.sock"));
     let args = [
         "--workload",
         "test/client",
@@ -394,7 +395,6 @@ async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
     }
     let failed = failed.lock().unwrap().clone();
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
-    let _ = std::fs::remove_file(sock);
 }
 
 /// SIGUSR2 with `--handoff`: the proxy starts its binary again with the same arguments, and
@@ -406,8 +406,9 @@ async fn an_upgrade_in_place_refuses_no_connection_and_fails_no_request() {
 async fn sigusr2_starts_a_successor_that_takes_over_and_tells_the_service_manager() {
     let app = upstream::named("a").await;
     let config = docs(&[service("web", "HTTP", &[app]), client_workload(&[])]);
-    let sock = trellis_test_support::temp_path("usr2-handoff.sock");
-    let notify = trellis_test_support::temp_path("notify.sock");
+    // Removed when the test ends, failed or not.
+    let sock = Temp(trellis_test_support::temp_path("usr2-handoff.sock"));
+    let notify = Temp(trellis_test_support::temp_path("notify.sock"));
     let manager = tokio::net::UnixDatagram::bind(&notify).unwrap();
     let said = async || {
         let mut buf = vec![0u8; 512];
@@ -464,6 +465,4 @@ async fn sigusr2_starts_a_successor_that_takes_over_and_tells_the_service_manage
         .status();
     let failed = failed.lock().unwrap().clone();
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
-    let _ = std::fs::remove_file(sock);
-    let _ = std::fs::remove_file(notify);
 }

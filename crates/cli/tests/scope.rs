@@ -196,7 +196,7 @@ async fn an_upgrade_in_place_keeps_the_names_asked_for_on_demand() {
         ]),
     )
     .await;
-    let sock = trellis_test_support::temp_path("scope-handoff.sock");
+    let sock = trellis_test_support::Temp(trellis_test_support::temp_path("scope-handoff.sock"));
     let args = ["--handoff", sock.to_str().unwrap()];
     let mut old = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &args);
     old.wait_ready().await;

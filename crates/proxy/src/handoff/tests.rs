@@ -1,37 +1,13 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
+use trellis_test_support::Temp;
+
 use super::*;
 
 /// A handoff socket's path, unique to the test, removed when the test ends (failed or not).
-struct Sock(PathBuf);
-
-impl std::ops::Deref for Sock {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Sock {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Sock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn path(name: &str) -> Sock {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    Sock(std::env::temp_dir().join(format!(
-        "trellis-handoff-{}-{t}-{name}.sock",
-        std::process::id()
+fn path(name: &str) -> Temp {
+    Temp(trellis_test_support::temp_path(&format!(
+        "handoff-{name}.sock"
     )))
 }
 
