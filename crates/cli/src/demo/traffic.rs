@@ -26,6 +26,11 @@ pub(super) struct Totals {
 /// Failures shown one by one before they are only counted.
 const SHOWN: u64 = 5;
 
+/// "NAME COUNT" for each who answered, in name order.
+fn tally(answered: &BTreeMap<String, u32>) -> Vec<String> {
+    answered.iter().map(|(k, v)| format!("{k} {v}")).collect()
+}
+
 async fn get(bind: SocketAddr) -> Result<(u16, String)> {
     let s = tokio::net::TcpStream::connect(bind).await?;
     let (mut send, conn) =
@@ -64,14 +69,13 @@ pub(super) async fn warm_up(bind: SocketAddr, who: &str) -> Result<(u32, u32)> {
             }
         }
         if start.elapsed() > Duration::from_secs(30) {
-            let others: Vec<String> = others.iter().map(|(k, v)| format!("{k} {v}")).collect();
             return Err(anyhow!(
                 "{who} did not answer within 30 s ({sent} requests: answered by {}; {failed} \
                  failed, the last with {})",
                 if others.is_empty() {
                     "none".to_string()
                 } else {
-                    others.join(", ")
+                    tally(&others).join(", ")
                 },
                 last_failure.as_deref().unwrap_or("-"),
             ));
@@ -134,7 +138,7 @@ pub(super) async fn run(
         }
         if last_line.elapsed() >= Duration::from_millis(every_ms.load(Ordering::Relaxed)) {
             last_line = Instant::now();
-            let mut parts: Vec<String> = served.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let mut parts = tally(&served);
             if failed_now > 0 {
                 parts.push(format!("FAILED {failed_now}"));
             }
