@@ -578,6 +578,18 @@ async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// The connections `caller`'s proxy made to `callee`'s inbound listener (its mutual-TLS
+/// connections to that peer).
+async fn connects_made(caller: &ProxyProcess, callee: &ProxyProcess) -> f64 {
+    let endpoint = callee.inbound.to_string();
+    caller
+        .metric(
+            "trellis_upstream_connects_total",
+            &[("endpoint", &endpoint)],
+        )
+        .await
+}
+
 /// The peer's mesh: Services `b` (HTTP) and `t` (TCP) on one Workload `peer` (identity
 /// `IDENTITY`, its proxy's inbound at `INBOUND`), Service `f` whose Workload claims an identity
 /// but whose "proxy" is a plain HTTP server, and the caller `client` (identity `client`).
@@ -710,12 +722,7 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
     // All of it on one connection to the callee's proxy: concurrent requests, bodies past a
     // stream's window (256 KiB), both clients.
-    let connects = caller
-        .metric(
-            "trellis_upstream_connects_total",
-            &[("endpoint", callee.inbound.to_string().as_str())],
-        )
-        .await;
+    let connects = connects_made(&caller, &callee).await;
     assert_eq!(connects, 1.0, "connections made to the callee's proxy");
     // Opaque TCP (a CONNECT tunnel at the caller) rides mutual TLS too.
     assert_eq!(
@@ -1326,13 +1333,7 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
     // Each replica's streams rode one HTTP/2 connection to its proxy: one mutual-TLS
     // handshake each, not one per stream.
     for (replica, p) in [("db-up", &up), ("db-down", &dn)] {
-        let endpoint = p.inbound.to_string();
-        let connects = caller
-            .metric(
-                "trellis_upstream_connects_total",
-                &[("endpoint", endpoint.as_str())],
-            )
-            .await;
+        let connects = connects_made(&caller, p).await;
         assert_eq!(connects, 1.0, "connections made to {replica}'s proxy");
     }
     // One connection carries at most 100 streams: held open together, those past it have a
@@ -1347,12 +1348,7 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
         },
     )
     .await;
-    let before = caller
-        .metric(
-            "trellis_upstream_connects_total",
-            &[("endpoint", up.inbound.to_string().as_str())],
-        )
-        .await;
+    let before = connects_made(&caller, &up).await;
     let mut held = Vec::new();
     for i in 0..102 {
         let mut s = tunnel(caller.outbound, "db.test:5432").await;
@@ -1360,12 +1356,7 @@ async fn a_tcp_stream_names_its_caller_and_a_refusal_reaches_the_caller() {
         assert_eq!(echo_on(&mut s, msg.as_bytes()).await, msg.as_bytes());
         held.push(s);
     }
-    let after = caller
-        .metric(
-            "trellis_upstream_connects_total",
-            &[("endpoint", up.inbound.to_string().as_str())],
-        )
-        .await;
+    let after = connects_made(&caller, &up).await;
     assert_eq!(after - before, 2.0, "connections past the cap on streams");
     drop(held);
     // The replica whose application is down refused the caller's streams, and says whose.
@@ -1744,14 +1735,8 @@ async fn a_drained_callee_fails_no_http_request_on_its_streams() {
     // The eight clients' first requests came at once, with no connection to either replica
     // yet: one was made to each, the others waited for it.
     for p in [&a, &b] {
-        let endpoint = p.inbound.to_string();
-        let connects = caller
-            .metric(
-                "trellis_upstream_connects_total",
-                &[("endpoint", endpoint.as_str())],
-            )
-            .await;
-        assert_eq!(connects, 1.0, "connections made to {endpoint}");
+        let connects = connects_made(&caller, p).await;
+        assert_eq!(connects, 1.0, "connections made to {}", p.inbound);
     }
     a.signal("TERM");
     assert_eq!(
