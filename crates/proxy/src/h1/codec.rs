@@ -7,6 +7,8 @@ use std::mem::MaybeUninit;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
+use super::raw::{classify, Class, RawHeaders};
+
 /// Largest response head (status line and headers), and largest trailer section. Offsets
 /// within a head fit in a `u16`.
 pub(crate) const MAX_HEAD: usize = 64 * 1024 - 1;
@@ -38,9 +40,6 @@ pub(crate) enum ParseError {
     /// The head does not end within [`MAX_HEAD`] bytes.
     #[error("response head larger than {MAX_HEAD} bytes")]
     TooLarge,
-    /// A header name or value that HTTP does not allow.
-    #[error("invalid response header {0:?}")]
-    Header(String),
     /// Content-Length is not one non-negative number.
     #[error("invalid content-length")]
     ContentLength,
@@ -159,7 +158,8 @@ pub(crate) enum RespFraming {
 #[derive(Debug)]
 pub(crate) struct Head {
     pub(crate) status: StatusCode,
-    pub(crate) headers: HeaderMap,
+    /// Its header lines, not read into a map ([`super::raw`]).
+    pub(crate) headers: RawHeaders,
     pub(crate) framing: RespFraming,
     /// The connection may carry another request once this response ends.
     pub(crate) keep_alive: bool,
@@ -196,7 +196,7 @@ pub(crate) fn parse_response_head(
     };
     let spans = Spans::of(buf, res.headers);
     let head = buf.split_to(len).freeze();
-    let (mut headers, seen) = spans.header_map(&head, 0).map_err(ParseError::Header)?;
+    let (mut headers, seen) = spans.raw(head);
     let (framing, keep_alive) = framing(status, version, method, &mut headers, seen)?;
     Ok(Some(Head {
         status,
@@ -245,22 +245,32 @@ impl Spans {
             };
             let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
                 .map_err(|_| name.as_str().to_owned())?;
-            seen.note(&name, &head[vs..vs + vl]);
+            seen.note(classify(raw), &head[vs..vs + vl]);
             headers.append(name, value);
         }
         Ok((headers, seen))
     }
+
+    /// The lines over `head`, not read into a map: httparse has checked names and values.
+    fn raw(&self, head: Bytes) -> (RawHeaders, Seen) {
+        let mut seen = Seen::default();
+        let mut lines = RawHeaders::with_capacity(head, self.count);
+        for &(ns, nl, vs, vl) in &self.at[..self.count] {
+            let (n, v) = (ns as usize, vs as usize);
+            let class = classify(&lines.head()[n..n + nl as usize]);
+            seen.note(class, &lines.head()[v..v + vl as usize]);
+            lines.push((ns, nl), (vs, vl), class);
+        }
+        (lines, seen)
+    }
 }
 
-/// Whether the last transfer coding is `chunked` (RFC 9112 §6.3).
-fn chunked_last(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+/// Whether the last transfer coding of a `Transfer-Encoding` value (the last field's) is
+/// `chunked` (RFC 9112 §6.3). A value that is not visible ASCII names none.
+fn chunked_last(last: Option<&[u8]>) -> bool {
+    last.filter(|v| v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)))
+        .and_then(|v| v.rsplit(|b| *b == b',').next())
+        .is_some_and(|t| trim_ows(t).eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Which of the headers that decide framing and connection handling a head carries, noted
@@ -287,6 +297,15 @@ enum Length {
 impl Length {
     /// Take one more `content-length` field into account.
     fn and(self, value: &[u8]) -> Self {
+        // The usual field: one number of at most 19 digits (below u64's limit), read as is.
+        if !value.is_empty() && value.len() <= 19 && value.iter().all(u8::is_ascii_digit) {
+            let n = value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            return match self {
+                Self::Absent => Self::Is(n),
+                Self::Is(l) if l == n => self,
+                _ => Self::Invalid,
+            };
+        }
         let mut length = self;
         for part in value.split(|b| *b == b',') {
             let part = trim_ows(part);
@@ -323,14 +342,14 @@ impl Seen {
     const KEEP_ALIVE: u8 = 2;
     const UPGRADE_TOKEN: u8 = 4;
 
-    fn note(&mut self, name: &HeaderName, value: &[u8]) {
-        let bit = match name.as_str() {
-            "content-length" => Self::CONTENT_LENGTH,
-            "transfer-encoding" => Self::TRANSFER_ENCODING,
-            "connection" => Self::CONNECTION,
-            "expect" => Self::EXPECT,
-            "upgrade" => Self::UPGRADE,
-            "te" => Self::TE,
+    fn note(&mut self, class: Class, value: &[u8]) {
+        let bit = match class {
+            Class::ContentLength => Self::CONTENT_LENGTH,
+            Class::TransferEncoding => Self::TRANSFER_ENCODING,
+            Class::Connection => Self::CONNECTION,
+            Class::Expect => Self::EXPECT,
+            Class::Upgrade => Self::UPGRADE,
+            Class::Te => Self::TE,
             _ => return,
         };
         self.bits |= bit;
@@ -364,6 +383,13 @@ impl Seen {
 /// The tokens of one `Connection` field that decide what becomes of the connection. A
 /// field that is not visible ASCII names none (it cannot be read as a list of tokens).
 fn connection_tokens(value: &[u8]) -> u8 {
+    // The usual fields: one token.
+    if value.eq_ignore_ascii_case(b"keep-alive") {
+        return Seen::KEEP_ALIVE;
+    }
+    if value.eq_ignore_ascii_case(b"close") {
+        return Seen::CLOSE;
+    }
     if !value
         .iter()
         .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
@@ -400,7 +426,7 @@ fn framing(
     status: StatusCode,
     version: Version,
     method: &Method,
-    headers: &mut HeaderMap,
+    headers: &mut RawHeaders,
     seen: Seen,
 ) -> Result<(RespFraming, bool), ParseError> {
     let mut keep_alive = if version == Version::HTTP_10 {
@@ -418,8 +444,8 @@ fn framing(
     if seen.has(Seen::TRANSFER_ENCODING) {
         // A length next to a transfer coding is a smuggling attempt or a bug; the coding
         // wins (RFC 9112 §6.3) and the length must not travel on.
-        headers.remove(header::CONTENT_LENGTH);
-        if chunked_last(headers) {
+        headers.drop_class(Class::ContentLength);
+        if chunked_last(headers.last(Class::TransferEncoding)) {
             return Ok((RespFraming::Chunked, keep_alive));
         }
         return Ok((RespFraming::Eof, false));
@@ -777,7 +803,13 @@ fn request_framing(headers: &HeaderMap, seen: Seen) -> Result<ReqFraming, Reques
         if seen.has(Seen::CONTENT_LENGTH) {
             return Err(RequestError::Ambiguous);
         }
-        return if chunked_last(headers) {
+        return if chunked_last(
+            headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+                .map(HeaderValue::as_bytes),
+        ) {
             Ok(ReqFraming::Chunked)
         } else {
             Err(RequestError::TransferEncoding)
@@ -811,9 +843,11 @@ pub(crate) enum BodyOut {
 /// Write a response head for the client. Framing and connection headers are the proxy's
 /// (`connection` says `close` or, to an HTTP/1.0 client, `keep-alive`): those of the
 /// response are dropped, except on a 101, whose `connection: upgrade` belongs to the
-/// handshake. `date` is added when the response has none.
+/// handshake. `date` is added when the response has none. `raw`: the lines the upstream
+/// sent, written before `headers` (what the proxy added; [`super::raw`]).
 pub(crate) fn encode_response_head(
     status: StatusCode,
+    raw: Option<&RawHeaders>,
     headers: &HeaderMap,
     body: BodyOut,
     connection: Option<&'static str>,
@@ -828,6 +862,21 @@ pub(crate) fn encode_response_head(
     out.put_slice(b"\r\n");
     let pass_length = body == BodyOut::None;
     let mut dated = false;
+    for (class, name, value) in raw.into_iter().flat_map(RawHeaders::lines) {
+        let skip = match class {
+            Class::ContentLength => !pass_length,
+            Class::TransferEncoding | Class::KeepAlive => true,
+            Class::Connection => !switching,
+            Class::Date => {
+                dated = true;
+                false
+            }
+            _ => false,
+        };
+        if !skip {
+            put_field(out, name, value);
+        }
+    }
     for (name, value) in headers {
         let skip = match *name {
             header::CONTENT_LENGTH => !pass_length,
@@ -839,13 +888,9 @@ pub(crate) fn encode_response_head(
             }
             _ => name.as_str() == "keep-alive",
         };
-        if skip {
-            continue;
+        if !skip {
+            put_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
     }
     match body {
         BodyOut::Length(n) => {
@@ -866,6 +911,13 @@ pub(crate) fn encode_response_head(
         put_http_date(out);
         out.put_slice(b"\r\n");
     }
+    out.put_slice(b"\r\n");
+}
+
+fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
     out.put_slice(b"\r\n");
 }
 

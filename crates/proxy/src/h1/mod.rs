@@ -13,6 +13,7 @@
 
 pub(crate) mod codec;
 mod names;
+pub(crate) mod raw;
 pub(crate) mod server;
 #[cfg(test)]
 mod tests;

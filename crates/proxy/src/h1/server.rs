@@ -31,7 +31,9 @@ use tokio::{
 
 use super::{
     codec::{self, BodyOut, Decoder, ParseError, ReqFraming, RequestError, RespFraming},
-    poll_body_frame, BodyRead, BoxError, Link, COALESCE, MIN_READ,
+    poll_body_frame,
+    raw::RawHeaders,
+    BodyRead, BoxError, Link, COALESCE, MIN_READ,
 };
 use crate::mux::MuxStream;
 
@@ -308,6 +310,7 @@ impl ServerConn {
         let len = body.size_hint().exact().unwrap_or(0);
         codec::encode_response_head(
             parts.status,
+            parts.extensions.get::<RawHeaders>(),
             &parts.headers,
             BodyOut::Length(len),
             Some("close"),
@@ -358,7 +361,14 @@ impl ServerConn {
             (false, false) => None,
         };
         self.wbuf.clear();
-        codec::encode_response_head(status, &parts.headers, out, connection, &mut self.wbuf);
+        codec::encode_response_head(
+            status,
+            parts.extensions.get::<RawHeaders>(),
+            &parts.headers,
+            out,
+            connection,
+            &mut self.wbuf,
+        );
         if !self.write_body(body, out, cur.trailers).await {
             return false;
         }

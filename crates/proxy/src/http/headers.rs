@@ -1,7 +1,7 @@
 //! Header handling shared by every stage: hop-by-hop stripping, a route's edits, gRPC
 //! detection and the status a gRPC response carries.
 
-use http::{header, HeaderMap, HeaderValue, Request};
+use http::{header, HeaderMap, HeaderValue, Request, Response};
 use trellis_model::proxy::HeaderEdits;
 
 use super::{GRPC_STATUS, X_TRELLIS_FAILURE};
@@ -150,7 +150,16 @@ pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
 
 /// The `grpc-status` in response headers or trailers, if any.
 pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
+    grpc_code(headers.get(&GRPC_STATUS)?.as_bytes())
+}
+
+/// The `grpc-status` in a response's headers, raw lines ([`crate::h1::raw`]) or map.
+pub(crate) fn response_grpc_status<B>(resp: &Response<B>) -> Option<u32> {
+    grpc_code(crate::h1::raw::get(resp, &GRPC_STATUS)?)
+}
+
+fn grpc_code(v: &[u8]) -> Option<u32> {
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 #[cfg(test)]

@@ -547,7 +547,10 @@ fn hyper_service(
         let (shared, listener, caller) = (shared.clone(), listener.clone(), caller.clone());
         Box::pin(async move {
             let req = req.map(ClientBody::Hyper);
-            Ok(handle(&shared, &listener, req, &caller).await)
+            let mut resp = handle(&shared, &listener, req, &caller).await;
+            // hyper writes the map alone.
+            crate::h1::raw::complete(&mut resp);
+            Ok(resp)
         })
     })
 }

@@ -26,7 +26,7 @@ use crate::{
     h1::{self, H1Body},
     http::{
         body::{ClientBody, Limits, ProxyBody, Replay, UpBody, UpstreamBody},
-        headers::grpc_status,
+        headers::response_grpc_status,
         upgrade, TRACEPARENT, X_TRELLIS_PEER,
     },
     metrics::RetryLabels,
@@ -274,8 +274,8 @@ pub(crate) async fn forward(
         let (class, grpc_code, peer) = match &outcome {
             Try::Response(r) => {
                 ep.observe_latency(done.saturating_duration_since(try_start), done);
-                let peer = peer_answer(&ep, r.headers());
-                let code = if grpc { grpc_status(r.headers()) } else { None };
+                let peer = peer_answer(&ep, r);
+                let code = if grpc { response_grpc_status(r) } else { None };
                 let class = peer.unwrap_or_else(|| {
                     code.map_or_else(
                         || FailureClass::from_status(r.status().as_u16()),
@@ -565,7 +565,7 @@ pub(crate) async fn upgrade(
         )
     };
     *resp.status_mut() = head.status;
-    *resp.headers_mut() = head.headers;
+    *resp.headers_mut() = head.headers.into_map(http::HeaderMap::new());
     resp
 }
 
@@ -604,8 +604,7 @@ async fn via_peer(
     rec.status = resp.status().as_u16();
     // A refusal by the peer's proxy itself (its authorization, its application down) keeps
     // the class that proxy gave it.
-    rec.class =
-        peer_answer(ep, resp.headers()).unwrap_or_else(|| FailureClass::from_status(rec.status));
+    rec.class = peer_answer(ep, &resp).unwrap_or_else(|| FailureClass::from_status(rec.status));
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, body) = resp.into_parts();
         let mut out = Response::new(

@@ -206,7 +206,8 @@ async fn send_h1(
             let body = H1Body::new(&head, conn, ep.pool.idle().clone(), began);
             let mut resp = Response::new(UpstreamBody::H1(body));
             *resp.status_mut() = head.status;
-            *resp.headers_mut() = head.headers;
+            // The lines stay as they came until a stage needs a map (`h1::raw`).
+            resp.extensions_mut().insert(head.headers);
             Try::Response(resp)
         }
         Err(H1Error::TimedOut) => {
@@ -252,12 +253,12 @@ pub(crate) fn timed_out(ep: &Endpoint, limit: Duration, kind: Kind) -> Error {
 
 /// The class a peer's proxy gave its own answer (`x-trellis-failure`), believed only from
 /// an endpoint reached at its proxy.
-pub(crate) fn peer_answer(
+pub(crate) fn peer_answer<B>(
     ep: &Endpoint,
-    headers: &http::HeaderMap,
+    resp: &Response<B>,
 ) -> Option<crate::error::FailureClass> {
     if ep.via_peer_proxy() {
-        super::respond::peer_class(headers)
+        super::respond::peer_class(resp)
     } else {
         None
     }

@@ -142,7 +142,7 @@ async fn exchange(
         }
         Ok(super::exchange::Try::Response(r)) => {
             let status = r.status().as_u16();
-            let class = super::exchange::peer_answer(&ep, r.headers())
+            let class = super::exchange::peer_answer(&ep, &r)
                 .unwrap_or_else(|| FailureClass::from_status(status));
             // Read to the end (a pooled connection is reused only then), within the time.
             let body = crate::http::body::ProxyBody::upstream(

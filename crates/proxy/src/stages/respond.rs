@@ -10,11 +10,12 @@
 //! a caller can trust it and keep the peer's class across hops.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Response};
+use http::{header, HeaderValue, Response};
 use trellis_model::proxy::HeaderEdits;
 
 use crate::{
     error::{Error, FailureClass, Kind},
+    h1::raw::{self, RawHeaders},
     http::{
         body::{Limits, ProxyBody, UpstreamBody},
         headers::{edit_headers, strip_response_headers},
@@ -80,9 +81,9 @@ pub(crate) fn local_reply(mut rec: Box<Record>, e: &Error, grpc: bool) -> Respon
 }
 
 /// The class a peer's proxy gave its own answer, from `x-trellis-failure`.
-pub(crate) fn peer_class(headers: &HeaderMap) -> Option<FailureClass> {
-    let v = headers.get(&X_TRELLIS_FAILURE)?;
-    FailureClass::from_bytes(v.as_bytes()).filter(|c| *c != FailureClass::Ok)
+pub(crate) fn peer_class<B>(resp: &Response<B>) -> Option<FailureClass> {
+    let v = raw::get(resp, &X_TRELLIS_FAILURE)?;
+    FailureClass::from_bytes(v).filter(|c| *c != FailureClass::Ok)
 }
 
 /// The upstream's response on its way to the client: hop-by-hop headers out (and a
@@ -96,7 +97,16 @@ pub(crate) fn relay(
     from_peer: bool,
 ) -> Response<ProxyBody> {
     rec.status = resp.status().as_u16();
+    let edits = edits.filter(|e| !e.is_empty());
     let (mut parts, body) = resp.into_parts();
+    // Lines as they came stay so unless a rule needs them in the map (`h1::raw`).
+    let stripped = parts
+        .extensions
+        .get_mut::<RawHeaders>()
+        .is_some_and(|r| r.strip(from_peer));
+    if edits.is_some() || rec.tap_headers.is_some() || !stripped {
+        raw::complete_parts(&mut parts.headers, &mut parts.extensions);
+    }
     strip_response_headers(&mut parts.headers, from_peer);
     if let Some(e) = edits {
         edit_headers(&mut parts.headers, e);

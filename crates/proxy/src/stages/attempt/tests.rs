@@ -116,7 +116,7 @@ fn dummy_h1_body() -> H1Body {
     let conn = Box::new(Conn::new(io, slot));
     let head = h1::codec::Head {
         status: StatusCode::OK,
-        headers: http::HeaderMap::new(),
+        headers: Default::default(),
         framing: h1::codec::RespFraming::Empty,
         keep_alive: false,
     };

@@ -1,0 +1,326 @@
+//! A response's header lines as an HTTP/1.1 upstream sent them, kept as spans of its head
+//! instead of read into a `HeaderMap`. Most responses are relayed as they came, and reading
+//! their lines into a map (a hash, an insertion and a value per line, the map's allocations
+//! and its drop) was the largest part of a proxy's work per request.
+//!
+//! A response carries them as an extension ([`RawHeaders`]); its `HeaderMap` then holds only
+//! what the proxy added (its `Proxy-Status` entry), which goes out after them. Code that needs
+//! one field asks [`get`]; code that needs the whole section (a route's edits, a tap, hyper's
+//! encoders) calls [`complete`] first, which reads the lines into the map ahead of what is
+//! already there, so the order stays the wire's. The HTTP/1.1 encoder writes the lines as
+//! they came ([`RawHeaders::lines`]), names in their own case, as HTTP allows.
+
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Response};
+
+/// What a header name is, among the few the proxy acts on (in any case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    Other,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    Date,
+    Expect,
+    Te,
+    Upgrade,
+    /// `proxy-connection`, `proxy-authenticate`, `proxy-authorization`: hop-by-hop only.
+    HopByHop,
+    /// `x-trellis-failure`: kept only from a peer's proxy.
+    Failure,
+    /// A field literally named `close`, which `Connection: close` then names too.
+    Close,
+}
+
+/// The class of a header name (token characters, any case): a switch on the length and one
+/// comparison.
+pub(crate) fn classify(name: &[u8]) -> Class {
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 if is(b"te") => Class::Te,
+        4 if is(b"date") => Class::Date,
+        5 if is(b"close") => Class::Close,
+        6 if is(b"expect") => Class::Expect,
+        7 if is(b"upgrade") => Class::Upgrade,
+        10 if is(b"connection") => Class::Connection,
+        10 if is(b"keep-alive") => Class::KeepAlive,
+        14 if is(b"content-length") => Class::ContentLength,
+        16 if is(b"proxy-connection") => Class::HopByHop,
+        17 if is(b"transfer-encoding") => Class::TransferEncoding,
+        17 if is(b"x-trellis-failure") => Class::Failure,
+        18 if is(b"proxy-authenticate") => Class::HopByHop,
+        19 if is(b"proxy-authorization") => Class::HopByHop,
+        _ => Class::Other,
+    }
+}
+
+/// One header line: where its name and value are in the head (which is at most 64 KiB).
+#[derive(Clone, Copy, Debug)]
+struct Line {
+    name: (u16, u16),
+    value: (u16, u16),
+    class: Class,
+    dropped: bool,
+}
+
+/// The header lines of a response head, as received (see the module's documentation).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RawHeaders {
+    head: Bytes,
+    lines: Vec<Line>,
+}
+
+impl RawHeaders {
+    /// No lines yet, over `head`, with room for `n`.
+    pub(super) fn with_capacity(head: Bytes, n: usize) -> Self {
+        Self {
+            head,
+            lines: Vec::with_capacity(n),
+        }
+    }
+
+    /// Add a line: `name` and `value` are (start, length) in the head. httparse accepted
+    /// both: the name is token characters, the value is tab, visible ASCII and obs-text,
+    /// which is what `HeaderName` and `HeaderValue` accept.
+    pub(super) fn push(&mut self, name: (u16, u16), value: (u16, u16), class: Class) {
+        self.lines.push(Line {
+            name,
+            value,
+            class,
+            dropped: false,
+        });
+    }
+
+    /// The head the lines are in.
+    pub(super) fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    fn bytes(&self, (at, len): (u16, u16)) -> &[u8] {
+        &self.head[at as usize..at as usize + len as usize]
+    }
+
+    /// The lines not dropped: class, name (as sent), value.
+    pub(crate) fn lines(&self) -> impl Iterator<Item = (Class, &[u8], &[u8])> + '_ {
+        self.lines
+            .iter()
+            .filter(|l| !l.dropped)
+            .map(|l| (l.class, self.bytes(l.name), self.bytes(l.value)))
+    }
+
+    /// How many lines are left.
+    pub(crate) fn len(&self) -> usize {
+        self.lines.iter().filter(|l| !l.dropped).count()
+    }
+
+    /// The first value of `name` (lower case).
+    pub(crate) fn get(&self, name: &str) -> Option<&[u8]> {
+        self.lines()
+            .find(|(_, n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, _, v)| v)
+    }
+
+    /// The last value of a class.
+    pub(super) fn last(&self, class: Class) -> Option<&[u8]> {
+        self.lines()
+            .filter(|(c, _, _)| *c == class)
+            .last()
+            .map(|(_, _, v)| v)
+    }
+
+    /// Drop every line of a class.
+    pub(super) fn drop_class(&mut self, class: Class) {
+        for l in &mut self.lines {
+            if l.class == class {
+                l.dropped = true;
+            }
+        }
+    }
+
+    /// Drop the hop-by-hop lines (and `x-trellis-failure`, unless `from_peer`), as
+    /// `http::headers::strip_response_headers` does to a map. `false`, dropping nothing, when
+    /// that needs the map's rules: a `Connection` that names other fields, or a `TE`.
+    pub(crate) fn strip(&mut self, from_peer: bool) -> bool {
+        let named_close = self.lines().any(|(c, _, _)| c == Class::Close);
+        let simple = self.lines().all(|(c, _, v)| match c {
+            Class::Te => false,
+            Class::Connection => {
+                v.eq_ignore_ascii_case(b"keep-alive")
+                    || (v.eq_ignore_ascii_case(b"close") && !named_close)
+            }
+            _ => true,
+        });
+        if !simple {
+            return false;
+        }
+        for l in &mut self.lines {
+            l.dropped |= match l.class {
+                Class::Connection
+                | Class::KeepAlive
+                | Class::TransferEncoding
+                | Class::Upgrade
+                | Class::HopByHop => true,
+                Class::Failure => !from_peer,
+                _ => false,
+            };
+        }
+        true
+    }
+
+    /// The lines as a map, followed by `after`'s fields.
+    pub(crate) fn into_map(self, after: HeaderMap) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.len() + after.len());
+        for l in self.lines.iter().filter(|l| !l.dropped) {
+            let raw = self.bytes(l.name);
+            let name = super::names::known(raw).or_else(|| HeaderName::from_bytes(raw).ok());
+            let (at, len) = (l.value.0 as usize, l.value.1 as usize);
+            let value = HeaderValue::from_maybe_shared(self.head.slice(at..at + len)).ok();
+            // Both were accepted by httparse, whose rules are `http`'s (see `push`); the
+            // fuzz target checks that no line is lost here.
+            if let (Some(name), Some(value)) = (name, value) {
+                map.append(name, value);
+            }
+        }
+        let mut last = None;
+        for (name, value) in after {
+            if let Some(n) = name {
+                last = Some(n);
+            }
+            if let Some(n) = &last {
+                map.append(n.clone(), value);
+            }
+        }
+        map
+    }
+
+    /// A map of the lines alone (for tests and the fuzz targets).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn to_map(&self) -> HeaderMap {
+        self.clone().into_map(HeaderMap::new())
+    }
+}
+
+/// Make `headers` the whole header section: the raw lines in `ext`, if any, are read into it
+/// ahead of what it holds.
+pub(crate) fn complete_parts(headers: &mut HeaderMap, ext: &mut Extensions) {
+    if let Some(raw) = ext.remove::<RawHeaders>() {
+        *headers = raw.into_map(std::mem::take(headers));
+    }
+}
+
+/// The response's whole header map, its raw lines read into it first.
+pub(crate) fn complete<B>(resp: &mut Response<B>) -> &mut HeaderMap {
+    if let Some(raw) = resp.extensions_mut().remove::<RawHeaders>() {
+        let after = std::mem::take(resp.headers_mut());
+        *resp.headers_mut() = raw.into_map(after);
+    }
+    resp.headers_mut()
+}
+
+/// The first value of `name` in a response, raw lines or map (the lines come first).
+pub(crate) fn get<'a, B>(resp: &'a Response<B>, name: &HeaderName) -> Option<&'a [u8]> {
+    resp.extensions()
+        .get::<RawHeaders>()
+        .and_then(|r| r.get(name.as_str()))
+        .or_else(|| resp.headers().get(name).map(HeaderValue::as_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use http::Method;
+
+    use super::*;
+    use crate::http::headers::strip_response_headers;
+
+    fn parse(fields: &str) -> RawHeaders {
+        let wire = format!("HTTP/1.1 200 OK\r\n{fields}\r\n");
+        let mut buf = BytesMut::from(wire.as_bytes());
+        super::super::codec::parse_response_head(&mut buf, &Method::HEAD)
+            .unwrap()
+            .unwrap()
+            .headers
+    }
+
+    #[test]
+    fn stripped_lines_leave_what_a_stripped_map_leaves() {
+        let heads = [
+            "Server: x\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+            "connection: close\r\nx-trellis-failure: app_error\r\ncontent-length: 1\r\n",
+            "Upgrade: h2c\r\nProxy-Connection: x\r\nTransfer-Encoding: chunked\r\nVary: a\r\n",
+            "Proxy-Authenticate: Basic\r\nProxy-Authorization: y\r\nSet-Cookie: a\r\nset-cookie: b\r\n",
+            // The map's rules: a Connection that names a field, a TE, a field named close.
+            "Connection: x-private, keep-alive\r\nX-Private: 1\r\nX-Kept: 2\r\n",
+            "TE: trailers\r\nTE: gzip\r\nServer: y\r\n",
+            "Connection: close\r\nClose: 1\r\nServer: z\r\n",
+        ];
+        for fields in heads {
+            for from_peer in [false, true] {
+                let mut want = parse(fields).to_map();
+                strip_response_headers(&mut want, from_peer);
+                let mut raw = parse(fields);
+                let simple = raw.strip(from_peer);
+                let got = raw.into_map(HeaderMap::new());
+                let mut map = got.clone();
+                if !simple {
+                    strip_response_headers(&mut map, from_peer);
+                }
+                assert_eq!(map, want, "{fields:?}, from a peer: {from_peer}");
+                let maps_rules = fields.contains("x-private") || fields.contains("TE:");
+                let maps_rules = maps_rules || fields.contains("Close:");
+                assert_eq!(simple, !maps_rules, "{fields:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn lines_read_into_a_map_come_before_what_the_proxy_added() {
+        let raw = parse("Proxy-Status: upstream\r\nServer: x\r\nX-Custom: 1\r\n");
+        let mut added = HeaderMap::new();
+        added.append("proxy-status", HeaderValue::from_static("trellis"));
+        added.append("x-custom", HeaderValue::from_static("2"));
+        let map = raw.into_map(added);
+        let all = |n: &str| map.get_all(n).iter().cloned().collect::<Vec<_>>();
+        assert_eq!(all("proxy-status"), ["upstream", "trellis"]);
+        assert_eq!(all("x-custom"), ["1", "2"]);
+        assert_eq!(all("server"), ["x"]);
+    }
+
+    #[test]
+    fn a_response_reads_one_field_from_its_lines_or_its_map_and_completes_into_one_map() {
+        let mut resp = Response::new(());
+        resp.extensions_mut()
+            .insert(parse("X-Trellis-Failure: app_error\r\nServer: x\r\n"));
+        resp.headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("14"));
+        let failure = HeaderName::from_static("x-trellis-failure");
+        assert_eq!(get(&resp, &failure), Some(&b"app_error"[..]));
+        let grpc = HeaderName::from_static("grpc-status");
+        assert_eq!(get(&resp, &grpc), Some(&b"14"[..]));
+        assert_eq!(get(&resp, &http::header::DATE), None);
+        let map = complete(&mut resp).clone();
+        assert!(resp.extensions().get::<RawHeaders>().is_none());
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[&failure], "app_error");
+        assert_eq!(map["server"], "x");
+        assert_eq!(map[&grpc], "14");
+    }
+
+    #[test]
+    fn names_are_classed_in_any_case() {
+        for (name, class) in [
+            ("Content-Length", Class::ContentLength),
+            ("TRANSFER-ENCODING", Class::TransferEncoding),
+            ("connection", Class::Connection),
+            ("Keep-Alive", Class::KeepAlive),
+            ("x-Trellis-Failure", Class::Failure),
+            ("Proxy-Authorization", Class::HopByHop),
+            ("te", Class::Te),
+            ("tf", Class::Other),
+            ("content-lengths", Class::Other),
+        ] {
+            assert_eq!(classify(name.as_bytes()), class, "{name}");
+        }
+    }
+}
