@@ -29,6 +29,15 @@ async fn http1_h2c_and_proxy_form_reach_the_service() {
     for _ in 0..3 {
         let r = h2.get("alpha.test:80", "/h2").await.unwrap();
         assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"a"[..]));
+        // The upstream's own fields (an HTTP/1.1 head the proxy keeps as received lines)
+        // reach an HTTP/2 client too, ahead of the proxy's Proxy-Status entry.
+        assert!(
+            r.headers.contains_key("x-seen-x-request-id"),
+            "{:?}",
+            r.headers
+        );
+        let ps: Vec<_> = r.headers.get_all("proxy-status").iter().collect();
+        assert_eq!(ps, ["trellis; received-status=200"], "{:?}", r.headers);
     }
     // Proxy form (HTTP_PROXY) with an absolute URI, raw on the wire.
     let mut s = tokio::net::TcpStream::connect(p.outbound).await.unwrap();
@@ -59,6 +68,29 @@ async fn http1_h2c_and_proxy_form_reach_the_service() {
     assert_eq!(log["failure_class"], "ok");
     assert_eq!(log["trace_id"].as_str().unwrap().len(), 32);
     assert!(log["first_byte_ms"].as_f64().is_some() && log["total_ms"].as_f64().is_some());
+}
+
+/// A route's response header edits apply to what an HTTP/1.1 upstream sent: a field removed
+/// is gone, a field set has the one value, a field added comes after the upstream's own.
+#[tokio::test]
+async fn a_routes_response_header_edits_apply_to_the_upstreams_fields() {
+    let a = upstream::named("a").await;
+    let rule = "    - backendRefs: [{ name: alpha, port: 80 }]\n      filters:\n        - type: ResponseHeaderModifier\n          responseHeaderModifier:\n            set: [{ name: x-upstream-secret, value: replaced }]\n            add: [{ name: x-seen-traceparent, value: added }]\n            remove: [x-seen-x-request-id]\n";
+    let p = start(&docs(&[
+        service("alpha", "HTTP", &[a]),
+        route("alpha", "alpha", rule),
+        client_workload(&["alpha"]),
+    ]));
+    let r = client::get_full(p.outbound, "alpha.test", "/x", &[])
+        .await
+        .unwrap();
+    assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"a"[..]));
+    let all = |n: &str| -> Vec<_> { r.headers.get_all(n).iter().cloned().collect() };
+    assert!(all("x-seen-x-request-id").is_empty(), "{:?}", r.headers);
+    assert_eq!(all("x-upstream-secret"), ["replaced"], "{:?}", r.headers);
+    let tp = all("x-seen-traceparent");
+    assert_eq!(tp.len(), 2, "{:?}", r.headers);
+    assert!(tp[0].len() == 55 && tp[1] == "added", "{:?}", r.headers);
 }
 
 #[tokio::test]
