@@ -14,7 +14,7 @@ use std::{
 
 use common::*;
 use http::Method;
-use trellis_test_support::{control::ControlProcess, temp_path};
+use trellis_test_support::{control::ControlProcess, eventually_explained, temp_path};
 
 /// `trellis join` for `test/catalog-1`, killed on drop.
 fn start_agent(cp: &ControlProcess, state: &str, app: u16, token: Option<&str>) -> Proc {
@@ -492,15 +492,31 @@ async fn an_agent_leaving_on_sigterm_fails_no_request_of_a_steady_load() {
     let (caller, cstate) = start_caller(&cp, "leave-caller").await;
     // Both serve the caller.
     let mut seen = std::collections::BTreeSet::new();
-    eventually(
+    // On a timeout, what answered and what the control plane holds of each agent (CI once
+    // waited 20 s here; it never has locally).
+    eventually_explained(
         "both endpoints answer",
         Duration::from_secs(20),
         async || {
-            let (st, _, body) = via(&caller, "catalog.test").await;
+            let (st, class, body) = via(&caller, "catalog.test").await;
             if st == 200 {
-                seen.insert(body);
+                seen.insert(body.clone());
             }
-            (seen.len() == 2).then_some(())
+            if seen.len() == 2 {
+                return Ok(());
+            }
+            let mut held = Vec::new();
+            for name in ["catalog-1", "catalog-2"] {
+                let w = workload(&cp, name).await;
+                let health = w.map(|w| w["status"]["health"].to_string());
+                held.push(format!(
+                    "{name}: {}",
+                    health.as_deref().unwrap_or("not registered")
+                ));
+            }
+            Err(format!(
+                "answers {seen:?}, the last {st} {class:?} {body:?}; {held:?}"
+            ))
         },
     )
     .await;
