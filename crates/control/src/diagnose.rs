@@ -3,6 +3,8 @@
 //! that refused their config, and the references that do not resolve. The rules themselves
 //! are in [`trellis_telemetry::diagnose`].
 
+use std::collections::BTreeSet;
+
 use serde_json::Value;
 use trellis_telemetry::diagnose::Facts;
 
@@ -126,16 +128,80 @@ pub(crate) fn facts(
             ));
         }
     }
-    for p in proxies {
-        for (ty, st) in &p.types {
-            if let Some(r) = st.rejected.as_ref().filter(|_| st.acked != st.sent) {
-                let who = p.workload.clone().unwrap_or_else(|| p.node.clone());
-                f.refused
-                    .push((who, format!("{ty} version {}: {}", r.version, r.message)));
-            }
-        }
-    }
+    let registered: BTreeSet<String> = workloads
+        .iter()
+        .map(|(w, _)| ns_name(w, "default"))
+        .collect();
+    let gone: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e.kind == "left" && !registered.contains(&e.workload))
+        .map(|e| e.workload.as_str())
+        .collect();
+    f.refused = refusals(proxies, &gone);
     f.unresolved.sort();
     f.refused.sort();
     f
+}
+
+/// The configurations proxies refused, as (who, why). The proxy of a workload that left
+/// (its agent deregistered it, and it is not registered again: `gone`) refuses every
+/// configuration without it until it has drained and stopped: that is how it leaves, not a
+/// problem.
+fn refusals(proxies: &[ProxyStatus], gone: &BTreeSet<&str>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in proxies {
+        if p.workload.as_deref().is_some_and(|w| gone.contains(w)) {
+            continue;
+        }
+        for (ty, st) in &p.types {
+            if let Some(r) = st.rejected.as_ref().filter(|_| st.acked != st.sent) {
+                let who = p.workload.clone().unwrap_or_else(|| p.node.clone());
+                out.push((who, format!("{ty} version {}: {}", r.version, r.message)));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Rejection, TypeStatus};
+
+    fn refusing(workload: &str) -> ProxyStatus {
+        let st = TypeStatus {
+            sent: "9".into(),
+            acked: "8".into(),
+            rejected: Some(Rejection {
+                version: "9".into(),
+                message: format!("--workload: Workload {workload} is not defined in the config"),
+                at: 0,
+            }),
+            resources: 1,
+        };
+        ProxyStatus {
+            node: format!("{workload}@agent"),
+            workload: Some(workload.into()),
+            peer: None,
+            connected_at: 0,
+            types: [("document".to_string(), st)].into(),
+            silent_since: None,
+        }
+    }
+
+    #[test]
+    fn a_leaving_workloads_proxy_refusing_configurations_without_it_is_no_problem() {
+        let proxies = [refusing("shop/gone"), refusing("shop/deleted")];
+        // `shop/deleted` was removed by an operator (no `left` event): its proxy serves a
+        // stale configuration, which is a problem; `shop/gone`'s agent deregistered it.
+        let gone = BTreeSet::from(["shop/gone"]);
+        let found = refusals(&proxies, &gone);
+        let who: Vec<_> = found.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(who, ["shop/deleted"]);
+        assert!(
+            found[0].1.starts_with("document version 9: --workload"),
+            "{found:?}"
+        );
+        assert_eq!(refusals(&proxies, &BTreeSet::new()).len(), 2);
+    }
 }
