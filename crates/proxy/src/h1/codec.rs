@@ -268,7 +268,7 @@ impl Spans {
 /// Whether the last transfer coding of a `Transfer-Encoding` value (the last field's) is
 /// `chunked` (RFC 9112 §6.3). A value that is not visible ASCII names none.
 fn chunked_last(last: Option<&[u8]>) -> bool {
-    last.filter(|v| v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)))
+    last.filter(|v| visible(v))
         .and_then(|v| v.rsplit(|b| *b == b',').next())
         .is_some_and(|t| trim_ows(t).eq_ignore_ascii_case(b"chunked"))
 }
@@ -380,6 +380,13 @@ impl Seen {
     }
 }
 
+/// Whether a field value is visible ASCII (and tabs): what can be read as a list of tokens.
+fn visible(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
+}
+
 /// The tokens of one `Connection` field that decide what becomes of the connection. A
 /// field that is not visible ASCII names none (it cannot be read as a list of tokens).
 fn connection_tokens(value: &[u8]) -> u8 {
@@ -390,10 +397,7 @@ fn connection_tokens(value: &[u8]) -> u8 {
     if value.eq_ignore_ascii_case(b"close") {
         return Seen::CLOSE;
     }
-    if !value
-        .iter()
-        .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
-    {
+    if !visible(value) {
         return 0;
     }
     value
