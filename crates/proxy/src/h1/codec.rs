@@ -866,34 +866,26 @@ pub(crate) fn encode_response_head(
     out.put_slice(b"\r\n");
     let pass_length = body == BodyOut::None;
     let mut dated = false;
+    // One rule for the lines as they came and for the map's fields.
+    let mut skip = |class: Class| match class {
+        Class::ContentLength => !pass_length,
+        Class::TransferEncoding | Class::KeepAlive => true,
+        Class::Connection => !switching,
+        Class::Date => {
+            dated = true;
+            false
+        }
+        _ => false,
+    };
     for (class, name, value) in raw.into_iter().flat_map(RawHeaders::lines) {
-        let skip = match class {
-            Class::ContentLength => !pass_length,
-            Class::TransferEncoding | Class::KeepAlive => true,
-            Class::Connection => !switching,
-            Class::Date => {
-                dated = true;
-                false
-            }
-            _ => false,
-        };
-        if !skip {
+        if !skip(class) {
             put_field(out, name, value);
         }
     }
     for (name, value) in headers {
-        let skip = match *name {
-            header::CONTENT_LENGTH => !pass_length,
-            header::TRANSFER_ENCODING => true,
-            header::CONNECTION => !switching,
-            header::DATE => {
-                dated = true;
-                false
-            }
-            _ => name.as_str() == "keep-alive",
-        };
-        if !skip {
-            put_field(out, name.as_str().as_bytes(), value.as_bytes());
+        let name = name.as_str().as_bytes();
+        if !skip(classify(name)) {
+            put_field(out, name, value.as_bytes());
         }
     }
     match body {
