@@ -132,7 +132,7 @@ pub(crate) fn route<'a>(
         timeout: r.timeout,
         idle: r.idle_timeout,
         retry: r.retry.as_ref(),
-        response_headers: Some(&r.response_headers),
+        response_headers: (!r.response_headers.is_empty()).then_some(&r.response_headers),
         peer_header: snap.peer_header.as_ref(),
         faults: &r.faults,
         mirror_to: if r.mirrors.is_empty() {

@@ -57,7 +57,8 @@ pub(crate) struct Plan<'a> {
     pub(crate) idle: Option<Duration>,
     /// Retries.
     pub(crate) retry: Option<&'a RetryConfig>,
-    /// Response header edits.
+    /// Response header edits; `None` when there are none (an upstream's raw lines are then
+    /// not read into a map for them: `h1::raw`).
     pub(crate) response_headers: Option<&'a HeaderEdits>,
     /// `x-trellis-peer` for tries that go to a peer's proxy.
     pub(crate) peer_header: Option<&'a HeaderValue>,

@@ -97,7 +97,6 @@ pub(crate) fn relay(
     from_peer: bool,
 ) -> Response<ProxyBody> {
     rec.status = resp.status().as_u16();
-    let edits = edits.filter(|e| !e.is_empty());
     let (mut parts, body) = resp.into_parts();
     // Lines as they came stay so unless a rule needs them in the map (`h1::raw`).
     let stripped = parts
