@@ -111,8 +111,7 @@ async fn each_hop_keeps_the_class_of_the_side_that_failed() {
     })
     .await;
     let cp = ControlProcess::start(BIN, &[]);
-    let (callee, caller, _states) =
-        mtls_pair(&cp, |inbound| mesh(ok, down, spoof, slow, inbound)).await;
+    let (callee, caller) = mtls_pair(&cp, |inbound| mesh(ok, down, spoof, slow, inbound)).await;
     let inbound = format!("127.0.0.1:{}", callee.inbound.port());
     eventually(
         "the caller reaches the callee",
@@ -272,7 +271,7 @@ async fn connections_refused_before_any_request_are_recorded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ok = upstream::named("ok").await;
     let cp = ControlProcess::start(BIN, &[]);
-    let (callee, _caller, _states) = mtls_pair(&cp, |inbound| mesh(ok, ok, ok, ok, inbound)).await;
+    let (callee, _caller) = mtls_pair(&cp, |inbound| mesh(ok, ok, ok, ok, inbound)).await;
     // Plaintext to a proxy whose ports are all STRICT.
     let mut s = tokio::net::TcpStream::connect(callee.inbound)
         .await

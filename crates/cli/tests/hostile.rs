@@ -321,7 +321,7 @@ async fn the_control_plane_refuses_deep_yaml_and_replayed_agent_requests() {
 
     // An agent's signed request, taken once; the same bytes again are refused.
     apply_ok(&cp, client_workload(&[])).await;
-    let state = trellis_test_support::temp_path("replay-state");
+    let state = trellis_test_support::Temp::path("replay-state");
     let t = token(&cp, "test", "client", "10m", "1");
     let p = ProxyProcess::start_xds(
         BIN,
@@ -376,5 +376,4 @@ async fn the_control_plane_refuses_deep_yaml_and_replayed_agent_requests() {
         v["error"].as_str().unwrap_or_default().contains("replayed"),
         "{v}"
     );
-    let _ = std::fs::remove_dir_all(state);
 }

@@ -3,15 +3,11 @@
 
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use common::*;
 use http::Method;
-use trellis_test_support::{control::ControlProcess, temp_path};
+use trellis_test_support::{control::ControlProcess, temp_path, Temp};
 
 /// A fresh key and CSR made by openssl in a new directory (removed with the guard),
 /// optionally asking for `san`.
@@ -212,7 +208,7 @@ async fn a_proxy_joins_with_a_token_reuses_its_certificate_and_renews_it() {
         .call(Method::POST, "/api/v1/apply", &client_workload(&[]), None)
         .await;
     assert_eq!(st, 200, "{v}");
-    let state = temp_path("proxy-state");
+    let state = Temp::path("proxy-state");
     let state_s = state.to_str().unwrap().to_string();
 
     // No stored certificate and no token: the proxy refuses to start, and says why.
@@ -290,13 +286,12 @@ async fn a_proxy_joins_with_a_token_reuses_its_certificate_and_renews_it() {
         stored.to_uppercase().contains(&serial),
         "{stored} vs {serial}"
     );
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 #[tokio::test]
 async fn an_operators_intermediate_signs_and_the_chain_verifies_to_its_root() {
     // The operator's PKI, made with openssl: a root and an intermediate under it.
-    let pki = temp_path("operator-pki");
+    let pki = Temp::path("operator-pki");
     std::fs::create_dir_all(&pki).unwrap();
     let ec = EC_KEY;
     let mut root = vec!["req", "-x509"];
@@ -416,7 +411,6 @@ async fn an_operators_intermediate_signs_and_the_chain_verifies_to_its_root() {
     assert!(out.contains("chain.pem: OK"), "{out}");
     let issuer = openssl(&dir, &["x509", "-in", "chain.pem", "-noout", "-issuer"]);
     assert!(issuer.contains("operator intermediate"), "{issuer}");
-    let _ = std::fs::remove_dir_all(&pki);
 }
 
 /// Credentials for `ns/id` as a peer proxy holds them: key by openssl, certificate from the
@@ -478,7 +472,7 @@ async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity
     let mesh = [service("alpha", "HTTP", &[app]), policy.to_string()].join("---\n");
     let (st, v) = cp.call(Method::POST, "/api/v1/apply", &mesh, None).await;
     assert_eq!(st, 200, "{v}");
-    let state = temp_path("alpha-state");
+    let state = Temp::path("alpha-state");
     let state_s = state.to_str().unwrap().to_string();
     let t = token(&cp, "test", "alpha", "10m", "1");
     let p = ProxyProcess::start_xds(
@@ -575,7 +569,6 @@ async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity
         get_over_mtls(p.inbound, &client, alpha).await.unwrap().0,
         200
     );
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// The connections `caller`'s proxy made to `callee`'s inbound listener (its mutual-TLS
@@ -618,13 +611,13 @@ fn peer_mesh(
 }
 
 /// The callee (`test/peer`, identity beta) and the caller (`test/client`), each joined with
-/// a token, the callee's inbound port published in its Workload. Returns their state dirs.
+/// a token, the callee's inbound port published in its Workload.
 async fn start_pair(
     cp: &ControlProcess,
     app: std::net::SocketAddr,
     echo: std::net::SocketAddr,
     plain: std::net::SocketAddr,
-) -> (ProxyProcess, ProxyProcess, Vec<PathBuf>) {
+) -> (ProxyProcess, ProxyProcess) {
     mtls_pair(cp, |inbound| peer_mesh(app, echo, plain, "beta", inbound)).await
 }
 
@@ -648,7 +641,7 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
     let plain = upstream::named("not-a-proxy").await;
     let cp = ControlProcess::start(BIN, &[]);
     let apply = |yaml: String| apply_ok(&cp, yaml);
-    let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
+    let (callee, caller) = start_pair(&cp, app, echo, plain).await;
     let inbound = callee.inbound.port();
 
     // HTTP/1.1 from the application, HTTP/1.1 on a stream of the one mutual-TLS connection
@@ -809,9 +802,6 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
             .await
             >= 1.0
     );
-    for d in states {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }
 
 /// A WebSocket application (tungstenite): each message echoed back; an upgrade to
@@ -862,7 +852,7 @@ async fn websocket_upgrades_cross_peer_proxies_over_mutual_tls() {
     let echo = upstream::tcp_echo().await;
     let plain = upstream::named("not-a-proxy").await;
     let cp = ControlProcess::start(BIN, &[]);
-    let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
+    let (callee, caller) = start_pair(&cp, app, echo, plain).await;
     eventually("HTTP over mTLS", Duration::from_secs(10), async || {
         let (st, _, body) = via(&caller, "b.test").await;
         (st == 200 && body == "plain").then_some(())
@@ -943,9 +933,6 @@ async fn websocket_upgrades_cross_peer_proxies_over_mutual_tls() {
         })
         .await;
     assert_eq!(line["failure_class"], "denied", "{line}");
-    for d in states {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }
 
 /// The identity section of a proxy's `/config_dump`.
@@ -980,7 +967,7 @@ async fn a_root_rotation_and_leaf_renewals_under_steady_load_fail_no_request() {
     let plain = upstream::named("not-a-proxy").await;
     // Certificates live 20 s: each proxy renews every 10 s or so while the load runs.
     let cp = ControlProcess::start(BIN, &["--svid-ttl", "20s"]);
-    let (callee, caller, states) = start_pair(&cp, app, echo, plain).await;
+    let (callee, caller) = start_pair(&cp, app, echo, plain).await;
     eventually("mTLS up", Duration::from_secs(10), async || {
         (via(&caller, "b.test").await.0 == 200).then_some(())
     })
@@ -1083,9 +1070,6 @@ async fn a_root_rotation_and_leaf_renewals_under_steady_load_fail_no_request() {
             assert!(line.contains("failure_class=\"ok\""), "{line}");
         }
     }
-    for d in states {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }
 
 fn ok_cli(cp: &ControlProcess, args: &[&str]) -> String {
@@ -1119,7 +1103,7 @@ async fn proxies_reach_the_control_plane_over_tls_and_pin_its_root() {
     let (tok, hash) = (v["token"].as_str().unwrap(), v["caHash"].as_str().unwrap());
     assert!(hash.starts_with("sha256:") && hash.len() == 71, "{hash}");
     let https = cp.xds_url().replace("http://", "https://");
-    let state = temp_path("tls-state");
+    let state = Temp::path("tls-state");
     let state_s = state.to_str().unwrap();
 
     // A control plane whose root is not the pinned one (a man in the middle, say) is refused
@@ -1226,7 +1210,6 @@ async fn proxies_reach_the_control_plane_over_tls_and_pin_its_root() {
         401,
         "TLS is served"
     );
-    let _ = std::fs::remove_dir_all(state);
 }
 
 #[tokio::test]

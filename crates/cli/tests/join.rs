@@ -14,7 +14,7 @@ use std::{
 
 use common::*;
 use http::Method;
-use trellis_test_support::{control::ControlProcess, eventually_explained, temp_path};
+use trellis_test_support::{control::ControlProcess, eventually_explained, Temp};
 
 /// `trellis join` for `test/catalog-1`, killed on drop.
 fn start_agent(cp: &ControlProcess, state: &str, app: u16, token: Option<&str>) -> Proc {
@@ -140,11 +140,11 @@ impl Load {
     }
 }
 
-/// The caller `test/client` (identity `client`), joined with a token and fed by `cp`; its
-/// state dir.
-async fn start_caller(cp: &ControlProcess, state: &str) -> (ProxyProcess, std::path::PathBuf) {
+/// The caller `test/client` (identity `client`), joined with a token and fed by `cp` (its
+/// state dir removed when it drops).
+async fn start_caller(cp: &ControlProcess, state: &str) -> ProxyProcess {
     let t = token(cp, "test", "client", "10m", "1");
-    let dir = temp_path(state);
+    let dir = Temp::path(state);
     let caller = ProxyProcess::start_xds(
         BIN,
         &[cp.xds_url()],
@@ -152,7 +152,7 @@ async fn start_caller(cp: &ControlProcess, state: &str) -> (ProxyProcess, std::p
         &["--state-dir", dir.to_str().unwrap(), "--join-token", &t],
     );
     caller.wait_ready().await;
-    (caller, dir)
+    caller.owning(dir)
 }
 
 async fn wait_health(cp: &ControlProcess, healthy: bool, what: &str) -> serde_json::Value {
@@ -183,7 +183,7 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
     let cp = ControlProcess::start(BIN, &[]);
     let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n";
     apply_ok(&cp, mesh.to_string()).await;
-    let state = temp_path("agent-state");
+    let state = Temp::path("agent-state");
     let state_s = state.to_str().unwrap().to_string();
     let t = token(&cp, "test", "catalog", "10m", "1");
 
@@ -201,7 +201,7 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
         "spiffe://trellis.local/ns/test/sa/catalog"
     );
     // A caller reaches it through the agent's proxy, by mutual TLS.
-    let (caller, cstate) = start_caller(&cp, "agent-caller").await;
+    let caller = start_caller(&cp, "agent-caller").await;
     let reach = |want: u16| {
         let caller = &caller;
         async move {
@@ -348,9 +348,6 @@ async fn a_joined_host_registers_reports_health_fails_over_and_leaves_on_stop() 
             && !unit.contains("secret-token"),
         "{unit}"
     );
-    for d in [state, cstate] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }
 
 #[tokio::test]
@@ -378,7 +375,7 @@ async fn a_health_check_that_passes_again_lifts_the_callers_ejection() {
     // An ejection far longer than the test: only the recovery can end it in time.
     let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: { name: catalog, namespace: test }\nspec:\n  targetRefs: [{ name: catalog }]\n  outlierDetection: { consecutiveFailures: 3, baseEjectionTime: 10m, maxEjectionTime: 10m }\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n";
     apply_ok(&cp, mesh.to_string()).await;
-    let state = temp_path("agent-recover");
+    let state = Temp::path("agent-recover");
     let t = token(&cp, "test", "catalog", "10m", "1");
     let mut c = Command::new(BIN);
     c.args(["join", "--control-plane", &cp.xds_url(), "--state-dir"])
@@ -406,7 +403,7 @@ async fn a_health_check_that_passes_again_lifts_the_callers_ejection() {
         .stderr(Stdio::null());
     let _agent = Proc(c.spawn().expect("spawn trellis join"));
     wait_health(&cp, true, "registered and healthy").await;
-    let (caller, cstate) = start_caller(&cp, "agent-recover-caller").await;
+    let caller = start_caller(&cp, "agent-recover-caller").await;
     eventually(
         "the caller reaches the app",
         Duration::from_secs(15),
@@ -453,9 +450,6 @@ async fn a_health_check_that_passes_again_lifts_the_callers_ejection() {
             .await,
         0.0
     );
-    for d in [state, cstate] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }
 
 /// An agent stopped by SIGTERM takes its Workload out of the mesh, waits until the callers
@@ -474,7 +468,7 @@ async fn an_agent_leaving_on_sigterm_fails_no_request_of_a_steady_load() {
     let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n";
     apply_ok(&cp, mesh.to_string()).await;
     let t = token(&cp, "test", "catalog", "10m", "2");
-    let (s1, s2) = (temp_path("leave-1"), temp_path("leave-2"));
+    let (s1, s2) = (Temp::path("leave-1"), Temp::path("leave-2"));
     let mut one = start_agent_named(
         &cp,
         s1.to_str().unwrap(),
@@ -489,7 +483,7 @@ async fn an_agent_leaving_on_sigterm_fails_no_request_of_a_steady_load() {
         Some(&t),
         "catalog-2",
     );
-    let (caller, cstate) = start_caller(&cp, "leave-caller").await;
+    let caller = start_caller(&cp, "leave-caller").await;
     // Both serve the caller.
     let mut seen = std::collections::BTreeSet::new();
     // On a timeout, what answered and what the control plane holds of each agent (CI once
@@ -542,9 +536,6 @@ async fn an_agent_leaving_on_sigterm_fails_no_request_of_a_steady_load() {
     assert!(during > 0, "no request went while the agent left");
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
     assert!(workload(&cp, "catalog-1").await.is_none(), "deregistered");
-    for d in [s1, s2, cstate] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }
 
 /// An agent upgraded in place: the same `trellis join` command started again (a new binary
@@ -562,12 +553,12 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_stays_registered() {
     let mesh = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: test }\nspec:\n  selector: { app: catalog }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1, identity: client }\n";
     apply_ok(&cp, mesh.to_string()).await;
     let t = token(&cp, "test", "catalog", "10m", "1");
-    let state = temp_path("upgrade");
+    let state = Temp::path("upgrade");
     let s = state.to_str().unwrap();
     // Three passes to become healthy: a new agent that started from unhealthy would show.
     let slow_up = ["--healthy-threshold", "3"];
     let mut old = start_agent_with(&cp, s, app.port(), Some(&t), "catalog-1", &slow_up);
-    let (caller, cstate) = start_caller(&cp, "upgrade-caller").await;
+    let caller = start_caller(&cp, "upgrade-caller").await;
     eventually(
         "the agent's workload answers",
         Duration::from_secs(20),
@@ -639,7 +630,4 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_stays_registered() {
         "the same inbound listener"
     );
     drop(new);
-    for d in [state, cstate] {
-        let _ = std::fs::remove_dir_all(d);
-    }
 }

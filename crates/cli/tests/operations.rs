@@ -21,7 +21,7 @@ use std::{
 };
 
 use common::*;
-use trellis_test_support::{control::ControlProcess, temp_path};
+use trellis_test_support::{control::ControlProcess, Temp};
 
 /// Services `b` (both callees), `b-vm` and `b-ct` (one each), the route splitting `b`
 /// between the two by `weights` (none: `b` goes to both endpoints as one cluster), and the
@@ -184,11 +184,13 @@ async fn operations_on_a_live_mesh_fail_no_request() {
     let mut cp = ControlProcess::start(BIN, &[]);
     apply_ok(&cp, mesh(apps, [1, 1], None)).await;
     let beta = token(&cp, "test", "beta", "10m", "2");
+    // Removed when the test ends, pass or fail: the state dirs and the hand-over sockets by them.
     let states = [
-        temp_path("ops-vm"),
-        temp_path("ops-ct"),
-        temp_path("ops-client"),
+        Temp::path("ops-vm"),
+        Temp::path("ops-ct"),
+        Temp::path("ops-client"),
     ];
+    let _sockets = states.each_ref().map(|s| Temp(s.with_extension("sock")));
     let mut vm = callee(&cp, &states[0], "test/peer-vm", &beta);
     let ct = callee(&cp, &states[1], "test/peer-ct", &beta);
     vm.wait_ready().await;
@@ -336,9 +338,5 @@ async fn operations_on_a_live_mesh_fail_no_request() {
             r.failed.len(),
             r.failed
         );
-    }
-    for s in states {
-        let _ = std::fs::remove_file(s.with_extension("sock"));
-        let _ = std::fs::remove_dir_all(s);
     }
 }

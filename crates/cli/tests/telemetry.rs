@@ -20,7 +20,7 @@ use std::{
 
 use common::*;
 use serde_json::Value;
-use trellis_test_support::{control::ControlProcess, eventually, temp_path, ProxyProcess};
+use trellis_test_support::{control::ControlProcess, eventually, temp_path, ProxyProcess, Temp};
 
 /// Counts of an application: requests, and those it failed.
 #[derive(Default)]
@@ -92,7 +92,7 @@ async fn start_mesh() -> Mesh {
     let cp = ControlProcess::start(BIN, &[]);
     apply_ok(&cp, mesh(vm_app, ct_app, 1, 1)).await;
     let xds = format!("https://{}", cp.xds);
-    let join = |id: &str, uses: &str, workload: &str, state: &std::path::Path| {
+    let join = |id: &str, uses: &str, workload: &str, state: Temp| {
         let t = token(&cp, "test", id, "10m", uses);
         ProxyProcess::start_xds(
             BIN,
@@ -109,9 +109,10 @@ async fn start_mesh() -> Mesh {
                 "200ms",
             ],
         )
+        .owning(state)
     };
-    let vm = join("catalog", "1", "test/catalog-vm", &temp_path("vm-state"));
-    let ct = join("catalog", "1", "test/catalog-ct", &temp_path("ct-state"));
+    let vm = join("catalog", "1", "test/catalog-vm", Temp::path("vm-state"));
+    let ct = join("catalog", "1", "test/catalog-ct", Temp::path("ct-state"));
     vm.wait_ready().await;
     ct.wait_ready().await;
     apply_ok(
@@ -120,7 +121,7 @@ async fn start_mesh() -> Mesh {
     )
     .await;
     let shop_state = temp_path("shop-state");
-    let shop = join("shop", "1", "test/shop", &shop_state);
+    let shop = join("shop", "1", "test/shop", Temp(shop_state.clone()));
     shop.wait_ready().await;
     // Both endpoints answer through the caller before counting starts.
     eventually(
@@ -1361,8 +1362,10 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_fleet() {
         );
     }
 
-    // B goes away: A still answers, with what it holds, and says what is missing.
-    b.kill();
+    // B goes away (killed, its data dir removed): A still answers, with what it holds, and
+    // says what is missing.
+    let b_xds = b.xds;
+    drop(b);
     let out = cli(&a, &["stat", "workloads", "-n", "test", "--window", "5m"]);
     let (so, se) = (
         String::from_utf8_lossy(&out.stdout),
@@ -1372,7 +1375,7 @@ async fn two_replicas_on_etcd_each_answer_for_the_whole_fleet() {
     assert!(so.contains("test/catalog-vm"), "{so}");
     assert!(!so.contains("test/catalog-ct"), "B's part is gone: {so}");
     assert!(
-        se.contains("warning:") && se.contains(&b.xds.to_string()),
+        se.contains("warning:") && se.contains(&b_xds.to_string()),
         "the answer names the missing replica: {se}"
     );
 }

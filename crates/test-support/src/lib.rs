@@ -74,6 +74,8 @@ pub struct ProxyProcess {
     pub upstreams: Vec<(String, SocketAddr)>,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Paths removed once the proxy has stopped (its state dir).
+    owned: Vec<Temp>,
 }
 
 /// Collect `child`'s stderr lines (JSON logs) in the background, and wait for the log line
@@ -193,6 +195,12 @@ impl Drop for Logs {
 pub struct Temp(pub PathBuf);
 
 impl Temp {
+    /// A fresh path, nothing created there yet (a proxy's `--state-dir`, say): whatever is
+    /// made there is removed on drop.
+    pub fn path(name: &str) -> Self {
+        Self(temp_path(name))
+    }
+
     /// A fresh directory.
     pub fn dir(name: &str) -> Self {
         let p = temp_path(name);
@@ -324,7 +332,15 @@ impl ProxyProcess {
             upstreams,
             logs,
             stderr: stderr_lines,
+            owned: Vec::new(),
         }
+    }
+
+    /// Remove `path` (the proxy's state dir, say) when this handle drops, after the proxy
+    /// has stopped: also when the test fails.
+    pub fn owning(mut self, path: Temp) -> Self {
+        self.owned.push(path);
+        self
     }
 
     /// The bound address of the explicit-mode upstream `service:port`.

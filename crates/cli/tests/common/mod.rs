@@ -215,24 +215,24 @@ pub fn join_xds(
     extra: &[&str],
 ) -> ProxyProcess {
     let t = token(cp, "test", id, "10m", "1");
-    let state = trellis_test_support::temp_path(&format!("{id}-state"));
+    let state = trellis_test_support::Temp::path(&format!("{id}-state"));
     let mut args = vec!["--state-dir", state.to_str().unwrap(), "--join-token", &t];
     args.extend_from_slice(extra);
-    ProxyProcess::start_xds(BIN, &[xds.to_string()], workload, &args)
+    ProxyProcess::start_xds(BIN, &[xds.to_string()], workload, &args).owning(state)
 }
 
 /// A callee (`test/peer`, identity `beta`) and a caller (`test/client`, identity `client`)
 /// fed by `cp`, each joined with a token; `mesh(inbound)` is the mesh with the callee's
 /// inbound port (applied first with a placeholder, as the port is known once it runs).
-/// Returns them and their state dirs.
+/// Each one's state dir is removed when its handle drops.
 pub async fn mtls_pair(
     cp: &trellis_test_support::control::ControlProcess,
     mesh: impl Fn(u16) -> String,
-) -> (ProxyProcess, ProxyProcess, Vec<std::path::PathBuf>) {
-    use trellis_test_support::temp_path;
+) -> (ProxyProcess, ProxyProcess) {
+    use trellis_test_support::Temp;
     apply_ok(cp, mesh(1)).await;
-    let (callee_state, caller_state) = (temp_path("callee-state"), temp_path("caller-state"));
-    let join = |who: &str, state: &std::path::Path, workload: &str| {
+    let (callee_state, caller_state) = (Temp::path("callee-state"), Temp::path("caller-state"));
+    let join = |who: &str, state: &Temp, workload: &str| {
         let t = token(cp, "test", who, "10m", "1");
         ProxyProcess::start_xds(
             BIN,
@@ -246,7 +246,7 @@ pub async fn mtls_pair(
     apply_ok(cp, mesh(callee.inbound.port())).await;
     let caller = join("client", &caller_state, "test/client");
     caller.wait_ready().await;
-    (callee, caller, vec![callee_state, caller_state])
+    (callee.owning(callee_state), caller.owning(caller_state))
 }
 
 /// The first verdict `trellis diagnose` gives over `window` (`5m`, …) in namespace `test`
