@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use http_body_util::Full;
 use hyper::{body::Bytes, Method, Request, Response};
 use tokio::sync::watch;
@@ -157,6 +157,38 @@ async fn run(a: DemoArgs) -> Result<()> {
     let result = scenario(&a, &dir).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Wait until every Workload `names` of namespace shop is registered and healthy: each
+/// agent registers and passes its first health check on its own, and a request sent before
+/// one of them has would be answered `no_healthy_upstream` (right for the mesh, but a
+/// failure in the story's tables). Polled every 50 ms, for 30 s at most; then it says which
+/// are not.
+async fn until_healthy(api: &Api, names: &[&str]) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let mut waiting = Vec::new();
+        for n in names {
+            let path = format!("/api/v1/resources/Workload/shop/{n}");
+            let healthy = match api.call(Method::GET, &path, None).await {
+                Ok(w) => w["status"]["health"]["healthy"] == true,
+                Err(_) => false,
+            };
+            if !healthy {
+                waiting.push(*n);
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "not registered and healthy after 30 s: {}",
+                waiting.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A port free a moment ago, for a listener that must be known before it is bound (the
@@ -335,7 +367,12 @@ async fn scenario(a: &DemoArgs, dir: &std::path::Path) -> Result<()> {
         println!("\nthe single pane (this link signs you in once): {url}\n");
     }
 
-    let warm = traffic::warm_up(bind, "catalog-vm").await;
+    // Every catalog workload registered and healthy before the first request.
+    let names = places.map(|p| p.0);
+    let warm = match until_healthy(&api, &names).await {
+        Ok(()) => traffic::warm_up(bind, "catalog-vm").await,
+        Err(e) => Err(e),
+    };
     let result = match warm {
         Ok(warm) => {
             let story = Story {
