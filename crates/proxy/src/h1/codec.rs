@@ -848,7 +848,8 @@ pub(crate) enum BodyOut {
 /// (`connection` says `close` or, to an HTTP/1.0 client, `keep-alive`): those of the
 /// response are dropped, except on a 101, whose `connection: upgrade` belongs to the
 /// handshake. `date` is added when the response has none. `raw`: the lines the upstream
-/// sent, written before `headers` (what the proxy added; [`super::raw`]).
+/// sent (and this proxy's `Proxy-Status` entry), written before `headers` (what the proxy
+/// added; [`super::raw`]).
 pub(crate) fn encode_response_head(
     status: StatusCode,
     raw: Option<&RawHeaders>,
@@ -877,7 +878,7 @@ pub(crate) fn encode_response_head(
         }
         _ => false,
     };
-    for (class, name, value) in raw.into_iter().flat_map(RawHeaders::lines) {
+    for (class, name, value) in raw.into_iter().flat_map(RawHeaders::fields) {
         if !skip(class) {
             put_field(out, name, value);
         }

@@ -11,7 +11,7 @@ const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_TRELLIS_PEER: HeaderName = HeaderName::from_static("x-trellis-peer");
 const X_TRELLIS_FAILURE: HeaderName = HeaderName::from_static("x-trellis-failure");
-const PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
+pub(super) const PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 

@@ -4,7 +4,10 @@
 //! and its drop) was the largest part of a proxy's work per request.
 //!
 //! A response carries them as an extension ([`RawHeaders`]); its `HeaderMap` then holds only
-//! what the proxy added (its `Proxy-Status` entry), which goes out after them. Code that needs
+//! what the proxy added, which goes out after them. The proxy's own `Proxy-Status` entry,
+//! added to every relayed response, is kept beside the lines ([`RawHeaders::append_status`])
+//! while the map is empty: a map for that one field cost two allocations and a hash per
+//! response. It goes out after the lines and before the map's fields. Code that needs
 //! one field asks [`get`]; code that needs the whole section (a route's edits, a tap, hyper's
 //! encoders) calls [`complete`] first, which reads the lines into the map ahead of what is
 //! already there, so the order stays the wire's. The HTTP/1.1 encoder writes the lines as
@@ -12,6 +15,8 @@
 
 use bytes::Bytes;
 use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Response};
+
+use super::names::PROXY_STATUS;
 
 /// What a header name is, among the few the proxy acts on (in any case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +74,8 @@ struct Line {
 pub(crate) struct RawHeaders {
     head: Bytes,
     lines: Vec<Line>,
+    /// This proxy's `Proxy-Status` entry, after the lines (see the module's documentation).
+    status: Option<HeaderValue>,
 }
 
 impl RawHeaders {
@@ -77,6 +84,7 @@ impl RawHeaders {
         Self {
             head,
             lines: Vec::with_capacity(n),
+            status: None,
         }
     }
 
@@ -109,16 +117,31 @@ impl RawHeaders {
             .map(|l| (l.class, self.bytes(l.name), self.bytes(l.value)))
     }
 
-    /// How many lines are left.
+    /// The lines not dropped, then this proxy's `Proxy-Status` entry: every field to write.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (Class, &[u8], &[u8])> + '_ {
+        let status = self
+            .status
+            .as_ref()
+            .map(|v| (Class::Other, &b"proxy-status"[..], v.as_bytes()));
+        self.lines().chain(status)
+    }
+
+    /// How many fields are left.
     pub(crate) fn len(&self) -> usize {
-        self.lines.iter().filter(|l| !l.dropped).count()
+        self.lines.iter().filter(|l| !l.dropped).count() + usize::from(self.status.is_some())
     }
 
     /// The first value of `name` (lower case).
     pub(crate) fn get(&self, name: &str) -> Option<&[u8]> {
-        self.lines()
+        self.fields()
             .find(|(_, n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, _, v)| v)
+    }
+
+    /// Add this proxy's `Proxy-Status` entry after the lines; the response's map must hold
+    /// nothing yet, as the entry goes out before the map's fields.
+    pub(crate) fn append_status(&mut self, entry: HeaderValue) {
+        self.status = Some(entry);
     }
 
     /// The last value of a class.
@@ -181,6 +204,9 @@ impl RawHeaders {
             if let (Some(name), Some(value)) = (name, value) {
                 map.append(name, value);
             }
+        }
+        if let Some(v) = self.status {
+            map.append(PROXY_STATUS.clone(), v);
         }
         let mut last = None;
         for (name, value) in after {

@@ -472,6 +472,47 @@ fn bad_requests_get_the_fitting_status() {
     );
 }
 
+/// The proxy's `Proxy-Status` entry kept beside an upstream's lines (no map for one field)
+/// goes out after the lines and before the map's fields, and reads into a map in that order.
+#[test]
+fn the_proxys_status_entry_follows_the_lines_and_precedes_the_map() {
+    let wire = b"HTTP/1.1 200 OK\r\nProxy-Status: upstream\r\nServer: x\r\n\r\n";
+    let mut raw = parse_response_head(&mut BytesMut::from(&wire[..]), &Method::HEAD)
+        .unwrap()
+        .unwrap()
+        .headers;
+    raw.append_status(HeaderValue::from_static("trellis; received-status=200"));
+    let mut map = HeaderMap::new();
+    map.insert("x-added", HeaderValue::from_static("1"));
+    let mut out = BytesMut::new();
+    encode_response_head(
+        StatusCode::OK,
+        Some(&raw),
+        &map,
+        BodyOut::Length(0),
+        None,
+        &mut out,
+    );
+    let text = String::from_utf8(out.to_vec()).unwrap();
+    let at = |f: &str| text.find(f).unwrap_or_else(|| panic!("no {f:?} in {text}"));
+    assert!(
+        at("Proxy-Status: upstream\r\n") < at("Server: x\r\n"),
+        "{text}"
+    );
+    assert!(
+        at("Server: x\r\n") < at("proxy-status: trellis; received-status=200\r\n"),
+        "{text}"
+    );
+    assert!(at("received-status=200") < at("x-added: 1\r\n"), "{text}");
+    // One field read finds the upstream's entry first; the map holds both, in order.
+    assert_eq!(raw.get("proxy-status"), Some(&b"upstream"[..]));
+    assert_eq!(raw.len(), 3);
+    let all = raw.into_map(map);
+    let entries: Vec<_> = all.get_all("proxy-status").iter().collect();
+    assert_eq!(entries, ["upstream", "trellis; received-status=200"]);
+    assert_eq!(all.keys().last().map(|k| k.as_str()), Some("x-added"));
+}
+
 #[test]
 fn response_heads_carry_the_proxys_framing_and_connection_headers() {
     let mut h = HeaderMap::new();

@@ -85,18 +85,17 @@ pub(crate) fn append_error(
     h.append(PROXY_STATUS.clone(), value(s));
 }
 
-/// Append this proxy's entry for a response it relayed: the status it received, and the
-/// next hop when that answered a server error.
-pub(crate) fn append_received(h: &mut HeaderMap, status: u16, next_hop: Option<SocketAddr>) {
-    let v = match (status, next_hop) {
+/// This proxy's entry for a response it relayed: the status it received, and the next hop
+/// when that answered a server error.
+pub(crate) fn received_entry(status: u16, next_hop: Option<SocketAddr>) -> HeaderValue {
+    match (status, next_hop) {
         (500..=599, Some(hop)) => {
             let mut s = format!("trellis; received-status={status}; next-hop=");
             sf_string(&mut s, &hop.to_string());
             value(s)
         }
         _ => received(status),
-    };
-    h.append(PROXY_STATUS.clone(), v);
+    }
 }
 
 fn received(status: u16) -> HeaderValue {
@@ -164,9 +163,10 @@ mod tests {
             Some("127.0.0.1:8080".parse().unwrap()),
             Some("connect \"app\"\\ refused\n"),
         );
-        append_received(&mut h, 502, Some("10.0.0.5:15006".parse().unwrap()));
-        append_received(&mut h, 200, None);
-        append_received(&mut h, 299, None);
+        for (status, hop) in [(502, Some("10.0.0.5:15006")), (200, None), (299, None)] {
+            let entry = received_entry(status, hop.map(|h| h.parse().unwrap()));
+            h.append(&PROXY_STATUS, entry);
+        }
         assert_eq!(
             entries(&h),
             [

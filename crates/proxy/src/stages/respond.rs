@@ -110,7 +110,16 @@ pub(crate) fn relay(
     if let Some(e) = edits {
         edit_headers(&mut parts.headers, e);
     }
-    proxy_status::append_received(&mut parts.headers, rec.status, rec.upstream);
+    let entry = proxy_status::received_entry(rec.status, rec.upstream);
+    // Beside the lines while the map is empty (no map for one field: `h1::raw`).
+    match parts.extensions.get_mut::<RawHeaders>() {
+        Some(lines) if parts.headers.is_empty() => lines.append_status(entry),
+        _ => {
+            parts
+                .headers
+                .append(proxy_status::PROXY_STATUS.clone(), entry);
+        }
+    }
     if let Some(h) = rec.tap_headers.as_mut() {
         h[1] = parts.headers.clone();
     }
