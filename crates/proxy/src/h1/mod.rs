@@ -617,6 +617,9 @@ pub(crate) struct H1Body {
     home: Arc<Idle>,
     /// When the exchange began.
     began: Instant,
+    /// The response's header lines, carried to the server that writes them ([`raw`]).
+    /// Boxed: the body moves through every stage, and a pointer moves for less.
+    lines: Option<Box<raw::RawHeaders>>,
 }
 
 impl H1Body {
@@ -628,11 +631,18 @@ impl H1Body {
             keep_alive: head.keep_alive,
             home,
             began,
+            lines: None,
         };
         if b.decoder.is_done() {
             b.release();
         }
         b
+    }
+
+    /// The body, carrying its response's header lines.
+    pub(crate) fn with_lines(mut self, lines: raw::RawHeaders) -> Self {
+        self.lines = Some(Box::new(lines));
+        self
     }
 
     /// The body is complete: pool the connection if it may carry another exchange.
@@ -643,6 +653,20 @@ impl H1Body {
                 self.home.checkin(conn, self.began);
             }
         }
+    }
+}
+
+impl raw::Lines for H1Body {
+    fn lines(&self) -> Option<&raw::RawHeaders> {
+        self.lines.as_deref()
+    }
+
+    fn lines_mut(&mut self) -> Option<&mut raw::RawHeaders> {
+        self.lines.as_deref_mut()
+    }
+
+    fn take_lines(&mut self) -> Option<raw::RawHeaders> {
+        self.lines.take().map(|b| *b)
     }
 }
 

@@ -3,18 +3,23 @@
 //! their lines into a map (a hash, an insertion and a value per line, the map's allocations
 //! and its drop) was the largest part of a proxy's work per request.
 //!
-//! A response carries them as an extension ([`RawHeaders`]); its `HeaderMap` then holds only
-//! what the proxy added, which goes out after them. The proxy's own `Proxy-Status` entry,
-//! added to every relayed response, is kept beside the lines ([`RawHeaders::append_status`])
-//! while the map is empty: a map for that one field cost two allocations and a hash per
-//! response. It goes out after the lines and before the map's fields. Code that needs
-//! one field asks [`get`]; code that needs the whole section (a route's edits, a tap, hyper's
-//! encoders) calls [`complete`] first, which reads the lines into the map ahead of what is
-//! already there, so the order stays the wire's. The HTTP/1.1 encoder writes the lines as
-//! they came ([`RawHeaders::lines`]), names in their own case, as HTTP allows.
+//! The response's body carries them ([`Lines`]: the HTTP/1.1 upstream's body, from the
+//! client that read the head to the server that writes it; as an `http::Extensions` entry
+//! they cost three allocations and a hashed insertion per response). Its `HeaderMap` then
+//! holds only what the proxy added, which goes out after them. The proxy's own
+//! `Proxy-Status` entry, added to every relayed response, is kept beside the lines
+//! ([`RawHeaders::append_status`]) while the map is empty: a map for that one field cost two
+//! allocations and a hash per response. It goes out after the lines and before the map's
+//! fields. Code that needs one field asks [`get`]; code that needs the whole section (a
+//! route's edits, a tap, hyper's encoders) calls [`complete`] first, which reads the lines
+//! into the map ahead of what is already there, so the order stays the wire's. The HTTP/1.1
+//! encoder writes the lines as they came ([`RawHeaders::lines`]), names in their own case, as
+//! HTTP allows. A response rebuilt around another body would lose them: the one place that
+//! moves an upstream's body into another (`respond::relay`, into a `ProxyBody`) keeps it
+//! whole, and a response whose head is needed apart from its body is completed first.
 
 use bytes::Bytes;
-use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
 use super::names::PROXY_STATUS;
 
@@ -227,17 +232,56 @@ impl RawHeaders {
     }
 }
 
-/// Make `headers` the whole header section: the raw lines in `ext`, if any, are read into it
-/// ahead of what it holds.
-pub(crate) fn complete_parts(headers: &mut HeaderMap, ext: &mut Extensions) {
-    if let Some(raw) = ext.remove::<RawHeaders>() {
+/// A body that may carry its response's raw lines (an HTTP/1.1 upstream's does).
+pub(crate) trait Lines {
+    /// The lines, when this body carries them.
+    fn lines(&self) -> Option<&RawHeaders> {
+        None
+    }
+
+    /// The lines, to change.
+    fn lines_mut(&mut self) -> Option<&mut RawHeaders> {
+        None
+    }
+
+    /// The lines, taken out (the response's map then has to hold the whole section).
+    fn take_lines(&mut self) -> Option<RawHeaders> {
+        None
+    }
+}
+
+/// No body: no lines.
+impl Lines for () {}
+
+/// hyper's bodies: it reads heads into maps.
+impl Lines for hyper::body::Incoming {}
+
+/// The lines themselves (what an upstream's body holds; a response of them alone in tests).
+impl Lines for Option<RawHeaders> {
+    fn lines(&self) -> Option<&RawHeaders> {
+        self.as_ref()
+    }
+
+    fn lines_mut(&mut self) -> Option<&mut RawHeaders> {
+        self.as_mut()
+    }
+
+    fn take_lines(&mut self) -> Option<RawHeaders> {
+        self.take()
+    }
+}
+
+/// Make `headers` the whole header section: the raw lines `body` carries, if any, are read
+/// into it ahead of what it holds.
+pub(crate) fn complete_parts(headers: &mut HeaderMap, body: &mut impl Lines) {
+    if let Some(raw) = body.take_lines() {
         *headers = raw.into_map(std::mem::take(headers));
     }
 }
 
 /// The response's whole header map, its raw lines read into it first.
-pub(crate) fn complete<B>(resp: &mut Response<B>) -> &mut HeaderMap {
-    if let Some(raw) = resp.extensions_mut().remove::<RawHeaders>() {
+pub(crate) fn complete<B: Lines>(resp: &mut Response<B>) -> &mut HeaderMap {
+    if let Some(raw) = resp.body_mut().take_lines() {
         let after = std::mem::take(resp.headers_mut());
         *resp.headers_mut() = raw.into_map(after);
     }
@@ -245,9 +289,9 @@ pub(crate) fn complete<B>(resp: &mut Response<B>) -> &mut HeaderMap {
 }
 
 /// The first value of `name` in a response, raw lines or map (the lines come first).
-pub(crate) fn get<'a, B>(resp: &'a Response<B>, name: &HeaderName) -> Option<&'a [u8]> {
-    resp.extensions()
-        .get::<RawHeaders>()
+pub(crate) fn get<'a, B: Lines>(resp: &'a Response<B>, name: &HeaderName) -> Option<&'a [u8]> {
+    resp.body()
+        .lines()
         .and_then(|r| r.get(name.as_str()))
         .or_else(|| resp.headers().get(name).map(HeaderValue::as_bytes))
 }
@@ -315,9 +359,7 @@ mod tests {
 
     #[test]
     fn a_response_reads_one_field_from_its_lines_or_its_map_and_completes_into_one_map() {
-        let mut resp = Response::new(());
-        resp.extensions_mut()
-            .insert(parse("X-Trellis-Failure: app_error\r\nServer: x\r\n"));
+        let mut resp = Response::new(Some(parse("X-Trellis-Failure: app_error\r\nServer: x\r\n")));
         resp.headers_mut()
             .insert("grpc-status", HeaderValue::from_static("14"));
         let failure = HeaderName::from_static("x-trellis-failure");
@@ -326,7 +368,7 @@ mod tests {
         assert_eq!(get(&resp, &grpc), Some(&b"14"[..]));
         assert_eq!(get(&resp, &http::header::DATE), None);
         let map = complete(&mut resp).clone();
-        assert!(resp.extensions().get::<RawHeaders>().is_none());
+        assert!(resp.body().is_none(), "the lines were taken into the map");
         assert_eq!(map.len(), 3);
         assert_eq!(map[&failure], "app_error");
         assert_eq!(map["server"], "x");

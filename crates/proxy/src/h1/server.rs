@@ -32,7 +32,7 @@ use tokio::{
 use super::{
     codec::{self, BodyOut, Decoder, ParseError, ReqFraming, RequestError, RespFraming},
     poll_body_frame,
-    raw::RawHeaders,
+    raw::Lines,
     BodyRead, BoxError, Link, COALESCE, MIN_READ,
 };
 use crate::mux::MuxStream;
@@ -303,14 +303,14 @@ impl ServerConn {
     /// close, letting the client read the answer.
     pub(crate) async fn reject<B>(&mut self, resp: Response<B>)
     where
-        B: Body<Data = Bytes, Error = BoxError>,
+        B: Body<Data = Bytes, Error = BoxError> + Lines,
     {
         let (parts, body) = resp.into_parts();
         self.wbuf.clear();
         let len = body.size_hint().exact().unwrap_or(0);
         codec::encode_response_head(
             parts.status,
-            parts.extensions.get::<RawHeaders>(),
+            body.lines(),
             &parts.headers,
             BodyOut::Length(len),
             Some("close"),
@@ -324,7 +324,7 @@ impl ServerConn {
     /// Write the response to the request last returned. `false`: the connection is done.
     pub(crate) async fn respond<B>(&mut self, resp: Response<B>, draining: bool) -> bool
     where
-        B: Body<Data = Bytes, Error = BoxError>,
+        B: Body<Data = Bytes, Error = BoxError> + Lines,
     {
         let Some(cur) = self.current.take() else {
             return false;
@@ -363,7 +363,7 @@ impl ServerConn {
         self.wbuf.clear();
         codec::encode_response_head(
             status,
-            parts.extensions.get::<RawHeaders>(),
+            body.lines(),
             &parts.headers,
             out,
             connection,

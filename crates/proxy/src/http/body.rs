@@ -16,7 +16,10 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 pub(crate) use crate::error::BoxError;
-use crate::error::{Error, Kind};
+use crate::{
+    error::{Error, Kind},
+    h1::raw::{Lines, RawHeaders},
+};
 
 /// The client's request body: read by the proxy's own HTTP/1.1 server, or by hyper's
 /// HTTP/2 one.
@@ -426,6 +429,54 @@ impl Limits {
                 Kind::Idle,
                 format!("the upstream sent nothing for {idle:?} while the response streamed"),
             ));
+        }
+    }
+}
+
+/// An HTTP/1.1 upstream's body carries its response's header lines.
+impl Lines for UpstreamBody {
+    fn lines(&self) -> Option<&RawHeaders> {
+        match self {
+            Self::H1(b) => b.lines(),
+            _ => None,
+        }
+    }
+
+    fn lines_mut(&mut self) -> Option<&mut RawHeaders> {
+        match self {
+            Self::H1(b) => b.lines_mut(),
+            _ => None,
+        }
+    }
+
+    fn take_lines(&mut self) -> Option<RawHeaders> {
+        match self {
+            Self::H1(b) => b.take_lines(),
+            _ => None,
+        }
+    }
+}
+
+/// And so does the body relayed from it.
+impl Lines for ProxyBody {
+    fn lines(&self) -> Option<&RawHeaders> {
+        match &self.inner {
+            Inner::H1(b) => b.lines(),
+            _ => None,
+        }
+    }
+
+    fn lines_mut(&mut self) -> Option<&mut RawHeaders> {
+        match &mut self.inner {
+            Inner::H1(b) => b.lines_mut(),
+            _ => None,
+        }
+    }
+
+    fn take_lines(&mut self) -> Option<RawHeaders> {
+        match &mut self.inner {
+            Inner::H1(b) => b.take_lines(),
+            _ => None,
         }
     }
 }

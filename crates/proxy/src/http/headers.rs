@@ -154,7 +154,7 @@ pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 }
 
 /// The `grpc-status` in a response's headers, raw lines ([`crate::h1::raw`]) or map.
-pub(crate) fn response_grpc_status<B>(resp: &Response<B>) -> Option<u32> {
+pub(crate) fn response_grpc_status<B: crate::h1::raw::Lines>(resp: &Response<B>) -> Option<u32> {
     grpc_code(crate::h1::raw::get(resp, &GRPC_STATUS)?)
 }
 

@@ -203,11 +203,11 @@ async fn send_h1(
             format!("{} switched protocols unasked", ep.pool.describe(ep.target)),
         )),
         Ok(head) => {
+            // The lines stay as they came, carried by the body, until a stage needs a map
+            // (`h1::raw`).
             let body = H1Body::new(&head, conn, ep.pool.idle().clone(), began);
-            let mut resp = Response::new(UpstreamBody::H1(body));
+            let mut resp = Response::new(UpstreamBody::H1(body.with_lines(head.headers)));
             *resp.status_mut() = head.status;
-            // The lines stay as they came until a stage needs a map (`h1::raw`).
-            resp.extensions_mut().insert(head.headers);
             Try::Response(resp)
         }
         Err(H1Error::TimedOut) => {
@@ -253,7 +253,7 @@ pub(crate) fn timed_out(ep: &Endpoint, limit: Duration, kind: Kind) -> Error {
 
 /// The class a peer's proxy gave its own answer (`x-trellis-failure`), believed only from
 /// an endpoint reached at its proxy.
-pub(crate) fn peer_answer<B>(
+pub(crate) fn peer_answer<B: crate::h1::raw::Lines>(
     ep: &Endpoint,
     resp: &Response<B>,
 ) -> Option<crate::error::FailureClass> {

@@ -15,7 +15,7 @@ use trellis_model::proxy::HeaderEdits;
 
 use crate::{
     error::{Error, FailureClass, Kind},
-    h1::raw::{self, RawHeaders},
+    h1::raw::{self, Lines},
     http::{
         body::{Limits, ProxyBody, UpstreamBody},
         headers::{edit_headers, strip_response_headers},
@@ -81,7 +81,7 @@ pub(crate) fn local_reply(mut rec: Box<Record>, e: &Error, grpc: bool) -> Respon
 }
 
 /// The class a peer's proxy gave its own answer, from `x-trellis-failure`.
-pub(crate) fn peer_class<B>(resp: &Response<B>) -> Option<FailureClass> {
+pub(crate) fn peer_class<B: Lines>(resp: &Response<B>) -> Option<FailureClass> {
     let v = raw::get(resp, &X_TRELLIS_FAILURE)?;
     FailureClass::from_bytes(v).filter(|c| *c != FailureClass::Ok)
 }
@@ -97,14 +97,11 @@ pub(crate) fn relay(
     from_peer: bool,
 ) -> Response<ProxyBody> {
     rec.status = resp.status().as_u16();
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     // Lines as they came stay so unless a rule needs them in the map (`h1::raw`).
-    let stripped = parts
-        .extensions
-        .get_mut::<RawHeaders>()
-        .is_some_and(|r| r.strip(from_peer));
+    let stripped = body.lines_mut().is_some_and(|r| r.strip(from_peer));
     if edits.is_some() || rec.tap_headers.is_some() || !stripped {
-        raw::complete_parts(&mut parts.headers, &mut parts.extensions);
+        raw::complete_parts(&mut parts.headers, &mut body);
     }
     strip_response_headers(&mut parts.headers, from_peer);
     if let Some(e) = edits {
@@ -112,7 +109,7 @@ pub(crate) fn relay(
     }
     let entry = proxy_status::received_entry(rec.status, rec.upstream);
     // Beside the lines while the map is empty (no map for one field: `h1::raw`).
-    match parts.extensions.get_mut::<RawHeaders>() {
+    match body.lines_mut() {
         Some(lines) if parts.headers.is_empty() => lines.append_status(entry),
         _ => {
             parts

@@ -549,3 +549,36 @@ async fn an_unsampled_request_queues_spans_only_when_it_failed() {
         "the successful one was not sampled"
     );
 }
+
+/// An upstream's header lines go with its body through `relay` into the body the client's
+/// server gets: no header map is built for a plain relayed response, the hop-by-hop lines
+/// are dropped, and this proxy's `Proxy-Status` entry follows the upstream's fields.
+#[tokio::test]
+async fn an_upstreams_lines_travel_with_its_body_to_the_client() {
+    use crate::h1::raw::Lines;
+    let wire = b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: keep-alive\r\nX-Up: 1\r\n\r\n";
+    let head = h1::codec::parse_response_head(&mut bytes::BytesMut::from(&wire[..]), &Method::GET)
+        .unwrap()
+        .unwrap();
+    let mut resp = Response::new(UpstreamBody::H1(dummy_h1_body().with_lines(head.headers)));
+    *resp.status_mut() = StatusCode::OK;
+    let (_, _, telemetry, _) = fixture("127.0.0.1:1".parse().unwrap());
+    let rec = Record::new(
+        telemetry,
+        Direction::outbound,
+        "HTTP/1.1",
+        Default::default(),
+    );
+    let out = crate::stages::respond::relay(resp, rec, None, Default::default(), false);
+    assert!(out.headers().is_empty(), "{:?}", out.headers());
+    let lines = out.body().lines().expect("the lines came with the body");
+    let fields: Vec<(&[u8], &[u8])> = lines.fields().map(|(_, n, v)| (n, v)).collect();
+    assert_eq!(
+        fields,
+        [
+            (&b"Server"[..], &b"up"[..]),
+            (&b"X-Up"[..], &b"1"[..]),
+            (&b"proxy-status"[..], &b"trellis; received-status=200"[..]),
+        ]
+    );
+}
