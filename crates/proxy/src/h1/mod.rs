@@ -617,8 +617,7 @@ pub(crate) struct H1Body {
     home: Arc<Idle>,
     /// When the exchange began.
     began: Instant,
-    /// The response's header lines, carried to the server that writes them ([`raw`]).
-    /// Boxed: the body moves through every stage, and a pointer moves for less.
+    /// The response's header lines, carried to the server that writes them ([`raw::Lines`]).
     lines: Option<Box<raw::RawHeaders>>,
 }
 
@@ -658,15 +657,11 @@ impl H1Body {
 
 impl raw::Lines for H1Body {
     fn lines(&self) -> Option<&raw::RawHeaders> {
-        self.lines.as_deref()
+        self.lines.lines()
     }
 
-    fn lines_mut(&mut self) -> Option<&mut raw::RawHeaders> {
-        self.lines.as_deref_mut()
-    }
-
-    fn take_lines(&mut self) -> Option<raw::RawHeaders> {
-        self.lines.take().map(|b| *b)
+    fn slot(&mut self) -> Option<&mut Option<Box<raw::RawHeaders>>> {
+        Some(&mut self.lines)
     }
 }
 

@@ -232,21 +232,27 @@ impl RawHeaders {
     }
 }
 
-/// A body that may carry its response's raw lines (an HTTP/1.1 upstream's does).
+/// A body that may carry its response's raw lines (an HTTP/1.1 upstream's does, boxed: the
+/// body moves through every stage, and a pointer moves for less).
 pub(crate) trait Lines {
     /// The lines, when this body carries them.
     fn lines(&self) -> Option<&RawHeaders> {
         None
     }
 
+    /// Where this body keeps them, when it can.
+    fn slot(&mut self) -> Option<&mut Option<Box<RawHeaders>>> {
+        None
+    }
+
     /// The lines, to change.
     fn lines_mut(&mut self) -> Option<&mut RawHeaders> {
-        None
+        self.slot()?.as_deref_mut()
     }
 
     /// The lines, taken out (the response's map then has to hold the whole section).
     fn take_lines(&mut self) -> Option<RawHeaders> {
-        None
+        self.slot()?.take().map(|b| *b)
     }
 }
 
@@ -256,18 +262,14 @@ impl Lines for () {}
 /// hyper's bodies: it reads heads into maps.
 impl Lines for hyper::body::Incoming {}
 
-/// The lines themselves (what an upstream's body holds; a response of them alone in tests).
-impl Lines for Option<RawHeaders> {
+/// The slot itself (what an upstream's body holds; a response of lines alone in tests).
+impl Lines for Option<Box<RawHeaders>> {
     fn lines(&self) -> Option<&RawHeaders> {
-        self.as_ref()
+        self.as_deref()
     }
 
-    fn lines_mut(&mut self) -> Option<&mut RawHeaders> {
-        self.as_mut()
-    }
-
-    fn take_lines(&mut self) -> Option<RawHeaders> {
-        self.take()
+    fn slot(&mut self) -> Option<&mut Option<Box<RawHeaders>>> {
+        Some(self)
     }
 }
 
@@ -359,7 +361,8 @@ mod tests {
 
     #[test]
     fn a_response_reads_one_field_from_its_lines_or_its_map_and_completes_into_one_map() {
-        let mut resp = Response::new(Some(parse("X-Trellis-Failure: app_error\r\nServer: x\r\n")));
+        let lines = parse("X-Trellis-Failure: app_error\r\nServer: x\r\n");
+        let mut resp = Response::new(Some(Box::new(lines)));
         resp.headers_mut()
             .insert("grpc-status", HeaderValue::from_static("14"));
         let failure = HeaderName::from_static("x-trellis-failure");

@@ -442,16 +442,9 @@ impl Lines for UpstreamBody {
         }
     }
 
-    fn lines_mut(&mut self) -> Option<&mut RawHeaders> {
+    fn slot(&mut self) -> Option<&mut Option<Box<RawHeaders>>> {
         match self {
-            Self::H1(b) => b.lines_mut(),
-            _ => None,
-        }
-    }
-
-    fn take_lines(&mut self) -> Option<RawHeaders> {
-        match self {
-            Self::H1(b) => b.take_lines(),
+            Self::H1(b) => b.slot(),
             _ => None,
         }
     }
@@ -466,16 +459,9 @@ impl Lines for ProxyBody {
         }
     }
 
-    fn lines_mut(&mut self) -> Option<&mut RawHeaders> {
+    fn slot(&mut self) -> Option<&mut Option<Box<RawHeaders>>> {
         match &mut self.inner {
-            Inner::H1(b) => b.lines_mut(),
-            _ => None,
-        }
-    }
-
-    fn take_lines(&mut self) -> Option<RawHeaders> {
-        match &mut self.inner {
-            Inner::H1(b) => b.take_lines(),
+            Inner::H1(b) => b.slot(),
             _ => None,
         }
     }
