@@ -533,7 +533,8 @@ async fn two_replicas_on_etcd_share_one_mesh_and_fail_over() {
 
     // Steady load while B stops: no request fails.
     let (stop, load) = steady_load(p.outbound);
-    cp_b.kill();
+    // Killed, its data dir removed (nothing restarts it).
+    drop(cp_b);
     // The proxy moves to A: A sees it, and A's next change reaches it.
     eventually(
         "proxy connected to A",
