@@ -28,6 +28,11 @@ async fn until_served(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events() {
+    // Before the bed: dropped after it, once the agents it runs have stopped writing there.
+    let (state, client_state) = (
+        Temp::dir("containers-state"),
+        Temp::dir("containers-client"),
+    );
     let Some(mut bed) = root_bed("container") else {
         return;
     };
@@ -40,13 +45,11 @@ async fn labelled_containers_join_serve_leave_and_rejoin_from_the_engines_events
     apply_ok(&cp, CATALOG.to_string()).await;
 
     // Discovery on the host, with one single-use token for the catalog identity.
-    let state = Temp::dir("containers-state");
     let t = token(&cp, "test", "catalog", "10m", "1");
     let discovery_cmd = || discovery(&cp, &xds, &socket, &t, &state, &logs.0);
     let discovery = bed.spawn(discovery_cmd(), &logs.path("discovery.log"));
 
     // A client host whose unchanged application is curl.
-    let client_state = Temp::dir("containers-client");
     let t = token(&cp, "test", "shopper", "10m", "1");
     let client_join = Join::shopper(&cp, xds.clone(), client_state.0.clone(), &bed);
     let mut c = client_join.cmd(&bed, &client, Some(&t));

@@ -117,6 +117,9 @@ impl Fleet for RealFleet<'_> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
+    // Before the bed: dropped after it, once the agents it runs have stopped (the container
+    // discovery writes in its dir until then, and made it again after an earlier removal).
+    let (state, client_state) = (Temp::dir("fleet-containers"), Temp::dir("fleet-client"));
     let Some(mut bed) = root_bed("fleet") else {
         return;
     };
@@ -143,14 +146,12 @@ async fn a_host_a_vm_and_a_container_serve_one_service_and_fail_over() {
     // The container, in the next zone of the same region.
     let mut podman = Podman::new(bed.bridge(), bed.gateway(), 10, 19);
     let socket = podman.serve().await.to_string();
-    let state = Temp::dir("fleet-containers");
     let t = token(&cp, "test", "catalog", "10m", "1");
     let c = discovery(&cp, &xds, &socket, &t, &state, &logs.0);
     bed.spawn(c, &logs.path("discovery.log"));
     run_catalog_container(&podman, "catalog-ctr");
 
     // The bare-metal client host, in eu-west-1a.
-    let client_state = Temp::dir("fleet-client");
     let t = token(&cp, "test", "shopper", "10m", "1");
     let client_join = Join::shopper(&cp, xds.clone(), client_state.0.clone(), &bed);
     let mut c = client_join.cmd(&bed, &client, Some(&t));
