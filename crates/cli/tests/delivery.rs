@@ -665,10 +665,20 @@ async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it()
     assert_eq!(paused["phase"], "paused");
     assert_eq!(paused["weight"], 10);
     shift(&d.cp, &["resume", "svc/catalog"]);
-    let stepped = eventually("the next step", Duration::from_secs(30), async || {
-        let r = rollout(&d.cp).await;
-        (r["weight"] == 50).then_some(r)
-    })
+    // (CI timed out here once, with nothing to go on: the message now says where the
+    // rollout stood, and its last analysis.)
+    let stepped = trellis_test_support::eventually_explained(
+        "the next step",
+        Duration::from_secs(30),
+        async || {
+            let r = rollout(&d.cp).await;
+            if r["weight"] == 50 {
+                Ok(r)
+            } else {
+                Err(format!("the rollout: {r}"))
+            }
+        },
+    )
     .await;
     assert_eq!(history(&stepped), ["started", "paused", "resumed", "step"]);
     // Promoted by hand: everything to the canary at once.
