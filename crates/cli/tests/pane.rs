@@ -107,6 +107,39 @@ return { label: document.querySelector("#topology text.label").textContent,
   rate: document.querySelector("#services tbody tr td:nth-child(4)").textContent };
 "##;
 
+/// Draws edges that leave one workload towards several in neighbouring environments and rows
+/// (the demo's caller and its two backends, and more), and reads back whether any two
+/// labels' boxes overlap, whether each label lies inside its box, and whether the picture
+/// is tall enough for all of them.
+const LABELS: &str = r##"
+const none = { network: [], application: [], policy: [], client: [] };
+const e = (src, se, dst, de, rps) => ({ src, dst, src_environment: se, dst_environment: de, mtls: true,
+  rps, requests: 100, success: 1, latency_ms: { p50: 1.2, p95: 3.4, p99: 4.6 }, failures: none });
+const edges = [
+  e("t/shopper", "bare-metal", "t/catalog-container", "container", 0.5),
+  e("t/shopper", "bare-metal", "t/catalog-vm", "vm", 0.5),
+  e("t/shopper", "bare-metal", "t/pay-vm", "vm", 12.25),
+  e("t/shopper", "bare-metal", "t/cart-container", "container", 3),
+  e("t/cart-container", "container", "t/pay-vm", "vm", 1),
+  e("t/cart-container", "container", "t/catalog-vm", "vm", 1),
+  e("t/pay-vm", "vm", "t/shopper", "bare-metal", 0.25),
+];
+window.trellisPane.draw({ stat: [], edges, diagnose: { verdicts: [] }, proxies: [] });
+const boxes = [...document.querySelectorAll("#topology rect.label-bg")].map((r) => r.getBBox());
+const labels = [...document.querySelectorAll("#topology text.label")].map((t) => t.getBBox());
+const height = +document.getElementById("topology").getAttribute("height");
+const overlaps = [];
+boxes.forEach((a, i) => boxes.forEach((b, j) => {
+  if (i < j && a.x < b.x + b.width && b.x < a.x + a.width && a.y < b.y + b.height && b.y < a.y + a.height) {
+    overlaps.push([i, j]);
+  }
+}));
+const inside = labels.every((l, i) => l.x >= boxes[i].x && l.y >= boxes[i].y &&
+  l.x + l.width <= boxes[i].x + boxes[i].width && l.y + l.height <= boxes[i].y + boxes[i].height);
+return { edges: edges.length, labels: labels.length, boxes: boxes.length, overlaps, inside,
+  within: boxes.every((b) => b.y + b.height <= height) };
+"##;
+
 /// With `TRELLIS_SCREENSHOTS=DIR`, a picture of the page as `DIR/file`, scrolled to the
 /// element `id` when one is named (then back to the top).
 async fn keep_picture(
@@ -470,6 +503,16 @@ return paths.length >= 2 && labels.length === paths.length && boxes.length === l
     assert_eq!(v["stroke"], "#cf222e", "{v}");
     assert_eq!(v["service"], "80.00% of 5 conn", "{v}");
     assert_eq!(v["rate"], "0.5 conn/s", "{v}");
+
+    // Labels of edges that leave one workload towards neighbouring groups do not overlap
+    // (the demo's two edges from its shopper ran into each other).
+    let v = browser.eval(LABELS).await.unwrap();
+    assert_eq!(v["labels"], v["edges"], "{v}");
+    assert_eq!(v["boxes"], v["edges"], "{v}");
+    assert_eq!(v["overlaps"], serde_json::json!([]), "{v}");
+    assert_eq!(v["inside"], true, "{v}");
+    assert_eq!(v["within"], true, "{v}");
+    keep_picture(&browser, Some("topology"), "labels.png").await;
 
     // The session over raw HTTP: its cookie's flags, and the Host check.
     let host = cp.api.to_string();

@@ -176,18 +176,35 @@ function drawTopology(all) {
   svg.setAttribute("height", String(deepest + 30));
   svg.setAttribute("width", String(Math.max(960, names.length * colW + 20)));
   svg.innerHTML = html;
-  // Measured all at once, then boxed: one layout, not one per label.
+  // Measured all at once, then boxed: one layout, not one per label. A label whose box
+  // would overlap one placed before it moves down past it (edges that leave one workload
+  // towards neighbouring groups have labels close together), and the picture grows to hold
+  // the lowest.
   const texts = [...svg.querySelectorAll("text.label")];
   const sizes = texts.map((t) => t.getBBox());
+  const placed = [];
   texts.forEach((t, i) => {
-    const b = sizes[i];
+    const s = sizes[i];
+    const b = { x: s.x - 3, y: s.y - 1, width: s.width + 6, height: s.height + 2 };
+    const start = b.y;
+    for (let moved = true; moved; ) {
+      moved = false;
+      for (const p of placed) {
+        if (b.x < p.x + p.width && p.x < b.x + b.width && b.y < p.y + p.height && p.y < b.y + b.height) {
+          b.y = p.y + p.height;
+          moved = true;
+        }
+      }
+    }
+    if (b.y !== start) t.setAttribute("y", String(+t.getAttribute("y") + b.y - start));
+    placed.push(b);
+    deepest = Math.max(deepest, b.y + b.height);
     const bg = document.createElementNS("http://www.w3.org/2000/svg", "rect");
     bg.setAttribute("class", "label-bg");
-    for (const [k, v] of [["x", b.x - 3], ["y", b.y - 1], ["width", b.width + 6], ["height", b.height + 2]]) {
-      bg.setAttribute(k, String(v));
-    }
+    for (const k of ["x", "y", "width", "height"]) bg.setAttribute(k, String(b[k]));
     t.before(bg);
   });
+  svg.setAttribute("height", String(deepest + 30));
   svg.querySelectorAll(".edge").forEach((p) => p.addEventListener("click", () => showEdge(state.shown[+p.dataset.edge])));
   svg.querySelectorAll(".node[data-workload]").forEach((g) => g.addEventListener("click", () => showWorkload(g.dataset.workload)));
 }
