@@ -11,6 +11,7 @@ pub(crate) mod admin;
 pub(crate) mod cluster;
 pub mod control_link;
 pub mod credentials;
+pub(crate) mod decimal;
 pub mod demand;
 pub(crate) mod drain;
 pub(crate) mod error;

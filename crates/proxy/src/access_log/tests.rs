@@ -223,8 +223,9 @@ fn escaped_bytewise(s: &[u8]) -> Vec<u8> {
 }
 
 /// Eight bytes looked at together find what one at a time finds: every byte value at every
-/// place of a word and across words, then random strings rich in what needs escaping
-/// (and in bytes from 0x80 up, which borrow differently).
+/// place of strings of every length up to two words and more (shorter than a word, whole
+/// words, a word and a part read overlapped), then random strings rich in what needs
+/// escaping (and in bytes from 0x80 up, which borrow differently).
 #[test]
 fn escaping_a_word_at_a_time_agrees_with_a_byte_at_a_time() {
     let check = |s: &[u8]| {
@@ -232,13 +233,16 @@ fn escaping_a_word_at_a_time_agrees_with_a_byte_at_a_time() {
         escaped(&mut out, s);
         assert_eq!(out, escaped_bytewise(s), "{s:?}");
     };
-    for b in 0u8..=255 {
-        for at in 0..19 {
-            let mut s = vec![b'a'; 19];
-            s[at] = b;
-            check(&s);
-            s.iter_mut().filter(|c| **c == b'a').for_each(|c| *c = 0xc3);
-            check(&s);
+    check(b"");
+    for len in 1..=19 {
+        for b in 0u8..=255 {
+            for at in 0..len {
+                let mut s = vec![b'a'; len];
+                s[at] = b;
+                check(&s);
+                s.iter_mut().filter(|c| **c == b'a').for_each(|c| *c = 0xc3);
+                check(&s);
+            }
         }
     }
     let alphabet = [

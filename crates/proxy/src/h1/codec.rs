@@ -98,18 +98,8 @@ pub(crate) fn encode_request_head(
     out.put_slice(b"\r\n");
 }
 
-fn put_decimal(out: &mut BytesMut, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[i..]);
+fn put_decimal(out: &mut BytesMut, n: u64) {
+    out.put_slice(crate::decimal::Decimal::new(n).as_bytes());
 }
 
 /// Frame one chunk of a chunked request body: size line, data, CRLF.
