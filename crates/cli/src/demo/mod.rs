@@ -167,17 +167,22 @@ async fn run(a: DemoArgs) -> Result<()> {
 async fn until_healthy(api: &Api, names: &[&str]) -> Result<()> {
     let start = std::time::Instant::now();
     loop {
-        let mut waiting = Vec::new();
-        for n in names {
-            let path = format!("/api/v1/resources/Workload/shop/{n}");
-            let healthy = match api.call(Method::GET, &path, None).await {
-                Ok(w) => w["status"]["health"]["healthy"] == true,
-                Err(_) => false,
-            };
-            if !healthy {
-                waiting.push(*n);
-            }
-        }
+        // One list of the namespace's Workloads a poll, not one call per name.
+        let listed = api
+            .call(Method::GET, "/api/v1/resources/Workload/shop", None)
+            .await
+            .ok();
+        let healthy = |n: &str| {
+            listed
+                .as_ref()
+                .and_then(|l| l["items"].as_array())
+                .is_some_and(|items| {
+                    items.iter().any(|w| {
+                        w["metadata"]["name"] == n && w["status"]["health"]["healthy"] == true
+                    })
+                })
+        };
+        let waiting: Vec<&str> = names.iter().copied().filter(|n| !healthy(n)).collect();
         if waiting.is_empty() {
             return Ok(());
         }
