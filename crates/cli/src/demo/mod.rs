@@ -153,10 +153,39 @@ pub(crate) fn demo(a: DemoArgs) -> ExitCode {
 }
 
 async fn run(a: DemoArgs) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("trellis-demo-{}", std::process::id()));
+    let tmp = std::env::temp_dir();
+    remove_stale(&tmp);
+    let dir = tmp.join(format!("trellis-demo-{}", std::process::id()));
     let result = scenario(&a, &dir).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Remove the state dirs (`trellis-demo-PID`: a control plane's store and admin token) of
+/// earlier demos whose process is gone: one stopped before its story began (a Ctrl-C while
+/// it starts, a SIGTERM) could not remove its own. Only where `/proc` says which processes
+/// live (Linux); a dir whose process still runs is kept.
+fn remove_stale(tmp: &std::path::Path) {
+    let proc = std::path::Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("trellis-demo-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Wait until every Workload `names` of namespace shop is registered and healthy: each
@@ -698,5 +727,32 @@ fn proxy_options(
         // Ctrl-C is the demo's: its traffic stops first, then its proxies, so that none
         // is drained under a request in flight.
         stop_on_interrupt: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A dir of a demo whose process is gone is removed; one of a process that runs, and
+    /// anything not named as a demo's, are kept.
+    #[test]
+    fn stale_demo_dirs_go_and_live_ones_stay() {
+        let tmp = std::env::temp_dir().join(format!("trellis-test-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let dead = tmp.join(format!("trellis-demo-{gone}"));
+        let live = tmp.join(format!("trellis-demo-{}", std::process::id()));
+        let other = tmp.join("trellis-demo-notapid");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir_all(d.join("control")).unwrap();
+            std::fs::write(d.join("control/admin.token"), "t").unwrap();
+        }
+        super::remove_stale(&tmp);
+        let (dead_kept, live_kept, other_kept) = (dead.exists(), live.exists(), other.exists());
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert!(!dead_kept, "a gone process's dir is removed");
+        assert!(live_kept, "a running process's dir is kept");
+        assert!(other_kept, "a dir not named by a pid is kept");
     }
 }
