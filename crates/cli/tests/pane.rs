@@ -136,8 +136,17 @@ boxes.forEach((a, i) => boxes.forEach((b, j) => {
 }));
 const inside = labels.every((l, i) => l.x >= boxes[i].x && l.y >= boxes[i].y &&
   l.x + l.width <= boxes[i].x + boxes[i].width && l.y + l.height <= boxes[i].y + boxes[i].height);
+// A label stands for its edge: a click on it shows the edge, a pointer over it marks the
+// edge's curve.
+const second = document.querySelector('#topology text.label[data-edge="1"]');
+second.dispatchEvent(new MouseEvent("click", { bubbles: true }));
+const shown = document.getElementById("edge-detail").textContent.split("\n")[0];
+second.dispatchEvent(new MouseEvent("mouseenter"));
+const marked = [...document.querySelectorAll("#topology .edge.hover")].map((p) => p.id);
+second.dispatchEvent(new MouseEvent("mouseleave"));
+const after = document.querySelectorAll("#topology .hover").length;
 return { edges: edges.length, labels: labels.length, boxes: boxes.length, overlaps, inside,
-  within: boxes.every((b) => b.y + b.height <= height) };
+  within: boxes.every((b) => b.y + b.height <= height), shown, marked, after };
 "##;
 
 /// With `TRELLIS_SCREENSHOTS=DIR`, a picture of the page as `DIR/file`, scrolled to the
@@ -512,6 +521,16 @@ return paths.length >= 2 && labels.length === paths.length && boxes.length === l
     assert_eq!(v["overlaps"], serde_json::json!([]), "{v}");
     assert_eq!(v["inside"], true, "{v}");
     assert_eq!(v["within"], true, "{v}");
+    assert_eq!(
+        v["shown"], "t/shopper (bare-metal) → t/catalog-vm (vm)",
+        "{v}"
+    );
+    assert_eq!(
+        v["marked"],
+        serde_json::json!(["edge-t/shopper--t/catalog-vm"]),
+        "{v}"
+    );
+    assert_eq!(v["after"], 0, "{v}");
     keep_picture(&browser, Some("topology"), "labels.png").await;
 
     // The session over raw HTTP: its cookie's flags, and the Host check.

@@ -170,7 +170,7 @@ function drawTopology(all) {
       : `${e.rps.toFixed(1)} rps · ${pct(e.success)} · p99 ${ms(e.latency_ms && e.latency_ms.p99)}`;
     const lx = (x0 + x3) / 2, ly = 0.125 * (y0 + y3) + 0.75 * depth + 15;
     html += `<path class="edge" data-edge="${i}" id="edge-${esc(e.src)}--${esc(e.dst)}" d="${path}" stroke="${health(successOf(e))}"></path>`;
-    labels += `<text x="${lx}" y="${ly}" text-anchor="middle" class="label">${esc(label)}</text>`;
+    labels += `<text x="${lx}" y="${ly}" text-anchor="middle" class="label" data-edge="${i}">${esc(label)}</text>`;
   });
   html += labels;
   svg.setAttribute("height", String(deepest + 30));
@@ -201,11 +201,20 @@ function drawTopology(all) {
     deepest = Math.max(deepest, b.y + b.height);
     const bg = document.createElementNS("http://www.w3.org/2000/svg", "rect");
     bg.setAttribute("class", "label-bg");
+    bg.dataset.edge = t.dataset.edge;
     for (const k of ["x", "y", "width", "height"]) bg.setAttribute(k, String(b[k]));
     t.before(bg);
   });
   svg.setAttribute("height", String(deepest + 30));
-  svg.querySelectorAll(".edge").forEach((p) => p.addEventListener("click", () => showEdge(state.shown[+p.dataset.edge])));
+  // An edge answers for its curve and its label (a label moved down past another is told
+  // from its neighbours by this): a click shows it, a pointer over either marks both.
+  const parts = [...svg.querySelectorAll("[data-edge]")];
+  const mark = (i, on) => parts.forEach((p) => p.dataset.edge === i && p.classList.toggle("hover", on));
+  parts.forEach((p) => {
+    p.addEventListener("click", () => showEdge(state.shown[+p.dataset.edge]));
+    p.addEventListener("mouseenter", () => mark(p.dataset.edge, true));
+    p.addEventListener("mouseleave", () => mark(p.dataset.edge, false));
+  });
   svg.querySelectorAll(".node[data-workload]").forEach((g) => g.addEventListener("click", () => showWorkload(g.dataset.workload)));
 }
 
