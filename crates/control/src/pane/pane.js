@@ -173,7 +173,6 @@ function drawTopology(all) {
     labels += `<text x="${lx}" y="${ly}" text-anchor="middle" class="label" data-edge="${i}">${esc(label)}</text>`;
   });
   html += labels;
-  svg.setAttribute("height", String(deepest + 30));
   svg.setAttribute("width", String(Math.max(960, names.length * colW + 20)));
   svg.innerHTML = html;
   // Measured all at once, then boxed: one layout, not one per label. A label whose box
