@@ -184,7 +184,8 @@ pub(crate) fn parse_response_head(
     } else {
         Version::HTTP_11
     };
-    let spans = Spans::of(buf, res.headers);
+    let mut spans = Spans::NONE;
+    spans.take(buf, res.headers);
     let head = buf.split_to(len).freeze();
     let (mut headers, seen) = spans.raw(head);
     let (framing, keep_alive) = framing(status, version, method, &mut headers, seen)?;
@@ -204,10 +205,16 @@ struct Spans {
 }
 
 impl Spans {
-    fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+    const NONE: Self = Self {
+        at: [(0, 0, 0, 0); MAX_HEADERS],
+        count: 0,
+    };
+
+    /// Take the positions of `headers` within `buf`. Filled where the caller keeps it: an
+    /// array built here and returned was copied whole (800 bytes) on every head.
+    fn take(&mut self, buf: &[u8], headers: &[httparse::Header<'_>]) {
         let base = buf.as_ptr() as usize;
-        let mut at = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
-        for (span, h) in at.iter_mut().zip(headers) {
+        for (span, h) in self.at.iter_mut().zip(headers) {
             *span = (
                 (h.name.as_ptr() as usize - base) as u16,
                 h.name.len() as u16,
@@ -215,10 +222,7 @@ impl Spans {
                 h.value.len() as u16,
             );
         }
-        Self {
-            at,
-            count: headers.len(),
-        }
+        self.count = headers.len();
     }
 
     /// The header map over `head`, with room for `extra` more; `Err`: the offending name.
@@ -757,7 +761,8 @@ pub(crate) fn parse_request_head(
     let path = req.path.unwrap_or("");
     let target = path.as_ptr() as usize - buf.as_ptr() as usize;
     let target = target..target + path.len();
-    let spans = Spans::of(buf, req.headers);
+    let mut spans = Spans::NONE;
+    spans.take(buf, req.headers);
     let head = buf.split_to(len).freeze();
     let uri = http::Uri::from_maybe_shared(head.slice(target)).map_err(|_| RequestError::Target)?;
     // Room for the headers the proxy adds (traceparent, x-request-id): growing the map
