@@ -74,6 +74,62 @@ async fn requests_refused_before_routing_are_recorded() {
     assert_eq!(p.logs().len(), 2, "{:?}", p.logs());
 }
 
+/// A kept-alive connection waits for its next request under the idle timeout; once that
+/// request's head begins, the head has the header-read timeout, counted from then (the
+/// server sets a deadline only when it has to wait, and the switch is what this checks: a
+/// second head that never ends would otherwise be kept for the 120-s idle timeout).
+#[tokio::test]
+async fn the_next_head_on_a_kept_alive_connection_has_the_header_read_timeout() {
+    let ok = upstream::named("ok").await;
+    let cfg = docs(&[service("ok", "HTTP", &[ok]), client_workload(&[])]);
+    let p = ProxyProcess::start(
+        BIN,
+        &cfg,
+        &[
+            "--workload",
+            "test/client",
+            "--header-read-timeout",
+            "300ms",
+            "--idle-timeout",
+            "120s",
+        ],
+    );
+    let mut s = TcpStream::connect(p.outbound).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nhost: ok.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&out).ends_with("\r\n\r\nok") {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("the first answer within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed before the first answer");
+        out.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    let line = p.wait_log("first", |l| l["status"] == 200).await;
+    assert_eq!(line["path"], "/first", "{line}");
+    s.write_all(b"GET /second HTTP/1.1\r\nhost: ok.te")
+        .await
+        .unwrap();
+    // The second head never ends: 408 at the header-read timeout, long before 120 s.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 408"), "{rest}");
+    let line = p.wait_log("head timeout", |l| l["status"] == 408).await;
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap()
+            .contains("did not end within 300ms"),
+        "{line}"
+    );
+}
+
 /// An application that answers `500` with a body it never finishes.
 async fn failing_slowly() -> std::net::SocketAddr {
     upstream::tcp(|mut s| async move {

@@ -117,11 +117,12 @@ pub(crate) struct Permit {
 }
 
 impl Permit {
-    /// The request ended after `took`; `answered`: the application answered it (its time
-    /// says something of its load; a reset or a client gone does not).
-    pub(crate) fn done(self, took: Duration, answered: bool) {
+    /// The request ended at `now`, after `took`; `answered`: the application answered it
+    /// (its time says something of its load; a reset or a client gone does not). `now` is
+    /// the caller's clock read: one fewer on every request.
+    pub(crate) fn done(self, took: Duration, answered: bool, now: Instant) {
         if answered {
-            self.of.sample(took, self.in_flight);
+            self.of.sample(took, self.in_flight, now);
         } else {
             // Not a sample of the application's time, but it was in flight all along: the
             // load exchange counts it (a workload whose requests time out is loaded).
@@ -189,19 +190,19 @@ impl Adaptive {
         )
     }
 
-    fn sample(&self, took: Duration, in_flight: u32) {
+    fn sample(&self, took: Duration, in_flight: u32, now: Instant) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.busy_s += took.as_secs_f64();
         s.answered += 1;
         s.sum_s += took.as_secs_f64().max(FLOOR_S);
         s.samples += 1;
         s.peak = s.peak.max(in_flight);
-        if s.samples < WINDOW_SAMPLES || s.start.elapsed() < WINDOW {
+        if s.samples < WINDOW_SAMPLES || now.saturating_duration_since(s.start) < WINDOW {
             return;
         }
         let short = s.sum_s / f64::from(s.samples);
         let limit = step(&mut s, short);
-        (s.sum_s, s.samples, s.peak, s.start) = (0.0, 0, 0, Instant::now());
+        (s.sum_s, s.samples, s.peak, s.start) = (0.0, 0, 0, now);
         self.limit.store(limit, Ordering::Relaxed);
     }
 }

@@ -146,9 +146,9 @@ fn the_load_exchange_counts_every_request_that_was_in_flight() {
     // time counts towards the load; only answered ones are samples of the application.
     let a = Arc::new(Adaptive::default());
     let p = a.admit().unwrap();
-    p.done(Duration::from_millis(300), true);
+    p.done(Duration::from_millis(300), true, Instant::now());
     let p = a.admit().unwrap();
-    p.done(Duration::from_millis(700), false);
+    p.done(Duration::from_millis(700), false, Instant::now());
     let (busy, answered) = a.take_busy();
     assert!((busy - 1.0).abs() < 1e-9, "{busy}");
     assert_eq!(answered, 1);

@@ -156,12 +156,9 @@ impl ServerConn {
             return Incoming::Done;
         };
         let mut idle = self.served && rd.rbuf.is_empty();
-        let mut deadline = Instant::now()
-            + if idle {
-                self.limits.idle_timeout
-            } else {
-                self.limits.header_read_timeout
-            };
+        // Set when the first wait begins: a head that is whole when it is first read (the
+        // usual one) costs no clock read.
+        let mut deadline = None;
         let head = poll_fn(|cx| self.poll_head(&mut rd, &mut idle, &mut deadline, cx)).await;
         let head = match head {
             Ok(h) => h,
@@ -229,15 +226,16 @@ impl ServerConn {
         &mut self,
         rd: &mut Reader,
         idle: &mut bool,
-        deadline: &mut Instant,
+        deadline: &mut Option<Instant>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<codec::RequestHead, Stop>> {
         loop {
             if !rd.rbuf.is_empty() {
                 if *idle {
-                    // The next request began: its head has the header-read timeout.
+                    // The next request began: its head has the header-read timeout, from
+                    // the first wait for the rest of it.
                     *idle = false;
-                    *deadline = Instant::now() + self.limits.header_read_timeout;
+                    *deadline = None;
                 }
                 match codec::parse_request_head(&mut rd.rbuf, self.limits.max_head) {
                     Ok(Some(h)) => return Poll::Ready(Ok(h)),
@@ -257,15 +255,23 @@ impl ServerConn {
         }
         // One timer per connection, moved only when it fires before the current deadline
         // (or must fire sooner): most requests cost it nothing.
+        let deadline = *deadline.get_or_insert_with(|| {
+            Instant::now()
+                + if *idle {
+                    self.limits.idle_timeout
+                } else {
+                    self.limits.header_read_timeout
+                }
+        });
         loop {
-            if self.timer.deadline() > *deadline {
-                self.timer.as_mut().reset(*deadline);
+            if self.timer.deadline() > deadline {
+                self.timer.as_mut().reset(deadline);
             }
             ready!(self.timer.as_mut().poll(cx));
-            if Instant::now() >= *deadline {
+            if Instant::now() >= deadline {
                 return Poll::Ready(Err(Stop::TimedOut));
             }
-            self.timer.as_mut().reset(*deadline);
+            self.timer.as_mut().reset(deadline);
         }
     }
 

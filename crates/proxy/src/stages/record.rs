@@ -114,13 +114,15 @@ impl Record {
             cluster.report(&ep, self.class);
         }
         self.guards = None;
-        let total = self.start.elapsed();
+        let now = Instant::now();
+        let total = now.saturating_duration_since(self.start);
         if let Some(p) = self.adaptive.take() {
             // The application's own answers say how loaded it is; a reset or a client gone
             // says nothing.
             p.done(
                 total,
                 matches!(self.class, FailureClass::Ok | FailureClass::AppError),
+                now,
             );
         }
         if self.side.is_none() && self.class != FailureClass::Ok {
