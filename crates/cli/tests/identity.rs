@@ -623,8 +623,16 @@ async fn start_pair(
 
 #[tokio::test]
 async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
-    // "peer-app"; to a POST, how many bytes its body had.
+    // "peer-app"; to a POST, how many bytes its body had. The mesh's own `x-trellis-peer`
+    // never reaches it: if it did, it answers 500.
     let app = upstream::http(|req: http::Request<hyper::body::Incoming>| async move {
+        if req.headers().contains_key("x-trellis-peer") {
+            let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                "the application saw x-trellis-peer",
+            )));
+            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            return r;
+        }
         let post = req.method() == Method::POST;
         let body = http_body_util::BodyExt::collect(req.into_body())
             .await
@@ -659,6 +667,28 @@ async fn callers_reach_peer_proxies_by_mtls_and_tell_tls_failures_apart() {
         .await;
     assert_eq!(line["source_identity"], client_id, "{line}");
     assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
+    assert_eq!(line["src_workload"], "test/client", "{line}");
+    // An application's own `x-trellis-peer` names nobody: the caller's proxy sends its own,
+    // the callee names the caller from it and keeps it from the application.
+    let r = client::get_full(
+        caller.outbound,
+        "b.test",
+        "/forged",
+        &[("x-trellis-peer", "test/someone-else")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), String::from_utf8_lossy(&r.body).as_ref()),
+        (200, "peer-app")
+    );
+    let line = callee
+        .wait_log("the forged request at the callee", |l| {
+            l["direction"] == "inbound" && l["path"] == "/forged"
+        })
+        .await;
+    assert_eq!(line["src_workload"], "test/client", "{line}");
+    assert_eq!(line["source_identity"], client_id, "{line}");
     // Several HTTP/1.1 requests at once, streams of the one connection: each names the caller.
     let many = (0..6).map(|_| async {
         let r = client::get_full(caller.outbound, "b.test", "/many", &[])

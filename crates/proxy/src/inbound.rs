@@ -12,14 +12,13 @@ use trellis_model::{proxy::PeerIdentity, resource::Protocol};
 
 use crate::{
     error::{io_class, Error, Kind},
+    h1::codec::Noted,
     http::{
-        authority::{self, RequestAuthority},
+        authority::RequestAuthority,
         body::{ClientBody, ProxyBody},
         headers::strip_hop_by_hop,
-        X_TRELLIS_PEER,
     },
     metrics::{Direction, Label},
-    outbound::is_upgrade,
     peer_stream,
     shared::Shared,
     snapshot::{InboundTarget, Snapshot},
@@ -146,12 +145,12 @@ pub(crate) fn route(
     mut rec: Box<Record>,
     grpc: bool,
     from: &Caller,
+    noted: &mut Noted,
 ) -> Next<'static> {
     let (source, peer) = (from.identity.as_ref(), from.addr);
-    rec.authority = authority::authority(&req);
     // Who calls: its proxy says, and is believed only over mutual TLS. The header never
-    // reaches the application.
-    if let Some(v) = req.headers_mut().remove(&X_TRELLIS_PEER) {
+    // reaches the application: noting the head took it out of the headers.
+    if let Some(v) = noted.peer.take() {
         if let Some(p) = source {
             let s = p.source(v);
             (rec.src_service, rec.src_workload) = (s.service, s.workload);
@@ -189,7 +188,7 @@ pub(crate) fn route(
         }
         return Next::Reply(local_reply(rec, &e, grpc));
     }
-    if is_upgrade(&req) {
+    if noted.upgrade {
         return Next::Upgrade(target.cluster.clone(), req, rec);
     }
     // The rate limits (a route's, else the service's), before a place under the

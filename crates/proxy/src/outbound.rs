@@ -10,7 +10,6 @@ use http::{header, Method, Request, Version};
 use crate::{
     error::{Error, Kind},
     http::{
-        authority,
         body::ClientBody,
         headers::{edit_headers, strip_hop_by_hop},
         Listener,
@@ -50,8 +49,8 @@ pub(crate) fn route<'a>(
     peer: SocketAddr,
     ask: bool,
 ) -> Next<'a> {
-    let authority = authority::authority(&req);
-    rec.authority = authority.clone();
+    // Read from the head as it came ([`crate::h1::codec::Noted`]).
+    let authority = rec.authority.clone();
     rec.src_workload = snap.src_workload.clone();
     let target = match listener {
         Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {

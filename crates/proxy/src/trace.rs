@@ -339,11 +339,19 @@ pub(crate) fn resample(headers: &mut HeaderMap, trace_id: u128, ids: &mut SpanId
 /// Continue the caller's trace (W3C `traceparent`, else B3) or start one, sampled with
 /// probability `sampling`; write the `traceparent` the next hop sees (this proxy's try as its
 /// parent); and make sure the request has an `x-request-id`.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn prepare(headers: &mut HeaderMap, sampling: f64) -> TraceIds {
-    let existing_id = headers
-        .get(&X_REQUEST_ID)
-        .filter(|r| !r.is_empty())
-        .cloned();
+    let id = headers.get(&X_REQUEST_ID).cloned();
+    prepare_with(headers, sampling, id)
+}
+
+/// As [`prepare`], with the request's first `x-request-id` already read (`request_id`).
+pub(crate) fn prepare_with(
+    headers: &mut HeaderMap,
+    sampling: f64,
+    request_id: Option<HeaderValue>,
+) -> TraceIds {
+    let existing_id = request_id.filter(|r| !r.is_empty());
     let has_b3 = headers.keys().any(|k| {
         let k = k.as_str().as_bytes();
         k.first() == Some(&b'b') && k == b"b3" || k.starts_with(b"x-b3-")

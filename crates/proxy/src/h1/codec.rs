@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
+use super::names::Field;
 use super::raw::{classify, Class, RawHeaders};
 
 /// Largest response head (status line and headers), and largest trailer section. Offsets
@@ -225,21 +226,50 @@ impl Spans {
         self.count = headers.len();
     }
 
-    /// The header map over `head`, with room for `extra` more; `Err`: the offending name.
-    fn header_map(&self, head: &Bytes, extra: usize) -> Result<(HeaderMap, Seen), String> {
+    /// The header map over `head`, with room for `extra` more, and what the request path
+    /// reads of it ([`Noted`]; `x-trellis-peer` goes there, not into the map); `Err`: the
+    /// offending name.
+    fn header_map(
+        &self,
+        head: &Bytes,
+        extra: usize,
+        noted: &mut Noted,
+    ) -> Result<(HeaderMap, Seen), String> {
         let mut headers = HeaderMap::with_capacity(self.count + extra);
         let mut seen = Seen::default();
+        *noted = Noted::default();
+        let mut typed = false;
         for &(ns, nl, vs, vl) in &self.at[..self.count] {
             let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
             let raw = &head[ns..ns + nl];
-            let name = match super::names::known(raw) {
-                Some(name) => name,
-                None => HeaderName::from_bytes(raw)
-                    .map_err(|_| String::from_utf8_lossy(raw).into_owned())?,
+            let (name, field) = match super::names::known_field(raw) {
+                Some(known) => known,
+                None => (
+                    HeaderName::from_bytes(raw)
+                        .map_err(|_| String::from_utf8_lossy(raw).into_owned())?,
+                    Field::Other,
+                ),
             };
             let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
                 .map_err(|_| name.as_str().to_owned())?;
             seen.note(classify(raw), &head[vs..vs + vl]);
+            // The first of each, as a lookup in the map finds it.
+            match field {
+                Field::Other => {}
+                Field::Host if noted.host.is_none() => noted.host = Some(value.clone()),
+                Field::RequestId if noted.request_id.is_none() => {
+                    noted.request_id = Some(value.clone());
+                }
+                Field::ContentType if !typed => {
+                    typed = true;
+                    noted.grpc = value.as_bytes().starts_with(b"application/grpc");
+                }
+                Field::Peer => {
+                    noted.peer.get_or_insert(value);
+                    continue;
+                }
+                Field::Host | Field::RequestId | Field::ContentType => {}
+            }
             headers.append(name, value);
         }
         Ok((headers, seen))
@@ -730,11 +760,42 @@ pub(crate) struct RequestHead {
     pub(crate) trailers: bool,
 }
 
+/// What the request path reads of a request's head, noted while the head is parsed so that
+/// it is not looked up again in the header map (each lookup hashes the name; a request
+/// between two proxies made five). True of the head as it came: read before any stage
+/// edits the headers. For a request from hyper (HTTP/2), the same is looked up.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Noted {
+    /// The first `Host` value.
+    pub(crate) host: Option<HeaderValue>,
+    /// The first `x-request-id` value.
+    pub(crate) request_id: Option<HeaderValue>,
+    /// The first `content-type` starts with `application/grpc`.
+    pub(crate) grpc: bool,
+    /// An HTTP/1.1 upgrade is asked for: `Upgrade`, and `Connection: upgrade`.
+    pub(crate) upgrade: bool,
+    /// The first `x-trellis-peer` value: taken out of the headers, where it never is once
+    /// a request is noted. A peer's proxy writes its own for the next hop; the callee
+    /// believes it only over mutual TLS; an application's goes nowhere.
+    pub(crate) peer: Option<HeaderValue>,
+}
+
 /// Parse a request head at the front of `buf` (at most `max` bytes) and consume it.
 /// `Ok(None)`: more bytes are needed.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn parse_request_head(
     buf: &mut BytesMut,
     max: usize,
+) -> Result<Option<RequestHead>, RequestError> {
+    parse_request_head_noting(buf, max, &mut Noted::default())
+}
+
+/// As [`parse_request_head`], noting what the request path reads in `noted` (the caller's:
+/// handed on by reference, not moved with the request).
+pub(crate) fn parse_request_head_noting(
+    buf: &mut BytesMut,
+    max: usize,
+    noted: &mut Noted,
 ) -> Result<Option<RequestHead>, RequestError> {
     let max = max.min(MAX_HEAD);
     let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -767,7 +828,9 @@ pub(crate) fn parse_request_head(
     let uri = http::Uri::from_maybe_shared(head.slice(target)).map_err(|_| RequestError::Target)?;
     // Room for the headers the proxy adds (traceparent, x-request-id): growing the map
     // rehashes it.
-    let (headers, seen) = spans.header_map(&head, 2).map_err(RequestError::Header)?;
+    let (headers, seen) = spans
+        .header_map(&head, 2, noted)
+        .map_err(RequestError::Header)?;
     let framing = request_framing(&headers, seen)?;
     let keep_alive = if version == Version::HTTP_10 {
         seen.connection(Seen::KEEP_ALIVE)
@@ -783,6 +846,9 @@ pub(crate) fn parse_request_head(
     let upgrade = method == Method::CONNECT
         || (seen.has(Seen::UPGRADE) && seen.connection(Seen::UPGRADE_TOKEN));
     let trailers = seen.has(Seen::TE) && has_token(&headers, &header::TE, "trailers");
+    noted.upgrade = version == Version::HTTP_11
+        && seen.has(Seen::UPGRADE)
+        && seen.connection(Seen::UPGRADE_TOKEN);
     Ok(Some(RequestHead {
         method,
         uri,

@@ -15,14 +15,34 @@ pub(super) const PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-statu
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// Fields of a request head the request path reads: the parser notes them as it meets
+/// them ([`super::codec::Noted`]), found by the same match that names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Field {
+    Other,
+    Host,
+    RequestId,
+    ContentType,
+    Peer,
+}
+
 /// `name` (a header name as httparse accepted it: token characters only) as one of the
 /// common names, whatever its case; `None` for any other, which `HeaderName::from_bytes`
 /// then reads.
 pub(super) fn known(name: &[u8]) -> Option<HeaderName> {
+    known_field(name).map(|(n, _)| n)
+}
+
+/// As [`known`], with the field the request path reads, if it is one.
+pub(super) fn known_field(name: &[u8]) -> Option<(HeaderName, Field)> {
     let first = *name.first()? | 0x20;
+    let mut field = Field::Other;
     let (lower, known) = match (name.len(), first) {
         (2, b't') => (&b"te"[..], header::TE),
-        (4, b'h') => (&b"host"[..], header::HOST),
+        (4, b'h') => {
+            field = Field::Host;
+            (&b"host"[..], header::HOST)
+        }
         (4, b'd') => (&b"date"[..], header::DATE),
         (4, b'e') => (&b"etag"[..], header::ETAG),
         (4, b'v') => (&b"vary"[..], header::VARY),
@@ -41,14 +61,23 @@ pub(super) fn known(name: &[u8]) -> Option<HeaderName> {
         (10, b't') => (&b"tracestate"[..], TRACESTATE),
         (11, b't') => (&b"traceparent"[..], TRACEPARENT),
         (11, b'g') => (&b"grpc-status"[..], GRPC_STATUS),
-        (12, b'c') => (&b"content-type"[..], header::CONTENT_TYPE),
-        (12, b'x') => (&b"x-request-id"[..], X_REQUEST_ID),
+        (12, b'c') => {
+            field = Field::ContentType;
+            (&b"content-type"[..], header::CONTENT_TYPE)
+        }
+        (12, b'x') => {
+            field = Field::RequestId;
+            (&b"x-request-id"[..], X_REQUEST_ID)
+        }
         (12, b'p') => (&b"proxy-status"[..], PROXY_STATUS),
         (13, b'c') => (&b"cache-control"[..], header::CACHE_CONTROL),
         (13, b'a') => (&b"authorization"[..], header::AUTHORIZATION),
         (13, b'l') => (&b"last-modified"[..], header::LAST_MODIFIED),
         (14, b'c') => (&b"content-length"[..], header::CONTENT_LENGTH),
-        (14, b'x') => (&b"x-trellis-peer"[..], X_TRELLIS_PEER),
+        (14, b'x') => {
+            field = Field::Peer;
+            (&b"x-trellis-peer"[..], X_TRELLIS_PEER)
+        }
         (15, b'a') if name[7] | 0x20 == b'e' => (&b"accept-encoding"[..], header::ACCEPT_ENCODING),
         (15, b'a') => (&b"accept-language"[..], header::ACCEPT_LANGUAGE),
         (15, b'x') => (&b"x-forwarded-for"[..], X_FORWARDED_FOR),
@@ -57,7 +86,7 @@ pub(super) fn known(name: &[u8]) -> Option<HeaderName> {
         (17, b'x') => (&b"x-trellis-failure"[..], X_TRELLIS_FAILURE),
         _ => return None,
     };
-    same_token(name, lower).then_some(known)
+    same_token(name, lower).then_some((known, field))
 }
 
 /// Whether `name` is `lower` (lower-case letters and `-`) in any case. Setting bit 5 maps

@@ -143,8 +143,9 @@ impl ServerConn {
 
     /// What the client sends next: a request, a malformed one, a head that did not come
     /// in time, or nothing more (closed by the client, idle past its timeout, draining, or
-    /// unusable after an unfinished request body).
-    pub(crate) async fn next_request(&mut self) -> Incoming {
+    /// unusable after an unfinished request body). What the request path reads of the
+    /// request's head goes to `noted`.
+    pub(crate) async fn next_request(&mut self, noted: &mut codec::Noted) -> Incoming {
         let rd = match self.reader.take() {
             Some(rd) => Some(rd),
             None => self
@@ -159,7 +160,7 @@ impl ServerConn {
         // Set when the first wait begins: a head that is whole when it is first read (the
         // usual one) costs no clock read.
         let mut deadline = None;
-        let head = poll_fn(|cx| self.poll_head(&mut rd, &mut idle, &mut deadline, cx)).await;
+        let head = poll_fn(|cx| self.poll_head(&mut rd, &mut idle, &mut deadline, noted, cx)).await;
         let head = match head {
             Ok(h) => h,
             Err(Stop::Closed) => return Incoming::Done,
@@ -227,6 +228,7 @@ impl ServerConn {
         rd: &mut Reader,
         idle: &mut bool,
         deadline: &mut Option<Instant>,
+        noted: &mut codec::Noted,
         cx: &mut Context<'_>,
     ) -> Poll<Result<codec::RequestHead, Stop>> {
         loop {
@@ -237,7 +239,7 @@ impl ServerConn {
                     *idle = false;
                     *deadline = None;
                 }
-                match codec::parse_request_head(&mut rd.rbuf, self.limits.max_head) {
+                match codec::parse_request_head_noting(&mut rd.rbuf, self.limits.max_head, noted) {
                     Ok(Some(h)) => return Poll::Ready(Ok(h)),
                     Ok(None) => {}
                     Err(e) => return Poll::Ready(Err(Stop::Bad(e))),

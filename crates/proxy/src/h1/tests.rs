@@ -1,7 +1,7 @@
 //! The HTTP/1.1 codec, byte by byte: every framing rule, every split of the input.
 
 use bytes::BytesMut;
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 
 use super::codec::{
     encode_chunk_prefix, encode_chunked_end, encode_request_head, encode_response_head, http_date,
@@ -621,6 +621,63 @@ fn mutated_requests_never_panic_and_never_frame_ambiguously() {
             assert!(!has("transfer-encoding"), "{input:?}");
         }
     }
+}
+
+/// What the parser notes of a request head is what looking it up in a map of every field
+/// finds: the first `Host`, `x-request-id` and `x-trellis-peer`, whether the first
+/// `content-type` is gRPC's, whether an HTTP/1.1 upgrade is asked for. And `x-trellis-peer`
+/// is never left in the headers. Over mutated heads with the fields repeated, in any case.
+#[test]
+fn what_the_parser_notes_is_what_a_lookup_finds() {
+    let seeds: [&[u8]; 5] = [
+        b"GET / HTTP/1.1\r\nHost: a.shop\r\nx-request-id: r1\r\nx-trellis-peer: p1\r\n\r\n",
+        b"POST /s HTTP/1.1\r\nhost: b\r\nHOST: c\r\ncontent-type: application/grpc+proto\r\ncontent-type: text/plain\r\nX-Trellis-Peer: p1\r\nx-trellis-peer: p2\r\ncontent-length: 0\r\n\r\n",
+        b"GET / HTTP/1.1\r\ncontent-type: text/plain\r\nContent-Type: application/grpc\r\nX-Request-Id: \r\nx-request-id: r2\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nhost: w\r\nconnection: keep-alive, Upgrade\r\nupgrade: websocket\r\n\r\n",
+        b"GET /ws HTTP/1.0\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    ];
+    let mut rng = fastrand::Rng::with_seed(0x0407_ed11);
+    let mut checked = 0;
+    for round in 0..20_000 {
+        let mut input = seeds[round % seeds.len()].to_vec();
+        if round >= seeds.len() {
+            mutate(&mut rng, &mut input);
+        }
+        let mut buf = BytesMut::from(&input[..]);
+        let mut n = super::codec::Noted::default();
+        let Ok(Some(h)) = super::codec::parse_request_head_noting(&mut buf, 64 * 1024, &mut n)
+        else {
+            continue;
+        };
+        // The reference: every field of the same head, in a map, looked up.
+        let mut raw = [httparse::EMPTY_HEADER; 100];
+        let mut r = httparse::Request::new(&mut raw);
+        assert!(r.parse(&input).unwrap().is_complete(), "{input:?}");
+        let mut all = HeaderMap::new();
+        for f in r.headers.iter() {
+            all.append(
+                http::HeaderName::from_bytes(f.name.as_bytes()).unwrap(),
+                http::HeaderValue::from_bytes(f.value).unwrap(),
+            );
+        }
+        assert_eq!(n.host.as_ref(), all.get("host"), "{input:?}");
+        assert_eq!(n.request_id.as_ref(), all.get("x-request-id"), "{input:?}");
+        assert_eq!(n.peer.as_ref(), all.get("x-trellis-peer"), "{input:?}");
+        assert!(!h.headers.contains_key("x-trellis-peer"), "{input:?}");
+        let grpc = all
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        assert_eq!(n.grpc, grpc, "{input:?}");
+        let upgrade = h.version == Version::HTTP_11
+            && all.contains_key("upgrade")
+            && looked_up_token(&all, "upgrade");
+        assert_eq!(n.upgrade, upgrade, "{input:?}");
+        // Every other field is in the map as it came.
+        all.remove("x-trellis-peer");
+        assert_eq!(h.headers, all, "{input:?}");
+        checked += 1;
+    }
+    assert!(checked > 2_000, "only {checked} heads parsed");
 }
 
 /// The rules the codec applied by looking the fields up again in the parsed map (before

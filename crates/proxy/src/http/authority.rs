@@ -42,14 +42,16 @@ impl RequestAuthority {
     }
 }
 
-/// The authority `req` names, if any.
-pub(crate) fn authority<B>(req: &Request<B>) -> Option<RequestAuthority> {
+/// The authority `req` names, if any: its URI's, else `host` (its first `Host` value, as
+/// noted when its head was read: [`crate::h1::codec::Noted`]).
+pub(crate) fn authority<B>(
+    req: &Request<B>,
+    host: Option<HeaderValue>,
+) -> Option<RequestAuthority> {
     if let Some(a) = req.uri().authority() {
         return Some(RequestAuthority::Uri(a.clone()));
     }
-    req.headers()
-        .get(http::header::HOST)
-        .map(|h| RequestAuthority::Host(h.clone()))
+    host.map(RequestAuthority::Host)
 }
 
 #[cfg(test)]

@@ -21,7 +21,10 @@ use super::{
 };
 use crate::{
     error::{Error, Kind},
-    h1::server::{Incoming as H1Incoming, Limits, ServerConn},
+    h1::{
+        codec::Noted,
+        server::{Incoming as H1Incoming, Limits, ServerConn},
+    },
     inbound::{self, Caller, PeerId},
     metrics::{Direction, Label},
     mux, outbound, peer_stream,
@@ -232,8 +235,11 @@ async fn serve_h1(
     caller: &Caller,
 ) {
     let peer = caller.addr;
+    // What the server notes of each request's head, lent to the request path (a reference
+    // in the request's future, not a copy).
+    let mut noted = Noted::default();
     loop {
-        let req = match conn.next_request().await {
+        let req = match conn.next_request(&mut noted).await {
             H1Incoming::Request(req) => req,
             H1Incoming::Done => break,
             // Boxed: rare, and their futures would grow every request's.
@@ -259,13 +265,13 @@ async fn serve_h1(
         };
         let req = req.map(|b| b.map_or(ClientBody::Empty, ClientBody::H1));
         let resp = if conn.is_stream() {
-            let f = pin!(handle(shared, listener, req, caller));
+            let f = pin!(handle(shared, listener, req, caller, &mut noted));
             match conn.while_connected(f).await {
                 Some(r) => r,
                 None => break,
             }
         } else {
-            handle(shared, listener, req, caller).await
+            handle(shared, listener, req, caller, &mut noted).await
         };
         if !conn.respond(resp, shared.drain.draining()).await {
             break;
@@ -546,13 +552,30 @@ fn hyper_service(
     service_fn(move |req: Request<Incoming>| {
         let (shared, listener, caller) = (shared.clone(), listener.clone(), caller.clone());
         Box::pin(async move {
-            let req = req.map(ClientBody::Hyper);
-            let mut resp = handle(&shared, &listener, req, &caller).await;
+            let mut req = req.map(ClientBody::Hyper);
+            let mut noted = looked_up(&mut req);
+            let mut resp = handle(&shared, &listener, req, &caller, &mut noted).await;
             // hyper writes the map alone.
             crate::h1::raw::complete(&mut resp);
             Ok(resp)
         })
     })
+}
+
+/// What the request path reads of a request hyper parsed, looked up in its headers (the
+/// proxy's own HTTP/1.1 server notes it while parsing): as [`Noted`] says, `x-trellis-peer`
+/// is taken out.
+fn looked_up(req: &mut Request<ClientBody>) -> Noted {
+    let grpc = crate::http::headers::is_grpc(req);
+    let upgrade = outbound::is_upgrade(req);
+    let h = req.headers_mut();
+    Noted {
+        host: h.get(http::header::HOST).cloned(),
+        request_id: h.get(&super::X_REQUEST_ID).cloned(),
+        grpc,
+        upgrade,
+        peer: h.remove(&super::X_TRELLIS_PEER),
+    }
 }
 
 fn protocol(v: Version) -> &'static str {
@@ -570,6 +593,7 @@ async fn handle(
     listener: &Listener,
     mut req: Request<ClientBody>,
     caller: &Caller,
+    noted: &mut Noted,
 ) -> Response<ProxyBody> {
     let peer = caller.addr;
     let snap = shared.state.load_full();
@@ -592,17 +616,22 @@ async fn handle(
     if shared.telemetry.taps.want_headers() {
         rec.tap_headers = Some(Box::new([req.headers().clone(), Default::default()]));
     }
-    let ids = crate::trace::prepare(req.headers_mut(), shared.telemetry.trace_sampling);
+    let ids = crate::trace::prepare_with(
+        req.headers_mut(),
+        shared.telemetry.trace_sampling,
+        noted.request_id.take(),
+    );
     rec.trace_id = ids.trace_id;
     rec.spans = ids.spans;
     rec.request_id = Some(ids.request_id);
     rec.method = req.method().clone();
     rec.uri = req.uri().clone();
-    let grpc = crate::http::headers::is_grpc(&req);
+    rec.authority = super::authority::authority(&req, noted.host.take());
+    let grpc = noted.grpc;
     // The config that holds a Service asked for on demand, when one was.
     let fetched;
     let next = if inbound {
-        inbound::route(shared, &snap, req, rec, grpc, caller)
+        inbound::route(shared, &snap, req, rec, grpc, caller, noted)
     } else {
         let ask = shared.demand.is_some();
         match outbound::route(&snap, listener, req, rec, grpc, peer, ask) {
