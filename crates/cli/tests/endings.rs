@@ -19,20 +19,24 @@ async fn send_raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[tokio::test]
-async fn requests_refused_before_routing_are_recorded() {
+/// A proxy for the client workload, with a service `ok` whose application answers "ok", a
+/// 300-ms header-read timeout, and `flags` besides.
+async fn ok_proxy(flags: &[&str]) -> ProxyProcess {
     let ok = upstream::named("ok").await;
     let cfg = docs(&[service("ok", "HTTP", &[ok]), client_workload(&[])]);
-    let p = ProxyProcess::start(
-        BIN,
-        &cfg,
-        &[
-            "--workload",
-            "test/client",
-            "--header-read-timeout",
-            "300ms",
-        ],
-    );
+    let mut args = vec![
+        "--workload",
+        "test/client",
+        "--header-read-timeout",
+        "300ms",
+    ];
+    args.extend_from_slice(flags);
+    ProxyProcess::start(BIN, &cfg, &args)
+}
+
+#[tokio::test]
+async fn requests_refused_before_routing_are_recorded() {
+    let p = ok_proxy(&[]).await;
     // A malformed head: 400, and a line that says so.
     let out = send_raw(p.outbound, b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
@@ -80,20 +84,7 @@ async fn requests_refused_before_routing_are_recorded() {
 /// second head that never ends would otherwise be kept for the 120-s idle timeout).
 #[tokio::test]
 async fn the_next_head_on_a_kept_alive_connection_has_the_header_read_timeout() {
-    let ok = upstream::named("ok").await;
-    let cfg = docs(&[service("ok", "HTTP", &[ok]), client_workload(&[])]);
-    let p = ProxyProcess::start(
-        BIN,
-        &cfg,
-        &[
-            "--workload",
-            "test/client",
-            "--header-read-timeout",
-            "300ms",
-            "--idle-timeout",
-            "120s",
-        ],
-    );
+    let p = ok_proxy(&["--idle-timeout", "120s"]).await;
     let mut s = TcpStream::connect(p.outbound).await.unwrap();
     s.write_all(b"GET /first HTTP/1.1\r\nhost: ok.test\r\n\r\n")
         .await
