@@ -559,12 +559,23 @@ async fn an_agent_upgraded_in_place_fails_no_request_and_stays_registered() {
     let slow_up = ["--healthy-threshold", "3"];
     let mut old = start_agent_with(&cp, s, app.port(), Some(&t), "catalog-1", &slow_up);
     let caller = start_caller(&cp, "upgrade-caller").await;
-    eventually(
+    // On a timeout, the last answer and what the control plane holds of the agent (CI once
+    // waited 20 s here, before the upgrade began; it never has locally).
+    eventually_explained(
         "the agent's workload answers",
         Duration::from_secs(20),
         async || {
-            let (st, _, body) = via(&caller, "catalog.test").await;
-            (st == 200 && body == "one").then_some(())
+            let (st, class, body) = via(&caller, "catalog.test").await;
+            if st == 200 && body == "one" {
+                return Ok(());
+            }
+            let held = workload(&cp, "catalog-1")
+                .await
+                .map(|w| w["status"].to_string());
+            Err(format!(
+                "the last answer {st} {class:?} {body:?}; catalog-1: {}",
+                held.as_deref().unwrap_or("not registered")
+            ))
         },
     )
     .await;
