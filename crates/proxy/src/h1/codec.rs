@@ -262,7 +262,7 @@ impl Spans {
                 }
                 Field::ContentType if !typed => {
                     typed = true;
-                    noted.grpc = value.as_bytes().starts_with(b"application/grpc");
+                    noted.grpc = crate::http::headers::is_grpc_type(value.as_bytes());
                 }
                 Field::Peer => {
                     noted.peer.get_or_insert(value);
@@ -843,12 +843,12 @@ pub(crate) fn parse_request_head_noting(
         && headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = method == Method::CONNECT
-        || (seen.has(Seen::UPGRADE) && seen.connection(Seen::UPGRADE_TOKEN));
+    // `Upgrade` with `Connection: upgrade`: the connection may switch (so may CONNECT's);
+    // the request path routes it as an upgrade over HTTP/1.1 only.
+    let asks_upgrade = seen.has(Seen::UPGRADE) && seen.connection(Seen::UPGRADE_TOKEN);
+    let upgrade = method == Method::CONNECT || asks_upgrade;
     let trailers = seen.has(Seen::TE) && has_token(&headers, &header::TE, "trailers");
-    noted.upgrade = version == Version::HTTP_11
-        && seen.has(Seen::UPGRADE)
-        && seen.connection(Seen::UPGRADE_TOKEN);
+    noted.upgrade = version == Version::HTTP_11 && asks_upgrade;
     Ok(Some(RequestHead {
         method,
         uri,

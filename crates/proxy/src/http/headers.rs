@@ -145,7 +145,13 @@ pub(crate) fn edit_headers(h: &mut HeaderMap, e: &HeaderEdits) {
 pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .is_some_and(|v| is_grpc_type(v.as_bytes()))
+}
+
+/// Whether a `content-type` value is gRPC's (`application/grpc`, `application/grpc+proto`,
+/// …): the HTTP/1.1 server asks it of a head as it parses it ([`crate::h1::codec::Noted`]).
+pub(crate) fn is_grpc_type(v: &[u8]) -> bool {
+    v.starts_with(b"application/grpc")
 }
 
 /// The `grpc-status` in response headers or trailers, if any.
