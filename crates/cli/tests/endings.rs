@@ -34,6 +34,19 @@ async fn ok_proxy(flags: &[&str]) -> ProxyProcess {
     ProxyProcess::start(BIN, &cfg, &args)
 }
 
+/// The access-log line of a head that did not end within `ok_proxy`'s header-read timeout.
+async fn head_timeout_line(p: &ProxyProcess) -> serde_json::Value {
+    let line = p.wait_log("head timeout", |l| l["status"] == 408).await;
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap()
+            .contains("did not end within 300ms"),
+        "{line}"
+    );
+    line
+}
+
 #[tokio::test]
 async fn requests_refused_before_routing_are_recorded() {
     let p = ok_proxy(&[]).await;
@@ -52,15 +65,8 @@ async fn requests_refused_before_routing_are_recorded() {
     // A head begun and not finished within the header-read timeout: 408, recorded.
     let out = send_raw(p.outbound, b"GET / HTTP/1.1\r\nhost: ok.te").await;
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
-    let line = p.wait_log("head timeout", |l| l["status"] == 408).await;
+    let line = head_timeout_line(&p).await;
     assert_eq!(line["failure_class"], "client_error", "{line}");
-    assert!(
-        line["detail"]
-            .as_str()
-            .unwrap()
-            .contains("did not end within 300ms"),
-        "{line}"
-    );
     // An idle connection that closes at the same timeout is no request: no line for it.
     let _quiet = TcpStream::connect(p.outbound).await.unwrap();
     let n = |c: &'static str, s: &'static str| {
@@ -111,14 +117,7 @@ async fn the_next_head_on_a_kept_alive_connection_has_the_header_read_timeout() 
     let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
     let rest = String::from_utf8_lossy(&rest);
     assert!(rest.starts_with("HTTP/1.1 408"), "{rest}");
-    let line = p.wait_log("head timeout", |l| l["status"] == 408).await;
-    assert!(
-        line["detail"]
-            .as_str()
-            .unwrap()
-            .contains("did not end within 300ms"),
-        "{line}"
-    );
+    head_timeout_line(&p).await;
 }
 
 /// An application that answers `500` with a body it never finishes.
