@@ -328,7 +328,7 @@ mod tests {
             .await
             .unwrap();
         let chunks: VecDeque<Bytes> = (0..3).map(|i| Bytes::from(vec![i; CHUNK])).collect();
-        let mut req = Request::new(UpBody::Incoming(ClientBody::Chunks(chunks)));
+        let mut req = Request::new(UpBody::Incoming(ClientBody::Chunks(Box::new(chunks))));
         *req.uri_mut() = "http://peer/upload".parse().unwrap();
         let exchange = async {
             let Ok(resp) = send.send(req).await else {

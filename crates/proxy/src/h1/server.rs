@@ -94,7 +94,7 @@ enum Stop {
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Incoming {
     /// A request; its body, if any, is read from the connection by whoever holds it.
-    Request(Request<Option<ReqBody>>),
+    Request(Request<Option<Box<ReqBody>>>),
     /// A malformed request: answer it with [`ServerConn::reject`], then the connection ends.
     Malformed(RequestError),
     /// A request head began but did not end within the header-read timeout (the connection
@@ -198,7 +198,7 @@ impl ServerConn {
                     return Incoming::Done;
                 }
                 let home = self.home.get_or_insert_with(Home::default).clone();
-                Some(ReqBody::new(self.io.clone(), rd, framing, home))
+                Some(Box::new(ReqBody::new(self.io.clone(), rd, framing, home)))
             }
         };
         let mut req = Request::new(body);

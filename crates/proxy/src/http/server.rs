@@ -552,7 +552,7 @@ fn hyper_service(
     service_fn(move |req: Request<Incoming>| {
         let (shared, listener, caller) = (shared.clone(), listener.clone(), caller.clone());
         Box::pin(async move {
-            let mut req = req.map(ClientBody::Hyper);
+            let mut req = req.map(|b| ClientBody::Hyper(Box::new(b)));
             let mut noted = looked_up(&mut req);
             let mut resp = handle(&shared, &listener, req, &caller, &mut noted).await;
             // hyper writes the map alone.

@@ -29,12 +29,12 @@ use crate::{
 };
 
 fn chunks(parts: &[&'static [u8]]) -> ClientBody {
-    ClientBody::Chunks(
+    ClientBody::Chunks(Box::new(
         parts
             .iter()
             .map(|p| Bytes::from_static(p))
             .collect::<VecDeque<_>>(),
-    )
+    ))
 }
 
 async fn collect(b: impl http_body::Body<Data = Bytes, Error = crate::error::BoxError>) -> Vec<u8> {
