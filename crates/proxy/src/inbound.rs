@@ -6,7 +6,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use http::{HeaderValue, Method, Request, Response};
+use bytes::Bytes;
+use http::{Method, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use trellis_model::{proxy::PeerIdentity, resource::Protocol};
 
@@ -47,7 +48,7 @@ pub(crate) struct PeerId {
 }
 
 struct PeerMeta {
-    raw: HeaderValue,
+    raw: Bytes,
     source: Source,
 }
 
@@ -77,12 +78,18 @@ impl PeerId {
     /// its own workload, which is in that namespace, so a workload of another namespace is a
     /// claim its certificate does not back, and none of it is recorded (the caller's SPIFFE
     /// ID still is).
-    pub(crate) fn source(&self, v: HeaderValue) -> Source {
+    pub(crate) fn source(&self, v: &[u8]) -> Source {
         let mut m = self.meta.lock().expect("peer meta lock");
         if let Some(p) = m.as_ref().filter(|p| p.raw == v) {
             return p.source.clone();
         }
-        let text = v.to_str().unwrap_or_default();
+        // Visible ASCII only, as `HeaderValue::to_str` reads a value: anything else names
+        // nobody.
+        let visible = v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
+        let text = std::str::from_utf8(v)
+            .ok()
+            .filter(|_| visible)
+            .unwrap_or_default();
         let mut parts = text.split(',');
         let label = |s: Option<&str>| {
             s.filter(|s| !s.is_empty())
@@ -109,7 +116,7 @@ impl PeerId {
             source = Source::default();
         }
         *m = Some(PeerMeta {
-            raw: v,
+            raw: Bytes::copy_from_slice(v),
             source: source.clone(),
         });
         source
@@ -152,7 +159,7 @@ pub(crate) fn route(
     // reaches the application: noting the head took it out of the headers.
     if let Some(v) = noted.peer.take() {
         if let Some(p) = source {
-            let s = p.source(v);
+            let s = p.source(v.as_bytes());
             (rec.src_service, rec.src_workload) = (s.service, s.workload);
             (rec.src_environment, rec.src_locality) = (s.environment, s.locality);
         }
@@ -419,7 +426,7 @@ pub(crate) async fn serve_tcp<S: AsyncRead + AsyncWrite + Unpin>(
             // Believed over mutual TLS only, as `x-trellis-peer` is.
             Ok(h) => {
                 if let (Some(p), Some(v)) = (&source, h.peer) {
-                    let s = p.source(v);
+                    let s = p.source(v.as_bytes());
                     rec.src_workload = s.workload;
                     (rec.src_environment, rec.src_locality) = (s.environment, s.locality);
                 }

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     error::{Error, Kind},
     h1::{
-        codec::Noted,
+        codec::{Noted, PeerValue},
         server::{Incoming as H1Incoming, Limits, ServerConn},
     },
     inbound::{self, Caller, PeerId},
@@ -574,7 +574,7 @@ fn looked_up(req: &mut Request<ClientBody>) -> Noted {
         request_id: h.get(&super::X_REQUEST_ID).cloned(),
         grpc,
         upgrade,
-        peer: h.remove(&super::X_TRELLIS_PEER),
+        peer: h.remove(&super::X_TRELLIS_PEER).map(PeerValue::Header),
     }
 }
 
