@@ -18,9 +18,10 @@
 # (caller and callee printed apart too). It moves by about 2% between runs (how many frames
 # one read or write carries depends on timing): take the median of three. KEEP=DIR keeps the callgrind file(s) of the measured run
 # (caller.out and callee.out; proxy.out without MTLS).
-# H2C="-m 10" sends the requests as HTTP/2 without TLS (h2c, prior knowledge; the value is
-# more h2load flags, "-m 1" for one request at a time per connection) instead of HTTP/1.1:
-# hyper's server on the client side (not with MTLS or INBOUND).
+# H2C=1 sends the requests as HTTP/2 without TLS (h2c, prior knowledge) instead of
+# HTTP/1.1: hyper's server on the client side (not with MTLS). H2LOAD="FLAGS" adds h2load
+# flags: "-m 10" for ten requests at a time per h2c connection, "-H x-trellis-peer:V" for a
+# peer proxy's header (with INBOUND=1: the callee's noting of it).
 # CALLGRIND="FLAGS" adds callgrind flags (bench/link-order.sh passes --demangle=no).
 # BREAKDOWN=1 also prints where each proxy's instructions per request go, by the source
 # file each instruction came from (inlined code counts where it was written): HPACK, the
@@ -105,7 +106,9 @@ run() {
     --inbound 127.0.0.1:18106 >/dev/null 2>&1 &
   VP=$!
   for _ in $(seq 300); do curl -sf -o /dev/null 127.0.0.1:18100/ready && break; sleep 0.1; done
-  [ "$1" -gt 0 ] && h2load ${H2C:---h1} -n "$1" -c 8 "$URL" >/dev/null
+  P=--h1
+  [ "${H2C:-0}" = 1 ] && P=
+  [ "$1" -gt 0 ] && h2load $P ${H2LOAD:-} -n "$1" -c 8 "$URL" >/dev/null
   kill -TERM "$VP"; wait "$VP" || true; VP=
   [ -z "${KEEP:-}" ] || [ "$1" = 0 ] || cp "$W/cg.out" "$KEEP/proxy.out"
   cp "$W/cg.out" "$W/proxy-$1.out"

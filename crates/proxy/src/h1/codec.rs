@@ -368,7 +368,16 @@ impl Seen {
     const KEEP_ALIVE: u8 = 2;
     const UPGRADE_TOKEN: u8 = 4;
 
+    /// Note a field of class `class`. Most fields are of no class the framing reads: they
+    /// cost a comparison where the parse loops over the fields, not a call.
+    #[inline]
     fn note(&mut self, class: Class, value: &[u8]) {
+        if class != Class::Other {
+            self.note_framing(class, value);
+        }
+    }
+
+    fn note_framing(&mut self, class: Class, value: &[u8]) {
         let bit = match class {
             Class::ContentLength => Self::CONTENT_LENGTH,
             Class::TransferEncoding => Self::TRANSFER_ENCODING,
