@@ -25,8 +25,9 @@ use crate::{
 /// HTTP/2 one. Boxed, so that a request is 256 bytes at most: a request moves whole from
 /// stage to stage several times (into each stage's future, out of routing's answer), and
 /// glibc's `memcpy` copies up to 256 bytes without a loop. Unboxed (72 bytes) the request
-/// was 296, and each move took the longer path; a body's box is one allocation for a
-/// request that has a body, none for one that has none.
+/// was 296, and each move took the longer path. The box is one allocation for an HTTP/1.1
+/// request that has a body (none for one without) and for every HTTP/2 request; those
+/// still cost fewer instructions than before, as their moves shrank too.
 pub(crate) enum ClientBody {
     /// No body.
     Empty,
