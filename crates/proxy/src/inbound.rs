@@ -13,7 +13,7 @@ use trellis_model::{proxy::PeerIdentity, resource::Protocol};
 
 use crate::{
     error::{io_class, Error, Kind},
-    h1::codec::Noted,
+    h1::codec::{visible, Noted},
     http::{
         authority::RequestAuthority,
         body::{ClientBody, ProxyBody},
@@ -83,13 +83,13 @@ impl PeerId {
         if let Some(p) = m.as_ref().filter(|p| p.raw == v) {
             return p.source.clone();
         }
-        // Visible ASCII only, as `HeaderValue::to_str` reads a value: anything else names
-        // nobody.
-        let visible = v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
-        let text = std::str::from_utf8(v)
-            .ok()
-            .filter(|_| visible)
-            .unwrap_or_default();
+        // Visible ASCII only (always UTF-8), as `HeaderValue::to_str` reads a value: anything
+        // else names nobody.
+        let text = if visible(v) {
+            std::str::from_utf8(v).unwrap_or_default()
+        } else {
+            ""
+        };
         let mut parts = text.split(',');
         let label = |s: Option<&str>| {
             s.filter(|s| !s.is_empty())

@@ -415,8 +415,9 @@ impl Seen {
     }
 }
 
-/// Whether a field value is visible ASCII (and tabs): what can be read as a list of tokens.
-fn visible(value: &[u8]) -> bool {
+/// Whether a field value is visible ASCII (and tabs): what can be read as a list of tokens,
+/// and what `HeaderValue::to_str` reads as text.
+pub(crate) fn visible(value: &[u8]) -> bool {
     value
         .iter()
         .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
