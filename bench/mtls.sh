@@ -12,7 +12,7 @@
 # certificate), trellis's inbound listener against haproxy B, with the same kind of
 # certificate (ECDSA P-256, issued by the mesh's CA).
 #
-# Usage: bench/mtls.sh [ROUNDS] [SECONDS]; TRACE=1 [SHOW=N] bench/mtls.sh (below). Loopback only. CPU 0: load generator, control
+# Usage: bench/mtls.sh [ROUNDS] [SECONDS]; TRACE=1 [SHOW=N] or PROFILE=1 bench/mtls.sh (below). Loopback only. CPU 0: load generator, control
 # plane. CPU 1: nginx and the proxies under test (one thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -127,7 +127,8 @@ done
 
 rss() { awk '/^(VmRSS|VmHWM)/{printf "%s %.1f MiB ", $1, $2/1024}' /proc/$1/status; }
 IDLE_CALLER=$(rss $CALLER) IDLE_CALLEE=$(rss $CALLEE)
-ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $t; }
+# User and system ticks of the given processes, summed: "USER SYS".
+ticks() { local u=0 s=0 p a b; for p in "$@"; do read -r a b < <(awk '{print $14, $15}' /proc/$p/stat); u=$((u + a)); s=$((s + b)); done; echo "$u $s"; }
 HZ=$(getconf CLK_TCK)
 declare -A PORT=([direct]=18080 [trellis-plain-1hop]=18083 [haproxy-plain-2hops]=18191 [trellis-mtls-2hops]=18183 [haproxy-mtls-2hops]=18181)
 declare -A PROCS=([direct]="" [trellis-plain-1hop]="$PLAIN" [haproxy-plain-2hops]="$HAPA $HAPB" [trellis-mtls-2hops]="$CALLER $CALLEE" [haproxy-mtls-2hops]="$HAPA $HAPB")
@@ -136,6 +137,25 @@ OUT="$W/raw.txt"; : >"$OUT"
 # TRACE=1: instead of the rounds, trace the proxies' core under the paced load (~2,000 rps)
 # for 1 s per mesh path (system calls and context switches, `perf record`) and print where
 # its bursts spend their time (bench/burst-phases.py; needs perf and root).
+# PROFILE=1: instead of the rounds, sample the proxies' core (perf, cpu-clock) for 3 s of the
+# saturating load on each mesh path and print where a request's CPU goes: the proxies' own
+# code and libraries, the kernel on the proxies' behalf, nginx; then the proxies' top
+# functions (bench/cpu-split.py; needs perf and root).
+if [ -n "${PROFILE:-}" ]; then
+  command -v perf >/dev/null || { echo "PROFILE=1 needs perf" >&2; exit 1; }
+  for t in trellis-mtls-2hops haproxy-mtls-2hops; do
+    taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
+    LOAD=$!
+    sleep 1 # let the load settle
+    perf record -q -o "$W/$t.data" -e cpu-clock -F 10000 -C 1 -- sleep 3 2>/dev/null
+    wait "$LOAD"
+    perf script -i "$W/$t.data" -F comm,pid,period,ip,sym,dso 2>/dev/null >"$W/$t.txt"
+    rps=$(awk '/Requests\/sec/{print $2}' "$W/$t.wrk")
+    echo "== $t: $rps rps (wrk -c32)"
+    python3 bench/cpu-split.py "$W/$t.txt" "$rps" 3 ${PROFILE_TOP:-12} | sed 's/^/  /'
+  done
+  exit 0
+fi
 if [ -n "${TRACE:-}" ]; then
   command -v perf >/dev/null || { echo "TRACE=1 needs perf" >&2; exit 1; }
   for t in trellis-mtls-2hops haproxy-mtls-2hops; do
@@ -155,16 +175,17 @@ fi
 for r in $(seq "$ROUNDS"); do
   for t in $ORDER; do
     procs=${PROCS[$t]}
-    c0=$( [ -z "$procs" ] && echo 0 || ticks $procs)
+    c0=$( [ -z "$procs" ] && echo 0 0 || ticks $procs)
     out=$(taskset -c 0 wrk -t1 -c32 -d"${SECS}s" -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/")
-    c1=$( [ -z "$procs" ] && echo 0 || ticks $procs)
+    c1=$( [ -z "$procs" ] && echo 0 0 || ticks $procs)
     rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
     n=$(echo "$out" | awk '/requests in/{print $1}')
     errs=$(echo "$out" | awk '/Non-2xx|Socket errors/{e=1} END{print e+0}')
-    cpu=$(awk -v c=$((c1 - c0)) -v hz="$HZ" -v n="$n" 'BEGIN{printf "%.1f", c / hz * 1e6 / n}')
+    read -r u0 s0 <<<"$c0"; read -r u1 s1 <<<"$c1"
+    cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v hz="$HZ" -v n="$n" 'BEGIN{printf "%.1f %.1f %.1f", (u + s) / hz * 1e6 / n, u / hz * 1e6 / n, s / hz * 1e6 / n}')
     lat=$(taskset -c 0 wrk -t1 -c16 -d"${SECS}s" --latency -s bench/pace.lua -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" \
       | awk '/^ +50%/{p50=$2} /^ +99%/{p99=$2} END{print p50, p99}')
-    echo "$r $t $rps $lat $cpu $errs" | tee -a "$OUT"
+    echo "$r $t $rps $lat $cpu $errs" | tee -a "$OUT" # CPU: total, user, system
   done
   for t in trellis haproxy; do
     port=$([ $t = trellis ] && echo 18206 || echo 18281)
@@ -186,14 +207,15 @@ for r in rows:
     by.setdefault(r[1], []).append(r)
 med = st.median
 d = med([float(r[2]) for r in by["direct"]])
-print("| path | h1 rps (wrk -c32) | x direct | proxies' CPU per request | p50 / p99 @ ~2000 rps | runs with errors |")
+print("| path | h1 rps (wrk -c32) | x direct | proxies' CPU per request (user + system) | p50 / p99 @ ~2000 rps | runs with errors |")
 print("| --- | --- | --- | --- | --- | --- |")
 for t in ["direct", "trellis-plain-1hop", "haproxy-plain-2hops", "trellis-mtls-2hops", "haproxy-mtls-2hops"]:
     rs = by[t]
     rps = med([float(r[2]) for r in rs])
-    cpu = "—" if t == "direct" else f"{med([float(r[5]) for r in rs]):.1f} µs"
+    cpu = "—" if t == "direct" else \
+        f"{med([float(r[5]) for r in rs]):.1f} µs ({med([float(r[6]) for r in rs]):.1f} + {med([float(r[7]) for r in rs]):.1f})"
     p50 = med([ms(r[3]) for r in rs]); p99 = med([ms(r[4]) for r in rs])
-    errs = sum(int(r[6]) for r in rs)
+    errs = sum(int(r[8]) for r in rs)
     print(f"| {t} | {rps:,.0f} | {rps/d:.2f} | {cpu} | {p50:.2f} / {p99:.2f} ms | {errs} |")
 print()
 print("| TLS server | full mTLS handshakes per second (openssl s_time -new, one client) |")
