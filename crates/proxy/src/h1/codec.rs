@@ -235,7 +235,7 @@ impl Spans {
         extra: usize,
         noted: &mut Noted,
     ) -> Result<(HeaderMap, Seen), String> {
-        let mut headers = HeaderMap::with_capacity(self.count + extra);
+        let mut headers = crate::http::spare::map(self.count + extra);
         let mut seen = Seen::default();
         *noted = Noted::default();
         let mut typed = false;

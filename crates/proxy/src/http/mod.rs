@@ -6,6 +6,7 @@ pub(crate) mod body;
 pub(crate) mod headers;
 pub(crate) mod proxy_status;
 pub(crate) mod server;
+pub(crate) mod spare;
 pub(crate) mod upgrade;
 
 use ::http::HeaderName;

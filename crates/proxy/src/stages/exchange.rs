@@ -197,6 +197,8 @@ async fn send_h1(
             result = h1::exchange(&mut conn, &mut req, wait, began).await;
         }
     }
+    // Sent: its header map serves the next request this thread parses.
+    crate::http::spare::keep(req.headers_mut());
     Ok(match result {
         Ok(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => Try::Failed(Error::new(
             Kind::Protocol,

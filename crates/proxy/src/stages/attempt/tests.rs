@@ -582,3 +582,38 @@ async fn an_upstreams_lines_travel_with_its_body_to_the_client() {
         ]
     );
 }
+
+/// A request's header map, once the request has gone upstream, is kept on its thread and is
+/// the map of the next request head parsed there, emptied (`http::spare`).
+#[tokio::test]
+async fn a_sent_requests_header_map_serves_the_next_parsed_head() {
+    let (addr, _, heads) = upstream(vec![200]).await;
+    let (dialer, cluster, telemetry, _) = fixture(addr);
+    let mut req = get("/a");
+    req.headers_mut()
+        .insert("x-only-here", HeaderValue::from_static("1"));
+    req.headers_mut().reserve(20);
+    let room = req.headers().capacity();
+    let rec = Record::new(
+        telemetry,
+        Direction::outbound,
+        "HTTP/1.1",
+        Default::default(),
+    );
+    let kept = crate::http::spare::kept();
+    let resp = forward(&dialer, plan(&cluster, None, None), req, rec, false).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(collect(resp.into_body()).await, b"ok");
+    let sent = String::from_utf8(heads.lock().unwrap()[0].clone()).unwrap();
+    assert!(sent.contains("x-only-here: 1"), "{sent}");
+    assert_eq!(crate::http::spare::kept(), kept + 1, "the map was kept");
+    // The next head parsed on this thread gets it, with its room and none of its fields.
+    let mut buf = bytes::BytesMut::from(&b"GET /b HTTP/1.1\r\nHost: up.shop\r\n\r\n"[..]);
+    let head = h1::codec::parse_request_head(&mut buf, 8192)
+        .unwrap()
+        .unwrap();
+    assert_eq!(crate::http::spare::kept(), kept);
+    assert_eq!(head.headers.capacity(), room);
+    assert_eq!(head.headers.len(), 1, "{:?}", head.headers);
+    assert!(head.headers.get("x-only-here").is_none());
+}
