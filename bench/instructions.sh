@@ -16,7 +16,9 @@
 # real control plane (not measured), HTTP/1.1 on streams of one mutual-TLS connection between
 # them (HTTP/2 for gRPC services); both run under callgrind and the figure is the two together
 # (caller and callee printed apart too). It moves by about 2% between runs (how many frames
-# one read or write carries depends on timing): take the median of three. KEEP=DIR keeps the callgrind file(s) of the measured run
+# one read or write carries depends on timing): take the median of three, or set CONNS=1
+# (one client connection, so one request a frame and a TLS write: steady to ~0.1%, and
+# higher than the batched figure by the per-write cost) to judge a small step. KEEP=DIR keeps the callgrind file(s) of the measured run
 # (caller.out and callee.out; proxy.out without MTLS).
 # H2C=1 sends the requests as HTTP/2 without TLS (h2c, prior knowledge) instead of
 # HTTP/1.1: hyper's server on the client side (not with MTLS). H2LOAD="FLAGS" adds h2load
@@ -136,7 +138,7 @@ run_mtls() {
   done
   for _ in $(seq 600); do curl -sf -o /dev/null http://127.0.0.1:18183/ && break; sleep 0.1; done
   local n=$(( $1 + ${WARM:-800} ))
-  h2load --h1 -n "$n" -c 8 http://127.0.0.1:18183/ >"$run/h2load.txt"
+  h2load --h1 -n "$n" -c "${CONNS:-8}" http://127.0.0.1:18183/ >"$run/h2load.txt"
   # Every request answered 200 through both proxies, or the figure means nothing.
   grep -q "status codes: $n 2xx" "$run/h2load.txt" || { cat "$run/h2load.txt" >&2; exit 1; }
   for p in "${pids[@]}"; do kill -TERM "$p"; wait "$p" || true; done
