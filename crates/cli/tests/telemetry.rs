@@ -1180,6 +1180,9 @@ async fn tap_shows_live_requests_that_match_within_its_bound_split_over_the_prox
     .await;
     let mut with = secret.to_vec();
     with.push(("x-order", "o-17"));
+    // The caller's trace context shows as it came (the parser keeps it out of the map).
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    with.push(("traceparent", tp));
     client::get_full(p1.outbound, "direct.test", "/h/ok", &with)
         .await
         .unwrap();
@@ -1189,6 +1192,7 @@ async fn tap_shows_live_requests_that_match_within_its_bound_split_over_the_prox
     .await;
     let req = &e["request_headers"];
     assert_eq!(req["x-order"], "o-17", "{e}");
+    assert_eq!(req["traceparent"], tp, "{e}");
     assert_eq!(req["authorization"], "<withheld>", "{e}");
     assert_eq!(req["cookie"], "<withheld>", "{e}");
     assert_eq!(e["response_headers"]["content-length"], "1", "{e}");

@@ -342,14 +342,17 @@ pub(crate) fn resample(headers: &mut HeaderMap, trace_id: u128, ids: &mut SpanId
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn prepare(headers: &mut HeaderMap, sampling: f64) -> TraceIds {
     let id = headers.get(&X_REQUEST_ID).cloned();
-    prepare_with(headers, sampling, id)
+    prepare_with(headers, sampling, id, None)
 }
 
-/// As [`prepare`], with the request's first `x-request-id` already read (`request_id`).
+/// As [`prepare`], with the request's first `x-request-id` already read (`request_id`), and
+/// its first `traceparent` when the parser noted it rather than putting it in `headers`
+/// (`traceparent`; `None`: the map's, if any, is read).
 pub(crate) fn prepare_with(
     headers: &mut HeaderMap,
     sampling: f64,
     request_id: Option<HeaderValue>,
+    traceparent: Option<&[u8]>,
 ) -> TraceIds {
     let existing_id = request_id.filter(|r| !r.is_empty());
     let has_b3 = headers.keys().any(|k| {
@@ -358,9 +361,10 @@ pub(crate) fn prepare_with(
     });
     // The traceparent is hashed once: the entry read here is the one written below.
     let tp_entry = headers.entry(TRACEPARENT.clone());
-    let w3c = match &tp_entry {
-        Entry::Occupied(e) => parse_traceparent(e.get().as_bytes()),
-        Entry::Vacant(_) => None,
+    let w3c = match (traceparent, &tp_entry) {
+        (Some(v), _) => parse_traceparent(v),
+        (None, Entry::Occupied(e)) => parse_traceparent(e.get().as_bytes()),
+        (None, Entry::Vacant(_)) => None,
     };
     let had_id = existing_id.is_some();
     let ids = match w3c {
@@ -574,6 +578,36 @@ mod tests {
             tp,
             format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-00", s.attempt)
         );
+    }
+
+    /// A `traceparent` the HTTP/1.1 parser noted (and kept out of the map) is continued as
+    /// one in the map is; an invalid one falls back to B3 as the map's does.
+    #[test]
+    fn a_noted_traceparent_is_continued_as_one_in_the_map() {
+        let noted = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = HeaderMap::new();
+        let ids = prepare_with(&mut h, 0.0, None, Some(&noted[..]));
+        assert_eq!(
+            trace_id_hex(ids.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(ids.spans.parent, 0x00f067aa0ba902b7);
+        assert!(ids.spans.sampled && !ids.spans.started);
+        assert_eq!(
+            h["traceparent"],
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{:016x}-01",
+                ids.spans.attempt
+            )
+        );
+        assert_eq!(h.get_all("traceparent").iter().count(), 1);
+        let mut h = HeaderMap::new();
+        h.insert(
+            B3.clone(),
+            HeaderValue::from_static("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+        );
+        let ids = prepare_with(&mut h, 0.0, None, Some(&b"00-broken"[..]));
+        assert_eq!(ids.spans.parent, 0xe457b5a2e4d86bd1);
     }
 
     #[test]

@@ -251,11 +251,20 @@ impl Spans {
                 ),
             };
             seen.note(classify(raw), &head[vs..vs + vl]);
-            if field == Field::Peer {
-                noted
-                    .peer
-                    .get_or_insert_with(|| PeerValue::Head(head.slice(vs..vs + vl)));
-                continue;
+            match field {
+                Field::Peer => {
+                    noted
+                        .peer
+                        .get_or_insert_with(|| PeerValue::Head(head.slice(vs..vs + vl)));
+                    continue;
+                }
+                Field::TraceParent => {
+                    noted
+                        .traceparent
+                        .get_or_insert_with(|| head.slice(vs..vs + vl));
+                    continue;
+                }
+                _ => {}
             }
             let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
                 .map_err(|_| name.as_str().to_owned())?;
@@ -270,7 +279,11 @@ impl Spans {
                     typed = true;
                     noted.grpc = crate::http::headers::is_grpc_type(value.as_bytes());
                 }
-                Field::Host | Field::RequestId | Field::ContentType | Field::Peer => {}
+                Field::Host
+                | Field::RequestId
+                | Field::ContentType
+                | Field::Peer
+                | Field::TraceParent => {}
             }
             headers.append(name, value);
         }
@@ -790,6 +803,10 @@ pub(crate) struct Noted {
     /// a request is noted. A peer's proxy writes its own for the next hop; the callee
     /// believes it only over mutual TLS; an application's goes nowhere.
     pub(crate) peer: Option<PeerValue>,
+    /// The first `traceparent` value, as it came: not put into the header map either, since
+    /// the request path always writes its own for the next hop (`trace::prepare_with`
+    /// continues the trace it names). hyper's requests keep theirs in the map.
+    pub(crate) traceparent: Option<Bytes>,
 }
 
 /// An `x-trellis-peer` value as it came: bytes of an HTTP/1.1 head, or hyper's (HTTP/2)

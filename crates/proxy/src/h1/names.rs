@@ -24,6 +24,7 @@ pub(super) enum Field {
     RequestId,
     ContentType,
     Peer,
+    TraceParent,
 }
 
 /// `name` (a header name as httparse accepted it: token characters only) as one of the
@@ -59,7 +60,10 @@ pub(super) fn known_field(name: &[u8]) -> Option<(HeaderName, Field)> {
         (10, b'k') => (&b"keep-alive"[..], KEEP_ALIVE),
         (10, b's') => (&b"set-cookie"[..], header::SET_COOKIE),
         (10, b't') => (&b"tracestate"[..], TRACESTATE),
-        (11, b't') => (&b"traceparent"[..], TRACEPARENT),
+        (11, b't') => {
+            field = Field::TraceParent;
+            (&b"traceparent"[..], TRACEPARENT)
+        }
         (11, b'g') => (&b"grpc-status"[..], GRPC_STATUS),
         (12, b'c') => {
             field = Field::ContentType;

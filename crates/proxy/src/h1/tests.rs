@@ -624,13 +624,14 @@ fn mutated_requests_never_panic_and_never_frame_ambiguously() {
 }
 
 /// What the parser notes of a request head is what looking it up in a map of every field
-/// finds: the first `Host`, `x-request-id` and `x-trellis-peer`, whether the first
-/// `content-type` is gRPC's, whether an HTTP/1.1 upgrade is asked for. And `x-trellis-peer`
-/// is never left in the headers. Over mutated heads with the fields repeated, in any case.
+/// finds: the first `Host`, `x-request-id`, `x-trellis-peer` and `traceparent`, whether the
+/// first `content-type` is gRPC's, whether an HTTP/1.1 upgrade is asked for. And neither
+/// `x-trellis-peer` nor `traceparent` is left in the headers. Over mutated heads with the
+/// fields repeated, in any case.
 #[test]
 fn what_the_parser_notes_is_what_a_lookup_finds() {
     let seeds: [&[u8]; 5] = [
-        b"GET / HTTP/1.1\r\nHost: a.shop\r\nx-request-id: r1\r\nx-trellis-peer: p1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.shop\r\nx-request-id: r1\r\nx-trellis-peer: p1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nTraceParent: t2\r\n\r\n",
         b"POST /s HTTP/1.1\r\nhost: b\r\nHOST: c\r\ncontent-type: application/grpc+proto\r\ncontent-type: text/plain\r\nX-Trellis-Peer: p1\r\nx-trellis-peer: p2\r\ncontent-length: 0\r\n\r\n",
         b"GET / HTTP/1.1\r\ncontent-type: text/plain\r\nContent-Type: application/grpc\r\nX-Request-Id: \r\nx-request-id: r2\r\n\r\n",
         b"GET /ws HTTP/1.1\r\nhost: w\r\nconnection: keep-alive, Upgrade\r\nupgrade: websocket\r\n\r\n",
@@ -665,6 +666,9 @@ fn what_the_parser_notes_is_what_a_lookup_finds() {
         let peer = all.get("x-trellis-peer").map(http::HeaderValue::as_bytes);
         assert_eq!(n.peer.as_ref().map(|p| p.as_bytes()), peer, "{input:?}");
         assert!(!h.headers.contains_key("x-trellis-peer"), "{input:?}");
+        let tp = all.get("traceparent").map(http::HeaderValue::as_bytes);
+        assert_eq!(n.traceparent.as_deref(), tp, "{input:?}");
+        assert!(!h.headers.contains_key("traceparent"), "{input:?}");
         let grpc = all
             .get("content-type")
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
@@ -675,6 +679,7 @@ fn what_the_parser_notes_is_what_a_lookup_finds() {
         assert_eq!(n.upgrade, upgrade, "{input:?}");
         // Every other field is in the map as it came.
         all.remove("x-trellis-peer");
+        all.remove("traceparent");
         assert_eq!(h.headers, all, "{input:?}");
         checked += 1;
     }

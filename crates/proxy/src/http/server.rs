@@ -575,6 +575,8 @@ fn looked_up(req: &mut Request<ClientBody>) -> Noted {
         grpc,
         upgrade,
         peer: h.remove(&super::X_TRELLIS_PEER).map(PeerValue::Header),
+        // Read where it is, in the map, by `trace::prepare_with`.
+        traceparent: None,
     }
 }
 
@@ -614,12 +616,22 @@ async fn handle(
         rec.source_identity = p.uri.clone();
     }
     if shared.telemetry.taps.want_headers() {
-        rec.tap_headers = Some(Box::new([req.headers().clone(), Default::default()]));
+        let mut seen = req.headers().clone();
+        // The traceparent as it came, which the parser kept out of the map.
+        if let Some(v) = noted
+            .traceparent
+            .clone()
+            .and_then(|v| http::HeaderValue::from_maybe_shared(v).ok())
+        {
+            seen.insert(&super::TRACEPARENT, v);
+        }
+        rec.tap_headers = Some(Box::new([seen, Default::default()]));
     }
     let ids = crate::trace::prepare_with(
         req.headers_mut(),
         shared.telemetry.trace_sampling,
         noted.request_id.take(),
+        noted.traceparent.as_deref(),
     );
     rec.trace_id = ids.trace_id;
     rec.spans = ids.spans;
