@@ -415,6 +415,8 @@ fn finish_with(
         started,
     };
     // Both values are written into one buffer and shared from it: one allocation, not two.
+    // The buffer is moved whole into the `Bytes` that owns it: one made from a copy of a
+    // slice would allocate again for its reference count when first sliced.
     let mut buf = [0u8; 55 + 36];
     buf[..55].copy_from_slice(&traceparent_bytes(trace_id, spans.attempt, sampled));
     let id = &mut buf[55..];
@@ -428,11 +430,7 @@ fn finish_with(
         id[19..23].copy_from_slice(&h[16..20]);
         id[24..].copy_from_slice(&h[20..]);
     }
-    let shared = bytes::Bytes::copy_from_slice(if existing_id.is_some() {
-        &buf[..55]
-    } else {
-        &buf[..]
-    });
+    let shared = bytes::Bytes::from_owner(buf);
     let value = |b: bytes::Bytes| {
         per_request(HeaderValue::from_maybe_shared(b).expect("hex is a valid header"))
     };
