@@ -150,7 +150,7 @@ pub(crate) enum RespFraming {
 pub(crate) struct Head {
     pub(crate) status: StatusCode,
     /// Its header lines, not read into a map ([`super::raw`]).
-    pub(crate) headers: RawHeaders,
+    pub(crate) headers: Box<RawHeaders>,
     pub(crate) framing: RespFraming,
     /// The connection may carry another request once this response ends.
     pub(crate) keep_alive: bool,
@@ -291,9 +291,9 @@ impl Spans {
     }
 
     /// The lines over `head`, not read into a map: httparse has checked names and values.
-    fn raw(&self, head: Bytes) -> (RawHeaders, Seen) {
+    fn raw(&self, head: Bytes) -> (Box<RawHeaders>, Seen) {
         let mut seen = Seen::default();
-        let mut lines = RawHeaders::with_capacity(head, self.count);
+        let mut lines = RawHeaders::boxed(head, self.count);
         for &(ns, nl, vs, vl) in &self.at[..self.count] {
             let (n, v) = (ns as usize, vs as usize);
             let class = classify(&lines.head()[n..n + nl as usize]);

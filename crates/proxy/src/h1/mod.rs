@@ -639,8 +639,8 @@ impl H1Body {
     }
 
     /// The body, carrying its response's header lines.
-    pub(crate) fn with_lines(mut self, lines: raw::RawHeaders) -> Self {
-        self.lines = Some(Box::new(lines));
+    pub(crate) fn with_lines(mut self, lines: Box<raw::RawHeaders>) -> Self {
+        self.lines = Some(lines);
         self
     }
 
@@ -651,6 +651,16 @@ impl H1Body {
                 conn.mark_reused();
                 self.home.checkin(conn, self.began);
             }
+        }
+    }
+}
+
+/// Its lines, if the response was relayed as they came, are kept for the next response
+/// head this thread parses ([`raw::keep`]).
+impl Drop for H1Body {
+    fn drop(&mut self) {
+        if let Some(lines) = self.lines.take() {
+            raw::keep(lines);
         }
     }
 }

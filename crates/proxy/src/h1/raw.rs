@@ -17,6 +17,12 @@
 //! HTTP allows. A response rebuilt around another body would lose them: the one place that
 //! moves an upstream's body into another (`respond::relay`, into a `ProxyBody`) keeps it
 //! whole, and a response whose head is needed apart from its body is completed first.
+//!
+//! The lines' box and their list are two allocations per response: once its body has been
+//! dropped, the box is emptied and kept on its thread ([`keep`]) for the next response head
+//! parsed there ([`RawHeaders::boxed`]), as request header maps are (`http::spare`).
+
+use std::cell::RefCell;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
@@ -83,6 +89,17 @@ pub(crate) struct RawHeaders {
     status: Option<HeaderValue>,
 }
 
+/// How many boxes of lines a thread keeps (about the responses it has in flight), and the
+/// most lines one may have room for to be kept.
+const KEEP: usize = 64;
+const LARGEST: usize = 64;
+
+thread_local! {
+    // The boxes themselves are what is kept: a box handed out again is one allocation fewer.
+    #[allow(clippy::vec_box)]
+    static SPARE: RefCell<Vec<Box<RawHeaders>>> = const { RefCell::new(Vec::new()) };
+}
+
 impl RawHeaders {
     /// No lines yet, over `head`, with room for `n`.
     pub(super) fn with_capacity(head: Bytes, n: usize) -> Self {
@@ -90,6 +107,20 @@ impl RawHeaders {
             head,
             lines: Vec::with_capacity(n),
             status: None,
+        }
+    }
+
+    /// As [`RawHeaders::with_capacity`], boxed: a box this thread kept ([`keep`]) when it
+    /// has one.
+    pub(super) fn boxed(head: Bytes, n: usize) -> Box<Self> {
+        match SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
+            Some(mut b) => {
+                // Kept empty, with no head and no entry of this proxy's.
+                b.head = head;
+                b.lines.reserve(n);
+                b
+            }
+            None => Box::new(Self::with_capacity(head, n)),
         }
     }
 
@@ -232,6 +263,30 @@ impl RawHeaders {
     }
 }
 
+/// Keep `raw`'s box and list, emptied (its head let go), for a later [`RawHeaders::boxed`]
+/// on this thread; freed when the thread keeps enough already, or the list is long.
+pub(crate) fn keep(mut raw: Box<RawHeaders>) {
+    if raw.lines.capacity() > LARGEST {
+        return;
+    }
+    raw.head = Bytes::new();
+    raw.lines.clear();
+    raw.status = None;
+    // At a thread's end the list may be gone already: the box is then freed.
+    let _ = SPARE.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < KEEP {
+            s.push(raw);
+        }
+    });
+}
+
+/// How many boxes this thread keeps now.
+#[cfg(test)]
+pub(crate) fn kept() -> usize {
+    SPARE.with(|s| s.borrow().len())
+}
+
 /// A body that may carry its response's raw lines (an HTTP/1.1 upstream's does, boxed: the
 /// body moves through every stage, and a pointer moves for less).
 pub(crate) trait Lines {
@@ -307,12 +362,37 @@ mod tests {
     use crate::http::headers::strip_response_headers;
 
     fn parse(fields: &str) -> RawHeaders {
+        *parse_boxed(fields)
+    }
+
+    fn parse_boxed(fields: &str) -> Box<RawHeaders> {
         let wire = format!("HTTP/1.1 200 OK\r\n{fields}\r\n");
         let mut buf = BytesMut::from(wire.as_bytes());
         super::super::codec::parse_response_head(&mut buf, &Method::HEAD)
             .unwrap()
             .unwrap()
             .headers
+    }
+
+    /// A kept box comes back for the next head parsed on its thread, with nothing of the
+    /// response it held: no line, no head, no `Proxy-Status` entry.
+    #[test]
+    fn a_kept_box_of_lines_serves_the_next_head_and_holds_nothing_of_the_last() {
+        let mut first = parse_boxed("Server: a\r\nX-One: 1\r\nX-Two: 2\r\n");
+        first.append_status(HeaderValue::from_static("trellis; received-status=200"));
+        let at: *const RawHeaders = &*first;
+        let before = kept();
+        keep(first);
+        assert_eq!(kept(), before + 1);
+        let next = parse_boxed("Server: b\r\n");
+        assert_eq!(kept(), before);
+        assert!(std::ptr::eq(at, &*next), "the same box");
+        let fields: Vec<(&[u8], &[u8])> = next.fields().map(|(_, n, v)| (n, v)).collect();
+        assert_eq!(fields, [(&b"Server"[..], &b"b"[..])]);
+        // Too many lines for their list to be kept: freed.
+        let many: String = (0..80).map(|i| format!("x-{i}: v\r\n")).collect();
+        keep(parse_boxed(&many));
+        assert_eq!(kept(), before);
     }
 
     #[test]

@@ -584,9 +584,10 @@ async fn an_upstreams_lines_travel_with_its_body_to_the_client() {
 }
 
 /// A request's header map, once the request has gone upstream, is kept on its thread and is
-/// the map of the next request head parsed there, emptied (`http::spare`).
+/// the map of the next request head parsed there, emptied (`http::spare`); the response's
+/// box of lines is kept once its body is done with (`h1::raw::keep`).
 #[tokio::test]
-async fn a_sent_requests_header_map_serves_the_next_parsed_head() {
+async fn a_sent_requests_map_and_its_responses_lines_serve_the_next_heads() {
     let (addr, _, heads) = upstream(vec![200]).await;
     let (dialer, cluster, telemetry, _) = fixture(addr);
     let mut req = get("/a");
@@ -601,9 +602,15 @@ async fn a_sent_requests_header_map_serves_the_next_parsed_head() {
         Default::default(),
     );
     let kept = crate::http::spare::kept();
+    let lines_kept = h1::raw::kept();
     let resp = forward(&dialer, plan(&cluster, None, None), req, rec, false).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(collect(resp.into_body()).await, b"ok");
+    assert_eq!(
+        h1::raw::kept(),
+        lines_kept + 1,
+        "the response's lines were kept"
+    );
     let sent = String::from_utf8(heads.lock().unwrap()[0].clone()).unwrap();
     assert!(sent.contains("x-only-here: 1"), "{sent}");
     assert_eq!(crate::http::spare::kept(), kept + 1, "the map was kept");
