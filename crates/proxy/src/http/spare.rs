@@ -36,9 +36,9 @@ pub(crate) fn map(n: usize) -> HeaderMap {
     }
 }
 
-/// Keep what `map` holds, emptied, for a later [`map`]; `map` is left empty (and holds no
-/// memory). A map with nothing allocated, or room for more than [`LARGEST`] headers, or one
-/// more than the thread keeps, is freed.
+/// Keep `map`'s memory, emptied, for a later [`map`], leaving `map` empty (holding no
+/// memory). A map with nothing allocated, or with room for more than [`LARGEST`] headers, is
+/// left as it is, for its owner to drop; one more than the thread keeps is freed here.
 pub(crate) fn keep(map: &mut HeaderMap) {
     let room = map.capacity();
     if room == 0 || room > LARGEST {
