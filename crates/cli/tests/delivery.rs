@@ -166,6 +166,13 @@ fn shift(cp: &ControlProcess, args: &[&str]) -> String {
 
 /// `trellis shift svc/catalog --to catalog-v2` with these steps, interval and (when given)
 /// minimum sample, in namespace test: its stdout.
+///
+/// The latency rule is made tolerant (20 × the stable's p99 + 5 ms, against 1.5× by
+/// default): these tests are about steps, pauses, restarts and errors, and with a few dozen
+/// requests a step a canary's p99 is its slowest request or two. On a loaded machine one
+/// slow request rolled good canaries back twice in clean-clone CI (8.2 ms against 1.9 ms ×
+/// 1.5 + 5; 17.8 ms against 6.9 ms × 1.5 + 5). The latency rule's own test,
+/// `a_slow_canary_is_rolled_back_on_latency`, keeps the default.
 fn to_v2(cp: &ControlProcess, steps: &str, interval: &str, min_requests: Option<&str>) -> String {
     let mut args = vec![
         "svc/catalog",
@@ -175,6 +182,8 @@ fn to_v2(cp: &ControlProcess, steps: &str, interval: &str, min_requests: Option<
         steps,
         "--interval",
         interval,
+        "--max-latency-ratio",
+        "20",
     ];
     if let Some(m) = min_requests {
         args.extend(["--min-requests", m]);
@@ -570,7 +579,19 @@ async fn a_canary_whose_proxy_is_down_is_rolled_back_as_not_reached() {
 async fn a_slow_canary_is_rolled_back_on_latency() {
     let d = delivery(Canary::Slow).await;
     let traffic = Traffic::start(d.caller.outbound);
-    to_v2(&d.cp, "30", "60s", None);
+    // The default latency rule (1.5× the stable's p99 + 5 ms), not `to_v2`'s tolerant one.
+    shift(
+        &d.cp,
+        &[
+            "svc/catalog",
+            "--to",
+            "catalog-v2",
+            "--steps",
+            "30",
+            "--interval",
+            "60s",
+        ],
+    );
     let back = phase(&d.cp, "rolledBack", Duration::from_secs(50)).await;
     traffic.stop().await;
     let reason = back["reason"].as_str().unwrap();
@@ -585,25 +606,7 @@ async fn a_slow_canary_is_rolled_back_on_latency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_traffic_a_step_holds_and_a_restarted_control_plane_resumes_it() {
     let mut d = delivery(Canary::Good).await;
-    // The latency rule is not what this test is about, and with 20 requests a step the
-    // canary's p99 is its slowest request or two: on a loaded machine one slow request
-    // rolled this good canary back once (CI: 8.2 ms against 1.9 ms × 1.5 + 5 ms).
-    shift(
-        &d.cp,
-        &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
-            "--steps",
-            "10,50",
-            "--interval",
-            "1s",
-            "--min-requests",
-            "20",
-            "--max-latency-ratio",
-            "20",
-        ],
-    );
+    to_v2(&d.cp, "10,50", "1s", Some("20"));
     // No traffic: past its interval, the step holds and says why.
     let held = eventually(
         "the step holds for lack of traffic",
