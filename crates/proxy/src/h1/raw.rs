@@ -27,6 +27,8 @@ use std::cell::RefCell;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
+use crate::http::spare;
+
 use super::names::PROXY_STATUS;
 
 /// What a header name is, among the few the proxy acts on (in any case).
@@ -113,7 +115,7 @@ impl RawHeaders {
     /// As [`RawHeaders::with_capacity`], boxed: a box this thread kept ([`keep`]) when it
     /// has one.
     pub(super) fn boxed(head: Bytes, n: usize) -> Box<Self> {
-        match SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
+        match spare::take(&SPARE) {
             Some(mut b) => {
                 // Kept empty, with no head and no entry of this proxy's.
                 b.head = head;
@@ -272,19 +274,13 @@ pub(crate) fn keep(mut raw: Box<RawHeaders>) {
     raw.head = Bytes::new();
     raw.lines.clear();
     raw.status = None;
-    // At a thread's end the list may be gone already: the box is then freed.
-    let _ = SPARE.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < KEEP {
-            s.push(raw);
-        }
-    });
+    spare::put(&SPARE, raw, KEEP);
 }
 
 /// How many boxes this thread keeps now.
 #[cfg(test)]
 pub(crate) fn kept() -> usize {
-    SPARE.with(|s| s.borrow().len())
+    spare::count(&SPARE)
 }
 
 /// A body that may carry its response's raw lines (an HTTP/1.1 upstream's does, boxed: the

@@ -5,11 +5,37 @@
 //! glibc's per-thread cache of freed blocks (seven of each size) overflows, and each of those
 //! allocations and frees takes the allocator's slow path (callgrind, two mTLS proxies: 200-430
 //! instructions to make a request's map, ~180 to free it). A map that has done its work is
-//! emptied and kept here for the next head this thread parses.
+//! emptied and kept here for the next head this thread parses. The list's helpers ([`take`],
+//! [`put`]) serve `h1::raw`'s boxes of response lines too.
 
-use std::cell::RefCell;
+use std::{cell::RefCell, thread::LocalKey};
 
 use http::HeaderMap;
+
+/// A thread's list of things kept for reuse (here, and `h1::raw`'s boxes of lines).
+pub(crate) type List<T> = LocalKey<RefCell<Vec<T>>>;
+
+/// The last thing `list` keeps, if any (none once the thread's list is gone, at its end).
+pub(crate) fn take<T: 'static>(list: &'static List<T>) -> Option<T> {
+    list.try_with(|s| s.borrow_mut().pop()).ok().flatten()
+}
+
+/// Keep `item` in `list` unless it holds `most` already; else, or once the thread's list is
+/// gone (at its end), `item` is dropped.
+pub(crate) fn put<T: 'static>(list: &'static List<T>, item: T, most: usize) {
+    let _ = list.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < most {
+            s.push(item);
+        }
+    });
+}
+
+/// How many things `list` keeps on this thread.
+#[cfg(test)]
+pub(crate) fn count<T: 'static>(list: &'static List<T>) -> usize {
+    list.with(|s| s.borrow().len())
+}
 
 /// How many maps a thread keeps: about as many requests as a busy proxy's thread has in
 /// flight. Beyond that, a map is freed as before.
@@ -25,7 +51,7 @@ thread_local! {
 
 /// An empty map with room for `n` headers: a kept one when this thread has one.
 pub(crate) fn map(n: usize) -> HeaderMap {
-    match SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
+    match take(&SPARE) {
         Some(mut m) => {
             if m.capacity() < n {
                 m.reserve(n);
@@ -47,19 +73,13 @@ pub(crate) fn keep(map: &mut HeaderMap) {
     let mut m = std::mem::take(map);
     // Its values are dropped here, as they would have been with the map.
     m.clear();
-    // At a thread's end the list may be gone already: the map is then freed.
-    let _ = SPARE.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < KEEP {
-            s.push(m);
-        }
-    });
+    put(&SPARE, m, KEEP);
 }
 
 /// How many maps this thread keeps now.
 #[cfg(test)]
 pub(crate) fn kept() -> usize {
-    SPARE.with(|s| s.borrow().len())
+    count(&SPARE)
 }
 
 #[cfg(test)]
