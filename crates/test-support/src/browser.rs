@@ -22,6 +22,9 @@ pub struct Browser {
     base: String,
     session: String,
     profile: crate::Temp,
+    /// chromedriver's and chromium's `TMPDIR`: chromium makes its scoped directories there,
+    /// which a killed browser leaves behind (in `/tmp` they were left after every run).
+    _tmp: crate::Temp,
 }
 
 /// Why a WebDriver call failed.
@@ -79,8 +82,10 @@ impl Browser {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
+        let tmp = crate::Temp::dir("chromium-tmp");
         let driver = Command::new("/usr/bin/chromedriver")
             .arg(format!("--port={port}"))
+            .env("TMPDIR", &tmp.0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -92,6 +97,7 @@ impl Browser {
             base,
             session: String::new(),
             profile,
+            _tmp: tmp,
         };
         let caps = json!({
             "capabilities": { "alwaysMatch": {
