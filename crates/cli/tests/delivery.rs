@@ -164,6 +164,13 @@ fn shift(cp: &ControlProcess, args: &[&str]) -> String {
     ok(cli(cp, &all))
 }
 
+/// `trellis shift svc/catalog --to catalog-v2 ARGS` in namespace test: its stdout.
+fn shift_to_v2(cp: &ControlProcess, args: &[&str]) -> String {
+    let mut all = vec!["svc/catalog", "--to", "catalog-v2"];
+    all.extend_from_slice(args);
+    shift(cp, &all)
+}
+
 /// `trellis shift svc/catalog --to catalog-v2` with these steps, interval and (when given)
 /// minimum sample, in namespace test: its stdout.
 ///
@@ -175,9 +182,6 @@ fn shift(cp: &ControlProcess, args: &[&str]) -> String {
 /// `a_slow_canary_is_rolled_back_on_latency`, keeps the default.
 fn to_v2(cp: &ControlProcess, steps: &str, interval: &str, min_requests: Option<&str>) -> String {
     let mut args = vec![
-        "svc/catalog",
-        "--to",
-        "catalog-v2",
         "--steps",
         steps,
         "--interval",
@@ -188,7 +192,7 @@ fn to_v2(cp: &ControlProcess, steps: &str, interval: &str, min_requests: Option<
     if let Some(m) = min_requests {
         args.extend(["--min-requests", m]);
     }
-    shift(cp, &args)
+    shift_to_v2(cp, &args)
 }
 
 /// The rollout of `test/catalog` as the API gives it.
@@ -381,12 +385,9 @@ async fn a_canary_failing_its_dark_stage_is_rolled_back_before_any_user_reaches_
         })
     };
     let v2_before = d.v2_hits.load(Ordering::SeqCst);
-    let out = shift(
+    let out = shift_to_v2(
         &d.cp,
         &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
             "--steps",
             "20,50",
             "--interval",
@@ -430,12 +431,9 @@ async fn a_good_canary_passes_its_dark_stage_then_its_steps() {
     let d = delivery(Canary::Good).await;
     let traffic = Traffic::start(d.caller.outbound);
     let dark = |interval: &str| {
-        shift(
+        shift_to_v2(
             &d.cp,
             &[
-                "svc/catalog",
-                "--to",
-                "catalog-v2",
                 "--steps",
                 "50,100",
                 "--interval",
@@ -489,18 +487,10 @@ async fn a_good_canary_passes_its_dark_stage_then_its_steps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_deleted_in_its_dark_stage_takes_its_copies_away() {
     let d = delivery(Canary::Good).await;
-    let args = [
-        "svc/catalog",
-        "--to",
-        "catalog-v2",
-        "--steps",
-        "50",
-        "--interval",
-        "1h",
-        "--mirror",
-        "20",
-    ];
-    shift(&d.cp, &args);
+    shift_to_v2(
+        &d.cp,
+        &["--steps", "50", "--interval", "1h", "--mirror", "20"],
+    );
     let get = async || {
         let r = client::get_full(d.caller.outbound, "catalog.test", "/", &[])
             .await
@@ -580,18 +570,7 @@ async fn a_slow_canary_is_rolled_back_on_latency() {
     let d = delivery(Canary::Slow).await;
     let traffic = Traffic::start(d.caller.outbound);
     // The default latency rule (1.5× the stable's p99 + 5 ms), not `to_v2`'s tolerant one.
-    shift(
-        &d.cp,
-        &[
-            "svc/catalog",
-            "--to",
-            "catalog-v2",
-            "--steps",
-            "30",
-            "--interval",
-            "60s",
-        ],
-    );
+    shift_to_v2(&d.cp, &["--steps", "30", "--interval", "60s"]);
     let back = phase(&d.cp, "rolledBack", Duration::from_secs(50)).await;
     traffic.stop().await;
     let reason = back["reason"].as_str().unwrap();
