@@ -627,16 +627,15 @@ async fn handle(
         }
         rec.tap_headers = Some(Box::new([seen, Default::default()]));
     }
-    // Taken, as the other noted values are: left in `noted`, it would hold the head's buffer
-    // until the next head is parsed, and the connection could not reuse that buffer.
-    let traceparent = noted.traceparent.take();
+    // The traceparent is taken, as the other noted values are (and dropped with this
+    // statement): left in `noted`, it would hold the head's buffer until the next head is
+    // parsed, and the connection could not reuse that buffer.
     let ids = crate::trace::prepare_with(
         req.headers_mut(),
         shared.telemetry.trace_sampling,
         noted.request_id.take(),
-        traceparent.as_deref(),
+        noted.traceparent.take().as_deref(),
     );
-    drop(traceparent);
     rec.trace_id = ids.trace_id;
     rec.spans = ids.spans;
     rec.request_id = Some(ids.request_id);
