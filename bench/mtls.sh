@@ -156,6 +156,25 @@ if [ -n "${PROFILE:-}" ]; then
   done
   exit 0
 fi
+# SYSCALLS=1: instead of the rounds, count the system calls on the proxies' core for 3 s of the
+# saturating load on each mesh path and print them per request, by process and call
+# (bench/syscall-count.py; needs perf and root).
+if [ -n "${SYSCALLS:-}" ]; then
+  command -v perf >/dev/null || { echo "SYSCALLS=1 needs perf" >&2; exit 1; }
+  declare -A NAMED=([trellis-mtls-2hops]="caller=$CALLER callee=$CALLEE" [haproxy-mtls-2hops]="haproxy-a=$HAPA haproxy-b=$HAPB")
+  for t in trellis-mtls-2hops haproxy-mtls-2hops; do
+    taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
+    LOAD=$!
+    sleep 1 # let the load settle
+    perf record -q -o "$W/$t.data" -e raw_syscalls:sys_enter -C 1 -- sleep 3 2>/dev/null
+    wait "$LOAD"
+    perf script -i "$W/$t.data" -F comm,pid,event,trace 2>/dev/null >"$W/$t.txt"
+    rps=$(awk '/Requests\/sec/{print $2}' "$W/$t.wrk")
+    echo "== $t: $rps rps (wrk -c32)"
+    python3 bench/syscall-count.py "$W/$t.txt" "$rps" 3 ${NAMED[$t]} | sed 's/^/  /'
+  done
+  exit 0
+fi
 if [ -n "${TRACE:-}" ]; then
   command -v perf >/dev/null || { echo "TRACE=1 needs perf" >&2; exit 1; }
   for t in trellis-mtls-2hops haproxy-mtls-2hops; do
