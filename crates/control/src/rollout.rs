@@ -469,8 +469,9 @@ impl Rollouts {
             None => Vec::new(),
         };
         let pct = spec.analysis.latency_percentile;
-        let (fleet, canary, stable, rules) = (
+        let (fleet, analysis, canary, stable, rules) = (
             self.fleet.clone(),
+            spec.analysis.clone(),
             workloads_of(state, id, &spec.canary),
             workloads_of(state, id, &spec.stable),
             weighted_rules(&found, id, spec),
@@ -481,9 +482,11 @@ impl Rollouts {
             let w = fleet
                 .window(window_ms, at_ms, others)
                 .map_err(|e| e.to_string())?;
+            let stable = judge::side(&w, &stable, pct, None);
+            let allowed = stable.latency_ms.map(|s| judge::allowed_ms(&analysis, s));
             Ok((
-                judge::side(&w, &canary, pct),
-                judge::side(&w, &stable, pct),
+                judge::side(&w, &canary, pct, allowed),
+                stable,
                 judge::routed(&w, &rules, &canary),
             ))
         })

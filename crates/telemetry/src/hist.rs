@@ -290,6 +290,25 @@ impl Histogram {
         Some(self.max)
     }
 
+    /// How many values are over `v`, each taken as [`Self::quantile`] reports it (its
+    /// bucket's geometric middle, clamped to the least and greatest value seen): so
+    /// `quantile(q) > v` exactly when more than `count - rank(q)` values are.
+    pub fn count_over(&self, v: f64) -> u64 {
+        if self.count == 0 || self.max <= v {
+            return 0;
+        }
+        let mut over = if v < 0.0 { self.zero } else { 0 };
+        for (k, &c) in self.counts.iter().enumerate().rev() {
+            let i = self.offset + k as i32;
+            let mid = (lower(i, self.scale) * lower(i + 1, self.scale)).sqrt();
+            if mid.clamp(self.min, self.max) <= v {
+                break;
+            }
+            over += c;
+        }
+        over
+    }
+
     /// How many values.
     pub fn count(&self) -> u64 {
         self.count

@@ -22,6 +22,10 @@ const CLEAR_FAILURES: u64 = 3;
 const CLEAR_LATENCY_REQUESTS: u64 = 20;
 /// Latency allowed over the stable version's × the ratio, ms (jitter of fast services).
 pub(crate) const LATENCY_SLACK_MS: f64 = 5.0;
+/// A canary's tail is slower only with at least this many requests over the latency allowed:
+/// one pause of its process (a collection, a busy host) stalls every request it has in
+/// flight at once, so a few slow ones can be one event.
+const CLEAR_SLOW: u64 = 5;
 
 /// One side's figures over the window.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -35,6 +39,9 @@ pub(crate) struct Side {
     pub(crate) latency_ms: Option<f64>,
     /// Median latency, ms.
     pub(crate) median_ms: Option<f64>,
+    /// Requests over the latency allowed (the stable's at the percentile × the ratio + the
+    /// slack); counted on the canary's side only.
+    pub(crate) slower: u64,
 }
 
 impl Side {
@@ -56,8 +63,20 @@ pub(crate) enum Verdict {
     Fail,
 }
 
-/// The figures of the workloads in `of` over `w`, at `percentile`.
-pub(crate) fn side(w: &Window, of: &HashSet<String>, percentile: f64) -> Side {
+/// The latency a canary's requests may take, ms: the stable version's at the percentile ×
+/// the ratio + the slack.
+pub(crate) fn allowed_ms(a: &RolloutAnalysis, stable_ms: f64) -> f64 {
+    stable_ms * a.max_latency_ratio + LATENCY_SLACK_MS
+}
+
+/// The figures of the workloads in `of` over `w`, at `percentile`; `over_ms`: count the
+/// requests slower than this ([`Side::slower`]).
+pub(crate) fn side(
+    w: &Window,
+    of: &HashSet<String>,
+    percentile: f64,
+    over_ms: Option<f64>,
+) -> Side {
     let mut s = Side::default();
     for (k, c) in &w.series {
         if k.direction != Direction::Inbound || !of.contains(&*k.workload) {
@@ -78,6 +97,7 @@ pub(crate) fn side(w: &Window, of: &HashSet<String>, percentile: f64) -> Side {
         // The histograms hold seconds.
         s.latency_ms = h.quantile(percentile / 100.0).map(|v| v * 1000.0);
         s.median_ms = h.quantile(0.5).map(|v| v * 1000.0);
+        s.slower = over_ms.map_or(0, |ms| h.count_over(ms / 1000.0));
     }
     s
 }
@@ -164,7 +184,7 @@ pub(crate) fn judge(
     {
         return (Verdict::Fail, format!("error rate clearly higher: {rates}"));
     }
-    let allowed = |stable_ms: f64| stable_ms * a.max_latency_ratio + LATENCY_SLACK_MS;
+    let allowed = |stable_ms: f64| allowed_ms(a, stable_ms);
     let p = a.latency_percentile;
     if let (Some(c50), Some(sp)) = (canary.median_ms, stable.latency_ms) {
         if canary.requests >= CLEAR_LATENCY_REQUESTS
@@ -234,18 +254,43 @@ pub(crate) fn judge(
             ),
         );
     }
+    // The tail: the canary's percentile over the allowed latency means more than (100 - p) %
+    // of its requests are over it. With a few dozen requests a step, its p99 is its slowest
+    // request, so that fraction is judged as the error rate is, with 99 % confidence, and
+    // from `CLEAR_SLOW` requests up.
+    let tail = 1.0 - p / 100.0;
     let latency = match (canary.latency_ms, stable.latency_ms) {
-        (Some(c), Some(s)) if c > allowed(s) => {
+        (Some(c), Some(s))
+            if canary.slower >= CLEAR_SLOW && wilson(canary.slower, canary.requests).0 > tail =>
+        {
             return (
                 Verdict::Fail,
-                format!("slower: the canary's p{p} {c:.1} ms is over the stable's {s:.1} ms × {} + {LATENCY_SLACK_MS} ms", a.max_latency_ratio),
+                format!(
+                    "slower: {} of the canary's {} requests took over {:.1} ms (the stable's p{p} {s:.1} ms × {} + {LATENCY_SLACK_MS} ms), clearly more than the {} % its p{p} allows; its p{p} {c:.1} ms",
+                    canary.slower,
+                    canary.requests,
+                    allowed(s),
+                    a.max_latency_ratio,
+                    round(100.0 * tail)
+                ),
             )
         }
+        (Some(c), Some(s)) if canary.slower > 0 => format!(
+            "p{p} {c:.1} ms against {s:.1} ms ({} of {} requests over {:.1} ms: too few to be slower)",
+            canary.slower,
+            canary.requests,
+            allowed(s)
+        ),
         (Some(c), Some(s)) => format!("p{p} {c:.1} ms against {s:.1} ms"),
         (Some(c), None) => format!("p{p} {c:.1} ms (no stable traffic to compare)"),
         _ => "no latency recorded".to_string(),
     };
     (Verdict::Pass, format!("{rates}; {latency}"))
+}
+
+/// `x` with at most two decimals, and none that are zero.
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 /// Wilson's score interval of `k` successes in `n`, at [`Z`]: (low, high).

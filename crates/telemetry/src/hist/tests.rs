@@ -139,3 +139,43 @@ fn cumulative_buckets_end_at_the_count() {
         assert!(below > under, "{x}: {c:?}");
     }
 }
+
+#[test]
+fn counts_over_a_value_agree_with_the_quantiles() {
+    fastrand::seed(11);
+    for scale in [3, DEFAULT_SCALE] {
+        let mut h = Histogram::new(scale);
+        let mut v = values(700, 0.0005, 400.0);
+        v.extend([0.0, 0.0, 0.2, 0.2, 0.2]);
+        for &x in &v {
+            h.record(x);
+        }
+        v.sort_by(f64::total_cmp);
+        assert_eq!(h.count_over(h.max().unwrap()), 0);
+        assert_eq!(h.count_over(-1.0), h.count());
+        for q in [0.01, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0] {
+            let rank = ((q * h.count() as f64).ceil() as u64).max(1);
+            let at = h.quantile(q).unwrap();
+            // Just under the quantile: at least the values from its rank up are over it.
+            assert!(
+                h.count_over(at * 0.999_999) > h.count() - rank,
+                "scale {scale} q {q}"
+            );
+            // At it: at most the values above its rank are.
+            assert!(h.count_over(at) <= h.count() - rank, "scale {scale} q {q}");
+        }
+        // Against the exact count, within a bucket's error either way.
+        for t in [0.001, 0.01, 0.1, 0.19] {
+            let exact = v.iter().filter(|&&x| x > t).count() as u64;
+            let (lo, hi) = (
+                v.iter().filter(|&&x| x > t * 1.2).count() as u64,
+                v.iter().filter(|&&x| x > t / 1.2).count() as u64,
+            );
+            let got = h.count_over(t);
+            assert!(
+                lo <= got && got <= hi,
+                "scale {scale} t {t}: {got}, exact {exact}"
+            );
+        }
+    }
+}

@@ -6,6 +6,15 @@ fn side(requests: u64, failures: u64, median: f64, tail: f64) -> Side {
         failures,
         latency_ms: Some(tail),
         median_ms: Some(median),
+        slower: 0,
+    }
+}
+
+/// A canary's side with `slower` of its `requests` over the latency allowed.
+fn slow(requests: u64, median: f64, tail: f64, slower: u64) -> Side {
+    Side {
+        slower,
+        ..side(requests, 0, median, tail)
     }
 }
 
@@ -94,15 +103,20 @@ fn a_slow_canary_fails_on_latency() {
     );
     assert_eq!(v, Verdict::Fail, "{why}");
     assert!(why.contains("clearly slower"), "{why}");
-    // Only its tail slower: judged at the end of the step.
-    let tail = side(300, 0, 3.0, 40.0);
+    // Only its tail slower (12 of 300 over 20 ms, 4 %): judged at the end of the step.
+    let tail = slow(300, 3.0, 40.0, 12);
     assert_eq!(
         judge(&spec(200), &tail, &stable, &none(), false).0,
         Verdict::Hold
     );
     let (v, why) = judge(&spec(200), &tail, &stable, &none(), true);
     assert_eq!(v, Verdict::Fail, "{why}");
-    assert!(why.contains("p99 40.0 ms"), "{why}");
+    assert!(
+        why.contains("12 of the canary's 300 requests took over 20.0 ms")
+            && why.contains("more than the 1 % its p99 allows")
+            && why.contains("p99 40.0 ms"),
+        "{why}"
+    );
     // Within the ratio and the slack: passes.
     let (v, _) = judge(&spec(200), &side(300, 0, 3.0, 19.0), &stable, &none(), true);
     assert_eq!(v, Verdict::Pass);
@@ -211,4 +225,44 @@ fn a_canary_that_answers_little_of_the_share_it_was_sent_is_not_reached() {
         true,
     );
     assert_eq!(v, Verdict::Hold);
+}
+
+#[test]
+fn a_tail_is_slower_only_with_enough_slow_requests_to_show_it() {
+    // The stable's p99 2 ms: 8 ms allowed. A few dozen canary requests, so the canary's p99
+    // is its slowest request or two: one slow one (a busy host) does not fail a good canary.
+    let stable = side(400, 0, 1.0, 2.0);
+    let (v, why) = judge(&spec(20), &slow(25, 1.0, 30.0, 1), &stable, &none(), true);
+    assert_eq!(v, Verdict::Pass, "{why}");
+    assert!(
+        why.contains("p99 30.0 ms against 2.0 ms (1 of 25 requests over 8.0 ms: too few"),
+        "{why}"
+    );
+    // Four of 25 (16 %) could be one pause of its process: not yet.
+    let (v, why) = judge(&spec(20), &slow(25, 1.0, 30.0, 4), &stable, &none(), true);
+    assert_eq!(v, Verdict::Pass, "{why}");
+    // Six of 25 is a slower tail.
+    let (v, why) = judge(&spec(20), &slow(25, 1.0, 30.0, 6), &stable, &none(), true);
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(
+        why.contains("6 of the canary's 25 requests took over 8.0 ms"),
+        "{why}"
+    );
+    // With many requests the fraction must be clearly over the 1 % p99 allows: 1.25 % of
+    // 2,000 may be chance, 2.25 % is not.
+    let (v, why) = judge(&spec(20), &slow(2000, 1.0, 9.0, 25), &stable, &none(), true);
+    assert_eq!(v, Verdict::Pass, "{why}");
+    let (v, why) = judge(&spec(20), &slow(2000, 1.0, 9.0, 45), &stable, &none(), true);
+    assert_eq!(v, Verdict::Fail, "{why}");
+    // At p90, a tenth of the requests may be over: 15 of 100 is not clearly more, 25 is.
+    let p90 = RolloutAnalysis {
+        latency_percentile: 90.0,
+        ..spec(20)
+    };
+    let stable = side(400, 0, 1.0, 2.0);
+    let (v, why) = judge(&p90, &slow(100, 1.0, 9.0, 15), &stable, &none(), true);
+    assert_eq!(v, Verdict::Pass, "{why}");
+    let (v, why) = judge(&p90, &slow(100, 1.0, 9.0, 25), &stable, &none(), true);
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(why.contains("more than the 10 % its p90 allows"), "{why}");
 }
