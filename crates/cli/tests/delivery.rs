@@ -577,6 +577,69 @@ async fn a_slow_canary_is_rolled_back_on_latency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_in_a_rule_with_another_backend_leaves_that_backend_its_share() {
+    let d = delivery(Canary::Good).await;
+    // Three quarters of the rule to a legacy backend (a Service over v1's workload too), a
+    // quarter to the stable one: the rollout divides the stable's quarter.
+    let legacy = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog-legacy, namespace: test }\nspec:\n  selector: { app: catalog, version: v1 }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n";
+    let rule = "    - backendRefs: [{ name: catalog-legacy, port: 80, weight: 3 }, { name: catalog-v1, port: 80 }]\n";
+    apply_ok(
+        &d.cp,
+        format!("{legacy}---\n{}", route("catalog", "catalog", rule)),
+    )
+    .await;
+    // `--from`: without it, `shift` takes the backend with the most weight for the stable.
+    shift_to_v2(
+        &d.cp,
+        &["--from", "catalog-v1", "--steps", "50", "--interval", "60s"],
+    );
+    eventually("the step's weights", Duration::from_secs(10), async || {
+        (weights(&d.cp).await
+            == [
+                ("catalog-legacy".into(), 300),
+                ("catalog-v1".into(), 50),
+                ("catalog-v2".into(), 50),
+            ])
+        .then_some(())
+    })
+    .await;
+    // The caller has the weights once the canary answers; then count 600 answers.
+    until_answered_by(d.caller.outbound, "v2").await;
+    let (v1_0, v2_0) = (
+        d.v1_hits.load(Ordering::SeqCst),
+        d.v2_hits.load(Ordering::SeqCst),
+    );
+    for _ in 0..600 {
+        client::get_full(d.caller.outbound, "catalog.test", "/", &[])
+            .await
+            .unwrap();
+    }
+    let v1 = d.v1_hits.load(Ordering::SeqCst) - v1_0;
+    let v2 = d.v2_hits.load(Ordering::SeqCst) - v2_0;
+    // Half of the stable's quarter: 12.5 % (the legacy backend's weight left at 3 against
+    // 50 and 50 would have given the canary ~48.5 %).
+    let share = v2 as f64 / (v1 + v2) as f64;
+    assert!(
+        (0.07..0.19).contains(&share),
+        "the canary answered {v2} of {}",
+        v1 + v2
+    );
+}
+
+/// Wait until `to` answers with `body` (the proxy has the weights that send there).
+async fn until_answered_by(to: std::net::SocketAddr, body: &str) {
+    eventually(
+        &format!("an answer from {body}"),
+        Duration::from_secs(10),
+        async || {
+            let r = client::get_full(to, "catalog.test", "/", &[]).await.ok()?;
+            (r.body == body.as_bytes()).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_with_a_slow_tail_is_rolled_back_at_the_end_of_its_step() {
     let d = delivery(Canary::SlowTail).await;
     let traffic = Traffic::start(d.caller.outbound);

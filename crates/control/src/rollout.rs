@@ -710,13 +710,15 @@ fn routes(state: &State, id: &NamespacedName, spec: &RolloutSpec) -> Vec<(Key, V
 }
 
 /// The rules the rollout weighs (those that send to the stable backend), by the names the
-/// proxies report their traffic under ([`trellis_model::rule_name`]).
+/// proxies report their traffic under ([`trellis_model::rule_name`]), each with the share of
+/// its requests the stable backend and the canary have between them (1 in a rule with no
+/// other backend; the rollout never changes it: [`with_weights`]).
 fn weighted_rules(
     routes: &[(Key, Value)],
     id: &NamespacedName,
     spec: &RolloutSpec,
-) -> HashSet<String> {
-    let mut names = HashSet::new();
+) -> HashMap<String, f64> {
+    let mut names = HashMap::new();
     for (k, doc) in routes {
         let Some(rules) = doc["spec"]["rules"].as_array() else {
             continue;
@@ -726,23 +728,43 @@ fn weighted_rules(
             name: k.name.to_string(),
         };
         for (i, r) in rules.iter().enumerate() {
-            let weighs = r["backendRefs"].as_array().is_some_and(|bs| {
-                bs.iter()
-                    .any(|b| is_backend(b, &id.namespace, &spec.stable))
-            });
-            if !weighs {
+            let Some(bs) = r["backendRefs"].as_array() else {
+                continue;
+            };
+            if !bs
+                .iter()
+                .any(|b| is_backend(b, &id.namespace, &spec.stable))
+            {
                 continue;
             }
-            names.insert(trellis_model::rule_name(
-                &route,
-                r["name"].as_str(),
-                i,
-                rules.len(),
-            ));
+            let ours = |b: &&Value| {
+                is_backend(b, &id.namespace, &spec.stable)
+                    || is_backend(b, &id.namespace, &spec.canary)
+            };
+            let total: u64 = bs.iter().map(weight_of).sum();
+            let pool: u64 = bs.iter().filter(ours).map(weight_of).sum();
+            let share = if total == 0 {
+                0.0
+            } else {
+                pool as f64 / total as f64
+            };
+            names.insert(
+                trellis_model::rule_name(&route, r["name"].as_str(), i, rules.len()),
+                share,
+            );
         }
     }
     names
 }
+
+/// A backendRef's weight as written (1 when absent, as the Gateway API says).
+fn weight_of(b: &Value) -> u64 {
+    b.get("weight").map_or(1, |w| w.as_u64().unwrap_or(0))
+}
+
+/// The greatest weight a rollout writes (the Gateway API's bound): a rule's weights are
+/// scaled by 100 for exact percents only while they stay under it.
+const MAX_WEIGHT: u64 = 1_000_000;
 
 fn is_backend(b: &Value, ns: &str, name: &str) -> bool {
     b["name"] == name && b["namespace"].as_str().is_none_or(|n| n == ns)
@@ -802,6 +824,10 @@ fn mirrors_to(f: &Value, ns: &str, canary: &str) -> bool {
 /// in each rule that sends to the stable backend (the canary added beside it where it is
 /// missing), and `routing.mirror` % of those rules' requests copied to the canary (no
 /// copies without it).
+///
+/// In a rule with other backends too, the percent is of the stable's share, and the others
+/// keep theirs: the stable's and the canary's weights together stay what the stable's was
+/// (every weight of the rule × 100 first, where that is needed for an exact percent).
 fn with_weights(doc: &Value, ns: &str, spec: &RolloutSpec, routing: Routing) -> Value {
     let weight = routing.weight;
     let mut doc = doc.clone();
@@ -818,13 +844,29 @@ fn with_weights(doc: &Value, ns: &str, spec: &RolloutSpec, routing: Routing) -> 
         if !bs.iter().any(|b| is_backend(b, ns, &spec.canary)) {
             let mut c = bs[stable].clone();
             c["name"] = Value::from(spec.canary.as_str());
+            c["weight"] = Value::from(0);
             bs.push(c);
         }
+        let ours = |b: &Value| is_backend(b, ns, &spec.stable) || is_backend(b, ns, &spec.canary);
+        let (stable_w, canary_w) = if bs.iter().all(ours) {
+            (100 - u64::from(weight), u64::from(weight))
+        } else {
+            let mut pool: u64 = bs.iter().filter(|b| ours(b)).map(weight_of).sum();
+            let most = bs.iter().map(weight_of).max().unwrap_or(0);
+            if !pool.is_multiple_of(100) && most * 100 <= MAX_WEIGHT {
+                for b in bs.iter_mut() {
+                    b["weight"] = Value::from(weight_of(b) * 100);
+                }
+                pool *= 100;
+            }
+            let canary = (pool * u64::from(weight) + 50) / 100;
+            (pool - canary, canary)
+        };
         for b in bs.iter_mut() {
             if is_backend(b, ns, &spec.stable) {
-                b["weight"] = Value::from(100 - weight);
+                b["weight"] = Value::from(stable_w);
             } else if is_backend(b, ns, &spec.canary) {
-                b["weight"] = Value::from(weight);
+                b["weight"] = Value::from(canary_w);
             }
         }
         let mirror = routing

@@ -3,7 +3,7 @@
 //! proxies), so that what a network between caller and callee does, or a fault a caller's
 //! proxy injects, never counts against the canary's code.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 use trellis_model::resource::RolloutAnalysis;
@@ -109,20 +109,28 @@ pub(crate) fn side(
 pub(crate) struct Routed {
     /// Requests through the rules, whichever backend they went to.
     pub(crate) requests: u64,
+    /// Of them, the share the stable backend and the canary have between them (all of
+    /// them, but for rules with other backends too), which the canary's weight divides.
+    pub(crate) pool: f64,
     /// Of those sent toward the canary's workloads (or to no endpoint at all), the failures
     /// on the way there (refused, timed out, reset, TLS, no healthy endpoint).
     pub(crate) unreached: std::collections::BTreeMap<FailureClass, u64>,
 }
 
 /// The callers' side of rules `rules` (their compiled names, `NS/ROUTE` or
-/// `NS/ROUTE.RULE`) over `w`; `canary`: the canary's workloads (`NS/NAME`).
-pub(crate) fn routed(w: &Window, rules: &HashSet<String>, canary: &HashSet<String>) -> Routed {
+/// `NS/ROUTE.RULE`, each with the share of its requests the stable and the canary have)
+/// over `w`; `canary`: the canary's workloads (`NS/NAME`).
+pub(crate) fn routed(w: &Window, rules: &HashMap<String, f64>, canary: &HashSet<String>) -> Routed {
     let mut r = Routed::default();
     for (k, c) in &w.series {
-        if k.direction != Direction::Outbound || !rules.contains(&*k.route) {
+        if k.direction != Direction::Outbound {
             continue;
         }
+        let Some(share) = rules.get(&*k.route) else {
+            continue;
+        };
         r.requests += c.requests;
+        r.pool += c.requests as f64 * share;
         let peer = &*k.peer_workload;
         let to_canary = peer.is_empty()
             || canary.contains(peer)
@@ -206,7 +214,13 @@ pub(crate) fn judge(
     // The callers sent the canary its share but it answered a small part of it: it is not
     // reached (its proxy down, its host cut off, its endpoints ejected). Without its share
     // (no traffic, or the weights not yet applied), the step holds below.
-    let sent = share.routed.requests as f64 * f64::from(share.weight) / 100.0;
+    // Copies are of every request through the rules; a weight divides the stable's share.
+    let base = if share.copies {
+        share.routed.requests as f64
+    } else {
+        share.routed.pool
+    };
+    let sent = base * f64::from(share.weight) / 100.0;
     if canary.requests < u64::from(a.min_requests)
         && sent >= f64::from(a.min_requests)
         && (canary.requests as f64) < sent * UNREACHED_FRACTION
@@ -225,14 +239,21 @@ pub(crate) fn judge(
                 how.join(", ")
             )
         };
+        let of = if base + 0.5 < share.routed.requests as f64 {
+            format!(
+                "the ~{base:.0} of the callers' {} requests that the stable and the canary share",
+                share.routed.requests
+            )
+        } else {
+            format!("the callers' {}", share.routed.requests)
+        };
         return (
             Verdict::Fail,
             format!(
-                "the canary is not reached: it answered {} requests where {} {} % of the callers' {} sent it ~{sent:.0}{how}",
+                "the canary is not reached: it answered {} requests where {} {} % of {of} sent it ~{sent:.0}{how}",
                 canary.requests,
                 if share.copies { "copies of" } else { "its weight of" },
                 share.weight,
-                share.routed.requests
             ),
         );
     }

@@ -52,6 +52,81 @@ fn a_route_gets_the_canary_beside_the_stable_backend_and_the_weights_add_up_to_1
     assert_eq!(with_weights(&other, "test", &spec(), at(5)), other);
 }
 
+#[test]
+fn in_a_rule_with_another_backend_the_canary_takes_the_stables_share_and_the_other_keeps_its_own() {
+    // Half to a legacy backend, half to the stable one (weights absent: 1 each).
+    let route = json!({
+        "kind": "HTTPRoute",
+        "spec": { "rules": [
+            { "backendRefs": [{ "name": "legacy", "port": 80 }, { "name": "catalog-v1", "port": 80 }] }
+        ] }
+    });
+    let share = |doc: &Value| {
+        let bs = doc["spec"]["rules"][0]["backendRefs"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let total: u64 = bs.iter().map(weight_of).sum();
+        bs.iter()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().to_string(),
+                    weight_of(b) as f64 / total as f64,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let five = with_weights(&route, "test", &spec(), at(5));
+    // Every weight × 100, so that 5 % of the stable's is a whole weight.
+    assert_eq!(
+        five["spec"]["rules"][0]["backendRefs"],
+        json!([
+            { "name": "legacy", "port": 80, "weight": 100 },
+            { "name": "catalog-v1", "port": 80, "weight": 95 },
+            { "name": "catalog-v2", "port": 80, "weight": 5 }
+        ])
+    );
+    assert_eq!(
+        share(&five),
+        [
+            ("legacy".into(), 0.5),
+            ("catalog-v1".into(), 0.475),
+            ("catalog-v2".into(), 0.025)
+        ]
+    );
+    // Each step, the rollback and the promotion leave the legacy backend its half.
+    for w in [25, 50, 0, 100] {
+        let d = with_weights(&five, "test", &spec(), at(w));
+        let s = share(&d);
+        assert_eq!(s[0], ("legacy".into(), 0.5), "{w}: {d}");
+        assert_eq!(s[2].1, 0.5 * f64::from(w) / 100.0, "{w}: {d}");
+        // The same step again writes nothing new.
+        assert_eq!(with_weights(&d, "test", &spec(), at(w)), d);
+    }
+    // The share the judge divides: half of the rule's requests.
+    let key = Key::new("HTTPRoute", "test", "catalog");
+    let id = NamespacedName {
+        namespace: "test".into(),
+        name: "catalog".into(),
+    };
+    let rules = weighted_rules(&[(key, five)], &id, &spec());
+    assert_eq!(rules.values().copied().collect::<Vec<_>>(), [0.5]);
+    // Weights too large to scale are rounded instead.
+    let big = json!({ "spec": { "rules": [
+        { "backendRefs": [{ "name": "legacy", "port": 80, "weight": 30000 },
+                          { "name": "catalog-v1", "port": 80, "weight": 10001 }] }
+    ] } });
+    let d = with_weights(&big, "test", &spec(), at(5));
+    assert_eq!(
+        d["spec"]["rules"][0]["backendRefs"],
+        json!([
+            { "name": "legacy", "port": 80, "weight": 30000 },
+            { "name": "catalog-v1", "port": 80, "weight": 9501 },
+            { "name": "catalog-v2", "port": 80, "weight": 500 }
+        ])
+    );
+}
+
 /// The canary at `weight` %, no copies.
 fn at(weight: u32) -> Routing {
     Routing {

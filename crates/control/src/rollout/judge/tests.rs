@@ -137,6 +137,7 @@ fn wilson_bounds() {
 fn share(weight: u32, requests: u64, unreached: u64) -> Share {
     let mut routed = Routed {
         requests,
+        pool: requests as f64,
         ..Default::default()
     };
     if unreached > 0 {
@@ -265,4 +266,42 @@ fn a_tail_is_slower_only_with_enough_slow_requests_to_show_it() {
     let (v, why) = judge(&p90, &slow(100, 1.0, 9.0, 25), &stable, &none(), true);
     assert_eq!(v, Verdict::Fail, "{why}");
     assert!(why.contains("more than the 10 % its p90 allows"), "{why}");
+}
+
+#[test]
+fn a_weight_divides_the_share_the_stable_had_not_every_request_of_the_rule() {
+    // A rule that sends half its requests to another backend: of 1,000, 500 are the
+    // stable's and the canary's, and 10 % of those (~50) the canary's. It answered 20: it
+    // is reached (10 % of all 1,000 would be 100, and 20 under a quarter of that), and a
+    // short sample holds.
+    let stable = side(450, 0, 2.0, 6.0);
+    let half = Share {
+        routed: Routed {
+            requests: 1000,
+            pool: 500.0,
+            ..Default::default()
+        },
+        ..share(10, 1000, 0)
+    };
+    let (v, why) = judge(&spec(100), &side(20, 0, 2.0, 6.0), &stable, &half, true);
+    assert_eq!(v, Verdict::Hold, "{why}");
+    assert!(why.contains("not enough traffic"), "{why}");
+    // Answering none of its ~50 is not being reached, said with the share it was sent.
+    let (v, why) = judge(&spec(20), &Side::default(), &stable, &half, true);
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(
+        why.contains("its weight of 10 % of the ~500 of the callers' 1000 requests that the stable and the canary share sent it ~50"),
+        "{why}"
+    );
+    // Copies are of every request through the rule.
+    let copies = Share {
+        copies: true,
+        ..half
+    };
+    let (v, why) = judge(&spec(20), &Side::default(), &stable, &copies, true);
+    assert_eq!(v, Verdict::Fail, "{why}");
+    assert!(
+        why.contains("copies of 10 % of the callers' 1000 sent it ~100"),
+        "{why}"
+    );
 }
