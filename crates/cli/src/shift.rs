@@ -31,7 +31,8 @@ pub(crate) struct StartArgs {
     /// the Service's routes).
     #[arg(long)]
     from: Option<String>,
-    /// The canary's percent at each step.
+    /// The canary's percent of the stable backend's traffic at each step (a rule's other
+    /// backends keep their share).
     #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
     steps: Vec<u32>,
     /// How long each step holds at least.

@@ -1289,8 +1289,9 @@ pub struct RolloutSpec {
     /// Service as a parent and the stable backend among its backends.
     #[serde(default)]
     pub routes: Vec<String>,
-    /// The canary's percent of the traffic at each step, rising; the last step passed,
-    /// the canary takes it all.
+    /// The canary's percent of the stable backend's traffic at each step, rising (in a rule
+    /// with other backends too, they keep their share); the last step passed, the canary
+    /// takes all of the stable's.
     #[serde(default = "default_steps")]
     pub steps: Vec<u32>,
     /// How long each step holds at least.
