@@ -3,7 +3,7 @@
 //! nothing depends on this command staying up; `shift status|pause|resume|abort|promote`
 //! read and move it.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use hyper::Method;
 use serde_json::Value;
 
@@ -27,8 +27,8 @@ pub(crate) struct StartArgs {
     /// The backend Service taking the traffic (the canary).
     #[arg(long)]
     to: Option<String>,
-    /// The backend Service serving it now (default: the backend with the most weight in
-    /// the Service's routes).
+    /// The backend Service serving it now, which the canary replaces (default: the one
+    /// backend with traffic in the Service's routes; with several, this is needed).
     #[arg(long)]
     from: Option<String>,
     /// The canary's percent of the stable backend's traffic at each step (a rule's other
@@ -161,10 +161,9 @@ async fn start(a: &StartArgs) -> Result<()> {
     Ok(())
 }
 
-/// The backend with the most weight in the routes whose parent is `service` (other than
-/// `canary`).
+/// The stable backend of `service`'s routes, when they name one: [`stable_of`].
 async fn stable_backend(api: &Api, ns: &str, service: &str, canary: &str) -> Result<String> {
-    let mut best: Option<(u64, String)> = None;
+    let mut routes = Vec::new();
     for kind in ["HTTPRoute", "GRPCRoute"] {
         let v = api
             .call(
@@ -173,25 +172,42 @@ async fn stable_backend(api: &Api, ns: &str, service: &str, canary: &str) -> Res
                 None,
             )
             .await?;
-        for r in v["items"].as_array().into_iter().flatten() {
-            let parents = r["spec"]["parentRefs"].as_array().into_iter().flatten();
-            if !parents.into_iter().any(|p| p["name"] == service) {
-                continue;
-            }
-            for rule in r["spec"]["rules"].as_array().into_iter().flatten() {
-                for b in rule["backendRefs"].as_array().into_iter().flatten() {
-                    let name = b["name"].as_str().unwrap_or_default();
-                    let w = b["weight"].as_u64().unwrap_or(1);
-                    if name != canary && best.as_ref().is_none_or(|(bw, _)| w > *bw) {
-                        best = Some((w, name.to_string()));
-                    }
+        if let Some(items) = v["items"].as_array() {
+            routes.extend(items.iter().cloned());
+        }
+    }
+    stable_of(&routes, service, canary).map_err(|why| anyhow::anyhow!("{why}"))
+}
+
+/// The one backend (other than `canary`) with traffic in the routes whose parent is
+/// `service`. Several: the operator names it with `--from` (taking the one with the most
+/// weight would roll an `/admin` rule's backend, or a legacy pool, over to the canary).
+fn stable_of(routes: &[Value], service: &str, canary: &str) -> Result<String, String> {
+    let mut found: Vec<&str> = Vec::new();
+    for r in routes {
+        let parents = r["spec"]["parentRefs"].as_array().into_iter().flatten();
+        if !parents.into_iter().any(|p| p["name"] == service) {
+            continue;
+        }
+        for rule in r["spec"]["rules"].as_array().into_iter().flatten() {
+            for b in rule["backendRefs"].as_array().into_iter().flatten() {
+                let name = b["name"].as_str().unwrap_or_default();
+                // A backend at weight 0 (a finished rollout's old version) gets nothing.
+                let weight = b["weight"].as_u64().unwrap_or(1);
+                if name != canary && weight > 0 && !found.contains(&name) {
+                    found.push(name);
                 }
             }
         }
     }
-    best.map(|(_, n)| n).with_context(|| {
-        format!("no HTTPRoute or GRPCRoute in namespace {ns} sends svc/{service}'s traffic to a backend: write one (the stable backend), give --from, or name the namespace (-n NS or svc/NS/NAME)")
-    })
+    match found.as_slice() {
+        [one] => Ok((*one).to_string()),
+        [] => Err(format!("no HTTPRoute or GRPCRoute sends svc/{service}'s traffic to a backend: write one (the stable backend), give --from, or name the namespace (-n NS or svc/NS/NAME)")),
+        many => Err(format!(
+            "svc/{service}'s routes send traffic to {}: name the stable backend, the one the canary replaces, with --from",
+            many.join(", ")
+        )),
+    }
 }
 
 async fn act(o: &OneArgs, action: &str) -> Result<()> {
@@ -304,7 +320,54 @@ pub(crate) fn print_status(r: &Value, now: u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::service;
+    use super::{service, stable_of};
+    use serde_json::json;
+
+    #[test]
+    fn the_stable_backend_is_the_one_backend_with_traffic_or_named_by_the_operator() {
+        let route = |parent: &str, backends: serde_json::Value| json!({ "spec": { "parentRefs": [{ "name": parent }], "rules": [{ "backendRefs": backends }] } });
+        let one = route("catalog", json!([{ "name": "catalog-v1", "port": 80 }]));
+        let other = route("search", json!([{ "name": "search-v1", "port": 80 }]));
+        assert_eq!(
+            stable_of(&[other.clone(), one.clone()], "catalog", "catalog-v2"),
+            Ok("catalog-v1".into())
+        );
+        // A finished rollout: the old version at 0, the canary of then at 100.
+        let done = route(
+            "catalog",
+            json!([{ "name": "catalog-v1", "port": 80, "weight": 0 },
+                   { "name": "catalog-v2", "port": 80, "weight": 100 }]),
+        );
+        assert_eq!(
+            stable_of(&[done], "catalog", "catalog-v3"),
+            Ok("catalog-v2".into())
+        );
+        // Rolled back: the canary at 0 is not a candidate either way.
+        let back = route(
+            "catalog",
+            json!([{ "name": "catalog-v1", "port": 80, "weight": 100 },
+                   { "name": "catalog-v2", "port": 80, "weight": 0 }]),
+        );
+        assert_eq!(
+            stable_of(&[back], "catalog", "catalog-v2"),
+            Ok("catalog-v1".into())
+        );
+        // A legacy pool beside it, or an /admin rule's backend: the operator says which.
+        let legacy = route(
+            "catalog",
+            json!([{ "name": "legacy", "port": 80, "weight": 3 }, { "name": "catalog-v1", "port": 80 }]),
+        );
+        let why = stable_of(&[legacy], "catalog", "catalog-v2").unwrap_err();
+        assert!(
+            why.contains("send traffic to legacy, catalog-v1") && why.contains("--from"),
+            "{why}"
+        );
+        let admin = route("catalog", json!([{ "name": "admin", "port": 80 }]));
+        assert!(stable_of(&[admin, one], "catalog", "catalog-v2").is_err());
+        assert!(stable_of(&[other], "catalog", "catalog-v2")
+            .unwrap_err()
+            .contains("no HTTPRoute or GRPCRoute"));
+    }
 
     #[test]
     fn a_rollout_names_its_service_as_get_does() {

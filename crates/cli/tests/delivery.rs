@@ -588,7 +588,18 @@ async fn a_rollout_in_a_rule_with_another_backend_leaves_that_backend_its_share(
         format!("{legacy}---\n{}", route("catalog", "catalog", rule)),
     )
     .await;
-    // `--from`: without it, `shift` takes the backend with the most weight for the stable.
+    // Two backends with traffic: `shift` asks which one the canary replaces.
+    let out = cli(
+        &d.cp,
+        &["shift", "svc/catalog", "--to", "catalog-v2", "-n", "test"],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && said.contains("send traffic to catalog-legacy, catalog-v1")
+            && said.contains("--from"),
+        "{said}"
+    );
     shift_to_v2(
         &d.cp,
         &["--from", "catalog-v1", "--steps", "50", "--interval", "60s"],
