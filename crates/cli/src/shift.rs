@@ -124,6 +124,18 @@ async fn start(a: &StartArgs) -> Result<()> {
         bail!("--to BACKEND: the Service to shift {target}'s traffic to");
     };
     let api = Api::new(&a.conn)?;
+    // A route naming a Service that does not exist is not served: a typo here would take
+    // the stable's traffic away (the control plane holds such a rollout unstarted, too).
+    let (status, _) = api
+        .call_raw(
+            Method::GET,
+            &format!("/api/v1/resources/Service/{}/{}", enc(ns), enc(canary)),
+            None,
+        )
+        .await?;
+    if status == hyper::StatusCode::NOT_FOUND {
+        bail!("there is no Service {ns}/{canary} to shift to: create the canary's Service first (its selector picks the new version's workloads)");
+    }
     let stable = match &a.from {
         Some(s) => s.clone(),
         None => stable_backend(&api, ns, service, canary).await?,

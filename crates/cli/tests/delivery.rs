@@ -637,6 +637,52 @@ async fn a_rollout_in_a_rule_with_another_backend_leaves_that_backend_its_share(
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_to_a_missing_canary_service_waits_and_leaves_the_route_alone() {
+    let d = delivery(Canary::Good).await;
+    // `shift` refuses a canary that is no Service.
+    let out = cli(
+        &d.cp,
+        &["shift", "svc/catalog", "--to", "catalog-v3", "-n", "test"],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("there is no Service test/catalog-v3"),
+        "{said}"
+    );
+    // A Rollout applied as it is waits, says why, and writes no route: one naming a missing
+    // Service would not be served.
+    let rollout_yaml = "apiVersion: trellis.dev/v1alpha1\nkind: Rollout\nmetadata: { name: catalog, namespace: test }\nspec: { service: catalog, stable: catalog-v1, canary: catalog-v3, steps: [5, 100], interval: 60s }\n";
+    apply_ok(&d.cp, rollout_yaml.to_string()).await;
+    let waiting = eventually(
+        "the rollout says why it waits",
+        Duration::from_secs(10),
+        async || {
+            let r = rollout(&d.cp).await;
+            let why = r["analysis"]["message"].as_str()?.to_string();
+            why.contains("not started: there is no Service test/catalog-v3")
+                .then_some(r)
+        },
+    )
+    .await;
+    assert!(waiting["phase"].is_null(), "{waiting:#}");
+    assert_eq!(weights(&d.cp).await, [("catalog-v1".into(), 1)]);
+    all_to(&d, "v1").await;
+    // The canary's Service created (over v2's workload): it starts.
+    let v3 = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog-v3, namespace: test }\nspec:\n  selector: { app: catalog, version: v2 }\n  ports: [{ name: http, port: 80, targetPort: 1, protocol: HTTP }]\n";
+    apply_ok(&d.cp, v3.to_string()).await;
+    eventually(
+        "the first step's weights",
+        Duration::from_secs(10),
+        async || {
+            (weights(&d.cp).await == [("catalog-v1".into(), 95), ("catalog-v3".into(), 5)])
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(rollout(&d.cp).await["phase"], "progressing");
+}
+
 /// Wait until `to` answers with `body` (the proxy has the weights that send there).
 async fn until_answered_by(to: std::net::SocketAddr, body: &str) {
     eventually(

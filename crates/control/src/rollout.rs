@@ -131,12 +131,18 @@ pub(crate) struct Analysis {
     message: String,
     canary: Side,
     stable: Side,
+    /// Why the rollout has not started (no step judged): shown while it is pending.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    before_start: bool,
 }
 
 impl Analysis {
     /// It judged the step `p` is at now (not a step or stage already passed or ended).
     fn judges(&self, p: &Progress) -> bool {
-        p.phase == Phase::Progressing && p.step == self.step && p.dark == self.dark
+        !self.before_start
+            && p.phase == Phase::Progressing
+            && p.step == self.step
+            && p.dark == self.dark
     }
 }
 
@@ -349,6 +355,22 @@ impl Rollouts {
     ) -> Result<(), RolloutError> {
         let (p, expect) = self.progress(id, json).await?;
         let Some(mut p) = p else {
+            if let Some(why) = waits_for(state, id, spec) {
+                self.lock_analyses().insert(
+                    id.to_string(),
+                    Analysis {
+                        at_ms: now_ms(),
+                        step: 0,
+                        dark: false,
+                        verdict: Verdict::Hold,
+                        message: why,
+                        canary: Side::default(),
+                        stable: Side::default(),
+                        before_start: true,
+                    },
+                );
+                return Ok(());
+            }
             let dark = spec.mirror.is_some();
             let mut p = Progress {
                 spec: json.clone(),
@@ -457,6 +479,7 @@ impl Rollouts {
                 ),
                 canary: Side::default(),
                 stable: Side::default(),
+                before_start: false,
             };
         }
         let window_ms = at_ms.saturating_sub(p.step_started_ms).max(1_000);
@@ -503,6 +526,7 @@ impl Rollouts {
                     message: format!("no figures: {e}"),
                     canary: Side::default(),
                     stable: Side::default(),
+                    before_start: false,
                 }
             }
         };
@@ -523,6 +547,7 @@ impl Rollouts {
             message,
             canary,
             stable,
+            before_start: false,
         }
     }
 
@@ -609,7 +634,10 @@ impl Rollouts {
                 dark: p.as_ref().is_some_and(|p| p.dark),
                 step_started_ms: p.as_ref().map_or(0, |p| p.step_started_ms),
                 reason: p.as_ref().map(|p| p.reason.clone()).unwrap_or_default(),
-                analysis: analysis.filter(|a| p.as_ref().is_some_and(|p| a.judges(p))),
+                analysis: analysis.filter(|a| match &p {
+                    Some(p) => a.judges(p),
+                    None => a.before_start,
+                }),
                 history: p.map(|p| p.history).unwrap_or_default(),
             });
         }
@@ -681,6 +709,19 @@ fn workloads_of(state: &State, id: &NamespacedName, service: &str) -> HashSet<St
         .filter(|c| c.service.namespace == id.namespace && c.service.name == service)
         .flat_map(|c| c.endpoints.iter().map(|e| e.workload.to_string()))
         .collect()
+}
+
+/// Why rollout `id` cannot start yet, if it cannot: its canary's Service is not in the mesh.
+/// The routes it would write name the canary, and a route naming a Service that does not
+/// exist is not served at all: a typo in `canary` would take the stable's traffic away.
+fn waits_for(state: &State, id: &NamespacedName, spec: &RolloutSpec) -> Option<String> {
+    let key = Key::new("Service", &id.namespace, &spec.canary);
+    (!state.catalog.entries.contains_key(&key)).then(|| {
+        format!(
+            "not started: there is no Service {}/{} (the canary); the routes would name it, and a route that names a missing Service is not served. Create it, or correct spec.canary",
+            id.namespace, spec.canary
+        )
+    })
 }
 
 /// The routes `spec` shifts: those it names, else every HTTPRoute and GRPCRoute of its

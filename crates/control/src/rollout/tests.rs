@@ -235,6 +235,7 @@ fn the_dark_stages_last_analysis_is_not_shown_as_the_first_steps() {
         message: String::new(),
         canary: Side::default(),
         stable: Side::default(),
+        before_start: false,
     };
     assert!(of_dark.judges(&progress(true, Phase::Progressing)));
     // The dark stage passed: the first step is step 0 too, but not what was judged.
@@ -245,6 +246,12 @@ fn the_dark_stages_last_analysis_is_not_shown_as_the_first_steps() {
         ..of_dark
     };
     assert!(of_first.judges(&progress(false, Phase::Progressing)));
+    // Why a rollout waits to start judges no step of it once it has started.
+    let waited = Analysis {
+        before_start: true,
+        ..of_first
+    };
+    assert!(!waited.judges(&progress(false, Phase::Progressing)));
 }
 
 #[test]
