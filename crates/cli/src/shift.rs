@@ -188,13 +188,13 @@ async fn stable_backend(api: &Api, ns: &str, service: &str, canary: &str) -> Res
             routes.extend(items.iter().cloned());
         }
     }
-    stable_of(&routes, service, canary).map_err(|why| anyhow::anyhow!("{why}"))
+    stable_of(&routes, ns, service, canary).map_err(|why| anyhow::anyhow!("{why}"))
 }
 
 /// The one backend (other than `canary`) with traffic in the routes whose parent is
 /// `service`. Several: the operator names it with `--from` (taking the one with the most
 /// weight would roll an `/admin` rule's backend, or a legacy pool, over to the canary).
-fn stable_of(routes: &[Value], service: &str, canary: &str) -> Result<String, String> {
+fn stable_of(routes: &[Value], ns: &str, service: &str, canary: &str) -> Result<String, String> {
     let mut found: Vec<&str> = Vec::new();
     for r in routes {
         let parents = r["spec"]["parentRefs"].as_array().into_iter().flatten();
@@ -214,7 +214,7 @@ fn stable_of(routes: &[Value], service: &str, canary: &str) -> Result<String, St
     }
     match found.as_slice() {
         [one] => Ok((*one).to_string()),
-        [] => Err(format!("no HTTPRoute or GRPCRoute sends svc/{service}'s traffic to a backend: write one (the stable backend), give --from, or name the namespace (-n NS or svc/NS/NAME)")),
+        [] => Err(format!("no HTTPRoute or GRPCRoute in namespace {ns} sends svc/{service}'s traffic to a backend: write one (the stable backend), give --from, or name the namespace (-n NS or svc/NS/NAME)")),
         many => Err(format!(
             "svc/{service}'s routes send traffic to {}: name the stable backend, the one the canary replaces, with --from",
             many.join(", ")
@@ -341,7 +341,12 @@ mod tests {
         let one = route("catalog", json!([{ "name": "catalog-v1", "port": 80 }]));
         let other = route("search", json!([{ "name": "search-v1", "port": 80 }]));
         assert_eq!(
-            stable_of(&[other.clone(), one.clone()], "catalog", "catalog-v2"),
+            stable_of(
+                &[other.clone(), one.clone()],
+                "shop",
+                "catalog",
+                "catalog-v2"
+            ),
             Ok("catalog-v1".into())
         );
         // A finished rollout: the old version at 0, the canary of then at 100.
@@ -351,7 +356,7 @@ mod tests {
                    { "name": "catalog-v2", "port": 80, "weight": 100 }]),
         );
         assert_eq!(
-            stable_of(&[done], "catalog", "catalog-v3"),
+            stable_of(&[done], "shop", "catalog", "catalog-v3"),
             Ok("catalog-v2".into())
         );
         // Rolled back: the canary at 0 is not a candidate either way.
@@ -361,7 +366,7 @@ mod tests {
                    { "name": "catalog-v2", "port": 80, "weight": 0 }]),
         );
         assert_eq!(
-            stable_of(&[back], "catalog", "catalog-v2"),
+            stable_of(&[back], "shop", "catalog", "catalog-v2"),
             Ok("catalog-v1".into())
         );
         // A legacy pool beside it, or an /admin rule's backend: the operator says which.
@@ -369,16 +374,16 @@ mod tests {
             "catalog",
             json!([{ "name": "legacy", "port": 80, "weight": 3 }, { "name": "catalog-v1", "port": 80 }]),
         );
-        let why = stable_of(&[legacy], "catalog", "catalog-v2").unwrap_err();
+        let why = stable_of(&[legacy], "shop", "catalog", "catalog-v2").unwrap_err();
         assert!(
             why.contains("send traffic to legacy, catalog-v1") && why.contains("--from"),
             "{why}"
         );
         let admin = route("catalog", json!([{ "name": "admin", "port": 80 }]));
-        assert!(stable_of(&[admin, one], "catalog", "catalog-v2").is_err());
-        assert!(stable_of(&[other], "catalog", "catalog-v2")
+        assert!(stable_of(&[admin, one], "shop", "catalog", "catalog-v2").is_err());
+        assert!(stable_of(&[other], "shop", "catalog", "catalog-v2")
             .unwrap_err()
-            .contains("no HTTPRoute or GRPCRoute"));
+            .contains("no HTTPRoute or GRPCRoute in namespace shop"));
     }
 
     #[test]
