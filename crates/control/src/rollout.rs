@@ -778,12 +778,8 @@ fn weighted_rules(
             {
                 continue;
             }
-            let ours = |b: &&Value| {
-                is_backend(b, &id.namespace, &spec.stable)
-                    || is_backend(b, &id.namespace, &spec.canary)
-            };
             let total: u64 = bs.iter().map(weight_of).sum();
-            let pool: u64 = bs.iter().filter(ours).map(weight_of).sum();
+            let pool = pool_of(bs, &id.namespace, spec);
             let share = if total == 0 {
                 0.0
             } else {
@@ -801,6 +797,19 @@ fn weighted_rules(
 /// A backendRef's weight as written (1 when absent, as the Gateway API says).
 fn weight_of(b: &Value) -> u64 {
     b.get("weight").map_or(1, |w| w.as_u64().unwrap_or(0))
+}
+
+/// A backend the rollout weighs: the stable one or the canary.
+fn is_ours(b: &Value, ns: &str, spec: &RolloutSpec) -> bool {
+    is_backend(b, ns, &spec.stable) || is_backend(b, ns, &spec.canary)
+}
+
+/// The weight the stable backend and the canary have between them among a rule's backends.
+fn pool_of(bs: &[Value], ns: &str, spec: &RolloutSpec) -> u64 {
+    bs.iter()
+        .filter(|b| is_ours(b, ns, spec))
+        .map(weight_of)
+        .sum()
 }
 
 /// The greatest weight a rollout writes (the Gateway API's bound): a rule's weights are
@@ -888,11 +897,10 @@ fn with_weights(doc: &Value, ns: &str, spec: &RolloutSpec, routing: Routing) -> 
             c["weight"] = Value::from(0);
             bs.push(c);
         }
-        let ours = |b: &Value| is_backend(b, ns, &spec.stable) || is_backend(b, ns, &spec.canary);
-        let (stable_w, canary_w) = if bs.iter().all(ours) {
+        let (stable_w, canary_w) = if bs.iter().all(|b| is_ours(b, ns, spec)) {
             (100 - u64::from(weight), u64::from(weight))
         } else {
-            let mut pool: u64 = bs.iter().filter(|b| ours(b)).map(weight_of).sum();
+            let mut pool = pool_of(bs, ns, spec);
             let most = bs.iter().map(weight_of).max().unwrap_or(0);
             if !pool.is_multiple_of(100) && most * 100 <= MAX_WEIGHT {
                 for b in bs.iter_mut() {

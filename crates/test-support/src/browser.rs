@@ -23,7 +23,7 @@ pub struct Browser {
     session: String,
     profile: crate::Temp,
     /// chromedriver's and chromium's `TMPDIR`: chromium makes its scoped directories there,
-    /// which a killed browser leaves behind (in `/tmp` they were left after every run).
+    /// which a killed browser can leave behind (some clean-clone CI runs left one in `/tmp`).
     _tmp: crate::Temp,
 }
 
