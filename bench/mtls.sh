@@ -134,6 +134,20 @@ declare -A PORT=([direct]=18080 [trellis-plain-1hop]=18083 [haproxy-plain-2hops]
 declare -A PROCS=([direct]="" [trellis-plain-1hop]="$PLAIN" [haproxy-plain-2hops]="$HAPA $HAPB" [trellis-mtls-2hops]="$CALLER $CALLEE" [haproxy-mtls-2hops]="$HAPA $HAPB")
 ORDER="direct trellis-plain-1hop haproxy-plain-2hops trellis-mtls-2hops haproxy-mtls-2hops"
 OUT="$W/raw.txt"; : >"$OUT"
+# Record the proxies' core (CPU 1) with `perf record ARGS…` for 3 s of the saturating load on
+# path $1, then `perf script -F $2` of it into $W/$1.txt; sets RPS (wrk's rate over the run).
+saturated_record() {
+  local t=$1 fields=$2 load
+  shift 2
+  taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
+  load=$!
+  sleep 1 # let the load settle
+  perf record -q -o "$W/$t.data" "$@" -C 1 -- sleep 3 2>/dev/null
+  wait "$load"
+  perf script -i "$W/$t.data" -F "$fields" 2>/dev/null >"$W/$t.txt"
+  RPS=$(awk '/Requests\/sec/{print $2}' "$W/$t.wrk")
+  echo "== $t: $RPS rps (wrk -c32)"
+}
 # TRACE=1: instead of the rounds, trace the proxies' core under the paced load (~2,000 rps)
 # for 1 s per mesh path (system calls and context switches, `perf record`) and print where
 # its bursts spend their time (bench/burst-phases.py; needs perf and root).
@@ -144,15 +158,8 @@ OUT="$W/raw.txt"; : >"$OUT"
 if [ -n "${PROFILE:-}" ]; then
   command -v perf >/dev/null || { echo "PROFILE=1 needs perf" >&2; exit 1; }
   for t in trellis-mtls-2hops haproxy-mtls-2hops; do
-    taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
-    LOAD=$!
-    sleep 1 # let the load settle
-    perf record -q -o "$W/$t.data" -e cpu-clock -F 10000 -C 1 -- sleep 3 2>/dev/null
-    wait "$LOAD"
-    perf script -i "$W/$t.data" -F comm,pid,period,ip,sym,dso 2>/dev/null >"$W/$t.txt"
-    rps=$(awk '/Requests\/sec/{print $2}' "$W/$t.wrk")
-    echo "== $t: $rps rps (wrk -c32)"
-    python3 bench/cpu-split.py "$W/$t.txt" "$rps" 3 ${PROFILE_TOP:-12} | sed 's/^/  /'
+    saturated_record "$t" comm,pid,period,ip,sym,dso -e cpu-clock -F 10000
+    python3 bench/cpu-split.py "$W/$t.txt" "$RPS" 3 ${PROFILE_TOP:-12} | sed 's/^/  /'
   done
   exit 0
 fi
@@ -163,15 +170,8 @@ if [ -n "${SYSCALLS:-}" ]; then
   command -v perf >/dev/null || { echo "SYSCALLS=1 needs perf" >&2; exit 1; }
   declare -A NAMED=([trellis-mtls-2hops]="caller=$CALLER callee=$CALLEE" [haproxy-mtls-2hops]="haproxy-a=$HAPA haproxy-b=$HAPB")
   for t in trellis-mtls-2hops haproxy-mtls-2hops; do
-    taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
-    LOAD=$!
-    sleep 1 # let the load settle
-    perf record -q -o "$W/$t.data" -e raw_syscalls:sys_enter -C 1 -- sleep 3 2>/dev/null
-    wait "$LOAD"
-    perf script -i "$W/$t.data" -F comm,pid,event,trace 2>/dev/null >"$W/$t.txt"
-    rps=$(awk '/Requests\/sec/{print $2}' "$W/$t.wrk")
-    echo "== $t: $rps rps (wrk -c32)"
-    python3 bench/syscall-count.py "$W/$t.txt" "$rps" 3 ${NAMED[$t]} | sed 's/^/  /'
+    saturated_record "$t" comm,pid,event,trace -e raw_syscalls:sys_enter
+    python3 bench/syscall-count.py "$W/$t.txt" "$RPS" 3 ${NAMED[$t]} | sed 's/^/  /'
   done
   exit 0
 fi
