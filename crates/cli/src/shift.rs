@@ -124,8 +124,9 @@ async fn start(a: &StartArgs) -> Result<()> {
         bail!("--to BACKEND: the Service to shift {target}'s traffic to");
     };
     let api = Api::new(&a.conn)?;
-    // A route naming a Service that does not exist is not served: a typo here would take
-    // the stable's traffic away (the control plane holds such a rollout unstarted, too).
+    // A route's share for a Service that does not exist is answered 500: a typo here would
+    // fail that share of the stable's traffic (the control plane holds such a rollout
+    // unstarted, too).
     let (status, _) = api
         .call_raw(
             Method::GET,

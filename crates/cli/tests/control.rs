@@ -281,8 +281,13 @@ async fn unresolved_references_are_stored_with_a_condition() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(out.contains("BackendNotFound"), "{out}");
     assert!(out.contains("Service test/missing not found"), "{out}");
+    // Served (Accepted), its backend's share answered 500 until the Service exists.
+    assert!(out.contains("answered 500"), "{out}");
     let table = ok(cli(&cp, &["get", "httproute", "-n", "test"]));
-    assert!(table.contains("NotAccepted,NotResolvedRefs"), "{table}");
+    assert!(
+        table.contains("NotResolvedRefs") && !table.contains("NotAccepted"),
+        "{table}"
+    );
     // Once the Service exists, the route resolves.
     apply(
         &cp,
@@ -305,6 +310,91 @@ async fn unresolved_references_are_stored_with_a_condition() {
         err.contains("authz.yaml:8") && err.contains("identities[0]"),
         "{err}"
     );
+}
+
+/// One backend's Service deleted from under a route: the route keeps serving its other
+/// backend, and the deleted one's share is answered 500 saying why (the Gateway API's rule),
+/// where the whole route was withdrawn before (every request failed). A mirror to a deleted
+/// Service is left out of the route, where before every proxy refused every update after it.
+#[tokio::test]
+async fn a_route_keeps_serving_when_one_of_its_backends_or_its_mirror_is_deleted() {
+    let (a, b, c) = (
+        upstream::named("a").await,
+        upstream::named("b").await,
+        upstream::named("c").await,
+    );
+    let cp = ControlProcess::start(BIN, &[]);
+    let split = docs(&[
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: front, namespace: test }\nspec:\n  selector: { app: nothing }\n  ports: [{ name: main, port: 80 }]\n".into(),
+        route(
+            "front",
+            "front",
+            "    - filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: svc-c, port: 80 } } }]\n      backendRefs: [{ name: svc-a, port: 80 }, { name: svc-b, port: 80 }]\n",
+        ),
+    ]);
+    apply(
+        &cp,
+        &docs(&[two_backends(a, b), service("svc-c", "HTTP", &[c]), split]),
+    );
+    let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    p.wait_ready().await;
+    wait_answer(&p, "a").await;
+    wait_answer(&p, "b").await;
+
+    ok(cli(&cp, &["delete", "service", "svc-b", "-n", "test"]));
+    ok(cli(&cp, &["delete", "service", "svc-c", "-n", "test"]));
+    let why = "backend test/svc-b:80 does not resolve: Service test/svc-b not found";
+    eventually(
+        "svc-b's share answered 500",
+        Duration::from_secs(10),
+        async || {
+            let r = client::get_full(p.outbound, "front.test", "/", &[])
+                .await
+                .ok()?;
+            (r.status == 500 && String::from_utf8_lossy(&r.body).contains(why)).then_some(())
+        },
+    )
+    .await;
+    // Every answer now is a's, or the proxy's 500 for svc-b's share: about half each.
+    let mut seen = (0, 0);
+    for _ in 0..40 {
+        let r = client::get_full(p.outbound, "front.test", "/", &[])
+            .await
+            .unwrap();
+        match (r.status.as_u16(), &r.body[..]) {
+            (200, b"a") => seen.0 += 1,
+            (500, _) => {
+                assert_eq!(r.headers["x-trellis-failure"], "no_route");
+                seen.1 += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(seen.0 > 0 && seen.1 > 0, "{seen:?}");
+    // The proxy took both changes (the mirror's too): nothing refused.
+    let st = ok(cli(&cp, &["status"]));
+    assert!(st.contains("SYNCED") && !st.contains("NACKED"), "{st}");
+    let out = ok(cli(&cp, &["describe", "httproute", "front", "-n", "test"]));
+    assert!(
+        out.contains("answered 500")
+            && out.contains("spec.rules[0].backendRefs[1]: Service test/svc-b not found")
+            && out.contains("requestMirror.backendRef: Service test/svc-c not found"),
+        "{out}"
+    );
+    // The Service back: both backends answer again.
+    apply(&cp, &service("svc-b", "HTTP", &[b]));
+    eventually("only a and b answer", Duration::from_secs(10), async || {
+        for _ in 0..20 {
+            let r = client::get_full(p.outbound, "front.test", "/", &[])
+                .await
+                .ok()?;
+            if r.status != 200 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -650,8 +650,8 @@ async fn a_rollout_to_a_missing_canary_service_waits_and_leaves_the_route_alone(
         !out.status.success() && said.contains("there is no Service test/catalog-v3"),
         "{said}"
     );
-    // A Rollout applied as it is waits, says why, and writes no route: one naming a missing
-    // Service would not be served.
+    // A Rollout applied as it is waits, says why, and writes no route: the share a route
+    // sent a missing Service would be answered 500.
     let rollout_yaml = "apiVersion: trellis.dev/v1alpha1\nkind: Rollout\nmetadata: { name: catalog, namespace: test }\nspec: { service: catalog, stable: catalog-v1, canary: catalog-v3, steps: [5, 100], interval: 60s }\n";
     apply_ok(&d.cp, rollout_yaml.to_string()).await;
     let waiting = eventually(
@@ -681,6 +681,34 @@ async fn a_rollout_to_a_missing_canary_service_waits_and_leaves_the_route_alone(
     )
     .await;
     assert_eq!(rollout(&d.cp).await["phase"], "progressing");
+}
+
+/// The canary's Service deleted while its rollout runs: the routes still name it (its share
+/// is answered 500 by the callers' proxies, the rest served), and the rollout fails at its
+/// next look and rolls back, so the stable takes every request again. Before, it held to the
+/// end of its step (60 s here), judging a canary with no workloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_whose_canary_service_is_deleted_rolls_back_at_once() {
+    let d = delivery(Canary::Good).await;
+    // A long step: only the deletion can end it.
+    to_v2(&d.cp, "50", "60s", None);
+    until_answered_by(d.caller.outbound, "v2").await;
+    let out = ok(cli(
+        &d.cp,
+        &["delete", "service", "catalog-v2", "-n", "test"],
+    ));
+    assert!(out.contains("deleted"), "{out}");
+    let back = phase(&d.cp, "rolledBack", Duration::from_secs(20)).await;
+    let reason = back["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the canary's Service test/catalog-v2 is gone"),
+        "{reason}"
+    );
+    assert_eq!(
+        weights(&d.cp).await,
+        [("catalog-v1".into(), 100), ("catalog-v2".into(), 0)]
+    );
+    all_to(&d, "v1").await;
 }
 
 /// Wait until `to` answers with `body` (the proxy has the weights that send there).

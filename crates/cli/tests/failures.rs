@@ -114,11 +114,20 @@ async fn grpc_callers_get_trailers_only_status() {
         service("down", "GRPC", &[closed]),
         service("slow", "GRPC", &[hang]),
         route("slow", "slow", "    - timeouts: { request: 200ms }\n"),
+        // A backend as the control plane serves one whose Service is gone: UNAVAILABLE, as
+        // the Gateway API asks of a GRPCRoute (an HTTP caller gets 500).
+        service("gone", "GRPC", &[]),
+        route(
+            "gone",
+            "gone",
+            "    - backendRefs: [{ name: nothing, port: 80, unresolved: Service test/nothing not found }]\n",
+        ),
         client_workload(&[]),
     ]);
     let p = start(&cfg);
     for (host, code, class) in [
         ("down.test", tonic::Code::Unavailable, "connect_refused"),
+        ("gone.test", tonic::Code::Unavailable, "no_route"),
         (
             "slow.test",
             tonic::Code::DeadlineExceeded,

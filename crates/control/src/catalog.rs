@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc};
 use serde::Serialize;
 use serde_json::Value;
 use trellis_model::{
-    refs::{resolve, Unresolved},
+    refs::{resolve, Partial, Unresolved},
     resource::{NamespacedName, Spec},
     scope::ScopeIndex,
     ConfigError, ProxyConfig, Resource,
@@ -498,24 +498,13 @@ pub(crate) fn effective(entries: &Entries) -> (Vec<Served<'_>>, HashMap<Key, Vec
                     .map(|p| format!("{}: {}", p.field, p.message))
                     .collect::<Vec<_>>()
                     .join("; ");
-                let partial = ps.iter().all(|p| p.upstream.is_some());
-                conditions.insert(Key::clone(key), unresolved(message, partial));
+                let partial = ps.iter().all(|p| p.partial.is_some());
+                conditions.insert(
+                    Key::clone(key),
+                    unresolved(message, partial.then(|| served_without(&ps))),
+                );
                 if partial {
-                    // Keep the workload (it is an endpoint); drop only its dangling upstreams.
-                    let mut doc = e.object.doc();
-                    let mut r = Resource::clone(r);
-                    let mut drop_idx: Vec<usize> = ps.iter().filter_map(|p| p.upstream).collect();
-                    drop_idx.sort_unstable();
-                    if let (Spec::Workload(w), Some(Value::Array(ups))) =
-                        (&mut r.spec, doc.pointer_mut("/spec/upstreams"))
-                    {
-                        for &j in drop_idx.iter().rev() {
-                            w.upstreams.remove(j);
-                            if j < ups.len() {
-                                ups.remove(j);
-                            }
-                        }
-                    }
+                    let (r, doc) = serve_partly(r, e.object.doc(), &ps);
                     let yaml = serde_saphyr::to_string(&doc).unwrap_or_default();
                     let version = content_version(&yaml);
                     out.push((key, Arc::new(r), yaml.into(), version, e.name.clone()));
@@ -543,7 +532,101 @@ fn resolved_ok() -> Vec<Condition> {
     ]
 }
 
-fn unresolved(message: String, partial: bool) -> Vec<Condition> {
+/// `r` as served while the parts `ps` name do not resolve (each has a [`Partial`]), and its
+/// document to match: a Workload without those upstreams, a route with those backends
+/// marked `unresolved` (their share is answered 500) and without those mirrors.
+fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, Value) {
+    let mut r = Resource::clone(r);
+    let mut upstreams = Vec::new();
+    let mut mirrors = Vec::new();
+    for p in ps {
+        match p.partial {
+            Some(Partial::Upstream(j)) => upstreams.push(j),
+            Some(Partial::Mirror { rule, filter }) => mirrors.push((rule, filter)),
+            Some(Partial::Backend { rule, backend }) => {
+                if let Some(b) = rule_parts(&mut r.spec, rule).and_then(|(b, _)| b.get_mut(backend))
+                {
+                    b.unresolved = Some(p.message.clone());
+                }
+                let at = format!("/spec/rules/{rule}/backendRefs/{backend}");
+                if let Some(Value::Object(b)) = doc.pointer_mut(&at) {
+                    b.insert("unresolved".into(), Value::String(p.message.clone()));
+                }
+            }
+            None => {}
+        }
+    }
+    // Removed from the last, so that the indices of those before stay right.
+    upstreams.sort_unstable();
+    for &j in upstreams.iter().rev() {
+        if let Spec::Workload(w) = &mut r.spec {
+            if j < w.upstreams.len() {
+                w.upstreams.remove(j);
+            }
+        }
+        if let Some(Value::Array(ups)) = doc.pointer_mut("/spec/upstreams") {
+            if j < ups.len() {
+                ups.remove(j);
+            }
+        }
+    }
+    mirrors.sort_unstable();
+    for &(rule, filter) in mirrors.iter().rev() {
+        if let Some((_, filters)) = rule_parts(&mut r.spec, rule) {
+            if filter < filters.len() {
+                filters.remove(filter);
+            }
+        }
+        if let Some(Value::Array(fs)) = doc.pointer_mut(&format!("/spec/rules/{rule}/filters")) {
+            if filter < fs.len() {
+                fs.remove(filter);
+            }
+        }
+    }
+    (r, doc)
+}
+
+/// A route's rule `i`: its backends and its filters.
+fn rule_parts(
+    spec: &mut Spec,
+    i: usize,
+) -> Option<(
+    &mut Vec<trellis_model::resource::BackendRef>,
+    &mut Vec<trellis_model::resource::RouteFilter>,
+)> {
+    match spec {
+        Spec::HttpRoute(h) => h
+            .rules
+            .get_mut(i)
+            .map(|x| (&mut x.backend_refs, &mut x.filters)),
+        Spec::GrpcRoute(g) => g
+            .rules
+            .get_mut(i)
+            .map(|x| (&mut x.backend_refs, &mut x.filters)),
+        _ => None,
+    }
+}
+
+/// What a resource served in part goes without, for its `Accepted` condition.
+fn served_without(ps: &[Unresolved]) -> String {
+    let has = |f: fn(&Partial) -> bool| ps.iter().any(|p| p.partial.as_ref().is_some_and(f));
+    let mut parts = Vec::new();
+    if has(|p| matches!(p, Partial::Upstream(_))) {
+        parts.push("served without its unresolved upstreams");
+    }
+    if has(|p| matches!(p, Partial::Backend { .. })) {
+        parts.push("served; the requests its rules send to an unresolved backend are answered 500");
+    }
+    if has(|p| matches!(p, Partial::Mirror { .. })) {
+        parts.push("served without its mirrors to unresolved backends");
+    }
+    parts.join("; ")
+}
+
+/// The conditions of a resource with references that do not resolve: served in part (with
+/// what it goes without), or not served.
+fn unresolved(message: String, served: Option<String>) -> Vec<Condition> {
+    let partial = served.is_some();
     vec![
         Condition {
             kind: "Accepted",
@@ -553,11 +636,7 @@ fn unresolved(message: String, partial: bool) -> Vec<Condition> {
             } else {
                 "BackendNotFound"
             },
-            message: if partial {
-                "served without its unresolved upstreams".into()
-            } else {
-                "not served until its references resolve".into()
-            },
+            message: served.unwrap_or_else(|| "not served until its references resolve".into()),
         },
         Condition {
             kind: "ResolvedRefs",
@@ -899,6 +978,120 @@ mod tests {
         assert!(s.is(&deep));
     }
 
+    /// A route with a backend or a mirror that does not resolve is served (its backend
+    /// marked, its mirror left out) and says so; one whose parent does not resolve is not
+    /// served. Before, the first was withdrawn whole and the second failed the translation
+    /// of every proxy's set (each refused every update after it).
+    #[test]
+    fn a_route_is_served_without_what_does_not_resolve_but_its_parent() {
+        let mesh = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: a, namespace: t }
+spec: { selector: { app: a }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: split, namespace: t }
+spec:
+  parentRefs: [{ name: a, kind: Service }]
+  rules:
+    - matches: [{ path: { type: PathPrefix, value: /copy } }]
+      filters:
+        - type: RequestMirror
+          requestMirror: { backendRef: { name: shadow, port: 80 } }
+        - type: RequestHeaderModifier
+          requestHeaderModifier: { set: [{ name: x-kept, value: "1" }] }
+      backendRefs: [{ name: a, port: 80 }]
+    - backendRefs: [{ name: a, port: 80, weight: 3 }, { name: gone, port: 80 }, { name: a, port: 81 }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: orphan, namespace: t }
+spec:
+  parentRefs: [{ name: nothing, kind: Service }]
+  rules: [{ backendRefs: [{ name: a, port: 80 }] }]
+"#;
+        let events = trellis_model::parse_values("t.yaml", mesh)
+            .unwrap()
+            .into_iter()
+            .map(|doc: Value| {
+                let key = Key::new(
+                    doc["kind"].as_str().unwrap(),
+                    "t",
+                    doc["metadata"]["name"].as_str().unwrap(),
+                );
+                Event::Put(Object {
+                    key,
+                    version: 1,
+                    doc,
+                })
+            })
+            .collect();
+        let mut c = Catalog::default();
+        c.apply(Change {
+            revision: 1,
+            events,
+        });
+        let compiled = c.compile();
+        let split = &compiled.conditions[&Key::new("HTTPRoute", "t", "split")];
+        let brief: Vec<_> = split.iter().map(|c| (c.kind, c.status, c.reason)).collect();
+        assert_eq!(
+            brief,
+            [
+                ("Accepted", "True", "Accepted"),
+                ("ResolvedRefs", "False", "BackendNotFound")
+            ]
+        );
+        assert_eq!(
+            split[1].message,
+            "spec.rules[0].filters[0].requestMirror.backendRef: Service t/shadow not found; spec.rules[1].backendRefs[1]: Service t/gone not found; spec.rules[1].backendRefs[2]: Service t/a has no port 81"
+        );
+        assert!(
+            split[0].message.contains("answered 500") && split[0].message.contains("mirrors"),
+            "{}",
+            split[0].message
+        );
+        let orphan = &compiled.conditions[&Key::new("HTTPRoute", "t", "orphan")];
+        assert_eq!(
+            (orphan[0].status, orphan[0].reason),
+            ("False", "BackendNotFound")
+        );
+        assert!(!compiled.docs.contains_key("HTTPRoute/t/orphan"));
+        // What proxies get: the same document marked, which translates as it is.
+        let served: Value =
+            serde_saphyr::from_str(&compiled.docs["HTTPRoute/t/split"].yaml).unwrap();
+        assert_eq!(
+            served["spec"]["rules"][0]["filters"],
+            json!([{ "type": "RequestHeaderModifier", "requestHeaderModifier": { "set": [{ "name": "x-kept", "value": "1" }] } }])
+        );
+        assert_eq!(
+            served["spec"]["rules"][1]["backendRefs"],
+            json!([
+                { "name": "a", "port": 80, "weight": 3 },
+                { "name": "gone", "port": 80, "unresolved": "Service t/gone not found" },
+                { "name": "a", "port": 81, "unresolved": "Service t/a has no port 81" },
+            ])
+        );
+        let mesh = compiled.mesh().as_ref().expect("the served set translates");
+        let port = &mesh.services[&"t/a".parse().unwrap()].ports[0];
+        let copy = &port.routes[0];
+        assert!(copy.mirrors.is_empty() && copy.request_headers.set.len() == 1);
+        let weights: Vec<_> = port.routes[1]
+            .backends
+            .iter()
+            .map(|b| (b.cluster.as_str(), b.weight, b.unresolved.is_some()))
+            .collect();
+        assert_eq!(
+            weights,
+            [
+                ("t/a:80", 3, false),
+                ("t/gone:80", 1, true),
+                ("t/a:81", 1, true)
+            ]
+        );
+    }
+
     /// Everything proxies and the API read of a compiled state, to compare two.
     fn seen(c: &Compiled) -> String {
         let docs: Vec<_> = c
@@ -936,7 +1129,7 @@ kind: Service
 metadata: { name: b, namespace: t }
 spec: { selector: { app: b }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
 ---
-apiVersion: trellis.dev/v1alpha1
+apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: { name: split, namespace: t }
 spec:

@@ -53,7 +53,9 @@ use trellis_xds::{
                         header_matcher::HeaderMatchSpecifier,
                         query_parameter_matcher::QueryParameterMatchSpecifier,
                         route,
-                        route_action::{ClusterSpecifier, RequestMirrorPolicy},
+                        route_action::{
+                            ClusterNotFoundResponseCode, ClusterSpecifier, RequestMirrorPolicy,
+                        },
                         route_match::PathSpecifier,
                         weighted_cluster::ClusterWeight,
                         HeaderMatcher, QueryParameterMatcher, Route, RouteAction,
@@ -429,8 +431,16 @@ fn route_action(r: &RouteConfig) -> RouteAction {
             ..Default::default()
         })
     };
+    // A backend that does not resolve has no cluster: Envoy's answer for its share is 503 by
+    // default, and the Gateway API asks for 500.
+    let cluster_not_found_response_code = if r.backends.iter().any(|b| b.unresolved.is_some()) {
+        ClusterNotFoundResponseCode::InternalServerError as i32
+    } else {
+        ClusterNotFoundResponseCode::ServiceUnavailable as i32
+    };
     RouteAction {
         cluster_specifier: Some(cluster_specifier),
+        cluster_not_found_response_code,
         request_mirror_policies: r
             .mirrors
             .iter()

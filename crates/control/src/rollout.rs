@@ -482,6 +482,23 @@ impl Rollouts {
                 before_start: false,
             };
         }
+        if canary_missing(state, id, spec) {
+            // Its routes still name it, and their share for it is answered 500: no window
+            // of figures is needed to fail the step.
+            return Analysis {
+                at_ms,
+                step: p.step,
+                dark: p.dark,
+                verdict: Verdict::Fail,
+                message: format!(
+                    "the canary's Service {}/{} is gone: the requests the routes send it are answered 500",
+                    id.namespace, spec.canary
+                ),
+                canary: Side::default(),
+                stable: Side::default(),
+                before_start: false,
+            };
+        }
         let window_ms = at_ms.saturating_sub(p.step_started_ms).max(1_000);
         let others = match &self.replicas {
             Some(r) => {
@@ -712,16 +729,23 @@ fn workloads_of(state: &State, id: &NamespacedName, service: &str) -> HashSet<St
 }
 
 /// Why rollout `id` cannot start yet, if it cannot: its canary's Service is not in the mesh.
-/// The routes it would write name the canary, and a route naming a Service that does not
-/// exist is not served at all: a typo in `canary` would take the stable's traffic away.
+/// The routes it would write name the canary, and the share of a backend that does not
+/// resolve is answered 500: a typo in `canary` would fail that share of the requests.
 fn waits_for(state: &State, id: &NamespacedName, spec: &RolloutSpec) -> Option<String> {
-    let key = Key::new("Service", &id.namespace, &spec.canary);
-    (!state.catalog.entries.contains_key(&key)).then(|| {
+    canary_missing(state, id, spec).then(|| {
         format!(
-            "not started: there is no Service {}/{} (the canary); the routes would name it, and a route that names a missing Service is not served. Create it, or correct spec.canary",
+            "not started: there is no Service {}/{} (the canary); the routes would name it, and the requests they sent it would be answered 500. Create it, or correct spec.canary",
             id.namespace, spec.canary
         )
     })
+}
+
+/// Whether the canary's Service is missing from the store.
+fn canary_missing(state: &State, id: &NamespacedName, spec: &RolloutSpec) -> bool {
+    !state
+        .catalog
+        .entries
+        .contains_key(&Key::new("Service", &id.namespace, &spec.canary))
 }
 
 /// The routes `spec` shifts: those it names, else every HTTPRoute and GRPCRoute of its

@@ -15,7 +15,11 @@ use trellis_xds::{
             core::v3::config_source::ConfigSourceSpecifier,
             endpoint::v3::{lb_endpoint::HostIdentifier, ClusterLoadAssignment},
             listener::{self, v3::Listener},
-            route::v3::{route::Action, route_action::ClusterSpecifier, RouteConfiguration},
+            route::v3::{
+                route::Action,
+                route_action::{ClusterNotFoundResponseCode, ClusterSpecifier},
+                RouteConfiguration,
+            },
         },
         extensions::{
             filters::network::{
@@ -267,6 +271,30 @@ async fn a_proxyless_grpc_client_gets_a27_resources() {
     let cla = ClusterLoadAssignment::decode(pushed.resources[0].value.as_slice()).unwrap();
     let n: usize = cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum();
     assert_eq!(n, 1);
+
+    // The canary's Service deleted: the route stays, with both weights, and the share of the
+    // backend with no cluster is answered 500 (the Gateway API's rule; Envoy's default 503).
+    assert_eq!(ra.cluster_not_found_response_code, 0);
+    cp.call(
+        http::Method::DELETE,
+        "/api/v1/resources/service/shop/catalog-v2",
+        "",
+    )
+    .await;
+    let pushed = next_of(&mut inbound, ROUTE_TYPE).await;
+    let rc = RouteConfiguration::decode(pushed.resources[0].value.as_slice()).unwrap();
+    let Some(Action::Route(ra)) = &rc.virtual_hosts[0].routes[0].action else {
+        panic!("route action")
+    };
+    let Some(ClusterSpecifier::WeightedClusters(wc)) = &ra.cluster_specifier else {
+        panic!("weighted clusters: {ra:?}")
+    };
+    let names: Vec<&str> = wc.clusters.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["shop/catalog:80", "shop/catalog-v2:80"]);
+    assert_eq!(
+        ra.cluster_not_found_response_code,
+        ClusterNotFoundResponseCode::InternalServerError as i32
+    );
 }
 
 const SIDECAR: &str = r#"

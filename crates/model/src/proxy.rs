@@ -228,6 +228,10 @@ pub struct WeightedCluster {
     pub cluster: String,
     /// Weight.
     pub weight: u32,
+    /// The backend does not resolve (no such Service or port): why. The proxy answers the
+    /// requests it picks this backend for with 500, naming the reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<Arc<str>>,
 }
 
 /// Header edits.

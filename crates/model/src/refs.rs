@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::{
     resource::{
         AuthorizationPolicySpec, BackendPolicySpec, NamespacedName, PeerAuthenticationSpec,
-        Resource, Spec,
+        Resource, RouteFilter, Spec,
     },
     translate::parse_authority_name,
 };
@@ -23,9 +23,31 @@ pub struct Unresolved {
     pub field: String,
     /// What is missing.
     pub message: String,
-    /// For a Workload, the index of the upstream that can be dropped; `None` when the whole
-    /// resource must be left out.
-    pub upstream: Option<usize>,
+    /// The part the control plane can serve the resource without (or mark); `None` when
+    /// the whole resource must be left out.
+    pub partial: Option<Partial>,
+}
+
+/// A part of a resource that can fail to resolve without the whole resource being withdrawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partial {
+    /// A Workload's upstream, by index: dropped (the workload is still an endpoint).
+    Upstream(usize),
+    /// A route's backend: kept, marked `unresolved`, so that the proxy answers its share of
+    /// the requests 500 (the Gateway API's rule) and the route's other backends are served.
+    Backend {
+        /// Index of the rule.
+        rule: usize,
+        /// Index of the backend in the rule.
+        backend: usize,
+    },
+    /// A route's mirror filter, by rule and filter index: dropped (a copy is not an answer).
+    Mirror {
+        /// Index of the rule.
+        rule: usize,
+        /// Index of the filter in the rule.
+        filter: usize,
+    },
 }
 
 /// Every reference among `resources` that names a missing Service or Service port.
@@ -66,24 +88,30 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
         };
         // The field's path is written only for a reference that does not resolve (most do).
         let mut push =
-            |field: &dyn Fn() -> String, message: Option<String>, upstream: Option<usize>| {
+            |field: &dyn Fn() -> String, message: Option<String>, partial: Option<Partial>| {
                 if let Some(message) = message {
                     out.push(Unresolved {
                         index,
                         field: field(),
                         message,
-                        upstream,
+                        partial,
                     });
                 }
             };
         let routes = match &r.spec {
             Spec::HttpRoute(h) => Some((
                 &h.parent_refs,
-                h.rules.iter().map(|r| &r.backend_refs).collect::<Vec<_>>(),
+                h.rules
+                    .iter()
+                    .map(|r| (&r.backend_refs, &r.filters))
+                    .collect::<Vec<_>>(),
             )),
             Spec::GrpcRoute(g) => Some((
                 &g.parent_refs,
-                g.rules.iter().map(|r| &r.backend_refs).collect(),
+                g.rules
+                    .iter()
+                    .map(|r| (&r.backend_refs, &r.filters))
+                    .collect(),
             )),
             _ => None,
         };
@@ -96,14 +124,30 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                     None,
                 );
             }
-            for (ri, backends) in rules.iter().enumerate() {
+            for (ri, (backends, filters)) in rules.iter().enumerate() {
                 for (bi, b) in backends.iter().enumerate() {
                     let target = id(&b.name.value, &b.namespace);
                     push(
                         &|| format!("spec.rules[{ri}].backendRefs[{bi}]"),
                         check(&b.kind, &target, Some(b.port)),
-                        None,
+                        Some(Partial::Backend {
+                            rule: ri,
+                            backend: bi,
+                        }),
                     );
+                }
+                for (fi, f) in filters.iter().enumerate() {
+                    if let RouteFilter::RequestMirror { mirror } = f {
+                        let b = &mirror.backend_ref;
+                        push(
+                            &|| format!("spec.rules[{ri}].filters[{fi}].requestMirror.backendRef"),
+                            check(&b.kind, &id(&b.name.value, &b.namespace), Some(b.port)),
+                            Some(Partial::Mirror {
+                                rule: ri,
+                                filter: fi,
+                            }),
+                        );
+                    }
                 }
             }
         }
@@ -157,7 +201,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                     push(
                         &|| format!("spec.upstreams[{i}]"),
                         check("Service", &target, Some(u.port)),
-                        Some(i),
+                        Some(Partial::Upstream(i)),
                     );
                 }
             }
@@ -186,6 +230,11 @@ spec:
   parentRefs: [{ name: a, port: 80 }]
   rules:
     - backendRefs: [{ name: a, port: 80 }, { name: b, port: 80 }, { name: a, port: 81 }]
+    - matches: [{ path: { type: PathPrefix, value: /copy } }]
+      filters:
+        - type: RequestMirror
+          requestMirror: { backendRef: { name: shadow, port: 80 } }
+      backendRefs: [{ name: a, port: 80 }]
 ---
 apiVersion: trellis.dev/v1alpha1
 kind: Workload
@@ -202,9 +251,9 @@ metadata: { name: p, namespace: shop }
 spec: { targetRefs: [{ name: a }] }
 "#;
         let rs = crate::parse_documents("t.yaml", text).unwrap();
-        let got: Vec<(usize, String, String, Option<usize>)> = resolve(&rs)
+        let got: Vec<(usize, String, String, Option<Partial>)> = resolve(&rs)
             .into_iter()
-            .map(|u| (u.index, u.field, u.message, u.upstream))
+            .map(|u| (u.index, u.field, u.message, u.partial))
             .collect();
         assert_eq!(
             got,
@@ -213,19 +262,31 @@ spec: { targetRefs: [{ name: a }] }
                     1,
                     "spec.rules[0].backendRefs[1]".into(),
                     "Service shop/b not found".into(),
-                    None
+                    Some(Partial::Backend {
+                        rule: 0,
+                        backend: 1
+                    })
                 ),
                 (
                     1,
                     "spec.rules[0].backendRefs[2]".into(),
                     "Service shop/a has no port 81".into(),
-                    None
+                    Some(Partial::Backend {
+                        rule: 0,
+                        backend: 2
+                    })
+                ),
+                (
+                    1,
+                    "spec.rules[1].filters[0].requestMirror.backendRef".into(),
+                    "Service shop/shadow not found".into(),
+                    Some(Partial::Mirror { rule: 1, filter: 0 })
                 ),
                 (
                     2,
                     "spec.upstreams[1]".into(),
                     "Service shop/gone not found".into(),
-                    Some(1)
+                    Some(Partial::Upstream(1))
                 ),
             ]
         );

@@ -711,6 +711,12 @@ pub struct BackendRef {
     /// Weight (default 1).
     #[serde(default = "one", deserialize_with = "crate::value::num::count")]
     pub weight: u32,
+    /// Written by the control plane, never by a user (its API refuses it): why this
+    /// reference does not resolve. The route is served, and the requests its weight would
+    /// send here are answered 500 by the proxy (the Gateway API's rule for an invalid
+    /// backend), instead of the whole route being withdrawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<String>,
 }
 
 fn one() -> u32 {

@@ -599,6 +599,7 @@ fn default_route(id: &NamespacedName, port: u16) -> RouteConfig {
         backends: vec![WeightedCluster {
             cluster: cluster_key(id, port),
             weight: 1,
+            unresolved: None,
         }],
         request_headers: HeaderEdits::default(),
         response_headers: HeaderEdits::default(),
@@ -826,6 +827,14 @@ fn rule_config(
     for (bi, b) in rule.backend_refs.iter().enumerate() {
         let line = b.name.referenced.line();
         let id = ref_id(&b.namespace, &b.name.value, &res.metadata.namespace);
+        if let Some(why) = &b.unresolved {
+            backends.push(WeightedCluster {
+                cluster: cluster_key(&id, b.port),
+                weight: b.weight,
+                unresolved: Some(why.as_str().into()),
+            });
+            continue;
+        }
         let f = field(&format!("backendRefs[{bi}].name"));
         let Some((_, svc)) = ix.services.get(&id).filter(|_| b.kind == "Service") else {
             return Err(ConfigError::invalid(
@@ -847,12 +856,14 @@ fn rule_config(
         backends.push(WeightedCluster {
             cluster: cluster_key(&id, b.port),
             weight: b.weight,
+            unresolved: None,
         });
     }
     if backends.is_empty() {
         backends.push(WeightedCluster {
             cluster: cluster_key(parent, port),
             weight: 1,
+            unresolved: None,
         });
     }
     if backends.iter().all(|b| b.weight == 0) {
@@ -1669,8 +1680,34 @@ pub fn check_standalone(file: &str, r: &Resource) -> Result<()> {
         Spec::TrustBundle(b) => check_bundle(file, r, b),
         Spec::RateLimitPolicy(p) => rate_limit(file, r, p).map(drop),
         Spec::Rollout(p) => rollout(file, r, p),
+        Spec::HttpRoute(h) => no_unresolved(file, r, h.rules.iter().map(|x| &x.backend_refs)),
+        Spec::GrpcRoute(g) => no_unresolved(file, r, g.rules.iter().map(|x| &x.backend_refs)),
         _ => Ok(()),
     }
+}
+
+/// A backend's `unresolved` is the control plane's to write (see [`crate::refs`]): one in
+/// an applied route would answer its share of the requests 500 whatever the Service.
+fn no_unresolved<'a>(
+    file: &str,
+    r: &Resource,
+    rules: impl Iterator<Item = &'a Vec<crate::resource::BackendRef>>,
+) -> Result<()> {
+    for (ri, backends) in rules.enumerate() {
+        if let Some(bi) = backends.iter().position(|b| b.unresolved.is_some()) {
+            return Err(ConfigError::invalid(
+                file,
+                backends[bi].name.referenced.line(),
+                format!(
+                    "{} {}: spec.rules[{ri}].backendRefs[{bi}].unresolved",
+                    r.kind(),
+                    r.id()
+                ),
+                "written by the control plane for a backend that does not resolve; leave it out",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

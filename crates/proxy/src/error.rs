@@ -28,6 +28,9 @@ pub(crate) enum Kind {
     ClientGone,
     /// No service or route for the request.
     NoRoute,
+    /// The route picked a backend that does not resolve (no such Service or port): answered
+    /// 500, or UNAVAILABLE for gRPC, as the Gateway API asks for its share of the requests.
+    UnresolvedBackend,
     /// An authorization policy refused it.
     Denied,
     /// Plaintext to a port that requires mutual TLS.
@@ -120,6 +123,7 @@ impl Error {
         };
         let status = match kind {
             Kind::Injected { status, .. } => Some(status),
+            Kind::UnresolvedBackend => Some(500),
             _ => None,
         };
         Self {
@@ -213,7 +217,7 @@ pub(crate) fn classify(kind: Kind, cause: Option<&(dyn StdError + 'static)>) -> 
     match kind {
         Kind::BadRequest | Kind::HeadTimeout => F::ClientError,
         Kind::ClientGone => F::ClientDisconnect,
-        Kind::NoRoute => F::NoRoute,
+        Kind::NoRoute | Kind::UnresolvedBackend => F::NoRoute,
         Kind::Denied | Kind::PlaintextRefused => F::Denied,
         Kind::InboundTls | Kind::Tls | Kind::NoIdentity => F::TlsError,
         Kind::Overloaded => F::Overloaded,

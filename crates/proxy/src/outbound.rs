@@ -107,6 +107,13 @@ pub(crate) fn route<'a>(
     };
     rec.route = r.name.clone().into();
     let backend = route::pick_backend(&r.backends);
+    if let Some(why) = &backend.unresolved {
+        // The Gateway API's rule: the share of a backend that does not resolve is answered
+        // 500 (gRPC: UNAVAILABLE); the route's other backends are served.
+        let detail = format!("backend {} does not resolve: {why}", backend.cluster);
+        let e = Error::new(Kind::UnresolvedBackend, detail);
+        return Next::Reply(local_reply(rec, &e, grpc));
+    }
     let Some(cluster) = snap.clusters.get(&backend.cluster).cloned() else {
         let detail = format!("no cluster {}", backend.cluster);
         return no_route(rec, detail, grpc);

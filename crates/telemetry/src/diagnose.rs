@@ -1985,17 +1985,17 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
                 },
                 svc,
                 format!(
-                    "{} calls a name no Service or route answers",
+                    "{} calls a name no Service or route answers, or a route's backend that does not resolve",
                     p.caller.workload
                 ),
                 n,
                 &only(&p.classes, &[*class]),
                 &empty,
                 vec![format!(
-                    "{n} requests from {} matched no service or route",
+                    "{n} requests from {} matched no service or route, or went to a backend that does not resolve (answered 500)",
                     p.caller.workload
                 )],
-                "trellis tap workload/NAME --failure-class no_route shows the names it asks for"
+                "trellis tap workload/NAME --failure-class no_route shows the names it asks for; trellis get httproute shows a route with NotResolvedRefs"
                     .into(),
                 );
             }

@@ -937,3 +937,49 @@ fn a_rollouts_dark_stage_copies_from_1_to_100_percent() {
         .to_string();
     assert!(e.contains("precent"), "{e}");
 }
+
+/// A backend the control plane marked `unresolved` becomes a backend the proxy answers for
+/// (its weight kept, its reason carried), where an unmarked missing one refuses the file;
+/// the marker in an applied document is refused, with its line and field.
+#[test]
+fn a_backend_marked_unresolved_keeps_its_weight_and_is_refused_in_an_apply() {
+    let route = |marker: &str| {
+        format!(
+            "{EXAMPLE}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: r2, namespace: shop }}\nspec:\n  parentRefs: [{{ name: catalog }}]\n  rules:\n    - matches: [{{ path: {{ type: PathPrefix, value: /two }} }}]\n      backendRefs:\n        - {{ name: catalog-v1, port: 80, weight: 3 }}\n        - name: nope\n          port: 80\n          {marker}\n"
+        )
+    };
+    let text = route("unresolved: Service shop/nope not found");
+    let res = parse_documents("t.yaml", &text).unwrap();
+    let cfg = translate("t.yaml", &res, Some(&nn("shop/frontend-1"))).unwrap();
+    let rule = cfg.services[&nn("shop/catalog")].ports[0]
+        .routes
+        .iter()
+        .find(|r| r.name.contains("r2"))
+        .expect("the route is served");
+    let got: Vec<_> = rule
+        .backends
+        .iter()
+        .map(|b| (b.cluster.as_str(), b.weight, b.unresolved.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("shop/catalog-v1:80", 3, None),
+            ("shop/nope:80", 1, Some("Service shop/nope not found")),
+        ]
+    );
+    assert!(!cfg.clusters.contains_key("shop/nope:80"));
+    // Without the marker the same file is refused.
+    assert!(err(&route("weight: 1"))
+        .to_string()
+        .contains("Service shop/nope not found"));
+    // An apply checks each document alone first: the marker is the control plane's.
+    let r2 = res.iter().find(|r| r.metadata.name == "r2").unwrap();
+    let e = check_standalone("t.yaml", r2).unwrap_err().to_string();
+    let line = text.lines().position(|l| l.contains("name: nope")).unwrap() + 1;
+    assert!(
+        e.starts_with(&format!("t.yaml:{line}:"))
+            && e.contains("HTTPRoute shop/r2: spec.rules[0].backendRefs[1].unresolved"),
+        "{e}"
+    );
+}

@@ -30,6 +30,7 @@ pub(crate) fn local_reply(mut rec: Box<Record>, e: &Error, grpc: bool) -> Respon
     let class = e.class();
     let code = match e.kind() {
         Kind::Injected { grpc, .. } => grpc,
+        Kind::UnresolvedBackend => 14, // UNAVAILABLE
         _ => class.grpc_status(),
     };
     if grpc {

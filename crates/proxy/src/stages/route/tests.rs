@@ -114,6 +114,7 @@ fn backends_are_picked_by_weight() {
     let b = |c: &str, w| WeightedCluster {
         cluster: c.into(),
         weight: w,
+        unresolved: None,
     };
     let backends = [b("a", 1), b("zero", 0), b("c", 3)];
     let mut n = std::collections::HashMap::new();
