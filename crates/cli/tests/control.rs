@@ -283,6 +283,19 @@ async fn unresolved_references_are_stored_with_a_condition() {
     assert!(out.contains("Service test/missing not found"), "{out}");
     // Served (Accepted), its backend's share answered 500 until the Service exists.
     assert!(out.contains("answered 500"), "{out}");
+    // The mark that says so is the control plane's: an applied one is refused.
+    let f = write_temp(
+        "marked.yaml",
+        &front("{ name: missing, port: 80, unresolved: none of yours }"),
+    );
+    let res = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        !res.status.success()
+            && err.contains("marked.yaml:")
+            && err.contains("spec.rules[0].backendRefs[0].unresolved"),
+        "{err}"
+    );
     let table = ok(cli(&cp, &["get", "httproute", "-n", "test"]));
     assert!(
         table.contains("NotResolvedRefs") && !table.contains("NotAccepted"),
