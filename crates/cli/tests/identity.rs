@@ -532,6 +532,52 @@ async fn the_inbound_listener_names_mtls_callers_and_authorizes_them_by_identity
         },
     )
     .await;
+    // The policy on a second Service too, which is then deleted: alpha's proxy keeps the
+    // policy on alpha. Before, the whole policy was left out with the deleted Service, and
+    // alpha was open to every caller.
+    let annex = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: annex, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n";
+    let both = policy.replace("[{ name: alpha }]", "[{ name: annex }, { name: alpha }]");
+    let (st, v) = cp
+        .call(
+            Method::POST,
+            "/api/v1/apply",
+            &[annex, &both].join("---\n"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let scope = async || {
+        let (_, body) = client::get(p.admin, "admin", "/config_dump", &[])
+            .await
+            .ok()?;
+        let dump: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        Some(dump["config"]["authz"].to_string())
+    };
+    eventually("the policy on both", Duration::from_secs(10), async || {
+        scope().await.filter(|s| s.contains("annex"))
+    })
+    .await;
+    let (st, v) = cp
+        .call(
+            Method::DELETE,
+            "/api/v1/resources/Service/test/annex",
+            "",
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    eventually(
+        "the policy on alpha alone",
+        Duration::from_secs(10),
+        async || {
+            scope()
+                .await
+                .filter(|s| s.contains("alpha") && !s.contains("annex"))
+        },
+    )
+    .await;
+    let (st, body) = get_over_mtls(p.inbound, &evil, alpha).await.unwrap();
+    assert_eq!(st, 403, "{body}");
     // A caller that expects another server identity refuses the proxy.
     let e = get_over_mtls(p.inbound, &client, "spiffe://trellis.local/ns/test/sa/beta")
         .await

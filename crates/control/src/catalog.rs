@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 use trellis_model::{
     refs::{resolve, Partial, Unresolved},
-    resource::{NamespacedName, Spec},
+    resource::{NamespacedName, PolicyTargetRef, Spec},
     scope::ScopeIndex,
     ConfigError, ProxyConfig, Resource,
 };
@@ -498,7 +498,14 @@ pub(crate) fn effective(entries: &Entries) -> (Vec<Served<'_>>, HashMap<Key, Vec
                     .map(|p| format!("{}: {}", p.field, p.message))
                     .collect::<Vec<_>>()
                     .join("; ");
-                let partial = ps.iter().all(|p| p.partial.is_some());
+                // A policy none of whose targets resolves holds nothing: left out.
+                let lost_targets = ps
+                    .iter()
+                    .filter(|p| matches!(p.partial, Some(Partial::Target(_))))
+                    .count();
+                let partial = ps.iter().all(|p| p.partial.is_some())
+                    && (lost_targets == 0
+                        || lost_targets < targets_of(&r.spec).map_or(0, Vec::len));
                 conditions.insert(
                     Key::clone(key),
                     unresolved(message, partial.then(|| served_without(&ps))),
@@ -539,9 +546,11 @@ fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, V
     let mut r = Resource::clone(r);
     let mut upstreams = Vec::new();
     let mut mirrors = Vec::new();
+    let mut targets = Vec::new();
     for p in ps {
         match p.partial {
             Some(Partial::Upstream(j)) => upstreams.push(j),
+            Some(Partial::Target(j)) => targets.push(j),
             Some(Partial::Mirror { rule, filter }) => mirrors.push((rule, filter)),
             Some(Partial::Backend { rule, backend }) => {
                 if let Some(b) = rule_parts(&mut r.spec, rule).and_then(|(b, _)| b.get_mut(backend))
@@ -570,6 +579,19 @@ fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, V
             }
         }
     }
+    targets.sort_unstable();
+    for &j in targets.iter().rev() {
+        if let Some(t) = targets_of_mut(&mut r.spec) {
+            if j < t.len() {
+                t.remove(j);
+            }
+        }
+        if let Some(Value::Array(t)) = doc.pointer_mut("/spec/targetRefs") {
+            if j < t.len() {
+                t.remove(j);
+            }
+        }
+    }
     mirrors.sort_unstable();
     for &(rule, filter) in mirrors.iter().rev() {
         if let Some((_, filters)) = rule_parts(&mut r.spec, rule) {
@@ -584,6 +606,27 @@ fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, V
         }
     }
     (r, doc)
+}
+
+/// A policy's targets.
+fn targets_of(spec: &Spec) -> Option<&Vec<PolicyTargetRef>> {
+    match spec {
+        Spec::AuthorizationPolicy(p) => Some(&p.target_refs),
+        Spec::PeerAuthentication(p) => Some(&p.target_refs),
+        Spec::BackendPolicy(p) => Some(&p.target_refs),
+        Spec::RateLimitPolicy(p) => Some(&p.target_refs),
+        _ => None,
+    }
+}
+
+fn targets_of_mut(spec: &mut Spec) -> Option<&mut Vec<PolicyTargetRef>> {
+    match spec {
+        Spec::AuthorizationPolicy(p) => Some(&mut p.target_refs),
+        Spec::PeerAuthentication(p) => Some(&mut p.target_refs),
+        Spec::BackendPolicy(p) => Some(&mut p.target_refs),
+        Spec::RateLimitPolicy(p) => Some(&mut p.target_refs),
+        _ => None,
+    }
 }
 
 /// A route's rule `i`: its backends and its filters.
@@ -619,6 +662,9 @@ fn served_without(ps: &[Unresolved]) -> String {
     }
     if has(|p| matches!(p, Partial::Mirror { .. })) {
         parts.push("served without its mirrors to unresolved backends");
+    }
+    if has(|p| matches!(p, Partial::Target(_))) {
+        parts.push("holds its targets that resolve");
     }
     parts.join("; ")
 }
@@ -1090,6 +1136,98 @@ spec:
                 ("t/a:81", 1, true)
             ]
         );
+    }
+
+    /// A policy with a target that does not resolve keeps holding the targets that do: an
+    /// ALLOW policy on Services a and gone (deleted) still lets only its callers reach a.
+    /// Before, the whole policy was left out, and a was open to every caller. A policy with
+    /// no target left holds nothing and is left out (served with no targets, an
+    /// AuthorizationPolicy would hold its whole namespace).
+    #[test]
+    fn a_policy_keeps_holding_its_targets_that_resolve() {
+        let mesh = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: { name: a, namespace: t }
+spec: { selector: { app: a }, ports: [{ name: http, port: 80, targetPort: 8080 }] }
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: readers, namespace: t }
+spec:
+  targetRefs: [{ name: gone }, { name: a }]
+  action: ALLOW
+  rules: [{ from: [{ identities: [t/reader] }] }]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: nothing-left, namespace: t }
+spec:
+  targetRefs: [{ name: gone }]
+  action: DENY
+  rules: [{}]
+"#;
+        let events = trellis_model::parse_values("t.yaml", mesh)
+            .unwrap()
+            .into_iter()
+            .map(|doc: Value| {
+                let key = Key::new(
+                    doc["kind"].as_str().unwrap(),
+                    "t",
+                    doc["metadata"]["name"].as_str().unwrap(),
+                );
+                Event::Put(Object {
+                    key,
+                    version: 1,
+                    doc,
+                })
+            })
+            .collect();
+        let mut c = Catalog::default();
+        c.apply(Change {
+            revision: 1,
+            events,
+        });
+        let compiled = c.compile();
+        let readers = &compiled.conditions[&Key::new("AuthorizationPolicy", "t", "readers")];
+        assert_eq!((readers[0].status, readers[1].status), ("True", "False"));
+        assert!(
+            readers[0]
+                .message
+                .contains("holds its targets that resolve")
+                && readers[1].message == "spec.targetRefs[0]: Service t/gone not found",
+            "{readers:?}"
+        );
+        let left = &compiled.conditions[&Key::new("AuthorizationPolicy", "t", "nothing-left")];
+        assert_eq!(left[0].status, "False");
+        assert!(!compiled
+            .docs
+            .contains_key("AuthorizationPolicy/t/nothing-left"));
+        let served: Value =
+            serde_saphyr::from_str(&compiled.docs["AuthorizationPolicy/t/readers"].yaml).unwrap();
+        assert_eq!(served["spec"]["targetRefs"], json!([{ "name": "a" }]));
+        // As the proxies of a decide: only t/reader gets in.
+        let mesh = compiled.mesh().as_ref().expect("the served set translates");
+        let a: NamespacedName = "t/a".parse().unwrap();
+        let caller = |name: &str| trellis_model::proxy::PeerIdentity {
+            trust_domain: "trellis.local".into(),
+            namespace: "t".into(),
+            name: name.into(),
+        };
+        let allowed = |who: &trellis_model::proxy::PeerIdentity| {
+            trellis_model::proxy::authorize(
+                &mesh.authz,
+                &trellis_model::proxy::AuthzRequest {
+                    source: Some(who),
+                    service: &a,
+                    port: 80,
+                    http: Some(("GET", "/")),
+                },
+            )
+            .allowed
+        };
+        assert!(allowed(&caller("reader")));
+        assert!(!allowed(&caller("stranger")));
     }
 
     /// Everything proxies and the API read of a compiled state, to compare two.

@@ -41,6 +41,10 @@ pub enum Partial {
         /// Index of the backend in the rule.
         backend: usize,
     },
+    /// A policy's target, by index: dropped while another target resolves, so that the
+    /// policy keeps holding its other Services (leaving an ALLOW policy out would open them
+    /// to every caller). A policy with no target left is left out: it holds nothing.
+    Target(usize),
     /// A route's mirror filter, by rule and filter index: dropped (a copy is not an answer).
     Mirror {
         /// Index of the rule.
@@ -161,7 +165,11 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                         .then(|| format!("{} {target} not found", t.kind)),
                         _ => check(&t.kind, &target, None),
                     };
-                    push(&|| format!("spec.targetRefs[{i}]"), message, None);
+                    push(
+                        &|| format!("spec.targetRefs[{i}]"),
+                        message,
+                        Some(Partial::Target(i)),
+                    );
                 }
             }
             Spec::AuthorizationPolicy(AuthorizationPolicySpec { target_refs, .. })
@@ -172,7 +180,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                     push(
                         &|| format!("spec.targetRefs[{i}]"),
                         check(&t.kind, &target, None),
-                        None,
+                        Some(Partial::Target(i)),
                     );
                 }
             }
