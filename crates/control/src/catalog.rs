@@ -498,14 +498,20 @@ pub(crate) fn effective(entries: &Entries) -> (Vec<Served<'_>>, HashMap<Key, Vec
                     .map(|p| format!("{}: {}", p.field, p.message))
                     .collect::<Vec<_>>()
                     .join("; ");
-                // A policy none of whose targets resolves holds nothing: left out.
-                let lost_targets = ps
-                    .iter()
-                    .filter(|p| matches!(p.partial, Some(Partial::Target(_))))
-                    .count();
+                // A policy none of whose targets resolves holds nothing, and a route none of
+                // whose parents does routes nothing: left out.
+                let lost = |f: fn(&Partial) -> bool| {
+                    ps.iter()
+                        .filter(|p| p.partial.as_ref().is_some_and(f))
+                        .count()
+                };
+                let (targets, parents) = (
+                    lost(|p| matches!(p, Partial::Target(_))),
+                    lost(|p| matches!(p, Partial::Parent(_))),
+                );
                 let partial = ps.iter().all(|p| p.partial.is_some())
-                    && (lost_targets == 0
-                        || lost_targets < targets_of(&r.spec).map_or(0, Vec::len));
+                    && (targets == 0 || targets < targets_of(&r.spec).map_or(0, Vec::len))
+                    && (parents == 0 || parents < parents_of(&r.spec).map_or(0, Vec::len));
                 conditions.insert(
                     Key::clone(key),
                     unresolved(message, partial.then(|| served_without(&ps))),
@@ -547,10 +553,12 @@ fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, V
     let mut upstreams = Vec::new();
     let mut mirrors = Vec::new();
     let mut targets = Vec::new();
+    let mut parents = Vec::new();
     for p in ps {
         match p.partial {
             Some(Partial::Upstream(j)) => upstreams.push(j),
             Some(Partial::Target(j)) => targets.push(j),
+            Some(Partial::Parent(j)) => parents.push(j),
             Some(Partial::Mirror { rule, filter }) => mirrors.push((rule, filter)),
             Some(Partial::Backend { rule, backend }) => {
                 if let Some(b) = rule_parts(&mut r.spec, rule).and_then(|(b, _)| b.get_mut(backend))
@@ -592,6 +600,19 @@ fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, V
             }
         }
     }
+    parents.sort_unstable();
+    for &j in parents.iter().rev() {
+        match &mut r.spec {
+            Spec::HttpRoute(h) if j < h.parent_refs.len() => drop(h.parent_refs.remove(j)),
+            Spec::GrpcRoute(g) if j < g.parent_refs.len() => drop(g.parent_refs.remove(j)),
+            _ => {}
+        }
+        if let Some(Value::Array(t)) = doc.pointer_mut("/spec/parentRefs") {
+            if j < t.len() {
+                t.remove(j);
+            }
+        }
+    }
     mirrors.sort_unstable();
     for &(rule, filter) in mirrors.iter().rev() {
         if let Some((_, filters)) = rule_parts(&mut r.spec, rule) {
@@ -606,6 +627,15 @@ fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, V
         }
     }
     (r, doc)
+}
+
+/// A route's parents.
+fn parents_of(spec: &Spec) -> Option<&Vec<trellis_model::resource::ParentRef>> {
+    match spec {
+        Spec::HttpRoute(h) => Some(&h.parent_refs),
+        Spec::GrpcRoute(g) => Some(&g.parent_refs),
+        _ => None,
+    }
 }
 
 /// A policy's targets.
@@ -665,6 +695,9 @@ fn served_without(ps: &[Unresolved]) -> String {
     }
     if has(|p| matches!(p, Partial::Target(_))) {
         parts.push("holds its targets that resolve");
+    }
+    if has(|p| matches!(p, Partial::Parent(_))) {
+        parts.push("routes for its parents that resolve");
     }
     parts.join("; ")
 }
@@ -1024,12 +1057,13 @@ mod tests {
         assert!(s.is(&deep));
     }
 
-    /// A route with a backend or a mirror that does not resolve is served (its backend
-    /// marked, its mirror left out) and says so; one whose parent does not resolve is not
-    /// served. Before, the first was withdrawn whole and the second failed the translation
-    /// of every proxy's set (each refused every update after it).
+    /// A route with a backend, a mirror or one of its parents that does not resolve is
+    /// served (its backend marked, its mirror and that parent left out) and says so; one
+    /// none of whose parents resolves is not served. Before, the first and third were
+    /// withdrawn whole and the second failed the translation of every proxy's set (each
+    /// refused every update after it).
     #[test]
-    fn a_route_is_served_without_what_does_not_resolve_but_its_parent() {
+    fn a_route_is_served_without_what_does_not_resolve() {
         let mesh = r#"
 apiVersion: trellis.dev/v1alpha1
 kind: Service
@@ -1057,6 +1091,13 @@ metadata: { name: orphan, namespace: t }
 spec:
   parentRefs: [{ name: nothing, kind: Service }]
   rules: [{ backendRefs: [{ name: a, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: two-parents, namespace: t }
+spec:
+  parentRefs: [{ name: nothing, kind: Service }, { name: a, kind: Service, port: 80 }]
+  rules: [{ matches: [{ path: { type: PathPrefix, value: /two } }], backendRefs: [{ name: a, port: 80 }] }]
 "#;
         let events = trellis_model::parse_values("t.yaml", mesh)
             .unwrap()
@@ -1104,6 +1145,19 @@ spec:
             ("False", "BackendNotFound")
         );
         assert!(!compiled.docs.contains_key("HTTPRoute/t/orphan"));
+        let two = &compiled.conditions[&Key::new("HTTPRoute", "t", "two-parents")];
+        assert_eq!((two[0].status, two[1].status), ("True", "False"));
+        assert!(
+            two[0].message.contains("its parents that resolve")
+                && two[1].message == "spec.parentRefs[0]: Service t/nothing not found",
+            "{two:?}"
+        );
+        let served: Value =
+            serde_saphyr::from_str(&compiled.docs["HTTPRoute/t/two-parents"].yaml).unwrap();
+        assert_eq!(
+            served["spec"]["parentRefs"],
+            json!([{ "name": "a", "kind": "Service", "port": 80 }])
+        );
         // What proxies get: the same document marked, which translates as it is.
         let served: Value =
             serde_saphyr::from_str(&compiled.docs["HTTPRoute/t/split"].yaml).unwrap();
@@ -1121,9 +1175,13 @@ spec:
         );
         let mesh = compiled.mesh().as_ref().expect("the served set translates");
         let port = &mesh.services[&"t/a".parse().unwrap()].ports[0];
+        // By precedence: /copy, then /two (the route with two parents, on a), then split's
+        // catch-all rule.
+        let names: Vec<String> = port.routes.iter().map(|r| r.name.to_string()).collect();
+        assert!(names[1].contains("two-parents"), "{names:?}");
         let copy = &port.routes[0];
         assert!(copy.mirrors.is_empty() && copy.request_headers.set.len() == 1);
-        let weights: Vec<_> = port.routes[1]
+        let weights: Vec<_> = port.routes[2]
             .backends
             .iter()
             .map(|b| (b.cluster.as_str(), b.weight, b.unresolved.is_some()))

@@ -41,6 +41,9 @@ pub enum Partial {
         /// Index of the backend in the rule.
         backend: usize,
     },
+    /// A route's parent Service, by index: dropped while another parent resolves, so that
+    /// the route keeps routing for the others. A route with no parent left is left out.
+    Parent(usize),
     /// A policy's target, by index: dropped while another target resolves, so that the
     /// policy keeps holding its other Services (leaving an ALLOW policy out would open them
     /// to every caller). A policy with no target left is left out: it holds nothing.
@@ -125,7 +128,7 @@ pub fn resolve<R: std::borrow::Borrow<Resource>>(resources: &[R]) -> Vec<Unresol
                 push(
                     &|| format!("spec.parentRefs[{i}]"),
                     check(&p.kind, &target, p.port),
-                    None,
+                    Some(Partial::Parent(i)),
                 );
             }
             for (ri, (backends, filters)) in rules.iter().enumerate() {
