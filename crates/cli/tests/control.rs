@@ -349,7 +349,12 @@ async fn a_route_keeps_serving_when_one_of_its_backends_or_its_mirror_is_deleted
         &cp,
         &docs(&[two_backends(a, b), service("svc-c", "HTTP", &[c]), split]),
     );
-    let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
+    let p = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &["--report-interval", "200ms"],
+    );
     p.wait_ready().await;
     wait_answer(&p, "a").await;
     wait_answer(&p, "b").await;
@@ -384,6 +389,18 @@ async fn a_route_keeps_serving_when_one_of_its_backends_or_its_mirror_is_deleted
         }
     }
     assert!(seen.0 > 0 && seen.1 > 0, "{seen:?}");
+    // diagnose names the backend the 500s come from, from the proxy's reports.
+    let said = eventually("diagnose names the backend", Duration::from_secs(10), async || {
+        let out = cli(&cp, &["diagnose"]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.contains("a route of test/front sends a share of its requests to a backend that does not resolve")
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        said.contains("HTTPRoute test/front: rule 0 sends 1 of 2 by weight to test/svc-b:80, which does not resolve (Service test/svc-b not found)"),
+        "{said}"
+    );
     // The proxy took both changes (the mirror's too): nothing refused.
     let st = ok(cli(&cp, &["status"]));
     assert!(st.contains("SYNCED") && !st.contains("NACKED"), "{st}");

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use serde_json::Value;
+use trellis_model::resource::Spec;
 use trellis_telemetry::diagnose::Facts;
 
 use crate::{events::Event, registry::ProxyStatus, state::State};
@@ -119,6 +120,40 @@ pub(crate) fn facts(
             .map(|(w, healthy)| (ns_name(w, ns), *healthy))
             .collect();
         f.selects.insert(svc, chosen);
+    }
+    // What the proxies answer 500 for: the served routes' backends marked unresolved.
+    for r in &state.compiled.effective {
+        let (parents, rules) = match &r.spec {
+            Spec::HttpRoute(h) => (
+                &h.parent_refs,
+                h.rules.iter().map(|x| &x.backend_refs).collect::<Vec<_>>(),
+            ),
+            Spec::GrpcRoute(g) => (
+                &g.parent_refs,
+                g.rules.iter().map(|x| &x.backend_refs).collect(),
+            ),
+            _ => continue,
+        };
+        let ns = &r.metadata.namespace;
+        for (ri, backends) in rules.iter().enumerate() {
+            let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+            for b in backends.iter().filter(|b| b.weight > 0) {
+                let Some(why) = &b.unresolved else { continue };
+                let line = format!(
+                    "{} {}: rule {ri} sends {} of {total} by weight to {}/{}:{}, which does not resolve ({why})",
+                    r.kind(),
+                    r.id(),
+                    b.weight,
+                    b.namespace.as_deref().unwrap_or(ns),
+                    b.name.value,
+                    b.port
+                );
+                for p in parents {
+                    let svc = format!("{}/{}", p.namespace.as_deref().unwrap_or(ns), p.name.value);
+                    f.dangling.entry(svc).or_default().push(line.clone());
+                }
+            }
+        }
     }
     for (key, conds) in state.compiled.conditions.iter() {
         for c in conds.iter().filter(|c| c.status == "False") {

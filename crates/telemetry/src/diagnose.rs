@@ -228,6 +228,10 @@ pub struct Facts {
     pub refused: Vec<(String, String)>,
     /// Resources whose references do not resolve: (resource, message).
     pub unresolved: Vec<(String, String)>,
+    /// The backends that do not resolve in the routes served for each service (`ns/name`),
+    /// one line each (route, backend, its weight, why): the requests the routes send them
+    /// are answered 500, class `no_route`.
+    pub dangling: BTreeMap<String, Vec<String>>,
     /// Workloads' events in the window, oldest first: (when, workload, `joined`, `left`,
     /// `healthy` or `unhealthy`).
     pub events: Vec<(u64, String, String)>,
@@ -1976,6 +1980,27 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
                     next,
                 );
             }
+            F::NoRoute if facts.dangling.contains_key(svc) => {
+                let mut evidence = vec![format!(
+                    "{n} requests from {} to {svc} were answered no_route by its proxy",
+                    p.caller.workload
+                )];
+                evidence.extend(facts.dangling[svc].iter().cloned());
+                found.add(
+                    Cause::Configuration,
+                    "unresolved_backend",
+                    Place::Service { name: svc.into() },
+                    svc,
+                    format!(
+                        "a route of {svc} sends a share of its requests to a backend that does not resolve: they are answered 500"
+                    ),
+                    n,
+                    &only(&p.classes, &[*class]),
+                    &empty,
+                    evidence,
+                    "create the Service the route names, or take that backend out of the route (trellis describe on the route shows its conditions)".into(),
+                );
+            }
             F::NoRoute => {
                 found.add(
                 Cause::Configuration,
@@ -1985,17 +2010,17 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
                 },
                 svc,
                 format!(
-                    "{} calls a name no Service or route answers, or a route's backend that does not resolve",
+                    "{} calls a name no Service or route answers",
                     p.caller.workload
                 ),
                 n,
                 &only(&p.classes, &[*class]),
                 &empty,
                 vec![format!(
-                    "{n} requests from {} matched no service or route, or went to a backend that does not resolve (answered 500)",
+                    "{n} requests from {} matched no service or route",
                     p.caller.workload
                 )],
-                "trellis tap workload/NAME --failure-class no_route shows the names it asks for; trellis get httproute shows a route with NotResolvedRefs"
+                "trellis tap workload/NAME --failure-class no_route shows the names it asks for"
                     .into(),
                 );
             }

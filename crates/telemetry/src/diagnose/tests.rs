@@ -1191,3 +1191,40 @@ fn an_application_that_resets_its_connections_is_the_application_not_the_network
     );
     assert!(v[0].problem.contains("resets its connections"), "{v:#?}");
 }
+
+#[test]
+fn no_route_to_a_service_whose_route_has_a_dangling_backend_names_that_backend() {
+    let w = window(vec![s(Out, "test/shop", "", "test/web", F::NoRoute, 6)]);
+    // Nothing known of the service's routes: the caller asks for a name nobody answers.
+    let v = run(&w, &Facts::default());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(workload_of(&v[0]), "test/shop");
+    assert!(
+        v[0].problem
+            .contains("calls a name no Service or route answers"),
+        "{v:#?}"
+    );
+    // The control plane serves test/web's route with a backend that does not resolve.
+    let line = "HTTPRoute test/web: rule 0 sends 1 of 4 by weight to test/web-v2:80, which does not resolve (Service test/web-v2 not found)";
+    let facts = Facts {
+        dangling: [("test/web".to_string(), vec![line.to_string()])].into(),
+        ..Facts::default()
+    };
+    let v = run(&w, &facts);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(
+        (v[0].cause, v[0].place.clone()),
+        (
+            Cause::Configuration,
+            Place::Service {
+                name: "test/web".into()
+            }
+        )
+    );
+    assert!(v[0].problem.contains("does not resolve"), "{v:#?}");
+    assert!(v[0].evidence.iter().any(|e| e == line), "{v:#?}");
+    assert!(
+        v[0].evidence[0].starts_with("6 requests from test/shop"),
+        "{v:#?}"
+    );
+}
