@@ -1057,6 +1057,32 @@ mod tests {
         assert!(s.is(&deep));
     }
 
+    /// The state compiled from `mesh` (namespace `t`) as the store's first revision.
+    fn compiled_from(mesh: &str) -> Compiled {
+        let events = trellis_model::parse_values("t.yaml", mesh)
+            .unwrap()
+            .into_iter()
+            .map(|doc: Value| {
+                let key = Key::new(
+                    doc["kind"].as_str().unwrap(),
+                    "t",
+                    doc["metadata"]["name"].as_str().unwrap(),
+                );
+                Event::Put(Object {
+                    key,
+                    version: 1,
+                    doc,
+                })
+            })
+            .collect();
+        let mut c = Catalog::default();
+        c.apply(Change {
+            revision: 1,
+            events,
+        });
+        c.compile()
+    }
+
     /// A route with a backend, a mirror or one of its parents that does not resolve is
     /// served (its backend marked, its mirror and that parent left out) and says so; one
     /// none of whose parents resolves is not served. Before, the first and third were
@@ -1099,28 +1125,7 @@ spec:
   parentRefs: [{ name: nothing, kind: Service }, { name: a, kind: Service, port: 80 }]
   rules: [{ matches: [{ path: { type: PathPrefix, value: /two } }], backendRefs: [{ name: a, port: 80 }] }]
 "#;
-        let events = trellis_model::parse_values("t.yaml", mesh)
-            .unwrap()
-            .into_iter()
-            .map(|doc: Value| {
-                let key = Key::new(
-                    doc["kind"].as_str().unwrap(),
-                    "t",
-                    doc["metadata"]["name"].as_str().unwrap(),
-                );
-                Event::Put(Object {
-                    key,
-                    version: 1,
-                    doc,
-                })
-            })
-            .collect();
-        let mut c = Catalog::default();
-        c.apply(Change {
-            revision: 1,
-            events,
-        });
-        let compiled = c.compile();
+        let compiled = compiled_from(mesh);
         let split = &compiled.conditions[&Key::new("HTTPRoute", "t", "split")];
         let brief: Vec<_> = split.iter().map(|c| (c.kind, c.status, c.reason)).collect();
         assert_eq!(
@@ -1225,28 +1230,7 @@ spec:
   action: DENY
   rules: [{}]
 "#;
-        let events = trellis_model::parse_values("t.yaml", mesh)
-            .unwrap()
-            .into_iter()
-            .map(|doc: Value| {
-                let key = Key::new(
-                    doc["kind"].as_str().unwrap(),
-                    "t",
-                    doc["metadata"]["name"].as_str().unwrap(),
-                );
-                Event::Put(Object {
-                    key,
-                    version: 1,
-                    doc,
-                })
-            })
-            .collect();
-        let mut c = Catalog::default();
-        c.apply(Change {
-            revision: 1,
-            events,
-        });
-        let compiled = c.compile();
+        let compiled = compiled_from(mesh);
         let readers = &compiled.conditions[&Key::new("AuthorizationPolicy", "t", "readers")];
         assert_eq!((readers[0].status, readers[1].status), ("True", "False"));
         assert!(
