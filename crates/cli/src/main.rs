@@ -111,9 +111,9 @@ enum Cmd {
     /// What fails, and whether it is the network, the application, the mesh's policy or the
     /// configuration: where, with the evidence of both ends of each hop, and what to check.
     Diagnose(diagnose::DiagnoseArgs),
-    /// The mesh's own health: store, proxies in sync, certificates, root rotation,
-    /// workloads, agents, clocks (exit status 1 when a check fails); `--proxy` checks the
-    /// proxy on this host.
+    /// The mesh's own health: store, proxies in sync, references, certificates, root
+    /// rotation, workloads, agents, clocks (exit status 1 when a check fails); `--proxy`
+    /// checks the proxy on this host.
     Check(check::CheckArgs),
     /// A sign-in link to the single pane (a page served by the control plane: topology,
     /// problems, services, traffic shifts), good once for 15 minutes; opened in the

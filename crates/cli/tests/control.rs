@@ -401,6 +401,15 @@ async fn a_route_keeps_serving_when_one_of_its_backends_or_its_mirror_is_deleted
         said.contains("HTTPRoute test/front: rule 0 sends 1 of 2 by weight to test/svc-b:80, which does not resolve (Service test/svc-b not found)"),
         "{said}"
     );
+    // check fails on it, naming the route and the backend.
+    let out = cli(&cp, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.status.success()
+            && text.lines().any(|l| l.starts_with("✗ references")
+                && l.contains("HTTPRoute test/front → test/svc-b:80")),
+        "{text}"
+    );
     // The proxy took both changes (the mirror's too): nothing refused.
     let st = ok(cli(&cp, &["status"]));
     assert!(st.contains("SYNCED") && !st.contains("NACKED"), "{st}");
@@ -425,6 +434,15 @@ async fn a_route_keeps_serving_when_one_of_its_backends_or_its_mirror_is_deleted
         Some(())
     })
     .await;
+    // The mirror's Service is still missing: a warning, no failure.
+    let out = cli(&cp, &["check"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success()
+            && text.lines().any(|l| l.starts_with("! references")
+                && l.contains("HTTPRoute test/front (served in part)")),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -149,6 +149,9 @@ pub(crate) async fn run(api: &Api) -> Vec<Check> {
         )
     });
 
+    // References: what the proxies answer 500 for, and what they go without.
+    out.push(references(&api.writer().state()));
+
     // Certificates: each reporting proxy's, and the mesh's roots.
     let now = now_ms();
     let ttl_ms = api.identity().svid_ttl.as_millis() as u64;
@@ -314,4 +317,77 @@ pub(crate) async fn run(api: &Api) -> Vec<Check> {
         )
     });
     out
+}
+
+/// Routes served with a weighted backend that does not resolve fail that share of their
+/// requests (500): a failure. Other references that do not resolve leave a part or the whole
+/// of their resource out of what proxies get: a warning.
+fn references(state: &crate::state::State) -> Check {
+    use trellis_model::resource::Spec;
+    let mut dangling = Vec::new();
+    for r in &state.compiled.effective {
+        let rules: Vec<_> = match &r.spec {
+            Spec::HttpRoute(h) => h.rules.iter().map(|x| &x.backend_refs).collect(),
+            Spec::GrpcRoute(g) => g.rules.iter().map(|x| &x.backend_refs).collect(),
+            _ => continue,
+        };
+        for b in rules.into_iter().flatten() {
+            if b.weight > 0 && b.unresolved.is_some() {
+                let ns = b.namespace.as_deref().unwrap_or(&r.metadata.namespace);
+                dangling.push(format!(
+                    "{} {} → {ns}/{}:{}",
+                    r.kind(),
+                    r.id(),
+                    b.name.value,
+                    b.port
+                ));
+            }
+        }
+    }
+    let mut unresolved: Vec<String> = state
+        .compiled
+        .conditions
+        .iter()
+        .filter(|(_, c)| c.iter().any(|c| c.status == "False"))
+        .map(|(k, c)| {
+            let served = c.iter().any(|c| c.kind == "Accepted" && c.status == "True");
+            let how = if served {
+                "served in part"
+            } else {
+                "not served"
+            };
+            format!("{} {}/{} ({how})", k.kind, k.namespace, k.name)
+        })
+        .collect();
+    unresolved.sort();
+    if !dangling.is_empty() {
+        check(
+            "references",
+            Outcome::Fail,
+            format!(
+                "{} route backends do not resolve, and their share of the requests is answered 500: {}",
+                dangling.len(),
+                list(&dangling)
+            ),
+            "create the Service the route names, or take the backend out of the route; trellis describe on the route names the field",
+        )
+    } else if !unresolved.is_empty() {
+        check(
+            "references",
+            Outcome::Warn,
+            format!(
+                "{} resources refer to what does not exist: {}",
+                unresolved.len(),
+                list(&unresolved)
+            ),
+            "trellis describe KIND NAME names each field; create what it names, or correct it",
+        )
+    } else {
+        check(
+            "references",
+            Outcome::Pass,
+            "every reference resolves".into(),
+            "",
+        )
+    }
 }

@@ -31,7 +31,7 @@
 //! | GET | `/api/v1/services/{ns}/{name}/view?window=15m` | the pane's service view: a timeline slot by slot (requests, failed, p50/p99, requests by serving workload; this replica's reports), the workloads it selects with health and events, the routes and policies that name it, its mTLS mode |
 //! | POST, GET | `/api/v1/viewer-tokens` | make a read-only token (`{"name"}`; the token is in the answer, once), list them (admin only) |
 //! | DELETE | `/api/v1/viewer-tokens/{id}` | revoke one; sessions opened with it end |
-//! | GET | `/api/v1/check` | the mesh's own health: store, proxies in sync, certificates, root rotation, workloads, agents, clocks; each pass, warn or fail with a hint |
+//! | GET | `/api/v1/check` | the mesh's own health: store, proxies in sync, references, certificates, root rotation, workloads, agents, clocks; each pass, warn or fail with a hint |
 //! | GET | `/v1/fleet/shard?kind=&namespace=&name=&window=&at=` (xDS address only) | this replica's part of a window (protobuf `Shard`), for another replica: its certificate must be the control plane's |
 //! | GET | `/v1/fleet/behind?rev=&workload=&waitMs=` (xDS address only) | answered once the proxies connected to this replica have applied store revision `rev` (the workload's own aside) or the wait (at most 10 s) passed: `{"behind": N}`, for another replica's deregistration; the control plane's certificate only |
 //! | GET | `/v1/fleet/loads` (xDS address only) | the proxies' loads this replica heard itself lately (JSON `Heard` list), for another replica's spill-over decisions; the control plane's certificate only |
