@@ -365,8 +365,10 @@ fn references(state: &crate::state::State) -> Check {
             "references",
             Outcome::Fail,
             format!(
-                "{} route backends do not resolve, and their share of the requests is answered 500: {}",
+                "{} route {} not resolve, and {} share of the requests is answered 500: {}",
                 dangling.len(),
+                if dangling.len() == 1 { "backend does" } else { "backends do" },
+                if dangling.len() == 1 { "its" } else { "their" },
                 list(&dangling)
             ),
             "create the Service the route names, or take the backend out of the route; trellis describe on the route names the field",
@@ -376,8 +378,13 @@ fn references(state: &crate::state::State) -> Check {
             "references",
             Outcome::Warn,
             format!(
-                "{} resources refer to what does not exist: {}",
+                "{} {} to what does not exist: {}",
                 unresolved.len(),
+                if unresolved.len() == 1 {
+                    "resource refers"
+                } else {
+                    "resources refer"
+                },
                 list(&unresolved)
             ),
             "trellis describe KIND NAME names each field; create what it names, or correct it",
