@@ -1,7 +1,10 @@
 //! The control plane's view of the store: every resource, parsed once, kept current from the
 //! store's watch, and compiled into what proxies get.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -388,8 +391,8 @@ pub(crate) struct Compiled {
     pub(crate) revision: u64,
     /// Conditions per resource (routes, policies, workloads with references).
     pub(crate) conditions: Arc<HashMap<Key, Vec<Condition>>>,
-    /// The resources proxies get, in the catalog's order of keys: unresolved routes and
-    /// policies left out, unresolved upstreams of a workload dropped.
+    /// The resources proxies get, in the catalog's order of keys, without what does not
+    /// resolve (see [`serve_partly`]; a resource with nothing left to serve is left out).
     pub(crate) effective: Vec<Item>,
     /// The same, one YAML document each, by xDS name (`KIND/NAMESPACE/NAME`), with a version
     /// that changes exactly when the document does (Trellis proxies get these by delta xDS).
@@ -546,20 +549,19 @@ fn resolved_ok() -> Vec<Condition> {
 }
 
 /// `r` as served while the parts `ps` name do not resolve (each has a [`Partial`]), and its
-/// document to match: a Workload without those upstreams, a route with those backends
-/// marked `unresolved` (their share is answered 500) and without those mirrors.
+/// document to match: a Workload without those upstreams, a policy without those targets, a
+/// route without those parents and mirrors and with those backends marked `unresolved`
+/// (their share is answered 500).
 fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, Value) {
     let mut r = Resource::clone(r);
-    let mut upstreams = Vec::new();
-    let mut mirrors = Vec::new();
-    let mut targets = Vec::new();
-    let mut parents = Vec::new();
+    let (mut upstreams, mut targets, mut parents) = (Vec::new(), Vec::new(), Vec::new());
+    let mut mirrors: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for p in ps {
         match p.partial {
             Some(Partial::Upstream(j)) => upstreams.push(j),
             Some(Partial::Target(j)) => targets.push(j),
             Some(Partial::Parent(j)) => parents.push(j),
-            Some(Partial::Mirror { rule, filter }) => mirrors.push((rule, filter)),
+            Some(Partial::Mirror { rule, filter }) => mirrors.entry(rule).or_default().push(filter),
             Some(Partial::Backend { rule, backend }) => {
                 if let Some(b) = rule_parts(&mut r.spec, rule).and_then(|(b, _)| b.get_mut(backend))
                 {
@@ -573,60 +575,55 @@ fn serve_partly(r: &Resource, mut doc: Value, ps: &[Unresolved]) -> (Resource, V
             None => {}
         }
     }
-    // Removed from the last, so that the indices of those before stay right.
-    upstreams.sort_unstable();
-    for &j in upstreams.iter().rev() {
-        if let Spec::Workload(w) = &mut r.spec {
-            if j < w.upstreams.len() {
-                w.upstreams.remove(j);
-            }
-        }
-        if let Some(Value::Array(ups)) = doc.pointer_mut("/spec/upstreams") {
-            if j < ups.len() {
-                ups.remove(j);
-            }
-        }
-    }
-    targets.sort_unstable();
-    for &j in targets.iter().rev() {
-        if let Some(t) = targets_of_mut(&mut r.spec) {
-            if j < t.len() {
-                t.remove(j);
-            }
-        }
-        if let Some(Value::Array(t)) = doc.pointer_mut("/spec/targetRefs") {
-            if j < t.len() {
-                t.remove(j);
-            }
-        }
-    }
-    parents.sort_unstable();
-    for &j in parents.iter().rev() {
-        match &mut r.spec {
-            Spec::HttpRoute(h) if j < h.parent_refs.len() => drop(h.parent_refs.remove(j)),
-            Spec::GrpcRoute(g) if j < g.parent_refs.len() => drop(g.parent_refs.remove(j)),
-            _ => {}
-        }
-        if let Some(Value::Array(t)) = doc.pointer_mut("/spec/parentRefs") {
-            if j < t.len() {
-                t.remove(j);
-            }
-        }
-    }
-    mirrors.sort_unstable();
-    for &(rule, filter) in mirrors.iter().rev() {
-        if let Some((_, filters)) = rule_parts(&mut r.spec, rule) {
-            if filter < filters.len() {
-                filters.remove(filter);
-            }
-        }
-        if let Some(Value::Array(fs)) = doc.pointer_mut(&format!("/spec/rules/{rule}/filters")) {
-            if filter < fs.len() {
-                fs.remove(filter);
-            }
-        }
+    let ups = match &mut r.spec {
+        Spec::Workload(w) => Some(&mut w.upstreams),
+        _ => None,
+    };
+    drop_at(ups, &mut doc, "/spec/upstreams", upstreams);
+    drop_at(
+        targets_of_mut(&mut r.spec),
+        &mut doc,
+        "/spec/targetRefs",
+        targets,
+    );
+    let refs = match &mut r.spec {
+        Spec::HttpRoute(h) => Some(&mut h.parent_refs),
+        Spec::GrpcRoute(g) => Some(&mut g.parent_refs),
+        _ => None,
+    };
+    drop_at(refs, &mut doc, "/spec/parentRefs", parents);
+    for (rule, filters) in mirrors {
+        let list = rule_parts(&mut r.spec, rule).map(|(_, f)| f);
+        drop_at(
+            list,
+            &mut doc,
+            &format!("/spec/rules/{rule}/filters"),
+            filters,
+        );
     }
     (r, doc)
+}
+
+/// Remove the items at `at` from the parsed `list` and from the document's array at `path`
+/// (the same items: the document is what was parsed).
+fn drop_at<T>(list: Option<&mut Vec<T>>, doc: &mut Value, path: &str, mut at: Vec<usize>) {
+    at.sort_unstable();
+    at.dedup();
+    // From the last, so that the indices of those before stay right.
+    if let Some(list) = list {
+        for &j in at.iter().rev() {
+            if j < list.len() {
+                list.remove(j);
+            }
+        }
+    }
+    if let Some(Value::Array(a)) = doc.pointer_mut(path) {
+        for &j in at.iter().rev() {
+            if j < a.len() {
+                a.remove(j);
+            }
+        }
+    }
 }
 
 /// A route's parents.
@@ -726,7 +723,55 @@ fn unresolved(message: String, served: Option<String>) -> Vec<Condition> {
     ]
 }
 
+/// A served route's backend with a weight that does not resolve: the proxies answer its
+/// share of the route's requests 500.
+pub(crate) struct Dangling<'a> {
+    /// The route.
+    pub(crate) route: &'a Resource,
+    /// Its rule's index.
+    pub(crate) rule: usize,
+    /// The backend's weight, and the rule's whole.
+    pub(crate) weight: (u32, u64),
+    /// `NAMESPACE/NAME:PORT`.
+    pub(crate) backend: String,
+    /// Why it does not resolve.
+    pub(crate) why: &'a str,
+}
+
 impl Compiled {
+    /// Every served route's backend that does not resolve and has a weight.
+    pub(crate) fn dangling(&self) -> Vec<Dangling<'_>> {
+        let mut out = Vec::new();
+        for r in &self.effective {
+            let rules: Vec<_> = match &r.spec {
+                Spec::HttpRoute(h) => h.rules.iter().map(|x| &x.backend_refs).collect(),
+                Spec::GrpcRoute(g) => g.rules.iter().map(|x| &x.backend_refs).collect(),
+                _ => continue,
+            };
+            let ns = &r.metadata.namespace;
+            for (rule, backends) in rules.into_iter().enumerate() {
+                let whole: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+                for b in backends.iter().filter(|b| b.weight > 0) {
+                    if let Some(why) = &b.unresolved {
+                        out.push(Dangling {
+                            route: r,
+                            rule,
+                            weight: (b.weight, whole),
+                            backend: format!(
+                                "{}/{}:{}",
+                                b.namespace.as_deref().unwrap_or(ns),
+                                b.name.value,
+                                b.port
+                            ),
+                            why,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The xDS names of what the proxy serving `local` needs, calling also the Services
     /// `also` (asked for on demand): see [`trellis_model::scope`].
     pub(crate) fn scope(

@@ -323,27 +323,12 @@ pub(crate) async fn run(api: &Api) -> Vec<Check> {
 /// requests (500): a failure. Other references that do not resolve leave a part or the whole
 /// of their resource out of what proxies get: a warning.
 fn references(state: &crate::state::State) -> Check {
-    use trellis_model::resource::Spec;
-    let mut dangling = Vec::new();
-    for r in &state.compiled.effective {
-        let rules: Vec<_> = match &r.spec {
-            Spec::HttpRoute(h) => h.rules.iter().map(|x| &x.backend_refs).collect(),
-            Spec::GrpcRoute(g) => g.rules.iter().map(|x| &x.backend_refs).collect(),
-            _ => continue,
-        };
-        for b in rules.into_iter().flatten() {
-            if b.weight > 0 && b.unresolved.is_some() {
-                let ns = b.namespace.as_deref().unwrap_or(&r.metadata.namespace);
-                dangling.push(format!(
-                    "{} {} → {ns}/{}:{}",
-                    r.kind(),
-                    r.id(),
-                    b.name.value,
-                    b.port
-                ));
-            }
-        }
-    }
+    let dangling: Vec<String> = state
+        .compiled
+        .dangling()
+        .iter()
+        .map(|d| format!("{} {} → {}", d.route.kind(), d.route.id(), d.backend))
+        .collect();
     let mut unresolved: Vec<String> = state
         .compiled
         .conditions

@@ -122,37 +122,27 @@ pub(crate) fn facts(
         f.selects.insert(svc, chosen);
     }
     // What the proxies answer 500 for: the served routes' backends marked unresolved.
-    for r in &state.compiled.effective {
-        let (parents, rules) = match &r.spec {
-            Spec::HttpRoute(h) => (
-                &h.parent_refs,
-                h.rules.iter().map(|x| &x.backend_refs).collect::<Vec<_>>(),
-            ),
-            Spec::GrpcRoute(g) => (
-                &g.parent_refs,
-                g.rules.iter().map(|x| &x.backend_refs).collect(),
-            ),
+    for d in state.compiled.dangling() {
+        let r = d.route;
+        let line = format!(
+            "{} {}: rule {} sends {} of {} by weight to {}, which does not resolve ({})",
+            r.kind(),
+            r.id(),
+            d.rule,
+            d.weight.0,
+            d.weight.1,
+            d.backend,
+            d.why
+        );
+        let parents = match &r.spec {
+            Spec::HttpRoute(h) => &h.parent_refs,
+            Spec::GrpcRoute(g) => &g.parent_refs,
             _ => continue,
         };
         let ns = &r.metadata.namespace;
-        for (ri, backends) in rules.iter().enumerate() {
-            let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
-            for b in backends.iter().filter(|b| b.weight > 0) {
-                let Some(why) = &b.unresolved else { continue };
-                let line = format!(
-                    "{} {}: rule {ri} sends {} of {total} by weight to {}/{}:{}, which does not resolve ({why})",
-                    r.kind(),
-                    r.id(),
-                    b.weight,
-                    b.namespace.as_deref().unwrap_or(ns),
-                    b.name.value,
-                    b.port
-                );
-                for p in parents {
-                    let svc = format!("{}/{}", p.namespace.as_deref().unwrap_or(ns), p.name.value);
-                    f.dangling.entry(svc).or_default().push(line.clone());
-                }
-            }
+        for p in parents {
+            let svc = format!("{}/{}", p.namespace.as_deref().unwrap_or(ns), p.name.value);
+            f.dangling.entry(svc).or_default().push(line.clone());
         }
     }
     for (key, conds) in state.compiled.conditions.iter() {

@@ -1,8 +1,10 @@
 //! Reference resolution for a store that must accept resources in any order.
 //!
 //! A static file is refused whole when a route names a missing Service. The control plane
-//! instead stores such a route and reports it (Gateway API's `ResolvedRefs=False`), and leaves
-//! it out of what proxies get until the Service exists. [`resolve`] finds those references.
+//! instead stores such a route and reports it (Gateway API's `ResolvedRefs=False`), and serves
+//! proxies what resolves: [`resolve`] finds those references, and [`Partial`] says which part
+//! of its resource each one takes out (a backend marked, a parent, target, upstream or
+//! mirror dropped), or that the whole resource waits until the Service exists.
 
 use std::collections::{BTreeMap, BTreeSet};
 

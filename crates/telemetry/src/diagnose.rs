@@ -1982,7 +1982,7 @@ fn no_endpoint(found: &mut Found, facts: &Facts, svc: &str, p: &Pair) {
             }
             F::NoRoute if facts.dangling.contains_key(svc) => {
                 let mut evidence = vec![format!(
-                    "{n} requests from {} to {svc} were answered no_route by its proxy",
+                    "{n} requests from {} to {svc} were answered no_route by the caller's proxy",
                     p.caller.workload
                 )];
                 evidence.extend(facts.dangling[svc].iter().cloned());
