@@ -1246,6 +1246,70 @@ spec:
         );
     }
 
+    /// No deletion can leave proxies a set that does not translate: from a mesh that uses
+    /// every kind of reference (two parents, weighted backends, a mirror, a GRPCRoute,
+    /// every policy on Services and on a route, a rollout, upstreams), each resource and
+    /// each pair of resources deleted, the served set translates for the whole mesh and for
+    /// each caller's scope (what its proxy gets and translates itself). A mirror to a
+    /// deleted Service failed this before: every proxy refused every update after it.
+    #[test]
+    fn no_deletion_leaves_proxies_a_set_they_cannot_translate() {
+        let svc = |name: &str, protocol: &str| {
+            format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{ name: {name}, namespace: t }}\nspec: {{ selector: {{ app: {name} }}, ports: [{{ name: p, port: 80, targetPort: 8080, protocol: {protocol} }}] }}\n")
+        };
+        let docs = [
+            svc("a", "HTTP"),
+            svc("b", "HTTP"),
+            svc("c", "HTTP"),
+            svc("shadow", "HTTP"),
+            svc("rpc", "GRPC"),
+            svc("rpc-v2", "GRPC"),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: a-1, namespace: t, labels: { app: a } }\nspec: { address: 127.0.0.2, identity: a }\n".into(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: b-1, namespace: t, labels: { app: b } }\nspec: { address: 127.0.0.3 }\n".into(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: caller, namespace: t, labels: { app: caller } }\nspec:\n  address: 127.0.0.4\n  identity: caller\n  upstreams: [{ service: a.t, port: 80, bind: 127.0.0.1:9001 }, { service: rpc.t, port: 80, bind: 127.0.0.1:9002 }, { service: c.t, port: 80, bind: 127.0.0.1:9003 }]\n".into(),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: split, namespace: t }\nspec:\n  parentRefs: [{ name: a, port: 80 }, { name: c }]\n  rules:\n    - matches: [{ path: { type: PathPrefix, value: /copy } }]\n      filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: shadow, port: 80 }, percent: 50 } }]\n      backendRefs: [{ name: a, port: 80 }]\n    - backendRefs: [{ name: a, port: 80, weight: 3 }, { name: b, port: 80, weight: 1 }]\n".into(),
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: rpc, namespace: t }\nspec:\n  parentRefs: [{ name: rpc, port: 80 }]\n  rules: [{ backendRefs: [{ name: rpc, port: 80, weight: 9 }, { name: rpc-v2, port: 80, weight: 1 }] }]\n".into(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: { name: readers, namespace: t }\nspec:\n  targetRefs: [{ name: a }, { name: b }]\n  action: ALLOW\n  rules: [{ from: [{ identities: [t/caller] }] }]\n".into(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\nmetadata: { name: loose, namespace: t }\nspec:\n  targetRefs: [{ name: b }, { name: c }]\n  mtls: { mode: PERMISSIVE }\n".into(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: BackendTrafficPolicy\nmetadata: { name: limits, namespace: t }\nspec:\n  targetRefs: [{ name: a }, { name: rpc }]\n  connectionPool: { maxRequests: 50 }\n".into(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: { name: calm, namespace: t }\nspec:\n  targetRefs: [{ name: b }, { kind: HTTPRoute, name: split }]\n  perCaller: [{ requests: 5, per: 1m }]\n".into(),
+            "apiVersion: trellis.dev/v1alpha1\nkind: Rollout\nmetadata: { name: rpc, namespace: t }\nspec: { service: rpc, stable: rpc, canary: rpc-v2 }\n".into(),
+        ];
+        let whole = compiled_from(&docs.join("---\n"));
+        let whole_mesh = whole.mesh().as_ref().expect("the whole mesh translates");
+        assert_eq!(whole.effective.len(), docs.len(), "{:?}", whole.conditions);
+        assert!(!whole_mesh.authz.is_empty() && !whole_mesh.clusters.is_empty());
+        let caller: NamespacedName = "t/caller".parse().unwrap();
+        let mut sets = 0;
+        for i in 0..docs.len() {
+            for j in i..docs.len() {
+                let kept: Vec<&str> = (0..docs.len())
+                    .filter(|&k| k != i && k != j)
+                    .map(|k| docs[k].as_str())
+                    .collect();
+                let c = compiled_from(&kept.join("---\n"));
+                let gone = format!("without documents {i} and {j}");
+                if let Err(e) = c.mesh() {
+                    panic!("{gone}: the served set does not translate: {e}");
+                }
+                if c.serves_workload(&caller) {
+                    let scope = c.scope(&caller, []);
+                    let scoped: Vec<&Resource> = c
+                        .effective
+                        .iter()
+                        .filter(|r| scope.contains(r.name()))
+                        .map(|r| &**r)
+                        .collect();
+                    if let Err(e) = trellis_model::translate("xds", &scoped, Some(&caller)) {
+                        panic!("{gone}: the caller's set does not translate: {e}");
+                    }
+                }
+                sets += 1;
+            }
+        }
+        assert_eq!(sets, docs.len() * (docs.len() + 1) / 2);
+    }
+
     /// A policy with a target that does not resolve keeps holding the targets that do: an
     /// ALLOW policy on Services a and gone (deleted) still lets only its callers reach a.
     /// Before, the whole policy was left out, and a was open to every caller. A policy with
