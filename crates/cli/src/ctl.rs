@@ -91,13 +91,16 @@ pub(crate) async fn apply(conn: &Conn, f: &str) -> Result<()> {
         )
         .await?;
     for a in v["applied"].as_array().into_iter().flatten() {
-        println!(
-            "{} {}/{} {}",
+        let what = format!(
+            "{} {}/{}",
             a["kind"].as_str().unwrap_or_default().to_lowercase(),
             a["namespace"].as_str().unwrap_or_default(),
             a["name"].as_str().unwrap_or_default(),
-            a["action"].as_str().unwrap_or_default()
         );
+        println!("{what} {}", a["action"].as_str().unwrap_or_default());
+        if let Some(w) = a["warning"].as_str() {
+            eprintln!("warning: {what}: {w}");
+        }
     }
     Ok(())
 }

@@ -238,7 +238,22 @@ async fn api_needs_a_token_and_limits_bodies() {
 #[tokio::test]
 async fn unresolved_references_are_stored_with_a_condition() {
     let cp = ControlProcess::start(BIN, &[]);
-    apply(&cp, &front("{ name: missing, port: 80 }"));
+    // The apply succeeds, and says at once what does not resolve.
+    let f = write_temp("front.yaml", &front("{ name: missing, port: 80 }"));
+    let res = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    let (out, err) = (
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr),
+    );
+    assert!(
+        res.status.success() && out.contains("httproute test/front created"),
+        "{out}{err}"
+    );
+    assert!(
+        err.contains("warning: httproute test/front: spec.rules[0].backendRefs[0]: Service test/missing not found (served; the requests its rules send to an unresolved backend are answered 500)")
+            && !err.contains("service test/front"),
+        "{err}"
+    );
     let out = ok(cli(&cp, &["describe", "httproute", "front", "-n", "test"]));
     assert!(out.contains("ResolvedRefs"), "{out}");
     // The same resource named as trellis prints names (NAMESPACE/NAME), and as KIND/NAME.

@@ -4,7 +4,7 @@
 //!
 //! | method | path | what |
 //! | --- | --- | --- |
-//! | POST | `/api/v1/apply?file=NAME` | apply multi-document YAML (or JSON) atomically |
+//! | POST | `/api/v1/apply?file=NAME` | apply multi-document YAML (or JSON) atomically; each applied document's `warning` says what of it does not resolve and what that leaves out |
 //! | GET | `/api/v1/resources` | every resource, with status |
 //! | GET | `/api/v1/resources/KIND[/NAMESPACE]` | the resources of a kind (in a namespace) |
 //! | GET | `/api/v1/resources/KIND/NAMESPACE/NAME` | one resource, with status and the proxies that use it |

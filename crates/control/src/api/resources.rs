@@ -82,7 +82,34 @@ async fn apply_h(
         std::str::from_utf8(&body).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
     let file = q.file.unwrap_or_else(|| "request".into());
     let applied = api.writer().apply_text(&file, text).await?;
+    // The state has caught up with the apply: say what of it does not resolve, so that a
+    // typo in a name is seen at once rather than as 500s.
+    let state = api.writer().state();
+    let applied: Vec<Value> = applied
+        .into_iter()
+        .map(|a| {
+            let key = Key::new(&a.kind, &a.namespace, &a.name);
+            let mut v = json!(a);
+            if let Some(w) = unresolved_warning(&state, &key) {
+                v["warning"] = w.into();
+            }
+            v
+        })
+        .collect();
     Ok(Json(json!({ "applied": applied })))
+}
+
+/// What of `key` does not resolve, and what that leaves out, if anything.
+fn unresolved_warning(state: &State, key: &Key) -> Option<String> {
+    let conds = state.compiled.conditions.get(key)?;
+    let refs = conds
+        .iter()
+        .find(|c| c.kind == "ResolvedRefs" && c.status == "False")?;
+    let accepted = conds.iter().find(|c| c.kind == "Accepted");
+    Some(match accepted {
+        Some(a) if !a.message.is_empty() => format!("{} ({})", refs.message, a.message),
+        _ => refs.message.clone(),
+    })
 }
 
 fn list(state: &State, kind: Option<&str>, ns: Option<&str>) -> Value {
