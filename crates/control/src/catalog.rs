@@ -9,6 +9,7 @@ use std::{
 use serde::Serialize;
 use serde_json::Value;
 use trellis_model::{
+    proxy::cluster_key,
     refs::{resolve, Partial, Unresolved},
     resource::{NamespacedName, PolicyTargetRef, Spec},
     scope::ScopeIndex,
@@ -757,11 +758,12 @@ impl Compiled {
                             route: r,
                             rule,
                             weight: (b.weight, whole),
-                            backend: format!(
-                                "{}/{}:{}",
-                                b.namespace.as_deref().unwrap_or(ns),
-                                b.name.value,
-                                b.port
+                            backend: cluster_key(
+                                &NamespacedName {
+                                    namespace: b.namespace.clone().unwrap_or_else(|| ns.clone()),
+                                    name: b.name.value.clone(),
+                                },
+                                b.port,
                             ),
                             why,
                         });

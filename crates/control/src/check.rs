@@ -150,7 +150,8 @@ pub(crate) async fn run(api: &Api) -> Vec<Check> {
     });
 
     // References: what the proxies answer 500 for, and what they go without.
-    out.push(references(&api.writer().state()));
+    let state = api.writer().state();
+    out.push(references(&state));
 
     // Certificates: each reporting proxy's, and the mesh's roots.
     let now = now_ms();
@@ -250,7 +251,6 @@ pub(crate) async fn run(api: &Api) -> Vec<Check> {
     }
 
     // Workloads and their agents.
-    let state = api.writer().state();
     let unhealthy: Vec<String> = state
         .catalog
         .entries

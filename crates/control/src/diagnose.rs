@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use trellis_model::resource::Spec;
 use trellis_telemetry::diagnose::Facts;
 
 use crate::{events::Event, registry::ProxyStatus, state::State};
@@ -134,15 +133,11 @@ pub(crate) fn facts(
             d.backend,
             d.why
         );
-        let parents = match &r.spec {
-            Spec::HttpRoute(h) => &h.parent_refs,
-            Spec::GrpcRoute(g) => &g.parent_refs,
-            _ => continue,
-        };
-        let ns = &r.metadata.namespace;
-        for p in parents {
-            let svc = format!("{}/{}", p.namespace.as_deref().unwrap_or(ns), p.name.value);
-            f.dangling.entry(svc).or_default().push(line.clone());
+        for svc in trellis_model::scope::route_parents(r) {
+            f.dangling
+                .entry(svc.to_string())
+                .or_default()
+                .push(line.clone());
         }
     }
     for (key, conds) in state.compiled.conditions.iter() {

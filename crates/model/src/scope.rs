@@ -199,6 +199,15 @@ pub fn services_named(r: &Resource) -> Vec<NamespacedName> {
     }
 }
 
+/// A route's parent Services (none for another kind).
+pub fn route_parents(r: &Resource) -> Vec<NamespacedName> {
+    match &r.spec {
+        Spec::HttpRoute(h) => parents(h, &r.metadata.namespace),
+        Spec::GrpcRoute(g) => parents(g, &r.metadata.namespace),
+        _ => Vec::new(),
+    }
+}
+
 fn parents<M>(h: &RouteSpec<M>, ns: &str) -> Vec<NamespacedName> {
     h.parent_refs
         .iter()
