@@ -878,21 +878,23 @@ async fn a_workload_change_updates_endpoints_without_translating_the_mesh() {
     assert_eq!(scope("endpoints").await, 1.0);
 }
 
-/// A plain YAML scalar where a string is wanted (`version: 1` in labels) is taken as that
-/// string by apply, stored so, and served: it was stored as a number, which the control
-/// plane then could not read back (the resource was silently left out). Found by the
-/// `resources` fuzz target.
+/// A plain YAML scalar where a string is wanted (`version: 1.10` in labels) is taken as the
+/// string it spells by apply, stored so, and served. It was stored as a number, which the
+/// control plane then could not read back (the resource was silently left out); then as the
+/// number's own spelling (`1.1`; `no` as `false`), another label than the one checked, which
+/// a selector written `"1.10"` (or an agent's `--label version=1.10`) does not select. Both
+/// found by the `resources` fuzz target.
 #[tokio::test]
 async fn a_label_written_as_a_number_is_stored_and_served_as_a_string() {
     let a = upstream::named("a").await;
     let cp = ControlProcess::start(BIN, &[]);
     let svc = service("svc-a", "HTTP", &[a]).replace(
         "labels: { app: svc-a }",
-        "labels: { app: svc-a, version: 1 }",
+        "labels: { app: svc-a, version: 1.10, canary: no }",
     );
     let svc = svc.replace(
         "selector: { app: svc-a }",
-        "selector: { app: svc-a, version: \"1\" }",
+        "selector: { app: svc-a, version: \"1.10\", canary: \"no\" }",
     );
     apply(&cp, &docs(&[svc, client_workload(&["svc-a"])]));
     let w: serde_json::Value = serde_json::from_str(&ok(cli(
@@ -900,12 +902,13 @@ async fn a_label_written_as_a_number_is_stored_and_served_as_a_string() {
         &["get", "workload", "svc-a-0", "-n", "test", "-o", "json"],
     )))
     .unwrap();
-    assert_eq!(w["metadata"]["labels"]["version"], "1", "{w}");
+    assert_eq!(w["metadata"]["labels"]["version"], "1.10", "{w}");
+    assert_eq!(w["metadata"]["labels"]["canary"], "no", "{w}");
     let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
     p.wait_ready().await;
     assert_eq!(
         via(&p, "svc-a.test").await.2,
         "a",
-        "selected by version \"1\""
+        "selected by version \"1.10\""
     );
 }

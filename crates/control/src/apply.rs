@@ -211,6 +211,21 @@ pub(crate) async fn apply(
         }
         .into());
     }
+    // What is stored must read back (the typed reading checked the file; the store keeps
+    // the plain values).
+    for (r, d) in resources.iter().zip(&docs) {
+        if let Err(ConfigError::Invalid { field, message, .. }) =
+            trellis_model::resource_from_json(file, d)
+        {
+            return Err(ConfigError::Invalid {
+                file: file.into(),
+                line: r.line,
+                field: format!("{} {}: {field}", r.kind(), r.id()),
+                message,
+            }
+            .into());
+        }
+    }
     apply_documents(
         store,
         current,

@@ -1,6 +1,6 @@
 //! Reading multi-document YAML into resources.
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use crate::{resource::Resource, ConfigError};
 
@@ -18,57 +18,297 @@ fn options() -> serde_saphyr::Options {
 }
 
 /// Parse every document of `text` as plain JSON values (to store them as written). A plain
-/// YAML scalar where the schema wants a string (`version: 1` in labels, `name: 12`) is
-/// stored as that string, as the typed reading ([`parse_documents`]) takes it: stored as a
-/// number, the control plane could not read back what it had accepted.
+/// YAML scalar where the schema wants a string (`version: 1.10` in labels, `name: no`) is
+/// stored as the string the typed reading ([`parse_documents`]) takes, its spelling: stored
+/// as a number or boolean, the control plane could not read back what it had accepted, and
+/// turned into one (`1.1`, `false`) it would store another name or label than it checked.
 pub fn parse_values(file: &str, text: &str) -> Result<Vec<serde_json::Value>, ConfigError> {
+    let mut o = options();
+    // A non-finite float reads as null here, for `as_typed_reads` to tell a string (`.inf`
+    // in a label) from a number that cannot be stored (JSON has no NaN or infinity).
+    o.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
     let mut docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple_with_options(text, options())
-            .map_err(|e| syntax(file, text, e))?;
-    for d in docs.iter_mut().filter(|d| !d.is_null()) {
-        as_typed_reads(d);
+        serde_saphyr::from_multiple_with_options(text, o).map_err(|e| syntax(file, text, e))?;
+    let mut spellings = None;
+    for (i, d) in docs.iter_mut().enumerate().filter(|(_, d)| !d.is_null()) {
+        as_typed_reads(d, |path| {
+            spellings
+                .get_or_insert_with(|| Spellings::of(text))
+                .get(i, path)
+                .cloned()
+        })
+        .map_err(|(at, message)| located(file, text, at.line, at.column, message))?;
     }
     Ok(docs)
 }
 
-/// Turn each number or boolean that the schema wants as a string into that string, as the
-/// typed reading does (at most 256 of them; anything else wrong is left for the checks).
-fn as_typed_reads(doc: &mut serde_json::Value) {
+/// Turn each number, boolean or non-finite float that the schema wants as a string into
+/// that string, spelled as `spelling(path)` gives it (at most 256 of them; anything else
+/// wrong is left for the checks). A non-finite float where a number is wanted is refused
+/// where it is written.
+fn as_typed_reads(
+    doc: &mut serde_json::Value,
+    mut spelling: impl FnMut(&[Seg]) -> Option<Spelled>,
+) -> Result<(), (Spelled, String)> {
     use serde_json::Value;
     for _ in 0..256 {
         let Err(e) = serde_path_to_error::deserialize::<_, Resource>(&*doc) else {
-            return;
+            return Ok(());
         };
         let message = e.inner().to_string();
-        let scalar = ["integer", "boolean", "floating point"]
+        let scalar = ["integer", "boolean", "floating point", "null"]
             .iter()
             .any(|t| message.starts_with(&format!("invalid type: {t}")));
-        if !scalar || !message.contains("expected a string") {
-            return;
+        if !scalar {
+            return Ok(());
+        }
+        let mut path = Vec::new();
+        for seg in e.path().iter() {
+            path.push(match seg {
+                serde_path_to_error::Segment::Map { key } => Seg::Key(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Seg::Index(*index),
+                _ => return Ok(()),
+            });
         }
         let mut at = &mut *doc;
-        for seg in e.path().iter() {
+        for seg in &path {
             at = match (seg, at) {
-                (serde_path_to_error::Segment::Map { key }, Value::Object(m)) => {
-                    match m.get_mut(key) {
-                        Some(v) => v,
-                        None => return,
-                    }
-                }
-                (serde_path_to_error::Segment::Seq { index }, Value::Array(a)) => {
-                    match a.get_mut(*index) {
-                        Some(v) => v,
-                        None => return,
-                    }
-                }
-                _ => return,
+                (Seg::Key(key), Value::Object(m)) => match m.get_mut(key) {
+                    Some(v) => v,
+                    None => return Ok(()),
+                },
+                (Seg::Index(i), Value::Array(a)) => match a.get_mut(*i) {
+                    Some(v) => v,
+                    None => return Ok(()),
+                },
+                _ => return Ok(()),
             };
         }
-        *at = match at {
-            Value::Number(n) => Value::String(n.to_string()),
-            Value::Bool(b) => Value::String(b.to_string()),
-            _ => return,
+        // The spelling, when the source has it at this path and it reads as this value
+        // (it may not: a merge key's or an aliased mapping's scalars have other paths).
+        let written = spelling(&path).filter(|w| spelled_as(&w.text, at));
+        if !message.contains("expected a string") {
+            return match written {
+                Some(w) if at.is_null() => {
+                    let why = format!("{} is not a finite number", w.text);
+                    Err((w, why))
+                }
+                _ => Ok(()),
+            };
+        }
+        *at = match (written, &*at) {
+            (Some(w), _) => Value::String(w.text),
+            (None, Value::Number(n)) => Value::String(n.to_string()),
+            (None, Value::Bool(b)) => Value::String(b.to_string()),
+            _ => return Ok(()),
         };
+    }
+    Ok(())
+}
+
+/// Whether the plain scalar `written` reads as `value` (null for a non-finite float).
+fn spelled_as(written: &str, value: &serde_json::Value) -> bool {
+    if value.is_null() {
+        // A null that is not spelled as one was a non-finite float.
+        return !is_null(written);
+    }
+    let mut o = options();
+    o.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
+    serde_saphyr::from_str_with_options::<serde_json::Value>(written, o)
+        .ok()
+        .as_ref()
+        == Some(value)
+}
+
+/// Whether a plain scalar is spelled as YAML's null.
+fn is_null(written: &str) -> bool {
+    matches!(written.trim(), "" | "~" | "null" | "Null" | "NULL")
+}
+
+/// One step of a path inside a document.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// The text of each plain scalar in a value's place, by document (counting those
+/// `serde_saphyr` returns: not the empty ones) and path, as the typed reading meets it:
+/// through aliases and merge keys (`<<`) too. Made once per file, and only when a document
+/// needs it.
+struct Spellings(HashMap<(usize, Vec<Seg>), Spelled>);
+
+/// A plain scalar as written, and where (1-based).
+#[derive(Clone, Debug)]
+struct Spelled {
+    text: String,
+    line: u64,
+    column: u64,
+}
+
+impl Spellings {
+    fn of(text: &str) -> Self {
+        let mut walk = Walk::default();
+        for ev in serde_saphyr::granit_parser::Parser::new_from_str(text) {
+            let Ok((ev, span)) = ev else { break };
+            walk.event(ev, span.start.line() as u64, span.start.col() as u64 + 1);
+        }
+        Self(walk.found)
+    }
+
+    fn get(&self, doc: usize, path: &[Seg]) -> Option<&Spelled> {
+        self.0.get(&(doc, path.to_vec()))
+    }
+}
+
+/// The walk of the parser's events that makes [`Spellings`].
+#[derive(Default)]
+struct Walk {
+    found: HashMap<(usize, Vec<Seg>), Spelled>,
+    stack: Vec<Level>,
+    /// The document being walked, when it counts; how many counted so far; whether it has
+    /// its root node yet.
+    doc: Option<usize>,
+    docs: usize,
+    has_root: bool,
+    /// What each anchor of the document holds: the spellings of its plain scalars by path
+    /// under it (the empty path for an anchored scalar).
+    anchors: HashMap<usize, Vec<(Vec<Seg>, Spelled)>>,
+    /// The anchored collections being walked: anchor, the stack's depth inside, path.
+    open: Vec<(usize, usize, Vec<Seg>)>,
+}
+
+impl Walk {
+    fn event(&mut self, ev: serde_saphyr::granit_parser::Event<'_>, line: u64, column: u64) {
+        use serde_saphyr::granit_parser::{Event, ScalarStyle};
+        if matches!(ev, Event::DocumentStart(..)) {
+            self.stack.clear();
+            self.anchors.clear();
+            self.open.clear();
+            self.has_root = false;
+        }
+        let node = matches!(
+            ev,
+            Event::Scalar(..)
+                | Event::SequenceStart(..)
+                | Event::MappingStart(..)
+                | Event::Alias(_)
+        );
+        if node && !self.has_root {
+            self.has_root = true;
+            // serde_saphyr leaves out a document that is null (an empty one too).
+            let null = matches!(&ev, Event::Scalar(v, ScalarStyle::Plain, _, None) if is_null(v));
+            self.doc = (!null).then_some(self.docs);
+            self.docs += usize::from(!null);
+        }
+        let at_key = match self.stack.last_mut() {
+            Some(Level::Map { key, at_key }) if *at_key => {
+                // A key: the scalar it is (an alias's, the scalar it refers to).
+                *key = match &ev {
+                    Event::Scalar(v, ..) => Some(v.to_string()),
+                    Event::Alias(id) => match self.anchors.get(id).map(Vec::as_slice) {
+                        Some([(p, s)]) if p.is_empty() => Some(s.text.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                *at_key = false;
+                true
+            }
+            _ => false,
+        };
+        match ev {
+            Event::Scalar(v, style, anchor, _) if !at_key => {
+                let spelled = Spelled {
+                    text: v.to_string(),
+                    line,
+                    column,
+                };
+                let plain = matches!(style, ScalarStyle::Plain);
+                if anchor != 0 {
+                    let held = plain.then(|| (Vec::new(), spelled.clone()));
+                    self.anchors.insert(anchor, held.into_iter().collect());
+                }
+                if plain {
+                    self.record(Vec::new(), spelled);
+                }
+                end_value(&mut self.stack);
+            }
+            Event::Alias(id) if !at_key => {
+                for (under, spelled) in self.anchors.get(&id).cloned().unwrap_or_default() {
+                    self.record(under, spelled);
+                }
+                end_value(&mut self.stack);
+            }
+            Event::MappingStart(_, anchor, _) | Event::SequenceStart(_, anchor, _) => {
+                if let (true, Some(p)) = (anchor != 0, self.path()) {
+                    self.anchors.insert(anchor, Vec::new());
+                    self.open.push((anchor, self.stack.len() + 1, p));
+                }
+                self.stack.push(match ev {
+                    Event::MappingStart(..) => Level::Map {
+                        key: None,
+                        at_key: true,
+                    },
+                    _ => Level::Seq { index: 0 },
+                });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+                let depth = self.stack.len();
+                self.open.retain(|(_, d, _)| *d <= depth);
+                end_value(&mut self.stack);
+            }
+            _ => {}
+        }
+    }
+
+    /// The path of the node the walk is at (none inside a key that is not a scalar).
+    fn path(&self) -> Option<Vec<Seg>> {
+        self.stack
+            .iter()
+            .map(|l| match l {
+                Level::Map {
+                    key: Some(k),
+                    at_key: false,
+                } => Some(Seg::Key(k.clone())),
+                Level::Map { .. } => None,
+                Level::Seq { index } => Some(Seg::Index(*index)),
+            })
+            .collect()
+    }
+
+    /// A plain scalar at `under` the node the walk is at: for the anchors it is in, and for
+    /// the document at its path as read, where a merge key's (`<<`) entries do not replace
+    /// the mapping's own.
+    fn record(&mut self, under: Vec<Seg>, spelled: Spelled) {
+        let Some(mut at) = self.path() else { return };
+        at.extend(under);
+        for (id, _, base) in &self.open {
+            if let (Some(held), Some(rest)) = (self.anchors.get_mut(id), at.strip_prefix(&base[..]))
+            {
+                held.push((rest.to_vec(), spelled.clone()));
+            }
+        }
+        let Some(doc) = self.doc else { return };
+        let mut read = Vec::with_capacity(at.len());
+        let mut merged = false;
+        let mut segs = at.into_iter().peekable();
+        while let Some(seg) = segs.next() {
+            if seg == Seg::Key("<<".into()) {
+                merged = true;
+                // `<<: [*a, *b]` merges each mapping of the sequence.
+                segs.next_if(|s| matches!(s, Seg::Index(_)));
+            } else {
+                read.push(seg);
+            }
+        }
+        let entry = self.found.entry((doc, read));
+        if merged {
+            entry.or_insert(spelled);
+        } else {
+            entry.insert_entry(spelled);
+        }
     }
 }
 
@@ -77,7 +317,18 @@ fn syntax(file: &str, text: &str, e: serde_saphyr::Error) -> ConfigError {
         .location()
         .map(|l| (l.line(), l.column()))
         .unwrap_or((0, 0));
-    let message = bare_message(&first_line(&e.to_string()));
+    located(
+        file,
+        text,
+        line,
+        column,
+        bare_message(&first_line(&e.to_string())),
+    )
+}
+
+/// An error at `line`:`column` of `text`, its message prefixed with the resource and the
+/// field there.
+fn located(file: &str, text: &str, line: u64, column: u64, message: String) -> ConfigError {
     // Name the field the error is at, and the resource it belongs to. A missing field is
     // reported at the last key of the mapping that lacks it: name that mapping.
     let message = match field_at(text, line, column) {
@@ -323,6 +574,74 @@ mod tests {
         let read = resource_from_json("f", &values[0]).expect("reads back");
         assert_eq!(read.metadata.labels, typed[0].metadata.labels);
         assert_eq!(read.id(), typed[0].id());
+        // Found by the same target: `name: n` was stored as "false" (YAML 1.1 reads `n` as a
+        // boolean), and `1.10` as "1.1": another name and label than the ones checked. Each
+        // is stored as spelled, also through an anchor and in a later document after an
+        // empty one.
+        let spelled = [
+            "n", "yes", "1.10", "0x1F", "1e3", ".inf", "007", "+5", "1_000", "-0.0",
+        ];
+        let labels: Vec<String> = spelled
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("l{i}: {v}"))
+            .collect();
+        let text = format!(
+            "---\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {{ name: n, namespace: &ns 1.10, labels: {{ {}, alias: *ns }} }}\nspec: {{ address: 127.0.0.1 }}\n",
+            labels.join(", ")
+        );
+        let typed = parse_documents("f", &text).unwrap();
+        let values = parse_values("f", &text).unwrap();
+        let read = resource_from_json("f", &values[0]).expect("reads back");
+        assert_eq!(read.id().to_string(), "1.10/n");
+        assert_eq!(read.id(), typed[0].id());
+        assert_eq!(read.metadata.labels, typed[0].metadata.labels);
+        for (i, v) in spelled.iter().enumerate() {
+            assert_eq!(read.metadata.labels[&format!("l{i}")], *v);
+        }
+        assert_eq!(read.metadata.labels["alias"], "1.10");
+        // Through merge keys and aliased mappings too: a mapping's own key wins over a
+        // merged one, whichever comes first, and the first of merged mappings wins.
+        let text = "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata:\n  <<: [{ name: off, labels: &l { a: 1.10, b: no } }, { name: on, namespace: 0x1F }]\n  labels:\n    <<: *l\n    b: n\n    c: 1.20\nspec: { address: 127.0.0.1 }\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { <<: { name: n, labels: &l2 { d: 1.30, e: 1.40 } }, name: y, labels: { <<: *l2, e: 1.50 } }\nspec: { address: 127.0.0.1 }\n";
+        let typed = parse_documents("f", text).unwrap();
+        let values = parse_values("f", text).unwrap();
+        for (t, v) in typed.iter().zip(&values) {
+            let read = resource_from_json("f", v).expect("reads back");
+            assert_eq!(
+                (read.id(), &read.metadata.labels),
+                (t.id(), &t.metadata.labels)
+            );
+        }
+        assert_eq!(values[0]["metadata"]["name"], "off");
+        assert_eq!(values[0]["metadata"]["namespace"], "0x1F");
+        assert_eq!(
+            values[0]["metadata"]["labels"],
+            serde_json::json!({ "a": "1.10", "b": "n", "c": "1.20" })
+        );
+        assert_eq!(values[1]["metadata"]["name"], "y");
+        assert_eq!(
+            values[1]["metadata"]["labels"],
+            serde_json::json!({ "d": "1.30", "e": "1.50" })
+        );
+        // Where a number is wanted, a non-finite one (JSON has none) is refused where it is
+        // written, as before the values were read with non-finite floats let through.
+        let text = "apiVersion: trellis.dev/v1alpha1\nkind: Rollout\nmetadata: { name: web, namespace: shop }\nspec:\n  service: web\n  stable: web-v1\n  canary: web-v2\n  analysis: { maxLatencyRatio: 2, maxErrorRateIncrease: .nan }\n";
+        parse_documents("f", text).expect("the typed reading takes NaN (the checks refuse it)");
+        match parse_values("f", text).unwrap_err() {
+            ConfigError::Syntax {
+                line,
+                column,
+                message,
+                ..
+            } => {
+                assert_eq!((line, column), (8, 57));
+                assert_eq!(
+                    message,
+                    "Rollout shop/web: spec.analysis.maxErrorRateIncrease: .nan is not a finite number"
+                );
+            }
+            e => panic!("{e}"),
+        }
         // Numbers where numbers are wanted stay numbers.
         let svc = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: s }\nspec:\n  selector: { app: s }\n  ports: [{ port: 80 }]\n";
         assert_eq!(
