@@ -148,7 +148,13 @@ struct Spelled {
 
 impl Spellings {
     fn of(text: &str) -> Self {
-        let mut walk = Walk::default();
+        // What anchors hold and aliases repeat is kept up to the file's size in spellings
+        // (nested anchors and aliases could make it grow faster than the file: serde_saphyr
+        // bounds what it replays, this what the walk keeps of it).
+        let mut walk = Walk {
+            repeats_left: text.len(),
+            ..Walk::default()
+        };
         for ev in serde_saphyr::granit_parser::Parser::new_from_str(text) {
             let Ok((ev, span)) = ev else { break };
             walk.event(ev, span.start.line() as u64, span.start.col() as u64 + 1);
@@ -176,6 +182,8 @@ struct Walk {
     anchors: HashMap<usize, Vec<(Vec<Seg>, Spelled)>>,
     /// The anchored collections being walked: anchor, the stack's depth inside, path.
     open: Vec<(usize, usize, Vec<Seg>)>,
+    /// How many more spellings anchors may hold and aliases repeat.
+    repeats_left: usize,
 }
 
 impl Walk {
@@ -235,8 +243,12 @@ impl Walk {
                 end_value(&mut self.stack);
             }
             Event::Alias(id) if !at_key => {
-                for (under, spelled) in self.anchors.get(&id).cloned().unwrap_or_default() {
-                    self.record(under, spelled);
+                let n = self.anchors.get(&id).map_or(0, Vec::len);
+                if let Some(left) = self.repeats_left.checked_sub(n) {
+                    self.repeats_left = left;
+                    for (under, spelled) in self.anchors.get(&id).cloned().unwrap_or_default() {
+                        self.record(under, spelled);
+                    }
                 }
                 end_value(&mut self.stack);
             }
@@ -285,8 +297,12 @@ impl Walk {
         let Some(mut at) = self.path() else { return };
         at.extend(under);
         for (id, _, base) in &self.open {
-            if let (Some(held), Some(rest)) = (self.anchors.get_mut(id), at.strip_prefix(&base[..]))
-            {
+            if let (Some(held), Some(rest), Some(left)) = (
+                self.anchors.get_mut(id),
+                at.strip_prefix(&base[..]),
+                self.repeats_left.checked_sub(1),
+            ) {
+                self.repeats_left = left;
                 held.push((rest.to_vec(), spelled.clone()));
             }
         }
@@ -717,6 +733,32 @@ mod tests {
             resource_from_json("f", &ok).unwrap().id().to_string(),
             "shop/w"
         );
+    }
+
+    #[test]
+    fn what_aliases_repeat_is_kept_up_to_the_files_size() {
+        // Ten levels of ten aliases each would be 10^10 spellings.
+        let mut text = "a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n".to_string();
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            text += &format!("a{i}: &a{i} [{refs}]\n");
+        }
+        let s = Spellings::of(&text);
+        assert!(
+            s.0.len() <= 2 * text.len(),
+            "{} of {}",
+            s.0.len(),
+            text.len()
+        );
+        // What fits is kept: the first level, and the first copies of it.
+        assert_eq!(
+            s.get(0, &[Seg::Key("a0".into()), Seg::Index(9)])
+                .unwrap()
+                .text,
+            "10"
+        );
+        let at = [Seg::Key("a1".into()), Seg::Index(0), Seg::Index(9)];
+        assert_eq!(s.get(0, &at).unwrap().text, "10");
     }
 
     #[test]
