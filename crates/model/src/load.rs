@@ -132,13 +132,30 @@ enum Seg {
     Index(usize),
 }
 
-/// The text of each plain scalar in a value's place, by document (counting those
-/// `serde_saphyr` returns: not the empty ones) and path, as the typed reading meets it:
-/// through aliases and merge keys (`<<`) too. Made once per file, and only when a document
-/// needs it.
-struct Spellings(HashMap<(usize, Vec<Seg>), Spelled>);
+/// Each document's nodes as the parser gives them, aliases left as they are written: where
+/// the typed reading meets a plain scalar, looked up by path through aliases and merge keys
+/// (`<<`). As large as the file's events (an alias is one node however much it repeats);
+/// made once per file, and only when a document needs it.
+struct Spellings {
+    nodes: Vec<Node>,
+    /// The root node of each document serde_saphyr returns (it leaves out the null ones).
+    roots: Vec<usize>,
+}
 
-/// A plain scalar as written, and where (1-based).
+/// A node of [`Spellings`].
+enum Node {
+    Scalar {
+        spelled: Spelled,
+        plain: bool,
+    },
+    /// Each key (its text; none for a key that is not a scalar) and its value.
+    Map(Vec<(Option<String>, usize)>),
+    Seq(Vec<usize>),
+    /// The node the alias's anchor is on (none: an unknown anchor).
+    Alias(Option<usize>),
+}
+
+/// A scalar as written, and where (1-based).
 #[derive(Clone, Debug)]
 struct Spelled {
     text: String,
@@ -146,184 +163,142 @@ struct Spelled {
     column: u64,
 }
 
+/// How many merge keys a lookup follows through (a mapping may merge itself).
+const MERGE_DEPTH: usize = 64;
+
 impl Spellings {
     fn of(text: &str) -> Self {
-        // What anchors hold and aliases repeat is kept up to the file's size in spellings
-        // (nested anchors and aliases could make it grow faster than the file: serde_saphyr
-        // bounds what it replays, this what the walk keeps of it).
-        let mut walk = Walk {
-            repeats_left: text.len(),
-            ..Walk::default()
+        use serde_saphyr::granit_parser::{Event, Parser, ScalarStyle};
+        let mut this = Self {
+            nodes: Vec::new(),
+            roots: Vec::new(),
         };
-        for ev in serde_saphyr::granit_parser::Parser::new_from_str(text) {
+        let mut anchors: HashMap<usize, usize> = HashMap::new();
+        // The collections open, each with (for a mapping) the key that waits for its value.
+        let mut open: Vec<(usize, Option<Option<String>>)> = Vec::new();
+        let mut has_root = false;
+        for ev in Parser::new_from_str(text) {
             let Ok((ev, span)) = ev else { break };
-            walk.event(ev, span.start.line() as u64, span.start.col() as u64 + 1);
+            let (node, anchor, collection) = match ev {
+                Event::DocumentStart(..) => {
+                    open.clear();
+                    anchors.clear();
+                    has_root = false;
+                    continue;
+                }
+                Event::Scalar(v, style, anchor, tag) => {
+                    let plain = matches!(style, ScalarStyle::Plain);
+                    // serde_saphyr leaves out a document that is null (an empty one too).
+                    if !has_root && plain && tag.is_none() && is_null(&v) {
+                        has_root = true;
+                        continue;
+                    }
+                    let spelled = Spelled {
+                        text: v.into_owned(),
+                        line: span.start.line() as u64,
+                        column: span.start.col() as u64 + 1,
+                    };
+                    (Node::Scalar { spelled, plain }, anchor, false)
+                }
+                Event::Alias(id) => (Node::Alias(anchors.get(&id).copied()), 0, false),
+                Event::MappingStart(_, anchor, _) => (Node::Map(Vec::new()), anchor, true),
+                Event::SequenceStart(_, anchor, _) => (Node::Seq(Vec::new()), anchor, true),
+                Event::MappingEnd | Event::SequenceEnd => {
+                    open.pop();
+                    continue;
+                }
+                _ => continue,
+            };
+            let i = this.nodes.len();
+            this.nodes.push(node);
+            if anchor != 0 {
+                anchors.insert(anchor, i);
+            }
+            match open.last_mut() {
+                None if !has_root => {
+                    has_root = true;
+                    this.roots.push(i);
+                }
+                None => {}
+                Some((parent, waiting)) => match (&mut this.nodes[*parent], waiting.take()) {
+                    (Node::Map(entries), Some(key)) => entries.push((key, i)),
+                    (Node::Map(_), None) => *waiting = Some(this.key_of(i)),
+                    (Node::Seq(items), _) => items.push(i),
+                    _ => {}
+                },
+            }
+            if collection {
+                open.push((i, None));
+            }
         }
-        Self(walk.found)
+        this
     }
 
+    /// A key's text: a scalar's, or the scalar an alias refers to.
+    fn key_of(&self, i: usize) -> Option<String> {
+        match &self.nodes[self.resolve(i)] {
+            Node::Scalar { spelled, .. } => Some(spelled.text.clone()),
+            _ => None,
+        }
+    }
+
+    /// The node an alias stands for (any other node is itself).
+    fn resolve(&self, i: usize) -> usize {
+        match self.nodes[i] {
+            Node::Alias(Some(to)) => to,
+            _ => i,
+        }
+    }
+
+    /// The plain scalar at `path` of document `doc`, as the typed reading meets it.
     fn get(&self, doc: usize, path: &[Seg]) -> Option<&Spelled> {
-        self.0.get(&(doc, path.to_vec()))
+        let mut at = *self.roots.get(doc)?;
+        for seg in path {
+            at = self.child(at, seg, 0)?;
+        }
+        match &self.nodes[self.resolve(at)] {
+            Node::Scalar {
+                spelled,
+                plain: true,
+            } => Some(spelled),
+            _ => None,
+        }
     }
-}
 
-/// The walk of the parser's events that makes [`Spellings`].
-#[derive(Default)]
-struct Walk {
-    found: HashMap<(usize, Vec<Seg>), Spelled>,
-    stack: Vec<Level>,
-    /// The document being walked, when it counts; how many counted so far; whether it has
-    /// its root node yet.
-    doc: Option<usize>,
-    docs: usize,
-    has_root: bool,
-    /// What each anchor of the document holds: the spellings of its plain scalars by path
-    /// under it (the empty path for an anchored scalar).
-    anchors: HashMap<usize, Vec<(Vec<Seg>, Spelled)>>,
-    /// The anchored collections being walked: anchor, the stack's depth inside, path.
-    open: Vec<(usize, usize, Vec<Seg>)>,
-    /// How many more spellings anchors may hold and aliases repeat.
-    repeats_left: usize,
-}
-
-impl Walk {
-    fn event(&mut self, ev: serde_saphyr::granit_parser::Event<'_>, line: u64, column: u64) {
-        use serde_saphyr::granit_parser::{Event, ScalarStyle};
-        if matches!(ev, Event::DocumentStart(..)) {
-            self.stack.clear();
-            self.anchors.clear();
-            self.open.clear();
-            self.has_root = false;
-        }
-        let node = matches!(
-            ev,
-            Event::Scalar(..)
-                | Event::SequenceStart(..)
-                | Event::MappingStart(..)
-                | Event::Alias(_)
-        );
-        if node && !self.has_root {
-            self.has_root = true;
-            // serde_saphyr leaves out a document that is null (an empty one too).
-            let null = matches!(&ev, Event::Scalar(v, ScalarStyle::Plain, _, None) if is_null(v));
-            self.doc = (!null).then_some(self.docs);
-            self.docs += usize::from(!null);
-        }
-        let at_key = match self.stack.last_mut() {
-            Some(Level::Map { key, at_key }) if *at_key => {
-                // A key: the scalar it is (an alias's, the scalar it refers to).
-                *key = match &ev {
-                    Event::Scalar(v, ..) => Some(v.to_string()),
-                    Event::Alias(id) => match self.anchors.get(id).map(Vec::as_slice) {
-                        Some([(p, s)]) if p.is_empty() => Some(s.text.clone()),
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                *at_key = false;
-                true
-            }
-            _ => false,
-        };
-        match ev {
-            Event::Scalar(v, style, anchor, _) if !at_key => {
-                let spelled = Spelled {
-                    text: v.to_string(),
-                    line,
-                    column,
-                };
-                let plain = matches!(style, ScalarStyle::Plain);
-                if anchor != 0 {
-                    let held = plain.then(|| (Vec::new(), spelled.clone()));
-                    self.anchors.insert(anchor, held.into_iter().collect());
+    /// The child `seg` of node `i`: a mapping's own key (the last of that name) before what
+    /// its merge keys bring, those in order (`<<: [*a, *b]`: `a`'s before `b`'s).
+    fn child(&self, i: usize, seg: &Seg, merges: usize) -> Option<usize> {
+        match (&self.nodes[self.resolve(i)], seg) {
+            (Node::Seq(items), Seg::Index(n)) => items.get(*n).copied(),
+            (Node::Map(entries), Seg::Key(k)) => {
+                let own = entries
+                    .iter()
+                    .rev()
+                    .find(|(key, _)| key.as_ref() == Some(k));
+                if let Some((_, v)) = own.filter(|_| k != "<<") {
+                    return Some(*v);
                 }
-                if plain {
-                    self.record(Vec::new(), spelled);
+                if merges >= MERGE_DEPTH {
+                    return None;
                 }
-                end_value(&mut self.stack);
-            }
-            Event::Alias(id) if !at_key => {
-                let n = self.anchors.get(&id).map_or(0, Vec::len);
-                if let Some(left) = self.repeats_left.checked_sub(n) {
-                    self.repeats_left = left;
-                    for (under, spelled) in self.anchors.get(&id).cloned().unwrap_or_default() {
-                        self.record(under, spelled);
+                let merged = entries
+                    .iter()
+                    .filter(|(key, _)| key.as_deref() == Some("<<"));
+                for (_, v) in merged {
+                    let sources = match &self.nodes[self.resolve(*v)] {
+                        Node::Seq(items) => items.clone(),
+                        _ => vec![*v],
+                    };
+                    if let Some(c) = sources
+                        .into_iter()
+                        .find_map(|s| self.child(s, seg, merges + 1))
+                    {
+                        return Some(c);
                     }
                 }
-                end_value(&mut self.stack);
+                None
             }
-            Event::MappingStart(_, anchor, _) | Event::SequenceStart(_, anchor, _) => {
-                if let (true, Some(p)) = (anchor != 0, self.path()) {
-                    self.anchors.insert(anchor, Vec::new());
-                    self.open.push((anchor, self.stack.len() + 1, p));
-                }
-                self.stack.push(match ev {
-                    Event::MappingStart(..) => Level::Map {
-                        key: None,
-                        at_key: true,
-                    },
-                    _ => Level::Seq { index: 0 },
-                });
-            }
-            Event::MappingEnd | Event::SequenceEnd => {
-                self.stack.pop();
-                let depth = self.stack.len();
-                self.open.retain(|(_, d, _)| *d <= depth);
-                end_value(&mut self.stack);
-            }
-            _ => {}
-        }
-    }
-
-    /// The path of the node the walk is at (none inside a key that is not a scalar).
-    fn path(&self) -> Option<Vec<Seg>> {
-        self.stack
-            .iter()
-            .map(|l| match l {
-                Level::Map {
-                    key: Some(k),
-                    at_key: false,
-                } => Some(Seg::Key(k.clone())),
-                Level::Map { .. } => None,
-                Level::Seq { index } => Some(Seg::Index(*index)),
-            })
-            .collect()
-    }
-
-    /// A plain scalar at `under` the node the walk is at: for the anchors it is in, and for
-    /// the document at its path as read, where a merge key's (`<<`) entries do not replace
-    /// the mapping's own.
-    fn record(&mut self, under: Vec<Seg>, spelled: Spelled) {
-        let Some(mut at) = self.path() else { return };
-        at.extend(under);
-        for (id, _, base) in &self.open {
-            if let (Some(held), Some(rest), Some(left)) = (
-                self.anchors.get_mut(id),
-                at.strip_prefix(&base[..]),
-                self.repeats_left.checked_sub(1),
-            ) {
-                self.repeats_left = left;
-                held.push((rest.to_vec(), spelled.clone()));
-            }
-        }
-        let Some(doc) = self.doc else { return };
-        let mut read = Vec::with_capacity(at.len());
-        let mut merged = false;
-        let mut segs = at.into_iter().peekable();
-        while let Some(seg) = segs.next() {
-            if seg == Seg::Key("<<".into()) {
-                merged = true;
-                // `<<: [*a, *b]` merges each mapping of the sequence.
-                segs.next_if(|s| matches!(s, Seg::Index(_)));
-            } else {
-                read.push(seg);
-            }
-        }
-        let entry = self.found.entry((doc, read));
-        if merged {
-            entry.or_insert(spelled);
-        } else {
-            entry.insert_entry(spelled);
+            _ => None,
         }
     }
 }
@@ -736,29 +711,24 @@ mod tests {
     }
 
     #[test]
-    fn what_aliases_repeat_is_kept_up_to_the_files_size() {
-        // Ten levels of ten aliases each would be 10^10 spellings.
+    fn spellings_are_as_large_as_the_file_however_much_aliases_repeat() {
+        // Ten levels of ten aliases each: 10^10 scalars as the typed reading meets them.
         let mut text = "a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n".to_string();
         for i in 1..10 {
             let refs = vec![format!("*a{}", i - 1); 10].join(", ");
             text += &format!("a{i}: &a{i} [{refs}]\n");
         }
         let s = Spellings::of(&text);
-        assert!(
-            s.0.len() <= 2 * text.len(),
-            "{} of {}",
-            s.0.len(),
-            text.len()
-        );
-        // What fits is kept: the first level, and the first copies of it.
+        assert!(s.nodes.len() <= text.len(), "{} nodes", s.nodes.len());
+        // Each is found, through every level.
+        let mut at = vec![Seg::Key("a9".into())];
+        at.extend((0..9).map(Seg::Index));
+        at.push(Seg::Index(4));
+        let found = s.get(0, &at).unwrap();
         assert_eq!(
-            s.get(0, &[Seg::Key("a0".into()), Seg::Index(9)])
-                .unwrap()
-                .text,
-            "10"
+            (found.text.as_str(), found.line, found.column),
+            ("5", 1, 22)
         );
-        let at = [Seg::Key("a1".into()), Seg::Index(0), Seg::Index(9)];
-        assert_eq!(s.get(0, &at).unwrap().text, "10");
     }
 
     #[test]
