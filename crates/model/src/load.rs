@@ -163,7 +163,8 @@ struct Spelled {
     column: u64,
 }
 
-/// How many merge keys a lookup follows through (a mapping may merge itself).
+/// How deep a lookup follows merge keys (serde_saphyr refuses a mapping that merges itself;
+/// this bounds the lookup whatever the parser's events say).
 const MERGE_DEPTH: usize = 64;
 
 impl Spellings {
@@ -285,15 +286,14 @@ impl Spellings {
                     .iter()
                     .filter(|(key, _)| key.as_deref() == Some("<<"));
                 for (_, v) in merged {
-                    let sources = match &self.nodes[self.resolve(*v)] {
-                        Node::Seq(items) => items.clone(),
-                        _ => vec![*v],
+                    let found = match &self.nodes[self.resolve(*v)] {
+                        Node::Seq(items) => {
+                            items.iter().find_map(|s| self.child(*s, seg, merges + 1))
+                        }
+                        _ => self.child(*v, seg, merges + 1),
                     };
-                    if let Some(c) = sources
-                        .into_iter()
-                        .find_map(|s| self.child(s, seg, merges + 1))
-                    {
-                        return Some(c);
+                    if found.is_some() {
+                        return found;
                     }
                 }
                 None
