@@ -43,15 +43,19 @@ pub fn parse_values(file: &str, text: &str) -> Result<Vec<serde_json::Value>, Co
 }
 
 /// Turn each number, boolean or non-finite float that the schema wants as a string into
-/// that string, spelled as `spelling(path)` gives it (at most 256 of them; anything else
-/// wrong is left for the checks). A non-finite float where a number is wanted is refused
-/// where it is written.
+/// that string, spelled as `spelling(path)` gives it; anything else wrong is left for the
+/// checks. A non-finite float where a number is wanted is refused where it is written.
+///
+/// Each pass reads the document once and mends what the first error names: a sequence's
+/// items all at once (the schema wants each as a string), a mapping's one value. At most
+/// [`MENDS`] passes a document, so a document with more scalars to mend (outside
+/// sequences) is not mended whole, and `apply` refuses it as it does not read back.
 fn as_typed_reads(
     doc: &mut serde_json::Value,
     mut spelling: impl FnMut(&[Seg]) -> Option<Spelled>,
 ) -> Result<(), (Spelled, String)> {
     use serde_json::Value;
-    for _ in 0..256 {
+    for _ in 0..MENDS {
         let Err(e) = serde_path_to_error::deserialize::<_, Resource>(&*doc) else {
             return Ok(());
         };
@@ -70,8 +74,11 @@ fn as_typed_reads(
                 _ => return Ok(()),
             });
         }
+        let Some((last, parent)) = path.split_last() else {
+            return Ok(());
+        };
         let mut at = &mut *doc;
-        for seg in &path {
+        for seg in parent {
             at = match (seg, at) {
                 (Seg::Key(key), Value::Object(m)) => match m.get_mut(key) {
                     Some(v) => v,
@@ -84,26 +91,60 @@ fn as_typed_reads(
                 _ => return Ok(()),
             };
         }
-        // The spelling, when the source has it at this path and it reads as this value
-        // (it may not: a merge key's or an aliased mapping's scalars have other paths).
-        let written = spelling(&path).filter(|w| spelled_as(&w.text, at));
         if !message.contains("expected a string") {
-            return match written {
-                Some(w) if at.is_null() => {
+            // A number is wanted: null here is a non-finite float, which JSON cannot hold.
+            let value = match (last, &*at) {
+                (Seg::Key(k), Value::Object(m)) => m.get(k),
+                (Seg::Index(i), Value::Array(a)) => a.get(*i),
+                _ => None,
+            };
+            return match (value, spelling(&path)) {
+                (Some(v), Some(w)) if v.is_null() && spelled_as(&w.text, v) => {
                     let why = format!("{} is not a finite number", w.text);
                     Err((w, why))
                 }
                 _ => Ok(()),
             };
         }
-        *at = match (written, &*at) {
-            (Some(w), _) => Value::String(w.text),
-            (None, Value::Number(n)) => Value::String(n.to_string()),
-            (None, Value::Bool(b)) => Value::String(b.to_string()),
-            _ => return Ok(()),
+        let mended = match (last, at) {
+            (Seg::Key(k), Value::Object(m)) => match m.get_mut(k) {
+                Some(v) => as_string(v, spelling(&path)),
+                None => false,
+            },
+            (Seg::Index(_), Value::Array(items)) => {
+                let mut item_path = path.clone();
+                let mut any = false;
+                for (j, v) in items.iter_mut().enumerate() {
+                    if let Some(Seg::Index(n)) = item_path.last_mut() {
+                        *n = j;
+                    }
+                    any |= !v.is_string() && as_string(v, spelling(&item_path));
+                }
+                any
+            }
+            _ => false,
         };
+        if !mended {
+            return Ok(());
+        }
     }
     Ok(())
+}
+
+/// How many passes [`as_typed_reads`] makes over one document.
+const MENDS: usize = 4096;
+
+/// Make `v` (a number, boolean or non-finite float) the string it is `written` as, or (no
+/// spelling that reads as it) its own; whether it was.
+fn as_string(v: &mut serde_json::Value, written: Option<Spelled>) -> bool {
+    use serde_json::Value;
+    *v = match (written.filter(|w| spelled_as(&w.text, v)), &*v) {
+        (Some(w), _) => Value::String(w.text),
+        (None, Value::Number(n)) => Value::String(n.to_string()),
+        (None, Value::Bool(b)) => Value::String(b.to_string()),
+        _ => return false,
+    };
+    true
 }
 
 /// Whether the plain scalar `written` reads as `value` (null for a non-finite float).
@@ -708,6 +749,24 @@ mod tests {
             resource_from_json("f", &ok).unwrap().id().to_string(),
             "shop/w"
         );
+    }
+
+    #[test]
+    fn many_scalars_to_mend_in_one_document_are_mended() {
+        // A sequence's items are mended in one pass, so 5,000 of them are; and 1,000 labels.
+        let hosts: Vec<String> = (0..5000).map(|i| format!("{i}.{i}0")).collect();
+        let labels: Vec<String> = (0..1000).map(|i| format!("l{i}: {i}.0")).collect();
+        let text = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: r, namespace: shop, labels: {{ {} }} }}\nspec:\n  parentRefs: [{{ kind: Service, name: a }}]\n  hostnames: [{}]\n  rules: []\n",
+            labels.join(", "),
+            hosts.join(", ")
+        );
+        let typed = parse_documents("f", &text).unwrap();
+        let values = parse_values("f", &text).unwrap();
+        let read = resource_from_json("f", &values[0]).expect("reads back");
+        assert_eq!(read.metadata.labels, typed[0].metadata.labels);
+        assert_eq!(read.metadata.labels["l7"], "7.0");
+        assert_eq!(values[0]["spec"]["hostnames"][4999], "4999.49990");
     }
 
     #[test]
