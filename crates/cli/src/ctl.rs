@@ -337,8 +337,12 @@ pub(crate) async fn get(conn: &Conn, target: Target, o: Output) -> Result<()> {
         Some(_) => {
             let (path, _) = target.one("get")?;
             let mut v = api.call(Method::GET, &path, None).await?;
+            // The resource as `apply` takes it back: not what the API adds for `describe`
+            // (the proxies using it, a Service's rollouts, a Workload's events).
             if let Some(obj) = v.as_object_mut() {
-                obj.remove("usedBy");
+                for added in ["usedBy", "rollouts", "events"] {
+                    obj.remove(added);
+                }
             }
             // One named resource is one object, as kubectl prints it; a list is an array.
             if matches!(o, Output::Json) {
@@ -431,6 +435,19 @@ pub(crate) async fn describe(conn: &Conn, target: Target) -> Result<()> {
             crate::shift::print_status(r, now);
         }
     }
+    if let Some(es) = v["events"].as_array().filter(|es| !es.is_empty()) {
+        println!("Events (the last hour):");
+        let now = trellis_telemetry::now_ms();
+        for e in es {
+            println!(
+                "  {:>8} ago  {}",
+                trellis_telemetry::diagnose::ago(
+                    now.saturating_sub(e["atMs"].as_u64().unwrap_or(now))
+                ),
+                event_text(e)
+            );
+        }
+    }
     let used: Vec<&str> = v["usedBy"]
         .as_array()
         .into_iter()
@@ -446,6 +463,28 @@ pub(crate) async fn describe(conn: &Conn, target: Target) -> Result<()> {
         }
     );
     Ok(())
+}
+
+/// One of a Workload's events as `describe` prints it: what happened, and for an ejection
+/// who ejected which endpoint, for how long and after what.
+fn event_text(e: &Value) -> String {
+    let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+    match s("event").as_str() {
+        "ejected" => format!(
+            "ejected by {}'s proxy: endpoint {} for {} s, after {} {} failures",
+            s("by"),
+            s("endpoint"),
+            e["seconds"].as_u64().unwrap_or(0),
+            e["failures"].as_u64().unwrap_or(0),
+            s("class")
+        ),
+        "let back in" => format!(
+            "let back in by {}'s proxy: endpoint {}",
+            s("by"),
+            s("endpoint")
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// `trellis status`: every connected proxy, like `istioctl proxy-status`.

@@ -904,6 +904,22 @@ async fn a_label_written_as_a_number_is_stored_and_served_as_a_string() {
     .unwrap();
     assert_eq!(w["metadata"]["labels"]["version"], "1.10", "{w}");
     assert_eq!(w["metadata"]["labels"]["canary"], "no", "{w}");
+    // What `get -o yaml` prints applies back as it is, spellings kept: not the events the
+    // API adds to a Workload (apply refused them: "unknown field `events`"), which
+    // `describe` prints.
+    let y = ok(cli(
+        &cp,
+        &["get", "workload", "svc-a-0", "-n", "test", "-o", "yaml"],
+    ));
+    assert!(y.contains("version: \"1.10\""), "{y}");
+    apply(&cp, &y);
+    let d = ok(cli(&cp, &["describe", "workload", "svc-a-0", "-n", "test"]));
+    assert!(
+        d.lines()
+            .skip_while(|l| !l.starts_with("Events"))
+            .any(|l| l.trim_end().ends_with("ago  joined")),
+        "{d}"
+    );
     let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
     p.wait_ready().await;
     assert_eq!(
