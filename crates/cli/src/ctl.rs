@@ -390,6 +390,20 @@ pub(crate) async fn describe(conn: &Conn, target: Target) -> Result<()> {
         "Namespace:  {}",
         v["metadata"]["namespace"].as_str().unwrap_or_default()
     );
+    let labels: Vec<String> = v["metadata"]["labels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, l)| format!("{k}={}", l.as_str().unwrap_or_default()))
+        .collect();
+    println!(
+        "Labels:     {}",
+        if labels.is_empty() {
+            "(none)".to_string()
+        } else {
+            labels.join(", ")
+        }
+    );
     println!(
         "Version:    {}",
         v["metadata"]["resourceVersion"]

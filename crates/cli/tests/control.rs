@@ -916,6 +916,11 @@ async fn a_label_written_as_a_number_is_stored_and_served_as_a_string() {
     let d = ok(cli(&cp, &["describe", "workload", "svc-a-0", "-n", "test"]));
     assert!(
         d.lines()
+            .any(|l| l == "Labels:     app=svc-a, canary=no, version=1.10"),
+        "{d}"
+    );
+    assert!(
+        d.lines()
             .skip_while(|l| !l.starts_with("Events"))
             .any(|l| l.trim_end().ends_with("ago  joined")),
         "{d}"
