@@ -396,14 +396,7 @@ pub(crate) async fn describe(conn: &Conn, target: Target) -> Result<()> {
         .flatten()
         .map(|(k, l)| format!("{k}={}", l.as_str().unwrap_or_default()))
         .collect();
-    println!(
-        "Labels:     {}",
-        if labels.is_empty() {
-            "(none)".to_string()
-        } else {
-            labels.join(", ")
-        }
-    );
+    println!("Labels:     {}", joined_or(&labels, "(none)"));
     println!(
         "Version:    {}",
         v["metadata"]["resourceVersion"]
@@ -468,15 +461,21 @@ pub(crate) async fn describe(conn: &Conn, target: Target) -> Result<()> {
         .flatten()
         .filter_map(Value::as_str)
         .collect();
-    println!(
-        "Used by:    {}",
-        if used.is_empty() {
-            "(no connected proxy)".to_string()
-        } else {
-            used.join(", ")
-        }
-    );
+    println!("Used by:    {}", joined_or(&used, "(no connected proxy)"));
     Ok(())
+}
+
+/// `items` joined with commas, or `none` when there are none.
+fn joined_or<S: AsRef<str>>(items: &[S], none: &str) -> String {
+    if items.is_empty() {
+        none.to_string()
+    } else {
+        items
+            .iter()
+            .map(AsRef::as_ref)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// One of a Workload's events as `describe` prints it: what happened, and for an ejection
