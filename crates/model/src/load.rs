@@ -17,18 +17,24 @@ fn options() -> serde_saphyr::Options {
     o
 }
 
+/// The options of the plain-values reading: a non-finite float reads as null, for
+/// `as_typed_reads` to tell a string (`.inf` in a label) from a number that cannot be
+/// stored (JSON has no NaN or infinity).
+fn values_options() -> serde_saphyr::Options {
+    let mut o = options();
+    o.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
+    o
+}
+
 /// Parse every document of `text` as plain JSON values (to store them as written). A plain
 /// YAML scalar where the schema wants a string (`version: 1.10` in labels, `name: no`) is
 /// stored as the string the typed reading ([`parse_documents`]) takes, its spelling: stored
 /// as a number or boolean, the control plane could not read back what it had accepted, and
 /// turned into one (`1.1`, `false`) it would store another name or label than it checked.
 pub fn parse_values(file: &str, text: &str) -> Result<Vec<serde_json::Value>, ConfigError> {
-    let mut o = options();
-    // A non-finite float reads as null here, for `as_typed_reads` to tell a string (`.inf`
-    // in a label) from a number that cannot be stored (JSON has no NaN or infinity).
-    o.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
     let mut docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple_with_options(text, o).map_err(|e| syntax(file, text, e))?;
+        serde_saphyr::from_multiple_with_options(text, values_options())
+            .map_err(|e| syntax(file, text, e))?;
     let mut spellings = None;
     for (i, d) in docs.iter_mut().enumerate().filter(|(_, d)| !d.is_null()) {
         as_typed_reads(d, |path| {
@@ -79,26 +85,14 @@ fn as_typed_reads(
         };
         let mut at = &mut *doc;
         for seg in parent {
-            at = match (seg, at) {
-                (Seg::Key(key), Value::Object(m)) => match m.get_mut(key) {
-                    Some(v) => v,
-                    None => return Ok(()),
-                },
-                (Seg::Index(i), Value::Array(a)) => match a.get_mut(*i) {
-                    Some(v) => v,
-                    None => return Ok(()),
-                },
-                _ => return Ok(()),
-            };
+            match child_mut(at, seg) {
+                Some(v) => at = v,
+                None => return Ok(()),
+            }
         }
         if !message.contains("expected a string") {
             // A number is wanted: null here is a non-finite float, which JSON cannot hold.
-            let value = match (last, &*at) {
-                (Seg::Key(k), Value::Object(m)) => m.get(k),
-                (Seg::Index(i), Value::Array(a)) => a.get(*i),
-                _ => None,
-            };
-            return match (value, spelling(&path)) {
+            return match (child_mut(at, last), spelling(&path)) {
                 (Some(v), Some(w)) if v.is_null() && spelled_as(&w.text, v) => {
                     let why = format!("{} is not a finite number", w.text);
                     Err((w, why))
@@ -107,10 +101,7 @@ fn as_typed_reads(
             };
         }
         let mended = match (last, at) {
-            (Seg::Key(k), Value::Object(m)) => match m.get_mut(k) {
-                Some(v) => as_string(v, spelling(&path)),
-                None => false,
-            },
+            (Seg::Key(_), at) => child_mut(at, last).is_some_and(|v| as_string(v, spelling(&path))),
             (Seg::Index(_), Value::Array(items)) => {
                 let mut item_path = path.clone();
                 let mut any = false;
@@ -129,6 +120,16 @@ fn as_typed_reads(
         }
     }
     Ok(())
+}
+
+/// The child of `v` that `seg` names, if it has one.
+fn child_mut<'a>(v: &'a mut serde_json::Value, seg: &Seg) -> Option<&'a mut serde_json::Value> {
+    use serde_json::Value;
+    match (seg, v) {
+        (Seg::Key(k), Value::Object(m)) => m.get_mut(k),
+        (Seg::Index(i), Value::Array(a)) => a.get_mut(*i),
+        _ => None,
+    }
 }
 
 /// How many passes [`as_typed_reads`] makes over one document.
@@ -153,9 +154,7 @@ fn spelled_as(written: &str, value: &serde_json::Value) -> bool {
         // A null that is not spelled as one was a non-finite float.
         return !is_null(written);
     }
-    let mut o = options();
-    o.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
-    serde_saphyr::from_str_with_options::<serde_json::Value>(written, o)
+    serde_saphyr::from_str_with_options::<serde_json::Value>(written, values_options())
         .ok()
         .as_ref()
         == Some(value)
