@@ -29,7 +29,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
 use crate::http::spare;
 
-use super::names::PROXY_STATUS;
+use super::names::{same_token, PROXY_STATUS};
 
 /// What a header name is, among the few the proxy acts on (in any case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,9 +52,9 @@ pub(crate) enum Class {
 }
 
 /// The class of a header name (token characters, any case): a switch on the length and one
-/// comparison.
+/// comparison, a word at a time ([`same_token`]).
 pub(crate) fn classify(name: &[u8]) -> Class {
-    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    let is = |s: &[u8]| same_token(name, s);
     match name.len() {
         2 if is(b"te") => Class::Te,
         4 if is(b"date") => Class::Date,
