@@ -175,6 +175,25 @@ if [ -n "${SYSCALLS:-}" ]; then
   done
   exit 0
 fi
+# SEGMENTS=1: instead of the rounds, count the machine's TCP segments (all on loopback here:
+# /proc/net/snmp and /proc/net/netstat, before and after 3 s of the saturating load) on each
+# path and print them per request: data segments and pure ACKs, which the kernel's time per
+# request follows (bench/segment-count.py).
+if [ -n "${SEGMENTS:-}" ]; then
+  for t in direct trellis-mtls-2hops haproxy-mtls-2hops; do
+    taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
+    LOAD=$!
+    sleep 1 # let the load settle
+    cat /proc/net/snmp /proc/net/netstat >"$W/$t.before"
+    sleep 3
+    cat /proc/net/snmp /proc/net/netstat >"$W/$t.after"
+    wait "$LOAD"
+    RPS=$(awk '/Requests\/sec/{print $2}' "$W/$t.wrk")
+    echo "== $t: $RPS rps (wrk -c32)"
+    python3 bench/segment-count.py "$W/$t.before" "$W/$t.after" "$RPS" 3 | sed 's/^/  /'
+  done
+  exit 0
+fi
 if [ -n "${TRACE:-}" ]; then
   command -v perf >/dev/null || { echo "TRACE=1 needs perf" >&2; exit 1; }
   for t in trellis-mtls-2hops haproxy-mtls-2hops; do
