@@ -158,6 +158,29 @@ async fn invalid_documents_are_refused_whole() {
         err.contains("bad2.yaml") && err.contains("backendRefs"),
         "{err}"
     );
+    // A second document whose apiVersion is not its kind's: located at its kind, with the
+    // resource (it was `0:0` and no resource), and the first document is not stored either.
+    let bad = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: good, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n---\napiVersion: trellis.dev/v1\nkind: Service\nmetadata: { name: v1, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n";
+    let f = write_temp("bad-version.yaml", bad);
+    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad-version.yaml:8:7: Service test/v1: kind: Service resources have apiVersion \"trellis.dev/v1alpha1\", not \"trellis.dev/v1\" (line 7)"),
+        "{err}"
+    );
+    // A file with no document: no `:0:0`.
+    let f = write_temp("empty.yaml", "# nothing yet\n");
+    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("empty.yaml: no documents (HTTP 422)"), "{err}");
+    // A kind `get` does not know: the answer lists the ones it does.
+    let out = cli(&cp, &["get", "servce"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown kind \"servce\": the kinds are services (svc), workloads (wl)"),
+        "{err}"
+    );
     let (st, v) = cp.call(Method::GET, "/api/v1/resources", "", None).await;
     assert_eq!(st, 200);
     // Only the control plane's own TrustBundle: nothing of the refused files.

@@ -73,6 +73,22 @@ pub(crate) const KINDS: &[(&str, &[&str])] = &[
     ("Rollout", &["rollout", "rollouts", "ro"]),
 ];
 
+/// The kinds as `trellis get` takes them, with their shortest name: what an unknown kind's
+/// answer lists (`services (svc), workloads (wl), …`).
+pub(crate) fn kind_names() -> String {
+    KINDS
+        .iter()
+        .map(|(_, names)| {
+            let plural = names.get(1).copied().unwrap_or(names[0]);
+            match names.iter().skip(2).min_by_key(|n| n.len()) {
+                Some(short) => format!("{plural} ({short})"),
+                None => plural.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The canonical kind for a name as a user types it.
 pub(crate) fn canonical_kind(s: &str) -> Option<&'static str> {
     let l = s.to_ascii_lowercase();
@@ -567,6 +583,24 @@ fn max_version(applied: &[Applied]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an unknown kind's answer lists is what `get` takes: every kind once, each name
+    /// listed resolving to it.
+    #[test]
+    fn the_kinds_an_unknown_kinds_answer_lists_are_taken() {
+        let listed = kind_names();
+        let entries: Vec<&str> = listed.split(", ").collect();
+        assert_eq!(entries.len(), KINDS.len(), "{listed}");
+        for ((kind, _), entry) in KINDS.iter().zip(&entries) {
+            for name in entry.split([' ', '(', ')']).filter(|n| !n.is_empty()) {
+                assert_eq!(canonical_kind(name), Some(*kind), "{name} in {listed}");
+            }
+        }
+        assert!(
+            listed.starts_with("services (svc), workloads (wl), httproutes (route)"),
+            "{listed}"
+        );
+    }
 
     fn service(name: &str, extra: &str) -> String {
         format!(

@@ -784,7 +784,7 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "agent:shop/w:0: spec.ports.http: 0 is not a port number 1-65535"
+            "agent:shop/w: spec.ports.http: 0 is not a port number 1-65535"
         );
         let ok = serde_json::json!({
             "apiVersion": "trellis.dev/v1alpha1",

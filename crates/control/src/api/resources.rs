@@ -70,7 +70,12 @@ struct WatchQuery {
 }
 
 fn kind_or_404(k: &str) -> ApiResult<&'static str> {
-    canonical_kind(k).ok_or_else(|| ApiError::NotFound(format!("unknown kind {k:?}")))
+    canonical_kind(k).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "unknown kind {k:?}: the kinds are {}",
+            crate::apply::kind_names()
+        ))
+    })
 }
 
 async fn apply_h(
