@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use hyper::Method;
 use trellis_proxy::FailureClass;
-use trellis_telemetry::diagnose::{Cause, End, Place, Verdict};
+use trellis_telemetry::diagnose::{Cause, End, Judged, Place, Verdict};
 
 use crate::{
     client::{query_value, Api, Conn},
@@ -137,6 +137,28 @@ pub(crate) fn block(v: &Verdict) -> String {
     out
 }
 
+/// What diagnose says when it found nothing, by what it had to judge.
+fn nothing_found(since: &str, j: Judged) -> String {
+    let count = |n: u64, one: &str, many: &str| match n {
+        1 => format!("1 {one}"),
+        n => format!("{n} {many}"),
+    };
+    let proxies = count(j.proxies as u64, "proxy", "proxies");
+    if j.proxies == 0 {
+        format!(
+            "No proxy reported in the last {since}: nothing to judge (proxies report every 10 s; `trellis status` lists the connected ones)."
+        )
+    } else if j.requests == 0 && j.connections == 0 {
+        format!("No traffic in the last {since}: {proxies} reported, none of it requests or connections, so nothing to judge.")
+    } else {
+        format!(
+            "No problem found in the last {since}, in {} and {} that {proxies} reported (each hop counted at both ends).",
+            count(j.requests, "request", "requests"),
+            count(j.connections, "TCP connection", "TCP connections")
+        )
+    }
+}
+
 /// `trellis diagnose`.
 pub(crate) async fn run(a: &DiagnoseArgs) -> Result<()> {
     let api = Api::new(&a.conn)?;
@@ -153,10 +175,9 @@ pub(crate) async fn run(a: &DiagnoseArgs) -> Result<()> {
     }
     let verdicts: Vec<Verdict> = serde_json::from_value(v["verdicts"].clone())?;
     if verdicts.is_empty() {
-        println!(
-            "No problem found in the last {} (from what every proxy reported; they report every 10 s).",
-            a.since
-        );
+        // Nothing failed, or nothing to judge: an answer from no report is not a clean bill.
+        let judged: Judged = serde_json::from_value(v["judged"].clone()).unwrap_or_default();
+        println!("{}", nothing_found(&a.since, judged));
         return Ok(());
     }
     let mut by: BTreeMap<&str, usize> = BTreeMap::new();
@@ -177,4 +198,27 @@ pub(crate) async fn run(a: &DiagnoseArgs) -> Result<()> {
         println!("{}", block(x));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With no verdict, diagnose says whether nothing failed or there was nothing to judge.
+    #[test]
+    fn finding_nothing_says_what_was_judged() {
+        let j = |proxies, requests, connections| Judged {
+            proxies,
+            requests,
+            connections,
+        };
+        assert!(nothing_found("5m", j(0, 0, 0))
+            .starts_with("No proxy reported in the last 5m: nothing to judge"));
+        assert!(nothing_found("5m", j(2, 0, 0))
+            .starts_with("No traffic in the last 5m: 2 proxies reported"));
+        assert_eq!(
+            nothing_found("1m", j(1, 40, 1)),
+            "No problem found in the last 1m, in 40 requests and 1 TCP connection that 1 proxy reported (each hop counted at both ends)."
+        );
+    }
 }

@@ -181,6 +181,13 @@ async fn invalid_documents_are_refused_whole() {
         err.contains("unknown kind \"servce\": the kinds are services (svc), workloads (wl)"),
         "{err}"
     );
+    // No proxy has reported: diagnose says there is nothing to judge, not that all is well.
+    let out = cli(&cp, &["diagnose"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("No proxy reported in the last 5m: nothing to judge"),
+        "{text}"
+    );
     let (st, v) = cp.call(Method::GET, "/api/v1/resources", "", None).await;
     assert_eq!(st, 200);
     // Only the control plane's own TrustBundle: nothing of the refused files.

@@ -238,6 +238,10 @@ async fn diagnose_names_each_fault_with_its_cause_and_place() {
         },
     )
     .await;
+    // What it judged: both proxies' reports, the requests above at both ends of their hops.
+    let judged = &v["judged"];
+    assert_eq!(judged["proxies"], 2, "{judged}");
+    assert!(judged["requests"].as_u64().unwrap() >= 2 * 20, "{judged}");
     let one = |svc: &str| one_about(&v, svc);
     let place = |x: &Value| {
         (

@@ -261,7 +261,8 @@ impl Fleet {
     }
 
     /// `trellis diagnose` over the `window_ms` before `at_ms`, with other replicas' parts:
-    /// the verdicts whose place or services `sel` names.
+    /// the verdicts whose place or services `sel` names, and what the fleet's window held to
+    /// judge.
     pub(crate) fn diagnose(
         &self,
         sel: &Selector,
@@ -269,10 +270,10 @@ impl Fleet {
         at_ms: u64,
         others: Vec<Shard>,
         facts: &Facts,
-    ) -> Result<Vec<Verdict>, FleetError> {
+    ) -> Result<(Vec<Verdict>, diagnose::Judged), FleetError> {
         let (w, _) = self.merged(&Selector::default(), window_ms, at_ms, others)?;
         let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
-        Ok(diagnose::diagnose(&w, facts, &pick))
+        Ok((diagnose::diagnose(&w, facts, &pick), diagnose::judged(&w)))
     }
 
     /// `trellis edges` over the `window_ms` before `at_ms`, with other replicas' parts.

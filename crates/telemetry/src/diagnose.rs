@@ -101,6 +101,31 @@ impl Place {
     }
 }
 
+/// What a diagnosis read: the proxies heard from in the window and the requests and TCP
+/// connections they reported (a hop counts at each end that reported it). With no verdict,
+/// it tells "nothing failed" from "nothing to judge".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Judged {
+    /// Proxies that reported in the window.
+    pub proxies: usize,
+    /// Requests they reported, both ends of each hop.
+    pub requests: u64,
+    /// TCP connections they reported opened, both ends.
+    pub connections: u64,
+}
+
+/// What `w` holds to judge ([`Judged`]).
+pub fn judged(w: &Window) -> Judged {
+    let (requests, connections) = w.series.iter().fold((0, 0), |(r, c), (_, n)| {
+        (r + n.requests, c + u64::from(n.tcp_opened))
+    });
+    Judged {
+        proxies: w.reporting.len(),
+        requests,
+        connections,
+    }
+}
+
 /// A problem found, with its evidence.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {

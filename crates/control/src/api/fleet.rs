@@ -240,12 +240,12 @@ pub(crate) async fn diagnose(
     let (shards, partial) = others(&api, &Selector::default(), window, at).await;
     let facts = facts(&api, window, at);
     let fleet = api.fleet_arc();
-    let verdicts =
+    let (verdicts, judged) =
         tokio::task::spawn_blocking(move || fleet.diagnose(&sel, window, at, shards, &facts))
             .await
             .map_err(|e| ApiError::BadRequest(format!("diagnose: {e}")))??;
     Ok(answer(
-        serde_json::json!({ "window_ms": window, "verdicts": verdicts }),
+        serde_json::json!({ "window_ms": window, "verdicts": verdicts, "judged": judged }),
         partial,
     ))
 }
