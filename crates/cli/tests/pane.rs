@@ -107,6 +107,17 @@ return { label: document.querySelector("#topology text.label").textContent,
   rate: document.querySelector("#services tbody tr td:nth-child(4)").textContent };
 "##;
 
+/// Draws no verdict with what diagnose judged: no proxy, proxies without traffic, traffic;
+/// reads back what the problems' list says each time.
+const NOTHING_FOUND: &str = r##"
+const said = (judged) => {
+  window.trellisPane.draw({ stat: [], edges: [], diagnose: { verdicts: [], judged }, proxies: [] });
+  return document.getElementById("verdicts").textContent;
+};
+return { none: said({ proxies: 0, requests: 0, connections: 0 }), idle: said({ proxies: 2, requests: 0, connections: 0 }),
+  busy: said({ proxies: 2, requests: 40, connections: 1 }) };
+"##;
+
 /// Draws edges that leave one workload towards several in neighbouring environments and rows
 /// (the demo's caller and its two backends, and more), and reads back whether any two
 /// labels' boxes overlap, whether each label lies inside its box, and whether the picture
@@ -512,6 +523,22 @@ return paths.length >= 2 && labels.length === paths.length && boxes.length === l
     assert_eq!(v["stroke"], "#cf222e", "{v}");
     assert_eq!(v["service"], "80.00% of 5 conn", "{v}");
     assert_eq!(v["rate"], "0.5 conn/s", "{v}");
+
+    // With no verdict, the list says whether nothing failed or there was nothing to judge.
+    let v = browser.eval(NOTHING_FOUND).await.unwrap();
+    assert_eq!(
+        v["none"], "No proxy reported in this window: nothing to judge.",
+        "{v}"
+    );
+    assert_eq!(
+        v["idle"], "No traffic in this window: 2 proxies reported, nothing to judge.",
+        "{v}"
+    );
+    assert_eq!(
+        v["busy"],
+        "No problem found in this window, in 40 requests and 1 TCP connection that 2 proxies reported.",
+        "{v}"
+    );
 
     // Labels of edges that leave one workload towards neighbouring groups do not overlap
     // (the demo's two edges from its shopper ran into each other).

@@ -24,7 +24,7 @@ use trellis_telemetry::{
 pub(crate) type Figures = (
     Vec<StatRow>,
     Vec<EdgeRow>,
-    Vec<Verdict>,
+    (Vec<Verdict>, diagnose::Judged),
     Vec<view::MirrorRow>,
 );
 
@@ -322,7 +322,8 @@ impl Fleet {
         let edges = self.edge_rows(&w, &ids, &by_workload, at_ms);
         let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
         let verdicts = diagnose::diagnose(&w, facts, &pick);
-        Ok((stat, edges, verdicts, view::mirrors(&w, sel)))
+        let judged = diagnose::judged(&w);
+        Ok((stat, edges, (verdicts, judged), view::mirrors(&w, sel)))
     }
 
     /// Mirrors over the `window_ms` before `at_ms`, with other replicas' parts.

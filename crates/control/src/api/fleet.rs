@@ -283,14 +283,14 @@ async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde
     let facts = facts(api, window, at);
     let fleet = api.fleet_arc();
     let sel = sel.clone();
-    let (stat, edges, verdicts, mirrors) =
+    let (stat, edges, (verdicts, judged), mirrors) =
         tokio::task::spawn_blocking(move || fleet.figures(&sel, window, at, shards, &facts))
             .await
             .map_err(|e| ApiError::BadRequest(format!("figures: {e}")))??;
     Ok(serde_json::json!({
         "stat": stat,
         "edges": edges,
-        "diagnose": { "window_ms": window, "verdicts": verdicts },
+        "diagnose": { "window_ms": window, "verdicts": verdicts, "judged": judged },
         "proxies": super::resources::proxies_value(api)["proxies"],
         "spill": api.spill().states(),
         "mirrors": mirrors,

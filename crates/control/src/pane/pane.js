@@ -276,7 +276,16 @@ function showEdge(e) {
   $("edge-detail").textContent = text;
 }
 
-function drawVerdicts(verdicts) {
+// With no verdict: whether nothing failed, or there was nothing to judge.
+function nothingFound(j) {
+  const n = (k, one, many) => `${k} ${k === 1 ? one : many}`;
+  if (!j || !j.proxies) return "No proxy reported in this window: nothing to judge.";
+  if (!j.requests && !j.connections) return `No traffic in this window: ${n(j.proxies, "proxy", "proxies")} reported, nothing to judge.`;
+  return `No problem found in this window, in ${n(j.requests, "request", "requests")} and ` +
+    `${n(j.connections, "TCP connection", "TCP connections")} that ${n(j.proxies, "proxy", "proxies")} reported.`;
+}
+
+function drawVerdicts(verdicts, judged) {
   const where = (p) => {
     if (p.kind === "workload") return `workload ${p.at.workload} (${p.at.environment})`;
     if (p.kind === "link") return `link ${p.from.workload} (${p.from.environment}) → ${p.to.workload} (${p.to.environment})`;
@@ -288,7 +297,7 @@ function drawVerdicts(verdicts) {
     ? verdicts.map((v) => `<li class="verdict"><span class="cause ${esc(v.cause)}">${esc(v.cause.replace("_", " "))}</span> ` +
       `<b>${esc(v.problem)}</b><br>where: ${esc(where(v.place))}${seen(v)}<ul>` +
       v.evidence.map((e) => `<li>${esc(e)}</li>`).join("") + `</ul>next: ${esc(v.next)}</li>`).join("")
-    : `<li class="ok">No problem found in this window.</li>`;
+    : `<li class="ok">${esc(nothingFound(judged))}</li>`;
 }
 
 function drawServices(rows) {
@@ -498,7 +507,7 @@ function draw(f) {
   state.verdicts = f.diagnose.verdicts;
   state.updates += 1;
   drawTopology(f.edges);
-  drawVerdicts(f.diagnose.verdicts);
+  drawVerdicts(f.diagnose.verdicts, f.diagnose.judged);
   drawServices(f.stat);
   drawSpill(f.spill || []);
   drawMirrors(f.mirrors || []);
