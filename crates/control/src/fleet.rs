@@ -273,7 +273,10 @@ impl Fleet {
     ) -> Result<(Vec<Verdict>, diagnose::Judged), FleetError> {
         let (w, _) = self.merged(&Selector::default(), window_ms, at_ms, others)?;
         let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
-        Ok((diagnose::diagnose(&w, facts, &pick), diagnose::judged(&w)))
+        Ok((
+            diagnose::diagnose(&w, facts, &pick),
+            diagnose::judged(&w, &pick),
+        ))
     }
 
     /// `trellis edges` over the `window_ms` before `at_ms`, with other replicas' parts.
@@ -322,7 +325,7 @@ impl Fleet {
         let edges = self.edge_rows(&w, &ids, &by_workload, at_ms);
         let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
         let verdicts = diagnose::diagnose(&w, facts, &pick);
-        let judged = diagnose::judged(&w);
+        let judged = diagnose::judged(&w, &pick);
         Ok((stat, edges, (verdicts, judged), view::mirrors(&w, sel)))
     }
 

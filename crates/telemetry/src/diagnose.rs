@@ -101,8 +101,8 @@ impl Place {
     }
 }
 
-/// What a diagnosis read: the proxies heard from in the window and the requests and TCP
-/// connections they reported (a hop counts at each end that reported it). With no verdict,
+/// What a diagnosis read of its selection: the proxies heard from in the window and the
+/// requests and TCP connections they reported (a hop counts at each end that reported it). With no verdict,
 /// it tells "nothing failed" from "nothing to judge".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Judged {
@@ -114,13 +114,18 @@ pub struct Judged {
     pub connections: u64,
 }
 
-/// What `w` holds to judge ([`Judged`]).
-pub fn judged(w: &Window) -> Judged {
-    let (requests, connections) = w.series.iter().fold((0, 0), |(r, c), (_, n)| {
-        (r + n.requests, c + u64::from(n.tcp_opened))
-    });
+/// What `w` holds to judge ([`Judged`]) of what `names` selects (as [`diagnose`]'s: a
+/// series counts when its workload, service or peer is selected; a proxy by its workload).
+pub fn judged(w: &Window, names: &dyn Fn(&str) -> bool) -> Judged {
+    let (requests, connections) = w
+        .series
+        .iter()
+        .filter(|(k, _)| names(&k.workload) || names(&k.service) || names(&k.peer_workload))
+        .fold((0, 0), |(r, c), (_, n)| {
+            (r + n.requests, c + u64::from(n.tcp_opened))
+        });
     Judged {
-        proxies: w.reporting.len(),
+        proxies: w.reporting.iter().filter(|(r, _)| names(r)).count(),
         requests,
         connections,
     }

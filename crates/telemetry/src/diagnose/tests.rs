@@ -88,6 +88,26 @@ fn a_healthy_fleet_has_nothing_to_say() {
     assert!(run(&window(healthy()), &Facts::default()).is_empty());
 }
 
+/// What a diagnosis judged, of its selection: the requests at both ends of the hops it
+/// selects and the proxies of its workloads that reported, none of another namespace's.
+#[test]
+fn what_was_judged_is_counted_for_the_selection() {
+    let mut w = window(healthy());
+    w.series
+        .push(s(Out, "other/a", "other/b", "other/b", F::Ok, 7));
+    w.reporting = vec![
+        ("test/shop".into(), 1),
+        ("test/catalog-ct".into(), 1),
+        ("other/a".into(), 1),
+    ];
+    let all = judged(&w, &|_| true);
+    assert_eq!((all.proxies, all.requests), (3, 87));
+    let test = judged(&w, &selector(Some("test"), None));
+    assert_eq!((test.proxies, test.requests, test.connections), (2, 80, 0));
+    let none = judged(&w, &selector(Some("nobody"), None));
+    assert_eq!(none, Judged::default());
+}
+
 #[test]
 fn the_application_down_on_one_host_is_the_application_there_not_the_network() {
     let mut w = healthy();
