@@ -242,6 +242,11 @@ pub(crate) struct Target {
 }
 
 impl Target {
+    /// Whether it names one resource (not a listing of its kind).
+    pub(crate) fn names_one(&self) -> bool {
+        self.name.is_some()
+    }
+
     pub(crate) fn of(kind: &str, name: Option<&str>, ns: Option<&str>) -> Result<Self> {
         let (kind, name) = match (kind.split_once('/'), name) {
             (Some(_), Some(n)) => {

@@ -57,14 +57,18 @@ enum Cmd {
     },
     /// List resources of a kind, or show one.
     Get {
-        /// Kind (service, workload, httproute, grpcroute, backendtrafficpolicy, or short
-        /// forms), or KIND/NAME.
+        /// Kind (service, workload, httproute, grpcroute, backendtrafficpolicy,
+        /// authorizationpolicy, peerauthentication, trustbundle, ratelimitpolicy, rollout,
+        /// or short forms: svc, wl, route, btp, authz, pa, bundle, rl, ro), or KIND/NAME.
         kind: String,
         /// Name, or NAMESPACE/NAME (lists every resource of the kind when absent).
         name: Option<String>,
         /// Namespace (every namespace when listing without it; `default` for one resource).
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+        /// Every namespace (what listing without -n does; taken as kubectl takes it).
+        #[arg(short = 'A', long, conflicts_with = "namespace")]
+        all_namespaces: bool,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: ctl::Output,
@@ -479,10 +483,14 @@ fn run() -> ExitCode {
             kind,
             name,
             namespace,
+            all_namespaces,
             output,
             conn,
         } => ctl_run(async move {
             let target = ctl::Target::of(&kind, name.as_deref(), namespace.as_deref())?;
+            if all_namespaces && target.names_one() {
+                anyhow::bail!("-A lists every namespace: give no name, or name one with -n");
+            }
             ctl::get(&conn, target, output).await
         }),
         Cmd::Delete {

@@ -955,6 +955,19 @@ async fn a_label_written_as_a_number_is_stored_and_served_as_a_string() {
             .any(|l| l.trim_end().ends_with("ago  joined")),
         "{d}"
     );
+    // Listed in every namespace with kubectl's -A too; -A with one name is refused.
+    let all = ok(cli(&cp, &["get", "workloads", "-A"]));
+    assert!(
+        all.lines()
+            .any(|l| l.split_whitespace().take(2).eq(["test", "svc-a-0"])),
+        "{all}"
+    );
+    let out = cli(&cp, &["get", "workload", "svc-a-0", "-A"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("-A lists every namespace"),
+        "{out:?}"
+    );
     let p = ProxyProcess::start_xds(BIN, &[cp.xds_url()], "test/client", &[]);
     p.wait_ready().await;
     assert_eq!(
