@@ -70,7 +70,7 @@ impl std::ops::DerefMut for Record {
 }
 
 impl Record {
-    /// A new record. Inlined: the box is then filled in place rather than copied into.
+    /// A new record.
     #[inline]
     pub(crate) fn new(
         telemetry: Arc<Telemetry>,
@@ -79,24 +79,29 @@ impl Record {
         src_service: Label,
     ) -> Box<Self> {
         // Boxed from the start: it ends as the response body's `OnEnd`, and moving a
-        // pointer through the request path is cheaper than moving the record.
-        Box::new(Self {
-            line: HttpLine {
-                direction,
-                protocol,
-                src_service,
-                ..HttpLine::taken()
+        // pointer through the request path is cheaper than moving the record. The box is
+        // made first and the record written into it: `Box::new` of the record built it on
+        // the stack and copied it (two copies of its 752 bytes a request).
+        Box::write(
+            Box::new_uninit(),
+            Self {
+                line: HttpLine {
+                    direction,
+                    protocol,
+                    src_service,
+                    ..HttpLine::taken()
+                },
+                start: Instant::now(),
+                guards: None,
+                adaptive: None,
+                report_to: None,
+                endpoint: None,
+                earlier: Vec::new(),
+                telemetry,
+                done: false,
+                injected: std::time::Duration::ZERO,
             },
-            start: Instant::now(),
-            guards: None,
-            adaptive: None,
-            report_to: None,
-            endpoint: None,
-            earlier: Vec::new(),
-            telemetry,
-            done: false,
-            injected: std::time::Duration::ZERO,
-        })
+        )
     }
 
     /// The request failed with `e`.
