@@ -222,7 +222,7 @@ mod tests {
 
     /// Word by word, [`same_token`] says what a byte-by-byte comparison in any case says,
     /// for every length up to 24 and a byte changed anywhere (to its other case, to another
-    /// token character, to a byte one bit 5 away), over token characters.
+    /// token character, to a byte one bit away), over token characters.
     #[test]
     fn same_token_compares_as_byte_by_byte_in_any_case() {
         const TOKEN: &[u8] =
