@@ -14,6 +14,14 @@ fn apply(cp: &ControlProcess, yaml: &str) -> String {
     ok(cli(cp, &["apply", "-f", f.to_str().unwrap()]))
 }
 
+/// `trellis apply -f FILE` of `yaml` written as `file`, refused: what it said.
+fn refused(cp: &ControlProcess, file: &str, yaml: &str) -> String {
+    let f = write_temp(file, yaml);
+    let out = cli(cp, &["apply", "-f", f.to_str().unwrap()]);
+    assert!(!out.status.success(), "{file} was applied");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A `front` Service with no endpoints of its own, reached only through its route, and the
 /// client workload the proxy serves.
 fn front(backends: &str) -> String {
@@ -124,10 +132,7 @@ async fn invalid_documents_are_refused_whole() {
     let cp = ControlProcess::start(BIN, &[]);
     // A good document and one with an unknown field: nothing is stored.
     let bad = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: good, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: bad, namespace: test }\nspec:\n  ports: [{ port: 80, prot: HTTP }]\n";
-    let f = write_temp("bad.yaml", bad);
-    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&cp, "bad.yaml", bad);
     assert!(err.contains("bad.yaml:11:"), "names file and line: {err}");
     assert!(err.contains("prot"), "names the field: {err}");
     assert!(
@@ -137,9 +142,7 @@ async fn invalid_documents_are_refused_whole() {
     assert!(err.contains("422"), "{err}");
     // A value of the wrong kind: the field's path, and what is allowed.
     let bad = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: bad, namespace: test }\nspec:\n  ports: [{ port: notanumber }]\n";
-    let f = write_temp("bad-port.yaml", bad);
-    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&cp, "bad-port.yaml", bad);
     assert!(
         err.contains("bad-port.yaml:5:19: Service test/bad: spec.ports[0].port: \"notanumber\" is not a port number 1-65535"),
         "{err}"
@@ -150,10 +153,7 @@ async fn invalid_documents_are_refused_whole() {
         "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: good, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n",
         route("r", "good", "    - backendRefs: [{ name: good, port: 80, weight: 0 }]\n")
     );
-    let f = write_temp("bad2.yaml", &bad);
-    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&cp, "bad2.yaml", &bad);
     assert!(
         err.contains("bad2.yaml") && err.contains("backendRefs"),
         "{err}"
@@ -161,17 +161,13 @@ async fn invalid_documents_are_refused_whole() {
     // A second document whose apiVersion is not its kind's: located at its kind, with the
     // resource (it was `0:0` and no resource), and the first document is not stored either.
     let bad = "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: { name: good, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n---\napiVersion: trellis.dev/v1\nkind: Service\nmetadata: { name: v1, namespace: test }\nspec:\n  ports: [{ port: 80 }]\n";
-    let f = write_temp("bad-version.yaml", bad);
-    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&cp, "bad-version.yaml", bad);
     assert!(
         err.contains("bad-version.yaml:8:7: Service test/v1: kind: Service resources have apiVersion \"trellis.dev/v1alpha1\", not \"trellis.dev/v1\" (line 7)"),
         "{err}"
     );
     // A file with no document: no `:0:0`.
-    let f = write_temp("empty.yaml", "# nothing yet\n");
-    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&cp, "empty.yaml", "# nothing yet\n");
     assert!(err.contains("empty.yaml: no documents (HTTP 422)"), "{err}");
     // A kind `get` does not know: the answer lists the ones it does.
     let out = cli(&cp, &["get", "servce"]);
@@ -215,10 +211,7 @@ async fn stale_resource_version_is_refused() {
     apply(&cp, &svc(81));
     // Writing back the copy read before that change is refused.
     let stale = y.replace("port: 80", "port: 82");
-    let f = write_temp("stale.yaml", &stale);
-    let out = cli(&cp, &["apply", "-f", f.to_str().unwrap()]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&cp, "stale.yaml", &stale);
     assert!(err.contains("conflict") && err.contains("409"), "{err}");
     let now = ok(cli(
         &cp,
