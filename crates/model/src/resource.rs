@@ -198,15 +198,11 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                 }
                 "kind" => {
                     let k = map.next_value_seed(Checked(|k: &str| {
-                        let expected =
-                            known_kind_version(k).ok_or_else(|| unknown_kind_message(k))?;
+                        known_kind_version(k).ok_or_else(|| unknown_kind_message(k))?;
                         match &api_version {
-                            Some(v) if v.value != expected => Err(format!(
-                                "{} (line {})",
-                                wrong_api_version(k, expected, &v.value),
-                                v.referenced.line()
-                            )),
-                            _ => Ok(()),
+                            Some(v) => api_version_of(k, &v.value)
+                                .map_err(|e| format!("{e} (line {})", v.referenced.line())),
+                            None => Ok(()),
                         }
                     }))?;
                     line = k.referenced.line();
@@ -223,7 +219,7 @@ impl<'de> de::Visitor<'de> for ResourceVisitor {
                             "no `kind` before `spec`: a document names its kind first";
                         return Err(match map.next_value_seed(Refuse(NO_KIND)) {
                             Err(e) => e,
-                            Ok(_) => de::Error::custom(NO_KIND),
+                            Ok(never) => match never {},
                         });
                     };
                     spec = Some(match k {
@@ -280,6 +276,7 @@ fn api_version_of(kind: &str, version: &str) -> Result<(), String> {
     }
 }
 
+/// What a document whose `kind` is not of `version` is told.
 fn wrong_api_version(kind: &str, expected: &str, version: &str) -> String {
     format!("{kind} resources have apiVersion {expected:?}, not {version:?}")
 }
@@ -302,9 +299,9 @@ impl<'de, F: FnOnce(&str) -> Result<(), String>> de::DeserializeSeed<'de> for Ch
 struct Refuse(&'static str);
 
 impl<'de> de::DeserializeSeed<'de> for Refuse {
-    type Value = de::IgnoredAny;
+    type Value = std::convert::Infallible;
 
-    fn deserialize<D: Deserializer<'de>>(self, _: D) -> Result<de::IgnoredAny, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, _: D) -> Result<Self::Value, D::Error> {
         Err(de::Error::custom(self.0))
     }
 }

@@ -102,8 +102,8 @@ impl Place {
 }
 
 /// What a diagnosis read of its selection: the proxies heard from in the window and the
-/// requests and TCP connections they reported (a hop counts at each end that reported it). With no verdict,
-/// it tells "nothing failed" from "nothing to judge".
+/// requests and TCP connections they reported (a hop counts at each end that reported it).
+/// With no verdict, it tells "nothing failed" from "nothing to judge".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Judged {
     /// Proxies that reported in the window.
