@@ -72,6 +72,16 @@ pub(crate) fn max_window_ms(l: &Limits) -> u64 {
     l.coarse_ms * l.coarse_slots as u64
 }
 
+/// The verdicts of the fleet's window `w` whose place or services `sel` names, and what it
+/// held of that selection to judge (`trellis diagnose`, and the pane's figures).
+fn judge(w: &Window, facts: &Facts, sel: &Selector) -> (Vec<Verdict>, diagnose::Judged) {
+    let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
+    (
+        diagnose::diagnose(w, facts, &pick),
+        diagnose::judged(w, &pick),
+    )
+}
+
 impl Fleet {
     /// An empty store with `limits`, for a mesh of `trust_domain`.
     pub(crate) fn new(limits: Limits, trust_domain: &str) -> Self {
@@ -272,11 +282,7 @@ impl Fleet {
         facts: &Facts,
     ) -> Result<(Vec<Verdict>, diagnose::Judged), FleetError> {
         let (w, _) = self.merged(&Selector::default(), window_ms, at_ms, others)?;
-        let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
-        Ok((
-            diagnose::diagnose(&w, facts, &pick),
-            diagnose::judged(&w, &pick),
-        ))
+        Ok(judge(&w, facts, sel))
     }
 
     /// `trellis edges` over the `window_ms` before `at_ms`, with other replicas' parts.
@@ -323,10 +329,7 @@ impl Fleet {
             ..sel.clone()
         };
         let edges = self.edge_rows(&w, &ids, &by_workload, at_ms);
-        let pick = diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
-        let verdicts = diagnose::diagnose(&w, facts, &pick);
-        let judged = diagnose::judged(&w, &pick);
-        Ok((stat, edges, (verdicts, judged), view::mirrors(&w, sel)))
+        Ok((stat, edges, judge(&w, facts, sel), view::mirrors(&w, sel)))
     }
 
     /// Mirrors over the `window_ms` before `at_ms`, with other replicas' parts.
