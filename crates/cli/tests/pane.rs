@@ -115,7 +115,8 @@ const said = (judged) => {
   return document.getElementById("verdicts").textContent;
 };
 return { none: said({ proxies: 0, requests: 0, connections: 0 }), idle: said({ proxies: 2, requests: 0, connections: 0 }),
-  busy: said({ proxies: 2, requests: 40, connections: 1 }) };
+  busy: said({ proxies: 2, requests: 40, connections: 1 }),
+  marker: getComputedStyle(document.querySelector("#verdicts li")).listStyleType };
 "##;
 
 /// Draws edges that leave one workload towards several in neighbouring environments and rows
@@ -539,6 +540,9 @@ return paths.length >= 2 && labels.length === paths.length && boxes.length === l
         "No problem found in this window, in 40 requests and 1 TCP connection that 2 proxies reported.",
         "{v}"
     );
+    // One line, not numbered as the problems are.
+    assert_eq!(v["marker"], "none", "{v}");
+    keep_picture(&browser, Some("verdicts"), "pane-nothing-found.png").await;
 
     // Labels of edges that leave one workload towards neighbouring groups do not overlap
     // (the demo's two edges from its shopper ran into each other).
