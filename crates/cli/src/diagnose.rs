@@ -138,13 +138,18 @@ pub(crate) fn block(v: &Verdict) -> String {
 }
 
 /// What diagnose says when it found nothing, by what it had to judge.
-fn nothing_found(since: &str, j: Judged) -> String {
+fn nothing_found(since: &str, j: Judged, connected: usize) -> String {
     let count = |n: u64, one: &str, many: &str| match n {
         1 => format!("1 {one}"),
         n => format!("{n} {many}"),
     };
     let proxies = count(j.proxies as u64, "proxy", "proxies");
-    if j.proxies == 0 {
+    if j.proxies == 0 && connected > 0 {
+        format!(
+            "No report yet from the {} connected: nothing to judge in the last {since} (proxies report every 10 s by default).",
+            count(connected as u64, "proxy", "proxies")
+        )
+    } else if j.proxies == 0 {
         format!(
             "No proxy reported in the last {since}: nothing to judge (proxies report every 10 s; `trellis status` lists the connected ones)."
         )
@@ -177,7 +182,8 @@ pub(crate) async fn run(a: &DiagnoseArgs) -> Result<()> {
     if verdicts.is_empty() {
         // Nothing failed, or nothing to judge: an answer from no report is not a clean bill.
         let judged: Judged = serde_json::from_value(v["judged"].clone()).unwrap_or_default();
-        println!("{}", nothing_found(&a.since, judged));
+        let connected = v["connected"].as_u64().unwrap_or(0) as usize;
+        println!("{}", nothing_found(&a.since, judged, connected));
         return Ok(());
     }
     let mut by: BTreeMap<&str, usize> = BTreeMap::new();
@@ -212,12 +218,15 @@ mod tests {
             requests,
             connections,
         };
-        assert!(nothing_found("5m", j(0, 0, 0))
+        assert!(nothing_found("5m", j(0, 0, 0), 0)
             .starts_with("No proxy reported in the last 5m: nothing to judge"));
-        assert!(nothing_found("5m", j(2, 0, 0))
+        // Connected and not reported yet (the first report comes after an interval).
+        assert!(nothing_found("5m", j(0, 0, 0), 2)
+            .starts_with("No report yet from the 2 proxies connected: nothing to judge"));
+        assert!(nothing_found("5m", j(2, 0, 0), 2)
             .starts_with("No traffic in the last 5m: 2 proxies reported"));
         assert_eq!(
-            nothing_found("1m", j(1, 40, 1)),
+            nothing_found("1m", j(1, 40, 1), 1),
             "No problem found in the last 1m, in 40 requests and 1 TCP connection that 1 proxy reported (each hop counted at both ends)."
         );
     }

@@ -332,6 +332,11 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    // Checked where it is about to be used: the unit and the dry run do not carry it.
+    if let Some(e) = crate::not_a_join_token(a.token.as_deref(), "--token") {
+        eprintln!("trellis join: {e}");
+        return ExitCode::from(crate::EX_USAGE);
+    }
     let health = match health(&a, &spec) {
         Ok(h) => h,
         Err(e) => {
@@ -406,7 +411,7 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
     match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "cannot join");
+            eprintln!("trellis join: cannot join: {e}");
             ExitCode::FAILURE
         }
     }

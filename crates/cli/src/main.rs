@@ -464,14 +464,24 @@ fn run() -> ExitCode {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()),
-        )
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into());
+    // A person at a terminal reads lines; a service manager or a file gets JSON, one event a
+    // line, for the log's collector.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        tracing_subscriber::fmt()
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    }
     match cli.cmd {
         Cmd::Demo(args) => demo::demo(args),
         Cmd::Proxy(args) => proxy(args),
@@ -718,6 +728,18 @@ fn runtime(threads: usize, what: &str) -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
+/// Why `token` (a join token given on the command line or in TRELLIS_JOIN_TOKEN) is not one,
+/// said before anything starts: the control plane would refuse it only once the proxy runs.
+/// The value is not repeated (it may be a real token with a typo in it).
+fn not_a_join_token(token: Option<&str>, flag: &str) -> Option<String> {
+    let t = token?;
+    trellis_identity::join::parse(t).is_none().then(|| {
+        format!(
+            "{flag} (or TRELLIS_JOIN_TOKEN) is not a join token: join tokens read trellis-join.<id>.<secret>, as `trellis token create` prints them"
+        )
+    })
+}
+
 fn ca_hash_arg(s: &str) -> Result<[u8; 32], String> {
     trellis_proxy::identity::parse_ca_hash(s).ok_or_else(|| {
         "expected sha256:HEX (64 hex digits), as `trellis token create` prints".into()
@@ -743,6 +765,10 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             })
         }
     };
+    if let Some(e) = not_a_join_token(a.join_token.as_deref(), "--join-token") {
+        eprintln!("trellis proxy: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
     let identity = a
         .state_dir
         .map(|state_dir| trellis_proxy::identity::IdentityOptions {
@@ -773,7 +799,7 @@ fn proxy(a: ProxyArgs) -> ExitCode {
         let proxy = match Proxy::start(opts, loaded).await {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %e, "cannot start");
+                eprintln!("trellis proxy: cannot start: {e}");
                 return ExitCode::FAILURE;
             }
         };

@@ -194,6 +194,37 @@ async fn invalid_documents_are_refused_whole() {
         .map(|i| i["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["TrustBundle"], "half-applied: {v}");
+    // A proxy connected that has not reported yet (its first report is an hour away) is
+    // counted: "no proxy" would send its operator looking for one.
+    apply(
+        &cp,
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: { name: client, namespace: test }\nspec: { address: 127.0.0.1 }\n",
+    );
+    let p = ProxyProcess::start_xds(
+        BIN,
+        &[cp.xds_url()],
+        "test/client",
+        &["--report-interval", "1h"],
+    );
+    p.wait_ready().await;
+    let said = eventually(
+        "diagnose counts the connected proxy",
+        Duration::from_secs(10),
+        async || {
+            let out = cli(&cp, &["diagnose"]);
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            text.starts_with(
+                "No report yet from the 1 proxy connected: nothing to judge in the last 5m",
+            )
+            .then_some(text)
+        },
+    )
+    .await;
+    assert!(
+        said.contains("(proxies report every 10 s by default)"),
+        "{said}"
+    );
+    drop(p);
 }
 
 #[tokio::test]

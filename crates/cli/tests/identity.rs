@@ -125,11 +125,51 @@ async fn the_ca_issues_svids_that_openssl_accepts_and_only_what_a_token_allows()
     let forged = format!("{}{last}", &t3[..t3.len() - 1]);
     assert_eq!(sign(&cp, &forged, &pem).await.0, 401);
     assert_eq!(sign(&cp, "trellis-join.00.00", &pem).await.0, 401);
-    assert_eq!(
-        sign(&cp, &cp.token, &pem).await.0,
-        401,
-        "the admin token is not a join token"
+    let (st, v) = sign(&cp, &cp.token, &pem).await;
+    assert_eq!(st, 401, "the admin token is not a join token");
+    // Said so, not "a join token is required", which reads as if none was sent.
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("not a join token: join tokens read trellis-join.<id>.<secret>"),
+        "{v}"
     );
+    // The CLI says the same before it starts anything, without repeating the value.
+    let state = Temp::dir("bad-token");
+    for args in [
+        &[
+            "join",
+            "--control-plane",
+            &cp.xds_url(),
+            "--token",
+            "bogus-value",
+            "--address",
+            "127.0.0.1",
+            "--name",
+            "w",
+        ][..],
+        &[
+            "proxy",
+            "--xds",
+            &cp.xds_url(),
+            "--workload",
+            "shop/catalog",
+            "--join-token",
+            "bogus-value",
+        ],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--state-dir")
+            .arg(state.join("state"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains("is not a join token: join tokens read trellis-join.<id>.<secret>, as `trellis token create` prints them"), "{err}");
+        assert!(!err.contains("bogus-value"), "{err}");
+    }
     assert_eq!(sign(&cp, &t3, "not a csr").await.0, 400);
 
     // Tokens can be listed (scope, uses, state; never a secret) and revoked.

@@ -110,11 +110,13 @@ return { label: document.querySelector("#topology text.label").textContent,
 /// Draws no verdict with what diagnose judged: no proxy, proxies without traffic, traffic;
 /// reads back what the problems' list says each time.
 const NOTHING_FOUND: &str = r##"
-const said = (judged) => {
-  window.trellisPane.draw({ stat: [], edges: [], diagnose: { verdicts: [], judged }, proxies: [] });
+const said = (judged, connected = 0) => {
+  window.trellisPane.draw({ stat: [], edges: [], diagnose: { verdicts: [], judged, connected }, proxies: [] });
   return document.getElementById("verdicts").textContent;
 };
-return { none: said({ proxies: 0, requests: 0, connections: 0 }), idle: said({ proxies: 2, requests: 0, connections: 0 }),
+return { none: said({ proxies: 0, requests: 0, connections: 0 }),
+  waiting: said({ proxies: 0, requests: 0, connections: 0 }, 3),
+  idle: said({ proxies: 2, requests: 0, connections: 0 }, 2),
   busy: said({ proxies: 2, requests: 40, connections: 1 }),
   marker: getComputedStyle(document.querySelector("#verdicts li")).listStyleType };
 "##;
@@ -529,6 +531,10 @@ return paths.length >= 2 && labels.length === paths.length && boxes.length === l
     let v = browser.eval(NOTHING_FOUND).await.unwrap();
     assert_eq!(
         v["none"], "No proxy reported in this window: nothing to judge.",
+        "{v}"
+    );
+    assert_eq!(
+        v["waiting"], "No report yet from the 3 proxies connected: nothing to judge (proxies report every 10 s by default).",
         "{v}"
     );
     assert_eq!(

@@ -577,6 +577,9 @@ fn renew(
     }
 }
 
+/// What a bearer that is not a join token is told (`trellis token create` makes them).
+const NOT_A_JOIN_TOKEN: &str = "not a join token: join tokens read trellis-join.<id>.<secret>, as `trellis token create` prints them";
+
 fn unauthorized(m: impl Into<String>) -> CaRequestError {
     CaRequestError::Unauthorized(m.into())
 }
@@ -594,9 +597,13 @@ pub(crate) async fn sign(
         if let (Some(cert), Some(proof)) = (&req.certificate, &req.proof) {
             return renew(id, &ca, &req, cert, proof);
         }
-        return Err(unauthorized(
-            "a join token (Authorization: Bearer trellis-join....) or the current certificate and a proof of its key is required",
-        ));
+        // A bearer that is not shaped like a join token is named as such: "required" would
+        // send its sender looking for a missing header.
+        return Err(unauthorized(if token.trim().is_empty() {
+            "a join token (Authorization: Bearer trellis-join....) or the current certificate and a proof of its key is required"
+        } else {
+            NOT_A_JOIN_TOKEN
+        }));
     };
     // A few tries: another proxy using the same multi-use token moves the grant's version.
     for _ in 0..5 {

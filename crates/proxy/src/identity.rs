@@ -47,7 +47,7 @@ pub enum IdentityError {
         source: std::io::Error,
     },
     /// Nothing stored and no token.
-    #[error("no valid certificate in {0} and no --join-token to get one")]
+    #[error("no valid certificate in {0} and no join token to get one (`trellis token create` makes one)")]
     NoCredential(PathBuf),
     /// Every control plane refused or was unreachable.
     #[error("no certificate from the control plane: {0}")]

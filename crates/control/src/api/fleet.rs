@@ -230,6 +230,17 @@ fn facts(api: &Api, window_ms: u64, at_ms: u64) -> trellis_telemetry::diagnose::
     )
 }
 
+/// How many proxies connected to this replica serve a workload `sel` selects (diagnose's
+/// rule): with no report from them yet, "nothing to judge" is said with them counted.
+fn connected(api: &Api, sel: &Selector) -> usize {
+    let pick = trellis_telemetry::diagnose::selector(sel.namespace.as_deref(), sel.name.as_deref());
+    api.proxies()
+        .snapshot()
+        .iter()
+        .filter(|p| p.workload.as_deref().is_some_and(&pick))
+        .count()
+}
+
 /// `GET /api/v1/diagnose`: what is failing, where, why, with the evidence of both ends of
 /// each hop (the whole fleet, as `stat`).
 pub(crate) async fn diagnose(
@@ -239,13 +250,14 @@ pub(crate) async fn diagnose(
     let (sel, window, at) = q.parse(&api)?;
     let (shards, partial) = others(&api, &Selector::default(), window, at).await;
     let facts = facts(&api, window, at);
+    let connected = connected(&api, &sel);
     let fleet = api.fleet_arc();
     let (verdicts, judged) =
         tokio::task::spawn_blocking(move || fleet.diagnose(&sel, window, at, shards, &facts))
             .await
             .map_err(|e| ApiError::BadRequest(format!("diagnose: {e}")))??;
     Ok(answer(
-        serde_json::json!({ "window_ms": window, "verdicts": verdicts, "judged": judged }),
+        serde_json::json!({ "window_ms": window, "verdicts": verdicts, "judged": judged, "connected": connected }),
         partial,
     ))
 }
@@ -281,6 +293,7 @@ async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde
     let at = now_ms();
     let (shards, partial) = others(api, &Selector::default(), window, at).await;
     let facts = facts(api, window, at);
+    let connected = connected(api, sel);
     let fleet = api.fleet_arc();
     let sel = sel.clone();
     let (stat, edges, (verdicts, judged), mirrors) =
@@ -290,7 +303,7 @@ async fn pane_figures(api: &Api, sel: &Selector, window: u64) -> ApiResult<serde
     Ok(serde_json::json!({
         "stat": stat,
         "edges": edges,
-        "diagnose": { "window_ms": window, "verdicts": verdicts, "judged": judged },
+        "diagnose": { "window_ms": window, "verdicts": verdicts, "judged": judged, "connected": connected },
         "proxies": super::resources::proxies_value(api)["proxies"],
         "spill": api.spill().states(),
         "mirrors": mirrors,

@@ -277,15 +277,16 @@ function showEdge(e) {
 }
 
 // With no verdict: whether nothing failed, or there was nothing to judge.
-function nothingFound(j) {
+function nothingFound(j, connected) {
   const n = (k, one, many) => `${k} ${k === 1 ? one : many}`;
+  if ((!j || !j.proxies) && connected) return `No report yet from the ${n(connected, "proxy", "proxies")} connected: nothing to judge (proxies report every 10 s by default).`;
   if (!j || !j.proxies) return "No proxy reported in this window: nothing to judge.";
   if (!j.requests && !j.connections) return `No traffic in this window: ${n(j.proxies, "proxy", "proxies")} reported, nothing to judge.`;
   return `No problem found in this window, in ${n(j.requests, "request", "requests")} and ` +
     `${n(j.connections, "TCP connection", "TCP connections")} that ${n(j.proxies, "proxy", "proxies")} reported.`;
 }
 
-function drawVerdicts(verdicts, judged) {
+function drawVerdicts(verdicts, judged, connected) {
   const where = (p) => {
     if (p.kind === "workload") return `workload ${p.at.workload} (${p.at.environment})`;
     if (p.kind === "link") return `link ${p.from.workload} (${p.from.environment}) → ${p.to.workload} (${p.to.environment})`;
@@ -297,7 +298,7 @@ function drawVerdicts(verdicts, judged) {
     ? verdicts.map((v) => `<li class="verdict"><span class="cause ${esc(v.cause)}">${esc(v.cause.replace("_", " "))}</span> ` +
       `<b>${esc(v.problem)}</b><br>where: ${esc(where(v.place))}${seen(v)}<ul>` +
       v.evidence.map((e) => `<li>${esc(e)}</li>`).join("") + `</ul>next: ${esc(v.next)}</li>`).join("")
-    : `<li class="ok">${esc(nothingFound(judged))}</li>`;
+    : `<li class="ok">${esc(nothingFound(judged, connected))}</li>`;
 }
 
 function drawServices(rows) {
@@ -507,7 +508,7 @@ function draw(f) {
   state.verdicts = f.diagnose.verdicts;
   state.updates += 1;
   drawTopology(f.edges);
-  drawVerdicts(f.diagnose.verdicts, f.diagnose.judged);
+  drawVerdicts(f.diagnose.verdicts, f.diagnose.judged, f.diagnose.connected);
   drawServices(f.stat);
   drawSpill(f.spill || []);
   drawMirrors(f.mirrors || []);
