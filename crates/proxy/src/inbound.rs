@@ -148,7 +148,7 @@ pub(crate) struct Caller {
 pub(crate) fn route(
     shared: &Shared,
     snap: &Snapshot,
-    mut req: Request<ClientBody>,
+    req: &mut Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
     from: &Caller,
@@ -173,7 +173,7 @@ pub(crate) fn route(
     let caller = source;
     let source = source.map(|p| p.id.as_ref());
     if req.method() == Method::CONNECT {
-        return tunnel(shared, snap, port, req, rec, source);
+        return tunnel(shared, snap, port, rec, source);
     }
     let target = http_target(snap, port, rec.authority.as_ref());
     let Some(target) = target else {
@@ -196,7 +196,7 @@ pub(crate) fn route(
         return Next::Reply(local_reply(rec, &e, grpc));
     }
     if noted.upgrade {
-        return Next::Upgrade(target.cluster.clone(), req, rec);
+        return Next::Upgrade(target.cluster.clone(), rec);
     }
     // The rate limits (a route's, else the service's), before a place under the
     // concurrency limit is taken.
@@ -205,7 +205,7 @@ pub(crate) fn route(
             || l.cfg
                 .matches
                 .iter()
-                .any(|m| crate::stages::route::matches(m, &req))
+                .any(|m| crate::stages::route::matches(m, req))
     });
     if let Some(l) = limit {
         if let Some((e, headers)) = rate_limited(shared, l, caller.and_then(|p| p.uri.get()), peer)
@@ -244,7 +244,7 @@ pub(crate) fn route(
         faults: &[],
         mirror_to: Vec::new(),
     };
-    Next::Forward(plan, req, rec)
+    Next::Forward(plan, rec)
 }
 
 /// Whether `l` refuses this request of `source` (else of the address `peer`): the error and
@@ -313,7 +313,6 @@ fn tunnel(
     shared: &Shared,
     snap: &Snapshot,
     port: Option<u16>,
-    req: Request<ClientBody>,
     mut rec: Box<Record>,
     source: Option<&PeerIdentity>,
 ) -> Next<'static> {
@@ -331,7 +330,7 @@ fn tunnel(
         // The HTTP/1.1 server closes a connection whose CONNECT it refused.
         return Next::Reply(local_reply(rec, &e, false));
     }
-    Next::Tunnel(target.cluster.clone(), req, rec)
+    Next::Tunnel(target.cluster.clone(), rec)
 }
 
 /// The local HTTP port a request is for: the one numbered `port`, and when several services

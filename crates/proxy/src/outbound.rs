@@ -43,7 +43,7 @@ fn mesh_name(host: &str, local_ns: &str) -> Option<trellis_model::NamespacedName
 pub(crate) fn route<'a>(
     snap: &'a Snapshot,
     listener: &Listener,
-    mut req: Request<ClientBody>,
+    req: &mut Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
     peer: SocketAddr,
@@ -71,7 +71,7 @@ pub(crate) fn route<'a>(
                 .map_or("default", |l| &l.id.namespace);
             if let Some(id) = mesh_name(a.host_port().0, local_ns) {
                 if !snap.cfg.services.contains_key(&id) {
-                    return Next::Discover(id, req, rec);
+                    return Next::Discover(id, rec);
                 }
             }
         }
@@ -92,11 +92,11 @@ pub(crate) fn route<'a>(
     if req.method() == Method::CONNECT {
         let key = trellis_model::proxy::cluster_key(svc_id, port.port);
         return match snap.clusters.get(&key) {
-            Some(c) => Next::Tunnel(c.clone(), req, rec),
+            Some(c) => Next::Tunnel(c.clone(), rec),
             None => no_route(rec, format!("no cluster {key}"), false),
         };
     }
-    let Some(r) = route::find(port, &req) else {
+    let Some(r) = route::find(port, req) else {
         let detail = format!(
             "no route of {} matches {} {}",
             svc.host,
@@ -121,8 +121,8 @@ pub(crate) fn route<'a>(
     if !r.request_headers.is_empty() {
         edit_headers(req.headers_mut(), &r.request_headers);
     }
-    if is_upgrade(&req) {
-        return Next::Upgrade(cluster, req, rec);
+    if is_upgrade(req) {
+        return Next::Upgrade(cluster, rec);
     }
     strip_hop_by_hop(req.headers_mut());
     if req.headers().len() > MAX_HEADERS_ON {
@@ -149,7 +149,7 @@ pub(crate) fn route<'a>(
                 .collect()
         },
     };
-    Next::Forward(plan, req, rec)
+    Next::Forward(plan, rec)
 }
 
 fn no_route(rec: Box<Record>, detail: String, grpc: bool) -> Next<'static> {

@@ -646,27 +646,27 @@ async fn handle(
     // The config that holds a Service asked for on demand, when one was.
     let fetched;
     let next = if inbound {
-        inbound::route(shared, &snap, req, rec, grpc, caller, noted)
+        inbound::route(shared, &snap, &mut req, rec, grpc, caller, noted)
     } else {
         let ask = shared.demand.is_some();
-        match outbound::route(&snap, listener, req, rec, grpc, peer, ask) {
-            Next::Discover(id, req, rec) => {
+        match outbound::route(&snap, listener, &mut req, rec, grpc, peer, ask) {
+            Next::Discover(id, rec) => {
                 fetched = Box::pin(discover(shared, &id)).await;
-                outbound::route(&fetched, listener, req, rec, grpc, peer, false)
+                outbound::route(&fetched, listener, &mut req, rec, grpc, peer, false)
             }
             next => next,
         }
     };
     match next {
         Next::Reply(r) => r,
-        Next::Forward(plan, req, rec) => {
-            attempt::forward(&shared.dialer, plan, req, rec, grpc).await
+        Next::Forward(plan, rec) => {
+            attempt::forward(&shared.dialer, plan, &mut req, rec, grpc).await
         }
         // Rare paths are boxed so that they do not grow every request's future.
-        Next::Upgrade(c, req, rec) => Box::pin(attempt::upgrade(&shared.dialer, c, req, rec)).await,
-        Next::Tunnel(c, req, rec) => Box::pin(tcp::connect_tunnel(shared, c, req, rec)).await,
+        Next::Upgrade(c, rec) => Box::pin(attempt::upgrade(&shared.dialer, c, req, rec)).await,
+        Next::Tunnel(c, rec) => Box::pin(tcp::connect_tunnel(shared, c, req, rec)).await,
         // Routed again without asking: not handed back; answered as the miss it is.
-        Next::Discover(id, _, rec) => {
+        Next::Discover(id, rec) => {
             let e = Error::new(Kind::NoRoute, format!("no service {id}"));
             local_reply(rec, &e, grpc)
         }

@@ -122,11 +122,12 @@ fn try_limit(
     }
 }
 
-/// Forward `req` as `plan` says, and build the response for the client.
+/// Forward `client` (the request as the client sent it; its body and, for the last try, its
+/// headers are taken) as `plan` says, and build the response for the client.
 pub(crate) async fn forward(
     dialer: &Arc<Dialer>,
     plan: Plan<'_>,
-    req: Request<ClientBody>,
+    client: &mut Request<ClientBody>,
     mut rec: Box<Record>,
     grpc: bool,
 ) -> Response<ProxyBody> {
@@ -141,7 +142,7 @@ pub(crate) async fn forward(
         Err(e) => return local_reply(rec, &e, grpc),
     };
     let ctx = cluster.connect_ctx(dialer);
-    let (mut parts, body) = req.into_parts();
+    let body = std::mem::replace(client.body_mut(), ClientBody::Empty);
     let small = body
         .size_hint()
         .upper()
@@ -162,9 +163,9 @@ pub(crate) async fn forward(
         // A body of a length not told (chunked) is recorded as it streams to the primary,
         // up to the cap, and copied only if it ended within it (`mirror_all`).
         Some(mirror::Head {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
+            method: client.method().clone(),
+            uri: client.uri().clone(),
+            headers: client.headers().clone(),
         })
     } else {
         // Over the mirrors' body cap: not mirrored.
@@ -224,7 +225,7 @@ pub(crate) async fn forward(
             deadline.map(|d| d.saturating_duration_since(try_start)),
             plan.idle,
         );
-        let mut req = upstream_request(&mut parts, body, h2, attempt + 1 == max_tries);
+        let mut req = upstream_request(client, body, h2, attempt + 1 == max_tries);
         if attempt > 0 {
             // A retry is a span of its own: the next hop sees it as its parent.
             let tp = rec.begin_try(try_start.saturating_duration_since(rec.start));
@@ -234,33 +235,38 @@ pub(crate) async fn forward(
             req.headers_mut().insert(X_TRELLIS_PEER.clone(), v.clone());
         }
         let outcome = match plan.faults {
-            [] => send_once(&ctx, &ep, req, h2, &mut rec.connect, try_start, limit).await,
+            [] => send_once(&ctx, &ep, &mut req, h2, &mut rec.connect, try_start, limit).await,
             faults => match fault::roll(faults, fault::draw) {
-                None => send_once(&ctx, &ep, req, h2, &mut rec.connect, try_start, limit).await,
+                None => {
+                    send_once(&ctx, &ep, &mut req, h2, &mut rec.connect, try_start, limit).await
+                }
                 Some(f) => {
                     count_faults(dialer, &rec, f);
-                    Box::pin(faulty_try(f, &ctx, &ep, req, h2, &mut rec, limit, grpc)).await
+                    Box::pin(faulty_try(
+                        f, &ctx, &ep, &mut req, h2, &mut rec, limit, grpc,
+                    ))
+                    .await
                 }
             },
         };
         let done = Instant::now();
         let outcome = match outcome {
             Ok(t) => t,
-            Err(Unsent { error: e, req }) if unsent_retry && deadline.is_none_or(|d| done < d) => {
+            Err(Unsent { error: e }) if unsent_retry && deadline.is_none_or(|d| done < d) => {
                 unsent_retry = false;
                 cluster.report(&ep, e.class());
                 rec.end_try(done.saturating_duration_since(rec.start), e.class(), 0);
                 count_retry(dialer, &cluster, "unsent");
                 // The request as it was: its headers (the last try took them), its body.
                 let (up, body) = req.into_parts();
-                parts.headers = up.headers;
-                parts.headers.remove(&X_TRELLIS_PEER);
-                if let (false, Some(a)) = (
-                    parts.headers.contains_key(http::header::HOST),
-                    up.uri.authority(),
-                ) {
+                let headers = client.headers_mut();
+                *headers = up.headers;
+                headers.remove(&X_TRELLIS_PEER);
+                if let (false, Some(a)) =
+                    (headers.contains_key(http::header::HOST), up.uri.authority())
+                {
                     if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
-                        parts.headers.insert(http::header::HOST, v);
+                        headers.insert(http::header::HOST, v);
                     }
                 }
                 first = Some(body);
@@ -440,7 +446,7 @@ async fn faulty_try(
     f: fault::Rolled,
     ctx: &ConnectCtx<'_>,
     ep: &Arc<Endpoint>,
-    req: Request<UpBody>,
+    req: &mut Request<UpBody>,
     h2: bool,
     rec: &mut Record,
     limit: Option<(Duration, Kind)>,
@@ -532,8 +538,8 @@ pub(crate) async fn upgrade(
     };
     rec.connect = Some(start.elapsed());
     // The upgrade handshake is hop-by-hop by nature: Connection and Upgrade stay as sent.
-    let (mut parts, body) = req.into_parts();
-    let mut up = upstream_request(&mut parts, UpBody::Incoming(body), false, true);
+    let body = std::mem::replace(req.body_mut(), ClientBody::Empty);
+    let mut up = upstream_request(&mut req, UpBody::Incoming(body), false, true);
     let mut conn = match conn {
         ForUpgrade::Plain(conn) => conn,
         ForUpgrade::Peer(tls, permit) => {

@@ -23,32 +23,33 @@ use crate::{
     pool::{ConnectCtx, Sender},
 };
 
-/// The request for one try. `last` says no try follows, so the headers can be moved rather
-/// than copied. URI parts are `Bytes`-backed: cloning them does not copy.
-pub(crate) fn upstream_request(
-    parts: &mut http::request::Parts,
+/// The request for one try of `from` (whose body was taken: `body`). `last` says no try
+/// follows, so the headers can be moved rather than copied. URI parts are `Bytes`-backed:
+/// cloning them does not copy.
+pub(crate) fn upstream_request<B>(
+    from: &mut Request<B>,
     body: UpBody,
     h2: bool,
     last: bool,
 ) -> Request<UpBody> {
     let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
+    *req.method_mut() = from.method().clone();
     *req.headers_mut() = if last {
-        std::mem::take(&mut parts.headers)
+        std::mem::take(from.headers_mut())
     } else {
-        parts.headers.clone()
+        from.headers().clone()
     };
-    let path = crate::http::origin_form(&parts.uri);
+    let path = crate::http::origin_form(from.uri());
     let mut uri = http::uri::Parts::default();
     uri.path_and_query = Some(path);
     if h2 {
         *req.version_mut() = Version::HTTP_2;
-        h2_target(req.headers_mut(), parts.uri.authority().cloned(), &mut uri);
+        h2_target(req.headers_mut(), from.uri().authority().cloned(), &mut uri);
     } else {
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(header::HOST) {
-            if let Some(v) = parts
-                .uri
+            if let Some(v) = from
+                .uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             {
@@ -68,30 +69,28 @@ pub(crate) enum Try {
 }
 
 /// A try whose request never left: no connection could be had (refused, timed out, a TLS or
-/// HTTP/2 handshake failed, or it closed before the request went). The request comes back,
-/// body untouched, for a try elsewhere.
+/// HTTP/2 handshake failed, or it closed before the request went). The request is left with
+/// the caller, body untouched, for a try elsewhere.
 pub(crate) struct Unsent {
     pub(crate) error: Error,
-    pub(crate) req: Box<Request<UpBody>>,
 }
 
-/// What one try came to, or its request back unsent.
+/// What one try came to, or that its request did not leave.
 pub(crate) type Sent = Result<Try, Unsent>;
 
-fn unsent(error: Error, req: Request<UpBody>) -> Sent {
-    Err(Unsent {
-        error,
-        req: Box::new(req),
-    })
+fn unsent(error: Error) -> Sent {
+    Err(Unsent { error })
 }
 
 /// One try: a connection from the pool (or a new one), the request sent, the response head
 /// read, all within `limit` (its length, and whether it is the idle timeout); `connect` set
-/// to the time a new connection took.
+/// to the time a new connection took. The request is borrowed, not moved into the try's
+/// future (it is 248 bytes, and each move is a copy): it is left as it was if it did not
+/// leave ([`Unsent`]); once sent, only its head is left.
 pub(crate) async fn send_once(
     ctx: &ConnectCtx<'_>,
     ep: &Arc<Endpoint>,
-    req: Request<UpBody>,
+    req: &mut Request<UpBody>,
     h2: bool,
     connect: &mut Option<Duration>,
     began: Instant,
@@ -100,14 +99,16 @@ pub(crate) async fn send_once(
     let within = limit.map(|l| l.0);
     let (sender, took) = match ep.pool.checkout(h2, ctx, began, within).await {
         Ok(s) => s,
-        Err(e) => return unsent(e, req),
+        Err(e) => return unsent(e),
     };
     *connect = Some(took);
     match sender {
         Sender::H1(conn) => send_h1(ep, conn, req, ctx, connect, began, limit).await,
         Sender::H2(s) => {
             // HTTP/1.1 for a peer's proxy that takes only HTTP/2 (one older than this).
-            let req = if h2 { req } else { as_h2(req) };
+            if !h2 {
+                as_h2(req);
+            }
             match limit {
                 Some((l, kind)) => tokio::time::timeout(l, send_h2(ep, s, req))
                     .await
@@ -138,12 +139,11 @@ fn h2_target(
 
 /// A request made for HTTP/1.1 ([`upstream_request`]), made over for HTTP/2: its `Host`
 /// becomes the URI's authority.
-fn as_h2(mut req: Request<UpBody>) -> Request<UpBody> {
+fn as_h2(req: &mut Request<UpBody>) {
     *req.version_mut() = Version::HTTP_2;
     let mut uri = std::mem::take(req.uri_mut()).into_parts();
     h2_target(req.headers_mut(), None, &mut uri);
     *req.uri_mut() = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
-    req
 }
 
 pub(crate) fn exchange_failed(ep: &Endpoint, cause: impl Into<crate::error::BoxError>) -> Error {
@@ -154,12 +154,18 @@ pub(crate) fn exchange_failed(ep: &Endpoint, cause: impl Into<crate::error::BoxE
     )
 }
 
-async fn send_h2(ep: &Endpoint, s: H2Sender, req: Request<UpBody>) -> Sent {
-    match s.send(req).await {
+async fn send_h2(ep: &Endpoint, s: H2Sender, req: &mut Request<UpBody>) -> Sent {
+    // HTTP/2 takes the request whole; an empty one stands in for it meanwhile.
+    let sent = std::mem::replace(req, Request::new(UpBody::Empty));
+    match s.send(sent).await {
         Ok(r) => Ok(Try::Response(r.map(UpstreamBody::H2))),
-        // The connection closed (a draining peer's GOAWAY) before a stream was opened for it.
+        // The connection closed (a draining peer's GOAWAY) before a stream was opened for it:
+        // the request is put back as it went.
         Err(e) => match e.unsent {
-            Some(req) => unsent(exchange_failed(ep, e.error), req),
+            Some(back) => {
+                *req = back;
+                unsent(exchange_failed(ep, e.error))
+            }
             None => Ok(Try::Failed(exchange_failed(ep, e.error))),
         },
     }
@@ -170,7 +176,7 @@ async fn send_h2(ep: &Endpoint, s: H2Sender, req: Request<UpBody>) -> Sent {
 async fn send_h1(
     ep: &Arc<Endpoint>,
     mut conn: Box<Conn>,
-    mut req: Request<UpBody>,
+    req: &mut Request<UpBody>,
     ctx: &ConnectCtx<'_>,
     connect: &mut Option<Duration>,
     began: Instant,
@@ -182,19 +188,19 @@ async fn send_h1(
         Some((l, Kind::Idle)) => h1::Wait::Idle(l),
         Some((l, _)) => h1::Wait::Until(began + l),
     };
-    let mut result = h1::exchange(&mut conn, &mut req, wait, began).await;
+    let mut result = h1::exchange(&mut conn, req, wait, began).await;
     if let Err(e) = &result {
-        if conn.is_reused() && prepare_resend(e, &mut req) {
+        if conn.is_reused() && prepare_resend(e, req) {
             drop(conn);
             let start = Instant::now();
             // Boxed for the same reason as in `Pool::checkout`.
             conn = match Box::pin(ep.pool.connect_h1(ctx)).await {
                 Ok(c) => c,
                 // Ready to be sent again, and not sent on a new connection.
-                Err(e) => return unsent(e, req),
+                Err(e) => return unsent(e),
             };
             *connect = Some(start.elapsed());
-            result = h1::exchange(&mut conn, &mut req, wait, began).await;
+            result = h1::exchange(&mut conn, req, wait, began).await;
         }
     }
     // Sent: its header map serves the next request this thread parses.

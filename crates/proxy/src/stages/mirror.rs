@@ -117,8 +117,9 @@ async fn exchange(
     };
     let ctx = cluster.connect_ctx(dialer);
     let h2 = cluster.http2();
-    let (mut parts, body) = req.into_parts();
-    let mut req = super::exchange::upstream_request(&mut parts, body, h2, true);
+    let mut from = req;
+    let body = std::mem::replace(from.body_mut(), UpBody::Empty);
+    let mut req = super::exchange::upstream_request(&mut from, body, h2, true);
     if let (true, Some(v)) = (ep.via_peer_proxy(), peer_header) {
         req.headers_mut()
             .insert(crate::http::X_TRELLIS_PEER.clone(), v);
@@ -128,7 +129,7 @@ async fn exchange(
     let outcome = super::exchange::send_once(
         &ctx,
         &ep,
-        req,
+        &mut req,
         h2,
         &mut connect,
         start,
@@ -137,7 +138,7 @@ async fn exchange(
     .await;
     let took = start.elapsed();
     match outcome {
-        Ok(super::exchange::Try::Failed(e)) | Err(super::exchange::Unsent { error: e, .. }) => {
+        Ok(super::exchange::Try::Failed(e)) | Err(super::exchange::Unsent { error: e }) => {
             (0, e.class(), took)
         }
         Ok(super::exchange::Try::Response(r)) => {

@@ -346,7 +346,7 @@ async fn silence_past_the_idle_timeout_fails_the_try_as_a_network_timeout() {
     let resp = forward(
         &dialer,
         plan(&cluster, None, idle),
-        get("/silent"),
+        &mut get("/silent"),
         rec,
         false,
     )
@@ -366,7 +366,7 @@ async fn silence_past_the_idle_timeout_fails_the_try_as_a_network_timeout() {
     let resp = forward(
         &dialer,
         plan(&cluster, None, idle),
-        get("/stalls"),
+        &mut get("/stalls"),
         rec,
         false,
     )
@@ -422,7 +422,7 @@ async fn a_retried_request_sends_its_body_again_and_is_recorded_once() {
         "HTTP/1.1",
         Default::default(),
     );
-    let resp = forward(&dialer, plan, req, rec, false).await;
+    let resp = forward(&dialer, plan, &mut req, rec, false).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(collect(resp.into_body()).await, b"ok");
     assert_eq!(
@@ -488,7 +488,7 @@ async fn each_try_is_a_span_under_the_request_and_the_next_hop_sees_it_as_parent
     let ids = crate::trace::prepare(req.headers_mut(), 0.0);
     rec.trace_id = ids.trace_id;
     rec.spans = ids.spans;
-    let resp = forward(&dialer, plan, req, rec, false).await;
+    let resp = forward(&dialer, plan, &mut req, rec, false).await;
     assert_eq!(resp.status(), 200);
     collect(resp.into_body()).await;
     let f = queued
@@ -534,7 +534,7 @@ async fn an_unsampled_request_queues_spans_only_when_it_failed() {
         let ids = crate::trace::prepare(req.headers_mut(), 0.0);
         rec.trace_id = ids.trace_id;
         rec.spans = ids.spans;
-        let resp = forward(&dialer, plan(&cluster, None, None), req, rec, false).await;
+        let resp = forward(&dialer, plan(&cluster, None, None), &mut req, rec, false).await;
         assert_eq!(resp.status(), expect);
         collect(resp.into_body()).await;
     }
@@ -603,7 +603,7 @@ async fn a_sent_requests_map_and_its_responses_lines_serve_the_next_heads() {
     );
     let kept = crate::http::spare::kept();
     let lines_kept = h1::raw::kept();
-    let resp = forward(&dialer, plan(&cluster, None, None), req, rec, false).await;
+    let resp = forward(&dialer, plan(&cluster, None, None), &mut req, rec, false).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(collect(resp.into_body()).await, b"ok");
     assert_eq!(
