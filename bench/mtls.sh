@@ -12,7 +12,7 @@
 # certificate), trellis's inbound listener against haproxy B, with the same kind of
 # certificate (ECDSA P-256, issued by the mesh's CA).
 #
-# Usage: bench/mtls.sh [ROUNDS] [SECONDS]; TRACE=1 [SHOW=N] or PROFILE=1 bench/mtls.sh (below). Loopback only. CPU 0: load generator, control
+# Usage: bench/mtls.sh [ROUNDS] [SECONDS]; TRACE=1 [SHOW=N], PROFILE=1, SYSCALLS=1, SEGMENTS=1 or MOVES=1 bench/mtls.sh (below). Loopback only. CPU 0: load generator, control
 # plane. CPU 1: nginx and the proxies under test (one thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +45,17 @@ TRELLIS_TOKEN=$(cat "$W/cp/admin.token")
 "$BIN" apply -f bench/mesh-mtls.yaml >/dev/null
 token() { "$BIN" token create -n bench --identity "$1" --ttl 10m 2>/dev/null; }
 # The callee's identity is `up`, the caller's `client` (the tokens name them).
-taskset -c 1 "$BIN" proxy --xds http://127.0.0.1:18171 --workload bench/up-1 --state-dir "$W/callee" \
+# MOVES=1: the mesh proxies run with bench/memcpy-sizes.c preloaded (see below).
+MOVES_ENV=()
+if [ -n "${MOVES:-}" ]; then
+  mkdir -p "$W/moves"
+  cc -O2 -shared -fPIC -o "$W/memcpy-sizes.so" bench/memcpy-sizes.c
+  MOVES_ENV=(env LD_PRELOAD="$W/memcpy-sizes.so" MEMCPY_SIZES_OUT="$W/moves")
+fi
+taskset -c 1 "${MOVES_ENV[@]}" "$BIN" proxy --xds http://127.0.0.1:18171 --workload bench/up-1 --state-dir "$W/callee" \
   --join-token "$(token up)" --no-access-log --admin 127.0.0.1:18200 --outbound 127.0.0.1:18201 \
   --inbound 127.0.0.1:18206 2>"$W/callee.err" & CALLEE=$!; PIDS+=($CALLEE)
-taskset -c 1 "$BIN" proxy --xds http://127.0.0.1:18171 --workload bench/client --state-dir "$W/caller" \
+taskset -c 1 "${MOVES_ENV[@]}" "$BIN" proxy --xds http://127.0.0.1:18171 --workload bench/client --state-dir "$W/caller" \
   --join-token "$(token client)" --no-access-log --admin 127.0.0.1:18300 --outbound 127.0.0.1:18301 \
   --inbound 127.0.0.1:18306 2>"$W/caller.err" & CALLER=$!; PIDS+=($CALLER)
 # The one-hop plaintext proxy: the benchmarks' standalone mesh (its upstream has no proxy).
@@ -179,6 +186,19 @@ fi
 # /proc/net/snmp and /proc/net/netstat, before and after 3 s of the saturating load) on each
 # path and print them per request: data segments and pure ACKs, which the kernel's time per
 # request follows (bench/segment-count.py).
+# MOVES=1: instead of the rounds, 5 s of the saturating load on the trellis mTLS path, then
+# memcpy's calls per request in each proxy by size (bench/move-sizes.py): which values the
+# request path moves, and how often. The proxies are stopped to write their counts.
+if [ -n "${MOVES:-}" ]; then
+  t=trellis-mtls-2hops
+  out=$(taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/")
+  n=$(awk '/requests in/{print $1}' <<<"$out")
+  echo "== $t: $n requests (wrk -c32, 5 s; the few of the set-up are not counted)"
+  kill "$CALLER" "$CALLEE"
+  wait "$CALLER" "$CALLEE" 2>/dev/null || true
+  python3 bench/move-sizes.py "$W/moves" "$n" caller="$CALLER" callee="$CALLEE" | sed 's/^/  /'
+  exit 0
+fi
 if [ -n "${SEGMENTS:-}" ]; then
   for t in direct trellis-mtls-2hops haproxy-mtls-2hops; do
     taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
