@@ -2,8 +2,6 @@
 //! encoded, bodies framed by length, by chunks, or (responses only) up to the close. Pure
 //! functions over buffers, so that every framing rule is unit-tested without a socket.
 
-use std::mem::MaybeUninit;
-
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
@@ -162,31 +160,25 @@ pub(crate) fn parse_response_head(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<Head>, ParseError> {
-    // Uninitialised header slots: initialising 100 of them costs more than parsing a
-    // typical head.
-    let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut res, buf, &mut raw);
-    let len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(ParseError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
+    let mut spans = Spans::NONE;
+    let parsed = match super::head::response(buf, &mut spans.at) {
+        Ok(Some(p)) => p,
+        Ok(None) if buf.len() > MAX_HEAD => return Err(ParseError::TooLarge),
+        Ok(None) => return Ok(None),
         Err(e) => return Err(ParseError::Head(e)),
     };
+    let len = parsed.len;
     if len > MAX_HEAD {
         return Err(ParseError::TooLarge);
     }
-    let code = res.code.unwrap_or(0);
-    let status =
-        StatusCode::from_u16(code).map_err(|_| ParseError::Head(httparse::Error::Status))?;
-    let version = if res.version == Some(0) {
+    spans.count = parsed.fields;
+    let status = StatusCode::from_u16(parsed.line.code)
+        .map_err(|_| ParseError::Head(httparse::Error::Status))?;
+    let version = if parsed.line.version == 0 {
         Version::HTTP_10
     } else {
         Version::HTTP_11
     };
-    let mut spans = Spans::NONE;
-    spans.take(buf, res.headers);
     let head = buf.split_to(len).freeze();
     let (mut headers, seen) = spans.raw(head);
     let (framing, keep_alive) = framing(status, version, method, &mut headers, seen)?;
@@ -198,10 +190,11 @@ pub(crate) fn parse_response_head(
     }))
 }
 
-/// Header positions within a head (at most 64 KiB), taken while httparse's borrow of the
-/// buffer lasts, so that names and values can share the buffer once the head is split off.
+/// Header positions within a head (at most 64 KiB), written by the parser
+/// ([`super::head`]), so that names and values can share the buffer once the head is split
+/// off.
 struct Spans {
-    at: [(u16, u16, u16, u16); MAX_HEADERS],
+    at: [super::head::Field; MAX_HEADERS],
     count: usize,
 }
 
@@ -210,21 +203,6 @@ impl Spans {
         at: [(0, 0, 0, 0); MAX_HEADERS],
         count: 0,
     };
-
-    /// Take the positions of `headers` within `buf`. Filled where the caller keeps it: an
-    /// array built here and returned was copied whole (800 bytes) on every head.
-    fn take(&mut self, buf: &[u8], headers: &[httparse::Header<'_>]) {
-        let base = buf.as_ptr() as usize;
-        for (span, h) in self.at.iter_mut().zip(headers) {
-            *span = (
-                (h.name.as_ptr() as usize - base) as u16,
-                h.name.len() as u16,
-                (h.value.as_ptr() as usize - base) as u16,
-                h.value.len() as u16,
-            );
-        }
-        self.count = headers.len();
-    }
 
     /// The header map over `head`, with room for `extra` more, and what the request path
     /// reads of it ([`Noted`]; `x-trellis-peer` goes there, not into the map); `Err`: the
@@ -845,32 +823,29 @@ pub(crate) fn parse_request_head_noting(
     noted: &mut Noted,
 ) -> Result<Option<RequestHead>, RequestError> {
     let max = max.min(MAX_HEAD);
-    let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let parsed = httparse::ParserConfig::default()
-        .parse_request_with_uninit_headers(&mut req, buf, &mut raw);
-    let len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > max => return Err(RequestError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
+    let mut spans = Spans::NONE;
+    let parsed = match super::head::request(buf, &mut spans.at) {
+        Ok(Some(p)) => p,
+        Ok(None) if buf.len() > max => return Err(RequestError::TooLarge),
+        Ok(None) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(RequestError::TooLarge),
         Err(e) => return Err(RequestError::Head(e)),
     };
+    let len = parsed.len;
     if len > max {
         return Err(RequestError::TooLarge);
     }
-    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+    spans.count = parsed.fields;
+    let (m, ml) = parsed.line.method;
+    let method = Method::from_bytes(&buf[m..m + ml])
         .map_err(|_| RequestError::Head(httparse::Error::Token))?;
-    let version = if req.version == Some(0) {
+    let version = if parsed.line.version == 0 {
         Version::HTTP_10
     } else {
         Version::HTTP_11
     };
-    let path = req.path.unwrap_or("");
-    let target = path.as_ptr() as usize - buf.as_ptr() as usize;
-    let target = target..target + path.len();
-    let mut spans = Spans::NONE;
-    spans.take(buf, req.headers);
+    let (t, tl) = parsed.line.target;
+    let target = t..t + tl;
     let head = buf.split_to(len).freeze();
     let uri = http::Uri::from_maybe_shared(head.slice(target)).map_err(|_| RequestError::Target)?;
     // Room for the headers the proxy adds (traceparent, x-request-id): growing the map

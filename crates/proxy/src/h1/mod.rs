@@ -12,6 +12,7 @@
 //! connection task anyway.
 
 pub(crate) mod codec;
+pub(crate) mod head;
 mod names;
 pub(crate) mod raw;
 pub(crate) mod server;
