@@ -735,7 +735,8 @@ fn not_a_join_token(token: Option<&str>, flag: &str) -> Option<String> {
     let t = token?;
     trellis_identity::join::parse(t).is_none().then(|| {
         format!(
-            "{flag} (or TRELLIS_JOIN_TOKEN) is not a join token: join tokens read trellis-join.<id>.<secret>, as `trellis token create` prints them"
+            "{flag} (or TRELLIS_JOIN_TOKEN) is not a join token: {}",
+            trellis_identity::join::SHAPE
         )
     })
 }

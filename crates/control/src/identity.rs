@@ -577,9 +577,6 @@ fn renew(
     }
 }
 
-/// What a bearer that is not a join token is told (`trellis token create` makes them).
-const NOT_A_JOIN_TOKEN: &str = "not a join token: join tokens read trellis-join.<id>.<secret>, as `trellis token create` prints them";
-
 fn unauthorized(m: impl Into<String>) -> CaRequestError {
     CaRequestError::Unauthorized(m.into())
 }
@@ -600,9 +597,9 @@ pub(crate) async fn sign(
         // A bearer that is not shaped like a join token is named as such: "required" would
         // send its sender looking for a missing header.
         return Err(unauthorized(if token.trim().is_empty() {
-            "a join token (Authorization: Bearer trellis-join....) or the current certificate and a proof of its key is required"
+            "a join token (Authorization: Bearer trellis-join....) or the current certificate and a proof of its key is required".to_string()
         } else {
-            NOT_A_JOIN_TOKEN
+            format!("not a join token: {}", join::SHAPE)
         }));
     };
     // A few tries: another proxy using the same multi-use token moves the grant's version.

@@ -69,6 +69,10 @@ pub fn generate() -> NewToken {
     }
 }
 
+/// What a token looks like, for whoever is told a value is not one ([`parse`]).
+pub const SHAPE: &str =
+    "join tokens read trellis-join.<id>.<secret>, as `trellis token create` prints them";
+
 /// `(id, secret)` of a token, if it has the shape of one.
 pub fn parse(token: &str) -> Option<(&str, &str)> {
     let mut it = token.trim().splitn(3, '.');
