@@ -182,10 +182,6 @@ if [ -n "${SYSCALLS:-}" ]; then
   done
   exit 0
 fi
-# SEGMENTS=1: instead of the rounds, count the machine's TCP segments (all on loopback here:
-# /proc/net/snmp and /proc/net/netstat, before and after 3 s of the saturating load) on each
-# path and print them per request: data segments and pure ACKs, which the kernel's time per
-# request follows (bench/segment-count.py).
 # MOVES=1: instead of the rounds, 5 s of the saturating load on the trellis mTLS path, then
 # memcpy's calls per request in each proxy by size (bench/move-sizes.py): which values the
 # request path moves, and how often. The proxies are stopped to write their counts.
@@ -199,6 +195,10 @@ if [ -n "${MOVES:-}" ]; then
   python3 bench/move-sizes.py "$W/moves" "$n" caller="$CALLER" callee="$CALLEE" | sed 's/^/  /'
   exit 0
 fi
+# SEGMENTS=1: instead of the rounds, count the machine's TCP segments (all on loopback here:
+# /proc/net/snmp and /proc/net/netstat, before and after 3 s of the saturating load) on each
+# path and print them per request: data segments and pure ACKs, which the kernel's time per
+# request follows (bench/segment-count.py).
 if [ -n "${SEGMENTS:-}" ]; then
   for t in direct trellis-mtls-2hops haproxy-mtls-2hops; do
     taskset -c 0 wrk -t1 -c32 -d5s -H 'Host: up.bench' "http://127.0.0.1:${PORT[$t]}/" >"$W/$t.wrk" &
