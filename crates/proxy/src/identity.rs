@@ -47,7 +47,9 @@ pub enum IdentityError {
         source: std::io::Error,
     },
     /// Nothing stored and no token.
-    #[error("no valid certificate in {0} and no join token to get one (`trellis token create` makes one)")]
+    #[error(
+        "no valid certificate in {0} and no join token to get one (`trellis token create` makes one: give it to `trellis proxy --join-token`, `trellis join --token`, or either in TRELLIS_JOIN_TOKEN)"
+    )]
     NoCredential(PathBuf),
     /// Every control plane refused or was unreachable.
     #[error("no certificate from the control plane: {0}")]
