@@ -332,11 +332,6 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    // Checked where it is about to be used: the unit and the dry run do not carry it.
-    if let Some(e) = crate::not_a_join_token(a.token.as_deref(), "--token") {
-        eprintln!("trellis join: {e}");
-        return ExitCode::from(crate::EX_USAGE);
-    }
     let health = match health(&a, &spec) {
         Ok(h) => h,
         Err(e) => {
@@ -374,6 +369,11 @@ pub(crate) fn join(a: JoinArgs) -> ExitCode {
             eprintln!("trellis join: {e}");
             return ExitCode::from(crate::EX_USAGE);
         }
+    }
+    // The token's shape, last of the flags: the unit and the dry run do not carry it.
+    if let Some(e) = crate::not_a_join_token(a.token.as_deref(), "--token") {
+        eprintln!("trellis join: {e}");
+        return ExitCode::from(crate::EX_USAGE);
     }
     // Upgrades in place by default: the same command run again (a new binary) takes over.
     // A Unix socket's path is limited to 107 bytes; a longer state dir goes without.

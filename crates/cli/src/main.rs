@@ -766,10 +766,6 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             })
         }
     };
-    if let Some(e) = not_a_join_token(a.join_token.as_deref(), "--join-token") {
-        eprintln!("trellis proxy: {e}");
-        return ExitCode::from(EX_USAGE);
-    }
     let identity = a
         .state_dir
         .map(|state_dir| trellis_proxy::identity::IdentityOptions {
@@ -784,6 +780,14 @@ fn proxy(a: ProxyArgs) -> ExitCode {
             eprintln!("trellis proxy: {e}");
             return ExitCode::from(EX_USAGE);
         }
+    }
+    // The token's shape, as `trellis join` checks it: before it is sent anywhere.
+    if let Some(e) = not_a_join_token(
+        opts.identity.as_ref().and_then(|i| i.join_token.as_deref()),
+        "--join-token",
+    ) {
+        eprintln!("trellis proxy: {e}");
+        return ExitCode::from(EX_USAGE);
     }
     // Config is checked before any port is bound.
     let loaded = match trellis_proxy::load(&opts) {

@@ -148,6 +148,8 @@ async fn the_ca_issues_svids_that_openssl_accepts_and_only_what_a_token_allows()
             "127.0.0.1",
             "--name",
             "w",
+            "--port",
+            "http=8080",
         ][..],
         &[
             "proxy",
