@@ -103,8 +103,8 @@ const HIGH: u64 = 0x8080_8080_8080_8080;
 /// step while none of them is a control byte or DEL, then one at a time.
 #[inline(always)]
 fn value_end(buf: &[u8], mut i: usize) -> usize {
-    while let Some(w) = buf.get(i..i + 8) {
-        let w = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+    while let Some(w) = buf.get(i..i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()) {
+        let w = u64::from_le_bytes(w);
         // Some byte below 0x20 (exact as to whether there is one), or some byte 0x7f.
         let low = w.wrapping_sub(0x20 * LOW) & !w & HIGH;
         let del = w ^ (0x7f * LOW);
@@ -120,6 +120,16 @@ fn value_end(buf: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// `?` for a [`Step`]: return its error, or `Ok(None)` when it needs more bytes.
+macro_rules! step {
+    ($e:expr) => {
+        match $e? {
+            Some(v) => v,
+            None => return Ok(None),
+        }
+    };
+}
+
 /// After the blank lines a head may start with (CRLF or LF each), where the first line
 /// starts.
 fn skip_empty_lines(buf: &[u8]) -> Step<usize> {
@@ -127,12 +137,7 @@ fn skip_empty_lines(buf: &[u8]) -> Step<usize> {
     loop {
         match buf.get(i) {
             None => return Ok(None),
-            Some(b'\r') => match buf.get(i + 1) {
-                None => return Ok(None),
-                Some(b'\n') => i += 2,
-                Some(_) => return Err(Error::NewLine),
-            },
-            Some(b'\n') => i += 1,
+            Some(b'\r' | b'\n') => i = step!(newline(buf, i, Error::NewLine)),
             Some(_) => return Ok(Some(i)),
         }
     }
@@ -158,6 +163,7 @@ fn version(buf: &[u8], i: usize) -> Step<u8> {
 }
 
 /// A line end (CRLF or LF) at `i`: where the next line starts; `bad` for anything else.
+#[inline(always)]
 fn newline(buf: &[u8], i: usize, bad: Error) -> Step<usize> {
     match buf.get(i) {
         None => Ok(None),
@@ -169,16 +175,6 @@ fn newline(buf: &[u8], i: usize, bad: Error) -> Step<usize> {
         Some(b'\n') => Ok(Some(i + 1)),
         Some(_) => Err(bad),
     }
-}
-
-/// Macro-free `?` for steps: return `Ok(None)` or the error.
-macro_rules! step {
-    ($e:expr) => {
-        match $e? {
-            Some(v) => v,
-            None => return Ok(None),
-        }
-    };
 }
 
 /// A request head at the front of `buf`, its fields' positions written to `fields`
@@ -258,11 +254,8 @@ pub(crate) fn response(buf: &[u8], fields: &mut [Field]) -> Step<Parsed<StatusLi
                 match buf.get(i) {
                     None => return Ok(None),
                     Some(b'\r' | b'\n') => break,
-                    Some(&b)
-                        if b == 0x09 || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 =>
-                    {
-                        i += 1
-                    }
+                    // A reason's bytes are those a field value may hold.
+                    Some(&b) if VALUE[b as usize] => i += 1,
                     Some(_) => return Err(Error::Status),
                 }
             }
@@ -288,14 +281,9 @@ fn headers(buf: &[u8], mut i: usize, fields: &mut [Field]) -> Step<(usize, usize
         let n = i;
         match buf.get(i) {
             None => return Ok(None),
-            Some(b'\r') => {
-                return match buf.get(i + 1) {
-                    None => Ok(None),
-                    Some(b'\n') => Ok(Some((i + 2, count))),
-                    Some(_) => Err(Error::NewLine),
-                }
+            Some(b'\r' | b'\n') => {
+                return Ok(Some((step!(newline(buf, i, Error::NewLine)), count)))
             }
-            Some(b'\n') => return Ok(Some((i + 1, count))),
             Some(&b) if TOKEN[b as usize] => i += 1,
             Some(_) => return Err(Error::HeaderName),
         }
@@ -317,16 +305,7 @@ fn headers(buf: &[u8], mut i: usize, fields: &mut [Field]) -> Step<(usize, usize
         }
         let v = i;
         let end = value_end(buf, i);
-        i = match buf.get(end) {
-            None => return Ok(None),
-            Some(b'\r') => match buf.get(end + 1) {
-                None => return Ok(None),
-                Some(b'\n') => end + 2,
-                Some(_) => return Err(Error::HeaderValue),
-            },
-            Some(b'\n') => end + 1,
-            Some(_) => return Err(Error::HeaderValue),
-        };
+        i = step!(newline(buf, end, Error::HeaderValue));
         let Some(slot) = fields.get_mut(count) else {
             return Err(Error::TooManyHeaders);
         };
