@@ -5,8 +5,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
-use super::names::Field;
-use super::raw::{classify, Class, RawHeaders};
+use super::names::{classify, Class, Field, Known};
+use super::raw::RawHeaders;
 
 /// Largest response head (status line and headers), and largest trailer section. Offsets
 /// within a head fit in a `u16`.
@@ -160,7 +160,18 @@ pub(crate) fn parse_response_head(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<Head>, ParseError> {
-    let mut spans = Spans::NONE;
+    // A client looks for the head as soon as its request is out, before anything came.
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    SPANS.with_borrow_mut(|spans| response_head(buf, method, spans))
+}
+
+fn response_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    spans: &mut Spans,
+) -> Result<Option<Head>, ParseError> {
     let parsed = match super::head::response(buf, &mut spans.at) {
         Ok(Some(p)) => p,
         Ok(None) if buf.len() > MAX_HEAD => return Err(ParseError::TooLarge),
@@ -198,6 +209,13 @@ struct Spans {
     count: usize,
 }
 
+thread_local! {
+    /// Kept per thread, not made per head: each head parsed would otherwise zero its 800
+    /// bytes first. The parser writes the places of the fields it finds, and only those are
+    /// read ([`Spans::count`]).
+    static SPANS: std::cell::RefCell<Spans> = const { std::cell::RefCell::new(Spans::NONE) };
+}
+
 impl Spans {
     const NONE: Self = Self {
         at: [(0, 0, 0, 0); MAX_HEADERS],
@@ -220,15 +238,16 @@ impl Spans {
         for &(ns, nl, vs, vl) in &self.at[..self.count] {
             let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
             let raw = &head[ns..ns + nl];
-            let (name, field) = match super::names::known_field(raw) {
+            let Known { name, field, class } = match super::names::known_field(raw) {
                 Some(known) => known,
-                None => (
-                    HeaderName::from_bytes(raw)
+                None => Known {
+                    name: HeaderName::from_bytes(raw)
                         .map_err(|_| String::from_utf8_lossy(raw).into_owned())?,
-                    Field::Other,
-                ),
+                    field: Field::Other,
+                    class: classify(raw),
+                },
             };
-            seen.note(classify(raw), &head[vs..vs + vl]);
+            seen.note(class, &head[vs..vs + vl]);
             match field {
                 Field::Peer => {
                     noted
@@ -822,8 +841,16 @@ pub(crate) fn parse_request_head_noting(
     max: usize,
     noted: &mut Noted,
 ) -> Result<Option<RequestHead>, RequestError> {
+    SPANS.with_borrow_mut(|spans| request_head(buf, max, noted, spans))
+}
+
+fn request_head(
+    buf: &mut BytesMut,
+    max: usize,
+    noted: &mut Noted,
+    spans: &mut Spans,
+) -> Result<Option<RequestHead>, RequestError> {
     let max = max.min(MAX_HEAD);
-    let mut spans = Spans::NONE;
     let parsed = match super::head::request(buf, &mut spans.at) {
         Ok(Some(p)) => p,
         Ok(None) if buf.len() > max => return Err(RequestError::TooLarge),

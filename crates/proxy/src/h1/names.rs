@@ -27,37 +27,106 @@ pub(super) enum Field {
     TraceParent,
 }
 
+/// What a header name is, among the few the proxy acts on (in any case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    Other,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    Date,
+    Expect,
+    Te,
+    Upgrade,
+    /// `proxy-connection`, `proxy-authenticate`, `proxy-authorization`: hop-by-hop only.
+    HopByHop,
+    /// `x-trellis-failure`: kept only from a peer's proxy.
+    Failure,
+    /// A field literally named `close`, which `Connection: close` then names too.
+    Close,
+}
+
+/// The class of a header name (token characters, any case): a switch on the length and one
+/// comparison, a word at a time ([`same_token`]).
+pub(crate) fn classify(name: &[u8]) -> Class {
+    let is = |s: &[u8]| same_token(name, s);
+    match name.len() {
+        2 if is(b"te") => Class::Te,
+        4 if is(b"date") => Class::Date,
+        5 if is(b"close") => Class::Close,
+        6 if is(b"expect") => Class::Expect,
+        7 if is(b"upgrade") => Class::Upgrade,
+        10 if is(b"connection") => Class::Connection,
+        10 if is(b"keep-alive") => Class::KeepAlive,
+        14 if is(b"content-length") => Class::ContentLength,
+        16 if is(b"proxy-connection") => Class::HopByHop,
+        17 if is(b"transfer-encoding") => Class::TransferEncoding,
+        17 if is(b"x-trellis-failure") => Class::Failure,
+        18 if is(b"proxy-authenticate") => Class::HopByHop,
+        19 if is(b"proxy-authorization") => Class::HopByHop,
+        _ => Class::Other,
+    }
+}
+
 /// `name` (a header name as httparse accepted it: token characters only) as one of the
 /// common names, whatever its case; `None` for any other, which `HeaderName::from_bytes`
 /// then reads.
 pub(super) fn known(name: &[u8]) -> Option<HeaderName> {
-    known_field(name).map(|(n, _)| n)
+    known_field(name).map(|k| k.name)
 }
 
-/// As [`known`], with the field the request path reads, if it is one.
-pub(super) fn known_field(name: &[u8]) -> Option<(HeaderName, Field)> {
+/// A common name ([`known_field`]): the name, the field the request path reads if it is
+/// one, and its [`Class`] (what [`classify`] says of it, without comparing it again).
+pub(super) struct Known {
+    pub(super) name: HeaderName,
+    pub(super) field: Field,
+    pub(super) class: Class,
+}
+
+/// As [`known`], with the field the request path reads and the name's class.
+pub(super) fn known_field(name: &[u8]) -> Option<Known> {
     let first = *name.first()? | 0x20;
     let mut field = Field::Other;
+    let mut class = Class::Other;
     let (lower, known) = match (name.len(), first) {
-        (2, b't') => (&b"te"[..], header::TE),
+        (2, b't') => {
+            class = Class::Te;
+            (&b"te"[..], header::TE)
+        }
         (4, b'h') => {
             field = Field::Host;
             (&b"host"[..], header::HOST)
         }
-        (4, b'd') => (&b"date"[..], header::DATE),
+        (4, b'd') => {
+            class = Class::Date;
+            (&b"date"[..], header::DATE)
+        }
         (4, b'e') => (&b"etag"[..], header::ETAG),
         (4, b'v') => (&b"vary"[..], header::VARY),
         (6, b's') => (&b"server"[..], header::SERVER),
         (6, b'a') => (&b"accept"[..], header::ACCEPT),
         (6, b'c') => (&b"cookie"[..], header::COOKIE),
-        (6, b'e') => (&b"expect"[..], header::EXPECT),
+        (6, b'e') => {
+            class = Class::Expect;
+            (&b"expect"[..], header::EXPECT)
+        }
         (6, b'o') => (&b"origin"[..], header::ORIGIN),
-        (7, b'u') => (&b"upgrade"[..], header::UPGRADE),
+        (7, b'u') => {
+            class = Class::Upgrade;
+            (&b"upgrade"[..], header::UPGRADE)
+        }
         (7, b'r') => (&b"referer"[..], header::REFERER),
         (8, b'l') => (&b"location"[..], header::LOCATION),
-        (10, b'c') => (&b"connection"[..], header::CONNECTION),
+        (10, b'c') => {
+            class = Class::Connection;
+            (&b"connection"[..], header::CONNECTION)
+        }
         (10, b'u') => (&b"user-agent"[..], header::USER_AGENT),
-        (10, b'k') => (&b"keep-alive"[..], KEEP_ALIVE),
+        (10, b'k') => {
+            class = Class::KeepAlive;
+            (&b"keep-alive"[..], KEEP_ALIVE)
+        }
         (10, b's') => (&b"set-cookie"[..], header::SET_COOKIE),
         (10, b't') => (&b"tracestate"[..], TRACESTATE),
         (11, b't') => {
@@ -77,7 +146,10 @@ pub(super) fn known_field(name: &[u8]) -> Option<(HeaderName, Field)> {
         (13, b'c') => (&b"cache-control"[..], header::CACHE_CONTROL),
         (13, b'a') => (&b"authorization"[..], header::AUTHORIZATION),
         (13, b'l') => (&b"last-modified"[..], header::LAST_MODIFIED),
-        (14, b'c') => (&b"content-length"[..], header::CONTENT_LENGTH),
+        (14, b'c') => {
+            class = Class::ContentLength;
+            (&b"content-length"[..], header::CONTENT_LENGTH)
+        }
         (14, b'x') => {
             field = Field::Peer;
             (&b"x-trellis-peer"[..], X_TRELLIS_PEER)
@@ -86,11 +158,21 @@ pub(super) fn known_field(name: &[u8]) -> Option<(HeaderName, Field)> {
         (15, b'a') => (&b"accept-language"[..], header::ACCEPT_LANGUAGE),
         (15, b'x') => (&b"x-forwarded-for"[..], X_FORWARDED_FOR),
         (16, b'c') => (&b"content-encoding"[..], header::CONTENT_ENCODING),
-        (17, b't') => (&b"transfer-encoding"[..], header::TRANSFER_ENCODING),
-        (17, b'x') => (&b"x-trellis-failure"[..], X_TRELLIS_FAILURE),
+        (17, b't') => {
+            class = Class::TransferEncoding;
+            (&b"transfer-encoding"[..], header::TRANSFER_ENCODING)
+        }
+        (17, b'x') => {
+            class = Class::Failure;
+            (&b"x-trellis-failure"[..], X_TRELLIS_FAILURE)
+        }
         _ => return None,
     };
-    same_token(name, lower).then_some((known, field))
+    same_token(name, lower).then_some(Known {
+        name: known,
+        field,
+        class,
+    })
 }
 
 /// Whether `name` is `lower` (lower-case letters and `-`) in any case. Setting bit 5 maps
@@ -198,6 +280,9 @@ mod tests {
             for form in [n.to_string(), upper, title] {
                 let want = HeaderName::from_bytes(form.as_bytes()).unwrap();
                 assert_eq!(known(form.as_bytes()), Some(want), "{form}");
+                // The class it gives is the one `classify` finds by comparing.
+                let k = known_field(form.as_bytes()).unwrap();
+                assert_eq!(k.class, classify(form.as_bytes()), "{form}");
             }
             // One byte off, anywhere: not this name.
             for i in 0..n.len() {
@@ -267,6 +352,23 @@ mod tests {
                 }
                 assert!(!same_token(&name[..len.saturating_sub(1)], &lower) || len == 0);
             }
+        }
+    }
+
+    #[test]
+    fn names_are_classed_in_any_case() {
+        for (name, class) in [
+            ("Content-Length", Class::ContentLength),
+            ("TRANSFER-ENCODING", Class::TransferEncoding),
+            ("connection", Class::Connection),
+            ("Keep-Alive", Class::KeepAlive),
+            ("x-Trellis-Failure", Class::Failure),
+            ("Proxy-Authorization", Class::HopByHop),
+            ("te", Class::Te),
+            ("tf", Class::Other),
+            ("content-lengths", Class::Other),
+        ] {
+            assert_eq!(classify(name.as_bytes()), class, "{name}");
         }
     }
 }

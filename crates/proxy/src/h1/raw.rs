@@ -29,49 +29,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
 use crate::http::spare;
 
-use super::names::{same_token, PROXY_STATUS};
-
-/// What a header name is, among the few the proxy acts on (in any case).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Class {
-    Other,
-    ContentLength,
-    TransferEncoding,
-    Connection,
-    KeepAlive,
-    Date,
-    Expect,
-    Te,
-    Upgrade,
-    /// `proxy-connection`, `proxy-authenticate`, `proxy-authorization`: hop-by-hop only.
-    HopByHop,
-    /// `x-trellis-failure`: kept only from a peer's proxy.
-    Failure,
-    /// A field literally named `close`, which `Connection: close` then names too.
-    Close,
-}
-
-/// The class of a header name (token characters, any case): a switch on the length and one
-/// comparison, a word at a time ([`same_token`]).
-pub(crate) fn classify(name: &[u8]) -> Class {
-    let is = |s: &[u8]| same_token(name, s);
-    match name.len() {
-        2 if is(b"te") => Class::Te,
-        4 if is(b"date") => Class::Date,
-        5 if is(b"close") => Class::Close,
-        6 if is(b"expect") => Class::Expect,
-        7 if is(b"upgrade") => Class::Upgrade,
-        10 if is(b"connection") => Class::Connection,
-        10 if is(b"keep-alive") => Class::KeepAlive,
-        14 if is(b"content-length") => Class::ContentLength,
-        16 if is(b"proxy-connection") => Class::HopByHop,
-        17 if is(b"transfer-encoding") => Class::TransferEncoding,
-        17 if is(b"x-trellis-failure") => Class::Failure,
-        18 if is(b"proxy-authenticate") => Class::HopByHop,
-        19 if is(b"proxy-authorization") => Class::HopByHop,
-        _ => Class::Other,
-    }
-}
+use super::names::{Class, PROXY_STATUS};
 
 /// One header line: where its name and value are in the head (which is at most 64 KiB).
 #[derive(Clone, Copy, Debug)]
@@ -452,22 +410,5 @@ mod tests {
         assert_eq!(map[&failure], "app_error");
         assert_eq!(map["server"], "x");
         assert_eq!(map[&grpc], "14");
-    }
-
-    #[test]
-    fn names_are_classed_in_any_case() {
-        for (name, class) in [
-            ("Content-Length", Class::ContentLength),
-            ("TRANSFER-ENCODING", Class::TransferEncoding),
-            ("connection", Class::Connection),
-            ("Keep-Alive", Class::KeepAlive),
-            ("x-Trellis-Failure", Class::Failure),
-            ("Proxy-Authorization", Class::HopByHop),
-            ("te", Class::Te),
-            ("tf", Class::Other),
-            ("content-lengths", Class::Other),
-        ] {
-            assert_eq!(classify(name.as_bytes()), class, "{name}");
-        }
     }
 }
