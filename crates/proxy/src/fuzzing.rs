@@ -224,6 +224,7 @@ pub fn http1_response(data: &[u8]) {
         (p, w) => panic!("a prefix parsed as {p:?}, the whole as {w:?}"),
     }
     let Ok(Some(head)) = whole else { return };
+    head.headers.check_written_in_runs(cut);
     let map = head.headers.to_map();
     // Every line httparse accepted reads into a map, each name's values in their order:
     // `h1::raw` relies on its rules being `http`'s.

@@ -6,7 +6,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use super::names::{classify, Class, Field, Known};
-use super::raw::RawHeaders;
+use super::raw::{put_field, RawHeaders};
 
 /// Largest response head (status line and headers), and largest trailer section. Offsets
 /// within a head fit in a `u16`.
@@ -988,10 +988,8 @@ pub(crate) fn encode_response_head(
         }
         _ => false,
     };
-    for (class, name, value) in raw.into_iter().flat_map(RawHeaders::fields) {
-        if !skip(class) {
-            put_field(out, name, value);
-        }
+    if let Some(raw) = raw {
+        raw.write_fields(out, &mut skip);
     }
     for (name, value) in headers {
         let name = name.as_str().as_bytes();
@@ -1018,13 +1016,6 @@ pub(crate) fn encode_response_head(
         put_http_date(out);
         out.put_slice(b"\r\n");
     }
-    out.put_slice(b"\r\n");
-}
-
-fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
-    out.put_slice(name);
-    out.put_slice(b": ");
-    out.put_slice(value);
     out.put_slice(b"\r\n");
 }
 

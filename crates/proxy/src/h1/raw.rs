@@ -24,7 +24,7 @@
 
 use std::cell::RefCell;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 
 use crate::http::spare;
@@ -120,6 +120,82 @@ impl RawHeaders {
             .as_ref()
             .map(|v| (Class::Other, &b"proxy-status"[..], v.as_bytes()));
         self.lines().chain(status)
+    }
+
+    /// Write every field [`RawHeaders::fields`] gives that `skip` does not refuse, as
+    /// [`put_field`] writes each: `name: value` and CRLF. A line that came in exactly that
+    /// form, right after the last line written, is copied with it in one piece: most lines do,
+    /// and a copy a run is cheaper than four a line.
+    pub(crate) fn write_fields(&self, out: &mut BytesMut, mut skip: impl FnMut(Class) -> bool) {
+        let head = &self.head[..];
+        // The run of the head to copy, not written yet.
+        let mut run = 0..0;
+        for l in &self.lines {
+            if l.dropped || skip(l.class) {
+                continue;
+            }
+            let (n, nl) = (l.name.0 as usize, l.name.1 as usize);
+            let (v, vl) = (l.value.0 as usize, l.value.1 as usize);
+            let as_written = v == n + nl + 2
+                && head.get(n + nl..v) == Some(b": ")
+                && head.get(v + vl..v + vl + 2) == Some(b"\r\n");
+            if as_written && run.end == n && !run.is_empty() {
+                run.end = v + vl + 2;
+                continue;
+            }
+            out.put_slice(&head[run.clone()]);
+            if as_written {
+                run = n..v + vl + 2;
+            } else {
+                run = 0..0;
+                put_field(out, &head[n..n + nl], &head[v..v + vl]);
+            }
+        }
+        out.put_slice(&head[run]);
+        if let Some(v) = &self.status {
+            if !skip(Class::Other) {
+                put_field(out, b"proxy-status", v.as_bytes());
+            }
+        }
+    }
+
+    /// Check that [`RawHeaders::write_fields`] writes what writing [`RawHeaders::fields`] one
+    /// by one writes, skipping the same, and asks `skip` of the same classes in the same
+    /// order; each of a few rules of what to skip, the `n`th first. Panics otherwise. For the
+    /// tests and the fuzz targets.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn check_written_in_runs(&self, n: usize) {
+        let rules: [fn(Class) -> bool; 4] = [
+            |_| false,
+            |c| {
+                matches!(
+                    c,
+                    Class::ContentLength | Class::Connection | Class::KeepAlive
+                )
+            },
+            |c| c == Class::Date || c == Class::Other,
+            |c| c != Class::Other,
+        ];
+        for i in 0..rules.len() {
+            let rule = rules[(n + i) % rules.len()];
+            let mut one_by_one = BytesMut::new();
+            let mut asked = Vec::new();
+            for (class, name, value) in self.fields() {
+                asked.push(class);
+                if !rule(class) {
+                    put_field(&mut one_by_one, name, value);
+                }
+            }
+            let mut runs = BytesMut::new();
+            let mut asked_runs = Vec::new();
+            self.write_fields(&mut runs, |c| {
+                asked_runs.push(c);
+                rule(c)
+            });
+            let head = String::from_utf8_lossy(&self.head);
+            assert_eq!(runs, one_by_one, "written in runs, rule {i}, {head:?}");
+            assert_eq!(asked_runs, asked, "classes asked, rule {i}, {head:?}");
+        }
     }
 
     /// How many fields are left.
@@ -221,6 +297,14 @@ impl RawHeaders {
     pub(crate) fn to_map(&self) -> HeaderMap {
         self.clone().into_map(HeaderMap::new())
     }
+}
+
+/// One field line: `name: value` and CRLF.
+pub(super) fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_slice(name);
+    out.put_slice(b": ");
+    out.put_slice(value);
+    out.put_slice(b"\r\n");
 }
 
 /// Keep `raw`'s box and list, emptied (its head let go), for a later [`RawHeaders::boxed`]
@@ -326,6 +410,55 @@ mod tests {
             .unwrap()
             .unwrap()
             .headers
+    }
+
+    /// Lines written a run at a time come out as written one at a time, whatever their form
+    /// (spaces or a tab around the value, a bare LF, an empty value, lines dropped or
+    /// skipped between them) and whichever the skipped classes are.
+    #[test]
+    fn lines_written_in_runs_read_as_lines_written_one_by_one() {
+        let forms = [
+            "Server: nginx\r\n",
+            "Date: Mon, 07 Dec 2026 22:00:00 GMT\r\n",
+            "content-type:text/plain\r\n",
+            "Content-Length: 2\r\n",
+            "X-Spaced:   a b  \r\n",
+            "X-Tab:\tv\t\r\n",
+            "X-Bare: lf\n",
+            "X-Empty: \r\n",
+            "X-Empty-Tight:\r\n",
+            "Connection: keep-alive\r\n",
+            "Keep-Alive: timeout=5\r\n",
+            "Transfer-Encoding: chunked\r\n",
+            "Proxy-Connection: x\r\n",
+        ];
+        // Heads of four lines (the first two of any form, the last two of a few), and each
+        // form twice in a row.
+        let mut heads: Vec<String> = Vec::new();
+        for a in 0..forms.len() {
+            heads.push(format!("{}{}", forms[a], forms[a]));
+            for b in 0..forms.len() {
+                for c in [0, 3, 5, 9] {
+                    for d in [1, 6, 7, 12] {
+                        heads.push([forms[a], forms[b], forms[c], forms[d]].concat());
+                    }
+                }
+            }
+        }
+        for fields in &heads {
+            for stripped in [false, true] {
+                let mut raw = parse(fields);
+                if stripped {
+                    raw.strip(false);
+                }
+                for with_status in [false, true] {
+                    if with_status {
+                        raw.append_status(HeaderValue::from_static("trellis; error=x"));
+                    }
+                    raw.check_written_in_runs(0);
+                }
+            }
+        }
     }
 
     /// A kept box comes back for the next head parsed on its thread, with nothing of the
