@@ -9,6 +9,7 @@ use http::{header, Method, Request, Version};
 
 use crate::{
     error::{Error, Kind},
+    h1::codec::Noted,
     http::{
         body::ClientBody,
         headers::{edit_headers, strip_hop_by_hop},
@@ -45,12 +46,13 @@ pub(crate) fn route<'a>(
     listener: &Listener,
     req: &mut Request<ClientBody>,
     mut rec: Box<Record>,
-    grpc: bool,
+    noted: &Noted,
     peer: SocketAddr,
     ask: bool,
 ) -> Next<'a> {
     // Read from the head as it came ([`crate::h1::codec::Noted`]).
     let authority = rec.authority.clone();
+    let grpc = noted.grpc;
     rec.src_workload = snap.src_workload.clone();
     let target = match listener {
         Listener::Bind { cluster } => snap.clusters.get(cluster).and_then(|c| {
@@ -118,10 +120,14 @@ pub(crate) fn route<'a>(
         let detail = format!("no cluster {}", backend.cluster);
         return no_route(rec, detail, grpc);
     };
+    // An upgrade as the head asked for it (the server then got ready to hand the connection
+    // over): the route's edits may take the ask away, not make one.
+    let mut upgrade = noted.upgrade;
     if !r.request_headers.is_empty() {
         edit_headers(req.headers_mut(), &r.request_headers);
+        upgrade = upgrade && is_upgrade(req);
     }
-    if is_upgrade(req) {
+    if upgrade {
         return Next::Upgrade(cluster, rec);
     }
     strip_hop_by_hop(req.headers_mut());

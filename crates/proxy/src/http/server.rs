@@ -649,10 +649,10 @@ async fn handle(
         inbound::route(shared, &snap, &mut req, rec, grpc, caller, noted)
     } else {
         let ask = shared.demand.is_some();
-        match outbound::route(&snap, listener, &mut req, rec, grpc, peer, ask) {
+        match outbound::route(&snap, listener, &mut req, rec, noted, peer, ask) {
             Next::Discover(id, rec) => {
                 fetched = Box::pin(discover(shared, &id)).await;
-                outbound::route(&fetched, listener, &mut req, rec, grpc, peer, false)
+                outbound::route(&fetched, listener, &mut req, rec, noted, peer, false)
             }
             next => next,
         }
