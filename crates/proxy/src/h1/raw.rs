@@ -136,16 +136,17 @@ impl RawHeaders {
             }
             let (n, nl) = (l.name.0 as usize, l.name.1 as usize);
             let (v, vl) = (l.value.0 as usize, l.value.1 as usize);
-            let as_written = v == n + nl + 2
-                && head.get(n + nl..v) == Some(b": ")
-                && head.get(v + vl..v + vl + 2) == Some(b"\r\n");
+            let end = v + vl + LINE_END.len();
+            let as_written = v == n + nl + NAME_END.len()
+                && head.get(n + nl..v) == Some(NAME_END)
+                && head.get(v + vl..end) == Some(LINE_END);
             if as_written && run.end == n && !run.is_empty() {
-                run.end = v + vl + 2;
+                run.end = end;
                 continue;
             }
             out.put_slice(&head[run.clone()]);
             if as_written {
-                run = n..v + vl + 2;
+                run = n..end;
             } else {
                 run = 0..0;
                 put_field(out, &head[n..n + nl], &head[v..v + vl]);
@@ -299,12 +300,17 @@ impl RawHeaders {
     }
 }
 
+/// What [`put_field`] writes after a name, and after a value: a line that came with exactly
+/// these is copied as it came ([`RawHeaders::write_fields`]).
+const NAME_END: &[u8] = b": ";
+const LINE_END: &[u8] = b"\r\n";
+
 /// One field line: `name: value` and CRLF.
 pub(super) fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.put_slice(name);
-    out.put_slice(b": ");
+    out.put_slice(NAME_END);
     out.put_slice(value);
-    out.put_slice(b"\r\n");
+    out.put_slice(LINE_END);
 }
 
 /// Keep `raw`'s box and list, emptied (its head let go), for a later [`RawHeaders::boxed`]
